@@ -1,0 +1,114 @@
+// lethe admin enroll-token | devices | revoke | wipe | assign | unassign
+import type { Argv } from 'yargs';
+import { parseDuration } from '../common/duration.js';
+import { LetheError } from '../common/errors.js';
+import { adminClient, type AdminArgs } from './admin-client.js';
+import { emit, table, type OutOpts } from './output.js';
+
+type A = AdminArgs & OutOpts;
+
+export function adminOpts<T>(y: Argv<T>) {
+  return y
+    .option('server', { type: 'string', describe: 'server URL ($LETHE_SERVER)' })
+    .option('admin-token', { type: 'string', describe: 'admin token ($LETHE_ADMIN_TOKEN)' })
+    .option('pin', { type: 'string', describe: 'server certificate SHA-256 ($LETHE_PIN)' });
+}
+
+async function withAdmin<T>(a: A, fn: (c: ReturnType<typeof adminClient>) => Promise<T>): Promise<T> {
+  const c = adminClient(a);
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}
+
+interface DeviceView {
+  id: string;
+  name: string;
+  status: string;
+  enrolledAt: string;
+  lastSeen: string | null;
+  images: string[];
+}
+
+export function adminCommand(y: Argv) {
+  return y.command('admin', 'IT administration: enroll, list, assign, revoke and wipe devices', (y) =>
+    adminOpts(y)
+      .command(
+        'enroll-token',
+        'mint a one-time enrollment token',
+        (y) => y.option('ttl', { type: 'string', default: '1h', describe: 'how long the token stays valid' }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const ttlMs = parseDuration(String(a.ttl), '--ttl');
+            if (ttlMs < 1000) throw new LetheError('BAD_REQUEST', `--ttl '${a.ttl}' is shorter than a second`);
+            const r = await c.json<{ token: string; expiresAt: string }>('POST', '/enroll-tokens', {
+              ttlSeconds: Math.round(ttlMs / 1000),
+            });
+            emit(a as A, r, () => `${r.token}\n(valid until ${r.expiresAt}; enroll with: lethe enroll TOKEN)`);
+          }),
+      )
+      .command('devices', 'list devices and their status', {}, (a) =>
+        withAdmin(a as A, async (c) => {
+          const r = await c.json<{ devices: DeviceView[] }>('GET', '/devices');
+          emit(a as A, r, () =>
+            r.devices.length === 0
+              ? 'no devices enrolled'
+              : table(
+                  ['ID', 'NAME', 'STATUS', 'LAST SEEN', 'IMAGES'],
+                  r.devices.map((d) => [d.id, d.name, d.status, d.lastSeen, d.images.join(',') || '-']),
+                ),
+          );
+        }),
+      )
+      .command(
+        'revoke <device>',
+        'refuse every request of a device from now on',
+        (y) => y.positional('device', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const r = await c.json<{ id: string; status: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/revoke`);
+            emit(a as A, r, () => `device ${r.id} is ${r.status}`);
+          }),
+      )
+      .command(
+        'wipe <device>',
+        'order a device to wipe itself at its next heartbeat',
+        (y) => y.positional('device', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const r = await c.json<{ id: string; status: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/wipe`);
+            emit(a as A, r, () => `device ${r.id} is ${r.status}: it wipes itself at its next heartbeat`);
+          }),
+      )
+      .command(
+        'assign <device> <image>',
+        'let a device lease an image',
+        (y) => y.positional('device', { type: 'string', demandOption: true }).positional('image', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const r = await c.json<{ device: string; image: string }>(
+              'POST',
+              `/devices/${encodeURIComponent(String(a.device))}/assignments`,
+              { image: String(a.image) },
+            );
+            emit(a as A, r, () => `image ${r.image} assigned to ${r.device}`);
+          }),
+      )
+      .command(
+        'unassign <device> <image>',
+        'take an image away from a device (ends its leases)',
+        (y) => y.positional('device', { type: 'string', demandOption: true }).positional('image', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const r = await c.json<{ device: string; image: string }>(
+              'DELETE',
+              `/devices/${encodeURIComponent(String(a.device))}/assignments/${encodeURIComponent(String(a.image))}`,
+            );
+            emit(a as A, r, () => `image ${r.image} no longer assigned to ${r.device}`);
+          }),
+      )
+      .demandCommand(1, 'name an admin command'),
+  );
+}

@@ -1,0 +1,77 @@
+// lethe enroll TOKEN | lethe heartbeat
+import os from 'node:os';
+import type { Argv } from 'yargs';
+import { LetheError } from '../common/errors.js';
+import { DeviceClient } from '../agent/device-client.js';
+import { closeIdentity, defaultHome, enrollDevice, loadIdentity } from '../agent/identity.js';
+import { pendingWipe, performWipe } from '../agent/wipe.js';
+import { emit, type OutOpts } from './output.js';
+
+interface HomeArgs extends OutOpts {
+  home: string;
+}
+
+const homeOpt = <T>(y: Argv<T>) =>
+  y.option('home', { type: 'string', describe: 'device home ($LETHE_HOME)', default: defaultHome() });
+
+async function heartbeat(a: HomeArgs): Promise<void> {
+  const id = loadIdentity(a.home);
+  const client = new DeviceClient(id);
+  try {
+    const pending = pendingWipe(a.home);
+    if (pending) {
+      const r = await performWipe(id, client, pending);
+      return finishWipe(a, id.info.deviceId, pending, r.acked);
+    }
+    const hb = await client.heartbeat();
+    const wipe = hb.commands.find((c) => c.type === 'wipe');
+    if (wipe) {
+      const r = await performWipe(id, client, wipe.id);
+      return finishWipe(a, id.info.deviceId, wipe.id, r.acked);
+    }
+    emit(a, { deviceId: id.info.deviceId, ...hb }, () =>
+      [`device ${id.info.deviceId} is ${hb.status}`, hb.commands.length ? `commands: ${hb.commands.map((c) => c.type).join(', ')}` : 'no pending commands'].join('\n'),
+    );
+  } finally {
+    client.close();
+    closeIdentity(id);
+  }
+}
+
+function finishWipe(a: HomeArgs, deviceId: string, command: string, acked: boolean): void {
+  emit(a, { deviceId, wiped: true, command, acknowledged: acked }, () =>
+    acked
+      ? `device ${deviceId} was wiped on IT's order; its local data and keys are gone`
+      : `device ${deviceId} wiped its local data on IT's order; the acknowledgement is pending (run 'lethe heartbeat' when online)`,
+  );
+  if (!acked) process.exitCode = 1;
+}
+
+export function deviceCommands(y: Argv) {
+  return y
+    .command(
+      'enroll <token>',
+      'enroll this device with a one-time token from IT',
+      (y) =>
+        homeOpt(y)
+          .positional('token', { type: 'string', demandOption: true })
+          .option('name', { type: 'string', default: os.hostname(), describe: 'device name shown to IT' }),
+      async (a) => {
+        const info = await enrollDevice(String(a.home), String(a.token), String(a.name));
+        emit(a as unknown as OutOpts, { deviceId: info.deviceId }, () => `enrolled as ${info.deviceId} with ${info.server}`);
+      },
+    )
+    .command('heartbeat', 'check in with the server and act on its commands (wipe)', homeOpt, async (a) => {
+      try {
+        await heartbeat(a as unknown as HomeArgs);
+      } catch (e) {
+        if (e instanceof LetheError && e.code === 'DEVICE_REVOKED') {
+          throw new LetheError('DEVICE_REVOKED', 'this device is revoked: the server refuses its requests', {
+            hint: 'contact IT',
+            status: 403,
+          });
+        }
+        throw e;
+      }
+    });
+}

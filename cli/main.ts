@@ -1,0 +1,45 @@
+// The `lethe` command.
+import yargs, { type Argv } from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { adminCommand } from './cmd-admin.js';
+import { auditCommand } from './cmd-audit.js';
+import { deviceCommands } from './cmd-device.js';
+import { serverCommand } from './cmd-server.js';
+import { reportError } from './output.js';
+
+// Everything Lethe writes (databases, keys, caches) is for this user only.
+process.umask(0o077);
+
+const argv = hideBin(process.argv);
+const wantsJson = argv.includes('--json');
+
+async function main(): Promise<void> {
+  let cli: Argv = yargs(argv)
+    .scriptName('lethe')
+    .usage('$0 <command>\n\nVM streaming with server-held keys: the laptop keeps ciphertext and very little else.')
+    .option('json', { type: 'boolean', describe: 'print machine-readable JSON', global: true })
+    .strict()
+    .recommendCommands()
+    .demandCommand(1, 'name a command')
+    .help()
+    .version(false)
+    .wrap(Math.min(100, process.stdout.columns || 100))
+    .fail((msg, err) => {
+      if (err) throw err;
+      throw Object.assign(new Error(msg), { usage: true });
+    });
+  cli = serverCommand(cli);
+  cli = adminCommand(cli);
+  cli = deviceCommands(cli);
+  cli = auditCommand(cli);
+  await cli.parseAsync();
+}
+
+main().catch((e: unknown) => {
+  if (e && typeof e === 'object' && 'usage' in e) {
+    process.stderr.write(`lethe: error: ${(e as unknown as Error).message}\nlethe: hint: run 'lethe --help' for usage\n`);
+    process.exitCode = 2;
+    return;
+  }
+  process.exitCode = reportError(e, wantsJson);
+});

@@ -1,0 +1,36 @@
+// Hash chain of the audit log (docs/audit-log.md).
+//   hash(n) = SHA-256(bytes(hash(n-1)) ‖ canonical(entry n))
+// canonical() is JSON with object keys sorted, no whitespace.
+import { AUDIT_GENESIS_HASH, CHECKPOINT_CONTEXT } from './constants.js';
+import { sha256 } from './crypto.js';
+
+export interface AuditEntry {
+  seq: number;
+  ts: string;
+  type: string;
+  device: string | null;
+  data: unknown;
+}
+
+export function canonical(value: unknown): string {
+  if (value === null || typeof value !== 'object') {
+    if (typeof value === 'number' && !Number.isFinite(value)) throw new TypeError('non-finite number in audit entry');
+    return JSON.stringify(value) ?? 'null';
+  }
+  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
+  const keys = Object.keys(value as object)
+    .filter((k) => (value as Record<string, unknown>)[k] !== undefined)
+    .sort();
+  return `{${keys.map((k) => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k])}`).join(',')}}`;
+}
+
+export function entryHash(prevHash: string, e: AuditEntry): string {
+  const body = canonical({ seq: e.seq, ts: e.ts, type: e.type, device: e.device, data: e.data });
+  return sha256(Buffer.from(prevHash, 'hex'), body).toString('hex');
+}
+
+export function checkpointMessage(seq: number, hash: string): Buffer {
+  return Buffer.from(`${CHECKPOINT_CONTEXT}\n${seq}\n${hash}`, 'utf8');
+}
+
+export { AUDIT_GENESIS_HASH };

@@ -1,0 +1,80 @@
+// Chunk addressing and the chunk envelope (docs/chunk-format.md).
+//
+//   chunk blob = format(1) ‖ nonce(24) ‖ XChaCha20-Poly1305(chunk key, plaintext, AD)
+//   AD         = "lethe/v1/chunk\0" ‖ imageId(16) ‖ gen(u32be) ‖ kind(u8) ‖ index(u64be) ‖ class(u8)
+//
+// `gen` is the image version that wrote the chunk; a later version that leaves
+// the chunk unchanged refers to it by the same gen, so nothing is re-encrypted.
+import {
+  AD_CHUNK,
+  CHUNK_FORMAT_VERSION,
+  CLASS_CODE,
+  KDF_CHUNK_NORMAL,
+  KDF_CHUNK_SENSITIVE,
+  KDF_CLASS,
+  KIND_CODE,
+  type ChunkKind,
+  type Sensitivity,
+} from './constants.js';
+import { deriveKey, openInto, seal, tampered, type SecretKey } from './crypto.js';
+
+export interface ChunkCoord {
+  imageId: Buffer; // 16 bytes
+  gen: number;
+  kind: ChunkKind;
+  index: number;
+  cls: Sensitivity;
+}
+
+function coordBytes(c: ChunkCoord): Buffer {
+  if (c.imageId.length !== 16) throw new TypeError('image id must be 16 bytes');
+  const b = Buffer.alloc(16 + 4 + 1 + 8);
+  c.imageId.copy(b, 0);
+  b.writeUInt32BE(c.gen, 16);
+  b.writeUInt8(KIND_CODE[c.kind], 20);
+  b.writeBigUInt64BE(BigInt(c.index), 21);
+  return b;
+}
+
+export function chunkAd(c: ChunkCoord): Buffer {
+  return Buffer.concat([Buffer.from(AD_CHUNK, 'utf8'), coordBytes(c), Buffer.from([CLASS_CODE[c.cls]])]);
+}
+
+/** The normal-class key of one image version, released once per lease. */
+export function classKey(versionKey: Uint8Array): SecretKey {
+  return deriveKey(versionKey, KDF_CLASS, 'normal');
+}
+
+/**
+ * The key of one chunk. For a normal chunk `parentKey` is the class key; for a
+ * sensitive chunk it is the version key itself, so a class key cannot derive it.
+ */
+export function chunkKey(parentKey: Uint8Array, c: ChunkCoord): SecretKey {
+  return deriveKey(parentKey, c.cls === 'sensitive' ? KDF_CHUNK_SENSITIVE : KDF_CHUNK_NORMAL, coordBytes(c));
+}
+
+export function encryptChunk(key: Uint8Array, c: ChunkCoord, plaintext: Uint8Array, nonce?: Buffer): Buffer {
+  const boxed = seal(key, plaintext, chunkAd(c), nonce);
+  return Buffer.concat([Buffer.from([CHUNK_FORMAT_VERSION]), boxed]);
+}
+
+/** Decrypts a chunk blob into `out` (the plaintext size); throws TAMPERED on any mismatch. */
+export function decryptChunkInto(out: Uint8Array, key: Uint8Array, c: ChunkCoord, blob: Uint8Array): void {
+  if (blob.length < 1 || blob[0] !== CHUNK_FORMAT_VERSION) throw tampered();
+  openInto(out, key, blob.subarray(1), chunkAd(c));
+}
+
+export function plaintextSize(blob: Uint8Array): number {
+  return blob.length - 1 - 24 - 16;
+}
+
+export function isZero(b: Uint8Array): boolean {
+  // Compare 8 bytes at a time where aligned; chunks are 4 KiB multiples.
+  if (b.byteOffset % 8 === 0 && b.length % 8 === 0) {
+    const w = new BigUint64Array(b.buffer, b.byteOffset, b.length / 8);
+    for (let i = 0; i < w.length; i++) if (w[i] !== 0n) return false;
+    return true;
+  }
+  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
+}

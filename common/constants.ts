@@ -1,0 +1,60 @@
+// Constants named after the specs in docs/. Specification constants change the
+// wire or at-rest format and need a new format version; implementation constants
+// may be tuned freely.
+
+// ---- specification: chunks (docs/chunk-format.md) ----
+export const CHUNK_FORMAT_VERSION = 1;
+export const DISK_CHUNK_SIZE = 128 * 1024;
+export const MEM_CHUNK_SIZE = 4 * 1024;
+export const STATE_CHUNK_SIZE = 128 * 1024;
+export const CHUNK_KINDS = ['disk', 'mem', 'state'] as const;
+export type ChunkKind = (typeof CHUNK_KINDS)[number];
+export const KIND_CODE: Record<ChunkKind, number> = { disk: 1, mem: 2, state: 3 };
+export const CHUNK_SIZE: Record<ChunkKind, number> = {
+  disk: DISK_CHUNK_SIZE,
+  mem: MEM_CHUNK_SIZE,
+  state: STATE_CHUNK_SIZE,
+};
+export const SENSITIVITY_CLASSES = ['sensitive', 'normal'] as const;
+export type Sensitivity = (typeof SENSITIVITY_CLASSES)[number];
+export const CLASS_CODE: Record<Sensitivity, number> = { normal: 1, sensitive: 2 };
+
+export const KEY_BYTES = 32;
+export const NONCE_BYTES = 24;
+export const TAG_BYTES = 16;
+/** format byte + nonce + tag */
+export const CHUNK_OVERHEAD = 1 + NONCE_BYTES + TAG_BYTES;
+
+// Domain strings for BLAKE2b key derivation; each ends in NUL so no prefix of
+// one is another.
+export const KDF_CLASS = 'lethe/v1/class-key\0';
+export const KDF_CHUNK_NORMAL = 'lethe/v1/chunk-key/normal\0';
+export const KDF_CHUNK_SENSITIVE = 'lethe/v1/chunk-key/sensitive\0';
+export const KDF_DEDUP = 'lethe/v1/dedup-key\0';
+export const AD_CHUNK = 'lethe/v1/chunk\0';
+export const AD_VERSION_KEY = 'lethe/v1/version-key\0';
+
+// ---- specification: signed device requests (docs/escrow-protocol.md) ----
+export const SIG_CONTEXT = 'LETHE-REQ-V1';
+export const HDR_DEVICE = 'x-lethe-device';
+export const HDR_TIMESTAMP = 'x-lethe-timestamp';
+export const HDR_NONCE = 'x-lethe-nonce';
+export const HDR_SIGNATURE = 'x-lethe-signature';
+/** A signed request older or newer than this (ms) is refused as stale. */
+export const SIG_WINDOW_MS = 60_000;
+export const ENROLL_TOKEN_PREFIX = 'lethe-enroll-';
+export const ADMIN_TOKEN_PREFIX = 'lethe-admin-';
+
+// ---- specification: audit (docs/audit-log.md) ----
+export const AUDIT_GENESIS_HASH = '0'.repeat(64);
+export const AUDIT_CHECKPOINT_EVERY = 256;
+export const CHECKPOINT_CONTEXT = 'LETHE-AUDIT-CHECKPOINT-V1';
+
+// ---- implementation ----
+export const DEFAULT_LISTEN = '127.0.0.1:7443';
+export const DEFAULT_ENROLL_TTL_S = 3600;
+export const MAX_JSON_BODY = 1024 * 1024;
+export const MAX_CHUNK_BODY = DISK_CHUNK_SIZE + 1024;
+export const MAX_BATCH = 1024;
+/** Built-in lease policy until an image carries its own. */
+export const DEFAULT_LEASE_TTL_S = 900;

@@ -1,0 +1,67 @@
+// Request and response bodies of the HTTP API (docs/escrow-protocol.md).
+// The server validates every request body with these; tests check responses.
+import { z } from 'zod';
+import { CHUNK_KINDS, MAX_BATCH, SENSITIVITY_CLASSES } from './constants.js';
+
+const b64url = (bytes?: number) =>
+  z
+    .string()
+    .regex(/^[A-Za-z0-9_-]*$/, 'must be base64url')
+    .refine((s) => bytes === undefined || Buffer.from(s, 'base64url').length === bytes, `must be ${bytes} bytes`);
+
+export const Id = z.string().regex(/^[a-z0-9][a-z0-9-]{0,63}$/, 'must be a lowercase id');
+export const ImageName = z
+  .string()
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, 'must be 1-64 letters, digits, dot, dash or underscore');
+export const Kind = z.enum(CHUNK_KINDS);
+export const Cls = z.enum(SENSITIVITY_CLASSES);
+
+export const EnrollRequest = z.strictObject({
+  token: z.string().min(1).max(2048),
+  name: z.string().min(1).max(128),
+  signPublicKey: b64url(32),
+  boxPublicKey: b64url(32),
+});
+export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
+
+export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });
+export const Command = z.object({ id: z.string(), type: z.enum(['wipe']), issuedAt: z.string() });
+export const HeartbeatResponse = z.object({ serverTime: z.string(), status: z.string(), commands: z.array(Command) });
+
+export const AckRequest = z.strictObject({ ok: z.boolean(), detail: z.string().max(1024).optional() });
+
+export const LeaseRequest = z.strictObject({ image: ImageName });
+export const LeaseResponse = z.object({
+  leaseId: z.string(),
+  image: z.string(),
+  imageId: z.string(),
+  version: z.number().int(),
+  expiresAt: z.string(),
+  renewAfter: z.string(),
+  ttlSeconds: z.number(),
+  classKeys: z.array(z.object({ gen: z.number().int(), sealed: z.string() })),
+});
+
+export const ChunkRef = z.strictObject({ kind: Kind, index: z.number().int().min(0).max(2 ** 40) });
+export const KeysRequest = z.strictObject({ leaseId: Id, chunks: z.array(ChunkRef).min(1).max(MAX_BATCH) });
+export const KeysResponse = z.object({
+  sealed: z.string(),
+  chunks: z.array(z.object({ kind: Kind, index: z.number(), gen: z.number(), cls: Cls })),
+});
+export const ChunksRequest = KeysRequest;
+
+export const EnrollTokenRequest = z.strictObject({ ttlSeconds: z.number().int().min(1).max(30 * 86400).optional() });
+export const AssignRequest = z.strictObject({ image: ImageName });
+export const CreateImageRequest = z.strictObject({ name: ImageName, policy: z.string().max(65536).optional() });
+export const CreateVersionRequest = z.strictObject({
+  sizes: z.strictObject({
+    disk: z.number().int().min(0).max(2 ** 44),
+    mem: z.number().int().min(0).max(2 ** 40),
+    state: z.number().int().min(0).max(2 ** 30),
+  }),
+});
+
+export type TEnrollRequest = z.infer<typeof EnrollRequest>;
+export type TLeaseResponse = z.infer<typeof LeaseResponse>;
+export type TKeysResponse = z.infer<typeof KeysResponse>;
+export type THeartbeatResponse = z.infer<typeof HeartbeatResponse>;

@@ -1,0 +1,78 @@
+// Authentication of admin and device requests. Unknown devices, bad signatures
+// and malformed auth headers all get the same 401 (AUTH_FAILED); only a caller
+// that proved who it is learns more (stale, replayed, revoked).
+import type { NextFunction, Request, Response } from 'express';
+import { HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP, SIG_WINDOW_MS } from '../common/constants.js';
+import { constantTimeEqual, sha256 } from '../common/crypto.js';
+import { LetheError } from '../common/errors.js';
+import { verifyRequest } from '../common/signing.js';
+import type { Ctx } from './context.js';
+import { deviceStatus, getDevice, type DeviceRow } from './devices.js';
+
+export interface AuthedRequest extends Request {
+  device?: DeviceRow;
+}
+
+export function adminAuth(ctx: Ctx) {
+  const row = ctx.db.prepare("SELECT value FROM settings WHERE key = 'admin_token_sha256'").get() as { value: string } | undefined;
+  const expected = Buffer.from(row?.value ?? '', 'hex');
+  return (req: Request, _res: Response, next: NextFunction) => {
+    const m = /^Bearer (\S+)$/.exec(req.get('authorization') ?? '');
+    if (!m || expected.length !== 32 || !constantTimeEqual(sha256(m[1]), expected)) {
+      throw new LetheError('ADMIN_AUTH_FAILED', 'admin token missing or wrong', {
+        hint: 'set LETHE_ADMIN_TOKEN (or --admin-token) to the token printed by lethe server init',
+      });
+    }
+    next();
+  };
+}
+
+const authFailed = () => new LetheError('AUTH_FAILED', 'device authentication failed');
+
+/**
+ * Verifies a signed device request. `allowWipePending` lets heartbeat and
+ * command acknowledgements through for a device that must still learn of, or
+ * confirm, its wipe.
+ */
+export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) {
+  const remember = ctx.db.prepare('INSERT OR IGNORE INTO nonces(device_id, nonce, ts) VALUES (?, ?, ?)');
+  return (req: AuthedRequest, _res: Response, next: NextFunction) => {
+    const deviceId = req.get(HDR_DEVICE);
+    const ts = req.get(HDR_TIMESTAMP);
+    const nonce = req.get(HDR_NONCE);
+    const signature = req.get(HDR_SIGNATURE);
+    if (!deviceId || !ts || !nonce || !signature || !/^\d{1,15}$/.test(ts) || nonce.length > 64 || signature.length > 128) {
+      throw authFailed();
+    }
+    const d = getDevice(ctx, deviceId);
+    const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+    if (!d || !verifyRequest(d.sign_pk, { deviceId, ts, nonce, signature }, req.method, req.originalUrl, body)) {
+      ctx.metrics.inc('lethe_auth_failures_total');
+      throw authFailed();
+    }
+    const now = ctx.now();
+    if (Math.abs(now - Number(ts)) > SIG_WINDOW_MS) {
+      throw new LetheError('SIGNATURE_STALE', 'request signature is too old or from the future', {
+        hint: "check this device's clock",
+      });
+    }
+    if (remember.run(d.id, nonce, Number(ts)).changes !== 1) {
+      throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
+    }
+    const status = deviceStatus(d);
+    if (status === 'revoked') {
+      throw new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' });
+    }
+    if (status === 'wiped') throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });
+    if (status === 'wipe-pending' && !opts.allowWipePending) {
+      throw new LetheError('DEVICE_WIPE_PENDING', 'this device must wipe itself', { hint: "run 'lethe heartbeat'" });
+    }
+    req.device = d;
+    next();
+  };
+}
+
+/** Forgets nonces old enough that their timestamps would be refused anyway. */
+export function pruneNonces(ctx: Ctx): void {
+  ctx.db.prepare('DELETE FROM nonces WHERE ts < ?').run(ctx.now() - 2 * SIG_WINDOW_MS);
+}

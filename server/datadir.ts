@@ -1,0 +1,165 @@
+// The server's data directory:
+//   config.json       listen address (and public URL, if set)
+//   lethe.db          SQLite: devices, images, leases, audit
+//   chunks.db         SQLite: the encrypted chunk store
+//   master.key        32 random bytes, 0600: wraps every image-version key
+//   signing.key       Ed25519 secret, 0600: signs audit checkpoints and manifests
+//   tls/key.pem, tls/cert.pem   self-signed certificate the devices pin
+import fs from 'node:fs';
+import path from 'node:path';
+import { X509Certificate } from 'node:crypto';
+import { generate } from 'selfsigned';
+import { ADMIN_TOKEN_PREFIX, DEFAULT_LISTEN, KEY_BYTES } from '../common/constants.js';
+import { b64u, randomBytes, secureCopy, sha256, signKeyPair, wipe, type SecretKey } from '../common/crypto.js';
+import { LetheError } from '../common/errors.js';
+import { ensureDir, writeFileAtomic } from '../common/fsutil.js';
+import { openDatabase } from './db.js';
+
+export interface ServerConfig {
+  listen: string;
+  publicUrl?: string;
+}
+
+export interface InitResult {
+  url: string;
+  fingerprint: string;
+  adminToken: string;
+}
+
+export const files = (dir: string) => ({
+  config: path.join(dir, 'config.json'),
+  db: path.join(dir, 'lethe.db'),
+  chunks: path.join(dir, 'chunks.db'),
+  masterKey: path.join(dir, 'master.key'),
+  signingKey: path.join(dir, 'signing.key'),
+  tlsKey: path.join(dir, 'tls', 'key.pem'),
+  tlsCert: path.join(dir, 'tls', 'cert.pem'),
+});
+
+export function isInitialized(dir: string): boolean {
+  return fs.existsSync(files(dir).config);
+}
+
+export function parseListen(listen: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(listen);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) {
+    throw new LetheError('CONFIG', `bad listen address: '${listen}'`, { hint: 'use HOST:PORT, e.g. 127.0.0.1:7443' });
+  }
+  return { host: m[1] ?? m[2], port };
+}
+
+export function urlFor(host: string, port: number): string {
+  const h = host.includes(':') ? `[${host}]` : host === '0.0.0.0' ? '127.0.0.1' : host;
+  return `https://${h}:${port}`;
+}
+
+/** SHA-256 of the certificate's DER, 64 lowercase hex digits. */
+export function certFingerprint(certPem: string): string {
+  return new X509Certificate(certPem).fingerprint256.replace(/:/g, '').toLowerCase();
+}
+
+export async function initDataDir(dir: string, listen = DEFAULT_LISTEN): Promise<InitResult> {
+  const f = files(dir);
+  if (isInitialized(dir)) {
+    throw new LetheError('CONFIG', `data dir '${dir}' is already initialized`, {
+      hint: `run 'lethe server run --data ${dir}', or choose an empty directory`,
+    });
+  }
+  const { host, port } = parseListen(listen);
+  ensureDir(dir);
+  ensureDir(path.dirname(f.tlsKey));
+
+  const master = randomBytes(KEY_BYTES);
+  writeFileAtomic(f.masterKey, master, 0o600);
+  wipe(master);
+  const signing = signKeyPair();
+  writeFileAtomic(f.signingKey, signing.secretKey, 0o600);
+  wipe(signing.secretKey);
+
+  const altNames = [
+    { type: 2 as const, value: 'localhost' },
+    { type: 7 as const, ip: '127.0.0.1' },
+    { type: 7 as const, ip: '::1' },
+  ];
+  if (host !== '127.0.0.1' && host !== 'localhost' && host !== '::1' && host !== '0.0.0.0') {
+    altNames.push(/^[\d.]+$|:/.test(host) ? { type: 7, ip: host } : { type: 2, value: host });
+  }
+  const pems = await generate([{ name: 'commonName', value: 'lethe-server' }], {
+    keyType: 'ec',
+    curve: 'P-256',
+    algorithm: 'sha256',
+    notAfterDate: new Date(Date.now() + 10 * 365 * 86400_000),
+    extensions: [
+      { name: 'basicConstraints', cA: false },
+      { name: 'subjectAltName', altNames },
+    ],
+  });
+  writeFileAtomic(f.tlsKey, pems.private, 0o600);
+  writeFileAtomic(f.tlsCert, pems.cert, 0o644);
+
+  const adminToken = ADMIN_TOKEN_PREFIX + b64u.encode(randomBytes(32));
+  const db = openDatabase(f.db);
+  try {
+    db.prepare('INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)').run(
+      'admin_token_sha256',
+      sha256(adminToken).toString('hex'),
+    );
+  } finally {
+    db.close();
+  }
+  // config.json is written last: its presence means the directory is complete.
+  writeFileAtomic(f.config, JSON.stringify({ listen } satisfies ServerConfig, null, 2) + '\n', 0o600);
+  return { url: urlFor(host, port), fingerprint: certFingerprint(pems.cert), adminToken };
+}
+
+export interface LoadedDataDir {
+  dir: string;
+  config: ServerConfig;
+  masterKey: SecretKey;
+  signingKey: SecretKey;
+  signPublicKey: Buffer;
+  tlsKey: string;
+  tlsCert: string;
+  fingerprint: string;
+}
+
+function readSecret(file: string, size: number): SecretKey {
+  const st = fs.statSync(file);
+  if ((st.mode & 0o077) !== 0) {
+    throw new LetheError('CONFIG', `'${file}' is readable by other users (mode ${(st.mode & 0o777).toString(8)})`, {
+      hint: `run 'chmod 600 ${file}'`,
+    });
+  }
+  const raw = fs.readFileSync(file);
+  try {
+    if (raw.length !== size) throw new LetheError('CONFIG', `'${file}' is ${raw.length} bytes, expected ${size}`);
+    return secureCopy(raw);
+  } finally {
+    wipe(raw);
+  }
+}
+
+export function loadDataDir(dir: string): LoadedDataDir {
+  if (!isInitialized(dir)) {
+    throw new LetheError('CONFIG', `no Lethe server data in '${dir}'`, {
+      hint: `run 'lethe server init --data ${dir}' first`,
+    });
+  }
+  const f = files(dir);
+  const config = JSON.parse(fs.readFileSync(f.config, 'utf8')) as ServerConfig;
+  const masterKey = readSecret(f.masterKey, KEY_BYTES);
+  const signingKey = readSecret(f.signingKey, 64);
+  const tlsCert = fs.readFileSync(f.tlsCert, 'utf8');
+  return {
+    dir,
+    config,
+    masterKey,
+    signingKey,
+    // An Ed25519 libsodium secret key carries its public key in the last 32 bytes.
+    signPublicKey: Buffer.from(signingKey.subarray(32)),
+    tlsKey: fs.readFileSync(f.tlsKey, 'utf8'),
+    tlsCert,
+    fingerprint: certFingerprint(tlsCert),
+  };
+}

@@ -1,0 +1,161 @@
+// Enrollment, device status, revoke and wipe (docs/escrow-protocol.md).
+import { randomBytes } from 'node:crypto';
+import { DEFAULT_ENROLL_TTL_S } from '../common/constants.js';
+import { b64u, sha256 } from '../common/crypto.js';
+import { iso } from '../common/duration.js';
+import { LetheError } from '../common/errors.js';
+import { decodeEnrollToken, encodeEnrollToken } from '../common/tokens.js';
+import type { TEnrollRequest } from '../common/wire.js';
+import { newId, type Ctx } from './context.js';
+
+export type DeviceStatus = 'active' | 'revoked' | 'wipe-pending' | 'wiped';
+
+export interface DeviceRow {
+  id: string;
+  name: string;
+  sign_pk: Buffer;
+  box_pk: Buffer;
+  enrolled_at: number;
+  last_seen: number | null;
+  revoked_at: number | null;
+  wipe_requested_at: number | null;
+  wiped_at: number | null;
+}
+
+export function deviceStatus(d: DeviceRow): DeviceStatus {
+  if (d.wiped_at !== null) return 'wiped';
+  if (d.wipe_requested_at !== null) return 'wipe-pending';
+  if (d.revoked_at !== null) return 'revoked';
+  return 'active';
+}
+
+export function getDevice(ctx: Ctx, id: string): DeviceRow | undefined {
+  return ctx.db.prepare('SELECT * FROM devices WHERE id = ?').get(id) as DeviceRow | undefined;
+}
+
+export function mustGetDevice(ctx: Ctx, id: string): DeviceRow {
+  const d = getDevice(ctx, id);
+  if (!d) throw new LetheError('UNKNOWN_DEVICE', `no device '${id}'`, { hint: "list devices with 'lethe admin devices'" });
+  return d;
+}
+
+export function mintEnrollToken(ctx: Ctx, ttlSeconds = DEFAULT_ENROLL_TTL_S) {
+  const secret = b64u.encode(randomBytes(24));
+  const now = ctx.now();
+  const expiresAt = now + ttlSeconds * 1000;
+  ctx.db.transaction(() => {
+    ctx.db
+      .prepare('INSERT INTO enroll_tokens(secret_sha256, created_at, expires_at) VALUES (?, ?, ?)')
+      .run(sha256(secret).toString('hex'), now, expiresAt);
+    ctx.audit.append('enroll.token', null, { expiresAt: iso(expiresAt) }, now);
+  })();
+  const token = encodeEnrollToken({ u: ctx.publicUrl, f: ctx.data.fingerprint, s: secret });
+  return { token, expiresAt: iso(expiresAt), url: ctx.publicUrl, fingerprint: ctx.data.fingerprint };
+}
+
+/** Registers a device with a one-time token; every bad token gets the same error. */
+export function enroll(ctx: Ctx, req: TEnrollRequest) {
+  const invalid = () =>
+    new LetheError('ENROLL_TOKEN_INVALID', 'enrollment token is invalid, expired or already used', {
+      hint: "ask IT for a new token ('lethe admin enroll-token')",
+    });
+  let secret: string;
+  try {
+    secret = decodeEnrollToken(req.token).s;
+  } catch {
+    throw invalid();
+  }
+  const now = ctx.now();
+  const id = newId('dev');
+  ctx.db.transaction(() => {
+    const used = ctx.db
+      .prepare('UPDATE enroll_tokens SET used_at = ?, device_id = ? WHERE secret_sha256 = ? AND used_at IS NULL AND expires_at > ?')
+      .run(now, id, sha256(secret).toString('hex'), now);
+    if (used.changes !== 1) throw invalid();
+    ctx.db
+      .prepare('INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES (?, ?, ?, ?, ?)')
+      .run(id, req.name, b64u.decode(req.signPublicKey), b64u.decode(req.boxPublicKey), now);
+    ctx.audit.append('enroll', id, { name: req.name }, now);
+  })();
+  ctx.metrics.inc('lethe_enrollments_total');
+  return { deviceId: id, serverSignPublicKey: b64u.encode(ctx.data.signPublicKey) };
+}
+
+export function listDevices(ctx: Ctx) {
+  const rows = ctx.db.prepare('SELECT * FROM devices ORDER BY enrolled_at, id').all() as DeviceRow[];
+  const images = ctx.db.prepare(
+    'SELECT i.name FROM assignments a JOIN images i ON i.id = a.image_id WHERE a.device_id = ? ORDER BY i.name',
+  );
+  return rows.map((d) => ({
+    id: d.id,
+    name: d.name,
+    status: deviceStatus(d),
+    enrolledAt: iso(d.enrolled_at),
+    lastSeen: d.last_seen === null ? null : iso(d.last_seen),
+    images: (images.all(d.id) as { name: string }[]).map((r) => r.name),
+  }));
+}
+
+export function revokeDevice(ctx: Ctx, id: string) {
+  const d = mustGetDevice(ctx, id);
+  const now = ctx.now();
+  ctx.db.transaction(() => {
+    if (d.revoked_at === null) {
+      ctx.db.prepare('UPDATE devices SET revoked_at = ? WHERE id = ?').run(now, id);
+      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
+      ctx.audit.append('device.revoke', id, {}, now);
+    }
+  })();
+  return { id, status: deviceStatus(mustGetDevice(ctx, id)) };
+}
+
+/** Queues a wipe: handed out at the next heartbeat, even to a revoked device. */
+export function wipeDevice(ctx: Ctx, id: string) {
+  const d = mustGetDevice(ctx, id);
+  const now = ctx.now();
+  ctx.db.transaction(() => {
+    if (d.wipe_requested_at === null && d.wiped_at === null) {
+      ctx.db.prepare('UPDATE devices SET wipe_requested_at = ? WHERE id = ?').run(now, id);
+      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
+      ctx.db
+        .prepare('INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)')
+        .run(newId('cmd'), id, 'wipe', now);
+      ctx.audit.append('device.wipe', id, {}, now);
+    }
+  })();
+  return { id, status: deviceStatus(mustGetDevice(ctx, id)) };
+}
+
+export function heartbeat(ctx: Ctx, d: DeviceRow) {
+  const now = ctx.now();
+  const commands = ctx.db
+    .prepare('SELECT id, type, issued_at, delivered_at FROM commands WHERE device_id = ? AND acked_at IS NULL ORDER BY issued_at')
+    .all(d.id) as { id: string; type: 'wipe'; issued_at: number; delivered_at: number | null }[];
+  ctx.db.transaction(() => {
+    ctx.db.prepare('UPDATE devices SET last_seen = ? WHERE id = ?').run(now, d.id);
+    for (const c of commands.filter((c) => c.delivered_at === null)) {
+      ctx.db.prepare('UPDATE commands SET delivered_at = ? WHERE id = ?').run(now, c.id);
+      ctx.audit.append('wipe.delivered', d.id, { command: c.id }, now);
+    }
+  })();
+  return {
+    serverTime: iso(now),
+    status: deviceStatus(d),
+    commands: commands.map((c) => ({ id: c.id, type: c.type, issuedAt: iso(c.issued_at) })),
+  };
+}
+
+export function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolean, detail?: string) {
+  const c = ctx.db.prepare('SELECT * FROM commands WHERE id = ? AND device_id = ?').get(commandId, d.id) as
+    | { id: string; type: string; acked_at: number | null }
+    | undefined;
+  if (!c) throw new LetheError('UNKNOWN_COMMAND', `no command '${commandId}' for this device`);
+  const now = ctx.now();
+  if (c.acked_at !== null) return { id: c.id, acked: true };
+  ctx.db.transaction(() => {
+    ctx.db.prepare('UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, JSON.stringify({ ok, detail }), c.id);
+    if (c.type === 'wipe' && ok) ctx.db.prepare('UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, d.id);
+    ctx.audit.append('wipe.ack', d.id, { command: c.id, ok, ...(detail ? { detail } : {}) }, now);
+  })();
+  return { id: c.id, acked: true };
+}

@@ -1,0 +1,75 @@
+// The server process: loads the data dir, opens the databases and serves HTTPS.
+import https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { iso } from '../common/duration.js';
+import { AuditLog } from './audit.js';
+import { buildApp } from './app.js';
+import type { Ctx } from './context.js';
+import { loadDataDir, files, parseListen, urlFor } from './datadir.js';
+import { openChunkStore, openDatabase } from './db.js';
+import { Escrow } from './escrow.js';
+import { Metrics } from './metrics.js';
+import { pruneNonces } from './auth.js';
+
+export { initDataDir, isInitialized } from './datadir.js';
+
+export interface RunningServer {
+  url: string;
+  fingerprint: string;
+  close(): Promise<void>;
+}
+
+export async function startServer(dir: string, opts: { listen?: string } = {}): Promise<RunningServer> {
+  const data = loadDataDir(dir);
+  const f = files(dir);
+  const db = openDatabase(f.db);
+  const store = openChunkStore(f.chunks);
+  const ctx: Ctx = {
+    db,
+    store,
+    data,
+    audit: new AuditLog(db, data.signingKey),
+    escrow: new Escrow(data.masterKey),
+    metrics: new Metrics(),
+    publicUrl: '',
+    now: () => Date.now(),
+  };
+  if ((db.prepare('SELECT COUNT(*) AS n FROM audit').get() as { n: number }).n === 0) {
+    db.transaction(() => ctx.audit.append('server.init', null, { fingerprint: data.fingerprint }))();
+  }
+  const { host, port } = parseListen(opts.listen ?? data.config.listen);
+  const server = https.createServer({ key: data.tlsKey, cert: data.tlsCert, keepAliveTimeout: 30_000 }, buildApp(ctx));
+  server.headersTimeout = 20_000;
+  server.requestTimeout = 60_000;
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  const actual = (server.address() as AddressInfo).port;
+  ctx.publicUrl = data.config.publicUrl ?? urlFor(host, actual);
+  const pruner = setInterval(() => pruneNonces(ctx), 30_000);
+  pruner.unref();
+
+  let closed = false;
+  return {
+    url: ctx.publicUrl,
+    fingerprint: data.fingerprint,
+    async close() {
+      if (closed) return;
+      closed = true;
+      clearInterval(pruner);
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      try {
+        db.transaction(() => ctx.audit.checkpointHead())();
+      } finally {
+        db.close();
+        store.close();
+        ctx.escrow.close();
+      }
+    },
+  };
+}
+
+export const startedLine = (s: RunningServer) =>
+  `lethe server: listening on ${s.url} (certificate sha256 ${s.fingerprint}) at ${iso(Date.now())}`;

@@ -1,0 +1,220 @@
+// Leases, key release and chunk serving (docs/escrow-protocol.md). Each of
+// these commits its audit entry before anything leaves the server.
+import { type ChunkKind } from '../common/constants.js';
+import { type ChunkCoord } from '../common/chunk.js';
+import { b64u } from '../common/crypto.js';
+import { iso } from '../common/duration.js';
+import { LetheError } from '../common/errors.js';
+import { newId, type Ctx } from './context.js';
+import type { DeviceRow } from './devices.js';
+import { chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, type ChunkRow } from './images.js';
+import { mustGetDevice } from './devices.js';
+
+interface LeaseRow {
+  id: string;
+  device_id: string;
+  image_id: string;
+  version: number;
+  created_at: number;
+  expires_at: number;
+  ended_at: number | null;
+}
+
+export function assign(ctx: Ctx, deviceId: string, imageName: string) {
+  mustGetDevice(ctx, deviceId);
+  const img = getImage(ctx, imageName);
+  const now = ctx.now();
+  ctx.db.transaction(() => {
+    const r = ctx.db
+      .prepare('INSERT OR IGNORE INTO assignments(device_id, image_id, assigned_at) VALUES (?, ?, ?)')
+      .run(deviceId, img.id, now);
+    if (r.changes === 1) ctx.audit.append('assign', deviceId, { image: imageName }, now);
+  })();
+  return { device: deviceId, image: imageName };
+}
+
+export function unassign(ctx: Ctx, deviceId: string, imageName: string) {
+  mustGetDevice(ctx, deviceId);
+  const img = getImage(ctx, imageName);
+  const now = ctx.now();
+  ctx.db.transaction(() => {
+    const r = ctx.db.prepare('DELETE FROM assignments WHERE device_id = ? AND image_id = ?').run(deviceId, img.id);
+    ctx.db
+      .prepare('UPDATE leases SET ended_at = ? WHERE device_id = ? AND image_id = ? AND ended_at IS NULL')
+      .run(now, deviceId, img.id);
+    if (r.changes === 1) ctx.audit.append('unassign', deviceId, { image: imageName }, now);
+  })();
+  return { device: deviceId, image: imageName };
+}
+
+function assertAssigned(ctx: Ctx, d: DeviceRow, imageId: string, name: string): void {
+  if (!ctx.db.prepare('SELECT 1 FROM assignments WHERE device_id = ? AND image_id = ?').get(d.id, imageId)) {
+    throw new LetheError('NOT_ASSIGNED', `image '${name}' is not assigned to this device`, {
+      hint: `IT assigns it with 'lethe admin assign ${d.id} ${name}'`,
+    });
+  }
+}
+
+function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
+  const gens = ctx.db
+    .prepare("SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen")
+    .all(imageId, version) as { gen: number }[];
+  const all = new Set([...gens.map((g) => g.gen), version]);
+  const id = Buffer.from(imageId, 'hex');
+  return [...all].sort((a, b) => a - b).map((gen) => {
+    const v = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?').get(imageId, gen) as {
+      key_wrapped: Buffer;
+    };
+    const vk = ctx.escrow.versionKey(v.key_wrapped, id, gen);
+    return { gen, sealed: b64u.encode(ctx.escrow.sealedClassKey(vk, d.box_pk)) };
+  });
+}
+
+function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, renewAfterMs: number) {
+  return {
+    leaseId: l.id,
+    image: name,
+    imageId: l.image_id,
+    version: l.version,
+    expiresAt: iso(l.expires_at),
+    renewAfter: iso(ctx.now() + renewAfterMs),
+    ttlSeconds: Math.round((l.expires_at - ctx.now()) / 1000),
+    classKeys: classKeys(ctx, d, l.image_id, l.version),
+  };
+}
+
+export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
+  const img = getImage(ctx, imageName);
+  assertAssigned(ctx, d, img.id, imageName);
+  const v = currentVersion(ctx, img);
+  const policy = policyOf(img);
+  const now = ctx.now();
+  const lease: LeaseRow = {
+    id: newId('lease'),
+    device_id: d.id,
+    image_id: img.id,
+    version: v.version,
+    created_at: now,
+    expires_at: now + policy.leaseTtlMs,
+    ended_at: null,
+  };
+  ctx.db.transaction(() => {
+    ctx.db
+      .prepare('INSERT INTO leases(id, device_id, image_id, version, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)')
+      .run(lease.id, d.id, img.id, v.version, now, lease.expires_at);
+    ctx.audit.append('lease.grant', d.id, { lease: lease.id, image: imageName, version: v.version, expiresAt: iso(lease.expires_at) }, now);
+  })();
+  ctx.metrics.inc('lethe_leases_granted_total');
+  return leaseResponse(ctx, d, lease, imageName, policy.renewAfterMs);
+}
+
+/** The device's lease if it is live; throws UNKNOWN_LEASE or LEASE_EXPIRED otherwise. */
+function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & { name: string } {
+  const l = ctx.db
+    .prepare('SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?')
+    .get(leaseId, d.id) as (LeaseRow & { name: string }) | undefined;
+  if (!l) throw new LetheError('UNKNOWN_LEASE', `no lease '${leaseId}' for this device`);
+  if (l.ended_at !== null || l.expires_at <= ctx.now()) {
+    throw new LetheError('LEASE_EXPIRED', `lease '${leaseId}' has ended`, { hint: 'ask for a new lease' });
+  }
+  return l;
+}
+
+export function renewLease(ctx: Ctx, d: DeviceRow, leaseId: string) {
+  const l = liveLease(ctx, d, leaseId);
+  const img = getImage(ctx, l.name);
+  assertAssigned(ctx, d, img.id, l.name);
+  const policy = policyOf(img);
+  const now = ctx.now();
+  l.expires_at = now + policy.leaseTtlMs;
+  ctx.db.transaction(() => {
+    ctx.db.prepare('UPDATE leases SET expires_at = ? WHERE id = ?').run(l.expires_at, l.id);
+    ctx.audit.append('lease.renew', d.id, { lease: l.id, image: l.name, version: l.version, expiresAt: iso(l.expires_at) }, now);
+  })();
+  return leaseResponse(ctx, d, l, l.name, policy.renewAfterMs);
+}
+
+export function leaseManifest(ctx: Ctx, d: DeviceRow, leaseId: string) {
+  const l = liveLease(ctx, d, leaseId);
+  const img = getImage(ctx, l.name);
+  return manifest(ctx, img, getVersion(ctx, img, l.version));
+}
+
+/** Compresses chunk lists for the audit log: {"mem": [[0, 63], [70, 70]]}. */
+export function ranges(refs: { kind: ChunkKind; index: number }[]): Record<string, [number, number][]> {
+  const out: Record<string, [number, number][]> = {};
+  const byKind = new Map<string, number[]>();
+  for (const r of refs) (byKind.get(r.kind) ?? byKind.set(r.kind, []).get(r.kind)!).push(r.index);
+  for (const [kind, idx] of byKind) {
+    idx.sort((a, b) => a - b);
+    const rs: [number, number][] = [];
+    for (const i of idx) {
+      const last = rs[rs.length - 1];
+      if (last && i <= last[1] + 1) last[1] = Math.max(last[1], i);
+      else rs.push([i, i]);
+    }
+    out[kind] = rs;
+  }
+  return out;
+}
+
+function resolve(ctx: Ctx, l: LeaseRow, refs: { kind: ChunkKind; index: number }[]): ChunkRow[] {
+  return refs.map((r) => {
+    const row = chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
+    if (!row) {
+      throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is not stored (a zero chunk, or past the end)`, {
+        hint: 'zero chunks are not stored: the manifest lists every stored chunk',
+      });
+    }
+    return row;
+  });
+}
+
+/** Releases chunk keys, sealed together to the device; audited first. */
+export function releaseKeys(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[]) {
+  const l = liveLease(ctx, d, leaseId);
+  const rows = resolve(ctx, l, refs);
+  const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
+  const now = ctx.now();
+  ctx.db.transaction(() => {
+    ctx.audit.append(
+      'keys.release',
+      d.id,
+      { lease: l.id, image: l.name, version: l.version, count: rows.length, sensitive, chunks: ranges(refs) },
+      now,
+    );
+  })();
+  const id = Buffer.from(l.image_id, 'hex');
+  const wrapped = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
+  const coords = rows.map((r) => {
+    const coord: ChunkCoord = { imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls };
+    const vk = ctx.escrow.versionKey((wrapped.get(l.image_id, r.gen) as { key_wrapped: Buffer }).key_wrapped, id, r.gen);
+    return { versionKey: vk, coord };
+  });
+  const sealed = ctx.escrow.sealedChunkKeys(coords, d.box_pk);
+  ctx.metrics.inc('lethe_keys_released_total', {}, rows.length);
+  return {
+    sealed: b64u.encode(sealed),
+    chunks: rows.map((r) => ({ kind: r.kind, index: r.idx, gen: r.gen, cls: r.cls })),
+  };
+}
+
+/** Ciphertext of chunks, audited first; the device decrypts with keys it holds. */
+export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[]) {
+  const l = liveLease(ctx, d, leaseId);
+  const rows = resolve(ctx, l, refs);
+  const blobs = rows.map((r) => readBlob(ctx, l.image_id, r));
+  const bytes = blobs.reduce((n, b) => n + b.length, 0);
+  ctx.db.transaction(() => {
+    ctx.audit.append(
+      'chunks.serve',
+      d.id,
+      { lease: l.id, image: l.name, version: l.version, count: rows.length, bytes, chunks: ranges(refs) },
+      ctx.now(),
+    );
+  })();
+  ctx.metrics.inc('lethe_chunks_served_total', {}, rows.length);
+  ctx.metrics.inc('lethe_chunk_bytes_served_total', {}, bytes);
+  return rows.map((r, i) => ({ row: r, blob: blobs[i] }));
+}
+

@@ -1,0 +1,52 @@
+// Prometheus text exposition of a few counters and gauges, written by hand:
+// a handful of series does not justify a client library.
+
+type Labels = Record<string, string>;
+
+function key(name: string, labels: Labels): string {
+  const l = Object.entries(labels)
+    .sort(([a], [b]) => a.localeCompare(b))
+    .map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, '_')}"`)
+    .join(',');
+  return l ? `${name}{${l}}` : name;
+}
+
+export class Metrics {
+  private readonly counters = new Map<string, number>();
+  private readonly help = new Map<string, string>();
+  private readonly gauges: (() => string[])[] = [];
+
+  describe(name: string, help: string): void {
+    this.help.set(name, help);
+  }
+
+  inc(name: string, labels: Labels = {}, by = 1): void {
+    const k = key(name, labels);
+    this.counters.set(k, (this.counters.get(k) ?? 0) + by);
+  }
+
+  /** Registers a function that yields gauge lines at scrape time. */
+  gauge(fn: () => string[]): void {
+    this.gauges.push(fn);
+  }
+
+  render(): string {
+    const byName = new Map<string, string[]>();
+    for (const [k, v] of this.counters) {
+      const name = k.split('{')[0];
+      if (!byName.has(name)) byName.set(name, []);
+      byName.get(name)!.push(`${k} ${v}`);
+    }
+    const out: string[] = [];
+    for (const [name, lines] of [...byName].sort(([a], [b]) => a.localeCompare(b))) {
+      if (this.help.has(name)) out.push(`# HELP ${name} ${this.help.get(name)}`);
+      out.push(`# TYPE ${name} counter`, ...lines);
+    }
+    for (const g of this.gauges) out.push(...g());
+    return out.join('\n') + '\n';
+  }
+}
+
+export function gaugeLines(name: string, help: string, values: [Labels, number][]): string[] {
+  return [`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, ...values.map(([l, v]) => `${key(name, l)} ${v}`)];
+}
