@@ -20,7 +20,8 @@ export function exitCodeFor(e: unknown): number {
 
 export function reportError(e: unknown, json: boolean): number {
   const le = e instanceof LetheError ? e : undefined;
-  const message = le ? errorChain(le).split(': ').slice(0, le.code === 'SERVER_UNREACHABLE' ? 2 : 1).join(': ') : errorChain(e);
+  const cause = le?.cause instanceof Error ? le.cause.message : undefined;
+  const message = le ? (le.code === 'SERVER_UNREACHABLE' && cause ? `${le.message} (${cause})` : le.message) : errorChain(e);
   process.stderr.write(`lethe: error: ${message}\n`);
   if (le?.hint) process.stderr.write(`lethe: hint: ${le.hint}\n`);
   if (json) {

@@ -1,0 +1,84 @@
+// Test fixtures over the real HTTP API: enrolled devices and small images.
+import { randomBytes } from 'node:crypto';
+import { CHUNK_KINDS, CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
+import { PinnedClient } from '../../common/http-client.js';
+import { AdminClient } from '../../cli/admin-client.js';
+import { DeviceClient } from '../../agent/device-client.js';
+import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
+import { tmpDir, type ServerProc } from './proc.js';
+
+export function admin(s: ServerProc): AdminClient {
+  return new AdminClient(new PinnedClient(s.url, s.fingerprint), s.adminToken);
+}
+
+export interface TestDevice {
+  home: string;
+  id: Identity;
+  client: DeviceClient;
+  deviceId: string;
+  close(): void;
+}
+
+export async function enrolledDevice(s: ServerProc, name = 'laptop'): Promise<TestDevice> {
+  const a = admin(s);
+  try {
+    const { token } = await a.json<{ token: string }>('POST', '/enroll-tokens', {});
+    const home = tmpDir('lethe-home-');
+    await enrollDevice(home, token, name);
+    const id = loadIdentity(home);
+    const client = new DeviceClient(id);
+    return { home, id, client, deviceId: id.info.deviceId, close: () => client.close() };
+  } finally {
+    a.close();
+  }
+}
+
+export interface TestImage {
+  name: string;
+  version: number;
+  plain: Record<ChunkKind, Buffer>;
+}
+
+/** Pushes an image through the admin API: `chunks` non-zero random chunks of each kind, plus zero chunks between. */
+export async function pushImage(s: ServerProc, name: string, opts: { chunks?: number; policy?: string; plain?: Partial<Record<ChunkKind, Buffer>> } = {}): Promise<TestImage> {
+  const n = opts.chunks ?? 4;
+  const plain = {} as Record<ChunkKind, Buffer>;
+  for (const kind of CHUNK_KINDS) {
+    const given = opts.plain?.[kind];
+    if (given) {
+      plain[kind] = given;
+      continue;
+    }
+    const size = CHUNK_SIZE[kind] * n * 2;
+    const b = Buffer.alloc(size);
+    for (let i = 0; i < n; i++) randomBytes(CHUNK_SIZE[kind]).copy(b, i * 2 * CHUNK_SIZE[kind]); // odd chunks stay zero
+    plain[kind] = b;
+  }
+  const a = admin(s);
+  try {
+    const images = await a.json<{ images: { name: string }[] }>('GET', '/images');
+    if (!images.images.some((i) => i.name === name)) await a.json('POST', '/images', { name, ...(opts.policy ? { policy: opts.policy } : {}) });
+    const v = await a.json<{ version: number }>('POST', `/images/${name}/versions`, {
+      sizes: { disk: plain.disk.length, mem: plain.mem.length, state: plain.state.length },
+    });
+    for (const kind of CHUNK_KINDS) {
+      const cs = CHUNK_SIZE[kind];
+      for (let i = 0; i * cs < plain[kind].length; i++) {
+        await a.put(`/images/${name}/versions/${v.version}/chunks/${kind}/${i}`, plain[kind].subarray(i * cs, (i + 1) * cs));
+      }
+    }
+    await a.json('POST', `/images/${name}/versions/${v.version}/commit`);
+    return { name, version: v.version, plain };
+  } finally {
+    a.close();
+  }
+}
+
+export async function assign(s: ServerProc, deviceId: string, image: string): Promise<void> {
+  const a = admin(s);
+  try {
+    await a.json('POST', `/devices/${deviceId}/assignments`, { image });
+  } finally {
+    a.close();
+  }
+}

@@ -1,0 +1,100 @@
+// Runs the real `lethe` CLI and a real server process for tests and benchmarks.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const MAIN = path.join(ROOT, 'cli', 'main.ts');
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `lethe ARGS…` as a child process; never throws on a non-zero exit. */
+export function lethe(args: string[], env: Record<string, string | undefined> = {}, input?: string): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, ['--import', 'tsx', MAIN, ...args], {
+      cwd: ROOT,
+      env: { ...process.env, ...env },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d) => (stdout += d));
+    p.stderr.on('data', (d) => (stderr += d));
+    p.on('error', reject);
+    p.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr }));
+    p.stdin.end(input ?? '');
+  });
+}
+
+export function tmpDir(prefix = 'lethe-test-'): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+export interface ServerProc {
+  dir: string;
+  url: string;
+  fingerprint: string;
+  adminToken: string;
+  proc: ChildProcess;
+  env: Record<string, string>;
+  stderr(): string;
+  /** SIGTERM and wait. */
+  stop(): Promise<void>;
+  /** SIGKILL and wait. */
+  kill9(): Promise<void>;
+  /** Starts the same data dir again (after stop or kill9), on the same port. */
+  restart(): Promise<ServerProc>;
+}
+
+/** `lethe server init` into a new dir, then `lethe server run` as a real process on a free loopback port. */
+export async function startServer(opts: { dir?: string; adminToken?: string; fingerprint?: string; port?: number } = {}): Promise<ServerProc> {
+  let dir = opts.dir;
+  let adminToken = opts.adminToken ?? '';
+  if (!dir) {
+    dir = path.join(tmpDir('lethe-server-'), 'data');
+    const r = await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0', '--json']);
+    if (r.code !== 0) throw new Error(`server init failed: ${r.stderr}`);
+    adminToken = (JSON.parse(r.stdout) as { adminToken: string }).adminToken;
+  }
+  const listen = `127.0.0.1:${opts.port ?? 0}`;
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', listen, '--json'], {
+    cwd: ROOT,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let err = '';
+  proc.stderr!.on('data', (d) => (err += d));
+  const first = await new Promise<string>((resolve, reject) => {
+    const rl = createInterface({ input: proc.stdout! });
+    rl.once('line', (l) => resolve(l));
+    proc.once('exit', (c) => reject(new Error(`server exited (${c}) before listening: ${err}`)));
+  });
+  const { url, fingerprint } = JSON.parse(first) as { url: string; fingerprint: string };
+  const port = Number(new URL(url).port);
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  const self: ServerProc = {
+    dir,
+    url,
+    fingerprint,
+    adminToken,
+    proc,
+    env: { LETHE_SERVER: url, LETHE_PIN: fingerprint, LETHE_ADMIN_TOKEN: adminToken },
+    stderr: () => err,
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+      await exited;
+    },
+    async kill9() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      await exited;
+    },
+    restart: () => startServer({ dir, adminToken, port }),
+  };
+  return self;
+}
