@@ -1,0 +1,104 @@
+// A restart keeps devices, images, leases and the chain; a SIGKILL at any
+// moment loses nothing the server had acknowledged.
+import { expect } from 'chai';
+import { LetheError } from '../../common/errors.js';
+import { admin, assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
+import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
+
+describe('durability (real server process)', function () {
+  this.timeout(120_000);
+
+  it('a restart keeps devices, images, leases and the chain', async () => {
+    let s = await startServer();
+    try {
+      const img = await pushImage(s, 'kept', { chunks: 2 });
+      const d = await enrolledDevice(s);
+      await assign(s, d.deviceId, 'kept');
+      const lease = await d.client.lease('kept');
+      await d.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+      const before = JSON.parse((await lethe(['audit', 'verify', '--json'], s.env)).stdout) as { entries: number; checkpoints: number };
+      const devicesBefore = (await lethe(['admin', 'devices', '--json'], s.env)).stdout;
+      d.close();
+
+      await s.stop();
+      s = await s.restart();
+
+      expect((await lethe(['admin', 'devices', '--json'], s.env)).stdout).to.equal(devicesBefore);
+      const a = admin(s);
+      const images = await a.json<{ images: { name: string; current: number }[] }>('GET', '/images');
+      a.close();
+      expect(images.images).to.deep.include.members([{ ...images.images.find((i) => i.name === 'kept')!, current: img.version }]);
+      // The same device home and the same lease carry on.
+      const again = await enrolledDeviceFromHome(d.home);
+      const renewed = await again.client.renew(lease.leaseId);
+      expect(renewed.leaseId).to.equal(lease.leaseId);
+      expect((await again.client.keys(lease.leaseId, [{ kind: 'mem', index: 2 }])).chunks).to.have.length(1);
+      again.close();
+
+      const after = JSON.parse((await lethe(['audit', 'verify', '--json'], s.env)).stdout) as { ok: boolean; entries: number; checkpoints: number };
+      expect(after.ok).to.equal(true);
+      expect(after.entries).to.equal(before.entries + 2);
+      expect(after.checkpoints, 'a checkpoint is signed at shutdown').to.equal(before.checkpoints + 1);
+    } finally {
+      await s.stop();
+    }
+  });
+
+  it('SIGKILL at any moment loses nothing acknowledged and leaves the chain intact', async () => {
+    let s = await startServer();
+    await pushImage(s, 'busy', { chunks: 4 });
+    const acknowledged = { devices: new Set<string>(), keyReleases: 0 };
+    try {
+      for (const killAfterMs of [150, 700, 1300]) {
+        const stop = { now: false };
+        const workers = Array.from({ length: 4 }, async (_, w) => {
+          while (!stop.now) {
+            try {
+              const d = await enrolledDevice(s, `w${w}`);
+              acknowledged.devices.add(d.deviceId);
+              await assign(s, d.deviceId, 'busy');
+              const lease = await d.client.lease('busy');
+              for (let i = 0; i < 5 && !stop.now; i++) {
+                await d.client.keys(lease.leaseId, [{ kind: 'mem', index: 2 * (i % 4) }]);
+                acknowledged.keyReleases++;
+              }
+              d.close();
+            } catch (e) {
+              if (!(e instanceof LetheError) || e.code !== 'SERVER_UNREACHABLE') {
+                if (!stop.now) throw e;
+              }
+            }
+          }
+        });
+        await new Promise((r) => setTimeout(r, killAfterMs));
+        await s.kill9();
+        stop.now = true;
+        await Promise.all(workers);
+        s = await s.restart();
+        const v = JSON.parse((await lethe(['audit', 'verify', '--json'], s.env)).stdout) as { ok: boolean; reason?: string };
+        expect(v.ok, v.reason).to.equal(true);
+      }
+      const listed = JSON.parse((await lethe(['admin', 'devices', '--json'], s.env)).stdout) as { devices: { id: string }[] };
+      const ids = new Set(listed.devices.map((d) => d.id));
+      for (const id of acknowledged.devices) expect(ids.has(id), `device ${id} was acknowledged`).to.equal(true);
+      const Database = (await import('better-sqlite3')).default;
+      const db = new Database(`${s.dir}/lethe.db`, { readonly: true });
+      const releases = (db.prepare("SELECT COUNT(*) AS n FROM audit WHERE type = 'keys.release'").get() as { n: number }).n;
+      db.close();
+      expect(releases).to.be.at.least(acknowledged.keyReleases);
+      expect(acknowledged.devices.size).to.be.greaterThan(0);
+    } finally {
+      await s.stop();
+    }
+  });
+});
+
+async function enrolledDeviceFromHome(home: string) {
+  const { loadIdentity } = await import('../../agent/identity.js');
+  const { DeviceClient } = await import('../../agent/device-client.js');
+  const id = loadIdentity(home);
+  const client = new DeviceClient(id);
+  return { client, close: () => client.close() };
+}
+
+export type { ServerProc };
