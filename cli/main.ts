@@ -37,7 +37,11 @@ async function main(): Promise<void> {
 
 main().catch((e: unknown) => {
   if (e && typeof e === 'object' && 'usage' in e) {
-    process.stderr.write(`lethe: error: ${(e as unknown as Error).message}\nlethe: hint: run 'lethe --help' for usage\n`);
+    const msg = (e as unknown as Error).message;
+    const suggestion = /^Did you mean (.+)\?$/.exec(msg);
+    const line = suggestion ? `unknown command '${argv[0]}'` : msg.charAt(0).toLowerCase() + msg.slice(1);
+    const hint = suggestion ? `did you mean '${suggestion[1]}'?` : "run 'lethe --help' for usage";
+    process.stderr.write(`lethe: error: ${line}\nlethe: hint: ${hint}\n`);
     process.exitCode = 2;
     return;
   }

@@ -1,0 +1,62 @@
+// Parsers that face people: durations, times, tokens, fingerprints, policies, canonical JSON.
+import { expect } from 'chai';
+import { canonical } from '../../common/audit-hash.js';
+import { parseDuration, parseSince } from '../../common/duration.js';
+import { LetheError } from '../../common/errors.js';
+import { decodeEnrollToken, encodeEnrollToken, normalizeFingerprint } from '../../common/tokens.js';
+import { classOf, parsePolicy, DEFAULT_POLICY } from '../../policies/policy.js';
+import { ranges } from '../../server/leases.js';
+
+describe('parsing', () => {
+  it('durations with units, and a clear error otherwise', () => {
+    expect(parseDuration('90s')).to.equal(90_000);
+    expect(parseDuration('15m')).to.equal(900_000);
+    expect(parseDuration('1.5h')).to.equal(5_400_000);
+    expect(parseDuration('7d')).to.equal(604_800_000);
+    expect(parseDuration('30')).to.equal(30_000);
+    expect(() => parseDuration('soon', '--ttl')).to.throw(LetheError, "bad --ttl: 'soon'");
+  });
+
+  it('times as ISO or as a duration ago', () => {
+    const now = Date.parse('2026-01-02T00:00:00Z');
+    expect(parseSince('24h', now)).to.equal(Date.parse('2026-01-01T00:00:00Z'));
+    expect(parseSince('2025-12-31T12:00:00Z', now)).to.equal(Date.parse('2025-12-31T12:00:00Z'));
+    expect(() => parseSince('last tuesday')).to.throw(LetheError, "bad time: 'last tuesday'");
+  });
+
+  it('enrollment tokens round-trip and junk is named', () => {
+    const t = encodeEnrollToken({ u: 'https://127.0.0.1:7443', f: 'a'.repeat(64), s: 'secret-secret-secret' });
+    expect(decodeEnrollToken(`  ${t}\n`)).to.deep.equal({ v: 1, u: 'https://127.0.0.1:7443', f: 'a'.repeat(64), s: 'secret-secret-secret' });
+    expect(() => decodeEnrollToken('lethe-enroll-!!!')).to.throw(LetheError, "not an enrollment token: 'lethe-enroll-!!!'");
+  });
+
+  it('fingerprints in colon or plain form', () => {
+    const hex = 'AB'.repeat(32);
+    expect(normalizeFingerprint(hex.match(/../g)!.join(':'))).to.equal('ab'.repeat(32));
+    expect(() => normalizeFingerprint('abc')).to.throw(LetheError, "not a SHA-256 certificate fingerprint: 'abc'");
+  });
+
+  it('policies: defaults, overrides, and errors that name the line and field', () => {
+    expect(parsePolicy(undefined)).to.deep.equal(DEFAULT_POLICY);
+    const p = parsePolicy('lease:\n  ttl: 10m\n  renew: 2m\nsensitive:\n  memory: false\n  disk: [[0, 131072]]\n');
+    expect(p).to.deep.include({ leaseTtlMs: 600_000, renewAfterMs: 120_000, sensitiveMemory: false });
+    expect(classOf(p, 'disk', 0, 131072)).to.equal('sensitive');
+    expect(classOf(p, 'disk', 131072, 131072)).to.equal('normal');
+    expect(classOf(p, 'mem', 0, 4096)).to.equal('normal');
+    expect(() => parsePolicy('lease:\n  ttl: 10m\nsensitive:\n  memory: "yes"\n', 'strict.yaml')).to.throw(
+      LetheError,
+      'strict.yaml:4: sensitive.memory: Invalid input: expected boolean, received string',
+    );
+    expect(() => parsePolicy('lease:\n  ttl: 1m\n  renew: 5m\n', 'p.yaml')).to.throw(LetheError, 'p.yaml: lease.renew must be shorter than lease.ttl');
+    expect(() => parsePolicy('lease: [\n', 'broken.yaml')).to.throw(LetheError, /^broken\.yaml:\d+: /);
+  });
+
+  it('canonical JSON sorts keys and drops undefined', () => {
+    expect(canonical({ b: 1, a: [3, { d: undefined, c: 'x' }], e: null })).to.equal('{"a":[3,{"c":"x"}],"b":1,"e":null}');
+  });
+
+  it('audit chunk lists compress to ranges', () => {
+    const refs = [5, 1, 2, 3, 9].map((index) => ({ kind: 'mem' as const, index }));
+    expect(ranges([...refs, { kind: 'disk', index: 0 }])).to.deep.equal({ mem: [[1, 3], [5, 5], [9, 9]], disk: [[0, 0]] });
+  });
+});
