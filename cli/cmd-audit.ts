@@ -57,7 +57,7 @@ export function auditCommand(y: Argv) {
         emit(args, r, () =>
           r.ok
             ? `audit log intact: ${r.entries} entries, ${r.checkpoints} signed checkpoint(s)`
-            : `audit log BROKEN at entry ${r.firstBad}: ${r.reason} (${r.entries} entries before it verified)`,
+            : `audit log BROKEN at entry ${r.firstBad}: ${r.reason} (${r.entries} entries verified before it)`,
         );
         if (!r.ok) process.exitCode = 1;
       })

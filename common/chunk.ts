@@ -7,6 +7,7 @@
 // the chunk unchanged refers to it by the same gen, so nothing is re-encrypted.
 import {
   AD_CHUNK,
+  CHUNK_OVERHEAD,
   CHUNK_FORMAT_VERSION,
   CLASS_CODE,
   KDF_CHUNK_NORMAL,
@@ -65,7 +66,7 @@ export function decryptChunkInto(out: Uint8Array, key: Uint8Array, c: ChunkCoord
 }
 
 export function plaintextSize(blob: Uint8Array): number {
-  return blob.length - 1 - 24 - 16;
+  return blob.length - CHUNK_OVERHEAD;
 }
 
 export function isZero(b: Uint8Array): boolean {

@@ -30,9 +30,9 @@ export const CHUNK_OVERHEAD = 1 + NONCE_BYTES + TAG_BYTES;
 export const KDF_CLASS = 'lethe/v1/class-key\0';
 export const KDF_CHUNK_NORMAL = 'lethe/v1/chunk-key/normal\0';
 export const KDF_CHUNK_SENSITIVE = 'lethe/v1/chunk-key/sensitive\0';
-export const KDF_DEDUP = 'lethe/v1/dedup-key\0';
 export const AD_CHUNK = 'lethe/v1/chunk\0';
 export const AD_VERSION_KEY = 'lethe/v1/version-key\0';
+export const MANIFEST_CONTEXT = 'LETHE-MANIFEST-V1';
 
 // ---- specification: signed device requests (docs/escrow-protocol.md) ----
 export const SIG_CONTEXT = 'LETHE-REQ-V1';

@@ -7,12 +7,12 @@
 import { HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP, SIG_CONTEXT } from './constants.js';
 import { b64u, randomBytes, sha256, sign, verify } from './crypto.js';
 
-export interface SignedHeaders {
+export type SignedHeaders = Record<string, string> & {
   [HDR_DEVICE]: string;
   [HDR_TIMESTAMP]: string;
   [HDR_NONCE]: string;
   [HDR_SIGNATURE]: string;
-}
+};
 
 export function signingMessage(method: string, path: string, deviceId: string, ts: string, nonce: string, body: Uint8Array): Buffer {
   const digest = sha256(body).toString('hex');

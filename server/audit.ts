@@ -124,7 +124,7 @@ export function verifyChain(db: DB, signPublicKey: Uint8Array): VerifyResult {
       return fail(cp.seq, `checkpoint at entry ${cp.seq} has a bad signature`, checkpoints);
     }
     const have = hashes.get(cp.seq);
-    if (have === undefined) return fail(cp.seq, `entry ${cp.seq} is missing (the log was truncated)`, checkpoints);
+    if (have === undefined) return fail(expectSeq, `entry ${expectSeq} is missing (the log was truncated before signed entry ${cp.seq})`, checkpoints);
     if (have !== cp.hash) return fail(cp.seq, `entry ${cp.seq} differs from its signed checkpoint`, checkpoints);
     checkpoints++;
   }

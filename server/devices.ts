@@ -153,9 +153,14 @@ export function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolea
   const now = ctx.now();
   if (c.acked_at !== null) return { id: c.id, acked: true };
   ctx.db.transaction(() => {
-    ctx.db.prepare('UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, JSON.stringify({ ok, detail }), c.id);
-    if (c.type === 'wipe' && ok) ctx.db.prepare('UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, d.id);
+    if (ok) {
+      ctx.db.prepare('UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, JSON.stringify({ ok, detail }), c.id);
+      if (c.type === 'wipe') ctx.db.prepare('UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, d.id);
+    } else {
+      // A failed wipe stays pending and is handed out again at the next heartbeat.
+      ctx.db.prepare('UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?').run(JSON.stringify({ ok, detail }), c.id);
+    }
     ctx.audit.append('wipe.ack', d.id, { command: c.id, ok, ...(detail ? { detail } : {}) }, now);
   })();
-  return { id: c.id, acked: true };
+  return { id: c.id, acked: ok };
 }

@@ -3,12 +3,12 @@
 // the server only sealed to a device's X25519 key.
 import { AD_VERSION_KEY, KEY_BYTES } from '../common/constants.js';
 import { classKey, chunkKey, type ChunkCoord } from '../common/chunk.js';
-import { open, randomKey, seal, sealTo, secureBuffer, secureCopy, wipe, type SecretKey } from '../common/crypto.js';
+import { open, randomKey, seal, sealTo, secureBuffer, secureCopy, sha256, wipe, type SecretKey } from '../common/crypto.js';
 
 const MAX_CACHED_KEYS = 256;
 
 export class Escrow {
-  /** Unwrapped version keys by "imageId/gen", in secure memory; wiped on eviction and close. */
+  /** Unwrapped keys by SHA-256 of their wrapped form, in secure memory; wiped on eviction and close. */
   private readonly cache = new Map<string, SecretKey>();
 
   constructor(private readonly masterKey: SecretKey) {}
@@ -30,7 +30,9 @@ export class Escrow {
   }
 
   private unwrap(wrapped: Buffer, imageId: Buffer, gen: number, purpose: 'version' | 'dedup'): SecretKey {
-    const id = `${imageId.toString('hex')}/${gen}/${purpose}`;
+    // Keyed by the wrapped bytes, not the coordinates: a discarded draft's
+    // version number can come back with a new key.
+    const id = sha256(wrapped).toString('hex');
     const hit = this.cache.get(id);
     if (hit) {
       this.cache.delete(id);
@@ -38,9 +40,12 @@ export class Escrow {
       return hit;
     }
     const raw = open(this.masterKey, wrapped, this.wrapAd(imageId, gen, purpose));
+    if (raw.length !== KEY_BYTES) {
+      wipe(raw);
+      throw new Error('wrapped key has the wrong size');
+    }
     const key = secureCopy(raw);
     wipe(raw);
-    if (key.length !== KEY_BYTES) throw new Error('wrapped key has the wrong size');
     this.cache.set(id, key);
     if (this.cache.size > MAX_CACHED_KEYS) {
       const [oldId, old] = this.cache.entries().next().value as [string, SecretKey];
@@ -80,12 +85,16 @@ export class Escrow {
     }
   }
 
-  /** Derives each chunk's key into one buffer and seals it once (batching saves the X25519 work). */
-  sealedChunkKeys(coords: { versionKey: Uint8Array; coord: ChunkCoord }[], devicePk: Uint8Array): Buffer {
+  /**
+   * Derives each chunk's key into one buffer and seals it once (batching saves
+   * the X25519 work). `versionKeyOf` is asked right before each derivation, so
+   * a cache eviction cannot hand back a wiped key.
+   */
+  sealedChunkKeys(coords: ChunkCoord[], versionKeyOf: (gen: number) => Uint8Array, devicePk: Uint8Array): Buffer {
     const all = secureBuffer(coords.length * KEY_BYTES);
     try {
-      coords.forEach(({ versionKey, coord }, i) => {
-        const k = this.chunkKeyFor(versionKey, coord);
+      coords.forEach((coord, i) => {
+        const k = this.chunkKeyFor(versionKeyOf(coord.gen), coord);
         all.set(k, i * KEY_BYTES);
         wipe(k);
       });

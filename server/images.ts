@@ -3,7 +3,7 @@
 // server encrypts it with the version's keys, skips zero chunks, and keeps an
 // unchanged chunk under the generation that first wrote it.
 import { randomBytes } from 'node:crypto';
-import { CHUNK_KINDS, CHUNK_SIZE, MEM_CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { CHUNK_KINDS, CHUNK_SIZE, MANIFEST_CONTEXT, MEM_CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
 import { canonical } from '../common/audit-hash.js';
 import { encryptChunk, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, sha256, sign, wipe } from '../common/crypto.js';
@@ -237,7 +237,7 @@ export function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
     chunkSizes: CHUNK_SIZE,
     chunks,
   };
-  const signature = b64u.encode(sign(ctx.data.signingKey, Buffer.from(`LETHE-MANIFEST-V1\n${sha256(canonical(body)).toString('hex')}`)));
+  const signature = b64u.encode(sign(ctx.data.signingKey, Buffer.from(`${MANIFEST_CONTEXT}\n${sha256(canonical(body)).toString('hex')}`)));
   return { ...body, signature };
 }
 

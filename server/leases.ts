@@ -186,12 +186,10 @@ export function releaseKeys(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
   })();
   const id = Buffer.from(l.image_id, 'hex');
   const wrapped = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
-  const coords = rows.map((r) => {
-    const coord: ChunkCoord = { imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls };
-    const vk = ctx.escrow.versionKey((wrapped.get(l.image_id, r.gen) as { key_wrapped: Buffer }).key_wrapped, id, r.gen);
-    return { versionKey: vk, coord };
-  });
-  const sealed = ctx.escrow.sealedChunkKeys(coords, d.box_pk);
+  const coords = rows.map((r): ChunkCoord => ({ imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls }));
+  const versionKeyOf = (gen: number) =>
+    ctx.escrow.versionKey((wrapped.get(l.image_id, gen) as { key_wrapped: Buffer }).key_wrapped, id, gen);
+  const sealed = ctx.escrow.sealedChunkKeys(coords, versionKeyOf, d.box_pk);
   ctx.metrics.inc('lethe_keys_released_total', {}, rows.length);
   return {
     sealed: b64u.encode(sealed),

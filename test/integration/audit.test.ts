@@ -74,7 +74,7 @@ describe('audit log (real server process)', function () {
       const text = await lethe(['audit', 'verify', '--data', s.dir]);
       expect(text.code).to.equal(1);
       expect(text.stdout).to.equal(
-        `audit log BROKEN at entry ${target.seq}: entry ${target.seq} does not match its hash (${target.seq - 1} entries before it verified)\n`,
+        `audit log BROKEN at entry ${target.seq}: entry ${target.seq} does not match its hash (${target.seq - 1} entries verified before it)\n`,
       );
     } finally {
       db.prepare('UPDATE audit SET data = ? WHERE seq = ?').run(target.data, target.seq);
@@ -98,7 +98,7 @@ describe('audit log (real server process)', function () {
     try {
       const r = await verify();
       expect(r.body).to.include({ ok: false, firstBad: AUDIT_CHECKPOINT_EVERY });
-      expect(r.body.reason).to.equal(`entry ${AUDIT_CHECKPOINT_EVERY} is missing (the log was truncated)`);
+      expect(r.body.reason).to.equal(`entry ${AUDIT_CHECKPOINT_EVERY} is missing (the log was truncated before signed entry ${AUDIT_CHECKPOINT_EVERY})`);
     } finally {
       const ins = db.prepare('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (@seq, @ts, @type, @device, @data, @hash)');
       for (const row of backup) ins.run(row);

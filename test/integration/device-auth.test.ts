@@ -131,6 +131,21 @@ describe('device authentication (real server process)', function () {
     d.close();
   });
 
+  it('a wipe acknowledged as failed stays pending and is handed out again', async () => {
+    const d = await enrolledDevice(s, 'stubborn');
+    const a = admin(s);
+    await a.json('POST', `/devices/${d.deviceId}/wipe`);
+    a.close();
+    const first = await d.client.heartbeat();
+    expect(await d.client.ack(first.commands[0].id, false, 'disk busy')).to.deep.equal({ id: first.commands[0].id, acked: false });
+    const second = await d.client.heartbeat();
+    expect(second.status).to.equal('wipe-pending');
+    expect(second.commands.map((c) => c.id)).to.deep.equal([first.commands[0].id]);
+    await d.client.ack(second.commands[0].id, true);
+    expect((await rejects(d.client.heartbeat())).code).to.equal('DEVICE_WIPED');
+    d.close();
+  });
+
   it('a revoked device that is also ordered to wipe still receives the wipe', async () => {
     const d = await enrolledDevice(s, 'lost');
     const a = admin(s);

@@ -44,6 +44,37 @@ describe('durability (real server process)', function () {
     }
   });
 
+  it('a discarded draft whose version number comes back gets its own key, across a restart', async () => {
+    let s = await startServer();
+    try {
+      const a = admin(s);
+      await a.json('POST', '/images', { name: 'redo' });
+      const first = await a.json<{ version: number }>('POST', '/images/redo/versions', { sizes: { disk: 0, mem: 8192, state: 0 } });
+      await a.put(`/images/redo/versions/${first.version}/chunks/mem/0`, Buffer.alloc(4096, 7));
+      a.close();
+      // Different sizes discard that draft; the same version number is opened again.
+      const img = await pushImage(s, 'redo', { plain: { disk: Buffer.alloc(0), mem: Buffer.alloc(4096, 9), state: Buffer.alloc(0) } });
+      expect(img.version).to.equal(first.version);
+      await s.stop();
+      s = await s.restart();
+      const d = await enrolledDevice(s);
+      await assign(s, d.deviceId, 'redo');
+      const lease = await d.client.lease('redo');
+      const keys = await d.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+      const [blob] = await d.client.chunks(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+      const { openSealed, wipe } = await import('../../common/crypto.js');
+      const { decryptChunkInto } = await import('../../common/chunk.js');
+      const key = openSealed(d.id.box, Buffer.from(keys.sealed, 'base64url'));
+      const out = Buffer.alloc(4096);
+      decryptChunkInto(out, key, { imageId: Buffer.from(lease.imageId, 'hex'), gen: keys.chunks[0].gen, kind: 'mem', index: 0, cls: 'sensitive' }, blob);
+      expect(out.equals(Buffer.alloc(4096, 9))).to.equal(true);
+      wipe(key);
+      d.close();
+    } finally {
+      await s.stop();
+    }
+  });
+
   it('SIGKILL at any moment loses nothing acknowledged and leaves the chain intact', async () => {
     let s = await startServer();
     await pushImage(s, 'busy', { chunks: 4 });
