@@ -26,6 +26,22 @@ export class AdminClient {
     return JSON.parse(res.body.toString('utf8'));
   }
 
+  async post(path: string, body: Buffer): Promise<unknown> {
+    const res = await this.http.request('POST', `/v1/admin${path}`, {
+      body,
+      headers: { authorization: `Bearer ${this.token}` },
+    });
+    return JSON.parse(res.body.toString('utf8'));
+  }
+
+  async postBinary(path: string, json: unknown): Promise<Buffer> {
+    const res = await this.http.request('POST', `/v1/admin${path}`, {
+      body: Buffer.from(JSON.stringify(json)),
+      headers: { authorization: `Bearer ${this.token}`, 'content-type': 'application/json' },
+    });
+    return res.body;
+  }
+
   close(): void {
     this.http.close();
   }

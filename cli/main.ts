@@ -4,6 +4,7 @@ import { hideBin } from 'yargs/helpers';
 import { adminCommand } from './cmd-admin.js';
 import { auditCommand } from './cmd-audit.js';
 import { deviceCommands } from './cmd-device.js';
+import { imageCommand } from './cmd-image.js';
 import { serverCommand } from './cmd-server.js';
 import { reportError } from './output.js';
 
@@ -31,6 +32,7 @@ async function main(): Promise<void> {
   cli = serverCommand(cli);
   cli = adminCommand(cli);
   cli = deviceCommands(cli);
+  cli = imageCommand(cli);
   cli = auditCommand(cli);
   await cli.parseAsync();
 }

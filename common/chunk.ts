@@ -17,7 +17,7 @@ import {
   type ChunkKind,
   type Sensitivity,
 } from './constants.js';
-import { deriveKey, openInto, seal, tampered, type SecretKey } from './crypto.js';
+import { deriveKey, deriveKeyInto, openInto, seal, tampered, type SecretKey } from './crypto.js';
 
 export interface ChunkCoord {
   imageId: Buffer; // 16 bytes
@@ -52,6 +52,16 @@ export function classKey(versionKey: Uint8Array): SecretKey {
  */
 export function chunkKey(parentKey: Uint8Array, c: ChunkCoord): SecretKey {
   return deriveKey(parentKey, c.cls === 'sensitive' ? KDF_CHUNK_SENSITIVE : KDF_CHUNK_NORMAL, coordBytes(c));
+}
+
+/** chunkKey() into a caller's (secure) 32-byte buffer, for hot loops. */
+export function chunkKeyInto(out: Uint8Array, parentKey: Uint8Array, c: ChunkCoord): void {
+  deriveKeyInto(out, parentKey, c.cls === 'sensitive' ? KDF_CHUNK_SENSITIVE : KDF_CHUNK_NORMAL, coordBytes(c));
+}
+
+/** classKey() into a caller's (secure) 32-byte buffer. */
+export function classKeyInto(out: Uint8Array, versionKey: Uint8Array): void {
+  deriveKeyInto(out, versionKey, KDF_CLASS, 'normal');
 }
 
 export function encryptChunk(key: Uint8Array, c: ChunkCoord, plaintext: Uint8Array, nonce?: Buffer): Buffer {

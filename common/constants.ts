@@ -56,5 +56,7 @@ export const DEFAULT_ENROLL_TTL_S = 3600;
 export const MAX_JSON_BODY = 1024 * 1024;
 export const MAX_CHUNK_BODY = DISK_CHUNK_SIZE + 1024;
 export const MAX_BATCH = 1024;
+/** A batch upload of plaintext chunks (admin push). */
+export const MAX_UPLOAD_BODY = 8 * 1024 * 1024 + 64 * 1024;
 /** Built-in lease policy until an image carries its own. */
 export const DEFAULT_LEASE_TTL_S = 900;

@@ -41,15 +41,20 @@ export function sha256(...parts: (Uint8Array | string)[]): Buffer {
   return h.digest();
 }
 
-/** BLAKE2b-256 keyed by `key` over the concatenation of `parts`, into secure memory. */
-export function deriveKey(key: Uint8Array, ...parts: (Uint8Array | string)[]): SecretKey {
+/** BLAKE2b-256 keyed by `key` over the concatenation of `parts`, into `out` (32 bytes). */
+export function deriveKeyInto(out: Uint8Array, key: Uint8Array, ...parts: (Uint8Array | string)[]): void {
   const input = Buffer.concat(parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : Buffer.from(p))));
-  const out = secureBuffer(KEY_BYTES);
   try {
     sodium.crypto_generichash(out, input, key);
   } finally {
     wipe(input);
   }
+}
+
+/** BLAKE2b-256 keyed by `key` over the concatenation of `parts`, into new secure memory. */
+export function deriveKey(key: Uint8Array, ...parts: (Uint8Array | string)[]): SecretKey {
+  const out = secureBuffer(KEY_BYTES);
+  deriveKeyInto(out, key, ...parts);
   return out;
 }
 

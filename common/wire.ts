@@ -52,6 +52,7 @@ export const ChunksRequest = KeysRequest;
 
 export const EnrollTokenRequest = z.strictObject({ ttlSeconds: z.number().int().min(1).max(30 * 86400).optional() });
 export const AssignRequest = z.strictObject({ image: ImageName });
+export const PolicyRequest = z.strictObject({ policy: z.string().max(65536).nullable() });
 export const CreateImageRequest = z.strictObject({ name: ImageName, policy: z.string().max(65536).optional() });
 export const CreateVersionRequest = z.strictObject({
   sizes: z.strictObject({

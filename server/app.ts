@@ -3,7 +3,7 @@
 // validated with the schemas in common/wire.ts.
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { z } from 'zod';
-import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, type ChunkKind } from '../common/constants.js';
+import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, MAX_UPLOAD_BODY, type ChunkKind } from '../common/constants.js';
 import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
@@ -11,7 +11,22 @@ import { adminAuth, deviceAuth, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyChain } from './audit.js';
 import type { Ctx } from './context.js';
 import { ackCommand, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
-import { commitVersion, createImage, createVersion, getImage, getVersion, listImages, manifest, putChunk } from './images.js';
+import {
+  chunkHashes,
+  commitVersion,
+  createImage,
+  createVersion,
+  dedupKeyFor,
+  exportChunks,
+  getImage,
+  getVersion,
+  listImages,
+  manifest,
+  putChunks,
+  removeImage,
+  setPolicy,
+} from './images.js';
+import { parseChunkFrames } from '../common/frames.js';
 import { assign, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines } from './metrics.js';
 
@@ -67,6 +82,7 @@ export function buildApp(ctx: Ctx): express.Express {
   app.set('etag', false);
   const rawJson = express.raw({ type: () => true, limit: MAX_JSON_BODY });
   const rawChunk = express.raw({ type: () => true, limit: MAX_CHUNK_BODY });
+  const rawUpload = express.raw({ type: () => true, limit: MAX_UPLOAD_BODY });
   const admin = adminAuth(ctx);
   const device = deviceAuth(ctx);
   const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true });
@@ -168,7 +184,31 @@ export function buildApp(ctx: Ctx): express.Express {
   });
   a.put('/images/:name/versions/:version/chunks/:kind/:index', rawChunk, (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.json(putChunk(ctx, param(req, 'name'), intParam(req, 'version'), kindParam(req), intParam(req, 'index'), body));
+    const r = putChunks(ctx, param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
+    res.json({ stored: r.new ? 'new' : r.unchanged ? 'unchanged' : 'zero' });
+  });
+  a.post('/images/:name/versions/:version/chunks', rawUpload, (req, res) => {
+    const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+    res.json(putChunks(ctx, param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
+  });
+  a.get('/images/:name/versions/:version/hashes', (req, res) => {
+    res.json(chunkHashes(ctx, param(req, 'name'), intParam(req, 'version')));
+  });
+  a.post('/images/:name/versions/:version/export', rawJson, (req, res) => {
+    const b = json(wire.ChunksRequest.omit({ leaseId: true }), req);
+    res.type('application/octet-stream').send(exportChunks(ctx, param(req, 'name'), intParam(req, 'version'), b.chunks));
+  });
+  a.get('/images/:name/dedup-key', (req, res) => {
+    res.json({ key: dedupKeyFor(ctx, param(req, 'name')) });
+  });
+  a.put('/images/:name/policy', rawJson, (req, res) => {
+    res.json(setPolicy(ctx, param(req, 'name'), json(wire.PolicyRequest, req).policy));
+  });
+  a.delete('/images/:name', (req, res) => {
+    res.json(removeImage(ctx, param(req, 'name')));
+  });
+  a.delete('/images/:name/versions/:version', (req, res) => {
+    res.json(removeImage(ctx, param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/commit', rawJson, (req, res) => {
     res.json(commitVersion(ctx, param(req, 'name'), intParam(req, 'version')));

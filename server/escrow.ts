@@ -2,7 +2,7 @@
 // dedup key per image); chunk keys are derived from those on demand and leave
 // the server only sealed to a device's X25519 key.
 import { AD_VERSION_KEY, KEY_BYTES } from '../common/constants.js';
-import { classKey, chunkKey, type ChunkCoord } from '../common/chunk.js';
+import { classKey, classKeyInto, chunkKeyInto, type ChunkCoord } from '../common/chunk.js';
 import { open, randomKey, seal, sealTo, secureBuffer, secureCopy, sha256, wipe, type SecretKey } from '../common/crypto.js';
 
 const MAX_CACHED_KEYS = 256;
@@ -64,15 +64,25 @@ export class Escrow {
     return this.unwrap(wrapped, imageId, 0, 'dedup');
   }
 
-  /** The key that encrypts (or decrypts) one chunk. Caller wipes it. */
-  chunkKeyFor(versionKey: Uint8Array, c: ChunkCoord): SecretKey {
-    if (c.cls === 'sensitive') return chunkKey(versionKey, c);
-    const ck = classKey(versionKey);
+  /** Scratch for the class key on the way to a normal chunk's key; wiped after each use. */
+  private readonly scratch = secureBuffer(KEY_BYTES);
+
+  /** The key that encrypts (or decrypts) one chunk, into `out` (32 bytes of secure memory). */
+  chunkKeyInto(out: Uint8Array, versionKey: Uint8Array, c: ChunkCoord): void {
+    if (c.cls === 'sensitive') return chunkKeyInto(out, versionKey, c);
     try {
-      return chunkKey(ck, c);
+      classKeyInto(this.scratch, versionKey);
+      chunkKeyInto(out, this.scratch, c);
     } finally {
-      wipe(ck);
+      wipe(this.scratch);
     }
+  }
+
+  /** The key of one chunk in new secure memory. Caller wipes it. */
+  chunkKeyFor(versionKey: Uint8Array, c: ChunkCoord): SecretKey {
+    const out = secureBuffer(KEY_BYTES);
+    this.chunkKeyInto(out, versionKey, c);
+    return out;
   }
 
   /** The normal-class key of a version, sealed to a device. */
@@ -94,9 +104,7 @@ export class Escrow {
     const all = secureBuffer(coords.length * KEY_BYTES);
     try {
       coords.forEach((coord, i) => {
-        const k = this.chunkKeyFor(versionKeyOf(coord.gen), coord);
-        all.set(k, i * KEY_BYTES);
-        wipe(k);
+        this.chunkKeyInto(all.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES), versionKeyOf(coord.gen), coord);
       });
       return sealTo(devicePk, all);
     } finally {
@@ -107,6 +115,7 @@ export class Escrow {
   close(): void {
     for (const k of this.cache.values()) wipe(k);
     this.cache.clear();
+    wipe(this.scratch);
     wipe(this.masterKey);
   }
 }

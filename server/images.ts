@@ -3,10 +3,10 @@
 // server encrypts it with the version's keys, skips zero chunks, and keeps an
 // unchanged chunk under the generation that first wrote it.
 import { randomBytes } from 'node:crypto';
-import { CHUNK_KINDS, CHUNK_SIZE, MANIFEST_CONTEXT, MEM_CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { CHUNK_KINDS, CHUNK_SIZE, KEY_BYTES, MANIFEST_CONTEXT, MEM_CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
 import { canonical } from '../common/audit-hash.js';
 import { encryptChunk, isZero, type ChunkCoord } from '../common/chunk.js';
-import { b64u, keyedHash, sha256, sign, wipe } from '../common/crypto.js';
+import { b64u, keyedHash, secureBuffer, sha256, sign, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { classOf, parsePolicy, type ServerPolicy } from '../policies/policy.js';
@@ -108,6 +108,8 @@ export function createVersion(ctx: Ctx, name: string, sizes: { disk: number; mem
       ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, v.version);
       ctx.db.prepare('DELETE FROM versions WHERE image_id = ? AND version = ?').run(img.id, v.version);
     })();
+    // Only the draft itself wrote blobs of its generation.
+    ctx.store.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ?').run(img.id, v.version);
   }
   const last = ctx.db.prepare('SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number | null };
   const version = (last.v ?? 0) + 1;
@@ -135,47 +137,199 @@ function draftVersion(ctx: Ctx, img: ImageRow, version: number): VersionRow {
   return v;
 }
 
-/** Stores one plaintext chunk of a draft; returns whether it was new, unchanged or zero. */
-export function putChunk(ctx: Ctx, name: string, version: number, kind: ChunkKind, index: number, plaintext: Buffer) {
+export type PutResult = 'new' | 'unchanged' | 'zero';
+
+/**
+ * Stores plaintext chunks of a draft in one transaction per database: zero
+ * chunks are dropped, a chunk whose keyed hash and class match what the draft
+ * already holds is kept (with its generation), anything else is encrypted
+ * under this version's key. Validates every chunk before storing any.
+ */
+export function putChunks(ctx: Ctx, name: string, version: number, items: { kind: ChunkKind; index: number; data: Buffer }[]) {
   const img = getImage(ctx, name);
   const v = draftVersion(ctx, img, version);
-  const size = sizeOf(v, kind);
-  const count = chunkCount(size, kind);
-  if (index >= count) {
-    throw new LetheError('BAD_REQUEST', `${kind} chunk ${index} is past the end (the ${kind} has ${count} chunks)`);
-  }
-  const expect = Math.min(CHUNK_SIZE[kind], size - index * CHUNK_SIZE[kind]);
-  if (plaintext.length !== expect) {
-    throw new LetheError('BAD_REQUEST', `${kind} chunk ${index} is ${plaintext.length} bytes, expected ${expect}`);
-  }
-  const del = ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
-  if (isZero(plaintext)) {
-    del.run(img.id, version, kind, index);
-    return { stored: 'zero' as const };
+  for (const { kind, index, data } of items) {
+    const size = sizeOf(v, kind);
+    const count = chunkCount(size, kind);
+    if (index >= count) {
+      throw new LetheError('BAD_REQUEST', `${kind} chunk ${index} is past the end (the ${kind} has ${count} chunks)`);
+    }
+    const expect = Math.min(CHUNK_SIZE[kind], size - index * CHUNK_SIZE[kind]);
+    if (data.length !== expect && data.length !== 0) {
+      throw new LetheError('BAD_REQUEST', `${kind} chunk ${index} is ${data.length} bytes, expected ${expect}`);
+    }
   }
   const imageId = Buffer.from(img.id, 'hex');
-  const dedup = keyedHash(ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId), plaintext);
-  const cls = classOf(policyOf(img), kind, index * CHUNK_SIZE[kind], plaintext.length);
-  const existing = ctx.db
-    .prepare('SELECT dedup_hash, cls FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?')
-    .get(img.id, version, kind, index) as { dedup_hash: Buffer; cls: string } | undefined;
-  if (existing && existing.cls === cls && existing.dedup_hash.equals(dedup)) return { stored: 'unchanged' as const };
-
-  const coord: ChunkCoord = { imageId, gen: version, kind, index, cls };
-  const key = ctx.escrow.chunkKeyFor(ctx.escrow.versionKey(v.key_wrapped, imageId, version), coord);
-  let blob: Buffer;
+  const policy = policyOf(img);
+  const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
+  const versionKey = ctx.escrow.versionKey(v.key_wrapped, imageId, version);
+  const existing = ctx.db.prepare('SELECT dedup_hash, cls FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
+  const del = ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
+  const putRow = ctx.db.prepare(
+    'INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+  );
+  const putBlob = ctx.store.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
+  const key = secureBuffer(KEY_BYTES);
+  const results: PutResult[] = [];
+  const rows: unknown[][] = [];
+  const blobs: unknown[][] = [];
   try {
-    blob = encryptChunk(key, coord, plaintext);
+    for (const { kind, index, data } of items) {
+      if (data.length === 0 || isZero(data)) {
+        rows.push([kind, index]);
+        results.push('zero');
+        continue;
+      }
+      const dedup = keyedHash(dedupKey, data);
+      const cls = classOf(policy, kind, index * CHUNK_SIZE[kind], data.length);
+      const have = existing.get(img.id, version, kind, index) as { dedup_hash: Buffer; cls: string } | undefined;
+      if (have && have.cls === cls && have.dedup_hash.equals(dedup)) {
+        results.push('unchanged');
+        continue;
+      }
+      const coord: ChunkCoord = { imageId, gen: version, kind, index, cls };
+      ctx.escrow.chunkKeyInto(key, versionKey, coord);
+      const blob = encryptChunk(key, coord, data);
+      blobs.push([img.id, version, kind, index, blob]);
+      rows.push([kind, index, cls, sha256(blob), dedup]);
+      results.push('new');
+    }
   } finally {
     wipe(key);
   }
-  ctx.store
-    .prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)')
-    .run(img.id, version, kind, index, blob);
-  ctx.db
-    .prepare('INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
-    .run(img.id, version, kind, index, version, cls, sha256(blob), dedup);
-  return { stored: 'new' as const };
+  // Blobs first: a crash between the two leaves an unreferenced blob, never a row without one.
+  ctx.store.transaction(() => {
+    for (const b of blobs) putBlob.run(...b);
+  })();
+  ctx.db.transaction(() => {
+    for (const r of rows) {
+      if (r.length === 2) del.run(img.id, version, r[0], r[1]);
+      else putRow.run(img.id, version, r[0], r[1], version, r[2], r[3], r[4]);
+    }
+  })();
+  const count = (k: PutResult) => results.filter((r) => r === k).length;
+  return { new: count('new'), unchanged: count('unchanged'), zero: count('zero') };
+}
+
+/** The keyed hashes of a draft's (or version's) stored chunks, so a pusher can skip what is there. */
+export function chunkHashes(ctx: Ctx, name: string, version: number) {
+  const img = getImage(ctx, name);
+  getVersion(ctx, img, version);
+  const out: Record<ChunkKind, [number, string][]> = { disk: [], mem: [], state: [] };
+  const rows = ctx.db
+    .prepare('SELECT kind, idx, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
+    .all(img.id, version) as { kind: ChunkKind; idx: number; dedup_hash: Buffer }[];
+  for (const r of rows) out[r.kind].push([r.idx, r.dedup_hash.toString('base64url')]);
+  return out;
+}
+
+/** The per-image dedup key, for an admin's pusher to compute the same keyed hashes. */
+export function dedupKeyFor(ctx: Ctx, name: string): string {
+  const img = getImage(ctx, name);
+  return b64u.encode(ctx.escrow.dedupKey(img.dedup_key_wrapped, Buffer.from(img.id, 'hex')));
+}
+
+export function setPolicy(ctx: Ctx, name: string, policy: string | null) {
+  parsePolicy(policy, 'policy');
+  const img = getImage(ctx, name);
+  const changed = (img.policy ?? null) !== policy;
+  if (changed) {
+    ctx.db.transaction(() => {
+      ctx.db.prepare('UPDATE images SET policy = ? WHERE id = ?').run(policy, img.id);
+      ctx.audit.append('image.policy', null, { image: name }, ctx.now());
+    })();
+  }
+  return { image: name, changed };
+}
+
+/**
+ * Ciphertext and key of each chunk, for an admin's verify or pull. Audited:
+ * keys leave the server.
+ */
+export function exportChunks(ctx: Ctx, name: string, version: number, refs: { kind: ChunkKind; index: number }[]) {
+  const img = getImage(ctx, name);
+  const v = getVersion(ctx, img, version);
+  const imageId = Buffer.from(img.id, 'hex');
+  const rows = refs.map((r) => {
+    const row = chunkRow(ctx, img.id, version, r.kind, r.index);
+    if (!row) throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is not stored in ${name}@${version}`);
+    return row;
+  });
+  ctx.db.transaction(() => {
+    ctx.audit.append('image.export', null, { image: name, version, count: rows.length }, ctx.now());
+  })();
+  const wrapped = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
+  const parts: Buffer[] = [];
+  const key = secureBuffer(KEY_BYTES);
+  try {
+    for (const r of rows) {
+      const blob = readBlob(ctx, img.id, r);
+      const vk = ctx.escrow.versionKey((wrapped.get(img.id, r.gen) as { key_wrapped: Buffer }).key_wrapped, imageId, r.gen);
+      ctx.escrow.chunkKeyInto(key, vk, { imageId, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls });
+      const len = Buffer.alloc(4);
+      len.writeUInt32BE(blob.length);
+      parts.push(len, blob, Buffer.from(key));
+    }
+  } finally {
+    wipe(key);
+  }
+  void v;
+  return Buffer.concat(parts);
+}
+
+/** Removes a whole image, or one version that is not the current one; frees blobs nothing refers to. */
+export function removeImage(ctx: Ctx, name: string, version?: number) {
+  const img = getImage(ctx, name);
+  const now = ctx.now();
+  if (version !== undefined) {
+    getVersion(ctx, img, version);
+    if (img.current_version === version) {
+      throw new LetheError('CONFLICT', `${name}@${version} is the current version`, {
+        hint: `push a newer version first, or remove the whole image with 'lethe image rm ${name}'`,
+      });
+    }
+  }
+  ctx.db.transaction(() => {
+    if (version === undefined) {
+      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE image_id = ? AND ended_at IS NULL').run(now, img.id);
+      ctx.db.prepare('DELETE FROM assignments WHERE image_id = ?').run(img.id);
+      ctx.db.prepare('DELETE FROM chunks WHERE image_id = ?').run(img.id);
+      ctx.db.prepare('DELETE FROM versions WHERE image_id = ?').run(img.id);
+      ctx.db.prepare('DELETE FROM images WHERE id = ?').run(img.id);
+    } else {
+      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL').run(now, img.id, version);
+      ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, version);
+      ctx.db.prepare('DELETE FROM versions WHERE image_id = ? AND version = ?').run(img.id, version);
+    }
+    ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }) }, now);
+  })();
+  // Garbage: blobs of generations that no remaining chunk row refers to.
+  const live = new Set(
+    (ctx.db.prepare('SELECT DISTINCT kind, idx, gen FROM chunks WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[]).map(
+      (r) => `${r.kind}/${r.idx}/${r.gen}`,
+    ),
+  );
+  const all = ctx.store.prepare('SELECT kind, idx, gen FROM blobs WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[];
+  const drop = ctx.store.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?');
+  let freed = 0;
+  ctx.store.transaction(() => {
+    for (const b of all) {
+      if (!live.has(`${b.kind}/${b.idx}/${b.gen}`)) {
+        drop.run(img.id, b.gen, b.kind, b.idx);
+        freed++;
+      }
+    }
+  })();
+  return { image: name, ...(version === undefined ? {} : { version }), chunksFreed: freed };
+}
+
+/** Bytes the chunk store holds for an image (ciphertext, all generations). */
+export function storedBytes(ctx: Ctx, imageId: string): { chunks: number; bytes: number } {
+  const r = ctx.store.prepare('SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(data)), 0) AS b FROM blobs WHERE image_id = ?').get(imageId) as {
+    n: number;
+    b: number;
+  };
+  return { chunks: r.n, bytes: r.b };
 }
 
 export function commitVersion(ctx: Ctx, name: string, version: number) {
@@ -211,6 +365,7 @@ export function listImages(ctx: Ctx) {
       name: img.name,
       imageId: img.id,
       current: img.current_version,
+      stored: storedBytes(ctx, img.id),
       versions: versions.map((v) => ({
         version: v.version,
         state: v.state,

@@ -1,0 +1,131 @@
+// lethe image push | ls | verify | pull | rm
+import type { Argv } from 'yargs';
+import { adminClient, type AdminArgs } from './admin-client.js';
+import { adminOpts } from './cmd-admin.js';
+import { checkImage, parseRef, type CheckResult } from './image-pull.js';
+import { pushImage, validatePush, type PushOptions } from './image-push.js';
+import { emit, table, type OutOpts } from './output.js';
+import { progressBar } from './progress.js';
+
+type A = AdminArgs & OutOpts;
+
+async function withAdmin<T>(a: A, fn: (c: ReturnType<typeof adminClient>) => Promise<T>): Promise<T> {
+  const c = adminClient(a);
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}
+
+const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
+
+interface ImageView {
+  name: string;
+  current: number | null;
+  stored: { chunks: number; bytes: number };
+  versions: { version: number; state: string; committedAt: string | null; sizes: { disk: number; mem: number; state: number } }[];
+}
+
+function checkText(r: CheckResult, verb: string): string {
+  if (r.ok) {
+    return `${r.image}@${r.version}: ${r.chunks} chunks ${verb} (${mb(r.bytes)} in ${r.seconds.toFixed(1)} s)${r.out ? `, written to ${r.out}` : ''}`;
+  }
+  const b = r.firstBad!;
+  return `${r.image}@${r.version}: ${r.bad} bad chunk(s); first: ${b.kind} chunk ${b.index} (generation ${b.gen}): ${b.reason}`;
+}
+
+export function imageCommand(y: Argv) {
+  return y.command('image', 'VM images on the server: push, list, verify, pull, remove', (y) =>
+    adminOpts(y)
+      .command(
+        'push <name>',
+        'upload a disk (and memory + device state) as a new version of an image',
+        (y) =>
+          y
+            .positional('name', { type: 'string', demandOption: true })
+            .option('disk', { type: 'string', demandOption: true, describe: 'raw disk image' })
+            .option('memory', { type: 'string', describe: 'guest RAM file (ram.bin)' })
+            .option('state', { type: 'string', describe: 'QEMU device state (state.bin)' })
+            .option('policy', { type: 'string', describe: 'policy YAML for the image' }),
+        async (a) => {
+          const o: PushOptions = { name: String(a.name), disk: String(a.disk), memory: a.memory, state: a.state, policy: a.policy };
+          validatePush(o); // local checks first, before any settings or network
+          await withAdmin(a as A, async (c) => {
+            const bar = progressBar(`pushing ${o.name}`, !a.json && process.stderr.isTTY === true);
+            const r = await pushImage(c, o, (d, t) => bar.update(d, t));
+            bar.done();
+            emit(a as A, r, () =>
+              [
+                `pushed ${r.image}@${r.version}${r.resumed ? ' (resumed)' : ''} in ${r.seconds.toFixed(1)} s`,
+                `  ${r.chunks.uploaded} chunk(s) uploaded (${mb(r.bytes.uploaded)}), ${r.chunks.unchanged} unchanged, ${r.chunks.zero} zero (not stored)`,
+              ].join('\n'),
+            );
+          });
+        },
+      )
+      .command('ls', 'list images and their versions', {}, (a) =>
+        withAdmin(a as A, async (c) => {
+          const r = await c.json<{ images: ImageView[] }>('GET', '/images');
+          emit(a as A, r, () =>
+            r.images.length === 0
+              ? 'no images'
+              : table(
+                  ['NAME', 'CURRENT', 'VERSIONS', 'DISK', 'MEMORY', 'STORED'],
+                  r.images.map((i) => {
+                    const cur = i.versions.find((v) => v.version === i.current);
+                    return [
+                      i.name,
+                      i.current,
+                      i.versions.map((v) => (v.state === 'draft' ? `${v.version}(draft)` : v.version)).join(','),
+                      cur ? mb(cur.sizes.disk) : null,
+                      cur ? mb(cur.sizes.mem) : null,
+                      `${mb(i.stored.bytes)} in ${i.stored.chunks} chunks`,
+                    ];
+                  }),
+                ),
+          );
+        }),
+      )
+      .command(
+        'verify <ref>',
+        'fetch, decrypt and check every chunk of NAME[@VERSION]; names the first bad one',
+        (y) => y.positional('ref', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const bar = progressBar(`verifying ${a.ref}`, !a.json && process.stderr.isTTY === true);
+            const r = await checkImage(c, String(a.ref), undefined, (d, t) => bar.update(d, t));
+            bar.done();
+            emit(a as A, r, () => checkText(r, 'verified'));
+            if (!r.ok) process.exitCode = 1;
+          }),
+      )
+      .command(
+        'pull <ref>',
+        'reassemble NAME[@VERSION] as plaintext files for recovery (admin only; audited)',
+        (y) => y.positional('ref', { type: 'string', demandOption: true }).option('out', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const bar = progressBar(`pulling ${a.ref}`, !a.json && process.stderr.isTTY === true);
+            const r = await checkImage(c, String(a.ref), String(a.out), (d, t) => bar.update(d, t));
+            bar.done();
+            emit(a as A, r, () => checkText(r, 'pulled'));
+            if (!r.ok) process.exitCode = 1;
+          }),
+      )
+      .command(
+        'rm <ref>',
+        'remove an image (ends its leases and assignments), or one old version NAME@VERSION',
+        (y) => y.positional('ref', { type: 'string', demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const { name, version } = parseRef(String(a.ref));
+            const path = `/images/${encodeURIComponent(name)}${version === undefined ? '' : `/versions/${version}`}`;
+            const r = await c.json<{ chunksFreed: number }>('DELETE', path);
+            emit(a as A, r, () => `removed ${a.ref} (${r.chunksFreed} stored chunk(s) freed)`);
+          }),
+      )
+      .demandCommand(1, 'name an image command'),
+  );
+}
+
