@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS versions (
   image_id TEXT NOT NULL REFERENCES images(id),
   version INTEGER NOT NULL,
-  state TEXT NOT NULL CHECK (state IN ('draft', 'committed')),
+  -- 'removed': gone for admins and devices; its key stays while later versions use chunks it wrote
+  state TEXT NOT NULL CHECK (state IN ('draft', 'committed', 'removed')),
   created_at INTEGER NOT NULL,
   committed_at INTEGER,
   key_wrapped BLOB NOT NULL,

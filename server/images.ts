@@ -24,7 +24,7 @@ export interface ImageRow {
 export interface VersionRow {
   image_id: string;
   version: number;
-  state: 'draft' | 'committed';
+  state: 'draft' | 'committed' | 'removed';
   created_at: number;
   committed_at: number | null;
   key_wrapped: Buffer;
@@ -58,7 +58,7 @@ export function getVersion(ctx: Ctx, img: ImageRow, version: number): VersionRow
   const v = ctx.db.prepare('SELECT * FROM versions WHERE image_id = ? AND version = ?').get(img.id, version) as
     | VersionRow
     | undefined;
-  if (!v) throw new LetheError('UNKNOWN_VERSION', `image '${img.name}' has no version ${version}`);
+  if (!v || v.state === 'removed') throw new LetheError('UNKNOWN_VERSION', `image '${img.name}' has no version ${version}`);
   return v;
 }
 
@@ -299,7 +299,7 @@ export function removeImage(ctx: Ctx, name: string, version?: number) {
     } else {
       ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL').run(now, img.id, version);
       ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, version);
-      ctx.db.prepare('DELETE FROM versions WHERE image_id = ? AND version = ?').run(img.id, version);
+      ctx.db.prepare("UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?").run(img.id, version);
     }
     ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }) }, now);
   })();
@@ -359,7 +359,9 @@ export function listImages(ctx: Ctx) {
   const imgs = ctx.db.prepare('SELECT * FROM images ORDER BY name').all() as ImageRow[];
   return imgs.map((img) => {
     const versions = ctx.db
-      .prepare('SELECT version, state, committed_at, disk_size, mem_size, state_size FROM versions WHERE image_id = ? ORDER BY version')
+      .prepare(
+        "SELECT version, state, committed_at, disk_size, mem_size, state_size FROM versions WHERE image_id = ? AND state != 'removed' ORDER BY version",
+      )
       .all(img.id) as VersionRow[];
     return {
       name: img.name,
