@@ -96,11 +96,19 @@ export async function checkImage(
       }
       try {
         const entries = m.chunks[kind];
+        const fetchBatch = (b: number) => {
+          const p = c.postBinary(`/images/${enc}/versions/${version}/export`, {
+            chunks: entries.slice(b, b + BATCH).map(([index]) => ({ kind, index })),
+          });
+          p.catch(() => {}); // awaited below; this only keeps an abandoned prefetch from crashing the process
+          return p;
+        };
+        // One batch in flight while the previous one is checked and written.
+        let next = entries.length > 0 ? fetchBatch(0) : undefined;
         for (let b = 0; b < entries.length; b += BATCH) {
           const slice = entries.slice(b, b + BATCH);
-          const body = await c.postBinary(`/images/${enc}/versions/${version}/export`, {
-            chunks: slice.map(([index]) => ({ kind, index })),
-          });
+          const body = await next!;
+          next = b + BATCH < entries.length ? fetchBatch(b + BATCH) : undefined;
           let off = 0;
           for (const [index, gen, cls, ctHash] of slice) {
             const len = body.readUInt32BE(off);
