@@ -1,0 +1,375 @@
+// Runs QEMU for a Lethe guest: the command line (RAM in a shared file, virtio disk,
+// the org.lethe.hint port, QMP), the accelerator choice, the serial console as
+// lines, and the rule that no QEMU outlives the process that started it.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { LetheError } from '../common/errors.js';
+import { QmpClient } from './qmp.js';
+
+export const QEMU_BINARY = 'qemu-system-x86_64';
+export const HINT_PORT_NAME = 'org.lethe.hint';
+export const ACCEL_CHOICES = ['auto', 'kvm', 'tcg'] as const;
+export type AccelChoice = (typeof ACCEL_CHOICES)[number];
+export type Accel = Exclude<AccelChoice, 'auto'>;
+
+/** A working KVM prints the probe line well within this; a broken one aborts or hangs. */
+const KVM_PROBE_TIMEOUT_MS = 5_000;
+/** What /init prints first with lethe.probe=1 (guest-driver/init.sh). */
+const PROBE_LINE = 'LETHE-PROBE ok';
+const CONSOLE_TAIL_LINES = 200;
+const QUIT_TIMEOUT_MS = 10_000;
+const OUTPUT_DRAIN_MS = 500;
+const SETUP_HINT = 'run scripts/setup to install QEMU and the other Debian packages Lethe needs';
+
+export interface VmSpec {
+  kernel: string;
+  initrd: string;
+  /** The kernel command line. */
+  append: string;
+  memBytes: number;
+  /** The file that is the guest's RAM (guest-physical address = file offset). */
+  memPath: string;
+  accel: Accel;
+  qmpSocket: string;
+  /** Raw disk image attached as virtio-blk (/dev/vda in the guest). */
+  disk?: string;
+  /** Unix socket (QEMU listens) behind the org.lethe.hint virtio-serial port. */
+  hintSocket?: string;
+  cpus?: number;
+  /** Start paused, waiting for QMP migrate-incoming (resume from a saved state). */
+  incomingDefer?: boolean;
+}
+
+/** The QEMU arguments for a spec; the serial console is QEMU's stdout. */
+export function qemuArgs(spec: VmSpec): string[] {
+  const args = [
+    '-machine', 'q35,memory-backend=ram0',
+    '-accel', spec.accel,
+    '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
+    '-smp', String(spec.cpus ?? 1),
+    '-m', `${spec.memBytes / MiB}M`,
+    '-object', `memory-backend-file,id=ram0,size=${spec.memBytes},mem-path=${spec.memPath},share=on`,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+    '-chardev', 'stdio,id=console,signal=off', '-serial', 'chardev:console',
+    '-qmp', `unix:${spec.qmpSocket},server=on,wait=off`,
+    '-kernel', spec.kernel, '-initrd', spec.initrd, '-append', spec.append,
+  ];
+  if (spec.disk) args.push('-drive', `file=${spec.disk},format=raw,if=none,id=disk0`, '-device', 'virtio-blk-pci,drive=disk0');
+  args.push('-device', 'virtio-serial-pci,id=vser0');
+  if (spec.hintSocket) {
+    args.push('-chardev', `socket,id=hint,path=${spec.hintSocket},server=on,wait=off`);
+    args.push('-device', `virtserialport,bus=vser0.0,chardev=hint,name=${HINT_PORT_NAME}`);
+  }
+  args.push('-device', 'virtio-balloon-pci,id=balloon0');
+  if (spec.incomingDefer) args.push('-incoming', 'defer');
+  return args;
+}
+
+const MiB = 1024 * 1024;
+
+export interface WorkloadParams {
+  mib: number;
+  secret?: string;
+  disk?: 'write' | 'verify';
+  intervalMs?: number;
+}
+
+/** The kernel command line for the test guest's /init (guest-driver/init.sh). */
+export function guestCmdline(p: WorkloadParams, extra: string[] = []): string {
+  const words = ['console=ttyS0', 'panic=-1', 'quiet', `lethe.mib=${p.mib}`];
+  if (p.secret) words.push(`lethe.secret=${p.secret}`);
+  if (p.disk) words.push(`lethe.disk=${p.disk}`);
+  if (p.intervalMs !== undefined) words.push(`lethe.interval=${p.intervalMs}`);
+  return [...words, ...extra].join(' ');
+}
+
+// ---- accelerator ----
+
+let kvmProbe: Promise<boolean> | undefined;
+
+/**
+ * The accelerator to use: "auto" takes KVM only when it boots the test guest's
+ * kernel to /init; this machine's /dev/kvm (a nested PVM module) makes QEMU 7.2
+ * abort with -cpu host ("failed to set MSR 0x10a") and hang with other CPU models.
+ * @throws LetheError CONFIG when KVM is asked for and /dev/kvm cannot be opened.
+ */
+export async function chooseAccel(choice: AccelChoice, guest: { kernel: string; initrd: string }): Promise<Accel> {
+  if (choice === 'tcg') return 'tcg';
+  if (choice === 'kvm') {
+    if (!kvmDeviceUsable()) {
+      throw new LetheError('CONFIG', 'KVM is not available: /dev/kvm cannot be opened for reading and writing', {
+        hint: 'use --accel tcg, or add this user to the kvm group',
+      });
+    }
+    return 'kvm';
+  }
+  kvmProbe ??= kvmDeviceUsable() ? kvmBootsGuest(guest) : Promise.resolve(false);
+  return (await kvmProbe) ? 'kvm' : 'tcg';
+}
+
+function kvmDeviceUsable(): boolean {
+  try {
+    fs.accessSync('/dev/kvm', fs.constants.R_OK | fs.constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Boots the guest under KVM with lethe.probe=1 and waits for its probe line. */
+function kvmBootsGuest(guest: { kernel: string; initrd: string }): Promise<boolean> {
+  const args = [
+    '-machine', 'q35', '-accel', 'kvm', '-cpu', 'host', '-m', '128M',
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-serial', 'stdio',
+    '-kernel', guest.kernel, '-initrd', guest.initrd, '-append', 'console=ttyS0 panic=-1 quiet lethe.probe=1',
+  ];
+  return new Promise((resolve) => {
+    const p = spawn(QEMU_BINARY, args, { stdio: ['ignore', 'pipe', 'ignore'] });
+    const finish = (ok: boolean) => {
+      clearTimeout(timer);
+      if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+      resolve(ok);
+    };
+    const timer = setTimeout(() => finish(false), KVM_PROBE_TIMEOUT_MS);
+    let out = '';
+    p.stdout.on('data', (d) => {
+      out += d;
+      if (out.includes(PROBE_LINE)) finish(true);
+    });
+    p.on('error', () => finish(false));
+    p.on('exit', () => finish(out.includes(PROBE_LINE)));
+  });
+}
+
+// ---- running QEMU ----
+
+const live = new Set<ChildProcess>();
+
+/** Kills every QEMU this process started; runs on exit and on SIGINT/SIGTERM/SIGHUP. */
+function killAll(): void {
+  for (const p of live) p.kill('SIGKILL');
+}
+
+function onSignal(signal: NodeJS.Signals): void {
+  killAll();
+  untrackSignals();
+  process.kill(process.pid, signal);
+}
+
+const SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+
+function track(p: ChildProcess): void {
+  if (live.size === 0) {
+    process.on('exit', killAll);
+    for (const s of SIGNALS) process.on(s, onSignal);
+  }
+  live.add(p);
+  const gone = () => {
+    live.delete(p);
+    if (live.size === 0) untrackSignals();
+  };
+  p.once('exit', gone);
+  p.once('error', gone); // not started at all (e.g. not installed)
+}
+
+function untrackSignals(): void {
+  process.off('exit', killAll);
+  for (const s of SIGNALS) process.off(s, onSignal);
+}
+
+export interface ExitStatus {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/** A running QEMU: its console as lines, its QMP connection, and its end. */
+export class Vm {
+  readonly qmp: QmpClient;
+  readonly exited: Promise<ExitStatus>;
+  /** performance.now() when QEMU was spawned. */
+  readonly startedAt: number;
+  private readonly proc: ChildProcess;
+  private readonly console: LineLog;
+  private readonly stderr: LineLog;
+  private readonly runDir: string;
+  private status?: ExitStatus;
+
+  private constructor(parts: { proc: ChildProcess; qmp: QmpClient; exited: Promise<ExitStatus>; console: LineLog; stderr: LineLog; runDir: string; startedAt: number }) {
+    this.proc = parts.proc;
+    this.qmp = parts.qmp;
+    this.exited = parts.exited.then((s) => (this.status = s));
+    this.console = parts.console;
+    this.stderr = parts.stderr;
+    this.runDir = parts.runDir;
+    this.startedAt = parts.startedAt;
+  }
+
+  /**
+   * Starts QEMU and connects to its QMP socket; `runDir` holds the sockets and is
+   * removed when the VM ends.
+   * @throws LetheError CONFIG when QEMU is not installed, INTERNAL (with QEMU's
+   * messages and the console's last lines) when it exits before QMP answers.
+   */
+  static async start(spec: VmSpec, runDir: string): Promise<Vm> {
+    const startedAt = performance.now();
+    const proc = spawn(QEMU_BINARY, qemuArgs(spec), { stdio: ['pipe', 'pipe', 'pipe'] });
+    track(proc);
+    const console = new LineLog(proc.stdout!);
+    const stderr = new LineLog(proc.stderr!);
+    const spawnError = new Promise<Error>((resolve) => proc.once('error', resolve));
+    const exited = waitForExit(proc, [console, stderr]);
+    let gone = false;
+    void exited.then(() => (gone = true));
+    try {
+      const qmp = await Promise.race([
+        QmpClient.connect(spec.qmpSocket, { alive: () => !gone }),
+        spawnError.then((e) => Promise.reject(spawnFailure(e))),
+      ]);
+      return new Vm({ proc, qmp, exited, console, stderr, runDir, startedAt });
+    } catch (e) {
+      proc.kill('SIGKILL');
+      const status = await Promise.race([exited, spawnError.then(() => undefined)]);
+      fs.rmSync(runDir, { recursive: true, force: true });
+      if (e instanceof LetheError && e.code === 'CONFIG') throw e;
+      throw new LetheError('INTERNAL', describeEnd('qemu did not start', status, stderr, console), { cause: e });
+    }
+  }
+
+  /** The last `n` console lines. */
+  consoleTail(n = 20): string[] {
+    return this.console.tail(n);
+  }
+
+  /**
+   * Waits for a console line matching `re` (lines already seen count).
+   * @throws LetheError INTERNAL when QEMU exits first, or after `timeoutMs` (QEMU is
+   * then killed); the message names `what` and carries QEMU's messages and the last
+   * console lines.
+   */
+  waitForConsole(re: RegExp, timeoutMs: number, what: string): Promise<RegExpExecArray> {
+    const seen = this.console.find(re);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const onLine = (line: string) => {
+        const m = re.exec(line);
+        if (m) done(() => resolve(m));
+      };
+      const onTimeout = () => {
+        done(() => reject(new LetheError('INTERNAL', describeEnd(`timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what} (qemu killed)`, undefined, this.stderr, this.console))));
+        void this.kill();
+      };
+      const onExit = (s: ExitStatus) => done(() => reject(new LetheError('INTERNAL', describeEnd(`qemu exited while waiting for ${what}`, s, this.stderr, this.console))));
+      let settled = false;
+      const done = (settle: () => void) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        this.console.off('line', onLine);
+        settle();
+      };
+      const timer = setTimeout(onTimeout, timeoutMs);
+      this.console.on('line', onLine);
+      void this.exited.then(onExit);
+    });
+  }
+
+  /** Asks QEMU to quit over QMP, and kills it if it has not exited within 10 s. */
+  async quit(): Promise<ExitStatus> {
+    if (!this.status) {
+      const timer = setTimeout(() => this.proc.kill('SIGKILL'), QUIT_TIMEOUT_MS);
+      await this.qmp.execute('quit').catch(() => {}); // QEMU may hang up before it answers
+      await this.exited;
+      clearTimeout(timer);
+    }
+    return this.cleanUp();
+  }
+
+  /** Kills QEMU (SIGKILL) and waits for it. */
+  async kill(): Promise<ExitStatus> {
+    if (!this.status) this.proc.kill('SIGKILL');
+    await this.exited;
+    return this.cleanUp();
+  }
+
+  private cleanUp(): ExitStatus {
+    this.qmp.close();
+    fs.rmSync(this.runDir, { recursive: true, force: true });
+    return this.status!;
+  }
+}
+
+/** A private directory for a VM's sockets; short, as unix socket paths must be under 108 bytes. */
+export function makeRunDir(): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-vm-'));
+}
+
+/** A stream read as lines, keeping the last ones; emits 'line' for each and 'end'. */
+class LineLog extends EventEmitter {
+  private readonly lines: string[] = [];
+  ended = false;
+
+  constructor(stream: NodeJS.ReadableStream) {
+    super();
+    const rl = createInterface({ input: stream, crlfDelay: Infinity });
+    rl.on('line', (raw) => {
+      const line = raw.replace(/\r$/, '');
+      this.lines.push(line);
+      if (this.lines.length > CONSOLE_TAIL_LINES) this.lines.shift();
+      this.emit('line', line);
+    });
+    rl.on('close', () => {
+      this.ended = true;
+      this.emit('end');
+    });
+  }
+
+  tail(n: number): string[] {
+    return this.lines.slice(-n);
+  }
+
+  find(re: RegExp): RegExpExecArray | undefined {
+    for (const l of this.lines) {
+      const m = re.exec(l);
+      if (m) return m;
+    }
+    return undefined;
+  }
+}
+
+/**
+ * QEMU's exit status, once its output has been read too (so error messages hold
+ * the last lines), or shortly after exit when a child of QEMU (the "exec:"
+ * migration's shell) still holds a pipe.
+ */
+async function waitForExit(proc: ChildProcess, logs: LineLog[]): Promise<ExitStatus> {
+  const status = await new Promise<ExitStatus>((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+  const drained = Promise.all(logs.map((l) => (l.ended ? undefined : new Promise((r) => l.once('end', r)))));
+  await Promise.race([drained, sleep(OUTPUT_DRAIN_MS)]);
+  return status;
+}
+
+function spawnFailure(e: Error): LetheError {
+  if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+    return new LetheError('CONFIG', `${QEMU_BINARY} is not installed`, { hint: SETUP_HINT });
+  }
+  return new LetheError('INTERNAL', `cannot run ${QEMU_BINARY}`, { cause: e });
+}
+
+/** "HEADLINE: qemu exited with status 1", then QEMU's own messages and the console's last lines. */
+function describeEnd(headline: string, status: ExitStatus | undefined, stderr: LineLog, console: LineLog): string {
+  const how = status ? (status.signal ? `qemu was killed by ${status.signal}` : `qemu exited with status ${status.code}`) : '';
+  const lines = [how ? `${headline}: ${how}` : headline];
+  for (const l of stderr.tail(5)) lines.push(`  qemu: ${l}`);
+  const tail = console.tail(12);
+  // A panic's stack dump pushes its reason out of the tail; the reason is the useful line.
+  const panic = console.find(/Kernel panic - not syncing.*/)?.[0];
+  if (panic && !tail.some((l) => l.includes(panic))) lines.push(`  kernel: ${panic}`);
+  lines.push(tail.length ? '  last console lines:' : '  the console printed nothing');
+  for (const l of tail) lines.push(`    ${l}`);
+  return lines.join('\n');
+}
