@@ -6,6 +6,7 @@ import { auditCommand } from './cmd-audit.js';
 import { deviceCommands } from './cmd-device.js';
 import { imageCommand } from './cmd-image.js';
 import { serverCommand } from './cmd-server.js';
+import { vmCommand } from './cmd-vm.js';
 import { reportError } from './output.js';
 
 // Everything Lethe writes (databases, keys, caches) is for this user only.
@@ -34,6 +35,7 @@ async function main(): Promise<void> {
   cli = deviceCommands(cli);
   cli = imageCommand(cli);
   cli = auditCommand(cli);
+  cli = vmCommand(cli);
   await cli.parseAsync();
 }
 

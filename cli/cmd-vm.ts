@@ -1,0 +1,273 @@
+// lethe vm snapshot: boots the test guest and saves it as a source image — the data
+// disk (disk.raw), the guest RAM file itself (ram.bin) and QEMU's device state
+// without RAM (state.bin, DESIGN.md "Memory path").
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Argv } from 'yargs';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseDuration } from '../common/duration.js';
+import { LetheError } from '../common/errors.js';
+import { buildGuest, type GuestArtifacts } from '../guest-driver/build.js';
+import { SECRET_EVERY, secretMarker } from '../guest-driver/page-format.js';
+import { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, type AccelChoice } from '../agent/qemu.js';
+import { emit, type OutOpts } from './output.js';
+
+const MiB = 1024 * 1024;
+/** What the guest kernel, initramfs and busybox need beside the workload. */
+const GUEST_OVERHEAD_BYTES = 64 * MiB;
+const MAX_MEM_BYTES = 64 * 1024 * MiB;
+const SECRET_RE = /^[A-Za-z0-9._:+-]{1,64}$/;
+const READY_RE = /^LETHE-WORKLOAD-READY pages=(\d+)/;
+/** The magic at the start of a QEMU migration stream (migration/savevm.c, QEMU_VM_FILE_MAGIC). */
+const QEVM_MAGIC = 'QEVM';
+const MIGRATE_POLL_MS = 20;
+const MIGRATE_TIMEOUT_MS = 60_000;
+const FILES = { disk: 'disk.raw', ram: 'ram.bin', state: 'state.bin' } as const;
+
+interface SnapshotArgs extends OutOpts {
+  out: string;
+  mem: string;
+  workloadMib: number;
+  secret?: string;
+  accel: AccelChoice;
+  timeout: string;
+  force?: boolean;
+}
+
+interface Plan {
+  out: string;
+  memBytes: number;
+  workloadMib: number;
+  secret: string;
+  accel: AccelChoice;
+  timeoutMs: number;
+}
+
+export function vmCommand(y: Argv) {
+  return y.command('vm', 'run the test guest under QEMU', (y) =>
+    y
+      .command(
+        'snapshot',
+        'boot the test guest and save its disk, RAM and device state as a source image',
+        (y) =>
+          y
+            .option('out', { type: 'string', demandOption: true, describe: 'directory for disk.raw, ram.bin and state.bin' })
+            .option('mem', { type: 'string', default: '256M', describe: 'guest RAM (e.g. 128M, 1G)' })
+            .option('workload-mib', { type: 'number', default: 64, describe: 'MiB of checksummed pages the workload fills' })
+            .option('secret', { type: 'string', describe: 'marker the workload plants in its pages (default: random)' })
+            .option('accel', { choices: ACCEL_CHOICES, default: 'auto' as AccelChoice, describe: 'KVM, TCG, or KVM when it works' })
+            .option('timeout', { type: 'string', default: '120s', describe: 'how long to wait for the workload to be ready' })
+            .option('force', { type: 'boolean', describe: 'overwrite an earlier snapshot in --out' }),
+        (a) => snapshot(a as unknown as SnapshotArgs),
+      )
+      .demandCommand(1, 'name a vm command'),
+  );
+}
+
+async function snapshot(a: SnapshotArgs): Promise<void> {
+  const plan = planSnapshot(a);
+  const files = prepareOut(plan.out, a.force ?? false);
+  const guest = await buildGuest({ log: (l) => process.stderr.write(`lethe: ${l}\n`) });
+  const accel = await chooseAccel(plan.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
+  copySparse(guest.disk, files.disk);
+  const run = await bootAndSave(plan, guest, accel, files);
+  report(a, plan, guest, accel, files, run);
+}
+
+// ---- arguments ----
+
+/** @throws LetheError BAD_REQUEST naming the bad option and value. */
+function planSnapshot(a: SnapshotArgs): Plan {
+  const memBytes = parseSize(a.mem, '--mem');
+  if (memBytes < GUEST_OVERHEAD_BYTES || memBytes > MAX_MEM_BYTES || memBytes % (2 * MiB) !== 0) {
+    throw new LetheError('BAD_REQUEST', `--mem '${a.mem}' is not usable guest RAM`, {
+      hint: 'use a multiple of 2M between 64M and 64G, e.g. --mem 256M',
+    });
+  }
+  const workloadMib = Number(a.workloadMib);
+  if (!Number.isInteger(workloadMib) || workloadMib < 0) {
+    throw new LetheError('BAD_REQUEST', `bad --workload-mib: '${a.workloadMib}'`, { hint: 'use a whole number of MiB, e.g. 16' });
+  }
+  if (workloadMib * MiB > memBytes - GUEST_OVERHEAD_BYTES) {
+    throw new LetheError('BAD_REQUEST', `--workload-mib ${workloadMib} does not fit in --mem ${a.mem}`, {
+      hint: `leave 64M for the guest itself: at most ${(memBytes - GUEST_OVERHEAD_BYTES) / MiB} MiB with this --mem`,
+    });
+  }
+  const secret = a.secret ?? `lethe-${randomBytes(8).toString('hex')}`;
+  if (!SECRET_RE.test(secret)) {
+    throw new LetheError('BAD_REQUEST', `bad --secret: '${secret}'`, {
+      hint: 'use 1 to 64 letters, digits or . _ : + - (it goes on the kernel command line)',
+    });
+  }
+  const timeoutMs = parseDuration(a.timeout, '--timeout');
+  return { out: path.resolve(a.out), memBytes, workloadMib, secret, accel: a.accel, timeoutMs };
+}
+
+const SIZE_UNITS: Record<string, number> = { K: 1024, M: MiB, G: 1024 * MiB, T: 1024 * 1024 * MiB };
+
+/**
+ * "256M", "1G", "512MiB"; a bare number is MiB, as for QEMU's -m.
+ * @throws LetheError BAD_REQUEST quoting the bad value.
+ */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^\s*(\d+)\s*(?:([KMGT])(?:i?B)?)?\s*$/i.exec(String(text));
+  if (!m) {
+    throw new LetheError('BAD_REQUEST', `bad ${what}: '${text}'`, { hint: 'use a size with a unit, e.g. 128M or 1G' });
+  }
+  return Number(m[1]) * (m[2] ? SIZE_UNITS[m[2].toUpperCase()] : MiB);
+}
+
+type OutFiles = Record<keyof typeof FILES, string>;
+
+/** @throws LetheError CONFIG when --out holds an earlier snapshot and --force is not given. */
+function prepareOut(out: string, force: boolean): OutFiles {
+  fs.mkdirSync(out, { recursive: true });
+  const files = Object.fromEntries(Object.entries(FILES).map(([k, f]) => [k, path.join(out, f)])) as OutFiles;
+  const existing = Object.values(FILES).filter((f) => fs.existsSync(path.join(out, f)));
+  if (existing.length && !force) {
+    throw new LetheError('CONFIG', `'${out}' already holds a snapshot (${existing.join(', ')})`, {
+      hint: 'choose another --out, or add --force to replace it',
+    });
+  }
+  // An existing RAM file would become the new guest's initial RAM.
+  for (const f of Object.values(files)) fs.rmSync(f, { force: true });
+  return files;
+}
+
+const COPY_BLOCK = 64 * 1024;
+
+/** Copies a disk image leaving all-zero blocks as holes, so the copy takes the space the image's data takes. */
+function copySparse(src: string, dst: string): void {
+  const from = fs.openSync(src, 'r');
+  const to = fs.openSync(dst, 'w', 0o600);
+  try {
+    const buf = Buffer.alloc(COPY_BLOCK);
+    let at = 0;
+    for (let got; (got = fs.readSync(from, buf, 0, COPY_BLOCK, at)) > 0; at += got) {
+      const block = buf.subarray(0, got);
+      if (block.some((b) => b !== 0)) fs.writeSync(to, block, 0, got, at);
+    }
+    fs.ftruncateSync(to, at);
+  } finally {
+    fs.closeSync(from);
+    fs.closeSync(to);
+  }
+}
+
+// ---- the guest run ----
+
+interface RunResult {
+  pages: number;
+  bootToReadySeconds: number;
+  saveSeconds: number;
+}
+
+/** Boots the guest, waits for the workload, saves the device state; QEMU is gone when this returns or throws. */
+async function bootAndSave(plan: Plan, guest: GuestArtifacts, accel: Accel, files: OutFiles): Promise<RunResult> {
+  const runDir = makeRunDir();
+  const vm = await Vm.start(
+    {
+      kernel: guest.vmlinux,
+      initrd: guest.initramfs,
+      append: guestCmdline({ mib: plan.workloadMib, secret: plan.secret }),
+      memBytes: plan.memBytes,
+      memPath: files.ram,
+      disk: files.disk,
+      accel,
+      qmpSocket: path.join(runDir, 'qmp.sock'),
+      hintSocket: path.join(runDir, 'hint.sock'),
+    },
+    runDir,
+  ).catch((e: unknown) => {
+    if (accel !== 'kvm' || !(e instanceof LetheError)) throw e;
+    throw new LetheError(e.code, e.message, { cause: e.cause, hint: 'KVM could not run the guest on this host; use --accel tcg or auto' });
+  });
+  try {
+    const ready = await vm.waitForConsole(READY_RE, plan.timeoutMs, "the workload's ready line (LETHE-WORKLOAD-READY)");
+    const bootToReadySeconds = (performance.now() - vm.startedAt) / 1000;
+    const t0 = performance.now();
+    await saveDeviceState(vm, files.state);
+    await vm.quit();
+    return { pages: Number(ready[1]), bootToReadySeconds, saveSeconds: (performance.now() - t0) / 1000 };
+  } catch (e) {
+    await vm.kill();
+    fs.rmSync(files.state, { force: true });
+    throw e;
+  }
+}
+
+/**
+ * Stops the vCPUs and migrates the device state, without the shared RAM, to `file`.
+ * @throws LetheError INTERNAL when QEMU refuses, the migration fails, or the file is not a migration stream.
+ */
+async function saveDeviceState(vm: Vm, file: string): Promise<void> {
+  await vm.qmp.execute('stop');
+  await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+  await vm.qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(file)}` });
+  const deadline = Date.now() + MIGRATE_TIMEOUT_MS;
+  for (;;) {
+    const info = await vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+    if (info.status === 'completed') break;
+    if (info.status === 'failed' || info.status === 'cancelled') {
+      throw new LetheError('INTERNAL', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
+    }
+    if (Date.now() > deadline) throw new LetheError('INTERNAL', `saving the device state took over ${MIGRATE_TIMEOUT_MS / 1000} s`);
+    await sleep(MIGRATE_POLL_MS);
+  }
+  const head = Buffer.alloc(4);
+  const fd = fs.openSync(file, 'r');
+  try {
+    fs.readSync(fd, head, 0, 4, 0);
+  } finally {
+    fs.closeSync(fd);
+  }
+  if (head.toString('latin1') !== QEVM_MAGIC) {
+    throw new LetheError('INTERNAL', `the saved device state '${file}' does not start with ${QEVM_MAGIC}`);
+  }
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+// ---- output ----
+
+function report(a: SnapshotArgs, plan: Plan, guest: GuestArtifacts, accel: Accel, files: OutFiles, run: RunResult): void {
+  const info = (f: string) => {
+    const st = fs.statSync(f);
+    return { path: f, bytes: st.size, allocatedBytes: st.blocks * 512 };
+  };
+  const result = {
+    out: plan.out,
+    files: { disk: info(files.disk), ram: info(files.ram), state: info(files.state) },
+    memBytes: plan.memBytes,
+    workloadMib: plan.workloadMib,
+    pages: run.pages,
+    secret: plan.secret,
+    marker: secretMarker(plan.secret),
+    secretEvery: SECRET_EVERY,
+    accel,
+    bootToReadySeconds: round(run.bootToReadySeconds),
+    saveSeconds: round(run.saveSeconds),
+    guest: { kernelRelease: guest.kernelRelease, stamp: guest.stamp },
+  };
+  const f = result.files;
+  emit(a, result, () =>
+    [
+      `snapshot of the test guest in ${plan.out}`,
+      `  ${FILES.disk.padEnd(10)} ${size(f.disk.bytes).padStart(10)}  data disk (ext4)`,
+      `  ${FILES.ram.padEnd(10)} ${size(f.ram.bytes).padStart(10)}  guest RAM, plaintext (${size(f.ram.allocatedBytes)} allocated)`,
+      `  ${FILES.state.padEnd(10)} ${size(f.state.bytes).padStart(10)}  device state (QEMU migration stream without RAM)`,
+      `workload ready ${result.bootToReadySeconds} s after start (${accel}, kernel ${guest.kernelRelease}): ${run.pages} pages`,
+      `secret marker ${result.marker} in every ${SECRET_EVERY}th page`,
+    ].join('\n'),
+  );
+}
+
+const round = (s: number) => Math.round(s * 100) / 100;
+
+function size(bytes: number): string {
+  if (bytes >= MiB) return `${(bytes / MiB).toFixed(1)} MiB`;
+  return `${(bytes / 1024).toFixed(1)} KiB`;
+}
