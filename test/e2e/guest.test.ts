@@ -54,6 +54,14 @@ describe('test guest (real QEMU)', function () {
   this.timeout(120_000);
   this.slow(20_000);
   let guest: GuestArtifacts;
+  // Each run leaves guest RAM files and disk copies (~200 MiB); remove them.
+  const dirs: string[] = [];
+  const scratch = (prefix?: string) => {
+    const d = tmpDir(prefix);
+    dirs.push(d);
+    return d;
+  };
+  after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
 
   before(async function () {
     this.timeout(600_000); // the first build downloads the kernel package
@@ -89,7 +97,7 @@ describe('test guest (real QEMU)', function () {
     };
 
     before(async function () {
-      out = path.join(tmpDir('lethe-snapshot-'), 'snap');
+      out = path.join(scratch('lethe-snapshot-'), 'snap');
       const r = await lethe(['vm', 'snapshot', '--out', out, '--mem', '128M', '--workload-mib', '16', '--secret', secret, '--json']);
       expect(r.code, r.stderr).to.equal(0);
       result = JSON.parse(r.stdout) as typeof result;
@@ -139,14 +147,14 @@ describe('test guest (real QEMU)', function () {
   });
 
   it('refuses a bad --mem with exit code 2 before doing anything', async () => {
-    const out = path.join(tmpDir(), 'never');
+    const out = path.join(scratch(), 'never');
     const r = await lethe(['vm', 'snapshot', '--out', out, '--mem', '12Q']);
     expect([r.code, r.stdout, r.stderr]).to.deep.equal([2, '', "lethe: error: bad --mem: '12Q'\nlethe: hint: use a size with a unit, e.g. 128M or 1G\n"]);
     expect(fs.existsSync(out)).to.equal(false);
   });
 
   it('kills QEMU and says what it waited for when the workload is not ready in time', async () => {
-    const out = path.join(tmpDir(), 'slow');
+    const out = path.join(scratch(), 'slow');
     const r = await lethe(['vm', 'snapshot', '--out', out, '--mem', '128M', '--workload-mib', '16', '--timeout', '1s', '--accel', 'tcg']);
     expect(r.code).to.equal(1);
     expect(r.stderr).to.match(/^lethe: error: timed out after 1 s waiting for the workload's ready line \(LETHE-WORKLOAD-READY\) \(qemu killed\)\n/);
@@ -155,7 +163,7 @@ describe('test guest (real QEMU)', function () {
   });
 
   it('reports a guest that dies early with QEMU exit status and the kernel panic', async () => {
-    const dir = tmpDir();
+    const dir = scratch();
     const vm = await boot(guest, dir, 'console=ttyS0 panic=-1 quiet rdinit=/nonexistent');
     const err = await vm.waitForConsole(/LETHE-WORKLOAD-READY/, 60_000, 'the ready line').then(
       () => undefined,
@@ -168,7 +176,7 @@ describe('test guest (real QEMU)', function () {
   });
 
   it('writes and verifies files on /dev/vda, and they survive into the next boot', async () => {
-    const dir = tmpDir();
+    const dir = scratch();
     const disk = path.join(dir, 'disk.raw');
     fs.copyFileSync(guest.disk, disk);
     for (const [mode, expected] of [['write', 'LETHE-DISK ok files=2 blocks=1280'], ['verify', 'LETHE-DISK ok files=2 blocks=1280']] as const) {
