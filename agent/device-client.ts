@@ -49,8 +49,9 @@ export class DeviceClient {
     return this.signedJson<Manifest>('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/manifest`);
   }
 
-  keys(leaseId: string, chunks: { kind: ChunkKind; index: number }[]) {
-    return this.signedJson<wire.TKeysResponse>('POST', '/v1/device/keys', { leaseId, chunks });
+  /** Chunk keys; with `write`, keys for new device-written content of those chunks (this lease's version). */
+  keys(leaseId: string, chunks: { kind: ChunkKind; index: number }[], write = false) {
+    return this.signedJson<wire.TKeysResponse>('POST', '/v1/device/keys', { leaseId, chunks, ...(write ? { write: true } : {}) });
   }
 
   /** Fetches a batch of chunk blobs, in request order. */

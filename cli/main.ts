@@ -2,6 +2,7 @@
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { adminCommand } from './cmd-admin.js';
+import { agentCommand } from './cmd-agent.js';
 import { auditCommand } from './cmd-audit.js';
 import { deviceCommands } from './cmd-device.js';
 import { imageCommand } from './cmd-image.js';
@@ -33,6 +34,7 @@ async function main(): Promise<void> {
   cli = serverCommand(cli);
   cli = adminCommand(cli);
   cli = deviceCommands(cli);
+  cli = agentCommand(cli);
   cli = imageCommand(cli);
   cli = auditCommand(cli);
   cli = vmCommand(cli);

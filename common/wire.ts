@@ -43,12 +43,17 @@ export const LeaseResponse = z.object({
 });
 
 export const ChunkRef = z.strictObject({ kind: Kind, index: z.number().int().min(0).max(2 ** 40) });
-export const KeysRequest = z.strictObject({ leaseId: Id, chunks: z.array(ChunkRef).min(1).max(MAX_BATCH) });
+export const KeysRequest = z.strictObject({
+  leaseId: Id,
+  chunks: z.array(ChunkRef).min(1).max(MAX_BATCH),
+  /** Keys to encrypt new content the device writes (generation = the lease's version). */
+  write: z.boolean().optional(),
+});
 export const KeysResponse = z.object({
   sealed: z.string(),
   chunks: z.array(z.object({ kind: Kind, index: z.number(), gen: z.number(), cls: Cls })),
 });
-export const ChunksRequest = KeysRequest;
+export const ChunksRequest = z.strictObject({ leaseId: Id, chunks: z.array(ChunkRef).min(1).max(MAX_BATCH) });
 
 export const EnrollTokenRequest = z.strictObject({ ttlSeconds: z.number().int().min(1).max(30 * 86400).optional() });
 export const AssignRequest = z.strictObject({ image: ImageName });

@@ -1,13 +1,14 @@
 // Leases, key release and chunk serving (docs/escrow-protocol.md). Each of
 // these commits its audit entry before anything leaves the server.
-import { type ChunkKind } from '../common/constants.js';
+import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
+import { classOf } from '../policies/policy.js';
 import { type ChunkCoord } from '../common/chunk.js';
 import { b64u } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
-import { chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, type ChunkRow } from './images.js';
+import { chunkCount, chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
 
 interface LeaseRow {
@@ -170,17 +171,37 @@ function resolve(ctx: Ctx, l: LeaseRow, refs: { kind: ChunkKind; index: number }
   });
 }
 
+/**
+ * For writes: the coordinates new device-written content of each chunk gets —
+ * generation = the lease's version, class = the stored chunk's, or the
+ * policy's for a chunk that is zero so far.
+ */
+function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): ChunkRow[] {
+  const img = getImage(ctx, l.name);
+  const v = getVersion(ctx, img, l.version);
+  const policy = policyOf(img);
+  return refs.map((r) => {
+    const count = chunkCount(sizeOf(v, r.kind), r.kind);
+    if (r.index >= count) {
+      throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is past the end (the ${r.kind} has ${count} chunks)`);
+    }
+    const stored = chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
+    const cls = stored?.cls ?? classOf(policy, r.kind, r.index * CHUNK_SIZE[r.kind], CHUNK_SIZE[r.kind]);
+    return { kind: r.kind, idx: r.index, gen: l.version, cls, ct_sha256: Buffer.alloc(0) };
+  });
+}
+
 /** Releases chunk keys, sealed together to the device; audited first. */
-export function releaseKeys(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[]) {
+export function releaseKeys(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[], write = false) {
   const l = liveLease(ctx, d, leaseId);
-  const rows = resolve(ctx, l, refs);
+  const rows = write ? writeCoords(ctx, l, refs) : resolve(ctx, l, refs);
   const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
   const now = ctx.now();
   ctx.db.transaction(() => {
     ctx.audit.append(
       'keys.release',
       d.id,
-      { lease: l.id, image: l.name, version: l.version, count: rows.length, sensitive, chunks: ranges(refs) },
+      { lease: l.id, image: l.name, version: l.version, count: rows.length, sensitive, chunks: ranges(refs), ...(write ? { write } : {}) },
       now,
     );
   })();

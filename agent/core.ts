@@ -1,0 +1,272 @@
+// The agent's chunk API for the disk and memory paths:
+//   readInto(kind, index, out)   plaintext of a chunk into the caller's buffer
+//   write(kind, index, data)     a guest write, encrypted into the cache as dirty
+//   evict(kind, index)           the caller dropped a resident plaintext copy
+// Every chunk is checked against the signed manifest (SHA-256 of its blob)
+// and by its AEAD tag before a byte of plaintext is handed out; a chunk that
+// fails is refused and reported, never served.
+import { canonical } from '../common/audit-hash.js';
+import { CHUNK_SIZE, KEY_BYTES, MANIFEST_CONTEXT, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { chunkKeyInto, decryptChunkInto, encryptChunk, type ChunkCoord } from '../common/chunk.js';
+import { b64u, openSealed, secureBuffer, sha256, verify, wipe } from '../common/crypto.js';
+import { LetheError } from '../common/errors.js';
+import type { ChunkCache, CacheKey } from './cache.js';
+import type { Manifest } from './device-client.js';
+import type { Fetcher } from './fetcher.js';
+import type { Identity } from './identity.js';
+import type { KeyRing } from './keyring.js';
+import type { LeaseKeeper } from './lease-keeper.js';
+
+export interface Entry {
+  gen: number;
+  cls: Sensitivity;
+  ctHash: string;
+}
+
+export type ReadSource = 'zero' | 'cache' | 'server';
+
+/** Sensitive keys are asked for in batches: the chunk and its next neighbours not yet held. */
+const KEY_BATCH = 16;
+
+export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
+  const { signature, ...body } = m;
+  const msg = Buffer.from(`${MANIFEST_CONTEXT}\n${sha256(canonical(body)).toString('hex')}`);
+  if (!verify(serverSignPublicKey, msg, b64u.decode(signature))) {
+    throw new LetheError('TAMPERED', `manifest of ${m.image}@${m.version} has a bad signature`);
+  }
+}
+
+export class AgentCore {
+  manifest?: Manifest;
+  private entries: Record<ChunkKind, Map<number, Entry>> = { disk: new Map(), mem: new Map(), state: new Map() };
+  private imageIdBytes = Buffer.alloc(16);
+  private readonly scratch = secureBuffer(KEY_BYTES);
+  readonly resident: Record<Sensitivity, number> = { sensitive: 0, normal: 0 };
+  private readonly residentSet = new Map<string, { cls: Sensitivity; bytes: number }>();
+  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0 };
+
+  constructor(
+    private readonly id: Identity,
+    private readonly cache: ChunkCache,
+    private readonly keys: KeyRing,
+    private readonly fetcher: Fetcher,
+    private readonly lease: LeaseKeeper,
+  ) {}
+
+  /** Installs the lease's manifest after checking the server's signature; dirty chunks in the cache override it. */
+  setManifest(m: Manifest): void {
+    verifyManifest(m, b64u.decode(this.id.info.serverSignPublicKey));
+    this.manifest = m;
+    this.imageIdBytes = Buffer.from(m.imageId, 'hex');
+    this.entries = { disk: new Map(), mem: new Map(), state: new Map() };
+    for (const kind of ['disk', 'mem', 'state'] as ChunkKind[]) {
+      for (const [index, gen, cls, ctHash] of m.chunks[kind]) this.entries[kind].set(index, { gen, cls, ctHash });
+    }
+    for (const d of this.cache.dirtyChunks(m.imageId)) {
+      if (d.gen === m.version && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash: sha256(d.data).toString('base64url') });
+    }
+  }
+
+  entry(kind: ChunkKind, index: number): Entry | undefined {
+    return this.entries[kind].get(index);
+  }
+
+  sizeOf(kind: ChunkKind): number {
+    return this.manifest?.sizes[kind] ?? 0;
+  }
+
+  private must(): Manifest {
+    if (!this.manifest) throw new LetheError('LEASE_EXPIRED', 'no manifest yet: the agent has no lease');
+    return this.manifest;
+  }
+
+  private coord(kind: ChunkKind, index: number, e: Entry): ChunkCoord {
+    return { imageId: this.imageIdBytes, gen: e.gen, kind, index, cls: e.cls };
+  }
+
+  private cacheKey(kind: ChunkKind, index: number, e: Entry): CacheKey {
+    return { imageId: this.must().imageId, gen: e.gen, kind, index };
+  }
+
+  private keyId(kind: ChunkKind, index: number, gen: number): string {
+    return `${gen}/${kind}/${index}`;
+  }
+
+  /** The blob of a chunk: the cache's if it matches the manifest, else the server's (then cached). */
+  private async blob(kind: ChunkKind, index: number, e: Entry): Promise<{ blob: Buffer; source: ReadSource }> {
+    const ck = this.cacheKey(kind, index, e);
+    const cached = this.cache.get(ck);
+    if (cached && sha256(cached).toString('base64url') === e.ctHash) return { blob: cached, source: 'cache' };
+    if (cached) this.cache.drop(ck);
+    const fetched = await this.fetcher.demand({ kind, index });
+    if (sha256(fetched).toString('base64url') !== e.ctHash) {
+      this.stats.tampered++;
+      throw new LetheError('TAMPERED', `${kind} chunk ${index} from the server does not match the signed manifest; refused`);
+    }
+    this.cache.put(ck, fetched);
+    return { blob: fetched, source: 'server' };
+  }
+
+  /** Fetches and stores sensitive keys for this chunk and its next sensitive neighbours not yet held. */
+  private async fetchSensitiveKeys(kind: ChunkKind, index: number): Promise<void> {
+    const refs = [{ kind, index }];
+    for (let i = index + 1; refs.length < KEY_BATCH && i < index + 4 * KEY_BATCH; i++) {
+      const n = this.entries[kind].get(i);
+      if (n && n.cls === 'sensitive' && !this.keys.hasSensitiveKey(this.keyId(kind, i, n.gen))) refs.push({ kind, index: i });
+    }
+    this.stats.keyRequests++;
+    const res = await this.fetcher.keys(refs);
+    const all = openSealed(this.id.box, b64u.decode(res.sealed));
+    try {
+      res.chunks.forEach((c, i) => this.keys.setSensitiveKey(this.keyId(c.kind, c.index, c.gen), all.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES)));
+    } finally {
+      wipe(all);
+    }
+  }
+
+  /** Derives the chunk key into the scratch buffer; false if this device holds no key for it. */
+  private keyInto(kind: ChunkKind, index: number, e: Entry): boolean {
+    if (e.cls === 'sensitive') {
+      return this.keys.withSensitiveKey(this.keyId(kind, index, e.gen), (k) => {
+        if (!k) return false;
+        this.scratch.set(k);
+        return true;
+      });
+    }
+    return this.keys.withClassKey(e.gen, (ck) => {
+      if (!ck) return false;
+      chunkKeyInto(this.scratch, ck, this.coord(kind, index, e));
+      return true;
+    });
+  }
+
+  /**
+   * Reads the plaintext of a chunk into `out` (exactly its size). Waits for a
+   * lease if there is none. `resident` marks the plaintext as kept (guest RAM)
+   * until evict() is called; otherwise the caller zeroes `out` after use.
+   * Throws TAMPERED for a chunk that fails its checks twice (cache, then server).
+   */
+  async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean } = {}): Promise<ReadSource> {
+    await this.lease.whenActive();
+    this.stats.reads++;
+    const e = this.entries[kind].get(index);
+    if (!e) {
+      out.fill(0);
+      this.stats.zero++;
+      return 'zero';
+    }
+    let { blob, source } = await this.blob(kind, index, e);
+    if (e.cls === 'sensitive' && !this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) await this.fetchSensitiveKeys(kind, index);
+    await this.lease.whenActive();
+    for (let attempt = 0; ; attempt++) {
+      if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no key for ${kind} chunk ${index}: the lease ended`);
+      try {
+        decryptChunkInto(out, this.scratch, this.coord(kind, index, e), blob);
+        break;
+      } catch (err) {
+        if (source !== 'cache' || attempt > 0) {
+          this.stats.tampered++;
+          throw new LetheError('TAMPERED', `${kind} chunk ${index} failed authentication; refused`, { cause: err });
+        }
+        this.cache.drop(this.cacheKey(kind, index, e));
+        ({ blob, source } = await this.blob(kind, index, e));
+      } finally {
+        wipe(this.scratch);
+      }
+    }
+    if (source === 'cache') this.stats.fromCache++;
+    else this.stats.fromServer++;
+    if (opts.resident) this.markResident(kind, index, e.cls, out.length);
+    return source;
+  }
+
+  private markResident(kind: ChunkKind, index: number, cls: Sensitivity, bytes: number): void {
+    const id = `${kind}/${index}`;
+    if (this.residentSet.has(id)) return;
+    this.residentSet.set(id, { cls, bytes });
+    this.resident[cls] += bytes;
+  }
+
+  /**
+   * Call after the caller dropped a resident plaintext copy. A sensitive
+   * chunk's key goes with it, so the next read asks the server again.
+   */
+  evict(kind: ChunkKind, index: number): void {
+    const id = `${kind}/${index}`;
+    const r = this.residentSet.get(id);
+    if (r) {
+      this.residentSet.delete(id);
+      this.resident[r.cls] -= r.bytes;
+    }
+    const e = this.entries[kind].get(index);
+    if (e?.cls === 'sensitive') this.keys.dropSensitiveKey(this.keyId(kind, index, e.gen));
+    this.stats.evicted++;
+  }
+
+  /** Drops every sensitive key and resident-plaintext record (lease expiry, wipe). */
+  evictAllSensitive(): void {
+    for (const [id, r] of this.residentSet) {
+      if (r.cls !== 'sensitive') continue;
+      const [kind, index] = id.split('/');
+      this.evict(kind as ChunkKind, Number(index));
+    }
+  }
+
+  /** A guest write: encrypts `data` under a key for this lease's version and stores it as dirty. */
+  async write(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
+    await this.lease.whenActive();
+    const m = this.must();
+    const expect = Math.min(CHUNK_SIZE[kind], m.sizes[kind] - index * CHUNK_SIZE[kind]);
+    if (index < 0 || expect <= 0 || data.length !== expect) {
+      throw new LetheError('BAD_REQUEST', `write of ${data.length} bytes to ${kind} chunk ${index} does not fit (expected ${Math.max(expect, 0)})`);
+    }
+    const res = await this.fetcher.keys([{ kind, index }], true);
+    const c = res.chunks[0];
+    const key = openSealed(this.id.box, b64u.decode(res.sealed));
+    try {
+      const e: Entry = { gen: c.gen, cls: c.cls, ctHash: '' };
+      const blob = encryptChunk(key, this.coord(kind, index, e), data);
+      e.ctHash = sha256(blob).toString('base64url');
+      this.cache.put(this.cacheKey(kind, index, e), blob, true, c.cls);
+      this.entries[kind].set(index, e);
+      this.stats.writes++;
+    } finally {
+      wipe(key);
+    }
+  }
+
+  /** Prefetches the ciphertext of every chunk not in the cache (no keys, no plaintext). */
+  async prefetchAll(onProgress?: (done: number, total: number) => void, batch = 64): Promise<void> {
+    const m = this.must();
+    const todo: { kind: ChunkKind; index: number; e: Entry }[] = [];
+    let total = 0;
+    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
+      for (const [index, e] of this.entries[kind]) {
+        total++;
+        if (!this.cache.has(this.cacheKey(kind, index, e))) todo.push({ kind, index, e });
+      }
+    }
+    let done = total - todo.length;
+    onProgress?.(done, total);
+    for (let i = 0; i < todo.length; i += batch) {
+      await this.lease.whenActive();
+      if (this.manifest !== m) return;
+      const slice = todo.slice(i, i + batch);
+      const blobs = await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index })));
+      slice.forEach(({ kind, index, e }, j) => {
+        if (sha256(blobs[j]).toString('base64url') !== e.ctHash) {
+          this.stats.tampered++;
+          return; // refused; a demand read will try again and report it
+        }
+        this.cache.put(this.cacheKey(kind, index, e), blobs[j]);
+      });
+      done += slice.length;
+      onProgress?.(done, total);
+    }
+  }
+
+  destroy(): void {
+    wipe(this.scratch);
+    this.residentSet.clear();
+  }
+}

@@ -1,0 +1,195 @@
+// `lethe agent run IMAGE`: the device daemon. Wires the lease keeper, the
+// fetcher, the ciphertext cache and the key ring together, prefetches the
+// image's ciphertext, answers the control socket, and acts on revocation,
+// wipe orders and lease expiry.
+import fs from 'node:fs';
+import path from 'node:path';
+import type net from 'node:net';
+import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
+import { secureBuffer, wipe } from '../common/crypto.js';
+import { iso } from '../common/duration.js';
+import { errorChain, LetheError } from '../common/errors.js';
+import { ChunkCache } from './cache.js';
+import { serveControl } from './control.js';
+import { AgentCore } from './core.js';
+import { DeviceClient } from './device-client.js';
+import { Fetcher } from './fetcher.js';
+import { makeNonDumpable } from './harden.js';
+import { closeIdentity, loadIdentity } from './identity.js';
+import { KeyRing } from './keyring.js';
+import { LeaseKeeper } from './lease-keeper.js';
+import { performWipe } from './wipe.js';
+
+export interface AgentOptions {
+  home: string;
+  image: string;
+  cacheBytes: number;
+  heartbeatMs: number;
+  prefetch: boolean;
+  log?: (line: string) => void;
+}
+
+export const EXIT_REVOKED = 3;
+
+export interface RunningAgent {
+  core: AgentCore;
+  lease: LeaseKeeper;
+  status(): AgentStatus;
+  /** Resolves with the exit code when the agent stops. */
+  done: Promise<number>;
+  stop(): void;
+}
+
+export type AgentStatus = ReturnType<typeof buildStatus>;
+
+function buildStatus(o: AgentOptions, deviceId: string, lease: LeaseKeeper, keys: KeyRing, cache: ChunkCache, core: AgentCore, fetcher: Fetcher, prefetch: { done: number; total: number }) {
+  const now = Date.now();
+  return {
+    device: deviceId,
+    image: o.image,
+    version: core.manifest?.version ?? null,
+    lease: {
+      state: lease.state,
+      leaseId: lease.lease?.leaseId ?? null,
+      expiresAt: lease.expiresAt ? iso(lease.expiresAt) : null,
+      expiresInSeconds: lease.expiresAt ? Math.max(0, Math.round((lease.expiresAt - now) / 1000)) : null,
+      renewals: lease.renewals,
+      lastError: lease.lastError ?? null,
+    },
+    keys: keys.counts(),
+    cache: cache.stats(),
+    resident: { ...core.resident },
+    reads: { ...core.stats },
+    fetch: { ...fetcher.stats },
+    prefetch: { ...prefetch },
+  };
+}
+
+export function startAgent(o: AgentOptions): RunningAgent {
+  const log = o.log ?? ((l: string) => process.stderr.write(`${iso(Date.now())} lethe agent: ${l}\n`));
+  makeNonDumpable();
+  const id = loadIdentity(o.home);
+  const urgent = new DeviceClient(id);
+  const background = new DeviceClient(id);
+  const cache = ChunkCache.inHome(o.home, o.cacheBytes);
+  const keys = new KeyRing();
+  const lease = new LeaseKeeper(urgent, id, keys, o.image, o.heartbeatMs);
+  const fetcher = new Fetcher(urgent, background, () => lease.leaseId());
+  const core = new AgentCore(id, cache, keys, fetcher, lease);
+  const prefetch = { done: 0, total: 0, running: false };
+  let finish!: (code: number) => void;
+  const done = new Promise<number>((r) => (finish = r));
+  let control: net.Server | undefined;
+  let stopped = false;
+
+  /** Stops everything; the agent's exit waits for `after` (the wipe's acknowledgement). */
+  const shutdown = (code: number, removeCache = false, after?: () => Promise<unknown>) => {
+    if (stopped) return;
+    stopped = true;
+    lease.stop();
+    core.destroy();
+    keys.destroy();
+    control?.close();
+    fs.rmSync(path.join(o.home, 'agent.sock'), { force: true });
+    cache.close();
+    if (removeCache) for (const f of ['cache.db', 'cache.db-wal', 'cache.db-shm']) fs.rmSync(path.join(o.home, f), { force: true });
+    urgent.close();
+    background.close();
+    closeIdentity(id);
+    void (after ? after() : Promise.resolve()).finally(() => finish(code));
+  };
+
+  const startPrefetch = () => {
+    if (!o.prefetch || prefetch.running) return;
+    prefetch.running = true;
+    core
+      .prefetchAll((d, t) => {
+        prefetch.done = d;
+        prefetch.total = t;
+      })
+      .then(
+        () => log(`prefetch done: ${prefetch.done} of ${prefetch.total} chunks in the cache`),
+        (e) => !stopped && log(`prefetch stopped: ${errorChain(e)}`),
+      )
+      .finally(() => (prefetch.running = false));
+  };
+
+  lease.prepare = async (l) => {
+    const m = await urgent.manifest(l.leaseId);
+    core.setManifest(m);
+  };
+  lease.on('granted', (l) => {
+    log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
+    startPrefetch();
+  });
+  lease.on('expired', () => {
+    core.evictAllSensitive();
+    log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
+  });
+  lease.on('log', (l) => log(l));
+  lease.on('revoked', (e) => {
+    log(`refused by the server: ${e.message}; keys zeroed, cache deleted`);
+    shutdown(EXIT_REVOKED, true);
+  });
+  lease.on('wipe', (cmd) => {
+    log(`wipe ordered by IT (${cmd}): zeroing keys, deleting the cache and device keys`);
+    core.evictAllSensitive();
+    const homeId = loadIdentity(o.home);
+    shutdown(EXIT_REVOKED, true, async () => {
+      const client = new DeviceClient(homeId);
+      try {
+        const r = await performWipe(homeId, client, cmd);
+        log(r.acked ? 'wipe done and acknowledged' : "wipe done; acknowledgement pending (run 'lethe heartbeat' when online)");
+      } catch (e) {
+        log(`wipe failed: ${errorChain(e)}`);
+      } finally {
+        client.close();
+        closeIdentity(homeId);
+      }
+    });
+  });
+
+  control = serveControl(o.home, async (req) => {
+    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch);
+    if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
+    if (req.cmd === 'stop') {
+      setImmediate(() => shutdown(0));
+      return { stopping: true };
+    }
+    throw new LetheError('BAD_REQUEST', `unknown control command '${req.cmd}'`);
+  });
+
+  lease.start();
+  log(`device ${id.info.deviceId} serving ${o.image}; control socket ${path.join(o.home, 'agent.sock')}`);
+  return {
+    core,
+    lease,
+    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch),
+    done,
+    stop: () => shutdown(0),
+  };
+}
+
+/** Decrypts up to `count` chunks into a locked scratch buffer, zeroing it after each: checks the whole read path. */
+async function selfTest(core: AgentCore, count: number) {
+  const m = core.manifest;
+  if (!m) throw new LetheError('LEASE_EXPIRED', 'no lease yet');
+  const sources: Record<string, number> = { cache: 0, server: 0, zero: 0 };
+  const buf = secureBuffer(CHUNK_SIZE.disk);
+  let n = 0;
+  try {
+    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
+      for (const [index] of m.chunks[kind]) {
+        if (n++ >= count) break;
+        const size = Math.min(CHUNK_SIZE[kind], m.sizes[kind] - index * CHUNK_SIZE[kind]);
+        const out = buf.subarray(0, size);
+        sources[await core.readInto(kind, index, out)]++;
+        wipe(out);
+        core.evict(kind, index);
+      }
+    }
+  } finally {
+    wipe(buf);
+  }
+  return { chunks: Math.min(n, count), sources };
+}

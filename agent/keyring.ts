@@ -1,0 +1,122 @@
+// Keys the agent holds: the lease's normal-class keys (one per generation) and
+// sensitive chunk keys released one batch at a time. All live in one
+// sodium_malloc slab (locked, guard-paged, excluded from core dumps) that is
+// made inaccessible (mprotect PROT_NONE) whenever no key is being used, and is
+// zeroed when the lease ends. A sensitive key is dropped with its page's
+// plaintext, so a re-read needs a fresh, audited release.
+import sodium from 'sodium-native';
+import { KEY_BYTES } from '../common/constants.js';
+import { wipe } from '../common/crypto.js';
+
+const DEFAULT_SLOTS = 8192;
+
+export class KeyRing {
+  private readonly slab: Buffer;
+  private readonly free: number[] = [];
+  private readonly classSlots = new Map<number, number>();
+  private readonly sensitiveSlots = new Map<string, number>();
+  private openDepth = 0;
+
+  constructor(readonly slots = DEFAULT_SLOTS) {
+    this.slab = sodium.sodium_malloc(slots * KEY_BYTES);
+    for (let i = slots - 1; i >= 0; i--) this.free.push(i);
+    sodium.sodium_mprotect_noaccess(this.slab);
+  }
+
+  /** Runs `fn` with the slab readable and writable; closes it again after. */
+  private use<T>(fn: () => T): T {
+    if (this.openDepth++ === 0) sodium.sodium_mprotect_readwrite(this.slab);
+    try {
+      return fn();
+    } finally {
+      if (--this.openDepth === 0) sodium.sodium_mprotect_noaccess(this.slab);
+    }
+  }
+
+  private slot(i: number): Buffer {
+    return this.slab.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES);
+  }
+
+  private take(src: Uint8Array): number {
+    const i = this.free.pop();
+    if (i === undefined) throw new Error('key ring is full');
+    this.slot(i).set(src);
+    return i;
+  }
+
+  private release(i: number): void {
+    sodium.sodium_memzero(this.slot(i));
+    this.free.push(i);
+  }
+
+  /** Stores a class key (copied; the caller wipes its own copy). */
+  setClassKey(gen: number, key: Uint8Array): void {
+    this.use(() => {
+      const old = this.classSlots.get(gen);
+      if (old !== undefined) this.release(old);
+      this.classSlots.set(gen, this.take(key));
+    });
+  }
+
+  hasClassKey(gen: number): boolean {
+    return this.classSlots.has(gen);
+  }
+
+  setSensitiveKey(id: string, key: Uint8Array): void {
+    this.use(() => {
+      const old = this.sensitiveSlots.get(id);
+      if (old !== undefined) this.release(old);
+      this.sensitiveSlots.set(id, this.take(key));
+    });
+  }
+
+  hasSensitiveKey(id: string): boolean {
+    return this.sensitiveSlots.has(id);
+  }
+
+  /** Forgets one sensitive key (its page was evicted). */
+  dropSensitiveKey(id: string): boolean {
+    const i = this.sensitiveSlots.get(id);
+    if (i === undefined) return false;
+    this.use(() => this.release(i));
+    this.sensitiveSlots.delete(id);
+    return true;
+  }
+
+  /** Calls `fn` with the class key of `gen` (or undefined); the key must not escape `fn`. */
+  withClassKey<T>(gen: number, fn: (key: Buffer | undefined) => T): T {
+    const i = this.classSlots.get(gen);
+    return this.use(() => fn(i === undefined ? undefined : this.slot(i)));
+  }
+
+  withSensitiveKey<T>(id: string, fn: (key: Buffer | undefined) => T): T {
+    const i = this.sensitiveSlots.get(id);
+    return this.use(() => fn(i === undefined ? undefined : this.slot(i)));
+  }
+
+  counts(): { classKeys: number; sensitiveKeys: number } {
+    return { classKeys: this.classSlots.size, sensitiveKeys: this.sensitiveSlots.size };
+  }
+
+  /** Zeroes every key (lease ended, revoked, wiped). The ring stays usable. */
+  zeroAll(): void {
+    this.use(() => {
+      sodium.sodium_memzero(this.slab);
+    });
+    this.classSlots.clear();
+    this.sensitiveSlots.clear();
+    this.free.length = 0;
+    for (let i = this.slots - 1; i >= 0; i--) this.free.push(i);
+  }
+
+  /** For tests: true when every byte of the slab is zero. */
+  isAllZero(): boolean {
+    return this.use(() => this.slab.every((b) => b === 0));
+  }
+
+  destroy(): void {
+    this.zeroAll();
+    sodium.sodium_mprotect_readwrite(this.slab);
+    wipe(this.slab);
+  }
+}

@@ -1,0 +1,213 @@
+// The lease state machine (docs/lease-state.md), written as events and expiries.
+//
+//   none ──granted──▶ active ──renewed──▶ active
+//                       │ expiry without renewal
+//                       ▼
+//                    expired ──granted──▶ active      (keys zeroed while expired)
+//   any ──403 revoked──▶ revoked (final)   any ──wipe command──▶ wiping (final)
+//
+// Renewal starts at renewAfter (TTL/3 by default) and is retried until the
+// lease runs out. Expiry is timed locally from the TTL the server sent, so a
+// device whose clock is wrong still gives up its keys on time.
+import { EventEmitter } from 'node:events';
+import { b64u, openSealed, wipe } from '../common/crypto.js';
+import { LetheError } from '../common/errors.js';
+import type { TLeaseResponse } from '../common/wire.js';
+import type { DeviceClient } from './device-client.js';
+import { isTransient } from './fetcher.js';
+import type { Identity } from './identity.js';
+import type { KeyRing } from './keyring.js';
+
+export type LeaseState = 'none' | 'active' | 'expired' | 'revoked' | 'wiping' | 'stopped';
+
+export interface LeaseKeeperEvents {
+  granted: [TLeaseResponse];
+  renewed: [TLeaseResponse];
+  expired: [];
+  revoked: [LetheError];
+  wipe: [string];
+  log: [string];
+}
+
+const RETRY_MIN_MS = 250;
+
+export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
+  state: LeaseState = 'none';
+  lease?: TLeaseResponse;
+  /** Local time the lease runs out. */
+  expiresAt = 0;
+  renewals = 0;
+  lastError?: string;
+  private renewTimer?: NodeJS.Timeout;
+  private expiryTimer?: NodeJS.Timeout;
+  private heartbeatTimer?: NodeJS.Timeout;
+  private waiters: (() => void)[] = [];
+
+  /** Runs before a new lease counts as active (e.g. fetch and check its manifest). */
+  prepare?: (l: TLeaseResponse) => Promise<void>;
+
+  constructor(
+    private readonly client: DeviceClient,
+    private readonly id: Identity,
+    private readonly keys: KeyRing,
+    readonly image: string,
+    private readonly heartbeatMs: number,
+  ) {
+    super();
+  }
+
+  start(): void {
+    void this.acquire();
+    this.scheduleHeartbeat(0);
+  }
+
+  /** Resolves once a lease is active (immediately if it is). Rejects if the device is revoked or wiped. */
+  whenActive(): Promise<void> {
+    if (this.state === 'active') return Promise.resolve();
+    if (this.state === 'revoked' || this.state === 'wiping' || this.state === 'stopped') {
+      return Promise.reject(new LetheError('LEASE_EXPIRED', `no lease: the agent is ${this.state}`));
+    }
+    return new Promise((r) => this.waiters.push(r));
+  }
+
+  leaseId(): string {
+    if (!this.lease) throw new LetheError('LEASE_EXPIRED', 'no lease yet');
+    return this.lease.leaseId;
+  }
+
+  private final(): boolean {
+    return this.state === 'revoked' || this.state === 'wiping' || this.state === 'stopped';
+  }
+
+  private async acquire(): Promise<void> {
+    let delay = RETRY_MIN_MS;
+    while (!this.final()) {
+      try {
+        const l = await this.client.lease(this.image);
+        if (this.final()) return;
+        await this.prepare?.(l);
+        if (this.final()) return;
+        this.leaseGranted(l);
+        return;
+      } catch (e) {
+        if (this.refused(e)) return;
+        this.lastError = e instanceof Error ? e.message : String(e);
+        if (!isTransient(e)) this.emit('log', `lease refused: ${this.lastError}; retrying`);
+        await new Promise((r) => setTimeout(r, delay));
+        delay = Math.min(delay * 2, 5000);
+      }
+    }
+  }
+
+  /** Call after the server granted or renewed a lease: installs its class keys and sets the timers. */
+  private leaseGranted(l: TLeaseResponse, renewed = false): void {
+    const receivedAt = Date.now();
+    for (const ck of l.classKeys) {
+      if (this.keys.hasClassKey(ck.gen) && renewed) continue;
+      const key = openSealed(this.id.box, b64u.decode(ck.sealed));
+      try {
+        this.keys.setClassKey(ck.gen, key);
+      } finally {
+        wipe(key);
+      }
+    }
+    const wasActive = this.state === 'active';
+    this.lease = l;
+    this.state = 'active';
+    this.lastError = undefined;
+    this.expiresAt = receivedAt + l.ttlSeconds * 1000;
+    const renewIn = Math.max(0, Date.parse(l.renewAfter) - Date.parse(l.expiresAt) + l.ttlSeconds * 1000);
+    clearTimeout(this.renewTimer);
+    clearTimeout(this.expiryTimer);
+    this.renewTimer = setTimeout(() => void this.renew(), renewIn);
+    this.expiryTimer = setTimeout(() => this.expiredLease(), this.expiresAt - Date.now());
+    this.emit(renewed ? 'renewed' : 'granted', l);
+    if (!wasActive) for (const w of this.waiters.splice(0)) w();
+  }
+
+  private async renew(): Promise<void> {
+    let delay = RETRY_MIN_MS;
+    while (this.state === 'active' && this.lease) {
+      try {
+        const l = await this.client.renew(this.lease.leaseId);
+        if (this.state !== 'active') return;
+        this.renewals++;
+        this.leaseGranted(l, true);
+        return;
+      } catch (e) {
+        if (this.refused(e)) return;
+        if (e instanceof LetheError && (e.code === 'LEASE_EXPIRED' || e.code === 'UNKNOWN_LEASE' || e.code === 'NOT_ASSIGNED')) {
+          this.emit('log', `lease ended by the server (${e.message})`);
+          this.expiredLease();
+          return;
+        }
+        this.lastError = e instanceof Error ? e.message : String(e);
+        await new Promise((r) => setTimeout(r, delay));
+        delay = Math.min(delay * 2, Math.max(RETRY_MIN_MS, (this.lease.ttlSeconds * 1000) / 10));
+      }
+    }
+  }
+
+  /** Call when the lease runs out unrenewed: zero every key, tell the owner, and keep asking for a new one. */
+  private expiredLease(): void {
+    if (this.state !== 'active') return;
+    clearTimeout(this.renewTimer);
+    clearTimeout(this.expiryTimer);
+    this.keys.zeroAll();
+    this.state = 'expired';
+    this.emit('expired');
+    void this.acquire();
+  }
+
+  /** Handles 403s that end the agent; returns true if `e` was one. */
+  private refused(e: unknown): boolean {
+    if (!(e instanceof LetheError)) return false;
+    if (e.code === 'DEVICE_REVOKED' || e.code === 'DEVICE_WIPED') {
+      this.stopTimers();
+      this.keys.zeroAll();
+      this.state = 'revoked';
+      this.emit('revoked', e);
+      return true;
+    }
+    if (e.code === 'DEVICE_WIPE_PENDING') {
+      this.scheduleHeartbeat(0);
+      return true;
+    }
+    return false;
+  }
+
+  private scheduleHeartbeat(ms: number): void {
+    clearTimeout(this.heartbeatTimer);
+    this.heartbeatTimer = setTimeout(() => void this.heartbeat(), ms);
+  }
+
+  private async heartbeat(): Promise<void> {
+    if (this.final()) return;
+    try {
+      const hb = await this.client.heartbeat({ lease: this.state });
+      const wipeCmd = hb.commands.find((c) => c.type === 'wipe');
+      if (wipeCmd && !this.final()) {
+        this.stopTimers();
+        this.keys.zeroAll();
+        this.state = 'wiping';
+        this.emit('wipe', wipeCmd.id);
+        return;
+      }
+    } catch (e) {
+      if (this.refused(e) && this.final()) return;
+    }
+    if (!this.final()) this.scheduleHeartbeat(this.heartbeatMs);
+  }
+
+  private stopTimers(): void {
+    clearTimeout(this.renewTimer);
+    clearTimeout(this.expiryTimer);
+    clearTimeout(this.heartbeatTimer);
+  }
+
+  stop(): void {
+    this.stopTimers();
+    this.keys.zeroAll();
+    this.state = 'stopped';
+  }
+}

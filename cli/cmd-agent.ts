@@ -1,0 +1,87 @@
+// lethe agent run | status | stop
+import type { Argv } from 'yargs';
+import { parseDuration } from '../common/duration.js';
+import { LetheError } from '../common/errors.js';
+import { control } from '../agent/control.js';
+import { startAgent, type AgentStatus } from '../agent/daemon.js';
+import { defaultHome } from '../agent/identity.js';
+import { emit, table, type OutOpts } from './output.js';
+
+interface HomeArgs extends OutOpts {
+  home: string;
+}
+
+const homeOpt = <T>(y: Argv<T>) =>
+  y.option('home', { type: 'string', describe: 'device home ($LETHE_HOME)', default: defaultHome() });
+
+/** "512M", "2G", "1048576" → bytes. */
+export function parseSize(text: string, what: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$/i.exec(text);
+  if (!m) throw new LetheError('BAD_REQUEST', `bad ${what}: '${text}'`, { hint: 'use a size such as 512M or 2G' });
+  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Math.round(Number(m[1]) * mult);
+}
+
+const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
+
+function statusText(s: AgentStatus): string {
+  const l = s.lease;
+  return [
+    `device ${s.device}, image ${s.image}@${s.version ?? '-'}`,
+    table(
+      ['', ''],
+      [
+        ['lease', `${l.state}${l.expiresInSeconds !== null ? `, expires in ${l.expiresInSeconds} s (${l.expiresAt})` : ''}, ${l.renewals} renewal(s)`],
+        ['keys held', `${s.keys.classKeys} class, ${s.keys.sensitiveKeys} sensitive`],
+        ['cache', `${mb(s.cache.bytes)} of ${mb(s.cache.limitBytes)}, ${s.cache.chunks} chunks (${s.cache.dirty} dirty)`],
+        ['plaintext resident', `${mb(s.resident.sensitive)} sensitive, ${mb(s.resident.normal)} normal`],
+        ['reads', `${s.reads.reads} (${s.reads.fromCache} cache, ${s.reads.fromServer} server, ${s.reads.zero} zero), ${s.reads.tampered} refused as tampered`],
+        ['evicted', `${s.reads.evicted} chunk(s), ${s.cache.evicted} from the cache`],
+        ['prefetch', `${s.prefetch.done} of ${s.prefetch.total} chunks`],
+        ...(l.lastError ? [['last error', l.lastError]] : []),
+      ],
+    )
+      .split('\n')
+      .slice(1)
+      .map((x) => `  ${x}`)
+      .join('\n'),
+  ].join('\n');
+}
+
+export function agentCommand(y: Argv) {
+  return y.command('agent', 'the device agent: keeps the lease, caches ciphertext, serves the VM', (y) =>
+    homeOpt(y)
+      .command(
+        'run <image>',
+        'run the agent in the foreground for an assigned image',
+        (y) =>
+          y
+            .positional('image', { type: 'string', demandOption: true })
+            .option('cache-size', { type: 'string', default: '2G', describe: 'ciphertext cache limit' })
+            .option('heartbeat', { type: 'string', default: '30s', describe: 'how often to check in with the server' })
+            .option('prefetch', { type: 'boolean', default: true, describe: 'fetch the whole image (ciphertext) in the background' }),
+        async (a) => {
+          const agent = startAgent({
+            home: String(a.home),
+            image: String(a.image),
+            cacheBytes: parseSize(String(a['cache-size']), '--cache-size'),
+            heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat'),
+            prefetch: a.prefetch !== false,
+          });
+          const stop = () => agent.stop();
+          process.once('SIGINT', stop);
+          process.once('SIGTERM', stop);
+          process.exitCode = await agent.done;
+        },
+      )
+      .command('status', 'show lease, keys held (never their values), cache, resident plaintext, faults, prefetch', {}, async (a) => {
+        const s = await control<AgentStatus>(String(a.home), { cmd: 'status' });
+        emit(a as unknown as HomeArgs, s, () => statusText(s));
+      })
+      .command('stop', 'stop the running agent', {}, async (a) => {
+        await control(String(a.home), { cmd: 'stop' });
+        emit(a as unknown as HomeArgs, { stopped: true }, () => 'agent stopping');
+      })
+      .demandCommand(1, 'name an agent command'),
+  );
+}
