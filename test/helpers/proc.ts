@@ -98,3 +98,54 @@ export async function startServer(opts: { dir?: string; adminToken?: string; fin
   };
   return self;
 }
+
+export interface AgentProc {
+  proc: ChildProcess;
+  log(): string;
+  exited: Promise<number>;
+  stop(): Promise<number>;
+}
+
+/** `lethe agent run IMAGE` as a real process, with a short heartbeat for tests. */
+export async function startAgentProc(home: string, image: string, args: string[] = []): Promise<AgentProc> {
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'agent', 'run', image, '--home', home, '--heartbeat', '1s', ...args], {
+    cwd: ROOT,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let log = '';
+  proc.stdout!.on('data', (d) => (log += d));
+  proc.stderr!.on('data', (d) => (log += d));
+  const exited = new Promise<number>((r) => proc.once('exit', (code) => r(code ?? -1)));
+  const sock = path.join(home, 'agent.sock');
+  const t0 = Date.now();
+  while (!fs.existsSync(sock)) {
+    if (proc.exitCode !== null) throw new Error(`agent exited early: ${log}`);
+    if (Date.now() - t0 > 20_000) throw new Error(`agent did not start: ${log}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    proc,
+    log: () => log,
+    exited,
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+      return exited;
+    },
+  };
+}
+
+/** Polls `fn` until it returns a truthy value or `ms` pass. */
+export async function waitFor<T>(fn: () => Promise<T>, ms: number, what: string): Promise<NonNullable<T>> {
+  const t0 = Date.now();
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v as NonNullable<T>;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}${last ? `: ${String(last)}` : ''}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}

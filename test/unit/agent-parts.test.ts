@@ -1,0 +1,80 @@
+// The key ring and the ciphertext cache on their own.
+import { expect } from 'chai';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { ChunkCache } from '../../agent/cache.js';
+import { KeyRing } from '../../agent/keyring.js';
+import { execFileSync } from 'node:child_process';
+import { ROOT, tmpDir } from '../helpers/proc.js';
+
+describe('key ring', () => {
+  it('holds class and sensitive keys, drops one, and zeroes all', () => {
+    const ring = new KeyRing(16);
+    const k1 = randomBytes(32);
+    const k2 = randomBytes(32);
+    ring.setClassKey(1, k1);
+    ring.setSensitiveKey('1/mem/5', k2);
+    expect(ring.counts()).to.deep.equal({ classKeys: 1, sensitiveKeys: 1 });
+    expect(ring.withClassKey(1, (k) => Buffer.from(k!).equals(k1))).to.equal(true);
+    expect(ring.withSensitiveKey('1/mem/5', (k) => Buffer.from(k!).equals(k2))).to.equal(true);
+    expect(ring.isAllZero()).to.equal(false);
+    expect(ring.dropSensitiveKey('1/mem/5')).to.equal(true);
+    expect(ring.withSensitiveKey('1/mem/5', (k) => k)).to.equal(undefined);
+    ring.zeroAll();
+    expect(ring.counts()).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
+    expect(ring.isAllZero()).to.equal(true);
+    ring.destroy();
+  });
+
+  it('refuses more keys than it has slots', () => {
+    const ring = new KeyRing(2);
+    ring.setSensitiveKey('a', randomBytes(32));
+    ring.setSensitiveKey('b', randomBytes(32));
+    expect(() => ring.setSensitiveKey('c', randomBytes(32))).to.throw('key ring is full');
+    ring.destroy();
+  });
+});
+
+describe('chunk cache', () => {
+  const key = (index: number) => ({ imageId: 'ab', gen: 1, kind: 'mem' as const, index });
+
+  it('evicts clean chunks least recently used first, never dirty ones', () => {
+    const c = new ChunkCache(path.join(tmpDir(), 'c.db'), 4 * 4200);
+    for (let i = 0; i < 4; i++) c.put(key(i), randomBytes(4137));
+    c.get(key(0)); // 0 is now the most recently used
+    c.put(key(9), randomBytes(4137), true, 'sensitive'); // dirty, over the limit
+    expect(c.get(key(1)), 'oldest clean one went').to.equal(undefined);
+    expect(c.get(key(0))).to.not.equal(undefined);
+    for (let i = 10; i < 20; i++) c.put(key(i), randomBytes(4137), true, 'normal');
+    expect(c.stats().dirty).to.equal(11);
+    expect(c.dirtyChunks('ab').map((d) => d.index)).to.include.members([9, 10, 19]);
+    c.close();
+  });
+
+  it('drops a damaged row instead of serving it, and survives a reopen', () => {
+    const file = path.join(tmpDir(), 'c.db');
+    const c = new ChunkCache(file, 1 << 20);
+    const blob = randomBytes(4137);
+    c.put(key(1), blob);
+    c.put(key(2), randomBytes(4137));
+    c.close();
+    const again = new ChunkCache(file, 1 << 20);
+    expect(again.get(key(1))!.equals(blob)).to.equal(true);
+    // Damage row 2 behind the cache's back.
+    (again as unknown as { db: { prepare(s: string): { run(...a: unknown[]): void } } }).db
+      .prepare('UPDATE chunks SET data = ? WHERE idx = 2')
+      .run(randomBytes(4137));
+    expect(again.get(key(2))).to.equal(undefined);
+    expect(again.stats()).to.include({ damaged: 1, chunks: 1 });
+    again.close();
+  });
+});
+
+describe('process hardening', () => {
+  it('makes a process non-dumpable (in a child, so the test runner keeps its own setting)', () => {
+    const script = `import { isDumpable, makeNonDumpable } from ${JSON.stringify(path.join(ROOT, 'agent/harden.ts'))};
+      const before = isDumpable(); makeNonDumpable(); console.log(JSON.stringify([before, isDumpable()]));`;
+    const out = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT }).toString();
+    expect(JSON.parse(out)).to.deep.equal([true, false]);
+  });
+});
