@@ -94,6 +94,11 @@ export class ChunkCache {
 
   /** The cached blob, or undefined. A damaged row is dropped and reported as a miss. */
   get(k: CacheKey): Buffer | undefined {
+    return this.getWithHash(k)?.data;
+  }
+
+  /** The cached blob and its (checked) SHA-256, so a caller can compare it to a manifest without hashing again. */
+  getWithHash(k: CacheKey): { data: Buffer; sha256: Buffer } | undefined {
     const row = this.q.get.get(k.imageId, k.gen, k.kind, k.index) as { data: Buffer; sha256: Buffer } | undefined;
     if (!row) {
       this.counters.misses++;
@@ -107,7 +112,7 @@ export class ChunkCache {
     }
     this.counters.hits++;
     this.touched.set(this.id(k), ++this.tick);
-    return row.data;
+    return row;
   }
 
   /** Stores a blob (server ciphertext, or a dirty chunk the device encrypted), then trims to the limit. */

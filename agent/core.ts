@@ -26,7 +26,7 @@ export interface Entry {
 export type ReadSource = 'zero' | 'cache' | 'server';
 
 /** Sensitive keys are asked for in batches: the chunk and its next neighbours not yet held. */
-const KEY_BATCH = 16;
+const KEY_BATCH = 64;
 
 export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
   const { signature, ...body } = m;
@@ -43,6 +43,7 @@ export class AgentCore {
   private readonly scratch = secureBuffer(KEY_BYTES);
   readonly resident: Record<Sensitivity, number> = { sensitive: 0, normal: 0 };
   private readonly residentSet = new Map<string, { cls: Sensitivity; bytes: number }>();
+  private readonly keysInFlight = new Map<string, Promise<void>>();
   readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0 };
 
   constructor(
@@ -95,8 +96,8 @@ export class AgentCore {
   /** The blob of a chunk: the cache's if it matches the manifest, else the server's (then cached). */
   private async blob(kind: ChunkKind, index: number, e: Entry): Promise<{ blob: Buffer; source: ReadSource }> {
     const ck = this.cacheKey(kind, index, e);
-    const cached = this.cache.get(ck);
-    if (cached && sha256(cached).toString('base64url') === e.ctHash) return { blob: cached, source: 'cache' };
+    const cached = this.cache.getWithHash(ck);
+    if (cached && cached.sha256.toString('base64url') === e.ctHash) return { blob: cached.data, source: 'cache' };
     if (cached) this.cache.drop(ck);
     const fetched = await this.fetcher.demand({ kind, index });
     if (sha256(fetched).toString('base64url') !== e.ctHash) {
@@ -107,20 +108,37 @@ export class AgentCore {
     return { blob: fetched, source: 'server' };
   }
 
-  /** Fetches and stores sensitive keys for this chunk and its next sensitive neighbours not yet held. */
-  private async fetchSensitiveKeys(kind: ChunkKind, index: number): Promise<void> {
+  /**
+   * Fetches sensitive keys for this chunk and its next sensitive neighbours
+   * not yet held or asked for. Concurrent reads share requests: a key already
+   * on its way is waited for, not asked for again.
+   */
+  private async fetchSensitiveKeys(kind: ChunkKind, index: number, gen: number): Promise<void> {
+    const pending = this.keysInFlight.get(this.keyId(kind, index, gen));
+    if (pending) return pending;
     const refs = [{ kind, index }];
     for (let i = index + 1; refs.length < KEY_BATCH && i < index + 4 * KEY_BATCH; i++) {
       const n = this.entries[kind].get(i);
-      if (n && n.cls === 'sensitive' && !this.keys.hasSensitiveKey(this.keyId(kind, i, n.gen))) refs.push({ kind, index: i });
+      if (!n || n.cls !== 'sensitive') continue;
+      const id = this.keyId(kind, i, n.gen);
+      if (!this.keys.hasSensitiveKey(id) && !this.keysInFlight.has(id)) refs.push({ kind, index: i });
     }
     this.stats.keyRequests++;
-    const res = await this.fetcher.keys(refs);
-    const all = openSealed(this.id.box, b64u.decode(res.sealed));
+    const ids = refs.map((r) => this.keyId(r.kind, r.index, this.entries[r.kind].get(r.index)!.gen));
+    const p = (async () => {
+      const res = await this.fetcher.keys(refs);
+      const all = openSealed(this.id.box, b64u.decode(res.sealed));
+      try {
+        res.chunks.forEach((c, i) => this.keys.setSensitiveKey(this.keyId(c.kind, c.index, c.gen), all.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES)));
+      } finally {
+        wipe(all);
+      }
+    })();
+    for (const id of ids) this.keysInFlight.set(id, p);
     try {
-      res.chunks.forEach((c, i) => this.keys.setSensitiveKey(this.keyId(c.kind, c.index, c.gen), all.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES)));
+      await p;
     } finally {
-      wipe(all);
+      for (const id of ids) this.keysInFlight.delete(id);
     }
   }
 
@@ -156,7 +174,7 @@ export class AgentCore {
       return 'zero';
     }
     let { blob, source } = await this.blob(kind, index, e);
-    if (e.cls === 'sensitive' && !this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) await this.fetchSensitiveKeys(kind, index);
+    if (e.cls === 'sensitive' && !this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) await this.fetchSensitiveKeys(kind, index, e.gen);
     await this.lease.whenActive();
     for (let attempt = 0; ; attempt++) {
       if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no key for ${kind} chunk ${index}: the lease ended`);
