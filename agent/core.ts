@@ -11,6 +11,7 @@ import { chunkKeyInto, decryptChunkInto, encryptChunk, type ChunkCoord } from '.
 import { b64u, openSealed, secureBuffer, sha256, verify, wipe } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import type { ChunkCache, CacheKey } from './cache.js';
+import { encodeChunkFrame } from '../common/frames.js';
 import type { Manifest } from './device-client.js';
 import type { Fetcher } from './fetcher.js';
 import type { Identity } from './identity.js';
@@ -27,6 +28,8 @@ export type ReadSource = 'zero' | 'cache' | 'server';
 
 /** Sensitive keys are asked for in batches: the chunk and its next neighbours not yet held. */
 const KEY_BATCH = 64;
+/** Check-in requests stay under the server's upload limit. */
+const CHECKIN_PART_BYTES = 4 * 1024 * 1024;
 
 export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
   const { signature, ...body } = m;
@@ -54,8 +57,15 @@ export class AgentCore {
     private readonly lease: LeaseKeeper,
   ) {}
 
-  /** Installs the lease's manifest after checking the server's signature; dirty chunks in the cache override it. */
-  setManifest(m: Manifest): void {
+  /** The draft generation this device's writes are encrypted for, once it has written (or adopted earlier writes). */
+  writeGen?: number;
+  private readonly writeCls = new Map<string, Sensitivity>();
+
+  /**
+   * Installs the lease's manifest after checking the server's signature; dirty
+   * chunks in the cache written for `writeGen` override it.
+   */
+  setManifest(m: Manifest, writeGen?: number): void {
     verifyManifest(m, b64u.decode(this.id.info.serverSignPublicKey));
     this.manifest = m;
     this.imageIdBytes = Buffer.from(m.imageId, 'hex');
@@ -63,8 +73,9 @@ export class AgentCore {
     for (const kind of ['disk', 'mem', 'state'] as ChunkKind[]) {
       for (const [index, gen, cls, ctHash] of m.chunks[kind]) this.entries[kind].set(index, { gen, cls, ctHash });
     }
+    this.writeGen = writeGen;
     for (const d of this.cache.dirtyChunks(m.imageId)) {
-      if (d.gen === m.version && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash: sha256(d.data).toString('base64url') });
+      if (d.gen === writeGen && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash: sha256(d.data).toString('base64url') });
     }
   }
 
@@ -144,13 +155,13 @@ export class AgentCore {
 
   /** Derives the chunk key into the scratch buffer; false if this device holds no key for it. */
   private keyInto(kind: ChunkKind, index: number, e: Entry): boolean {
-    if (e.cls === 'sensitive') {
-      return this.keys.withSensitiveKey(this.keyId(kind, index, e.gen), (k) => {
-        if (!k) return false;
-        this.scratch.set(k);
-        return true;
-      });
-    }
+    // A key held for this very chunk: a released sensitive key, or a write key.
+    const held = this.keys.withSensitiveKey(this.keyId(kind, index, e.gen), (k) => {
+      if (!k) return false;
+      this.scratch.set(k);
+      return true;
+    });
+    if (held || e.cls === 'sensitive') return held;
     return this.keys.withClassKey(e.gen, (ck) => {
       if (!ck) return false;
       chunkKeyInto(this.scratch, ck, this.coord(kind, index, e));
@@ -230,7 +241,11 @@ export class AgentCore {
     }
   }
 
-  /** A guest write: encrypts `data` under a key for this lease's version and stores it as dirty. */
+  /**
+   * A guest write: encrypts `data` under this chunk's write key (asked for
+   * once per chunk, audited) and stores it in the cache as dirty. Throws
+   * BAD_REQUEST for a write that does not fit the chunk.
+   */
   async write(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
     await this.lease.whenActive();
     const m = this.must();
@@ -238,19 +253,67 @@ export class AgentCore {
     if (index < 0 || expect <= 0 || data.length !== expect) {
       throw new LetheError('BAD_REQUEST', `write of ${data.length} bytes to ${kind} chunk ${index} does not fit (expected ${Math.max(expect, 0)})`);
     }
-    const res = await this.fetcher.keys([{ kind, index }], true);
-    const c = res.chunks[0];
-    const key = openSealed(this.id.box, b64u.decode(res.sealed));
+    let gen = this.writeGen;
+    let cls = gen === undefined ? undefined : this.writeCls.get(this.keyId(kind, index, gen));
+    if (gen === undefined || cls === undefined || !this.keys.hasSensitiveKey(this.keyId(kind, index, gen))) {
+      const res = await this.fetcher.keys([{ kind, index }], true);
+      const c = res.chunks[0];
+      const key = openSealed(this.id.box, b64u.decode(res.sealed));
+      try {
+        this.keys.setSensitiveKey(this.keyId(kind, index, c.gen), key);
+      } finally {
+        wipe(key);
+      }
+      gen = this.writeGen = c.gen;
+      cls = c.cls;
+      this.writeCls.set(this.keyId(kind, index, gen), cls);
+    }
+    const e: Entry = { gen, cls, ctHash: '' };
+    if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
     try {
-      const e: Entry = { gen: c.gen, cls: c.cls, ctHash: '' };
-      const blob = encryptChunk(key, this.coord(kind, index, e), data);
+      const blob = encryptChunk(this.scratch, this.coord(kind, index, e), data);
       e.ctHash = sha256(blob).toString('base64url');
-      this.cache.put(this.cacheKey(kind, index, e), blob, true, c.cls);
+      this.cache.put(this.cacheKey(kind, index, e), blob, true, cls);
       this.entries[kind].set(index, e);
       this.stats.writes++;
     } finally {
-      wipe(key);
+      wipe(this.scratch);
     }
+  }
+
+  /** Makes every write so far durable in the cache (FLUSH, FUA). */
+  flush(): void {
+    this.cache.flush();
+  }
+
+  /**
+   * Uploads this lease's dirty chunks; the server checks each and commits
+   * them as a new version. Marks them clean once committed.
+   */
+  async checkin(client: { checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ version: number }> }) {
+    const m = this.must();
+    const gen = this.writeGen;
+    const dirty = gen === undefined ? [] : this.cache.dirtyChunks(m.imageId).filter((d) => d.gen === gen);
+    if (dirty.length === 0) throw new LetheError('BAD_REQUEST', 'nothing to check in: no chunk was written since the last check-in');
+    const leaseId = this.lease.leaseId();
+    let part: Buffer[] = [];
+    let bytes = 0;
+    let result: { version: number } | undefined;
+    for (let i = 0; i < dirty.length; i++) {
+      const d = dirty[i];
+      part.push(...encodeChunkFrame(d.kind, d.index, d.data));
+      bytes += d.data.length + 13;
+      const last = i === dirty.length - 1;
+      if (last || bytes >= CHECKIN_PART_BYTES) {
+        result = await client.checkin(leaseId, Buffer.concat(part), last);
+        part = [];
+        bytes = 0;
+      }
+    }
+    for (const d of dirty) this.cache.markClean(d);
+    this.cache.flush();
+    this.writeGen = undefined;
+    return { version: result!.version, chunks: dirty.length, bytes: dirty.reduce((n, d) => n + d.data.length, 0) };
   }
 
   /** Prefetches the ciphertext of every chunk not in the cache (no keys, no plaintext). */

@@ -116,7 +116,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
 
   lease.prepare = async (l) => {
     const m = await urgent.manifest(l.leaseId);
-    core.setManifest(m);
+    core.setManifest(m, l.writeGen);
   };
   lease.on('granted', (l) => {
     log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
@@ -152,6 +152,12 @@ export function startAgent(o: AgentOptions): RunningAgent {
   control = serveControl(o.home, async (req) => {
     if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch);
     if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
+    if (req.cmd === 'checkin') {
+      const r = await core.checkin(urgent);
+      log(`checked in ${r.chunks} chunk(s) as ${o.image}@${r.version}; moving the lease to it`);
+      await lease.reacquire();
+      return r;
+    }
     if (req.cmd === 'stop') {
       setImmediate(() => shutdown(0));
       return { stopping: true };

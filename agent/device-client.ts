@@ -54,6 +54,14 @@ export class DeviceClient {
     return this.signedJson<wire.TKeysResponse>('POST', '/v1/device/keys', { leaseId, chunks, ...(write ? { write: true } : {}) });
   }
 
+  /** Uploads device-encrypted dirty chunks (upload frames); the server commits them as a new version. */
+  async checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ image: string; version: number; chunks: number }> {
+    const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/checkin?final=${final ? 1 : 0}`;
+    const headers = signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'POST', path, frames);
+    const res = await this.http.request('POST', path, { body: frames, headers });
+    return JSON.parse(res.body.toString('utf8')) as { image: string; version: number; chunks: number };
+  }
+
   /** Fetches a batch of chunk blobs, in request order. */
   async chunks(leaseId: string, chunks: { kind: ChunkKind; index: number }[]): Promise<Buffer[]> {
     const res = await this.signed('POST', '/v1/device/chunks', { leaseId, chunks });

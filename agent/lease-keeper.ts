@@ -125,6 +125,15 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     if (!wasActive) for (const w of this.waiters.splice(0)) w();
   }
 
+  /** Call after a check-in ended the lease on the server: takes a lease on the new version without zeroing keys. */
+  async reacquire(): Promise<void> {
+    clearTimeout(this.renewTimer);
+    clearTimeout(this.expiryTimer);
+    const l = await this.client.lease(this.image);
+    await this.prepare?.(l);
+    this.leaseGranted(l);
+  }
+
   private async renew(): Promise<void> {
     let delay = RETRY_MIN_MS;
     while (this.state === 'active' && this.lease) {

@@ -78,6 +78,10 @@ export function agentCommand(y: Argv) {
         const s = await control<AgentStatus>(String(a.home), { cmd: 'status' });
         emit(a as unknown as HomeArgs, s, () => statusText(s));
       })
+      .command('checkin', "upload this device's writes as a new image version (the server checks each chunk)", {}, async (a) => {
+        const r = await control<{ version: number; chunks: number; bytes: number }>(String(a.home), { cmd: 'checkin' }, 600_000);
+        emit(a as unknown as HomeArgs, r, () => `checked in ${r.chunks} chunk(s) (${mb(r.bytes)}) as version ${r.version}`);
+      })
       .command('stop', 'stop the running agent', {}, async (a) => {
         await control(String(a.home), { cmd: 'stop' });
         emit(a as unknown as HomeArgs, { stopped: true }, () => 'agent stopping');

@@ -40,6 +40,8 @@ export const LeaseResponse = z.object({
   renewAfter: z.string(),
   ttlSeconds: z.number(),
   classKeys: z.array(z.object({ gen: z.number().int(), sealed: z.string() })),
+  /** The draft generation this device's earlier writes on this version belong to (see check-in). */
+  writeGen: z.number().int().optional(),
 });
 
 export const ChunkRef = z.strictObject({ kind: Kind, index: z.number().int().min(0).max(2 ** 40) });

@@ -27,7 +27,7 @@ import {
   setPolicy,
 } from './images.js';
 import { parseChunkFrames } from '../common/frames.js';
-import { assign, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
+import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines } from './metrics.js';
 
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
@@ -141,6 +141,10 @@ export function buildApp(ctx: Ctx): express.Express {
     const b = json(wire.ChunksRequest, req);
     const served = serveChunks(ctx, dev(req), b.leaseId, b.chunks);
     res.type('application/octet-stream').send(frames(served.map((s) => s.blob)));
+  });
+  app.post('/v1/device/leases/:id/checkin', rawUpload, device, (req: AuthedRequest, res) => {
+    const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+    res.json(checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0'));
   });
   app.get('/v1/device/chunks/:lease/:kind/:index', device, (req: AuthedRequest, res) => {
     const [s] = serveChunks(ctx, dev(req), param(req, 'lease'), [{ kind: kindParam(req), index: intParam(req, 'index') }]);

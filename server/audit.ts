@@ -26,7 +26,8 @@ export type AuditType =
   | 'lease.grant'
   | 'lease.renew'
   | 'keys.release'
-  | 'chunks.serve';
+  | 'chunks.serve'
+  | 'checkin';
 
 export interface VerifyResult {
   ok: boolean;

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS versions (
   disk_size INTEGER NOT NULL,
   mem_size INTEGER NOT NULL,
   state_size INTEGER NOT NULL,
+  -- set for a draft that holds a device's writes (check-in), not an admin push
+  lease_id TEXT,
   PRIMARY KEY (image_id, version)
 );
 CREATE TABLE IF NOT EXISTS chunks (
@@ -77,7 +79,9 @@ CREATE TABLE IF NOT EXISTS leases (
   version INTEGER NOT NULL,
   created_at INTEGER NOT NULL,
   expires_at INTEGER NOT NULL,
-  ended_at INTEGER
+  ended_at INTEGER,
+  -- the draft version this lease's device-written chunks are encrypted for (see leases.ts writeGen)
+  write_gen INTEGER
 );
 CREATE TABLE IF NOT EXISTS commands (
   id TEXT PRIMARY KEY,

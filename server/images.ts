@@ -31,6 +31,7 @@ export interface VersionRow {
   disk_size: number;
   mem_size: number;
   state_size: number;
+  lease_id: string | null;
 }
 
 export interface ChunkRow {
@@ -95,7 +96,7 @@ export function createVersion(ctx: Ctx, name: string, sizes: { disk: number; mem
   if (sizes.mem % MEM_CHUNK_SIZE !== 0) {
     throw new LetheError('BAD_REQUEST', `memory size ${sizes.mem} is not a multiple of ${MEM_CHUNK_SIZE}`);
   }
-  const draft = ctx.db.prepare("SELECT version FROM versions WHERE image_id = ? AND state = 'draft'").get(img.id) as
+  const draft = ctx.db.prepare("SELECT version FROM versions WHERE image_id = ? AND state = 'draft' AND lease_id IS NULL").get(img.id) as
     | { version: number }
     | undefined;
   if (draft) {

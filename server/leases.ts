@@ -1,9 +1,9 @@
 // Leases, key release and chunk serving (docs/escrow-protocol.md). Each of
 // these commits its audit entry before anything leaves the server.
-import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
+import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../common/constants.js';
 import { classOf } from '../policies/policy.js';
-import { type ChunkCoord } from '../common/chunk.js';
-import { b64u } from '../common/crypto.js';
+import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
+import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { newId, type Ctx } from './context.js';
@@ -19,6 +19,7 @@ interface LeaseRow {
   created_at: number;
   expires_at: number;
   ended_at: number | null;
+  write_gen: number | null;
 }
 
 export function assign(ctx: Ctx, deviceId: string, imageName: string) {
@@ -81,6 +82,7 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, renewA
     renewAfter: iso(ctx.now() + renewAfterMs),
     ttlSeconds: Math.round((l.expires_at - ctx.now()) / 1000),
     classKeys: classKeys(ctx, d, l.image_id, l.version),
+    ...(l.write_gen !== null ? { writeGen: l.write_gen } : {}),
   };
 }
 
@@ -98,11 +100,24 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
     created_at: now,
     expires_at: now + policy.leaseTtlMs,
     ended_at: null,
+    write_gen: null,
   };
   ctx.db.transaction(() => {
     ctx.db
       .prepare('INSERT INTO leases(id, device_id, image_id, version, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)')
       .run(lease.id, d.id, img.id, v.version, now, lease.expires_at);
+    // Writes this device made under an earlier lease on the same version (not yet
+    // checked in) carry over: the new lease adopts that draft.
+    const draft = ctx.db
+      .prepare(
+        "SELECT v.version FROM versions v JOIN leases l ON l.id = v.lease_id WHERE v.image_id = ? AND v.state = 'draft' AND l.device_id = ? AND l.version = ?",
+      )
+      .get(img.id, d.id, v.version) as { version: number } | undefined;
+    if (draft) {
+      ctx.db.prepare('UPDATE versions SET lease_id = ? WHERE image_id = ? AND version = ?').run(lease.id, img.id, draft.version);
+      ctx.db.prepare('UPDATE leases SET write_gen = ? WHERE id = ?').run(draft.version, lease.id);
+      lease.write_gen = draft.version;
+    }
     ctx.audit.append('lease.grant', d.id, { lease: lease.id, image: imageName, version: v.version, expiresAt: iso(lease.expires_at) }, now);
   })();
   ctx.metrics.inc('lethe_leases_granted_total');
@@ -172,14 +187,38 @@ function resolve(ctx: Ctx, l: LeaseRow, refs: { kind: ChunkKind; index: number }
 }
 
 /**
+ * The generation a lease's device-written chunks are encrypted for: a draft
+ * version made for this lease on its first write, committed by check-in.
+ */
+function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): number {
+  if (l.write_gen !== null) return l.write_gen;
+  const img = getImage(ctx, l.name);
+  const base = getVersion(ctx, img, l.version);
+  const imageId = Buffer.from(img.id, 'hex');
+  ctx.db.transaction(() => {
+    const last = ctx.db.prepare('SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number };
+    const gen = last.v + 1;
+    ctx.db
+      .prepare(
+        "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size, lease_id) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?)",
+      )
+      .run(img.id, gen, ctx.now(), ctx.escrow.newWrappedKey(imageId, gen, 'version'), base.disk_size, base.mem_size, base.state_size, l.id);
+    ctx.db.prepare('UPDATE leases SET write_gen = ? WHERE id = ?').run(gen, l.id);
+    l.write_gen = gen;
+  })();
+  return l.write_gen!;
+}
+
+/**
  * For writes: the coordinates new device-written content of each chunk gets —
- * generation = the lease's version, class = the stored chunk's, or the
- * policy's for a chunk that is zero so far.
+ * generation = the lease's write generation, class = the stored chunk's, or
+ * the policy's for a chunk that is zero so far.
  */
 function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): ChunkRow[] {
   const img = getImage(ctx, l.name);
   const v = getVersion(ctx, img, l.version);
   const policy = policyOf(img);
+  const gen = writeGen(ctx, l);
   return refs.map((r) => {
     const count = chunkCount(sizeOf(v, r.kind), r.kind);
     if (r.index >= count) {
@@ -187,7 +226,7 @@ function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: Chu
     }
     const stored = chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
     const cls = stored?.cls ?? classOf(policy, r.kind, r.index * CHUNK_SIZE[r.kind], CHUNK_SIZE[r.kind]);
-    return { kind: r.kind, idx: r.index, gen: l.version, cls, ct_sha256: Buffer.alloc(0) };
+    return { kind: r.kind, idx: r.index, gen, cls, ct_sha256: Buffer.alloc(0) };
   });
 }
 
@@ -237,3 +276,74 @@ export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
   return rows.map((r, i) => ({ row: r, blob: blobs[i] }));
 }
 
+
+/**
+ * Check-in: the device's dirty chunks (encrypted on the device under write
+ * keys) become a new version. Each blob must decrypt under the key the server
+ * derives for its coordinates before anything of its request is stored. A
+ * device sends its chunks in one or more requests; the one marked `final`
+ * carries unchanged chunks over from the lease's version (which must still be
+ * the image's current one) and commits.
+ */
+export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
+  const l = liveLease(ctx, d, leaseId);
+  if (l.write_gen === null) throw new LetheError('BAD_REQUEST', 'nothing to check in: this lease wrote no chunks');
+  const img = getImage(ctx, l.name);
+  if (img.current_version !== l.version) {
+    throw new LetheError('CONFLICT', `${l.name} moved on to version ${img.current_version} since this lease (on ${l.version}) began`, {
+      hint: 'the writes stay in the device cache; IT decides which version wins',
+    });
+  }
+  const gen = l.write_gen;
+  const draft = getVersion(ctx, img, gen);
+  const imageId = Buffer.from(img.id, 'hex');
+  const coords = writeCoords(ctx, l, items);
+  const vk = ctx.escrow.versionKey(draft.key_wrapped, imageId, gen);
+  const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
+  const key = secureBuffer(KEY_BYTES);
+  const rows: { kind: ChunkKind; idx: number; cls: string; blob: Buffer; dedup: Buffer | null }[] = [];
+  try {
+    items.forEach((it, i) => {
+      const c = coords[i];
+      const coord = { imageId, gen, kind: c.kind, index: c.idx, cls: c.cls };
+      ctx.escrow.chunkKeyInto(key, vk, coord);
+      const plain = Buffer.alloc(Math.min(CHUNK_SIZE[c.kind], sizeOf(draft, c.kind) - c.idx * CHUNK_SIZE[c.kind]));
+      try {
+        decryptChunkInto(plain, key, coord, it.data);
+      } catch {
+        throw new LetheError('TAMPERED', `checked-in ${c.kind} chunk ${c.idx} does not decrypt under its key; nothing of this request was accepted`);
+      }
+      rows.push({ kind: c.kind, idx: c.idx, cls: c.cls, blob: it.data, dedup: isZero(plain) ? null : keyedHash(dedupKey, plain) });
+      wipe(plain);
+    });
+  } finally {
+    wipe(key);
+  }
+  ctx.store.transaction(() => {
+    const put = ctx.store.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
+    for (const r of rows) if (r.dedup) put.run(img.id, gen, r.kind, r.idx, r.blob);
+  })();
+  const now = ctx.now();
+  ctx.db.transaction(() => {
+    // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
+    const put = ctx.db.prepare(
+      'INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+    );
+    for (const r of rows) {
+      put.run(img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
+    }
+    if (!final) return;
+    ctx.db
+      .prepare(
+        'INSERT OR IGNORE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?',
+      )
+      .run(gen, img.id, l.version);
+    ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0').run(img.id, gen);
+    ctx.db.prepare("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL WHERE image_id = ? AND version = ?").run(now, img.id, gen);
+    ctx.db.prepare('UPDATE images SET current_version = ? WHERE id = ?').run(gen, img.id);
+    ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE id = ?').run(now, l.id);
+    const staged = (ctx.db.prepare('SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?').get(img.id, gen, gen) as { n: number }).n;
+    ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
+  })();
+  return { image: l.name, version: gen, chunks: rows.length, committed: final };
+}

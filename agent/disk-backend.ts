@@ -1,0 +1,160 @@
+// The VM disk as a block device over the agent core, for the NBD server.
+// Reads decrypt whole 128 KiB chunks; normal-class chunks are kept decrypted
+// in a small locked LRU (counted as resident normal plaintext) so that a run
+// of small reads does not decrypt the same chunk again and again; sensitive
+// chunks are decrypted into transit buffers only, which the NBD server zeroes
+// once the reply is on the wire (release()). Writes are read-modify-write per
+// chunk, serialized per chunk, and land in the cache as device-encrypted
+// dirty chunks; flush() (and FUA) make them durable.
+import { DISK_CHUNK_SIZE } from '../common/constants.js';
+import { secureBuffer, wipe } from '../common/crypto.js';
+import type { AgentCore } from './core.js';
+
+const PLAIN_LRU_CHUNKS = 32;
+
+export class AgentDiskBackend {
+  readonly size: number;
+  private readonly plain = new Map<number, Buffer>();
+  private readonly locks = new Map<number, Promise<void>>();
+  private readonly scratch = secureBuffer(DISK_CHUNK_SIZE);
+
+  constructor(
+    private readonly core: AgentCore,
+    private readonly lruChunks = PLAIN_LRU_CHUNKS,
+  ) {
+    this.size = core.sizeOf('disk');
+  }
+
+  private chunkLen(index: number): number {
+    return Math.min(DISK_CHUNK_SIZE, this.size - index * DISK_CHUNK_SIZE);
+  }
+
+  /** Runs `fn` with chunk `index` locked against concurrent read-modify-write. */
+  private async locked<T>(index: number, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(index) ?? Promise.resolve();
+    let release!: () => void;
+    const mine = new Promise<void>((r) => (release = r));
+    const chained = prev.then(() => mine);
+    this.locks.set(index, chained);
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+      if (this.locks.get(index) === chained) this.locks.delete(index);
+    }
+  }
+
+  /** Calls `use` with the plaintext of a chunk; the buffer is only valid during the call. */
+  private async withChunk<T>(index: number, use: (plain: Buffer) => T): Promise<T> {
+    const hit = this.plain.get(index);
+    if (hit) {
+      this.plain.delete(index);
+      this.plain.set(index, hit);
+      return use(hit);
+    }
+    const e = this.core.entry('disk', index);
+    const len = this.chunkLen(index);
+    if (e && e.cls === 'normal' && this.lruChunks > 0) {
+      const buf = secureBuffer(len);
+      await this.core.readInto('disk', index, buf, { resident: true });
+      this.remember(index, buf);
+      return use(buf);
+    }
+    const out = this.scratch.subarray(0, len);
+    try {
+      await this.core.readInto('disk', index, out);
+      return use(out);
+    } finally {
+      wipe(out);
+    }
+  }
+
+  private remember(index: number, buf: Buffer): void {
+    this.plain.set(index, buf);
+    while (this.plain.size > this.lruChunks) {
+      const [old, b] = this.plain.entries().next().value as [number, Buffer];
+      this.forget(old, b);
+    }
+  }
+
+  private forget(index: number, b: Buffer): void {
+    this.plain.delete(index);
+    wipe(b);
+    this.core.evict('disk', index);
+  }
+
+  /** Drops every decrypted chunk (lease expiry, wipe, stop). */
+  dropPlaintext(): void {
+    for (const [i, b] of [...this.plain]) this.forget(i, b);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.alloc(length);
+    let pos = offset;
+    while (pos < offset + length) {
+      const index = Math.floor(pos / DISK_CHUNK_SIZE);
+      const within = pos - index * DISK_CHUNK_SIZE;
+      const n = Math.min(this.chunkLen(index) - within, offset + length - pos);
+      // A read overlapping a write in progress waits for it.
+      const busy = this.locks.get(index);
+      if (busy) await busy;
+      await this.withChunk(index, (plain) => plain.copy(out, pos - offset, within, within + n));
+      pos += n;
+    }
+    return out;
+  }
+
+  /** Zeroes a reply buffer once it has been sent. */
+  release(buf: Buffer): void {
+    wipe(buf);
+  }
+
+  async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    let pos = offset;
+    while (pos < offset + data.length) {
+      const index = Math.floor(pos / DISK_CHUNK_SIZE);
+      const within = pos - index * DISK_CHUNK_SIZE;
+      const len = this.chunkLen(index);
+      const n = Math.min(len - within, offset + data.length - pos);
+      const from = pos - offset;
+      await this.locked(index, async () => {
+        const next = secureBuffer(len);
+        try {
+          if (n < len) await this.withChunk(index, (plain) => plain.copy(next));
+          data.copy(next, within, from, from + n);
+          await this.core.write('disk', index, next);
+          const cached = this.plain.get(index);
+          if (cached) next.copy(cached);
+        } finally {
+          wipe(next);
+        }
+      });
+      pos += n;
+    }
+    if (fua) this.core.flush();
+  }
+
+  async flush(): Promise<void> {
+    await Promise.all([...this.locks.values()]);
+    this.core.flush();
+  }
+
+  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    const step = 4 * DISK_CHUNK_SIZE;
+    for (let pos = offset; pos < offset + length; pos += step) {
+      await this.write(pos, Buffer.alloc(Math.min(step, offset + length - pos)), false);
+    }
+    if (fua) this.core.flush();
+  }
+
+  /** Trimmed ranges read back as zeros (the chunk is written as zeros). */
+  async trim(offset: number, length: number): Promise<void> {
+    await this.writeZeroes(offset, length, false);
+  }
+
+  close(): void {
+    this.dropPlaintext();
+    wipe(this.scratch);
+  }
+}
