@@ -29,6 +29,7 @@ import {
 import { parseChunkFrames } from '../common/frames.js';
 import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines } from './metrics.js';
+import { q } from './db.js';
 
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
   const raw: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
@@ -102,7 +103,7 @@ export function buildApp(ctx: Ctx): express.Express {
   });
 
   app.get('/healthz', (_req, res) => {
-    ctx.db.prepare('SELECT 1').get();
+    q(ctx.db, 'SELECT 1').get();
     res.json({ ok: true });
   });
   app.get('/metrics', (_req, res) => {
@@ -248,7 +249,7 @@ export function buildApp(ctx: Ctx): express.Express {
   ctx.metrics.gauge(() => {
     const rows = listDevices(ctx);
     const count = (s: string) => rows.filter((d) => d.status === s).length;
-    const audit = ctx.db.prepare('SELECT COUNT(*) AS n FROM audit').get() as { n: number };
+    const audit = q(ctx.db, 'SELECT COUNT(*) AS n FROM audit').get() as { n: number };
     return [
       ...gaugeLines(
         'lethe_devices',

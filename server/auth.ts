@@ -8,13 +8,14 @@ import { LetheError } from '../common/errors.js';
 import { verifyRequest } from '../common/signing.js';
 import type { Ctx } from './context.js';
 import { deviceStatus, getDevice, type DeviceRow } from './devices.js';
+import { q } from './db.js';
 
 export interface AuthedRequest extends Request {
   device?: DeviceRow;
 }
 
 export function adminAuth(ctx: Ctx) {
-  const row = ctx.db.prepare("SELECT value FROM settings WHERE key = 'admin_token_sha256'").get() as { value: string } | undefined;
+  const row = q(ctx.db, "SELECT value FROM settings WHERE key = 'admin_token_sha256'").get() as { value: string } | undefined;
   const expected = Buffer.from(row?.value ?? '', 'hex');
   return (req: Request, _res: Response, next: NextFunction) => {
     const m = /^Bearer (\S+)$/.exec(req.get('authorization') ?? '');
@@ -35,7 +36,7 @@ const authFailed = () => new LetheError('AUTH_FAILED', 'device authentication fa
  * confirm, its wipe.
  */
 export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) {
-  const remember = ctx.db.prepare('INSERT OR IGNORE INTO nonces(device_id, nonce, ts) VALUES (?, ?, ?)');
+  const seen = nonceMemory(ctx);
   return (req: AuthedRequest, _res: Response, next: NextFunction) => {
     const deviceId = req.get(HDR_DEVICE);
     const ts = req.get(HDR_TIMESTAMP);
@@ -51,12 +52,12 @@ export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) 
       throw authFailed();
     }
     const now = ctx.now();
-    if (Math.abs(now - Number(ts)) > SIG_WINDOW_MS) {
+    if (Math.abs(now - Number(ts)) > SIG_WINDOW_MS || Number(ts) < seen.floor) {
       throw new LetheError('SIGNATURE_STALE', 'request signature is too old or from the future', {
         hint: "check this device's clock",
       });
     }
-    if (remember.run(d.id, nonce, Number(ts)).changes !== 1) {
+    if (!seen.remember(`${d.id} ${nonce}`, Number(ts))) {
       throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
     }
     const status = deviceStatus(d);
@@ -72,7 +73,40 @@ export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) 
   };
 }
 
+/**
+ * Nonces seen within the signature window, in memory: a replay is refused
+ * while the nonce is remembered, and a request signed before this server
+ * process started is refused as stale (`floor`), so a restart cannot reopen
+ * the window. Keeping nonces out of SQLite saves an fsync per request.
+ */
+export interface NonceMemory {
+  floor: number;
+  remember(key: string, ts: number): boolean;
+  prune(now: number): void;
+}
+
+const memories = new WeakMap<Ctx, NonceMemory>();
+
+export function nonceMemory(ctx: Ctx): NonceMemory {
+  let m = memories.get(ctx);
+  if (m) return m;
+  const seen = new Map<string, number>();
+  m = {
+    floor: ctx.now(),
+    remember(key, ts) {
+      if (seen.has(key)) return false;
+      seen.set(key, ts);
+      return true;
+    },
+    prune(now) {
+      for (const [k, ts] of seen) if (ts < now - 2 * SIG_WINDOW_MS) seen.delete(k);
+    },
+  };
+  memories.set(ctx, m);
+  return m;
+}
+
 /** Forgets nonces old enough that their timestamps would be refused anyway. */
 export function pruneNonces(ctx: Ctx): void {
-  ctx.db.prepare('DELETE FROM nonces WHERE ts < ?').run(ctx.now() - 2 * SIG_WINDOW_MS);
+  nonceMemory(ctx).prune(ctx.now());
 }

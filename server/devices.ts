@@ -7,6 +7,7 @@ import { LetheError } from '../common/errors.js';
 import { decodeEnrollToken, encodeEnrollToken } from '../common/tokens.js';
 import type { TEnrollRequest } from '../common/wire.js';
 import { newId, type Ctx } from './context.js';
+import { q } from './db.js';
 
 export type DeviceStatus = 'active' | 'revoked' | 'wipe-pending' | 'wiped';
 
@@ -30,7 +31,7 @@ export function deviceStatus(d: DeviceRow): DeviceStatus {
 }
 
 export function getDevice(ctx: Ctx, id: string): DeviceRow | undefined {
-  return ctx.db.prepare('SELECT * FROM devices WHERE id = ?').get(id) as DeviceRow | undefined;
+  return q(ctx.db, 'SELECT * FROM devices WHERE id = ?').get(id) as DeviceRow | undefined;
 }
 
 export function mustGetDevice(ctx: Ctx, id: string): DeviceRow {
@@ -44,8 +45,7 @@ export function mintEnrollToken(ctx: Ctx, ttlSeconds = DEFAULT_ENROLL_TTL_S) {
   const now = ctx.now();
   const expiresAt = now + ttlSeconds * 1000;
   ctx.db.transaction(() => {
-    ctx.db
-      .prepare('INSERT INTO enroll_tokens(secret_sha256, created_at, expires_at) VALUES (?, ?, ?)')
+    q(ctx.db, 'INSERT INTO enroll_tokens(secret_sha256, created_at, expires_at) VALUES (?, ?, ?)')
       .run(sha256(secret).toString('hex'), now, expiresAt);
     ctx.audit.append('enroll.token', null, { expiresAt: iso(expiresAt) }, now);
   })();
@@ -68,12 +68,10 @@ export function enroll(ctx: Ctx, req: TEnrollRequest) {
   const now = ctx.now();
   const id = newId('dev');
   ctx.db.transaction(() => {
-    const used = ctx.db
-      .prepare('UPDATE enroll_tokens SET used_at = ?, device_id = ? WHERE secret_sha256 = ? AND used_at IS NULL AND expires_at > ?')
+    const used = q(ctx.db, 'UPDATE enroll_tokens SET used_at = ?, device_id = ? WHERE secret_sha256 = ? AND used_at IS NULL AND expires_at > ?')
       .run(now, id, sha256(secret).toString('hex'), now);
     if (used.changes !== 1) throw invalid();
-    ctx.db
-      .prepare('INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES (?, ?, ?, ?, ?)')
+    q(ctx.db, 'INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES (?, ?, ?, ?, ?)')
       .run(id, req.name, b64u.decode(req.signPublicKey), b64u.decode(req.boxPublicKey), now);
     ctx.audit.append('enroll', id, { name: req.name }, now);
   })();
@@ -82,8 +80,8 @@ export function enroll(ctx: Ctx, req: TEnrollRequest) {
 }
 
 export function listDevices(ctx: Ctx) {
-  const rows = ctx.db.prepare('SELECT * FROM devices ORDER BY enrolled_at, id').all() as DeviceRow[];
-  const images = ctx.db.prepare(
+  const rows = q(ctx.db, 'SELECT * FROM devices ORDER BY enrolled_at, id').all() as DeviceRow[];
+  const images = q(ctx.db, 
     'SELECT i.name FROM assignments a JOIN images i ON i.id = a.image_id WHERE a.device_id = ? ORDER BY i.name',
   );
   return rows.map((d) => ({
@@ -101,8 +99,8 @@ export function revokeDevice(ctx: Ctx, id: string) {
   const now = ctx.now();
   ctx.db.transaction(() => {
     if (d.revoked_at === null) {
-      ctx.db.prepare('UPDATE devices SET revoked_at = ? WHERE id = ?').run(now, id);
-      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
+      q(ctx.db, 'UPDATE devices SET revoked_at = ? WHERE id = ?').run(now, id);
+      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
       ctx.audit.append('device.revoke', id, {}, now);
     }
   })();
@@ -115,10 +113,9 @@ export function wipeDevice(ctx: Ctx, id: string) {
   const now = ctx.now();
   ctx.db.transaction(() => {
     if (d.wipe_requested_at === null && d.wiped_at === null) {
-      ctx.db.prepare('UPDATE devices SET wipe_requested_at = ? WHERE id = ?').run(now, id);
-      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
-      ctx.db
-        .prepare('INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)')
+      q(ctx.db, 'UPDATE devices SET wipe_requested_at = ? WHERE id = ?').run(now, id);
+      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
+      q(ctx.db, 'INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)')
         .run(newId('cmd'), id, 'wipe', now);
       ctx.audit.append('device.wipe', id, {}, now);
     }
@@ -128,13 +125,12 @@ export function wipeDevice(ctx: Ctx, id: string) {
 
 export function heartbeat(ctx: Ctx, d: DeviceRow) {
   const now = ctx.now();
-  const commands = ctx.db
-    .prepare('SELECT id, type, issued_at, delivered_at FROM commands WHERE device_id = ? AND acked_at IS NULL ORDER BY issued_at')
+  const commands = q(ctx.db, 'SELECT id, type, issued_at, delivered_at FROM commands WHERE device_id = ? AND acked_at IS NULL ORDER BY issued_at')
     .all(d.id) as { id: string; type: 'wipe'; issued_at: number; delivered_at: number | null }[];
   ctx.db.transaction(() => {
-    ctx.db.prepare('UPDATE devices SET last_seen = ? WHERE id = ?').run(now, d.id);
+    q(ctx.db, 'UPDATE devices SET last_seen = ? WHERE id = ?').run(now, d.id);
     for (const c of commands.filter((c) => c.delivered_at === null)) {
-      ctx.db.prepare('UPDATE commands SET delivered_at = ? WHERE id = ?').run(now, c.id);
+      q(ctx.db, 'UPDATE commands SET delivered_at = ? WHERE id = ?').run(now, c.id);
       ctx.audit.append('wipe.delivered', d.id, { command: c.id }, now);
     }
   })();
@@ -146,7 +142,7 @@ export function heartbeat(ctx: Ctx, d: DeviceRow) {
 }
 
 export function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolean, detail?: string) {
-  const c = ctx.db.prepare('SELECT * FROM commands WHERE id = ? AND device_id = ?').get(commandId, d.id) as
+  const c = q(ctx.db, 'SELECT * FROM commands WHERE id = ? AND device_id = ?').get(commandId, d.id) as
     | { id: string; type: string; acked_at: number | null }
     | undefined;
   if (!c) throw new LetheError('UNKNOWN_COMMAND', `no command '${commandId}' for this device`);
@@ -154,11 +150,11 @@ export function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolea
   if (c.acked_at !== null) return { id: c.id, acked: true };
   ctx.db.transaction(() => {
     if (ok) {
-      ctx.db.prepare('UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, JSON.stringify({ ok, detail }), c.id);
-      if (c.type === 'wipe') ctx.db.prepare('UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, d.id);
+      q(ctx.db, 'UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, JSON.stringify({ ok, detail }), c.id);
+      if (c.type === 'wipe') q(ctx.db, 'UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, d.id);
     } else {
       // A failed wipe stays pending and is handed out again at the next heartbeat.
-      ctx.db.prepare('UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?').run(JSON.stringify({ ok, detail }), c.id);
+      q(ctx.db, 'UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?').run(JSON.stringify({ ok, detail }), c.id);
     }
     ctx.audit.append('wipe.ack', d.id, { command: c.id, ok, ...(detail ? { detail } : {}) }, now);
   })();

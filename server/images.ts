@@ -11,6 +11,7 @@ import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { classOf, parsePolicy, type ServerPolicy } from '../policies/policy.js';
 import type { Ctx } from './context.js';
+import { q } from './db.js';
 
 export interface ImageRow {
   id: string;
@@ -50,13 +51,13 @@ export function chunkCount(size: number, kind: ChunkKind): number {
 }
 
 export function getImage(ctx: Ctx, name: string): ImageRow {
-  const img = ctx.db.prepare('SELECT * FROM images WHERE name = ?').get(name) as ImageRow | undefined;
+  const img = q(ctx.db, 'SELECT * FROM images WHERE name = ?').get(name) as ImageRow | undefined;
   if (!img) throw new LetheError('UNKNOWN_IMAGE', `no image '${name}'`, { hint: "list images with 'lethe image ls'" });
   return img;
 }
 
 export function getVersion(ctx: Ctx, img: ImageRow, version: number): VersionRow {
-  const v = ctx.db.prepare('SELECT * FROM versions WHERE image_id = ? AND version = ?').get(img.id, version) as
+  const v = q(ctx.db, 'SELECT * FROM versions WHERE image_id = ? AND version = ?').get(img.id, version) as
     | VersionRow
     | undefined;
   if (!v || v.state === 'removed') throw new LetheError('UNKNOWN_VERSION', `image '${img.name}' has no version ${version}`);
@@ -76,14 +77,13 @@ export const policyOf = (img: ImageRow): ServerPolicy => parsePolicy(img.policy,
 
 export function createImage(ctx: Ctx, name: string, policy?: string) {
   parsePolicy(policy, 'policy');
-  if (ctx.db.prepare('SELECT 1 FROM images WHERE name = ?').get(name)) {
+  if (q(ctx.db, 'SELECT 1 FROM images WHERE name = ?').get(name)) {
     throw new LetheError('CONFLICT', `image '${name}' already exists`);
   }
   const id = randomBytes(16);
   const now = ctx.now();
   ctx.db.transaction(() => {
-    ctx.db
-      .prepare('INSERT INTO images(id, name, created_at, policy, dedup_key_wrapped) VALUES (?, ?, ?, ?, ?)')
+    q(ctx.db, 'INSERT INTO images(id, name, created_at, policy, dedup_key_wrapped) VALUES (?, ?, ?, ?, ?)')
       .run(id.toString('hex'), name, now, policy ?? null, ctx.escrow.newWrappedKey(id, 0, 'dedup'));
     ctx.audit.append('image.create', null, { image: name, imageId: id.toString('hex') }, now);
   })();
@@ -96,7 +96,7 @@ export function createVersion(ctx: Ctx, name: string, sizes: { disk: number; mem
   if (sizes.mem % MEM_CHUNK_SIZE !== 0) {
     throw new LetheError('BAD_REQUEST', `memory size ${sizes.mem} is not a multiple of ${MEM_CHUNK_SIZE}`);
   }
-  const draft = ctx.db.prepare("SELECT version FROM versions WHERE image_id = ? AND state = 'draft' AND lease_id IS NULL").get(img.id) as
+  const draft = q(ctx.db, "SELECT version FROM versions WHERE image_id = ? AND state = 'draft' AND lease_id IS NULL").get(img.id) as
     | { version: number }
     | undefined;
   if (draft) {
@@ -106,24 +106,22 @@ export function createVersion(ctx: Ctx, name: string, sizes: { disk: number; mem
       return { image: name, version: v.version, resumed: true };
     }
     ctx.db.transaction(() => {
-      ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, v.version);
-      ctx.db.prepare('DELETE FROM versions WHERE image_id = ? AND version = ?').run(img.id, v.version);
+      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, v.version);
+      q(ctx.db, 'DELETE FROM versions WHERE image_id = ? AND version = ?').run(img.id, v.version);
     })();
     // Only the draft itself wrote blobs of its generation.
-    ctx.store.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ?').run(img.id, v.version);
+    q(ctx.store, 'DELETE FROM blobs WHERE image_id = ? AND gen = ?').run(img.id, v.version);
   }
-  const last = ctx.db.prepare('SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number | null };
+  const last = q(ctx.db, 'SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number | null };
   const version = (last.v ?? 0) + 1;
   const imageId = Buffer.from(img.id, 'hex');
   ctx.db.transaction(() => {
-    ctx.db
-      .prepare(
+    q(ctx.db, 
         "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?)",
       )
       .run(img.id, version, ctx.now(), ctx.escrow.newWrappedKey(imageId, version, 'version'), sizes.disk, sizes.mem, sizes.state);
     if (img.current_version !== null) {
-      ctx.db
-        .prepare(
+      q(ctx.db, 
           'INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?',
         )
         .run(version, img.id, img.current_version);
@@ -164,12 +162,12 @@ export function putChunks(ctx: Ctx, name: string, version: number, items: { kind
   const policy = policyOf(img);
   const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
   const versionKey = ctx.escrow.versionKey(v.key_wrapped, imageId, version);
-  const existing = ctx.db.prepare('SELECT dedup_hash, cls FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
-  const del = ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
-  const putRow = ctx.db.prepare(
+  const existing = q(ctx.db, 'SELECT dedup_hash, cls FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
+  const del = q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
+  const putRow = q(ctx.db, 
     'INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
   );
-  const putBlob = ctx.store.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
+  const putBlob = q(ctx.store, 'INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
   const key = secureBuffer(KEY_BYTES);
   const results: PutResult[] = [];
   const rows: unknown[][] = [];
@@ -217,8 +215,7 @@ export function chunkHashes(ctx: Ctx, name: string, version: number) {
   const img = getImage(ctx, name);
   getVersion(ctx, img, version);
   const out: Record<ChunkKind, [number, string][]> = { disk: [], mem: [], state: [] };
-  const rows = ctx.db
-    .prepare('SELECT kind, idx, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
+  const rows = q(ctx.db, 'SELECT kind, idx, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
     .all(img.id, version) as { kind: ChunkKind; idx: number; dedup_hash: Buffer }[];
   for (const r of rows) out[r.kind].push([r.idx, r.dedup_hash.toString('base64url')]);
   return out;
@@ -236,7 +233,7 @@ export function setPolicy(ctx: Ctx, name: string, policy: string | null) {
   const changed = (img.policy ?? null) !== policy;
   if (changed) {
     ctx.db.transaction(() => {
-      ctx.db.prepare('UPDATE images SET policy = ? WHERE id = ?').run(policy, img.id);
+      q(ctx.db, 'UPDATE images SET policy = ? WHERE id = ?').run(policy, img.id);
       ctx.audit.append('image.policy', null, { image: name }, ctx.now());
     })();
   }
@@ -259,7 +256,7 @@ export function exportChunks(ctx: Ctx, name: string, version: number, refs: { ki
   ctx.db.transaction(() => {
     ctx.audit.append('image.export', null, { image: name, version, count: rows.length }, ctx.now());
   })();
-  const wrapped = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
+  const wrapped = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
   const parts: Buffer[] = [];
   const key = secureBuffer(KEY_BYTES);
   try {
@@ -292,26 +289,26 @@ export function removeImage(ctx: Ctx, name: string, version?: number) {
   }
   ctx.db.transaction(() => {
     if (version === undefined) {
-      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE image_id = ? AND ended_at IS NULL').run(now, img.id);
-      ctx.db.prepare('DELETE FROM assignments WHERE image_id = ?').run(img.id);
-      ctx.db.prepare('DELETE FROM chunks WHERE image_id = ?').run(img.id);
-      ctx.db.prepare('DELETE FROM versions WHERE image_id = ?').run(img.id);
-      ctx.db.prepare('DELETE FROM images WHERE id = ?').run(img.id);
+      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE image_id = ? AND ended_at IS NULL').run(now, img.id);
+      q(ctx.db, 'DELETE FROM assignments WHERE image_id = ?').run(img.id);
+      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ?').run(img.id);
+      q(ctx.db, 'DELETE FROM versions WHERE image_id = ?').run(img.id);
+      q(ctx.db, 'DELETE FROM images WHERE id = ?').run(img.id);
     } else {
-      ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL').run(now, img.id, version);
-      ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, version);
-      ctx.db.prepare("UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?").run(img.id, version);
+      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL').run(now, img.id, version);
+      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, version);
+      q(ctx.db, "UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?").run(img.id, version);
     }
     ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }) }, now);
   })();
   // Garbage: blobs of generations that no remaining chunk row refers to.
   const live = new Set(
-    (ctx.db.prepare('SELECT DISTINCT kind, idx, gen FROM chunks WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[]).map(
+    (q(ctx.db, 'SELECT DISTINCT kind, idx, gen FROM chunks WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[]).map(
       (r) => `${r.kind}/${r.idx}/${r.gen}`,
     ),
   );
-  const all = ctx.store.prepare('SELECT kind, idx, gen FROM blobs WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[];
-  const drop = ctx.store.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?');
+  const all = q(ctx.store, 'SELECT kind, idx, gen FROM blobs WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[];
+  const drop = q(ctx.store, 'DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?');
   let freed = 0;
   ctx.store.transaction(() => {
     for (const b of all) {
@@ -326,7 +323,7 @@ export function removeImage(ctx: Ctx, name: string, version?: number) {
 
 /** Bytes the chunk store holds for an image (ciphertext, all generations). */
 export function storedBytes(ctx: Ctx, imageId: string): { chunks: number; bytes: number } {
-  const r = ctx.store.prepare('SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(data)), 0) AS b FROM blobs WHERE image_id = ?').get(imageId) as {
+  const r = q(ctx.store, 'SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(data)), 0) AS b FROM blobs WHERE image_id = ?').get(imageId) as {
     n: number;
     b: number;
   };
@@ -340,27 +337,25 @@ export function commitVersion(ctx: Ctx, name: string, version: number) {
   const counts: Record<string, number> = {};
   ctx.db.transaction(() => {
     for (const kind of CHUNK_KINDS) {
-      ctx.db
-        .prepare('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx >= ?')
+      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx >= ?')
         .run(img.id, version, kind, chunkCount(sizeOf(v, kind), kind));
       counts[kind] = (
-        ctx.db.prepare('SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = ?').get(img.id, version, kind) as {
+        q(ctx.db, 'SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = ?').get(img.id, version, kind) as {
           n: number;
         }
       ).n;
     }
-    ctx.db.prepare("UPDATE versions SET state = 'committed', committed_at = ? WHERE image_id = ? AND version = ?").run(now, img.id, version);
-    ctx.db.prepare('UPDATE images SET current_version = ? WHERE id = ?').run(version, img.id);
+    q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ? WHERE image_id = ? AND version = ?").run(now, img.id, version);
+    q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(version, img.id);
     ctx.audit.append('version.commit', null, { image: name, version, chunks: counts }, now);
   })();
   return { image: name, version, chunks: counts };
 }
 
 export function listImages(ctx: Ctx) {
-  const imgs = ctx.db.prepare('SELECT * FROM images ORDER BY name').all() as ImageRow[];
+  const imgs = q(ctx.db, 'SELECT * FROM images ORDER BY name').all() as ImageRow[];
   return imgs.map((img) => {
-    const versions = ctx.db
-      .prepare(
+    const versions = q(ctx.db, 
         "SELECT version, state, committed_at, disk_size, mem_size, state_size FROM versions WHERE image_id = ? AND state != 'removed' ORDER BY version",
       )
       .all(img.id) as VersionRow[];
@@ -381,8 +376,7 @@ export function listImages(ctx: Ctx) {
 
 /** The manifest of a version, signed by the server's Ed25519 key. */
 export function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
-  const rows = ctx.db
-    .prepare('SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
+  const rows = q(ctx.db, 'SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
     .all(img.id, v.version) as ChunkRow[];
   const chunks: Record<ChunkKind, [number, number, Sensitivity, string][]> = { disk: [], mem: [], state: [] };
   for (const r of rows) chunks[r.kind].push([r.idx, r.gen, r.cls, r.ct_sha256.toString('base64url')]);
@@ -400,14 +394,12 @@ export function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
 }
 
 export function chunkRow(ctx: Ctx, imageId: string, version: number, kind: ChunkKind, index: number): ChunkRow | undefined {
-  return ctx.db
-    .prepare('SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?')
+  return q(ctx.db, 'SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?')
     .get(imageId, version, kind, index) as ChunkRow | undefined;
 }
 
 export function readBlob(ctx: Ctx, imageId: string, row: ChunkRow): Buffer {
-  const b = ctx.store
-    .prepare('SELECT data FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?')
+  const b = q(ctx.store, 'SELECT data FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?')
     .get(imageId, row.gen, row.kind, row.idx) as { data: Buffer } | undefined;
   if (!b) throw new LetheError('INTERNAL', `chunk store is missing ${row.kind} chunk ${row.idx} (generation ${row.gen})`);
   return b.data;

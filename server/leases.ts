@@ -10,6 +10,7 @@ import { newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
+import { q } from './db.js';
 
 interface LeaseRow {
   id: string;
@@ -27,8 +28,7 @@ export function assign(ctx: Ctx, deviceId: string, imageName: string) {
   const img = getImage(ctx, imageName);
   const now = ctx.now();
   ctx.db.transaction(() => {
-    const r = ctx.db
-      .prepare('INSERT OR IGNORE INTO assignments(device_id, image_id, assigned_at) VALUES (?, ?, ?)')
+    const r = q(ctx.db, 'INSERT OR IGNORE INTO assignments(device_id, image_id, assigned_at) VALUES (?, ?, ?)')
       .run(deviceId, img.id, now);
     if (r.changes === 1) ctx.audit.append('assign', deviceId, { image: imageName }, now);
   })();
@@ -40,9 +40,8 @@ export function unassign(ctx: Ctx, deviceId: string, imageName: string) {
   const img = getImage(ctx, imageName);
   const now = ctx.now();
   ctx.db.transaction(() => {
-    const r = ctx.db.prepare('DELETE FROM assignments WHERE device_id = ? AND image_id = ?').run(deviceId, img.id);
-    ctx.db
-      .prepare('UPDATE leases SET ended_at = ? WHERE device_id = ? AND image_id = ? AND ended_at IS NULL')
+    const r = q(ctx.db, 'DELETE FROM assignments WHERE device_id = ? AND image_id = ?').run(deviceId, img.id);
+    q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND image_id = ? AND ended_at IS NULL')
       .run(now, deviceId, img.id);
     if (r.changes === 1) ctx.audit.append('unassign', deviceId, { image: imageName }, now);
   })();
@@ -50,7 +49,7 @@ export function unassign(ctx: Ctx, deviceId: string, imageName: string) {
 }
 
 function assertAssigned(ctx: Ctx, d: DeviceRow, imageId: string, name: string): void {
-  if (!ctx.db.prepare('SELECT 1 FROM assignments WHERE device_id = ? AND image_id = ?').get(d.id, imageId)) {
+  if (!q(ctx.db, 'SELECT 1 FROM assignments WHERE device_id = ? AND image_id = ?').get(d.id, imageId)) {
     throw new LetheError('NOT_ASSIGNED', `image '${name}' is not assigned to this device`, {
       hint: `IT assigns it with 'lethe admin assign ${d.id} ${name}'`,
     });
@@ -58,13 +57,12 @@ function assertAssigned(ctx: Ctx, d: DeviceRow, imageId: string, name: string): 
 }
 
 function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
-  const gens = ctx.db
-    .prepare("SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen")
+  const gens = q(ctx.db, "SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen")
     .all(imageId, version) as { gen: number }[];
   const all = new Set([...gens.map((g) => g.gen), version]);
   const id = Buffer.from(imageId, 'hex');
   return [...all].sort((a, b) => a - b).map((gen) => {
-    const v = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?').get(imageId, gen) as {
+    const v = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?').get(imageId, gen) as {
       key_wrapped: Buffer;
     };
     const vk = ctx.escrow.versionKey(v.key_wrapped, id, gen);
@@ -103,19 +101,17 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
     write_gen: null,
   };
   ctx.db.transaction(() => {
-    ctx.db
-      .prepare('INSERT INTO leases(id, device_id, image_id, version, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)')
+    q(ctx.db, 'INSERT INTO leases(id, device_id, image_id, version, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)')
       .run(lease.id, d.id, img.id, v.version, now, lease.expires_at);
     // Writes this device made under an earlier lease on the same version (not yet
     // checked in) carry over: the new lease adopts that draft.
-    const draft = ctx.db
-      .prepare(
+    const draft = q(ctx.db, 
         "SELECT v.version FROM versions v JOIN leases l ON l.id = v.lease_id WHERE v.image_id = ? AND v.state = 'draft' AND l.device_id = ? AND l.version = ?",
       )
       .get(img.id, d.id, v.version) as { version: number } | undefined;
     if (draft) {
-      ctx.db.prepare('UPDATE versions SET lease_id = ? WHERE image_id = ? AND version = ?').run(lease.id, img.id, draft.version);
-      ctx.db.prepare('UPDATE leases SET write_gen = ? WHERE id = ?').run(draft.version, lease.id);
+      q(ctx.db, 'UPDATE versions SET lease_id = ? WHERE image_id = ? AND version = ?').run(lease.id, img.id, draft.version);
+      q(ctx.db, 'UPDATE leases SET write_gen = ? WHERE id = ?').run(draft.version, lease.id);
       lease.write_gen = draft.version;
     }
     ctx.audit.append('lease.grant', d.id, { lease: lease.id, image: imageName, version: v.version, expiresAt: iso(lease.expires_at) }, now);
@@ -126,8 +122,7 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
 
 /** The device's lease if it is live; throws UNKNOWN_LEASE or LEASE_EXPIRED otherwise. */
 function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & { name: string } {
-  const l = ctx.db
-    .prepare('SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?')
+  const l = q(ctx.db, 'SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?')
     .get(leaseId, d.id) as (LeaseRow & { name: string }) | undefined;
   if (!l) throw new LetheError('UNKNOWN_LEASE', `no lease '${leaseId}' for this device`);
   if (l.ended_at !== null || l.expires_at <= ctx.now()) {
@@ -144,7 +139,7 @@ export function renewLease(ctx: Ctx, d: DeviceRow, leaseId: string) {
   const now = ctx.now();
   l.expires_at = now + policy.leaseTtlMs;
   ctx.db.transaction(() => {
-    ctx.db.prepare('UPDATE leases SET expires_at = ? WHERE id = ?').run(l.expires_at, l.id);
+    q(ctx.db, 'UPDATE leases SET expires_at = ? WHERE id = ?').run(l.expires_at, l.id);
     ctx.audit.append('lease.renew', d.id, { lease: l.id, image: l.name, version: l.version, expiresAt: iso(l.expires_at) }, now);
   })();
   return leaseResponse(ctx, d, l, l.name, policy.renewAfterMs);
@@ -196,14 +191,13 @@ function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): number {
   const base = getVersion(ctx, img, l.version);
   const imageId = Buffer.from(img.id, 'hex');
   ctx.db.transaction(() => {
-    const last = ctx.db.prepare('SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number };
+    const last = q(ctx.db, 'SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number };
     const gen = last.v + 1;
-    ctx.db
-      .prepare(
+    q(ctx.db, 
         "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size, lease_id) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?)",
       )
       .run(img.id, gen, ctx.now(), ctx.escrow.newWrappedKey(imageId, gen, 'version'), base.disk_size, base.mem_size, base.state_size, l.id);
-    ctx.db.prepare('UPDATE leases SET write_gen = ? WHERE id = ?').run(gen, l.id);
+    q(ctx.db, 'UPDATE leases SET write_gen = ? WHERE id = ?').run(gen, l.id);
     l.write_gen = gen;
   })();
   return l.write_gen!;
@@ -245,10 +239,18 @@ export function releaseKeys(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
     );
   })();
   const id = Buffer.from(l.image_id, 'hex');
-  const wrapped = ctx.db.prepare('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
+  const wrapped = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
   const coords = rows.map((r): ChunkCoord => ({ imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls }));
-  const versionKeyOf = (gen: number) =>
-    ctx.escrow.versionKey((wrapped.get(l.image_id, gen) as { key_wrapped: Buffer }).key_wrapped, id, gen);
+  // One lookup per generation per request. Safe while a request touches fewer
+  // generations than the escrow caches (256): no key used here can be evicted
+  // (and wiped) before the request is done; past that, look up per key.
+  const gens = new Set(rows.map((r) => r.gen));
+  const memo = new Map<number, Uint8Array>();
+  const lookup = (gen: number) => ctx.escrow.versionKey((wrapped.get(l.image_id, gen) as { key_wrapped: Buffer }).key_wrapped, id, gen);
+  const versionKeyOf =
+    gens.size <= 64
+      ? (gen: number) => memo.get(gen) ?? memo.set(gen, lookup(gen)).get(gen)!
+      : lookup;
   const sealed = ctx.escrow.sealedChunkKeys(coords, versionKeyOf, d.box_pk);
   ctx.metrics.inc('lethe_keys_released_total', {}, rows.length);
   return {
@@ -275,7 +277,6 @@ export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
   ctx.metrics.inc('lethe_chunk_bytes_served_total', {}, bytes);
   return rows.map((r, i) => ({ row: r, blob: blobs[i] }));
 }
-
 
 /**
  * Check-in: the device's dirty chunks (encrypted on the device under write
@@ -320,29 +321,28 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
     wipe(key);
   }
   ctx.store.transaction(() => {
-    const put = ctx.store.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
+    const put = q(ctx.store, 'INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
     for (const r of rows) if (r.dedup) put.run(img.id, gen, r.kind, r.idx, r.blob);
   })();
   const now = ctx.now();
   ctx.db.transaction(() => {
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
-    const put = ctx.db.prepare(
+    const put = q(ctx.db, 
       'INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
     );
     for (const r of rows) {
       put.run(img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
     }
     if (!final) return;
-    ctx.db
-      .prepare(
+    q(ctx.db, 
         'INSERT OR IGNORE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?',
       )
       .run(gen, img.id, l.version);
-    ctx.db.prepare('DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0').run(img.id, gen);
-    ctx.db.prepare("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL WHERE image_id = ? AND version = ?").run(now, img.id, gen);
-    ctx.db.prepare('UPDATE images SET current_version = ? WHERE id = ?').run(gen, img.id);
-    ctx.db.prepare('UPDATE leases SET ended_at = ? WHERE id = ?').run(now, l.id);
-    const staged = (ctx.db.prepare('SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?').get(img.id, gen, gen) as { n: number }).n;
+    q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0').run(img.id, gen);
+    q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL WHERE image_id = ? AND version = ?").run(now, img.id, gen);
+    q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(gen, img.id);
+    q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE id = ?').run(now, l.id);
+    const staged = (q(ctx.db, 'SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?').get(img.id, gen, gen) as { n: number }).n;
     ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
   })();
   return { image: l.name, version: gen, chunks: rows.length, committed: final };
