@@ -671,6 +671,34 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     ]);
   });
 
+  it('a client that never reads its replies cannot make the server hold more than its limits', async () => {
+    const c = await connected();
+    const n = 300;
+    for (let i = 0; i < n; i++) c.request(P.NBD_CMD_READ, { cookie: BigInt(i), offset: 0, length: MiB });
+    await sleep(500);
+    // 64 MiB of unsent read data per connection: the rest waits in the socket.
+    const taken = server.stats().requests.read;
+    expect(taken).to.be.within(60, 100);
+    let got = 0;
+    while (got < n) {
+      const r = await c.reply(MiB);
+      expect(r.error).to.equal(0);
+      got++;
+    }
+    expect(server.stats().requests.read).to.equal(n);
+    c.destroy();
+  });
+
+  it('a client that stalls in the handshake is dropped', async () => {
+    const slow = await startServer(dir, new Map([['disk', probe as BlockBackend]]), { handshakeTimeoutMs: 200, log: (l) => logs.push(l) });
+    const c = await RawClient.connect(slow.sock);
+    await c.greet();
+    expect(await c.closesWithin(2000)).to.equal(true);
+    expect(slow.server.stats().protocolErrors).to.equal(1);
+    expect(logs.at(-1)).to.match(/^nbd: connection \d+: handshake not finished within 200 ms$/);
+    await slow.server.close();
+  });
+
   it('NBD_OPT_EXPORT_NAME (legacy) with and without the 124 zero bytes; NBD_OPT_ABORT is acknowledged', async () => {
     for (const noZeroes of [true, false]) {
       const c = await RawClient.connect(sock);
