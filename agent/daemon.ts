@@ -19,6 +19,8 @@ import { closeIdentity, loadIdentity } from './identity.js';
 import { KeyRing } from './keyring.js';
 import { LeaseKeeper } from './lease-keeper.js';
 import { performWipe } from './wipe.js';
+import { AgentDiskBackend } from './disk-backend.js';
+import { NbdServer, type NbdAddress } from './nbd/server.js';
 
 export interface AgentOptions {
   home: string;
@@ -26,6 +28,8 @@ export interface AgentOptions {
   cacheBytes: number;
   heartbeatMs: number;
   prefetch: boolean;
+  /** Where to serve the VM disk over NBD (default: nbd.sock in the device home); null: not at all. */
+  nbd?: NbdAddress | null;
   log?: (line: string) => void;
 }
 
@@ -42,7 +46,17 @@ export interface RunningAgent {
 
 export type AgentStatus = ReturnType<typeof buildStatus>;
 
-function buildStatus(o: AgentOptions, deviceId: string, lease: LeaseKeeper, keys: KeyRing, cache: ChunkCache, core: AgentCore, fetcher: Fetcher, prefetch: { done: number; total: number }) {
+function buildStatus(
+  o: AgentOptions,
+  deviceId: string,
+  lease: LeaseKeeper,
+  keys: KeyRing,
+  cache: ChunkCache,
+  core: AgentCore,
+  fetcher: Fetcher,
+  prefetch: { done: number; total: number },
+  nbd: NbdServer | undefined,
+) {
   const now = Date.now();
   return {
     device: deviceId,
@@ -62,6 +76,7 @@ function buildStatus(o: AgentOptions, deviceId: string, lease: LeaseKeeper, keys
     reads: { ...core.stats },
     fetch: { ...fetcher.stats },
     prefetch: { ...prefetch },
+    nbd: nbd ? { address: nbd.address(), export: o.image, ...nbd.stats() } : null,
   };
 }
 
@@ -80,12 +95,16 @@ export function startAgent(o: AgentOptions): RunningAgent {
   let finish!: (code: number) => void;
   const done = new Promise<number>((r) => (finish = r));
   let control: net.Server | undefined;
+  let nbd: NbdServer | undefined;
+  let disk: AgentDiskBackend | undefined;
   let stopped = false;
 
   /** Stops everything; the agent's exit waits for `after` (the wipe's acknowledgement). */
   const shutdown = (code: number, removeCache = false, after?: () => Promise<unknown>) => {
     if (stopped) return;
     stopped = true;
+    const closing = nbd?.close() ?? Promise.resolve();
+    disk?.close();
     lease.stop();
     core.destroy();
     keys.destroy();
@@ -96,7 +115,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
     urgent.close();
     background.close();
     closeIdentity(id);
-    void (after ? after() : Promise.resolve()).finally(() => finish(code));
+    void closing.then(() => (after ? after() : undefined)).finally(() => finish(code));
   };
 
   const startPrefetch = () => {
@@ -118,11 +137,20 @@ export function startAgent(o: AgentOptions): RunningAgent {
     const m = await urgent.manifest(l.leaseId);
     core.setManifest(m, l.writeGen);
   };
+  const startNbd = async () => {
+    if (nbd || o.nbd === null || stopped) return;
+    disk = new AgentDiskBackend(core);
+    nbd = new NbdServer(new Map([[o.image, disk]]), { defaultExport: o.image });
+    const at = await nbd.listen(o.nbd ?? { path: path.join(o.home, 'nbd.sock') });
+    log(`disk served over NBD at ${'path' in at ? at.path : `${at.host}:${at.port}`} (export '${o.image}', ${core.sizeOf('disk')} bytes)`);
+  };
   lease.on('granted', (l) => {
     log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
     startPrefetch();
+    startNbd().catch((e) => log(`NBD server failed to start: ${errorChain(e)}`));
   });
   lease.on('expired', () => {
+    disk?.dropPlaintext();
     core.evictAllSensitive();
     log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
   });
@@ -150,9 +178,10 @@ export function startAgent(o: AgentOptions): RunningAgent {
   });
 
   control = serveControl(o.home, async (req) => {
-    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch);
+    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd);
     if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
     if (req.cmd === 'checkin') {
+      await disk?.flush();
       const r = await core.checkin(urgent);
       log(`checked in ${r.chunks} chunk(s) as ${o.image}@${r.version}; moving the lease to it`);
       await lease.reacquire();
@@ -170,7 +199,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   return {
     core,
     lease,
-    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch),
+    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd),
     done,
     stop: () => shutdown(0),
   };

@@ -5,6 +5,7 @@ import { LetheError } from '../common/errors.js';
 import { control } from '../agent/control.js';
 import { startAgent, type AgentStatus } from '../agent/daemon.js';
 import { defaultHome } from '../agent/identity.js';
+import type { NbdAddress } from '../agent/nbd/server.js';
 import { emit, table, type OutOpts } from './output.js';
 
 interface HomeArgs extends OutOpts {
@@ -24,6 +25,16 @@ export function parseSize(text: string, what: string): number {
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
 
+function nbdAddress(a: { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }): NbdAddress | null | undefined {
+  if (a.nbd === false) return null;
+  if (a['nbd-tcp']) {
+    const m = /^([^:]+):(\d{1,5})$/.exec(a['nbd-tcp']);
+    if (!m) throw new LetheError('BAD_REQUEST', `bad --nbd-tcp '${a['nbd-tcp']}'`, { hint: 'use HOST:PORT on loopback, e.g. 127.0.0.1:10809' });
+    return { host: m[1], port: Number(m[2]) };
+  }
+  return a['nbd-socket'] ? { path: a['nbd-socket'] } : undefined;
+}
+
 function statusText(s: AgentStatus): string {
   const l = s.lease;
   return [
@@ -38,6 +49,7 @@ function statusText(s: AgentStatus): string {
         ['reads', `${s.reads.reads} (${s.reads.fromCache} cache, ${s.reads.fromServer} server, ${s.reads.zero} zero), ${s.reads.tampered} refused as tampered`],
         ['evicted', `${s.reads.evicted} chunk(s), ${s.cache.evicted} from the cache`],
         ['prefetch', `${s.prefetch.done} of ${s.prefetch.total} chunks`],
+        ['disk (NBD)', s.nbd ? `${'path' in (s.nbd.address ?? {}) ? (s.nbd.address as { path: string }).path : JSON.stringify(s.nbd.address)}, ${s.nbd.connections.active} client(s)` : 'not served'],
         ...(l.lastError ? [['last error', l.lastError]] : []),
       ],
     )
@@ -59,7 +71,10 @@ export function agentCommand(y: Argv) {
             .positional('image', { type: 'string', demandOption: true })
             .option('cache-size', { type: 'string', default: '2G', describe: 'ciphertext cache limit' })
             .option('heartbeat', { type: 'string', default: '30s', describe: 'how often to check in with the server' })
-            .option('prefetch', { type: 'boolean', default: true, describe: 'fetch the whole image (ciphertext) in the background' }),
+            .option('prefetch', { type: 'boolean', default: true, describe: 'fetch the whole image (ciphertext) in the background' })
+            .option('nbd-socket', { type: 'string', describe: 'unix socket for the NBD disk export (default: nbd.sock in the home)' })
+            .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead' })
+            .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' }),
         async (a) => {
           const agent = startAgent({
             home: String(a.home),
@@ -67,6 +82,7 @@ export function agentCommand(y: Argv) {
             cacheBytes: parseSize(String(a['cache-size']), '--cache-size'),
             heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat'),
             prefetch: a.prefetch !== false,
+            nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
           });
           const stop = () => agent.stop();
           process.once('SIGINT', stop);

@@ -119,9 +119,23 @@ function open(file: string, schema: string, readonly: boolean): DB {
     db.pragma('synchronous = FULL');
     db.pragma('foreign_keys = ON');
     db.exec(schema);
+    if (schema === SCHEMA) addColumns(db);
   }
   db.pragma('busy_timeout = 5000');
   return db;
+}
+
+/** Columns added after a table first shipped: added in place to older databases. */
+const ADDED_COLUMNS: [table: string, column: string, decl: string][] = [
+  ['versions', 'lease_id', 'TEXT'],
+  ['leases', 'write_gen', 'INTEGER'],
+];
+
+function addColumns(db: DB): void {
+  for (const [table, column, decl] of ADDED_COLUMNS) {
+    const cols = db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[];
+    if (!cols.some((c) => c.name === column)) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${decl}`);
+  }
 }
 
 export function openDatabase(file: string, opts: { readonly?: boolean } = {}): DB {

@@ -27,6 +27,8 @@ export interface BlockBackend {
   flush(): Promise<void>;
   trim(offset: number, length: number): Promise<void>;
   writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
+  /** Called with a buffer read() returned once its reply is on the wire (or failed): a backend zeroes plaintext here. */
+  release?(buf: Buffer): void;
 }
 
 export type NbdAddress = { path: string } | { host: string; port: number };
@@ -540,7 +542,14 @@ class Connection {
     try {
       switch (req.type) {
         case P.NBD_CMD_READ:
-          return await this.replyRead(req, req.length === 0 ? Buffer.alloc(0) : await b.read(req.offset, req.length));
+        {
+          const data = req.length === 0 ? Buffer.alloc(0) : await b.read(req.offset, req.length);
+          try {
+            return await this.replyRead(req, data);
+          } finally {
+            b.release?.(data);
+          }
+        }
         case P.NBD_CMD_WRITE:
           if (req.length > 0) await this.tracked(b.write(req.offset, data!, fua));
           break;
