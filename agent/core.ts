@@ -153,6 +153,22 @@ export class AgentCore {
     }
   }
 
+  /** Asks for the write key of one chunk (audited) and keeps it; returns its generation and class. */
+  private async fetchWriteKey(kind: ChunkKind, index: number): Promise<{ gen: number; cls: Sensitivity }> {
+    this.stats.keyRequests++;
+    const res = await this.fetcher.keys([{ kind, index }], true);
+    const c = res.chunks[0];
+    const key = openSealed(this.id.box, b64u.decode(res.sealed));
+    try {
+      this.keys.setSensitiveKey(this.keyId(kind, index, c.gen), key);
+    } finally {
+      wipe(key);
+    }
+    this.writeGen = c.gen;
+    this.writeCls.set(this.keyId(kind, index, c.gen), c.cls);
+    return { gen: c.gen, cls: c.cls };
+  }
+
   /** Derives the chunk key into the scratch buffer; false if this device holds no key for it. */
   private keyInto(kind: ChunkKind, index: number, e: Entry): boolean {
     // A key held for this very chunk: a released sensitive key, or a write key.
@@ -185,7 +201,12 @@ export class AgentCore {
       return 'zero';
     }
     let { blob, source } = await this.blob(kind, index, e);
-    if (e.cls === 'sensitive' && !this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) await this.fetchSensitiveKeys(kind, index, e.gen);
+    if (!this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) {
+      // A chunk this device wrote (before a restart, say) is keyed for the write
+      // generation: its key comes as a write key. Others: sensitive keys by release.
+      if (e.gen === this.writeGen && (e.cls === 'sensitive' || !this.keys.hasClassKey(e.gen))) await this.fetchWriteKey(kind, index);
+      else if (e.cls === 'sensitive') await this.fetchSensitiveKeys(kind, index, e.gen);
+    }
     await this.lease.whenActive();
     for (let attempt = 0; ; attempt++) {
       if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no key for ${kind} chunk ${index}: the lease ended`);
@@ -256,17 +277,7 @@ export class AgentCore {
     let gen = this.writeGen;
     let cls = gen === undefined ? undefined : this.writeCls.get(this.keyId(kind, index, gen));
     if (gen === undefined || cls === undefined || !this.keys.hasSensitiveKey(this.keyId(kind, index, gen))) {
-      const res = await this.fetcher.keys([{ kind, index }], true);
-      const c = res.chunks[0];
-      const key = openSealed(this.id.box, b64u.decode(res.sealed));
-      try {
-        this.keys.setSensitiveKey(this.keyId(kind, index, c.gen), key);
-      } finally {
-        wipe(key);
-      }
-      gen = this.writeGen = c.gen;
-      cls = c.cls;
-      this.writeCls.set(this.keyId(kind, index, gen), cls);
+      ({ gen, cls } = await this.fetchWriteKey(kind, index));
     }
     const e: Entry = { gen, cls, ctHash: '' };
     if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);

@@ -38,6 +38,8 @@ export interface VmSpec {
   qmpSocket: string;
   /** Raw disk image attached as virtio-blk (/dev/vda in the guest). */
   disk?: string;
+  /** Or: the disk from an NBD export on a unix socket (the agent's), as /dev/vda. */
+  nbdDisk?: { socket: string; export: string };
   /** Unix socket (QEMU listens) behind the org.lethe.hint virtio-serial port. */
   hintSocket?: string;
   cpus?: number;
@@ -60,6 +62,14 @@ export function qemuArgs(spec: VmSpec): string[] {
     '-kernel', spec.kernel, '-initrd', spec.initrd, '-append', spec.append,
   ];
   if (spec.disk) args.push('-drive', `file=${spec.disk},format=raw,if=none,id=disk0`, '-device', 'virtio-blk-pci,drive=disk0');
+  else if (spec.nbdDisk) {
+    args.push(
+      '-blockdev',
+      `driver=nbd,server.type=unix,server.path=${spec.nbdDisk.socket},export=${spec.nbdDisk.export},node-name=disk0,cache.direct=off`,
+      '-device',
+      'virtio-blk-pci,drive=disk0',
+    );
+  }
   args.push('-device', 'virtio-serial-pci,id=vser0');
   if (spec.hintSocket) {
     args.push('-chardev', `socket,id=hint,path=${spec.hintSocket},server=on,wait=off`);
