@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type net from 'node:net';
-import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
+import { CHUNK_SIZE, DISK_CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { errorChain, LetheError } from '../common/errors.js';
@@ -30,6 +30,8 @@ export interface AgentOptions {
   prefetch: boolean;
   /** Where to serve the VM disk over NBD (default: nbd.sock in the device home); null: not at all. */
   nbd?: NbdAddress | null;
+  /** Bytes of normal-class disk plaintext kept decrypted for reads (default 32 MiB). */
+  diskPlainBytes?: number;
   log?: (line: string) => void;
 }
 
@@ -139,7 +141,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   };
   const startNbd = async () => {
     if (nbd || o.nbd === null || stopped) return;
-    disk = new AgentDiskBackend(core);
+    disk = new AgentDiskBackend(core, o.diskPlainBytes === undefined ? undefined : Math.floor(o.diskPlainBytes / DISK_CHUNK_SIZE));
     nbd = new NbdServer(new Map([[o.image, disk]]), { defaultExport: o.image });
     const at = await nbd.listen(o.nbd ?? { path: path.join(o.home, 'nbd.sock') });
     log(`disk served over NBD at ${'path' in at ? at.path : `${at.host}:${at.port}`} (export '${o.image}', ${core.sizeOf('disk')} bytes)`);

@@ -10,19 +10,26 @@ import { DISK_CHUNK_SIZE } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import type { AgentCore } from './core.js';
 
-const PLAIN_LRU_CHUNKS = 32;
+/** 256 × 128 KiB = 32 MiB of normal-class disk plaintext at most, in one locked slab. */
+const PLAIN_LRU_CHUNKS = 256;
 
 export class AgentDiskBackend {
   readonly size: number;
   private readonly plain = new Map<number, Buffer>();
   private readonly locks = new Map<number, Promise<void>>();
   private readonly scratch = secureBuffer(DISK_CHUNK_SIZE);
+  /** The LRU's slots, carved from one sodium_malloc slab (one allocation, not one per chunk). */
+  private readonly slab: Buffer;
+  private readonly freeSlots: Buffer[] = [];
 
   constructor(
     private readonly core: AgentCore,
     private readonly lruChunks = PLAIN_LRU_CHUNKS,
   ) {
     this.size = core.sizeOf('disk');
+    const slots = Math.max(0, Math.min(lruChunks, Math.ceil(this.size / DISK_CHUNK_SIZE)));
+    this.slab = secureBuffer(Math.max(1, slots) * DISK_CHUNK_SIZE);
+    for (let i = 0; i < slots; i++) this.freeSlots.push(this.slab.subarray(i * DISK_CHUNK_SIZE, (i + 1) * DISK_CHUNK_SIZE));
   }
 
   private chunkLen(index: number): number {
@@ -56,9 +63,25 @@ export class AgentDiskBackend {
     const e = this.core.entry('disk', index);
     const len = this.chunkLen(index);
     if (e && e.cls === 'normal' && this.lruChunks > 0) {
-      const buf = secureBuffer(len);
-      await this.core.readInto('disk', index, buf, { resident: true });
-      this.remember(index, buf);
+      if (this.freeSlots.length === 0) {
+        const [old, b] = this.plain.entries().next().value as [number, Buffer];
+        this.forget(old, b);
+      }
+      const buf = this.freeSlots.pop()!.subarray(0, len);
+      try {
+        await this.core.readInto('disk', index, buf, { resident: true });
+      } catch (err) {
+        this.freeSlots.push(Buffer.from(buf.buffer, buf.byteOffset, DISK_CHUNK_SIZE));
+        throw err;
+      }
+      const raced = this.plain.get(index);
+      if (raced) {
+        // Another read of the same chunk finished first: keep one copy.
+        wipe(buf);
+        this.freeSlots.push(Buffer.from(buf.buffer, buf.byteOffset, DISK_CHUNK_SIZE));
+        return use(raced);
+      }
+      this.plain.set(index, buf);
       return use(buf);
     }
     const out = this.scratch.subarray(0, len);
@@ -70,17 +93,10 @@ export class AgentDiskBackend {
     }
   }
 
-  private remember(index: number, buf: Buffer): void {
-    this.plain.set(index, buf);
-    while (this.plain.size > this.lruChunks) {
-      const [old, b] = this.plain.entries().next().value as [number, Buffer];
-      this.forget(old, b);
-    }
-  }
-
   private forget(index: number, b: Buffer): void {
     this.plain.delete(index);
     wipe(b);
+    this.freeSlots.push(Buffer.from(b.buffer, b.byteOffset, DISK_CHUNK_SIZE));
     this.core.evict('disk', index);
   }
 
@@ -156,5 +172,6 @@ export class AgentDiskBackend {
   close(): void {
     this.dropPlaintext();
     wipe(this.scratch);
+    wipe(this.slab);
   }
 }

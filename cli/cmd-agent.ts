@@ -74,7 +74,8 @@ export function agentCommand(y: Argv) {
             .option('prefetch', { type: 'boolean', default: true, describe: 'fetch the whole image (ciphertext) in the background' })
             .option('nbd-socket', { type: 'string', describe: 'unix socket for the NBD disk export (default: nbd.sock in the home)' })
             .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead' })
-            .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' }),
+            .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' })
+            .option('disk-plain-cache', { type: 'string', default: '32M', describe: 'normal-class disk plaintext kept decrypted (locked memory)' }),
         async (a) => {
           const agent = startAgent({
             home: String(a.home),
@@ -83,6 +84,7 @@ export function agentCommand(y: Argv) {
             heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat'),
             prefetch: a.prefetch !== false,
             nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
+            diskPlainBytes: parseSize(String(a['disk-plain-cache']), '--disk-plain-cache'),
           });
           const stop = () => agent.stop();
           process.once('SIGINT', stop);
