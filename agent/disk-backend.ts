@@ -105,8 +105,12 @@ export class AgentDiskBackend {
     for (const [i, b] of [...this.plain]) this.forget(i, b);
   }
 
+  /** Reply buffers that carry sensitive plaintext: zeroed by release() once sent. */
+  private readonly sensitiveReplies = new WeakSet<Buffer>();
+
   async read(offset: number, length: number): Promise<Buffer> {
-    const out = Buffer.alloc(length);
+    // Not from Buffer's shared pool: a reply may carry plaintext, and is zeroed on its own.
+    const out = Buffer.allocUnsafeSlow(length);
     let pos = offset;
     while (pos < offset + length) {
       const index = Math.floor(pos / DISK_CHUNK_SIZE);
@@ -115,15 +119,20 @@ export class AgentDiskBackend {
       // A read overlapping a write in progress waits for it.
       const busy = this.locks.get(index);
       if (busy) await busy;
-      await this.withChunk(index, (plain) => plain.copy(out, pos - offset, within, within + n));
+      const e = this.core.entry('disk', index);
+      if (!e) out.fill(0, pos - offset, pos - offset + n);
+      else {
+        if (e.cls === 'sensitive') this.sensitiveReplies.add(out);
+        await this.withChunk(index, (plain) => plain.copy(out, pos - offset, within, within + n));
+      }
       pos += n;
     }
     return out;
   }
 
-  /** Zeroes a reply buffer once it has been sent. */
+  /** Zeroes a reply buffer that carried sensitive plaintext, once it has been sent. */
   release(buf: Buffer): void {
-    wipe(buf);
+    if (this.sensitiveReplies.has(buf)) wipe(buf);
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
