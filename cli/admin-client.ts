@@ -59,3 +59,13 @@ export function adminClient(a: AdminArgs): AdminClient {
   }
   return new AdminClient(new PinnedClient(server!, pin!), token!);
 }
+
+/** Runs `fn` with an admin client built from flags or the environment, and closes it after. */
+export async function withAdmin<T>(a: AdminArgs, fn: (c: AdminClient) => Promise<T>): Promise<T> {
+  const c = adminClient(a);
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}

@@ -2,7 +2,7 @@
 import type { Argv } from 'yargs';
 import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
-import { adminClient, type AdminArgs } from './admin-client.js';
+import { withAdmin, type AdminArgs } from './admin-client.js';
 import { emit, table, type OutOpts } from './output.js';
 
 type A = AdminArgs & OutOpts;
@@ -12,15 +12,6 @@ export function adminOpts<T>(y: Argv<T>) {
     .option('server', { type: 'string', describe: 'server URL ($LETHE_SERVER)' })
     .option('admin-token', { type: 'string', describe: 'admin token ($LETHE_ADMIN_TOKEN)' })
     .option('pin', { type: 'string', describe: 'server certificate SHA-256 ($LETHE_PIN)' });
-}
-
-async function withAdmin<T>(a: A, fn: (c: ReturnType<typeof adminClient>) => Promise<T>): Promise<T> {
-  const c = adminClient(a);
-  try {
-    return await fn(c);
-  } finally {
-    c.close();
-  }
 }
 
 interface DeviceView {

@@ -1,6 +1,6 @@
 // lethe image push | ls | verify | pull | rm
 import type { Argv } from 'yargs';
-import { adminClient, type AdminArgs } from './admin-client.js';
+import { withAdmin, type AdminArgs } from './admin-client.js';
 import { adminOpts } from './cmd-admin.js';
 import { checkImage, parseRef, type CheckResult } from './image-pull.js';
 import { pushImage, validatePush, type PushOptions } from './image-push.js';
@@ -8,15 +8,6 @@ import { emit, table, type OutOpts } from './output.js';
 import { progressBar } from './progress.js';
 
 type A = AdminArgs & OutOpts;
-
-async function withAdmin<T>(a: A, fn: (c: ReturnType<typeof adminClient>) => Promise<T>): Promise<T> {
-  const c = adminClient(a);
-  try {
-    return await fn(c);
-  } finally {
-    c.close();
-  }
-}
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
 

@@ -2,6 +2,7 @@
 import { randomBytes } from 'node:crypto';
 import { CHUNK_KINDS, CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
 import { PinnedClient } from '../../common/http-client.js';
+import { LetheError } from '../../common/errors.js';
 import { AdminClient } from '../../cli/admin-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
@@ -81,4 +82,15 @@ export async function assign(s: ServerProc, deviceId: string, image: string): Pr
   } finally {
     a.close();
   }
+}
+
+/** The LetheError a request was refused with; fails if it was not refused. */
+export async function rejects(p: Promise<unknown>): Promise<LetheError> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof LetheError) return e;
+    throw e;
+  }
+  throw new Error('expected the request to be refused');
 }

@@ -6,18 +6,8 @@ import fs from 'node:fs';
 import { signRequest } from '../../common/signing.js';
 import { signKeyPair } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
-import { admin, assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
-
-async function rejects(p: Promise<unknown>): Promise<LetheError> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof LetheError) return e;
-    throw e;
-  }
-  throw new Error('expected the request to be refused');
-}
 
 describe('device authentication (real server process)', function () {
   let s: ServerProc;

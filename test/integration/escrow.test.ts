@@ -10,18 +10,8 @@ import { chunkKey, decryptChunkInto, type ChunkCoord } from '../../common/chunk.
 import { boxKeyPair, b64u, openSealed, sha256, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { LeaseResponse, KeysResponse } from '../../common/wire.js';
-import { assign, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
+import { assign, rejects, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
-
-async function rejects(p: Promise<unknown>): Promise<LetheError> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof LetheError) return e;
-    throw e;
-  }
-  throw new Error('expected the request to be refused');
-}
 
 describe('escrow: leases, sealed keys, chunks (real server process)', function () {
   let s: ServerProc;
