@@ -5,7 +5,6 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import { signRequest } from '../../common/signing.js';
 import { signKeyPair } from '../../common/crypto.js';
-import { LetheError } from '../../common/errors.js';
 import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 
