@@ -2,17 +2,19 @@
 // QEMU with the shim preloaded; the addon's fault thread serves it from this process,
 // or from a child process (native/test/fault-server.ts) when a test kills the server.
 import { expect } from 'chai';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { QEMU_BINARY, guestCmdline, qemuArgs } from '../../agent/qemu.js';
+import { QmpClient } from '../../agent/qmp.js';
 import { errorChain, LetheError } from '../../common/errors.js';
 import {
   BUILD_DIR, FaultThread, HELLO_MAGIC, PAGE_SIZE, UffdListener, memzero, mlock, munlock, parseHello, punchHole, shimEnv,
-  type Fault, type UffdMapping,
+  type Fault, type FaultMode, type UffdMapping,
 } from '../../native/index.js';
 import { ZERO_PAGE_FNV, fnv32, isZeroPage, pageContent, pageFnv } from '../../native/test/fault-server.js';
 import { ROOT } from '../helpers/proc.js';
@@ -20,6 +22,9 @@ import { ROOT } from '../helpers/proc.js';
 const CLIENT = path.join(BUILD_DIR, 'fault-client');
 const FAULT_SERVER = path.join(ROOT, 'native', 'test', 'fault-server.ts');
 const TMPFS_MAGIC = 0x01021994;
+const MODES: FaultMode[] = ['loop', 'thread'];
+const KILLED_LINE = "lethe-uffd-shim: the agent's socket closed (end of file); killing this process so the guest never runs on zero-filled pages";
+const MiB = 1024 * 1024;
 const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
 const hex8 = (n: number) => n.toString(16).padStart(8, '0');
 
@@ -102,8 +107,10 @@ function allocated(file: string): number {
   return fs.statSync(file).blocks * 512;
 }
 
-/** An in-process fault server for one mapping, serving pageContent(page, gen(page)). */
-async function serve(socketPath: string, gen: (page: number) => number = () => 1) {
+const firstGen = (f: Fault) => pageContent(f.offset / PAGE_SIZE, 1);
+
+/** An in-process fault server for one mapping, answering each fault with content(fault). */
+async function serve(socketPath: string, content: (f: Fault) => Buffer | null = firstGen, mode?: FaultMode) {
   const faults: Fault[] = [];
   const errors: Error[] = [];
   let mapped!: (v: { mapping: UffdMapping; thread: FaultThread }) => void;
@@ -111,14 +118,17 @@ async function serve(socketPath: string, gen: (page: number) => number = () => 1
   const listener = await UffdListener.listen(
     socketPath,
     (mapping) => {
-      const thread = FaultThread.start(mapping, {
-        onFault(f, t) {
-          faults.push(f);
-          const page = f.offset / PAGE_SIZE;
-          t.resolve(f.pageAddress, pageContent(page, gen(page)));
+      const thread = FaultThread.start(
+        mapping,
+        {
+          onFault(f, t) {
+            faults.push(f);
+            t.resolve(f.pageAddress, content(f));
+          },
+          onError: (e) => errors.push(e),
         },
-        onError: (e) => errors.push(e),
-      });
+        { mode },
+      );
       mapped({ mapping, thread });
     },
     (e) => errors.push(e),
@@ -159,73 +169,75 @@ describe('native memory path (userfaultfd)', function () {
     for (const t of things) cleanup.push(t instanceof Lines ? () => t.kill() : () => t.listener.close());
   }
 
-  it('serves every page the client touches with the content the agent chose, zero pages with UFFDIO_ZEROPAGE', async () => {
-    const pages = 16;
-    const first = 4; // map from file page 4: offsets are file offsets, not mapping offsets
-    ramFile(first + pages + 4);
-    const s = await serve(sock);
-    const c = client(ram, pages, shimEnv(ram, sock), ['--offset', String(first)]);
-    track(s, c);
-    const base = Number((await c.next(/^mapped (0x[0-9a-f]+)$/))[1]);
-    const { mapping, thread } = await s.ready;
-    expect(mapping.hello).to.deep.include({ pid: c.proc.pid, pageSize: PAGE_SIZE, base, length: pages * PAGE_SIZE, offset: first * PAGE_SIZE });
+  for (const mode of MODES) {
+    it(`serves every page the client touches with the content the agent chose, zero pages with UFFDIO_ZEROPAGE (${mode})`, async () => {
+      const pages = 16;
+      const first = 4; // map from file page 4: offsets are file offsets, not mapping offsets
+      ramFile(first + pages + 4);
+      const s = await serve(sock, firstGen, mode);
+      const c = client(ram, pages, shimEnv(ram, sock), ['--offset', String(first)]);
+      track(s, c);
+      const base = Number((await c.next(/^mapped (0x[0-9a-f]+)$/))[1]);
+      const { mapping, thread } = await s.ready;
+      expect(mapping.hello).to.deep.include({ pid: c.proc.pid, pageSize: PAGE_SIZE, base, length: pages * PAGE_SIZE, offset: first * PAGE_SIZE });
 
-    const filePages = range(first, first + pages);
-    const { sums, checksum } = await touch(c, 0, pages);
-    expect(sums.map(hex8)).to.deep.equal(filePages.map((p) => hex8(pageFnv(p, 1))));
-    expect(hex8(checksum)).to.equal(hex8(expectedChecksum(filePages, () => 1)));
-    expect(s.faults.map((f) => f.offset / PAGE_SIZE)).to.have.members(filePages);
-    expect(s.faults.map((f) => f.pageAddress)).to.deep.equal(filePages.map((p) => base + (p - first) * PAGE_SIZE));
-    expect(s.faults.every((f) => !f.write)).to.equal(true);
-    const zeros = filePages.filter(isZeroPage).length;
-    expect(thread.stats()).to.deep.equal({ faults: pages, copied: pages - zeros, zeroed: zeros, present: 0 });
+      const filePages = range(first, first + pages);
+      const { sums, checksum } = await touch(c, 0, pages);
+      expect(sums.map(hex8)).to.deep.equal(filePages.map((p) => hex8(pageFnv(p, 1))));
+      expect(hex8(checksum)).to.equal(hex8(expectedChecksum(filePages, () => 1)));
+      expect(s.faults.map((f) => f.offset / PAGE_SIZE)).to.have.members(filePages);
+      expect(s.faults.map((f) => f.pageAddress)).to.deep.equal(filePages.map((p) => base + (p - first) * PAGE_SIZE));
+      expect(s.faults.every((f) => !f.write)).to.equal(true);
+      const zeros = filePages.filter(isZeroPage).length;
+      expect(thread.stats()).to.deep.equal({ faults: pages, copied: pages - zeros, zeroed: zeros, present: 0 });
 
-    // The guest's writes land in the file, where pread sees them: eviction saves a page that way before punching it.
-    c.send('write 0 2 0x5a');
-    await c.next(/^wrote 2$/);
-    const fd = fs.openSync(ram, 'r');
-    cleanup.push(() => fs.closeSync(fd));
-    const back = Buffer.alloc(2 * PAGE_SIZE);
-    fs.readSync(fd, back, 0, back.length, first * PAGE_SIZE);
-    expect(back.equals(Buffer.alloc(2 * PAGE_SIZE, 0x5a))).to.equal(true);
-    expect(thread.stats().faults).to.equal(pages); // writes to present pages do not fault
+      // The guest's writes land in the file, where pread sees them: eviction saves a page that way before punching it.
+      c.send('write 0 2 0x5a');
+      await c.next(/^wrote 2$/);
+      const fd = fs.openSync(ram, 'r');
+      cleanup.push(() => fs.closeSync(fd));
+      const back = Buffer.alloc(2 * PAGE_SIZE);
+      fs.readSync(fd, back, 0, back.length, first * PAGE_SIZE);
+      expect(back.equals(Buffer.alloc(2 * PAGE_SIZE, 0x5a))).to.equal(true);
+      expect(thread.stats().faults).to.equal(pages); // writes to present pages do not fault
 
-    c.end();
-    expect(await c.exited).to.deep.equal({ code: 0, signal: null });
-    await mapping.closed; // the client's exit closed the shim's socket
-    expect(thread.running).to.equal(false);
-    expect(s.errors).to.deep.equal([]);
-  });
+      c.end();
+      expect(await c.exited).to.deep.equal({ code: 0, signal: null });
+      await mapping.closed; // the client's exit closed the shim's socket
+      expect(thread.running).to.equal(false);
+      expect(s.errors).to.deep.equal([]);
+    });
 
-  it('faults a page again after punchHole and shows its new content (the eviction mechanism)', async () => {
-    const pages = 8;
-    ramFile(pages);
-    const gens = new Map<number, number>();
-    const s = await serve(sock, (p) => gens.get(p) ?? 1);
-    const c = client(ram, pages, shimEnv(ram, sock));
-    track(s, c);
-    await c.next(/^mapped /);
-    const { thread } = await s.ready;
-    expect((await touch(c, 0, pages)).sums.map(hex8)).to.deep.equal(range(0, pages).map((p) => hex8(pageFnv(p, 1))));
-    expect(allocated(ram)).to.equal(pages * PAGE_SIZE);
+    it(`faults a page again after punchHole and shows its new content: the eviction mechanism (${mode})`, async () => {
+      const pages = 8;
+      ramFile(pages);
+      const gens = new Map<number, number>();
+      const s = await serve(sock, (f) => pageContent(f.offset / PAGE_SIZE, gens.get(f.offset / PAGE_SIZE) ?? 1), mode);
+      const c = client(ram, pages, shimEnv(ram, sock));
+      track(s, c);
+      await c.next(/^mapped /);
+      const { thread } = await s.ready;
+      expect((await touch(c, 0, pages)).sums.map(hex8)).to.deep.equal(range(0, pages).map((p) => hex8(pageFnv(p, 1))));
+      expect(allocated(ram)).to.equal(pages * PAGE_SIZE);
 
-    const evicted = [2, 5, 7]; // 7 is a zero page: it comes back through UFFDIO_ZEROPAGE
-    const fd = fs.openSync(ram, 'r+');
-    cleanup.push(() => fs.closeSync(fd));
-    for (const p of evicted) {
-      punchHole(fd, p * PAGE_SIZE, PAGE_SIZE);
-      gens.set(p, 2);
-    }
-    expect(allocated(ram)).to.equal((pages - evicted.length) * PAGE_SIZE);
+      const evicted = [2, 5, 7]; // 7 is a zero page: it comes back through UFFDIO_ZEROPAGE
+      const fd = fs.openSync(ram, 'r+');
+      cleanup.push(() => fs.closeSync(fd));
+      for (const p of evicted) {
+        punchHole(fd, p * PAGE_SIZE, PAGE_SIZE);
+        gens.set(p, 2);
+      }
+      expect(allocated(ram)).to.equal((pages - evicted.length) * PAGE_SIZE);
 
-    const before = s.faults.length;
-    const { sums, checksum } = await touch(c, 0, pages);
-    expect(sums.map(hex8)).to.deep.equal(range(0, pages).map((p) => hex8(pageFnv(p, gens.get(p) ?? 1))));
-    expect(hex8(checksum)).to.equal(hex8(expectedChecksum(range(0, pages), (p) => gens.get(p) ?? 1)));
-    expect(s.faults.slice(before).map((f) => f.offset / PAGE_SIZE)).to.deep.equal(evicted);
-    expect(thread.stats()).to.deep.equal({ faults: pages + 3, copied: 6 + 2, zeroed: 2 + 1, present: 0 });
-    expect(s.errors).to.deep.equal([]);
-  });
+      const before = s.faults.length;
+      const { sums, checksum } = await touch(c, 0, pages);
+      expect(sums.map(hex8)).to.deep.equal(range(0, pages).map((p) => hex8(pageFnv(p, gens.get(p) ?? 1))));
+      expect(hex8(checksum)).to.equal(hex8(expectedChecksum(range(0, pages), (p) => gens.get(p) ?? 1)));
+      expect(s.faults.slice(before).map((f) => f.offset / PAGE_SIZE)).to.deep.equal(evicted);
+      expect(thread.stats()).to.deep.equal({ faults: pages + 3, copied: 6 + 2, zeroed: 2 + 1, present: 0 });
+      expect(s.errors).to.deep.equal([]);
+    });
+  }
 
   it('installs a page resolved before it is touched without a fault (prefetch), and reports a present page', async () => {
     const pages = 4;
@@ -243,36 +255,72 @@ describe('native memory path (userfaultfd)', function () {
   });
 
   describe('fail closed (DESIGN.md invariant 7)', () => {
-    async function startServer(hold?: number): Promise<Lines> {
-      const server = new Lines(process.execPath, ['--import', 'tsx', FAULT_SERVER, sock, ...(hold === undefined ? [] : ['--hold', String(hold)])]);
+    async function startServer(hold?: number, mode: FaultMode = 'loop'): Promise<Lines> {
+      const server = new Lines(process.execPath, ['--import', 'tsx', FAULT_SERVER, sock, '--mode', mode, ...(hold === undefined ? [] : ['--hold', String(hold)])]);
       track(server);
       await server.next(/^listening$/, 30_000);
       return server;
     }
 
-    const KILLED_LINE = "lethe-uffd-shim: the agent's socket closed (end of file); killing this process so the guest never runs on zero-filled pages";
+    for (const mode of MODES) {
+      it(`kills the client when the fault server dies while the client waits on a fault, and no zero page appears (${mode})`, async () => {
+        const pages = 8;
+        ramFile(pages);
+        const server = await startServer(3, mode);
+        const c = client(ram, pages, shimEnv(ram, sock));
+        track(c);
+        await c.next(/^mapped /);
+        c.send(`touch 0 ${pages}`);
+        await server.next(/^holding 3$/);
+        await sleep(200);
+        expect(c.proc.exitCode, 'the client waits on page 3').to.equal(null);
 
-    it('kills the client when the fault server dies while the client waits on a fault, and no zero page appears', async () => {
-      const pages = 8;
-      ramFile(pages);
-      const server = await startServer(3);
-      const c = client(ram, pages, shimEnv(ram, sock));
-      track(c);
-      await c.next(/^mapped /);
-      c.send(`touch 0 ${pages}`);
-      await server.next(/^holding 3$/);
-      await sleep(200);
-      expect(c.proc.exitCode, 'the client waits on page 3').to.equal(null);
+        server.kill();
+        const status = await Promise.race([c.exited, sleep(5_000).then(() => 'still running')]);
+        expect(status).to.deep.equal({ code: null, signal: 'SIGKILL' });
+        expect(c.stderr.trim().split('\n')).to.deep.equal([KILLED_LINE]);
+        expect(c.lines.filter((l) => l.startsWith('page '))).to.deep.equal([0, 1, 2].map((p) => `page ${p} ${hex8(pageFnv(p, 1))}`));
+        expect(c.lines.some((l) => l.startsWith('checksum'))).to.equal(false);
+        expect(c.lines.some((l) => l.endsWith(` ${hex8(ZERO_PAGE_FNV)}`))).to.equal(false);
+        expect(allocated(ram), 'page 3 was never filled in the RAM file').to.equal(3 * PAGE_SIZE);
+      });
+    }
 
-      server.kill();
-      const status = await Promise.race([c.exited, sleep(5_000).then(() => 'still running')]);
-      expect(status).to.deep.equal({ code: null, signal: 'SIGKILL' });
-      expect(c.stderr.trim().split('\n')).to.deep.equal([KILLED_LINE]);
-      expect(c.lines.filter((l) => l.startsWith('page '))).to.deep.equal([0, 1, 2].map((p) => `page ${p} ${hex8(pageFnv(p, 1))}`));
-      expect(c.lines.some((l) => l.startsWith('checksum'))).to.equal(false);
-      expect(c.lines.some((l) => l.endsWith(` ${hex8(ZERO_PAGE_FNV)}`))).to.equal(false);
-      expect(allocated(ram), 'page 3 was never filled in the RAM file').to.equal(3 * PAGE_SIZE);
-    });
+    for (const mode of MODES) {
+      it(`reports a fault the agent cannot serve and leaves the client waiting, never on a zero page (${mode})`, async () => {
+        ramFile(4);
+        const errors: Error[] = [];
+        const listener = await UffdListener.listen(
+          sock,
+          (m) =>
+            FaultThread.start(
+              m,
+              {
+                async onFault(f, t) {
+                  await sleep(2); // as readInto does: the answer comes later
+                  if (f.offset === 2 * PAGE_SIZE) throw new LetheError('TAMPERED', 'mem chunk 2 failed authentication; refused');
+                  t.resolve(f.pageAddress, pageContent(f.offset / PAGE_SIZE, 1));
+                },
+                onError: (e) => errors.push(e),
+              },
+              { mode },
+            ),
+          (e) => errors.push(e),
+        );
+        const c = client(ram, 4, shimEnv(ram, sock));
+        track({ listener }, c);
+        await c.next(/^mapped /);
+        c.send('touch 0 4');
+        await c.next(/^page 1 /);
+        while (errors.length === 0) await sleep(10);
+        expect(errors.map(errorChain)).to.deep.equal(['cannot handle the read fault at file offset 8192: mem chunk 2 failed authentication; refused']);
+        await sleep(200);
+        expect(c.proc.exitCode, 'the client still waits on page 2').to.equal(null);
+        expect(c.lines.some((l) => l.startsWith('page 2 '))).to.equal(false);
+        await listener.close();
+        expect(await c.exited).to.deep.equal({ code: null, signal: 'SIGKILL' });
+      });
+    }
 
     it('kills an idle client as soon as the fault server dies', async () => {
       ramFile(4);
@@ -298,6 +346,62 @@ describe('native memory path (userfaultfd)', function () {
       expect(thread.running).to.equal(false);
       expect(await c.exited).to.deep.equal({ code: null, signal: 'SIGKILL' });
       expect(() => thread.resolve(mapping.hello.base, null)).to.throw(Error, `resolve: the mapping at 0x${mapping.hello.base.toString(16)} is closed (its QEMU is gone)`);
+    });
+  });
+
+  describe('under QEMU', () => {
+    const kernel = path.join(ROOT, 'build', 'guest', 'vmlinux');
+    const initrd = path.join(ROOT, 'build', 'guest', 'initramfs.cpio.gz');
+    const VERIFY = /^LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/;
+
+    it('boots the test guest with every RAM page served by the agent, survives the eviction of all of it, and dies with the agent', async function () {
+      this.timeout(120_000);
+      if (!fs.existsSync(kernel) || !fs.existsSync(initrd) || spawnSync(QEMU_BINARY, ['--version']).status !== 0) {
+        this.skip(); // needs qemu-system-x86 (scripts/setup) and the test guest (npm run guest)
+      }
+      const memBytes = 128 * MiB;
+      ramFile(memBytes / PAGE_SIZE);
+      // A fresh boot expects zeroed RAM; after the eviction the agent serves what it saved.
+      const saved = new Map<number, Buffer>();
+      let restoring = false;
+      const s = await serve(sock, (f) => (restoring ? (saved.get(f.offset) ?? null) : null));
+      const qmpSocket = path.join(dir, 'qmp.sock');
+      const args = qemuArgs({ kernel, initrd, append: guestCmdline({ mib: 4, intervalMs: 200 }), memBytes, memPath: ram, accel: 'tcg', qmpSocket });
+      const q = new Lines(QEMU_BINARY, args, shimEnv(ram, sock));
+      track(s, q);
+      expect((await q.next(VERIFY, 60_000)).slice(2)).to.deep.equal(['1024', '0']);
+      const { mapping, thread } = await s.ready;
+      const booted = thread.stats();
+      expect(booted.faults).to.be.greaterThan(1000);
+      expect(booted).to.deep.include({ zeroed: booted.faults, copied: 0 });
+
+      const qmp = await QmpClient.connect(qmpSocket);
+      cleanup.push(() => qmp.close());
+      await qmp.execute('stop');
+      await sleep(300); // console lines from before the stop reach us first
+      const fd = fs.openSync(ram, 'r+');
+      cleanup.push(() => fs.closeSync(fd));
+      for (const offset of new Set(s.faults.map((f) => f.offset))) {
+        const page = Buffer.alloc(PAGE_SIZE);
+        fs.readSync(fd, page, 0, PAGE_SIZE, offset); // pread: never through a mapping, so no fault
+        if (page.some((b) => b !== 0)) saved.set(offset, page);
+      }
+      punchHole(fd, 0, memBytes);
+      expect(allocated(ram)).to.equal(0);
+      const lastPass = Math.max(...q.lines.map((l) => Number(VERIFY.exec(l)?.[1] ?? 0)));
+      restoring = true;
+      await qmp.execute('cont');
+      let m: RegExpExecArray;
+      do m = await q.next(VERIFY, 60_000);
+      while (Number(m[1]) <= lastPass);
+      expect(m.slice(2), 'the guest verifies every page after the eviction').to.deep.equal(['1024', '0']);
+      const restored = thread.stats();
+      expect(restored.copied).to.be.greaterThan(1000);
+      expect(s.errors).to.deep.equal([]);
+
+      mapping.close();
+      expect(await q.exited).to.deep.include({ signal: 'SIGKILL' });
+      expect(q.stderr).to.include(KILLED_LINE);
     });
   });
 
@@ -419,6 +523,7 @@ describe('native memory path (userfaultfd)', function () {
       expect(() => thread.resolve(base, 'page' as unknown as Buffer)).to.throw(TypeError, 'resolve: data must be a Buffer or typed array (got "page")');
       expect(() => thread.resolveOffset(9 * PAGE_SIZE, null)).to.throw(RangeError, 'addressOf: file offset 36864 is outside the mapping (offsets 0..16384)');
       expect(() => thread.wake(base, 100)).to.throw(RangeError, 'wake: length must be an integer ≥ 4096 (got 100)');
+      expect(() => FaultThread.start(mapping, { onFault() {} })).to.throw(Error, `FaultThread.start: a fault thread already serves the mapping at 0x${base.toString(16)}`);
       expect(thread.stats().faults).to.equal(0);
     });
 
