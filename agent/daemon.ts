@@ -21,6 +21,9 @@ import { LeaseKeeper } from './lease-keeper.js';
 import { performWipe } from './wipe.js';
 import { AgentDiskBackend } from './disk-backend.js';
 import { NbdServer, type NbdAddress } from './nbd/server.js';
+import { chooseAccel, makeRunDir, type AccelChoice } from './qemu.js';
+import { AgentVm } from './vm-runner.js';
+import { buildGuest } from '../guest-driver/build.js';
 
 export interface AgentOptions {
   home: string;
@@ -32,6 +35,8 @@ export interface AgentOptions {
   nbd?: NbdAddress | null;
   /** Bytes of normal-class disk plaintext kept decrypted for reads (default 32 MiB). */
   diskPlainBytes?: number;
+  /** Resume the image's VM post-copy under QEMU (the test guest's kernel), with this accelerator. */
+  vm?: { accel: AccelChoice };
   log?: (line: string) => void;
 }
 
@@ -58,6 +63,7 @@ function buildStatus(
   fetcher: Fetcher,
   prefetch: { done: number; total: number },
   nbd: NbdServer | undefined,
+  vm: AgentVm | undefined,
 ) {
   const now = Date.now();
   return {
@@ -79,6 +85,7 @@ function buildStatus(
     fetch: { ...fetcher.stats },
     prefetch: { ...prefetch },
     nbd: nbd ? { address: nbd.address(), export: o.image, ...nbd.stats() } : null,
+    vm: vm ? { pid: vm.vm.pid, faults: vm.faults, zeroFaults: vm.zeroFaults } : null,
   };
 }
 
@@ -99,13 +106,15 @@ export function startAgent(o: AgentOptions): RunningAgent {
   let control: net.Server | undefined;
   let nbd: NbdServer | undefined;
   let disk: AgentDiskBackend | undefined;
+  let vm: AgentVm | undefined;
+  let vmStarting = false;
   let stopped = false;
 
   /** Stops everything; the agent's exit waits for `after` (the wipe's acknowledgement). */
   const shutdown = (code: number, removeCache = false, after?: () => Promise<unknown>) => {
     if (stopped) return;
     stopped = true;
-    const closing = nbd?.close() ?? Promise.resolve();
+    const closing = (vm?.stop() ?? Promise.resolve()).then(() => nbd?.close());
     disk?.close();
     lease.stop();
     core.destroy();
@@ -146,12 +155,37 @@ export function startAgent(o: AgentOptions): RunningAgent {
     const at = await nbd.listen(o.nbd ?? { path: path.join(o.home, 'nbd.sock') });
     log(`disk served over NBD at ${'path' in at ? at.path : `${at.host}:${at.port}`} (export '${o.image}', ${core.sizeOf('disk')} bytes)`);
   };
+  const startVm = async () => {
+    if (!o.vm || vm || vmStarting || stopped) return;
+    vmStarting = true;
+    const guest = await buildGuest();
+    const accel = await chooseAccel(o.vm.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
+    const t0 = Date.now();
+    vm = await AgentVm.resume(core, {
+      runDir: makeRunDir(),
+      kernel: guest.vmlinux,
+      initrd: guest.initramfs,
+      append: 'console=ttyS0',
+      accel,
+      nbd: o.nbd === null ? undefined : { socket: path.join(o.home, 'nbd.sock'), export: o.image },
+      log,
+    });
+    vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
+    log(`VM resumed post-copy under ${accel} in ${Date.now() - t0} ms (QEMU pid ${vm.vm.pid}); its pages come from the agent on first touch`);
+  };
   lease.on('granted', (l) => {
     log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
     startPrefetch();
-    startNbd().catch((e) => log(`NBD server failed to start: ${errorChain(e)}`));
+    startNbd()
+      .then(() => startVm())
+      .catch((e) => {
+        log(`could not start: ${errorChain(e)}`);
+        if (o.vm) shutdown(1);
+      });
+    if (vm) vm.vm.qmp.execute('cont').catch(() => {});
   });
   lease.on('expired', () => {
+    vm?.vm.qmp.execute('stop').catch(() => {});
     disk?.dropPlaintext();
     core.evictAllSensitive();
     log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
@@ -180,7 +214,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   });
 
   control = serveControl(o.home, async (req) => {
-    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd);
+    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm);
     if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
     if (req.cmd === 'checkin') {
       await disk?.flush();
@@ -201,7 +235,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   return {
     core,
     lease,
-    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd),
+    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm),
     done,
     stop: () => shutdown(0),
   };

@@ -9,37 +9,51 @@ import { KEY_BYTES } from '../common/constants.js';
 import { wipe } from '../common/crypto.js';
 
 const DEFAULT_SLOTS = 8192;
+/** The ring grows by slabs of this many slots, up to MAX_SLABS (a 256 MiB guest's pages fit in 8). */
+const MAX_SLABS = 64;
 
 export class KeyRing {
-  private readonly slab: Buffer;
+  private readonly slabs: Buffer[] = [];
   private readonly free: number[] = [];
   private readonly classSlots = new Map<number, number>();
   private readonly sensitiveSlots = new Map<string, number>();
   private openDepth = 0;
 
-  constructor(readonly slots = DEFAULT_SLOTS) {
-    this.slab = sodium.sodium_malloc(slots * KEY_BYTES);
-    for (let i = slots - 1; i >= 0; i--) this.free.push(i);
-    sodium.sodium_mprotect_noaccess(this.slab);
+  constructor(readonly slabSlots = DEFAULT_SLOTS) {
+    this.grow();
   }
 
-  /** Runs `fn` with the slab readable and writable; closes it again after. */
+  /** Adds a slab; call only while the ring is closed (openDepth 0) or from inside use(). */
+  private grow(): void {
+    const slab = sodium.sodium_malloc(this.slabSlots * KEY_BYTES);
+    const base = this.slabs.length * this.slabSlots;
+    this.slabs.push(slab);
+    for (let i = this.slabSlots - 1; i >= 0; i--) this.free.push(base + i);
+    if (this.openDepth === 0) sodium.sodium_mprotect_noaccess(slab);
+  }
+
+  /** Runs `fn` with the slabs readable and writable; closes them again after. */
   private use<T>(fn: () => T): T {
-    if (this.openDepth++ === 0) sodium.sodium_mprotect_readwrite(this.slab);
+    if (this.openDepth++ === 0) for (const s of this.slabs) sodium.sodium_mprotect_readwrite(s);
     try {
       return fn();
     } finally {
-      if (--this.openDepth === 0) sodium.sodium_mprotect_noaccess(this.slab);
+      if (--this.openDepth === 0) for (const s of this.slabs) sodium.sodium_mprotect_noaccess(s);
     }
   }
 
   private slot(i: number): Buffer {
-    return this.slab.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES);
+    const slab = this.slabs[Math.floor(i / this.slabSlots)];
+    const at = (i % this.slabSlots) * KEY_BYTES;
+    return slab.subarray(at, at + KEY_BYTES);
   }
 
   private take(src: Uint8Array): number {
-    const i = this.free.pop();
-    if (i === undefined) throw new Error('key ring is full');
+    if (this.free.length === 0) {
+      if (this.slabs.length >= MAX_SLABS) throw new Error('key ring is full');
+      this.grow();
+    }
+    const i = this.free.pop()!;
     this.slot(i).set(src);
     return i;
   }
@@ -101,22 +115,24 @@ export class KeyRing {
   /** Zeroes every key (lease ended, revoked, wiped). The ring stays usable. */
   zeroAll(): void {
     this.use(() => {
-      sodium.sodium_memzero(this.slab);
+      for (const s of this.slabs) sodium.sodium_memzero(s);
     });
     this.classSlots.clear();
     this.sensitiveSlots.clear();
     this.free.length = 0;
-    for (let i = this.slots - 1; i >= 0; i--) this.free.push(i);
+    for (let i = this.slabs.length * this.slabSlots - 1; i >= 0; i--) this.free.push(i);
   }
 
-  /** For tests: true when every byte of the slab is zero. */
+  /** For tests: true when every byte of every slab is zero. */
   isAllZero(): boolean {
-    return this.use(() => this.slab.every((b) => b === 0));
+    return this.use(() => this.slabs.every((s) => s.every((b) => b === 0)));
   }
 
   destroy(): void {
     this.zeroAll();
-    sodium.sodium_mprotect_readwrite(this.slab);
-    wipe(this.slab);
+    for (const s of this.slabs) {
+      sodium.sodium_mprotect_readwrite(s);
+      wipe(s);
+    }
   }
 }

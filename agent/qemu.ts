@@ -45,6 +45,8 @@ export interface VmSpec {
   cpus?: number;
   /** Start paused, waiting for QMP migrate-incoming (resume from a saved state). */
   incomingDefer?: boolean;
+  /** Extra environment for QEMU (the userfaultfd shim's LD_PRELOAD and its settings). */
+  env?: Record<string, string>;
 }
 
 /** The QEMU arguments for a spec; the serial console is QEMU's stdout. */
@@ -227,7 +229,7 @@ export class Vm {
    */
   static async start(spec: VmSpec, runDir: string): Promise<Vm> {
     const startedAt = performance.now();
-    const proc = spawn(QEMU_BINARY, qemuArgs(spec), { stdio: ['pipe', 'pipe', 'pipe'] });
+    const proc = spawn(QEMU_BINARY, qemuArgs(spec), { stdio: ['pipe', 'pipe', 'pipe'], env: spec.env ? { ...process.env, ...spec.env } : process.env });
     track(proc);
     const console = new LineLog(proc.stdout!);
     const stderr = new LineLog(proc.stderr!);
@@ -248,6 +250,21 @@ export class Vm {
       if (e instanceof LetheError && e.code === 'CONFIG') throw e;
       throw new LetheError('INTERNAL', describeEnd('qemu did not start', status, stderr, console), { cause: e });
     }
+  }
+
+  /** What QEMU said on stderr and printed last on the console, for an error message. */
+  describe(headline: string, status?: ExitStatus): string {
+    return describeEnd(headline, status, this.stderr, this.console);
+  }
+
+  /** Calls `fn` with every console line from now on. */
+  onConsoleLine(fn: (line: string) => void): void {
+    this.console.on('line', fn);
+  }
+
+  /** QEMU's process id. */
+  get pid(): number {
+    return this.proc.pid ?? -1;
   }
 
   /** The last `n` console lines. */

@@ -75,7 +75,9 @@ export function agentCommand(y: Argv) {
             .option('nbd-socket', { type: 'string', describe: 'unix socket for the NBD disk export (default: nbd.sock in the home)' })
             .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead' })
             .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' })
-            .option('disk-plain-cache', { type: 'string', default: '32M', describe: 'normal-class disk plaintext kept decrypted (locked memory)' }),
+            .option('disk-plain-cache', { type: 'string', default: '32M', describe: 'normal-class disk plaintext kept decrypted (locked memory)' })
+            .option('vm', { type: 'boolean', default: false, describe: "resume the image's VM post-copy under QEMU" })
+            .option('accel', { choices: ['auto', 'kvm', 'tcg'] as const, default: 'auto' as const, describe: 'QEMU accelerator for --vm' }),
         async (a) => {
           const agent = startAgent({
             home: String(a.home),
@@ -85,6 +87,7 @@ export function agentCommand(y: Argv) {
             prefetch: a.prefetch !== false,
             nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
             diskPlainBytes: parseSize(String(a['disk-plain-cache']), '--disk-plain-cache'),
+            vm: a.vm ? { accel: a.accel } : undefined,
           });
           const stop = () => agent.stop();
           process.once('SIGINT', stop);

@@ -26,11 +26,14 @@ describe('key ring', () => {
     ring.destroy();
   });
 
-  it('refuses more keys than it has slots', () => {
+  it('grows by slabs, and refuses keys past its last slab', () => {
     const ring = new KeyRing(2);
-    ring.setSensitiveKey('a', randomBytes(32));
-    ring.setSensitiveKey('b', randomBytes(32));
-    expect(() => ring.setSensitiveKey('c', randomBytes(32))).to.throw('key ring is full');
+    const keys = Array.from({ length: 128 }, () => randomBytes(32));
+    keys.forEach((k, i) => ring.setSensitiveKey(`k${i}`, k));
+    expect(() => ring.setSensitiveKey('one-too-many', randomBytes(32))).to.throw('key ring is full');
+    expect(keys.every((k, i) => ring.withSensitiveKey(`k${i}`, (x) => Buffer.from(x!).equals(k)))).to.equal(true);
+    ring.zeroAll();
+    expect(ring.isAllZero()).to.equal(true);
     ring.destroy();
   });
 });

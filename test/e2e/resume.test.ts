@@ -1,0 +1,72 @@
+// Post-copy resume through userfaultfd: a real agent process resumes the test
+// guest's snapshot from a real server, every guest page arriving on first
+// touch; the workload's checks pass; kill -9 of the agent takes QEMU with it.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { control } from '../../agent/control.js';
+import type { AgentStatus } from '../../agent/daemon.js';
+import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+
+const alive = (pid: number) => fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ');
+
+describe('post-copy resume through userfaultfd (real server, agent and QEMU)', function () {
+  this.timeout(180_000);
+  this.slow(30_000);
+  let s: ServerProc;
+  let dev: TestDevice;
+  let agent: AgentProc | undefined;
+  let snap: string;
+  before(async () => {
+    snap = path.join(tmpDir('lethe-resume-'), 'snap');
+    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--accel', 'tcg', '--json']);
+    expect(shot.code, shot.stderr).to.equal(0);
+    s = await startServer();
+    const push = await lethe(
+      ['image', 'push', 'vm', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin')],
+      s.env,
+    );
+    expect(push.code, push.stderr).to.equal(0);
+    fs.rmSync(path.dirname(snap), { recursive: true, force: true }); // the plaintext source goes; the device sees only ciphertext
+    dev = await enrolledDevice(s);
+    await assign(s, dev.deviceId, 'vm');
+  });
+  afterEach(async () => {
+    if (agent) {
+      agent.proc.kill('SIGKILL');
+      await agent.exited;
+    }
+  });
+  after(async () => {
+    dev?.close();
+    await s?.stop();
+  });
+
+  it('resumes the guest with every page served on first touch; the workload finds no bad page', async () => {
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    await waitFor(async () => /guest: LETHE-VERIFY pass=2 ok=\d+ bad=\d+/.test(agent!.log()) || undefined, 120_000, 'two verify passes');
+    const passes = [...agent.log().matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)];
+    for (const p of passes) expect(Number(p[3]), `pass ${p[1]}`).to.equal(0);
+    expect(Number(passes[0][2])).to.equal(4096);
+    expect(agent.log()).to.not.contain('LETHE-VERIFY-BAD');
+    const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    expect(st.vm!.faults).to.be.greaterThan(1000);
+    expect(st.reads.fromServer).to.be.greaterThan(1000); // nothing was prefetched: pages came on demand
+    expect(st.resident.sensitive).to.be.greaterThan(4096 * 4096);
+  });
+
+  it('kill -9 of the agent takes QEMU with it: the guest never runs on zero-filled pages', async () => {
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    await waitFor(async () => /guest: LETHE-VERIFY pass=1 /.test(agent!.log()) || undefined, 120_000, 'a verify pass');
+    const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    const qemu = st.vm!.pid;
+    expect(alive(qemu)).to.equal(true);
+    agent.proc.kill('SIGKILL');
+    await agent.exited;
+    agent = undefined;
+    await waitFor(async () => !alive(qemu) || undefined, 10_000, 'QEMU to exit');
+    // The guest's RAM file was unlinked once mapped: nothing of it is left in /dev/shm.
+    expect(fs.readdirSync('/dev/shm').filter((f) => f.startsWith('lethe-ram-'))).to.deep.equal([]);
+  });
+});
