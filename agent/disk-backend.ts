@@ -9,15 +9,19 @@
 import { DISK_CHUNK_SIZE } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import type { AgentCore } from './core.js';
+import { BufferPool } from './buffer-pool.js';
 
 /** 256 × 128 KiB = 32 MiB of normal-class disk plaintext at most, in one locked slab. */
 const PLAIN_LRU_CHUNKS = 256;
+/** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
+const TRANSIT_BUFFERS = 16;
 
 export class AgentDiskBackend {
   readonly size: number;
   private readonly plain = new Map<number, Buffer>();
   private readonly locks = new Map<number, Promise<void>>();
-  private readonly scratch = secureBuffer(DISK_CHUNK_SIZE);
+  /** Transit buffers for sensitive reads and for read-modify-write: concurrent requests each get their own. */
+  private readonly transit = new BufferPool(TRANSIT_BUFFERS, DISK_CHUNK_SIZE);
   /** The LRU's slots, carved from one sodium_malloc slab (one allocation, not one per chunk). */
   private readonly slab: Buffer;
   private readonly freeSlots: Buffer[] = [];
@@ -84,13 +88,10 @@ export class AgentDiskBackend {
       this.plain.set(index, buf);
       return use(buf);
     }
-    const out = this.scratch.subarray(0, len);
-    try {
+    return this.transit.with(len, async (out) => {
       await this.core.readInto('disk', index, out);
       return use(out);
-    } finally {
-      wipe(out);
-    }
+    });
   }
 
   private forget(index: number, b: Buffer): void {
@@ -143,18 +144,15 @@ export class AgentDiskBackend {
       const len = this.chunkLen(index);
       const n = Math.min(len - within, offset + data.length - pos);
       const from = pos - offset;
-      await this.locked(index, async () => {
-        const next = secureBuffer(len);
-        try {
+      await this.locked(index, () =>
+        this.transit.with(len, async (next) => {
           if (n < len) await this.withChunk(index, (plain) => plain.copy(next));
           data.copy(next, within, from, from + n);
           await this.core.write('disk', index, next);
           const cached = this.plain.get(index);
           if (cached) next.copy(cached);
-        } finally {
-          wipe(next);
-        }
-      });
+        }),
+      );
       pos += n;
     }
     if (fua) this.core.flush();
@@ -180,7 +178,7 @@ export class AgentDiskBackend {
 
   close(): void {
     this.dropPlaintext();
-    wipe(this.scratch);
+    this.transit.destroy();
     wipe(this.slab);
   }
 }

@@ -14,6 +14,7 @@ import { secureBuffer, wipe } from '../common/crypto.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import { FaultThread, UffdListener, shimEnv, type UffdMapping } from '../native/index.js';
 import type { AgentCore } from './core.js';
+import { BufferPool } from './buffer-pool.js';
 import { Vm, type Accel } from './qemu.js';
 
 export interface ResumeOptions {
@@ -42,7 +43,7 @@ export class AgentVm {
     readonly ramFd: number,
     private readonly listener: UffdListener,
     private readonly thread: FaultThread,
-    private readonly pool: Buffer,
+    private readonly pool: BufferPool,
   ) {}
 
   /** Resumes the lease's image. Throws (and leaves no QEMU running) if any step fails. */
@@ -81,24 +82,18 @@ export class AgentVm {
       // punching holes. Its pages are freed when QEMU and the agent are gone, even
       // after a kill -9 of either, so no guest RAM outlives the session.
       const ramFd = fs.openSync(ramPath, 'r+');
-      const pool = secureBuffer(PAGE_POOL * MEM_CHUNK_SIZE);
-      const free: Buffer[] = Array.from({ length: PAGE_POOL }, (_, i) => pool.subarray(i * MEM_CHUNK_SIZE, (i + 1) * MEM_CHUNK_SIZE));
+      const pool = new BufferPool(PAGE_POOL, MEM_CHUNK_SIZE);
       let self: AgentVm | undefined;
       const thread = FaultThread.start(m, {
-        onFault: async (f, t) => {
-          const buf = free.pop() ?? secureBuffer(MEM_CHUNK_SIZE);
-          try {
+        onFault: (f, t) =>
+          pool.with(MEM_CHUNK_SIZE, async (buf) => {
             const src = await core.readInto('mem', f.offset / MEM_CHUNK_SIZE, buf, { resident: true });
             t.resolve(f.pageAddress, src === 'zero' ? null : buf);
             if (self) {
               self.faults++;
               if (src === 'zero') self.zeroFaults++;
             }
-          } finally {
-            wipe(buf);
-            if (free.length < PAGE_POOL) free.push(buf);
-          }
-        },
+          }),
         // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
         onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
       });
@@ -126,7 +121,7 @@ export class AgentVm {
     await this.vm.kill();
     this.thread.stop();
     await this.listener.close();
-    wipe(this.pool);
+    this.pool.destroy();
     fs.closeSync(this.ramFd);
   }
 }

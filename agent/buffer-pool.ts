@@ -1,0 +1,48 @@
+// Fixed pools of locked scratch buffers carved from one sodium_malloc slab.
+// Plaintext passes through them on the hot paths (NBD reads and writes, page
+// faults); one allocation up front instead of one per operation, since each
+// sodium_malloc costs four mappings until the collector frees it, and a burst
+// of them can exhaust the process's mappings (sodium-native then aborts).
+import { secureBuffer, wipe } from '../common/crypto.js';
+
+export class BufferPool {
+  private readonly slab: Buffer;
+  private readonly free: Buffer[] = [];
+  private readonly waiters: ((b: Buffer) => void)[] = [];
+
+  constructor(
+    readonly count: number,
+    readonly size: number,
+  ) {
+    this.slab = secureBuffer(count * size);
+    for (let i = 0; i < count; i++) this.free.push(this.slab.subarray(i * size, (i + 1) * size));
+  }
+
+  /** A whole buffer of `size` bytes; waits while all are in use. */
+  take(): Promise<Buffer> {
+    const b = this.free.pop();
+    return b ? Promise.resolve(b) : new Promise((r) => this.waiters.push(r));
+  }
+
+  /** Zeroes a buffer from take() and hands it to the next waiter, or back to the pool. */
+  give(b: Buffer): void {
+    wipe(b);
+    const w = this.waiters.shift();
+    if (w) w(b);
+    else this.free.push(b);
+  }
+
+  /** Runs `fn` with a buffer of `length` bytes (≤ size), zeroed and returned after. */
+  async with<T>(length: number, fn: (buf: Buffer) => Promise<T> | T): Promise<T> {
+    const b = await this.take();
+    try {
+      return await fn(b.subarray(0, length));
+    } finally {
+      this.give(b);
+    }
+  }
+
+  destroy(): void {
+    wipe(this.slab);
+  }
+}
