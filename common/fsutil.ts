@@ -29,7 +29,3 @@ export function fsyncDir(dir: string): void {
 export function ensureDir(dir: string, mode = 0o700): void {
   fs.mkdirSync(dir, { recursive: true, mode });
 }
-
-export function expandHome(p: string): string {
-  return p.startsWith('~/') ? path.join(process.env.HOME ?? '/', p.slice(2)) : p;
-}
