@@ -2,7 +2,8 @@
 // moment loses nothing the server had acknowledged.
 import { expect } from 'chai';
 import { LetheError } from '../../common/errors.js';
-import { admin, assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
+import { admin, assign, enrolledDevice, pushImage, rejects } from '../helpers/fixtures.js';
+import { signRequest } from '../../common/signing.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 
 describe('durability (real server process)', function () {
@@ -69,6 +70,27 @@ describe('durability (real server process)', function () {
       decryptChunkInto(out, key, { imageId: Buffer.from(lease.imageId, 'hex'), gen: keys.chunks[0].gen, kind: 'mem', index: 0, cls: 'sensitive' }, blob);
       expect(out.equals(Buffer.alloc(4096, 9))).to.equal(true);
       wipe(key);
+      d.close();
+    } finally {
+      await s.stop();
+    }
+  });
+
+  it('a request replayed after a restart is refused (nonces are kept in memory)', async () => {
+    let s = await startServer();
+    try {
+      const d = await enrolledDevice(s);
+      const body = Buffer.from('{}');
+      const h = signRequest(d.id.sign.secretKey, d.deviceId, 'POST', '/v1/device/heartbeat', body);
+      const send = () => d.client.http.request('POST', '/v1/device/heartbeat', { body, headers: { ...h, 'content-type': 'application/json' } });
+      expect((await send()).status).to.equal(200);
+      await s.kill9();
+      s = await s.restart();
+      d.client.http.close();
+      const e = await rejects(send());
+      expect([e.status, e.code]).to.deep.equal([401, 'SIGNATURE_STALE']);
+      // A request signed after the restart goes through.
+      expect((await d.client.heartbeat()).status).to.equal('active');
       d.close();
     } finally {
       await s.stop();
