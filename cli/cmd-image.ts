@@ -26,6 +26,17 @@ function checkText(r: CheckResult, verb: string): string {
   return `${r.image}@${r.version}: ${r.bad} bad chunk(s); first: ${b.kind} chunk ${b.index} (generation ${b.gen}): ${b.reason}`;
 }
 
+/** verify (no `out`) or pull (`out`): every chunk fetched, checked and decrypted; exit 1 if any is bad. */
+function check(a: A & { ref: string; out?: string }): Promise<void> {
+  return withAdmin(a, async (c) => {
+    const bar = progressBar(`${a.out ? 'pulling' : 'verifying'} ${a.ref}`, !a.json && process.stderr.isTTY === true);
+    const r = await checkImage(c, a.ref, a.out, (d, t) => bar.update(d, t));
+    bar.done();
+    emit(a, r, () => checkText(r, a.out ? 'pulled' : 'verified'));
+    if (!r.ok) process.exitCode = 1;
+  });
+}
+
 export function imageCommand(y: Argv) {
   return y.command('image', 'VM images on the server: push, list, verify, pull, remove', (y) =>
     adminOpts(y)
@@ -82,27 +93,13 @@ export function imageCommand(y: Argv) {
         'verify <ref>',
         'fetch, decrypt and check every chunk of NAME[@VERSION]; names the first bad one',
         (y) => y.positional('ref', { type: 'string', demandOption: true }),
-        (a) =>
-          withAdmin(a as A, async (c) => {
-            const bar = progressBar(`verifying ${a.ref}`, !a.json && process.stderr.isTTY === true);
-            const r = await checkImage(c, String(a.ref), undefined, (d, t) => bar.update(d, t));
-            bar.done();
-            emit(a as A, r, () => checkText(r, 'verified'));
-            if (!r.ok) process.exitCode = 1;
-          }),
+        (a) => check(a as A & { ref: string }),
       )
       .command(
         'pull <ref>',
         'reassemble NAME[@VERSION] as plaintext files for recovery (admin only; audited)',
         (y) => y.positional('ref', { type: 'string', demandOption: true }).option('out', { type: 'string', demandOption: true }),
-        (a) =>
-          withAdmin(a as A, async (c) => {
-            const bar = progressBar(`pulling ${a.ref}`, !a.json && process.stderr.isTTY === true);
-            const r = await checkImage(c, String(a.ref), String(a.out), (d, t) => bar.update(d, t));
-            bar.done();
-            emit(a as A, r, () => checkText(r, 'pulled'));
-            if (!r.ok) process.exitCode = 1;
-          }),
+        (a) => check(a as A & { ref: string; out: string }),
       )
       .command(
         'rm <ref>',
