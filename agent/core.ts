@@ -6,7 +6,7 @@
 // and by its AEAD tag before a byte of plaintext is handed out; a chunk that
 // fails is refused and reported, never served.
 import { canonical } from '../common/audit-hash.js';
-import { CHUNK_SIZE, KEY_BYTES, MANIFEST_CONTEXT, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { CHUNK_SIZE, KEY_BYTES, MANIFEST_CONTEXT, MAX_BATCH, type ChunkKind, type Sensitivity } from '../common/constants.js';
 import { chunkKeyInto, decryptChunkInto, encryptChunk, type ChunkCoord } from '../common/chunk.js';
 import { b64u, openSealed, secureBuffer, sha256, verify, wipe } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
@@ -157,18 +157,67 @@ export class AgentCore {
 
   /** Asks for the write key of one chunk (audited) and keeps it; returns its generation and class. */
   private async fetchWriteKey(kind: ChunkKind, index: number): Promise<{ gen: number; cls: Sensitivity }> {
-    this.stats.keyRequests++;
-    const res = await this.fetcher.keys([{ kind, index }], true);
-    const c = res.chunks[0];
-    const key = openSealed(this.id.box, b64u.decode(res.sealed));
-    try {
-      this.keys.setSensitiveKey(this.keyId(kind, index, c.gen), key);
-    } finally {
-      wipe(key);
+    await this.ensureWriteKeys(kind, [index]);
+    const gen = this.writeGen!;
+    return { gen, cls: this.writeCls.get(this.keyId(kind, index, gen))! };
+  }
+
+  /** Whether this device holds the key to encrypt new content of a chunk. */
+  hasWriteKey(kind: ChunkKind, index: number): boolean {
+    return this.writeGen !== undefined && this.keys.hasSensitiveKey(this.keyId(kind, index, this.writeGen));
+  }
+
+  /** A chunk's class: the manifest's, or (for a chunk zero so far) the one its write key came with. */
+  classOf(kind: ChunkKind, index: number): Sensitivity | undefined {
+    return this.entries[kind].get(index)?.cls ?? (this.writeGen === undefined ? undefined : this.writeCls.get(this.keyId(kind, index, this.writeGen)));
+  }
+
+  /**
+   * Asks for the write keys of these chunks that this device does not hold (one
+   * audited request per MAX_BATCH), sharing requests already on their way. With
+   * `stateSize`, the lease's draft first takes that device-state size.
+   */
+  async ensureWriteKeys(kind: ChunkKind, indices: number[], stateSize?: number): Promise<void> {
+    const waits: Promise<void>[] = [];
+    const todo: number[] = [];
+    for (const i of indices) {
+      const pending = this.keysInFlight.get(`w/${kind}/${i}`);
+      if (pending) waits.push(pending);
+      else if (stateSize !== undefined || !this.hasWriteKey(kind, i)) todo.push(i);
     }
-    this.writeGen = c.gen;
-    this.writeCls.set(this.keyId(kind, index, c.gen), c.cls);
-    return { gen: c.gen, cls: c.cls };
+    for (let at = 0; at < todo.length; at += MAX_BATCH) {
+      const slice = todo.slice(at, at + MAX_BATCH);
+      const p = (async () => {
+        this.stats.keyRequests++;
+        const res = await this.fetcher.keys(slice.map((index) => ({ kind, index })), true, stateSize);
+        const all = openSealed(this.id.box, b64u.decode(res.sealed));
+        try {
+          res.chunks.forEach((c, j) => {
+            this.writeGen = c.gen;
+            const id = this.keyId(c.kind, c.index, c.gen);
+            this.keys.setSensitiveKey(id, all.subarray(j * KEY_BYTES, (j + 1) * KEY_BYTES));
+            this.writeCls.set(id, c.cls);
+          });
+        } finally {
+          wipe(all);
+        }
+      })();
+      for (const i of slice) this.keysInFlight.set(`w/${kind}/${i}`, p);
+      waits.push(
+        p.finally(() => {
+          for (const i of slice) this.keysInFlight.delete(`w/${kind}/${i}`);
+        }),
+      );
+    }
+    await Promise.all(waits);
+  }
+
+  /** This chunk and its next neighbours (up to KEY_BATCH, inside the image) without a write key. */
+  private writeNeighbours(kind: ChunkKind, index: number): number[] {
+    const count = Math.ceil(this.sizeOf(kind) / CHUNK_SIZE[kind]);
+    const out = [index];
+    for (let i = index + 1; out.length < KEY_BATCH && i < count; i++) if (!this.hasWriteKey(kind, i) && !this.keysInFlight.has(`w/${kind}/${i}`)) out.push(i);
+    return out;
   }
 
   /** Derives the chunk key into the scratch buffer; false if this device holds no key for it. */
@@ -191,22 +240,36 @@ export class AgentCore {
    * Reads the plaintext of a chunk into `out` (exactly its size). Waits for a
    * lease if there is none. `resident` marks the plaintext as kept (guest RAM)
    * until evict() is called; otherwise the caller zeroes `out` after use.
+   * `writable` (guest RAM) also gets the chunk's write key before returning, so
+   * that whatever the guest writes there can be evicted later without a server.
    * Throws TAMPERED for a chunk that fails its checks twice (cache, then server).
    */
-  async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean } = {}): Promise<ReadSource> {
+  async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean; writable?: boolean } = {}): Promise<ReadSource> {
     await this.lease.whenActive();
+    if (!opts.writable) return this.read(kind, index, out, opts.resident ?? false);
+    const writeKeys = this.hasWriteKey(kind, index) ? undefined : this.ensureWriteKeys(kind, this.writeNeighbours(kind, index));
+    // Both key requests (read and write) go out together.
+    const [src] = await Promise.all([this.read(kind, index, out, opts.resident ?? false).catch((e) => {
+      wipe(out);
+      throw e;
+    }), writeKeys]);
+    return src;
+  }
+
+  private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean): Promise<ReadSource> {
     this.stats.reads++;
     const e = this.entries[kind].get(index);
     if (!e) {
       out.fill(0);
       this.stats.zero++;
+      if (resident) this.markResident(kind, index, this.classOf(kind, index) ?? 'sensitive', out.length);
       return 'zero';
     }
     let { blob, source } = await this.blob(kind, index, e);
     if (!this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) {
       // A chunk this device wrote (before a restart, say) is keyed for the write
       // generation: its key comes as a write key. Others: sensitive keys by release.
-      if (e.gen === this.writeGen && (e.cls === 'sensitive' || !this.keys.hasClassKey(e.gen))) await this.fetchWriteKey(kind, index);
+      if (e.gen === this.writeGen && (e.cls === 'sensitive' || !this.keys.hasClassKey(e.gen))) await this.ensureWriteKeys(kind, [index]);
       else if (e.cls === 'sensitive') await this.fetchSensitiveKeys(kind, index, e.gen);
     }
     await this.lease.whenActive();
@@ -228,7 +291,7 @@ export class AgentCore {
     }
     if (source === 'cache') this.stats.fromCache++;
     else this.stats.fromServer++;
-    if (opts.resident) this.markResident(kind, index, e.cls, out.length);
+    if (resident) this.markResident(kind, index, e.cls, out.length);
     return source;
   }
 
@@ -250,8 +313,10 @@ export class AgentCore {
       this.residentSet.delete(id);
       this.resident[r.cls] -= r.bytes;
     }
+    // Its read key and its write key both go: the ciphertext left is unreadable here.
     const e = this.entries[kind].get(index);
-    if (e?.cls === 'sensitive') this.keys.dropSensitiveKey(this.keyId(kind, index, e.gen));
+    if (e && (e.cls === 'sensitive' || e.gen === this.writeGen)) this.keys.dropSensitiveKey(this.keyId(kind, index, e.gen));
+    if (this.writeGen !== undefined) this.keys.dropSensitiveKey(this.keyId(kind, index, this.writeGen));
     this.stats.evicted++;
   }
 
@@ -292,6 +357,20 @@ export class AgentCore {
     } finally {
       wipe(this.scratch);
     }
+  }
+
+  /**
+   * Replaces the device state with `state` (a suspend's new one, of any size):
+   * the draft takes its size, and every chunk of it is written as dirty.
+   */
+  async replaceState(state: Buffer): Promise<void> {
+    const m = this.must();
+    if (state.length === 0) throw new LetheError('BAD_REQUEST', 'an empty device state cannot replace the image\'s');
+    const count = Math.ceil(state.length / CHUNK_SIZE.state);
+    await this.ensureWriteKeys('state', Array.from({ length: count }, (_, i) => i), state.length);
+    this.manifest = { ...m, sizes: { ...m.sizes, state: state.length } };
+    for (const index of [...this.entries.state.keys()]) if (index >= count) this.entries.state.delete(index);
+    for (let i = 0; i < count; i++) await this.write('state', i, state.subarray(i * CHUNK_SIZE.state, Math.min((i + 1) * CHUNK_SIZE.state, state.length)));
   }
 
   /** Makes every write so far durable in the cache (FLUSH, FUA). */

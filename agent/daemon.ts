@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type net from 'node:net';
-import { CHUNK_SIZE, DISK_CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
+import { CHUNK_SIZE, DEFAULT_EVICT_IDLE_S, DISK_CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { errorChain, LetheError } from '../common/errors.js';
@@ -85,7 +85,17 @@ function buildStatus(
     fetch: { ...fetcher.stats },
     prefetch: { ...prefetch },
     nbd: nbd ? { address: nbd.address(), export: o.image, ...nbd.stats() } : null,
-    vm: vm ? { pid: vm.vm.pid, faults: vm.faults, zeroFaults: vm.zeroFaults } : null,
+    vm: vm
+      ? {
+          pid: vm.vm.pid,
+          faults: vm.faults,
+          zeroFaults: vm.zeroFaults,
+          heldFor: vm.heldFor(),
+          residentPages: vm.evictor.residentCounts(),
+          evictIdleSeconds: vm.evictor.idleMs / 1000,
+          eviction: { ...vm.evictor.stats },
+        }
+      : null,
   };
 }
 
@@ -169,12 +179,32 @@ export function startAgent(o: AgentOptions): RunningAgent {
       accel,
       nbd: o.nbd === null ? undefined : { socket: path.join(o.home, 'nbd.sock'), export: o.image },
       log,
+      evictIdleMs: evictIdleMs(),
     });
     vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
     log(`VM resumed post-copy under ${accel} in ${Date.now() - t0} ms (QEMU pid ${vm.vm.pid}); its pages come from the agent on first touch`);
   };
+  const evictIdleMs = () => (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000;
+  // While the lease is not active the guest is held: its faults could not be served.
+  let leaseHold: Promise<() => Promise<void>> | undefined;
+  const holdForLease = () => {
+    if (vm && !leaseHold) leaseHold = vm.hold('lease');
+  };
+  lease.beforeExpiry = async () => {
+    if (!vm) return;
+    holdForLease();
+    await leaseHold;
+    await vm.evictor.evictAllSensitive('the lease is running out unrenewed');
+  };
+  lease.on('renewed', () => {
+    if (vm) vm.evictor.idleMs = evictIdleMs();
+  });
   lease.on('granted', (l) => {
     log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
+    if (vm) vm.evictor.idleMs = evictIdleMs();
+    const held = leaseHold;
+    leaseHold = undefined;
+    void held?.then((release) => release()).catch(() => {});
     startPrefetch();
     startNbd()
       .then(() => startVm())
@@ -182,10 +212,12 @@ export function startAgent(o: AgentOptions): RunningAgent {
         log(`could not start: ${errorChain(e)}`);
         if (o.vm) shutdown(1);
       });
-    if (vm) vm.vm.qmp.execute('cont').catch(() => {});
   });
   lease.on('expired', () => {
-    vm?.vm.qmp.execute('stop').catch(() => {});
+    holdForLease();
+    // Keys are gone: pages unchanged since they arrived are punched out; any changed
+    // page left (beforeExpiry should have taken it) stays until a new lease.
+    vm?.evictor.evictAllSensitive('the lease expired').catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
     disk?.dropPlaintext();
     core.evictAllSensitive();
     log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
@@ -213,6 +245,34 @@ export function startAgent(o: AgentOptions): RunningAgent {
     });
   });
 
+  /**
+   * `lethe agent suspend`: holds the guest, encrypts every changed page and the new
+   * device state into the cache, and checks them in with the dirty disk chunks as a
+   * new version, which any device assigned the image resumes post-copy.
+   */
+  let suspending = false;
+  const suspend = async () => {
+    if (!vm) throw new LetheError('BAD_REQUEST', 'no VM to suspend', { hint: 'the agent resumes a VM with: lethe agent run IMAGE --vm' });
+    if (suspending) throw new LetheError('CONFLICT', 'a suspend is already under way');
+    suspending = true;
+    const t0 = Date.now();
+    await lease.whenActive();
+    vm.evictor.stop();
+    await vm.hold('suspend');
+    await vm.whenStopped();
+    const pages = await vm.evictor.captureDirty();
+    const state = await vm.saveState();
+    try {
+      await core.replaceState(state);
+    } finally {
+      wipe(state);
+    }
+    await disk?.flush();
+    const r = await core.checkin(urgent);
+    log(`suspended: ${pages} changed page(s), the device state and dirty disk chunks checked in as ${o.image}@${r.version} in ${Date.now() - t0} ms`);
+    return { ...r, pages, stateBytes: core.sizeOf('state'), ms: Date.now() - t0 };
+  };
+
   control = serveControl(o.home, async (req) => {
     if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm);
     if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
@@ -221,6 +281,11 @@ export function startAgent(o: AgentOptions): RunningAgent {
       const r = await core.checkin(urgent);
       log(`checked in ${r.chunks} chunk(s) as ${o.image}@${r.version}; moving the lease to it`);
       await lease.reacquire();
+      return r;
+    }
+    if (req.cmd === 'suspend') {
+      const r = await suspend();
+      setImmediate(() => shutdown(0));
       return r;
     }
     if (req.cmd === 'stop') {

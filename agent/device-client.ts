@@ -50,8 +50,13 @@ export class DeviceClient {
   }
 
   /** Chunk keys; with `write`, keys for new device-written content of those chunks (this lease's version). */
-  keys(leaseId: string, chunks: { kind: ChunkKind; index: number }[], write = false) {
-    return this.signedJson<wire.TKeysResponse>('POST', '/v1/device/keys', { leaseId, chunks, ...(write ? { write: true } : {}) });
+  keys(leaseId: string, chunks: { kind: ChunkKind; index: number }[], write = false, stateSize?: number) {
+    return this.signedJson<wire.TKeysResponse>('POST', '/v1/device/keys', {
+      leaseId,
+      chunks,
+      ...(write ? { write: true } : {}),
+      ...(stateSize !== undefined ? { stateSize } : {}),
+    });
   }
 
   /** Uploads device-encrypted dirty chunks (upload frames); the server commits them as a new version. */

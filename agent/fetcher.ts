@@ -109,7 +109,7 @@ export class Fetcher {
     return blobs;
   }
 
-  keys(refs: ChunkRef[], write = false) {
-    return withRetry(() => this.urgent.keys(this.leaseId(), refs, write), Date.now() + this.retryWindowMs, () => this.stats.retries++);
+  keys(refs: ChunkRef[], write = false, stateSize?: number) {
+    return withRetry(() => this.urgent.keys(this.leaseId(), refs, write, stateSize), Date.now() + this.retryWindowMs, () => this.stats.retries++);
   }
 }

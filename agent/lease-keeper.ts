@@ -30,6 +30,10 @@ export interface LeaseKeeperEvents {
 }
 
 const RETRY_MIN_MS = 250;
+/** How long before an unrenewed lease runs out beforeExpiry starts: min(10 s, TTL/6). */
+export const expiryMargin = (ttlMs: number): number => Math.min(10_000, ttlMs / 6);
+/** How long beforeExpiry may take when the server ends a lease early. */
+const EARLY_END_GRACE_MS = 3_000;
 
 export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   state: LeaseState = 'none';
@@ -45,6 +49,12 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
 
   /** Runs before a new lease counts as active (e.g. fetch and check its manifest). */
   prepare?: (l: TLeaseResponse) => Promise<void>;
+  /**
+   * Runs while the keys are still held, when the lease is about to run out unrenewed
+   * (EXPIRY_MARGIN before) or the server ended it: e.g. evict every sensitive page.
+   */
+  beforeExpiry?: () => Promise<void>;
+  private expiringTimer?: NodeJS.Timeout;
 
   constructor(
     private readonly client: DeviceClient,
@@ -121,12 +131,15 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     clearTimeout(this.expiryTimer);
     this.renewTimer = setTimeout(() => void this.renew(), renewIn);
     this.expiryTimer = setTimeout(() => this.expiredLease(), this.expiresAt - Date.now());
+    clearTimeout(this.expiringTimer);
+    this.expiringTimer = setTimeout(() => this.runBeforeExpiry(), Math.max(0, this.expiresAt - expiryMargin(l.ttlSeconds * 1000) - Date.now()));
     this.emit(renewed ? 'renewed' : 'granted', l);
     if (!wasActive) for (const w of this.waiters.splice(0)) w();
   }
 
   /** Call after a check-in ended the lease on the server: takes a lease on the new version without zeroing keys. */
   async reacquire(): Promise<void> {
+    clearTimeout(this.expiringTimer);
     clearTimeout(this.renewTimer);
     clearTimeout(this.expiryTimer);
     const l = await this.client.lease(this.image);
@@ -147,6 +160,8 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
         if (this.refused(e)) return;
         if (e instanceof LetheError && (e.code === 'LEASE_EXPIRED' || e.code === 'UNKNOWN_LEASE' || e.code === 'NOT_ASSIGNED')) {
           this.emit('log', `lease ended by the server (${e.message})`);
+          clearTimeout(this.expiringTimer);
+          await Promise.race([this.runBeforeExpiry(), new Promise((r) => setTimeout(r, EARLY_END_GRACE_MS))]);
           this.expiredLease();
           return;
         }
@@ -157,9 +172,19 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     }
   }
 
+  private async runBeforeExpiry(): Promise<void> {
+    if (this.state !== 'active' || !this.beforeExpiry) return;
+    try {
+      await this.beforeExpiry();
+    } catch (e) {
+      this.emit('log', `before lease expiry: ${e instanceof Error ? e.message : String(e)}`);
+    }
+  }
+
   /** Call when the lease runs out unrenewed: zero every key, tell the owner, and keep asking for a new one. */
   private expiredLease(): void {
     if (this.state !== 'active') return;
+    clearTimeout(this.expiringTimer);
     clearTimeout(this.renewTimer);
     clearTimeout(this.expiryTimer);
     this.keys.zeroAll();
@@ -209,6 +234,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   }
 
   private stopTimers(): void {
+    clearTimeout(this.expiringTimer);
     clearTimeout(this.renewTimer);
     clearTimeout(this.expiryTimer);
     clearTimeout(this.heartbeatTimer);

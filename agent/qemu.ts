@@ -211,6 +211,11 @@ export class Vm {
   private readonly runDir: string;
   private status?: ExitStatus;
 
+  /** How QEMU ended, once it has. */
+  get exitStatus(): ExitStatus | undefined {
+    return this.status;
+  }
+
   private constructor(parts: { proc: ChildProcess; qmp: QmpClient; exited: Promise<ExitStatus>; console: LineLog; stderr: LineLog; runDir: string; startedAt: number }) {
     this.proc = parts.proc;
     this.qmp = parts.qmp;

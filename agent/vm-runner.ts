@@ -8,6 +8,7 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
@@ -15,6 +16,7 @@ import { LetheError, errorChain } from '../common/errors.js';
 import { FaultThread, UffdListener, shimEnv, type UffdMapping } from '../native/index.js';
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
+import { Evictor, type EvictTarget } from './evictor.js';
 import { Vm, type Accel } from './qemu.js';
 
 export interface ResumeOptions {
@@ -27,24 +29,142 @@ export interface ResumeOptions {
   log: (line: string) => void;
   /** Where the RAM file goes (tmpfs); default /dev/shm. */
   shmDir?: string;
+  /** Sensitive pages resident this long are evicted (the lease's policy). */
+  evictIdleMs: number;
 }
 
 const HANDSHAKE_MS = 15_000;
 const MIGRATION_MS = 60_000;
 const PAGE_POOL = 32;
+const HOLD_WAIT_MS = 1_000;
 
-export class AgentVm {
+export class AgentVm implements EvictTarget {
   faults = 0;
   zeroFaults = 0;
+  readonly pages: number;
+  readonly evictor: Evictor;
+  /** Pages whose fault is being served, with how many faults each. */
+  private readonly inFlight = new Map<number, number>();
+  private readonly holds = new Map<string, number>();
+  private holdChange: Promise<unknown> = Promise.resolve();
+
   private constructor(
     readonly vm: Vm,
     readonly ramPath: string,
     /** The RAM file, unlinked: for punching evicted pages out. */
     readonly ramFd: number,
     private readonly listener: UffdListener,
-    private readonly thread: FaultThread,
+    private thread: FaultThread | undefined,
     private readonly pool: BufferPool,
-  ) {}
+    core: AgentCore,
+    o: ResumeOptions,
+    memBytes: number,
+    private readonly runDir = o.runDir,
+  ) {
+    this.pages = memBytes / MEM_CHUNK_SIZE;
+    this.evictor = new Evictor(core, this, o.evictIdleMs, o.log);
+  }
+
+  faultInFlight(page: number): boolean {
+    return this.inFlight.has(page);
+  }
+
+  /**
+   * Keeps the vCPUs stopped until the returned function is called. Holds nest (the
+   * lease, an eviction pass, a suspend): the guest runs again when the last goes.
+   */
+  async hold(reason: string): Promise<() => Promise<void>> {
+    const n = this.holds.get(reason) ?? 0;
+    this.holds.set(reason, n + 1);
+    // A vCPU blocked in a fault the server must answer (offline) keeps QMP 'stop' from
+    // returning; the others pause at once. So wait at most HOLD_WAIT_MS: the evictor
+    // also keeps faults from resolving while it works, so a blocked vCPU stays blocked.
+    if (this.holdCount() === 1) await Promise.race([this.qmpInOrder('stop'), new Promise((r) => setTimeout(r, HOLD_WAIT_MS))]);
+    let released = false;
+    return async () => {
+      if (released) return;
+      released = true;
+      const left = (this.holds.get(reason) ?? 1) - 1;
+      if (left === 0) this.holds.delete(reason);
+      else this.holds.set(reason, left);
+      if (this.holdCount() === 0 && !this.vm.exitStatus) await this.qmpInOrder('cont');
+    };
+  }
+
+  /**
+   * Saves the device state (CPU and devices, not RAM: x-ignore-shared) into locked
+   * memory through a unix socket. Call with the guest held; QEMU is left in
+   * 'postmigrate' and must not run again (its pages now belong to the new version).
+   */
+  async saveState(): Promise<Buffer> {
+    const sockPath = path.join(this.runDir, 'state-out.sock');
+    const parts: Buffer[] = [];
+    let total = 0;
+    const server = net.createServer();
+    const received = new Promise<void>((resolve, reject) => {
+      server.once('connection', (c) => {
+        c.on('data', (d: Buffer) => {
+          parts.push(d);
+          total += d.length;
+        });
+        c.once('end', () => resolve());
+        c.once('error', reject);
+      });
+    });
+    await new Promise<void>((resolve, reject) => server.listen(sockPath, resolve).once('error', reject));
+    try {
+      await this.vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      await this.vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
+      const t0 = Date.now();
+      for (;;) {
+        const info = await this.vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+        if (info.status === 'completed') break;
+        if (info.status === 'failed' || info.status === 'cancelled') throw new LetheError('INTERNAL', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
+        if (Date.now() - t0 > MIGRATION_MS) throw new LetheError('INTERNAL', `saving the device state took over ${MIGRATION_MS / 1000} s`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await withTimeout(received, 5_000, 'the device state did not arrive');
+      const out = secureBuffer(total);
+      let at = 0;
+      for (const p of parts) {
+        p.copy(out, at);
+        at += p.length;
+        p.fill(0);
+      }
+      return out;
+    } finally {
+      server.close();
+      fs.rmSync(sockPath, { force: true });
+    }
+  }
+
+  /** Waits until QEMU reports the vCPUs stopped (a hold may return before, see hold()). */
+  async whenStopped(timeoutMs = 30_000): Promise<void> {
+    const t0 = Date.now();
+    for (;;) {
+      const st = await this.vm.qmp.execute<{ running: boolean }>('query-status');
+      if (!st.running) return;
+      if (Date.now() - t0 > timeoutMs) throw new LetheError('INTERNAL', `the guest did not stop within ${timeoutMs / 1000} s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  /** Why the guest is stopped, if it is. */
+  heldFor(): string[] {
+    return [...this.holds.keys()];
+  }
+
+  private holdCount(): number {
+    let n = 0;
+    for (const v of this.holds.values()) n += v;
+    return n;
+  }
+
+  private qmpInOrder(cmd: 'stop' | 'cont'): Promise<unknown> {
+    const run = this.holdChange.then(() => this.vm.qmp.execute(cmd));
+    this.holdChange = run.catch(() => {});
+    return run;
+  }
 
   /** Resumes the lease's image. Throws (and leaves no QEMU running) if any step fails. */
   static async resume(core: AgentCore, o: ResumeOptions): Promise<AgentVm> {
@@ -83,23 +203,32 @@ export class AgentVm {
       // after a kill -9 of either, so no guest RAM outlives the session.
       const ramFd = fs.openSync(ramPath, 'r+');
       const pool = new BufferPool(PAGE_POOL, MEM_CHUNK_SIZE);
-      let self: AgentVm | undefined;
-      const thread = FaultThread.start(m, {
-        onFault: (f, t) =>
-          pool.with(MEM_CHUNK_SIZE, async (buf) => {
-            const src = await core.readInto('mem', f.offset / MEM_CHUNK_SIZE, buf, { resident: true });
-            t.resolve(f.pageAddress, src === 'zero' ? null : buf);
-            if (self) {
+      const self = new AgentVm(vm, ramPath, ramFd, listener, undefined, pool, core, o, memBytes);
+      self.thread = FaultThread.start(m, {
+        onFault: (f, t) => {
+          const page = f.offset / MEM_CHUNK_SIZE;
+          self.inFlight.set(page, (self.inFlight.get(page) ?? 0) + 1);
+          return pool
+            .with(MEM_CHUNK_SIZE, async (buf) => {
+              const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
+              const data = src === 'zero' ? null : buf;
+              await self.evictor.quiet();
+              if (t.resolve(f.pageAddress, data) !== 'present') self.evictor.recordFault(page, data);
               self.faults++;
               if (src === 'zero') self.zeroFaults++;
-            }
-          }),
+            })
+            .finally(() => {
+              const n = self.inFlight.get(page)! - 1;
+              if (n === 0) self.inFlight.delete(page);
+              else self.inFlight.set(page, n);
+            });
+        },
         // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
         onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
       });
-      self = new AgentVm(vm, ramPath, ramFd, listener, thread, pool);
       await streamState(core, vm, o.runDir);
       fs.unlinkSync(ramPath);
+      self.evictor.start();
       return self;
     } catch (e) {
       if (vm) {
@@ -118,8 +247,9 @@ export class AgentVm {
   }
 
   async stop(): Promise<void> {
+    this.evictor.destroy();
     await this.vm.kill();
-    this.thread.stop();
+    this.thread?.stop();
     await this.listener.close();
     this.pool.destroy();
     fs.closeSync(this.ramFd);

@@ -50,6 +50,18 @@ function statusText(s: AgentStatus): string {
         ['evicted', `${s.reads.evicted} chunk(s), ${s.cache.evicted} from the cache`],
         ['prefetch', `${s.prefetch.done} of ${s.prefetch.total} chunks`],
         ['disk (NBD)', s.nbd ? `${'path' in (s.nbd.address ?? {}) ? (s.nbd.address as { path: string }).path : JSON.stringify(s.nbd.address)}, ${s.nbd.connections.active} client(s)` : 'not served'],
+        ...(s.vm
+          ? [
+              [
+                'VM',
+                `QEMU pid ${s.vm.pid}, ${s.vm.heldFor.length ? `held (${s.vm.heldFor.join(', ')})` : 'running'}, ${s.vm.residentPages.pages} page(s) resident (${s.vm.residentPages.sensitive} sensitive), ${s.vm.faults} fault(s)`,
+              ],
+              [
+                'eviction',
+                `after ${s.vm.evictIdleSeconds} s resident: ${s.vm.eviction.evicted} page(s) evicted (${s.vm.eviction.dirty} changed), ${s.vm.eviction.kept} kept, longest pause ${s.vm.eviction.pauseMsMax.toFixed(1)} ms`,
+              ],
+            ]
+          : []),
         ...(l.lastError ? [['last error', l.lastError]] : []),
       ],
     )
@@ -103,7 +115,24 @@ export function agentCommand(y: Argv) {
         const r = await control<{ version: number; chunks: number; bytes: number }>(String(a.home), { cmd: 'checkin' }, 600_000);
         emit(a as unknown as HomeArgs, r, () => `checked in ${r.chunks} chunk(s) (${mb(r.bytes)}) as version ${r.version}`);
       })
-      .command('stop', 'stop the running agent', {}, async (a) => {
+      .command(
+        'suspend',
+        "save the running VM (changed pages, device state, dirty disk) as a new image version, then stop; any device assigned the image resumes it",
+        {},
+        async (a) => {
+          const r = await control<{ version: number; chunks: number; bytes: number; pages: number; stateBytes: number; ms: number }>(
+            String(a.home),
+            { cmd: 'suspend' },
+            600_000,
+          );
+          emit(
+            a as unknown as HomeArgs,
+            r,
+            () => `suspended as version ${r.version} in ${(r.ms / 1000).toFixed(1)} s: ${r.pages} changed page(s), ${r.chunks} chunk(s) (${mb(r.bytes)}) checked in; the agent stops`,
+          );
+        },
+      )
+      .command('stop', 'stop the running agent (a running VM is powered off: use suspend to keep it)', {}, async (a) => {
         await control(String(a.home), { cmd: 'stop' });
         emit(a as unknown as HomeArgs, { stopped: true }, () => 'agent stopping');
       })

@@ -60,3 +60,5 @@ export const MAX_BATCH = 1024;
 export const MAX_UPLOAD_BODY = 8 * 1024 * 1024 + 64 * 1024;
 /** Built-in lease policy until an image carries its own. */
 export const DEFAULT_LEASE_TTL_S = 900;
+/** Built-in eviction policy: sensitive guest pages resident this long are evicted. */
+export const DEFAULT_EVICT_IDLE_S = 60;

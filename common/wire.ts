@@ -42,6 +42,8 @@ export const LeaseResponse = z.object({
   classKeys: z.array(z.object({ gen: z.number().int(), sealed: z.string() })),
   /** The draft generation this device's earlier writes on this version belong to (see check-in). */
   writeGen: z.number().int().optional(),
+  /** The image policy's eviction idle time: sensitive guest pages resident longer are evicted. */
+  evictIdleSeconds: z.number().positive().optional(),
 });
 
 export const ChunkRef = z.strictObject({ kind: Kind, index: z.number().int().min(0).max(2 ** 40) });
@@ -50,6 +52,11 @@ export const KeysRequest = z.strictObject({
   chunks: z.array(ChunkRef).min(1).max(MAX_BATCH),
   /** Keys to encrypt new content the device writes (generation = the lease's version). */
   write: z.boolean().optional(),
+  /**
+   * With write: the new size of the device state (suspend writes a new one); the
+   * lease's draft version takes it, and its state is replaced whole at check-in.
+   */
+  stateSize: z.number().int().min(1).max(2 ** 30).optional(),
 });
 export const KeysResponse = z.object({
   sealed: z.string(),

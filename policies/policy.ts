@@ -2,7 +2,7 @@
 // are sensitive. A policy is YAML; unknown keys are kept for later parts.
 import { parseDocument } from 'yaml';
 import { z } from 'zod';
-import { DEFAULT_LEASE_TTL_S, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S, type ChunkKind, type Sensitivity } from '../common/constants.js';
 import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 
@@ -25,6 +25,13 @@ const PolicySchema = z.object({
     })
     .passthrough()
     .optional(),
+  eviction: z
+    .object({
+      /** How long a sensitive guest page may stay decrypted in RAM before it is evicted. */
+      idle: Duration.optional(),
+    })
+    .passthrough()
+    .optional(),
 }).passthrough();
 
 export interface ServerPolicy {
@@ -33,6 +40,8 @@ export interface ServerPolicy {
   sensitiveMemory: boolean;
   sensitiveState: boolean;
   sensitiveDisk: [number, number][];
+  /** Sensitive guest pages resident longer than this are evicted (the agent's evictor). */
+  evictIdleMs: number;
 }
 
 export const DEFAULT_POLICY: ServerPolicy = {
@@ -41,6 +50,7 @@ export const DEFAULT_POLICY: ServerPolicy = {
   sensitiveMemory: true,
   sensitiveState: false,
   sensitiveDisk: [],
+  evictIdleMs: DEFAULT_EVICT_IDLE_S * 1000,
 };
 
 const toMs = (v: number | string, field: string) => (typeof v === 'number' ? v * 1000 : parseDuration(v, field));
@@ -64,12 +74,14 @@ export function parsePolicy(text: string | null | undefined, file = 'policy'): S
   const ttl = p.lease?.ttl !== undefined ? toMs(p.lease.ttl, 'lease.ttl') : DEFAULT_POLICY.leaseTtlMs;
   const renew = p.lease?.renew !== undefined ? toMs(p.lease.renew, 'lease.renew') : ttl / 3;
   if (renew >= ttl) throw new LetheError('BAD_REQUEST', `${file}: lease.renew must be shorter than lease.ttl`);
+  const idle = p.eviction?.idle !== undefined ? toMs(p.eviction.idle, 'eviction.idle') : DEFAULT_POLICY.evictIdleMs;
   return {
     leaseTtlMs: ttl,
     renewAfterMs: renew,
     sensitiveMemory: p.sensitive?.memory ?? DEFAULT_POLICY.sensitiveMemory,
     sensitiveState: p.sensitive?.state ?? DEFAULT_POLICY.sensitiveState,
     sensitiveDisk: p.sensitive?.disk ?? [],
+    evictIdleMs: idle,
   };
 }
 

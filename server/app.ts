@@ -136,7 +136,7 @@ export function buildApp(ctx: Ctx): express.Express {
   });
   app.post('/v1/device/keys', rawJson, device, (req: AuthedRequest, res) => {
     const b = json(wire.KeysRequest, req);
-    res.json(releaseKeys(ctx, dev(req), b.leaseId, b.chunks, b.write ?? false));
+    res.json(releaseKeys(ctx, dev(req), b.leaseId, b.chunks, b.write ?? false, b.stateSize));
   });
   app.post('/v1/device/chunks', rawJson, device, (req: AuthedRequest, res) => {
     const b = json(wire.ChunksRequest, req);

@@ -1,7 +1,7 @@
 // Leases, key release and chunk serving (docs/escrow-protocol.md). Each of
 // these commits its audit entry before anything leaves the server.
 import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../common/constants.js';
-import { classOf } from '../policies/policy.js';
+import { classOf, type ServerPolicy } from '../policies/policy.js';
 import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
@@ -70,17 +70,18 @@ function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
   });
 }
 
-function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, renewAfterMs: number) {
+function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy: ServerPolicy) {
   return {
     leaseId: l.id,
     image: name,
     imageId: l.image_id,
     version: l.version,
     expiresAt: iso(l.expires_at),
-    renewAfter: iso(ctx.now() + renewAfterMs),
+    renewAfter: iso(ctx.now() + policy.renewAfterMs),
     ttlSeconds: Math.round((l.expires_at - ctx.now()) / 1000),
     classKeys: classKeys(ctx, d, l.image_id, l.version),
     ...(l.write_gen !== null ? { writeGen: l.write_gen } : {}),
+    evictIdleSeconds: policy.evictIdleMs / 1000,
   };
 }
 
@@ -117,7 +118,7 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
     ctx.audit.append('lease.grant', d.id, { lease: lease.id, image: imageName, version: v.version, expiresAt: iso(lease.expires_at) }, now);
   })();
   ctx.metrics.inc('lethe_leases_granted_total');
-  return leaseResponse(ctx, d, lease, imageName, policy.renewAfterMs);
+  return leaseResponse(ctx, d, lease, imageName, policy);
 }
 
 /** The device's lease if it is live; throws UNKNOWN_LEASE or LEASE_EXPIRED otherwise. */
@@ -142,7 +143,7 @@ export function renewLease(ctx: Ctx, d: DeviceRow, leaseId: string) {
     q(ctx.db, 'UPDATE leases SET expires_at = ? WHERE id = ?').run(l.expires_at, l.id);
     ctx.audit.append('lease.renew', d.id, { lease: l.id, image: l.name, version: l.version, expiresAt: iso(l.expires_at) }, now);
   })();
-  return leaseResponse(ctx, d, l, l.name, policy.renewAfterMs);
+  return leaseResponse(ctx, d, l, l.name, policy);
 }
 
 export function leaseManifest(ctx: Ctx, d: DeviceRow, leaseId: string) {
@@ -210,23 +211,46 @@ function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): number {
  */
 function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): ChunkRow[] {
   const img = getImage(ctx, l.name);
-  const v = getVersion(ctx, img, l.version);
   const policy = policyOf(img);
   const gen = writeGen(ctx, l);
+  // Bounds are the draft's: a suspend gives it a new state size.
+  const draft = getVersion(ctx, img, gen);
+  const base = getVersion(ctx, img, l.version);
   return refs.map((r) => {
-    const count = chunkCount(sizeOf(v, r.kind), r.kind);
+    const count = chunkCount(sizeOf(draft, r.kind), r.kind);
     if (r.index >= count) {
       throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is past the end (the ${r.kind} has ${count} chunks)`);
     }
-    const stored = chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
+    const replaced = r.kind === 'state' && draft.state_size !== base.state_size;
+    const stored = replaced ? undefined : chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
     const cls = stored?.cls ?? classOf(policy, r.kind, r.index * CHUNK_SIZE[r.kind], CHUNK_SIZE[r.kind]);
     return { kind: r.kind, idx: r.index, gen, cls, ct_sha256: Buffer.alloc(0) };
   });
 }
 
+/**
+ * Gives the lease's draft a new device-state size (a suspend writes a whole new
+ * state); the draft's state then replaces the base's at check-in.
+ */
+function setDraftStateSize(ctx: Ctx, l: LeaseRow & { name: string }, size: number): void {
+  const gen = writeGen(ctx, l);
+  q(ctx.db, 'UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?').run(size, l.image_id, gen);
+}
+
 /** Releases chunk keys, sealed together to the device; audited first. */
-export function releaseKeys(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[], write = false) {
+export function releaseKeys(
+  ctx: Ctx,
+  d: DeviceRow,
+  leaseId: string,
+  refs: { kind: ChunkKind; index: number }[],
+  write = false,
+  stateSize?: number,
+) {
   const l = liveLease(ctx, d, leaseId);
+  if (stateSize !== undefined) {
+    if (!write) throw new LetheError('BAD_REQUEST', 'stateSize is for write keys only (write: true)');
+    setDraftStateSize(ctx, l, stateSize);
+  }
   const rows = write ? writeCoords(ctx, l, refs) : resolve(ctx, l, refs);
   const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
   const now = ctx.now();
@@ -334,10 +358,13 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
       put.run(img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
     }
     if (!final) return;
+    // A draft with its own state size replaced the state whole: none of the base's carries over.
+    const base = getVersion(ctx, img, l.version);
+    const keepState = draft.state_size === base.state_size ? 1 : 0;
     q(ctx.db, 
-        'INSERT OR IGNORE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?',
+        "INSERT OR IGNORE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? AND (kind != 'state' OR ?)",
       )
-      .run(gen, img.id, l.version);
+      .run(gen, img.id, l.version, keepState);
     q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0').run(img.id, gen);
     q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL WHERE image_id = ? AND version = ?").run(now, img.id, gen);
     q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(gen, img.id);

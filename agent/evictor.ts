@@ -1,0 +1,268 @@
+// The evictor: takes sensitive guest pages out of RAM once they have been
+// resident longer than the policy's idle time, and all of them before the lease
+// runs out (docs/eviction.md).
+//
+//   fault      recordFault(page, data)     the page's keyed hash and the time it arrived
+//   tick       candidates: resident, sensitive, arrived ≥ idle ago, no fault in flight
+//   evict      hold the VM (QMP stop) ─▶ read each page from the RAM file ─▶ hash differs?
+//              encrypt it into the cache as dirty ─▶ flush ─▶ punch the holes ─▶ drop the
+//              keys ─▶ release the VM (cont)
+//
+// A page whose changes cannot be encrypted (no write key: offline) stays resident:
+// a guest write is never dropped. The next touch of an evicted page faults through
+// userfaultfd and the agent serves it again from the cache.
+import fs from 'node:fs';
+import sodium from 'sodium-native';
+import { MEM_CHUNK_SIZE } from '../common/constants.js';
+import { secureBuffer, wipe } from '../common/crypto.js';
+import { errorChain } from '../common/errors.js';
+import { punchHole } from '../native/index.js';
+import type { AgentCore } from './core.js';
+import { BufferPool } from './buffer-pool.js';
+
+const PAGE = MEM_CHUNK_SIZE;
+const HASH_BYTES = 16;
+/** Pages handled in one pause of the VM. */
+export const EVICT_BATCH = 4096;
+/** The evictor looks for idle pages this often: a quarter of the idle time, within [100 ms, 5 s]. */
+export const tickMs = (idleMs: number): number => Math.min(5_000, Math.max(100, idleMs / 4));
+
+/** What the evictor needs from the running VM. */
+export interface EvictTarget {
+  /** The guest's RAM file (tmpfs), open read-write. */
+  ramFd: number;
+  /** Guest RAM in pages. */
+  pages: number;
+  /** Stops the vCPUs until the returned release is called (nested holds are counted). */
+  hold(reason: string): Promise<() => Promise<void>>;
+  /** Whether a fault for this page is being served right now. */
+  faultInFlight(page: number): boolean;
+}
+
+export interface EvictResult {
+  evicted: number;
+  /** Evicted pages whose content had changed: encrypted into the cache first. */
+  dirty: number;
+  /** Pages left resident: a fault in flight, or changes without a write key. */
+  kept: number;
+}
+
+export class Evictor {
+  readonly stats = { evicted: 0, dirty: 0, kept: 0, passes: 0, pauseMsLast: 0, pauseMsMax: 0, pauseMsTotal: 0 };
+  /** When each page arrived (ms since the epoch), 0 when it is not resident. */
+  private readonly since: Float64Array;
+  private readonly hashes: Uint8Array;
+  private readonly hashKey = secureBuffer(32);
+  private readonly zeroHash = Buffer.alloc(HASH_BYTES);
+  private readonly pool = new BufferPool(1, PAGE);
+  private timer?: NodeJS.Timeout;
+  private queue: Promise<unknown> = Promise.resolve();
+  private stopped = false;
+  private gate?: Promise<void>;
+
+  constructor(
+    private readonly core: AgentCore,
+    private readonly vm: EvictTarget,
+    public idleMs: number,
+    private readonly log: (line: string) => void,
+  ) {
+    this.since = new Float64Array(vm.pages);
+    this.hashes = new Uint8Array(vm.pages * HASH_BYTES);
+    sodium.randombytes_buf(this.hashKey);
+    sodium.crypto_generichash(this.zeroHash, Buffer.alloc(PAGE), this.hashKey);
+  }
+
+  /** Call from the fault handler with the content about to be installed (null: a zero page). */
+  recordFault(page: number, data: Buffer | null): void {
+    const out = Buffer.from(this.hashes.buffer, this.hashes.byteOffset + page * HASH_BYTES, HASH_BYTES);
+    if (data) sodium.crypto_generichash(out, data, this.hashKey);
+    else this.zeroHash.copy(out);
+    this.since[page] = Date.now();
+  }
+
+  isResident(page: number): boolean {
+    return this.since[page] !== 0;
+  }
+
+  /** Resident pages, with how many of them are sensitive. */
+  residentCounts(): { pages: number; sensitive: number } {
+    let pages = 0;
+    let sensitive = 0;
+    for (let p = 0; p < this.since.length; p++) {
+      if (this.since[p] === 0) continue;
+      pages++;
+      if (this.sensitive(p)) sensitive++;
+    }
+    return { pages, sensitive };
+  }
+
+  start(): void {
+    this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => {
+      this.evictIdle()
+        .catch((e) => this.log(`eviction pass failed: ${errorChain(e)}`))
+        .finally(() => this.schedule());
+    }, tickMs(this.idleMs));
+  }
+
+  private sensitive(page: number): boolean {
+    return (this.core.classOf('mem', page) ?? 'sensitive') === 'sensitive';
+  }
+
+  /** Evicts the sensitive pages resident for the idle time or longer. */
+  evictIdle(now = Date.now()): Promise<EvictResult> {
+    return this.serial(async () => {
+      const due: number[] = [];
+      for (let p = 0; p < this.since.length; p++) {
+        if (this.since[p] !== 0 && now - this.since[p] >= this.idleMs && this.sensitive(p)) due.push(p);
+      }
+      return this.evictPages(due, 'idle');
+    });
+  }
+
+  /** Evicts every resident sensitive page (lease about to run out, wipe, an order from the user). */
+  evictAllSensitive(why: string): Promise<EvictResult> {
+    return this.serial(async () => {
+      const all: number[] = [];
+      for (let p = 0; p < this.since.length; p++) if (this.since[p] !== 0 && this.sensitive(p)) all.push(p);
+      const r = await this.evictPages(all, why);
+      if (r.kept > 0) this.log(`${r.kept} sensitive page(s) stay resident (${why}): their changes have no write key`);
+      return r;
+    });
+  }
+
+  /**
+   * Encrypts every resident page whose content changed since it arrived into the
+   * cache as dirty, without evicting it. The caller holds the VM (suspend).
+   * @returns how many pages were written
+   */
+  captureDirty(): Promise<number> {
+    return this.serial(async () => {
+      const changed: number[] = [];
+      await this.pool.with(PAGE, async (buf) => {
+        for (let p = 0; p < this.since.length; p++) if (this.since[p] !== 0 && this.changed(p, buf)) changed.push(p);
+      });
+      await this.core.ensureWriteKeys('mem', changed);
+      await this.pool.with(PAGE, async (buf) => {
+        for (const p of changed) {
+          this.readPage(p, buf);
+          await this.core.write('mem', p, buf);
+          this.recordFault(p, buf);
+        }
+      });
+      this.core.flush();
+      return changed.length;
+    });
+  }
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  private readPage(page: number, buf: Buffer): void {
+    const n = fs.readSync(this.vm.ramFd, buf, 0, PAGE, page * PAGE);
+    if (n !== PAGE) throw new Error(`short read of guest page ${page}: ${n} bytes`);
+  }
+
+  /** Reads the page into buf and tells whether it differs from what arrived. */
+  private changed(page: number, buf: Buffer): boolean {
+    this.readPage(page, buf);
+    const h = Buffer.alloc(HASH_BYTES);
+    sodium.crypto_generichash(h, buf, this.hashKey);
+    return !h.equals(Buffer.from(this.hashes.buffer, this.hashes.byteOffset + page * HASH_BYTES, HASH_BYTES));
+  }
+
+  private async evictPages(pages: number[], why: string): Promise<EvictResult> {
+    const result: EvictResult = { evicted: 0, dirty: 0, kept: 0 };
+    for (let at = 0; at < pages.length; at += EVICT_BATCH) {
+      const r = await this.evictBatch(pages.slice(at, at + EVICT_BATCH));
+      result.evicted += r.evicted;
+      result.dirty += r.dirty;
+      result.kept += r.kept;
+    }
+    this.stats.passes++;
+    if (result.evicted > 0 && why !== 'idle') this.log(`evicted ${result.evicted} sensitive page(s) (${why}), ${result.dirty} of them changed`);
+    return result;
+  }
+
+  /** Resolves when no eviction batch is under way; the fault handler waits for it before installing a page. */
+  quiet(): Promise<void> {
+    return this.gate ?? Promise.resolve();
+  }
+
+  private async evictBatch(batch: number[]): Promise<EvictResult> {
+    if (batch.length === 0) return { evicted: 0, dirty: 0, kept: 0 };
+    let open!: () => void;
+    this.gate = new Promise((r) => (open = r));
+    const release = await this.vm.hold('eviction').catch((e) => {
+      this.gate = undefined;
+      open();
+      throw e;
+    });
+    const t0 = performance.now();
+    const out: number[] = [];
+    let dirty = 0;
+    let kept = 0;
+    try {
+      await this.pool.with(PAGE, async (buf) => {
+        for (const p of batch) {
+          if (this.since[p] === 0) continue;
+          if (this.vm.faultInFlight(p)) {
+            kept++;
+            continue;
+          }
+          if (this.changed(p, buf)) {
+            if (!this.core.hasWriteKey('mem', p)) {
+              kept++;
+              continue;
+            }
+            await this.core.write('mem', p, buf);
+            dirty++;
+          }
+          out.push(p);
+        }
+      });
+      // The cache holds every changed page durably before a byte of RAM goes.
+      this.core.flush();
+      for (let i = 0; i < out.length; ) {
+        let j = i + 1;
+        while (j < out.length && out[j] === out[j - 1] + 1) j++;
+        punchHole(this.vm.ramFd, out[i] * PAGE, (j - i) * PAGE);
+        i = j;
+      }
+      for (const p of out) {
+        this.since[p] = 0;
+        this.core.evict('mem', p);
+      }
+    } finally {
+      this.gate = undefined;
+      open();
+      await release();
+      const ms = performance.now() - t0;
+      this.stats.pauseMsLast = ms;
+      this.stats.pauseMsMax = Math.max(this.stats.pauseMsMax, ms);
+      this.stats.pauseMsTotal += ms;
+    }
+    this.stats.evicted += out.length;
+    this.stats.dirty += dirty;
+    this.stats.kept += kept;
+    return { evicted: out.length, dirty, kept };
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+
+  destroy(): void {
+    this.stop();
+    wipe(this.hashKey);
+    this.pool.destroy();
+  }
+}
