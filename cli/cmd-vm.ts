@@ -30,6 +30,7 @@ interface SnapshotArgs extends OutOpts {
   mem: string;
   workloadMib: number;
   secret?: string;
+  interval: string;
   accel: AccelChoice;
   timeout: string;
   force?: boolean;
@@ -40,6 +41,7 @@ interface Plan {
   memBytes: number;
   workloadMib: number;
   secret: string;
+  intervalMs: number;
   accel: AccelChoice;
   timeoutMs: number;
 }
@@ -56,6 +58,7 @@ export function vmCommand(y: Argv) {
             .option('mem', { type: 'string', default: '256M', describe: 'guest RAM (e.g. 128M, 1G)' })
             .option('workload-mib', { type: 'number', default: 64, describe: 'MiB of checksummed pages the workload fills' })
             .option('secret', { type: 'string', describe: 'marker the workload plants in its pages (default: random)' })
+            .option('interval', { type: 'string', default: '1s', describe: "pause between the workload's verification passes" })
             .option('accel', { choices: ACCEL_CHOICES, default: 'auto' as AccelChoice, describe: 'KVM, TCG, or KVM when it works' })
             .option('timeout', { type: 'string', default: '120s', describe: 'how long to wait for the workload to be ready' })
             .option('force', { type: 'boolean', describe: 'overwrite an earlier snapshot in --out' }),
@@ -101,7 +104,8 @@ function planSnapshot(a: SnapshotArgs): Plan {
     });
   }
   const timeoutMs = parseDuration(a.timeout, '--timeout');
-  return { out: path.resolve(a.out), memBytes, workloadMib, secret, accel: a.accel, timeoutMs };
+  const intervalMs = parseDuration(a.interval, '--interval');
+  return { out: path.resolve(a.out), memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
 }
 
 const SIZE_UNITS: Record<string, number> = { K: 1024, M: MiB, G: 1024 * MiB, T: 1024 * 1024 * MiB };
@@ -170,7 +174,7 @@ async function bootAndSave(plan: Plan, guest: GuestArtifacts, accel: Accel, file
     {
       kernel: guest.vmlinux,
       initrd: guest.initramfs,
-      append: guestCmdline({ mib: plan.workloadMib, secret: plan.secret }),
+      append: guestCmdline({ mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs }),
       memBytes: plan.memBytes,
       memPath: files.ram,
       disk: files.disk,

@@ -1,0 +1,128 @@
+// Eviction and suspend with a real server, real agents and QEMU (TCG): the
+// evictor punches sensitive pages out while the guest's workload verifies them,
+// the planted marker leaves every process and file once its pages are idle, and
+// a suspended VM resumes on another enrolled device with its checks intact.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { control } from '../../agent/control.js';
+import type { AgentStatus } from '../../agent/daemon.js';
+import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { findFd, scanFile, scanProcess, scanTree } from '../helpers/scan.js';
+
+const IDLE_S = 1;
+const INTERVAL_S = 8;
+
+const passes = (log: string) => [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
+
+describe('eviction and suspend (real server, agents and QEMU)', function () {
+  this.timeout(240_000);
+  this.slow(60_000);
+  let s: ServerProc;
+  let dev: TestDevice;
+  let other: TestDevice;
+  let marker: Buffer;
+  let agent: AgentProc | undefined;
+  let agent2: AgentProc | undefined;
+
+  before(async () => {
+    const dir = tmpDir('lethe-evict-');
+    const snap = path.join(dir, 'snap');
+    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--interval', `${INTERVAL_S}s`, '--accel', 'tcg', '--json']);
+    expect(shot.code, shot.stderr).to.equal(0);
+    marker = Buffer.from(JSON.parse(shot.stdout).marker as string);
+    const policy = path.join(dir, 'policy.yaml');
+    fs.writeFileSync(policy, `eviction:\n  idle: ${IDLE_S}s\n`);
+    s = await startServer();
+    const push = await lethe(
+      ['image', 'push', 'vm', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', policy],
+      s.env,
+    );
+    expect(push.code, push.stderr).to.equal(0);
+    fs.rmSync(dir, { recursive: true, force: true }); // the plaintext source goes
+    dev = await enrolledDevice(s, 'laptop-a');
+    other = await enrolledDevice(s, 'laptop-b');
+    await assign(s, dev.deviceId, 'vm');
+    await assign(s, other.deviceId, 'vm');
+  });
+  afterEach(function () {
+    if (this.currentTest?.state !== 'failed') return;
+    for (const [name, a] of [['first', agent], ['second', agent2]] as const) {
+      if (a) console.log(`--- the ${name} agent's log, last lines:\n${a.log().split('\n').slice(-40).join('\n')}`);
+    }
+  });
+  after(async () => {
+    for (const a of [agent, agent2]) {
+      if (a && a.proc.exitCode === null) {
+        a.proc.kill('SIGKILL');
+        await a.exited;
+      }
+    }
+    dev?.close();
+    other?.close();
+    await s?.stop();
+  });
+
+  it('evicts pages while the workload verifies them: every check passes, changed pages are kept', async () => {
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    await waitFor(async () => passes(agent!.log()).length >= 2 || undefined, 180_000, 'two verify passes');
+    const ps = passes(agent.log());
+    for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    expect(ps[0].ok).to.equal(4096);
+    expect(agent.log()).to.not.contain('LETHE-VERIFY-BAD');
+    const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    // Every workload page was evicted and fetched again at least once per pass.
+    expect(st.vm!.eviction.evicted).to.be.greaterThan(2 * 4096);
+    expect(st.vm!.faults).to.be.greaterThan(2 * 4096);
+    // The workload rewrites pages each pass: those went to the cache before their holes.
+    expect(st.vm!.eviction.dirty).to.be.greaterThan(0);
+    expect(st.vm!.evictIdleSeconds).to.equal(IDLE_S);
+  });
+
+  it('once its pages are idle the marker is in neither QEMU nor the agent, their files, nor /dev/shm', async () => {
+    const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    const qemu = st.vm!.pid;
+    const ram = findFd(qemu, /lethe-ram-.*\(deleted\)$/);
+    expect(ram, 'QEMU holds its RAM file').to.be.a('string');
+    // Right after a pass its last pages are still resident: the scan can see them.
+    const n = passes(agent!.log()).length;
+    await waitFor(async () => passes(agent!.log()).length > n || undefined, 60_000, 'a verify pass');
+    expect(scanFile(ram!, marker), 'the marker in guest RAM just after a pass').to.not.deep.equal([]);
+    // Idle time, plus an eviction tick, plus margin; the next pass is INTERVAL_S after.
+    await new Promise((r) => setTimeout(r, (IDLE_S + 1.5) * 1000));
+    const hits = [
+      ...scanFile(ram!, marker),
+      ...scanProcess(qemu, marker, /lethe-ram-/),
+      ...scanProcess(agent!.proc.pid!, marker, /lethe-ram-/),
+      ...scanTree(dev.home, marker),
+      ...scanTree('/dev/shm', marker),
+    ];
+    const after = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    expect(passes(agent!.log()).length, 'no pass ran during the scan').to.be.lessThan(n + 2);
+    expect(hits, JSON.stringify(after.vm)).to.deep.equal([]);
+    expect(after.vm!.eviction.evicted).to.be.greaterThan(st.vm!.eviction.evicted);
+    expect(after.vm!.eviction.kept, 'pages kept resident').to.equal(0);
+  });
+
+  it('suspends on one device and resumes on another: the workload carries on with no bad page', async () => {
+    const before = passes(agent!.log());
+    const r = await lethe(['agent', 'suspend', '--home', dev.home, '--json']);
+    expect(r.code, r.stderr).to.equal(0);
+    const out = JSON.parse(r.stdout) as { version: number; pages: number; stateBytes: number };
+    expect(out.version).to.be.greaterThan(1);
+    expect(out.stateBytes).to.be.greaterThan(100_000);
+    expect(await agent!.exited).to.equal(0);
+    expect(fs.readdirSync('/dev/shm').filter((f) => f.startsWith('lethe-ram-'))).to.deep.equal([]);
+
+    agent2 = await startAgentProc(other.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    await waitFor(async () => passes(agent2!.log()).length >= 2 || undefined, 180_000, 'two verify passes on the other device');
+    const ps = passes(agent2.log());
+    for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    // The same run of the workload, not a new boot: its pass count goes on.
+    expect(ps[0].pass).to.be.greaterThan(before[before.length - 1].pass);
+    expect(ps[0].ok).to.equal(4096);
+    const st = await control<AgentStatus>(other.home, { cmd: 'status' });
+    expect(st.version).to.equal(out.version);
+  });
+});

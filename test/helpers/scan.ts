@@ -1,0 +1,88 @@
+// Looks for a byte string where plaintext could hide: a process's memory
+// (/proc/PID/mem, every readable mapping but guest RAM), a file (holes read as
+// zeros), and every file under a directory.
+import fs from 'node:fs';
+import path from 'node:path';
+
+const STEP = 4 * 1024 * 1024;
+
+/** Offsets of `needle` in the readable range [start, end) of an open file. */
+function scanFd(fd: number, needle: Buffer, start: number, end: number, where: string, hits: string[]): void {
+  const buf = Buffer.alloc(STEP + needle.length);
+  for (let at = start; at < end; at += STEP) {
+    const len = Math.min(STEP + needle.length, end - at);
+    let n: number;
+    try {
+      n = fs.readSync(fd, buf, 0, len, at);
+    } catch {
+      continue; // an unreadable range (guard pages, device mappings)
+    }
+    let i = buf.subarray(0, n).indexOf(needle);
+    while (i !== -1) {
+      hits.push(`${where}+0x${(at + i - start).toString(16)}`);
+      i = buf.subarray(0, n).indexOf(needle, i + 1);
+      if (hits.length > 20) return;
+    }
+  }
+}
+
+/**
+ * Where `needle` occurs in a process's memory, skipping mappings whose path
+ * matches `skip` (guest RAM: reading it through /proc/PID/mem would fault pages
+ * back in; scan its file instead).
+ */
+export function scanProcess(pid: number, needle: Buffer, skip?: RegExp): string[] {
+  const hits: string[] = [];
+  const maps = fs.readFileSync(`/proc/${pid}/maps`, 'utf8').trim().split('\n');
+  const fd = fs.openSync(`/proc/${pid}/mem`, 'r');
+  try {
+    for (const line of maps) {
+      const [range, perms, , , , ...rest] = line.split(/\s+/);
+      const name = rest.join(' ');
+      if (!perms.startsWith('r') || name === '[vvar]' || name === '[vsyscall]' || (skip && skip.test(name))) continue;
+      const [s, e] = range.split('-').map((x) => parseInt(x, 16));
+      scanFd(fd, needle, s, e, `${pid}:${name || 'anon'}@0x${s.toString(16)}`, hits);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return hits;
+}
+
+/** The /proc path of a process's open fd whose target matches `re`. */
+export function findFd(pid: number, re: RegExp): string | undefined {
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      if (re.test(fs.readlinkSync(`/proc/${pid}/fd/${fd}`))) return `/proc/${pid}/fd/${fd}`;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return undefined;
+}
+
+export function scanFile(file: string, needle: Buffer): string[] {
+  const hits: string[] = [];
+  const fd = fs.openSync(file, 'r');
+  try {
+    scanFd(fd, needle, 0, fs.fstatSync(fd).size, file, hits);
+  } finally {
+    fs.closeSync(fd);
+  }
+  return hits;
+}
+
+/** Every regular file under `dir` (recursively) that holds `needle`. */
+export function scanTree(dir: string, needle: Buffer): string[] {
+  const hits: string[] = [];
+  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    const p = path.join(e.parentPath, e.name);
+    if (!e.isFile()) continue;
+    try {
+      hits.push(...scanFile(p, needle));
+    } catch {
+      // gone meanwhile, or not readable
+    }
+  }
+  return hits;
+}
