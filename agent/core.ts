@@ -132,7 +132,8 @@ export class AgentCore {
     const refs = [{ kind, index }];
     for (let i = index + 1; refs.length < KEY_BATCH && i < index + 4 * KEY_BATCH; i++) {
       const n = this.entries[kind].get(i);
-      if (!n || n.cls !== 'sensitive') continue;
+      // This device's own writes are keyed by write keys, not released from the base.
+      if (!n || n.cls !== 'sensitive' || (n.gen === this.writeGen && n.gen !== gen)) continue;
       const id = this.keyId(kind, i, n.gen);
       if (!this.keys.hasSensitiveKey(id) && !this.keysInFlight.has(id)) refs.push({ kind, index: i });
     }

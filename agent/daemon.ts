@@ -90,6 +90,7 @@ function buildStatus(
           pid: vm.vm.pid,
           faults: vm.faults,
           zeroFaults: vm.zeroFaults,
+          faultRetries: vm.faultRetries,
           heldFor: vm.heldFor(),
           residentPages: vm.evictor.residentCounts(),
           evictIdleSeconds: vm.evictor.idleMs / 1000,

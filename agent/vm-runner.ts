@@ -41,6 +41,9 @@ const HOLD_WAIT_MS = 1_000;
 export class AgentVm implements EvictTarget {
   faults = 0;
   zeroFaults = 0;
+  /** Attempts to serve a fault that failed and were tried again. */
+  faultRetries = 0;
+  private stopping = false;
   readonly pages: number;
   readonly evictor: Evictor;
   /** Pages whose fault is being served, with how many faults each. */
@@ -205,23 +208,35 @@ export class AgentVm implements EvictTarget {
       const pool = new BufferPool(PAGE_POOL, MEM_CHUNK_SIZE);
       const self = new AgentVm(vm, ramPath, ramFd, listener, undefined, pool, core, o, memBytes);
       self.thread = FaultThread.start(m, {
-        onFault: (f, t) => {
+        onFault: async (f, t) => {
           const page = f.offset / MEM_CHUNK_SIZE;
           self.inFlight.set(page, (self.inFlight.get(page) ?? 0) + 1);
-          return pool
-            .with(MEM_CHUNK_SIZE, async (buf) => {
-              const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
-              const data = src === 'zero' ? null : buf;
-              await self.evictor.quiet();
-              if (t.resolve(f.pageAddress, data) !== 'present') self.evictor.recordFault(page, data);
-              self.faults++;
-              if (src === 'zero') self.zeroFaults++;
-            })
-            .finally(() => {
-              const n = self.inFlight.get(page)! - 1;
-              if (n === 0) self.inFlight.delete(page);
-              else self.inFlight.set(page, n);
-            });
+          try {
+            // A fault that cannot be served is retried, never answered with zeros: the
+            // guest waits (the lease may come back, the server may be reachable again).
+            for (let attempt = 0; ; attempt++) {
+              try {
+                await pool.with(MEM_CHUNK_SIZE, async (buf) => {
+                  const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
+                  const data = src === 'zero' ? null : buf;
+                  await self.evictor.quiet();
+                  if (t.resolve(f.pageAddress, data) !== 'present') self.evictor.recordFault(page, data);
+                  self.faults++;
+                  if (src === 'zero') self.zeroFaults++;
+                });
+                return;
+              } catch (e) {
+                if (self.stopping || !t.running) throw e;
+                self.faultRetries++;
+                if (attempt % 10 === 0) o.log(`page fault at offset ${f.offset} not served yet (attempt ${attempt + 1}; retrying): ${errorChain(e)}`);
+                await new Promise((r) => setTimeout(r, Math.min(5_000, 250 * 2 ** attempt)));
+              }
+            }
+          } finally {
+            const n = self.inFlight.get(page)! - 1;
+            if (n === 0) self.inFlight.delete(page);
+            else self.inFlight.set(page, n);
+          }
         },
         // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
         onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
@@ -247,6 +262,7 @@ export class AgentVm implements EvictTarget {
   }
 
   async stop(): Promise<void> {
+    this.stopping = true;
     this.evictor.destroy();
     await this.vm.kill();
     this.thread?.stop();

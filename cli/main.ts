@@ -4,6 +4,7 @@ import { hideBin } from 'yargs/helpers';
 import { adminCommand } from './cmd-admin.js';
 import { agentCommand } from './cmd-agent.js';
 import { auditCommand } from './cmd-audit.js';
+import { demoCommand } from './cmd-demo.js';
 import { deviceCommands } from './cmd-device.js';
 import { imageCommand } from './cmd-image.js';
 import { serverCommand } from './cmd-server.js';
@@ -31,6 +32,7 @@ async function main(): Promise<void> {
       if (err) throw err;
       throw Object.assign(new Error(msg), { usage: true });
     });
+  cli = demoCommand(cli);
   cli = serverCommand(cli);
   cli = adminCommand(cli);
   cli = deviceCommands(cli);

@@ -1,0 +1,201 @@
+// lethe demo: the whole loop on this machine, on embedded defaults. A server on
+// loopback with a fresh data dir, this machine enrolled as a device, the test
+// guest booted, snapshotted and pushed as an image (the plaintext snapshot is
+// deleted once pushed), and the agent resuming it post-copy with eviction, with a
+// live status line, until Ctrl-C. Everything lives in one temporary directory,
+// removed at exit.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import type { Argv } from 'yargs';
+import { control } from '../agent/control.js';
+import { startAgent, type AgentStatus } from '../agent/daemon.js';
+import { enrollDevice } from '../agent/identity.js';
+import { ACCEL_CHOICES, type AccelChoice } from '../agent/qemu.js';
+import { PinnedClient } from '../common/http-client.js';
+import { LetheError } from '../common/errors.js';
+import { AdminClient } from './admin-client.js';
+import { pushImage } from './image-push.js';
+
+const MAIN = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
+const IMAGE = 'demo';
+
+interface DemoArgs {
+  mem: string;
+  workloadMib: number;
+  idle: string;
+  accel: AccelChoice;
+  keep?: boolean;
+}
+
+export function demoCommand(y: Argv) {
+  return y.command(
+    'demo',
+    'the whole loop on this machine: server, enrolled device, test guest pushed, agent resuming it with eviction',
+    (y) =>
+      y
+        .option('mem', { type: 'string', default: '256M', describe: 'guest RAM' })
+        .option('workload-mib', { type: 'number', default: 32, describe: 'MiB of checksummed pages the guest workload verifies' })
+        .option('idle', { type: 'string', default: '5s', describe: "the image policy's eviction idle time" })
+        .option('accel', { choices: ACCEL_CHOICES, default: 'auto' as AccelChoice, describe: 'KVM, TCG, or KVM when it works' })
+        .option('keep', { type: 'boolean', describe: 'keep the demo directory (server data, device home) at exit' }),
+    (a) => demo(a as unknown as DemoArgs),
+  );
+}
+
+const say = (line: string) => process.stderr.write(`lethe demo: ${line}\n`);
+
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+/** Runs `lethe ARGS` as a child and returns its stdout; its stderr (progress) passes through. */
+function lethe(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, ['--import', 'tsx', MAIN, ...args], { env, stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    p.stdout!.on('data', (d) => (out += d));
+    p.once('error', reject);
+    p.once('exit', (code) => (code === 0 ? resolve(out) : reject(new LetheError('INTERNAL', `lethe ${args.slice(0, 2).join(' ')} exited with ${code}`))));
+  });
+}
+
+/** Starts `lethe server` on a fresh data dir; resolves with its URL, pin and admin token once it listens. */
+async function startServerProc(dir: string): Promise<{ proc: ChildProcess; url: string; pin: string; token: string }> {
+  const listen = `127.0.0.1:${await freePort()}`;
+  const init = JSON.parse(await lethe(['server', 'init', '--data', dir, '--listen', listen, '--json'])) as { url: string; fingerprint: string; adminToken: string };
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve, reject) => {
+    const lines = readline.createInterface({ input: proc.stdout! });
+    lines.once('line', () => resolve());
+    proc.once('exit', (code) => reject(new LetheError('INTERNAL', `the server exited with ${code} before listening`)));
+  });
+  return { proc, url: init.url, pin: init.fingerprint, token: init.adminToken };
+}
+
+async function demo(a: DemoArgs): Promise<void> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-demo-'));
+  const dirs = { server: path.join(root, 'server'), home: path.join(root, 'device'), snap: path.join(root, 'snapshot') };
+  let server: ChildProcess | undefined;
+  let stopAgent: (() => void) | undefined;
+  const cleanup = () => {
+    server?.kill('SIGTERM');
+    if (!a.keep) fs.rmSync(root, { recursive: true, force: true });
+  };
+  try {
+    say(`working in ${root}`);
+    const s = await startServerProc(dirs.server);
+    server = s.proc;
+    say(`server listening at ${s.url}`);
+    const admin = new AdminClient(new PinnedClient(s.url, s.pin), s.token);
+    try {
+      const { token } = await admin.json<{ token: string }>('POST', '/enroll-tokens', {});
+      const enrolled = await enrollDevice(dirs.home, token, `${os.hostname()} (demo)`);
+      say(`this machine enrolled as device ${enrolled.deviceId}`);
+      say('booting the test guest to snapshot it (the guest is built from Debian packages on first use)');
+      await lethe(['vm', 'snapshot', '--out', dirs.snap, '--mem', a.mem, '--workload-mib', String(a.workloadMib), '--accel', a.accel, '--json']);
+      const policy = path.join(root, 'policy.yaml');
+      fs.writeFileSync(policy, `# the demo image's policy\neviction:\n  idle: ${a.idle}\n`);
+      const pushed = await pushImage(admin, {
+        name: IMAGE,
+        disk: path.join(dirs.snap, 'disk.raw'),
+        memory: path.join(dirs.snap, 'ram.bin'),
+        state: path.join(dirs.snap, 'state.bin'),
+        policy,
+      });
+      fs.rmSync(dirs.snap, { recursive: true, force: true });
+      say(`pushed as image '${IMAGE}' version ${pushed.version}; the plaintext snapshot is deleted`);
+      await admin.json('POST', `/devices/${enrolled.deviceId}/assignments`, { image: IMAGE });
+    } finally {
+      admin.close();
+    }
+
+    const agent = startAgent({
+      home: dirs.home,
+      image: IMAGE,
+      cacheBytes: 1024 * 1024 * 1024,
+      heartbeatMs: 5_000,
+      prefetch: false,
+      vm: { accel: a.accel },
+      log: (line) => {
+        if (/^guest: LETHE-VERIFY-BAD|^guest: LETHE-WORKLOAD|^guest: LETHE-VERIFY/.test(line)) lastGuest = line.slice(7);
+        else statusLine.print(line);
+      },
+    });
+    stopAgent = agent.stop;
+    let lastGuest = '';
+    const statusLine = new StatusLine();
+    const timer = setInterval(() => {
+      control<AgentStatus>(dirs.home, { cmd: 'status' })
+        .then((st) => statusLine.show(summary(st, lastGuest)))
+        .catch(() => {});
+    }, 1000);
+    const onSignal = () => agent.stop();
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    say('the agent resumes the guest post-copy; Ctrl-C stops it all');
+    const code = await agent.done;
+    clearInterval(timer);
+    statusLine.done();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.exitCode = code;
+  } catch (e) {
+    stopAgent?.();
+    throw e;
+  } finally {
+    cleanup();
+  }
+}
+
+const MiB = 1024 * 1024;
+
+function summary(st: AgentStatus, guest: string): string {
+  const vm = st.vm;
+  const parts = [`lease ${st.lease.state}${st.lease.expiresInSeconds !== null ? ` ${st.lease.expiresInSeconds}s` : ''}`];
+  if (vm) {
+    parts.push(
+      `faults ${vm.faults}`,
+      `resident ${((vm.residentPages.pages * 4096) / MiB).toFixed(1)} MiB (${((vm.residentPages.sensitive * 4096) / MiB).toFixed(1)} sensitive)`,
+      `evicted ${vm.eviction.evicted} (${vm.eviction.dirty} changed)`,
+      `keys ${st.keys.sensitiveKeys}`,
+    );
+  } else parts.push('resuming');
+  parts.push(`cache ${(st.cache.bytes / MiB).toFixed(0)} MiB`);
+  if (guest) parts.push(`guest ${guest.replace('LETHE-VERIFY ', '')}`);
+  return parts.join(' | ');
+}
+
+/** One line rewritten in place on a terminal; a line every 10 s otherwise. Log lines print above it. */
+class StatusLine {
+  private last = '';
+  private lastPrinted = 0;
+  private readonly tty = process.stdout.isTTY === true;
+
+  show(line: string): void {
+    this.last = line;
+    if (this.tty) process.stdout.write(`\r\x1b[K${line.slice(0, (process.stdout.columns ?? 200) - 1)}`);
+    else if (Date.now() - this.lastPrinted >= 10_000) {
+      process.stdout.write(`${line}\n`);
+      this.lastPrinted = Date.now();
+    }
+  }
+
+  print(log: string): void {
+    if (this.tty) process.stdout.write('\r\x1b[K');
+    process.stderr.write(`lethe agent: ${log}\n`);
+    if (this.tty && this.last) this.show(this.last);
+  }
+
+  done(): void {
+    if (this.tty) process.stdout.write('\n');
+  }
+}
