@@ -1,0 +1,211 @@
+// The memory path end to end, in one run:
+//   fault service latency of a real agent core (as a resumed VM's faults are served:
+//   readInto with the page's write key, UFFDIO_COPY) for
+//     (a) pages in the local ciphertext cache (normal class: the class key is held),
+//     (a') the same for sensitive pages (a key request to the server per 64 pages),
+//     (b) pages fetched from a real server on loopback (cache empty),
+//   beside the minimal C userfaultfd handler (native/test/c-handler.c) on the same pages;
+//   resume of the test guest post-copy to its first full verify pass, beside booting the
+//   same guest from scratch to its ready line (both: every workload page touched).
+//
+//   node --import tsx bench/memory-path.ts [--pages 4096] [--guest-mem 256M] [--guest-mib 64] [--no-guest] [--json]
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { startAgent } from '../agent/daemon.js';
+import { table } from '../cli/output.js';
+import { MEM_CHUNK_SIZE } from '../common/constants.js';
+import { BUILD_DIR, FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
+import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
+import { lethe, startAgentProc, startServer, waitFor } from '../test/helpers/proc.js';
+import { percentile, sortedCopy } from './lib/stats.js';
+import { randomBytes } from 'node:crypto';
+
+const { values } = parseArgs({
+  options: {
+    pages: { type: 'string', default: '4096' },
+    'guest-mem': { type: 'string', default: '256M' },
+    'guest-mib': { type: 'string', default: '64' },
+    'no-guest': { type: 'boolean', default: false },
+    json: { type: 'boolean', default: false },
+  },
+});
+const PAGES = Number(values.pages);
+const CLIENT = path.join(BUILD_DIR, 'fault-client');
+const C_HANDLER = path.join(BUILD_DIR, 'c-handler');
+
+/** fault-client over a fresh RAM file of PAGES pages; the first-touch latency of each, in ns. */
+function timeClient(ram: string, env: Record<string, string>): Promise<number[]> {
+  const p = spawn(CLIENT, [ram, String(PAGES)], { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  p.stdout.on('data', (d) => (out += d));
+  p.stderr.on('data', (d) => (err += d));
+  p.stdin.end(`time 0 ${PAGES}\n`);
+  return new Promise((resolve, reject) => {
+    p.on('close', (code, signal) => {
+      const line = /^latency_ns (.*)$/m.exec(out);
+      if (code !== 0 || !line) return reject(new Error(`fault-client failed (${signal ?? `status ${code}`}): ${err.trim()}`));
+      resolve(line[1].split(',').map(Number));
+    });
+  });
+}
+
+function freshRam(name: string): string {
+  const ram = path.join('/dev/shm', `lethe-bench-${process.pid}-${name}.ram`);
+  fs.closeSync(fs.openSync(ram, 'w', 0o600));
+  fs.truncateSync(ram, PAGES * PAGE_SIZE);
+  return ram;
+}
+
+async function cHandler(dir: string): Promise<number[]> {
+  const ram = freshRam('c');
+  const sock = path.join(dir, 'c.sock');
+  const h = spawn(C_HANDLER, [sock], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const ended = new Promise<void>((resolve, reject) => h.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`c-handler exited ${code}`)))));
+  await new Promise<void>((resolve, reject) => {
+    h.stdout.on('data', (d) => {
+      out += d;
+      if (out.includes('listening')) resolve();
+    });
+    void ended.catch(reject);
+  });
+  try {
+    const lat = await timeClient(ram, shimEnv(ram, sock));
+    await ended;
+    return lat;
+  } finally {
+    fs.rmSync(ram, { force: true });
+  }
+}
+
+/** Faults served by an agent core exactly as AgentVm serves a resumed guest's. */
+async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['core'], name: string): Promise<number[]> {
+  const ram = freshRam(name);
+  const sock = path.join(dir, `${name}.sock`);
+  const buf = Buffer.alloc(MEM_CHUNK_SIZE);
+  let failure: Error | undefined;
+  const listener = await UffdListener.listen(
+    sock,
+    (m) => {
+      FaultThread.start(m, {
+        onFault: async (f, t) => {
+          const src = await core.readInto('mem', f.offset / MEM_CHUNK_SIZE, buf, { resident: true, writable: true });
+          t.resolve(f.pageAddress, src === 'zero' ? null : buf);
+        },
+        onError: (e) => (failure ??= e),
+      });
+    },
+    (e) => (failure ??= e),
+  );
+  try {
+    const lat = await timeClient(ram, shimEnv(ram, sock));
+    if (failure) throw failure;
+    return lat;
+  } finally {
+    await listener.close();
+    fs.rmSync(ram, { force: true });
+  }
+}
+
+const us = (ns: number) => ns / 1000;
+function summary(name: string, lat: number[]) {
+  const s = sortedCopy(lat);
+  return { name, p50us: us(percentile(s, 50)), p99us: us(percentile(s, 99)) };
+}
+
+async function faultLatency(dir: string) {
+  const s = await startServer();
+  const rows: ReturnType<typeof summary>[] = [];
+  try {
+    const mem = randomBytes(PAGES * PAGE_SIZE);
+    const state = Buffer.concat([Buffer.from('QEVM\0\0\0\x03', 'latin1'), randomBytes(1000)]);
+    await pushImage(s, 'normal', { plain: { disk: randomBytes(128 * 1024), mem, state }, policy: 'sensitive:\n  memory: false\n' });
+    await pushImage(s, 'sensitive', { plain: { disk: randomBytes(128 * 1024), mem, state } });
+    rows.push(summary('C handler (yardstick)', await cHandler(dir)));
+    for (const image of ['normal', 'sensitive'] as const) {
+      const d = await enrolledDevice(s, `bench-${image}`);
+      await assign(s, d.deviceId, image);
+      d.close();
+      const opts = { home: d.home, image, cacheBytes: 64 * PAGES * PAGE_SIZE, heartbeatMs: 30_000, log: () => {}, nbd: null };
+      let agent = startAgent({ ...opts, prefetch: false });
+      await agent.lease.whenActive();
+      if (image === 'normal') rows.push(summary('(b) from the server', await agentFaults(dir, agent.core, 'server')));
+      else await agent.core.prefetchAll();
+      agent.stop();
+      await agent.done;
+      // A fresh agent on the same home: the ciphertext is cached, no key is held yet but the class key.
+      agent = startAgent({ ...opts, prefetch: false });
+      await agent.lease.whenActive();
+      rows.push(summary(image === 'normal' ? '(a) cached, normal' : "(a') cached, sensitive", await agentFaults(dir, agent.core, `cached-${image}`)));
+      agent.stop();
+      await agent.done;
+    }
+  } finally {
+    await s.stop();
+  }
+  return rows;
+}
+
+async function resumeVsBoot(dir: string) {
+  const snap = path.join(dir, 'snap');
+  const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', String(values['guest-mem']), '--workload-mib', String(values['guest-mib']), '--accel', 'tcg', '--json']);
+  if (shot.code !== 0) throw new Error(`snapshot failed: ${shot.stderr}`);
+  const bootSeconds = JSON.parse(shot.stdout).bootToReadySeconds as number;
+  const s = await startServer();
+  try {
+    const push = await lethe(['image', 'push', 'vm', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin')], s.env);
+    if (push.code !== 0) throw new Error(`push failed: ${push.stderr}`);
+    const results: { cache: string; runningS: number; readyS: number }[] = [];
+    const d = await enrolledDevice(s, 'bench-vm');
+    await assign(s, d.deviceId, 'vm');
+    d.close();
+    for (const cache of ['empty', 'warm'] as const) {
+      const t0 = Date.now();
+      const agent = await startAgentProc(d.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+      try {
+        await waitFor(async () => /VM resumed post-copy/.test(agent.log()) || undefined, 120_000, 'the resume');
+        const runningS = (Date.now() - t0) / 1000;
+        await waitFor(async () => /guest: LETHE-VERIFY pass=/.test(agent.log()) || undefined, 300_000, 'a verify pass');
+        results.push({ cache, runningS, readyS: (Date.now() - t0) / 1000 });
+      } finally {
+        agent.proc.kill('SIGTERM');
+        await agent.exited;
+      }
+    }
+    return { bootSeconds, results };
+  } finally {
+    await s.stop();
+  }
+}
+
+async function main() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-bench-mem-'));
+  try {
+    const rows = await faultLatency(dir);
+    const c = rows[0].p50us;
+    const out = { pages: PAGES, faults: rows.map((r) => ({ ...r, p50VsC: r.p50us / c })), guest: values['no-guest'] ? null : await resumeVsBoot(dir) };
+    if (values.json) {
+      console.log(JSON.stringify(out, null, 2));
+      return;
+    }
+    console.log(`fault service latency, ${PAGES} pages each (targets: (a) p50 ≤ 1.5× the C handler, (b) p50 ≤ 300 µs)`);
+    console.log(table(['', 'p50 µs', 'p99 µs', 'p50 ÷ C'], out.faults.map((r) => [r.name, r.p50us.toFixed(1), r.p99us.toFixed(1), r.p50VsC.toFixed(2)])));
+    if (out.guest) {
+      console.log(`\ntest guest, ${values['guest-mem']} RAM, ${values['guest-mib']} MiB workload: boot from scratch to ready ${out.guest.bootSeconds.toFixed(2)} s`);
+      console.log(
+        table(
+          ['resume (agent process start to …)', 'guest running s', 'first full verify pass s', '÷ boot'],
+          out.guest.results.map((r) => [`cache ${r.cache}`, r.runningS.toFixed(2), r.readyS.toFixed(2), (r.readyS / out.guest!.bootSeconds).toFixed(2)]),
+        ),
+      );
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
