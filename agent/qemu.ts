@@ -162,12 +162,19 @@ function kvmBootsGuest(guest: { kernel: string; initrd: string }): Promise<boole
 
 const live = new Set<ChildProcess>();
 
-/** Kills every QEMU this process started; runs on exit and on SIGINT/SIGTERM/SIGHUP. */
+/** Kills every QEMU this process started; runs on exit and on an unhandled SIGINT/SIGTERM/SIGHUP. */
 function killAll(): void {
   for (const p of live) p.kill('SIGKILL');
 }
 
+/**
+ * A signal nobody else handles would end the process without its 'exit' event:
+ * kill QEMU, then die of the signal as before. When the process handles the
+ * signal itself (the agent shuts down cleanly), it owns QEMU's end; 'exit' is
+ * still the last resort.
+ */
 function onSignal(signal: NodeJS.Signals): void {
+  if (process.listenerCount(signal) > 1) return;
   killAll();
   untrackSignals();
   process.kill(process.pid, signal);

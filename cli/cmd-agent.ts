@@ -102,9 +102,11 @@ export function agentCommand(y: Argv) {
             vm: a.vm ? { accel: a.accel } : undefined,
           });
           const stop = () => agent.stop();
-          process.once('SIGINT', stop);
-          process.once('SIGTERM', stop);
+          process.on('SIGINT', stop);
+          process.on('SIGTERM', stop);
           process.exitCode = await agent.done;
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
         },
       )
       .command('status', 'show lease, keys held (never their values), cache, resident plaintext, faults, prefetch', {}, async (a) => {

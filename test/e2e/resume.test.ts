@@ -56,6 +56,16 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
     expect(st.resident.sensitive).to.be.greaterThan(4096 * 4096);
   });
 
+  it('SIGTERM stops the agent cleanly: exit 0, QEMU gone, no RAM file left', async () => {
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    await waitFor(async () => /VM resumed post-copy/.test(agent!.log()) || undefined, 120_000, 'the resume');
+    const qemu = (await control<AgentStatus>(dev.home, { cmd: 'status' })).vm!.pid;
+    expect(await agent.stop()).to.equal(0);
+    agent = undefined;
+    await waitFor(async () => !alive(qemu) || undefined, 10_000, 'QEMU to exit');
+    expect(fs.readdirSync('/dev/shm').filter((f) => f.startsWith('lethe-ram-'))).to.deep.equal([]);
+  });
+
   it('kill -9 of the agent takes QEMU with it: the guest never runs on zero-filled pages', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
     await waitFor(async () => /guest: LETHE-VERIFY pass=1 /.test(agent!.log()) || undefined, 120_000, 'a verify pass');
