@@ -6,7 +6,6 @@
 // removed at exit.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -49,14 +48,6 @@ export function demoCommand(y: Argv) {
 
 const say = (line: string) => process.stderr.write(`lethe demo: ${line}\n`);
 
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
-
 /** Runs `lethe ARGS` as a child and returns its stdout; its stderr (progress) passes through. */
 function lethe(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -68,17 +59,17 @@ function lethe(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<st
   });
 }
 
-/** Starts `lethe server` on a fresh data dir; resolves with its URL, pin and admin token once it listens. */
+/** Starts `lethe server` on a fresh data dir and a free port; resolves with its URL, pin and admin token once it listens. */
 async function startServerProc(dir: string): Promise<{ proc: ChildProcess; url: string; pin: string; token: string }> {
-  const listen = `127.0.0.1:${await freePort()}`;
-  const init = JSON.parse(await lethe(['server', 'init', '--data', dir, '--listen', listen, '--json'])) as { url: string; fingerprint: string; adminToken: string };
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  await new Promise<void>((resolve, reject) => {
-    const lines = readline.createInterface({ input: proc.stdout! });
-    lines.once('line', () => resolve());
+  const init = JSON.parse(await lethe(['server', 'init', '--data', dir, '--json'])) as { fingerprint: string; adminToken: string };
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', '127.0.0.1:0', '--json'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const listening = await new Promise<string>((resolve, reject) => {
+    readline.createInterface({ input: proc.stdout! }).once('line', resolve);
     proc.once('exit', (code) => reject(new LetheError('INTERNAL', `the server exited with ${code} before listening`)));
   });
-  return { proc, url: init.url, pin: init.fingerprint, token: init.adminToken };
+  return { proc, url: (JSON.parse(listening) as { url: string }).url, pin: init.fingerprint, token: init.adminToken };
 }
 
 async function demo(a: DemoArgs): Promise<void> {
@@ -86,8 +77,13 @@ async function demo(a: DemoArgs): Promise<void> {
   const dirs = { server: path.join(root, 'server'), home: path.join(root, 'device'), snap: path.join(root, 'snapshot') };
   let server: ChildProcess | undefined;
   let stopAgent: (() => void) | undefined;
-  const cleanup = () => {
-    server?.kill('SIGTERM');
+  /** Stops the server (it writes a last audit checkpoint), then removes the directory. */
+  const cleanup = async () => {
+    if (server && server.exitCode === null && server.signalCode === null) {
+      const exited = new Promise((r) => server!.once('exit', r));
+      server.kill('SIGTERM');
+      await exited;
+    }
     if (!a.keep) fs.rmSync(root, { recursive: true, force: true });
   };
   try {
@@ -118,6 +114,8 @@ async function demo(a: DemoArgs): Promise<void> {
       admin.close();
     }
 
+    let lastGuest = '';
+    const statusLine = new StatusLine();
     const agent = startAgent({
       home: dirs.home,
       image: IMAGE,
@@ -131,16 +129,14 @@ async function demo(a: DemoArgs): Promise<void> {
       },
     });
     stopAgent = agent.stop;
-    let lastGuest = '';
-    const statusLine = new StatusLine();
     const timer = setInterval(() => {
       control<AgentStatus>(dirs.home, { cmd: 'status' })
         .then((st) => statusLine.show(summary(st, lastGuest)))
         .catch(() => {});
     }, 1000);
     const onSignal = () => agent.stop();
-    process.once('SIGINT', onSignal);
-    process.once('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
     say('the agent resumes the guest post-copy; Ctrl-C stops it all');
     const code = await agent.done;
     clearInterval(timer);
@@ -152,7 +148,7 @@ async function demo(a: DemoArgs): Promise<void> {
     stopAgent?.();
     throw e;
   } finally {
-    cleanup();
+    await cleanup();
   }
 }
 
