@@ -132,8 +132,8 @@ export class AgentCore {
     const refs = [{ kind, index }];
     for (let i = index + 1; refs.length < KEY_BATCH && i < index + 4 * KEY_BATCH; i++) {
       const n = this.entries[kind].get(i);
-      // This device's own writes are keyed by write keys, not released from the base.
-      if (!n || n.cls !== 'sensitive' || (n.gen === this.writeGen && n.gen !== gen)) continue;
+      // A chunk this device wrote is keyed by its write key: the server has no such chunk to release a key for.
+      if (!n || n.cls !== 'sensitive' || n.gen === this.writeGen) continue;
       const id = this.keyId(kind, i, n.gen);
       if (!this.keys.hasSensitiveKey(id) && !this.keysInFlight.has(id)) refs.push({ kind, index: i });
     }
@@ -154,13 +154,6 @@ export class AgentCore {
     } finally {
       for (const id of ids) this.keysInFlight.delete(id);
     }
-  }
-
-  /** Asks for the write key of one chunk (audited) and keeps it; returns its generation and class. */
-  private async fetchWriteKey(kind: ChunkKind, index: number): Promise<{ gen: number; cls: Sensitivity }> {
-    await this.ensureWriteKeys(kind, [index]);
-    const gen = this.writeGen!;
-    return { gen, cls: this.writeCls.get(this.keyId(kind, index, gen))! };
   }
 
   /** Whether this device holds the key to encrypt new content of a chunk. */
@@ -213,11 +206,18 @@ export class AgentCore {
     await Promise.all(waits);
   }
 
-  /** This chunk and its next neighbours (up to KEY_BATCH, inside the image) without a write key. */
+  /**
+   * This chunk and its next neighbours (up to KEY_BATCH, inside the image) without a
+   * write key. A neighbour this device wrote is left out: its key would read the
+   * ciphertext its eviction left in the cache.
+   */
   private writeNeighbours(kind: ChunkKind, index: number): number[] {
     const count = Math.ceil(this.sizeOf(kind) / CHUNK_SIZE[kind]);
     const out = [index];
-    for (let i = index + 1; out.length < KEY_BATCH && i < count; i++) if (!this.hasWriteKey(kind, i) && !this.keysInFlight.has(`w/${kind}/${i}`)) out.push(i);
+    for (let i = index + 1; out.length < KEY_BATCH && i < count; i++) {
+      if (this.hasWriteKey(kind, i) || this.keysInFlight.has(`w/${kind}/${i}`) || this.entries[kind].get(i)?.gen === this.writeGen) continue;
+      out.push(i);
+    }
     return out;
   }
 
@@ -316,7 +316,7 @@ export class AgentCore {
     }
     // Its read key and its write key both go: the ciphertext left is unreadable here.
     const e = this.entries[kind].get(index);
-    if (e && (e.cls === 'sensitive' || e.gen === this.writeGen)) this.keys.dropSensitiveKey(this.keyId(kind, index, e.gen));
+    if (e?.cls === 'sensitive') this.keys.dropSensitiveKey(this.keyId(kind, index, e.gen));
     if (this.writeGen !== undefined) this.keys.dropSensitiveKey(this.keyId(kind, index, this.writeGen));
     this.stats.evicted++;
   }
@@ -331,6 +331,19 @@ export class AgentCore {
   }
 
   /**
+   * Drops the sensitive and write keys of `kind` chunks whose plaintext is not
+   * resident and that `keep` does not name (a fault being served): keys fetched
+   * for neighbours that were never touched, or for pages evicted since. Returns
+   * how many went.
+   */
+  dropKeysWithoutPlaintext(kind: ChunkKind, keep: (index: number) => boolean): number {
+    return this.keys.dropSensitiveKeysWhere((id) => {
+      const [, k, i] = id.split('/');
+      return k === kind && !this.residentSet.has(`${kind}/${i}`) && !keep(Number(i));
+    });
+  }
+
+  /**
    * A guest write: encrypts `data` under this chunk's write key (asked for
    * once per chunk, audited) and stores it in the cache as dirty. Throws
    * BAD_REQUEST for a write that does not fit the chunk.
@@ -342,17 +355,14 @@ export class AgentCore {
     if (index < 0 || expect <= 0 || data.length !== expect) {
       throw new LetheError('BAD_REQUEST', `write of ${data.length} bytes to ${kind} chunk ${index} does not fit (expected ${Math.max(expect, 0)})`);
     }
-    let gen = this.writeGen;
-    let cls = gen === undefined ? undefined : this.writeCls.get(this.keyId(kind, index, gen));
-    if (gen === undefined || cls === undefined || !this.keys.hasSensitiveKey(this.keyId(kind, index, gen))) {
-      ({ gen, cls } = await this.fetchWriteKey(kind, index));
-    }
-    const e: Entry = { gen, cls, ctHash: '' };
+    await this.ensureWriteKeys(kind, [index]);
+    const gen = this.writeGen!;
+    const e: Entry = { gen, cls: this.writeCls.get(this.keyId(kind, index, gen))!, ctHash: '' };
     if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
     try {
       const blob = encryptChunk(this.scratch, this.coord(kind, index, e), data);
       e.ctHash = sha256(blob).toString('base64url');
-      this.cache.put(this.cacheKey(kind, index, e), blob, true, cls);
+      this.cache.put(this.cacheKey(kind, index, e), blob, true, e.cls);
       this.entries[kind].set(index, e);
       this.stats.writes++;
     } finally {

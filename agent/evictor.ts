@@ -51,7 +51,8 @@ export class Evictor {
   readonly stats = { evicted: 0, dirty: 0, kept: 0, passes: 0, pauseMsLast: 0, pauseMsMax: 0, pauseMsTotal: 0 };
   /** When each page arrived (ms since the epoch), 0 when it is not resident. */
   private readonly since: Float64Array;
-  private readonly hashes: Uint8Array;
+  private readonly hashes: Buffer;
+  private readonly scratchHash = Buffer.alloc(HASH_BYTES);
   private readonly hashKey = secureBuffer(32);
   private readonly zeroHash = Buffer.alloc(HASH_BYTES);
   private readonly pool = new BufferPool(1, PAGE);
@@ -67,14 +68,14 @@ export class Evictor {
     private readonly log: (line: string) => void,
   ) {
     this.since = new Float64Array(vm.pages);
-    this.hashes = new Uint8Array(vm.pages * HASH_BYTES);
+    this.hashes = Buffer.alloc(vm.pages * HASH_BYTES);
     sodium.randombytes_buf(this.hashKey);
     sodium.crypto_generichash(this.zeroHash, Buffer.alloc(PAGE), this.hashKey);
   }
 
   /** Call from the fault handler with the content about to be installed (null: a zero page). */
   recordFault(page: number, data: Buffer | null): void {
-    const out = Buffer.from(this.hashes.buffer, this.hashes.byteOffset + page * HASH_BYTES, HASH_BYTES);
+    const out = this.hashOf(page);
     if (data) sodium.crypto_generichash(out, data, this.hashKey);
     else this.zeroHash.copy(out);
     this.since[page] = Date.now();
@@ -120,7 +121,10 @@ export class Evictor {
       for (let p = 0; p < this.since.length; p++) {
         if (this.since[p] !== 0 && now - this.since[p] >= this.idleMs && this.sensitive(p)) due.push(p);
       }
-      return this.evictPages(due, 'idle');
+      const r = await this.evictPages(due, 'idle');
+      // Keys fetched beside a fault for neighbours the guest did not touch go too.
+      this.core.dropKeysWithoutPlaintext('mem', (p) => this.vm.faultInFlight(p));
+      return r;
     });
   }
 
@@ -173,9 +177,13 @@ export class Evictor {
   /** Reads the page into buf and tells whether it differs from what arrived. */
   private changed(page: number, buf: Buffer): boolean {
     this.readPage(page, buf);
-    const h = Buffer.alloc(HASH_BYTES);
-    sodium.crypto_generichash(h, buf, this.hashKey);
-    return !h.equals(Buffer.from(this.hashes.buffer, this.hashes.byteOffset + page * HASH_BYTES, HASH_BYTES));
+    sodium.crypto_generichash(this.scratchHash, buf, this.hashKey);
+    return !this.scratchHash.equals(this.hashOf(page));
+  }
+
+  /** The arrival hash of a page, in place. */
+  private hashOf(page: number): Buffer {
+    return this.hashes.subarray(page * HASH_BYTES, (page + 1) * HASH_BYTES);
   }
 
   private async evictPages(pages: number[], why: string): Promise<EvictResult> {

@@ -65,22 +65,23 @@ export class KeyRing {
 
   /** Stores a class key (copied; the caller wipes its own copy). */
   setClassKey(gen: number, key: Uint8Array): void {
-    this.use(() => {
-      const old = this.classSlots.get(gen);
-      if (old !== undefined) this.release(old);
-      this.classSlots.set(gen, this.take(key));
-    });
+    this.put(this.classSlots, gen, key);
   }
 
   hasClassKey(gen: number): boolean {
     return this.classSlots.has(gen);
   }
 
+  /** Stores a sensitive chunk key or a write key (copied; the caller wipes its own copy). */
   setSensitiveKey(id: string, key: Uint8Array): void {
+    this.put(this.sensitiveSlots, id, key);
+  }
+
+  private put<K>(slots: Map<K, number>, id: K, key: Uint8Array): void {
     this.use(() => {
-      const old = this.sensitiveSlots.get(id);
+      const old = slots.get(id);
       if (old !== undefined) this.release(old);
-      this.sensitiveSlots.set(id, this.take(key));
+      slots.set(id, this.take(key));
     });
   }
 
@@ -95,6 +96,17 @@ export class KeyRing {
     this.use(() => this.release(i));
     this.sensitiveSlots.delete(id);
     return true;
+  }
+
+  /** Forgets every sensitive key whose id `drop` picks; returns how many. */
+  dropSensitiveKeysWhere(drop: (id: string) => boolean): number {
+    const ids = [...this.sensitiveSlots.keys()].filter(drop);
+    if (ids.length === 0) return 0;
+    this.use(() => {
+      for (const id of ids) this.release(this.sensitiveSlots.get(id)!);
+    });
+    for (const id of ids) this.sensitiveSlots.delete(id);
+    return ids.length;
   }
 
   /** Calls `fn` with the class key of `gen` (or undefined); the key must not escape `fn`. */

@@ -1,0 +1,70 @@
+// The agent core's keys for guest RAM, against a real server: batches of
+// sensitive and write keys never take in a chunk this device wrote, and keys
+// whose plaintext is gone are dropped.
+import { expect } from 'chai';
+import { randomBytes } from 'node:crypto';
+import { startAgent, type RunningAgent } from '../../agent/daemon.js';
+import { assign, enrolledDevice, pushImage, type TestImage } from '../helpers/fixtures.js';
+import { startServer, type ServerProc } from '../helpers/proc.js';
+
+const PAGE = 4096;
+
+describe('guest RAM keys in the agent core (real server)', function () {
+  this.timeout(30_000);
+  let s: ServerProc;
+  let img: TestImage;
+  let agent: RunningAgent;
+  before(async () => {
+    s = await startServer();
+    img = await pushImage(s, 'ram'); // mem chunks 0, 2, 4, 6 stored (sensitive); 1, 3, 5, 7 zero
+    const d = await enrolledDevice(s);
+    await assign(s, d.deviceId, 'ram');
+    d.close();
+    agent = startAgent({ home: d.home, image: 'ram', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
+    await agent.lease.whenActive();
+  });
+  after(async () => {
+    agent?.stop();
+    await agent?.done;
+    await s?.stop();
+  });
+  const page = (i: number) => img.plain.mem.subarray(i * PAGE, (i + 1) * PAGE);
+
+  it("a sensitive key batch leaves out a neighbour this device wrote; both read back", async () => {
+    const core = agent.core;
+    const mine = randomBytes(PAGE);
+    await core.write('mem', 1, mine); // zero in the image: the server has no chunk 1 to release a key for
+    core.evict('mem', 1);
+    expect(core.hasWriteKey('mem', 1), 'the write key left with the page').to.equal(false);
+    const out = Buffer.alloc(PAGE);
+    expect(await core.readInto('mem', 0, out)).to.equal('server');
+    expect(out.equals(page(0))).to.equal(true);
+    await core.readInto('mem', 1, out);
+    expect(out.equals(mine)).to.equal(true);
+  });
+
+  it('a write-key batch beside a fault leaves out a neighbour this device wrote and evicted', async () => {
+    const core = agent.core;
+    await core.write('mem', 4, randomBytes(PAGE));
+    core.evict('mem', 4);
+    await core.readInto('mem', 3, Buffer.alloc(PAGE), { resident: true, writable: true });
+    expect(core.hasWriteKey('mem', 3)).to.equal(true);
+    expect(core.hasWriteKey('mem', 5), 'an untouched neighbour').to.equal(true);
+    expect(core.hasWriteKey('mem', 4), 'its ciphertext stays unreadable here').to.equal(false);
+    core.evict('mem', 3);
+  });
+
+  it('keys whose plaintext is not resident are dropped; a resident page keeps its own', async () => {
+    const core = agent.core;
+    await core.readInto('mem', 2, Buffer.alloc(PAGE), { resident: true, writable: true });
+    expect(agent.status().keys.sensitiveKeys).to.be.greaterThan(2); // neighbours came with it
+    core.dropKeysWithoutPlaintext('mem', () => false);
+    expect(agent.status().keys.sensitiveKeys).to.equal(2); // page 2's read key and write key
+    expect(core.hasWriteKey('mem', 2)).to.equal(true);
+    const out = Buffer.alloc(PAGE);
+    const before = core.stats.keyRequests;
+    await core.readInto('mem', 2, out);
+    expect(core.stats.keyRequests, 'the resident page needed no new key').to.equal(before);
+    expect(out.equals(page(2))).to.equal(true);
+  });
+});
