@@ -318,6 +318,26 @@ export class Vm {
   }
 
   /** Asks QEMU to quit over QMP, and kills it if it has not exited within 10 s. */
+  /**
+   * Saves the device state, without the shared RAM (x-ignore-shared), to a migration
+   * URI (`exec:…`, `unix:…`) and waits for it to complete. Call with the vCPUs stopped.
+   * @throws LetheError INTERNAL when QEMU refuses, the migration fails or takes over `timeoutMs`
+   */
+  async saveState(uri: string, timeoutMs = 60_000): Promise<void> {
+    await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    await this.qmp.execute('migrate', { uri });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const info = await this.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+      if (info.status === 'completed') return;
+      if (info.status === 'failed' || info.status === 'cancelled') {
+        throw new LetheError('INTERNAL', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
+      }
+      if (Date.now() > deadline) throw new LetheError('INTERNAL', `saving the device state took over ${timeoutMs / 1000} s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
   async quit(): Promise<ExitStatus> {
     if (!this.status) {
       const timer = setTimeout(() => this.proc.kill('SIGKILL'), QUIT_TIMEOUT_MS);

@@ -116,16 +116,7 @@ export class AgentVm implements EvictTarget {
     });
     await new Promise<void>((resolve, reject) => server.listen(sockPath, resolve).once('error', reject));
     try {
-      await this.vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      await this.vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
-      const t0 = Date.now();
-      for (;;) {
-        const info = await this.vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
-        if (info.status === 'completed') break;
-        if (info.status === 'failed' || info.status === 'cancelled') throw new LetheError('INTERNAL', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
-        if (Date.now() - t0 > MIGRATION_MS) throw new LetheError('INTERNAL', `saving the device state took over ${MIGRATION_MS / 1000} s`);
-        await new Promise((r) => setTimeout(r, 20));
-      }
+      await this.vm.saveState(`unix:${sockPath}`, MIGRATION_MS);
       await withTimeout(received, 5_000, 'the device state did not arrive');
       const out = secureBuffer(total);
       let at = 0;

@@ -5,7 +5,6 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv } from 'yargs';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { buildGuest, type GuestArtifacts } from '../guest-driver/build.js';
@@ -21,7 +20,6 @@ const SECRET_RE = /^[A-Za-z0-9._:+-]{1,64}$/;
 const READY_RE = /^LETHE-WORKLOAD-READY pages=(\d+)/;
 /** The magic at the start of a QEMU migration stream (migration/savevm.c, QEMU_VM_FILE_MAGIC). */
 const QEVM_MAGIC = 'QEVM';
-const MIGRATE_POLL_MS = 20;
 const MIGRATE_TIMEOUT_MS = 60_000;
 const FILES = { disk: 'disk.raw', ram: 'ram.bin', state: 'state.bin' } as const;
 
@@ -207,18 +205,7 @@ async function bootAndSave(plan: Plan, guest: GuestArtifacts, accel: Accel, file
  */
 async function saveDeviceState(vm: Vm, file: string): Promise<void> {
   await vm.qmp.execute('stop');
-  await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-  await vm.qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(file)}` });
-  const deadline = Date.now() + MIGRATE_TIMEOUT_MS;
-  for (;;) {
-    const info = await vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
-    if (info.status === 'completed') break;
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new LetheError('INTERNAL', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
-    }
-    if (Date.now() > deadline) throw new LetheError('INTERNAL', `saving the device state took over ${MIGRATE_TIMEOUT_MS / 1000} s`);
-    await sleep(MIGRATE_POLL_MS);
-  }
+  await vm.saveState(`exec:cat > ${shellQuote(file)}`, MIGRATE_TIMEOUT_MS);
   const head = Buffer.alloc(4);
   const fd = fs.openSync(file, 'r');
   try {
