@@ -9,7 +9,6 @@
 //   same guest from scratch to its ready line (both: every workload page touched).
 //
 //   node --import tsx bench/memory-path.ts [--pages 4096] [--guest-mem 256M] [--guest-mib 64] [--no-guest] [--json]
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,9 +16,10 @@ import { parseArgs } from 'node:util';
 import { startAgent } from '../agent/daemon.js';
 import { table } from '../cli/output.js';
 import { MEM_CHUNK_SIZE } from '../common/constants.js';
-import { BUILD_DIR, FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
+import { FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
 import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, waitFor } from '../test/helpers/proc.js';
+import { timeCHandler, timeClient } from './lib/fault-client.js';
 import { percentile, sortedCopy } from './lib/stats.js';
 import { randomBytes } from 'node:crypto';
 
@@ -33,25 +33,6 @@ const { values } = parseArgs({
   },
 });
 const PAGES = Number(values.pages);
-const CLIENT = path.join(BUILD_DIR, 'fault-client');
-const C_HANDLER = path.join(BUILD_DIR, 'c-handler');
-
-/** fault-client over a fresh RAM file of PAGES pages; the first-touch latency of each, in ns. */
-function timeClient(ram: string, env: Record<string, string>): Promise<number[]> {
-  const p = spawn(CLIENT, [ram, String(PAGES)], { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  p.stdout.on('data', (d) => (out += d));
-  p.stderr.on('data', (d) => (err += d));
-  p.stdin.end(`time 0 ${PAGES}\n`);
-  return new Promise((resolve, reject) => {
-    p.on('close', (code, signal) => {
-      const line = /^latency_ns (.*)$/m.exec(out);
-      if (code !== 0 || !line) return reject(new Error(`fault-client failed (${signal ?? `status ${code}`}): ${err.trim()}`));
-      resolve(line[1].split(',').map(Number));
-    });
-  });
-}
 
 function freshRam(name: string): string {
   const ram = path.join('/dev/shm', `lethe-bench-${process.pid}-${name}.ram`);
@@ -62,21 +43,8 @@ function freshRam(name: string): string {
 
 async function cHandler(dir: string): Promise<number[]> {
   const ram = freshRam('c');
-  const sock = path.join(dir, 'c.sock');
-  const h = spawn(C_HANDLER, [sock], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  const ended = new Promise<void>((resolve, reject) => h.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`c-handler exited ${code}`)))));
-  await new Promise<void>((resolve, reject) => {
-    h.stdout.on('data', (d) => {
-      out += d;
-      if (out.includes('listening')) resolve();
-    });
-    void ended.catch(reject);
-  });
   try {
-    const lat = await timeClient(ram, shimEnv(ram, sock));
-    await ended;
-    return lat;
+    return await timeCHandler(path.join(dir, 'c.sock'), ram, PAGES);
   } finally {
     fs.rmSync(ram, { force: true });
   }
@@ -102,7 +70,7 @@ async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['cor
     (e) => (failure ??= e),
   );
   try {
-    const lat = await timeClient(ram, shimEnv(ram, sock));
+    const lat = await timeClient(ram, PAGES, shimEnv(ram, sock));
     if (failure) throw failure;
     return lat;
   } finally {

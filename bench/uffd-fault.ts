@@ -15,14 +15,15 @@
 //   same   both on CPU 0 (every wakeup is a context switch on one CPU)
 //   split  faulting process on CPU 0, handler (all its threads) on CPU 1
 //   free   no pinning: the scheduler decides, and the numbers are a mix of the two
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import koffi from 'koffi';
 import { table } from '../cli/output.js';
-import { BUILD_DIR, FaultThread, PAGE_SIZE, UffdListener, shimEnv, type FaultMode, type UffdMapping } from '../native/index.js';
+import { FaultThread, PAGE_SIZE, UffdListener, shimEnv, type FaultMode, type UffdMapping } from '../native/index.js';
+import { timeCHandler, timeClient } from './lib/fault-client.js';
 import { percentile, sortedCopy } from './lib/stats.js';
 
 const { values } = parseArgs({
@@ -36,8 +37,6 @@ const { values } = parseArgs({
 const PAGES = Number(values.pages);
 const ROUNDS = Number(values.rounds);
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLIENT = path.join(BUILD_DIR, 'fault-client');
-const C_HANDLER = path.join(BUILD_DIR, 'c-handler');
 
 type Placement = 'same' | 'split' | 'free';
 const PLACEMENTS: Record<Placement, { client: string; handler: string } | null> = {
@@ -63,23 +62,8 @@ function place(p: Placement): void {
   execFileSync('taskset', ['-a', '-cp', PLACEMENTS[p]?.handler ?? ALL_CPUS, String(process.pid)], { stdio: 'ignore' });
 }
 
-/** Runs fault-client over a fresh RAM file; the first-touch latency of each page, in ns. */
-function timeClient(ram: string, env: Record<string, string>): Promise<number[]> {
-  const [cmd, args] = pinned('client', CLIENT, [ram, String(PAGES)]);
-  const p = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  p.stdout.on('data', (d) => (out += d));
-  p.stderr.on('data', (d) => (err += d));
-  p.stdin.end(`time 0 ${PAGES}\n`);
-  return new Promise((resolve, reject) => {
-    p.on('close', (code, signal) => {
-      const line = /^latency_ns (.*)$/m.exec(out);
-      if (code !== 0 || !line) return reject(new Error(`fault-client failed (${signal ?? `status ${code}`}): ${err.trim()}`));
-      resolve(line[1].split(',').map(Number));
-    });
-  });
-}
+/** fault-client under the current placement. */
+const client = (ram: string, env: Record<string, string>) => timeClient(ram, PAGES, env, (cmd, args) => pinned('client', cmd, args));
 
 /** The byte c-handler fills a page with, so every variant copies the same data. */
 const fillByte = (m: UffdMapping, address: number) => ((m.hello.offset + address - m.hello.base) / PAGE_SIZE) & 0xff;
@@ -168,27 +152,6 @@ function koffiServe(m: UffdMapping, fail: (e: Error) => void): void {
   step();
 }
 
-async function cHandler(sock: string, ram: string): Promise<number[]> {
-  const [cmd, args] = pinned('handler', C_HANDLER, [sock]);
-  const h = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  h.stderr.on('data', (d) => (err += d));
-  const ended = new Promise<void>((resolve, reject) =>
-    h.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`c-handler failed (status ${code}): ${err.trim()}`)))),
-  );
-  await new Promise<void>((resolve, reject) => {
-    h.stdout.on('data', (d) => {
-      out += d;
-      if (out.includes('listening')) resolve();
-    });
-    void ended.catch(reject);
-  });
-  const lat = await timeClient(ram, shimEnv(ram, sock));
-  await ended;
-  return lat;
-}
-
 async function runVariant(v: Variant, dir: string, round: number): Promise<number[]> {
   const ram = path.join('/dev/shm', `${path.basename(dir)}-${v}-${round}.ram`);
   const sock = path.join(dir, `${v}-${round}.sock`);
@@ -197,15 +160,15 @@ async function runVariant(v: Variant, dir: string, round: number): Promise<numbe
   try {
     switch (v) {
       case 'c-handler':
-        return await cHandler(sock, ram);
+        return await timeCHandler(sock, ram, PAGES, { client: (c, a) => pinned('client', c, a), handler: (c, a) => pinned('handler', c, a) });
       case 'addon-loop':
-        return await withListener(sock, addonServe('loop'), () => timeClient(ram, shimEnv(ram, sock)));
+        return await withListener(sock, addonServe('loop'), () => client(ram, shimEnv(ram, sock)));
       case 'addon-thread':
-        return await withListener(sock, addonServe('thread'), () => timeClient(ram, shimEnv(ram, sock)));
+        return await withListener(sock, addonServe('thread'), () => client(ram, shimEnv(ram, sock)));
       case 'koffi':
-        return await withListener(sock, koffiServe, () => timeClient(ram, shimEnv(ram, sock)));
+        return await withListener(sock, koffiServe, () => client(ram, shimEnv(ram, sock)));
       case 'no-uffd':
-        return await timeClient(ram, {});
+        return await client(ram, {});
     }
   } finally {
     fs.rmSync(ram, { force: true });
