@@ -197,15 +197,17 @@ export function startAgent(o: AgentOptions): RunningAgent {
     await leaseHold;
     await vm.evictor.evictAllSensitive('the lease is running out unrenewed');
   };
-  lease.on('renewed', () => {
-    if (vm) vm.evictor.idleMs = evictIdleMs();
-  });
-  lease.on('granted', (l) => {
-    log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
+  /** A lease is active again (granted, or renewed after beforeExpiry held the guest): the guest runs. */
+  const leaseBack = () => {
     if (vm) vm.evictor.idleMs = evictIdleMs();
     const held = leaseHold;
     leaseHold = undefined;
     void held?.then((release) => release()).catch(() => {});
+  };
+  lease.on('renewed', leaseBack);
+  lease.on('granted', (l) => {
+    log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
+    leaseBack();
     startPrefetch();
     startNbd()
       .then(() => startVm())
@@ -257,19 +259,29 @@ export function startAgent(o: AgentOptions): RunningAgent {
     if (suspending) throw new LetheError('CONFLICT', 'a suspend is already under way');
     suspending = true;
     const t0 = Date.now();
-    await lease.whenActive();
     vm.evictor.stop();
-    await vm.hold('suspend');
-    await vm.whenStopped();
-    const pages = await vm.evictor.captureDirty();
-    const state = await vm.saveState();
+    const release = await vm.hold('suspend');
+    let pages: number;
+    let r: Awaited<ReturnType<typeof core.checkin>>;
     try {
-      await core.replaceState(state);
-    } finally {
-      wipe(state);
+      await lease.whenActive();
+      await vm.whenStopped();
+      pages = await vm.evictor.captureDirty();
+      const state = await vm.saveState();
+      try {
+        await core.replaceState(state);
+      } finally {
+        wipe(state);
+      }
+      await disk?.flush();
+      r = await core.checkin(urgent);
+    } catch (e) {
+      // Nothing was committed: the guest goes on (QEMU can run after a migration) and so does eviction.
+      suspending = false;
+      vm.evictor.start();
+      await release();
+      throw e;
     }
-    await disk?.flush();
-    const r = await core.checkin(urgent);
     log(`suspended: ${pages} changed page(s), the device state and dirty disk chunks checked in as ${o.image}@${r.version} in ${Date.now() - t0} ms`);
     return { ...r, pages, stateBytes: core.sizeOf('state'), ms: Date.now() - t0 };
   };

@@ -97,7 +97,10 @@ export class Evictor {
     return { pages, sensitive };
   }
 
+  /** Starts (or restarts, after stop()) the idle passes. */
   start(): void {
+    this.stopped = false;
+    clearTimeout(this.timer);
     this.schedule();
   }
 

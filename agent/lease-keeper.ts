@@ -51,7 +51,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   prepare?: (l: TLeaseResponse) => Promise<void>;
   /**
    * Runs while the keys are still held, when the lease is about to run out unrenewed
-   * (EXPIRY_MARGIN before) or the server ended it: e.g. evict every sensitive page.
+   * (expiryMargin before) or the server ended it: e.g. evict every sensitive page.
    */
   beforeExpiry?: () => Promise<void>;
   private expiringTimer?: NodeJS.Timeout;
@@ -127,11 +127,9 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     this.lastError = undefined;
     this.expiresAt = receivedAt + l.ttlSeconds * 1000;
     const renewIn = Math.max(0, Date.parse(l.renewAfter) - Date.parse(l.expiresAt) + l.ttlSeconds * 1000);
-    clearTimeout(this.renewTimer);
-    clearTimeout(this.expiryTimer);
+    this.clearLeaseTimers();
     this.renewTimer = setTimeout(() => void this.renew(), renewIn);
     this.expiryTimer = setTimeout(() => this.expiredLease(), this.expiresAt - Date.now());
-    clearTimeout(this.expiringTimer);
     this.expiringTimer = setTimeout(() => this.runBeforeExpiry(), Math.max(0, this.expiresAt - expiryMargin(l.ttlSeconds * 1000) - Date.now()));
     this.emit(renewed ? 'renewed' : 'granted', l);
     if (!wasActive) for (const w of this.waiters.splice(0)) w();
@@ -139,9 +137,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
 
   /** Call after a check-in ended the lease on the server: takes a lease on the new version without zeroing keys. */
   async reacquire(): Promise<void> {
-    clearTimeout(this.expiringTimer);
-    clearTimeout(this.renewTimer);
-    clearTimeout(this.expiryTimer);
+    this.clearLeaseTimers();
     const l = await this.client.lease(this.image);
     await this.prepare?.(l);
     this.leaseGranted(l);
@@ -184,9 +180,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   /** Call when the lease runs out unrenewed: zero every key, tell the owner, and keep asking for a new one. */
   private expiredLease(): void {
     if (this.state !== 'active') return;
-    clearTimeout(this.expiringTimer);
-    clearTimeout(this.renewTimer);
-    clearTimeout(this.expiryTimer);
+    this.clearLeaseTimers();
     this.keys.zeroAll();
     this.state = 'expired';
     this.emit('expired');
@@ -233,10 +227,14 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     if (!this.final()) this.scheduleHeartbeat(this.heartbeatMs);
   }
 
-  private stopTimers(): void {
+  private clearLeaseTimers(): void {
     clearTimeout(this.expiringTimer);
     clearTimeout(this.renewTimer);
     clearTimeout(this.expiryTimer);
+  }
+
+  private stopTimers(): void {
+    this.clearLeaseTimers();
     clearTimeout(this.heartbeatTimer);
   }
 
