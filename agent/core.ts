@@ -331,13 +331,15 @@ export class AgentCore {
   }
 
   /**
-   * Drops the sensitive and write keys of `kind` chunks whose plaintext is not
-   * resident and that `keep` does not name (a fault being served): keys fetched
-   * for neighbours that were never touched, or for pages evicted since. Returns
-   * how many went.
+   * Drops the sensitive and write keys of `kind` chunks held for `olderThanMs` or
+   * longer whose plaintext is not resident and that `keep` does not name (a fault
+   * being served): keys fetched for neighbours the guest did not touch in that
+   * time, as a page's plaintext goes when it was not used. Returns how many went.
    */
-  dropKeysWithoutPlaintext(kind: ChunkKind, keep: (index: number) => boolean): number {
-    return this.keys.dropSensitiveKeysWhere((id) => {
+  dropKeysWithoutPlaintext(kind: ChunkKind, olderThanMs: number, keep: (index: number) => boolean): number {
+    const before = Date.now() - olderThanMs;
+    return this.keys.dropSensitiveKeysWhere((id, since) => {
+      if (since > before) return false;
       const [, k, i] = id.split('/');
       return k === kind && !this.residentSet.has(`${kind}/${i}`) && !keep(Number(i));
     });

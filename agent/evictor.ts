@@ -126,7 +126,7 @@ export class Evictor {
       }
       const r = await this.evictPages(due, 'idle');
       // Keys fetched beside a fault for neighbours the guest did not touch go too.
-      this.core.dropKeysWithoutPlaintext('mem', (p) => this.vm.faultInFlight(p));
+      this.core.dropKeysWithoutPlaintext('mem', this.idleMs, (p) => this.vm.faultInFlight(p));
       return r;
     });
   }

@@ -17,6 +17,8 @@ export class KeyRing {
   private readonly free: number[] = [];
   private readonly classSlots = new Map<number, number>();
   private readonly sensitiveSlots = new Map<string, number>();
+  /** When each sensitive key was stored (Date.now()). */
+  private readonly sensitiveSince = new Map<string, number>();
   private openDepth = 0;
 
   constructor(readonly slabSlots = DEFAULT_SLOTS) {
@@ -75,6 +77,7 @@ export class KeyRing {
   /** Stores a sensitive chunk key or a write key (copied; the caller wipes its own copy). */
   setSensitiveKey(id: string, key: Uint8Array): void {
     this.put(this.sensitiveSlots, id, key);
+    this.sensitiveSince.set(id, Date.now());
   }
 
   private put<K>(slots: Map<K, number>, id: K, key: Uint8Array): void {
@@ -95,17 +98,21 @@ export class KeyRing {
     if (i === undefined) return false;
     this.use(() => this.release(i));
     this.sensitiveSlots.delete(id);
+    this.sensitiveSince.delete(id);
     return true;
   }
 
-  /** Forgets every sensitive key whose id `drop` picks; returns how many. */
-  dropSensitiveKeysWhere(drop: (id: string) => boolean): number {
-    const ids = [...this.sensitiveSlots.keys()].filter(drop);
+  /** Forgets every sensitive key `drop` picks by its id and the time it was stored; returns how many. */
+  dropSensitiveKeysWhere(drop: (id: string, since: number) => boolean): number {
+    const ids = [...this.sensitiveSince].filter(([id, since]) => drop(id, since)).map(([id]) => id);
     if (ids.length === 0) return 0;
     this.use(() => {
       for (const id of ids) this.release(this.sensitiveSlots.get(id)!);
     });
-    for (const id of ids) this.sensitiveSlots.delete(id);
+    for (const id of ids) {
+      this.sensitiveSlots.delete(id);
+      this.sensitiveSince.delete(id);
+    }
     return ids.length;
   }
 
@@ -131,6 +138,7 @@ export class KeyRing {
     });
     this.classSlots.clear();
     this.sensitiveSlots.clear();
+    this.sensitiveSince.clear();
     this.free.length = 0;
     for (let i = this.slabs.length * this.slabSlots - 1; i >= 0; i--) this.free.push(i);
   }

@@ -13,6 +13,7 @@ import { findFd, scanFile, scanProcess, scanTree } from '../helpers/scan.js';
 
 const IDLE_S = 1;
 const INTERVAL_S = 8;
+const LEASE_TTL_S = 20;
 
 /** The workload's page header magic ("LTHP", guest-driver/page-format.ts). */
 const MAGIC_MEM = 0x5048544c;
@@ -47,6 +48,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
   let marker: Buffer;
   let agent: AgentProc | undefined;
   let agent2: AgentProc | undefined;
+  let agent3: AgentProc | undefined;
 
   before(async () => {
     const dir = tmpDir('lethe-evict-');
@@ -62,20 +64,29 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
       s.env,
     );
     expect(push.code, push.stderr).to.equal(0);
+    // The same guest under a short lease, with an idle time it never reaches.
+    const shortLease = path.join(dir, 'short-lease.yaml');
+    fs.writeFileSync(shortLease, `lease:\n  ttl: ${LEASE_TTL_S}s\n  renew: 4s\neviction:\n  idle: 10m\n`);
+    const push2 = await lethe(
+      ['image', 'push', 'vm-lease', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', shortLease],
+      s.env,
+    );
+    expect(push2.code, push2.stderr).to.equal(0);
     fs.rmSync(dir, { recursive: true, force: true }); // the plaintext source goes
     dev = await enrolledDevice(s, 'laptop-a');
     other = await enrolledDevice(s, 'laptop-b');
     await assign(s, dev.deviceId, 'vm');
     await assign(s, other.deviceId, 'vm');
+    await assign(s, dev.deviceId, 'vm-lease');
   });
   afterEach(function () {
     if (this.currentTest?.state !== 'failed') return;
-    for (const [name, a] of [['first', agent], ['second', agent2]] as const) {
+    for (const [name, a] of [['first', agent], ['second', agent2], ['third', agent3]] as const) {
       if (a) console.log(`--- the ${name} agent's log, last lines:\n${a.log().split('\n').slice(-40).join('\n')}`);
     }
   });
   after(async () => {
-    for (const a of [agent, agent2]) {
+    for (const a of [agent, agent2, agent3]) {
       if (a && a.proc.exitCode === null) {
         a.proc.kill('SIGKILL');
         await a.exited;
@@ -157,5 +168,36 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(ps[0].ok).to.equal(4096);
     const st = await control<AgentStatus>(other.home, { cmd: 'status' });
     expect(st.version).to.equal(out.version);
+  });
+
+  it('offline until the lease runs out: every sensitive page and key leaves before the keys do; the guest carries on once the server is back', async () => {
+    agent2!.proc.kill('SIGKILL');
+    await agent2!.exited;
+    agent3 = await startAgentProc(dev.home, 'vm-lease', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    await waitFor(async () => passes(agent3!.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    const before = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    expect(before.vm!.residentPages.sensitive, 'idle time not reached: pages stay').to.be.greaterThan(4096);
+    const ram = findFd(before.vm!.pid, /lethe-ram-.*\(deleted\)$/)!;
+
+    await s.stop();
+    const expired = await waitFor(
+      async () => {
+        const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
+        return st.lease.state === 'expired' ? st : undefined;
+      },
+      (LEASE_TTL_S + 10) * 1000,
+      'the lease to expire',
+    );
+    expect(agent3.log()).to.match(/evicted \d+ sensitive page\(s\) \(the lease is running out unrenewed\)/);
+    expect(expired.vm!.residentPages.sensitive).to.equal(0);
+    expect(expired.vm!.eviction.kept).to.equal(0);
+    expect(expired.vm!.heldFor).to.include('lease');
+    expect(expired.keys).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
+    expect(plantedHits(ram, marker)).to.deep.equal([]);
+
+    s = await s.restart();
+    const n = passes(agent3.log()).length;
+    await waitFor(async () => passes(agent3!.log()).length > n || undefined, 180_000, 'a verify pass after the server came back');
+    for (const p of passes(agent3.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
   });
 });

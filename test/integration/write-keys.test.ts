@@ -58,7 +58,10 @@ describe('guest RAM keys in the agent core (real server)', function () {
     const core = agent.core;
     await core.readInto('mem', 2, Buffer.alloc(PAGE), { resident: true, writable: true });
     expect(agent.status().keys.sensitiveKeys).to.be.greaterThan(2); // neighbours came with it
-    core.dropKeysWithoutPlaintext('mem', () => false);
+    const held = agent.status().keys.sensitiveKeys;
+    core.dropKeysWithoutPlaintext('mem', 60_000, () => false);
+    expect(agent.status().keys.sensitiveKeys, 'keys younger than the idle time stay').to.equal(held);
+    core.dropKeysWithoutPlaintext('mem', 0, () => false);
     expect(agent.status().keys.sensitiveKeys).to.equal(2); // page 2's read key and write key
     expect(core.hasWriteKey('mem', 2)).to.equal(true);
     const out = Buffer.alloc(PAGE);
