@@ -22,6 +22,12 @@ import { BufferPool } from './buffer-pool.js';
 
 const PAGE = MEM_CHUNK_SIZE;
 const HASH_BYTES = 16;
+/**
+ * The least time a key fetched beside a fault, for a page not resident, is kept: a
+ * neighbour in guest-physical order is often touched seconds later, and dropping its
+ * key sooner turns every fault into a key round trip.
+ */
+export const NEIGHBOUR_KEY_MIN_MS = 30_000;
 /** Pages handled in one pause of the VM. */
 export const EVICT_BATCH = 4096;
 /** The evictor looks for idle pages this often: a quarter of the idle time, within [100 ms, 5 s]. */
@@ -126,7 +132,7 @@ export class Evictor {
       }
       const r = await this.evictPages(due, 'idle');
       // Keys fetched beside a fault for neighbours the guest did not touch go too.
-      this.core.dropKeysWithoutPlaintext('mem', this.idleMs, (p) => this.vm.faultInFlight(p));
+      this.core.dropKeysWithoutPlaintext('mem', Math.max(this.idleMs, NEIGHBOUR_KEY_MIN_MS), (p) => this.vm.faultInFlight(p));
       return r;
     });
   }
