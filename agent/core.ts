@@ -208,15 +208,13 @@ export class AgentCore {
 
   /**
    * This chunk and its next neighbours (up to KEY_BATCH, inside the image) without a
-   * write key. A neighbour this device wrote is left out: its key would read the
-   * ciphertext its eviction left in the cache.
+   * write key: batched into one audited request, as sensitive keys are.
    */
   private writeNeighbours(kind: ChunkKind, index: number): number[] {
     const count = Math.ceil(this.sizeOf(kind) / CHUNK_SIZE[kind]);
     const out = [index];
     for (let i = index + 1; out.length < KEY_BATCH && i < count; i++) {
-      if (this.hasWriteKey(kind, i) || this.keysInFlight.has(`w/${kind}/${i}`) || this.entries[kind].get(i)?.gen === this.writeGen) continue;
-      out.push(i);
+      if (!this.hasWriteKey(kind, i) && !this.keysInFlight.has(`w/${kind}/${i}`)) out.push(i);
     }
     return out;
   }
