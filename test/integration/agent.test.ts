@@ -61,6 +61,15 @@ describe('agent (real agent and server processes)', function () {
     agents.push(a);
     return a;
   };
+  /** An image with `marker` planted, a device assigned it, and its agent running. */
+  const agentFor = async (image: string, marker: string, policy?: string) => {
+    await markedImage(s, image, marker, policy);
+    const d = await enrolledDevice(s);
+    await assign(s, d.deviceId, image);
+    return { d, agent: await startAgentProc(d.home, image) };
+  };
+  /** Waits for the prefetch of markedImage's 34 stored chunks. */
+  const prefetched = (home: string) => waitFor(async () => (await status(home)).prefetch.done === 34, 10_000, 'prefetch');
   before(async () => {
     s = await startServer();
   });
@@ -77,10 +86,7 @@ describe('agent (real agent and server processes)', function () {
   it('after a session, the planted marker is nowhere on disk: device home, /tmp, /dev/shm, logs', async () => {
     const t0 = Date.now() - 1000;
     const marker = `LETHE-MARKER-${randomBytes(12).toString('hex')}`;
-    await markedImage(s, 'marked', marker);
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'marked');
-    const agent = await startAgentProc(d.home, 'marked');
+    const { d, agent } = await agentFor('marked', marker);
     await waitFor(async () => (await status(d.home)).prefetch.done > 0 && (await status(d.home)).prefetch.done === (await status(d.home)).prefetch.total, 20_000, 'prefetch');
     const st = await selftest(d.home);
     expect(st.chunks).to.equal(32 + 1 + 1); // every stored chunk decrypted: 32 pages, 1 disk, 1 state
@@ -106,10 +112,7 @@ describe('agent (real agent and server processes)', function () {
   });
 
   it('server gone: keys zeroed at lease expiry, status shows it, service resumes when it returns', async () => {
-    await markedImage(s, 'short', 'x', 'lease:\n  ttl: 4s\n  renew: 1s\n');
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'short');
-    const agent = await startAgentProc(d.home, 'short');
+    const { d, agent } = await agentFor('short', 'x', 'lease:\n  ttl: 4s\n  renew: 1s\n');
     await waitFor(async () => (await status(d.home)).lease.renewals >= 1, 10_000, 'a renewal');
     const before = await status(d.home);
     expect(before.lease.state).to.equal('active');
@@ -138,11 +141,8 @@ describe('agent (real agent and server processes)', function () {
   });
 
   it('wipe round trip: the agent wipes within one heartbeat, the cache is gone, the acknowledgement is audited', async () => {
-    await markedImage(s, 'wiped-img', 'y');
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'wiped-img');
-    const agent = await startAgentProc(d.home, 'wiped-img');
-    await waitFor(async () => (await status(d.home)).prefetch.done === 34, 10_000, 'prefetch');
+    const { d, agent } = await agentFor('wiped-img', 'y');
+    await prefetched(d.home);
     expect(fs.existsSync(path.join(d.home, 'cache.db'))).to.equal(true);
     const t = Date.now();
     expect((await lethe(['admin', 'wipe', d.deviceId], s.env)).code).to.equal(0);
@@ -155,11 +155,8 @@ describe('agent (real agent and server processes)', function () {
   });
 
   it('a revoked agent zeroes its keys, deletes its cache and exits non-zero', async () => {
-    await markedImage(s, 'revoked-img', 'z');
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'revoked-img');
-    const agent = await startAgentProc(d.home, 'revoked-img');
-    await waitFor(async () => (await status(d.home)).prefetch.done === 34, 10_000, 'prefetch');
+    const { d, agent } = await agentFor('revoked-img', 'z');
+    await prefetched(d.home);
     await lethe(['admin', 'revoke', d.deviceId], s.env);
     expect(await agent.exited).to.equal(3);
     expect(fs.existsSync(path.join(d.home, 'cache.db'))).to.equal(false);
@@ -168,11 +165,8 @@ describe('agent (real agent and server processes)', function () {
   });
 
   it('a restart reuses the cache without fetching again', async () => {
-    await markedImage(s, 'cached', 'c');
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'cached');
-    const first = await startAgentProc(d.home, 'cached');
-    await waitFor(async () => (await status(d.home)).prefetch.done === 34, 10_000, 'prefetch');
+    const { d, agent: first } = await agentFor('cached', 'c');
+    await prefetched(d.home);
     expect(await first.stop()).to.equal(0);
     const audit = async () =>
       (JSON.parse((await lethe(['audit', 'device', d.deviceId, '--json'], s.env)).stdout) as { summary: { chunksServed: number } }).summary
@@ -199,7 +193,7 @@ describe('agent (real agent and server processes)', function () {
 
     // Damage a cached blob (and its checksum, so only the manifest can tell).
     const agent1 = await startAgentProc(d.home, 'tampered');
-    await waitFor(async () => (await status(d.home)).prefetch.done === 34, 10_000, 'prefetch');
+    await prefetched(d.home);
     await agent1.stop();
     const cache = new Database(path.join(d.home, 'cache.db'));
     const row = cache.prepare("SELECT idx, data FROM chunks WHERE kind = 'mem' ORDER BY idx LIMIT 1").get() as { idx: number; data: Buffer };

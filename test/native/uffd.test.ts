@@ -169,6 +169,16 @@ describe('native memory path (userfaultfd)', function () {
     for (const t of things) cleanup.push(t instanceof Lines ? () => t.kill() : () => t.listener.close());
   }
 
+  /** A fault-client over a fresh RAM file of `pages` pages, mapped and served; both cleaned up after the test. */
+  async function servedClient(pages: number) {
+    ramFile(pages);
+    const s = await serve(sock);
+    const c = client(ram, pages, shimEnv(ram, sock));
+    track(s, c);
+    await c.next(/^mapped /);
+    return { s, c, ...(await s.ready) };
+  }
+
   for (const mode of MODES) {
     it(`serves every page the client touches with the content the agent chose, zero pages with UFFDIO_ZEROPAGE (${mode})`, async () => {
       const pages = 16;
@@ -241,12 +251,7 @@ describe('native memory path (userfaultfd)', function () {
 
   it('installs a page resolved before it is touched without a fault (prefetch), and reports a present page', async () => {
     const pages = 4;
-    ramFile(pages);
-    const s = await serve(sock);
-    const c = client(ram, pages, shimEnv(ram, sock));
-    track(s, c);
-    await c.next(/^mapped /);
-    const { thread } = await s.ready;
+    const { s, c, thread } = await servedClient(pages);
     expect(thread.resolveOffset(1 * PAGE_SIZE, pageContent(1, 1))).to.equal('copied');
     expect(thread.resolveOffset(1 * PAGE_SIZE, pageContent(1, 2))).to.equal('present');
     expect((await touch(c, 1, 2)).sums.map(hex8)).to.deep.equal([hex8(pageFnv(1, 1))]);
@@ -336,12 +341,7 @@ describe('native memory path (userfaultfd)', function () {
     });
 
     it('kills the client when the agent closes the mapping', async () => {
-      ramFile(4);
-      const s = await serve(sock);
-      const c = client(ram, 4, shimEnv(ram, sock));
-      track(s, c);
-      await c.next(/^mapped /);
-      const { mapping, thread } = await s.ready;
+      const { c, mapping, thread } = await servedClient(4);
       mapping.close();
       expect(thread.running).to.equal(false);
       expect(await c.exited).to.deep.equal({ code: null, signal: 'SIGKILL' });
@@ -508,12 +508,7 @@ describe('native memory path (userfaultfd)', function () {
     });
 
     it('FaultThread.resolve checks the address and the data', async () => {
-      ramFile(4);
-      const s = await serve(sock);
-      const c = client(ram, 4, shimEnv(ram, sock));
-      track(s, c);
-      await c.next(/^mapped /);
-      const { mapping, thread } = await s.ready;
+      const { c, mapping, thread } = await servedClient(4);
       const base = mapping.hello.base;
       const span = `0x${base.toString(16)}..0x${(base + 4 * PAGE_SIZE).toString(16)}`;
       expect(() => thread.resolve(base + 1, null)).to.throw(RangeError, `resolve: address 0x${(base + 1).toString(16)} is not page-aligned`);
