@@ -46,6 +46,7 @@ export class AgentVm implements EvictTarget {
   private stopping = false;
   readonly pages: number;
   readonly evictor: Evictor;
+  private readonly runDir: string;
   /** Pages whose fault is being served, with how many faults each. */
   private readonly inFlight = new Map<number, number>();
   private readonly holds = new Map<string, number>();
@@ -62,8 +63,8 @@ export class AgentVm implements EvictTarget {
     core: AgentCore,
     o: ResumeOptions,
     memBytes: number,
-    private readonly runDir = o.runDir,
   ) {
+    this.runDir = o.runDir;
     this.pages = memBytes / MEM_CHUNK_SIZE;
     this.evictor = new Evictor(core, this, o.evictIdleMs, o.log);
   }

@@ -4,22 +4,26 @@
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { startAgent, type RunningAgent } from '../../agent/daemon.js';
+import { DeviceClient } from '../../agent/device-client.js';
+import { closeIdentity, loadIdentity } from '../../agent/identity.js';
 import { assign, enrolledDevice, pushImage, type TestImage } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 
 const PAGE = 4096;
 
-describe('guest RAM keys in the agent core (real server)', function () {
+describe('guest RAM keys and the suspended state in the agent core (real server)', function () {
   this.timeout(30_000);
   let s: ServerProc;
   let img: TestImage;
   let agent: RunningAgent;
+  let home: string;
   before(async () => {
     s = await startServer();
     img = await pushImage(s, 'ram'); // mem chunks 0, 2, 4, 6 stored (sensitive); 1, 3, 5, 7 zero
     const d = await enrolledDevice(s);
     await assign(s, d.deviceId, 'ram');
     d.close();
+    home = d.home;
     agent = startAgent({ home: d.home, image: 'ram', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
     await agent.lease.whenActive();
   });
@@ -68,5 +72,28 @@ describe('guest RAM keys in the agent core (real server)', function () {
     await core.readInto('mem', 2, out);
     expect(core.stats.keyRequests, 'the resident page needed no new key').to.equal(before);
     expect(out.equals(page(2))).to.equal(true);
+  });
+
+  it("a suspend's new device state replaces the image's whole, at its own size", async () => {
+    const core = agent.core;
+    const oldSize = core.sizeOf('state'); // 8 chunks of 128 KiB, odd ones zero
+    const state = randomBytes(300 * 1024); // 3 chunks, the last one short
+    await core.replaceState(state);
+    const id = loadIdentity(home);
+    const client = new DeviceClient(id);
+    try {
+      const r = await core.checkin(client);
+      expect(r.version).to.be.greaterThan(img.version);
+    } finally {
+      client.close();
+      closeIdentity(id);
+    }
+    await agent.lease.reacquire();
+    expect(core.manifest!.version).to.be.greaterThan(img.version);
+    expect(core.sizeOf('state')).to.equal(state.length).and.not.equal(oldSize);
+    expect(core.manifest!.chunks.state.map(([i]) => i)).to.deep.equal([0, 1, 2]);
+    const out = Buffer.alloc(300 * 1024);
+    for (let i = 0; i < 3; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
+    expect(out.equals(state)).to.equal(true);
   });
 });
