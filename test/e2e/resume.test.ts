@@ -32,7 +32,8 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
     dev = await enrolledDevice(s);
     await assign(s, dev.deviceId, 'vm');
   });
-  afterEach(async () => {
+  afterEach(async function () {
+    if (agent && this.currentTest?.state === 'failed') console.log(`--- the agent's log, last lines:\n${agent.log().split('\n').slice(-30).join('\n')}`);
     if (agent) {
       agent.proc.kill('SIGKILL');
       await agent.exited;
