@@ -27,7 +27,8 @@ export type AuditType =
   | 'lease.renew'
   | 'keys.release'
   | 'chunks.serve'
-  | 'checkin';
+  | 'checkin'
+  | 'trace.upload';
 
 export interface VerifyResult {
   ok: boolean;

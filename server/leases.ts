@@ -122,7 +122,7 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
 }
 
 /** The device's lease if it is live; throws UNKNOWN_LEASE or LEASE_EXPIRED otherwise. */
-function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & { name: string } {
+export function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & { name: string } {
   const l = q(ctx.db, 'SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?')
     .get(leaseId, d.id) as (LeaseRow & { name: string }) | undefined;
   if (!l) throw new LetheError('UNKNOWN_LEASE', `no lease '${leaseId}' for this device`);
