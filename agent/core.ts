@@ -47,7 +47,7 @@ export class AgentCore {
   readonly resident: Record<Sensitivity, number> = { sensitive: 0, normal: 0 };
   private readonly residentSet = new Map<string, { cls: Sensitivity; bytes: number }>();
   private readonly keysInFlight = new Map<string, Promise<void>>();
-  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0 };
+  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0 };
 
   constructor(
     private readonly id: Identity,
@@ -143,7 +143,7 @@ export class AgentCore {
       const res = await this.fetcher.keys(refs);
       const all = openSealed(this.id.box, b64u.decode(res.sealed));
       try {
-        res.chunks.forEach((c, i) => this.keys.setSensitiveKey(this.keyId(c.kind, c.index, c.gen), all.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES)));
+        this.keys.setSensitiveKeys(res.chunks.map((c) => this.keyId(c.kind, c.index, c.gen)), all.subarray(0, res.chunks.length * KEY_BYTES));
       } finally {
         wipe(all);
       }
@@ -186,12 +186,13 @@ export class AgentCore {
         const res = await this.fetcher.keys(slice.map((index) => ({ kind, index })), true, stateSize);
         const all = openSealed(this.id.box, b64u.decode(res.sealed));
         try {
-          res.chunks.forEach((c, j) => {
+          const ids = res.chunks.map((c) => {
             this.writeGen = c.gen;
             const id = this.keyId(c.kind, c.index, c.gen);
-            this.keys.setSensitiveKey(id, all.subarray(j * KEY_BYTES, (j + 1) * KEY_BYTES));
             this.writeCls.set(id, c.cls);
+            return id;
           });
+          this.keys.setSensitiveKeys(ids, all.subarray(0, ids.length * KEY_BYTES));
         } finally {
           wipe(all);
         }
@@ -222,12 +223,14 @@ export class AgentCore {
   /** Derives the chunk key into the scratch buffer; false if this device holds no key for it. */
   private keyInto(kind: ChunkKind, index: number, e: Entry): boolean {
     // A key held for this very chunk: a released sensitive key, or a write key.
-    const held = this.keys.withSensitiveKey(this.keyId(kind, index, e.gen), (k) => {
-      if (!k) return false;
-      this.scratch.set(k);
-      return true;
-    });
-    if (held || e.cls === 'sensitive') return held;
+    const id = this.keyId(kind, index, e.gen);
+    if (this.keys.hasSensitiveKey(id)) {
+      return this.keys.withSensitiveKey(id, (k) => {
+        this.scratch.set(k!);
+        return true;
+      });
+    }
+    if (e.cls === 'sensitive') return false;
     return this.keys.withClassKey(e.gen, (ck) => {
       if (!ck) return false;
       chunkKeyInto(this.scratch, ck, this.coord(kind, index, e));
@@ -239,20 +242,22 @@ export class AgentCore {
    * Reads the plaintext of a chunk into `out` (exactly its size). Waits for a
    * lease if there is none. `resident` marks the plaintext as kept (guest RAM)
    * until evict() is called; otherwise the caller zeroes `out` after use.
-   * `writable` (guest RAM) also gets the chunk's write key before returning, so
-   * that whatever the guest writes there can be evicted later without a server.
+   * `writable` (guest RAM) also asks for the chunk's write key, beside the read and
+   * without waiting for it, so that whatever the guest writes there can be evicted
+   * later without a server (the evictor asks again for a key that failed to come).
    * Throws TAMPERED for a chunk that fails its checks twice (cache, then server).
    */
   async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean; writable?: boolean } = {}): Promise<ReadSource> {
     await this.lease.whenActive();
-    if (!opts.writable) return this.read(kind, index, out, opts.resident ?? false);
-    const writeKeys = this.hasWriteKey(kind, index) ? undefined : this.ensureWriteKeys(kind, this.writeNeighbours(kind, index));
-    // Both key requests (read and write) go out together.
-    const [src] = await Promise.all([this.read(kind, index, out, opts.resident ?? false).catch((e) => {
+    if (opts.writable && !this.hasWriteKey(kind, index) && !this.keysInFlight.has(`w/${kind}/${index}`)) {
+      this.ensureWriteKeys(kind, this.writeNeighbours(kind, index)).catch(() => this.stats.writeKeyFailures++);
+    }
+    try {
+      return await this.read(kind, index, out, opts.resident ?? false);
+    } catch (e) {
       wipe(out);
       throw e;
-    }), writeKeys]);
-    return src;
+    }
   }
 
   private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean): Promise<ReadSource> {

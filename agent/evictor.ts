@@ -130,6 +130,10 @@ export class Evictor {
       for (let p = 0; p < this.since.length; p++) {
         if (this.since[p] !== 0 && now - this.since[p] >= this.idleMs && this.sensitive(p)) due.push(p);
       }
+      // A write key that did not come beside its fault is asked for again, without
+      // waiting: a changed page without one stays until a later pass.
+      const keyless = due.filter((p) => !this.core.hasWriteKey('mem', p));
+      if (keyless.length > 0) this.core.ensureWriteKeys('mem', keyless).catch((e) => this.log(`write keys for eviction: ${errorChain(e)}`));
       const r = await this.evictPages(due, 'idle');
       // Keys fetched beside a fault for neighbours the guest did not touch go too.
       this.core.dropKeysWithoutPlaintext('mem', Math.max(this.idleMs, NEIGHBOUR_KEY_MIN_MS), (p) => this.vm.faultInFlight(p));

@@ -51,6 +51,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     const core = agent.core;
     const before = core.stats.keyRequests;
     await core.readInto('mem', 5, Buffer.alloc(PAGE), { resident: true, writable: true }); // zero page: no read key
+    await core.ensureWriteKeys('mem', [5]); // the fault did not wait for it; this joins the request on its way
     expect(core.stats.keyRequests - before).to.equal(1);
     for (const i of [5, 6, 7]) expect(core.hasWriteKey('mem', i), `page ${i}`).to.equal(true);
     core.evict('mem', 5);
@@ -60,6 +61,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   it('keys whose plaintext is not resident are dropped; a resident page keeps its own', async () => {
     const core = agent.core;
     await core.readInto('mem', 2, Buffer.alloc(PAGE), { resident: true, writable: true });
+    await core.ensureWriteKeys('mem', [2]);
     expect(agent.status().keys.sensitiveKeys).to.be.greaterThan(2); // neighbours came with it
     const held = agent.status().keys.sensitiveKeys;
     core.dropKeysWithoutPlaintext('mem', 60_000, () => false);

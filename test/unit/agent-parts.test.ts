@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { ChunkCache } from '../../agent/cache.js';
 import { KeyRing } from '../../agent/keyring.js';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
 
 describe('key ring', () => {
@@ -27,7 +27,7 @@ describe('key ring', () => {
   });
 
   it('grows by slabs, and refuses keys past its last slab', () => {
-    const ring = new KeyRing(2);
+    const ring = new KeyRing(2, 128);
     const keys = Array.from({ length: 128 }, () => randomBytes(32));
     keys.forEach((k, i) => ring.setSensitiveKey(`k${i}`, k));
     expect(() => ring.setSensitiveKey('one-too-many', randomBytes(32))).to.throw('key ring is full');
@@ -35,6 +35,35 @@ describe('key ring', () => {
     ring.zeroAll();
     expect(ring.isAllZero()).to.equal(true);
     ring.destroy();
+  });
+
+  it('stores a batch of keys at once, replacing ones it holds', () => {
+    const ring = new KeyRing(4);
+    const batch = randomBytes(32 * 6);
+    ring.setSensitiveKey('k1', randomBytes(32));
+    ring.setSensitiveKeys(['k0', 'k1', 'k2', 'k3', 'k4', 'k5'], batch);
+    expect(ring.counts().sensitiveKeys).to.equal(6);
+    for (let i = 0; i < 6; i++) expect(ring.withSensitiveKey(`k${i}`, (k) => Buffer.from(k!).equals(batch.subarray(i * 32, (i + 1) * 32)))).to.equal(true);
+    ring.destroy();
+  });
+
+  // In a child: touching a closed slab kills the process (SIGSEGV), which is the point.
+  const touch = (body: string) =>
+    spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', `
+      import { KeyRing } from ${JSON.stringify(path.join(ROOT, 'agent/keyring.ts'))};
+      const ring = new KeyRing(2);
+      for (let i = 0; i < 4; i++) ring.setSensitiveKey('k' + i, Buffer.alloc(32, i + 1));
+      const slotOf = (id) => ring.slot(ring.sensitiveSlots.get(id));
+      ${body}
+      console.log('read');`], { cwd: ROOT, encoding: 'utf8' });
+
+  it('keeps every slab unreadable but the one holding the key in use', () => {
+    const inSlab = touch(`ring.withSensitiveKey('k2', () => slotOf('k3')[0]);`); // k2 and k3 share a slab
+    expect(inSlab.stdout, inSlab.stderr).to.include('read');
+    const otherSlab = touch(`ring.withSensitiveKey('k2', () => slotOf('k0')[0]);`);
+    expect(otherSlab.signal).to.equal('SIGSEGV');
+    const closed = touch(`slotOf('k2')[0];`);
+    expect(closed.signal).to.equal('SIGSEGV');
   });
 });
 
