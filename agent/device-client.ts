@@ -81,6 +81,25 @@ export class DeviceClient {
     return out;
   }
 
+  /** Uploads this lease's first-touch order of memory pages; a later upload for the same lease replaces it. */
+  async uploadTrace(leaseId: string, pages: Uint32Array): Promise<wire.TTraceUploadResponse> {
+    const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/trace`;
+    const body = wire.encodePages(pages);
+    const headers = { ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'POST', path, body), 'content-type': wire.PAGES_CONTENT_TYPE };
+    const res = await this.http.request('POST', path, { body, headers });
+    return JSON.parse(res.body.toString('utf8')) as wire.TTraceUploadResponse;
+  }
+
+  /** The image's trace-learned order of memory pages to prefetch, best first; empty before any trace. */
+  async prefetchOrder(leaseId: string): Promise<Uint32Array> {
+    const res = await this.signed('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/prefetch`);
+    try {
+      return wire.decodePages(res.body);
+    } catch (cause) {
+      throw new Error('prefetch order reply is malformed', { cause });
+    }
+  }
+
   close(): void {
     this.http.close();
   }

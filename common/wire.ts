@@ -80,3 +80,40 @@ export type TEnrollRequest = z.infer<typeof EnrollRequest>;
 export type TLeaseResponse = z.infer<typeof LeaseResponse>;
 export type TKeysResponse = z.infer<typeof KeysResponse>;
 export type THeartbeatResponse = z.infer<typeof HeartbeatResponse>;
+
+// ---- trace-learned prefetch order (docs/prefetch.md) ----
+
+/**
+ * A page list on the wire (trace upload body, prefetch order reply): memory
+ * chunk indices as little-endian uint32, 4 bytes each, nothing else.
+ */
+export const PAGES_CONTENT_TYPE = 'application/octet-stream';
+/** Reply header of the prefetch order: how many stored traces it was built from. */
+export const HDR_TRACES = 'x-lethe-traces';
+
+export const TraceUploadResponse = z.object({
+  image: z.string(),
+  version: z.number().int(),
+  pages: z.number().int().positive(),
+  /** Traces the server now keeps for this image, this one included. */
+  kept: z.number().int().positive(),
+});
+export type TTraceUploadResponse = z.infer<typeof TraceUploadResponse>;
+
+const littleEndianHost = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+
+export function encodePages(pages: Uint32Array): Buffer {
+  const out = Buffer.from(new Uint8Array(pages.buffer, pages.byteOffset, pages.byteLength));
+  return littleEndianHost ? out : out.swap32();
+}
+
+/** Throws a plain Error when the length is not a multiple of 4; callers add context. */
+export function decodePages(body: Uint8Array): Uint32Array {
+  if (body.length % 4 !== 0) throw new Error(`${body.length} bytes is not a whole number of 4-byte page indices`);
+  // A copy: the body's offset need not be 4-byte aligned for a Uint32Array view.
+  const pages = new Uint32Array(body.length / 4);
+  const bytes = new Uint8Array(pages.buffer);
+  bytes.set(body);
+  if (!littleEndianHost) Buffer.from(pages.buffer).swap32();
+  return pages;
+}

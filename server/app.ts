@@ -29,6 +29,7 @@ import {
 import { parseChunkFrames } from '../common/frames.js';
 import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines } from './metrics.js';
+import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 import { q } from './db.js';
 
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
@@ -84,6 +85,7 @@ export function buildApp(ctx: Ctx): express.Express {
   const rawJson = express.raw({ type: () => true, limit: MAX_JSON_BODY });
   const rawChunk = express.raw({ type: () => true, limit: MAX_CHUNK_BODY });
   const rawUpload = express.raw({ type: () => true, limit: MAX_UPLOAD_BODY });
+  const rawTrace = express.raw({ type: () => true, limit: MAX_TRACE_BODY });
   const admin = adminAuth(ctx);
   const device = deviceAuth(ctx);
   const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true });
@@ -146,6 +148,14 @@ export function buildApp(ctx: Ctx): express.Express {
   app.post('/v1/device/leases/:id/checkin', rawUpload, device, (req: AuthedRequest, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
     res.json(checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0'));
+  });
+  app.post('/v1/device/leases/:id/trace', rawTrace, device, (req: AuthedRequest, res) => {
+    const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+    res.status(201).json(uploadTrace(ctx, dev(req), param(req, 'id'), req.get('content-type'), body));
+  });
+  app.get('/v1/device/leases/:id/prefetch', device, (req: AuthedRequest, res) => {
+    const { order, traces } = prefetchOrder(ctx, dev(req), param(req, 'id'));
+    res.set(wire.HDR_TRACES, String(traces)).type(wire.PAGES_CONTENT_TYPE).send(wire.encodePages(order));
   });
   app.get('/v1/device/chunks/:lease/:kind/:index', device, (req: AuthedRequest, res) => {
     const [s] = serveChunks(ctx, dev(req), param(req, 'lease'), [{ kind: kindParam(req), index: intParam(req, 'index') }]);

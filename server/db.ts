@@ -94,6 +94,19 @@ CREATE TABLE IF NOT EXISTS audit (
   hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_device ON audit(device, seq);
+-- First-touch orders of guest memory pages, one per lease (docs/prefetch.md);
+-- the newest few per image are kept. data: little-endian uint32 page indices.
+CREATE TABLE IF NOT EXISTS traces (
+  id INTEGER PRIMARY KEY,
+  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+  version INTEGER NOT NULL,
+  device_id TEXT NOT NULL REFERENCES devices(id),
+  lease_id TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  pages INTEGER NOT NULL,
+  data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traces_image ON traces(image_id, id);
 CREATE TABLE IF NOT EXISTS checkpoints (
   seq INTEGER PRIMARY KEY,
   hash TEXT NOT NULL,

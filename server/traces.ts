@@ -1,0 +1,154 @@
+// Trace-learned prefetch order (docs/prefetch.md, "Trace-learned order"), as
+// in vTube and REAP: each session's agent uploads the order in which its guest
+// first touched memory pages; a resume asks for an order aggregated over the
+// image's recent traces and fetches pages in that order ahead of faults.
+// Pages are guest-physical indices, so traces of one version carry over to
+// the image's other versions.
+import { LetheError } from '../common/errors.js';
+import { PAGES_CONTENT_TYPE, decodePages } from '../common/wire.js';
+import type { Ctx } from './context.js';
+import { q } from './db.js';
+import type { DeviceRow } from './devices.js';
+import { chunkCount, getImage, getVersion } from './images.js';
+import { liveLease } from './leases.js';
+
+/** Longest trace accepted: the first 2 Mi touches (an 8 GiB guest touching every page). */
+export const MAX_TRACE_PAGES = 2 * 1024 * 1024;
+export const MAX_TRACE_BODY = MAX_TRACE_PAGES * 4;
+/** Traces kept per image; older ones are dropped as new ones arrive. */
+export const TRACES_KEPT = 8;
+
+/**
+ * Orders pages by their mean normalised rank over `traces`: a page at position
+ * i of a trace of length n ranks i / n there, and 1.0 in a trace that lacks it.
+ * Ties go to the page more traces hold, then to the lower index. Only pages
+ * some trace holds and below `memChunks` are listed; a trace's repeats after a
+ * page's first position are ignored.
+ */
+export function aggregateOrder(traces: readonly Uint32Array[], memChunks: number): Uint32Array {
+  if (traces.length > 0xffff) throw new RangeError(`cannot aggregate ${traces.length} traces (at most 65535)`);
+  // Dense per-page arrays, only as long as the highest page held.
+  const bound = Math.min(memChunks, highestPage(traces) + 1);
+  const rankSum = new Float64Array(bound);
+  const held = new Uint16Array(bound);
+  // The number (1-based) of the last trace that held each page, to skip repeats.
+  const lastTrace = new Uint16Array(bound);
+  traces.forEach((trace, t) => {
+    const n = trace.length;
+    for (let i = 0; i < n; i++) {
+      const p = trace[i];
+      if (p >= bound || lastTrace[p] === t + 1) continue;
+      lastTrace[p] = t + 1;
+      rankSum[p] += i / n;
+      held[p]++;
+    }
+  });
+  let count = 0;
+  for (let p = 0; p < bound; p++) if (held[p] > 0) count++;
+  const order = new Uint32Array(count);
+  let k = 0;
+  for (let p = 0; p < bound; p++) if (held[p] > 0) order[k++] = p;
+  // The sum of ranks orders as the mean does: every page is scored over all traces.
+  for (let p = 0; p < bound; p++) rankSum[p] += traces.length - held[p];
+  return order.sort((a, b) => rankSum[a] - rankSum[b] || held[b] - held[a] || a - b);
+}
+
+function highestPage(traces: readonly Uint32Array[]): number {
+  let max = -1;
+  for (const trace of traces) for (let i = 0; i < trace.length; i++) if (trace[i] > max) max = trace[i];
+  return max;
+}
+
+/** Checks a trace body; throws BAD_REQUEST naming the first problem. */
+export function parseTrace(contentType: string | undefined, body: Buffer, memChunks: number): Uint32Array {
+  const type = (contentType ?? '').split(';')[0].trim().toLowerCase();
+  if (type !== PAGES_CONTENT_TYPE) {
+    throw new LetheError('BAD_REQUEST', `a trace must be sent as ${PAGES_CONTENT_TYPE}, not '${contentType ?? ''}'`, {
+      hint: 'send the page indices as little-endian uint32, 4 bytes each',
+    });
+  }
+  if (body.length === 0) throw new LetheError('BAD_REQUEST', 'the trace is empty', { hint: 'upload a trace once the guest has touched a page' });
+  let pages: Uint32Array;
+  try {
+    pages = decodePages(body);
+  } catch (cause) {
+    throw new LetheError('BAD_REQUEST', `the trace is ${body.length} bytes, not a multiple of 4`, {
+      cause,
+      hint: 'send the page indices as little-endian uint32, 4 bytes each',
+    });
+  }
+  assertPagesValid(pages, memChunks);
+  return pages;
+}
+
+function assertPagesValid(pages: Uint32Array, memChunks: number): void {
+  for (let i = 0; i < pages.length; i++) {
+    if (pages[i] >= memChunks) {
+      throw new LetheError('BAD_REQUEST', `page ${pages[i]} at position ${i} is past the end of memory (the lease's version has ${memChunks} pages)`);
+    }
+  }
+  const seen = new Uint8Array(Math.ceil((highestPage([pages]) + 1) / 8));
+  for (let i = 0; i < pages.length; i++) {
+    const p = pages[i];
+    const bit = 1 << (p & 7);
+    if (seen[p >>> 3] & bit) {
+      throw new LetheError('BAD_REQUEST', `page ${p} appears at positions ${pages.indexOf(p)} and ${i}`, {
+        hint: 'a first-touch trace lists each page once',
+      });
+    }
+    seen[p >>> 3] |= bit;
+  }
+}
+
+/** The memory page count of the lease's version, with the lease (which must be live). */
+function leaseMemory(ctx: Ctx, d: DeviceRow, leaseId: string) {
+  const l = liveLease(ctx, d, leaseId);
+  const img = getImage(ctx, l.name);
+  const memChunks = chunkCount(getVersion(ctx, img, l.version).mem_size, 'mem');
+  return { l, memChunks };
+}
+
+/**
+ * Stores a lease's trace (replacing one it uploaded before), keeps the
+ * image's newest TRACES_KEPT and audits the upload; nothing is stored if the
+ * trace is refused or the audit entry cannot be written.
+ */
+export function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, contentType: string | undefined, body: Buffer) {
+  const { l, memChunks } = leaseMemory(ctx, d, leaseId);
+  const pages = parseTrace(contentType, body, memChunks);
+  const now = ctx.now();
+  let kept = 0;
+  ctx.db.transaction(() => {
+    q(ctx.db, 'INSERT OR REPLACE INTO traces(image_id, version, device_id, lease_id, created_at, pages, data) VALUES (?, ?, ?, ?, ?, ?, ?)')
+      .run(l.image_id, l.version, d.id, l.id, now, pages.length, body);
+    q(ctx.db, 'DELETE FROM traces WHERE image_id = ? AND id NOT IN (SELECT id FROM traces WHERE image_id = ? ORDER BY id DESC LIMIT ?)')
+      .run(l.image_id, l.image_id, TRACES_KEPT);
+    kept = (q(ctx.db, 'SELECT COUNT(*) AS n FROM traces WHERE image_id = ?').get(l.image_id) as { n: number }).n;
+    ctx.audit.append('trace.upload', d.id, { lease: l.id, image: l.name, version: l.version, count: pages.length }, now);
+  })();
+  return { image: l.name, version: l.version, pages: pages.length, kept };
+}
+
+interface CachedOrder {
+  key: string;
+  order: Uint32Array;
+}
+
+// Per server, the last order computed for each image: aggregating millions of
+// pages holds the event loop for a while, and resumes between uploads reuse it.
+const cached = new WeakMap<Ctx, Map<string, CachedOrder>>();
+
+/** The aggregated prefetch order for the lease's image and how many traces it came from. */
+export function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): { order: Uint32Array; traces: number } {
+  const { l, memChunks } = leaseMemory(ctx, d, leaseId);
+  const ids = (q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? ORDER BY id').all(l.image_id) as { id: number }[]).map((r) => r.id);
+  const key = `${memChunks}:${ids.join(',')}`;
+  let memo = cached.get(ctx);
+  if (!memo) cached.set(ctx, (memo = new Map()));
+  const hit = memo.get(l.image_id);
+  if (hit?.key === key) return { order: hit.order, traces: ids.length };
+  const rows = q(ctx.db, 'SELECT data FROM traces WHERE image_id = ? ORDER BY id').all(l.image_id) as { data: Buffer }[];
+  const order = aggregateOrder(rows.map((r) => decodePages(r.data)), memChunks);
+  memo.set(l.image_id, { key, order });
+  return { order, traces: rows.length };
+}

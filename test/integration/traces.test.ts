@@ -1,0 +1,261 @@
+// Trace-learned prefetch order: the aggregation on its own, then uploads and
+// orders through a real server process — several traces of one device, a
+// second device's joining, carry-over to another version, the newest few
+// kept, bad traces refused with nothing stored, revoked devices and ended
+// leases refused.
+import { expect } from 'chai';
+import Database from 'better-sqlite3';
+import path from 'node:path';
+import { signRequest } from '../../common/signing.js';
+import { HDR_TRACES, TraceUploadResponse, decodePages, encodePages } from '../../common/wire.js';
+import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces.js';
+import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
+import { startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { openDatabase } from '../../server/db.js';
+
+const pages = (...p: number[]) => Uint32Array.from(p);
+const list = (a: Uint32Array) => Array.from(a);
+
+/** The definition, written plainly, to hold the fast version to. */
+function referenceOrder(traces: Uint32Array[], memChunks: number): number[] {
+  const score = new Map<number, { sum: number; held: number }>();
+  for (const t of traces) {
+    const first = new Map<number, number>();
+    t.forEach((p, i) => {
+      if (p < memChunks && !first.has(p)) first.set(p, i / t.length);
+    });
+    for (const [p, r] of first) {
+      const s = score.get(p) ?? { sum: 0, held: 0 };
+      s.sum += r;
+      s.held++;
+      score.set(p, s);
+    }
+  }
+  const mean = (p: number) => (score.get(p)!.sum + (traces.length - score.get(p)!.held)) / traces.length;
+  return [...score.keys()].sort((a, b) => mean(a) - mean(b) || score.get(b)!.held - score.get(a)!.held || a - b);
+}
+
+describe('trace aggregation', () => {
+  it('is empty without traces or without memory', () => {
+    expect(list(aggregateOrder([], 16))).to.deep.equal([]);
+    expect(list(aggregateOrder([pages(1, 2)], 0))).to.deep.equal([]);
+  });
+
+  it('one trace gives its own order', () => {
+    expect(list(aggregateOrder([pages(7, 2, 9, 0)], 16))).to.deep.equal([7, 2, 9, 0]);
+  });
+
+  it('scores by mean normalised rank, a missing page ranking 1.0', () => {
+    // 1: (1/4 + 0)/2, 3: (0 + 1/3)/2, 12: (2/4 + 1)/2, 5: (1 + 2/3)/2, 0: (3/4 + 1)/2
+    expect(list(aggregateOrder([pages(3, 1, 12, 0), pages(1, 3, 5)], 16))).to.deep.equal([1, 3, 12, 5, 0]);
+  });
+
+  it('breaks ties by how many traces hold the page, then by index', () => {
+    // 6: 1/2 + 2/4 = 1, 2: 1 + 0 = 1, 5: 0 + 1 = 1; 6 is in both traces
+    expect(list(aggregateOrder([pages(5, 6), pages(2, 3, 6, 4)], 16))).to.deep.equal([6, 2, 5, 3, 4]);
+    expect(list(aggregateOrder([pages(0, 1), pages(1, 0)], 16))).to.deep.equal([0, 1]);
+  });
+
+  it('leaves out pages past the memory, which still count in their trace length', () => {
+    expect(list(aggregateOrder([pages(9, 1, 20)], 10))).to.deep.equal([9, 1]);
+    expect(list(aggregateOrder([pages(9, 1, 20)], 5))).to.deep.equal([1]);
+    // 1 ranks 1/3 in the first trace, so the second trace's 2 (rank 0) beats it.
+    expect(list(aggregateOrder([pages(9, 1, 20), pages(2)], 5))).to.deep.equal([2, 1]);
+  });
+
+  it('counts a page once per trace (its first position)', () => {
+    // Counted twice, page 2 would score 0 and come first.
+    expect(list(aggregateOrder([pages(2, 2, 1), pages(1)], 4))).to.deep.equal([1, 2]);
+  });
+
+  it('agrees with the plain definition on random traces', () => {
+    let seed = 7;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) % n);
+    for (let round = 0; round < 50; round++) {
+      const mem = 1 + rand(200);
+      const traces = Array.from({ length: rand(9) }, () => Uint32Array.from({ length: 1 + rand(150) }, () => rand(mem + 20)));
+      expect(list(aggregateOrder(traces, mem)), `round ${round}`).to.deep.equal(referenceOrder(traces, mem));
+    }
+  });
+
+  it('page lists travel as little-endian uint32', () => {
+    const body = encodePages(pages(1, 0x01020304));
+    expect(body.toString('hex')).to.equal('0100000004030201');
+    expect(list(decodePages(Buffer.concat([Buffer.alloc(1), body]).subarray(1)))).to.deep.equal([1, 0x01020304]);
+    expect(() => decodePages(Buffer.alloc(7))).to.throw('7 bytes is not a whole number of 4-byte page indices');
+  });
+});
+
+describe('traces table', () => {
+  it("goes with its image: a trace never blocks removing one", () => {
+    const db = openDatabase(path.join(tmpDir(), 'lethe.db'));
+    try {
+      db.exec(`INSERT INTO images(id, name, created_at, dedup_key_wrapped) VALUES ('i1', 'desk', 0, x'00');
+        INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES ('dev-1', 'alice', x'00', x'00', 0);
+        INSERT INTO traces(image_id, version, device_id, lease_id, created_at, pages, data) VALUES ('i1', 1, 'dev-1', 'lease-1', 0, 1, x'01000000');`);
+      db.exec("DELETE FROM images WHERE id = 'i1'");
+      expect(db.prepare('SELECT COUNT(*) AS n FROM traces').get()).to.deep.equal({ n: 0 });
+    } finally {
+      db.close();
+    }
+  });
+});
+
+describe('trace upload and prefetch order (real server process)', function () {
+  let s: ServerProc;
+  let dev: TestDevice;
+  let other: TestDevice;
+  let lease1: string;
+  let lease2: string;
+  let otherLease: string;
+
+  before(async () => {
+    s = await startServer();
+    await pushImage(s, 'desk', { chunks: 8 }); // 16 memory pages
+    dev = await enrolledDevice(s, 'alice');
+    other = await enrolledDevice(s, 'bob');
+    await assign(s, dev.deviceId, 'desk');
+    await assign(s, other.deviceId, 'desk');
+    lease1 = (await dev.client.lease('desk')).leaseId;
+    lease2 = (await dev.client.lease('desk')).leaseId;
+    otherLease = (await other.client.lease('desk')).leaseId;
+  });
+  after(async () => {
+    dev?.close();
+    other?.close();
+    await s?.stop();
+  });
+
+  /** The order and the number of traces it came from, as the server answers them. */
+  async function order(d: TestDevice, leaseId: string) {
+    const res = await d.client.signed('GET', `/v1/device/leases/${leaseId}/prefetch`);
+    expect(res.headers['content-type']).to.equal('application/octet-stream');
+    return { order: list(decodePages(res.body)), traces: Number(res.headers[HDR_TRACES]) };
+  }
+
+  function audited(type: string): Record<string, unknown>[] {
+    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
+    try {
+      const rows = db.prepare('SELECT data FROM audit WHERE type = ? ORDER BY seq').all(type) as { data: string }[];
+      return rows.map((r) => JSON.parse(r.data) as Record<string, unknown>);
+    } finally {
+      db.close();
+    }
+  }
+
+  it('is empty before any trace', async () => {
+    expect(await order(dev, lease1)).to.deep.equal({ order: [], traces: 0 });
+    expect(list(await dev.client.prefetchOrder(lease1))).to.deep.equal([]);
+  });
+
+  it('reflects both traces of one device, and each upload is audited with its count only', async () => {
+    const up1 = TraceUploadResponse.parse(await dev.client.uploadTrace(lease1, pages(3, 1, 12, 0)));
+    expect(up1).to.deep.equal({ image: 'desk', version: 1, pages: 4, kept: 1 });
+    expect(list(await dev.client.prefetchOrder(lease2))).to.deep.equal([3, 1, 12, 0]);
+    expect((await dev.client.uploadTrace(lease2, pages(1, 3, 5))).kept).to.equal(2);
+    expect(await order(dev, lease2)).to.deep.equal({ order: [1, 3, 12, 5, 0], traces: 2 });
+    expect(audited('trace.upload')).to.deep.equal([
+      { lease: lease1, image: 'desk', version: 1, count: 4 },
+      { lease: lease2, image: 'desk', version: 1, count: 3 },
+    ]);
+  });
+
+  it("a second device's trace joins the order", async () => {
+    expect((await other.client.uploadTrace(otherLease, pages(5, 0))).kept).to.equal(3);
+    expect(await order(other, otherLease)).to.deep.equal({ order: [1, 3, 5, 0, 12], traces: 3 });
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5, 0, 12], traces: 3 });
+  });
+
+  it('a later upload for the same lease replaces its trace', async () => {
+    expect((await other.client.uploadTrace(otherLease, pages(12))).kept).to.equal(3);
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 12, 5, 0], traces: 3 });
+  });
+
+  it('refuses bad traces with a stable code and stores nothing', async () => {
+    const path = `/v1/device/leases/${lease1}/trace`;
+    const raw = (body: Buffer, contentType?: string) => {
+      const h = signRequest(dev.id.sign.secretKey, dev.deviceId, 'POST', path, body);
+      return dev.client.http.request('POST', path, { body, headers: { ...h, ...(contentType ? { 'content-type': contentType } : {}) } });
+    };
+    const before = { order: await order(dev, lease1), audit: audited('trace.upload').length };
+    const cases: [string, () => Promise<unknown>, number, string, string][] = [
+      ['json', () => raw(encodePages(pages(1)), 'application/json'), 400, 'BAD_REQUEST', "a trace must be sent as application/octet-stream, not 'application/json'"],
+      ['odd length', () => raw(Buffer.alloc(6)), 400, 'BAD_REQUEST', 'the trace is 6 bytes, not a multiple of 4'],
+      ['empty', () => dev.client.uploadTrace(lease1, pages()), 400, 'BAD_REQUEST', 'the trace is empty'],
+      ['past the end', () => dev.client.uploadTrace(lease1, pages(2, 16)), 400, 'BAD_REQUEST', "page 16 at position 1 is past the end of memory (the lease's version has 16 pages)"],
+      ['huge index', () => dev.client.uploadTrace(lease1, pages(0xffffffff)), 400, 'BAD_REQUEST', "page 4294967295 at position 0 is past the end of memory (the lease's version has 16 pages)"],
+      ['duplicate', () => dev.client.uploadTrace(lease1, pages(4, 7, 8, 7)), 400, 'BAD_REQUEST', 'page 7 appears at positions 1 and 3'],
+      ['oversized', () => raw(Buffer.alloc(MAX_TRACE_BODY + 4)), 413, 'BODY_TOO_LARGE', 'request body is too large'],
+      ['unknown lease', () => dev.client.uploadTrace('lease-0000000000000000', pages(1)), 404, 'UNKNOWN_LEASE', "no lease 'lease-0000000000000000' for this device"],
+      ["another device's lease", () => dev.client.uploadTrace(otherLease, pages(1)), 404, 'UNKNOWN_LEASE', `no lease '${otherLease}' for this device`],
+      ["another device's order", () => dev.client.prefetchOrder(otherLease), 404, 'UNKNOWN_LEASE', `no lease '${otherLease}' for this device`],
+    ];
+    for (const [what, call, status, code, message] of cases) {
+      const e = await rejects(call());
+      expect({ status: e.status, code: e.code, message: e.message }, what).to.deep.equal({ status, code, message });
+    }
+    const dup = await rejects(dev.client.uploadTrace(lease1, pages(4, 4)));
+    expect(dup.hint).to.equal('a first-touch trace lists each page once');
+    expect({ order: await order(dev, lease1), audit: audited('trace.upload').length }).to.deep.equal(before);
+    expect((await dev.client.heartbeat()).status).to.equal('active');
+  });
+
+  it("traces carry over to a version with less memory, bounded by that version's pages", async () => {
+    await pushImage(s, 'desk', { chunks: 4 }); // version 2: 8 memory pages
+    const v2 = await dev.client.lease('desk');
+    expect(v2.version).to.equal(2);
+    expect(await order(dev, v2.leaseId)).to.deep.equal({ order: [1, 3, 5, 0], traces: 3 });
+    const e = await rejects(dev.client.uploadTrace(v2.leaseId, pages(12)));
+    expect(e.message).to.equal("page 12 at position 0 is past the end of memory (the lease's version has 8 pages)");
+    // The version-1 lease still sees its own bound.
+    expect((await order(dev, lease1)).order).to.deep.equal([1, 3, 12, 5, 0]);
+  });
+
+  it(`keeps the newest ${TRACES_KEPT} traces of an image`, async () => {
+    // Stored so far, oldest first: [3 1 12 0], [1 3 5], [12]; the first one is the only holder of page 0.
+    let kept = 0;
+    for (let i = 0; i < TRACES_KEPT - 2; i++) {
+      const l = await dev.client.lease('desk');
+      kept = (await dev.client.uploadTrace(l.leaseId, pages(2))).kept;
+    }
+    expect(kept).to.equal(TRACES_KEPT);
+    const l = await dev.client.lease('desk');
+    expect(await order(dev, l.leaseId)).to.deep.equal({ order: [2, 1, 3, 5], traces: TRACES_KEPT });
+    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
+    try {
+      expect(db.prepare('SELECT lease_id FROM traces WHERE lease_id = ?').get(lease1)).to.equal(undefined);
+      expect((db.prepare('SELECT COUNT(*) AS n FROM traces').get() as { n: number }).n).to.equal(TRACES_KEPT);
+    } finally {
+      db.close();
+    }
+  });
+
+  it('an ended lease is refused', async () => {
+    const a = admin(s);
+    try {
+      await a.json('DELETE', `/devices/${dev.deviceId}/assignments/desk`);
+      await a.json('POST', `/devices/${dev.deviceId}/assignments`, { image: 'desk' });
+    } finally {
+      a.close();
+    }
+    for (const call of [() => dev.client.uploadTrace(lease2, pages(1)), () => dev.client.prefetchOrder(lease2)]) {
+      const e = await rejects(call());
+      expect({ status: e.status, code: e.code }).to.deep.equal({ status: 403, code: 'LEASE_EXPIRED' });
+    }
+  });
+
+  it('a revoked device is refused', async () => {
+    const a = admin(s);
+    try {
+      await a.json('POST', `/devices/${other.deviceId}/revoke`);
+    } finally {
+      a.close();
+    }
+    const count = audited('trace.upload').length;
+    for (const call of [() => other.client.uploadTrace(otherLease, pages(1)), () => other.client.prefetchOrder(otherLease)]) {
+      const e = await rejects(call());
+      expect({ status: e.status, code: e.code }).to.deep.equal({ status: 403, code: 'DEVICE_REVOKED' });
+    }
+    expect(audited('trace.upload').length).to.equal(count);
+  });
+});
