@@ -1,4 +1,4 @@
-// lethe audit verify | device
+// lethe audit verify | device | host
 import type { Argv } from 'yargs';
 import { parseSince } from '../common/duration.js';
 import { verifyChain, deviceReport, type VerifyResult } from '../server/audit.js';
@@ -7,6 +7,7 @@ import { openDatabase } from '../server/db.js';
 import { wipe } from '../common/crypto.js';
 import { adminOpts } from './cmd-admin.js';
 import { adminClient, type AdminArgs } from './admin-client.js';
+import { auditHost, type HostAudit } from '../agent/host-audit.js';
 import { emit, type OutOpts } from './output.js';
 
 type A = AdminArgs & OutOpts & { data?: string };
@@ -45,6 +46,18 @@ function reportText(r: Report): string {
   return lines.join('\n');
 }
 
+function hostText(r: HostAudit): string {
+  const idWidth = Math.max(...r.checks.map((c) => c.id.length));
+  const lines: string[] = [];
+  for (const c of r.checks) {
+    lines.push(`${c.status.padEnd(4)}  ${c.id.padEnd(idWidth)}  ${c.found}`);
+    if (c.fix) lines.push(`${' '.repeat(idWidth + 8)}fix: ${c.fix}`);
+  }
+  const count = (s: string) => r.checks.filter((c) => c.status === s).length;
+  lines.push(`${count('fail')} fail, ${count('warn')} warn, ${count('ok')} ok`);
+  return lines.join('\n');
+}
+
 export function auditCommand(y: Argv) {
   return y.command('audit', "audit the server's log: chain integrity, what a device was given", (y) =>
     adminOpts(y)
@@ -75,6 +88,21 @@ export function auditCommand(y: Argv) {
             ? offline(args.data, (db) => deviceReport(db, args.device, since))
             : await online<Report>(args, `/audit/devices/${encodeURIComponent(args.device)}?since=${encodeURIComponent(new Date(since).toISOString())}`);
           emit(args, r, () => reportText(r));
+        },
+      )
+      .command(
+        'host',
+        "check this laptop's leak paths (swap, core dumps, hibernation, ptrace, locked memory, kdump) and say what to change",
+        (y) =>
+          y
+            .option('pid', { type: 'number', describe: "check this process's limits (e.g. a running agent's) instead of this shell's" })
+            // the kernel's /proc and /sys laid out under another directory: for tests
+            .option('root', { type: 'string', default: '/', hidden: true }),
+        (a) => {
+          const args = a as OutOpts & { pid?: number; root: string };
+          const r = auditHost({ root: args.root, pid: args.pid ?? 'self' });
+          emit(args, r, () => hostText(r));
+          if (!r.ok) process.exitCode = 1;
         },
       )
       .demandCommand(1, 'name an audit command'),
