@@ -33,13 +33,17 @@ export interface HostAuditOptions {
 
 const MiB = 1024 * 1024;
 
+const PAGE = 4096;
+/** sodium_malloc locks the size asked for plus a 16-byte canary, in whole pages. */
+const locked = (bytes: number) => Math.ceil((bytes + 16) / PAGE) * PAGE;
+
 // What the agent locks with sodium_malloc at its defaults; keep in step with the files named.
 const AGENT_LOCKS = {
-  diskPlainLru: 256 * DISK_CHUNK_SIZE, // agent/disk-backend.ts PLAIN_LRU_CHUNKS (--disk-plain-cache 32M)
-  diskTransit: 16 * DISK_CHUNK_SIZE, // agent/disk-backend.ts TRANSIT_BUFFERS
-  pagePool: 32 * MEM_CHUNK_SIZE, // agent/vm-runner.ts PAGE_POOL
-  keySlab: 8192 * KEY_BYTES, // agent/keyring.ts DEFAULT_SLOTS
-  keySlabs: 64, // agent/keyring.ts MAX_SLABS
+  diskPlainLru: locked(256 * DISK_CHUNK_SIZE), // agent/disk-backend.ts PLAIN_LRU_CHUNKS (--disk-plain-cache 32M)
+  diskTransit: locked(16 * DISK_CHUNK_SIZE), // agent/disk-backend.ts TRANSIT_BUFFERS
+  pagePool: locked(32 * MEM_CHUNK_SIZE), // agent/vm-runner.ts PAGE_POOL
+  keySlab: locked(512 * KEY_BYTES), // agent/keyring.ts DEFAULT_SLOTS
+  keySlabs: (1 << 20) / 512, // agent/keyring.ts MAX_KEYS / DEFAULT_SLOTS
   // Single keys, device-state chunks and scratch: each allocation locks whole pages.
   scratch: 1 * MiB,
 };

@@ -1,0 +1,302 @@
+// lethe audit host over /proc and /sys trees laid out as the kernel lays them out, one
+// per case this machine is not in.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { agentLockedBytes, auditHost, type CheckId, type HostCheck } from '../../agent/host-audit.js';
+import { LetheError } from '../../common/errors.js';
+import { ROOT, tmpDir } from '../helpers/proc.js';
+
+type Entry = string | null | { link: string } | { dir: true };
+
+const limits = (core: string, memlock: string) =>
+  [
+    'Limit                     Soft Limit           Hard Limit           Units     ',
+    'Max cpu time              unlimited            unlimited            seconds   ',
+    `Max core file size        ${core.padEnd(21)}unlimited            bytes     `,
+    'Max processes             63432                63432                processes ',
+    `Max locked memory         ${memlock.padEnd(21)}${memlock.padEnd(21)}bytes     `,
+    'Max open files            1024                 524288               files     ',
+    '',
+  ].join('\n');
+
+const SWAPS_HEADER = 'Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n';
+const swaps = (...lines: string[]) => SWAPS_HEADER + lines.map((l) => `${l}\n`).join('');
+
+/** A host where every check passes. */
+const HARDENED: Record<string, Entry> = {
+  '/proc/swaps': swaps(),
+  '/proc/sys/kernel/core_pattern': '|/bin/false\n',
+  '/proc/sys/fs/suid_dumpable': '0\n',
+  '/proc/sys/kernel/yama/ptrace_scope': '1\n',
+  '/proc/self/limits': limits('0', 'unlimited'),
+  '/proc/self/status': 'Name:\tnode\nCapInh:\t0000000000000000\nCapEff:\t0000000000000000\n',
+  '/proc/self/mountinfo':
+    '22 1 0:21 / /proc rw,relatime - proc proc rw\n' +
+    '1 0 254:1 / / rw,relatime shared:1 - ext4 /dev/mapper/root rw\n' +
+    '30 1 8:1 / /boot rw,relatime shared:2 - ext4 /dev/sda1 rw\n',
+  '/sys/power/state': 'freeze mem\n',
+  '/sys/kernel/kexec_crash_loaded': '0\n',
+  '/sys/class/block/sda': { dir: true },
+  '/sys/class/block/sda1': { dir: true },
+  '/sys/class/block/sda2': { dir: true },
+  '/sys/class/block/dm-0/dm/uuid': 'CRYPT-LUKS2-0123456789abcdef-sda3_crypt\n',
+  '/sys/class/block/dm-0/dm/name': 'sda3_crypt\n',
+  '/sys/class/block/dm-1/dm/uuid': 'LVM-abcdefABCDEF\n',
+  '/sys/class/block/dm-1/dm/name': 'root\n',
+  '/sys/class/block/dm-1/slaves/dm-0': { link: '../../dm-0' },
+  '/sys/dev/block/254:1': { link: '../../devices/virtual/block/dm-1' },
+  '/sys/dev/block/8:1': { link: '../../devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda1' },
+};
+
+const roots: string[] = [];
+
+function host(over: Record<string, Entry> = {}): string {
+  const root = tmpDir('lethe-host-');
+  roots.push(root);
+  for (const [p, e] of Object.entries({ ...HARDENED, ...over })) {
+    const at = path.join(root, p);
+    if (e === null) continue;
+    fs.mkdirSync(typeof e === 'object' && 'dir' in e ? at : path.dirname(at), { recursive: true });
+    if (typeof e === 'string') fs.writeFileSync(at, e);
+    else if ('link' in e) fs.symlinkSync(e.link, at);
+  }
+  return root;
+}
+
+function check(id: CheckId, over: Record<string, Entry> = {}, pid?: number): HostCheck {
+  return auditHost({ root: host(over), pid }).checks.find((c) => c.id === id)!;
+}
+
+describe('lethe audit host', () => {
+  after(() => {
+    for (const r of roots) fs.rmSync(r, { recursive: true, force: true });
+  });
+
+  it('a hardened host passes every check, with nothing to change', () => {
+    const r = auditHost({ root: host() });
+    expect(r.checks.map((c) => c.id)).to.deep.equal(['swap', 'core-dumps', 'hibernation', 'ptrace-scope', 'memlock', 'kdump']);
+    expect(r.checks.map((c) => [c.status, c.fix])).to.deep.equal(Array(6).fill(['ok', '']));
+    expect(r.ok).to.equal(true);
+  });
+
+  describe('swap', () => {
+    it('none is ok', () => {
+      expect(check('swap')).to.deep.include({ status: 'ok', found: 'no swap in use' });
+    });
+
+    it('a plain partition fails, and the fix names it', () => {
+      const c = check('swap', { '/proc/swaps': swaps('/dev/sda2                               partition\t8388604\t\t0\t\t-2') });
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.match(/^swap without encryption on disk: \/dev\/sda2 \(plain, on disk\); guest RAM is shared memory/);
+      expect(c.fix).to.include('sudo swapoff /dev/sda2').and.include("'cryptswap /dev/sda2 /dev/urandom swap");
+    });
+
+    it('dm-crypt is ok, directly, by its /dev/mapper name, or under LVM', () => {
+      const crypt = { '/sys/class/block/dm-2/dm/uuid': 'CRYPT-PLAIN-cryptswap\n', '/sys/class/block/dm-2/dm/name': 'cryptswap\n' };
+      for (const dev of ['/dev/dm-2', '/dev/mapper/cryptswap']) {
+        expect(check('swap', { ...crypt, '/proc/swaps': swaps(`${dev} partition 1048572 0 -2`) })).to.deep.include({
+          status: 'ok',
+          found: `swap is encrypted or in RAM: ${dev} (dm-crypt)`,
+        });
+      }
+      expect(check('swap', { '/proc/swaps': swaps('/dev/dm-1 partition 1048572 0 -2') }).status).to.equal('ok');
+    });
+
+    it('LVM on a plain disk fails', () => {
+      const c = check('swap', {
+        '/proc/swaps': swaps('/dev/dm-3 partition 1048572 0 -2'),
+        '/sys/class/block/dm-3/dm/uuid': 'LVM-xyz\n',
+        '/sys/class/block/dm-3/slaves/sda2': { link: '../../sda2' },
+      });
+      expect(c.status).to.equal('fail');
+    });
+
+    it('zram is ok unless it writes back to a plain disk', () => {
+      const zram = { '/proc/swaps': swaps('/dev/zram0 partition 4194300 0 100'), '/sys/class/block/zram0/backing_dev': 'none\n' };
+      expect(check('swap', zram)).to.deep.include({ status: 'ok', found: 'swap is encrypted or in RAM: /dev/zram0 (zram, in RAM)' });
+      const back = check('swap', { ...zram, '/sys/class/block/zram0/backing_dev': '/dev/sda2\n' });
+      expect(back).to.deep.include({ status: 'fail' });
+      expect(back.found).to.include('/dev/zram0 (plain, on disk: zram writes back to /dev/sda2)');
+    });
+
+    it('a swap file is judged by the disk under its filesystem', () => {
+      expect(check('swap', { '/proc/swaps': swaps('/swap\\040file file 2097148 0 -2') })).to.deep.include({
+        status: 'ok',
+        found: 'swap is encrypted or in RAM: /swap file (dm-crypt)',
+      });
+      expect(check('swap', { '/proc/swaps': swaps('/boot/swapfile file 2097148 0 -2') }).status).to.equal('fail');
+    });
+
+    it('a filesystem with an anonymous device number (btrfs) is found by its source', () => {
+      const btrfs = '1 0 0:31 / / rw,relatime shared:1 - btrfs /dev/mapper/root rw,subvol=/@\n';
+      const c = check('swap', { '/proc/self/mountinfo': btrfs, '/proc/swaps': swaps('/swap/swapfile file 2097148 0 -2') });
+      expect(c).to.deep.include({ status: 'ok', found: 'swap is encrypted or in RAM: /swap/swapfile (dm-crypt)' });
+    });
+
+    it('a device sysfs does not know warns and says how to look', () => {
+      const c = check('swap', { '/proc/swaps': swaps('/dev/nvme0n1p3 partition 1048572 0 -2') });
+      expect(c).to.deep.equal({
+        id: 'swap',
+        status: 'warn',
+        found: 'swap that could not be classified: /dev/nvme0n1p3 (unknown: no /sys/class/block/nvme0n1p3)',
+        fix: 'check by hand that it is encrypted: swapon --show; lsblk -o NAME,TYPE,FSTYPE',
+      });
+    });
+
+    it('an unreadable /proc/swaps is a warning that names it, not a crash', () => {
+      expect(check('swap', { '/proc/swaps': { dir: true } })).to.deep.equal({
+        id: 'swap',
+        status: 'warn',
+        found: 'could not tell: cannot read /proc/swaps (EISDIR)',
+        fix: 'check by hand: swapon --show; lsblk -o NAME,TYPE,FSTYPE',
+      });
+    });
+  });
+
+  describe('core dumps', () => {
+    it('a pattern that drops cores is ok', () => {
+      const c = check('core-dumps');
+      expect(c.status).to.equal('ok');
+      expect(c.found).to.equal(
+        'the kernel pipes cores to /bin/false, which drops them; the core size limit of this shell is 0; the agent makes itself non-dumpable (agent/harden.ts), but QEMU, which maps guest RAM, does not',
+      );
+    });
+
+    it('cores to files with a core size limit fail', () => {
+      const c = check('core-dumps', { '/proc/sys/kernel/core_pattern': 'core\n', '/proc/self/limits': limits('unlimited', 'unlimited') });
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.match(/^the kernel writes cores to files named 'core' in the crashing program's working directory; the core size limit of this shell is unlimited;/);
+      expect(c.fix).to.equal("make the kernel drop cores: echo 'kernel.core_pattern=|/bin/false' | sudo tee /etc/sysctl.d/50-lethe-core.conf && sudo sysctl --system");
+    });
+
+    it('systemd-coredump under a zero limit warns; with Storage=none it is ok', () => {
+      const sd = { '/proc/sys/kernel/core_pattern': '|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h\n' };
+      const c = check('core-dumps', sd);
+      expect(c.status).to.equal('warn');
+      expect(c.found).to.match(/^systemd-coredump keeps cores in \/var\/lib\/systemd\/coredump; the core size limit of this shell is 0, but a program may raise it/);
+      expect(c.fix).to.include("'Storage=none' and 'ProcessSizeMax=0' under [Coredump]");
+      const off = { ...sd, '/etc/systemd/coredump.conf': '[Coredump]\n#Storage=external\n', '/etc/systemd/coredump.conf.d/50-lethe.conf': '[Coredump]\nStorage=none\n' };
+      expect(check('core-dumps', off)).to.deep.include({ status: 'ok', fix: '' });
+      const later = { ...off, '/usr/lib/systemd/coredump.conf.d/90-vendor.conf': '[Coredump]\nStorage=external\n' };
+      expect(check('core-dumps', later).status).to.equal('warn');
+    });
+
+    it('apport with a limit fails; an unknown pipe program warns', () => {
+      expect(check('core-dumps', { '/proc/sys/kernel/core_pattern': '|/usr/share/apport/apport -p%p -s%s -c%c\n', '/proc/self/limits': limits('1048576', 'unlimited') }).status).to.equal('fail');
+      const c = check('core-dumps', { '/proc/sys/kernel/core_pattern': '|/usr/local/bin/collect %p\n', '/proc/self/limits': limits('unlimited', 'unlimited') });
+      expect(c.status).to.equal('warn');
+      expect(c.found).to.match(/^the kernel pipes cores to \/usr\/local\/bin\/collect, which may keep them;/);
+    });
+
+    it('fs.suid_dumpable 1 warns even when cores are dropped', () => {
+      const c = check('core-dumps', { '/proc/sys/fs/suid_dumpable': '1\n' });
+      expect(c.status).to.equal('warn');
+      expect(c.found).to.include('fs.suid_dumpable is 1, so setuid programs dump too');
+      expect(c.fix).to.equal("set fs.suid_dumpable=0: echo 'fs.suid_dumpable=0' | sudo tee /etc/sysctl.d/50-lethe-suid.conf && sudo sysctl --system");
+    });
+  });
+
+  describe('hibernation', () => {
+    const possible = { '/sys/power/state': 'freeze mem disk\n', '/sys/power/disk': '[platform] shutdown reboot suspend test_resume\n' };
+
+    it('not offered, or disabled by the kernel, is ok', () => {
+      expect(check('hibernation').status).to.equal('ok');
+      expect(check('hibernation', { ...possible, '/sys/power/disk': '[disabled]\n' }).status).to.equal('ok');
+    });
+
+    it('possible with plain swap fails', () => {
+      const c = check('hibernation', { ...possible, '/proc/swaps': swaps('/dev/sda2 partition 8388604 0 -2') });
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.equal('hibernation is possible: it writes an image of all RAM, keys and guest pages included, to swap, and /dev/sda2 (plain, on disk) is not encrypted');
+      expect(c.fix).to.equal('sudo systemctl mask hibernate.target hybrid-sleep.target suspend-then-hibernate.target; and encrypt swap (see swap)');
+    });
+
+    it('possible with encrypted swap or none warns', () => {
+      expect(check('hibernation', { ...possible, '/proc/swaps': swaps('/dev/dm-1 partition 8388604 0 -2') }).status).to.equal('warn');
+      const none = check('hibernation', possible);
+      expect(none.status).to.equal('warn');
+      expect(none.found).to.include('there is no swap now, but adding some enables it');
+    });
+  });
+
+  describe('ptrace scope', () => {
+    it('0 fails, 1 to 3 are ok, no Yama warns', () => {
+      const scope = (v: string | null) => check('ptrace-scope', { '/proc/sys/kernel/yama/ptrace_scope': v });
+      const zero = scope('0\n');
+      expect(zero.status).to.equal('fail');
+      expect(zero.fix).to.equal("echo 'kernel.yama.ptrace_scope=1' | sudo tee /etc/sysctl.d/50-lethe-ptrace.conf && sudo sysctl --system");
+      expect(['1\n', '2\n', '3\n'].map((v) => scope(v).status)).to.deep.equal(['ok', 'ok', 'ok']);
+      expect(scope('2\n').found).to.equal('ptrace_scope is 2: only root may attach');
+      expect(scope(null).status).to.equal('warn');
+    });
+
+    it('garbage in ptrace_scope is quoted in a warning', () => {
+      expect(check('ptrace-scope', { '/proc/sys/kernel/yama/ptrace_scope': 'banana\n' })).to.deep.equal({
+        id: 'ptrace-scope',
+        status: 'warn',
+        found: "could not tell: /proc/sys/kernel/yama/ptrace_scope holds 'banana', not one of 0, 1, 2, 3",
+        fix: 'check by hand: sysctl kernel.yama.ptrace_scope',
+      });
+    });
+  });
+
+  describe('locked memory', () => {
+    const { atStart, atMost } = agentLockedBytes();
+
+    it('a limit under what the agent locks at start fails, with the systemd and limits.conf fixes', () => {
+      const c = check('memlock', { '/proc/self/limits': limits('0', String(8 * 1024 * 1024)) });
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.match(/^the locked-memory limit of this shell is 8 MiB; the agent locks about [\d.]+ MiB at its defaults/);
+      expect(c.fix).to.include('LimitMEMLOCK=infinity').and.include("'USER - memlock 131072' in /etc/security/limits.conf");
+    });
+
+    it('enough for the start but not a full key ring warns; enough for both, or unlimited, is ok', () => {
+      expect(check('memlock', { '/proc/self/limits': limits('0', String(atStart)) }).status).to.equal('warn');
+      expect(check('memlock', { '/proc/self/limits': limits('0', String(atMost)) }).status).to.equal('ok');
+      expect(check('memlock').status).to.equal('ok');
+    });
+
+    it('CAP_IPC_LOCK lifts the limit', () => {
+      const c = check('memlock', { '/proc/self/limits': limits('0', '65536'), '/proc/self/status': 'Name:\tnode\nCapEff:\t000001ffffffffff\n' });
+      expect(c).to.deep.include({ status: 'ok', found: 'this shell has CAP_IPC_LOCK, so its locked-memory limit (0.1 MiB) does not apply' });
+    });
+
+    it("another process's limits with --pid, and a clear error for a process that is not there", () => {
+      const c = check('memlock', { '/proc/4242/limits': limits('0', '65536'), '/proc/4242/status': 'CapEff:\t0000000000000000\n' }, 4242);
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.match(/^the locked-memory limit of process 4242 is 0.1 MiB/);
+      expect(() => auditHost({ root: host(), pid: 999 })).to.throw(LetheError, 'no process 999');
+      expect(() => auditHost({ root: host(), pid: -1 })).to.throw(LetheError, "bad --pid: '-1'");
+    });
+
+    it('a limits file it cannot parse is a warning', () => {
+      const c = check('memlock', { '/proc/self/limits': limits('0', 'lots') });
+      expect(c).to.deep.include({ status: 'warn', found: "could not tell: /proc/self/limits: 'Max locked memory' is 'lots', not a number" });
+    });
+
+    it("follows the agent's own buffer sizes", () => {
+      const stale = 'the agent locks other sizes now: update AGENT_LOCKS in agent/host-audit.ts';
+      const src = (f: string) => fs.readFileSync(path.join(ROOT, f), 'utf8');
+      expect(src('agent/disk-backend.ts'), stale).to.match(/const PLAIN_LRU_CHUNKS = 256;/).and.match(/const TRANSIT_BUFFERS = 16;/);
+      expect(src('agent/vm-runner.ts'), stale).to.match(/const PAGE_POOL = 32;/);
+      expect(src('agent/keyring.ts'), stale).to.match(/const DEFAULT_SLOTS = 512;/).and.match(/const MAX_KEYS = 1 << 20;/);
+      expect(atStart).to.be.within(35 * 1024 * 1024, 36 * 1024 * 1024);
+      expect(atMost).to.equal(atStart + 2047 * 20 * 1024);
+    });
+  });
+
+  describe('kdump', () => {
+    it('a loaded crash kernel warns; none, or a kernel without kexec, is ok', () => {
+      const c = check('kdump', { '/sys/kernel/kexec_crash_loaded': '1\n' });
+      expect(c.status).to.equal('warn');
+      expect(c.fix).to.equal('sudo systemctl disable --now kdump-tools (Debian, Ubuntu) or kdump (Fedora, RHEL)');
+      expect(check('kdump', { '/sys/kernel/kexec_crash_loaded': null })).to.deep.include({ status: 'ok', found: 'this kernel cannot load a crash kernel' });
+    });
+  });
+
+  it('warnings leave the host ok; one failure does not', () => {
+    expect(auditHost({ root: host({ '/proc/sys/kernel/yama/ptrace_scope': null, '/sys/kernel/kexec_crash_loaded': '1\n' }) }).ok).to.equal(true);
+    expect(auditHost({ root: host({ '/proc/sys/kernel/yama/ptrace_scope': '0\n' }) }).ok).to.equal(false);
+  });
+});
