@@ -180,7 +180,7 @@ describe('lethe image (real server process)', function () {
       [['--disk', f.disk, '--memory', odd, '--state', f.state], `lethe: error: --memory '${odd}' is 5000 bytes, not a whole number of 4096-byte pages\nlethe: hint: pass the guest RAM file as QEMU wrote it (ram.bin)\n`],
       [['--disk', f.disk, '--memory', f.mem, '--state', notState], `lethe: error: --state '${notState}' is not a QEMU device state file (no QEVM header)\nlethe: hint: use the state.bin that 'lethe vm snapshot' saved\n`],
       [['--disk', f.disk, '--memory', f.mem], "lethe: error: --memory and --state go together\nlethe: hint: 'lethe vm snapshot' writes both (ram.bin and state.bin)\n"],
-      [['--disk', f.disk, '--policy', badPolicy], `lethe: error: ${badPolicy}:4: sensitive.memory: Invalid input: expected boolean, received string\n`],
+      [['--disk', f.disk, '--policy', badPolicy], `lethe: error: ${badPolicy}:4: sensitive.memory: expected all, hinted or none, got 'maybe'\n`],
     ];
     for (const [args, stderr] of cases) {
       const r = await lethe(['image', 'push', 'never', ...args], s.env);

@@ -45,9 +45,9 @@ describe('parsing', () => {
     expect(classOf(p, 'mem', 0, 4096)).to.equal('normal');
     expect(() => parsePolicy('lease:\n  ttl: 10m\nsensitive:\n  memory: "yes"\n', 'strict.yaml')).to.throw(
       LetheError,
-      'strict.yaml:4: sensitive.memory: Invalid input: expected boolean, received string',
+      "strict.yaml:4: sensitive.memory: expected all, hinted or none, got 'yes'",
     );
-    expect(() => parsePolicy('lease:\n  ttl: 1m\n  renew: 5m\n', 'p.yaml')).to.throw(LetheError, 'p.yaml: lease.renew must be shorter than lease.ttl');
+    expect(() => parsePolicy('lease:\n  ttl: 1m\n  renew: 5m\n', 'p.yaml')).to.throw(LetheError, 'p.yaml:3: lease.renew: must be shorter than lease.ttl (5 min ≥ 1 min)');
     expect(() => parsePolicy('lease: [\n', 'broken.yaml')).to.throw(LetheError, /^broken\.yaml:\d+: /);
   });
 

@@ -1,0 +1,250 @@
+// The policy's shape: every key a policy file may set, how its value is read,
+// and the parsed form the server, the agent and the CLI use (times in ms, sizes
+// in bytes). docs/policies.md describes the same keys for admins.
+import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S } from '../common/constants.js';
+import { parseDuration } from '../common/duration.js';
+import { parseRate, parseSize } from './sizes.js';
+import { closest } from './suggest.js';
+
+export const MEMORY_MODES = ['all', 'hinted', 'none'] as const;
+export const FREE_PAGE_ACTIONS = ['evict', 'keep'] as const;
+export const EXPIRY_ACTIONS = ['evict-sensitive', 'evict-all', 'suspend'] as const;
+export const WIPE_ACTIONS = ['evict-all', 'poweroff'] as const;
+export const PREFETCH_ORDERS = ['trace', 'address', 'none'] as const;
+
+/** The part of a policy the server acts on: lease timing and which chunks are sensitive. */
+export interface ServerPolicy {
+  leaseTtlMs: number;
+  renewAfterMs: number;
+  sensitiveMemory: boolean;
+  sensitiveState: boolean;
+  /** byte ranges of the disk, [start, end) */
+  sensitiveDisk: [number, number][];
+  /** Sensitive guest pages resident longer than this are evicted (the agent's evictor). */
+  evictIdleMs: number;
+}
+
+export interface Policy extends ServerPolicy {
+  name: string;
+  description: string;
+  /** hinted: only frames the guest driver reports as sensitive (and free frames) are evicted */
+  memoryMode: (typeof MEMORY_MODES)[number];
+  /** guest process names (comm) whose pages are sensitive */
+  processes: string[];
+  /** guest cgroup paths whose processes' pages are sensitive */
+  cgroups: string[];
+  /** guest files or directories whose page cache is sensitive */
+  files: string[];
+  freePages: (typeof FREE_PAGE_ACTIONS)[number];
+  /** most sensitive plaintext resident at once; null = no budget */
+  evictBudgetBytes: number | null;
+  dropGuestCache: boolean;
+  onLeaseExpiry: (typeof EXPIRY_ACTIONS)[number];
+  onWipe: (typeof WIPE_ACTIONS)[number];
+  prefetchStartupBytes: number;
+  prefetchOrder: (typeof PREFETCH_ORDERS)[number];
+  /** bytes per second for background prefetch; null = no cap (demand faults are never capped) */
+  prefetchBandwidth: number | null;
+  hintIntervalMs: number;
+}
+
+const DEFAULT_TTL_MS = DEFAULT_LEASE_TTL_S * 1000;
+
+export const DEFAULT_FULL_POLICY: Policy = Object.freeze({
+  name: '',
+  description: '',
+  leaseTtlMs: DEFAULT_TTL_MS,
+  renewAfterMs: DEFAULT_TTL_MS / 3,
+  sensitiveMemory: true,
+  sensitiveState: false,
+  sensitiveDisk: [],
+  evictIdleMs: DEFAULT_EVICT_IDLE_S * 1000,
+  memoryMode: 'all',
+  processes: [],
+  cgroups: [],
+  files: [],
+  freePages: 'evict',
+  evictBudgetBytes: null,
+  dropGuestCache: true,
+  onLeaseExpiry: 'evict-sensitive',
+  onWipe: 'evict-all',
+  prefetchStartupBytes: 0,
+  prefetchOrder: 'trace',
+  prefetchBandwidth: null,
+  hintIntervalMs: 2000,
+});
+
+/** A value read, or why not; `at` points below the field (a list element) when that is where the fault is. */
+export type Read<T> = { value: T } | { message: string; hint?: string; at?: (string | number)[] };
+
+export interface Field<T = unknown> {
+  read(v: unknown): Read<T>;
+}
+
+/** How a person would name a YAML value in a message. */
+export function describe(v: unknown): string {
+  if (v === null || v === undefined) return 'nothing';
+  if (Array.isArray(v)) return 'a list';
+  if (typeof v === 'object') return 'a mapping';
+  return `'${String(v)}'`;
+}
+
+const bad = <T>(expected: string, v: unknown, hint?: string): Read<T> => ({
+  message: `expected ${expected}, got ${describe(v)}`,
+  ...(hint ? { hint } : {}),
+});
+
+function nonNegative(v: number): Read<number> | null {
+  return v < 0 ? { message: `must not be negative, got ${v}` } : null;
+}
+
+const DURATION_HINT = 'use seconds or a number with a unit, e.g. 90s, 15m, 1h';
+
+const duration: Field<number> = {
+  read(v) {
+    let ms: number;
+    if (typeof v === 'number') {
+      const neg = nonNegative(v);
+      if (neg) return neg;
+      ms = Math.round(v * 1000);
+    } else if (typeof v === 'string') {
+      try {
+        ms = parseDuration(v);
+      } catch {
+        return bad('a duration', v, DURATION_HINT);
+      }
+    } else {
+      return bad('a duration', v, DURATION_HINT);
+    }
+    return ms > 0 ? { value: ms } : { message: `must be longer than 0, got ${describe(v)}`, hint: DURATION_HINT };
+  },
+};
+
+function bytes(v: unknown, parse: (s: string) => number | null, what: string, hint: string): Read<number> {
+  if (typeof v === 'number') return nonNegative(v) ?? (Number.isInteger(v) ? { value: v } : bad(`a whole number of bytes`, v, hint));
+  const n = typeof v === 'string' ? parse(v) : null;
+  return n === null ? bad(what, v, hint) : { value: n };
+}
+
+const size: Field<number> = {
+  read: (v) => bytes(v, parseSize, 'a size', 'use bytes or a number with a unit, e.g. 512KiB, 64MiB, 1GiB'),
+};
+
+const rate: Field<number> = {
+  read: (v) => bytes(v, parseRate, 'a rate', 'use bytes per second or a size per second, e.g. 50MiB/s'),
+};
+
+const bool: Field<boolean> = {
+  read: (v) => (typeof v === 'boolean' ? { value: v } : bad('true or false', v)),
+};
+
+const text: Field<string> = {
+  read: (v) => (['string', 'number', 'boolean'].includes(typeof v) ? { value: String(v) } : bad('text', v)),
+};
+
+const listOf = <T extends string>(...xs: readonly T[]) => xs.slice(0, -1).join(', ') + ' or ' + xs[xs.length - 1];
+
+function oneOf<T extends string>(values: readonly T[], bools?: [T, T]): Field<T> {
+  return {
+    read(v) {
+      if (typeof v === 'string' && (values as readonly string[]).includes(v)) return { value: v as T };
+      if (bools && typeof v === 'boolean') return { value: v ? bools[0] : bools[1] };
+      const near = typeof v === 'string' ? closest(v, values) : undefined;
+      return bad(listOf(...values), v, near ? `did you mean '${near}'?` : undefined);
+    },
+  };
+}
+
+function listField<T>(what: string, item: (v: unknown) => Read<T>, example: string): Field<T[]> {
+  return {
+    read(v) {
+      if (!Array.isArray(v)) return bad(`a list of ${what}`, v, `write a list, e.g. ${example}`);
+      const out: T[] = [];
+      for (const [i, x] of v.entries()) {
+        const r = item(x);
+        if (!('value' in r)) return { ...r, at: [i, ...(r.at ?? [])] };
+        out.push(r.value);
+      }
+      return { value: out };
+    },
+  };
+}
+
+function name(v: unknown): Read<string> {
+  if ((typeof v !== 'string' && typeof v !== 'number') || String(v).trim() === '') return bad('a name', v);
+  return { value: String(v) };
+}
+
+function path(v: unknown): Read<string> {
+  return typeof v === 'string' && v.trim() !== '' ? { value: v } : bad('a path', v);
+}
+
+function range(v: unknown): Read<[number, number]> {
+  const hint = 'write each range as [start, end) in bytes, e.g. [0, 1MiB]';
+  if (!Array.isArray(v) || v.length !== 2) return bad('a [start, end] pair', v, hint);
+  const ends = v.map((x) => size.read(x));
+  for (const [i, r] of ends.entries()) if (!('value' in r)) return { ...r, at: [i] };
+  return { value: ends.map((r) => (r as { value: number }).value) as [number, number] };
+}
+
+/** Every key a policy may set, by section. A section's value is a mapping of its keys. */
+export const SCHEMA = {
+  name: text,
+  description: text,
+  lease: { ttl: duration, renew: duration },
+  sensitive: {
+    memory: oneOf(MEMORY_MODES, ['all', 'none']),
+    processes: listField('process names', name, '[gpg-agent, ssh-agent]'),
+    cgroups: listField('cgroup paths', path, '[/finance.slice]'),
+    files: listField('paths', path, '[/home/user/.ssh]'),
+    'free-pages': oneOf(FREE_PAGE_ACTIONS),
+    state: bool,
+    disk: listField('byte ranges', range, '[[0, 1MiB]]'),
+  },
+  eviction: {
+    idle: duration,
+    budget: size,
+    'drop-guest-cache': bool,
+    'on-lease-expiry': oneOf(EXPIRY_ACTIONS),
+    'on-wipe': oneOf(WIPE_ACTIONS),
+  },
+  prefetch: { startup: size, order: oneOf(PREFETCH_ORDERS), bandwidth: rate },
+  hints: { interval: duration },
+} as const;
+
+export type Section = Record<string, Field>;
+export const isField = (x: Field | Section): x is Field => typeof (x as Field).read === 'function';
+
+/** The values a file set, by dotted path ("lease.ttl"), already read. */
+export type Values = ReadonlyMap<string, unknown>;
+
+/** The full policy from the values a file set; anything unset takes its default. */
+export function buildPolicy(values: Values): Policy {
+  const d = DEFAULT_FULL_POLICY;
+  const get = <T>(key: string, dflt: T): T => (values.has(key) ? (values.get(key) as T) : dflt);
+  const ttl = get('lease.ttl', d.leaseTtlMs);
+  const memoryMode = get('sensitive.memory', d.memoryMode);
+  return {
+    name: get('name', d.name),
+    description: get('description', d.description),
+    leaseTtlMs: ttl,
+    renewAfterMs: get('lease.renew', ttl / 3),
+    sensitiveMemory: memoryMode !== 'none',
+    sensitiveState: get('sensitive.state', d.sensitiveState),
+    sensitiveDisk: get('sensitive.disk', []),
+    evictIdleMs: get('eviction.idle', d.evictIdleMs),
+    memoryMode,
+    processes: get('sensitive.processes', []),
+    cgroups: get('sensitive.cgroups', []),
+    files: get('sensitive.files', []),
+    freePages: get('sensitive.free-pages', d.freePages),
+    evictBudgetBytes: get('eviction.budget', d.evictBudgetBytes),
+    dropGuestCache: get('eviction.drop-guest-cache', d.dropGuestCache),
+    onLeaseExpiry: get('eviction.on-lease-expiry', d.onLeaseExpiry),
+    onWipe: get('eviction.on-wipe', d.onWipe),
+    prefetchStartupBytes: get('prefetch.startup', d.prefetchStartupBytes),
+    prefetchOrder: get('prefetch.order', d.prefetchOrder),
+    prefetchBandwidth: get('prefetch.bandwidth', d.prefetchBandwidth),
+    hintIntervalMs: get('hints.interval', d.hintIntervalMs),
+  };
+}
