@@ -105,7 +105,7 @@ class Host {
 
 const codeOf = (e: unknown) => (e as NodeJS.ErrnoException).code ?? errorChain(e);
 const missing = (e: unknown) => ['ENOENT', 'ENOTDIR'].includes(String((e as NodeJS.ErrnoException).code));
-const mib = (n: number) => (n === Infinity ? 'unlimited' : `${+(n / MiB).toFixed(1)} MiB`);
+const bytes = (n: number) => (n === Infinity ? 'unlimited' : n < MiB ? `${+(n / 1024).toFixed(1)} KiB` : `${+(n / MiB).toFixed(1)} MiB`);
 const quote = (s: string) => `'${s.length > 40 ? s.slice(0, 40) + '…' : s}'`;
 
 /** A one-line kernel value, or a clear error quoting what was there instead. */
@@ -344,14 +344,14 @@ function checkMemlock(h: Host): Omit<HostCheck, 'id'> {
   const { soft } = limitOf(h, 'Max locked memory');
   const need = agentLockedBytes();
   const who = h.pid === 'self' ? 'this shell' : `process ${h.pid}`;
-  const wants = `the agent locks about ${mib(need.atStart)} at its defaults, up to ${mib(need.atMost)} with a full key ring`;
-  if (canLockAnything(h)) return { status: 'ok', found: `${who} has CAP_IPC_LOCK, so its locked-memory limit (${mib(soft)}) does not apply`, fix: '' };
-  if (soft >= need.atMost) return { status: 'ok', found: `the locked-memory limit of ${who} is ${mib(soft)}; ${wants}`, fix: '' };
+  const wants = `the agent locks about ${bytes(need.atStart)} at its defaults, up to ${bytes(need.atMost)} with a full key ring`;
+  if (canLockAnything(h)) return { status: 'ok', found: `${who} has CAP_IPC_LOCK, so its locked-memory limit (${bytes(soft)}) does not apply`, fix: '' };
+  if (soft >= need.atMost) return { status: 'ok', found: `the locked-memory limit of ${who} is ${bytes(soft)}; ${wants}`, fix: '' };
   const kib = 2 ** Math.ceil(Math.log2(need.atMost / 1024));
   const fix = `raise it where the agent starts: LimitMEMLOCK=infinity in its systemd unit (agent/lethe-agent.service has it; check a running agent with --pid), or 'USER - memlock ${kib}' in /etc/security/limits.conf and log in again; or lock less with lethe agent run --disk-plain-cache 4M`;
   const silent = 'libsodium ignores a refused mlock, so buffers past the limit hold plaintext and keys in memory that can be swapped out';
   const status = soft >= need.atStart ? 'warn' : 'fail';
-  return { status, found: `the locked-memory limit of ${who} is ${mib(soft)}; ${wants}; ${silent}`, fix };
+  return { status, found: `the locked-memory limit of ${who} is ${bytes(soft)}; ${wants}; ${silent}`, fix };
 }
 
 // ---- crash dumps ----
@@ -392,15 +392,17 @@ function runCheck(c: CheckDef, h: Host): HostCheck {
   }
 }
 
+export const PID_HINT = "give the process id of a running agent, e.g. from pgrep -f 'lethe agent'";
+
 /** Runs every check; throws only for a --pid that names no process. */
 export function auditHost(opts: HostAuditOptions = {}): HostAudit {
   const pid = opts.pid ?? 'self';
   if (pid !== 'self' && !(Number.isInteger(pid) && pid > 0)) {
-    throw new LetheError('BAD_REQUEST', `bad --pid: '${pid}'`, { hint: 'give the process id of a running agent, e.g. from pgrep -f "lethe agent"' });
+    throw new LetheError('BAD_REQUEST', `bad --pid: '${pid}'`, { hint: PID_HINT });
   }
   const h = new Host(opts.root ?? '/', pid);
   if (pid !== 'self' && !h.exists(`${h.proc}/limits`)) {
-    throw new LetheError('BAD_REQUEST', `no process ${pid}`, { hint: 'give the process id of a running agent, e.g. from pgrep -f "lethe agent"' });
+    throw new LetheError('BAD_REQUEST', `no process ${pid}`, { hint: PID_HINT });
   }
   const checks = CHECKS.map((c) => runCheck(c, h));
   return { checks, ok: checks.every((c) => c.status !== 'fail') };

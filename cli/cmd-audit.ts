@@ -7,7 +7,8 @@ import { openDatabase } from '../server/db.js';
 import { wipe } from '../common/crypto.js';
 import { adminOpts } from './cmd-admin.js';
 import { adminClient, type AdminArgs } from './admin-client.js';
-import { auditHost, type HostAudit } from '../agent/host-audit.js';
+import { auditHost, PID_HINT, type HostAudit } from '../agent/host-audit.js';
+import { LetheError } from '../common/errors.js';
 import { emit, type OutOpts } from './output.js';
 
 type A = AdminArgs & OutOpts & { data?: string };
@@ -44,6 +45,11 @@ function reportText(r: Report): string {
   ];
   for (const e of r.entries) lines.push(`  #${e.seq} ${e.ts} ${e.type} ${JSON.stringify(e.data)}`);
   return lines.join('\n');
+}
+
+function pidArg(text: string): number {
+  if (!/^\d+$/.test(text)) throw new LetheError('BAD_REQUEST', `bad --pid: '${text}'`, { hint: PID_HINT });
+  return Number(text);
 }
 
 function hostText(r: HostAudit): string {
@@ -95,12 +101,12 @@ export function auditCommand(y: Argv) {
         "check this laptop's leak paths (swap, core dumps, hibernation, ptrace, locked memory, kdump) and say what to change",
         (y) =>
           y
-            .option('pid', { type: 'number', describe: "check this process's limits (e.g. a running agent's) instead of this shell's" })
+            .option('pid', { type: 'string', describe: "check this process's limits (e.g. a running agent's) instead of this shell's" })
             // the kernel's /proc and /sys laid out under another directory: for tests
             .option('root', { type: 'string', default: '/', hidden: true }),
         (a) => {
-          const args = a as OutOpts & { pid?: number; root: string };
-          const r = auditHost({ root: args.root, pid: args.pid ?? 'self' });
+          const args = a as OutOpts & { pid?: string; root: string };
+          const r = auditHost({ root: args.root, pid: args.pid === undefined ? 'self' : pidArg(args.pid) });
           emit(args, r, () => hostText(r));
           if (!r.ok) process.exitCode = 1;
         },

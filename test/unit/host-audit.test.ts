@@ -259,13 +259,13 @@ describe('lethe audit host', () => {
 
     it('CAP_IPC_LOCK lifts the limit', () => {
       const c = check('memlock', { '/proc/self/limits': limits('0', '65536'), '/proc/self/status': 'Name:\tnode\nCapEff:\t000001ffffffffff\n' });
-      expect(c).to.deep.include({ status: 'ok', found: 'this shell has CAP_IPC_LOCK, so its locked-memory limit (0.1 MiB) does not apply' });
+      expect(c).to.deep.include({ status: 'ok', found: 'this shell has CAP_IPC_LOCK, so its locked-memory limit (64 KiB) does not apply' });
     });
 
     it("another process's limits with --pid, and a clear error for a process that is not there", () => {
       const c = check('memlock', { '/proc/4242/limits': limits('0', '65536'), '/proc/4242/status': 'CapEff:\t0000000000000000\n' }, 4242);
       expect(c.status).to.equal('fail');
-      expect(c.found).to.match(/^the locked-memory limit of process 4242 is 0.1 MiB/);
+      expect(c.found).to.match(/^the locked-memory limit of process 4242 is 64 KiB/);
       expect(() => auditHost({ root: host(), pid: 999 })).to.throw(LetheError, 'no process 999');
       expect(() => auditHost({ root: host(), pid: -1 })).to.throw(LetheError, "bad --pid: '-1'");
     });
