@@ -36,8 +36,13 @@ for port in /sys/class/virtio-ports/*; do
   [ "$(cat "$port/name" 2>/dev/null)" = org.lethe.hint ] && hint=/dev/${port##*/}
 done
 
+# The guest driver owns the hint port (docs/guest-hints.md); it runs until poweroff.
+if [ -n "$hint" ]; then
+  /bin/lethe-guestd "$hint" &
+fi
+
 /bin/lethe-workload --mib "${mib:-0}" --interval-ms "${interval:-1000}" \
-  ${secret:+--secret "$secret"} ${disk:+--disk "$disk" --disk-dir /mnt} ${hint:+--hint "$hint"}
+  ${secret:+--secret "$secret"} ${disk:+--disk "$disk" --disk-dir /mnt}
 echo "LETHE-WORKLOAD-EXIT code=$?"
 umount /mnt 2>/dev/null
 poweroff -f

@@ -22,7 +22,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,7 +45,6 @@
 #define REWRITES_PER_PASS 16
 #define DISK_WRITE_BLOCKS 1024 /* 4 MiB */
 #define DISK_WRITE_SEQ 2       /* preset.blk is seq 1 */
-#define HINT_WAIT_MS 10000
 
 struct page_header {
     uint32_t magic, index, seq, flags;
@@ -59,7 +57,6 @@ struct options {
     const char *secret;
     const char *disk;
     const char *disk_dir;
-    const char *hint;
 };
 
 static char marker[MAX_SECRET + 16];
@@ -262,32 +259,11 @@ static int run_disk(const struct options *o)
     return 0;
 }
 
-/* ---- options and the hint port ---- */
-
-/* Reads "secret=S" from the virtio-serial hint port when the host sends it in time. */
-static void secret_from_hint(const char *dev, char *out, size_t size)
-{
-    char line[MAX_SECRET + 8]; /* "secret=" + the secret + NUL */
-    size_t len = 0;
-    int fd = open(dev, O_RDONLY | O_NONBLOCK);
-    if (fd < 0)
-        return;
-    struct pollfd p = { fd, POLLIN, 0 };
-    while (len < sizeof line - 1 && poll(&p, 1, HINT_WAIT_MS) == 1 && (p.revents & POLLIN)) {
-        ssize_t got = read(fd, line + len, 1);
-        if (got != 1 || line[len] == '\n')
-            break;
-        len++;
-    }
-    close(fd);
-    line[len] = 0;
-    if (strncmp(line, "secret=", 7) == 0)
-        snprintf(out, size, "%s", line + 7);
-}
+/* ---- options ---- */
 
 static int parse_options(int argc, char **argv, struct options *o)
 {
-    *o = (struct options){ 0, 1000, NULL, NULL, "/mnt", NULL };
+    *o = (struct options){ 0, 1000, NULL, NULL, "/mnt" };
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (!strcmp(k, "--mib"))
@@ -300,8 +276,6 @@ static int parse_options(int argc, char **argv, struct options *o)
             o->disk = v;
         else if (!strcmp(k, "--disk-dir"))
             o->disk_dir = v;
-        else if (!strcmp(k, "--hint"))
-            o->hint = v;
         else {
             printf("LETHE-WORKLOAD-ERROR unknown option '%s'\n", k);
             return 1;
@@ -319,8 +293,6 @@ int main(int argc, char **argv)
         return 2;
     if (o.secret)
         snprintf(secret, sizeof secret, "%s", o.secret);
-    else if (o.hint)
-        secret_from_hint(o.hint, secret, sizeof secret);
     if (secret[0])
         snprintf(marker, sizeof marker, "LETHE-SECRET[%s]", secret);
     if (o.disk && run_disk(&o))
