@@ -65,7 +65,7 @@ function hostText(r: HostAudit): string {
 }
 
 export function auditCommand(y: Argv) {
-  return y.command('audit', "audit the server's log: chain integrity, what a device was given", (y) =>
+  return y.command('audit', "audit the server's log (chain integrity, what a device was given) and this host's leak paths", (y) =>
     adminOpts(y)
       .option('data', { type: 'string', describe: "read the server's data dir directly instead of asking the server" })
       .command('verify', 'check the hash chain and signed checkpoints end to end', {}, async (a) => {
