@@ -28,6 +28,8 @@ export type ReadSource = 'zero' | 'cache' | 'server';
 
 /** Sensitive keys are asked for in batches: the chunk and its next neighbours not yet held. */
 const KEY_BATCH = 64;
+/** Guest pages fetched ahead in one request when guest RAM is read in order (64 KiB). */
+const READAHEAD = 16;
 /** Check-in requests stay under the server's upload limit. */
 const CHECKIN_PART_BYTES = 4 * 1024 * 1024;
 
@@ -47,7 +49,9 @@ export class AgentCore {
   readonly resident: Record<Sensitivity, number> = { sensitive: 0, normal: 0 };
   private readonly residentSet = new Map<string, { cls: Sensitivity; bytes: number }>();
   private readonly keysInFlight = new Map<string, Promise<void>>();
-  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0 };
+  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0, readahead: 0 };
+  /** Chunks on their way from the server, by key id: a read of one waits for it. */
+  private readonly blobsInFlight = new Map<string, Promise<Buffer>>();
 
   constructor(
     private readonly id: Identity,
@@ -112,13 +116,49 @@ export class AgentCore {
     const cached = this.cache.getWithHash(ck, false);
     if (cached && cached.sha256.toString('base64url') === e.ctHash) return { blob: cached.data, source: 'cache' };
     if (cached) this.cache.drop(ck);
-    const fetched = await this.fetcher.demand({ kind, index });
+    const id = this.keyId(kind, index, e.gen);
+    const fetched = await (this.blobsInFlight.get(id) ?? this.fetchWithReadahead(kind, index, e));
     if (sha256(fetched).toString('base64url') !== e.ctHash) {
       this.stats.tampered++;
       throw new LetheError('TAMPERED', `${kind} chunk ${index} from the server does not match the signed manifest; refused`);
     }
-    this.cache.put(ck, fetched);
+    if (!this.cache.has(ck)) this.cache.put(ck, fetched);
     return { blob: fetched, source: 'server' };
+  }
+
+  /**
+   * Fetches a chunk; when guest RAM is being read in order (the page before is
+   * cached), the next READAHEAD pages not cached come in the same request and
+   * go to the cache, as a disk's readahead does.
+   */
+  private fetchWithReadahead(kind: ChunkKind, index: number, e: Entry): Promise<Buffer> {
+    const refs = [index];
+    const prev = this.entries[kind].get(index - 1);
+    if (kind === 'mem' && prev && this.cache.has(this.cacheKey(kind, index - 1, prev))) {
+      for (let i = index + 1; refs.length < READAHEAD && i < index + 2 * READAHEAD; i++) {
+        const n = this.entries[kind].get(i);
+        if (n && !this.blobsInFlight.has(this.keyId(kind, i, n.gen)) && !this.cache.has(this.cacheKey(kind, i, n))) refs.push(i);
+      }
+    }
+    let mine!: Promise<Buffer>;
+    for (const i of refs) {
+      const n = i === index ? e : this.entries[kind].get(i)!;
+      const id = this.keyId(kind, i, n.gen);
+      const p = this.fetcher.demand({ kind, index: i });
+      this.blobsInFlight.set(id, p);
+      const done = () => this.blobsInFlight.delete(id);
+      if (i === index) {
+        mine = p;
+        p.then(done, done);
+        continue;
+      }
+      // A readahead page is cached only if it matches the manifest; a bad one is left for its own read to refuse.
+      p.then((blob) => {
+        if (sha256(blob).toString('base64url') === n.ctHash && !this.cache.has(this.cacheKey(kind, i, n))) this.cache.put(this.cacheKey(kind, i, n), blob);
+        this.stats.readahead++;
+      }, () => {}).finally(done);
+    }
+    return mine;
   }
 
   /**

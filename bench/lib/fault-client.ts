@@ -14,15 +14,18 @@ const C_HANDLER = path.join(BUILD_DIR, 'c-handler');
 export type Wrap = (cmd: string, args: string[]) => [string, string[]];
 const asIs: Wrap = (cmd, args) => [cmd, args];
 
-/** Runs fault-client over `pages` pages of a fresh RAM file; the first-touch latency of each page, in ns. */
-export function timeClient(ram: string, pages: number, env: Record<string, string>, wrap: Wrap = asIs): Promise<number[]> {
+/**
+ * Runs fault-client over `pages` pages of a fresh RAM file; the first-touch latency of each page, in ns.
+ * `stride` > 1 touches them scattered (page k·stride mod pages; keep it coprime with `pages`).
+ */
+export function timeClient(ram: string, pages: number, env: Record<string, string>, wrap: Wrap = asIs, stride = 1): Promise<number[]> {
   const [cmd, args] = wrap(CLIENT, [ram, String(pages)]);
   const p = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   p.stdout.on('data', (d) => (out += d));
   p.stderr.on('data', (d) => (err += d));
-  p.stdin.end(`time 0 ${pages}\n`);
+  p.stdin.end(`time 0 ${pages} ${stride}\n`);
   return new Promise((resolve, reject) => {
     p.on('close', (code, signal) => {
       const line = /^latency_ns (.*)$/m.exec(out);

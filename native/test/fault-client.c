@@ -9,6 +9,8 @@
  *     touch A B       reads every byte of pages [A,B): "page I <fnv>" each, then "checksum <fnv>"
  *     write A B BYTE  fills pages [A,B) with BYTE, then "wrote <pages>"
  *     time A B        reads one byte of each page of [A,B), timing each: "latency_ns L,L,…"
+ *     time A B S      the same in a scattered order: the k-th touch is page A + (k·S mod (B−A))
+ *                     (S coprime with B−A makes every page come once), so no two touches are neighbours
  *   and exits 0 at end of input. <fnv> is FNV-1a 32 in hex; "checksum" runs over all bytes. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,13 +60,15 @@ static void touch(volatile uint8_t *map, long a, long b)
 	printf("checksum %08x\n", all);
 }
 
-static void time_touches(volatile uint8_t *map, long a, long b)
+static void time_touches(volatile uint8_t *map, long a, long b, long stride)
 {
+	long n = b - a;
 	printf("latency_ns ");
-	for (long i = a; i < b; i++) {
+	for (long k = 0; k < n; k++) {
+		long i = a + (k * stride) % n;
 		uint64_t t0 = now_ns();
 		(void)map[i * page];
-		printf(i + 1 < b ? "%llu," : "%llu", (unsigned long long)(now_ns() - t0));
+		printf(k + 1 < n ? "%llu," : "%llu", (unsigned long long)(now_ns() - t0));
 	}
 	printf("\n");
 }
@@ -101,15 +105,17 @@ int main(int argc, char **argv)
 
 	char line[256];
 	while (fgets(line, sizeof line, stdin)) {
-		long a, b;
+		long a, b, stride = 1;
+		int fields;
 		unsigned byte;
 		if (sscanf(line, "touch %ld %ld", &a, &b) == 2 && 0 <= a && a <= b && b <= pages) {
 			touch(map, a, b);
 		} else if (sscanf(line, "write %ld %ld %i", &a, &b, (int *)&byte) == 3 && 0 <= a && a <= b && b <= pages) {
 			memset(map + a * page, (int)byte, (b - a) * page);
 			printf("wrote %ld\n", b - a);
-		} else if (sscanf(line, "time %ld %ld", &a, &b) == 2 && 0 <= a && a <= b && b <= pages) {
-			time_touches(map, a, b);
+		} else if ((fields = sscanf(line, "time %ld %ld %ld", &a, &b, &stride)) >= 2 && 0 <= a && a <= b && b <= pages &&
+			   (fields == 2 || stride > 0)) {
+			time_touches(map, a, b, fields == 2 ? 1 : stride);
 		} else {
 			fprintf(stderr, "fault-client: bad command: %s", line);
 			return 2;
