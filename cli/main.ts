@@ -7,6 +7,7 @@ import { auditCommand } from './cmd-audit.js';
 import { demoCommand } from './cmd-demo.js';
 import { deviceCommands } from './cmd-device.js';
 import { imageCommand } from './cmd-image.js';
+import { policyCommand } from './cmd-policy.js';
 import { serverCommand } from './cmd-server.js';
 import { vmCommand } from './cmd-vm.js';
 import { reportError } from './output.js';
@@ -40,6 +41,7 @@ async function main(): Promise<void> {
   cli = imageCommand(cli);
   cli = auditCommand(cli);
   cli = vmCommand(cli);
+  cli = policyCommand(cli);
   await cli.parseAsync();
 }
 

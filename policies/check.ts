@@ -34,7 +34,7 @@ const idleWithinLease: Check = (p, say, at) =>
     ? []
     : [
         say('warning', at.isSet('eviction.idle') ? 'eviction.idle' : 'lease.ttl',
-          `sensitive pages stay ${formatDuration(p.evictIdleMs)} but the lease lasts ${formatDuration(p.leaseTtlMs)}: pages outlive the keys' lease, and only the eviction at lease expiry removes them`,
+          `eviction.idle (${formatDuration(p.evictIdleMs)}${at.isSet('eviction.idle') ? '' : ', the default'}) is not shorter than lease.ttl (${formatDuration(p.leaseTtlMs)}): sensitive pages outlive the keys' lease, and only the eviction at lease expiry removes them`,
           'make eviction.idle shorter than lease.ttl'),
       ];
 

@@ -49,7 +49,7 @@ function elsewhere(key: string, path: string[]): string | undefined {
   const all = Object.entries(SCHEMA).flatMap(([s, v]) => (isField(v) ? [s] : Object.keys(v).map((k) => `${s}.${k}`)));
   const here = path.join('.');
   const others = all.filter((f) => f.slice(0, f.lastIndexOf('.')) !== here);
-  const leaf = closest(key, others.map((f) => f.slice(f.lastIndexOf('.') + 1)));
+  const leaf = closest(key, others.map((f) => f.slice(f.lastIndexOf('.') + 1)), 1);
   return leaf === undefined ? undefined : others.find((f) => f.endsWith(`.${leaf}`) || f === leaf);
 }
 
@@ -65,11 +65,11 @@ function unknownKey(w: Walk, key: string, keyNode: unknown, path: string[], know
   w.findings.push({ severity: 'warning', line: lineAt(w, keyNode), field, message: `unknown key '${key}' is ignored`, hint });
 }
 
-function recordLines(w: Walk, node: unknown, field: string): void {
+/** Lines of a value and of its list elements, two levels down (disk ranges); aliases are not followed. */
+function recordLines(w: Walk, node: unknown, field: string, depth = 2): void {
   const line = lineAt(w, node);
   if (line !== null) w.lineOf.set(field, line);
-  const n = resolve(w, node);
-  if (isSeq(n)) n.items.forEach((item, i) => recordLines(w, item, `${field}[${i}]`));
+  if (depth > 0 && isSeq(node)) node.items.forEach((item, i) => recordLines(w, item, `${field}[${i}]`, depth - 1));
 }
 
 function nodeAt(w: Walk, node: unknown, at: (string | number)[]): unknown {
@@ -88,6 +88,11 @@ function toJS(w: Walk, node: unknown): { value: unknown } | { message: string } 
   } catch (e) {
     return { message: e instanceof Error ? e.message.toLowerCase() : String(e) };
   }
+}
+
+function describeNode(w: Walk, node: unknown): string {
+  const js = toJS(w, node);
+  return 'value' in js ? describe(js.value) : 'a value that cannot be read';
 }
 
 function readField(w: Walk, node: unknown, keyNode: unknown, field: Field, path: string[]): void {
@@ -121,7 +126,7 @@ function readSection(w: Walk, node: unknown, section: Section, path: string[]): 
       severity: 'error',
       line: lineAt(w, n),
       field: fieldName(path),
-      message: `expected a mapping of ${keys.join(', ')}, got ${describe((n as Node).toJSON())}`,
+      message: `expected a mapping of ${keys.join(', ')}, got ${describeNode(w, n)}`,
       hint: `put its keys below it, e.g. '${path.join('.')}: {${keys[0]}: …}'`,
     });
     return;
@@ -147,7 +152,7 @@ function readTop(w: Walk): void {
     severity: 'error',
     line: lineAt(w, root),
     field: '(top)',
-    message: `expected a mapping of keys such as lease, sensitive and eviction, got ${describe((root as Node).toJSON())}`,
+    message: `expected a mapping of keys such as lease, sensitive and eviction, got ${describeNode(w, root)}`,
     hint: 'see policies/laptop-default.yaml for the shape',
   });
 }

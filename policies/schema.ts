@@ -85,8 +85,10 @@ export interface Field<T = unknown> {
 export function describe(v: unknown): string {
   if (v === null || v === undefined) return 'nothing';
   if (Array.isArray(v)) return 'a list';
+  if (v instanceof Uint8Array) return 'binary data';
   if (typeof v === 'object') return 'a mapping';
-  return `'${String(v)}'`;
+  const text = String(v).replace(/[\u0000-\u001f\u007f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return `'${text.length > 60 ? `${text.slice(0, 57)}...` : text}'`;
 }
 
 const bad = <T>(expected: string, v: unknown, hint?: string): Read<T> => ({

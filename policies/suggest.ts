@@ -18,11 +18,10 @@ export function editDistance(a: string, b: string): number {
   return d[a.length][b.length];
 }
 
-/** The known word `word` was probably meant to be, or undefined when none is close. */
-export function closest(word: string, known: readonly string[]): string | undefined {
+/** The known word `word` was probably meant to be (at most `limit` edits away), or undefined when none is close. */
+export function closest(word: string, known: readonly string[], limit = word.length <= 4 ? 1 : 2): string | undefined {
   const exact = known.find((k) => squash(k) === squash(word));
   if (exact) return exact;
-  const limit = word.length <= 4 ? 1 : 2;
   let best: string | undefined;
   let bestDistance = limit + 1;
   for (const k of known) {

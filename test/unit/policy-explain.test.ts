@@ -1,0 +1,94 @@
+// The shipped policies load clean, and `explain` states the facts an admin
+// asks about: what is sensitive, for how long, offline, expiry, wipe, prefetch.
+import { expect } from 'chai';
+import path from 'node:path';
+import { explainPolicy, loadPolicy, loadPolicyFile } from '../../policies/index.js';
+import { ROOT } from '../helpers/proc.js';
+
+const MiB = 1024 * 1024;
+const shipped = (name: string) => loadPolicyFile(path.join(ROOT, 'policies', name));
+const explain = (text: string) => explainPolicy(loadPolicy(text, 'p.yaml').policy, 'p.yaml');
+
+describe('shipped policies and explain', () => {
+  it('laptop-default loads with nothing to say, and is the built-in defaults with a startup buffer', () => {
+    const r = shipped('laptop-default.yaml');
+    expect(r.diagnostics).to.deep.equal([]);
+    expect(r.policy).to.deep.include({
+      name: 'laptop-default',
+      leaseTtlMs: 15 * 60_000,
+      renewAfterMs: 5 * 60_000,
+      memoryMode: 'all',
+      evictIdleMs: 60_000,
+      onLeaseExpiry: 'evict-sensitive',
+      onWipe: 'evict-all',
+      prefetchStartupBytes: 16 * MiB,
+      prefetchOrder: 'trace',
+    });
+  });
+
+  it('finance-strict loads with nothing to say and is strict', () => {
+    const r = shipped('finance-strict.yaml');
+    expect(r.diagnostics).to.deep.equal([]);
+    expect(r.policy).to.deep.include({
+      leaseTtlMs: 5 * 60_000,
+      memoryMode: 'all',
+      sensitiveState: true,
+      evictIdleMs: 15_000,
+      evictBudgetBytes: 128 * MiB,
+      dropGuestCache: true,
+      onLeaseExpiry: 'evict-all',
+      onWipe: 'poweroff',
+    });
+  });
+
+  it('developer-hinted loads with nothing to say and names what is sensitive', () => {
+    const r = shipped('developer-hinted.yaml');
+    expect(r.diagnostics).to.deep.equal([]);
+    expect(r.policy.memoryMode).to.equal('hinted');
+    expect(r.policy.processes).to.include('gpg-agent');
+  });
+
+  it('explains finance-strict in its numbers', () => {
+    const text = explainPolicy(shipped('finance-strict.yaml').policy, 'finance-strict.yaml');
+    expect(text.split('\n')[0]).to.match(/^policy finance-strict: finance desks; /);
+    for (const fact of [
+      'every guest memory page is sensitive',
+      "the VM's device state (CPU registers, devices) is sensitive",
+      'evicted 15 s after it arrived',
+      'at most 128 MiB of sensitive plaintext is resident at once',
+      'guest drops its page cache of the sensitive files',
+      'lease of 5 min; the agent renews it every 1 min',
+      'keeps running for 4 min to 5 min',
+      'every guest page (sensitive or not) is evicted',
+      'the VM is powered off at once',
+      '8 MiB is fetched before the guest runs',
+      'capped at 20 MiB/s',
+      'every 1 s, the guest driver reports',
+    ]) {
+      expect(text).to.contain(fact);
+    }
+  });
+
+  it('explains hinted memory by what the guest reports, and the defaults by what they leave open', () => {
+    const hinted = explain('sensitive: {memory: hinted, processes: [gpg-agent], cgroups: [/finance.slice], files: [/srv/ledger], free-pages: keep}');
+    expect(hinted).to.contain("the memory of processes 'gpg-agent'; the memory of processes in cgroups '/finance.slice'; the page cache of '/srv/ledger'");
+    expect(hinted).to.contain('which of its frames are free and which hold sensitive data');
+    expect(hinted).to.contain('pages the guest frees stay resident');
+
+    const defaults = explain('');
+    expect(defaults.split('\n')[0]).to.equal('policy p.yaml');
+    for (const fact of ['no cap on how much sensitive plaintext', 'no part of the disk is sensitive', 'nothing is fetched before the guest runs', 'not capped', 'the VM is held until the server grants a new lease']) {
+      expect(defaults).to.contain(fact);
+    }
+  });
+
+  it('explains memory none, suspend, disk ranges and prefetch without background order', () => {
+    const text = explain('sensitive:\n  memory: none\n  disk: [[0, 1MiB]]\neviction: {on-lease-expiry: suspend}\nprefetch: {order: none, bandwidth: 5MiB/s}\n');
+    expect(text).to.contain('no guest memory page is sensitive');
+    expect(text).to.contain('no guest page is evicted for idleness');
+    expect(text).to.contain('disk bytes 0–1048576 (1 MiB) are sensitive');
+    expect(text).to.contain('the VM is suspended');
+    expect(text).to.contain('other pages arrive only when the guest touches them');
+    expect(text).not.to.contain('5 MiB/s');
+  });
+});
