@@ -1,0 +1,68 @@
+// Guest RAM read in order from an empty cache: the agent core fetches the next
+// pages in the same request (readahead), caches them only as the server's
+// checked ciphertext, and fetches a page read out of order on its own.
+import { expect } from 'chai';
+import { randomBytes } from 'node:crypto';
+import { startAgent, type RunningAgent } from '../../agent/daemon.js';
+import { assign, enrolledDevice, pushImage, type TestImage } from '../helpers/fixtures.js';
+import { startServer, type ServerProc } from '../helpers/proc.js';
+
+const PAGE = 4096;
+const PAGES = 64;
+
+describe('readahead of guest RAM (real server)', function () {
+  this.timeout(30_000);
+  let s: ServerProc;
+  let img: TestImage;
+  let agent: RunningAgent;
+  before(async () => {
+    s = await startServer();
+    const mem = randomBytes(PAGES * PAGE);
+    img = await pushImage(s, 'ram', { plain: { mem }, policy: 'sensitive:\n  memory: false\n' });
+    const d = await enrolledDevice(s);
+    await assign(s, d.deviceId, 'ram');
+    d.close();
+    agent = startAgent({ home: d.home, image: 'ram', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
+    await agent.lease.whenActive();
+  });
+  after(async () => {
+    agent?.stop();
+    await agent?.done;
+    await s?.stop();
+  });
+  const page = (i: number) => img.plain.mem.subarray(i * PAGE, (i + 1) * PAGE);
+  const fetched = () => ({ ...agent.status().fetch });
+
+  async function read(i: number): Promise<string> {
+    const out = Buffer.alloc(PAGE);
+    const src = await agent.core.readInto('mem', i, out, { resident: true });
+    expect(out.equals(page(i)), `page ${i}`).to.equal(true);
+    return src;
+  }
+
+  it('a page read right after its predecessor brings the next 15 in one request', async () => {
+    expect(await read(0)).to.equal('server');
+    const before = fetched();
+    expect(await read(1)).to.equal('server');
+    const after = fetched();
+    expect(after.demandBatches - before.demandBatches).to.equal(1);
+    expect(after.demandChunks - before.demandChunks).to.equal(16);
+    for (let i = 2; i <= 16; i++) expect(await read(i), `page ${i}`).to.equal('cache');
+    expect(fetched().demandBatches, 'no request for pages already fetched ahead').to.equal(after.demandBatches);
+    expect(await read(17)).to.equal('server');
+  });
+
+  it('a page read out of order comes alone', async () => {
+    const before = fetched();
+    expect(await read(40)).to.equal('server');
+    expect(fetched().demandChunks - before.demandChunks).to.equal(1);
+    expect(await read(41)).to.equal('server'); // its predecessor is cached now: readahead again
+    expect(fetched().demandChunks - before.demandChunks).to.equal(1 + 16);
+  });
+
+  it('concurrent reads of a page on its way share one fetch', async () => {
+    const before = fetched();
+    expect(await Promise.all([read(60), read(60)])).to.deep.equal(['server', 'server']); // page 59 is not cached: no readahead
+    expect(fetched().demandChunks - before.demandChunks).to.equal(1);
+  });
+});
