@@ -1,0 +1,144 @@
+// `lethe policy check | explain` as an admin runs them: command, exit code,
+// stdout and stderr.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { lethe, ROOT, tmpDir } from '../helpers/proc.js';
+
+const DEFAULT = path.join(ROOT, 'policies', 'laptop-default.yaml');
+const STRICT = path.join(ROOT, 'policies', 'finance-strict.yaml');
+
+describe('lethe policy (CLI)', function () {
+  let dir: string;
+  let bad: string;
+  let warned: string;
+
+  before(() => {
+    dir = tmpDir();
+    bad = path.join(dir, 'bad.yaml');
+    fs.writeFileSync(bad, 'lease:\n  ttl: 10m\n  renew: 15m\neviction:\n  idel: 30s\n  on-wipe: shred\n');
+    warned = path.join(dir, 'warned.yaml');
+    fs.writeFileSync(warned, 'name: warned\nsensitive:\n  memory: hinted\n  processes: [thunderbird-wrapper]\n');
+  });
+
+  it('check: the shipped policies pass with nothing to say (exit 0)', async () => {
+    const r = await lethe(['policy', 'check', DEFAULT, STRICT, path.join(ROOT, 'policies', 'developer-hinted.yaml')]);
+    expect(r).to.deep.equal({ code: 0, stdout: '3 policy files checked: no errors, no warnings\n', stderr: '' });
+  });
+
+  it('check: errors and warnings with file, line, field and hint; exit 1 when any file has an error', async () => {
+    const r = await lethe(['policy', 'check', bad, DEFAULT]);
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.equal('');
+    expect(r.stdout).to.equal(
+      [
+        `${bad}:5: warning: eviction.idel: unknown key 'idel' is ignored`,
+        "  hint: did you mean 'idle'?",
+        `${bad}:6: error: eviction.on-wipe: expected evict-all or poweroff, got 'shred'`,
+        '2 policy files checked: 1 error, 1 warning',
+        '',
+      ].join('\n'),
+    );
+    // With the enum fixed, the meaning checks run and find the renewal after expiry.
+    fs.writeFileSync(bad, 'lease:\n  ttl: 10m\n  renew: 15m\n');
+    const again = await lethe(['policy', 'check', bad]);
+    expect(again.code).to.equal(1);
+    expect(again.stdout).to.equal(
+      `${bad}:3: error: lease.renew: must be shorter than lease.ttl (15 min ≥ 10 min)\n` +
+        '  hint: renew well before the lease runs out, e.g. at a third of the ttl\n' +
+        '1 policy file checked: 1 error, no warnings\n',
+    );
+  });
+
+  it('check: warnings alone exit 0', async () => {
+    const r = await lethe(['policy', 'check', warned]);
+    expect(r.code).to.equal(0);
+    expect(r.stdout).to.equal(
+      `${warned}:4: warning: sensitive.processes[0]: 'thunderbird-wrapper' is longer than the 15 characters the guest kernel keeps of a process name (comm), so it never matches\n` +
+        "  hint: write 'thunderbird-wra', as 'ps -o comm' shows it\n" +
+        '1 policy file checked: no errors, 1 warning\n',
+    );
+  });
+
+  it('check --json: every diagnostic as data', async () => {
+    const r = await lethe(['policy', 'check', '--json', warned, DEFAULT]);
+    expect(r.code).to.equal(0);
+    expect(JSON.parse(r.stdout)).to.deep.equal({
+      ok: true,
+      files: 2,
+      errors: 0,
+      warnings: 1,
+      diagnostics: [
+        {
+          file: warned,
+          severity: 'warning',
+          line: 4,
+          field: 'sensitive.processes[0]',
+          message: "'thunderbird-wrapper' is longer than the 15 characters the guest kernel keeps of a process name (comm), so it never matches",
+          hint: "write 'thunderbird-wra', as 'ps -o comm' shows it",
+        },
+      ],
+    });
+  });
+
+  it('check: a YAML syntax error names its line', async () => {
+    const broken = path.join(dir, 'broken.yaml');
+    fs.writeFileSync(broken, 'lease:\n  ttl: 10m\nsensitive: [all\n');
+    const r = await lethe(['policy', 'check', broken]);
+    expect(r.code).to.equal(1);
+    expect(r.stdout).to.match(new RegExp(`^${broken.replace(/[.]/g, '\\.')}:4: error: \\(syntax\\): flow sequence .*\n1 policy file checked: 1 error, no warnings\n$`));
+  });
+
+  it('a missing file or a directory is a clear error naming it (exit 2)', async () => {
+    const missing = path.join(dir, 'nope.yaml');
+    const r = await lethe(['policy', 'check', DEFAULT, missing]);
+    expect(r).to.deep.equal({ code: 2, stdout: '', stderr: `lethe: error: no policy file '${missing}'\nlethe: hint: check the path\n` });
+    const d = await lethe(['policy', 'explain', dir]);
+    expect(d).to.deep.equal({ code: 2, stdout: '', stderr: `lethe: error: '${dir}' is a directory, not a policy file\nlethe: hint: name a .yaml file\n` });
+    const none = await lethe(['policy', 'check']);
+    expect(none.code).to.equal(2);
+    expect(none.stderr).to.equal("lethe: error: not enough non-option arguments: got 0, need at least 1\nlethe: hint: run 'lethe --help' for usage\n");
+  });
+
+  it('explain: plain words for finance-strict (exit 0)', async () => {
+    const r = await lethe(['policy', 'explain', STRICT]);
+    expect(r.code).to.equal(0);
+    expect(r.stderr).to.equal('');
+    const lines = r.stdout.split('\n');
+    expect(lines[0]).to.equal('policy finance-strict: finance desks; 5-minute lease, pages evicted after 15 s, 128 MiB plaintext budget');
+    for (const head of ['what is sensitive', 'how long plaintext may stay', 'lease, offline, expiry and wipe', 'prefetch', 'guest reports']) {
+      expect(lines).to.include(head);
+    }
+    expect(r.stdout).to.contain('  - a sensitive page is evicted 15 s after it arrived');
+    expect(r.stdout).to.contain('  - when the lease runs out: every key is zeroed, every guest page (sensitive or not) is evicted');
+    expect(r.stdout).to.contain('  - on a wipe order (acted on at the next heartbeat): the VM is powered off at once');
+  });
+
+  it('explain: warnings go to stderr beside the explanation; --json gives the parsed policy', async () => {
+    const r = await lethe(['policy', 'explain', warned]);
+    expect(r.code).to.equal(0);
+    expect(r.stdout).to.match(/^policy warned\n/);
+    expect(r.stderr).to.match(new RegExp(`^${warned.replace(/[.]/g, '\\.')}:4: warning: sensitive\\.processes\\[0\\]: `));
+    const j = await lethe(['policy', 'explain', '--json', DEFAULT]);
+    expect(j.code).to.equal(0);
+    const out = JSON.parse(j.stdout) as { file: string; policy: Record<string, unknown>; diagnostics: unknown[]; explanation: string };
+    expect(out.file).to.equal(DEFAULT);
+    expect(out.policy).to.deep.include({ name: 'laptop-default', leaseTtlMs: 900_000, prefetchStartupBytes: 16 * 1024 * 1024 });
+    expect(out.diagnostics).to.deep.equal([]);
+    expect(out.explanation).to.match(/^policy laptop-default: /);
+  });
+
+  it('explain refuses a policy with errors: its diagnostics on stderr, exit 1', async () => {
+    const late = path.join(dir, 'late.yaml');
+    fs.writeFileSync(late, 'lease:\n  ttl: 10m\n  renew: 15m\n');
+    const r = await lethe(['policy', 'explain', late]);
+    expect(r.code).to.equal(1);
+    expect(r.stdout).to.equal('');
+    expect(r.stderr).to.equal(
+      `${late}:3: error: lease.renew: must be shorter than lease.ttl (15 min ≥ 10 min)\n` +
+        '  hint: renew well before the lease runs out, e.g. at a third of the ttl\n' +
+        `lethe: error: policy '${late}' has 1 error, no warnings; only a policy without errors can be explained\n` +
+        `lethe: hint: fix the errors above; 'lethe policy check ${late}' lists them again\n`,
+    );
+  });
+});
