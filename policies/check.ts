@@ -3,7 +3,9 @@
 // page, a relative guest path). Each check catches one such mistake; an error
 // means the policy cannot work as written, a warning that it works but
 // probably not as intended.
+import { HINT_MAX_INTERVAL_MS, HINT_MAX_NAMES, HINT_MIN_INTERVAL_MS, policyLine } from '../agent/hints.js';
 import { MEM_CHUNK_SIZE } from '../common/constants.js';
+import { LetheError } from '../common/errors.js';
 import type { Finding } from './diagnostics.js';
 import { formatBytes, formatDuration } from './format.js';
 import type { Policy } from './schema.js';
@@ -149,6 +151,40 @@ const hintsKeepUp: Check = (p, say) =>
           'report more often than eviction.idle, e.g. interval: 2s'),
       ];
 
+const hintInterval: Check = (p, say) =>
+  p.hintIntervalMs >= HINT_MIN_INTERVAL_MS && p.hintIntervalMs <= HINT_MAX_INTERVAL_MS
+    ? []
+    : [
+        say('error', 'hints.interval', `${formatDuration(p.hintIntervalMs)} is outside what the guest driver accepts (${formatDuration(HINT_MIN_INTERVAL_MS)} to ${formatDuration(HINT_MAX_INTERVAL_MS)})`,
+          'use e.g. interval: 2s'),
+      ];
+
+const HINT_LISTS = ['processes', 'cgroups', 'files'] as const;
+
+function hintList(say: Say, key: (typeof HINT_LISTS)[number], names: string[]): Finding[] {
+  if (names.length > HINT_MAX_NAMES) {
+    const hint = key === 'processes' ? 'run them in one cgroup and list that in sensitive.cgroups' : 'list a parent that covers several';
+    return [say('error', `sensitive.${key}`, `${names.length} entries, more than the ${HINT_MAX_NAMES} the guest driver takes`, hint)];
+  }
+  return names.flatMap((n, i) => (n.includes('\0') ? [say('error', `sensitive.${key}[${i}]`, 'holds a NUL byte, which no guest name or path can', 'remove the \\0 escape')] : []));
+}
+
+/** Whatever else the guest driver's policy line refuses (its length, so far), as a finding on the longest list. */
+const hintsFit: Check = (p, say) => {
+  const own = [...hintList(say, 'processes', p.processes), ...hintList(say, 'cgroups', p.cgroups), ...hintList(say, 'files', p.files)];
+  if (own.length > 0 || p.hintIntervalMs < HINT_MIN_INTERVAL_MS || p.hintIntervalMs > HINT_MAX_INTERVAL_MS) return own;
+  try {
+    // Relative paths are absolutePaths' finding; left in, the driver's check would report them again.
+    const abs = (xs: string[]) => xs.filter((x) => x.startsWith('/'));
+    policyLine({ intervalMs: p.hintIntervalMs, processes: p.processes, cgroups: abs(p.cgroups), files: abs(p.files) });
+    return [];
+  } catch (e) {
+    const longest = [...HINT_LISTS].sort((a, b) => p[b].join().length - p[a].join().length)[0];
+    const hint = e instanceof LetheError ? e.hint : undefined;
+    return [say('error', `sensitive.${longest}`, e instanceof Error ? e.message : String(e), hint)];
+  }
+};
+
 const CHECKS: Check[] = [
   renewBeforeExpiry,
   idleWithinLease,
@@ -162,6 +198,8 @@ const CHECKS: Check[] = [
   startupSize,
   suspendNeedsSensitive,
   hintsKeepUp,
+  hintInterval,
+  hintsFit,
 ];
 
 /** The line of a field, or of the nearest enclosing field the file sets. */

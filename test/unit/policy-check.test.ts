@@ -138,6 +138,29 @@ describe('policy meaning checks', () => {
     none('eviction: {on-lease-expiry: suspend}\n');
   });
 
+  it('what the guest driver would refuse is an error: interval out of range, too many names, NUL bytes, an overlong policy line', () => {
+    expect(only('hints:\n  interval: 50ms\n')).to.deep.include({
+      severity: 'error',
+      line: 2,
+      field: 'hints.interval',
+      message: '50 ms is outside what the guest driver accepts (100 ms to 24 h)',
+    });
+    expect(only('hints: {interval: 2d}\n')).to.deep.include({ severity: 'error', field: 'hints.interval' });
+    const many = Array.from({ length: 129 }, (_, i) => `p${i}`).join(', ');
+    expect(only(`sensitive:\n  processes: [${many}]\n`)).to.deep.include({
+      severity: 'error',
+      line: 2,
+      field: 'sensitive.processes',
+      message: '129 entries, more than the 128 the guest driver takes',
+    });
+    expect(only('sensitive:\n  files: [/etc, "/tmp/a\\0b"]\n')).to.deep.include({ severity: 'error', field: 'sensitive.files[1]', message: 'holds a NUL byte, which no guest name or path can' });
+    const long = Array.from({ length: 120 }, (_, i) => `/a/rather/long/directory/name/number/${i}`).join(', ');
+    const over = only(`sensitive:\n  processes: [gpg-agent]\n  files: [${long}]\n`);
+    expect(over).to.deep.include({ severity: 'error', line: 3, field: 'sensitive.files' });
+    expect(over.message).to.match(/^the hint policy takes \d+ bytes, over the 4096-byte line limit$/);
+    none('hints: {interval: 100ms}\nsensitive: {processes: [gpg-agent], files: [/etc/ssh]}\n');
+  });
+
   it('hinted memory with reports rarer than the idle time is a warning on hints.interval', () => {
     expect(only('sensitive: {memory: hinted, processes: [gpg-agent]}\neviction: {idle: 10s}\nhints:\n  interval: 10s\n')).to.deep.include({
       severity: 'warning',
