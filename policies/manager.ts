@@ -1,0 +1,168 @@
+// The policy manager: turns events (pages arriving and leaving, the guest
+// driver's reports, the clock, the lease) into decisions — which guest pages to
+// evict, in what order to prefetch. Pure: it keeps no clock and does no I/O, so
+// the agent's evictor and `lethe policy simulate` make the same decisions.
+
+/** The parts of a policy (policies/policy.ts `Policy`) the manager decides with. */
+export interface ManagerPolicy {
+  memoryMode: 'all' | 'hinted' | 'none';
+  evictIdleMs: number;
+  evictBudgetBytes: number | null;
+  freePages: 'evict' | 'keep';
+  onLeaseExpiry: 'evict-sensitive' | 'evict-all' | 'suspend';
+  prefetchStartupBytes: number;
+  prefetchOrder: 'trace' | 'address' | 'none';
+}
+
+/** Runs of guest frames: [first frame, count]. Frame = guest RAM page (4 KiB). */
+export type FrameRuns = [number, number][];
+
+export interface HintReport {
+  sensitive: FrameRuns;
+  free: FrameRuns;
+}
+
+export interface EvictionDecision {
+  pages: number[];
+  /** How many of `pages` each rule chose (a page counts once, for the first rule that chose it). */
+  why: { idle: number; free: number; budget: number };
+}
+
+export type LeaseAction = { evict: 'sensitive' | 'all'; suspend: boolean };
+
+export const PAGE_BYTES = 4096;
+
+/**
+ * Resident pages are described by their arrival time (ms, any clock the caller
+ * keeps consistently; 0 = not resident), indexed by page.
+ */
+export type Arrivals = ArrayLike<number>;
+
+export class PolicyManager {
+  private hinted: Uint8Array;
+  private free: Uint8Array;
+  /** When the last report came (caller's clock), or undefined before any. */
+  lastReportAt?: number;
+
+  /**
+   * @param serverClass tells whether the server keeps a page in the sensitive
+   *   class (per-page keys); `memory: all` evicts exactly those.
+   */
+  constructor(
+    public policy: ManagerPolicy,
+    readonly pages: number,
+    private readonly serverClass: (page: number) => 'sensitive' | 'normal' = () => 'sensitive',
+  ) {
+    this.hinted = new Uint8Array(pages);
+    this.free = new Uint8Array(pages);
+  }
+
+  /** Call when the guest driver sends a complete report: it replaces the last one. */
+  hintReport(r: HintReport, now: number): void {
+    this.hinted.fill(0);
+    this.free.fill(0);
+    mark(this.hinted, r.sensitive);
+    mark(this.free, r.free);
+    this.lastReportAt = now;
+  }
+
+  /** Whether the policy counts this page's plaintext as sensitive now. */
+  isSensitive(page: number): boolean {
+    switch (this.policy.memoryMode) {
+      case 'none':
+        return false;
+      case 'hinted':
+        return this.hinted[page] === 1;
+      default:
+        return this.hinted[page] === 1 || this.serverClass(page) === 'sensitive';
+    }
+  }
+
+  /** Whether the guest reported this page free in its last report. */
+  isFree(page: number): boolean {
+    return this.free[page] === 1;
+  }
+
+  /**
+   * The pages to evict now: sensitive pages resident for the idle time, pages
+   * the guest reported free (`free-pages: evict`), then, over the plaintext
+   * budget, the oldest sensitive pages left.
+   */
+  evictionSet(now: number, arrivals: Arrivals): EvictionDecision {
+    const p = this.policy;
+    const out: number[] = [];
+    const why = { idle: 0, free: 0, budget: 0 };
+    if (p.memoryMode === 'none') return { pages: out, why };
+    const chosen = new Uint8Array(this.pages);
+    const keep: number[] = [];
+    for (let page = 0; page < this.pages; page++) {
+      const at = arrivals[page];
+      if (!at) continue;
+      const sensitive = this.isSensitive(page);
+      if (sensitive && now - at >= p.evictIdleMs) {
+        why.idle++;
+      } else if (p.freePages === 'evict' && this.free[page] === 1) {
+        why.free++;
+      } else {
+        if (sensitive) keep.push(page);
+        continue;
+      }
+      chosen[page] = 1;
+      out.push(page);
+    }
+    if (p.evictBudgetBytes !== null) {
+      const allowed = Math.floor(p.evictBudgetBytes / PAGE_BYTES);
+      if (keep.length > allowed) {
+        keep.sort((a, b) => arrivals[a] - arrivals[b] || a - b);
+        for (const page of keep.slice(0, keep.length - allowed)) {
+          out.push(page);
+          why.budget++;
+        }
+      }
+    }
+    out.sort((a, b) => a - b);
+    return { pages: out, why };
+  }
+
+  /** What to do when the lease is about to run out without a renewal. */
+  leaseEnding(): LeaseAction {
+    switch (this.policy.onLeaseExpiry) {
+      case 'evict-all':
+        return { evict: 'all', suspend: false };
+      case 'suspend':
+        return { evict: 'sensitive', suspend: true };
+      default:
+        return { evict: 'sensitive', suspend: false };
+    }
+  }
+
+  /**
+   * The order to prefetch guest RAM pages in, split into the startup buffer
+   * (fetched before the guest runs) and the rest (in the background, capped).
+   * `learned` is the server's trace-learned first-touch order; `present`
+   * tells which pages the image stores (zero pages need no fetch).
+   */
+  prefetchPlan(learned: ArrayLike<number>, present: (page: number) => boolean): { startup: number[]; rest: number[] } {
+    const p = this.policy;
+    if (p.prefetchOrder === 'none') return { startup: [], rest: [] };
+    const seen = new Uint8Array(this.pages);
+    const order: number[] = [];
+    const take = (page: number) => {
+      if (page < this.pages && !seen[page] && present(page)) {
+        seen[page] = 1;
+        order.push(page);
+      }
+    };
+    if (p.prefetchOrder === 'trace') for (let i = 0; i < learned.length; i++) take(learned[i]);
+    for (let page = 0; page < this.pages; page++) take(page);
+    const n = Math.min(order.length, Math.floor(p.prefetchStartupBytes / PAGE_BYTES));
+    return { startup: order.slice(0, n), rest: order.slice(n) };
+  }
+}
+
+function mark(set: Uint8Array, runs: FrameRuns): void {
+  for (const [first, count] of runs) {
+    const end = Math.min(set.length, first + count);
+    for (let f = Math.max(0, first); f < end; f++) set[f] = 1;
+  }
+}

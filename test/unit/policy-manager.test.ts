@@ -1,0 +1,119 @@
+// The policy manager's decisions and the trace replay built on them.
+import { expect } from 'chai';
+import { LetheError } from '../../common/errors.js';
+import { PolicyManager, type ManagerPolicy } from '../../policies/manager.js';
+import { parseTrace, simulate, simulateWithBaselines, type Trace } from '../../policies/simulate.js';
+
+const base: ManagerPolicy = {
+  memoryMode: 'all',
+  evictIdleMs: 1000,
+  evictBudgetBytes: null,
+  freePages: 'evict',
+  onLeaseExpiry: 'evict-sensitive',
+  prefetchStartupBytes: 0,
+  prefetchOrder: 'trace',
+};
+
+/** Arrival times for `pages` pages: given pages at given times, the rest not resident. */
+function arrivals(pages: number, at: Record<number, number>): Float64Array {
+  const a = new Float64Array(pages);
+  for (const [p, t] of Object.entries(at)) a[Number(p)] = t;
+  return a;
+}
+
+describe('policy manager', () => {
+  it('memory: all evicts the server-sensitive pages resident for the idle time, and no other', () => {
+    const m = new PolicyManager(base, 8, (p) => (p < 4 ? 'sensitive' : 'normal'));
+    const d = m.evictionSet(5000, arrivals(8, { 0: 3000, 1: 4500, 2: 4001, 5: 1000 }));
+    expect(d.pages).to.deep.equal([0]);
+    expect(d.why).to.deep.equal({ idle: 1, free: 0, budget: 0 });
+  });
+
+  it('memory: hinted evicts only what the last report named sensitive', () => {
+    const m = new PolicyManager({ ...base, memoryMode: 'hinted', freePages: 'keep' }, 16);
+    const resident = arrivals(16, { 1: 1, 2: 1, 3: 1, 9: 1, 10: 1 });
+    expect(m.evictionSet(5000, resident).pages, 'before any report nothing is sensitive').to.deep.equal([]);
+    m.hintReport({ sensitive: [[2, 2], [9, 1]], free: [] }, 100);
+    expect(m.evictionSet(5000, resident).pages).to.deep.equal([2, 3, 9]);
+    m.hintReport({ sensitive: [[10, 1]], free: [] }, 200);
+    expect(m.isSensitive(2), 'a new report replaces the old').to.equal(false);
+    expect(m.evictionSet(5000, resident).pages).to.deep.equal([10]);
+  });
+
+  it('evicts pages the guest reported free at once, unless the policy keeps them', () => {
+    const resident = arrivals(8, { 4: 4999, 5: 4999 });
+    const report = { sensitive: [], free: [[4, 1]] as [number, number][] };
+    const evicting = new PolicyManager({ ...base, memoryMode: 'hinted' }, 8);
+    evicting.hintReport(report, 0);
+    expect(evicting.evictionSet(5000, resident)).to.deep.equal({ pages: [4], why: { idle: 0, free: 1, budget: 0 } });
+    const keeping = new PolicyManager({ ...base, freePages: 'keep' }, 8, () => 'normal');
+    keeping.hintReport(report, 0);
+    expect(keeping.evictionSet(5000, resident).pages).to.deep.equal([]);
+    const none = new PolicyManager({ ...base, memoryMode: 'none' }, 8);
+    none.hintReport({ sensitive: [[0, 8]], free: [[0, 8]] }, 0);
+    expect(none.evictionSet(1e9, resident).pages, 'memory: none evicts nothing').to.deep.equal([]);
+  });
+
+  it('over the plaintext budget, evicts the oldest sensitive pages first', () => {
+    const m = new PolicyManager({ ...base, evictIdleMs: 60_000, evictBudgetBytes: 2 * 4096 }, 8);
+    const d = m.evictionSet(10_000, arrivals(8, { 0: 5000, 1: 1000, 2: 3000, 3: 9000 }));
+    expect(d.pages).to.deep.equal([1, 2]);
+    expect(d.why.budget).to.equal(2);
+  });
+
+  it('maps the lease-expiry setting to an action', () => {
+    const action = (onLeaseExpiry: ManagerPolicy['onLeaseExpiry']) => new PolicyManager({ ...base, onLeaseExpiry }, 1).leaseEnding();
+    expect(action('evict-sensitive')).to.deep.equal({ evict: 'sensitive', suspend: false });
+    expect(action('evict-all')).to.deep.equal({ evict: 'all', suspend: false });
+    expect(action('suspend')).to.deep.equal({ evict: 'sensitive', suspend: true });
+  });
+
+  it('prefetches the learned order first, then the rest by address, skipping zero pages and repeats', () => {
+    const present = (p: number) => p !== 3;
+    const m = new PolicyManager({ ...base, prefetchStartupBytes: 3 * 4096 }, 8);
+    expect(m.prefetchPlan([6, 3, 1, 6, 99], present)).to.deep.equal({ startup: [6, 1, 0], rest: [2, 4, 5, 7] });
+    m.policy = { ...m.policy, prefetchOrder: 'address' };
+    expect(m.prefetchPlan([6, 1], present).startup).to.deep.equal([0, 1, 2]);
+    m.policy = { ...m.policy, prefetchOrder: 'none' };
+    expect(m.prefetchPlan([6, 1], present)).to.deep.equal({ startup: [], rest: [] });
+  });
+});
+
+describe('policy simulate', () => {
+  const trace = (lines: object[]) => parseTrace([{ trace: 'lethe-access', version: 1, pages: 4 }, ...lines].map((l) => JSON.stringify(l)).join('\n'));
+
+  it('replays faults, evictions and re-faults exactly', () => {
+    // Page 0 at 0 s, evicted at 2 s (idle 2 s, passes every 0.5 s), touched again at 5 s, evicted at 7 s.
+    const t = trace([{ t: 0, fault: 0 }, { t: 5000, fault: 0 }, { t: 10_000, fault: 1 }]);
+    const r = simulate('policy', { ...base, evictIdleMs: 2000 }, t);
+    expect(r).to.deep.include({ faults: 3, serverFetches: 2, keyReleases: 3, evictions: 2, sensitivePlaintextSeconds: 4 });
+    expect(r.bytesFetched).to.equal(2 * (4096 + 41));
+  });
+
+  it('places a policy between keeping everything and evicting everything', () => {
+    const events: object[] = [];
+    for (let t = 0; t < 60_000; t += 250) events.push({ t, fault: (t / 250) % 4 });
+    const [policy, keep, evictAll] = simulateWithBaselines({ ...base, evictIdleMs: 10_000 }, trace(events));
+    expect(keep.faults, 'kept: each page faults once').to.equal(4);
+    expect(evictAll.faults).to.be.greaterThan(policy.faults);
+    expect(policy.faults).to.be.greaterThan(keep.faults);
+    expect(keep.sensitivePlaintextSeconds).to.be.greaterThan(policy.sensitivePlaintextSeconds);
+    expect(policy.sensitivePlaintextSeconds).to.be.greaterThan(evictAll.sensitivePlaintextSeconds);
+  });
+
+  it('uses hints from the trace: unhinted pages stay, hinted ones go', () => {
+    const t: Trace = trace([{ t: 0, hint: { sensitive: [[1, 1]], free: [] } }, { t: 0, fault: 0 }, { t: 0, fault: 1 }, { t: 20_000, fault: 2 }]);
+    const r = simulate('policy', { ...base, memoryMode: 'hinted', evictIdleMs: 5000 }, t);
+    expect(r.evictions).to.equal(1);
+    expect(r.keyReleases).to.equal(1);
+    expect(r.sensitivePlaintextSeconds).to.equal(5);
+  });
+
+  it('refuses a malformed trace naming the line', () => {
+    expect(() => parseTrace('hello', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
+    const head = JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 });
+    expect(() => parseTrace(`${head}\n{"t": 1, "fault": 9}`, 't.jsonl')).to.throw(LetheError, "t.jsonl:2: page 9 is outside the guest's 4 pages");
+    expect(() => parseTrace(`${head}\n{"t": 5, "fault": 1}\n{"t": 2, "fault": 1}`, 't.jsonl')).to.throw(LetheError, 't.jsonl:3: bad time 2');
+    expect(() => parseTrace(`${head}\n{"t": 5, "hint": {"sensitive": [[1]]}}`, 't.jsonl')).to.throw(LetheError, 't.jsonl:2: hint runs');
+  });
+});
