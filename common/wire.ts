@@ -44,7 +44,27 @@ export const LeaseResponse = z.object({
   writeGen: z.number().int().optional(),
   /** The image policy's eviction idle time: sensitive guest pages resident longer are evicted. */
   evictIdleSeconds: z.number().positive().optional(),
+  /** What the agent does under the image's policy (docs/policies.md); absent from older servers. */
+  policy: z.lazy(() => AgentPolicy).optional(),
 });
+
+/** The parts of an image's policy the agent acts on (policies/schema.ts Policy). */
+export const AgentPolicy = z.object({
+  memoryMode: z.enum(['all', 'hinted', 'none']),
+  processes: z.array(z.string()),
+  cgroups: z.array(z.string()),
+  files: z.array(z.string()),
+  freePages: z.enum(['evict', 'keep']),
+  evictBudgetBytes: z.number().nullable(),
+  dropGuestCache: z.boolean(),
+  onLeaseExpiry: z.enum(['evict-sensitive', 'evict-all', 'suspend']),
+  onWipe: z.enum(['evict-all', 'poweroff']),
+  prefetchStartupBytes: z.number().min(0),
+  prefetchOrder: z.enum(['trace', 'address', 'none']),
+  prefetchBandwidth: z.number().positive().nullable(),
+  hintIntervalMs: z.number().min(0),
+});
+export type TAgentPolicy = z.infer<typeof AgentPolicy>;
 
 export const ChunkRef = z.strictObject({ kind: Kind, index: z.number().int().min(0).max(2 ** 40) });
 export const KeysRequest = z.strictObject({

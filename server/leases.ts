@@ -1,7 +1,9 @@
 // Leases, key release and chunk serving (docs/escrow-protocol.md). Each of
 // these commits its audit entry before anything leaves the server.
 import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../common/constants.js';
-import { classOf, type ServerPolicy } from '../policies/policy.js';
+import { classOf } from '../policies/policy.js';
+import type { Policy } from '../policies/schema.js';
+import type { TAgentPolicy } from '../common/wire.js';
 import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
@@ -71,7 +73,7 @@ function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
   });
 }
 
-function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy: ServerPolicy) {
+function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy: Policy) {
   return {
     leaseId: l.id,
     image: name,
@@ -83,6 +85,25 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy
     classKeys: classKeys(ctx, d, l.image_id, l.version),
     ...(l.write_gen !== null ? { writeGen: l.write_gen } : {}),
     evictIdleSeconds: policy.evictIdleMs / 1000,
+    policy: agentPolicy(policy),
+  };
+}
+
+function agentPolicy(p: Policy): TAgentPolicy {
+  return {
+    memoryMode: p.memoryMode,
+    processes: p.processes,
+    cgroups: p.cgroups,
+    files: p.files,
+    freePages: p.freePages,
+    evictBudgetBytes: p.evictBudgetBytes,
+    dropGuestCache: p.dropGuestCache,
+    onLeaseExpiry: p.onLeaseExpiry,
+    onWipe: p.onWipe,
+    prefetchStartupBytes: p.prefetchStartupBytes,
+    prefetchOrder: p.prefetchOrder,
+    prefetchBandwidth: p.prefetchBandwidth,
+    hintIntervalMs: p.hintIntervalMs,
   };
 }
 
