@@ -1,6 +1,10 @@
-// lethe policy check | explain: is a policy sound, and what does it mean in
-// plain words. Both read local files only; no server is needed.
+// lethe policy check | explain | simulate: is a policy sound, what does it mean
+// in plain words, and what would it have done to a recorded session. All read
+// local files only; no server is needed.
+import fs from 'node:fs';
 import type { Argv } from 'yargs';
+import { LetheError } from '../common/errors.js';
+import { parseTrace, simulateWithBaselines, type SimResult } from '../policies/simulate.js';
 import {
   countText,
   explainPolicy,
@@ -9,7 +13,7 @@ import {
   loadPolicyFile,
   type Diagnostic,
 } from '../policies/index.js';
-import { emit, type OutOpts } from './output.js';
+import { emit, table, type OutOpts } from './output.js';
 
 const count = (ds: Diagnostic[], severity: Diagnostic['severity']) => ds.filter((d) => d.severity === severity).length;
 
@@ -26,8 +30,8 @@ function check(a: OutOpts & { files: string[] }): void {
 }
 
 /** A policy with errors is refused: its diagnostics on stderr, exit 1. */
-function refuse(a: OutOpts & { file: string }, diagnostics: Diagnostic[]): void {
-  const message = `policy '${a.file}' has ${countText(diagnostics)}; only a policy without errors can be explained`;
+function refuse(a: OutOpts & { file: string }, diagnostics: Diagnostic[], what = 'explained'): void {
+  const message = `policy '${a.file}' has ${countText(diagnostics)}; only a policy without errors can be ${what}`;
   const hint = `fix the errors above; 'lethe policy check ${a.file}' lists them again`;
   process.stderr.write(diagnostics.map((d) => formatDiagnostic(d) + '\n').join(''));
   process.stderr.write(`lethe: error: ${message}\nlethe: hint: ${hint}\n`);
@@ -43,8 +47,47 @@ function explain(a: OutOpts & { file: string }): void {
   emit(a, { file: a.file, policy, diagnostics, explanation }, () => explanation);
 }
 
+function readTrace(file: string) {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new LetheError('BAD_REQUEST', `cannot read trace '${file}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, {
+      hint: 'record one with `lethe agent run IMAGE --vm --trace FILE`',
+    });
+  }
+  return parseTrace(text, file);
+}
+
+const MiB = 1024 * 1024;
+
+function simulateText(file: string, trace: string, pages: number, events: number, rows: SimResult[]): string {
+  const head = `${file} replayed over ${trace} (${pages} guest pages, ${events} events):`;
+  const cells = rows.map((r) => [
+    r.name,
+    r.faults,
+    r.serverFetches,
+    (r.bytesFetched / MiB).toFixed(1),
+    r.keyReleases,
+    r.evictions,
+    r.sensitivePlaintextSeconds.toFixed(1),
+    (r.peakSensitiveBytes / MiB).toFixed(1),
+  ]);
+  return [head, table(['', 'faults', 'from server', 'MiB fetched', 'key releases', 'evictions', 'sensitive plaintext s', 'peak sensitive MiB'], cells)].join('\n');
+}
+
+function simulateCmd(a: OutOpts & { file: string; trace: string }): void {
+  const { policy, diagnostics } = loadPolicyFile(a.file);
+  if (hasErrors(diagnostics)) return refuse(a, diagnostics, 'simulated');
+  const trace = readTrace(a.trace);
+  const rows = simulateWithBaselines(policy, trace);
+  emit(a, { file: a.file, trace: a.trace, pages: trace.pages, events: trace.events.length, results: rows }, () =>
+    simulateText(a.file, a.trace, trace.pages, trace.events.length, rows),
+  );
+}
+
 export function policyCommand(y: Argv) {
-  return y.command('policy', 'policy files: check them, explain them in plain words', (y) =>
+  return y.command('policy', 'policy files: check them, explain them in plain words, simulate them over a recorded trace', (y) =>
     y
       .command(
         'check <files..>',
@@ -57,6 +100,15 @@ export function policyCommand(y: Argv) {
         'say in plain words what a policy does: what is sensitive, for how long, offline, expiry, wipe, prefetch',
         (y) => y.positional('file', { type: 'string', demandOption: true, describe: 'policy YAML file' }),
         (a) => explain(a as OutOpts & { file: string }),
+      )
+      .command(
+        'simulate <file>',
+        'replay a recorded access trace under a policy: faults, bytes fetched, key releases, sensitive plaintext-seconds, beside no eviction and evicting everything',
+        (y) =>
+          y
+            .positional('file', { type: 'string', demandOption: true, describe: 'policy YAML file' })
+            .option('trace', { type: 'string', demandOption: true, describe: 'access trace (JSON lines) recorded by `lethe agent run --vm --trace`' }),
+        (a) => simulateCmd(a as OutOpts & { file: string; trace: string }),
       )
       .demandCommand(1, 'name a policy command'),
   );

@@ -1,4 +1,4 @@
-// `lethe policy check | explain` as an admin runs them: command, exit code,
+// `lethe policy check | explain | simulate` as an admin runs them: command, exit code,
 // stdout and stderr.
 import { expect } from 'chai';
 import fs from 'node:fs';
@@ -140,5 +140,53 @@ describe('lethe policy (CLI)', function () {
         `lethe: error: policy '${late}' has 1 error, no warnings; only a policy without errors can be explained\n` +
         `lethe: hint: fix the errors above; 'lethe policy check ${late}' lists them again\n`,
     );
+  });
+
+  describe('simulate', () => {
+    let trace: string;
+    before(() => {
+      // 48 pages touched in turn every 500 ms for 2 minutes: each comes back every 24 s.
+      const lines = [JSON.stringify({ trace: 'lethe-access', version: 1, pages: 64 })];
+      for (let t = 0; t < 120_000; t += 500) lines.push(JSON.stringify({ t, fault: (t / 500) % 48 }));
+      trace = path.join(dir, 'trace.jsonl');
+      fs.writeFileSync(trace, lines.join('\n') + '\n');
+    });
+
+    it('replays a trace beside no eviction and evicting everything (--json)', async () => {
+      const r = await lethe(['policy', 'simulate', STRICT, '--trace', trace, '--json']);
+      expect(r.code, r.stderr).to.equal(0);
+      const out = JSON.parse(r.stdout) as { pages: number; events: number; results: { name: string; faults: number; serverFetches: number; sensitivePlaintextSeconds: number }[] };
+      expect(out).to.include({ pages: 64, events: 240 });
+      const [policy, keep, all] = out.results;
+      expect(out.results.map((x) => x.name)).to.deep.equal(['policy', 'no eviction', 'evict everything']);
+      expect(keep.faults, 'kept pages fault once').to.equal(48);
+      expect(all.faults, 'evicted pages fault on every touch').to.equal(240);
+      expect(policy.serverFetches, 'a re-fault comes from the cache').to.equal(48);
+      expect(policy.sensitivePlaintextSeconds).to.be.below(keep.sensitivePlaintextSeconds).and.above(all.sensitivePlaintextSeconds);
+    });
+
+    it('prints a table for people', async () => {
+      const r = await lethe(['policy', 'simulate', DEFAULT, '--trace', trace]);
+      expect(r.code).to.equal(0);
+      expect(r.stdout).to.match(new RegExp(`^${DEFAULT.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} replayed over .* \\(64 guest pages, 240 events\\):\n`));
+      expect(r.stdout).to.match(/\nno eviction +48 +48 /);
+    });
+
+    it('a missing or malformed trace is a clear error naming it (exit 2)', async () => {
+      const missing = await lethe(['policy', 'simulate', DEFAULT, '--trace', path.join(dir, 'nope.jsonl')]);
+      expect(missing.code).to.equal(2);
+      expect(missing.stderr).to.include(`lethe: error: cannot read trace '${path.join(dir, 'nope.jsonl')}': ENOENT`);
+      const broken = path.join(dir, 'broken.jsonl');
+      fs.writeFileSync(broken, JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 }) + '\n{"t": 1, "fault": 7}\n');
+      const r = await lethe(['policy', 'simulate', DEFAULT, '--trace', broken]);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.include(`lethe: error: ${broken}:2: page 7 is outside the guest's 4 pages`);
+    });
+
+    it('refuses a policy with errors (exit 1)', async () => {
+      const r = await lethe(['policy', 'simulate', bad, '--trace', trace]);
+      expect(r.code).to.equal(1);
+      expect(r.stderr).to.include('only a policy without errors can be simulated');
+    });
   });
 });
