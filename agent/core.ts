@@ -13,7 +13,7 @@ import { LetheError } from '../common/errors.js';
 import type { ChunkCache, CacheKey } from './cache.js';
 import { encodeChunkFrame } from '../common/frames.js';
 import type { Manifest } from './device-client.js';
-import type { Fetcher } from './fetcher.js';
+import type { ChunkRef, Fetcher } from './fetcher.js';
 import type { Identity } from './identity.js';
 import type { KeyRing } from './keyring.js';
 import type { LeaseKeeper } from './lease-keeper.js';
@@ -466,32 +466,54 @@ export class AgentCore {
 
   /** Prefetches the ciphertext of every chunk not in the cache (no keys, no plaintext). */
   async prefetchAll(onProgress?: (done: number, total: number) => void, batch = 64): Promise<void> {
+    const refs: ChunkRef[] = [];
+    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) for (const index of this.entries[kind].keys()) refs.push({ kind, index });
+    await this.prefetchChunks(refs, { onProgress, batch });
+  }
+
+  /**
+   * Brings these chunks' ciphertext into the cache, in this order, a batch per
+   * request after any demand request (the fetcher's rule), at most `bandwidth`
+   * bytes a second when given. Chunks cached or zero are skipped. Returns how many
+   * it fetched. Stops quietly when the lease's manifest changes.
+   */
+  async prefetchChunks(
+    refs: ChunkRef[],
+    o: { onProgress?: (done: number, total: number) => void; batch?: number; bandwidth?: number | null } = {},
+  ): Promise<number> {
     const m = this.must();
+    const batch = o.batch ?? 64;
     const todo: { kind: ChunkKind; index: number; e: Entry }[] = [];
-    let total = 0;
-    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
-      for (const [index, e] of this.entries[kind]) {
-        total++;
-        if (!this.cache.has(this.cacheKey(kind, index, e))) todo.push({ kind, index, e });
-      }
+    for (const { kind, index } of refs) {
+      const e = this.entries[kind].get(index);
+      if (e && !this.cache.has(this.cacheKey(kind, index, e))) todo.push({ kind, index, e });
     }
-    let done = total - todo.length;
-    onProgress?.(done, total);
+    let done = refs.length - todo.length;
+    o.onProgress?.(done, refs.length);
+    const t0 = Date.now();
+    let bytes = 0;
     for (let i = 0; i < todo.length; i += batch) {
       await this.lease.whenActive();
-      if (this.manifest !== m) return;
-      const slice = todo.slice(i, i + batch);
-      const blobs = await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index })));
+      if (this.manifest !== m) return i;
+      const slice = todo.slice(i, i + batch).filter(({ kind, index, e }) => !this.cache.has(this.cacheKey(kind, index, e)));
+      const blobs = slice.length ? await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : [];
       slice.forEach(({ kind, index, e }, j) => {
+        bytes += blobs[j].length;
         if (sha256(blobs[j]).toString('base64url') !== e.ctHash) {
           this.stats.tampered++;
           return; // refused; a demand read will try again and report it
         }
         this.cache.put(this.cacheKey(kind, index, e), blobs[j]);
       });
-      done += slice.length;
-      onProgress?.(done, total);
+      done += Math.min(batch, todo.length - i);
+      o.onProgress?.(done, refs.length);
+      // The cap: wait until the bytes so far fit the allowed rate.
+      if (o.bandwidth) {
+        const ahead = (bytes / o.bandwidth) * 1000 - (Date.now() - t0);
+        if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+      }
     }
+    return todo.length;
   }
 
   destroy(): void {

@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type net from 'node:net';
-import { CHUNK_SIZE, DEFAULT_EVICT_IDLE_S, DISK_CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
+import { CHUNK_SIZE, DEFAULT_EVICT_IDLE_S, DISK_CHUNK_SIZE, MEM_CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { errorChain, LetheError } from '../common/errors.js';
@@ -24,6 +24,15 @@ import { NbdServer, type NbdAddress } from './nbd/server.js';
 import { chooseAccel, makeRunDir, type AccelChoice } from './qemu.js';
 import { AgentVm } from './vm-runner.js';
 import { buildGuest } from '../guest-driver/build.js';
+import type { TAgentPolicy } from '../common/wire.js';
+import { agentPart } from '../policies/agent-part.js';
+import { prefetchPlan } from '../policies/manager.js';
+import { DEFAULT_POLICY } from '../policies/policy.js';
+import type { ChunkRef } from './fetcher.js';
+import type { HintPolicy } from './hints.js';
+
+/** The session's first-touch order goes to the server this long after the resume (and at stop or suspend). */
+const TRACE_UPLOAD_AFTER_MS = 30_000;
 
 export interface AgentOptions {
   home: string;
@@ -36,7 +45,7 @@ export interface AgentOptions {
   /** Bytes of normal-class disk plaintext kept decrypted for reads (default 32 MiB). */
   diskPlainBytes?: number;
   /** Resume the image's VM post-copy under QEMU (the test guest's kernel), with this accelerator. */
-  vm?: { accel: AccelChoice };
+  vm?: { accel: AccelChoice; trace?: string };
   log?: (line: string) => void;
 }
 
@@ -95,6 +104,9 @@ function buildStatus(
           residentPages: vm.evictor.residentCounts(),
           evictIdleSeconds: vm.evictor.idleMs / 1000,
           eviction: { ...vm.evictor.stats },
+          memoryMode: vm.evictor.manager.policy.memoryMode,
+          firstTouches: vm.firstTouchOrder().length,
+          hints: { connected: vm.hints.connected, ...vm.hints.counters, lastReport: vm.lastHintReport() },
         }
       : null,
   };
@@ -125,6 +137,15 @@ export function startAgent(o: AgentOptions): RunningAgent {
   const shutdown = (code: number, removeCache = false, after?: () => Promise<unknown>) => {
     if (stopped) return;
     stopped = true;
+    clearTimeout(traceTimer);
+    // A clean stop leaves this session's first-touch order at the server (2 s at most).
+    const traced = code === 0 ? Promise.race([uploadTrace(), new Promise((r) => setTimeout(r, 2_000))]) : Promise.resolve();
+    void traced
+      .then(() => teardown(removeCache))
+      .then(() => (after ? after() : undefined))
+      .finally(() => finish(code));
+  };
+  const teardown = async (removeCache: boolean) => {
     const closing = (vm?.stop() ?? Promise.resolve()).then(() => nbd?.close());
     disk?.close();
     lease.stop();
@@ -137,22 +158,58 @@ export function startAgent(o: AgentOptions): RunningAgent {
     urgent.close();
     background.close();
     closeIdentity(id);
-    void closing.then(() => (after ? after() : undefined)).finally(() => finish(code));
+    await closing;
   };
 
-  const startPrefetch = () => {
+  /** Background prefetch: `first` (guest RAM in the learned order), then every chunk not cached, under the policy's cap. */
+  const startPrefetch = (first: ChunkRef[] = [], bandwidth: number | null = null) => {
     if (!o.prefetch || prefetch.running) return;
     prefetch.running = true;
+    const all: ChunkRef[] = [...first];
+    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
+      const n = Math.ceil(core.sizeOf(kind) / CHUNK_SIZE[kind]);
+      for (let index = 0; index < n; index++) all.push({ kind, index });
+    }
     core
-      .prefetchAll((d, t) => {
-        prefetch.done = d;
-        prefetch.total = t;
+      .prefetchChunks(all, {
+        bandwidth,
+        onProgress: (d, t) => {
+          prefetch.done = d;
+          prefetch.total = t;
+        },
       })
       .then(
         () => log(`prefetch done: ${prefetch.done} of ${prefetch.total} chunks in the cache`),
         (e) => !stopped && log(`prefetch stopped: ${errorChain(e)}`),
       )
       .finally(() => (prefetch.running = false));
+  };
+
+  /** Guest RAM to prefetch: the startup buffer (before the guest runs) and the rest, by the policy and the server's learned order. */
+  const planPrefetch = async () => {
+    const p = policyNow();
+    let learned: Uint32Array = new Uint32Array(0);
+    if (o.prefetch && p.prefetchOrder === 'trace') {
+      learned = await urgent.prefetchOrder(lease.leaseId()).catch((e) => {
+        log(`no learned prefetch order: ${errorChain(e)}`);
+        return new Uint32Array(0);
+      });
+    }
+    const pages = core.sizeOf('mem') / MEM_CHUNK_SIZE;
+    const plan = o.prefetch ? prefetchPlan(p, pages, learned, (pg) => core.entry('mem', pg) !== undefined) : { startup: [], rest: [] };
+    const refs = (pages: number[]): ChunkRef[] => pages.map((index) => ({ kind: 'mem', index }));
+    return { startup: refs(plan.startup), rest: refs(plan.rest), learned: learned.length, bandwidth: p.prefetchBandwidth };
+  };
+
+  /** The session's first-touch order goes to the server (trace-learned prefetch); a later upload replaces it. */
+  let traceTimer: NodeJS.Timeout | undefined;
+  const uploadTrace = (): Promise<void> => {
+    const order = vm?.firstTouchOrder();
+    if (!order || order.length === 0 || !lease.lease) return Promise.resolve();
+    return urgent.uploadTrace(lease.leaseId(), order).then(
+      () => log(`first-touch order of ${order.length} page(s) uploaded for trace-learned prefetch`),
+      (e) => log(`first-touch order not uploaded: ${errorChain(e)}`),
+    );
   };
 
   lease.prepare = async (l) => {
@@ -172,6 +229,11 @@ export function startAgent(o: AgentOptions): RunningAgent {
     const guest = await buildGuest();
     const accel = await chooseAccel(o.vm.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
     const t0 = Date.now();
+    const pf = await planPrefetch();
+    if (pf.startup.length > 0) {
+      const fetched = await core.prefetchChunks(pf.startup);
+      log(`startup buffer: ${fetched} page(s) fetched (${pf.startup.length} planned${pf.learned ? `, learned order of ${pf.learned}` : ''}) in ${Date.now() - t0} ms`);
+    }
     vm = await AgentVm.resume(core, {
       runDir: makeRunDir(),
       kernel: guest.vmlinux,
@@ -180,12 +242,22 @@ export function startAgent(o: AgentOptions): RunningAgent {
       accel,
       nbd: o.nbd === null ? undefined : { socket: path.join(o.home, 'nbd.sock'), export: o.image },
       log,
-      evictIdleMs: evictIdleMs(),
+      policy: policyNow(),
+      hints: hintPolicy(policyNow()),
+      dropGuestCache: policyNow().dropGuestCache,
+      traceFile: o.vm.trace,
     });
     vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
+    startPrefetch(pf.rest, pf.bandwidth);
+    traceTimer = setTimeout(() => void uploadTrace(), TRACE_UPLOAD_AFTER_MS);
     log(`VM resumed post-copy under ${accel} in ${Date.now() - t0} ms (QEMU pid ${vm.vm.pid}); its pages come from the agent on first touch`);
   };
-  const evictIdleMs = () => (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000;
+  /** The lease's policy for the agent (the built-in one from a server that sends none). */
+  const policyNow = () => ({
+    ...(lease.lease?.policy ?? agentPart(DEFAULT_POLICY)),
+    evictIdleMs: (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000,
+  });
+  const hintPolicy = (p: TAgentPolicy): HintPolicy => ({ intervalMs: p.hintIntervalMs, processes: p.processes, cgroups: p.cgroups, files: p.files });
   // While the lease is not active the guest is held: its faults could not be served.
   let leaseHold: Promise<() => Promise<void>> | undefined;
   const holdForLease = () => {
@@ -193,13 +265,18 @@ export function startAgent(o: AgentOptions): RunningAgent {
   };
   lease.beforeExpiry = async () => {
     if (!vm) return;
+    uploadTrace();
+    const action = vm.evictor.manager.leaseEnding();
     holdForLease();
     await leaseHold;
-    await vm.evictor.evictAllSensitive('the lease is running out unrenewed');
+    await vm.evictor.evictAllSensitive('the lease is running out unrenewed', action.evict);
+    // The policy asks for a suspend: it needs the server, which may be why the lease is running out.
+    if (action.suspend) suspend().catch((e) => log(`suspend at lease expiry failed: ${errorChain(e)}; the guest stays held, its pages evicted`));
   };
   /** A lease is active again (granted, or renewed after beforeExpiry held the guest): the guest runs. */
   const leaseBack = () => {
-    if (vm) vm.evictor.idleMs = evictIdleMs();
+    const p = policyNow();
+    if (vm) vm.setPolicy(p, hintPolicy(p), p.dropGuestCache);
     const held = leaseHold;
     leaseHold = undefined;
     void held?.then((release) => release()).catch(() => {});
@@ -208,7 +285,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   lease.on('granted', (l) => {
     log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
     leaseBack();
-    startPrefetch();
+    if (!o.vm) startPrefetch();
     startNbd()
       .then(() => startVm())
       .catch((e) => {
@@ -265,6 +342,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
     let r: Awaited<ReturnType<typeof core.checkin>>;
     try {
       await lease.whenActive();
+      await uploadTrace();
       await vm.whenStopped();
       pages = await vm.evictor.captureDirty();
       const state = await vm.saveState();

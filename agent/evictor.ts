@@ -1,9 +1,10 @@
-// The evictor: takes sensitive guest pages out of RAM once they have been
-// resident longer than the policy's idle time, and all of them before the lease
-// runs out (docs/eviction.md).
+// The evictor: takes guest pages out of RAM as the policy manager decides —
+// sensitive pages resident longer than the policy's idle time, pages the guest
+// reported free, the oldest over the plaintext budget — and all sensitive ones
+// before the lease runs out (docs/eviction.md).
 //
 //   fault      recordFault(page, data)     the page's keyed hash and the time it arrived
-//   tick       candidates: resident, sensitive, arrived ≥ idle ago, no fault in flight
+//   tick       candidates: PolicyManager.evictionSet(now, arrivals), no fault in flight
 //   evict      hold the VM (QMP stop) ─▶ read each page from the RAM file ─▶ hash differs?
 //              encrypt it into the cache as dirty ─▶ flush ─▶ punch the holes ─▶ drop the
 //              keys ─▶ release the VM (cont)
@@ -17,6 +18,7 @@ import { MEM_CHUNK_SIZE } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import { errorChain } from '../common/errors.js';
 import { punchHole } from '../native/index.js';
+import { PolicyManager, tickMs, type HintReport, type ManagerPolicy } from '../policies/manager.js';
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 
@@ -30,8 +32,6 @@ const HASH_BYTES = 16;
 export const NEIGHBOUR_KEY_MIN_MS = 30_000;
 /** Pages handled in one pause of the VM. */
 export const EVICT_BATCH = 4096;
-/** The evictor looks for idle pages this often: a quarter of the idle time, within [100 ms, 5 s]. */
-export const tickMs = (idleMs: number): number => Math.min(5_000, Math.max(100, idleMs / 4));
 
 /** What the evictor needs from the running VM. */
 export interface EvictTarget {
@@ -54,7 +54,8 @@ export interface EvictResult {
 }
 
 export class Evictor {
-  readonly stats = { evicted: 0, dirty: 0, kept: 0, passes: 0, pauseMsLast: 0, pauseMsMax: 0, pauseMsTotal: 0 };
+  readonly stats = { evicted: 0, dirty: 0, kept: 0, passes: 0, pauseMsLast: 0, pauseMsMax: 0, pauseMsTotal: 0, idle: 0, free: 0, budget: 0 };
+  readonly manager: PolicyManager;
   /** When each page arrived (ms since the epoch), 0 when it is not resident. */
   private readonly since: Float64Array;
   private readonly hashes: Buffer;
@@ -63,6 +64,8 @@ export class Evictor {
   private readonly zeroHash = Buffer.alloc(HASH_BYTES);
   private readonly pool = new BufferPool(1, PAGE);
   private timer?: NodeJS.Timeout;
+  /** Called after each idle pass with what it did. */
+  onPass?: (r: EvictResult) => void;
   private queue: Promise<unknown> = Promise.resolve();
   private stopped = false;
   private gate?: Promise<void>;
@@ -70,9 +73,10 @@ export class Evictor {
   constructor(
     private readonly core: AgentCore,
     private readonly vm: EvictTarget,
-    public idleMs: number,
+    policy: ManagerPolicy,
     private readonly log: (line: string) => void,
   ) {
+    this.manager = new PolicyManager(policy, vm.pages, (p) => core.classOf('mem', p) ?? 'sensitive');
     this.since = new Float64Array(vm.pages);
     this.hashes = Buffer.alloc(vm.pages * HASH_BYTES);
     sodium.randombytes_buf(this.hashKey);
@@ -103,6 +107,20 @@ export class Evictor {
     return { pages, sensitive };
   }
 
+  get idleMs(): number {
+    return this.manager.policy.evictIdleMs;
+  }
+
+  /** Call when the lease brings a policy: the next pass decides by it. */
+  setPolicy(p: ManagerPolicy): void {
+    this.manager.policy = p;
+  }
+
+  /** Call with each complete report of the guest driver. */
+  hintReport(r: HintReport): void {
+    this.manager.hintReport(r, Date.now());
+  }
+
   /** Starts (or restarts, after stop()) the idle passes. */
   start(): void {
     this.stopped = false;
@@ -114,22 +132,24 @@ export class Evictor {
     if (this.stopped) return;
     this.timer = setTimeout(() => {
       this.evictIdle()
+        .then((r) => this.onPass?.(r))
         .catch((e) => this.log(`eviction pass failed: ${errorChain(e)}`))
         .finally(() => this.schedule());
     }, tickMs(this.idleMs));
   }
 
   private sensitive(page: number): boolean {
-    return (this.core.classOf('mem', page) ?? 'sensitive') === 'sensitive';
+    return this.manager.isSensitive(page);
   }
 
-  /** Evicts the sensitive pages resident for the idle time or longer. */
+  /** Evicts what the policy manager picks: idle sensitive pages, free pages, the oldest over the budget. */
   evictIdle(now = Date.now()): Promise<EvictResult> {
     return this.serial(async () => {
-      const due: number[] = [];
-      for (let p = 0; p < this.since.length; p++) {
-        if (this.since[p] !== 0 && now - this.since[p] >= this.idleMs && this.sensitive(p)) due.push(p);
-      }
+      const decision = this.manager.evictionSet(now, this.since);
+      const due = decision.pages;
+      this.stats.idle += decision.why.idle;
+      this.stats.free += decision.why.free;
+      this.stats.budget += decision.why.budget;
       // A write key that did not come beside its fault is asked for again, without
       // waiting: a changed page without one stays until a later pass.
       const keyless = due.filter((p) => !this.core.hasWriteKey('mem', p));
@@ -141,11 +161,14 @@ export class Evictor {
     });
   }
 
-  /** Evicts every resident sensitive page (lease about to run out, wipe, an order from the user). */
-  evictAllSensitive(why: string): Promise<EvictResult> {
+  /**
+   * Evicts every resident sensitive page — or, with `scope` 'all', every resident
+   * page (lease about to run out, wipe, an order from the user).
+   */
+  evictAllSensitive(why: string, scope: 'sensitive' | 'all' = 'sensitive'): Promise<EvictResult> {
     return this.serial(async () => {
       const all: number[] = [];
-      for (let p = 0; p < this.since.length; p++) if (this.since[p] !== 0 && this.sensitive(p)) all.push(p);
+      for (let p = 0; p < this.since.length; p++) if (this.since[p] !== 0 && (scope === 'all' || this.sensitive(p))) all.push(p);
       const r = await this.evictPages(all, why);
       if (r.kept > 0) this.log(`${r.kept} sensitive page(s) stay resident (${why}): their changes have no write key`);
       return r;

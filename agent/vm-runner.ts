@@ -17,6 +17,8 @@ import { FaultThread, UffdListener, shimEnv, type UffdMapping } from '../native/
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 import { Evictor, type EvictTarget } from './evictor.js';
+import { HintChannel, type HintPolicy, type HintReport } from './hints.js';
+import type { ManagerPolicy } from '../policies/manager.js';
 import { Vm, type Accel } from './qemu.js';
 
 export interface ResumeOptions {
@@ -29,8 +31,36 @@ export interface ResumeOptions {
   log: (line: string) => void;
   /** Where the RAM file goes (tmpfs); default /dev/shm. */
   shmDir?: string;
-  /** Sensitive pages resident this long are evicted (the lease's policy). */
-  evictIdleMs: number;
+  /** What the evictor decides by (the lease's policy). */
+  policy: ManagerPolicy;
+  /** What the guest driver reports (the lease's policy). */
+  hints: HintPolicy;
+  /** Ask the guest driver to drop the page cache of sensitive files after a pass that evicted. */
+  dropGuestCache: boolean;
+  /** Records every fault and guest report to this file (JSON lines, docs/policy-simulate.md). */
+  traceFile?: string;
+}
+
+/** An access trace being written: faults and guest reports, ms from the resume. */
+class AccessTrace {
+  private readonly out: fs.WriteStream;
+  private readonly t0 = performance.now();
+  constructor(file: string, pages: number) {
+    this.out = fs.createWriteStream(file, { mode: 0o600 });
+    this.out.write(JSON.stringify({ trace: 'lethe-access', version: 1, pages }) + '\n');
+  }
+  private now(): number {
+    return Math.round((performance.now() - this.t0) * 10) / 10;
+  }
+  fault(page: number): void {
+    this.out.write(`{"t":${this.now()},"fault":${page}}\n`);
+  }
+  hint(r: HintReport): void {
+    this.out.write(JSON.stringify({ t: this.now(), hint: { sensitive: r.sensitive, free: r.free } }) + '\n');
+  }
+  close(): Promise<void> {
+    return new Promise((r) => this.out.end(r));
+  }
 }
 
 const HANDSHAKE_MS = 15_000;
@@ -47,10 +77,18 @@ export class AgentVm implements EvictTarget {
   readonly pages: number;
   readonly evictor: Evictor;
   private readonly runDir: string;
+  private readonly logLine: (line: string) => void;
   /** Pages whose fault is being served, with how many faults each. */
   private readonly inFlight = new Map<number, number>();
   private readonly holds = new Map<string, number>();
   private holdChange: Promise<unknown> = Promise.resolve();
+  /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
+  private readonly touched: Uint8Array;
+  private firstTouch = new Uint32Array(1024);
+  private firstTouches = 0;
+  readonly hints: HintChannel;
+  private trace?: AccessTrace;
+  private lastDrop = 0;
 
   private constructor(
     readonly vm: Vm,
@@ -64,9 +102,65 @@ export class AgentVm implements EvictTarget {
     o: ResumeOptions,
     memBytes: number,
   ) {
+    this.logLine = o.log;
     this.runDir = o.runDir;
     this.pages = memBytes / MEM_CHUNK_SIZE;
-    this.evictor = new Evictor(core, this, o.evictIdleMs, o.log);
+    this.touched = new Uint8Array(this.pages);
+    this.evictor = new Evictor(core, this, o.policy, o.log);
+    this.dropGuestCache = o.dropGuestCache;
+    this.hints = new HintChannel(path.join(o.runDir, 'hint.sock'), o.hints, o.log);
+    this.hints.on('report', (r: HintReport) => {
+      this.lastReport = { seq: r.seq, sensitiveFrames: r.sensitiveFrames, freeFrames: r.freeFrames, procs: r.procs };
+      this.evictor.hintReport(r);
+      this.trace?.hint(r);
+    });
+    this.evictor.onPass = (r) => this.afterPass(r.evicted);
+    if (o.traceFile) this.trace = new AccessTrace(o.traceFile, this.pages);
+  }
+
+  dropGuestCache: boolean;
+  private lastReport?: { seq: number; sensitiveFrames: number; freeFrames: number; procs: number };
+
+  /** The guest driver's last report, in counts. */
+  lastHintReport() {
+    return this.lastReport ?? null;
+  }
+
+  /** Call when the lease brings a policy. */
+  setPolicy(p: ManagerPolicy, hints: HintPolicy, dropGuestCache: boolean): void {
+    this.evictor.setPolicy(p);
+    this.hints.setPolicy(hints);
+    this.dropGuestCache = dropGuestCache;
+  }
+
+  /** After a pass that evicted, the guest drops its own cached copies of sensitive files (at most once an idle period). */
+  private afterPass(evicted: number): void {
+    const now = Date.now();
+    if (evicted === 0 || !this.dropGuestCache || this.hints.currentPolicy.files.length === 0 || !this.hints.connected) return;
+    if (now - this.lastDrop < this.evictor.idleMs) return;
+    this.lastDrop = now;
+    this.hints.dropCache().catch((e) => this.log(`guest page cache not dropped: ${errorChain(e)}`));
+  }
+
+  private log(line: string): void {
+    this.logLine(line);
+  }
+
+  private recordTouch(page: number): void {
+    this.trace?.fault(page);
+    if (this.touched[page]) return;
+    this.touched[page] = 1;
+    if (this.firstTouches === this.firstTouch.length) {
+      const bigger = new Uint32Array(this.firstTouch.length * 2);
+      bigger.set(this.firstTouch);
+      this.firstTouch = bigger;
+    }
+    this.firstTouch[this.firstTouches++] = page;
+  }
+
+  /** The pages the guest touched this session, first touch first. */
+  firstTouchOrder(): Uint32Array {
+    return this.firstTouch.slice(0, this.firstTouches);
   }
 
   faultInFlight(page: number): boolean {
@@ -212,7 +306,10 @@ export class AgentVm implements EvictTarget {
                   const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
                   const data = src === 'zero' ? null : buf;
                   await self.evictor.quiet();
-                  if (t.resolve(f.pageAddress, data) !== 'present') self.evictor.recordFault(page, data);
+                  if (t.resolve(f.pageAddress, data) !== 'present') {
+                    self.evictor.recordFault(page, data);
+                    self.recordTouch(page);
+                  }
                   self.faults++;
                   if (src === 'zero') self.zeroFaults++;
                 });
@@ -236,6 +333,7 @@ export class AgentVm implements EvictTarget {
       await streamState(core, vm, o.runDir);
       fs.unlinkSync(ramPath);
       self.evictor.start();
+      self.hints.start();
       return self;
     } catch (e) {
       if (vm) {
@@ -255,6 +353,8 @@ export class AgentVm implements EvictTarget {
 
   async stop(): Promise<void> {
     this.stopping = true;
+    this.hints.close();
+    await this.trace?.close();
     this.evictor.destroy();
     await this.vm.kill();
     this.thread?.stop();

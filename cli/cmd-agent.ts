@@ -1,4 +1,5 @@
 // lethe agent run | status | stop
+import path from 'node:path';
 import type { Argv } from 'yargs';
 import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
@@ -83,13 +84,18 @@ export function agentCommand(y: Argv) {
             .positional('image', { type: 'string', demandOption: true })
             .option('cache-size', { type: 'string', default: '2G', describe: 'ciphertext cache limit' })
             .option('heartbeat', { type: 'string', default: '30s', describe: 'how often to check in with the server' })
-            .option('prefetch', { type: 'boolean', default: true, describe: 'fetch the whole image (ciphertext) in the background' })
+            .option('prefetch', {
+              type: 'boolean',
+              default: true,
+              describe: "fetch the whole image (ciphertext): the policy's startup buffer first, then in the learned order, in the background",
+            })
             .option('nbd-socket', { type: 'string', describe: 'unix socket for the NBD disk export (default: nbd.sock in the home)' })
             .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead' })
             .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' })
             .option('disk-plain-cache', { type: 'string', default: '32M', describe: 'normal-class disk plaintext kept decrypted (locked memory)' })
             .option('vm', { type: 'boolean', default: false, describe: "resume the image's VM post-copy under QEMU" })
-            .option('accel', { choices: ['auto', 'kvm', 'tcg'] as const, default: 'auto' as const, describe: 'QEMU accelerator for --vm' }),
+            .option('accel', { choices: ['auto', 'kvm', 'tcg'] as const, default: 'auto' as const, describe: 'QEMU accelerator for --vm' })
+            .option('trace', { type: 'string', describe: 'with --vm: record every fault and guest report to FILE (for lethe policy simulate)' }),
         async (a) => {
           const agent = startAgent({
             home: String(a.home),
@@ -99,7 +105,7 @@ export function agentCommand(y: Argv) {
             prefetch: a.prefetch !== false,
             nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
             diskPlainBytes: parseSize(String(a['disk-plain-cache']), '--disk-plain-cache'),
-            vm: a.vm ? { accel: a.accel } : undefined,
+            vm: a.vm ? { accel: a.accel, trace: a.trace === undefined ? undefined : path.resolve(String(a.trace)) } : undefined,
           });
           const stop = () => agent.stop();
           process.on('SIGINT', stop);

@@ -32,6 +32,9 @@ export type LeaseAction = { evict: 'sensitive' | 'all'; suspend: boolean };
 
 export const PAGE_BYTES = 4096;
 
+/** Eviction passes run this often: a quarter of the idle time, within [100 ms, 5 s]. */
+export const tickMs = (idleMs: number): number => Math.min(5_000, Math.max(100, idleMs / 4));
+
 /**
  * Resident pages are described by their arrival time (ms, any clock the caller
  * keeps consistently; 0 = not resident), indexed by page.
@@ -130,7 +133,8 @@ export class PolicyManager {
       case 'evict-all':
         return { evict: 'all', suspend: false };
       case 'suspend':
-        return { evict: 'sensitive', suspend: true };
+        // Everything out first (a suspend needs the server, which may be gone), then the suspend is tried.
+        return { evict: 'all', suspend: true };
       default:
         return { evict: 'sensitive', suspend: false };
     }
@@ -143,21 +147,30 @@ export class PolicyManager {
    * tells which pages the image stores (zero pages need no fetch).
    */
   prefetchPlan(learned: ArrayLike<number>, present: (page: number) => boolean): { startup: number[]; rest: number[] } {
-    const p = this.policy;
-    if (p.prefetchOrder === 'none') return { startup: [], rest: [] };
-    const seen = new Uint8Array(this.pages);
-    const order: number[] = [];
-    const take = (page: number) => {
-      if (page < this.pages && !seen[page] && present(page)) {
-        seen[page] = 1;
-        order.push(page);
-      }
-    };
-    if (p.prefetchOrder === 'trace') for (let i = 0; i < learned.length; i++) take(learned[i]);
-    for (let page = 0; page < this.pages; page++) take(page);
-    const n = Math.min(order.length, Math.floor(p.prefetchStartupBytes / PAGE_BYTES));
-    return { startup: order.slice(0, n), rest: order.slice(n) };
+    return prefetchPlan(this.policy, this.pages, learned, present);
   }
+}
+
+/** PolicyManager.prefetchPlan for a policy and a guest of `pages` pages, without a manager. */
+export function prefetchPlan(
+  p: Pick<ManagerPolicy, 'prefetchOrder' | 'prefetchStartupBytes'>,
+  pages: number,
+  learned: ArrayLike<number>,
+  present: (page: number) => boolean,
+): { startup: number[]; rest: number[] } {
+  if (p.prefetchOrder === 'none') return { startup: [], rest: [] };
+  const seen = new Uint8Array(pages);
+  const order: number[] = [];
+  const take = (page: number) => {
+    if (page < pages && !seen[page] && present(page)) {
+      seen[page] = 1;
+      order.push(page);
+    }
+  };
+  if (p.prefetchOrder === 'trace') for (let i = 0; i < learned.length; i++) take(learned[i]);
+  for (let page = 0; page < pages; page++) take(page);
+  const n = Math.min(order.length, Math.floor(p.prefetchStartupBytes / PAGE_BYTES));
+  return { startup: order.slice(0, n), rest: order.slice(n) };
 }
 
 function mark(set: Uint8Array, runs: FrameRuns): void {

@@ -4,7 +4,7 @@
 // plaintext stayed in guest RAM — beside keeping everything and evicting
 // everything, the two ends any policy sits between.
 import { LetheError } from '../common/errors.js';
-import { PAGE_BYTES, PolicyManager, type FrameRuns, type ManagerPolicy } from './manager.js';
+import { PAGE_BYTES, PolicyManager, tickMs, type FrameRuns, type ManagerPolicy } from './manager.js';
 
 export const TRACE_FORMAT = 'lethe-access';
 export const TRACE_VERSION = 1;
@@ -33,8 +33,6 @@ export interface SimResult {
   peakSensitiveBytes: number;
 }
 
-/** The eviction pass interval for an idle time (the agent's evictor uses the same). */
-export const tickMs = (idleMs: number): number => Math.min(5_000, Math.max(100, idleMs / 4));
 
 /** Parses a trace (JSON lines); throws BAD_REQUEST naming the line. */
 export function parseTrace(text: string, file = 'trace'): Trace {

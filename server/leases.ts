@@ -3,7 +3,7 @@
 import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../common/constants.js';
 import { classOf } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
-import type { TAgentPolicy } from '../common/wire.js';
+import { agentPart } from '../policies/agent-part.js';
 import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
@@ -85,27 +85,10 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy
     classKeys: classKeys(ctx, d, l.image_id, l.version),
     ...(l.write_gen !== null ? { writeGen: l.write_gen } : {}),
     evictIdleSeconds: policy.evictIdleMs / 1000,
-    policy: agentPolicy(policy),
+    policy: agentPart(policy),
   };
 }
 
-function agentPolicy(p: Policy): TAgentPolicy {
-  return {
-    memoryMode: p.memoryMode,
-    processes: p.processes,
-    cgroups: p.cgroups,
-    files: p.files,
-    freePages: p.freePages,
-    evictBudgetBytes: p.evictBudgetBytes,
-    dropGuestCache: p.dropGuestCache,
-    onLeaseExpiry: p.onLeaseExpiry,
-    onWipe: p.onWipe,
-    prefetchStartupBytes: p.prefetchStartupBytes,
-    prefetchOrder: p.prefetchOrder,
-    prefetchBandwidth: p.prefetchBandwidth,
-    hintIntervalMs: p.hintIntervalMs,
-  };
-}
 
 export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
   const img = getImage(ctx, imageName);

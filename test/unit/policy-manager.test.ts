@@ -65,7 +65,7 @@ describe('policy manager', () => {
     const action = (onLeaseExpiry: ManagerPolicy['onLeaseExpiry']) => new PolicyManager({ ...base, onLeaseExpiry }, 1).leaseEnding();
     expect(action('evict-sensitive')).to.deep.equal({ evict: 'sensitive', suspend: false });
     expect(action('evict-all')).to.deep.equal({ evict: 'all', suspend: false });
-    expect(action('suspend')).to.deep.equal({ evict: 'sensitive', suspend: true });
+    expect(action('suspend')).to.deep.equal({ evict: 'all', suspend: true });
   });
 
   it('prefetches the learned order first, then the rest by address, skipping zero pages and repeats', () => {
