@@ -1,0 +1,157 @@
+// Guest cooperation and the policy manager with a real server, agents and QEMU
+// (TCG): the guest driver's reports make the workload's pages sensitive under
+// `memory: hinted` and only those leave guest RAM; a second resume prefetches in
+// the order the first one touched pages and waits on the server far less.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { control } from '../../agent/control.js';
+import type { AgentStatus } from '../../agent/daemon.js';
+import { parseTrace } from '../../policies/simulate.js';
+import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { findFd, scanFile } from '../helpers/scan.js';
+
+const INTERVAL_S = 6;
+const WORKLOAD_PAGES = 4096;
+/** The workload's page header magic ("LTHP", guest-driver/page-format.ts). */
+const MAGIC_MEM = 0x5048544c;
+
+const passes = (log: string) => [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
+
+/** Planted workload pages holding the marker in guest RAM (read from the RAM file, never through a mapping). */
+function plantedHits(ram: string, needle: Buffer): number {
+  const fd = fs.openSync(ram, 'r');
+  try {
+    const head = Buffer.alloc(4);
+    return scanFile(ram, needle).filter((hit) => {
+      const offset = parseInt(hit.slice(hit.lastIndexOf('+0x') + 3), 16);
+      fs.readSync(fd, head, 0, 4, offset - (offset % 4096));
+      return head.readUInt32LE(0) === MAGIC_MEM;
+    }).length;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+const status = (d: TestDevice) => control<AgentStatus>(d.home, { cmd: 'status' });
+
+describe('guest hints and trace-learned prefetch (real server, agents and QEMU)', function () {
+  this.timeout(300_000);
+  this.slow(60_000);
+  let s: ServerProc;
+  let dir: string;
+  let marker: Buffer;
+  const agents: AgentProc[] = [];
+  const devices: TestDevice[] = [];
+
+  const device = async (name: string, image: string) => {
+    const d = await enrolledDevice(s, name);
+    devices.push(d);
+    await assign(s, d.deviceId, image);
+    return d;
+  };
+  const agentOn = async (d: TestDevice, image: string, args: string[]) => {
+    const a = await startAgentProc(d.home, image, ['--vm', '--accel', 'tcg', ...args]);
+    agents.push(a);
+    return a;
+  };
+
+  before(async () => {
+    dir = tmpDir('lethe-policy-');
+    const snap = path.join(dir, 'snap');
+    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--interval', `${INTERVAL_S}s`, '--accel', 'tcg', '--json']);
+    expect(shot.code, shot.stderr).to.equal(0);
+    marker = Buffer.from(JSON.parse(shot.stdout).marker as string);
+    s = await startServer();
+    const push = async (name: string, policy: string) => {
+      const file = path.join(dir, `${name}.yaml`);
+      fs.writeFileSync(file, policy);
+      const r = await lethe(
+        ['image', 'push', name, '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', file],
+        s.env,
+      );
+      expect(r.code, r.stderr).to.equal(0);
+    };
+    await push('hinted', 'sensitive:\n  memory: hinted\n  processes: [lethe-workload]\n  free-pages: keep\neviction:\n  idle: 2s\nhints:\n  interval: 1s\n');
+    // No eviction, and background prefetch too slow to matter: what the startup buffer holds decides.
+    await push('learned', 'sensitive:\n  memory: none\nprefetch:\n  startup: 24MiB\n  order: trace\n  bandwidth: 16KiB/s\n');
+    fs.rmSync(snap, { recursive: true, force: true }); // the plaintext source goes
+  });
+  afterEach(function () {
+    if (this.currentTest?.state !== 'failed') return;
+    for (const a of agents) console.log(`--- agent log, last lines:\n${a.log().split('\n').slice(-40).join('\n')}`);
+  });
+  after(async () => {
+    for (const a of agents) {
+      if (a.proc.exitCode === null) {
+        a.proc.kill('SIGKILL');
+        await a.exited;
+      }
+    }
+    for (const d of devices) d.close();
+    await s?.stop();
+  });
+
+  it("memory: hinted — the driver's reports make the workload's pages sensitive; they leave guest RAM, the rest stays", async () => {
+    const d = await device('laptop-hinted', 'hinted');
+    const trace = path.join(dir, 'hinted.trace.jsonl');
+    const a = await agentOn(d, 'hinted', ['--no-prefetch', '--trace', trace]);
+    await waitFor(async () => passes(a.log()).length >= 2 || undefined, 180_000, 'two verify passes');
+    const st = await status(d);
+    const vm = st.vm!;
+    expect(vm.memoryMode).to.equal('hinted');
+    expect(vm.hints.connected, 'the guest driver is connected').to.equal(true);
+    expect(vm.hints.lastReport!.procs, 'the workload matched').to.be.at.least(1);
+    // Most of the workload's pages at any one report (a resumed guest's report was seen a few hundred short).
+    expect(vm.hints.lastReport!.sensitiveFrames).to.be.at.least((3 * WORKLOAD_PAGES) / 4);
+    // The workload's pages went (and came back for each pass) ...
+    expect(vm.eviction.idle).to.be.at.least(WORKLOAD_PAGES);
+    for (const p of passes(a.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    // ... while the kernel's and other processes' pages stay (a resumed guest has touched ~1,800 of them by now).
+    const others = vm.residentPages.pages - vm.residentPages.sensitive;
+    expect(others).to.be.at.least(1000);
+    expect(vm.eviction.free + vm.eviction.budget, 'nothing but idle hinted pages was evicted').to.equal(0);
+
+    // Between passes, once the idle time is over, no planted page is in guest RAM.
+    const ram = findFd(vm.pid, /lethe-ram-.*\(deleted\)$/)!;
+    const n = passes(a.log()).length;
+    await waitFor(async () => passes(a.log()).length > n || undefined, 60_000, 'the end of a verify pass');
+    await new Promise((r) => setTimeout(r, 3_500));
+    let planted = plantedHits(ram, marker);
+    for (let i = 0; i < 3 && planted > 0; i++) {
+      await new Promise((r) => setTimeout(r, 1_000));
+      planted = plantedHits(ram, marker);
+    }
+    expect(planted, 'planted pages left in guest RAM').to.equal(0);
+    const later = await status(d);
+    expect(later.vm!.residentPages.pages - later.vm!.residentPages.sensitive, 'non-sensitive pages still resident').to.be.at.least(others);
+
+    // The recorded trace replays: faults and reports, in order.
+    a.proc.kill('SIGTERM');
+    expect(await a.exited).to.equal(0);
+    const t = parseTrace(fs.readFileSync(trace, 'utf8'), trace);
+    expect(t.pages).to.equal(32768);
+    expect(t.events.filter((e) => 'hint' in e).length).to.be.at.least(2);
+    expect(t.events.filter((e) => 'fault' in e).length).to.be.at.least(2 * WORKLOAD_PAGES);
+  });
+
+  it('trace-learned prefetch: the second resume, on another device, waits on the server far less than the first', async () => {
+    const first = await device('laptop-1', 'learned');
+    const a = await agentOn(first, 'learned', []);
+    await waitFor(async () => passes(a.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    const demand1 = (await status(first)).fetch.demandBatches;
+    a.proc.kill('SIGTERM');
+    expect(await a.exited).to.equal(0);
+    expect(a.log()).to.match(/first-touch order of \d+ page\(s\) uploaded/);
+
+    const second = await device('laptop-2', 'learned');
+    const b = await agentOn(second, 'learned', []);
+    await waitFor(async () => passes(b.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    const demand2 = (await status(second)).fetch.demandBatches;
+    expect(b.log()).to.match(/startup buffer: \d+ page\(s\) fetched \(\d+ planned, learned order of \d+\)/);
+    for (const p of [...passes(a.log()), ...passes(b.log())]) expect(p.bad).to.equal(0);
+    console.log(`      demand requests to the first verify pass: first resume ${demand1}, second ${demand2}`);
+    expect(demand2).to.be.below(demand1 / 2);
+  });
+});
