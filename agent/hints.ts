@@ -280,7 +280,7 @@ interface PendingDrop {
  *   'disconnect'         it closed (the channel reconnects by itself until close())
  *   'hello'  ({ driver, version })   the driver (re)started or saw this host arrive; the policy has been sent
  *   'ok'     (what)      the driver took a command ('policy')
- *   'report' (HintReport)            a complete report
+ *   'report' (HintReport)            a complete report made under the current policy
  *   'error'  (GuestHintError)        the driver refused a line (only emitted when someone listens)
  */
 export class HintChannel extends EventEmitter {
@@ -297,7 +297,10 @@ export class HintChannel extends EventEmitter {
   private helloSeen = false;
   private failureLogged = false;
   private drops: PendingDrop[] = [];
+  /** Policies sent on this connection and not yet answered: until then reports follow an older one. */
+  private unanswered = 0;
   private reports = 0;
+  private staleReports = 0;
   private connects = 0;
 
   /** @throws LetheError BAD_REQUEST when the policy breaks a limit of the protocol. */
@@ -327,8 +330,8 @@ export class HintChannel extends EventEmitter {
     return clonePolicy(this.policy);
   }
 
-  get counters(): HintCounters & { reports: number; connects: number } {
-    return { ...this.parser.counters, reports: this.reports, connects: this.connects };
+  get counters(): HintCounters & { reports: number; staleReports: number; connects: number } {
+    return { ...this.parser.counters, reports: this.reports, staleReports: this.staleReports, connects: this.connects };
   }
 
   /**
@@ -338,7 +341,7 @@ export class HintChannel extends EventEmitter {
   setPolicy(p: HintPolicy): void {
     this.line = policyLine(p);
     this.policy = clonePolicy(p);
-    this.send(this.line);
+    this.sendPolicy();
   }
 
   /** Asks for a report now; false when not connected. */
@@ -408,6 +411,7 @@ export class HintChannel extends EventEmitter {
     this.failureLogged = false;
     this.retryMs = RECONNECT_FIRST_MS;
     this.helloSeen = false;
+    this.unanswered = 0;
     this.nudgeTimer = setTimeout(() => {
       if (!this.helloSeen) this.send('hello');
     }, HELLO_NUDGE_MS);
@@ -430,6 +434,10 @@ export class HintChannel extends EventEmitter {
     if (this.closed) return;
     this.retryTimer = setTimeout(() => this.connect(), this.retryMs);
     this.retryMs = Math.min(this.retryMs * 2, RECONNECT_MAX_MS);
+  }
+
+  private sendPolicy(): void {
+    if (this.send(this.line)) this.unanswered++;
   }
 
   private send(line: string): boolean {
@@ -457,15 +465,16 @@ export class HintChannel extends EventEmitter {
       case 'hello':
         return this.hello(m.driver, m.version);
       case 'ok':
+        if (m.what === 'policy') this.policyAnswered();
         this.emit('ok', m.what);
         return;
       case 'report':
-        this.reports++;
-        this.emit('report', m.report);
-        return;
+        return this.report(m.report);
       case 'dropped':
         return this.dropped(m.files, m.pages);
       case 'error':
+        // Only policy lines can be refused (the others are fixed words), and ours are checked first.
+        this.policyAnswered();
         if (this.listenerCount('error') > 0) this.emit('error', new GuestHintError(m.reason));
         else this.log(`hints: the guest driver refused a command: ${m.reason}`);
     }
@@ -477,9 +486,23 @@ export class HintChannel extends EventEmitter {
     if (version !== HINT_PROTOCOL_VERSION) {
       this.log(`hints: the guest driver speaks protocol version ${version}, this agent ${HINT_PROTOCOL_VERSION}; not sending it a policy`);
     } else {
-      this.send(this.line);
+      this.sendPolicy();
     }
     this.emit('hello', { driver, version });
+  }
+
+  private policyAnswered(): void {
+    if (this.unanswered > 0) this.unanswered--;
+  }
+
+  /** Reports made under an older policy (before the driver answered ours) are dropped. */
+  private report(r: HintReport): void {
+    if (this.unanswered > 0) {
+      this.staleReports++;
+      return;
+    }
+    this.reports++;
+    this.emit('report', r);
   }
 
   private dropped(files: number, pages: number): void {

@@ -1,8 +1,8 @@
 // Builds the test guest from Debian packages (DESIGN.md, "Test guest"): the
 // uncompressed kernel, an initramfs with busybox, virtio/ext4 modules, /init, the
-// static workload and guest driver, and an ext4 data disk. The result is cached under build/guest/
-// and rebuilt only when an input changes: the stamp hashes the package versions,
-// the init script, the C sources and this build code.
+// static workload and guest driver, and an ext4 data disk. The result is cached under
+// build/guest/ and rebuilt only when an input changes: the stamp hashes the package
+// versions, the init script, the C sources and this build code.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
@@ -29,11 +29,11 @@ const BUSYBOX_PACKAGE = 'busybox-static';
  */
 export const MODULE_ROOTS = ['virtio_pci', 'virtio_blk', 'virtio_console', 'virtio_balloon', 'crc32c_generic', 'ext4'];
 /** Build code and guest sources whose contents go into the stamp. */
-const SOURCE_FILES = ['build.ts', 'cpio.ts', 'kmod.ts', 'page-format.ts', 'init.sh', 'workload.c', 'guestd.c'];
 const GUEST_PROGRAMS = [
-  { source: 'workload.c', name: 'lethe-workload' },
-  { source: 'guestd.c', name: 'lethe-guestd' },
+  { name: 'lethe-workload', sources: ['workload.c'], headers: [] },
+  { name: 'lethe-guestd', sources: ['guestd.c', 'guestd-frames.c', 'guestd-policy.c'], headers: ['guestd.h'] },
 ];
+const SOURCE_FILES = ['build.ts', 'cpio.ts', 'kmod.ts', 'page-format.ts', 'init.sh', ...GUEST_PROGRAMS.flatMap((p) => [...p.sources, ...p.headers])];
 const XZ_MAGIC = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]);
 const ELF_MAGIC = Buffer.from([0x7f, 0x45, 0x4c, 0x46]);
 export const DATA_DISK_BYTES = 64 * 1024 * 1024;
@@ -246,7 +246,7 @@ async function compilePrograms(work: string): Promise<Map<string, Buffer>> {
   const programs = new Map<string, Buffer>();
   for (const p of GUEST_PROGRAMS) {
     const out = path.join(work, p.name);
-    await run('gcc', ['-static', '-O2', '-Wall', '-Wextra', '-s', '-o', out, path.join(HERE, p.source)]);
+    await run('gcc', ['-static', '-O2', '-Wall', '-Wextra', '-s', '-o', out, ...p.sources.map((s) => path.join(HERE, s))]);
     programs.set(p.name, fs.readFileSync(out));
   }
   return programs;

@@ -278,7 +278,7 @@ describe('guest hints: HintChannel', function () {
     expect(await hello).to.deep.equal([{ driver: 'lethe-guestd', version: 1 }]);
     expect(await fake.line(/^policy /)).to.equal('policy interval=1000 procs=lethe-workload cgroups= files=/mnt');
     const report = once(channel, 'report');
-    fake.say('report 1 begin', 's 5 2');
+    fake.say('ok policy', 'report 1 begin', 's 5 2');
     fake.say('report 1 end sensitive=2 free=0 procs=1', 'report 2 begin', 'report 3 begin', 'report 3 end sensitive=0 free=0 procs=0');
     await report;
     await new Promise((r) => setTimeout(r, 100));
@@ -299,6 +299,7 @@ describe('guest hints: HintChannel', function () {
       throw new Error('listener bug');
     });
     fake.say('report 1 begin', 'report 1 end sensitive=0 free=0 procs=0', "error unknown command 'x'");
+    fake.say('report 2 begin', 'report 2 end sensitive=0 free=0 procs=0');
     await new Promise((r) => setTimeout(r, 200));
     expect(errors.map((e) => [e.name, e.reason, e.message])).to.deep.equal([
       ['GuestHintError', "unknown command 'x'", "the guest driver refused a hint command: unknown command 'x'"],
@@ -321,6 +322,26 @@ describe('guest hints: HintChannel', function () {
     expect(channel.requestReport()).to.equal(true);
     await fake.line(/^report$/);
     expect(channel.counters.connects).to.equal(2);
+  });
+
+  it('drops reports made under an older policy, until the driver answers the new one', async () => {
+    await fake.listen();
+    channel = new HintChannel(fake.path, policy);
+    const seen: number[] = [];
+    channel.on('report', (r: HintReport) => seen.push(r.seq));
+    channel.start();
+    await fake.connected();
+    const empty = 'end sensitive=0 free=0 procs=0';
+    fake.say('hello lethe-guestd 1', 'report 1 begin', `report 1 ${empty}`);
+    await fake.line(/^policy /);
+    fake.say('ok policy', 'report 2 begin', `report 2 ${empty}`);
+    await once(channel, 'report');
+    channel.setPolicy({ ...policy, files: [] });
+    await fake.line(/ files=$/);
+    fake.say('report 3 begin', `report 3 ${empty}`, 'ok policy', 'report 4 begin', `report 4 ${empty}`);
+    await once(channel, 'report');
+    expect(seen).to.deep.equal([2, 4]);
+    expect(channel.counters).to.include({ reports: 2, staleReports: 2 });
   });
 
   it('asks for a hello when the driver stays silent after a connect', async () => {
