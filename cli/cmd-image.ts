@@ -1,4 +1,4 @@
-// lethe image push | ls | verify | pull | rm
+// lethe image push | ls | verify | pull | rm | policy
 import type { Argv } from 'yargs';
 import { withAdmin, type AdminArgs } from './admin-client.js';
 import { adminOpts } from './cmd-admin.js';
@@ -6,6 +6,9 @@ import { checkImage, parseRef, type CheckResult } from './image-pull.js';
 import { pushImage, validatePush, type PushOptions } from './image-push.js';
 import { emit, table, type OutOpts } from './output.js';
 import { progressBar } from './progress.js';
+import fs from 'node:fs';
+import { LetheError } from '../common/errors.js';
+import { formatDiagnostic, hasErrors, loadPolicyFile } from '../policies/index.js';
 
 type A = AdminArgs & OutOpts;
 
@@ -37,8 +40,29 @@ function check(a: A & { ref: string; out?: string }): Promise<void> {
   });
 }
 
+function setImagePolicy(a: A & { name: string; file?: string; clear: boolean }): Promise<void> {
+  if (a.clear === (a.file !== undefined)) {
+    throw new LetheError('BAD_REQUEST', a.clear ? 'give a policy file or --clear, not both' : 'no policy file given', {
+      hint: `lethe image policy ${a.name} policies/laptop-default.yaml, or --clear for the built-in policy`,
+    });
+  }
+  let policy: string | null = null;
+  if (a.file !== undefined) {
+    const loaded = loadPolicyFile(a.file);
+    if (hasErrors(loaded.diagnostics)) {
+      process.stderr.write(loaded.diagnostics.map((d) => formatDiagnostic(d) + '\n').join(''));
+      throw new LetheError('BAD_REQUEST', `policy '${a.file}' has errors; the image keeps its policy`, { hint: `fix them; 'lethe policy check ${a.file}' lists them again` });
+    }
+    policy = fs.readFileSync(a.file, 'utf8');
+  }
+  return withAdmin(a, async (c) => {
+    const r = await c.json<{ image: string; changed: boolean }>('PUT', `/images/${encodeURIComponent(a.name)}/policy`, { policy });
+    emit(a, r, () => `${r.image}: ${r.changed ? (policy === null ? 'policy removed (built-in policy applies)' : `policy replaced by ${a.file}`) : 'policy unchanged'}`);
+  });
+}
+
 export function imageCommand(y: Argv) {
-  return y.command('image', 'VM images on the server: push, list, verify, pull, remove', (y) =>
+  return y.command('image', 'VM images on the server: push, list, verify, pull, remove, set their policy', (y) =>
     adminOpts(y)
       .command(
         'push <name>',
@@ -112,6 +136,16 @@ export function imageCommand(y: Argv) {
             const r = await c.json<{ chunksFreed: number }>('DELETE', path);
             emit(a as A, r, () => `removed ${a.ref} (${r.chunksFreed} stored chunk(s) freed)`);
           }),
+      )
+      .command(
+        'policy <name> [file]',
+        "replace an image's policy (checked here first), or go back to the built-in one with --clear; leases take it at their next renewal",
+        (y) =>
+          y
+            .positional('name', { type: 'string', demandOption: true })
+            .positional('file', { type: 'string', describe: 'policy YAML (see lethe policy check)' })
+            .option('clear', { type: 'boolean', default: false, describe: 'remove the image policy: the built-in one applies' }),
+        (a) => setImagePolicy(a as A & { name: string; file?: string; clear: boolean }),
       )
       .demandCommand(1, 'name an image command'),
   );

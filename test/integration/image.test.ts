@@ -209,4 +209,24 @@ describe('lethe image (real server process)', function () {
     const v = await lethe(['image', 'verify', 'gc'], s.env);
     expect(v.stderr).to.equal("lethe: error: no image 'gc'\nlethe: hint: list images with 'lethe image ls'\n");
   });
+
+  it('policy replaces an image policy checked first, refuses a bad one, and clears back to the built-in one', async () => {
+    await push('ruled', files(path.join(dir, ''), 1));
+    const strict = path.join(ROOT, 'policies', 'finance-strict.yaml');
+    const set = await lethe(['image', 'policy', 'ruled', strict], s.env);
+    expect(set).to.deep.include({ code: 0, stdout: `ruled: policy replaced by ${strict}\n` });
+    expect((await lethe(['image', 'policy', 'ruled', strict], s.env)).stdout).to.equal('ruled: policy unchanged\n');
+    const bad = path.join(dir, 'bad-policy.yaml');
+    fs.writeFileSync(bad, 'eviction:\n  idle: soon\n');
+    const refused = await lethe(['image', 'policy', 'ruled', bad], s.env);
+    expect(refused.code).to.equal(2);
+    expect(refused.stderr).to.include(`${bad}:2: error: eviction.idle: expected a duration, got 'soon'\n`);
+    expect(refused.stderr).to.include(`lethe: error: policy '${bad}' has errors; the image keeps its policy\n`);
+    expect((await lethe(['image', 'policy', 'ruled', strict], s.env)).stdout, 'the bad one changed nothing').to.equal('ruled: policy unchanged\n');
+    const cleared = await lethe(['image', 'policy', 'ruled', '--clear', '--json'], s.env);
+    expect(JSON.parse(cleared.stdout)).to.deep.equal({ image: 'ruled', changed: true });
+    const neither = await lethe(['image', 'policy', 'ruled'], s.env);
+    expect(neither.code).to.equal(2);
+    expect(neither.stderr).to.include('lethe: error: no policy file given');
+  });
 });
