@@ -61,11 +61,11 @@ function plaintextLines(p: Policy): string[] {
 const EXPIRY: Record<Policy['onLeaseExpiry'], string> = {
   'evict-sensitive': 'every key is zeroed, every sensitive page is evicted, and the VM is held until the server grants a new lease',
   'evict-all': 'every key is zeroed, every guest page (sensitive or not) is evicted, and the VM is held until the server grants a new lease',
-  suspend: 'the VM is suspended (its changed pages kept as ciphertext) and its RAM dropped; it resumes from the server under a new lease',
+  suspend: 'every key is zeroed and every guest page evicted (changed ones kept as ciphertext), the VM is held, and if the server can still be reached the VM is suspended as a new image version that any assigned device resumes',
 };
 
 const WIPE: Record<Policy['onWipe'], string> = {
-  'evict-all': 'every guest page is evicted, then the keys and the local ciphertext cache are deleted',
+  'evict-all': 'every sensitive page is evicted and the VM stopped (its RAM freed), then the keys and the local ciphertext cache are deleted; guest work not checked in is lost',
   poweroff: 'the VM is powered off at once (unsaved guest work is lost), then the keys and the local ciphertext cache are deleted',
 };
 
