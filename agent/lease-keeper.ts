@@ -34,6 +34,13 @@ const RETRY_MIN_MS = 250;
 export const expiryMargin = (ttlMs: number): number => Math.min(10_000, ttlMs / 6);
 /** How long beforeExpiry may take when the server ends a lease early. */
 const EARLY_END_GRACE_MS = 3_000;
+/**
+ * The wall clock is checked against the expiry this often. Timers run on the
+ * monotonic clock, which stops while the laptop sleeps (Linux CLOCK_MONOTONIC): a
+ * lease that ran out during a sleep would otherwise keep its keys until the timer
+ * caught up after waking.
+ */
+const WALL_CHECK_MS = 1_000;
 
 export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   state: LeaseState = 'none';
@@ -44,6 +51,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   lastError?: string;
   private renewTimer?: NodeJS.Timeout;
   private expiryTimer?: NodeJS.Timeout;
+  private wallTimer?: NodeJS.Timeout;
   private heartbeatTimer?: NodeJS.Timeout;
   private waiters: (() => void)[] = [];
 
@@ -131,6 +139,9 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     this.renewTimer = setTimeout(() => void this.renew(), renewIn);
     this.expiryTimer = setTimeout(() => this.expiredLease(), this.expiresAt - Date.now());
     this.expiringTimer = setTimeout(() => this.runBeforeExpiry(), Math.max(0, this.expiresAt - expiryMargin(l.ttlSeconds * 1000) - Date.now()));
+    this.wallTimer = setInterval(() => {
+      if (Date.now() >= this.expiresAt) this.expiredLease();
+    }, WALL_CHECK_MS);
     this.emit(renewed ? 'renewed' : 'granted', l);
     if (!wasActive) for (const w of this.waiters.splice(0)) w();
   }
@@ -231,6 +242,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     clearTimeout(this.expiringTimer);
     clearTimeout(this.renewTimer);
     clearTimeout(this.expiryTimer);
+    clearInterval(this.wallTimer);
   }
 
   private stopTimers(): void {
