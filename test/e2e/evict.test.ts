@@ -9,33 +9,13 @@ import { control } from '../../agent/control.js';
 import type { AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
-import { findFd, scanFile, scanProcess, scanTree } from '../helpers/scan.js';
+import { findFd, plantedHits, scanProcess, scanTree } from '../helpers/scan.js';
 
 const IDLE_S = 1;
 const INTERVAL_S = 8;
 const LEASE_TTL_S = 20;
 
-/** The workload's page header magic ("LTHP", guest-driver/page-format.ts). */
-const MAGIC_MEM = 0x5048544c;
 
-/**
- * Hits of the marker in guest RAM that are planted pages (they start with the
- * workload's page header). The workload's own copy of the marker, in its data
- * page, is in use while it runs: that page is not idle and is not counted.
- */
-function plantedHits(ram: string, needle: Buffer): string[] {
-  const fd = fs.openSync(ram, 'r');
-  try {
-    const head = Buffer.alloc(4);
-    return scanFile(ram, needle).filter((hit) => {
-      const offset = parseInt(hit.slice(hit.lastIndexOf('+0x') + 3), 16);
-      fs.readSync(fd, head, 0, 4, offset - (offset % 4096));
-      return head.readUInt32LE(0) === MAGIC_MEM;
-    });
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 const passes = (log: string) => [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
 

@@ -10,29 +10,13 @@ import type { AgentStatus } from '../../agent/daemon.js';
 import { parseTrace } from '../../policies/simulate.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
-import { findFd, scanFile } from '../helpers/scan.js';
+import { findFd, plantedHits } from '../helpers/scan.js';
 
 const INTERVAL_S = 6;
 const WORKLOAD_PAGES = 4096;
-/** The workload's page header magic ("LTHP", guest-driver/page-format.ts). */
-const MAGIC_MEM = 0x5048544c;
 
 const passes = (log: string) => [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
 
-/** Planted workload pages holding the marker in guest RAM (read from the RAM file, never through a mapping). */
-function plantedHits(ram: string, needle: Buffer): number {
-  const fd = fs.openSync(ram, 'r');
-  try {
-    const head = Buffer.alloc(4);
-    return scanFile(ram, needle).filter((hit) => {
-      const offset = parseInt(hit.slice(hit.lastIndexOf('+0x') + 3), 16);
-      fs.readSync(fd, head, 0, 4, offset - (offset % 4096));
-      return head.readUInt32LE(0) === MAGIC_MEM;
-    }).length;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 const status = (d: TestDevice) => control<AgentStatus>(d.home, { cmd: 'status' });
 
@@ -118,10 +102,10 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     const n = passes(a.log()).length;
     await waitFor(async () => passes(a.log()).length > n || undefined, 60_000, 'the end of a verify pass');
     await new Promise((r) => setTimeout(r, 3_500));
-    let planted = plantedHits(ram, marker);
+    let planted = plantedHits(ram, marker).length;
     for (let i = 0; i < 3 && planted > 0; i++) {
       await new Promise((r) => setTimeout(r, 1_000));
-      planted = plantedHits(ram, marker);
+      planted = plantedHits(ram, marker).length;
     }
     expect(planted, 'planted pages left in guest RAM').to.equal(0);
     const later = await status(d);

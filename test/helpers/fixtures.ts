@@ -6,6 +6,7 @@ import { LetheError } from '../../common/errors.js';
 import { AdminClient } from '../../cli/admin-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
+import { startAgent, type RunningAgent } from '../../agent/daemon.js';
 import { tmpDir, type ServerProc } from './proc.js';
 
 export function admin(s: ServerProc): AdminClient {
@@ -93,4 +94,19 @@ export async function rejects(p: Promise<unknown>): Promise<LetheError> {
     throw e;
   }
   throw new Error('expected the request to be refused');
+}
+
+/** An image pushed, a device enrolled and assigned to it, and an agent for it in this process holding a lease. */
+export async function agentInProcess(
+  s: ServerProc,
+  image: string,
+  push: Parameters<typeof pushImage>[2] = {},
+): Promise<{ agent: RunningAgent; home: string; img: TestImage }> {
+  const img = await pushImage(s, image, push);
+  const d = await enrolledDevice(s);
+  await assign(s, d.deviceId, image);
+  d.close();
+  const agent = startAgent({ home: d.home, image, cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
+  await agent.lease.whenActive();
+  return { agent, home: d.home, img };
 }

@@ -72,6 +72,28 @@ export function scanFile(file: string, needle: Buffer): string[] {
   return hits;
 }
 
+/** The workload's page header magic ("LTHP", guest-driver/page-format.ts). */
+const MAGIC_MEM = 0x5048544c;
+
+/**
+ * Hits of the marker in guest RAM (its file, read with pread, never through a
+ * mapping) that are planted pages: they start with the workload's page header.
+ * The workload's own copy of the marker, in its data page, is not counted.
+ */
+export function plantedHits(ram: string, needle: Buffer): string[] {
+  const fd = fs.openSync(ram, 'r');
+  try {
+    const head = Buffer.alloc(4);
+    return scanFile(ram, needle).filter((hit) => {
+      const offset = parseInt(hit.slice(hit.lastIndexOf('+0x') + 3), 16);
+      fs.readSync(fd, head, 0, 4, offset - (offset % 4096));
+      return head.readUInt32LE(0) === MAGIC_MEM;
+    });
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** Every regular file under `dir` (recursively) that holds `needle`. */
 export function scanTree(dir: string, needle: Buffer): string[] {
   const hits: string[] = [];

@@ -2,8 +2,8 @@
 // stops during a sleep, so the agent also checks the wall clock. Here the wall
 // clock jumps past the expiry (as after waking) while no timer is due.
 import { expect } from 'chai';
-import { startAgent, type RunningAgent } from '../../agent/daemon.js';
-import { assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
+import type { RunningAgent } from '../../agent/daemon.js';
+import { agentInProcess } from '../helpers/fixtures.js';
 import { startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 
 describe('lease expiry by the wall clock (real server)', function () {
@@ -13,12 +13,7 @@ describe('lease expiry by the wall clock (real server)', function () {
   const realNow = Date.now;
   before(async () => {
     s = await startServer();
-    await pushImage(s, 'img');
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'img');
-    d.close();
-    agent = startAgent({ home: d.home, image: 'img', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
-    await agent.lease.whenActive();
+    ({ agent } = await agentInProcess(s, 'img'));
   });
   after(async () => {
     Date.now = realNow;

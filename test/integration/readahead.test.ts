@@ -3,8 +3,8 @@
 // checked ciphertext, and fetches a page read out of order on its own.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import { startAgent, type RunningAgent } from '../../agent/daemon.js';
-import { assign, enrolledDevice, pushImage, type TestImage } from '../helpers/fixtures.js';
+import type { RunningAgent } from '../../agent/daemon.js';
+import { agentInProcess, type TestImage } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 
 const PAGE = 4096;
@@ -17,13 +17,7 @@ describe('readahead of guest RAM (real server)', function () {
   let agent: RunningAgent;
   before(async () => {
     s = await startServer();
-    const mem = randomBytes(PAGES * PAGE);
-    img = await pushImage(s, 'ram', { plain: { mem }, policy: 'sensitive:\n  memory: false\n' });
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'ram');
-    d.close();
-    agent = startAgent({ home: d.home, image: 'ram', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
-    await agent.lease.whenActive();
+    ({ agent, img } = await agentInProcess(s, 'ram', { plain: { mem: randomBytes(PAGES * PAGE) }, policy: 'sensitive:\n  memory: false\n' }));
   });
   after(async () => {
     agent?.stop();

@@ -3,10 +3,10 @@
 // whose plaintext is gone are dropped.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import { startAgent, type RunningAgent } from '../../agent/daemon.js';
+import type { RunningAgent } from '../../agent/daemon.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
-import { assign, enrolledDevice, pushImage, type TestImage } from '../helpers/fixtures.js';
+import { agentInProcess, type TestImage } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 
 const PAGE = 4096;
@@ -19,13 +19,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   let home: string;
   before(async () => {
     s = await startServer();
-    img = await pushImage(s, 'ram'); // mem chunks 0, 2, 4, 6 stored (sensitive); 1, 3, 5, 7 zero
-    const d = await enrolledDevice(s);
-    await assign(s, d.deviceId, 'ram');
-    d.close();
-    home = d.home;
-    agent = startAgent({ home: d.home, image: 'ram', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
-    await agent.lease.whenActive();
+    ({ agent, home, img } = await agentInProcess(s, 'ram')); // mem chunks 0, 2, 4, 6 stored (sensitive); 1, 3, 5, 7 zero
   });
   after(async () => {
     agent?.stop();
