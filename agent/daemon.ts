@@ -165,10 +165,19 @@ export function startAgent(o: AgentOptions): RunningAgent {
   const startPrefetch = (first: ChunkRef[] = [], bandwidth: number | null = null) => {
     if (!o.prefetch || prefetch.running) return;
     prefetch.running = true;
-    const all: ChunkRef[] = [...first];
+    // Each stored chunk once (zero chunks are not stored), `first` first.
+    const all: ChunkRef[] = [];
+    const seen = new Set<string>();
+    const add = (r: ChunkRef) => {
+      const id = `${r.kind}/${r.index}`;
+      if (seen.has(id) || !core.entry(r.kind, r.index)) return;
+      seen.add(id);
+      all.push(r);
+    };
+    first.forEach(add);
     for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
       const n = Math.ceil(core.sizeOf(kind) / CHUNK_SIZE[kind]);
-      for (let index = 0; index < n; index++) all.push({ kind, index });
+      for (let index = 0; index < n; index++) add({ kind, index });
     }
     core
       .prefetchChunks(all, {
