@@ -290,7 +290,8 @@ export function removeImage(ctx: Ctx, name: string, version?: number) {
   }
   ctx.db.transaction(() => {
     if (version === undefined) {
-      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE image_id = ? AND ended_at IS NULL').run(now, img.id);
+      // Its leases end with it (a device's next renewal is told so); their history stays in the audit log.
+      q(ctx.db, 'DELETE FROM leases WHERE image_id = ?').run(img.id);
       q(ctx.db, 'DELETE FROM assignments WHERE image_id = ?').run(img.id);
       q(ctx.db, 'DELETE FROM chunks WHERE image_id = ?').run(img.id);
       q(ctx.db, 'DELETE FROM versions WHERE image_id = ?').run(img.id);

@@ -10,6 +10,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { admin } from '../helpers/fixtures.js';
 import { lethe, ROOT, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { agentInProcess, rejects } from '../helpers/fixtures.js';
+import { DeviceClient } from '../../agent/device-client.js';
+import { closeIdentity, loadIdentity } from '../../agent/identity.js';
 
 interface PushOut {
   image: string;
@@ -228,5 +231,23 @@ describe('lethe image (real server process)', function () {
     const neither = await lethe(['image', 'policy', 'ruled'], s.env);
     expect(neither.code).to.equal(2);
     expect(neither.stderr).to.include('lethe: error: no policy file given');
+  });
+
+  it('rm of an image a device has leased ends the lease: the device is told at its next request', async () => {
+    const { agent, home } = await agentInProcess(s, 'leased');
+    const leaseId = agent.lease.leaseId();
+    agent.stop();
+    await agent.done;
+    const r = await lethe(['image', 'rm', 'leased'], s.env);
+    expect(r.code, r.stderr).to.equal(0);
+    const id = loadIdentity(home);
+    const client = new DeviceClient(id);
+    try {
+      const e = await rejects(client.renew(leaseId));
+      expect(e.code).to.equal('UNKNOWN_LEASE');
+    } finally {
+      client.close();
+      closeIdentity(id);
+    }
   });
 });
