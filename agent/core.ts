@@ -26,6 +26,9 @@ export interface Entry {
 
 export type ReadSource = 'zero' | 'cache' | 'server';
 
+/** A chunk from the server, and whether it matched the manifest (and went to the cache). */
+type Fetched = { blob: Buffer; ok: boolean };
+
 /** Sensitive keys are asked for in batches: the chunk and its next neighbours not yet held. */
 const KEY_BATCH = 64;
 /** Guest pages fetched ahead in one request when guest RAM is read in order (64 KiB). */
@@ -50,8 +53,8 @@ export class AgentCore {
   private readonly residentSet = new Map<string, { cls: Sensitivity; bytes: number }>();
   private readonly keysInFlight = new Map<string, Promise<void>>();
   readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0, readahead: 0 };
-  /** Chunks on their way from the server, by key id: a read of one waits for it. */
-  private readonly blobsInFlight = new Map<string, Promise<Buffer>>();
+  /** Chunks on their way from the server (cached when they come), by key id: a read of one waits for it. */
+  private readonly blobsInFlight = new Map<string, Promise<Fetched>>();
 
   constructor(
     private readonly id: Identity,
@@ -116,22 +119,27 @@ export class AgentCore {
     const cached = this.cache.getWithHash(ck, false);
     if (cached && cached.sha256.toString('base64url') === e.ctHash) return { blob: cached.data, source: 'cache' };
     if (cached) this.cache.drop(ck);
-    const id = this.keyId(kind, index, e.gen);
-    const fetched = await (this.blobsInFlight.get(id) ?? this.fetchWithReadahead(kind, index, e));
-    if (sha256(fetched).toString('base64url') !== e.ctHash) {
+    const fetched = await (this.blobsInFlight.get(this.keyId(kind, index, e.gen)) ?? this.fetchWithReadahead(kind, index, e));
+    if (!fetched.ok) {
       this.stats.tampered++;
       throw new LetheError('TAMPERED', `${kind} chunk ${index} from the server does not match the signed manifest; refused`);
     }
-    if (!this.cache.has(ck)) this.cache.put(ck, fetched);
-    return { blob: fetched, source: 'server' };
+    return { blob: fetched.blob, source: 'server' };
+  }
+
+  /** Caches a blob from the server if it matches the signed manifest; tells whether it did. */
+  private keep(kind: ChunkKind, index: number, e: Entry, blob: Buffer): boolean {
+    if (sha256(blob).toString('base64url') !== e.ctHash) return false;
+    this.cache.put(this.cacheKey(kind, index, e), blob);
+    return true;
   }
 
   /**
-   * Fetches a chunk; when guest RAM is being read in order (the page before is
-   * cached), the next READAHEAD pages not cached come in the same request and
-   * go to the cache, as a disk's readahead does.
+   * Fetches a chunk into the cache; when guest RAM is being read in order (the
+   * page before is cached), the next READAHEAD pages not cached come in the same
+   * request, as a disk's readahead does. Reads of any of them wait for this fetch.
    */
-  private fetchWithReadahead(kind: ChunkKind, index: number, e: Entry): Promise<Buffer> {
+  private fetchWithReadahead(kind: ChunkKind, index: number, e: Entry): Promise<Fetched> {
     const refs = [index];
     const prev = this.entries[kind].get(index - 1);
     if (kind === 'mem' && prev && this.cache.has(this.cacheKey(kind, index - 1, prev))) {
@@ -140,25 +148,17 @@ export class AgentCore {
         if (n && !this.blobsInFlight.has(this.keyId(kind, i, n.gen)) && !this.cache.has(this.cacheKey(kind, i, n))) refs.push(i);
       }
     }
-    let mine!: Promise<Buffer>;
-    for (const i of refs) {
+    const fetches = refs.map((i) => {
       const n = i === index ? e : this.entries[kind].get(i)!;
       const id = this.keyId(kind, i, n.gen);
-      const p = this.fetcher.demand({ kind, index: i });
+      const p = this.fetcher.demand({ kind, index: i }).then((blob) => ({ blob, ok: this.keep(kind, i, n, blob) }));
       this.blobsInFlight.set(id, p);
-      const done = () => this.blobsInFlight.delete(id);
-      if (i === index) {
-        mine = p;
-        p.then(done, done);
-        continue;
-      }
-      // A readahead page is cached only if it matches the manifest; a bad one is left for its own read to refuse.
-      p.then((blob) => {
-        if (sha256(blob).toString('base64url') === n.ctHash && !this.cache.has(this.cacheKey(kind, i, n))) this.cache.put(this.cacheKey(kind, i, n), blob);
-        this.stats.readahead++;
-      }, () => {}).finally(done);
-    }
-    return mine;
+      // A readahead page that fails is left for its own read to fetch again and refuse.
+      p.catch(() => {}).finally(() => this.blobsInFlight.delete(id));
+      return p;
+    });
+    this.stats.readahead += refs.length - 1;
+    return fetches[0];
   }
 
   /**
@@ -486,25 +486,25 @@ export class AgentCore {
     const todo: { kind: ChunkKind; index: number; e: Entry }[] = [];
     for (const { kind, index } of refs) {
       const e = this.entries[kind].get(index);
-      if (e && !this.cache.has(this.cacheKey(kind, index, e))) todo.push({ kind, index, e });
+      if (e) todo.push({ kind, index, e });
     }
     let done = refs.length - todo.length;
     o.onProgress?.(done, refs.length);
     const t0 = Date.now();
     let bytes = 0;
+    let fetched = 0;
     for (let i = 0; i < todo.length; i += batch) {
       await this.lease.whenActive();
-      if (this.manifest !== m) return i;
+      if (this.manifest !== m) return fetched;
+      // Checked per batch: a demand read may have brought a chunk meanwhile.
       const slice = todo.slice(i, i + batch).filter(({ kind, index, e }) => !this.cache.has(this.cacheKey(kind, index, e)));
       const blobs = slice.length ? await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : [];
       slice.forEach(({ kind, index, e }, j) => {
         bytes += blobs[j].length;
-        if (sha256(blobs[j]).toString('base64url') !== e.ctHash) {
-          this.stats.tampered++;
-          return; // refused; a demand read will try again and report it
-        }
-        this.cache.put(this.cacheKey(kind, index, e), blobs[j]);
+        // A chunk that does not match is refused; a demand read will try again and report it.
+        if (!this.keep(kind, index, e, blobs[j])) this.stats.tampered++;
       });
+      fetched += slice.length;
       done += Math.min(batch, todo.length - i);
       o.onProgress?.(done, refs.length);
       // The cap: wait until the bytes so far fit the allowed rate.
@@ -513,7 +513,7 @@ export class AgentCore {
         if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
       }
     }
-    return todo.length;
+    return fetched;
   }
 
   destroy(): void {

@@ -46,12 +46,31 @@ export class KeyRing {
   private use<T>(slots: Iterable<number>, fn: () => T): T {
     const opened = new Set<number>();
     for (const i of slots) opened.add(Math.floor(i / this.slabSlots));
-    for (const s of opened) if (this.openDepth[s]++ === 0) sodium.sodium_mprotect_readwrite(this.slabs[s]);
+    for (const s of opened) this.open(s);
     try {
       return fn();
     } finally {
-      for (const s of opened) if (--this.openDepth[s] === 0) sodium.sodium_mprotect_noaccess(this.slabs[s]);
+      for (const s of opened) this.close(s);
     }
+  }
+
+  /** use() for the one slot a key lives in (the fault path: no set to build). */
+  private useOne<T>(slot: number, fn: () => T): T {
+    const s = Math.floor(slot / this.slabSlots);
+    this.open(s);
+    try {
+      return fn();
+    } finally {
+      this.close(s);
+    }
+  }
+
+  private open(slab: number): void {
+    if (this.openDepth[slab]++ === 0) sodium.sodium_mprotect_readwrite(this.slabs[slab]);
+  }
+
+  private close(slab: number): void {
+    if (--this.openDepth[slab] === 0) sodium.sodium_mprotect_noaccess(this.slabs[slab]);
   }
 
   private slot(i: number): Buffer {
@@ -123,7 +142,7 @@ export class KeyRing {
   dropSensitiveKey(id: string): boolean {
     const i = this.sensitiveSlots.get(id);
     if (i === undefined) return false;
-    this.use([i], () => this.release(i));
+    this.useOne(i, () => this.release(i));
     this.sensitiveSlots.delete(id);
     this.sensitiveSince.delete(id);
     return true;
@@ -148,13 +167,13 @@ export class KeyRing {
   withClassKey<T>(gen: number, fn: (key: Buffer | undefined) => T): T {
     const i = this.classSlots.get(gen);
     if (i === undefined) return fn(undefined);
-    return this.use([i], () => fn(this.slot(i)));
+    return this.useOne(i, () => fn(this.slot(i)));
   }
 
   withSensitiveKey<T>(id: string, fn: (key: Buffer | undefined) => T): T {
     const i = this.sensitiveSlots.get(id);
     if (i === undefined) return fn(undefined);
-    return this.use([i], () => fn(this.slot(i)));
+    return this.useOne(i, () => fn(this.slot(i)));
   }
 
   counts(): { classKeys: number; sensitiveKeys: number } {
@@ -163,7 +182,7 @@ export class KeyRing {
 
   /** Zeroes every key (lease ended, revoked, wiped). The ring stays usable. */
   zeroAll(): void {
-    this.slabs.forEach((s, n) => this.use([n * this.slabSlots], () => sodium.sodium_memzero(s)));
+    this.slabs.forEach((s, n) => this.useOne(n * this.slabSlots, () => sodium.sodium_memzero(s)));
     this.classSlots.clear();
     this.sensitiveSlots.clear();
     this.sensitiveSince.clear();
@@ -173,7 +192,7 @@ export class KeyRing {
 
   /** For tests: true when every byte of every slab is zero. */
   isAllZero(): boolean {
-    return this.slabs.every((s, n) => this.use([n * this.slabSlots], () => s.every((b) => b === 0)));
+    return this.slabs.every((s, n) => this.useOne(n * this.slabSlots, () => s.every((b) => b === 0)));
   }
 
   destroy(): void {
