@@ -77,14 +77,14 @@ export class AgentVm implements EvictTarget {
   readonly pages: number;
   readonly evictor: Evictor;
   private readonly runDir: string;
-  private readonly logLine: (line: string) => void;
+  private readonly log: (line: string) => void;
   /** Pages whose fault is being served, with how many faults each. */
   private readonly inFlight = new Map<number, number>();
   private readonly holds = new Map<string, number>();
   private holdChange: Promise<unknown> = Promise.resolve();
   /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
   private readonly touched: Uint8Array;
-  private firstTouch = new Uint32Array(1024);
+  private readonly firstTouch: Uint32Array;
   private firstTouches = 0;
   readonly hints: HintChannel;
   private trace?: AccessTrace;
@@ -102,10 +102,11 @@ export class AgentVm implements EvictTarget {
     o: ResumeOptions,
     memBytes: number,
   ) {
-    this.logLine = o.log;
+    this.log = o.log;
     this.runDir = o.runDir;
     this.pages = memBytes / MEM_CHUNK_SIZE;
     this.touched = new Uint8Array(this.pages);
+    this.firstTouch = new Uint32Array(this.pages);
     this.evictor = new Evictor(core, this, o.policy, o.log);
     this.dropGuestCache = o.dropGuestCache;
     this.hints = new HintChannel(path.join(o.runDir, 'hint.sock'), o.hints, o.log);
@@ -142,19 +143,10 @@ export class AgentVm implements EvictTarget {
     this.hints.dropCache().catch((e) => this.log(`guest page cache not dropped: ${errorChain(e)}`));
   }
 
-  private log(line: string): void {
-    this.logLine(line);
-  }
-
   private recordTouch(page: number): void {
     this.trace?.fault(page);
     if (this.touched[page]) return;
     this.touched[page] = 1;
-    if (this.firstTouches === this.firstTouch.length) {
-      const bigger = new Uint32Array(this.firstTouch.length * 2);
-      bigger.set(this.firstTouch);
-      this.firstTouch = bigger;
-    }
     this.firstTouch[this.firstTouches++] = page;
   }
 
