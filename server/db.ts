@@ -125,21 +125,6 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 `;
 
-/**
- * Runs `fn` (a transaction) committed without waiting for the disk: for records
- * of ciphertext served, which release nothing. A process crash keeps them (they
- * are in the WAL); a power cut may lose those since the last synced commit, and
- * the next FULL commit syncs them too. Everything else commits with FULL.
- */
-export function withoutSync<T>(db: DB, fn: () => T): T {
-  db.pragma('synchronous = NORMAL');
-  try {
-    return fn();
-  } finally {
-    db.pragma('synchronous = FULL');
-  }
-}
-
 function open(file: string, schema: string, readonly: boolean): DB {
   const db = new Database(file, { readonly, fileMustExist: readonly });
   if (!readonly) {

@@ -12,7 +12,6 @@ import { newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
-import { withoutSync } from './db.js';
 import { q } from './db.js';
 
 interface LeaseRow {
@@ -294,15 +293,14 @@ export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
   const rows = resolve(ctx, l, refs);
   const blobs = rows.map((r) => readBlob(ctx, l.image_id, r));
   const bytes = blobs.reduce((n, b) => n + b.length, 0);
-  // Ciphertext releases nothing: its record need not wait for an fsync (docs/audit-log.md).
-  withoutSync(ctx.db, () => ctx.db.transaction(() => {
+  ctx.db.transaction(() => {
     ctx.audit.append(
       'chunks.serve',
       d.id,
       { lease: l.id, image: l.name, version: l.version, count: rows.length, bytes, chunks: ranges(refs) },
       ctx.now(),
     );
-  })());
+  })();
   ctx.metrics.inc('lethe_chunks_served_total', {}, rows.length);
   ctx.metrics.inc('lethe_chunk_bytes_served_total', {}, bytes);
   return rows.map((r, i) => ({ row: r, blob: blobs[i] }));
