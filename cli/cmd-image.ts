@@ -6,7 +6,6 @@ import { checkImage, parseRef, type CheckResult } from './image-pull.js';
 import { pushImage, validatePush, type PushOptions } from './image-push.js';
 import { emit, table, type OutOpts } from './output.js';
 import { progressBar } from './progress.js';
-import fs from 'node:fs';
 import { LetheError } from '../common/errors.js';
 import { formatDiagnostic, hasErrors, loadPolicyFile } from '../policies/index.js';
 
@@ -53,7 +52,7 @@ function setImagePolicy(a: A & { name: string; file?: string; clear: boolean }):
       process.stderr.write(loaded.diagnostics.map((d) => formatDiagnostic(d) + '\n').join(''));
       throw new LetheError('BAD_REQUEST', `policy '${a.file}' has errors; the image keeps its policy`, { hint: `fix them; 'lethe policy check ${a.file}' lists them again` });
     }
-    policy = fs.readFileSync(a.file, 'utf8');
+    policy = loaded.text;
   }
   return withAdmin(a, async (c) => {
     const r = await c.json<{ image: string; changed: boolean }>('PUT', `/images/${encodeURIComponent(a.name)}/policy`, { policy });

@@ -80,7 +80,8 @@ function processName(say: Say, name: string, i: number): Finding[] {
     const base = name.slice(name.lastIndexOf('/') + 1).slice(0, COMM_MAX);
     return [say('warning', field, `'${name}' looks like a path; processes are matched by name (comm), so it never matches`, `write '${base}'`)];
   }
-  if (name.length > COMM_MAX) {
+  // The kernel keeps 15 bytes of comm, not 15 characters.
+  if (Buffer.byteLength(name) > COMM_MAX) {
     return [
       say('warning', field, `'${name}' is longer than the ${COMM_MAX} characters the guest kernel keeps of a process name (comm), so it never matches`,
         `write '${name.slice(0, COMM_MAX)}', as 'ps -o comm' shows it`),

@@ -91,6 +91,8 @@ describe('policy meaning checks', () => {
       hint: "write 'gpg-agent'",
     });
     none('sensitive:\n  processes: [exactly15-chars]\n');
+    none('sensitive:\n  processes: [größenwahn-ö]\n'); // 12 characters, 15 bytes
+    expect(only('sensitive:\n  processes: [größenwahn-öäü]\n').field, '14 characters, 18 bytes').to.equal('sensitive.processes[0]');
   });
 
   it('relative guest paths are errors naming the element', () => {
