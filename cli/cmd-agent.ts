@@ -2,6 +2,7 @@
 import path from 'node:path';
 import type { Argv } from 'yargs';
 import { parseDuration } from '../common/duration.js';
+import { parseSize as parseSizeText } from '../common/sizes.js';
 import { LetheError } from '../common/errors.js';
 import { control } from '../agent/control.js';
 import { startAgent, type AgentStatus } from '../agent/daemon.js';
@@ -17,11 +18,10 @@ const homeOpt = <T>(y: Argv<T>) =>
   y.option('home', { type: 'string', describe: 'device home ($LETHE_HOME)', default: defaultHome() });
 
 /** "512M", "2G", "1048576" → bytes. */
-export function parseSize(text: string, what: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$/i.exec(text);
-  if (!m) throw new LetheError('BAD_REQUEST', `bad ${what}: '${text}'`, { hint: 'use a size such as 512M or 2G' });
-  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.round(Number(m[1]) * mult);
+function parseSize(text: string, what: string): number {
+  const n = parseSizeText(text);
+  if (n === null) throw new LetheError('BAD_REQUEST', `bad ${what}: '${text}'`, { hint: 'use a size such as 512M or 2G' });
+  return n;
 }
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;

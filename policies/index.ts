@@ -16,4 +16,3 @@ export {
   type Policy,
   type ServerPolicy,
 } from './schema.js';
-export { parseRate, parseSize } from './sizes.js';

@@ -3,7 +3,7 @@
 // in bytes). docs/policies.md describes the same keys for admins.
 import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S } from '../common/constants.js';
 import { parseDuration } from '../common/duration.js';
-import { parseRate, parseSize } from './sizes.js';
+import { parseRate, parseSize } from '../common/sizes.js';
 import { closest } from './suggest.js';
 
 export const MEMORY_MODES = ['all', 'hinted', 'none'] as const;
@@ -101,6 +101,8 @@ function nonNegative(v: number): Read<number> | null {
 }
 
 const DURATION_HINT = 'use seconds or a number with a unit, e.g. 90s, 15m, 1h';
+/** Longer is a mistake, and past what a lease's expiry time can be written as. */
+const MAX_DURATION_MS = 365 * 24 * 3600 * 1000;
 
 const duration: Field<number> = {
   read(v) {
@@ -118,12 +120,13 @@ const duration: Field<number> = {
     } else {
       return bad('a duration', v, DURATION_HINT);
     }
+    if (!(ms <= MAX_DURATION_MS)) return { message: `must be at most a year, got ${describe(v)}`, hint: DURATION_HINT };
     return ms > 0 ? { value: ms } : { message: `must be longer than 0, got ${describe(v)}`, hint: DURATION_HINT };
   },
 };
 
 function bytes(v: unknown, parse: (s: string) => number | null, what: string, hint: string): Read<number> {
-  if (typeof v === 'number') return nonNegative(v) ?? (Number.isInteger(v) ? { value: v } : bad(`a whole number of bytes`, v, hint));
+  if (typeof v === 'number') return nonNegative(v) ?? (Number.isSafeInteger(v) ? { value: v } : bad(`a whole number of bytes`, v, hint));
   const n = typeof v === 'string' ? parse(v) : null;
   return n === null ? bad(what, v, hint) : { value: n };
 }

@@ -149,6 +149,13 @@ describe('policy loader', () => {
     expect(only('eviction:\n  budget: 1.5\n')).to.deep.include({ field: 'eviction.budget', message: "expected a whole number of bytes, got '1.5'" });
     expect(only('sensitive:\n  state: "yes"\n')).to.deep.include({ line: 2, field: 'sensitive.state', message: "expected true or false, got 'yes'" });
     expect(only('name: [a, b]\n')).to.deep.include({ line: 1, field: 'name', message: 'expected text, got a list' });
+    // Values no lease or byte count can hold: refused here, not a 500 at the next lease.
+    expect(only('lease:\n  ttl: .inf\n')).to.deep.include({ field: 'lease.ttl', message: "must be at most a year, got 'Infinity'" });
+    expect(only('lease:\n  ttl: 1e300\n').field).to.equal('lease.ttl');
+    const huge = only(`eviction:\n  budget: "${'9'.repeat(400)}"\n`);
+    expect(huge.field).to.equal('eviction.budget');
+    expect(huge.message).to.match(/^expected a size, got '9+\.\.\.'$/);
+    expect(only('eviction:\n  budget: 1e300\n').message).to.equal("expected a whole number of bytes, got '1e+300'");
   });
 
   it('an error inside a list points at the element', () => {
