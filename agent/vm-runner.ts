@@ -17,6 +17,7 @@ import { FaultThread, UffdListener, shimEnv, type UffdMapping } from '../native/
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 import { Evictor, type EvictTarget } from './evictor.js';
+import { VcpuHolds } from './vcpu-holds.js';
 import { HintChannel, type HintPolicy, type HintReport } from './hints.js';
 import type { ManagerPolicy } from '../policies/manager.js';
 import { Vm, type Accel } from './qemu.js';
@@ -66,7 +67,6 @@ class AccessTrace {
 const HANDSHAKE_MS = 15_000;
 const MIGRATION_MS = 60_000;
 const PAGE_POOL = 32;
-const HOLD_WAIT_MS = 1_000;
 
 export class AgentVm implements EvictTarget {
   faults = 0;
@@ -80,8 +80,7 @@ export class AgentVm implements EvictTarget {
   private readonly log: (line: string) => void;
   /** Pages whose fault is being served, with how many faults each. */
   private readonly inFlight = new Map<number, number>();
-  private readonly holds = new Map<string, number>();
-  private holdChange: Promise<unknown> = Promise.resolve();
+  private readonly vcpus: VcpuHolds;
   /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
   private readonly touched: Uint8Array;
   private readonly firstTouch: Uint32Array;
@@ -103,6 +102,11 @@ export class AgentVm implements EvictTarget {
     memBytes: number,
   ) {
     this.log = o.log;
+    this.vcpus = new VcpuHolds({
+      execute: (cmd) => vm.qmp.execute(cmd),
+      faultInFlight: () => this.inFlight.size > 0,
+      exited: () => Boolean(vm.exitStatus),
+    });
     this.runDir = o.runDir;
     this.pages = memBytes / MEM_CHUNK_SIZE;
     this.touched = new Uint8Array(this.pages);
@@ -163,22 +167,8 @@ export class AgentVm implements EvictTarget {
    * Keeps the vCPUs stopped until the returned function is called. Holds nest (the
    * lease, an eviction pass, a suspend): the guest runs again when the last goes.
    */
-  async hold(reason: string): Promise<() => Promise<void>> {
-    const n = this.holds.get(reason) ?? 0;
-    this.holds.set(reason, n + 1);
-    // A vCPU blocked in a fault the server must answer (offline) keeps QMP 'stop' from
-    // returning; the others pause at once. So wait at most HOLD_WAIT_MS: the evictor
-    // also keeps faults from resolving while it works, so a blocked vCPU stays blocked.
-    if (this.holdCount() === 1) await Promise.race([this.qmpInOrder('stop'), new Promise((r) => setTimeout(r, HOLD_WAIT_MS))]);
-    let released = false;
-    return async () => {
-      if (released) return;
-      released = true;
-      const left = (this.holds.get(reason) ?? 1) - 1;
-      if (left === 0) this.holds.delete(reason);
-      else this.holds.set(reason, left);
-      if (this.holdCount() === 0 && !this.vm.exitStatus) await this.qmpInOrder('cont');
-    };
+  hold(reason: string): Promise<() => Promise<void>> {
+    return this.vcpus.hold(reason);
   }
 
   /**
@@ -232,19 +222,7 @@ export class AgentVm implements EvictTarget {
 
   /** Why the guest is stopped, if it is. */
   heldFor(): string[] {
-    return [...this.holds.keys()];
-  }
-
-  private holdCount(): number {
-    let n = 0;
-    for (const v of this.holds.values()) n += v;
-    return n;
-  }
-
-  private qmpInOrder(cmd: 'stop' | 'cont'): Promise<unknown> {
-    const run = this.holdChange.then(() => this.vm.qmp.execute(cmd));
-    this.holdChange = run.catch(() => {});
-    return run;
+    return this.vcpus.reasons();
   }
 
   /** Resumes the lease's image. Throws (and leaves no QEMU running) if any step fails. */
