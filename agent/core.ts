@@ -177,22 +177,41 @@ export class AgentCore {
       const id = this.keyId(kind, i, n.gen);
       if (!this.keys.hasSensitiveKey(id) && !this.keysInFlight.has(id)) refs.push({ kind, index: i });
     }
-    this.stats.keyRequests++;
     const ids = refs.map((r) => this.keyId(r.kind, r.index, this.entries[r.kind].get(r.index)!.gen));
-    const p = (async () => {
-      const res = await this.fetcher.keys(refs);
-      const all = openSealed(this.id.box, b64u.decode(res.sealed));
-      try {
-        this.keys.setSensitiveKeys(res.chunks.map((c) => this.keyId(c.kind, c.index, c.gen)), all.subarray(0, res.chunks.length * KEY_BYTES));
-      } finally {
-        wipe(all);
-      }
-    })();
+    const p = this.requestKeys(refs, false);
     for (const id of ids) this.keysInFlight.set(id, p);
     try {
       await p;
     } finally {
       for (const id of ids) this.keysInFlight.delete(id);
+    }
+  }
+
+  /**
+   * One audited key request (read keys, or write keys with `write`), kept in the
+   * ring. An answer that comes after the lease it was asked under ended is wiped,
+   * not kept: keys never outlive their lease here.
+   */
+  private async requestKeys(refs: ChunkRef[], write: boolean, stateSize?: number): Promise<void> {
+    this.stats.keyRequests++;
+    const leaseId = this.lease.leaseId();
+    const res = await this.fetcher.keys(refs, write, stateSize);
+    const all = openSealed(this.id.box, b64u.decode(res.sealed));
+    try {
+      if (this.lease.state !== 'active' || this.lease.leaseId() !== leaseId) {
+        throw new LetheError('LEASE_EXPIRED', 'the lease ended while keys were on their way; they were dropped');
+      }
+      const ids = res.chunks.map((c) => {
+        const id = this.keyId(c.kind, c.index, c.gen);
+        if (write) {
+          this.writeGen = c.gen;
+          this.writeCls.set(id, c.cls);
+        }
+        return id;
+      });
+      this.keys.setSensitiveKeys(ids, all.subarray(0, ids.length * KEY_BYTES));
+    } finally {
+      wipe(all);
     }
   }
 
@@ -221,22 +240,11 @@ export class AgentCore {
     }
     for (let at = 0; at < todo.length; at += MAX_BATCH) {
       const slice = todo.slice(at, at + MAX_BATCH);
-      const p = (async () => {
-        this.stats.keyRequests++;
-        const res = await this.fetcher.keys(slice.map((index) => ({ kind, index })), true, stateSize);
-        const all = openSealed(this.id.box, b64u.decode(res.sealed));
-        try {
-          const ids = res.chunks.map((c) => {
-            this.writeGen = c.gen;
-            const id = this.keyId(c.kind, c.index, c.gen);
-            this.writeCls.set(id, c.cls);
-            return id;
-          });
-          this.keys.setSensitiveKeys(ids, all.subarray(0, ids.length * KEY_BYTES));
-        } finally {
-          wipe(all);
-        }
-      })();
+      const p = this.requestKeys(
+        slice.map((index) => ({ kind, index })),
+        true,
+        stateSize,
+      );
       for (const i of slice) this.keysInFlight.set(`w/${kind}/${i}`, p);
       waits.push(
         p.finally(() => {
@@ -248,13 +256,13 @@ export class AgentCore {
   }
 
   /**
-   * This chunk and its next neighbours (up to KEY_BATCH, inside the image) without a
-   * write key: batched into one audited request, as sensitive keys are.
+   * This chunk and its next neighbours (up to KEY_BATCH, within 4 × KEY_BATCH pages)
+   * without a write key: batched into one audited request, as sensitive keys are.
    */
   private writeNeighbours(kind: ChunkKind, index: number): number[] {
     const count = Math.ceil(this.sizeOf(kind) / CHUNK_SIZE[kind]);
     const out = [index];
-    for (let i = index + 1; out.length < KEY_BATCH && i < count; i++) {
+    for (let i = index + 1; out.length < KEY_BATCH && i < Math.min(count, index + 4 * KEY_BATCH); i++) {
       if (!this.hasWriteKey(kind, i) && !this.keysInFlight.has(`w/${kind}/${i}`)) out.push(i);
     }
     return out;
@@ -263,14 +271,12 @@ export class AgentCore {
   /** Derives the chunk key into the scratch buffer; false if this device holds no key for it. */
   private keyInto(kind: ChunkKind, index: number, e: Entry): boolean {
     // A key held for this very chunk: a released sensitive key, or a write key.
-    const id = this.keyId(kind, index, e.gen);
-    if (this.keys.hasSensitiveKey(id)) {
-      return this.keys.withSensitiveKey(id, (k) => {
-        this.scratch.set(k!);
-        return true;
-      });
-    }
-    if (e.cls === 'sensitive') return false;
+    const held = this.keys.withSensitiveKey(this.keyId(kind, index, e.gen), (k) => {
+      if (!k) return false;
+      this.scratch.set(k);
+      return true;
+    });
+    if (held || e.cls === 'sensitive') return held;
     return this.keys.withClassKey(e.gen, (ck) => {
       if (!ck) return false;
       chunkKeyInto(this.scratch, ck, this.coord(kind, index, e));
