@@ -146,9 +146,11 @@ export function startAgent(o: AgentOptions): RunningAgent {
       .finally(() => finish(code));
   };
   const teardown = async (removeCache: boolean) => {
-    const closing = (vm?.stop() ?? Promise.resolve()).then(() => nbd?.close());
-    disk?.close();
     lease.stop();
+    // QEMU and the evictor go first: nothing may use the core, the cache or the keys after them.
+    await vm?.stop();
+    const closing = nbd?.close();
+    disk?.close();
     core.destroy();
     keys.destroy();
     control?.close();
@@ -212,9 +214,11 @@ export function startAgent(o: AgentOptions): RunningAgent {
 
   /** The session's first-touch order goes to the server (trace-learned prefetch); a later upload replaces it. */
   let traceTimer: NodeJS.Timeout | undefined;
+  let suspended = false;
   const uploadTrace = (): Promise<void> => {
     const order = vm?.firstTouchOrder();
-    if (!order || order.length === 0 || !lease.lease) return Promise.resolve();
+    // After a suspend the order is at the server and the lease has ended.
+    if (!order || order.length === 0 || !lease.lease || suspended) return Promise.resolve();
     return urgent.uploadTrace(lease.leaseId(), order).then(
       () => log(`first-touch order of ${order.length} page(s) uploaded for trace-learned prefetch`),
       (e) => log(`first-touch order not uploaded: ${errorChain(e)}`),
@@ -295,6 +299,8 @@ export function startAgent(o: AgentOptions): RunningAgent {
     log(`lease ${l.leaseId} on ${l.image}@${l.version}, ${l.classKeys.length} class key(s), expires in ${l.ttlSeconds} s`);
     leaseBack();
     if (!o.vm) startPrefetch();
+    // A new grant after the VM runs (expiry, check-in) picks the background prefetch up again.
+    else if (vm) planPrefetch().then((p) => startPrefetch(p.rest, p.bandwidth), (e) => log(`prefetch not restarted: ${errorChain(e)}`));
     startNbd()
       .then(() => startVm())
       .catch((e) => {
@@ -306,9 +312,10 @@ export function startAgent(o: AgentOptions): RunningAgent {
     holdForLease();
     // Keys are gone: pages unchanged since they arrived are punched out; any changed
     // page left (beforeExpiry should have taken it) stays until a new lease.
-    vm?.evictor.evictAllSensitive('the lease expired').catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
     disk?.dropPlaintext();
-    core.evictAllSensitive();
+    // With a VM the evictor tells the core which pages left; a changed page it must keep stays counted.
+    if (vm) vm.evictor.evictAllSensitive('the lease expired').catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
+    else core.evictAllSensitive();
     log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
   });
   lease.on('log', (l) => log(l));
@@ -369,7 +376,10 @@ export function startAgent(o: AgentOptions): RunningAgent {
       await release();
       throw e;
     }
+    suspended = true;
     log(`suspended: ${pages} changed page(s), the device state and dirty disk chunks checked in as ${o.image}@${r.version} in ${Date.now() - t0} ms`);
+    // This session is over: QEMU may not run again (its pages belong to the new version).
+    setImmediate(() => shutdown(0));
     return { ...r, pages, stateBytes: core.sizeOf('state'), ms: Date.now() - t0 };
   };
 
@@ -383,11 +393,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
       await lease.reacquire();
       return r;
     }
-    if (req.cmd === 'suspend') {
-      const r = await suspend();
-      setImmediate(() => shutdown(0));
-      return r;
-    }
+    if (req.cmd === 'suspend') return suspend();
     if (req.cmd === 'stop') {
       setImmediate(() => shutdown(0));
       return { stopping: true };

@@ -46,8 +46,18 @@ export interface ResumeOptions {
 class AccessTrace {
   private readonly out: fs.WriteStream;
   private readonly t0 = performance.now();
+  /** @throws LetheError BAD_REQUEST when the file cannot be written. */
   constructor(file: string, pages: number) {
-    this.out = fs.createWriteStream(file, { mode: 0o600 });
+    let fd: number;
+    try {
+      fd = fs.openSync(file, 'w', 0o600);
+    } catch (e) {
+      throw new LetheError('BAD_REQUEST', `cannot write the trace '${file}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, {
+        hint: 'give --trace a path in a directory that exists and is writable',
+      });
+    }
+    this.out = fs.createWriteStream('', { fd });
+    this.out.on('error', () => {}); // a full disk loses trace lines, never the agent
     this.out.write(JSON.stringify({ trace: 'lethe-access', version: 1, pages }) + '\n');
   }
   private now(): number {
@@ -191,6 +201,7 @@ export class AgentVm implements EvictTarget {
         c.once('error', reject);
       });
     });
+    received.catch(() => {}); // awaited below unless the migration fails first
     await new Promise<void>((resolve, reject) => server.listen(sockPath, resolve).once('error', reject));
     try {
       await this.vm.saveState(`unix:${sockPath}`, MIGRATION_MS);
@@ -200,10 +211,11 @@ export class AgentVm implements EvictTarget {
       for (const p of parts) {
         p.copy(out, at);
         at += p.length;
-        p.fill(0);
       }
       return out;
     } finally {
+      // The device state is plaintext: what came over the socket is zeroed whatever happened.
+      for (const p of parts) p.fill(0);
       server.close();
       fs.rmSync(sockPath, { force: true });
     }
@@ -323,10 +335,11 @@ export class AgentVm implements EvictTarget {
 
   async stop(): Promise<void> {
     this.stopping = true;
+    this.evictor.stop();
+    await this.vm.kill();
     this.hints.close();
     await this.trace?.close();
     this.evictor.destroy();
-    await this.vm.kill();
     this.thread?.stop();
     await this.listener.close();
     this.pool.destroy();

@@ -97,6 +97,9 @@ export function agentCommand(y: Argv) {
             .option('accel', { choices: ['auto', 'kvm', 'tcg'] as const, default: 'auto' as const, describe: 'QEMU accelerator for --vm' })
             .option('trace', { type: 'string', describe: 'with --vm: record every fault and guest report to FILE (for lethe policy simulate)' }),
         async (a) => {
+          if (a.trace !== undefined && !a.vm) {
+            throw new LetheError('BAD_REQUEST', '--trace records a VM\'s faults: it needs --vm', { hint: `lethe agent run ${a.image} --vm --trace ${a.trace}` });
+          }
           const agent = startAgent({
             home: String(a.home),
             image: String(a.image),

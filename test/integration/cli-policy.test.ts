@@ -183,6 +183,12 @@ describe('lethe policy (CLI)', function () {
       expect(r.stderr).to.include(`lethe: error: ${broken}:2: page 7 is outside the guest's 4 pages`);
     });
 
+    it('recording a trace needs --vm: without it the agent does not start (exit 2)', async () => {
+      const r = await lethe(['agent', 'run', 'desk', '--home', dir, '--trace', path.join(dir, 't.jsonl')]);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.equal(`lethe: error: --trace records a VM's faults: it needs --vm\nlethe: hint: lethe agent run desk --vm --trace ${path.join(dir, 't.jsonl')}\n`);
+    });
+
     it('refuses a policy with errors (exit 1)', async () => {
       const r = await lethe(['policy', 'simulate', bad, '--trace', trace]);
       expect(r.code).to.equal(1);
