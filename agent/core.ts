@@ -387,10 +387,14 @@ export class AgentCore {
    */
   dropKeysWithoutPlaintext(kind: ChunkKind, olderThanMs: number, keep: (index: number) => boolean): number {
     const before = Date.now() - olderThanMs;
+    const infix = `/${kind}/`;
     return this.keys.dropSensitiveKeysWhere((id, since) => {
       if (since > before) return false;
-      const [, k, i] = id.split('/');
-      return k === kind && !this.residentSet.has(`${kind}/${i}`) && !keep(Number(i));
+      // ids are gen/kind/index
+      const at = id.indexOf(infix);
+      if (at < 0) return false;
+      const index = id.slice(at + infix.length);
+      return !this.residentSet.has(`${kind}/${index}`) && !keep(Number(index));
     });
   }
 

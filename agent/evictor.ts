@@ -30,6 +30,8 @@ const HASH_BYTES = 16;
  * key sooner turns every fault into a key round trip.
  */
 export const NEIGHBOUR_KEY_MIN_MS = 30_000;
+/** How often an idle pass also looks for such keys. */
+const KEY_SWEEP_MS = 5_000;
 /** Pages handled in one pause of the VM. */
 export const EVICT_BATCH = 4096;
 
@@ -64,6 +66,9 @@ export class Evictor {
   private readonly zeroHash = Buffer.alloc(HASH_BYTES);
   private readonly pool = new BufferPool(1, PAGE);
   private timer?: NodeJS.Timeout;
+  private lastKeySweep = 0;
+  /** Changed pages the last passes kept because they had no write key. */
+  private keyless: number[] = [];
   /** Called after each idle pass with what it did. */
   onPass?: (r: EvictResult) => void;
   private queue: Promise<unknown> = Promise.resolve();
@@ -150,13 +155,17 @@ export class Evictor {
       this.stats.idle += decision.why.idle;
       this.stats.free += decision.why.free;
       this.stats.budget += decision.why.budget;
-      // A write key that did not come beside its fault is asked for again, without
-      // waiting: a changed page without one stays until a later pass.
-      const keyless = due.filter((p) => !this.core.hasWriteKey('mem', p));
-      if (keyless.length > 0) this.core.ensureWriteKeys('mem', keyless).catch((e) => this.log(`write keys for eviction: ${errorChain(e)}`));
       const r = await this.evictPages(due, 'idle');
-      // Keys fetched beside a fault for neighbours the guest did not touch go too.
-      this.core.dropKeysWithoutPlaintext('mem', Math.max(this.idleMs, NEIGHBOUR_KEY_MIN_MS), (p) => this.vm.faultInFlight(p));
+      // A changed page kept for want of a write key (it did not come beside its fault)
+      // gets one asked for again, without waiting: it goes at a later pass.
+      const keyless = this.keyless.splice(0);
+      if (keyless.length > 0) this.core.ensureWriteKeys('mem', keyless).catch((e) => this.log(`write keys for eviction: ${errorChain(e)}`));
+      // Keys fetched beside a fault for neighbours the guest did not touch go too. They are
+      // at least NEIGHBOUR_KEY_MIN_MS old, so a look every KEY_SWEEP_MS is enough (it walks every key).
+      if (now - this.lastKeySweep >= KEY_SWEEP_MS) {
+        this.lastKeySweep = now;
+        this.core.dropKeysWithoutPlaintext('mem', Math.max(this.idleMs, NEIGHBOUR_KEY_MIN_MS), (p) => this.vm.faultInFlight(p));
+      }
       return r;
     });
   }
@@ -263,6 +272,7 @@ export class Evictor {
           }
           if (this.changed(p, buf)) {
             if (!this.core.hasWriteKey('mem', p)) {
+              this.keyless.push(p);
               kept++;
               continue;
             }

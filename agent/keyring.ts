@@ -150,7 +150,8 @@ export class KeyRing {
 
   /** Forgets every sensitive key `drop` picks by its id and the time it was stored; returns how many. */
   dropSensitiveKeysWhere(drop: (id: string, since: number) => boolean): number {
-    const ids = [...this.sensitiveSince].filter(([id, since]) => drop(id, since)).map(([id]) => id);
+    const ids: string[] = [];
+    for (const [id, since] of this.sensitiveSince) if (drop(id, since)) ids.push(id);
     if (ids.length === 0) return 0;
     const slots = ids.map((id) => this.sensitiveSlots.get(id)!);
     this.use(slots, () => {
