@@ -436,6 +436,8 @@ export class AgentCore {
     await this.ensureWriteKeys('state', Array.from({ length: count }, (_, i) => i), state.length);
     this.manifest = { ...m, sizes: { ...m.sizes, state: state.length } };
     for (const index of [...this.entries.state.keys()]) if (index >= count) this.entries.state.delete(index);
+    // Dirty chunks of a larger state an earlier (failed) suspend wrote would be checked in past the end.
+    for (const d of this.cache.dirtyChunks(m.imageId)) if (d.kind === 'state' && d.gen === this.writeGen && d.index >= count) this.cache.drop(d);
     for (let i = 0; i < count; i++) await this.write('state', i, state.subarray(i * CHUNK_SIZE.state, Math.min((i + 1) * CHUNK_SIZE.state, state.length)));
   }
 

@@ -92,4 +92,24 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     for (let i = 0; i < 3; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
     expect(out.equals(state)).to.equal(true);
   });
+
+  it('a smaller state after a suspend that failed before check-in: the larger one leaves nothing behind', async () => {
+    const core = agent.core;
+    await core.replaceState(randomBytes(5 * 128 * 1024)); // a suspend that got no further
+    const state = randomBytes(200 * 1024);
+    await core.replaceState(state);
+    const id = loadIdentity(home);
+    const client = new DeviceClient(id);
+    try {
+      await core.checkin(client);
+    } finally {
+      client.close();
+      closeIdentity(id);
+    }
+    await agent.lease.reacquire();
+    expect(core.manifest!.chunks.state.map(([i]) => i)).to.deep.equal([0, 1]);
+    const out = Buffer.alloc(state.length);
+    for (let i = 0; i < 2; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
+    expect(out.equals(state)).to.equal(true);
+  });
 });
