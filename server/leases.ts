@@ -251,20 +251,29 @@ export function releaseKeys(
   stateSize?: number,
 ) {
   const l = liveLease(ctx, d, leaseId);
-  if (stateSize !== undefined) {
-    if (!write) throw new LetheError('BAD_REQUEST', 'stateSize is for write keys only (write: true)');
-    setDraftStateSize(ctx, l, stateSize);
-  }
-  const rows = write ? writeCoords(ctx, l, refs) : resolve(ctx, l, refs);
-  const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
+  if (stateSize !== undefined && !write) throw new LetheError('BAD_REQUEST', 'stateSize is for write keys only (write: true)');
   const now = ctx.now();
-  ctx.db.transaction(() => {
+  // The draft's new state size, the checks against it and the audit entry stand or fall together.
+  const rows = ctx.db.transaction(() => {
+    if (stateSize !== undefined) setDraftStateSize(ctx, l, stateSize);
+    const rows = write ? writeCoords(ctx, l, refs) : resolve(ctx, l, refs);
+    const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
     ctx.audit.append(
       'keys.release',
       d.id,
-      { lease: l.id, image: l.name, version: l.version, count: rows.length, sensitive, chunks: ranges(refs), ...(write ? { write } : {}) },
+      {
+        lease: l.id,
+        image: l.name,
+        version: l.version,
+        count: rows.length,
+        sensitive,
+        chunks: ranges(refs),
+        ...(write ? { write } : {}),
+        ...(stateSize !== undefined ? { stateSize } : {}),
+      },
       now,
     );
+    return rows;
   })();
   const id = Buffer.from(l.image_id, 'hex');
   const wrapped = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import type { RunningAgent } from '../../agent/daemon.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
-import { agentInProcess, type TestImage } from '../helpers/fixtures.js';
+import { agentInProcess, rejects, type TestImage } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 
 const PAGE = 4096;
@@ -111,5 +111,22 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     const out = Buffer.alloc(state.length);
     for (let i = 0; i < 2; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
     expect(out.equals(state)).to.equal(true);
+  });
+
+  it('a write-key request whose new state size does not fit its chunks changes nothing', async () => {
+    const id = loadIdentity(home);
+    const client = new DeviceClient(id);
+    try {
+      const leaseId = agent.lease.leaseId();
+      // The state has 2 chunks; a size of one chunk with chunk 3 asked for is refused as a whole ...
+      const e = await rejects(client.keys(leaseId, [{ kind: 'state', index: 3 }], true, 100 * 1024));
+      expect(e.code).to.equal('UNKNOWN_CHUNK');
+      // ... so the draft keeps its two chunks.
+      const r = await client.keys(leaseId, [{ kind: 'state', index: 1 }], true);
+      expect(r.chunks).to.have.length(1);
+    } finally {
+      client.close();
+      closeIdentity(id);
+    }
   });
 });
