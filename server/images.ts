@@ -9,7 +9,7 @@ import { encryptChunk, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, sign, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
-import { classOf, parsePolicy } from '../policies/policy.js';
+import { classOf, parsePolicy, storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
 import type { Ctx } from './context.js';
 import { q } from './db.js';
@@ -74,7 +74,7 @@ export function currentVersion(ctx: Ctx, img: ImageRow): VersionRow {
   return getVersion(ctx, img, img.current_version);
 }
 
-export const policyOf = (img: ImageRow): Policy => parsePolicy(img.policy, `policy of '${img.name}'`);
+export const policyOf = (img: ImageRow): Policy => storedPolicy(img.policy);
 
 export function createImage(ctx: Ctx, name: string, policy?: string) {
   parsePolicy(policy, 'policy');

@@ -4,7 +4,7 @@ import { canonical } from '../../common/audit-hash.js';
 import { parseDuration, parseSince } from '../../common/duration.js';
 import { LetheError } from '../../common/errors.js';
 import { decodeEnrollToken, encodeEnrollToken, normalizeFingerprint } from '../../common/tokens.js';
-import { classOf, parsePolicy, DEFAULT_POLICY } from '../../policies/policy.js';
+import { classOf, parsePolicy, storedPolicy, DEFAULT_POLICY } from '../../policies/policy.js';
 import { ranges } from '../../server/leases.js';
 
 describe('parsing', () => {
@@ -58,5 +58,14 @@ describe('parsing', () => {
   it('audit chunk lists compress to ranges', () => {
     const refs = [5, 1, 2, 3, 9].map((index) => ({ kind: 'mem' as const, index }));
     expect(ranges([...refs, { kind: 'disk', index: 0 }])).to.deep.equal({ mem: [[1, 3], [5, 5], [9, 9]], disk: [[0, 0]] });
+  });
+
+  it("a stored policy is read, not judged again: a check it fails now does not lock devices out", () => {
+    const text = 'sensitive:\n  disk: [[0, 100], [50, 200]]\n'; // overlapping ranges: an error for new policies
+    expect(() => parsePolicy(text, 'p.yaml')).to.throw(LetheError, /overlaps/);
+    const p = storedPolicy(text);
+    expect(p.sensitiveDisk).to.deep.equal([[0, 100], [50, 200]]);
+    expect(storedPolicy(text), 'read once per text').to.equal(p);
+    expect(storedPolicy(null)).to.equal(DEFAULT_POLICY);
   });
 });
