@@ -25,7 +25,6 @@ import { chooseAccel, makeRunDir, type AccelChoice } from './qemu.js';
 import { AgentVm } from './vm-runner.js';
 import { buildGuest } from '../guest-driver/build.js';
 import type { TAgentPolicy } from '../common/wire.js';
-import { agentPart } from '../policies/agent-part.js';
 import { prefetchPlan } from '../policies/manager.js';
 import { DEFAULT_POLICY } from '../policies/policy.js';
 import type { ChunkRef } from './fetcher.js';
@@ -266,10 +265,8 @@ export function startAgent(o: AgentOptions): RunningAgent {
     log(`VM resumed post-copy under ${accel} in ${Date.now() - t0} ms (QEMU pid ${vm.vm.pid}); its pages come from the agent on first touch`);
   };
   /** The lease's policy for the agent (the built-in one from a server that sends none). */
-  const policyNow = () => ({
-    ...(lease.lease?.policy ?? agentPart(DEFAULT_POLICY)),
-    evictIdleMs: (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000,
-  });
+  const policyNow = (): TAgentPolicy =>
+    lease.lease?.policy ?? { ...DEFAULT_POLICY, evictIdleMs: (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000 };
   const hintPolicy = (p: TAgentPolicy): HintPolicy => ({ intervalMs: p.hintIntervalMs, processes: p.processes, cgroups: p.cgroups, files: p.files });
   // While the lease is not active the guest is held: its faults could not be served.
   let leaseHold: Promise<() => Promise<void>> | undefined;

@@ -16,6 +16,13 @@ export const CHUNK_SIZE: Record<ChunkKind, number> = {
   state: STATE_CHUNK_SIZE,
 };
 export const SENSITIVITY_CLASSES = ['sensitive', 'normal'] as const;
+
+// ---- specification: policy values (docs/policies.md) ----
+export const MEMORY_MODES = ['all', 'hinted', 'none'] as const;
+export const FREE_PAGE_ACTIONS = ['evict', 'keep'] as const;
+export const EXPIRY_ACTIONS = ['evict-sensitive', 'evict-all', 'suspend'] as const;
+export const WIPE_ACTIONS = ['evict-all', 'poweroff'] as const;
+export const PREFETCH_ORDERS = ['trace', 'address', 'none'] as const;
 export type Sensitivity = (typeof SENSITIVITY_CLASSES)[number];
 export const CLASS_CODE: Record<Sensitivity, number> = { normal: 1, sensitive: 2 };
 

@@ -1,7 +1,7 @@
 // Request and response bodies of the HTTP API (docs/escrow-protocol.md).
 // The server validates every request body with these; tests check responses.
 import { z } from 'zod';
-import { CHUNK_KINDS, MAX_BATCH, SENSITIVITY_CLASSES } from './constants.js';
+import { CHUNK_KINDS, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MAX_BATCH, MEMORY_MODES, PREFETCH_ORDERS, SENSITIVITY_CLASSES, WIPE_ACTIONS } from './constants.js';
 
 const b64url = (bytes?: number) =>
   z
@@ -31,6 +31,28 @@ export const HeartbeatResponse = z.object({ serverTime: z.string(), status: z.st
 export const AckRequest = z.strictObject({ ok: z.boolean(), detail: z.string().max(1024).optional() });
 
 export const LeaseRequest = z.strictObject({ image: ImageName });
+/**
+ * The parts of an image's policy the agent acts on (policies/schema.ts Policy, whose
+ * other fields parsing strips).
+ */
+export const AgentPolicy = z.object({
+  memoryMode: z.enum(MEMORY_MODES),
+  processes: z.array(z.string()),
+  cgroups: z.array(z.string()),
+  files: z.array(z.string()),
+  freePages: z.enum(FREE_PAGE_ACTIONS),
+  evictIdleMs: z.number().positive(),
+  evictBudgetBytes: z.number().int().min(0).nullable(),
+  dropGuestCache: z.boolean(),
+  onLeaseExpiry: z.enum(EXPIRY_ACTIONS),
+  onWipe: z.enum(WIPE_ACTIONS),
+  prefetchStartupBytes: z.number().int().min(0),
+  prefetchOrder: z.enum(PREFETCH_ORDERS),
+  prefetchBandwidth: z.number().min(0).nullable(),
+  hintIntervalMs: z.number().min(0),
+});
+export type TAgentPolicy = z.infer<typeof AgentPolicy>;
+
 export const LeaseResponse = z.object({
   leaseId: z.string(),
   image: z.string(),
@@ -45,26 +67,9 @@ export const LeaseResponse = z.object({
   /** The image policy's eviction idle time: sensitive guest pages resident longer are evicted. */
   evictIdleSeconds: z.number().positive().optional(),
   /** What the agent does under the image's policy (docs/policies.md); absent from older servers. */
-  policy: z.lazy(() => AgentPolicy).optional(),
+  policy: AgentPolicy.optional(),
 });
 
-/** The parts of an image's policy the agent acts on (policies/schema.ts Policy). */
-export const AgentPolicy = z.object({
-  memoryMode: z.enum(['all', 'hinted', 'none']),
-  processes: z.array(z.string()),
-  cgroups: z.array(z.string()),
-  files: z.array(z.string()),
-  freePages: z.enum(['evict', 'keep']),
-  evictBudgetBytes: z.number().nullable(),
-  dropGuestCache: z.boolean(),
-  onLeaseExpiry: z.enum(['evict-sensitive', 'evict-all', 'suspend']),
-  onWipe: z.enum(['evict-all', 'poweroff']),
-  prefetchStartupBytes: z.number().min(0),
-  prefetchOrder: z.enum(['trace', 'address', 'none']),
-  prefetchBandwidth: z.number().positive().nullable(),
-  hintIntervalMs: z.number().min(0),
-});
-export type TAgentPolicy = z.infer<typeof AgentPolicy>;
 
 export const ChunkRef = z.strictObject({ kind: Kind, index: z.number().int().min(0).max(2 ** 40) });
 export const KeysRequest = z.strictObject({

@@ -2,17 +2,14 @@
 // driver's reports, the clock, the lease) into decisions — which guest pages to
 // evict, in what order to prefetch. Pure: it keeps no clock and does no I/O, so
 // the agent's evictor and `lethe policy simulate` make the same decisions.
+import { MEM_CHUNK_SIZE } from '../common/constants.js';
+import type { Policy } from './schema.js';
 
-/** The parts of a policy (policies/policy.ts `Policy`) the manager decides with. */
-export interface ManagerPolicy {
-  memoryMode: 'all' | 'hinted' | 'none';
-  evictIdleMs: number;
-  evictBudgetBytes: number | null;
-  freePages: 'evict' | 'keep';
-  onLeaseExpiry: 'evict-sensitive' | 'evict-all' | 'suspend';
-  prefetchStartupBytes: number;
-  prefetchOrder: 'trace' | 'address' | 'none';
-}
+/** The parts of a policy the manager decides with. */
+export type ManagerPolicy = Pick<
+  Policy,
+  'memoryMode' | 'evictIdleMs' | 'evictBudgetBytes' | 'freePages' | 'onLeaseExpiry' | 'prefetchStartupBytes' | 'prefetchOrder'
+>;
 
 /** Runs of guest frames: [first frame, count]. Frame = guest RAM page (4 KiB). */
 export type FrameRuns = [number, number][];
@@ -30,7 +27,8 @@ export interface EvictionDecision {
 
 export type LeaseAction = { evict: 'sensitive' | 'all'; suspend: boolean };
 
-export const PAGE_BYTES = 4096;
+/** A guest RAM page: one memory chunk. */
+export const PAGE_BYTES = MEM_CHUNK_SIZE;
 
 /** Eviction passes run this often: a quarter of the idle time, within [100 ms, 5 s]. */
 export const tickMs = (idleMs: number): number => Math.min(5_000, Math.max(100, idleMs / 4));

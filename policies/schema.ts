@@ -6,11 +6,9 @@ import { parseDuration } from '../common/duration.js';
 import { parseRate, parseSize } from '../common/sizes.js';
 import { closest } from './suggest.js';
 
-export const MEMORY_MODES = ['all', 'hinted', 'none'] as const;
-export const FREE_PAGE_ACTIONS = ['evict', 'keep'] as const;
-export const EXPIRY_ACTIONS = ['evict-sensitive', 'evict-all', 'suspend'] as const;
-export const WIPE_ACTIONS = ['evict-all', 'poweroff'] as const;
-export const PREFETCH_ORDERS = ['trace', 'address', 'none'] as const;
+import { EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS } from '../common/constants.js';
+
+export { EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS };
 
 /** The part of a policy the server acts on: lease timing and which chunks are sensitive. */
 export interface ServerPolicy {

@@ -3,13 +3,14 @@
 // bytes from the server, how many key releases, and how long sensitive
 // plaintext stayed in guest RAM — beside keeping everything and evicting
 // everything, the two ends any policy sits between.
+import { CHUNK_OVERHEAD } from '../common/constants.js';
 import { LetheError } from '../common/errors.js';
 import { PAGE_BYTES, PolicyManager, tickMs, type FrameRuns, type ManagerPolicy } from './manager.js';
 
 export const TRACE_FORMAT = 'lethe-access';
 export const TRACE_VERSION = 1;
 /** Ciphertext of one guest page on the wire: format byte, nonce, tag. */
-const PAGE_CIPHERTEXT = PAGE_BYTES + 41;
+const PAGE_CIPHERTEXT = PAGE_BYTES + CHUNK_OVERHEAD;
 
 export type TraceEvent = { t: number; fault: number } | { t: number; hint: { sensitive: FrameRuns; free: FrameRuns } };
 

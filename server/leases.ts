@@ -3,7 +3,7 @@
 import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../common/constants.js';
 import { classOf } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
-import { agentPart } from '../policies/agent-part.js';
+import { AgentPolicy } from '../common/wire.js';
 import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
@@ -84,7 +84,7 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy
     classKeys: classKeys(ctx, d, l.image_id, l.version),
     ...(l.write_gen !== null ? { writeGen: l.write_gen } : {}),
     evictIdleSeconds: policy.evictIdleMs / 1000,
-    policy: agentPart(policy),
+    policy: AgentPolicy.parse(policy),
   };
 }
 
