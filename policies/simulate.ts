@@ -47,6 +47,7 @@ export function parseTrace(text: string, file = 'trace'): Trace {
   } catch {
     return fail(1, 'not a Lethe access trace (the first line is not JSON)');
   }
+  if (typeof header !== 'object' || header === null) return fail(1, 'not a Lethe access trace (the first line is not an object)');
   if (header.trace !== TRACE_FORMAT || header.version !== TRACE_VERSION) return fail(1, `not a ${TRACE_FORMAT} trace, version ${TRACE_VERSION}`);
   const pages = header.pages;
   if (typeof pages !== 'number' || !Number.isInteger(pages) || pages <= 0 || pages > 1 << 24) return fail(1, `bad page count: ${JSON.stringify(pages)}`);
@@ -61,6 +62,7 @@ export function parseTrace(text: string, file = 'trace'): Trace {
     } catch {
       return fail(i + 1, 'not JSON');
     }
+    if (typeof e !== 'object' || e === null) return fail(i + 1, 'an event is {"t", "fault"} or {"t", "hint"}');
     const t = e.t;
     if (typeof t !== 'number' || !(t >= last)) return fail(i + 1, `bad time ${JSON.stringify(t)}: times are ms from the start, in order`);
     last = t;
@@ -108,6 +110,15 @@ export function simulate(name: string, policy: ManagerPolicy, trace: Trace): Sim
     r.peakSensitiveBytes = Math.max(r.peakSensitiveBytes, sensitive * PAGE_BYTES);
     clock = to;
   };
+  // The earliest time a pass can evict anything: passes before it are skipped, which
+  // changes no result (nothing between events changes but the clock) and keeps a
+  // long, quiet trace of a big guest from costing a walk of every page each tick.
+  let due = 0;
+  const earliestIdle = () => {
+    let d = Number.POSITIVE_INFINITY;
+    for (let p = 0; p < trace.pages; p++) if (arrivals[p] && m.isSensitive(p)) d = Math.min(d, arrivals[p] - 1 + policy.evictIdleMs);
+    return d;
+  };
   const pass = (at: number) => {
     advance(at);
     for (const p of m.evictionSet(at + 1, arrivals).pages) {
@@ -115,16 +126,23 @@ export function simulate(name: string, policy: ManagerPolicy, trace: Trace): Sim
       arrivals[p] = 0;
       r.evictions++;
     }
+    due = earliestIdle();
   };
   for (const e of trace.events) {
     while (nextPass <= e.t) {
-      pass(nextPass);
-      nextPass += tick;
+      if (nextPass >= due) {
+        pass(nextPass);
+        nextPass += tick;
+      } else {
+        // To the tick at or after `due`, or past this event when nothing is due before it.
+        nextPass = due <= e.t ? Math.ceil(due / tick) * tick : (Math.floor(e.t / tick) + 1) * tick;
+      }
     }
     advance(e.t);
     if ('hint' in e) {
       m.hintReport(e.hint, e.t);
       recount();
+      due = 0; // free pages and sensitivity changed: the next pass decides
       continue;
     }
     if (arrivals[e.fault]) continue; // resident: the guest's access is no fault
@@ -140,6 +158,8 @@ export function simulate(name: string, policy: ManagerPolicy, trace: Trace): Sim
     }
     arrivals[e.fault] = e.t + 1;
     r.peakSensitiveBytes = Math.max(r.peakSensitiveBytes, sensitive * PAGE_BYTES);
+    if (policy.evictBudgetBytes !== null || (policy.freePages === 'evict' && m.isFree(e.fault))) due = 0;
+    else if (m.isSensitive(e.fault)) due = Math.min(due, e.t + policy.evictIdleMs);
   }
   const end = trace.events.length ? trace.events[trace.events.length - 1].t : 0;
   pass(end);

@@ -109,7 +109,15 @@ describe('policy simulate', () => {
     expect(r.sensitivePlaintextSeconds).to.equal(5);
   });
 
+  it('a long quiet trace of a big guest replays with only the passes that can evict (exact figures)', function () {
+    this.timeout(2_000); // walking 256 Ki pages at every 100 ms tick of an hour took ~20 s
+    const big = parseTrace([{ trace: 'lethe-access', version: 1, pages: 1 << 18 }, { t: 0, fault: 1 }, { t: 3_600_000, fault: 2 }].map((l) => JSON.stringify(l)).join('\n'));
+    expect(simulate('policy', { ...base, evictIdleMs: 0 }, big)).to.deep.include({ faults: 2, evictions: 2, sensitivePlaintextSeconds: 0.1 }); // page 1 for one 100 ms tick; page 2 comes at the end
+  });
+
   it('refuses a malformed trace naming the line', () => {
+    expect(() => parseTrace('null', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
+    expect(() => parseTrace(`${JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 })}\nnull`, 't.jsonl')).to.throw(LetheError, 't.jsonl:2: an event is');
     expect(() => parseTrace('hello', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
     const head = JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 });
     expect(() => parseTrace(`${head}\n{"t": 1, "fault": 9}`, 't.jsonl')).to.throw(LetheError, "t.jsonl:2: page 9 is outside the guest's 4 pages");
