@@ -13,8 +13,8 @@ import path from 'node:path';
 import { MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import { LetheError, errorChain } from '../common/errors.js';
-import { FaultThread, UffdListener, shimEnv, type UffdMapping } from '../native/index.js';
-import type { AgentCore } from './core.js';
+import { FaultThread, UffdListener, shimEnv, type Fault, type UffdMapping } from '../native/index.js';
+import type { AgentCore, ReadSource } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 import { Evictor, type EvictTarget } from './evictor.js';
 import { VcpuHolds } from './vcpu-holds.js';
@@ -284,17 +284,9 @@ export class AgentVm implements EvictTarget {
             // guest waits (the lease may come back, the server may be reachable again).
             for (let attempt = 0; ; attempt++) {
               try {
-                await pool.with(MEM_CHUNK_SIZE, async (buf) => {
-                  const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
-                  const data = src === 'zero' ? null : buf;
-                  await self.evictor.quiet();
-                  if (t.resolve(f.pageAddress, data) !== 'present') {
-                    self.evictor.recordFault(page, data);
-                    self.recordTouch(page);
-                  }
-                  self.faults++;
-                  if (src === 'zero') self.zeroFaults++;
-                });
+                const src = await servePage(core, pool, self.evictor, f, t, () => self.recordTouch(page));
+                self.faults++;
+                if (src === 'zero') self.zeroFaults++;
                 return;
               } catch (e) {
                 if (self.stopping || !t.running) throw e;
@@ -345,6 +337,33 @@ export class AgentVm implements EvictTarget {
     this.pool.destroy();
     fs.closeSync(this.ramFd);
   }
+}
+
+/**
+ * Serves one guest-RAM fault once, as a resumed VM's are served: the page from the
+ * agent core into a pooled buffer, installed once no eviction batch is running, and
+ * recorded by the evictor (then `installed`). Throws if the page cannot be read; the
+ * caller retries, never answering with zeros. Exported for the fault benchmark.
+ */
+export async function servePage(
+  core: AgentCore,
+  pool: BufferPool,
+  evictor: Pick<Evictor, 'quiet' | 'recordFault'>,
+  f: Fault,
+  t: FaultThread,
+  installed: () => void = () => {},
+): Promise<ReadSource> {
+  const page = f.offset / MEM_CHUNK_SIZE;
+  return pool.with(MEM_CHUNK_SIZE, async (buf) => {
+    const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
+    const data = src === 'zero' ? null : buf;
+    await evictor.quiet();
+    if (t.resolve(f.pageAddress, data) !== 'present') {
+      evictor.recordFault(page, data);
+      installed();
+    }
+    return src;
+  });
 }
 
 /** Feeds the device state to QEMU through a FIFO (no plaintext file), waits for it to load, and runs the guest. */

@@ -1,6 +1,6 @@
 // The memory path end to end, in one run:
 //   fault service latency of a real agent core (as a resumed VM's faults are served:
-//   readInto with the page's write key, UFFDIO_COPY) for
+//   servePage — readInto, the evictor's gate, UFFDIO_COPY, the evictor's keyed hash) for
 //     (a) pages in the local ciphertext cache (normal class: the class key is held),
 //     (a') the same for sensitive pages (a key request to the server per 64 pages),
 //     (b) pages fetched from a real server on loopback (cache empty),
@@ -14,6 +14,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { startAgent } from '../agent/daemon.js';
+import { BufferPool } from '../agent/buffer-pool.js';
+import { Evictor } from '../agent/evictor.js';
+import { servePage } from '../agent/vm-runner.js';
+import { DEFAULT_POLICY } from '../policies/policy.js';
 import { table } from '../cli/output.js';
 import { MEM_CHUNK_SIZE } from '../common/constants.js';
 import { FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
@@ -52,19 +56,23 @@ async function cHandler(dir: string): Promise<number[]> {
   }
 }
 
-/** Faults served by an agent core exactly as AgentVm serves a resumed guest's. */
+/**
+ * Faults served by an agent core exactly as AgentVm serves a resumed guest's
+ * (servePage: pooled buffer, the evictor's gate and its keyed hash of each page).
+ */
 async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['core'], name: string, stride = 1): Promise<number[]> {
   const ram = freshRam(name);
   const sock = path.join(dir, `${name}.sock`);
-  const buf = Buffer.alloc(MEM_CHUNK_SIZE);
+  const pool = new BufferPool(32, MEM_CHUNK_SIZE);
+  // Not started: it only records what arrives, as a running one does on each fault.
+  const evictor = new Evictor(core, { ramFd: -1, pages: PAGES, hold: () => Promise.reject(new Error('no VM')), faultInFlight: () => false }, DEFAULT_POLICY, () => {});
   let failure: Error | undefined;
   const listener = await UffdListener.listen(
     sock,
     (m) => {
       FaultThread.start(m, {
         onFault: async (f, t) => {
-          const src = await core.readInto('mem', f.offset / MEM_CHUNK_SIZE, buf, { resident: true, writable: true });
-          t.resolve(f.pageAddress, src === 'zero' ? null : buf);
+          await servePage(core, pool, evictor, f, t);
         },
         onError: (e) => (failure ??= e),
       });
@@ -77,6 +85,8 @@ async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['cor
     return lat;
   } finally {
     await listener.close();
+    evictor.destroy();
+    pool.destroy();
     fs.rmSync(ram, { force: true });
   }
 }
