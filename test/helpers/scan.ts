@@ -3,26 +3,37 @@
 // zeros), and every file under a directory.
 import fs from 'node:fs';
 import path from 'node:path';
+import { MAGIC_MEM } from '../../guest-driver/page-format.js';
 
 const STEP = 4 * 1024 * 1024;
+const PAGE = 4096;
+/** Hits kept per scan: enough to show where, not to list a whole heap. */
+const MAX_HITS = 21;
 
-/** Offsets of `needle` in the readable range [start, end) of an open file. */
-function scanFd(fd: number, needle: Buffer, start: number, end: number, where: string, hits: string[]): void {
+/**
+ * Offsets of `needle` in the readable range [start, end) of an open file that
+ * `accept` (given the file offset) keeps. A short read (/proc/PID/mem stops at the
+ * first page it cannot read) goes on after what was read; a failed one, a page on.
+ */
+function scanFd(fd: number, needle: Buffer, start: number, end: number, where: string, hits: string[], accept: (offset: number) => boolean = () => true): void {
   const buf = Buffer.alloc(STEP + needle.length);
-  for (let at = start; at < end; at += STEP) {
+  for (let at = start; at < end; ) {
     const len = Math.min(STEP + needle.length, end - at);
     let n: number;
     try {
       n = fs.readSync(fd, buf, 0, len, at);
     } catch {
-      continue; // an unreadable range (guard pages, device mappings)
+      at += PAGE; // an unreadable page (guard pages, device mappings)
+      continue;
     }
     let i = buf.subarray(0, n).indexOf(needle);
     while (i !== -1) {
-      hits.push(`${where}+0x${(at + i - start).toString(16)}`);
+      if (accept(at + i)) hits.push(`${where}+0x${(at + i - start).toString(16)}`);
+      if (hits.length >= MAX_HITS) return;
       i = buf.subarray(0, n).indexOf(needle, i + 1);
-      if (hits.length > 20) return;
     }
+    if (n === 0) at += PAGE;
+    else at += n < len ? n : STEP;
   }
 }
 
@@ -72,26 +83,25 @@ export function scanFile(file: string, needle: Buffer): string[] {
   return hits;
 }
 
-/** The workload's page header magic ("LTHP", guest-driver/page-format.ts). */
-const MAGIC_MEM = 0x5048544c;
-
 /**
  * Hits of the marker in guest RAM (its file, read with pread, never through a
  * mapping) that are planted pages: they start with the workload's page header.
  * The workload's own copy of the marker, in its data page, is not counted.
  */
 export function plantedHits(ram: string, needle: Buffer): string[] {
+  const hits: string[] = [];
   const fd = fs.openSync(ram, 'r');
   try {
     const head = Buffer.alloc(4);
-    return scanFile(ram, needle).filter((hit) => {
-      const offset = parseInt(hit.slice(hit.lastIndexOf('+0x') + 3), 16);
-      fs.readSync(fd, head, 0, 4, offset - (offset % 4096));
+    const planted = (offset: number) => {
+      fs.readSync(fd, head, 0, 4, offset - (offset % PAGE));
       return head.readUInt32LE(0) === MAGIC_MEM;
-    });
+    };
+    scanFd(fd, needle, 0, fs.fstatSync(fd).size, ram, hits, planted);
   } finally {
     fs.closeSync(fd);
   }
+  return hits;
 }
 
 /** Every regular file under `dir` (recursively) that holds `needle`. */
