@@ -74,8 +74,12 @@ function nextReport(c: HintChannel, timeoutMs = 60_000): Promise<HintReport> {
 }
 
 /** A channel that has had its hello and the report its policy asked for. */
+/** What the driver refused on channels opened by openChannel (which never send anything it should refuse). */
+const errors: GuestHintError[] = [];
+
 async function openChannel(socket: string, policy: HintPolicy): Promise<{ channel: HintChannel; report: HintReport }> {
   const channel = new HintChannel(socket, policy);
+  channel.on('error', (e: GuestHintError) => errors.push(e));
   const hello = once(channel, 'hello');
   const report = nextReport(channel);
   channel.start();
@@ -91,7 +95,6 @@ describe('guest hints (real QEMU guest and lethe-guestd)', function () {
   let hintSocket: string;
   let ramPath: string;
   let channel: HintChannel | undefined;
-  const errors: GuestHintError[] = [];
   const consoleLines: string[] = [];
 
   before(async function () {
@@ -147,7 +150,6 @@ describe('guest hints (real QEMU guest and lethe-guestd)', function () {
   it("reports the workload's frames as sensitive: its planted pages are there, and no live one is free", async () => {
     const opened = await openChannel(hintSocket, WORKLOAD);
     channel = opened.channel;
-    channel.on('error', (e: GuestHintError) => errors.push(e));
     const report = opened.report;
     const { all, sensitive, free } = await whileHeld(() => ({ all: readFrames(ramPath), sensitive: readFrames(ramPath, report.sensitive), free: readFrames(ramPath, report.free) }));
 
