@@ -79,6 +79,9 @@ static const char *const POLICY_KEYS[] = { "interval", "procs", "cgroups", "file
 /* Fields come in any order; the error reasons are docs/guest-hints.md's. */
 int parse_policy(char *args, struct policy *p, char *why, size_t size)
 {
+    /* SAFETY: the decoded names and their NULs never outgrow the arena: each name
+     * decodes to at most its own encoded length, and a name's NUL takes the place of
+     * the comma or space after it; args is one line, shorter than MAX_LINE = sizeof arena. */
     char *arena = p->arena;
     int seen[4] = { 0 };
     char *save;

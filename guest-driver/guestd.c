@@ -86,7 +86,8 @@ static int flush_out(void)
         }
         struct pollfd p = { port, POLLOUT, 0 };
         int r = poll(&p, 1, WRITE_TIMEOUT_MS);
-        if (r == 0 || (r > 0 && (p.revents & POLLHUP)))
+        /* POLLERR or POLLNVAL without POLLHUP would otherwise spin on EAGAIN. */
+        if (r == 0 || (r > 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL))))
             out_broken = 1;
         if (r > 0 && (p.revents & POLLHUP))
             host_up = 0;
