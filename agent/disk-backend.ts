@@ -6,29 +6,25 @@
 // once the reply is on the wire (release()). Writes are read-modify-write per
 // chunk, serialized per chunk, and land in the cache as device-encrypted
 // dirty chunks; flush() (and FUA) make them durable.
-import { DISK_CHUNK_SIZE } from '../common/constants.js';
+import { DISK_CHUNK_SIZE, DISK_PLAIN_CHUNKS, DISK_TRANSIT_BUFFERS } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 
-/** 256 × 128 KiB = 32 MiB of normal-class disk plaintext at most, in one locked slab. */
-const PLAIN_LRU_CHUNKS = 256;
-/** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
-const TRANSIT_BUFFERS = 16;
 
 export class AgentDiskBackend {
   readonly size: number;
   private readonly plain = new Map<number, Buffer>();
   private readonly locks = new Map<number, Promise<void>>();
   /** Transit buffers for sensitive reads and for read-modify-write: concurrent requests each get their own. */
-  private readonly transit = new BufferPool(TRANSIT_BUFFERS, DISK_CHUNK_SIZE);
+  private readonly transit = new BufferPool(DISK_TRANSIT_BUFFERS, DISK_CHUNK_SIZE);
   /** The LRU's slots, carved from one sodium_malloc slab (one allocation, not one per chunk). */
   private readonly slab: Buffer;
   private readonly freeSlots: Buffer[] = [];
 
   constructor(
     private readonly core: AgentCore,
-    private readonly lruChunks = PLAIN_LRU_CHUNKS,
+    private readonly lruChunks = DISK_PLAIN_CHUNKS,
   ) {
     this.size = core.sizeOf('disk');
     const slots = Math.max(0, Math.min(lruChunks, Math.ceil(this.size / DISK_CHUNK_SIZE)));

@@ -4,7 +4,7 @@
 // and /sys tree for cases this machine is not in.
 import fs from 'node:fs';
 import path from 'node:path';
-import { DISK_CHUNK_SIZE, KEY_BYTES, MEM_CHUNK_SIZE } from '../common/constants.js';
+import { DISK_CHUNK_SIZE, DISK_PLAIN_CHUNKS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS, MEM_CHUNK_SIZE } from '../common/constants.js';
 import { LetheError, errorChain } from '../common/errors.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -37,13 +37,13 @@ const PAGE = 4096;
 /** sodium_malloc locks the size asked for plus a 16-byte canary, in whole pages. */
 const locked = (bytes: number) => Math.ceil((bytes + 16) / PAGE) * PAGE;
 
-// What the agent locks with sodium_malloc at its defaults; keep in step with the files named.
+// What the agent locks with sodium_malloc at its defaults (common/constants.ts).
 const AGENT_LOCKS = {
-  diskPlainLru: locked(256 * DISK_CHUNK_SIZE), // agent/disk-backend.ts PLAIN_LRU_CHUNKS (--disk-plain-cache 32M)
-  diskTransit: locked(16 * DISK_CHUNK_SIZE), // agent/disk-backend.ts TRANSIT_BUFFERS
-  pagePool: locked(32 * MEM_CHUNK_SIZE), // agent/vm-runner.ts PAGE_POOL
-  keySlab: locked(512 * KEY_BYTES), // agent/keyring.ts DEFAULT_SLOTS
-  keySlabs: (1 << 20) / 512, // agent/keyring.ts MAX_KEYS / DEFAULT_SLOTS
+  diskPlainLru: locked(DISK_PLAIN_CHUNKS * DISK_CHUNK_SIZE), // --disk-plain-cache 32M
+  diskTransit: locked(DISK_TRANSIT_BUFFERS * DISK_CHUNK_SIZE),
+  pagePool: locked(FAULT_PAGE_BUFFERS * MEM_CHUNK_SIZE),
+  keySlab: locked(KEY_SLAB_SLOTS * KEY_BYTES),
+  keySlabs: KEY_RING_MAX_KEYS / KEY_SLAB_SLOTS,
   // Single keys, device-state chunks and scratch: each allocation locks whole pages.
   scratch: 1 * MiB,
 };

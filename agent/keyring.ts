@@ -9,12 +9,9 @@
 // mprotect pair costs ~4 µs on 4 pages and ~21 µs on 64 here (it flushes each
 // page's TLB entry on every core), and a fault opens one key.
 import sodium from 'sodium-native';
-import { KEY_BYTES } from '../common/constants.js';
+import { KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS } from '../common/constants.js';
 import { wipe } from '../common/crypto.js';
 
-const DEFAULT_SLOTS = 512;
-/** At most this many keys: a 2 GiB guest's pages, each with a read and a write key. */
-const MAX_KEYS = 1 << 20;
 
 export class KeyRing {
   private readonly slabs: Buffer[] = [];
@@ -27,8 +24,8 @@ export class KeyRing {
   private readonly sensitiveSince = new Map<string, number>();
 
   constructor(
-    readonly slabSlots = DEFAULT_SLOTS,
-    private readonly maxKeys = MAX_KEYS,
+    readonly slabSlots = KEY_SLAB_SLOTS,
+    private readonly maxKeys = KEY_RING_MAX_KEYS,
   ) {
     this.grow();
   }

@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/constants.js';
+import { FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import { FaultThread, UffdListener, shimEnv, type Fault, type UffdMapping } from '../native/index.js';
@@ -76,7 +76,6 @@ class AccessTrace {
 
 const HANDSHAKE_MS = 15_000;
 const MIGRATION_MS = 60_000;
-const PAGE_POOL = 32;
 
 export class AgentVm implements EvictTarget {
   faults = 0;
@@ -273,7 +272,7 @@ export class AgentVm implements EvictTarget {
       // punching holes. Its pages are freed when QEMU and the agent are gone, even
       // after a kill -9 of either, so no guest RAM outlives the session.
       const ramFd = fs.openSync(ramPath, 'r+');
-      const pool = new BufferPool(PAGE_POOL, MEM_CHUNK_SIZE);
+      const pool = new BufferPool(FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE);
       const self = new AgentVm(vm, ramPath, ramFd, listener, undefined, pool, core, o, memBytes);
       self.thread = FaultThread.start(m, {
         onFault: async (f, t) => {
