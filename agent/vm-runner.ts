@@ -327,8 +327,8 @@ export class AgentVm implements EvictTarget {
   async stop(): Promise<void> {
     this.stopping = true;
     this.evictor.stop();
-    await this.vm.kill();
     this.hints.close();
+    await this.vm.kill();
     await this.trace?.close();
     this.evictor.destroy();
     this.thread?.stop();

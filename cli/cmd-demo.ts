@@ -11,8 +11,7 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import type { Argv } from 'yargs';
-import { control } from '../agent/control.js';
-import { startAgent, type AgentStatus } from '../agent/daemon.js';
+import { startAgent, type AgentStatus, type RunningAgent } from '../agent/daemon.js';
 import { enrollDevice } from '../agent/identity.js';
 import { ACCEL_CHOICES, type AccelChoice } from '../agent/qemu.js';
 import { PinnedClient } from '../common/http-client.js';
@@ -74,11 +73,22 @@ async function startServerProc(dir: string): Promise<{ proc: ChildProcess; url: 
 
 async function demo(a: DemoArgs): Promise<void> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-demo-'));
-  const dirs = { server: path.join(root, 'server'), home: path.join(root, 'device'), snap: path.join(root, 'snapshot') };
+  // The plaintext snapshot stays in memory (tmpfs, where guest RAM lives anyway), never on disk.
+  const snapRoot = fs.mkdtempSync(path.join('/dev/shm', 'lethe-demo-snapshot-'));
+  const dirs = { server: path.join(root, 'server'), home: path.join(root, 'device'), snap: path.join(snapRoot, 'snapshot') };
   let server: ChildProcess | undefined;
-  let stopAgent: (() => void) | undefined;
-  /** Stops the server (it writes a last audit checkpoint), then removes the directory. */
+  let agent: RunningAgent | undefined;
+  let interrupted = false;
+  // From the start: Ctrl-C during the set-up (a snapshot child dies with it) still cleans up.
+  const onSignal = () => {
+    interrupted = true;
+    agent?.stop();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  /** Stops the server (it writes a last audit checkpoint), then removes the directories. */
   const cleanup = async () => {
+    fs.rmSync(snapRoot, { recursive: true, force: true });
     if (server && server.exitCode === null && server.signalCode === null) {
       const exited = new Promise((r) => server!.once('exit', r));
       server.kill('SIGTERM');
@@ -107,16 +117,17 @@ async function demo(a: DemoArgs): Promise<void> {
         state: path.join(dirs.snap, 'state.bin'),
         policy,
       });
-      fs.rmSync(dirs.snap, { recursive: true, force: true });
+      fs.rmSync(snapRoot, { recursive: true, force: true });
       say(`pushed as image '${IMAGE}' version ${pushed.version}; the plaintext snapshot is deleted`);
       await admin.json('POST', `/devices/${enrolled.deviceId}/assignments`, { image: IMAGE });
     } finally {
       admin.close();
     }
+    if (interrupted) return;
 
     let lastGuest = '';
     const statusLine = new StatusLine();
-    const agent = startAgent({
+    const running = startAgent({
       home: dirs.home,
       image: IMAGE,
       cacheBytes: 1024 * 1024 * 1024,
@@ -128,26 +139,16 @@ async function demo(a: DemoArgs): Promise<void> {
         else statusLine.print(line);
       },
     });
-    stopAgent = agent.stop;
-    const timer = setInterval(() => {
-      control<AgentStatus>(dirs.home, { cmd: 'status' })
-        .then((st) => statusLine.show(summary(st, lastGuest)))
-        .catch(() => {});
-    }, 1000);
-    const onSignal = () => agent.stop();
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
+    agent = running;
+    const timer = setInterval(() => statusLine.show(summary(running.status(), lastGuest)), 1000);
     say('the agent resumes the guest post-copy; Ctrl-C stops it all');
-    const code = await agent.done;
+    const code = await running.done;
     clearInterval(timer);
     statusLine.done();
+    process.exitCode = code;
+  } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
-    process.exitCode = code;
-  } catch (e) {
-    stopAgent?.();
-    throw e;
-  } finally {
     await cleanup();
   }
 }
