@@ -3,7 +3,7 @@
 // page, a relative guest path). Each check catches one such mistake; an error
 // means the policy cannot work as written, a warning that it works but
 // probably not as intended.
-import { HINT_MAX_INTERVAL_MS, HINT_MAX_NAMES, HINT_MIN_INTERVAL_MS, policyLine } from '../agent/hints.js';
+import { HINT_MAX_INTERVAL_MS, HINT_MAX_NAMES, HINT_MIN_INTERVAL_MS, policyLine } from '../common/hint-protocol.js';
 import { MEM_CHUNK_SIZE } from '../common/constants.js';
 import { LetheError } from '../common/errors.js';
 import type { Finding } from './diagnostics.js';
