@@ -137,6 +137,7 @@ interface CachedOrder {
 // Per server, the last order computed for each image: aggregating millions of
 // pages holds the event loop for a while, and resumes between uploads reuse it.
 const cached = new WeakMap<Ctx, Map<string, CachedOrder>>();
+const ORDERS_CACHED = 64;
 
 /** The aggregated prefetch order for the lease's image and how many traces it came from. */
 export function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): { order: Uint32Array; traces: number } {
@@ -149,6 +150,8 @@ export function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): { order:
   if (hit?.key === key) return { order: hit.order, traces: ids.length };
   const rows = q(ctx.db, 'SELECT data FROM traces WHERE image_id = ? ORDER BY id').all(l.image_id) as { data: Buffer }[];
   const order = aggregateOrder(rows.map((r) => decodePages(r.data)), memChunks);
+  // Bounded: removed images' orders do not stay for the server's lifetime.
+  if (memo.size >= ORDERS_CACHED) memo.clear();
   memo.set(l.image_id, { key, order });
   return { order, traces: rows.length };
 }
