@@ -10,7 +10,6 @@
 // page's TLB entry on every core), and a fault opens one key.
 import sodium from 'sodium-native';
 import { KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS } from '../common/constants.js';
-import { wipe } from '../common/crypto.js';
 
 
 export class KeyRing {
@@ -193,11 +192,8 @@ export class KeyRing {
     return this.slabs.every((s, n) => this.useOne(n * this.slabSlots, () => s.every((b) => b === 0)));
   }
 
+  /** Zeroes every key; the slabs stay closed (PROT_NONE) until the GC frees them. */
   destroy(): void {
     this.zeroAll();
-    for (const s of this.slabs) {
-      sodium.sodium_mprotect_readwrite(s);
-      wipe(s);
-    }
   }
 }

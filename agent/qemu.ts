@@ -317,7 +317,6 @@ export class Vm {
     });
   }
 
-  /** Asks QEMU to quit over QMP, and kills it if it has not exited within 10 s. */
   /**
    * Saves the device state, without the shared RAM (x-ignore-shared), to a migration
    * URI (`exec:…`, `unix:…`) and waits for it to complete. Call with the vCPUs stopped.
@@ -338,6 +337,7 @@ export class Vm {
     }
   }
 
+  /** Asks QEMU to quit over QMP, and kills it if it has not exited within 10 s. */
   async quit(): Promise<ExitStatus> {
     if (!this.status) {
       const timer = setTimeout(() => this.proc.kill('SIGKILL'), QUIT_TIMEOUT_MS);
