@@ -17,6 +17,7 @@ import { table } from '../cli/output.js';
 import { loadPolicyFile } from '../policies/index.js';
 import { parseTrace, simulateWithBaselines } from '../policies/simulate.js';
 import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
+import { verifyPasses } from '../test/helpers/guest.js';
 import { ROOT, lethe, startAgentProc, startServer, waitFor, type ServerProc } from '../test/helpers/proc.js';
 
 const { values } = parseArgs({
@@ -31,7 +32,6 @@ const { values } = parseArgs({
 });
 
 const IMAGE = 'bench';
-const VERIFY = /guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/;
 
 interface Run {
   name: string;
@@ -56,11 +56,11 @@ async function resume(s: ServerProc, name: string, args: string[], until = 1): P
   const t0 = Date.now();
   const a = await startAgentProc(d.home, IMAGE, ['--vm', '--accel', 'tcg', ...args]);
   try {
-    await waitFor(async () => [...a.log().matchAll(new RegExp(VERIFY, 'g'))].length >= until || undefined, 300_000, `${until} verify pass(es)`);
+    await waitFor(async () => verifyPasses(a.log()).length >= until || undefined, 300_000, `${until} verify pass(es)`);
     const seconds = (Date.now() - t0) / 1000;
     const st = await control<AgentStatus>(d.home, { cmd: 'status' });
     const startup = /startup buffer: (\d+) page/.exec(a.log());
-    for (const m of a.log().matchAll(new RegExp(VERIFY, 'g'))) if (m[3] !== '0') throw new Error(`bad pages in ${name}: ${m[0]}`);
+    for (const p of verifyPasses(a.log())) if (p.bad !== 0) throw new Error(`bad pages in ${name}: pass ${p.pass} bad=${p.bad}`);
     a.proc.kill('SIGTERM');
     await a.exited;
     return {
@@ -91,7 +91,8 @@ async function main() {
     // The recording session: short idle time so re-faults show re-use; the guest driver reports the workload.
     await setPolicy(s, dir, 'sensitive:\n  memory: all\n  processes: [lethe-workload]\neviction:\n  idle: 1s\nprefetch:\n  order: none\nhints:\n  interval: 1s\n');
     const trace = path.join(dir, 'session.trace.jsonl');
-    await resume(s, 'recording', ['--trace', trace], Number(values['record-passes']));
+    const recording = await resume(s, 'recording', ['--trace', trace], Number(values['record-passes']));
+    if (!/first-touch order of \d+ page\(s\) uploaded/.test(recording.log)) throw new Error('the recording session left no first-touch order at the server');
 
     const startup = String(values.startup);
     const slow = '  bandwidth: 16KiB/s\n'; // background prefetch too slow to matter: the startup buffer decides
@@ -132,7 +133,7 @@ async function main() {
             r.faults,
             r.keyReleases,
             r.sensitivePlaintextSeconds.toFixed(1),
-            (r.sensitivePlaintextSeconds / results[1].sensitivePlaintextSeconds).toFixed(3),
+            (r.sensitivePlaintextSeconds / results.find((x) => x.name === 'no eviction')!.sensitivePlaintextSeconds).toFixed(3),
             (r.peakSensitiveBytes / 2 ** 20).toFixed(1),
           ]),
         ),

@@ -9,15 +9,13 @@ import { control } from '../../agent/control.js';
 import type { AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { verifyPasses } from '../helpers/guest.js';
 import { findFd, plantedHits, scanProcess, scanTree } from '../helpers/scan.js';
 
 const IDLE_S = 1;
 const INTERVAL_S = 8;
 const LEASE_TTL_S = 20;
 
-
-
-const passes = (log: string) => [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
 
 describe('eviction and suspend (real server, agents and QEMU)', function () {
   this.timeout(240_000);
@@ -79,8 +77,8 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
 
   it('evicts pages while the workload verifies them: every check passes, changed pages are kept', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
-    await waitFor(async () => passes(agent!.log()).length >= 2 || undefined, 180_000, 'two verify passes');
-    const ps = passes(agent.log());
+    await waitFor(async () => verifyPasses(agent!.log()).length >= 2 || undefined, 180_000, 'two verify passes');
+    const ps = verifyPasses(agent.log());
     for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
     expect(ps[0].ok).to.equal(4096);
     expect(agent.log()).to.not.contain('LETHE-VERIFY-BAD');
@@ -100,8 +98,8 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(ram, 'QEMU holds its RAM file').to.be.a('string');
     // While a pass runs, the pages it touches are resident: the scan can see them.
     await waitFor(async () => plantedHits(ram!, marker).length > 0 || undefined, 60_000, 'planted pages in guest RAM during a pass');
-    const n = passes(agent!.log()).length;
-    await waitFor(async () => passes(agent!.log()).length > n || undefined, 60_000, 'the end of a verify pass');
+    const n = verifyPasses(agent!.log()).length;
+    await waitFor(async () => verifyPasses(agent!.log()).length > n || undefined, 60_000, 'the end of a verify pass');
     // Idle time, plus an eviction tick, plus margin; the next pass is INTERVAL_S after.
     await new Promise((r) => setTimeout(r, (IDLE_S + 1.5) * 1000));
     // The guest's kernel may touch a planted page on its own (page scanning), which
@@ -120,14 +118,14 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
       ...scanTree('/dev/shm', marker),
     ];
     const after = await control<AgentStatus>(dev.home, { cmd: 'status' });
-    expect(passes(agent!.log()).length, 'no pass ran during the scan').to.be.lessThan(n + 2);
+    expect(verifyPasses(agent!.log()).length, 'no pass ran during the scan').to.be.lessThan(n + 2);
     expect(hits, JSON.stringify(after.vm)).to.deep.equal([]);
     expect(after.vm!.eviction.evicted).to.be.greaterThan(st.vm!.eviction.evicted);
     expect(after.vm!.eviction.kept, 'pages kept resident').to.equal(0);
   });
 
   it('suspends on one device and resumes on another: the workload carries on with no bad page', async () => {
-    const before = passes(agent!.log());
+    const before = verifyPasses(agent!.log());
     const r = await lethe(['agent', 'suspend', '--home', dev.home, '--json']);
     expect(r.code, r.stderr).to.equal(0);
     const out = JSON.parse(r.stdout) as { version: number; pages: number; stateBytes: number };
@@ -137,8 +135,8 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(fs.readdirSync('/dev/shm').filter((f) => f.startsWith('lethe-ram-'))).to.deep.equal([]);
 
     agent2 = await startAgentProc(other.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
-    await waitFor(async () => passes(agent2!.log()).length >= 2 || undefined, 180_000, 'two verify passes on the other device');
-    const ps = passes(agent2.log());
+    await waitFor(async () => verifyPasses(agent2!.log()).length >= 2 || undefined, 180_000, 'two verify passes on the other device');
+    const ps = verifyPasses(agent2.log());
     for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
     // The same run of the workload, not a new boot: its pass count goes on.
     expect(ps[0].pass).to.be.greaterThan(before[before.length - 1].pass);
@@ -151,7 +149,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     agent2!.proc.kill('SIGKILL');
     await agent2!.exited;
     agent3 = await startAgentProc(dev.home, 'vm-lease', ['--vm', '--accel', 'tcg', '--no-prefetch']);
-    await waitFor(async () => passes(agent3!.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    await waitFor(async () => verifyPasses(agent3!.log()).length >= 1 || undefined, 180_000, 'a verify pass');
     const before = await control<AgentStatus>(dev.home, { cmd: 'status' });
     // The idle time is not reached: pages stay, but those the guest reports free (free-pages: evict).
     expect(before.vm!.eviction.idle, 'no page evicted for idleness').to.equal(0);
@@ -175,8 +173,8 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(plantedHits(ram, marker)).to.deep.equal([]);
 
     s = await s.restart();
-    const n = passes(agent3.log()).length;
-    await waitFor(async () => passes(agent3!.log()).length > n || undefined, 180_000, 'a verify pass after the server came back');
-    for (const p of passes(agent3.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    const n = verifyPasses(agent3.log()).length;
+    await waitFor(async () => verifyPasses(agent3!.log()).length > n || undefined, 180_000, 'a verify pass after the server came back');
+    for (const p of verifyPasses(agent3.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
   });
 });

@@ -10,12 +10,11 @@ import type { AgentStatus } from '../../agent/daemon.js';
 import { parseTrace } from '../../policies/simulate.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { verifyPasses } from '../helpers/guest.js';
 import { findFd, plantedHits } from '../helpers/scan.js';
 
 const INTERVAL_S = 6;
 const WORKLOAD_PAGES = 4096;
-
-const passes = (log: string) => [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
 
 
 const status = (d: TestDevice) => control<AgentStatus>(d.home, { cmd: 'status' });
@@ -81,7 +80,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     const d = await device('laptop-hinted', 'hinted');
     const trace = path.join(dir, 'hinted.trace.jsonl');
     const a = await agentOn(d, 'hinted', ['--no-prefetch', '--trace', trace]);
-    await waitFor(async () => passes(a.log()).length >= 2 || undefined, 180_000, 'two verify passes');
+    await waitFor(async () => verifyPasses(a.log()).length >= 2 || undefined, 180_000, 'two verify passes');
     // The workload's pages go once idle, and come back with each pass: a pass's worth of evictions.
     const st = await waitFor(async () => {
       const now = await status(d);
@@ -93,7 +92,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     expect(vm.hints.lastReport!.procs, 'the workload matched').to.be.at.least(1);
     // Most of the workload's pages at any one report (a resumed guest's report was seen a few hundred short).
     expect(vm.hints.lastReport!.sensitiveFrames).to.be.at.least((3 * WORKLOAD_PAGES) / 4);
-    for (const p of passes(a.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    for (const p of verifyPasses(a.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
     // ... while the kernel's and other processes' pages stay (a resumed guest has touched ~1,800 of them by now).
     const others = vm.residentPages.pages - vm.residentPages.sensitive;
     expect(others).to.be.at.least(1000);
@@ -101,8 +100,8 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
 
     // Between passes, once the idle time is over, no planted page is in guest RAM.
     const ram = findFd(vm.pid, /lethe-ram-.*\(deleted\)$/)!;
-    const n = passes(a.log()).length;
-    await waitFor(async () => passes(a.log()).length > n || undefined, 60_000, 'the end of a verify pass');
+    const n = verifyPasses(a.log()).length;
+    await waitFor(async () => verifyPasses(a.log()).length > n || undefined, 60_000, 'the end of a verify pass');
     await new Promise((r) => setTimeout(r, 3_500));
     let planted = plantedHits(ram, marker).length;
     for (let i = 0; i < 3 && planted > 0; i++) {
@@ -125,7 +124,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
   it('trace-learned prefetch: the second resume, on another device, waits on the server far less than the first', async () => {
     const first = await device('laptop-1', 'learned');
     const a = await agentOn(first, 'learned', []);
-    await waitFor(async () => passes(a.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    await waitFor(async () => verifyPasses(a.log()).length >= 1 || undefined, 180_000, 'a verify pass');
     const demand1 = (await status(first)).fetch.demandBatches;
     a.proc.kill('SIGTERM');
     expect(await a.exited).to.equal(0);
@@ -133,10 +132,10 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
 
     const second = await device('laptop-2', 'learned');
     const b = await agentOn(second, 'learned', []);
-    await waitFor(async () => passes(b.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    await waitFor(async () => verifyPasses(b.log()).length >= 1 || undefined, 180_000, 'a verify pass');
     const demand2 = (await status(second)).fetch.demandBatches;
     expect(b.log()).to.match(/startup buffer: \d+ page\(s\) fetched \(\d+ planned, learned order of \d+\)/);
-    for (const p of [...passes(a.log()), ...passes(b.log())]) expect(p.bad).to.equal(0);
+    for (const p of [...verifyPasses(a.log()), ...verifyPasses(b.log())]) expect(p.bad).to.equal(0);
     console.log(`      demand requests to the first verify pass: first resume ${demand1}, second ${demand2}`);
     expect(demand2).to.be.below(demand1 / 2);
   });

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { control } from '../../agent/control.js';
 import type { AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
+import { verifyPasses } from '../helpers/guest.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 
 const alive = (pid: number) => fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ');
@@ -47,9 +48,9 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
   it('resumes the guest with every page served on first touch; the workload finds no bad page', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
     await waitFor(async () => /guest: LETHE-VERIFY pass=2 ok=\d+ bad=\d+/.test(agent!.log()) || undefined, 120_000, 'two verify passes');
-    const passes = [...agent.log().matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)];
-    for (const p of passes) expect(Number(p[3]), `pass ${p[1]}`).to.equal(0);
-    expect(Number(passes[0][2])).to.equal(4096);
+    const passes = verifyPasses(agent.log());
+    for (const p of passes) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    expect(passes[0].ok).to.equal(4096);
     expect(agent.log()).to.not.contain('LETHE-VERIFY-BAD');
     const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
     expect(st.vm!.faults).to.be.greaterThan(1000);

@@ -107,6 +107,11 @@ export async function agentInProcess(
   await assign(s, d.deviceId, image);
   d.close();
   const agent = startAgent({ home: d.home, image, cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
-  await agent.lease.whenActive();
+  try {
+    await agent.lease.whenActive();
+  } catch (e) {
+    agent.stop();
+    throw e;
+  }
   return { agent, home: d.home, img };
 }

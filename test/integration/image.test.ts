@@ -8,9 +8,8 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { admin } from '../helpers/fixtures.js';
 import { lethe, ROOT, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
-import { agentInProcess, rejects } from '../helpers/fixtures.js';
+import { admin, agentInProcess, rejects } from '../helpers/fixtures.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
 
