@@ -5,7 +5,7 @@
 // for the agent warm (ciphertext cached, decrypted on read) and cold (empty
 // cache: every chunk fetched from a real server on loopback, keys too).
 //
-//   node --import tsx bench/nbd-read.ts [--mib 128] [--reads 4000] [--json]
+//   node --import tsx bench/nbd-read.ts [--mib 128] [--reads 4000] [--phases cold,warm,hot] [--json]
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -20,10 +20,17 @@ import type { AgentStatus } from '../agent/daemon.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({
-  options: { mib: { type: 'string', default: '128' }, reads: { type: 'string', default: '4000' }, json: { type: 'boolean', default: false } },
+  options: {
+    mib: { type: 'string', default: '128' },
+    reads: { type: 'string', default: '4000' },
+    phases: { type: 'string', default: 'cold,warm,hot' },
+    json: { type: 'boolean', default: false },
+  },
 });
 const SIZE = Number(values.mib) * 1024 * 1024;
 const READS = Number(values.reads);
+const PHASES = values.phases.split(',') as ('cold' | 'warm' | 'hot')[];
+for (const p of PHASES) if (!['cold', 'warm', 'hot'].includes(p)) throw new Error(`--phases: unknown phase "${p}" (cold, warm, hot)`);
 
 async function seq(uri: string): Promise<number> {
   const t0 = process.hrtime.bigint();
@@ -60,7 +67,6 @@ async function main(): Promise<void> {
     const results: Record<string, { seqMBs: number; randIops: number }> = {};
     // cold: empty cache; warm: ciphertext prefetched, 32 MiB of decrypted chunks
     // (the default); hot: the whole disk kept decrypted (normal class) after one pass.
-    const PHASES = ['cold', 'warm', 'hot'] as const;
     for (const phase of PHASES) {
       const d = await enrolledDevice(s);
       await assign(s, d.deviceId, 'guest');
@@ -91,7 +97,7 @@ async function main(): Promise<void> {
         ['target', 'sequential MB/s', '× qemu-nbd', 'random 4K IOPS', '× qemu-nbd'],
         [
           ['qemu-nbd (yardstick)', q.seqMBs.toFixed(0), '1.000', q.randIops.toFixed(0), '1.000'],
-          ...(['hot', 'warm', 'cold'] as const).map((p) => [
+          ...(['hot', 'warm', 'cold'] as const).filter((p) => results[p]).map((p) => [
             `lethe agent, ${p}`,
             results[p].seqMBs.toFixed(0),
             (results[p].seqMBs / q.seqMBs).toFixed(3),
@@ -102,7 +108,7 @@ async function main(): Promise<void> {
       ),
     );
     console.log('hot: whole disk decrypted in the agent; warm: ciphertext cached, 32 MiB decrypted; cold: empty cache');
-    for (const p of ['hot', 'warm'] as const) {
+    for (const p of (['hot', 'warm'] as const).filter((p) => results[p])) {
       console.log(`target ≥ 0.8× qemu-nbd, ${p}: sequential ${(results[p].seqMBs / q.seqMBs).toFixed(2)}×, random ${(results[p].randIops / q.randIops).toFixed(2)}×`);
     }
   } finally {

@@ -17,7 +17,7 @@ import {
   type ChunkKind,
   type Sensitivity,
 } from './constants.js';
-import { deriveKey, deriveKeyInto, openInto, seal, tampered, type SecretKey } from './crypto.js';
+import { deriveKey, deriveKeyInto, openInto, openRangeInto, seal, tampered, verifyBoxed, type SecretKey } from './crypto.js';
 
 export interface ChunkCoord {
   imageId: Buffer; // 16 bytes
@@ -73,6 +73,22 @@ export function encryptChunk(key: Uint8Array, c: ChunkCoord, plaintext: Uint8Arr
 export function decryptChunkInto(out: Uint8Array, key: Uint8Array, c: ChunkCoord, blob: Uint8Array): void {
   if (blob.length < 1 || blob[0] !== CHUNK_FORMAT_VERSION) throw tampered();
   openInto(out, key, blob.subarray(1), chunkAd(c));
+}
+
+/**
+ * True when a chunk blob is authentic for this coordinate under `key` (the
+ * check decryptChunkInto makes), without decrypting it.
+ */
+export function verifyChunk(key: Uint8Array, c: ChunkCoord, blob: Uint8Array): boolean {
+  return blob.length >= 1 && blob[0] === CHUNK_FORMAT_VERSION && verifyBoxed(key, blob.subarray(1), chunkAd(c));
+}
+
+/**
+ * Decrypts plaintext bytes [from, from + out.length) of a blob verifyChunk()
+ * accepted and nothing else. The blob must not have changed since.
+ */
+export function decryptChunkRangeInto(out: Uint8Array, key: Uint8Array, blob: Uint8Array, from: number): void {
+  openRangeInto(out, key, blob.subarray(1), from);
 }
 
 export function plaintextSize(blob: Uint8Array): number {

@@ -87,6 +87,77 @@ export function openInto(out: Uint8Array, key: Uint8Array, boxed: Uint8Array, ad
   }
 }
 
+/** Poly1305's zero padding, and room for the two lengths that end the MAC input. */
+const PAD16 = Buffer.alloc(16);
+// Scratch for the two functions below; the secret parts are locked and wiped after each use.
+const macState = secureBuffer(sodium.crypto_onetimeauth_STATEBYTES);
+const macKey = secureBuffer(sodium.crypto_onetimeauth_KEYBYTES);
+const blockScratch = secureBuffer(64);
+const macOut = Buffer.alloc(TAG_BYTES);
+const macLengths = Buffer.alloc(16);
+
+/**
+ * Checks the tag of nonce ‖ ciphertext ‖ tag, as openInto() would, without
+ * decrypting anything; true when it is authentic under `key` and `ad`.
+ *
+ * libsodium's XChaCha20-Poly1305 (IETF) is ChaCha20 under the subkey
+ * HChaCha20(key, nonce[0..16]) with the nonce 0⁴ ‖ nonce[16..24]: block 0's
+ * first 32 bytes are the Poly1305 key, the message starts at block 1, and the
+ * tag is Poly1305(ad ‖ pad16 ‖ ciphertext ‖ pad16 ‖ le64(|ad|) ‖ le64(|ct|)).
+ * crypto_stream_xchacha20 (a 64-bit counter over the 8-byte nonce tail) makes
+ * the same keystream for every counter below 2³², which a chunk never reaches.
+ */
+export function verifyBoxed(key: Uint8Array, boxed: Uint8Array, ad: Uint8Array): boolean {
+  if (boxed.length < NONCE_BYTES + TAG_BYTES) return false;
+  const nonce = boxed.subarray(0, NONCE_BYTES);
+  const ct = boxed.subarray(NONCE_BYTES, boxed.length - TAG_BYTES);
+  try {
+    sodium.crypto_stream_xchacha20(macKey, nonce, key);
+    sodium.crypto_onetimeauth_init(macState, macKey);
+    sodium.crypto_onetimeauth_update(macState, ad);
+    sodium.crypto_onetimeauth_update(macState, PAD16.subarray(0, (16 - (ad.length % 16)) % 16));
+    sodium.crypto_onetimeauth_update(macState, ct);
+    sodium.crypto_onetimeauth_update(macState, PAD16.subarray(0, (16 - (ct.length % 16)) % 16));
+    macLengths.writeBigUInt64LE(BigInt(ad.length), 0);
+    macLengths.writeBigUInt64LE(BigInt(ct.length), 8);
+    sodium.crypto_onetimeauth_update(macState, macLengths);
+    sodium.crypto_onetimeauth_final(macState, macOut);
+    return sodium.sodium_memcmp(macOut, boxed.subarray(boxed.length - TAG_BYTES));
+  } finally {
+    wipe(macKey);
+    wipe(macState);
+  }
+}
+
+/**
+ * Decrypts plaintext bytes [from, from + out.length) of a box whose tag
+ * verifyBoxed() has already accepted: only those bytes are ever in the clear.
+ * The caller must keep the box unchanged between the check and this call.
+ */
+export function openRangeInto(out: Uint8Array, key: Uint8Array, boxed: Uint8Array, from: number): void {
+  const ctLen = boxed.length - NONCE_BYTES - TAG_BYTES;
+  if (from < 0 || from + out.length > ctLen) throw new RangeError(`range ${from}+${out.length} is outside a ${ctLen}-byte box`);
+  const nonce = boxed.subarray(0, NONCE_BYTES);
+  const ct = boxed.subarray(NONCE_BYTES, NONCE_BYTES + ctLen);
+  let done = 0;
+  const lead = from % 64;
+  if (lead !== 0 && out.length > 0) {
+    // The counter counts 64-byte blocks: decrypt the first block whole and keep its tail.
+    const start = from - lead;
+    const block = blockScratch.subarray(0, Math.min(64, ctLen - start));
+    try {
+      sodium.crypto_stream_xchacha20_xor_ic(block, ct.subarray(start, start + block.length), nonce, 1 + start / 64, key);
+      done = Math.min(64 - lead, out.length);
+      out.set(block.subarray(lead, lead + done));
+    } finally {
+      wipe(blockScratch);
+    }
+  }
+  if (done < out.length) {
+    const at = from + done;
+    sodium.crypto_stream_xchacha20_xor_ic(out.subarray(done), ct.subarray(at, from + out.length), nonce, 1 + at / 64, key);
+  }
+}
 export function open(key: Uint8Array, boxed: Uint8Array, ad: Uint8Array): Buffer {
   if (boxed.length < NONCE_BYTES + TAG_BYTES) throw tampered();
   const out = Buffer.alloc(boxed.length - NONCE_BYTES - TAG_BYTES);
