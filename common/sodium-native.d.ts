@@ -23,6 +23,13 @@ declare module 'sodium-native' {
     randombytes_buf(buf: Buf): void;
     crypto_aead_xchacha20poly1305_ietf_encrypt(c: Buf, m: Buf, ad: Buf | null, nsec: null, npub: Buf, k: Buf): number;
     crypto_aead_xchacha20poly1305_ietf_decrypt(m: Buf, nsec: null, c: Buf, ad: Buf | null, npub: Buf, k: Buf): number;
+    crypto_stream_xchacha20(c: Buf, n: Buf, k: Buf): void;
+    crypto_stream_xchacha20_xor_ic(c: Buf, m: Buf, n: Buf, ic: number, k: Buf): void;
+    crypto_onetimeauth_STATEBYTES: number;
+    crypto_onetimeauth_KEYBYTES: number;
+    crypto_onetimeauth_init(state: Buf, k: Buf): void;
+    crypto_onetimeauth_update(state: Buf, m: Buf): void;
+    crypto_onetimeauth_final(state: Buf, out: Buf): void;
     crypto_box_keypair(pk: Buf, sk: Buf): void;
     crypto_box_seal(c: Buf, m: Buf, pk: Buf): void;
     crypto_box_seal_open(m: Buf, c: Buf, pk: Buf, sk: Buf): boolean;
