@@ -24,6 +24,28 @@ export class BufferPool {
     return b ? Promise.resolve(b) : new Promise((r) => this.waiters.push(r));
   }
 
+  /** A whole buffer of `size` bytes, or undefined when none came free within `ms`. */
+  takeWithin(ms: number): Promise<Buffer | undefined> {
+    const b = this.free.pop();
+    if (b) return Promise.resolve(b);
+    return new Promise((resolve) => {
+      const waiter = (got: Buffer) => {
+        clearTimeout(timer);
+        resolve(got);
+      };
+      const timer = setTimeout(() => {
+        this.waiters.splice(this.waiters.indexOf(waiter), 1);
+        resolve(undefined);
+      }, ms);
+      this.waiters.push(waiter);
+    });
+  }
+
+  /** True for a buffer take() or tryTake() gave (or a view of one), which give() takes back. */
+  owns(b: Buffer): boolean {
+    return b.buffer === this.slab.buffer && b.byteOffset >= this.slab.byteOffset && b.byteOffset < this.slab.byteOffset + this.slab.length;
+  }
+
   /** Zeroes a buffer from take() and hands it to the next waiter, or back to the pool. */
   give(b: Buffer): void {
     wipe(b);

@@ -6,11 +6,12 @@
 // and by its AEAD tag before a byte of plaintext is handed out; a chunk that
 // fails is refused and reported, never served.
 import { canonical } from '../common/audit-hash.js';
-import { CHUNK_SIZE, KEY_BYTES, MANIFEST_CONTEXT, MAX_BATCH, type ChunkKind, type Sensitivity } from '../common/constants.js';
-import { chunkKeyInto, decryptChunkInto, encryptChunk, type ChunkCoord } from '../common/chunk.js';
-import { b64u, openSealed, secureBuffer, sha256, verify, wipe } from '../common/crypto.js';
+import { CHUNK_SIZE, DISK_CHECKED_BYTES, KEY_BYTES, MANIFEST_CONTEXT, MAX_BATCH, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { chunkKeyInto, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../common/chunk.js';
+import { b64u, openSealed, secureBuffer, sha256, tampered, verify, wipe } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import type { ChunkCache, CacheKey } from './cache.js';
+import { CheckedBlobs } from './checked-blobs.js';
 import { encodeChunkFrame } from '../common/frames.js';
 import type { Manifest } from './device-client.js';
 import type { ChunkRef, Fetcher } from './fetcher.js';
@@ -62,7 +63,13 @@ export class AgentCore {
     private readonly keys: KeyRing,
     private readonly fetcher: Fetcher,
     private readonly lease: LeaseKeeper,
-  ) {}
+    checkedBytes = DISK_CHECKED_BYTES,
+  ) {
+    this.checked = new CheckedBlobs(checkedBytes);
+  }
+
+  /** Blobs readRange() has checked, kept so that later reads of parts of them decrypt only those parts. */
+  readonly checked: CheckedBlobs;
 
   /** The draft generation this device's writes are encrypted for, once it has written (or adopted earlier writes). */
   writeGen?: number;
@@ -306,7 +313,24 @@ export class AgentCore {
     }
   }
 
-  private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean): Promise<ReadSource> {
+  /**
+   * Reads plaintext bytes [from, from + out.length) of a chunk into `out`, and
+   * decrypts nothing else: the chunk's tag is checked once, when its blob comes
+   * from the cache or the server, and the checked blob is kept in memory
+   * (`checked`) for the next read. The caller zeroes `out` after use. Waits for
+   * a lease if there is none; throws as readInto() does.
+   */
+  async readRange(kind: ChunkKind, index: number, from: number, out: Buffer): Promise<ReadSource> {
+    await this.lease.whenActive();
+    try {
+      return await this.read(kind, index, out, false, from);
+    } catch (e) {
+      wipe(out);
+      throw e;
+    }
+  }
+
+  private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean, from?: number): Promise<ReadSource> {
     this.stats.reads++;
     const e = this.entries[kind].get(index);
     if (!e) {
@@ -315,7 +339,9 @@ export class AgentCore {
       if (resident) this.markResident(kind, index, this.classOf(kind, index) ?? 'sensitive', out.length);
       return 'zero';
     }
-    let { blob, source } = await this.blob(kind, index, e);
+    const id = this.keyId(kind, index, e.gen);
+    let checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
+    let { blob, source } = checked ? { blob: checked, source: 'cache' as const } : await this.blob(kind, index, e);
     if (!this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) {
       // A chunk this device wrote (before a restart, say) is keyed for the write
       // generation: its key comes as a write key. Others: sensitive keys by release.
@@ -326,13 +352,23 @@ export class AgentCore {
     for (let attempt = 0; ; attempt++) {
       if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no key for ${kind} chunk ${index}: the lease ended`);
       try {
-        decryptChunkInto(out, this.scratch, this.coord(kind, index, e), blob);
+        if (from === undefined) decryptChunkInto(out, this.scratch, this.coord(kind, index, e), blob);
+        else {
+          if (!checked) {
+            if (!verifyChunk(this.scratch, this.coord(kind, index, e), blob)) throw tampered();
+            this.checked.put(id, e.ctHash, blob);
+          }
+          decryptChunkRangeInto(out, this.scratch, blob, from);
+        }
         break;
       } catch (err) {
+        if (err instanceof RangeError) throw err; // a range outside the chunk: the caller's mistake
         if (source !== 'cache' || attempt > 0) {
           this.stats.tampered++;
           throw new LetheError('TAMPERED', `${kind} chunk ${index} failed authentication; refused`, { cause: err });
         }
+        this.checked.delete(id);
+        checked = undefined;
         this.cache.drop(this.cacheKey(kind, index, e));
         ({ blob, source } = await this.blob(kind, index, e));
       } finally {
@@ -419,6 +455,8 @@ export class AgentCore {
       e.ctHash = sha256(blob).toString('base64url');
       this.cache.put(this.cacheKey(kind, index, e), blob, true, e.cls);
       this.entries[kind].set(index, e);
+      // Encrypted here, so checked: a read of part of it decrypts only that part.
+      if (kind === 'disk') this.checked.put(this.keyId(kind, index, gen), e.ctHash, blob);
       this.stats.writes++;
     } finally {
       wipe(this.scratch);

@@ -41,8 +41,8 @@ export interface AgentOptions {
   prefetch: boolean;
   /** Where to serve the VM disk over NBD (default: nbd.sock in the device home); null: not at all. */
   nbd?: NbdAddress | null;
-  /** Bytes of normal-class disk plaintext kept decrypted for reads (default 32 MiB). */
-  diskPlainBytes?: number;
+  /** Bytes of checked disk ciphertext kept in memory for reads (default DISK_CHECKED_BYTES). */
+  diskMemoryBytes?: number;
   /** Resume the image's VM post-copy under QEMU (the test guest's kernel), with this accelerator. */
   vm?: { accel: AccelChoice; trace?: string };
   log?: (line: string) => void;
@@ -121,7 +121,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   const keys = new KeyRing();
   const lease = new LeaseKeeper(urgent, id, keys, o.image, o.heartbeatMs);
   const fetcher = new Fetcher(urgent, background, () => lease.leaseId());
-  const core = new AgentCore(id, cache, keys, fetcher, lease);
+  const core = new AgentCore(id, cache, keys, fetcher, lease, o.diskMemoryBytes);
   const prefetch = { done: 0, total: 0, running: false };
   let finish!: (code: number) => void;
   const done = new Promise<number>((r) => (finish = r));
@@ -230,7 +230,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   };
   const startNbd = async () => {
     if (nbd || o.nbd === null || stopped) return;
-    disk = new AgentDiskBackend(core, o.diskPlainBytes === undefined ? undefined : Math.floor(o.diskPlainBytes / DISK_CHUNK_SIZE));
+    disk = new AgentDiskBackend(core);
     nbd = new NbdServer(new Map([[o.image, disk]]), { defaultExport: o.image });
     const at = await nbd.listen(o.nbd ?? { path: path.join(o.home, 'nbd.sock') });
     log(`disk served over NBD at ${'path' in at ? at.path : `${at.host}:${at.port}`} (export '${o.image}', ${core.sizeOf('disk')} bytes)`);
@@ -309,7 +309,6 @@ export function startAgent(o: AgentOptions): RunningAgent {
     holdForLease();
     // Keys are gone: pages unchanged since they arrived are punched out; any changed
     // page left (beforeExpiry should have taken it) stays until a new lease.
-    disk?.dropPlaintext();
     // With a VM the evictor tells the core which pages left; a changed page it must keep stays counted.
     if (vm) vm.evictor.evictAllSensitive('the lease expired').catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
     else core.evictAllSensitive();

@@ -4,7 +4,7 @@
 // and /sys tree for cases this machine is not in.
 import fs from 'node:fs';
 import path from 'node:path';
-import { DISK_CHUNK_SIZE, DISK_PLAIN_CHUNKS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS, MEM_CHUNK_SIZE } from '../common/constants.js';
+import { DISK_CHUNK_SIZE, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS, MEM_CHUNK_SIZE } from '../common/constants.js';
 import { LetheError, errorChain } from '../common/errors.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -39,7 +39,7 @@ const locked = (bytes: number) => Math.ceil((bytes + 16) / PAGE) * PAGE;
 
 // What the agent locks with sodium_malloc at its defaults (common/constants.ts).
 const AGENT_LOCKS = {
-  diskPlainLru: locked(DISK_PLAIN_CHUNKS * DISK_CHUNK_SIZE), // --disk-plain-cache 32M
+  diskReplies: locked(DISK_REPLY_BUFFERS * DISK_REPLY_BUFFER_BYTES),
   diskTransit: locked(DISK_TRANSIT_BUFFERS * DISK_CHUNK_SIZE),
   pagePool: locked(FAULT_PAGE_BUFFERS * MEM_CHUNK_SIZE),
   keySlab: locked(KEY_SLAB_SLOTS * KEY_BYTES),
@@ -51,7 +51,7 @@ const AGENT_LOCKS = {
 /** Bytes the agent locks once it serves a VM, and with its key ring grown to the full. */
 export function agentLockedBytes(): { atStart: number; atMost: number } {
   const l = AGENT_LOCKS;
-  const atStart = l.diskPlainLru + l.diskTransit + l.pagePool + l.keySlab + l.scratch;
+  const atStart = l.diskReplies + l.diskTransit + l.pagePool + l.keySlab + l.scratch;
   return { atStart, atMost: atStart + (l.keySlabs - 1) * l.keySlab };
 }
 
@@ -348,7 +348,7 @@ function checkMemlock(h: Host): Omit<HostCheck, 'id'> {
   if (canLockAnything(h)) return { status: 'ok', found: `${who} has CAP_IPC_LOCK, so its locked-memory limit (${bytes(soft)}) does not apply`, fix: '' };
   if (soft >= need.atMost) return { status: 'ok', found: `the locked-memory limit of ${who} is ${bytes(soft)}; ${wants}`, fix: '' };
   const kib = 2 ** Math.ceil(Math.log2(need.atMost / 1024));
-  const fix = `raise it where the agent starts: LimitMEMLOCK=infinity in its systemd unit (agent/lethe-agent.service has it; check a running agent with --pid), or 'USER - memlock ${kib}' in /etc/security/limits.conf and log in again; or lock less with lethe agent run --disk-plain-cache 4M`;
+  const fix = `raise it where the agent starts: LimitMEMLOCK=infinity in its systemd unit (agent/lethe-agent.service has it; check a running agent with --pid), or 'USER - memlock ${kib}' in /etc/security/limits.conf and log in again`;
   const silent = 'libsodium ignores a refused mlock, so buffers past the limit hold plaintext and keys in memory that can be swapped out';
   const status = soft >= need.atStart ? 'warn' : 'fail';
   return { status, found: `the locked-memory limit of ${who} is ${bytes(soft)}; ${wants}; ${silent}`, fix };

@@ -92,7 +92,7 @@ export function agentCommand(y: Argv) {
             .option('nbd-socket', { type: 'string', describe: 'unix socket for the NBD disk export (default: nbd.sock in the home)' })
             .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead' })
             .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' })
-            .option('disk-plain-cache', { type: 'string', default: '32M', describe: 'normal-class disk plaintext kept decrypted (locked memory)' })
+            .option('disk-memory-cache', { type: 'string', default: '256M', describe: 'checked disk ciphertext kept in memory, so a read decrypts only what it asks for' })
             .option('vm', { type: 'boolean', default: false, describe: "resume the image's VM post-copy under QEMU" })
             .option('accel', { choices: ['auto', 'kvm', 'tcg'] as const, default: 'auto' as const, describe: 'QEMU accelerator for --vm' })
             .option('trace', { type: 'string', describe: 'with --vm: record every fault and guest report to FILE (for lethe policy simulate)' }),
@@ -107,7 +107,7 @@ export function agentCommand(y: Argv) {
             heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat'),
             prefetch: a.prefetch !== false,
             nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
-            diskPlainBytes: parseSize(String(a['disk-plain-cache']), '--disk-plain-cache'),
+            diskMemoryBytes: parseSize(String(a['disk-memory-cache']), '--disk-memory-cache'),
             vm: a.vm ? { accel: a.accel, trace: a.trace === undefined ? undefined : path.resolve(String(a.trace)) } : undefined,
           });
           const stop = () => agent.stop();
