@@ -48,6 +48,8 @@ export class AgentDiskBackend {
 
   /** Plaintext of bytes [offset, offset + length), in a buffer to hand back through release(). */
   async read(offset: number, length: number): Promise<Buffer> {
+    // The NBD server checks ranges first; this keeps any other caller from looping.
+    if (offset < 0 || length < 0 || offset + length > this.size) throw new RangeError(`read of ${length} bytes at ${offset} is outside the ${this.size}-byte disk`);
     // Waiting for a pooled buffer is cheaper than locking a new one, but a client
     // that does not take its replies must not hold up every other read for long.
     const slot = length <= DISK_REPLY_BUFFER_BYTES ? await this.replies.takeWithin(REPLY_WAIT_MS) : undefined;

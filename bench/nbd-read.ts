@@ -2,11 +2,12 @@
 // raw image, same run:
 //   sequential: nbdcopy of the whole export to null: (4 connections)
 //   random:     4 KiB reads at seeded random offsets through one qemu-io (depth 1)
-// for the agent hot (checked ciphertext in memory, the default), warm (ciphertext
-// in the cache file only, each read checked and decrypted from it) and cold
-// (empty cache: every chunk fetched from a real server on loopback, keys too).
+// for the agent warm in memory (the default: checked ciphertext kept in memory,
+// after one pass), warm in the cache file only (--disk-memory-cache 0: each read
+// checks and decrypts a blob from SQLite) and cold (empty cache: every chunk
+// fetched from a real server on loopback, keys too).
 //
-//   node --import tsx bench/nbd-read.ts [--mib 128] [--reads 4000] [--phases cold,warm,hot] [--json]
+//   node --import tsx bench/nbd-read.ts [--mib 128] [--reads 4000] [--phases cold,file,memory] [--reps 3] [--json]
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -24,14 +25,18 @@ const { values } = parseArgs({
   options: {
     mib: { type: 'string', default: '128' },
     reads: { type: 'string', default: '4000' },
-    phases: { type: 'string', default: 'cold,warm,hot' },
+    phases: { type: 'string', default: 'cold,file,memory' },
+    reps: { type: 'string', default: '3' },
     json: { type: 'boolean', default: false },
   },
 });
 const SIZE = Number(values.mib) * 1024 * 1024;
 const READS = Number(values.reads);
-const PHASES = values.phases.split(',') as ('cold' | 'warm' | 'hot')[];
-for (const p of PHASES) if (!['cold', 'warm', 'hot'].includes(p)) throw new Error(`--phases: unknown phase "${p}" (cold, warm, hot)`);
+type Phase = 'cold' | 'file' | 'memory';
+const PHASES = values.phases.split(',') as Phase[];
+const REPS = Number(values.reps);
+const NAMES: Record<Phase, string> = { memory: 'warm, in memory', file: 'warm, cache file', cold: 'cold (server)' };
+for (const p of PHASES) if (!['cold', 'file', 'memory'].includes(p)) throw new Error(`--phases: unknown phase "${p}" (cold, file, memory)`);
 
 async function seq(uri: string): Promise<number> {
   const t0 = process.hrtime.bigint();
@@ -65,53 +70,71 @@ async function main(): Promise<void> {
     await waitFor(async () => fs.existsSync(qsock) || undefined, 10_000, 'qemu-nbd');
     const qemuUri = `nbd+unix:///guest?socket=${qsock}`;
 
-    const results: Record<string, { seqMBs: number; randIops: number }> = {};
-    // cold: empty cache; warm: ciphertext prefetched into the cache file, none kept
-    // in memory; hot: the default memory cache of checked ciphertext, filled by one pass.
-    for (const phase of PHASES) {
+    type Pair = { agent: number; qemuNbd: number };
+    const results: Partial<Record<Phase, { seqMBs: Pair; randIops: Pair }>> = {};
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    /** Runs `agent` and the yardstick back to back REPS times (alternating, so load drifts hit both); medians. */
+    async function paired(agent: () => Promise<number>, yardstick: () => Promise<number>, reps: number): Promise<Pair> {
+      const a: number[] = [];
+      const q: number[] = [];
+      for (let i = 0; i < reps; i++) {
+        a.push(await agent());
+        q.push(await yardstick());
+      }
+      return { agent: median(a), qemuNbd: median(q) };
+    }
+    async function withAgent<T>(phase: Phase, use: (uri: string) => Promise<T>): Promise<T> {
       const d = await enrolledDevice(s);
       await assign(s, d.deviceId, 'guest');
-      const args = phase === 'cold' ? ['--no-prefetch'] : phase === 'warm' ? ['--disk-memory-cache', '0'] : [];
+      const args = phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [];
       const agent = await startAgentProc(d.home, 'guest', args);
       agents.push(agent);
-      const st = () => control<AgentStatus>(d.home, { cmd: 'status' });
-      await waitFor(async () => (await st()).nbd?.address ?? undefined, 20_000, 'the export');
-      if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 120_000, 'prefetch');
-      const uri = `nbd+unix:///guest?socket=${path.join(d.home, 'nbd.sock')}`;
-      if (phase === 'hot') await seq(uri);
-      // Random first (a sequential pass would warm the cache).
-      const randIops = await random(uri, offsets);
-      const seqMBs = await seq(uri);
-      results[phase] = { seqMBs, randIops };
-      await agent.stop();
-      d.close();
+      try {
+        const st = () => control<AgentStatus>(d.home, { cmd: 'status' });
+        await waitFor(async () => (await st()).nbd?.address ?? undefined, 20_000, 'the export');
+        if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 120_000, 'prefetch');
+        const uri = `nbd+unix:///guest?socket=${path.join(d.home, 'nbd.sock')}`;
+        if (phase === 'memory') await seq(uri);
+        return await use(uri);
+      } finally {
+        await agent.stop();
+        d.close();
+      }
     }
-    const q = { seqMBs: await seq(qemuUri), randIops: await random(qemuUri, offsets) };
-    const r = { mib: values.mib, reads: READS, qemuNbd: q, ...results };
+    // cold: a fresh device (empty cache) for each measurement; file: ciphertext
+    // prefetched into the cache file, none kept in memory; memory: the default
+    // memory cache of checked ciphertext, filled by one pass first.
+    for (const phase of PHASES) {
+      if (phase === 'cold') {
+        const randIops = await paired(() => withAgent('cold', (u) => random(u, offsets)), () => random(qemuUri, offsets), 1);
+        const seqMBs = await paired(() => withAgent('cold', (u) => seq(u)), () => seq(qemuUri), 1);
+        results.cold = { seqMBs, randIops };
+      } else {
+        results[phase] = await withAgent(phase, async (uri) => ({
+          randIops: await paired(() => random(uri, offsets), () => random(qemuUri, offsets), REPS),
+          seqMBs: await paired(() => seq(uri), () => seq(qemuUri), REPS),
+        }));
+      }
+    }
+    const r = { mib: values.mib, reads: READS, reps: REPS, ...results };
     if (values.json) {
       process.stdout.write(JSON.stringify(r) + '\n');
       return;
     }
-    console.log(`disk: ${values.mib} MiB of random data; ${READS} random 4 KiB reads at depth 1; yardstick qemu-nbd on the same raw file`);
+    console.log(`disk: ${values.mib} MiB of random data; ${READS} random 4 KiB reads at depth 1; yardstick qemu-nbd on the same raw file, run beside each measurement`);
+    console.log(`medians of ${REPS} alternating runs (cold: one run each, on a fresh device)`);
+    const shown = (['memory', 'file', 'cold'] as const).filter((p) => results[p]);
     console.log(
       table(
-        ['target', 'sequential MB/s', '× qemu-nbd', 'random 4K IOPS', '× qemu-nbd'],
-        [
-          ['qemu-nbd (yardstick)', q.seqMBs.toFixed(0), '1.000', q.randIops.toFixed(0), '1.000'],
-          ...(['hot', 'warm', 'cold'] as const).filter((p) => results[p]).map((p) => [
-            `lethe agent, ${p}`,
-            results[p].seqMBs.toFixed(0),
-            (results[p].seqMBs / q.seqMBs).toFixed(3),
-            results[p].randIops.toFixed(0),
-            (results[p].randIops / q.randIops).toFixed(3),
-          ]),
-        ],
+        ['agent', 'seq MB/s', 'qemu-nbd', '×', 'random 4K IOPS', 'qemu-nbd', '×'],
+        shown.map((p) => {
+          const x = results[p]!;
+          return [NAMES[p], x.seqMBs.agent.toFixed(0), x.seqMBs.qemuNbd.toFixed(0), (x.seqMBs.agent / x.seqMBs.qemuNbd).toFixed(2), x.randIops.agent.toFixed(0), x.randIops.qemuNbd.toFixed(0), (x.randIops.agent / x.randIops.qemuNbd).toFixed(2)];
+        }),
       ),
     );
-    console.log('hot: checked ciphertext in memory (the default 256 MiB holds the disk); warm: ciphertext in the cache file only (--disk-memory-cache 0); cold: empty cache');
-    for (const p of (['hot', 'warm'] as const).filter((p) => results[p])) {
-      console.log(`target ≥ 0.8× qemu-nbd, ${p}: sequential ${(results[p].seqMBs / q.seqMBs).toFixed(2)}×, random ${(results[p].randIops / q.randIops).toFixed(2)}×`);
-    }
+    console.log('warm, in memory: the default --disk-memory-cache (256 MiB) holds the disk after one pass; warm, cache file: --disk-memory-cache 0');
+    console.log('target: warm ≥ 0.8× qemu-nbd (which serves from the page cache)');
   } finally {
     for (const a of agents) await a.stop();
     qnbd.kill();
