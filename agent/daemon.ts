@@ -88,6 +88,8 @@ function buildStatus(
     },
     keys: keys.counts(),
     cache: cache.stats(),
+    /** Checked disk ciphertext kept in memory (--disk-memory-cache). */
+    diskMemory: { chunks: core.checked.count, bytes: core.checked.bytes, limitBytes: core.checked.limitBytes },
     resident: { ...core.resident },
     reads: { ...core.stats },
     fetch: { ...fetcher.stats },

@@ -46,6 +46,7 @@ function statusText(s: AgentStatus): string {
         ['lease', `${l.state}${l.expiresInSeconds !== null ? `, expires in ${l.expiresInSeconds} s (${l.expiresAt})` : ''}, ${l.renewals} renewal(s)`],
         ['keys held', `${s.keys.classKeys} class, ${s.keys.sensitiveKeys} sensitive`],
         ['cache', `${mb(s.cache.bytes)} of ${mb(s.cache.limitBytes)}, ${s.cache.chunks} chunks (${s.cache.dirty} dirty)`],
+        ['disk in memory', `${mb(s.diskMemory.bytes)} of ${mb(s.diskMemory.limitBytes)} checked ciphertext, ${s.diskMemory.chunks} chunks`],
         ['plaintext resident', `${mb(s.resident.sensitive)} sensitive, ${mb(s.resident.normal)} normal`],
         ['reads', `${s.reads.reads} (${s.reads.fromCache} cache, ${s.reads.fromServer} server, ${s.reads.zero} zero), ${s.reads.tampered} refused as tampered`],
         ['evicted', `${s.reads.evicted} chunk(s), ${s.cache.evicted} from the cache`],

@@ -53,6 +53,9 @@ describe('disk range reads (real server)', function () {
     await range(1, 100, 9000);
     await range(CHUNKS - 1, 0, CHUNK - 1000); // the short last chunk
     expect(agent.core.checked.count).to.equal(3);
+    const shown = agent.status().diskMemory;
+    expect(shown.chunks).to.equal(3);
+    expect(shown.bytes).to.be.within(2 * CHUNK + (CHUNK - 1000), 3 * CHUNK + 200);
     let err: unknown;
     await agent.core.readRange('disk', CHUNKS - 1, CHUNK - 1000, Buffer.alloc(1)).catch((e) => (err = e));
     expect(err).to.be.instanceOf(RangeError);
