@@ -41,17 +41,20 @@ export class BufferPool {
     });
   }
 
-  /** True for a buffer take() or tryTake() gave (or a view of one), which give() takes back. */
+  /** True for a buffer from this pool, or a view of one, which give() takes back. */
   owns(b: Buffer): boolean {
     return b.buffer === this.slab.buffer && b.byteOffset >= this.slab.byteOffset && b.byteOffset < this.slab.byteOffset + this.slab.length;
   }
 
-  /** Zeroes a buffer from take() and hands it to the next waiter, or back to the pool. */
+  /** Zeroes a buffer from this pool (or a view of one: its whole buffer goes back) and hands it on. */
   give(b: Buffer): void {
-    wipe(b);
+    const at = b.byteOffset - this.slab.byteOffset;
+    const start = at - (at % this.size);
+    const whole = start === at && b.length === this.size ? b : this.slab.subarray(start, start + this.size);
+    wipe(whole);
     const w = this.waiters.shift();
-    if (w) w(b);
-    else this.free.push(b);
+    if (w) w(whole);
+    else this.free.push(whole);
   }
 
   /** Runs `fn` with a buffer of `length` bytes (≤ size), zeroed and returned after. */

@@ -19,7 +19,7 @@ export class AgentDiskBackend {
   private readonly locks = new Map<number, Promise<void>>();
   /** Transit buffers for read-modify-write: concurrent writes each get their own. */
   private readonly transit = new BufferPool(DISK_TRANSIT_BUFFERS, DISK_CHUNK_SIZE);
-  /** Reply buffers for reads; a read that finds none free (or is longer) gets its own locked buffer. */
+  /** Reply buffers for reads; a longer read, or one that finds none free within REPLY_WAIT_MS, gets its own locked buffer. */
   private readonly replies = new BufferPool(DISK_REPLY_BUFFERS, DISK_REPLY_BUFFER_BYTES);
 
   constructor(private readonly core: AgentCore) {
@@ -77,7 +77,7 @@ export class AgentDiskBackend {
 
   /** Zeroes a buffer read() returned, once its reply has been sent (or has failed). */
   release(buf: Buffer): void {
-    if (this.replies.owns(buf)) this.replies.give(Buffer.from(buf.buffer, buf.byteOffset, DISK_REPLY_BUFFER_BYTES));
+    if (this.replies.owns(buf)) this.replies.give(buf);
     else wipe(buf);
   }
 

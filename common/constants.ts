@@ -61,7 +61,7 @@ export const CHECKPOINT_CONTEXT = 'LETHE-AUDIT-CHECKPOINT-V1';
 // What the agent locks in memory (sodium_malloc); `lethe audit host` checks the limit against them.
 /** Locked reply buffers for NBD reads up to this size; a longer read (rare) gets its own. */
 export const DISK_REPLY_BUFFER_BYTES = 256 * 1024;
-/** 32 × 256 KiB = 8 MiB of locked reply buffers; a read that finds none free gets its own. */
+/** 32 × 256 KiB = 8 MiB of locked reply buffers, shared by every NBD connection. */
 export const DISK_REPLY_BUFFERS = 32;
 /** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
 export const DISK_TRANSIT_BUFFERS = 16;
@@ -71,7 +71,8 @@ export const FAULT_PAGE_BUFFERS = 32;
 export const KEY_SLAB_SLOTS = 512;
 /** At most this many keys: a 2 GiB guest's pages, each with a read and a write key. */
 export const KEY_RING_MAX_KEYS = 1 << 20;
-/** Disk chunk blobs kept in ordinary memory once their tag is checked (ciphertext, not locked): 256 MiB by default. */
+// Not locked: ciphertext only.
+/** Disk chunk blobs kept in memory once their tag is checked (--disk-memory-cache): 256 MiB by default. */
 export const DISK_CHECKED_BYTES = 256 * 1024 * 1024;
 export const DEFAULT_LISTEN = '127.0.0.1:7443';
 export const DEFAULT_ENROLL_TTL_S = 3600;
