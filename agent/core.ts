@@ -292,42 +292,33 @@ export class AgentCore {
   }
 
   /**
-   * Reads the plaintext of a chunk into `out` (exactly its size). Waits for a
-   * lease if there is none. `resident` marks the plaintext as kept (guest RAM)
-   * until evict() is called; otherwise the caller zeroes `out` after use.
+   * Reads the plaintext of a chunk into `out` (exactly its size), or with `from`
+   * only bytes [from, from + out.length), decrypting nothing else: then the
+   * chunk's tag is checked once, when its blob comes from the cache or the
+   * server, and the checked blob is kept in memory (`checked`) for the next read.
+   * Waits for a lease if there is none. `resident` marks the plaintext as kept
+   * (guest RAM) until evict() is called; otherwise the caller zeroes `out` after use.
    * `writable` (guest RAM) also asks for the chunk's write key, beside the read and
    * without waiting for it, so that whatever the guest writes there can be evicted
    * later without a server (the evictor asks again for a key that failed to come).
    * Throws TAMPERED for a chunk that fails its checks twice (cache, then server).
    */
-  async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean; writable?: boolean } = {}): Promise<ReadSource> {
+  async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean; writable?: boolean; from?: number } = {}): Promise<ReadSource> {
     await this.lease.whenActive();
     if (opts.writable && !this.hasWriteKey(kind, index) && !this.keysInFlight.has(`w/${kind}/${index}`)) {
       this.ensureWriteKeys(kind, this.writeNeighbours(kind, index)).catch(() => this.stats.writeKeyFailures++);
     }
     try {
-      return await this.read(kind, index, out, opts.resident ?? false);
+      return await this.read(kind, index, out, opts.resident ?? false, opts.from);
     } catch (e) {
       wipe(out);
       throw e;
     }
   }
 
-  /**
-   * Reads plaintext bytes [from, from + out.length) of a chunk into `out`, and
-   * decrypts nothing else: the chunk's tag is checked once, when its blob comes
-   * from the cache or the server, and the checked blob is kept in memory
-   * (`checked`) for the next read. The caller zeroes `out` after use. Waits for
-   * a lease if there is none; throws as readInto() does.
-   */
-  async readRange(kind: ChunkKind, index: number, from: number, out: Buffer): Promise<ReadSource> {
-    await this.lease.whenActive();
-    try {
-      return await this.read(kind, index, out, false, from);
-    } catch (e) {
-      wipe(out);
-      throw e;
-    }
+  /** readInto() of bytes [from, from + out.length) of a chunk (the disk path). */
+  readRange(kind: ChunkKind, index: number, from: number, out: Buffer): Promise<ReadSource> {
+    return this.readInto(kind, index, out, { from });
   }
 
   private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean, from?: number): Promise<ReadSource> {
@@ -342,7 +333,7 @@ export class AgentCore {
     const id = this.keyId(kind, index, e.gen);
     let checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
     let { blob, source } = checked ? { blob: checked, source: 'cache' as const } : await this.blob(kind, index, e);
-    if (!this.keys.hasSensitiveKey(this.keyId(kind, index, e.gen))) {
+    if (!this.keys.hasSensitiveKey(id)) {
       // A chunk this device wrote (before a restart, say) is keyed for the write
       // generation: its key comes as a write key. Others: sensitive keys by release.
       if (e.gen === this.writeGen && (e.cls === 'sensitive' || !this.keys.hasClassKey(e.gen))) await this.ensureWriteKeys(kind, [index]);
