@@ -7,6 +7,7 @@ import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import type { RunningAgent } from '../../agent/daemon.js';
+import { AgentDiskBackend } from '../../agent/disk-backend.js';
 import { sha256 } from '../../common/crypto.js';
 import { agentInProcess, type TestImage } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
@@ -59,6 +60,21 @@ describe('disk range reads (real server)', function () {
     let err: unknown;
     await agent.core.readRange('disk', CHUNKS - 1, CHUNK - 1000, Buffer.alloc(1)).catch((e) => (err = e));
     expect(err).to.be.instanceOf(RangeError);
+  });
+
+  it('the disk backend zeroes every reply buffer it hands back, pooled or its own', async () => {
+    const disk = new AgentDiskBackend(agent.core);
+    try {
+      // 4 KiB and 256 KiB come from the locked pool, 300 KiB gets a buffer of its own; chunk 1 is sensitive.
+      for (const [at, len] of [[CHUNK + 5, 4096], [0, 256 * 1024], [3000, 300 * 1024]]) {
+        const reply = await disk.read(at, len);
+        expect(reply.equals(img.plain.disk.subarray(at, at + len)), `bytes ${at}+${len}`).to.equal(true);
+        disk.release(reply);
+        expect(reply.every((b) => b === 0), `reply of ${len} bytes zeroed`).to.equal(true);
+      }
+    } finally {
+      disk.close();
+    }
   });
 
   it('a cache row damaged before its first read is fetched again, never served', async () => {

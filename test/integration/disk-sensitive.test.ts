@@ -1,6 +1,7 @@
 // Sensitive disk ranges over NBD: concurrent readers each get their own
-// transit buffer (a shared one returned another request's plaintext), and a
-// guest write reaches the device's disk only as ciphertext.
+// transit buffer (a shared one returned another request's plaintext), no read's
+// plaintext stays in the agent once it is answered, and a guest write reaches
+// the device's disk only as ciphertext.
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -10,6 +11,7 @@ import { promisify } from 'node:util';
 import { control } from '../../agent/control.js';
 import type { AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { scanProcess } from '../helpers/scan.js';
 import { startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 
 const run = promisify(execFile);
@@ -58,6 +60,15 @@ describe('sensitive disk ranges over NBD (real server, agent and clients)', func
     const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
     expect(st.resident.sensitive, 'sensitive chunks are not kept decrypted').to.equal(0);
     expect(st.keys.sensitiveKeys).to.be.greaterThan(0);
+  });
+
+  it('once the reads are answered, no disk plaintext of either class is left in the agent', async () => {
+    // The reads above went through the agent's reply buffers: each is zeroed once sent.
+    await run('nbdcopy', [uri(), 'null:']);
+    for (const at of [1 * MiB + 4100, 3 * MiB + 77, 6 * MiB + 4100, 8 * MiB - 64]) {
+      const needle = disk.subarray(at, at + 32);
+      expect(scanProcess(agent.proc.pid!, needle), `plaintext of byte ${at} (${at < 4 * MiB ? 'sensitive' : 'normal'})`).to.deep.equal([]);
+    }
   });
 
   it('a flushed guest write is on the device only as ciphertext', async () => {
