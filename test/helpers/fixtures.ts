@@ -7,7 +7,7 @@ import { AdminClient } from '../../cli/admin-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
 import { startAgent, type RunningAgent } from '../../agent/daemon.js';
-import { tmpDir, type ServerProc } from './proc.js';
+import { startServer, tmpDir, type ServerProc } from './proc.js';
 
 export function admin(s: ServerProc): AdminClient {
   return new AdminClient(new PinnedClient(s.url, s.fingerprint), s.adminToken);
@@ -114,4 +114,29 @@ export async function agentInProcess(
     throw e;
   }
   return { agent, home: d.home, img };
+}
+
+export interface AgentSuite {
+  s: ServerProc;
+  agent: RunningAgent;
+  home: string;
+  img: TestImage;
+}
+
+/**
+ * For one mocha suite: a real server and an agent in this process on a pushed
+ * image (agentInProcess), set up in the suite's before() and stopped in its after().
+ */
+export function agentInProcessSuite(image: string, push: Parameters<typeof pushImage>[2] = {}): AgentSuite {
+  const t = {} as AgentSuite;
+  before(async () => {
+    t.s = await startServer();
+    Object.assign(t, await agentInProcess(t.s, image, push));
+  });
+  after(async () => {
+    t.agent?.stop();
+    await t.agent?.done;
+    await t.s?.stop();
+  });
+  return t;
 }

@@ -6,69 +6,55 @@ import { expect } from 'chai';
 import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import type { RunningAgent } from '../../agent/daemon.js';
 import { AgentDiskBackend } from '../../agent/disk-backend.js';
 import { sha256 } from '../../common/crypto.js';
-import { agentInProcess, type TestImage } from '../helpers/fixtures.js';
-import { startServer, type ServerProc } from '../helpers/proc.js';
+import { agentInProcessSuite } from '../helpers/fixtures.js';
 
 const CHUNK = 128 * 1024;
 const CHUNKS = 6;
 
 describe('disk range reads (real server)', function () {
   this.timeout(30_000);
-  let s: ServerProc;
-  let img: TestImage;
-  let agent: RunningAgent;
-  let home: string;
-  before(async () => {
-    s = await startServer();
-    // Chunk 1 is sensitive: its key comes by an audited release, the range read is the same.
-    ({ agent, img, home } = await agentInProcess(s, 'ranges', {
-      plain: { disk: randomBytes(CHUNKS * CHUNK - 1000), mem: Buffer.alloc(0), state: Buffer.alloc(0) },
-      policy: `sensitive:\n  memory: false\n  disk: [[${CHUNK}, ${2 * CHUNK}]]\n`,
-    }));
-  });
-  after(async () => {
-    agent?.stop();
-    await agent?.done;
-    await s?.stop();
+  // Chunk 1 is sensitive: its key comes by an audited release, the range read is the same.
+  const t = agentInProcessSuite('ranges', {
+    plain: { disk: randomBytes(CHUNKS * CHUNK - 1000), mem: Buffer.alloc(0), state: Buffer.alloc(0) },
+    policy: `sensitive:\n  memory: false\n  disk: [[${CHUNK}, ${2 * CHUNK}]]\n`,
   });
 
   async function range(index: number, from: number, length: number): Promise<string> {
     const out = Buffer.alloc(length, 0xee);
-    const src = await agent.core.readRange('disk', index, from, out);
+    const src = await t.agent.core.readRange('disk', index, from, out);
     const at = index * CHUNK + from;
-    expect(out.equals(img.plain.disk.subarray(at, at + length)), `chunk ${index} bytes ${from}+${length}`).to.equal(true);
+    expect(out.equals(t.img.plain.disk.subarray(at, at + length)), `chunk ${index} bytes ${from}+${length}`).to.equal(true);
     return src;
   }
 
   it('returns the image bytes for ranges at any offset, and checks each chunk once', async () => {
     expect(await range(0, 0, 4096)).to.equal('server');
-    const kept = agent.core.checked.count;
+    const kept = t.agent.core.checked.count;
     expect(kept).to.equal(1);
     for (const [from, len] of [[1, 1], [63, 2], [4095, 4097], [CHUNK - 7, 7], [0, CHUNK], [5000, 60000]]) {
       expect(await range(0, from, len)).to.equal('cache');
     }
-    expect(agent.core.checked.count).to.equal(kept);
+    expect(t.agent.core.checked.count).to.equal(kept);
     await range(1, 100, 9000);
     await range(CHUNKS - 1, 0, CHUNK - 1000); // the short last chunk
-    expect(agent.core.checked.count).to.equal(3);
-    const shown = agent.status().diskMemory;
+    expect(t.agent.core.checked.count).to.equal(3);
+    const shown = t.agent.status().diskMemory;
     expect(shown.chunks).to.equal(3);
     expect(shown.bytes).to.be.within(2 * CHUNK + (CHUNK - 1000), 3 * CHUNK + 200);
     let err: unknown;
-    await agent.core.readRange('disk', CHUNKS - 1, CHUNK - 1000, Buffer.alloc(1)).catch((e) => (err = e));
+    await t.agent.core.readRange('disk', CHUNKS - 1, CHUNK - 1000, Buffer.alloc(1)).catch((e) => (err = e));
     expect(err).to.be.instanceOf(RangeError);
   });
 
   it('the disk backend zeroes every reply buffer it hands back, pooled or its own', async () => {
-    const disk = new AgentDiskBackend(agent.core);
+    const disk = new AgentDiskBackend(t.agent.core);
     try {
       // 4 KiB and 256 KiB come from the locked pool, 300 KiB gets a buffer of its own; chunk 1 is sensitive.
       for (const [at, len] of [[CHUNK + 5, 4096], [0, 256 * 1024], [3000, 300 * 1024]]) {
         const reply = await disk.read(at, len);
-        expect(reply.equals(img.plain.disk.subarray(at, at + len)), `bytes ${at}+${len}`).to.equal(true);
+        expect(reply.equals(t.img.plain.disk.subarray(at, at + len)), `bytes ${at}+${len}`).to.equal(true);
         disk.release(reply);
         expect(reply.every((b) => b === 0), `reply of ${len} bytes zeroed`).to.equal(true);
       }
@@ -79,26 +65,26 @@ describe('disk range reads (real server)', function () {
 
   it('a cache row damaged before its first read is fetched again, never served', async () => {
     // Chunk 2 is in the cache file only once read whole; damage it there, with a matching checksum.
-    await agent.core.readInto('disk', 2, Buffer.alloc(CHUNK));
-    agent.core.checked.clear();
-    const db = new Database(path.join(home, 'cache.db'));
+    await t.agent.core.readInto('disk', 2, Buffer.alloc(CHUNK));
+    t.agent.core.checked.clear();
+    const db = new Database(path.join(t.home, 'cache.db'));
     const row = db.prepare("SELECT gen, data FROM chunks WHERE kind = 'disk' AND idx = 2").get() as { gen: number; data: Buffer };
     const bad = Buffer.from(row.data);
     bad[5000] ^= 0x40;
     db.prepare("UPDATE chunks SET data = ?, sha256 = ? WHERE kind = 'disk' AND idx = 2").run(bad, sha256(bad));
     db.close();
-    const before = agent.core.stats.fromServer;
+    const before = t.agent.core.stats.fromServer;
     expect(await range(2, 4096, 4096)).to.equal('server');
-    expect(agent.core.stats.fromServer).to.equal(before + 1);
+    expect(t.agent.core.stats.fromServer).to.equal(before + 1);
   });
 
   it('a device write replaces the kept ciphertext: later ranges read the new bytes', async () => {
     await range(3, 0, 512);
     const next = randomBytes(CHUNK);
-    await agent.core.write('disk', 3, next);
+    await t.agent.core.write('disk', 3, next);
     for (const [from, len] of [[0, 512], [777, 3000], [CHUNK - 64, 64]]) {
       const out = Buffer.alloc(len);
-      await agent.core.readRange('disk', 3, from, out);
+      await t.agent.core.readRange('disk', 3, from, out);
       expect(out.equals(next.subarray(from, from + len)), `bytes ${from}+${len}`).to.equal(true);
     }
   });

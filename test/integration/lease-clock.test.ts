@@ -2,37 +2,28 @@
 // stops during a sleep, so the agent also checks the wall clock. Here the wall
 // clock jumps past the expiry (as after waking) while no timer is due.
 import { expect } from 'chai';
-import type { RunningAgent } from '../../agent/daemon.js';
-import { agentInProcess } from '../helpers/fixtures.js';
-import { startServer, waitFor, type ServerProc } from '../helpers/proc.js';
+import { agentInProcessSuite } from '../helpers/fixtures.js';
+import { waitFor } from '../helpers/proc.js';
 
 describe('lease expiry by the wall clock (real server)', function () {
   this.timeout(30_000);
-  let s: ServerProc;
-  let agent: RunningAgent;
+  const t = agentInProcessSuite('img');
   const realNow = Date.now;
-  before(async () => {
-    s = await startServer();
-    ({ agent } = await agentInProcess(s, 'img'));
-  });
-  after(async () => {
+  after(() => {
     Date.now = realNow;
-    agent?.stop();
-    await agent?.done;
-    await s?.stop();
   });
 
   it('keys are zeroed within a second or two of the wall clock passing the expiry; a new lease follows once the clock is right', async () => {
-    expect(agent.status().keys.classKeys).to.equal(1);
-    const ttlMs = agent.lease.expiresAt - realNow();
+    expect(t.agent.status().keys.classKeys).to.equal(1);
+    const ttlMs = t.agent.lease.expiresAt - realNow();
     Date.now = () => realNow() + ttlMs + 60_000;
     try {
-      const st = await waitFor(async () => (agent.status().lease.state === 'expired' ? agent.status() : undefined), 5_000, 'expiry by the wall clock');
+      const st = await waitFor(async () => (t.agent.status().lease.state === 'expired' ? t.agent.status() : undefined), 5_000, 'expiry by the wall clock');
       expect(st.keys).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
     } finally {
       Date.now = realNow;
     }
-    await waitFor(async () => agent.status().lease.state === 'active' || undefined, 15_000, 'a new lease');
-    expect(agent.status().keys.classKeys).to.equal(1);
+    await waitFor(async () => t.agent.status().lease.state === 'active' || undefined, 15_000, 'a new lease');
+    expect(t.agent.status().keys.classKeys).to.equal(1);
   });
 });

@@ -3,33 +3,20 @@
 // checked ciphertext, and fetches a page read out of order on its own.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import type { RunningAgent } from '../../agent/daemon.js';
-import { agentInProcess, type TestImage } from '../helpers/fixtures.js';
-import { startServer, type ServerProc } from '../helpers/proc.js';
+import { agentInProcessSuite } from '../helpers/fixtures.js';
 
 const PAGE = 4096;
 const PAGES = 64;
 
 describe('readahead of guest RAM (real server)', function () {
   this.timeout(30_000);
-  let s: ServerProc;
-  let img: TestImage;
-  let agent: RunningAgent;
-  before(async () => {
-    s = await startServer();
-    ({ agent, img } = await agentInProcess(s, 'ram', { plain: { mem: randomBytes(PAGES * PAGE) }, policy: 'sensitive:\n  memory: false\n' }));
-  });
-  after(async () => {
-    agent?.stop();
-    await agent?.done;
-    await s?.stop();
-  });
-  const page = (i: number) => img.plain.mem.subarray(i * PAGE, (i + 1) * PAGE);
-  const fetched = () => ({ ...agent.status().fetch });
+  const t = agentInProcessSuite('ram', { plain: { mem: randomBytes(PAGES * PAGE) }, policy: 'sensitive:\n  memory: false\n' });
+  const page = (i: number) => t.img.plain.mem.subarray(i * PAGE, (i + 1) * PAGE);
+  const fetched = () => ({ ...t.agent.status().fetch });
 
   async function read(i: number): Promise<string> {
     const out = Buffer.alloc(PAGE);
-    const src = await agent.core.readInto('mem', i, out, { resident: true });
+    const src = await t.agent.core.readInto('mem', i, out, { resident: true });
     expect(out.equals(page(i)), `page ${i}`).to.equal(true);
     return src;
   }

@@ -3,33 +3,19 @@
 // whose plaintext is gone are dropped.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import type { RunningAgent } from '../../agent/daemon.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
-import { agentInProcess, rejects, type TestImage } from '../helpers/fixtures.js';
-import { startServer, type ServerProc } from '../helpers/proc.js';
+import { agentInProcessSuite, rejects } from '../helpers/fixtures.js';
 
 const PAGE = 4096;
 
 describe('guest RAM keys and the suspended state in the agent core (real server)', function () {
   this.timeout(30_000);
-  let s: ServerProc;
-  let img: TestImage;
-  let agent: RunningAgent;
-  let home: string;
-  before(async () => {
-    s = await startServer();
-    ({ agent, home, img } = await agentInProcess(s, 'ram')); // mem chunks 0, 2, 4, 6 stored (sensitive); 1, 3, 5, 7 zero
-  });
-  after(async () => {
-    agent?.stop();
-    await agent?.done;
-    await s?.stop();
-  });
-  const page = (i: number) => img.plain.mem.subarray(i * PAGE, (i + 1) * PAGE);
+  const t = agentInProcessSuite('ram'); // mem chunks 0, 2, 4, 6 stored (sensitive); 1, 3, 5, 7 zero
+  const page = (i: number) => t.img.plain.mem.subarray(i * PAGE, (i + 1) * PAGE);
 
   it("a sensitive key batch leaves out a neighbour this device wrote; both read back", async () => {
-    const core = agent.core;
+    const core = t.agent.core;
     const mine = randomBytes(PAGE);
     await core.write('mem', 1, mine); // zero in the image: the server has no chunk 1 to release a key for
     core.evict('mem', 1);
@@ -42,7 +28,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   });
 
   it('a fault on guest RAM brings the write keys of its neighbours in the same request', async () => {
-    const core = agent.core;
+    const core = t.agent.core;
     const before = core.stats.keyRequests;
     await core.readInto('mem', 5, Buffer.alloc(PAGE), { resident: true, writable: true }); // zero page: no read key
     await core.ensureWriteKeys('mem', [5]); // the fault did not wait for it; this joins the request on its way
@@ -53,15 +39,15 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   });
 
   it('keys whose plaintext is not resident are dropped; a resident page keeps its own', async () => {
-    const core = agent.core;
+    const core = t.agent.core;
     await core.readInto('mem', 2, Buffer.alloc(PAGE), { resident: true, writable: true });
     await core.ensureWriteKeys('mem', [2]);
-    expect(agent.status().keys.sensitiveKeys).to.be.greaterThan(2); // neighbours came with it
-    const held = agent.status().keys.sensitiveKeys;
+    expect(t.agent.status().keys.sensitiveKeys).to.be.greaterThan(2); // neighbours came with it
+    const held = t.agent.status().keys.sensitiveKeys;
     core.dropKeysWithoutPlaintext('mem', 60_000, () => false);
-    expect(agent.status().keys.sensitiveKeys, 'keys younger than the idle time stay').to.equal(held);
+    expect(t.agent.status().keys.sensitiveKeys, 'keys younger than the idle time stay').to.equal(held);
     core.dropKeysWithoutPlaintext('mem', 0, () => false);
-    expect(agent.status().keys.sensitiveKeys).to.equal(2); // page 2's read key and write key
+    expect(t.agent.status().keys.sensitiveKeys).to.equal(2); // page 2's read key and write key
     expect(core.hasWriteKey('mem', 2)).to.equal(true);
     const out = Buffer.alloc(PAGE);
     const before = core.stats.keyRequests;
@@ -71,21 +57,21 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   });
 
   it("a suspend's new device state replaces the image's whole, at its own size", async () => {
-    const core = agent.core;
+    const core = t.agent.core;
     const oldSize = core.sizeOf('state'); // 8 chunks of 128 KiB, odd ones zero
     const state = randomBytes(300 * 1024); // 3 chunks, the last one short
     await core.replaceState(state);
-    const id = loadIdentity(home);
+    const id = loadIdentity(t.home);
     const client = new DeviceClient(id);
     try {
       const r = await core.checkin(client);
-      expect(r.version).to.be.greaterThan(img.version);
+      expect(r.version).to.be.greaterThan(t.img.version);
     } finally {
       client.close();
       closeIdentity(id);
     }
-    await agent.lease.reacquire();
-    expect(core.manifest!.version).to.be.greaterThan(img.version);
+    await t.agent.lease.reacquire();
+    expect(core.manifest!.version).to.be.greaterThan(t.img.version);
     expect(core.sizeOf('state')).to.equal(state.length).and.not.equal(oldSize);
     expect(core.manifest!.chunks.state.map(([i]) => i)).to.deep.equal([0, 1, 2]);
     const out = Buffer.alloc(300 * 1024);
@@ -94,11 +80,11 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   });
 
   it('a smaller state after a suspend that failed before check-in: the larger one leaves nothing behind', async () => {
-    const core = agent.core;
+    const core = t.agent.core;
     await core.replaceState(randomBytes(5 * 128 * 1024)); // a suspend that got no further
     const state = randomBytes(200 * 1024);
     await core.replaceState(state);
-    const id = loadIdentity(home);
+    const id = loadIdentity(t.home);
     const client = new DeviceClient(id);
     try {
       await core.checkin(client);
@@ -106,7 +92,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
       client.close();
       closeIdentity(id);
     }
-    await agent.lease.reacquire();
+    await t.agent.lease.reacquire();
     expect(core.manifest!.chunks.state.map(([i]) => i)).to.deep.equal([0, 1]);
     const out = Buffer.alloc(state.length);
     for (let i = 0; i < 2; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
@@ -114,10 +100,10 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   });
 
   it('a write-key request whose new state size does not fit its chunks changes nothing', async () => {
-    const id = loadIdentity(home);
+    const id = loadIdentity(t.home);
     const client = new DeviceClient(id);
     try {
-      const leaseId = agent.lease.leaseId();
+      const leaseId = t.agent.lease.leaseId();
       // The state has 2 chunks; a size of one chunk with chunk 3 asked for is refused as a whole ...
       const e = await rejects(client.keys(leaseId, [{ kind: 'state', index: 3 }], true, 100 * 1024));
       expect(e.code).to.equal('UNKNOWN_CHUNK');
