@@ -3,7 +3,7 @@
 // again when the last hold goes. QMP 'stop' and 'cont' go out in order.
 
 export interface VcpuControl {
-  /** QMP 'stop' / 'cont'. */
+  /** QMP 'cont', or 'stop' resolved once the vCPUs are paused (QmpClient.pause). */
   execute(cmd: 'stop' | 'cont'): Promise<unknown>;
   /** Whether a fault is being served: a vCPU blocked in it keeps 'stop' from returning. */
   faultInFlight(): boolean;

@@ -1,0 +1,96 @@
+// Holding a guest whose disk read waits on the server: QEMU pauses the vCPUs and
+// sends STOP at once, but answers 'stop' only after it has drained block I/O. A
+// hold that waited for the answer would wait as long as the server is down, and
+// eviction before a lease runs out would start too late (QmpClient.pause).
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { FileBackend } from '../../agent/nbd/file-backend.js';
+import { NbdServer, type BlockBackend } from '../../agent/nbd/server.js';
+import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
+import { buildGuest } from '../../guest-driver/build.js';
+import { waitFor } from '../helpers/proc.js';
+
+const MiB = 1024 * 1024;
+
+/** Settles within `ms`? */
+async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let done = false;
+  void p.then(
+    () => (done = true),
+    () => (done = true),
+  );
+  await new Promise((r) => setTimeout(r, ms));
+  return done;
+}
+
+describe('QMP pause with a disk read outstanding (real QEMU, TCG)', function () {
+  this.timeout(120_000);
+  this.slow(15_000);
+
+  it("pause() resolves while the read waits; 'stop' itself answers only once the read is served", async () => {
+    const guest = await buildGuest();
+    const runDir = makeRunDir();
+    const image = path.join(runDir, 'disk.img');
+    fs.copyFileSync(guest.disk, image);
+    const file = await FileBackend.open(image);
+    // Reads wait while `stalled` is set, as a demand fetch waits on a server that is down.
+    let reads = 0;
+    let stalled = false;
+    const waiting: (() => void)[] = [];
+    const backend: BlockBackend = {
+      size: file.size,
+      read: async (offset, length) => {
+        reads++;
+        if (stalled) await new Promise<void>((r) => waiting.push(r));
+        return file.read(offset, length);
+      },
+      write: (offset, data, fua) => file.write(offset, data, fua),
+      flush: () => file.flush(),
+      trim: (offset, length) => file.trim(offset, length),
+      writeZeroes: (offset, length, fua) => file.writeZeroes(offset, length, fua),
+    };
+    const nbd = new NbdServer(new Map([['guest', backend]]));
+    const socket = path.join(runDir, 'nbd.sock');
+    await nbd.listen({ path: socket });
+    const vm = await Vm.start(
+      {
+        kernel: guest.vmlinux,
+        initrd: guest.initramfs,
+        append: guestCmdline({ mib: 0, disk: 'verify' }),
+        memBytes: 128 * MiB,
+        memPath: path.join(runDir, 'ram.bin'),
+        nbdDisk: { socket, export: 'guest' },
+        accel: 'tcg',
+        qmpSocket: path.join(runDir, 'qmp.sock'),
+      },
+      runDir,
+    );
+    try {
+      await waitFor(async () => reads >= 3 || undefined, 60_000, 'the guest reading its disk');
+      stalled = true;
+      await waitFor(async () => waiting.length > 0 || undefined, 60_000, 'a guest disk read to wait');
+
+      const paused = vm.qmp.pause();
+      expect(await settlesWithin(paused, 2_000), 'pause() must not wait for the outstanding read').to.equal(true);
+      await paused;
+      // The vCPUs are paused, yet QEMU is still draining: a plain 'stop' has no answer.
+      const stop = vm.qmp.execute('stop');
+      expect(await settlesWithin(stop, 1_000), "'stop' answers only after the drain").to.equal(false);
+
+      stalled = false;
+      waiting.splice(0).forEach((r) => r());
+      await stop;
+      const st = await vm.qmp.execute<{ running: boolean; status: string }>('query-status');
+      expect(st).to.include({ running: false, status: 'paused' });
+      // No read was lost: the guest carries on to its disk check.
+      await vm.qmp.execute('cont');
+      await vm.waitForConsole(/^LETHE-DISK /, 90_000, 'the disk check');
+    } finally {
+      await vm.kill();
+      await nbd.close();
+      await file.close();
+      fs.rmSync(runDir, { recursive: true, force: true });
+    }
+  });
+});
