@@ -3,9 +3,10 @@
 // tag is checked once, and the checked ciphertext is kept in memory), into a
 // locked reply buffer that the NBD server hands back through release() once
 // the reply is on the wire; release() zeroes it. No disk plaintext outlives
-// its reply, of either class. Writes are read-modify-write per chunk,
-// serialized per chunk, and land in the cache as device-encrypted dirty
-// chunks; flush() (and FUA) make them durable.
+// its reply, of either class. A write's payload arrives in a buffer of the
+// same pool (payload()), zeroed once the write is done. Writes are
+// read-modify-write per chunk, serialized per chunk, and land in the cache as
+// device-encrypted dirty chunks; flush() (and FUA) make them durable.
 import { DISK_CHUNK_SIZE, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS } from '../common/constants.js';
 import { secureBuffer, wipe } from '../common/crypto.js';
 import type { AgentCore } from './core.js';
@@ -75,7 +76,17 @@ export class AgentDiskBackend {
     return out;
   }
 
-  /** Zeroes a buffer read() returned, once its reply has been sent (or has failed). */
+  /**
+   * A locked buffer for a write's payload, which the NBD server reads off the socket;
+   * it comes back through release() once the write is done. From the reply pool, as
+   * read() takes them: the same plaintext, the same short life.
+   */
+  async payload(length: number): Promise<Buffer> {
+    const slot = length <= DISK_REPLY_BUFFER_BYTES ? await this.replies.takeWithin(REPLY_WAIT_MS) : undefined;
+    return slot ? slot.subarray(0, length) : secureBuffer(length);
+  }
+
+  /** Zeroes a buffer read() or payload() returned, once its reply has been sent (or has failed). */
   release(buf: Buffer): void {
     if (this.replies.owns(buf)) this.replies.give(buf);
     else wipe(buf);

@@ -27,7 +27,13 @@ export interface BlockBackend {
   flush(): Promise<void>;
   trim(offset: number, length: number): Promise<void>;
   writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
-  /** Called with a buffer read() returned once its reply is on the wire (or failed): a backend zeroes plaintext here. */
+  /**
+   * A buffer of `length` bytes for a write's payload, which the server reads off the
+   * socket into it (zeroing the bytes it came in) and hands back through release()
+   * once the write is done or failed. Without it the payload stays in Node's buffers.
+   */
+  payload?(length: number): Promise<Buffer>;
+  /** Called with a buffer read() or payload() returned once its reply is on the wire (or failed): a backend zeroes plaintext here. */
   release?(buf: Buffer): void;
 }
 
@@ -157,13 +163,42 @@ class ByteReader {
     return out;
   }
 
-  /** Consumes n bytes without holding more than 64 KiB of them. */
+  /**
+   * Reads dest.length bytes into `dest` and zeroes them where Node read them: a
+   * write's payload then exists only in `dest` (the kernel's socket buffer aside).
+   */
+  async readInto(dest: Buffer): Promise<void> {
+    const n = dest.length;
+    while (this.buffered < n) {
+      if (this.endedByUs) throw new ConnectionEnded('connection ended');
+      if (this.ended) throw new ProtocolError('connection ended inside a message');
+      this.want = n;
+      this.socket.resume();
+      await new Promise<void>((r) => (this.wake = r));
+    }
+    this.want = 0;
+    this.buffered -= n;
+    for (let off = 0; off < n; ) {
+      const c = this.chunks[0];
+      const k = Math.min(c.length, n - off);
+      c.copy(dest, off, 0, k);
+      c.fill(0, 0, k);
+      off += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    if (this.buffered < P.READ_HIGH_WATER) this.socket.resume();
+  }
+
+  /** Consumes n bytes (a refused write's payload) without holding more than 64 KiB of them, zeroing them. */
   async skip(n: number): Promise<void> {
+    const scratch = Buffer.alloc(Math.min(n, 64 * 1024));
     for (let left = n; left > 0; ) {
-      const k = Math.min(left, 64 * 1024);
-      await this.read(k);
+      const k = Math.min(left, scratch.length);
+      await this.readInto(scratch.subarray(0, k));
       left -= k;
     }
+    scratch.fill(0);
   }
 
   /**
@@ -500,7 +535,17 @@ class Connection {
       return;
     }
     this.inFlightBytes += req.length;
-    const data = await this.reader.read(req.length);
+    const b = this.export!.backend;
+    let data: Buffer;
+    if (b.payload && req.length > 0) {
+      data = await b.payload(req.length);
+      try {
+        await this.reader.readInto(data);
+      } catch (e) {
+        b.release?.(data);
+        throw e;
+      }
+    } else data = await this.reader.read(req.length);
     this.srv.counters.bytesWritten += req.length;
     this.inFlightBytes -= req.length;
     this.dispatch(req, data);
@@ -551,7 +596,11 @@ class Connection {
           }
         }
         case P.NBD_CMD_WRITE:
-          if (req.length > 0) await this.tracked(b.write(req.offset, data!, fua));
+          try {
+            if (req.length > 0) await this.tracked(b.write(req.offset, data!, fua));
+          } finally {
+            if (b.payload && req.length > 0) b.release?.(data!);
+          }
           break;
         case P.NBD_CMD_FLUSH:
           await Promise.allSettled(this.srv.writesInFlight(b));

@@ -1,7 +1,7 @@
 // Sensitive disk ranges over NBD: concurrent readers each get their own
 // transit buffer (a shared one returned another request's plaintext), no read's
-// plaintext stays in the agent once it is answered, and a guest write reaches
-// the device's disk only as ciphertext.
+// plaintext stays in the agent once it is answered, nor any write's once it is
+// encrypted, and a guest write reaches the device's disk only as ciphertext.
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -68,6 +68,21 @@ describe('sensitive disk ranges over NBD (real server, agent and clients)', func
     for (const at of [1 * MiB + 4100, 3 * MiB + 77, 6 * MiB + 4100, 8 * MiB - 64]) {
       const needle = disk.subarray(at, at + 32);
       expect(scanProcess(agent.proc.pid!, needle), `plaintext of byte ${at} (${at < 4 * MiB ? 'sensitive' : 'normal'})`).to.deep.equal([]);
+    }
+  });
+
+  it('once a guest write is encrypted, its plaintext is not left in the agent, of either class', async () => {
+    // The payload comes off the socket into a locked buffer, zeroed once the write is
+    // done; the bytes Node read it into are zeroed as they are copied out.
+    const dir = tmpDir();
+    const payload = randomBytes(256 * 1024);
+    const file = path.join(dir, 'payload.bin');
+    fs.writeFileSync(file, payload);
+    for (const at of ['2M', '5M']) await run('qemu-io', ['-f', 'raw', '-c', `write -s ${file} ${at} 256k`, '-c', 'flush', uri()]);
+    fs.rmSync(dir, { recursive: true, force: true });
+    for (const at of [0, 4100, 100_000, 256 * 1024 - 32]) {
+      const needle = payload.subarray(at, at + 32);
+      expect(scanProcess(agent.proc.pid!, needle), `plaintext of payload byte ${at}`).to.deep.equal([]);
     }
   });
 

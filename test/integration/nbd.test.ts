@@ -12,7 +12,7 @@ import { LetheError } from '../../common/errors.js';
 import { FileBackend } from '../../agent/nbd/file-backend.js';
 import * as P from '../../agent/nbd/protocol.js';
 import { NbdServer, type BlockBackend, type NbdServerOptions } from '../../agent/nbd/server.js';
-import { tmpDir } from '../helpers/proc.js';
+import { tmpDir, waitFor } from '../helpers/proc.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -106,6 +106,20 @@ class ProbeBackend implements BlockBackend {
   writeZeroes(offset: number, length: number, fua: boolean) {
     this.fuaWrites.push(fua);
     return this.around('zero', offset, () => this.inner.writeZeroes(offset, length, fua));
+  }
+}
+
+/** A ProbeBackend that hands the server its own buffers for write payloads and records what comes back. */
+class PayloadProbe extends ProbeBackend {
+  readonly given = new Set<Buffer>();
+  readonly released: Buffer[] = [];
+  payload(length: number): Promise<Buffer> {
+    const b = Buffer.alloc(length);
+    this.given.add(b);
+    return Promise.resolve(b);
+  }
+  release(b: Buffer): void {
+    this.released.push(b);
   }
 }
 
@@ -432,6 +446,7 @@ describe('nbd server semantics (raw client and probe backends)', function () {
   let dir: string;
   let file: FileBackend;
   let probe: ProbeBackend;
+  let payloads: PayloadProbe;
   let server: NbdServer;
   let sock: string;
   const logs: string[] = [];
@@ -441,7 +456,8 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     file = await FileBackend.open(path.join(dir, 'disk.raw'), { create: 4 * MiB });
     probe = new ProbeBackend(file);
     const ro = new ProbeBackend(file, true);
-    ({ server, sock } = await startServer(dir, new Map<string, BlockBackend>([['disk', probe], ['ro', ro]]), { log: (l) => logs.push(l) }));
+    payloads = new PayloadProbe(file);
+    ({ server, sock } = await startServer(dir, new Map<string, BlockBackend>([['disk', probe], ['ro', ro], ['pay', payloads]]), { log: (l) => logs.push(l) }));
   });
 
   afterEach(async () => {
@@ -532,6 +548,24 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     c.request(P.NBD_CMD_FLUSH, { cookie: 8n });
     expect(await c.reply()).to.include({ type: P.NBD_REPLY_TYPE_NONE, flags: P.NBD_REPLY_FLAG_DONE, error: 0 });
     c.destroy();
+  });
+
+  it("a write's payload goes into the backend's buffer, which comes back once the write is done, failed or cut off", async () => {
+    payloads.fail = (op, off) => (op === 'write' && off === 4096 ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined);
+    const c = await connected({ name: 'pay' });
+    const data = randomBytes(4096);
+    c.request(P.NBD_CMD_WRITE, { cookie: 1n, offset: 0, data });
+    expect((await c.reply()).error).to.equal(0);
+    expect((await file.read(0, 4096)).equals(data), 'the payload reached the file').to.equal(true);
+    c.request(P.NBD_CMD_WRITE, { cookie: 2n, offset: 4096, data: randomBytes(512) });
+    expect((await c.reply()).error).to.equal(P.NBD_ENOSPC);
+    expect(payloads.released, 'both payloads back, each once').to.have.members([...payloads.given]);
+    // A client that goes away inside a payload: the buffer comes back all the same.
+    c.request(P.NBD_CMD_WRITE, { cookie: 3n, offset: 8192, length: 8192, data: randomBytes(100) });
+    await waitFor(async () => payloads.given.size === 3 || undefined, 5_000, 'the third payload buffer');
+    c.destroy();
+    await waitFor(async () => payloads.released.length === 3 || undefined, 5_000, 'the cut-off payload back');
+    expect(payloads.released).to.have.members([...payloads.given]);
   });
 
   it('backend failures map to EIO, ENOSPC and EINVAL; a short read is EIO, never short data', async () => {
