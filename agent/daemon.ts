@@ -14,7 +14,7 @@ import { serveControl } from './control.js';
 import { AgentCore } from './core.js';
 import { DeviceClient } from './device-client.js';
 import { Fetcher } from './fetcher.js';
-import { makeNonDumpable } from './harden.js';
+import { makeNonDumpable, wipeHeapOnFree } from './harden.js';
 import { closeIdentity, loadIdentity } from './identity.js';
 import { KeyRing } from './keyring.js';
 import { LeaseKeeper } from './lease-keeper.js';
@@ -116,6 +116,7 @@ function buildStatus(
 export function startAgent(o: AgentOptions): RunningAgent {
   const log = o.log ?? ((l: string) => process.stderr.write(`${iso(Date.now())} lethe agent: ${l}\n`));
   makeNonDumpable();
+  wipeHeapOnFree();
   const id = loadIdentity(o.home);
   const urgent = new DeviceClient(id);
   const background = new DeviceClient(id);
