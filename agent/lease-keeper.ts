@@ -32,7 +32,7 @@ export interface LeaseKeeperEvents {
 const RETRY_MIN_MS = 250;
 /** How long before an unrenewed lease runs out beforeExpiry starts: min(10 s, TTL/6). */
 export const expiryMargin = (ttlMs: number): number => Math.min(10_000, ttlMs / 6);
-/** How long beforeExpiry may take when the server ends a lease early. */
+/** How long beforeExpiry may take when it could not start a margin ahead (the server ended the lease, or the laptop slept). */
 const EARLY_END_GRACE_MS = 3_000;
 /**
  * The wall clock is checked against the expiry this often. Timers run on the
@@ -63,6 +63,8 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
    */
   beforeExpiry?: () => Promise<void>;
   private expiringTimer?: NodeJS.Timeout;
+  /** This lease's beforeExpiry run, once started. */
+  private ending?: Promise<void>;
 
   constructor(
     private readonly client: DeviceClient,
@@ -137,10 +139,14 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     const renewIn = Math.max(0, Date.parse(l.renewAfter) - Date.parse(l.expiresAt) + l.ttlSeconds * 1000);
     this.clearLeaseTimers();
     this.renewTimer = setTimeout(() => void this.renew(), renewIn);
-    this.expiryTimer = setTimeout(() => this.expiredLease(), this.expiresAt - Date.now());
-    this.expiringTimer = setTimeout(() => this.runBeforeExpiry(), Math.max(0, this.expiresAt - expiryMargin(l.ttlSeconds * 1000) - Date.now()));
+    this.ending = undefined;
+    const margin = expiryMargin(l.ttlSeconds * 1000);
+    this.expiryTimer = setTimeout(() => this.expire(), this.expiresAt - Date.now());
+    this.expiringTimer = setTimeout(() => void this.startBeforeExpiry(), Math.max(0, this.expiresAt - margin - Date.now()));
     this.wallTimer = setInterval(() => {
-      if (Date.now() >= this.expiresAt) this.expiredLease();
+      const now = Date.now();
+      if (now >= this.expiresAt) this.expire();
+      else if (now >= this.expiresAt - margin) void this.startBeforeExpiry();
     }, WALL_CHECK_MS);
     this.emit(renewed ? 'renewed' : 'granted', l);
     if (!wasActive) for (const w of this.waiters.splice(0)) w();
@@ -167,9 +173,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
         if (this.refused(e)) return;
         if (e instanceof LetheError && (e.code === 'LEASE_EXPIRED' || e.code === 'UNKNOWN_LEASE' || e.code === 'NOT_ASSIGNED')) {
           this.emit('log', `lease ended by the server (${e.message})`);
-          clearTimeout(this.expiringTimer);
-          await Promise.race([this.runBeforeExpiry(), new Promise((r) => setTimeout(r, EARLY_END_GRACE_MS))]);
-          this.expiredLease();
+          await this.endWithGrace();
           return;
         }
         this.lastError = e instanceof Error ? e.message : String(e);
@@ -179,13 +183,36 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     }
   }
 
-  private async runBeforeExpiry(): Promise<void> {
-    if (this.state !== 'active' || !this.beforeExpiry) return;
-    try {
-      await this.beforeExpiry();
-    } catch (e) {
-      this.emit('log', `before lease expiry: ${e instanceof Error ? e.message : String(e)}`);
-    }
+  /** Runs beforeExpiry once for this lease (the margin timer, the wall check, or an early end started it). */
+  private startBeforeExpiry(): Promise<void> {
+    this.ending ??= (async () => {
+      if (this.state !== 'active' || !this.beforeExpiry) return;
+      try {
+        await this.beforeExpiry();
+      } catch (e) {
+        this.emit('log', `before lease expiry: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    })();
+    return this.ending;
+  }
+
+  /**
+   * The lease's time is up. beforeExpiry normally began a margin earlier; if it has
+   * not (the laptop slept through the margin), it gets EARLY_END_GRACE_MS first.
+   */
+  private expire(): void {
+    if (this.ending) this.expiredLease();
+    else void this.endWithGrace();
+  }
+
+  /** beforeExpiry, for at most EARLY_END_GRACE_MS, then expiry; unless a new lease came meanwhile. */
+  private async endWithGrace(): Promise<void> {
+    const l = this.lease;
+    clearTimeout(this.expiringTimer);
+    clearTimeout(this.expiryTimer);
+    clearInterval(this.wallTimer);
+    await Promise.race([this.startBeforeExpiry(), new Promise((r) => setTimeout(r, EARLY_END_GRACE_MS))]);
+    if (this.lease === l) this.expiredLease();
   }
 
   /** Call when the lease runs out unrenewed: zero every key, tell the owner, and keep asking for a new one. */

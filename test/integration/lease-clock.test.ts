@@ -1,6 +1,7 @@
 // A laptop that slept past its lease: timers run on the monotonic clock, which
 // stops during a sleep, so the agent also checks the wall clock. Here the wall
-// clock jumps past the expiry (as after waking) while no timer is due.
+// clock jumps past the expiry (as after waking) while no timer is due, and the
+// work due before expiry (evicting sensitive pages) still runs first.
 import { expect } from 'chai';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 import { waitFor } from '../helpers/proc.js';
@@ -15,13 +16,23 @@ describe('lease expiry by the wall clock (real server)', function () {
 
   it('keys are zeroed within a second or two of the wall clock passing the expiry; a new lease follows once the clock is right', async () => {
     expect(t.agent.status().keys.classKeys).to.equal(1);
-    const ttlMs = t.agent.lease.expiresAt - realNow();
+    // The laptop slept through beforeExpiry's margin too: it still runs, keys held, before they go.
+    const lease = t.agent.lease;
+    const original = lease.beforeExpiry;
+    const ran: { classKeys: number; state: string }[] = [];
+    lease.beforeExpiry = async () => {
+      ran.push({ classKeys: t.agent.status().keys.classKeys, state: lease.state });
+      await original?.();
+    };
+    const ttlMs = lease.expiresAt - realNow();
     Date.now = () => realNow() + ttlMs + 60_000;
     try {
       const st = await waitFor(async () => (t.agent.status().lease.state === 'expired' ? t.agent.status() : undefined), 5_000, 'expiry by the wall clock');
       expect(st.keys).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
+      expect(ran, 'beforeExpiry ran once, with the keys still held').to.deep.equal([{ classKeys: 1, state: 'active' }]);
     } finally {
       Date.now = realNow;
+      lease.beforeExpiry = original;
     }
     await waitFor(async () => t.agent.status().lease.state === 'active' || undefined, 15_000, 'a new lease');
     expect(t.agent.status().keys.classKeys).to.equal(1);
