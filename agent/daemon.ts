@@ -123,7 +123,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   const cache = ChunkCache.inHome(o.home, o.cacheBytes);
   const keys = new KeyRing();
   const lease = new LeaseKeeper(urgent, id, keys, o.image, o.heartbeatMs);
-  const fetcher = new Fetcher(urgent, background, () => lease.leaseId());
+  const fetcher = new Fetcher(urgent, background, () => lease.leaseId(), () => lease.evictionPoint());
   const core = new AgentCore(id, cache, keys, fetcher, lease, o.diskMemoryBytes);
   const prefetch = { done: 0, total: 0, running: false };
   let finish!: (code: number) => void;

@@ -2,7 +2,8 @@
 // connection (as QEMU's postcopy-preempt channel does) and are coalesced
 // within one event-loop turn into a batch; prefetch uses another connection
 // and waits while any demand request is outstanding. Transient failures
-// (server unreachable, 5xx) are retried with capped exponential backoff.
+// (server unreachable, 5xx) are retried with capped exponential backoff: for
+// 30 s, and demand requests no later than the lease's eviction point.
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ChunkKind } from '../common/constants.js';
 import { LetheError } from '../common/errors.js';
@@ -48,12 +49,23 @@ export class Fetcher {
   private idleResolve?: () => void;
   readonly stats = { demandBatches: 0, demandChunks: 0, prefetchBatches: 0, prefetchChunks: 0, retries: 0, bytes: 0 };
 
+  /**
+   * @param giveUpBy when demand requests stop retrying (ms since the epoch): the
+   *   lease's eviction point. A guest disk read waiting on a server that is down holds
+   *   QEMU's 'stop', and with it the eviction before expiry, until the read is answered.
+   */
   constructor(
     private readonly urgent: DeviceClient,
     private readonly background: DeviceClient,
     private readonly leaseId: () => string,
+    private readonly giveUpBy: () => number = () => Infinity,
     private readonly retryWindowMs = 30_000,
   ) {}
+
+  /** Until when a demand request retries. */
+  private demandDeadline(): number {
+    return Math.min(Date.now() + this.retryWindowMs, this.giveUpBy());
+  }
 
   /** One chunk, on the demand connection; concurrent calls in one turn share a request. */
   demand(ref: ChunkRef): Promise<Buffer> {
@@ -73,7 +85,7 @@ export class Fetcher {
       this.urgentInFlight++;
       this.stats.demandBatches++;
       this.stats.demandChunks += batch.length;
-      withRetry(() => this.urgent.chunks(this.leaseId(), batch.map((w) => w.ref)), Date.now() + this.retryWindowMs, () => this.stats.retries++)
+      withRetry(() => this.urgent.chunks(this.leaseId(), batch.map((w) => w.ref)), this.demandDeadline(), () => this.stats.retries++)
         .then(
           (blobs) => {
             blobs.forEach((b, i) => {
@@ -110,6 +122,6 @@ export class Fetcher {
   }
 
   keys(refs: ChunkRef[], write = false, stateSize?: number) {
-    return withRetry(() => this.urgent.keys(this.leaseId(), refs, write, stateSize), Date.now() + this.retryWindowMs, () => this.stats.retries++);
+    return withRetry(() => this.urgent.keys(this.leaseId(), refs, write, stateSize), this.demandDeadline(), () => this.stats.retries++);
   }
 }

@@ -76,6 +76,11 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     super();
   }
 
+  /** When the work before expiry starts (ms since the epoch); Infinity without an active lease. */
+  evictionPoint(): number {
+    return this.state === 'active' && this.lease ? this.expiresAt - expiryMargin(this.lease.ttlSeconds * 1000) : Infinity;
+  }
+
   start(): void {
     void this.acquire();
     this.scheduleHeartbeat(0);

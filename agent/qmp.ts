@@ -87,27 +87,6 @@ export class QmpClient extends EventEmitter {
     });
   }
 
-  /**
-   * QMP 'stop', resolved as soon as the vCPUs are paused. QEMU pauses them and sends
-   * STOP before it drains block I/O, and the 'stop' answer waits for that drain: a disk
-   * read the agent cannot serve yet (the server is down) would otherwise hold it back.
-   * Rejects when 'stop' fails before STOP arrives.
-   */
-  pause(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const onEvent = (e: QmpEvent) => e.event === 'STOP' && done();
-      const done = () => {
-        this.off('event', onEvent);
-        resolve();
-      };
-      this.on('event', onEvent);
-      this.execute('stop').then(done, (e) => {
-        this.off('event', onEvent);
-        reject(e);
-      });
-    });
-  }
-
   /** The next event named `name`; rejects after `timeoutMs` or when the connection ends. */
   waitForEvent(name: string, timeoutMs: number): Promise<QmpEvent> {
     return new Promise((resolve, reject) => {

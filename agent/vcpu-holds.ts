@@ -3,7 +3,10 @@
 // again when the last hold goes. QMP 'stop' and 'cont' go out in order.
 
 export interface VcpuControl {
-  /** QMP 'cont', or 'stop' resolved once the vCPUs are paused (QmpClient.pause). */
+  /**
+   * QMP 'stop' / 'cont'. QEMU answers 'stop' only once in-flight block I/O has
+   * drained, so a hold knows no disk read will still land in guest RAM.
+   */
   execute(cmd: 'stop' | 'cont'): Promise<unknown>;
   /** Whether a fault is being served: a vCPU blocked in it keeps 'stop' from returning. */
   faultInFlight(): boolean;

@@ -112,7 +112,7 @@ export class AgentVm implements EvictTarget {
   ) {
     this.log = o.log;
     this.vcpus = new VcpuHolds({
-      execute: (cmd) => (cmd === 'stop' ? vm.qmp.pause() : vm.qmp.execute(cmd)),
+      execute: (cmd) => vm.qmp.execute(cmd),
       faultInFlight: () => this.inFlight.size > 0,
       exited: () => Boolean(vm.exitStatus),
     });

@@ -1,8 +1,11 @@
-// The key ring and the ciphertext cache on their own.
+// The key ring, the ciphertext cache and the fetcher's retries on their own.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { ChunkCache } from '../../agent/cache.js';
+import type { DeviceClient } from '../../agent/device-client.js';
+import { Fetcher } from '../../agent/fetcher.js';
+import { LetheError } from '../../common/errors.js';
 import { KeyRing } from '../../agent/keyring.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
@@ -108,5 +111,35 @@ describe('process hardening', () => {
       const before = isDumpable(); makeNonDumpable(); console.log(JSON.stringify([before, isDumpable()]));`;
     const out = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT }).toString();
     expect(JSON.parse(out)).to.deep.equal([true, false]);
+  });
+});
+
+describe('fetcher retries', () => {
+  /** A device client whose server is down: every request fails as unreachable. */
+  const down = { chunks: () => Promise.reject(new LetheError('SERVER_UNREACHABLE', 'connect ECONNREFUSED')) } as unknown as DeviceClient;
+  const settledWithin = async (p: Promise<unknown>, ms: number) => {
+    let done = false;
+    p.then(
+      () => (done = true),
+      () => (done = true),
+    );
+    await new Promise((r) => setTimeout(r, ms));
+    return done;
+  };
+
+  it("a demand fetch retries while the server is down, but gives up at the lease's eviction point", async () => {
+    const unbounded = new Fetcher(down, down, () => 'lease-1');
+    const waiting = unbounded.demand({ kind: 'disk', index: 0 });
+    waiting.catch(() => {});
+    expect(await settledWithin(waiting, 600), 'without a lease deadline it keeps retrying').to.equal(false);
+
+    const bounded = new Fetcher(down, down, () => 'lease-1', () => Date.now() + 300);
+    const failed = bounded.demand({ kind: 'disk', index: 0 }).then(
+      () => expect.fail('the fetch should have failed'),
+      (e: unknown) => e,
+    );
+    expect(await settledWithin(failed, 1_500), 'it gives up by the eviction point').to.equal(true);
+    expect(((await failed) as LetheError).code).to.equal('SERVER_UNREACHABLE');
+    expect(bounded.stats.retries).to.be.greaterThan(0);
   });
 });
