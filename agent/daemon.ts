@@ -274,7 +274,14 @@ export function startAgent(o: AgentOptions): RunningAgent {
   // While the lease is not active the guest is held: its faults could not be served.
   let leaseHold: Promise<() => Promise<void>> | undefined;
   const holdForLease = () => {
-    if (vm && !leaseHold) leaseHold = vm.hold('lease');
+    if (!vm || leaseHold) return;
+    const held = vm.hold('lease');
+    leaseHold = held;
+    // A failed stop (QEMU gone) holds nothing: say so, and let the next call try again.
+    held.catch((e) => {
+      log(`could not hold the guest for the lease: ${errorChain(e)}`);
+      if (leaseHold === held) leaseHold = undefined;
+    });
   };
   lease.beforeExpiry = async () => {
     if (!vm) return;
@@ -313,7 +320,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
     // Keys are gone: pages unchanged since they arrived are punched out; any changed
     // page left (beforeExpiry should have taken it) stays until a new lease.
     // With a VM the evictor tells the core which pages left; a changed page it must keep stays counted.
-    if (vm) vm.evictor.evictAllSensitive('the lease expired').catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
+    if (vm) vm.evictor.evictAllSensitive('the lease expired', vm.evictor.manager.leaseEnding().evict).catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
     else core.evictAllSensitive();
     log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
   });
