@@ -7,8 +7,8 @@
 // same pool (payload()), zeroed once the write is done. Writes are
 // read-modify-write per chunk, serialized per chunk, and land in the cache as
 // device-encrypted dirty chunks; flush() (and FUA) make them durable.
-import { DISK_CHUNK_SIZE, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS } from '../common/constants.js';
-import { secureBuffer, wipe } from '../common/crypto.js';
+import { DISK_CHUNK_SIZE, DISK_OWN_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS } from '../common/constants.js';
+import { freeSecure, secureBuffer } from '../common/crypto.js';
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 
@@ -20,8 +20,14 @@ export class AgentDiskBackend {
   private readonly locks = new Map<number, Promise<void>>();
   /** Transit buffers for read-modify-write: concurrent writes each get their own. */
   private readonly transit = new BufferPool(DISK_TRANSIT_BUFFERS, DISK_CHUNK_SIZE);
-  /** Reply buffers for reads; a longer read, or one that finds none free within REPLY_WAIT_MS, gets its own locked buffer. */
+  /**
+   * Reply buffers for reads, and buffers for write payloads; a longer request, or one
+   * that finds none free within REPLY_WAIT_MS, gets its own locked buffer (ownBytes).
+   */
   private readonly replies = new BufferPool(DISK_REPLY_BUFFERS, DISK_REPLY_BUFFER_BYTES);
+  /** Bytes of locked buffers of their own that requests hold, at most DISK_OWN_BUFFER_BYTES. */
+  private ownBytes = 0;
+  private readonly ownWaiters: (() => void)[] = [];
 
   constructor(private readonly core: AgentCore) {
     this.size = core.sizeOf('disk');
@@ -51,10 +57,7 @@ export class AgentDiskBackend {
   async read(offset: number, length: number): Promise<Buffer> {
     // The NBD server checks ranges first; this keeps any other caller from looping.
     if (offset < 0 || length < 0 || offset + length > this.size) throw new RangeError(`read of ${length} bytes at ${offset} is outside the ${this.size}-byte disk`);
-    // Waiting for a pooled buffer is cheaper than locking a new one, but a client
-    // that does not take its replies must not hold up every other read for long.
-    const slot = length <= DISK_REPLY_BUFFER_BYTES ? await this.replies.takeWithin(REPLY_WAIT_MS) : undefined;
-    const out = slot ? slot.subarray(0, length) : secureBuffer(length);
+    const out = await this.buffer(length);
     const parts: Promise<unknown>[] = [];
     for (let pos = offset; pos < offset + length; ) {
       const index = Math.floor(pos / DISK_CHUNK_SIZE);
@@ -78,18 +81,30 @@ export class AgentDiskBackend {
 
   /**
    * A locked buffer for a write's payload, which the NBD server reads off the socket;
-   * it comes back through release() once the write is done. From the reply pool, as
-   * read() takes them: the same plaintext, the same short life.
+   * it comes back through release() once the write is done. Taken as read() takes
+   * its reply buffer: the same plaintext, the same short life.
    */
-  async payload(length: number): Promise<Buffer> {
-    const slot = length <= DISK_REPLY_BUFFER_BYTES ? await this.replies.takeWithin(REPLY_WAIT_MS) : undefined;
-    return slot ? slot.subarray(0, length) : secureBuffer(length);
+  payload(length: number): Promise<Buffer> {
+    return this.buffer(length);
   }
 
-  /** Zeroes a buffer read() or payload() returned, once its reply has been sent (or has failed). */
+  /** A locked buffer of `length` bytes: a pooled one, or one of its own within DISK_OWN_BUFFER_BYTES. */
+  private async buffer(length: number): Promise<Buffer> {
+    // Waiting for a pooled buffer is cheaper than locking a new one, but a client
+    // that does not take its replies must not hold up every other request for long.
+    const slot = length <= DISK_REPLY_BUFFER_BYTES ? await this.replies.takeWithin(REPLY_WAIT_MS) : undefined;
+    if (slot) return slot.subarray(0, length);
+    while (this.ownBytes > 0 && this.ownBytes + length > DISK_OWN_BUFFER_BYTES) await new Promise<void>((r) => this.ownWaiters.push(r));
+    this.ownBytes += length;
+    return secureBuffer(length);
+  }
+
+  /** Zeroes a buffer read() or payload() returned, once its reply has been sent (or has failed); one of its own is freed. */
   release(buf: Buffer): void {
-    if (this.replies.owns(buf)) this.replies.give(buf);
-    else wipe(buf);
+    if (this.replies.owns(buf)) return this.replies.give(buf);
+    this.ownBytes -= buf.length;
+    freeSecure(buf);
+    for (const w of this.ownWaiters.splice(0)) w();
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {

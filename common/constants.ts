@@ -63,6 +63,12 @@ export const CHECKPOINT_CONTEXT = 'LETHE-AUDIT-CHECKPOINT-V1';
 export const DISK_REPLY_BUFFER_BYTES = 256 * 1024;
 /** 32 × 256 KiB = 8 MiB of locked reply buffers, shared by every NBD connection. */
 export const DISK_REPLY_BUFFERS = 32;
+/**
+ * Locked buffers an NBD read or write payload takes of its own (longer than a pooled
+ * one, or none came free within 100 ms), at most this many bytes at once: one
+ * maximum NBD payload (32 MiB). A request that would pass it waits for one to go.
+ */
+export const DISK_OWN_BUFFER_BYTES = 32 * 1024 * 1024;
 /** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
 export const DISK_TRANSIT_BUFFERS = 16;
 /** Locked page buffers for serving guest RAM faults. */
