@@ -150,14 +150,7 @@ class ByteReader {
    * or we ended it) and ProtocolError when a message was cut short.
    */
   async read(n: number, atBoundary = false): Promise<Buffer> {
-    while (this.buffered < n) {
-      if (this.endedByUs || (this.ended && atBoundary && this.buffered === 0)) throw new ConnectionEnded('connection ended');
-      if (this.ended) throw new ProtocolError('connection ended inside a message');
-      this.want = n;
-      this.socket.resume();
-      await new Promise<void>((r) => (this.wake = r));
-    }
-    this.want = 0;
+    await this.until(n, atBoundary);
     const out = this.take(n);
     if (this.buffered < P.READ_HIGH_WATER) this.socket.resume();
     return out;
@@ -169,14 +162,7 @@ class ByteReader {
    */
   async readInto(dest: Buffer): Promise<void> {
     const n = dest.length;
-    while (this.buffered < n) {
-      if (this.endedByUs) throw new ConnectionEnded('connection ended');
-      if (this.ended) throw new ProtocolError('connection ended inside a message');
-      this.want = n;
-      this.socket.resume();
-      await new Promise<void>((r) => (this.wake = r));
-    }
-    this.want = 0;
+    await this.until(n, false);
     this.buffered -= n;
     for (let off = 0; off < n; ) {
       const c = this.chunks[0];
@@ -188,6 +174,18 @@ class ByteReader {
       else this.chunks[0] = c.subarray(k);
     }
     if (this.buffered < P.READ_HIGH_WATER) this.socket.resume();
+  }
+
+  /** Waits until n bytes are buffered; throws as read() says when the stream ends first. */
+  private async until(n: number, atBoundary: boolean): Promise<void> {
+    while (this.buffered < n) {
+      if (this.endedByUs || (this.ended && atBoundary && this.buffered === 0)) throw new ConnectionEnded('connection ended');
+      if (this.ended) throw new ProtocolError('connection ended inside a message');
+      this.want = n;
+      this.socket.resume();
+      await new Promise<void>((r) => (this.wake = r));
+    }
+    this.want = 0;
   }
 
   /** Consumes n bytes (a refused write's payload) without holding more than 64 KiB of them, zeroing them. */
@@ -203,11 +201,13 @@ class ByteReader {
 
   /**
    * Stops delivering bytes: a pending or later read throws ConnectionEnded.
-   * The socket keeps flowing (bytes dropped) so the client's close is seen.
+   * The socket keeps flowing (bytes zeroed and dropped) so the client's close is
+   * seen. What was buffered is zeroed: it may be part of a write's payload.
    */
   end(): void {
     this.endedByUs = true;
     this.ended = true;
+    for (const c of this.chunks) c.fill(0);
     this.chunks = [];
     this.buffered = 0;
     this.socket.resume();
@@ -221,7 +221,7 @@ class ByteReader {
   }
 
   private push(d: Buffer): void {
-    if (this.endedByUs) return;
+    if (this.endedByUs) return void d.fill(0);
     this.chunks.push(d);
     this.buffered += d.length;
     if (this.buffered >= this.want) this.wakeUp();
@@ -330,6 +330,7 @@ class Connection {
       this.failed(e);
     } finally {
       clearTimeout(timer);
+      this.reader.end(); // however the connection ended, nothing it sent stays buffered
     }
   }
 
