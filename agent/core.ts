@@ -1,5 +1,6 @@
 // The agent's chunk API for the disk and memory paths:
 //   readInto(kind, index, out)   plaintext of a chunk into the caller's buffer
+//   readRange(kind, index, from, out)   bytes of it, decrypting only those
 //   write(kind, index, data)     a guest write, encrypted into the cache as dirty
 //   evict(kind, index)           the caller dropped a resident plaintext copy
 // Every chunk is checked against the signed manifest (SHA-256 of its blob)
@@ -316,12 +317,21 @@ export class AgentCore {
     }
   }
 
+  /** How many plaintext bytes chunk `index` has (the last chunk of an image may be short). */
+  private plainLength(kind: ChunkKind, index: number): number {
+    return Math.min(CHUNK_SIZE[kind], this.must().sizes[kind] - index * CHUNK_SIZE[kind]);
+  }
+
   /** readInto() of bytes [from, from + out.length) of a chunk (the disk path). */
   readRange(kind: ChunkKind, index: number, from: number, out: Buffer): Promise<ReadSource> {
     return this.readInto(kind, index, out, { from });
   }
 
   private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean, from?: number): Promise<ReadSource> {
+    // A range outside the chunk is the caller's mistake: refused before any key is asked for.
+    if (from !== undefined && (from < 0 || from + out.length > this.plainLength(kind, index))) {
+      throw new RangeError(`range ${from}+${out.length} is outside ${kind} chunk ${index} (${this.plainLength(kind, index)} bytes)`);
+    }
     this.stats.reads++;
     const e = this.entries[kind].get(index);
     if (!e) {
@@ -331,7 +341,7 @@ export class AgentCore {
       return 'zero';
     }
     const id = this.keyId(kind, index, e.gen);
-    let checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
+    const checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
     let { blob, source } = checked ? { blob: checked, source: 'cache' as const } : await this.blob(kind, index, e);
     if (!this.keys.hasSensitiveKey(id)) {
       // A chunk this device wrote (before a restart, say) is keyed for the write
@@ -353,13 +363,10 @@ export class AgentCore {
         }
         break;
       } catch (err) {
-        if (err instanceof RangeError) throw err; // a range outside the chunk: the caller's mistake
         if (source !== 'cache' || attempt > 0) {
           this.stats.tampered++;
           throw new LetheError('TAMPERED', `${kind} chunk ${index} failed authentication; refused`, { cause: err });
         }
-        this.checked.delete(id);
-        checked = undefined;
         this.cache.drop(this.cacheKey(kind, index, e));
         ({ blob, source } = await this.blob(kind, index, e));
       } finally {
@@ -432,13 +439,13 @@ export class AgentCore {
    */
   async write(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
     await this.lease.whenActive();
-    const m = this.must();
-    const expect = Math.min(CHUNK_SIZE[kind], m.sizes[kind] - index * CHUNK_SIZE[kind]);
+    const expect = this.plainLength(kind, index);
     if (index < 0 || expect <= 0 || data.length !== expect) {
       throw new LetheError('BAD_REQUEST', `write of ${data.length} bytes to ${kind} chunk ${index} does not fit (expected ${Math.max(expect, 0)})`);
     }
     await this.ensureWriteKeys(kind, [index]);
     const gen = this.writeGen!;
+    const old = this.entries[kind].get(index);
     const e: Entry = { gen, cls: this.writeCls.get(this.keyId(kind, index, gen))!, ctHash: '' };
     if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
     try {
@@ -446,7 +453,9 @@ export class AgentCore {
       e.ctHash = sha256(blob).toString('base64url');
       this.cache.put(this.cacheKey(kind, index, e), blob, true, e.cls);
       this.entries[kind].set(index, e);
-      // Encrypted here, so checked: a read of part of it decrypts only that part.
+      // Encrypted here, so checked: a read of part of it decrypts only that part. The
+      // blob it replaces (an older generation's) is not kept for nothing.
+      if (old && old.gen !== gen) this.checked.delete(this.keyId(kind, index, old.gen));
       if (kind === 'disk') this.checked.put(this.keyId(kind, index, gen), e.ctHash, blob);
       this.stats.writes++;
     } finally {

@@ -46,6 +46,13 @@ describe('disk range reads (real server)', function () {
     let err: unknown;
     await t.agent.core.readRange('disk', CHUNKS - 1, CHUNK - 1000, Buffer.alloc(1)).catch((e) => (err = e));
     expect(err).to.be.instanceOf(RangeError);
+    // Refused before any key is asked for: no audited release for the sensitive chunk 1.
+    t.agent.core.evict('disk', 1);
+    const asked = t.agent.core.stats.keyRequests;
+    err = undefined;
+    await t.agent.core.readRange('disk', 1, CHUNK - 10, Buffer.alloc(11)).catch((e) => (err = e));
+    expect(err).to.be.instanceOf(RangeError);
+    expect(t.agent.core.stats.keyRequests, 'key requests').to.equal(asked);
   });
 
   it('the disk backend zeroes every reply buffer it hands back, pooled or its own (that one is freed)', async () => {
