@@ -3,6 +3,8 @@
 // clock jumps past the expiry (as after waking) while no timer is due, and the
 // work due before expiry (evicting sensitive pages) still runs first.
 import { expect } from 'chai';
+import { randomBytes } from 'node:crypto';
+import type { Fetcher } from '../../agent/fetcher.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 import { waitFor } from '../helpers/proc.js';
 
@@ -36,5 +38,44 @@ describe('lease expiry by the wall clock (real server)', function () {
     }
     await waitFor(async () => t.agent.status().lease.state === 'active' || undefined, 15_000, 'a new lease');
     expect(t.agent.status().keys.classKeys).to.equal(1);
+  });
+});
+
+describe('keys that arrive after their lease ended (real server)', function () {
+  this.timeout(30_000);
+  const CHUNK = 128 * 1024;
+  const t = agentInProcessSuite('late', {
+    plain: { disk: randomBytes(2 * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) },
+    policy: `sensitive:\n  memory: false\n  disk: [[0, ${CHUNK}]]\n`,
+  });
+  const realNow = Date.now;
+  after(() => {
+    Date.now = realNow;
+  });
+
+  it('are wiped, not kept, and the read that asked for them fails without plaintext', async () => {
+    const fetcher = (t.agent.core as unknown as { fetcher: Fetcher }).fetcher;
+    const keys = fetcher.keys.bind(fetcher);
+    // The answer comes back only once the lease has run out (by the wall clock).
+    fetcher.keys = async (...args: Parameters<Fetcher['keys']>) => {
+      const answer = await keys(...args);
+      const ttlMs = t.agent.lease.expiresAt - realNow();
+      Date.now = () => realNow() + ttlMs + 60_000;
+      await waitFor(async () => t.agent.lease.state === 'expired' || undefined, 10_000, 'the lease to expire');
+      Date.now = realNow;
+      return answer;
+    };
+    const out = Buffer.alloc(4096, 0xee);
+    let err: { code?: string } | undefined;
+    try {
+      await t.agent.core.readRange('disk', 0, 0, out).catch((e) => (err = e));
+    } finally {
+      fetcher.keys = keys;
+      Date.now = realNow;
+    }
+    expect(err?.code).to.equal('LEASE_EXPIRED');
+    expect(t.agent.status().keys.sensitiveKeys, 'no sensitive key kept').to.equal(0);
+    expect(out.every((b) => b === 0), 'the read buffer is zeroed').to.equal(true);
+    await waitFor(async () => t.agent.lease.state === 'active' || undefined, 15_000, 'a new lease');
   });
 });
