@@ -52,12 +52,16 @@ export class KeyRing {
 
   /** use() for the one slot a key lives in (the fault path: no set to build). */
   private useOne<T>(slot: number, fn: () => T): T {
-    const s = Math.floor(slot / this.slabSlots);
-    this.open(s);
+    return this.useSlab(Math.floor(slot / this.slabSlots), fn);
+  }
+
+  /** Runs `fn` with slab `n` readable and writable. */
+  private useSlab<T>(n: number, fn: () => T): T {
+    this.open(n);
     try {
       return fn();
     } finally {
-      this.close(s);
+      this.close(n);
     }
   }
 
@@ -99,12 +103,6 @@ export class KeyRing {
     return this.classSlots.has(gen);
   }
 
-  /** Stores a sensitive chunk key or a write key (copied; the caller wipes its own copy). */
-  setSensitiveKey(id: string, key: Uint8Array): void {
-    this.put(this.sensitiveSlots, id, key);
-    this.sensitiveSince.set(id, Date.now());
-  }
-
   private put<K>(slots: Map<K, number>, id: K, key: Uint8Array): void {
     const old = slots.get(id);
     const i = this.alloc();
@@ -115,10 +113,20 @@ export class KeyRing {
     slots.set(id, i);
   }
 
-  /** Stores many sensitive or write keys: `keys` holds them back to back, in the order of `ids`. */
+  /**
+   * Stores sensitive chunk keys or write keys (copied; the caller wipes its own copy):
+   * `keys` holds them back to back, in the order of `ids`. All or none: a ring that
+   * fills part way keeps none of them.
+   */
   setSensitiveKeys(ids: string[], keys: Uint8Array): void {
     const now = Date.now();
-    const slots = ids.map(() => this.alloc());
+    const slots: number[] = [];
+    try {
+      for (let j = 0; j < ids.length; j++) slots.push(this.alloc());
+    } catch (e) {
+      this.free.push(...slots); // never written: still zero
+      throw e;
+    }
     const old = ids.map((id) => this.sensitiveSlots.get(id)).filter((i): i is number => i !== undefined);
     this.use([...slots, ...old], () => {
       slots.forEach((i, j) => this.slot(i).set(keys.subarray(j * KEY_BYTES, (j + 1) * KEY_BYTES)));
@@ -179,7 +187,7 @@ export class KeyRing {
 
   /** Zeroes every key (lease ended, revoked, wiped). The ring stays usable. */
   zeroAll(): void {
-    this.slabs.forEach((s, n) => this.useOne(n * this.slabSlots, () => sodium.sodium_memzero(s)));
+    this.slabs.forEach((s, n) => this.useSlab(n, () => sodium.sodium_memzero(s)));
     this.classSlots.clear();
     this.sensitiveSlots.clear();
     this.sensitiveSince.clear();
@@ -189,7 +197,7 @@ export class KeyRing {
 
   /** For tests: true when every byte of every slab is zero. */
   isAllZero(): boolean {
-    return this.slabs.every((s, n) => this.useOne(n * this.slabSlots, () => s.every((b) => b === 0)));
+    return this.slabs.every((s, n) => this.useSlab(n, () => s.every((b) => b === 0)));
   }
 
   /** Zeroes every key; the slabs stay closed (PROT_NONE) until the GC frees them. */

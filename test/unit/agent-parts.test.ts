@@ -16,7 +16,7 @@ describe('key ring', () => {
     const k1 = randomBytes(32);
     const k2 = randomBytes(32);
     ring.setClassKey(1, k1);
-    ring.setSensitiveKey('1/mem/5', k2);
+    ring.setSensitiveKeys(['1/mem/5'], k2);
     expect(ring.counts()).to.deep.equal({ classKeys: 1, sensitiveKeys: 1 });
     expect(ring.withClassKey(1, (k) => Buffer.from(k!).equals(k1))).to.equal(true);
     expect(ring.withSensitiveKey('1/mem/5', (k) => Buffer.from(k!).equals(k2))).to.equal(true);
@@ -32,8 +32,8 @@ describe('key ring', () => {
   it('grows by slabs, and refuses keys past its last slab', () => {
     const ring = new KeyRing(2, 128);
     const keys = Array.from({ length: 128 }, () => randomBytes(32));
-    keys.forEach((k, i) => ring.setSensitiveKey(`k${i}`, k));
-    expect(() => ring.setSensitiveKey('one-too-many', randomBytes(32))).to.throw('key ring is full');
+    keys.forEach((k, i) => ring.setSensitiveKeys([`k${i}`], k));
+    expect(() => ring.setSensitiveKeys(['one-too-many'], randomBytes(32))).to.throw('key ring is full');
     expect(keys.every((k, i) => ring.withSensitiveKey(`k${i}`, (x) => Buffer.from(x!).equals(k)))).to.equal(true);
     ring.zeroAll();
     expect(ring.isAllZero()).to.equal(true);
@@ -43,7 +43,7 @@ describe('key ring', () => {
   it('stores a batch of keys at once, replacing ones it holds', () => {
     const ring = new KeyRing(4);
     const batch = randomBytes(32 * 6);
-    ring.setSensitiveKey('k1', randomBytes(32));
+    ring.setSensitiveKeys(['k1'], randomBytes(32));
     ring.setSensitiveKeys(['k0', 'k1', 'k2', 'k3', 'k4', 'k5'], batch);
     expect(ring.counts().sensitiveKeys).to.equal(6);
     for (let i = 0; i < 6; i++) expect(ring.withSensitiveKey(`k${i}`, (k) => Buffer.from(k!).equals(batch.subarray(i * 32, (i + 1) * 32)))).to.equal(true);
@@ -55,7 +55,7 @@ describe('key ring', () => {
     spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', `
       import { KeyRing } from ${JSON.stringify(path.join(ROOT, 'agent/keyring.ts'))};
       const ring = new KeyRing(2);
-      for (let i = 0; i < 4; i++) ring.setSensitiveKey('k' + i, Buffer.alloc(32, i + 1));
+      for (let i = 0; i < 4; i++) ring.setSensitiveKeys(['k' + i], Buffer.alloc(32, i + 1));
       const slotOf = (id) => ring.slot(ring.sensitiveSlots.get(id));
       ${body}
       console.log('read');`], { cwd: ROOT, encoding: 'utf8' });
