@@ -34,6 +34,11 @@ describe('key ring', () => {
     const keys = Array.from({ length: 128 }, () => randomBytes(32));
     keys.forEach((k, i) => ring.setSensitiveKeys([`k${i}`], k));
     expect(() => ring.setSensitiveKeys(['one-too-many'], randomBytes(32))).to.throw('key ring is full');
+    // A batch that does not fit keeps none of its keys and loses no slot.
+    ring.dropSensitiveKey('k127');
+    expect(() => ring.setSensitiveKeys(['a', 'b'], randomBytes(64))).to.throw('key ring is full');
+    expect(ring.counts().sensitiveKeys).to.equal(127);
+    ring.setSensitiveKeys(['k127'], keys[127]);
     expect(keys.every((k, i) => ring.withSensitiveKey(`k${i}`, (x) => Buffer.from(x!).equals(k)))).to.equal(true);
     ring.zeroAll();
     expect(ring.isAllZero()).to.equal(true);
