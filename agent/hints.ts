@@ -5,7 +5,15 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { LetheError } from '../common/errors.js';
-import { HINT_DRIVER_NAME, HINT_MAX_LINE, HINT_PROTOCOL_VERSION, policyLine, type HintPolicy } from '../common/hint-protocol.js';
+import {
+  HINT_DRIVER_NAME,
+  HINT_MAX_LINE,
+  HINT_PROTOCOL_VERSION,
+  policyLine,
+  type FrameRun,
+  type HintPolicy,
+  type HintReport,
+} from '../common/hint-protocol.js';
 
 export {
   HINT_DRIVER_NAME,
@@ -16,7 +24,9 @@ export {
   HINT_PROTOCOL_VERSION,
   percentEncode,
   policyLine,
+  type FrameRun,
   type HintPolicy,
+  type HintReport,
 } from '../common/hint-protocol.js';
 
 // ---- implementation constants ----
@@ -28,19 +38,6 @@ const HELLO_NUDGE_MS = 3_000;
 export const DROP_CACHE_TIMEOUT_MS = 30_000;
 /** Runs in one report: more than a fully fragmented 8 GiB guest has; a longer block is dropped. */
 const MAX_REPORT_RUNS = 1 << 20;
-
-/** [first frame number, number of frames]; frame × 4096 is the offset in the guest's RAM file. */
-export type FrameRun = [pfn: number, count: number];
-
-export interface HintReport {
-  seq: number;
-  sensitive: FrameRun[];
-  free: FrameRun[];
-  sensitiveFrames: number;
-  freeFrames: number;
-  /** Processes that matched the policy's processes or cgroups. */
-  procs: number;
-}
 
 export type HintMessage =
   | { kind: 'hello'; driver: string; version: number }
@@ -65,8 +62,6 @@ export class GuestHintError extends Error {
     this.name = 'GuestHintError';
   }
 }
-
-// ---- the policy line ----
 
 // ---- the guest's lines ----
 
@@ -248,8 +243,14 @@ export class HintChannel extends EventEmitter {
   private helloSeen = false;
   private failureLogged = false;
   private drops: PendingDrop[] = [];
-  /** Policies sent on this connection and not yet answered: until then reports follow an older one. */
+  /** Policies sent on this connection and not yet answered. */
   private unanswered = 0;
+  /**
+   * Whether the driver took the last policy sent on this connection (answers come in
+   * order, so: the answer that left none unanswered was `ok policy`). Until then its
+   * reports follow another policy: one it kept from an earlier connection, or none.
+   */
+  private policyTaken = false;
   private reports = 0;
   private staleReports = 0;
   private connects = 0;
@@ -363,6 +364,7 @@ export class HintChannel extends EventEmitter {
     this.retryMs = RECONNECT_FIRST_MS;
     this.helloSeen = false;
     this.unanswered = 0;
+    this.policyTaken = false;
     this.nudgeTimer = setTimeout(() => {
       if (!this.helloSeen) this.send('hello');
     }, HELLO_NUDGE_MS);
@@ -388,7 +390,9 @@ export class HintChannel extends EventEmitter {
   }
 
   private sendPolicy(): void {
-    if (this.send(this.line)) this.unanswered++;
+    if (!this.send(this.line)) return;
+    this.unanswered++;
+    this.policyTaken = false;
   }
 
   private send(line: string): boolean {
@@ -416,7 +420,7 @@ export class HintChannel extends EventEmitter {
       case 'hello':
         return this.hello(m.driver, m.version);
       case 'ok':
-        if (m.what === 'policy') this.policyAnswered();
+        if (m.what === 'policy') this.policyAnswered(true);
         this.emit('ok', m.what);
         return;
       case 'report':
@@ -425,7 +429,7 @@ export class HintChannel extends EventEmitter {
         return this.dropped(m.files, m.pages);
       case 'error':
         // Only policy lines can be refused (the others are fixed words), and ours are checked first.
-        this.policyAnswered();
+        this.policyAnswered(false);
         if (this.listenerCount('error') > 0) this.emit('error', new GuestHintError(m.reason));
         else this.log(`hints: the guest driver refused a command: ${m.reason}`);
     }
@@ -442,13 +446,16 @@ export class HintChannel extends EventEmitter {
     this.emit('hello', { driver, version });
   }
 
-  private policyAnswered(): void {
-    if (this.unanswered > 0) this.unanswered--;
+  /** Call after the driver answered a policy line: it took it (`ok policy`) or refused it (`error`). */
+  private policyAnswered(taken: boolean): void {
+    if (this.unanswered === 0) return; // not an answer to a line of this connection
+    this.unanswered--;
+    if (this.unanswered === 0 && taken) this.policyTaken = true;
   }
 
-  /** Reports made under an older policy (before the driver answered ours) are dropped. */
+  /** Reports made under another policy (before the driver took ours on this connection) are dropped. */
   private report(r: HintReport): void {
-    if (this.unanswered > 0) {
+    if (!this.policyTaken) {
       this.staleReports++;
       return;
     }

@@ -9,10 +9,10 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { LetheError } from '../common/errors.js';
+import { HINT_PORT_NAME } from '../common/hint-protocol.js';
 import { QmpClient } from './qmp.js';
 
 export const QEMU_BINARY = 'qemu-system-x86_64';
-export const HINT_PORT_NAME = 'org.lethe.hint';
 export const ACCEL_CHOICES = ['auto', 'kvm', 'tcg'] as const;
 export type AccelChoice = (typeof ACCEL_CHOICES)[number];
 export type Accel = Exclude<AccelChoice, 'auto'>;

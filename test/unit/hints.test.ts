@@ -9,6 +9,7 @@ import path from 'node:path';
 import { once } from 'node:events';
 import { LetheError } from '../../common/errors.js';
 import { GuestHintError, HintChannel, HintParser, percentEncode, policyLine, type HintMessage, type HintPolicy, type HintReport } from '../../agent/hints.js';
+import { framesToPages } from '../../common/hint-protocol.js';
 
 const TRANSCRIPT = [
   'hello lethe-guestd 1',
@@ -49,6 +50,15 @@ function parseChunks(chunks: Buffer[]): { messages: HintMessage[]; parser: HintP
 function splitAt(b: Buffer, cuts: number[]): Buffer[] {
   const at = [0, ...cuts.filter((c) => c > 0 && c < b.length).sort((x, y) => x - y), b.length];
   return at.slice(1).map((end, i) => b.subarray(at[i], end));
+}
+
+/** Waits (up to 10 s) until ok() holds. */
+async function until(ok: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`not so after ${timeoutMs} ms: ${ok}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
 }
 
 const lines = (...l: string[]) => Buffer.from(l.join('\n') + '\n', 'latin1');
@@ -190,6 +200,24 @@ describe('guest hints: the policy line', () => {
   });
 });
 
+describe('guest hints: frames to RAM file pages', () => {
+  const GiB = 1 << 30;
+
+  it('under 2.75 GiB of RAM, a frame is the page of the same number, and frames past the RAM go', () => {
+    expect(framesToPages([[0, 5], [32760, 10], [40000, 1]], 128 * 1024 * 1024)).to.deep.equal([[0, 5], [32760, 8]]);
+    const under = 0xb0000000 - 4096;
+    expect(framesToPages([[0x90000, 0x1ffff]], under)).to.deep.equal([[0x90000, 0x1ffff]]);
+  });
+
+  it('from 2.75 GiB on, frames from 4 GiB follow the first 2 GiB, and the hole between goes', () => {
+    // 4 GiB: frames [0, 0x80000) are pages [0, 0x80000); frames [0x100000, 0x180000) are pages [0x80000, 0x100000).
+    expect(framesToPages([[0x10, 4], [0x100000, 2], [0x17fffe, 5]], 4 * GiB)).to.deep.equal([[0x10, 4], [0x80000, 2], [0xffffe, 2]]);
+    expect(framesToPages([[0x80000, 0x80000]], 4 * GiB), 'the PCI hole').to.deep.equal([]);
+    // Exactly 2.75 GiB is split too (QEMU: ram_size >= 0xb0000000): a run across the hole is cut in two.
+    expect(framesToPages([[0x7fff0, 0x90000]], 0xb0000000)).to.deep.equal([[0x7fff0, 0x10], [0x80000, 0xfff0]]);
+  });
+});
+
 /** A unix socket server standing in for QEMU's chardev, one client at a time, as QEMU's. */
 class FakeChardev {
   readonly path: string;
@@ -290,7 +318,8 @@ describe('guest hints: HintChannel', function () {
 
   it('emits refusals as GuestHintError, and a throwing listener does not break the channel', async () => {
     await fake.listen();
-    channel = new HintChannel(fake.path, policy);
+    const logs: string[] = [];
+    channel = new HintChannel(fake.path, policy, (l) => logs.push(l));
     channel.start();
     await fake.connected();
     const errors: GuestHintError[] = [];
@@ -298,11 +327,17 @@ describe('guest hints: HintChannel', function () {
     channel.on('report', () => {
       throw new Error('listener bug');
     });
-    fake.say('report 1 begin', 'report 1 end sensitive=0 free=0 procs=0', "error unknown command 'x'");
+    fake.say('hello lethe-guestd 1');
+    await fake.line(/^policy /);
+    fake.say('ok policy', 'report 1 begin', 'report 1 end sensitive=0 free=0 procs=0', "error unknown command 'x'");
     fake.say('report 2 begin', 'report 2 end sensitive=0 free=0 procs=0');
-    await new Promise((r) => setTimeout(r, 200));
+    await until(() => channel!.counters.reports === 2);
     expect(errors.map((e) => [e.name, e.reason, e.message])).to.deep.equal([
       ['GuestHintError', "unknown command 'x'", "the guest driver refused a hint command: unknown command 'x'"],
+    ]);
+    expect(logs.filter((l) => l.includes('listener bug'))).to.deep.equal([
+      "hints: a listener failed on 'report': listener bug",
+      "hints: a listener failed on 'report': listener bug",
     ]);
   });
 
@@ -342,6 +377,66 @@ describe('guest hints: HintChannel', function () {
     await once(channel, 'report');
     expect(seen).to.deep.equal([2, 4]);
     expect(channel.counters).to.include({ reports: 2, staleReports: 2 });
+  });
+
+  it('after a reconnect, drops the reports of a driver that has not taken the policy set while the host was away', async () => {
+    await fake.listen();
+    channel = new HintChannel(fake.path, policy);
+    const seen: number[] = [];
+    channel.on('report', (r: HintReport) => seen.push(r.seq));
+    channel.start();
+    await fake.connected();
+    const empty = 'end sensitive=0 free=0 procs=0';
+    fake.say('hello lethe-guestd 1');
+    await fake.line(/^policy interval=1000 /);
+    fake.say('ok policy', 'report 1 begin', `report 1 ${empty}`);
+    await once(channel, 'report');
+    fake.client!.destroy();
+    fake.client = undefined;
+    await once(channel, 'disconnect');
+    channel.setPolicy({ ...policy, intervalMs: 0 }); // down: sent on the next hello
+    await fake.connected();
+    fake.received = '';
+    // The driver did not notice the host leave: it reports on under the old policy.
+    fake.say('report 2 begin', `report 2 ${empty}`);
+    await until(() => channel!.counters.staleReports === 1);
+    fake.say('hello lethe-guestd 1');
+    expect(await fake.line(/^policy /)).to.equal('policy interval=0 procs=lethe-workload cgroups= files=/mnt');
+    fake.say('ok policy', 'report 3 begin', `report 3 ${empty}`);
+    await until(() => seen.length === 2);
+    expect(seen).to.deep.equal([1, 3]);
+    expect(channel.counters).to.include({ reports: 2, staleReports: 1, connects: 2 });
+  });
+
+  it('drops the reports of a driver of another protocol version, which gets no policy', async () => {
+    await fake.listen();
+    const logs: string[] = [];
+    channel = new HintChannel(fake.path, policy, (l) => logs.push(l));
+    channel.start();
+    await fake.connected();
+    fake.say('hello lethe-guestd 2', 'report 1 begin', 'report 1 end sensitive=0 free=0 procs=0');
+    await until(() => channel!.counters.staleReports === 1);
+    expect(channel.counters.reports).to.equal(0);
+    expect(fake.received).to.not.match(/^policy /m);
+    expect(logs).to.include('hints: the guest driver speaks protocol version 2, this agent 1; not sending it a policy');
+  });
+
+  it('drops reports while the driver keeps an older policy after refusing the new one', async () => {
+    await fake.listen();
+    channel = new HintChannel(fake.path, policy);
+    channel.on('error', () => {});
+    channel.start();
+    await fake.connected();
+    const empty = 'end sensitive=0 free=0 procs=0';
+    fake.say('hello lethe-guestd 1');
+    await fake.line(/^policy interval=1000 /);
+    fake.say('ok policy', 'report 1 begin', `report 1 ${empty}`);
+    await until(() => channel!.counters.reports === 1);
+    channel.setPolicy({ ...policy, intervalMs: 0 });
+    await fake.line(/^policy interval=0 /);
+    fake.say("error unknown policy field 'x'", 'report 2 begin', `report 2 ${empty}`);
+    await until(() => channel!.counters.staleReports === 1);
+    expect(channel.counters.reports).to.equal(1);
   });
 
   it('asks for a hello when the driver stays silent after a connect', async () => {
