@@ -24,9 +24,9 @@ import { NbdServer, type NbdAddress } from './nbd/server.js';
 import { chooseAccel, makeRunDir, type AccelChoice } from './qemu.js';
 import { AgentVm } from './vm-runner.js';
 import { buildGuest } from '../guest-driver/build.js';
-import type { TAgentPolicy } from '../common/wire.js';
+import { MAX_TRACE_PAGES, type TAgentPolicy } from '../common/wire.js';
 import { prefetchPlan } from '../policies/manager.js';
-import { DEFAULT_POLICY } from '../policies/policy.js';
+import { DEFAULT_FULL_POLICY } from '../policies/schema.js';
 import type { ChunkRef } from './fetcher.js';
 import type { HintPolicy } from './hints.js';
 
@@ -106,7 +106,7 @@ function buildStatus(
           evictIdleSeconds: vm.evictor.idleMs / 1000,
           eviction: { ...vm.evictor.stats },
           memoryMode: vm.evictor.manager.policy.memoryMode,
-          firstTouches: vm.firstTouchOrder().length,
+          firstTouches: vm.firstTouchCount,
           hints: { connected: vm.hints.connected, ...vm.hints.counters, lastReport: vm.lastHintReport() },
         }
       : null,
@@ -167,22 +167,20 @@ export function startAgent(o: AgentOptions): RunningAgent {
 
   /** Background prefetch: `first` (guest RAM in the learned order), then every chunk not cached, under the policy's cap. */
   const startPrefetch = (first: ChunkRef[] = [], bandwidth: number | null = null) => {
-    if (!o.prefetch || prefetch.running) return;
+    // `prefetch.order: none` turns background prefetch off (the startup buffer still comes).
+    if (!o.prefetch || prefetch.running || policyNow().prefetchOrder === 'none') return;
     prefetch.running = true;
     // Each stored chunk once (zero chunks are not stored), `first` first.
     const all: ChunkRef[] = [];
-    const seen = new Set<string>();
+    const count = (kind: ChunkKind) => Math.ceil(core.sizeOf(kind) / CHUNK_SIZE[kind]);
+    const seen = { state: new Uint8Array(count('state')), mem: new Uint8Array(count('mem')), disk: new Uint8Array(count('disk')) };
     const add = (r: ChunkRef) => {
-      const id = `${r.kind}/${r.index}`;
-      if (seen.has(id) || !core.entry(r.kind, r.index)) return;
-      seen.add(id);
+      if (seen[r.kind][r.index] || !core.entry(r.kind, r.index)) return;
+      seen[r.kind][r.index] = 1;
       all.push(r);
     };
     first.forEach(add);
-    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
-      const n = Math.ceil(core.sizeOf(kind) / CHUNK_SIZE[kind]);
-      for (let index = 0; index < n; index++) add({ kind, index });
-    }
+    for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) for (let index = 0; index < seen[kind].length; index++) add({ kind, index });
     core
       .prefetchChunks(all, {
         bandwidth,
@@ -218,7 +216,8 @@ export function startAgent(o: AgentOptions): RunningAgent {
   let traceTimer: NodeJS.Timeout | undefined;
   let suspended = false;
   const uploadTrace = (): Promise<void> => {
-    const order = vm?.firstTouchOrder();
+    // The server takes the first MAX_TRACE_PAGES touches (a guest over 8 GiB touches more).
+    const order = vm?.firstTouchOrder().subarray(0, MAX_TRACE_PAGES);
     // After a suspend the order is at the server and the lease has ended.
     if (!order || order.length === 0 || !lease.lease || suspended) return Promise.resolve();
     return urgent.uploadTrace(lease.leaseId(), order).then(
@@ -269,7 +268,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   };
   /** The lease's policy for the agent (the built-in one from a server that sends none). */
   const policyNow = (): TAgentPolicy =>
-    lease.lease?.policy ?? { ...DEFAULT_POLICY, evictIdleMs: (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000 };
+    lease.lease?.policy ?? { ...DEFAULT_FULL_POLICY, evictIdleMs: (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000 };
   const hintPolicy = (p: TAgentPolicy): HintPolicy => ({ intervalMs: p.hintIntervalMs, processes: p.processes, cgroups: p.cgroups, files: p.files });
   // While the lease is not active the guest is held: its faults could not be served.
   let leaseHold: Promise<() => Promise<void>> | undefined;

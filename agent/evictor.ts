@@ -123,7 +123,7 @@ export class Evictor {
 
   /** Call with each complete report of the guest driver. */
   hintReport(r: HintReport): void {
-    this.manager.hintReport(r, Date.now());
+    this.manager.hintReport(r);
   }
 
   /** Starts (or restarts, after stop()) the idle passes. */

@@ -163,6 +163,11 @@ export class AgentVm implements EvictTarget {
     this.firstTouch[this.firstTouches++] = page;
   }
 
+  /** How many pages the guest has touched (firstTouchOrder().length, without the copy). */
+  get firstTouchCount(): number {
+    return this.firstTouches;
+  }
+
   /** The pages the guest touched this session, first touch first. */
   firstTouchOrder(): Uint32Array {
     return this.firstTouch.slice(0, this.firstTouches);

@@ -15,7 +15,7 @@ import { control } from '../agent/control.js';
 import type { AgentStatus } from '../agent/daemon.js';
 import { table } from '../cli/output.js';
 import { loadPolicyFile } from '../policies/index.js';
-import { parseTrace, simulateWithBaselines } from '../policies/simulate.js';
+import { parseAccessTrace, simulateWithBaselines } from '../policies/simulate.js';
 import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
 import { verifyPasses } from '../test/helpers/guest.js';
 import { ROOT, lethe, startAgentProc, startServer, waitFor, type ServerProc } from '../test/helpers/proc.js';
@@ -104,7 +104,7 @@ async function main() {
     const learned = await resume(s, `startup buffer ${startup}, trace-learned order`, []);
     const runs = [none, address, learned].map(({ log: _log, ...r }) => r);
 
-    const t = parseTrace(fs.readFileSync(trace, 'utf8'), trace);
+    const t = parseAccessTrace(fs.readFileSync(trace, 'utf8'), trace);
     const policies = ['laptop-default', 'finance-strict', 'developer-hinted'].map((n) => {
       const { policy } = loadPolicyFile(path.join(ROOT, 'policies', `${n}.yaml`));
       return { policy: n, results: simulateWithBaselines(policy, t) };

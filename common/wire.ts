@@ -9,6 +9,9 @@ const b64url = (bytes?: number) =>
     .regex(/^[A-Za-z0-9_-]*$/, 'must be base64url')
     .refine((s) => bytes === undefined || Buffer.from(s, 'base64url').length === bytes, `must be ${bytes} bytes`);
 
+/** Longest first-touch trace a device uploads and the server accepts: 2 Mi pages (an 8 GiB guest touching every page). */
+export const MAX_TRACE_PAGES = 2 * 1024 * 1024;
+
 export const Id = z.string().regex(/^[a-z0-9][a-z0-9-]{0,63}$/, 'must be a lowercase id');
 export const ImageName = z
   .string()

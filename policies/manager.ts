@@ -3,7 +3,10 @@
 // evict, in what order to prefetch. Pure: it keeps no clock and does no I/O, so
 // the agent's evictor and `lethe policy simulate` make the same decisions.
 import { MEM_CHUNK_SIZE } from '../common/constants.js';
+import { framesToPages, type FrameRun, type HintReport } from '../common/hint-protocol.js';
 import type { Policy } from './schema.js';
+
+export type { FrameRun, HintReport } from '../common/hint-protocol.js';
 
 /** The parts of a policy the manager decides with. */
 export type ManagerPolicy = Pick<
@@ -11,13 +14,8 @@ export type ManagerPolicy = Pick<
   'memoryMode' | 'evictIdleMs' | 'evictBudgetBytes' | 'freePages' | 'onLeaseExpiry' | 'prefetchStartupBytes' | 'prefetchOrder'
 >;
 
-/** Runs of guest frames: [first frame, count]. Frame = guest RAM page (4 KiB). */
-export type FrameRuns = [number, number][];
-
-export interface HintReport {
-  sensitive: FrameRuns;
-  free: FrameRuns;
-}
+/** A report's runs of guest frames (not pages: see framesToPages). */
+export type FrameRuns = FrameRun[];
 
 export interface EvictionDecision {
   pages: number[];
@@ -42,8 +40,6 @@ export type Arrivals = ArrayLike<number>;
 export class PolicyManager {
   private hinted: Uint8Array;
   private free: Uint8Array;
-  /** When the last report came (caller's clock), or undefined before any. */
-  lastReportAt?: number;
 
   /**
    * @param serverClass tells whether the server keeps a page in the sensitive
@@ -58,13 +54,16 @@ export class PolicyManager {
     this.free = new Uint8Array(pages);
   }
 
-  /** Call when the guest driver sends a complete report: it replaces the last one. */
-  hintReport(r: HintReport, now: number): void {
+  /**
+   * Call when the guest driver sends a complete report: it replaces the last one.
+   * Frames outside the guest's RAM (in the PCI hole, or past its end) are ignored.
+   */
+  hintReport(r: Pick<HintReport, 'sensitive' | 'free'>): void {
+    const memBytes = this.pages * PAGE_BYTES;
     this.hinted.fill(0);
     this.free.fill(0);
-    mark(this.hinted, r.sensitive);
-    mark(this.free, r.free);
-    this.lastReportAt = now;
+    mark(this.hinted, framesToPages(r.sensitive, memBytes));
+    mark(this.free, framesToPages(r.free, memBytes));
   }
 
   /** Whether the policy counts this page's plaintext as sensitive now. */
@@ -94,7 +93,6 @@ export class PolicyManager {
     const out: number[] = [];
     const why = { idle: 0, free: 0, budget: 0 };
     if (p.memoryMode === 'none') return { pages: out, why };
-    const chosen = new Uint8Array(this.pages);
     const keep: number[] = [];
     for (let page = 0; page < this.pages; page++) {
       const at = arrivals[page];
@@ -108,7 +106,6 @@ export class PolicyManager {
         if (sensitive) keep.push(page);
         continue;
       }
-      chosen[page] = 1;
       out.push(page);
     }
     if (p.evictBudgetBytes !== null) {
@@ -137,26 +134,21 @@ export class PolicyManager {
         return { evict: 'sensitive', suspend: false };
     }
   }
-
-  /**
-   * The order to prefetch guest RAM pages in, split into the startup buffer
-   * (fetched before the guest runs) and the rest (in the background, capped).
-   * `learned` is the server's trace-learned first-touch order; `present`
-   * tells which pages the image stores (zero pages need no fetch).
-   */
-  prefetchPlan(learned: ArrayLike<number>, present: (page: number) => boolean): { startup: number[]; rest: number[] } {
-    return prefetchPlan(this.policy, this.pages, learned, present);
-  }
 }
 
-/** PolicyManager.prefetchPlan for a policy and a guest of `pages` pages, without a manager. */
+/**
+ * The order to prefetch the RAM pages of a guest of `pages` pages in, split into the
+ * startup buffer (fetched before the guest runs) and the rest (in the background,
+ * capped). `learned` is the server's trace-learned first-touch order; `present` tells
+ * which pages the image stores (zero pages need no fetch). Order `none` turns off the
+ * background prefetch only: the startup buffer is filled in address order.
+ */
 export function prefetchPlan(
   p: Pick<ManagerPolicy, 'prefetchOrder' | 'prefetchStartupBytes'>,
   pages: number,
   learned: ArrayLike<number>,
   present: (page: number) => boolean,
 ): { startup: number[]; rest: number[] } {
-  if (p.prefetchOrder === 'none') return { startup: [], rest: [] };
   const seen = new Uint8Array(pages);
   const order: number[] = [];
   const take = (page: number) => {
@@ -168,12 +160,10 @@ export function prefetchPlan(
   if (p.prefetchOrder === 'trace') for (let i = 0; i < learned.length; i++) take(learned[i]);
   for (let page = 0; page < pages; page++) take(page);
   const n = Math.min(order.length, Math.floor(p.prefetchStartupBytes / PAGE_BYTES));
-  return { startup: order.slice(0, n), rest: order.slice(n) };
+  return { startup: order.slice(0, n), rest: p.prefetchOrder === 'none' ? [] : order.slice(n) };
 }
 
-function mark(set: Uint8Array, runs: FrameRuns): void {
-  for (const [first, count] of runs) {
-    const end = Math.min(set.length, first + count);
-    for (let f = Math.max(0, first); f < end; f++) set[f] = 1;
-  }
+/** Marks page runs, which framesToPages keeps within the guest's pages. */
+function mark(set: Uint8Array, runs: readonly FrameRun[]): void {
+  for (const [first, count] of runs) set.fill(1, first, first + count);
 }

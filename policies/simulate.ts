@@ -25,7 +25,11 @@ export interface SimResult {
   /** Faults that had to fetch the page's ciphertext from the server. */
   serverFetches: number;
   bytesFetched: number;
-  /** Faults on a sensitive page: each needs a key release (audited). */
+  /**
+   * Faults that needed a key release (audited): with memory all or hinted every guest
+   * page is in the server's sensitive class and its key goes when the page is evicted,
+   * so every fault does; with memory none, none does (one class key).
+   */
   keyReleases: number;
   evictions: number;
   /** Σ over sensitive pages of the seconds their plaintext was resident. */
@@ -34,9 +38,8 @@ export interface SimResult {
   peakSensitiveBytes: number;
 }
 
-
-/** Parses a trace (JSON lines); throws BAD_REQUEST naming the line. */
-export function parseTrace(text: string, file = 'trace'): Trace {
+/** Parses an access trace (JSON lines); throws BAD_REQUEST naming the line. */
+export function parseAccessTrace(text: string, file = 'trace'): Trace {
   const lines = text.split('\n');
   const fail = (n: number, msg: string): never => {
     throw new LetheError('BAD_REQUEST', `${file}:${n}: ${msg}`, { hint: 'record one with `lethe agent run IMAGE --vm --trace FILE`; see docs/policy-simulate.md' });
@@ -140,7 +143,7 @@ export function simulate(name: string, policy: ManagerPolicy, trace: Trace): Sim
     }
     advance(e.t);
     if ('hint' in e) {
-      m.hintReport(e.hint, e.t);
+      m.hintReport(e.hint);
       recount();
       due = 0; // free pages and sensitivity changed: the next pass decides
       continue;
@@ -152,10 +155,9 @@ export function simulate(name: string, policy: ManagerPolicy, trace: Trace): Sim
       r.serverFetches++;
       r.bytesFetched += PAGE_CIPHERTEXT;
     }
-    if (m.isSensitive(e.fault)) {
-      r.keyReleases++;
-      sensitive++;
-    }
+    // The hints decide what is evicted for idleness, not which keys are released (buildPolicy: sensitiveMemory).
+    if (policy.memoryMode !== 'none') r.keyReleases++;
+    if (m.isSensitive(e.fault)) sensitive++;
     arrivals[e.fault] = e.t + 1;
     r.peakSensitiveBytes = Math.max(r.peakSensitiveBytes, sensitive * PAGE_BYTES);
     if (policy.evictBudgetBytes !== null || (policy.freePages === 'evict' && m.isFree(e.fault))) due = 0;

@@ -5,15 +5,13 @@
 // Pages are guest-physical indices, so traces of one version carry over to
 // the image's other versions.
 import { LetheError } from '../common/errors.js';
-import { PAGES_CONTENT_TYPE, decodePages } from '../common/wire.js';
+import { MAX_TRACE_PAGES, PAGES_CONTENT_TYPE, decodePages } from '../common/wire.js';
 import type { Ctx } from './context.js';
 import { q } from './db.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, getImage, getVersion } from './images.js';
 import { liveLease } from './leases.js';
 
-/** Longest trace accepted: the first 2 Mi touches (an 8 GiB guest touching every page). */
-export const MAX_TRACE_PAGES = 2 * 1024 * 1024;
 export const MAX_TRACE_BODY = MAX_TRACE_PAGES * 4;
 /** Traces kept per image; older ones are dropped as new ones arrive. */
 export const TRACES_KEPT = 8;
@@ -22,27 +20,23 @@ export const TRACES_KEPT = 8;
  * Orders pages by their mean normalised rank over `traces`: a page at position
  * i of a trace of length n ranks i / n there, and 1.0 in a trace that lacks it.
  * Ties go to the page more traces hold, then to the lower index. Only pages
- * some trace holds and below `memChunks` are listed; a trace's repeats after a
- * page's first position are ignored.
+ * some trace holds and below `memChunks` are listed. Each trace lists a page at
+ * most once (parseTrace refuses repeats), and there are at most TRACES_KEPT.
  */
 export function aggregateOrder(traces: readonly Uint32Array[], memChunks: number): Uint32Array {
-  if (traces.length > 0xffff) throw new RangeError(`cannot aggregate ${traces.length} traces (at most 65535)`);
   // Dense per-page arrays, only as long as the highest page held.
   const bound = Math.min(memChunks, highestPage(traces) + 1);
   const rankSum = new Float64Array(bound);
   const held = new Uint16Array(bound);
-  // The number (1-based) of the last trace that held each page, to skip repeats.
-  const lastTrace = new Uint16Array(bound);
-  traces.forEach((trace, t) => {
+  for (const trace of traces) {
     const n = trace.length;
     for (let i = 0; i < n; i++) {
       const p = trace[i];
-      if (p >= bound || lastTrace[p] === t + 1) continue;
-      lastTrace[p] = t + 1;
+      if (p >= bound) continue;
       rankSum[p] += i / n;
       held[p]++;
     }
-  });
+  }
   let count = 0;
   for (let p = 0; p < bound; p++) if (held[p] > 0) count++;
   const order = new Uint32Array(count);
@@ -81,22 +75,20 @@ export function parseTrace(contentType: string | undefined, body: Buffer, memChu
   return pages;
 }
 
+/** Throws BAD_REQUEST at the first page past the end of memory or seen before. */
 function assertPagesValid(pages: Uint32Array, memChunks: number): void {
-  for (let i = 0; i < pages.length; i++) {
-    if (pages[i] >= memChunks) {
-      throw new LetheError('BAD_REQUEST', `page ${pages[i]} at position ${i} is past the end of memory (the lease's version has ${memChunks} pages)`);
-    }
-  }
-  const seen = new Uint8Array(Math.ceil((highestPage([pages]) + 1) / 8));
+  const seen = new Uint8Array(memChunks);
   for (let i = 0; i < pages.length; i++) {
     const p = pages[i];
-    const bit = 1 << (p & 7);
-    if (seen[p >>> 3] & bit) {
+    if (p >= memChunks) {
+      throw new LetheError('BAD_REQUEST', `page ${p} at position ${i} is past the end of memory (the lease's version has ${memChunks} pages)`);
+    }
+    if (seen[p]) {
       throw new LetheError('BAD_REQUEST', `page ${p} appears at positions ${pages.indexOf(p)} and ${i}`, {
         hint: 'a first-touch trace lists each page once',
       });
     }
-    seen[p >>> 3] |= bit;
+    seen[p] = 1;
   }
 }
 

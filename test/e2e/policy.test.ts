@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { control } from '../../agent/control.js';
 import type { AgentStatus } from '../../agent/daemon.js';
-import { parseTrace } from '../../policies/simulate.js';
+import { parseAccessTrace } from '../../policies/simulate.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { verifyPasses } from '../helpers/guest.js';
@@ -115,7 +115,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     // The recorded trace replays: faults and reports, in order.
     a.proc.kill('SIGTERM');
     expect(await a.exited).to.equal(0);
-    const t = parseTrace(fs.readFileSync(trace, 'utf8'), trace);
+    const t = parseAccessTrace(fs.readFileSync(trace, 'utf8'), trace);
     expect(t.pages).to.equal(32768);
     expect(t.events.filter((e) => 'hint' in e).length).to.be.at.least(2);
     expect(t.events.filter((e) => 'fault' in e).length).to.be.at.least(2 * WORKLOAD_PAGES);

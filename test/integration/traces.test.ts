@@ -63,17 +63,21 @@ describe('trace aggregation', () => {
     expect(list(aggregateOrder([pages(9, 1, 20), pages(2)], 5))).to.deep.equal([2, 1]);
   });
 
-  it('counts a page once per trace (its first position)', () => {
-    // Counted twice, page 2 would score 0 and come first.
-    expect(list(aggregateOrder([pages(2, 2, 1), pages(1)], 4))).to.deep.equal([1, 2]);
-  });
-
   it('agrees with the plain definition on random traces', () => {
     let seed = 7;
     const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) % n);
+    /** Up to `length` distinct pages below `range` in random order: a trace the server accepts for a version of `range` pages. */
+    const trace = (length: number, range: number) => {
+      const pool = Array.from({ length: range }, (_, i) => i);
+      for (let i = range - 1; i > 0; i--) {
+        const j = rand(i + 1);
+        [pool[i], pool[j]] = [pool[j], pool[i]];
+      }
+      return Uint32Array.from(pool.slice(0, length));
+    };
     for (let round = 0; round < 50; round++) {
       const mem = 1 + rand(200);
-      const traces = Array.from({ length: rand(9) }, () => Uint32Array.from({ length: 1 + rand(150) }, () => rand(mem + 20)));
+      const traces = Array.from({ length: rand(9) }, () => trace(1 + rand(150), mem + 20));
       expect(list(aggregateOrder(traces, mem)), `round ${round}`).to.deep.equal(referenceOrder(traces, mem));
     }
   });
@@ -185,6 +189,8 @@ describe('trace upload and prefetch order (real server process)', function () {
       ['past the end', () => dev.client.uploadTrace(lease1, pages(2, 16)), 400, 'BAD_REQUEST', "page 16 at position 1 is past the end of memory (the lease's version has 16 pages)"],
       ['huge index', () => dev.client.uploadTrace(lease1, pages(0xffffffff)), 400, 'BAD_REQUEST', "page 4294967295 at position 0 is past the end of memory (the lease's version has 16 pages)"],
       ['duplicate', () => dev.client.uploadTrace(lease1, pages(4, 7, 8, 7)), 400, 'BAD_REQUEST', 'page 7 appears at positions 1 and 3'],
+      ['duplicate, then past the end', () => dev.client.uploadTrace(lease1, pages(7, 7, 16)), 400, 'BAD_REQUEST', 'page 7 appears at positions 0 and 1'],
+      ['past the end, then duplicate', () => dev.client.uploadTrace(lease1, pages(7, 16, 7)), 400, 'BAD_REQUEST', "page 16 at position 1 is past the end of memory (the lease's version has 16 pages)"],
       ['oversized', () => raw(Buffer.alloc(MAX_TRACE_BODY + 4)), 413, 'BODY_TOO_LARGE', 'request body is too large'],
       ['unknown lease', () => dev.client.uploadTrace('lease-0000000000000000', pages(1)), 404, 'UNKNOWN_LEASE', "no lease 'lease-0000000000000000' for this device"],
       ["another device's lease", () => dev.client.uploadTrace(otherLease, pages(1)), 404, 'UNKNOWN_LEASE', `no lease '${otherLease}' for this device`],

@@ -1,8 +1,8 @@
 // The policy manager's decisions and the trace replay built on them.
 import { expect } from 'chai';
 import { LetheError } from '../../common/errors.js';
-import { PolicyManager, type ManagerPolicy } from '../../policies/manager.js';
-import { parseTrace, simulate, simulateWithBaselines, type Trace } from '../../policies/simulate.js';
+import { PolicyManager, prefetchPlan, type ManagerPolicy } from '../../policies/manager.js';
+import { parseAccessTrace, simulate, simulateWithBaselines, type Trace } from '../../policies/simulate.js';
 
 const base: ManagerPolicy = {
   memoryMode: 'all',
@@ -33,9 +33,9 @@ describe('policy manager', () => {
     const m = new PolicyManager({ ...base, memoryMode: 'hinted', freePages: 'keep' }, 16);
     const resident = arrivals(16, { 1: 1, 2: 1, 3: 1, 9: 1, 10: 1 });
     expect(m.evictionSet(5000, resident).pages, 'before any report nothing is sensitive').to.deep.equal([]);
-    m.hintReport({ sensitive: [[2, 2], [9, 1]], free: [] }, 100);
+    m.hintReport({ sensitive: [[2, 2], [9, 1]], free: [] });
     expect(m.evictionSet(5000, resident).pages).to.deep.equal([2, 3, 9]);
-    m.hintReport({ sensitive: [[10, 1]], free: [] }, 200);
+    m.hintReport({ sensitive: [[10, 1]], free: [] });
     expect(m.isSensitive(2), 'a new report replaces the old').to.equal(false);
     expect(m.evictionSet(5000, resident).pages).to.deep.equal([10]);
   });
@@ -44,14 +44,34 @@ describe('policy manager', () => {
     const resident = arrivals(8, { 4: 4999, 5: 4999 });
     const report = { sensitive: [], free: [[4, 1]] as [number, number][] };
     const evicting = new PolicyManager({ ...base, memoryMode: 'hinted' }, 8);
-    evicting.hintReport(report, 0);
+    evicting.hintReport(report);
     expect(evicting.evictionSet(5000, resident)).to.deep.equal({ pages: [4], why: { idle: 0, free: 1, budget: 0 } });
     const keeping = new PolicyManager({ ...base, freePages: 'keep' }, 8, () => 'normal');
-    keeping.hintReport(report, 0);
+    keeping.hintReport(report);
     expect(keeping.evictionSet(5000, resident).pages).to.deep.equal([]);
     const none = new PolicyManager({ ...base, memoryMode: 'none' }, 8);
-    none.hintReport({ sensitive: [[0, 8]], free: [[0, 8]] }, 0);
+    none.hintReport({ sensitive: [[0, 8]], free: [[0, 8]] });
     expect(none.evictionSet(1e9, resident).pages, 'memory: none evicts nothing').to.deep.equal([]);
+  });
+
+  it('takes a 4 GiB guest\'s frames above 4 GiB as the RAM file\'s pages above 2 GiB, and ignores the PCI hole', () => {
+    const GiB = 1 << 30;
+    const pages = (4 * GiB) / 4096;
+    const m = new PolicyManager({ ...base, memoryMode: 'hinted', freePages: 'evict' }, pages);
+    // Frames: 0x10 low; 0x7ffff to 0x80000 across the top of low RAM into the hole; 0x100000 (4 GiB) on,
+    // the last frame of RAM, and one past it.
+    m.hintReport({ sensitive: [[0x10, 1], [0x7ffff, 2], [0x100000, 2], [0x17ffff, 2]], free: [[0x90000, 1]] });
+    const resident = new Float64Array(pages).fill(1);
+    const d = m.evictionSet(5000, resident);
+    expect(d.pages).to.deep.equal([0x10, 0x7ffff, 0x80000, 0x80001, 0xfffff]);
+    expect(d.why).to.deep.equal({ idle: 5, free: 0, budget: 0 });
+  });
+
+  it('takes the frames of a guest under 2.75 GiB as its pages, and ignores those past its RAM', () => {
+    const pages = 0xb0000000 / 4096 - 1;
+    const m = new PolicyManager({ ...base, memoryMode: 'hinted' }, pages);
+    m.hintReport({ sensitive: [[0x90000, 1], [pages - 1, 3]], free: [[0xa0000, 2]] });
+    expect(m.evictionSet(5000, new Float64Array(pages).fill(1)).pages).to.deep.equal([0x90000, 0xa0000, 0xa0001, pages - 1]);
   });
 
   it('over the plaintext budget, evicts the oldest sensitive pages first', () => {
@@ -70,17 +90,21 @@ describe('policy manager', () => {
 
   it('prefetches the learned order first, then the rest by address, skipping zero pages and repeats', () => {
     const present = (p: number) => p !== 3;
-    const m = new PolicyManager({ ...base, prefetchStartupBytes: 3 * 4096 }, 8);
-    expect(m.prefetchPlan([6, 3, 1, 6, 99], present)).to.deep.equal({ startup: [6, 1, 0], rest: [2, 4, 5, 7] });
-    m.policy = { ...m.policy, prefetchOrder: 'address' };
-    expect(m.prefetchPlan([6, 1], present).startup).to.deep.equal([0, 1, 2]);
-    m.policy = { ...m.policy, prefetchOrder: 'none' };
-    expect(m.prefetchPlan([6, 1], present)).to.deep.equal({ startup: [], rest: [] });
+    const p = { prefetchStartupBytes: 3 * 4096, prefetchOrder: 'trace' } as const;
+    expect(prefetchPlan(p, 8, [6, 3, 1, 6, 99], present)).to.deep.equal({ startup: [6, 1, 0], rest: [2, 4, 5, 7] });
+    expect(prefetchPlan({ ...p, prefetchOrder: 'address' }, 8, [6, 1], present)).to.deep.equal({ startup: [0, 1, 2], rest: [4, 5, 6, 7] });
+  });
+
+  it('order none fills the startup buffer by address and prefetches nothing in the background', () => {
+    const present = (p: number) => p !== 1;
+    const p = { prefetchStartupBytes: 3 * 4096, prefetchOrder: 'none' } as const;
+    expect(prefetchPlan(p, 8, [6, 5], present)).to.deep.equal({ startup: [0, 2, 3], rest: [] });
+    expect(prefetchPlan({ ...p, prefetchStartupBytes: 0 }, 8, [6], present)).to.deep.equal({ startup: [], rest: [] });
   });
 });
 
 describe('policy simulate', () => {
-  const trace = (lines: object[]) => parseTrace([{ trace: 'lethe-access', version: 1, pages: 4 }, ...lines].map((l) => JSON.stringify(l)).join('\n'));
+  const trace = (lines: object[]) => parseAccessTrace([{ trace: 'lethe-access', version: 1, pages: 4 }, ...lines].map((l) => JSON.stringify(l)).join('\n'));
 
   it('replays faults, evictions and re-faults exactly', () => {
     // Page 0 at 0 s, evicted at 2 s (idle 2 s, passes every 0.5 s), touched again at 5 s, evicted at 7 s.
@@ -105,23 +129,23 @@ describe('policy simulate', () => {
     const t: Trace = trace([{ t: 0, hint: { sensitive: [[1, 1]], free: [] } }, { t: 0, fault: 0 }, { t: 0, fault: 1 }, { t: 20_000, fault: 2 }]);
     const r = simulate('policy', { ...base, memoryMode: 'hinted', evictIdleMs: 5000 }, t);
     expect(r.evictions).to.equal(1);
-    expect(r.keyReleases).to.equal(1);
+    expect(r.keyReleases, 'every fault of a hinted guest needs a key release').to.equal(3);
     expect(r.sensitivePlaintextSeconds).to.equal(5);
   });
 
   it('a long quiet trace of a big guest replays with only the passes that can evict (exact figures)', function () {
     this.timeout(2_000); // walking 256 Ki pages at every 100 ms tick of an hour took ~20 s
-    const big = parseTrace([{ trace: 'lethe-access', version: 1, pages: 1 << 18 }, { t: 0, fault: 1 }, { t: 3_600_000, fault: 2 }].map((l) => JSON.stringify(l)).join('\n'));
+    const big = parseAccessTrace([{ trace: 'lethe-access', version: 1, pages: 1 << 18 }, { t: 0, fault: 1 }, { t: 3_600_000, fault: 2 }].map((l) => JSON.stringify(l)).join('\n'));
     expect(simulate('policy', { ...base, evictIdleMs: 0 }, big)).to.deep.include({ faults: 2, evictions: 2, sensitivePlaintextSeconds: 0.1 }); // page 1 for one 100 ms tick; page 2 comes at the end
   });
 
   it('refuses a malformed trace naming the line', () => {
-    expect(() => parseTrace('null', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
-    expect(() => parseTrace(`${JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 })}\nnull`, 't.jsonl')).to.throw(LetheError, 't.jsonl:2: an event is');
-    expect(() => parseTrace('hello', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
+    expect(() => parseAccessTrace('null', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
+    expect(() => parseAccessTrace(`${JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 })}\nnull`, 't.jsonl')).to.throw(LetheError, 't.jsonl:2: an event is');
+    expect(() => parseAccessTrace('hello', 't.jsonl')).to.throw(LetheError, 't.jsonl:1: not a Lethe access trace');
     const head = JSON.stringify({ trace: 'lethe-access', version: 1, pages: 4 });
-    expect(() => parseTrace(`${head}\n{"t": 1, "fault": 9}`, 't.jsonl')).to.throw(LetheError, "t.jsonl:2: page 9 is outside the guest's 4 pages");
-    expect(() => parseTrace(`${head}\n{"t": 5, "fault": 1}\n{"t": 2, "fault": 1}`, 't.jsonl')).to.throw(LetheError, 't.jsonl:3: bad time 2');
-    expect(() => parseTrace(`${head}\n{"t": 5, "hint": {"sensitive": [[1]]}}`, 't.jsonl')).to.throw(LetheError, 't.jsonl:2: hint runs');
+    expect(() => parseAccessTrace(`${head}\n{"t": 1, "fault": 9}`, 't.jsonl')).to.throw(LetheError, "t.jsonl:2: page 9 is outside the guest's 4 pages");
+    expect(() => parseAccessTrace(`${head}\n{"t": 5, "fault": 1}\n{"t": 2, "fault": 1}`, 't.jsonl')).to.throw(LetheError, 't.jsonl:3: bad time 2');
+    expect(() => parseAccessTrace(`${head}\n{"t": 5, "hint": {"sensitive": [[1]]}}`, 't.jsonl')).to.throw(LetheError, 't.jsonl:2: hint runs');
   });
 });
