@@ -17,7 +17,7 @@ import { startAgent } from '../agent/daemon.js';
 import { BufferPool } from '../agent/buffer-pool.js';
 import { Evictor } from '../agent/evictor.js';
 import { servePage } from '../agent/vm-runner.js';
-import { DEFAULT_POLICY } from '../policies/policy.js';
+import { DEFAULT_FULL_POLICY } from '../policies/schema.js';
 import { table } from '../cli/output.js';
 import { MEM_CHUNK_SIZE } from '../common/constants.js';
 import { FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
@@ -65,7 +65,7 @@ async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['cor
   const sock = path.join(dir, `${name}.sock`);
   const pool = new BufferPool(32, MEM_CHUNK_SIZE);
   // Not started: it only records what arrives, as a running one does on each fault.
-  const evictor = new Evictor(core, { ramFd: -1, pages: PAGES, hold: () => Promise.reject(new Error('no VM')), faultInFlight: () => false }, DEFAULT_POLICY, () => {});
+  const evictor = new Evictor(core, { ramFd: -1, pages: PAGES, hold: () => Promise.reject(new Error('no VM')), faultInFlight: () => false }, DEFAULT_FULL_POLICY, () => {});
   let failure: Error | undefined;
   const listener = await UffdListener.listen(
     sock,

@@ -5,9 +5,9 @@ import { adminOpts } from './cmd-admin.js';
 import { checkImage, parseRef, type CheckResult } from './image-pull.js';
 import { pushImage, validatePush, type PushOptions } from './image-push.js';
 import { emit, table, type OutOpts } from './output.js';
+import { loadPolicyOrRefuse } from './policy-file.js';
 import { progressBar } from './progress.js';
 import { LetheError } from '../common/errors.js';
-import { formatDiagnostic, hasErrors, loadPolicyFile } from '../policies/index.js';
 
 type A = AdminArgs & OutOpts;
 
@@ -45,15 +45,7 @@ function setImagePolicy(a: A & { name: string; file?: string; clear: boolean }):
       hint: `lethe image policy ${a.name} policies/laptop-default.yaml, or --clear for the built-in policy`,
     });
   }
-  let policy: string | null = null;
-  if (a.file !== undefined) {
-    const loaded = loadPolicyFile(a.file);
-    if (hasErrors(loaded.diagnostics)) {
-      process.stderr.write(loaded.diagnostics.map((d) => formatDiagnostic(d) + '\n').join(''));
-      throw new LetheError('BAD_REQUEST', `policy '${a.file}' has errors; the image keeps its policy`, { hint: `fix them; 'lethe policy check ${a.file}' lists them again` });
-    }
-    policy = loaded.text;
-  }
+  const policy = a.file === undefined ? null : loadPolicyOrRefuse(a.file, 'the image keeps its policy').text;
   return withAdmin(a, async (c) => {
     const r = await c.json<{ image: string; changed: boolean }>('PUT', `/images/${encodeURIComponent(a.name)}/policy`, { policy });
     emit(a, r, () => `${r.image}: ${r.changed ? (policy === null ? 'policy removed (built-in policy applies)' : `policy replaced by ${a.file}`) : 'policy unchanged'}`);

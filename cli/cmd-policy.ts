@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
-import { parseTrace, simulateWithBaselines, type SimResult } from '../policies/simulate.js';
+import { parseAccessTrace, simulateWithBaselines, type SimResult } from '../policies/simulate.js';
 import {
   countText,
   explainPolicy,
@@ -14,6 +14,7 @@ import {
   type Diagnostic,
 } from '../policies/index.js';
 import { emit, table, type OutOpts } from './output.js';
+import { loadPolicyOrRefuse } from './policy-file.js';
 
 const count = (ds: Diagnostic[], severity: Diagnostic['severity']) => ds.filter((d) => d.severity === severity).length;
 
@@ -29,19 +30,8 @@ function check(a: OutOpts & { files: string[] }): void {
   if (!ok) process.exitCode = 1;
 }
 
-/** A policy with errors is refused: its diagnostics on stderr, exit 1. */
-function refuse(a: OutOpts & { file: string }, diagnostics: Diagnostic[], what = 'explained'): void {
-  const message = `policy '${a.file}' has ${countText(diagnostics)}; only a policy without errors can be ${what}`;
-  const hint = `fix the errors above; 'lethe policy check ${a.file}' lists them again`;
-  process.stderr.write(diagnostics.map((d) => formatDiagnostic(d) + '\n').join(''));
-  process.stderr.write(`lethe: error: ${message}\nlethe: hint: ${hint}\n`);
-  if (a.json) process.stdout.write(JSON.stringify({ error: { code: 'BAD_REQUEST', message, hint }, diagnostics }) + '\n');
-  process.exitCode = 1;
-}
-
 function explain(a: OutOpts & { file: string }): void {
-  const { policy, diagnostics } = loadPolicyFile(a.file);
-  if (hasErrors(diagnostics)) return refuse(a, diagnostics);
+  const { policy, diagnostics } = loadPolicyOrRefuse(a.file, 'only a policy without errors can be explained');
   const explanation = explainPolicy(policy, a.file);
   if (!a.json) process.stderr.write(diagnostics.map((d) => formatDiagnostic(d) + '\n').join(''));
   emit(a, { file: a.file, policy, diagnostics, explanation }, () => explanation);
@@ -56,7 +46,7 @@ function readTrace(file: string) {
       hint: 'record one with `lethe agent run IMAGE --vm --trace FILE`',
     });
   }
-  return parseTrace(text, file);
+  return parseAccessTrace(text, file);
 }
 
 const MiB = 1024 * 1024;
@@ -77,8 +67,7 @@ function simulateText(file: string, trace: string, pages: number, events: number
 }
 
 function simulateCmd(a: OutOpts & { file: string; trace: string }): void {
-  const { policy, diagnostics } = loadPolicyFile(a.file);
-  if (hasErrors(diagnostics)) return refuse(a, diagnostics, 'simulated');
+  const { policy } = loadPolicyOrRefuse(a.file, 'only a policy without errors can be simulated');
   const trace = readTrace(a.trace);
   const rows = simulateWithBaselines(policy, trace);
   emit(a, { file: a.file, trace: a.trace, pages: trace.pages, events: trace.events.length, results: rows }, () =>

@@ -8,8 +8,8 @@ import { isZero } from '../common/chunk.js';
 import { b64u, keyedHash, wipe } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import { encodeChunkFrame, FRAME_HEADER } from '../common/frames.js';
-import { parsePolicy } from '../policies/policy.js';
 import type { AdminClient } from './admin-client.js';
+import { loadPolicyOrRefuse } from './policy-file.js';
 
 export interface PushOptions {
   name: string;
@@ -85,8 +85,7 @@ export function validatePush(o: PushOptions): { inputs: Input[]; policy?: string
   let policy: string | undefined;
   if (o.policy) {
     checkReadable('--policy', o.policy);
-    policy = fs.readFileSync(o.policy, 'utf8');
-    parsePolicy(policy, o.policy);
+    policy = loadPolicyOrRefuse(o.policy, 'nothing was pushed').text;
   }
   return { inputs, policy };
 }

@@ -20,7 +20,9 @@ function memoryLine(p: Policy): string {
     p.files.length ? `the page cache of ${quoted(p.files)}` : '',
   ].filter(Boolean);
   const listed = what.length ? what.join('; ') : 'nothing (no processes, cgroups or files are listed)';
-  return `guest memory pages are sensitive when the guest driver reports them as: ${listed}; other pages are under one key for the whole lease`;
+  // Every page still has its own key, released on request and audited (the server
+  // keeps all of guest memory in the sensitive class); the reports decide only what is evicted.
+  return `guest memory pages are sensitive when the guest driver reports them as: ${listed}; every page's key is still released on request and audited, but other pages are not evicted for idleness`;
 }
 
 function diskLine(p: Policy): string {

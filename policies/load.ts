@@ -16,7 +16,7 @@ export interface Loaded {
 }
 
 /** "sensitive.disk[1]" from ['sensitive', 'disk', 1]. */
-export const fieldName = (path: readonly (string | number)[]): string =>
+const fieldName = (path: readonly (string | number)[]): string =>
   path.reduce<string>((s, p) => (typeof p === 'number' ? `${s}[${p}]` : s ? `${s}.${p}` : p), '');
 
 /** State of one walk over a parsed document. */
@@ -160,15 +160,16 @@ function readTop(w: Walk): void {
 /**
  * Reads a policy; never throws on bad input. Meaning checks (policies/check.ts)
  * run only on a file whose values all read, since a value replaced by its
- * default would make them report on something the admin did not write.
+ * default would make them report on something the admin did not write; with
+ * `meaning: false` they do not run at all (a stored policy, read again).
  */
-export function loadPolicy(text: string, file: string): Loaded {
+export function loadPolicy(text: string, file: string, opts: { meaning?: boolean } = {}): Loaded {
   const lines = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: true });
   const w: Walk = { doc, lines, findings: syntaxFindings(doc), values: new Map(), lineOf: new Map() };
   if (doc.errors.length === 0) readTop(w);
   const policy = doc.errors.length === 0 ? buildPolicy(w.values) : DEFAULT_FULL_POLICY;
-  if (!w.findings.some((f) => f.severity === 'error')) {
+  if (opts.meaning !== false && !w.findings.some((f) => f.severity === 'error')) {
     w.findings.push(...checkPolicy(policy, { lineOf: (f) => w.lineOf.get(f) ?? null, isSet: (f) => w.values.has(f) }));
   }
   const byLine = (f: Finding) => f.line ?? Number.MAX_SAFE_INTEGER;

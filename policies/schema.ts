@@ -1,14 +1,11 @@
 // The policy's shape: every key a policy file may set, how its value is read,
 // and the parsed form the server, the agent and the CLI use (times in ms, sizes
 // in bytes). docs/policies.md describes the same keys for admins.
-import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S } from '../common/constants.js';
+import type { TAgentPolicy } from '../common/wire.js';
+import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS } from '../common/constants.js';
 import { parseDuration } from '../common/duration.js';
 import { parseRate, parseSize } from '../common/sizes.js';
 import { closest } from './suggest.js';
-
-import { EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS } from '../common/constants.js';
-
-export { EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS };
 
 /** The part of a policy the server acts on: lease timing and which chunks are sensitive. */
 export interface ServerPolicy {
@@ -22,28 +19,15 @@ export interface ServerPolicy {
   evictIdleMs: number;
 }
 
-export interface Policy extends ServerPolicy {
+/**
+ * The full policy: the server's part and the agent's part, whose fields are those
+ * the lease response carries (common/wire.ts AgentPolicy; docs/policies.md says
+ * what each means). Built on the wire type so that a field added there and not
+ * here fails to compile (buildPolicy) rather than fail every lease.
+ */
+export interface Policy extends ServerPolicy, TAgentPolicy {
   name: string;
   description: string;
-  /** hinted: only frames the guest driver reports as sensitive (and free frames) are evicted */
-  memoryMode: (typeof MEMORY_MODES)[number];
-  /** guest process names (comm) whose pages are sensitive */
-  processes: string[];
-  /** guest cgroup paths whose processes' pages are sensitive */
-  cgroups: string[];
-  /** guest files or directories whose page cache is sensitive */
-  files: string[];
-  freePages: (typeof FREE_PAGE_ACTIONS)[number];
-  /** most sensitive plaintext resident at once; null = no budget */
-  evictBudgetBytes: number | null;
-  dropGuestCache: boolean;
-  onLeaseExpiry: (typeof EXPIRY_ACTIONS)[number];
-  onWipe: (typeof WIPE_ACTIONS)[number];
-  prefetchStartupBytes: number;
-  prefetchOrder: (typeof PREFETCH_ORDERS)[number];
-  /** bytes per second for background prefetch; null = no cap (demand faults are never capped) */
-  prefetchBandwidth: number | null;
-  hintIntervalMs: number;
 }
 
 const DEFAULT_TTL_MS = DEFAULT_LEASE_TTL_S * 1000;

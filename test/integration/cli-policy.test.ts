@@ -128,11 +128,11 @@ describe('lethe policy (CLI)', function () {
     expect(out.explanation).to.match(/^policy laptop-default: /);
   });
 
-  it('explain refuses a policy with errors: its diagnostics on stderr, exit 1', async () => {
+  it('explain refuses a policy with errors: its diagnostics on stderr, exit 2 (BAD_REQUEST)', async () => {
     const late = path.join(dir, 'late.yaml');
     fs.writeFileSync(late, 'lease:\n  ttl: 10m\n  renew: 15m\n');
     const r = await lethe(['policy', 'explain', late]);
-    expect(r.code).to.equal(1);
+    expect(r.code).to.equal(2);
     expect(r.stdout).to.equal('');
     expect(r.stderr).to.equal(
       `${late}:3: error: lease.renew: must be shorter than lease.ttl (15 min ≥ 10 min)\n` +
@@ -189,10 +189,28 @@ describe('lethe policy (CLI)', function () {
       expect(r.stderr).to.equal(`lethe: error: --trace records a VM's faults: it needs --vm\nlethe: hint: lethe agent run desk --vm --trace ${path.join(dir, 't.jsonl')}\n`);
     });
 
-    it('refuses a policy with errors (exit 1)', async () => {
-      const r = await lethe(['policy', 'simulate', bad, '--trace', trace]);
-      expect(r.code).to.equal(1);
-      expect(r.stderr).to.include('only a policy without errors can be simulated');
+    it('refuses a policy with errors the way explain and image push do (exit 2)', async () => {
+      const refused = path.join(dir, 'refused.yaml');
+      fs.writeFileSync(refused, 'lease:\n  ttl: 10m\n  renew: 15m\neviction:\n  idel: 30s\n  on-wipe: shred\n');
+      const r = await lethe(['policy', 'simulate', refused, '--trace', trace]);
+      expect(r.code).to.equal(2);
+      expect(r.stdout).to.equal('');
+      expect(r.stderr, 'every finding, the warning too, then the refusal').to.equal(
+        `${refused}:5: warning: eviction.idel: unknown key 'idel' is ignored\n` +
+          "  hint: did you mean 'idle'?\n" +
+          `${refused}:6: error: eviction.on-wipe: expected evict-all or poweroff, got 'shred'\n` +
+          `lethe: error: policy '${refused}' has 1 error, 1 warning; only a policy without errors can be simulated\n` +
+          `lethe: hint: fix the errors above; 'lethe policy check ${refused}' lists them again\n`,
+      );
+      const j = await lethe(['policy', 'simulate', refused, '--trace', trace, '--json']);
+      expect(j.code).to.equal(2);
+      expect(JSON.parse(j.stdout)).to.deep.equal({
+        error: {
+          code: 'BAD_REQUEST',
+          message: `policy '${refused}' has 1 error, 1 warning; only a policy without errors can be simulated`,
+          hint: `fix the errors above; 'lethe policy check ${refused}' lists them again`,
+        },
+      });
     });
   });
 });

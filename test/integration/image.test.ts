@@ -177,12 +177,21 @@ describe('lethe image (real server process)', function () {
     fs.writeFileSync(notState, Buffer.from('hello world, not qemu'));
     const badPolicy = path.join(dir, 'bad.yaml');
     fs.writeFileSync(badPolicy, 'lease:\n  ttl: 15m\nsensitive:\n  memory: maybe\n');
+    const twoBad = path.join(dir, 'two-bad.yaml');
+    fs.writeFileSync(twoBad, 'eviction:\n  idle: soon\n  on-wipe: shred\n');
+    const refused = (file: string, counts: string) =>
+      `lethe: error: policy '${file}' has ${counts}; nothing was pushed\nlethe: hint: fix the errors above; 'lethe policy check ${file}' lists them again\n`;
     const cases: [string[], string][] = [
       [['--disk', path.join(dir, 'missing.raw')], `lethe: error: cannot read --disk '${path.join(dir, 'missing.raw')}': no such file\nlethe: hint: check the path and its permissions\n`],
       [['--disk', f.disk, '--memory', odd, '--state', f.state], `lethe: error: --memory '${odd}' is 5000 bytes, not a whole number of 4096-byte pages\nlethe: hint: pass the guest RAM file as QEMU wrote it (ram.bin)\n`],
       [['--disk', f.disk, '--memory', f.mem, '--state', notState], `lethe: error: --state '${notState}' is not a QEMU device state file (no QEVM header)\nlethe: hint: use the state.bin that 'lethe vm snapshot' saved\n`],
       [['--disk', f.disk, '--memory', f.mem], "lethe: error: --memory and --state go together\nlethe: hint: 'lethe vm snapshot' writes both (ram.bin and state.bin)\n"],
-      [['--disk', f.disk, '--policy', badPolicy], `lethe: error: ${badPolicy}:4: sensitive.memory: expected all, hinted or none, got 'maybe'\n`],
+      [['--disk', f.disk, '--policy', badPolicy], `${badPolicy}:4: error: sensitive.memory: expected all, hinted or none, got 'maybe'\n${refused(badPolicy, '1 error, no warnings')}`],
+      [
+        ['--disk', f.disk, '--policy', twoBad],
+        `${twoBad}:2: error: eviction.idle: expected a duration, got 'soon'\n  hint: use seconds or a number with a unit, e.g. 90s, 15m, 1h\n` +
+          `${twoBad}:3: error: eviction.on-wipe: expected evict-all or poweroff, got 'shred'\n${refused(twoBad, '2 errors, no warnings')}`,
+      ],
     ];
     for (const [args, stderr] of cases) {
       const r = await lethe(['image', 'push', 'never', ...args], s.env);
@@ -222,8 +231,12 @@ describe('lethe image (real server process)', function () {
     fs.writeFileSync(bad, 'eviction:\n  idle: soon\n');
     const refused = await lethe(['image', 'policy', 'ruled', bad], s.env);
     expect(refused.code).to.equal(2);
-    expect(refused.stderr).to.include(`${bad}:2: error: eviction.idle: expected a duration, got 'soon'\n`);
-    expect(refused.stderr).to.include(`lethe: error: policy '${bad}' has errors; the image keeps its policy\n`);
+    expect(refused.stderr, 'refused as policy explain and image push refuse').to.equal(
+      `${bad}:2: error: eviction.idle: expected a duration, got 'soon'\n` +
+        '  hint: use seconds or a number with a unit, e.g. 90s, 15m, 1h\n' +
+        `lethe: error: policy '${bad}' has 1 error, no warnings; the image keeps its policy\n` +
+        `lethe: hint: fix the errors above; 'lethe policy check ${bad}' lists them again\n`,
+    );
     expect((await lethe(['image', 'policy', 'ruled', strict], s.env)).stdout, 'the bad one changed nothing').to.equal('ruled: policy unchanged\n');
     const cleared = await lethe(['image', 'policy', 'ruled', '--clear', '--json'], s.env);
     expect(JSON.parse(cleared.stdout)).to.deep.equal({ image: 'ruled', changed: true });

@@ -4,7 +4,8 @@ import { canonical } from '../../common/audit-hash.js';
 import { parseDuration, parseSince } from '../../common/duration.js';
 import { LetheError } from '../../common/errors.js';
 import { decodeEnrollToken, encodeEnrollToken, normalizeFingerprint } from '../../common/tokens.js';
-import { classOf, parsePolicy, storedPolicy, DEFAULT_POLICY } from '../../policies/policy.js';
+import { classOf, parsePolicy, storedPolicy } from '../../policies/policy.js';
+import { DEFAULT_FULL_POLICY } from '../../policies/schema.js';
 import { ranges } from '../../server/leases.js';
 
 describe('parsing', () => {
@@ -37,7 +38,7 @@ describe('parsing', () => {
   });
 
   it('policies: defaults, overrides, and errors that name the line and field', () => {
-    expect(parsePolicy(undefined)).to.deep.equal(DEFAULT_POLICY);
+    expect(parsePolicy(undefined)).to.deep.equal(DEFAULT_FULL_POLICY);
     const p = parsePolicy('lease:\n  ttl: 10m\n  renew: 2m\nsensitive:\n  memory: false\n  disk: [[0, 131072]]\n');
     expect(p).to.deep.include({ leaseTtlMs: 600_000, renewAfterMs: 120_000, sensitiveMemory: false });
     expect(classOf(p, 'disk', 0, 131072)).to.equal('sensitive');
@@ -66,6 +67,6 @@ describe('parsing', () => {
     const p = storedPolicy(text);
     expect(p.sensitiveDisk).to.deep.equal([[0, 100], [50, 200]]);
     expect(storedPolicy(text), 'read once per text').to.equal(p);
-    expect(storedPolicy(null)).to.equal(DEFAULT_POLICY);
+    expect(storedPolicy(null)).to.equal(DEFAULT_FULL_POLICY);
   });
 });

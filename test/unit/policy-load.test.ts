@@ -3,6 +3,7 @@
 import { expect } from 'chai';
 import { LetheError } from '../../common/errors.js';
 import { DEFAULT_FULL_POLICY, loadPolicy, loadPolicyOrThrow, parsePolicy, type Diagnostic } from '../../policies/index.js';
+import { storedPolicy } from '../../policies/policy.js';
 
 const MiB = 1024 * 1024;
 
@@ -54,13 +55,20 @@ describe('policy loader', () => {
       expect(r.diagnostics, text).to.deep.equal([]);
       expect(r.policy, text).to.deep.equal(DEFAULT_FULL_POLICY);
     }
-    expect(DEFAULT_FULL_POLICY).to.deep.include({
+    expect(DEFAULT_FULL_POLICY).to.deep.equal({
+      name: '',
+      description: '',
       leaseTtlMs: 900_000,
       renewAfterMs: 300_000,
-      memoryMode: 'all',
       sensitiveMemory: true,
-      freePages: 'evict',
+      sensitiveState: false,
+      sensitiveDisk: [],
       evictIdleMs: 60_000,
+      memoryMode: 'all',
+      processes: [],
+      cgroups: [],
+      files: [],
+      freePages: 'evict',
       evictBudgetBytes: null,
       dropGuestCache: true,
       onLeaseExpiry: 'evict-sensitive',
@@ -246,5 +254,25 @@ describe('policy loader', () => {
       expect(e).to.be.instanceOf(LetheError).and.deep.include({ code: 'BAD_REQUEST', message: "w.yaml:2: eviction.on-wipe: expected evict-all or poweroff, got 'shred'" });
     }
     expect(loadPolicyOrThrow('eviction: {idel: 5s}', 'p').evictIdleMs).to.equal(60_000);
+  });
+
+  it('a stored policy skips only the meaning checks: one whose value no longer reads fails closed, not with the default', () => {
+    // A meaning check it fails (renew after the ttl) does not stop it: it passed when it was stored.
+    expect(storedPolicy('lease:\n  ttl: 1m\n  renew: 5m\n')).to.deep.include({ leaseTtlMs: 60_000, renewAfterMs: 300_000 });
+    // A disk range this Lethe cannot read: the default would be no sensitive disk at all.
+    const unreadable = 'sensitive:\n  disk: [[0, 1MiB], [2MiB, 3 megs]]\n';
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        storedPolicy(unreadable);
+        expect.fail('no error');
+      } catch (e) {
+        expect(e, `attempt ${attempt}: a failure is not remembered as a policy`).to.be.instanceOf(LetheError).and.deep.include({
+          code: 'INTERNAL',
+          message: "the image's stored policy cannot be read: stored policy:2: sensitive.disk[1][1]: expected a size, got '3 megs'",
+          hint: "replace it with 'lethe image policy IMAGE FILE'",
+        });
+      }
+    }
+    expect(() => storedPolicy('lease: [\n'), 'a syntax error too').to.throw(LetheError, /^the image's stored policy cannot be read: stored policy:\d+: \(syntax\): /);
   });
 });
