@@ -66,9 +66,12 @@ const EXPIRY: Record<Policy['onLeaseExpiry'], string> = {
   suspend: 'every key is zeroed and every guest page evicted (changed ones kept as ciphertext), the VM is held, and if the server can still be reached the VM is suspended as a new image version that any assigned device resumes',
 };
 
+// The agent acts the same on both today: the keys are zeroed, QEMU is killed at once
+// (its RAM file goes with it), then the cache is deleted. The key stays so that
+// policies naming either value still read.
 const WIPE: Record<Policy['onWipe'], string> = {
-  'evict-all': 'every sensitive page is evicted and the VM stopped (its RAM freed), then the keys and the local ciphertext cache are deleted; guest work not checked in is lost',
-  poweroff: 'the VM is powered off at once (unsaved guest work is lost), then the keys and the local ciphertext cache are deleted',
+  'evict-all': 'every page is evicted: the VM is stopped at once and its RAM freed with it, the keys are zeroed and the local ciphertext cache deleted; guest work not checked in is lost',
+  poweroff: 'the VM is powered off at once and its RAM freed with it, the keys are zeroed and the local ciphertext cache deleted; guest work not checked in is lost',
 };
 
 function leaseLines(p: Policy): string[] {
