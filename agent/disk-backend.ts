@@ -7,8 +7,7 @@
 // same pool (payload()), zeroed once the write is done. Writes are
 // read-modify-write per chunk, serialized per chunk, and land in the cache as
 // device-encrypted dirty chunks; flush() (and FUA) make them durable.
-import { DISK_CHUNK_SIZE, DISK_OWN_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS } from '../common/constants.js';
-import { freeSecure, secureBuffer } from '../common/crypto.js';
+import { DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS } from '../common/constants.js';
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 
@@ -21,13 +20,12 @@ export class AgentDiskBackend {
   /** Transit buffers for read-modify-write: concurrent writes each get their own. */
   private readonly transit = new BufferPool(DISK_TRANSIT_BUFFERS, DISK_CHUNK_SIZE);
   /**
-   * Reply buffers for reads, and buffers for write payloads; a longer request, or one
-   * that finds none free within REPLY_WAIT_MS, gets its own locked buffer (ownBytes).
+   * Reply buffers for reads, and buffers for write payloads. A longer request, or one
+   * that finds none free within REPLY_WAIT_MS, waits for the one large buffer instead.
    */
   private readonly replies = new BufferPool(DISK_REPLY_BUFFERS, DISK_REPLY_BUFFER_BYTES);
-  /** Bytes of locked buffers of their own that requests hold, at most DISK_OWN_BUFFER_BYTES. */
-  private ownBytes = 0;
-  private readonly ownWaiters: (() => void)[] = [];
+  /** One locked buffer of the largest NBD payload, made the first time it is needed. */
+  private large?: BufferPool;
 
   constructor(private readonly core: AgentCore) {
     this.size = core.sizeOf('disk');
@@ -88,23 +86,24 @@ export class AgentDiskBackend {
     return this.buffer(length);
   }
 
-  /** A locked buffer of `length` bytes: a pooled one, or one of its own within DISK_OWN_BUFFER_BYTES. */
+  /**
+   * A locked buffer of `length` bytes: a pooled one, or the large one. Locked memory
+   * stays bounded: libsodium unlocks a freed buffer only when the collector runs, so
+   * none is made per request. A client that does not take its replies can hold the
+   * pool, but not every other request: they go through the large buffer in turn.
+   */
   private async buffer(length: number): Promise<Buffer> {
-    // Waiting for a pooled buffer is cheaper than locking a new one, but a client
-    // that does not take its replies must not hold up every other request for long.
     const slot = length <= DISK_REPLY_BUFFER_BYTES ? await this.replies.takeWithin(REPLY_WAIT_MS) : undefined;
     if (slot) return slot.subarray(0, length);
-    while (this.ownBytes > 0 && this.ownBytes + length > DISK_OWN_BUFFER_BYTES) await new Promise<void>((r) => this.ownWaiters.push(r));
-    this.ownBytes += length;
-    return secureBuffer(length);
+    this.large ??= new BufferPool(1, DISK_LARGE_BUFFER_BYTES);
+    return (await this.large.take()).subarray(0, length);
   }
 
-  /** Zeroes a buffer read() or payload() returned, once its reply has been sent (or has failed); one of its own is freed. */
+  /** Zeroes a buffer read() or payload() returned, once its reply has been sent (or has failed), and hands it on. */
   release(buf: Buffer): void {
-    if (this.replies.owns(buf)) return this.replies.give(buf);
-    this.ownBytes -= buf.length;
-    freeSecure(buf);
-    for (const w of this.ownWaiters.splice(0)) w();
+    if (this.replies.owns(buf)) this.replies.give(buf);
+    else if (this.large?.owns(buf)) this.large.give(buf);
+    else throw new Error('release() of a buffer this backend did not hand out');
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -148,5 +147,6 @@ export class AgentDiskBackend {
   close(): void {
     this.transit.destroy();
     this.replies.destroy();
+    this.large?.destroy();
   }
 }

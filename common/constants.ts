@@ -64,11 +64,11 @@ export const DISK_REPLY_BUFFER_BYTES = 256 * 1024;
 /** 32 × 256 KiB = 8 MiB of locked reply buffers, shared by every NBD connection. */
 export const DISK_REPLY_BUFFERS = 32;
 /**
- * Locked buffers an NBD read or write payload takes of its own (longer than a pooled
- * one, or none came free within 100 ms), at most this many bytes at once: one
- * maximum NBD payload (32 MiB). A request that would pass it waits for one to go.
+ * One locked buffer of the largest NBD payload (32 MiB), made the first time an NBD
+ * read or write payload is longer than a reply buffer, or finds none free within
+ * 100 ms; such requests take it in turn.
  */
-export const DISK_OWN_BUFFER_BYTES = 32 * 1024 * 1024;
+export const DISK_LARGE_BUFFER_BYTES = 32 * 1024 * 1024;
 /** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
 export const DISK_TRANSIT_BUFFERS = 16;
 /** Locked page buffers for serving guest RAM faults. */

@@ -13,12 +13,6 @@ export function secureBuffer(size: number): SecretKey {
   return sodium.sodium_malloc(size);
 }
 
-/** Zeroes and unmaps a buffer from secureBuffer() at once, instead of when the collector gets to it; it is empty after. */
-export function freeSecure(buf: Buffer): void {
-  wipe(buf);
-  sodium.sodium_free(buf);
-}
-
 export function secureCopy(src: Uint8Array): SecretKey {
   const out = secureBuffer(src.length);
   out.set(src);

@@ -15,8 +15,6 @@ declare module 'sodium-native' {
     crypto_generichash_BYTES: number;
     crypto_generichash_KEYBYTES_MIN: number;
     sodium_malloc(size: number): Buffer & { secure: boolean };
-    /** Detaches the buffer; libsodium zeroes and unmaps it. */
-    sodium_free(buf: Buf): void;
     sodium_memzero(buf: Buf): void;
     sodium_mprotect_noaccess(buf: Buf): void;
     sodium_mprotect_readonly(buf: Buf): void;

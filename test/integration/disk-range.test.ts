@@ -55,33 +55,31 @@ describe('disk range reads (real server)', function () {
     expect(t.agent.core.stats.keyRequests, 'key requests').to.equal(asked);
   });
 
-  it('the disk backend zeroes every reply buffer it hands back, pooled or its own (that one is freed)', async () => {
+  it('the disk backend zeroes every reply buffer it hands back, pooled or the large one', async () => {
     const disk = new AgentDiskBackend(t.agent.core);
     try {
-      // 4 KiB and 256 KiB come from the locked pool, 300 KiB gets a buffer of its own; chunk 1 is sensitive.
+      // 4 KiB and 256 KiB come from the locked pool, 300 KiB takes the large buffer; chunk 1 is sensitive.
       for (const [at, len] of [[CHUNK + 5, 4096], [0, 256 * 1024], [3000, 300 * 1024]]) {
         const reply = await disk.read(at, len);
         expect(reply.equals(t.img.plain.disk.subarray(at, at + len)), `bytes ${at}+${len}`).to.equal(true);
         disk.release(reply);
-        // A pooled buffer is zeroed for the next request; one of its own is zeroed and unmapped by libsodium (detached).
-        if (len <= 256 * 1024) expect(reply.every((b) => b === 0), `reply of ${len} bytes zeroed`).to.equal(true);
-        else expect(reply.length, `reply of ${len} bytes freed`).to.equal(0);
+        expect(reply.every((b) => b === 0), `reply of ${len} bytes zeroed`).to.equal(true);
       }
     } finally {
       disk.close();
     }
   });
 
-  it('requests longer than a pooled buffer lock at most 32 MiB of their own at once; the next waits for one to go', async () => {
+  it('requests longer than a pooled buffer take the one large buffer in turn: no locked buffer is made per request', async () => {
     const disk = new AgentDiskBackend(t.agent.core);
     const len = 512 * 1024;
     const held: Buffer[] = [];
     try {
-      for (let i = 0; i < 64; i++) held.push(await disk.read(0, len));
+      held.push(await disk.read(0, len));
       let next: Buffer | undefined;
       const waiting = disk.read(CHUNK, len).then((b) => (next = b));
       await new Promise((r) => setTimeout(r, 300));
-      expect(next, 'a 65th buffer of its own waits').to.equal(undefined);
+      expect(next, 'a second long read waits for the large buffer').to.equal(undefined);
       disk.release(held.pop()!);
       await waiting;
       expect(next!.equals(t.img.plain.disk.subarray(CHUNK, CHUNK + len))).to.equal(true);
