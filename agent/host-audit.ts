@@ -4,8 +4,9 @@
 // and /sys tree for cases this machine is not in.
 import fs from 'node:fs';
 import path from 'node:path';
-import { DISK_CHUNK_SIZE, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS, MEM_CHUNK_SIZE } from '../common/constants.js';
+import { DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS, MEM_CHUNK_SIZE } from '../common/constants.js';
 import { LetheError, errorChain } from '../common/errors.js';
+import { formatBytes } from '../policies/format.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 export type CheckId = 'swap' | 'core-dumps' | 'hibernation' | 'ptrace-scope' | 'memlock' | 'kdump';
@@ -27,8 +28,8 @@ export interface HostAudit {
 export interface HostAuditOptions {
   /** Where the kernel's /proc and /sys are found (default '/'). */
   root?: string;
-  /** Whose resource limits and mounts to check (default: this process). */
-  pid?: number | 'self';
+  /** Whose resource limits and mounts to check: a process id, as a number or as the digits given to --pid (default: this process). */
+  pid?: number | string;
 }
 
 const MiB = 1024 * 1024;
@@ -43,16 +44,23 @@ const AGENT_LOCKS = {
   diskTransit: locked(DISK_TRANSIT_BUFFERS * DISK_CHUNK_SIZE),
   pagePool: locked(FAULT_PAGE_BUFFERS * MEM_CHUNK_SIZE),
   keySlab: locked(KEY_SLAB_SLOTS * KEY_BYTES),
-  keySlabs: KEY_RING_MAX_KEYS / KEY_SLAB_SLOTS,
   // Single keys, device-state chunks and scratch: each allocation locks whole pages.
   scratch: 1 * MiB,
+  // Made the first time an NBD request is longer than a reply buffer or finds none free
+  // within 100 ms: one buffer of the largest payload, which such requests take in turn
+  // (agent/disk-backend.ts).
+  diskLarge: locked(DISK_LARGE_BUFFER_BYTES),
 };
 
-/** Bytes the agent locks once it serves a VM, and with its key ring grown to the full. */
-export function agentLockedBytes(): { atStart: number; atMost: number } {
+/**
+ * Bytes the agent locks once it serves a VM, and at most: with the large disk buffer
+ * made and its key ring grown to hold `keys` keys (by default all it may hold).
+ */
+export function agentLockedBytes(keys = KEY_RING_MAX_KEYS): { atStart: number; atMost: number } {
   const l = AGENT_LOCKS;
   const atStart = l.diskReplies + l.diskTransit + l.pagePool + l.keySlab + l.scratch;
-  return { atStart, atMost: atStart + (l.keySlabs - 1) * l.keySlab };
+  const slabs = Math.max(1, Math.ceil(keys / KEY_SLAB_SLOTS));
+  return { atStart, atMost: atStart + (slabs - 1) * l.keySlab + l.diskLarge };
 }
 
 /** Reads the kernel's files under a root; paths in messages are the kernel's own. */
@@ -68,6 +76,16 @@ class Host {
 
   get proc(): string {
     return `/proc/${this.pid}`;
+  }
+
+  /** Whose limits the findings name. */
+  get who(): string {
+    return this.pid === 'self' ? 'this shell' : `process ${this.pid}`;
+  }
+
+  /** Said after a limit found fine in this process: the agent runs under its own unit and limits. */
+  get agentMayDiffer(): string {
+    return this.pid === 'self' ? " (the agent's may differ: --pid)" : '';
   }
 
   /** The file's text, or undefined when it does not exist; throws, naming it, when it cannot be read. */
@@ -105,7 +123,6 @@ class Host {
 
 const codeOf = (e: unknown) => (e as NodeJS.ErrnoException).code ?? errorChain(e);
 const missing = (e: unknown) => ['ENOENT', 'ENOTDIR'].includes(String((e as NodeJS.ErrnoException).code));
-const bytes = (n: number) => (n === Infinity ? 'unlimited' : n < MiB ? `${+(n / 1024).toFixed(1)} KiB` : `${+(n / MiB).toFixed(1)} MiB`);
 const quote = (s: string) => `'${s.length > 40 ? s.slice(0, 40) + '…' : s}'`;
 
 /** A one-line kernel value, or a clear error quoting what was there instead. */
@@ -123,8 +140,12 @@ type SwapKind = 'zram' | 'dm-crypt' | 'plain' | 'unknown';
 
 interface SwapArea {
   path: string;
+  /** A swap file, a zram device, or another block device (a partition, LVM volume and such). */
+  type: 'file' | 'zram' | 'partition' | 'other';
   kind: SwapKind;
   why?: string;
+  /** Where a zram device writes idle pages back to. */
+  backing?: string;
 }
 
 /** /proc/swaps escapes spaces and such as \ooo. */
@@ -141,10 +162,13 @@ function swapAreas(h: Host): SwapArea[] {
 function swapArea(h: Host, line: string): SwapArea {
   const [name, type] = line.trim().split(/\s+/);
   const file = unescape(name).replace(/ \(deleted\)$/, '');
-  if (type === 'partition') return { path: file, ...deviceKind(h, blockName(h, file)) };
-  if (type !== 'file') return { path: file, kind: 'unknown', why: `type ${quote(type ?? '')} in /proc/swaps` };
+  if (type === 'partition') {
+    const dev = blockName(h, file);
+    return { path: file, type: dev.startsWith('zram') ? 'zram' : 'partition', ...deviceKind(h, dev) };
+  }
+  if (type !== 'file') return { path: file, type: 'other', kind: 'unknown', why: `type ${quote(type ?? '')} in /proc/swaps` };
   const dev = deviceOfFile(h, file);
-  return { path: file, ...(dev ? deviceKind(h, dev) : { kind: 'unknown', why: 'cannot tell which disk holds it' }) };
+  return { path: file, type: 'file', ...(dev ? deviceKind(h, dev) : { kind: 'unknown', why: 'cannot tell which disk holds it' }) };
 }
 
 /** sysfs's name for /dev/X, /dev/dm-N or /dev/mapper/NAME. */
@@ -157,23 +181,36 @@ function blockName(h: Host, dev: string): string {
   return path.basename(dev);
 }
 
-function deviceKind(h: Host, name: string, depth = 0): { kind: SwapKind; why?: string } {
+function deviceKind(h: Host, name: string, depth = 0): { kind: SwapKind; why?: string; backing?: string } {
   const dir = `/sys/class/block/${name}`;
   if (name.startsWith('zram')) {
-    // zram can write idle pages out to a backing device (CONFIG_ZRAM_WRITEBACK)
+    // zram can write idle pages out to a backing device (CONFIG_ZRAM_WRITEBACK):
+    // they are as safe as that device is
     const backing = h.read(`${dir}/backing_dev`)?.trim();
-    if (!backing || backing === 'none' || depth > 0) return { kind: 'zram' };
+    if (!backing || backing === 'none') return { kind: 'zram' };
+    if (depth >= 8) return { kind: 'unknown', why: 'zram writing back to zram, too deep' };
     const k = deviceKind(h, blockName(h, backing), depth + 1);
-    return k.kind === 'plain' ? { kind: 'plain', why: `zram writes back to ${backing}` } : { kind: 'zram' };
+    if (k.kind === 'dm-crypt') return { kind: 'zram', why: `writes back to ${backing}, dm-crypt`, backing };
+    return { kind: k.kind, why: `zram writes back to ${backing}${k.why ? `, ${k.why}` : ''}`, backing };
   }
   if (!h.exists(dir)) return { kind: 'unknown', why: `no ${dir}` };
   return { kind: encrypted(h, name, 0) ? 'dm-crypt' : 'plain' };
 }
 
-/** A dm-crypt device, or one stacked on one (LVM on LUKS): the dm uuid of a crypt target starts with CRYPT-. */
+/**
+ * cryptsetup names the device it maps CRYPT-TYPE-…; these types do not encrypt: dm-integrity
+ * and dm-verity alone, and SUBDEV, the layers under a LUKS2 volume with integrity or a TCRYPT
+ * cascade (the volume on top is what encrypts).
+ */
+const NOT_CRYPT = ['CRYPT-INTEGRITY-', 'CRYPT-VERITY-', 'CRYPT-SUBDEV-'];
+
+/** A dm-crypt device, or one whose data all lands on dm-crypt (LVM on LUKS), however deep. */
 function encrypted(h: Host, name: string, depth: number): boolean {
-  if (h.read(`/sys/class/block/${name}/dm/uuid`)?.startsWith('CRYPT-')) return true;
-  return depth < 8 && h.list(`/sys/class/block/${name}/slaves`).some((s) => encrypted(h, s, depth + 1));
+  const uuid = h.read(`/sys/class/block/${name}/dm/uuid`) ?? '';
+  if (uuid.startsWith('CRYPT-') && !NOT_CRYPT.some((p) => uuid.startsWith(p))) return true;
+  // an LVM volume spanning a LUKS disk and a plain one is not encrypted
+  const slaves = h.list(`/sys/class/block/${name}/slaves`);
+  return depth < 8 && slaves.length > 0 && slaves.every((s) => encrypted(h, s, depth + 1));
 }
 
 /** The block device under the filesystem that holds a swap file, by the longest mount point above it. */
@@ -193,6 +230,33 @@ function deviceOfFile(h: Host, file: string): string | undefined {
   return h.linkName(`/sys/dev/block/${best.majmin}`) ?? (best.source.startsWith('/dev/') ? blockName(h, best.source) : undefined);
 }
 
+const ZRAM = 'zram (apt install systemd-zram-generator)';
+
+/** What to change for each kind of plain area: crypttab takes block devices, so only partitions get its lines. */
+function plainSwapFixes(plain: SwapArea[]): string {
+  const fixes: string[] = [];
+  const parts = plain.filter((a) => a.type === 'partition');
+  if (parts.length > 0) {
+    const name = (i: number) => `cryptswap${i === 0 ? '' : i + 1}`;
+    const crypttab = parts.map((a, i) => `'${name(i)} ${a.path} /dev/urandom swap,cipher=aes-xts-plain64,size=512'`).join(', ');
+    const fstab = parts.map((_, i) => `'/dev/mapper/${name(i)} none swap sw 0 0'`).join(', ');
+    const devs = parts.map((a) => a.path).join(' ');
+    fixes.push(`sudo swapoff ${devs} and remove ${parts.length > 1 ? 'them' : 'it'} from /etc/fstab, then use ${ZRAM} or dm-crypt with a random key at each boot (/etc/crypttab: ${crypttab}; /etc/fstab: ${fstab})`);
+  }
+  for (const a of plain.filter((a) => a.type === 'zram')) {
+    const dev = path.basename(a.path);
+    fixes.push(
+      `turn off writeback for ${a.path} (remove writeback-device from /etc/systemd/zram-generator.conf, or stop writing /sys/block/${dev}/backing_dev) and reboot, or have it write back to a dm-crypt device with a random key instead of ${a.backing ?? 'a plain one'}`,
+    );
+  }
+  const files = plain.filter((a) => a.type === 'file').map((a) => a.path);
+  if (files.length > 0) {
+    const them = files.length > 1 ? 'them' : 'it';
+    fixes.push(`sudo swapoff ${files.join(' ')}, remove ${them} from /etc/fstab and delete ${them}; then use ${ZRAM}, or swap on a partition under dm-crypt with a random key (/etc/crypttab takes a block device, not a file)`);
+  }
+  return fixes.join('; ');
+}
+
 const KIND_TEXT: Record<SwapKind, string> = { zram: 'zram, in RAM', 'dm-crypt': 'dm-crypt', plain: 'plain, on disk', unknown: 'unknown' };
 const areaText = (a: SwapArea) => `${a.path} (${KIND_TEXT[a.kind]}${a.why ? `: ${a.why}` : ''})`;
 
@@ -201,11 +265,10 @@ function checkSwap(h: Host): Omit<HostCheck, 'id'> {
   const list = areas.map(areaText).join(', ');
   const plain = areas.filter((a) => a.kind === 'plain');
   if (plain.length > 0) {
-    const devs = plain.map((a) => a.path).join(' ');
     return {
       status: 'fail',
       found: `swap without encryption on disk: ${list}; guest RAM is shared memory the kernel may swap out, so guest pages can land there in plaintext`,
-      fix: `sudo swapoff ${devs} and remove it from /etc/fstab; for swap use zram (apt install systemd-zram-generator) or dm-crypt with a random key (/etc/crypttab: 'cryptswap ${plain[0].path} /dev/urandom swap,cipher=aes-xts-plain64,size=512', /etc/fstab: '/dev/mapper/cryptswap none swap sw 0 0')`,
+      fix: plainSwapFixes(plain),
     };
   }
   if (areas.some((a) => a.kind === 'unknown')) {
@@ -279,15 +342,15 @@ function checkCoreDumps(h: Host): Omit<HostCheck, 'id'> {
   const dest = coreDestination(h);
   const suidDumps = oneOf(h, '/proc/sys/fs/suid_dumpable', ['0', '1', '2'] as const) === '1';
   const core = limitOf(h, 'Max core file size');
-  const who = h.pid === 'self' ? 'this shell' : `process ${h.pid}`;
   const size = core.soft === Infinity ? 'unlimited' : core.soft === 0 ? '0' : `${core.soft} bytes`;
   const raise = core.soft === 0 && dest.stored !== 'no' ? ', but a program may raise it and QEMU started elsewhere may have another' : '';
   const suidText = suidDumps ? '; fs.suid_dumpable is 1, so setuid programs dump too' : '';
-  const found = `${dest.where}; the core size limit of ${who} is ${size}${raise}${suidText}; ${HARDENED}`;
-  if (dest.stored === 'no') return suidDumps ? { status: 'warn', found, fix: SUID_OFF } : { status: 'ok', found, fix: '' };
+  const found = (note: string) => `${dest.where}; the core size limit of ${h.who} is ${size}${note}${raise}${suidText}; ${HARDENED}`;
+  if (dest.stored === 'no' && !suidDumps) return { status: 'ok', found: found(h.agentMayDiffer), fix: '' };
+  if (dest.stored === 'no') return { status: 'warn', found: found(''), fix: SUID_OFF };
   const fixes = [DROP_CORES, ...(dest.where.startsWith('systemd-coredump') ? [COREDUMP_NONE] : []), ...(suidDumps ? [SUID_OFF] : [])];
   const status = dest.stored === 'yes' && core.soft > 0 ? 'fail' : 'warn';
-  return { status, found, fix: fixes.join('; ') };
+  return { status, found: found(''), fix: fixes.join('; ') };
 }
 
 // ---- hibernation ----
@@ -303,7 +366,13 @@ function checkHibernation(h: Host): Omit<HostCheck, 'id'> {
   const areas = swapAreas(h);
   const plain = areas.filter((a) => a.kind === 'plain');
   if (plain.length > 0) return { status: 'fail', found: `${image}, and ${plain.map(areaText).join(', ')} is not encrypted`, fix: `${fix}; and encrypt swap (see swap)` };
-  const swapText = areas.length === 0 ? 'there is no swap now, but adding some enables it' : 'swap is encrypted or in RAM, but keys in the image outlive their lease until resume';
+  const unknown = areas.filter((a) => a.kind === 'unknown');
+  const swapText =
+    areas.length === 0
+      ? 'there is no swap now, but adding some enables it'
+      : unknown.length > 0
+        ? `${unknown.map(areaText).join(', ')} could not be classified (see swap), and keys in the image outlive their lease until resume either way`
+        : 'swap is encrypted or in RAM, but keys in the image outlive their lease until resume';
   return { status: 'warn', found: `${image}; ${swapText}`, fix };
 }
 
@@ -342,16 +411,16 @@ function canLockAnything(h: Host): boolean {
 
 function checkMemlock(h: Host): Omit<HostCheck, 'id'> {
   const { soft } = limitOf(h, 'Max locked memory');
+  const limit = soft === Infinity ? 'unlimited' : formatBytes(soft);
   const need = agentLockedBytes();
-  const who = h.pid === 'self' ? 'this shell' : `process ${h.pid}`;
-  const wants = `the agent locks about ${bytes(need.atStart)} at its defaults, up to ${bytes(need.atMost)} with a full key ring`;
-  if (canLockAnything(h)) return { status: 'ok', found: `${who} has CAP_IPC_LOCK, so its locked-memory limit (${bytes(soft)}) does not apply`, fix: '' };
-  if (soft >= need.atMost) return { status: 'ok', found: `the locked-memory limit of ${who} is ${bytes(soft)}; ${wants}`, fix: '' };
+  const wants = `the agent locks about ${formatBytes(need.atStart)} at its defaults, up to ${formatBytes(need.atMost)} with a full key ring and a busy disk`;
+  if (canLockAnything(h)) return { status: 'ok', found: `${h.who} has CAP_IPC_LOCK${h.agentMayDiffer}, so its locked-memory limit (${limit}) does not apply`, fix: '' };
+  if (soft >= need.atMost) return { status: 'ok', found: `the locked-memory limit of ${h.who} is ${limit}${h.agentMayDiffer}; ${wants}`, fix: '' };
   const kib = 2 ** Math.ceil(Math.log2(need.atMost / 1024));
   const fix = `raise it where the agent starts: LimitMEMLOCK=infinity in its systemd unit (agent/lethe-agent.service has it; check a running agent with --pid), or 'USER - memlock ${kib}' in /etc/security/limits.conf and log in again`;
   const silent = 'libsodium ignores a refused mlock, so buffers past the limit hold plaintext and keys in memory that can be swapped out';
   const status = soft >= need.atStart ? 'warn' : 'fail';
-  return { status, found: `the locked-memory limit of ${who} is ${bytes(soft)}; ${wants}; ${silent}`, fix };
+  return { status, found: `the locked-memory limit of ${h.who} is ${limit}; ${wants}; ${silent}`, fix };
 }
 
 // ---- crash dumps ----
@@ -392,14 +461,18 @@ function runCheck(c: CheckDef, h: Host): HostCheck {
   }
 }
 
-export const PID_HINT = "give the process id of a running agent, e.g. from pgrep -f 'lethe agent'";
+const PID_HINT = "give the process id of a running agent, e.g. from pgrep -f 'lethe agent'";
 
-/** Runs every check; throws only for a --pid that names no process. */
+/** A process id as --pid gives it, or as a number; throws BAD_REQUEST, quoting it, for anything but digits. */
+function processId(given: number | string): number {
+  const text = String(given);
+  if (!/^\d+$/.test(text)) throw new LetheError('BAD_REQUEST', `bad --pid: ${quote(text)}`, { hint: PID_HINT });
+  return Number(text);
+}
+
+/** Runs every check; throws only for a pid that is not digits or names no process. */
 export function auditHost(opts: HostAuditOptions = {}): HostAudit {
-  const pid = opts.pid ?? 'self';
-  if (pid !== 'self' && !(Number.isInteger(pid) && pid > 0)) {
-    throw new LetheError('BAD_REQUEST', `bad --pid: '${pid}'`, { hint: PID_HINT });
-  }
+  const pid = opts.pid === undefined ? 'self' : processId(opts.pid);
   const h = new Host(opts.root ?? '/', pid);
   if (pid !== 'self' && !h.exists(`${h.proc}/limits`)) {
     throw new LetheError('BAD_REQUEST', `no process ${pid}`, { hint: PID_HINT });

@@ -1,10 +1,19 @@
 // `lethe audit host` as a person and a program run it: on this machine, and on a
-// /proc and /sys tree with files the checks cannot make sense of.
+// /proc and /sys tree with files the checks cannot make sense of. And the figure its
+// memlock check rests on, agentLockedBytes(), against what a real agent locks while
+// NBD clients read and write its disk as hard as they can.
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { lethe, ROOT, tmpDir, type CliResult } from '../helpers/proc.js';
+import { promisify } from 'node:util';
+import { control } from '../../agent/control.js';
+import type { AgentStatus } from '../../agent/daemon.js';
+import { agentLockedBytes } from '../../agent/host-audit.js';
+import { KEY_SLAB_SLOTS } from '../../common/constants.js';
+import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, ROOT, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type CliResult, type ServerProc } from '../helpers/proc.js';
 
 const IDS = ['swap', 'core-dumps', 'hibernation', 'ptrace-scope', 'memlock', 'kdump'];
 
@@ -127,5 +136,72 @@ describe('lethe audit host (CLI)', function () {
     expect(JSON.parse(gone.stdout)).to.deep.equal({
       error: { code: 'BAD_REQUEST', message: 'no process 4194305', hint: "give the process id of a running agent, e.g. from pgrep -f 'lethe agent'" },
     });
+  });
+});
+
+/** The process's locked memory now, from VmLck in /proc/PID/status (in kB there). */
+function vmLck(pid: number): number {
+  const m = /^VmLck:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no VmLck in /proc/${pid}/status`);
+  return Number(m[1]) * 1024;
+}
+
+describe("the agent's locked memory (real server, agent and NBD clients)", function () {
+  this.timeout(120_000);
+  const MiB = 1024 * 1024;
+  let s: ServerProc;
+  let dev: TestDevice;
+  let agent: AgentProc;
+  const uri = () => `nbd+unix:///locked?socket=${path.join(dev.home, 'nbd.sock')}`;
+
+  before(async () => {
+    s = await startServer();
+    await pushImage(s, 'locked', { plain: { disk: randomBytes(16 * MiB), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
+    dev = await enrolledDevice(s);
+    await assign(s, dev.deviceId, 'locked');
+    agent = await startAgentProc(dev.home, 'locked', ['--no-prefetch']);
+    await waitFor(async () => (await control<AgentStatus>(dev.home, { cmd: 'status' })).nbd?.address ?? undefined, 20_000, 'the export');
+  });
+  after(async () => {
+    await agent?.stop();
+    dev?.close();
+    await s?.stop();
+  });
+
+  it('stays within agentLockedBytes() while clients outrun its reply buffers', async () => {
+    const pid = agent.proc.pid!;
+    const dir = tmpDir();
+    const payload = path.join(dir, 'payload.raw');
+    fs.writeFileSync(payload, randomBytes(8 * MiB));
+    // Three nbdcopy runs, each over 4 connections with 64 requests of 256 KiB in flight:
+    // far more than the pooled reply buffers, so reads and write payloads lock their own.
+    const run = promisify(execFile);
+    let done = false;
+    const copies = Promise.all([run('nbdcopy', [uri(), 'null:']), run('nbdcopy', [uri(), 'null:']), run('nbdcopy', [payload, uri()])]).finally(() => (done = true));
+    let peak = vmLck(pid);
+    while (!done) {
+      peak = Math.max(peak, vmLck(pid));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    await copies;
+    peak = Math.max(peak, vmLck(pid));
+    fs.rmSync(dir, { recursive: true, force: true });
+    // The bound for the key ring the agent grew to, not the full one, which would leave
+    // room enough to hide any excess of the disk buffers.
+    const { keys } = await control<AgentStatus>(dev.home, { cmd: 'status' });
+    expect(keys.classKeys + keys.sensitiveKeys, 'the keys fit one key-ring slab').to.be.below(KEY_SLAB_SLOTS);
+    const { atMost } = agentLockedBytes(KEY_SLAB_SLOTS);
+    expect(peak, 'the agent locked nothing: the check would mean nothing').to.be.greaterThan(0);
+    expect(peak, `VmLck peaked at ${peak} bytes; agentLockedBytes(${KEY_SLAB_SLOTS}).atMost is ${atMost}`).to.be.at.most(atMost);
+  });
+
+  it("--pid reads that agent's limits, not this shell's", async () => {
+    const pid = agent.proc.pid!;
+    const r = await lethe(['audit', 'host', '--pid', String(pid), '--json']);
+    const doc = JSON.parse(r.stdout) as Doc;
+    expectShape(doc);
+    const memlock = doc.checks.find((c) => c.id === 'memlock')!;
+    expect(memlock.found).to.match(new RegExp(`^(process ${pid} has CAP_IPC_LOCK|the locked-memory limit of process ${pid} is )`));
+    expect(memlock.found).not.to.include("the agent's may differ");
   });
 });
