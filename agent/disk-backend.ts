@@ -11,7 +11,7 @@ import { DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK
 import type { AgentCore } from './core.js';
 import { BufferPool } from './buffer-pool.js';
 
-/** How long a read waits for a pooled reply buffer before it locks one of its own. */
+/** How long a request waits for a pooled buffer before it waits for the large one instead. */
 const REPLY_WAIT_MS = 100;
 
 export class AgentDiskBackend {
