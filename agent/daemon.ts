@@ -148,8 +148,9 @@ export function startAgent(o: AgentOptions): RunningAgent {
       .finally(() => finish(code));
   };
   const teardown = async (removeCache: boolean) => {
+    // Keys first (the lease stops and zeroes them), then QEMU and the evictor: nothing
+    // may use the core or the cache after them.
     lease.stop();
-    // QEMU and the evictor go first: nothing may use the core, the cache or the keys after them.
     await vm?.stop();
     const closing = nbd?.close();
     disk?.close();
@@ -288,7 +289,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
     const action = vm.evictor.manager.leaseEnding();
     holdForLease();
     await leaseHold;
-    await vm.evictor.evictAllSensitive('the lease is running out unrenewed', action.evict);
+    await vm.evictor.evictResident('the lease is running out unrenewed', action.evict);
     // The policy asks for a suspend: it needs the server, which may be why the lease is running out.
     if (action.suspend) suspend().catch((e) => log(`suspend at lease expiry failed: ${errorChain(e)}; the guest stays held, its pages evicted`));
   };
@@ -319,7 +320,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
     // Keys are gone: pages unchanged since they arrived are punched out; any changed
     // page left (beforeExpiry should have taken it) stays until a new lease.
     // With a VM the evictor tells the core which pages left; a changed page it must keep stays counted.
-    if (vm) vm.evictor.evictAllSensitive('the lease expired', vm.evictor.manager.leaseEnding().evict).catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
+    if (vm) vm.evictor.evictResident('the lease expired', vm.evictor.manager.leaseEnding().evict).catch((e) => log(`eviction at expiry: ${errorChain(e)}`));
     else core.evictAllSensitive();
     log('lease expired without renewal: keys zeroed, sensitive plaintext evicted; waiting for the server');
   });

@@ -155,7 +155,7 @@ export class Evictor {
       this.stats.idle += decision.why.idle;
       this.stats.free += decision.why.free;
       this.stats.budget += decision.why.budget;
-      const r = await this.evictPages(due, 'idle');
+      const r = await this.evictPages(due);
       // A changed page kept for want of a write key (it did not come beside its fault)
       // gets one asked for again, without waiting: it goes at a later pass.
       const keyless = this.keyless.splice(0);
@@ -174,12 +174,14 @@ export class Evictor {
    * Evicts every resident sensitive page — or, with `scope` 'all', every resident
    * page (lease about to run out, wipe, an order from the user).
    */
-  evictAllSensitive(why: string, scope: 'sensitive' | 'all' = 'sensitive'): Promise<EvictResult> {
+  evictResident(why: string, scope: 'sensitive' | 'all' = 'sensitive'): Promise<EvictResult> {
     return this.serial(async () => {
       const all: number[] = [];
       for (let p = 0; p < this.since.length; p++) if (this.since[p] !== 0 && (scope === 'all' || this.sensitive(p))) all.push(p);
-      const r = await this.evictPages(all, why);
-      if (r.kept > 0) this.log(`${r.kept} sensitive page(s) stay resident (${why}): their changes have no write key`);
+      const r = await this.evictPages(all);
+      const pages = scope === 'all' ? 'page(s)' : 'sensitive page(s)';
+      if (r.evicted > 0) this.log(`evicted ${r.evicted} ${pages} (${why}), ${r.dirty} of them changed`);
+      if (r.kept > 0) this.log(`${r.kept} ${pages} stay resident (${why}): their changes have no write key`);
       return r;
     });
   }
@@ -231,7 +233,7 @@ export class Evictor {
     return this.hashes.subarray(page * HASH_BYTES, (page + 1) * HASH_BYTES);
   }
 
-  private async evictPages(pages: number[], why: string): Promise<EvictResult> {
+  private async evictPages(pages: number[]): Promise<EvictResult> {
     const result: EvictResult = { evicted: 0, dirty: 0, kept: 0 };
     for (let at = 0; at < pages.length; at += EVICT_BATCH) {
       const r = await this.evictBatch(pages.slice(at, at + EVICT_BATCH));
@@ -240,7 +242,6 @@ export class Evictor {
       result.kept += r.kept;
     }
     this.stats.passes++;
-    if (result.evicted > 0 && why !== 'idle') this.log(`evicted ${result.evicted} sensitive page(s) (${why}), ${result.dirty} of them changed`);
     return result;
   }
 

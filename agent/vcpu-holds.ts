@@ -71,8 +71,11 @@ export class VcpuHolds {
   private async stop(): Promise<void> {
     const stopped = this.inOrder('stop').then(() => true);
     for (;;) {
-      if (await Promise.race([stopped, new Promise<boolean>((r) => setTimeout(() => r(false), HOLD_WAIT_MS))])) return;
-      if (this.vcpus.faultInFlight()) return;
+      let timer: NodeJS.Timeout | undefined;
+      const waited = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), HOLD_WAIT_MS)));
+      const done = await Promise.race([stopped, waited]);
+      clearTimeout(timer);
+      if (done || this.vcpus.faultInFlight()) return;
     }
   }
 

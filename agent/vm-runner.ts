@@ -225,7 +225,7 @@ export class AgentVm implements EvictTarget {
     }
   }
 
-  /** Waits until QEMU reports the vCPUs stopped (a hold may return before, see hold()). */
+  /** Waits until QEMU reports the vCPUs stopped (a hold returns before when a fault is in flight: VcpuHolds). */
   async whenStopped(timeoutMs = 30_000): Promise<void> {
     const t0 = Date.now();
     for (;;) {

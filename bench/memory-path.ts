@@ -19,7 +19,7 @@ import { Evictor } from '../agent/evictor.js';
 import { servePage } from '../agent/vm-runner.js';
 import { DEFAULT_FULL_POLICY } from '../policies/schema.js';
 import { table } from '../cli/output.js';
-import { MEM_CHUNK_SIZE } from '../common/constants.js';
+import { FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE } from '../common/constants.js';
 import { FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
 import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, waitFor } from '../test/helpers/proc.js';
@@ -37,8 +37,10 @@ const { values } = parseArgs({
   },
 });
 const PAGES = Number(values.pages);
-/** The scattered order's step: odd, so coprime with a power-of-two page count, and far past readahead. */
+/** The scattered order's step: far past readahead, and coprime with the page count so each page is touched once. */
 const SCATTER = 97;
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+if (gcd(SCATTER, PAGES) !== 1) throw new Error(`--pages must not be a multiple of ${SCATTER} (the scattered pass would touch some pages twice)`);
 
 function freshRam(name: string): string {
   const ram = path.join('/dev/shm', `lethe-bench-${process.pid}-${name}.ram`);
@@ -63,7 +65,7 @@ async function cHandler(dir: string): Promise<number[]> {
 async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['core'], name: string, stride = 1): Promise<number[]> {
   const ram = freshRam(name);
   const sock = path.join(dir, `${name}.sock`);
-  const pool = new BufferPool(32, MEM_CHUNK_SIZE);
+  const pool = new BufferPool(FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE);
   // Not started: it only records what arrives, as a running one does on each fault.
   const evictor = new Evictor(core, { ramFd: -1, pages: PAGES, hold: () => Promise.reject(new Error('no VM')), faultInFlight: () => false }, DEFAULT_FULL_POLICY, () => {});
   let failure: Error | undefined;
