@@ -333,7 +333,7 @@ function limitOf(h: Host, name: string): Limit {
   return { soft, hard };
 }
 
-const HARDENED = 'the agent makes itself non-dumpable (agent/harden.ts), but QEMU, which maps guest RAM, does not';
+const HARDENED = 'the agent makes itself non-dumpable (agent/harden.ts); QEMU does not, though it leaves guest RAM out of its cores (dump-guest-core=off)';
 const DROP_CORES = "make the kernel drop cores: echo 'kernel.core_pattern=|/bin/false' | sudo tee /etc/sysctl.d/50-lethe-core.conf && sudo sysctl --system";
 const COREDUMP_NONE = "or keep systemd-coredump and put 'Storage=none' and 'ProcessSizeMax=0' under [Coredump] in /etc/systemd/coredump.conf.d/lethe.conf";
 const SUID_OFF = "set fs.suid_dumpable=0: echo 'fs.suid_dumpable=0' | sudo tee /etc/sysctl.d/50-lethe-suid.conf && sudo sysctl --system";

@@ -52,7 +52,8 @@ export interface VmSpec {
 /** The QEMU arguments for a spec; the serial console is QEMU's stdout. */
 export function qemuArgs(spec: VmSpec): string[] {
   const args = [
-    '-machine', 'q35,memory-backend=ram0',
+    // dump-guest-core=off: guest RAM is MADV_DONTDUMP, so a QEMU core dump leaves it out.
+    '-machine', 'q35,memory-backend=ram0,dump-guest-core=off',
     '-accel', spec.accel,
     '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
     '-smp', String(spec.cpus ?? 1),

@@ -2,7 +2,8 @@
 // once, but 'stop' is answered only once block I/O has drained, so a hold (which
 // waits for the answer) knows no read will still land in guest RAM. A read that
 // waits on a server that is down therefore holds the hold back: demand fetches
-// give up at the lease's eviction point (agent/fetcher.ts) for that reason.
+// give up at the lease's eviction point (agent/fetcher.ts) for that reason. The
+// same guest shows its RAM kept out of QEMU's core dumps.
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -29,7 +30,7 @@ describe("QMP 'stop' with a disk read outstanding (real QEMU, TCG)", function ()
   this.timeout(120_000);
   this.slow(15_000);
 
-  it("the vCPUs pause at once, but 'stop' answers only once the read is served; no read is lost", async () => {
+  it("the vCPUs pause at once, but 'stop' answers only once the read is served; no read is lost; guest RAM is left out of core dumps", async () => {
     const guest = await buildGuest();
     const runDir = makeRunDir();
     const image = path.join(runDir, 'disk.img');
@@ -68,6 +69,11 @@ describe("QMP 'stop' with a disk read outstanding (real QEMU, TCG)", function ()
       runDir,
     );
     try {
+      // Guest RAM is kept out of QEMU's core dumps (dump-guest-core=off: VmFlags 'dd').
+      const smaps = fs.readFileSync(`/proc/${vm.pid}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/);
+      const ram = smaps.find((m) => m.split('\n')[0].endsWith(path.join(runDir, 'ram.bin')));
+      expect(ram, 'the RAM file is mapped').to.not.equal(undefined);
+      expect(ram!.match(/^VmFlags:(.*)$/m)?.[1].split(' '), 'guest RAM VmFlags').to.include('dd');
       await waitFor(async () => reads >= 3 || undefined, 60_000, 'the guest reading its disk');
       stalled = true;
       await waitFor(async () => waiting.length > 0 || undefined, 60_000, 'a guest disk read to wait');

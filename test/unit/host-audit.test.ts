@@ -218,7 +218,7 @@ describe('lethe audit host', () => {
       const c = check('core-dumps');
       expect(c.status).to.equal('ok');
       expect(c.found).to.equal(
-        "the kernel pipes cores to /bin/false, which drops them; the core size limit of this shell is 0 (the agent's may differ: --pid); the agent makes itself non-dumpable (agent/harden.ts), but QEMU, which maps guest RAM, does not",
+        "the kernel pipes cores to /bin/false, which drops them; the core size limit of this shell is 0 (the agent's may differ: --pid); the agent makes itself non-dumpable (agent/harden.ts); QEMU does not, though it leaves guest RAM out of its cores (dump-guest-core=off)",
       );
     });
 
