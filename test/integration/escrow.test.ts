@@ -10,7 +10,9 @@ import { chunkKey, decryptChunkInto, type ChunkCoord } from '../../common/chunk.
 import { boxKeyPair, b64u, openSealed, sha256, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { LeaseResponse, KeysResponse } from '../../common/wire.js';
-import { assign, rejects, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
+import fs from 'node:fs';
+import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
+import { ROOT } from '../helpers/proc.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 
 describe('escrow: leases, sealed keys, chunks (real server process)', function () {
@@ -29,6 +31,20 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
     dev?.close();
     other?.close();
     await s?.stop();
+  });
+
+  it("the lease carries the image's policy for the agent, and a new policy comes with the next renewal", async () => {
+    const strict = fs.readFileSync(path.join(ROOT, 'policies', 'finance-strict.yaml'), 'utf8');
+    await pushImage(s, 'strict', { chunks: 1, policy: strict });
+    await assign(s, dev.deviceId, 'strict');
+    const lease = LeaseResponse.parse(await dev.client.lease('strict'));
+    expect(lease.ttlSeconds).to.equal(300);
+    expect(lease.policy).to.deep.include({ memoryMode: 'all', evictIdleMs: 15_000, evictBudgetBytes: 128 * 1024 * 1024, onLeaseExpiry: 'evict-all', prefetchBandwidth: 20 * 1024 * 1024 });
+    // IT loosens it: the lease in hand keeps its terms, the renewal brings the new ones.
+    await admin(s).json('PUT', '/images/strict/policy', { policy: 'lease:\n  ttl: 20m\neviction:\n  idle: 2m\n' });
+    const renewed = LeaseResponse.parse(await dev.client.renew(lease.leaseId));
+    expect(renewed.ttlSeconds).to.equal(1200);
+    expect(renewed.policy).to.deep.include({ evictIdleMs: 120_000, evictBudgetBytes: null, onLeaseExpiry: 'evict-sensitive' });
   });
 
   it('a lease needs an assignment', async () => {
@@ -139,6 +155,26 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
     }
     const ok = await dev.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
     expect(ok.chunks).to.have.length(1);
+  });
+
+  it("a write-key request's new state size stands or falls with its audit entry", async () => {
+    const lease = await dev.client.lease('desk');
+    const db = new Database(path.join(s.dir, 'lethe.db'));
+    const sizes = () => (db.prepare('SELECT state_size FROM versions').all() as { state_size: number }[]).map((r) => r.state_size);
+    try {
+      db.exec("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END");
+      const e = await rejects(dev.client.keys(lease.leaseId, [{ kind: 'state', index: 0 }], true, 777 * 4096));
+      db.exec('DROP TRIGGER refuse_audit');
+      expect(e.code).to.equal('AUDIT_UNAVAILABLE');
+      expect(sizes(), 'no draft took the size').to.not.include(777 * 4096);
+      await dev.client.keys(lease.leaseId, [{ kind: 'state', index: 0 }], true, 777 * 4096);
+      expect(sizes()).to.include(777 * 4096);
+      const entry = db.prepare("SELECT data FROM audit WHERE type = 'keys.release' ORDER BY seq DESC LIMIT 1").get() as { data: string };
+      expect(JSON.parse(entry.data)).to.deep.include({ write: true, stateSize: 777 * 4096 });
+    } finally {
+      db.exec('DROP TRIGGER IF EXISTS refuse_audit');
+      db.close();
+    }
   });
 
   it('an ended lease releases nothing', async () => {
