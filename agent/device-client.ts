@@ -62,9 +62,14 @@ export class DeviceClient {
   /** Uploads device-encrypted dirty chunks (upload frames); the server commits them as a new version. */
   async checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ image: string; version: number; chunks: number }> {
     const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/checkin?final=${final ? 1 : 0}`;
-    const headers = signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'POST', path, frames);
-    const res = await this.http.request('POST', path, { body: frames, headers });
-    return JSON.parse(res.body.toString('utf8')) as { image: string; version: number; chunks: number };
+    return this.signedBinary(path, frames);
+  }
+
+  /** POSTs a binary body, signed, and parses the JSON answer. */
+  private async signedBinary<T>(path: string, body: Buffer, contentType?: string): Promise<T> {
+    const headers = { ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'POST', path, body), ...(contentType ? { 'content-type': contentType } : {}) };
+    const res = await this.http.request('POST', path, { body, headers });
+    return JSON.parse(res.body.toString('utf8')) as T;
   }
 
   /** Fetches a batch of chunk blobs, in request order. */
@@ -83,11 +88,7 @@ export class DeviceClient {
 
   /** Uploads this lease's first-touch order of memory pages; a later upload for the same lease replaces it. */
   async uploadTrace(leaseId: string, pages: Uint32Array): Promise<wire.TTraceUploadResponse> {
-    const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/trace`;
-    const body = wire.encodePages(pages);
-    const headers = { ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'POST', path, body), 'content-type': wire.PAGES_CONTENT_TYPE };
-    const res = await this.http.request('POST', path, { body, headers });
-    return JSON.parse(res.body.toString('utf8')) as wire.TTraceUploadResponse;
+    return this.signedBinary(`/v1/device/leases/${encodeURIComponent(leaseId)}/trace`, wire.encodePages(pages), wire.PAGES_CONTENT_TYPE);
   }
 
   /** The image's trace-learned order of memory pages to prefetch, best first; empty before any trace. */

@@ -16,6 +16,8 @@ export const CHUNK_SIZE: Record<ChunkKind, number> = {
   state: STATE_CHUNK_SIZE,
 };
 export const SENSITIVITY_CLASSES = ['sensitive', 'normal'] as const;
+export type Sensitivity = (typeof SENSITIVITY_CLASSES)[number];
+export const CLASS_CODE: Record<Sensitivity, number> = { normal: 1, sensitive: 2 };
 
 // ---- specification: policy values (docs/policies.md) ----
 export const MEMORY_MODES = ['all', 'hinted', 'none'] as const;
@@ -23,8 +25,6 @@ export const FREE_PAGE_ACTIONS = ['evict', 'keep'] as const;
 export const EXPIRY_ACTIONS = ['evict-sensitive', 'evict-all', 'suspend'] as const;
 export const WIPE_ACTIONS = ['evict-all', 'poweroff'] as const;
 export const PREFETCH_ORDERS = ['trace', 'address', 'none'] as const;
-export type Sensitivity = (typeof SENSITIVITY_CLASSES)[number];
-export const CLASS_CODE: Record<Sensitivity, number> = { normal: 1, sensitive: 2 };
 
 export const KEY_BYTES = 32;
 export const NONCE_BYTES = 24;

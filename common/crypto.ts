@@ -87,7 +87,7 @@ export function openInto(out: Uint8Array, key: Uint8Array, boxed: Uint8Array, ad
   }
 }
 
-/** Poly1305's zero padding, and room for the two lengths that end the MAC input. */
+/** Poly1305's zero padding of the AD and the ciphertext to 16 bytes (the lengths go in macLengths). */
 const PAD16 = Buffer.alloc(16);
 // Scratch for the two functions below; the secret parts are locked and wiped after each use.
 const macState = secureBuffer(sodium.crypto_onetimeauth_STATEBYTES);
