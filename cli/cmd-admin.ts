@@ -32,7 +32,7 @@ export function adminCommand(y: Argv) {
         (y) => y.option('ttl', { type: 'string', default: '1h', describe: 'how long the token stays valid' }),
         (a) =>
           withAdmin(a as A, async (c) => {
-            const ttlMs = parseDuration(String(a.ttl), '--ttl');
+            const ttlMs = parseDuration(String(a.ttl), '--ttl', { max: 30 * 86_400_000 });
             if (ttlMs < 1000) throw new LetheError('BAD_REQUEST', `--ttl '${a.ttl}' is shorter than a second`);
             const r = await c.json<{ token: string; expiresAt: string }>('POST', '/enroll-tokens', {
               ttlSeconds: Math.round(ttlMs / 1000),

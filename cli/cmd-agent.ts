@@ -1,7 +1,7 @@
 // lethe agent run | status | stop
 import path from 'node:path';
 import type { Argv } from 'yargs';
-import { parseDuration } from '../common/duration.js';
+import { MAX_TIMER_MS, parseDuration } from '../common/duration.js';
 import { parseSize as parseSizeText } from '../common/sizes.js';
 import { LetheError } from '../common/errors.js';
 import { control } from '../agent/control.js';
@@ -105,7 +105,7 @@ export function agentCommand(y: Argv) {
             home: String(a.home),
             image: String(a.image),
             cacheBytes: parseSize(String(a['cache-size']), '--cache-size'),
-            heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat'),
+            heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat', { min: 100, max: MAX_TIMER_MS }),
             prefetch: a.prefetch !== false,
             nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
             diskMemoryBytes: parseSize(String(a['disk-memory-cache']), '--disk-memory-cache'),

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv } from 'yargs';
-import { parseDuration } from '../common/duration.js';
+import { MAX_TIMER_MS, parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { buildGuest, type GuestArtifacts } from '../guest-driver/build.js';
 import { SECRET_EVERY, secretMarker } from '../guest-driver/page-format.js';
@@ -101,8 +101,8 @@ function planSnapshot(a: SnapshotArgs): Plan {
       hint: 'use 1 to 64 letters, digits or . _ : + - (it goes on the kernel command line)',
     });
   }
-  const timeoutMs = parseDuration(a.timeout, '--timeout');
-  const intervalMs = parseDuration(a.interval, '--interval');
+  const timeoutMs = parseDuration(a.timeout, '--timeout', { max: MAX_TIMER_MS });
+  const intervalMs = parseDuration(a.interval, '--interval', { max: MAX_TIMER_MS });
   return { out: path.resolve(a.out), memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
 }
 

@@ -16,6 +16,10 @@ describe('parsing', () => {
     expect(parseDuration('7d')).to.equal(604_800_000);
     expect(parseDuration('30')).to.equal(30_000);
     expect(() => parseDuration('soon', '--ttl')).to.throw(LetheError, "bad --ttl: 'soon'");
+    expect(() => parseDuration('99999999999999999999h', '--ttl')).to.throw(LetheError, "bad --ttl: '99999999999999999999h' is longer than 36500d");
+    expect(() => parseDuration('9'.repeat(400))).to.throw(LetheError, 'is longer than 36500d');
+    expect(() => parseDuration('30d', '--heartbeat', { max: 2 ** 31 - 1 })).to.throw(LetheError, "bad --heartbeat: '30d' is longer than 2147483647ms");
+    expect(() => parseDuration('0', '--heartbeat', { min: 100 })).to.throw(LetheError, "bad --heartbeat: '0' is shorter than 100ms");
   });
 
   it('times as ISO or as a duration ago', () => {
@@ -23,6 +27,9 @@ describe('parsing', () => {
     expect(parseSince('24h', now)).to.equal(Date.parse('2026-01-01T00:00:00Z'));
     expect(parseSince('2025-12-31T12:00:00Z', now)).to.equal(Date.parse('2025-12-31T12:00:00Z'));
     expect(() => parseSince('last tuesday')).to.throw(LetheError, "bad time: 'last tuesday'");
+    expect(() => parseSince('20000d', now)).to.not.throw();
+    expect(() => parseSince('30000d', now)).to.throw(LetheError, "bad time: '30000d' is before 1970");
+    expect(() => parseSince('1969-12-31T23:59:59Z', now)).to.throw(LetheError, "bad time: '1969-12-31T23:59:59Z' is before 1970");
   });
 
   it('enrollment tokens round-trip and junk is named', () => {
