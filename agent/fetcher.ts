@@ -2,7 +2,7 @@
 // connection (as QEMU's postcopy-preempt channel does) and are coalesced
 // within one event-loop turn into a batch; prefetch uses another connection
 // and waits while any demand request is outstanding. Transient failures
-// (server unreachable, 5xx) are retried with capped exponential backoff: for
+// (server unreachable, 5xx, rate limited) are retried with capped exponential backoff: for
 // 30 s, and demand requests no later than the lease's eviction point.
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ChunkKind } from '../common/constants.js';
@@ -19,7 +19,7 @@ const RETRY_BASE_MS = 50;
 const RETRY_MAX_MS = 2000;
 
 export function isTransient(e: unknown): boolean {
-  return e instanceof LetheError && (e.code === 'SERVER_UNREACHABLE' || e.status >= 500 || e.status === 0);
+  return e instanceof LetheError && (e.code === 'SERVER_UNREACHABLE' || e.code === 'RATE_LIMITED' || e.status >= 500 || e.status === 0);
 }
 
 /** Runs `fn` until it succeeds, a permanent error, or `deadlineMs` passes (then the last error). */

@@ -2,7 +2,10 @@
 import os from 'node:os';
 import path from 'node:path';
 import type { Argv } from 'yargs';
+import { parseDuration } from '../common/duration.js';
+import { LetheError } from '../common/errors.js';
 import { initDataDir, isInitialized, startServer, startedLine, type RunningServer } from '../server/index.js';
+import { DEFAULT_LIMITS, parseRate, type Rate, type ServerLimits } from '../server/limits.js';
 import { emit, type OutOpts } from './output.js';
 
 export const defaultDataDir = () => process.env.LETHE_DATA || path.join(os.homedir(), '.local', 'share', 'lethe', 'server');
@@ -10,6 +13,67 @@ export const defaultDataDir = () => process.env.LETHE_DATA || path.join(os.homed
 interface ServerArgs extends OutOpts {
   data: string;
   listen?: string;
+  'metrics-token'?: string;
+  'rate-enroll': string;
+  'rate-auth-failures': string;
+  'rate-device-address': string;
+  'rate-device': string;
+  'max-connections': number;
+  'headers-timeout': string;
+  'request-timeout': string;
+  'keep-alive-timeout': string;
+}
+
+const showRate = (r: Rate | null) => (r ? `${r.count}/${r.perMs === 1000 ? 's' : r.perMs === 60_000 ? 'min' : 'h'}` : 'off');
+const showMs = (ms: number) => `${ms / 1000}s`;
+
+/** Limits and the metrics token for `server run`; each has a default (DEFAULT_LIMITS). */
+const runOpts = <T>(y: Argv<T>) =>
+  dataOpts(y)
+    .option('metrics-token', { type: 'string', describe: 'bearer token GET /metrics asks for ($LETHE_METRICS_TOKEN; without one /metrics is not served)' })
+    .option('rate-enroll', { type: 'string', default: showRate(DEFAULT_LIMITS.enroll), describe: 'enrollment requests per client address (N/s, N/min, N/h or off)' })
+    .option('rate-auth-failures', { type: 'string', default: showRate(DEFAULT_LIMITS.authFailures), describe: 'failed admin or metrics token checks per client address' })
+    .option('rate-device-address', { type: 'string', default: showRate(DEFAULT_LIMITS.deviceAddress), describe: 'device requests per client address' })
+    .option('rate-device', { type: 'string', default: showRate(DEFAULT_LIMITS.device), describe: 'signed requests per device' })
+    .option('max-connections', { type: 'number', default: DEFAULT_LIMITS.maxConnections, describe: 'open connections at once; more are closed' })
+    .option('headers-timeout', { type: 'string', default: showMs(DEFAULT_LIMITS.headersTimeoutMs), describe: "time for a request's headers (slow clients are cut off)" })
+    .option('request-timeout', { type: 'string', default: showMs(DEFAULT_LIMITS.requestTimeoutMs), describe: 'time for a whole request, body included' })
+    .option('keep-alive-timeout', { type: 'string', default: showMs(DEFAULT_LIMITS.keepAliveTimeoutMs), describe: 'idle time before a kept-alive connection is closed' });
+
+/** @throws LetheError BAD_REQUEST naming the bad option */
+function limitsFrom(a: ServerArgs): ServerLimits {
+  const timeout = (flag: 'headers-timeout' | 'request-timeout' | 'keep-alive-timeout') =>
+    parseDuration(String(a[flag]), `--${flag}`, { min: 100, max: 3_600_000 });
+  const maxConnections = Number(a['max-connections']);
+  if (!Number.isSafeInteger(maxConnections) || maxConnections < 1) {
+    throw new LetheError('BAD_REQUEST', `bad --max-connections: '${a['max-connections']}'`, { hint: 'use a whole number of connections, e.g. 1024' });
+  }
+  const limits: ServerLimits = {
+    ...DEFAULT_LIMITS,
+    enroll: parseRate(String(a['rate-enroll']), '--rate-enroll'),
+    authFailures: parseRate(String(a['rate-auth-failures']), '--rate-auth-failures'),
+    deviceAddress: parseRate(String(a['rate-device-address']), '--rate-device-address'),
+    device: parseRate(String(a['rate-device']), '--rate-device'),
+    maxConnections,
+    headersTimeoutMs: timeout('headers-timeout'),
+    requestTimeoutMs: timeout('request-timeout'),
+    keepAliveTimeoutMs: timeout('keep-alive-timeout'),
+  };
+  if (limits.headersTimeoutMs > limits.requestTimeoutMs) {
+    throw new LetheError('BAD_REQUEST', `--headers-timeout '${a['headers-timeout']}' is longer than --request-timeout '${a['request-timeout']}'`);
+  }
+  return limits;
+}
+
+/** The metrics token from --metrics-token or $LETHE_METRICS_TOKEN; @throws LetheError BAD_REQUEST when too short to be a secret */
+function metricsToken(a: ServerArgs): string | undefined {
+  const t = a['metrics-token'] ?? (process.env.LETHE_METRICS_TOKEN || undefined);
+  if (t !== undefined && (t.length < 16 || /\s/.test(t))) {
+    throw new LetheError('BAD_REQUEST', 'the metrics token is shorter than 16 characters or holds white space', {
+      hint: 'use a long random token, e.g. from: openssl rand -hex 24',
+    });
+  }
+  return t;
 }
 
 const dataOpts = <T>(y: Argv<T>) =>
@@ -34,7 +98,7 @@ async function init(a: ServerArgs): Promise<void> {
 
 /** Serves until SIGINT or SIGTERM, then closes cleanly (a final signed audit checkpoint). */
 async function run(a: ServerArgs): Promise<void> {
-  const s: RunningServer = await startServer(a.data, { listen: a.listen });
+  const s: RunningServer = await startServer(a.data, { listen: a.listen, limits: limitsFrom(a), metricsToken: metricsToken(a) });
   emit(a, { url: s.url, fingerprint: s.fingerprint, event: 'listening' }, () => startedLine(s));
   await new Promise<void>((resolve) => {
     const stop = () => {
@@ -53,11 +117,11 @@ export function serverCommand(y: Argv) {
     'server',
     'run the Lethe server (initializing its data dir on first use)',
     (y) =>
-      dataOpts(y)
+      runOpts(y)
         .command('init', 'create a data dir: database, chunk store, keys, TLS certificate, admin token', dataOpts, (a) =>
           init(a as unknown as ServerArgs),
         )
-        .command('run', 'serve HTTPS from an initialized data dir', dataOpts, (a) => run(a as unknown as ServerArgs)),
+        .command('run', 'serve HTTPS from an initialized data dir', runOpts, (a) => run(a as unknown as ServerArgs)),
     async (a) => {
       const args = a as unknown as ServerArgs;
       if (!isInitialized(args.data)) await init(args);

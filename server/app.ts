@@ -7,7 +7,7 @@ import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, MAX_UPLOAD_BODY, type Chunk
 import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
-import { adminAuth, deviceAuth, type AuthedRequest } from './auth.js';
+import { adminAuth, deviceAuth, deviceHeaderCheck, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyChain } from './audit.js';
 import type { Ctx } from './context.js';
 import { ackCommand, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
@@ -28,7 +28,8 @@ import {
 } from './images.js';
 import { parseChunkFrames } from '../common/frames.js';
 import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
-import { gaugeLines } from './metrics.js';
+import { gaugeLines, metricsAuth } from './metrics.js';
+import { DEFAULT_LIMITS, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 import { q } from './db.js';
 
@@ -78,17 +79,42 @@ function frames(blobs: Buffer[]): Buffer {
   return Buffer.concat(parts);
 }
 
-export function buildApp(ctx: Ctx): express.Express {
+export interface AppOptions {
+  limits?: ServerLimits;
+  /** The bearer token that GET /metrics asks for; without one /metrics is not served. */
+  metricsToken?: string;
+}
+
+/** Refuses a request body sent compressed: it would be inflated past the body limits' meaning. */
+function identityOnly(req: Request, _res: Response, next: NextFunction) {
+  const enc = req.get('content-encoding');
+  if (enc !== undefined && enc.trim().toLowerCase() !== 'identity') {
+    throw new LetheError('UNSUPPORTED_ENCODING', `content encoding '${enc.slice(0, 64)}' is not accepted`, { hint: 'send the body uncompressed' });
+  }
+  next();
+}
+
+export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
-  const rawJson = express.raw({ type: () => true, limit: MAX_JSON_BODY });
-  const rawChunk = express.raw({ type: () => true, limit: MAX_CHUNK_BODY });
-  const rawUpload = express.raw({ type: () => true, limit: MAX_UPLOAD_BODY });
-  const rawTrace = express.raw({ type: () => true, limit: MAX_TRACE_BODY });
+  const limits = opts.limits ?? DEFAULT_LIMITS;
+  const raw = (limit: number) => express.raw({ type: () => true, limit, inflate: false });
+  const rawJson = raw(MAX_JSON_BODY);
+  const rawChunk = raw(MAX_CHUNK_BODY);
+  const rawUpload = raw(MAX_UPLOAD_BODY);
+  const rawTrace = raw(MAX_TRACE_BODY);
+  const authFailures = limiterFor(limits.authFailures);
+  const perDevice = limiterFor(limits.device);
   const admin = adminAuth(ctx);
-  const device = deviceAuth(ctx);
-  const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true });
+  const device = deviceAuth(ctx, { rate: perDevice });
+  const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true, rate: perDevice });
+  /** Past its failed token checks, an address waits before any admin or metrics request is looked at. */
+  const authFailureGuard = (req: Request, res: Response, next: NextFunction) => {
+    const wait = authFailures?.wait(clientAddress(req)) ?? 0;
+    if (wait > 0) throw rateLimited(res, wait, 'failed token checks from this address');
+    next();
+  };
   const dev = (req: AuthedRequest) => req.device!;
 
   app.use((req, res, next) => {
@@ -103,21 +129,24 @@ export function buildApp(ctx: Ctx): express.Express {
     });
     next();
   });
+  app.use(identityOnly);
 
   app.get('/healthz', (_req, res) => {
     q(ctx.db, 'SELECT 1').get();
     res.json({ ok: true });
   });
-  app.get('/metrics', (_req, res) => {
+  app.get('/metrics', authFailureGuard, metricsAuth(opts.metricsToken), (_req, res) => {
     res.type('text/plain; version=0.0.4').send(ctx.metrics.render());
   });
 
   // ---- enrollment (token-authenticated) ----
-  app.post('/v1/enroll', rawJson, (req, res) => {
+  app.post('/v1/enroll', perAddress(limiterFor(limits.enroll), 'enrollment requests from this address'), rawJson, (req, res) => {
     res.status(201).json(enroll(ctx, json(wire.EnrollRequest, req)));
   });
 
   // ---- device routes (signed) ----
+  // Counted and checked before any body is read; the signature is checked after.
+  app.use('/v1/device', perAddress(limiterFor(limits.deviceAddress), 'device requests from this address'), deviceHeaderCheck(ctx));
   app.post('/v1/device/heartbeat', rawJson, deviceWipeOk, (req: AuthedRequest, res) => {
     json(wire.HeartbeatRequest, req);
     res.json(heartbeat(ctx, dev(req)));
@@ -164,7 +193,7 @@ export function buildApp(ctx: Ctx): express.Express {
 
   // ---- admin routes (bearer token) ----
   const a = express.Router();
-  a.use(admin);
+  a.use(authFailureGuard, admin);
   a.post('/enroll-tokens', rawJson, (req, res) => {
     res.status(201).json(mintEnrollToken(ctx, json(wire.EnrollTokenRequest, req).ttlSeconds));
   });
@@ -238,7 +267,9 @@ export function buildApp(ctx: Ctx): express.Express {
   a.get('/audit/devices/:id', (req, res) => {
     const id = param(req, 'id');
     if (!/^[a-z0-9-]{1,64}$/.test(id)) throw new LetheError('BAD_REQUEST', `bad device id '${id}'`);
-    const since = typeof req.query.since === 'string' ? parseSince(req.query.since) : 0;
+    const q = req.query.since;
+    if (q !== undefined && typeof q !== 'string') throw new LetheError('BAD_REQUEST', 'give since once, as an ISO time or a duration ago');
+    const since = q === undefined ? 0 : parseSince(q);
     res.json(deviceReport(ctx.db, id, since));
   });
   app.use('/v1/admin', a);
@@ -246,10 +277,14 @@ export function buildApp(ctx: Ctx): express.Express {
   app.use((req: Request) => {
     throw new LetheError('NOT_FOUND', `no route ${req.method} ${req.path}`);
   });
-  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+  app.use((err: unknown, req: Request, res: Response, _next: NextFunction) => {
     const e = toLetheError(err);
+    if (e.code === 'ADMIN_AUTH_FAILED' || e.code === 'METRICS_AUTH_FAILED') authFailures?.take(clientAddress(req));
     if (e.code === 'INTERNAL') console.error(`lethe server: error: ${errorChain(err)}`);
     res.locals.code = e.code;
+    // Refused before its body was read, for want of credentials or of budget: close the
+    // connection rather than read and discard the rest (Node would drain it to keep it alive).
+    if (!req.complete && (e.status === 401 || e.status === 415 || e.status === 429)) res.set('Connection', 'close');
     res.status(e.status).json(e.toJSON());
   });
 
@@ -276,6 +311,7 @@ function toLetheError(err: unknown): LetheError {
   if (err instanceof LetheError) return err;
   const e = err as { type?: string; status?: number; message?: string };
   if (e?.type === 'entity.too.large') return new LetheError('BODY_TOO_LARGE', 'request body is too large');
+  if (e?.type === 'encoding.unsupported') return new LetheError('UNSUPPORTED_ENCODING', 'content encoding is not accepted', { hint: 'send the body uncompressed' });
   if (typeof e?.status === 'number' && e.status >= 400 && e.status < 500) {
     return new LetheError('BAD_REQUEST', e.message ?? 'bad request', { status: e.status });
   }

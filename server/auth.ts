@@ -1,6 +1,7 @@
 // Authentication of admin and device requests. Unknown devices, bad signatures
-// and malformed auth headers all get the same 401 (AUTH_FAILED); only a caller
-// that proved who it is learns more (stale, replayed, revoked).
+// and malformed auth headers all get the same 401 (AUTH_FAILED); a stale
+// timestamp says so to anyone (it is about the request, not the device); only a
+// caller that proved who it is learns more (replayed, revoked).
 import type { NextFunction, Request, Response } from 'express';
 import { HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP, SIG_WINDOW_MS } from '../common/constants.js';
 import { constantTimeEqual, sha256 } from '../common/crypto.js';
@@ -8,6 +9,7 @@ import { LetheError } from '../common/errors.js';
 import { verifyRequest } from '../common/signing.js';
 import type { Ctx } from './context.js';
 import { deviceStatus, getDevice, type DeviceRow } from './devices.js';
+import { rateLimited, type RateLimiter } from './limits.js';
 import { q } from './db.js';
 
 export interface AuthedRequest extends Request {
@@ -30,34 +32,79 @@ export function adminAuth(ctx: Ctx) {
 
 const authFailed = () => new LetheError('AUTH_FAILED', 'device authentication failed');
 
+interface SignatureHeaders {
+  deviceId: string;
+  ts: string;
+  nonce: string;
+  signature: string;
+}
+
+/** The four signature headers, or null when one is missing or malformed. */
+function signatureHeaders(req: Request): SignatureHeaders | null {
+  const deviceId = req.get(HDR_DEVICE);
+  const ts = req.get(HDR_TIMESTAMP);
+  const nonce = req.get(HDR_NONCE);
+  const signature = req.get(HDR_SIGNATURE);
+  if (!deviceId || !ts || !nonce || !signature) return null;
+  if (!/^[a-z0-9-]{1,64}$/.test(deviceId) || !/^\d{1,15}$/.test(ts) || !/^[A-Za-z0-9_-]{1,64}$/.test(nonce) || !/^[A-Za-z0-9_-]{1,128}$/.test(signature)) {
+    return null;
+  }
+  return { deviceId, ts, nonce, signature };
+}
+
+/** Refuses a timestamp outside the signature window, or older than this server process. */
+function checkFresh(ctx: Ctx, ts: string): void {
+  if (Math.abs(ctx.now() - Number(ts)) > SIG_WINDOW_MS || Number(ts) < nonceMemory(ctx).floor) {
+    throw new LetheError('SIGNATURE_STALE', 'request signature is too old or from the future', {
+      hint: "check this device's clock",
+    });
+  }
+}
+
 /**
- * Verifies a signed device request. `allowWipePending` lets heartbeat and
- * command acknowledgements through for a device that must still learn of, or
- * confirm, its wipe.
+ * The part of device authentication that needs no body; runs before the body is
+ * read, so an unknown device or junk headers cost the server no upload. Headers
+ * missing or malformed and an unknown device get the one AUTH_FAILED; a timestamp
+ * outside the window is SIGNATURE_STALE whoever sent it (checked before the device
+ * is looked up, it tells nothing about which devices exist).
  */
-export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) {
-  const seen = nonceMemory(ctx);
-  return (req: AuthedRequest, _res: Response, next: NextFunction) => {
-    const deviceId = req.get(HDR_DEVICE);
-    const ts = req.get(HDR_TIMESTAMP);
-    const nonce = req.get(HDR_NONCE);
-    const signature = req.get(HDR_SIGNATURE);
-    if (!deviceId || !ts || !nonce || !signature || !/^\d{1,15}$/.test(ts) || nonce.length > 64 || signature.length > 128) {
-      throw authFailed();
-    }
-    const d = getDevice(ctx, deviceId);
-    const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    if (!d || !verifyRequest(d.sign_pk, { deviceId, ts, nonce, signature }, req.method, req.originalUrl, body)) {
+export function deviceHeaderCheck(ctx: Ctx) {
+  return (req: Request, _res: Response, next: NextFunction) => {
+    const h = signatureHeaders(req);
+    if (!h) {
       ctx.metrics.inc('lethe_auth_failures_total');
       throw authFailed();
     }
-    const now = ctx.now();
-    if (Math.abs(now - Number(ts)) > SIG_WINDOW_MS || Number(ts) < seen.floor) {
-      throw new LetheError('SIGNATURE_STALE', 'request signature is too old or from the future', {
-        hint: "check this device's clock",
-      });
+    checkFresh(ctx, h.ts);
+    if (!getDevice(ctx, h.deviceId)) {
+      ctx.metrics.inc('lethe_auth_failures_total');
+      throw authFailed();
     }
-    if (!seen.remember(`${d.id} ${nonce}`, Number(ts))) {
+    next();
+  };
+}
+
+/**
+ * Verifies a signed device request, once its body is read (deviceHeaderCheck ran
+ * before). `allowWipePending` lets heartbeat and command acknowledgements through
+ * for a device that must still learn of, or confirm, its wipe; `rate` counts the
+ * device's verified requests (RATE_LIMITED past it).
+ */
+export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; rate?: RateLimiter | null } = {}) {
+  const seen = nonceMemory(ctx);
+  return (req: AuthedRequest, res: Response, next: NextFunction) => {
+    const h = signatureHeaders(req);
+    if (!h) throw authFailed();
+    const d = getDevice(ctx, h.deviceId);
+    const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+    if (!d || !verifyRequest(d.sign_pk, h, req.method, req.originalUrl, body)) {
+      ctx.metrics.inc('lethe_auth_failures_total');
+      throw authFailed();
+    }
+    checkFresh(ctx, h.ts);
+    const wait = opts.rate?.take(d.id) ?? 0;
+    if (wait > 0) throw rateLimited(res, wait, 'requests from this device');
+    if (!seen.remember(`${d.id} ${h.nonce}`, Number(h.ts))) {
       throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
     }
     const status = deviceStatus(d);

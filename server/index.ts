@@ -10,6 +10,7 @@ import { openChunkStore, openDatabase } from './db.js';
 import { Escrow } from './escrow.js';
 import { Metrics } from './metrics.js';
 import { pruneNonces } from './auth.js';
+import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
 
 export { initDataDir, isInitialized } from './datadir.js';
 
@@ -19,7 +20,18 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
-export async function startServer(dir: string, opts: { listen?: string } = {}): Promise<RunningServer> {
+export interface ServerOptions {
+  listen?: string;
+  /** Connection caps, timeouts and rate limits (default DEFAULT_LIMITS). */
+  limits?: ServerLimits;
+  /** Bearer token for GET /metrics; without one /metrics is not served. */
+  metricsToken?: string;
+}
+
+/** How often timeouts of open connections are checked (Node's default is 30 s, which would stretch every timeout by as much). */
+const CONNECTIONS_CHECK_MS = 1_000;
+
+export async function startServer(dir: string, opts: ServerOptions = {}): Promise<RunningServer> {
   const data = loadDataDir(dir);
   const f = files(dir);
   const db = openDatabase(f.db);
@@ -38,9 +50,23 @@ export async function startServer(dir: string, opts: { listen?: string } = {}): 
     db.transaction(() => ctx.audit.append('server.init', null, { fingerprint: data.fingerprint }))();
   }
   const { host, port } = parseListen(opts.listen ?? data.config.listen);
-  const server = https.createServer({ key: data.tlsKey, cert: data.tlsCert, keepAliveTimeout: 30_000 }, buildApp(ctx));
-  server.headersTimeout = 20_000;
-  server.requestTimeout = 60_000;
+  const limits = opts.limits ?? DEFAULT_LIMITS;
+  const app = buildApp(ctx, { limits, metricsToken: opts.metricsToken });
+  const server = https.createServer(
+    {
+      key: data.tlsKey,
+      cert: data.tlsCert,
+      keepAliveTimeout: limits.keepAliveTimeoutMs,
+      headersTimeout: limits.headersTimeoutMs,
+      requestTimeout: limits.requestTimeoutMs,
+      handshakeTimeout: limits.handshakeTimeoutMs,
+      connectionsCheckingInterval: Math.min(CONNECTIONS_CHECK_MS, limits.headersTimeoutMs),
+    },
+    app,
+  );
+  // Past the cap, a new connection is closed at once (counted in lethe_connections_refused_total).
+  server.maxConnections = limits.maxConnections;
+  server.on('drop', () => ctx.metrics.inc('lethe_connections_refused_total'));
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => resolve());

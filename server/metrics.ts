@@ -1,5 +1,8 @@
 // Prometheus text exposition of a few counters and gauges, written by hand:
 // a handful of series does not justify a client library.
+import type { NextFunction, Request, Response } from 'express';
+import { constantTimeEqual, sha256 } from '../common/crypto.js';
+import { LetheError } from '../common/errors.js';
 
 type Labels = Record<string, string>;
 
@@ -49,4 +52,26 @@ export class Metrics {
 
 export function gaugeLines(name: string, help: string, values: [Labels, number][]): string[] {
   return [`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, ...values.map(([l, v]) => `${key(name, l)} ${v}`)];
+}
+
+/**
+ * GET /metrics asks for `token` as a bearer token, compared in constant time; a
+ * server started without one does not serve /metrics at all (NOT_FOUND with a hint).
+ */
+export function metricsAuth(token: string | undefined) {
+  const expected = token === undefined ? undefined : sha256(token);
+  return (req: Request, _res: Response, next: NextFunction) => {
+    if (!expected) {
+      throw new LetheError('NOT_FOUND', 'metrics are not served: no metrics token is configured', {
+        hint: 'start the server with --metrics-token (or $LETHE_METRICS_TOKEN) and scrape with that bearer token',
+      });
+    }
+    const m = /^Bearer (\S+)$/.exec(req.get('authorization') ?? '');
+    if (!m || !constantTimeEqual(sha256(m[1]), expected)) {
+      throw new LetheError('METRICS_AUTH_FAILED', 'metrics token missing or wrong', {
+        hint: 'scrape with the bearer token the server was started with (--metrics-token, $LETHE_METRICS_TOKEN)',
+      });
+    }
+    next();
+  };
 }

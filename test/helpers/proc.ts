@@ -54,7 +54,9 @@ export interface ServerProc {
 }
 
 /** `lethe server init` into a new dir, then `lethe server run` as a real process on a free loopback port. */
-export async function startServer(opts: { dir?: string; adminToken?: string; fingerprint?: string; port?: number } = {}): Promise<ServerProc> {
+export async function startServer(
+  opts: { dir?: string; adminToken?: string; fingerprint?: string; port?: number; args?: string[]; env?: Record<string, string> } = {},
+): Promise<ServerProc> {
   let dir = opts.dir;
   let adminToken = opts.adminToken ?? '';
   if (!dir) {
@@ -64,8 +66,9 @@ export async function startServer(opts: { dir?: string; adminToken?: string; fin
     adminToken = (JSON.parse(r.stdout) as { adminToken: string }).adminToken;
   }
   const listen = `127.0.0.1:${opts.port ?? 0}`;
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', listen, '--json'], {
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', listen, '--json', ...(opts.args ?? [])], {
     cwd: ROOT,
+    env: { ...process.env, ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let err = '';
@@ -94,7 +97,7 @@ export async function startServer(opts: { dir?: string; adminToken?: string; fin
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
       await exited;
     },
-    restart: () => startServer({ dir, adminToken, port }),
+    restart: () => startServer({ ...opts, dir, adminToken, port }),
   };
   return self;
 }

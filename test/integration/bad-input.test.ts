@@ -11,8 +11,9 @@ describe('bad input (real server process)', function () {
   let s: ServerProc;
   let a: AdminClient;
   let dev: TestDevice;
+  const metricsToken = 'metrics-token-for-bad-input-tests';
   before(async () => {
-    s = await startServer();
+    s = await startServer({ env: { LETHE_METRICS_TOKEN: metricsToken } });
     a = admin(s);
     await pushImage(s, 'img', { chunks: 1 });
     dev = await enrolledDevice(s);
@@ -125,7 +126,7 @@ describe('bad input (real server process)', function () {
     const r = await status('GET', '/healthz');
     expect(r.status).to.equal(200);
     expect(s.proc.exitCode).to.equal(null);
-    const metrics = (await a.http.request('GET', '/metrics')).body.toString();
+    const metrics = (await a.http.request('GET', '/metrics', { headers: { authorization: `Bearer ${metricsToken}` } })).body.toString();
     expect(metrics).to.not.match(/status="5\d\d"/);
     expect(metrics).to.match(/lethe_http_requests_total\{method="POST",route="\/v1\/device\/keys",status="400"\} \d+/);
     expect(s.stderr()).to.not.contain('error:');
