@@ -21,6 +21,7 @@ import { LeaseKeeper } from './lease-keeper.js';
 import { performWipe } from './wipe.js';
 import { AgentDiskBackend } from './disk-backend.js';
 import { NbdServer, type NbdAddress } from './nbd/server.js';
+import { nbdPeerCheck, type NbdPeers } from './nbd-peers.js';
 import { chooseAccel, makeRunDir, type AccelChoice } from './qemu.js';
 import { AgentVm } from './vm-runner.js';
 import { buildGuest } from '../guest-driver/build.js';
@@ -41,6 +42,12 @@ export interface AgentOptions {
   prefetch: boolean;
   /** Where to serve the VM disk over NBD (default: nbd.sock in the device home); null: not at all. */
   nbd?: NbdAddress | null;
+  /** Who may connect to a unix-socket export (agent/nbd-peers.ts): the QEMU the agent started (default), or any process of this user. */
+  nbdPeers?: NbdPeers;
+  /** Write the guest's console lines to the log (off by default: they can carry guest plaintext into journald). */
+  logGuestConsole?: boolean;
+  /** Every guest console line, in process, whether or not it is logged. */
+  onGuestConsole?: (line: string) => void;
   /** Bytes of checked disk ciphertext kept in memory for reads (default DISK_CHECKED_BYTES). */
   diskMemoryBytes?: number;
   /** Resume the image's VM post-copy under QEMU (the test guest's kernel), with this accelerator. */
@@ -234,9 +241,13 @@ export function startAgent(o: AgentOptions): RunningAgent {
   const startNbd = async () => {
     if (nbd || o.nbd === null || stopped) return;
     disk = new AgentDiskBackend(core);
-    nbd = new NbdServer(new Map([[o.image, disk]]), { defaultExport: o.image });
-    const at = await nbd.listen(o.nbd ?? { path: path.join(o.home, 'nbd.sock') });
-    log(`disk served over NBD at ${'path' in at ? at.path : `${at.host}:${at.port}`} (export '${o.image}', ${core.sizeOf('disk')} bytes)`);
+    const address = o.nbd ?? { path: path.join(o.home, 'nbd.sock') };
+    // Loopback TCP has no peer credentials: the CLI serves it only when forced.
+    const allowPeer = 'path' in address ? nbdPeerCheck(o.nbdPeers ?? 'qemu') : undefined;
+    nbd = new NbdServer(new Map([[o.image, disk]]), { defaultExport: o.image, allowPeer, log });
+    const at = await nbd.listen(address);
+    const who = !allowPeer ? 'any local process, unauthenticated' : o.nbdPeers === 'user' ? "this user's processes" : 'only the QEMU this agent starts';
+    log(`disk served over NBD at ${'path' in at ? at.path : `${at.host}:${at.port}`} (export '${o.image}', ${core.sizeOf('disk')} bytes; ${who} may connect)`);
   };
   const startVm = async () => {
     if (!o.vm || vm || vmStarting || stopped) return;
@@ -261,8 +272,10 @@ export function startAgent(o: AgentOptions): RunningAgent {
       hints: hintPolicy(policyNow()),
       dropGuestCache: policyNow().dropGuestCache,
       traceFile: o.vm.trace,
+      showConsole: o.logGuestConsole,
     });
-    vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
+    if (o.logGuestConsole) vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
+    if (o.onGuestConsole) vm.vm.onConsoleLine(o.onGuestConsole);
     startPrefetch(pf.rest, pf.bandwidth);
     traceTimer = setTimeout(() => void uploadTrace(), TRACE_UPLOAD_AFTER_MS);
     log(`VM resumed post-copy under ${accel} in ${Date.now() - t0} ms (QEMU pid ${vm.vm.pid}); its pages come from the agent on first touch`);

@@ -47,6 +47,8 @@ export interface VmSpec {
   incomingDefer?: boolean;
   /** Extra environment for QEMU (the userfaultfd shim's LD_PRELOAD and its settings). */
   env?: Record<string, string>;
+  /** Keep the console's lines out of error messages: they can carry guest plaintext into logs (the agent's default). */
+  hideConsole?: boolean;
 }
 
 /** The QEMU arguments for a spec; the serial console is QEMU's stdout. */
@@ -163,6 +165,16 @@ function kvmBootsGuest(guest: { kernel: string; initrd: string }): Promise<boole
 
 const live = new Set<ChildProcess>();
 
+/**
+ * The pids of the QEMUs this process started with Vm.start that have not exited. A
+ * pid is in it from the moment spawn() returns, before QEMU can connect anywhere.
+ */
+export function runningQemuPids(): Set<number> {
+  const pids = new Set<number>();
+  for (const p of live) if (p.pid !== undefined && p.exitCode === null && p.signalCode === null) pids.add(p.pid);
+  return pids;
+}
+
 /** Kills every QEMU this process started; runs on exit and on an unhandled SIGINT/SIGTERM/SIGHUP. */
 function killAll(): void {
   for (const p of live) p.kill('SIGKILL');
@@ -217,6 +229,8 @@ export class Vm {
   private readonly console: LineLog;
   private readonly stderr: LineLog;
   private readonly runDir: string;
+  /** The console as error messages may quote it (null: not at all, VmSpec.hideConsole). */
+  private readonly shownConsole: LineLog | null;
   private status?: ExitStatus;
 
   /** How QEMU ended, once it has. */
@@ -224,8 +238,9 @@ export class Vm {
     return this.status;
   }
 
-  private constructor(parts: { proc: ChildProcess; qmp: QmpClient; exited: Promise<ExitStatus>; console: LineLog; stderr: LineLog; runDir: string; startedAt: number }) {
+  private constructor(parts: { proc: ChildProcess; qmp: QmpClient; exited: Promise<ExitStatus>; console: LineLog; stderr: LineLog; runDir: string; startedAt: number; hideConsole?: boolean }) {
     this.proc = parts.proc;
+    this.shownConsole = parts.hideConsole ? null : parts.console;
     this.qmp = parts.qmp;
     this.exited = parts.exited.then((s) => (this.status = s));
     this.console = parts.console;
@@ -255,19 +270,19 @@ export class Vm {
         QmpClient.connect(spec.qmpSocket, { alive: () => !gone }),
         spawnError.then((e) => Promise.reject(spawnFailure(e))),
       ]);
-      return new Vm({ proc, qmp, exited, console, stderr, runDir, startedAt });
+      return new Vm({ proc, qmp, exited, console, stderr, runDir, startedAt, hideConsole: spec.hideConsole });
     } catch (e) {
       proc.kill('SIGKILL');
       const status = await Promise.race([exited, spawnError.then(() => undefined)]);
       fs.rmSync(runDir, { recursive: true, force: true });
       if (e instanceof LetheError && e.code === 'CONFIG') throw e;
-      throw new LetheError('INTERNAL', describeEnd('qemu did not start', status, stderr, console), { cause: e });
+      throw new LetheError('INTERNAL', describeEnd('qemu did not start', status, stderr, spec.hideConsole ? null : console), { cause: e });
     }
   }
 
   /** What QEMU said on stderr and printed last on the console, for an error message. */
   describe(headline: string, status?: ExitStatus): string {
-    return describeEnd(headline, status, this.stderr, this.console);
+    return describeEnd(headline, status, this.stderr, this.shownConsole);
   }
 
   /** Calls `fn` with every console line from now on. */
@@ -300,10 +315,10 @@ export class Vm {
         if (m) done(() => resolve(m));
       };
       const onTimeout = () => {
-        done(() => reject(new LetheError('INTERNAL', describeEnd(`timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what} (qemu killed)`, undefined, this.stderr, this.console))));
+        done(() => reject(new LetheError('INTERNAL', describeEnd(`timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what} (qemu killed)`, undefined, this.stderr, this.shownConsole))));
         void this.kill();
       };
-      const onExit = (s: ExitStatus) => done(() => reject(new LetheError('INTERNAL', describeEnd(`qemu exited while waiting for ${what}`, s, this.stderr, this.console))));
+      const onExit = (s: ExitStatus) => done(() => reject(new LetheError('INTERNAL', describeEnd(`qemu exited while waiting for ${what}`, s, this.stderr, this.shownConsole))));
       let settled = false;
       const done = (settle: () => void) => {
         if (settled) return;
@@ -420,11 +435,15 @@ function spawnFailure(e: Error): LetheError {
   return new LetheError('INTERNAL', `cannot run ${QEMU_BINARY}`, { cause: e });
 }
 
-/** "HEADLINE: qemu exited with status 1", then QEMU's own messages and the console's last lines. */
-function describeEnd(headline: string, status: ExitStatus | undefined, stderr: LineLog, console: LineLog): string {
+/** "HEADLINE: qemu exited with status 1", then QEMU's own messages and the console's last lines (unless `console` is null). */
+function describeEnd(headline: string, status: ExitStatus | undefined, stderr: LineLog, console: LineLog | null): string {
   const how = status ? (status.signal ? `qemu was killed by ${status.signal}` : `qemu exited with status ${status.code}`) : '';
   const lines = [how ? `${headline}: ${how}` : headline];
   for (const l of stderr.tail(5)) lines.push(`  qemu: ${l}`);
+  if (!console) {
+    lines.push('  (the guest console is not shown: it can carry guest data; the agent shows it with --log-guest-console)');
+    return lines.join('\n');
+  }
   const tail = console.tail(12);
   // A panic's stack dump pushes its reason out of the tail; the reason is the useful line.
   const panic = console.find(/Kernel panic - not syncing.*/)?.[0];

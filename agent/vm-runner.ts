@@ -40,6 +40,8 @@ export interface ResumeOptions {
   dropGuestCache: boolean;
   /** Records every fault and guest report to this file (JSON lines, docs/policy-simulate.md). */
   traceFile?: string;
+  /** Error messages may quote the guest console (off by default: it can carry guest plaintext into logs). */
+  showConsole?: boolean;
 }
 
 /** An access trace being written: faults and guest reports, ms from the resume. */
@@ -268,6 +270,7 @@ export class AgentVm implements EvictTarget {
           hintSocket: path.join(o.runDir, 'hint.sock'),
           incomingDefer: true,
           env: shimEnv(ramPath, sock),
+          hideConsole: !o.showConsole,
         },
         o.runDir,
       );

@@ -154,7 +154,7 @@ async function resumeVsBoot(dir: string) {
     d.close();
     for (const cache of ['empty', 'warm'] as const) {
       const t0 = Date.now();
-      const agent = await startAgentProc(d.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+      const agent = await startAgentProc(d.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
       try {
         await waitFor(async () => /VM resumed post-copy/.test(agent.log()) || undefined, 120_000, 'the resume');
         const runningS = (Date.now() - t0) / 1000;

@@ -86,7 +86,8 @@ async function main(): Promise<void> {
     async function withAgent<T>(phase: Phase, use: (uri: string) => Promise<T>): Promise<T> {
       const d = await enrolledDevice(s);
       await assign(s, d.deviceId, 'guest');
-      const args = phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [];
+      // nbdcopy and qemu-io are not the agent's QEMU: they connect by opt-in (--nbd-peers user).
+      const args = ['--nbd-peers', 'user', ...(phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [])];
       const agent = await startAgentProc(d.home, 'guest', args);
       agents.push(agent);
       try {

@@ -54,7 +54,7 @@ async function resume(s: ServerProc, name: string, args: string[], until = 1): P
   const d = await enrolledDevice(s, `bench-${name.replace(/\W+/g, '-')}`);
   await assign(s, d.deviceId, IMAGE);
   const t0 = Date.now();
-  const a = await startAgentProc(d.home, IMAGE, ['--vm', '--accel', 'tcg', ...args]);
+  const a = await startAgentProc(d.home, IMAGE, ['--vm', '--accel', 'tcg', '--log-guest-console', ...args]);
   try {
     await waitFor(async () => verifyPasses(a.log()).length >= until || undefined, 300_000, `${until} verify pass(es)`);
     const seconds = (Date.now() - t0) / 1000;

@@ -8,6 +8,7 @@ import { control } from '../agent/control.js';
 import { startAgent, type AgentStatus } from '../agent/daemon.js';
 import { defaultHome } from '../agent/identity.js';
 import type { NbdAddress } from '../agent/nbd/server.js';
+import { NBD_PEERS, type NbdPeers } from '../agent/nbd-peers.js';
 import { emit, table, type OutOpts } from './output.js';
 
 interface HomeArgs extends OutOpts {
@@ -26,9 +27,22 @@ function parseSize(text: string, what: string): number {
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
 
-function nbdAddress(a: { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }): NbdAddress | null | undefined {
+interface NbdArgs {
+  nbd?: boolean;
+  'nbd-socket'?: string;
+  'nbd-tcp'?: string;
+  'i-know-nbd-tcp-is-unauthenticated'?: boolean;
+}
+
+/** @throws LetheError BAD_REQUEST for a bad address, or --nbd-tcp without the flag (or $LETHE_ALLOW_NBD_TCP=1) that accepts it is unauthenticated */
+function nbdAddress(a: NbdArgs): NbdAddress | null | undefined {
   if (a.nbd === false) return null;
   if (a['nbd-tcp']) {
+    if (!a['i-know-nbd-tcp-is-unauthenticated'] && process.env.LETHE_ALLOW_NBD_TCP !== '1') {
+      throw new LetheError('BAD_REQUEST', "--nbd-tcp serves the disk's plaintext to any local process, unauthenticated", {
+        hint: 'use the unix socket (the default: only the QEMU the agent starts may connect); to test over TCP anyway, add --i-know-nbd-tcp-is-unauthenticated or set LETHE_ALLOW_NBD_TCP=1',
+      });
+    }
     const m = /^([^:]+):(\d{1,5})$/.exec(a['nbd-tcp']);
     if (!m) throw new LetheError('BAD_REQUEST', `bad --nbd-tcp '${a['nbd-tcp']}'`, { hint: 'use HOST:PORT on loopback, e.g. 127.0.0.1:10809' });
     return { host: m[1], port: Number(m[2]) };
@@ -91,7 +105,14 @@ export function agentCommand(y: Argv) {
               describe: "fetch the whole image (ciphertext): the policy's startup buffer first, then in the learned order, in the background",
             })
             .option('nbd-socket', { type: 'string', describe: 'unix socket for the NBD disk export (default: nbd.sock in the home)' })
-            .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead' })
+            .option('nbd-tcp', { type: 'string', describe: 'serve NBD on loopback TCP HOST:PORT instead (unauthenticated: testing only, with --i-know-nbd-tcp-is-unauthenticated)' })
+            .option('i-know-nbd-tcp-is-unauthenticated', { type: 'boolean', default: false, describe: 'let --nbd-tcp serve the disk to any local process ($LETHE_ALLOW_NBD_TCP=1)' })
+            .option('nbd-peers', {
+              choices: NBD_PEERS,
+              default: 'qemu' as NbdPeers,
+              describe: "who may connect to the NBD socket: only the QEMU the agent starts, or any process of this user (qemu-io, nbdcopy, your own QEMU)",
+            })
+            .option('log-guest-console', { type: 'boolean', default: false, describe: "with --vm: write the guest's console lines to the log (they can carry guest data)" })
             .option('nbd', { type: 'boolean', default: true, describe: 'serve the disk over NBD' })
             .option('disk-memory-cache', { type: 'string', default: '256M', describe: 'checked disk ciphertext kept in memory, so a read decrypts only what it asks for' })
             .option('vm', { type: 'boolean', default: false, describe: "resume the image's VM post-copy under QEMU" })
@@ -107,7 +128,9 @@ export function agentCommand(y: Argv) {
             cacheBytes: parseSize(String(a['cache-size']), '--cache-size'),
             heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat', { min: 100, max: MAX_TIMER_MS }),
             prefetch: a.prefetch !== false,
-            nbd: nbdAddress(a as { nbd?: boolean; 'nbd-socket'?: string; 'nbd-tcp'?: string }),
+            nbd: nbdAddress(a as NbdArgs),
+            nbdPeers: a['nbd-peers'] as NbdPeers,
+            logGuestConsole: a['log-guest-console'] === true,
             diskMemoryBytes: parseSize(String(a['disk-memory-cache']), '--disk-memory-cache'),
             vm: a.vm ? { accel: a.accel, trace: a.trace === undefined ? undefined : path.resolve(String(a.trace)) } : undefined,
           });

@@ -4,6 +4,7 @@
 //   punchHole(fd, offset, length)          fallocate(PUNCH_HOLE | KEEP_SIZE)
 //   mlock(u8) / munlock(u8) / memzero(u8)  on a Uint8Array's bytes
 //   recvFd(sock, bytes, timeoutMs)         Promise<{fd, data, peerPid}>: SCM_RIGHTS + header
+//   peerCredentials(sock)                  {pid, uid, gid} of a connected unix socket's peer (SO_PEERCRED)
 //   startFaultThread(uffd, cb, loop)       a native thread (or, with loop, the main libuv
 //                                          loop) reading uffd events; each MISSING fault
 //                                          calls cb(0, address, flags)
@@ -153,6 +154,28 @@ napi_value Memzero(napi_env env, napi_callback_info info) {
   /* SAFETY: [data, data+len) is the typed array's live backing store */
   explicit_bzero(data, len);
   return undefined(env);
+}
+
+// ---- peerCredentials ----
+
+napi_value PeerCredentials(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t sock;
+  if (!get_args(env, info, 1, argv) || !get_i32(env, argv[0], &sock)) return nullptr;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  /* SAFETY: sock is the caller's socket fd; the kernel writes at most len bytes into the stack struct cred */
+  if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return throw_errno(env, "getsockopt", errno);
+  if (len != sizeof cred) return throw_errno(env, "getsockopt", EPROTO);
+  napi_value result, pid, uid, gid;
+  napi_create_object(env, &result);
+  napi_create_int32(env, cred.pid, &pid);
+  napi_create_uint32(env, cred.uid, &uid);
+  napi_create_uint32(env, cred.gid, &gid);
+  napi_set_named_property(env, result, "pid", pid);
+  napi_set_named_property(env, result, "uid", uid);
+  napi_set_named_property(env, result, "gid", gid);
+  return result;
 }
 
 // ---- recvFd ----
@@ -666,6 +689,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"munlock", nullptr, LockOp<munlock, MUNLOCK>, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"memzero", nullptr, Memzero, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"recvFd", nullptr, RecvFd, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"peerCredentials", nullptr, PeerCredentials, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"startFaultThread", nullptr, StartFaultThread, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"resolveFault", nullptr, ResolveFault, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"wakeRange", nullptr, WakeRange, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

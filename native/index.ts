@@ -6,6 +6,7 @@
 //   shimEnv                                 the environment that preloads the shim into QEMU
 //   UffdListener → UffdMapping              the shim's handshake: a uffd and its mapping
 //   FaultThread                             MISSING faults to JS, answers with UFFDIO_COPY
+//   peerCredentials, socketFd               who is at the other end of a unix socket (SO_PEERCRED)
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -57,6 +58,7 @@ interface Addon {
   munlock(bytes: Uint8Array): void;
   memzero(bytes: Uint8Array): void;
   recvFd(socketFd: number, bytes: number, timeoutMs: number): Promise<{ fd: number; data: Buffer; peerPid: number }>;
+  peerCredentials(socketFd: number): PeerCredentials;
   /**
    * cb(0, address, flags) for a fault; cb(1, errno or event, what) for a failure. `loop`
    * polls the uffd on the main libuv loop instead of a native thread.
@@ -127,6 +129,37 @@ function pageMultiple(fn: string, name: string, v: unknown, min: number): number
 
 function hex(n: number): string {
   return `0x${n.toString(16)}`;
+}
+
+// ---- unix socket peers ----
+
+/** The process that connected a unix socket, as the kernel recorded it at connect(). */
+export interface PeerCredentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+/**
+ * The peer of a connected unix socket (getsockopt SO_PEERCRED): the pid, uid and gid
+ * of the process that called connect(), fixed then (a peer that passes its socket on
+ * keeps its own credentials on it). On a TCP socket the kernel reports pid 0.
+ * @throws TypeError for a bad fd, LetheError INTERNAL when getsockopt fails (EBADF, ENOTSOCK)
+ */
+export function peerCredentials(fd: number): PeerCredentials {
+  fdArg('peerCredentials', 'fd', fd);
+  try {
+    return addon().peerCredentials(fd);
+  } catch (e) {
+    if (e instanceof LetheError) throw e;
+    throw new LetheError('INTERNAL', `cannot read the peer credentials of fd ${fd}`, { cause: e });
+  }
+}
+
+/** The file descriptor under an accepted or connected net.Socket (its libuv handle's), or null when it has none (yet, or any more). */
+export function socketFd(socket: net.Socket): number | null {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+  return typeof fd === 'number' && Number.isInteger(fd) && fd >= 0 ? fd : null;
 }
 
 // ---- memory primitives ----

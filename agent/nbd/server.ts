@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { LetheError, errorChain, isLetheError } from '../../common/errors.js';
+import { peerCredentials, socketFd, type PeerCredentials } from '../../native/index.js';
 import * as P from './protocol.js';
 
 /**
@@ -53,7 +54,14 @@ export interface NbdServerOptions {
   /** Advertise NBD_FLAG_CAN_MULTI_CONN (default true; see BlockBackend). */
   multiConn?: boolean;
   handshakeTimeoutMs?: number;
-  /** One line per notable event (protocol violations, backend failures). */
+  /**
+   * Decides from its peer's credentials (SO_PEERCRED) whether a connection on the unix
+   * socket is served: null lets it in, a string says why not; a refused peer is logged
+   * with its pid and uid and closed before a byte is read. Without it, any process that
+   * can open the socket is served.
+   */
+  allowPeer?: (peer: PeerCredentials) => string | null;
+  /** One line per notable event (protocol violations, backend failures, refused peers). */
   log?: (line: string) => void;
 }
 
@@ -69,6 +77,8 @@ export interface NbdStats {
   errorReplies: Record<string, number>;
   /** Connections closed because the client broke the protocol. */
   protocolErrors: number;
+  /** Connections closed at once because allowPeer refused their peer. */
+  refusedPeers: number;
   /** Backend calls that rejected. */
   backendErrors: number;
 }
@@ -279,7 +289,7 @@ interface Problem {
 /** What a connection needs from its server. */
 interface ServerSide {
   readonly exports: Map<string, BlockBackend>;
-  readonly opts: Required<Omit<NbdServerOptions, 'defaultExport' | 'log'>> & NbdServerOptions;
+  readonly opts: Required<Omit<NbdServerOptions, 'defaultExport' | 'log' | 'allowPeer'>> & NbdServerOptions;
   readonly counters: NbdStats;
   log(line: string): void;
   /** Registers a backend write so a later flush waits for it. */
@@ -811,6 +821,7 @@ export class NbdServer {
     bytesWritten: 0,
     errorReplies: {},
     protocolErrors: 0,
+    refusedPeers: 0,
     backendErrors: 0,
   };
 
@@ -891,6 +902,7 @@ export class NbdServer {
 
   private accept(socket: net.Socket): void {
     if (this.closing) return void socket.destroy();
+    if (this.side.opts.allowPeer && !this.peerAllowed(socket, this.side.opts.allowPeer)) return;
     this.counters.connections.total++;
     const c = new Connection(socket, this.side);
     this.conns.add(c);
@@ -900,6 +912,25 @@ export class NbdServer {
       this.running.delete(run);
     });
     this.running.add(run);
+  }
+
+  /** Asks allowPeer about the socket's peer; closes the socket and says so when it is refused. */
+  private peerAllowed(socket: net.Socket, allowPeer: (peer: PeerCredentials) => string | null): boolean {
+    const fd = socketFd(socket);
+    let peer: PeerCredentials | null = null;
+    let why: string | null;
+    try {
+      if (fd === null) throw new Error('the socket has no file descriptor');
+      peer = peerCredentials(fd);
+      why = allowPeer(peer);
+    } catch (e) {
+      why = `its credentials cannot be read: ${errorChain(e)}`;
+    }
+    if (why === null) return true;
+    this.counters.refusedPeers++;
+    this.side.log(`nbd: refused a connection from ${peer ? `pid ${peer.pid} (uid ${peer.uid})` : 'an unknown peer'}: ${why}`);
+    socket.destroy();
+    return false;
   }
 
   private trackWrite(b: BlockBackend, op: Promise<unknown>): void {

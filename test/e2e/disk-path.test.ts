@@ -30,7 +30,8 @@ describe('disk path: NBD from the agent (real server, agent, clients and QEMU)',
   const status = () => control<AgentStatus>(dev.home, { cmd: 'status' });
 
   async function startAgent(args: string[] = []): Promise<void> {
-    agent = await startAgentProc(dev.home, 'guest', ['--no-prefetch', ...args]);
+    // qemu-io, nbdcopy and the QEMU this test starts are not the agent's own: they connect by opt-in.
+    agent = await startAgentProc(dev.home, 'guest', ['--no-prefetch', '--nbd-peers', 'user', ...args]);
     await waitFor(async () => (await status()).nbd?.address ?? undefined, 20_000, 'the NBD export');
   }
 

@@ -76,7 +76,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
   });
 
   it('evicts pages while the workload verifies them: every check passes, changed pages are kept', async () => {
-    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     await waitFor(async () => verifyPasses(agent!.log()).length >= 2 || undefined, 180_000, 'two verify passes');
     const ps = verifyPasses(agent.log());
     for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
@@ -134,7 +134,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(await agent!.exited).to.equal(0);
     expect(fs.readdirSync('/dev/shm').filter((f) => f.startsWith('lethe-ram-'))).to.deep.equal([]);
 
-    agent2 = await startAgentProc(other.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    agent2 = await startAgentProc(other.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     await waitFor(async () => verifyPasses(agent2!.log()).length >= 2 || undefined, 180_000, 'two verify passes on the other device');
     const ps = verifyPasses(agent2.log());
     for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
@@ -148,7 +148,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
   it('offline until the lease runs out: every sensitive page and key leaves before the keys do; the guest carries on once the server is back', async () => {
     agent2!.proc.kill('SIGKILL');
     await agent2!.exited;
-    agent3 = await startAgentProc(dev.home, 'vm-lease', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    agent3 = await startAgentProc(dev.home, 'vm-lease', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     await waitFor(async () => verifyPasses(agent3!.log()).length >= 1 || undefined, 180_000, 'a verify pass');
     // The workload's pages come in as it touches them (no prefetch): wait for most of them.
     const before = await waitFor(

@@ -35,7 +35,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     return d;
   };
   const agentOn = async (d: TestDevice, image: string, args: string[]) => {
-    const a = await startAgentProc(d.home, image, ['--vm', '--accel', 'tcg', ...args]);
+    const a = await startAgentProc(d.home, image, ['--vm', '--accel', 'tcg', '--log-guest-console', ...args]);
     agents.push(a);
     return a;
   };

@@ -4,8 +4,9 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
+import { execFile } from 'node:child_process';
 import { control } from '../../agent/control.js';
-import type { AgentStatus } from '../../agent/daemon.js';
+import { startAgent, type AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
@@ -46,7 +47,7 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
   });
 
   it('resumes the guest with every page served on first touch; the workload finds no bad page', async () => {
-    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     await waitFor(async () => verifyPasses(agent!.log()).length >= 2 || undefined, 120_000, 'two verify passes');
     const passes = verifyPasses(agent.log());
     for (const p of passes) expect(p.bad, `pass ${p.pass}`).to.equal(0);
@@ -56,6 +57,44 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
     expect(st.vm!.faults).to.be.greaterThan(1000);
     expect(st.reads.fromServer).to.be.greaterThan(1000); // nothing was prefetched: pages came on demand
     expect(st.resident.sensitive).to.be.greaterThan(4096 * 4096);
+  });
+
+  it("issue #14: the guest console stays out of the agent's log by default (in process it still arrives); the agent's own QEMU gets the disk over NBD, nbdinfo does not", async () => {
+    // A device of its own: its cache starts empty, whatever the other tests' sessions left.
+    const d = await enrolledDevice(s, 'console');
+    await assign(s, d.deviceId, 'vm');
+    const logged: string[] = [];
+    const consoleLines: string[] = [];
+    const a = startAgent({
+      home: d.home,
+      image: 'vm',
+      cacheBytes: 1 << 30,
+      heartbeatMs: 1_000,
+      prefetch: false,
+      vm: { accel: 'tcg' },
+      log: (l) => logged.push(l),
+      onGuestConsole: (l) => consoleLines.push(l),
+    });
+    try {
+      await waitFor(async () => consoleLines.some((l) => /^LETHE-VERIFY pass=\d+ ok=4096 bad=0$/.test(l)) || undefined, 120_000, 'a verify pass on the console');
+      expect(logged.filter((l) => /guest: |LETHE-/.test(l))).to.deep.equal([]);
+      const st = a.status();
+      expect(st.nbd!.connections.active, "QEMU's own NBD connection").to.equal(1);
+      expect(logged.join('\n')).to.contain('only the QEMU this agent starts may connect');
+      const other = await new Promise<{ pid: number; code: number }>((resolve) => {
+        const p = execFile('nbdinfo', ['--size', `nbd+unix:///vm?socket=${path.join(d.home, 'nbd.sock')}`], (err) => resolve({ pid: p.pid!, code: err ? 1 : 0 }));
+      });
+      expect(other.code, 'nbdinfo was refused').to.equal(1);
+      expect(logged.join('\n')).to.contain(`nbd: refused a connection from pid ${other.pid} (uid ${process.getuid!()})`);
+      expect(a.status().nbd!.connections.active).to.equal(1);
+    } catch (e) {
+      console.log(`--- the in-process agent's log:\n${logged.slice(-30).join('\n')}`);
+      throw e;
+    } finally {
+      a.stop();
+      await a.done;
+      d.close();
+    }
   });
 
   it('SIGTERM stops the agent cleanly: exit 0, QEMU gone, no RAM file left', async () => {
@@ -69,7 +108,7 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
   });
 
   it('kill -9 of the agent takes QEMU with it: the guest never runs on zero-filled pages', async () => {
-    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
+    agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     // Any pass: the guest's first console line after a resume can carry the tail of one written before the snapshot.
     await waitFor(async () => /LETHE-VERIFY pass=\d+ ok=/.test(agent!.log()) || undefined, 120_000, 'a verify pass');
     const st = await control<AgentStatus>(dev.home, { cmd: 'status' });

@@ -6,7 +6,7 @@ export interface VerifyPass {
   bad: number;
 }
 
-/** The workload's verify passes (guest-driver/workload.c LETHE-VERIFY lines) in an agent's log. */
+/** The workload's verify passes (guest-driver/workload.c LETHE-VERIFY lines) in the log of an agent run with --log-guest-console. */
 export function verifyPasses(log: string): VerifyPass[] {
   return [...log.matchAll(/guest: LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/g)].map((m) => ({ pass: Number(m[1]), ok: Number(m[2]), bad: Number(m[3]) }));
 }

@@ -159,7 +159,7 @@ describe("the agent's locked memory (real server, agent and NBD clients)", funct
     await pushImage(s, 'locked', { plain: { disk: randomBytes(16 * MiB), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
     dev = await enrolledDevice(s);
     await assign(s, dev.deviceId, 'locked');
-    agent = await startAgentProc(dev.home, 'locked', ['--no-prefetch']);
+    agent = await startAgentProc(dev.home, 'locked', ['--no-prefetch', '--nbd-peers', 'user']);
     await waitFor(async () => (await control<AgentStatus>(dev.home, { cmd: 'status' })).nbd?.address ?? undefined, 20_000, 'the export');
   });
   after(async () => {

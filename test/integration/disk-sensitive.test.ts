@@ -41,7 +41,8 @@ describe('sensitive disk ranges over NBD (real server, agent and clients)', func
     });
     dev = await enrolledDevice(s);
     await assign(s, dev.deviceId, 'secret');
-    agent = await startAgentProc(dev.home, 'secret', ['--no-prefetch']);
+    // nbdcopy and qemu-io are not the agent's QEMU: they connect by explicit opt-in.
+    agent = await startAgentProc(dev.home, 'secret', ['--no-prefetch', '--nbd-peers', 'user']);
     await waitFor(async () => (await control<AgentStatus>(dev.home, { cmd: 'status' })).nbd?.address ?? undefined, 20_000, 'the export');
   });
   after(async () => {
