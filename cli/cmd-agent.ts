@@ -65,7 +65,7 @@ function statusText(s: AgentStatus): string {
         ['reads', `${s.reads.reads} (${s.reads.fromCache} cache, ${s.reads.fromServer} server, ${s.reads.zero} zero), ${s.reads.tampered} refused as tampered`],
         ['evicted', `${s.reads.evicted} chunk(s), ${s.cache.evicted} from the cache`],
         ['prefetch', `${s.prefetch.done} of ${s.prefetch.total} chunks`],
-        ['disk (NBD)', s.nbd ? `${'path' in (s.nbd.address ?? {}) ? (s.nbd.address as { path: string }).path : JSON.stringify(s.nbd.address)}, ${s.nbd.connections.active} client(s)` : 'not served'],
+        ['disk (NBD)', s.nbd ? `${'path' in (s.nbd.address ?? {}) ? (s.nbd.address as { path: string }).path : JSON.stringify(s.nbd.address)}, ${s.nbd.connections.active} client(s)${s.nbd.refusedPeers ? `, ${s.nbd.refusedPeers} refused` : ''}` : 'not served'],
         ...(s.vm
           ? [
               [
