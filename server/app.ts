@@ -1,6 +1,7 @@
 // HTTP routes. Admin routes take a bearer token; device routes take signed
-// requests. Every body is read raw (so signatures cover the exact bytes) and
-// validated with the schemas in common/wire.ts.
+// requests. Every body is read raw (so signatures cover the exact bytes), only
+// once the caller's credentials (device headers, admin token) and rate allow it,
+// and validated with the schemas in common/wire.ts.
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { z } from 'zod';
 import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, MAX_UPLOAD_BODY, type ChunkKind } from '../common/constants.js';
@@ -267,9 +268,9 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   a.get('/audit/devices/:id', (req, res) => {
     const id = param(req, 'id');
     if (!/^[a-z0-9-]{1,64}$/.test(id)) throw new LetheError('BAD_REQUEST', `bad device id '${id}'`);
-    const q = req.query.since;
-    if (q !== undefined && typeof q !== 'string') throw new LetheError('BAD_REQUEST', 'give since once, as an ISO time or a duration ago');
-    const since = q === undefined ? 0 : parseSince(q);
+    const sinceParam = req.query.since;
+    if (sinceParam !== undefined && typeof sinceParam !== 'string') throw new LetheError('BAD_REQUEST', 'give since once, as an ISO time or a duration ago');
+    const since = sinceParam === undefined ? 0 : parseSince(sinceParam);
     res.json(deviceReport(ctx.db, id, since));
   });
   app.use('/v1/admin', a);
