@@ -10,7 +10,7 @@ import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyChain } from './audit.js';
 import type { Ctx } from './context.js';
-import { ackCommand, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
+import { ackCommand, ackRevoke, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
   chunkHashes,
   commitVersion,
@@ -89,6 +89,7 @@ export function buildApp(ctx: Ctx): express.Express {
   const admin = adminAuth(ctx);
   const device = deviceAuth(ctx);
   const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true });
+  const deviceRevokedOk = deviceAuth(ctx, { allowWipePending: true, allowRevoked: true });
   const dev = (req: AuthedRequest) => req.device!;
 
   app.use((req, res, next) => {
@@ -125,6 +126,9 @@ export function buildApp(ctx: Ctx): express.Express {
   app.post('/v1/device/commands/:id/ack', rawJson, deviceWipeOk, (req: AuthedRequest, res) => {
     const b = json(wire.AckRequest, req);
     res.json(ackCommand(ctx, dev(req), param(req, 'id'), b.ok, b.detail));
+  });
+  app.post('/v1/device/revoke/ack', rawJson, deviceRevokedOk, (req: AuthedRequest, res) => {
+    res.json(ackRevoke(ctx, dev(req), json(wire.RevokeAckRequest, req).detail));
   });
   app.post('/v1/device/leases', rawJson, device, (req: AuthedRequest, res) => {
     res.status(201).json(grantLease(ctx, dev(req), json(wire.LeaseRequest, req).image));

@@ -33,9 +33,10 @@ const authFailed = () => new LetheError('AUTH_FAILED', 'device authentication fa
 /**
  * Verifies a signed device request. `allowWipePending` lets heartbeat and
  * command acknowledgements through for a device that must still learn of, or
- * confirm, its wipe.
+ * confirm, its wipe; `allowRevoked` lets a revoked device confirm that it erased
+ * its keys (the revoke acknowledgement, which gives nothing).
  */
-export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) {
+export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; allowRevoked?: boolean } = {}) {
   const seen = nonceMemory(ctx);
   return (req: AuthedRequest, _res: Response, next: NextFunction) => {
     const deviceId = req.get(HDR_DEVICE);
@@ -61,7 +62,7 @@ export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean } = {}) 
       throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
     }
     const status = deviceStatus(d);
-    if (status === 'revoked') {
+    if (status === 'revoked' && !opts.allowRevoked) {
       throw new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' });
     }
     if (status === 'wiped') throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });
