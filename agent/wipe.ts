@@ -2,6 +2,8 @@
 // hold VM data goes first (the X25519 key that opens sealed keys, caches);
 // the signing key stays only until the acknowledgement is sent, so the wipe
 // can be confirmed even if the server is unreachable right now.
+// Acting on a revocation: the same erasure at once, key files included (the
+// acknowledgement is signed with the key still in memory).
 import fs from 'node:fs';
 import path from 'node:path';
 import { iso } from '../common/duration.js';
