@@ -403,6 +403,8 @@ export function startAgent(o: AgentOptions): RunningAgent {
       throw e;
     }
     suspended = true;
+    // The check-in ended the lease on the server: its keys go now, and a late answer about it (a prefetch still out) ends nothing more.
+    lease.stop();
     log(`suspended: ${pages} changed page(s), the device state and dirty disk chunks checked in as ${o.image}@${r.version} in ${Date.now() - t0} ms`);
     // This session is over: QEMU may not run again (its pages belong to the new version).
     setImmediate(() => shutdown(0));
