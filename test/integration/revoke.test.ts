@@ -11,7 +11,7 @@ import path from 'node:path';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, homeFiles, loadIdentity, revokedMarker } from '../../agent/identity.js';
 import type { RunningAgent } from '../../agent/daemon.js';
-import { admin, agentInProcess, assign } from '../helpers/fixtures.js';
+import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 
 const PAGE = 4096;
@@ -162,6 +162,29 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     expect((await auditTypes(deviceId)).map((e) => e.type).slice(-4)).to.deep.equal(['device.revoke', 'device.wipe', 'wipe.delivered', 'wipe.ack']);
   });
 
+  it('the revoke acknowledgement is the one call a revoked device may make: it gives nothing, is recorded and audited once, and only a revoked device can make it', async () => {
+    await pushImage(s, 'rv-ack', { chunks: 1 });
+    const d = await enrolledDevice(s, 'acker');
+    await assign(s, d.deviceId, 'rv-ack');
+    const lease = await d.client.lease('rv-ack');
+    const e = await rejects(d.client.ackRevoke('early'));
+    expect({ status: e.status, code: e.code }).to.deep.equal({ status: 409, code: 'CONFLICT' });
+
+    await adminCall('POST', `/devices/${d.deviceId}/revoke`);
+    const first = await d.client.ackRevoke('keys zeroed');
+    expect(first).to.include({ id: d.deviceId, status: 'revoked' });
+    const again = await d.client.ackRevoke('again');
+    expect(again.acknowledgedAt).to.equal(first.acknowledgedAt);
+    expect((await device(d.deviceId)).revokeAckedAt).to.equal(first.acknowledgedAt);
+    for (const call of [() => d.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]), () => d.client.lease('rv-ack'), () => d.client.heartbeat()]) {
+      expect((await rejects(call())).code).to.equal('DEVICE_REVOKED');
+    }
+    const entries = await auditTypes(d.deviceId);
+    expect(entries.map((x) => x.type).slice(-2)).to.deep.equal(['device.revoke', 'revoke.ack']);
+    expect(entries.at(-1)!.data).to.deep.equal({ detail: 'keys zeroed' });
+    d.close();
+  });
+
   it('unassigning the image ends the lease at the next key fetch (NOT_ASSIGNED, audited), not at renewal; a new assignment brings a new lease', async () => {
     const { agent, deviceId } = await agentWithEvictedPage('rv-unassign');
     const leaseId = agent.lease.leaseId();
@@ -172,7 +195,7 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     await waitFor(async () => agent.lease.state === 'expired' || undefined, 5_000, 'the lease to end');
     expect(agent.status().keys).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
     expect(agent.lease.renewals).to.equal(0);
-    expect(agent.status().lease.lastError).to.match(/no longer assigned/);
+    expect(agent.status().lease.lastError).to.match(/^image 'rv-unassign' is (no longer|not) assigned to this device/);
 
     const entries = await auditTypes(deviceId);
     const at = entries.findIndex((x) => x.type === 'unassign');
