@@ -9,7 +9,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeviceClient } from '../../agent/device-client.js';
-import { closeIdentity, homeFiles, loadIdentity, revokedMarker } from '../../agent/identity.js';
+import { closeIdentity, enrollDevice, homeFiles, loadIdentity, revokedMarker } from '../../agent/identity.js';
 import type { RunningAgent } from '../../agent/daemon.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
@@ -81,7 +81,7 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     await s?.stop();
   });
 
-  it('a key fetch answered DEVICE_REVOKED zeroes the keys, deletes the cache and key files and stops the agent at that call; the erasure is acknowledged and audited', async () => {
+  it('a key fetch answered DEVICE_REVOKED zeroes the keys, deletes the cache and key files and stops the agent at that call; the erasure is acknowledged and audited; the home says it must be enrolled again, and can be', async () => {
     const { agent, home, deviceId } = await agentWithEvictedPage('rv-keys');
     await adminCall('POST', `/devices/${deviceId}/revoke`);
 
@@ -108,6 +108,12 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
       expect(r.stderr).to.match(new RegExp(`^lethe: error: device ${deviceId} was revoked by IT \\(.+\\); its keys and cache are deleted\\n`));
       expect(r.stderr).to.contain(`lethe: hint: this machine must be enrolled again: ask IT for a new token, then 'lethe enroll TOKEN --home ${home}'`);
     }
+    // Enrolling again replaces the revoked device in that home.
+    const { token } = await adminCall<{ token: string }>('POST', '/enroll-tokens', {});
+    const info = await enrollDevice(home, token, 'again');
+    expect(info.deviceId).to.not.equal(deviceId);
+    expect(revokedMarker(home)).to.equal(undefined);
+    closeIdentity(loadIdentity(home));
   });
 
   it('a chunk fetch answered DEVICE_WIPED (the wipe done by another copy) stops the agent at that call and erases what the home still holds', async () => {
@@ -162,7 +168,7 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     expect((await auditTypes(deviceId)).map((e) => e.type).slice(-4)).to.deep.equal(['device.revoke', 'device.wipe', 'wipe.delivered', 'wipe.ack']);
   });
 
-  it('the revoke acknowledgement is the one call a revoked device may make: it gives nothing, is recorded and audited once, and only a revoked device can make it', async () => {
+  it('the revoke acknowledgement is the one call a revoked device may make: it gives nothing, is recorded and audited once, completes a wipe ordered meanwhile, and only a revoked device can make it', async () => {
     await pushImage(s, 'rv-ack', { chunks: 1 });
     const d = await enrolledDevice(s, 'acker');
     await assign(s, d.deviceId, 'rv-ack');
@@ -183,6 +189,17 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     expect(entries.map((x) => x.type).slice(-2)).to.deep.equal(['device.revoke', 'revoke.ack']);
     expect(entries.at(-1)!.data).to.deep.equal({ detail: 'keys zeroed' });
     d.close();
+
+    // A wipe ordered between the revocation and its acknowledgement is done by the acknowledgement.
+    const late = await enrolledDevice(s, 'late-acker');
+    await adminCall('POST', `/devices/${late.deviceId}/revoke`);
+    expect((await adminCall<{ status: string }>('POST', `/devices/${late.deviceId}/wipe`)).status).to.equal('wipe-pending');
+    expect(await late.client.ackRevoke()).to.include({ status: 'wiped' });
+    const lateEntries = await auditTypes(late.deviceId);
+    expect(lateEntries.map((x) => x.type).slice(-3)).to.deep.equal(['device.wipe', 'revoke.ack', 'wipe.ack']);
+    expect(lateEntries.at(-1)!.data).to.include({ ok: true, via: 'revoke.ack' });
+    expect((await rejects(late.client.heartbeat())).code).to.equal('DEVICE_WIPED');
+    late.close();
   });
 
   it('unassigning the image ends the lease at the next key fetch (NOT_ASSIGNED, audited), not at renewal; a new assignment brings a new lease', async () => {
