@@ -75,10 +75,11 @@ export function eraseRevokedHome(home: string, deviceId: string, status: 'revoke
  * (its file is gone), that this device erased its keys and cache; the server
  * audits it (`revoke.ack`). Transient failures are retried for
  * REVOKE_ACK_WINDOW_MS; after that the key in memory goes too and the
- * acknowledgement is lost. Returns whether the server has it.
+ * acknowledgement is lost. `by` says who erased (the agent, or 'lethe
+ * heartbeat'). Returns whether the server has it.
  */
-export async function acknowledgeRevoke(client: DeviceClient, home: string, removed: string[]): Promise<boolean> {
-  const detail = `keys zeroed, VM stopped; removed ${removed.length} item(s): ${removed.join(', ')}`.slice(0, 1024);
+export async function acknowledgeRevoke(client: DeviceClient, home: string, removed: string[], by = 'keys zeroed, VM stopped'): Promise<boolean> {
+  const detail = `${by}; removed ${removed.length} item(s): ${removed.join(', ')}`.slice(0, 1024);
   try {
     await withRetry(() => client.ackRevoke(detail), Date.now() + REVOKE_ACK_WINDOW_MS);
   } catch {

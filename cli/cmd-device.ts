@@ -47,7 +47,7 @@ async function eraseOnRefusal(home: string, id: Identity, client: DeviceClient, 
   if (!(e instanceof LetheError) || (e.code !== 'DEVICE_REVOKED' && e.code !== 'DEVICE_WIPED')) throw e;
   const status = e.code === 'DEVICE_WIPED' ? 'wiped' : 'revoked';
   const removed = eraseRevokedHome(home, id.info.deviceId, status);
-  if (status === 'revoked') await acknowledgeRevoke(client, home, removed);
+  if (status === 'revoked') await acknowledgeRevoke(client, home, removed, "erased by 'lethe heartbeat'");
   throw revokedError(home, revokedMarker(home)!);
 }
 
