@@ -18,7 +18,7 @@ import { makeNonDumpable, wipeHeapOnFree } from './harden.js';
 import { closeIdentity, loadIdentity } from './identity.js';
 import { KeyRing } from './keyring.js';
 import { LeaseKeeper } from './lease-keeper.js';
-import { performWipe } from './wipe.js';
+import { acknowledgeRevoke, eraseRevokedHome, performWipe } from './wipe.js';
 import { AgentDiskBackend } from './disk-backend.js';
 import { NbdServer, type NbdAddress } from './nbd/server.js';
 import { nbdPeerCheck, type NbdPeers } from './nbd-peers.js';
@@ -130,6 +130,8 @@ export function startAgent(o: AgentOptions): RunningAgent {
   const cache = ChunkCache.inHome(o.home, o.cacheBytes);
   const keys = new KeyRing();
   const lease = new LeaseKeeper(urgent, id, keys, o.image, o.heartbeatMs);
+  // Whichever part's call the server refuses (renewal, a key or chunk fetch, prefetch), the lease keeper acts on it.
+  for (const c of [urgent, background]) c.on('refused', (r) => lease.serverRefused(r));
   const fetcher = new Fetcher(urgent, background, () => lease.leaseId(), () => lease.evictionPoint());
   const core = new AgentCore(id, cache, keys, fetcher, lease, o.diskMemoryBytes);
   const prefetch = { done: 0, total: 0, running: false };
@@ -142,7 +144,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   let vmStarting = false;
   let stopped = false;
 
-  /** Stops everything; the agent's exit waits for `after` (the wipe's acknowledgement). */
+  /** Stops everything; the agent's exit waits for `after` (a wipe's or revocation's acknowledgement, signed with the identity still in memory). */
   const shutdown = (code: number, removeCache = false, after?: () => Promise<unknown>) => {
     if (stopped) return;
     stopped = true;
@@ -152,7 +154,10 @@ export function startAgent(o: AgentOptions): RunningAgent {
     void traced
       .then(() => teardown(removeCache))
       .then(() => (after ? after() : undefined))
-      .finally(() => finish(code));
+      .finally(() => {
+        closeIdentity(id);
+        finish(code);
+      });
   };
   const teardown = async (removeCache: boolean) => {
     // Keys first (the lease stops and zeroes them), then QEMU and the evictor: nothing
@@ -169,7 +174,6 @@ export function startAgent(o: AgentOptions): RunningAgent {
     if (removeCache) for (const f of ['cache.db', 'cache.db-wal', 'cache.db-shm']) fs.rmSync(path.join(o.home, f), { force: true });
     urgent.close();
     background.close();
-    closeIdentity(id);
     await closing;
   };
 
@@ -339,23 +343,39 @@ export function startAgent(o: AgentOptions): RunningAgent {
   });
   lease.on('log', (l) => log(l));
   lease.on('revoked', (e) => {
-    log(`refused by the server: ${e.message}; keys zeroed, cache deleted`);
-    shutdown(EXIT_REVOKED, true);
+    log(`refused by the server: ${e.message}; keys zeroed, stopping the VM, deleting the cache and device keys`);
+    core.evictAllSensitive();
+    shutdown(EXIT_REVOKED, true, () => eraseRevoked(e.code === 'DEVICE_WIPED' ? 'wiped' : 'revoked'));
   });
+  /** Revocation implies a wipe here (docs/lease-state.md): the home keeps device.json, no key and no cache; a revoked device says so to the server. */
+  const eraseRevoked = async (status: 'revoked' | 'wiped') => {
+    try {
+      const removed = eraseRevokedHome(o.home, id.info.deviceId, status);
+      log(`device keys and cache deleted (${removed.join(', ') || 'nothing left'}); this device must be enrolled again`);
+      if (status === 'wiped') return;
+      const client = new DeviceClient(id);
+      try {
+        const acked = await acknowledgeRevoke(client, o.home, removed);
+        log(acked ? 'revocation acknowledged to the server' : 'the server did not take the acknowledgement of the revocation; the signing key is gone anyway');
+      } finally {
+        client.close();
+      }
+    } catch (err) {
+      log(`erasing after the refusal failed: ${errorChain(err)}`);
+    }
+  };
   lease.on('wipe', (cmd) => {
     log(`wipe ordered by IT (${cmd}): zeroing keys, deleting the cache and device keys`);
     core.evictAllSensitive();
-    const homeId = loadIdentity(o.home);
     shutdown(EXIT_REVOKED, true, async () => {
-      const client = new DeviceClient(homeId);
+      const client = new DeviceClient(id);
       try {
-        const r = await performWipe(homeId, client, cmd);
+        const r = await performWipe(id, client, cmd);
         log(r.acked ? 'wipe done and acknowledged' : "wipe done; acknowledgement pending (run 'lethe heartbeat' when online)");
       } catch (e) {
         log(`wipe failed: ${errorChain(e)}`);
       } finally {
         client.close();
-        closeIdentity(homeId);
       }
     });
   });
@@ -396,6 +416,8 @@ export function startAgent(o: AgentOptions): RunningAgent {
       throw e;
     }
     suspended = true;
+    // The check-in ended the lease on the server: its keys go now, and a late answer about it (a prefetch still out) ends nothing more.
+    lease.stop();
     log(`suspended: ${pages} changed page(s), the device state and dirty disk chunks checked in as ${o.image}@${r.version} in ${Date.now() - t0} ms`);
     // This session is over: QEMU may not run again (its pages belong to the new version).
     setImmediate(() => shutdown(0));

@@ -1,29 +1,59 @@
-// Signed requests from this device to the server.
+// Signed requests from this device to the server. Every answer that refuses
+// the device (revoked, wiped, wipe pending) or ends one of its leases, to any
+// call, is also reported as a 'refused' event, so one place acts on it
+// (the lease keeper's refused path) whichever part made the call.
+import { EventEmitter } from 'node:events';
+import { LetheError, type ErrorCode } from '../common/errors.js';
 import { PinnedClient, type HttpResponse } from '../common/http-client.js';
 import { signRequest } from '../common/signing.js';
 import * as wire from '../common/wire.js';
 import type { ChunkKind } from '../common/constants.js';
 import type { Identity } from './identity.js';
 
-export class DeviceClient {
+/** Answers that refuse the device itself, whatever it asked. */
+export const DEVICE_REFUSALS: readonly ErrorCode[] = ['DEVICE_REVOKED', 'DEVICE_WIPED', 'DEVICE_WIPE_PENDING'];
+/** Answers to a call on a lease that say the lease is over (unassigned, ended, expired, gone). */
+export const LEASE_REFUSALS: readonly ErrorCode[] = ['NOT_ASSIGNED', 'LEASE_EXPIRED', 'UNKNOWN_LEASE'];
+
+/** A refusal as reported: the error, and the lease the refused call was on (if any). */
+export interface Refusal {
+  error: LetheError;
+  leaseId?: string;
+}
+
+export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
   readonly http: PinnedClient;
 
   constructor(readonly id: Identity) {
+    super();
     this.http = new PinnedClient(id.info.server, id.info.fingerprint, id.certPem);
   }
 
-  async signed(method: string, path: string, body?: unknown): Promise<HttpResponse> {
+  /** A signed request; `leaseId` names the lease it is on, for the 'refused' event. */
+  async signed(method: string, path: string, body?: unknown, leaseId?: string): Promise<HttpResponse> {
     const buf = body === undefined ? Buffer.alloc(0) : Buffer.from(JSON.stringify(body));
     const headers: Record<string, string> = {
       ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, method, path, buf),
       ...(body === undefined ? {} : { 'content-type': 'application/json' }),
     };
-    return this.http.request(method, path, { body: body === undefined ? undefined : buf, headers });
+    return this.reporting(this.http.request(method, path, { body: body === undefined ? undefined : buf, headers }), leaseId);
   }
 
-  async signedJson<T>(method: string, path: string, body?: unknown): Promise<T> {
-    const res = await this.signed(method, path, body);
+  async signedJson<T>(method: string, path: string, body?: unknown, leaseId?: string): Promise<T> {
+    const res = await this.signed(method, path, body, leaseId);
     return JSON.parse(res.body.toString('utf8')) as T;
+  }
+
+  /** Reports a refusal of the device, or of the lease the call was on, before the caller sees it. */
+  private async reporting<T>(p: Promise<T>, leaseId?: string): Promise<T> {
+    try {
+      return await p;
+    } catch (e) {
+      if (e instanceof LetheError && (DEVICE_REFUSALS.includes(e.code) || (leaseId !== undefined && LEASE_REFUSALS.includes(e.code)))) {
+        this.emit('refused', { error: e, leaseId });
+      }
+      throw e;
+    }
   }
 
   heartbeat(status?: Record<string, unknown>) {
@@ -37,16 +67,21 @@ export class DeviceClient {
     });
   }
 
+  /** Tells the server this revoked device erased its keys and cache (docs/escrow-protocol.md, "Device status"). */
+  ackRevoke(detail?: string) {
+    return this.signedJson<wire.TRevokeAckResponse>('POST', '/v1/device/revoke/ack', detail ? { detail } : {});
+  }
+
   lease(image: string) {
     return this.signedJson<wire.TLeaseResponse>('POST', '/v1/device/leases', { image });
   }
 
   renew(leaseId: string) {
-    return this.signedJson<wire.TLeaseResponse>('POST', `/v1/device/leases/${encodeURIComponent(leaseId)}/renew`, {});
+    return this.signedJson<wire.TLeaseResponse>('POST', `/v1/device/leases/${encodeURIComponent(leaseId)}/renew`, {}, leaseId);
   }
 
   manifest(leaseId: string) {
-    return this.signedJson<Manifest>('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/manifest`);
+    return this.signedJson<Manifest>('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/manifest`, undefined, leaseId);
   }
 
   /** Chunk keys; with `write`, keys for new device-written content of those chunks (this lease's version). */
@@ -56,25 +91,25 @@ export class DeviceClient {
       chunks,
       ...(write ? { write: true } : {}),
       ...(stateSize !== undefined ? { stateSize } : {}),
-    });
+    }, leaseId);
   }
 
   /** Uploads device-encrypted dirty chunks (upload frames); the server commits them as a new version. */
   async checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ image: string; version: number; chunks: number }> {
     const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/checkin?final=${final ? 1 : 0}`;
-    return this.signedBinary(path, frames);
+    return this.signedBinary(path, frames, undefined, leaseId);
   }
 
   /** POSTs a binary body, signed, and parses the JSON answer. */
-  private async signedBinary<T>(path: string, body: Buffer, contentType?: string): Promise<T> {
+  private async signedBinary<T>(path: string, body: Buffer, contentType: string | undefined, leaseId: string): Promise<T> {
     const headers = { ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'POST', path, body), ...(contentType ? { 'content-type': contentType } : {}) };
-    const res = await this.http.request('POST', path, { body, headers });
+    const res = await this.reporting(this.http.request('POST', path, { body, headers }), leaseId);
     return JSON.parse(res.body.toString('utf8')) as T;
   }
 
   /** Fetches a batch of chunk blobs, in request order. */
   async chunks(leaseId: string, chunks: { kind: ChunkKind; index: number }[]): Promise<Buffer[]> {
-    const res = await this.signed('POST', '/v1/device/chunks', { leaseId, chunks });
+    const res = await this.signed('POST', '/v1/device/chunks', { leaseId, chunks }, leaseId);
     const out: Buffer[] = [];
     let off = 0;
     while (off + 4 <= res.body.length) {
@@ -88,12 +123,12 @@ export class DeviceClient {
 
   /** Uploads this lease's first-touch order of memory pages; a later upload for the same lease replaces it. */
   async uploadTrace(leaseId: string, pages: Uint32Array): Promise<wire.TTraceUploadResponse> {
-    return this.signedBinary(`/v1/device/leases/${encodeURIComponent(leaseId)}/trace`, wire.encodePages(pages), wire.PAGES_CONTENT_TYPE);
+    return this.signedBinary(`/v1/device/leases/${encodeURIComponent(leaseId)}/trace`, wire.encodePages(pages), wire.PAGES_CONTENT_TYPE, leaseId);
   }
 
   /** The image's trace-learned order of memory pages to prefetch, best first; empty before any trace. */
   async prefetchOrder(leaseId: string): Promise<Uint32Array> {
-    const res = await this.signed('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/prefetch`);
+    const res = await this.signed('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/prefetch`, undefined, leaseId);
     try {
       return wire.decodePages(res.body);
     } catch (cause) {

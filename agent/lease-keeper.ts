@@ -5,6 +5,11 @@
 //                       ▼
 //                    expired ──granted──▶ active      (keys zeroed while expired)
 //   any ──403 revoked──▶ revoked (final)   any ──wipe command──▶ wiping (final)
+//   active ──any call on it answered NOT_ASSIGNED, LEASE_EXPIRED, UNKNOWN_LEASE──▶ expired
+//
+// Refusals reach serverRefused() from every device call (the device client's
+// 'refused' event), not only from renewal and heartbeat: a key or chunk fetch
+// that is refused ends the lease, or the agent, at that answer.
 //
 // Renewal starts at renewAfter (TTL/3 by default) and is retried until the
 // lease runs out. Expiry is timed locally from the TTL the server sent, so a
@@ -13,7 +18,7 @@ import { EventEmitter } from 'node:events';
 import { b64u, openSealed, wipe } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import type { TLeaseResponse } from '../common/wire.js';
-import type { DeviceClient } from './device-client.js';
+import type { DeviceClient, Refusal } from './device-client.js';
 import { isTransient } from './fetcher.js';
 import type { Identity } from './identity.js';
 import type { KeyRing } from './keyring.js';
@@ -65,6 +70,10 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   private expiringTimer?: NodeJS.Timeout;
   /** This lease's beforeExpiry run, once started. */
   private ending?: Promise<void>;
+  /** The lease the server said is over, once its end has started here. */
+  private endedByServer?: string;
+  /** A check-in is moving the lease to a new version: answers about the old one do not end it. */
+  private moving = false;
 
   constructor(
     private readonly client: DeviceClient,
@@ -157,12 +166,25 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     if (!wasActive) for (const w of this.waiters.splice(0)) w();
   }
 
-  /** Call after a check-in ended the lease on the server: takes a lease on the new version without zeroing keys. */
+  /**
+   * Call after a check-in ended the lease on the server: takes a lease on the new
+   * version without zeroing keys. If none comes, the old lease (ended on the
+   * server) ends here too, as at expiry, and the keeper asks again.
+   */
   async reacquire(): Promise<void> {
     this.clearLeaseTimers();
-    const l = await this.client.lease(this.image);
-    await this.prepare?.(l);
-    this.leaseGranted(l);
+    this.moving = true;
+    try {
+      const l = await this.client.lease(this.image);
+      await this.prepare?.(l);
+      if (this.final()) return;
+      this.leaseGranted(l);
+    } catch (e) {
+      if (!this.refused(e) && this.state === 'active') void this.endWithGrace();
+      throw e;
+    } finally {
+      this.moving = false;
+    }
   }
 
   private async renew(): Promise<void> {
@@ -177,8 +199,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
       } catch (e) {
         if (this.refused(e)) return;
         if (e instanceof LetheError && (e.code === 'LEASE_EXPIRED' || e.code === 'UNKNOWN_LEASE' || e.code === 'NOT_ASSIGNED')) {
-          this.emit('log', `lease ended by the server (${e.message})`);
-          await this.endWithGrace();
+          await this.leaseEndedByServer(e);
           return;
         }
         this.lastError = e instanceof Error ? e.message : String(e);
@@ -186,6 +207,27 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
         delay = Math.min(delay * 2, Math.max(RETRY_MIN_MS, (this.lease.ttlSeconds * 1000) / 10));
       }
     }
+  }
+
+  /**
+   * Call with every refusal a device call got, whichever part made it (the device
+   * client's 'refused' event): revoked or wiped ends the agent at once, a pending
+   * wipe brings the heartbeat forward, and an answer that the current lease is
+   * over ends it as at expiry (the policy's eviction with the keys, then zeroed).
+   */
+  serverRefused(r: Refusal): void {
+    if (this.refused(r.error)) return;
+    if (r.leaseId !== undefined && !this.moving && this.state === 'active' && this.lease?.leaseId === r.leaseId) void this.leaseEndedByServer(r.error);
+  }
+
+  /** The server says the active lease is over: beforeExpiry gets its grace, then the keys go (once per lease). */
+  private async leaseEndedByServer(e: LetheError): Promise<void> {
+    const l = this.lease;
+    if (!l || this.endedByServer === l.leaseId) return;
+    this.endedByServer = l.leaseId;
+    this.lastError = e.message;
+    this.emit('log', `lease ended by the server (${e.message})`);
+    await this.endWithGrace();
   }
 
   /** Runs beforeExpiry once for this lease (the margin timer, the wall check, or an early end started it). */
@@ -230,10 +272,11 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     void this.acquire();
   }
 
-  /** Handles 403s that end the agent; returns true if `e` was one. */
+  /** Handles 403s that end the agent (once, from any call); returns true if `e` was one. */
   private refused(e: unknown): boolean {
     if (!(e instanceof LetheError)) return false;
     if (e.code === 'DEVICE_REVOKED' || e.code === 'DEVICE_WIPED') {
+      if (this.final()) return true;
       this.stopTimers();
       this.keys.zeroAll();
       this.state = 'revoked';
@@ -241,7 +284,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
       return true;
     }
     if (e.code === 'DEVICE_WIPE_PENDING') {
-      this.scheduleHeartbeat(0);
+      if (!this.final()) this.scheduleHeartbeat(0);
       return true;
     }
     return false;

@@ -69,8 +69,12 @@ export function adminCommand(y: Argv) {
         (y) => y.positional('device', { type: 'string', demandOption: true }),
         (a) =>
           withAdmin(a as A, async (c) => {
-            const r = await c.json<{ id: string; status: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/wipe`);
-            emit(a as A, r, () => `device ${r.id} is ${r.status}: it wipes itself at its next heartbeat`);
+            const r = await c.json<{ id: string; status: string; erasedAt?: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/wipe`);
+            emit(a as A, r, () =>
+              r.erasedAt
+                ? `device ${r.id} is ${r.status}: it erased its keys and cache when it was revoked (acknowledged ${r.erasedAt})`
+                : `device ${r.id} is ${r.status}: it wipes itself at its next heartbeat`,
+            );
           }),
       )
       .command(

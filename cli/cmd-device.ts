@@ -3,8 +3,8 @@ import os from 'node:os';
 import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
 import { DeviceClient } from '../agent/device-client.js';
-import { closeIdentity, defaultHome, enrollDevice, loadIdentity } from '../agent/identity.js';
-import { pendingWipe, performWipe } from '../agent/wipe.js';
+import { closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity } from '../agent/identity.js';
+import { acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe } from '../agent/wipe.js';
 import { emit, type OutOpts } from './output.js';
 
 interface HomeArgs extends OutOpts {
@@ -23,7 +23,7 @@ async function heartbeat(a: HomeArgs): Promise<void> {
       const r = await performWipe(id, client, pending);
       return finishWipe(a, id.info.deviceId, pending, r.acked);
     }
-    const hb = await client.heartbeat();
+    const hb = await client.heartbeat().catch((e: unknown) => eraseOnRefusal(a.home, id, client, e));
     const wipe = hb.commands.find((c) => c.type === 'wipe');
     if (wipe) {
       const r = await performWipe(id, client, wipe.id);
@@ -36,6 +36,19 @@ async function heartbeat(a: HomeArgs): Promise<void> {
     client.close();
     closeIdentity(id);
   }
+}
+
+/**
+ * The server refused this device as revoked or wiped: it erases its keys and
+ * cache as the agent does (revocation implies a wipe on the device), a revoked
+ * one acknowledges that, and the command fails saying it must be enrolled again.
+ */
+async function eraseOnRefusal(home: string, id: Identity, client: DeviceClient, e: unknown): Promise<never> {
+  if (!(e instanceof LetheError) || (e.code !== 'DEVICE_REVOKED' && e.code !== 'DEVICE_WIPED')) throw e;
+  const status = e.code === 'DEVICE_WIPED' ? 'wiped' : 'revoked';
+  const removed = eraseRevokedHome(home, id.info.deviceId, status);
+  if (status === 'revoked') await acknowledgeRevoke(client, home, removed, "erased by 'lethe heartbeat'");
+  throw revokedError(home, revokedMarker(home)!);
 }
 
 function finishWipe(a: HomeArgs, deviceId: string, command: string, acked: boolean): void {
@@ -61,17 +74,7 @@ export function deviceCommands(y: Argv) {
         emit(a as unknown as OutOpts, { deviceId: info.deviceId }, () => `enrolled as ${info.deviceId} with ${info.server}`);
       },
     )
-    .command('heartbeat', 'check in with the server and act on its commands (wipe)', homeOpt, async (a) => {
-      try {
-        await heartbeat(a as unknown as HomeArgs);
-      } catch (e) {
-        if (e instanceof LetheError && e.code === 'DEVICE_REVOKED') {
-          throw new LetheError('DEVICE_REVOKED', 'this device is revoked: the server refuses its requests', {
-            hint: 'contact IT',
-            status: 403,
-          });
-        }
-        throw e;
-      }
+    .command('heartbeat', 'check in with the server and act on its commands (wipe); a revoked device erases its keys', homeOpt, async (a) => {
+      await heartbeat(a as unknown as HomeArgs);
     });
 }

@@ -32,6 +32,9 @@ export const Command = z.object({ id: z.string(), type: z.enum(['wipe']), issued
 export const HeartbeatResponse = z.object({ serverTime: z.string(), status: z.string(), commands: z.array(Command) });
 
 export const AckRequest = z.strictObject({ ok: z.boolean(), detail: z.string().max(1024).optional() });
+/** A revoked device saying it erased its keys and cache (docs/escrow-protocol.md, "Device status"). */
+export const RevokeAckRequest = z.strictObject({ detail: z.string().max(1024).optional() });
+export const RevokeAckResponse = z.object({ id: z.string(), status: z.string(), acknowledgedAt: z.string() });
 
 export const LeaseRequest = z.strictObject({ image: ImageName });
 /**
@@ -108,6 +111,7 @@ export type TEnrollRequest = z.infer<typeof EnrollRequest>;
 export type TLeaseResponse = z.infer<typeof LeaseResponse>;
 export type TKeysResponse = z.infer<typeof KeysResponse>;
 export type THeartbeatResponse = z.infer<typeof HeartbeatResponse>;
+export type TRevokeAckResponse = z.infer<typeof RevokeAckResponse>;
 
 // ---- trace-learned prefetch order (docs/prefetch.md) ----
 

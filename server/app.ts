@@ -11,7 +11,7 @@ import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, deviceHeaderCheck, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyChain } from './audit.js';
 import type { Ctx } from './context.js';
-import { ackCommand, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
+import { ackCommand, ackRevoke, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
   chunkHashes,
   commitVersion,
@@ -110,6 +110,7 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   const admin = adminAuth(ctx);
   const device = deviceAuth(ctx, { rate: perDevice });
   const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true, rate: perDevice });
+  const deviceRevokedOk = deviceAuth(ctx, { allowWipePending: true, allowRevoked: true, rate: perDevice });
   /** Past its failed token checks, an address waits before any admin or metrics request is looked at. */
   const authFailureGuard = (req: Request, res: Response, next: NextFunction) => {
     const wait = authFailures?.wait(clientAddress(req)) ?? 0;
@@ -155,6 +156,9 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   app.post('/v1/device/commands/:id/ack', rawJson, deviceWipeOk, (req: AuthedRequest, res) => {
     const b = json(wire.AckRequest, req);
     res.json(ackCommand(ctx, dev(req), param(req, 'id'), b.ok, b.detail));
+  });
+  app.post('/v1/device/revoke/ack', rawJson, deviceRevokedOk, (req: AuthedRequest, res) => {
+    res.json(ackRevoke(ctx, dev(req), json(wire.RevokeAckRequest, req).detail));
   });
   app.post('/v1/device/leases', rawJson, device, (req: AuthedRequest, res) => {
     res.status(201).json(grantLease(ctx, dev(req), json(wire.LeaseRequest, req).image));

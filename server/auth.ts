@@ -87,10 +87,12 @@ export function deviceHeaderCheck(ctx: Ctx) {
 /**
  * Verifies a signed device request, once its body is read (deviceHeaderCheck ran
  * before). `allowWipePending` lets heartbeat and command acknowledgements through
- * for a device that must still learn of, or confirm, its wipe; `rate` counts the
+ * for a device that must still learn of, or confirm, its wipe; `allowRevoked` lets a
+ * revoked device confirm that it erased its keys (the revoke acknowledgement, which
+ * gives nothing); `rate` counts the
  * device's verified requests (RATE_LIMITED past it).
  */
-export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; rate?: RateLimiter | null } = {}) {
+export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; allowRevoked?: boolean; rate?: RateLimiter | null } = {}) {
   const seen = nonceMemory(ctx);
   return (req: AuthedRequest, res: Response, next: NextFunction) => {
     const h = signatureHeaders(req);
@@ -108,7 +110,7 @@ export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; rate?: 
       throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
     }
     const status = deviceStatus(d);
-    if (status === 'revoked') {
+    if (status === 'revoked' && !opts.allowRevoked) {
       throw new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' });
     }
     if (status === 'wiped') throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });

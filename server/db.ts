@@ -23,7 +23,9 @@ CREATE TABLE IF NOT EXISTS devices (
   last_seen INTEGER,
   revoked_at INTEGER,
   wipe_requested_at INTEGER,
-  wiped_at INTEGER
+  wiped_at INTEGER,
+  -- when the revoked device said it erased its keys and cache (POST /v1/device/revoke/ack)
+  revoke_acked_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS images (
   id TEXT PRIMARY KEY,
@@ -142,6 +144,7 @@ function open(file: string, schema: string, readonly: boolean): DB {
 const ADDED_COLUMNS: [table: string, column: string, decl: string][] = [
   ['versions', 'lease_id', 'TEXT'],
   ['leases', 'write_gen', 'INTEGER'],
+  ['devices', 'revoke_acked_at', 'INTEGER'],
 ];
 
 function addColumns(db: DB): void {

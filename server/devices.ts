@@ -21,6 +21,7 @@ export interface DeviceRow {
   revoked_at: number | null;
   wipe_requested_at: number | null;
   wiped_at: number | null;
+  revoke_acked_at: number | null;
 }
 
 export function deviceStatus(d: DeviceRow): DeviceStatus {
@@ -90,6 +91,7 @@ export function listDevices(ctx: Ctx) {
     status: deviceStatus(d),
     enrolledAt: iso(d.enrolled_at),
     lastSeen: d.last_seen === null ? null : iso(d.last_seen),
+    revokeAckedAt: d.revoke_acked_at === null ? null : iso(d.revoke_acked_at),
     images: (images.all(d.id) as { name: string }[]).map((r) => r.name),
   }));
 }
@@ -107,20 +109,55 @@ export function revokeDevice(ctx: Ctx, id: string) {
   return { id, status: deviceStatus(mustGetDevice(ctx, id)) };
 }
 
-/** Queues a wipe: handed out at the next heartbeat, even to a revoked device. */
+/**
+ * Queues a wipe: handed out at the next heartbeat, even to a revoked device. A
+ * device that acknowledged its revocation erased what a wipe erases then, and
+ * cannot sign any more: its wipe is done at once (`erasedAt` says when it erased).
+ */
 export function wipeDevice(ctx: Ctx, id: string) {
   const d = mustGetDevice(ctx, id);
   const now = ctx.now();
+  const erasedAt = d.revoke_acked_at === null ? undefined : iso(d.revoke_acked_at);
   ctx.db.transaction(() => {
     if (d.wipe_requested_at === null && d.wiped_at === null) {
       q(ctx.db, 'UPDATE devices SET wipe_requested_at = ? WHERE id = ?').run(now, id);
       q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
-      q(ctx.db, 'INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)')
-        .run(newId('cmd'), id, 'wipe', now);
-      ctx.audit.append('device.wipe', id, {}, now);
+      if (erasedAt) q(ctx.db, 'UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, id);
+      else q(ctx.db, 'INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)').run(newId('cmd'), id, 'wipe', now);
+      ctx.audit.append('device.wipe', id, erasedAt ? { erasedAt } : {}, now);
     }
   })();
-  return { id, status: deviceStatus(mustGetDevice(ctx, id)) };
+  return { id, status: deviceStatus(mustGetDevice(ctx, id)), ...(erasedAt ? { erasedAt } : {}) };
+}
+
+/**
+ * A revoked device saying it erased its keys and cache (revocation implies a
+ * wipe on the device, docs/lease-state.md). Recorded and audited once
+ * (`revoke.ack`); a wipe still pending is done by it. Gives the device nothing.
+ */
+export function ackRevoke(ctx: Ctx, d: DeviceRow, detail?: string) {
+  if (d.revoked_at === null) throw new LetheError('CONFLICT', 'this device is not revoked: there is nothing to acknowledge');
+  const now = ctx.now();
+  if (d.revoke_acked_at === null) {
+    ctx.db.transaction(() => {
+      q(ctx.db, 'UPDATE devices SET revoke_acked_at = ?, last_seen = ? WHERE id = ?').run(now, now, d.id);
+      ctx.audit.append('revoke.ack', d.id, detail ? { detail } : {}, now);
+      if (d.wipe_requested_at !== null && d.wiped_at === null) wipeDoneByRevokeAck(ctx, d.id, now);
+    })();
+  }
+  const after = mustGetDevice(ctx, d.id);
+  return { id: d.id, status: deviceStatus(after), acknowledgedAt: iso(after.revoke_acked_at!) };
+}
+
+/** Call inside the revoke acknowledgement's transaction: its pending wipe commands count as acknowledged. */
+function wipeDoneByRevokeAck(ctx: Ctx, id: string, now: number): void {
+  const pending = q(ctx.db, "SELECT id FROM commands WHERE device_id = ? AND type = 'wipe' AND acked_at IS NULL").all(id) as { id: string }[];
+  const result = JSON.stringify({ ok: true, detail: 'erased at revocation' });
+  for (const c of pending) {
+    q(ctx.db, 'UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, result, c.id);
+    ctx.audit.append('wipe.ack', id, { command: c.id, ok: true, via: 'revoke.ack' }, now);
+  }
+  q(ctx.db, 'UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, id);
 }
 
 export function heartbeat(ctx: Ctx, d: DeviceRow) {

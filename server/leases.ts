@@ -125,11 +125,22 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
   return leaseResponse(ctx, d, lease, imageName, policy);
 }
 
-/** The device's lease if it is live; throws UNKNOWN_LEASE or LEASE_EXPIRED otherwise. */
+/**
+ * The device's lease if it is live; throws UNKNOWN_LEASE, NOT_ASSIGNED (the
+ * image was unassigned since: audited as `lease.refused`, the device ends the
+ * lease at this answer) or LEASE_EXPIRED otherwise.
+ */
 export function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & { name: string } {
   const l = q(ctx.db, 'SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?')
     .get(leaseId, d.id) as (LeaseRow & { name: string }) | undefined;
   if (!l) throw new LetheError('UNKNOWN_LEASE', `no lease '${leaseId}' for this device`);
+  if (!q(ctx.db, 'SELECT 1 FROM assignments WHERE device_id = ? AND image_id = ?').get(d.id, l.image_id)) {
+    const now = ctx.now();
+    ctx.db.transaction(() => ctx.audit.append('lease.refused', d.id, { lease: l.id, image: l.name, version: l.version, code: 'NOT_ASSIGNED' }, now))();
+    throw new LetheError('NOT_ASSIGNED', `image '${l.name}' is no longer assigned to this device: lease '${leaseId}' has ended`, {
+      hint: `drop its keys; IT assigns it again with 'lethe admin assign ${d.id} ${l.name}'`,
+    });
+  }
   if (l.ended_at !== null || l.expires_at <= ctx.now()) {
     throw new LetheError('LEASE_EXPIRED', `lease '${leaseId}' has ended`, { hint: 'ask for a new lease' });
   }

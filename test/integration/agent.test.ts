@@ -160,7 +160,9 @@ describe('agent (real agent and server processes)', function () {
     await lethe(['admin', 'revoke', d.deviceId], s.env);
     expect(await agent.exited).to.equal(3);
     expect(fs.existsSync(path.join(d.home, 'cache.db'))).to.equal(false);
-    expect(agent.log()).to.contain('refused by the server: this device has been revoked; keys zeroed, cache deleted');
+    expect(fs.readdirSync(d.home).sort(), 'revocation implies a wipe on the device').to.deep.equal(['device.json', 'revoked.json', 'server-cert.pem']);
+    expect(agent.log()).to.contain('refused by the server: this device has been revoked; keys zeroed, stopping the VM, deleting the cache and device keys');
+    expect(agent.log()).to.contain('revocation acknowledged to the server');
     d.close();
   });
 

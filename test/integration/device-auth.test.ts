@@ -86,9 +86,16 @@ describe('device authentication (real server process)', function () {
       expect(e.status, what).to.equal(403);
       expect(e.code, what).to.equal('DEVICE_REVOKED');
     }
+    // Revocation implies a wipe on the device: 'lethe heartbeat' erases its keys, acknowledges, and says so.
     const hb = await lethe(['heartbeat', '--home', d.home]);
     expect(hb.code).to.equal(3);
-    expect(hb.stderr).to.equal('lethe: error: this device is revoked: the server refuses its requests\nlethe: hint: contact IT\n');
+    expect(hb.stderr).to.match(
+      new RegExp(
+        `^lethe: error: device ${d.deviceId} was revoked by IT \\(\\S+\\); its keys and cache are deleted\n` +
+          `lethe: hint: this machine must be enrolled again: ask IT for a new token, then 'lethe enroll TOKEN --home ${d.home}'\n$`,
+      ),
+    );
+    expect(fs.readdirSync(d.home).sort()).to.deep.equal(['device.json', 'revoked.json', 'server-cert.pem']);
     d.close();
   });
 

@@ -177,7 +177,7 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
     }
   });
 
-  it('an ended lease releases nothing', async () => {
+  it('a lease of an unassigned image releases nothing: every call on it is NOT_ASSIGNED, audited', async () => {
     const d = await enrolledDevice(s, 'carol');
     await assign(s, d.deviceId, 'desk');
     const lease = await d.client.lease('desk');
@@ -187,8 +187,22 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
     const a = admin(s);
     await a.json('DELETE', `/devices/${d.deviceId}/assignments/desk`);
     a.close();
-    expect((await rejects(d.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]))).code).to.equal('LEASE_EXPIRED');
-    expect((await rejects(d.client.renew(lease.leaseId))).code).to.equal('LEASE_EXPIRED');
+    const calls: [string, () => Promise<unknown>][] = [
+      ['keys', () => d.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }])],
+      ['chunks', () => d.client.chunks(lease.leaseId, [{ kind: 'mem', index: 0 }])],
+      ['renew', () => d.client.renew(lease.leaseId)],
+      ['manifest', () => d.client.manifest(lease.leaseId)],
+    ];
+    for (const [what, call] of calls) {
+      const e = await rejects(call());
+      expect({ what, status: e.status, code: e.code }).to.deep.equal({ what, status: 403, code: 'NOT_ASSIGNED' });
+    }
+    const b = admin(s);
+    const rep = await b.json<{ entries: { type: string; data: unknown }[] }>('GET', `/audit/devices/${d.deviceId}`);
+    b.close();
+    const types = rep.entries.map((e) => e.type);
+    expect(types.slice(types.indexOf('unassign'))).to.deep.equal(['unassign', 'lease.refused', 'lease.refused', 'lease.refused', 'lease.refused']);
+    expect(rep.entries.at(-1)!.data).to.deep.equal({ lease: lease.leaseId, image: 'desk', version: lease.version, code: 'NOT_ASSIGNED' });
     d.close();
   });
 });
