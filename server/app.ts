@@ -8,7 +8,7 @@ import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, type AuthedRequest } from './auth.js';
-import { deviceReport, verifyChain } from './audit.js';
+import { deviceReport, verifyAudit, type Checkpoint } from './audit.js';
 import type { Ctx } from './context.js';
 import { ackCommand, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
@@ -65,6 +65,24 @@ function intParam(req: Request, name: string): number {
   const v = param(req, name);
   if (!/^\d{1,12}$/.test(v)) throw new LetheError('BAD_REQUEST', `${name} must be a non-negative integer, got '${v}'`);
   return Number(v);
+}
+
+/** `?key=` (a pinned audit key, base64url) and `?seq=&hash=&signature=` (an anchor) of an audit verify. */
+function verifyQuery(req: Request): { pinnedKey?: Buffer; anchor?: Checkpoint } {
+  const str = (name: string) => (typeof req.query[name] === 'string' ? (req.query[name] as string) : undefined);
+  const key = str('key');
+  if (key !== undefined && (!/^[A-Za-z0-9_-]+$/.test(key) || Buffer.from(key, 'base64url').length !== 32)) {
+    throw new LetheError('BAD_REQUEST', `key: not a 32-byte base64url key: '${key.slice(0, 64)}'`);
+  }
+  const out: { pinnedKey?: Buffer; anchor?: Checkpoint } = key === undefined ? {} : { pinnedKey: Buffer.from(key, 'base64url') };
+  if (str('seq') === undefined) return out;
+  const seq = str('seq')!;
+  const r = wire.SignedCheckpoint.safeParse({ seq: /^\d{1,15}$/.test(seq) ? Number(seq) : seq, hash: str('hash'), signature: str('signature') });
+  if (!r.success) {
+    const i = r.error.issues[0];
+    throw new LetheError('BAD_REQUEST', `anchor ${i.path.join('.')}: ${i.message}`);
+  }
+  return { ...out, anchor: r.data };
 }
 
 /** Frames a batch of chunks: for each, u32be length ‖ blob. Order is the request's. */
@@ -232,8 +250,13 @@ export function buildApp(ctx: Ctx): express.Express {
     const img = getImage(ctx, param(req, 'name'));
     res.json(manifest(ctx, img, getVersion(ctx, img, intParam(req, 'version'))));
   });
-  a.get('/audit/verify', (_req, res) => {
-    res.json(verifyChain(ctx.db, ctx.data.signPublicKey));
+  a.get('/audit/verify', (req, res) => {
+    res.json(verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey, ...verifyQuery(req) }));
+  });
+  a.get('/audit/checkpoint', (_req, res) => {
+    const cp = ctx.audit.latestCheckpoint();
+    if (!cp) throw new LetheError('NOT_FOUND', 'the audit log has no signed checkpoint yet');
+    res.json(cp);
   });
   a.get('/audit/devices/:id', (req, res) => {
     const id = param(req, 'id');

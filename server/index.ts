@@ -10,6 +10,7 @@ import { openChunkStore, openDatabase } from './db.js';
 import { Escrow } from './escrow.js';
 import { Metrics } from './metrics.js';
 import { pruneNonces } from './auth.js';
+import { LetheError } from '../common/errors.js';
 
 export { initDataDir, isInitialized } from './datadir.js';
 
@@ -19,8 +20,16 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
-export async function startServer(dir: string, opts: { listen?: string } = {}): Promise<RunningServer> {
-  const data = loadDataDir(dir);
+export interface ServerOptions {
+  listen?: string;
+  /** The audit signing key's file, when it is kept apart from the data dir. */
+  signingKeyFile?: string;
+  /** Sign an unsigned audit head instead of refusing to start (after an operator checked the log). */
+  signHead?: boolean;
+}
+
+export async function startServer(dir: string, opts: ServerOptions = {}): Promise<RunningServer> {
+  const data = loadDataDir(dir, { signingKeyFile: opts.signingKeyFile });
   const f = files(dir);
   const db = openDatabase(f.db);
   const store = openChunkStore(f.chunks);
@@ -37,6 +46,7 @@ export async function startServer(dir: string, opts: { listen?: string } = {}): 
   if ((db.prepare('SELECT COUNT(*) AS n FROM audit').get() as { n: number }).n === 0) {
     db.transaction(() => ctx.audit.append('server.init', null, { fingerprint: data.fingerprint }))();
   }
+  checkAuditHead(ctx, dir, opts.signHead ?? false);
   const { host, port } = parseListen(opts.listen ?? data.config.listen);
   const server = https.createServer({ key: data.tlsKey, cert: data.tlsCert, keepAliveTimeout: 30_000 }, buildApp(ctx));
   server.headersTimeout = 20_000;
@@ -60,15 +70,32 @@ export async function startServer(dir: string, opts: { listen?: string } = {}): 
       clearInterval(pruner);
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
-      try {
-        db.transaction(() => ctx.audit.checkpointHead())();
-      } finally {
-        db.close();
-        store.close();
-        ctx.escrow.close();
-      }
+      db.close();
+      store.close();
+      ctx.escrow.close();
     },
   };
+}
+
+/**
+ * Every append signs the head in its own transaction, so an unsigned head means the
+ * log was changed outside the server: refuse to serve (and so to sign over it)
+ * until an operator has checked the log and says so (`--sign-head`).
+ */
+function checkAuditHead(ctx: Ctx, dir: string, signHead: boolean): void {
+  const problem = ctx.audit.checkHead();
+  if (!problem) return;
+  if (!signHead) {
+    ctx.db.close();
+    ctx.store.close();
+    ctx.escrow.close();
+    throw new LetheError('AUDIT_UNAVAILABLE', `${problem}: entries were cut or added outside the server`, {
+      hint: `check the log with 'lethe audit verify --data ${dir} --against CHECKPOINT' (an exported or device-held checkpoint); if it is as it should be, start once with --sign-head`,
+      status: 0,
+    });
+  }
+  ctx.db.transaction(() => ctx.audit.signCurrentHead())();
+  process.stderr.write(`lethe server: warning: ${problem}; signed it as it stands (--sign-head)\n`);
 }
 
 export const startedLine = (s: RunningServer) =>
