@@ -9,7 +9,7 @@ import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyAudit, type Checkpoint } from './audit.js';
-import type { Ctx } from './context.js';
+import { actingAs, type Ctx } from './context.js';
 import { ackCommand, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
   chunkHashes,
@@ -108,6 +108,8 @@ export function buildApp(ctx: Ctx): express.Express {
   const device = deviceAuth(ctx);
   const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true });
   const dev = (req: AuthedRequest) => req.device!;
+  /** The context for an admin request that changes something: its audit entries name the actor. */
+  const acting = (req: AuthedRequest) => actingAs(ctx, req.actor!);
 
   app.use((req, res, next) => {
     const t0 = process.hrtime.bigint();
@@ -184,7 +186,7 @@ export function buildApp(ctx: Ctx): express.Express {
   const a = express.Router();
   a.use(admin);
   a.post('/enroll-tokens', rawJson, (req, res) => {
-    res.status(201).json(mintEnrollToken(ctx, json(wire.EnrollTokenRequest, req).ttlSeconds));
+    res.status(201).json(mintEnrollToken(acting(req), json(wire.EnrollTokenRequest, req).ttlSeconds));
   });
   a.get('/devices', (_req, res) => {
     res.json({ devices: listDevices(ctx) });
@@ -194,57 +196,57 @@ export function buildApp(ctx: Ctx): express.Express {
     res.json(listDevices(ctx).find((d) => d.id === id));
   });
   a.post('/devices/:id/revoke', rawJson, (req, res) => {
-    res.json(revokeDevice(ctx, param(req, 'id')));
+    res.json(revokeDevice(acting(req), param(req, 'id')));
   });
   a.post('/devices/:id/wipe', rawJson, (req, res) => {
-    res.json(wipeDevice(ctx, param(req, 'id')));
+    res.json(wipeDevice(acting(req), param(req, 'id')));
   });
   a.post('/devices/:id/assignments', rawJson, (req, res) => {
-    res.status(201).json(assign(ctx, param(req, 'id'), json(wire.AssignRequest, req).image));
+    res.status(201).json(assign(acting(req), param(req, 'id'), json(wire.AssignRequest, req).image));
   });
   a.delete('/devices/:id/assignments/:image', (req, res) => {
-    res.json(unassign(ctx, param(req, 'id'), param(req, 'image')));
+    res.json(unassign(acting(req), param(req, 'id'), param(req, 'image')));
   });
   a.get('/images', (_req, res) => {
     res.json({ images: listImages(ctx) });
   });
   a.post('/images', rawJson, (req, res) => {
     const b = json(wire.CreateImageRequest, req);
-    res.status(201).json(createImage(ctx, b.name, b.policy));
+    res.status(201).json(createImage(acting(req), b.name, b.policy));
   });
   a.post('/images/:name/versions', rawJson, (req, res) => {
-    res.status(201).json(createVersion(ctx, param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
+    res.status(201).json(createVersion(acting(req), param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
   });
   a.put('/images/:name/versions/:version/chunks/:kind/:index', rawChunk, (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    const r = putChunks(ctx, param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
+    const r = putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
     res.json({ stored: r.new ? 'new' : r.unchanged ? 'unchanged' : 'zero' });
   });
   a.post('/images/:name/versions/:version/chunks', rawUpload, (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.json(putChunks(ctx, param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
+    res.json(putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
   });
   a.get('/images/:name/versions/:version/hashes', (req, res) => {
     res.json(chunkHashes(ctx, param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/export', rawJson, (req, res) => {
     const b = json(wire.ChunksRequest.omit({ leaseId: true }), req);
-    res.type('application/octet-stream').send(exportChunks(ctx, param(req, 'name'), intParam(req, 'version'), b.chunks));
+    res.type('application/octet-stream').send(exportChunks(acting(req), param(req, 'name'), intParam(req, 'version'), b.chunks));
   });
   a.get('/images/:name/dedup-key', (req, res) => {
     res.json({ key: dedupKeyFor(ctx, param(req, 'name')) });
   });
   a.put('/images/:name/policy', rawJson, (req, res) => {
-    res.json(setPolicy(ctx, param(req, 'name'), json(wire.PolicyRequest, req).policy));
+    res.json(setPolicy(acting(req), param(req, 'name'), json(wire.PolicyRequest, req).policy));
   });
   a.delete('/images/:name', (req, res) => {
-    res.json(removeImage(ctx, param(req, 'name')));
+    res.json(removeImage(acting(req), param(req, 'name')));
   });
   a.delete('/images/:name/versions/:version', (req, res) => {
-    res.json(removeImage(ctx, param(req, 'name'), intParam(req, 'version')));
+    res.json(removeImage(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/commit', rawJson, (req, res) => {
-    res.json(commitVersion(ctx, param(req, 'name'), intParam(req, 'version')));
+    res.json(commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.get('/images/:name/versions/:version/manifest', (req, res) => {
     const img = getImage(ctx, param(req, 'name'));

@@ -109,6 +109,13 @@ export class AuditLog {
     }
   }
 
+  /** A view whose entries name who caused them (`data.actor`): for admin requests. */
+  by(actor: string): AuditLog {
+    const view = Object.create(this) as AuditLog;
+    view.append = (type, device, data, now) => this.append(type, device, { ...data, actor }, now);
+    return view;
+  }
+
   /**
    * Signs `head` and drops the previous head's checkpoint unless it falls on an
    * interval: the table keeps one every AUDIT_CHECKPOINT_EVERY entries and one at the head.

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../../common/constants.js';
 import { checkpointMessage, checkpointSigned, entryHash } from '../../common/audit-hash.js';
-import { b64u, sign, signKeyPair } from '../../common/crypto.js';
+import { b64u, sha256, sign, signKeyPair } from '../../common/crypto.js';
 import { keepCheckpoint, readCheckpoint } from '../../agent/anchor.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
@@ -258,5 +258,17 @@ describe('audit checkpoints, pinned key and anchors (issue #14)', function () {
       expect(r.body).to.include({ ok: false, firstBad: seq, reason: `entry ${seq} differs from the anchored checkpoint (the log was rewritten up to it)` });
     }
   });
-});
 
+  it("an admin's revoke names its actor in the audit entry", async () => {
+    const db = liveDb();
+    const rows = db.prepare("SELECT type, data FROM audit WHERE device = ? AND type IN ('device.revoke', 'device.wipe', 'assign') ORDER BY seq").all(victim.deviceId) as { type: string; data: string }[];
+    const tokenEntry = db.prepare("SELECT data FROM audit WHERE type = 'enroll.token' LIMIT 1").get() as { data: string };
+    const keys = db.prepare("SELECT data FROM audit WHERE type = 'keys.release' LIMIT 1").get() as { data: string };
+    db.close();
+    const actor = `token:${sha256(s.adminToken).toString('hex').slice(0, 8)}`;
+    expect(rows.map((r) => r.type)).to.deep.equal(['assign', 'device.revoke', 'device.wipe']);
+    for (const r of rows) expect(JSON.parse(r.data)).to.include({ actor });
+    expect(JSON.parse(tokenEntry.data)).to.include({ actor });
+    expect(JSON.parse(keys.data)).to.not.have.property('actor');
+  });
+});
