@@ -272,3 +272,51 @@ describe('audit checkpoints, pinned key and anchors (issue #14)', function () {
     expect(JSON.parse(keys.data)).to.not.have.property('actor');
   });
 });
+
+describe('the audit signing key kept apart, and an unsigned head at startup (issue #14)', function () {
+  this.timeout(180_000);
+  let s: ServerProc;
+  let keyFile: string;
+  before(async () => {
+    keyFile = path.join(tmpDir('lethe-signing-'), 'audit-signing.key');
+    s = await startServer({ initArgs: ['--signing-key', keyFile], runArgs: ['--signing-key', keyFile] });
+  });
+  after(async () => {
+    await s?.stop();
+  });
+
+  const run = (extra: string[]) => lethe(['server', 'run', '--data', s.dir, '--listen', '127.0.0.1:0', ...extra]);
+
+  it('init writes the key to --signing-key, not the data dir; run needs that file and refuses another key', async () => {
+    expect(fs.existsSync(path.join(s.dir, 'signing.key'))).to.equal(false);
+    expect(fs.statSync(keyFile).mode & 0o777).to.equal(0o600);
+    expect(b64u.encode(fs.readFileSync(keyFile).subarray(32))).to.equal(s.auditKey);
+    const v = await lethe(['audit', 'verify', '--json'], s.env);
+    expect(JSON.parse(v.stdout)).to.include({ ok: true, key: 'pinned' });
+    await s.stop();
+    const without = await run([]);
+    expect(without.code).to.equal(2);
+    expect(without.stderr).to.contain(`lethe: error: no audit signing key at '${path.join(s.dir, 'signing.key')}'\n`);
+    const other = path.join(path.dirname(keyFile), 'other.key');
+    fs.writeFileSync(other, signKeyPair().secretKey, { mode: 0o600 });
+    const wrong = await run(['--signing-key', other]);
+    expect(wrong.code).to.equal(2);
+    expect(wrong.stderr).to.contain(`lethe: error: the signing key in '${other}' is not this data dir's (its audit key is ${s.auditKey})\n`);
+    s = await s.restart();
+  });
+
+  it('a server whose head is unsigned refuses to start until --sign-head', async () => {
+    await s.stop();
+    const db = new Database(path.join(s.dir, 'lethe.db'));
+    const head = db.prepare('SELECT seq FROM audit ORDER BY seq DESC LIMIT 1').get() as { seq: number };
+    db.prepare('DELETE FROM checkpoints WHERE seq = ?').run(head.seq);
+    db.close();
+    const refused = await run(['--signing-key', keyFile]);
+    expect(refused.code).to.equal(1);
+    expect(refused.stderr).to.contain(`lethe: error: the head (entry ${head.seq}) is not signed: entries were cut or added outside the server\n`);
+    s = await s.restart(['--signing-key', keyFile, '--sign-head']);
+    expect(s.stderr()).to.contain(`lethe server: warning: the head (entry ${head.seq}) is not signed; signed it as it stands (--sign-head)\n`);
+    const v = await lethe(['audit', 'verify', '--json'], s.env);
+    expect(JSON.parse(v.stdout)).to.include({ ok: true });
+  });
+});
