@@ -9,8 +9,8 @@ import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../../common/constan
 import { checkpointMessage, checkpointSigned, entryHash } from '../../common/audit-hash.js';
 import { b64u, sha256, sign, signKeyPair } from '../../common/crypto.js';
 import { keepCheckpoint, readCheckpoint } from '../../agent/anchor.js';
-import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { agentInProcess, assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
 
 interface Verified {
   ok: boolean;
@@ -318,5 +318,16 @@ describe('the audit signing key kept apart, and an unsigned head at startup (iss
     expect(s.stderr()).to.contain(`lethe server: warning: the head (entry ${head.seq}) is not signed; signed it as it stands (--sign-head)\n`);
     const v = await lethe(['audit', 'verify', '--json'], s.env);
     expect(JSON.parse(v.stdout)).to.include({ ok: true });
+  });
+
+  it("the agent keeps its heartbeat's checkpoint in its home", async () => {
+    const { agent, home } = await agentInProcess(s, 'anchored-agent', { chunks: 1 });
+    try {
+      const cp = await waitFor(async () => readCheckpoint(home), 10_000, 'checkpoint.json in the device home');
+      expect(checkpointSigned(b64u.decode(s.auditKey), cp)).to.equal(true);
+    } finally {
+      agent.stop();
+      await agent.done;
+    }
   });
 });
