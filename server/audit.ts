@@ -189,7 +189,7 @@ export function verifyAudit(db: DB, opts: { serverKey: Uint8Array; pinnedKey?: U
 }
 
 /** Walks the chain from the genesis; names the first entry or checkpoint that does not hold. */
-export function verifyChain(db: DB, signPublicKey: Uint8Array, anchor?: Checkpoint): Omit<VerifyResult, 'key'> {
+function verifyChain(db: DB, signPublicKey: Uint8Array, anchor?: Checkpoint): Omit<VerifyResult, 'key'> {
   let prev = AUDIT_GENESIS_HASH;
   let expectSeq = 1;
   let entries = 0;
