@@ -20,6 +20,7 @@ import { LetheError } from '../common/errors.js';
 import type { TLeaseResponse } from '../common/wire.js';
 import type { DeviceClient, Refusal } from './device-client.js';
 import { isTransient } from './fetcher.js';
+import { keepCheckpoint } from './anchor.js';
 import type { Identity } from './identity.js';
 import type { KeyRing } from './keyring.js';
 
@@ -299,6 +300,8 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     if (this.final()) return;
     try {
       const hb = await this.client.heartbeat({ lease: this.state });
+      const anchorProblem = hb.checkpoint && keepCheckpoint(this.id.home, this.id.info.serverSignPublicKey, hb.checkpoint);
+      if (anchorProblem) this.emit('log', `audit: ${anchorProblem}`);
       const wipeCmd = hb.commands.find((c) => c.type === 'wipe');
       if (wipeCmd && !this.final()) {
         this.stopTimers();

@@ -365,7 +365,7 @@ async function main(): Promise<void> {
   progress(opts, 'starting a server process');
   // The server's capacity is what is measured: its rate limits (one device or one
   // address past a few hundred requests a second) would cut the closed loops short.
-  const s = await startServer({ args: ['--rate-enroll', 'off', '--rate-device', 'off', '--rate-device-address', 'off'] });
+  const s = await startServer({ runArgs: ['--rate-enroll', 'off', '--rate-device', 'off', '--rate-device-address', 'off'] });
   const devs: Device[] = [];
   // A signal to the bench alone would orphan the server.
   const onSignal = (sig: NodeJS.Signals) => {

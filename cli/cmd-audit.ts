@@ -1,28 +1,85 @@
-// lethe audit verify | device | host
+// lethe audit verify | checkpoint | device | host
+import fs from 'node:fs';
 import type { Argv } from 'yargs';
+import { checkpointSigned } from '../common/audit-hash.js';
 import { parseSince } from '../common/duration.js';
-import { verifyChain, deviceReport, type VerifyResult } from '../server/audit.js';
-import { files, loadDataDir } from '../server/datadir.js';
+import { LetheError } from '../common/errors.js';
+import { writeFileAtomic } from '../common/fsutil.js';
+import { SignedCheckpoint } from '../common/wire.js';
+import { deviceReport, latestCheckpoint, verifyAudit, type Checkpoint, type VerifyResult } from '../server/audit.js';
+import { dataDirAuditKey, files } from '../server/datadir.js';
 import { openDatabase } from '../server/db.js';
-import { wipe } from '../common/crypto.js';
 import { adminOpts } from './cmd-admin.js';
 import { adminClient, type AdminArgs } from './admin-client.js';
 import { auditHost, type HostAudit } from '../agent/host-audit.js';
 import { emit, type OutOpts } from './output.js';
 
-type A = AdminArgs & OutOpts & { data?: string };
+type A = AdminArgs & OutOpts & { data?: string; auditKey?: string };
 
-/** With --data, reads the server's database directly (works while the server is down). */
-function offline<T>(dir: string, fn: (db: ReturnType<typeof openDatabase>, pk: Buffer) => T): T {
-  const d = loadDataDir(dir);
-  wipe(d.masterKey, d.signingKey);
+/**
+ * With --data, reads the server's database directly (works while the server is down,
+ * and needs no secret): `serverKey` is the audit key the data dir names.
+ */
+function offline<T>(dir: string, fn: (db: ReturnType<typeof openDatabase>, serverKey: Buffer) => T): T {
+  const serverKey = dataDirAuditKey(dir);
   const db = openDatabase(files(dir).db, { readonly: true });
   try {
-    return fn(db, d.signPublicKey);
+    return fn(db, serverKey);
   } finally {
     db.close();
   }
 }
+
+/** The audit key the auditor pinned (--audit-key, $LETHE_AUDIT_KEY), if any. */
+function pinnedKey(a: A): Buffer | undefined {
+  if (!a.auditKey) return undefined;
+  const key = Buffer.from(a.auditKey, 'base64url');
+  if (!/^[A-Za-z0-9_-]+$/.test(a.auditKey) || key.length !== 32) {
+    throw new LetheError('CONFIG', `bad audit key: '${a.auditKey}'`, {
+      hint: "use the audit key 'lethe server init' printed (43 base64url characters)",
+    });
+  }
+  return key;
+}
+
+/** An exported checkpoint, or a device's checkpoint.json. */
+function readAnchor(file: string): Checkpoint {
+  let value: unknown;
+  try {
+    value = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (cause) {
+    throw new LetheError('BAD_REQUEST', `cannot read checkpoint '${file}'`, { cause });
+  }
+  const r = SignedCheckpoint.safeParse(value);
+  if (!r.success) {
+    const i = r.error.issues[0];
+    throw new LetheError('BAD_REQUEST', `'${file}' is not an audit checkpoint: ${i.path.join('.') || 'body'}: ${i.message}`, {
+      hint: "use a file from 'lethe audit checkpoint --export' or a device's checkpoint.json",
+    });
+  }
+  return r.data;
+}
+
+function verifyPath(key?: Buffer, anchor?: Checkpoint): string {
+  const q = new URLSearchParams();
+  if (key) q.set('key', key.toString('base64url'));
+  if (anchor) for (const [k, v] of Object.entries(anchor)) q.set(k, String(v));
+  const s = q.toString();
+  return `/audit/verify${s ? `?${s}` : ''}`;
+}
+
+function verifyText(r: VerifyResult): string {
+  if (!r.ok) {
+    return r.firstBad === null
+      ? `audit log NOT VERIFIED: ${r.reason}`
+      : `audit log BROKEN at entry ${r.firstBad}: ${r.reason} (${r.entries} entries verified before it)`;
+  }
+  const anchored = r.anchor === undefined ? '' : `; entry ${r.anchor} matches the anchored checkpoint`;
+  return `audit log intact: ${r.entries} entries, ${r.checkpoints} signed checkpoint(s)${anchored}`;
+}
+
+const UNPINNED =
+  "lethe: warning: no pinned audit key (--audit-key, $LETHE_AUDIT_KEY): the signatures were checked with the server's own key, which whoever holds its data dir can replace\n";
 
 async function online<T>(a: A, path: string): Promise<T> {
   const c = adminClient(a);
@@ -62,18 +119,53 @@ export function auditCommand(y: Argv) {
   return y.command('audit', "audit the server's log (chain integrity, what a device was given) and this host's leak paths", (y) =>
     adminOpts(y)
       .option('data', { type: 'string', describe: "read the server's data dir directly instead of asking the server" })
-      .command('verify', 'check the hash chain and signed checkpoints end to end', {}, async (a) => {
-        const args = a as A;
-        const r = args.data
-          ? offline(args.data, (db, pk) => verifyChain(db, pk))
-          : await online<VerifyResult>(args, '/audit/verify');
-        emit(args, r, () =>
-          r.ok
-            ? `audit log intact: ${r.entries} entries, ${r.checkpoints} signed checkpoint(s)`
-            : `audit log BROKEN at entry ${r.firstBad}: ${r.reason} (${r.entries} entries verified before it)`,
-        );
-        if (!r.ok) process.exitCode = 1;
+      .option('audit-key', {
+        type: 'string',
+        describe: "the audit key 'lethe server init' printed, pinned outside the server ($LETHE_AUDIT_KEY)",
+        default: process.env.LETHE_AUDIT_KEY || undefined,
       })
+      .command(
+        'verify',
+        'check the hash chain and the signed checkpoints (every interval and the head) end to end',
+        (y) => y.option('against', { type: 'string', describe: "a checkpoint the log must still hold: an export, or a device's checkpoint.json" }),
+        async (a) => {
+          const args = a as A & { against?: string };
+          const key = pinnedKey(args);
+          const anchor = args.against === undefined ? undefined : readAnchor(args.against);
+          const r = args.data
+            ? offline(args.data, (db, serverKey) => verifyAudit(db, { serverKey, pinnedKey: key, anchor }))
+            : await online<VerifyResult>(args, verifyPath(key, anchor));
+          if (!key) process.stderr.write(UNPINNED);
+          emit(args, r, () => verifyText(r));
+          if (!r.ok) process.exitCode = 1;
+        },
+      )
+      .command(
+        'checkpoint',
+        "show the log's signed head; --export writes it as an anchor for 'verify --against'",
+        (y) =>
+          y
+            .option('export', { type: 'boolean', default: false, describe: 'write the checkpoint as JSON (to stdout, or --out)' })
+            .option('out', { type: 'string', describe: 'file to export to' }),
+        async (a) => {
+          const args = a as A & { export: boolean; out?: string };
+          const key = pinnedKey(args);
+          const cp = args.data
+            ? offline(args.data, (db) => latestCheckpoint(db))
+            : await online<Checkpoint>(args, '/audit/checkpoint');
+          if (!cp) throw new LetheError('NOT_FOUND', 'the audit log has no signed checkpoint yet');
+          if (key && !checkpointSigned(key, cp)) {
+            throw new LetheError('TAMPERED', `the audit head (entry ${cp.seq}) is not signed by the pinned audit key`, {
+              hint: "check the key with the one 'lethe server init' printed; run 'lethe audit verify'",
+            });
+          }
+          if (!key) process.stderr.write(UNPINNED);
+          const text = JSON.stringify({ seq: cp.seq, hash: cp.hash, signature: cp.signature }) + '\n';
+          if (args.export && args.out) writeFileAtomic(args.out, text, 0o644);
+          else if (args.export) process.stdout.write(text);
+          else emit(args, cp, () => `signed head: entry ${cp.seq} ${cp.hash}`);
+        },
+      )
       .command(
         'device <device>',
         'list what a device was given (leases, keys, chunks) after a time',

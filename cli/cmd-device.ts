@@ -5,6 +5,7 @@ import { LetheError } from '../common/errors.js';
 import { DeviceClient } from '../agent/device-client.js';
 import { closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity } from '../agent/identity.js';
 import { acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe } from '../agent/wipe.js';
+import { keepCheckpoint } from '../agent/anchor.js';
 import { emit, type OutOpts } from './output.js';
 
 interface HomeArgs extends OutOpts {
@@ -24,6 +25,8 @@ async function heartbeat(a: HomeArgs): Promise<void> {
       return finishWipe(a, id.info.deviceId, pending, r.acked);
     }
     const hb = await client.heartbeat().catch((e: unknown) => eraseOnRefusal(a.home, id, client, e));
+    const anchorProblem = hb.checkpoint && keepCheckpoint(a.home, id.info.serverSignPublicKey, hb.checkpoint);
+    if (anchorProblem) process.stderr.write(`lethe: warning: ${anchorProblem}\n`);
     const wipe = hb.commands.find((c) => c.type === 'wipe');
     if (wipe) {
       const r = await performWipe(id, client, wipe.id);

@@ -22,6 +22,8 @@ interface ServerArgs extends OutOpts {
   'headers-timeout': string;
   'request-timeout': string;
   'keep-alive-timeout': string;
+  signingKey?: string;
+  signHead?: boolean;
 }
 
 const showRate = (r: Rate | null) => (r ? `${r.count}/${r.perMs === 1000 ? 's' : r.perMs === 60_000 ? 'min' : 'h'}` : 'off');
@@ -79,26 +81,40 @@ function metricsToken(a: ServerArgs): string | undefined {
 const dataOpts = <T>(y: Argv<T>) =>
   y
     .option('data', { type: 'string', describe: 'server data directory ($LETHE_DATA)', default: defaultDataDir() })
-    .option('listen', { type: 'string', describe: 'HOST:PORT to serve on (default 127.0.0.1:7443)' });
+    .option('listen', { type: 'string', describe: 'HOST:PORT to serve on (default 127.0.0.1:7443)' })
+    .option('signing-key', {
+      type: 'string',
+      describe: 'the audit signing key, kept apart from the data dir ($LETHE_SIGNING_KEY_FILE; default DATA/signing.key)',
+      default: process.env.LETHE_SIGNING_KEY_FILE || undefined,
+    });
 
 async function init(a: ServerArgs): Promise<void> {
-  const r = await initDataDir(a.data, a.listen);
+  const r = await initDataDir(a.data, a.listen, a.signingKey);
   emit(a, r, () =>
     [
       `lethe: initialized server data in ${a.data}`,
       `url          ${r.url}`,
       `fingerprint  ${r.fingerprint}`,
       `admin token  ${r.adminToken}`,
+      `audit key    ${r.auditKey}`,
       '',
       'The admin token is shown only this once. For admin commands:',
       `  export LETHE_SERVER=${r.url} LETHE_PIN=${r.fingerprint} LETHE_ADMIN_TOKEN=${r.adminToken}`,
+      'Keep the audit key outside this server (auditors pin it to verify the log):',
+      `  export LETHE_AUDIT_KEY=${r.auditKey}`,
     ].join('\n'),
   );
 }
 
-/** Serves until SIGINT or SIGTERM, then closes cleanly (a final signed audit checkpoint). */
+/** Serves until SIGINT or SIGTERM, then closes cleanly. */
 async function run(a: ServerArgs): Promise<void> {
-  const s: RunningServer = await startServer(a.data, { listen: a.listen, limits: limitsFrom(a), metricsToken: metricsToken(a) });
+  const s: RunningServer = await startServer(a.data, {
+    listen: a.listen,
+    limits: limitsFrom(a),
+    metricsToken: metricsToken(a),
+    signingKeyFile: a.signingKey,
+    signHead: a.signHead,
+  });
   emit(a, { url: s.url, fingerprint: s.fingerprint, event: 'listening' }, () => startedLine(s));
   await new Promise<void>((resolve) => {
     const stop = () => {
@@ -121,7 +137,17 @@ export function serverCommand(y: Argv) {
         .command('init', 'create a data dir: database, chunk store, keys, TLS certificate, admin token', dataOpts, (a) =>
           init(a as unknown as ServerArgs),
         )
-        .command('run', 'serve HTTPS from an initialized data dir', runOpts, (a) => run(a as unknown as ServerArgs)),
+        .command(
+          'run',
+          'serve HTTPS from an initialized data dir',
+          (y) =>
+            runOpts(y).option('sign-head', {
+              type: 'boolean',
+              default: false,
+              describe: 'sign an unsigned audit head as it stands instead of refusing to start (check the log first)',
+            }),
+          (a) => run(a as unknown as ServerArgs),
+        ),
     async (a) => {
       const args = a as unknown as ServerArgs;
       if (!isInitialized(args.data)) await init(args);

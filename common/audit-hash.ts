@@ -2,7 +2,7 @@
 //   hash(n) = SHA-256(bytes(hash(n-1)) ‖ canonical(entry n))
 // canonical() is JSON with object keys sorted, no whitespace.
 import { AUDIT_GENESIS_HASH, CHECKPOINT_CONTEXT } from './constants.js';
-import { sha256 } from './crypto.js';
+import { b64u, sha256, verify } from './crypto.js';
 
 export interface AuditEntry {
   seq: number;
@@ -31,6 +31,11 @@ export function entryHash(prevHash: string, e: AuditEntry): string {
 
 export function checkpointMessage(seq: number, hash: string): Buffer {
   return Buffer.from(`${CHECKPOINT_CONTEXT}\n${seq}\n${hash}`, 'utf8');
+}
+
+/** Whether `signature` (base64url) signs the checkpoint (seq, hash) under `publicKey`. */
+export function checkpointSigned(publicKey: Uint8Array, cp: { seq: number; hash: string; signature: string }): boolean {
+  return verify(publicKey, checkpointMessage(cp.seq, cp.hash), b64u.decode(cp.signature));
 }
 
 export { AUDIT_GENESIS_HASH };

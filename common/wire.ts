@@ -29,7 +29,20 @@ export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicK
 
 export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });
 export const Command = z.object({ id: z.string(), type: z.enum(['wipe']), issuedAt: z.string() });
-export const HeartbeatResponse = z.object({ serverTime: z.string(), status: z.string(), commands: z.array(Command) });
+/** A signed audit head (docs/audit-log.md): what devices and exports anchor. */
+export const SignedCheckpoint = z.object({
+  seq: z.number().int().positive(),
+  hash: z.string().regex(/^[0-9a-f]{64}$/, 'must be 64 lowercase hex digits'),
+  signature: b64url(64),
+});
+export type TSignedCheckpoint = z.infer<typeof SignedCheckpoint>;
+export const HeartbeatResponse = z.object({
+  serverTime: z.string(),
+  status: z.string(),
+  commands: z.array(Command),
+  /** The newest signed audit head; absent from a server that predates it. */
+  checkpoint: SignedCheckpoint.optional(),
+});
 
 export const AckRequest = z.strictObject({ ok: z.boolean(), detail: z.string().max(1024).optional() });
 /** A revoked device saying it erased its keys and cache (docs/escrow-protocol.md, "Device status"). */

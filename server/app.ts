@@ -9,8 +9,8 @@ import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, deviceHeaderCheck, type AuthedRequest } from './auth.js';
-import { deviceReport, verifyChain } from './audit.js';
-import type { Ctx } from './context.js';
+import { deviceReport, verifyAudit, type Checkpoint } from './audit.js';
+import { actingAs, type Ctx } from './context.js';
 import { ackCommand, ackRevoke, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
   chunkHashes,
@@ -69,6 +69,24 @@ function intParam(req: Request, name: string): number {
   return Number(v);
 }
 
+/** `?key=` (a pinned audit key, base64url) and `?seq=&hash=&signature=` (an anchor) of an audit verify. */
+function verifyQuery(req: Request): { pinnedKey?: Buffer; anchor?: Checkpoint } {
+  const str = (name: string) => (typeof req.query[name] === 'string' ? (req.query[name] as string) : undefined);
+  const key = str('key');
+  if (key !== undefined && (!/^[A-Za-z0-9_-]+$/.test(key) || Buffer.from(key, 'base64url').length !== 32)) {
+    throw new LetheError('BAD_REQUEST', `key: not a 32-byte base64url key: '${key.slice(0, 64)}'`);
+  }
+  const out: { pinnedKey?: Buffer; anchor?: Checkpoint } = key === undefined ? {} : { pinnedKey: Buffer.from(key, 'base64url') };
+  if (str('seq') === undefined) return out;
+  const seq = str('seq')!;
+  const r = wire.SignedCheckpoint.safeParse({ seq: /^\d{1,15}$/.test(seq) ? Number(seq) : seq, hash: str('hash'), signature: str('signature') });
+  if (!r.success) {
+    const i = r.error.issues[0];
+    throw new LetheError('BAD_REQUEST', `anchor ${i.path.join('.')}: ${i.message}`);
+  }
+  return { ...out, anchor: r.data };
+}
+
 /** Frames a batch of chunks: for each, u32be length ‖ blob. Order is the request's. */
 function frames(blobs: Buffer[]): Buffer {
   const parts: Buffer[] = [];
@@ -118,6 +136,8 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
     next();
   };
   const dev = (req: AuthedRequest) => req.device!;
+  /** The context for an admin request that changes something: its audit entries name the actor. */
+  const acting = (req: AuthedRequest) => actingAs(ctx, req.actor!);
 
   app.use((req, res, next) => {
     const t0 = process.hrtime.bigint();
@@ -200,7 +220,7 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   const a = express.Router();
   a.use(authFailureGuard, admin);
   a.post('/enroll-tokens', rawJson, (req, res) => {
-    res.status(201).json(mintEnrollToken(ctx, json(wire.EnrollTokenRequest, req).ttlSeconds));
+    res.status(201).json(mintEnrollToken(acting(req), json(wire.EnrollTokenRequest, req).ttlSeconds));
   });
   a.get('/devices', (_req, res) => {
     res.json({ devices: listDevices(ctx) });
@@ -210,64 +230,69 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
     res.json(listDevices(ctx).find((d) => d.id === id));
   });
   a.post('/devices/:id/revoke', rawJson, (req, res) => {
-    res.json(revokeDevice(ctx, param(req, 'id')));
+    res.json(revokeDevice(acting(req), param(req, 'id')));
   });
   a.post('/devices/:id/wipe', rawJson, (req, res) => {
-    res.json(wipeDevice(ctx, param(req, 'id')));
+    res.json(wipeDevice(acting(req), param(req, 'id')));
   });
   a.post('/devices/:id/assignments', rawJson, (req, res) => {
-    res.status(201).json(assign(ctx, param(req, 'id'), json(wire.AssignRequest, req).image));
+    res.status(201).json(assign(acting(req), param(req, 'id'), json(wire.AssignRequest, req).image));
   });
   a.delete('/devices/:id/assignments/:image', (req, res) => {
-    res.json(unassign(ctx, param(req, 'id'), param(req, 'image')));
+    res.json(unassign(acting(req), param(req, 'id'), param(req, 'image')));
   });
   a.get('/images', (_req, res) => {
     res.json({ images: listImages(ctx) });
   });
   a.post('/images', rawJson, (req, res) => {
     const b = json(wire.CreateImageRequest, req);
-    res.status(201).json(createImage(ctx, b.name, b.policy));
+    res.status(201).json(createImage(acting(req), b.name, b.policy));
   });
   a.post('/images/:name/versions', rawJson, (req, res) => {
-    res.status(201).json(createVersion(ctx, param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
+    res.status(201).json(createVersion(acting(req), param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
   });
   a.put('/images/:name/versions/:version/chunks/:kind/:index', rawChunk, (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    const r = putChunks(ctx, param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
+    const r = putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
     res.json({ stored: r.new ? 'new' : r.unchanged ? 'unchanged' : 'zero' });
   });
   a.post('/images/:name/versions/:version/chunks', rawUpload, (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.json(putChunks(ctx, param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
+    res.json(putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
   });
   a.get('/images/:name/versions/:version/hashes', (req, res) => {
     res.json(chunkHashes(ctx, param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/export', rawJson, (req, res) => {
     const b = json(wire.ChunksRequest.omit({ leaseId: true }), req);
-    res.type('application/octet-stream').send(exportChunks(ctx, param(req, 'name'), intParam(req, 'version'), b.chunks));
+    res.type('application/octet-stream').send(exportChunks(acting(req), param(req, 'name'), intParam(req, 'version'), b.chunks));
   });
   a.get('/images/:name/dedup-key', (req, res) => {
     res.json({ key: dedupKeyFor(ctx, param(req, 'name')) });
   });
   a.put('/images/:name/policy', rawJson, (req, res) => {
-    res.json(setPolicy(ctx, param(req, 'name'), json(wire.PolicyRequest, req).policy));
+    res.json(setPolicy(acting(req), param(req, 'name'), json(wire.PolicyRequest, req).policy));
   });
   a.delete('/images/:name', (req, res) => {
-    res.json(removeImage(ctx, param(req, 'name')));
+    res.json(removeImage(acting(req), param(req, 'name')));
   });
   a.delete('/images/:name/versions/:version', (req, res) => {
-    res.json(removeImage(ctx, param(req, 'name'), intParam(req, 'version')));
+    res.json(removeImage(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/commit', rawJson, (req, res) => {
-    res.json(commitVersion(ctx, param(req, 'name'), intParam(req, 'version')));
+    res.json(commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.get('/images/:name/versions/:version/manifest', (req, res) => {
     const img = getImage(ctx, param(req, 'name'));
     res.json(manifest(ctx, img, getVersion(ctx, img, intParam(req, 'version'))));
   });
-  a.get('/audit/verify', (_req, res) => {
-    res.json(verifyChain(ctx.db, ctx.data.signPublicKey));
+  a.get('/audit/verify', (req, res) => {
+    res.json(verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey, ...verifyQuery(req) }));
+  });
+  a.get('/audit/checkpoint', (_req, res) => {
+    const cp = ctx.audit.latestCheckpoint();
+    if (!cp) throw new LetheError('NOT_FOUND', 'the audit log has no signed checkpoint yet');
+    res.json(cp);
   });
   a.get('/audit/devices/:id', (req, res) => {
     const id = param(req, 'id');

@@ -14,18 +14,22 @@ import { q } from './db.js';
 
 export interface AuthedRequest extends Request {
   device?: DeviceRow;
+  /** Who made an admin request, as its audit entries name it: `token:` + 8 hex digits of the token's SHA-256. */
+  actor?: string;
 }
 
 export function adminAuth(ctx: Ctx) {
   const row = q(ctx.db, "SELECT value FROM settings WHERE key = 'admin_token_sha256'").get() as { value: string } | undefined;
   const expected = Buffer.from(row?.value ?? '', 'hex');
-  return (req: Request, _res: Response, next: NextFunction) => {
+  return (req: AuthedRequest, _res: Response, next: NextFunction) => {
     const m = /^Bearer (\S+)$/.exec(req.get('authorization') ?? '');
-    if (!m || expected.length !== 32 || !constantTimeEqual(sha256(m[1]), expected)) {
+    const digest = m ? sha256(m[1]) : undefined;
+    if (!digest || expected.length !== 32 || !constantTimeEqual(digest, expected)) {
       throw new LetheError('ADMIN_AUTH_FAILED', 'admin token missing or wrong', {
         hint: 'set LETHE_ADMIN_TOKEN (or --admin-token) to the token printed by lethe server init',
       });
     }
+    req.actor = `token:${digest.toString('hex').slice(0, 8)}`;
     next();
   };
 }

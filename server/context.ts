@@ -21,3 +21,8 @@ export interface Ctx {
 export function newId(prefix: string): string {
   return `${prefix}-${randomBytes(8).toString('hex')}`;
 }
+
+/** The same context, whose audit entries name `actor` (who made an admin request). */
+export function actingAs(ctx: Ctx, actor: string): Ctx {
+  return Object.assign(Object.create(ctx) as Ctx, { audit: ctx.audit.by(actor) });
+}

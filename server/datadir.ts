@@ -4,6 +4,7 @@
 //   chunks.db         SQLite: the encrypted chunk store
 //   master.key        32 random bytes, 0600: wraps every image-version key
 //   signing.key       Ed25519 secret, 0600: signs audit checkpoints and manifests
+//                     (or a file elsewhere: --signing-key, $LETHE_SIGNING_KEY_FILE)
 //   tls/key.pem, tls/cert.pem   self-signed certificate the devices pin
 import fs from 'node:fs';
 import path from 'node:path';
@@ -18,12 +19,16 @@ import { openDatabase } from './db.js';
 export interface ServerConfig {
   listen: string;
   publicUrl?: string;
+  /** The signing key's public half, base64url: checks a key file kept elsewhere belongs here. */
+  auditKey?: string;
 }
 
 export interface InitResult {
   url: string;
   fingerprint: string;
   adminToken: string;
+  /** The key that verifies audit checkpoints, base64url: pin it outside the data dir. */
+  auditKey: string;
 }
 
 export const files = (dir: string) => ({
@@ -59,7 +64,8 @@ export function certFingerprint(certPem: string): string {
   return new X509Certificate(certPem).fingerprint256.replace(/:/g, '').toLowerCase();
 }
 
-export async function initDataDir(dir: string, listen = DEFAULT_LISTEN): Promise<InitResult> {
+/** `signingKeyFile` puts the signing key there instead of in the data dir (docs/audit-log.md). */
+export async function initDataDir(dir: string, listen = DEFAULT_LISTEN, signingKeyFile?: string): Promise<InitResult> {
   const f = files(dir);
   if (isInitialized(dir)) {
     throw new LetheError('CONFIG', `data dir '${dir}' is already initialized`, {
@@ -74,8 +80,9 @@ export async function initDataDir(dir: string, listen = DEFAULT_LISTEN): Promise
   writeFileAtomic(f.masterKey, master, 0o600);
   wipe(master);
   const signing = signKeyPair();
-  writeFileAtomic(f.signingKey, signing.secretKey, 0o600);
+  writeFileAtomic(signingKeyFile ?? f.signingKey, signing.secretKey, 0o600);
   wipe(signing.secretKey);
+  const auditKey = b64u.encode(signing.publicKey);
 
   const altNames = [
     { type: 2 as const, value: 'localhost' },
@@ -109,8 +116,8 @@ export async function initDataDir(dir: string, listen = DEFAULT_LISTEN): Promise
     db.close();
   }
   // config.json is written last: its presence means the directory is complete.
-  writeFileAtomic(f.config, JSON.stringify({ listen } satisfies ServerConfig, null, 2) + '\n', 0o600);
-  return { url: urlFor(host, port), fingerprint: certFingerprint(pems.cert), adminToken };
+  writeFileAtomic(f.config, JSON.stringify({ listen, auditKey } satisfies ServerConfig, null, 2) + '\n', 0o600);
+  return { url: urlFor(host, port), fingerprint: certFingerprint(pems.cert), adminToken, auditKey };
 }
 
 export interface LoadedDataDir {
@@ -140,23 +147,60 @@ function readSecret(file: string, size: number): SecretKey {
   }
 }
 
-export function loadDataDir(dir: string): LoadedDataDir {
+function readConfig(dir: string): ServerConfig {
   if (!isInitialized(dir)) {
     throw new LetheError('CONFIG', `no Lethe server data in '${dir}'`, {
       hint: `run 'lethe server init --data ${dir}' first`,
     });
   }
+  return JSON.parse(fs.readFileSync(files(dir).config, 'utf8')) as ServerConfig;
+}
+
+/** Reads the signing key from `file` (default: the data dir's) and checks it belongs to this data dir. */
+function readSigningKey(dir: string, config: ServerConfig, file = files(dir).signingKey): SecretKey {
+  if (!fs.existsSync(file)) {
+    throw new LetheError('CONFIG', `no audit signing key at '${file}'`, {
+      hint: 'pass the file it was moved to with --signing-key (or $LETHE_SIGNING_KEY_FILE)',
+    });
+  }
+  const key = readSecret(file, 64);
+  // An Ed25519 libsodium secret key carries its public key in the last 32 bytes.
+  if (config.auditKey !== undefined && b64u.encode(key.subarray(32)) !== config.auditKey) {
+    wipe(key);
+    throw new LetheError('CONFIG', `the signing key in '${file}' is not this data dir's (its audit key is ${config.auditKey})`, {
+      hint: "pass the signing key that this data dir's 'lethe server init' made",
+    });
+  }
+  return key;
+}
+
+/**
+ * The public key the data dir says verifies its checkpoints (config.json, or the half
+ * of signing.key in a data dir from before config.json kept it). Whoever holds the data
+ * dir can replace it: auditors pin the key from `lethe server init` instead.
+ */
+export function dataDirAuditKey(dir: string): Buffer {
+  const config = readConfig(dir);
+  if (config.auditKey !== undefined) return b64u.decode(config.auditKey);
+  const key = readSecret(files(dir).signingKey, 64);
+  try {
+    return Buffer.from(key.subarray(32));
+  } finally {
+    wipe(key);
+  }
+}
+
+export function loadDataDir(dir: string, opts: { signingKeyFile?: string } = {}): LoadedDataDir {
+  const config = readConfig(dir);
   const f = files(dir);
-  const config = JSON.parse(fs.readFileSync(f.config, 'utf8')) as ServerConfig;
   const masterKey = readSecret(f.masterKey, KEY_BYTES);
-  const signingKey = readSecret(f.signingKey, 64);
+  const signingKey = readSigningKey(dir, config, opts.signingKeyFile);
   const tlsCert = fs.readFileSync(f.tlsCert, 'utf8');
   return {
     dir,
     config,
     masterKey,
     signingKey,
-    // An Ed25519 libsodium secret key carries its public key in the last 32 bytes.
     signPublicKey: Buffer.from(signingKey.subarray(32)),
     tlsKey: fs.readFileSync(f.tlsKey, 'utf8'),
     tlsCert,

@@ -171,10 +171,13 @@ export function heartbeat(ctx: Ctx, d: DeviceRow) {
       ctx.audit.append('wipe.delivered', d.id, { command: c.id }, now);
     }
   })();
+  // The signed head anchors the log on the device (docs/audit-log.md, Anchors).
+  const checkpoint = ctx.audit.latestCheckpoint();
   return {
     serverTime: iso(now),
     status: deviceStatus(d),
     commands: commands.map((c) => ({ id: c.id, type: c.type, issuedAt: iso(c.issued_at) })),
+    ...(checkpoint ? { checkpoint } : {}),
   };
 }
 

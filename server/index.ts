@@ -11,6 +11,7 @@ import { Escrow } from './escrow.js';
 import { Metrics } from './metrics.js';
 import { pruneNonces } from './auth.js';
 import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
+import { LetheError } from '../common/errors.js';
 
 export { initDataDir, isInitialized } from './datadir.js';
 
@@ -26,13 +27,17 @@ export interface ServerOptions {
   limits?: ServerLimits;
   /** Bearer token for GET /metrics; without one /metrics is not served. */
   metricsToken?: string;
+  /** The audit signing key's file, when it is kept apart from the data dir. */
+  signingKeyFile?: string;
+  /** Sign an unsigned audit head instead of refusing to start (after an operator checked the log). */
+  signHead?: boolean;
 }
 
 /** How often timeouts of open connections are checked (Node's default is 30 s, which would stretch every timeout by as much). */
 const CONNECTIONS_CHECK_MS = 1_000;
 
 export async function startServer(dir: string, opts: ServerOptions = {}): Promise<RunningServer> {
-  const data = loadDataDir(dir);
+  const data = loadDataDir(dir, { signingKeyFile: opts.signingKeyFile });
   const f = files(dir);
   const db = openDatabase(f.db);
   const store = openChunkStore(f.chunks);
@@ -49,6 +54,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
   if ((db.prepare('SELECT COUNT(*) AS n FROM audit').get() as { n: number }).n === 0) {
     db.transaction(() => ctx.audit.append('server.init', null, { fingerprint: data.fingerprint }))();
   }
+  checkAuditHead(ctx, dir, opts.signHead ?? false);
   const { host, port } = parseListen(opts.listen ?? data.config.listen);
   const limits = opts.limits ?? DEFAULT_LIMITS;
   const app = buildApp(ctx, { limits, metricsToken: opts.metricsToken });
@@ -86,15 +92,32 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
       clearInterval(pruner);
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
-      try {
-        db.transaction(() => ctx.audit.checkpointHead())();
-      } finally {
-        db.close();
-        store.close();
-        ctx.escrow.close();
-      }
+      db.close();
+      store.close();
+      ctx.escrow.close();
     },
   };
+}
+
+/**
+ * Every append signs the head in its own transaction, so an unsigned head means the
+ * log was changed outside the server: refuse to serve (and so to sign over it)
+ * until an operator has checked the log and says so (`--sign-head`).
+ */
+function checkAuditHead(ctx: Ctx, dir: string, signHead: boolean): void {
+  const problem = ctx.audit.checkHead();
+  if (!problem) return;
+  if (!signHead) {
+    ctx.db.close();
+    ctx.store.close();
+    ctx.escrow.close();
+    throw new LetheError('AUDIT_UNAVAILABLE', `${problem}: entries were cut or added outside the server`, {
+      hint: `check the log with 'lethe audit verify --data ${dir} --against CHECKPOINT' (an exported or device-held checkpoint); if it is as it should be, start once with --sign-head`,
+      status: 0,
+    });
+  }
+  ctx.db.transaction(() => ctx.audit.signCurrentHead())();
+  process.stderr.write(`lethe server: warning: ${problem}; signed it as it stands (--sign-head)\n`);
 }
 
 export const startedLine = (s: RunningServer) =>

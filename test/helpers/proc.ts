@@ -42,6 +42,8 @@ export interface ServerProc {
   url: string;
   fingerprint: string;
   adminToken: string;
+  /** The audit key `lethe server init` printed (also in env as LETHE_AUDIT_KEY). */
+  auditKey: string;
   proc: ChildProcess;
   env: Record<string, string>;
   stderr(): string;
@@ -49,24 +51,37 @@ export interface ServerProc {
   stop(): Promise<void>;
   /** SIGKILL and wait. */
   kill9(): Promise<void>;
-  /** Starts the same data dir again (after stop or kill9), on the same port. */
-  restart(): Promise<ServerProc>;
+  /** Starts the same data dir again (after stop or kill9), on the same port; `runArgs` replace the first start's. */
+  restart(runArgs?: string[]): Promise<ServerProc>;
 }
 
 /** `lethe server init` into a new dir, then `lethe server run` as a real process on a free loopback port. */
-export async function startServer(
-  opts: { dir?: string; adminToken?: string; fingerprint?: string; port?: number; args?: string[]; env?: Record<string, string> } = {},
-): Promise<ServerProc> {
+export interface StartOptions {
+  dir?: string;
+  adminToken?: string;
+  auditKey?: string;
+  fingerprint?: string;
+  port?: number;
+  /** Extra arguments to `lethe server init` and `lethe server run` (e.g. --signing-key FILE). */
+  initArgs?: string[];
+  runArgs?: string[];
+  /** Extra environment for `lethe server run`. */
+  env?: Record<string, string>;
+}
+
+export async function startServer(opts: StartOptions = {}): Promise<ServerProc> {
   let dir = opts.dir;
   let adminToken = opts.adminToken ?? '';
+  let auditKey = opts.auditKey ?? '';
   if (!dir) {
     dir = path.join(tmpDir('lethe-server-'), 'data');
-    const r = await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0', '--json']);
+    const r = await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0', '--json', ...(opts.initArgs ?? [])]);
     if (r.code !== 0) throw new Error(`server init failed: ${r.stderr}`);
-    adminToken = (JSON.parse(r.stdout) as { adminToken: string }).adminToken;
+    ({ adminToken, auditKey } = JSON.parse(r.stdout) as { adminToken: string; auditKey: string });
   }
   const listen = `127.0.0.1:${opts.port ?? 0}`;
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', listen, '--json', ...(opts.args ?? [])], {
+  const runArgs = opts.runArgs ?? [];
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', listen, '--json', ...runArgs], {
     cwd: ROOT,
     env: { ...process.env, ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -86,8 +101,9 @@ export async function startServer(
     url,
     fingerprint,
     adminToken,
+    auditKey,
     proc,
-    env: { LETHE_SERVER: url, LETHE_PIN: fingerprint, LETHE_ADMIN_TOKEN: adminToken },
+    env: { LETHE_SERVER: url, LETHE_PIN: fingerprint, LETHE_ADMIN_TOKEN: adminToken, LETHE_AUDIT_KEY: auditKey },
     stderr: () => err,
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
@@ -97,7 +113,7 @@ export async function startServer(
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
       await exited;
     },
-    restart: () => startServer({ ...opts, dir, adminToken, port }),
+    restart: (runArgs?: string[]) => startServer({ ...opts, dir, adminToken, auditKey, port, runArgs: runArgs ?? opts.runArgs }),
   };
   return self;
 }

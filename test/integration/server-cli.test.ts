@@ -7,15 +7,17 @@ import { createInterface } from 'node:readline';
 import { lethe, ROOT, tmpDir } from '../helpers/proc.js';
 
 describe('lethe server (CLI)', function () {
-  it('`lethe server` initializes on first use, prints url, fingerprint and admin token once, then serves', async () => {
+  it('`lethe server` initializes on first use, prints url, fingerprint, admin token and audit key once, then serves', async () => {
     const dir = path.join(tmpDir(), 'data');
     const p = spawn(process.execPath, ['--import', 'tsx', path.join(ROOT, 'cli/main.ts'), 'server', '--data', dir, '--listen', '127.0.0.1:0', '--json'], {
       cwd: ROOT,
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const lines = createInterface({ input: p.stdout! })[Symbol.asyncIterator]();
-    const init = JSON.parse((await lines.next()).value as string) as { url: string; fingerprint: string; adminToken: string };
+    const init = JSON.parse((await lines.next()).value as string) as { url: string; fingerprint: string; adminToken: string; auditKey: string };
     expect(init.adminToken).to.match(/^lethe-admin-[A-Za-z0-9_-]{43}$/);
+    // The audit key is the public half of the signing key, to pin outside the server.
+    expect(init.auditKey).to.match(/^[A-Za-z0-9_-]{43}$/);
     expect(init.fingerprint).to.match(/^[0-9a-f]{64}$/);
     const ready = JSON.parse((await lines.next()).value as string) as { url: string; fingerprint: string; event: string };
     expect(ready.event).to.equal('listening');
@@ -28,6 +30,7 @@ describe('lethe server (CLI)', function () {
     for (const f of ['master.key', 'signing.key', 'tls/key.pem', 'lethe.db', 'config.json']) {
       expect(fs.statSync(path.join(dir, f)).mode & 0o077, f).to.equal(0);
     }
+    expect(fs.readFileSync(path.join(dir, 'signing.key')).subarray(32).toString('base64url')).to.equal(init.auditKey);
     // The admin token is stored only as a hash.
     const db = fs.readFileSync(path.join(dir, 'lethe.db'));
     expect(db.includes(Buffer.from(init.adminToken))).to.equal(false);

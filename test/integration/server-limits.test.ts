@@ -163,7 +163,7 @@ describe('issue #14: unauthenticated resource use (real server process)', functi
   describe('rate limits', () => {
     let s: ServerProc;
     before(async () => {
-      s = await startServer({ args: ['--rate-enroll', '3/min', '--rate-auth-failures', '2/min', '--rate-device', '5/min'] });
+      s = await startServer({ runArgs: ['--rate-enroll', '3/min', '--rate-auth-failures', '2/min', '--rate-device', '5/min'] });
     });
     after(async () => {
       await s?.stop();
@@ -199,7 +199,7 @@ describe('issue #14: unauthenticated resource use (real server process)', functi
     });
 
     it('a device past its rate gets 429 RATE_LIMITED; the requests counted are its verified ones', async () => {
-      const s2 = await startServer({ args: ['--rate-device', '5/min'] });
+      const s2 = await startServer({ runArgs: ['--rate-device', '5/min'] });
       try {
         const d = await enrolledDevice(s2);
         try {
@@ -240,7 +240,7 @@ describe('issue #14: unauthenticated resource use (real server process)', functi
   describe('connections', () => {
     let s: ServerProc;
     before(async () => {
-      s = await startServer({ args: ['--max-connections', '2', '--headers-timeout', '1s', '--request-timeout', '5s'] });
+      s = await startServer({ runArgs: ['--max-connections', '2', '--headers-timeout', '1s', '--request-timeout', '5s'] });
     });
     after(async () => {
       await s?.stop();
