@@ -26,6 +26,7 @@ export type AuditType =
   | 'lease.grant'
   | 'lease.renew'
   | 'keys.release'
+  | 'alarm.key-ceiling'
   | 'chunks.serve'
   | 'checkin'
   | 'trace.upload';
