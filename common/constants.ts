@@ -104,7 +104,7 @@ export const DEFAULT_LEASE_TTL_S = 900;
 /** A key ceiling given as a share never goes below this many distinct keys (small images). */
 export const KEY_CEILING_FLOOR = 1024;
 /** Built-in key ceiling: this share of an image's sensitive chunks, distinct, per device per window. */
-export const DEFAULT_KEY_CEILING_SHARE = 0.9;
+export const DEFAULT_KEY_CEILING_SHARE = 0.95;
 export const DEFAULT_KEY_WINDOW_S = 300;
 /** Built-in eviction policy: sensitive guest pages resident this long are evicted. */
 export const DEFAULT_EVICT_IDLE_S = 60;

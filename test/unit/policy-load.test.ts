@@ -69,7 +69,7 @@ describe('policy loader', () => {
       sensitiveDisk: [],
       evictIdleMs: 60_000,
       deviceSeal: ['tpm', 'passphrase'],
-      keyCeiling: { share: 0.9 },
+      keyCeiling: { share: 0.95 },
       keyWindowMs: 300_000,
       memoryMode: 'all',
       processes: [],
