@@ -118,10 +118,11 @@ export async function enrollDevice(home: string, tokenText: string, name: string
   }
   const token = decodeEnrollToken(tokenText);
   const kek = o.seal === 'none' ? undefined : await newKek(o);
-  const client = new PinnedClient(token.u, token.f);
+  let client: PinnedClient | undefined;
   const sign = signKeyPair();
   const box = boxKeyPair();
   try {
+    client = new PinnedClient(token.u, token.f);
     const certPem = await client.certificate();
     const res = EnrollResponse.parse(
       await client.json('POST', '/v1/enroll', {
@@ -152,7 +153,7 @@ export async function enrollDevice(home: string, tokenText: string, name: string
     return info;
   } finally {
     wipe(sign.secretKey, box.secretKey, kek?.key);
-    client.close();
+    client?.close();
   }
 }
 

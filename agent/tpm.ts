@@ -53,7 +53,8 @@ function tool(name: string, args: string[], tcti: string | undefined, stdin?: Ui
       resolve({ code: code ?? -1, stdout, stderr: err });
     });
     p.stdin.on('error', () => {}); // a tool that exits early closes its stdin
-    p.stdin.end(stdin ? Buffer.from(stdin) : undefined);
+    // The caller's locked buffer itself (no copy to wipe); it waits for the tool to exit before wiping it.
+    p.stdin.end(stdin);
   });
 }
 
