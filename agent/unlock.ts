@@ -104,8 +104,9 @@ function promptOnce(prompt: string): Promise<{ buf: SecretKey; n: number }> {
   const stdin = process.stdin;
   const buf = secureBuffer(MAX_SECRET_BYTES + 1);
   let n = 0;
-  process.stderr.write(prompt);
+  // Echo off before the prompt shows, so nothing typed after it is echoed.
   stdin.setRawMode(true);
+  process.stderr.write(prompt);
   stdin.resume();
   return new Promise((resolve, reject) => {
     const end = (e?: Error) => {

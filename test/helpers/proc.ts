@@ -128,7 +128,8 @@ export async function startAgentProc(home: string, image: string, args: string[]
   const t0 = Date.now();
   while (!fs.existsSync(sock)) {
     if (proc.exitCode !== null) throw new Error(`agent exited early: ${log}`);
-    if (Date.now() - t0 > 20_000) throw new Error(`agent did not start: ${log}`);
+    // Unsealing the device keys (Argon2id) comes before the socket.
+    if (Date.now() - t0 > 30_000) throw new Error(`agent did not start: ${log}`);
     await new Promise((r) => setTimeout(r, 50));
   }
   return {
