@@ -179,6 +179,22 @@ describe('sealed device keys (issue #14)', function () {
     }
   });
 
+  it('a lease is not renewed once the image policy stops allowing the device\'s seal kind', async () => {
+    await pushImage(s, 'tightened');
+    const d = await enrolledDevice(s, 'tightened');
+    await assign(s, d.deviceId, 'tightened');
+    const a = admin(s);
+    try {
+      const lease = await d.client.lease('tightened');
+      await a.json('PUT', '/images/tightened/policy', { policy: 'device:\n  seal: [tpm]\n' });
+      const e = await rejects(d.client.renew(lease.leaseId));
+      expect([e.status, e.code, e.message]).to.deep.equal([403, 'DEVICE_UNSEALED', "image 'tightened' needs device keys sealed by tpm; this device's are sealed by passphrase"]);
+    } finally {
+      a.close();
+      d.close();
+    }
+  });
+
   it('a device past its key ceiling is refused with KEY_RELEASE_LIMIT, gets nothing, and the audit log raises an alarm', async () => {
     // 4 sensitive memory chunks (0, 2, 4, 6); at most 3 distinct keys an hour.
     await pushImage(s, 'ceiling', { policy: 'device:\n  key-ceiling: 3\n  key-window: 1h\n' });
