@@ -309,4 +309,14 @@ describe('device keys sealed to a TPM (swtpm)', function () {
     const list = await lethe(['admin', 'devices', '--json'], s.env);
     expect((JSON.parse(list.stdout) as { devices: { id: string; seal: string }[] }).devices.find((x) => x.id === info.deviceId)!.seal).to.equal('tpm');
   });
+
+  it('the CLI seals to the TPM named by --tpm and unseals with $LETHE_TPM_TCTI, the PIN on a file descriptor', async () => {
+    const home = path.join(tmpDir(), 'home');
+    const r = await lethe(['enroll', await mint(s), '--home', home, '--seal', 'tpm', '--tpm', tcti, '--passphrase-fd', '0', '--json'], {}, '2468\n');
+    expect(r.code, r.stderr).to.equal(0);
+    expect(JSON.parse(r.stdout)).to.include({ seal: 'tpm' });
+    const hb = await lethe(['heartbeat', '--home', home, '--passphrase-fd', '0', '--json'], { LETHE_TPM_TCTI: tcti }, '2468\n');
+    expect(hb.code, hb.stderr).to.equal(0);
+    expect(JSON.parse(hb.stdout)).to.include({ status: 'active' });
+  });
 });
