@@ -15,7 +15,8 @@ import { AgentCore } from './core.js';
 import { DeviceClient } from './device-client.js';
 import { Fetcher } from './fetcher.js';
 import { makeNonDumpable, wipeHeapOnFree } from './harden.js';
-import { closeIdentity, loadIdentity } from './identity.js';
+import { closeIdentity, loadIdentity, type Identity } from './identity.js';
+import type { Unlock } from './unlock.js';
 import { KeyRing } from './keyring.js';
 import { LeaseKeeper } from './lease-keeper.js';
 import { acknowledgeRevoke, eraseRevokedHome, performWipe } from './wipe.js';
@@ -52,6 +53,8 @@ export interface AgentOptions {
   diskMemoryBytes?: number;
   /** Resume the image's VM post-copy under QEMU (the test guest's kernel), with this accelerator. */
   vm?: { accel: AccelChoice; trace?: string };
+  /** Unseals the device keys (asked once, at start); not needed for a `--seal none` home. */
+  unlock?: Unlock;
   log?: (line: string) => void;
 }
 
@@ -60,6 +63,8 @@ export const EXIT_REVOKED = 3;
 export interface RunningAgent {
   core: AgentCore;
   lease: LeaseKeeper;
+  /** The unsealed device identity; its keys are zeroed when the agent stops. */
+  identity: Identity;
   status(): AgentStatus;
   /** Resolves with the exit code when the agent stops. */
   done: Promise<number>;
@@ -120,11 +125,19 @@ function buildStatus(
   };
 }
 
-export function startAgent(o: AgentOptions): RunningAgent {
-  const log = o.log ?? ((l: string) => process.stderr.write(`${iso(Date.now())} lethe agent: ${l}\n`));
+/**
+ * Unseals the device keys (throws DEVICE_LOCKED or UNLOCK_FAILED before anything
+ * reaches the server), then starts the agent on them. The keys stay in locked
+ * memory until the agent stops, which zeroes them.
+ */
+export async function startAgent(o: AgentOptions): Promise<RunningAgent> {
   makeNonDumpable();
   wipeHeapOnFree();
-  const id = loadIdentity(o.home);
+  return runAgent(o, await loadIdentity(o.home, o.unlock));
+}
+
+function runAgent(o: AgentOptions, id: Identity): RunningAgent {
+  const log = o.log ?? ((l: string) => process.stderr.write(`${iso(Date.now())} lethe agent: ${l}\n`));
   const urgent = new DeviceClient(id);
   const background = new DeviceClient(id);
   const cache = ChunkCache.inHome(o.home, o.cacheBytes);
@@ -447,6 +460,7 @@ export function startAgent(o: AgentOptions): RunningAgent {
   return {
     core,
     lease,
+    identity: id,
     status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm),
     done,
     stop: () => shutdown(0),

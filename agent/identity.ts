@@ -4,15 +4,21 @@
 //   sign.key          Ed25519 secret (64 bytes, 0600)
 //   box.key           X25519 secret (32 bytes, 0600): opens keys sealed to this device
 //   revoked.json      written when the server refused the device (revoked, wiped): its key files are gone
+// Both key files are sealed (agent/seal.ts, docs/device-keys.md) unless the
+// device enrolled with --seal none; device.json says which (`seal`).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import type { SealKind } from '../common/constants.js';
 import { boxKeyPair, b64u, secureCopy, signKeyPair, wipe, type BoxKeyPair, type SecretKey } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import { ensureDir, writeFileAtomic } from '../common/fsutil.js';
 import { PinnedClient } from '../common/http-client.js';
 import { decodeEnrollToken } from '../common/tokens.js';
 import { EnrollResponse } from '../common/wire.js';
+import { openKey, parseSealed, passphraseHeader, passphraseKek, sealKey, type Argon2Cost, type Kek, type KeyName, type SealedFile } from './seal.js';
+import { tpmCreate, tpmKek } from './tpm.js';
+import type { Unlock } from './unlock.js';
 
 export interface DeviceInfo {
   deviceId: string;
@@ -23,6 +29,8 @@ export interface DeviceInfo {
   signPublicKey: string;
   boxPublicKey: string;
   serverSignPublicKey: string;
+  /** How sign.key and box.key are kept; absent in homes made before sealing (then 'none'). */
+  seal?: SealKind;
 }
 
 export interface Identity {
@@ -33,15 +41,67 @@ export interface Identity {
   box: BoxKeyPair;
 }
 
-export const homeFiles = (home: string) => ({
-  info: path.join(home, 'device.json'),
-  cert: path.join(home, 'server-cert.pem'),
-  signKey: path.join(home, 'sign.key'),
-  boxKey: path.join(home, 'box.key'),
-  /** Every file that holds key material: forgetIdentityKeys() deletes these. */
-  secrets: [path.join(home, 'sign.key'), path.join(home, 'box.key')],
-  revoked: path.join(home, 'revoked.json'),
-});
+export const homeFiles = (home: string) => {
+  const signKey = path.join(home, 'sign.key');
+  const boxKey = path.join(home, 'box.key');
+  return {
+    info: path.join(home, 'device.json'),
+    cert: path.join(home, 'server-cert.pem'),
+    signKey,
+    boxKey,
+    /** Every file of the home that holds key material (sealed or not): what a key wipe removes. */
+    secrets: [signKey, boxKey],
+    revoked: path.join(home, 'revoked.json'),
+  };
+};
+
+export interface SealOptions {
+  seal: SealKind;
+  /** where the new passphrase or PIN comes from, and the TPM; needed unless seal is 'none' */
+  unlock?: Unlock;
+  /** Argon2id cost of a passphrase seal (default moderate) */
+  argon2?: Argon2Cost;
+}
+
+const secretName = (kind: SealKind) => (kind === 'tpm' ? 'TPM PIN' : 'passphrase');
+
+function needUnlock(kind: SealKind, unlock: Unlock | undefined): Unlock {
+  if (!unlock) {
+    throw new LetheError('DEVICE_LOCKED', `the device keys are sealed (${kind}) and no ${secretName(kind)} was given`, {
+      hint: 'run on a terminal, pass --passphrase-fd N, or give systemd credential lethe-passphrase',
+    });
+  }
+  return unlock;
+}
+
+/** A new KEK for enrollment: asks for the new passphrase or PIN (twice on a terminal); the secret is wiped here. */
+async function newKek(o: SealOptions): Promise<Kek> {
+  const unlock = needUnlock(o.seal, o.unlock);
+  const secret = await unlock.ask({ what: secretName(o.seal), confirm: true });
+  try {
+    if (o.seal === 'passphrase') return await passphraseKek(secret, passphraseHeader(o.argon2 ?? 'moderate'));
+    const header = await tpmCreate(unlock.tcti, secret);
+    return { kind: 'tpm', header, key: await tpmKek(unlock.tcti, header, secret) };
+  } finally {
+    wipe(secret);
+  }
+}
+
+/** The KEK a sealed file names: one passphrase or PIN asked for; the secret is wiped here. */
+async function kekFor(f: SealedFile, unlock: Unlock): Promise<Kek> {
+  const secret = await unlock.ask({ what: secretName(f.kind), confirm: false });
+  try {
+    if (f.kind === 'passphrase') return await passphraseKek(secret, f.header);
+    return { kind: 'tpm', header: f.header, key: await tpmKek(unlock.tcti, f.header, secret) };
+  } finally {
+    wipe(secret);
+  }
+}
+
+function writeKey(file: string, name: KeyName, key: Uint8Array, kek: Kek | undefined): void {
+  if (!kek) return writeFileAtomic(file, key, 0o600);
+  writeFileAtomic(file, sealKey(kek, name, key), 0o600);
+}
 
 /** What revoked.json records: which refusal ended the device, when, and whether the server heard it erased. */
 export interface RevokedMarker {
@@ -55,7 +115,11 @@ export function defaultHome(): string {
   return process.env.LETHE_HOME || path.join(os.homedir(), '.local', 'share', 'lethe', 'device');
 }
 
-export async function enrollDevice(home: string, tokenText: string, name = os.hostname()) {
+/**
+ * Enrolls with a one-time token: new keys, sealed as `o.seal` says (the KEK comes
+ * first, so a wrong or missing passphrase spends no token), the server pinned.
+ */
+export async function enrollDevice(home: string, tokenText: string, name: string, o: SealOptions) {
   const f = homeFiles(home);
   if (fs.existsSync(f.info) && !revokedMarker(home)) {
     throw new LetheError('CONFIG', `'${home}' already holds an enrolled device`, {
@@ -63,11 +127,13 @@ export async function enrollDevice(home: string, tokenText: string, name = os.ho
     });
   }
   const token = decodeEnrollToken(tokenText);
+  const kek = o.seal === 'none' ? undefined : await newKek(o);
   forgetRevokedDevice(home);
-  const client = new PinnedClient(token.u, token.f);
+  let client: PinnedClient | undefined;
   const sign = signKeyPair();
   const box = boxKeyPair();
   try {
+    client = new PinnedClient(token.u, token.f);
     const certPem = await client.certificate();
     const res = EnrollResponse.parse(
       await client.json('POST', '/v1/enroll', {
@@ -75,11 +141,12 @@ export async function enrollDevice(home: string, tokenText: string, name = os.ho
         name,
         signPublicKey: b64u.encode(sign.publicKey),
         boxPublicKey: b64u.encode(box.publicKey),
+        seal: o.seal,
       }),
     );
     ensureDir(home);
-    writeFileAtomic(f.signKey, sign.secretKey, 0o600);
-    writeFileAtomic(f.boxKey, box.secretKey, 0o600);
+    writeKey(f.signKey, 'sign', sign.secretKey, kek);
+    writeKey(f.boxKey, 'box', box.secretKey, kek);
     writeFileAtomic(f.cert, certPem, 0o644);
     const info: DeviceInfo = {
       deviceId: res.deviceId,
@@ -90,28 +157,41 @@ export async function enrollDevice(home: string, tokenText: string, name = os.ho
       signPublicKey: b64u.encode(sign.publicKey),
       boxPublicKey: b64u.encode(box.publicKey),
       serverSignPublicKey: res.serverSignPublicKey,
+      seal: o.seal,
     };
     // device.json last: its presence means the home is complete.
     writeFileAtomic(f.info, JSON.stringify(info, null, 2) + '\n', 0o600);
     return info;
   } finally {
-    wipe(sign.secretKey, box.secretKey);
-    client.close();
+    wipe(sign.secretKey, box.secretKey, kek?.key);
+    client?.close();
   }
 }
 
-function readKey(file: string, size: number): SecretKey {
+function checkSize(file: string, key: SecretKey, size: number): SecretKey {
+  if (key.length === size) return key;
+  wipe(key);
+  throw new LetheError('CONFIG', `'${file}' is damaged (${key.length} bytes, expected ${size})`);
+}
+
+/** A key file as stored (`--seal none`: the raw key) into locked memory; `open` unseals a sealed one. */
+function readKey(file: string, size: number, open?: (f: SealedFile) => SecretKey): SecretKey {
   const raw = fs.readFileSync(file);
   try {
-    if (raw.length !== size) throw new LetheError('CONFIG', `'${file}' is damaged (${raw.length} bytes, expected ${size})`);
-    return secureCopy(raw);
+    return checkSize(file, open ? open(parseSealed(file, raw)) : secureCopy(raw), size);
   } finally {
     wipe(raw);
   }
 }
 
-/** Loads the device identity; throws CONFIG with a hint when the home is not enrolled, DEVICE_REVOKED or DEVICE_WIPED when its keys were deleted. */
-export function loadIdentity(home: string): Identity {
+/**
+ * Loads the device identity, unsealing its keys with `unlock` (asked once for
+ * the passphrase or PIN). Throws CONFIG when the home is not enrolled,
+ * DEVICE_LOCKED when the keys are sealed and there is no way to ask,
+ * UNLOCK_FAILED for a wrong passphrase or PIN, DEVICE_REVOKED or DEVICE_WIPED
+ * when its keys were deleted; nothing is sent to the server.
+ */
+export async function loadIdentity(home: string, unlock?: Unlock): Promise<Identity> {
   const f = homeFiles(home);
   assertNotRevoked(home);
   if (!fs.existsSync(f.info)) {
@@ -120,11 +200,37 @@ export function loadIdentity(home: string): Identity {
     });
   }
   const info = JSON.parse(fs.readFileSync(f.info, 'utf8')) as DeviceInfo;
-  const sign = { publicKey: b64u.decode(info.signPublicKey), secretKey: readKey(f.signKey, 64) };
-  const box = fs.existsSync(f.boxKey)
-    ? { publicKey: b64u.decode(info.boxPublicKey), secretKey: readKey(f.boxKey, 32) }
-    : { publicKey: b64u.decode(info.boxPublicKey), secretKey: secureCopy(Buffer.alloc(32)) };
-  return { home, info, certPem: fs.readFileSync(f.cert, 'utf8'), sign, box };
+  const kind = info.seal ?? 'none';
+  let kek: Kek | undefined;
+  try {
+    if (kind !== 'none') {
+      const first = parseSealed(f.signKey, fs.readFileSync(f.signKey));
+      if (first.kind !== kind) throw new LetheError('CONFIG', `'${f.signKey}' is sealed by ${first.kind}, but device.json says ${kind}`, { hint: 'the device home is damaged: enroll again' });
+      kek = await kekFor(first, needUnlock(kind, unlock));
+    }
+    const open = kek ? (name: KeyName) => (s: SealedFile) => openKey(kek!, name, s, secretName(kind)) : () => undefined;
+    const sign = { publicKey: b64u.decode(info.signPublicKey), secretKey: readKey(f.signKey, 64, open('sign')) };
+    try {
+      // After a wipe whose acknowledgement is pending, only the signing key is left.
+      const boxKey = fs.existsSync(f.boxKey) ? readKey(f.boxKey, 32, open('box')) : secureCopy(Buffer.alloc(32));
+      const box = { publicKey: b64u.decode(info.boxPublicKey), secretKey: boxKey };
+      return { home, info, certPem: fs.readFileSync(f.cert, 'utf8'), sign, box };
+    } catch (e) {
+      wipe(sign.secretKey);
+      throw e;
+    }
+  } finally {
+    wipe(kek?.key);
+  }
+}
+
+/** A second handle on the same identity whose keys outlive closeIdentity() of the first (a wipe's acknowledgement). */
+export function copyIdentity(id: Identity): Identity {
+  return {
+    ...id,
+    sign: { publicKey: id.sign.publicKey, secretKey: secureCopy(id.sign.secretKey) },
+    box: { publicKey: id.box.publicKey, secretKey: secureCopy(id.box.secretKey) },
+  };
 }
 
 export function closeIdentity(id: Identity): void {

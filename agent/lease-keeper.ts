@@ -199,7 +199,8 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
         return;
       } catch (e) {
         if (this.refused(e)) return;
-        if (e instanceof LetheError && (e.code === 'LEASE_EXPIRED' || e.code === 'UNKNOWN_LEASE' || e.code === 'NOT_ASSIGNED')) {
+        // DEVICE_UNSEALED: the image's policy no longer allows how this device seals its keys.
+        if (e instanceof LetheError && ['LEASE_EXPIRED', 'UNKNOWN_LEASE', 'NOT_ASSIGNED', 'DEVICE_UNSEALED'].includes(e.code)) {
           await this.leaseEndedByServer(e);
           return;
         }

@@ -16,7 +16,7 @@ import { table } from '../cli/output.js';
 import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
 import { chunkKeyInto, decryptChunkInto, encryptChunk } from '../common/chunk.js';
 import { randomKey, secureBuffer, wipe } from '../common/crypto.js';
-import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
+import { assign, enrolledDevice, pushImage, testUnlock } from '../test/helpers/fixtures.js';
 import { startServer } from '../test/helpers/proc.js';
 import { loadDataDir } from '../server/datadir.js';
 
@@ -107,17 +107,17 @@ async function main(): Promise<void> {
   const d = await enrolledDevice(s);
   await assign(s, d.deviceId, 'bench');
   d.close();
-  const agentOpts = { home: d.home, image: 'bench', cacheBytes: 4 * (DISK + MEM), heartbeatMs: 30_000, log: () => {} };
+  const agentOpts = { home: d.home, image: 'bench', cacheBytes: 4 * (DISK + MEM), heartbeatMs: 30_000, log: () => {}, unlock: testUnlock() };
   try {
     // Cold: empty cache, no prefetch, demand reads only.
-    let agent = startAgent({ ...agentOpts, prefetch: false });
+    let agent = await startAgent({ ...agentOpts, prefetch: false });
     await agent.lease.whenActive();
     const coldDisk = await readAll(agent, 'disk', INFLIGHT);
     const coldMem = await readAll(agent, 'mem', INFLIGHT);
     agent.stop();
     await agent.done;
     // Cached: same home; sensitive keys fetched in a first pass, then measured with keys held.
-    agent = startAgent({ ...agentOpts, prefetch: false });
+    agent = await startAgent({ ...agentOpts, prefetch: false });
     await agent.lease.whenActive();
     await readAll(agent, 'mem', INFLIGHT);
     const warmDisk = await readAll(agent, 'disk', 1);

@@ -21,7 +21,7 @@ import { DEFAULT_FULL_POLICY } from '../policies/schema.js';
 import { table } from '../cli/output.js';
 import { FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE } from '../common/constants.js';
 import { FaultThread, PAGE_SIZE, UffdListener, shimEnv } from '../native/index.js';
-import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
+import { assign, enrolledDevice, pushImage, testUnlock } from '../test/helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, waitFor } from '../test/helpers/proc.js';
 import { timeCHandler, timeClient } from './lib/fault-client.js';
 import { percentile, sortedCopy } from './lib/stats.js';
@@ -62,7 +62,7 @@ async function cHandler(dir: string): Promise<number[]> {
  * Faults served by an agent core exactly as AgentVm serves a resumed guest's
  * (servePage: pooled buffer, the evictor's gate and its keyed hash of each page).
  */
-async function agentFaults(dir: string, core: ReturnType<typeof startAgent>['core'], name: string, stride = 1): Promise<number[]> {
+async function agentFaults(dir: string, core: Awaited<ReturnType<typeof startAgent>>['core'], name: string, stride = 1): Promise<number[]> {
   const ram = freshRam(name);
   const sock = path.join(dir, `${name}.sock`);
   const pool = new BufferPool(FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE);
@@ -112,10 +112,10 @@ async function faultLatency(dir: string) {
       const d = await enrolledDevice(s, name);
       await assign(s, d.deviceId, image);
       d.close();
-      return { home: d.home, image, cacheBytes: 64 * PAGES * PAGE_SIZE, heartbeatMs: 30_000, log: () => {}, nbd: null, prefetch: false };
+      return { home: d.home, image, cacheBytes: 64 * PAGES * PAGE_SIZE, heartbeatMs: 30_000, log: () => {}, nbd: null, prefetch: false, unlock: testUnlock() };
     };
-    const run = async <T>(opts: Parameters<typeof startAgent>[0], fn: (a: ReturnType<typeof startAgent>) => Promise<T>): Promise<T> => {
-      const agent = startAgent(opts);
+    const run = async <T>(opts: Parameters<typeof startAgent>[0], fn: (a: Awaited<ReturnType<typeof startAgent>>) => Promise<T>): Promise<T> => {
+      const agent = await startAgent(opts);
       try {
         await agent.lease.whenActive();
         return await fn(agent);

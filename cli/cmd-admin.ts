@@ -20,6 +20,7 @@ interface DeviceView {
   status: string;
   enrolledAt: string;
   lastSeen: string | null;
+  seal: string;
   images: string[];
 }
 
@@ -47,8 +48,8 @@ export function adminCommand(y: Argv) {
             r.devices.length === 0
               ? 'no devices enrolled'
               : table(
-                  ['ID', 'NAME', 'STATUS', 'LAST SEEN', 'IMAGES'],
-                  r.devices.map((d) => [d.id, d.name, d.status, d.lastSeen, d.images.join(',') || '-']),
+                  ['ID', 'NAME', 'STATUS', 'SEAL', 'LAST SEEN', 'IMAGES'],
+                  r.devices.map((d) => [d.id, d.name, d.status, d.seal, d.lastSeen, d.images.join(',') || '-']),
                 ),
           );
         }),

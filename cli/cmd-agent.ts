@@ -10,6 +10,7 @@ import { defaultHome } from '../agent/identity.js';
 import type { NbdAddress } from '../agent/nbd/server.js';
 import { NBD_PEERS, type NbdPeers } from '../agent/nbd-peers.js';
 import { emit, table, type OutOpts } from './output.js';
+import { unlockFrom, unlockOpts, type UnlockArgs } from './unlock-opts.js';
 
 interface HomeArgs extends OutOpts {
   home: string;
@@ -95,7 +96,7 @@ export function agentCommand(y: Argv) {
         'run <image>',
         'run the agent in the foreground for an assigned image',
         (y) =>
-          y
+          unlockOpts(y)
             .positional('image', { type: 'string', demandOption: true })
             .option('cache-size', { type: 'string', default: '2G', describe: 'ciphertext cache limit' })
             .option('heartbeat', { type: 'string', default: '30s', describe: 'how often to check in with the server' })
@@ -122,7 +123,7 @@ export function agentCommand(y: Argv) {
           if (a.trace !== undefined && !a.vm) {
             throw new LetheError('BAD_REQUEST', '--trace records a VM\'s faults: it needs --vm', { hint: `lethe agent run ${a.image} --vm --trace ${a.trace}` });
           }
-          const agent = startAgent({
+          const agent = await startAgent({
             home: String(a.home),
             image: String(a.image),
             cacheBytes: parseSize(String(a['cache-size']), '--cache-size'),
@@ -133,6 +134,7 @@ export function agentCommand(y: Argv) {
             logGuestConsole: a['log-guest-console'] === true,
             diskMemoryBytes: parseSize(String(a['disk-memory-cache']), '--disk-memory-cache'),
             vm: a.vm ? { accel: a.accel, trace: a.trace === undefined ? undefined : path.resolve(String(a.trace)) } : undefined,
+            unlock: unlockFrom(a as UnlockArgs),
           });
           const stop = () => agent.stop();
           process.on('SIGINT', stop);

@@ -13,6 +13,8 @@ import { fileURLToPath } from 'node:url';
 import type { Argv } from 'yargs';
 import { startAgent, type AgentStatus, type RunningAgent } from '../agent/daemon.js';
 import { enrollDevice } from '../agent/identity.js';
+import { fixedSecret, type Unlock } from '../agent/unlock.js';
+import { randomKey, wipe } from '../common/crypto.js';
 import { ACCEL_CHOICES, type AccelChoice } from '../agent/qemu.js';
 import { PinnedClient } from '../common/http-client.js';
 import { LetheError } from '../common/errors.js';
@@ -79,6 +81,11 @@ async function demo(a: DemoArgs): Promise<void> {
   let server: ChildProcess | undefined;
   let agent: RunningAgent | undefined;
   let interrupted = false;
+  // The device keys are sealed as a laptop's are, under a random passphrase that
+  // lives only in this process's locked memory (Argon2id at its interactive cost).
+  const passphrase = randomKey();
+  const unlock: Unlock = { ask: fixedSecret(passphrase) };
+  wipe(passphrase);
   // From the start: Ctrl-C during the set-up (a snapshot child dies with it) still cleans up.
   const onSignal = () => {
     interrupted = true;
@@ -104,8 +111,8 @@ async function demo(a: DemoArgs): Promise<void> {
     const admin = new AdminClient(new PinnedClient(s.url, s.pin), s.token);
     try {
       const { token } = await admin.json<{ token: string }>('POST', '/enroll-tokens', {});
-      const enrolled = await enrollDevice(dirs.home, token, `${os.hostname()} (demo)`);
-      say(`this machine enrolled as device ${enrolled.deviceId}`);
+      const enrolled = await enrollDevice(dirs.home, token, `${os.hostname()} (demo)`, { seal: 'passphrase', unlock, argon2: 'interactive' });
+      say(`this machine enrolled as device ${enrolled.deviceId}, its keys sealed under a random passphrase`);
       say('booting the test guest to snapshot it (the guest is built from Debian packages on first use)');
       await lethe(['vm', 'snapshot', '--out', dirs.snap, '--mem', a.mem, '--workload-mib', String(a.workloadMib), '--accel', a.accel, '--json']);
       const policy = path.join(root, 'policy.yaml');
@@ -127,13 +134,14 @@ async function demo(a: DemoArgs): Promise<void> {
 
     let lastGuest = '';
     const statusLine = new StatusLine();
-    const running = startAgent({
+    const running = await startAgent({
       home: dirs.home,
       image: IMAGE,
       cacheBytes: 1024 * 1024 * 1024,
       heartbeatMs: 5_000,
       prefetch: false,
       vm: { accel: a.accel },
+      unlock,
       log: (line) => statusLine.print(line),
       // The workload's checks reach the status line in process; the console is not logged.
       onGuestConsole: (line) => {

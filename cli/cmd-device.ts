@@ -6,9 +6,12 @@ import { DeviceClient } from '../agent/device-client.js';
 import { closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity } from '../agent/identity.js';
 import { acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe } from '../agent/wipe.js';
 import { keepCheckpoint } from '../agent/anchor.js';
+import { SEAL_KINDS, type SealKind } from '../common/constants.js';
+import type { Argon2Cost } from '../agent/seal.js';
 import { emit, type OutOpts } from './output.js';
+import { unlockFrom, unlockOpts, type UnlockArgs } from './unlock-opts.js';
 
-interface HomeArgs extends OutOpts {
+interface HomeArgs extends OutOpts, UnlockArgs {
   home: string;
 }
 
@@ -16,7 +19,7 @@ const homeOpt = <T>(y: Argv<T>) =>
   y.option('home', { type: 'string', describe: 'device home ($LETHE_HOME)', default: defaultHome() });
 
 async function heartbeat(a: HomeArgs): Promise<void> {
-  const id = loadIdentity(a.home);
+  const id = await loadIdentity(a.home, unlockFrom(a));
   const client = new DeviceClient(id);
   try {
     const pending = pendingWipe(a.home);
@@ -69,15 +72,26 @@ export function deviceCommands(y: Argv) {
       'enroll <token>',
       'enroll this device with a one-time token from IT',
       (y) =>
-        homeOpt(y)
+        unlockOpts(homeOpt(y))
           .positional('token', { type: 'string', demandOption: true })
-          .option('name', { type: 'string', default: os.hostname(), describe: 'device name shown to IT' }),
+          .option('name', { type: 'string', default: os.hostname(), describe: 'device name shown to IT' })
+          .option('seal', {
+            choices: SEAL_KINDS,
+            default: 'passphrase' as SealKind,
+            describe: "how the device keys are kept at rest: the TPM with a PIN, a passphrase (Argon2id), or none (refused by the shipped policies)",
+          })
+          .option('argon2', { choices: ['moderate', 'interactive'] as const, default: 'moderate' as Argon2Cost, describe: 'Argon2id cost of a passphrase seal' }),
       async (a) => {
-        const info = await enrollDevice(String(a.home), String(a.token), String(a.name));
-        emit(a as unknown as OutOpts, { deviceId: info.deviceId }, () => `enrolled as ${info.deviceId} with ${info.server}`);
+        const seal = a.seal as SealKind;
+        const info = await enrollDevice(String(a.home), String(a.token), String(a.name), {
+          seal,
+          unlock: seal === 'none' ? undefined : unlockFrom(a),
+          argon2: a.argon2 as Argon2Cost,
+        });
+        emit(a as unknown as OutOpts, { deviceId: info.deviceId, seal }, () => `enrolled as ${info.deviceId} with ${info.server}; keys sealed: ${seal}`);
       },
     )
-    .command('heartbeat', 'check in with the server and act on its commands (wipe); a revoked device erases its keys', homeOpt, async (a) => {
+    .command('heartbeat', 'check in with the server and act on its commands (wipe); a revoked device erases its keys', (y) => unlockOpts(homeOpt(y)), async (a) => {
       await heartbeat(a as unknown as HomeArgs);
     });
 }

@@ -26,6 +26,18 @@ export const EXPIRY_ACTIONS = ['evict-sensitive', 'evict-all', 'suspend'] as con
 export const WIPE_ACTIONS = ['evict-all', 'poweroff'] as const;
 export const PREFETCH_ORDERS = ['trace', 'address', 'none'] as const;
 
+// ---- specification: sealed device keys (docs/device-keys.md) ----
+/** How a device's identity keys are kept at rest; reported at enrollment, checked by policy. */
+export const SEAL_KINDS = ['tpm', 'passphrase', 'none'] as const;
+export type SealKind = (typeof SEAL_KINDS)[number];
+export const SEALED_KEY_MAGIC = 'LETHEKEY';
+export const SEALED_KEY_VERSION = 1;
+export const SEAL_CODE: Record<Exclude<SealKind, 'none'>, number> = { passphrase: 1, tpm: 2 };
+/** Additional data of a sealed key: header ‖ this ‖ the key's name ("sign" or "box"). */
+export const AD_SEALED_KEY = 'lethe/v1/device-key\0';
+/** The message the TPM's HMAC key signs to give the key-encryption key. */
+export const TPM_KEK_CONTEXT = 'lethe/v1/tpm-kek\0';
+
 export const KEY_BYTES = 32;
 export const NONCE_BYTES = 24;
 export const TAG_BYTES = 16;
@@ -89,5 +101,10 @@ export const MAX_BATCH = 1024;
 export const MAX_UPLOAD_BODY = 8 * 1024 * 1024 + 64 * 1024;
 /** Built-in lease policy until an image carries its own. */
 export const DEFAULT_LEASE_TTL_S = 900;
+/** A key ceiling given as a share never goes below this many distinct keys (small images). */
+export const KEY_CEILING_FLOOR = 1024;
+/** Built-in key ceiling: this share of an image's sensitive chunks, distinct, per device per window. */
+export const DEFAULT_KEY_CEILING_SHARE = 0.95;
+export const DEFAULT_KEY_WINDOW_S = 300;
 /** Built-in eviction policy: sensitive guest pages resident this long are evicted. */
 export const DEFAULT_EVICT_IDLE_S = 60;

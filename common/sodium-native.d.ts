@@ -37,6 +37,15 @@ declare module 'sodium-native' {
     crypto_sign_detached(sig: Buf, m: Buf, sk: Buf): void;
     crypto_sign_verify_detached(sig: Buf, m: Buf, pk: Buf): boolean;
     crypto_generichash(out: Buf, input: Buf, key?: Buf): void;
+    crypto_pwhash_ALG_ARGON2ID13: number;
+    crypto_pwhash_SALTBYTES: number;
+    crypto_pwhash_OPSLIMIT_INTERACTIVE: number;
+    crypto_pwhash_MEMLIMIT_INTERACTIVE: number;
+    crypto_pwhash_OPSLIMIT_MODERATE: number;
+    crypto_pwhash_MEMLIMIT_MODERATE: number;
+    crypto_pwhash_OPSLIMIT_MIN: number;
+    crypto_pwhash_MEMLIMIT_MIN: number;
+    crypto_pwhash_async(out: Buf, passwd: Buf, salt: Buf, opslimit: number, memlimit: number, alg: number, cb: (err: Error | null) => void): void;
   };
   export default sodium;
 }

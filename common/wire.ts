@@ -1,7 +1,7 @@
 // Request and response bodies of the HTTP API (docs/escrow-protocol.md).
 // The server validates every request body with these; tests check responses.
 import { z } from 'zod';
-import { CHUNK_KINDS, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MAX_BATCH, MEMORY_MODES, PREFETCH_ORDERS, SENSITIVITY_CLASSES, WIPE_ACTIONS } from './constants.js';
+import { CHUNK_KINDS, SEAL_KINDS, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MAX_BATCH, MEMORY_MODES, PREFETCH_ORDERS, SENSITIVITY_CLASSES, WIPE_ACTIONS } from './constants.js';
 
 const b64url = (bytes?: number) =>
   z
@@ -24,6 +24,8 @@ export const EnrollRequest = z.strictObject({
   name: z.string().min(1).max(128),
   signPublicKey: b64url(32),
   boxPublicKey: b64url(32),
+  /** How the device keeps its identity keys at rest (docs/device-keys.md); absent from older agents: none. */
+  seal: z.enum(SEAL_KINDS).optional(),
 });
 export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
 

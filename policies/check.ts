@@ -186,7 +186,18 @@ const hintsFit: Check = (p, say) => {
   }
 };
 
+const sealKinds: Check = (p, say) => {
+  if (p.deviceSeal.length === 0) {
+    return [say('error', 'device.seal', 'is empty: no device could get a lease', 'list the seal kinds devices may have, e.g. [tpm, passphrase]')];
+  }
+  return p.deviceSeal.includes('none')
+    ? [say('warning', 'device.seal', "allows 'none': a device whose keys sit unencrypted on its disk gets leases, so a copy of a powered-off laptop can act as it",
+        'leave none out, e.g. [tpm, passphrase]')]
+    : [];
+};
+
 const CHECKS: Check[] = [
+  sealKinds,
   renewBeforeExpiry,
   idleWithinLease,
   budgetFits,

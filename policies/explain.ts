@@ -1,5 +1,6 @@
 // `lethe policy explain`: a policy in plain words for the IT admin who has to
 // answer "what can a lost laptop still read, and for how long".
+import { KEY_CEILING_FLOOR } from '../common/constants.js';
 import { formatBytes, formatDuration } from './format.js';
 import type { Policy } from './schema.js';
 
@@ -110,6 +111,24 @@ function hintLines(p: Policy): string[] {
   return [`every ${formatDuration(p.hintIntervalMs)}, the guest driver reports ${what}`];
 }
 
+const SEAL: Record<Policy['deviceSeal'][number], string> = {
+  tpm: 'sealed to the TPM with a PIN',
+  passphrase: 'sealed under a passphrase (Argon2id)',
+  none: 'unencrypted on the disk (--seal none)',
+};
+
+function deviceLines(p: Policy): string[] {
+  const ceiling = 'share' in p.keyCeiling
+    ? `${+(p.keyCeiling.share * 100).toFixed(2)}% of the image's sensitive chunk keys (at least ${KEY_CEILING_FLOOR})`
+    : `${p.keyCeiling.count} sensitive chunk keys`;
+  return [
+    p.deviceSeal.length === 0
+      ? 'no device gets a lease (no seal kind is allowed)'
+      : `a lease goes only to a device whose identity keys are ${p.deviceSeal.map((k) => SEAL[k]).join(', or ')}`,
+    `one device is given at most ${ceiling}, counted once each, within ${formatDuration(p.keyWindowMs)}; past that its key requests are refused and the audit log raises an alarm`,
+  ];
+}
+
 /** Plain words for an IT admin: what is sensitive, how long plaintext stays, offline, expiry, wipe, prefetch, hints. */
 export function explainPolicy(p: Policy, file: string): string {
   const title = `policy ${p.name || file}${p.description ? `: ${p.description.replace(/\s+/g, ' ').trim()}` : ''}`;
@@ -121,5 +140,6 @@ export function explainPolicy(p: Policy, file: string): string {
     ...section('lease, offline, expiry and wipe', leaseLines(p)),
     ...section('prefetch', prefetchLines(p)),
     ...section('guest reports', hintLines(p)),
+    ...section('devices', deviceLines(p)),
   ].join('\n');
 }

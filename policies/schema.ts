@@ -2,7 +2,19 @@
 // and the parsed form the server, the agent and the CLI use (times in ms, sizes
 // in bytes). docs/policies.md describes the same keys for admins.
 import type { TAgentPolicy } from '../common/wire.js';
-import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS } from '../common/constants.js';
+import {
+  DEFAULT_EVICT_IDLE_S,
+  DEFAULT_KEY_CEILING_SHARE,
+  DEFAULT_KEY_WINDOW_S,
+  DEFAULT_LEASE_TTL_S,
+  EXPIRY_ACTIONS,
+  FREE_PAGE_ACTIONS,
+  MEMORY_MODES,
+  PREFETCH_ORDERS,
+  SEAL_KINDS,
+  WIPE_ACTIONS,
+  type SealKind,
+} from '../common/constants.js';
 import { parseDuration } from '../common/duration.js';
 import { parseRate, parseSize } from '../common/sizes.js';
 import { closest } from './suggest.js';
@@ -17,7 +29,14 @@ export interface ServerPolicy {
   sensitiveDisk: [number, number][];
   /** Sensitive guest pages resident longer than this are evicted (the agent's evictor). */
   evictIdleMs: number;
+  /** How a device must keep its identity keys at rest to get a lease (device.seal). */
+  deviceSeal: SealKind[];
+  /** Most distinct sensitive chunk keys one device is given per window: a share of the version's, or a count. */
+  keyCeiling: KeyCeiling;
+  keyWindowMs: number;
 }
+
+export type KeyCeiling = { share: number } | { count: number };
 
 /**
  * The full policy: the server's part and the agent's part, whose fields are those
@@ -41,6 +60,9 @@ export const DEFAULT_FULL_POLICY: Policy = Object.freeze({
   sensitiveState: false,
   sensitiveDisk: [],
   evictIdleMs: DEFAULT_EVICT_IDLE_S * 1000,
+  deviceSeal: ['tpm', 'passphrase'] as SealKind[],
+  keyCeiling: { share: DEFAULT_KEY_CEILING_SHARE },
+  keyWindowMs: DEFAULT_KEY_WINDOW_S * 1000,
   memoryMode: 'all',
   processes: [],
   cgroups: [],
@@ -174,6 +196,21 @@ function range(v: unknown): Read<[number, number]> {
   return { value: ends.map((r) => (r as { value: number }).value) as [number, number] };
 }
 
+const CEILING_HINT = 'write a share of the image\'s sensitive chunks, e.g. 90%, or a number of keys, e.g. 20000';
+
+/** "90%" → a share; 20000 → a count of keys. */
+const ceiling: Field<KeyCeiling> = {
+  read(v) {
+    if (typeof v === 'number') return Number.isSafeInteger(v) && v > 0 ? { value: { count: v } } : bad('a whole number of keys above 0', v, CEILING_HINT);
+    const m = typeof v === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(v) : null;
+    if (!m) return bad('a share such as 90% or a number of keys', v, CEILING_HINT);
+    const pct = Number(m[1]);
+    return pct > 0 && pct <= 100 ? { value: { share: pct / 100 } } : { message: `must be above 0% and at most 100%, got ${describe(v)}`, hint: CEILING_HINT };
+  },
+};
+
+const sealKind = oneOf(SEAL_KINDS);
+
 /** Every key a policy may set, by section. A section's value is a mapping of its keys. */
 export const SCHEMA = {
   name: text,
@@ -197,6 +234,11 @@ export const SCHEMA = {
   },
   prefetch: { startup: size, order: oneOf(PREFETCH_ORDERS), bandwidth: rate },
   hints: { interval: duration },
+  device: {
+    seal: listField('seal kinds', (v) => sealKind.read(v), '[tpm, passphrase]'),
+    'key-ceiling': ceiling,
+    'key-window': duration,
+  },
 } as const;
 
 export type Section = Record<string, Field>;
@@ -220,6 +262,9 @@ export function buildPolicy(values: Values): Policy {
     sensitiveState: get('sensitive.state', d.sensitiveState),
     sensitiveDisk: get('sensitive.disk', []),
     evictIdleMs: get('eviction.idle', d.evictIdleMs),
+    deviceSeal: get('device.seal', d.deviceSeal),
+    keyCeiling: get('device.key-ceiling', d.keyCeiling),
+    keyWindowMs: get('device.key-window', d.keyWindowMs),
     memoryMode,
     processes: get('sensitive.processes', []),
     cgroups: get('sensitive.cgroups', []),

@@ -28,6 +28,7 @@ export type AuditType =
   | 'lease.renew'
   | 'lease.refused'
   | 'keys.release'
+  | 'alarm.key-ceiling'
   | 'chunks.serve'
   | 'checkin'
   | 'trace.upload';

@@ -109,6 +109,23 @@ CREATE TABLE IF NOT EXISTS traces (
   data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS traces_image ON traces(image_id, id);
+-- The key ceiling (docs/escrow-protocol.md): when each device was last given each
+-- sensitive chunk key of an image, and how many distinct ones in its current window.
+CREATE TABLE IF NOT EXISTS key_releases (
+  device_id TEXT NOT NULL,
+  image_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  idx INTEGER NOT NULL,
+  released_at INTEGER NOT NULL,
+  PRIMARY KEY (device_id, image_id, kind, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_windows (
+  device_id TEXT NOT NULL,
+  image_id TEXT NOT NULL,
+  started_at INTEGER NOT NULL,
+  keys INTEGER NOT NULL,
+  PRIMARY KEY (device_id, image_id)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
   seq INTEGER PRIMARY KEY,
   hash TEXT NOT NULL,
@@ -145,6 +162,8 @@ const ADDED_COLUMNS: [table: string, column: string, decl: string][] = [
   ['versions', 'lease_id', 'TEXT'],
   ['leases', 'write_gen', 'INTEGER'],
   ['devices', 'revoke_acked_at', 'INTEGER'],
+  // how the device keeps its identity keys at rest, as it reported at enrollment
+  ['devices', 'seal', "TEXT NOT NULL DEFAULT 'none'"],
 ];
 
 function addColumns(db: DB): void {

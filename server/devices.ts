@@ -1,6 +1,6 @@
 // Enrollment, device status, revoke and wipe (docs/escrow-protocol.md).
 import { randomBytes } from 'node:crypto';
-import { DEFAULT_ENROLL_TTL_S } from '../common/constants.js';
+import { DEFAULT_ENROLL_TTL_S, type SealKind } from '../common/constants.js';
 import { b64u, sha256 } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
@@ -22,6 +22,7 @@ export interface DeviceRow {
   wipe_requested_at: number | null;
   wiped_at: number | null;
   revoke_acked_at: number | null;
+  seal: SealKind;
 }
 
 export function deviceStatus(d: DeviceRow): DeviceStatus {
@@ -72,9 +73,10 @@ export function enroll(ctx: Ctx, req: TEnrollRequest) {
     const used = q(ctx.db, 'UPDATE enroll_tokens SET used_at = ?, device_id = ? WHERE secret_sha256 = ? AND used_at IS NULL AND expires_at > ?')
       .run(now, id, sha256(secret).toString('hex'), now);
     if (used.changes !== 1) throw invalid();
-    q(ctx.db, 'INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES (?, ?, ?, ?, ?)')
-      .run(id, req.name, b64u.decode(req.signPublicKey), b64u.decode(req.boxPublicKey), now);
-    ctx.audit.append('enroll', id, { name: req.name }, now);
+    const seal = req.seal ?? 'none';
+    q(ctx.db, 'INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at, seal) VALUES (?, ?, ?, ?, ?, ?)')
+      .run(id, req.name, b64u.decode(req.signPublicKey), b64u.decode(req.boxPublicKey), now, seal);
+    ctx.audit.append('enroll', id, { name: req.name, seal }, now);
   })();
   ctx.metrics.inc('lethe_enrollments_total');
   return { deviceId: id, serverSignPublicKey: b64u.encode(ctx.data.signPublicKey) };
@@ -92,6 +94,7 @@ export function listDevices(ctx: Ctx) {
     enrolledAt: iso(d.enrolled_at),
     lastSeen: d.last_seen === null ? null : iso(d.last_seen),
     revokeAckedAt: d.revoke_acked_at === null ? null : iso(d.revoke_acked_at),
+    seal: d.seal,
     images: (images.all(d.id) as { name: string }[]).map((r) => r.name),
   }));
 }

@@ -12,6 +12,7 @@ import { newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
+import { assertSealAllowed, keyCeiling } from './device-policy.js';
 import { q } from './db.js';
 
 interface LeaseRow {
@@ -94,6 +95,7 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
   assertAssigned(ctx, d, img.id, imageName);
   const v = currentVersion(ctx, img);
   const policy = policyOf(img);
+  assertSealAllowed(d, policy, imageName);
   const now = ctx.now();
   const lease: LeaseRow = {
     id: newId('lease'),
@@ -152,6 +154,7 @@ export function renewLease(ctx: Ctx, d: DeviceRow, leaseId: string) {
   const img = getImage(ctx, l.name);
   assertAssigned(ctx, d, img.id, l.name);
   const policy = policyOf(img);
+  assertSealAllowed(d, policy, l.name);
   const now = ctx.now();
   l.expires_at = now + policy.leaseTtlMs;
   ctx.db.transaction(() => {
@@ -268,6 +271,9 @@ export function releaseKeys(
   const rows = ctx.db.transaction(() => {
     if (stateSize !== undefined) setDraftStateSize(ctx, l, stateSize);
     const rows = write ? writeCoords(ctx, l, refs) : resolve(ctx, l, refs);
+    // Past its key ceiling the device gets nothing; the alarm, not a release, is audited.
+    const refused = write ? undefined : keyCeiling(ctx, d, l, rows, now);
+    if (refused) return refused;
     const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
     ctx.audit.append(
       'keys.release',
@@ -286,6 +292,7 @@ export function releaseKeys(
     );
     return rows;
   })();
+  if (rows instanceof LetheError) throw rows;
   const id = Buffer.from(l.image_id, 'hex');
   const wrapped = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
   const coords = rows.map((r): ChunkCoord => ({ imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls }));

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { control } from '../../agent/control.js';
 import { startAgent, type AgentStatus } from '../../agent/daemon.js';
-import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
+import { assign, enrolledDevice, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 
@@ -65,7 +65,8 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
     await assign(s, d.deviceId, 'vm');
     const logged: string[] = [];
     const consoleLines: string[] = [];
-    const a = startAgent({
+    const a = await startAgent({
+      unlock: testUnlock(),
       home: d.home,
       image: 'vm',
       cacheBytes: 1 << 30,

@@ -7,7 +7,13 @@ import { AdminClient } from '../../cli/admin-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
 import { startAgent, type RunningAgent } from '../../agent/daemon.js';
-import { startServer, tmpDir, type ServerProc } from './proc.js';
+import { fixedSecret, type Unlock } from '../../agent/unlock.js';
+import { startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from './proc.js';
+
+/** Unseals a test device's keys: the passphrase every test device is sealed with. */
+export function testUnlock(passphrase = TEST_PASSPHRASE): Unlock {
+  return { ask: fixedSecret(passphrase) };
+}
 
 export function admin(s: ServerProc): AdminClient {
   return new AdminClient(new PinnedClient(s.url, s.fingerprint), s.adminToken);
@@ -26,8 +32,9 @@ export async function enrolledDevice(s: ServerProc, name = 'laptop'): Promise<Te
   try {
     const { token } = await a.json<{ token: string }>('POST', '/enroll-tokens', {});
     const home = tmpDir('lethe-home-');
-    await enrollDevice(home, token, name);
-    const id = loadIdentity(home);
+    // Sealed as a real laptop's keys are (a passphrase, Argon2id), at the cheaper cost.
+    await enrollDevice(home, token, name, { seal: 'passphrase', unlock: testUnlock(), argon2: 'interactive' });
+    const id = await loadIdentity(home, testUnlock());
     const client = new DeviceClient(id);
     return { home, id, client, deviceId: id.info.deviceId, close: () => client.close() };
   } finally {
@@ -106,7 +113,7 @@ export async function agentInProcess(
   const d = await enrolledDevice(s);
   await assign(s, d.deviceId, image);
   d.close();
-  const agent = startAgent({ home: d.home, image, cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {} });
+  const agent = await startAgent({ home: d.home, image, cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock() });
   try {
     await agent.lease.whenActive();
   } catch (e) {

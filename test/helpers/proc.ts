@@ -6,6 +6,12 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 
+/**
+ * The passphrase test devices are sealed with (test/helpers/fixtures.ts); an agent
+ * process reads it from stdin (--passphrase-fd 0).
+ */
+export const TEST_PASSPHRASE = 'correct horse battery staple';
+
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const MAIN = path.join(ROOT, 'cli', 'main.ts');
 
@@ -125,12 +131,14 @@ export interface AgentProc {
   stop(): Promise<number>;
 }
 
-/** `lethe agent run IMAGE` as a real process, with a short heartbeat for tests. */
+/** `lethe agent run IMAGE` as a real process, with a short heartbeat for tests; TEST_PASSPHRASE on its stdin unseals the keys. */
 export async function startAgentProc(home: string, image: string, args: string[] = []): Promise<AgentProc> {
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'agent', 'run', image, '--home', home, '--heartbeat', '1s', ...args], {
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'agent', 'run', image, '--home', home, '--heartbeat', '1s', '--passphrase-fd', '0', ...args], {
     cwd: ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ['pipe', 'pipe', 'pipe'],
   });
+  proc.stdin!.on('error', () => {});
+  proc.stdin!.end(TEST_PASSPHRASE);
   let log = '';
   proc.stdout!.on('data', (d) => (log += d));
   proc.stderr!.on('data', (d) => (log += d));
@@ -139,7 +147,8 @@ export async function startAgentProc(home: string, image: string, args: string[]
   const t0 = Date.now();
   while (!fs.existsSync(sock)) {
     if (proc.exitCode !== null) throw new Error(`agent exited early: ${log}`);
-    if (Date.now() - t0 > 20_000) throw new Error(`agent did not start: ${log}`);
+    // Unsealing the device keys (Argon2id) comes before the socket.
+    if (Date.now() - t0 > 30_000) throw new Error(`agent did not start: ${log}`);
     await new Promise((r) => setTimeout(r, 50));
   }
   return {

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { signRequest } from '../../common/signing.js';
 import { signKeyPair } from '../../common/crypto.js';
 import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
 
 describe('device authentication (real server process)', function () {
   let s: ServerProc;
@@ -87,7 +87,7 @@ describe('device authentication (real server process)', function () {
       expect(e.code, what).to.equal('DEVICE_REVOKED');
     }
     // Revocation implies a wipe on the device: 'lethe heartbeat' erases its keys, acknowledges, and says so.
-    const hb = await lethe(['heartbeat', '--home', d.home]);
+    const hb = await lethe(['heartbeat', '--home', d.home, '--passphrase-fd', '0'], {}, TEST_PASSPHRASE);
     expect(hb.code).to.equal(3);
     expect(hb.stderr).to.match(
       new RegExp(
@@ -108,7 +108,7 @@ describe('device authentication (real server process)', function () {
     // Until it heartbeats, the device can get nothing else.
     expect((await rejects(d.client.lease('revoke-img'))).code).to.equal('DEVICE_WIPE_PENDING');
 
-    const hb = await lethe(['heartbeat', '--home', d.home, '--json']);
+    const hb = await lethe(['heartbeat', '--home', d.home, '--json', '--passphrase-fd', '0'], {}, TEST_PASSPHRASE);
     expect(hb.code, hb.stderr).to.equal(0);
     const out = JSON.parse(hb.stdout) as { wiped: boolean; acknowledged: boolean; command: string };
     expect(out).to.include({ wiped: true, acknowledged: true });

@@ -2,7 +2,7 @@
 // moment loses nothing the server had acknowledged.
 import { expect } from 'chai';
 import { LetheError } from '../../common/errors.js';
-import { admin, assign, enrolledDevice, pushImage, rejects } from '../helpers/fixtures.js';
+import { admin, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { signRequest } from '../../common/signing.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 
@@ -149,7 +149,7 @@ describe('durability (real server process)', function () {
 async function enrolledDeviceFromHome(home: string) {
   const { loadIdentity } = await import('../../agent/identity.js');
   const { DeviceClient } = await import('../../agent/device-client.js');
-  const id = loadIdentity(home);
+  const id = await loadIdentity(home, testUnlock());
   const client = new DeviceClient(id);
   return { client, close: () => client.close() };
 }

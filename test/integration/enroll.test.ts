@@ -2,7 +2,10 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
+
+/** `lethe enroll`, its keys sealed under TEST_PASSPHRASE (read from stdin). */
+const enroll = (args: string[]) => lethe(['enroll', ...args, '--passphrase-fd', '0', '--argon2', 'interactive'], {}, TEST_PASSPHRASE);
 
 describe('enrollment (real server process)', function () {
   let s: ServerProc;
@@ -22,12 +25,12 @@ describe('enrollment (real server process)', function () {
   it('a token works once, then is refused with a clear message', async () => {
     const token = await mint();
     const home1 = path.join(tmpDir(), 'home');
-    const first = await lethe(['enroll', token, '--home', home1, '--json']);
+    const first = await enroll([token, '--home', home1, '--json']);
     expect(first.code, first.stderr).to.equal(0);
     const { deviceId } = JSON.parse(first.stdout) as { deviceId: string };
     expect(deviceId).to.match(/^dev-[0-9a-f]{16}$/);
 
-    const second = await lethe(['enroll', token, '--home', path.join(tmpDir(), 'home')]);
+    const second = await enroll([token, '--home', path.join(tmpDir(), 'home')]);
     expect(second.code).to.equal(1);
     expect(second.stderr).to.equal(
       "lethe: error: enrollment token is invalid, expired or already used\nlethe: hint: ask IT for a new token ('lethe admin enroll-token')\n",
@@ -41,7 +44,7 @@ describe('enrollment (real server process)', function () {
 
   it('private keys are 0600 in the device home and the server is pinned', async () => {
     const home = path.join(tmpDir(), 'home');
-    const r = await lethe(['enroll', await mint(), '--home', home, '--json']);
+    const r = await enroll([await mint(), '--home', home, '--json']);
     expect(r.code, r.stderr).to.equal(0);
     for (const f of ['sign.key', 'box.key', 'device.json']) {
       expect(fs.statSync(path.join(home, f)).mode & 0o777, f).to.equal(0o600);
@@ -54,7 +57,7 @@ describe('enrollment (real server process)', function () {
   it('an expired token is refused', async () => {
     const token = await mint('1s');
     await new Promise((r) => setTimeout(r, 1500));
-    const r = await lethe(['enroll', token, '--home', path.join(tmpDir(), 'home')]);
+    const r = await enroll([token, '--home', path.join(tmpDir(), 'home')]);
     expect(r.code).to.equal(1);
     expect(r.stderr).to.contain('enrollment token is invalid, expired or already used');
   });
@@ -64,11 +67,11 @@ describe('enrollment (real server process)', function () {
     const body = JSON.parse(Buffer.from(token.slice('lethe-enroll-'.length), 'base64url').toString()) as { s: string };
     body.s = body.s.replace(/^./, (c) => (c === 'A' ? 'B' : 'A'));
     const forged = 'lethe-enroll-' + Buffer.from(JSON.stringify(body)).toString('base64url');
-    const r = await lethe(['enroll', forged, '--home', path.join(tmpDir(), 'home')]);
+    const r = await enroll([forged, '--home', path.join(tmpDir(), 'home')]);
     expect(r.code).to.equal(1);
     expect(r.stderr).to.contain('enrollment token is invalid, expired or already used');
 
-    const g = await lethe(['enroll', 'hello', '--home', path.join(tmpDir(), 'home')]);
+    const g = await enroll(['hello', '--home', path.join(tmpDir(), 'home')]);
     expect(g.code).to.equal(2);
     expect(g.stderr).to.equal(
       "lethe: error: not an enrollment token: 'hello'\nlethe: hint: ask IT for a new token (they mint one with 'lethe admin enroll-token')\n",
@@ -80,11 +83,11 @@ describe('enrollment (real server process)', function () {
     const body = JSON.parse(Buffer.from(token.slice('lethe-enroll-'.length), 'base64url').toString()) as { f: string };
     body.f = 'ab'.repeat(32);
     const forged = 'lethe-enroll-' + Buffer.from(JSON.stringify(body)).toString('base64url');
-    const r = await lethe(['enroll', forged, '--home', path.join(tmpDir(), 'home')]);
+    const r = await enroll([forged, '--home', path.join(tmpDir(), 'home')]);
     expect(r.code).to.equal(1);
     expect(r.stderr).to.match(/^lethe: error: the server at https:\/\/127\.0\.0\.1:\d+ presented certificate [0-9a-f]{16}…, not the pinned abababababababab…\n/);
     // The token was not spent: it still enrolls against the real server.
-    const ok = await lethe(['enroll', token, '--home', path.join(tmpDir(), 'home'), '--json']);
+    const ok = await enroll([token, '--home', path.join(tmpDir(), 'home'), '--json']);
     expect(ok.code, ok.stderr).to.equal(0);
   });
 

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { lethe, ROOT, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
-import { admin, agentInProcess, rejects } from '../helpers/fixtures.js';
+import { admin, agentInProcess, rejects, testUnlock } from '../helpers/fixtures.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
 
@@ -252,7 +252,7 @@ describe('lethe image (real server process)', function () {
     await agent.done;
     const r = await lethe(['image', 'rm', 'leased'], s.env);
     expect(r.code, r.stderr).to.equal(0);
-    const id = loadIdentity(home);
+    const id = await loadIdentity(home, testUnlock());
     const client = new DeviceClient(id);
     try {
       const e = await rejects(client.renew(leaseId));

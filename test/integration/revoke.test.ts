@@ -11,7 +11,7 @@ import path from 'node:path';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, enrollDevice, homeFiles, loadIdentity, revokedMarker } from '../../agent/identity.js';
 import type { RunningAgent } from '../../agent/daemon.js';
-import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects } from '../helpers/fixtures.js';
+import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 
 const PAGE = 4096;
@@ -110,17 +110,17 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     }
     // Enrolling again replaces the revoked device in that home.
     const { token } = await adminCall<{ token: string }>('POST', '/enroll-tokens', {});
-    const info = await enrollDevice(home, token, 'again');
+    const info = await enrollDevice(home, token, 'again', { seal: 'passphrase', unlock: testUnlock(), argon2: 'interactive' });
     expect(info.deviceId).to.not.equal(deviceId);
     expect(revokedMarker(home)).to.equal(undefined);
-    closeIdentity(loadIdentity(home));
+    closeIdentity(await loadIdentity(home, testUnlock()));
   });
 
   it('a chunk fetch answered DEVICE_WIPED (the wipe done by another copy) stops the agent at that call and erases what the home still holds', async () => {
     const { agent, home, deviceId } = await agentWithEvictedPage('rv-wiped');
     await adminCall('POST', `/devices/${deviceId}/wipe`);
     // Another copy of the device (a 'lethe heartbeat' elsewhere, say) takes the wipe and acknowledges it.
-    const id = loadIdentity(home);
+    const id = await loadIdentity(home, testUnlock());
     const other = new DeviceClient(id);
     try {
       const hb = await other.heartbeat();

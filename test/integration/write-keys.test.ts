@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
-import { agentInProcessSuite, rejects } from '../helpers/fixtures.js';
+import { agentInProcessSuite, rejects, testUnlock } from '../helpers/fixtures.js';
 
 const PAGE = 4096;
 
@@ -61,7 +61,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     const oldSize = core.sizeOf('state'); // 8 chunks of 128 KiB, odd ones zero
     const state = randomBytes(300 * 1024); // 3 chunks, the last one short
     await core.replaceState(state);
-    const id = loadIdentity(t.home);
+    const id = await loadIdentity(t.home, testUnlock());
     const client = new DeviceClient(id);
     try {
       const r = await core.checkin(client);
@@ -84,7 +84,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     await core.replaceState(randomBytes(5 * 128 * 1024)); // a suspend that got no further
     const state = randomBytes(200 * 1024);
     await core.replaceState(state);
-    const id = loadIdentity(t.home);
+    const id = await loadIdentity(t.home, testUnlock());
     const client = new DeviceClient(id);
     try {
       await core.checkin(client);
@@ -100,7 +100,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
   });
 
   it('a write-key request whose new state size does not fit its chunks changes nothing', async () => {
-    const id = loadIdentity(t.home);
+    const id = await loadIdentity(t.home, testUnlock());
     const client = new DeviceClient(id);
     try {
       const leaseId = t.agent.lease.leaseId();

@@ -26,6 +26,16 @@ describe('shipped policies and explain', () => {
     });
   });
 
+  it('every shipped policy refuses devices whose keys are not sealed (issue #14), and explain says what a device needs', () => {
+    for (const f of ['laptop-default.yaml', 'finance-strict.yaml', 'developer-hinted.yaml']) {
+      expect(shipped(f).policy.deviceSeal, f).to.deep.equal(['tpm', 'passphrase']);
+    }
+    const text = explain('device:\n  key-ceiling: 500\n  key-window: 1h\n');
+    expect(text).to.contain('\ndevices\n  - a lease goes only to a device whose identity keys are sealed to the TPM with a PIN, or sealed under a passphrase (Argon2id)\n');
+    expect(text).to.contain('  - one device is given at most 500 sensitive chunk keys, counted once each, within 1 h;');
+    expect(explain('')).to.contain("at most 95% of the image's sensitive chunk keys (at least 1024)");
+  });
+
   it('finance-strict loads with nothing to say and is strict', () => {
     const r = shipped('finance-strict.yaml');
     expect(r.diagnostics).to.deep.equal([]);

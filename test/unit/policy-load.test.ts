@@ -46,6 +46,10 @@ prefetch:
   bandwidth: 50MiB/s
 hints:
   interval: 500ms
+device:
+  seal: [tpm]
+  key-ceiling: 75%
+  key-window: 10m
 `;
 
 describe('policy loader', () => {
@@ -64,6 +68,9 @@ describe('policy loader', () => {
       sensitiveState: false,
       sensitiveDisk: [],
       evictIdleMs: 60_000,
+      deviceSeal: ['tpm', 'passphrase'],
+      keyCeiling: { share: 0.95 },
+      keyWindowMs: 300_000,
       memoryMode: 'all',
       processes: [],
       cgroups: [],
@@ -95,6 +102,9 @@ describe('policy loader', () => {
         [2 * MiB, 3 * MiB],
       ],
       evictIdleMs: 90_000,
+      deviceSeal: ['tpm'],
+      keyCeiling: { share: 0.75 },
+      keyWindowMs: 600_000,
       memoryMode: 'hinted',
       processes: ['gpg-agent', 'ssh-agent'],
       cgroups: ['/finance.slice'],
@@ -109,6 +119,20 @@ describe('policy loader', () => {
       prefetchBandwidth: 50 * MiB,
       hintIntervalMs: 500,
     });
+  });
+
+  it('device.seal and device.key-ceiling read seal kinds, a share or a count; a bad one names its line and element', () => {
+    expect(loadPolicy('device:\n  key-ceiling: 20000\n', 'p').policy.keyCeiling).to.deep.equal({ count: 20000 });
+    expect(only('device:\n  seal: [tpm, pasphrase]\n')).to.deep.equal({
+      severity: 'error',
+      line: 2,
+      field: 'device.seal[1]',
+      message: "expected tpm, passphrase or none, got 'pasphrase'",
+      hint: "did you mean 'passphrase'?",
+    });
+    expect(only('name: x\ndevice:\n  key-ceiling: 150%\n')).to.deep.include({ line: 3, field: 'device.key-ceiling', message: "must be above 0% and at most 100%, got '150%'" });
+    expect(only('device:\n  seal: [tpm, none]\n')).to.deep.include({ severity: 'warning', line: 2, field: 'device.seal' });
+    expect(only('device:\n  seal: []\n')).to.deep.include({ severity: 'error', line: 2, field: 'device.seal', message: 'is empty: no device could get a lease' });
   });
 
   it('renew defaults to a third of the ttl; memory true and false mean all and none', () => {
@@ -204,7 +228,7 @@ describe('policy loader', () => {
       { line: 4, field: 'eviction.idel', severity: 'warning', hint: "did you mean 'idle'?" },
       { line: 5, field: 'eviction.drop_guest_cache', severity: 'warning', hint: "did you mean 'drop-guest-cache'?" },
       { line: 6, field: 'ttl', severity: 'warning', hint: "did you mean 'lease.ttl'? it belongs under 'lease'" },
-      { line: 7, field: 'owner', severity: 'warning', hint: 'known keys here: name, description, lease, sensitive, eviction, prefetch, hints' },
+      { line: 7, field: 'owner', severity: 'warning', hint: 'known keys here: name, description, lease, sensitive, eviction, prefetch, hints, device' },
     ]);
     expect(r.diagnostics[0].message).to.equal("unknown key 'idel' is ignored");
     expect(r.policy.leaseTtlMs).to.equal(600_000);

@@ -1,0 +1,118 @@
+// What an image's policy asks of the device itself (docs/escrow-protocol.md):
+// how its identity keys are kept at rest (checked at every grant and renewal),
+// and a ceiling on the distinct sensitive chunk keys it is given per window.
+// The ceiling's count lives in the database, inside the key release's own
+// transaction, so it holds across server replicas and fails closed with it.
+import { KEY_CEILING_FLOOR, type ChunkKind } from '../common/constants.js';
+import { LetheError } from '../common/errors.js';
+import type { Policy } from '../policies/schema.js';
+import type { Ctx } from './context.js';
+import type { DeviceRow } from './devices.js';
+import { q } from './db.js';
+import { getImage, policyOf } from './images.js';
+
+/** Throws DEVICE_UNSEALED when the device's seal kind is not one the policy allows. */
+export function assertSealAllowed(d: DeviceRow, policy: Policy, image: string): void {
+  if (policy.deviceSeal.includes(d.seal)) return;
+  throw new LetheError('DEVICE_UNSEALED', `image '${image}' needs device keys sealed by ${policy.deviceSeal.join(' or ') || 'nothing this server knows'}; this device's are sealed by ${d.seal}`, {
+    hint: `enroll the device again with 'lethe enroll TOKEN --seal ${policy.deviceSeal.find((k) => k !== 'none') ?? 'tpm'}'`,
+  });
+}
+
+/** Sensitive chunks stored for a committed version: fixed once committed, so counted once per process. */
+const sensitiveCounts = new Map<string, number>();
+const COUNTS_MAX = 1024;
+
+function sensitiveChunks(ctx: Ctx, imageId: string, version: number): number {
+  const key = `${imageId}/${version}`;
+  let n = sensitiveCounts.get(key);
+  if (n === undefined) {
+    n = (q(ctx.db, "SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND cls = 'sensitive'").get(imageId, version) as { n: number }).n;
+    if (sensitiveCounts.size >= COUNTS_MAX) sensitiveCounts.clear();
+    sensitiveCounts.set(key, n);
+  }
+  return n;
+}
+
+export function ceilingFor(ctx: Ctx, policy: Policy, imageId: string, version: number): number {
+  const c = policy.keyCeiling;
+  return 'count' in c ? c.count : Math.max(KEY_CEILING_FLOOR, Math.ceil(c.share * sensitiveChunks(ctx, imageId, version)));
+}
+
+export interface CeilingCheck {
+  limit: number;
+  /** distinct keys in the window, this request's included */
+  keys: number;
+  windowStart: number;
+}
+
+/** Thrown inside countKeys' savepoint so its rows roll back; the caller audits the alarm. */
+export class CeilingReached extends Error {
+  constructor(readonly check: CeilingCheck) {
+    super('key ceiling reached');
+  }
+}
+
+/**
+ * Counts the sensitive keys of a read release against the device's window: a
+ * key given again in the same window counts once. Call inside the release's
+ * transaction; throws CeilingReached (after rolling back its own rows) when the
+ * request would take the device past the ceiling.
+ */
+export function countKeys(ctx: Ctx, d: DeviceRow, imageId: string, refs: { kind: ChunkKind; idx: number }[], limit: number, windowMs: number, now: number): CeilingCheck {
+  return ctx.db.transaction(() => {
+    const w = q(ctx.db, 'SELECT started_at, keys FROM key_windows WHERE device_id = ? AND image_id = ?').get(d.id, imageId) as
+      | { started_at: number; keys: number }
+      | undefined;
+    const fresh = !w || now - w.started_at >= windowMs;
+    const windowStart = fresh ? now : w.started_at;
+    let keys = fresh ? 0 : w.keys;
+    const mark = q(
+      ctx.db,
+      'INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET released_at = excluded.released_at WHERE released_at < ?',
+    );
+    for (const r of refs) keys += mark.run(d.id, imageId, r.kind, r.idx, now, windowStart).changes;
+    const check = { limit, keys, windowStart };
+    if (keys > limit) throw new CeilingReached(check);
+    q(ctx.db, 'INSERT OR REPLACE INTO key_windows(device_id, image_id, started_at, keys) VALUES (?, ?, ?, ?)').run(d.id, imageId, windowStart, keys);
+    return check;
+  })();
+}
+
+/**
+ * The key ceiling for a read release of `rows` under lease `l`; call inside the
+ * release's transaction. Returns the error to throw once that transaction has
+ * committed the alarm (and no keys.release), or undefined when the keys may go.
+ */
+export function keyCeiling(
+  ctx: Ctx,
+  d: DeviceRow,
+  l: { id: string; image_id: string; version: number; name: string },
+  rows: { kind: ChunkKind; idx: number; cls: string }[],
+  now: number,
+): LetheError | undefined {
+  const sensitive = rows.filter((r) => r.cls === 'sensitive');
+  if (sensitive.length === 0) return undefined;
+  const policy = policyOf(getImage(ctx, l.name));
+  const limit = ceilingFor(ctx, policy, l.image_id, l.version);
+  try {
+    countKeys(ctx, d, l.image_id, sensitive, limit, policy.keyWindowMs, now);
+    return undefined;
+  } catch (e) {
+    if (!(e instanceof CeilingReached)) throw e;
+    ctx.audit.append(
+      'alarm.key-ceiling',
+      d.id,
+      { lease: l.id, image: l.name, version: l.version, ceiling: limit, asked: sensitive.length, windowStart: new Date(e.check.windowStart).toISOString() },
+      now,
+    );
+    ctx.metrics.inc('lethe_key_ceiling_refusals_total');
+    return ceilingError(limit, policy.keyWindowMs);
+  }
+}
+
+function ceilingError(limit: number, windowMs: number): LetheError {
+  return new LetheError('KEY_RELEASE_LIMIT', `this device reached its ceiling of ${limit} sensitive keys for the image within ${Math.round(windowMs / 1000)} s; nothing was released`, {
+    hint: 'IT has been alerted (audit: alarm.key-ceiling); the ceiling resets when the window ends, or IT raises device.key-ceiling in the image policy',
+  });
+}
