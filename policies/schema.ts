@@ -2,7 +2,7 @@
 // and the parsed form the server, the agent and the CLI use (times in ms, sizes
 // in bytes). docs/policies.md describes the same keys for admins.
 import type { TAgentPolicy } from '../common/wire.js';
-import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS } from '../common/constants.js';
+import { DEFAULT_EVICT_IDLE_S, DEFAULT_LEASE_TTL_S, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, IMAGE_USERS, MEMORY_MODES, PREFETCH_ORDERS, WIPE_ACTIONS } from '../common/constants.js';
 import { parseDuration } from '../common/duration.js';
 import { parseRate, parseSize } from '../common/sizes.js';
 import { closest } from './suggest.js';
@@ -17,6 +17,8 @@ export interface ServerPolicy {
   sensitiveDisk: [number, number][];
   /** Sensitive guest pages resident longer than this are evicted (the agent's evictor). */
   evictIdleMs: number;
+  /** `single`: a device's check-in becomes the image's shared version at once; `shared`: an admin promotes it. */
+  imageUsers: (typeof IMAGE_USERS)[number];
 }
 
 /**
@@ -41,6 +43,7 @@ export const DEFAULT_FULL_POLICY: Policy = Object.freeze({
   sensitiveState: false,
   sensitiveDisk: [],
   evictIdleMs: DEFAULT_EVICT_IDLE_S * 1000,
+  imageUsers: 'shared',
   memoryMode: 'all',
   processes: [],
   cgroups: [],
@@ -197,6 +200,7 @@ export const SCHEMA = {
   },
   prefetch: { startup: size, order: oneOf(PREFETCH_ORDERS), bandwidth: rate },
   hints: { interval: duration },
+  image: { users: oneOf(IMAGE_USERS) },
 } as const;
 
 export type Section = Record<string, Field>;
@@ -220,6 +224,7 @@ export function buildPolicy(values: Values): Policy {
     sensitiveState: get('sensitive.state', d.sensitiveState),
     sensitiveDisk: get('sensitive.disk', []),
     evictIdleMs: get('eviction.idle', d.evictIdleMs),
+    imageUsers: get('image.users', d.imageUsers),
     memoryMode,
     processes: get('sensitive.processes', []),
     cgroups: get('sensitive.cgroups', []),
