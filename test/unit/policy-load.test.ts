@@ -46,6 +46,8 @@ prefetch:
   bandwidth: 50MiB/s
 hints:
   interval: 500ms
+image:
+  users: single
 `;
 
 describe('policy loader', () => {
@@ -77,6 +79,7 @@ describe('policy loader', () => {
       prefetchOrder: 'trace',
       prefetchBandwidth: null,
       hintIntervalMs: 2000,
+      imageUsers: 'shared',
     });
   });
 
@@ -108,6 +111,7 @@ describe('policy loader', () => {
       prefetchOrder: 'address',
       prefetchBandwidth: 50 * MiB,
       hintIntervalMs: 500,
+      imageUsers: 'single',
     });
   });
 
@@ -204,7 +208,7 @@ describe('policy loader', () => {
       { line: 4, field: 'eviction.idel', severity: 'warning', hint: "did you mean 'idle'?" },
       { line: 5, field: 'eviction.drop_guest_cache', severity: 'warning', hint: "did you mean 'drop-guest-cache'?" },
       { line: 6, field: 'ttl', severity: 'warning', hint: "did you mean 'lease.ttl'? it belongs under 'lease'" },
-      { line: 7, field: 'owner', severity: 'warning', hint: 'known keys here: name, description, lease, sensitive, eviction, prefetch, hints' },
+      { line: 7, field: 'owner', severity: 'warning', hint: 'known keys here: name, description, lease, sensitive, eviction, prefetch, hints, image' },
     ]);
     expect(r.diagnostics[0].message).to.equal("unknown key 'idel' is ignored");
     expect(r.policy.leaseTtlMs).to.equal(600_000);
