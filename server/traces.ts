@@ -140,7 +140,8 @@ const ORDERS_CACHED = 64;
  * untrusted device's traces reach no other device however many it uploads.
  */
 function traceIds(ctx: Ctx, imageId: string, deviceId: string): number[] {
-  const own = q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? AND device_id = ?').all(imageId, deviceId) as { id: number }[];
+  // The newest only: a database from before one slot per device may hold several.
+  const own = q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? AND device_id = ? ORDER BY id DESC LIMIT 1').all(imageId, deviceId) as { id: number }[];
   const trusted = q(ctx.db, 
     'SELECT t.id FROM traces t JOIN trusted_tracers r ON r.image_id = t.image_id AND r.device_id = t.device_id WHERE t.image_id = ? AND t.device_id != ? ORDER BY t.id DESC LIMIT ?',
   ).all(imageId, deviceId, TRACES_KEPT - own.length) as { id: number }[];
