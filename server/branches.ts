@@ -70,13 +70,13 @@ export function promoteVersion(ctx: Ctx, name: string, version: number, auto = f
   if (previous === version) return { image: name, version, device: v.device_id, previous, changed: false };
   const now = ctx.now();
   ctx.db.transaction(() => {
-    promoted(ctx, img, version, v.device_id!, v.base, now, auto);
+    makeShared(ctx, img, version, v.device_id!, v.base, now, auto);
   })();
   return { image: name, version, device: v.device_id, previous, changed: true };
 }
 
 /** Sets the shared version and audits it; call inside the caller's transaction. */
-export function promoted(ctx: Ctx, img: ImageRow, version: number, deviceId: string, base: number | null, now: number, auto: boolean): void {
+export function makeShared(ctx: Ctx, img: ImageRow, version: number, deviceId: string, base: number | null, now: number, auto: boolean): void {
   q(ctx.db, 'UPDATE versions SET promoted_at = ? WHERE image_id = ? AND version = ?').run(now, img.id, version);
   q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(version, img.id);
   ctx.audit.append(

@@ -12,7 +12,7 @@ import { newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, chunkRow, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
-import { promoted, resumeVersion } from './branches.js';
+import { makeShared, resumeVersion } from './branches.js';
 import { q } from './db.js';
 
 interface LeaseRow {
@@ -390,7 +390,7 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
     q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE id = ?').run(now, l.id);
     const staged = (q(ctx.db, 'SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?').get(img.id, gen, gen) as { n: number }).n;
     ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
-    if (single) promoted(ctx, img, gen, d.id, l.version, now, true);
+    if (single) makeShared(ctx, img, gen, d.id, l.version, now, true);
   })();
   return { image: l.name, version: gen, chunks: rows.length, committed: final, ...(final ? { shared: single } : {}) };
 }
