@@ -10,6 +10,7 @@ import Database from 'better-sqlite3';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { sha256 } from '../../common/crypto.js';
+import { PromoteResponse } from '../../common/wire.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/identity.js';
 import type { RunningAgent } from '../../agent/daemon.js';
@@ -137,7 +138,7 @@ describe('issue #14: device branches (real server process)', function () {
       { device: a, data: { image: 'desk', version: branch, device: a, base: img.version, previous: img.version } },
     ]);
     const again = await lethe(['image', 'promote', 'desk', String(branch), '--json'], s.env);
-    expect(JSON.parse(again.stdout)).to.deep.include({ changed: false });
+    expect(PromoteResponse.parse(JSON.parse(again.stdout))).to.deep.equal({ image: 'desk', version: branch, device: a, previous: branch, changed: false });
     expect(audited('version.promote'), 'a repeat changes nothing and is not audited').to.have.length(1);
     expect((await lethe(['image', 'ls'], s.env)).stdout).to.contain(`,${branch}(promoted from ${a}) `);
   });
@@ -159,7 +160,7 @@ describe('issue #14: device branches (real server process)', function () {
     const e = await rejects(b.client.checkin(stale.leaseId, Buffer.alloc(0), true));
     expect({ status: e.status, code: e.code }).to.deep.equal({ status: 409, code: 'CONFLICT' });
     const r = await lethe(['image', 'promote', 'desk', String(second), '--json'], s.env);
-    expect(JSON.parse(r.stdout)).to.deep.equal({ image: 'desk', version: second, device: a, previous: pushed.version, changed: true });
+    expect(PromoteResponse.parse(JSON.parse(r.stdout))).to.deep.equal({ image: 'desk', version: second, device: a, previous: pushed.version, changed: true });
     await agent.lease.reacquire();
     expect(agent.core.manifest!.version).to.equal(second);
     expect((await servedToB()).version).to.equal(second);

@@ -8,7 +8,7 @@ import { expect } from 'chai';
 import Database from 'better-sqlite3';
 import path from 'node:path';
 import { signRequest } from '../../common/signing.js';
-import { HDR_TRACES, TraceUploadResponse, decodePages, encodePages } from '../../common/wire.js';
+import { HDR_TRACES, TraceUploadResponse, TrustResponse, decodePages, encodePages } from '../../common/wire.js';
 import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
@@ -199,7 +199,7 @@ describe('trace upload and prefetch order (real server process)', function () {
     expect(await order(dev, lease1)).to.deep.equal({ order: [5, 1, 3, 0], traces: 2 });
     expect(await order(other, otherLease), 'the untrusted one still reaches nobody else').to.deep.equal({ order: [5, 0], traces: 1 });
     expect((await lethe(['image', 'trust', 'desk', other.deviceId], s.env)).stdout).to.equal(`desk: ${other.deviceId} already trusted\n`);
-    expect(await trust(other.deviceId, false)).to.deep.include({ changed: true });
+    expect(TrustResponse.parse(await trust(other.deviceId, false))).to.deep.equal({ image: 'desk', device: other.deviceId, trusted: false, changed: true });
     expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
     expect(await trust(other.deviceId, true)).to.deep.include({ changed: true });
     expect(auditRows('image.trust').concat(auditRows('image.untrust'))).to.deep.equal([
