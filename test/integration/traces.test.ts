@@ -92,14 +92,16 @@ describe('trace aggregation', () => {
 });
 
 describe('traces table', () => {
-  it("goes with its image: a trace never blocks removing one", () => {
+  it("goes with its image: a trace or a trusted tracer never blocks removing one", () => {
     const db = openDatabase(path.join(tmpDir(), 'lethe.db'));
     try {
       db.exec(`INSERT INTO images(id, name, created_at, dedup_key_wrapped) VALUES ('i1', 'desk', 0, x'00');
         INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES ('dev-1', 'alice', x'00', x'00', 0);
         INSERT INTO traces(image_id, version, device_id, lease_id, created_at, pages, data) VALUES ('i1', 1, 'dev-1', 'lease-1', 0, 1, x'01000000');`);
+      db.exec("INSERT INTO trusted_tracers(image_id, device_id, trusted_at) VALUES ('i1', 'dev-1', 0);");
       db.exec("DELETE FROM images WHERE id = 'i1'");
       expect(db.prepare('SELECT COUNT(*) AS n FROM traces').get()).to.deep.equal({ n: 0 });
+      expect(db.prepare('SELECT COUNT(*) AS n FROM trusted_tracers').get(), 'nor does a trusted tracer').to.deep.equal({ n: 0 });
     } finally {
       db.close();
     }
