@@ -486,9 +486,10 @@ export class AgentCore {
 
   /**
    * Uploads this lease's dirty chunks; the server checks each and commits
-   * them as a new version. Marks them clean once committed.
+   * them as a new version, this device's own unless `shared` (docs/branches.md).
+   * Marks them clean once committed.
    */
-  async checkin(client: { checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ version: number }> }) {
+  async checkin(client: { checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ version: number; shared?: boolean }> }) {
     const m = this.must();
     const gen = this.writeGen;
     const dirty = gen === undefined ? [] : this.cache.dirtyChunks(m.imageId).filter((d) => d.gen === gen);
@@ -496,7 +497,7 @@ export class AgentCore {
     const leaseId = this.lease.leaseId();
     let part: Buffer[] = [];
     let bytes = 0;
-    let result: { version: number } | undefined;
+    let result: { version: number; shared?: boolean } | undefined;
     for (let i = 0; i < dirty.length; i++) {
       const d = dirty[i];
       part.push(...encodeChunkFrame(d.kind, d.index, d.data));
@@ -511,7 +512,8 @@ export class AgentCore {
     for (const d of dirty) this.cache.markClean(d);
     this.cache.flush();
     this.writeGen = undefined;
-    return { version: result!.version, chunks: dirty.length, bytes: dirty.reduce((n, d) => n + d.data.length, 0) };
+    // A server from before device branches made every check-in shared.
+    return { version: result!.version, shared: result!.shared ?? true, chunks: dirty.length, bytes: dirty.reduce((n, d) => n + d.data.length, 0) };
   }
 
   /** Prefetches the ciphertext of every chunk not in the cache (no keys, no plaintext). */

@@ -94,8 +94,11 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
     }, leaseId);
   }
 
-  /** Uploads device-encrypted dirty chunks (upload frames); the server commits them as a new version. */
-  async checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ image: string; version: number; chunks: number }> {
+  /**
+   * Uploads device-encrypted dirty chunks (upload frames); the final request commits them as a new
+   * version, this device's own branch unless `shared` (docs/branches.md).
+   */
+  async checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ image: string; version: number; chunks: number; shared?: boolean }> {
     const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/checkin?final=${final ? 1 : 0}`;
     return this.signedBinary(path, frames, undefined, leaseId);
   }

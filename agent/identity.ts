@@ -224,15 +224,6 @@ export async function loadIdentity(home: string, unlock?: Unlock): Promise<Ident
   }
 }
 
-/** A second handle on the same identity whose keys outlive closeIdentity() of the first (a wipe's acknowledgement). */
-export function copyIdentity(id: Identity): Identity {
-  return {
-    ...id,
-    sign: { publicKey: id.sign.publicKey, secretKey: secureCopy(id.sign.secretKey) },
-    box: { publicKey: id.box.publicKey, secretKey: secureCopy(id.box.secretKey) },
-  };
-}
-
 export function closeIdentity(id: Identity): void {
   wipe(id.sign.secretKey, id.box.secretKey);
 }

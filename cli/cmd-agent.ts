@@ -148,13 +148,14 @@ export function agentCommand(y: Argv) {
         const s = await control<AgentStatus>(String(a.home), { cmd: 'status' });
         emit(a as unknown as HomeArgs, s, () => statusText(s));
       })
-      .command('checkin', "upload this device's writes as a new image version (the server checks each chunk)", {}, async (a) => {
-        const r = await control<{ version: number; chunks: number; bytes: number }>(String(a.home), { cmd: 'checkin' }, 600_000);
-        emit(a as unknown as HomeArgs, r, () => `checked in ${r.chunks} chunk(s) (${mb(r.bytes)}) as version ${r.version}`);
+      .command('checkin', "upload this device's writes as its own new version of the image, which this device resumes (others once IT promotes it); the server checks each chunk", {}, async (a) => {
+        const r = await control<{ version: number; shared: boolean; chunks: number; bytes: number }>(String(a.home), { cmd: 'checkin' }, 600_000);
+        const whose = r.shared ? 'the shared version' : "this device's own until IT promotes it";
+        emit(a as unknown as HomeArgs, r, () => `checked in ${r.chunks} chunk(s) (${mb(r.bytes)}) as version ${r.version} (${whose})`);
       })
       .command(
         'suspend',
-        "save the running VM (changed pages, device state, dirty disk) as a new image version, then stop; any device assigned the image resumes it",
+        "save the running VM (changed pages, device state, dirty disk) as this device's own new version of the image, then stop; this device resumes it, other devices once IT promotes it (lethe image promote) or under a users: single policy",
         {},
         async (a) => {
           const r = await control<{ version: number; chunks: number; bytes: number; pages: number; stateBytes: number; ms: number }>(

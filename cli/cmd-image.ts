@@ -1,4 +1,4 @@
-// lethe image push | ls | verify | pull | rm | policy
+// lethe image push | ls | verify | pull | rm | policy | promote | trust | untrust
 import type { Argv } from 'yargs';
 import { withAdmin, type AdminArgs } from './admin-client.js';
 import { adminOpts } from './cmd-admin.js';
@@ -17,7 +17,54 @@ interface ImageView {
   name: string;
   current: number | null;
   stored: { chunks: number; bytes: number };
-  versions: { version: number; state: string; committedAt: string | null; sizes: { disk: number; mem: number; state: number } }[];
+  versions: {
+    version: number;
+    state: string;
+    committedAt: string | null;
+    sizes: { disk: number; mem: number; state: number };
+    /** Set for a device branch (docs/branches.md). */
+    device?: string;
+    promotedAt?: string | null;
+  }[];
+  trustedTracers: string[];
+}
+
+/** A version in the listing: `3`, `4(draft)`, `5(branch dev-…)`, `6(promoted from dev-…)`. */
+function versionLabel(v: ImageView['versions'][number]): string {
+  const notes = [
+    v.state === 'draft' ? 'draft' : '',
+    v.device === undefined ? '' : v.promotedAt ? `promoted from ${v.device}` : `branch ${v.device}`,
+  ].filter(Boolean);
+  return notes.length ? `${v.version}(${notes.join(', ')})` : String(v.version);
+}
+
+function promote(a: A & { name: string; version: string }): Promise<void> {
+  const version = versionArg(a.version);
+  return withAdmin(a, async (c) => {
+    const r = await c.json<{ image: string; version: number; device: string; previous: number | null; changed: boolean }>(
+      'POST',
+      `/images/${encodeURIComponent(a.name)}/versions/${version}/promote`,
+    );
+    emit(a, r, () =>
+      r.changed
+        ? `${r.image}@${r.version} (checked in by ${r.device}) is now the shared version, after ${r.previous}; assigned devices start from it at their next lease`
+        : `${r.image}@${r.version} is already the shared version`,
+    );
+  });
+}
+
+function versionArg(v: string): number {
+  if (!/^\d{1,12}$/.test(v)) throw new LetheError('BAD_REQUEST', `version must be a number, got '${v}'`, { hint: "'lethe image ls' lists the versions" });
+  return Number(v);
+}
+
+function trust(a: A & { name: string; device: string }, trusted: boolean): Promise<void> {
+  return withAdmin(a, async (c) => {
+    const path = `/images/${encodeURIComponent(a.name)}/trusted/${encodeURIComponent(a.device)}`;
+    const r = await c.json<{ image: string; device: string; changed: boolean }>(trusted ? 'PUT' : 'DELETE', path);
+    const what = trusted ? "traces now shape every device's prefetch order" : 'traces now shape only its own prefetch order';
+    emit(a, r, () => `${r.image}: ${r.device} ${r.changed ? '' : 'already '}${trusted ? 'trusted' : 'not trusted'}${r.changed ? `; its ${what}` : ''}`);
+  });
 }
 
 function checkText(r: CheckResult, verb: string): string {
@@ -53,7 +100,7 @@ function setImagePolicy(a: A & { name: string; file?: string; clear: boolean }):
 }
 
 export function imageCommand(y: Argv) {
-  return y.command('image', 'VM images on the server: push, list, verify, pull, remove, set their policy', (y) =>
+  return y.command('image', 'VM images on the server: push, list, verify, pull, remove, set their policy, promote device branches, trust tracers', (y) =>
     adminOpts(y)
       .command(
         'push <name>',
@@ -88,16 +135,17 @@ export function imageCommand(y: Argv) {
             r.images.length === 0
               ? 'no images'
               : table(
-                  ['NAME', 'CURRENT', 'VERSIONS', 'DISK', 'MEMORY', 'STORED'],
+                  ['NAME', 'CURRENT', 'VERSIONS', 'DISK', 'MEMORY', 'STORED', 'TRUSTED TRACERS'],
                   r.images.map((i) => {
                     const cur = i.versions.find((v) => v.version === i.current);
                     return [
                       i.name,
                       i.current,
-                      i.versions.map((v) => (v.state === 'draft' ? `${v.version}(draft)` : v.version)).join(','),
+                      i.versions.map(versionLabel).join(','),
                       cur ? mb(cur.sizes.disk) : null,
                       cur ? mb(cur.sizes.mem) : null,
                       `${mb(i.stored.bytes)} in ${i.stored.chunks} chunks`,
+                      i.trustedTracers.length ? i.trustedTracers.join(',') : null,
                     ];
                   }),
                 ),
@@ -137,6 +185,24 @@ export function imageCommand(y: Argv) {
             .positional('file', { type: 'string', describe: 'policy YAML (see lethe policy check)' })
             .option('clear', { type: 'boolean', default: false, describe: 'remove the image policy: the built-in one applies' }),
         (a) => setImagePolicy(a as A & { name: string; file?: string; clear: boolean }),
+      )
+      .command(
+        'promote <name> <version>',
+        "make a device's checked-in version (a branch) the image's shared version, which every assigned device starts from (audited)",
+        (y) => y.positional('name', { type: 'string', demandOption: true }).positional('version', { type: 'string', demandOption: true }),
+        (a) => promote(a as A & { name: string; version: string }),
+      )
+      .command(
+        'trust <name> <device>',
+        "let a device's first-touch traces shape the prefetch order of every device on the image (audited)",
+        (y) => y.positional('name', { type: 'string', demandOption: true }).positional('device', { type: 'string', demandOption: true }),
+        (a) => trust(a as A & { name: string; device: string }, true),
+      )
+      .command(
+        'untrust <name> <device>',
+        "stop a device's traces from reaching other devices on the image (audited)",
+        (y) => y.positional('name', { type: 'string', demandOption: true }).positional('device', { type: 'string', demandOption: true }),
+        (a) => trust(a as A & { name: string; device: string }, false),
       )
       .demandCommand(1, 'name an image command'),
   );

@@ -25,6 +25,8 @@ export const FREE_PAGE_ACTIONS = ['evict', 'keep'] as const;
 export const EXPIRY_ACTIONS = ['evict-sensitive', 'evict-all', 'suspend'] as const;
 export const WIPE_ACTIONS = ['evict-all', 'poweroff'] as const;
 export const PREFETCH_ORDERS = ['trace', 'address', 'none'] as const;
+/** Who an image is for: `single` promotes a device's check-in to the shared version at once (docs/branches.md). */
+export const IMAGE_USERS = ['shared', 'single'] as const;
 
 // ---- specification: sealed device keys (docs/device-keys.md) ----
 /** How a device's identity keys are kept at rest; reported at enrollment, checked by policy. */

@@ -122,6 +122,19 @@ export const CreateVersionRequest = z.strictObject({
   }),
 });
 
+/** `POST /v1/admin/images/:name/versions/:v/promote` (docs/branches.md). */
+export const PromoteResponse = z.strictObject({
+  image: z.string(),
+  version: z.number().int(),
+  /** The device whose check-in made the branch. */
+  device: z.string(),
+  /** The shared version before (equal to `version` when nothing changed). */
+  previous: z.number().int().nullable(),
+  changed: z.boolean(),
+});
+/** `PUT` / `DELETE /v1/admin/images/:name/trusted/:device` (docs/branches.md). */
+export const TrustResponse = z.strictObject({ image: z.string(), device: z.string(), trusted: z.boolean(), changed: z.boolean() });
+
 export type TEnrollRequest = z.infer<typeof EnrollRequest>;
 export type TLeaseResponse = z.infer<typeof LeaseResponse>;
 export type TKeysResponse = z.infer<typeof KeysResponse>;

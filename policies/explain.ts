@@ -64,7 +64,7 @@ function plaintextLines(p: Policy): string[] {
 const EXPIRY: Record<Policy['onLeaseExpiry'], string> = {
   'evict-sensitive': 'every key is zeroed, every sensitive page is evicted, and the VM is held until the server grants a new lease',
   'evict-all': 'every key is zeroed, every guest page (sensitive or not) is evicted, and the VM is held until the server grants a new lease',
-  suspend: 'every key is zeroed and every guest page evicted (changed ones kept as ciphertext), the VM is held, and if the server can still be reached the VM is suspended as a new image version that any assigned device resumes',
+  suspend: 'every key is zeroed and every guest page evicted (changed ones kept as ciphertext), the VM is held, and if the server can still be reached the VM is suspended as a new version of the image that this device resumes (others too once it is promoted)',
 };
 
 // The agent acts the same on both today: the keys are zeroed, QEMU is killed at once
@@ -129,7 +129,17 @@ function deviceLines(p: Policy): string[] {
   ];
 }
 
-/** Plain words for an IT admin: what is sensitive, how long plaintext stays, offline, expiry, wipe, prefetch, hints. */
+function checkinLines(p: Policy): string[] {
+  return p.imageUsers === 'single'
+    ? [
+        "the image has one user (users: single): a device's check-in or suspend becomes the version every assigned device resumes, without an admin",
+      ]
+    : [
+        "a device's check-in or suspend is a version only that device resumes; other devices keep the image's shared version until an admin promotes it (lethe image promote)",
+      ];
+}
+
+/** Plain words for an IT admin: what is sensitive, how long plaintext stays, offline, expiry, wipe, prefetch, hints, check-ins. */
 export function explainPolicy(p: Policy, file: string): string {
   const title = `policy ${p.name || file}${p.description ? `: ${p.description.replace(/\s+/g, ' ').trim()}` : ''}`;
   const section = (head: string, lines: string[]) => [``, head, ...lines.map((l) => `  - ${l}`)];
@@ -141,5 +151,6 @@ export function explainPolicy(p: Policy, file: string): string {
     ...section('prefetch', prefetchLines(p)),
     ...section('guest reports', hintLines(p)),
     ...section('devices', deviceLines(p)),
+    ...section('check-ins', checkinLines(p)),
   ].join('\n');
 }

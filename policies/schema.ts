@@ -9,6 +9,7 @@ import {
   DEFAULT_LEASE_TTL_S,
   EXPIRY_ACTIONS,
   FREE_PAGE_ACTIONS,
+  IMAGE_USERS,
   MEMORY_MODES,
   PREFETCH_ORDERS,
   SEAL_KINDS,
@@ -34,6 +35,8 @@ export interface ServerPolicy {
   /** Most distinct sensitive chunk keys one device is given per window: a share of the version's, or a count. */
   keyCeiling: KeyCeiling;
   keyWindowMs: number;
+  /** `single`: a device's check-in becomes the image's shared version at once; `shared`: an admin promotes it. */
+  imageUsers: (typeof IMAGE_USERS)[number];
 }
 
 export type KeyCeiling = { share: number } | { count: number };
@@ -63,6 +66,7 @@ export const DEFAULT_FULL_POLICY: Policy = Object.freeze({
   deviceSeal: ['tpm', 'passphrase'] as SealKind[],
   keyCeiling: { share: DEFAULT_KEY_CEILING_SHARE },
   keyWindowMs: DEFAULT_KEY_WINDOW_S * 1000,
+  imageUsers: 'shared',
   memoryMode: 'all',
   processes: [],
   cgroups: [],
@@ -239,6 +243,7 @@ export const SCHEMA = {
     'key-ceiling': ceiling,
     'key-window': duration,
   },
+  image: { users: oneOf(IMAGE_USERS) },
 } as const;
 
 export type Section = Record<string, Field>;
@@ -265,6 +270,7 @@ export function buildPolicy(values: Values): Policy {
     deviceSeal: get('device.seal', d.deviceSeal),
     keyCeiling: get('device.key-ceiling', d.keyCeiling),
     keyWindowMs: get('device.key-window', d.keyWindowMs),
+    imageUsers: get('image.users', d.imageUsers),
     memoryMode,
     processes: get('sensitive.processes', []),
     cgroups: get('sensitive.cgroups', []),

@@ -28,6 +28,7 @@ import {
   setPolicy,
 } from './images.js';
 import { parseChunkFrames } from '../common/frames.js';
+import { promoteVersion, setTrusted } from './branches.js';
 import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines, metricsAuth } from './metrics.js';
 import { DEFAULT_LIMITS, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
@@ -281,6 +282,15 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   });
   a.post('/images/:name/versions/:version/commit', rawJson, (req, res) => {
     res.json(commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
+  });
+  a.post('/images/:name/versions/:version/promote', rawJson, (req, res) => {
+    res.json(promoteVersion(ctx, param(req, 'name'), intParam(req, 'version')));
+  });
+  a.put('/images/:name/trusted/:device', rawJson, (req, res) => {
+    res.json(setTrusted(ctx, param(req, 'name'), param(req, 'device'), true));
+  });
+  a.delete('/images/:name/trusted/:device', (req, res) => {
+    res.json(setTrusted(ctx, param(req, 'name'), param(req, 'device'), false));
   });
   a.get('/images/:name/versions/:version/manifest', (req, res) => {
     const img = getImage(ctx, param(req, 'name'));

@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS versions (
   state_size INTEGER NOT NULL,
   -- set for a draft that holds a device's writes (check-in), not an admin push
   lease_id TEXT,
+  -- a device branch (docs/branches.md): the device whose check-in made it, the
+  -- version its lease was on, and when an admin (or a single-user policy) made it shared
+  device_id TEXT,
+  base INTEGER,
+  promoted_at INTEGER,
   PRIMARY KEY (image_id, version)
 );
 CREATE TABLE IF NOT EXISTS chunks (
@@ -126,6 +131,14 @@ CREATE TABLE IF NOT EXISTS key_windows (
   keys INTEGER NOT NULL,
   PRIMARY KEY (device_id, image_id)
 );
+-- Devices whose first-touch traces count toward an image's prefetch order for
+-- every device on it (docs/prefetch.md); any other device's trace is its own.
+CREATE TABLE IF NOT EXISTS trusted_tracers (
+  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+  device_id TEXT NOT NULL REFERENCES devices(id),
+  trusted_at INTEGER NOT NULL,
+  PRIMARY KEY (image_id, device_id)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
   seq INTEGER PRIMARY KEY,
   hash TEXT NOT NULL,
@@ -164,6 +177,9 @@ const ADDED_COLUMNS: [table: string, column: string, decl: string][] = [
   ['devices', 'revoke_acked_at', 'INTEGER'],
   // how the device keeps its identity keys at rest, as it reported at enrollment
   ['devices', 'seal', "TEXT NOT NULL DEFAULT 'none'"],
+  ['versions', 'device_id', 'TEXT'],
+  ['versions', 'base', 'INTEGER'],
+  ['versions', 'promoted_at', 'INTEGER'],
 ];
 
 function addColumns(db: DB): void {

@@ -34,6 +34,10 @@ export interface VersionRow {
   mem_size: number;
   state_size: number;
   lease_id: string | null;
+  /** A device branch: the device whose check-in made it, and the version its lease was on (docs/branches.md). */
+  device_id: string | null;
+  base: number | null;
+  promoted_at: number | null;
 }
 
 export interface ChunkRow {
@@ -358,9 +362,10 @@ export function listImages(ctx: Ctx) {
   const imgs = q(ctx.db, 'SELECT * FROM images ORDER BY name').all() as ImageRow[];
   return imgs.map((img) => {
     const versions = q(ctx.db, 
-        "SELECT version, state, committed_at, disk_size, mem_size, state_size FROM versions WHERE image_id = ? AND state != 'removed' ORDER BY version",
+        "SELECT version, state, committed_at, disk_size, mem_size, state_size, device_id, base, promoted_at FROM versions WHERE image_id = ? AND state != 'removed' ORDER BY version",
       )
       .all(img.id) as VersionRow[];
+    const trusted = q(ctx.db, 'SELECT device_id FROM trusted_tracers WHERE image_id = ? ORDER BY trusted_at, device_id').all(img.id) as { device_id: string }[];
     return {
       name: img.name,
       imageId: img.id,
@@ -371,7 +376,10 @@ export function listImages(ctx: Ctx) {
         state: v.state,
         committedAt: v.committed_at === null ? null : iso(v.committed_at),
         sizes: { disk: v.disk_size, mem: v.mem_size, state: v.state_size },
+        // A device branch: whose, on which version, and when it was made shared (null: not yet).
+        ...(v.device_id === null ? {} : { device: v.device_id, base: v.base, promotedAt: v.promoted_at === null ? null : iso(v.promoted_at) }),
       })),
+      trustedTracers: trusted.map((r) => r.device_id),
     };
   });
 }

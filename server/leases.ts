@@ -10,9 +10,10 @@ import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
-import { chunkCount, chunkRow, currentVersion, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
+import { chunkCount, chunkRow, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
 import { assertSealAllowed, keyCeiling } from './device-policy.js';
+import { makeShared, resumeVersion } from './branches.js';
 import { q } from './db.js';
 
 interface LeaseRow {
@@ -93,7 +94,8 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy
 export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
   const img = getImage(ctx, imageName);
   assertAssigned(ctx, d, img.id, imageName);
-  const v = currentVersion(ctx, img);
+  // The shared version, or this device's own branch of it (docs/branches.md).
+  const v = resumeVersion(ctx, d.id, img);
   const policy = policyOf(img);
   assertSealAllowed(d, policy, imageName);
   const now = ctx.now();
@@ -213,9 +215,9 @@ function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): number {
     const last = q(ctx.db, 'SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number };
     const gen = last.v + 1;
     q(ctx.db, 
-        "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size, lease_id) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size, lease_id, device_id, base) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?, ?, ?)",
       )
-      .run(img.id, gen, ctx.now(), ctx.escrow.newWrappedKey(imageId, gen, 'version'), base.disk_size, base.mem_size, base.state_size, l.id);
+      .run(img.id, gen, ctx.now(), ctx.escrow.newWrappedKey(imageId, gen, 'version'), base.disk_size, base.mem_size, base.state_size, l.id, l.device_id, l.version);
     q(ctx.db, 'UPDATE leases SET write_gen = ? WHERE id = ?').run(gen, l.id);
     l.write_gen = gen;
   })();
@@ -335,18 +337,20 @@ export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
 
 /**
  * Check-in: the device's dirty chunks (encrypted on the device under write
- * keys) become a new version. Each blob must decrypt under the key the server
- * derives for its coordinates before anything of its request is stored. A
- * device sends its chunks in one or more requests; the one marked `final`
- * carries unchanged chunks over from the lease's version (which must still be
- * the image's current one) and commits.
+ * keys) become a new version, a branch only this device resumes until an admin
+ * promotes it (or at once under a `users: single` policy; docs/branches.md).
+ * Each blob must decrypt under the key the server derives for its coordinates
+ * before anything of its request is stored. A device sends its chunks in one or
+ * more requests; the one marked `final` carries unchanged chunks over from the
+ * lease's version (which must still be the one this device resumes) and commits.
  */
 export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
   const l = liveLease(ctx, d, leaseId);
   if (l.write_gen === null) throw new LetheError('BAD_REQUEST', 'nothing to check in: this lease wrote no chunks');
   const img = getImage(ctx, l.name);
-  if (img.current_version !== l.version) {
-    throw new LetheError('CONFLICT', `${l.name} moved on to version ${img.current_version} since this lease (on ${l.version}) began`, {
+  const resumes = resumeVersion(ctx, d.id, img).version;
+  if (resumes !== l.version) {
+    throw new LetheError('CONFLICT', `${l.name} moved on to version ${resumes} since this lease (on ${l.version}) began`, {
       hint: 'the writes stay in the device cache; IT decides which version wins',
     });
   }
@@ -380,6 +384,7 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
     for (const r of rows) if (r.dedup) put.run(img.id, gen, r.kind, r.idx, r.blob);
   })();
   const now = ctx.now();
+  const single = policyOf(img).imageUsers === 'single';
   ctx.db.transaction(() => {
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
     const put = q(ctx.db, 
@@ -397,11 +402,13 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
       )
       .run(gen, img.id, l.version, keepState);
     q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0').run(img.id, gen);
-    q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL WHERE image_id = ? AND version = ?").run(now, img.id, gen);
-    q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(gen, img.id);
+    // A branch of this device on the lease's version (a draft made by an older server has neither set).
+    q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?")
+      .run(now, d.id, l.version, img.id, gen);
     q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE id = ?').run(now, l.id);
     const staged = (q(ctx.db, 'SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?').get(img.id, gen, gen) as { n: number }).n;
     ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
+    if (single) makeShared(ctx, img, gen, d.id, l.version, now, true);
   })();
-  return { image: l.name, version: gen, chunks: rows.length, committed: final };
+  return { image: l.name, version: gen, chunks: rows.length, committed: final, ...(final ? { shared: single } : {}) };
 }

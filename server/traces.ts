@@ -1,9 +1,11 @@
 // Trace-learned prefetch order (docs/prefetch.md, "Trace-learned order"), as
 // in vTube and REAP: each session's agent uploads the order in which its guest
-// first touched memory pages; a resume asks for an order aggregated over the
-// image's recent traces and fetches pages in that order ahead of faults.
-// Pages are guest-physical indices, so traces of one version carry over to
-// the image's other versions.
+// first touched memory pages; a resume asks for an order aggregated over
+// traces and fetches pages in that order ahead of faults. Pages are
+// guest-physical indices, so traces of one version carry over to the image's
+// other versions. A device's trace is its own (invariant 11): the server keeps
+// one per device and image, and another device's order takes it only once an
+// admin trusts the device for the image (server/branches.ts setTrusted).
 import { LetheError } from '../common/errors.js';
 import { MAX_TRACE_PAGES, PAGES_CONTENT_TYPE, decodePages } from '../common/wire.js';
 import type { Ctx } from './context.js';
@@ -13,7 +15,10 @@ import { chunkCount, getImage, getVersion } from './images.js';
 import { liveLease } from './leases.js';
 
 export const MAX_TRACE_BODY = MAX_TRACE_PAGES * 4;
-/** Traces kept per image; older ones are dropped as new ones arrive. */
+/**
+ * Traces an order is aggregated from at most: the asking device's own and the
+ * newest of the image's trusted devices'.
+ */
 export const TRACES_KEPT = 8;
 
 /**
@@ -101,9 +106,10 @@ function leaseMemory(ctx: Ctx, d: DeviceRow, leaseId: string) {
 }
 
 /**
- * Stores a lease's trace (replacing one it uploaded before), keeps the
- * image's newest TRACES_KEPT and audits the upload; nothing is stored if the
- * trace is refused or the audit entry cannot be written.
+ * Stores a lease's trace in its device's one slot for the image (replacing
+ * the device's older trace, from any lease) and audits the upload; nothing is
+ * stored if the trace is refused or the audit entry cannot be written. `kept`
+ * is the number of traces the image keeps, one per device that uploaded.
  */
 export function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, contentType: string | undefined, body: Buffer) {
   const { l, memChunks } = leaseMemory(ctx, d, leaseId);
@@ -111,39 +117,51 @@ export function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, contentType
   const now = ctx.now();
   let kept = 0;
   ctx.db.transaction(() => {
-    q(ctx.db, 'INSERT OR REPLACE INTO traces(image_id, version, device_id, lease_id, created_at, pages, data) VALUES (?, ?, ?, ?, ?, ?, ?)')
-      .run(l.image_id, l.version, d.id, l.id, now, pages.length, body);
-    q(ctx.db, 'DELETE FROM traces WHERE image_id = ? AND id NOT IN (SELECT id FROM traces WHERE image_id = ? ORDER BY id DESC LIMIT ?)')
-      .run(l.image_id, l.image_id, TRACES_KEPT);
+    // A new id even when the trace replaced is the newest: cached orders are keyed by trace ids.
+    const id = (q(ctx.db, 'SELECT COALESCE(MAX(id), 0) + 1 AS id FROM traces').get() as { id: number }).id;
+    q(ctx.db, 'DELETE FROM traces WHERE image_id = ? AND device_id = ?').run(l.image_id, d.id);
+    q(ctx.db, 'INSERT OR REPLACE INTO traces(id, image_id, version, device_id, lease_id, created_at, pages, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+      .run(id, l.image_id, l.version, d.id, l.id, now, pages.length, body);
     kept = (q(ctx.db, 'SELECT COUNT(*) AS n FROM traces WHERE image_id = ?').get(l.image_id) as { n: number }).n;
     ctx.audit.append('trace.upload', d.id, { lease: l.id, image: l.name, version: l.version, count: pages.length }, now);
   })();
   return { image: l.name, version: l.version, pages: pages.length, kept };
 }
 
-interface CachedOrder {
-  key: string;
-  order: Uint32Array;
-}
-
-// Per server, the last order computed for each image: aggregating millions of
-// pages holds the event loop for a while, and resumes between uploads reuse it.
-const cached = new WeakMap<Ctx, Map<string, CachedOrder>>();
+// Per server, the orders computed last, by the traces they came from:
+// aggregating millions of pages holds the event loop for a while, and resumes
+// between uploads reuse them.
+const cached = new WeakMap<Ctx, Map<string, Uint32Array>>();
 const ORDERS_CACHED = 64;
 
-/** The aggregated prefetch order for the lease's image and how many traces it came from. */
+/**
+ * The traces a device's order comes from, ascending: its own, and the newest
+ * of the other devices the image trusts, TRACES_KEPT in all at most. An
+ * untrusted device's traces reach no other device however many it uploads.
+ */
+function traceIds(ctx: Ctx, imageId: string, deviceId: string): number[] {
+  // The newest only: a database from before one slot per device may hold several.
+  const own = q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? AND device_id = ? ORDER BY id DESC LIMIT 1').all(imageId, deviceId) as { id: number }[];
+  const trusted = q(ctx.db, 
+    'SELECT t.id FROM traces t JOIN trusted_tracers r ON r.image_id = t.image_id AND r.device_id = t.device_id WHERE t.image_id = ? AND t.device_id != ? ORDER BY t.id DESC LIMIT ?',
+  ).all(imageId, deviceId, TRACES_KEPT - own.length) as { id: number }[];
+  return [...own, ...trusted].map((r) => r.id).sort((a, b) => a - b);
+}
+
+/** The aggregated prefetch order for the lease's device and image, and how many traces it came from. */
 export function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): { order: Uint32Array; traces: number } {
   const { l, memChunks } = leaseMemory(ctx, d, leaseId);
-  const ids = (q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? ORDER BY id').all(l.image_id) as { id: number }[]).map((r) => r.id);
-  const key = `${memChunks}:${ids.join(',')}`;
+  const ids = traceIds(ctx, l.image_id, d.id);
+  const key = `${l.image_id}:${memChunks}:${ids.join(',')}`;
   let memo = cached.get(ctx);
   if (!memo) cached.set(ctx, (memo = new Map()));
-  const hit = memo.get(l.image_id);
-  if (hit?.key === key) return { order: hit.order, traces: ids.length };
-  const rows = q(ctx.db, 'SELECT data FROM traces WHERE image_id = ? ORDER BY id').all(l.image_id) as { data: Buffer }[];
-  const order = aggregateOrder(rows.map((r) => decodePages(r.data)), memChunks);
+  const hit = memo.get(key);
+  if (hit) return { order: hit, traces: ids.length };
+  const data = q(ctx.db, 'SELECT data FROM traces WHERE id = ?');
+  const traces = ids.map((id) => decodePages((data.get(id) as { data: Buffer }).data));
+  const order = aggregateOrder(traces, memChunks);
   // Bounded: removed images' orders do not stay for the server's lifetime.
   if (memo.size >= ORDERS_CACHED) memo.clear();
-  memo.set(l.image_id, { key, order });
-  return { order, traces: rows.length };
+  memo.set(key, order);
+  return { order, traces: ids.length };
 }

@@ -99,7 +99,8 @@ describe('disk path: NBD from the agent (real server, agent, clients and QEMU)',
     const out = JSON.parse(r.stdout) as { version: number; chunks: number };
     expect(out.version).to.equal(2);
     const pulled = path.join(dir, 'pulled');
-    expect((await lethe(['image', 'pull', 'guest', '--out', pulled], s.env)).code).to.equal(0);
+    // The check-in is this device's branch: the image's shared version stays 1 (docs/branches.md).
+    expect((await lethe(['image', 'pull', `guest@${out.version}`, '--out', pulled], s.env)).code).to.equal(0);
     const disk = fs.readFileSync(path.join(pulled, 'disk.raw'));
     expect(disk.equals(fs.readFileSync(before)), 'the new version is what the guest left on the export').to.equal(true);
     const written = execFileSync('debugfs', ['-R', 'cat /written.blk', path.join(pulled, 'disk.raw')], { maxBuffer: 64 * MiB, stdio: ['ignore', 'pipe', 'ignore'] });

@@ -1,7 +1,8 @@
 // Eviction and suspend with a real server, real agents and QEMU (TCG): the
 // evictor punches sensitive pages out while the guest's workload verifies them,
 // the planted marker leaves every process and file once its pages are idle, and
-// a suspended VM resumes on another enrolled device with its checks intact.
+// a suspended VM, once an admin promotes it, resumes on another enrolled device
+// with its checks intact (before that, the other device gets the pushed version).
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -124,7 +125,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(after.vm!.eviction.kept, 'pages kept resident').to.equal(0);
   });
 
-  it('suspends on one device and resumes on another: the workload carries on with no bad page', async () => {
+  it('suspends on one device and, once promoted, resumes on another: the workload carries on with no bad page', async () => {
     const before = verifyPasses(agent!.log());
     const r = await lethe(['agent', 'suspend', '--home', dev.home, '--json']);
     expect(r.code, r.stderr).to.equal(0);
@@ -133,6 +134,10 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(out.stateBytes).to.be.greaterThan(100_000);
     expect(await agent!.exited).to.equal(0);
     expect(fs.readdirSync('/dev/shm').filter((f) => f.startsWith('lethe-ram-'))).to.deep.equal([]);
+    // The suspend is the first device's own until an admin promotes it (docs/branches.md).
+    expect((await other.client.lease('vm')).version, 'before promotion').to.equal(1);
+    const p = await lethe(['image', 'promote', 'vm', String(out.version)], s.env);
+    expect(p.code, p.stderr).to.equal(0);
 
     agent2 = await startAgentProc(other.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     await waitFor(async () => verifyPasses(agent2!.log()).length >= 2 || undefined, 180_000, 'two verify passes on the other device');

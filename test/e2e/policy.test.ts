@@ -1,7 +1,8 @@
 // Guest cooperation and the policy manager with a real server, agents and QEMU
 // (TCG): the guest driver's reports make the workload's pages sensitive under
 // `memory: hinted` and only those leave guest RAM; a second resume prefetches in
-// the order the first one touched pages and waits on the server far less.
+// the order the first one (on a device trusted for the image) touched pages and
+// waits on the server far less.
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -121,7 +122,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     expect(t.events.filter((e) => 'fault' in e).length).to.be.at.least(2 * WORKLOAD_PAGES);
   });
 
-  it('trace-learned prefetch: the second resume, on another device, waits on the server far less than the first', async () => {
+  it('trace-learned prefetch: the second resume, on another device that trusts the first, waits on the server far less than the first', async () => {
     const first = await device('laptop-1', 'learned');
     const a = await agentOn(first, 'learned', []);
     await waitFor(async () => verifyPasses(a.log()).length >= 1 || undefined, 180_000, 'a verify pass');
@@ -129,6 +130,9 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     a.proc.kill('SIGTERM');
     expect(await a.exited).to.equal(0);
     expect(a.log()).to.match(/first-touch order of \d+ page\(s\) uploaded/);
+    // Another device's order takes only traces of devices an admin trusts (docs/branches.md).
+    const t = await lethe(['image', 'trust', 'learned', first.deviceId], s.env);
+    expect(t.code, t.stderr).to.equal(0);
 
     const second = await device('laptop-2', 'learned');
     const b = await agentOn(second, 'learned', []);

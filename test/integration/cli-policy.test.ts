@@ -114,6 +114,30 @@ describe('lethe policy (CLI)', function () {
     expect(r.stdout).to.contain('  - on a wipe order (acted on at the next heartbeat): the VM is powered off at once');
   });
 
+  it("issue #14: image.users is checked with its line, and explain says whom a check-in reaches", async () => {
+    const typo = path.join(dir, 'typo-users.yaml');
+    fs.writeFileSync(typo, 'name: solo\nimage:\n  users: singel\n');
+    const r = await lethe(['policy', 'check', typo]);
+    expect(r).to.deep.equal({
+      code: 1,
+      stdout: `${typo}:3: error: image.users: expected shared or single, got 'singel'\n  hint: did you mean 'single'?\n1 policy file checked: 1 error, no warnings\n`,
+      stderr: '',
+    });
+    const solo = path.join(dir, 'solo.yaml');
+    fs.writeFileSync(solo, 'name: solo\nimage:\n  users: single\n');
+    const single = await lethe(['policy', 'explain', solo]);
+    expect(single.code).to.equal(0);
+    expect(single.stdout).to.contain(
+      "\ncheck-ins\n  - the image has one user (users: single): a device's check-in or suspend becomes the version every assigned device resumes, without an admin",
+    );
+    const shared = await lethe(['policy', 'explain', '--json', DEFAULT]);
+    const out = JSON.parse(shared.stdout) as { policy: Record<string, unknown>; explanation: string };
+    expect(out.policy).to.deep.include({ imageUsers: 'shared' });
+    expect(out.explanation).to.contain(
+      "\ncheck-ins\n  - a device's check-in or suspend is a version only that device resumes; other devices keep the image's shared version until an admin promotes it (lethe image promote)",
+    );
+  });
+
   it('explain: warnings go to stderr beside the explanation; --json gives the parsed policy', async () => {
     const r = await lethe(['policy', 'explain', warned]);
     expect(r.code).to.equal(0);

@@ -1,16 +1,17 @@
 // Trace-learned prefetch order: the aggregation on its own, then uploads and
-// orders through a real server process — several traces of one device, a
-// second device's joining, carry-over to another version, the newest few
-// kept, bad traces refused with nothing stored, revoked devices and ended
-// leases refused.
+// orders through a real server process — one slot per device, an untrusted
+// device's traces reaching no other device however many it uploads (issue
+// #14), a trusted device's joining and leaving, carry-over to another version,
+// the newest few trusted kept, bad traces refused with nothing stored, revoked
+// devices and ended leases refused.
 import { expect } from 'chai';
 import Database from 'better-sqlite3';
 import path from 'node:path';
 import { signRequest } from '../../common/signing.js';
-import { HDR_TRACES, TraceUploadResponse, decodePages, encodePages } from '../../common/wire.js';
+import { HDR_TRACES, TraceUploadResponse, TrustResponse, decodePages, encodePages } from '../../common/wire.js';
 import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
-import { startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
 import { openDatabase } from '../../server/db.js';
 
 const pages = (...p: number[]) => Uint32Array.from(p);
@@ -91,14 +92,16 @@ describe('trace aggregation', () => {
 });
 
 describe('traces table', () => {
-  it("goes with its image: a trace never blocks removing one", () => {
+  it("goes with its image: a trace or a trusted tracer never blocks removing one", () => {
     const db = openDatabase(path.join(tmpDir(), 'lethe.db'));
     try {
       db.exec(`INSERT INTO images(id, name, created_at, dedup_key_wrapped) VALUES ('i1', 'desk', 0, x'00');
         INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES ('dev-1', 'alice', x'00', x'00', 0);
         INSERT INTO traces(image_id, version, device_id, lease_id, created_at, pages, data) VALUES ('i1', 1, 'dev-1', 'lease-1', 0, 1, x'01000000');`);
+      db.exec("INSERT INTO trusted_tracers(image_id, device_id, trusted_at) VALUES ('i1', 'dev-1', 0);");
       db.exec("DELETE FROM images WHERE id = 'i1'");
       expect(db.prepare('SELECT COUNT(*) AS n FROM traces').get()).to.deep.equal({ n: 0 });
+      expect(db.prepare('SELECT COUNT(*) AS n FROM trusted_tracers').get(), 'nor does a trusted tracer').to.deep.equal({ n: 0 });
     } finally {
       db.close();
     }
@@ -106,6 +109,7 @@ describe('traces table', () => {
 });
 
 describe('trace upload and prefetch order (real server process)', function () {
+  this.timeout(60_000);
   let s: ServerProc;
   let dev: TestDevice;
   let other: TestDevice;
@@ -137,13 +141,23 @@ describe('trace upload and prefetch order (real server process)', function () {
     return { order: list(decodePages(res.body)), traces: Number(res.headers[HDR_TRACES]) };
   }
 
-  function audited(type: string): Record<string, unknown>[] {
+  function auditRows(type: string): { device: string | null; data: Record<string, unknown> }[] {
     const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
     try {
-      const rows = db.prepare('SELECT data FROM audit WHERE type = ? ORDER BY seq').all(type) as { data: string }[];
-      return rows.map((r) => JSON.parse(r.data) as Record<string, unknown>);
+      const rows = db.prepare('SELECT device, data FROM audit WHERE type = ? ORDER BY seq').all(type) as { device: string | null; data: string }[];
+      return rows.map((r) => ({ device: r.device, data: JSON.parse(r.data) as Record<string, unknown> }));
     } finally {
       db.close();
+    }
+  }
+  const audited = (type: string) => auditRows(type).map((r) => r.data);
+
+  async function trust(deviceId: string, trusted: boolean) {
+    const a = admin(s);
+    try {
+      return await a.json<{ changed: boolean }>(trusted ? 'PUT' : 'DELETE', `/images/desk/trusted/${deviceId}`);
+    } finally {
+      a.close();
     }
   }
 
@@ -152,27 +166,60 @@ describe('trace upload and prefetch order (real server process)', function () {
     expect(list(await dev.client.prefetchOrder(lease1))).to.deep.equal([]);
   });
 
-  it('reflects both traces of one device, and each upload is audited with its count only', async () => {
+  it("a device's trace gives its own order, and each upload is audited with its count only", async () => {
     const up1 = TraceUploadResponse.parse(await dev.client.uploadTrace(lease1, pages(3, 1, 12, 0)));
     expect(up1).to.deep.equal({ image: 'desk', version: 1, pages: 4, kept: 1 });
     expect(list(await dev.client.prefetchOrder(lease2))).to.deep.equal([3, 1, 12, 0]);
-    expect((await dev.client.uploadTrace(lease2, pages(1, 3, 5))).kept).to.equal(2);
-    expect(await order(dev, lease2)).to.deep.equal({ order: [1, 3, 12, 5, 0], traces: 2 });
+    expect(await order(other, otherLease), 'not trusted: not in the other device\'s order').to.deep.equal({ order: [], traces: 0 });
+  });
+
+  it("a device's newer trace, from any lease, replaces its older one: one slot per device", async () => {
+    expect((await dev.client.uploadTrace(lease2, pages(1, 3, 5))).kept).to.equal(1);
+    expect(await order(dev, lease2)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
     expect(audited('trace.upload')).to.deep.equal([
       { lease: lease1, image: 'desk', version: 1, count: 4 },
       { lease: lease2, image: 'desk', version: 1, count: 3 },
     ]);
   });
 
-  it("a second device's trace joins the order", async () => {
-    expect((await other.client.uploadTrace(otherLease, pages(5, 0))).kept).to.equal(3);
-    expect(await order(other, otherLease)).to.deep.equal({ order: [1, 3, 5, 0, 12], traces: 3 });
-    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5, 0, 12], traces: 3 });
+  it("issue #14: an untrusted device's traces reach no other device, however many it uploads", async () => {
+    for (let i = 0; i < TRACES_KEPT + 2; i++) {
+      const l = await other.client.lease('desk');
+      expect((await other.client.uploadTrace(l.leaseId, pages(15, 14, 13))).kept, 'one slot each').to.equal(2);
+    }
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
+    expect(await order(other, otherLease), 'its own order is its own trace').to.deep.equal({ order: [15, 14, 13], traces: 1 });
+    expect((await other.client.uploadTrace(otherLease, pages(5, 0))).kept).to.equal(2);
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
+  });
+
+  it("a trusted device's trace joins every device's order, and leaves it when untrusted; both audited", async () => {
+    const t = await lethe(['image', 'trust', 'desk', other.deviceId], s.env);
+    expect(t).to.deep.equal({ code: 0, stdout: `desk: ${other.deviceId} trusted; its traces now shape every device's prefetch order\n`, stderr: '' });
+    // 5: (2/3 + 0)/2, 1: (0 + 1)/2, 3: (1/3 + 1)/2, 0: (1 + 1/2)/2
+    expect(await order(dev, lease1)).to.deep.equal({ order: [5, 1, 3, 0], traces: 2 });
+    expect(await order(other, otherLease), 'the untrusted one still reaches nobody else').to.deep.equal({ order: [5, 0], traces: 1 });
+    expect((await lethe(['image', 'trust', 'desk', other.deviceId], s.env)).stdout).to.equal(`desk: ${other.deviceId} already trusted\n`);
+    expect(TrustResponse.parse(await trust(other.deviceId, false))).to.deep.equal({ image: 'desk', device: other.deviceId, trusted: false, changed: true });
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
+    expect(await trust(other.deviceId, true)).to.deep.include({ changed: true });
+    expect(auditRows('image.trust').concat(auditRows('image.untrust'))).to.deep.equal([
+      { device: other.deviceId, data: { image: 'desk' } },
+      { device: other.deviceId, data: { image: 'desk' } },
+      { device: other.deviceId, data: { image: 'desk' } },
+    ]);
+    expect(auditRows('image.untrust')).to.have.length(1);
+    const ls = JSON.parse((await lethe(['image', 'ls', '--json'], s.env)).stdout) as { images: { name: string; trustedTracers: string[] }[] };
+    expect(ls.images.find((i) => i.name === 'desk')!.trustedTracers).to.deep.equal([other.deviceId]);
+    const e = await rejects(trust('dev-0000000000000000', true));
+    expect({ status: e.status, code: e.code }).to.deep.equal({ status: 404, code: 'UNKNOWN_DEVICE' });
   });
 
   it('a later upload for the same lease replaces its trace', async () => {
-    expect((await other.client.uploadTrace(otherLease, pages(12))).kept).to.equal(3);
-    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 12, 5, 0], traces: 3 });
+    expect((await other.client.uploadTrace(otherLease, pages(12))).kept).to.equal(2);
+    // 1 and 12 both score (0 + 1)/2 and are in one trace each: the lower index first.
+    expect(await order(dev, lease1)).to.deep.equal({ order: [1, 12, 3, 5], traces: 2 });
   });
 
   it('refuses bad traces with a stable code and stores nothing', async () => {
@@ -210,27 +257,37 @@ describe('trace upload and prefetch order (real server process)', function () {
     await pushImage(s, 'desk', { chunks: 4 }); // version 2: 8 memory pages
     const v2 = await dev.client.lease('desk');
     expect(v2.version).to.equal(2);
-    expect(await order(dev, v2.leaseId)).to.deep.equal({ order: [1, 3, 5, 0], traces: 3 });
+    expect(await order(dev, v2.leaseId)).to.deep.equal({ order: [1, 3, 5], traces: 2 });
     const e = await rejects(dev.client.uploadTrace(v2.leaseId, pages(12)));
     expect(e.message).to.equal("page 12 at position 0 is past the end of memory (the lease's version has 8 pages)");
     // The version-1 lease still sees its own bound.
-    expect((await order(dev, lease1)).order).to.deep.equal([1, 3, 12, 5, 0]);
+    expect((await order(dev, lease1)).order).to.deep.equal([1, 12, 3, 5]);
   });
 
-  it(`keeps the newest ${TRACES_KEPT} traces of an image`, async () => {
-    // Stored so far, oldest first: [3 1 12 0], [1 3 5], [12]; the first one is the only holder of page 0.
-    let kept = 0;
-    for (let i = 0; i < TRACES_KEPT - 2; i++) {
-      const l = await dev.client.lease('desk');
-      kept = (await dev.client.uploadTrace(l.leaseId, pages(2))).kept;
+  it(`an order takes the device's own trace and the newest ${TRACES_KEPT - 1} of trusted devices'`, async () => {
+    // Stored so far, oldest first: alice's [1 3 5], bob's [12] (trusted); bob's is the only holder of page 12.
+    const a = admin(s);
+    const more: TestDevice[] = [];
+    try {
+      for (let i = 0; i < TRACES_KEPT - 1; i++) {
+        const d = await enrolledDevice(s, `lab-${i}`);
+        more.push(d);
+        await assign(s, d.deviceId, 'desk');
+        await a.json('PUT', `/images/desk/trusted/${d.deviceId}`);
+        const l = await d.client.lease('desk');
+        expect((await d.client.uploadTrace(l.leaseId, pages(2))).kept).to.equal(3 + i);
+      }
+    } finally {
+      a.close();
+      for (const d of more) d.close();
     }
-    expect(kept).to.equal(TRACES_KEPT);
     const l = await dev.client.lease('desk');
     expect(await order(dev, l.leaseId)).to.deep.equal({ order: [2, 1, 3, 5], traces: TRACES_KEPT });
     const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
     try {
       expect(db.prepare('SELECT lease_id FROM traces WHERE lease_id = ?').get(lease1)).to.equal(undefined);
-      expect((db.prepare('SELECT COUNT(*) AS n FROM traces').get() as { n: number }).n).to.equal(TRACES_KEPT);
+      expect((db.prepare('SELECT COUNT(*) AS n FROM traces').get() as { n: number }).n).to.equal(TRACES_KEPT + 1);
+      expect(db.prepare('SELECT MAX(n) AS most FROM (SELECT COUNT(*) AS n FROM traces GROUP BY device_id)').get()).to.deep.equal({ most: 1 });
     } finally {
       db.close();
     }

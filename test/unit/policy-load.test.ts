@@ -50,6 +50,8 @@ device:
   seal: [tpm]
   key-ceiling: 75%
   key-window: 10m
+image:
+  users: single
 `;
 
 describe('policy loader', () => {
@@ -84,6 +86,7 @@ describe('policy loader', () => {
       prefetchOrder: 'trace',
       prefetchBandwidth: null,
       hintIntervalMs: 2000,
+      imageUsers: 'shared',
     });
   });
 
@@ -118,6 +121,7 @@ describe('policy loader', () => {
       prefetchOrder: 'address',
       prefetchBandwidth: 50 * MiB,
       hintIntervalMs: 500,
+      imageUsers: 'single',
     });
   });
 
@@ -228,7 +232,7 @@ describe('policy loader', () => {
       { line: 4, field: 'eviction.idel', severity: 'warning', hint: "did you mean 'idle'?" },
       { line: 5, field: 'eviction.drop_guest_cache', severity: 'warning', hint: "did you mean 'drop-guest-cache'?" },
       { line: 6, field: 'ttl', severity: 'warning', hint: "did you mean 'lease.ttl'? it belongs under 'lease'" },
-      { line: 7, field: 'owner', severity: 'warning', hint: 'known keys here: name, description, lease, sensitive, eviction, prefetch, hints, device' },
+      { line: 7, field: 'owner', severity: 'warning', hint: 'known keys here: name, description, lease, sensitive, eviction, prefetch, hints, device, image' },
     ]);
     expect(r.diagnostics[0].message).to.equal("unknown key 'idel' is ignored");
     expect(r.policy.leaseTtlMs).to.equal(600_000);
