@@ -10,6 +10,7 @@ import { buildGuest, PRESET_BLOCKS, type GuestArtifacts } from '../../guest-driv
 import { FLAG_SECRET, MAGIC_DISK, MAGIC_MEM, PAGE_SIZE, SECRET_EVERY, checkPage, secretMarker } from '../../guest-driver/page-format.js';
 import { largestWorkloadMib } from '../../cli/cmd-vm.js';
 import { lethe, tmpDir } from '../helpers/proc.js';
+import { SUITE_TIMEOUT_MS, consoleLine } from '../helpers/progress.js';
 
 const MiB = 1024 * 1024;
 
@@ -52,7 +53,7 @@ function readFromImage(image: string, file: string): Buffer {
 }
 
 describe('test guest (real QEMU)', function () {
-  this.timeout(120_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(20_000);
   let guest: GuestArtifacts;
   // Each run leaves guest RAM files and disk copies (~200 MiB); remove them.
@@ -203,7 +204,7 @@ describe('test guest (real QEMU)', function () {
       fs.rmSync(path.join(dir, 'ram.bin'), { force: true });
       const vm = await boot(guest, dir, guestCmdline({ mib: 0, disk: mode }), disk);
       try {
-        const line = await vm.waitForConsole(/^LETHE-DISK .*/, 60_000, 'the disk check');
+        const line = await consoleLine(vm, path.join(dir, 'ram.bin'), /^LETHE-DISK .*/, 'the disk check');
         expect(line[0], mode).to.equal(expected);
         // With no memory workload the guest powers off by itself.
         expect(await vm.exited).to.deep.equal({ code: 0, signal: null });
