@@ -13,8 +13,12 @@ import { verifyPasses } from '../helpers/guest.js';
 import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
 import { findFd, plantedHits, scanProcess, scanTree } from '../helpers/scan.js';
 
-const IDLE_S = 1;
-const INTERVAL_S = 8;
+// Idleness is time since arrival (docs/eviction.md): every page the guest uses comes
+// back once per idle period. At 1 s a guest slowed down by a busy host spent its time
+// re-faulting its own kernel and never finished a pass; 2 s halves that, and the
+// interval between passes still leaves every workload page idle for longer.
+const IDLE_S = 2;
+const INTERVAL_S = 10;
 const LEASE_TTL_S = 20;
 
 /** Waits for `fn` while the agent's guest makes progress (test/helpers/progress.ts). */
@@ -110,7 +114,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     // a few tries, each one idle period later than the page could have arrived.
     let inRam = plantedHits(ram!, marker);
     for (let i = 0; i < 3 && inRam.length > 0; i++) {
-      await new Promise((r) => setTimeout(r, 700));
+      await new Promise((r) => setTimeout(r, IDLE_S * 700));
       inRam = plantedHits(ram!, marker);
     }
     const hits = [
