@@ -66,13 +66,12 @@ export class DemoEnd {
 
   /**
    * Stops every child (SIGKILL after CHILD_EXIT_MS), then removes the directories.
-   * Signals stay handled until it is done; a signal during it hurries the children.
+   * A signal during it hurries the children; one after it ends the process at once.
    */
   async cleanup(): Promise<void> {
     await Promise.all([...this.children].map((p) => this.ended(p)));
     for (const d of this.remove) fs.rmSync(d, { recursive: true, force: true });
     this.cleaned = true;
-    for (const s of SIGNALS) process.off(s, this.onSignal);
     process.off('exit', this.lastResort);
     // The output error handlers stay: the CLI may still write its last error to a closed pipe.
   }
@@ -102,7 +101,11 @@ export class DemoEnd {
     clearTimeout(timer);
   }
 
-  private readonly onSignal = (signal: NodeJS.Signals) => this.stop(signal);
+  /** After the cleanup nothing is left to do: the process ends with the status it had (a signal without a handler would make it the signal's). */
+  private readonly onSignal = (signal: NodeJS.Signals) => {
+    if (this.cleaned) process.exit(process.exitCode ?? this.exitCode());
+    this.stop(signal);
+  };
 
   /** EPIPE and the like: nobody reads the demo any more, so it stops as SIGPIPE would have it. */
   private readonly onOutputError = () => this.stop(OUTPUT_CLOSED);

@@ -133,7 +133,10 @@ describe('lethe demo: its cleanup survives a closed output and any signals (issu
       await new Promise((r) => setTimeout(r, 50));
     }
     const end = await run.exited;
-    expect(end, 'ended by its own cleanup, with the status of the first signal').to.deep.equal({ code: 129, signal: null });
+    // It ends with the first signal's status (128 + SIGHUP); a later signal may still
+    // meet Node's own teardown once the cleanup is done, and end it by default.
+    if (end.signal === null) expect(end.code, 'the status of the first signal').to.equal(129);
+    else expect(end.signal, 'the first signal did not end it before its cleanup').to.be.oneOf(['SIGINT', 'SIGTERM']);
     await expectNothingLeft(run, made);
   });
 });
