@@ -103,7 +103,7 @@ export class DemoEnd {
 
   /** After the cleanup nothing is left to do: the process ends with the status it had (a signal without a handler would make it the signal's). */
   private readonly onSignal = (signal: NodeJS.Signals) => {
-    if (this.cleaned) process.exit(process.exitCode ?? this.exitCode());
+    if (this.cleaned) process.exit(process.exitCode ?? 128 + (os.constants.signals[signal] ?? 0));
     this.stop(signal);
   };
 
