@@ -11,7 +11,7 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import type { Argv } from 'yargs';
-import { startAgent, type AgentStatus, type RunningAgent } from '../agent/daemon.js';
+import { startAgent, type AgentStatus } from '../agent/daemon.js';
 import { enrollDevice } from '../agent/identity.js';
 import { fixedSecret, type Unlock } from '../agent/unlock.js';
 import { randomKey, wipe } from '../common/crypto.js';
@@ -19,6 +19,7 @@ import { ACCEL_CHOICES, type AccelChoice } from '../agent/qemu.js';
 import { PinnedClient } from '../common/http-client.js';
 import { LetheError } from '../common/errors.js';
 import { AdminClient } from './admin-client.js';
+import { DemoEnd } from './demo-end.js';
 import { pushImage } from './image-push.js';
 
 const MAIN = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
@@ -49,10 +50,21 @@ export function demoCommand(y: Argv) {
 
 const say = (line: string) => process.stderr.write(`lethe demo: ${line}\n`);
 
+/** How this process's demo ends; its children are tracked from the first. */
+let end: DemoEnd | undefined;
+
+/** Spawns `lethe ARGS` as a child of the demo (stopped with it); refused once the demo stops. */
+function spawnLethe(args: string[], opts: Parameters<typeof spawn>[2]): ChildProcess {
+  if (end?.stopped) throw new LetheError('INTERNAL', `the demo is stopping (${end.reason}): not starting lethe ${args.slice(0, 2).join(' ')}`);
+  const p = spawn(process.execPath, ['--import', 'tsx', MAIN, ...args], opts);
+  end?.track(p);
+  return p;
+}
+
 /** Runs `lethe ARGS` as a child and returns its stdout; its stderr (progress) passes through. */
 function lethe(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
   return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, ['--import', 'tsx', MAIN, ...args], { env, stdio: ['ignore', 'pipe', 'inherit'] });
+    const p = spawnLethe(args, { env, stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     p.stdout!.on('data', (d) => (out += d));
     p.once('error', reject);
@@ -63,9 +75,7 @@ function lethe(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<st
 /** Starts `lethe server` on a fresh data dir and a free port; resolves with its URL, pin and admin token once it listens. */
 async function startServerProc(dir: string): Promise<{ proc: ChildProcess; url: string; pin: string; token: string }> {
   const init = JSON.parse(await lethe(['server', 'init', '--data', dir, '--json'])) as { fingerprint: string; adminToken: string };
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', '127.0.0.1:0', '--json'], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
+  const proc = spawnLethe(['server', 'run', '--data', dir, '--listen', '127.0.0.1:0', '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
   const listening = await new Promise<string>((resolve, reject) => {
     readline.createInterface({ input: proc.stdout! }).once('line', resolve);
     proc.once('exit', (code) => reject(new LetheError('INTERNAL', `the server exited with ${code} before listening`)));
@@ -78,35 +88,17 @@ async function demo(a: DemoArgs): Promise<void> {
   // The plaintext snapshot stays in memory (tmpfs, where guest RAM lives anyway), never on disk.
   const snapRoot = fs.mkdtempSync(path.join('/dev/shm', 'lethe-demo-snapshot-'));
   const dirs = { server: path.join(root, 'server'), home: path.join(root, 'device'), snap: path.join(snapRoot, 'snapshot') };
-  let server: ChildProcess | undefined;
-  let agent: RunningAgent | undefined;
-  let interrupted = false;
   // The device keys are sealed as a laptop's are, under a random passphrase that
   // lives only in this process's locked memory (Argon2id at its interactive cost).
   const passphrase = randomKey();
   const unlock: Unlock = { ask: fixedSecret(passphrase) };
   wipe(passphrase);
-  // From the start: Ctrl-C during the set-up (a snapshot child dies with it) still cleans up.
-  const onSignal = () => {
-    interrupted = true;
-    agent?.stop();
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  /** Stops the server (it writes a last audit checkpoint), then removes the directories. */
-  const cleanup = async () => {
-    fs.rmSync(snapRoot, { recursive: true, force: true });
-    if (server && server.exitCode === null && server.signalCode === null) {
-      const exited = new Promise((r) => server!.once('exit', r));
-      server.kill('SIGTERM');
-      await exited;
-    }
-    if (!a.keep) fs.rmSync(root, { recursive: true, force: true });
-  };
+  // From the start: a stop during the set-up (children stopped with it) still cleans up.
+  end = new DemoEnd(a.keep ? [snapRoot] : [snapRoot, root], say);
+  end.start();
   try {
-    say(`working in ${root}`);
+    say(`working in ${root} (the plaintext snapshot in ${snapRoot})`);
     const s = await startServerProc(dirs.server);
-    server = s.proc;
     say(`server listening at ${s.url}`);
     const admin = new AdminClient(new PinnedClient(s.url, s.pin), s.token);
     try {
@@ -130,7 +122,10 @@ async function demo(a: DemoArgs): Promise<void> {
     } finally {
       admin.close();
     }
-    if (interrupted) return;
+    if (end.stopped) {
+      process.exitCode = end.exitCode();
+      return;
+    }
 
     let lastGuest = '';
     const statusLine = new StatusLine();
@@ -148,17 +143,19 @@ async function demo(a: DemoArgs): Promise<void> {
         if (/^LETHE-VERIFY-BAD|^LETHE-WORKLOAD|^LETHE-VERIFY/.test(line)) lastGuest = line;
       },
     });
-    agent = running;
+    end.onStop(() => running.stop());
     const timer = setInterval(() => statusLine.show(summary(running.status(), lastGuest)), 1000);
     say('the agent resumes the guest post-copy; Ctrl-C stops it all');
     const code = await running.done;
     clearInterval(timer);
     statusLine.done();
     process.exitCode = code;
+  } catch (e) {
+    // A set-up step that failed because the demo stopped (its child killed) is no error of its own.
+    if (!end.stopped) throw e;
+    process.exitCode = end.exitCode();
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    await cleanup();
+    await end.cleanup();
   }
 }
 

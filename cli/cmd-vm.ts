@@ -13,8 +13,30 @@ import { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, t
 import { emit, type OutOpts } from './output.js';
 
 const MiB = 1024 * 1024;
-/** What the guest kernel, initramfs and busybox need beside the workload. */
-const GUEST_OVERHEAD_BYTES = 64 * MiB;
+/**
+ * What the test guest (kernel 6.1, initramfs, lethe-guestd) takes of its RAM beside
+ * the workload, measured under TCG as the largest workload that reaches its third
+ * verify pass before the guest's OOM killer ends it:
+ *   --mem     96M 128M 192M 256M 384M 512M 768M 1024M
+ *   workload   11   43  104  166  291  416  631   872 MiB
+ *   guest      85   85   88   90   93   96  137   152 MiB
+ * GUEST_BASE_MIB and 1/GUEST_RAM_SHARE of the RAM (struct pages, page tables,
+ * watermarks) cover it up to 512M. With more, the kernel turns transparent huge
+ * pages on (mm/huge_memory.c hugepage_init: 512 MiB of its own count, reached a
+ * little above --mem 512M) and khugepaged raises min_free_kbytes to 2 + 9 pageblocks
+ * of 2 MiB per memory zone, at most 5% of RAM (set_recommended_min_free_kbytes; the
+ * OOM report at 1024M shows min:44344kB): 44 MiB with q35's DMA and DMA32 zones, and
+ * by the same code 66 MiB with a Normal zone, once q35 maps RAM above 4 GiB (--mem
+ * 2816M or more; not measured). The rule leaves 6 MiB or more below each measured
+ * figure, and the largest workload it allows reached its third pass at 128M (36),
+ * 510M (406), 768M (617), 1024M (860) and 2048M (1852 MiB).
+ */
+const GUEST_BASE_MIB = 88;
+const GUEST_RAM_SHARE = 32;
+const THP_FROM_MIB = 512;
+const THP_RESERVE_SHARE = 20;
+const THP_RESERVE_MIB = { twoZones: 44, threeZones: 66 };
+const Q35_LOW_RAM_LIMIT_MIB = 2816;
 const MAX_MEM_BYTES = 64 * 1024 * MiB;
 const SECRET_RE = /^[A-Za-z0-9._:+-]{1,64}$/;
 const READY_RE = /^LETHE-WORKLOAD-READY pages=(\d+)/;
@@ -81,20 +103,17 @@ async function snapshot(a: SnapshotArgs): Promise<void> {
 /** @throws LetheError BAD_REQUEST naming the bad option and value. */
 function planSnapshot(a: SnapshotArgs): Plan {
   const memBytes = parseSize(a.mem, '--mem');
-  if (memBytes < GUEST_OVERHEAD_BYTES || memBytes > MAX_MEM_BYTES || memBytes % (2 * MiB) !== 0) {
+  if (memBytes === 0 || memBytes > MAX_MEM_BYTES || memBytes % (2 * MiB) !== 0) {
     throw new LetheError('BAD_REQUEST', `--mem '${a.mem}' is not usable guest RAM`, {
-      hint: 'use a multiple of 2M between 64M and 64G, e.g. --mem 256M',
+      hint: 'use a multiple of 2M up to 64G, e.g. --mem 256M',
     });
   }
+  // The workload is what the snapshot waits for (its ready line): without one there is nothing to wait for.
   const workloadMib = Number(a.workloadMib);
-  if (!Number.isInteger(workloadMib) || workloadMib < 0) {
-    throw new LetheError('BAD_REQUEST', `bad --workload-mib: '${a.workloadMib}'`, { hint: 'use a whole number of MiB, e.g. 16' });
+  if (!Number.isInteger(workloadMib) || workloadMib < 1) {
+    throw new LetheError('BAD_REQUEST', `bad --workload-mib: '${a.workloadMib}'`, { hint: 'use a whole number of MiB from 1, e.g. 16' });
   }
-  if (workloadMib * MiB > memBytes - GUEST_OVERHEAD_BYTES) {
-    throw new LetheError('BAD_REQUEST', `--workload-mib ${workloadMib} does not fit in --mem ${a.mem}`, {
-      hint: `leave 64M for the guest itself: at most ${(memBytes - GUEST_OVERHEAD_BYTES) / MiB} MiB with this --mem`,
-    });
-  }
+  checkWorkloadFits(workloadMib, memBytes / MiB, a.mem);
   const secret = a.secret ?? `lethe-${randomBytes(8).toString('hex')}`;
   if (!SECRET_RE.test(secret)) {
     throw new LetheError('BAD_REQUEST', `bad --secret: '${secret}'`, {
@@ -104,6 +123,37 @@ function planSnapshot(a: SnapshotArgs): Plan {
   const timeoutMs = parseDuration(a.timeout, '--timeout', { max: MAX_TIMER_MS });
   const intervalMs = parseDuration(a.interval, '--interval', { max: MAX_TIMER_MS });
   return { out: path.resolve(a.out), memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
+}
+
+/** What the guest itself takes of `memMib` (see GUEST_BASE_MIB). */
+function guestOwnMib(memMib: number): number {
+  const thpCap = memMib >= Q35_LOW_RAM_LIMIT_MIB ? THP_RESERVE_MIB.threeZones : THP_RESERVE_MIB.twoZones;
+  const thp = memMib >= THP_FROM_MIB ? Math.min(memMib / THP_RESERVE_SHARE, thpCap) : 0;
+  return GUEST_BASE_MIB + Math.ceil(memMib / GUEST_RAM_SHARE + thp);
+}
+
+/** The largest workload that fits in `memMib` of guest RAM (0 or less: none). */
+export const largestWorkloadMib = (memMib: number) => memMib - guestOwnMib(memMib);
+
+/** The smallest --mem (a multiple of 2 MiB) that holds a `workloadMib` workload. */
+export function smallestMemMib(workloadMib: number): number {
+  let mem = 2 * Math.ceil((workloadMib + GUEST_BASE_MIB) / 2);
+  while (largestWorkloadMib(mem) < workloadMib) mem += 2;
+  return mem;
+}
+
+/**
+ * A workload that leaves the guest less than it needs is killed by the guest's OOM
+ * killer, and the snapshot fails with a console dump: refuse it before booting.
+ * @throws LetheError BAD_REQUEST naming both values, with the --mem and workload that fit.
+ */
+function checkWorkloadFits(workloadMib: number, memMib: number, memText: string): void {
+  if (workloadMib <= largestWorkloadMib(memMib)) return;
+  const largest = largestWorkloadMib(memMib);
+  const mem = `use --mem ${smallestMemMib(workloadMib)}M or more for this workload`;
+  throw new LetheError('BAD_REQUEST', `--workload-mib ${workloadMib} does not fit in --mem ${memText}: the guest itself needs ${guestOwnMib(memMib)} MiB of it`, {
+    hint: largest > 0 ? `${mem}, or --workload-mib ${largest} or less with this --mem` : mem,
+  });
 }
 
 const SIZE_UNITS: Record<string, number> = { K: 1024, M: MiB, G: 1024 * MiB, T: 1024 * 1024 * MiB };

@@ -13,13 +13,14 @@ import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
 import { buildGuest, type GuestArtifacts } from '../../guest-driver/build.js';
 import { MAGIC_DISK, PAGE_SIZE, checkPage } from '../../guest-driver/page-format.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { SUITE_TIMEOUT_MS, consoleLine } from '../helpers/progress.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
 
 describe('disk path: NBD from the agent (real server, agent, clients and QEMU)', function () {
-  this.timeout(180_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(20_000);
   let guest: GuestArtifacts;
   let s: ServerProc;
@@ -81,7 +82,7 @@ describe('disk path: NBD from the agent (real server, agent, clients and QEMU)',
         runDir,
       );
       try {
-        const line = await vm.waitForConsole(/^LETHE-DISK .*/, 90_000, 'the disk check');
+        const line = await consoleLine(vm, path.join(runDir, 'ram.bin'), /^LETHE-DISK .*/, 'the disk check');
         expect(line[0], mode).to.equal('LETHE-DISK ok files=2 blocks=1280');
         expect(await vm.exited).to.deep.equal({ code: 0, signal: null });
       } finally {

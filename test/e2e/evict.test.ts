@@ -11,15 +11,22 @@ import type { AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { verifyPasses } from '../helpers/guest.js';
+import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
 import { findFd, plantedHits, scanProcess, scanTree } from '../helpers/scan.js';
 
-const IDLE_S = 1;
-const INTERVAL_S = 8;
+// Idleness is time since arrival (docs/eviction.md): every page the guest uses comes
+// back once per idle period. At 1 s a guest slowed down by a busy host spent its time
+// re-faulting its own kernel and never finished a pass; 2 s halves that, and the
+// interval between passes still leaves every workload page idle for longer.
+const IDLE_S = 2;
+const INTERVAL_S = 10;
 const LEASE_TTL_S = 20;
 
+/** Waits for `fn` while the agent's guest makes progress (test/helpers/progress.ts). */
+const whileRunning = <T>(a: AgentProc, home: string, fn: () => Promise<T>, what: string) => waitOnProgress(fn, agentProgress(home, a.log), { what });
 
 describe('eviction and suspend (real server, agents and QEMU)', function () {
-  this.timeout(240_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(60_000);
   let s: ServerProc;
   let dev: TestDevice;
@@ -78,7 +85,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
 
   it('evicts pages while the workload verifies them: every check passes, changed pages are kept', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
-    await waitFor(async () => verifyPasses(agent!.log()).length >= 2 || undefined, 180_000, 'two verify passes');
+    await whileRunning(agent, dev.home, async () => verifyPasses(agent!.log()).length >= 2, 'two verify passes');
     const ps = verifyPasses(agent.log());
     for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
     expect(ps[0].ok).to.equal(4096);
@@ -98,9 +105,9 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     const ram = findFd(qemu, /lethe-ram-.*\(deleted\)$/);
     expect(ram, 'QEMU holds its RAM file').to.be.a('string');
     // While a pass runs, the pages it touches are resident: the scan can see them.
-    await waitFor(async () => plantedHits(ram!, marker).length > 0 || undefined, 60_000, 'planted pages in guest RAM during a pass');
+    await whileRunning(agent!, dev.home, async () => plantedHits(ram!, marker).length > 0, 'planted pages in guest RAM during a pass');
     const n = verifyPasses(agent!.log()).length;
-    await waitFor(async () => verifyPasses(agent!.log()).length > n || undefined, 60_000, 'the end of a verify pass');
+    await whileRunning(agent!, dev.home, async () => verifyPasses(agent!.log()).length > n, 'the end of a verify pass');
     // Idle time, plus an eviction tick, plus margin; the next pass is INTERVAL_S after.
     await new Promise((r) => setTimeout(r, (IDLE_S + 1.5) * 1000));
     // The guest's kernel may touch a planted page on its own (page scanning), which
@@ -108,7 +115,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     // a few tries, each one idle period later than the page could have arrived.
     let inRam = plantedHits(ram!, marker);
     for (let i = 0; i < 3 && inRam.length > 0; i++) {
-      await new Promise((r) => setTimeout(r, 700));
+      await new Promise((r) => setTimeout(r, IDLE_S * 700));
       inRam = plantedHits(ram!, marker);
     }
     const hits = [
@@ -140,7 +147,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     expect(p.code, p.stderr).to.equal(0);
 
     agent2 = await startAgentProc(other.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
-    await waitFor(async () => verifyPasses(agent2!.log()).length >= 2 || undefined, 180_000, 'two verify passes on the other device');
+    await whileRunning(agent2, other.home, async () => verifyPasses(agent2!.log()).length >= 2, 'two verify passes on the other device');
     const ps = verifyPasses(agent2.log());
     for (const p of ps) expect(p.bad, `pass ${p.pass}`).to.equal(0);
     // The same run of the workload, not a new boot: its pass count goes on.
@@ -154,14 +161,15 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     agent2!.proc.kill('SIGKILL');
     await agent2!.exited;
     agent3 = await startAgentProc(dev.home, 'vm-lease', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
-    await waitFor(async () => verifyPasses(agent3!.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    await whileRunning(agent3, dev.home, async () => verifyPasses(agent3!.log()).length >= 1, 'a verify pass');
     // The workload's pages come in as it touches them (no prefetch): wait for most of them.
-    const before = await waitFor(
+    const before = await whileRunning(
+      agent3,
+      dev.home,
       async () => {
         const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
         return st.vm!.residentPages.sensitive > 2000 ? st : undefined;
       },
-      60_000,
       'the workload to touch its sensitive pages',
     );
     // The idle time is not reached: pages stay, but those the guest reports free (free-pages: evict).
@@ -186,7 +194,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
 
     s = await s.restart();
     const n = verifyPasses(agent3.log()).length;
-    await waitFor(async () => verifyPasses(agent3!.log()).length > n || undefined, 180_000, 'a verify pass after the server came back');
+    await whileRunning(agent3, dev.home, async () => verifyPasses(agent3!.log()).length > n, 'a verify pass after the server came back');
     for (const p of verifyPasses(agent3.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
   });
 });

@@ -8,7 +8,9 @@ import { gunzipSync } from 'node:zlib';
 import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
 import { buildGuest, PRESET_BLOCKS, type GuestArtifacts } from '../../guest-driver/build.js';
 import { FLAG_SECRET, MAGIC_DISK, MAGIC_MEM, PAGE_SIZE, SECRET_EVERY, checkPage, secretMarker } from '../../guest-driver/page-format.js';
+import { largestWorkloadMib } from '../../cli/cmd-vm.js';
 import { lethe, tmpDir } from '../helpers/proc.js';
+import { SUITE_TIMEOUT_MS, consoleLine } from '../helpers/progress.js';
 
 const MiB = 1024 * 1024;
 
@@ -51,7 +53,7 @@ function readFromImage(image: string, file: string): Buffer {
 }
 
 describe('test guest (real QEMU)', function () {
-  this.timeout(120_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(20_000);
   let guest: GuestArtifacts;
   // Each run leaves guest RAM files and disk copies (~200 MiB); remove them.
@@ -153,6 +155,25 @@ describe('test guest (real QEMU)', function () {
     expect(fs.existsSync(out)).to.equal(false);
   });
 
+  it('issue #22: refuses a workload the guest has no room for before booting, naming the --mem and the workload that fit (exit 2)', async () => {
+    const out = path.join(scratch(), 'never');
+    const r = await lethe(['vm', 'snapshot', '--out', out, '--mem', '128M']); // the default 64 MiB workload
+    expect([r.code, r.stdout, r.stderr]).to.deep.equal([
+      2,
+      '',
+      'lethe: error: --workload-mib 64 does not fit in --mem 128M: the guest itself needs 92 MiB of it\n' +
+        'lethe: hint: use --mem 158M or more for this workload, or --workload-mib 36 or less with this --mem\n',
+    ]);
+    expect(fs.existsSync(out)).to.equal(false);
+  });
+
+  it('the largest workload the rule lets into --mem 128M runs: the rule holds for the guest as built', async () => {
+    const mib = largestWorkloadMib(128);
+    const r = await lethe(['vm', 'snapshot', '--out', path.join(scratch(), 'full'), '--mem', '128M', '--workload-mib', String(mib), '--accel', 'tcg', '--timeout', '10m', '--json']);
+    expect(r.code, r.stderr).to.equal(0);
+    expect((JSON.parse(r.stdout) as { pages: number }).pages).to.equal(mib * 256);
+  });
+
   it('kills QEMU and says what it waited for when the workload is not ready in time', async () => {
     const out = path.join(scratch(), 'slow');
     const r = await lethe(['vm', 'snapshot', '--out', out, '--mem', '128M', '--workload-mib', '16', '--timeout', '1s', '--accel', 'tcg']);
@@ -183,7 +204,7 @@ describe('test guest (real QEMU)', function () {
       fs.rmSync(path.join(dir, 'ram.bin'), { force: true });
       const vm = await boot(guest, dir, guestCmdline({ mib: 0, disk: mode }), disk);
       try {
-        const line = await vm.waitForConsole(/^LETHE-DISK .*/, 60_000, 'the disk check');
+        const line = await consoleLine(vm, path.join(dir, 'ram.bin'), /^LETHE-DISK .*/, 'the disk check');
         expect(line[0], mode).to.equal(expected);
         // With no memory workload the guest powers off by itself.
         expect(await vm.exited).to.deep.equal({ code: 0, signal: null });

@@ -11,6 +11,7 @@ import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
 import { buildGuest, PRESET_BLOCKS } from '../../guest-driver/build.js';
 import { FLAG_SECRET, MAGIC_DISK, MAGIC_MEM, PAGE_SIZE, SECRET_EVERY, SECRET_OFFSET, checkPage, secretMarker } from '../../guest-driver/page-format.js';
 import { tmpDir } from '../helpers/proc.js';
+import { SUITE_TIMEOUT_MS, consoleLine } from '../helpers/progress.js';
 
 const MiB = 1024 * 1024;
 const WORKLOAD_MIB = 16;
@@ -88,7 +89,7 @@ async function openChannel(socket: string, policy: HintPolicy): Promise<{ channe
 }
 
 describe('guest hints (real QEMU guest and lethe-guestd)', function () {
-  this.timeout(240_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(60_000);
   let dir: string;
   let vm: Vm;
@@ -98,7 +99,7 @@ describe('guest hints (real QEMU guest and lethe-guestd)', function () {
   const consoleLines: string[] = [];
 
   before(async function () {
-    this.timeout(600_000);
+    this.timeout(SUITE_TIMEOUT_MS);
     const guest = await buildGuest();
     dir = tmpDir('lethe-hints-');
     const runDir = makeRunDir();
@@ -122,8 +123,8 @@ describe('guest hints (real QEMU guest and lethe-guestd)', function () {
       runDir,
     );
     vm.onConsoleLine((l) => consoleLines.push(l));
-    await vm.waitForConsole(/^LETHE-GUESTD started port=\S+ frames=\d+ free-pages=yes$/, 120_000, "the guest driver's start line");
-    await vm.waitForConsole(/^LETHE-WORKLOAD-READY pages=4096 /, 120_000, "the workload's ready line");
+    await consoleLine(vm, ramPath, /^LETHE-GUESTD started port=\S+ frames=\d+ free-pages=yes$/, "the guest driver's start line");
+    await consoleLine(vm, ramPath, /^LETHE-WORKLOAD-READY pages=4096 /, "the workload's ready line");
   });
 
   afterEach(function () {

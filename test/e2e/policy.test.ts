@@ -10,8 +10,9 @@ import { control } from '../../agent/control.js';
 import type { AgentStatus } from '../../agent/daemon.js';
 import { parseAccessTrace } from '../../policies/simulate.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { lethe, startAgentProc, startServer, tmpDir, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { verifyPasses } from '../helpers/guest.js';
+import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
 import { findFd, plantedHits } from '../helpers/scan.js';
 
 const INTERVAL_S = 6;
@@ -19,9 +20,11 @@ const WORKLOAD_PAGES = 4096;
 
 
 const status = (d: TestDevice) => control<AgentStatus>(d.home, { cmd: 'status' });
+/** Waits for `fn` while the agent's guest makes progress (test/helpers/progress.ts). */
+const whileRunning = <T>(a: AgentProc, d: TestDevice, fn: () => Promise<T>, what: string) => waitOnProgress(fn, agentProgress(d.home, a.log), { what });
 
 describe('guest hints and trace-learned prefetch (real server, agents and QEMU)', function () {
-  this.timeout(300_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(60_000);
   let s: ServerProc;
   let dir: string;
@@ -81,12 +84,12 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     const d = await device('laptop-hinted', 'hinted');
     const trace = path.join(dir, 'hinted.trace.jsonl');
     const a = await agentOn(d, 'hinted', ['--no-prefetch', '--trace', trace]);
-    await waitFor(async () => verifyPasses(a.log()).length >= 2 || undefined, 180_000, 'two verify passes');
+    await whileRunning(a, d, async () => verifyPasses(a.log()).length >= 2, 'two verify passes');
     // The workload's pages go once idle, and come back with each pass: a pass's worth of evictions.
-    const st = await waitFor(async () => {
+    const st = await whileRunning(a, d, async () => {
       const now = await status(d);
       return now.vm!.eviction.idle >= WORKLOAD_PAGES ? now : undefined;
-    }, 60_000, `${WORKLOAD_PAGES} idle pages evicted`);
+    }, `${WORKLOAD_PAGES} idle pages evicted`);
     const vm = st.vm!;
     expect(vm.memoryMode).to.equal('hinted');
     expect(vm.hints.connected, 'the guest driver is connected').to.equal(true);
@@ -102,7 +105,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     // Between passes, once the idle time is over, no planted page is in guest RAM.
     const ram = findFd(vm.pid, /lethe-ram-.*\(deleted\)$/)!;
     const n = verifyPasses(a.log()).length;
-    await waitFor(async () => verifyPasses(a.log()).length > n || undefined, 60_000, 'the end of a verify pass');
+    await whileRunning(a, d, async () => verifyPasses(a.log()).length > n, 'the end of a verify pass');
     await new Promise((r) => setTimeout(r, 3_500));
     let planted = plantedHits(ram, marker).length;
     for (let i = 0; i < 3 && planted > 0; i++) {
@@ -125,7 +128,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
   it('trace-learned prefetch: the second resume, on another device that trusts the first, waits on the server far less than the first', async () => {
     const first = await device('laptop-1', 'learned');
     const a = await agentOn(first, 'learned', []);
-    await waitFor(async () => verifyPasses(a.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    await whileRunning(a, first, async () => verifyPasses(a.log()).length >= 1, 'a verify pass');
     const demand1 = (await status(first)).fetch.demandBatches;
     a.proc.kill('SIGTERM');
     expect(await a.exited).to.equal(0);
@@ -136,7 +139,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
 
     const second = await device('laptop-2', 'learned');
     const b = await agentOn(second, 'learned', []);
-    await waitFor(async () => verifyPasses(b.log()).length >= 1 || undefined, 180_000, 'a verify pass');
+    await whileRunning(b, second, async () => verifyPasses(b.log()).length >= 1, 'a verify pass');
     const demand2 = (await status(second)).fetch.demandBatches;
     expect(b.log()).to.match(/startup buffer: \d+ page\(s\) fetched \(\d+ planned, learned order of \d+\)/);
     for (const p of [...verifyPasses(a.log()), ...verifyPasses(b.log())]) expect(p.bad).to.equal(0);

@@ -11,7 +11,7 @@ import { FileBackend } from '../../agent/nbd/file-backend.js';
 import { NbdServer, type BlockBackend } from '../../agent/nbd/server.js';
 import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
 import { buildGuest } from '../../guest-driver/build.js';
-import { waitFor } from '../helpers/proc.js';
+import { SUITE_TIMEOUT_MS, consoleLine, vmProgress, waitOnProgress } from '../helpers/progress.js';
 
 const MiB = 1024 * 1024;
 
@@ -27,7 +27,7 @@ async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> 
 }
 
 describe("QMP 'stop' with a disk read outstanding (real QEMU, TCG)", function () {
-  this.timeout(120_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(15_000);
 
   it("the vCPUs pause at once, but 'stop' answers only once the read is served; no read is lost; guest RAM is left out of core dumps", async () => {
@@ -74,9 +74,10 @@ describe("QMP 'stop' with a disk read outstanding (real QEMU, TCG)", function ()
       const ram = smaps.find((m) => m.split('\n')[0].endsWith(path.join(runDir, 'ram.bin')));
       expect(ram, 'the RAM file is mapped').to.not.equal(undefined);
       expect(ram!.match(/^VmFlags:(.*)$/m)?.[1].split(' '), 'guest RAM VmFlags').to.include('dd');
-      await waitFor(async () => reads >= 3 || undefined, 60_000, 'the guest reading its disk');
+      const ramPath = path.join(runDir, 'ram.bin');
+      await waitOnProgress(async () => reads >= 3, vmProgress(vm, ramPath), { what: 'the guest reading its disk' });
       stalled = true;
-      await waitFor(async () => waiting.length > 0 || undefined, 60_000, 'a guest disk read to wait');
+      await waitOnProgress(async () => waiting.length > 0, vmProgress(vm, ramPath), { what: 'a guest disk read to wait' });
 
       const stopEvent = vm.qmp.waitForEvent('STOP', 2_000);
       const stop = vm.qmp.execute('stop');
@@ -91,7 +92,7 @@ describe("QMP 'stop' with a disk read outstanding (real QEMU, TCG)", function ()
       expect(st).to.include({ running: false, status: 'paused' });
       // No read was lost: the guest carries on to its disk check.
       await vm.qmp.execute('cont');
-      await vm.waitForConsole(/^LETHE-DISK /, 90_000, 'the disk check');
+      await consoleLine(vm, ramPath, /^LETHE-DISK /, 'the disk check');
     } finally {
       await vm.kill();
       await nbd.close();

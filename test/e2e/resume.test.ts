@@ -10,11 +10,12 @@ import { startAgent, type AgentStatus } from '../../agent/daemon.js';
 import { assign, enrolledDevice, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
 
 const alive = (pid: number) => fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ');
 
 describe('post-copy resume through userfaultfd (real server, agent and QEMU)', function () {
-  this.timeout(180_000);
+  this.timeout(SUITE_TIMEOUT_MS);
   this.slow(30_000);
   let s: ServerProc;
   let dev: TestDevice;
@@ -48,7 +49,7 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
 
   it('resumes the guest with every page served on first touch; the workload finds no bad page', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
-    await waitFor(async () => verifyPasses(agent!.log()).length >= 2 || undefined, 120_000, 'two verify passes');
+    await waitOnProgress(async () => verifyPasses(agent!.log()).length >= 2, agentProgress(dev.home, agent.log), { what: 'two verify passes' });
     const passes = verifyPasses(agent.log());
     for (const p of passes) expect(p.bad, `pass ${p.pass}`).to.equal(0);
     expect(passes[0].ok).to.equal(4096);
@@ -100,7 +101,7 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
 
   it('SIGTERM stops the agent cleanly: exit 0, QEMU gone, no RAM file left', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--no-prefetch']);
-    await waitFor(async () => /VM resumed post-copy/.test(agent!.log()) || undefined, 120_000, 'the resume');
+    await waitOnProgress(async () => /VM resumed post-copy/.test(agent!.log()), agentProgress(dev.home, agent.log), { what: 'the resume' });
     const qemu = (await control<AgentStatus>(dev.home, { cmd: 'status' })).vm!.pid;
     expect(await agent.stop()).to.equal(0);
     agent = undefined;
@@ -111,7 +112,7 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
   it('kill -9 of the agent takes QEMU with it: the guest never runs on zero-filled pages', async () => {
     agent = await startAgentProc(dev.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch']);
     // Any pass: the guest's first console line after a resume can carry the tail of one written before the snapshot.
-    await waitFor(async () => /LETHE-VERIFY pass=\d+ ok=/.test(agent!.log()) || undefined, 120_000, 'a verify pass');
+    await waitOnProgress(async () => /LETHE-VERIFY pass=\d+ ok=/.test(agent!.log()), agentProgress(dev.home, agent.log), { what: 'a verify pass' });
     const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
     const qemu = st.vm!.pid;
     expect(alive(qemu)).to.equal(true);

@@ -67,8 +67,21 @@ class Lines extends EventEmitter {
       if (this.proc.exitCode !== null || this.proc.signalCode !== null || Date.now() > deadline) {
         throw new Error(`no line matching ${re}; stdout:\n${this.lines.join('\n')}\nstderr:\n${this.stderr}`);
       }
-      await Promise.race([new Promise((r) => this.once('change', r)), sleep(Math.max(1, deadline - Date.now()))]);
+      await this.changeOrDeadline(deadline);
     }
+  }
+
+  /** Resolves at the next line or exit, or at `deadline`; no timer is left behind (it held the test process up to a minute). */
+  private changeOrDeadline(deadline: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.off('change', done);
+        resolve();
+      };
+      const timer = setTimeout(done, Math.max(1, deadline - Date.now()));
+      this.once('change', done);
+    });
   }
 
   send(line: string): void {

@@ -133,9 +133,13 @@ describe('fetcher retries', () => {
   };
 
   it("a demand fetch retries while the server is down, but gives up at the lease's eviction point", async () => {
-    const unbounded = new Fetcher(down, down, () => 'lease-1');
-    const waiting = unbounded.demand({ kind: 'disk', index: 0 });
-    waiting.catch(() => {});
+    // A retry window of its own, short enough that the test waits for its end: a
+    // retry loop left running kept the test process alive for 30 s after the suite.
+    const unbounded = new Fetcher(down, down, () => 'lease-1', undefined, 3_000);
+    const waiting = unbounded.demand({ kind: 'disk', index: 0 }).then(
+      () => expect.fail('the fetch should have failed'),
+      (e: unknown) => e,
+    );
     expect(await settledWithin(waiting, 600), 'without a lease deadline it keeps retrying').to.equal(false);
 
     const bounded = new Fetcher(down, down, () => 'lease-1', () => Date.now() + 300);
@@ -146,5 +150,6 @@ describe('fetcher retries', () => {
     expect(await settledWithin(failed, 1_500), 'it gives up by the eviction point').to.equal(true);
     expect(((await failed) as LetheError).code).to.equal('SERVER_UNREACHABLE');
     expect(bounded.stats.retries).to.be.greaterThan(0);
+    expect(((await waiting) as LetheError).code, 'and gives up at the end of its retry window').to.equal('SERVER_UNREACHABLE');
   });
 });
