@@ -284,13 +284,13 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
     res.json(commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/promote', rawJson, (req, res) => {
-    res.json(promoteVersion(ctx, param(req, 'name'), intParam(req, 'version')));
+    res.json(promoteVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.put('/images/:name/trusted/:device', rawJson, (req, res) => {
-    res.json(setTrusted(ctx, param(req, 'name'), param(req, 'device'), true));
+    res.json(setTrusted(acting(req), param(req, 'name'), param(req, 'device'), true));
   });
   a.delete('/images/:name/trusted/:device', (req, res) => {
-    res.json(setTrusted(ctx, param(req, 'name'), param(req, 'device'), false));
+    res.json(setTrusted(acting(req), param(req, 'name'), param(req, 'device'), false));
   });
   a.get('/images/:name/versions/:version/manifest', (req, res) => {
     const img = getImage(ctx, param(req, 'name'));

@@ -136,14 +136,21 @@ const ORDERS_CACHED = 64;
 
 /**
  * The traces a device's order comes from, ascending: its own, and the newest
- * of the other devices the image trusts, TRACES_KEPT in all at most. An
- * untrusted device's traces reach no other device however many it uploads.
+ * of the other devices the image trusts and that are still active (not revoked
+ * or wiped), TRACES_KEPT in all at most. An untrusted device's traces reach no
+ * other device however many it uploads.
  */
 function traceIds(ctx: Ctx, imageId: string, deviceId: string): number[] {
   // The newest only: a database from before one slot per device may hold several.
   const own = q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? AND device_id = ? ORDER BY id DESC LIMIT 1').all(imageId, deviceId) as { id: number }[];
-  const trusted = q(ctx.db, 
-    'SELECT t.id FROM traces t JOIN trusted_tracers r ON r.image_id = t.image_id AND r.device_id = t.device_id WHERE t.image_id = ? AND t.device_id != ? ORDER BY t.id DESC LIMIT ?',
+  // A revoked or wiped device's traces stop counting at once, trusted or not.
+  const trusted = q(
+    ctx.db,
+    `SELECT t.id FROM traces t
+       JOIN trusted_tracers r ON r.image_id = t.image_id AND r.device_id = t.device_id
+       JOIN devices d ON d.id = t.device_id
+     WHERE t.image_id = ? AND t.device_id != ? AND d.revoked_at IS NULL AND d.wipe_requested_at IS NULL AND d.wiped_at IS NULL
+     ORDER BY t.id DESC LIMIT ?`,
   ).all(imageId, deviceId, TRACES_KEPT - own.length) as { id: number }[];
   return [...own, ...trusted].map((r) => r.id).sort((a, b) => a - b);
 }

@@ -139,7 +139,7 @@ describe('issue #14: device branches (real server process)', function () {
     const [, , , branchHash] = await manifestHash(branch, 0);
     expect(await servedToB()).to.deep.equal({ version: branch, hash: branchHash });
     expect(audited('version.promote')).to.deep.equal([
-      { device: a, data: { image: 'desk', version: branch, device: a, base: img.version, previous: img.version } },
+      { device: a, data: { image: 'desk', version: branch, device: a, base: img.version, previous: img.version, actor: `token:${sha256(s.adminToken).toString('hex').slice(0, 8)}` } },
     ]);
     const again = await lethe(['image', 'promote', 'desk', String(branch), '--json'], s.env);
     expect(PromoteResponse.parse(JSON.parse(again.stdout))).to.deep.equal({ image: 'desk', version: branch, device: a, previous: branch, changed: false });

@@ -7,6 +7,7 @@
 import { expect } from 'chai';
 import Database from 'better-sqlite3';
 import path from 'node:path';
+import { sha256 } from '../../common/crypto.js';
 import { signRequest } from '../../common/signing.js';
 import { HDR_TRACES, TraceUploadResponse, TrustResponse, decodePages, encodePages } from '../../common/wire.js';
 import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces.js';
@@ -204,10 +205,11 @@ describe('trace upload and prefetch order (real server process)', function () {
     expect(TrustResponse.parse(await trust(other.deviceId, false))).to.deep.equal({ image: 'desk', device: other.deviceId, trusted: false, changed: true });
     expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
     expect(await trust(other.deviceId, true)).to.deep.include({ changed: true });
+    const actor = `token:${sha256(s.adminToken).toString('hex').slice(0, 8)}`;
     expect(auditRows('image.trust').concat(auditRows('image.untrust'))).to.deep.equal([
-      { device: other.deviceId, data: { image: 'desk' } },
-      { device: other.deviceId, data: { image: 'desk' } },
-      { device: other.deviceId, data: { image: 'desk' } },
+      { device: other.deviceId, data: { image: 'desk', actor } },
+      { device: other.deviceId, data: { image: 'desk', actor } },
+      { device: other.deviceId, data: { image: 'desk', actor } },
     ]);
     expect(auditRows('image.untrust')).to.have.length(1);
     const ls = JSON.parse((await lethe(['image', 'ls', '--json'], s.env)).stdout) as { images: { name: string; trustedTracers: string[] }[] };
@@ -307,7 +309,9 @@ describe('trace upload and prefetch order (real server process)', function () {
     }
   });
 
-  it('a revoked device is refused', async () => {
+  it('a revoked device is refused, and its trace leaves the other devices\' orders though it stays trusted', async () => {
+    const fresh = (await dev.client.lease('desk')).leaseId;
+    expect((await order(dev, fresh)).traces, 'the trusted device counts while active').to.equal(2);
     const a = admin(s);
     try {
       await a.json('POST', `/devices/${other.deviceId}/revoke`);
@@ -320,5 +324,6 @@ describe('trace upload and prefetch order (real server process)', function () {
       expect({ status: e.status, code: e.code }).to.deep.equal({ status: 403, code: 'DEVICE_REVOKED' });
     }
     expect(audited('trace.upload').length).to.equal(count);
+    expect(await order(dev, fresh)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
   });
 });
