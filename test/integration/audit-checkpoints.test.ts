@@ -10,7 +10,7 @@ import { checkpointMessage, checkpointSigned, entryHash } from '../../common/aud
 import { b64u, sha256, sign, signKeyPair } from '../../common/crypto.js';
 import { keepCheckpoint, readCheckpoint } from '../../agent/anchor.js';
 import { agentInProcess, assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
+import { TEST_PASSPHRASE, lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
 
 interface Verified {
   ok: boolean;
@@ -71,7 +71,7 @@ describe('audit checkpoints, pinned key and anchors (issue #14)', function () {
     const lease = await victim.client.lease('anchored');
     for (let i = 0; i < AUDIT_CHECKPOINT_EVERY; i++) await victim.client.keys(lease.leaseId, [{ kind: 'mem', index: 2 * (i % 2) }]);
     // The device's heartbeat brings the signed head; the CLI keeps it in the device home.
-    const hb = await lethe(['heartbeat', '--home', victim.home, '--json']);
+    const hb = await lethe(['heartbeat', '--home', victim.home, '--json', '--passphrase-fd', '0'], {}, TEST_PASSPHRASE);
     expect(hb.code, hb.stderr).to.equal(0);
     anchorSeq = readCheckpoint(victim.home)!.seq;
     for (let i = 0; i < 3; i++) await victim.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
