@@ -13,6 +13,7 @@ import { closeIdentity, enrollDevice, homeFiles, loadIdentity, revokedMarker } f
 import type { RunningAgent } from '../../agent/daemon.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
+import { sha256 } from '../../common/crypto.js';
 
 const PAGE = 4096;
 
@@ -153,7 +154,7 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
     expect(leftovers(home)).to.deep.equal([]);
     const entries = await auditTypes(deviceId);
     expect(entries.map((e) => e.type).slice(-3)).to.deep.equal(['device.revoke', 'revoke.ack', 'device.wipe']);
-    expect(entries.at(-1)!.data).to.deep.equal({ erasedAt: acked });
+    expect(entries.at(-1)!.data).to.deep.equal({ erasedAt: acked, actor: `token:${sha256(s.adminToken).toString('hex').slice(0, 8)}` });
   });
 
   it('a wipe ordered after a revoke the device has not heard of is carried out at its next call, a chunk fetch', async () => {
