@@ -113,6 +113,7 @@ function buildStatus(
           faults: vm.faults,
           zeroFaults: vm.zeroFaults,
           faultRetries: vm.faultRetries,
+          faultWait: { ...vm.faultWait },
           heldFor: vm.heldFor(),
           residentPages: vm.evictor.residentCounts(),
           evictIdleSeconds: vm.evictor.idleMs / 1000,

@@ -84,6 +84,12 @@ export class AgentVm implements EvictTarget {
   zeroFaults = 0;
   /** Attempts to serve a fault that failed and were tried again. */
   faultRetries = 0;
+  /**
+   * How long the guest waited on its faults, from the agent taking a fault to the
+   * page installed (retries included): all of them, and those that went to the
+   * server (a vCPU stalled on the network).
+   */
+  readonly faultWait = { ms: 0, server: 0, serverMs: 0 };
   private stopping = false;
   readonly pages: number;
   readonly evictor: Evictor;
@@ -285,6 +291,7 @@ export class AgentVm implements EvictTarget {
       self.thread = FaultThread.start(m, {
         onFault: async (f, t) => {
           const page = f.offset / MEM_CHUNK_SIZE;
+          const t0 = performance.now();
           self.inFlight.set(page, (self.inFlight.get(page) ?? 0) + 1);
           try {
             // A fault that cannot be served is retried, never answered with zeros: the
@@ -294,6 +301,12 @@ export class AgentVm implements EvictTarget {
                 const src = await servePage(core, pool, self.evictor, f, t, () => self.recordTouch(page));
                 self.faults++;
                 if (src === 'zero') self.zeroFaults++;
+                const waited = performance.now() - t0;
+                self.faultWait.ms += waited;
+                if (src === 'server') {
+                  self.faultWait.server++;
+                  self.faultWait.serverMs += waited;
+                }
                 return;
               } catch (e) {
                 if (self.stopping || !t.running) throw e;

@@ -34,6 +34,8 @@ const { values } = parseArgs({
     'guest-mib': { type: 'string', default: '32' },
     /** Leave out QEMU's own post-copy migration (the slowest yardstick to set up). */
     'skip-qemu': { type: 'boolean', default: false },
+    /** Print each agent's log (without the guest's console lines) to stderr. */
+    verbose: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
   },
 });
@@ -68,6 +70,9 @@ interface Run {
   /** Bytes over the link, both ways. */
   mib: number;
   demandRequests: number | null;
+  /** Guest RAM faults served, and the guest's total wait on them. */
+  faults: number | null;
+  faultS: number | null;
   /** Faults the guest waited on that needed the network, and their total wait (from the agent's fault timing, when it has it). */
   stalls: number | null;
   stallS: number | null;
@@ -109,11 +114,12 @@ async function letheResume(s: ServerProc, link: Link, spec: LinkSpec, method: st
   try {
     await waitFor(async () => VERIFY_RE.test(a.log()) || undefined, RUN_LIMIT_MS, `the first verify pass (${method}, ${spec.name})`);
     const log = a.log();
+    if (values.verbose) process.stderr.write(`--- ${method}, ${spec.name}\n${log.split('\n').filter((l) => !l.includes(' guest: ')).join('\n')}\n`);
     const bad = /LETHE-VERIFY pass=\d+ ok=\d+ bad=([1-9]\d*)/.exec(log);
     if (bad) throw new Error(`bad pages in ${method} on ${spec.name}: ${bad[0]}`);
     const st = await control<AgentStatus>(d.home, { cmd: 'status' });
     const after = link.stats();
-    const wait = (st.vm as { faultWait?: { remote: number; remoteMs: number } } | null)?.faultWait;
+    const wait = st.vm?.faultWait;
     // The first verify line's own time: the agent stamps each console line as it logs it.
     const run: Run & { deviceId: string } = {
       deviceId: d.deviceId,
@@ -123,8 +129,10 @@ async function letheResume(s: ServerProc, link: Link, spec: LinkSpec, method: st
       firstPassS: (lineTime(log, VERIFY_RE, 'verify line') - t0) / 1000,
       mib: (after.up + after.down - before.up - before.down) / 2 ** 20,
       demandRequests: st.fetch.demandBatches,
-      stalls: wait ? wait.remote : null,
-      stallS: wait ? wait.remoteMs / 1000 : null,
+      faults: st.vm?.faults ?? null,
+      faultS: wait ? wait.ms / 1000 : null,
+      stalls: wait ? wait.server : null,
+      stallS: wait ? wait.serverMs / 1000 : null,
     };
     // Long enough for the first-touch order to reach the server (it goes up 30 s after resume).
     if (method.startsWith('Lethe, cold')) {
@@ -206,6 +214,8 @@ async function fullDownload(s: ServerProc, link: Link, spec: LinkSpec, guest: { 
       firstPassS: (first - t0) / 1000,
       mib: (after.up + after.down - before.up - before.down) / 2 ** 20,
       demandRequests: null,
+      faults: null,
+      faultS: null,
       stalls: null,
       stallS: null,
     };
@@ -256,6 +266,8 @@ async function qemuPostcopy(spec: LinkSpec, guest: { vmlinux: string; initramfs:
       firstPassS: (first - t0) / 1000,
       mib: (st.up + st.down) / 2 ** 20,
       demandRequests: null,
+      faults: null,
+      faultS: null,
       stalls: null,
       stallS: null,
     };
@@ -331,7 +343,7 @@ async function main() {
   const fmt = (n: number | null | undefined, d = 1) => (n === null || n === undefined ? '—' : n.toFixed(d));
   console.log(
     table(
-      ['link', 'method', 'startup s', 'first pass s', '÷ full download', '÷ QEMU post-copy', 'MiB moved', 'demand requests', 'stalls', 'stall s'],
+      ['link', 'method', 'startup s', 'first pass s', '÷ full download', '÷ QEMU post-copy', 'MiB moved', 'demand requests', 'faults', 'fault wait s', 'network stalls', 'stall s'],
       runs.map((r) => [
         r.link,
         r.method,
@@ -341,6 +353,8 @@ async function main() {
         fmt(qemu(r) ? r.firstPassS / qemu(r)!.firstPassS : null, 2),
         fmt(r.mib),
         r.demandRequests ?? '—',
+        r.faults ?? '—',
+        fmt(r.faultS),
         r.stalls ?? '—',
         fmt(r.stallS),
       ]),
