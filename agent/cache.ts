@@ -119,13 +119,31 @@ export class ChunkCache {
     return row;
   }
 
-  /** Stores a blob (server ciphertext, or a dirty chunk the device encrypted), then trims to the limit. */
-  put(k: CacheKey, blob: Buffer, dirty = false, cls?: Sensitivity): void {
+  /**
+   * Stores a blob (server ciphertext, or a dirty chunk the device encrypted), then
+   * trims to the limit. `hash` is the blob's SHA-256 when the caller has it already.
+   */
+  put(k: CacheKey, blob: Buffer, dirty = false, cls?: Sensitivity, hash?: Buffer): void {
+    this.store(k, blob, dirty, cls, hash);
+    if (this.bytes > this.limitBytes) this.trim();
+  }
+
+  /**
+   * Stores clean blobs in one transaction, then trims: a prefetch batch costs one
+   * commit, not one a chunk (each commit is a WAL write that holds the event loop).
+   */
+  putMany(items: { k: CacheKey; blob: Buffer; hash?: Buffer }[]): void {
+    this.db.transaction(() => {
+      for (const { k, blob, hash } of items) this.store(k, blob, false, undefined, hash);
+    })();
+    if (this.bytes > this.limitBytes) this.trim();
+  }
+
+  private store(k: CacheKey, blob: Buffer, dirty: boolean, cls: Sensitivity | undefined, hash: Buffer | undefined): void {
     const old = this.q.size.get(k.imageId, k.gen, k.kind, k.index) as { n: number } | undefined;
-    this.q.put.run(k.imageId, k.gen, k.kind, k.index, blob, sha256(blob), dirty ? 1 : 0, cls ?? null, ++this.tick);
+    this.q.put.run(k.imageId, k.gen, k.kind, k.index, blob, hash ?? sha256(blob), dirty ? 1 : 0, cls ?? null, ++this.tick);
     this.bytes += blob.length - (old?.n ?? 0);
     this.touched.delete(this.id(k));
-    if (this.bytes > this.limitBytes) this.trim();
   }
 
   /** Drops one entry (a damaged one, or a clean one the caller knows is stale). */

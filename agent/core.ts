@@ -137,9 +137,21 @@ export class AgentCore {
 
   /** Caches a blob from the server if it matches the signed manifest; tells whether it did. */
   private keep(kind: ChunkKind, index: number, e: Entry, blob: Buffer): boolean {
-    if (sha256(blob).toString('base64url') !== e.ctHash) return false;
-    this.cache.put(this.cacheKey(kind, index, e), blob);
+    const hash = sha256(blob);
+    if (hash.toString('base64url') !== e.ctHash) return false;
+    this.cache.put(this.cacheKey(kind, index, e), blob, false, undefined, hash);
     return true;
+  }
+
+  /** keep() of a batch in one cache transaction; how many did not match their manifest entry. */
+  private keepMany(items: { kind: ChunkKind; index: number; e: Entry; blob: Buffer }[]): number {
+    const good: { k: CacheKey; blob: Buffer; hash: Buffer }[] = [];
+    for (const { kind, index, e, blob } of items) {
+      const hash = sha256(blob);
+      if (hash.toString('base64url') === e.ctHash) good.push({ k: this.cacheKey(kind, index, e), blob, hash });
+    }
+    this.cache.putMany(good);
+    return items.length - good.length;
   }
 
   /**
@@ -551,11 +563,9 @@ export class AgentCore {
       // Checked per batch: a demand read may have brought a chunk meanwhile.
       const slice = todo.slice(i, i + batch).filter(({ kind, index, e }) => !this.cache.has(this.cacheKey(kind, index, e)));
       const blobs = slice.length ? await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : [];
-      slice.forEach(({ kind, index, e }, j) => {
-        bytes += blobs[j].length;
-        // A chunk that does not match is refused; a demand read will try again and report it.
-        if (!this.keep(kind, index, e, blobs[j])) this.stats.tampered++;
-      });
+      for (const b of blobs) bytes += b.length;
+      // A chunk that does not match is refused; a demand read will try again and report it.
+      this.stats.tampered += this.keepMany(slice.map((c, j) => ({ ...c, blob: blobs[j] })));
       fetched += slice.length;
       done += Math.min(batch, todo.length - i);
       o.onProgress?.(done, refs.length);
