@@ -543,7 +543,13 @@ export class AgentCore {
    */
   async prefetchChunks(
     refs: ChunkRef[],
-    o: { onProgress?: (done: number, total: number) => void; batch?: number; bandwidth?: number | null } = {},
+    o: {
+      onProgress?: (done: number, total: number) => void;
+      /** Called with each batch once its chunks are cached (fetched now or before), and awaited. */
+      onBatch?: (refs: ChunkRef[]) => Promise<void>;
+      batch?: number;
+      bandwidth?: number | null;
+    } = {},
   ): Promise<number> {
     const m = this.must();
     const batch = o.batch ?? 64;
@@ -566,6 +572,7 @@ export class AgentCore {
       for (const b of blobs) bytes += b.length;
       // A chunk that does not match is refused; a demand read will try again and report it.
       this.stats.tampered += this.keepMany(slice.map((c, j) => ({ ...c, blob: blobs[j] })));
+      await o.onBatch?.(todo.slice(i, i + batch).map(({ kind, index }) => ({ kind, index })));
       fetched += slice.length;
       done += Math.min(batch, todo.length - i);
       o.onProgress?.(done, refs.length);

@@ -60,6 +60,23 @@ export interface AgentOptions {
 
 export const EXIT_REVOKED = 3;
 
+/**
+ * The order a session uploads: the pages the guest faulted on, first touch first,
+ * then the rest of the order it was given. Pages installed ahead never fault, so a
+ * session that installed ahead keeps the learned order's knowledge of them instead
+ * of dropping it; the pages it saw fault (sensitive ones, and those it touched
+ * before they were installed) still lead.
+ */
+export function firstTouchesAndLearned(touched: Uint32Array, learned: Uint32Array): Uint32Array {
+  if (learned.length === 0) return touched;
+  const seen = new Set(touched);
+  const out = new Uint32Array(touched.length + learned.length);
+  out.set(touched);
+  let n = touched.length;
+  for (const p of learned) if (!seen.has(p)) (seen.add(p), (out[n++] = p));
+  return out.subarray(0, n);
+}
+
 export interface RunningAgent {
   core: AgentCore;
   lease: LeaseKeeper;
@@ -114,6 +131,7 @@ function buildStatus(
           zeroFaults: vm.zeroFaults,
           faultRetries: vm.faultRetries,
           faultWait: { ...vm.faultWait },
+          installedAhead: vm.installedAhead,
           heldFor: vm.heldFor(),
           residentPages: vm.evictor.residentCounts(),
           evictIdleSeconds: vm.evictor.idleMs / 1000,
@@ -214,14 +232,18 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
           prefetch.done = d;
           prefetch.total = t;
         },
+        // Pages of guest RAM whose plaintext may stay go in as they arrive (install-ahead).
+        onBatch: async (refs) => void (await vm?.installAhead(refs.filter((r) => r.kind === 'mem').map((r) => r.index))),
       })
       .then(
-        () => log(`prefetch done: ${prefetch.done} of ${prefetch.total} chunks in the cache`),
+        () => log(`prefetch done: ${prefetch.done} of ${prefetch.total} chunks in the cache${vm ? `, ${vm.installedAhead} page(s) of guest RAM installed ahead` : ''}`),
         (e) => !stopped && log(`prefetch stopped: ${errorChain(e)}`),
       )
       .finally(() => (prefetch.running = false));
   };
 
+  /** The order the server gave this session (trace-learned prefetch), for the next upload. */
+  let learnedOrder: Uint32Array = new Uint32Array(0);
   /** Guest RAM to prefetch: the startup buffer (before the guest runs) and the rest, by the policy and the server's learned order. */
   const planPrefetch = async () => {
     const p = policyNow();
@@ -233,6 +255,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
       });
     }
     const pages = core.sizeOf('mem') / MEM_CHUNK_SIZE;
+    learnedOrder = learned;
     const plan = o.prefetch ? prefetchPlan(p, pages, learned, (pg) => core.entry('mem', pg) !== undefined) : { startup: [], rest: [] };
     const refs = (pages: number[]): ChunkRef[] => pages.map((index) => ({ kind: 'mem', index }));
     return { startup: refs(plan.startup), rest: refs(plan.rest), learned: learned.length, bandwidth: p.prefetchBandwidth };
@@ -243,7 +266,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   let suspended = false;
   const uploadTrace = (): Promise<void> => {
     // The server takes the first MAX_TRACE_PAGES touches (a guest over 8 GiB touches more).
-    const order = vm?.firstTouchOrder().subarray(0, MAX_TRACE_PAGES);
+    const order = vm && firstTouchesAndLearned(vm.firstTouchOrder(), vm.installedAhead > 0 ? learnedOrder : new Uint32Array(0)).subarray(0, MAX_TRACE_PAGES);
     // After a suspend the order is at the server and the lease has ended.
     if (!order || order.length === 0 || !lease.lease || suspended) return Promise.resolve();
     return urgent.uploadTrace(lease.leaseId(), order).then(
@@ -291,6 +314,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
       dropGuestCache: policyNow().dropGuestCache,
       traceFile: o.vm.trace,
       showConsole: o.logGuestConsole,
+      installFirst: pf.startup.map((r) => r.index),
     });
     if (o.logGuestConsole) vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
     if (o.onGuestConsole) vm.vm.onConsoleLine(o.onGuestConsole);

@@ -42,6 +42,8 @@ export interface ResumeOptions {
   traceFile?: string;
   /** Error messages may quote the guest console (off by default: it can carry guest plaintext into logs). */
   showConsole?: boolean;
+  /** Pages (the startup buffer, cached already) installed ahead before the guest runs: installAhead(). */
+  installFirst?: readonly number[];
 }
 
 /** An access trace being written: faults and guest reports, ms from the resume. */
@@ -90,6 +92,8 @@ export class AgentVm implements EvictTarget {
    * server (a vCPU stalled on the network).
    */
   readonly faultWait = { ms: 0, server: 0, serverMs: 0 };
+  /** Pages installed before the guest touched them (installAhead). */
+  installedAhead = 0;
   private stopping = false;
   readonly pages: number;
   readonly evictor: Evictor;
@@ -114,7 +118,7 @@ export class AgentVm implements EvictTarget {
     private readonly listener: UffdListener,
     private thread: FaultThread | undefined,
     private readonly pool: BufferPool,
-    core: AgentCore,
+    private readonly core: AgentCore,
     o: ResumeOptions,
     memBytes: number,
   ) {
@@ -169,6 +173,48 @@ export class AgentVm implements EvictTarget {
     if (this.touched[page]) return;
     this.touched[page] = 1;
     this.firstTouch[this.firstTouches++] = page;
+  }
+
+  /**
+   * Install-ahead: puts these pages of guest RAM in place before the guest touches
+   * them, so its first touch does not fault. Only a page the policy does not count
+   * as sensitive, whose chunk is in the server's normal class, qualifies: such
+   * plaintext may stay on the device for the whole lease, while sensitive pages
+   * keep coming on demand (each key release audited) and keep a true first-touch
+   * trace. Pages resident, being faulted or reported free are skipped. Before each
+   * page the loop yields, so a fault that arrived goes first. Call once their
+   * ciphertext is cached (prefetch); returns how many it installed.
+   */
+  async installAhead(pages: Iterable<number>): Promise<number> {
+    let n = 0;
+    for (const page of pages) {
+      await new Promise((r) => setImmediate(r));
+      if (this.stopping || !this.thread?.running) break;
+      if (!this.mayInstallAhead(page)) continue;
+      // A page that cannot be read now is left to its fault, which retries and reports.
+      if (await this.installPage(page).catch(() => false)) n++;
+    }
+    this.installedAhead += n;
+    return n;
+  }
+
+  private mayInstallAhead(page: number): boolean {
+    const m = this.evictor.manager;
+    if (page >= this.pages || this.core.classOf('mem', page) !== 'normal') return false;
+    return !m.isSensitive(page) && !m.isFree(page) && !this.evictor.isResident(page) && !this.inFlight.has(page);
+  }
+
+  /** One page as a fault would install it, without counting as the guest's touch. */
+  private installPage(page: number): Promise<boolean> {
+    return this.pool.with(MEM_CHUNK_SIZE, async (buf) => {
+      const src = await this.core.readInto('mem', page, buf, { resident: true, writable: true });
+      const data = src === 'zero' ? null : buf;
+      await this.evictor.quiet();
+      // The guest may have faulted it meanwhile: then its fault's copy stands.
+      if (this.stopping || this.thread!.resolveOffset(page * MEM_CHUNK_SIZE, data) === 'present') return false;
+      this.evictor.recordFault(page, data);
+      return true;
+    });
   }
 
   /** How many pages the guest has touched (firstTouchOrder().length, without the copy). */
@@ -324,6 +370,7 @@ export class AgentVm implements EvictTarget {
         // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
         onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
       });
+      if (o.installFirst?.length) await self.installAhead(o.installFirst);
       await streamState(core, vm, o.runDir);
       fs.unlinkSync(ramPath);
       self.evictor.start();

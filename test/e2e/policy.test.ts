@@ -2,7 +2,7 @@
 // (TCG): the guest driver's reports make the workload's pages sensitive under
 // `memory: hinted` and only those leave guest RAM; a second resume prefetches in
 // the order the first one (on a device trusted for the image) touched pages and
-// waits on the server far less.
+// waits on the server far less; pages whose plaintext may stay are installed ahead.
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -63,6 +63,9 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     await push('hinted', 'sensitive:\n  memory: hinted\n  processes: [lethe-workload]\n  free-pages: keep\neviction:\n  idle: 2s\nhints:\n  interval: 1s\n');
     // No eviction, and background prefetch too slow to matter: what the startup buffer holds decides.
     await push('learned', 'sensitive:\n  memory: none\nprefetch:\n  startup: 24MiB\n  order: trace\n  bandwidth: 16KiB/s\n');
+    // Background prefetch at full speed: what it brings is installed ahead, or (every page sensitive) only cached.
+    await push('ahead', 'sensitive:\n  memory: none\nprefetch:\n  startup: 16MiB\n  order: address\n');
+    await push('ahead-all', 'sensitive:\n  memory: all\neviction:\n  idle: 1h\nprefetch:\n  startup: 16MiB\n  order: address\n');
     fs.rmSync(snap, { recursive: true, force: true }); // the plaintext source goes
   });
   afterEach(function () {
@@ -123,6 +126,31 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     expect(t.pages).to.equal(32768);
     expect(t.events.filter((e) => 'hint' in e).length).to.be.at.least(2);
     expect(t.events.filter((e) => 'fault' in e).length).to.be.at.least(2 * WORKLOAD_PAGES);
+  });
+
+  it('install-ahead (issue #18): pages whose plaintext may stay are put in guest RAM before the guest touches them; sensitive pages never are', async () => {
+    const d = await device('laptop-ahead', 'ahead');
+    const a = await agentOn(d, 'ahead', []);
+    const done = /prefetch done: \d+ of \d+ chunks in the cache, (\d+) page\(s\) of guest RAM installed ahead/;
+    await whileRunning(a, d, async () => done.test(a.log()) && verifyPasses(a.log()).length >= 2, 'the end of prefetch and two verify passes');
+    const st = (await status(d)).vm!;
+    // The startup buffer (4,096 pages) went in before the guest ran, the rest as it arrived.
+    expect(st.installedAhead).to.be.at.least(4096);
+    expect(Number(done.exec(a.log())![1])).to.equal(st.installedAhead);
+    // Installed pages hold their real content: the workload checks every one of its pages.
+    for (const p of verifyPasses(a.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+    expect(st.residentPages.pages, 'installed pages count as resident plaintext').to.be.at.least(st.installedAhead);
+    // Far fewer faults than pages the guest uses: the workload alone has 4,096.
+    expect(st.faults).to.be.below(st.installedAhead);
+
+    const d2 = await device('laptop-ahead-all', 'ahead-all');
+    const b = await agentOn(d2, 'ahead-all', []);
+    await whileRunning(b, d2, async () => /prefetch done/.test(b.log()) && verifyPasses(b.log()).length >= 1, 'the end of prefetch and a verify pass');
+    const st2 = (await status(d2)).vm!;
+    expect(st2.installedAhead, 'sensitive pages installed ahead').to.equal(0);
+    // Every resident sensitive page came from the guest's own fault (its key release audited on demand).
+    expect(st2.residentPages.sensitive).to.be.at.most(st2.faults);
+    for (const p of verifyPasses(b.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
   });
 
   it('trace-learned prefetch: the second resume, on another device that trusts the first, waits on the server far less than the first', async () => {

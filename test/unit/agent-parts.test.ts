@@ -7,6 +7,8 @@ import type { DeviceClient } from '../../agent/device-client.js';
 import { Fetcher } from '../../agent/fetcher.js';
 import { LetheError } from '../../common/errors.js';
 import { KeyRing } from '../../agent/keyring.js';
+import { firstTouchesAndLearned } from '../../agent/daemon.js';
+import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
 
@@ -107,6 +109,32 @@ describe('chunk cache', () => {
     expect(again.get(key(2))).to.equal(undefined);
     expect(again.stats()).to.include({ damaged: 1, chunks: 1 });
     again.close();
+  });
+
+  it('stores a batch in one transaction with the hashes it is given, and trims after it', () => {
+    const c = new ChunkCache(path.join(tmpDir(), 'c.db'), 3 * 4200);
+    const blobs = [0, 1, 2, 3].map(() => randomBytes(4137));
+    c.putMany(blobs.map((blob, i) => ({ k: key(i), blob, hash: sha256(blob) })));
+    // Four stored, then the oldest trimmed to fit three.
+    expect(c.stats()).to.include({ chunks: 3, evicted: 1 });
+    expect(c.get(key(0))).to.equal(undefined);
+    expect(Buffer.compare(c.get(key(3))!, blobs[3])).to.equal(0);
+    // A given hash is what a read checks against: a wrong one makes the row damaged, never served.
+    c.putMany([{ k: key(7), blob: blobs[0], hash: sha256(blobs[1]) }]);
+    expect(c.get(key(7))).to.equal(undefined);
+    c.close();
+  });
+});
+
+describe('install-ahead and the uploaded order', () => {
+  it('the pages the guest faulted on lead, then the learned order without repeats', () => {
+    const out = firstTouchesAndLearned(Uint32Array.from([5, 9, 2]), Uint32Array.from([9, 1, 5, 7, 1]));
+    expect([...out]).to.deep.equal([5, 9, 2, 1, 7]);
+  });
+
+  it('without a learned order, the faults are the order', () => {
+    const touched = Uint32Array.from([3, 4]);
+    expect([...firstTouchesAndLearned(touched, new Uint32Array(0))]).to.deep.equal([3, 4]);
   });
 });
 
