@@ -25,7 +25,7 @@ import { NbdServer, type NbdAddress } from './nbd/server.js';
 import { nbdPeerCheck, type NbdPeers } from './nbd-peers.js';
 import { chooseAccel, makeRunDir, type AccelChoice } from './qemu.js';
 import { AgentVm } from './vm-runner.js';
-import { buildGuest } from '../guest-driver/build.js';
+import { builtGuestBoot } from '../guest-driver/built.js';
 import { MAX_TRACE_PAGES, type TAgentPolicy } from '../common/wire.js';
 import { prefetchPlan } from '../policies/manager.js';
 import { DEFAULT_FULL_POLICY } from '../policies/schema.js';
@@ -293,7 +293,8 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   const startVm = async () => {
     if (!o.vm || vm || vmStarting || stopped) return;
     vmStarting = true;
-    const guest = await buildGuest();
+    // The guest as built; only a machine that has none builds it (seconds to minutes) first.
+    const guest = builtGuestBoot() ?? (await (await import('../guest-driver/build.js')).buildGuest());
     const accel = await chooseAccel(o.vm.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
     const t0 = Date.now();
     const pf = await planPrefetch();

@@ -15,9 +15,10 @@ import { CpioWriter } from './cpio.js';
 import { indexModules, loadOrder } from './kmod.js';
 import { MAGIC_DISK, encodePage } from './page-format.js';
 
+import { DEFAULT_GUEST_DIR, GUEST_FILES as FILES } from './built.js';
+
+export { DEFAULT_GUEST_DIR, ROOT } from './built.js';
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-export const ROOT = path.resolve(HERE, '..');
-export const DEFAULT_GUEST_DIR = path.join(ROOT, 'build', 'guest');
 
 /** The meta package whose dependency names the current kernel package. */
 const KERNEL_META = 'linux-image-amd64';
@@ -33,7 +34,7 @@ const GUEST_PROGRAMS = [
   { name: 'lethe-workload', sources: ['workload.c'], headers: [] },
   { name: 'lethe-guestd', sources: ['guestd.c', 'guestd-frames.c', 'guestd-policy.c'], headers: ['guestd.h'] },
 ];
-const SOURCE_FILES = ['build.ts', 'cpio.ts', 'kmod.ts', 'page-format.ts', 'init.sh', ...GUEST_PROGRAMS.flatMap((p) => [...p.sources, ...p.headers])];
+const SOURCE_FILES = ['build.ts', 'built.ts', 'cpio.ts', 'kmod.ts', 'page-format.ts', 'init.sh', ...GUEST_PROGRAMS.flatMap((p) => [...p.sources, ...p.headers])];
 const XZ_MAGIC = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]);
 const ELF_MAGIC = Buffer.from([0x7f, 0x45, 0x4c, 0x46]);
 export const DATA_DISK_BYTES = 64 * 1024 * 1024;
@@ -65,7 +66,6 @@ export interface BuildOptions {
 }
 
 type Manifest = Omit<GuestArtifacts, 'dir' | 'vmlinux' | 'initramfs' | 'disk' | 'busybox' | 'built'>;
-const FILES = { vmlinux: 'vmlinux', initramfs: 'initramfs.cpio.gz', disk: 'data.ext4', busybox: 'busybox' } as const;
 
 /**
  * The test guest, built or from the cache.
