@@ -13,7 +13,8 @@ import { checkpointMessage, entryHash } from '../common/audit-hash.js';
 import { b64u, sign, signKeyPair } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { AuditLog } from '../server/audit.js';
-import { openDatabase, type DB } from '../server/db.js';
+import { migrate } from '../server/db.js';
+import { openSqlite, type Sql, type SqliteSql } from '../server/sql.js';
 
 const { values } = parseArgs({
   options: { entries: { type: 'string', default: '20000' }, commits: { type: 'string', default: '1000' }, rounds: { type: 'string', default: '3' } },
@@ -22,10 +23,11 @@ const ENTRIES = Number(values.entries);
 const COMMITS = Number(values.commits);
 const ROUNDS = Number(values.rounds);
 
-type Append = () => void;
+type Append = (t: Sql) => Promise<void> | void;
 
 /** The yardstick: insert the entry, sign only on an interval. */
-function intervalOnly(db: DB, key: Uint8Array): Append {
+function intervalOnly(sql: SqliteSql, key: Uint8Array): Append {
+  const db = sql.raw;
   const last = db.prepare('SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1');
   const insert = db.prepare('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (?, ?, ?, ?, ?, ?)');
   const cp = db.prepare('INSERT OR REPLACE INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?)');
@@ -41,32 +43,33 @@ function intervalOnly(db: DB, key: Uint8Array): Append {
 
 const DATA = { lease: 'lease-0123456789abcdef', image: 'desk', version: 1, count: 1, sensitive: 1, chunks: { mem: [[0, 0]] } };
 
-function measure(db: DB, append: Append): { batchedUs: number; committedUs: number } {
+async function measure(db: Sql, append: Append): Promise<{ batchedUs: number; committedUs: number }> {
   let t0 = performance.now();
-  db.transaction(() => {
-    for (let i = 0; i < ENTRIES; i++) append();
-  })();
+  await db.tx(async (t) => {
+    for (let i = 0; i < ENTRIES; i++) await append(t);
+  });
   const batchedUs = ((performance.now() - t0) * 1000) / ENTRIES;
   t0 = performance.now();
-  for (let i = 0; i < COMMITS; i++) db.transaction(append)();
+  for (let i = 0; i < COMMITS; i++) await db.tx(async (t) => append(t));
   const committedUs = ((performance.now() - t0) * 1000) / COMMITS;
   return { batchedUs, committedUs };
 }
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-bench-audit-'));
 const key = signKeyPair();
-const dbs = { yardstick: openDatabase(path.join(dir, 'a.db')), signedHead: openDatabase(path.join(dir, 'b.db')) };
+const dbs = { yardstick: openSqlite(path.join(dir, 'a.db')), signedHead: openSqlite(path.join(dir, 'b.db')) };
+for (const db of Object.values(dbs)) await migrate(db, 'sqlite');
 const log = new AuditLog(dbs.signedHead, key.secretKey);
 const variants: [keyof typeof dbs, Append][] = [
   ['yardstick', intervalOnly(dbs.yardstick, key.secretKey)],
-  ['signedHead', () => log.append('keys.release', 'dev-bench', DATA)],
+  ['signedHead', async (t) => void (await log.on(t).append('keys.release', 'dev-bench', DATA))],
 ];
 console.log(`load average at start ${os.loadavg()[0].toFixed(2)} (well above 0: run again)`);
 const sums = { yardstick: { batchedUs: 0, committedUs: 0 }, signedHead: { batchedUs: 0, committedUs: 0 } };
 try {
   for (let r = 0; r < ROUNDS; r++) {
     for (const [name, append] of variants) {
-      const m = measure(dbs[name], append);
+      const m = await measure(dbs[name], append);
       sums[name].batchedUs += m.batchedUs / ROUNDS;
       sums[name].committedUs += m.committedUs / ROUNDS;
     }

@@ -7,26 +7,28 @@ import { LetheError } from '../common/errors.js';
 import { writeFileAtomic } from '../common/fsutil.js';
 import { SignedCheckpoint } from '../common/wire.js';
 import { deviceReport, latestCheckpoint, verifyAudit, type Checkpoint, type VerifyResult } from '../server/audit.js';
-import { dataDirAuditKey, files } from '../server/datadir.js';
-import { openDatabase } from '../server/db.js';
+import { dataDirAuditKey, dataDirDb } from '../server/datadir.js';
+import { openServerDb, type Sql } from '../server/db.js';
 import { adminOpts } from './cmd-admin.js';
 import { adminClient, type AdminArgs } from './admin-client.js';
 import { auditHost, type HostAudit } from '../agent/host-audit.js';
 import { emit, type OutOpts } from './output.js';
 
-type A = AdminArgs & OutOpts & { data?: string; auditKey?: string };
+type A = AdminArgs & OutOpts & { data?: string; db?: string; auditKey?: string };
 
 /**
- * With --data, reads the server's database directly (works while the server is down,
- * and needs no secret): `serverKey` is the audit key the data dir names.
+ * With --data, reads the server's database directly (works while every server is
+ * down, and needs no secret): its SQLite files, or the PostgreSQL database its
+ * config names (or --db names). `serverKey` is the audit key the data dir names.
  */
-function offline<T>(dir: string, fn: (db: ReturnType<typeof openDatabase>, serverKey: Buffer) => T): T {
+async function offline<T>(a: A, fn: (db: Sql, serverKey: Buffer) => Promise<T>): Promise<T> {
+  const dir = a.data!;
   const serverKey = dataDirAuditKey(dir);
-  const db = openDatabase(files(dir).db, { readonly: true });
+  const s = await openServerDb({ url: a.db ?? dataDirDb(dir), dir }, { readonly: true, poolSize: 1 });
   try {
-    return fn(db, serverKey);
+    return await fn(s.db, serverKey);
   } finally {
-    db.close();
+    await s.close();
   }
 }
 
@@ -90,7 +92,7 @@ async function online<T>(a: A, path: string): Promise<T> {
   }
 }
 
-type Report = ReturnType<typeof deviceReport>;
+type Report = Awaited<ReturnType<typeof deviceReport>>;
 
 function reportText(r: Report): string {
   const s = r.summary;
@@ -118,7 +120,8 @@ function hostText(r: HostAudit): string {
 export function auditCommand(y: Argv) {
   return y.command('audit', "audit the server's log (chain integrity, what a device was given) and this host's leak paths", (y) =>
     adminOpts(y)
-      .option('data', { type: 'string', describe: "read the server's data dir directly instead of asking the server" })
+      .option('data', { type: 'string', describe: "read the server's data dir (and its database) directly instead of asking the server" })
+      .option('db', { type: 'string', describe: 'with --data: the PostgreSQL URL, instead of the one the data dir names ($LETHE_DB)', default: process.env.LETHE_DB || undefined })
       .option('audit-key', {
         type: 'string',
         describe: "the audit key 'lethe server init' printed, pinned outside the server ($LETHE_AUDIT_KEY)",
@@ -133,7 +136,7 @@ export function auditCommand(y: Argv) {
           const key = pinnedKey(args);
           const anchor = args.against === undefined ? undefined : readAnchor(args.against);
           const r = args.data
-            ? offline(args.data, (db, serverKey) => verifyAudit(db, { serverKey, pinnedKey: key, anchor }))
+            ? await offline(args, (db, serverKey) => verifyAudit(db, { serverKey, pinnedKey: key, anchor }))
             : await online<VerifyResult>(args, verifyPath(key, anchor));
           if (!key) process.stderr.write(UNPINNED);
           emit(args, r, () => verifyText(r));
@@ -151,7 +154,7 @@ export function auditCommand(y: Argv) {
           const args = a as A & { export: boolean; out?: string };
           const key = pinnedKey(args);
           const cp = args.data
-            ? offline(args.data, (db) => latestCheckpoint(db))
+            ? await offline(args, (db) => latestCheckpoint(db))
             : await online<Checkpoint>(args, '/audit/checkpoint');
           if (!cp) throw new LetheError('NOT_FOUND', 'the audit log has no signed checkpoint yet');
           if (key && !checkpointSigned(key, cp)) {
@@ -177,7 +180,7 @@ export function auditCommand(y: Argv) {
           const args = a as A & { device: string; since: string };
           const since = args.since === '0' ? 0 : parseSince(args.since);
           const r = args.data
-            ? offline(args.data, (db) => deviceReport(db, args.device, since))
+            ? await offline(args, (db) => deviceReport(db, args.device, since))
             : await online<Report>(args, `/audit/devices/${encodeURIComponent(args.device)}?since=${encodeURIComponent(new Date(since).toISOString())}`);
           emit(args, r, () => reportText(r));
         },

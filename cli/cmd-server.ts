@@ -5,6 +5,7 @@ import type { Argv } from 'yargs';
 import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { initDataDir, isInitialized, startServer, startedLine, type RunningServer } from '../server/index.js';
+import { redactUrl } from '../server/sql.js';
 import { DEFAULT_LIMITS, parseRate, type Rate, type ServerLimits } from '../server/limits.js';
 import { emit, type OutOpts } from './output.js';
 
@@ -23,6 +24,7 @@ interface ServerArgs extends OutOpts {
   'request-timeout': string;
   'keep-alive-timeout': string;
   signingKey?: string;
+  db?: string;
   signHead?: boolean;
 }
 
@@ -86,13 +88,18 @@ const dataOpts = <T>(y: Argv<T>) =>
       type: 'string',
       describe: 'the audit signing key, kept apart from the data dir ($LETHE_SIGNING_KEY_FILE; default DATA/signing.key)',
       default: process.env.LETHE_SIGNING_KEY_FILE || undefined,
+    })
+    .option('db', {
+      type: 'string',
+      describe: 'keep the data in PostgreSQL (postgres://USER@HOST:PORT/DB, $LETHE_DB) that several servers share, instead of SQLite files in the data dir',
+      default: process.env.LETHE_DB || undefined,
     });
 
 async function init(a: ServerArgs): Promise<void> {
-  const r = await initDataDir(a.data, a.listen, a.signingKey);
+  const r = await initDataDir(a.data, a.listen, a.signingKey, a.db);
   emit(a, r, () =>
     [
-      `lethe: initialized server data in ${a.data}`,
+      `lethe: initialized server data in ${a.data}${a.db ? ` (database: ${redactUrl(a.db)})` : ''}`,
       `url          ${r.url}`,
       `fingerprint  ${r.fingerprint}`,
       `admin token  ${r.adminToken}`,
@@ -114,6 +121,7 @@ async function run(a: ServerArgs): Promise<void> {
     metricsToken: metricsToken(a),
     signingKeyFile: a.signingKey,
     signHead: a.signHead,
+    db: a.db,
   });
   emit(a, { url: s.url, fingerprint: s.fingerprint, event: 'listening' }, () => startedLine(s));
   await new Promise<void>((resolve) => {

@@ -33,7 +33,6 @@ import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, se
 import { gaugeLines, metricsAuth } from './metrics.js';
 import { DEFAULT_LIMITS, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
-import { q } from './db.js';
 
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
   const raw: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
@@ -114,7 +113,7 @@ function identityOnly(req: Request, _res: Response, next: NextFunction) {
   next();
 }
 
-export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
+export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express.Express> {
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
@@ -126,7 +125,7 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   const rawTrace = raw(MAX_TRACE_BODY);
   const authFailures = limiterFor(limits.authFailures);
   const perDevice = limiterFor(limits.device);
-  const admin = adminAuth(ctx);
+  const admin = await adminAuth(ctx);
   const device = deviceAuth(ctx, { rate: perDevice });
   const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true, rate: perDevice });
   const deviceRevokedOk = deviceAuth(ctx, { allowWipePending: true, allowRevoked: true, rate: perDevice });
@@ -154,163 +153,163 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   });
   app.use(identityOnly);
 
-  app.get('/healthz', (_req, res) => {
-    q(ctx.db, 'SELECT 1').get();
+  app.get('/healthz', async (_req, res) => {
+    await ctx.db.get('SELECT 1 AS x');
     res.json({ ok: true });
   });
-  app.get('/metrics', authFailureGuard, metricsAuth(opts.metricsToken), (_req, res) => {
-    res.type('text/plain; version=0.0.4').send(ctx.metrics.render());
+  app.get('/metrics', authFailureGuard, metricsAuth(opts.metricsToken), async (_req, res) => {
+    res.type('text/plain; version=0.0.4').send(await ctx.metrics.render());
   });
 
   // ---- enrollment (token-authenticated) ----
-  app.post('/v1/enroll', perAddress(limiterFor(limits.enroll), 'enrollment requests from this address'), rawJson, (req, res) => {
-    res.status(201).json(enroll(ctx, json(wire.EnrollRequest, req)));
+  app.post('/v1/enroll', perAddress(limiterFor(limits.enroll), 'enrollment requests from this address'), rawJson, async (req, res) => {
+    res.status(201).json(await enroll(ctx, json(wire.EnrollRequest, req)));
   });
 
   // ---- device routes (signed) ----
   // Counted and checked before any body is read; the signature is checked after.
   app.use('/v1/device', perAddress(limiterFor(limits.deviceAddress), 'device requests from this address'), deviceHeaderCheck(ctx));
-  app.post('/v1/device/heartbeat', rawJson, deviceWipeOk, (req: AuthedRequest, res) => {
+  app.post('/v1/device/heartbeat', rawJson, deviceWipeOk, async (req: AuthedRequest, res) => {
     json(wire.HeartbeatRequest, req);
-    res.json(heartbeat(ctx, dev(req)));
+    res.json(await heartbeat(ctx, dev(req)));
   });
-  app.post('/v1/device/commands/:id/ack', rawJson, deviceWipeOk, (req: AuthedRequest, res) => {
+  app.post('/v1/device/commands/:id/ack', rawJson, deviceWipeOk, async (req: AuthedRequest, res) => {
     const b = json(wire.AckRequest, req);
-    res.json(ackCommand(ctx, dev(req), param(req, 'id'), b.ok, b.detail));
+    res.json(await ackCommand(ctx, dev(req), param(req, 'id'), b.ok, b.detail));
   });
-  app.post('/v1/device/revoke/ack', rawJson, deviceRevokedOk, (req: AuthedRequest, res) => {
-    res.json(ackRevoke(ctx, dev(req), json(wire.RevokeAckRequest, req).detail));
+  app.post('/v1/device/revoke/ack', rawJson, deviceRevokedOk, async (req: AuthedRequest, res) => {
+    res.json(await ackRevoke(ctx, dev(req), json(wire.RevokeAckRequest, req).detail));
   });
-  app.post('/v1/device/leases', rawJson, device, (req: AuthedRequest, res) => {
-    res.status(201).json(grantLease(ctx, dev(req), json(wire.LeaseRequest, req).image));
+  app.post('/v1/device/leases', rawJson, device, async (req: AuthedRequest, res) => {
+    res.status(201).json(await grantLease(ctx, dev(req), json(wire.LeaseRequest, req).image));
   });
-  app.post('/v1/device/leases/:id/renew', rawJson, device, (req: AuthedRequest, res) => {
+  app.post('/v1/device/leases/:id/renew', rawJson, device, async (req: AuthedRequest, res) => {
     json(wire.HeartbeatRequest, req);
-    res.json(renewLease(ctx, dev(req), param(req, 'id')));
+    res.json(await renewLease(ctx, dev(req), param(req, 'id')));
   });
-  app.get('/v1/device/leases/:id/manifest', device, (req: AuthedRequest, res) => {
-    res.json(leaseManifest(ctx, dev(req), param(req, 'id')));
+  app.get('/v1/device/leases/:id/manifest', device, async (req: AuthedRequest, res) => {
+    res.json(await leaseManifest(ctx, dev(req), param(req, 'id')));
   });
-  app.post('/v1/device/keys', rawJson, device, (req: AuthedRequest, res) => {
+  app.post('/v1/device/keys', rawJson, device, async (req: AuthedRequest, res) => {
     const b = json(wire.KeysRequest, req);
-    res.json(releaseKeys(ctx, dev(req), b.leaseId, b.chunks, b.write ?? false, b.stateSize));
+    res.json(await releaseKeys(ctx, dev(req), b.leaseId, b.chunks, b.write ?? false, b.stateSize));
   });
-  app.post('/v1/device/chunks', rawJson, device, (req: AuthedRequest, res) => {
+  app.post('/v1/device/chunks', rawJson, device, async (req: AuthedRequest, res) => {
     const b = json(wire.ChunksRequest, req);
-    const served = serveChunks(ctx, dev(req), b.leaseId, b.chunks);
+    const served = await serveChunks(ctx, dev(req), b.leaseId, b.chunks);
     res.type('application/octet-stream').send(frames(served.map((s) => s.blob)));
   });
-  app.post('/v1/device/leases/:id/checkin', rawUpload, device, (req: AuthedRequest, res) => {
+  app.post('/v1/device/leases/:id/checkin', rawUpload, device, async (req: AuthedRequest, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.json(checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0'));
+    res.json(await checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0'));
   });
-  app.post('/v1/device/leases/:id/trace', rawTrace, device, (req: AuthedRequest, res) => {
+  app.post('/v1/device/leases/:id/trace', rawTrace, device, async (req: AuthedRequest, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.status(201).json(uploadTrace(ctx, dev(req), param(req, 'id'), req.get('content-type'), body));
+    res.status(201).json(await uploadTrace(ctx, dev(req), param(req, 'id'), req.get('content-type'), body));
   });
-  app.get('/v1/device/leases/:id/prefetch', device, (req: AuthedRequest, res) => {
-    const { order, traces } = prefetchOrder(ctx, dev(req), param(req, 'id'));
+  app.get('/v1/device/leases/:id/prefetch', device, async (req: AuthedRequest, res) => {
+    const { order, traces } = await prefetchOrder(ctx, dev(req), param(req, 'id'));
     res.set(wire.HDR_TRACES, String(traces)).type(wire.PAGES_CONTENT_TYPE).send(wire.encodePages(order));
   });
-  app.get('/v1/device/chunks/:lease/:kind/:index', device, (req: AuthedRequest, res) => {
-    const [s] = serveChunks(ctx, dev(req), param(req, 'lease'), [{ kind: kindParam(req), index: intParam(req, 'index') }]);
+  app.get('/v1/device/chunks/:lease/:kind/:index', device, async (req: AuthedRequest, res) => {
+    const [s] = await serveChunks(ctx, dev(req), param(req, 'lease'), [{ kind: kindParam(req), index: intParam(req, 'index') }]);
     res.set('x-lethe-gen', String(s.row.gen)).set('x-lethe-class', s.row.cls).type('application/octet-stream').send(s.blob);
   });
 
   // ---- admin routes (bearer token) ----
   const a = express.Router();
   a.use(authFailureGuard, admin);
-  a.post('/enroll-tokens', rawJson, (req, res) => {
-    res.status(201).json(mintEnrollToken(acting(req), json(wire.EnrollTokenRequest, req).ttlSeconds));
+  a.post('/enroll-tokens', rawJson, async (req, res) => {
+    res.status(201).json(await mintEnrollToken(acting(req), json(wire.EnrollTokenRequest, req).ttlSeconds));
   });
-  a.get('/devices', (_req, res) => {
-    res.json({ devices: listDevices(ctx) });
+  a.get('/devices', async (_req, res) => {
+    res.json({ devices: await listDevices(ctx) });
   });
-  a.get('/devices/:id', (req, res) => {
-    const id = mustGetDevice(ctx, param(req, 'id')).id;
-    res.json(listDevices(ctx).find((d) => d.id === id));
+  a.get('/devices/:id', async (req, res) => {
+    const id = (await mustGetDevice(ctx, param(req, 'id'))).id;
+    res.json((await listDevices(ctx)).find((d) => d.id === id));
   });
-  a.post('/devices/:id/revoke', rawJson, (req, res) => {
-    res.json(revokeDevice(acting(req), param(req, 'id')));
+  a.post('/devices/:id/revoke', rawJson, async (req, res) => {
+    res.json(await revokeDevice(acting(req), param(req, 'id')));
   });
-  a.post('/devices/:id/wipe', rawJson, (req, res) => {
-    res.json(wipeDevice(acting(req), param(req, 'id')));
+  a.post('/devices/:id/wipe', rawJson, async (req, res) => {
+    res.json(await wipeDevice(acting(req), param(req, 'id')));
   });
-  a.post('/devices/:id/assignments', rawJson, (req, res) => {
-    res.status(201).json(assign(acting(req), param(req, 'id'), json(wire.AssignRequest, req).image));
+  a.post('/devices/:id/assignments', rawJson, async (req, res) => {
+    res.status(201).json(await assign(acting(req), param(req, 'id'), json(wire.AssignRequest, req).image));
   });
-  a.delete('/devices/:id/assignments/:image', (req, res) => {
-    res.json(unassign(acting(req), param(req, 'id'), param(req, 'image')));
+  a.delete('/devices/:id/assignments/:image', async (req, res) => {
+    res.json(await unassign(acting(req), param(req, 'id'), param(req, 'image')));
   });
-  a.get('/images', (_req, res) => {
-    res.json({ images: listImages(ctx) });
+  a.get('/images', async (_req, res) => {
+    res.json({ images: await listImages(ctx) });
   });
-  a.post('/images', rawJson, (req, res) => {
+  a.post('/images', rawJson, async (req, res) => {
     const b = json(wire.CreateImageRequest, req);
-    res.status(201).json(createImage(acting(req), b.name, b.policy));
+    res.status(201).json(await createImage(acting(req), b.name, b.policy));
   });
-  a.post('/images/:name/versions', rawJson, (req, res) => {
-    res.status(201).json(createVersion(acting(req), param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
+  a.post('/images/:name/versions', rawJson, async (req, res) => {
+    res.status(201).json(await createVersion(acting(req), param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
   });
-  a.put('/images/:name/versions/:version/chunks/:kind/:index', rawChunk, (req, res) => {
+  a.put('/images/:name/versions/:version/chunks/:kind/:index', rawChunk, async (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    const r = putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
+    const r = await putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
     res.json({ stored: r.new ? 'new' : r.unchanged ? 'unchanged' : 'zero' });
   });
-  a.post('/images/:name/versions/:version/chunks', rawUpload, (req, res) => {
+  a.post('/images/:name/versions/:version/chunks', rawUpload, async (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.json(putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
+    res.json(await putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
   });
-  a.get('/images/:name/versions/:version/hashes', (req, res) => {
-    res.json(chunkHashes(ctx, param(req, 'name'), intParam(req, 'version')));
+  a.get('/images/:name/versions/:version/hashes', async (req, res) => {
+    res.json(await chunkHashes(ctx, param(req, 'name'), intParam(req, 'version')));
   });
-  a.post('/images/:name/versions/:version/export', rawJson, (req, res) => {
+  a.post('/images/:name/versions/:version/export', rawJson, async (req, res) => {
     const b = json(wire.ChunksRequest.omit({ leaseId: true }), req);
-    res.type('application/octet-stream').send(exportChunks(acting(req), param(req, 'name'), intParam(req, 'version'), b.chunks));
+    res.type('application/octet-stream').send(await exportChunks(acting(req), param(req, 'name'), intParam(req, 'version'), b.chunks));
   });
-  a.get('/images/:name/dedup-key', (req, res) => {
-    res.json({ key: dedupKeyFor(ctx, param(req, 'name')) });
+  a.get('/images/:name/dedup-key', async (req, res) => {
+    res.json({ key: await dedupKeyFor(ctx, param(req, 'name')) });
   });
-  a.put('/images/:name/policy', rawJson, (req, res) => {
-    res.json(setPolicy(acting(req), param(req, 'name'), json(wire.PolicyRequest, req).policy));
+  a.put('/images/:name/policy', rawJson, async (req, res) => {
+    res.json(await setPolicy(acting(req), param(req, 'name'), json(wire.PolicyRequest, req).policy));
   });
-  a.delete('/images/:name', (req, res) => {
-    res.json(removeImage(acting(req), param(req, 'name')));
+  a.delete('/images/:name', async (req, res) => {
+    res.json(await removeImage(acting(req), param(req, 'name')));
   });
-  a.delete('/images/:name/versions/:version', (req, res) => {
-    res.json(removeImage(acting(req), param(req, 'name'), intParam(req, 'version')));
+  a.delete('/images/:name/versions/:version', async (req, res) => {
+    res.json(await removeImage(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
-  a.post('/images/:name/versions/:version/commit', rawJson, (req, res) => {
-    res.json(commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
+  a.post('/images/:name/versions/:version/commit', rawJson, async (req, res) => {
+    res.json(await commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
-  a.post('/images/:name/versions/:version/promote', rawJson, (req, res) => {
-    res.json(promoteVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
+  a.post('/images/:name/versions/:version/promote', rawJson, async (req, res) => {
+    res.json(await promoteVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
-  a.put('/images/:name/trusted/:device', rawJson, (req, res) => {
-    res.json(setTrusted(acting(req), param(req, 'name'), param(req, 'device'), true));
+  a.put('/images/:name/trusted/:device', rawJson, async (req, res) => {
+    res.json(await setTrusted(acting(req), param(req, 'name'), param(req, 'device'), true));
   });
-  a.delete('/images/:name/trusted/:device', (req, res) => {
-    res.json(setTrusted(acting(req), param(req, 'name'), param(req, 'device'), false));
+  a.delete('/images/:name/trusted/:device', async (req, res) => {
+    res.json(await setTrusted(acting(req), param(req, 'name'), param(req, 'device'), false));
   });
-  a.get('/images/:name/versions/:version/manifest', (req, res) => {
-    const img = getImage(ctx, param(req, 'name'));
-    res.json(manifest(ctx, img, getVersion(ctx, img, intParam(req, 'version'))));
+  a.get('/images/:name/versions/:version/manifest', async (req, res) => {
+    const img = await getImage(ctx, param(req, 'name'));
+    res.json(await manifest(ctx, img, await getVersion(ctx, img, intParam(req, 'version'))));
   });
-  a.get('/audit/verify', (req, res) => {
-    res.json(verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey, ...verifyQuery(req) }));
+  a.get('/audit/verify', async (req, res) => {
+    res.json(await verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey, ...verifyQuery(req) }));
   });
-  a.get('/audit/checkpoint', (_req, res) => {
-    const cp = ctx.audit.latestCheckpoint();
+  a.get('/audit/checkpoint', async (_req, res) => {
+    const cp = await ctx.audit.latestCheckpoint();
     if (!cp) throw new LetheError('NOT_FOUND', 'the audit log has no signed checkpoint yet');
     res.json(cp);
   });
-  a.get('/audit/devices/:id', (req, res) => {
+  a.get('/audit/devices/:id', async (req, res) => {
     const id = param(req, 'id');
     if (!/^[a-z0-9-]{1,64}$/.test(id)) throw new LetheError('BAD_REQUEST', `bad device id '${id}'`);
     const sinceParam = req.query.since;
     if (sinceParam !== undefined && typeof sinceParam !== 'string') throw new LetheError('BAD_REQUEST', 'give since once, as an ISO time or a duration ago');
     const since = sinceParam === undefined ? 0 : parseSince(sinceParam);
-    res.json(deviceReport(ctx.db, id, since));
+    res.json(await deviceReport(ctx.db, id, since));
   });
   app.use('/v1/admin', a);
 
@@ -331,10 +330,10 @@ export function buildApp(ctx: Ctx, opts: AppOptions = {}): express.Express {
   ctx.metrics.describe('lethe_http_requests_total', 'HTTP requests by route and status');
   ctx.metrics.describe('lethe_keys_released_total', 'chunk keys released to devices');
   ctx.metrics.describe('lethe_chunks_served_total', 'encrypted chunks served to devices');
-  ctx.metrics.gauge(() => {
-    const rows = listDevices(ctx);
+  ctx.metrics.gauge(async () => {
+    const rows = await listDevices(ctx);
     const count = (s: string) => rows.filter((d) => d.status === s).length;
-    const audit = q(ctx.db, 'SELECT COUNT(*) AS n FROM audit').get() as { n: number };
+    const audit = (await ctx.db.get<{ n: number }>('SELECT COUNT(*) AS n FROM audit'))!;
     return [
       ...gaugeLines(
         'lethe_devices',

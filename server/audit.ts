@@ -1,12 +1,12 @@
 // The hash-chained audit log (docs/audit-log.md). append() runs inside the
 // caller's transaction: if it throws, the transaction rolls back and the caller
-// releases nothing (invariant 6, fail closed).
+// releases nothing (invariant 6, fail closed). Every replica appends to one chain.
 import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../common/constants.js';
 import { checkpointMessage, checkpointSigned, entryHash, type AuditEntry } from '../common/audit-hash.js';
 import { b64u, sign } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError, isLetheError } from '../common/errors.js';
-import { q, type DB } from './db.js';
+import type { Sql } from './sql.js';
 
 export type AuditType =
   | 'server.init'
@@ -68,109 +68,136 @@ interface Head {
   hash: string;
 }
 
+/** What every view of one audit log shares: the head this process signed last. */
+interface AuditState {
+  signed?: Head;
+}
+
+/** Serialises appends from every process on one database (a transaction-scoped lock in PostgreSQL). */
+const AUDIT_LOCK = 'lethe.audit';
+
 export class AuditLog {
-  private readonly last;
-  private readonly insert;
-  private readonly insertCheckpoint;
-  private readonly checkpointAt;
-  private readonly dropCheckpoint;
   private readonly publicKey: Buffer;
-  /** The head this process signed last: an append on top of it needs no signature check. */
-  private signed?: Head;
 
   constructor(
-    private readonly db: DB,
+    private readonly db: Sql,
     private readonly signingKey: Uint8Array,
+    private readonly state: AuditState = {},
+    private readonly actor?: string,
   ) {
-    this.last = db.prepare('SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1');
-    this.insert = db.prepare('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (?, ?, ?, ?, ?, ?)');
-    // OR REPLACE: a row planted ahead of the chain gives way to the real signature.
-    this.insertCheckpoint = db.prepare('INSERT OR REPLACE INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?)');
-    this.checkpointAt = db.prepare('SELECT seq, hash, signature FROM checkpoints WHERE seq = ?');
-    this.dropCheckpoint = db.prepare('DELETE FROM checkpoints WHERE seq = ?');
     // An Ed25519 libsodium secret key carries its public key in the last 32 bytes.
     this.publicKey = Buffer.from(signingKey.subarray(32));
   }
 
-  /**
-   * Appends one entry and signs it as the new head; call inside the transaction that
-   * commits what it records, so no commit leaves an unsigned head. Refuses (throws
-   * AUDIT_UNAVAILABLE) when it cannot write, or when the current head is not signed.
-   */
-  append(type: AuditType, device: string | null, data: Record<string, unknown>, now = Date.now()): AuditEntry & { hash: string } {
-    try {
-      const prev = this.last.get() as Head | undefined;
-      if (prev) this.assertSigned(prev);
-      const entry: AuditEntry = { seq: (prev?.seq ?? 0) + 1, ts: iso(now), type, device, data };
-      const hash = entryHash(prev?.hash ?? AUDIT_GENESIS_HASH, entry);
-      this.insert.run(entry.seq, entry.ts, type, device, JSON.stringify(data), hash);
-      this.signHead({ seq: entry.seq, hash }, prev);
-      return { ...entry, hash };
-    } catch (cause) {
-      if (isLetheError(cause, 'AUDIT_UNAVAILABLE')) throw cause;
-      throw new LetheError('AUDIT_UNAVAILABLE', 'audit log could not be written; nothing was released', {
-        cause,
-        hint: 'check the server data directory (disk full? permissions?)',
-      });
-    }
+  /** The same log, written through `db` (a transaction). */
+  on(db: Sql): AuditLog {
+    return new AuditLog(db, this.signingKey, this.state, this.actor);
   }
 
   /** A view whose entries name who caused them (`data.actor`): for admin requests. */
   by(actor: string): AuditLog {
-    const view = Object.create(this) as AuditLog;
-    view.append = (type, device, data, now) => this.append(type, device, { ...data, actor }, now);
-    return view;
+    return new AuditLog(this.db, this.signingKey, this.state, actor);
+  }
+
+  /**
+   * Appends one entry and signs it as the new head; call inside the transaction that
+   * commits what it records, so no commit leaves an unsigned head. Appends from every
+   * replica take the one chain's lock until their transaction ends: no fork, no gap.
+   * Refuses (throws AUDIT_UNAVAILABLE) when it cannot write, or when the current head
+   * is not signed.
+   */
+  async append(type: AuditType, device: string | null, data: Record<string, unknown>, now = Date.now()): Promise<AuditEntry & { hash: string }> {
+    const body = this.actor === undefined ? data : { ...data, actor: this.actor };
+    try {
+      return await this.db.tx(async (t) => {
+        await t.lock(AUDIT_LOCK);
+        const prev = await head(t);
+        if (prev) await this.assertSigned(t, prev);
+        const entry: AuditEntry = { seq: (prev?.seq ?? 0) + 1, ts: iso(now), type, device, data: body };
+        const hash = entryHash(prev?.hash ?? AUDIT_GENESIS_HASH, entry);
+        await t.run('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (?, ?, ?, ?, ?, ?)', entry.seq, entry.ts, type, device, JSON.stringify(body), hash);
+        await this.signHead(t, { seq: entry.seq, hash }, prev);
+        return { ...entry, hash };
+      });
+    } catch (cause) {
+      if (isLetheError(cause, 'AUDIT_UNAVAILABLE')) throw cause;
+      throw new LetheError('AUDIT_UNAVAILABLE', 'audit log could not be written; nothing was released', {
+        cause,
+        hint: 'check the server data directory or database (disk full? permissions? reachable?)',
+      });
+    }
   }
 
   /**
    * Signs `head` and drops the previous head's checkpoint unless it falls on an
    * interval: the table keeps one every AUDIT_CHECKPOINT_EVERY entries and one at the head.
    */
-  private signHead(head: Head, prev?: Head): void {
-    this.insertCheckpoint.run(head.seq, head.hash, b64u.encode(sign(this.signingKey, checkpointMessage(head.seq, head.hash))));
-    if (prev && prev.seq % AUDIT_CHECKPOINT_EVERY !== 0) this.dropCheckpoint.run(prev.seq);
-    this.signed = head;
+  private async signHead(t: Sql, h: Head, prev?: Head): Promise<void> {
+    // An upsert: a row planted ahead of the chain gives way to the real signature.
+    await t.run(
+      'INSERT INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?) ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, signature = excluded.signature',
+      h.seq,
+      h.hash,
+      b64u.encode(sign(this.signingKey, checkpointMessage(h.seq, h.hash))),
+    );
+    if (prev && prev.seq % AUDIT_CHECKPOINT_EVERY !== 0) await t.run('DELETE FROM checkpoints WHERE seq = ?', prev.seq);
+    this.state.signed = h;
   }
 
-  /** Throws AUDIT_UNAVAILABLE unless `head` carries a checkpoint that verifies. */
-  private assertSigned(head: Head): void {
-    if (this.signed?.seq === head.seq && this.signed.hash === head.hash) return;
-    const problem = this.headProblem(head);
+  /** Throws AUDIT_UNAVAILABLE unless `h` carries a checkpoint that verifies. */
+  private async assertSigned(t: Sql, h: Head): Promise<void> {
+    if (this.state.signed?.seq === h.seq && this.state.signed.hash === h.hash) return;
+    const problem = await this.headProblem(t, h);
     if (problem) {
       throw new LetheError('AUDIT_UNAVAILABLE', `${problem}: the log was changed outside the server; nothing was released`, {
         hint: "check it with 'lethe audit verify --against' an exported or device-held checkpoint",
       });
     }
-    this.signed = head;
+    this.state.signed = h;
   }
 
-  private headProblem(head: Head): string | undefined {
-    const cp = this.checkpointAt.get(head.seq) as Checkpoint | undefined;
-    if (!cp || cp.hash !== head.hash || !checkpointSigned(this.publicKey, cp)) return `the head (entry ${head.seq}) is not signed`;
+  private async headProblem(t: Sql, h: Head): Promise<string | undefined> {
+    const cp = await t.get<Checkpoint>('SELECT seq, hash, signature FROM checkpoints WHERE seq = ?', h.seq);
+    if (!cp || cp.hash !== h.hash || !checkpointSigned(this.publicKey, cp)) return `the head (entry ${h.seq}) is not signed`;
     return undefined;
   }
 
   /** What is wrong with the current head (e.g. `the head (entry 301) is not signed`), if anything: checked at startup. */
-  checkHead(): string | undefined {
-    const head = this.last.get() as Head | undefined;
-    return head && this.headProblem(head);
+  async checkHead(): Promise<string | undefined> {
+    const h = await head(this.db);
+    return h && this.headProblem(this.db, h);
   }
 
   /** Signs the current head as it stands: only on an operator's word (`lethe server run --sign-head`). */
-  signCurrentHead(): void {
-    const head = this.last.get() as Head | undefined;
-    if (head) this.signHead(head);
+  async signCurrentHead(): Promise<void> {
+    await this.db.tx(async (t) => {
+      await t.lock(AUDIT_LOCK);
+      const h = await head(t);
+      if (h) await this.signHead(t, h);
+    });
+  }
+
+  /** Appends `server.init` to an empty log (once, whichever replica starts first). */
+  async initOnce(data: Record<string, unknown>, now = Date.now()): Promise<void> {
+    await this.db.tx(async (t) => {
+      await t.lock(AUDIT_LOCK);
+      if (!(await head(t))) await this.on(t).append('server.init', null, data, now);
+    });
   }
 
   /** The newest signed checkpoint (the head's, while the server writes the log), or null on an empty log. */
-  latestCheckpoint(): Checkpoint | null {
+  latestCheckpoint(): Promise<Checkpoint | null> {
     return latestCheckpoint(this.db);
   }
 }
 
+async function head(db: Sql): Promise<Head | undefined> {
+  return db.get<Head>('SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1');
+}
+
 /** The newest signed checkpoint in `db`, or null. */
-export function latestCheckpoint(db: DB): Checkpoint | null {
-  return (q(db, 'SELECT seq, hash, signature FROM checkpoints ORDER BY seq DESC LIMIT 1').get() as Checkpoint | undefined) ?? null;
+export async function latestCheckpoint(db: Sql): Promise<Checkpoint | null> {
+  return (await db.get<Checkpoint>('SELECT seq, hash, signature FROM checkpoints ORDER BY seq DESC LIMIT 1')) ?? null;
 }
 
 /** The checkpoints a log of `entries` entries must carry: every interval, then the head. */
@@ -186,23 +213,23 @@ function requiredCheckpoints(entries: number): number[] {
  * stored checkpoint, the mandatory ones (each interval and the head), then `anchor`.
  * With `pinnedKey`, a server key that differs fails at once.
  */
-export function verifyAudit(db: DB, opts: { serverKey: Uint8Array; pinnedKey?: Uint8Array; anchor?: Checkpoint }): VerifyResult {
+export async function verifyAudit(db: Sql, opts: { serverKey: Uint8Array; pinnedKey?: Uint8Array; anchor?: Checkpoint }): Promise<VerifyResult> {
   const key = opts.pinnedKey ? 'pinned' : 'server';
   if (opts.pinnedKey && !Buffer.from(opts.pinnedKey).equals(Buffer.from(opts.serverKey))) {
     return { ok: false, entries: 0, firstBad: null, reason: "the server's signing key is not the pinned audit key", checkpoints: 0, key };
   }
-  return { ...verifyChain(db, opts.pinnedKey ?? opts.serverKey, opts.anchor), key, ...(opts.anchor ? { anchor: opts.anchor.seq } : {}) };
+  return { ...(await verifyChain(db, opts.pinnedKey ?? opts.serverKey, opts.anchor)), key, ...(opts.anchor ? { anchor: opts.anchor.seq } : {}) };
 }
 
 /** Walks the chain from the genesis; names the first entry or checkpoint that does not hold. */
-function verifyChain(db: DB, signPublicKey: Uint8Array, anchor?: Checkpoint): Omit<VerifyResult, 'key'> {
+async function verifyChain(db: Sql, signPublicKey: Uint8Array, anchor?: Checkpoint): Promise<Omit<VerifyResult, 'key'>> {
   let prev = AUDIT_GENESIS_HASH;
   let expectSeq = 1;
   let entries = 0;
   let checkpoints = 0;
   const hashes = new Map<number, string>();
   const fail = (seq: number, reason: string) => ({ ok: false, entries, firstBad: seq, reason, checkpoints });
-  for (const row of db.prepare('SELECT seq, ts, type, device, data, hash FROM audit ORDER BY seq').iterate() as Iterable<Row>) {
+  for (const row of await db.all<Row>('SELECT seq, ts, type, device, data, hash FROM audit ORDER BY seq')) {
     if (row.seq !== expectSeq) return fail(expectSeq, `entry ${expectSeq} is missing`);
     let data: unknown;
     try {
@@ -218,7 +245,7 @@ function verifyChain(db: DB, signPublicKey: Uint8Array, anchor?: Checkpoint): Om
     entries++;
   }
   const signed = new Set<number>();
-  for (const cp of db.prepare('SELECT seq, hash, signature FROM checkpoints ORDER BY seq').iterate() as Iterable<Checkpoint>) {
+  for (const cp of await db.all<Checkpoint>('SELECT seq, hash, signature FROM checkpoints ORDER BY seq')) {
     if (!checkpointSigned(signPublicKey, cp)) return fail(cp.seq, `checkpoint at entry ${cp.seq} has a bad signature`);
     const have = hashes.get(cp.seq);
     if (have === undefined) return fail(expectSeq, `entry ${expectSeq} is missing (the log was truncated before signed entry ${cp.seq})`);
@@ -248,10 +275,12 @@ export interface DeviceReportEntry {
 }
 
 /** What the device was given, and what happened to it, at or after `since`. */
-export function deviceReport(db: DB, deviceId: string, since: number) {
-  const rows = db
-    .prepare('SELECT seq, ts, type, data FROM audit WHERE device = ? AND ts >= ? ORDER BY seq')
-    .all(deviceId, iso(since)) as { seq: number; ts: string; type: string; data: string }[];
+export async function deviceReport(db: Sql, deviceId: string, since: number) {
+  const rows = await db.all<{ seq: number; ts: string; type: string; data: string }>(
+    'SELECT seq, ts, type, data FROM audit WHERE device = ? AND ts >= ? ORDER BY seq',
+    deviceId,
+    iso(since),
+  );
   const entries: DeviceReportEntry[] = rows.map((r) => ({ seq: r.seq, ts: r.ts, type: r.type, data: JSON.parse(r.data) }));
   const summary = { leases: 0, renewals: 0, sensitiveKeys: 0, keysReleased: 0, chunksServed: 0, images: [] as string[] };
   const images = new Set<string>();

@@ -10,7 +10,6 @@ import { verifyRequest } from '../common/signing.js';
 import type { Ctx } from './context.js';
 import { deviceStatus, getDevice, type DeviceRow } from './devices.js';
 import { rateLimited, type RateLimiter } from './limits.js';
-import { q } from './db.js';
 
 export interface AuthedRequest extends Request {
   device?: DeviceRow;
@@ -18,8 +17,8 @@ export interface AuthedRequest extends Request {
   actor?: string;
 }
 
-export function adminAuth(ctx: Ctx) {
-  const row = q(ctx.db, "SELECT value FROM settings WHERE key = 'admin_token_sha256'").get() as { value: string } | undefined;
+export async function adminAuth(ctx: Ctx) {
+  const row = await ctx.db.get<{ value: string }>("SELECT value FROM settings WHERE key = 'admin_token_sha256'");
   const expected = Buffer.from(row?.value ?? '', 'hex');
   return (req: AuthedRequest, _res: Response, next: NextFunction) => {
     const m = /^Bearer (\S+)$/.exec(req.get('authorization') ?? '');
@@ -58,7 +57,7 @@ function signatureHeaders(req: Request): SignatureHeaders | null {
 
 /** Refuses a timestamp outside the signature window, or older than this server process. */
 function checkFresh(ctx: Ctx, ts: string): void {
-  if (Math.abs(ctx.now() - Number(ts)) > SIG_WINDOW_MS || Number(ts) < nonceMemory(ctx).floor) {
+  if (Math.abs(ctx.now() - Number(ts)) > SIG_WINDOW_MS || Number(ts) < ctx.nonces.floor) {
     throw new LetheError('SIGNATURE_STALE', 'request signature is too old or from the future', {
       hint: "check this device's clock",
     });
@@ -73,14 +72,14 @@ function checkFresh(ctx: Ctx, ts: string): void {
  * is looked up, it tells nothing about which devices exist).
  */
 export function deviceHeaderCheck(ctx: Ctx) {
-  return (req: Request, _res: Response, next: NextFunction) => {
+  return async (req: Request, _res: Response, next: NextFunction) => {
     const h = signatureHeaders(req);
     if (!h) {
       ctx.metrics.inc('lethe_auth_failures_total');
       throw authFailed();
     }
     checkFresh(ctx, h.ts);
-    if (!getDevice(ctx, h.deviceId)) {
+    if (!(await getDevice(ctx, h.deviceId))) {
       ctx.metrics.inc('lethe_auth_failures_total');
       throw authFailed();
     }
@@ -97,11 +96,10 @@ export function deviceHeaderCheck(ctx: Ctx) {
  * device's verified requests (RATE_LIMITED past it).
  */
 export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; allowRevoked?: boolean; rate?: RateLimiter | null } = {}) {
-  const seen = nonceMemory(ctx);
-  return (req: AuthedRequest, res: Response, next: NextFunction) => {
+  return async (req: AuthedRequest, res: Response, next: NextFunction) => {
     const h = signatureHeaders(req);
     if (!h) throw authFailed();
-    const d = getDevice(ctx, h.deviceId);
+    const d = await getDevice(ctx, h.deviceId);
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
     if (!d || !verifyRequest(d.sign_pk, h, req.method, req.originalUrl, body)) {
       ctx.metrics.inc('lethe_auth_failures_total');
@@ -110,7 +108,7 @@ export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; allowRe
     checkFresh(ctx, h.ts);
     const wait = opts.rate?.take(d.id) ?? 0;
     if (wait > 0) throw rateLimited(res, wait, 'requests from this device');
-    if (!seen.remember(`${d.id} ${h.nonce}`, Number(h.ts))) {
+    if (!(await ctx.nonces.remember(d.id, h.nonce, Number(h.ts)))) {
       throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
     }
     const status = deviceStatus(d);
@@ -124,42 +122,4 @@ export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; allowRe
     req.device = d;
     next();
   };
-}
-
-/**
- * Nonces seen within the signature window, in memory: a replay is refused
- * while the nonce is remembered, and a request signed before this server
- * process started is refused as stale (`floor`), so a restart cannot reopen
- * the window. Keeping nonces out of SQLite saves an fsync per request.
- */
-export interface NonceMemory {
-  floor: number;
-  remember(key: string, ts: number): boolean;
-  prune(now: number): void;
-}
-
-const memories = new WeakMap<Ctx, NonceMemory>();
-
-export function nonceMemory(ctx: Ctx): NonceMemory {
-  let m = memories.get(ctx);
-  if (m) return m;
-  const seen = new Map<string, number>();
-  m = {
-    floor: ctx.now(),
-    remember(key, ts) {
-      if (seen.has(key)) return false;
-      seen.set(key, ts);
-      return true;
-    },
-    prune(now) {
-      for (const [k, ts] of seen) if (ts < now - 2 * SIG_WINDOW_MS) seen.delete(k);
-    },
-  };
-  memories.set(ctx, m);
-  return m;
-}
-
-/** Forgets nonces old enough that their timestamps would be refused anyway. */
-export function pruneNonces(ctx: Ctx): void {
-  nonceMemory(ctx).prune(ctx.now());
 }

@@ -3,8 +3,7 @@
 // promotes it or the image's policy says it has a single user; a device's
 // first-touch trace reaches other devices only once an admin trusts it.
 import { LetheError } from '../common/errors.js';
-import type { Ctx } from './context.js';
-import { q } from './db.js';
+import { inTx, type Ctx } from './context.js';
 import { mustGetDevice } from './devices.js';
 import { currentVersion, getImage, getVersion, type ImageRow, type VersionRow } from './images.js';
 
@@ -18,13 +17,12 @@ interface BranchLink {
  * only: `head` is `shared`, or each version back from it was checked in by the
  * device on a lease of the one before, down to `shared`.
  */
-function descendsFrom(ctx: Ctx, imageId: string, deviceId: string, head: number, shared: number): boolean {
-  const link = q(ctx.db, 'SELECT device_id, base FROM versions WHERE image_id = ? AND version = ?');
+async function descendsFrom(ctx: Ctx, imageId: string, deviceId: string, head: number, shared: number): Promise<boolean> {
   let v = head;
   // Bases are older versions, so the walk ends.
   for (;;) {
     if (v === shared) return true;
-    const row = link.get(imageId, v) as BranchLink | undefined;
+    const row = await ctx.db.get<BranchLink>('SELECT device_id, base FROM versions WHERE image_id = ? AND version = ?', imageId, v);
     if (!row || row.device_id !== deviceId || row.base === null || row.base >= v) return false;
     v = row.base;
   }
@@ -38,12 +36,15 @@ function descendsFrom(ctx: Ctx, imageId: string, deviceId: string, head: number,
  * branch stays listed and can still be promoted. Throws UNKNOWN_VERSION when
  * the image has no committed version.
  */
-export function resumeVersion(ctx: Ctx, deviceId: string, img: ImageRow): VersionRow {
-  const shared = currentVersion(ctx, img);
-  const head = q(ctx.db, "SELECT version FROM versions WHERE image_id = ? AND device_id = ? AND state = 'committed' ORDER BY version DESC LIMIT 1")
-    .get(img.id, deviceId) as { version: number } | undefined;
+export async function resumeVersion(ctx: Ctx, deviceId: string, img: ImageRow): Promise<VersionRow> {
+  const shared = await currentVersion(ctx, img);
+  const head = await ctx.db.get<{ version: number }>(
+    "SELECT version FROM versions WHERE image_id = ? AND device_id = ? AND state = 'committed' ORDER BY version DESC LIMIT 1",
+    img.id,
+    deviceId,
+  );
   if (!head || head.version === shared.version) return shared;
-  return descendsFrom(ctx, img.id, deviceId, head.version, shared.version) ? getVersion(ctx, img, head.version) : shared;
+  return (await descendsFrom(ctx, img.id, deviceId, head.version, shared.version)) ? getVersion(ctx, img, head.version) : shared;
 }
 
 /**
@@ -53,9 +54,9 @@ export function resumeVersion(ctx: Ctx, deviceId: string, img: ImageRow): Versio
  * Throws UNKNOWN_VERSION, VERSION_DRAFT (not checked in yet) or NOT_A_BRANCH (an
  * admin's push, shared when committed). Call inside no transaction.
  */
-export function promoteVersion(ctx: Ctx, name: string, version: number, auto = false) {
-  const img = getImage(ctx, name);
-  const v = getVersion(ctx, img, version) as VersionRow & BranchLink;
+export async function promoteVersion(ctx: Ctx, name: string, version: number, auto = false) {
+  const img = await getImage(ctx, name);
+  const v = (await getVersion(ctx, img, version)) as VersionRow & BranchLink;
   if (v.state === 'draft') {
     throw new LetheError('VERSION_DRAFT', `${name}@${version} is a draft: its device has not checked it in`, {
       hint: "promote a committed version; 'lethe image ls' lists them",
@@ -69,17 +70,15 @@ export function promoteVersion(ctx: Ctx, name: string, version: number, auto = f
   const previous = img.current_version;
   if (previous === version) return { image: name, version, device: v.device_id, previous, changed: false };
   const now = ctx.now();
-  ctx.db.transaction(() => {
-    makeShared(ctx, img, version, v.device_id!, v.base, now, auto);
-  })();
+  await inTx(ctx, (ctx) => makeShared(ctx, img, version, v.device_id!, v.base, now, auto));
   return { image: name, version, device: v.device_id, previous, changed: true };
 }
 
 /** Sets the shared version and audits it; call inside the caller's transaction. */
-export function makeShared(ctx: Ctx, img: ImageRow, version: number, deviceId: string, base: number | null, now: number, auto: boolean): void {
-  q(ctx.db, 'UPDATE versions SET promoted_at = ? WHERE image_id = ? AND version = ?').run(now, img.id, version);
-  q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(version, img.id);
-  ctx.audit.append(
+export async function makeShared(ctx: Ctx, img: ImageRow, version: number, deviceId: string, base: number | null, now: number, auto: boolean): Promise<void> {
+  await ctx.db.run('UPDATE versions SET promoted_at = ? WHERE image_id = ? AND version = ?', now, img.id, version);
+  await ctx.db.run('UPDATE images SET current_version = ? WHERE id = ?', version, img.id);
+  await ctx.audit.append(
     'version.promote',
     deviceId,
     { image: img.name, version, device: deviceId, base, previous: img.current_version, ...(auto ? { auto: true } : {}) },
@@ -88,17 +87,17 @@ export function makeShared(ctx: Ctx, img: ImageRow, version: number, deviceId: s
 }
 
 /** Trusts (or stops trusting) a device's traces for every device on the image; audited when it changes anything. */
-export function setTrusted(ctx: Ctx, name: string, deviceId: string, trusted: boolean) {
-  mustGetDevice(ctx, deviceId);
-  const img = getImage(ctx, name);
+export async function setTrusted(ctx: Ctx, name: string, deviceId: string, trusted: boolean) {
+  await mustGetDevice(ctx, deviceId);
+  const img = await getImage(ctx, name);
   const now = ctx.now();
   let changed = false;
-  ctx.db.transaction(() => {
+  await inTx(ctx, async (ctx) => {
     const r = trusted
-      ? q(ctx.db, 'INSERT OR IGNORE INTO trusted_tracers(image_id, device_id, trusted_at) VALUES (?, ?, ?)').run(img.id, deviceId, now)
-      : q(ctx.db, 'DELETE FROM trusted_tracers WHERE image_id = ? AND device_id = ?').run(img.id, deviceId);
+      ? await ctx.db.run('INSERT INTO trusted_tracers(image_id, device_id, trusted_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING', img.id, deviceId, now)
+      : await ctx.db.run('DELETE FROM trusted_tracers WHERE image_id = ? AND device_id = ?', img.id, deviceId);
     changed = r.changes === 1;
-    if (changed) ctx.audit.append(trusted ? 'image.trust' : 'image.untrust', deviceId, { image: name }, now);
-  })();
+    if (changed) await ctx.audit.append(trusted ? 'image.trust' : 'image.untrust', deviceId, { image: name }, now);
+  });
   return { image: name, device: deviceId, trusted, changed };
 }

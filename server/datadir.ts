@@ -1,7 +1,7 @@
 // The server's data directory:
-//   config.json       listen address (and public URL, if set)
-//   lethe.db          SQLite: devices, images, leases, audit
-//   chunks.db         SQLite: the encrypted chunk store
+//   config.json       listen address (and public URL, if set; the PostgreSQL URL, if the data is there)
+//   lethe.db          SQLite: devices, images, leases, audit (not with PostgreSQL)
+//   chunks.db         SQLite: the encrypted chunk store (not with PostgreSQL)
 //   master.key        32 random bytes, 0600: wraps every image-version key
 //   signing.key       Ed25519 secret, 0600: signs audit checkpoints and manifests
 //                     (or a file elsewhere: --signing-key, $LETHE_SIGNING_KEY_FILE)
@@ -11,16 +11,19 @@ import path from 'node:path';
 import { X509Certificate } from 'node:crypto';
 import { generate } from 'selfsigned';
 import { ADMIN_TOKEN_PREFIX, DEFAULT_LISTEN, KEY_BYTES } from '../common/constants.js';
-import { b64u, randomBytes, secureCopy, sha256, signKeyPair, wipe, type SecretKey } from '../common/crypto.js';
+import { b64u, keyedHash, randomBytes, secureCopy, sha256, signKeyPair, wipe, type SecretKey } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import { ensureDir, writeFileAtomic } from '../common/fsutil.js';
-import { openDatabase } from './db.js';
+import { openServerDb, sqliteFiles } from './db.js';
+import { isPostgresUrl, redactUrl, type Sql } from './sql.js';
 
 export interface ServerConfig {
   listen: string;
   publicUrl?: string;
   /** The signing key's public half, base64url: checks a key file kept elsewhere belongs here. */
   auditKey?: string;
+  /** A PostgreSQL URL (postgres://…) that every replica shares; without one, SQLite files in the data dir. */
+  db?: string;
 }
 
 export interface InitResult {
@@ -33,8 +36,7 @@ export interface InitResult {
 
 export const files = (dir: string) => ({
   config: path.join(dir, 'config.json'),
-  db: path.join(dir, 'lethe.db'),
-  chunks: path.join(dir, 'chunks.db'),
+  ...sqliteFiles(dir),
   masterKey: path.join(dir, 'master.key'),
   signingKey: path.join(dir, 'signing.key'),
   tlsKey: path.join(dir, 'tls', 'key.pem'),
@@ -64,20 +66,52 @@ export function certFingerprint(certPem: string): string {
   return new X509Certificate(certPem).fingerprint256.replace(/:/g, '').toLowerCase();
 }
 
-/** `signingKeyFile` puts the signing key there instead of in the data dir (docs/audit-log.md). */
-export async function initDataDir(dir: string, listen = DEFAULT_LISTEN, signingKeyFile?: string): Promise<InitResult> {
+/** Checks a --db value: a PostgreSQL URL. */
+export function checkDbUrl(db: string): string {
+  if (!isPostgresUrl(db)) {
+    throw new LetheError('CONFIG', `bad database URL: '${redactUrl(db).slice(0, 200)}'`, {
+      hint: 'give a PostgreSQL URL, e.g. postgres://lethe@db.example:5432/lethe (without --db, the data stays in SQLite files in the data dir)',
+    });
+  }
+  return db;
+}
+
+/** What a database remembers of the data dir that made it: a replica with other keys is refused at start. */
+const MASTER_CHECK = 'lethe master key check';
+const masterCheck = (master: Uint8Array) => keyedHash(master, Buffer.from(MASTER_CHECK)).toString('hex');
+
+/**
+ * `signingKeyFile` puts the signing key there instead of in the data dir
+ * (docs/audit-log.md); `db` keeps the data in PostgreSQL (docs/fleet.md), which
+ * must not hold another server's data.
+ */
+export async function initDataDir(dir: string, listen = DEFAULT_LISTEN, signingKeyFile?: string, db?: string): Promise<InitResult> {
   const f = files(dir);
   if (isInitialized(dir)) {
     throw new LetheError('CONFIG', `data dir '${dir}' is already initialized`, {
       hint: `run 'lethe server run --data ${dir}', or choose an empty directory`,
     });
   }
+  if (db !== undefined) checkDbUrl(db);
   const { host, port } = parseListen(listen);
+  // The database first: one that is unreachable or holds another server's data stops init before any key is made.
   ensureDir(dir);
+  const store = await openServerDb({ url: db, dir });
+  try {
+    if (await store.db.get("SELECT 1 AS x FROM settings WHERE key = 'admin_token_sha256'")) {
+      throw new LetheError('CONFIG', `the database at ${redactUrl(db ?? f.db)} already holds a Lethe server's data`, {
+        hint: "a replica does not run 'init': copy the first server's data dir to it (docs/fleet.md), or give an empty database",
+      });
+    }
+  } catch (e) {
+    await store.close();
+    throw e;
+  }
   ensureDir(path.dirname(f.tlsKey));
 
   const master = randomBytes(KEY_BYTES);
   writeFileAtomic(f.masterKey, master, 0o600);
+  const check = masterCheck(master);
   wipe(master);
   const signing = signKeyPair();
   writeFileAtomic(signingKeyFile ?? f.signingKey, signing.secretKey, 0o600);
@@ -106,17 +140,18 @@ export async function initDataDir(dir: string, listen = DEFAULT_LISTEN, signingK
   writeFileAtomic(f.tlsCert, pems.cert, 0o644);
 
   const adminToken = ADMIN_TOKEN_PREFIX + b64u.encode(randomBytes(32));
-  const db = openDatabase(f.db);
   try {
-    db.prepare('INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)').run(
-      'admin_token_sha256',
-      sha256(adminToken).toString('hex'),
-    );
+    await store.db.tx(async (t) => {
+      const put = 'INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value';
+      await t.run(put, 'admin_token_sha256', sha256(adminToken).toString('hex'));
+      await t.run(put, 'audit_key', auditKey);
+      await t.run(put, 'master_check', check);
+    });
   } finally {
-    db.close();
+    await store.close();
   }
   // config.json is written last: its presence means the directory is complete.
-  writeFileAtomic(f.config, JSON.stringify({ listen, auditKey } satisfies ServerConfig, null, 2) + '\n', 0o600);
+  writeFileAtomic(f.config, JSON.stringify({ listen, auditKey, ...(db ? { db } : {}) } satisfies ServerConfig, null, 2) + '\n', 0o600);
   return { url: urlFor(host, port), fingerprint: certFingerprint(pems.cert), adminToken, auditKey };
 }
 
@@ -190,6 +225,11 @@ export function dataDirAuditKey(dir: string): Buffer {
   }
 }
 
+/** The PostgreSQL URL a data dir's config names, if its data is there. */
+export function dataDirDb(dir: string): string | undefined {
+  return readConfig(dir).db;
+}
+
 export function loadDataDir(dir: string, opts: { signingKeyFile?: string } = {}): LoadedDataDir {
   const config = readConfig(dir);
   const f = files(dir);
@@ -206,4 +246,25 @@ export function loadDataDir(dir: string, opts: { signingKeyFile?: string } = {})
     tlsCert,
     fingerprint: certFingerprint(tlsCert),
   };
+}
+
+/**
+ * Refuses to serve a database with keys that are not the ones it was made with
+ * (a replica given another data dir's master or signing key would wrap keys and
+ * sign heads no other replica can read or check).
+ */
+export async function checkKeysMatch(db: Sql, data: LoadedDataDir): Promise<void> {
+  const rows = await db.all<{ key: string; value: string }>("SELECT key, value FROM settings WHERE key IN ('audit_key', 'master_check')");
+  const got = new Map(rows.map((r) => [r.key, r.value]));
+  const auditKey = b64u.encode(data.signPublicKey);
+  if (got.has('audit_key') && got.get('audit_key') !== auditKey) {
+    throw new LetheError('CONFIG', `the database's audit key is ${got.get('audit_key')}, not this data dir's (${auditKey})`, {
+      hint: "give every replica a copy of the data dir that 'lethe server init' made for this database (docs/fleet.md)",
+    });
+  }
+  if (got.has('master_check') && got.get('master_check') !== masterCheck(data.masterKey)) {
+    throw new LetheError('CONFIG', "this data dir's master key is not the one the database's image keys are wrapped with", {
+      hint: "give every replica a copy of the data dir that 'lethe server init' made for this database (docs/fleet.md)",
+    });
+  }
 }

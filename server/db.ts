@@ -1,176 +1,38 @@
-// SQLite schema of the server. WAL with synchronous=FULL: a commit is on disk
-// before its response is sent (measured here: ~130 µs a commit), so neither
-// SIGKILL nor power loss takes back something a client was told.
-import Database from 'better-sqlite3';
+// Opening the server's storage: SQLite files in the data dir (the default), or a
+// PostgreSQL database (`--db postgres://…`, $LETHE_DB) that any number of replicas
+// share. Versioned migrations (server/migrations/<set>/NNNN_name.sql) are applied
+// at open, each once, in one transaction with its record in schema_migrations.
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { isPostgresUrl, openPostgres, openSqlite, type Sql, type SqliteSql } from './sql.js';
 
-export type DB = Database.Database;
+export type { Sql } from './sql.js';
 
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS enroll_tokens (
-  secret_sha256 TEXT PRIMARY KEY,
-  created_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL,
-  used_at INTEGER,
-  device_id TEXT
-);
-CREATE TABLE IF NOT EXISTS devices (
-  id TEXT PRIMARY KEY,
-  name TEXT NOT NULL,
-  sign_pk BLOB NOT NULL,
-  box_pk BLOB NOT NULL,
-  enrolled_at INTEGER NOT NULL,
-  last_seen INTEGER,
-  revoked_at INTEGER,
-  wipe_requested_at INTEGER,
-  wiped_at INTEGER,
-  -- when the revoked device said it erased its keys and cache (POST /v1/device/revoke/ack)
-  revoke_acked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS images (
-  id TEXT PRIMARY KEY,
-  name TEXT NOT NULL UNIQUE,
-  created_at INTEGER NOT NULL,
-  policy TEXT,
-  dedup_key_wrapped BLOB NOT NULL,
-  current_version INTEGER
-);
-CREATE TABLE IF NOT EXISTS versions (
-  image_id TEXT NOT NULL REFERENCES images(id),
-  version INTEGER NOT NULL,
-  -- 'removed': gone for admins and devices; its key stays while later versions use chunks it wrote
-  state TEXT NOT NULL CHECK (state IN ('draft', 'committed', 'removed')),
-  created_at INTEGER NOT NULL,
-  committed_at INTEGER,
-  key_wrapped BLOB NOT NULL,
-  disk_size INTEGER NOT NULL,
-  mem_size INTEGER NOT NULL,
-  state_size INTEGER NOT NULL,
-  -- set for a draft that holds a device's writes (check-in), not an admin push
-  lease_id TEXT,
-  -- a device branch (docs/branches.md): the device whose check-in made it, the
-  -- version its lease was on, and when an admin (or a single-user policy) made it shared
-  device_id TEXT,
-  base INTEGER,
-  promoted_at INTEGER,
-  PRIMARY KEY (image_id, version)
-);
-CREATE TABLE IF NOT EXISTS chunks (
-  image_id TEXT NOT NULL,
-  version INTEGER NOT NULL,
-  kind TEXT NOT NULL,
-  idx INTEGER NOT NULL,
-  gen INTEGER NOT NULL,
-  cls TEXT NOT NULL,
-  ct_sha256 BLOB NOT NULL,
-  dedup_hash BLOB NOT NULL,
-  PRIMARY KEY (image_id, version, kind, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS assignments (
-  device_id TEXT NOT NULL REFERENCES devices(id),
-  image_id TEXT NOT NULL REFERENCES images(id),
-  assigned_at INTEGER NOT NULL,
-  PRIMARY KEY (device_id, image_id)
-);
-CREATE TABLE IF NOT EXISTS leases (
-  id TEXT PRIMARY KEY,
-  device_id TEXT NOT NULL REFERENCES devices(id),
-  image_id TEXT NOT NULL REFERENCES images(id),
-  version INTEGER NOT NULL,
-  created_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL,
-  ended_at INTEGER,
-  -- the draft version this lease's device-written chunks are encrypted for (see leases.ts writeGen)
-  write_gen INTEGER
-);
-CREATE TABLE IF NOT EXISTS commands (
-  id TEXT PRIMARY KEY,
-  device_id TEXT NOT NULL REFERENCES devices(id),
-  type TEXT NOT NULL,
-  issued_at INTEGER NOT NULL,
-  delivered_at INTEGER,
-  acked_at INTEGER,
-  result TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-  seq INTEGER PRIMARY KEY,
-  ts TEXT NOT NULL,
-  type TEXT NOT NULL,
-  device TEXT,
-  data TEXT NOT NULL,
-  hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_device ON audit(device, seq);
--- First-touch orders of guest memory pages, one per lease (docs/prefetch.md);
--- the newest few per image are kept. data: little-endian uint32 page indices.
-CREATE TABLE IF NOT EXISTS traces (
-  id INTEGER PRIMARY KEY,
-  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-  version INTEGER NOT NULL,
-  device_id TEXT NOT NULL REFERENCES devices(id),
-  lease_id TEXT NOT NULL UNIQUE,
-  created_at INTEGER NOT NULL,
-  pages INTEGER NOT NULL,
-  data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS traces_image ON traces(image_id, id);
--- The key ceiling (docs/escrow-protocol.md): when each device was last given each
--- sensitive chunk key of an image, and how many distinct ones in its current window.
-CREATE TABLE IF NOT EXISTS key_releases (
-  device_id TEXT NOT NULL,
-  image_id TEXT NOT NULL,
-  kind TEXT NOT NULL,
-  idx INTEGER NOT NULL,
-  released_at INTEGER NOT NULL,
-  PRIMARY KEY (device_id, image_id, kind, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS key_windows (
-  device_id TEXT NOT NULL,
-  image_id TEXT NOT NULL,
-  started_at INTEGER NOT NULL,
-  keys INTEGER NOT NULL,
-  PRIMARY KEY (device_id, image_id)
-);
--- Devices whose first-touch traces count toward an image's prefetch order for
--- every device on it (docs/prefetch.md); any other device's trace is its own.
-CREATE TABLE IF NOT EXISTS trusted_tracers (
-  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-  device_id TEXT NOT NULL REFERENCES devices(id),
-  trusted_at INTEGER NOT NULL,
-  PRIMARY KEY (image_id, device_id)
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-  seq INTEGER PRIMARY KEY,
-  hash TEXT NOT NULL,
-  signature TEXT NOT NULL
-);
-`;
+const MIGRATIONS = path.join(path.dirname(fileURLToPath(import.meta.url)), 'migrations');
 
-const CHUNK_SCHEMA = `
-CREATE TABLE IF NOT EXISTS blobs (
-  image_id TEXT NOT NULL,
-  gen INTEGER NOT NULL,
-  kind TEXT NOT NULL,
-  idx INTEGER NOT NULL,
-  data BLOB NOT NULL,
-  PRIMARY KEY (image_id, gen, kind, idx)
-);
-`;
+export type MigrationSet = 'sqlite' | 'sqlite-chunks' | 'postgres';
 
-function open(file: string, schema: string, readonly: boolean): DB {
-  const db = new Database(file, { readonly, fileMustExist: readonly });
-  if (!readonly) {
-    db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = FULL');
-    db.pragma('foreign_keys = ON');
-    db.exec(schema);
-    if (schema === SCHEMA) addColumns(db);
-  }
-  db.pragma('busy_timeout = 5000');
-  return db;
+export interface Migration {
+  version: number;
+  name: string;
+  sql: string;
 }
 
-/** Columns added after a table first shipped: added in place to older databases. */
+/** The migrations of a set, in order. */
+export function migrations(set: MigrationSet): Migration[] {
+  const dir = path.join(MIGRATIONS, set);
+  return fs
+    .readdirSync(dir)
+    .filter((f) => /^\d{4}_[a-z0-9_-]+\.sql$/.test(f))
+    .sort()
+    .map((f) => ({ version: Number(f.slice(0, 4)), name: f.slice(5, -4), sql: fs.readFileSync(path.join(dir, f), 'utf8') }));
+}
+
+/**
+ * Columns added to SQLite tables before migrations were versioned: a database
+ * from then has the tables of 0001 without some of these.
+ */
 const ADDED_COLUMNS: [table: string, column: string, decl: string][] = [
   ['versions', 'lease_id', 'TEXT'],
   ['leases', 'write_gen', 'INTEGER'],
@@ -182,32 +44,82 @@ const ADDED_COLUMNS: [table: string, column: string, decl: string][] = [
   ['versions', 'promoted_at', 'INTEGER'],
 ];
 
-function addColumns(db: DB): void {
+function addColumns(db: SqliteSql): void {
   for (const [table, column, decl] of ADDED_COLUMNS) {
-    const cols = db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[];
-    if (!cols.some((c) => c.name === column)) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${decl}`);
+    const cols = db.allSync<{ name: string }>(`PRAGMA table_info(${table})`);
+    if (!cols.some((c) => c.name === column)) db.raw.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${decl}`);
   }
 }
 
-export function openDatabase(file: string, opts: { readonly?: boolean } = {}): DB {
-  return open(file, SCHEMA, opts.readonly ?? false);
+const MIGRATION_TABLE = 'CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)';
+
+/** Applies the migrations `db` has not had; returns the versions applied now. Safe to run from several replicas at once. */
+export async function migrate(db: Sql, set: MigrationSet, now = Date.now()): Promise<number[]> {
+  if (db.dialect === 'sqlite') (db as SqliteSql).raw.exec(MIGRATION_TABLE);
+  const applied: number[] = [];
+  for (const m of migrations(set)) {
+    const done = await db.tx(async (t) => {
+      if (t.dialect === 'postgres') {
+        await t.lock('lethe.migrate');
+        await t.run(MIGRATION_TABLE);
+      }
+      if (await t.get('SELECT 1 AS x FROM schema_migrations WHERE version = ?', m.version)) return false;
+      if (t.dialect === 'sqlite') {
+        // better-sqlite3 runs a script of many statements with exec, inside this transaction.
+        (db as SqliteSql).raw.exec(m.sql);
+        if (set === 'sqlite' && m.version === 1) addColumns(db as SqliteSql);
+      } else {
+        await t.run(m.sql);
+      }
+      await t.run('INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)', m.version, m.name, now);
+      return true;
+    });
+    if (done) applied.push(m.version);
+  }
+  return applied;
 }
 
-export function openChunkStore(file: string): DB {
-  return open(file, CHUNK_SCHEMA, false);
+export interface ServerDb {
+  /** Devices, images, leases, audit and the rest. */
+  db: Sql;
+  /** The encrypted chunks: chunks.db beside lethe.db, or the same PostgreSQL database. */
+  store: Sql;
+  close(): Promise<void>;
 }
 
-const statements = new WeakMap<DB, Map<string, Database.Statement>>();
+/** Where the server keeps its data: a PostgreSQL URL, or the data dir's SQLite files. */
+export interface DbLocation {
+  /** postgres://… (or postgresql://…); without one, SQLite in `dir`. */
+  url?: string;
+  dir: string;
+}
 
-/**
- * A prepared statement, prepared once per database and reused. Preparing per
- * call costs ~8 µs a statement and leaves native objects for the collector:
- * with a statement per chunk row, minor GC pauses grew from ~1 ms to ~20 ms.
- */
-export function q(db: DB, sql: string): Database.Statement {
-  let m = statements.get(db);
-  if (!m) statements.set(db, (m = new Map()));
-  let st = m.get(sql);
-  if (!st) m.set(sql, (st = db.prepare(sql)));
-  return st;
+export const sqliteFiles = (dir: string) => ({ db: path.join(dir, 'lethe.db'), chunks: path.join(dir, 'chunks.db') });
+
+/** Opens (and migrates) the server's storage. */
+export async function openServerDb(loc: DbLocation, opts: { readonly?: boolean; poolSize?: number } = {}): Promise<ServerDb> {
+  if (loc.url !== undefined && isPostgresUrl(loc.url)) {
+    const db = openPostgres(loc.url, { max: opts.poolSize });
+    try {
+      if (!opts.readonly) await migrate(db, 'postgres');
+    } catch (e) {
+      await db.close();
+      throw e;
+    }
+    return { db, store: db, close: () => db.close() };
+  }
+  const f = sqliteFiles(loc.dir);
+  const db = openSqlite(f.db, { readonly: opts.readonly });
+  if (!opts.readonly) await migrate(db, 'sqlite');
+  if (opts.readonly) return { db, store: db, close: () => db.close() };
+  const store = openSqlite(f.chunks);
+  await migrate(store, 'sqlite-chunks');
+  return {
+    db,
+    store,
+    async close() {
+      await db.close();
+      await store.close();
+    },
+  };
 }

@@ -8,7 +8,6 @@ import { LetheError } from '../common/errors.js';
 import type { Policy } from '../policies/schema.js';
 import type { Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
-import { q } from './db.js';
 import { getImage, policyOf } from './images.js';
 
 /** Throws DEVICE_UNSEALED when the device's seal kind is not one the policy allows. */
@@ -23,20 +22,20 @@ export function assertSealAllowed(d: DeviceRow, policy: Policy, image: string): 
 const sensitiveCounts = new Map<string, number>();
 const COUNTS_MAX = 1024;
 
-function sensitiveChunks(ctx: Ctx, imageId: string, version: number): number {
+async function sensitiveChunks(ctx: Ctx, imageId: string, version: number): Promise<number> {
   const key = `${imageId}/${version}`;
   let n = sensitiveCounts.get(key);
   if (n === undefined) {
-    n = (q(ctx.db, "SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND cls = 'sensitive'").get(imageId, version) as { n: number }).n;
+    n = (await ctx.db.get<{ n: number }>("SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND cls = 'sensitive'", imageId, version))!.n;
     if (sensitiveCounts.size >= COUNTS_MAX) sensitiveCounts.clear();
     sensitiveCounts.set(key, n);
   }
   return n;
 }
 
-export function ceilingFor(ctx: Ctx, policy: Policy, imageId: string, version: number): number {
+export async function ceilingFor(ctx: Ctx, policy: Policy, imageId: string, version: number): Promise<number> {
   const c = policy.keyCeiling;
-  return 'count' in c ? c.count : Math.max(KEY_CEILING_FLOOR, Math.ceil(c.share * sensitiveChunks(ctx, imageId, version)));
+  return 'count' in c ? c.count : Math.max(KEY_CEILING_FLOOR, Math.ceil(c.share * (await sensitiveChunks(ctx, imageId, version))));
 }
 
 export interface CeilingCheck {
@@ -59,24 +58,28 @@ export class CeilingReached extends Error {
  * transaction; throws CeilingReached (after rolling back its own rows) when the
  * request would take the device past the ceiling.
  */
-export function countKeys(ctx: Ctx, d: DeviceRow, imageId: string, refs: { kind: ChunkKind; idx: number }[], limit: number, windowMs: number, now: number): CeilingCheck {
-  return ctx.db.transaction(() => {
-    const w = q(ctx.db, 'SELECT started_at, keys FROM key_windows WHERE device_id = ? AND image_id = ?').get(d.id, imageId) as
-      | { started_at: number; keys: number }
-      | undefined;
+export async function countKeys(ctx: Ctx, d: DeviceRow, imageId: string, refs: { kind: ChunkKind; idx: number }[], limit: number, windowMs: number, now: number): Promise<CeilingCheck> {
+  // One count per device and image, whichever replica releases: the window's row is read and written under its lock.
+  await ctx.db.lock(`lethe.keys:${d.id}:${imageId}`);
+  return ctx.db.savepoint(async () => {
+    const w = await ctx.db.get<{ started_at: number; keys: number }>('SELECT started_at, keys FROM key_windows WHERE device_id = ? AND image_id = ?', d.id, imageId);
     const fresh = !w || now - w.started_at >= windowMs;
     const windowStart = fresh ? now : w.started_at;
     let keys = fresh ? 0 : w.keys;
-    const mark = q(
-      ctx.db,
-      'INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET released_at = excluded.released_at WHERE released_at < ?',
-    );
-    for (const r of refs) keys += mark.run(d.id, imageId, r.kind, r.idx, now, windowStart).changes;
+    const mark =
+      'INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, image_id, kind, idx) DO UPDATE SET released_at = excluded.released_at WHERE key_releases.released_at < ?';
+    for (const r of refs) keys += (await ctx.db.run(mark, d.id, imageId, r.kind, r.idx, now, windowStart)).changes;
     const check = { limit, keys, windowStart };
     if (keys > limit) throw new CeilingReached(check);
-    q(ctx.db, 'INSERT OR REPLACE INTO key_windows(device_id, image_id, started_at, keys) VALUES (?, ?, ?, ?)').run(d.id, imageId, windowStart, keys);
+    await ctx.db.run(
+      'INSERT INTO key_windows(device_id, image_id, started_at, keys) VALUES (?, ?, ?, ?) ON CONFLICT (device_id, image_id) DO UPDATE SET started_at = excluded.started_at, keys = excluded.keys',
+      d.id,
+      imageId,
+      windowStart,
+      keys,
+    );
     return check;
-  })();
+  });
 }
 
 /**
@@ -84,23 +87,23 @@ export function countKeys(ctx: Ctx, d: DeviceRow, imageId: string, refs: { kind:
  * release's transaction. Returns the error to throw once that transaction has
  * committed the alarm (and no keys.release), or undefined when the keys may go.
  */
-export function keyCeiling(
+export async function keyCeiling(
   ctx: Ctx,
   d: DeviceRow,
   l: { id: string; image_id: string; version: number; name: string },
   rows: { kind: ChunkKind; idx: number; cls: string }[],
   now: number,
-): LetheError | undefined {
+): Promise<LetheError | undefined> {
   const sensitive = rows.filter((r) => r.cls === 'sensitive');
   if (sensitive.length === 0) return undefined;
-  const policy = policyOf(getImage(ctx, l.name));
-  const limit = ceilingFor(ctx, policy, l.image_id, l.version);
+  const policy = policyOf(await getImage(ctx, l.name));
+  const limit = await ceilingFor(ctx, policy, l.image_id, l.version);
   try {
-    countKeys(ctx, d, l.image_id, sensitive, limit, policy.keyWindowMs, now);
+    await countKeys(ctx, d, l.image_id, sensitive, limit, policy.keyWindowMs, now);
     return undefined;
   } catch (e) {
     if (!(e instanceof CeilingReached)) throw e;
-    ctx.audit.append(
+    await ctx.audit.append(
       'alarm.key-ceiling',
       d.id,
       { lease: l.id, image: l.name, version: l.version, ceiling: limit, asked: sensitive.length, windowStart: new Date(e.check.windowStart).toISOString() },

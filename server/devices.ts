@@ -6,8 +6,7 @@ import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { decodeEnrollToken, encodeEnrollToken } from '../common/tokens.js';
 import type { TEnrollRequest } from '../common/wire.js';
-import { newId, type Ctx } from './context.js';
-import { q } from './db.js';
+import { inTx, newId, type Ctx } from './context.js';
 
 export type DeviceStatus = 'active' | 'revoked' | 'wipe-pending' | 'wiped';
 
@@ -32,31 +31,30 @@ export function deviceStatus(d: DeviceRow): DeviceStatus {
   return 'active';
 }
 
-export function getDevice(ctx: Ctx, id: string): DeviceRow | undefined {
-  return q(ctx.db, 'SELECT * FROM devices WHERE id = ?').get(id) as DeviceRow | undefined;
+export function getDevice(ctx: Ctx, id: string): Promise<DeviceRow | undefined> {
+  return ctx.db.get<DeviceRow>('SELECT * FROM devices WHERE id = ?', id);
 }
 
-export function mustGetDevice(ctx: Ctx, id: string): DeviceRow {
-  const d = getDevice(ctx, id);
+export async function mustGetDevice(ctx: Ctx, id: string): Promise<DeviceRow> {
+  const d = await getDevice(ctx, id);
   if (!d) throw new LetheError('UNKNOWN_DEVICE', `no device '${id}'`, { hint: "list devices with 'lethe admin devices'" });
   return d;
 }
 
-export function mintEnrollToken(ctx: Ctx, ttlSeconds = DEFAULT_ENROLL_TTL_S) {
+export async function mintEnrollToken(ctx: Ctx, ttlSeconds = DEFAULT_ENROLL_TTL_S) {
   const secret = b64u.encode(randomBytes(24));
   const now = ctx.now();
   const expiresAt = now + ttlSeconds * 1000;
-  ctx.db.transaction(() => {
-    q(ctx.db, 'INSERT INTO enroll_tokens(secret_sha256, created_at, expires_at) VALUES (?, ?, ?)')
-      .run(sha256(secret).toString('hex'), now, expiresAt);
-    ctx.audit.append('enroll.token', null, { expiresAt: iso(expiresAt) }, now);
-  })();
+  await inTx(ctx, async (ctx) => {
+    await ctx.db.run('INSERT INTO enroll_tokens(secret_sha256, created_at, expires_at) VALUES (?, ?, ?)', sha256(secret).toString('hex'), now, expiresAt);
+    await ctx.audit.append('enroll.token', null, { expiresAt: iso(expiresAt) }, now);
+  });
   const token = encodeEnrollToken({ u: ctx.publicUrl, f: ctx.data.fingerprint, s: secret });
   return { token, expiresAt: iso(expiresAt), url: ctx.publicUrl, fingerprint: ctx.data.fingerprint };
 }
 
 /** Registers a device with a one-time token; every bad token gets the same error. */
-export function enroll(ctx: Ctx, req: TEnrollRequest) {
+export async function enroll(ctx: Ctx, req: TEnrollRequest) {
   const invalid = () =>
     new LetheError('ENROLL_TOKEN_INVALID', 'enrollment token is invalid, expired or already used', {
       hint: "ask IT for a new token ('lethe admin enroll-token')",
@@ -69,24 +67,40 @@ export function enroll(ctx: Ctx, req: TEnrollRequest) {
   }
   const now = ctx.now();
   const id = newId('dev');
-  ctx.db.transaction(() => {
-    const used = q(ctx.db, 'UPDATE enroll_tokens SET used_at = ?, device_id = ? WHERE secret_sha256 = ? AND used_at IS NULL AND expires_at > ?')
-      .run(now, id, sha256(secret).toString('hex'), now);
+  // Single use across replicas: of two concurrent uses, the second UPDATE waits for the
+  // first to commit, then finds used_at set and changes nothing.
+  await inTx(ctx, async (ctx) => {
+    const used = await ctx.db.run(
+      'UPDATE enroll_tokens SET used_at = ?, device_id = ? WHERE secret_sha256 = ? AND used_at IS NULL AND expires_at > ?',
+      now,
+      id,
+      sha256(secret).toString('hex'),
+      now,
+    );
     if (used.changes !== 1) throw invalid();
     const seal = req.seal ?? 'none';
-    q(ctx.db, 'INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at, seal) VALUES (?, ?, ?, ?, ?, ?)')
-      .run(id, req.name, b64u.decode(req.signPublicKey), b64u.decode(req.boxPublicKey), now, seal);
-    ctx.audit.append('enroll', id, { name: req.name, seal }, now);
-  })();
+    await ctx.db.run(
+      'INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at, seal) VALUES (?, ?, ?, ?, ?, ?)',
+      id,
+      req.name,
+      b64u.decode(req.signPublicKey),
+      b64u.decode(req.boxPublicKey),
+      now,
+      seal,
+    );
+    await ctx.audit.append('enroll', id, { name: req.name, seal }, now);
+  });
   ctx.metrics.inc('lethe_enrollments_total');
   return { deviceId: id, serverSignPublicKey: b64u.encode(ctx.data.signPublicKey) };
 }
 
-export function listDevices(ctx: Ctx) {
-  const rows = q(ctx.db, 'SELECT * FROM devices ORDER BY enrolled_at, id').all() as DeviceRow[];
-  const images = q(ctx.db, 
-    'SELECT i.name FROM assignments a JOIN images i ON i.id = a.image_id WHERE a.device_id = ? ORDER BY i.name',
+export async function listDevices(ctx: Ctx) {
+  const rows = await ctx.db.all<DeviceRow>('SELECT * FROM devices ORDER BY enrolled_at, id');
+  const assigned = await ctx.db.all<{ device_id: string; name: string }>(
+    'SELECT a.device_id, i.name FROM assignments a JOIN images i ON i.id = a.image_id ORDER BY i.name',
   );
+  const images = new Map<string, string[]>();
+  for (const a of assigned) (images.get(a.device_id) ?? images.set(a.device_id, []).get(a.device_id)!).push(a.name);
   return rows.map((d) => ({
     id: d.id,
     name: d.name,
@@ -95,21 +109,21 @@ export function listDevices(ctx: Ctx) {
     lastSeen: d.last_seen === null ? null : iso(d.last_seen),
     revokeAckedAt: d.revoke_acked_at === null ? null : iso(d.revoke_acked_at),
     seal: d.seal,
-    images: (images.all(d.id) as { name: string }[]).map((r) => r.name),
+    images: images.get(d.id) ?? [],
   }));
 }
 
-export function revokeDevice(ctx: Ctx, id: string) {
-  const d = mustGetDevice(ctx, id);
+export async function revokeDevice(ctx: Ctx, id: string) {
+  await mustGetDevice(ctx, id);
   const now = ctx.now();
-  ctx.db.transaction(() => {
-    if (d.revoked_at === null) {
-      q(ctx.db, 'UPDATE devices SET revoked_at = ? WHERE id = ?').run(now, id);
-      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
-      ctx.audit.append('device.revoke', id, {}, now);
-    }
-  })();
-  return { id, status: deviceStatus(mustGetDevice(ctx, id)) };
+  await inTx(ctx, async (ctx) => {
+    // Only the first of two concurrent revokes (on any replica) changes the row and is audited.
+    const r = await ctx.db.run('UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL', now, id);
+    if (r.changes !== 1) return;
+    await ctx.db.run('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL', now, id);
+    await ctx.audit.append('device.revoke', id, {}, now);
+  });
+  return { id, status: deviceStatus(await mustGetDevice(ctx, id)) };
 }
 
 /**
@@ -117,20 +131,19 @@ export function revokeDevice(ctx: Ctx, id: string) {
  * device that acknowledged its revocation erased what a wipe erases then, and
  * cannot sign any more: its wipe is done at once (`erasedAt` says when it erased).
  */
-export function wipeDevice(ctx: Ctx, id: string) {
-  const d = mustGetDevice(ctx, id);
+export async function wipeDevice(ctx: Ctx, id: string) {
+  const d = await mustGetDevice(ctx, id);
   const now = ctx.now();
   const erasedAt = d.revoke_acked_at === null ? undefined : iso(d.revoke_acked_at);
-  ctx.db.transaction(() => {
-    if (d.wipe_requested_at === null && d.wiped_at === null) {
-      q(ctx.db, 'UPDATE devices SET wipe_requested_at = ? WHERE id = ?').run(now, id);
-      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL').run(now, id);
-      if (erasedAt) q(ctx.db, 'UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, id);
-      else q(ctx.db, 'INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)').run(newId('cmd'), id, 'wipe', now);
-      ctx.audit.append('device.wipe', id, erasedAt ? { erasedAt } : {}, now);
-    }
-  })();
-  return { id, status: deviceStatus(mustGetDevice(ctx, id)), ...(erasedAt ? { erasedAt } : {}) };
+  await inTx(ctx, async (ctx) => {
+    const r = await ctx.db.run('UPDATE devices SET wipe_requested_at = ? WHERE id = ? AND wipe_requested_at IS NULL AND wiped_at IS NULL', now, id);
+    if (r.changes !== 1) return;
+    await ctx.db.run('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL', now, id);
+    if (erasedAt) await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, id);
+    else await ctx.db.run('INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)', newId('cmd'), id, 'wipe', now);
+    await ctx.audit.append('device.wipe', id, erasedAt ? { erasedAt } : {}, now);
+  });
+  return { id, status: deviceStatus(await mustGetDevice(ctx, id)), ...(erasedAt ? { erasedAt } : {}) };
 }
 
 /**
@@ -138,44 +151,48 @@ export function wipeDevice(ctx: Ctx, id: string) {
  * wipe on the device, docs/lease-state.md). Recorded and audited once
  * (`revoke.ack`); a wipe still pending is done by it. Gives the device nothing.
  */
-export function ackRevoke(ctx: Ctx, d: DeviceRow, detail?: string) {
+export async function ackRevoke(ctx: Ctx, d: DeviceRow, detail?: string) {
   if (d.revoked_at === null) throw new LetheError('CONFLICT', 'this device is not revoked: there is nothing to acknowledge');
   const now = ctx.now();
   if (d.revoke_acked_at === null) {
-    ctx.db.transaction(() => {
-      q(ctx.db, 'UPDATE devices SET revoke_acked_at = ?, last_seen = ? WHERE id = ?').run(now, now, d.id);
-      ctx.audit.append('revoke.ack', d.id, detail ? { detail } : {}, now);
-      if (d.wipe_requested_at !== null && d.wiped_at === null) wipeDoneByRevokeAck(ctx, d.id, now);
-    })();
+    await inTx(ctx, async (ctx) => {
+      const r = await ctx.db.run('UPDATE devices SET revoke_acked_at = ?, last_seen = ? WHERE id = ? AND revoke_acked_at IS NULL', now, now, d.id);
+      if (r.changes !== 1) return;
+      await ctx.audit.append('revoke.ack', d.id, detail ? { detail } : {}, now);
+      if (d.wipe_requested_at !== null && d.wiped_at === null) await wipeDoneByRevokeAck(ctx, d.id, now);
+    });
   }
-  const after = mustGetDevice(ctx, d.id);
+  const after = await mustGetDevice(ctx, d.id);
   return { id: d.id, status: deviceStatus(after), acknowledgedAt: iso(after.revoke_acked_at!) };
 }
 
 /** Call inside the revoke acknowledgement's transaction: its pending wipe commands count as acknowledged. */
-function wipeDoneByRevokeAck(ctx: Ctx, id: string, now: number): void {
-  const pending = q(ctx.db, "SELECT id FROM commands WHERE device_id = ? AND type = 'wipe' AND acked_at IS NULL").all(id) as { id: string }[];
+async function wipeDoneByRevokeAck(ctx: Ctx, id: string, now: number): Promise<void> {
+  const pending = await ctx.db.all<{ id: string }>("SELECT id FROM commands WHERE device_id = ? AND type = 'wipe' AND acked_at IS NULL", id);
   const result = JSON.stringify({ ok: true, detail: 'erased at revocation' });
   for (const c of pending) {
-    q(ctx.db, 'UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, result, c.id);
-    ctx.audit.append('wipe.ack', id, { command: c.id, ok: true, via: 'revoke.ack' }, now);
+    await ctx.db.run('UPDATE commands SET acked_at = ?, result = ? WHERE id = ?', now, result, c.id);
+    await ctx.audit.append('wipe.ack', id, { command: c.id, ok: true, via: 'revoke.ack' }, now);
   }
-  q(ctx.db, 'UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, id);
+  await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, id);
 }
 
-export function heartbeat(ctx: Ctx, d: DeviceRow) {
+export async function heartbeat(ctx: Ctx, d: DeviceRow) {
   const now = ctx.now();
-  const commands = q(ctx.db, 'SELECT id, type, issued_at, delivered_at FROM commands WHERE device_id = ? AND acked_at IS NULL ORDER BY issued_at')
-    .all(d.id) as { id: string; type: 'wipe'; issued_at: number; delivered_at: number | null }[];
-  ctx.db.transaction(() => {
-    q(ctx.db, 'UPDATE devices SET last_seen = ? WHERE id = ?').run(now, d.id);
+  const commands = await ctx.db.all<{ id: string; type: 'wipe'; issued_at: number; delivered_at: number | null }>(
+    'SELECT id, type, issued_at, delivered_at FROM commands WHERE device_id = ? AND acked_at IS NULL ORDER BY issued_at',
+    d.id,
+  );
+  await inTx(ctx, async (ctx) => {
+    await ctx.db.run('UPDATE devices SET last_seen = ? WHERE id = ?', now, d.id);
     for (const c of commands.filter((c) => c.delivered_at === null)) {
-      q(ctx.db, 'UPDATE commands SET delivered_at = ? WHERE id = ?').run(now, c.id);
-      ctx.audit.append('wipe.delivered', d.id, { command: c.id }, now);
+      // Delivered (and audited) once, however many replicas answer the device's heartbeats at once.
+      const r = await ctx.db.run('UPDATE commands SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL', now, c.id);
+      if (r.changes === 1) await ctx.audit.append('wipe.delivered', d.id, { command: c.id }, now);
     }
-  })();
+  });
   // The signed head anchors the log on the device (docs/audit-log.md, Anchors).
-  const checkpoint = ctx.audit.latestCheckpoint();
+  const checkpoint = await ctx.audit.latestCheckpoint();
   return {
     serverTime: iso(now),
     status: deviceStatus(d),
@@ -184,22 +201,21 @@ export function heartbeat(ctx: Ctx, d: DeviceRow) {
   };
 }
 
-export function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolean, detail?: string) {
-  const c = q(ctx.db, 'SELECT * FROM commands WHERE id = ? AND device_id = ?').get(commandId, d.id) as
-    | { id: string; type: string; acked_at: number | null }
-    | undefined;
+export async function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolean, detail?: string) {
+  const c = await ctx.db.get<{ id: string; type: string; acked_at: number | null }>('SELECT * FROM commands WHERE id = ? AND device_id = ?', commandId, d.id);
   if (!c) throw new LetheError('UNKNOWN_COMMAND', `no command '${commandId}' for this device`);
   const now = ctx.now();
   if (c.acked_at !== null) return { id: c.id, acked: true };
-  ctx.db.transaction(() => {
+  await inTx(ctx, async (ctx) => {
     if (ok) {
-      q(ctx.db, 'UPDATE commands SET acked_at = ?, result = ? WHERE id = ?').run(now, JSON.stringify({ ok, detail }), c.id);
-      if (c.type === 'wipe') q(ctx.db, 'UPDATE devices SET wiped_at = ? WHERE id = ?').run(now, d.id);
+      const r = await ctx.db.run('UPDATE commands SET acked_at = ?, result = ? WHERE id = ? AND acked_at IS NULL', now, JSON.stringify({ ok, detail }), c.id);
+      if (r.changes !== 1) return;
+      if (c.type === 'wipe') await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, d.id);
     } else {
       // A failed wipe stays pending and is handed out again at the next heartbeat.
-      q(ctx.db, 'UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?').run(JSON.stringify({ ok, detail }), c.id);
+      await ctx.db.run('UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?', JSON.stringify({ ok, detail }), c.id);
     }
-    ctx.audit.append('wipe.ack', d.id, { command: c.id, ok, ...(detail ? { detail } : {}) }, now);
-  })();
+    await ctx.audit.append('wipe.ack', d.id, { command: c.id, ok, ...(detail ? { detail } : {}) }, now);
+  });
   return { id: c.id, acked: ok };
 }

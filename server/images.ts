@@ -11,8 +11,7 @@ import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { classOf, parsePolicy, storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
-import type { Ctx } from './context.js';
-import { q } from './db.js';
+import { inTx, type Ctx } from './context.js';
 
 export interface ImageRow {
   id: string;
@@ -55,21 +54,29 @@ export function chunkCount(size: number, kind: ChunkKind): number {
   return Math.ceil(size / CHUNK_SIZE[kind]);
 }
 
-export function getImage(ctx: Ctx, name: string): ImageRow {
-  const img = q(ctx.db, 'SELECT * FROM images WHERE name = ?').get(name) as ImageRow | undefined;
+/** Stores one chunk's ciphertext (replacing what the coordinates held). */
+export const PUT_BLOB =
+  'INSERT INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?) ON CONFLICT (image_id, gen, kind, idx) DO UPDATE SET data = excluded.data';
+/** Stores one chunk's row in a version (replacing what the version held there). */
+export const PUT_CHUNK_ROW =
+  'INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (image_id, version, kind, idx) DO UPDATE SET gen = excluded.gen, cls = excluded.cls, ct_sha256 = excluded.ct_sha256, dedup_hash = excluded.dedup_hash';
+
+/** The lock under which an image's next version number is chosen (every replica). */
+export const versionLock = (imageId: string) => `lethe.versions:${imageId}`;
+
+export async function getImage(ctx: Ctx, name: string): Promise<ImageRow> {
+  const img = await ctx.db.get<ImageRow>('SELECT * FROM images WHERE name = ?', name);
   if (!img) throw new LetheError('UNKNOWN_IMAGE', `no image '${name}'`, { hint: "list images with 'lethe image ls'" });
   return img;
 }
 
-export function getVersion(ctx: Ctx, img: ImageRow, version: number): VersionRow {
-  const v = q(ctx.db, 'SELECT * FROM versions WHERE image_id = ? AND version = ?').get(img.id, version) as
-    | VersionRow
-    | undefined;
+export async function getVersion(ctx: Ctx, img: ImageRow, version: number): Promise<VersionRow> {
+  const v = await ctx.db.get<VersionRow>('SELECT * FROM versions WHERE image_id = ? AND version = ?', img.id, version);
   if (!v || v.state === 'removed') throw new LetheError('UNKNOWN_VERSION', `image '${img.name}' has no version ${version}`);
   return v;
 }
 
-export function currentVersion(ctx: Ctx, img: ImageRow): VersionRow {
+export async function currentVersion(ctx: Ctx, img: ImageRow): Promise<VersionRow> {
   if (img.current_version === null) {
     throw new LetheError('UNKNOWN_VERSION', `image '${img.name}' has no committed version yet`, {
       hint: "push one with 'lethe image push'",
@@ -80,63 +87,78 @@ export function currentVersion(ctx: Ctx, img: ImageRow): VersionRow {
 
 export const policyOf = (img: ImageRow): Policy => storedPolicy(img.policy);
 
-export function createImage(ctx: Ctx, name: string, policy?: string) {
+export async function createImage(ctx: Ctx, name: string, policy?: string) {
   parsePolicy(policy, 'policy');
-  if (q(ctx.db, 'SELECT 1 FROM images WHERE name = ?').get(name)) {
-    throw new LetheError('CONFLICT', `image '${name}' already exists`);
-  }
+  const exists = () => new LetheError('CONFLICT', `image '${name}' already exists`);
+  if (await ctx.db.get('SELECT 1 AS x FROM images WHERE name = ?', name)) throw exists();
   const id = randomBytes(16);
   const now = ctx.now();
-  ctx.db.transaction(() => {
-    q(ctx.db, 'INSERT INTO images(id, name, created_at, policy, dedup_key_wrapped) VALUES (?, ?, ?, ?, ?)')
-      .run(id.toString('hex'), name, now, policy ?? null, ctx.escrow.newWrappedKey(id, 0, 'dedup'));
-    ctx.audit.append('image.create', null, { image: name, imageId: id.toString('hex') }, now);
-  })();
+  await inTx(ctx, async (ctx) => {
+    // The name is unique: of two replicas creating it at once, one gets CONFLICT.
+    const r = await ctx.db.run(
+      'INSERT INTO images(id, name, created_at, policy, dedup_key_wrapped) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING',
+      id.toString('hex'),
+      name,
+      now,
+      policy ?? null,
+      ctx.escrow.newWrappedKey(id, 0, 'dedup'),
+    );
+    if (r.changes !== 1) throw exists();
+    await ctx.audit.append('image.create', null, { image: name, imageId: id.toString('hex') }, now);
+  });
   return { name, imageId: id.toString('hex') };
 }
 
 /** Opens a draft version that starts as a copy of the current one (or empty). */
-export function createVersion(ctx: Ctx, name: string, sizes: { disk: number; mem: number; state: number }) {
-  const img = getImage(ctx, name);
+export async function createVersion(ctx: Ctx, name: string, sizes: { disk: number; mem: number; state: number }) {
+  const img = await getImage(ctx, name);
   if (sizes.mem % MEM_CHUNK_SIZE !== 0) {
     throw new LetheError('BAD_REQUEST', `memory size ${sizes.mem} is not a multiple of ${MEM_CHUNK_SIZE}`);
   }
-  const draft = q(ctx.db, "SELECT version FROM versions WHERE image_id = ? AND state = 'draft' AND lease_id IS NULL").get(img.id) as
-    | { version: number }
-    | undefined;
+  const draft = await ctx.db.get<{ version: number }>("SELECT version FROM versions WHERE image_id = ? AND state = 'draft' AND lease_id IS NULL", img.id);
   if (draft) {
     // Resuming an interrupted push: the draft is reused if the sizes match.
-    const v = getVersion(ctx, img, draft.version);
+    const v = await getVersion(ctx, img, draft.version);
     if (v.disk_size === sizes.disk && v.mem_size === sizes.mem && v.state_size === sizes.state) {
       return { image: name, version: v.version, resumed: true };
     }
-    ctx.db.transaction(() => {
-      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, v.version);
-      q(ctx.db, 'DELETE FROM versions WHERE image_id = ? AND version = ?').run(img.id, v.version);
-    })();
+    await inTx(ctx, async (ctx) => {
+      await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ?', img.id, v.version);
+      await ctx.db.run('DELETE FROM versions WHERE image_id = ? AND version = ?', img.id, v.version);
+    });
     // Only the draft itself wrote blobs of its generation.
-    q(ctx.store, 'DELETE FROM blobs WHERE image_id = ? AND gen = ?').run(img.id, v.version);
+    await ctx.store.run('DELETE FROM blobs WHERE image_id = ? AND gen = ?', img.id, v.version);
   }
-  const last = q(ctx.db, 'SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number | null };
-  const version = (last.v ?? 0) + 1;
   const imageId = Buffer.from(img.id, 'hex');
-  ctx.db.transaction(() => {
-    q(ctx.db, 
-        "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?)",
-      )
-      .run(img.id, version, ctx.now(), ctx.escrow.newWrappedKey(imageId, version, 'version'), sizes.disk, sizes.mem, sizes.state);
+  const version = await inTx(ctx, async (ctx) => {
+    await ctx.db.lock(versionLock(img.id));
+    const last = (await ctx.db.get<{ v: number | null }>('SELECT MAX(version) AS v FROM versions WHERE image_id = ?', img.id))!;
+    const version = (last.v ?? 0) + 1;
+    await ctx.db.run(
+      "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?)",
+      img.id,
+      version,
+      ctx.now(),
+      ctx.escrow.newWrappedKey(imageId, version, 'version'),
+      sizes.disk,
+      sizes.mem,
+      sizes.state,
+    );
     if (img.current_version !== null) {
-      q(ctx.db, 
-          'INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?',
-        )
-        .run(version, img.id, img.current_version);
+      await ctx.db.run(
+        'INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, CAST(? AS INTEGER), kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?',
+        version,
+        img.id,
+        img.current_version,
+      );
     }
-  })();
+    return version;
+  });
   return { image: name, version, resumed: false };
 }
 
-function draftVersion(ctx: Ctx, img: ImageRow, version: number): VersionRow {
-  const v = getVersion(ctx, img, version);
+async function draftVersion(ctx: Ctx, img: ImageRow, version: number): Promise<VersionRow> {
+  const v = await getVersion(ctx, img, version);
   if (v.state !== 'draft') throw new LetheError('CONFLICT', `version ${version} of '${img.name}' is committed and cannot change`);
   return v;
 }
@@ -149,9 +171,9 @@ export type PutResult = 'new' | 'unchanged' | 'zero';
  * already holds is kept (with its generation), anything else is encrypted
  * under this version's key. Validates every chunk before storing any.
  */
-export function putChunks(ctx: Ctx, name: string, version: number, items: { kind: ChunkKind; index: number; data: Buffer }[]) {
-  const img = getImage(ctx, name);
-  const v = draftVersion(ctx, img, version);
+export async function putChunks(ctx: Ctx, name: string, version: number, items: { kind: ChunkKind; index: number; data: Buffer }[]) {
+  const img = await getImage(ctx, name);
+  const v = await draftVersion(ctx, img, version);
   for (const { kind, index, data } of items) {
     const size = sizeOf(v, kind);
     const count = chunkCount(size, kind);
@@ -167,18 +189,13 @@ export function putChunks(ctx: Ctx, name: string, version: number, items: { kind
   const policy = policyOf(img);
   const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
   const versionKey = ctx.escrow.versionKey(v.key_wrapped, imageId, version);
-  const existing = q(ctx.db, 'SELECT dedup_hash, cls FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
-  const del = q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?');
-  const putRow = q(ctx.db, 
-    'INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-  );
-  const putBlob = q(ctx.store, 'INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
+  const existing = await chunkRows(ctx, img.id, version, items);
   const key = secureBuffer(KEY_BYTES);
   const results: PutResult[] = [];
   const rows: unknown[][] = [];
   const blobs: unknown[][] = [];
   try {
-    for (const { kind, index, data } of items) {
+    for (const [i, { kind, index, data }] of items.entries()) {
       if (data.length === 0 || isZero(data)) {
         rows.push([kind, index]);
         results.push('zero');
@@ -186,7 +203,7 @@ export function putChunks(ctx: Ctx, name: string, version: number, items: { kind
       }
       const dedup = keyedHash(dedupKey, data);
       const cls = classOf(policy, kind, index * CHUNK_SIZE[kind], data.length);
-      const have = existing.get(img.id, version, kind, index) as { dedup_hash: Buffer; cls: string } | undefined;
+      const have = existing[i];
       if (have && have.cls === cls && have.dedup_hash.equals(dedup)) {
         results.push('unchanged');
         continue;
@@ -202,45 +219,48 @@ export function putChunks(ctx: Ctx, name: string, version: number, items: { kind
     wipe(key);
   }
   // Blobs first: a crash between the two leaves an unreferenced blob, never a row without one.
-  ctx.store.transaction(() => {
-    for (const b of blobs) putBlob.run(...b);
-  })();
-  ctx.db.transaction(() => {
+  await ctx.store.tx(async (t) => {
+    for (const b of blobs) await t.run(PUT_BLOB, ...b);
+  });
+  await ctx.db.tx(async (t) => {
     for (const r of rows) {
-      if (r.length === 2) del.run(img.id, version, r[0], r[1]);
-      else putRow.run(img.id, version, r[0], r[1], version, r[2], r[3], r[4]);
+      if (r.length === 2) await t.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?', img.id, version, r[0], r[1]);
+      else await t.run(PUT_CHUNK_ROW, img.id, version, r[0], r[1], version, r[2], r[3], r[4]);
     }
-  })();
+  });
   const count = (k: PutResult) => results.filter((r) => r === k).length;
   return { new: count('new'), unchanged: count('unchanged'), zero: count('zero') };
 }
 
 /** The keyed hashes of a draft's (or version's) stored chunks, so a pusher can skip what is there. */
-export function chunkHashes(ctx: Ctx, name: string, version: number) {
-  const img = getImage(ctx, name);
-  getVersion(ctx, img, version);
+export async function chunkHashes(ctx: Ctx, name: string, version: number) {
+  const img = await getImage(ctx, name);
+  await getVersion(ctx, img, version);
   const out: Record<ChunkKind, [number, string][]> = { disk: [], mem: [], state: [] };
-  const rows = q(ctx.db, 'SELECT kind, idx, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
-    .all(img.id, version) as { kind: ChunkKind; idx: number; dedup_hash: Buffer }[];
+  const rows = await ctx.db.all<{ kind: ChunkKind; idx: number; dedup_hash: Buffer }>(
+    'SELECT kind, idx, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx',
+    img.id,
+    version,
+  );
   for (const r of rows) out[r.kind].push([r.idx, r.dedup_hash.toString('base64url')]);
   return out;
 }
 
 /** The per-image dedup key, for an admin's pusher to compute the same keyed hashes. */
-export function dedupKeyFor(ctx: Ctx, name: string): string {
-  const img = getImage(ctx, name);
+export async function dedupKeyFor(ctx: Ctx, name: string): Promise<string> {
+  const img = await getImage(ctx, name);
   return b64u.encode(ctx.escrow.dedupKey(img.dedup_key_wrapped, Buffer.from(img.id, 'hex')));
 }
 
-export function setPolicy(ctx: Ctx, name: string, policy: string | null) {
+export async function setPolicy(ctx: Ctx, name: string, policy: string | null) {
   parsePolicy(policy, 'policy');
-  const img = getImage(ctx, name);
+  const img = await getImage(ctx, name);
   const changed = (img.policy ?? null) !== policy;
   if (changed) {
-    ctx.db.transaction(() => {
-      q(ctx.db, 'UPDATE images SET policy = ? WHERE id = ?').run(policy, img.id);
-      ctx.audit.append('image.policy', null, { image: name }, ctx.now());
-    })();
+    await inTx(ctx, async (ctx) => {
+      await ctx.db.run('UPDATE images SET policy = ? WHERE id = ?', policy, img.id);
+      await ctx.audit.append('image.policy', null, { image: name }, ctx.now());
+    });
   }
   return { image: name, changed };
 }
@@ -249,25 +269,28 @@ export function setPolicy(ctx: Ctx, name: string, policy: string | null) {
  * Ciphertext and key of each chunk, for an admin's verify or pull. Audited:
  * keys leave the server.
  */
-export function exportChunks(ctx: Ctx, name: string, version: number, refs: { kind: ChunkKind; index: number }[]) {
-  const img = getImage(ctx, name);
-  const v = getVersion(ctx, img, version);
+export async function exportChunks(ctx: Ctx, name: string, version: number, refs: { kind: ChunkKind; index: number }[]) {
+  const img = await getImage(ctx, name);
+  await getVersion(ctx, img, version);
   const imageId = Buffer.from(img.id, 'hex');
-  const rows = refs.map((r) => {
-    const row = chunkRow(ctx, img.id, version, r.kind, r.index);
+  const found = await chunkRows(ctx, img.id, version, refs);
+  const rows = refs.map((r, i) => {
+    const row = found[i];
     if (!row) throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is not stored in ${name}@${version}`);
     return row;
   });
-  ctx.db.transaction(() => {
-    ctx.audit.append('image.export', null, { image: name, version, count: rows.length }, ctx.now());
-  })();
-  const wrapped = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
+  await ctx.audit.append('image.export', null, { image: name, version, count: rows.length }, ctx.now());
+  const blobs = await readBlobs(ctx, img.id, rows);
+  const wrapped = new Map<number, Buffer>();
+  for (const gen of new Set(rows.map((r) => r.gen))) {
+    wrapped.set(gen, (await ctx.db.get<{ key_wrapped: Buffer }>('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?', img.id, gen))!.key_wrapped);
+  }
   const parts: Buffer[] = [];
   const key = secureBuffer(KEY_BYTES);
   try {
-    for (const r of rows) {
-      const blob = readBlob(ctx, img.id, r);
-      const vk = ctx.escrow.versionKey((wrapped.get(img.id, r.gen) as { key_wrapped: Buffer }).key_wrapped, imageId, r.gen);
+    for (const [i, r] of rows.entries()) {
+      const blob = blobs[i];
+      const vk = ctx.escrow.versionKey(wrapped.get(r.gen)!, imageId, r.gen);
       ctx.escrow.chunkKeyInto(key, vk, { imageId, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls });
       const len = Buffer.alloc(4);
       len.writeUInt32BE(blob.length);
@@ -276,101 +299,93 @@ export function exportChunks(ctx: Ctx, name: string, version: number, refs: { ki
   } finally {
     wipe(key);
   }
-  void v;
   return Buffer.concat(parts);
 }
 
 /** Removes a whole image, or one version that is not the current one; frees blobs nothing refers to. */
-export function removeImage(ctx: Ctx, name: string, version?: number) {
-  const img = getImage(ctx, name);
+export async function removeImage(ctx: Ctx, name: string, version?: number) {
+  const img = await getImage(ctx, name);
   const now = ctx.now();
   if (version !== undefined) {
-    getVersion(ctx, img, version);
+    await getVersion(ctx, img, version);
     if (img.current_version === version) {
       throw new LetheError('CONFLICT', `${name}@${version} is the current version`, {
         hint: `push a newer version first, or remove the whole image with 'lethe image rm ${name}'`,
       });
     }
   }
-  ctx.db.transaction(() => {
+  await inTx(ctx, async (ctx) => {
     if (version === undefined) {
       // Its leases end with it (a device's next renewal is told so); their history stays in the audit log.
-      q(ctx.db, 'DELETE FROM leases WHERE image_id = ?').run(img.id);
-      q(ctx.db, 'DELETE FROM assignments WHERE image_id = ?').run(img.id);
-      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ?').run(img.id);
-      q(ctx.db, 'DELETE FROM versions WHERE image_id = ?').run(img.id);
-      q(ctx.db, 'DELETE FROM images WHERE id = ?').run(img.id);
+      await ctx.db.run('DELETE FROM leases WHERE image_id = ?', img.id);
+      await ctx.db.run('DELETE FROM assignments WHERE image_id = ?', img.id);
+      await ctx.db.run('DELETE FROM chunks WHERE image_id = ?', img.id);
+      await ctx.db.run('DELETE FROM versions WHERE image_id = ?', img.id);
+      await ctx.db.run('DELETE FROM images WHERE id = ?', img.id);
     } else {
-      q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL').run(now, img.id, version);
-      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ?').run(img.id, version);
-      q(ctx.db, "UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?").run(img.id, version);
+      await ctx.db.run('UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL', now, img.id, version);
+      await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ?', img.id, version);
+      await ctx.db.run("UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?", img.id, version);
     }
-    ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }) }, now);
-  })();
+    await ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }) }, now);
+  });
   // Garbage: blobs of generations that no remaining chunk row refers to.
   const live = new Set(
-    (q(ctx.db, 'SELECT DISTINCT kind, idx, gen FROM chunks WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[]).map(
+    (await ctx.db.all<{ kind: string; idx: number; gen: number }>('SELECT DISTINCT kind, idx, gen FROM chunks WHERE image_id = ?', img.id)).map(
       (r) => `${r.kind}/${r.idx}/${r.gen}`,
     ),
   );
-  const all = q(ctx.store, 'SELECT kind, idx, gen FROM blobs WHERE image_id = ?').all(img.id) as { kind: string; idx: number; gen: number }[];
-  const drop = q(ctx.store, 'DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?');
+  const all = await ctx.store.all<{ kind: string; idx: number; gen: number }>('SELECT kind, idx, gen FROM blobs WHERE image_id = ?', img.id);
   let freed = 0;
-  ctx.store.transaction(() => {
+  await ctx.store.tx(async (t) => {
     for (const b of all) {
       if (!live.has(`${b.kind}/${b.idx}/${b.gen}`)) {
-        drop.run(img.id, b.gen, b.kind, b.idx);
+        await t.run('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?', img.id, b.gen, b.kind, b.idx);
         freed++;
       }
     }
-  })();
+  });
   return { image: name, ...(version === undefined ? {} : { version }), chunksFreed: freed };
 }
 
 /** Bytes the chunk store holds for an image (ciphertext, all generations). */
-export function storedBytes(ctx: Ctx, imageId: string): { chunks: number; bytes: number } {
-  const r = q(ctx.store, 'SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(data)), 0) AS b FROM blobs WHERE image_id = ?').get(imageId) as {
-    n: number;
-    b: number;
-  };
+export async function storedBytes(ctx: Ctx, imageId: string): Promise<{ chunks: number; bytes: number }> {
+  const r = (await ctx.store.get<{ n: number; b: number }>('SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(data)), 0) AS b FROM blobs WHERE image_id = ?', imageId))!;
   return { chunks: r.n, bytes: r.b };
 }
 
-export function commitVersion(ctx: Ctx, name: string, version: number) {
-  const img = getImage(ctx, name);
-  const v = draftVersion(ctx, img, version);
+export async function commitVersion(ctx: Ctx, name: string, version: number) {
+  const img = await getImage(ctx, name);
+  const v = await draftVersion(ctx, img, version);
   const now = ctx.now();
   const counts: Record<string, number> = {};
-  ctx.db.transaction(() => {
+  await inTx(ctx, async (ctx) => {
     for (const kind of CHUNK_KINDS) {
-      q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx >= ?')
-        .run(img.id, version, kind, chunkCount(sizeOf(v, kind), kind));
-      counts[kind] = (
-        q(ctx.db, 'SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = ?').get(img.id, version, kind) as {
-          n: number;
-        }
-      ).n;
+      await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx >= ?', img.id, version, kind, chunkCount(sizeOf(v, kind), kind));
+      counts[kind] = (await ctx.db.get<{ n: number }>('SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = ?', img.id, version, kind))!.n;
     }
-    q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ? WHERE image_id = ? AND version = ?").run(now, img.id, version);
-    q(ctx.db, 'UPDATE images SET current_version = ? WHERE id = ?').run(version, img.id);
-    ctx.audit.append('version.commit', null, { image: name, version, chunks: counts }, now);
-  })();
+    const r = await ctx.db.run("UPDATE versions SET state = 'committed', committed_at = ? WHERE image_id = ? AND version = ? AND state = 'draft'", now, img.id, version);
+    if (r.changes !== 1) throw new LetheError('CONFLICT', `version ${version} of '${name}' is committed and cannot change`);
+    await ctx.db.run('UPDATE images SET current_version = ? WHERE id = ?', version, img.id);
+    await ctx.audit.append('version.commit', null, { image: name, version, chunks: counts }, now);
+  });
   return { image: name, version, chunks: counts };
 }
 
-export function listImages(ctx: Ctx) {
-  const imgs = q(ctx.db, 'SELECT * FROM images ORDER BY name').all() as ImageRow[];
-  return imgs.map((img) => {
-    const versions = q(ctx.db, 
-        "SELECT version, state, committed_at, disk_size, mem_size, state_size, device_id, base, promoted_at FROM versions WHERE image_id = ? AND state != 'removed' ORDER BY version",
-      )
-      .all(img.id) as VersionRow[];
-    const trusted = q(ctx.db, 'SELECT device_id FROM trusted_tracers WHERE image_id = ? ORDER BY trusted_at, device_id').all(img.id) as { device_id: string }[];
-    return {
+export async function listImages(ctx: Ctx) {
+  const imgs = await ctx.db.all<ImageRow>('SELECT * FROM images ORDER BY name');
+  const out = [];
+  for (const img of imgs) {
+    const versions = await ctx.db.all<VersionRow>(
+      "SELECT version, state, committed_at, disk_size, mem_size, state_size, device_id, base, promoted_at FROM versions WHERE image_id = ? AND state != 'removed' ORDER BY version",
+      img.id,
+    );
+    const trusted = await ctx.db.all<{ device_id: string }>('SELECT device_id FROM trusted_tracers WHERE image_id = ? ORDER BY trusted_at, device_id', img.id);
+    out.push({
       name: img.name,
       imageId: img.id,
       current: img.current_version,
-      stored: storedBytes(ctx, img.id),
+      stored: await storedBytes(ctx, img.id),
       versions: versions.map((v) => ({
         version: v.version,
         state: v.state,
@@ -380,14 +395,14 @@ export function listImages(ctx: Ctx) {
         ...(v.device_id === null ? {} : { device: v.device_id, base: v.base, promotedAt: v.promoted_at === null ? null : iso(v.promoted_at) }),
       })),
       trustedTracers: trusted.map((r) => r.device_id),
-    };
-  });
+    });
+  }
+  return out;
 }
 
 /** The manifest of a version, signed by the server's Ed25519 key. */
-export function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
-  const rows = q(ctx.db, 'SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx')
-    .all(img.id, v.version) as ChunkRow[];
+export async function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
+  const rows = await ctx.db.all<ChunkRow>('SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx', img.id, v.version);
   const chunks: Record<ChunkKind, [number, number, Sensitivity, string][]> = { disk: [], mem: [], state: [] };
   for (const r of rows) chunks[r.kind].push([r.idx, r.gen, r.cls, r.ct_sha256.toString('base64url')]);
   const body = {
@@ -403,14 +418,45 @@ export function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
   return { ...body, signature };
 }
 
-export function chunkRow(ctx: Ctx, imageId: string, version: number, kind: ChunkKind, index: number): ChunkRow | undefined {
-  return q(ctx.db, 'SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?')
-    .get(imageId, version, kind, index) as ChunkRow | undefined;
+/** Chunks looked up per statement: well under either database's parameter limit. */
+const ROWS_PER_QUERY = 256;
+
+/** The stored row of each ref in a version (undefined where none is stored), in the refs' order. */
+export async function chunkRows(
+  ctx: Ctx,
+  imageId: string,
+  version: number,
+  refs: readonly { kind: ChunkKind; index: number }[],
+): Promise<((ChunkRow & { dedup_hash: Buffer }) | undefined)[]> {
+  const found = new Map<string, ChunkRow & { dedup_hash: Buffer }>();
+  for (let i = 0; i < refs.length; i += ROWS_PER_QUERY) {
+    const part = refs.slice(i, i + ROWS_PER_QUERY);
+    const rows = await ctx.db.all<ChunkRow & { dedup_hash: Buffer }>(
+      `SELECT kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? AND (kind, idx) IN (${part.map(() => '(?, CAST(? AS INTEGER))').join(', ')})`,
+      imageId,
+      version,
+      ...part.flatMap((r) => [r.kind, r.index]),
+    );
+    for (const r of rows) found.set(`${r.kind}/${r.idx}`, r);
+  }
+  return refs.map((r) => found.get(`${r.kind}/${r.index}`));
 }
 
-export function readBlob(ctx: Ctx, imageId: string, row: ChunkRow): Buffer {
-  const b = q(ctx.store, 'SELECT data FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?')
-    .get(imageId, row.gen, row.kind, row.idx) as { data: Buffer } | undefined;
-  if (!b) throw new LetheError('INTERNAL', `chunk store is missing ${row.kind} chunk ${row.idx} (generation ${row.gen})`);
-  return b.data;
+/** The ciphertext of each row, in their order; a row without its blob is a server fault (INTERNAL). */
+export async function readBlobs(ctx: Ctx, imageId: string, rows: readonly ChunkRow[]): Promise<Buffer[]> {
+  const found = new Map<string, Buffer>();
+  for (let i = 0; i < rows.length; i += ROWS_PER_QUERY) {
+    const part = rows.slice(i, i + ROWS_PER_QUERY);
+    const blobs = await ctx.store.all<{ gen: number; kind: string; idx: number; data: Buffer }>(
+      `SELECT gen, kind, idx, data FROM blobs WHERE image_id = ? AND (gen, kind, idx) IN (${part.map(() => '(CAST(? AS INTEGER), ?, CAST(? AS INTEGER))').join(', ')})`,
+      imageId,
+      ...part.flatMap((r) => [r.gen, r.kind, r.idx]),
+    );
+    for (const b of blobs) found.set(`${b.gen}/${b.kind}/${b.idx}`, b.data);
+  }
+  return rows.map((row) => {
+    const b = found.get(`${row.gen}/${row.kind}/${row.idx}`);
+    if (!b) throw new LetheError('INTERNAL', `chunk store is missing ${row.kind} chunk ${row.idx} (generation ${row.gen})`);
+    return b;
+  });
 }

@@ -5,13 +5,14 @@ import { iso } from '../common/duration.js';
 import { AuditLog } from './audit.js';
 import { buildApp } from './app.js';
 import type { Ctx } from './context.js';
-import { loadDataDir, files, parseListen, urlFor } from './datadir.js';
-import { openChunkStore, openDatabase } from './db.js';
+import { checkDbUrl, checkKeysMatch, loadDataDir, parseListen, urlFor } from './datadir.js';
+import { openServerDb } from './db.js';
 import { Escrow } from './escrow.js';
 import { Metrics } from './metrics.js';
-import { pruneNonces } from './auth.js';
+import { memoryNonces, tableNonces } from './nonces.js';
 import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
 import { LetheError } from '../common/errors.js';
+import { wipe } from '../common/crypto.js';
 
 export { initDataDir, isInitialized } from './datadir.js';
 
@@ -31,6 +32,8 @@ export interface ServerOptions {
   signingKeyFile?: string;
   /** Sign an unsigned audit head instead of refusing to start (after an operator checked the log). */
   signHead?: boolean;
+  /** The PostgreSQL URL, instead of the one config.json names (e.g. with a password from the environment). */
+  db?: string;
 }
 
 /** How often timeouts of open connections are checked (Node's default is 30 s, which would stretch every timeout by as much). */
@@ -38,9 +41,15 @@ const CONNECTIONS_CHECK_MS = 1_000;
 
 export async function startServer(dir: string, opts: ServerOptions = {}): Promise<RunningServer> {
   const data = loadDataDir(dir, { signingKeyFile: opts.signingKeyFile });
-  const f = files(dir);
-  const db = openDatabase(f.db);
-  const store = openChunkStore(f.chunks);
+  const url = opts.db === undefined ? data.config.db : checkDbUrl(opts.db);
+  let sdb;
+  try {
+    sdb = await openServerDb({ url, dir });
+  } catch (e) {
+    wipeKeys(data);
+    throw e;
+  }
+  const { db, store } = sdb;
   const ctx: Ctx = {
     db,
     store,
@@ -48,16 +57,25 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     audit: new AuditLog(db, data.signingKey),
     escrow: new Escrow(data.masterKey),
     metrics: new Metrics(),
+    // One SQLite process remembers nonces itself; replicas share them in PostgreSQL.
+    nonces: db.dialect === 'postgres' ? tableNonces(db) : memoryNonces(Date.now()),
     publicUrl: '',
     now: () => Date.now(),
   };
-  if ((db.prepare('SELECT COUNT(*) AS n FROM audit').get() as { n: number }).n === 0) {
-    db.transaction(() => ctx.audit.append('server.init', null, { fingerprint: data.fingerprint }))();
+  let app;
+  try {
+    await checkKeysMatch(db, data);
+    await ctx.audit.initOnce({ fingerprint: data.fingerprint });
+    await checkAuditHead(ctx, dir, opts.signHead ?? false);
+    app = await buildApp(ctx, { limits: opts.limits ?? DEFAULT_LIMITS, metricsToken: opts.metricsToken });
+  } catch (e) {
+    await sdb.close();
+    ctx.escrow.close();
+    wipeKeys(data);
+    throw e;
   }
-  checkAuditHead(ctx, dir, opts.signHead ?? false);
   const { host, port } = parseListen(opts.listen ?? data.config.listen);
   const limits = opts.limits ?? DEFAULT_LIMITS;
-  const app = buildApp(ctx, { limits, metricsToken: opts.metricsToken });
   const server = https.createServer(
     {
       key: data.tlsKey,
@@ -79,7 +97,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
   });
   const actual = (server.address() as AddressInfo).port;
   ctx.publicUrl = data.config.publicUrl ?? urlFor(host, actual);
-  const pruner = setInterval(() => pruneNonces(ctx), 30_000);
+  const pruner = setInterval(() => void ctx.nonces.prune(ctx.now()).catch(() => {}), 30_000);
   pruner.unref();
 
   let closed = false;
@@ -92,9 +110,9 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
       clearInterval(pruner);
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
-      db.close();
-      store.close();
+      await sdb.close();
       ctx.escrow.close();
+      wipeKeys(data);
     },
   };
 }
@@ -104,21 +122,22 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
  * log was changed outside the server: refuse to serve (and so to sign over it)
  * until an operator has checked the log and says so (`--sign-head`).
  */
-function checkAuditHead(ctx: Ctx, dir: string, signHead: boolean): void {
-  const problem = ctx.audit.checkHead();
+async function checkAuditHead(ctx: Ctx, dir: string, signHead: boolean): Promise<void> {
+  const problem = await ctx.audit.checkHead();
   if (!problem) return;
   if (!signHead) {
-    ctx.db.close();
-    ctx.store.close();
-    ctx.escrow.close();
     throw new LetheError('AUDIT_UNAVAILABLE', `${problem}: entries were cut or added outside the server`, {
       hint: `check the log with 'lethe audit verify --data ${dir} --against CHECKPOINT' (an exported or device-held checkpoint); if it is as it should be, start once with --sign-head`,
       status: 0,
     });
   }
-  ctx.db.transaction(() => ctx.audit.signCurrentHead())();
+  await ctx.audit.signCurrentHead();
   process.stderr.write(`lethe server: warning: ${problem}; signed it as it stands (--sign-head)\n`);
 }
 
 export const startedLine = (s: RunningServer) =>
   `lethe server: listening on ${s.url} (certificate sha256 ${s.fingerprint}) at ${iso(Date.now())}`;
+
+function wipeKeys(data: { signingKey: Uint8Array }): void {
+  wipe(data.signingKey);
+}

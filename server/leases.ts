@@ -8,13 +8,12 @@ import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
-import { newId, type Ctx } from './context.js';
+import { inTx, newId, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
-import { chunkCount, chunkRow, getImage, getVersion, manifest, policyOf, readBlob, sizeOf, type ChunkRow } from './images.js';
+import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, manifest, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
 import { assertSealAllowed, keyCeiling } from './device-policy.js';
 import { makeShared, resumeVersion } from './branches.js';
-import { q } from './db.js';
 
 interface LeaseRow {
   id: string;
@@ -27,54 +26,55 @@ interface LeaseRow {
   write_gen: number | null;
 }
 
-export function assign(ctx: Ctx, deviceId: string, imageName: string) {
-  mustGetDevice(ctx, deviceId);
-  const img = getImage(ctx, imageName);
+export async function assign(ctx: Ctx, deviceId: string, imageName: string) {
+  await mustGetDevice(ctx, deviceId);
+  const img = await getImage(ctx, imageName);
   const now = ctx.now();
-  ctx.db.transaction(() => {
-    const r = q(ctx.db, 'INSERT OR IGNORE INTO assignments(device_id, image_id, assigned_at) VALUES (?, ?, ?)')
-      .run(deviceId, img.id, now);
-    if (r.changes === 1) ctx.audit.append('assign', deviceId, { image: imageName }, now);
-  })();
+  await inTx(ctx, async (ctx) => {
+    const r = await ctx.db.run('INSERT INTO assignments(device_id, image_id, assigned_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING', deviceId, img.id, now);
+    if (r.changes === 1) await ctx.audit.append('assign', deviceId, { image: imageName }, now);
+  });
   return { device: deviceId, image: imageName };
 }
 
-export function unassign(ctx: Ctx, deviceId: string, imageName: string) {
-  mustGetDevice(ctx, deviceId);
-  const img = getImage(ctx, imageName);
+export async function unassign(ctx: Ctx, deviceId: string, imageName: string) {
+  await mustGetDevice(ctx, deviceId);
+  const img = await getImage(ctx, imageName);
   const now = ctx.now();
-  ctx.db.transaction(() => {
-    const r = q(ctx.db, 'DELETE FROM assignments WHERE device_id = ? AND image_id = ?').run(deviceId, img.id);
-    q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE device_id = ? AND image_id = ? AND ended_at IS NULL')
-      .run(now, deviceId, img.id);
-    if (r.changes === 1) ctx.audit.append('unassign', deviceId, { image: imageName }, now);
-  })();
+  await inTx(ctx, async (ctx) => {
+    const r = await ctx.db.run('DELETE FROM assignments WHERE device_id = ? AND image_id = ?', deviceId, img.id);
+    await ctx.db.run('UPDATE leases SET ended_at = ? WHERE device_id = ? AND image_id = ? AND ended_at IS NULL', now, deviceId, img.id);
+    if (r.changes === 1) await ctx.audit.append('unassign', deviceId, { image: imageName }, now);
+  });
   return { device: deviceId, image: imageName };
 }
 
-function assertAssigned(ctx: Ctx, d: DeviceRow, imageId: string, name: string): void {
-  if (!q(ctx.db, 'SELECT 1 FROM assignments WHERE device_id = ? AND image_id = ?').get(d.id, imageId)) {
+async function isAssigned(ctx: Ctx, deviceId: string, imageId: string): Promise<boolean> {
+  return (await ctx.db.get('SELECT 1 AS x FROM assignments WHERE device_id = ? AND image_id = ?', deviceId, imageId)) !== undefined;
+}
+
+async function assertAssigned(ctx: Ctx, d: DeviceRow, imageId: string, name: string): Promise<void> {
+  if (!(await isAssigned(ctx, d.id, imageId))) {
     throw new LetheError('NOT_ASSIGNED', `image '${name}' is not assigned to this device`, {
       hint: `IT assigns it with 'lethe admin assign ${d.id} ${name}'`,
     });
   }
 }
 
-function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
-  const gens = q(ctx.db, "SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen")
-    .all(imageId, version) as { gen: number }[];
-  const all = new Set([...gens.map((g) => g.gen), version]);
+async function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
+  const gens = await ctx.db.all<{ gen: number }>("SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen", imageId, version);
+  const all = [...new Set([...gens.map((g) => g.gen), version])].sort((a, b) => a - b);
   const id = Buffer.from(imageId, 'hex');
-  return [...all].sort((a, b) => a - b).map((gen) => {
-    const v = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?').get(imageId, gen) as {
-      key_wrapped: Buffer;
-    };
+  const out: { gen: number; sealed: string }[] = [];
+  for (const gen of all) {
+    const v = (await ctx.db.get<{ key_wrapped: Buffer }>('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?', imageId, gen))!;
     const vk = ctx.escrow.versionKey(v.key_wrapped, id, gen);
-    return { gen, sealed: b64u.encode(ctx.escrow.sealedClassKey(vk, d.box_pk)) };
-  });
+    out.push({ gen, sealed: b64u.encode(ctx.escrow.sealedClassKey(vk, d.box_pk)) });
+  }
+  return out;
 }
 
-function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy: Policy) {
+async function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy: Policy) {
   return {
     leaseId: l.id,
     image: name,
@@ -83,7 +83,7 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy
     expiresAt: iso(l.expires_at),
     renewAfter: iso(ctx.now() + policy.renewAfterMs),
     ttlSeconds: Math.round((l.expires_at - ctx.now()) / 1000),
-    classKeys: classKeys(ctx, d, l.image_id, l.version),
+    classKeys: await classKeys(ctx, d, l.image_id, l.version),
     ...(l.write_gen !== null ? { writeGen: l.write_gen } : {}),
     evictIdleSeconds: policy.evictIdleMs / 1000,
     policy: AgentPolicy.parse(policy),
@@ -91,11 +91,11 @@ function leaseResponse(ctx: Ctx, d: DeviceRow, l: LeaseRow, name: string, policy
 }
 
 
-export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
-  const img = getImage(ctx, imageName);
-  assertAssigned(ctx, d, img.id, imageName);
+export async function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
+  const img = await getImage(ctx, imageName);
+  await assertAssigned(ctx, d, img.id, imageName);
   // The shared version, or this device's own branch of it (docs/branches.md).
-  const v = resumeVersion(ctx, d.id, img);
+  const v = await resumeVersion(ctx, d.id, img);
   const policy = policyOf(img);
   assertSealAllowed(d, policy, imageName);
   const now = ctx.now();
@@ -109,22 +109,23 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
     ended_at: null,
     write_gen: null,
   };
-  ctx.db.transaction(() => {
-    q(ctx.db, 'INSERT INTO leases(id, device_id, image_id, version, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)')
-      .run(lease.id, d.id, img.id, v.version, now, lease.expires_at);
+  await inTx(ctx, async (ctx) => {
+    await ctx.db.run('INSERT INTO leases(id, device_id, image_id, version, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)', lease.id, d.id, img.id, v.version, now, lease.expires_at);
     // Writes this device made under an earlier lease on the same version (not yet
     // checked in) carry over: the new lease adopts that draft.
-    const draft = q(ctx.db, 
-        "SELECT v.version FROM versions v JOIN leases l ON l.id = v.lease_id WHERE v.image_id = ? AND v.state = 'draft' AND l.device_id = ? AND l.version = ?",
-      )
-      .get(img.id, d.id, v.version) as { version: number } | undefined;
+    const draft = await ctx.db.get<{ version: number }>(
+      "SELECT v.version FROM versions v JOIN leases l ON l.id = v.lease_id WHERE v.image_id = ? AND v.state = 'draft' AND l.device_id = ? AND l.version = ?",
+      img.id,
+      d.id,
+      v.version,
+    );
     if (draft) {
-      q(ctx.db, 'UPDATE versions SET lease_id = ? WHERE image_id = ? AND version = ?').run(lease.id, img.id, draft.version);
-      q(ctx.db, 'UPDATE leases SET write_gen = ? WHERE id = ?').run(draft.version, lease.id);
+      await ctx.db.run('UPDATE versions SET lease_id = ? WHERE image_id = ? AND version = ?', lease.id, img.id, draft.version);
+      await ctx.db.run('UPDATE leases SET write_gen = ? WHERE id = ?', draft.version, lease.id);
       lease.write_gen = draft.version;
     }
-    ctx.audit.append('lease.grant', d.id, { lease: lease.id, image: imageName, version: v.version, expiresAt: iso(lease.expires_at) }, now);
-  })();
+    await ctx.audit.append('lease.grant', d.id, { lease: lease.id, image: imageName, version: v.version, expiresAt: iso(lease.expires_at) }, now);
+  });
   ctx.metrics.inc('lethe_leases_granted_total');
   return leaseResponse(ctx, d, lease, imageName, policy);
 }
@@ -134,13 +135,12 @@ export function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
  * image was unassigned since: audited as `lease.refused`, the device ends the
  * lease at this answer) or LEASE_EXPIRED otherwise.
  */
-export function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & { name: string } {
-  const l = q(ctx.db, 'SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?')
-    .get(leaseId, d.id) as (LeaseRow & { name: string }) | undefined;
+export async function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<LeaseRow & { name: string }> {
+  const l = await ctx.db.get<LeaseRow & { name: string }>('SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?', leaseId, d.id);
   if (!l) throw new LetheError('UNKNOWN_LEASE', `no lease '${leaseId}' for this device`);
-  if (!q(ctx.db, 'SELECT 1 FROM assignments WHERE device_id = ? AND image_id = ?').get(d.id, l.image_id)) {
+  if (!(await isAssigned(ctx, d.id, l.image_id))) {
     const now = ctx.now();
-    ctx.db.transaction(() => ctx.audit.append('lease.refused', d.id, { lease: l.id, image: l.name, version: l.version, code: 'NOT_ASSIGNED' }, now))();
+    await ctx.audit.append('lease.refused', d.id, { lease: l.id, image: l.name, version: l.version, code: 'NOT_ASSIGNED' }, now);
     throw new LetheError('NOT_ASSIGNED', `image '${l.name}' is no longer assigned to this device: lease '${leaseId}' has ended`, {
       hint: `drop its keys; IT assigns it again with 'lethe admin assign ${d.id} ${l.name}'`,
     });
@@ -151,25 +151,27 @@ export function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): LeaseRow & {
   return l;
 }
 
-export function renewLease(ctx: Ctx, d: DeviceRow, leaseId: string) {
-  const l = liveLease(ctx, d, leaseId);
-  const img = getImage(ctx, l.name);
-  assertAssigned(ctx, d, img.id, l.name);
+export async function renewLease(ctx: Ctx, d: DeviceRow, leaseId: string) {
+  const l = await liveLease(ctx, d, leaseId);
+  const img = await getImage(ctx, l.name);
+  await assertAssigned(ctx, d, img.id, l.name);
   const policy = policyOf(img);
   assertSealAllowed(d, policy, l.name);
   const now = ctx.now();
   l.expires_at = now + policy.leaseTtlMs;
-  ctx.db.transaction(() => {
-    q(ctx.db, 'UPDATE leases SET expires_at = ? WHERE id = ?').run(l.expires_at, l.id);
-    ctx.audit.append('lease.renew', d.id, { lease: l.id, image: l.name, version: l.version, expiresAt: iso(l.expires_at) }, now);
-  })();
+  await inTx(ctx, async (ctx) => {
+    // Not past an end another request (a revoke, an unassignment, a check-in) gave it meanwhile.
+    const r = await ctx.db.run('UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL', l.expires_at, l.id);
+    if (r.changes !== 1) throw new LetheError('LEASE_EXPIRED', `lease '${leaseId}' has ended`, { hint: 'ask for a new lease' });
+    await ctx.audit.append('lease.renew', d.id, { lease: l.id, image: l.name, version: l.version, expiresAt: iso(l.expires_at) }, now);
+  });
   return leaseResponse(ctx, d, l, l.name, policy);
 }
 
-export function leaseManifest(ctx: Ctx, d: DeviceRow, leaseId: string) {
-  const l = liveLease(ctx, d, leaseId);
-  const img = getImage(ctx, l.name);
-  return manifest(ctx, img, getVersion(ctx, img, l.version));
+export async function leaseManifest(ctx: Ctx, d: DeviceRow, leaseId: string) {
+  const l = await liveLease(ctx, d, leaseId);
+  const img = await getImage(ctx, l.name);
+  return manifest(ctx, img, await getVersion(ctx, img, l.version));
 }
 
 /** Compresses chunk lists for the audit log: {"mem": [[0, 63], [70, 70]]}. */
@@ -190,9 +192,10 @@ export function ranges(refs: { kind: ChunkKind; index: number }[]): Record<strin
   return out;
 }
 
-function resolve(ctx: Ctx, l: LeaseRow, refs: { kind: ChunkKind; index: number }[]): ChunkRow[] {
-  return refs.map((r) => {
-    const row = chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
+async function resolve(ctx: Ctx, l: LeaseRow, refs: { kind: ChunkKind; index: number }[]): Promise<ChunkRow[]> {
+  const rows = await chunkRows(ctx, l.image_id, l.version, refs);
+  return refs.map((r, i) => {
+    const row = rows[i];
     if (!row) {
       throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is not stored (a zero chunk, or past the end)`, {
         hint: 'zero chunks are not stored: the manifest lists every stored chunk',
@@ -206,22 +209,34 @@ function resolve(ctx: Ctx, l: LeaseRow, refs: { kind: ChunkKind; index: number }
  * The generation a lease's device-written chunks are encrypted for: a draft
  * version made for this lease on its first write, committed by check-in.
  */
-function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): number {
+async function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): Promise<number> {
   if (l.write_gen !== null) return l.write_gen;
-  const img = getImage(ctx, l.name);
-  const base = getVersion(ctx, img, l.version);
+  const img = await getImage(ctx, l.name);
+  const base = await getVersion(ctx, img, l.version);
   const imageId = Buffer.from(img.id, 'hex');
-  ctx.db.transaction(() => {
-    const last = q(ctx.db, 'SELECT MAX(version) AS v FROM versions WHERE image_id = ?').get(img.id) as { v: number };
+  return inTx(ctx, async (ctx) => {
+    // Version numbers of an image are handed out one at a time, whichever replica asks.
+    await ctx.db.lock(versionLock(img.id));
+    const now = await ctx.db.get<{ write_gen: number | null }>('SELECT write_gen FROM leases WHERE id = ?', l.id);
+    if (now?.write_gen != null) return (l.write_gen = now.write_gen);
+    const last = (await ctx.db.get<{ v: number }>('SELECT MAX(version) AS v FROM versions WHERE image_id = ?', img.id))!;
     const gen = last.v + 1;
-    q(ctx.db, 
-        "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size, lease_id, device_id, base) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?, ?, ?)",
-      )
-      .run(img.id, gen, ctx.now(), ctx.escrow.newWrappedKey(imageId, gen, 'version'), base.disk_size, base.mem_size, base.state_size, l.id, l.device_id, l.version);
-    q(ctx.db, 'UPDATE leases SET write_gen = ? WHERE id = ?').run(gen, l.id);
-    l.write_gen = gen;
-  })();
-  return l.write_gen!;
+    await ctx.db.run(
+      "INSERT INTO versions(image_id, version, state, created_at, key_wrapped, disk_size, mem_size, state_size, lease_id, device_id, base) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?, ?, ?)",
+      img.id,
+      gen,
+      ctx.now(),
+      ctx.escrow.newWrappedKey(imageId, gen, 'version'),
+      base.disk_size,
+      base.mem_size,
+      base.state_size,
+      l.id,
+      l.device_id,
+      l.version,
+    );
+    await ctx.db.run('UPDATE leases SET write_gen = ? WHERE id = ?', gen, l.id);
+    return (l.write_gen = gen);
+  });
 }
 
 /**
@@ -229,20 +244,23 @@ function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): number {
  * generation = the lease's write generation, class = the stored chunk's, or
  * the policy's for a chunk that is zero so far.
  */
-function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): ChunkRow[] {
-  const img = getImage(ctx, l.name);
+async function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): Promise<ChunkRow[]> {
+  const img = await getImage(ctx, l.name);
   const policy = policyOf(img);
-  const gen = writeGen(ctx, l);
+  const gen = await writeGen(ctx, l);
   // Bounds are the draft's: a suspend gives it a new state size.
-  const draft = getVersion(ctx, img, gen);
-  const base = getVersion(ctx, img, l.version);
-  return refs.map((r) => {
+  const draft = await getVersion(ctx, img, gen);
+  const base = await getVersion(ctx, img, l.version);
+  for (const r of refs) {
     const count = chunkCount(sizeOf(draft, r.kind), r.kind);
     if (r.index >= count) {
       throw new LetheError('UNKNOWN_CHUNK', `${r.kind} chunk ${r.index} is past the end (the ${r.kind} has ${count} chunks)`);
     }
+  }
+  const storedRows = await chunkRows(ctx, l.image_id, l.version, refs);
+  return refs.map((r, i) => {
     const replaced = r.kind === 'state' && draft.state_size !== base.state_size;
-    const stored = replaced ? undefined : chunkRow(ctx, l.image_id, l.version, r.kind, r.index);
+    const stored = replaced ? undefined : storedRows[i];
     const cls = stored?.cls ?? classOf(policy, r.kind, r.index * CHUNK_SIZE[r.kind], CHUNK_SIZE[r.kind]);
     return { kind: r.kind, idx: r.index, gen, cls, ct_sha256: Buffer.alloc(0) };
   });
@@ -252,13 +270,13 @@ function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: Chu
  * Gives the lease's draft a new device-state size (a suspend writes a whole new
  * state); the draft's state then replaces the base's at check-in.
  */
-function setDraftStateSize(ctx: Ctx, l: LeaseRow & { name: string }, size: number): void {
-  const gen = writeGen(ctx, l);
-  q(ctx.db, 'UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?').run(size, l.image_id, gen);
+async function setDraftStateSize(ctx: Ctx, l: LeaseRow & { name: string }, size: number): Promise<void> {
+  const gen = await writeGen(ctx, l);
+  await ctx.db.run('UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?', size, l.image_id, gen);
 }
 
 /** Releases chunk keys, sealed together to the device; audited first. */
-export function releaseKeys(
+export async function releaseKeys(
   ctx: Ctx,
   d: DeviceRow,
   leaseId: string,
@@ -266,18 +284,18 @@ export function releaseKeys(
   write = false,
   stateSize?: number,
 ) {
-  const l = liveLease(ctx, d, leaseId);
+  const l = await liveLease(ctx, d, leaseId);
   if (stateSize !== undefined && !write) throw new LetheError('BAD_REQUEST', 'stateSize is for write keys only (write: true)');
   const now = ctx.now();
   // The draft's new state size, the checks against it and the audit entry stand or fall together.
-  const rows = ctx.db.transaction(() => {
-    if (stateSize !== undefined) setDraftStateSize(ctx, l, stateSize);
-    const rows = write ? writeCoords(ctx, l, refs) : resolve(ctx, l, refs);
+  const rows = await inTx(ctx, async (ctx) => {
+    if (stateSize !== undefined) await setDraftStateSize(ctx, l, stateSize);
+    const rows = write ? await writeCoords(ctx, l, refs) : await resolve(ctx, l, refs);
     // Past its key ceiling the device gets nothing; the alarm, not a release, is audited.
-    const refused = write ? undefined : keyCeiling(ctx, d, l, rows, now);
+    const refused = write ? undefined : await keyCeiling(ctx, d, l, rows, now);
     if (refused) return refused;
     const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
-    ctx.audit.append(
+    await ctx.audit.append(
       'keys.release',
       d.id,
       {
@@ -293,19 +311,26 @@ export function releaseKeys(
       now,
     );
     return rows;
-  })();
+  });
   if (rows instanceof LetheError) throw rows;
   const id = Buffer.from(l.image_id, 'hex');
-  const wrapped = q(ctx.db, 'SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?');
   const coords = rows.map((r): ChunkCoord => ({ imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls }));
   // One lookup per generation per request. Safe while a request touches fewer
   // generations than the escrow caches (256): no key used here can be evicted
   // (and wiped) before the request is done; past that, look up per key.
-  const gens = new Set(rows.map((r) => r.gen));
+  const gens = [...new Set(rows.map((r) => r.gen))];
+  const wrapped = new Map<number, Buffer>();
+  for (const w of await ctx.db.all<{ version: number; key_wrapped: Buffer }>(
+    `SELECT version, key_wrapped FROM versions WHERE image_id = ? AND version IN (${gens.map(() => '?').join(', ')})`,
+    l.image_id,
+    ...gens,
+  )) {
+    wrapped.set(w.version, w.key_wrapped);
+  }
   const memo = new Map<number, Uint8Array>();
-  const lookup = (gen: number) => ctx.escrow.versionKey((wrapped.get(l.image_id, gen) as { key_wrapped: Buffer }).key_wrapped, id, gen);
+  const lookup = (gen: number) => ctx.escrow.versionKey(wrapped.get(gen)!, id, gen);
   const versionKeyOf =
-    gens.size <= 64
+    gens.length <= 64
       ? (gen: number) => memo.get(gen) ?? memo.set(gen, lookup(gen)).get(gen)!
       : lookup;
   const sealed = ctx.escrow.sealedChunkKeys(coords, versionKeyOf, d.box_pk);
@@ -317,19 +342,17 @@ export function releaseKeys(
 }
 
 /** Ciphertext of chunks, audited first; the device decrypts with keys it holds. */
-export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[]) {
-  const l = liveLease(ctx, d, leaseId);
-  const rows = resolve(ctx, l, refs);
-  const blobs = rows.map((r) => readBlob(ctx, l.image_id, r));
+export async function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kind: ChunkKind; index: number }[]) {
+  const l = await liveLease(ctx, d, leaseId);
+  const rows = await resolve(ctx, l, refs);
+  const blobs = await readBlobs(ctx, l.image_id, rows);
   const bytes = blobs.reduce((n, b) => n + b.length, 0);
-  ctx.db.transaction(() => {
-    ctx.audit.append(
-      'chunks.serve',
-      d.id,
-      { lease: l.id, image: l.name, version: l.version, count: rows.length, bytes, chunks: ranges(refs) },
-      ctx.now(),
-    );
-  })();
+  await ctx.audit.append(
+    'chunks.serve',
+    d.id,
+    { lease: l.id, image: l.name, version: l.version, count: rows.length, bytes, chunks: ranges(refs) },
+    ctx.now(),
+  );
   ctx.metrics.inc('lethe_chunks_served_total', {}, rows.length);
   ctx.metrics.inc('lethe_chunk_bytes_served_total', {}, bytes);
   return rows.map((r, i) => ({ row: r, blob: blobs[i] }));
@@ -344,20 +367,20 @@ export function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs: { kin
  * more requests; the one marked `final` carries unchanged chunks over from the
  * lease's version (which must still be the one this device resumes) and commits.
  */
-export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
-  const l = liveLease(ctx, d, leaseId);
+export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
+  const l = await liveLease(ctx, d, leaseId);
   if (l.write_gen === null) throw new LetheError('BAD_REQUEST', 'nothing to check in: this lease wrote no chunks');
-  const img = getImage(ctx, l.name);
-  const resumes = resumeVersion(ctx, d.id, img).version;
+  const img = await getImage(ctx, l.name);
+  const resumes = (await resumeVersion(ctx, d.id, img)).version;
   if (resumes !== l.version) {
     throw new LetheError('CONFLICT', `${l.name} moved on to version ${resumes} since this lease (on ${l.version}) began`, {
       hint: 'the writes stay in the device cache; IT decides which version wins',
     });
   }
   const gen = l.write_gen;
-  const draft = getVersion(ctx, img, gen);
+  const draft = await getVersion(ctx, img, gen);
   const imageId = Buffer.from(img.id, 'hex');
-  const coords = writeCoords(ctx, l, items);
+  const coords = await writeCoords(ctx, l, items);
   const vk = ctx.escrow.versionKey(draft.key_wrapped, imageId, gen);
   const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
   const key = secureBuffer(KEY_BYTES);
@@ -379,36 +402,34 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
   } finally {
     wipe(key);
   }
-  ctx.store.transaction(() => {
-    const put = q(ctx.store, 'INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, data) VALUES (?, ?, ?, ?, ?)');
-    for (const r of rows) if (r.dedup) put.run(img.id, gen, r.kind, r.idx, r.blob);
-  })();
+  await ctx.store.tx(async (t) => {
+    for (const r of rows) if (r.dedup) await t.run(PUT_BLOB, img.id, gen, r.kind, r.idx, r.blob);
+  });
   const now = ctx.now();
   const single = policyOf(img).imageUsers === 'single';
-  ctx.db.transaction(() => {
+  await inTx(ctx, async (ctx) => {
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
-    const put = q(ctx.db, 
-      'INSERT OR REPLACE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-    );
     for (const r of rows) {
-      put.run(img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
+      await ctx.db.run(PUT_CHUNK_ROW, img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
     }
     if (!final) return;
     // A draft with its own state size replaced the state whole: none of the base's carries over.
-    const base = getVersion(ctx, img, l.version);
+    const base = await getVersion(ctx, img, l.version);
     const keepState = draft.state_size === base.state_size ? 1 : 0;
-    q(ctx.db, 
-        "INSERT OR IGNORE INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, ?, kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? AND (kind != 'state' OR ?)",
-      )
-      .run(gen, img.id, l.version, keepState);
-    q(ctx.db, 'DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0').run(img.id, gen);
+    await ctx.db.run(
+      "INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, CAST(? AS INTEGER), kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? AND (kind != 'state' OR CAST(? AS INTEGER) = 1) ON CONFLICT DO NOTHING",
+      gen,
+      img.id,
+      l.version,
+      keepState,
+    );
+    await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0', img.id, gen);
     // A branch of this device on the lease's version (a draft made by an older server has neither set).
-    q(ctx.db, "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?")
-      .run(now, d.id, l.version, img.id, gen);
-    q(ctx.db, 'UPDATE leases SET ended_at = ? WHERE id = ?').run(now, l.id);
-    const staged = (q(ctx.db, 'SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?').get(img.id, gen, gen) as { n: number }).n;
-    ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
-    if (single) makeShared(ctx, img, gen, d.id, l.version, now, true);
-  })();
+    await ctx.db.run("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?", now, d.id, l.version, img.id, gen);
+    await ctx.db.run('UPDATE leases SET ended_at = ? WHERE id = ?', now, l.id);
+    const staged = (await ctx.db.get<{ n: number }>('SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?', img.id, gen, gen))!.n;
+    await ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
+    if (single) await makeShared(ctx, img, gen, d.id, l.version, now, true);
+  });
   return { image: l.name, version: gen, chunks: rows.length, committed: final, ...(final ? { shared: single } : {}) };
 }

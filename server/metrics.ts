@@ -17,7 +17,7 @@ function key(name: string, labels: Labels): string {
 export class Metrics {
   private readonly counters = new Map<string, number>();
   private readonly help = new Map<string, string>();
-  private readonly gauges: (() => string[])[] = [];
+  private readonly gauges: (() => string[] | Promise<string[]>)[] = [];
 
   describe(name: string, help: string): void {
     this.help.set(name, help);
@@ -29,11 +29,11 @@ export class Metrics {
   }
 
   /** Registers a function that yields gauge lines at scrape time. */
-  gauge(fn: () => string[]): void {
+  gauge(fn: () => string[] | Promise<string[]>): void {
     this.gauges.push(fn);
   }
 
-  render(): string {
+  async render(): Promise<string> {
     const byName = new Map<string, string[]>();
     for (const [k, v] of this.counters) {
       const name = k.split('{')[0];
@@ -45,7 +45,7 @@ export class Metrics {
       if (this.help.has(name)) out.push(`# HELP ${name} ${this.help.get(name)}`);
       out.push(`# TYPE ${name} counter`, ...lines);
     }
-    for (const g of this.gauges) out.push(...g());
+    for (const g of this.gauges) out.push(...(await g()));
     return out.join('\n') + '\n';
   }
 }

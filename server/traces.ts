@@ -8,8 +8,7 @@
 // admin trusts the device for the image (server/branches.ts setTrusted).
 import { LetheError } from '../common/errors.js';
 import { MAX_TRACE_PAGES, PAGES_CONTENT_TYPE, decodePages } from '../common/wire.js';
-import type { Ctx } from './context.js';
-import { q } from './db.js';
+import { inTx, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, getImage, getVersion } from './images.js';
 import { liveLease } from './leases.js';
@@ -98,10 +97,10 @@ function assertPagesValid(pages: Uint32Array, memChunks: number): void {
 }
 
 /** The memory page count of the lease's version, with the lease (which must be live). */
-function leaseMemory(ctx: Ctx, d: DeviceRow, leaseId: string) {
-  const l = liveLease(ctx, d, leaseId);
-  const img = getImage(ctx, l.name);
-  const memChunks = chunkCount(getVersion(ctx, img, l.version).mem_size, 'mem');
+async function leaseMemory(ctx: Ctx, d: DeviceRow, leaseId: string) {
+  const l = await liveLease(ctx, d, leaseId);
+  const img = await getImage(ctx, l.name);
+  const memChunks = chunkCount((await getVersion(ctx, img, l.version)).mem_size, 'mem');
   return { l, memChunks };
 }
 
@@ -111,20 +110,32 @@ function leaseMemory(ctx: Ctx, d: DeviceRow, leaseId: string) {
  * stored if the trace is refused or the audit entry cannot be written. `kept`
  * is the number of traces the image keeps, one per device that uploaded.
  */
-export function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, contentType: string | undefined, body: Buffer) {
-  const { l, memChunks } = leaseMemory(ctx, d, leaseId);
+export async function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, contentType: string | undefined, body: Buffer) {
+  const { l, memChunks } = await leaseMemory(ctx, d, leaseId);
   const pages = parseTrace(contentType, body, memChunks);
   const now = ctx.now();
   let kept = 0;
-  ctx.db.transaction(() => {
+  await inTx(ctx, async (ctx) => {
     // A new id even when the trace replaced is the newest: cached orders are keyed by trace ids.
-    const id = (q(ctx.db, 'SELECT COALESCE(MAX(id), 0) + 1 AS id FROM traces').get() as { id: number }).id;
-    q(ctx.db, 'DELETE FROM traces WHERE image_id = ? AND device_id = ?').run(l.image_id, d.id);
-    q(ctx.db, 'INSERT OR REPLACE INTO traces(id, image_id, version, device_id, lease_id, created_at, pages, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
-      .run(id, l.image_id, l.version, d.id, l.id, now, pages.length, body);
-    kept = (q(ctx.db, 'SELECT COUNT(*) AS n FROM traces WHERE image_id = ?').get(l.image_id) as { n: number }).n;
-    ctx.audit.append('trace.upload', d.id, { lease: l.id, image: l.name, version: l.version, count: pages.length }, now);
-  })();
+    // Ids are chosen one upload at a time, whichever replica takes it.
+    await ctx.db.lock('lethe.traces');
+    const id = (await ctx.db.get<{ id: number }>('SELECT COALESCE(MAX(id), 0) + 1 AS id FROM traces'))!.id;
+    // The device's one slot: its older trace (from any lease) gives way.
+    await ctx.db.run('DELETE FROM traces WHERE (image_id = ? AND device_id = ?) OR lease_id = ?', l.image_id, d.id, l.id);
+    await ctx.db.run(
+      'INSERT INTO traces(id, image_id, version, device_id, lease_id, created_at, pages, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+      id,
+      l.image_id,
+      l.version,
+      d.id,
+      l.id,
+      now,
+      pages.length,
+      body,
+    );
+    kept = (await ctx.db.get<{ n: number }>('SELECT COUNT(*) AS n FROM traces WHERE image_id = ?', l.image_id))!.n;
+    await ctx.audit.append('trace.upload', d.id, { lease: l.id, image: l.name, version: l.version, count: pages.length }, now);
+  });
   return { image: l.name, version: l.version, pages: pages.length, kept };
 }
 
@@ -140,32 +151,34 @@ const ORDERS_CACHED = 64;
  * or wiped), TRACES_KEPT in all at most. An untrusted device's traces reach no
  * other device however many it uploads.
  */
-function traceIds(ctx: Ctx, imageId: string, deviceId: string): number[] {
+async function traceIds(ctx: Ctx, imageId: string, deviceId: string): Promise<number[]> {
   // The newest only: a database from before one slot per device may hold several.
-  const own = q(ctx.db, 'SELECT id FROM traces WHERE image_id = ? AND device_id = ? ORDER BY id DESC LIMIT 1').all(imageId, deviceId) as { id: number }[];
+  const own = await ctx.db.all<{ id: number }>('SELECT id FROM traces WHERE image_id = ? AND device_id = ? ORDER BY id DESC LIMIT 1', imageId, deviceId);
   // A revoked or wiped device's traces stop counting at once, trusted or not.
-  const trusted = q(
-    ctx.db,
+  const trusted = await ctx.db.all<{ id: number }>(
     `SELECT t.id FROM traces t
        JOIN trusted_tracers r ON r.image_id = t.image_id AND r.device_id = t.device_id
        JOIN devices d ON d.id = t.device_id
      WHERE t.image_id = ? AND t.device_id != ? AND d.revoked_at IS NULL AND d.wipe_requested_at IS NULL AND d.wiped_at IS NULL
-     ORDER BY t.id DESC LIMIT ?`,
-  ).all(imageId, deviceId, TRACES_KEPT - own.length) as { id: number }[];
+     ORDER BY t.id DESC LIMIT CAST(? AS INTEGER)`,
+    imageId,
+    deviceId,
+    TRACES_KEPT - own.length,
+  );
   return [...own, ...trusted].map((r) => r.id).sort((a, b) => a - b);
 }
 
 /** The aggregated prefetch order for the lease's device and image, and how many traces it came from. */
-export function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): { order: Uint32Array; traces: number } {
-  const { l, memChunks } = leaseMemory(ctx, d, leaseId);
-  const ids = traceIds(ctx, l.image_id, d.id);
+export async function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<{ order: Uint32Array; traces: number }> {
+  const { l, memChunks } = await leaseMemory(ctx, d, leaseId);
+  const ids = await traceIds(ctx, l.image_id, d.id);
   const key = `${l.image_id}:${memChunks}:${ids.join(',')}`;
   let memo = cached.get(ctx);
   if (!memo) cached.set(ctx, (memo = new Map()));
   const hit = memo.get(key);
   if (hit) return { order: hit, traces: ids.length };
-  const data = q(ctx.db, 'SELECT data FROM traces WHERE id = ?');
-  const traces = ids.map((id) => decodePages((data.get(id) as { data: Buffer }).data));
+  const traces: Uint32Array[] = [];
+  for (const id of ids) traces.push(decodePages((await ctx.db.get<{ data: Buffer }>('SELECT data FROM traces WHERE id = ?', id))!.data));
   const order = aggregateOrder(traces, memChunks);
   // Bounded: removed images' orders do not stay for the server's lifetime.
   if (memo.size >= ORDERS_CACHED) memo.clear();

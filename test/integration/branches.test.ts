@@ -238,9 +238,9 @@ describe('issue #14: a database made before device branches (real server process
     await assign(s, dev.deviceId, 'old');
     const lease1 = await dev.client.lease('old');
     await s.stop();
-    // Back to the schema before branches: no branch columns, no trusted tracers.
+    // Back to the schema before branches: no branch columns, no trusted tracers (and no versioned migrations yet).
     const db = new Database(path.join(s.dir, 'lethe.db'));
-    db.exec('ALTER TABLE versions DROP COLUMN device_id; ALTER TABLE versions DROP COLUMN base; ALTER TABLE versions DROP COLUMN promoted_at; DROP TABLE trusted_tracers;');
+    db.exec('ALTER TABLE versions DROP COLUMN device_id; ALTER TABLE versions DROP COLUMN base; ALTER TABLE versions DROP COLUMN promoted_at; DROP TABLE trusted_tracers; DROP TABLE schema_migrations;');
     db.close();
     s = await s.restart();
     try {

@@ -13,7 +13,8 @@ import { HDR_TRACES, TraceUploadResponse, TrustResponse, decodePages, encodePage
 import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
-import { openDatabase } from '../../server/db.js';
+import { migrate } from '../../server/db.js';
+import { openSqlite } from '../../server/sql.js';
 
 const pages = (...p: number[]) => Uint32Array.from(p);
 const list = (a: Uint32Array) => Array.from(a);
@@ -93,8 +94,10 @@ describe('trace aggregation', () => {
 });
 
 describe('traces table', () => {
-  it("goes with its image: a trace or a trusted tracer never blocks removing one", () => {
-    const db = openDatabase(path.join(tmpDir(), 'lethe.db'));
+  it("goes with its image: a trace or a trusted tracer never blocks removing one", async () => {
+    const sql = openSqlite(path.join(tmpDir(), 'lethe.db'));
+    await migrate(sql, 'sqlite');
+    const db = sql.raw;
     try {
       db.exec(`INSERT INTO images(id, name, created_at, dedup_key_wrapped) VALUES ('i1', 'desk', 0, x'00');
         INSERT INTO devices(id, name, sign_pk, box_pk, enrolled_at) VALUES ('dev-1', 'alice', x'00', x'00', 0);
