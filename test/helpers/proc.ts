@@ -10,6 +10,8 @@ import { createInterface } from 'node:readline';
  * The passphrase test devices are sealed with (test/helpers/fixtures.ts); an agent
  * process reads it from stdin (--passphrase-fd 0).
  */
+import { freshDatabase, testBackend } from './pg.js';
+
 export const TEST_PASSPHRASE = 'correct horse battery staple';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -73,6 +75,8 @@ export interface StartOptions {
   runArgs?: string[];
   /** Extra environment for `lethe server run`. */
   env?: Record<string, string>;
+  /** `lethe server init`'s database arguments (default: SQLite, or a fresh PostgreSQL database under LETHE_TEST_DB=postgres). */
+  db?: string[];
 }
 
 export async function startServer(opts: StartOptions = {}): Promise<ServerProc> {
@@ -81,7 +85,9 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerProc> 
   let auditKey = opts.auditKey ?? '';
   if (!dir) {
     dir = path.join(tmpDir('lethe-server-'), 'data');
-    const r = await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0', '--json', ...(opts.initArgs ?? [])]);
+    // The matrix: with LETHE_TEST_DB=postgres every test server keeps its data in a fresh PostgreSQL database.
+    const db = opts.db ?? (testBackend() === 'postgres' ? ['--db', freshDatabase()] : []);
+    const r = await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0', '--json', ...db, ...(opts.initArgs ?? [])]);
     if (r.code !== 0) throw new Error(`server init failed: ${r.stderr}`);
     ({ adminToken, auditKey } = JSON.parse(r.stdout) as { adminToken: string; auditKey: string });
   }

@@ -1,7 +1,7 @@
 // The audit chain: `lethe audit verify` passes on an untouched log, and names
 // the first entry a person edited in SQLite, or the point where it was cut.
 import { expect } from 'chai';
-import Database from 'better-sqlite3';
+import { serverDb } from '../helpers/server-db.js';
 import path from 'node:path';
 import { AUDIT_CHECKPOINT_EVERY } from '../../common/constants.js';
 import { assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
@@ -63,10 +63,10 @@ describe('audit log (real server process)', function () {
   });
 
   it('a row edited in SQLite makes verify fail and name it', async () => {
-    const db = new Database(path.join(s.dir, 'lethe.db'));
-    const target = (db.prepare("SELECT seq, data FROM audit WHERE type = 'chunks.serve' LIMIT 1").get() as { seq: number; data: string });
+    const db = await serverDb(s);
+    const target = (await db.sql.get<{ seq: number; data: string }>("SELECT seq, data FROM audit WHERE type = 'chunks.serve' ORDER BY seq LIMIT 1"))!;
     const edited = JSON.stringify({ ...JSON.parse(target.data), count: 0 });
-    db.prepare('UPDATE audit SET data = ? WHERE seq = ?').run(edited, target.seq);
+    await db.sql.run('UPDATE audit SET data = ? WHERE seq = ?', edited, target.seq);
     try {
       const r = await verify();
       expect(r.code).to.equal(1);
@@ -77,32 +77,32 @@ describe('audit log (real server process)', function () {
         `audit log BROKEN at entry ${target.seq}: entry ${target.seq} does not match its hash (${target.seq - 1} entries verified before it)\n`,
       );
     } finally {
-      db.prepare('UPDATE audit SET data = ? WHERE seq = ?').run(target.data, target.seq);
-      db.close();
+      await db.sql.run('UPDATE audit SET data = ? WHERE seq = ?', target.data, target.seq);
+      await db.close();
     }
     expect((await verify()).body.ok).to.equal(true);
   });
 
   it('an edit that recomputes the hash is caught by the next entry; a cut log by its checkpoint', async () => {
-    const db = new Database(path.join(s.dir, 'lethe.db'));
-    const rows = db.prepare('SELECT seq, hash FROM audit ORDER BY seq').all() as { seq: number; hash: string }[];
+    const db = await serverDb(s);
+    const rows = await db.sql.all<{ seq: number; hash: string }>('SELECT seq, hash FROM audit ORDER BY seq');
     const mid = rows[10];
-    db.prepare('UPDATE audit SET hash = ? WHERE seq = ?').run('f'.repeat(64), mid.seq);
+    await db.sql.run('UPDATE audit SET hash = ? WHERE seq = ?', 'f'.repeat(64), mid.seq);
     try {
       expect((await verify()).body).to.include({ ok: false, firstBad: mid.seq });
     } finally {
-      db.prepare('UPDATE audit SET hash = ? WHERE seq = ?').run(mid.hash, mid.seq);
+      await db.sql.run('UPDATE audit SET hash = ? WHERE seq = ?', mid.hash, mid.seq);
     }
-    const backup = db.prepare('SELECT * FROM audit WHERE seq > ?').all(AUDIT_CHECKPOINT_EVERY - 1);
-    db.prepare('DELETE FROM audit WHERE seq > ?').run(AUDIT_CHECKPOINT_EVERY - 1);
+    type Row = { seq: number; ts: string; type: string; device: string | null; data: string; hash: string };
+    const backup = await db.sql.all<Row>('SELECT * FROM audit WHERE seq > ?', AUDIT_CHECKPOINT_EVERY - 1);
+    await db.sql.run('DELETE FROM audit WHERE seq > ?', AUDIT_CHECKPOINT_EVERY - 1);
     try {
       const r = await verify();
       expect(r.body).to.include({ ok: false, firstBad: AUDIT_CHECKPOINT_EVERY });
       expect(r.body.reason).to.equal(`entry ${AUDIT_CHECKPOINT_EVERY} is missing (the log was truncated before signed entry ${AUDIT_CHECKPOINT_EVERY})`);
     } finally {
-      const ins = db.prepare('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (@seq, @ts, @type, @device, @data, @hash)');
-      for (const row of backup) ins.run(row);
-      db.close();
+      for (const r of backup) await db.sql.run('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (?, ?, ?, ?, ?, ?)', r.seq, r.ts, r.type, r.device, r.data, r.hash);
+      await db.close();
     }
     expect((await verify()).body.ok).to.equal(true);
   });

@@ -3,7 +3,6 @@
 // not reach sensitive chunks; if the audit log cannot be written, nothing is
 // released.
 import { expect } from 'chai';
-import Database from 'better-sqlite3';
 import path from 'node:path';
 import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../../common/constants.js';
 import { chunkKey, decryptChunkInto, type ChunkCoord } from '../../common/chunk.js';
@@ -14,6 +13,7 @@ import fs from 'node:fs';
 import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
 import { ROOT } from '../helpers/proc.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
+import { serverDb } from '../helpers/server-db.js';
 
 describe('escrow: leases, sealed keys, chunks (real server process)', function () {
   let s: ServerProc;
@@ -116,11 +116,9 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
     });
     wipe(keys);
 
-    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
-    const last = db
-      .prepare("SELECT data FROM audit WHERE device = ? AND type = 'keys.release' ORDER BY seq DESC LIMIT 1")
-      .get(dev.deviceId) as { data: string };
-    db.close();
+    const db = await serverDb(s);
+    const last = (await db.sql.get<{ data: string }>("SELECT data FROM audit WHERE device = ? AND type = 'keys.release' ORDER BY seq DESC LIMIT 1", dev.deviceId))!;
+    await db.close();
     expect(JSON.parse(last.data)).to.deep.include({ lease: lease.leaseId, image: 'desk', count: 3, sensitive: 3, chunks: { mem: [[0, 0], [2, 2], [4, 4]] } });
   });
 
@@ -140,8 +138,8 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
 
   it('if the audit log cannot be written, no key is released (fail closed)', async () => {
     const lease = await dev.client.lease('desk');
-    const db = new Database(path.join(s.dir, 'lethe.db'));
-    db.exec("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END");
+    const db = await serverDb(s);
+    await db.refuseAudit();
     try {
       const e = await rejects(dev.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]));
       expect(e.status).to.equal(503);
@@ -150,8 +148,8 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
       expect((await rejects(dev.client.chunks(lease.leaseId, [{ kind: 'disk', index: 0 }]))).code).to.equal('AUDIT_UNAVAILABLE');
       expect((await rejects(dev.client.lease('desk'))).code).to.equal('AUDIT_UNAVAILABLE');
     } finally {
-      db.exec('DROP TRIGGER refuse_audit');
-      db.close();
+      await db.allowAudit();
+      await db.close();
     }
     const ok = await dev.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
     expect(ok.chunks).to.have.length(1);
@@ -159,21 +157,21 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
 
   it("a write-key request's new state size stands or falls with its audit entry", async () => {
     const lease = await dev.client.lease('desk');
-    const db = new Database(path.join(s.dir, 'lethe.db'));
-    const sizes = () => (db.prepare('SELECT state_size FROM versions').all() as { state_size: number }[]).map((r) => r.state_size);
+    const db = await serverDb(s);
+    const sizes = async () => (await db.sql.all<{ state_size: number }>('SELECT state_size FROM versions')).map((r) => r.state_size);
     try {
-      db.exec("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END");
+      await db.refuseAudit();
       const e = await rejects(dev.client.keys(lease.leaseId, [{ kind: 'state', index: 0 }], true, 777 * 4096));
-      db.exec('DROP TRIGGER refuse_audit');
+      await db.allowAudit();
       expect(e.code).to.equal('AUDIT_UNAVAILABLE');
-      expect(sizes(), 'no draft took the size').to.not.include(777 * 4096);
+      expect(await sizes(), 'no draft took the size').to.not.include(777 * 4096);
       await dev.client.keys(lease.leaseId, [{ kind: 'state', index: 0 }], true, 777 * 4096);
-      expect(sizes()).to.include(777 * 4096);
-      const entry = db.prepare("SELECT data FROM audit WHERE type = 'keys.release' ORDER BY seq DESC LIMIT 1").get() as { data: string };
+      expect(await sizes()).to.include(777 * 4096);
+      const entry = (await db.sql.get<{ data: string }>("SELECT data FROM audit WHERE type = 'keys.release' ORDER BY seq DESC LIMIT 1"))!;
       expect(JSON.parse(entry.data)).to.deep.include({ write: true, stateSize: 777 * 4096 });
     } finally {
-      db.exec('DROP TRIGGER IF EXISTS refuse_audit');
-      db.close();
+      await db.allowAudit();
+      await db.close();
     }
   });
 

@@ -3,7 +3,7 @@
 // killed push resumes, a tampered chunk is named by verify, bad input is
 // refused before anything is uploaded.
 import { expect } from 'chai';
-import Database from 'better-sqlite3';
+import { serverDb } from '../helpers/server-db.js';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -119,19 +119,15 @@ describe('lethe image (real server process)', function () {
       env: { ...process.env, ...s.env },
       stdio: 'ignore',
     });
-    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
-    const landed = () =>
-      (
-        db
-          .prepare("SELECT COUNT(*) AS n FROM chunks c JOIN images i ON i.id = c.image_id WHERE i.name = 'resumable' AND c.kind = 'mem'")
-          .get() as { n: number }
-      ).n;
+    const db = await serverDb(s);
+    const landed = async () =>
+      (await db.sql.get<{ n: number }>("SELECT COUNT(*) AS n FROM chunks c JOIN images i ON i.id = c.image_id WHERE i.name = 'resumable' AND c.kind = 'mem'"))!.n;
     const t0 = Date.now();
-    while (landed() < 2048 && Date.now() - t0 < 30_000) await new Promise((r) => setTimeout(r, 20));
+    while ((await landed()) < 2048 && Date.now() - t0 < 30_000) await new Promise((r) => setTimeout(r, 20));
     child.kill('SIGKILL');
     await new Promise((r) => child.once('exit', r));
-    const before = landed();
-    db.close();
+    const before = await landed();
+    await db.close();
     expect(before).to.be.within(2048, mem.length / 4096 - 1);
 
     const r = await push('resumable', f);
@@ -150,16 +146,15 @@ describe('lethe image (real server process)', function () {
     const imgs = await a.json<{ images: { name: string; imageId: string }[] }>('GET', '/images');
     a.close();
     const id = imgs.images.find((i) => i.name === 'tamper')!.imageId;
-    const store = new Database(path.join(s.dir, 'chunks.db'));
-    const row = store.prepare("SELECT gen, idx, data FROM blobs WHERE image_id = ? AND kind = 'mem' ORDER BY idx LIMIT 1 OFFSET 2").get(id) as {
-      gen: number;
-      idx: number;
-      data: Buffer;
-    };
+    const db = await serverDb(s);
+    const row = (await db.store.get<{ gen: number; idx: number; data: Buffer }>(
+      "SELECT gen, idx, data FROM blobs WHERE image_id = ? AND kind = 'mem' ORDER BY idx LIMIT 1 OFFSET 2",
+      id,
+    ))!;
     const bad = Buffer.from(row.data);
     bad[100] ^= 1;
-    store.prepare("UPDATE blobs SET data = ? WHERE image_id = ? AND kind = 'mem' AND idx = ?").run(bad, id, row.idx);
-    store.close();
+    await db.store.run("UPDATE blobs SET data = ? WHERE image_id = ? AND kind = 'mem' AND idx = ?", bad, id, row.idx);
+    await db.close();
     const v = await lethe(['image', 'verify', 'tamper'], s.env);
     expect(v.code).to.equal(1);
     expect(v.stdout).to.equal(`tamper@1: 1 bad chunk(s); first: mem chunk ${row.idx} (generation 1): ciphertext does not match the manifest\n`);

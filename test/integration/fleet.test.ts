@@ -1,0 +1,152 @@
+// Two server replicas on one PostgreSQL database (docs/fleet.md): a device may
+// call either; a nonce seen by one is refused by the other; an enrollment token
+// used on both at once enrolls one device; a revoke on one refuses the device on
+// the other from its next request; appends from both form one audit chain.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { signRequest } from '../../common/signing.js';
+import { b64u, boxKeyPair, signKeyPair } from '../../common/crypto.js';
+import { LetheError } from '../../common/errors.js';
+import { PinnedClient } from '../../common/http-client.js';
+import { DeviceClient } from '../../agent/device-client.js';
+import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { freshDatabase, psql } from '../helpers/pg.js';
+
+/** A second replica: a copy of the first one's data dir (keys, certificate, config), started on its own port. */
+async function replicaOf(a: ServerProc): Promise<ServerProc> {
+  const dir = path.join(tmpDir('lethe-replica-'), 'data');
+  fs.cpSync(a.dir, dir, { recursive: true });
+  return startServer({ dir, adminToken: a.adminToken, auditKey: a.auditKey });
+}
+
+/** The same device, talking to another replica (as after a failover). */
+function via(d: TestDevice, s: ServerProc): DeviceClient {
+  return new DeviceClient({ ...d.id, info: { ...d.id.info, server: s.url } });
+}
+
+describe('two replicas on one PostgreSQL database', function () {
+  this.timeout(120_000);
+  let url: string;
+  let a: ServerProc;
+  let b: ServerProc;
+  let dev: TestDevice;
+  let onB: DeviceClient;
+
+  before(async () => {
+    url = freshDatabase();
+    a = await startServer({ db: ['--db', url] });
+    b = await replicaOf(a);
+    await pushImage(a, 'desk', { chunks: 8 });
+    dev = await enrolledDevice(a, 'laptop');
+    await assign(b, dev.deviceId, 'desk');
+    onB = via(dev, b);
+  });
+  after(async () => {
+    onB?.close();
+    dev?.close();
+    await b?.stop();
+    await a?.stop();
+  });
+
+  it('share one fleet: a lease granted by one replica is renewed and used on the other', async () => {
+    const lease = await dev.client.lease('desk');
+    const keys = await onB.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+    expect(keys.chunks).to.have.length(1);
+    const renewed = await onB.renew(lease.leaseId);
+    expect(renewed.leaseId).to.equal(lease.leaseId);
+    const blobs = await dev.client.chunks(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+    expect(blobs).to.have.length(1);
+    const devices = await admin(b).json<{ devices: { id: string }[] }>('GET', '/devices');
+    expect(devices.devices.map((d) => d.id)).to.include(dev.deviceId);
+  });
+
+  it('a request replayed to the other replica is refused (SIGNATURE_REPLAYED)', async () => {
+    const body = Buffer.from('{}');
+    const h = signRequest(dev.id.sign.secretKey, dev.deviceId, 'POST', '/v1/device/heartbeat', body);
+    const send = (c: DeviceClient) => c.http.request('POST', '/v1/device/heartbeat', { body, headers: { ...h, 'content-type': 'application/json' } });
+    expect((await send(dev.client)).status).to.equal(200);
+    const e = await rejects(send(onB));
+    expect(e.status).to.equal(401);
+    expect(e.code).to.equal('SIGNATURE_REPLAYED');
+  });
+
+  it('one enrollment token used on both replicas at once enrolls exactly one device', async () => {
+    for (let round = 0; round < 5; round++) {
+      const { token } = await admin(a).json<{ token: string }>('POST', '/enroll-tokens', {});
+      const results = await Promise.allSettled(
+        [a, b].map((s, i) => {
+          const http = new PinnedClient(s.url, s.fingerprint);
+          const body = { token, name: `race-${round}-${i}`, signPublicKey: b64u.encode(signKeyPair().publicKey), boxPublicKey: b64u.encode(boxKeyPair().publicKey) };
+          return http.json<{ deviceId: string }>('POST', '/v1/enroll', body).finally(() => http.close());
+        }),
+      );
+      const won = results.filter((r) => r.status === 'fulfilled');
+      expect(won, `round ${round}`).to.have.length(1);
+      const lost = results.find((r) => r.status === 'rejected') as PromiseRejectedResult;
+      expect((lost.reason as LetheError).code).to.equal('ENROLL_TOKEN_INVALID');
+    }
+    expect(Number(psql(url, "SELECT COUNT(*) FROM devices WHERE name LIKE 'race-%'"))).to.equal(5);
+  });
+
+  it('appends from both replicas at once form one chain: no fork, no gap, every entry signed at the head', async () => {
+    const lease = await dev.client.lease('desk');
+    const before = Number(psql(url, 'SELECT MAX(seq) FROM audit'));
+    const calls = [];
+    for (let i = 0; i < 40; i++) {
+      const c = i % 2 === 0 ? dev.client : onB;
+      calls.push(c.keys(lease.leaseId, [{ kind: 'mem', index: (i % 4) * 2 }]));
+    }
+    await Promise.all(calls);
+    const after = Number(psql(url, 'SELECT MAX(seq) FROM audit'));
+    expect(after - before).to.equal(40);
+    expect(Number(psql(url, 'SELECT COUNT(*) FROM audit'))).to.equal(after);
+    for (const s of [a, b]) {
+      const r = await lethe(['audit', 'verify', '--json'], s.env);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(JSON.parse(r.stdout)).to.include({ ok: true, entries: after });
+    }
+    const offline = await lethe(['audit', 'verify', '--data', a.dir, '--json'], a.env);
+    expect(offline.code, offline.stderr).to.equal(0);
+    expect(JSON.parse(offline.stdout)).to.include({ ok: true, entries: after });
+  });
+
+  it('a revoke on one replica refuses the device on the other from its next request', async () => {
+    const other = await enrolledDevice(a, 'stolen');
+    await assign(a, other.deviceId, 'desk');
+    const otherOnB = via(other, b);
+    try {
+      const lease = await otherOnB.lease('desk');
+      await admin(a).json('POST', `/devices/${other.deviceId}/revoke`, {});
+      const e = await rejects(otherOnB.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]));
+      expect(e.code).to.equal('DEVICE_REVOKED');
+    } finally {
+      otherOnB.close();
+      other.close();
+    }
+  });
+
+  it('a replica given another data dir is refused at start, and init refuses a database already in use', async () => {
+    const stranger = path.join(tmpDir('lethe-server-'), 'data');
+    const init = await lethe(['server', 'init', '--data', stranger, '--listen', '127.0.0.1:0', '--db', url]);
+    expect(init.code).to.equal(2);
+    expect(init.stderr).to.contain("already holds a Lethe server's data");
+    const own = path.join(tmpDir('lethe-server-'), 'data');
+    expect((await lethe(['server', 'init', '--data', own, '--listen', '127.0.0.1:0'])).code).to.equal(0);
+    const cfg = JSON.parse(fs.readFileSync(path.join(own, 'config.json'), 'utf8'));
+    fs.writeFileSync(path.join(own, 'config.json'), JSON.stringify({ ...cfg, db: url }));
+    const run = await lethe(['server', 'run', '--data', own, '--listen', '127.0.0.1:0']);
+    expect(run.code).to.equal(2);
+    expect(run.stderr).to.match(/the database's audit key is \S+, not this data dir's/);
+  });
+
+  it('an unreachable database is named without its password', async () => {
+    const dir = path.join(tmpDir('lethe-server-'), 'data');
+    const r = await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0', '--db', 'postgres://lethe:hunter2@127.0.0.1:1/none']);
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.contain('cannot reach the database at postgres://lethe:***@127.0.0.1:1/none');
+    expect(r.stderr).to.not.contain('hunter2');
+  });
+});
+
