@@ -6,6 +6,7 @@ import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { initDataDir, isInitialized, startServer, startedLine, type RunningServer } from '../server/index.js';
 import { redactUrl } from '../server/sql.js';
+import { moveToPostgres } from '../server/move.js';
 import { DEFAULT_LIMITS, parseRate, type Rate, type ServerLimits } from '../server/limits.js';
 import { emit, type OutOpts } from './output.js';
 
@@ -144,6 +145,26 @@ export function serverCommand(y: Argv) {
       runOpts(y)
         .command('init', 'create a data dir: database, chunk store, keys, TLS certificate, admin token', dataOpts, (a) =>
           init(a as unknown as ServerArgs),
+        )
+        .command(
+          'migrate',
+          "move a SQLite server's data (audit chain included) into an empty PostgreSQL database; stop the server first",
+          (y) =>
+            y
+              .option('from', { type: 'string', describe: "the SQLite server's data dir ($LETHE_DATA)", default: defaultDataDir() })
+              .option('to', { type: 'string', demandOption: true, describe: 'the empty PostgreSQL database (postgres://USER@HOST:PORT/DB)' }),
+          async (a) => {
+            const args = a as unknown as ServerArgs & { from: string; to: string };
+            const r = await moveToPostgres(args.from, args.to);
+            emit(args, r, () =>
+              [
+                `lethe: moved ${args.from} to ${r.to}: ${Object.entries(r.rows).map(([t, n]) => `${n} ${t}`).join(', ')}`,
+                `audit log ok in the new database: ${r.verify.entries} entries, ${r.verify.checkpoints} signed checkpoints`,
+                `${args.from}/config.json now names the database; 'lethe server run --data ${args.from}' serves from it (copy the data dir to each replica, docs/fleet.md)`,
+                'the SQLite files (lethe.db, chunks.db) are left in place: remove them once the new server is serving',
+              ].join('\n'),
+            );
+          },
         )
         .command(
           'run',

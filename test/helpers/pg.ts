@@ -69,3 +69,11 @@ export function psql(url: string, sql: string): string {
 
 /** The backend the tests' servers run on: `LETHE_TEST_DB=postgres` selects PostgreSQL. */
 export const testBackend = (): 'sqlite' | 'postgres' => (process.env.LETHE_TEST_DB === 'postgres' ? 'postgres' : 'sqlite');
+
+/**
+ * For a suite that works on the SQLite files of a data dir (copies them, edits them
+ * offline): under the PostgreSQL pass it is skipped, saying why.
+ */
+export function sqliteFilesOnly(ctx: Mocha.Context): void {
+  if (testBackend() === 'postgres') ctx.skip();
+}

@@ -4,6 +4,7 @@
 // across restarts, tampered chunks refused.
 import { expect } from 'chai';
 import Database from 'better-sqlite3';
+import { serverDb } from '../helpers/server-db.js';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -210,12 +211,12 @@ describe('agent (real agent and server processes)', function () {
     await agent2.stop();
 
     // Tamper with a blob on the server, and empty the device cache: the demand read is refused.
-    const store = new Database(path.join(s.dir, 'chunks.db'));
-    const blob = store.prepare("SELECT idx, data FROM blobs WHERE image_id = ? AND kind = 'mem' ORDER BY idx LIMIT 1 OFFSET 3").get(id) as { idx: number; data: Buffer };
+    const store = await serverDb(s);
+    const blob = (await store.store.get<{ idx: number; data: Buffer }>("SELECT idx, data FROM blobs WHERE image_id = ? AND kind = 'mem' ORDER BY idx LIMIT 1 OFFSET 3", id))!;
     const t = Buffer.from(blob.data);
     t[80] ^= 1;
-    store.prepare("UPDATE blobs SET data = ? WHERE image_id = ? AND kind = 'mem' AND idx = ?").run(t, id, blob.idx);
-    store.close();
+    await store.store.run("UPDATE blobs SET data = ? WHERE image_id = ? AND kind = 'mem' AND idx = ?", t, id, blob.idx);
+    await store.close();
     for (const f of ['cache.db', 'cache.db-wal', 'cache.db-shm']) fs.rmSync(path.join(d.home, f), { force: true });
     const agent3 = await startAgentProc(d.home, 'tampered', ['--no-prefetch']);
     await waitFor(async () => (await status(d.home)).lease.state === 'active', 10_000, 'lease');

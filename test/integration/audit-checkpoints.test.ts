@@ -2,6 +2,7 @@
 // A signed checkpoint is mandatory at the head and at every interval, the verifying
 // key is pinned outside the data dir, and devices and exports anchor the head.
 import { expect } from 'chai';
+import { sqliteFilesOnly } from '../helpers/pg.js';
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -58,6 +59,10 @@ function resign(db: Database.Database, secretKey: Uint8Array): void {
 }
 
 describe('audit checkpoints, pinned key and anchors (issue #14)', function () {
+  // Edits or copies the data dir's SQLite files; the fleet suite checks the chain on PostgreSQL.
+  before(function () {
+    sqliteFilesOnly(this);
+  });
   this.timeout(180_000);
   let s: ServerProc;
   let victim: TestDevice;
@@ -274,6 +279,10 @@ describe('audit checkpoints, pinned key and anchors (issue #14)', function () {
 });
 
 describe('the audit signing key kept apart, and an unsigned head at startup (issue #14)', function () {
+  // Edits or copies the data dir's SQLite files; the fleet suite checks the chain on PostgreSQL.
+  before(function () {
+    sqliteFilesOnly(this);
+  });
   this.timeout(180_000);
   let s: ServerProc;
   let keyFile: string;

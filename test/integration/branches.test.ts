@@ -7,6 +7,8 @@
 // upgrades in place.
 import fs from 'node:fs';
 import { expect } from 'chai';
+import { sqliteFilesOnly } from '../helpers/pg.js';
+import { serverDb } from '../helpers/server-db.js';
 import Database from 'better-sqlite3';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -85,15 +87,15 @@ describe('issue #14: device branches (real server process)', function () {
       c.close();
     }
   };
-  const audited = (type: string) => {
-    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
+  const audited = async (type: string) => {
+    const db = await serverDb(s);
     try {
-      return (db.prepare('SELECT device, data FROM audit WHERE type = ? ORDER BY seq').all(type) as { device: string; data: string }[]).map((r) => ({
+      return (await db.sql.all<{ device: string; data: string }>('SELECT device, data FROM audit WHERE type = ? ORDER BY seq', type)).map((r) => ({
         device: r.device,
         data: JSON.parse(r.data) as Record<string, unknown>,
       }));
     } finally {
-      db.close();
+      await db.close();
     }
   };
   /** The mem chunk 0 that device B is served under a new lease, and that lease's version. */
@@ -138,12 +140,12 @@ describe('issue #14: device branches (real server process)', function () {
     expect(r.stdout).to.equal(`desk@${branch} (checked in by ${a}) is now the shared version, after ${img.version}; assigned devices start from it at their next lease\n`);
     const [, , , branchHash] = await manifestHash(branch, 0);
     expect(await servedToB()).to.deep.equal({ version: branch, hash: branchHash });
-    expect(audited('version.promote')).to.deep.equal([
+    expect(await audited('version.promote')).to.deep.equal([
       { device: a, data: { image: 'desk', version: branch, device: a, base: img.version, previous: img.version, actor: `token:${sha256(s.adminToken).toString('hex').slice(0, 8)}` } },
     ]);
     const again = await lethe(['image', 'promote', 'desk', String(branch), '--json'], s.env);
     expect(PromoteResponse.parse(JSON.parse(again.stdout))).to.deep.equal({ image: 'desk', version: branch, device: a, previous: branch, changed: false });
-    expect(audited('version.promote'), 'a repeat changes nothing and is not audited').to.have.length(1);
+    expect(await audited('version.promote'), 'a repeat changes nothing and is not audited').to.have.length(1);
     expect((await lethe(['image', 'ls'], s.env)).stdout).to.contain(`,${branch}(promoted from ${a}) `);
   });
 
@@ -204,7 +206,7 @@ describe('issue #14: device branches (real server process)', function () {
     expect(notNumber).to.deep.equal({ code: 2, stdout: '', stderr: "lethe: error: version must be a number, got 'latest'\nlethe: hint: 'lethe image ls' lists the versions\n" });
     const after = await versions();
     expect(after.current).to.equal(before.current);
-    expect(audited('version.promote')).to.have.length(2);
+    expect(await audited('version.promote')).to.have.length(2);
   });
 
   it('users: single in the policy promotes a check-in at once (audited as auto)', async () => {
@@ -217,7 +219,7 @@ describe('issue #14: device branches (real server process)', function () {
       expect(r).to.deep.include({ version: solo.img.version + 1, shared: true });
       expect((await b.client.lease('solo')).version).to.equal(r.version);
       expect((await versions('solo')).current).to.equal(r.version);
-      expect(audited('version.promote').at(-1)).to.deep.equal({
+      expect((await audited('version.promote')).at(-1)).to.deep.equal({
         device: dev,
         data: { image: 'solo', version: r.version, device: dev, base: solo.img.version, previous: solo.img.version, auto: true },
       });
@@ -229,6 +231,10 @@ describe('issue #14: device branches (real server process)', function () {
 });
 
 describe('issue #14: a database made before device branches (real server process)', function () {
+  // Edits or copies the data dir's SQLite files; the fleet suite checks the chain on PostgreSQL.
+  before(function () {
+    sqliteFilesOnly(this);
+  });
   this.timeout(60_000);
 
   it('upgrades in place: versions keep their rows, leases and promotes work', async () => {

@@ -134,10 +134,10 @@ describe('durability (real server process)', function () {
       const listed = JSON.parse((await lethe(['admin', 'devices', '--json'], s.env)).stdout) as { devices: { id: string }[] };
       const ids = new Set(listed.devices.map((d) => d.id));
       for (const id of acknowledged.devices) expect(ids.has(id), `device ${id} was acknowledged`).to.equal(true);
-      const Database = (await import('better-sqlite3')).default;
-      const db = new Database(`${s.dir}/lethe.db`, { readonly: true });
-      const releases = (db.prepare("SELECT COUNT(*) AS n FROM audit WHERE type = 'keys.release'").get() as { n: number }).n;
-      db.close();
+      const { serverDb } = await import('../helpers/server-db.js');
+      const db = await serverDb(s);
+      const releases = (await db.sql.get<{ n: number }>("SELECT COUNT(*) AS n FROM audit WHERE type = 'keys.release'"))!.n;
+      await db.close();
       expect(releases).to.be.at.least(acknowledged.keyReleases);
       expect(acknowledged.devices.size).to.be.greaterThan(0);
     } finally {

@@ -150,3 +150,58 @@ describe('two replicas on one PostgreSQL database', function () {
   });
 });
 
+
+describe('lethe server migrate: a SQLite server moved into PostgreSQL', function () {
+  this.timeout(120_000);
+
+  it('keeps every device, image, lease and audit entry; the chain verifies there under the pinned key', async () => {
+    let s = await startServer({ db: [] });
+    try {
+      const img = await pushImage(s, 'desk', { chunks: 4 });
+      const dev = await enrolledDevice(s, 'laptop');
+      await assign(s, dev.deviceId, 'desk');
+      const lease = await dev.client.lease('desk');
+      await dev.client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+      const before = JSON.parse((await lethe(['audit', 'verify', '--json'], s.env)).stdout) as { entries: number };
+      await s.stop();
+
+      const url = freshDatabase();
+      const r = await lethe(['server', 'migrate', '--from', s.dir, '--to', url, '--json']);
+      expect(r.code, r.stderr).to.equal(0);
+      const moved = JSON.parse(r.stdout) as { rows: Record<string, number>; verify: { ok: boolean; entries: number } };
+      expect(moved.verify).to.include({ ok: true, entries: before.entries });
+      expect(moved.rows).to.include({ devices: 1, images: 1, leases: 1, audit: before.entries });
+      expect(Number(psql(url, 'SELECT COUNT(*) FROM blobs'))).to.equal(moved.rows.blobs).and.to.be.greaterThan(0);
+
+      // The same data dir now serves from PostgreSQL: the device's lease and keys go on.
+      s = await s.restart();
+      const renewed = await dev.client.renew(lease.leaseId);
+      expect(renewed.version).to.equal(img.version);
+      const [blob] = await dev.client.chunks(lease.leaseId, [{ kind: 'mem', index: 0 }]);
+      expect(blob.length).to.be.greaterThan(4096);
+      const v = await lethe(['audit', 'verify', '--json'], s.env);
+      expect(v.code, v.stderr).to.equal(0);
+      expect(JSON.parse(v.stdout)).to.include({ ok: true, key: 'pinned' });
+      expect(Number(psql(url, "SELECT COUNT(*) FROM audit WHERE type = 'lease.renew'"))).to.equal(1);
+
+      const again = await lethe(['server', 'migrate', '--from', s.dir, '--to', freshDatabase()]);
+      expect(again.code).to.equal(2);
+      expect(again.stderr).to.contain('already keeps its data in PostgreSQL');
+      dev.close();
+    } finally {
+      await s.stop();
+    }
+  });
+
+  it('refuses a database that is not empty, and changes nothing', async () => {
+    const s = await startServer({ db: [] });
+    await s.stop();
+    const taken = freshDatabase();
+    const other = await startServer({ db: ['--db', taken] });
+    await other.stop();
+    const r = await lethe(['server', 'migrate', '--from', s.dir, '--to', taken]);
+    expect(r.code).to.equal(2);
+    expect(r.stderr).to.contain('is not empty');
+    expect(JSON.parse(fs.readFileSync(path.join(s.dir, 'config.json'), 'utf8'))).to.not.have.property('db');
+  });
+});

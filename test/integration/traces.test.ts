@@ -14,6 +14,7 @@ import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces
 import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
 import { migrate } from '../../server/db.js';
+import { serverDb } from '../helpers/server-db.js';
 import { openSqlite } from '../../server/sql.js';
 
 const pages = (...p: number[]) => Uint32Array.from(p);
@@ -145,16 +146,16 @@ describe('trace upload and prefetch order (real server process)', function () {
     return { order: list(decodePages(res.body)), traces: Number(res.headers[HDR_TRACES]) };
   }
 
-  function auditRows(type: string): { device: string | null; data: Record<string, unknown> }[] {
-    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
+  async function auditRows(type: string): Promise<{ device: string | null; data: Record<string, unknown> }[]> {
+    const db = await serverDb(s);
     try {
-      const rows = db.prepare('SELECT device, data FROM audit WHERE type = ? ORDER BY seq').all(type) as { device: string | null; data: string }[];
+      const rows = await db.sql.all<{ device: string | null; data: string }>('SELECT device, data FROM audit WHERE type = ? ORDER BY seq', type);
       return rows.map((r) => ({ device: r.device, data: JSON.parse(r.data) as Record<string, unknown> }));
     } finally {
-      db.close();
+      await db.close();
     }
   }
-  const audited = (type: string) => auditRows(type).map((r) => r.data);
+  const audited = async (type: string) => (await auditRows(type)).map((r) => r.data);
 
   async function trust(deviceId: string, trusted: boolean) {
     const a = admin(s);
@@ -181,7 +182,7 @@ describe('trace upload and prefetch order (real server process)', function () {
     expect((await dev.client.uploadTrace(lease2, pages(1, 3, 5))).kept).to.equal(1);
     expect(await order(dev, lease2)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
     expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
-    expect(audited('trace.upload')).to.deep.equal([
+    expect(await audited('trace.upload')).to.deep.equal([
       { lease: lease1, image: 'desk', version: 1, count: 4 },
       { lease: lease2, image: 'desk', version: 1, count: 3 },
     ]);
@@ -209,12 +210,12 @@ describe('trace upload and prefetch order (real server process)', function () {
     expect(await order(dev, lease1)).to.deep.equal({ order: [1, 3, 5], traces: 1 });
     expect(await trust(other.deviceId, true)).to.deep.include({ changed: true });
     const actor = `token:${sha256(s.adminToken).toString('hex').slice(0, 8)}`;
-    expect(auditRows('image.trust').concat(auditRows('image.untrust'))).to.deep.equal([
+    expect((await auditRows('image.trust')).concat(await auditRows('image.untrust'))).to.deep.equal([
       { device: other.deviceId, data: { image: 'desk', actor } },
       { device: other.deviceId, data: { image: 'desk', actor } },
       { device: other.deviceId, data: { image: 'desk', actor } },
     ]);
-    expect(auditRows('image.untrust')).to.have.length(1);
+    expect(await auditRows('image.untrust')).to.have.length(1);
     const ls = JSON.parse((await lethe(['image', 'ls', '--json'], s.env)).stdout) as { images: { name: string; trustedTracers: string[] }[] };
     expect(ls.images.find((i) => i.name === 'desk')!.trustedTracers).to.deep.equal([other.deviceId]);
     const e = await rejects(trust('dev-0000000000000000', true));
@@ -233,7 +234,7 @@ describe('trace upload and prefetch order (real server process)', function () {
       const h = signRequest(dev.id.sign.secretKey, dev.deviceId, 'POST', path, body);
       return dev.client.http.request('POST', path, { body, headers: { ...h, ...(contentType ? { 'content-type': contentType } : {}) } });
     };
-    const before = { order: await order(dev, lease1), audit: audited('trace.upload').length };
+    const before = { order: await order(dev, lease1), audit: (await audited('trace.upload')).length };
     const cases: [string, () => Promise<unknown>, number, string, string][] = [
       ['json', () => raw(encodePages(pages(1)), 'application/json'), 400, 'BAD_REQUEST', "a trace must be sent as application/octet-stream, not 'application/json'"],
       ['odd length', () => raw(Buffer.alloc(6)), 400, 'BAD_REQUEST', 'the trace is 6 bytes, not a multiple of 4'],
@@ -254,7 +255,7 @@ describe('trace upload and prefetch order (real server process)', function () {
     }
     const dup = await rejects(dev.client.uploadTrace(lease1, pages(4, 4)));
     expect(dup.hint).to.equal('a first-touch trace lists each page once');
-    expect({ order: await order(dev, lease1), audit: audited('trace.upload').length }).to.deep.equal(before);
+    expect({ order: await order(dev, lease1), audit: (await audited('trace.upload')).length }).to.deep.equal(before);
     expect((await dev.client.heartbeat()).status).to.equal('active');
   });
 
@@ -288,13 +289,13 @@ describe('trace upload and prefetch order (real server process)', function () {
     }
     const l = await dev.client.lease('desk');
     expect(await order(dev, l.leaseId)).to.deep.equal({ order: [2, 1, 3, 5], traces: TRACES_KEPT });
-    const db = new Database(path.join(s.dir, 'lethe.db'), { readonly: true });
+    const db = await serverDb(s);
     try {
-      expect(db.prepare('SELECT lease_id FROM traces WHERE lease_id = ?').get(lease1)).to.equal(undefined);
-      expect((db.prepare('SELECT COUNT(*) AS n FROM traces').get() as { n: number }).n).to.equal(TRACES_KEPT + 1);
-      expect(db.prepare('SELECT MAX(n) AS most FROM (SELECT COUNT(*) AS n FROM traces GROUP BY device_id)').get()).to.deep.equal({ most: 1 });
+      expect(await db.sql.get('SELECT lease_id FROM traces WHERE lease_id = ?', lease1)).to.equal(undefined);
+      expect((await db.sql.get<{ n: number }>('SELECT COUNT(*) AS n FROM traces'))!.n).to.equal(TRACES_KEPT + 1);
+      expect(await db.sql.get('SELECT MAX(n) AS most FROM (SELECT COUNT(*) AS n FROM traces GROUP BY device_id) AS per_device')).to.deep.equal({ most: 1 });
     } finally {
-      db.close();
+      await db.close();
     }
   });
 
@@ -323,12 +324,12 @@ describe('trace upload and prefetch order (real server process)', function () {
     } finally {
       a.close();
     }
-    const count = audited('trace.upload').length;
+    const count = (await audited('trace.upload')).length;
     for (const call of [() => other.client.uploadTrace(otherLease, pages(1)), () => other.client.prefetchOrder(otherLease)]) {
       const e = await rejects(call());
       expect({ status: e.status, code: e.code }).to.deep.equal({ status: 403, code: 'DEVICE_REVOKED' });
     }
-    expect(audited('trace.upload').length).to.equal(count);
+    expect((await audited('trace.upload')).length).to.equal(count);
     const after = await order(dev, fresh);
     expect(after.order, 'not once it is revoked').to.not.include(6);
     expect(after.traces).to.equal(TRACES_KEPT);
