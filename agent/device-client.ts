@@ -21,22 +21,54 @@ export interface Refusal {
   leaseId?: string;
 }
 
+/** Answers after which the same request goes to the next server URL (or again, after a pause, to the only one). */
+const FAILOVER_CODES: readonly ErrorCode[] = ['SERVER_UNREACHABLE', 'DATABASE_UNAVAILABLE'];
+/** Tries of one request beyond the first, with pauses of 100, 200, 400… ms (capped at 1 s) once every URL was tried. */
+const FAILOVER_RETRIES = 4;
+const FAILOVER_PAUSE_MS = 100;
+const FAILOVER_PAUSE_MAX_MS = 1_000;
+
 export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
-  readonly http: PinnedClient;
+  /** One client per server URL the device was enrolled with (the replicas share one certificate). */
+  private readonly servers: PinnedClient[];
+  /** The URL that answered last: requests go there first. */
+  private current = 0;
 
   constructor(readonly id: Identity) {
     super();
-    this.http = new PinnedClient(id.info.server, id.info.fingerprint, id.certPem);
+    const urls = [...new Set([id.info.server, ...(id.info.servers ?? [])])];
+    this.servers = urls.map((u) => new PinnedClient(u, id.info.fingerprint, id.certPem));
   }
 
-  /** A signed request; `leaseId` names the lease it is on, for the 'refused' event. */
+  /** The client of the server URL requests go to now. */
+  get http(): PinnedClient {
+    return this.servers[this.current];
+  }
+
+  /**
+   * A signed request; `leaseId` names the lease it is on, for the 'refused' event.
+   * A server that cannot be reached, or cannot reach its database, gets the request
+   * again at the next URL (signed anew: a replica never sees a nonce twice).
+   */
   async signed(method: string, path: string, body?: unknown, leaseId?: string): Promise<HttpResponse> {
     const buf = body === undefined ? Buffer.alloc(0) : Buffer.from(JSON.stringify(body));
-    const headers: Record<string, string> = {
-      ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, method, path, buf),
-      ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-    };
-    return this.reporting(this.http.request(method, path, { body: body === undefined ? undefined : buf, headers }), leaseId);
+    for (let attempt = 0; ; attempt++) {
+      const headers: Record<string, string> = {
+        ...signRequest(this.id.sign.secretKey, this.id.info.deviceId, method, path, buf),
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      };
+      try {
+        return await this.reporting(this.http.request(method, path, { body: body === undefined ? undefined : buf, headers }), leaseId);
+      } catch (e) {
+        if (!(e instanceof LetheError) || !FAILOVER_CODES.includes(e.code) || attempt >= Math.max(FAILOVER_RETRIES, this.servers.length)) throw e;
+        this.current = (this.current + 1) % this.servers.length;
+        // Every URL tried once: pause before the next round (a replica restarting, a balancer noticing).
+        const round = Math.floor((attempt + 1) / this.servers.length);
+        if ((attempt + 1) % this.servers.length === 0) {
+          await new Promise((r) => setTimeout(r, Math.min(FAILOVER_PAUSE_MAX_MS, FAILOVER_PAUSE_MS * 2 ** (round - 1))));
+        }
+      }
+    }
   }
 
   async signedJson<T>(method: string, path: string, body?: unknown, leaseId?: string): Promise<T> {
@@ -140,7 +172,7 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
   }
 
   close(): void {
-    this.http.close();
+    for (const c of this.servers) c.close();
   }
 }
 

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { SealKind } from '../common/constants.js';
 import { boxKeyPair, b64u, secureCopy, signKeyPair, wipe, type BoxKeyPair, type SecretKey } from '../common/crypto.js';
-import { LetheError } from '../common/errors.js';
+import { LetheError, isLetheError } from '../common/errors.js';
 import { ensureDir, writeFileAtomic } from '../common/fsutil.js';
 import { PinnedClient } from '../common/http-client.js';
 import { decodeEnrollToken } from '../common/tokens.js';
@@ -24,6 +24,8 @@ export interface DeviceInfo {
   deviceId: string;
   name: string;
   server: string;
+  /** More URLs of the same server (replicas, docs/fleet.md), tried in turn when one cannot be reached. */
+  servers?: string[];
   fingerprint: string;
   enrolledAt: string;
   signPublicKey: string;
@@ -119,7 +121,7 @@ export function defaultHome(): string {
  * Enrolls with a one-time token: new keys, sealed as `o.seal` says (the KEK comes
  * first, so a wrong or missing passphrase spends no token), the server pinned.
  */
-export async function enrollDevice(home: string, tokenText: string, name: string, o: SealOptions) {
+export async function enrollDevice(home: string, tokenText: string, name: string, o: SealOptions & { servers?: string[] }) {
   const f = homeFiles(home);
   if (fs.existsSync(f.info) && !revokedMarker(home)) {
     throw new LetheError('CONFIG', `'${home}' already holds an enrolled device`, {
@@ -133,17 +135,29 @@ export async function enrollDevice(home: string, tokenText: string, name: string
   const sign = signKeyPair();
   const box = boxKeyPair();
   try {
-    client = new PinnedClient(token.u, token.f);
-    const certPem = await client.certificate();
-    const res = EnrollResponse.parse(
-      await client.json('POST', '/v1/enroll', {
-        token: tokenText.trim(),
-        name,
-        signPublicKey: b64u.encode(sign.publicKey),
-        boxPublicKey: b64u.encode(box.publicKey),
-        seal: o.seal,
-      }),
-    );
+    const body = {
+      token: tokenText.trim(),
+      name,
+      signPublicKey: b64u.encode(sign.publicKey),
+      boxPublicKey: b64u.encode(box.publicKey),
+      seal: o.seal,
+    };
+    // The token's URL first, then the replicas given: the token is spent once, wherever.
+    const urls = [...new Set([token.u, ...(o.servers ?? [])])];
+    let certPem = '';
+    let res: ReturnType<typeof EnrollResponse.parse> | undefined;
+    for (const [i, url] of urls.entries()) {
+      client?.close();
+      client = new PinnedClient(url, token.f);
+      try {
+        certPem = await client.certificate();
+        res = EnrollResponse.parse(await client.json('POST', '/v1/enroll', body));
+        break;
+      } catch (e) {
+        if (!isLetheError(e, 'SERVER_UNREACHABLE') || i === urls.length - 1) throw e;
+      }
+    }
+    if (!res) throw new Error('unreachable: no server URL to enroll with');
     ensureDir(home);
     writeKey(f.signKey, 'sign', sign.secretKey, kek);
     writeKey(f.boxKey, 'box', box.secretKey, kek);
@@ -152,6 +166,7 @@ export async function enrollDevice(home: string, tokenText: string, name: string
       deviceId: res.deviceId,
       name,
       server: token.u,
+      ...(o.servers?.length ? { servers: [...new Set(o.servers.filter((u) => u !== token.u))] } : {}),
       fingerprint: token.f,
       enrolledAt: new Date().toISOString(),
       signPublicKey: b64u.encode(sign.publicKey),

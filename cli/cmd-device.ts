@@ -80,13 +80,20 @@ export function deviceCommands(y: Argv) {
             default: 'passphrase' as SealKind,
             describe: "how the device keys are kept at rest: the TPM with a PIN, a passphrase (Argon2id), or none (refused by the shipped policies)",
           })
-          .option('argon2', { choices: ['moderate', 'interactive'] as const, default: 'moderate' as Argon2Cost, describe: 'Argon2id cost of a passphrase seal' }),
+          .option('argon2', { choices: ['moderate', 'interactive'] as const, default: 'moderate' as Argon2Cost, describe: 'Argon2id cost of a passphrase seal' })
+          .option('server', {
+            type: 'string',
+            array: true,
+            describe: "another URL of the same server (a replica, docs/fleet.md): tried in turn when one cannot be reached; repeat for each",
+          }),
       async (a) => {
         const seal = a.seal as SealKind;
+        const servers = ((a.server as string[] | undefined) ?? []).map(checkServerUrl);
         const info = await enrollDevice(String(a.home), String(a.token), String(a.name), {
           seal,
           unlock: seal === 'none' ? undefined : unlockFrom(a),
           argon2: a.argon2 as Argon2Cost,
+          servers,
         });
         emit(a as unknown as OutOpts, { deviceId: info.deviceId, seal }, () => `enrolled as ${info.deviceId} with ${info.server}; keys sealed: ${seal}`);
       },
@@ -94,4 +101,18 @@ export function deviceCommands(y: Argv) {
     .command('heartbeat', 'check in with the server and act on its commands (wipe); a revoked device erases its keys', (y) => unlockOpts(homeOpt(y)), async (a) => {
       await heartbeat(a as unknown as HomeArgs);
     });
+}
+
+/** An https:// URL of a server replica, or a usage error naming it. */
+function checkServerUrl(u: string): string {
+  let url: URL | undefined;
+  try {
+    url = new URL(u);
+  } catch {
+    url = undefined;
+  }
+  if (!url || url.protocol !== 'https:' || url.pathname.replace(/\/+$/, '') !== '') {
+    throw new LetheError('BAD_REQUEST', `bad server URL: '${u.slice(0, 200)}'`, { hint: 'give an https:// URL without a path, e.g. https://lethe2.example:7443' });
+  }
+  return url.origin;
 }

@@ -10,15 +10,16 @@ import { b64u, boxKeyPair, signKeyPair } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { PinnedClient } from '../../common/http-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
-import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
+import { admin, assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
 import { freshDatabase, psql } from '../helpers/pg.js';
+import { startHaproxy } from '../helpers/haproxy.js';
 
 /** A second replica: a copy of the first one's data dir (keys, certificate, config), started on its own port. */
-async function replicaOf(a: ServerProc): Promise<ServerProc> {
+async function replicaOf(a: ServerProc, runArgs?: string[]): Promise<ServerProc> {
   const dir = path.join(tmpDir('lethe-replica-'), 'data');
   fs.cpSync(a.dir, dir, { recursive: true });
-  return startServer({ dir, adminToken: a.adminToken, auditKey: a.auditKey });
+  return startServer({ dir, adminToken: a.adminToken, auditKey: a.auditKey, runArgs });
 }
 
 /** The same device, talking to another replica (as after a failover). */
@@ -203,5 +204,107 @@ describe('lethe server migrate: a SQLite server moved into PostgreSQL', function
     expect(r.code).to.equal(2);
     expect(r.stderr).to.contain('is not empty');
     expect(JSON.parse(fs.readFileSync(path.join(s.dir, 'config.json'), 'utf8'))).to.not.have.property('db');
+  });
+});
+
+describe('device failover between replicas', function () {
+  this.timeout(180_000);
+  let url: string;
+  let a: ServerProc;
+  let b: ServerProc;
+
+  before(async () => {
+    url = freshDatabase();
+    a = await startServer({ db: ['--db', url], runArgs: ['--rate-device', 'off', '--rate-device-address', 'off'] });
+    b = await replicaOf(a, ['--rate-device', 'off', '--rate-device-address', 'off']);
+    await pushImage(a, 'desk', { chunks: 8 });
+  });
+  after(async () => {
+    await b?.stop();
+    await a?.stop();
+  });
+
+  it('a device enrolled with both URLs goes on with the other when one replica is killed', async () => {
+    const { token } = await admin(a).json<{ token: string }>('POST', '/enroll-tokens', {});
+    const home = tmpDir('lethe-home-');
+    const r = await lethe(
+      ['enroll', token, '--home', home, '--seal', 'passphrase', '--argon2', 'interactive', '--passphrase-fd', '0', '--server', b.url, '--json'],
+      {},
+      `${TEST_PASSPHRASE}\n`,
+    );
+    expect(r.code, r.stderr).to.equal(0);
+    const info = JSON.parse(fs.readFileSync(path.join(home, 'device.json'), 'utf8')) as { deviceId: string; server: string; servers: string[] };
+    expect(info).to.include({ server: a.url });
+    expect(info.servers).to.deep.equal([b.url]);
+    await assign(a, info.deviceId, 'desk');
+    const { loadIdentity } = await import('../../agent/identity.js');
+    const client = new DeviceClient(await loadIdentity(home, testUnlock()));
+    try {
+      const lease = await client.lease('desk');
+      await a.kill9();
+      const renewed = await client.renew(lease.leaseId);
+      expect(renewed.leaseId).to.equal(lease.leaseId);
+      expect(client.http.baseUrl).to.equal(b.url);
+      expect(await client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }])).to.have.property('sealed');
+    } finally {
+      client.close();
+      a = await a.restart();
+    }
+  });
+
+  it('8 devices through HAProxy while a replica is killed and restarted: every call answered, no lease lost, one chain', async () => {
+    const lb = await startHaproxy([a, b].map((s) => new URL(s.url).host));
+    const devs: { t: TestDevice; c: DeviceClient; lease: string }[] = [];
+    try {
+      for (let i = 0; i < 8; i++) {
+        const t = await enrolledDevice(a, `lb-${i}`);
+        await assign(a, t.deviceId, 'desk');
+        const c = new DeviceClient({ ...t.id, info: { ...t.id.info, server: lb.url } });
+        devs.push({ t, c, lease: (await c.lease('desk')).leaseId });
+      }
+      let stop = false;
+      const failures: string[] = [];
+      let calls = 0;
+      const work = devs.map(async (d, i) => {
+        for (let round = 0; !stop; round++) {
+          try {
+            if (round % 3 === 0) expect((await d.c.renew(d.lease)).leaseId).to.equal(d.lease);
+            else if (round % 3 === 1) await d.c.keys(d.lease, [{ kind: 'mem', index: ((i + round) % 8) * 2 }]);
+            else await d.c.chunks(d.lease, [{ kind: 'mem', index: ((i + round) % 8) * 2 }]);
+            calls++;
+          } catch (e) {
+            failures.push(`device ${i} round ${round}: ${(e as Error).message}`);
+          }
+        }
+      });
+      const waitCalls = async (n: number) => {
+        const target = calls + n;
+        while (calls < target && failures.length === 0) await new Promise((r) => setTimeout(r, 20));
+      };
+      await waitCalls(40);
+      const before = await lb.sessions();
+      expect(before.r2, 'the replica about to be killed was serving').to.be.greaterThan(0);
+      await b.kill9();
+      await waitCalls(40);
+      const during = await lb.sessions();
+      expect(during.r1, 'the other replica took the connections').to.be.greaterThan(before.r1);
+      b = await b.restart();
+      await waitCalls(80);
+      stop = true;
+      await Promise.all(work);
+      expect(failures, failures.join('\n')).to.deep.equal([]);
+      for (const d of devs) expect((await d.c.renew(d.lease)).leaseId).to.equal(d.lease);
+      const max = Number(psql(url, 'SELECT MAX(seq) FROM audit'));
+      expect(Number(psql(url, 'SELECT COUNT(DISTINCT seq) FROM audit'))).to.equal(max);
+      const v = await lethe(['audit', 'verify', '--json'], a.env);
+      expect(v.code, v.stderr).to.equal(0);
+      expect(JSON.parse(v.stdout)).to.include({ ok: true, entries: max });
+    } finally {
+      for (const d of devs) {
+        d.c.close();
+        d.t.close();
+      }
+      await lb.stop();
+    }
   });
 });
