@@ -55,6 +55,16 @@ export function adminCommand(y: Argv) {
         }),
       )
       .command(
+        'rotate <what>',
+        "rotate the server's keys: 'master' rewraps every image key under a new keyring term (no chunk is decrypted) and deletes the old term",
+        (y) => y.positional('what', { choices: ['master'] as const, demandOption: true }),
+        (a) =>
+          withAdmin(a as A, async (c) => {
+            const r = await c.json<{ term: number; previous: number; images: number; versions: number; termsRetired: number }>('POST', '/rotate/master', {});
+            emit(a as A, r, () => `master keyring at term ${r.term} (was ${r.previous}): ${r.images} image key(s) and ${r.versions} version key(s) rewrapped, ${r.termsRetired} old term(s) deleted`);
+          }),
+      )
+      .command(
         'revoke <device>',
         'refuse every request of a device from now on',
         (y) => y.positional('device', { type: 'string', demandOption: true }),

@@ -27,6 +27,8 @@ export const EnrollRequest = z.strictObject({
   /** How the device keeps its identity keys at rest (docs/device-keys.md); absent from older agents: none. */
   seal: z.enum(SEAL_KINDS).optional(),
 });
+/** POST /v1/admin/rotate/master: nothing to give. */
+export const RotateRequest = z.strictObject({});
 export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
 
 export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });

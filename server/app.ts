@@ -31,6 +31,7 @@ import { parseChunkFrames } from '../common/frames.js';
 import { promoteVersion, setTrusted } from './branches.js';
 import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines, metricsAuth } from './metrics.js';
+import { rotateMaster } from './keyring.js';
 import { DEFAULT_LIMITS, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 
@@ -294,6 +295,10 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   a.get('/images/:name/versions/:version/manifest', async (req, res) => {
     const img = await getImage(ctx, param(req, 'name'));
     res.json(await manifest(ctx, img, await getVersion(ctx, img, intParam(req, 'version'))));
+  });
+  a.post('/rotate/master', rawJson, async (req, res) => {
+    json(wire.RotateRequest, req);
+    res.json(await rotateMaster(acting(req)));
   });
   a.get('/audit/verify', async (req, res) => {
     res.json(await verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey, ...verifyQuery(req) }));

@@ -34,7 +34,8 @@ export type AuditType =
   | 'alarm.key-ceiling'
   | 'chunks.serve'
   | 'checkin'
-  | 'trace.upload';
+  | 'trace.upload'
+  | 'master.rotate';
 
 export interface Checkpoint {
   seq: number;

@@ -12,6 +12,7 @@ import { LetheError } from '../common/errors.js';
 import { classOf, parsePolicy, storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
 import { inTx, type Ctx } from './context.js';
+import { ensureTerms, wrapNewKey } from './keyring.js';
 
 export interface ImageRow {
   id: string;
@@ -101,7 +102,7 @@ export async function createImage(ctx: Ctx, name: string, policy?: string) {
       name,
       now,
       policy ?? null,
-      ctx.escrow.newWrappedKey(id, 0, 'dedup'),
+      await wrapNewKey(ctx, id, 0, 'dedup'),
     );
     if (r.changes !== 1) throw exists();
     await ctx.audit.append('image.create', null, { image: name, imageId: id.toString('hex') }, now);
@@ -139,7 +140,7 @@ export async function createVersion(ctx: Ctx, name: string, sizes: { disk: numbe
       img.id,
       version,
       ctx.now(),
-      ctx.escrow.newWrappedKey(imageId, version, 'version'),
+      await wrapNewKey(ctx, imageId, version, 'version'),
       sizes.disk,
       sizes.mem,
       sizes.state,
@@ -187,6 +188,7 @@ export async function putChunks(ctx: Ctx, name: string, version: number, items: 
   }
   const imageId = Buffer.from(img.id, 'hex');
   const policy = policyOf(img);
+  await ensureTerms(ctx, img.dedup_key_wrapped, v.key_wrapped);
   const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
   const versionKey = ctx.escrow.versionKey(v.key_wrapped, imageId, version);
   const existing = await chunkRows(ctx, img.id, version, items);
@@ -249,6 +251,7 @@ export async function chunkHashes(ctx: Ctx, name: string, version: number) {
 /** The per-image dedup key, for an admin's pusher to compute the same keyed hashes. */
 export async function dedupKeyFor(ctx: Ctx, name: string): Promise<string> {
   const img = await getImage(ctx, name);
+  await ensureTerms(ctx, img.dedup_key_wrapped);
   return b64u.encode(ctx.escrow.dedupKey(img.dedup_key_wrapped, Buffer.from(img.id, 'hex')));
 }
 
@@ -285,6 +288,7 @@ export async function exportChunks(ctx: Ctx, name: string, version: number, refs
   for (const gen of new Set(rows.map((r) => r.gen))) {
     wrapped.set(gen, (await ctx.db.get<{ key_wrapped: Buffer }>('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?', img.id, gen))!.key_wrapped);
   }
+  await ensureTerms(ctx, ...wrapped.values());
   const parts: Buffer[] = [];
   const key = secureBuffer(KEY_BYTES);
   try {

@@ -7,6 +7,7 @@ import { buildApp } from './app.js';
 import type { Ctx } from './context.js';
 import { checkDbUrl, checkKeysMatch, loadDataDir, parseListen, urlFor } from './datadir.js';
 import { openServerDb } from './db.js';
+import { loadKeyring } from './keyring.js';
 import { Escrow } from './escrow.js';
 import { Metrics } from './metrics.js';
 import { memoryNonces, tableNonces } from './nonces.js';
@@ -65,6 +66,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
   let app;
   try {
     await checkKeysMatch(db, data);
+    await loadKeyring(ctx);
     await ctx.audit.initOnce({ fingerprint: data.fingerprint });
     await checkAuditHead(ctx, dir, opts.signHead ?? false);
     app = await buildApp(ctx, { limits: opts.limits ?? DEFAULT_LIMITS, metricsToken: opts.metricsToken });

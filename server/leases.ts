@@ -9,6 +9,7 @@ import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { inTx, newId, type Ctx } from './context.js';
+import { ensureTerms, wrapNewKey } from './keyring.js';
 import type { DeviceRow } from './devices.js';
 import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, manifest, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
 import { mustGetDevice } from './devices.js';
@@ -68,6 +69,7 @@ async function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: numbe
   const out: { gen: number; sealed: string }[] = [];
   for (const gen of all) {
     const v = (await ctx.db.get<{ key_wrapped: Buffer }>('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?', imageId, gen))!;
+    await ensureTerms(ctx, v.key_wrapped);
     const vk = ctx.escrow.versionKey(v.key_wrapped, id, gen);
     out.push({ gen, sealed: b64u.encode(ctx.escrow.sealedClassKey(vk, d.box_pk)) });
   }
@@ -226,7 +228,7 @@ async function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): Promise<numbe
       img.id,
       gen,
       ctx.now(),
-      ctx.escrow.newWrappedKey(imageId, gen, 'version'),
+      await wrapNewKey(ctx, imageId, gen, 'version'),
       base.disk_size,
       base.mem_size,
       base.state_size,
@@ -327,6 +329,7 @@ export async function releaseKeys(
   )) {
     wrapped.set(w.version, w.key_wrapped);
   }
+  await ensureTerms(ctx, ...wrapped.values());
   const memo = new Map<number, Uint8Array>();
   const lookup = (gen: number) => ctx.escrow.versionKey(wrapped.get(gen)!, id, gen);
   const versionKeyOf =
@@ -381,6 +384,7 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
   const draft = await getVersion(ctx, img, gen);
   const imageId = Buffer.from(img.id, 'hex');
   const coords = await writeCoords(ctx, l, items);
+  await ensureTerms(ctx, draft.key_wrapped, img.dedup_key_wrapped);
   const vk = ctx.escrow.versionKey(draft.key_wrapped, imageId, gen);
   const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
   const key = secureBuffer(KEY_BYTES);

@@ -1,0 +1,110 @@
+// Master-key rotation (docs/fleet.md, Key rotation): every image and version key
+// is rewrapped under a new keyring term without decrypting a chunk; the keys do
+// not change, so a running agent goes on and every chunk still verifies; the old
+// term is deleted from the database. Runs on both backends.
+import { expect } from 'chai';
+import { control } from '../../agent/control.js';
+import { b64u, openSealed } from '../../common/crypto.js';
+import { termOf } from '../../server/escrow.js';
+import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { lethe, startAgentProc, startServer, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { serverDb } from '../helpers/server-db.js';
+
+const status = (home: string) => control<{ lease: { state: string; leaseId: string | null } }>(home, { cmd: 'status' });
+const selftest = (home: string) => control<{ chunks: number; sources: Record<string, number> }>(home, { cmd: 'selftest' });
+
+describe('lethe admin rotate master (real server, agent process)', function () {
+  this.timeout(180_000);
+  let s: ServerProc;
+  let dev: TestDevice;
+  let agent: AgentProc | undefined;
+
+  before(async () => {
+    s = await startServer();
+    await pushImage(s, 'rot', { chunks: 6 });
+    dev = await enrolledDevice(s, 'laptop');
+    await assign(s, dev.deviceId, 'rot');
+  });
+  after(async () => {
+    await agent?.stop();
+    dev?.close();
+    await s?.stop();
+  });
+
+  /** Every stored wrapped key: image dedup keys and version keys. */
+  async function wrappedKeys(): Promise<Buffer[]> {
+    const db = await serverDb(s);
+    try {
+      const images = await db.sql.all<{ w: Buffer }>('SELECT dedup_key_wrapped AS w FROM images');
+      const versions = await db.sql.all<{ w: Buffer }>('SELECT key_wrapped AS w FROM versions');
+      return [...images, ...versions].map((r) => r.w);
+    } finally {
+      await db.close();
+    }
+  }
+
+  async function terms(): Promise<number[]> {
+    const db = await serverDb(s);
+    try {
+      return (await db.sql.all<{ term: number }>('SELECT term FROM master_keys ORDER BY term')).map((r) => r.term);
+    } finally {
+      await db.close();
+    }
+  }
+
+  /** The chunk keys of every stored mem chunk, as released to the device now. */
+  async function memKeys(leaseId: string): Promise<string> {
+    const m = await dev.client.manifest(leaseId);
+    const refs = m.chunks.mem.map(([index]) => ({ kind: 'mem' as const, index }));
+    const r = await dev.client.keys(leaseId, refs);
+    return openSealed(dev.id.box, b64u.decode(r.sealed)).toString('hex');
+  }
+
+  it('rewraps every key under a new term, twice; the keys, the running agent and every chunk are unchanged; old terms are gone', async () => {
+    agent = await startAgentProc(dev.home, 'rot', ['--no-prefetch']);
+    await waitFor(async () => ((await status(dev.home)).lease.state === 'active' ? true : undefined), 20_000, 'the agent holding a lease');
+    const first = await selftest(dev.home);
+    expect(first.chunks).to.be.greaterThan(0);
+
+    const lease = await dev.client.lease('rot');
+    const keysBefore = await memKeys(lease.leaseId);
+    const wrapped0 = await wrappedKeys();
+    expect(wrapped0.map(termOf)).to.satisfy((t: number[]) => t.every((x) => x === 0));
+    expect(await terms()).to.deep.equal([]);
+
+    for (const term of [1, 2]) {
+      const r = await lethe(['admin', 'rotate', 'master', '--json'], s.env);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(JSON.parse(r.stdout)).to.include({ term, previous: term - 1, images: 1, termsRetired: term - 1 });
+      const wrapped = await wrappedKeys();
+      expect(wrapped.map(termOf)).to.deep.equal(wrapped.map(() => term));
+      for (const old of wrapped0) expect(wrapped.some((w) => w.equals(old)), 'an old wrapped key is still stored').to.equal(false);
+      expect(await terms(), 'only the new term is kept').to.deep.equal([term]);
+      expect(await memKeys(lease.leaseId), 'the same chunk keys come out').to.equal(keysBefore);
+    }
+
+    // The running agent renews, and reads every chunk (from its cache and the server) against the signed manifest.
+    const renewed = await dev.client.renew((await status(dev.home)).lease.leaseId!);
+    expect(renewed.leaseId).to.be.a('string');
+    const again = await selftest(dev.home);
+    expect(again.chunks).to.equal(first.chunks);
+    expect(agent.proc.exitCode).to.equal(null);
+
+    // A version pushed after the rotation is wrapped under the new term and serves as before.
+    const v2 = await pushImage(s, 'rot', { chunks: 2 });
+    const l2 = await dev.client.lease('rot');
+    expect(l2.version).to.equal(v2.version);
+    expect((await wrappedKeys()).map(termOf)).to.satisfy((t: number[]) => t.every((x) => x === 2));
+    const verify = await lethe(['audit', 'verify', '--json'], s.env);
+    expect(verify.code, verify.stderr).to.equal(0);
+    const audit = await lethe(['audit', 'device', dev.deviceId, '--json'], s.env);
+    expect(audit.code).to.equal(0);
+  });
+
+  it('an unknown thing to rotate is a usage error', async () => {
+    const r = await lethe(['admin', 'rotate', 'everything'], s.env);
+    expect(r.code).to.equal(2);
+    expect(r.stderr).to.contain('everything');
+  });
+});
+
