@@ -7,7 +7,7 @@
 // Closed loop (each device sends its next request when the last answers: capacity)
 // and open loop (Poisson arrivals at --offered keys/s: latency at a fixed load).
 //
-//   node --import tsx bench/fleet.ts [--devices 100] [--batch 64] [--seconds 8] [--offered 2000] [--json]
+//   node --import tsx bench/fleet.ts [--devices 100] [--batch 64] [--seconds 8] [--offered 2000] [--setups sqlite,pg-1,pg-2] [--json]
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -28,6 +28,7 @@ const { values } = parseArgs({
     seconds: { type: 'string', default: '8' },
     offered: { type: 'string', default: '2000' },
     pages: { type: 'string', default: '1024' },
+    setups: { type: 'string', default: 'sqlite,pg-1,pg-2' },
     json: { type: 'boolean', default: false },
   },
 });
@@ -191,8 +192,8 @@ async function measure(setup: Setup): Promise<Result> {
 }
 
 const results: Result[] = [];
-for (const setup of ['sqlite', 'pg-1', 'pg-2'] as const) results.push(await measure(setup));
-const by = (s: Setup) => results.find((r) => r.setup === s)!;
+for (const setup of values.setups!.split(',') as Setup[]) results.push(await measure(setup));
+const by = (s: Setup) => results.find((r) => r.setup === s) ?? ({ closedKeysPerSec: NaN, serveMBps: NaN } as Result);
 const ratios = {
   pg1VsSqliteClosed: by('pg-1').closedKeysPerSec / by('sqlite').closedKeysPerSec,
   pg2VsPg1Closed: by('pg-2').closedKeysPerSec / by('pg-1').closedKeysPerSec,

@@ -138,9 +138,14 @@ export async function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
  * lease at this answer) or LEASE_EXPIRED otherwise.
  */
 export async function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<LeaseRow & { name: string }> {
-  const l = await ctx.db.get<LeaseRow & { name: string }>('SELECT l.*, i.name FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?', leaseId, d.id);
+  const l = await ctx.db.get<LeaseRow & { name: string; assigned: number | null }>(
+    `SELECT l.*, i.name, (SELECT 1 FROM assignments a WHERE a.device_id = l.device_id AND a.image_id = l.image_id) AS assigned
+       FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?`,
+    leaseId,
+    d.id,
+  );
   if (!l) throw new LetheError('UNKNOWN_LEASE', `no lease '${leaseId}' for this device`);
-  if (!(await isAssigned(ctx, d.id, l.image_id))) {
+  if (l.assigned === null) {
     const now = ctx.now();
     await ctx.audit.append('lease.refused', d.id, { lease: l.id, image: l.name, version: l.version, code: 'NOT_ASSIGNED' }, now);
     throw new LetheError('NOT_ASSIGNED', `image '${l.name}' is no longer assigned to this device: lease '${leaseId}' has ended`, {

@@ -3,6 +3,7 @@
 // any number of replicas on one database; docs/fleet.md). Statements are written
 // once, with `?` placeholders, in the SQL both accept (upserts as ON CONFLICT,
 // integers cast where a parameter's type would be unknown).
+import { createHash } from 'node:crypto';
 import Database from 'better-sqlite3';
 import pg from 'pg';
 import { LetheError } from '../common/errors.js';
@@ -238,10 +239,22 @@ function isConnectionError(e: unknown): boolean {
 
 type Queryable = pg.Pool | pg.PoolClient;
 
+/**
+ * Statements with parameters are prepared once per connection under a name (its
+ * text's hash), so PostgreSQL parses and plans each once, not at every request.
+ */
+const prepared = new Map<string, { name: string; text: string }>();
+
+function statement(sql: string): { name: string; text: string } {
+  let st = prepared.get(sql);
+  if (!st) prepared.set(sql, (st = { name: `l${createHash('sha256').update(sql).digest('hex').slice(0, 24)}`, text: numbered(sql) }));
+  return st;
+}
+
 async function pgQuery<T>(on: Queryable, url: string, sql: string, params: unknown[]): Promise<pg.QueryResult<T & pg.QueryResultRow>> {
   try {
     // Without parameters a statement goes as a simple query, which may hold several (a migration).
-    return params.length === 0 ? await on.query<T & pg.QueryResultRow>(sql) : await on.query<T & pg.QueryResultRow>(numbered(sql), params);
+    return params.length === 0 ? await on.query<T & pg.QueryResultRow>(sql) : await on.query<T & pg.QueryResultRow>({ ...statement(sql), values: params });
   } catch (e) {
     throw isConnectionError(e) ? unreachable(url, e) : e;
   }
