@@ -18,6 +18,9 @@ export function assertSealAllowed(d: DeviceRow, policy: Policy, image: string): 
   });
 }
 
+/** Key marks written per statement (5 parameters each, within both databases' limits). */
+const MARKS_PER_STATEMENT = 256;
+
 /** Sensitive chunks stored for a committed version: fixed once committed, so counted once per process. */
 const sensitiveCounts = new Map<string, number>();
 const COUNTS_MAX = 1024;
@@ -66,9 +69,18 @@ export async function countKeys(ctx: Ctx, d: DeviceRow, imageId: string, refs: {
     const fresh = !w || now - w.started_at >= windowMs;
     const windowStart = fresh ? now : w.started_at;
     let keys = fresh ? 0 : w.keys;
-    const mark =
-      'INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, image_id, kind, idx) DO UPDATE SET released_at = excluded.released_at WHERE key_releases.released_at < ?';
-    for (const r of refs) keys += (await ctx.db.run(mark, d.id, imageId, r.kind, r.idx, now, windowStart)).changes;
+    // One statement per batch: a key already given in this window changes no row and counts nothing.
+    const unique = [...new Map(refs.map((r) => [`${r.kind}/${r.idx}`, r])).values()];
+    for (let i = 0; i < unique.length; i += MARKS_PER_STATEMENT) {
+      const part = unique.slice(i, i + MARKS_PER_STATEMENT);
+      const r = await ctx.db.run(
+        `INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES ${part.map(() => '(?, ?, ?, CAST(? AS INTEGER), CAST(? AS BIGINT))').join(', ')}
+         ON CONFLICT (device_id, image_id, kind, idx) DO UPDATE SET released_at = excluded.released_at WHERE key_releases.released_at < ?`,
+        ...part.flatMap((k) => [d.id, imageId, k.kind, k.idx, now]),
+        windowStart,
+      );
+      keys += r.changes;
+    }
     const check = { limit, keys, windowStart };
     if (keys > limit) throw new CeilingReached(check);
     await ctx.db.run(

@@ -433,6 +433,21 @@ export async function chunkRows(
   refs: readonly { kind: ChunkKind; index: number }[],
 ): Promise<((ChunkRow & { dedup_hash: Buffer }) | undefined)[]> {
   const found = new Map<string, ChunkRow & { dedup_hash: Buffer }>();
+  if (ctx.db.dialect === 'postgres') {
+    // One array parameter per kind: one plan, an index range per kind.
+    for (const kind of new Set(refs.map((r) => r.kind))) {
+      const idx = refs.filter((r) => r.kind === kind).map((r) => r.index);
+      const rows = await ctx.db.all<ChunkRow & { dedup_hash: Buffer }>(
+        'SELECT kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ANY(CAST(? AS INTEGER[]))',
+        imageId,
+        version,
+        kind,
+        idx,
+      );
+      for (const r of rows) found.set(`${r.kind}/${r.idx}`, r);
+    }
+    return refs.map((r) => found.get(`${r.kind}/${r.index}`));
+  }
   for (let i = 0; i < refs.length; i += ROWS_PER_QUERY) {
     const part = refs.slice(i, i + ROWS_PER_QUERY);
     const rows = await ctx.db.all<ChunkRow & { dedup_hash: Buffer }>(
@@ -449,7 +464,21 @@ export async function chunkRows(
 /** The ciphertext of each row, in their order; a row without its blob is a server fault (INTERNAL). */
 export async function readBlobs(ctx: Ctx, imageId: string, rows: readonly ChunkRow[]): Promise<Buffer[]> {
   const found = new Map<string, Buffer>();
-  for (let i = 0; i < rows.length; i += ROWS_PER_QUERY) {
+  if (ctx.store.dialect === 'postgres') {
+    const groups = new Map<string, ChunkRow[]>();
+    for (const r of rows) (groups.get(`${r.gen}/${r.kind}`) ?? groups.set(`${r.gen}/${r.kind}`, []).get(`${r.gen}/${r.kind}`)!).push(r);
+    for (const g of groups.values()) {
+      const blobs = await ctx.store.all<{ gen: number; kind: string; idx: number; data: Buffer }>(
+        'SELECT gen, kind, idx, data FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ANY(CAST(? AS INTEGER[]))',
+        imageId,
+        g[0].gen,
+        g[0].kind,
+        g.map((r) => r.idx),
+      );
+      for (const b of blobs) found.set(`${b.gen}/${b.kind}/${b.idx}`, b.data);
+    }
+  }
+  for (let i = 0; ctx.store.dialect === 'sqlite' && i < rows.length; i += ROWS_PER_QUERY) {
     const part = rows.slice(i, i + ROWS_PER_QUERY);
     const blobs = await ctx.store.all<{ gen: number; kind: string; idx: number; data: Buffer }>(
       `SELECT gen, kind, idx, data FROM blobs WHERE image_id = ? AND (gen, kind, idx) IN (${part.map(() => '(CAST(? AS INTEGER), ?, CAST(? AS INTEGER))').join(', ')})`,
