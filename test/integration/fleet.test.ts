@@ -11,9 +11,10 @@ import { LetheError } from '../../common/errors.js';
 import { PinnedClient } from '../../common/http-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, tmpDir, waitFor, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
 import { freshDatabase, psql } from '../helpers/pg.js';
 import { startHaproxy } from '../helpers/haproxy.js';
+import { Link } from '../helpers/link.js';
 
 /** A second replica: a copy of the first one's data dir (keys, certificate, config), started on its own port. */
 async function replicaOf(a: ServerProc, runArgs?: string[]): Promise<ServerProc> {
@@ -249,6 +250,43 @@ describe('device failover between replicas', function () {
     } finally {
       client.close();
       a = await a.restart();
+    }
+  });
+
+  it('a replica that loses its database says so on /healthz (503, DATABASE_UNAVAILABLE), devices go to the next, and it comes back', async () => {
+    const link = await Link.start({ port: Number(new URL(url).port) });
+    const dir = path.join(tmpDir('lethe-replica-'), 'data');
+    fs.cpSync(a.dir, dir, { recursive: true });
+    const c = await startServer({ dir, adminToken: a.adminToken, auditKey: a.auditKey, runArgs: ['--db', link.via(url)] });
+    const t = await enrolledDevice(a, 'cut-off');
+    await assign(a, t.deviceId, 'desk');
+    const client = new DeviceClient({ ...t.id, info: { ...t.id.info, server: c.url, servers: [a.url] } });
+    const health = async () => {
+      const h = new PinnedClient(c.url, c.fingerprint);
+      try {
+        return await h.request('GET', '/healthz').then(
+          (r) => ({ status: r.status, code: undefined as string | undefined }),
+          (e: LetheError) => ({ status: e.status, code: e.code as string | undefined }),
+        );
+      } finally {
+        h.close();
+      }
+    };
+    try {
+      const lease = await client.lease('desk');
+      expect(client.http.baseUrl).to.equal(c.url);
+      expect(await health()).to.deep.equal({ status: 200, code: undefined });
+      link.drop(8_000, 'reset');
+      expect(await health()).to.deep.equal({ status: 503, code: 'DATABASE_UNAVAILABLE' });
+      const renewed = await client.renew(lease.leaseId);
+      expect(renewed.leaseId).to.equal(lease.leaseId);
+      expect(client.http.baseUrl, 'the device went on with the replica that has its database').to.equal(a.url);
+      await waitFor(async () => ((await health()).status === 200 ? true : undefined), 30_000, 'the replica back once its database is');
+    } finally {
+      client.close();
+      t.close();
+      await c.stop();
+      await link.close();
     }
   });
 
