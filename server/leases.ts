@@ -224,8 +224,9 @@ async function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): Promise<numbe
   return inTx(ctx, async (ctx) => {
     // Version numbers of an image are handed out one at a time, whichever replica asks.
     await ctx.db.lock(versionLock(img.id));
-    const now = await ctx.db.get<{ write_gen: number | null }>('SELECT write_gen FROM leases WHERE id = ?', l.id);
-    if (now?.write_gen != null) return (l.write_gen = now.write_gen);
+    // Another request of the same lease (on any replica) may have made the draft meanwhile.
+    const stored = await ctx.db.get<{ write_gen: number | null }>('SELECT write_gen FROM leases WHERE id = ?', l.id);
+    if (stored?.write_gen != null) return (l.write_gen = stored.write_gen);
     const last = (await ctx.db.get<{ v: number }>('SELECT MAX(version) AS v FROM versions WHERE image_id = ?', img.id))!;
     const gen = last.v + 1;
     await ctx.db.run(
