@@ -4,7 +4,8 @@
 // (the lease keeper's refused path) whichever part made the call.
 import { EventEmitter } from 'node:events';
 import { LetheError, type ErrorCode } from '../common/errors.js';
-import { PinnedClient, type HttpResponse } from '../common/http-client.js';
+import { PinnedClient, type HttpResponse, type NextPin } from '../common/http-client.js';
+import { keepNextPin, promoteNextPin, readNextPin } from './pins.js';
 import { signRequest } from '../common/signing.js';
 import * as wire from '../common/wire.js';
 import type { ChunkKind } from '../common/constants.js';
@@ -33,11 +34,14 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
   private readonly servers: PinnedClient[];
   /** The URL that answered last: requests go there first. */
   private current = 0;
+  /** The server's announced next certificate, trusted beside the pin. */
+  private next?: NextPin;
 
   constructor(readonly id: Identity) {
     super();
     const urls = [...new Set([id.info.server, ...(id.info.servers ?? [])])];
-    this.servers = urls.map((u) => new PinnedClient(u, id.info.fingerprint, id.certPem));
+    this.next = readNextPin(id.home);
+    this.servers = urls.map((u) => new PinnedClient(u, id.info.fingerprint, id.certPem, this.next));
   }
 
   /** The client of the server URL requests go to now. */
@@ -88,8 +92,25 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
     }
   }
 
-  heartbeat(status?: Record<string, unknown>) {
-    return this.signedJson<wire.THeartbeatResponse>('POST', '/v1/device/heartbeat', status ? { status } : {});
+  /**
+   * Checks in. A certificate the server announced (signed by its pinned key) is
+   * trusted beside the current one from now on; once a server presents it, it is
+   * the device's only pin (agent/pins.ts). `pinProblem` says why an announced one was refused.
+   */
+  async heartbeat(status?: Record<string, unknown>): Promise<wire.THeartbeatResponse & { pinProblem?: string }> {
+    const hb = await this.signedJson<wire.THeartbeatResponse>('POST', '/v1/device/heartbeat', status ? { status } : {});
+    const kept = keepNextPin(this.id.home, this.id.info.serverSignPublicKey, hb.nextTls);
+    if (kept.pin && !this.next) this.trustNext(kept.pin);
+    if (promoteNextPin(this.id.home, this.http.presented)) this.next = undefined;
+    return kept.problem ? { ...hb, pinProblem: kept.problem } : hb;
+  }
+
+  /** Trusts `next` beside the pinned certificate on every server URL, from the next connection on. */
+  private trustNext(next: NextPin): void {
+    this.next = next;
+    const urls = this.servers.map((c) => c.baseUrl);
+    for (const c of this.servers) c.close();
+    this.servers.splice(0, this.servers.length, ...urls.map((u) => new PinnedClient(u, this.id.info.fingerprint, this.id.certPem, next)));
   }
 
   ack(commandId: string, ok: boolean, detail?: string) {

@@ -303,6 +303,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
       const hb = await this.client.heartbeat({ lease: this.state });
       const anchorProblem = hb.checkpoint && keepCheckpoint(this.id.home, this.id.info.serverSignPublicKey, hb.checkpoint);
       if (anchorProblem) this.emit('log', `audit: ${anchorProblem}`);
+      if (hb.pinProblem) this.emit('log', `tls: ${hb.pinProblem}`);
       const wipeCmd = hb.commands.find((c) => c.type === 'wipe');
       if (wipeCmd && !this.final()) {
         this.stopTimers();

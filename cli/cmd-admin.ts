@@ -56,10 +56,23 @@ export function adminCommand(y: Argv) {
       )
       .command(
         'rotate <what>',
-        "rotate the server's keys: 'master' rewraps every image key under a new keyring term (no chunk is decrypted) and deletes the old term",
-        (y) => y.positional('what', { choices: ['master'] as const, demandOption: true }),
+        "rotate the server's keys: 'master' rewraps every image key under a new keyring term (no chunk is decrypted) and deletes the old term; 'tls' announces a new certificate to devices at their heartbeats, and with --finish makes every replica serve it",
+        (y) =>
+          y
+            .positional('what', { choices: ['master', 'tls'] as const, demandOption: true })
+            .option('finish', { type: 'boolean', default: false, describe: "tls: serve the announced certificate (once devices have checked in; one that has not must enroll again)" }),
         (a) =>
           withAdmin(a as A, async (c) => {
+            if (a.what === 'tls') {
+              const r = await c.json<{ phase: string; fingerprint: string; previous: string }>('POST', '/rotate/tls', a.finish ? { finish: true } : {});
+              emit(a as A, r, () =>
+                r.phase === 'announced'
+                  ? `announced certificate sha256 ${r.fingerprint}: devices pin it beside ${r.previous.slice(0, 16)}… at their next heartbeat; then run 'lethe admin rotate tls --finish'`
+                  : `every replica serves certificate sha256 ${r.fingerprint} within seconds; admins: export LETHE_PIN=${r.fingerprint}`,
+              );
+              return;
+            }
+            if (a.finish) throw new LetheError('BAD_REQUEST', '--finish is for tls', { hint: "run 'lethe admin rotate master' alone" });
             const r = await c.json<{ term: number; previous: number; images: number; versions: number; termsRetired: number }>('POST', '/rotate/master', {});
             emit(a as A, r, () => `master keyring at term ${r.term} (was ${r.previous}): ${r.images} image key(s) and ${r.versions} version key(s) rewrapped, ${r.termsRetired} old term(s) deleted`);
           }),

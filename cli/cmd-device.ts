@@ -30,6 +30,7 @@ async function heartbeat(a: HomeArgs): Promise<void> {
     const hb = await client.heartbeat().catch((e: unknown) => eraseOnRefusal(a.home, id, client, e));
     const anchorProblem = hb.checkpoint && keepCheckpoint(a.home, id.info.serverSignPublicKey, hb.checkpoint);
     if (anchorProblem) process.stderr.write(`lethe: warning: ${anchorProblem}\n`);
+    if (hb.pinProblem) process.stderr.write(`lethe: warning: ${hb.pinProblem}; the current certificate stays the only one trusted\n`);
     const wipe = hb.commands.find((c) => c.type === 'wipe');
     if (wipe) {
       const r = await performWipe(id, client, wipe.id);

@@ -30,6 +30,17 @@ function pinMismatch(url: string, got: string, want: string): LetheError {
   });
 }
 
+/** TLS verification failures: the server presented a certificate outside the ones this client trusts. */
+const UNTRUSTED = new Set(['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'CERT_SIGNATURE_FAILURE', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY']);
+const untrusted = (e: unknown) => UNTRUSTED.has((e as { code?: string })?.code ?? '');
+
+function pinRefused(url: string, want: string, cause: unknown): LetheError {
+  return new LetheError('PIN_MISMATCH', `the server at ${url} presented a certificate that is not the pinned ${want.slice(0, 16)}…`, {
+    cause,
+    hint: 'someone may be intercepting the connection, or the server rotated its certificate while this device was away (enroll it again)',
+  });
+}
+
 /** Connects once without trusting anything and returns the server's certificate PEM if it matches the pin. */
 export function fetchPinnedCert(baseUrl: string, pin: string): Promise<string> {
   const u = new URL(baseUrl);
@@ -49,13 +60,26 @@ export function fetchPinnedCert(baseUrl: string, pin: string): Promise<string> {
   });
 }
 
+/** A second certificate a client trusts beside its pin: the server's announced next one (docs/fleet.md, Key rotation). */
+export interface NextPin {
+  pin: string;
+  certPem: string;
+}
+
 export class PinnedClient {
   readonly baseUrl: string;
   readonly pin: string;
   private agent?: https.Agent;
   private certPem?: string;
+  /** The fingerprint the server presented at the last handshake. */
+  presented?: string;
 
-  constructor(baseUrl: string, pin: string, certPem?: string) {
+  constructor(
+    baseUrl: string,
+    pin: string,
+    certPem?: string,
+    private readonly next?: NextPin,
+  ) {
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.pin = normalizeFingerprint(pin);
     this.certPem = certPem;
@@ -69,13 +93,16 @@ export class PinnedClient {
   private async getAgent(): Promise<https.Agent> {
     if (this.agent) return this.agent;
     const ca = await this.certificate();
+    const next = this.next ? normalizeFingerprint(this.next.pin) : undefined;
     this.agent = new https.Agent({
       keepAlive: true,
       maxSockets: 16,
-      ca,
+      ca: this.next ? [ca, this.next.certPem] : ca,
       checkServerIdentity: (_host, cert) => {
         const got = fingerprintOf(cert.raw);
-        return got === this.pin ? undefined : pinMismatch(this.baseUrl, got, this.pin);
+        if (got !== this.pin && got !== next) return pinMismatch(this.baseUrl, got, this.pin);
+        this.presented = got;
+        return undefined;
       },
     });
     return this.agent;
@@ -106,7 +133,7 @@ export class PinnedClient {
         },
       );
       req.setTimeout(60_000, () => req.destroy(new Error('request timed out')));
-      req.on('error', (e) => reject(e instanceof LetheError ? e : unreachable(this.baseUrl, e)));
+      req.on('error', (e) => reject(e instanceof LetheError ? e : untrusted(e) ? pinRefused(this.baseUrl, this.pin, e) : unreachable(this.baseUrl, e)));
       req.end(opts.body);
     });
     if (res.status >= 400) throw errorFromResponse(res);

@@ -29,6 +29,8 @@ export const EnrollRequest = z.strictObject({
 });
 /** POST /v1/admin/rotate/master: nothing to give. */
 export const RotateRequest = z.strictObject({});
+/** POST /v1/admin/rotate/tls: announce a new certificate, or (finish) serve the announced one. */
+export const RotateTlsRequest = z.strictObject({ finish: z.boolean().optional() });
 export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
 
 export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });
@@ -46,6 +48,8 @@ export const HeartbeatResponse = z.object({
   commands: z.array(Command),
   /** The newest signed audit head; absent from a server that predates it. */
   checkpoint: SignedCheckpoint.optional(),
+  /** A certificate the server will serve next, signed by its key (docs/fleet.md, Key rotation): pin it beside the current one. */
+  nextTls: z.object({ cert: z.string().max(16_384), fingerprint: z.string().regex(/^[0-9a-f]{64}$/), signature: z.string().max(200) }).optional(),
 });
 
 export const AckRequest = z.strictObject({ ok: z.boolean(), detail: z.string().max(1024).optional() });

@@ -32,6 +32,7 @@ import { promoteVersion, setTrusted } from './branches.js';
 import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines, metricsAuth } from './metrics.js';
 import { rotateMaster } from './keyring.js';
+import { announceTls, finishTls } from './tls.js';
 import { DEFAULT_LIMITS, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 
@@ -295,6 +296,10 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   a.get('/images/:name/versions/:version/manifest', async (req, res) => {
     const img = await getImage(ctx, param(req, 'name'));
     res.json(await manifest(ctx, img, await getVersion(ctx, img, intParam(req, 'version'))));
+  });
+  a.post('/rotate/tls', rawJson, async (req, res) => {
+    const b = json(wire.RotateTlsRequest, req);
+    res.json(b.finish ? await finishTls(acting(req)) : await announceTls(acting(req)));
   });
   a.post('/rotate/master', rawJson, async (req, res) => {
     json(wire.RotateRequest, req);

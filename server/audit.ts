@@ -35,7 +35,8 @@ export type AuditType =
   | 'chunks.serve'
   | 'checkin'
   | 'trace.upload'
-  | 'master.rotate';
+  | 'master.rotate'
+  | 'tls.rotate';
 
 export interface Checkpoint {
   seq: number;

@@ -66,6 +66,32 @@ export function certFingerprint(certPem: string): string {
   return new X509Certificate(certPem).fingerprint256.replace(/:/g, '').toLowerCase();
 }
 
+/**
+ * A self-signed certificate for `host` (and localhost, 127.0.0.1, ::1), valid ten
+ * years: the one devices pin. A rotation's certificate has a subject of its own, so
+ * a device trusting both (while it moves) never takes one for the other's issuer.
+ */
+export async function makeCertificate(host: string, commonName = 'lethe-server'): Promise<{ private: string; cert: string }> {
+  const altNames = [
+    { type: 2 as const, value: 'localhost' },
+    { type: 7 as const, ip: '127.0.0.1' },
+    { type: 7 as const, ip: '::1' },
+  ];
+  if (host !== '127.0.0.1' && host !== 'localhost' && host !== '::1' && host !== '0.0.0.0') {
+    altNames.push(/^[\d.]+$|:/.test(host) ? { type: 7, ip: host } : { type: 2, value: host });
+  }
+  return generate([{ name: 'commonName', value: commonName }], {
+    keyType: 'ec',
+    curve: 'P-256',
+    algorithm: 'sha256',
+    notAfterDate: new Date(Date.now() + 10 * 365 * 86400_000),
+    extensions: [
+      { name: 'basicConstraints', cA: false },
+      { name: 'subjectAltName', altNames },
+    ],
+  });
+}
+
 /** Checks a --db value: a PostgreSQL URL. */
 export function checkDbUrl(db: string): string {
   if (!isPostgresUrl(db)) {
@@ -118,24 +144,7 @@ export async function initDataDir(dir: string, listen = DEFAULT_LISTEN, signingK
   wipe(signing.secretKey);
   const auditKey = b64u.encode(signing.publicKey);
 
-  const altNames = [
-    { type: 2 as const, value: 'localhost' },
-    { type: 7 as const, ip: '127.0.0.1' },
-    { type: 7 as const, ip: '::1' },
-  ];
-  if (host !== '127.0.0.1' && host !== 'localhost' && host !== '::1' && host !== '0.0.0.0') {
-    altNames.push(/^[\d.]+$|:/.test(host) ? { type: 7, ip: host } : { type: 2, value: host });
-  }
-  const pems = await generate([{ name: 'commonName', value: 'lethe-server' }], {
-    keyType: 'ec',
-    curve: 'P-256',
-    algorithm: 'sha256',
-    notAfterDate: new Date(Date.now() + 10 * 365 * 86400_000),
-    extensions: [
-      { name: 'basicConstraints', cA: false },
-      { name: 'subjectAltName', altNames },
-    ],
-  });
+  const pems = await makeCertificate(host);
   writeFileAtomic(f.tlsKey, pems.private, 0o600);
   writeFileAtomic(f.tlsCert, pems.cert, 0o644);
 

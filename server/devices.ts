@@ -7,6 +7,7 @@ import { LetheError } from '../common/errors.js';
 import { decodeEnrollToken, encodeEnrollToken } from '../common/tokens.js';
 import type { TEnrollRequest } from '../common/wire.js';
 import { inTx, newId, type Ctx } from './context.js';
+import { announcedTls } from './tls.js';
 
 export type DeviceStatus = 'active' | 'revoked' | 'wipe-pending' | 'wiped';
 
@@ -193,11 +194,13 @@ export async function heartbeat(ctx: Ctx, d: DeviceRow) {
   });
   // The signed head anchors the log on the device (docs/audit-log.md, Anchors).
   const checkpoint = await ctx.audit.latestCheckpoint();
+  const nextTls = await announcedTls(ctx);
   return {
     serverTime: iso(now),
     status: deviceStatus(d),
     commands: commands.map((c) => ({ id: c.id, type: c.type, issuedAt: iso(c.issued_at) })),
     ...(checkpoint ? { checkpoint } : {}),
+    ...(nextTls ? { nextTls } : {}),
   };
 }
 

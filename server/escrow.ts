@@ -47,6 +47,16 @@ export class Escrow {
     return Buffer.concat([Buffer.from(AD_VERSION_KEY + purpose + '\0'), imageId, g]);
   }
 
+  /** A server secret (the TLS key of a rotation) sealed by the master key, for the database. */
+  sealSecret(plain: Uint8Array, purpose: string): Buffer {
+    return seal(this.masterKey, plain, Buffer.from(AD_VERSION_KEY + 'secret\0' + purpose));
+  }
+
+  /** The plaintext of sealSecret's output; caller wipes it. */
+  openSecret(sealed: Buffer, purpose: string): Buffer {
+    return open(this.masterKey, sealed, Buffer.from(AD_VERSION_KEY + 'secret\0' + purpose));
+  }
+
   /** A term key wrapped by the master key, for the keyring table. */
   wrapTermKey(term: number, key: Uint8Array): Buffer {
     return seal(this.masterKey, key, termAd(term));

@@ -8,6 +8,7 @@ import type { Ctx } from './context.js';
 import { checkDbUrl, checkKeysMatch, loadDataDir, parseListen, urlFor } from './datadir.js';
 import { openServerDb } from './db.js';
 import { loadKeyring } from './keyring.js';
+import { servedTls, type TlsPair } from './tls.js';
 import { Escrow } from './escrow.js';
 import { Metrics } from './metrics.js';
 import { memoryNonces, tableNonces } from './nonces.js';
@@ -35,6 +36,17 @@ export interface ServerOptions {
   signHead?: boolean;
   /** The PostgreSQL URL, instead of the one config.json names (e.g. with a password from the environment). */
   db?: string;
+}
+
+/** How often a replica checks the database for a certificate rotated on another. */
+const TLS_CHECK_MS = 2_000;
+
+/** Serves `tls` (a finished rotation's pair) instead of the data dir's. */
+function useTls(ctx: Ctx, tls: TlsPair | undefined): void {
+  if (!tls) return;
+  ctx.data.tlsCert = tls.cert;
+  ctx.data.tlsKey = tls.key;
+  ctx.data.fingerprint = tls.fingerprint;
 }
 
 /** How often timeouts of open connections are checked (Node's default is 30 s, which would stretch every timeout by as much). */
@@ -69,6 +81,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     await loadKeyring(ctx);
     await ctx.audit.initOnce({ fingerprint: data.fingerprint });
     await checkAuditHead(ctx, dir, opts.signHead ?? false);
+    useTls(ctx, await servedTls(ctx));
     app = await buildApp(ctx, { limits: opts.limits ?? DEFAULT_LIMITS, metricsToken: opts.metricsToken });
   } catch (e) {
     await sdb.close();
@@ -101,6 +114,20 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
   ctx.publicUrl = data.config.publicUrl ?? urlFor(host, actual);
   const pruner = setInterval(() => void ctx.nonces.prune(ctx.now()).catch(() => {}), 30_000);
   pruner.unref();
+  // A rotation finished on any replica: serve its certificate from the next handshake on.
+  const tlsWatch = setInterval(() => {
+    servedTls(ctx).then(
+      (tls) => {
+        if (tls && tls.fingerprint !== ctx.data.fingerprint) {
+          server.setSecureContext({ key: tls.key, cert: tls.cert });
+          useTls(ctx, tls);
+          process.stderr.write(`lethe server: serving certificate sha256 ${tls.fingerprint} (rotated)\n`);
+        }
+      },
+      () => {},
+    );
+  }, TLS_CHECK_MS);
+  tlsWatch.unref();
 
   let closed = false;
   return {
@@ -110,6 +137,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
       if (closed) return;
       closed = true;
       clearInterval(pruner);
+      clearInterval(tlsWatch);
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await sdb.close();

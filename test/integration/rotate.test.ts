@@ -3,10 +3,18 @@
 // not change, so a running agent goes on and every chunk still verifies; the old
 // term is deleted from the database. Runs on both backends.
 import { expect } from 'chai';
+import { X509Certificate } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { control } from '../../agent/control.js';
-import { b64u, openSealed } from '../../common/crypto.js';
+import { DeviceClient } from '../../agent/device-client.js';
+import { loadIdentity } from '../../agent/identity.js';
+import { keepNextPin, readNextPin } from '../../agent/pins.js';
+import { b64u, openSealed, sign, signKeyPair } from '../../common/crypto.js';
+import { fetchPinnedCert } from '../../common/http-client.js';
+import { pinMessage } from '../../common/tls-pin.js';
 import { termOf } from '../../server/escrow.js';
-import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
+import { assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -108,3 +116,90 @@ describe('lethe admin rotate master (real server, agent process)', function () {
   });
 });
 
+
+describe('lethe admin rotate tls (real server)', function () {
+  this.timeout(120_000);
+  let s: ServerProc;
+
+  before(async () => {
+    s = await startServer();
+  });
+  after(async () => {
+    await s?.stop();
+  });
+
+  it('announces a certificate at heartbeats, then serves it; a device that checked in moves to it, one that did not is refused', async () => {
+    const heard = await enrolledDevice(s, 'checked-in');
+    const silent = await enrolledDevice(s, 'away');
+    const old = s.fingerprint;
+    const r = await lethe(['admin', 'rotate', 'tls', '--json'], s.env);
+    expect(r.code, r.stderr).to.equal(0);
+    const announced = JSON.parse(r.stdout) as { phase: string; fingerprint: string; previous: string };
+    expect(announced).to.include({ phase: 'announced', previous: old });
+    expect(announced.fingerprint).to.match(/^[0-9a-f]{64}$/).and.not.equal(old);
+
+    // Still the old certificate; the heartbeat brings the new one, signed.
+    await heard.client.heartbeat();
+    expect(readNextPin(heard.home)?.pin).to.equal(announced.fingerprint);
+
+    const f = await lethe(['admin', 'rotate', 'tls', '--finish', '--json'], s.env);
+    expect(f.code, f.stderr).to.equal(0);
+    expect(JSON.parse(f.stdout)).to.include({ phase: 'switched', fingerprint: announced.fingerprint });
+    await waitFor(() => fetchPinnedCert(s.url, announced.fingerprint).then(() => true, () => undefined), 30_000, 'the server serving the new certificate');
+
+    // The device that heard of it connects, and pins it alone from then on.
+    const again = new DeviceClient(await loadIdentity(heard.home, testUnlock()));
+    try {
+      expect((await again.heartbeat()).status).to.equal('active');
+    } finally {
+      again.close();
+    }
+    const info = JSON.parse(fs.readFileSync(path.join(heard.home, 'device.json'), 'utf8')) as { fingerprint: string };
+    expect(info.fingerprint).to.equal(announced.fingerprint);
+    expect(readNextPin(heard.home)).to.equal(undefined);
+
+    // The device that never checked in meanwhile does not trust the new certificate.
+    const away = new DeviceClient(await loadIdentity(silent.home, testUnlock()));
+    try {
+      expect((await rejects(away.heartbeat())).code).to.equal('PIN_MISMATCH');
+    } finally {
+      away.close();
+    }
+
+    // Admins pin the new fingerprint; the old one is refused. A restart serves the new one.
+    const stale = await lethe(['admin', 'devices'], s.env);
+    expect(stale.code).to.not.equal(0);
+    expect(stale.stderr).to.contain('not the pinned');
+    const env = { ...s.env, LETHE_PIN: announced.fingerprint };
+    const v = await lethe(['audit', 'verify', '--json'], env);
+    expect(v.code, v.stderr).to.equal(0);
+    await s.stop();
+    s = await s.restart();
+    expect(s.fingerprint).to.equal(announced.fingerprint);
+    const rows = await serverDb(s);
+    try {
+      const entries = await rows.sql.all<{ data: string }>("SELECT data FROM audit WHERE type = 'tls.rotate' ORDER BY seq");
+      expect(entries.map((e) => (JSON.parse(e.data) as { phase: string }).phase)).to.deep.equal(['announced', 'switched']);
+    } finally {
+      await rows.close();
+    }
+    heard.close();
+    silent.close();
+  });
+
+  it('an announcement not signed by the pinned key, or for another certificate, is not kept', async () => {
+    const d = await enrolledDevice(s, 'wary');
+    try {
+      const cert = fs.readFileSync(path.join(s.dir, 'tls', 'cert.pem'), 'utf8');
+      const fp = new X509Certificate(cert).fingerprint256.replace(/:/g, '').toLowerCase();
+      const forger = signKeyPair();
+      const forged = keepNextPin(d.home, d.id.info.serverSignPublicKey, { cert, fingerprint: fp, signature: b64u.encode(sign(forger.secretKey, pinMessage(fp))) });
+      expect(forged.problem).to.contain('not signed by the key pinned at enrollment');
+      const mismatched = keepNextPin(d.home, d.id.info.serverSignPublicKey, { cert, fingerprint: 'a'.repeat(64), signature: 'x' });
+      expect(mismatched.problem).to.contain('does not have the fingerprint');
+      expect(readNextPin(d.home)).to.equal(undefined);
+    } finally {
+      d.close();
+    }
+  });
+});
