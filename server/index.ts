@@ -107,7 +107,16 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
   server.maxConnections = limits.maxConnections;
   server.on('drop', () => ctx.metrics.inc('lethe_connections_refused_total'));
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
+    server.once('error', (e: NodeJS.ErrnoException) =>
+      reject(
+        e.code === 'EADDRINUSE' || e.code === 'EACCES' || e.code === 'EADDRNOTAVAIL'
+          ? new LetheError('CONFIG', `cannot listen on ${host}:${port}: ${e.code === 'EADDRINUSE' ? 'the address is in use' : e.code === 'EACCES' ? 'permission denied' : 'no such local address'}`, {
+              hint: e.code === 'EADDRINUSE' ? 'another process listens there (another lethe server?): stop it, or choose another --listen' : 'choose another --listen HOST:PORT',
+              cause: e,
+            })
+          : e,
+      ),
+    );
     server.listen(port, host, () => resolve());
   });
   const actual = (server.address() as AddressInfo).port;

@@ -1,6 +1,7 @@
 // Runs the real `lethe` CLI and a real server process for tests and benchmarks.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -91,21 +92,22 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerProc> 
     if (r.code !== 0) throw new Error(`server init failed: ${r.stderr}`);
     ({ adminToken, auditKey } = JSON.parse(r.stdout) as { adminToken: string; auditKey: string });
   }
-  const listen = `127.0.0.1:${opts.port ?? 0}`;
   const runArgs = opts.runArgs ?? [];
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', listen, '--json', ...runArgs], {
-    cwd: ROOT,
-    env: { ...process.env, ...opts.env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let err = '';
-  proc.stderr!.on('data', (d) => (err += d));
-  const first = await new Promise<string>((resolve, reject) => {
-    const rl = createInterface({ input: proc.stdout! });
-    rl.once('line', (l) => resolve(l));
-    proc.once('exit', (c) => reject(new Error(`server exited (${c}) before listening: ${err}`)));
-  });
-  const { url, fingerprint } = JSON.parse(first) as { url: string; fingerprint: string };
+  // A port below the kernel's ephemeral range: while a killed server is down, no outgoing
+  // connection (a PostgreSQL pool's, HAProxy's) can take its port, so a restart gets it back.
+  const t0 = Date.now();
+  let launched: Launched;
+  for (;;) {
+    const port = opts.port ?? (await freePort());
+    launched = await launchServer(dir, port, runArgs, opts.env);
+    if (!launched.inUse) break;
+    // A restart waits for its own port (the old process may still hold it for a moment); a first start takes another.
+    if (opts.port !== undefined && Date.now() - t0 > 30_000) break;
+    if (opts.port !== undefined) await new Promise((r) => setTimeout(r, 200));
+  }
+  if (launched.error) throw new Error(`server did not start: ${launched.error}\n${launched.stderr()}`);
+  const { proc, url, fingerprint } = launched;
+  const err = launched.stderr;
   const port = Number(new URL(url).port);
   const exited = new Promise<void>((r) => proc.once('exit', () => r()));
   const self: ServerProc = {
@@ -116,7 +118,7 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerProc> 
     auditKey,
     proc,
     env: { LETHE_SERVER: url, LETHE_PIN: fingerprint, LETHE_ADMIN_TOKEN: adminToken, LETHE_AUDIT_KEY: auditKey },
-    stderr: () => err,
+    stderr: err,
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
       await exited;
@@ -128,6 +130,52 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerProc> 
     restart: (runArgs?: string[]) => startServer({ ...opts, dir, adminToken, auditKey, port, runArgs: runArgs ?? opts.runArgs }),
   };
   return self;
+}
+
+interface Launched {
+  proc: ChildProcess;
+  url: string;
+  fingerprint: string;
+  stderr: () => string;
+  /** Set when the server said it could not start; `inUse` when its port was taken. */
+  error?: string;
+  inUse?: boolean;
+}
+
+/** `lethe server run` on `port`; resolves once it prints its first line: where it listens, or why it cannot. */
+async function launchServer(dir: string, port: number, runArgs: string[], env: Record<string, string> = {}): Promise<Launched> {
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'server', 'run', '--data', dir, '--listen', `127.0.0.1:${port}`, '--json', ...runArgs], {
+    cwd: ROOT,
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let err = '';
+  proc.stderr!.on('data', (d) => (err += d));
+  const stderr = () => err;
+  const first = await new Promise<string>((resolve, reject) => {
+    const rl = createInterface({ input: proc.stdout! });
+    rl.once('line', (l) => resolve(l));
+    proc.once('exit', (c) => reject(new Error(`server exited (${c}) before listening: ${err}`)));
+  });
+  const line = JSON.parse(first) as { url?: string; fingerprint?: string; error?: { code: string; message: string } };
+  if (line.error || !line.url || !line.fingerprint) {
+    await new Promise<void>((r) => (proc.exitCode === null && proc.signalCode === null ? proc.once('exit', () => r()) : r()));
+    return { proc, url: '', fingerprint: '', stderr, error: line.error ? `${line.error.code}: ${line.error.message}` : first, inUse: /in use/.test(line.error?.message ?? '') };
+  }
+  return { proc, url: line.url, fingerprint: line.fingerprint, stderr };
+}
+
+/** A loopback port that is free now, chosen below the ephemeral range (ip_local_port_range starts at 32768). */
+export async function freePort(): Promise<number> {
+  for (;;) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const ok = await new Promise<boolean>((resolve) => {
+      const srv = net.createServer();
+      srv.once('error', () => resolve(false));
+      srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
+    });
+    if (ok) return port;
+  }
 }
 
 export interface AgentProc {

@@ -293,6 +293,8 @@ describe('device failover between replicas', function () {
   it('8 devices through HAProxy while a replica is killed and restarted: every call answered, no lease lost, one chain', async () => {
     const lb = await startHaproxy([a, b].map((s) => new URL(s.url).host));
     const devs: { t: TestDevice; c: DeviceClient; lease: string }[] = [];
+    let stop = false;
+    let work: Promise<void>[] = [];
     try {
       for (let i = 0; i < 8; i++) {
         const t = await enrolledDevice(a, `lb-${i}`);
@@ -300,10 +302,9 @@ describe('device failover between replicas', function () {
         const c = new DeviceClient({ ...t.id, info: { ...t.id.info, server: lb.url } });
         devs.push({ t, c, lease: (await c.lease('desk')).leaseId });
       }
-      let stop = false;
       const failures: string[] = [];
       let calls = 0;
-      const work = devs.map(async (d, i) => {
+      work = devs.map(async (d, i) => {
         for (let round = 0; !stop; round++) {
           try {
             if (round % 3 === 0) expect((await d.c.renew(d.lease)).leaseId).to.equal(d.lease);
@@ -338,6 +339,8 @@ describe('device failover between replicas', function () {
       expect(v.code, v.stderr).to.equal(0);
       expect(JSON.parse(v.stdout)).to.include({ ok: true, entries: max });
     } finally {
+      stop = true;
+      await Promise.allSettled(work);
       for (const d of devs) {
         d.c.close();
         d.t.close();

@@ -2,6 +2,7 @@
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { lethe, ROOT, tmpDir } from '../helpers/proc.js';
@@ -54,6 +55,24 @@ describe('lethe server (CLI)', function () {
     const l = await lethe(['server', 'init', '--data', dir, '--listen', 'localhost']);
     expect(l.code).to.equal(2);
     expect(l.stderr).to.equal("lethe: error: bad listen address: 'localhost'\nlethe: hint: use HOST:PORT, e.g. 127.0.0.1:7443\n");
+  });
+
+  it('`server run` on an address another process holds says so, with what to do', async () => {
+    const dir = path.join(tmpDir(), 'data');
+    expect((await lethe(['server', 'init', '--data', dir, '--listen', '127.0.0.1:0'])).code).to.equal(0);
+    const holder = net.createServer();
+    await new Promise<void>((r) => holder.listen(0, '127.0.0.1', () => r()));
+    const port = (holder.address() as net.AddressInfo).port;
+    try {
+      const r = await lethe(['server', 'run', '--data', dir, '--listen', `127.0.0.1:${port}`]);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.equal(
+        `lethe: error: cannot listen on 127.0.0.1:${port}: the address is in use\n` +
+          'lethe: hint: another process listens there (another lethe server?): stop it, or choose another --listen\n',
+      );
+    } finally {
+      holder.close();
+    }
   });
 
   it('an unknown command is named with a hint', async () => {
