@@ -19,6 +19,7 @@ import { closeIdentity, loadIdentity, type Identity } from './identity.js';
 import type { Unlock } from './unlock.js';
 import { KeyRing } from './keyring.js';
 import { LeaseKeeper } from './lease-keeper.js';
+import { PushChannel } from './push.js';
 import { acknowledgeRevoke, eraseRevokedHome, performWipe } from './wipe.js';
 import { AgentDiskBackend } from './disk-backend.js';
 import { NbdServer, type NbdAddress } from './nbd/server.js';
@@ -40,6 +41,8 @@ export interface AgentOptions {
   image: string;
   cacheBytes: number;
   heartbeatMs: number;
+  /** Keep the push channel open (default): commands arrive at once, not at the next heartbeat. */
+  push?: boolean;
   prefetch: boolean;
   /** Where to serve the VM disk over NBD (default: nbd.sock in the device home); null: not at all. */
   nbd?: NbdAddress | null;
@@ -101,10 +104,12 @@ function buildStatus(
   prefetch: { done: number; total: number },
   nbd: NbdServer | undefined,
   vm: AgentVm | undefined,
+  push: PushChannel,
 ) {
   const now = Date.now();
   return {
     device: deviceId,
+    push: { connected: push.connected, replica: push.replica ?? null, opens: push.opens },
     image: o.image,
     version: core.manifest?.version ?? null,
     lease: {
@@ -162,8 +167,11 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   const cache = ChunkCache.inHome(o.home, o.cacheBytes);
   const keys = new KeyRing();
   const lease = new LeaseKeeper(urgent, id, keys, o.image, o.heartbeatMs);
-  // Whichever part's call the server refuses (renewal, a key or chunk fetch, prefetch), the lease keeper acts on it.
-  for (const c of [urgent, background]) c.on('refused', (r) => lease.serverRefused(r));
+  // The push channel has a client of its own: its failover between server URLs moves no other call.
+  const pushClient = new DeviceClient(id);
+  const push = new PushChannel(pushClient, (signed, arrivedAt) => lease.command(signed, 'push', arrivedAt));
+  // Whichever part's call the server refuses (renewal, a key or chunk fetch, prefetch, the push channel), the lease keeper acts on it.
+  for (const c of [urgent, background, pushClient]) c.on('refused', (r) => lease.serverRefused(r));
   const fetcher = new Fetcher(urgent, background, () => lease.leaseId(), () => lease.evictionPoint());
   const core = new AgentCore(id, cache, keys, fetcher, lease, o.diskMemoryBytes);
   const prefetch = { done: 0, total: 0, running: false };
@@ -195,6 +203,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
     // Keys first (the lease stops and zeroes them), then QEMU and the evictor: nothing
     // may use the core or the cache after them.
     lease.stop();
+    push.stop();
     await vm?.stop();
     const closing = nbd?.close();
     disk?.close();
@@ -206,6 +215,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
     if (removeCache) for (const f of ['cache.db', 'cache.db-wal', 'cache.db-shm']) fs.rmSync(path.join(o.home, f), { force: true });
     urgent.close();
     background.close();
+    pushClient.close();
     await closing;
   };
 
@@ -384,17 +394,18 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   lease.on('revoked', (e) => {
     log(`refused by the server: ${e.message}; keys zeroed, stopping the VM, deleting the cache and device keys`);
     core.evictAllSensitive();
-    shutdown(EXIT_REVOKED, true, () => eraseRevoked(e.code === 'DEVICE_WIPED' ? 'wiped' : 'revoked'));
+    const zeroedAfterMs = lease.endedBy ? Date.now() - lease.endedBy.at : undefined;
+    shutdown(EXIT_REVOKED, true, () => eraseRevoked(e.code === 'DEVICE_WIPED' ? 'wiped' : 'revoked', zeroedAfterMs));
   });
   /** Revocation implies a wipe here (docs/lease-state.md): the home keeps device.json, no key and no cache; a revoked device says so to the server. */
-  const eraseRevoked = async (status: 'revoked' | 'wiped') => {
+  const eraseRevoked = async (status: 'revoked' | 'wiped', zeroedAfterMs?: number) => {
     try {
       const removed = eraseRevokedHome(o.home, id.info.deviceId, status);
       log(`device keys and cache deleted (${removed.join(', ') || 'nothing left'}); this device must be enrolled again`);
       if (status === 'wiped') return;
       const client = new DeviceClient(id);
       try {
-        const acked = await acknowledgeRevoke(client, o.home, removed);
+        const acked = await acknowledgeRevoke(client, o.home, removed, undefined, zeroedAfterMs);
         log(acked ? 'revocation acknowledged to the server' : 'the server did not take the acknowledgement of the revocation; the signing key is gone anyway');
       } finally {
         client.close();
@@ -406,10 +417,11 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   lease.on('wipe', (cmd) => {
     log(`wipe ordered by IT (${cmd}): zeroing keys, deleting the cache and device keys`);
     core.evictAllSensitive();
+    const zeroedAfterMs = lease.endedBy ? Date.now() - lease.endedBy.at : undefined;
     shutdown(EXIT_REVOKED, true, async () => {
       const client = new DeviceClient(id);
       try {
-        const r = await performWipe(id, client, cmd);
+        const r = await performWipe(id, client, cmd, zeroedAfterMs);
         log(r.acked ? 'wipe done and acknowledged' : "wipe done; acknowledgement pending (run 'lethe heartbeat' when online)");
       } catch (e) {
         log(`wipe failed: ${errorChain(e)}`);
@@ -464,7 +476,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   };
 
   control = serveControl(o.home, async (req) => {
-    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm);
+    if (req.cmd === 'status') return buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm, push);
     if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
     if (req.cmd === 'checkin') {
       await disk?.flush();
@@ -482,12 +494,17 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   });
 
   lease.start();
+  if (o.push !== false) {
+    push.on('log', (l) => log(l));
+    push.on('open', (p) => log(`push channel open to ${p.url}${p.replica ? ` (${p.replica})` : ''}`));
+    push.start();
+  }
   log(`device ${id.info.deviceId} serving ${o.image}; control socket ${path.join(o.home, 'agent.sock')}`);
   return {
     core,
     lease,
     identity: id,
-    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm),
+    status: () => buildStatus(o, id.info.deviceId, lease, keys, cache, core, fetcher, prefetch, nbd, vm, push),
     done,
     stop: () => shutdown(0),
   };

@@ -4,7 +4,9 @@
 // (the lease keeper's refused path) whichever part made the call.
 import { EventEmitter } from 'node:events';
 import { LetheError, type ErrorCode } from '../common/errors.js';
-import { PinnedClient, type HttpResponse, type NextPin } from '../common/http-client.js';
+import WebSocket from 'ws';
+import { errorFromResponse, PinnedClient, type HttpResponse, type NextPin } from '../common/http-client.js';
+import { PUSH_PATH } from '../common/push.js';
 import { keepNextPin, promoteNextPin, readNextPin } from './pins.js';
 import { signRequest } from '../common/signing.js';
 import * as wire from '../common/wire.js';
@@ -113,16 +115,53 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
     this.servers.splice(0, this.servers.length, ...urls.map((u) => new PinnedClient(u, this.id.info.fingerprint, this.id.certPem, next)));
   }
 
-  ack(commandId: string, ok: boolean, detail?: string) {
+  /** Acknowledges a command; `zeroedAfterMs`: from its arrival to keys zeroed and sensitive plaintext gone. */
+  ack(commandId: string, ok: boolean, detail?: string, zeroedAfterMs?: number) {
     return this.signedJson<{ id: string; acked: boolean }>('POST', `/v1/device/commands/${encodeURIComponent(commandId)}/ack`, {
       ok,
       ...(detail ? { detail } : {}),
+      ...(zeroedAfterMs !== undefined ? { zeroedAfterMs: Math.round(zeroedAfterMs) } : {}),
     });
   }
 
   /** Tells the server this revoked device erased its keys and cache (docs/escrow-protocol.md, "Device status"). */
-  ackRevoke(detail?: string) {
-    return this.signedJson<wire.TRevokeAckResponse>('POST', '/v1/device/revoke/ack', detail ? { detail } : {});
+  ackRevoke(detail?: string, zeroedAfterMs?: number) {
+    return this.signedJson<wire.TRevokeAckResponse>('POST', '/v1/device/revoke/ack', {
+      ...(detail ? { detail } : {}),
+      ...(zeroedAfterMs !== undefined ? { zeroedAfterMs: Math.round(zeroedAfterMs) } : {}),
+    });
+  }
+
+  /**
+   * Opens the push channel (docs/push.md) to the current server URL: a WebSocket
+   * whose upgrade request is signed like every call, over the pinned TLS. A
+   * refusal of the device is reported like any call's.
+   */
+  async openPush(): Promise<WebSocket> {
+    const client = this.http;
+    const tlsOpts = await client.tlsOptions();
+    const headers = signRequest(this.id.sign.secretKey, this.id.info.deviceId, 'GET', PUSH_PATH, Buffer.alloc(0));
+    const url = client.baseUrl.replace(/^https:/, 'wss:') + PUSH_PATH;
+    const opened = new Promise<WebSocket>((resolve, reject) => {
+      const ws = new WebSocket(url, { headers, ...tlsOpts, perMessageDeflate: false, handshakeTimeout: 10_000, maxPayload: 64 * 1024 });
+      ws.once('open', () => resolve(ws));
+      ws.once('unexpected-response', (_req, res) => {
+        const parts: Buffer[] = [];
+        res.on('data', (c: Buffer) => parts.push(c));
+        res.on('end', () => {
+          reject(errorFromResponse({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(parts) }));
+          ws.terminate();
+        });
+        res.on('error', (e) => reject(client.connectError(e)));
+      });
+      ws.once('error', (e) => reject(client.connectError(e)));
+    });
+    return this.reporting(opened);
+  }
+
+  /** Requests go to the next server URL from now on (the push channel's failover). */
+  nextServer(): void {
+    this.current = (this.current + 1) % this.servers.length;
   }
 
   lease(image: string) {

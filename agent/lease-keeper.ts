@@ -23,6 +23,8 @@ import { isTransient } from './fetcher.js';
 import { keepCheckpoint } from './anchor.js';
 import type { Identity } from './identity.js';
 import type { KeyRing } from './keyring.js';
+import { openCommand, PushRefused, type TPushCommand } from '../common/push.js';
+import { readLastSeq, writeLastSeq } from './push.js';
 
 export type LeaseState = 'none' | 'active' | 'expired' | 'revoked' | 'wiping' | 'stopped';
 
@@ -75,6 +77,12 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   private endedByServer?: string;
   /** A check-in is moving the lease to a new version: answers about the old one do not end it. */
   private moving = false;
+  /** The highest command number this device carried out (push.json in its home): one at or below it is refused. */
+  private lastSeq: number;
+  /** Commands being carried out now, by number: the same one arriving again (push and heartbeat) is not done twice. */
+  private readonly inHand = new Set<number>();
+  /** When the order that ended the agent arrived (a wipe, a revoke, a refusal), and the command, if one. */
+  endedBy?: { at: number; command?: string };
 
   constructor(
     private readonly client: DeviceClient,
@@ -84,6 +92,88 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     private readonly heartbeatMs: number,
   ) {
     super();
+    this.lastSeq = readLastSeq(id.home);
+  }
+
+  /**
+   * A signed command from the server, by push or in a heartbeat answer
+   * (docs/push.md). One signed by another key, for another device, or numbered at
+   * or below the last one carried out is refused and logged; the rest are carried
+   * out: wipe and revoke end the agent (their acknowledgements come from the
+   * erasure), lease-end zeroes the lease's keys, policy renews at once to take
+   * the new policy, rotate checks in at once. `arrivedAt` times the acknowledgement.
+   */
+  command(signed: unknown, via: 'push' | 'heartbeat', arrivedAt = Date.now()): void {
+    let cmd: TPushCommand;
+    try {
+      cmd = openCommand(b64u.decode(this.id.info.serverSignPublicKey), this.id.info.deviceId, signed);
+    } catch (e) {
+      this.emit('log', `refused a command (${via}): ${e instanceof PushRefused ? e.message : String(e)}`);
+      return;
+    }
+    if (this.inHand.has(cmd.seq)) return;
+    if (cmd.seq <= this.lastSeq) {
+      this.emit('log', `refused command #${cmd.seq} (${cmd.type}, ${via}): #${this.lastSeq} was already carried out (a replay?)`);
+      return;
+    }
+    if (this.final()) return;
+    this.inHand.add(cmd.seq);
+    this.emit('log', `command #${cmd.seq} from the server (${via}): ${cmd.type}${cmd.lease ? ` ${cmd.lease}` : ''}${cmd.image ? ` ${cmd.image}` : ''}`);
+    if (cmd.type === 'wipe') {
+      this.wipeNow(cmd.id, arrivedAt);
+      return;
+    }
+    if (cmd.type === 'revoke') {
+      this.refused(new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' }), { at: arrivedAt, command: cmd.id });
+      return;
+    }
+    void this.carryOut(cmd, arrivedAt);
+  }
+
+  /** lease-end, policy, rotate: act, acknowledge, and remember the number once the server has the acknowledgement. */
+  private async carryOut(cmd: TPushCommand, arrivedAt: number): Promise<void> {
+    let detail = '';
+    let zeroedAfterMs: number | undefined;
+    try {
+      if (cmd.type === 'lease-end') {
+        if (this.state === 'active' && this.lease?.leaseId === cmd.lease) {
+          await this.leaseEndedByServer(new LetheError('LEASE_EXPIRED', `the server ended lease ${cmd.lease}`));
+          zeroedAfterMs = Date.now() - arrivedAt;
+          detail = 'keys zeroed';
+        } else detail = 'not the lease this device holds now';
+      } else if (cmd.type === 'policy') {
+        detail = (await this.renewNow()) ? 'renewed: the new policy applies' : 'no lease now: the next one carries the policy';
+      } else if (cmd.type === 'rotate') {
+        this.scheduleHeartbeat(0);
+        detail = 'checking in now';
+      }
+      await this.client.ack(cmd.id, true, detail, zeroedAfterMs);
+      this.lastSeq = Math.max(this.lastSeq, cmd.seq);
+      writeLastSeq(this.id.home, this.lastSeq);
+    } catch (e) {
+      if (!this.refused(e)) this.emit('log', `command #${cmd.seq} (${cmd.type}) not acknowledged: ${e instanceof Error ? e.message : String(e)}; the server hands it out again`);
+    } finally {
+      this.inHand.delete(cmd.seq);
+    }
+  }
+
+  /** Renews the active lease now (a new policy); false without one. */
+  private async renewNow(): Promise<boolean> {
+    if (this.state !== 'active' || !this.lease) return false;
+    const l = await this.client.renew(this.lease.leaseId);
+    if (this.state !== 'active') return false;
+    this.renewals++;
+    this.leaseGranted(l, true);
+    return true;
+  }
+
+  private wipeNow(commandId: string, arrivedAt: number): void {
+    if (this.final()) return;
+    this.stopTimers();
+    this.keys.zeroAll();
+    this.state = 'wiping';
+    this.endedBy = { at: arrivedAt, command: commandId };
+    this.emit('wipe', commandId);
   }
 
   /** When the work before expiry starts (ms since the epoch); Infinity without an active lease. */
@@ -274,13 +364,14 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     void this.acquire();
   }
 
-  /** Handles 403s that end the agent (once, from any call); returns true if `e` was one. */
-  private refused(e: unknown): boolean {
+  /** Handles 403s that end the agent (once, from any call, or a pushed revoke); returns true if `e` was one. */
+  private refused(e: unknown, by: { at: number; command?: string } = { at: Date.now() }): boolean {
     if (!(e instanceof LetheError)) return false;
     if (e.code === 'DEVICE_REVOKED' || e.code === 'DEVICE_WIPED') {
       if (this.final()) return true;
       this.stopTimers();
       this.keys.zeroAll();
+      this.endedBy = by;
       this.state = 'revoked';
       this.emit('revoked', e);
       return true;
@@ -304,14 +395,12 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
       const anchorProblem = hb.checkpoint && keepCheckpoint(this.id.home, this.id.info.serverSignPublicKey, hb.checkpoint);
       if (anchorProblem) this.emit('log', `audit: ${anchorProblem}`);
       if (hb.pinProblem) this.emit('log', `tls: ${hb.pinProblem}`);
-      const wipeCmd = hb.commands.find((c) => c.type === 'wipe');
-      if (wipeCmd && !this.final()) {
-        this.stopTimers();
-        this.keys.zeroAll();
-        this.state = 'wiping';
-        this.emit('wipe', wipeCmd.id);
-        return;
-      }
+      // The push channel is the fast path; what it did not bring (or the device missed) comes here.
+      const arrivedAt = Date.now();
+      // A wipe goes first: it does all a revoke does, and more.
+      const ordered = [...hb.commands].sort((a, b) => Number(b.type === 'wipe') - Number(a.type === 'wipe'));
+      for (const c of ordered) this.command(c.signed, 'heartbeat', arrivedAt);
+      if (this.final()) return;
     } catch (e) {
       if (this.refused(e) && this.final()) return;
     }

@@ -26,12 +26,12 @@ export function wipeLocalData(home: string): string[] {
 }
 
 /** Wipes local data, acknowledges, then removes what remained. Returns whether the ack reached the server. */
-export async function performWipe(id: Identity, client: DeviceClient, commandId: string): Promise<{ acked: boolean; removed: string[] }> {
+export async function performWipe(id: Identity, client: DeviceClient, commandId: string, zeroedAfterMs?: number): Promise<{ acked: boolean; removed: string[] }> {
   const f = homeFiles(id.home);
   fs.writeFileSync(path.join(id.home, 'wipe-pending.json'), JSON.stringify({ command: commandId }) + '\n', { mode: 0o600 });
   const removed = wipeLocalData(id.home);
   try {
-    await client.ack(commandId, true, `removed ${removed.length} item(s)`);
+    await client.ack(commandId, true, `removed ${removed.length} item(s)`, zeroedAfterMs);
   } catch {
     return { acked: false, removed };
   }
@@ -78,10 +78,16 @@ export function eraseRevokedHome(home: string, deviceId: string, status: 'revoke
  * acknowledgement is lost. `by` says who erased (the agent, or 'lethe
  * heartbeat'). Returns whether the server has it.
  */
-export async function acknowledgeRevoke(client: DeviceClient, home: string, removed: string[], by = 'keys zeroed, VM stopped'): Promise<boolean> {
+export async function acknowledgeRevoke(
+  client: DeviceClient,
+  home: string,
+  removed: string[],
+  by = 'keys zeroed, VM stopped',
+  zeroedAfterMs?: number,
+): Promise<boolean> {
   const detail = `${by}; removed ${removed.length} item(s): ${removed.join(', ')}`.slice(0, 1024);
   try {
-    await withRetry(() => client.ackRevoke(detail), Date.now() + REVOKE_ACK_WINDOW_MS);
+    await withRetry(() => client.ackRevoke(detail, zeroedAfterMs), Date.now() + REVOKE_ACK_WINDOW_MS);
   } catch {
     return false;
   }

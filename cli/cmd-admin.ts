@@ -2,7 +2,7 @@
 import type { Argv } from 'yargs';
 import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
-import { withAdmin, type AdminArgs } from './admin-client.js';
+import { withAdmin, type AdminArgs, type AdminClient } from './admin-client.js';
 import { emit, table, type OutOpts } from './output.js';
 
 type A = AdminArgs & OutOpts;
@@ -22,7 +22,48 @@ interface DeviceView {
   lastSeen: string | null;
   seal: string;
   images: string[];
+  connected: boolean;
 }
+
+/** A command as GET /v1/admin/commands/ID shows it. */
+interface CommandView {
+  id: string;
+  type: string;
+  issuedAt: string;
+  deliveredAt: string | null;
+  deliveredVia: string | null;
+  ackedAt: string | null;
+  elapsedMs?: number;
+  result?: { ok: boolean; detail?: string; zeroedAfterMs?: number };
+}
+
+const waitOpt = <T>(y: Argv<T>) =>
+  y.option('wait', {
+    type: 'string',
+    describe: 'wait until the device acknowledges (up to the given time, 30s if none) and print how long it took',
+  });
+
+/** With --wait: polls the command until the device acknowledged it; NOT_ACKNOWLEDGED when the time runs out. */
+async function waitForAck(c: AdminClient, command: string | undefined, wait: string | undefined): Promise<CommandView | undefined> {
+  if (wait === undefined || command === undefined) return undefined;
+  const ms = wait === '' ? 30_000 : parseDuration(wait, '--wait', { max: 86_400_000 });
+  const until = Date.now() + ms;
+  for (;;) {
+    const v = await c.json<CommandView>('GET', `/commands/${encodeURIComponent(command)}`);
+    if (v.ackedAt) return v;
+    if (Date.now() >= until) {
+      throw new LetheError('NOT_ACKNOWLEDGED', `the device has not acknowledged ${v.type} ${command} (issued ${v.issuedAt}${v.deliveredAt ? `, delivered ${v.deliveredAt} by ${v.deliveredVia}` : ', not delivered yet'})`, {
+        hint: "the command stays pending: the device carries it out when it next connects; 'lethe admin devices' shows whether it is connected now",
+      });
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+const ackLine = (v: CommandView) =>
+  `acknowledged by the device ${((v.elapsedMs ?? 0) / 1000).toFixed(2)} s after the command (delivered by ${v.deliveredVia ?? 'its acknowledgement'}${
+    v.result?.zeroedAfterMs !== undefined ? `; keys zeroed and plaintext evicted ${v.result.zeroedAfterMs} ms after it arrived` : ''
+  })`;
 
 export function adminCommand(y: Argv) {
   return y.command('admin', 'IT administration: enroll, list, assign, revoke and wipe devices', (y) =>
@@ -48,8 +89,8 @@ export function adminCommand(y: Argv) {
             r.devices.length === 0
               ? 'no devices enrolled'
               : table(
-                  ['ID', 'NAME', 'STATUS', 'SEAL', 'LAST SEEN', 'IMAGES'],
-                  r.devices.map((d) => [d.id, d.name, d.status, d.seal, d.lastSeen, d.images.join(',') || '-']),
+                  ['ID', 'NAME', 'STATUS', 'CONNECTED', 'SEAL', 'LAST SEEN', 'IMAGES'],
+                  r.devices.map((d) => [d.id, d.name, d.status, d.connected ? 'now' : '-', d.seal, d.lastSeen, d.images.join(',') || '-']),
                 ),
           );
         }),
@@ -79,25 +120,30 @@ export function adminCommand(y: Argv) {
       )
       .command(
         'revoke <device>',
-        'refuse every request of a device from now on',
-        (y) => y.positional('device', { type: 'string', demandOption: true }),
+        'refuse every request of a device from now on; an online device erases its keys and cache at once',
+        (y) => waitOpt(y.positional('device', { type: 'string', demandOption: true })),
         (a) =>
           withAdmin(a as A, async (c) => {
-            const r = await c.json<{ id: string; status: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/revoke`);
-            emit(a as A, r, () => `device ${r.id} is ${r.status}`);
+            const r = await c.json<{ id: string; status: string; command?: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/revoke`);
+            const ack = await waitForAck(c, r.command, a.wait);
+            emit(a as A, ack ? { ...r, ack } : r, () => [`device ${r.id} is ${r.status}`, ...(ack ? [ackLine(ack)] : [])].join('\n'));
           }),
       )
       .command(
         'wipe <device>',
-        'order a device to wipe itself at its next heartbeat',
-        (y) => y.positional('device', { type: 'string', demandOption: true }),
+        'order a device to wipe itself: at once if it is online (push), else at its next heartbeat',
+        (y) => waitOpt(y.positional('device', { type: 'string', demandOption: true })),
         (a) =>
           withAdmin(a as A, async (c) => {
-            const r = await c.json<{ id: string; status: string; erasedAt?: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/wipe`);
-            emit(a as A, r, () =>
-              r.erasedAt
-                ? `device ${r.id} is ${r.status}: it erased its keys and cache when it was revoked (acknowledged ${r.erasedAt})`
-                : `device ${r.id} is ${r.status}: it wipes itself at its next heartbeat`,
+            const r = await c.json<{ id: string; status: string; erasedAt?: string; command?: string }>('POST', `/devices/${encodeURIComponent(String(a.device))}/wipe`);
+            const ack = await waitForAck(c, r.command, a.wait);
+            emit(a as A, ack ? { ...r, ack } : r, () =>
+              [
+                r.erasedAt
+                  ? `device ${r.id} is ${r.status}: it erased its keys and cache when it was revoked (acknowledged ${r.erasedAt})`
+                  : `device ${r.id} is ${r.status}: it wipes itself now if it is online, else at its next heartbeat`,
+                ...(ack ? [ackLine(ack)] : []),
+              ].join('\n'),
             );
           }),
       )

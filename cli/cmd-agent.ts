@@ -100,6 +100,11 @@ export function agentCommand(y: Argv) {
             .positional('image', { type: 'string', demandOption: true })
             .option('cache-size', { type: 'string', default: '2G', describe: 'ciphertext cache limit' })
             .option('heartbeat', { type: 'string', default: '30s', describe: 'how often to check in with the server' })
+            .option('push', {
+              type: 'boolean',
+              default: true,
+              describe: 'keep a push channel open so that wipe, revoke and policy changes arrive at once (--no-push: at the next heartbeat)',
+            })
             .option('prefetch', {
               type: 'boolean',
               default: true,
@@ -128,6 +133,7 @@ export function agentCommand(y: Argv) {
             image: String(a.image),
             cacheBytes: parseSize(String(a['cache-size']), '--cache-size'),
             heartbeatMs: parseDuration(String(a.heartbeat), '--heartbeat', { min: 100, max: MAX_TIMER_MS }),
+            push: a.push,
             prefetch: a.prefetch !== false,
             nbd: nbdAddress(a as NbdArgs),
             nbdPeers: a['nbd-peers'] as NbdPeers,

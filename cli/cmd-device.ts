@@ -2,6 +2,8 @@
 import os from 'node:os';
 import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
+import { b64u } from '../common/crypto.js';
+import { openCommand } from '../common/push.js';
 import { DeviceClient } from '../agent/device-client.js';
 import { closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity } from '../agent/identity.js';
 import { acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe } from '../agent/wipe.js';
@@ -31,7 +33,16 @@ async function heartbeat(a: HomeArgs): Promise<void> {
     const anchorProblem = hb.checkpoint && keepCheckpoint(a.home, id.info.serverSignPublicKey, hb.checkpoint);
     if (anchorProblem) process.stderr.write(`lethe: warning: ${anchorProblem}\n`);
     if (hb.pinProblem) process.stderr.write(`lethe: warning: ${hb.pinProblem}; the current certificate stays the only one trusted\n`);
-    const wipe = hb.commands.find((c) => c.type === 'wipe');
+    // Only a wipe the server signed for this device is carried out (docs/push.md).
+    const wipe = hb.commands.find((c) => {
+      if (c.type !== 'wipe') return false;
+      try {
+        return openCommand(b64u.decode(id.info.serverSignPublicKey), id.info.deviceId, c.signed).type === 'wipe';
+      } catch (e) {
+        process.stderr.write(`lethe: warning: refused a wipe command: ${(e as Error).message}\n`);
+        return false;
+      }
+    });
     if (wipe) {
       const r = await performWipe(id, client, wipe.id);
       return finishWipe(a, id.info.deviceId, wipe.id, r.acked);

@@ -41,6 +41,7 @@ export const ERROR_CODES = {
   DEVICE_LOCKED: 0,
   UNLOCK_FAILED: 0,
   TPM_UNAVAILABLE: 0,
+  NOT_ACKNOWLEDGED: 0,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

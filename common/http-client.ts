@@ -90,13 +90,11 @@ export class PinnedClient {
     return this.certPem;
   }
 
-  private async getAgent(): Promise<https.Agent> {
-    if (this.agent) return this.agent;
+  /** What a TLS connection to this server trusts: the pinned certificate (and the announced next one), checked at every handshake. */
+  async tlsOptions(): Promise<Pick<tls.ConnectionOptions, 'ca' | 'checkServerIdentity'>> {
     const ca = await this.certificate();
     const next = this.next ? normalizeFingerprint(this.next.pin) : undefined;
-    this.agent = new https.Agent({
-      keepAlive: true,
-      maxSockets: 16,
+    return {
       ca: this.next ? [ca, this.next.certPem] : ca,
       checkServerIdentity: (_host, cert) => {
         const got = fingerprintOf(cert.raw);
@@ -104,7 +102,17 @@ export class PinnedClient {
         this.presented = got;
         return undefined;
       },
-    });
+    };
+  }
+
+  /** A connection failure as the error a caller acts on: PIN_MISMATCH for a certificate outside the trusted ones, else SERVER_UNREACHABLE. */
+  connectError(e: unknown): LetheError {
+    return e instanceof LetheError ? e : untrusted(e) ? pinRefused(this.baseUrl, this.pin, e) : unreachable(this.baseUrl, e);
+  }
+
+  private async getAgent(): Promise<https.Agent> {
+    if (this.agent) return this.agent;
+    this.agent = new https.Agent({ keepAlive: true, maxSockets: 16, ...(await this.tlsOptions()) });
     return this.agent;
   }
 
@@ -133,7 +141,7 @@ export class PinnedClient {
         },
       );
       req.setTimeout(60_000, () => req.destroy(new Error('request timed out')));
-      req.on('error', (e) => reject(e instanceof LetheError ? e : untrusted(e) ? pinRefused(this.baseUrl, this.pin, e) : unreachable(this.baseUrl, e)));
+      req.on('error', (e) => reject(this.connectError(e)));
       req.end(opts.body);
     });
     if (res.status >= 400) throw errorFromResponse(res);
@@ -154,7 +162,7 @@ export class PinnedClient {
   }
 }
 
-function errorFromResponse(res: HttpResponse): LetheError {
+export function errorFromResponse(res: HttpResponse): LetheError {
   try {
     const j = JSON.parse(res.body.toString('utf8')) as { code?: string; message?: string; hint?: string };
     if (j.code && j.code in ERROR_CODES) {

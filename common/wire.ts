@@ -2,6 +2,7 @@
 // The server validates every request body with these; tests check responses.
 import { z } from 'zod';
 import { CHUNK_KINDS, SEAL_KINDS, EXPIRY_ACTIONS, FREE_PAGE_ACTIONS, MAX_BATCH, MEMORY_MODES, PREFETCH_ORDERS, SENSITIVITY_CLASSES, WIPE_ACTIONS } from './constants.js';
+import { COMMAND_TYPES, SignedCommand as SignedCommandSchema } from './push.js';
 
 const b64url = (bytes?: number) =>
   z
@@ -34,7 +35,14 @@ export const RotateTlsRequest = z.strictObject({ finish: z.boolean().optional() 
 export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
 
 export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });
-export const Command = z.object({ id: z.string(), type: z.enum(['wipe']), issuedAt: z.string() });
+/** A command the device has not acknowledged; `signed` is the same signed command the push channel carries (docs/push.md). */
+export const Command = z.object({
+  id: z.string(),
+  type: z.enum(COMMAND_TYPES),
+  seq: z.number().int().positive(),
+  issuedAt: z.string(),
+  signed: SignedCommandSchema,
+});
 /** A signed audit head (docs/audit-log.md): what devices and exports anchor. */
 export const SignedCheckpoint = z.object({
   seq: z.number().int().positive(),
@@ -52,9 +60,17 @@ export const HeartbeatResponse = z.object({
   nextTls: z.object({ cert: z.string().max(16_384), fingerprint: z.string().regex(/^[0-9a-f]{64}$/), signature: z.string().max(200) }).optional(),
 });
 
-export const AckRequest = z.strictObject({ ok: z.boolean(), detail: z.string().max(1024).optional() });
+export const AckRequest = z.strictObject({
+  ok: z.boolean(),
+  detail: z.string().max(1024).optional(),
+  /** Milliseconds from the command's arrival on the device to its keys zeroed. */
+  zeroedAfterMs: z.number().int().nonnegative().max(86_400_000).optional(),
+});
 /** A revoked device saying it erased its keys and cache (docs/escrow-protocol.md, "Device status"). */
-export const RevokeAckRequest = z.strictObject({ detail: z.string().max(1024).optional() });
+export const RevokeAckRequest = z.strictObject({
+  detail: z.string().max(1024).optional(),
+  zeroedAfterMs: z.number().int().nonnegative().max(86_400_000).optional(),
+});
 export const RevokeAckResponse = z.object({ id: z.string(), status: z.string(), acknowledgedAt: z.string() });
 
 export const LeaseRequest = z.strictObject({ image: ImageName });

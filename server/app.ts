@@ -11,7 +11,7 @@ import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, deviceHeaderCheck, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyAudit, type Checkpoint } from './audit.js';
 import { actingAs, type Ctx } from './context.js';
-import { ackCommand, ackRevoke, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
+import { ackCommand, ackRevoke, commandStatus, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
   chunkHashes,
   commitVersion,
@@ -177,10 +177,11 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   });
   app.post('/v1/device/commands/:id/ack', rawJson, deviceWipeOk, async (req: AuthedRequest, res) => {
     const b = json(wire.AckRequest, req);
-    res.json(await ackCommand(ctx, dev(req), param(req, 'id'), b.ok, b.detail));
+    res.json(await ackCommand(ctx, dev(req), param(req, 'id'), b.ok, b.detail, b.zeroedAfterMs));
   });
   app.post('/v1/device/revoke/ack', rawJson, deviceRevokedOk, async (req: AuthedRequest, res) => {
-    res.json(await ackRevoke(ctx, dev(req), json(wire.RevokeAckRequest, req).detail));
+    const b = json(wire.RevokeAckRequest, req);
+    res.json(await ackRevoke(ctx, dev(req), b.detail, b.zeroedAfterMs));
   });
   app.post('/v1/device/leases', rawJson, device, async (req: AuthedRequest, res) => {
     res.status(201).json(await grantLease(ctx, dev(req), json(wire.LeaseRequest, req).image));
@@ -236,6 +237,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   });
   a.post('/devices/:id/wipe', rawJson, async (req, res) => {
     res.json(await wipeDevice(acting(req), param(req, 'id')));
+  });
+  a.get('/commands/:id', async (req, res) => {
+    res.json(await commandStatus(ctx, param(req, 'id')));
   });
   a.post('/devices/:id/assignments', rawJson, async (req, res) => {
     res.status(201).json(await assign(acting(req), param(req, 'id'), json(wire.AssignRequest, req).image));
@@ -356,7 +360,7 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   return app;
 }
 
-function toLetheError(err: unknown): LetheError {
+export function toLetheError(err: unknown): LetheError {
   if (err instanceof LetheError) return err;
   const e = err as { type?: string; status?: number; message?: string };
   if (e?.type === 'entity.too.large') return new LetheError('BODY_TOO_LARGE', 'request body is too large');

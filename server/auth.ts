@@ -35,7 +35,7 @@ export async function adminAuth(ctx: Ctx) {
 
 const authFailed = () => new LetheError('AUTH_FAILED', 'device authentication failed');
 
-interface SignatureHeaders {
+export interface SignatureHeaders {
   deviceId: string;
   ts: string;
   nonce: string;
@@ -43,11 +43,15 @@ interface SignatureHeaders {
 }
 
 /** The four signature headers, or null when one is missing or malformed. */
-function signatureHeaders(req: Request): SignatureHeaders | null {
-  const deviceId = req.get(HDR_DEVICE);
-  const ts = req.get(HDR_TIMESTAMP);
-  const nonce = req.get(HDR_NONCE);
-  const signature = req.get(HDR_SIGNATURE);
+export function signatureHeaders(req: { headers: Record<string, string | string[] | undefined> }): SignatureHeaders | null {
+  const one = (name: string) => {
+    const v = req.headers[name];
+    return typeof v === 'string' ? v : undefined;
+  };
+  const deviceId = one(HDR_DEVICE);
+  const ts = one(HDR_TIMESTAMP);
+  const nonce = one(HDR_NONCE);
+  const signature = one(HDR_SIGNATURE);
   if (!deviceId || !ts || !nonce || !signature) return null;
   if (!/^[a-z0-9-]{1,64}$/.test(deviceId) || !/^\d{1,15}$/.test(ts) || !/^[A-Za-z0-9_-]{1,64}$/.test(nonce) || !/^[A-Za-z0-9_-]{1,128}$/.test(signature)) {
     return null;
@@ -95,31 +99,56 @@ export function deviceHeaderCheck(ctx: Ctx) {
  * gives nothing); `rate` counts the
  * device's verified requests (RATE_LIMITED past it).
  */
-export function deviceAuth(ctx: Ctx, opts: { allowWipePending?: boolean; allowRevoked?: boolean; rate?: RateLimiter | null } = {}) {
+export function deviceAuth(ctx: Ctx, opts: DeviceAuthOptions = {}) {
   return async (req: AuthedRequest, res: Response, next: NextFunction) => {
-    const h = signatureHeaders(req);
-    if (!h) throw authFailed();
-    const d = await getDevice(ctx, h.deviceId);
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    if (!d || !verifyRequest(d.sign_pk, h, req.method, req.originalUrl, body)) {
-      ctx.metrics.inc('lethe_auth_failures_total');
-      throw authFailed();
-    }
-    checkFresh(ctx, h.ts);
-    const wait = opts.rate?.take(d.id) ?? 0;
-    if (wait > 0) throw rateLimited(res, wait, 'requests from this device');
-    if (!(await ctx.nonces.remember(d.id, h.nonce, Number(h.ts)))) {
-      throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
-    }
-    const status = deviceStatus(d);
-    if (status === 'revoked' && !opts.allowRevoked) {
-      throw new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' });
-    }
-    if (status === 'wiped') throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });
-    if (status === 'wipe-pending' && !opts.allowWipePending) {
-      throw new LetheError('DEVICE_WIPE_PENDING', 'this device must wipe itself', { hint: "run 'lethe heartbeat'" });
-    }
-    req.device = d;
+    req.device = await verifiedDevice(ctx, signatureHeaders(req), req.method, req.originalUrl, body, opts, (wait) =>
+      rateLimited(res, wait, 'requests from this device'),
+    );
     next();
   };
+}
+
+export interface DeviceAuthOptions {
+  allowWipePending?: boolean;
+  allowRevoked?: boolean;
+  rate?: RateLimiter | null;
+}
+
+/**
+ * The device that signed a request, or the error to answer it with: the
+ * signature, its freshness, the device's rate (`limited` makes the error), its
+ * nonce, and its status, in that order. Shared by every device route and the
+ * push channel's upgrade request.
+ */
+export async function verifiedDevice(
+  ctx: Ctx,
+  h: SignatureHeaders | null,
+  method: string,
+  url: string,
+  body: Buffer,
+  opts: DeviceAuthOptions,
+  limited: (waitMs: number) => Error = () => new LetheError('RATE_LIMITED', 'too many requests from this device'),
+): Promise<DeviceRow> {
+  if (!h) throw authFailed();
+  const d = await getDevice(ctx, h.deviceId);
+  if (!d || !verifyRequest(d.sign_pk, h, method, url, body)) {
+    ctx.metrics.inc('lethe_auth_failures_total');
+    throw authFailed();
+  }
+  checkFresh(ctx, h.ts);
+  const wait = opts.rate?.take(d.id) ?? 0;
+  if (wait > 0) throw limited(wait);
+  if (!(await ctx.nonces.remember(d.id, h.nonce, Number(h.ts)))) {
+    throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
+  }
+  const status = deviceStatus(d);
+  if (status === 'revoked' && !opts.allowRevoked) {
+    throw new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' });
+  }
+  if (status === 'wiped') throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });
+  if (status === 'wipe-pending' && !opts.allowWipePending) {
+    throw new LetheError('DEVICE_WIPE_PENDING', 'this device must wipe itself', { hint: "run 'lethe heartbeat'" });
+  }
+  return d;
 }

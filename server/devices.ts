@@ -8,6 +8,11 @@ import { decodeEnrollToken, encodeEnrollToken } from '../common/tokens.js';
 import type { TEnrollRequest } from '../common/wire.js';
 import { inTx, newId, type Ctx } from './context.js';
 import { announcedTls } from './tls.js';
+import { connectedDevices } from './push.js';
+import { signCommand, type CommandType, type TSignedCommand } from '../common/push.js';
+
+/** The notification channel a replica listens on for commands to push; the payload is the device id. */
+export const PUSH_CHANNEL = 'lethe_push';
 
 export type DeviceStatus = 'active' | 'revoked' | 'wipe-pending' | 'wiped';
 
@@ -102,10 +107,13 @@ export async function listDevices(ctx: Ctx) {
   );
   const images = new Map<string, string[]>();
   for (const a of assigned) (images.get(a.device_id) ?? images.set(a.device_id, []).get(a.device_id)!).push(a.name);
+  const connected = await connectedDevices(ctx);
   return rows.map((d) => ({
     id: d.id,
     name: d.name,
     status: deviceStatus(d),
+    /** A push channel is open to a live replica now (docs/push.md). */
+    connected: connected.has(d.id),
     enrolledAt: iso(d.enrolled_at),
     lastSeen: d.last_seen === null ? null : iso(d.last_seen),
     revokeAckedAt: d.revoke_acked_at === null ? null : iso(d.revoke_acked_at),
@@ -117,14 +125,105 @@ export async function listDevices(ctx: Ctx) {
 export async function revokeDevice(ctx: Ctx, id: string) {
   await mustGetDevice(ctx, id);
   const now = ctx.now();
-  await inTx(ctx, async (ctx) => {
+  const command = await inTx(ctx, async (ctx) => {
     // Only the first of two concurrent revokes (on any replica) changes the row and is audited.
     const r = await ctx.db.run('UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL', now, id);
-    if (r.changes !== 1) return;
+    if (r.changes !== 1) return undefined;
     await ctx.db.run('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL', now, id);
-    await ctx.audit.append('device.revoke', id, {}, now);
+    const command = await issueCommand(ctx, id, 'revoke', {}, now);
+    await ctx.audit.append('device.revoke', id, { command }, now);
+    return command;
   });
-  return { id, status: deviceStatus(await mustGetDevice(ctx, id)) };
+  return { id, status: deviceStatus(await mustGetDevice(ctx, id)), ...(command ? { command } : {}) };
+}
+
+export interface CommandRow {
+  id: string;
+  device_id: string;
+  type: CommandType;
+  seq: number;
+  payload: string | null;
+  issued_at: number;
+  delivered_at: number | null;
+  delivered_via: string | null;
+  acked_at: number | null;
+  result: string | null;
+}
+
+/**
+ * Inside a transaction: gives the device a command, numbered after its last one,
+ * and tells the replica holding its push channel once the transaction commits.
+ */
+export async function issueCommand(ctx: Ctx, deviceId: string, type: CommandType, extra: { lease?: string; image?: string } = {}, now = ctx.now()): Promise<string> {
+  // The row lock orders two replicas numbering commands for one device.
+  const row = await ctx.db.get<{ push_seq: number }>('UPDATE devices SET push_seq = push_seq + 1 WHERE id = ? RETURNING push_seq', deviceId);
+  if (!row) throw new LetheError('UNKNOWN_DEVICE', `no device '${deviceId}'`);
+  const id = newId('cmd');
+  await ctx.db.run(
+    'INSERT INTO commands(id, device_id, type, issued_at, seq, payload) VALUES (?, ?, ?, ?, ?, ?)',
+    id,
+    deviceId,
+    type,
+    now,
+    row.push_seq,
+    Object.keys(extra).length ? JSON.stringify(extra) : null,
+  );
+  await ctx.db.notify(PUSH_CHANNEL, deviceId);
+  return id;
+}
+
+/**
+ * Inside a transaction: ends the open leases that `where` selects, and pushes each
+ * running one's device a lease-end (its keys go now, not at its next renewal).
+ */
+export async function endLeases(ctx: Ctx, where: string, params: unknown[], now: number): Promise<void> {
+  const open = await ctx.db.all<{ id: string; device_id: string; expires_at: number }>(`SELECT id, device_id, expires_at FROM leases WHERE ${where} AND ended_at IS NULL`, ...params);
+  if (open.length === 0) return;
+  await ctx.db.run(`UPDATE leases SET ended_at = ? WHERE ${where} AND ended_at IS NULL`, now, ...params);
+  for (const l of open) if (l.expires_at > now) await issueCommand(ctx, l.device_id, 'lease-end', { lease: l.id }, now);
+}
+
+/** The command as the device gets it, signed by the server (docs/push.md). */
+export function signedCommand(ctx: Ctx, c: CommandRow): TSignedCommand {
+  const extra = c.payload ? (JSON.parse(c.payload) as { lease?: string; image?: string }) : {};
+  return signCommand(ctx.data.signingKey, { v: 1, device: c.device_id, seq: c.seq, id: c.id, type: c.type, issuedAt: iso(c.issued_at), ...extra });
+}
+
+/** Commands the device has not acknowledged, oldest first. */
+export function pendingCommands(ctx: Ctx, deviceId: string, afterSeq = 0): Promise<CommandRow[]> {
+  return ctx.db.all<CommandRow>('SELECT * FROM commands WHERE device_id = ? AND acked_at IS NULL AND seq > ? ORDER BY seq', deviceId, afterSeq);
+}
+
+/** Records that commands reached the device (`via` push or heartbeat): once each, audited as TYPE.delivered. */
+export async function markDelivered(ctx: Ctx, deviceId: string, commands: CommandRow[], via: 'push' | 'heartbeat', now = ctx.now()): Promise<void> {
+  const fresh = commands.filter((c) => c.delivered_at === null);
+  if (fresh.length === 0) return;
+  await inTx(ctx, async (ctx) => {
+    for (const c of fresh) {
+      // Delivered (and audited) once, however many replicas reach the device at once.
+      const r = await ctx.db.run('UPDATE commands SET delivered_at = ?, delivered_via = ? WHERE id = ? AND delivered_at IS NULL', now, via, c.id);
+      if (r.changes === 1) await ctx.audit.append(`${c.type}.delivered`, deviceId, { command: c.id, via }, now);
+    }
+  });
+}
+
+/** A command as an admin sees it (`lethe admin wipe --wait` polls this). */
+export async function commandStatus(ctx: Ctx, id: string) {
+  const c = await ctx.db.get<CommandRow>('SELECT * FROM commands WHERE id = ?', id);
+  if (!c) throw new LetheError('UNKNOWN_COMMAND', `no command '${id}'`, { hint: "the wipe or revoke answer names its command" });
+  const result = c.result ? (JSON.parse(c.result) as { ok: boolean; detail?: string; zeroedAfterMs?: number }) : undefined;
+  return {
+    id: c.id,
+    device: c.device_id,
+    type: c.type,
+    seq: c.seq,
+    issuedAt: iso(c.issued_at),
+    deliveredAt: c.delivered_at === null ? null : iso(c.delivered_at),
+    deliveredVia: c.delivered_via,
+    ackedAt: c.acked_at === null ? null : iso(c.acked_at),
+    ...(result ? { result } : {}),
+    ...(c.acked_at !== null ? { elapsedMs: c.acked_at - c.issued_at } : {}),
+  };
 }
 
 /**
@@ -136,15 +235,20 @@ export async function wipeDevice(ctx: Ctx, id: string) {
   const d = await mustGetDevice(ctx, id);
   const now = ctx.now();
   const erasedAt = d.revoke_acked_at === null ? undefined : iso(d.revoke_acked_at);
-  await inTx(ctx, async (ctx) => {
+  const command = await inTx(ctx, async (ctx) => {
     const r = await ctx.db.run('UPDATE devices SET wipe_requested_at = ? WHERE id = ? AND wipe_requested_at IS NULL AND wiped_at IS NULL', now, id);
-    if (r.changes !== 1) return;
+    if (r.changes !== 1) return undefined;
     await ctx.db.run('UPDATE leases SET ended_at = ? WHERE device_id = ? AND ended_at IS NULL', now, id);
-    if (erasedAt) await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, id);
-    else await ctx.db.run('INSERT INTO commands(id, device_id, type, issued_at) VALUES (?, ?, ?, ?)', newId('cmd'), id, 'wipe', now);
-    await ctx.audit.append('device.wipe', id, erasedAt ? { erasedAt } : {}, now);
+    if (erasedAt) {
+      await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, id);
+      await ctx.audit.append('device.wipe', id, { erasedAt }, now);
+      return undefined;
+    }
+    const command = await issueCommand(ctx, id, 'wipe', {}, now);
+    await ctx.audit.append('device.wipe', id, { command }, now);
+    return command;
   });
-  return { id, status: deviceStatus(await mustGetDevice(ctx, id)), ...(erasedAt ? { erasedAt } : {}) };
+  return { id, status: deviceStatus(await mustGetDevice(ctx, id)), ...(erasedAt ? { erasedAt } : {}), ...(command ? { command } : {}) };
 }
 
 /**
@@ -152,14 +256,27 @@ export async function wipeDevice(ctx: Ctx, id: string) {
  * wipe on the device, docs/lease-state.md). Recorded and audited once
  * (`revoke.ack`); a wipe still pending is done by it. Gives the device nothing.
  */
-export async function ackRevoke(ctx: Ctx, d: DeviceRow, detail?: string) {
+export async function ackRevoke(ctx: Ctx, d: DeviceRow, detail?: string, zeroedAfterMs?: number) {
   if (d.revoked_at === null) throw new LetheError('CONFLICT', 'this device is not revoked: there is nothing to acknowledge');
   const now = ctx.now();
   if (d.revoke_acked_at === null) {
     await inTx(ctx, async (ctx) => {
       const r = await ctx.db.run('UPDATE devices SET revoke_acked_at = ?, last_seen = ? WHERE id = ? AND revoke_acked_at IS NULL', now, now, d.id);
       if (r.changes !== 1) return;
-      await ctx.audit.append('revoke.ack', d.id, detail ? { detail } : {}, now);
+      // The revoke command (if the revocation made one) is answered by this.
+      const cmd = await ctx.db.get<CommandRow>("SELECT * FROM commands WHERE device_id = ? AND type = 'revoke' AND acked_at IS NULL ORDER BY seq DESC", d.id);
+      const result = { ok: true, ...(detail ? { detail } : {}), ...(zeroedAfterMs !== undefined ? { zeroedAfterMs } : {}) };
+      if (cmd) await ctx.db.run("UPDATE commands SET acked_at = ?, result = ? WHERE device_id = ? AND type = 'revoke' AND acked_at IS NULL", now, JSON.stringify(result), d.id);
+      await ctx.audit.append(
+        'revoke.ack',
+        d.id,
+        {
+          ...(detail ? { detail } : {}),
+          ...(cmd ? { command: cmd.id, elapsedMs: now - cmd.issued_at } : {}),
+          ...(zeroedAfterMs !== undefined ? { zeroedAfterMs } : {}),
+        },
+        now,
+      );
       if (d.wipe_requested_at !== null && d.wiped_at === null) await wipeDoneByRevokeAck(ctx, d.id, now);
     });
   }
@@ -180,45 +297,60 @@ async function wipeDoneByRevokeAck(ctx: Ctx, id: string, now: number): Promise<v
 
 export async function heartbeat(ctx: Ctx, d: DeviceRow) {
   const now = ctx.now();
-  const commands = await ctx.db.all<{ id: string; type: 'wipe'; issued_at: number; delivered_at: number | null }>(
-    'SELECT id, type, issued_at, delivered_at FROM commands WHERE device_id = ? AND acked_at IS NULL ORDER BY issued_at',
-    d.id,
-  );
-  await inTx(ctx, async (ctx) => {
-    await ctx.db.run('UPDATE devices SET last_seen = ? WHERE id = ?', now, d.id);
-    for (const c of commands.filter((c) => c.delivered_at === null)) {
-      // Delivered (and audited) once, however many replicas answer the device's heartbeats at once.
-      const r = await ctx.db.run('UPDATE commands SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL', now, c.id);
-      if (r.changes === 1) await ctx.audit.append('wipe.delivered', d.id, { command: c.id }, now);
-    }
-  });
+  const commands = await pendingCommands(ctx, d.id);
+  await ctx.db.run('UPDATE devices SET last_seen = ? WHERE id = ?', now, d.id);
+  await markDelivered(ctx, d.id, commands, 'heartbeat', now);
   // The signed head anchors the log on the device (docs/audit-log.md, Anchors).
   const checkpoint = await ctx.audit.latestCheckpoint();
   const nextTls = await announcedTls(ctx);
   return {
     serverTime: iso(now),
     status: deviceStatus(d),
-    commands: commands.map((c) => ({ id: c.id, type: c.type, issuedAt: iso(c.issued_at) })),
+    commands: commands.map((c) => ({ id: c.id, type: c.type, seq: c.seq, issuedAt: iso(c.issued_at), signed: signedCommand(ctx, c) })),
     ...(checkpoint ? { checkpoint } : {}),
     ...(nextTls ? { nextTls } : {}),
   };
 }
 
-export async function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolean, detail?: string) {
-  const c = await ctx.db.get<{ id: string; type: string; acked_at: number | null }>('SELECT * FROM commands WHERE id = ? AND device_id = ?', commandId, d.id);
+/**
+ * The device carried out a command (or could not: `ok` false hands it out again).
+ * Recorded once and audited as TYPE.ack, with the time from the command to the
+ * acknowledgement and, as the device measured it, from its arrival to keys zeroed.
+ */
+export async function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: boolean, detail?: string, zeroedAfterMs?: number) {
+  const c = await ctx.db.get<CommandRow>('SELECT * FROM commands WHERE id = ? AND device_id = ?', commandId, d.id);
   if (!c) throw new LetheError('UNKNOWN_COMMAND', `no command '${commandId}' for this device`);
+  if (c.type === 'revoke') {
+    if (ok) await ackRevoke(ctx, d, detail, zeroedAfterMs);
+    return { id: c.id, acked: ok };
+  }
   const now = ctx.now();
   if (c.acked_at !== null) return { id: c.id, acked: true };
+  const result = JSON.stringify({ ok, ...(detail ? { detail } : {}), ...(zeroedAfterMs !== undefined ? { zeroedAfterMs } : {}) });
   await inTx(ctx, async (ctx) => {
     if (ok) {
-      const r = await ctx.db.run('UPDATE commands SET acked_at = ?, result = ? WHERE id = ? AND acked_at IS NULL', now, JSON.stringify({ ok, detail }), c.id);
+      const r = await ctx.db.run('UPDATE commands SET acked_at = ?, result = ? WHERE id = ? AND acked_at IS NULL', now, result, c.id);
       if (r.changes !== 1) return;
-      if (c.type === 'wipe') await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, d.id);
+      if (c.type === 'wipe') {
+        await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, d.id);
+        // A wiped device erased what a revocation asks; a revoke it had not answered is answered by this.
+        await ctx.db.run(
+          "UPDATE commands SET acked_at = ?, result = ? WHERE device_id = ? AND type = 'revoke' AND acked_at IS NULL",
+          now,
+          JSON.stringify({ ok: true, detail: `erased by the wipe (${c.id})` }),
+          d.id,
+        );
+      }
     } else {
-      // A failed wipe stays pending and is handed out again at the next heartbeat.
-      await ctx.db.run('UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?', JSON.stringify({ ok, detail }), c.id);
+      // A failed command stays pending and is handed out again (push or heartbeat).
+      await ctx.db.run('UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?', result, c.id);
     }
-    await ctx.audit.append('wipe.ack', d.id, { command: c.id, ok, ...(detail ? { detail } : {}) }, now);
+    await ctx.audit.append(
+      `${c.type}.ack`,
+      d.id,
+      { command: c.id, ok, ...(detail ? { detail } : {}), elapsedMs: now - c.issued_at, ...(zeroedAfterMs !== undefined ? { zeroedAfterMs } : {}) },
+      now,
+    );
   });
   return { id: c.id, acked: ok };
 }

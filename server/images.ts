@@ -13,6 +13,7 @@ import { classOf, parsePolicy, storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
 import { inTx, type Ctx } from './context.js';
 import { ensureTerms, wrapNewKey } from './keyring.js';
+import { endLeases, issueCommand } from './devices.js';
 
 export interface ImageRow {
   id: string;
@@ -261,8 +262,16 @@ export async function setPolicy(ctx: Ctx, name: string, policy: string | null) {
   const changed = (img.policy ?? null) !== policy;
   if (changed) {
     await inTx(ctx, async (ctx) => {
+      const now = ctx.now();
       await ctx.db.run('UPDATE images SET policy = ? WHERE id = ?', policy, img.id);
-      await ctx.audit.append('image.policy', null, { image: name }, ctx.now());
+      await ctx.audit.append('image.policy', null, { image: name }, now);
+      // A device running the image takes the new policy now (it renews at once), not at its next renewal.
+      const running = await ctx.db.all<{ device_id: string }>(
+        'SELECT DISTINCT device_id FROM leases WHERE image_id = ? AND ended_at IS NULL AND expires_at > ? ORDER BY device_id',
+        img.id,
+        now,
+      );
+      for (const r of running) await issueCommand(ctx, r.device_id, 'policy', { image: name }, now);
     });
   }
   return { image: name, changed };
@@ -320,14 +329,15 @@ export async function removeImage(ctx: Ctx, name: string, version?: number) {
   }
   await inTx(ctx, async (ctx) => {
     if (version === undefined) {
-      // Its leases end with it (a device's next renewal is told so); their history stays in the audit log.
+      // Its leases end with it (a running device is told at once, the others at their next renewal); their history stays in the audit log.
+      await endLeases(ctx, 'image_id = ?', [img.id], now);
       await ctx.db.run('DELETE FROM leases WHERE image_id = ?', img.id);
       await ctx.db.run('DELETE FROM assignments WHERE image_id = ?', img.id);
       await ctx.db.run('DELETE FROM chunks WHERE image_id = ?', img.id);
       await ctx.db.run('DELETE FROM versions WHERE image_id = ?', img.id);
       await ctx.db.run('DELETE FROM images WHERE id = ?', img.id);
     } else {
-      await ctx.db.run('UPDATE leases SET ended_at = ? WHERE image_id = ? AND version = ? AND ended_at IS NULL', now, img.id, version);
+      await endLeases(ctx, 'image_id = ? AND version = ?', [img.id, version], now);
       await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ?', img.id, version);
       await ctx.db.run("UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?", img.id, version);
     }

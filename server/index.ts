@@ -14,6 +14,7 @@ import { Metrics } from './metrics.js';
 import { memoryNonces, tableNonces } from './nonces.js';
 import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
 import { LetheError } from '../common/errors.js';
+import { PushHub } from './push.js';
 import { wipe } from '../common/crypto.js';
 
 export { initDataDir, isInitialized } from './datadir.js';
@@ -103,10 +104,19 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     },
     app,
   );
+  const push = new PushHub(ctx);
+  try {
+    await push.start(server);
+  } catch (e) {
+    await sdb.close();
+    ctx.escrow.close();
+    wipeKeys(data);
+    throw e;
+  }
   // Past the cap, a new connection is closed at once (counted in lethe_connections_refused_total).
   server.maxConnections = limits.maxConnections;
   server.on('drop', () => ctx.metrics.inc('lethe_connections_refused_total'));
-  await new Promise<void>((resolve, reject) => {
+  const listening = new Promise<void>((resolve, reject) => {
     server.once('error', (e: NodeJS.ErrnoException) =>
       reject(
         e.code === 'EADDRINUSE' || e.code === 'EACCES' || e.code === 'EADDRNOTAVAIL'
@@ -119,6 +129,15 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     );
     server.listen(port, host, () => resolve());
   });
+  try {
+    await listening;
+  } catch (e) {
+    await push.close();
+    await sdb.close();
+    ctx.escrow.close();
+    wipeKeys(data);
+    throw e;
+  }
   const actual = (server.address() as AddressInfo).port;
   ctx.publicUrl = data.config.publicUrl ?? urlFor(host, actual);
   const pruner = setInterval(() => void ctx.nonces.prune(ctx.now()).catch(() => {}), 30_000);
@@ -147,6 +166,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
       closed = true;
       clearInterval(pruner);
       clearInterval(tlsWatch);
+      await push.close();
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await sdb.close();

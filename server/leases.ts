@@ -12,7 +12,7 @@ import { inTx, newId, type Ctx } from './context.js';
 import { ensureTerms, wrapNewKey } from './keyring.js';
 import type { DeviceRow } from './devices.js';
 import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, manifest, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
-import { mustGetDevice } from './devices.js';
+import { endLeases, mustGetDevice } from './devices.js';
 import { assertSealAllowed, keyCeiling } from './device-policy.js';
 import { makeShared, resumeVersion } from './branches.js';
 
@@ -44,7 +44,7 @@ export async function unassign(ctx: Ctx, deviceId: string, imageName: string) {
   const now = ctx.now();
   await inTx(ctx, async (ctx) => {
     const r = await ctx.db.run('DELETE FROM assignments WHERE device_id = ? AND image_id = ?', deviceId, img.id);
-    await ctx.db.run('UPDATE leases SET ended_at = ? WHERE device_id = ? AND image_id = ? AND ended_at IS NULL', now, deviceId, img.id);
+    await endLeases(ctx, 'device_id = ? AND image_id = ?', [deviceId, img.id], now);
     if (r.changes === 1) await ctx.audit.append('unassign', deviceId, { image: imageName }, now);
   });
   return { device: deviceId, image: imageName };

@@ -14,6 +14,7 @@ import { redactUrl, type Sql } from './sql.js';
 /** Tables in an order that keeps every foreign key satisfied, with the database each lives in. */
 const TABLES: [name: string, from: 'db' | 'store'][] = [
   ['settings', 'db'],
+  ['master_keys', 'db'],
   ['enroll_tokens', 'db'],
   ['devices', 'db'],
   ['images', 'db'],

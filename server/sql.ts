@@ -4,6 +4,7 @@
 // once, with `?` placeholders, in the SQL both accept (upserts as ON CONFLICT,
 // integers cast where a parameter's type would be unknown).
 import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import Database from 'better-sqlite3';
 import pg from 'pg';
 import { LetheError } from '../common/errors.js';
@@ -30,6 +31,18 @@ export interface Sql {
   lock(name: string): Promise<void>;
   /** Inside tx(): runs `fn` so that, if it throws, only its own writes roll back (a savepoint). */
   savepoint<T>(fn: () => Promise<T>): Promise<T>;
+  /**
+   * Tells every process listening on `channel` (this one included): NOTIFY in
+   * PostgreSQL, so every replica hears it; in SQLite, this process. Inside tx(),
+   * it is sent when the transaction commits, and not at all if it rolls back.
+   */
+  notify(channel: string, payload: string): Promise<void>;
+  /**
+   * Calls `fn` with each payload notified on `channel`. `resync` runs after the
+   * listening connection was lost and is back: what was notified meanwhile is
+   * gone, so the listener looks again. Outside transactions only.
+   */
+  listen(channel: string, fn: (payload: string) => void, resync?: () => void): Promise<() => Promise<void>>;
   close(): Promise<void>;
 }
 
@@ -69,8 +82,11 @@ class SqliteSql implements Sql {
   private readonly statements = new Map<string, Database.Statement>();
   private busy = false;
   private readonly waiters: (() => void)[] = [];
+  private readonly bus = new EventEmitter();
 
-  constructor(readonly raw: Database.Database) {}
+  constructor(readonly raw: Database.Database) {
+    this.bus.setMaxListeners(0);
+  }
 
   private st(sql: string): Database.Statement {
     let s = this.statements.get(sql);
@@ -131,6 +147,7 @@ class SqliteSql implements Sql {
       try {
         const out = await fn(t);
         this.raw.exec('COMMIT');
+        for (const [channel, payload] of t.notices) this.publish(channel, payload);
         return out;
       } catch (e) {
         if (this.raw.inTransaction) this.raw.exec('ROLLBACK');
@@ -151,6 +168,20 @@ class SqliteSql implements Sql {
     throw new Error('savepoint() is for transactions');
   }
 
+  /** Delivers after the current call stack, as a notification from elsewhere would arrive. */
+  publish(channel: string, payload: string): void {
+    queueMicrotask(() => this.bus.emit(channel, payload));
+  }
+
+  async notify(channel: string, payload: string): Promise<void> {
+    this.publish(channel, payload);
+  }
+
+  async listen(channel: string, fn: (payload: string) => void): Promise<() => Promise<void>> {
+    this.bus.on(channel, fn);
+    return async () => void this.bus.off(channel, fn);
+  }
+
   async close(): Promise<void> {
     await this.acquire();
     this.raw.close();
@@ -161,6 +192,8 @@ class SqliteSql implements Sql {
 class SqliteTx implements Sql {
   readonly dialect = 'sqlite' as const;
   done = false;
+  /** Notifications to send once this transaction commits. */
+  readonly notices: [string, string][] = [];
   constructor(private readonly db: SqliteSql) {}
   private check(): void {
     if (this.done) throw new Error('the transaction has ended');
@@ -183,6 +216,13 @@ class SqliteTx implements Sql {
   async lock(): Promise<void> {}
   savepoint<T>(fn: () => Promise<T>): Promise<T> {
     return withSavepoint(this, fn);
+  }
+  async notify(channel: string, payload: string): Promise<void> {
+    this.check();
+    this.notices.push([channel, payload]);
+  }
+  async listen(): Promise<() => Promise<void>> {
+    throw new Error('listen() is not for transactions');
   }
   async close(): Promise<void> {}
 }
@@ -315,6 +355,51 @@ class PgSql implements Sql {
     throw new Error('savepoint() is for transactions');
   }
 
+  async notify(channel: string, payload: string): Promise<void> {
+    await this.run('SELECT pg_notify(?, ?)', channel, payload);
+  }
+
+  /**
+   * LISTEN on a connection of its own (outside the pool: it stays open). When that
+   * connection is lost it is opened again (pauses 100 ms doubling to 5 s), and
+   * `resync` runs once it listens again.
+   */
+  async listen(channel: string, fn: (payload: string) => void, resync?: () => void): Promise<() => Promise<void>> {
+    let stopped = false;
+    let client: pg.Client | undefined;
+    let pause = 100;
+    const open = async (first: boolean): Promise<void> => {
+      while (!stopped) {
+        const c = new pg.Client({ connectionString: this.url, connectionTimeoutMillis: 10_000 });
+        c.on('error', () => {});
+        try {
+          await c.connect();
+          c.on('notification', (m) => {
+            if (m.channel === channel) fn(m.payload ?? '');
+          });
+          await c.query(`LISTEN ${c.escapeIdentifier(channel)}`);
+          c.once('end', () => {
+            if (!stopped) void open(false);
+          });
+          client = c;
+          pause = 100;
+          if (!first) resync?.();
+          return;
+        } catch (e) {
+          void c.end().catch(() => {});
+          if (first) throw unreachable(this.url, e);
+          await new Promise((r) => setTimeout(r, pause));
+          pause = Math.min(pause * 2, 5_000);
+        }
+      }
+    };
+    await open(true);
+    return async () => {
+      stopped = true;
+      await client?.end().catch(() => {});
+    };
+  }
+
   async close(): Promise<void> {
     await this.pool.end();
   }
@@ -353,6 +438,12 @@ class PgTx implements Sql {
   }
   savepoint<T>(fn: () => Promise<T>): Promise<T> {
     return withSavepoint(this, fn);
+  }
+  async notify(channel: string, payload: string): Promise<void> {
+    await this.run('SELECT pg_notify(?, ?)', channel, payload);
+  }
+  async listen(): Promise<() => Promise<void>> {
+    throw new Error('listen() is not for transactions');
   }
   async close(): Promise<void> {}
 }

@@ -6,7 +6,7 @@ import { LetheError } from '../../common/errors.js';
 import { AdminClient } from '../../cli/admin-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
-import { startAgent, type RunningAgent } from '../../agent/daemon.js';
+import { startAgent, type AgentOptions, type RunningAgent } from '../../agent/daemon.js';
 import { fixedSecret, type Unlock } from '../../agent/unlock.js';
 import { startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from './proc.js';
 
@@ -108,12 +108,25 @@ export async function agentInProcess(
   s: ServerProc,
   image: string,
   push: Parameters<typeof pushImage>[2] = {},
+  opts: Partial<AgentOptions> = {},
 ): Promise<{ agent: RunningAgent; home: string; img: TestImage }> {
   const img = await pushImage(s, image, push);
   const d = await enrolledDevice(s);
   await assign(s, d.deviceId, image);
   d.close();
-  const agent = await startAgent({ home: d.home, image, cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock() });
+  // No push channel unless asked: these agents learn of the server's orders at the call the server refuses.
+  const agent = await startAgent({
+    home: d.home,
+    image,
+    cacheBytes: 1 << 24,
+    heartbeatMs: 30_000,
+    prefetch: false,
+    nbd: null,
+    log: () => {},
+    unlock: testUnlock(),
+    push: false,
+    ...opts,
+  });
   try {
     await agent.lease.whenActive();
   } catch (e) {
