@@ -47,7 +47,7 @@ export const DEFAULT_LIMITS: ServerLimits = {
   authFailures: { count: 60, perMs: MINUTE },
   deviceAddress: { count: 2000, perMs: SECOND },
   device: { count: 500, perMs: SECOND },
-  maxConnections: 1024,
+  maxConnections: 16_384,
   headersTimeoutMs: 10 * SECOND,
   requestTimeoutMs: 60 * SECOND,
   keepAliveTimeoutMs: 30 * SECOND,

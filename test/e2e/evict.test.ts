@@ -31,10 +31,12 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
   let s: ServerProc;
   let dev: TestDevice;
   let other: TestDevice;
+  let third: TestDevice;
   let marker: Buffer;
   let agent: AgentProc | undefined;
   let agent2: AgentProc | undefined;
   let agent3: AgentProc | undefined;
+  let agent4: AgentProc | undefined;
 
   before(async () => {
     const dir = tmpDir('lethe-evict-');
@@ -64,15 +66,17 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     await assign(s, dev.deviceId, 'vm');
     await assign(s, other.deviceId, 'vm');
     await assign(s, dev.deviceId, 'vm-lease');
+    third = await enrolledDevice(s, 'laptop-c');
+    await assign(s, third.deviceId, 'vm');
   });
   afterEach(function () {
     if (this.currentTest?.state !== 'failed') return;
-    for (const [name, a] of [['first', agent], ['second', agent2], ['third', agent3]] as const) {
+    for (const [name, a] of [['first', agent], ['second', agent2], ['third', agent3], ['fourth', agent4]] as const) {
       if (a) console.log(`--- the ${name} agent's log, last lines:\n${a.log().split('\n').slice(-40).join('\n')}`);
     }
   });
   after(async () => {
-    for (const a of [agent, agent2, agent3]) {
+    for (const a of [agent, agent2, agent3, agent4]) {
       if (a && a.proc.exitCode === null) {
         a.proc.kill('SIGKILL');
         await a.exited;
@@ -80,6 +84,7 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     }
     dev?.close();
     other?.close();
+    third?.close();
     await s?.stop();
   });
 
@@ -196,5 +201,29 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
     const n = verifyPasses(agent3.log()).length;
     await whileRunning(agent3, dev.home, async () => verifyPasses(agent3!.log()).length > n, 'a verify pass after the server came back');
     for (const p of verifyPasses(agent3.log())) expect(p.bad, `pass ${p.pass}`).to.equal(0);
+  });
+
+  it('lethe admin wipe reaches a running guest by push: the planted marker, resident a moment before, is in no process, file or /dev/shm; QEMU is gone', async () => {
+    // The heartbeat is ten minutes away: only the push channel can bring the wipe.
+    agent4 = await startAgentProc(third.home, 'vm', ['--vm', '--accel', 'tcg', '--log-guest-console', '--no-prefetch', '--heartbeat', '10m']);
+    await whileRunning(agent4, third.home, async () => verifyPasses(agent4!.log()).length >= 1, 'a verify pass');
+    const st = await control<AgentStatus>(third.home, { cmd: 'status' });
+    expect(st.push.connected, 'the push channel is open').to.equal(true);
+    const qemu = st.vm!.pid;
+    const ram = findFd(qemu, /lethe-ram-.*\(deleted\)$/)!;
+    await whileRunning(agent4, third.home, async () => plantedHits(ram, marker).length > 0, 'planted pages resident in guest RAM');
+
+    const t0 = Date.now();
+    const w = await lethe(['admin', 'wipe', third.deviceId, '--wait', '5m', '--json'], s.env);
+    const ms = Date.now() - t0;
+    expect(w.code, w.stderr).to.equal(0);
+    const ack = (JSON.parse(w.stdout) as { ack: { deliveredVia: string; elapsedMs: number; result: { zeroedAfterMs: number } } }).ack;
+    expect(ack.deliveredVia).to.equal('push');
+    expect(await agent4.exited).to.equal(3);
+    expect(fs.existsSync(`/proc/${qemu}`), 'QEMU is gone').to.equal(false);
+    expect(fs.existsSync(third.home), 'the device home is gone').to.equal(false);
+    expect(scanTree('/dev/shm', marker)).to.deep.equal([]);
+    expect(agent4.log()).to.match(/command #1 from the server \(push\): wipe/);
+    console.log(`      wipe to acknowledgement: ${ack.elapsedMs} ms (keys zeroed and plaintext evicted ${ack.result.zeroedAfterMs} ms after arrival; CLI ${ms} ms)`);
   });
 });

@@ -187,7 +187,8 @@ export interface AgentProc {
 
 /** `lethe agent run IMAGE` as a real process, with a short heartbeat for tests; TEST_PASSPHRASE on its stdin unseals the keys. */
 export async function startAgentProc(home: string, image: string, args: string[] = []): Promise<AgentProc> {
-  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'agent', 'run', image, '--home', home, '--heartbeat', '1s', '--passphrase-fd', '0', ...args], {
+  const heartbeat = args.includes('--heartbeat') ? [] : ['--heartbeat', '1s'];
+  const proc = spawn(process.execPath, ['--import', 'tsx', MAIN, 'agent', 'run', image, '--home', home, ...heartbeat, '--passphrase-fd', '0', ...args], {
     cwd: ROOT,
     stdio: ['pipe', 'pipe', 'pipe'],
   });

@@ -10,6 +10,8 @@ import { b64u, boxKeyPair, signKeyPair } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { PinnedClient } from '../../common/http-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
+import { PushChannel } from '../../agent/push.js';
+import { openCommand } from '../../common/push.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, waitFor, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
 import { freshDatabase, psql } from '../helpers/pg.js';
@@ -250,6 +252,43 @@ describe('device failover between replicas', function () {
     } finally {
       client.close();
       a = await a.restart();
+    }
+  });
+
+  it('push across replicas: a command issued on one reaches a device connected to the other at once; when that one is killed the device reconnects to the next and gets the next command', async () => {
+    await pushImage(a, 'pushed', { chunks: 2 });
+    const t = await enrolledDevice(a, 'pushed-across');
+    await assign(a, t.deviceId, 'pushed');
+    // Connected to b first (its first URL), a second.
+    const client = new DeviceClient({ ...t.id, info: { ...t.id.info, server: b.url, servers: [a.url] } });
+    const got: { seq: number; type: string; replica?: string }[] = [];
+    const push = new PushChannel(client, (signed) => {
+      const cmd = openCommand(b64u.decode(t.id.info.serverSignPublicKey), t.deviceId, signed);
+      got.push({ seq: cmd.seq, type: cmd.type, replica: push.replica });
+      void client.ack(cmd.id, true, 'seen');
+    });
+    try {
+      await client.lease('pushed');
+      push.start();
+      await waitFor(async () => push.connected && push.replica !== undefined, 20_000, 'the channel open to b');
+      expect(client.http.baseUrl).to.equal(b.url);
+      const onB = push.replica;
+      await admin(a).json('PUT', '/images/pushed/policy', { policy: 'eviction:\n  idle: 30s\n' });
+      await waitFor(async () => got.length >= 1, 20_000, 'the command issued on a, pushed by b');
+      expect(got[0]).to.deep.equal({ seq: 1, type: 'policy', replica: onB });
+
+      await b.kill9();
+      await waitFor(async () => push.connected && push.replica !== onB, 60_000, 'the channel open again, to a');
+      expect(client.http.baseUrl).to.equal(a.url);
+      await admin(a).json('PUT', '/images/pushed/policy', { policy: 'eviction:\n  idle: 40s\n' });
+      await waitFor(async () => got.length >= 2, 20_000, 'the next command, pushed by a');
+      expect(got[1]).to.deep.include({ seq: 2, type: 'policy' });
+      expect(got[1].replica).to.not.equal(onB);
+    } finally {
+      push.stop();
+      client.close();
+      t.close();
+      if (b.proc.exitCode !== null || b.proc.signalCode !== null) b = await b.restart();
     }
   });
 
