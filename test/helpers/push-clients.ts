@@ -96,3 +96,52 @@ export function rssOf(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) * 1024 : 0;
 }
+
+/** A signed device call from a light device (the request signature every device call carries). */
+export async function lightCall<T>(http: PinnedClient, d: LightDevice, method: string, p: string, body?: unknown): Promise<T> {
+  const buf = body === undefined ? Buffer.alloc(0) : Buffer.from(JSON.stringify(body));
+  const headers = { ...signRequest(d.sign.secretKey, d.deviceId, method, p, buf), ...(body === undefined ? {} : { 'content-type': 'application/json' }) };
+  const res = await http.request(method, p, { body: body === undefined ? undefined : buf, headers });
+  return JSON.parse(res.body.toString('utf8')) as T;
+}
+
+/**
+ * The heartbeat path without the push channel: each device checks in every
+ * `everyMs` (first at a random point of the period, as devices that started at
+ * different times do), carries out what the answer brings, acknowledges it over
+ * HTTP. Returns a function that stops the loops.
+ */
+export function heartbeatLight(http: PinnedClient, devices: LightDevice[], serverSignKey: Uint8Array, everyMs: number): () => void {
+  const timers = new Set<NodeJS.Timeout>();
+  let stopped = false;
+  for (const d of devices) {
+    const beat = async () => {
+      if (stopped) return;
+      try {
+        const hb = await lightCall<{ commands: { signed: unknown }[] }>(http, d, 'POST', '/v1/device/heartbeat', {});
+        const at = performance.now();
+        for (const c of hb.commands) {
+          const cmd = openCommand(serverSignKey, d.deviceId, c.signed);
+          if (d.got.some((g) => g.cmd.seq === cmd.seq)) continue;
+          d.got.push({ cmd, at });
+          await lightCall(http, d, 'POST', `/v1/device/commands/${cmd.id}/ack`, { ok: true });
+        }
+      } catch {
+        // the next beat tries again
+      }
+      if (!stopped) schedule(everyMs);
+    };
+    const schedule = (ms: number) => {
+      const t = setTimeout(() => {
+        timers.delete(t);
+        void beat();
+      }, ms);
+      timers.add(t);
+    };
+    schedule(Math.random() * everyMs);
+  }
+  return () => {
+    stopped = true;
+    for (const t of timers) clearTimeout(t);
+  };
+}
