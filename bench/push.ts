@@ -112,6 +112,16 @@ async function ackLatencies(s: ServerProc, ids: string[]): Promise<number[]> {
   return out;
 }
 
+/** The acknowledgement latencies of `ids`, once the server has recorded all of them. */
+async function allAcked(s: ServerProc, ids: string[]): Promise<number[]> {
+  for (let i = 0; ; i++) {
+    const lat = await ackLatencies(s, ids);
+    if (lat.length === ids.length) return lat;
+    if (i > 600) throw new Error(`${ids.length - lat.length} command(s) never acknowledged`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 async function policyRound(s: ServerProc, image: string, devices: LightDevice[], round: number, waitMs: number): Promise<{ arrive: number[]; ids: string[] }> {
   const counts = devices.map((d) => d.got.length);
   const a = admin(s);
@@ -149,14 +159,14 @@ async function pushRows(n: number): Promise<Row[]> {
 
     const rounds = n === 1 ? 20 : n <= 100 ? 5 : 2;
     const fan = { arrive: [] as number[], ids: [] as string[] };
+    const fanAck: number[] = [];
     for (let r = 1; r <= rounds; r++) {
       const x = await policyRound(s, 'fleet', devices, r, 60_000);
       fan.arrive.push(...x.arrive);
       fan.ids.push(...x.ids);
+      // The next round starts once the server has recorded every acknowledgement of this one.
+      fanAck.push(...(await allAcked(s, x.ids)));
     }
-    // Acknowledgements go on the socket: wait for the last ones to land before reading them back.
-    await new Promise((r) => setTimeout(r, 500));
-    const fanAck = await ackLatencies(s, fan.ids);
 
     const one = { arrive: [] as number[], ids: [] as string[] };
     const a = admin(s);
@@ -172,8 +182,7 @@ async function pushRows(n: number): Promise<Row[]> {
     } finally {
       a.close();
     }
-    await new Promise((r) => setTimeout(r, 500));
-    const oneAck = await ackLatencies(s, one.ids);
+    const oneAck = await allAcked(s, one.ids);
     const row = (kind: 'one' | 'fan-out', arrive: number[], ack: number[]): Row => {
       const [a50, a99] = pct(arrive);
       const [k50, k99] = pct(ack);
@@ -198,8 +207,7 @@ async function heartbeatRow(n: number): Promise<Row> {
     // Every device has checked in once (its phase is random): the round starts from a steady state.
     await new Promise((r) => setTimeout(r, HEARTBEAT_MS));
     const x = await policyRound(s, 'fleet-hb', devices, 1, 3 * HEARTBEAT_MS);
-    await new Promise((r) => setTimeout(r, 1000));
-    const ack = await ackLatencies(s, x.ids);
+    const ack = await allAcked(s, x.ids);
     const [a50, a99] = pct(x.arrive);
     const [k50, k99] = pct(ack);
     return { devices: n, path: 'heartbeat', kind: 'fan-out', n: x.arrive.length, arriveP50: a50, arriveP99: a99, ackP50: k50, ackP99: k99 };

@@ -6,7 +6,7 @@ import { checkpointMessage, checkpointSigned, entryHash, type AuditEntry } from 
 import { b64u, sign } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError, isLetheError } from '../common/errors.js';
-import type { Sql } from './sql.js';
+import { isRetryable, type Sql } from './sql.js';
 
 export type AuditType =
   | 'server.init'
@@ -20,9 +20,7 @@ export type AuditType =
   | 'revoke.ack'
   | 'lease-end.delivered'
   | 'lease-end.ack'
-  | 'policy.delivered'
   | 'policy.ack'
-  | 'rotate.delivered'
   | 'rotate.ack'
   | 'image.create'
   | 'image.policy'
@@ -128,7 +126,7 @@ export class AuditLog {
         return { ...entry, hash };
       });
     } catch (cause) {
-      if (isLetheError(cause, 'AUDIT_UNAVAILABLE')) throw cause;
+      if (isLetheError(cause, 'AUDIT_UNAVAILABLE') || isRetryable(cause)) throw cause;
       throw new LetheError('AUDIT_UNAVAILABLE', 'audit log could not be written; nothing was released', {
         cause,
         hint: 'check the server data directory or database (disk full? permissions? reachable?)',

@@ -194,15 +194,23 @@ export function pendingCommands(ctx: Ctx, deviceId: string, afterSeq = 0): Promi
   return ctx.db.all<CommandRow>('SELECT * FROM commands WHERE device_id = ? AND acked_at IS NULL AND seq > ? ORDER BY seq', deviceId, afterSeq);
 }
 
-/** Records that commands reached the device (`via` push or heartbeat): once each, audited as TYPE.delivered. */
+/** Commands whose delivery is audited (TYPE.delivered): those that take keys or data away. A policy or rotate delivery is kept in the commands table; its acknowledgement is audited. */
+const AUDITED_DELIVERY = new Set<CommandType>(['wipe', 'revoke', 'lease-end']);
+
+/** Records that commands reached the device (`via` push or heartbeat): once each; a wipe, revoke or lease-end audited as TYPE.delivered. */
 export async function markDelivered(ctx: Ctx, deviceId: string, commands: CommandRow[], via: 'push' | 'heartbeat', now = ctx.now()): Promise<void> {
   const fresh = commands.filter((c) => c.delivered_at === null);
   if (fresh.length === 0) return;
   await inTx(ctx, async (ctx) => {
+    // Delivered (and audited) once, however many replicas reach the device at once. Rows
+    // first, the audit chain after: no row lock is taken while holding the chain's.
+    const marked: CommandRow[] = [];
     for (const c of fresh) {
-      // Delivered (and audited) once, however many replicas reach the device at once.
       const r = await ctx.db.run('UPDATE commands SET delivered_at = ?, delivered_via = ? WHERE id = ? AND delivered_at IS NULL', now, via, c.id);
-      if (r.changes === 1) await ctx.audit.append(`${c.type}.delivered`, deviceId, { command: c.id, via }, now);
+      if (r.changes === 1) marked.push(c);
+    }
+    for (const c of marked) {
+      if (AUDITED_DELIVERY.has(c.type)) await ctx.audit.append(`${c.type}.delivered` as `${'wipe' | 'revoke' | 'lease-end'}.delivered`, deviceId, { command: c.id, via }, now);
     }
   });
 }
@@ -328,6 +336,8 @@ export async function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: 
   if (c.acked_at !== null) return { id: c.id, acked: true };
   const result = JSON.stringify({ ok, ...(detail ? { detail } : {}), ...(zeroedAfterMs !== undefined ? { zeroedAfterMs } : {}) });
   await inTx(ctx, async (ctx) => {
+    // An acknowledgement that overtook the record of its delivery (a push is recorded after it is sent): delivered now.
+    const overtook = c.delivered_at === null && (await ctx.db.run("UPDATE commands SET delivered_at = ?, delivered_via = 'push' WHERE id = ? AND delivered_at IS NULL", now, c.id)).changes === 1;
     if (ok) {
       const r = await ctx.db.run('UPDATE commands SET acked_at = ?, result = ? WHERE id = ? AND acked_at IS NULL', now, result, c.id);
       if (r.changes !== 1) return;
@@ -345,6 +355,7 @@ export async function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: 
       // A failed command stays pending and is handed out again (push or heartbeat).
       await ctx.db.run('UPDATE commands SET delivered_at = NULL, result = ? WHERE id = ?', result, c.id);
     }
+    if (overtook && AUDITED_DELIVERY.has(c.type)) await ctx.audit.append(`${c.type}.delivered` as `${'wipe' | 'lease-end'}.delivered`, d.id, { command: c.id, via: 'push' }, now);
     await ctx.audit.append(
       `${c.type}.ack`,
       d.id,

@@ -264,14 +264,15 @@ export async function setPolicy(ctx: Ctx, name: string, policy: string | null) {
     await inTx(ctx, async (ctx) => {
       const now = ctx.now();
       await ctx.db.run('UPDATE images SET policy = ? WHERE id = ?', policy, img.id);
-      await ctx.audit.append('image.policy', null, { image: name }, now);
       // A device running the image takes the new policy now (it renews at once), not at its next renewal.
+      // (Its commands before the audit entry: no device row is locked while holding the chain's lock.)
       const running = await ctx.db.all<{ device_id: string }>(
         'SELECT DISTINCT device_id FROM leases WHERE image_id = ? AND ended_at IS NULL AND expires_at > ? ORDER BY device_id',
         img.id,
         now,
       );
       for (const r of running) await issueCommand(ctx, r.device_id, 'policy', { image: name }, now);
+      await ctx.audit.append('image.policy', null, { image: name }, now);
     });
   }
   return { image: name, changed };

@@ -13,19 +13,59 @@ import type { Duplex } from 'node:stream';
 import { WebSocketServer, type RawData, type WebSocket } from 'ws';
 import { iso } from '../common/duration.js';
 import { errorChain, LetheError } from '../common/errors.js';
-import { AckFrame, PUSH_PATH, type ServerFrame } from '../common/push.js';
+import { AckFrame, PUSH_PATH, type ServerFrame, type TAckFrame } from '../common/push.js';
 import { toLetheError } from './app.js';
 import { signatureHeaders, verifiedDevice } from './auth.js';
-import { newId, type Ctx } from './context.js';
-import { ackCommand, getDevice, markDelivered, pendingCommands, PUSH_CHANNEL, signedCommand } from './devices.js';
+import { inTx, newId, type Ctx } from './context.js';
+import { ackCommand, getDevice, markDelivered, PUSH_CHANNEL, signedCommand, type CommandRow } from './devices.js';
 
 /** How often a replica pings each socket and refreshes its own row. */
 export const PUSH_PING_MS = 15_000;
 /** How often a replica says it is alive; a replica silent for 3 of these holds no one. */
 export const REPLICA_BEAT_MS = 5_000;
 export const REPLICA_DEAD_MS = 3 * REPLICA_BEAT_MS;
+/** Devices per query when looking up what to send (well under either database's parameter limit). */
+const LOOKUP_BATCH = 500;
 /** The largest frame a device may send (an acknowledgement is a few hundred bytes). */
 const MAX_FRAME = 4096;
+
+/**
+ * Items handled in batches, one batch at a time: while one is being written, what
+ * arrives waits and goes in the next (a group commit; no added wait when idle).
+ */
+class GroupCommit<T> {
+  private waiting: { item: T; done: (e?: unknown) => void }[] = [];
+  private running = false;
+
+  constructor(private readonly write: (items: T[]) => Promise<void>) {}
+
+  add(item: T): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.waiting.push({ item, done: (e) => (e === undefined ? resolve() : reject(e)) });
+      if (!this.running) void this.run();
+    });
+  }
+
+  private async run(): Promise<void> {
+    this.running = true;
+    while (this.waiting.length > 0) {
+      const batch = this.waiting.splice(0);
+      try {
+        await this.write(batch.map((b) => b.item));
+        for (const b of batch) b.done();
+      } catch (e) {
+        for (const b of batch) b.done(e);
+      }
+    }
+    this.running = false;
+  }
+}
+
+interface Ack {
+  deviceId: string;
+  frame: TAckFrame;
+  session: Session;
+}
 
 interface Session {
   id: string;
@@ -33,8 +73,6 @@ interface Session {
   ws: WebSocket;
   /** The highest command number sent on this socket. */
   sentSeq: number;
-  /** Sends to this socket run one after another. */
-  queue: Promise<void>;
   alive: boolean;
 }
 
@@ -46,6 +84,45 @@ export class PushHub {
   private beat?: NodeJS.Timeout;
   private pinger?: NodeJS.Timeout;
   private closed = false;
+  /** Deliveries recorded together: one transaction for what several sockets sent meanwhile. */
+  private readonly delivered = new GroupCommit<{ deviceId: string; rows: CommandRow[] }>(async (items) => {
+    await this.together(items, (ctx, it) => markDelivered(ctx, it.deviceId, it.rows, 'push'));
+  });
+  /** Acknowledgements from sockets, recorded together; one that fails (an unknown command) fails alone. */
+  private readonly acks = new GroupCommit<Ack>(async (items) => {
+    const failed = new Map<Ack, unknown>();
+    await this.together(items, async (ctx, a) => {
+      try {
+        await ctx.db.savepoint(async () => {
+          const d = await getDevice(ctx, a.deviceId);
+          if (!d) throw new LetheError('UNKNOWN_DEVICE', 'device is gone');
+          await ackCommand(ctx, d, a.frame.id, a.frame.ok, a.frame.detail, a.frame.zeroedAfterMs);
+        });
+      } catch (e) {
+        failed.set(a, e);
+      }
+    });
+    for (const [a, e] of failed) {
+      if (a.session.ws.readyState === a.session.ws.OPEN) a.session.ws.send(JSON.stringify({ t: 'error', id: a.frame.id, ...toLetheError(e).toJSON() }));
+    }
+  });
+
+  /**
+   * Runs `fn` for each item: in SQLite all in one transaction (one writer: one
+   * commit instead of many); in PostgreSQL each in its own, side by side on the
+   * pool (one transaction over many devices' rows, appending to the audit chain
+   * between them, would take row locks while holding the chain's lock and
+   * deadlock with single-device transactions).
+   */
+  private async together<T>(items: T[], fn: (ctx: Ctx, item: T) => Promise<void>): Promise<void> {
+    if (this.ctx.db.dialect === 'sqlite') {
+      await inTx(this.ctx, async (ctx) => {
+        for (const it of items) await fn(ctx, it);
+      });
+      return;
+    }
+    await Promise.all(items.map((it) => inTx(this.ctx, (ctx) => fn(ctx, it))));
+  }
 
   constructor(private readonly ctx: Ctx) {
     ctx.metrics.describe('lethe_push_connected', 'devices with a push channel open on this replica');
@@ -122,7 +199,7 @@ export class PushHub {
   }
 
   private open(ws: WebSocket, deviceId: string): void {
-    const s: Session = { id: newId('push'), deviceId, ws, sentSeq: 0, queue: Promise.resolve(), alive: true };
+    const s: Session = { id: newId('push'), deviceId, ws, sentSeq: 0, alive: true };
     let set = this.sessions.get(deviceId);
     if (!set) this.sessions.set(deviceId, (set = new Set()));
     set.add(s);
@@ -149,22 +226,40 @@ export class PushHub {
   }
 
   private send(s: Session): void {
-    s.queue = s.queue.then(async () => {
-      try {
-        const rows = await pendingCommands(this.ctx, s.deviceId, s.sentSeq);
-        if (rows.length === 0 || s.ws.readyState !== s.ws.OPEN) return;
-        for (const c of rows) {
-          const frame: ServerFrame = { t: 'cmd', ...signedCommand(this.ctx, c) };
-          s.ws.send(JSON.stringify(frame));
-          s.sentSeq = Math.max(s.sentSeq, c.seq);
-          this.ctx.metrics.inc('lethe_push_sent_total', { type: c.type });
-        }
-        await markDelivered(this.ctx, s.deviceId, rows, 'push');
-      } catch {
-        // The database is away: the heartbeat fallback, or the next notification, delivers.
-      }
+    void this.sends.add(s).catch(() => {
+      // The database is away: the heartbeat fallback, or the next notification, delivers.
     });
   }
+
+  /** Sockets to send to, looked up together: one query for the commands of every device notified meanwhile. */
+  private readonly sends = new GroupCommit<Session>(async (sessions) => {
+    const unique = [...new Set(sessions)].filter((s) => s.ws.readyState === s.ws.OPEN);
+    const ids = [...new Set(unique.map((s) => s.deviceId))];
+    const byDevice = new Map<string, CommandRow[]>();
+    for (let i = 0; i < ids.length; i += LOOKUP_BATCH) {
+      const part = ids.slice(i, i + LOOKUP_BATCH);
+      const rows = await this.ctx.db.all<CommandRow>(
+        `SELECT * FROM commands WHERE acked_at IS NULL AND device_id IN (${part.map(() => '?').join(', ')}) ORDER BY device_id, seq`,
+        ...part,
+      );
+      for (const r of rows) (byDevice.get(r.device_id) ?? byDevice.set(r.device_id, []).get(r.device_id)!).push(r);
+    }
+    const sent: { deviceId: string; rows: CommandRow[] }[] = [];
+    for (const s of unique) {
+      const rows = (byDevice.get(s.deviceId) ?? []).filter((c) => c.seq > s.sentSeq);
+      if (rows.length === 0) continue;
+      for (const c of rows) {
+        const frame: ServerFrame = { t: 'cmd', ...signedCommand(this.ctx, c) };
+        s.ws.send(JSON.stringify(frame));
+        s.sentSeq = Math.max(s.sentSeq, c.seq);
+        this.ctx.metrics.inc('lethe_push_sent_total', { type: c.type });
+      }
+      sent.push({ deviceId: s.deviceId, rows });
+    }
+    // Recorded after sending (the device need not wait for it), in one transaction.
+    for (const x of sent) void this.delivered.add(x).catch(() => {});
+  });
+
 
   /** A frame from the device: an acknowledgement, or junk (the socket is closed, 1008). */
   private async received(s: Session, data: RawData, binary: boolean): Promise<void> {
@@ -176,13 +271,8 @@ export class PushHub {
       s.ws.close(1008, 'malformed frame');
       return;
     }
-    try {
-      const d = await getDevice(this.ctx, s.deviceId);
-      if (!d) throw new LetheError('UNKNOWN_DEVICE', 'device is gone');
-      await ackCommand(this.ctx, d, ack.id, ack.ok, ack.detail, ack.zeroedAfterMs);
-    } catch (e) {
-      if (s.ws.readyState === s.ws.OPEN) s.ws.send(JSON.stringify({ t: 'error', id: ack.id, ...toLetheError(e).toJSON() }));
-    }
+    // A failure of the whole batch (the database away): the command stays unacknowledged and is sent again.
+    await this.acks.add({ deviceId: s.deviceId, frame: ack, session: s }).catch(() => {});
   }
 
   async close(): Promise<void> {

@@ -261,6 +261,9 @@ function numbered(sql: string): string {
 }
 
 const RETRY_CODES = new Set(['40P01', '40001']); // deadlock detected, serialization failure
+
+/** A PostgreSQL deadlock or serialization failure: the whole transaction is tried again (tx() does it); pass it on unwrapped. */
+export const isRetryable = (e: unknown): boolean => RETRY_CODES.has((e as { code?: string })?.code ?? '');
 const TX_ATTEMPTS = 5;
 
 /** Connection failures as a coded error that says where, without the password. */

@@ -19,6 +19,9 @@ describe('push channel at 1,000 connected devices (real server, light clients)',
   before(async () => {
     s = await startServer({ runArgs: ['--rate-enroll', 'off', '--rate-device', 'off', '--rate-device-address', 'off'] });
   });
+  afterEach(function () {
+    if (this.currentTest?.state === 'failed') console.log(`--- server log, last lines:\n${s.stderr().split('\n').slice(-30).join('\n')}`);
+  });
   after(async () => {
     closeLight(devices);
     await s?.stop();
