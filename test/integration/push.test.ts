@@ -184,7 +184,7 @@ describe('push channel (real server, agents in this process)', function () {
     }
   });
 
-  it('the upgrade is a signed device call: unsigned, or from a revoked device, it is refused with the usual codes', async () => {
+  it('the upgrade is a signed device call: unsigned, or from a revoked device, it is refused with the usual codes; bad frames are answered or close the socket', async () => {
     const d = await enrolledDevice(s, 'upgrade');
     try {
       const sock = await d.client.openPush();
@@ -198,6 +198,17 @@ describe('push channel (real server, agents in this process)', function () {
         ws.once('error', () => {});
       });
       expect(unsigned).to.equal(401);
+      // On the socket: an acknowledgement of a command this device does not have is answered with its error; junk closes the socket (1008).
+      const ws = await d.client.openPush();
+      const frames: { t: string; code?: string; id?: string }[] = [];
+      ws.on('message', (m) => frames.push(JSON.parse(m.toString()) as { t: string }));
+      ws.send(JSON.stringify({ t: 'ack', id: 'cmd-0000000000000000', ok: true }));
+      await waitFor(async () => frames.some((f) => f.t === 'error'), 10_000, 'the error frame');
+      expect(frames.find((f) => f.t === 'error')).to.include({ code: 'UNKNOWN_COMMAND', id: 'cmd-0000000000000000' });
+      const closed = new Promise<number>((r) => ws.once('close', (code) => r(code)));
+      ws.send('{"t":"ack","id":');
+      expect(await closed).to.equal(1008);
+
       await adminCall('POST', `/devices/${d.deviceId}/revoke`);
       const refused = await d.client.openPush().then(
         () => 'opened',
