@@ -105,10 +105,10 @@ export function adminCommand(y: Argv) {
         (a) =>
           withAdmin(a as A, async (c) => {
             if (a.what === 'tls') {
-              const r = await c.json<{ phase: string; fingerprint: string; previous: string }>('POST', '/rotate/tls', a.finish ? { finish: true } : {});
+              const r = await c.json<{ phase: string; fingerprint: string; previous: string; told?: number }>('POST', '/rotate/tls', a.finish ? { finish: true } : {});
               emit(a as A, r, () =>
                 r.phase === 'announced'
-                  ? `announced certificate sha256 ${r.fingerprint}: devices pin it beside ${r.previous.slice(0, 16)}… at their next heartbeat; then run 'lethe admin rotate tls --finish'`
+                  ? `announced certificate sha256 ${r.fingerprint}: devices pin it beside ${r.previous.slice(0, 16)}…, the ${r.told ?? 0} connected now at once, the others at their next heartbeat; then run 'lethe admin rotate tls --finish'`
                   : `every replica serves certificate sha256 ${r.fingerprint} within seconds; admins: export LETHE_PIN=${r.fingerprint}`,
               );
               return;

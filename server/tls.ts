@@ -9,6 +9,8 @@ import { X509Certificate } from 'node:crypto';
 import { b64u, sign, wipe } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import { inTx, type Ctx } from './context.js';
+import { issueCommand } from './devices.js';
+import { connectedDevices } from './push.js';
 import { certFingerprint, makeCertificate, parseListen } from './datadir.js';
 import { pinMessage } from '../common/tls-pin.js';
 
@@ -62,12 +64,15 @@ export async function announceTls(ctx: Ctx) {
   const { host } = parseListen(ctx.data.config.listen);
   const pems = await makeCertificate(host, `lethe-server ${new Date(ctx.now()).toISOString()}`);
   const fingerprint = certFingerprint(pems.cert);
+  // Devices connected now check in at once (a rotate command on the push channel) and pin it; the rest at their next heartbeat.
+  const online = [...(await connectedDevices(ctx))].sort();
   await inTx(ctx, async (ctx) => {
     await put(ctx, KEYS.nextCert, pems.cert);
     await put(ctx, KEYS.nextKey, b64u.encode(ctx.escrow.sealSecret(Buffer.from(pems.private), PURPOSE)));
-    await ctx.audit.append('tls.rotate', null, { phase: 'announced', fingerprint, previous: ctx.data.fingerprint }, ctx.now());
+    for (const id of online) await issueCommand(ctx, id, 'rotate');
+    await ctx.audit.append('tls.rotate', null, { phase: 'announced', fingerprint, previous: ctx.data.fingerprint, told: online.length }, ctx.now());
   });
-  return { phase: 'announced' as const, fingerprint, previous: ctx.data.fingerprint, notAfter: new X509Certificate(pems.cert).validTo };
+  return { phase: 'announced' as const, fingerprint, previous: ctx.data.fingerprint, notAfter: new X509Certificate(pems.cert).validTo, told: online.length };
 }
 
 /** Step 2: every replica serves the announced certificate from its next check of the database. */

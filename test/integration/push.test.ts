@@ -7,6 +7,7 @@ import path from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { RunningAgent } from '../../agent/daemon.js';
 import { readLastSeq } from '../../agent/push.js';
+import { readNextPin } from '../../agent/pins.js';
 import { b64u, signKeyPair } from '../../common/crypto.js';
 import { signCommand, type TPushCommand } from '../../common/push.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
@@ -106,6 +107,18 @@ describe('push channel (real server, agents in this process)', function () {
     await adminCall('PUT', '/images/push-policy/policy', { policy: 'sensitive:\n  memory: all\neviction:\n  idle: 7s\n' });
     await waitFor(async () => agent.lease.renewals > 0 && agent.lease.lease!.policy?.evictIdleMs === 7_000, 20_000, 'the agent renewed with the new policy');
     await waitFor(async () => (await audit(deviceId)).some((e) => e.type === 'policy.ack'), 20_000, 'the policy command acknowledged');
+  });
+
+  it('a TLS rotation tells connected devices at once: the agent checks in and trusts the announced certificate, its heartbeat an hour away', async () => {
+    const { agent, home, deviceId } = await pushedAgent('push-rotate');
+    expect(readNextPin(home)).to.equal(undefined);
+    const r = await lethe(['admin', 'rotate', 'tls', '--json'], s.env);
+    expect(r.code, r.stderr).to.equal(0);
+    const announced = JSON.parse(r.stdout) as { fingerprint: string; told: number };
+    expect(announced.told).to.be.at.least(1);
+    await waitFor(async () => readNextPin(home)?.pin === announced.fingerprint, 20_000, 'the device pinning the announced certificate');
+    await waitFor(async () => (await audit(deviceId)).some((e) => e.type === 'rotate.ack'), 20_000, 'the rotate command acknowledged');
+    expect(agent.lease.renewals).to.equal(0);
   });
 
   it('a replayed, forged or misaddressed command is refused and logged; the next real one is carried out', async () => {
