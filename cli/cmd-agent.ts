@@ -59,6 +59,7 @@ function statusText(s: AgentStatus): string {
       ['', ''],
       [
         ['lease', `${l.state}${l.expiresInSeconds !== null ? `, expires in ${l.expiresInSeconds} s (${l.expiresAt})` : ''}, ${l.renewals} renewal(s)`],
+        ['push channel', s.push.connected ? `open${s.push.replica ? ` (${s.push.replica})` : ''}, opened ${s.push.opens} time(s)` : s.push.opens ? 'down: reconnecting (commands come at heartbeats meanwhile)' : 'not open (commands come at heartbeats)'],
         ['keys held', `${s.keys.classKeys} class, ${s.keys.sensitiveKeys} sensitive`],
         ['cache', `${mb(s.cache.bytes)} of ${mb(s.cache.limitBytes)}, ${s.cache.chunks} chunks (${s.cache.dirty} dirty)`],
         ['disk in memory', `${mb(s.diskMemory.bytes)} of ${mb(s.diskMemory.limitBytes)} checked ciphertext, ${s.diskMemory.chunks} chunks`],

@@ -128,6 +128,7 @@ describe('agent (real agent and server processes)', function () {
     const text = await lethe(['agent', 'status', '--home', d.home]);
     expect(text.stdout).to.match(/lease\s+expired/);
     expect(text.stdout).to.match(/keys held\s+0 class, 0 sensitive/);
+    expect(text.stdout).to.match(/push channel\s+down: reconnecting/);
 
     s = await s.restart();
     const back = await waitFor(async () => {
@@ -135,6 +136,9 @@ describe('agent (real agent and server processes)', function () {
       return st.lease.state === 'active' ? st : undefined;
     }, 15_000, 'a new lease');
     expect(back!.keys.classKeys).to.equal(1);
+    // The push channel is opened again to the server that came back.
+    await waitFor(async () => (await status(d.home)).push.opens >= 2 && (await status(d.home)).push.connected, 30_000, 'the push channel open again');
+    expect((await lethe(['agent', 'status', '--home', d.home])).stdout).to.match(/push channel\s+open \(rep-[0-9a-f]{16}\), opened 2 time\(s\)/);
     expect((await selftest(d.home)).chunks).to.equal(34);
     expect(agent.log()).to.contain('lease expired without renewal: keys zeroed, sensitive plaintext evicted');
     expect(await agent.stop()).to.equal(0);
