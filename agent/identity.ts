@@ -51,8 +51,12 @@ export const homeFiles = (home: string) => {
     cert: path.join(home, 'server-cert.pem'),
     signKey,
     boxKey,
+    /** The new keys of a rotation in progress (docs/device-keys.md, Rotation), and its record. */
+    signKeyNext: `${signKey}.next`,
+    boxKeyNext: `${boxKey}.next`,
+    rotation: path.join(home, 'rotate.json'),
     /** Every file of the home that holds key material (sealed or not): what a key wipe removes. */
-    secrets: [signKey, boxKey],
+    secrets: [signKey, boxKey, `${signKey}.next`, `${boxKey}.next`],
     revoked: path.join(home, 'revoked.json'),
   };
 };
@@ -207,6 +211,33 @@ function readKey(file: string, size: number, open?: (f: SealedFile) => SecretKey
  * when its keys were deleted; nothing is sent to the server.
  */
 export async function loadIdentity(home: string, unlock?: Unlock): Promise<Identity> {
+  if (fs.existsSync(homeFiles(home).rotation)) {
+    throw new LetheError('CONFIG', `a key rotation of the device in '${home}' was interrupted`, {
+      hint: "run 'lethe device rotate-keys' to finish it (it asks the server which keys it holds)",
+    });
+  }
+  const { id, kek } = await openHome(home, unlock);
+  wipe(kek?.key);
+  return id;
+}
+
+/** A key rotation in progress: the new public keys (rotate.json, written once both new key files are). */
+export interface PendingRotation {
+  signPublicKey: string;
+  boxPublicKey: string;
+}
+
+export function pendingRotation(home: string): PendingRotation | undefined {
+  const f = homeFiles(home).rotation;
+  return fs.existsSync(f) ? (JSON.parse(fs.readFileSync(f, 'utf8')) as PendingRotation) : undefined;
+}
+
+/**
+ * The identity and the KEK its keys are sealed with (undefined for seal none; the
+ * caller wipes it). During a rotation whose new files were partly moved into
+ * place, each key's public half follows its file.
+ */
+export async function openHome(home: string, unlock?: Unlock): Promise<{ id: Identity; kek?: Kek; open: (name: KeyName) => ((s: SealedFile) => SecretKey) | undefined }> {
   const f = homeFiles(home);
   assertNotRevoked(home);
   if (!fs.existsSync(f.info)) {
@@ -215,6 +246,7 @@ export async function loadIdentity(home: string, unlock?: Unlock): Promise<Ident
     });
   }
   const info = JSON.parse(fs.readFileSync(f.info, 'utf8')) as DeviceInfo;
+  const pending = pendingRotation(home);
   const kind = info.seal ?? 'none';
   let kek: Kek | undefined;
   try {
@@ -224,19 +256,32 @@ export async function loadIdentity(home: string, unlock?: Unlock): Promise<Ident
       kek = await kekFor(first, needUnlock(kind, unlock));
     }
     const open = kek ? (name: KeyName) => (s: SealedFile) => openKey(kek!, name, s, secretName(kind)) : () => undefined;
-    const sign = { publicKey: b64u.decode(info.signPublicKey), secretKey: readKey(f.signKey, 64, open('sign')) };
+    const signPk = pending && !fs.existsSync(f.signKeyNext) ? pending.signPublicKey : info.signPublicKey;
+    const boxPk = pending && !fs.existsSync(f.boxKeyNext) ? pending.boxPublicKey : info.boxPublicKey;
+    const sign = { publicKey: b64u.decode(signPk), secretKey: readKey(f.signKey, 64, open('sign')) };
     try {
       // After a wipe whose acknowledgement is pending, only the signing key is left.
       const boxKey = fs.existsSync(f.boxKey) ? readKey(f.boxKey, 32, open('box')) : secureCopy(Buffer.alloc(32));
-      const box = { publicKey: b64u.decode(info.boxPublicKey), secretKey: boxKey };
-      return { home, info, certPem: fs.readFileSync(f.cert, 'utf8'), sign, box };
+      const box = { publicKey: b64u.decode(boxPk), secretKey: boxKey };
+      return { id: { home, info, certPem: fs.readFileSync(f.cert, 'utf8'), sign, box }, kek, open };
     } catch (e) {
       wipe(sign.secretKey);
       throw e;
     }
-  } finally {
+  } catch (e) {
     wipe(kek?.key);
+    throw e;
   }
+}
+
+/** Writes a key file as the home keeps them: sealed by `kek`, or raw (seal none). */
+export function writeKeyFile(file: string, name: KeyName, key: Uint8Array, kek: Kek | undefined): void {
+  writeKey(file, name, key, kek);
+}
+
+/** Reads a key file of the home into locked memory (`open` unseals it). */
+export function readKeyFile(file: string, size: number, open?: (f: SealedFile) => SecretKey): SecretKey {
+  return readKey(file, size, open);
 }
 
 export function closeIdentity(id: Identity): void {

@@ -1,11 +1,15 @@
 // lethe enroll TOKEN | lethe heartbeat
+import fs from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
 import { b64u } from '../common/crypto.js';
 import { openCommand } from '../common/push.js';
 import { DeviceClient } from '../agent/device-client.js';
 import { closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity } from '../agent/identity.js';
+import { rotateKeys } from '../agent/rotate-keys.js';
+import { control } from '../agent/control.js';
 import { acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe } from '../agent/wipe.js';
 import { keepCheckpoint } from '../agent/anchor.js';
 import { SEAL_KINDS, type SealKind } from '../common/constants.js';
@@ -112,8 +116,37 @@ export function deviceCommands(y: Argv) {
     )
     .command('heartbeat', 'check in with the server and act on its commands (wipe); a revoked device erases its keys', (y) => unlockOpts(homeOpt(y)), async (a) => {
       await heartbeat(a as unknown as HomeArgs);
-    });
+    })
+    .command('device', "this device's own keys", (y) =>
+      y
+        .command(
+          'rotate-keys',
+          "replace this device's signing and box keys with new ones, sealed as the old ones were (the server takes them at once; the agent must be stopped)",
+          (y) => unlockOpts(homeOpt(y)),
+          async (a) => {
+            const home = String(a.home);
+            if (await agentRunning(home)) {
+              throw new LetheError('CONFLICT', `the agent is running on '${home}'`, { hint: "stop it first ('lethe agent stop'), then rotate the keys" });
+            }
+            const r = await rotateKeys(home, unlockFrom(a as unknown as UnlockArgs));
+            emit(a as unknown as OutOpts, r, () =>
+              `${r.resumed ? 'finished the interrupted rotation: ' : ''}device ${r.deviceId} now signs with ${r.signPublicKey.slice(0, 16)}…${r.sent ? '' : ' (the server had taken it already)'}; the old keys are gone`,
+            );
+          },
+        )
+        .demandCommand(1, 'name a device command'),
+    );
 }
+
+/** Whether an agent answers on the home's control socket. */
+async function agentRunning(home: string): Promise<boolean> {
+  if (!fs.existsSync(path.join(home, 'agent.sock'))) return false;
+  return control(home, { cmd: 'status' }).then(
+    () => true,
+    () => false,
+  );
+}
+
 
 /** An https:// URL of a server replica, or a usage error naming it. */
 function checkServerUrl(u: string): string {

@@ -43,3 +43,12 @@ export function verifyRequest(
   const sig = b64u.decode(h.signature);
   return verify(publicKey, signingMessage(method, path, h.deviceId, h.ts, h.nonce, body), sig);
 }
+
+/**
+ * What a device's new signing key signs when the device rotates its keys
+ * (docs/device-keys.md, Rotation): proof that whoever asks holds the new key.
+ */
+export const ROTATE_CONTEXT = 'LETHE-ROTATE-V1';
+export function rotationMessage(deviceId: string, signPublicKey: string, boxPublicKey: string): Buffer {
+  return Buffer.from([ROTATE_CONTEXT, deviceId, signPublicKey, boxPublicKey].join('\n'), 'utf8');
+}

@@ -28,6 +28,8 @@ export const EnrollRequest = z.strictObject({
   /** How the device keeps its identity keys at rest (docs/device-keys.md); absent from older agents: none. */
   seal: z.enum(SEAL_KINDS).optional(),
 });
+/** POST /v1/device/keys/rotate: the device's new public keys, and the new signing key's signature over them (docs/device-keys.md). */
+export const RotateKeysRequest = z.strictObject({ signPublicKey: b64url(32), boxPublicKey: b64url(32), proof: b64url(64) });
 /** POST /v1/admin/rotate/master: nothing to give. */
 export const RotateRequest = z.strictObject({});
 /** POST /v1/admin/rotate/tls: announce a new certificate, or (finish) serve the announced one. */

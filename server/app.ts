@@ -11,7 +11,7 @@ import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, deviceHeaderCheck, type AuthedRequest } from './auth.js';
 import { deviceReport, verifyAudit, type Checkpoint } from './audit.js';
 import { actingAs, type Ctx } from './context.js';
-import { ackCommand, ackRevoke, commandStatus, enroll, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
+import { ackCommand, ackRevoke, commandStatus, enroll, rotateDeviceKeys, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
   chunkHashes,
   commitVersion,
@@ -182,6 +182,10 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   app.post('/v1/device/revoke/ack', rawJson, deviceRevokedOk, async (req: AuthedRequest, res) => {
     const b = json(wire.RevokeAckRequest, req);
     res.json(await ackRevoke(ctx, dev(req), b.detail, b.zeroedAfterMs));
+  });
+  app.post('/v1/device/keys/rotate', rawJson, device, async (req: AuthedRequest, res) => {
+    const b = json(wire.RotateKeysRequest, req);
+    res.json(await rotateDeviceKeys(ctx, dev(req), b.signPublicKey, b.boxPublicKey, b.proof));
   });
   app.post('/v1/device/leases', rawJson, device, async (req: AuthedRequest, res) => {
     res.status(201).json(await grantLease(ctx, dev(req), json(wire.LeaseRequest, req).image));

@@ -13,6 +13,7 @@ export type AuditType =
   | 'enroll.token'
   | 'enroll'
   | 'device.revoke'
+  | 'device.rotate-keys'
   | 'device.wipe'
   | 'wipe.delivered'
   | 'wipe.ack'

@@ -1,7 +1,8 @@
 // Enrollment, device status, revoke and wipe (docs/escrow-protocol.md).
 import { randomBytes } from 'node:crypto';
 import { DEFAULT_ENROLL_TTL_S, type SealKind } from '../common/constants.js';
-import { b64u, sha256 } from '../common/crypto.js';
+import { b64u, sha256, verify } from '../common/crypto.js';
+import { rotationMessage } from '../common/signing.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { decodeEnrollToken, encodeEnrollToken } from '../common/tokens.js';
@@ -364,4 +365,27 @@ export async function ackCommand(ctx: Ctx, d: DeviceRow, commandId: string, ok: 
     );
   });
   return { id: c.id, acked: ok };
+}
+
+/**
+ * The device replaces its own keys (docs/device-keys.md, Rotation): the request is
+ * signed with the current key, and the new signing key signs the new public keys.
+ * From the commit on, only the new keys count. A repeat of the same keys (the
+ * device did not hear the answer) is answered the same and changes nothing.
+ */
+export async function rotateDeviceKeys(ctx: Ctx, d: DeviceRow, signPublicKey: string, boxPublicKey: string, proof: string) {
+  const signPk = b64u.decode(signPublicKey);
+  const boxPk = b64u.decode(boxPublicKey);
+  if (!verify(signPk, rotationMessage(d.id, signPublicKey, boxPublicKey), b64u.decode(proof))) {
+    throw new LetheError('BAD_REQUEST', 'the new signing key did not sign the new keys', { hint: 'sign "LETHE-ROTATE-V1\\nDEVICE\\nSIGN\\nBOX" with the new key' });
+  }
+  if (signPk.equals(d.sign_pk) && boxPk.equals(d.box_pk)) return { id: d.id, rotated: false };
+  const now = ctx.now();
+  await inTx(ctx, async (ctx) => {
+    const r = await ctx.db.run('UPDATE devices SET sign_pk = ?, box_pk = ? WHERE id = ? AND sign_pk = ?', signPk, boxPk, d.id, d.sign_pk);
+    if (r.changes !== 1) throw new LetheError('CONFLICT', 'the device keys changed meanwhile', { hint: "run 'lethe device rotate-keys' again" });
+    const fp = (k: Buffer) => sha256(k).toString('hex').slice(0, 16);
+    await ctx.audit.append('device.rotate-keys', d.id, { sign: fp(signPk), box: fp(boxPk), previousSign: fp(d.sign_pk) }, now);
+  });
+  return { id: d.id, rotated: true };
 }

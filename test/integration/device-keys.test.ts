@@ -102,6 +102,78 @@ describe('sealed device keys (issue #14)', function () {
     expect(await auditTypes(s, d.deviceId)).to.deep.equal(['enroll', 'assign', 'lease.grant', 'keys.release']);
   });
 
+  it('lethe device rotate-keys: the server takes the new keys at once and refuses the old; they are sealed as before; audited; refused while the agent runs', async () => {
+    const d = await enrolledDevice(s, 'rotator');
+    await assign(s, d.deviceId, 'desk');
+    const before = JSON.parse(fs.readFileSync(path.join(d.home, 'device.json'), 'utf8')) as { signPublicKey: string; boxPublicKey: string };
+    const r = await lethe(['device', 'rotate-keys', '--home', d.home, '--passphrase-fd', '0', '--json'], {}, `${TEST_PASSPHRASE}\n`);
+    expect(r.code, r.stderr).to.equal(0);
+    const out = JSON.parse(r.stdout) as { deviceId: string; signPublicKey: string; boxPublicKey: string; sent: boolean; resumed: boolean };
+    expect(out).to.include({ deviceId: d.deviceId, sent: true, resumed: false });
+    const after = JSON.parse(fs.readFileSync(path.join(d.home, 'device.json'), 'utf8')) as { signPublicKey: string; boxPublicKey: string };
+    expect(after).to.include({ signPublicKey: out.signPublicKey, boxPublicKey: out.boxPublicKey });
+    expect(after.signPublicKey).to.not.equal(before.signPublicKey);
+    expect(after.boxPublicKey).to.not.equal(before.boxPublicKey);
+    expect(fs.readdirSync(d.home).filter((n) => n.endsWith('.next') || n === 'rotate.json')).to.deep.equal([]);
+    // The old key signs no more; the new one, unsealed with the same passphrase, gets a lease whose keys open with the new box key.
+    expect((await rejects(d.client.heartbeat())).code).to.equal('AUTH_FAILED');
+    d.close();
+    const id = await loadIdentity(d.home, testUnlock());
+    const client = new DeviceClient(id);
+    try {
+      const lease = await client.lease('desk');
+      expect(lease.classKeys.length).to.be.greaterThan(0);
+      expect(await client.keys(lease.leaseId, [{ kind: 'mem', index: 0 }])).to.have.property('sealed');
+    } finally {
+      client.close();
+      closeIdentity(id);
+    }
+    const wrong = await lethe(['device', 'rotate-keys', '--home', d.home, '--passphrase-fd', '0'], {}, 'hunter2\n');
+    expect(wrong.code).to.equal(1);
+    expect(wrong.stderr).to.match(/^lethe: error: .*passphrase/);
+    expect((await auditTypes(s, d.deviceId)).filter((t) => t === 'device.rotate-keys')).to.have.length(1);
+
+    const agent = await startAgent({ home: d.home, image: 'desk', cacheBytes: 1 << 20, heartbeatMs: 60_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    try {
+      const busy = await lethe(['device', 'rotate-keys', '--home', d.home, '--passphrase-fd', '0'], {}, `${TEST_PASSPHRASE}\n`);
+      expect(busy.code).to.equal(1);
+      expect(busy.stderr).to.equal(`lethe: error: the agent is running on '${d.home}'\nlethe: hint: stop it first ('lethe agent stop'), then rotate the keys\n`);
+    } finally {
+      agent.stop();
+      await agent.done;
+    }
+  });
+
+  it('a rotation cut short resumes where its files say: before the server took it, and after', async () => {
+    const { rotateKeys } = await import('../../agent/rotate-keys.js');
+    for (const stopAfter of ['prepared', 'sent'] as const) {
+      const d = await enrolledDevice(s, `cut-${stopAfter}`);
+      d.close();
+      const cut = await rotateKeys(d.home, testUnlock(), { stopAfter });
+      expect(fs.existsSync(path.join(d.home, 'rotate.json'))).to.equal(true);
+      // Until it is finished, nothing starts on the home.
+      const e = await loadIdentity(d.home, testUnlock()).then(
+        () => undefined,
+        (x: { code?: string; message: string }) => x,
+      );
+      expect(e?.code).to.equal('CONFIG');
+      expect(e?.message).to.equal(`a key rotation of the device in '${d.home}' was interrupted`);
+      const r = await lethe(['device', 'rotate-keys', '--home', d.home, '--passphrase-fd', '0', '--json'], {}, `${TEST_PASSPHRASE}\n`);
+      expect(r.code, r.stderr).to.equal(0);
+      const out = JSON.parse(r.stdout) as { signPublicKey: string; sent: boolean; resumed: boolean };
+      // The same new keys as the cut run made, sent now (before) or found already taken (after).
+      expect(out).to.include({ signPublicKey: cut.signPublicKey, resumed: true, sent: stopAfter === 'prepared' });
+      const id = await loadIdentity(d.home, testUnlock());
+      const client = new DeviceClient(id);
+      try {
+        expect((await client.heartbeat()).status).to.equal('active');
+      } finally {
+        client.close();
+        closeIdentity(id);
+      }
+    }
+  });
+
   it('the passphrase comes from a systemd credential; a damaged sealed key is named', async () => {
     const d = await enrolledDevice(s, 'credential');
     d.close();
