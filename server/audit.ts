@@ -204,8 +204,13 @@ export class AuditLog {
 
   /** What is wrong with the current head (e.g. `the head (entry 301) is not signed`), if anything: checked at startup. */
   async checkHead(): Promise<string | undefined> {
-    const h = await head(this.db);
-    return h && this.headProblem(this.db, h);
+    // Under the chain's lock: another replica's append replaces the head and drops its
+    // checkpoint between two reads otherwise (a live head would look unsigned).
+    return this.db.tx(async (t) => {
+      await t.lock(AUDIT_LOCK);
+      const h = await head(t);
+      return h && this.headProblem(t, h);
+    });
   }
 
   /** Signs the current head as it stands: only on an operator's word (`lethe server run --sign-head`). */

@@ -6,11 +6,14 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { signRequest } from '../../common/signing.js';
-import { b64u, boxKeyPair, signKeyPair } from '../../common/crypto.js';
+import { b64u, boxKeyPair, signKeyPair, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { PinnedClient } from '../../common/http-client.js';
 import { DeviceClient } from '../../agent/device-client.js';
 import { PushChannel } from '../../agent/push.js';
+import { AuditLog } from '../../server/audit.js';
+import { loadDataDir } from '../../server/datadir.js';
+import { openServerDb } from '../../server/db.js';
 import { openCommand } from '../../common/push.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, waitFor, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
@@ -114,6 +117,30 @@ describe('two replicas on one PostgreSQL database', function () {
     const offline = await lethe(['audit', 'verify', '--data', a.dir, '--json'], a.env);
     expect(offline.code, offline.stderr).to.equal(0);
     expect(JSON.parse(offline.stdout)).to.include({ ok: true, entries: after });
+  });
+
+  it('a replica starting while another appends finds the head signed: the head and its checkpoint are read under the chain lock', async () => {
+    const data = loadDataDir(a.dir);
+    const sdb = await openServerDb({ url, dir: a.dir });
+    const log = new AuditLog(sdb.db, data.signingKey);
+    let stop = false;
+    const mint = async () => {
+      const c = admin(a);
+      try {
+        while (!stop) await c.json('POST', '/enroll-tokens', {});
+      } finally {
+        c.close();
+      }
+    };
+    const appenders = [mint(), mint(), mint()];
+    try {
+      for (let i = 0; i < 150; i++) expect(await log.checkHead(), `check ${i}`).to.equal(undefined);
+    } finally {
+      stop = true;
+      await Promise.all(appenders);
+      await sdb.close();
+      wipe(data.masterKey, data.signingKey);
+    }
   });
 
   it('a revoke on one replica refuses the device on the other from its next request', async () => {
