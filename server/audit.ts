@@ -263,7 +263,9 @@ export async function verifyAudit(db: Sql, opts: { serverKey: Uint8Array; pinned
   if (opts.pinnedKey && !Buffer.from(opts.pinnedKey).equals(Buffer.from(opts.serverKey))) {
     return { ok: false, entries: 0, firstBad: null, reason: "the server's signing key is not the pinned audit key", checkpoints: 0, key };
   }
-  return { ...(await verifyChain(db, opts.pinnedKey ?? opts.serverKey, opts.anchor)), key, ...(opts.anchor ? { anchor: opts.anchor.seq } : {}) };
+  // One snapshot: entries and checkpoints as of one moment, however many replicas append meanwhile.
+  const chain = await db.snapshot((t) => verifyChain(t, opts.pinnedKey ?? opts.serverKey, opts.anchor));
+  return { ...chain, key, ...(opts.anchor ? { anchor: opts.anchor.seq } : {}) };
 }
 
 /** Walks the chain from the genesis; names the first entry or checkpoint that does not hold. */

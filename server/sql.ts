@@ -29,6 +29,12 @@ export interface Sql {
    * transaction is already alone. Only inside tx().
    */
   lock(name: string): Promise<void>;
+  /**
+   * Runs `fn`'s reads on one consistent snapshot of the database (a read
+   * transaction; REPEATABLE READ in PostgreSQL): what other connections commit
+   * meanwhile is not seen. Inside a transaction: in that one.
+   */
+  snapshot<T>(fn: (t: Sql) => Promise<T>): Promise<T>;
   /** Inside tx(): runs `fn` so that, if it throws, only its own writes roll back (a savepoint). */
   savepoint<T>(fn: () => Promise<T>): Promise<T>;
   /**
@@ -164,6 +170,23 @@ class SqliteSql implements Sql {
     throw new Error('lock() is for transactions');
   }
 
+  /** A deferred read transaction (works on a read-only connection too); other callers wait for it. */
+  async snapshot<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
+    await this.acquire();
+    try {
+      this.raw.exec('BEGIN');
+      const t = new SqliteTx(this);
+      try {
+        return await fn(t);
+      } finally {
+        t.done = true;
+        if (this.raw.inTransaction) this.raw.exec('COMMIT');
+      }
+    } finally {
+      this.release();
+    }
+  }
+
   async savepoint<T>(): Promise<T> {
     throw new Error('savepoint() is for transactions');
   }
@@ -211,6 +234,9 @@ class SqliteTx implements Sql {
     return this.db.runSync(sql, ...params);
   }
   tx<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
+    return fn(this);
+  }
+  snapshot<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
     return fn(this);
   }
   async lock(): Promise<void> {}
@@ -354,6 +380,13 @@ class PgSql implements Sql {
     throw new Error('lock() is for transactions');
   }
 
+  snapshot<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
+    return this.tx(async (t) => {
+      await t.run('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY');
+      return fn(t);
+    });
+  }
+
   async savepoint<T>(): Promise<T> {
     throw new Error('savepoint() is for transactions');
   }
@@ -432,6 +465,9 @@ class PgTx implements Sql {
     return { changes: (await pgQuery(this.client, this.url, sql, params)).rowCount ?? 0 };
   }
   tx<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
+    return fn(this);
+  }
+  snapshot<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
     return fn(this);
   }
   async lock(name: string): Promise<void> {
