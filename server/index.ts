@@ -104,7 +104,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     },
     app,
   );
-  const push = new PushHub(ctx);
+  const push = new PushHub(ctx, limits);
   try {
     await push.start(server);
   } catch (e) {

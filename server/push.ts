@@ -17,6 +17,7 @@ import { AckFrame, PUSH_PATH, type ServerFrame, type TAckFrame } from '../common
 import { toLetheError } from './app.js';
 import { signatureHeaders, verifiedDevice } from './auth.js';
 import { inTx, newId, type Ctx } from './context.js';
+import { DEFAULT_LIMITS, limiterFor, type RateLimiter, type ServerLimits } from './limits.js';
 import { ackCommand, getDevice, markDelivered, PUSH_CHANNEL, signedCommand, type CommandRow } from './devices.js';
 
 /** How often a replica pings each socket and refreshes its own row. */
@@ -124,7 +125,16 @@ export class PushHub {
     await Promise.all(items.map((it) => inTx(this.ctx, (ctx) => fn(ctx, it))));
   }
 
-  constructor(private readonly ctx: Ctx) {
+  /** The same budgets as device HTTP calls (their own buckets): upgrades per address before any lookup, per device once verified. */
+  private readonly perAddress: RateLimiter | null;
+  private readonly perDevice: RateLimiter | null;
+
+  constructor(
+    private readonly ctx: Ctx,
+    limits: ServerLimits = DEFAULT_LIMITS,
+  ) {
+    this.perAddress = limiterFor(limits.deviceAddress);
+    this.perDevice = limiterFor(limits.device);
     ctx.metrics.describe('lethe_push_connected', 'devices with a push channel open on this replica');
     ctx.metrics.describe('lethe_push_sent_total', 'commands sent on push channels');
     ctx.metrics.gauge(() => [`lethe_push_connected ${this.connected()}`]);
@@ -181,19 +191,30 @@ export class PushHub {
 
   private async upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     socket.on('error', () => {});
+    let retryAfter: number | undefined;
     try {
       const path = new URL(req.url ?? '/', 'https://x').pathname;
       if (path !== PUSH_PATH || req.method !== 'GET') throw new LetheError('NOT_FOUND', `no route ${req.method} ${path}`);
       if (this.closed) throw new LetheError('DATABASE_UNAVAILABLE', 'this replica is shutting down');
+      const limited = (waitMs: number, what: string) => {
+        retryAfter = Math.max(1, Math.ceil(waitMs / 1000));
+        return new LetheError('RATE_LIMITED', `too many ${what}`, { hint: `retry after ${retryAfter} s` });
+      };
+      const wait = this.perAddress?.take(req.socket.remoteAddress ?? 'unknown') ?? 0;
+      if (wait > 0) throw limited(wait, 'device requests from this address');
       // Signed like every device call (its body is empty); a device whose wipe is pending connects to get it.
-      const d = await verifiedDevice(this.ctx, signatureHeaders(req), 'GET', req.url ?? '', Buffer.alloc(0), { allowWipePending: true });
+      const d = await verifiedDevice(this.ctx, signatureHeaders(req), 'GET', req.url ?? '', Buffer.alloc(0), { allowWipePending: true, rate: this.perDevice }, (w) =>
+        limited(w, 'requests from this device'),
+      );
       this.wss.handleUpgrade(req, socket, head, (ws) => this.open(ws, d.id));
     } catch (err) {
       const e = toLetheError(err);
       if (e.code === 'INTERNAL') console.error(`lethe server: push: ${errorChain(err)}`);
       const body = JSON.stringify(e.toJSON());
       socket.end(
-        `HTTP/1.1 ${e.status} ${STATUS_CODES[e.status] ?? ''}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+        `HTTP/1.1 ${e.status} ${STATUS_CODES[e.status] ?? ''}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${
+          retryAfter ? `retry-after: ${retryAfter}\r\n` : ''
+        }connection: close\r\n\r\n${body}`,
       );
     }
   }

@@ -7,6 +7,7 @@ import tls from 'node:tls';
 import zlib from 'node:zlib';
 import { HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP } from '../../common/constants.js';
 import { PinnedClient } from '../../common/http-client.js';
+import type { LetheError } from '../../common/errors.js';
 import { admin, enrolledDevice, rejects } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 
@@ -223,6 +224,34 @@ describe('issue #14: unauthenticated resource use (real server process)', functi
           const e = await rejects(d.client.heartbeat());
           expect([e.status, e.code, e.message]).to.deep.equal([429, 'RATE_LIMITED', 'too many requests from this device']);
           expect(e.hint).to.match(/^retry after \d+ s$/);
+        } finally {
+          d.close();
+        }
+      } finally {
+        await s2.stop();
+      }
+    });
+
+    it('push channel upgrades count against the same budgets: per device once verified, per address before anything', async () => {
+      const s2 = await startServer({ runArgs: ['--rate-device', '3/min', '--rate-device-address', '6/min'] });
+      try {
+        const d = await enrolledDevice(s2);
+        try {
+          const open = () =>
+            d.client.openPush().then(
+              (ws) => {
+                ws.terminate();
+                return 'open';
+              },
+              (e: LetheError) => `${e.status} ${e.code}: ${e.message} (${e.hint})`,
+            );
+          const seen: string[] = [];
+          for (let i = 0; i < 4; i++) seen.push(await open());
+          expect(seen.slice(0, 3)).to.deep.equal(['open', 'open', 'open']);
+          expect(seen[3]).to.match(/^429 RATE_LIMITED: too many requests from this device \(retry after \d+ s\)$/);
+          for (let i = 0; i < 2; i++) await open();
+          // The address has spent its 6: refused before the device is even looked up.
+          expect(await open()).to.match(/^429 RATE_LIMITED: too many device requests from this address \(retry after \d+ s\)$/);
         } finally {
           d.close();
         }
