@@ -25,6 +25,8 @@ export const PUSH_PING_MS = 15_000;
 /** How often a replica says it is alive; a replica silent for 3 of these holds no one. */
 export const REPLICA_BEAT_MS = 5_000;
 export const REPLICA_DEAD_MS = 3 * REPLICA_BEAT_MS;
+/** Commands whose delivery and acknowledgement are recorded set-based: they change no device row and their delivery is not audited. */
+const SET_BASED = new Set<CommandRow['type']>(['policy', 'rotate']);
 /** Devices per query when looking up what to send (well under either database's parameter limit). */
 const LOOKUP_BATCH = 500;
 /** The largest frame a device may send (an acknowledgement is a few hundred bytes). */
@@ -87,11 +89,23 @@ export class PushHub {
   private closed = false;
   /** Deliveries recorded together: one transaction for what several sockets sent meanwhile. */
   private readonly delivered = new GroupCommit<{ deviceId: string; rows: CommandRow[] }>(async (items) => {
-    await this.together(items, (ctx, it) => markDelivered(ctx, it.deviceId, it.rows, 'push'));
+    // Commands whose delivery is not audited (policy, rotate): one statement for all of them.
+    const plain = items.flatMap((it) => it.rows.filter((c) => SET_BASED.has(c.type) && c.delivered_at === null).map((c) => c.id));
+    for (let i = 0; i < plain.length; i += LOOKUP_BATCH) {
+      const part = plain.slice(i, i + LOOKUP_BATCH);
+      await this.ctx.db.run(
+        `UPDATE commands SET delivered_at = ?, delivered_via = 'push' WHERE delivered_at IS NULL AND id IN (${part.map(() => '?').join(', ')})`,
+        this.ctx.now(),
+        ...part,
+      );
+    }
+    const rest = items.map((it) => ({ ...it, rows: it.rows.filter((c) => !SET_BASED.has(c.type)) })).filter((it) => it.rows.length > 0);
+    await this.together(rest, (ctx, it) => markDelivered(ctx, it.deviceId, it.rows, 'push'));
   });
   /** Acknowledgements from sockets, recorded together; one that fails (an unknown command) fails alone. */
-  private readonly acks = new GroupCommit<Ack>(async (items) => {
+  private readonly acks = new GroupCommit<Ack>(async (all) => {
     const failed = new Map<Ack, unknown>();
+    const items = await this.ackSetBased(all);
     await this.together(items, async (ctx, a) => {
       try {
         await ctx.db.savepoint(async () => {
@@ -107,6 +121,58 @@ export class PushHub {
       if (a.session.ws.readyState === a.session.ws.OPEN) a.session.ws.send(JSON.stringify({ t: 'error', id: a.frame.id, ...toLetheError(e).toJSON() }));
     }
   });
+
+  /**
+   * Acknowledgements of policy and rotate commands (they change no device row and
+   * their delivery is not audited) in one transaction: the rows in one statement,
+   * then one audit entry each, the chain's lock taken once and no row lock after
+   * it. Returns the acknowledgements left for the per-device path.
+   */
+  private async ackSetBased(items: Ack[]): Promise<Ack[]> {
+    const candidates = items.filter((a) => a.frame.ok);
+    if (candidates.length === 0) return items;
+    const ids = [...new Set(candidates.map((a) => a.frame.id))];
+    const rows = new Map<string, CommandRow>();
+    for (let i = 0; i < ids.length; i += LOOKUP_BATCH) {
+      const part = ids.slice(i, i + LOOKUP_BATCH);
+      for (const r of await this.ctx.db.all<CommandRow>(`SELECT * FROM commands WHERE id IN (${part.map(() => '?').join(', ')})`, ...part)) rows.set(r.id, r);
+    }
+    const mine = new Map<string, Ack>();
+    for (const a of candidates) {
+      const c = rows.get(a.frame.id);
+      if (c && c.device_id === a.deviceId && SET_BASED.has(c.type) && c.acked_at === null && !mine.has(c.id)) mine.set(c.id, a);
+    }
+    if (mine.size === 0) return items;
+    const now = this.ctx.now();
+    await inTx(this.ctx, async (ctx) => {
+      const acked: string[] = [];
+      const list = [...mine.entries()];
+      for (let i = 0; i < list.length; i += LOOKUP_BATCH) {
+        const part = list.slice(i, i + LOOKUP_BATCH);
+        const result = (a: Ack) => JSON.stringify({ ok: true, ...(a.frame.detail ? { detail: a.frame.detail } : {}) });
+        // One UPDATE per distinct result text (in practice one or two), each over many rows.
+        const byResult = new Map<string, string[]>();
+        for (const [id, a] of part) (byResult.get(result(a)) ?? byResult.set(result(a), []).get(result(a))!).push(id);
+        for (const [res, idsOf] of byResult) {
+          const changed = await ctx.db.all<{ id: string }>(
+            `UPDATE commands SET acked_at = ?, result = ?, delivered_at = COALESCE(delivered_at, ?), delivered_via = COALESCE(delivered_via, 'push') WHERE acked_at IS NULL AND id IN (${idsOf.map(() => '?').join(', ')}) RETURNING id`,
+            now,
+            res,
+            now,
+            ...idsOf,
+          );
+          acked.push(...changed.map((r) => r.id));
+        }
+      }
+      for (const id of acked.sort()) {
+        const c = rows.get(id)!;
+        const a = mine.get(id)!;
+        await ctx.audit.append(`${c.type as 'policy' | 'rotate'}.ack`, c.device_id, { command: id, ok: true, ...(a.frame.detail ? { detail: a.frame.detail } : {}), elapsedMs: now - c.issued_at }, now);
+      }
+    });
+    const done = new Set(mine.values());
+    return items.filter((a) => !done.has(a));
+  }
 
   /**
    * Runs `fn` for each item: in SQLite all in one transaction (one writer: one
