@@ -82,6 +82,8 @@ interface AuditState {
 }
 
 /** Serialises appends from every process on one database (a transaction-scoped lock in PostgreSQL). */
+/** Entries per multi-row insert of appendMany (6 parameters each). */
+const MANY_ROWS = 200;
 const AUDIT_LOCK = 'lethe.audit';
 
 export class AuditLog {
@@ -125,6 +127,55 @@ export class AuditLog {
         const hash = entryHash(prev?.hash ?? AUDIT_GENESIS_HASH, entry);
         await this.write(t, entry, hash, prev);
         return { ...entry, hash };
+      });
+    } catch (cause) {
+      if (isLetheError(cause, 'AUDIT_UNAVAILABLE') || isRetryable(cause)) throw cause;
+      throw new LetheError('AUDIT_UNAVAILABLE', 'audit log could not be written; nothing was released', {
+        cause,
+        hint: 'check the server data directory or database (disk full? permissions? reachable?)',
+      });
+    }
+  }
+
+  /**
+   * Appends several entries in order, as one stretch of the chain: one read of the
+   * head, the entries in multi-row inserts, and checkpoints only where the log
+   * keeps them (every AUDIT_CHECKPOINT_EVERY entries, and the new head). The same
+   * chain as appending them one by one; call inside the transaction that commits
+   * what they record.
+   */
+  async appendMany(items: { type: AuditType; device: string | null; data: Record<string, unknown> }[], now = Date.now()): Promise<void> {
+    if (items.length === 0) return;
+    try {
+      await this.db.tx(async (t) => {
+        await t.lock(AUDIT_LOCK);
+        const prev = await head(t);
+        if (prev) await this.assertSigned(t, prev);
+        let last: Head = prev ?? { seq: 0, hash: AUDIT_GENESIS_HASH };
+        const rows: [AuditEntry, string][] = [];
+        for (const it of items) {
+          const entry: AuditEntry = { seq: last.seq + 1, ts: iso(now), type: it.type, device: it.device, data: this.actor === undefined ? it.data : { ...it.data, actor: this.actor } };
+          const hash = entryHash(last.hash, entry);
+          rows.push([entry, hash]);
+          last = { seq: entry.seq, hash };
+        }
+        for (let i = 0; i < rows.length; i += MANY_ROWS) {
+          const part = rows.slice(i, i + MANY_ROWS);
+          await t.run(
+            `INSERT INTO audit(seq, ts, type, device, data, hash) VALUES ${part.map(() => '(?, ?, ?, ?, ?, ?)').join(', ')}`,
+            ...part.flatMap(([e, h]) => [e.seq, e.ts, e.type, e.device, JSON.stringify(e.data), h]),
+          );
+        }
+        const kept = rows.filter(([e]) => e.seq % AUDIT_CHECKPOINT_EVERY === 0 && e.seq !== last.seq);
+        for (const [e, h] of kept) {
+          await t.run(
+            'INSERT INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?) ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, signature = excluded.signature',
+            e.seq,
+            h,
+            b64u.encode(sign(this.signingKey, checkpointMessage(e.seq, h))),
+          );
+        }
+        await this.signHead(t, last, prev);
       });
     } catch (cause) {
       if (isLetheError(cause, 'AUDIT_UNAVAILABLE') || isRetryable(cause)) throw cause;

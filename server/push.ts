@@ -164,11 +164,18 @@ export class PushHub {
           acked.push(...changed.map((r) => r.id));
         }
       }
-      for (const id of acked.sort()) {
-        const c = rows.get(id)!;
-        const a = mine.get(id)!;
-        await ctx.audit.append(`${c.type as 'policy' | 'rotate'}.ack`, c.device_id, { command: id, ok: true, ...(a.frame.detail ? { detail: a.frame.detail } : {}), elapsedMs: now - c.issued_at }, now);
-      }
+      await ctx.audit.appendMany(
+        acked.sort().map((id) => {
+          const c = rows.get(id)!;
+          const a = mine.get(id)!;
+          return {
+            type: `${c.type as 'policy' | 'rotate'}.ack` as const,
+            device: c.device_id,
+            data: { command: id, ok: true, ...(a.frame.detail ? { detail: a.frame.detail } : {}), elapsedMs: now - c.issued_at },
+          };
+        }),
+        now,
+      );
     });
     const done = new Set(mine.values());
     return items.filter((a) => !done.has(a));
