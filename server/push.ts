@@ -239,7 +239,16 @@ export class PushHub {
   private async heartbeat(): Promise<void> {
     const now = this.ctx.now();
     try {
-      await this.ctx.db.run('UPDATE replicas SET seen_at = ? WHERE id = ?', now, this.replica);
+      const r = await this.ctx.db.run('UPDATE replicas SET seen_at = ? WHERE id = ?', now, this.replica);
+      if (r.changes === 0) {
+        // Taken for dead (its database was away a long while) and its rows removed: it says again who it holds.
+        await this.ctx.db.run('INSERT INTO replicas(id, started_at, seen_at) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at', this.replica, now, now);
+        for (const set of this.sessions.values()) {
+          for (const x of set) {
+            await this.ctx.db.run('INSERT INTO push_sessions(id, device_id, replica, connected_at) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING', x.id, x.deviceId, this.replica, now);
+          }
+        }
+      }
       // Replicas gone quiet (killed) hold no one: their rows go.
       await this.ctx.db.run('DELETE FROM push_sessions WHERE replica IN (SELECT id FROM replicas WHERE seen_at < ?)', now - 4 * REPLICA_DEAD_MS);
       await this.ctx.db.run('DELETE FROM replicas WHERE seen_at < ?', now - 4 * REPLICA_DEAD_MS);

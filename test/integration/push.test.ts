@@ -12,6 +12,7 @@ import { b64u, signKeyPair } from '../../common/crypto.js';
 import { signCommand, type TPushCommand } from '../../common/push.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
+import { serverDb } from '../helpers/server-db.js';
 
 const HOUR = 3_600_000;
 
@@ -119,6 +120,19 @@ describe('push channel (real server, agents in this process)', function () {
     await waitFor(async () => readNextPin(home)?.pin === announced.fingerprint, 20_000, 'the device pinning the announced certificate');
     await waitFor(async () => (await audit(deviceId)).some((e) => e.type === 'rotate.ack'), 20_000, 'the rotate command acknowledged');
     expect(agent.lease.renewals).to.equal(0);
+  });
+
+  it('a replica whose rows were removed (taken for dead) lists its devices as connected again at its next beat', async () => {
+    const { deviceId } = await pushedAgent('push-relist');
+    const db = await serverDb(s);
+    try {
+      await db.sql.run('DELETE FROM push_sessions');
+      await db.sql.run('DELETE FROM replicas');
+      expect(await connected(deviceId)).to.equal(false);
+      await waitFor(async () => connected(deviceId), 30_000, 'the device listed as connected again');
+    } finally {
+      await db.close();
+    }
   });
 
   it('a replayed, forged or misaddressed command is refused and logged; the next real one is carried out', async () => {
