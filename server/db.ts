@@ -51,6 +51,19 @@ function addColumns(db: SqliteSql): void {
   }
 }
 
+/**
+ * A SQLite script without its `ALTER TABLE t ADD COLUMN c …;` statements whose
+ * column is there already: SQLite has no ADD COLUMN IF NOT EXISTS, and a database
+ * from before versioned migrations (schema_migrations missing) runs every
+ * migration again over tables that may have them.
+ */
+function withoutPresentColumns(db: SqliteSql, sql: string): string {
+  return sql.replace(/^\s*ALTER TABLE (\w+) ADD COLUMN (\w+)\b[^;]*;/gim, (stmt, table: string, column: string) => {
+    const cols = db.allSync<{ name: string }>(`PRAGMA table_info(${table})`);
+    return cols.some((c) => c.name === column) ? '' : stmt;
+  });
+}
+
 const MIGRATION_TABLE = 'CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)';
 
 /** Applies the migrations `db` has not had; returns the versions applied now. Safe to run from several replicas at once. */
@@ -66,7 +79,7 @@ export async function migrate(db: Sql, set: MigrationSet, now = Date.now()): Pro
       if (await t.get('SELECT 1 AS x FROM schema_migrations WHERE version = ?', m.version)) return false;
       if (t.dialect === 'sqlite') {
         // better-sqlite3 runs a script of many statements with exec, inside this transaction.
-        (db as SqliteSql).raw.exec(m.sql);
+        (db as SqliteSql).raw.exec(withoutPresentColumns(db as SqliteSql, m.sql));
         if (set === 'sqlite' && m.version === 1) addColumns(db as SqliteSql);
       } else {
         await t.run(m.sql);

@@ -71,7 +71,9 @@ describe('device authentication (real server process)', function () {
 
     const r = await lethe(['admin', 'revoke', d.deviceId, '--json'], s.env);
     expect(r.code, r.stderr).to.equal(0);
-    expect(JSON.parse(r.stdout)).to.deep.equal({ id: d.deviceId, status: 'revoked' });
+    const out = JSON.parse(r.stdout) as { id: string; status: string; command: string };
+    expect(out).to.deep.equal({ id: d.deviceId, status: 'revoked', command: out.command });
+    expect(out.command, 'the revoke command pushed to the device').to.match(/^cmd-[0-9a-f]{16}$/);
 
     const calls: [string, () => Promise<unknown>][] = [
       ['heartbeat', () => d.client.heartbeat()],
@@ -103,7 +105,7 @@ describe('device authentication (real server process)', function () {
     const d = await enrolledDevice(s, 'to-wipe');
     const w = await lethe(['admin', 'wipe', d.deviceId], s.env);
     expect(w.code, w.stderr).to.equal(0);
-    expect(w.stdout).to.equal(`device ${d.deviceId} is wipe-pending: it wipes itself at its next heartbeat\n`);
+    expect(w.stdout).to.equal(`device ${d.deviceId} is wipe-pending: it wipes itself now if it is online, else at its next heartbeat\n`);
 
     // Until it heartbeats, the device can get nothing else.
     expect((await rejects(d.client.lease('revoke-img'))).code).to.equal('DEVICE_WIPE_PENDING');
@@ -150,9 +152,21 @@ describe('device authentication (real server process)', function () {
     a.close();
     const hb = await d.client.heartbeat();
     expect(hb.status).to.equal('wipe-pending');
-    expect(hb.commands.map((c) => c.type)).to.deep.equal(['wipe']);
-    await d.client.ack(hb.commands[0].id, true);
+    // Both orders, in the order given; the wipe is the one carried out, and its acknowledgement answers the revoke too.
+    expect(hb.commands.map((c) => [c.seq, c.type])).to.deep.equal([
+      [1, 'revoke'],
+      [2, 'wipe'],
+    ]);
+    await d.client.ack(hb.commands[1].id, true);
     expect((await rejects(d.client.heartbeat())).code).to.equal('DEVICE_WIPED');
+    const a2 = admin(s);
+    try {
+      const revoke = await a2.json<{ ackedAt: string | null; result?: { detail?: string } }>('GET', `/commands/${hb.commands[0].id}`);
+      expect(revoke.ackedAt).to.be.a('string');
+      expect(revoke.result?.detail).to.equal(`erased by the wipe (${hb.commands[1].id})`);
+    } finally {
+      a2.close();
+    }
     d.close();
   });
 });

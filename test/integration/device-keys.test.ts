@@ -236,7 +236,7 @@ describe('sealed device keys (issue #14)', function () {
     expect((await auditTypes(s, deviceId)).filter((t) => t === 'lease.grant')).to.deep.equal([]);
 
     const list = await lethe(['admin', 'devices'], s.env);
-    expect(list.stdout).to.match(new RegExp(`^${deviceId}\\s+\\S+\\s+active\\s+none\\s`, 'm'));
+    expect(list.stdout).to.match(new RegExp(`^${deviceId}\\s+\\S+\\s+active\\s+-\\s+none\\s`, 'm'));
 
     // A policy may allow it, and says so.
     await pushImage(s, 'none-allowed', { policy: 'device:\n  seal: [tpm, passphrase, none]\n' });
