@@ -19,6 +19,21 @@ export function admin(s: ServerProc): AdminClient {
   return new AdminClient(new PinnedClient(s.url, s.fingerprint), s.adminToken);
 }
 
+/** One admin call on a client of its own (opened and closed around it). */
+export async function adminCall<T>(s: ServerProc, method: string, p: string, body?: unknown): Promise<T> {
+  const a = admin(s);
+  try {
+    return await a.json<T>(method, p, body);
+  } finally {
+    a.close();
+  }
+}
+
+/** A device's audit entries, oldest first (GET /v1/admin/audit/devices/ID). */
+export async function deviceAudit(s: ServerProc, deviceId: string): Promise<{ type: string; data: Record<string, unknown> }[]> {
+  return (await adminCall<{ entries: { type: string; data: Record<string, unknown> }[] }>(s, 'GET', `/audit/devices/${deviceId}`)).entries;
+}
+
 export interface TestDevice {
   home: string;
   id: Identity;

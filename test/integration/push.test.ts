@@ -5,12 +5,12 @@ import fs from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
-import type { RunningAgent } from '../../agent/daemon.js';
+import { startAgent, type RunningAgent } from '../../agent/daemon.js';
 import { readLastSeq } from '../../agent/push.js';
 import { readNextPin } from '../../agent/pins.js';
 import { b64u, signKeyPair } from '../../common/crypto.js';
 import { signCommand, type TPushCommand } from '../../common/push.js';
-import { admin, agentInProcess, assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
+import { adminCall as adminCallOn, agentInProcess, assign, deviceAudit, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -20,16 +20,8 @@ describe('push channel (real server, agents in this process)', function () {
   this.timeout(60_000);
   let s: ServerProc;
   const running: RunningAgent[] = [];
-  const adminCall = async <T>(method: string, p: string, body?: unknown) => {
-    const a = admin(s);
-    try {
-      return await a.json<T>(method, p, body);
-    } finally {
-      a.close();
-    }
-  };
-  const audit = async (deviceId: string) =>
-    (await adminCall<{ entries: { type: string; data: Record<string, unknown> }[] }>('GET', `/audit/devices/${deviceId}`)).entries;
+  const adminCall = <T>(method: string, p: string, body?: unknown) => adminCallOn<T>(s, method, p, body);
+  const audit = (deviceId: string) => deviceAudit(s, deviceId);
   const connected = async (deviceId: string) =>
     (await adminCall<{ devices: { id: string; connected: boolean }[] }>('GET', '/devices')).devices.find((d) => d.id === deviceId)?.connected;
   /** An agent with a lease and its push channel open; its heartbeat an hour away. */
@@ -159,8 +151,6 @@ describe('push channel (real server, agents in this process)', function () {
       fs.writeFileSync(path.join(d.home, 'device.json'), JSON.stringify({ ...info, server: `https://127.0.0.1:${port}`, servers: [] }));
       d.close();
       const logs: string[] = [];
-      const { startAgent } = await import('../../agent/daemon.js');
-      const { testUnlock } = await import('../helpers/fixtures.js');
       // Its lease and keys come from nowhere here: the agent runs without one, which is all this test needs.
       const agent = await startAgent({ home: d.home, image: 'push-forged', cacheBytes: 1 << 20, heartbeatMs: HOUR, prefetch: false, nbd: null, log: (l) => logs.push(l), unlock: testUnlock(), push: true });
       running.push(agent);

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { DeviceClient } from '../../agent/device-client.js';
 import { closeIdentity, enrollDevice, homeFiles, loadIdentity, revokedMarker } from '../../agent/identity.js';
 import type { RunningAgent } from '../../agent/daemon.js';
-import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
+import { adminCall as adminCallOn, deviceAudit, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 import { sha256 } from '../../common/crypto.js';
 
@@ -41,16 +41,8 @@ describe('revocation that always lands (issue #14, part 4; real server, agent in
   this.timeout(60_000);
   let s: ServerProc;
   const running: RunningAgent[] = [];
-  const adminCall = async <T>(method: string, p: string, body?: unknown) => {
-    const a = admin(s);
-    try {
-      return await a.json<T>(method, p, body);
-    } finally {
-      a.close();
-    }
-  };
-  const auditTypes = async (deviceId: string) =>
-    (await adminCall<{ entries: { type: string; data: Record<string, unknown> }[] }>('GET', `/audit/devices/${deviceId}`)).entries;
+  const adminCall = <T>(method: string, p: string, body?: unknown) => adminCallOn<T>(s, method, p, body);
+  const auditTypes = (deviceId: string) => deviceAudit(s, deviceId);
   const device = async (deviceId: string) =>
     (await adminCall<{ status: string; revokeAckedAt: string | null }>('GET', `/devices/${deviceId}`));
   /** An agent holding a lease on a fresh image, a mem page of it read once (its blob cached) and evicted (no sensitive key held). */
