@@ -26,8 +26,7 @@ export interface PushEvents {
 }
 
 export class PushChannel extends EventEmitter<PushEvents> {
-  /** Whether the channel is open now, and to which replica. */
-  connected = false;
+  /** To which replica the channel is open (its hello). */
   replica?: string;
   /** Times the channel was opened. */
   opens = 0;
@@ -42,6 +41,11 @@ export class PushChannel extends EventEmitter<PushEvents> {
     private readonly onCommand: (signed: unknown, arrivedAt: number) => void,
   ) {
     super();
+  }
+
+  /** Whether the channel is open now. */
+  get connected(): boolean {
+    return this.ws !== undefined;
   }
 
   start(): void {
@@ -67,7 +71,6 @@ export class PushChannel extends EventEmitter<PushEvents> {
     }
     this.ws = ws;
     this.failures = 0;
-    this.connected = true;
     this.opens++;
     this.alive();
     ws.on('ping', () => this.alive());
@@ -90,7 +93,6 @@ export class PushChannel extends EventEmitter<PushEvents> {
     ws.on('error', () => {});
     ws.once('close', () => {
       clearTimeout(this.silence);
-      this.connected = false;
       this.replica = undefined;
       this.ws = undefined;
       this.emit('closed');
@@ -118,7 +120,6 @@ export class PushChannel extends EventEmitter<PushEvents> {
     clearTimeout(this.silence);
     this.ws?.close(1000, 'agent stopping');
     this.ws = undefined;
-    this.connected = false;
   }
 }
 
