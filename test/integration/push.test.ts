@@ -11,7 +11,7 @@ import { readNextPin } from '../../agent/pins.js';
 import { b64u, signKeyPair } from '../../common/crypto.js';
 import { signCommand, type TPushCommand } from '../../common/push.js';
 import { adminCall as adminCallOn, agentInProcess, assign, deviceAudit, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtures.js';
-import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, TEST_PASSPHRASE, waitFor, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
 const HOUR = 3_600_000;
@@ -197,6 +197,40 @@ describe('push channel (real server, agents in this process)', function () {
     } finally {
       for (const ws of sockets) ws.terminate();
       wss.close();
+      fake.close();
+    }
+  });
+
+  it('lethe heartbeat carries out only a wipe the server signed for this device', async () => {
+    // A stand-in answering heartbeats with the server's certificate: a wipe signed by another key, then one signed by the server.
+    const tlsDir = path.join(s.dir, 'tls');
+    const other = signKeyPair();
+    const serverKey = fs.readFileSync(path.join(s.dir, 'signing.key'));
+    let signer: Uint8Array = other.secretKey;
+    let deviceId = '';
+    const fake = https.createServer({ key: fs.readFileSync(path.join(tlsDir, 'key.pem')), cert: fs.readFileSync(path.join(tlsDir, 'cert.pem')) }, (req, res) => {
+      const cmd: TPushCommand = { v: 1, device: deviceId, seq: 1, id: 'cmd-00000000000000aa', type: 'wipe', issuedAt: new Date().toISOString() };
+      const body = req.url === '/v1/device/heartbeat'
+        ? { serverTime: new Date().toISOString(), status: 'wipe-pending', commands: [{ id: cmd.id, type: 'wipe', seq: 1, issuedAt: cmd.issuedAt, signed: signCommand(signer, cmd) }] }
+        : { id: cmd.id, acked: true };
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+    });
+    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', () => r()));
+    try {
+      const d = await enrolledDevice(s, 'hb-forged');
+      deviceId = d.deviceId;
+      d.close();
+      const info = JSON.parse(fs.readFileSync(path.join(d.home, 'device.json'), 'utf8')) as Record<string, unknown>;
+      fs.writeFileSync(path.join(d.home, 'device.json'), JSON.stringify({ ...info, server: `https://127.0.0.1:${(fake.address() as { port: number }).port}` }));
+      const forged = await lethe(['heartbeat', '--home', d.home, '--passphrase-fd', '0'], {}, `${TEST_PASSPHRASE}\n`);
+      expect(forged.stderr).to.equal("lethe: warning: refused a wipe command: a pushed command's signature is not the server's\n");
+      expect(forged.code, forged.stderr).to.equal(0);
+      expect(fs.existsSync(path.join(d.home, 'sign.key')), 'no forged wipe was carried out').to.equal(true);
+      signer = serverKey;
+      const real = await lethe(['heartbeat', '--home', d.home, '--passphrase-fd', '0'], {}, `${TEST_PASSPHRASE}\n`);
+      expect(real.code, real.stderr).to.equal(0);
+      expect(fs.existsSync(d.home), 'the signed wipe was carried out').to.equal(false);
+    } finally {
       fake.close();
     }
   });
