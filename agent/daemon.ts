@@ -183,6 +183,9 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   let vm: AgentVm | undefined;
   let vmStarting = false;
   let stopped = false;
+  lease.report = () => ({
+    resident: { sensitiveBytes: core.resident.sensitive, normalBytes: core.resident.normal, guestPages: vm ? vm.evictor.residentCounts() : null },
+  });
 
   /** Stops everything; the agent's exit waits for `after` (a wipe's or revocation's acknowledgement, signed with the identity still in memory). */
   const shutdown = (code: number, removeCache = false, after?: () => Promise<unknown>) => {

@@ -81,6 +81,8 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   private lastSeq: number;
   /** Commands being carried out now, by number: the same one arriving again (push and heartbeat) is not done twice. */
   private readonly inHand = new Set<number>();
+  /** What a heartbeat tells the server besides the lease state (resident plaintext: the console's "what could a thief read"). */
+  report?: () => Record<string, unknown>;
   /** When the order that ended the agent arrived (a wipe, a revoke, a refusal), and the command, if one. */
   endedBy?: { at: number; command?: string };
 
@@ -391,7 +393,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   private async heartbeat(): Promise<void> {
     if (this.final()) return;
     try {
-      const hb = await this.client.heartbeat({ lease: this.state });
+      const hb = await this.client.heartbeat({ lease: this.state, ...this.report?.() });
       const anchorProblem = hb.checkpoint && keepCheckpoint(this.id.home, this.id.info.serverSignPublicKey, hb.checkpoint);
       if (anchorProblem) this.emit('log', `audit: ${anchorProblem}`);
       if (hb.pinProblem) this.emit('log', `tls: ${hb.pinProblem}`);

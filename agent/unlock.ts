@@ -54,7 +54,7 @@ function finish(buf: SecretKey, n: number, from: string, what: string): SecretKe
 }
 
 /** Reads `fd` to EOF into locked memory (a pipe may be non-blocking: EAGAIN waits and reads again). */
-async function readFd(fd: number, what: string): Promise<SecretKey> {
+export async function readFd(fd: number, what: string): Promise<SecretKey> {
   const buf = secureBuffer(MAX_SECRET_BYTES + 1);
   let n = 0;
   try {
@@ -136,7 +136,7 @@ function promptOnce(prompt: string): Promise<{ buf: SecretKey; n: number }> {
   });
 }
 
-async function promptTty(ask: Ask): Promise<SecretKey> {
+export async function promptTty(ask: Ask): Promise<SecretKey> {
   const first = await promptOnce(`lethe: ${ask.confirm ? `new ${ask.what}` : ask.what}: `);
   const secret = finish(first.buf, first.n, 'the terminal', ask.what);
   if (!ask.confirm) return secret;

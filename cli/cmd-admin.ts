@@ -4,6 +4,7 @@ import { parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { withAdmin, type AdminArgs, type AdminClient } from './admin-client.js';
 import { emit, table, type OutOpts } from './output.js';
+import { accountCommands } from './cmd-users.js';
 
 type A = AdminArgs & OutOpts;
 
@@ -66,8 +67,8 @@ const ackLine = (v: CommandView) =>
   })`;
 
 export function adminCommand(y: Argv) {
-  return y.command('admin', 'IT administration: enroll, list, assign, revoke and wipe devices', (y) =>
-    adminOpts(y)
+  return y.command('admin', 'IT administration: enroll, list, assign, revoke and wipe devices; administrators and their tokens', (y) =>
+    accountCommands(adminOpts(y))
       .command(
         'enroll-token',
         'mint a one-time enrollment token',

@@ -6,13 +6,21 @@ import { parseSince } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { writeFileAtomic } from '../common/fsutil.js';
 import { SignedCheckpoint } from '../common/wire.js';
-import { deviceReport, latestCheckpoint, verifyAudit, type Checkpoint, type VerifyResult } from '../server/audit.js';
+import { AUDIT_PAGE_MAX, auditEntries, auditFilter, deviceReport, latestCheckpoint, verifyAudit, type Checkpoint, type VerifyResult } from '../server/audit.js';
 import { dataDirAuditKey, dataDirDb } from '../server/datadir.js';
 import { openServerDb, type Sql } from '../server/db.js';
 import { adminOpts } from './cmd-admin.js';
 import { adminClient, type AdminArgs } from './admin-client.js';
 import { auditHost, type HostAudit } from '../agent/host-audit.js';
-import { emit, type OutOpts } from './output.js';
+import { emit, table, type OutOpts } from './output.js';
+
+interface LogEntry {
+  seq: number;
+  ts: string;
+  type: string;
+  device: string | null;
+  data: Record<string, unknown>;
+}
 
 type A = AdminArgs & OutOpts & { data?: string; db?: string; auditKey?: string };
 
@@ -183,6 +191,35 @@ export function auditCommand(y: Argv) {
             ? await offline(args, (db) => deviceReport(db, args.device, since))
             : await online<Report>(args, `/audit/devices/${encodeURIComponent(args.device)}?since=${encodeURIComponent(new Date(since).toISOString())}`);
           emit(args, r, () => reportText(r));
+        },
+      )
+      .command(
+        'log',
+        'list audit entries, newest first, by device, type (keys.release, user.*) and time',
+        (y) =>
+          y
+            .option('device', { type: 'string', describe: 'entries of this device' })
+            .option('type', { type: 'string', describe: 'an entry type, or a family like user.*' })
+            .option('since', { type: 'string', describe: 'ISO time, or a duration ago (24h)' })
+            .option('until', { type: 'string', describe: 'ISO time, or a duration ago' })
+            .option('limit', { type: 'number', default: 200, describe: `at most this many (up to ${AUDIT_PAGE_MAX})` }),
+        async (a) => {
+          const args = a as A & { device?: string; type?: string; since?: string; until?: string; limit: number };
+          const q = { device: args.device, type: args.type, since: args.since, until: args.until, limit: String(args.limit) };
+          const r = args.data
+            ? { entries: await offline(args, (db) => auditEntries(db, auditFilter(q))) }
+            : await online<{ entries: LogEntry[] }>(args, `/audit/entries?${new URLSearchParams(Object.entries(q).filter((e): e is [string, string] => e[1] !== undefined)).toString()}`);
+          emit(args, r, () =>
+            r.entries.length === 0
+              ? 'no entries'
+              : table(
+                  ['SEQ', 'TIME', 'TYPE', 'DEVICE', 'ACTOR', 'DETAIL'],
+                  r.entries.map((e) => {
+                    const { actor, ...rest } = e.data as { actor?: string };
+                    return [e.seq, e.ts, e.type, e.device ?? '-', actor ?? '-', JSON.stringify(rest)];
+                  }),
+                ),
+          );
         },
       )
       .command(

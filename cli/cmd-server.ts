@@ -18,6 +18,7 @@ interface ServerArgs extends OutOpts {
   'metrics-token'?: string;
   'rate-enroll': string;
   'rate-auth-failures': string;
+  'rate-login-failures': string;
   'rate-device-address': string;
   'rate-device': string;
   'max-connections': number;
@@ -38,6 +39,7 @@ const runOpts = <T>(y: Argv<T>) =>
     .option('metrics-token', { type: 'string', describe: 'bearer token GET /metrics asks for ($LETHE_METRICS_TOKEN; without one /metrics is not served)' })
     .option('rate-enroll', { type: 'string', default: showRate(DEFAULT_LIMITS.enroll), describe: 'enrollment requests per client address (N/s, N/min, N/h or off)' })
     .option('rate-auth-failures', { type: 'string', default: showRate(DEFAULT_LIMITS.authFailures), describe: 'failed admin or metrics token checks per client address' })
+    .option('rate-login-failures', { type: 'string', default: showRate(DEFAULT_LIMITS.loginFailures), describe: 'failed logins per client address and per user name' })
     .option('rate-device-address', { type: 'string', default: showRate(DEFAULT_LIMITS.deviceAddress), describe: 'device requests per client address' })
     .option('rate-device', { type: 'string', default: showRate(DEFAULT_LIMITS.device), describe: 'signed requests per device' })
     .option('max-connections', { type: 'number', default: DEFAULT_LIMITS.maxConnections, describe: 'open connections at once; more are closed' })
@@ -57,6 +59,7 @@ function limitsFrom(a: ServerArgs): ServerLimits {
     ...DEFAULT_LIMITS,
     enroll: parseRate(String(a['rate-enroll']), '--rate-enroll'),
     authFailures: parseRate(String(a['rate-auth-failures']), '--rate-auth-failures'),
+    loginFailures: parseRate(String(a['rate-login-failures']), '--rate-login-failures'),
     deviceAddress: parseRate(String(a['rate-device-address']), '--rate-device-address'),
     device: parseRate(String(a['rate-device']), '--rate-device'),
     maxConnections,

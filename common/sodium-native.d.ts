@@ -45,6 +45,9 @@ declare module 'sodium-native' {
     crypto_pwhash_MEMLIMIT_MODERATE: number;
     crypto_pwhash_OPSLIMIT_MIN: number;
     crypto_pwhash_MEMLIMIT_MIN: number;
+    crypto_pwhash_STRBYTES: number;
+    crypto_pwhash_str_async(out: Buf, passwd: Buf, opslimit: number, memlimit: number): Promise<void>;
+    crypto_pwhash_str_verify_async(str: Buf, passwd: Buf): Promise<boolean>;
     crypto_pwhash_async(out: Buf, passwd: Buf, salt: Buf, opslimit: number, memlimit: number, alg: number, cb: (err: Error | null) => void): void;
   };
   export default sodium;

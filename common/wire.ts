@@ -34,6 +34,21 @@ export const RotateKeysRequest = z.strictObject({ signPublicKey: b64url(32), box
 export const RotateRequest = z.strictObject({});
 /** POST /v1/admin/rotate/tls: announce a new certificate, or (finish) serve the announced one. */
 export const RotateTlsRequest = z.strictObject({ finish: z.boolean().optional() });
+const userName = z.string().min(1).max(64);
+const password = z.string().min(1).max(1024);
+/** POST /v1/admin/login: a user's password (and TOTP code) for an API token. */
+export const LoginRequest = z.strictObject({
+  user: userName,
+  password,
+  totp: z.string().max(16).optional(),
+  label: z.string().max(80).optional(),
+  role: z.string().max(16).optional(),
+  ttlSeconds: z.number().int().positive().max(366 * 86_400).optional(),
+});
+/** POST /v1/admin/users */
+export const UserAddRequest = z.strictObject({ name: userName, role: z.string().max(16), password });
+/** PUT /v1/admin/users/NAME/password */
+export const PasswordRequest = z.strictObject({ password });
 export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
 
 export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });

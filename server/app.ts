@@ -8,8 +8,8 @@ import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, MAX_UPLOAD_BODY, type Chunk
 import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
-import { adminAuth, deviceAuth, deviceHeaderCheck, type AuthedRequest } from './auth.js';
-import { deviceReport, verifyAudit, type Checkpoint } from './audit.js';
+import { adminAuth, deviceAuth, deviceHeaderCheck, permit, type AuthedRequest } from './auth.js';
+import { auditEntries, auditFilter, deviceReport, verifyAudit, type Checkpoint } from './audit.js';
 import { actingAs, type Ctx } from './context.js';
 import { ackCommand, ackRevoke, commandStatus, enroll, rotateDeviceKeys, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {
@@ -33,7 +33,8 @@ import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, se
 import { gaugeLines, metricsAuth } from './metrics.js';
 import { rotateMaster } from './keyring.js';
 import { announceTls, finishTls } from './tls.js';
-import { DEFAULT_LIMITS, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
+import { DEFAULT_LIMITS, LoginGuard, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
+import { accountRoutes, loginRoute } from './accounts-api.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
@@ -172,8 +173,7 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   // Counted and checked before any body is read; the signature is checked after.
   app.use('/v1/device', perAddress(limiterFor(limits.deviceAddress), 'device requests from this address'), deviceHeaderCheck(ctx));
   app.post('/v1/device/heartbeat', rawJson, deviceWipeOk, async (req: AuthedRequest, res) => {
-    json(wire.HeartbeatRequest, req);
-    res.json(await heartbeat(ctx, dev(req)));
+    res.json(await heartbeat(ctx, dev(req), json(wire.HeartbeatRequest, req).status));
   });
   app.post('/v1/device/commands/:id/ack', rawJson, deviceWipeOk, async (req: AuthedRequest, res) => {
     const b = json(wire.AckRequest, req);
@@ -225,103 +225,108 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
 
   // ---- admin routes (bearer token) ----
   const a = express.Router();
+  loginRoute(ctx, a, new LoginGuard(limits.loginFailures), json, rawJson);
   a.use(authFailureGuard, admin);
-  a.post('/enroll-tokens', rawJson, async (req, res) => {
+  accountRoutes(ctx, a, json, rawJson);
+  a.post('/enroll-tokens', permit('devices.enroll'), rawJson, async (req, res) => {
     res.status(201).json(await mintEnrollToken(acting(req), json(wire.EnrollTokenRequest, req).ttlSeconds));
   });
-  a.get('/devices', async (_req, res) => {
+  a.get('/devices', permit('devices.read'), async (_req, res) => {
     res.json({ devices: await listDevices(ctx) });
   });
-  a.get('/devices/:id', async (req, res) => {
+  a.get('/devices/:id', permit('devices.read'), async (req, res) => {
     const id = (await mustGetDevice(ctx, param(req, 'id'))).id;
     res.json((await listDevices(ctx)).find((d) => d.id === id));
   });
-  a.post('/devices/:id/revoke', rawJson, async (req, res) => {
+  a.post('/devices/:id/revoke', permit('devices.act'), rawJson, async (req, res) => {
     res.json(await revokeDevice(acting(req), param(req, 'id')));
   });
-  a.post('/devices/:id/wipe', rawJson, async (req, res) => {
+  a.post('/devices/:id/wipe', permit('devices.act'), rawJson, async (req, res) => {
     res.json(await wipeDevice(acting(req), param(req, 'id')));
   });
-  a.get('/commands/:id', async (req, res) => {
+  a.get('/commands/:id', permit('devices.read'), async (req, res) => {
     res.json(await commandStatus(ctx, param(req, 'id')));
   });
-  a.post('/devices/:id/assignments', rawJson, async (req, res) => {
+  a.post('/devices/:id/assignments', permit('devices.act'), rawJson, async (req, res) => {
     res.status(201).json(await assign(acting(req), param(req, 'id'), json(wire.AssignRequest, req).image));
   });
-  a.delete('/devices/:id/assignments/:image', async (req, res) => {
+  a.delete('/devices/:id/assignments/:image', permit('devices.act'), async (req, res) => {
     res.json(await unassign(acting(req), param(req, 'id'), param(req, 'image')));
   });
-  a.get('/images', async (_req, res) => {
+  a.get('/images', permit('images.read'), async (_req, res) => {
     res.json({ images: await listImages(ctx) });
   });
-  a.post('/images', rawJson, async (req, res) => {
+  a.post('/images', permit('images.write'), rawJson, async (req, res) => {
     const b = json(wire.CreateImageRequest, req);
     res.status(201).json(await createImage(acting(req), b.name, b.policy));
   });
-  a.post('/images/:name/versions', rawJson, async (req, res) => {
+  a.post('/images/:name/versions', permit('images.write'), rawJson, async (req, res) => {
     res.status(201).json(await createVersion(acting(req), param(req, 'name'), json(wire.CreateVersionRequest, req).sizes));
   });
-  a.put('/images/:name/versions/:version/chunks/:kind/:index', rawChunk, async (req, res) => {
+  a.put('/images/:name/versions/:version/chunks/:kind/:index', permit('images.write'), rawChunk, async (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
     const r = await putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), [{ kind: kindParam(req), index: intParam(req, 'index'), data: body }]);
     res.json({ stored: r.new ? 'new' : r.unchanged ? 'unchanged' : 'zero' });
   });
-  a.post('/images/:name/versions/:version/chunks', rawUpload, async (req, res) => {
+  a.post('/images/:name/versions/:version/chunks', permit('images.write'), rawUpload, async (req, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
     res.json(await putChunks(acting(req), param(req, 'name'), intParam(req, 'version'), parseChunkFrames(body)));
   });
-  a.get('/images/:name/versions/:version/hashes', async (req, res) => {
+  a.get('/images/:name/versions/:version/hashes', permit('images.read'), async (req, res) => {
     res.json(await chunkHashes(ctx, param(req, 'name'), intParam(req, 'version')));
   });
-  a.post('/images/:name/versions/:version/export', rawJson, async (req, res) => {
+  a.post('/images/:name/versions/:version/export', permit('images.write'), rawJson, async (req, res) => {
     const b = json(wire.ChunksRequest.omit({ leaseId: true }), req);
     res.type('application/octet-stream').send(await exportChunks(acting(req), param(req, 'name'), intParam(req, 'version'), b.chunks));
   });
-  a.get('/images/:name/dedup-key', async (req, res) => {
+  a.get('/images/:name/dedup-key', permit('images.write'), async (req, res) => {
     res.json({ key: await dedupKeyFor(ctx, param(req, 'name')) });
   });
-  a.put('/images/:name/policy', rawJson, async (req, res) => {
+  a.put('/images/:name/policy', permit('images.write'), rawJson, async (req, res) => {
     res.json(await setPolicy(acting(req), param(req, 'name'), json(wire.PolicyRequest, req).policy));
   });
-  a.delete('/images/:name', async (req, res) => {
+  a.delete('/images/:name', permit('images.write'), async (req, res) => {
     res.json(await removeImage(acting(req), param(req, 'name')));
   });
-  a.delete('/images/:name/versions/:version', async (req, res) => {
+  a.delete('/images/:name/versions/:version', permit('images.write'), async (req, res) => {
     res.json(await removeImage(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
-  a.post('/images/:name/versions/:version/commit', rawJson, async (req, res) => {
+  a.post('/images/:name/versions/:version/commit', permit('images.write'), rawJson, async (req, res) => {
     res.json(await commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
-  a.post('/images/:name/versions/:version/promote', rawJson, async (req, res) => {
+  a.post('/images/:name/versions/:version/promote', permit('images.write'), rawJson, async (req, res) => {
     res.json(await promoteVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
-  a.put('/images/:name/trusted/:device', rawJson, async (req, res) => {
+  a.put('/images/:name/trusted/:device', permit('images.write'), rawJson, async (req, res) => {
     res.json(await setTrusted(acting(req), param(req, 'name'), param(req, 'device'), true));
   });
-  a.delete('/images/:name/trusted/:device', async (req, res) => {
+  a.delete('/images/:name/trusted/:device', permit('images.write'), async (req, res) => {
     res.json(await setTrusted(acting(req), param(req, 'name'), param(req, 'device'), false));
   });
-  a.get('/images/:name/versions/:version/manifest', async (req, res) => {
+  a.get('/images/:name/versions/:version/manifest', permit('images.read'), async (req, res) => {
     const img = await getImage(ctx, param(req, 'name'));
     res.json(await manifest(ctx, img, await getVersion(ctx, img, intParam(req, 'version'))));
   });
-  a.post('/rotate/tls', rawJson, async (req, res) => {
+  a.post('/rotate/tls', permit('server.admin'), rawJson, async (req, res) => {
     const b = json(wire.RotateTlsRequest, req);
     res.json(b.finish ? await finishTls(acting(req)) : await announceTls(acting(req)));
   });
-  a.post('/rotate/master', rawJson, async (req, res) => {
+  a.post('/rotate/master', permit('server.admin'), rawJson, async (req, res) => {
     json(wire.RotateRequest, req);
     res.json(await rotateMaster(acting(req)));
   });
-  a.get('/audit/verify', async (req, res) => {
+  a.get('/audit/verify', permit('audit.read'), async (req, res) => {
     res.json(await verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey, ...verifyQuery(req) }));
   });
-  a.get('/audit/checkpoint', async (_req, res) => {
+  a.get('/audit/entries', permit('audit.read'), async (req, res) => {
+    res.json({ entries: await auditEntries(ctx.db, auditFilter(req.query)) });
+  });
+  a.get('/audit/checkpoint', permit('audit.read'), async (_req, res) => {
     const cp = await ctx.audit.latestCheckpoint();
     if (!cp) throw new LetheError('NOT_FOUND', 'the audit log has no signed checkpoint yet');
     res.json(cp);
   });
-  a.get('/audit/devices/:id', async (req, res) => {
+  a.get('/audit/devices/:id', permit('audit.read'), async (req, res) => {
     const id = param(req, 'id');
     if (!/^[a-z0-9-]{1,64}$/.test(id)) throw new LetheError('BAD_REQUEST', `bad device id '${id}'`);
     const sinceParam = req.query.since;

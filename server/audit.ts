@@ -4,7 +4,7 @@
 import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../common/constants.js';
 import { checkpointMessage, checkpointSigned, entryHash, type AuditEntry } from '../common/audit-hash.js';
 import { b64u, sign } from '../common/crypto.js';
-import { iso } from '../common/duration.js';
+import { iso, parseSince } from '../common/duration.js';
 import { LetheError, isLetheError } from '../common/errors.js';
 import { isRetryable, type Sql } from './sql.js';
 
@@ -42,7 +42,15 @@ export type AuditType =
   | 'checkin'
   | 'trace.upload'
   | 'master.rotate'
-  | 'tls.rotate';
+  | 'tls.rotate'
+  | 'user.add'
+  | 'user.rm'
+  | 'user.passwd'
+  | 'user.login'
+  | 'user.login-failed'
+  | 'user.logout'
+  | 'token.create'
+  | 'token.revoke';
 
 export interface Checkpoint {
   seq: number;
@@ -395,4 +403,64 @@ export async function deviceReport(db: Sql, deviceId: string, since: number) {
   }
   summary.images = [...images].sort();
   return { device: deviceId, since: iso(since), summary, entries };
+}
+
+export interface AuditFilter {
+  device?: string;
+  /** One type (`keys.release`), or a family (`user.*`). */
+  type?: string;
+  /** Epoch ms: entries at or after, before. */
+  since?: number;
+  until?: number;
+  /** Entries below this seq (the next page of a newest-first listing). */
+  beforeSeq?: number;
+  limit?: number;
+}
+
+export const AUDIT_PAGE_MAX = 1000;
+
+/** Entries matching `f`, newest first, with the actor and device of each. */
+export async function auditEntries(db: Sql, f: AuditFilter = {}) {
+  const where: string[] = [];
+  const params: unknown[] = [];
+  if (f.device !== undefined) (where.push('device = ?'), params.push(f.device));
+  if (f.type !== undefined) {
+    if (f.type.endsWith('.*')) (where.push('type LIKE ?'), params.push(`${f.type.slice(0, -2)}.%`));
+    else (where.push('type = ?'), params.push(f.type));
+  }
+  if (f.since !== undefined) (where.push('ts >= ?'), params.push(iso(f.since)));
+  if (f.until !== undefined) (where.push('ts < ?'), params.push(iso(f.until)));
+  if (f.beforeSeq !== undefined) (where.push('seq < ?'), params.push(f.beforeSeq));
+  const limit = Math.min(Math.max(1, f.limit ?? 200), AUDIT_PAGE_MAX);
+  const rows = await db.all<Row>(`SELECT seq, ts, type, device, data, hash FROM audit${where.length ? ` WHERE ${where.join(' AND ')}` : ''} ORDER BY seq DESC LIMIT ${limit}`, ...params);
+  return rows.map((r) => ({ seq: Number(r.seq), ts: r.ts, type: r.type, device: r.device, data: JSON.parse(r.data) as Record<string, unknown> }));
+}
+
+/** `?device=&type=&since=&until=&before=&limit=` of an audit listing (the console's filters too). */
+export function auditFilter(q: Record<string, unknown>): AuditFilter {
+  const str = (name: string): string | undefined => {
+    const v = q[name];
+    if (v === undefined || v === '') return undefined;
+    if (typeof v !== 'string') throw new LetheError('BAD_REQUEST', `give ${name} once`);
+    return v;
+  };
+  const int = (name: string) => {
+    const v = str(name);
+    if (v !== undefined && !/^\d{1,15}$/.test(v)) throw new LetheError('BAD_REQUEST', `${name} must be a non-negative integer, got '${v.slice(0, 40)}'`);
+    return v === undefined ? undefined : Number(v);
+  };
+  const device = str('device');
+  if (device !== undefined && !/^[a-z0-9-]{1,64}$/.test(device)) throw new LetheError('BAD_REQUEST', `bad device id '${device.slice(0, 80)}'`);
+  const type = str('type');
+  if (type !== undefined && !/^[a-z-]+(\.[a-z-]+|\.\*)?$/.test(type)) throw new LetheError('BAD_REQUEST', `bad entry type '${type.slice(0, 80)}'`, { hint: 'e.g. keys.release, or user.* for a family' });
+  const since = str('since');
+  const until = str('until');
+  return {
+    device,
+    type,
+    since: since === undefined ? undefined : parseSince(since),
+    until: until === undefined ? undefined : parseSince(until),
+    beforeSeq: int('before'),
+    limit: int('limit'),
+  };
 }

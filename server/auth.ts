@@ -4,33 +4,49 @@
 // caller that proved who it is learns more (replayed, revoked).
 import type { NextFunction, Request, Response } from 'express';
 import { HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP, SIG_WINDOW_MS } from '../common/constants.js';
-import { constantTimeEqual, sha256 } from '../common/crypto.js';
 import { LetheError } from '../common/errors.js';
 import { verifyRequest } from '../common/signing.js';
 import type { Ctx } from './context.js';
+import { can, tokenPrincipal, type Permission, type Principal } from './accounts.js';
 import { deviceStatus, getDevice, type DeviceRow } from './devices.js';
 import { rateLimited, type RateLimiter } from './limits.js';
 
 export interface AuthedRequest extends Request {
   device?: DeviceRow;
-  /** Who made an admin request, as its audit entries name it: `token:` + 8 hex digits of the token's SHA-256. */
+  /** Who made an admin request, as its audit entries name it (`user:NAME`, or `token:` + 8 hex digits of the bootstrap token's SHA-256). */
   actor?: string;
+  principal?: Principal;
 }
 
+/** Bearer-token authentication of admin requests: a user's API token, or the bootstrap token while no named admin exists. */
 export async function adminAuth(ctx: Ctx) {
   const row = await ctx.db.get<{ value: string }>("SELECT value FROM settings WHERE key = 'admin_token_sha256'");
-  const expected = Buffer.from(row?.value ?? '', 'hex');
-  return (req: AuthedRequest, _res: Response, next: NextFunction) => {
+  const bootstrap = Buffer.from(row?.value ?? '', 'hex');
+  return async (req: AuthedRequest, _res: Response, next: NextFunction) => {
     const m = /^Bearer (\S+)$/.exec(req.get('authorization') ?? '');
-    const digest = m ? sha256(m[1]) : undefined;
-    if (!digest || expected.length !== 32 || !constantTimeEqual(digest, expected)) {
-      throw new LetheError('ADMIN_AUTH_FAILED', 'admin token missing or wrong', {
-        hint: 'set LETHE_ADMIN_TOKEN (or --admin-token) to the token printed by lethe server init',
-      });
-    }
-    req.actor = `token:${digest.toString('hex').slice(0, 8)}`;
+    const p = await tokenPrincipal(ctx, bootstrap, m?.[1]);
+    req.principal = p;
+    req.actor = p.actor;
     next();
   };
+}
+
+/** Refuses (403 FORBIDDEN) a request whose role may not do `perm`. */
+export function permit(perm: Permission) {
+  return (req: AuthedRequest, _res: Response, next: NextFunction) => {
+    mayDo(req.principal, perm);
+    next();
+  };
+}
+
+/** @throws LetheError FORBIDDEN when `p` may not do `perm` */
+export function mayDo(p: Principal | undefined, perm: Permission): Principal {
+  if (!p || !can(p.role, perm)) {
+    throw new LetheError('FORBIDDEN', `${p?.user ? `user '${p.user}'` : 'this token'} (role ${p?.role ?? 'none'}) may not do this (${perm})`, {
+      hint: 'ask an admin: roles are admin, auditor (read only) and helpdesk (enrollment and device status)',
+    });
+  }
+  return p;
 }
 
 const authFailed = () => new LetheError('AUTH_FAILED', 'device authentication failed');

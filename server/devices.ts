@@ -29,6 +29,8 @@ export interface DeviceRow {
   wiped_at: number | null;
   revoke_acked_at: number | null;
   seal: SealKind;
+  /** JSON: the status of its last heartbeat, with `at` (what was resident, its lease state). */
+  last_report: string | null;
 }
 
 export function deviceStatus(d: DeviceRow): DeviceStatus {
@@ -120,6 +122,8 @@ export async function listDevices(ctx: Ctx) {
     revokeAckedAt: d.revoke_acked_at === null ? null : iso(d.revoke_acked_at),
     seal: d.seal,
     images: images.get(d.id) ?? [],
+    /** The status its agent gave at its last heartbeat: resident plaintext and the lease state. */
+    lastReport: d.last_report === null ? null : (JSON.parse(d.last_report) as Record<string, unknown>),
   }));
 }
 
@@ -304,10 +308,15 @@ async function wipeDoneByRevokeAck(ctx: Ctx, id: string, now: number): Promise<v
   await ctx.db.run('UPDATE devices SET wiped_at = ? WHERE id = ?', now, id);
 }
 
-export async function heartbeat(ctx: Ctx, d: DeviceRow) {
+/** The most of a heartbeat's status kept (the console shows it); a bigger one is kept without its detail. */
+const MAX_REPORT = 4096;
+
+export async function heartbeat(ctx: Ctx, d: DeviceRow, status?: Record<string, unknown>) {
   const now = ctx.now();
   const commands = await pendingCommands(ctx, d.id);
-  await ctx.db.run('UPDATE devices SET last_seen = ? WHERE id = ?', now, d.id);
+  let report = status === undefined ? null : JSON.stringify({ at: iso(now), ...status });
+  if (report !== null && report.length > MAX_REPORT) report = JSON.stringify({ at: iso(now), truncated: true });
+  await ctx.db.run('UPDATE devices SET last_seen = ?, last_report = COALESCE(?, last_report) WHERE id = ?', now, report, d.id);
   await markDelivered(ctx, d.id, commands, 'heartbeat', now);
   // The signed head anchors the log on the device (docs/audit-log.md, Anchors).
   const checkpoint = await ctx.audit.latestCheckpoint();

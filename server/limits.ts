@@ -18,6 +18,8 @@ export interface ServerLimits {
   enroll: Rate | null;
   /** Failed admin or metrics token checks per client address; past it, every admin request from there waits. */
   authFailures: Rate | null;
+  /** Failed logins (console and `lethe admin login`), per client address and per user name. */
+  loginFailures: Rate | null;
   /** Device requests per client address, counted before the signature is checked. */
   deviceAddress: Rate | null;
   /** Device requests per device, counted once the signature verified (a forger cannot spend a device's budget). */
@@ -45,6 +47,7 @@ const MINUTE = 60 * SECOND;
 export const DEFAULT_LIMITS: ServerLimits = {
   enroll: { count: 120, perMs: MINUTE },
   authFailures: { count: 60, perMs: MINUTE },
+  loginFailures: { count: 10, perMs: 15 * MINUTE },
   deviceAddress: { count: 2000, perMs: SECOND },
   device: { count: 500, perMs: SECOND },
   maxConnections: 16_384,
@@ -130,3 +133,26 @@ export function perAddress(limiter: RateLimiter | null, what: string) {
 }
 
 export const limiterFor = (rate: Rate | null, now?: () => number): RateLimiter | null => (rate ? new RateLimiter(rate, now) : null);
+
+/**
+ * Failed logins, counted per client address and per user name: past the budget of
+ * either, a login is refused (429 RATE_LIMITED) before its password is checked.
+ */
+export class LoginGuard {
+  private readonly limiter: RateLimiter | null;
+
+  constructor(rate: Rate | null, now?: () => number) {
+    this.limiter = limiterFor(rate, now);
+  }
+
+  /** @throws LetheError RATE_LIMITED (with Retry-After on `res`) */
+  check(res: Response, address: string, user: string): void {
+    const wait = Math.max(this.limiter?.wait(`a:${address}`) ?? 0, this.limiter?.wait(`u:${user}`) ?? 0);
+    if (wait > 0) throw rateLimited(res, wait, 'failed logins from this address or for this user');
+  }
+
+  failed(address: string, user: string): void {
+    this.limiter?.take(`a:${address}`);
+    this.limiter?.take(`u:${user}`);
+  }
+}

@@ -29,6 +29,9 @@ const TABLES: [name: string, from: 'db' | 'store'][] = [
   ['key_releases', 'db'],
   ['key_windows', 'db'],
   ['trusted_tracers', 'db'],
+  ['users', 'db'],
+  ['api_tokens', 'db'],
+  ['sessions', 'db'],
   ['blobs', 'store'],
 ];
 
