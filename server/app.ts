@@ -35,6 +35,7 @@ import { rotateMaster } from './keyring.js';
 import { announceTls, finishTls } from './tls.js';
 import { DEFAULT_LIMITS, LoginGuard, clientAddress, limiterFor, perAddress, rateLimited, type ServerLimits } from './limits.js';
 import { accountRoutes, loginRoute } from './accounts-api.js';
+import { consoleRoutes } from './console/index.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
@@ -225,7 +226,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
 
   // ---- admin routes (bearer token) ----
   const a = express.Router();
-  loginRoute(ctx, a, new LoginGuard(limits.loginFailures), json, rawJson);
+  // One budget of failed logins for the API and the console.
+  const loginGuard = new LoginGuard(limits.loginFailures);
+  loginRoute(ctx, a, loginGuard, json, rawJson);
   a.use(authFailureGuard, admin);
   accountRoutes(ctx, a, json, rawJson);
   a.post('/enroll-tokens', permit('devices.enroll'), rawJson, async (req, res) => {
@@ -335,6 +338,12 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
     res.json(await deviceReport(ctx.db, id, since));
   });
   app.use('/v1/admin', a);
+
+  // ---- the admin console (browser sessions) ----
+  const consoleHandle = consoleRoutes(ctx, loginGuard);
+  app.locals.closeConsole = consoleHandle.close;
+  app.get('/', (_req, res) => res.redirect(303, '/console'));
+  app.use('/console', consoleHandle.router);
 
   app.use((req: Request) => {
     throw new LetheError('NOT_FOUND', `no route ${req.method} ${req.path}`);

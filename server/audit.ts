@@ -38,6 +38,7 @@ export type AuditType =
   | 'lease.refused'
   | 'keys.release'
   | 'alarm.key-ceiling'
+  | 'alarm.device-refused'
   | 'chunks.serve'
   | 'checkin'
   | 'trace.upload'

@@ -156,15 +156,40 @@ export async function verifiedDevice(
   const wait = opts.rate?.take(d.id) ?? 0;
   if (wait > 0) throw limited(wait);
   if (!(await ctx.nonces.remember(d.id, h.nonce, Number(h.ts)))) {
+    await refusalAlarm(ctx, d.id, 'replayed', method, url);
     throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
   }
   const status = deviceStatus(d);
   if (status === 'revoked' && !opts.allowRevoked) {
+    await refusalAlarm(ctx, d.id, 'revoked', method, url);
     throw new LetheError('DEVICE_REVOKED', 'this device has been revoked', { hint: 'contact IT' });
   }
-  if (status === 'wiped') throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });
+  if (status === 'wiped') {
+    await refusalAlarm(ctx, d.id, 'wiped', method, url);
+    throw new LetheError('DEVICE_WIPED', 'this device has been wiped', { hint: 'enroll it again' });
+  }
   if (status === 'wipe-pending' && !opts.allowWipePending) {
     throw new LetheError('DEVICE_WIPE_PENDING', 'this device must wipe itself', { hint: "run 'lethe heartbeat'" });
   }
   return d;
+}
+
+/** An alarm of one device and reason is written at most this often (per replica): a device calling in a loop adds one entry, not thousands. */
+export const REFUSAL_ALARM_EVERY_MS = 10 * 60_000;
+const lastAlarm = new Map<string, number>();
+
+/**
+ * A device that proved who it is but is refused for what an auditor must see —
+ * a replayed request, a revoked or wiped device still calling — is recorded as
+ * `alarm.device-refused` (the console's overview lists them). Best effort: the
+ * refusal stands when the log cannot be written.
+ */
+async function refusalAlarm(ctx: Ctx, device: string, reason: 'replayed' | 'revoked' | 'wiped', method: string, url: string): Promise<void> {
+  const key = `${device} ${reason}`;
+  const now = ctx.now();
+  if (now - (lastAlarm.get(key) ?? 0) < REFUSAL_ALARM_EVERY_MS) return;
+  lastAlarm.set(key, now);
+  if (lastAlarm.size > 10_000) lastAlarm.delete(lastAlarm.keys().next().value!);
+  ctx.metrics.inc('lethe_device_refusals_total', { reason });
+  await ctx.audit.append('alarm.device-refused', null, { device, reason, request: `${method} ${url.slice(0, 120)}` }, now).catch(() => {});
 }

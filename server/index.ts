@@ -167,6 +167,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
       clearInterval(pruner);
       clearInterval(tlsWatch);
       await push.close();
+      (app.locals.closeConsole as () => void)();
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await sdb.close();
