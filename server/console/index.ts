@@ -11,7 +11,7 @@ import { parseSince } from '../../common/duration.js';
 import { LetheError } from '../../common/errors.js';
 import { constantTimeEqual } from '../../common/crypto.js';
 import { explainPolicy, loadPolicy } from '../../policies/index.js';
-import { addUser, can, checkLogin, checkRole, createSession, endAllSessions, endSession, listTokens, listUsers, removeUser, revokeToken, sessionPrincipal, setPassword, SESSION_MAX_MS, type Permission, type Principal } from '../accounts.js';
+import { addUser, adminCount, can, checkLogin, checkRole, createSession, endAllSessions, endSession, listTokens, listUsers, removeUser, revokeToken, sessionPrincipal, setPassword, SESSION_MAX_MS, type Permission, type Principal } from '../accounts.js';
 import { auditEntries, auditFilter } from '../audit.js';
 import { mayDo } from '../auth.js';
 import { actingAs, type Ctx } from '../context.js';
@@ -98,8 +98,8 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   r.use('/assets', express.static(ASSETS, { index: false, fallthrough: false, maxAge: 0 }));
 
   // ---- login ----
-  r.get('/login', (req, res) => {
-    res.type('html').send(loginPage(safeNext(String(req.query.next ?? '/console'))).text);
+  r.get('/login', async (req, res) => {
+    res.type('html').send(loginPage(safeNext(String(req.query.next ?? '/console')), undefined, (await adminCount(ctx)) === 0).text);
   });
   r.post('/login', form, async (req, res) => {
     const origin = req.get('origin');

@@ -256,10 +256,11 @@ ${postForm(v, '/console/logout-all', html`<button type="submit">Log out everywhe
 </section>`;
 }
 
-export function loginPage(next: string, error?: { message: string; hint?: string }): Html {
+export function loginPage(next: string, error?: { message: string; hint?: string }, noAdmins = false): Html {
   return bare(
     'Sign in',
     html`${error ? note('error', error.message, error.hint) : ''}
+${noAdmins ? note('info', 'No administrator exists yet.', "add the first on the server's host: lethe admin user add NAME --role admin, with LETHE_ADMIN_TOKEN set to the token lethe server init printed") : ''}
 <form method="post" action="/console/login" class="stack" aria-label="Sign in">
 <input type="hidden" name="next" value="${next}">
 <label for="user">User name</label><input id="user" name="user" autocomplete="username" required autofocus>
