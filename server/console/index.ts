@@ -35,7 +35,8 @@ const SECURITY_HEADERS = {
   'content-security-policy':
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
   'x-content-type-options': 'nosniff',
-  'referrer-policy': 'no-referrer',
+  // Not no-referrer: under it a browser sends `Origin: null` with the console's own forms.
+  'referrer-policy': 'same-origin',
   'x-frame-options': 'DENY',
   'cache-control': 'no-store',
 };
@@ -57,11 +58,18 @@ const field = (req: Request, name: string): string => {
   return typeof v === 'string' ? v : '';
 };
 
+/** A request a browser says came from another origin (Origin, Sec-Fetch-Site) is refused. */
+function checkSameOrigin(req: Request): void {
+  const origin = req.get('origin');
+  const site = req.get('sec-fetch-site');
+  if ((origin !== undefined && origin !== `https://${req.get('host')}`) || (site !== undefined && site !== 'same-origin' && site !== 'none')) {
+    throw new LetheError('CSRF_FAILED', `a form from another origin (${(origin ?? site ?? '').slice(0, 80)}) cannot act in the console`, { hint: 'use the console itself' });
+  }
+}
+
 /** A form from another origin, or without this session's token, is refused: no state changes on a forged request. */
 function checkCsrf(req: ConsoleRequest): void {
-  const origin = req.get('origin');
-  const own = `https://${req.get('host')}`;
-  if (origin !== undefined && origin !== own) throw new LetheError('CSRF_FAILED', `a form from another origin (${origin.slice(0, 80)}) cannot act in the console`);
+  checkSameOrigin(req);
   const sent = Buffer.from(field(req, '_csrf'));
   const want = Buffer.from(req.principal?.session?.csrf ?? '');
   if (want.length === 0 || sent.length !== want.length || !constantTimeEqual(sent, want)) {
@@ -84,9 +92,10 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   const view = (req: ConsoleRequest): View => ({ p: req.principal!, csrf: req.principal!.session!.csrf, path: req.path === '/' ? '/console' : `/console${req.path}`, now: ctx.now() });
   const acting = (req: ConsoleRequest) => actingAs(ctx, req.principal!.actor);
   /** A full page, or only its main part for a live update. */
-  const send = (req: ConsoleRequest, res: Response, title: string, body: Html, status = 200) => {
+  /** `liveUrl`: for a page shown as a form's answer, the page whose live parts it shows. */
+  const send = (req: ConsoleRequest, res: Response, title: string, body: Html, status = 200, liveUrl?: string) => {
     if (req.get('x-lethe-fragment') === 'main') res.status(status).set('x-lethe-fragment', 'main').type('html').send(main(title, body).text);
-    else res.status(status).type('html').send(page(view(req), title, body).text);
+    else res.status(status).type('html').send(page(view(req), title, body, { liveUrl }).text);
   };
   const need = (req: ConsoleRequest, perm: Permission) => mayDo(req.principal, perm);
   const id = (req: Request) => String(req.params.id);
@@ -102,8 +111,7 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
     res.type('html').send(loginPage(safeNext(String(req.query.next ?? '/console')), undefined, (await adminCount(ctx)) === 0).text);
   });
   r.post('/login', form, async (req, res) => {
-    const origin = req.get('origin');
-    if (origin !== undefined && origin !== `https://${req.get('host')}`) throw new LetheError('CSRF_FAILED', 'a login form from another origin is refused');
+    checkSameOrigin(req);
     const user = field(req, 'user').trim();
     const next = safeNext(field(req, 'next') || '/console');
     const address = clientAddress(req);
@@ -180,7 +188,7 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   // ---- devices ----
   const devicesList = async (req: ConsoleRequest, res: Response, minted?: { token: string; expiresAt: string }) => {
     need(req, 'devices.read');
-    send(req, res, 'Devices', devicesPage(view(req), await listDevices(ctx), await leaseExpiries(ctx, ctx.now()), minted));
+    send(req, res, 'Devices', devicesPage(view(req), await listDevices(ctx), await leaseExpiries(ctx, ctx.now()), minted), 200, minted ? '/console/devices' : undefined);
   };
   r.get('/devices', (req: ConsoleRequest, res) => devicesList(req, res));
   r.post('/enroll-tokens', async (req: ConsoleRequest, res) => {
@@ -189,11 +197,11 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
     if (![3600, 86_400, 604_800].includes(ttl)) throw new LetheError('BAD_REQUEST', `bad token lifetime '${field(req, 'ttl').slice(0, 20)}'`);
     await devicesList(req, res, await mintEnrollToken(acting(req), ttl));
   });
-  const devicePageOf = async (req: ConsoleRequest, res: Response, msg?: Html) => {
+  const devicePageOf = async (req: ConsoleRequest, res: Response, msg?: Html, status = 200) => {
     need(req, 'devices.read');
     const d = await deviceView(ctx, id(req));
     const images = can(req.principal!.role, 'devices.act') ? (await listImages(ctx)).map((i) => i.name) : [];
-    send(req, res, `Device ${d.name}`, devicePage(view(req), d, await deviceLeases(ctx, d.id, ctx.now()), images, msg));
+    send(req, res, `Device ${d.name}`, devicePage(view(req), d, await deviceLeases(ctx, d.id, ctx.now()), images, msg), status, msg ? `/console/devices/${encodeURIComponent(d.id)}` : undefined);
   };
   r.get('/devices/:id', (req: ConsoleRequest, res) => devicePageOf(req, res));
   for (const what of ['revoke', 'wipe'] as const) {
@@ -201,8 +209,7 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
       need(req, 'devices.act');
       const d = await deviceView(ctx, id(req));
       if (field(req, 'confirm').trim() !== d.name) {
-        res.status(400);
-        return devicePageOf(req, res, note('error', `Not ${what === 'wipe' ? 'wiped' : 'revoked'}: the name typed does not match '${d.name}'.`, 'type the device name exactly to confirm'));
+        return devicePageOf(req, res, note('error', `Not ${what === 'wipe' ? 'wiped' : 'revoked'}: the name typed does not match '${d.name}'.`, 'type the device name exactly to confirm'), 400);
       }
       await (what === 'wipe' ? wipeDevice(acting(req), d.id) : revokeDevice(acting(req), d.id));
       res.redirect(303, `/console/devices/${encodeURIComponent(d.id)}`);
@@ -250,7 +257,14 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
     const name = String(req.params.name);
     const row = await getImage(ctx, name);
     const img = (await listImages(ctx)).find((i) => i.name === row.name)!;
-    send(req, res, `Image ${img.name}`, imagePage(view(req), img, explainPolicy(policyOf(row), name), text ?? row.policy ?? '', check), check && check.diagnostics.some((d) => d.severity === 'error') ? 422 : 200);
+    send(
+      req,
+      res,
+      `Image ${img.name}`,
+      imagePage(view(req), img, explainPolicy(policyOf(row), name), text ?? row.policy ?? '', check),
+      check && check.diagnostics.some((d) => d.severity === 'error') ? 422 : 200,
+      check ? `/console/images/${encodeURIComponent(img.name)}` : undefined,
+    );
   };
   r.get('/images/:name', (req: ConsoleRequest, res) => imagePageOf(req, res));
   r.post('/images/:name/policy', async (req: ConsoleRequest, res) => {
@@ -290,7 +304,7 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   r.post('/users', async (req: ConsoleRequest, res) => {
     const p = need(req, 'users.manage');
     const added = await addUser(acting(req), p, field(req, 'name').trim(), checkRole(field(req, 'role')), field(req, 'password'));
-    send(req, res, 'Administrators', usersPage(view(req), await listUsers(ctx), added), 201);
+    send(req, res, 'Administrators', usersPage(view(req), await listUsers(ctx), added), 201, '/console/users');
   });
   r.post('/users/:name/remove', async (req: ConsoleRequest, res) => {
     need(req, 'users.manage');
@@ -299,7 +313,7 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   });
   const accountOf = async (req: ConsoleRequest, res: Response, msg?: Html) => {
     const p = req.principal!;
-    send(req, res, 'My account', accountPage(view(req), p.user ? await listTokens(ctx, p.user) : [], msg));
+    send(req, res, 'My account', accountPage(view(req), p.user ? await listTokens(ctx, p.user) : [], msg), 200, msg ? '/console/account' : undefined);
   };
   r.get('/account', (req: ConsoleRequest, res) => accountOf(req, res));
   r.post('/tokens/:id/revoke', async (req: ConsoleRequest, res) => {

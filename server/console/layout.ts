@@ -2,7 +2,7 @@
 // the small pieces every page uses (forms with their CSRF token, status badges,
 // tables, messages).
 import { can, type Permission, type Principal } from '../accounts.js';
-import { html, type Html } from './html.js';
+import { Html, html } from './html.js';
 
 /** What every page is rendered for: who asks, and where. */
 export interface View {
@@ -21,7 +21,7 @@ const NAV: [path: string, label: string, perm: Permission | null][] = [
   ['/console/account', 'My account', null],
 ];
 
-export function page(v: View, title: string, body: Html, opts: { live?: boolean } = {}): Html {
+export function page(v: View, title: string, body: Html, opts: { live?: boolean; liveUrl?: string } = {}): Html {
   const current = (path: string) => (path === '/console' ? v.path === '/console' : v.path.startsWith(path));
   return html`<!doctype html>
 <html lang="en">
@@ -45,7 +45,7 @@ export function page(v: View, title: string, body: Html, opts: { live?: boolean 
   <span id="live" class="live" role="status" aria-live="polite">${opts.live === false ? '' : 'connecting…'}</span>
   <form method="post" action="/console/logout" class="inline">${csrfField(v)}<button type="submit">Log out</button></form>
 </header>
-<main id="main" tabindex="-1"${opts.live === false ? '' : html` data-live="1"`}>
+<main id="main" tabindex="-1"${opts.live === false ? '' : html` data-live="1"`}${opts.liveUrl ? html` data-live-url="${opts.liveUrl}"` : ''}>
 ${main(title, body)}
 </main>
 </body>
@@ -80,6 +80,10 @@ export function table(caption: string, head: string[], rows: Html[][], empty = '
 <tbody>${rows.map((r) => html`<tr>${r.map((c) => html`<td>${c}</td>`)}</tr>`)}</tbody>
 </table>`;
 }
+
+/** A part of a page that live updates replace (the rest, forms above all, stays as the user left it). */
+export const live = (id: string, inner: Html, tag: 'section' | 'div' = 'div', labelledBy?: string): Html =>
+  html`<${new Html(tag)} data-live-id="${id}"${labelledBy ? html` aria-labelledby="${labelledBy}"` : ''}>${inner}</${new Html(tag)}>`;
 
 /** A page outside the frame (login, errors before a session). */
 export function bare(title: string, body: Html): Html {

@@ -2,7 +2,7 @@
 // actions, and the lost-laptop report ("what could the thief read?").
 import { can } from '../accounts.js';
 import { ago, bytes, csvField, html, type Html } from './html.js';
-import { badge, note, postForm, table, type View } from './layout.js';
+import { badge, live, note, postForm, table, type View } from './layout.js';
 import { residentOf, type DeviceView, type LeaseView, type exposure } from './data.js';
 
 const deviceLink = (d: { id: string; name: string }) => html`<a href="/console/devices/${encodeURIComponent(d.id)}">${d.name}</a>`;
@@ -47,10 +47,13 @@ ${postForm(
     residentCell(d),
   ]);
   return html`${enroll}
-<section aria-labelledby="fleet-h">
-<h2 id="fleet-h">Fleet</h2>
-${table('Enrolled devices', ['Name', 'ID', 'Status', 'Connected', 'Last seen', 'Images', 'Lease expires', 'Sensitive plaintext resident'], rows, 'no devices enrolled yet')}
-</section>`;
+${live(
+  'fleet',
+  html`<h2 id="fleet-h">Fleet</h2>
+${table('Enrolled devices', ['Name', 'ID', 'Status', 'Connected', 'Last seen', 'Images', 'Lease expires', 'Sensitive plaintext resident'], rows, 'no devices enrolled yet')}`,
+  'section',
+  'fleet-h',
+)}`;
 }
 
 function leaseRows(v: View, leases: LeaseView[]): Html[][] {
@@ -77,7 +80,9 @@ export function devicePage(v: View, d: DeviceView, leases: LeaseView[], images: 
       { cls: 'danger-zone', label: what === 'wipe' ? 'Wipe this device' : 'Revoke this device' },
     );
   return html`${msg ?? ''}
-<dl class="facts">
+${live(
+  'facts',
+  html`<dl class="facts">
 <dt>Status</dt><dd id="device-status">${badge(d.status)}</dd>
 <dt>Connected now</dt><dd id="device-connected">${d.connected ? 'yes (push channel open)' : 'no'}</dd>
 <dt>Device id</dt><dd><code>${d.id}</code></dd>
@@ -87,15 +92,14 @@ export function devicePage(v: View, d: DeviceView, leases: LeaseView[], images: 
 <dt>Images</dt><dd>${d.images.join(', ') || 'none assigned'}</dd>
 <dt>Resident at last heartbeat</dt><dd>${r ? html`${bytes(r.sensitiveBytes)} of sensitive plaintext held by the agent${r.guestSensitivePages === null ? '' : `, ${r.guestSensitivePages} sensitive guest pages`} (${r.at})` : 'no report yet'}</dd>
 ${d.revokeAckedAt ? html`<dt>Erased its keys and cache</dt><dd>${d.revokeAckedAt}</dd>` : ''}
-</dl>
+</dl>`,
+)}
 <p><a href="/console/devices/${encodeURIComponent(d.id)}/exposure">Lost laptop: what could the thief read?</a></p>
-<section aria-labelledby="leases-h">
-<h2 id="leases-h">Leases</h2>
-${table('Leases, newest first', ['Lease', 'Image', 'Granted', 'State'], leaseRows(v, leases), 'no lease yet')}
-</section>
+${live('leases', html`<h2 id="leases-h">Leases</h2>
+${table('Leases, newest first', ['Lease', 'Image', 'Granted', 'State'], leaseRows(v, leases), 'no lease yet')}`, 'section', 'leases-h')}
 ${
   actions
-    ? html`<section aria-labelledby="assign-h">
+    ? html`<section aria-labelledby="assign-h" data-live-id="assign">
 <h2 id="assign-h">Images</h2>
 ${d.images.map((i) => postForm(v, `/console/devices/${encodeURIComponent(d.id)}/unassign`, html`<input type="hidden" name="image" value="${i}"><button type="submit">Unassign ${i}</button>`, { cls: 'inline' }))}
 ${
@@ -113,7 +117,7 @@ ${
 </section>
 ${
   d.status === 'active' || d.status === 'revoked'
-    ? html`<section aria-labelledby="danger-h">
+    ? html`<section aria-labelledby="danger-h" data-live-id="danger">
 <h2 id="danger-h">Revoke or wipe</h2>
 ${d.status === 'active' ? confirmForm('revoke', 'Refuse every request of this device from now on; if it is online it erases its keys and cache at once.') : ''}
 ${confirmForm('wipe', 'Order the device to wipe itself: at once if it is online, else at its next check-in.')}
@@ -158,7 +162,7 @@ export function exposurePage(v: View, x: Exposure, sinceText: string): Html {
 </form>
 <p class="noprint"><a href="/console/devices/${id}/exposure.csv?since=${encodeURIComponent(sinceText)}" download>Download CSV</a>
 <button type="button" data-print="1">Print report</button></p>
-<section aria-labelledby="answer-h">
+<section aria-labelledby="answer-h" data-live-id="answer">
 <h2 id="answer-h">What could the thief read?</h2>
 <p id="exposure-answer" class="answer">${answer(x)}</p>
 <dl class="facts">
@@ -167,15 +171,15 @@ export function exposurePage(v: View, x: Exposure, sinceText: string): Html {
 <dt>Leases granted since</dt><dd>${x.summary.leases} (renewed ${x.summary.renewals} times)</dd>
 </dl>
 </section>
-<section aria-labelledby="byimage-h">
+<section aria-labelledby="byimage-h" data-live-id="byimage">
 <h2 id="byimage-h">By image</h2>
 ${table('Keys and chunks given, by image', ['Image', 'Keys released', 'Of sensitive chunks', 'Chunks served'], x.byImage.map((b) => [html`${b.image}`, html`${b.keys}`, html`${b.sensitive}`, html`${b.chunks}`]), 'nothing was released')}
 </section>
-<section aria-labelledby="xleases-h">
+<section aria-labelledby="xleases-h" data-live-id="xleases">
 <h2 id="xleases-h">Leases</h2>
 ${table('Leases of the device', ['Lease', 'Image', 'Granted', 'State'], leaseRows(v, x.leases), 'no lease')}
 </section>
-<section aria-labelledby="entries-h">
+<section aria-labelledby="entries-h" data-live-id="entries">
 <h2 id="entries-h">Audit entries</h2>
 ${table('Audit entries of the device since the chosen time', ['Seq', 'Time', 'Type', 'Detail'], x.entries.map((e) => [html`${e.seq}`, html`${e.ts}`, html`${e.type}`, detail(e)]), 'none')}
 </section>`;

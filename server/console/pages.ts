@@ -6,7 +6,7 @@ import type { auditEntries } from '../audit.js';
 import type { listImages } from '../images.js';
 import type { listTokens, listUsers } from '../accounts.js';
 import { ago, bytes, html, type Html } from './html.js';
-import { badge, bare, note, postForm, table, type View } from './layout.js';
+import { badge, bare, live, note, postForm, table, type View } from './layout.js';
 import type { DeviceView, chainStatus, keyReleasesPerMinute, recentAlarms, replicas } from './data.js';
 
 type Entries = Awaited<ReturnType<typeof auditEntries>>;
@@ -30,7 +30,7 @@ export function overviewPage(
 ): Html {
   const count = (s: string) => o.devices.filter((d) => d.status === s).length;
   const max = Math.max(1, ...(o.releases ?? []).map((r) => r.keys));
-  return html`<section aria-labelledby="status-h">
+  return html`<section aria-labelledby="status-h" data-live-id="status">
 <h2 id="status-h">Devices by status</h2>
 <ul class="tiles" id="device-counts">
 ${['active', 'revoked', 'wipe-pending', 'wiped'].map((s) => html`<li><span class="n">${count(s)}</span> ${badge(s)}</li>`)}
@@ -39,7 +39,7 @@ ${['active', 'revoked', 'wipe-pending', 'wiped'].map((s) => html`<li><span class
 </section>
 ${
   o.releases
-    ? html`<section aria-labelledby="rel-h">
+    ? html`<section aria-labelledby="rel-h" data-live-id="rel">
 <h2 id="rel-h">Key releases per minute</h2>
 <table class="bars">
 <caption>Chunk keys released to devices in the last ${o.releases.length} minutes (UTC)</caption>
@@ -52,7 +52,7 @@ ${
 </section>`
     : ''
 }
-<section aria-labelledby="rep-h">
+<section aria-labelledby="rep-h" data-live-id="rep">
 <h2 id="rep-h">Servers</h2>
 ${table(
   'Server replicas',
@@ -63,7 +63,7 @@ ${table(
 </section>
 ${
   o.alarms
-    ? html`<section aria-labelledby="alarm-h">
+    ? html`<section aria-labelledby="alarm-h" data-live-id="alarm">
 <h2 id="alarm-h">Recent alarms</h2>
 ${table(
   'Alarms, failed logins and refused devices in the last 7 days',
@@ -81,7 +81,7 @@ type Images = Awaited<ReturnType<typeof listImages>>;
 const logical = (img: Images[number]) => img.versions.reduce((n, x) => n + x.sizes.disk + x.sizes.mem + x.sizes.state, 0);
 
 export function imagesPage(v: View, images: Images, policies: Map<string, string>): Html {
-  return table(
+  return live('images', table(
     'Images',
     ['Image', 'Current version', 'Versions', 'Size of all versions', 'Stored', 'Dedupe', 'Policy'],
     images.map((img) => [
@@ -94,7 +94,7 @@ export function imagesPage(v: View, images: Images, policies: Map<string, string
       html`${policies.get(img.name) ?? 'built-in'}`,
     ]),
     'no images pushed yet',
-  );
+  ));
 }
 
 export function imagePage(
@@ -115,7 +115,7 @@ export function imagePage(
             html`<li><span class="sev sev-${d.severity}">${d.severity}</span> <strong>${d.line === null ? 'policy' : `line ${d.line}`}</strong>: <code>${d.field}</code>: ${d.message}${d.hint ? html`<br><span class="hint">hint: ${d.hint}</span>` : ''}</li>`,
         )}</ul></div>`
     : '';
-  return html`<section aria-labelledby="versions-h">
+  return html`<section aria-labelledby="versions-h" data-live-id="versions">
 <h2 id="versions-h">Versions</h2>
 ${table(
   `Versions of ${img.name}`,
@@ -163,7 +163,7 @@ export function auditPage(
   const q = (extra: Record<string, string>) =>
     new URLSearchParams(Object.entries({ ...filter, ...extra }).filter((e): e is [string, string] => typeof e[1] === 'string' && e[1] !== '')).toString();
   const r = chain.result;
-  return html`<section aria-labelledby="chain-h">
+  return html`<section aria-labelledby="chain-h" data-live-id="chain">
 <h2 id="chain-h">Chain</h2>
 <p id="chain-status">${
     r.ok
@@ -181,12 +181,12 @@ export function auditPage(
 <label for="f-until">Until</label><input id="f-until" name="until" value="${filter.until ?? ''}">
 <button type="submit">Filter</button>
 </form>
-${table(
+${live('timeline', table(
   'Audit entries, newest first',
   ['Seq', 'Time', 'Type', 'Device', 'Actor', 'Detail'],
   entries.map((e) => [html`${e.seq}`, html`${e.ts}`, html`${e.type}`, e.device ? html`<a href="/console/devices/${encodeURIComponent(e.device)}">${e.device}</a>` : html`–`, html`${(e.data.actor as string | undefined) ?? '–'}`, html`${detailOf(e.data)}`]),
   'no entries match',
-)}
+))}
 ${more !== null && more > 1 ? html`<p><a href="/console/audit?${q({ before: String(more) })}">Older entries</a></p>` : ''}
 </section>`;
 }
@@ -200,7 +200,7 @@ export function usersPage(v: View, users: Users, added?: { name: string; role: s
 ${added.totp ? html`<div class="note note-info" role="status"><p>Two-factor secret for ${added.name}'s authenticator app, shown once:</p><pre><code id="totp-secret">${added.totp.secret}</code></pre><p><code id="totp-uri">${added.totp.uri}</code></p></div>` : ''}`
       : ''
   }
-${table(
+${live('users', table(
   'Administrators',
   ['Name', 'Role', 'Two-factor', 'Last login', 'API tokens', 'Sessions', 'Added by', ''],
   users.map((u) => [
@@ -214,7 +214,7 @@ ${table(
     u.name === v.p.user ? html`<span class="muted">you</span>` : postForm(v, `/console/users/${encodeURIComponent(u.name)}/remove`, html`<button type="submit">Remove ${u.name}</button>`, { cls: 'inline' }),
   ]),
   'no named administrators',
-)}
+))}
 <section aria-labelledby="adduser-h">
 <h2 id="adduser-h">Add an administrator</h2>
 ${postForm(
@@ -233,12 +233,12 @@ ${postForm(
 export function accountPage(v: View, tokens: Awaited<ReturnType<typeof listTokens>>, msg?: Html): Html {
   return html`${msg ?? ''}
 <p>Signed in as <strong>${v.p.user ?? 'bootstrap'}</strong> (${v.p.role}); this session ends ${v.p.session ? ago(new Date(v.p.session.expiresAt).toISOString(), v.now) : '–'} or after 30 minutes idle.</p>
-${table(
+${live('tokens', table(
   'Your API tokens (make one with lethe admin login)',
   ['Token', 'Role', 'Label', 'Expires', 'Last used', ''],
   tokens.map((t) => [html`<code>${t.id}</code>`, html`${t.role}`, html`${t.label}`, html`${t.expiresAt}`, html`${ago(t.lastUsed, v.now)}`, postForm(v, `/console/tokens/${encodeURIComponent(t.id)}/revoke`, html`<button type="submit">Revoke ${t.id}</button>`, { cls: 'inline' })]),
   'none',
-)}
+))}
 <section aria-labelledby="pw-h">
 <h2 id="pw-h">Change your password</h2>
 ${postForm(

@@ -1,6 +1,7 @@
 // Lethe console: live updates and two small conveniences. Pages work without it.
 // Live updates: the server sends an event when anything changed (any replica);
-// the page fetches its main part again, unless the user is typing in a form.
+// the page fetches its main part again and swaps in its live parts, except one
+// the user is working in.
 'use strict';
 (function () {
   const main = document.getElementById('main');
@@ -9,28 +10,47 @@
     if (live) live.textContent = text;
   };
 
-  /** A form in the main part holds something the user typed, or has focus: leave it alone. */
-  function busyForm() {
+  /**
+   * A live part is left alone while someone works in it: focus inside it (a
+   * keyboard user's place would be lost), or a form in it holding something typed.
+   */
+  function busy(part) {
     const a = document.activeElement;
-    if (a && main.contains(a) && a.matches('input:not([type=hidden]), textarea, select')) return true;
-    for (const el of main.querySelectorAll('input:not([type=hidden]), textarea')) if (el.value !== el.defaultValue) return true;
+    if (a && a !== part && part.contains(a)) return true;
+    for (const el of part.querySelectorAll('input:not([type=hidden]), textarea')) if (el.value !== el.defaultValue) return true;
     return false;
   }
 
   if (main && main.dataset.live === '1' && window.EventSource) {
     let fetching = false;
     let again = false;
+    let es = null;
+    // The page's own address, or (for a page shown after a form) the page it belongs to.
+    const url = main.dataset.liveUrl || location.href;
+    /** Swaps in the fresh copy of each live part (data-live-id) that nobody is working in. */
+    const swap = (text) => {
+      const fresh = document.createElement('template');
+      fresh.innerHTML = text;
+      let missed = false;
+      for (const part of main.querySelectorAll('[data-live-id]')) {
+        const next = fresh.content.querySelector('[data-live-id="' + part.dataset.liveId + '"]');
+        if (!next) continue;
+        if (busy(part)) missed = true;
+        else part.replaceWith(next);
+      }
+      main.dataset.updated = new Date().toISOString();
+      return missed;
+    };
     const refresh = async () => {
-      if (fetching || busyForm()) {
+      if (fetching) {
         again = true;
         return;
       }
       fetching = true;
       try {
-        const r = await fetch(location.href, { headers: { 'x-lethe-fragment': 'main' }, credentials: 'same-origin', cache: 'no-store' });
+        const r = await fetch(url, { headers: { 'x-lethe-fragment': 'main' }, credentials: 'same-origin', cache: 'no-store' });
         if (r.ok && r.headers.get('x-lethe-fragment') === 'main') {
-          main.innerHTML = await r.text();
-          main.dataset.updated = new Date().toISOString();
+          if (swap(await r.text())) again = true;
         } else if (r.status === 401) {
           location.reload();
         }
@@ -40,14 +60,30 @@
         fetching = false;
         if (again) {
           again = false;
-          setTimeout(refresh, 1000);
+          setTimeout(refresh, 2000);
         }
       }
     };
-    const es = new EventSource('/console/events');
-    es.addEventListener('ready', () => say('live'));
-    es.addEventListener('change', refresh);
-    es.addEventListener('error', () => say('reconnecting…'));
+    // A stream per visible tab only: a browser keeps few connections per server
+    // open at once (six over HTTP/1.1), and a hidden tab needs no updates.
+    const connect = () => {
+      if (es || document.visibilityState === 'hidden') return;
+      es = new EventSource('/console/events');
+      es.addEventListener('ready', () => say('live'));
+      es.addEventListener('change', refresh);
+      es.addEventListener('error', () => say('reconnecting…'));
+    };
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'hidden') {
+        if (es) es.close();
+        es = null;
+        say('paused');
+      } else {
+        connect();
+        refresh();
+      }
+    });
+    connect();
   } else {
     say('');
   }
