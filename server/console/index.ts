@@ -182,6 +182,7 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
       releases: can(role, 'audit.read') ? await keyReleasesPerMinute(ctx, now) : null,
       replicas: await replicas(ctx, now),
       alarms: can(role, 'audit.read') ? await recentAlarms(ctx, now) : null,
+      chain: can(role, 'audit.read') ? await chainStatus(ctx, now) : null,
     }));
   });
 

@@ -30,6 +30,7 @@ export function page(v: View, title: string, body: Html, opts: { live?: boolean;
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>${title} · Lethe console</title>
 <link rel="stylesheet" href="/console/assets/console.css">
+<link rel="icon" href="/console/assets/icon.svg" type="image/svg+xml">
 <script src="/console/assets/console.js" defer></script>
 </head>
 <body>
@@ -94,6 +95,7 @@ export function bare(title: string, body: Html): Html {
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>${title} · Lethe console</title>
 <link rel="stylesheet" href="/console/assets/console.css">
+<link rel="icon" href="/console/assets/icon.svg" type="image/svg+xml">
 </head>
 <body class="bare">
 <main id="main">

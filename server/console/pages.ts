@@ -26,6 +26,7 @@ export function overviewPage(
     releases: Awaited<ReturnType<typeof keyReleasesPerMinute>> | null;
     replicas: Awaited<ReturnType<typeof replicas>>;
     alarms: Awaited<ReturnType<typeof recentAlarms>> | null;
+    chain: Awaited<ReturnType<typeof chainStatus>> | null;
   },
 ): Html {
   const count = (s: string) => o.devices.filter((d) => d.status === s).length;
@@ -65,6 +66,13 @@ ${
   o.alarms
     ? html`<section aria-labelledby="alarm-h" data-live-id="alarm">
 <h2 id="alarm-h">Recent alarms</h2>
+${
+  o.chain && !o.chain.result.ok
+    ? note('error', `The audit chain does not verify: entry ${o.chain.result.firstBad ?? '?'}: ${o.chain.result.reason ?? ''} (checked ${o.chain.at})`, "the log was changed outside the server: check it with 'lethe audit verify --against' an exported checkpoint")
+    : o.chain
+      ? html`<p id="chain-ok">Audit chain verified: ${o.chain.result.entries} entries (checked ${o.chain.at}).</p>`
+      : ''
+}
 ${table(
   'Alarms, failed logins and refused devices in the last 7 days',
   ['Time', 'Type', 'Device', 'Detail'],

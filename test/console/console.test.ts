@@ -11,6 +11,7 @@ import { base32Decode, totp } from '../../common/totp.js';
 import { agentInProcess, pushImage, testUnlock } from '../helpers/fixtures.js';
 import { axeViolations, launchBrowser, newPage, screenshot, unreachableByKeyboard, waitForText } from '../helpers/browser.js';
 import { lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
+import { serverDb } from '../helpers/server-db.js';
 
 const PW = { alice: 'alice-console-passphrase', bob: 'bob-console-passphrase' };
 
@@ -300,6 +301,26 @@ describe('admin console in a real browser (issue #20)', function () {
     expect(new URL(page.url()).pathname).to.equal('/console/login');
     await page.goto(`${s.url}/console/devices`);
     expect(new URL(page.url()).pathname).to.equal('/console/login');
+  });
+
+  it('a session idle for 30 minutes, or 12 hours old, is over: the next page asks to sign in again', async () => {
+    const db = await serverDb(s);
+    try {
+      for (const [column, value] of [
+        ['seen_at', Date.now() - 31 * 60_000],
+        ['expires_at', Date.now() - 1000],
+      ] as const) {
+        const page = await freshPage();
+        await login(page, 'bob');
+        await page.goto(`${s.url}/console/devices`);
+        expect(new URL(page.url()).pathname).to.equal('/console/devices');
+        await db.sql.run(`UPDATE sessions SET ${column} = ? WHERE user_name = 'bob'`, value);
+        await page.goto(`${s.url}/console/devices`);
+        expect(new URL(page.url()).pathname, column).to.equal('/console/login');
+      }
+    } finally {
+      await db.close();
+    }
   });
 
   /** An API token of alice's (a CLI login), made once. */

@@ -142,6 +142,25 @@ describe('named administrators and roles (issue #20; real server, real CLI)', fu
     expect(more.stderr).to.include('a helpdesk cannot make a token with role admin');
   });
 
+  it('a revoked device still calling is an alarm in the audit chain, once per device and reason in ten minutes', async () => {
+    const dev = await enrolledDevice({ ...s, adminToken: aliceToken });
+    try {
+      expect((await as(aliceToken, ['admin', 'revoke', dev.deviceId])).code).to.equal(0);
+      for (let i = 0; i < 3; i++) {
+        const e = await dev.client.heartbeat().then(
+          () => null,
+          (err: { code?: string }) => err.code,
+        );
+        expect(e).to.equal('DEVICE_REVOKED');
+      }
+      const alarms = (await auditLog('alarm.device-refused')).filter((a) => a.data.device === dev.deviceId);
+      expect(alarms).to.have.length(1);
+      expect(alarms[0].data).to.deep.include({ reason: 'revoked', request: 'POST /v1/device/heartbeat' });
+    } finally {
+      dev.close();
+    }
+  });
+
   it('failed logins are counted per user name: past the budget even the right password waits (429 RATE_LIMITED)', async () => {
     // The address has spent part of its budget of 4 on the tests above; bob's name none.
     let refusedAt = -1;
