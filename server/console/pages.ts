@@ -151,7 +151,9 @@ ${findings}
 ${postForm(
   v,
   `/console/images/${name}/policy`,
-  html`<label for="policy-text">Policy YAML (as <code>lethe policy check</code> reads it)</label>
+  html`<label for="policy-file">Load a policy file from this computer</label>
+<input type="file" id="policy-file" accept=".yaml,.yml,text/yaml,text/plain" data-fill="policy-text">
+<label for="policy-text">Policy YAML (as <code>lethe policy check</code> reads it)</label>
 <textarea id="policy-text" name="policy" rows="16" spellcheck="false">${policyText}</textarea>
 <div class="row"><button type="submit" name="action" value="check">Check</button>
 ${can(v.p.role, 'images.write') ? html`<button type="submit" name="action" value="save" id="policy-save">Save policy</button>` : ''}</div>`,

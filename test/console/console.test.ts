@@ -4,7 +4,8 @@
 import { expect } from 'chai';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import type { Browser, BrowserContext, Page } from 'puppeteer-core';
+import fs from 'node:fs';
+import type { Browser, BrowserContext, ElementHandle, Page } from 'puppeteer-core';
 import type { RunningAgent } from '../../agent/daemon.js';
 import { enrollDevice } from '../../agent/identity.js';
 import { base32Decode, totp } from '../../common/totp.js';
@@ -226,8 +227,12 @@ describe('admin console in a real browser (issue #20)', function () {
     await checkPage(page, 'images');
     await Promise.all([page.waitForNavigation(), page.click('a[href="/console/images/desk"]')]);
     expect(await page.$eval('#policy-explained', (e) => e.textContent)).to.include('what is sensitive');
-    await page.$eval('#policy-text', (e) => ((e as HTMLTextAreaElement).value = ''));
-    await page.type('#policy-text', 'name: broken\neviction:\n  idle: soon\n');
+    // A policy file from this computer, loaded into the text area and saved.
+    const file = `${tmpDir('lethe-policy-')}/broken.yaml`;
+    fs.writeFileSync(file, 'name: broken\neviction:\n  idle: soon\n');
+    const input = (await page.$('#policy-file')) as ElementHandle<HTMLInputElement>;
+    await input.uploadFile(file);
+    await page.waitForFunction(() => (document.getElementById('policy-text') as HTMLTextAreaElement).value.includes('broken'));
     await Promise.all([page.waitForNavigation(), page.click('#policy-save')]);
     const findings = await page.$eval('#policy-findings', (e) => e.textContent ?? '');
     expect(findings).to.include('not saved');

@@ -88,6 +88,13 @@
     say('');
   }
 
+  // A policy file chosen on this computer fills the text area (nothing is sent until Check or Save).
+  document.addEventListener('change', (e) => {
+    const input = e.target.closest('input[type=file][data-fill]');
+    const file = input && input.files && input.files[0];
+    if (file) file.text().then((t) => (document.getElementById(input.dataset.fill).value = t));
+  });
+
   document.addEventListener('click', (e) => {
     const copy = e.target.closest('[data-copy]');
     if (copy) {
