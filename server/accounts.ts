@@ -301,22 +301,25 @@ const adminAuthFailed = (hint: string) => new LetheError('ADMIN_AUTH_FAILED', 'a
  * @throws LetheError ADMIN_AUTH_FAILED
  */
 export async function tokenPrincipal(ctx: Ctx, bootstrapDigest: Buffer, bearer: string | undefined): Promise<Principal> {
-  const hint = "log in with 'lethe admin login NAME' and set LETHE_ADMIN_TOKEN to the token it prints";
-  if (!bearer) throw adminAuthFailed(hint);
+  const login = "log in with 'lethe admin login NAME' and set LETHE_ADMIN_TOKEN to the token it prints";
+  /** The hint depends on whether named admins exist yet (looked up only on a failure). */
+  const refuse = async () =>
+    adminAuthFailed((await adminCount(ctx)) > 0 ? login : 'set LETHE_ADMIN_TOKEN (or --admin-token) to the token printed by lethe server init');
+  if (!bearer) throw await refuse();
   const digest = sha256(bearer);
   if (bootstrapDigest.length === 32 && constantTimeEqual(digest, bootstrapDigest)) {
     if ((await adminCount(ctx)) > 0) {
-      throw adminAuthFailed(`the bootstrap token was retired when the first named admin was added: ${hint}`);
+      throw adminAuthFailed(`the bootstrap token was retired when the first named admin was added: ${login}`);
     }
     return { actor: `token:${digest.toString('hex').slice(0, 8)}`, user: null, role: 'admin', via: 'bootstrap' };
   }
-  if (!bearer.startsWith(TOKEN_PREFIX)) throw adminAuthFailed(`${hint} (before any named admin exists: the token printed by lethe server init)`);
+  if (!bearer.startsWith(TOKEN_PREFIX)) throw await refuse();
   const now = ctx.now();
   const t = await ctx.db.get<{ id: string; user_name: string; role: Role; expires_at: number; last_used: number | null }>(
     'SELECT id, user_name, role, expires_at, last_used FROM api_tokens WHERE token_sha256 = ?',
     digest.toString('hex'),
   );
-  if (!t || t.expires_at <= now) throw adminAuthFailed(hint);
+  if (!t || t.expires_at <= now) throw await refuse();
   if (t.last_used === null || now - t.last_used > SEEN_EVERY_MS) await ctx.db.run('UPDATE api_tokens SET last_used = ? WHERE id = ?', now, t.id);
   return { actor: `user:${t.user_name}`, user: t.user_name, role: t.role, via: 'token' };
 }

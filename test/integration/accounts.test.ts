@@ -128,7 +128,9 @@ describe('named administrators and roles (issue #20; real server, real CLI)', fu
     const second = mine.tokens.find((t) => t.label === 'second')!;
     expect(second).to.not.equal(undefined);
     expect((await as(bob, ['admin', 'token', 'rm', second.id])).code).to.equal(0);
-    expect((await as(bob, ['admin', 'devices'])).stderr).to.include('admin token missing or wrong');
+    const revoked = await as(bob, ['admin', 'devices']);
+    expect(revoked.stderr).to.include('admin token missing or wrong');
+    expect(revoked.stderr).to.include("lethe: hint: log in with 'lethe admin login NAME'");
 
     const carol = await login('carol');
     expect((await as(aliceToken, ['admin', 'user', 'rm', 'carol'])).code).to.equal(0);
