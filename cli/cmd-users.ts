@@ -1,6 +1,7 @@
 // lethe admin login | whoami | user add|ls|rm|passwd | token ls|rm: named
 // administrators (docs/console.md). `login` trades a password (and an admin's
 // one-time code) for an API token the other admin commands take.
+import { createInterface } from 'node:readline/promises';
 import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
 import { PinnedClient } from '../common/http-client.js';
@@ -9,24 +10,38 @@ import { promptTty, readFd } from '../agent/unlock.js';
 import { withAdmin, type AdminArgs } from './admin-client.js';
 import { emit, table, type OutOpts } from './output.js';
 
-type A = AdminArgs & OutOpts & { 'password-fd'?: number };
+type A = AdminArgs & OutOpts & { 'password-fd'?: number; 'current-password-fd'?: number };
 
 const passwordOpt = <T>(y: Argv<T>) =>
   y.option('password-fd', { type: 'number', describe: 'read the password from this file descriptor, to its end (else a prompt)' });
 
-/** The password from --password-fd or the terminal; `confirm` asks twice. */
-async function password(a: A, confirm: boolean): Promise<string> {
-  const fd = a['password-fd'];
+/** The password from --password-fd (or `fdOption`) or the terminal; `confirm` asks twice. */
+async function password(a: A, confirm: boolean, fdOption: 'password-fd' | 'current-password-fd' = 'password-fd', what = 'password'): Promise<string> {
+  const fd = (a as Record<string, unknown>)[fdOption] as number | undefined;
   if (fd !== undefined && !(Number.isInteger(fd) && fd >= 0)) {
-    throw new LetheError('BAD_REQUEST', `bad --password-fd '${fd}'`, { hint: 'give an open file descriptor number, e.g. --password-fd 3 3<file' });
+    throw new LetheError('BAD_REQUEST', `bad --${fdOption} '${fd}'`, { hint: `give an open file descriptor number, e.g. --${fdOption} 3 3<file` });
   }
-  const tty = process.stdin.isTTY === true && typeof process.stdin.setRawMode === 'function';
-  if (fd === undefined && !tty) throw new LetheError('CONFIG', 'no password given', { hint: 'run on a terminal, or pass --password-fd N' });
-  const buf = fd !== undefined ? await readFd(fd, 'password') : await promptTty({ what: 'password', confirm });
+  if (fd === undefined && !tty()) throw new LetheError('CONFIG', `no ${what} given`, { hint: `run on a terminal, or pass --${fdOption} N` });
+  const buf = fd !== undefined ? await readFd(fd, what) : await promptTty({ what, confirm });
   try {
     return buf.toString('utf8');
   } finally {
     buf.fill(0);
+  }
+}
+
+const tty = () => process.stdin.isTTY === true && typeof process.stdin.setRawMode === 'function';
+
+/** --totp, else (on a terminal) a prompt; undefined for a user without a second factor. */
+async function oneTimeCode(given: unknown): Promise<string | undefined> {
+  if (given !== undefined) return String(given);
+  if (!tty()) return undefined;
+  const rl = createInterface({ input: process.stdin, output: process.stderr });
+  try {
+    const code = (await rl.question('one-time code from your authenticator app (Enter if you have none): ')).trim();
+    return code === '' ? undefined : code;
+  } finally {
+    rl.close();
   }
 }
 
@@ -110,12 +125,23 @@ function userCommands<T>(y: Argv<T>) {
     )
     .command(
       'passwd <name>',
-      "set a password (your own, or as an admin anyone's); the user's browser sessions end",
-      (y) => passwordOpt(y.positional('name', { type: 'string', demandOption: true })),
+      "set a password: your own (with your current one and one-time code), or as an admin anyone else's; the user's browser sessions end",
+      (y) =>
+        passwordOpt(y.positional('name', { type: 'string', demandOption: true }))
+          .option('current-password-fd', { type: 'number', describe: 'your own password: read the current one from this file descriptor (else a prompt)' })
+          .option('totp', { type: 'string', describe: 'your own password, as an admin: the one-time code (else asked for)' }),
       (a) =>
         withAdmin(a as A, async (c) => {
+          const me = await c.json<{ user: string | null }>('GET', '/whoami');
+          const own = me.user === String(a.name);
+          const current = own ? await password(a as A, false, 'current-password-fd', 'current password') : undefined;
+          const totpCode = own ? await oneTimeCode(a.totp) : undefined;
           const pw = await password(a as A, true);
-          const r = await c.json<{ user: string; sessionsEnded: number }>('PUT', `/users/${encodeURIComponent(String(a.name))}/password`, { password: pw });
+          const r = await c.json<{ user: string; sessionsEnded: number }>('PUT', `/users/${encodeURIComponent(String(a.name))}/password`, {
+            password: pw,
+            ...(current !== undefined ? { currentPassword: current } : {}),
+            ...(totpCode !== undefined ? { totp: totpCode } : {}),
+          });
           emit(a as A, r, () => `password of ${r.user} set; ${r.sessionsEnded} browser session(s) ended`);
         }),
     )
@@ -169,12 +195,13 @@ export function accountCommands<T>(y: Argv<T>) {
         if (!server || !pin) throw new LetheError('CONFIG', 'login needs LETHE_SERVER and LETHE_PIN', { hint: "set them from the output of 'lethe server init' (or pass --server, --pin)" });
         const ttlMs = parseDuration(String(a.ttl), '--ttl', { max: 365 * 86_400_000 });
         const pw = await password(a as A, false);
+        const code = await oneTimeCode(a.totp);
         const http = new PinnedClient(server, pin);
         try {
           const r = await http.json<{ id: string; token: string; role: string; expiresAt: string }>('POST', '/v1/admin/login', {
             user: String(a.name),
             password: pw,
-            ...(a.totp !== undefined ? { totp: String(a.totp) } : {}),
+            ...(code !== undefined ? { totp: code } : {}),
             ttlSeconds: Math.round(ttlMs / 1000),
             label: String(a.label),
             ...(a.role ? { role: a.role } : {}),

@@ -48,7 +48,7 @@ export const LoginRequest = z.strictObject({
 /** POST /v1/admin/users */
 export const UserAddRequest = z.strictObject({ name: userName, role: z.string().max(16), password });
 /** PUT /v1/admin/users/NAME/password */
-export const PasswordRequest = z.strictObject({ password });
+export const PasswordRequest = z.strictObject({ password, currentPassword: password.optional(), totp: z.string().max(16).optional() });
 export const EnrollResponse = z.object({ deviceId: z.string(), serverSignPublicKey: z.string() });
 
 export const HeartbeatRequest = z.strictObject({ status: z.record(z.string(), z.unknown()).optional() });

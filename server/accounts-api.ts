@@ -3,7 +3,7 @@
 import type { Request, Response, Router } from 'express';
 import * as wire from '../common/wire.js';
 import { LetheError } from '../common/errors.js';
-import { addUser, checkLogin, checkRole, createToken, listTokens, listUsers, removeUser, revokeToken, setPassword } from './accounts.js';
+import { addUser, changeOwnPassword, checkLogin, checkRole, createToken, listTokens, listUsers, removeUser, revokeToken, setPassword } from './accounts.js';
 import { mayDo, type AuthedRequest } from './auth.js';
 import { actingAs, type Ctx } from './context.js';
 import { clientAddress, type LoginGuard } from './limits.js';
@@ -15,13 +15,12 @@ export function loginRoute(ctx: Ctx, r: Router, guard: LoginGuard, json: Json, b
   r.post('/login', body, async (req, res) => {
     const b = json(wire.LoginRequest, req);
     const address = clientAddress(req);
-    guard.check(res, address, b.user);
+    const done = guard.admit(res, address, b.user);
     let user;
     try {
       user = await checkLogin(ctx, b.user, b.password, b.totp, { address, via: 'cli' });
-    } catch (e) {
-      guard.failed(address, b.user);
-      throw e;
+    } finally {
+      done(user !== undefined);
     }
     const acting = actingAs(ctx, `user:${user.name}`);
     const role = b.role === undefined ? undefined : checkRole(b.role);
@@ -30,7 +29,7 @@ export function loginRoute(ctx: Ctx, r: Router, guard: LoginGuard, json: Json, b
 }
 
 /** Users, tokens and whoami, behind the admin router's token check. */
-export function accountRoutes(ctx: Ctx, a: Router, json: Json, body: (req: Request, res: Response, next: () => void) => void) {
+export function accountRoutes(ctx: Ctx, a: Router, guard: LoginGuard, json: Json, body: (req: Request, res: Response, next: () => void) => void) {
   const acting = (req: AuthedRequest) => actingAs(ctx, req.actor!);
   const param = (req: Request, name: string) => String(req.params[name]);
   a.get('/whoami', (req: AuthedRequest, res) => {
@@ -50,12 +49,26 @@ export function accountRoutes(ctx: Ctx, a: Router, json: Json, body: (req: Reque
     mayDo(req.principal, 'users.manage');
     res.json(await removeUser(acting(req), param(req, 'name')));
   });
-  // Anyone may set their own password; an admin anyone's.
+  // Anyone may set their own password, with the current one (guarded as a login); an admin anyone else's.
   a.put('/users/:name/password', body, async (req: AuthedRequest, res) => {
     const p = req.principal!;
     const name = param(req, 'name');
-    if (p.user !== name) mayDo(p, 'users.manage');
-    res.json(await setPassword(acting(req), name, json(wire.PasswordRequest, req).password));
+    const b = json(wire.PasswordRequest, req);
+    if (p.user !== name) {
+      mayDo(p, 'users.manage');
+      res.json(await setPassword(acting(req), name, b.password));
+      return;
+    }
+    if (b.currentPassword === undefined) throw new LetheError('BAD_REQUEST', 'changing your own password needs your current password', { hint: 'give currentPassword (and totp, for an admin)' });
+    const address = clientAddress(req);
+    const done = guard.admit(res, address, name);
+    let r;
+    try {
+      r = await changeOwnPassword(acting(req), name, b.currentPassword, b.totp, b.password, { address, via: 'cli' });
+    } finally {
+      done(r !== undefined);
+    }
+    res.json(r);
   });
   a.get('/tokens', async (req: AuthedRequest, res) => {
     const p = req.principal!;

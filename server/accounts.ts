@@ -190,7 +190,7 @@ export async function removeUser(ctx: Ctx, name: string) {
   });
 }
 
-/** Sets a password; the user's browser sessions end (their API tokens stay). */
+/** An admin sets another user's password; that user's browser sessions end (their API tokens stay). */
 export async function setPassword(ctx: Ctx, name: string, password: string) {
   checkPassword(password);
   const hash = await hashPassword(password);
@@ -213,15 +213,36 @@ const loginFailed = () =>
  * @throws LetheError LOGIN_FAILED
  */
 export async function checkLogin(ctx: Ctx, name: string, password: string, code: string | undefined, from: { address: string; via: 'console' | 'cli' }) {
+  return proveIdentity(ctx, name, password, code, from, async (c, u) => {
+    await c.db.run('UPDATE users SET last_login = ? WHERE name = ?', c.now(), name);
+    await c.audit.append('user.login', null, { user: name, address: from.address, via: from.via }, c.now());
+    return { name: u.name, role: u.role };
+  });
+}
+
+/**
+ * Checks a user's password and (for a user with TOTP) a code not used before,
+ * then runs `then` in the transaction that records the code as used. A failure
+ * is audited (`user.login-failed`, the name only if such a user exists) and
+ * thrown as LOGIN_FAILED, one error for every cause.
+ */
+async function proveIdentity<T>(
+  ctx: Ctx,
+  name: string,
+  password: string,
+  code: string | undefined,
+  from: { address: string; via: string },
+  then: (c: Ctx, u: UserRow) => Promise<T>,
+): Promise<T> {
   const known = USER_NAME.test(name) ? await getUser(ctx, name) : undefined;
   const pwOk = await passwordMatches(known?.pw_hash, password);
-  const user = known && pwOk ? known : undefined;
   const fail = async (reason: string) => {
-    await ctx.audit.append('user.login-failed', null, { user: USER_NAME.test(name) ? name : '?', reason, address: from.address, via: from.via }, ctx.now());
+    // A name that is no user's is not kept: it may be a password typed into the wrong field.
+    await ctx.audit.append('user.login-failed', null, { user: known ? name : '?', reason, address: from.address, via: from.via }, ctx.now());
     return loginFailed();
   };
-  if (!user) throw await fail(known ? 'password' : 'unknown user');
-  const r = await inTx(ctx, async (c): Promise<{ failed: string } | { user: { name: string; role: Role } }> => {
+  if (!known || !pwOk) throw await fail(known ? 'password' : 'unknown user');
+  const r = await inTx(ctx, async (c): Promise<{ failed: string } | { done: T }> => {
     const u = (await c.db.get<UserRow>('SELECT * FROM users WHERE name = ?' + (c.db.dialect === 'postgres' ? ' FOR UPDATE' : ''), name))!;
     if (u.totp_secret !== null) {
       const step = code === undefined ? null : totpStep(base32Decode(u.totp_secret), code.trim(), c.now());
@@ -229,12 +250,26 @@ export async function checkLogin(ctx: Ctx, name: string, password: string, code:
       if (step <= u.totp_step) return { failed: 'one-time code used before' };
       await c.db.run('UPDATE users SET totp_step = ? WHERE name = ?', step, name);
     }
-    await c.db.run('UPDATE users SET last_login = ? WHERE name = ?', c.now(), name);
-    await c.audit.append('user.login', null, { user: name, address: from.address, via: from.via }, c.now());
-    return { user: { name: u.name, role: u.role } };
+    return { done: await then(c, u) };
   });
   if ('failed' in r) throw await fail(r.failed);
-  return r.user;
+  return r.done;
+}
+
+/**
+ * A user changes their own password: only with the current one (and a one-time
+ * code, for a user with TOTP), so a stolen session or a token made for a script
+ * cannot turn itself into a lasting login. Their browser sessions end.
+ */
+export async function changeOwnPassword(ctx: Ctx, name: string, current: string, code: string | undefined, password: string, from: { address: string; via: string }) {
+  checkPassword(password);
+  const hash = await hashPassword(password);
+  return proveIdentity(ctx, name, current, code, from, async (c) => {
+    await c.db.run('UPDATE users SET pw_hash = ? WHERE name = ?', hash, name);
+    const ended = await c.db.run('DELETE FROM sessions WHERE user_name = ?', name);
+    await c.audit.append('user.passwd', null, { user: name, sessionsEnded: ended.changes, own: true }, c.now());
+    return { user: name, sessionsEnded: ended.changes };
+  });
 }
 
 // ---- API tokens ----
@@ -345,8 +380,12 @@ export async function createSession(ctx: Ctx, user: string) {
   return { cookie, csrf, expiresAt: now + SESSION_MAX_MS };
 }
 
-/** The principal of a session cookie, or null (none, unknown, idle too long, expired). */
-export async function sessionPrincipal(ctx: Ctx, cookie: string | undefined): Promise<Principal | null> {
+/**
+ * The principal of a session cookie, or null (none, unknown, idle too long,
+ * expired). `touch` false: the request does not count as activity (a page's own
+ * live updates must not keep an unattended console signed in).
+ */
+export async function sessionPrincipal(ctx: Ctx, cookie: string | undefined, touch = true): Promise<Principal | null> {
   if (!cookie || !/^[A-Za-z0-9_-]{43}$/.test(cookie)) return null;
   const id = sha256(cookie).toString('hex');
   const now = ctx.now();
@@ -355,7 +394,7 @@ export async function sessionPrincipal(ctx: Ctx, cookie: string | undefined): Pr
     id,
   );
   if (!s || s.expires_at <= now || s.seen_at <= now - SESSION_IDLE_MS) return null;
-  if (now - s.seen_at > SEEN_EVERY_MS) await ctx.db.run('UPDATE sessions SET seen_at = ? WHERE id_sha256 = ?', now, id);
+  if (touch && now - s.seen_at > SEEN_EVERY_MS) await ctx.db.run('UPDATE sessions SET seen_at = ? WHERE id_sha256 = ?', now, id);
   return { actor: `user:${s.user_name}`, user: s.user_name, role: s.role, via: 'session', session: { id, csrf: s.csrf, expiresAt: s.expires_at } };
 }
 

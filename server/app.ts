@@ -230,7 +230,7 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   const loginGuard = new LoginGuard(limits.loginFailures);
   loginRoute(ctx, a, loginGuard, json, rawJson);
   a.use(authFailureGuard, admin);
-  accountRoutes(ctx, a, json, rawJson);
+  accountRoutes(ctx, a, loginGuard, json, rawJson);
   a.post('/enroll-tokens', permit('devices.enroll'), rawJson, async (req, res) => {
     res.status(201).json(await mintEnrollToken(acting(req), json(wire.EnrollTokenRequest, req).ttlSeconds));
   });

@@ -314,7 +314,7 @@ const MAX_REPORT = 4096;
 export async function heartbeat(ctx: Ctx, d: DeviceRow, status?: Record<string, unknown>) {
   const now = ctx.now();
   const commands = await pendingCommands(ctx, d.id);
-  let report = status === undefined ? null : JSON.stringify({ at: iso(now), ...status });
+  let report = status === undefined ? null : JSON.stringify({ ...status, at: iso(now) });
   if (report !== null && report.length > MAX_REPORT) report = JSON.stringify({ at: iso(now), truncated: true });
   await ctx.db.run('UPDATE devices SET last_seen = ?, last_report = COALESCE(?, last_report) WHERE id = ?', now, report, d.id);
   await markDelivered(ctx, d.id, commands, 'heartbeat', now);

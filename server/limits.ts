@@ -91,6 +91,12 @@ export class RateLimiter {
     return Math.ceil(((1 - b.tokens) * this.rate.perMs) / this.rate.count);
   }
 
+  /** Gives back a token taken for a request that turned out not to count (capped at the bucket's size). */
+  give(key: string): void {
+    const b = this.refill(key);
+    b.tokens = Math.min(this.rate.count, b.tokens + 1);
+  }
+
   /** The ms until `key` has a token again, without taking one (0: it has one). */
   wait(key: string): number {
     const b = this.refill(key);
@@ -134,25 +140,40 @@ export function perAddress(limiter: RateLimiter | null, what: string) {
 
 export const limiterFor = (rate: Rate | null, now?: () => number): RateLimiter | null => (rate ? new RateLimiter(rate, now) : null);
 
+/** Password checks (Argon2id, on libuv's small thread pool) running at once per replica; past it, a login waits its turn with 429. */
+export const LOGINS_AT_ONCE = 4;
+
 /**
  * Failed logins, counted per client address and per user name: past the budget of
  * either, a login is refused (429 RATE_LIMITED) before its password is checked.
+ * Every attempt takes its token before the check and a success gives it back, so
+ * logins sent in parallel cannot all pass while the first ones are still hashing.
  */
 export class LoginGuard {
   private readonly limiter: RateLimiter | null;
+  private running = 0;
 
   constructor(rate: Rate | null, now?: () => number) {
     this.limiter = limiterFor(rate, now);
   }
 
-  /** @throws LetheError RATE_LIMITED (with Retry-After on `res`) */
-  check(res: Response, address: string, user: string): void {
-    const wait = Math.max(this.limiter?.wait(`a:${address}`) ?? 0, this.limiter?.wait(`u:${user}`) ?? 0);
+  /**
+   * Admits one login attempt; call `done(ok)` when it is decided.
+   * @throws LetheError RATE_LIMITED (with Retry-After on `res`)
+   */
+  admit(res: Response, address: string, user: string): (ok: boolean) => void {
+    const keys = [`a:${address}`, `u:${user}`];
+    const wait = Math.max(...keys.map((k) => this.limiter?.wait(k) ?? 0));
     if (wait > 0) throw rateLimited(res, wait, 'failed logins from this address or for this user');
-  }
-
-  failed(address: string, user: string): void {
-    this.limiter?.take(`a:${address}`);
-    this.limiter?.take(`u:${user}`);
+    if (this.running >= LOGINS_AT_ONCE) throw rateLimited(res, 1000, 'logins at once');
+    for (const k of keys) this.limiter?.take(k);
+    this.running++;
+    let decided = false;
+    return (ok) => {
+      if (decided) return;
+      decided = true;
+      this.running--;
+      if (ok) for (const k of keys) this.limiter?.give(k);
+    };
   }
 }

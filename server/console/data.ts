@@ -91,10 +91,15 @@ export async function deviceView(ctx: Ctx, id: string): Promise<DeviceView> {
   return (await listDevices(ctx)).find((x) => x.id === d.id)!;
 }
 
-/** What a heartbeat said was resident: sensitive bytes held by the agent, sensitive guest pages. */
+/**
+ * What a heartbeat said was resident: sensitive bytes held by the agent, sensitive
+ * guest pages. Null when its last report says nothing of it (an older agent, a
+ * report cut for size): unknown, never shown as zero.
+ */
 export function residentOf(report: Record<string, unknown> | null): { at: string; sensitiveBytes: number; guestSensitivePages: number | null } | null {
-  if (!report || typeof report.at !== 'string') return null;
-  const r = (report.resident ?? {}) as { sensitiveBytes?: unknown; guestPages?: { sensitive?: unknown } | null };
+  if (!report || typeof report.at !== 'string' || typeof report.resident !== 'object' || report.resident === null) return null;
+  const r = report.resident as { sensitiveBytes?: unknown; guestPages?: { sensitive?: unknown } | null };
+  if (typeof r.sensitiveBytes !== 'number') return null;
   const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : 0);
   return {
     at: report.at,
@@ -119,9 +124,15 @@ export async function exposure(ctx: Ctx, id: string, since: number, now: number)
     if (e.type === 'keys.release') (b.keys += d.count ?? 0), (b.sensitive += d.sensitive ?? 0);
     else b.chunks += d.count ?? 0;
   }
+  // The leases table loses a removed image's leases; the audit log keeps their grants and renewals.
   const leases = await deviceLeases(ctx, device.id, now);
-  const running = leases.filter((l) => !l.over);
-  const lastRanOut = leases.filter((l) => l.over).map((l) => (l.endedAt !== null && l.endedAt < l.expiresAt ? l.endedAt : l.expiresAt)).sort().pop() ?? null;
+  const running = leases.filter((l) => !l.over).sort((a, b) => b.expiresAt.localeCompare(a.expiresAt));
+  const granted = report.entries.filter((e) => e.type === 'lease.grant' || e.type === 'lease.renew').map((e) => (e.data as { expiresAt?: string }).expiresAt ?? '');
+  const ends = [
+    ...leases.filter((l) => l.over).map((l) => (l.endedAt !== null && l.endedAt < l.expiresAt ? l.endedAt : l.expiresAt)),
+    ...(running.length === 0 ? granted.filter((t) => t !== '' && Date.parse(t) <= now) : []),
+  ];
+  const lastRanOut = ends.sort().pop() ?? null;
   return {
     device,
     since: iso(since),
@@ -130,20 +141,25 @@ export async function exposure(ctx: Ctx, id: string, since: number, now: number)
     leases,
     running,
     lastRanOut,
+    /** Leases granted or renewed in the window, from the audit log. */
+    leaseEntries: granted.length,
     resident: residentOf(device.lastReport),
     entries: report.entries,
   };
 }
 
-/** Verification of the whole chain is a read of the whole log: done at most this often per replica. */
+/** Verification of the whole chain is a read of the whole log: done at most this often per replica, one run at a time. */
 const VERIFY_EVERY_MS = 30_000;
-let verified: { at: number; result: VerifyResult } | undefined;
+const verified = new WeakMap<object, { at: number; result: Promise<VerifyResult> }>();
 
 export async function chainStatus(ctx: Ctx, now: number): Promise<{ at: string; result: VerifyResult }> {
-  if (!verified || now - verified.at > VERIFY_EVERY_MS) {
-    verified = { at: now, result: await verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey }) };
+  let v = verified.get(ctx.data);
+  if (!v || now - v.at > VERIFY_EVERY_MS) {
+    v = { at: now, result: verifyAudit(ctx.db, { serverKey: ctx.data.signPublicKey }) };
+    verified.set(ctx.data, v);
+    v.result.catch(() => verified.delete(ctx.data));
   }
-  return { at: iso(verified.at), result: verified.result };
+  return { at: iso(v.at), result: await v.result };
 }
 
 export { auditEntries };

@@ -10,9 +10,13 @@ import { connectedDevices } from '../push.js';
 export const CONSOLE_POLL_MS = 1_000;
 /** A comment line this often keeps proxies from closing an idle stream. */
 const KEEPALIVE_MS = 15_000;
+/** How often each stream's session is checked: a stream ends soon after its session does. */
+const SESSION_CHECK_MS = 15_000;
 
 export class ConsoleEvents {
-  private readonly clients = new Set<Response>();
+  /** Each open stream, with the check that its session still holds. */
+  private readonly clients = new Map<Response, () => Promise<boolean>>();
+  private lastSessionCheck = 0;
   private timer?: NodeJS.Timeout;
   private last = '';
   private lastSent = 0;
@@ -24,7 +28,7 @@ export class ConsoleEvents {
    * Streams changes to `res` until the client goes. `ready` is sent once the
    * state it is compared with is read: a change after it is never missed.
    */
-  async add(res: Response): Promise<void> {
+  async add(res: Response, alive: () => Promise<boolean>): Promise<void> {
     res.status(200).set({ 'content-type': 'text/event-stream', 'cache-control': 'no-store', 'x-accel-buffering': 'no' });
     res.flushHeaders();
     let gone = false;
@@ -36,7 +40,7 @@ export class ConsoleEvents {
     if (this.clients.size === 0) this.last = await this.state();
     if (gone) return;
     res.write('retry: 2000\n\nevent: ready\ndata: {}\n\n');
-    this.clients.add(res);
+    this.clients.set(res, alive);
     this.timer ??= setInterval(() => void this.tick(), CONSOLE_POLL_MS);
   }
 
@@ -56,6 +60,10 @@ export class ConsoleEvents {
       } else if (now - this.lastSent > KEEPALIVE_MS) {
         this.send(': keepalive\n\n');
       }
+      if (now - this.lastSessionCheck > SESSION_CHECK_MS) {
+        this.lastSessionCheck = now;
+        for (const [res, alive] of [...this.clients]) if (!(await alive())) res.end();
+      }
     } catch {
       // The database is away for a moment: the next tick tries again.
     } finally {
@@ -73,7 +81,7 @@ export class ConsoleEvents {
 
   private send(chunk: string): void {
     this.lastSent = Date.now();
-    for (const res of this.clients) res.write(chunk);
+    for (const res of this.clients.keys()) res.write(chunk);
   }
 
   private stop(): void {
@@ -83,7 +91,7 @@ export class ConsoleEvents {
   }
 
   close(): void {
-    for (const res of this.clients) res.end();
+    for (const res of this.clients.keys()) res.end();
     this.clients.clear();
     this.stop();
   }

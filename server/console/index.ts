@@ -11,7 +11,7 @@ import { parseSince } from '../../common/duration.js';
 import { LetheError } from '../../common/errors.js';
 import { constantTimeEqual } from '../../common/crypto.js';
 import { explainPolicy, loadPolicy } from '../../policies/index.js';
-import { addUser, adminCount, can, checkLogin, checkRole, createSession, endAllSessions, endSession, listTokens, listUsers, removeUser, revokeToken, sessionPrincipal, setPassword, SESSION_MAX_MS, type Permission, type Principal } from '../accounts.js';
+import { addUser, adminCount, can, changeOwnPassword, checkLogin, checkRole, createSession, endAllSessions, endSession, listTokens, listUsers, removeUser, revokeToken, sessionPrincipal, SESSION_MAX_MS, type Permission, type Principal } from '../accounts.js';
 import { auditEntries, auditFilter } from '../audit.js';
 import { mayDo } from '../auth.js';
 import { actingAs, type Ctx } from '../context.js';
@@ -116,13 +116,12 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
     const next = safeNext(field(req, 'next') || '/console');
     const address = clientAddress(req);
     try {
-      guard.check(res, address, user);
+      const done = guard.admit(res, address, user);
       let who;
       try {
         who = await checkLogin(ctx, user, field(req, 'password'), field(req, 'totp') || undefined, { address, via: 'console' });
-      } catch (e) {
-        guard.failed(address, user);
-        throw e;
+      } finally {
+        done(who !== undefined);
       }
       const s = await createSession(ctx, who.name);
       res.cookie(SESSION_COOKIE, s.cookie, { httpOnly: true, secure: true, sameSite: 'strict', path: '/', maxAge: SESSION_MAX_MS });
@@ -135,7 +134,9 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
 
   // ---- everything else needs a session ----
   r.use(async (req: ConsoleRequest, res: Response, next: NextFunction) => {
-    const p = await sessionPrincipal(ctx, cookieOf(req, SESSION_COOKIE));
+    // Live updates (a fragment, the event stream) are the page's doing, not the person's: they keep no session alive.
+    const automatic = req.get('x-lethe-fragment') !== undefined || req.path === '/events';
+    const p = await sessionPrincipal(ctx, cookieOf(req, SESSION_COOKIE), !automatic);
     if (!p) {
       if (req.method === 'GET' && req.get('x-lethe-fragment') === undefined && req.path !== '/events') {
         res.redirect(303, `/console/login?next=${encodeURIComponent(req.originalUrl)}`);
@@ -160,7 +161,9 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   });
 
   r.get('/events', async (req: ConsoleRequest, res) => {
-    await events.add(res);
+    const cookie = cookieOf(req, SESSION_COOKIE);
+    // The stream ends with its session (logout, expiry, a password change, the user removed).
+    await events.add(res, async () => (await sessionPrincipal(ctx, cookie, false)) !== null);
   });
   r.post('/logout', async (req: ConsoleRequest, res) => {
     await endSession(ctx, req.principal!);
@@ -312,9 +315,9 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
     await removeUser(acting(req), String(req.params.name));
     res.redirect(303, '/console/users');
   });
-  const accountOf = async (req: ConsoleRequest, res: Response, msg?: Html) => {
+  const accountOf = async (req: ConsoleRequest, res: Response, msg?: Html, status = 200) => {
     const p = req.principal!;
-    send(req, res, 'My account', accountPage(view(req), p.user ? await listTokens(ctx, p.user) : [], msg), 200, msg ? '/console/account' : undefined);
+    send(req, res, 'My account', accountPage(view(req), p.user ? await listTokens(ctx, p.user) : [], msg), status, msg ? '/console/account' : undefined);
   };
   r.get('/account', (req: ConsoleRequest, res) => accountOf(req, res));
   r.post('/tokens/:id/revoke', async (req: ConsoleRequest, res) => {
@@ -322,7 +325,18 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
     await accountOf(req, res, note('ok', `Token ${String(req.params.id)} revoked.`));
   });
   r.post('/account/password', async (req: ConsoleRequest, res) => {
-    await setPassword(acting(req), req.principal!.user!, field(req, 'password'));
+    const user = req.principal!.user!;
+    const address = clientAddress(req);
+    const done = guard.admit(res, address, user);
+    let changed;
+    try {
+      changed = await changeOwnPassword(acting(req), user, field(req, 'current'), field(req, 'totp') || undefined, field(req, 'password'), { address, via: 'console' });
+    } catch (e) {
+      if (!(e instanceof LetheError) || !['LOGIN_FAILED', 'BAD_REQUEST'].includes(e.code)) throw e;
+      return accountOf(req, res, note('error', `Password not changed: ${e.message}.`, e.hint), e.status);
+    } finally {
+      done(changed !== undefined);
+    }
     res.clearCookie(SESSION_COOKIE, { httpOnly: true, secure: true, sameSite: 'strict', path: '/' });
     res.redirect(303, '/console/login');
   });

@@ -140,7 +140,9 @@ function answer(x: Exposure): string {
       ? `A lease still runs (until ${x.running[0].expiresAt}): revoke or wipe the device to end it now.`
       : x.lastRanOut
         ? `Its last lease ran out at ${x.lastRanOut}; keys it held were good only until then.`
-        : 'It never held a lease.',
+        : x.leaseEntries > 0 || s.keysReleased > 0
+          ? 'No lease of it runs now.'
+          : `It was granted no lease since ${x.since}.`,
     x.resident
       ? `At its last heartbeat (${x.resident.at}) it held ${bytes(x.resident.sensitiveBytes)} of sensitive plaintext${x.resident.guestSensitivePages === null ? '' : ` and ${x.resident.guestSensitivePages} sensitive guest memory pages`}.`
       : 'It sent no heartbeat report of resident plaintext.',

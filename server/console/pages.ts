@@ -254,7 +254,9 @@ ${live('tokens', table(
 ${postForm(
   v,
   '/console/account/password',
-  html`<label for="pw-new">New password (12 characters or more)</label><input id="pw-new" name="password" type="password" autocomplete="new-password" required minlength="12">
+  html`<label for="pw-current">Current password</label><input id="pw-current" name="current" type="password" autocomplete="current-password" required>
+${v.p.role === 'admin' ? html`<label for="pw-totp">One-time code</label><input id="pw-totp" name="totp" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{6}" required>` : ''}
+<label for="pw-new">New password (12 characters or more)</label><input id="pw-new" name="password" type="password" autocomplete="new-password" required minlength="12">
 <button type="submit">Change password</button>`,
   { cls: 'stack', label: 'Change your password' },
 )}

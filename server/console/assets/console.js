@@ -71,7 +71,11 @@
       es = new EventSource('/console/events');
       es.addEventListener('ready', () => say('live'));
       es.addEventListener('change', refresh);
-      es.addEventListener('error', () => say('reconnecting…'));
+      es.addEventListener('error', () => {
+        say('reconnecting…');
+        // A session that ended turns the next fetch into a 401, and the page goes to sign-in.
+        refresh();
+      });
     };
     document.addEventListener('visibilitychange', () => {
       if (document.visibilityState === 'hidden') {
