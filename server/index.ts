@@ -113,13 +113,6 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     wipeKeys(data);
     throw e;
   }
-  // Node's headers timeout starts with a request's first byte: a connection that never
-  // sends one would stay open for good (a thousand such hold a thousand places under
-  // --max-connections). It gets the same time for its first request.
-  server.on('secureConnection', (sock) => sock.setTimeout(limits.headersTimeoutMs, () => sock.destroy()));
-  const firstRequest = (req: { socket: { setTimeout(ms: number): unknown } }) => req.socket.setTimeout(0);
-  server.on('request', firstRequest);
-  server.on('upgrade', firstRequest);
   // Past the cap, a new connection is closed at once (counted in lethe_connections_refused_total).
   server.maxConnections = limits.maxConnections;
   server.on('drop', () => ctx.metrics.inc('lethe_connections_refused_total'));

@@ -128,7 +128,7 @@ describe('API abuse (issue #22; real server process)', function () {
       // Requests are still answered while they sit there.
       expect((await a.http.request('GET', '/healthz')).status).to.equal(200);
       expect((await mine.client.heartbeat()).status).to.equal('active');
-      // With no request on them, the server ends them after the headers timeout (10 s by default).
+      // With no request on them, Node's headers timeout (10 s by default) ends them too.
       await waitFor(async () => (closed.n === 1000 ? true : undefined), 90_000, `the server to close the idle connections (${closed.n} closed, ${closed.secure} connected, errors: ${[...new Set(closed.errors)].join('; ')})`);
     } finally {
       for (const sock of sockets) sock.destroy();
