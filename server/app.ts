@@ -38,8 +38,12 @@ import { accountRoutes, loginRoute } from './accounts-api.js';
 import { consoleRoutes } from './console/index.js';
 import { MAX_TRACE_BODY, prefetchOrder, uploadTrace } from './traces.js';
 
+/** A NUL in a JSON string (raw or escaped): no text column of either backend can hold it (PostgreSQL refuses it). */
+const JSON_NUL = /\u0000|\\u0000/i;
+
 function json<T extends z.ZodTypeAny>(schema: T, req: Request): z.infer<T> {
   const raw: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+  if (JSON_NUL.test(raw.toString('utf8'))) throw new LetheError('BAD_REQUEST', 'a string in the request body holds a NUL character');
   let value: unknown;
   try {
     value = raw.length === 0 ? {} : JSON.parse(raw.toString('utf8'));
@@ -156,6 +160,11 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
     next();
   });
   app.use(identityOnly);
+  // A NUL in the path or query would reach a text column (PostgreSQL refuses it: a 500); no id or name holds one.
+  app.use((req, _res, next) => {
+    if (/%00/.test(req.originalUrl)) throw new LetheError('BAD_REQUEST', 'the request path or query holds a NUL byte (%00)');
+    next();
+  });
 
   app.get('/healthz', async (_req, res) => {
     await ctx.db.get('SELECT 1 AS x');

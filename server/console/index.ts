@@ -55,7 +55,9 @@ function cookieOf(req: Request, name: string): string | undefined {
 
 const field = (req: Request, name: string): string => {
   const v = (req.body as Record<string, unknown> | undefined)?.[name];
-  return typeof v === 'string' ? v : '';
+  if (typeof v !== 'string') return '';
+  if (v.includes('\0')) throw new LetheError('BAD_REQUEST', `the form field '${name}' holds a NUL character`);
+  return v;
 };
 
 /** A request a browser says came from another origin (Origin, Sec-Fetch-Site) is refused. */

@@ -66,6 +66,15 @@ describe('API abuse (issue #22; real server process)', function () {
     }
   });
 
+  it('a NUL in a JSON string is refused as BAD_REQUEST, never stored (PostgreSQL cannot hold it)', async () => {
+    expect(await outcome(a.json('POST', '/images', { name: 'nul', policy: 'name: a\u0000b\n' }))).to.deep.equal([400, 'BAD_REQUEST']);
+    const { token } = await a.json<{ token: string }>('POST', '/enroll-tokens', {});
+    const named = await outcome(enrollDevice(tmpDir('lethe-nul-'), token, 'lap\u0000top', { seal: 'passphrase', unlock: testUnlock(), argon2: 'interactive' }));
+    expect(named).to.deep.equal([400, 'BAD_REQUEST']);
+    // The token was not spent on the refused request.
+    await enrollDevice(tmpDir('lethe-nul-'), token, 'laptop-after-nul', { seal: 'passphrase', unlock: testUnlock(), argon2: 'interactive' });
+  });
+
   it('hostile ids in device paths are 4xx too, and an image name of 10 KB is refused at lease', async () => {
     for (const id of ['../lease', 'lease-%00', 'x'.repeat(10 * 1024)]) {
       const [st] = await outcome(mine.client.renew(id));
