@@ -21,8 +21,8 @@ const NAV: [path: string, label: string, perm: Permission | null][] = [
   ['/console/account', 'My account', null],
 ];
 
-export function page(v: View, title: string, body: Html, opts: { live?: boolean; liveUrl?: string } = {}): Html {
-  const current = (path: string) => (path === '/console' ? v.path === '/console' : v.path.startsWith(path));
+/** The document head of every console page; `script`: the live-update script (pages outside the frame have none). */
+function head(title: string, script: boolean): Html {
   return html`<!doctype html>
 <html lang="en">
 <head>
@@ -31,8 +31,13 @@ export function page(v: View, title: string, body: Html, opts: { live?: boolean;
 <title>${title} · Lethe console</title>
 <link rel="stylesheet" href="/console/assets/console.css">
 <link rel="icon" href="/console/assets/icon.svg" type="image/svg+xml">
-<script src="/console/assets/console.js" defer></script>
-</head>
+${script ? html`<script src="/console/assets/console.js" defer></script>` : ''}
+</head>`;
+}
+
+export function page(v: View, title: string, body: Html, opts: { live?: boolean; liveUrl?: string } = {}): Html {
+  const current = (path: string) => (path === '/console' ? v.path === '/console' : v.path.startsWith(path));
+  return html`${head(title, true)}
 <body>
 <a class="skip" href="#main">Skip to content</a>
 <header class="top">
@@ -88,15 +93,7 @@ export const live = (id: string, inner: Html, tag: 'section' | 'div' = 'div', la
 
 /** A page outside the frame (login, errors before a session). */
 export function bare(title: string, body: Html): Html {
-  return html`<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>${title} · Lethe console</title>
-<link rel="stylesheet" href="/console/assets/console.css">
-<link rel="icon" href="/console/assets/icon.svg" type="image/svg+xml">
-</head>
+  return html`${head(title, false)}
 <body class="bare">
 <main id="main">
 <h1>${title}</h1>
