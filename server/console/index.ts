@@ -12,6 +12,7 @@ import { LetheError } from '../../common/errors.js';
 import { constantTimeEqual } from '../../common/crypto.js';
 import { explainPolicy, loadPolicy } from '../../policies/index.js';
 import { addUser, adminCount, can, changeOwnPassword, checkLogin, checkRole, createSession, endAllSessions, endSession, listTokens, listUsers, removeUser, revokeToken, sessionPrincipal, SESSION_MAX_MS, type Permission, type Principal } from '../accounts.js';
+import { toLetheError } from '../app.js';
 import { auditEntries, auditFilter } from '../audit.js';
 import { mayDo } from '../auth.js';
 import { actingAs, type Ctx } from '../context.js';
@@ -348,17 +349,10 @@ export function consoleRoutes(ctx: Ctx, guard: LoginGuard): ConsoleHandle {
   });
   // Errors as pages (a fragment request gets the status and a short body: the page reloads).
   r.use((err: unknown, req: ConsoleRequest, res: Response, _next: NextFunction) => {
-    const e = err instanceof LetheError ? err : toError(err);
+    const e = toLetheError(err);
     if (e.code === 'INTERNAL') console.error(`lethe server: console error: ${String((err as Error)?.stack ?? err)}`);
     res.locals.code = e.code;
     res.status(e.status || 500).type('html').send(errorPage(e.status, e.code, e.message, e.hint).text);
   });
   return { router: r, close: () => events.close() };
-}
-
-function toError(err: unknown): LetheError {
-  const e = err as { type?: string; status?: number; message?: string };
-  if (e?.type === 'entity.too.large') return new LetheError('BODY_TOO_LARGE', 'the form is too large');
-  if (typeof e?.status === 'number' && e.status >= 400 && e.status < 500) return new LetheError('BAD_REQUEST', e.message ?? 'bad request', { status: e.status });
-  return new LetheError('INTERNAL', 'internal server error', { cause: err });
 }
