@@ -139,6 +139,11 @@ export class ChunkCache {
     if (this.bytes > this.limitBytes) this.trim();
   }
 
+  /** Runs `fn` as one transaction: every write in it stands, or (a throw, a crash) none does. */
+  batch<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+
   private store(k: CacheKey, blob: Buffer, dirty: boolean, cls: Sensitivity | undefined, hash: Buffer | undefined): void {
     const old = this.q.size.get(k.imageId, k.gen, k.kind, k.index) as { n: number } | undefined;
     this.q.put.run(k.imageId, k.gen, k.kind, k.index, blob, hash ?? sha256(blob), dirty ? 1 : 0, cls ?? null, ++this.tick);

@@ -7,9 +7,10 @@
 // and by its AEAD tag before a byte of plaintext is handed out; a chunk that
 // fails is refused and reported, never served.
 import { canonical } from '../common/audit-hash.js';
-import { CHUNK_SIZE, DISK_CHECKED_BYTES, KEY_BYTES, MANIFEST_CONTEXT, MAX_BATCH, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { CHUNK_OVERHEAD, CHUNK_SIZE, DISK_CHECKED_BYTES, KEY_BYTES, MANIFEST_CONTEXT, MAX_BATCH, type ChunkKind, type Sensitivity } from '../common/constants.js';
 import { chunkKeyInto, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../common/chunk.js';
 import { b64u, openSealed, secureBuffer, sha256, tampered, verify, wipe } from '../common/crypto.js';
+import { crashPoint } from '../common/crash-point.js';
 import { LetheError } from '../common/errors.js';
 import type { ChunkCache, CacheKey } from './cache.js';
 import { CheckedBlobs } from './checked-blobs.js';
@@ -89,8 +90,19 @@ export class AgentCore {
       for (const [index, gen, cls, ctHash] of m.chunks[kind]) this.entries[kind].set(index, { gen, cls, ctHash });
     }
     this.writeGen = writeGen;
-    for (const d of this.cache.dirtyChunks(m.imageId)) {
-      if (d.gen === writeGen && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash: sha256(d.data).toString('base64url') });
+    const dirty = this.cache.dirtyChunks(m.imageId);
+    // A new device state a suspend wrote (whole: replaceState is one transaction) replaces the version's, at its own size.
+    const state = dirty.filter((d) => d.kind === 'state' && d.gen === writeGen).sort((a, b) => a.index - b.index);
+    if (state.length > 0) {
+      const last = state[state.length - 1];
+      this.manifest = { ...m, sizes: { ...m.sizes, state: last.index * CHUNK_SIZE.state + last.data.length - CHUNK_OVERHEAD } };
+      this.entries.state.clear();
+    }
+    for (const d of dirty) {
+      const ctHash = sha256(d.data).toString('base64url');
+      if (d.gen === writeGen && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash });
+      // Checked in already: the server committed it, and the answer never came back (a crash, a lost link).
+      else if (this.entries[d.kind].get(d.index)?.ctHash === ctHash) this.cache.markClean(d);
     }
   }
 
@@ -456,39 +468,58 @@ export class AgentCore {
       throw new LetheError('BAD_REQUEST', `write of ${data.length} bytes to ${kind} chunk ${index} does not fit (expected ${Math.max(expect, 0)})`);
     }
     await this.ensureWriteKeys(kind, [index]);
+    this.adoptWrite(kind, index, this.storeWrite(kind, index, data));
+  }
+
+  /** Encrypts a write under its write key (held) into the cache as dirty; the caller adopts it once it stands. */
+  private storeWrite(kind: ChunkKind, index: number, data: Buffer): { e: Entry; blob: Buffer } {
     const gen = this.writeGen!;
-    const old = this.entries[kind].get(index);
     const e: Entry = { gen, cls: this.writeCls.get(this.keyId(kind, index, gen))!, ctHash: '' };
     if (!this.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
     try {
       const blob = encryptChunk(this.scratch, this.coord(kind, index, e), data);
       e.ctHash = sha256(blob).toString('base64url');
       this.cache.put(this.cacheKey(kind, index, e), blob, true, e.cls);
-      this.entries[kind].set(index, e);
-      // Encrypted here, so checked: a read of part of it decrypts only that part. The
-      // blob it replaces (an older generation's) is not kept for nothing.
-      if (old && old.gen !== gen) this.checked.delete(this.keyId(kind, index, old.gen));
-      if (kind === 'disk') this.checked.put(this.keyId(kind, index, gen), e.ctHash, blob);
-      this.stats.writes++;
+      return { e, blob };
     } finally {
       wipe(this.scratch);
     }
   }
 
+  private adoptWrite(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer }): void {
+    const old = this.entries[kind].get(index);
+    this.entries[kind].set(index, w.e);
+    // Encrypted here, so checked: a read of part of it decrypts only that part. The
+    // blob it replaces (an older generation's) is not kept for nothing.
+    if (old && old.gen !== w.e.gen) this.checked.delete(this.keyId(kind, index, old.gen));
+    if (kind === 'disk') this.checked.put(this.keyId(kind, index, w.e.gen), w.e.ctHash, w.blob);
+    this.stats.writes++;
+  }
+
   /**
    * Replaces the device state with `state` (a suspend's new one, of any size):
-   * the draft takes its size, and every chunk of it is written as dirty.
+   * the draft takes its size, and every chunk of it is written as dirty, in one
+   * cache transaction: a crash leaves the old state or the whole new one.
    */
   async replaceState(state: Buffer): Promise<void> {
     const m = this.must();
     if (state.length === 0) throw new LetheError('BAD_REQUEST', 'an empty device state cannot replace the image\'s');
+    await this.lease.whenActive();
     const count = Math.ceil(state.length / CHUNK_SIZE.state);
     await this.ensureWriteKeys('state', Array.from({ length: count }, (_, i) => i), state.length);
+    const gen = this.writeGen!;
+    const written = this.cache.batch(() => {
+      // Dirty chunks of a larger state an earlier (failed) suspend wrote would be checked in past the end.
+      for (const d of this.cache.dirtyChunks(m.imageId)) if (d.kind === 'state' && d.gen === gen && d.index >= count) this.cache.drop(d);
+      return Array.from({ length: count }, (_, i) => {
+        const w = this.storeWrite('state', i, state.subarray(i * CHUNK_SIZE.state, Math.min((i + 1) * CHUNK_SIZE.state, state.length)));
+        crashPoint('agent.state-chunk-written');
+        return w;
+      });
+    });
     this.manifest = { ...m, sizes: { ...m.sizes, state: state.length } };
     for (const index of [...this.entries.state.keys()]) if (index >= count) this.entries.state.delete(index);
-    // Dirty chunks of a larger state an earlier (failed) suspend wrote would be checked in past the end.
-    for (const d of this.cache.dirtyChunks(m.imageId)) if (d.kind === 'state' && d.gen === this.writeGen && d.index >= count) this.cache.drop(d);
-    for (let i = 0; i < count; i++) await this.write('state', i, state.subarray(i * CHUNK_SIZE.state, Math.min((i + 1) * CHUNK_SIZE.state, state.length)));
+    written.forEach((w, i) => this.adoptWrite('state', i, w));
   }
 
   /** Makes every write so far durable in the cache (FLUSH, FUA). */
@@ -517,10 +548,12 @@ export class AgentCore {
       const last = i === dirty.length - 1;
       if (last || bytes >= CHECKIN_PART_BYTES) {
         result = await client.checkin(leaseId, Buffer.concat(part), last);
+        if (!last) crashPoint('agent.checkin-part-sent');
         part = [];
         bytes = 0;
       }
     }
+    crashPoint('agent.checkin-committed');
     for (const d of dirty) this.cache.markClean(d);
     this.cache.flush();
     this.writeGen = undefined;

@@ -61,7 +61,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   private expiryTimer?: NodeJS.Timeout;
   private wallTimer?: NodeJS.Timeout;
   private heartbeatTimer?: NodeJS.Timeout;
-  private waiters: (() => void)[] = [];
+  private waiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
 
   /** Runs before a new lease counts as active (e.g. fetch and check its manifest). */
   prepare?: (l: TLeaseResponse) => Promise<void>;
@@ -174,6 +174,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     this.stopTimers();
     this.keys.zeroAll();
     this.state = 'wiping';
+    this.refuseWaiters();
     this.endedBy = { at: arrivedAt, command: commandId };
     this.emit('wipe', commandId);
   }
@@ -191,10 +192,17 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   /** Resolves once a lease is active (immediately if it is). Rejects if the device is revoked or wiped. */
   whenActive(): Promise<void> {
     if (this.state === 'active') return Promise.resolve();
-    if (this.state === 'revoked' || this.state === 'wiping' || this.state === 'stopped') {
-      return Promise.reject(new LetheError('LEASE_EXPIRED', `no lease: the agent is ${this.state}`));
-    }
-    return new Promise((r) => this.waiters.push(r));
+    if (this.final()) return Promise.reject(this.noLease());
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+
+  private noLease(): LetheError {
+    return new LetheError('LEASE_EXPIRED', `no lease: the agent is ${this.state}`);
+  }
+
+  /** Call after the state became final (revoked, wiping, stopped): whoever waits for a lease gets none. */
+  private refuseWaiters(): void {
+    for (const w of this.waiters.splice(0)) w.reject(this.noLease());
   }
 
   leaseId(): string {
@@ -256,7 +264,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
       else if (now >= this.expiresAt - margin) void this.startBeforeExpiry();
     }, WALL_CHECK_MS);
     this.emit(renewed ? 'renewed' : 'granted', l);
-    if (!wasActive) for (const w of this.waiters.splice(0)) w();
+    if (!wasActive) for (const w of this.waiters.splice(0)) w.resolve();
   }
 
   /**
@@ -375,6 +383,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
       this.keys.zeroAll();
       this.endedBy = by;
       this.state = 'revoked';
+      this.refuseWaiters();
       this.emit('revoked', e);
       return true;
     }
@@ -425,5 +434,6 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
     this.stopTimers();
     this.keys.zeroAll();
     this.state = 'stopped';
+    this.refuseWaiters();
   }
 }

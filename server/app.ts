@@ -4,6 +4,7 @@
 // and validated with the schemas in common/wire.ts.
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { z } from 'zod';
+import { crashPoint } from '../common/crash-point.js';
 import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, MAX_UPLOAD_BODY, type ChunkKind } from '../common/constants.js';
 import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
@@ -209,7 +210,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   });
   app.post('/v1/device/keys', rawJson, device, async (req: AuthedRequest, res) => {
     const b = json(wire.KeysRequest, req);
-    res.json(await releaseKeys(ctx, dev(req), b.leaseId, b.chunks, b.write ?? false, b.stateSize));
+    const released = await releaseKeys(ctx, dev(req), b.leaseId, b.chunks, b.write ?? false, b.stateSize);
+    crashPoint('keys.released');
+    res.json(released);
   });
   app.post('/v1/device/chunks', rawJson, device, async (req: AuthedRequest, res) => {
     const b = json(wire.ChunksRequest, req);
@@ -218,7 +221,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   });
   app.post('/v1/device/leases/:id/checkin', rawUpload, device, async (req: AuthedRequest, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    res.json(await checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0'));
+    const done = await checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0');
+    crashPoint('checkin.done');
+    res.json(done);
   });
   app.post('/v1/device/leases/:id/trace', rawTrace, device, async (req: AuthedRequest, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
@@ -304,7 +309,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
     res.json(await removeImage(acting(req), param(req, 'name'), intParam(req, 'version')));
   });
   a.post('/images/:name/versions/:version/commit', permit('images.write'), rawJson, async (req, res) => {
-    res.json(await commitVersion(acting(req), param(req, 'name'), intParam(req, 'version')));
+    const committed = await commitVersion(acting(req), param(req, 'name'), intParam(req, 'version'));
+    crashPoint('push.committed');
+    res.json(committed);
   });
   a.post('/images/:name/versions/:version/promote', permit('images.write'), rawJson, async (req, res) => {
     res.json(await promoteVersion(acting(req), param(req, 'name'), intParam(req, 'version')));

@@ -5,6 +5,7 @@ import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../common/constants.
 import { checkpointMessage, checkpointSigned, entryHash, type AuditEntry } from '../common/audit-hash.js';
 import { b64u, sign } from '../common/crypto.js';
 import { iso, parseSince } from '../common/duration.js';
+import { crashPoint } from '../common/crash-point.js';
 import { LetheError, isLetheError } from '../common/errors.js';
 import { isRetryable, type Sql } from './sql.js';
 
@@ -135,6 +136,7 @@ export class AuditLog {
         const entry: AuditEntry = { seq: (prev?.seq ?? 0) + 1, ts: iso(now), type, device, data: body };
         const hash = entryHash(prev?.hash ?? AUDIT_GENESIS_HASH, entry);
         await this.write(t, entry, hash, prev);
+        crashPoint('audit.written');
         return { ...entry, hash };
       });
     } catch (cause) {

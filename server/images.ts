@@ -11,6 +11,7 @@ import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { classOf, parsePolicy, storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
+import { crashPoint } from '../common/crash-point.js';
 import { inTx, type Ctx } from './context.js';
 import { ensureTerms, wrapNewKey } from './keyring.js';
 import { endLeases, issueCommand } from './devices.js';
@@ -225,6 +226,7 @@ export async function putChunks(ctx: Ctx, name: string, version: number, items: 
   await ctx.store.tx(async (t) => {
     for (const b of blobs) await t.run(PUT_BLOB, ...b);
   });
+  crashPoint('push.chunk-stored');
   await ctx.db.tx(async (t) => {
     for (const r of rows) {
       if (r.length === 2) await t.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?', img.id, version, r[0], r[1]);

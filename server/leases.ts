@@ -7,6 +7,7 @@ import { AgentPolicy } from '../common/wire.js';
 import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
 import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
+import { crashPoint } from '../common/crash-point.js';
 import { LetheError } from '../common/errors.js';
 import { inTx, newId, type Ctx } from './context.js';
 import { ensureTerms, wrapNewKey } from './keyring.js';
@@ -415,6 +416,7 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
   await ctx.store.tx(async (t) => {
     for (const r of rows) if (r.dedup) await t.run(PUT_BLOB, img.id, gen, r.kind, r.idx, r.blob);
   });
+  crashPoint('checkin.blobs-stored');
   const now = ctx.now();
   const single = policyOf(img).imageUsers === 'single';
   await inTx(ctx, async (ctx) => {
@@ -425,7 +427,14 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
     if (!final) return;
     // A draft with its own state size replaced the state whole: none of the base's carries over.
     const base = await getVersion(ctx, img, l.version);
-    const keepState = draft.state_size === base.state_size ? 1 : 0;
+    let keepState = draft.state_size === base.state_size ? 1 : 0;
+    const newState = await ctx.db.get<{ n: number }>("SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = 'state'", img.id, gen);
+    if (!keepState && newState!.n === 0) {
+      // The draft got a new state size, but none of that state came: the device's suspend ended (a
+      // crash, say) before it wrote the state. The base's stays, at its size.
+      await ctx.db.run('UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?', base.state_size, img.id, gen);
+      keepState = 1;
+    }
     await ctx.db.run(
       "INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, CAST(? AS INTEGER), kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? AND (kind != 'state' OR CAST(? AS INTEGER) = 1) ON CONFLICT DO NOTHING",
       gen,

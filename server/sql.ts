@@ -7,6 +7,7 @@ import { createHash } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import Database from 'better-sqlite3';
 import pg from 'pg';
+import { crashPoint } from '../common/crash-point.js';
 import { LetheError } from '../common/errors.js';
 
 export type Dialect = 'sqlite' | 'postgres';
@@ -152,7 +153,9 @@ class SqliteSql implements Sql {
       const t = new SqliteTx(this);
       try {
         const out = await fn(t);
+        crashPoint('sql.before-commit');
         this.raw.exec('COMMIT');
+        crashPoint('sql.after-commit');
         for (const [channel, payload] of t.notices) this.publish(channel, payload);
         return out;
       } catch (e) {
@@ -359,7 +362,9 @@ class PgSql implements Sql {
       try {
         await pgQuery(client, this.url, 'BEGIN', []);
         const out = await fn(t);
+        crashPoint('sql.before-commit');
         await pgQuery(client, this.url, 'COMMIT', []);
+        crashPoint('sql.after-commit');
         return out;
       } catch (e) {
         try {

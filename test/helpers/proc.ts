@@ -60,8 +60,8 @@ export interface ServerProc {
   stop(): Promise<void>;
   /** SIGKILL and wait. */
   kill9(): Promise<void>;
-  /** Starts the same data dir again (after stop or kill9), on the same port; `runArgs` replace the first start's. */
-  restart(runArgs?: string[]): Promise<ServerProc>;
+  /** Starts the same data dir again (after stop or kill9), on the same port; `runArgs` and `env` replace the first start's. */
+  restart(runArgs?: string[], env?: Record<string, string>): Promise<ServerProc>;
 }
 
 /** `lethe server init` into a new dir, then `lethe server run` as a real process on a free loopback port. */
@@ -127,7 +127,8 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerProc> 
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
       await exited;
     },
-    restart: (runArgs?: string[]) => startServer({ ...opts, dir, adminToken, auditKey, port, runArgs: runArgs ?? opts.runArgs }),
+    restart: (runArgs?: string[], env?: Record<string, string>) =>
+      startServer({ ...opts, dir, adminToken, auditKey, port, runArgs: runArgs ?? opts.runArgs, env: env ?? opts.env }),
   };
   return self;
 }
