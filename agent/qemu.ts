@@ -49,6 +49,32 @@ export interface VmSpec {
   env?: Record<string, string>;
   /** Keep the console's lines out of error messages: they can carry guest plaintext into logs (the agent's default). */
   hideConsole?: boolean;
+  /** Drop to this user once QEMU has opened its files and sockets (`-runas`; for an agent running as root). */
+  runAs?: QemuUser;
+}
+
+export interface QemuUser {
+  name: string;
+  uid: number;
+  gid: number;
+}
+
+/**
+ * The user an agent running as root starts QEMU as: $LETHE_QEMU_USER, else
+ * `lethe-qemu` (scripts/setup and the package create it), else `nobody`.
+ * Undefined for an agent that is not root: QEMU runs as the agent's own user.
+ */
+export function qemuUser(): QemuUser | undefined {
+  if (process.getuid?.() !== 0) return undefined;
+  const passwd = fs.readFileSync('/etc/passwd', 'utf8').split('\n').map((l) => l.split(':'));
+  const wanted = process.env.LETHE_QEMU_USER;
+  for (const name of wanted ? [wanted] : ['lethe-qemu', 'nobody']) {
+    const row = passwd.find((f) => f[0] === name);
+    if (row) return { name, uid: Number(row[2]), gid: Number(row[3]) };
+  }
+  throw new LetheError('BAD_REQUEST', `no user ${wanted ?? 'lethe-qemu or nobody'} to run QEMU as`, {
+    hint: 'create one (useradd --system --no-create-home --shell /usr/sbin/nologin lethe-qemu), or set LETHE_QEMU_USER',
+  });
 }
 
 /** The QEMU arguments for a spec; the serial console is QEMU's stdout. */
@@ -82,6 +108,10 @@ export function qemuArgs(spec: VmSpec): string[] {
   }
   args.push('-device', 'virtio-balloon-pci,id=balloon0');
   if (spec.incomingDefer) args.push('-incoming', 'defer');
+  // Seccomp: no obsolete or scheduling system calls, and no set*id but for -runas's own drop
+  // (QEMU drops after its seccomp filter is in). spawn stays: the state streams through exec:.
+  args.push('-sandbox', `on,obsolete=deny,resourcecontrol=deny${spec.runAs ? '' : ',elevateprivileges=deny'}`);
+  if (spec.runAs) args.push('-runas', spec.runAs.name);
   return args;
 }
 

@@ -20,7 +20,7 @@ import { Evictor, type EvictTarget } from './evictor.js';
 import { VcpuHolds } from './vcpu-holds.js';
 import { HintChannel, type HintPolicy, type HintReport } from './hints.js';
 import type { ManagerPolicy } from '../policies/manager.js';
-import { Vm, type Accel } from './qemu.js';
+import { Vm, qemuUser, type Accel, type QemuUser } from './qemu.js';
 
 export interface ResumeOptions {
   runDir: string;
@@ -261,6 +261,8 @@ export class AgentVm implements EvictTarget {
     });
     received.catch(() => {}); // awaited below unless the migration fails first
     await new Promise<void>((resolve, reject) => server.listen(sockPath, resolve).once('error', reject));
+    const runAs = qemuUser();
+    if (runAs) fs.chownSync(sockPath, runAs.uid, runAs.gid);
     try {
       await this.vm.saveState(`unix:${sockPath}`, MIGRATION_MS);
       await withTimeout(received, 5_000, 'the device state did not arrive');
@@ -303,6 +305,10 @@ export class AgentVm implements EvictTarget {
     fs.writeFileSync(ramPath, '', { mode: 0o600 });
     fs.truncateSync(ramPath, memBytes);
     const sock = path.join(o.runDir, 'uffd.sock');
+    // QEMU opens its files and sockets as the agent, then drops to its own user; later it
+    // reaches into the run dir only for the state's FIFO and socket, given to that user.
+    const runAs = qemuUser();
+    if (runAs) fs.chmodSync(o.runDir, 0o711);
     let gotMapping!: (m: UffdMapping) => void;
     const mapping = new Promise<UffdMapping>((r) => (gotMapping = r));
     const listener = await UffdListener.listen(sock, (m) => gotMapping(m), (e) => o.log(`userfaultfd: ${e.message}`));
@@ -323,6 +329,7 @@ export class AgentVm implements EvictTarget {
           incomingDefer: true,
           env: shimEnv(ramPath, sock),
           hideConsole: !o.showConsole,
+          runAs,
         },
         o.runDir,
       );
@@ -371,7 +378,7 @@ export class AgentVm implements EvictTarget {
         onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
       });
       if (o.installFirst?.length) await self.installAhead(o.installFirst);
-      await streamState(core, vm, o.runDir);
+      await streamState(core, vm, o.runDir, runAs);
       fs.unlinkSync(ramPath);
       self.evictor.start();
       self.hints.start();
@@ -434,9 +441,10 @@ export async function servePage(
 }
 
 /** Feeds the device state to QEMU through a FIFO (no plaintext file), waits for it to load, and runs the guest. */
-async function streamState(core: AgentCore, vm: Vm, runDir: string): Promise<void> {
+async function streamState(core: AgentCore, vm: Vm, runDir: string, runAs: QemuUser | undefined): Promise<void> {
   const fifo = path.join(runDir, 'state.fifo');
   execFileSync('mkfifo', ['-m', '600', fifo]);
+  if (runAs) fs.chownSync(fifo, runAs.uid, runAs.gid);
   await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
   await vm.qmp.execute('migrate-incoming', { uri: `exec:cat ${fifo}` });
   const size = core.sizeOf('state');

@@ -58,6 +58,18 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
     expect(st.vm!.faults).to.be.greaterThan(1000);
     expect(st.reads.fromServer).to.be.greaterThan(1000); // nothing was prefetched: pages came on demand
     expect(st.resident.sensitive).to.be.greaterThan(4096 * 4096);
+    // QEMU runs under its seccomp filter, with no new privileges; as root, the agent starts it as another user, with no capability.
+    const status = fs.readFileSync(`/proc/${st.vm!.pid}/status`, 'utf8');
+    const field = (name: string) => new RegExp(`^${name}:\\s*(.*)$`, 'm').exec(status)?.[1];
+    expect(field('Seccomp'), 'seccomp filter mode').to.equal('2');
+    expect(field('NoNewPrivs')).to.equal('1');
+    const [, euid] = field('Uid')!.split(/\s+/).map(Number);
+    if (process.getuid!() === 0) {
+      expect(euid, 'QEMU is not root').to.not.equal(0);
+      expect(field('CapEff')).to.equal('0000000000000000');
+    } else {
+      expect(euid).to.equal(process.getuid!());
+    }
   });
 
   it("issue #14: the guest console stays out of the agent's log by default (in process it still arrives); the agent's own QEMU gets the disk over NBD, nbdinfo does not", async () => {
