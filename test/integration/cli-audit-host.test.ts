@@ -6,6 +6,7 @@ import { expect } from 'chai';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { control } from '../../agent/control.js';
@@ -15,7 +16,7 @@ import { KEY_SLAB_SLOTS } from '../../common/constants.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, ROOT, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type CliResult, type ServerProc } from '../helpers/proc.js';
 
-const IDS = ['swap', 'core-dumps', 'hibernation', 'ptrace-scope', 'memlock', 'kdump'];
+const IDS = ['swap', 'core-dumps', 'hibernation', 'ptrace-scope', 'memlock', 'kdump', 'agent-unit'];
 
 /** The real ./lethe wrapper, optionally under another command (prlimit, setpriv). */
 function run(wrap: string[], args: string[]): Promise<CliResult> {
@@ -106,7 +107,9 @@ describe('lethe audit host (CLI)', function () {
           'warn  memlock       could not tell: cannot read /proc/self/limits (EISDIR)',
           '                    fix: check by hand: ulimit -l',
           'ok    kdump         no crash kernel is loaded',
-          '0 fail, 3 warn, 3 ok',
+          `warn  agent-unit    no lethe-agent unit is installed (looked in ${path.join(os.homedir(), '.config/systemd/user')}, /etc/systemd/user, /usr/lib/systemd/user, /etc/systemd/system, /usr/lib/systemd/system): an agent started from a shell has none of its limits`,
+          '                    fix: cp agent/lethe-agent.service ~/.config/systemd/user/lethe-agent@.service && systemctl --user daemon-reload (then run the agent as lethe-agent@IMAGE)',
+          '0 fail, 4 warn, 3 ok',
           '',
         ].join('\n'),
       );

@@ -2,10 +2,11 @@
 // per case this machine is not in.
 import { expect } from 'chai';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { agentLockedBytes, auditHost, type CheckId, type HostCheck } from '../../agent/host-audit.js';
 import { LetheError } from '../../common/errors.js';
-import { tmpDir } from '../helpers/proc.js';
+import { ROOT, tmpDir } from '../helpers/proc.js';
 
 type Entry = string | null | { link: string } | { dir: true };
 
@@ -22,6 +23,8 @@ const limits = (core: string, memlock: string) =>
 
 const SWAPS_HEADER = 'Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n';
 const swaps = (...lines: string[]) => SWAPS_HEADER + lines.map((l) => `${l}\n`).join('');
+
+const USER_UNIT = path.join(os.homedir(), '.config/systemd/user/lethe-agent@.service');
 
 /** A host where every check passes. */
 const HARDENED: Record<string, Entry> = {
@@ -47,6 +50,8 @@ const HARDENED: Record<string, Entry> = {
   '/sys/class/block/dm-1/slaves/dm-0': { link: '../../dm-0' },
   '/sys/dev/block/254:1': { link: '../../devices/virtual/block/dm-1' },
   '/sys/dev/block/8:1': { link: '../../devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda1' },
+  // The unit the project ships, installed as its comment says.
+  [USER_UNIT]: fs.readFileSync(path.join(ROOT, 'agent', 'lethe-agent.service'), 'utf8'),
 };
 
 const roots: string[] = [];
@@ -75,8 +80,8 @@ describe('lethe audit host', () => {
 
   it('a hardened host passes every check, with nothing to change', () => {
     const r = auditHost({ root: host() });
-    expect(r.checks.map((c) => c.id)).to.deep.equal(['swap', 'core-dumps', 'hibernation', 'ptrace-scope', 'memlock', 'kdump']);
-    expect(r.checks.map((c) => [c.status, c.fix])).to.deep.equal(Array(6).fill(['ok', '']));
+    expect(r.checks.map((c) => c.id)).to.deep.equal(['swap', 'core-dumps', 'hibernation', 'ptrace-scope', 'memlock', 'kdump', 'agent-unit']);
+    expect(r.checks.map((c) => [c.status, c.fix])).to.deep.equal(Array(7).fill(['ok', '']));
     expect(r.ok).to.equal(true);
   });
 
@@ -372,5 +377,38 @@ describe('lethe audit host', () => {
   it('warnings leave the host ok; one failure does not', () => {
     expect(auditHost({ root: host({ '/proc/sys/kernel/yama/ptrace_scope': null, '/sys/kernel/kexec_crash_loaded': '1\n' }) }).ok).to.equal(true);
     expect(auditHost({ root: host({ '/proc/sys/kernel/yama/ptrace_scope': '0\n' }) }).ok).to.equal(false);
+  });
+  describe('the agent unit', () => {
+    const unit = fs.readFileSync(path.join(ROOT, 'agent', 'lethe-agent.service'), 'utf8');
+
+    it('none installed is a warning that says how to install it', () => {
+      const c = check('agent-unit', { [USER_UNIT]: null });
+      expect(c.status).to.equal('warn');
+      expect(c.found).to.contain('no lethe-agent unit is installed');
+      expect(c.fix).to.contain('cp agent/lethe-agent.service');
+    });
+
+    it('a unit without LimitCORE=0 or ProtectSystem=strict fails, naming each and why', () => {
+      const c = check('agent-unit', { [USER_UNIT]: unit.replace(/^LimitCORE=0$/m, '').replace(/^ProtectSystem=strict$/m, 'ProtectSystem=full') });
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.contain('LimitCORE is not set, not 0').and.contain('ProtectSystem is full, not strict');
+      expect(c.fix).to.contain('LimitCORE=0 ProtectSystem=strict');
+    });
+
+    it('a drop-in that turns a setting off counts; booleans in any spelling; settings outside [Service] do not', () => {
+      const c = check('agent-unit', { [`${USER_UNIT}.d/override.conf`]: '[Service]\nNoNewPrivileges=false\n' });
+      expect(c.status).to.equal('fail');
+      expect(c.found).to.contain('NoNewPrivileges is no, not yes');
+      const spelled = unit.replace(/^NoNewPrivileges=yes$/m, 'NoNewPrivileges=true');
+      expect(check('agent-unit', { [USER_UNIT]: spelled }).status).to.equal('ok');
+      const outside = unit.replace(/^UMask=0077$/m, '') + '\n[Install]\nUMask=0077\n';
+      expect(check('agent-unit', { [USER_UNIT]: outside }).status).to.equal('warn');
+    });
+
+    it('a system unit is found too', () => {
+      const c = check('agent-unit', { [USER_UNIT]: null, '/etc/systemd/system/lethe-agent@.service': unit });
+      expect(c.status).to.equal('ok');
+      expect(c.found).to.match(/^\/etc\/systemd\/system\/lethe-agent@\.service has LimitCORE=0/);
+    });
   });
 });
