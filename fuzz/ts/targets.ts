@@ -1,0 +1,179 @@
+// What the TypeScript fuzzer feeds (fuzz/ts/engine.ts): each parser that takes bytes
+// from outside, with the refusals it is meant to give. Anything else it throws, or a
+// connection it never closes, is a crash. Seeds for each are in fuzz/corpus/NAME,
+// written by fuzz/ts/seeds.ts from the formats' own encoders.
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { parseChunkFrames } from '../../common/frames.js';
+import { decryptChunkInto, decryptChunkRangeInto, plaintextSize, type ChunkCoord } from '../../common/chunk.js';
+import { signKeyPair } from '../../common/crypto.js';
+import { CHUNK_OVERHEAD, HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP } from '../../common/constants.js';
+import { LetheError } from '../../common/errors.js';
+import { verifyRequest } from '../../common/signing.js';
+import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
+import { HintParser } from '../../agent/hints.js';
+import { NbdServer } from '../../agent/nbd/server.js';
+import { FileBackend } from '../../agent/nbd/file-backend.js';
+import { parsePolicy } from '../../policies/policy.js';
+import { signatureHeaders } from '../../server/auth.js';
+import { parseTrace } from '../../server/traces.js';
+import type { FuzzTarget } from './engine.js';
+
+/** A refusal the API answers with a 4xx: the parser did its job. */
+const refused = (e: unknown) => e instanceof LetheError && e.status >= 400 && e.status < 500;
+
+/** Fixed key and coordinates for the envelope target (seeds.ts encrypts under them). */
+export const ENVELOPE_KEY = Buffer.alloc(32, 7);
+export const ENVELOPE_COORD: ChunkCoord = { imageId: Buffer.alloc(16, 1), gen: 3, kind: 'disk', index: 5, cls: 'sensitive' };
+export const TRACE_PAGES = 4096;
+export const NBD_EXPORT = 'vm';
+const NBD_SIZE = 1 << 20;
+
+const ascii = (...words: string[]) => words.map((w) => Buffer.from(w, 'latin1'));
+
+function u32(...vs: number[]): Buffer {
+  const b = Buffer.alloc(4 * vs.length);
+  vs.forEach((v, i) => b.writeUInt32BE(v >>> 0, 4 * i));
+  return b;
+}
+
+const chunkFrames: FuzzTarget = {
+  name: 'chunk-frames',
+  about: 'check-in and push bodies: kind, index, length, blob frames (common/frames.ts)',
+  maxLen: 4096,
+  run: (d) => void parseChunkFrames(d),
+  expected: refused,
+  dictionary: [Buffer.from([1]), Buffer.from([2]), Buffer.from([3]), u32(0), u32(0xffffffff), u32(4096), u32(131072)],
+};
+
+const trace = {
+  name: 'trace',
+  about: 'first-touch trace uploads: little-endian page numbers (server/traces.ts)',
+  maxLen: 4096,
+  // The first byte picks the content type the device claims, so that check is fuzzed too.
+  run: (d: Buffer) => void parseTrace(d.length > 0 && d[0] === 0xff ? 'text/plain' : `${PAGES_CONTENT_TYPE}; x=1`, d.subarray(1), TRACE_PAGES),
+  expected: refused,
+  dictionary: [Buffer.from([0xff, 0x0f, 0, 0]), Buffer.from([0, 0x10, 0, 0]), Buffer.from([0, 0, 0, 0])],
+} satisfies FuzzTarget;
+
+const policy: FuzzTarget = {
+  name: 'policy',
+  about: 'image policies as an admin uploads them: YAML, then the schema and meaning checks (policies/)',
+  maxLen: 8192,
+  run: (d) => void parsePolicy(d.toString('utf8'), 'fuzz.yaml'),
+  expected: refused,
+  dictionary: ascii(
+    'version: 1\n', 'lease:\n', '  ttl: ', 'eviction:\n', '  idle: ', 'prefetch:\n', '  startup: ', 'sensitive:\n', '  - ', 'disk:\n',
+    'memory:\n', 'guest:\n', ': ', '\n', '- ', '"', "'", '{', '}', '[', ']', '&a', '*a', '!!binary', '15m', '2s', '64MiB', 'auto', 'none', 'true', '~', '0x', '1e309', '-1',
+  ),
+};
+
+const hintReader: FuzzTarget = {
+  name: 'hint-reader',
+  about: "the guest driver's lines on the host side of the hint port, which a compromised guest writes (agent/hints.ts)",
+  maxLen: 8192,
+  run: (d) => {
+    // The first byte says where the stream is cut in two reads: lines across reads are fuzzed too.
+    const p = new HintParser();
+    const cut = d.length > 0 ? d[0] % d.length : 0;
+    p.push(d.subarray(1, Math.max(1, cut)));
+    p.push(d.subarray(Math.max(1, cut)));
+    p.reset();
+  },
+  expected: () => false,
+  dictionary: ascii('hello lethe-guestd ', 'ok ', 'error ', 'dropped files=', ' pages=', 'report ', ' begin', ' end ', 'sensitive=', ' free=', ' procs=', 's ', 'f ', '\n', ' ', '0', '9007199254740991', '18446744073709551615'),
+};
+
+const signer = signKeyPair();
+const signedRequest: FuzzTarget = {
+  name: 'signed-request',
+  about: "a device request's signature headers and the check of its signature (server/auth.ts, common/signing.ts)",
+  maxLen: 2048,
+  run: (d) => {
+    // Lines: device id, timestamp, nonce, signature, method, path; the rest is the body.
+    const [device, ts, nonce, signature, method, p, ...rest] = d.toString('latin1').split('\n');
+    const h = signatureHeaders({ headers: { [HDR_DEVICE]: device, [HDR_TIMESTAMP]: ts, [HDR_NONCE]: nonce, [HDR_SIGNATURE]: signature } });
+    if (!h) return;
+    const ok = verifyRequest(signer.publicKey, h, method ?? '', p ?? '', Buffer.from(rest.join('\n'), 'latin1'));
+    if (typeof ok !== 'boolean') throw new Error(`verifyRequest gave ${String(ok)}`);
+  },
+  expected: () => false,
+  dictionary: ascii('dev-', '\n', 'POST', 'GET', '/v1/device/keys', 'AAAA', '_-', '1700000000000'),
+};
+
+const chunkEnvelope: FuzzTarget = {
+  name: 'chunk-envelope',
+  about: 'a chunk blob opened with its key: the version byte, nonce, tag and ciphertext (common/chunk.ts)',
+  maxLen: 8192,
+  run: (d) => {
+    const size = Math.max(0, d.length - CHUNK_OVERHEAD);
+    if (plaintextSize(d) !== d.length - CHUNK_OVERHEAD) throw new Error('plaintextSize disagrees');
+    const out = Buffer.alloc(size);
+    decryptChunkInto(out, ENVELOPE_KEY, ENVELOPE_COORD, d);
+    // A blob that opened: any part of it decrypts on its own (a range read).
+    if (size > 0) decryptChunkRangeInto(Buffer.alloc(Math.min(64, size)), ENVELOPE_KEY, d, Math.floor(size / 2) & ~63);
+  },
+  expected: (e) => e instanceof LetheError && e.code === 'TAMPERED',
+};
+
+/** The agent's NBD server on a unix socket with a file behind it; each input is one client's whole conversation. */
+class NbdTarget implements FuzzTarget {
+  name = 'nbd';
+  about = "the agent's NBD server: handshake, options and transmission requests from a client (agent/nbd/server.ts)";
+  maxLen = 4096;
+  private dir = '';
+  private server?: NbdServer;
+  private backend?: FileBackend;
+  dictionary = [
+    Buffer.from('IHAVEOPT', 'latin1'),
+    Buffer.from('NBDMAGIC', 'latin1'),
+    u32(3),
+    u32(0x25609513),
+    u32(7),
+    u32(6),
+    u32(8),
+    u32(NBD_EXPORT.length),
+    Buffer.from(NBD_EXPORT, 'latin1'),
+    u32(0, 0),
+    u32(0, 4096),
+  ];
+
+  async open(): Promise<void> {
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-fuzz-nbd-'));
+    const file = path.join(this.dir, 'disk');
+    fs.writeFileSync(file, Buffer.alloc(NBD_SIZE));
+    this.backend = await FileBackend.open(file);
+    this.server = new NbdServer(new Map([[NBD_EXPORT, this.backend]]), { defaultExport: NBD_EXPORT, log: () => {} });
+    await this.server.listen({ path: path.join(this.dir, 'nbd.sock') });
+  }
+
+  async close(): Promise<void> {
+    await this.server?.close();
+    await this.backend?.close();
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  expected = () => false;
+
+  /** Sends the input, ends the client's side, reads whatever comes back; the server must close within 5 s. */
+  run(d: Buffer): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const c = net.connect(path.join(this.dir, 'nbd.sock'));
+      const hang = setTimeout(() => {
+        c.destroy();
+        reject(new Error(`the server kept the connection open 5 s after the client's last byte (input of ${d.length} bytes)`));
+      }, 5_000);
+      c.on('error', () => {}); // a reset after the server gave up on the client is an answer
+      c.on('data', () => {});
+      c.on('close', () => {
+        clearTimeout(hang);
+        resolve();
+      });
+      c.end(d);
+    });
+  }
+}
+
+export const TARGETS: FuzzTarget[] = [chunkFrames, trace, policy, hintReader, signedRequest, chunkEnvelope, new NbdTarget()];
