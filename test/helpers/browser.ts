@@ -124,6 +124,10 @@ export async function axeViolations(page: Page): Promise<string[]> {
  */
 export async function unreachableByKeyboard(page: Page): Promise<string[]> {
   await page.bringToFront();
+  // Keys move focus only in a page that has it; with several pages open (and the browser
+  // slow to switch on a busy machine) the page is told it has focus whichever is in front.
+  const cdp = await page.createCDPSession();
+  await cdp.send('Emulation.setFocusEmulationEnabled', { enabled: true });
   const state = await page.evaluateHandle(() => {
     const controls = [
       ...document.querySelectorAll<HTMLElement>('a[href], button, input:not([type="hidden"]), select, textarea, [tabindex]'),
@@ -151,27 +155,34 @@ export async function unreachableByKeyboard(page: Page): Promise<string[]> {
     const presses = (await state.evaluate((s) => s.controls.length)) + 5;
     for (let i = 0; i < presses; i++) await page.keyboard.press('Tab');
     return await state.evaluate((s) => {
+      // Named by role and label, so that a control a live update replaced while the keys
+      // were pressed (console.js swaps parts nobody works in) counts as its replacement.
+      const all = [...s.controls, ...s.focused];
+      const names = all.map((el) => {
+        const labelledBy = el.getAttribute('aria-labelledby');
+        const label =
+          el.getAttribute('aria-label') ||
+          (labelledBy && document.getElementById(labelledBy)?.textContent) ||
+          (el as HTMLInputElement).labels?.[0]?.textContent ||
+          el.textContent ||
+          el.getAttribute('title') ||
+          el.getAttribute('name') ||
+          el.id;
+        const name = (label || '').replace(/\s+/g, ' ').trim().slice(0, 60);
+        const type = el instanceof HTMLInputElement ? `[type=${el.type}]` : '';
+        return `${el.tagName.toLowerCase()}${type} "${name}"`;
+      });
+      const reached = new Set(names.slice(s.controls.length));
       const radios = [...s.focused].filter((el) => el instanceof HTMLInputElement && el.type === 'radio') as HTMLInputElement[];
       return s.controls
+        .map((el, i) => ({ el, name: names[i] }))
         .filter(
-          (el) =>
+          ({ el, name }) =>
             !s.focused.has(el) &&
+            !reached.has(name) &&
             !(el instanceof HTMLInputElement && el.type === 'radio' && el.name && radios.some((r) => r.name === el.name && r.form === el.form)),
         )
-        .map((el) => {
-          const labelledBy = el.getAttribute('aria-labelledby');
-          const label =
-            el.getAttribute('aria-label') ||
-            (labelledBy && document.getElementById(labelledBy)?.textContent) ||
-            (el as HTMLInputElement).labels?.[0]?.textContent ||
-            el.textContent ||
-            el.getAttribute('title') ||
-            el.getAttribute('name') ||
-            el.id;
-          const name = (label || '').replace(/\s+/g, ' ').trim().slice(0, 60);
-          const type = el instanceof HTMLInputElement ? `[type=${el.type}]` : '';
-          return `${el.tagName.toLowerCase()}${type} "${name}"`;
-        });
+        .map(({ name }) => name);
     });
   } finally {
     await state
@@ -181,6 +192,7 @@ export async function unreachableByKeyboard(page: Page): Promise<string[]> {
       })
       .catch(() => {}); // the page may have navigated or closed; nothing is left to clean
     await state.dispose().catch(() => {});
+    await cdp.detach().catch(() => {});
   }
 }
 

@@ -185,33 +185,8 @@ describe('crash consistency of the server (SIGKILL at named points)', function (
       const first = randomPlain();
       pushes.push(first);
       lastPush = (await pushImage(s, IMAGE, { plain: first })).version;
-      for (let it = 0; it < iterations; it++) {
-        const [point, most] = SERVER_POINTS[it % SERVER_POINTS.length];
-        const at = 1 + pick(most);
-        const where = `iteration ${it}: ${point}:${at}`;
-        await s.stop();
-        s = await s.restart(undefined, { LETHE_CRASH_AT: `${point}:${at}` });
-        log = [];
-        const exited = new Promise<string | null>((res) => s.proc.once('exit', (_c, sig) => res(sig)));
-        const rounds: Round[] = [];
-        // Rounds until the server dies at its point (the arrival count may need more than one).
-        for (let n = 0; n < 4 && s.proc.exitCode === null && s.proc.signalCode === null; n++) {
-          const r: Round = { released: [] };
-          rounds.push(r);
-          // An agent waiting for a lease from the dead server would wait for ever: it stops with the server.
-          void exited.then(() => r.agent?.stop());
-          await workload(s, r, log).catch(async (e: unknown) => {
-            // The server's end may reach this process after the client saw its connection go.
-            const ended = await Promise.race([exited.then(() => true), new Promise<boolean>((res) => setTimeout(() => res(false), 10_000))]);
-            if (!ended) throw new Error(`${where}: the workload failed with the server up: ${String(e)}\n${log.join('\n')}`);
-          });
-        }
-        const reached = s.proc.exitCode !== null || s.proc.signalCode !== null;
-        if (!reached) await s.kill9();
-        expect(reached, `${where}: the workload reached the point in ${rounds.length} rounds`).to.equal(true);
-        expect(await exited, `${where}: how the server ended\n${s.stderr()}`).to.equal('SIGKILL');
-        s = await s.restart(undefined, {});
-
+      /** After a restart: the chain, the devices, key releases, the shared version and the check-ins of `rounds`. */
+      const verifyAfter = async (s: ServerProc, where: string, rounds: Round[]) => {
         const verify = JSON.parse((await lethe(['audit', 'verify', '--json'], s.env)).stdout) as { ok: boolean; reason?: string };
         expect(verify.ok, `${where}: ${verify.reason}`).to.equal(true);
 
@@ -269,6 +244,44 @@ describe('crash consistency of the server (SIGKILL at named points)', function (
             await stopAgent(a);
           }
         }
+      };
+      for (let it = 0; it < iterations; it++) {
+        const [point, most] = SERVER_POINTS[it % SERVER_POINTS.length];
+        const at = 1 + pick(most);
+        const where = `iteration ${it}: ${point}:${at}`;
+        await s.stop();
+        log = [];
+        const rounds: Round[] = [];
+        const down = s;
+        try {
+          s = await down.restart(undefined, { LETHE_CRASH_AT: `${point}:${at}` });
+        } catch (e) {
+          // The server's own start runs transactions: it may die there, before it listens.
+          expect(String(e), `${where}: the server did not start`).to.match(/exited \(null\) before listening/);
+          s = await down.restart(undefined, {});
+          await verifyAfter(s, where, rounds);
+          continue;
+        }
+        const exited = new Promise<string | null>((res) => s.proc.once('exit', (_c, sig) => res(sig)));
+        // Rounds until the server dies at its point (the arrival count may need more than one).
+        for (let n = 0; n < 4 && s.proc.exitCode === null && s.proc.signalCode === null; n++) {
+          const r: Round = { released: [] };
+          rounds.push(r);
+          // An agent waiting for a lease from the dead server would wait for ever: it stops with the server.
+          void exited.then(() => r.agent?.stop());
+          await workload(s, r, log).catch(async (e: unknown) => {
+            // The server's end may reach this process after the client saw its connection go.
+            const ended = await Promise.race([exited.then(() => true), new Promise<boolean>((res) => setTimeout(() => res(false), 10_000))]);
+            if (!ended) throw new Error(`${where}: the workload failed with the server up: ${String(e)}\n${log.join('\n')}`);
+          });
+        }
+        const reached = s.proc.exitCode !== null || s.proc.signalCode !== null;
+        if (!reached) await s.kill9();
+        expect(reached, `${where}: the workload reached the point in ${rounds.length} rounds`).to.equal(true);
+        expect(await exited, `${where}: how the server ended\n${s.stderr()}`).to.equal('SIGKILL');
+        s = await s.restart(undefined, {});
+
+        await verifyAfter(s, where, rounds);
       }
       // Every acknowledged check-in, after all the crashes that came later (pulled as an admin would).
       for (const c of checkins) {

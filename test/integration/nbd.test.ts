@@ -688,6 +688,8 @@ describe('nbd server semantics (raw client and probe backends)', function () {
 
     // A normal client still works, and the server counted all of it.
     await qemuIo(sock, 'disk', ['write -P 0x42 0 64k', 'read -P 0x42 0 64k']);
+    // qemu-io has exited; the server sees its connection close when it next runs.
+    await waitFor(async () => server.stats().connections.active === 0 || undefined, 30_000, 'the last connection to close');
     const s = server.stats();
     expect(s.protocolErrors).to.equal(11);
     expect(s.errorReplies).to.deep.equal({ EINVAL: 9, ENOSPC: 2 });
