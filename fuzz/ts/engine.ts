@@ -121,8 +121,8 @@ class V8Coverage {
   }
 }
 
-/** mulberry32: small, seeded, good enough to pick mutations. */
-function random(seed: number): (n: number) => number {
+/** mulberry32: small and seeded (a run can be repeated), good enough to pick mutations or test cases; gives 0 to n-1. */
+export function seededRandom(seed: number): (n: number) => number {
   let a = seed >>> 0;
   return (n) => {
     a = (a + 0x6d2b79f5) >>> 0;
@@ -241,7 +241,7 @@ function readCorpus(dirs: string[]): Buffer[] {
 
 /** Fuzzes one target: the seeds first, then mutations, until time or runs are up (or a crash). */
 export async function fuzz(t: FuzzTarget, o: FuzzOptions): Promise<FuzzStats> {
-  const rand = random(o.seed ?? Date.now());
+  const rand = seededRandom(o.seed ?? Date.now());
   const mutator = new Mutator(rand, t.dictionary ?? [], t.maxLen);
   const features = new Set<string>();
   const blocks = new Set<string>();

@@ -19,6 +19,7 @@ import { assign, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtur
 import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 import type { CrashPointName } from '../../common/crash-point.js';
+import { seededRandom } from '../../fuzz/ts/engine.js';
 
 /** The server's points, and how many arrivals one round of the workload makes at most (roughly). */
 const SERVER_POINTS: [CrashPointName, number][] = [
@@ -40,18 +41,6 @@ type Plain = Record<ChunkKind, Buffer>;
 
 function randomPlain(): Plain {
   return { disk: randomBytes(DISK_CHUNKS * CHUNK_SIZE.disk), mem: randomBytes(8 * CHUNK_SIZE.mem), state: randomBytes(2 * CHUNK_SIZE.state) };
-}
-
-/** A small seeded generator (mulberry32), so that a failing run can be replayed. */
-function rng(seed: number): (n: number) => number {
-  let a = seed >>> 0;
-  return (n) => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
-  };
 }
 
 /** What the workload started, and what the server acknowledged of it. */
@@ -173,7 +162,7 @@ describe('crash consistency of the server (SIGKILL at named points)', function (
   this.timeout(120_000 + iterations * 120_000);
 
   it(`loses nothing acknowledged, shows no half-written version, keeps the chain (seed ${seed}, ${iterations} crashes)`, async () => {
-    const pick = rng(seed);
+    const pick = seededRandom(seed); // a failing run is replayed with LETHE_CRASH_SEED
     let s = await startServer();
     const pushes: Plain[] = []; // every push attempted, acknowledged or not
     const devices: string[] = [];
