@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import type { AddressInfo } from 'node:net';
-import { startAgent, type RunningAgent } from '../agent/daemon.js';
+import { startAgent, type RunningAgent } from '../agent/index.js';
 import { table } from '../cli/output.js';
 import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
 import { chunkKeyInto, decryptChunkInto, encryptChunk } from '../common/chunk.js';

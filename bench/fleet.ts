@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { DeviceClient } from '../agent/device-client.js';
+import { DeviceClient } from '../agent/index.js';
 import { table } from '../cli/output.js';
 import { DISK_CHUNK_SIZE, MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/constants.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../test/helpers/fixtures.js';

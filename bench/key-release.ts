@@ -19,7 +19,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
-import { closeIdentity } from '../agent/identity.js';
+import { closeIdentity } from '../agent/index.js';
 import { table } from '../cli/output.js';
 import { DISK_CHUNK_SIZE, MAX_BATCH, MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/constants.js';
 import { openSealed, wipe } from '../common/crypto.js';

@@ -17,8 +17,7 @@ import { parseArgs } from 'node:util';
 import { table } from '../cli/output.js';
 import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
 import { startAgentProc, startServer, tmpDir, waitFor } from '../test/helpers/proc.js';
-import { control } from '../agent/control.js';
-import type { AgentStatus } from '../agent/daemon.js';
+import { control, type AgentStatus } from '../agent/index.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({

@@ -4,11 +4,7 @@ import type { Argv } from 'yargs';
 import { MAX_TIMER_MS, parseDuration } from '../common/duration.js';
 import { parseSize as parseSizeText } from '../common/sizes.js';
 import { LetheError } from '../common/errors.js';
-import { control } from '../agent/control.js';
-import { startAgent, type AgentStatus } from '../agent/daemon.js';
-import { defaultHome } from '../agent/identity.js';
-import type { NbdAddress } from '../agent/nbd/server.js';
-import { NBD_PEERS, type NbdPeers } from '../agent/nbd-peers.js';
+import { control, startAgent, type AgentStatus, defaultHome, type NbdAddress, NBD_PEERS, type NbdPeers } from '../agent/index.js';
 import { emit, table, type OutOpts } from './output.js';
 import { unlockFrom, unlockOpts, type UnlockArgs } from './unlock-opts.js';
 

@@ -6,14 +6,8 @@ import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
 import { b64u } from '../common/crypto.js';
 import { openCommand } from '../common/push.js';
-import { DeviceClient } from '../agent/device-client.js';
-import { closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity } from '../agent/identity.js';
-import { rotateKeys } from '../agent/rotate-keys.js';
-import { control } from '../agent/control.js';
-import { acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe } from '../agent/wipe.js';
-import { keepCheckpoint } from '../agent/anchor.js';
+import { DeviceClient, closeIdentity, defaultHome, enrollDevice, loadIdentity, revokedError, revokedMarker, type Identity, rotateKeys, control, acknowledgeRevoke, eraseRevokedHome, pendingWipe, performWipe, keepCheckpoint, type Argon2Cost } from '../agent/index.js';
 import { SEAL_KINDS, type SealKind } from '../common/constants.js';
-import type { Argon2Cost } from '../agent/seal.js';
 import { emit, type OutOpts } from './output.js';
 import { unlockFrom, unlockOpts, type UnlockArgs } from './unlock-opts.js';
 

@@ -6,7 +6,7 @@ import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
 import { PinnedClient } from '../common/http-client.js';
 import { parseDuration } from '../common/duration.js';
-import { promptTty, readFd } from '../agent/unlock.js';
+import { promptTty, readFd } from '../agent/index.js';
 import { withAdmin, type AdminArgs } from './admin-client.js';
 import { emit, table, type OutOpts } from './output.js';
 

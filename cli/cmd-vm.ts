@@ -9,7 +9,7 @@ import { MAX_TIMER_MS, parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
 import { buildGuest, type GuestArtifacts } from '../guest-driver/build.js';
 import { SECRET_EVERY, secretMarker } from '../guest-driver/page-format.js';
-import { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, type AccelChoice } from '../agent/qemu.js';
+import { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, type AccelChoice } from '../agent/index.js';
 import { emit, type OutOpts } from './output.js';
 
 const MiB = 1024 * 1024;

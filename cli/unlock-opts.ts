@@ -1,8 +1,7 @@
 // Options of the commands that unseal the device keys (enroll, heartbeat, agent run).
 import type { Argv } from 'yargs';
 import { LetheError } from '../common/errors.js';
-import { tctiFrom } from '../agent/tpm.js';
-import { secretFromChannels, type Unlock } from '../agent/unlock.js';
+import { tctiFrom, secretFromChannels, type Unlock } from '../agent/index.js';
 
 export interface UnlockArgs {
   'passphrase-fd'?: number;

@@ -13,9 +13,9 @@ import { CHUNK_OVERHEAD, HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP } f
 import { LetheError } from '../../common/errors.js';
 import { verifyRequest } from '../../common/signing.js';
 import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
-import { HintParser } from '../../agent/hints.js';
-import { NbdServer } from '../../agent/nbd/server.js';
-import { FileBackend } from '../../agent/nbd/file-backend.js';
+import { HintParser } from '../../agent/vm/hints.js';
+import { NbdServer } from '../../agent/disk/nbd/server.js';
+import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
 import { parsePolicy } from '../../policies/policy.js';
 import { signatureHeaders } from '../../server/auth.js';
 import { parseTrace } from '../../server/traces.js';
@@ -72,7 +72,7 @@ const policy: FuzzTarget = {
 
 const hintReader: FuzzTarget = {
   name: 'hint-reader',
-  about: "the guest driver's lines on the host side of the hint port, which a compromised guest writes (agent/hints.ts)",
+  about: "the guest driver's lines on the host side of the hint port, which a compromised guest writes (agent/vm/hints.ts)",
   maxLen: 8192,
   run: (d) => {
     // The first byte says where the stream is cut in two reads: lines across reads are fuzzed too.
@@ -121,7 +121,7 @@ const chunkEnvelope: FuzzTarget = {
 /** The agent's NBD server on a unix socket with a file behind it; each input is one client's whole conversation. */
 class NbdTarget implements FuzzTarget {
   name = 'nbd';
-  about = "the agent's NBD server: handshake, options and transmission requests from a client (agent/nbd/server.ts)";
+  about = "the agent's NBD server: handshake, options and transmission requests from a client (agent/disk/nbd/server.ts)";
   maxLen = 4096;
   private dir = '';
   private server?: NbdServer;

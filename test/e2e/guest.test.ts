@@ -5,7 +5,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
+import { Vm, guestCmdline, makeRunDir } from '../../agent/vm/qemu.js';
 import { buildGuest, PRESET_BLOCKS, type GuestArtifacts } from '../../guest-driver/build.js';
 import { FLAG_SECRET, MAGIC_DISK, MAGIC_MEM, PAGE_SIZE, SECRET_EVERY, checkPage, secretMarker } from '../../guest-driver/page-format.js';
 import { largestWorkloadMib } from '../../cli/cmd-vm.js';

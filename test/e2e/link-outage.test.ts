@@ -7,8 +7,8 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { control } from '../../agent/control.js';
-import type { AgentStatus } from '../../agent/daemon.js';
+import { control } from '../../agent/daemon/control.js';
+import type { AgentStatus } from '../../agent/daemon/start.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { Link } from '../helpers/link.js';

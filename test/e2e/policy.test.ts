@@ -6,8 +6,8 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { control } from '../../agent/control.js';
-import type { AgentStatus } from '../../agent/daemon.js';
+import { control } from '../../agent/daemon/control.js';
+import type { AgentStatus } from '../../agent/daemon/start.js';
 import { parseAccessTrace } from '../../policies/simulate.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, type AgentProc, type ServerProc } from '../helpers/proc.js';

@@ -2,14 +2,14 @@
 // once, but 'stop' is answered only once block I/O has drained, so a hold (which
 // waits for the answer) knows no read will still land in guest RAM. A read that
 // waits on a server that is down therefore holds the hold back: demand fetches
-// give up at the lease's eviction point (agent/fetcher.ts) for that reason. The
+// give up at the lease's eviction point (agent/remote/fetcher.ts) for that reason. The
 // same guest shows its RAM kept out of QEMU's core dumps.
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { FileBackend } from '../../agent/nbd/file-backend.js';
-import { NbdServer, type BlockBackend } from '../../agent/nbd/server.js';
-import { Vm, guestCmdline, makeRunDir } from '../../agent/qemu.js';
+import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
+import { NbdServer, type BlockBackend } from '../../agent/disk/nbd/server.js';
+import { Vm, guestCmdline, makeRunDir } from '../../agent/vm/qemu.js';
 import { buildGuest } from '../../guest-driver/build.js';
 import { SUITE_TIMEOUT_MS, consoleLine, vmProgress, waitOnProgress } from '../helpers/progress.js';
 

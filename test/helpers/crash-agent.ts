@@ -10,9 +10,9 @@
 //                       in what is dirty, and reports the cache after.
 import { createHash, randomBytes } from 'node:crypto';
 import { CHUNK_SIZE } from '../../common/constants.js';
-import { startAgent, type RunningAgent } from '../../agent/daemon.js';
-import { DeviceClient } from '../../agent/device-client.js';
-import { closeIdentity, loadIdentity } from '../../agent/identity.js';
+import { startAgent, type RunningAgent } from '../../agent/daemon/start.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { testUnlock } from './fixtures.js';
 
 export const WRITTEN = Array.from({ length: 36 }, (_, i) => i + 2); // 4.5 MiB: a check-in in two requests

@@ -4,10 +4,10 @@ import { CHUNK_KINDS, CHUNK_SIZE, type ChunkKind } from '../../common/constants.
 import { PinnedClient } from '../../common/http-client.js';
 import { LetheError } from '../../common/errors.js';
 import { AdminClient } from '../../cli/admin-client.js';
-import { DeviceClient } from '../../agent/device-client.js';
-import { enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
-import { startAgent, type AgentOptions, type RunningAgent } from '../../agent/daemon.js';
-import { fixedSecret, type Unlock } from '../../agent/unlock.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { enrollDevice, loadIdentity, type Identity } from '../../agent/keys/identity.js';
+import { startAgent, type AgentOptions, type RunningAgent } from '../../agent/daemon/start.js';
+import { fixedSecret, type Unlock } from '../../agent/keys/unlock.js';
 import { startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from './proc.js';
 
 /** Unseals a test device's keys: the passphrase every test device is sealed with. */

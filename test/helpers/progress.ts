@@ -2,9 +2,9 @@
 // many times longer than on an idle one, so a wait fails when the work it waits on
 // stops moving for a while, with only a generous bound on the whole.
 import fs from 'node:fs';
-import { control } from '../../agent/control.js';
-import type { AgentStatus } from '../../agent/daemon.js';
-import type { Vm } from '../../agent/qemu.js';
+import { control } from '../../agent/daemon/control.js';
+import type { AgentStatus } from '../../agent/daemon/start.js';
+import type { Vm } from '../../agent/vm/qemu.js';
 
 export interface ProgressOpts {
   /** What is awaited, for the failure message. */

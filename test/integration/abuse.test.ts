@@ -5,7 +5,7 @@
 import { expect } from 'chai';
 import tls from 'node:tls';
 import { LetheError } from '../../common/errors.js';
-import { enrollDevice } from '../../agent/identity.js';
+import { enrollDevice } from '../../agent/keys/identity.js';
 import { admin, assign, enrolledDevice, pushImage, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
 import type { AdminClient } from '../../cli/admin-client.js';

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../../common/constants.js';
 import { checkpointMessage, checkpointSigned, entryHash } from '../../common/audit-hash.js';
 import { b64u, sha256, sign, signKeyPair } from '../../common/crypto.js';
-import { keepCheckpoint, readCheckpoint } from '../../agent/anchor.js';
+import { keepCheckpoint, readCheckpoint } from '../../agent/keys/anchor.js';
 import { agentInProcess, assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { TEST_PASSPHRASE, lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
 

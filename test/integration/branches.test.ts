@@ -14,9 +14,9 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { sha256 } from '../../common/crypto.js';
 import { PromoteResponse } from '../../common/wire.js';
-import { DeviceClient } from '../../agent/device-client.js';
-import { closeIdentity, homeFiles, loadIdentity, type DeviceInfo } from '../../agent/identity.js';
-import type { RunningAgent } from '../../agent/daemon.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { closeIdentity, homeFiles, loadIdentity, type DeviceInfo } from '../../agent/keys/identity.js';
+import type { RunningAgent } from '../../agent/daemon/start.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice, type TestImage } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 

@@ -8,10 +8,10 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { closeIdentity, enrollDevice, loadIdentity, type Identity } from '../../agent/identity.js';
-import { DeviceClient } from '../../agent/device-client.js';
-import { startAgent } from '../../agent/daemon.js';
-import { fixedSecret } from '../../agent/unlock.js';
+import { closeIdentity, enrollDevice, loadIdentity, type Identity } from '../../agent/keys/identity.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { startAgent } from '../../agent/daemon/start.js';
+import { fixedSecret } from '../../agent/keys/unlock.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { lethe, ROOT, startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from '../helpers/proc.js';
 
@@ -145,7 +145,7 @@ describe('sealed device keys (issue #14)', function () {
   });
 
   it('a rotation cut short resumes where its files say: before the server took it, and after', async () => {
-    const { rotateKeys } = await import('../../agent/rotate-keys.js');
+    const { rotateKeys } = await import('../../agent/keys/rotate-keys.js');
     for (const stopAfter of ['prepared', 'sent'] as const) {
       const d = await enrolledDevice(s, `cut-${stopAfter}`);
       d.close();

@@ -6,7 +6,7 @@ import { expect } from 'chai';
 import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { AgentDiskBackend } from '../../agent/disk-backend.js';
+import { AgentDiskBackend } from '../../agent/disk/backend.js';
 import { sha256 } from '../../common/crypto.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 

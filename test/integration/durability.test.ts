@@ -148,8 +148,8 @@ describe('durability (real server process)', function () {
 });
 
 async function enrolledDeviceFromHome(home: string) {
-  const { loadIdentity } = await import('../../agent/identity.js');
-  const { DeviceClient } = await import('../../agent/device-client.js');
+  const { loadIdentity } = await import('../../agent/keys/identity.js');
+  const { DeviceClient } = await import('../../agent/remote/device-client.js');
   const id = await loadIdentity(home, testUnlock());
   const client = new DeviceClient(id);
   return { client, close: () => client.close() };

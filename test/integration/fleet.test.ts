@@ -9,8 +9,8 @@ import { signRequest } from '../../common/signing.js';
 import { b64u, boxKeyPair, signKeyPair, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { PinnedClient } from '../../common/http-client.js';
-import { DeviceClient } from '../../agent/device-client.js';
-import { PushChannel } from '../../agent/push.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { PushChannel } from '../../agent/remote/push-channel.js';
 import { AuditLog, verifyAudit } from '../../server/audit.js';
 import { loadDataDir } from '../../server/datadir.js';
 import { openServerDb } from '../../server/db.js';
@@ -269,7 +269,7 @@ describe('device failover between replicas', function () {
     expect(info).to.include({ server: a.url });
     expect(info.servers).to.deep.equal([b.url]);
     await assign(a, info.deviceId, 'desk');
-    const { loadIdentity } = await import('../../agent/identity.js');
+    const { loadIdentity } = await import('../../agent/keys/identity.js');
     const client = new DeviceClient(await loadIdentity(home, testUnlock()));
     try {
       const lease = await client.lease('desk');

@@ -10,8 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { lethe, ROOT, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
 import { admin, agentInProcess, rejects, testUnlock } from '../helpers/fixtures.js';
-import { DeviceClient } from '../../agent/device-client.js';
-import { closeIdentity, loadIdentity } from '../../agent/identity.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 
 interface PushOut {
   image: string;

@@ -4,7 +4,7 @@
 // work due before expiry (evicting sensitive pages) still runs first.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import type { Fetcher } from '../../agent/fetcher.js';
+import type { Fetcher } from '../../agent/remote/fetcher.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 import { waitFor } from '../helpers/proc.js';
 

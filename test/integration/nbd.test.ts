@@ -9,9 +9,9 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { LetheError } from '../../common/errors.js';
-import { FileBackend } from '../../agent/nbd/file-backend.js';
-import * as P from '../../agent/nbd/protocol.js';
-import { NbdServer, type BlockBackend, type NbdServerOptions } from '../../agent/nbd/server.js';
+import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
+import * as P from '../../agent/disk/nbd/protocol.js';
+import { NbdServer, type BlockBackend, type NbdServerOptions } from '../../agent/disk/nbd/server.js';
 import { tmpDir, waitFor } from '../helpers/proc.js';
 
 const MiB = 1024 * 1024;

@@ -8,9 +8,9 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DeviceClient } from '../../agent/device-client.js';
-import { closeIdentity, enrollDevice, homeFiles, loadIdentity, revokedMarker } from '../../agent/identity.js';
-import type { RunningAgent } from '../../agent/daemon.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { closeIdentity, enrollDevice, homeFiles, loadIdentity, revokedMarker } from '../../agent/keys/identity.js';
+import type { RunningAgent } from '../../agent/daemon/start.js';
 import { adminCall as adminCallOn, deviceAudit, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 import { sha256 } from '../../common/crypto.js';

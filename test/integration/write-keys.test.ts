@@ -3,8 +3,8 @@
 // whose plaintext is gone are dropped.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import { DeviceClient } from '../../agent/device-client.js';
-import { closeIdentity, loadIdentity } from '../../agent/identity.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { agentInProcessSuite, rejects, testUnlock } from '../helpers/fixtures.js';
 
 const PAGE = 4096;

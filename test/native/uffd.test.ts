@@ -9,8 +9,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { QEMU_BINARY, guestCmdline, qemuArgs } from '../../agent/qemu.js';
-import { QmpClient } from '../../agent/qmp.js';
+import { QEMU_BINARY, guestCmdline, qemuArgs } from '../../agent/vm/qemu.js';
+import { QmpClient } from '../../agent/vm/qmp.js';
 import { errorChain, LetheError } from '../../common/errors.js';
 import {
   BUILD_DIR, FaultThread, HELLO_MAGIC, PAGE_SIZE, UffdListener, memzero, mlock, munlock, parseHello, punchHole, shimEnv,

@@ -2,12 +2,12 @@
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { ChunkCache } from '../../agent/cache.js';
-import type { DeviceClient } from '../../agent/device-client.js';
-import { Fetcher } from '../../agent/fetcher.js';
+import { ChunkCache } from '../../agent/chunks/cache.js';
+import type { DeviceClient } from '../../agent/remote/device-client.js';
+import { Fetcher } from '../../agent/remote/fetcher.js';
 import { LetheError } from '../../common/errors.js';
-import { KeyRing } from '../../agent/keyring.js';
-import { firstTouchesAndLearned } from '../../agent/daemon.js';
+import { KeyRing } from '../../agent/keys/keyring.js';
+import { firstTouchesAndLearned } from '../../agent/daemon/start.js';
 import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
@@ -60,7 +60,7 @@ describe('key ring', () => {
   // In a child: touching a closed slab kills the process (SIGSEGV), which is the point.
   const touch = (body: string) =>
     spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', `
-      import { KeyRing } from ${JSON.stringify(path.join(ROOT, 'agent/keyring.ts'))};
+      import { KeyRing } from ${JSON.stringify(path.join(ROOT, 'agent/keys/keyring.ts'))};
       const ring = new KeyRing(2);
       for (let i = 0; i < 4; i++) ring.setSensitiveKeys(['k' + i], Buffer.alloc(32, i + 1));
       const slotOf = (id) => ring.slot(ring.sensitiveSlots.get(id));
@@ -140,7 +140,7 @@ describe('install-ahead and the uploaded order', () => {
 
 describe('process hardening', () => {
   it('makes a process non-dumpable (in a child, so the test runner keeps its own setting)', () => {
-    const script = `import { isDumpable, makeNonDumpable } from ${JSON.stringify(path.join(ROOT, 'agent/harden.ts'))};
+    const script = `import { isDumpable, makeNonDumpable } from ${JSON.stringify(path.join(ROOT, 'agent/daemon/harden.ts'))};
       const before = isDumpable(); makeNonDumpable(); console.log(JSON.stringify([before, isDumpable()]));`;
     const out = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT }).toString();
     expect(JSON.parse(out)).to.deep.equal([true, false]);

@@ -3,7 +3,7 @@ import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
-import { isSealed, openKey, parseSealed, passphraseHeader, passphraseKek, sealKey } from '../../agent/seal.js';
+import { isSealed, openKey, parseSealed, passphraseHeader, passphraseKek, sealKey } from '../../agent/keys/seal.js';
 
 const fails = (fn: () => unknown): LetheError => {
   try {

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { once } from 'node:events';
 import { LetheError } from '../../common/errors.js';
-import { GuestHintError, HintChannel, HintParser, percentEncode, policyLine, type HintMessage, type HintPolicy, type HintReport } from '../../agent/hints.js';
+import { GuestHintError, HintChannel, HintParser, percentEncode, policyLine, type HintMessage, type HintPolicy, type HintReport } from '../../agent/vm/hints.js';
 import { framesToPages } from '../../common/hint-protocol.js';
 
 const TRANSCRIPT = [

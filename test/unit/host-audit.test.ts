@@ -4,7 +4,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { agentLockedBytes, auditHost, type CheckId, type HostCheck } from '../../agent/host-audit.js';
+import { agentLockedBytes, auditHost, type CheckId, type HostCheck } from '../../cli/host-audit.js';
 import { LetheError } from '../../common/errors.js';
 import { ROOT, tmpDir } from '../helpers/proc.js';
 
@@ -223,7 +223,7 @@ describe('lethe audit host', () => {
       const c = check('core-dumps');
       expect(c.status).to.equal('ok');
       expect(c.found).to.equal(
-        "the kernel pipes cores to /bin/false, which drops them; the core size limit of this shell is 0 (the agent's may differ: --pid); the agent makes itself non-dumpable (agent/harden.ts); QEMU does not, though it leaves guest RAM out of its cores (dump-guest-core=off)",
+        "the kernel pipes cores to /bin/false, which drops them; the core size limit of this shell is 0 (the agent's may differ: --pid); the agent makes itself non-dumpable (agent/daemon/harden.ts); QEMU does not, though it leaves guest RAM out of its cores (dump-guest-core=off)",
       );
     });
 

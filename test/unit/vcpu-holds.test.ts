@@ -1,7 +1,7 @@
 // Nested vCPU holds: a later hold waits for the stop an earlier one sent; a failed
 // stop holds nothing; the guest continues when the last hold goes.
 import { expect } from 'chai';
-import { HOLD_WAIT_MS, VcpuHolds } from '../../agent/vcpu-holds.js';
+import { HOLD_WAIT_MS, VcpuHolds } from '../../agent/memory/vcpu-holds.js';
 
 /** A QMP stand-in whose 'stop' answers when the test says so. */
 function fakeQemu() {

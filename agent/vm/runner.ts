@@ -1,0 +1,492 @@
+// Post-copy resume of an image's VM: QEMU starts with `-incoming defer` and its
+// RAM in a fresh, empty tmpfs file that the preloaded shim registers with
+// userfaultfd; the device state (a few hundred KiB) streams in through a FIFO,
+// and every guest page arrives on first touch, decrypted by the agent core
+// from the ciphertext cache or the server. The FIFO and the empty RAM file hold
+// no plaintext at rest; pages the guest touched live in the RAM file (tmpfs)
+// until they are punched out.
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../../common/constants.js';
+import { secureBuffer, wipe } from '../../common/crypto.js';
+import { LetheError, errorChain } from '../../common/errors.js';
+import { FaultThread, UffdListener, shimEnv, type Fault, type UffdMapping } from '../../native/index.js';
+import type { AgentCore, ReadSource } from '../chunks/core.js';
+import { BufferPool } from '../chunks/buffer-pool.js';
+import { Evictor, type EvictTarget } from '../memory/evictor.js';
+import { VcpuHolds } from '../memory/vcpu-holds.js';
+import { HintChannel, type HintPolicy, type HintReport } from './hints.js';
+import type { ManagerPolicy } from '../../policies/manager.js';
+import { Vm, qemuUser, type Accel, type QemuUser } from './qemu.js';
+
+export interface ResumeOptions {
+  runDir: string;
+  kernel: string;
+  initrd: string;
+  append: string;
+  accel: Accel;
+  nbd?: { socket: string; export: string };
+  log: (line: string) => void;
+  /** Where the RAM file goes (tmpfs); default /dev/shm. */
+  shmDir?: string;
+  /** What the evictor decides by (the lease's policy). */
+  policy: ManagerPolicy;
+  /** What the guest driver reports (the lease's policy). */
+  hints: HintPolicy;
+  /** Ask the guest driver to drop the page cache of sensitive files after a pass that evicted. */
+  dropGuestCache: boolean;
+  /** Records every fault and guest report to this file (JSON lines, docs/policy-simulate.md). */
+  traceFile?: string;
+  /** Error messages may quote the guest console (off by default: it can carry guest plaintext into logs). */
+  showConsole?: boolean;
+  /** Pages (the startup buffer, cached already) installed ahead before the guest runs: installAhead(). */
+  installFirst?: readonly number[];
+}
+
+/** An access trace being written: faults and guest reports, ms from the resume. */
+class AccessTrace {
+  private readonly out: fs.WriteStream;
+  private readonly t0 = performance.now();
+  /** @throws LetheError BAD_REQUEST when the file cannot be written. */
+  constructor(file: string, pages: number) {
+    let fd: number;
+    try {
+      fd = fs.openSync(file, 'w', 0o600);
+    } catch (e) {
+      throw new LetheError('BAD_REQUEST', `cannot write the trace '${file}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, {
+        hint: 'give --trace a path in a directory that exists and is writable',
+      });
+    }
+    this.out = fs.createWriteStream('', { fd });
+    this.out.on('error', () => {}); // a full disk loses trace lines, never the agent
+    this.out.write(JSON.stringify({ trace: 'lethe-access', version: 1, pages }) + '\n');
+  }
+  private now(): number {
+    return Math.round((performance.now() - this.t0) * 10) / 10;
+  }
+  fault(page: number): void {
+    this.out.write(`{"t":${this.now()},"fault":${page}}\n`);
+  }
+  hint(r: HintReport): void {
+    this.out.write(JSON.stringify({ t: this.now(), hint: { sensitive: r.sensitive, free: r.free } }) + '\n');
+  }
+  close(): Promise<void> {
+    return new Promise((r) => this.out.end(r));
+  }
+}
+
+const HANDSHAKE_MS = 15_000;
+const MIGRATION_MS = 60_000;
+
+export class AgentVm implements EvictTarget {
+  faults = 0;
+  zeroFaults = 0;
+  /** Attempts to serve a fault that failed and were tried again. */
+  faultRetries = 0;
+  /**
+   * How long the guest waited on its faults, from the agent taking a fault to the
+   * page installed (retries included): all of them, and those that went to the
+   * server (a vCPU stalled on the network).
+   */
+  readonly faultWait = { ms: 0, server: 0, serverMs: 0 };
+  /** Pages installed before the guest touched them (installAhead). */
+  installedAhead = 0;
+  private stopping = false;
+  readonly pages: number;
+  readonly evictor: Evictor;
+  private readonly runDir: string;
+  private readonly log: (line: string) => void;
+  /** Pages whose fault is being served, with how many faults each. */
+  private readonly inFlight = new Map<number, number>();
+  private readonly vcpus: VcpuHolds;
+  /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
+  private readonly touched: Uint8Array;
+  private readonly firstTouch: Uint32Array;
+  private firstTouches = 0;
+  readonly hints: HintChannel;
+  private trace?: AccessTrace;
+  private lastDrop = 0;
+
+  private constructor(
+    readonly vm: Vm,
+    readonly ramPath: string,
+    /** The RAM file, unlinked: for punching evicted pages out. */
+    readonly ramFd: number,
+    private readonly listener: UffdListener,
+    private thread: FaultThread | undefined,
+    private readonly pool: BufferPool,
+    private readonly core: AgentCore,
+    o: ResumeOptions,
+    memBytes: number,
+  ) {
+    this.log = o.log;
+    this.vcpus = new VcpuHolds({
+      execute: (cmd) => vm.qmp.execute(cmd),
+      faultInFlight: () => this.inFlight.size > 0,
+      exited: () => Boolean(vm.exitStatus),
+    });
+    this.runDir = o.runDir;
+    this.pages = memBytes / MEM_CHUNK_SIZE;
+    this.touched = new Uint8Array(this.pages);
+    this.firstTouch = new Uint32Array(this.pages);
+    this.evictor = new Evictor(core, this, o.policy, o.log);
+    this.dropGuestCache = o.dropGuestCache;
+    this.hints = new HintChannel(path.join(o.runDir, 'hint.sock'), o.hints, o.log);
+    this.hints.on('report', (r: HintReport) => {
+      this.lastReport = { seq: r.seq, sensitiveFrames: r.sensitiveFrames, freeFrames: r.freeFrames, procs: r.procs };
+      this.evictor.hintReport(r);
+      this.trace?.hint(r);
+    });
+    this.evictor.onPass = (r) => this.afterPass(r.evicted);
+    if (o.traceFile) this.trace = new AccessTrace(o.traceFile, this.pages);
+  }
+
+  dropGuestCache: boolean;
+  private lastReport?: { seq: number; sensitiveFrames: number; freeFrames: number; procs: number };
+
+  /** The guest driver's last report, in counts. */
+  lastHintReport() {
+    return this.lastReport ?? null;
+  }
+
+  /** Call when the lease brings a policy. */
+  setPolicy(p: ManagerPolicy, hints: HintPolicy, dropGuestCache: boolean): void {
+    this.evictor.setPolicy(p);
+    this.hints.setPolicy(hints);
+    this.dropGuestCache = dropGuestCache;
+  }
+
+  /** After a pass that evicted, the guest drops its own cached copies of sensitive files (at most once an idle period). */
+  private afterPass(evicted: number): void {
+    const now = Date.now();
+    if (evicted === 0 || !this.dropGuestCache || this.hints.currentPolicy.files.length === 0 || !this.hints.connected) return;
+    if (now - this.lastDrop < this.evictor.idleMs) return;
+    this.lastDrop = now;
+    this.hints.dropCache().catch((e) => this.log(`guest page cache not dropped: ${errorChain(e)}`));
+  }
+
+  private recordTouch(page: number): void {
+    this.trace?.fault(page);
+    if (this.touched[page]) return;
+    this.touched[page] = 1;
+    this.firstTouch[this.firstTouches++] = page;
+  }
+
+  /**
+   * Install-ahead: puts these pages of guest RAM in place before the guest touches
+   * them, so its first touch does not fault. Only a page the policy does not count
+   * as sensitive, whose chunk is in the server's normal class, qualifies: such
+   * plaintext may stay on the device for the whole lease, while sensitive pages
+   * keep coming on demand (each key release audited) and keep a true first-touch
+   * trace. Pages resident, being faulted or reported free are skipped. Before each
+   * page the loop yields, so a fault that arrived goes first. Call once their
+   * ciphertext is cached (prefetch); returns how many it installed.
+   */
+  async installAhead(pages: Iterable<number>): Promise<number> {
+    let n = 0;
+    for (const page of pages) {
+      await new Promise((r) => setImmediate(r));
+      if (this.stopping || !this.thread?.running) break;
+      if (!this.mayInstallAhead(page)) continue;
+      // A page that cannot be read now is left to its fault, which retries and reports.
+      if (await this.installPage(page).catch(() => false)) n++;
+    }
+    this.installedAhead += n;
+    return n;
+  }
+
+  private mayInstallAhead(page: number): boolean {
+    const m = this.evictor.manager;
+    if (page >= this.pages || this.core.classOf('mem', page) !== 'normal') return false;
+    return !m.isSensitive(page) && !m.isFree(page) && !this.evictor.isResident(page) && !this.inFlight.has(page);
+  }
+
+  /** One page as a fault would install it, without counting as the guest's touch. */
+  private installPage(page: number): Promise<boolean> {
+    return this.pool.with(MEM_CHUNK_SIZE, async (buf) => {
+      const src = await this.core.readInto('mem', page, buf, { resident: true, writable: true });
+      const data = src === 'zero' ? null : buf;
+      await this.evictor.quiet();
+      // The guest may have faulted it meanwhile: then its fault's copy stands.
+      if (this.stopping || this.thread!.resolveOffset(page * MEM_CHUNK_SIZE, data) === 'present') return false;
+      this.evictor.recordFault(page, data);
+      return true;
+    });
+  }
+
+  /** How many pages the guest has touched (firstTouchOrder().length, without the copy). */
+  get firstTouchCount(): number {
+    return this.firstTouches;
+  }
+
+  /** The pages the guest touched this session, first touch first. */
+  firstTouchOrder(): Uint32Array {
+    return this.firstTouch.slice(0, this.firstTouches);
+  }
+
+  faultInFlight(page: number): boolean {
+    return this.inFlight.has(page);
+  }
+
+  /**
+   * Keeps the vCPUs stopped until the returned function is called. Holds nest (the
+   * lease, an eviction pass, a suspend): the guest runs again when the last goes.
+   */
+  hold(reason: string): Promise<() => Promise<void>> {
+    return this.vcpus.hold(reason);
+  }
+
+  /**
+   * Saves the device state (CPU and devices, not RAM: x-ignore-shared) into locked
+   * memory through a unix socket. Call with the guest held; QEMU is left in
+   * 'postmigrate' and must not run again (its pages now belong to the new version).
+   */
+  async saveState(): Promise<Buffer> {
+    const sockPath = path.join(this.runDir, 'state-out.sock');
+    const parts: Buffer[] = [];
+    let total = 0;
+    const server = net.createServer();
+    const received = new Promise<void>((resolve, reject) => {
+      server.once('connection', (c) => {
+        c.on('data', (d: Buffer) => {
+          parts.push(d);
+          total += d.length;
+        });
+        c.once('end', () => resolve());
+        c.once('error', reject);
+      });
+    });
+    received.catch(() => {}); // awaited below unless the migration fails first
+    await new Promise<void>((resolve, reject) => server.listen(sockPath, resolve).once('error', reject));
+    const runAs = qemuUser();
+    if (runAs) fs.chownSync(sockPath, runAs.uid, runAs.gid);
+    try {
+      await this.vm.saveState(`unix:${sockPath}`, MIGRATION_MS);
+      await withTimeout(received, 5_000, 'the device state did not arrive');
+      const out = secureBuffer(total);
+      let at = 0;
+      for (const p of parts) {
+        p.copy(out, at);
+        at += p.length;
+      }
+      return out;
+    } finally {
+      // The device state is plaintext: what came over the socket is zeroed whatever happened.
+      for (const p of parts) p.fill(0);
+      server.close();
+      fs.rmSync(sockPath, { force: true });
+    }
+  }
+
+  /** Waits until QEMU reports the vCPUs stopped (a hold returns before when a fault is in flight: VcpuHolds). */
+  async whenStopped(timeoutMs = 30_000): Promise<void> {
+    const t0 = Date.now();
+    for (;;) {
+      const st = await this.vm.qmp.execute<{ running: boolean }>('query-status');
+      if (!st.running) return;
+      if (Date.now() - t0 > timeoutMs) throw new LetheError('INTERNAL', `the guest did not stop within ${timeoutMs / 1000} s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  /** Why the guest is stopped, if it is. */
+  heldFor(): string[] {
+    return this.vcpus.reasons();
+  }
+
+  /** Resumes the lease's image. Throws (and leaves no QEMU running) if any step fails. */
+  static async resume(core: AgentCore, o: ResumeOptions): Promise<AgentVm> {
+    const memBytes = core.sizeOf('mem');
+    if (memBytes === 0) throw new LetheError('BAD_REQUEST', 'this image has no memory to resume', { hint: 'push one with --memory and --state' });
+    const ramPath = path.join(o.shmDir ?? '/dev/shm', `lethe-ram-${randomBytes(6).toString('hex')}`);
+    fs.writeFileSync(ramPath, '', { mode: 0o600 });
+    fs.truncateSync(ramPath, memBytes);
+    const sock = path.join(o.runDir, 'uffd.sock');
+    // QEMU opens its files and sockets as the agent, then drops to its own user; later it
+    // reaches into the run dir only for the state's FIFO and socket, given to that user.
+    const runAs = qemuUser();
+    if (runAs) fs.chmodSync(o.runDir, 0o711);
+    let gotMapping!: (m: UffdMapping) => void;
+    const mapping = new Promise<UffdMapping>((r) => (gotMapping = r));
+    const listener = await UffdListener.listen(sock, (m) => gotMapping(m), (e) => o.log(`userfaultfd: ${e.message}`));
+    let vm: Vm | undefined;
+    try {
+      vm = await Vm.start(
+        {
+          kernel: o.kernel,
+          initrd: o.initrd,
+          append: o.append,
+          memBytes,
+          memPath: ramPath,
+          accel: o.accel,
+          qmpSocket: path.join(o.runDir, 'qmp.sock'),
+          nbdDisk: o.nbd,
+          // The device layout must match the snapshot's: it had the hint port too.
+          hintSocket: path.join(o.runDir, 'hint.sock'),
+          incomingDefer: true,
+          env: shimEnv(ramPath, sock),
+          hideConsole: !o.showConsole,
+          runAs,
+        },
+        o.runDir,
+      );
+      const m = await withTimeout(mapping, HANDSHAKE_MS, 'the shim did not hand over guest RAM');
+      if (m.hello.pid !== vm.pid) throw new LetheError('INTERNAL', `a RAM mapping arrived from pid ${m.hello.pid}, not QEMU's ${vm.pid}`);
+      // Once the guest runs, the file leaves /dev/shm (below); our own fd stays for
+      // punching holes. Its pages are freed when QEMU and the agent are gone, even
+      // after a kill -9 of either, so no guest RAM outlives the session.
+      const ramFd = fs.openSync(ramPath, 'r+');
+      const pool = new BufferPool(FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE);
+      const self = new AgentVm(vm, ramPath, ramFd, listener, undefined, pool, core, o, memBytes);
+      self.thread = FaultThread.start(m, {
+        onFault: async (f, t) => {
+          const page = f.offset / MEM_CHUNK_SIZE;
+          const t0 = performance.now();
+          self.inFlight.set(page, (self.inFlight.get(page) ?? 0) + 1);
+          try {
+            // A fault that cannot be served is retried, never answered with zeros: the
+            // guest waits (the lease may come back, the server may be reachable again).
+            for (let attempt = 0; ; attempt++) {
+              try {
+                const src = await servePage(core, pool, self.evictor, f, t, () => self.recordTouch(page));
+                self.faults++;
+                if (src === 'zero') self.zeroFaults++;
+                const waited = performance.now() - t0;
+                self.faultWait.ms += waited;
+                if (src === 'server') {
+                  self.faultWait.server++;
+                  self.faultWait.serverMs += waited;
+                }
+                return;
+              } catch (e) {
+                if (self.stopping || !t.running) throw e;
+                self.faultRetries++;
+                if (attempt % 10 === 0) o.log(`page fault at offset ${f.offset} not served yet (attempt ${attempt + 1}; retrying): ${errorChain(e)}`);
+                await new Promise((r) => setTimeout(r, Math.min(5_000, 250 * 2 ** attempt)));
+              }
+            }
+          } finally {
+            const n = self.inFlight.get(page)! - 1;
+            if (n === 0) self.inFlight.delete(page);
+            else self.inFlight.set(page, n);
+          }
+        },
+        // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
+        onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
+      });
+      if (o.installFirst?.length) await self.installAhead(o.installFirst);
+      await streamState(core, vm, o.runDir, runAs);
+      fs.unlinkSync(ramPath);
+      self.evictor.start();
+      self.hints.start();
+      return self;
+    } catch (e) {
+      if (vm) {
+        const status = await Promise.race([vm.exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 500))]);
+        if (status) {
+          await listener.close();
+          fs.rmSync(ramPath, { force: true });
+          throw new LetheError('INTERNAL', vm.describe('qemu exited while resuming', status), { cause: e });
+        }
+      }
+      await vm?.kill();
+      await listener.close();
+      fs.rmSync(ramPath, { force: true });
+      throw e;
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.evictor.stop();
+    this.hints.close();
+    await this.vm.kill();
+    await this.trace?.close();
+    this.evictor.destroy();
+    this.thread?.stop();
+    await this.listener.close();
+    this.pool.destroy();
+    fs.closeSync(this.ramFd);
+  }
+}
+
+/**
+ * Serves one guest-RAM fault once, as a resumed VM's are served: the page from the
+ * agent core into a pooled buffer, installed once no eviction batch is running, and
+ * recorded by the evictor (then `installed`). Throws if the page cannot be read; the
+ * caller retries, never answering with zeros. Exported for the fault benchmark.
+ */
+export async function servePage(
+  core: AgentCore,
+  pool: BufferPool,
+  evictor: Pick<Evictor, 'quiet' | 'recordFault'>,
+  f: Fault,
+  t: FaultThread,
+  installed: () => void = () => {},
+): Promise<ReadSource> {
+  const page = f.offset / MEM_CHUNK_SIZE;
+  return pool.with(MEM_CHUNK_SIZE, async (buf) => {
+    const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
+    const data = src === 'zero' ? null : buf;
+    await evictor.quiet();
+    if (t.resolve(f.pageAddress, data) !== 'present') {
+      evictor.recordFault(page, data);
+      installed();
+    }
+    return src;
+  });
+}
+
+/** Feeds the device state to QEMU through a FIFO (no plaintext file), waits for it to load, and runs the guest. */
+async function streamState(core: AgentCore, vm: Vm, runDir: string, runAs: QemuUser | undefined): Promise<void> {
+  const fifo = path.join(runDir, 'state.fifo');
+  execFileSync('mkfifo', ['-m', '600', fifo]);
+  if (runAs) fs.chownSync(fifo, runAs.uid, runAs.gid);
+  await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+  await vm.qmp.execute('migrate-incoming', { uri: `exec:cat ${fifo}` });
+  const size = core.sizeOf('state');
+  const fh = await fs.promises.open(fifo, 'w');
+  const buf = secureBuffer(STATE_CHUNK_SIZE);
+  try {
+    for (let i = 0; i * STATE_CHUNK_SIZE < size; i++) {
+      const out = buf.subarray(0, Math.min(STATE_CHUNK_SIZE, size - i * STATE_CHUNK_SIZE));
+      await core.readInto('state', i, out);
+      await fh.write(out);
+      wipe(out);
+    }
+  } finally {
+    wipe(buf);
+    await fh.close();
+    fs.rmSync(fifo, { force: true });
+  }
+  const t0 = Date.now();
+  for (;;) {
+    const st = await vm.qmp.execute<{ status: string }>('query-status');
+    if (st.status === 'running') return;
+    if (st.status === 'paused' || st.status === 'postmigrate' || st.status === 'prelaunch') {
+      await vm.qmp.execute('cont');
+      return;
+    }
+    if (Date.now() - t0 > MIGRATION_MS) throw new LetheError('INTERNAL', `the device state did not load (QEMU status '${st.status}')`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new LetheError('INTERNAL', `${what} within ${ms / 1000} s`)), ms);
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      (e) => {
+        clearTimeout(t);
+        reject(e);
+      },
+    );
+  });
+}
