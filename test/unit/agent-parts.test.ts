@@ -7,7 +7,7 @@ import type { DeviceClient } from '../../agent/remote/device-client.js';
 import { Fetcher } from '../../agent/remote/fetcher.js';
 import { LetheError } from '../../common/errors.js';
 import { KeyRing } from '../../agent/keys/keyring.js';
-import { firstTouchesAndLearned } from '../../agent/daemon/start.js';
+import { firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
 import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
