@@ -1,0 +1,149 @@
+// Where a chunk's ciphertext comes from: the cache when its hash matches the signed
+// manifest, else the server (then cached), with readahead for guest RAM read in
+// order and one fetch shared by every read that wants the same chunk; and the
+// background prefetch, which fills the cache in a given order under a rate cap.
+import type { ChunkKind } from '../../common/constants.js';
+import { sha256 } from '../../common/crypto.js';
+import { LetheError } from '../../common/errors.js';
+import type { LeaseKeeper } from '../keys/lease-keeper.js';
+import type { ChunkRef, Fetcher } from '../remote/fetcher.js';
+import type { CacheKey, ChunkCache } from './cache.js';
+import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
+
+export type ReadSource = 'zero' | 'cache' | 'server';
+
+/** A chunk from the server, and whether it matched the manifest (and went to the cache). */
+type Fetched = { blob: Buffer; ok: boolean };
+
+/** Guest pages fetched ahead in one request when guest RAM is read in order (64 KiB). */
+const READAHEAD = 16;
+
+export interface PrefetchOptions {
+  onProgress?: (done: number, total: number) => void;
+  /** Called with each batch once its chunks are cached (fetched now or before), and awaited. */
+  onBatch?: (refs: ChunkRef[]) => Promise<void>;
+  batch?: number;
+  bandwidth?: number | null;
+}
+
+export class BlobSource {
+  /** Chunks on their way from the server (cached when they come), by key id: a read of one waits for it. */
+  private readonly inFlight = new Map<string, Promise<Fetched>>();
+
+  constructor(
+    private readonly map: ChunkMap,
+    private readonly cache: ChunkCache,
+    private readonly fetcher: Fetcher,
+    private readonly lease: LeaseKeeper,
+    private readonly stats: { tampered: number; readahead: number },
+  ) {}
+
+  /** The blob of a chunk: the cache's if it matches the manifest, else the server's (then cached). */
+  async blob(kind: ChunkKind, index: number, e: Entry): Promise<{ blob: Buffer; source: ReadSource }> {
+    const ck = this.map.cacheKey(kind, index, e);
+    // The stored hash is compared with the signed manifest; damage to the data
+    // itself fails the AEAD tag, and the chunk is then fetched again (drop()).
+    const cached = this.cache.getWithHash(ck, false);
+    if (cached && cached.sha256.toString('base64url') === e.ctHash) return { blob: cached.data, source: 'cache' };
+    if (cached) this.cache.drop(ck);
+    const fetched = await (this.inFlight.get(keyId(kind, index, e.gen)) ?? this.fetchWithReadahead(kind, index, e));
+    if (!fetched.ok) {
+      this.stats.tampered++;
+      throw new LetheError('TAMPERED', `${kind} chunk ${index} from the server does not match the signed manifest; refused`);
+    }
+    return { blob: fetched.blob, source: 'server' };
+  }
+
+  /** Forgets the cached blob of a chunk that failed its tag. */
+  drop(kind: ChunkKind, index: number, e: Entry): void {
+    this.cache.drop(this.map.cacheKey(kind, index, e));
+  }
+
+  /** Caches a blob from the server if it matches the signed manifest; tells whether it did. */
+  private keep(kind: ChunkKind, index: number, e: Entry, blob: Buffer): boolean {
+    const hash = sha256(blob);
+    if (hash.toString('base64url') !== e.ctHash) return false;
+    this.cache.put(this.map.cacheKey(kind, index, e), blob, false, undefined, hash);
+    return true;
+  }
+
+  /** keep() of a batch in one cache transaction; how many did not match their manifest entry. */
+  private keepMany(items: { kind: ChunkKind; index: number; e: Entry; blob: Buffer }[]): number {
+    const good: { k: CacheKey; blob: Buffer; hash: Buffer }[] = [];
+    for (const { kind, index, e, blob } of items) {
+      const hash = sha256(blob);
+      if (hash.toString('base64url') === e.ctHash) good.push({ k: this.map.cacheKey(kind, index, e), blob, hash });
+    }
+    this.cache.putMany(good);
+    return items.length - good.length;
+  }
+
+  /**
+   * Fetches a chunk into the cache; when guest RAM is being read in order (the
+   * page before is cached), the next READAHEAD pages not cached come in the same
+   * request, as a disk's readahead does. Reads of any of them wait for this fetch.
+   */
+  private fetchWithReadahead(kind: ChunkKind, index: number, e: Entry): Promise<Fetched> {
+    const entries = this.map.entries[kind];
+    const refs = [index];
+    const prev = entries.get(index - 1);
+    if (kind === 'mem' && prev && this.cache.has(this.map.cacheKey(kind, index - 1, prev))) {
+      for (let i = index + 1; refs.length < READAHEAD && i < index + 2 * READAHEAD; i++) {
+        const n = entries.get(i);
+        if (n && !this.inFlight.has(keyId(kind, i, n.gen)) && !this.cache.has(this.map.cacheKey(kind, i, n))) refs.push(i);
+      }
+    }
+    const fetches = refs.map((i) => {
+      const n = i === index ? e : entries.get(i)!;
+      const id = keyId(kind, i, n.gen);
+      const p = this.fetcher.demand({ kind, index: i }).then((blob) => ({ blob, ok: this.keep(kind, i, n, blob) }));
+      this.inFlight.set(id, p);
+      // A readahead page that fails is left for its own read to fetch again and refuse.
+      p.catch(() => {}).finally(() => this.inFlight.delete(id));
+      return p;
+    });
+    this.stats.readahead += refs.length - 1;
+    return fetches[0];
+  }
+
+  /**
+   * Brings these chunks' ciphertext into the cache, in this order, a batch per
+   * request after any demand request (the fetcher's rule), at most `bandwidth`
+   * bytes a second when given. Chunks cached or zero are skipped. Returns how many
+   * it fetched. Stops quietly when the lease's manifest changes.
+   */
+  async prefetch(refs: ChunkRef[], o: PrefetchOptions = {}): Promise<number> {
+    const m = this.map.must();
+    const batch = o.batch ?? 64;
+    const todo: { kind: ChunkKind; index: number; e: Entry }[] = [];
+    for (const { kind, index } of refs) {
+      const e = this.map.entries[kind].get(index);
+      if (e) todo.push({ kind, index, e });
+    }
+    let done = refs.length - todo.length;
+    o.onProgress?.(done, refs.length);
+    const t0 = Date.now();
+    let bytes = 0;
+    let fetched = 0;
+    for (let i = 0; i < todo.length; i += batch) {
+      await this.lease.whenActive();
+      if (this.map.manifest !== m) return fetched;
+      // Checked per batch: a demand read may have brought a chunk meanwhile.
+      const slice = todo.slice(i, i + batch).filter(({ kind, index, e }) => !this.cache.has(this.map.cacheKey(kind, index, e)));
+      const blobs = slice.length ? await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : [];
+      for (const b of blobs) bytes += b.length;
+      // A chunk that does not match is refused; a demand read will try again and report it.
+      this.stats.tampered += this.keepMany(slice.map((c, j) => ({ ...c, blob: blobs[j] })));
+      await o.onBatch?.(todo.slice(i, i + batch).map(({ kind, index }) => ({ kind, index })));
+      fetched += slice.length;
+      done += Math.min(batch, todo.length - i);
+      o.onProgress?.(done, refs.length);
+      // The cap: wait until the bytes so far fit the allowed rate.
+      if (o.bandwidth) {
+        const ahead = (bytes / o.bandwidth) * 1000 - (Date.now() - t0);
+        if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+      }
+    }
+    return fetched;
+  }
+}

@@ -1,0 +1,91 @@
+// The lease's manifest as the agent reads it: each chunk's generation, class and
+// ciphertext hash, with this device's own writes (dirty chunks of the lease's draft
+// generation) laid over it. Every part of the core looks chunks up here.
+import { canonical } from '../../common/audit-hash.js';
+import { CHUNK_OVERHEAD, CHUNK_SIZE, MANIFEST_CONTEXT, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import type { ChunkCoord } from '../../common/chunk.js';
+import { b64u, sha256, verify } from '../../common/crypto.js';
+import { LetheError } from '../../common/errors.js';
+import type { Manifest } from '../remote/device-client.js';
+import type { CacheKey, ChunkCache } from './cache.js';
+
+export interface Entry {
+  gen: number;
+  cls: Sensitivity;
+  ctHash: string;
+}
+
+/** A chunk's key in the key ring: generation, kind and index. */
+export const keyId = (kind: ChunkKind, index: number, gen: number): string => `${gen}/${kind}/${index}`;
+
+export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
+  const { signature, ...body } = m;
+  const msg = Buffer.from(`${MANIFEST_CONTEXT}\n${sha256(canonical(body)).toString('hex')}`);
+  if (!verify(serverSignPublicKey, msg, b64u.decode(signature))) {
+    throw new LetheError('TAMPERED', `manifest of ${m.image}@${m.version} has a bad signature`);
+  }
+}
+
+export class ChunkMap {
+  manifest?: Manifest;
+  entries: Record<ChunkKind, Map<number, Entry>> = { disk: new Map(), mem: new Map(), state: new Map() };
+  private imageIdBytes = Buffer.alloc(16);
+  /** The draft generation this device's writes are encrypted for, once it has written (or adopted earlier writes). */
+  writeGen?: number;
+  /** The class each write key came with, by key id. */
+  readonly writeCls = new Map<string, Sensitivity>();
+
+  /**
+   * Installs a manifest whose signature was checked; dirty chunks in the cache
+   * written for `writeGen` override it.
+   */
+  install(m: Manifest, writeGen: number | undefined, cache: ChunkCache): void {
+    this.manifest = m;
+    this.imageIdBytes = Buffer.from(m.imageId, 'hex');
+    this.entries = { disk: new Map(), mem: new Map(), state: new Map() };
+    for (const kind of ['disk', 'mem', 'state'] as ChunkKind[]) {
+      for (const [index, gen, cls, ctHash] of m.chunks[kind]) this.entries[kind].set(index, { gen, cls, ctHash });
+    }
+    this.writeGen = writeGen;
+    const dirty = cache.dirtyChunks(m.imageId);
+    // A new device state a suspend wrote (whole: replaceState is one transaction) replaces the version's, at its own size.
+    const state = dirty.filter((d) => d.kind === 'state' && d.gen === writeGen).sort((a, b) => a.index - b.index);
+    if (state.length > 0) {
+      const last = state[state.length - 1];
+      this.manifest = { ...m, sizes: { ...m.sizes, state: last.index * CHUNK_SIZE.state + last.data.length - CHUNK_OVERHEAD } };
+      this.entries.state.clear();
+    }
+    for (const d of dirty) {
+      const ctHash = sha256(d.data).toString('base64url');
+      if (d.gen === writeGen && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash });
+      // Checked in already: the server committed it, and the answer never came back (a crash, a lost link).
+      else if (this.entries[d.kind].get(d.index)?.ctHash === ctHash) cache.markClean(d);
+    }
+  }
+
+  entry(kind: ChunkKind, index: number): Entry | undefined {
+    return this.entries[kind].get(index);
+  }
+
+  sizeOf(kind: ChunkKind): number {
+    return this.manifest?.sizes[kind] ?? 0;
+  }
+
+  must(): Manifest {
+    if (!this.manifest) throw new LetheError('LEASE_EXPIRED', 'no manifest yet: the agent has no lease');
+    return this.manifest;
+  }
+
+  coord(kind: ChunkKind, index: number, e: Entry): ChunkCoord {
+    return { imageId: this.imageIdBytes, gen: e.gen, kind, index, cls: e.cls };
+  }
+
+  cacheKey(kind: ChunkKind, index: number, e: Entry): CacheKey {
+    return { imageId: this.must().imageId, gen: e.gen, kind, index };
+  }
+
+  /** How many plaintext bytes chunk `index` has (the last chunk of an image may be short). */
+  plainLength(kind: ChunkKind, index: number): number {
+    return Math.min(CHUNK_SIZE[kind], this.must().sizes[kind] - index * CHUNK_SIZE[kind]);
+  }
+}

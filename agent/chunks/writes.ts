@@ -1,0 +1,133 @@
+// This device's writes: a guest write encrypted under its chunk's write key into
+// the cache as dirty, a suspend's new device state written whole, and the check-in
+// that sends the dirty chunks to the server as a new version.
+import { CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
+import { encryptChunk } from '../../common/chunk.js';
+import { sha256, wipe } from '../../common/crypto.js';
+import { crashPoint } from '../../common/crash-point.js';
+import { LetheError } from '../../common/errors.js';
+import { encodeChunkFrame } from '../../common/frames.js';
+import type { LeaseKeeper } from '../keys/lease-keeper.js';
+import type { ChunkCache } from './cache.js';
+import type { CheckedBlobs } from './checked-blobs.js';
+import type { ChunkKeys } from './chunk-keys.js';
+import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
+
+/** Check-in requests stay under the server's upload limit. */
+const CHECKIN_PART_BYTES = 4 * 1024 * 1024;
+
+export interface CheckinClient {
+  checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ version: number; shared?: boolean }>;
+}
+
+export class ChunkWriter {
+  constructor(
+    private readonly map: ChunkMap,
+    private readonly chunkKeys: ChunkKeys,
+    private readonly cache: ChunkCache,
+    private readonly lease: LeaseKeeper,
+    private readonly checked: CheckedBlobs,
+    private readonly stats: { writes: number },
+  ) {}
+
+  /**
+   * A guest write: encrypts `data` under this chunk's write key (asked for
+   * once per chunk, audited) and stores it in the cache as dirty. Throws
+   * BAD_REQUEST for a write that does not fit the chunk.
+   */
+  async write(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
+    await this.lease.whenActive();
+    const expect = this.map.plainLength(kind, index);
+    if (index < 0 || expect <= 0 || data.length !== expect) {
+      throw new LetheError('BAD_REQUEST', `write of ${data.length} bytes to ${kind} chunk ${index} does not fit (expected ${Math.max(expect, 0)})`);
+    }
+    await this.chunkKeys.ensureWriteKeys(kind, [index]);
+    this.adopt(kind, index, this.store(kind, index, data));
+  }
+
+  /** Encrypts a write under its write key (held) into the cache as dirty; the caller adopts it once it stands. */
+  private store(kind: ChunkKind, index: number, data: Buffer): { e: Entry; blob: Buffer } {
+    const gen = this.map.writeGen!;
+    const e: Entry = { gen, cls: this.map.writeCls.get(keyId(kind, index, gen))!, ctHash: '' };
+    const scratch = this.chunkKeys.scratch;
+    if (!this.chunkKeys.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
+    try {
+      const blob = encryptChunk(scratch, this.map.coord(kind, index, e), data);
+      e.ctHash = sha256(blob).toString('base64url');
+      this.cache.put(this.map.cacheKey(kind, index, e), blob, true, e.cls);
+      return { e, blob };
+    } finally {
+      wipe(scratch);
+    }
+  }
+
+  private adopt(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer }): void {
+    const old = this.map.entries[kind].get(index);
+    this.map.entries[kind].set(index, w.e);
+    // Encrypted here, so checked: a read of part of it decrypts only that part. The
+    // blob it replaces (an older generation's) is not kept for nothing.
+    if (old && old.gen !== w.e.gen) this.checked.delete(keyId(kind, index, old.gen));
+    if (kind === 'disk') this.checked.put(keyId(kind, index, w.e.gen), w.e.ctHash, w.blob);
+    this.stats.writes++;
+  }
+
+  /**
+   * Replaces the device state with `state` (a suspend's new one, of any size):
+   * the draft takes its size, and every chunk of it is written as dirty, in one
+   * cache transaction: a crash leaves the old state or the whole new one.
+   */
+  async replaceState(state: Buffer): Promise<void> {
+    const m = this.map.must();
+    if (state.length === 0) throw new LetheError('BAD_REQUEST', 'an empty device state cannot replace the image\'s');
+    await this.lease.whenActive();
+    const count = Math.ceil(state.length / CHUNK_SIZE.state);
+    await this.chunkKeys.ensureWriteKeys('state', Array.from({ length: count }, (_, i) => i), state.length);
+    const gen = this.map.writeGen!;
+    const written = this.cache.batch(() => {
+      // Dirty chunks of a larger state an earlier (failed) suspend wrote would be checked in past the end.
+      for (const d of this.cache.dirtyChunks(m.imageId)) if (d.kind === 'state' && d.gen === gen && d.index >= count) this.cache.drop(d);
+      return Array.from({ length: count }, (_, i) => {
+        const w = this.store('state', i, state.subarray(i * CHUNK_SIZE.state, Math.min((i + 1) * CHUNK_SIZE.state, state.length)));
+        crashPoint('agent.state-chunk-written');
+        return w;
+      });
+    });
+    this.map.manifest = { ...m, sizes: { ...m.sizes, state: state.length } };
+    for (const index of [...this.map.entries.state.keys()]) if (index >= count) this.map.entries.state.delete(index);
+    written.forEach((w, i) => this.adopt('state', i, w));
+  }
+
+  /**
+   * Uploads this lease's dirty chunks; the server checks each and commits
+   * them as a new version, this device's own unless `shared` (docs/branches.md).
+   * Marks them clean once committed.
+   */
+  async checkin(client: CheckinClient) {
+    const m = this.map.must();
+    const gen = this.map.writeGen;
+    const dirty = gen === undefined ? [] : this.cache.dirtyChunks(m.imageId).filter((d) => d.gen === gen);
+    if (dirty.length === 0) throw new LetheError('BAD_REQUEST', 'nothing to check in: no chunk was written since the last check-in');
+    const leaseId = this.lease.leaseId();
+    let part: Buffer[] = [];
+    let bytes = 0;
+    let result: { version: number; shared?: boolean } | undefined;
+    for (let i = 0; i < dirty.length; i++) {
+      const d = dirty[i];
+      part.push(...encodeChunkFrame(d.kind, d.index, d.data));
+      bytes += d.data.length + 13;
+      const last = i === dirty.length - 1;
+      if (last || bytes >= CHECKIN_PART_BYTES) {
+        result = await client.checkin(leaseId, Buffer.concat(part), last);
+        if (!last) crashPoint('agent.checkin-part-sent');
+        part = [];
+        bytes = 0;
+      }
+    }
+    crashPoint('agent.checkin-committed');
+    for (const d of dirty) this.cache.markClean(d);
+    this.cache.flush();
+    this.map.writeGen = undefined;
+    // A server from before device branches made every check-in shared.
+    return { version: result!.version, shared: result!.shared ?? true, chunks: dirty.length, bytes: dirty.reduce((n, d) => n + d.data.length, 0) };
+  }
+}
