@@ -31,4 +31,4 @@ export { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, t
 // The memory path's parts, for bench/memory-path.ts, which times them alone.
 export { BufferPool } from './chunks/buffer-pool.js';
 export { Evictor } from './memory/evictor.js';
-export { servePage } from './vm/runner.js';
+export { servePage } from './memory/fault-service.js';

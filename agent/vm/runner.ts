@@ -13,8 +13,10 @@ import path from 'node:path';
 import { FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../../common/constants.js';
 import { secureBuffer, wipe } from '../../common/crypto.js';
 import { LetheError, errorChain } from '../../common/errors.js';
-import { FaultThread, UffdListener, shimEnv, type Fault, type UffdMapping } from '../../native/index.js';
-import type { AgentCore, ReadSource } from '../chunks/core.js';
+import { UffdListener, shimEnv, type UffdMapping } from '../../native/index.js';
+import type { AgentCore } from '../chunks/core.js';
+import { AccessTrace } from '../memory/access-trace.js';
+import { FaultService } from '../memory/fault-service.js';
 import { BufferPool } from '../chunks/buffer-pool.js';
 import { Evictor, type EvictTarget } from '../memory/evictor.js';
 import { VcpuHolds } from '../memory/vcpu-holds.js';
@@ -46,66 +48,17 @@ export interface ResumeOptions {
   installFirst?: readonly number[];
 }
 
-/** An access trace being written: faults and guest reports, ms from the resume. */
-class AccessTrace {
-  private readonly out: fs.WriteStream;
-  private readonly t0 = performance.now();
-  /** @throws LetheError BAD_REQUEST when the file cannot be written. */
-  constructor(file: string, pages: number) {
-    let fd: number;
-    try {
-      fd = fs.openSync(file, 'w', 0o600);
-    } catch (e) {
-      throw new LetheError('BAD_REQUEST', `cannot write the trace '${file}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, {
-        hint: 'give --trace a path in a directory that exists and is writable',
-      });
-    }
-    this.out = fs.createWriteStream('', { fd });
-    this.out.on('error', () => {}); // a full disk loses trace lines, never the agent
-    this.out.write(JSON.stringify({ trace: 'lethe-access', version: 1, pages }) + '\n');
-  }
-  private now(): number {
-    return Math.round((performance.now() - this.t0) * 10) / 10;
-  }
-  fault(page: number): void {
-    this.out.write(`{"t":${this.now()},"fault":${page}}\n`);
-  }
-  hint(r: HintReport): void {
-    this.out.write(JSON.stringify({ t: this.now(), hint: { sensitive: r.sensitive, free: r.free } }) + '\n');
-  }
-  close(): Promise<void> {
-    return new Promise((r) => this.out.end(r));
-  }
-}
-
 const HANDSHAKE_MS = 15_000;
 const MIGRATION_MS = 60_000;
 
 export class AgentVm implements EvictTarget {
-  faults = 0;
-  zeroFaults = 0;
-  /** Attempts to serve a fault that failed and were tried again. */
-  faultRetries = 0;
-  /**
-   * How long the guest waited on its faults, from the agent taking a fault to the
-   * page installed (retries included): all of them, and those that went to the
-   * server (a vCPU stalled on the network).
-   */
-  readonly faultWait = { ms: 0, server: 0, serverMs: 0 };
-  /** Pages installed before the guest touched them (installAhead). */
-  installedAhead = 0;
-  private stopping = false;
   readonly pages: number;
   readonly evictor: Evictor;
+  /** Serves the guest's page faults (memory/fault-service.ts). */
+  readonly faulting: FaultService;
   private readonly runDir: string;
   private readonly log: (line: string) => void;
-  /** Pages whose fault is being served, with how many faults each. */
-  private readonly inFlight = new Map<number, number>();
   private readonly vcpus: VcpuHolds;
-  /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
-  private readonly touched: Uint8Array;
-  private readonly firstTouch: Uint32Array;
-  private firstTouches = 0;
   readonly hints: HintChannel;
   private trace?: AccessTrace;
   private lastDrop = 0;
@@ -116,23 +69,21 @@ export class AgentVm implements EvictTarget {
     /** The RAM file, unlinked: for punching evicted pages out. */
     readonly ramFd: number,
     private readonly listener: UffdListener,
-    private thread: FaultThread | undefined,
     private readonly pool: BufferPool,
-    private readonly core: AgentCore,
+    core: AgentCore,
     o: ResumeOptions,
     memBytes: number,
   ) {
     this.log = o.log;
     this.vcpus = new VcpuHolds({
       execute: (cmd) => vm.qmp.execute(cmd),
-      faultInFlight: () => this.inFlight.size > 0,
+      faultInFlight: () => this.faulting.busy(),
       exited: () => Boolean(vm.exitStatus),
     });
     this.runDir = o.runDir;
     this.pages = memBytes / MEM_CHUNK_SIZE;
-    this.touched = new Uint8Array(this.pages);
-    this.firstTouch = new Uint32Array(this.pages);
     this.evictor = new Evictor(core, this, o.policy, o.log);
+    this.faulting = new FaultService(core, pool, this.evictor, this.pages, o.log, (page) => this.trace?.fault(page));
     this.dropGuestCache = o.dropGuestCache;
     this.hints = new HintChannel(path.join(o.runDir, 'hint.sock'), o.hints, o.log);
     this.hints.on('report', (r: HintReport) => {
@@ -168,67 +119,42 @@ export class AgentVm implements EvictTarget {
     this.hints.dropCache().catch((e) => this.log(`guest page cache not dropped: ${errorChain(e)}`));
   }
 
-  private recordTouch(page: number): void {
-    this.trace?.fault(page);
-    if (this.touched[page]) return;
-    this.touched[page] = 1;
-    this.firstTouch[this.firstTouches++] = page;
+  get faults(): number {
+    return this.faulting.faults;
   }
 
-  /**
-   * Install-ahead: puts these pages of guest RAM in place before the guest touches
-   * them, so its first touch does not fault. Only a page the policy does not count
-   * as sensitive, whose chunk is in the server's normal class, qualifies: such
-   * plaintext may stay on the device for the whole lease, while sensitive pages
-   * keep coming on demand (each key release audited) and keep a true first-touch
-   * trace. Pages resident, being faulted or reported free are skipped. Before each
-   * page the loop yields, so a fault that arrived goes first. Call once their
-   * ciphertext is cached (prefetch); returns how many it installed.
-   */
-  async installAhead(pages: Iterable<number>): Promise<number> {
-    let n = 0;
-    for (const page of pages) {
-      await new Promise((r) => setImmediate(r));
-      if (this.stopping || !this.thread?.running) break;
-      if (!this.mayInstallAhead(page)) continue;
-      // A page that cannot be read now is left to its fault, which retries and reports.
-      if (await this.installPage(page).catch(() => false)) n++;
-    }
-    this.installedAhead += n;
-    return n;
+  get zeroFaults(): number {
+    return this.faulting.zeroFaults;
   }
 
-  private mayInstallAhead(page: number): boolean {
-    const m = this.evictor.manager;
-    if (page >= this.pages || this.core.classOf('mem', page) !== 'normal') return false;
-    return !m.isSensitive(page) && !m.isFree(page) && !this.evictor.isResident(page) && !this.inFlight.has(page);
+  get faultRetries(): number {
+    return this.faulting.faultRetries;
   }
 
-  /** One page as a fault would install it, without counting as the guest's touch. */
-  private installPage(page: number): Promise<boolean> {
-    return this.pool.with(MEM_CHUNK_SIZE, async (buf) => {
-      const src = await this.core.readInto('mem', page, buf, { resident: true, writable: true });
-      const data = src === 'zero' ? null : buf;
-      await this.evictor.quiet();
-      // The guest may have faulted it meanwhile: then its fault's copy stands.
-      if (this.stopping || this.thread!.resolveOffset(page * MEM_CHUNK_SIZE, data) === 'present') return false;
-      this.evictor.recordFault(page, data);
-      return true;
-    });
+  get faultWait(): { ms: number; server: number; serverMs: number } {
+    return this.faulting.faultWait;
   }
 
-  /** How many pages the guest has touched (firstTouchOrder().length, without the copy). */
+  get installedAhead(): number {
+    return this.faulting.installedAhead;
+  }
+
   get firstTouchCount(): number {
-    return this.firstTouches;
+    return this.faulting.firstTouchCount;
   }
 
   /** The pages the guest touched this session, first touch first. */
   firstTouchOrder(): Uint32Array {
-    return this.firstTouch.slice(0, this.firstTouches);
+    return this.faulting.firstTouchOrder();
+  }
+
+  /** Install-ahead of pages whose ciphertext is cached (memory/fault-service.ts). */
+  installAhead(pages: Iterable<number>): Promise<number> {
+    return this.faulting.installAhead(pages);
   }
 
   faultInFlight(page: number): boolean {
-    return this.inFlight.has(page);
+    return this.faulting.faultInFlight(page);
   }
 
   /**
@@ -340,43 +266,8 @@ export class AgentVm implements EvictTarget {
       // after a kill -9 of either, so no guest RAM outlives the session.
       const ramFd = fs.openSync(ramPath, 'r+');
       const pool = new BufferPool(FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE);
-      const self = new AgentVm(vm, ramPath, ramFd, listener, undefined, pool, core, o, memBytes);
-      self.thread = FaultThread.start(m, {
-        onFault: async (f, t) => {
-          const page = f.offset / MEM_CHUNK_SIZE;
-          const t0 = performance.now();
-          self.inFlight.set(page, (self.inFlight.get(page) ?? 0) + 1);
-          try {
-            // A fault that cannot be served is retried, never answered with zeros: the
-            // guest waits (the lease may come back, the server may be reachable again).
-            for (let attempt = 0; ; attempt++) {
-              try {
-                const src = await servePage(core, pool, self.evictor, f, t, () => self.recordTouch(page));
-                self.faults++;
-                if (src === 'zero') self.zeroFaults++;
-                const waited = performance.now() - t0;
-                self.faultWait.ms += waited;
-                if (src === 'server') {
-                  self.faultWait.server++;
-                  self.faultWait.serverMs += waited;
-                }
-                return;
-              } catch (e) {
-                if (self.stopping || !t.running) throw e;
-                self.faultRetries++;
-                if (attempt % 10 === 0) o.log(`page fault at offset ${f.offset} not served yet (attempt ${attempt + 1}; retrying): ${errorChain(e)}`);
-                await new Promise((r) => setTimeout(r, Math.min(5_000, 250 * 2 ** attempt)));
-              }
-            }
-          } finally {
-            const n = self.inFlight.get(page)! - 1;
-            if (n === 0) self.inFlight.delete(page);
-            else self.inFlight.set(page, n);
-          }
-        },
-        // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
-        onError: (e) => o.log(`page fault not served: ${errorChain(e)}`),
-      });
+      const self = new AgentVm(vm, ramPath, ramFd, listener, pool, core, o, memBytes);
+      self.faulting.start(m);
       if (o.installFirst?.length) await self.installAhead(o.installFirst);
       await streamState(core, vm, o.runDir, runAs);
       fs.unlinkSync(ramPath);
@@ -400,44 +291,17 @@ export class AgentVm implements EvictTarget {
   }
 
   async stop(): Promise<void> {
-    this.stopping = true;
+    this.faulting.halt();
     this.evictor.stop();
     this.hints.close();
     await this.vm.kill();
     await this.trace?.close();
     this.evictor.destroy();
-    this.thread?.stop();
+    this.faulting.stop();
     await this.listener.close();
     this.pool.destroy();
     fs.closeSync(this.ramFd);
   }
-}
-
-/**
- * Serves one guest-RAM fault once, as a resumed VM's are served: the page from the
- * agent core into a pooled buffer, installed once no eviction batch is running, and
- * recorded by the evictor (then `installed`). Throws if the page cannot be read; the
- * caller retries, never answering with zeros. Exported for the fault benchmark.
- */
-export async function servePage(
-  core: AgentCore,
-  pool: BufferPool,
-  evictor: Pick<Evictor, 'quiet' | 'recordFault'>,
-  f: Fault,
-  t: FaultThread,
-  installed: () => void = () => {},
-): Promise<ReadSource> {
-  const page = f.offset / MEM_CHUNK_SIZE;
-  return pool.with(MEM_CHUNK_SIZE, async (buf) => {
-    const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
-    const data = src === 'zero' ? null : buf;
-    await evictor.quiet();
-    if (t.resolve(f.pageAddress, data) !== 'present') {
-      evictor.recordFault(page, data);
-      installed();
-    }
-    return src;
-  });
 }
 
 /** Feeds the device state to QEMU through a FIFO (no plaintext file), waits for it to load, and runs the guest. */

@@ -1,0 +1,198 @@
+// Serves guest RAM on first touch (docs/uffd.md): each userfaultfd fault the shim
+// hands over is answered with the page from the agent core, decrypted into a pooled
+// buffer and installed once no eviction batch runs; a fault that cannot be served is
+// retried, never answered with zeros. Install-ahead puts pages in place before the
+// guest touches them, and the first-touch order is kept for trace-learned prefetch.
+import { MEM_CHUNK_SIZE } from '../../common/constants.js';
+import { errorChain } from '../../common/errors.js';
+import { FaultThread, type Fault, type UffdMapping } from '../../native/index.js';
+import type { BufferPool } from '../chunks/buffer-pool.js';
+import type { AgentCore, ReadSource } from '../chunks/core.js';
+import type { Evictor } from './evictor.js';
+
+/** What the fault service needs of the evictor. */
+export type FaultEvictor = Pick<Evictor, 'quiet' | 'recordFault' | 'isResident' | 'manager'>;
+
+/**
+ * Serves one guest-RAM fault once, as a resumed VM's are served: the page from the
+ * agent core into a pooled buffer, installed once no eviction batch is running, and
+ * recorded by the evictor (then `installed`). Throws if the page cannot be read; the
+ * caller retries, never answering with zeros. Exported for the fault benchmark.
+ */
+export async function servePage(
+  core: AgentCore,
+  pool: BufferPool,
+  evictor: Pick<Evictor, 'quiet' | 'recordFault'>,
+  f: Fault,
+  t: FaultThread,
+  installed: () => void = () => {},
+): Promise<ReadSource> {
+  const page = f.offset / MEM_CHUNK_SIZE;
+  return pool.with(MEM_CHUNK_SIZE, async (buf) => {
+    const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
+    const data = src === 'zero' ? null : buf;
+    await evictor.quiet();
+    if (t.resolve(f.pageAddress, data) !== 'present') {
+      evictor.recordFault(page, data);
+      installed();
+    }
+    return src;
+  });
+}
+
+export class FaultService {
+  faults = 0;
+  zeroFaults = 0;
+  /** Attempts to serve a fault that failed and were tried again. */
+  faultRetries = 0;
+  /**
+   * How long the guest waited on its faults, from the agent taking a fault to the
+   * page installed (retries included): all of them, and those that went to the
+   * server (a vCPU stalled on the network).
+   */
+  readonly faultWait = { ms: 0, server: 0, serverMs: 0 };
+  /** Pages installed before the guest touched them (installAhead). */
+  installedAhead = 0;
+  private thread: FaultThread | undefined;
+  private stopping = false;
+  /** Pages whose fault is being served, with how many faults each. */
+  private readonly inFlight = new Map<number, number>();
+  /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
+  private readonly touched: Uint8Array;
+  private readonly firstTouch: Uint32Array;
+  private firstTouches = 0;
+
+  constructor(
+    private readonly core: AgentCore,
+    private readonly pool: BufferPool,
+    private readonly evictor: FaultEvictor,
+    readonly pages: number,
+    private readonly log: (line: string) => void,
+    /** Called with each page the guest faults on (the access trace). */
+    private readonly onFault: (page: number) => void = () => {},
+  ) {
+    this.touched = new Uint8Array(pages);
+    this.firstTouch = new Uint32Array(pages);
+  }
+
+  /** Starts serving the faults of this mapping on a thread of its own. */
+  start(m: UffdMapping): void {
+    this.thread = FaultThread.start(m, {
+      onFault: (f, t) => this.serve(f, t),
+      // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
+      onError: (e) => this.log(`page fault not served: ${errorChain(e)}`),
+    });
+  }
+
+  private async serve(f: Fault, t: FaultThread): Promise<void> {
+    const page = f.offset / MEM_CHUNK_SIZE;
+    const t0 = performance.now();
+    this.inFlight.set(page, (this.inFlight.get(page) ?? 0) + 1);
+    try {
+      // A fault that cannot be served is retried, never answered with zeros: the
+      // guest waits (the lease may come back, the server may be reachable again).
+      for (let attempt = 0; ; attempt++) {
+        try {
+          const src = await servePage(this.core, this.pool, this.evictor, f, t, () => this.recordTouch(page));
+          this.faults++;
+          if (src === 'zero') this.zeroFaults++;
+          const waited = performance.now() - t0;
+          this.faultWait.ms += waited;
+          if (src === 'server') {
+            this.faultWait.server++;
+            this.faultWait.serverMs += waited;
+          }
+          return;
+        } catch (e) {
+          if (this.stopping || !t.running) throw e;
+          this.faultRetries++;
+          if (attempt % 10 === 0) this.log(`page fault at offset ${f.offset} not served yet (attempt ${attempt + 1}; retrying): ${errorChain(e)}`);
+          await new Promise((r) => setTimeout(r, Math.min(5_000, 250 * 2 ** attempt)));
+        }
+      }
+    } finally {
+      const n = this.inFlight.get(page)! - 1;
+      if (n === 0) this.inFlight.delete(page);
+      else this.inFlight.set(page, n);
+    }
+  }
+
+  private recordTouch(page: number): void {
+    this.onFault(page);
+    if (this.touched[page]) return;
+    this.touched[page] = 1;
+    this.firstTouch[this.firstTouches++] = page;
+  }
+
+  /**
+   * Install-ahead: puts these pages of guest RAM in place before the guest touches
+   * them, so its first touch does not fault. Only a page the policy does not count
+   * as sensitive, whose chunk is in the server's normal class, qualifies: such
+   * plaintext may stay on the device for the whole lease, while sensitive pages
+   * keep coming on demand (each key release audited) and keep a true first-touch
+   * trace. Pages resident, being faulted or reported free are skipped. Before each
+   * page the loop yields, so a fault that arrived goes first. Call once their
+   * ciphertext is cached (prefetch); returns how many it installed.
+   */
+  async installAhead(pages: Iterable<number>): Promise<number> {
+    let n = 0;
+    for (const page of pages) {
+      await new Promise((r) => setImmediate(r));
+      if (this.stopping || !this.thread?.running) break;
+      if (!this.mayInstallAhead(page)) continue;
+      // A page that cannot be read now is left to its fault, which retries and reports.
+      if (await this.installPage(page).catch(() => false)) n++;
+    }
+    this.installedAhead += n;
+    return n;
+  }
+
+  private mayInstallAhead(page: number): boolean {
+    const m = this.evictor.manager;
+    if (page >= this.pages || this.core.classOf('mem', page) !== 'normal') return false;
+    return !m.isSensitive(page) && !m.isFree(page) && !this.evictor.isResident(page) && !this.inFlight.has(page);
+  }
+
+  /** One page as a fault would install it, without counting as the guest's touch. */
+  private installPage(page: number): Promise<boolean> {
+    return this.pool.with(MEM_CHUNK_SIZE, async (buf) => {
+      const src = await this.core.readInto('mem', page, buf, { resident: true, writable: true });
+      const data = src === 'zero' ? null : buf;
+      await this.evictor.quiet();
+      // The guest may have faulted it meanwhile: then its fault's copy stands.
+      if (this.stopping || this.thread!.resolveOffset(page * MEM_CHUNK_SIZE, data) === 'present') return false;
+      this.evictor.recordFault(page, data);
+      return true;
+    });
+  }
+
+  /** How many pages the guest has touched (firstTouchOrder().length, without the copy). */
+  get firstTouchCount(): number {
+    return this.firstTouches;
+  }
+
+  /** The pages the guest touched this session, first touch first. */
+  firstTouchOrder(): Uint32Array {
+    return this.firstTouch.slice(0, this.firstTouches);
+  }
+
+  faultInFlight(page: number): boolean {
+    return this.inFlight.has(page);
+  }
+
+  /** Whether any fault is being served (a vCPU hold waits for none). */
+  busy(): boolean {
+    return this.inFlight.size > 0;
+  }
+
+  /** Faults already taken finish or fail; no new page is installed ahead. */
+  halt(): void {
+    this.stopping = true;
+  }
+
+  /** Stops the fault thread (after QEMU is gone). */
+  stop(): void {
+    this.stopping = true;
+    this.thread?.stop();
+  }
+}
