@@ -11,7 +11,7 @@ import { dataDirAuditKey, dataDirDb } from '../server/datadir.js';
 import { openServerDb, type Sql } from '../server/db.js';
 import { adminOpts } from './cmd-admin.js';
 import { adminClient, type AdminArgs } from './admin-client.js';
-import { auditHost, type HostAudit } from './host-audit.js';
+import { auditHost, type HostAudit } from './host-audit/index.js';
 import { emit, table, type OutOpts } from './output.js';
 
 interface LogEntry {

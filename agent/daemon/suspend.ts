@@ -1,4 +1,4 @@
-// `lethe agent suspend` (docs/handoff.md): holds the guest, encrypts every changed
+// `lethe agent suspend` (docs/eviction.md, suspend and handoff): holds the guest, encrypts every changed
 // page and the new device state into the cache, and checks them in with the dirty
 // disk chunks as a new version, which any device assigned the image resumes
 // post-copy. This session is over once it is committed.

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { control } from '../../agent/daemon/control.js';
 import type { AgentStatus } from '../../agent/daemon/start.js';
-import { agentLockedBytes } from '../../cli/host-audit.js';
+import { agentLockedBytes } from '../../cli/host-audit/index.js';
 import { KEY_SLAB_SLOTS } from '../../common/constants.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, ROOT, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type CliResult, type ServerProc } from '../helpers/proc.js';

@@ -4,7 +4,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { agentLockedBytes, auditHost, type CheckId, type HostCheck } from '../../cli/host-audit.js';
+import { agentLockedBytes, auditHost, type CheckId, type HostCheck } from '../../cli/host-audit/index.js';
 import { LetheError } from '../../common/errors.js';
 import { ROOT, tmpDir } from '../helpers/proc.js';
 
