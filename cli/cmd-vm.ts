@@ -264,7 +264,7 @@ async function saveDeviceState(vm: Vm, file: string): Promise<void> {
     fs.closeSync(fd);
   }
   if (head.toString('latin1') !== QEVM_MAGIC) {
-    throw new LetheError('INTERNAL', `the saved device state '${file}' does not start with ${QEVM_MAGIC}`);
+    throw new LetheError('VM_FAILED', `the saved device state '${file}' does not start with ${QEVM_MAGIC}`);
   }
 }
 

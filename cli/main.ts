@@ -52,6 +52,7 @@ main().catch((e: unknown) => {
     const line = suggestion ? `unknown command '${argv[0]}'` : msg.charAt(0).toLowerCase() + msg.slice(1);
     const hint = suggestion ? `did you mean '${suggestion[1]}'?` : "run 'lethe --help' for usage";
     process.stderr.write(`lethe: error: ${line}\nlethe: hint: ${hint}\n`);
+    if (wantsJson) process.stdout.write(JSON.stringify({ error: { code: 'BAD_REQUEST', message: line, hint } }) + '\n');
     process.exitCode = 2;
     return;
   }

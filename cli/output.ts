@@ -20,8 +20,7 @@ export function exitCodeFor(e: unknown): number {
 
 export function reportError(e: unknown, json: boolean): number {
   const le = e instanceof LetheError ? e : undefined;
-  const cause = le?.cause instanceof Error ? le.cause.message : undefined;
-  const message = le ? (le.code === 'SERVER_UNREACHABLE' && cause ? `${le.message} (${cause})` : le.message) : errorChain(e);
+  const message = causeChain(e);
   process.stderr.write(`lethe: error: ${message}\n`);
   if (le?.hint) process.stderr.write(`lethe: hint: ${le.hint}\n`);
   if (json) {
@@ -30,6 +29,24 @@ export function reportError(e: unknown, json: boolean): number {
     );
   }
   return exitCodeFor(e);
+}
+
+/**
+ * The error's message and then each cause's, as in `cannot run qemu-system-x86_64:
+ * ENOENT`: what failed, then why. A system error is said by its code (ENOENT,
+ * EADDRINUSE), which the message may already have put in words; a cause whose text
+ * the message already quotes is not said twice.
+ */
+export function causeChain(e: unknown): string {
+  let out = e instanceof Error ? e.message : errorChain(e);
+  let cur = e instanceof Error ? (e as Error & { cause?: unknown }).cause : undefined;
+  for (let n = 0; cur !== undefined && cur !== null && n < 8; n++) {
+    const code = (cur as { code?: unknown }).code;
+    const text = typeof code === 'string' && /^E[A-Z0-9]+$/.test(code) ? code : cur instanceof Error ? cur.message : String(cur);
+    if (text && !out.includes(text)) out += `: ${text}`;
+    cur = cur instanceof Error ? (cur as Error & { cause?: unknown }).cause : undefined;
+  }
+  return out;
 }
 
 /** A plain table: columns padded to the widest cell. */

@@ -46,6 +46,7 @@ export const ERROR_CODES = {
   UNLOCK_FAILED: 0,
   TPM_UNAVAILABLE: 0,
   NOT_ACKNOWLEDGED: 0,
+  VM_FAILED: 0,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -179,7 +179,7 @@ export function punchHole(fd: number, offset: number, length: number): void {
     addon().punchHole(fd, offset, length);
   } catch (e) {
     if (e instanceof LetheError) throw e;
-    throw new LetheError('INTERNAL', `cannot punch a hole of ${length} bytes at offset ${offset} of fd ${fd}`, { cause: e });
+    throw new LetheError('VM_FAILED', `cannot punch a hole of ${length} bytes at offset ${offset} of fd ${fd}`, { cause: e });
   }
 }
 
@@ -467,7 +467,7 @@ export class FaultThread {
   private event(kind: number, a: number, b: number | string): void {
     if (kind !== FAULT_KIND) {
       const cause = Object.assign(new Error(`${b}: ${a}`), { errno: a });
-      this.report(new LetheError('INTERNAL', `the fault thread of the mapping at ${hex(this.mapping.hello.base)} reported a failure`, { cause }));
+      this.report(new LetheError('VM_FAILED', `the fault thread of the mapping at ${hex(this.mapping.hello.base)} reported a failure`, { cause }));
       return;
     }
     const pageAddress = a - (a % PAGE_SIZE);
@@ -501,7 +501,7 @@ export class FaultThread {
       if (addon().resolveFault(this.handle, pageAddress, bytes) === 1) return 'present';
       return bytes ? 'copied' : 'zeroed';
     } catch (e) {
-      throw new LetheError('INTERNAL', `cannot serve page ${hex(pageAddress)} (file offset ${this.mapping.offsetOf(pageAddress)})`, { cause: e });
+      throw new LetheError('VM_FAILED', `cannot serve page ${hex(pageAddress)} (file offset ${this.mapping.offsetOf(pageAddress)})`, { cause: e });
     }
   }
 
@@ -539,5 +539,5 @@ export class FaultThread {
 }
 
 function faultError(f: Fault, cause: unknown): LetheError {
-  return new LetheError('INTERNAL', `cannot handle the ${f.write ? 'write' : 'read'} fault at file offset ${f.offset}`, { cause });
+  return new LetheError('VM_FAILED', `cannot handle the ${f.write ? 'write' : 'read'} fault at file offset ${f.offset}`, { cause });
 }

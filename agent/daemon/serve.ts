@@ -1,6 +1,7 @@
 // What a lease lets the agent serve: the VM's disk over NBD, then the VM itself,
 // resumed post-copy after its startup buffer (docs/uffd.md, docs/prefetch.md).
 import path from 'node:path';
+import { LetheError } from '../../common/errors.js';
 import type { TAgentPolicy } from '../../common/wire.js';
 import { builtGuestBoot } from '../../guest-driver/built.js';
 import type { AgentCore } from '../chunks/core.js';
@@ -65,7 +66,7 @@ export class Serving {
     if (!o.vm || this.vm || this.vmStarting || this.stopped()) return;
     this.vmStarting = true;
     const guest = builtGuestBoot();
-    if (!guest) throw new Error('no guest is built; build it with: npm run guest');
+    if (!guest) throw new LetheError('CONFIG', 'no guest is built to resume the VM with', { hint: 'build it once with: npm run guest' });
     const accel = await chooseAccel(o.vm.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
     const t0 = Date.now();
     const pf = await this.prefetcher.plan();

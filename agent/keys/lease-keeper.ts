@@ -25,6 +25,7 @@ import type { Identity } from './identity.js';
 import type { KeyRing } from './keyring.js';
 import { openCommand, PushRefused, type TPushCommand } from '../../common/push.js';
 import { readLastSeq, writeLastSeq } from '../remote/push-channel.js';
+import { Backoff } from '../remote/backoff.js';
 
 export type LeaseState = 'none' | 'active' | 'expired' | 'revoked' | 'wiping' | 'stopped';
 
@@ -37,7 +38,9 @@ export interface LeaseKeeperEvents {
   log: [string];
 }
 
+/** A lease asked for again after 250 ms, doubling to 5 s; a renewal the same, to a tenth of the TTL. */
 const RETRY_MIN_MS = 250;
+const ACQUIRE_RETRY_MAX_MS = 5_000;
 /** How long before an unrenewed lease runs out beforeExpiry starts: min(10 s, TTL/6). */
 export const expiryMargin = (ttlMs: number): number => Math.min(10_000, ttlMs / 6);
 /** How long beforeExpiry may take when it could not start a margin ahead (the server ended the lease, or the laptop slept). */
@@ -215,7 +218,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   }
 
   private async acquire(): Promise<void> {
-    let delay = RETRY_MIN_MS;
+    const pause = new Backoff(RETRY_MIN_MS, ACQUIRE_RETRY_MAX_MS);
     while (!this.final()) {
       try {
         const l = await this.client.lease(this.image);
@@ -228,8 +231,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
         if (this.refused(e)) return;
         this.lastError = e instanceof Error ? e.message : String(e);
         if (!isTransient(e)) this.emit('log', `lease refused: ${this.lastError}; retrying`);
-        await new Promise((r) => setTimeout(r, delay));
-        delay = Math.min(delay * 2, 5000);
+        await pause.wait();
       }
     }
   }
@@ -289,7 +291,8 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
   }
 
   private async renew(): Promise<void> {
-    let delay = RETRY_MIN_MS;
+    // Capped at a tenth of the TTL: several tries fit before the lease runs out.
+    const pause = new Backoff(RETRY_MIN_MS, () => Math.max(RETRY_MIN_MS, ((this.lease?.ttlSeconds ?? 0) * 1000) / 10));
     while (this.state === 'active' && this.lease) {
       try {
         const l = await this.client.renew(this.lease.leaseId);
@@ -305,8 +308,7 @@ export class LeaseKeeper extends EventEmitter<LeaseKeeperEvents> {
           return;
         }
         this.lastError = e instanceof Error ? e.message : String(e);
-        await new Promise((r) => setTimeout(r, delay));
-        delay = Math.min(delay * 2, Math.max(RETRY_MIN_MS, (this.lease.ttlSeconds * 1000) / 10));
+        await pause.wait();
       }
     }
   }

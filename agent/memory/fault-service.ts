@@ -8,7 +8,12 @@ import { errorChain } from '../../common/errors.js';
 import { FaultThread, type Fault, type UffdMapping } from '../../native/index.js';
 import type { BufferPool } from '../chunks/buffer-pool.js';
 import type { AgentCore, ReadSource } from '../chunks/core.js';
+import { backoffMs, sleep } from '../remote/backoff.js';
 import type { Evictor } from './evictor.js';
+
+/** A fault that could not be served is tried again after 250 ms, doubling to 5 s. */
+const FAULT_RETRY_MS = 250;
+const FAULT_RETRY_MAX_MS = 5_000;
 
 /** What the fault service needs of the evictor. */
 export type FaultEvictor = Pick<Evictor, 'quiet' | 'recordFault' | 'isResident' | 'manager'>;
@@ -107,7 +112,7 @@ export class FaultService {
           if (this.stopping || !t.running) throw e;
           this.faultRetries++;
           if (attempt % 10 === 0) this.log(`page fault at offset ${f.offset} not served yet (attempt ${attempt + 1}; retrying): ${errorChain(e)}`);
-          await new Promise((r) => setTimeout(r, Math.min(5_000, 250 * 2 ** attempt)));
+          await sleep(backoffMs(FAULT_RETRY_MS, FAULT_RETRY_MAX_MS, attempt));
         }
       }
     } finally {

@@ -12,6 +12,7 @@ import { signRequest } from '../../common/signing.js';
 import * as wire from '../../common/wire.js';
 import type { ChunkKind } from '../../common/constants.js';
 import type { Identity } from '../keys/identity.js';
+import { backoffMs, sleep } from './backoff.js';
 
 /** Answers that refuse the device itself, whatever it asked. */
 export const DEVICE_REFUSALS: readonly ErrorCode[] = ['DEVICE_REVOKED', 'DEVICE_WIPED', 'DEVICE_WIPE_PENDING'];
@@ -71,7 +72,7 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
         // Every URL tried once: pause before the next round (a replica restarting, a balancer noticing).
         const round = Math.floor((attempt + 1) / this.servers.length);
         if ((attempt + 1) % this.servers.length === 0) {
-          await new Promise((r) => setTimeout(r, Math.min(FAILOVER_PAUSE_MAX_MS, FAILOVER_PAUSE_MS * 2 ** (round - 1))));
+          await sleep(backoffMs(FAILOVER_PAUSE_MS, FAILOVER_PAUSE_MAX_MS, round - 1));
         }
       }
     }

@@ -5,6 +5,7 @@
 // (server unreachable, 5xx, rate limited) are retried with capped exponential backoff: for
 // 30 s, and demand requests no later than the lease's eviction point.
 import { setTimeout as sleep } from 'node:timers/promises';
+import { backoffMs } from './backoff.js';
 import type { ChunkKind } from '../../common/constants.js';
 import { LetheError } from '../../common/errors.js';
 import { MAX_BATCH } from '../../common/constants.js';
@@ -30,7 +31,7 @@ export async function withRetry<T>(fn: () => Promise<T>, deadlineMs: number, onR
     } catch (e) {
       if (!isTransient(e) || Date.now() >= deadlineMs) throw e;
       onRetry?.(e);
-      await sleep(Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** attempt, Math.max(0, deadlineMs - Date.now())));
+      await sleep(Math.min(backoffMs(RETRY_BASE_MS, RETRY_MAX_MS, attempt), Math.max(0, deadlineMs - Date.now())));
     }
   }
 }

@@ -11,6 +11,7 @@ import type WebSocket from 'ws';
 import { LetheError } from '../../common/errors.js';
 import { writeFileAtomic } from '../../common/fsutil.js';
 import type { DeviceClient } from './device-client.js';
+import { backoffMs } from './backoff.js';
 
 /** Reconnection pauses: from 250 ms, doubling to 10 s, each a random time up to the pause (full jitter). */
 const RECONNECT_MIN_MS = 250;
@@ -109,9 +110,8 @@ export class PushChannel extends EventEmitter<PushEvents> {
 
   private again(): void {
     if (this.stopped) return;
-    const cap = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** Math.min(this.failures, 10));
     clearTimeout(this.retry);
-    this.retry = setTimeout(() => void this.connect(), Math.random() * cap);
+    this.retry = setTimeout(() => void this.connect(), Math.random() * backoffMs(RECONNECT_MIN_MS, RECONNECT_MAX_MS, this.failures));
   }
 
   stop(): void {

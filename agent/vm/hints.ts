@@ -309,7 +309,7 @@ export class HintChannel extends EventEmitter {
   dropCache(timeoutMs = DROP_CACHE_TIMEOUT_MS): Promise<{ files: number; pages: number }> {
     if (!this.up) {
       return Promise.reject(
-        new LetheError('INTERNAL', 'cannot drop the guest page cache: the guest driver is not connected', {
+        new LetheError('VM_FAILED', 'cannot drop the guest page cache: the guest driver is not connected', {
           hint: "check that the guest runs lethe-guestd (its console says 'LETHE-GUESTD started')",
         }),
       );
@@ -320,7 +320,7 @@ export class HintChannel extends EventEmitter {
         reject,
         timer: setTimeout(() => {
           this.drops = this.drops.filter((d) => d !== entry);
-          reject(new LetheError('INTERNAL', `the guest driver did not answer drop-cache within ${timeoutMs / 1000} s`));
+          reject(new LetheError('VM_FAILED', `the guest driver did not answer drop-cache within ${timeoutMs / 1000} s`));
         }, timeoutMs),
       };
       this.drops.push(entry);
@@ -475,7 +475,7 @@ export class HintChannel extends EventEmitter {
     this.drops = [];
     for (const d of drops) {
       clearTimeout(d.timer);
-      d.reject(new LetheError('INTERNAL', message));
+      d.reject(new LetheError('VM_FAILED', message));
     }
   }
 }

@@ -306,7 +306,7 @@ export class Vm {
       const status = await Promise.race([exited, spawnError.then(() => undefined)]);
       fs.rmSync(runDir, { recursive: true, force: true });
       if (e instanceof LetheError && e.code === 'CONFIG') throw e;
-      throw new LetheError('INTERNAL', describeEnd('qemu did not start', status, stderr, spec.hideConsole ? null : console), { cause: e });
+      throw new LetheError('VM_FAILED', describeEnd('qemu did not start', status, stderr, spec.hideConsole ? null : console), { cause: e });
     }
   }
 
@@ -345,10 +345,10 @@ export class Vm {
         if (m) done(() => resolve(m));
       };
       const onTimeout = () => {
-        done(() => reject(new LetheError('INTERNAL', describeEnd(`timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what} (qemu killed)`, undefined, this.stderr, this.shownConsole))));
+        done(() => reject(new LetheError('VM_FAILED', describeEnd(`timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what} (qemu killed)`, undefined, this.stderr, this.shownConsole))));
         void this.kill();
       };
-      const onExit = (s: ExitStatus) => done(() => reject(new LetheError('INTERNAL', describeEnd(`qemu exited while waiting for ${what}`, s, this.stderr, this.shownConsole))));
+      const onExit = (s: ExitStatus) => done(() => reject(new LetheError('VM_FAILED', describeEnd(`qemu exited while waiting for ${what}`, s, this.stderr, this.shownConsole))));
       let settled = false;
       const done = (settle: () => void) => {
         if (settled) return;
@@ -376,9 +376,9 @@ export class Vm {
       const info = await this.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
       if (info.status === 'completed') return;
       if (info.status === 'failed' || info.status === 'cancelled') {
-        throw new LetheError('INTERNAL', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
+        throw new LetheError('VM_FAILED', `saving the device state failed: ${info['error-desc'] ?? info.status}`);
       }
-      if (Date.now() > deadline) throw new LetheError('INTERNAL', `saving the device state took over ${timeoutMs / 1000} s`);
+      if (Date.now() > deadline) throw new LetheError('VM_FAILED', `saving the device state took over ${timeoutMs / 1000} s`);
       await new Promise((r) => setTimeout(r, 20));
     }
   }
@@ -462,7 +462,7 @@ function spawnFailure(e: Error): LetheError {
   if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
     return new LetheError('CONFIG', `${QEMU_BINARY} is not installed`, { hint: SETUP_HINT });
   }
-  return new LetheError('INTERNAL', `cannot run ${QEMU_BINARY}`, { cause: e });
+  return new LetheError('VM_FAILED', `cannot run ${QEMU_BINARY}`, { cause: e });
 }
 
 /** "HEADLINE: qemu exited with status 1", then QEMU's own messages and the console's last lines (unless `console` is null). */

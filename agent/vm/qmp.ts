@@ -20,7 +20,7 @@ export class QmpError extends LetheError {
   readonly command: string;
 
   constructor(command: string, qmpClass: string, desc: string) {
-    super('INTERNAL', `qemu refused '${command}': ${desc} (${qmpClass})`);
+    super('VM_FAILED', `qemu refused '${command}': ${desc} (${qmpClass})`);
     this.name = 'QmpError';
     this.qmpClass = qmpClass;
     this.command = command;
@@ -92,7 +92,7 @@ export class QmpClient extends EventEmitter {
     return new Promise((resolve, reject) => {
       const onEvent = (e: QmpEvent) => e.event === name && done(() => resolve(e));
       const onClose = () => done(() => reject(closedError(`waiting for event ${name}`)));
-      const timer = setTimeout(() => done(() => reject(new LetheError('INTERNAL', `no QMP event ${name} from qemu within ${timeoutMs} ms`))), timeoutMs);
+      const timer = setTimeout(() => done(() => reject(new LetheError('VM_FAILED', `no QMP event ${name} from qemu within ${timeoutMs} ms`))), timeoutMs);
       const done = (settle: () => void) => {
         clearTimeout(timer);
         this.off('event', onEvent);
@@ -114,11 +114,11 @@ export class QmpClient extends EventEmitter {
 
   private readGreeting(timeoutMs: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new LetheError('INTERNAL', 'qemu sent no QMP greeting')), Math.max(timeoutMs, 1));
+      const timer = setTimeout(() => reject(new LetheError('VM_FAILED', 'qemu sent no QMP greeting')), Math.max(timeoutMs, 1));
       this.greeting = (msg) => {
         clearTimeout(timer);
         if ('QMP' in msg) resolve();
-        else reject(new LetheError('INTERNAL', `qemu's QMP greeting is not one: ${JSON.stringify(msg).slice(0, 200)}`));
+        else reject(new LetheError('VM_FAILED', `qemu's QMP greeting is not one: ${JSON.stringify(msg).slice(0, 200)}`));
       };
       this.once('close', () => {
         clearTimeout(timer);
@@ -168,7 +168,7 @@ export class QmpClient extends EventEmitter {
 }
 
 function closedError(what: string): LetheError {
-  return new LetheError('INTERNAL', `qemu closed its QMP connection before answering '${what}'`);
+  return new LetheError('VM_FAILED', `qemu closed its QMP connection before answering '${what}'`);
 }
 
 async function connectWithRetry(socketPath: string, deadline: number, alive: () => boolean): Promise<net.Socket> {
@@ -179,7 +179,7 @@ async function connectWithRetry(socketPath: string, deadline: number, alive: () 
       const code = (e as NodeJS.ErrnoException).code;
       const retriable = code === 'ENOENT' || code === 'ECONNREFUSED';
       if (!retriable || !alive() || Date.now() >= deadline) {
-        throw new LetheError('INTERNAL', `cannot connect to qemu's QMP socket ${socketPath}`, { cause: e });
+        throw new LetheError('VM_FAILED', `cannot connect to qemu's QMP socket ${socketPath}`, { cause: e });
       }
       await sleep(CONNECT_RETRY_MS);
     }

@@ -213,7 +213,7 @@ export class AgentVm implements EvictTarget {
     for (;;) {
       const st = await this.vm.qmp.execute<{ running: boolean }>('query-status');
       if (!st.running) return;
-      if (Date.now() - t0 > timeoutMs) throw new LetheError('INTERNAL', `the guest did not stop within ${timeoutMs / 1000} s`);
+      if (Date.now() - t0 > timeoutMs) throw new LetheError('VM_FAILED', `the guest did not stop within ${timeoutMs / 1000} s`);
       await new Promise((r) => setTimeout(r, 20));
     }
   }
@@ -260,7 +260,7 @@ export class AgentVm implements EvictTarget {
         o.runDir,
       );
       const m = await withTimeout(mapping, HANDSHAKE_MS, 'the shim did not hand over guest RAM');
-      if (m.hello.pid !== vm.pid) throw new LetheError('INTERNAL', `a RAM mapping arrived from pid ${m.hello.pid}, not QEMU's ${vm.pid}`);
+      if (m.hello.pid !== vm.pid) throw new LetheError('VM_FAILED', `a RAM mapping arrived from pid ${m.hello.pid}, not QEMU's ${vm.pid}`);
       // Once the guest runs, the file leaves /dev/shm (below); our own fd stays for
       // punching holes. Its pages are freed when QEMU and the agent are gone, even
       // after a kill -9 of either, so no guest RAM outlives the session.
@@ -280,7 +280,7 @@ export class AgentVm implements EvictTarget {
         if (status) {
           await listener.close();
           fs.rmSync(ramPath, { force: true });
-          throw new LetheError('INTERNAL', vm.describe('qemu exited while resuming', status), { cause: e });
+          throw new LetheError('VM_FAILED', vm.describe('qemu exited while resuming', status), { cause: e });
         }
       }
       await vm?.kill();
@@ -334,14 +334,14 @@ async function streamState(core: AgentCore, vm: Vm, runDir: string, runAs: QemuU
       await vm.qmp.execute('cont');
       return;
     }
-    if (Date.now() - t0 > MIGRATION_MS) throw new LetheError('INTERNAL', `the device state did not load (QEMU status '${st.status}')`);
+    if (Date.now() - t0 > MIGRATION_MS) throw new LetheError('VM_FAILED', `the device state did not load (QEMU status '${st.status}')`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new LetheError('INTERNAL', `${what} within ${ms / 1000} s`)), ms);
+    const t = setTimeout(() => reject(new LetheError('VM_FAILED', `${what} within ${ms / 1000} s`)), ms);
     p.then(
       (v) => {
         clearTimeout(t);

@@ -15,6 +15,7 @@ import { MAGIC_DISK, PAGE_SIZE, checkPage } from '../../guest-driver/page-format
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { SUITE_TIMEOUT_MS, consoleLine } from '../helpers/progress.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -60,7 +61,7 @@ describe('disk path: NBD from the agent (real server, agent, clients and QEMU)',
     expect(cmp.stdout).to.equal('Images are identical.\n');
     const copy = path.join(dir, 'copy.raw');
     await run('nbdcopy', [uri(), copy]);
-    expect(fs.readFileSync(copy).equals(fs.readFileSync(guest.disk))).to.equal(true);
+    expectSameBytes(fs.readFileSync(copy), fs.readFileSync(guest.disk));
     const st = await status();
     expect(st.reads.fromServer).to.be.greaterThan(0);
   });
@@ -103,7 +104,7 @@ describe('disk path: NBD from the agent (real server, agent, clients and QEMU)',
     // The check-in is this device's branch: the image's shared version stays 1 (docs/branches.md).
     expect((await lethe(['image', 'pull', `guest@${out.version}`, '--out', pulled], s.env)).code).to.equal(0);
     const disk = fs.readFileSync(path.join(pulled, 'disk.raw'));
-    expect(disk.equals(fs.readFileSync(before)), 'the new version is what the guest left on the export').to.equal(true);
+    expectSameBytes(disk, fs.readFileSync(before), 'the new version is what the guest left on the export');
     const written = execFileSync('debugfs', ['-R', 'cat /written.blk', path.join(pulled, 'disk.raw')], { maxBuffer: 64 * MiB, stdio: ['ignore', 'pipe', 'ignore'] });
     expect(written.length).to.equal(1024 * PAGE_SIZE);
     for (let i = 0; i < 1024; i += 97) expect(checkPage(written.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), MAGIC_DISK).ok, `block ${i}`).to.equal(true);

@@ -19,6 +19,7 @@ import { closeIdentity, homeFiles, loadIdentity, type DeviceInfo } from '../../a
 import type { RunningAgent } from '../../agent/daemon/start.js';
 import { admin, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice, type TestImage } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const PAGE = 4096;
 
@@ -129,7 +130,7 @@ describe('issue #14: device branches (real server process)', function () {
     expect(agent.core.manifest!.version).to.equal(img.version + 1);
     const out = Buffer.alloc(PAGE);
     await agent.core.readInto('mem', 0, out);
-    expect(out.equals(mine)).to.equal(true);
+    expectSameBytes(out, mine);
     expect((await servedToB()).version).to.equal(img.version);
   });
 

@@ -126,20 +126,6 @@ describe('lethe audit host (CLI)', function () {
       fs.rmSync(root, { recursive: true, force: true });
     }
   });
-
-  it('a --pid that is not a running process is a usage error with a hint', async () => {
-    const bad = await lethe(['audit', 'host', '--pid', 'agent']);
-    expect([bad.code, bad.stdout, bad.stderr]).to.deep.equal([
-      2,
-      '',
-      "lethe: error: bad --pid: 'agent'\nlethe: hint: give the process id of a running agent, e.g. from pgrep -f 'lethe agent'\n",
-    ]);
-    const gone = await lethe(['audit', 'host', '--pid', '4194305', '--json']);
-    expect(gone.code).to.equal(2);
-    expect(JSON.parse(gone.stdout)).to.deep.equal({
-      error: { code: 'BAD_REQUEST', message: 'no process 4194305', hint: "give the process id of a running agent, e.g. from pgrep -f 'lethe agent'" },
-    });
-  });
 });
 
 /** The process's locked memory now, from VmLck in /proc/PID/status (in kB there). */

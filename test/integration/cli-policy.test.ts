@@ -89,17 +89,6 @@ describe('lethe policy (CLI)', function () {
     expect(r.stdout).to.match(new RegExp(`^${broken.replace(/[.]/g, '\\.')}:4: error: \\(syntax\\): flow sequence .*\n1 policy file checked: 1 error, no warnings\n$`));
   });
 
-  it('a missing file or a directory is a clear error naming it (exit 2)', async () => {
-    const missing = path.join(dir, 'nope.yaml');
-    const r = await lethe(['policy', 'check', DEFAULT, missing]);
-    expect(r).to.deep.equal({ code: 2, stdout: '', stderr: `lethe: error: no policy file '${missing}'\nlethe: hint: check the path\n` });
-    const d = await lethe(['policy', 'explain', dir]);
-    expect(d).to.deep.equal({ code: 2, stdout: '', stderr: `lethe: error: '${dir}' is a directory, not a policy file\nlethe: hint: name a .yaml file\n` });
-    const none = await lethe(['policy', 'check']);
-    expect(none.code).to.equal(2);
-    expect(none.stderr).to.equal("lethe: error: not enough non-option arguments: got 0, need at least 1\nlethe: hint: run 'lethe --help' for usage\n");
-  });
-
   it('explain: plain words for finance-strict (exit 0)', async () => {
     const r = await lethe(['policy', 'explain', STRICT]);
     expect(r.code).to.equal(0);

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { AgentDiskBackend } from '../../agent/disk/backend.js';
 import { sha256 } from '../../common/crypto.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const CHUNK = 128 * 1024;
 const CHUNKS = 6;
@@ -25,7 +26,7 @@ describe('disk range reads (real server)', function () {
     const out = Buffer.alloc(length, 0xee);
     const src = await t.agent.core.readRange('disk', index, from, out);
     const at = index * CHUNK + from;
-    expect(out.equals(t.img.plain.disk.subarray(at, at + length)), `chunk ${index} bytes ${from}+${length}`).to.equal(true);
+    expectSameBytes(out, t.img.plain.disk.subarray(at, at + length), `chunk ${index} bytes ${from}+${length}`);
     return src;
   }
 
@@ -61,7 +62,7 @@ describe('disk range reads (real server)', function () {
       // 4 KiB and 256 KiB come from the locked pool, 300 KiB takes the large buffer; chunk 1 is sensitive.
       for (const [at, len] of [[CHUNK + 5, 4096], [0, 256 * 1024], [3000, 300 * 1024]]) {
         const reply = await disk.read(at, len);
-        expect(reply.equals(t.img.plain.disk.subarray(at, at + len)), `bytes ${at}+${len}`).to.equal(true);
+        expectSameBytes(reply, t.img.plain.disk.subarray(at, at + len), `bytes ${at}+${len}`);
         disk.release(reply);
         expect(reply.every((b) => b === 0), `reply of ${len} bytes zeroed`).to.equal(true);
       }
@@ -82,7 +83,7 @@ describe('disk range reads (real server)', function () {
       expect(next, 'a second long read waits for the large buffer').to.equal(undefined);
       disk.release(held.pop()!);
       await waiting;
-      expect(next!.equals(t.img.plain.disk.subarray(CHUNK, CHUNK + len))).to.equal(true);
+      expectSameBytes(next!, t.img.plain.disk.subarray(CHUNK, CHUNK + len));
       held.push(next!);
     } finally {
       for (const b of held) disk.release(b);
@@ -112,7 +113,7 @@ describe('disk range reads (real server)', function () {
     for (const [from, len] of [[0, 512], [777, 3000], [CHUNK - 64, 64]]) {
       const out = Buffer.alloc(len);
       await t.agent.core.readRange('disk', 3, from, out);
-      expect(out.equals(next.subarray(from, from + len)), `bytes ${from}+${len}`).to.equal(true);
+      expectSameBytes(out, next.subarray(from, from + len), `bytes ${from}+${len}`);
     }
   });
 });

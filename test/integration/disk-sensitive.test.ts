@@ -13,6 +13,7 @@ import type { AgentStatus } from '../../agent/daemon/start.js';
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../helpers/fixtures.js';
 import { scanProcess } from '../helpers/scan.js';
 import { startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -55,8 +56,8 @@ describe('sensitive disk ranges over NBD (real server, agent and clients)', func
     const dir = tmpDir();
     // nbdcopy reads over 4 connections with many requests in flight.
     await Promise.all([run('nbdcopy', [uri(), path.join(dir, 'a.raw')]), run('nbdcopy', [uri(), path.join(dir, 'b.raw')])]);
-    expect(fs.readFileSync(path.join(dir, 'a.raw')).equals(disk)).to.equal(true);
-    expect(fs.readFileSync(path.join(dir, 'b.raw')).equals(disk)).to.equal(true);
+    expectSameBytes(fs.readFileSync(path.join(dir, 'a.raw')), disk);
+    expectSameBytes(fs.readFileSync(path.join(dir, 'b.raw')), disk);
     fs.rmSync(dir, { recursive: true, force: true });
     const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
     expect(st.resident.sensitive, 'sensitive chunks are not kept decrypted').to.equal(0);
@@ -101,8 +102,8 @@ describe('sensitive disk ranges over NBD (real server, agent and clients)', func
     await run('nbdcopy', [uri(), copy]);
     const now = fs.readFileSync(copy);
     fs.rmSync(path.dirname(file), { recursive: true, force: true });
-    expect(now.subarray(1 * MiB, 1 * MiB + block.length).equals(block)).to.equal(true);
-    expect(now.subarray(6 * MiB, 6 * MiB + block.length).equals(block)).to.equal(true);
+    expectSameBytes(now.subarray(1 * MiB, 1 * MiB + block.length), block);
+    expectSameBytes(now.subarray(6 * MiB, 6 * MiB + block.length), block);
     const st = await control<AgentStatus>(dev.home, { cmd: 'status' });
     expect(st.cache.dirty).to.be.at.least(2);
     for (const f of filesUnder(dev.home)) {

@@ -6,6 +6,7 @@ import { LetheError } from '../../common/errors.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { signRequest } from '../../common/signing.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 describe('durability (real server process)', function () {
   this.timeout(120_000);
@@ -69,7 +70,7 @@ describe('durability (real server process)', function () {
       const key = openSealed(d.id.box, Buffer.from(keys.sealed, 'base64url'));
       const out = Buffer.alloc(4096);
       decryptChunkInto(out, key, { imageId: Buffer.from(lease.imageId, 'hex'), gen: keys.chunks[0].gen, kind: 'mem', index: 0, cls: 'sensitive' }, blob);
-      expect(out.equals(Buffer.alloc(4096, 9))).to.equal(true);
+      expectSameBytes(out, Buffer.alloc(4096, 9));
       wipe(key);
       d.close();
     } finally {

@@ -91,14 +91,6 @@ describe('enrollment (real server process)', function () {
     expect(ok.code, ok.stderr).to.equal(0);
   });
 
-  it('admin commands without settings say which are missing', async () => {
-    const r = await lethe(['admin', 'devices'], { LETHE_SERVER: '', LETHE_ADMIN_TOKEN: '', LETHE_PIN: '' });
-    expect(r.code).to.equal(2);
-    expect(r.stderr).to.equal(
-      "lethe: error: admin commands need LETHE_SERVER, LETHE_ADMIN_TOKEN, LETHE_PIN\nlethe: hint: set them from the output of 'lethe server init' (or pass --server, --admin-token, --pin)\n",
-    );
-  });
-
   it('a wrong admin token gets 401 and a hint, as text and as JSON', async () => {
     const r = await lethe(['admin', 'devices', '--json'], { ...s.env, LETHE_ADMIN_TOKEN: 'lethe-admin-wrong' });
     expect(r.code).to.equal(1);

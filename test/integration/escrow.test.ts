@@ -14,6 +14,7 @@ import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice, typ
 import { ROOT } from '../helpers/proc.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 describe('escrow: leases, sealed keys, chunks (real server process)', function () {
   let s: ServerProc;
@@ -82,7 +83,7 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
         const key = chunkKey(ck, coord);
         const out = Buffer.alloc(CHUNK_SIZE[kind]);
         decryptChunkInto(out, key, coord, blob);
-        expect(out.equals(img.plain[kind].subarray(index * CHUNK_SIZE[kind], (index + 1) * CHUNK_SIZE[kind]))).to.equal(true);
+        expectSameBytes(out, img.plain[kind].subarray(index * CHUNK_SIZE[kind], (index + 1) * CHUNK_SIZE[kind]));
         wipe(key);
       });
     }
@@ -112,7 +113,7 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
       const coord: ChunkCoord = { imageId, gen: res.chunks[i].gen, kind: 'mem', index: r.index, cls: 'sensitive' };
       const out = Buffer.alloc(4096);
       decryptChunkInto(out, keys.subarray(i * KEY_BYTES, (i + 1) * KEY_BYTES), coord, blobs[i]);
-      expect(out.equals(img.plain.mem.subarray(r.index * 4096, (r.index + 1) * 4096))).to.equal(true);
+      expectSameBytes(out, img.plain.mem.subarray(r.index * 4096, (r.index + 1) * 4096));
     });
     wipe(keys);
 

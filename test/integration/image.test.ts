@@ -12,6 +12,7 @@ import { lethe, ROOT, startServer, tmpDir, type ServerProc } from '../helpers/pr
 import { admin, agentInProcess, rejects, testUnlock } from '../helpers/fixtures.js';
 import { DeviceClient } from '../../agent/remote/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 interface PushOut {
   image: string;
@@ -65,7 +66,7 @@ describe('lethe image (real server process)', function () {
       [f.mem, 'ram.bin'],
       [f.state, 'state.bin'],
     ]) {
-      expect(fs.readFileSync(path.join(out, b)).equals(fs.readFileSync(a)), b).to.equal(true);
+      expectSameBytes(fs.readFileSync(path.join(out, b)), fs.readFileSync(a), b);
     }
     const ls = JSON.parse((await lethe(['image', 'ls', '--json'], s.env)).stdout) as {
       images: { name: string; stored: { chunks: number; bytes: number } }[];
@@ -91,7 +92,7 @@ describe('lethe image (real server process)', function () {
     expect(second.chunks.unchanged).to.equal(first.chunks.uploaded - 2);
     const out = path.join(dir, 'v2');
     expect((await lethe(['image', 'pull', 'versions@2', '--out', out], s.env)).code).to.equal(0);
-    expect(fs.readFileSync(path.join(out, 'ram.bin')).equals(mem)).to.equal(true);
+    expectSameBytes(fs.readFileSync(path.join(out, 'ram.bin')), mem);
     const old = path.join(dir, 'v1');
     expect((await lethe(['image', 'pull', 'versions@1', '--out', old], s.env)).code).to.equal(0);
     expect(fs.readFileSync(path.join(old, 'ram.bin')).equals(mem)).to.equal(false);

@@ -13,6 +13,7 @@ import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
 import * as P from '../../agent/disk/nbd/protocol.js';
 import { NbdServer, type BlockBackend, type NbdServerOptions } from '../../agent/disk/nbd/server.js';
 import { tmpDir, waitFor } from '../helpers/proc.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -389,7 +390,7 @@ describe('nbd server (real clients: qemu-io, qemu-img, nbdinfo, nbdcopy)', funct
     const before = server.stats().connections.total;
     const r = await run('nbdcopy', [uri(sock, 'disk'), out]);
     expect(r.code, r.stderr).to.equal(0);
-    expect(fs.readFileSync(out).equals(ref)).to.equal(true);
+    expectSameBytes(fs.readFileSync(out), ref);
     // CAN_MULTI_CONN: nbdcopy opens more than one connection.
     expect(server.stats().connections.total - before).to.be.greaterThan(1);
 
@@ -398,7 +399,7 @@ describe('nbd server (real clients: qemu-io, qemu-img, nbdinfo, nbdcopy)', funct
     const w = await run('nbdcopy', ['--flush', path.join(dir, 'in.raw'), uri(sock, 'disk')]);
     expect(w.code, w.stderr).to.equal(0);
     ref = incoming;
-    expect((await disk.read(0, SIZE)).equals(ref)).to.equal(true);
+    expectSameBytes((await disk.read(0, SIZE)), ref);
     fs.rmSync(out);
   });
 
@@ -418,7 +419,7 @@ describe('nbd server (real clients: qemu-io, qemu-img, nbdinfo, nbdcopy)', funct
     idle.request(P.NBD_CMD_READ, { offset: 6 * MiB, length: 4096, cookie: 9n });
     const r = await idle.reply(4096);
     expect(r.error).to.equal(0);
-    expect(r.payload.equals(ref.subarray(6 * MiB, 6 * MiB + 4096))).to.equal(true);
+    expectSameBytes(r.payload, ref.subarray(6 * MiB, 6 * MiB + 4096));
     idle.request(P.NBD_CMD_DISC);
     expect(await idle.closesWithin(2000)).to.equal(true);
     const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', uri(sock, 'disk'), refFile()]);
@@ -437,7 +438,7 @@ describe('nbd server (real clients: qemu-io, qemu-img, nbdinfo, nbdcopy)', funct
     c.request(P.NBD_CMD_WRITE_ZEROES, { length: 512, cookie: 2n });
     expect((await c.reply()).error).to.equal(P.NBD_EPERM);
     c.request(P.NBD_CMD_READ, { length: 512, cookie: 3n });
-    expect((await c.reply(512)).payload.equals(roContent.subarray(0, 512))).to.equal(true);
+    expectSameBytes((await c.reply(512)).payload, roContent.subarray(0, 512));
     c.destroy();
   });
 });
@@ -538,7 +539,7 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     const r = await c.reply();
     expect(r).to.include({ kind: 'structured', type: P.NBD_REPLY_TYPE_OFFSET_DATA, flags: P.NBD_REPLY_FLAG_DONE, cookie: 5n });
     expect(r.payload.readBigUInt64BE(0)).to.equal(8192n);
-    expect(r.payload.subarray(8).equals(Buffer.alloc(4096, 0xee))).to.equal(true);
+    expectSameBytes(r.payload.subarray(8), Buffer.alloc(4096, 0xee));
     c.request(P.NBD_CMD_READ, { cookie: 6n, offset: 4 * MiB, length: 1 });
     const e = await c.reply();
     expect(e).to.include({ type: P.NBD_REPLY_TYPE_ERROR, error: P.NBD_EINVAL, cookie: 6n });
@@ -556,7 +557,7 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     const data = randomBytes(4096);
     c.request(P.NBD_CMD_WRITE, { cookie: 1n, offset: 0, data });
     expect((await c.reply()).error).to.equal(0);
-    expect((await file.read(0, 4096)).equals(data), 'the payload reached the file').to.equal(true);
+    expectSameBytes((await file.read(0, 4096)), data, 'the payload reached the file');
     c.request(P.NBD_CMD_WRITE, { cookie: 2n, offset: 4096, data: randomBytes(512) });
     expect((await c.reply()).error).to.equal(P.NBD_ENOSPC);
     expect(payloads.released, 'both payloads back, each once').to.have.members([...payloads.given]);
@@ -665,7 +666,7 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     h.request(P.NBD_CMD_READ, { cookie: 11n, offset: 0, length: 512 });
     const ok = await h.reply(512);
     expect(ok).to.include({ error: 0, cookie: 11n });
-    expect(ok.payload.equals(Buffer.alloc(512))).to.equal(true);
+    expectSameBytes(ok.payload, Buffer.alloc(512));
     // An oversized write: answered, then the connection is closed (its payload is not read)
     h.request(P.NBD_CMD_WRITE, { cookie: 12n, length: 64 * MiB });
     expect(await h.reply()).to.include({ error: P.NBD_EINVAL, cookie: 12n });
@@ -742,7 +743,7 @@ describe('nbd server semantics (raw client and probe backends)', function () {
       c.option(P.NBD_OPT_EXPORT_NAME, Buffer.from('disk'));
       const r = await c.read(10);
       expect(r.readBigUInt64BE(0)).to.equal(BigInt(4 * MiB));
-      if (!noZeroes) expect((await c.read(124)).equals(Buffer.alloc(124))).to.equal(true);
+      if (!noZeroes) expectSameBytes((await c.read(124)), Buffer.alloc(124));
       c.request(P.NBD_CMD_READ, { cookie: 3n, length: 16 });
       expect(await c.reply(16)).to.include({ kind: 'simple', error: 0, cookie: 3n });
       c.request(P.NBD_CMD_DISC);
@@ -768,7 +769,7 @@ describe('nbd server semantics (raw client and probe backends)', function () {
     expect(await c.closesWithin(2000)).to.equal(true);
     expect(await h.closesWithin(2000)).to.equal(true);
     expect(fs.existsSync(sock)).to.equal(false);
-    expect((await file.read(0, 4096)).equals(Buffer.alloc(4096, 3))).to.equal(true);
+    expectSameBytes((await file.read(0, 4096)), Buffer.alloc(4096, 3));
   });
 
   it('listens on loopback TCP only, replaces a stale socket file and refuses a live one', async () => {

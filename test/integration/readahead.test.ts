@@ -4,6 +4,7 @@
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const PAGE = 4096;
 const PAGES = 64;
@@ -17,7 +18,7 @@ describe('readahead of guest RAM (real server)', function () {
   async function read(i: number): Promise<string> {
     const out = Buffer.alloc(PAGE);
     const src = await t.agent.core.readInto('mem', i, out, { resident: true });
-    expect(out.equals(page(i)), `page ${i}`).to.equal(true);
+    expectSameBytes(out, page(i), `page ${i}`);
     return src;
   }
 

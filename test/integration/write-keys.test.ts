@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { DeviceClient } from '../../agent/remote/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { agentInProcessSuite, rejects, testUnlock } from '../helpers/fixtures.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const PAGE = 4096;
 
@@ -22,9 +23,9 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     expect(core.hasWriteKey('mem', 1), 'the write key left with the page').to.equal(false);
     const out = Buffer.alloc(PAGE);
     expect(await core.readInto('mem', 0, out)).to.equal('server');
-    expect(out.equals(page(0))).to.equal(true);
+    expectSameBytes(out, page(0));
     await core.readInto('mem', 1, out);
-    expect(out.equals(mine)).to.equal(true);
+    expectSameBytes(out, mine);
   });
 
   it('a fault on guest RAM brings the write keys of its neighbours in the same request', async () => {
@@ -53,7 +54,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     const before = core.stats.keyRequests;
     await core.readInto('mem', 2, out);
     expect(core.stats.keyRequests, 'the resident page needed no new key').to.equal(before);
-    expect(out.equals(page(2))).to.equal(true);
+    expectSameBytes(out, page(2));
   });
 
   it("a suspend's new device state replaces the image's whole, at its own size", async () => {
@@ -76,7 +77,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     expect(core.manifest!.chunks.state.map(([i]) => i)).to.deep.equal([0, 1, 2]);
     const out = Buffer.alloc(300 * 1024);
     for (let i = 0; i < 3; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
-    expect(out.equals(state)).to.equal(true);
+    expectSameBytes(out, state);
   });
 
   it('a smaller state after a suspend that failed before check-in: the larger one leaves nothing behind', async () => {
@@ -96,7 +97,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
     expect(core.manifest!.chunks.state.map(([i]) => i)).to.deep.equal([0, 1]);
     const out = Buffer.alloc(state.length);
     for (let i = 0; i < 2; i++) await core.readInto('state', i, out.subarray(i * 128 * 1024, Math.min((i + 1) * 128 * 1024, out.length)));
-    expect(out.equals(state)).to.equal(true);
+    expectSameBytes(out, state);
   });
 
   it('a write-key request whose new state size does not fit its chunks changes nothing', async () => {

@@ -11,6 +11,7 @@ import { firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
 import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 describe('key ring', () => {
   it('holds class and sensitive keys, drops one, and zeroes all', () => {
@@ -101,7 +102,7 @@ describe('chunk cache', () => {
     c.put(key(2), randomBytes(4137));
     c.close();
     const again = new ChunkCache(file, 1 << 20);
-    expect(again.get(key(1))!.equals(blob)).to.equal(true);
+    expectSameBytes(again.get(key(1))!, blob);
     // Damage row 2 behind the cache's back.
     (again as unknown as { db: { prepare(s: string): { run(...a: unknown[]): void } } }).db
       .prepare('UPDATE chunks SET data = ? WHERE idx = 2')

@@ -4,6 +4,7 @@
 import { expect } from 'chai';
 import { chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
 import { open, randomBytes, seal, verifyBoxed } from '../../common/crypto.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 function coord(over: Partial<ChunkCoord> = {}): ChunkCoord {
   return { imageId: Buffer.alloc(16, 7), gen: 3, kind: 'disk', index: 41, cls: 'normal', ...over };
@@ -30,7 +31,7 @@ describe('chunk range decryption', () => {
       expect(verifyChunk(key, coord(), blob)).to.equal(true);
       const whole = Buffer.alloc(size);
       decryptChunkInto(whole, key, coord(), blob);
-      expect(whole.equals(plain)).to.equal(true);
+      expectSameBytes(whole, plain);
       const next = rng(size);
       const cases: [number, number][] = [[0, size], [size - 1, 1], [0, 0]];
       for (let i = 0; i < 200; i++) {
@@ -40,7 +41,7 @@ describe('chunk range decryption', () => {
       for (const [from, len] of cases) {
         const out = Buffer.alloc(len, 0xaa);
         decryptChunkRangeInto(out, key, blob, from);
-        expect(out.equals(plain.subarray(from, from + len)), `bytes ${from}+${len}`).to.equal(true);
+        expectSameBytes(out, plain.subarray(from, from + len), `bytes ${from}+${len}`);
       }
     });
   }

@@ -1,5 +1,6 @@
 import { expect } from 'chai';
 import { CpioWriter, NEWC_MAGIC, NEWC_TRAILER } from '../../guest-driver/cpio.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 interface Parsed {
   offset: number;
@@ -70,7 +71,7 @@ describe('cpio newc writer', () => {
   });
 
   it('is the same bytes for the same inputs', () => {
-    expect(archive().equals(archive())).to.equal(true);
+    expectSameBytes(archive(), archive());
   });
 
   it('refuses a name given twice and names that climb out', () => {

@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { isSealed, openKey, parseSealed, passphraseHeader, passphraseKek, sealKey } from '../../agent/keys/seal.js';
+import { expectSameBytes } from '../helpers/bytes.js';
 
 const fails = (fn: () => unknown): LetheError => {
   try {
@@ -28,7 +29,7 @@ describe('sealed device key files', function () {
     expect(file.length).to.equal(12 + 29 + 24 + 64 + 16);
     const f = parseSealed('sign.key', file);
     const out = openKey(kek, 'sign', f, 'passphrase');
-    expect(Buffer.from(out).equals(key)).to.equal(true);
+    expectSameBytes(Buffer.from(out), key);
     expect((out as { secure?: boolean }).secure).to.equal(true);
     wipe(out);
 

@@ -87,4 +87,11 @@ describe('the agent layout (docs/architecture.md)', () => {
     }
     expect([...new Set(problems)]).to.deep.equal([]);
   });
+
+  it('package.json names only files that exist', () => {
+    const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { bin: Record<string, string>; scripts: Record<string, string> };
+    const named = [...Object.values(pkg.bin), ...Object.values(pkg.scripts).flatMap((s) => s.match(/[\w./-]+\.(?:ts|js|sh)\b|scripts\/[\w-]+/g) ?? [])];
+    expect(named.length).to.be.greaterThan(2);
+    expect(named.filter((f) => !fs.existsSync(path.join(ROOT, f)))).to.deep.equal([]);
+  });
 });
