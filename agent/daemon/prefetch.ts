@@ -36,6 +36,8 @@ export interface PrefetchContext {
   client: DeviceClient;
   /** Prefetch at all (`--no-prefetch` turns it off). */
   enabled: boolean;
+  /** The agent resumes a VM (`--vm`): its prefetch starts with the resume, in the plan's order. */
+  wantsVm: boolean;
   leaseId(): string;
   /** Whether a lease is held (a trace is uploaded under it). */
   hasLease(): boolean;
@@ -94,13 +96,14 @@ export class Prefetcher {
       .finally(() => (this.running = false));
   }
 
-  /** After a new lease: the background prefetch starts (no VM) or picks up again in the plan's order (a VM runs). */
+  /**
+   * After a new lease: a disk-only agent starts the background prefetch; with a VM
+   * running it picks up again in the plan's order (a VM still to come starts its own
+   * once resumed, after its startup buffer).
+   */
   resume(): void {
-    if (!this.c.vm()) {
-      this.start();
-      return;
-    }
-    this.plan().then((p) => this.start(p.rest, p.bandwidth), (e) => this.c.log(`prefetch not restarted: ${errorChain(e)}`));
+    if (!this.c.wantsVm) this.start();
+    else if (this.c.vm()) this.plan().then((p) => this.start(p.rest, p.bandwidth), (e) => this.c.log(`prefetch not restarted: ${errorChain(e)}`));
   }
 
   /** Guest RAM to prefetch: the startup buffer (before the guest runs) and the rest, by the policy and the server's learned order. */

@@ -5,13 +5,13 @@
 // with its checks intact (before that, the other device gets the pushed version).
 import { expect } from 'chai';
 import fs from 'node:fs';
-import path from 'node:path';
 import { control } from '../../agent/daemon/control.js';
 import type { AgentStatus } from '../../agent/daemon/start.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
-import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { lethe, startAgentProc, startServer, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
+import { dropSnapshot, pushSnapshot, snapshotGuest } from '../helpers/vm-image.js';
 import { findFd, plantedHits, scanProcess, scanTree } from '../helpers/scan.js';
 
 // Idleness is time since arrival (docs/eviction.md): every page the guest uses comes
@@ -39,28 +39,13 @@ describe('eviction and suspend (real server, agents and QEMU)', function () {
   let agent4: AgentProc | undefined;
 
   before(async () => {
-    const dir = tmpDir('lethe-evict-');
-    const snap = path.join(dir, 'snap');
-    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--interval', `${INTERVAL_S}s`, '--accel', 'tcg', '--json']);
-    expect(shot.code, shot.stderr).to.equal(0);
-    marker = Buffer.from(JSON.parse(shot.stdout).marker as string);
-    const policy = path.join(dir, 'policy.yaml');
-    fs.writeFileSync(policy, `eviction:\n  idle: ${IDLE_S}s\n`);
+    const snap = await snapshotGuest('lethe-evict-', { intervalS: INTERVAL_S });
+    marker = snap.marker;
     s = await startServer();
-    const push = await lethe(
-      ['image', 'push', 'vm', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', policy],
-      s.env,
-    );
-    expect(push.code, push.stderr).to.equal(0);
+    await pushSnapshot(s, snap, 'vm', `eviction:\n  idle: ${IDLE_S}s\n`);
     // The same guest under a short lease, with an idle time it never reaches.
-    const shortLease = path.join(dir, 'short-lease.yaml');
-    fs.writeFileSync(shortLease, `lease:\n  ttl: ${LEASE_TTL_S}s\n  renew: 4s\neviction:\n  idle: 10m\n`);
-    const push2 = await lethe(
-      ['image', 'push', 'vm-lease', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', shortLease],
-      s.env,
-    );
-    expect(push2.code, push2.stderr).to.equal(0);
-    fs.rmSync(dir, { recursive: true, force: true }); // the plaintext source goes
+    await pushSnapshot(s, snap, 'vm-lease', `lease:\n  ttl: ${LEASE_TTL_S}s\n  renew: 4s\neviction:\n  idle: 10m\n`);
+    dropSnapshot(snap);
     dev = await enrolledDevice(s, 'laptop-a');
     other = await enrolledDevice(s, 'laptop-b');
     await assign(s, dev.deviceId, 'vm');

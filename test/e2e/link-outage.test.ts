@@ -12,8 +12,9 @@ import type { AgentStatus } from '../../agent/daemon/start.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { Link } from '../helpers/link.js';
-import { lethe, startAgentProc, startServer, tmpDir, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { startAgentProc, startServer, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
+import { dropSnapshot, pushSnapshot, snapshotGuest } from '../helpers/vm-image.js';
 
 const OUTAGE_MS = 30_000;
 
@@ -26,19 +27,10 @@ describe('a link outage in the middle of a session (real server behind a link em
   let a: AgentProc | undefined;
 
   before(async () => {
-    const dir = tmpDir('lethe-outage-');
-    const snap = path.join(dir, 'snap');
-    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--interval', '2s', '--accel', 'tcg', '--json']);
-    expect(shot.code, shot.stderr).to.equal(0);
+    const snap = await snapshotGuest('lethe-outage-', { intervalS: 2 });
     s = await startServer();
-    const policy = path.join(dir, 'policy.yaml');
-    fs.writeFileSync(policy, 'sensitive:\n  memory: none\nprefetch:\n  startup: 0\n  order: none\n');
-    const push = await lethe(
-      ['image', 'push', 'vm', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', policy],
-      s.env,
-    );
-    expect(push.code, push.stderr).to.equal(0);
-    fs.rmSync(dir, { recursive: true, force: true });
+    await pushSnapshot(s, snap, 'vm', 'sensitive:\n  memory: none\nprefetch:\n  startup: 0\n  order: none\n');
+    dropSnapshot(snap);
     link = await Link.start({ port: Number(new URL(s.url).port) }, { delayMs: 10 });
     d = await enrolledDevice(s, 'behind-a-link');
     await assign(s, d.deviceId, 'vm');

@@ -12,6 +12,7 @@ import { parseAccessTrace } from '../../policies/simulate.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { verifyPasses } from '../helpers/guest.js';
+import { dropSnapshot, pushSnapshot, snapshotGuest } from '../helpers/vm-image.js';
 import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
 import { findFd, plantedHits } from '../helpers/scan.js';
 
@@ -46,27 +47,17 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
 
   before(async () => {
     dir = tmpDir('lethe-policy-');
-    const snap = path.join(dir, 'snap');
-    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--interval', `${INTERVAL_S}s`, '--accel', 'tcg', '--json']);
-    expect(shot.code, shot.stderr).to.equal(0);
-    marker = Buffer.from(JSON.parse(shot.stdout).marker as string);
+    const snap = await snapshotGuest('lethe-policy-snap-', { intervalS: INTERVAL_S });
+    marker = snap.marker;
     s = await startServer();
-    const push = async (name: string, policy: string) => {
-      const file = path.join(dir, `${name}.yaml`);
-      fs.writeFileSync(file, policy);
-      const r = await lethe(
-        ['image', 'push', name, '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', file],
-        s.env,
-      );
-      expect(r.code, r.stderr).to.equal(0);
-    };
+    const push = (name: string, policy: string) => pushSnapshot(s, snap, name, policy);
     await push('hinted', 'sensitive:\n  memory: hinted\n  processes: [lethe-workload]\n  free-pages: keep\neviction:\n  idle: 2s\nhints:\n  interval: 1s\n');
     // No eviction, and background prefetch too slow to matter: what the startup buffer holds decides.
     await push('learned', 'sensitive:\n  memory: none\nprefetch:\n  startup: 24MiB\n  order: trace\n  bandwidth: 16KiB/s\n');
     // Background prefetch at full speed: what it brings is installed ahead, or (every page sensitive) only cached.
     await push('ahead', 'sensitive:\n  memory: none\nprefetch:\n  startup: 16MiB\n  order: address\n');
     await push('ahead-all', 'sensitive:\n  memory: all\neviction:\n  idle: 1h\nprefetch:\n  startup: 16MiB\n  order: address\n');
-    fs.rmSync(snap, { recursive: true, force: true }); // the plaintext source goes
+    dropSnapshot(snap);
   });
   afterEach(function () {
     if (this.currentTest?.state !== 'failed') return;

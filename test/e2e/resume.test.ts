@@ -9,8 +9,9 @@ import { control } from '../../agent/daemon/control.js';
 import { startAgent, type AgentStatus } from '../../agent/daemon/start.js';
 import { assign, enrolledDevice, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
-import { lethe, startAgentProc, startServer, tmpDir, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
+import { startAgentProc, startServer, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
+import { dropSnapshot, pushSnapshot, snapshotGuest } from '../helpers/vm-image.js';
 
 const alive = (pid: number) => fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ');
 
@@ -20,18 +21,11 @@ describe('post-copy resume through userfaultfd (real server, agent and QEMU)', f
   let s: ServerProc;
   let dev: TestDevice;
   let agent: AgentProc | undefined;
-  let snap: string;
   before(async () => {
-    snap = path.join(tmpDir('lethe-resume-'), 'snap');
-    const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', '128M', '--workload-mib', '16', '--accel', 'tcg', '--json']);
-    expect(shot.code, shot.stderr).to.equal(0);
+    const snap = await snapshotGuest('lethe-resume-');
     s = await startServer();
-    const push = await lethe(
-      ['image', 'push', 'vm', '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin')],
-      s.env,
-    );
-    expect(push.code, push.stderr).to.equal(0);
-    fs.rmSync(path.dirname(snap), { recursive: true, force: true }); // the plaintext source goes; the device sees only ciphertext
+    await pushSnapshot(s, snap, 'vm');
+    dropSnapshot(snap);
     dev = await enrolledDevice(s);
     await assign(s, dev.deviceId, 'vm');
   });
