@@ -173,14 +173,14 @@ export class UffdListener {
     // net.Socket keeps its fd on the libuv handle; paused (pauseOnConnect), Node never reads
     // it, so the SCM_RIGHTS message waits for recvFd.
     const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (typeof fd !== 'number' || fd < 0) throw new Error('cannot get the fd of the connection');
+    if (typeof fd !== 'number' || fd < 0) throw new LetheError('VM_FAILED', 'cannot get the fd of the shim connection');
     const got = await addon().recvFd(fd, HELLO_BYTES, HANDSHAKE_TIMEOUT_MS);
     let mapping: UffdMapping | undefined;
     try {
       const kind = fs.readlinkSync(`/proc/self/fd/${got.fd}`);
-      if (kind !== 'anon_inode:[userfaultfd]') throw new Error(`the fd sent is ${kind}, not a userfaultfd`);
+      if (kind !== 'anon_inode:[userfaultfd]') throw new LetheError('VM_FAILED', `the fd the shim sent is ${kind}, not a userfaultfd`);
       const hello = parseHello(got.data);
-      if (got.peerPid && hello.pid !== got.peerPid) throw new Error(`the hello names pid ${hello.pid}, but the peer is pid ${got.peerPid}`);
+      if (got.peerPid && hello.pid !== got.peerPid) throw new LetheError('VM_FAILED', `the shim's hello names pid ${hello.pid}, but the peer is pid ${got.peerPid}`);
       mapping = new UffdMapping(got.fd, hello, sock);
     } finally {
       if (!mapping) fs.closeSync(got.fd);
@@ -330,7 +330,7 @@ export class FaultThread {
 
   private checkPage(fn: string, address: number): void {
     // The uffd number may already belong to another file once the mapping is closed.
-    if (!this.mapping.open) throw new Error(`${fn}: the mapping at ${hex(this.mapping.hello.base)} is closed (its QEMU is gone)`);
+    if (!this.mapping.open) throw new LetheError('VM_FAILED', `${fn}: the mapping at ${hex(this.mapping.hello.base)} is closed (its QEMU is gone)`);
     if (typeof address !== 'number') throw new TypeError(`${fn}: address must be a number (got ${show(address)})`);
     this.mapping.checkRange(fn, address, PAGE_SIZE);
     if (address % PAGE_SIZE !== 0) throw new RangeError(`${fn}: address ${hex(address)} is not page-aligned`);

@@ -25,7 +25,7 @@ export function serveControl(home: string, handle: Handler): net.Server {
         let req: { cmd: string };
         try {
           req = JSON.parse(line) as { cmd: string };
-          if (typeof req?.cmd !== 'string') throw new Error('no cmd');
+          if (typeof req?.cmd !== 'string') throw new LetheError('BAD_REQUEST', "a control request names no 'cmd'");
         } catch {
           sock.write(JSON.stringify({ error: { code: 'BAD_REQUEST', message: 'control request is not {"cmd": …} JSON' } }) + '\n');
           continue;

@@ -3,6 +3,7 @@
 // RLIMIT_CORE 0 for good measure; and glibc overwriting every heap block it
 // frees. koffi calls libc directly (~0.2 µs a call).
 import koffi from 'koffi';
+import { LetheError } from '../../common/errors.js';
 
 const PR_GET_DUMPABLE = 3;
 const PR_SET_DUMPABLE = 4;
@@ -25,7 +26,7 @@ function libc() {
 
 /** Makes this process non-dumpable; throws if the kernel refuses. */
 export function makeNonDumpable(): void {
-  if (libc()(PR_SET_DUMPABLE, 0, 0, 0, 0) !== 0) throw new Error('prctl(PR_SET_DUMPABLE, 0) failed');
+  if (libc()(PR_SET_DUMPABLE, 0, 0, 0, 0) !== 0) throw new LetheError('CONFIG', 'cannot make the agent non-dumpable: prctl(PR_SET_DUMPABLE, 0) failed', { hint: 'the agent keeps keys in memory and will not run dumpable; check the kernel (Linux) and seccomp rules' });
 }
 
 export function isDumpable(): boolean {
@@ -41,5 +42,5 @@ export function isDumpable(): boolean {
  */
 export function wipeHeapOnFree(): void {
   libc();
-  if (mallopt!(M_PERTURB, PERTURB_BYTE) !== 1) throw new Error('mallopt(M_PERTURB) failed');
+  if (mallopt!(M_PERTURB, PERTURB_BYTE) !== 1) throw new LetheError('CONFIG', 'cannot make glibc overwrite freed memory: mallopt(M_PERTURB) failed', { hint: 'the agent needs glibc (not musl)' });
 }

@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import sodium from 'sodium-native';
 import { MEM_CHUNK_SIZE } from '../../common/constants.js';
 import { secureBuffer, wipe } from '../../common/crypto.js';
-import { errorChain } from '../../common/errors.js';
+import { errorChain, LetheError } from '../../common/errors.js';
 import { punchHole } from '../../native/index.js';
 import { PolicyManager, tickMs, type HintReport, type ManagerPolicy } from '../../policies/manager.js';
 import type { AgentCore } from '../chunks/core.js';
@@ -218,7 +218,7 @@ export class Evictor {
 
   private readPage(page: number, buf: Buffer): void {
     const n = fs.readSync(this.vm.ramFd, buf, 0, PAGE, page * PAGE);
-    if (n !== PAGE) throw new Error(`short read of guest page ${page}: ${n} bytes`);
+    if (n !== PAGE) throw new LetheError('VM_FAILED', `short read of guest page ${page} from the RAM file: ${n} bytes`);
   }
 
   /** Reads the page into buf and tells whether it differs from what arrived. */

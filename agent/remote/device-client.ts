@@ -213,7 +213,7 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
       out.push(res.body.subarray(off + 4, off + 4 + len));
       off += 4 + len;
     }
-    if (out.length !== chunks.length || off !== res.body.length) throw new Error('chunk batch reply is malformed');
+    if (out.length !== chunks.length || off !== res.body.length) throw new LetheError('INTERNAL', "the server's chunk batch reply is malformed");
     return out;
   }
 
@@ -228,7 +228,7 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
     try {
       return wire.decodePages(res.body);
     } catch (cause) {
-      throw new Error('prefetch order reply is malformed', { cause });
+      throw new LetheError('INTERNAL', "the server's prefetch order reply is malformed", { cause });
     }
   }
 
