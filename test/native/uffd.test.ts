@@ -2,12 +2,10 @@
 // QEMU with the shim preloaded; the addon's fault thread serves it from this process,
 // or from a child process (native/test/fault-server.ts) when a test kills the server.
 import { expect } from 'chai';
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { EventEmitter } from 'node:events';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QEMU_BINARY, guestCmdline, qemuArgs } from '../../agent/vm/qemu.js';
 import { QmpClient } from '../../agent/vm/qmp.js';
@@ -19,6 +17,7 @@ import {
 import { ZERO_PAGE_FNV, fnv32, isZeroPage, pageContent, pageFnv } from '../../native/test/fault-server.js';
 import { ROOT } from '../helpers/proc.js';
 import { expectSameBytes } from '../helpers/bytes.js';
+import { Lines } from '../helpers/lines.js';
 import { buildGuest } from '../../guest-driver/build.js';
 
 const CLIENT = path.join(BUILD_DIR, 'fault-client');
@@ -29,75 +28,6 @@ const KILLED_LINE = "lethe-uffd-shim: the agent's socket closed (end of file); k
 const MiB = 1024 * 1024;
 const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
 const hex8 = (n: number) => n.toString(16).padStart(8, '0');
-
-interface Exit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-
-/** A child process read as lines; next() consumes them in order. */
-class Lines extends EventEmitter {
-  readonly proc: ChildProcess;
-  readonly exited: Promise<Exit>;
-  readonly lines: string[] = [];
-  stderr = '';
-  private cursor = 0;
-
-  constructor(cmd: string, args: string[], env: Record<string, string> = {}) {
-    super();
-    this.proc = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
-    createInterface({ input: this.proc.stdout! }).on('line', (l) => {
-      this.lines.push(l);
-      this.emit('change');
-    });
-    this.proc.stderr!.on('data', (d) => (this.stderr += d));
-    this.exited = new Promise((resolve) => this.proc.once('close', (code, signal) => resolve({ code, signal })));
-    void this.exited.then(() => this.emit('change'));
-  }
-
-  /** The next stdout line matching `re`, skipping the lines before it. */
-  async next(re: RegExp, timeoutMs = 10_000): Promise<RegExpExecArray> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      for (; this.cursor < this.lines.length; this.cursor++) {
-        const m = re.exec(this.lines[this.cursor]);
-        if (m) {
-          this.cursor++;
-          return m;
-        }
-      }
-      if (this.proc.exitCode !== null || this.proc.signalCode !== null || Date.now() > deadline) {
-        throw new Error(`no line matching ${re}; stdout:\n${this.lines.join('\n')}\nstderr:\n${this.stderr}`);
-      }
-      await this.changeOrDeadline(deadline);
-    }
-  }
-
-  /** Resolves at the next line or exit, or at `deadline`; no timer is left behind (it held the test process up to a minute). */
-  private changeOrDeadline(deadline: number): Promise<void> {
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.off('change', done);
-        resolve();
-      };
-      const timer = setTimeout(done, Math.max(1, deadline - Date.now()));
-      this.once('change', done);
-    });
-  }
-
-  send(line: string): void {
-    this.proc.stdin!.write(`${line}\n`);
-  }
-
-  end(): void {
-    this.proc.stdin!.end();
-  }
-
-  kill(): void {
-    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill('SIGKILL');
-  }
-}
 
 /** fault-client mapping `pages` pages of `ram` from page `offset`. */
 function client(ram: string, pages: number, env: Record<string, string>, extra: string[] = []): Lines {

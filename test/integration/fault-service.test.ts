@@ -1,0 +1,83 @@
+// The fault service (agent/memory/fault-service.ts) on its own: an agent core on a
+// real server serves the page faults of fault-client, a C program that maps a RAM
+// file with the shim preloaded as QEMU does and touches its pages on command.
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { expect } from 'chai';
+import { BufferPool } from '../../agent/chunks/buffer-pool.js';
+import { FaultService } from '../../agent/memory/fault-service.js';
+import { Evictor } from '../../agent/memory/evictor.js';
+import { BUILD_DIR, PAGE_SIZE, UffdListener, shimEnv } from '../../native/index.js';
+import { fnv32 } from '../../native/test/fault-server.js';
+import { DEFAULT_FULL_POLICY } from '../../policies/schema.js';
+import { agentInProcessSuite } from '../helpers/fixtures.js';
+import { Lines } from '../helpers/lines.js';
+import { ROOT, tmpDir } from '../helpers/proc.js';
+
+const CLIENT = path.join(BUILD_DIR, 'fault-client');
+const PAGES = 32;
+
+describe('the fault service against a fault client (agent core, real server)', function () {
+  this.timeout(60_000);
+  // Guest RAM of 32 pages: even pages stored, odd ones zero; none sensitive, so pages may be installed ahead.
+  const t = agentInProcessSuite('faults', { chunks: PAGES / 2, policy: 'sensitive:\n  memory: none\n' });
+  const cleanup: (() => unknown)[] = [];
+
+  before(function () {
+    this.timeout(120_000);
+    execFileSync('make', ['-s', '-C', path.join(ROOT, 'native')], { stdio: ['ignore', 'ignore', 'inherit'] });
+  });
+  afterEach(async () => {
+    for (const f of cleanup.splice(0).reverse()) await f();
+  });
+
+  it("serves each page the client touches with the image's content and zero pages as zeros; pages installed ahead never fault", async () => {
+    const core = t.agent.core;
+    const dir = tmpDir('lethe-faults-');
+    const ram = path.join('/dev/shm', `lethe-faults-${randomBytes(4).toString('hex')}.ram`);
+    fs.writeFileSync(ram, '', { mode: 0o600 });
+    fs.truncateSync(ram, PAGES * PAGE_SIZE);
+    cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.rmSync(dir, { recursive: true, force: true }));
+
+    const pool = new BufferPool(4, PAGE_SIZE);
+    const policy = { ...DEFAULT_FULL_POLICY, memoryMode: 'none' as const };
+    const log: string[] = [];
+    const touched: number[] = [];
+    let service!: FaultService;
+    // Not started: it records what arrives, as a running one does on each fault.
+    const evictor = new Evictor(core, { ramFd: -1, pages: PAGES, hold: () => Promise.reject(new Error('no VM here')), faultInFlight: (p) => service.faultInFlight(p) }, policy, (l) => log.push(l));
+    service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l), (p) => touched.push(p));
+    let mapped!: () => void;
+    const ready = new Promise<void>((r) => (mapped = r));
+    const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
+    const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
+    cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
+    await client.next(/^mapped 0x[0-9a-f]+$/);
+    await ready;
+
+    // Page 40 is past the end of guest RAM: not installed.
+    expect(await service.installAhead([0, 2, 40])).to.equal(2);
+    expect(service.faults, 'installing ahead is no fault').to.equal(0);
+
+    client.send(`touch 0 ${PAGES}`);
+    const plain = t.img.plain.mem;
+    for (let i = 0; i < PAGES; i++) {
+      const got = (await client.next(new RegExp(`^page ${i} ([0-9a-f]{8})$`)))[1];
+      expect(got, `page ${i}`).to.equal(fnv32(plain.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)).toString(16).padStart(8, '0'));
+    }
+    const faulted = Array.from({ length: PAGES }, (_, i) => i).filter((i) => i !== 0 && i !== 2);
+    expect(service.faults).to.equal(faulted.length);
+    expect(service.zeroFaults).to.equal(PAGES / 2);
+    expect(service.installedAhead).to.equal(2);
+    expect([...service.firstTouchOrder()], 'first touches, in order, installed pages left out').to.deep.equal(faulted);
+    expect(touched).to.deep.equal(faulted);
+    expect(service.busy()).to.equal(false);
+    expect(evictor.isResident(0) && evictor.isResident(5), 'the evictor knows of every page that went in').to.equal(true);
+    expect(log.filter((l) => /not served/.test(l))).to.deep.equal([]);
+
+    client.end();
+    expect(await client.exited).to.deep.equal({ code: 0, signal: null });
+  });
+});
