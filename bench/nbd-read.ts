@@ -1,14 +1,16 @@
-// NBD read throughput of the agent's export beside qemu-nbd serving the same
-// raw image, same run:
-//   sequential: nbdcopy of the whole export to null: (4 connections)
-//   random:     4 KiB reads at seeded random offsets through one qemu-io (depth 1)
-// for the agent warm in memory (the default: checked ciphertext kept in memory,
-// after one pass), warm in the cache file only (--disk-memory-cache 0: each read
-// checks and decrypts a blob from SQLite) and cold (empty cache: every chunk
-// fetched from a real server on loopback, keys too).
+// The agent's NBD export beside two yardsticks serving the same bytes, same run:
+// qemu-nbd on the plain raw file (the limit) and qemu-nbd on a LUKS copy (QEMU's own
+// AES-XTS: the peer, what a user who wants an encrypted local disk would run).
+//   sequential read:  nbdcopy of the whole export to null: (4 connections)
+//   random read:      4 KiB reads at seeded random offsets through one qemu-io (depth 1)
+//   sequential write: nbdcopy of a file of the disk's size into the export
+// for each disk size, the agent
+//   warm, in memory: the default (checked ciphertext kept in memory, after one pass)
+//   warm, file:      --disk-memory-cache 0 (each read preads and checks a blob from the cache's slot file)
+//   cold:            an empty cache (every chunk fetched from a real server on loopback, keys too)
 //
-//   node --import tsx bench/nbd-read.ts [--mib 128] [--reads 4000] [--phases cold,file,memory] [--reps 3] [--json]
-import { execFile, spawn } from 'node:child_process';
+//   node --import tsx bench/nbd-read.ts [--sizes 128,1024] [--reads 4000] [--phases memory,file,cold,write] [--reps 3] [--json]
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -16,34 +18,38 @@ import { promisify } from 'node:util';
 import { parseArgs } from 'node:util';
 import { table } from '../cli/output.js';
 import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
-import { startAgentProc, startServer, tmpDir, waitFor } from '../test/helpers/proc.js';
+import { startAgentProc, startServer, tmpDir, waitFor, type ServerProc } from '../test/helpers/proc.js';
 import { control, type AgentStatus } from '../agent/index.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({
   options: {
-    mib: { type: 'string', default: '128' },
+    sizes: { type: 'string', default: '128,1024' },
     reads: { type: 'string', default: '4000' },
-    phases: { type: 'string', default: 'cold,file,memory' },
+    phases: { type: 'string', default: 'memory,file,cold,write' },
     reps: { type: 'string', default: '3' },
     json: { type: 'boolean', default: false },
   },
 });
-const SIZE = Number(values.mib) * 1024 * 1024;
+const MiB = 1024 * 1024;
+const SIZES = values.sizes.split(',').map((s) => Number(s) * MiB);
 const READS = Number(values.reads);
-type Phase = 'cold' | 'file' | 'memory';
+type Phase = 'memory' | 'file' | 'cold' | 'write';
 const PHASES = values.phases.split(',') as Phase[];
 const REPS = Number(values.reps);
-const NAMES: Record<Phase, string> = { memory: 'warm, in memory', file: 'warm, cache file', cold: 'cold (server)' };
-for (const p of PHASES) if (!['cold', 'file', 'memory'].includes(p)) throw new Error(`--phases: unknown phase "${p}" (cold, file, memory)`);
+const NAMES: Record<Phase, string> = { memory: 'warm, in memory', file: 'warm, cache file', cold: 'cold (server)', write: 'sequential write' };
+for (const p of PHASES) if (!(p in NAMES)) throw new Error(`--phases: unknown phase "${p}" (${Object.keys(NAMES).join(', ')})`);
+for (const s of SIZES) if (!(s > 0 && s % MiB === 0)) throw new Error(`--sizes: give whole MiB, e.g. 128,1024,4096`);
+const SECRET = 'bench-luks-passphrase';
 
-async function seq(uri: string): Promise<number> {
+/** MB/s of nbdcopy from `from` to `to` of `bytes`. */
+async function copy(from: string, to: string, bytes: number): Promise<number> {
   const t0 = process.hrtime.bigint();
-  await run('nbdcopy', [uri, 'null:']);
-  return SIZE / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+  await run('nbdcopy', [from, to], { maxBuffer: 1 << 20 });
+  return bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
 }
 
-/** IOPS of READS random 4 KiB reads (same offsets for every target). */
+/** IOPS of random 4 KiB reads (the same offsets for every target). */
 function random(uri: string, offsets: number[]): Promise<number> {
   return new Promise((resolve, reject) => {
     const p = spawn('qemu-io', ['-f', 'raw', uri], { stdio: ['pipe', 'ignore', 'pipe'] });
@@ -55,92 +61,134 @@ function random(uri: string, offsets: number[]): Promise<number> {
   });
 }
 
-async function main(): Promise<void> {
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+interface Row {
+  size: string;
+  phase: Phase;
+  /** MB/s (sequential) or IOPS (random), medians. */
+  seq: { agent: number; plain: number; luks: number };
+  rand?: { agent: number; plain: number; luks: number };
+}
+
+/** qemu-nbd serving `args` on a socket in `dir`, writable; its URI. */
+async function qemuNbd(dir: string, name: string, args: string[], procs: ChildProcess[]): Promise<string> {
+  const sock = path.join(dir, `${name}.sock`);
+  procs.push(spawn('qemu-nbd', ['-k', sock, '-x', 'guest', '-t', '-e', '8', ...args], { stdio: 'ignore' }));
+  await waitFor(async () => fs.existsSync(sock) || undefined, 20_000, `qemu-nbd (${name})`);
+  return `nbd+unix:///guest?socket=${sock}`;
+}
+
+async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[]> {
   const dir = tmpDir('lethe-bench-nbd-');
-  const raw = path.join(dir, 'disk.raw');
-  fs.writeFileSync(raw, randomBytes(SIZE));
-  const offsets = Array.from({ length: READS }, (_, i) => (((i * 2654435761) >>> 0) % (SIZE / 4096)) * 4096);
-  const s = await startServer();
-  const qsock = path.join(dir, 'qemu-nbd.sock');
-  const qnbd = spawn('qemu-nbd', ['-f', 'raw', '-k', qsock, '-x', 'guest', '-t', '-e', '8', raw], { stdio: 'ignore' });
+  const procs: ChildProcess[] = [];
   const agents: Awaited<ReturnType<typeof startAgentProc>>[] = [];
   try {
-    await pushImage(s, 'guest', { plain: { disk: fs.readFileSync(raw), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
-    await waitFor(async () => fs.existsSync(qsock) || undefined, 10_000, 'qemu-nbd');
-    const qemuUri = `nbd+unix:///guest?socket=${qsock}`;
+    const raw = path.join(dir, 'disk.raw');
+    const fd = fs.openSync(raw, 'w');
+    for (let at = 0; at < size; at += 16 * MiB) fs.writeSync(fd, randomBytes(Math.min(16 * MiB, size - at)));
+    fs.closeSync(fd);
+    const luks = path.join(dir, 'disk.luks');
+    const secret = ['--object', `secret,id=sec0,data=${SECRET}`];
+    await run('qemu-img', ['convert', ...secret, '-f', 'raw', '-O', 'luks', '-o', 'key-secret=sec0,iter-time=10', raw, luks]);
+    const plainUri = await qemuNbd(dir, 'plain', ['-f', 'raw', raw], procs);
+    const luksUri = await qemuNbd(dir, 'luks', [...secret, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${luks}`], procs);
+    const source = path.join(dir, 'source.raw'); // what the write phase copies in
+    fs.copyFileSync(raw, source);
+    await pushImage(s, image, { plain: { disk: fs.readFileSync(raw), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
+    const offsets = Array.from({ length: READS }, (_, i) => (((i * 2654435761) >>> 0) % (size / 4096)) * 4096);
 
-    type Pair = { agent: number; qemuNbd: number };
-    const results: Partial<Record<Phase, { seqMBs: Pair; randIops: Pair }>> = {};
-    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-    /** Runs `agent` and the yardstick back to back REPS times (alternating, so load drifts hit both); medians. */
-    async function paired(agent: () => Promise<number>, yardstick: () => Promise<number>, reps: number): Promise<Pair> {
+    /** Runs the agent's measurement and both yardsticks REPS times, alternating, so load drifts hit all three; medians. */
+    async function three(agent: () => Promise<number>, yardstick: (uri: string) => Promise<number>, reps: number) {
       const a: number[] = [];
-      const q: number[] = [];
+      const p: number[] = [];
+      const l: number[] = [];
       for (let i = 0; i < reps; i++) {
         a.push(await agent());
-        q.push(await yardstick());
+        p.push(await yardstick(plainUri));
+        l.push(await yardstick(luksUri));
       }
-      return { agent: median(a), qemuNbd: median(q) };
+      return { agent: median(a), plain: median(p), luks: median(l) };
     }
     async function withAgent<T>(phase: Phase, use: (uri: string) => Promise<T>): Promise<T> {
       const d = await enrolledDevice(s);
-      await assign(s, d.deviceId, 'guest');
+      await assign(s, d.deviceId, image);
       // nbdcopy and qemu-io are not the agent's QEMU: they connect by opt-in (--nbd-peers user).
-      const args = ['--nbd-peers', 'user', ...(phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [])];
-      const agent = await startAgentProc(d.home, 'guest', args);
+      const args = ['--nbd-peers', 'user', '--cache-size', `${Math.ceil((2 * size) / MiB) + 64}M`];
+      if (phase === 'cold') args.push('--no-prefetch');
+      if (phase === 'file') args.push('--disk-memory-cache', '0');
+      const agent = await startAgentProc(d.home, image, args);
       agents.push(agent);
       try {
         const st = () => control<AgentStatus>(d.home, { cmd: 'status' });
         await waitFor(async () => (await st()).nbd?.address ?? undefined, 20_000, 'the export');
-        if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 120_000, 'prefetch');
+        if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
         const uri = `nbd+unix:///guest?socket=${path.join(d.home, 'nbd.sock')}`;
-        if (phase === 'memory') await seq(uri);
+        if (phase === 'memory') await copy(uri, 'null:', size);
         return await use(uri);
       } finally {
         await agent.stop();
         d.close();
       }
     }
-    // cold: a fresh device (empty cache) for each measurement; file: ciphertext
-    // prefetched into the cache file, none kept in memory; memory: the default
-    // memory cache of checked ciphertext, filled by one pass first.
+    const label = `${size / MiB} MiB`;
+    const rows: Row[] = [];
     for (const phase of PHASES) {
       if (phase === 'cold') {
-        const randIops = await paired(() => withAgent('cold', (u) => random(u, offsets)), () => random(qemuUri, offsets), 1);
-        const seqMBs = await paired(() => withAgent('cold', (u) => seq(u)), () => seq(qemuUri), 1);
-        results.cold = { seqMBs, randIops };
+        // A fresh device (empty cache) for each measurement.
+        const rand = await three(() => withAgent('cold', (u) => random(u, offsets)), (u) => random(u, offsets), 1);
+        const seq = await three(() => withAgent('cold', (u) => copy(u, 'null:', size)), (u) => copy(u, 'null:', size), 1);
+        rows.push({ size: label, phase, seq, rand });
+      } else if (phase === 'write') {
+        const seq = await withAgent('write', (uri) => three(() => copy(source, uri, size), (u) => copy(source, u, size), REPS));
+        rows.push({ size: label, phase, seq });
       } else {
-        results[phase] = await withAgent(phase, async (uri) => ({
-          randIops: await paired(() => random(uri, offsets), () => random(qemuUri, offsets), REPS),
-          seqMBs: await paired(() => seq(uri), () => seq(qemuUri), REPS),
-        }));
+        rows.push(
+          await withAgent(phase, async (uri) => ({
+            size: label,
+            phase,
+            rand: await three(() => random(uri, offsets), (u) => random(u, offsets), REPS),
+            seq: await three(() => copy(uri, 'null:', size), (u) => copy(u, 'null:', size), REPS),
+          })),
+        );
       }
     }
-    const r = { mib: values.mib, reads: READS, reps: REPS, ...results };
-    if (values.json) {
-      process.stdout.write(JSON.stringify(r) + '\n');
-      return;
-    }
-    console.log(`disk: ${values.mib} MiB of random data; ${READS} random 4 KiB reads at depth 1; yardstick qemu-nbd on the same raw file, run beside each measurement`);
-    console.log(`medians of ${REPS} alternating runs (cold: one run each, on a fresh device)`);
-    const shown = (['memory', 'file', 'cold'] as const).filter((p) => results[p]);
-    console.log(
-      table(
-        ['agent', 'seq MB/s', 'qemu-nbd', '×', 'random 4K IOPS', 'qemu-nbd', '×'],
-        shown.map((p) => {
-          const x = results[p]!;
-          return [NAMES[p], x.seqMBs.agent.toFixed(0), x.seqMBs.qemuNbd.toFixed(0), (x.seqMBs.agent / x.seqMBs.qemuNbd).toFixed(2), x.randIops.agent.toFixed(0), x.randIops.qemuNbd.toFixed(0), (x.randIops.agent / x.randIops.qemuNbd).toFixed(2)];
-        }),
-      ),
-    );
-    console.log('warm, in memory: the default --disk-memory-cache (256 MiB) holds the disk after one pass; warm, cache file: --disk-memory-cache 0');
-    console.log('target: warm ≥ 0.8× qemu-nbd (which serves from the page cache)');
+    return rows;
   } finally {
     for (const a of agents) await a.stop();
-    qnbd.kill();
-    await s.stop();
+    for (const p of procs) p.kill();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+async function main(): Promise<void> {
+  const s = await startServer();
+  const rows: Row[] = [];
+  try {
+    for (const [i, size] of SIZES.entries()) rows.push(...(await oneSize(s, size, `guest${i}`)));
+  } finally {
+    await s.stop();
+  }
+  if (values.json) {
+    process.stdout.write(JSON.stringify({ reads: READS, reps: REPS, rows }) + '\n');
+    return;
+  }
+  console.log(`disks of random data; ${READS} random 4 KiB reads at depth 1; yardsticks qemu-nbd on the same bytes, plain and LUKS (AES-XTS), run beside each measurement`);
+  console.log(`medians of ${REPS} alternating runs (cold: one run each, on a fresh device)`);
+  const f = (n: number) => n.toFixed(0);
+  const x = (a: number, b: number) => (a / b).toFixed(2);
+  console.log(
+    table(
+      ['disk', 'agent', 'seq MB/s', 'plain', 'LUKS', '×plain', '×LUKS', '4K IOPS', 'plain', 'LUKS', '×plain', '×LUKS'],
+      rows.map((r) => [
+        r.size,
+        NAMES[r.phase],
+        f(r.seq.agent), f(r.seq.plain), f(r.seq.luks), x(r.seq.agent, r.seq.plain), x(r.seq.agent, r.seq.luks),
+        ...(r.rand ? [f(r.rand.agent), f(r.rand.plain), f(r.rand.luks), x(r.rand.agent, r.rand.plain), x(r.rand.agent, r.rand.luks)] : ['-', '-', '-', '-', '-']),
+      ]),
+    ),
+  );
+  console.log('targets (issue #19): warm reads ≥ 1.2× LUKS at every size; ≥ 0.8× plain where the disk fits in memory, ≥ 0.5× at 4 GiB; writes ≥ 1× LUKS');
 }
 
 main().catch((e) => {

@@ -1,16 +1,27 @@
 // The device's chunk cache: ciphertext exactly as the server sent it, plus
 // dirty chunks the device encrypted itself. Never plaintext (invariant 1).
 //
-// One SQLite file in the device home. A write is one transaction, so a crash
-// leaves the old row or the new one; a row that was damaged anyway (disk
-// error, a hand edit) fails its SHA-256 or AEAD check, is dropped and is
-// fetched again, never served. Bounded: clean chunks are evicted least
-// recently used first; dirty chunks are never evicted (they are the only copy
-// of a guest write until it is checked in).
+// The blobs live in one slot file per chunk kind (cache-disk.blobs, …: a blob a
+// slot, at slot × slot size), so a warm read is an index lookup in memory and one
+// pread. The index — which chunk is in which slot, its SHA-256, dirty or not, when
+// last used — is SQLite (cache.db, WAL), kept in memory while the cache is open.
+//
+// Crash safety. A blob is written to a free slot first, then its row commits, so a
+// crash leaves the old row or the new one, never a row over a half-written slot
+// that was in use: a changed chunk always goes to a new slot. The slot a dirty
+// chunk leaves is reused only after the next flush(), which fsyncs the slot files
+// before it makes the index durable: until then the old row may be what a power
+// cut brings back. A row whose slot holds something else anyway (disk damage, a
+// slot shared after a power cut) fails its SHA-256 or AEAD check, is dropped and
+// is fetched again, never served. Bounded: clean chunks are evicted least recently
+// used first, their slots punched out of the file; dirty chunks are never evicted
+// (they are the only copy of a guest write until it is checked in).
 import Database from 'better-sqlite3';
+import fs from 'node:fs';
 import path from 'node:path';
-import type { ChunkKind, Sensitivity } from '../../common/constants.js';
+import { CHUNK_KINDS, CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
+import { punchHole } from '../../native/index.js';
 
 export interface CacheKey {
   imageId: string;
@@ -30,30 +41,93 @@ export interface CacheStats {
   damaged: number;
 }
 
+const PAGE = 4096;
+
+/** A slot holds the largest blob of its kind: the chunk and the envelope's overhead. */
+export const SLOT_BYTES: Record<ChunkKind, number> = {
+  disk: CHUNK_SIZE.disk + CHUNK_OVERHEAD,
+  mem: CHUNK_SIZE.mem + CHUNK_OVERHEAD,
+  state: CHUNK_SIZE.state + CHUNK_OVERHEAD,
+};
+
 const SCHEMA = `
-CREATE TABLE IF NOT EXISTS chunks (
+CREATE TABLE IF NOT EXISTS blobs (
   image_id TEXT NOT NULL,
   gen INTEGER NOT NULL,
   kind TEXT NOT NULL,
   idx INTEGER NOT NULL,
-  data BLOB NOT NULL,
+  slot INTEGER NOT NULL,
+  len INTEGER NOT NULL,
   sha256 BLOB NOT NULL,
   dirty INTEGER NOT NULL DEFAULT 0,
   cls TEXT,
   used INTEGER NOT NULL,
   PRIMARY KEY (image_id, gen, kind, idx)
 );
-CREATE INDEX IF NOT EXISTS chunks_lru ON chunks(dirty, used);
+CREATE INDEX IF NOT EXISTS blobs_lru ON blobs(dirty, used);
 `;
+
+interface Entry {
+  key: CacheKey;
+  slot: number;
+  len: number;
+  sha: Buffer;
+  dirty: boolean;
+  cls: Sensitivity | null;
+  used: number;
+}
+
+/** The files of a device home's cache: the index and its WAL, and the slot files. */
+export function cacheFiles(home: string): string[] {
+  const db = path.join(home, 'cache.db');
+  return [db, `${db}-wal`, `${db}-shm`, ...CHUNK_KINDS.map((k) => slotFile(db, k))];
+}
+
+export const slotFile = (db: string, kind: ChunkKind) => path.join(path.dirname(db), `${path.basename(db, '.db')}-${kind}.blobs`);
+
+/** The free slots of one slot file. */
+class Slots {
+  /** Free below `next`, reusable now. */
+  private readonly free: number[] = [];
+  /** Left by dirty chunks: reusable once a flush made the index that left them durable. */
+  private held: number[] = [];
+  next = 0;
+
+  take(): number {
+    return this.free.pop() ?? this.next++;
+  }
+
+  give(slot: number, afterFlush: boolean): void {
+    if (afterFlush) this.held.push(slot);
+    else this.free.push(slot);
+  }
+
+  flushed(): void {
+    this.free.push(...this.held);
+    this.held = [];
+  }
+
+  /** Every slot below `next` not in use is free (at open). */
+  rebuild(inUse: Set<number>): void {
+    this.next = inUse.size === 0 ? 0 : Math.max(...inUse) + 1;
+    for (let s = this.next - 1; s >= 0; s--) if (!inUse.has(s)) this.free.push(s);
+  }
+}
 
 export class ChunkCache {
   private readonly db: Database.Database;
   private readonly q;
-  private bytes: number;
+  private readonly fds = {} as Record<ChunkKind, number>;
+  private readonly slots = {} as Record<ChunkKind, Slots>;
+  private readonly index = new Map<string, Entry>();
+  private bytes = 0;
+  private dirtyCount = 0;
   /** Monotonic use counter; persisted with each write, refreshed in memory on reads. */
-  private tick: number;
-  private readonly touched = new Map<string, number>();
+  private tick = 0;
+  private readonly touched = new Set<Entry>();
   private readonly counters = { hits: 0, misses: 0, evicted: 0, damaged: 0 };
+  /** The transaction under way (batch): how to undo its index changes, and what to release once it commits. */
+  private tx: { undo: (() => void)[]; onCommit: (() => void)[] } | null = null;
 
   constructor(
     readonly file: string,
@@ -65,23 +139,20 @@ export class ChunkCache {
     // through flush(), which makes them durable.
     this.db.pragma('synchronous = NORMAL');
     this.db.exec(SCHEMA);
+    for (const kind of CHUNK_KINDS) {
+      this.fds[kind] = fs.openSync(slotFile(file, kind), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+      this.slots[kind] = new Slots();
+    }
     this.q = {
-      get: this.db.prepare('SELECT data, sha256 FROM chunks WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
       put: this.db.prepare(
-        'INSERT OR REPLACE INTO chunks(image_id, gen, kind, idx, data, sha256, dirty, cls, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+        'INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, slot, len, sha256, dirty, cls, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
       ),
-      size: this.db.prepare('SELECT LENGTH(data) AS n FROM chunks WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-      del: this.db.prepare('DELETE FROM chunks WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-      touch: this.db.prepare('UPDATE chunks SET used = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-      oldest: this.db.prepare('SELECT image_id, gen, kind, idx, LENGTH(data) AS n FROM chunks WHERE dirty = 0 ORDER BY used LIMIT 64'),
-      total: this.db.prepare('SELECT COALESCE(SUM(LENGTH(data)), 0) AS n, COUNT(*) AS c, COALESCE(SUM(dirty), 0) AS d FROM chunks'),
-      maxUsed: this.db.prepare('SELECT COALESCE(MAX(used), 0) AS m FROM chunks'),
-      dirty: this.db.prepare('SELECT image_id, gen, kind, idx, data, cls FROM chunks WHERE dirty = 1 AND image_id = ? ORDER BY kind, idx'),
-      has: this.db.prepare('SELECT 1 FROM chunks WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-      clean: this.db.prepare('UPDATE chunks SET dirty = 0 WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
+      del: this.db.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
+      touch: this.db.prepare('UPDATE blobs SET used = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
+      clean: this.db.prepare('UPDATE blobs SET dirty = 0 WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
     };
-    this.bytes = (this.q.total.get() as { n: number }).n;
-    this.tick = (this.q.maxUsed.get() as { m: number }).m;
+    this.migrateRowsWithData();
+    this.load();
   }
 
   static inHome(home: string, limitBytes: number): ChunkCache {
@@ -92,7 +163,83 @@ export class ChunkCache {
     return `${k.imageId}/${k.gen}/${k.kind}/${k.index}`;
   }
 
-  /** The cached blob, or undefined. A damaged row is dropped and reported as a miss. */
+  /** The index into memory, and the free slots. Two rows on one slot (a power cut): the one its bytes match stays. */
+  private load(): void {
+    type Row = { image_id: string; gen: number; kind: ChunkKind; idx: number; slot: number; len: number; sha256: Buffer; dirty: number; cls: Sensitivity | null; used: number };
+    // Dirty rows first: of two rows on one slot, a clean one never displaces a dirty one whose bytes are there.
+    const rows = this.db.prepare('SELECT * FROM blobs ORDER BY dirty DESC').all() as Row[];
+    const bySlot = new Map<string, Entry>();
+    const forget = (e: Entry) => this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
+    for (const r of rows) {
+      const e: Entry = { key: { imageId: r.image_id, gen: r.gen, kind: r.kind, index: r.idx }, slot: r.slot, len: r.len, sha: r.sha256, dirty: r.dirty === 1, cls: r.cls, used: r.used };
+      const where = `${r.kind}/${r.slot}`;
+      const other = bySlot.get(where);
+      if (other && (this.matches(other) || !this.matches(e))) {
+        forget(e);
+        continue;
+      }
+      if (other) {
+        forget(other);
+        this.index.delete(this.id(other.key));
+        this.account(other, -1);
+      }
+      bySlot.set(where, e);
+      this.index.set(this.id(e.key), e);
+      this.account(e, 1);
+      this.tick = Math.max(this.tick, e.used);
+    }
+    for (const kind of CHUNK_KINDS) {
+      const inUse = new Set<number>();
+      for (const e of this.index.values()) if (e.key.kind === kind) inUse.add(e.slot);
+      this.slots[kind].rebuild(inUse);
+    }
+  }
+
+  private account(e: Entry, sign: 1 | -1): void {
+    this.bytes += sign * e.len;
+    if (e.dirty) this.dirtyCount += sign;
+  }
+
+  /** Whether the slot holds the bytes the row names. */
+  private matches(e: Entry): boolean {
+    const data = this.readSlot(e);
+    return data !== undefined && sha256(data).equals(e.sha);
+  }
+
+  private readSlot(e: Entry): Buffer | undefined {
+    const data = Buffer.allocUnsafe(e.len);
+    const n = fs.readSync(this.fds[e.key.kind], data, 0, e.len, e.slot * SLOT_BYTES[e.key.kind]);
+    return n === e.len ? data : undefined;
+  }
+
+  /** A cache of the earlier layout kept blobs in SQLite rows: they move to slots, dirty ones too, in one step. */
+  private migrateRowsWithData(): void {
+    const old = this.db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'chunks'").get();
+    if (!old) return;
+    type Row = { image_id: string; gen: number; kind: ChunkKind; idx: number; data: Buffer; sha256: Buffer; dirty: number; cls: Sensitivity | null; used: number };
+    const next = {} as Record<ChunkKind, number>;
+    for (const kind of CHUNK_KINDS) next[kind] = 0;
+    this.db.transaction(() => {
+      // A page of rows at a time: an old cache may hold gigabytes.
+      const page = this.db.prepare('SELECT rowid AS rid, * FROM chunks WHERE rowid > ? ORDER BY rowid LIMIT 256');
+      for (let after = 0; ; ) {
+        const rows = page.all(after) as (Row & { rid: number })[];
+        if (rows.length === 0) break;
+        for (const r of rows) {
+          const slot = next[r.kind]++;
+          fs.writeSync(this.fds[r.kind], r.data, 0, r.data.length, slot * SLOT_BYTES[r.kind]);
+          this.q.put.run(r.image_id, r.gen, r.kind, r.idx, slot, r.data.length, r.sha256, r.dirty, r.cls, r.used);
+        }
+        after = rows[rows.length - 1].rid;
+      }
+      for (const kind of CHUNK_KINDS) fs.fsyncSync(this.fds[kind]);
+      this.db.exec('DROP TABLE chunks');
+    })();
+    this.db.pragma('wal_checkpoint(FULL)');
+    this.db.exec('VACUUM');
+  }
+
+  /** The cached blob, or undefined. A damaged entry is dropped and reported as a miss. */
   get(k: CacheKey): Buffer | undefined {
     return this.getWithHash(k)?.data;
   }
@@ -103,20 +250,20 @@ export class ChunkCache {
    * manifest and lets the AEAD tag catch damaged data (then drop() and fetch).
    */
   getWithHash(k: CacheKey, verify = true): { data: Buffer; sha256: Buffer } | undefined {
-    const row = this.q.get.get(k.imageId, k.gen, k.kind, k.index) as { data: Buffer; sha256: Buffer } | undefined;
-    if (!row) {
-      this.counters.misses++;
-      return undefined;
-    }
-    if (verify && !sha256(row.data).equals(row.sha256)) {
-      this.drop(k);
-      this.counters.damaged++;
+    const e = this.index.get(this.id(k));
+    const data = e && this.readSlot(e);
+    if (!e || !data || (verify && !sha256(data).equals(e.sha))) {
+      if (e) {
+        this.drop(k);
+        this.counters.damaged++;
+      }
       this.counters.misses++;
       return undefined;
     }
     this.counters.hits++;
-    this.touched.set(this.id(k), ++this.tick);
-    return row;
+    e.used = ++this.tick;
+    this.touched.add(e);
+    return { data, sha256: e.sha };
   }
 
   /**
@@ -133,90 +280,144 @@ export class ChunkCache {
    * commit, not one a chunk (each commit is a WAL write that holds the event loop).
    */
   putMany(items: { k: CacheKey; blob: Buffer; hash?: Buffer }[]): void {
-    this.db.transaction(() => {
+    this.batch(() => {
       for (const { k, blob, hash } of items) this.store(k, blob, false, undefined, hash);
-    })();
+    });
     if (this.bytes > this.limitBytes) this.trim();
   }
 
   /** Runs `fn` as one transaction: every write in it stands, or (a throw, a crash) none does. */
   batch<T>(fn: () => T): T {
-    return this.db.transaction(fn)();
+    if (this.tx) return fn(); // nested: part of the outer transaction
+    const tx = { undo: [] as (() => void)[], onCommit: [] as (() => void)[] };
+    this.tx = tx;
+    try {
+      const r = this.db.transaction(fn)();
+      this.tx = null;
+      for (const f of tx.onCommit) f();
+      return r;
+    } catch (e) {
+      this.tx = null;
+      for (const f of tx.undo.reverse()) f();
+      throw e;
+    }
   }
 
   private store(k: CacheKey, blob: Buffer, dirty: boolean, cls: Sensitivity | undefined, hash: Buffer | undefined): void {
-    const old = this.q.size.get(k.imageId, k.gen, k.kind, k.index) as { n: number } | undefined;
-    this.q.put.run(k.imageId, k.gen, k.kind, k.index, blob, hash ?? sha256(blob), dirty ? 1 : 0, cls ?? null, ++this.tick);
-    this.bytes += blob.length - (old?.n ?? 0);
-    this.touched.delete(this.id(k));
+    if (blob.length > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${blob.length} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
+    const slots = this.slots[k.kind];
+    const slot = slots.take();
+    try {
+      fs.writeSync(this.fds[k.kind], blob, 0, blob.length, slot * SLOT_BYTES[k.kind]);
+      const e: Entry = { key: { ...k }, slot, len: blob.length, sha: hash ?? sha256(blob), dirty, cls: cls ?? null, used: ++this.tick };
+      this.q.put.run(k.imageId, k.gen, k.kind, k.index, slot, e.len, e.sha, dirty ? 1 : 0, e.cls, e.used);
+      this.replace(this.id(k), e);
+    } catch (err) {
+      slots.give(slot, false);
+      throw err;
+    }
+  }
+
+  /** Points `id` at `e` (or at nothing) in memory; the entry it replaces gives its slot back once that stands. */
+  private replace(id: string, e: Entry | undefined): void {
+    const prev = this.index.get(id);
+    if (e) this.index.set(id, e);
+    else this.index.delete(id);
+    if (prev) this.account(prev, -1);
+    if (e) this.account(e, 1);
+    if (prev) this.touched.delete(prev);
+    const release = () => prev && this.release(prev);
+    if (!this.tx) return release();
+    this.tx.onCommit.push(release);
+    this.tx.undo.push(() => {
+      if (e) this.account(e, -1);
+      if (prev) this.account(prev, 1);
+      if (prev) this.index.set(id, prev);
+      else this.index.delete(id);
+      if (e) this.slots[e.key.kind].give(e.slot, false);
+    });
+  }
+
+  /** A slot no row names any more: a dirty chunk's waits for the next flush; a clean one's whole pages are punched out now. */
+  private release(e: Entry): void {
+    const { kind } = e.key;
+    if (e.dirty) return this.slots[kind].give(e.slot, true);
+    const from = Math.ceil((e.slot * SLOT_BYTES[kind]) / PAGE) * PAGE;
+    const to = Math.floor(((e.slot + 1) * SLOT_BYTES[kind]) / PAGE) * PAGE;
+    // Disk space only: a file system without hole punching keeps the bytes until the slot is reused.
+    if (to > from) {
+      try {
+        punchHole(this.fds[kind], from, to - from);
+      } catch {
+        // the slot is reused all the same
+      }
+    }
+    this.slots[kind].give(e.slot, false);
   }
 
   /** Drops one entry (a damaged one, or a clean one the caller knows is stale). */
   drop(k: CacheKey): void {
-    const old = this.q.size.get(k.imageId, k.gen, k.kind, k.index) as { n: number } | undefined;
-    if (!old) return;
+    const id = this.id(k);
+    if (!this.index.has(id)) return;
     this.q.del.run(k.imageId, k.gen, k.kind, k.index);
-    this.bytes -= old.n;
-    this.touched.delete(this.id(k));
+    this.replace(id, undefined);
   }
 
   /** Writes remembered read times, then evicts clean chunks, oldest first, until under the limit. */
   private trim(): void {
-    this.persistTouches();
-    while (this.bytes > this.limitBytes) {
-      const victims = this.q.oldest.all() as { image_id: string; gen: number; kind: string; idx: number; n: number }[];
-      if (victims.length === 0) return; // only dirty chunks left: they stay
-      this.db.transaction(() => {
-        for (const v of victims) {
-          if (this.bytes <= this.limitBytes) break;
-          this.q.del.run(v.image_id, v.gen, v.kind, v.idx);
-          this.bytes -= v.n;
-          this.counters.evicted++;
-        }
-      })();
-    }
+    const clean = [...this.index.values()].filter((e) => !e.dirty).sort((a, b) => a.used - b.used);
+    this.batch(() => {
+      for (const e of clean) {
+        if (this.bytes <= this.limitBytes) break;
+        this.drop(e.key);
+        this.counters.evicted++;
+      }
+    });
   }
 
   private persistTouches(): void {
     if (this.touched.size === 0) return;
     this.db.transaction(() => {
-      for (const [id, used] of this.touched) {
-        const [imageId, gen, kind, idx] = id.split('/');
-        this.q.touch.run(used, imageId, Number(gen), kind, Number(idx));
-      }
+      for (const e of this.touched) this.q.touch.run(e.used, e.key.imageId, e.key.gen, e.key.kind, e.key.index);
     })();
     this.touched.clear();
   }
 
-  /** Makes every write so far durable (fsync of the WAL). */
+  /** Makes every write so far durable: the slot files, then the index (fsync of the WAL). */
   flush(): void {
+    for (const kind of CHUNK_KINDS) fs.fsyncSync(this.fds[kind]);
     this.persistTouches();
     this.db.pragma('wal_checkpoint(FULL)');
+    for (const kind of CHUNK_KINDS) this.slots[kind].flushed();
   }
 
   has(k: CacheKey): boolean {
-    return this.q.has.get(k.imageId, k.gen, k.kind, k.index) !== undefined;
+    return this.index.has(this.id(k));
   }
 
+  /** The dirty chunks of an image, by kind and index; one whose slot cannot be read back is left out and said so by a throw. */
   dirtyChunks(imageId: string): (CacheKey & { data: Buffer; cls: Sensitivity | null })[] {
-    type Row = { image_id: string; gen: number; kind: ChunkKind; idx: number; data: Buffer; cls: Sensitivity | null };
-    return (this.q.dirty.all(imageId) as Row[]).map((r) => ({
-      imageId: r.image_id,
-      gen: r.gen,
-      kind: r.kind,
-      index: r.idx,
-      data: r.data,
-      cls: r.cls,
-    }));
+    const out: (CacheKey & { data: Buffer; cls: Sensitivity | null })[] = [];
+    for (const e of this.index.values()) {
+      if (!e.dirty || e.key.imageId !== imageId) continue;
+      const data = this.readSlot(e);
+      if (!data) throw new Error(`the cache's ${e.key.kind} slot ${e.slot} is shorter than its dirty chunk ${e.key.index}`);
+      out.push({ ...e.key, data, cls: e.cls });
+    }
+    return out.sort((a, b) => (a.kind < b.kind ? -1 : a.kind > b.kind ? 1 : a.index - b.index));
   }
 
   markClean(k: CacheKey): void {
+    const e = this.index.get(this.id(k));
+    if (!e?.dirty) return;
     this.q.clean.run(k.imageId, k.gen, k.kind, k.index);
+    this.account(e, -1);
+    e.dirty = false;
+    this.account(e, 1);
   }
 
   stats(): CacheStats {
-    const t = this.q.total.get() as { n: number; c: number; d: number };
-    return { chunks: t.c, bytes: t.n, dirty: t.d, limitBytes: this.limitBytes, ...this.counters };
+    return { chunks: this.index.size, bytes: this.bytes, dirty: this.dirtyCount, limitBytes: this.limitBytes, ...this.counters };
   }
 
   close(): void {
@@ -224,6 +425,7 @@ export class ChunkCache {
       this.persistTouches();
     } finally {
       this.db.close();
+      for (const kind of CHUNK_KINDS) fs.closeSync(this.fds[kind]);
     }
   }
 }

@@ -1,26 +1,55 @@
 // Chunk blobs whose AEAD tag the agent has checked, kept in memory so that a
 // read of part of a chunk decrypts that part only (docs/nbd.md, "Reads").
 //
-// Ciphertext only: nothing here is secret, so it is ordinary memory, bounded
-// by bytes and dropped least recently used first. An entry is tied to the
-// ciphertext hash the signed manifest names; when the manifest moves on (a
-// write, a new version) the old blob is not served.
+// Ciphertext only: nothing here is secret, so it is ordinary memory, bounded by
+// bytes. An entry is tied to the ciphertext hash the signed manifest names; when
+// the manifest moves on (a write, a new version) the old blob is not served.
+//
+// Scan-resistant (2Q): a blob comes in on probation, a FIFO, and when memory is
+// full and probation holds over a quarter of it, the oldest on probation leave,
+// remembered by id only. One asked for again after it left comes back into the
+// main part, kept least recently used first.
+// A sequential pass over a disk larger than the memory goes through probation and
+// leaves the blobs the guest reads again and again where they were. Reads of one
+// blob in quick succession (4 KiB reads of a 128 KiB chunk) are hits on probation
+// and promote nothing.
+interface Kept {
+  hash: string;
+  blob: Buffer;
+}
+
+/** The share of the bytes probation may hold. */
+const PROBATION_SHARE = 0.25;
+/** Ids remembered after they left probation, at most. */
+const GHOSTS_MAX = 65_536;
+
 export class CheckedBlobs {
-  private readonly blobs = new Map<string, { hash: string; blob: Buffer }>();
-  private held = 0;
+  /** On probation, oldest first. */
+  private readonly probation = new Map<string, Kept>();
+  /** The main part, least recently used first. */
+  private readonly main = new Map<string, Kept>();
+  /** Ids that left probation, oldest first. */
+  private readonly ghosts = new Set<string>();
+  private probationBytes = 0;
+  private mainBytes = 0;
+  /** Blobs that came back from a ghost into the main part. */
+  promoted = 0;
 
   constructor(readonly limitBytes: number) {}
 
   /** The checked blob of `id` if it is the one with ciphertext hash `hash`. */
   get(id: string, hash: string): Buffer | undefined {
-    const hit = this.blobs.get(id);
+    const onProbation = this.probation.get(id);
+    const hit = onProbation ?? this.main.get(id);
     if (!hit) return undefined;
-    this.blobs.delete(id);
     if (hit.hash !== hash) {
-      this.held -= hit.blob.length;
+      this.delete(id);
       return undefined;
     }
-    this.blobs.set(id, hit);
+    if (!onProbation) {
+      this.main.delete(id);
+      this.main.set(id, hit);
+    }
     return hit.blob;
   }
 
@@ -30,32 +59,67 @@ export class CheckedBlobs {
     if (blob.length > this.limitBytes) return;
     // A view into a larger response would keep all of it alive: keep a copy of the blob alone.
     const own = blob.byteOffset === 0 && blob.byteLength === blob.buffer.byteLength ? blob : Buffer.from(blob);
-    this.blobs.set(id, { hash, blob: own });
-    this.held += own.length;
-    for (const [old, v] of this.blobs) {
-      if (this.held <= this.limitBytes) break;
-      this.blobs.delete(old);
-      this.held -= v.blob.length;
+    if (this.ghosts.delete(id)) {
+      this.main.set(id, { hash, blob: own });
+      this.mainBytes += own.length;
+      this.promoted++;
+    } else {
+      this.probation.set(id, { hash, blob: own });
+      this.probationBytes += own.length;
+    }
+    this.fit();
+  }
+
+  /**
+   * Within the limit: while probation holds more than its share its oldest go, to the
+   * ghosts; else the main part's least recently used. Nothing goes while there is room.
+   */
+  private fit(): void {
+    const probationCap = this.limitBytes * PROBATION_SHARE;
+    while (this.bytes > this.limitBytes) {
+      const fromProbation = this.probationBytes > probationCap || this.main.size === 0;
+      const [id, v] = (fromProbation ? this.probation : this.main).entries().next().value as [string, Kept];
+      if (fromProbation) {
+        this.probation.delete(id);
+        this.probationBytes -= v.blob.length;
+        this.ghosts.add(id);
+      } else {
+        this.main.delete(id);
+        this.mainBytes -= v.blob.length;
+      }
+    }
+    for (const id of this.ghosts) {
+      if (this.ghosts.size <= GHOSTS_MAX) break;
+      this.ghosts.delete(id);
     }
   }
 
   delete(id: string): void {
-    const hit = this.blobs.get(id);
-    if (!hit) return;
-    this.blobs.delete(id);
-    this.held -= hit.blob.length;
+    const p = this.probation.get(id);
+    if (p) {
+      this.probation.delete(id);
+      this.probationBytes -= p.blob.length;
+    }
+    const m = this.main.get(id);
+    if (m) {
+      this.main.delete(id);
+      this.mainBytes -= m.blob.length;
+    }
   }
 
   clear(): void {
-    this.blobs.clear();
-    this.held = 0;
+    this.probation.clear();
+    this.main.clear();
+    this.ghosts.clear();
+    this.probationBytes = 0;
+    this.mainBytes = 0;
   }
 
   get bytes(): number {
-    return this.held;
+    return this.probationBytes + this.mainBytes;
   }
 
   get count(): number {
-    return this.blobs.size;
+    return this.probation.size + this.main.size;
   }
 }

@@ -10,7 +10,7 @@ import { iso } from '../../common/duration.js';
 import { errorChain, LetheError } from '../../common/errors.js';
 import type { TAgentPolicy } from '../../common/wire.js';
 import { DEFAULT_FULL_POLICY } from '../../policies/schema.js';
-import { ChunkCache } from '../chunks/cache.js';
+import { cacheFiles, ChunkCache } from '../chunks/cache.js';
 import { AgentCore } from '../chunks/core.js';
 import type { NbdAddress } from '../disk/nbd/server.js';
 import type { NbdPeers } from '../disk/nbd/peers.js';
@@ -147,7 +147,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
     control.close();
     fs.rmSync(path.join(o.home, 'agent.sock'), { force: true });
     cache.close();
-    if (removeCache) for (const f of ['cache.db', 'cache.db-wal', 'cache.db-shm']) fs.rmSync(path.join(o.home, f), { force: true });
+    if (removeCache) for (const f of cacheFiles(o.home)) fs.rmSync(f, { force: true });
     for (const c of [urgent, background, pushClient]) c.close();
     await closing;
   };

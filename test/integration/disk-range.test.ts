@@ -3,13 +3,12 @@
 // cache row is fetched again and never served, a device write replaces the kept
 // ciphertext, and the bytes asked for are the image's whatever the range.
 import { expect } from 'chai';
-import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { AgentDiskBackend } from '../../agent/disk/backend.js';
-import { sha256 } from '../../common/crypto.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 import { expectSameBytes } from '../helpers/bytes.js';
+import { damageCachedBlob } from '../helpers/cache.js';
 
 const CHUNK = 128 * 1024;
 const CHUNKS = 6;
@@ -95,12 +94,7 @@ describe('disk range reads (real server)', function () {
     // Chunk 2 is in the cache file only once read whole; damage it there, with a matching checksum.
     await t.agent.core.readInto('disk', 2, Buffer.alloc(CHUNK));
     t.agent.core.checked.clear();
-    const db = new Database(path.join(t.home, 'cache.db'));
-    const row = db.prepare("SELECT gen, data FROM chunks WHERE kind = 'disk' AND idx = 2").get() as { gen: number; data: Buffer };
-    const bad = Buffer.from(row.data);
-    bad[5000] ^= 0x40;
-    db.prepare("UPDATE chunks SET data = ?, sha256 = ? WHERE kind = 'disk' AND idx = 2").run(bad, sha256(bad));
-    db.close();
+    damageCachedBlob(path.join(t.home, 'cache.db'), 'disk', 2, 5000);
     const before = t.agent.core.stats.fromServer;
     expect(await range(2, 4096, 4096)).to.equal('server');
     expect(t.agent.core.stats.fromServer).to.equal(before + 1);

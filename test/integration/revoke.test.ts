@@ -14,6 +14,7 @@ import type { RunningAgent } from '../../agent/daemon/start.js';
 import { adminCall as adminCallOn, deviceAudit, agentInProcess, assign, enrolledDevice, pushImage, rejects, testUnlock } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 import { sha256 } from '../../common/crypto.js';
+import { cacheFiles } from '../../agent/chunks/cache.js';
 
 const PAGE = 4096;
 
@@ -33,7 +34,7 @@ const keysAtRefusal = (agent: RunningAgent) =>
 
 /** What the device home holds that a revoked device must not keep: key files and the cache. */
 function leftovers(home: string): string[] {
-  const cache = ['cache.db', 'cache.db-wal', 'cache.db-shm'].map((f) => path.join(home, f));
+  const cache = cacheFiles(home);
   return [...homeFiles(home).secrets, ...cache].filter((f) => fs.existsSync(f)).map((f) => path.basename(f));
 }
 

@@ -12,6 +12,9 @@ import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
 import { expectSameBytes } from '../helpers/bytes.js';
+import { damageCachedBlob } from '../helpers/cache.js';
+import { cachedRows } from '../helpers/cache.js';
+import Database from 'better-sqlite3';
 
 describe('key ring', () => {
   it('holds class and sensitive keys, drops one, and zeroes all', () => {
@@ -103,10 +106,8 @@ describe('chunk cache', () => {
     c.close();
     const again = new ChunkCache(file, 1 << 20);
     expectSameBytes(again.get(key(1))!, blob);
-    // Damage row 2 behind the cache's back.
-    (again as unknown as { db: { prepare(s: string): { run(...a: unknown[]): void } } }).db
-      .prepare('UPDATE chunks SET data = ? WHERE idx = 2')
-      .run(randomBytes(4137));
+    // Damage chunk 2's bytes behind the cache's back (its row keeps the old hash).
+    damageCachedBlob(file, 'mem', 2, 100, false);
     expect(again.get(key(2))).to.equal(undefined);
     expect(again.stats()).to.include({ damaged: 1, chunks: 1 });
     again.close();
@@ -124,6 +125,91 @@ describe('chunk cache', () => {
     c.putMany([{ k: key(7), blob: blobs[0], hash: sha256(blobs[1]) }]);
     expect(c.get(key(7))).to.equal(undefined);
     c.close();
+  });
+});
+
+describe('chunk cache: slots and index', () => {
+  const key = (index: number, kind: 'mem' | 'disk' = 'mem') => ({ imageId: 'ab', gen: 1, kind, index });
+  const slotOf = (file: string, index: number) => cachedRows(file, 'mem').find((r) => r.idx === index)?.slot;
+
+  it("moves an earlier cache's blobs, dirty ones too, out of SQLite rows into slots", () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const blobs = [randomBytes(4137), randomBytes(4000), randomBytes(131113)];
+    const old = new Database(file);
+    old.exec(`CREATE TABLE chunks (image_id TEXT NOT NULL, gen INTEGER NOT NULL, kind TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL,
+      sha256 BLOB NOT NULL, dirty INTEGER NOT NULL DEFAULT 0, cls TEXT, used INTEGER NOT NULL, PRIMARY KEY (image_id, gen, kind, idx))`);
+    const put = old.prepare('INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)');
+    put.run('ab', 1, 'mem', 0, blobs[0], sha256(blobs[0]), 0, null, 1);
+    put.run('ab', 1, 'mem', 1, blobs[1], sha256(blobs[1]), 1, 'sensitive', 2);
+    put.run('ab', 1, 'disk', 5, blobs[2], sha256(blobs[2]), 1, 'normal', 3);
+    old.close();
+    const c = new ChunkCache(file, 1 << 30);
+    expectSameBytes(c.get(key(0))!, blobs[0]);
+    expect(c.dirtyChunks('ab').map((d) => [d.kind, d.index, d.cls])).to.deep.equal([['disk', 5, 'normal'], ['mem', 1, 'sensitive']]);
+    expectSameBytes(c.dirtyChunks('ab')[1].data, blobs[1]);
+    expect(c.stats()).to.include({ chunks: 3, dirty: 2, bytes: 4137 + 4000 + 131113 });
+    c.close();
+    const db = new Database(file, { readonly: true });
+    expect(db.prepare("SELECT COUNT(*) AS n FROM sqlite_master WHERE name = 'chunks'").get(), 'the old table is gone').to.deep.equal({ n: 0 });
+    db.close();
+  });
+
+  it("a changed dirty chunk goes to a new slot; the slot it left is reused only after a flush", () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const c = new ChunkCache(file, 1 << 30);
+    c.put(key(0), randomBytes(4137), true, 'normal');
+    const first = slotOf(file, 0);
+    c.put(key(0), randomBytes(4137), true, 'normal');
+    const second = slotOf(file, 0);
+    expect(second).to.not.equal(first);
+    c.put(key(1), randomBytes(4137));
+    expect(slotOf(file, 1), 'before a flush the old slot stays as it was').to.not.equal(first);
+    c.flush();
+    c.put(key(2), randomBytes(4137));
+    expect(slotOf(file, 2), 'after it, it is reused').to.equal(first);
+    c.close();
+  });
+
+  it('a batch that throws leaves the cache as it was, in memory and on disk', () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const c = new ChunkCache(file, 1 << 30);
+    const kept = randomBytes(4137);
+    c.put(key(0), kept, true, 'normal');
+    expect(() =>
+      c.batch(() => {
+        c.put(key(0), randomBytes(4137), true, 'normal');
+        c.put(key(1), randomBytes(4137), true, 'normal');
+        throw new Error('suspend failed half way');
+      }),
+    ).to.throw('suspend failed half way');
+    expectSameBytes(c.get(key(0))!, kept);
+    expect(c.has(key(1))).to.equal(false);
+    expect(c.stats()).to.include({ chunks: 1, dirty: 1, bytes: 4137 });
+    c.close();
+    const again = new ChunkCache(file, 1 << 30);
+    expectSameBytes(again.get(key(0))!, kept);
+    expect(again.stats()).to.include({ chunks: 1, dirty: 1 });
+    again.close();
+  });
+
+  it('two rows naming one slot (a power cut between a reuse and its index): the row whose bytes are there stays', () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const c = new ChunkCache(file, 1 << 30);
+    const mine = randomBytes(4137);
+    c.put(key(0), randomBytes(4137));
+    c.put(key(1), mine, true, 'sensitive');
+    c.close();
+    // The clean row 0 comes back pointing at the slot the dirty row 1 now uses.
+    const db = new Database(file);
+    db.prepare("UPDATE blobs SET slot = ? WHERE kind = 'mem' AND idx = 0").run(slotOf(file, 1));
+    db.close();
+    const again = new ChunkCache(file, 1 << 30);
+    expect(again.has(key(0))).to.equal(false);
+    expect(again.dirtyChunks('ab').map((d) => d.index)).to.deep.equal([1]);
+    expectSameBytes(again.dirtyChunks('ab')[0].data, mine);
+    again.put(key(7), randomBytes(4137));
+    expectSameBytes(again.dirtyChunks('ab')[0].data, mine, 'the dirty chunk after another put');
+    again.close();
   });
 });
 

@@ -169,21 +169,40 @@ describe("the agent core's parts", () => {
   });
 
   describe('checked blobs', () => {
-    it('keeps blobs by bytes, least recently used out first; a moved hash is not served', () => {
+    it('keeps blobs by bytes; when full, the oldest on probation go first; a moved hash is not served', () => {
       const c = new CheckedBlobs(300);
       const blob = (n: number) => randomBytes(n);
       c.put('a', 'ha', blob(100));
       c.put('b', 'hb', blob(100));
       c.put('c', 'hc', blob(100));
-      expect(c.get('a', 'ha')).to.be.instanceOf(Buffer); // a is now the newest
+      expect(c.get('a', 'ha'), 'a hit on probation').to.be.instanceOf(Buffer);
       c.put('d', 'hd', blob(100));
-      expect(c.get('b', 'hb'), 'the least recently used went').to.equal(undefined);
+      expect(c.get('a', 'ha'), 'the oldest on probation went, hit or not').to.equal(undefined);
       expect(c.bytes).to.equal(300);
       expect(c.get('c', 'other-hash'), 'the manifest moved on').to.equal(undefined);
       expect(c.get('c', 'hc'), 'and the stale blob is gone').to.equal(undefined);
       expect([c.count, c.bytes]).to.deep.equal([2, 200]);
       c.put('huge', 'hh', blob(301));
       expect(c.get('huge', 'hh'), 'a blob over the limit is not kept').to.equal(undefined);
+    });
+
+    it('is scan-resistant: blobs read again after they left stay through sequential passes larger than memory', () => {
+      const limit = 40 * 100;
+      const c = new CheckedBlobs(limit);
+      const hot = Array.from({ length: 10 }, (_, i) => `hot${i}`);
+      const pass = (n: number, tag: string) => {
+        for (let i = 0; i < n; i++) if (!c.get(`${tag}${i}`, 'h')) c.put(`${tag}${i}`, 'h', randomBytes(100));
+      };
+      // The working set is read, leaves on a first scan, and is read again: it is promoted.
+      pass(10, 'hot');
+      pass(100, 'scan-a');
+      expect(hot.every((id) => !c.get(id, 'h')), 'gone after the first scan').to.equal(true);
+      pass(10, 'hot');
+      expect(c.promoted).to.equal(10);
+      // Scans of 2.5 times the memory leave it where it is.
+      for (const tag of ['scan-b', 'scan-c', 'scan-d']) pass(100, tag);
+      expect(hot.filter((id) => c.get(id, 'h')).length, 'working set blobs kept').to.equal(10);
+      expect(c.bytes).to.be.at.most(limit);
     });
 
     it('keeps a copy of a blob that is a view into a larger response', () => {
