@@ -123,7 +123,7 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
         const st = () => control<AgentStatus>(d.home, { cmd: 'status' });
         await waitFor(async () => (await st()).nbd?.address ?? undefined, 20_000, 'the export');
         if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
-        const uri = `nbd+unix:///guest?socket=${path.join(d.home, 'nbd.sock')}`;
+        const uri = `nbd+unix:///${image}?socket=${path.join(d.home, 'nbd.sock')}`;
         if (phase === 'memory') await copy(uri, 'null:', size);
         return await use(uri);
       } finally {
