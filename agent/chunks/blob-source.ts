@@ -2,7 +2,7 @@
 // manifest, else the server (then cached), with readahead for guest RAM read in
 // order and one fetch shared by every read that wants the same chunk; and the
 // background prefetch, which fills the cache in a given order under a rate cap.
-import type { ChunkKind } from '../../common/constants.js';
+import { CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
@@ -15,6 +15,8 @@ export type ReadSource = 'zero' | 'cache' | 'server';
 /** A chunk from the server, and whether it matched the manifest (and went to the cache). */
 type Fetched = { blob: Buffer; ok: boolean };
 
+/** Spare blob buffers kept for reuse (as many as reads usually run at once). */
+const SPARES_KEPT = 16;
 /** Guest pages fetched ahead in one request when guest RAM is read in order (64 KiB). */
 const READAHEAD = 16;
 
@@ -29,6 +31,8 @@ export interface PrefetchOptions {
 export class BlobSource {
   /** Chunks on their way from the server (cached when they come), by key id: a read of one waits for it. */
   private readonly inFlight = new Map<string, Promise<Fetched>>();
+  /** Buffers for blobs read from the cache, reused: a read of a 128 KiB chunk allocates nothing. */
+  private readonly spares: Buffer[] = [];
 
   constructor(
     private readonly map: ChunkMap,
@@ -38,12 +42,15 @@ export class BlobSource {
     private readonly stats: { tampered: number; readahead: number },
   ) {}
 
-  /** The blob of a chunk: the cache's if it matches the manifest, else the server's (then cached). */
-  async blob(kind: ChunkKind, index: number, e: Entry): Promise<{ blob: Buffer; source: ReadSource }> {
+  /**
+   * The blob of a chunk: the cache's if it matches the manifest, else the server's
+   * (then cached). A cached blob is read into `into` when given (see spare()).
+   */
+  async blob(kind: ChunkKind, index: number, e: Entry, into?: Buffer): Promise<{ blob: Buffer; source: ReadSource }> {
     const ck = this.map.cacheKey(kind, index, e);
     // The stored hash is compared with the signed manifest; damage to the data
     // itself fails the AEAD tag, and the chunk is then fetched again (drop()).
-    const cached = this.cache.getWithHash(ck, false);
+    const cached = this.cache.getWithHash(ck, false, into);
     if (cached && cached.sha256.toString('base64url') === e.ctHash) return { blob: cached.data, source: 'cache' };
     if (cached) this.cache.drop(ck);
     const fetched = await (this.inFlight.get(keyId(kind, index, e.gen)) ?? this.fetchWithReadahead(kind, index, e));
@@ -52,6 +59,19 @@ export class BlobSource {
       throw new LetheError('TAMPERED', `${kind} chunk ${index} from the server does not match the signed manifest; refused`);
     }
     return { blob: fetched.blob, source: 'server' };
+  }
+
+  /**
+   * A buffer for one read's cached blob (ciphertext, so ordinary memory), to hand back
+   * with giveBack() once nothing refers to the blob: a blob kept past the read (the
+   * checked-blob memory) is copied out of it first.
+   */
+  spare(): Buffer {
+    return this.spares.pop() ?? Buffer.allocUnsafe(CHUNK_SIZE.disk + CHUNK_OVERHEAD);
+  }
+
+  giveBack(b: Buffer): void {
+    if (this.spares.length < SPARES_KEPT) this.spares.push(b);
   }
 
   /** Forgets the cached blob of a chunk that failed its tag. */

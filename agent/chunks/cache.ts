@@ -206,8 +206,8 @@ export class ChunkCache {
     return data !== undefined && sha256(data).equals(e.sha);
   }
 
-  private readSlot(e: Entry): Buffer | undefined {
-    const data = Buffer.allocUnsafe(e.len);
+  private readSlot(e: Entry, into?: Buffer): Buffer | undefined {
+    const data = into && into.length >= e.len ? into.subarray(0, e.len) : Buffer.allocUnsafe(e.len);
     const n = fs.readSync(this.fds[e.key.kind], data, 0, e.len, e.slot * SLOT_BYTES[e.key.kind]);
     return n === e.len ? data : undefined;
   }
@@ -248,10 +248,11 @@ export class ChunkCache {
    * The cached blob and its stored SHA-256. With `verify` false the data is
    * not hashed again: the caller compares the stored hash to the signed
    * manifest and lets the AEAD tag catch damaged data (then drop() and fetch).
+   * With `into` (large enough) the blob is read into it, and the data is a view of it.
    */
-  getWithHash(k: CacheKey, verify = true): { data: Buffer; sha256: Buffer } | undefined {
+  getWithHash(k: CacheKey, verify = true, into?: Buffer): { data: Buffer; sha256: Buffer } | undefined {
     const e = this.index.get(this.id(k));
-    const data = e && this.readSlot(e);
+    const data = e && this.readSlot(e, into);
     if (!e || !data || (verify && !sha256(data).equals(e.sha))) {
       if (e) {
         this.drop(k);

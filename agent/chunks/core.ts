@@ -147,7 +147,28 @@ export class AgentCore {
     }
     const id = keyId(kind, index, e.gen);
     const checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
-    let { blob, source } = checked ? { blob: checked, source: 'cache' as const } : await this.blobs.blob(kind, index, e);
+    // A disk chunk's blob is read into a spare buffer, handed back when this read is done.
+    const spare = !checked && kind === 'disk' ? this.blobs.spare() : undefined;
+    try {
+      return await this.decryptRead(kind, index, e, id, out, resident, from, checked, spare);
+    } finally {
+      if (spare) this.blobs.giveBack(spare);
+    }
+  }
+
+  private async decryptRead(
+    kind: ChunkKind,
+    index: number,
+    e: Entry,
+    id: string,
+    out: Buffer,
+    resident: boolean,
+    from: number | undefined,
+    checked: Buffer | undefined,
+    spare: Buffer | undefined,
+  ): Promise<ReadSource> {
+    const { map, chunkKeys } = this;
+    let { blob, source } = checked ? { blob: checked, source: 'cache' as const } : await this.blobs.blob(kind, index, e, spare);
     if (!chunkKeys.holds(kind, index, e.gen)) {
       // A chunk this device wrote (before a restart, say) is keyed for the write
       // generation: its key comes as a write key. Others: sensitive keys by release.
@@ -163,7 +184,8 @@ export class AgentCore {
         else {
           if (!checked) {
             if (!verifyChunk(scratch, map.coord(kind, index, e), blob)) throw tampered();
-            this.checked.put(id, e.ctHash, blob);
+            // A blob in the spare buffer is copied: the buffer goes back for the next read.
+            if (blob.length <= this.checked.limitBytes) this.checked.put(id, e.ctHash, spare && blob.buffer === spare.buffer ? Buffer.from(blob) : blob);
           }
           decryptChunkRangeInto(out, scratch, blob, from);
         }
@@ -174,7 +196,7 @@ export class AgentCore {
           throw new LetheError('TAMPERED', `${kind} chunk ${index} failed authentication; refused`, { cause: err });
         }
         this.blobs.drop(kind, index, e);
-        ({ blob, source } = await this.blobs.blob(kind, index, e));
+        ({ blob, source } = await this.blobs.blob(kind, index, e, spare));
       } finally {
         wipe(scratch);
       }
