@@ -17,8 +17,12 @@ type Fetched = { blob: Buffer; ok: boolean };
 
 /** Spare blob buffers kept for reuse (as many as reads usually run at once). */
 const SPARES_KEPT = 16;
-/** Guest pages fetched ahead in one request when guest RAM is read in order (64 KiB). */
-const READAHEAD = 16;
+/**
+ * Chunks fetched ahead in one request when a kind is read in order: 16 guest pages
+ * (64 KiB), 8 disk chunks (1 MiB), as a disk's readahead does. The device state is
+ * read whole at resume anyway.
+ */
+const READAHEAD: Record<ChunkKind, number> = { mem: 16, disk: 8, state: 1 };
 
 export interface PrefetchOptions {
   onProgress?: (done: number, total: number) => void;
@@ -99,16 +103,17 @@ export class BlobSource {
   }
 
   /**
-   * Fetches a chunk into the cache; when guest RAM is being read in order (the
-   * page before is cached), the next READAHEAD pages not cached come in the same
+   * Fetches a chunk into the cache; when its kind is being read in order (the chunk
+   * before is cached), the next READAHEAD[kind] chunks not cached come in the same
    * request, as a disk's readahead does. Reads of any of them wait for this fetch.
    */
   private fetchWithReadahead(kind: ChunkKind, index: number, e: Entry): Promise<Fetched> {
     const entries = this.map.entries[kind];
     const refs = [index];
     const prev = entries.get(index - 1);
-    if (kind === 'mem' && prev && this.cache.has(this.map.cacheKey(kind, index - 1, prev))) {
-      for (let i = index + 1; refs.length < READAHEAD && i < index + 2 * READAHEAD; i++) {
+    const ahead = READAHEAD[kind];
+    if (ahead > 1 && prev && this.cache.has(this.map.cacheKey(kind, index - 1, prev))) {
+      for (let i = index + 1; refs.length < ahead && i < index + 2 * ahead; i++) {
         const n = entries.get(i);
         if (n && !this.inFlight.has(keyId(kind, i, n.gen)) && !this.cache.has(this.map.cacheKey(kind, i, n))) refs.push(i);
       }

@@ -48,3 +48,26 @@ describe('readahead of guest RAM (real server)', function () {
     expect(fetched().demandChunks - before.demandChunks).to.equal(1);
   });
 });
+
+describe('readahead of the disk (real server)', function () {
+  this.timeout(30_000);
+  const CHUNK = 128 * 1024;
+  const t = agentInProcessSuite('disk', { plain: { disk: randomBytes(20 * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
+  const fetched = () => ({ ...t.agent.status().fetch });
+
+  async function range(i: number): Promise<string> {
+    const out = Buffer.alloc(4096);
+    const src = await t.agent.core.readRange('disk', i, 1000, out);
+    expectSameBytes(out, t.img.plain.disk.subarray(i * CHUNK + 1000, i * CHUNK + 1000 + 4096), `chunk ${i}`);
+    return src;
+  }
+
+  it('a chunk read right after its predecessor brings the next 7 (1 MiB) in one request', async () => {
+    expect(await range(3)).to.equal('server');
+    const before = fetched();
+    expect(await range(4)).to.equal('server');
+    expect(fetched().demandChunks - before.demandChunks).to.equal(8);
+    for (let i = 5; i <= 11; i++) expect(await range(i), `chunk ${i}`).to.equal('cache');
+    expect(await range(12)).to.equal('server');
+  });
+});
