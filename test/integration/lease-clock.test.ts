@@ -54,7 +54,8 @@ describe('keys that arrive after their lease ended (real server)', function () {
   });
 
   it('are wiped, not kept, and the read that asked for them fails without plaintext', async () => {
-    const fetcher = (t.agent.core as unknown as { fetcher: Fetcher }).fetcher;
+    // The agent's one fetcher, as the core's key requests reach it.
+    const fetcher = (t.agent.core as unknown as { chunkKeys: { fetcher: Fetcher } }).chunkKeys.fetcher;
     const keys = fetcher.keys.bind(fetcher);
     // The answer comes back only once the lease has run out (by the wall clock).
     fetcher.keys = async (...args: Parameters<Fetcher['keys']>) => {
