@@ -109,7 +109,8 @@ class Slots {
 
   /** Every slot below `next` not in use is free (at open). */
   rebuild(inUse: Set<number>): void {
-    this.next = inUse.size === 0 ? 0 : Math.max(...inUse) + 1;
+    this.next = 0;
+    for (const s of inUse) if (s >= this.next) this.next = s + 1;
     for (let s = this.next - 1; s >= 0; s--) if (!inUse.has(s)) this.free.push(s);
   }
 }
@@ -120,6 +121,8 @@ export class ChunkCache {
   private readonly fds = {} as Record<ChunkKind, number>;
   private readonly slots = {} as Record<ChunkKind, Slots>;
   private readonly index = new Map<string, Entry>();
+  /** The clean entries, least recently used first (a use moves one to the end): what trim() evicts, in order. */
+  private readonly cleanOrder = new Map<string, Entry>();
   private bytes = 0;
   private dirtyCount = 0;
   /** Monotonic use counter; persisted with each write, refreshed in memory on reads. */
@@ -167,7 +170,7 @@ export class ChunkCache {
   private load(): void {
     type Row = { image_id: string; gen: number; kind: ChunkKind; idx: number; slot: number; len: number; sha256: Buffer; dirty: number; cls: Sensitivity | null; used: number };
     // Dirty rows first: of two rows on one slot, a clean one never displaces a dirty one whose bytes are there.
-    const rows = this.db.prepare('SELECT * FROM blobs ORDER BY dirty DESC').all() as Row[];
+    const rows = this.db.prepare('SELECT * FROM blobs ORDER BY dirty DESC, used').all() as Row[];
     const bySlot = new Map<string, Entry>();
     const forget = (e: Entry) => this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
     for (const r of rows) {
@@ -198,6 +201,9 @@ export class ChunkCache {
   private account(e: Entry, sign: 1 | -1): void {
     this.bytes += sign * e.len;
     if (e.dirty) this.dirtyCount += sign;
+    const id = this.id(e.key);
+    if (sign < 0 || e.dirty) this.cleanOrder.delete(id);
+    else this.cleanOrder.set(id, e);
   }
 
   /** Whether the slot holds the bytes the row names. */
@@ -264,6 +270,11 @@ export class ChunkCache {
     this.counters.hits++;
     e.used = ++this.tick;
     this.touched.add(e);
+    if (!e.dirty) {
+      const id = this.id(k);
+      this.cleanOrder.delete(id);
+      this.cleanOrder.set(id, e);
+    }
     return { data, sha256: e.sha };
   }
 
@@ -366,9 +377,8 @@ export class ChunkCache {
 
   /** Writes remembered read times, then evicts clean chunks, oldest first, until under the limit. */
   private trim(): void {
-    const clean = [...this.index.values()].filter((e) => !e.dirty).sort((a, b) => a.used - b.used);
     this.batch(() => {
-      for (const e of clean) {
+      for (const e of this.cleanOrder.values()) {
         if (this.bytes <= this.limitBytes) break;
         this.drop(e.key);
         this.counters.evicted++;

@@ -110,4 +110,15 @@ describe('disk range reads (real server)', function () {
       expectSameBytes(out, next.subarray(from, from + len), `bytes ${from}+${len}`);
     }
   });
+
+  it('a blob read from the cache file into a reused buffer is kept as its own copy: the next read does not change it', async () => {
+    // Chunks 0 and 5 are in the cache file (read in the first test); both reads below go through the same spare buffer.
+    t.agent.core.checked.clear();
+    expect(await range(0, 0, 4096)).to.equal('cache');
+    expect(await range(5, 0, 4096)).to.equal('cache');
+    // Chunk 0 now comes from the kept blob: its bytes must still be chunk 0's.
+    const kept = t.agent.core.checked.count;
+    await range(0, 8192, 4096);
+    expect(t.agent.core.checked.count, 'served from memory').to.equal(kept);
+  });
 });
