@@ -7,7 +7,8 @@ import path from 'node:path';
 import type { Argv } from 'yargs';
 import { MAX_TIMER_MS, parseDuration } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
-import { buildGuest, type GuestArtifacts } from '../guest-driver/build.js';
+import { buildGuest } from '../guest-driver/build.js';
+import { buildDebianGuest, debianCmdline, sshMarker } from '../guest-driver/debian.js';
 import { SECRET_EVERY, secretMarker } from '../guest-driver/page-format.js';
 import { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, type AccelChoice } from '../agent/index.js';
 import { emit, type OutOpts } from './output.js';
@@ -40,6 +41,15 @@ const Q35_LOW_RAM_LIMIT_MIB = 2816;
 const MAX_MEM_BYTES = 64 * 1024 * MiB;
 const SECRET_RE = /^[A-Za-z0-9._:+-]{1,64}$/;
 const READY_RE = /^LETHE-WORKLOAD-READY pages=(\d+)/;
+/** The Debian guest's second ready line: ssh-agent holds its key (guest-driver/debian/guest/agents-start). */
+const AGENTS_READY_RE = /^LETHE-AGENTS-READY /;
+/**
+ * What the Debian guest takes beside the busybox guest's own (systemd, journald,
+ * udevd, dbus, the agents and the driver's service): a margin, not a measurement.
+ */
+const DEBIAN_EXTRA_MIB = 64;
+export const GUEST_KINDS = ['busybox', 'debian'] as const;
+export type GuestKind = (typeof GUEST_KINDS)[number];
 /** The magic at the start of a QEMU migration stream (migration/savevm.c, QEMU_VM_FILE_MAGIC). */
 const QEVM_MAGIC = 'QEVM';
 const MIGRATE_TIMEOUT_MS = 60_000;
@@ -47,6 +57,7 @@ const FILES = { disk: 'disk.raw', ram: 'ram.bin', state: 'state.bin' } as const;
 
 interface SnapshotArgs extends OutOpts {
   out: string;
+  guest: GuestKind;
   mem: string;
   workloadMib: number;
   secret?: string;
@@ -58,6 +69,7 @@ interface SnapshotArgs extends OutOpts {
 
 interface Plan {
   out: string;
+  guest: GuestKind;
   memBytes: number;
   workloadMib: number;
   secret: string;
@@ -75,6 +87,7 @@ export function vmCommand(y: Argv) {
         (y) =>
           y
             .option('out', { type: 'string', demandOption: true, describe: 'directory for disk.raw, ram.bin and state.bin' })
+            .option('guest', { choices: GUEST_KINDS, default: 'busybox' as GuestKind, describe: 'the busybox test guest, or Debian 12 with systemd (built as root on first use)' })
             .option('mem', { type: 'string', default: '256M', describe: 'guest RAM (e.g. 128M, 1G)' })
             .option('workload-mib', { type: 'number', default: 64, describe: 'MiB of checksummed pages the workload fills' })
             .option('secret', { type: 'string', describe: 'marker the workload plants in its pages (default: random)' })
@@ -91,11 +104,37 @@ export function vmCommand(y: Argv) {
 async function snapshot(a: SnapshotArgs): Promise<void> {
   const plan = planSnapshot(a);
   const files = prepareOut(plan.out, a.force ?? false);
-  const guest = await buildGuest({ log: (l) => process.stderr.write(`lethe: ${l}\n`) });
+  const guest = await guestBoot(plan);
   const accel = await chooseAccel(plan.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
   copySparse(guest.disk, files.disk);
   const run = await bootAndSave(plan, guest, accel, files);
   report(a, plan, guest, accel, files, run);
+}
+
+/** What boots and what the snapshot waits for, by guest. */
+interface GuestBoot {
+  vmlinux: string;
+  initramfs: string;
+  disk: string;
+  append: string;
+  /** Console lines the guest prints once it is ready; the first one's group 1 is its page count. */
+  ready: { re: RegExp; what: string }[];
+  kernelRelease: string;
+  stamp: string;
+  diskWhat: string;
+}
+
+async function guestBoot(plan: Plan): Promise<GuestBoot> {
+  const log = (l: string) => process.stderr.write(`lethe: ${l}\n`);
+  const workload = { re: READY_RE, what: "the workload's ready line (LETHE-WORKLOAD-READY)" };
+  const p = { mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs };
+  if (plan.guest === 'debian') {
+    const g = await buildDebianGuest({ log });
+    const agents = { re: AGENTS_READY_RE, what: "the user agents' ready line (LETHE-AGENTS-READY)" };
+    return { ...g, append: debianCmdline(p), ready: [workload, agents], diskWhat: 'root disk (ext4, Debian 12)' };
+  }
+  const g = await buildGuest({ log });
+  return { ...g, append: guestCmdline(p), ready: [workload], diskWhat: 'data disk (ext4)' };
 }
 
 // ---- arguments ----
@@ -113,7 +152,7 @@ function planSnapshot(a: SnapshotArgs): Plan {
   if (!Number.isInteger(workloadMib) || workloadMib < 1) {
     throw new LetheError('BAD_REQUEST', `bad --workload-mib: '${a.workloadMib}'`, { hint: 'use a whole number of MiB from 1, e.g. 16' });
   }
-  checkWorkloadFits(workloadMib, memBytes / MiB, a.mem);
+  checkWorkloadFits(workloadMib, memBytes / MiB, a.mem, a.guest === 'debian' ? DEBIAN_EXTRA_MIB : 0);
   const secret = a.secret ?? `lethe-${randomBytes(8).toString('hex')}`;
   if (!SECRET_RE.test(secret)) {
     throw new LetheError('BAD_REQUEST', `bad --secret: '${secret}'`, {
@@ -122,7 +161,7 @@ function planSnapshot(a: SnapshotArgs): Plan {
   }
   const timeoutMs = parseDuration(a.timeout, '--timeout', { max: MAX_TIMER_MS });
   const intervalMs = parseDuration(a.interval, '--interval', { max: MAX_TIMER_MS });
-  return { out: path.resolve(a.out), memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
+  return { out: path.resolve(a.out), guest: a.guest ?? 'busybox', memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
 }
 
 /** What the guest itself takes of `memMib` (see GUEST_BASE_MIB). */
@@ -147,11 +186,11 @@ export function smallestMemMib(workloadMib: number): number {
  * killer, and the snapshot fails with a console dump: refuse it before booting.
  * @throws LetheError BAD_REQUEST naming both values, with the --mem and workload that fit.
  */
-function checkWorkloadFits(workloadMib: number, memMib: number, memText: string): void {
-  if (workloadMib <= largestWorkloadMib(memMib)) return;
-  const largest = largestWorkloadMib(memMib);
-  const mem = `use --mem ${smallestMemMib(workloadMib)}M or more for this workload`;
-  throw new LetheError('BAD_REQUEST', `--workload-mib ${workloadMib} does not fit in --mem ${memText}: the guest itself needs ${guestOwnMib(memMib)} MiB of it`, {
+function checkWorkloadFits(workloadMib: number, memMib: number, memText: string, extraMib: number): void {
+  const largest = largestWorkloadMib(memMib) - extraMib;
+  if (workloadMib <= largest) return;
+  const mem = `use --mem ${smallestMemMib(workloadMib + extraMib)}M or more for this workload`;
+  throw new LetheError('BAD_REQUEST', `--workload-mib ${workloadMib} does not fit in --mem ${memText}: the guest itself needs ${guestOwnMib(memMib) + extraMib} MiB of it`, {
     hint: largest > 0 ? `${mem}, or --workload-mib ${largest} or less with this --mem` : mem,
   });
 }
@@ -216,13 +255,13 @@ interface RunResult {
 }
 
 /** Boots the guest, waits for the workload, saves the device state; QEMU is gone when this returns or throws. */
-async function bootAndSave(plan: Plan, guest: GuestArtifacts, accel: Accel, files: OutFiles): Promise<RunResult> {
+async function bootAndSave(plan: Plan, guest: GuestBoot, accel: Accel, files: OutFiles): Promise<RunResult> {
   const runDir = makeRunDir();
   const vm = await Vm.start(
     {
       kernel: guest.vmlinux,
       initrd: guest.initramfs,
-      append: guestCmdline({ mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs }),
+      append: guest.append,
       memBytes: plan.memBytes,
       memPath: files.ram,
       disk: files.disk,
@@ -236,7 +275,9 @@ async function bootAndSave(plan: Plan, guest: GuestArtifacts, accel: Accel, file
     throw new LetheError(e.code, e.message, { cause: e.cause, hint: 'KVM could not run the guest on this host; use --accel tcg or auto' });
   });
   try {
-    const ready = await vm.waitForConsole(READY_RE, plan.timeoutMs, "the workload's ready line (LETHE-WORKLOAD-READY)");
+    const deadline = Date.now() + plan.timeoutMs;
+    const ready = await vm.waitForConsole(guest.ready[0].re, plan.timeoutMs, guest.ready[0].what);
+    for (const r of guest.ready.slice(1)) await vm.waitForConsole(r.re, Math.max(deadline - Date.now(), 1), r.what);
     const bootToReadySeconds = (performance.now() - vm.startedAt) / 1000;
     const t0 = performance.now();
     await saveDeviceState(vm, files.state);
@@ -274,7 +315,7 @@ function shellQuote(s: string): string {
 
 // ---- output ----
 
-function report(a: SnapshotArgs, plan: Plan, guest: GuestArtifacts, accel: Accel, files: OutFiles, run: RunResult): void {
+function report(a: SnapshotArgs, plan: Plan, guest: GuestBoot, accel: Accel, files: OutFiles, run: RunResult): void {
   const info = (f: string) => {
     const st = fs.statSync(f);
     return { path: f, bytes: st.size, allocatedBytes: st.blocks * 512 };
@@ -287,17 +328,18 @@ function report(a: SnapshotArgs, plan: Plan, guest: GuestArtifacts, accel: Accel
     pages: run.pages,
     secret: plan.secret,
     marker: secretMarker(plan.secret),
+    ...(plan.guest === 'debian' ? { sshMarker: sshMarker(plan.secret) } : {}),
     secretEvery: SECRET_EVERY,
     accel,
     bootToReadySeconds: round(run.bootToReadySeconds),
     saveSeconds: round(run.saveSeconds),
-    guest: { kernelRelease: guest.kernelRelease, stamp: guest.stamp },
+    guest: { kind: plan.guest, kernelRelease: guest.kernelRelease, stamp: guest.stamp },
   };
   const f = result.files;
   emit(a, result, () =>
     [
       `snapshot of the test guest in ${plan.out}`,
-      `  ${FILES.disk.padEnd(10)} ${size(f.disk.bytes).padStart(10)}  data disk (ext4)`,
+      `  ${FILES.disk.padEnd(10)} ${size(f.disk.bytes).padStart(10)}  ${guest.diskWhat}`,
       `  ${FILES.ram.padEnd(10)} ${size(f.ram.bytes).padStart(10)}  guest RAM, plaintext (${size(f.ram.allocatedBytes)} allocated)`,
       `  ${FILES.state.padEnd(10)} ${size(f.state.bytes).padStart(10)}  device state (QEMU migration stream without RAM)`,
       `workload ready ${result.bootToReadySeconds} s after start (${accel}, kernel ${guest.kernelRelease}): ${run.pages} pages`,

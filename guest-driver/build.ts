@@ -33,7 +33,7 @@ export const MODULE_ROOTS = ['virtio_pci', 'virtio_blk', 'virtio_console', 'virt
 const GUEST_PROGRAMS = [
   { name: 'lethe-workload', sources: ['workload.c'], headers: [] },
   { name: 'lethe-guestd', sources: ['guestd.c', 'guestd-frames.c', 'guestd-policy.c'], headers: ['guestd.h'] },
-];
+] as const;
 const SOURCE_FILES = ['build.ts', 'built.ts', 'cpio.ts', 'kmod.ts', 'page-format.ts', 'init.sh', ...GUEST_PROGRAMS.flatMap((p) => [...p.sources, ...p.headers])];
 const XZ_MAGIC = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]);
 const ELF_MAGIC = Buffer.from([0x7f, 0x45, 0x4c, 0x46]);
@@ -244,13 +244,20 @@ export async function extractVmlinux(bzImage: Buffer): Promise<Buffer> {
 
 async function compilePrograms(work: string): Promise<Map<string, Buffer>> {
   const programs = new Map<string, Buffer>();
-  for (const p of GUEST_PROGRAMS) {
-    const out = path.join(work, p.name);
-    await run('gcc', ['-static', '-O2', '-Wall', '-Wextra', '-s', '-o', out, ...p.sources.map((s) => path.join(HERE, s))]);
-    programs.set(p.name, fs.readFileSync(out));
-  }
+  for (const p of GUEST_PROGRAMS) programs.set(p.name, fs.readFileSync(await compileProgram(p.name, work)));
   return programs;
 }
+
+/** Compiles guest program `name` (lethe-workload or lethe-guestd), static, into `dir`; its path. */
+export async function compileProgram(name: (typeof GUEST_PROGRAMS)[number]['name'], dir: string): Promise<string> {
+  const p = GUEST_PROGRAMS.find((g) => g.name === name)!;
+  const out = path.join(dir, p.name);
+  await run('gcc', ['-static', '-O2', '-Wall', '-Wextra', '-s', '-o', out, ...p.sources.map((s) => path.join(HERE, s))]);
+  return out;
+}
+
+/** The C files of the guest programs, for stamps of builds that contain them. */
+export const GUEST_PROGRAM_FILES = GUEST_PROGRAMS.flatMap((p) => [...p.sources, ...p.headers]).map((f) => path.join(HERE, f));
 
 export function makeInitramfs(busybox: Buffer, programs: Map<string, Buffer>, modules: { name: string; ko: Buffer }[]): Buffer {
   const cpio = new CpioWriter()

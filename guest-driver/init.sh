@@ -6,6 +6,8 @@
 #   lethe.disk=write|verify   check files on /dev/vda (mounted at /mnt) first
 #   lethe.interval=MS         pause between verification passes
 #   lethe.probe=1             print LETHE-PROBE ok and power off (accelerator probe)
+#   lethe.root=DEV            boot the system on DEV instead (the Debian guest): load
+#                             the modules, mount DEV and hand over to its /sbin/init
 # What the workload prints is listed in workload.c. When it exits, the guest powers
 # off, so the host sees QEMU end rather than a silent guest.
 /bin/busybox --install -s /bin
@@ -19,6 +21,7 @@ for word in $(cat /proc/cmdline); do
     lethe.disk=*) disk=${word#*=} ;;
     lethe.interval=*) interval=${word#*=} ;;
     lethe.probe=1) echo "LETHE-PROBE ok"; poweroff -f ;;
+    lethe.root=*) root=${word#*=} ;;
   esac
 done
 
@@ -27,6 +30,15 @@ mount -t devtmpfs dev /dev
 for m in $(cat /lib/modules/order); do
   insmod "/lib/modules/$m.ko" || echo "LETHE-INIT insmod $m failed"
 done
+if [ -n "$root" ]; then
+  mkdir -p /newroot
+  if ! mount -t ext4 "$root" /newroot; then
+    echo "LETHE-INIT cannot mount the root filesystem $root"
+    poweroff -f
+  fi
+  for d in dev proc sys; do mount --move "/$d" "/newroot/$d"; done
+  exec switch_root /newroot /sbin/init
+fi
 if [ -b /dev/vda ]; then
   mount -t ext4 /dev/vda /mnt || echo "LETHE-INIT cannot mount /dev/vda"
 fi
