@@ -58,6 +58,8 @@ const FILES = { disk: 'disk.raw', ram: 'ram.bin', state: 'state.bin' } as const;
 interface SnapshotArgs extends OutOpts {
   out: string;
   guest: GuestKind;
+  sshEvery?: string;
+  guestdRestarts?: string;
   mem: string;
   workloadMib: number;
   secret?: string;
@@ -70,6 +72,9 @@ interface SnapshotArgs extends OutOpts {
 interface Plan {
   out: string;
   guest: GuestKind;
+  /** Debian guest: seconds between the agents' ssh-add -l, and between restarts of the driver (none without). */
+  sshEveryS?: number;
+  guestdRestartsS?: number;
   memBytes: number;
   workloadMib: number;
   secret: string;
@@ -92,6 +97,8 @@ export function vmCommand(y: Argv) {
             .option('workload-mib', { type: 'number', default: 64, describe: 'MiB of checksummed pages the workload fills' })
             .option('secret', { type: 'string', describe: 'marker the workload plants in its pages (default: random)' })
             .option('interval', { type: 'string', default: '1s', describe: "pause between the workload's verification passes" })
+            .option('ssh-every', { type: 'string', describe: "Debian guest: time between the test user's ssh-add -l (default 20s)" })
+            .option('guestd-restarts', { type: 'string', describe: 'Debian guest: restart the guest driver this often (by systemctl and by SIGKILL, in turn)' })
             .option('accel', { choices: ACCEL_CHOICES, default: 'auto' as AccelChoice, describe: 'KVM, TCG, or KVM when it works' })
             .option('timeout', { type: 'string', default: '120s', describe: 'how long to wait for the workload to be ready' })
             .option('force', { type: 'boolean', describe: 'overwrite an earlier snapshot in --out' }),
@@ -127,9 +134,10 @@ interface GuestBoot {
 async function guestBoot(plan: Plan): Promise<GuestBoot> {
   const log = (l: string) => process.stderr.write(`lethe: ${l}\n`);
   const workload = { re: READY_RE, what: "the workload's ready line (LETHE-WORKLOAD-READY)" };
-  const p = { mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs };
+  const p: Parameters<typeof debianCmdline>[0] = { mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs };
   if (plan.guest === 'debian') {
     const g = await buildDebianGuest({ log });
+    Object.assign(p, { sshEveryS: plan.sshEveryS, guestdRestartsS: plan.guestdRestartsS });
     const agents = { re: AGENTS_READY_RE, what: "the user agents' ready line (LETHE-AGENTS-READY)" };
     return { ...g, append: debianCmdline(p), ready: [workload, agents], diskWhat: 'root disk (ext4, Debian 12)' };
   }
@@ -161,7 +169,16 @@ function planSnapshot(a: SnapshotArgs): Plan {
   }
   const timeoutMs = parseDuration(a.timeout, '--timeout', { max: MAX_TIMER_MS });
   const intervalMs = parseDuration(a.interval, '--interval', { max: MAX_TIMER_MS });
-  return { out: path.resolve(a.out), guest: a.guest ?? 'busybox', memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
+  const seconds = (v: string | undefined, flag: string) => {
+    if (v === undefined) return undefined;
+    if (a.guest !== 'debian') throw new LetheError('BAD_REQUEST', `${flag} is for the Debian guest`, { hint: `add --guest debian, or leave ${flag} out` });
+    const ms = parseDuration(v, flag, { max: MAX_TIMER_MS });
+    if (ms < 1000 || ms % 1000 !== 0) throw new LetheError('BAD_REQUEST', `bad ${flag}: '${v}'`, { hint: 'use whole seconds from 1s, e.g. 20s' });
+    return ms / 1000;
+  };
+  const sshEveryS = seconds(a.sshEvery, '--ssh-every');
+  const guestdRestartsS = seconds(a.guestdRestarts, '--guestd-restarts');
+  return { out: path.resolve(a.out), guest: a.guest ?? 'busybox', sshEveryS, guestdRestartsS, memBytes, workloadMib, secret, intervalMs, accel: a.accel, timeoutMs };
 }
 
 /** What the guest itself takes of `memMib` (see GUEST_BASE_MIB). */

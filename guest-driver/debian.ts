@@ -30,6 +30,8 @@ export const GUEST_USER = { name: 'alice', uid: 1000 };
 export const AGENTS_CGROUP = `/user.slice/user-${GUEST_USER.uid}.slice/lethe-agents.service`;
 /** The marker agents-start gives the ssh key's comment; ssh-agent keeps it in its memory. */
 export const sshMarker = (secret: string) => `lethe-ssh-${secret}`;
+/** The test services, each lethe-NAME.service running NAME-start (guest-driver/debian/guest). */
+const SERVICES = ['workload', 'agents', 'restarts'];
 /** Where apt's sources are on this machine (deb822 first), for mmdebstrap. */
 const APT_SOURCES = ['/etc/apt/sources.list.d/debian.sources', '/etc/apt/sources.list'];
 
@@ -53,11 +55,12 @@ interface Manifest {
 }
 
 /** The kernel command line that boots the Debian guest (init_on_free: a freed page keeps no copy of a secret). */
-export function debianCmdline(p: { mib: number; secret?: string; intervalMs?: number; sshEveryS?: number }): string {
+export function debianCmdline(p: { mib: number; secret?: string; intervalMs?: number; sshEveryS?: number; guestdRestartsS?: number }): string {
   const words = ['console=ttyS0', 'panic=-1', 'quiet', 'lethe.root=/dev/vda', 'init_on_free=1', 'systemd.show_status=0', `lethe.mib=${p.mib}`];
   if (p.secret) words.push(`lethe.secret=${p.secret}`);
   if (p.intervalMs !== undefined) words.push(`lethe.interval=${p.intervalMs}`);
   if (p.sshEveryS !== undefined) words.push(`lethe.ssh-every=${p.sshEveryS}`);
+  if (p.guestdRestartsS !== undefined) words.push(`lethe.guestd-restarts=${p.guestdRestartsS}`);
   return words.join(' ');
 }
 
@@ -159,10 +162,10 @@ async function makeRootfs(rootfs: string, deb: string, work: string, sources: st
     `rm -f "$1"/tmp/*.deb`,
     `copy-in ${q(workload)} /usr/local/bin`,
     `mkdir -p "$1/usr/local/lib/lethe"`,
-    `copy-in ${q(path.join(GUEST_DIR, 'workload-start'))} ${q(path.join(GUEST_DIR, 'agents-start'))} /usr/local/lib/lethe`,
-    `copy-in ${q(path.join(GUEST_DIR, 'lethe-workload.service'))} ${q(path.join(GUEST_DIR, 'lethe-agents.service'))} /etc/systemd/system`,
+    `copy-in ${SERVICES.map((s) => q(path.join(GUEST_DIR, `${s}-start`))).join(' ')} /usr/local/lib/lethe`,
+    `copy-in ${SERVICES.map((s) => q(path.join(GUEST_DIR, `lethe-${s}.service`))).join(' ')} /etc/systemd/system`,
     `chroot "$1" useradd --create-home --uid ${GUEST_USER.uid} --shell /bin/bash ${GUEST_USER.name}`,
-    `chroot "$1" systemctl enable lethe-workload.service lethe-agents.service`,
+    `chroot "$1" systemctl enable ${SERVICES.map((s) => `lethe-${s}.service`).join(' ')}`,
     // No login prompt on the console (it is the test's channel), no network to wait for.
     `chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service apt-daily.timer apt-daily-upgrade.timer`,
     `echo lethe-debian > "$1/etc/hostname"`,

@@ -254,6 +254,8 @@ export class HintChannel extends EventEmitter {
   private reports = 0;
   private staleReports = 0;
   private connects = 0;
+  /** Hellos: one per connection, and one each time the driver (re)starts inside a running guest. */
+  private hellos = 0;
 
   /** @throws LetheError BAD_REQUEST when the policy breaks a limit of the protocol. */
   constructor(
@@ -282,8 +284,8 @@ export class HintChannel extends EventEmitter {
     return clonePolicy(this.policy);
   }
 
-  get counters(): HintCounters & { reports: number; staleReports: number; connects: number } {
-    return { ...this.parser.counters, reports: this.reports, staleReports: this.staleReports, connects: this.connects };
+  get counters(): HintCounters & { reports: number; staleReports: number; connects: number; hellos: number } {
+    return { ...this.parser.counters, reports: this.reports, staleReports: this.staleReports, connects: this.connects, hellos: this.hellos };
   }
 
   /**
@@ -438,6 +440,7 @@ export class HintChannel extends EventEmitter {
   /** Call after the driver said hello: it has a policy only if we send it one. */
   private hello(driver: string, version: number): void {
     this.helloSeen = true;
+    this.hellos++;
     if (version !== HINT_PROTOCOL_VERSION) {
       this.log(`hints: the guest driver speaks protocol version ${version}, this agent ${HINT_PROTOCOL_VERSION}; not sending it a policy`);
     } else {

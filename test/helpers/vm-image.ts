@@ -22,6 +22,27 @@ export async function snapshotGuest(prefix: string, o: { intervalS?: number } = 
   return { dir, marker: Buffer.from(JSON.parse(shot.stdout).marker as string) };
 }
 
+export interface DebianSnapshot extends VmSnapshot {
+  /** The comment of the key ssh-agent holds (guest-driver/debian/guest/agents-start). */
+  sshMarker: Buffer;
+  bootToReadySeconds: number;
+}
+
+/**
+ * The Debian 12 guest (docs/debian-guest.md): 256 MiB of RAM, a 16 MiB workload, the
+ * user's ssh-agent listing its keys every `sshEveryS`, the driver restarted every
+ * `guestdRestartsS` (never without).
+ */
+export async function snapshotDebian(prefix: string, o: { sshEveryS: number; guestdRestartsS?: number }): Promise<DebianSnapshot> {
+  const dir = path.join(tmpDir(prefix), 'snap');
+  const restarts = o.guestdRestartsS === undefined ? [] : ['--guestd-restarts', `${o.guestdRestartsS}s`];
+  const args = ['vm', 'snapshot', '--guest', 'debian', '--out', dir, '--mem', '256M', '--workload-mib', '16', '--ssh-every', `${o.sshEveryS}s`, ...restarts];
+  const shot = await lethe([...args, '--accel', 'tcg', '--timeout', '10m', '--json']);
+  expect(shot.code, shot.stderr).to.equal(0);
+  const out = JSON.parse(shot.stdout) as { marker: string; sshMarker: string; bootToReadySeconds: number };
+  return { dir, marker: Buffer.from(out.marker), sshMarker: Buffer.from(out.sshMarker), bootToReadySeconds: out.bootToReadySeconds };
+}
+
 /** Pushes the snapshot as image `name`, under `policy` (YAML text) when given. */
 export async function pushSnapshot(s: ServerProc, snap: VmSnapshot, name: string, policy?: string): Promise<void> {
   const files = ['--disk', path.join(snap.dir, 'disk.raw'), '--memory', path.join(snap.dir, 'ram.bin'), '--state', path.join(snap.dir, 'state.bin')];
