@@ -356,7 +356,12 @@ describe('guest hints: HintChannel', function () {
     expect(await fake.line(/^policy interval=0 /)).to.equal('policy interval=0 procs= cgroups= files=/mnt');
     expect(channel.requestReport()).to.equal(true);
     await fake.line(/^report$/);
-    expect(channel.counters.connects).to.equal(2);
+    expect(channel.counters).to.include({ connects: 2, hellos: 1 });
+    // A driver restarted inside the guest says hello on the same connection: it gets the policy again.
+    fake.received = '';
+    fake.say('hello lethe-guestd 1');
+    expect(await fake.line(/^policy /)).to.equal('policy interval=0 procs= cgroups= files=/mnt');
+    expect(channel.counters).to.include({ connects: 2, hellos: 2 });
   });
 
   it('drops reports made under an older policy, until the driver answers the new one', async () => {
