@@ -94,6 +94,8 @@ export const KEY_RING_MAX_KEYS = 1 << 20;
 // Not locked: ciphertext only.
 /** Disk chunk blobs kept in memory once their tag is checked (--disk-memory-cache): 256 MiB by default. */
 export const DISK_CHECKED_BYTES = 256 * 1024 * 1024;
+/** Disk chunks whose 4 KiB piece digests are kept (agent/chunks/piece-digests.ts): an 8 GiB disk's, about 35 MiB. */
+export const DISK_PIECE_CHUNKS = 65_536;
 export const DEFAULT_LISTEN = '127.0.0.1:7443';
 export const DEFAULT_ENROLL_TTL_S = 3600;
 export const MAX_JSON_BODY = 1024 * 1024;

@@ -137,16 +137,28 @@ export function verifyBoxed(key: Uint8Array, boxed: Uint8Array, ad: Uint8Array):
 export function openRangeInto(out: Uint8Array, key: Uint8Array, boxed: Uint8Array, from: number): void {
   const ctLen = boxed.length - NONCE_BYTES - TAG_BYTES;
   if (from < 0 || from + out.length > ctLen) throw new RangeError(`range ${from}+${out.length} is outside a ${ctLen}-byte box`);
-  const nonce = boxed.subarray(0, NONCE_BYTES);
-  const ct = boxed.subarray(NONCE_BYTES, NONCE_BYTES + ctLen);
+  openPartInto(out, key, boxed.subarray(0, NONCE_BYTES), boxed.subarray(NONCE_BYTES, NONCE_BYTES + ctLen), 0, from);
+}
+
+/**
+ * openRangeInto() with only a part of the ciphertext at hand: `part` holds
+ * ciphertext bytes [partAt, partAt + part.length), which must cover [from, from +
+ * out.length). The caller has checked the part against digests taken from a box
+ * whose tag was accepted (agent/chunks/piece-digests.ts).
+ */
+export function openPartInto(out: Uint8Array, key: Uint8Array, nonce: Uint8Array, part: Uint8Array, partAt: number, from: number): void {
+  if (partAt % 64 !== 0 || from < partAt || from + out.length > partAt + part.length) {
+    throw new RangeError(`range ${from}+${out.length} is outside ciphertext part ${partAt}+${part.length} (or the part does not start on a 64-byte block)`);
+  }
+  const ct = (a: number, b: number) => part.subarray(a - partAt, b - partAt);
   let done = 0;
   const lead = from % 64;
   if (lead !== 0 && out.length > 0) {
     // The counter counts 64-byte blocks: decrypt the first block whole and keep its tail.
     const start = from - lead;
-    const block = blockScratch.subarray(0, Math.min(64, ctLen - start));
+    const block = blockScratch.subarray(0, Math.min(64, partAt + part.length - start));
     try {
-      sodium.crypto_stream_xchacha20_xor_ic(block, ct.subarray(start, start + block.length), nonce, 1 + start / 64, key);
+      sodium.crypto_stream_xchacha20_xor_ic(block, ct(start, start + block.length), nonce, 1 + start / 64, key);
       done = Math.min(64 - lead, out.length);
       out.set(block.subarray(lead, lead + done));
     } finally {
@@ -155,7 +167,7 @@ export function openRangeInto(out: Uint8Array, key: Uint8Array, boxed: Uint8Arra
   }
   if (done < out.length) {
     const at = from + done;
-    sodium.crypto_stream_xchacha20_xor_ic(out.subarray(done), ct.subarray(at, from + out.length), nonce, 1 + at / 64, key);
+    sodium.crypto_stream_xchacha20_xor_ic(out.subarray(done), ct(at, from + out.length), nonce, 1 + at / 64, key);
   }
 }
 export function open(key: Uint8Array, boxed: Uint8Array, ad: Uint8Array): Buffer {

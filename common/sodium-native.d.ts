@@ -14,6 +14,7 @@ declare module 'sodium-native' {
     crypto_sign_BYTES: number;
     crypto_generichash_BYTES: number;
     crypto_generichash_KEYBYTES_MIN: number;
+    crypto_generichash_KEYBYTES: number;
     sodium_malloc(size: number): Buffer & { secure: boolean };
     sodium_memzero(buf: Buf): void;
     sodium_mprotect_noaccess(buf: Buf): void;

@@ -267,15 +267,35 @@ export class ChunkCache {
       this.counters.misses++;
       return undefined;
     }
+    this.used(this.id(k), e);
+    return { data, sha256: e.sha };
+  }
+
+  /**
+   * Bytes [at, at + into.length) of a cached blob, read into `into` and not checked:
+   * the caller checks them (piece digests). False when the blob is not cached, or
+   * shorter.
+   */
+  readPart(k: CacheKey, at: number, into: Buffer): boolean {
+    const id = this.id(k);
+    const e = this.index.get(id);
+    if (!e || at + into.length > e.len || fs.readSync(this.fds[e.key.kind], into, 0, into.length, e.slot * SLOT_BYTES[e.key.kind] + at) !== into.length) {
+      this.counters.misses++;
+      return false;
+    }
+    this.used(id, e);
+    return true;
+  }
+
+  /** A hit: the entry is the most recently used. */
+  private used(id: string, e: Entry): void {
     this.counters.hits++;
     e.used = ++this.tick;
     this.touched.add(e);
     if (!e.dirty) {
-      const id = this.id(k);
       this.cleanOrder.delete(id);
       this.cleanOrder.set(id, e);
     }
-    return { data, sha256: e.sha };
   }
 
   /**

@@ -11,9 +11,9 @@
 // chunk-keys.ts (keys), blob-source.ts (ciphertext from cache or server, prefetch),
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
-import { DISK_CHECKED_BYTES, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import { DISK_CHECKED_BYTES, DISK_PIECE_CHUNKS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { decryptChunkInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
-import { b64u, tampered, wipe } from '../../common/crypto.js';
+import { b64u, openPartInto, tampered, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import type { Identity } from '../keys/identity.js';
 import type { KeyRing } from '../keys/keyring.js';
@@ -25,17 +25,25 @@ import type { ChunkCache } from './cache.js';
 import { CheckedBlobs } from './checked-blobs.js';
 import { ChunkKeys } from './chunk-keys.js';
 import { ChunkMap, keyId, verifyManifest, type Entry } from './chunk-map.js';
+import { BLOB_CT_AT, PIECE_BYTES, PieceDigests } from './piece-digests.js';
 import { Residency } from './residency.js';
 import { ChunkWriter, type CheckinClient } from './writes.js';
+
+/** Reads of a disk chunk up to this long take only the pieces they need from the cache file (readPieces). */
+const PIECE_READ_MAX = 32 * 1024;
 
 export type { Entry } from './chunk-map.js';
 export type { ReadSource } from './blob-source.js';
 export { verifyManifest } from './chunk-map.js';
 
 export class AgentCore {
-  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0, readahead: 0 };
+  readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0, readahead: 0, pieceReads: 0 };
   /** Blobs readRange() has checked, kept so that later reads of parts of them decrypt only those parts. */
   readonly checked: CheckedBlobs;
+  /** Digests of the 4 KiB pieces of disk chunks readRange() has checked, for small reads from the cache file. */
+  readonly pieces = new PieceDigests(DISK_PIECE_CHUNKS);
+  /** readPieces()' ciphertext (not secret): the pieces one read covers. */
+  private readonly pieceBuf = Buffer.allocUnsafe(PIECE_READ_MAX + PIECE_BYTES);
   private readonly map = new ChunkMap();
   private readonly chunkKeys: ChunkKeys;
   private readonly blobs: BlobSource;
@@ -147,6 +155,11 @@ export class AgentCore {
     }
     const id = keyId(kind, index, e.gen);
     const checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
+    if (!checked && from !== undefined && this.readPieces(kind, index, e, id, from, out)) {
+      this.stats.fromCache++;
+      this.stats.pieceReads++;
+      return 'cache';
+    }
     // A disk chunk's blob is read into a spare buffer, handed back when this read is done.
     const spare = !checked && kind === 'disk' ? this.blobs.spare() : undefined;
     try {
@@ -184,6 +197,7 @@ export class AgentCore {
         else {
           if (!checked) {
             if (!verifyChunk(scratch, map.coord(kind, index, e), blob)) throw tampered();
+            if (kind === 'disk') this.pieces.put(id, e.ctHash, blob);
             // A blob in the spare buffer is copied: the buffer goes back for the next read.
             if (blob.length <= this.checked.limitBytes) this.checked.put(id, e.ctHash, spare && blob.buffer === spare.buffer ? Buffer.from(blob) : blob);
           }
@@ -205,6 +219,40 @@ export class AgentCore {
     else this.stats.fromServer++;
     if (resident) this.residency.mark(kind, index, e.cls, out.length);
     return source;
+  }
+
+  /**
+   * A small read of a disk chunk whose blob is in the cache file only: the pieces it
+   * covers, each checked against its digest, and those decrypted (piece-digests.ts).
+   * False when it cannot: no digests or no key at hand, a longer read, a piece that
+   * does not match. Then the whole blob is read and its tag checked, which drops a
+   * damaged blob and fetches it again.
+   */
+  private readPieces(kind: ChunkKind, index: number, e: Entry, id: string, from: number, out: Buffer): boolean {
+    if (kind !== 'disk' || out.length > PIECE_READ_MAX) return false;
+    const r = this.pieces.get(id, e.ctHash);
+    if (!r) return false;
+    const first = Math.floor(from / PIECE_BYTES);
+    const at = first * PIECE_BYTES;
+    const end = Math.min(Math.ceil((from + out.length) / PIECE_BYTES) * PIECE_BYTES, this.map.plainLength(kind, index));
+    const part = this.pieceBuf.subarray(0, end - at);
+    if (!this.cache.readPart(this.map.cacheKey(kind, index, e), BLOB_CT_AT + at, part)) return false;
+    for (let p = first, o = 0; o < part.length; p++, o += PIECE_BYTES) {
+      if (!this.pieces.matches(r, p, part.subarray(o, o + PIECE_BYTES))) {
+        this.pieces.mismatches++;
+        this.pieces.delete(id);
+        return false;
+      }
+    }
+    // A sensitive key not held, or a class key not come yet: the full read asks for it.
+    const scratch = this.chunkKeys.scratch;
+    try {
+      if (!this.chunkKeys.keyInto(kind, index, e)) return false;
+      openPartInto(out, scratch, this.pieces.nonce(r), part, at, from);
+    } finally {
+      wipe(scratch);
+    }
+    return true;
   }
 
   /**

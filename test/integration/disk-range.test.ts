@@ -9,6 +9,7 @@ import { AgentDiskBackend } from '../../agent/disk/backend.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 import { damageCachedBlob } from '../helpers/cache.js';
+import { BLOB_CT_AT } from '../../agent/chunks/piece-digests.js';
 
 const CHUNK = 128 * 1024;
 const CHUNKS = 6;
@@ -113,12 +114,43 @@ describe('disk range reads (real server)', function () {
 
   it('a blob read from the cache file into a reused buffer is kept as its own copy: the next read does not change it', async () => {
     // Chunks 0 and 5 are in the cache file (read in the first test); both reads below go through the same spare buffer.
+    // (Reads over 32 KiB: a shorter one would take only its pieces, keeping no blob.)
     t.agent.core.checked.clear();
-    expect(await range(0, 0, 4096)).to.equal('cache');
-    expect(await range(5, 0, 4096)).to.equal('cache');
+    expect(await range(0, 0, 40_000)).to.equal('cache');
+    expect(await range(5, 0, 40_000)).to.equal('cache');
     // Chunk 0 now comes from the kept blob: its bytes must still be chunk 0's.
     const kept = t.agent.core.checked.count;
     await range(0, 8192, 4096);
     expect(t.agent.core.checked.count, 'served from memory').to.equal(kept);
+  });
+
+  it('a short read of a chunk only in the cache file takes just the pieces it covers, each checked; a damaged piece is never served', async () => {
+    // Chunk 4's tag checked once (its pieces' digests taken), then its blob only in the cache file.
+    t.agent.core.checked.clear();
+    await range(4, 0, 40_000);
+    t.agent.core.checked.clear();
+    const pieces = () => t.agent.status().diskPieces;
+    const before = pieces().reads;
+    const mismatched = pieces().mismatches;
+    for (const [from, len] of [[0, 4096], [1, 1], [4095, 2], [70_000, 9000], [CHUNK - 5000, 5000], [8192, 32 * 1024]]) {
+      expect(await range(4, from, len), `bytes ${from}+${len}`).to.equal('cache');
+    }
+    expect(pieces().reads - before).to.equal(6);
+    expect(t.agent.core.checked.count, 'no blob read whole').to.equal(0);
+    // A longer read checks the whole blob's tag instead.
+    await range(4, 0, 33 * 1024);
+    expect(pieces().reads - before).to.equal(6);
+
+    // A damaged piece (the row's SHA-256 made to match: only the digests and the tag can tell).
+    t.agent.core.checked.clear();
+    damageCachedBlob(path.join(t.home, 'cache.db'), 'disk', 4, BLOB_CT_AT + 3 * 4096 + 10);
+    // Another piece of the same blob is still whole and served from it ...
+    expect(await range(4, 0, 4096)).to.equal('cache');
+    expect(pieces().mismatches).to.equal(mismatched);
+    // ... the damaged one is not: the whole blob is read, fails its tag, and comes again from the server.
+    const fromServer = t.agent.core.stats.fromServer;
+    expect(await range(4, 3 * 4096, 100)).to.equal('server');
+    expect(pieces().mismatches).to.equal(mismatched + 1);
+    expect(t.agent.core.stats.fromServer).to.equal(fromServer + 1);
   });
 });

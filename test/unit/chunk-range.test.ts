@@ -3,7 +3,8 @@
 // XChaCha20-Poly1305 decryption of the same blobs.
 import { expect } from 'chai';
 import { chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
-import { open, randomBytes, seal, verifyBoxed } from '../../common/crypto.js';
+import { open, openPartInto, randomBytes, seal, verifyBoxed } from '../../common/crypto.js';
+import { BLOB_CT_AT, PIECE_BYTES, PieceDigests } from '../../agent/chunks/piece-digests.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 
 function coord(over: Partial<ChunkCoord> = {}): ChunkCoord {
@@ -45,6 +46,55 @@ describe('chunk range decryption', () => {
       }
     });
   }
+
+  it('decrypts a range from only the 4 KiB pieces that cover it, as from the whole blob', () => {
+    const size = 131072 - 1000;
+    const plain = randomBytes(size);
+    const blob = encryptChunk(key, coord(), plain);
+    const nonce = blob.subarray(1, BLOB_CT_AT);
+    const ct = blob.subarray(BLOB_CT_AT, blob.length - 16);
+    const next = rng(7);
+    for (let i = 0; i < 300; i++) {
+      const from = Math.floor(next() * size);
+      const len = Math.floor(next() * Math.min(40_000, size - from + 1));
+      const at = Math.floor(from / PIECE_BYTES) * PIECE_BYTES;
+      const end = Math.min(Math.ceil((from + len) / PIECE_BYTES) * PIECE_BYTES, size);
+      const out = Buffer.alloc(len, 0xaa);
+      openPartInto(out, key, nonce, ct.subarray(at, Math.max(end, at)), at, from);
+      expectSameBytes(out, plain.subarray(from, from + len), `bytes ${from}+${len}`);
+    }
+    // The part must cover the range and start on a 64-byte block.
+    expect(() => openPartInto(Buffer.alloc(10), key, nonce, ct.subarray(4096, 8192), 4096, 4090)).to.throw(RangeError);
+    expect(() => openPartInto(Buffer.alloc(10), key, nonce, ct.subarray(4096, 8192), 4096, 8190)).to.throw(RangeError);
+    expect(() => openPartInto(Buffer.alloc(10), key, nonce, ct.subarray(4100, 8192), 4100, 4200)).to.throw(RangeError);
+  });
+
+  it("piece digests match a checked blob's pieces and no changed piece, and belong to one ciphertext hash", () => {
+    const blob = encryptChunk(key, coord(), randomBytes(131072 - 100));
+    const ct = blob.subarray(BLOB_CT_AT, blob.length - 16);
+    const d = new PieceDigests(2);
+    d.put('c', 'hash-1', blob);
+    const r = d.get('c', 'hash-1')!;
+    expectSameBytes(d.nonce(r), blob.subarray(1, BLOB_CT_AT));
+    for (let p = 0; p * PIECE_BYTES < ct.length; p++) {
+      const piece = ct.subarray(p * PIECE_BYTES, (p + 1) * PIECE_BYTES);
+      expect(d.matches(r, p, piece), `piece ${p}`).to.equal(true);
+      const bad = Buffer.from(piece);
+      bad[p * 37 % bad.length] ^= 1;
+      expect(d.matches(r, p, bad), `changed piece ${p}`).to.equal(false);
+      expect(d.matches(r, (p + 1) % 32, piece), `piece ${p} in another place`).to.equal(false);
+    }
+    expect(d.matches(r, 32, ct.subarray(0, PIECE_BYTES)), 'a piece past the end').to.equal(false);
+    expect(d.get('c', 'hash-2'), 'another ciphertext').to.equal(undefined);
+    expect(d.get('c', 'hash-1'), 'a stale record is dropped').to.equal(undefined);
+    // Bounded by chunks, least recently used out first.
+    for (const id of ['a', 'b', 'c']) d.put(id, 'h', blob);
+    d.get('b', 'h');
+    d.put('e', 'h', blob);
+    expect(d.size).to.equal(2);
+    expect([d.get('a', 'h'), d.get('c', 'h')]).to.deep.equal([undefined, undefined]);
+    expect(d.get('b', 'h')).to.not.equal(undefined);
+  });
 
   it('refuses a range outside the chunk', () => {
     const blob = encryptChunk(key, coord(), randomBytes(4096));
