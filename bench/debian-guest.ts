@@ -15,6 +15,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { control, type AgentStatus } from '../agent/index.js';
 import { table } from '../cli/output.js';
+import { setImagePolicy } from './lib/image-policy.js';
 import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
 import { verifyPasses } from '../test/helpers/guest.js';
 import { lethe, startAgentProc, startServer, waitFor, type ServerProc } from '../test/helpers/proc.js';
@@ -40,12 +41,7 @@ interface Run {
   startupPages: number;
 }
 
-async function setPolicy(s: ServerProc, dir: string, text: string): Promise<void> {
-  const file = path.join(dir, 'policy.yaml');
-  fs.writeFileSync(file, text);
-  const r = await lethe(['image', 'policy', IMAGE, file], s.env);
-  if (r.code !== 0) throw new Error(`image policy failed: ${r.stderr}`);
-}
+const setPolicy = (s: ServerProc, dir: string, text: string) => setImagePolicy(s, dir, IMAGE, text);
 
 /** One resume on a fresh device until `ready`; what it took by then. */
 async function resume(s: ServerProc, name: string, args: string[], ready: (log: string) => boolean): Promise<Run & { deviceId: string }> {

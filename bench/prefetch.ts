@@ -13,6 +13,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { control, type AgentStatus } from '../agent/index.js';
 import { table } from '../cli/output.js';
+import { setImagePolicy } from './lib/image-policy.js';
 import { loadPolicyFile } from '../policies/index.js';
 import { parseAccessTrace, simulateWithBaselines } from '../policies/simulate.js';
 import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
@@ -41,12 +42,7 @@ interface Run {
   secondsToVerify: number;
 }
 
-async function setPolicy(s: ServerProc, dir: string, text: string): Promise<void> {
-  const file = path.join(dir, 'policy.yaml');
-  fs.writeFileSync(file, text);
-  const r = await lethe(['image', 'policy', IMAGE, file], s.env);
-  if (r.code !== 0) throw new Error(`image policy failed: ${r.stderr}`);
-}
+const setPolicy = (s: ServerProc, dir: string, text: string) => setImagePolicy(s, dir, IMAGE, text);
 
 /** One resume on a fresh device to the first full verify pass; what it fetched by then. */
 async function resume(s: ServerProc, name: string, args: string[], until = 1): Promise<Run & { log: string }> {
