@@ -90,9 +90,16 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
     fs.closeSync(fd);
     const luks = path.join(dir, 'disk.luks');
     const secret = ['--object', `secret,id=sec0,data=${SECRET}`];
-    // The key slot's PBKDF is timed by qemu-img (iter-time, ms): so short a time sometimes measures as
-    // no CPU at all ("Unable to get accurate CPU usage"), so take a longer one; the volume's cipher is the same.
-    await run('qemu-img', ['convert', ...secret, '-f', 'raw', '-O', 'luks', '-o', 'key-secret=sec0,iter-time=200', raw, luks]);
+    // qemu-img times the key slot's PBKDF by the thread's CPU time, which on some machines
+    // reads as none now and then ("Unable to get accurate CPU usage"): try again.
+    for (let tries = 1; ; tries++) {
+      try {
+        await run('qemu-img', ['convert', ...secret, '-f', 'raw', '-O', 'luks', '-o', 'key-secret=sec0,iter-time=10', raw, luks]);
+        break;
+      } catch (e) {
+        if (tries === 10 || !String((e as { stderr?: string }).stderr).includes('accurate CPU usage')) throw e;
+      }
+    }
     const plainUri = await qemuNbd(dir, 'plain', ['-f', 'raw', raw], procs);
     const luksUri = await qemuNbd(dir, 'luks', [...secret, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${luks}`], procs);
     const source = path.join(dir, 'source.raw'); // what the write phase copies in
