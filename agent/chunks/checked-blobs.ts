@@ -16,6 +16,8 @@
 interface Kept {
   hash: string;
   blob: Buffer;
+  /** Checked by a read (its tag), not encrypted here: the one kind onLeave() is told of. */
+  read: boolean;
 }
 
 /** The share of the bytes probation may hold. */
@@ -35,7 +37,11 @@ export class CheckedBlobs {
   /** Blobs that came back from a ghost into the main part. */
   promoted = 0;
 
-  constructor(readonly limitBytes: number) {}
+  /** `onLeave`: told of each blob checked by a read as it leaves for want of room (or clear()), not when it goes stale. */
+  constructor(
+    readonly limitBytes: number,
+    private readonly onLeave?: (id: string, hash: string, blob: Buffer) => void,
+  ) {}
 
   /** The checked blob of `id` if it is the one with ciphertext hash `hash`. */
   get(id: string, hash: string): Buffer | undefined {
@@ -53,18 +59,18 @@ export class CheckedBlobs {
     return hit.blob;
   }
 
-  /** Keeps a blob whose tag was just checked (or that this device just encrypted). */
-  put(id: string, hash: string, blob: Buffer): void {
+  /** Keeps a blob whose tag a read just checked (`read`), or that this device just encrypted. */
+  put(id: string, hash: string, blob: Buffer, read = false): void {
     this.delete(id);
     if (blob.length > this.limitBytes) return;
     // A view into a larger response would keep all of it alive: keep a copy of the blob alone.
     const own = blob.byteOffset === 0 && blob.byteLength === blob.buffer.byteLength ? blob : Buffer.from(blob);
     if (this.ghosts.delete(id)) {
-      this.main.set(id, { hash, blob: own });
+      this.main.set(id, { hash, blob: own, read });
       this.mainBytes += own.length;
       this.promoted++;
     } else {
-      this.probation.set(id, { hash, blob: own });
+      this.probation.set(id, { hash, blob: own, read });
       this.probationBytes += own.length;
     }
     this.fit();
@@ -87,6 +93,7 @@ export class CheckedBlobs {
         this.main.delete(id);
         this.mainBytes -= v.blob.length;
       }
+      if (v.read) this.onLeave?.(id, v.hash, v.blob);
     }
     for (const id of this.ghosts) {
       if (this.ghosts.size <= GHOSTS_MAX) break;
@@ -108,6 +115,7 @@ export class CheckedBlobs {
   }
 
   clear(): void {
+    for (const [id, v] of [...this.probation, ...this.main]) if (v.read) this.onLeave?.(id, v.hash, v.blob);
     this.probation.clear();
     this.main.clear();
     this.ghosts.clear();

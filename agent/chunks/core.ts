@@ -58,7 +58,8 @@ export class AgentCore {
     private readonly lease: LeaseKeeper,
     checkedBytes = DISK_CHECKED_BYTES,
   ) {
-    this.checked = new CheckedBlobs(checkedBytes);
+    // A disk blob leaving memory leaves its pieces' digests behind: later short reads take pieces from the cache file.
+    this.checked = new CheckedBlobs(checkedBytes, (id, hash, blob) => this.pieces.put(id, hash, blob));
     this.chunkKeys = new ChunkKeys(this.map, id, keys, fetcher, lease, this.stats);
     this.blobs = new BlobSource(this.map, cache, fetcher, lease, this.stats);
     this.residency = new Residency(this.chunkKeys, keys, this.stats);
@@ -197,9 +198,9 @@ export class AgentCore {
         else {
           if (!checked) {
             if (!verifyChunk(scratch, map.coord(kind, index, e), blob)) throw tampered();
-            if (kind === 'disk') this.pieces.put(id, e.ctHash, blob);
             // A blob in the spare buffer is copied: the buffer goes back for the next read.
-            if (blob.length <= this.checked.limitBytes) this.checked.put(id, e.ctHash, spare && blob.buffer === spare.buffer ? Buffer.from(blob) : blob);
+            if (blob.length <= this.checked.limitBytes) this.checked.put(id, e.ctHash, spare && blob.buffer === spare.buffer ? Buffer.from(blob) : blob, true);
+            else if (kind === 'disk') this.pieces.put(id, e.ctHash, blob);
           }
           decryptChunkRangeInto(out, scratch, blob, from);
         }

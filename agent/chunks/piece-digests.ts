@@ -1,7 +1,8 @@
-// Digests of each 4 KiB piece of the disk chunks whose tag the agent has checked
-// (docs/nbd.md, "Reads"), kept in memory so that a small read of a chunk that is
-// only in the cache file reads and decrypts the pieces it needs, not the whole
-// 128 KiB blob and its tag.
+// Digests of each 4 KiB piece of the disk chunks whose tag the agent has checked,
+// taken as a checked blob leaves memory (CheckedBlobs) or at the check when it is not
+// kept there (docs/nbd.md, "Reads"), so that a small read of a chunk that is only in
+// the cache file reads and decrypts the pieces it needs, not the whole 128 KiB blob
+// and its tag.
 //
 // A digest is BLAKE2b-128 keyed with a key this process draws at start and keeps in
 // memory only: whoever can write the cache file cannot make a piece that matches

@@ -205,6 +205,21 @@ describe("the agent core's parts", () => {
       expect(c.bytes).to.be.at.most(limit);
     });
 
+    it("tells of each blob a read checked as it leaves for want of room or clear(), not of written or stale ones", () => {
+      const left: string[] = [];
+      const c = new CheckedBlobs(300, (id, hash, blob) => left.push(`${id}:${hash}:${blob.length}`));
+      c.put('r1', 'h1', randomBytes(100), true);
+      c.put('w', 'hw', randomBytes(100));
+      c.put('r2', 'h2', randomBytes(100), true);
+      c.get('r2', 'moved'); // stale: dropped, not told
+      c.put('r3', 'h3', randomBytes(100), true);
+      c.put('r4', 'h4', randomBytes(100), true); // r1 leaves for room
+      c.put('r5', 'h5', randomBytes(100), true); // w leaves for room: written here, not told
+      expect(left).to.deep.equal(['r1:h1:100']);
+      c.clear();
+      expect(left.slice(1).sort()).to.deep.equal(['r3:h3:100', 'r4:h4:100', 'r5:h5:100']);
+    });
+
     it('keeps a copy of a blob that is a view into a larger response', () => {
       const c = new CheckedBlobs(1000);
       const response = randomBytes(500);
