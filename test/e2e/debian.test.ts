@@ -18,7 +18,7 @@ import { dropSnapshot, pushSnapshot, snapshotDebian, type DebianSnapshot } from 
 
 /** Between the test user's ssh-add -l: several idle times, so the agent's pages leave in between. */
 const SSH_EVERY_S = 15;
-const IDLE_S = 2;
+const IDLE_S = 3;
 /** The driver is restarted this often (by systemctl and by SIGKILL, in turn). */
 const RESTARTS_S = 20;
 const POLICY = [
@@ -120,7 +120,7 @@ describe('the Debian 12 guest: systemd, the driver package, ssh-agent (real serv
     // Back: the next ssh-add -l lists the key, its comment read from the evicted pages. Catch
     // the key in guest RAM before its pages go idle again (a few tries: the agent may be slow to look).
     let back = false;
-    for (let seen = gone; !back && seen < gone + 4; ) {
+    for (let seen = gone; !back && seen < gone + 6; ) {
       const n = seen;
       seen = (await whileRunning(a!, first, async () => (sshLines(a!.log()).length > n ? { now: sshLines(a!.log()).length } : undefined), 'the next ssh-add -l')).now;
       back = scanFile(ram, snap.sshMarker).length > 0;
