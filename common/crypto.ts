@@ -66,7 +66,12 @@ export function keyedHash(key: Uint8Array, data: Uint8Array): Buffer {
 
 /** XChaCha20-Poly1305: returns nonce ‖ ciphertext ‖ tag. */
 export function seal(key: Uint8Array, plaintext: Uint8Array, ad: Uint8Array, nonce = randomBytes(NONCE_BYTES)): Buffer {
-  const out = Buffer.alloc(NONCE_BYTES + plaintext.length + TAG_BYTES);
+  return sealInto(Buffer.alloc(NONCE_BYTES + plaintext.length + TAG_BYTES), key, plaintext, ad, nonce);
+}
+
+/** seal() into `out`, exactly nonce ‖ ciphertext ‖ tag long; returns `out`. */
+export function sealInto(out: Buffer, key: Uint8Array, plaintext: Uint8Array, ad: Uint8Array, nonce = randomBytes(NONCE_BYTES)): Buffer {
+  if (out.length !== NONCE_BYTES + plaintext.length + TAG_BYTES) throw new RangeError(`a sealed box of ${plaintext.length} bytes is ${NONCE_BYTES + plaintext.length + TAG_BYTES} long, not ${out.length}`);
   nonce.copy(out, 0);
   sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(NONCE_BYTES), plaintext, ad, null, nonce, key);
   return out;

@@ -3,7 +3,6 @@
 // session per login (HttpOnly, Secure, SameSite=Strict cookie), a CSRF token and
 // an Origin check on every form that changes something, and Server-Sent Events
 // for live updates. No asset comes from anywhere but this server.
-import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import express, { type NextFunction, type Request, type Response } from 'express';

@@ -2,7 +2,6 @@
 // the first entry a person edited in SQLite, or the point where it was cut.
 import { expect } from 'chai';
 import { serverDb } from '../helpers/server-db.js';
-import path from 'node:path';
 import { AUDIT_CHECKPOINT_EVERY } from '../../common/constants.js';
 import { assign, enrolledDevice, pushImage } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';

@@ -5,7 +5,6 @@
 // the newest few trusted kept, bad traces refused with nothing stored, revoked
 // devices and ended leases refused.
 import { expect } from 'chai';
-import Database from 'better-sqlite3';
 import path from 'node:path';
 import { sha256 } from '../../common/crypto.js';
 import { signRequest } from '../../common/signing.js';

@@ -455,7 +455,7 @@ describe('native memory path (userfaultfd)', function () {
     });
 
     it('FaultThread.resolve checks the address and the data', async () => {
-      const { c, mapping, thread } = await servedClient(4);
+      const { mapping, thread } = await servedClient(4);
       const base = mapping.hello.base;
       const span = `0x${base.toString(16)}..0x${(base + 4 * PAGE_SIZE).toString(16)}`;
       expect(() => thread.resolve(base + 1, null)).to.throw(RangeError, `resolve: address 0x${(base + 1).toString(16)} is not page-aligned`);
