@@ -17,8 +17,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseArgs } from 'node:util';
 import { table } from '../cli/output.js';
-import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
-import { startAgentProc, startServer, tmpDir, waitFor, type ServerProc } from '../test/helpers/proc.js';
+import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
+import { lethe, startAgentProc, startServer, tmpDir, waitFor, type ServerProc } from '../test/helpers/proc.js';
 import { control, type AgentStatus } from '../agent/index.js';
 
 const run = promisify(execFile);
@@ -104,7 +104,9 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
     const luksUri = await qemuNbd(dir, 'luks', [...secret, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${luks}`], procs);
     const source = path.join(dir, 'source.raw'); // what the write phase copies in
     fs.copyFileSync(raw, source);
-    await pushImage(s, image, { plain: { disk: fs.readFileSync(raw), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
+    // lethe image push streams the file: a disk of 4 GiB does not fit one Buffer.
+    const pushed = await lethe(['image', 'push', image, '--disk', raw], s.env);
+    if (pushed.code !== 0) throw new Error(`image push failed: ${pushed.stderr}`);
     const offsets = Array.from({ length: READS }, (_, i) => (((i * 2654435761) >>> 0) % (size / 4096)) * 4096);
 
     /** Runs the agent's measurement and both yardsticks REPS times, alternating, so load drifts hit all three; medians. */
