@@ -140,6 +140,8 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
       } finally {
         await agent.stop();
         d.close();
+        // A device's cache holds a copy of the whole disk: gone before the next one fills its own.
+        fs.rmSync(d.home, { recursive: true, force: true });
       }
     }
     const label = `${size / MiB} MiB`;
