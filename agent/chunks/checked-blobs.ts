@@ -101,6 +101,11 @@ export class CheckedBlobs {
     }
   }
 
+  /** Whether a blob of `id` is kept (of any hash). */
+  has(id: string): boolean {
+    return this.probation.has(id) || this.main.has(id);
+  }
+
   delete(id: string): void {
     const p = this.probation.get(id);
     if (p) {

@@ -69,10 +69,14 @@ export class ChunkWriter {
   private adopt(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer }): void {
     const old = this.map.entries[kind].get(index);
     this.map.entries[kind].set(index, w.e);
-    // Encrypted here, so checked: a read of part of it decrypts only that part. The
-    // blob it replaces (an older generation's) is not kept for nothing.
-    if (old && old.gen !== w.e.gen) this.checked.delete(keyId(kind, index, old.gen));
-    if (kind === 'disk') this.checked.put(keyId(kind, index, w.e.gen), w.e.ctHash, w.blob);
+    // Encrypted here, so checked: a read of part of it decrypts only that part. It takes
+    // the place in memory of the blob it replaces, if that one had a place: a chunk the
+    // guest keeps reading stays there, and a long run of writes (a copy onto the disk)
+    // does not fill memory with blobs nobody has read.
+    const oldId = old && keyId(kind, index, old.gen);
+    const kept = oldId !== undefined && this.checked.has(oldId);
+    if (oldId !== undefined) this.checked.delete(oldId);
+    if (kind === 'disk' && kept) this.checked.put(keyId(kind, index, w.e.gen), w.e.ctHash, w.blob);
     this.stats.writes++;
   }
 
