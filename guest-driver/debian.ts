@@ -86,6 +86,10 @@ export async function buildDebianGuest(opts: BuildOptions = {}): Promise<DebianG
   log(`building the Debian ${DEBIAN_SUITE} guest in ${path.relative(process.cwd(), dir) || dir}`);
   fs.mkdirSync(dir, { recursive: true });
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-debian-build-'));
+  // A system's files are made with the usual umask (the lethe command runs under 077):
+  // else /usr/local/lib/lethe and the like would be root's alone, and the guest's user
+  // could not run her services. Nothing in the guest image is secret.
+  const umask = process.umask(0o022);
   try {
     const deb = await buildGuestdDeb(work, dir);
     log(`built ${path.basename(deb)}; making the root file system with mmdebstrap (downloads about 60 MB of packages)`);
@@ -106,6 +110,7 @@ export async function buildDebianGuest(opts: BuildOptions = {}): Promise<DebianG
     if (e instanceof LetheError) throw e;
     throw new LetheError('INTERNAL', `failed to build the Debian guest: ${errorChain(e)}`, { cause: e });
   } finally {
+    process.umask(umask);
     fs.rmSync(work, { recursive: true, force: true });
   }
 }
@@ -116,13 +121,20 @@ export async function buildDebianGuest(opts: BuildOptions = {}): Promise<DebianG
  */
 export async function buildGuestdDeb(work: string, outDir: string): Promise<string> {
   const stage = path.join(work, 'deb');
+  // Modes are set outright: the caller's umask (077 under some CI) would leave dpkg-deb
+  // a control directory it refuses, and a package whose directories only root can enter.
+  const dir = (d: string) => {
+    for (let at = d; at.startsWith(stage) && !fs.existsSync(at); at = path.dirname(at)) fs.mkdirSync(at, { recursive: true });
+    for (let at = d; at.length >= stage.length; at = path.dirname(at)) fs.chmodSync(at, 0o755);
+  };
   const put = (rel: string, from: string | Buffer, mode = 0o644) => {
     const to = path.join(stage, rel);
-    fs.mkdirSync(path.dirname(to), { recursive: true, mode: 0o755 });
-    fs.writeFileSync(to, typeof from === 'string' ? fs.readFileSync(from) : from, { mode });
+    dir(path.dirname(to));
+    fs.writeFileSync(to, typeof from === 'string' ? fs.readFileSync(from) : from);
     fs.chmodSync(to, mode);
   };
-  fs.mkdirSync(stage, { mode: 0o755 });
+  fs.mkdirSync(stage);
+  fs.chmodSync(stage, 0o755);
   put('usr/sbin/lethe-guestd', await compileProgram('lethe-guestd', work), 0o755);
   put('lib/systemd/system/lethe-guestd.service', path.join(PACKAGE_DIR, 'lethe-guestd.service'));
   put('lib/udev/rules.d/60-lethe-guestd.rules', path.join(PACKAGE_DIR, '60-lethe-guestd.rules'));

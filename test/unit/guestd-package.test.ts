@@ -28,7 +28,13 @@ describe('the lethe-guestd Debian package', function () {
     dir = tmpDir('lethe-guestd-deb-');
     const work = path.join(dir, 'work');
     fs.mkdirSync(work);
-    deb = await buildGuestdDeb(work, dir);
+    // As the lethe command runs it: under umask 077, which must not reach the package's modes.
+    const umask = process.umask(0o077);
+    try {
+      deb = await buildGuestdDeb(work, dir);
+    } finally {
+      process.umask(umask);
+    }
   });
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
