@@ -121,11 +121,11 @@ export async function buildDebianGuest(opts: BuildOptions = {}): Promise<DebianG
  */
 export async function buildGuestdDeb(work: string, outDir: string): Promise<string> {
   const stage = path.join(work, 'deb');
-  // Modes are set outright: the caller's umask (077 under some CI) would leave dpkg-deb
-  // a control directory it refuses, and a package whose directories only root can enter.
+  // Modes are set outright: the caller's umask (the lethe command runs under 077) would
+  // leave dpkg-deb a control directory it refuses, and directories only root can enter.
   const dir = (d: string) => {
-    for (let at = d; at.startsWith(stage) && !fs.existsSync(at); at = path.dirname(at)) fs.mkdirSync(at, { recursive: true });
-    for (let at = d; at.length >= stage.length; at = path.dirname(at)) fs.chmodSync(at, 0o755);
+    fs.mkdirSync(d, { recursive: true });
+    for (let at = d; at !== stage; at = path.dirname(at)) fs.chmodSync(at, 0o755);
   };
   const put = (rel: string, from: string | Buffer, mode = 0o644) => {
     const to = path.join(stage, rel);
