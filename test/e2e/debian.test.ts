@@ -3,12 +3,12 @@
 // server, resumed post-copy by an agent under QEMU (TCG), hinted, evicted, checked in
 // and handed off to a second device.
 import { expect } from 'chai';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { control } from '../../agent/daemon/control.js';
 import type { AgentStatus } from '../../agent/daemon/start.js';
-import { AGENTS_CGROUP } from '../../guest-driver/debian.js';
+import { AGENTS_CGROUP, GUEST_USER } from '../../guest-driver/debian.js';
 import { assign, enrolledDevice, type TestDevice } from '../helpers/fixtures.js';
 import { verifyPasses } from '../helpers/guest.js';
 import { SUITE_TIMEOUT_MS, agentProgress, waitOnProgress } from '../helpers/progress.js';
@@ -143,7 +143,8 @@ describe('the Debian 12 guest: systemd, the driver package, ssh-agent (real serv
     expect(st.vm!.hints.brokenReports).to.equal(0);
   });
 
-  it('check-in carries the guest\'s own disk writes (its journal) into a new version', async () => {
+  it("check-in carries the guest's own disk writes into a new version: the user's file written after the resume, journald's journal", async () => {
+    const firstSeq = sshLines(a!.log())[0].seq;
     const r = await lethe(['agent', 'checkin', '--home', first.home, '--json']);
     expect(r.code, r.stderr).to.equal(0);
     const version = (JSON.parse(r.stdout) as { version: number }).version;
@@ -151,12 +152,19 @@ describe('the Debian 12 guest: systemd, the driver package, ssh-agent (real serv
     const pulled = path.join(tmpDir('lethe-debian-pull-'), 'img');
     const p = await lethe(['image', 'pull', `debian@${version}`, '--out', pulled], s.env);
     expect(p.code, p.stderr).to.equal(0);
-    // The image had an empty /var/log/journal: journald has written its journal there since.
-    const ls = execFileSync('debugfs', ['-R', 'ls -l -p /var/log/journal', path.join(pulled, 'disk.raw')], { stdio: ['ignore', 'pipe', 'ignore'] }).toString();
+    const disk = path.join(pulled, 'disk.raw');
+    // What a mount would see: ext4's journal replayed (debugfs reads the disk as it lies).
+    const fsck = spawnSync('e2fsck', ['-E', 'journal_only', '-y', disk], { encoding: 'utf8' });
+    expect(fsck.status, fsck.stdout + fsck.stderr).to.be.at.most(1);
+    const debugfs = (cmd: string) => execFileSync('debugfs', ['-R', cmd, disk], { stdio: ['ignore', 'pipe', 'ignore'] }).toString();
+    // agents-start writes and syncs each listing's number: one written on this device, after the resume.
+    const seq = Number(debugfs(`cat /home/${GUEST_USER.name}/ssh-seq`).trim());
+    expect(seq, 'the last listing the disk holds').to.be.at.least(firstSeq);
+    // journald keeps its journal under /var/log/journal.
+    const ls = debugfs('ls -l -p /var/log/journal');
     const machineDir = /\/\d+\/\d+\/\d+\/\d+\/([0-9a-f]{32})\//.exec(ls)?.[1];
     expect(machineDir, ls).to.be.a('string');
-    const journal = execFileSync('debugfs', ['-R', `stat /var/log/journal/${machineDir}/system.journal`, path.join(pulled, 'disk.raw')], { stdio: ['ignore', 'pipe', 'ignore'] }).toString();
-    expect(journal).to.match(/Size: [1-9]\d*/);
+    expect(debugfs(`stat /var/log/journal/${machineDir}/system.journal`)).to.match(/Size: [1-9]\d*/);
     fs.rmSync(path.dirname(pulled), { recursive: true, force: true });
   });
 
