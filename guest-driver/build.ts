@@ -256,8 +256,6 @@ export async function compileProgram(name: (typeof GUEST_PROGRAMS)[number]['name
   return out;
 }
 
-/** The C files of the guest programs, for stamps of builds that contain them. */
-export const GUEST_PROGRAM_FILES = GUEST_PROGRAMS.flatMap((p) => [...p.sources, ...p.headers]).map((f) => path.join(HERE, f));
 
 export function makeInitramfs(busybox: Buffer, programs: Map<string, Buffer>, modules: { name: string; ko: Buffer }[]): Buffer {
   const cpio = new CpioWriter()

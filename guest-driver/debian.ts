@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LetheError, errorChain } from '../common/errors.js';
-import { DEFAULT_GUEST_DIR, GUEST_PROGRAM_FILES, buildGuest, compileProgram, run, type BuildOptions } from './build.js';
+import { DEFAULT_GUEST_DIR, buildGuest, compileProgram, run, type BuildOptions } from './build.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const PACKAGE_DIR = path.join(HERE, 'debian');
@@ -201,7 +201,8 @@ function inputStamp(baseStamp: string, sources: string): string {
   const h = createHash('sha256');
   h.update(JSON.stringify({ baseStamp, suite: DEBIAN_SUITE, packages: DEBIAN_PACKAGES, disk: ROOT_DISK_BYTES, version: GUESTD_VERSION, user: GUEST_USER }));
   h.update(fs.readFileSync(sources));
-  const files = [fileURLToPath(import.meta.url), ...GUEST_PROGRAM_FILES, ...listFiles(PACKAGE_DIR)];
+  // The guest programs' sources are in the busybox guest's stamp.
+  const files = [fileURLToPath(import.meta.url), ...listFiles(PACKAGE_DIR)];
   for (const f of files) h.update(`\0${path.relative(HERE, f)}\0`).update(fs.readFileSync(f));
   return h.digest('hex');
 }
