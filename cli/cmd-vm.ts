@@ -134,12 +134,12 @@ interface GuestBoot {
 async function guestBoot(plan: Plan): Promise<GuestBoot> {
   const log = (l: string) => process.stderr.write(`lethe: ${l}\n`);
   const workload = { re: READY_RE, what: "the workload's ready line (LETHE-WORKLOAD-READY)" };
-  const p: Parameters<typeof debianCmdline>[0] = { mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs };
+  const p = { mib: plan.workloadMib, secret: plan.secret, intervalMs: plan.intervalMs };
   if (plan.guest === 'debian') {
     const g = await buildDebianGuest({ log });
-    Object.assign(p, { sshEveryS: plan.sshEveryS, guestdRestartsS: plan.guestdRestartsS });
+    const append = debianCmdline({ ...p, sshEveryS: plan.sshEveryS, guestdRestartsS: plan.guestdRestartsS });
     const agents = { re: AGENTS_READY_RE, what: "the user agents' ready line (LETHE-AGENTS-READY)" };
-    return { ...g, append: debianCmdline(p), ready: [workload, agents], diskWhat: 'root disk (ext4, Debian 12)' };
+    return { ...g, append, ready: [workload, agents], diskWhat: 'root disk (ext4, Debian 12)' };
   }
   const g = await buildGuest({ log });
   return { ...g, append: guestCmdline(p), ready: [workload], diskWhat: 'data disk (ext4)' };
