@@ -212,10 +212,12 @@ export class ChunkCache {
     return data !== undefined && sha256(data).equals(e.sha);
   }
 
-  private readSlot(e: Entry, into?: Buffer): Buffer | undefined {
-    const data = into && into.length >= e.len ? into.subarray(0, e.len) : Buffer.allocUnsafe(e.len);
-    const n = fs.readSync(this.fds[e.key.kind], data, 0, e.len, e.slot * SLOT_BYTES[e.key.kind]);
-    return n === e.len ? data : undefined;
+  /** Bytes [at, at + len) of an entry's blob from its slot (all of it by default), into `into` when large enough. */
+  private readSlot(e: Entry, into?: Buffer, at = 0, len = e.len - at): Buffer | undefined {
+    if (at + len > e.len) return undefined;
+    const data = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len);
+    const n = fs.readSync(this.fds[e.key.kind], data, 0, len, e.slot * SLOT_BYTES[e.key.kind] + at);
+    return n === len ? data : undefined;
   }
 
   /** A cache of the earlier layout kept blobs in SQLite rows: they move to slots, dirty ones too, in one step. */
@@ -279,7 +281,7 @@ export class ChunkCache {
   readPart(k: CacheKey, at: number, into: Buffer): boolean {
     const id = this.id(k);
     const e = this.index.get(id);
-    if (!e || at + into.length > e.len || fs.readSync(this.fds[e.key.kind], into, 0, into.length, e.slot * SLOT_BYTES[e.key.kind] + at) !== into.length) {
+    if (!e || !this.readSlot(e, into, at, into.length)) {
       this.counters.misses++;
       return false;
     }
