@@ -14,10 +14,12 @@ import {
   KDF_CHUNK_SENSITIVE,
   KDF_CLASS,
   KIND_CODE,
+  NONCE_BYTES,
+  TAG_BYTES,
   type ChunkKind,
   type Sensitivity,
 } from './constants.js';
-import { deriveKey, deriveKeyInto, openInto, openRangeInto, sealInto, tampered, verifyBoxed, type SecretKey } from './crypto.js';
+import { deriveKey, deriveKeyInto, openInto, openPartInto, openRangeInto, sealInto, tampered, verifyBoxed, type SecretKey } from './crypto.js';
 
 export interface ChunkCoord {
   imageId: Buffer; // 16 bytes
@@ -92,6 +94,20 @@ export function verifyChunk(key: Uint8Array, c: ChunkCoord, blob: Uint8Array): b
  */
 export function decryptChunkRangeInto(out: Uint8Array, key: Uint8Array, blob: Uint8Array, from: number): void {
   openRangeInto(out, key, blob.subarray(1), from);
+}
+
+/** Where a blob's ciphertext starts (after the format byte and the nonce), and where its nonce is. */
+export const CHUNK_CT_AT = 1 + NONCE_BYTES;
+export const chunkNonce = (blob: Uint8Array): Uint8Array => blob.subarray(1, CHUNK_CT_AT);
+export const chunkCiphertext = (blob: Uint8Array): Uint8Array => blob.subarray(CHUNK_CT_AT, blob.length - TAG_BYTES);
+
+/**
+ * Decrypts plaintext bytes [from, from + out.length) from `part`, ciphertext bytes
+ * [partAt, ...) of a blob with this nonce, checked piece by piece against digests
+ * of a blob verifyChunk() accepted (agent/chunks/piece-digests.ts).
+ */
+export function decryptChunkPartInto(out: Uint8Array, key: Uint8Array, nonce: Uint8Array, part: Uint8Array, partAt: number, from: number): void {
+  openPartInto(out, key, nonce, part, partAt, from);
 }
 
 export function plaintextSize(blob: Uint8Array): number {

@@ -59,12 +59,20 @@ export class CheckedBlobs {
     return hit.blob;
   }
 
-  /** Keeps a blob whose tag a read just checked (`read`), or that this device just encrypted. */
-  put(id: string, hash: string, blob: Buffer, read = false): void {
+  /**
+   * Keeps a blob whose tag a read just checked (`read`), or that this device just
+   * encrypted. A `borrowed` blob lives in a buffer the caller reuses: a kept one is a
+   * copy. A read blob too large to keep leaves at once (onLeave).
+   */
+  put(id: string, hash: string, blob: Buffer, o: { read?: boolean; borrowed?: boolean } = {}): void {
+    const read = o.read ?? false;
     this.delete(id);
-    if (blob.length > this.limitBytes) return;
+    if (blob.length > this.limitBytes) {
+      if (read) this.onLeave?.(id, hash, blob);
+      return;
+    }
     // A view into a larger response would keep all of it alive: keep a copy of the blob alone.
-    const own = blob.byteOffset === 0 && blob.byteLength === blob.buffer.byteLength ? blob : Buffer.from(blob);
+    const own = !o.borrowed && blob.byteOffset === 0 && blob.byteLength === blob.buffer.byteLength ? blob : Buffer.from(blob);
     if (this.ghosts.delete(id)) {
       this.main.set(id, { hash, blob: own, read });
       this.mainBytes += own.length;

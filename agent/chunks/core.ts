@@ -12,8 +12,8 @@
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
 import { DISK_CHECKED_BYTES, DISK_PIECE_CHUNKS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
-import { decryptChunkInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
-import { b64u, openPartInto, tampered, wipe } from '../../common/crypto.js';
+import { CHUNK_CT_AT, decryptChunkInto, decryptChunkPartInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
+import { b64u, tampered, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import type { Identity } from '../keys/identity.js';
 import type { KeyRing } from '../keys/keyring.js';
@@ -25,7 +25,7 @@ import type { ChunkCache } from './cache.js';
 import { CheckedBlobs } from './checked-blobs.js';
 import { ChunkKeys } from './chunk-keys.js';
 import { ChunkMap, keyId, verifyManifest, type Entry } from './chunk-map.js';
-import { BLOB_CT_AT, PIECE_BYTES, PieceDigests } from './piece-digests.js';
+import { PIECE_BYTES, PieceDigests } from './piece-digests.js';
 import { Residency } from './residency.js';
 import { ChunkWriter, type CheckinClient } from './writes.js';
 
@@ -58,7 +58,7 @@ export class AgentCore {
     private readonly lease: LeaseKeeper,
     checkedBytes = DISK_CHECKED_BYTES,
   ) {
-    // A disk blob leaving memory leaves its pieces' digests behind: later short reads take pieces from the cache file.
+    // A disk blob leaving memory (or too large to keep) leaves its pieces' digests behind: later short reads take pieces from the cache file.
     this.checked = new CheckedBlobs(checkedBytes, (id, hash, blob) => this.pieces.put(id, hash, blob));
     this.chunkKeys = new ChunkKeys(this.map, id, keys, fetcher, lease, this.stats);
     this.blobs = new BlobSource(this.map, cache, fetcher, lease, this.stats);
@@ -198,9 +198,8 @@ export class AgentCore {
         else {
           if (!checked) {
             if (!verifyChunk(scratch, map.coord(kind, index, e), blob)) throw tampered();
-            // A blob in the spare buffer is copied: the buffer goes back for the next read.
-            if (blob.length <= this.checked.limitBytes) this.checked.put(id, e.ctHash, spare && blob.buffer === spare.buffer ? Buffer.from(blob) : blob, true);
-            else if (kind === 'disk') this.pieces.put(id, e.ctHash, blob);
+            // A blob in the spare buffer is borrowed: the buffer goes back for the next read.
+            this.checked.put(id, e.ctHash, blob, { read: true, borrowed: spare !== undefined && blob.buffer === spare.buffer });
           }
           decryptChunkRangeInto(out, scratch, blob, from);
         }
@@ -237,7 +236,7 @@ export class AgentCore {
     const at = first * PIECE_BYTES;
     const end = Math.min(Math.ceil((from + out.length) / PIECE_BYTES) * PIECE_BYTES, this.map.plainLength(kind, index));
     const part = this.pieceBuf.subarray(0, end - at);
-    if (!this.cache.readPart(this.map.cacheKey(kind, index, e), BLOB_CT_AT + at, part)) return false;
+    if (!this.cache.readPart(this.map.cacheKey(kind, index, e), CHUNK_CT_AT + at, part)) return false;
     for (let p = first, o = 0; o < part.length; p++, o += PIECE_BYTES) {
       if (!this.pieces.matches(r, p, part.subarray(o, o + PIECE_BYTES))) {
         this.pieces.mismatches++;
@@ -249,7 +248,7 @@ export class AgentCore {
     const scratch = this.chunkKeys.scratch;
     try {
       if (!this.chunkKeys.keyInto(kind, index, e)) return false;
-      openPartInto(out, scratch, this.pieces.nonce(r), part, at, from);
+      decryptChunkPartInto(out, scratch, this.pieces.nonce(r), part, at, from);
     } finally {
       wipe(scratch);
     }

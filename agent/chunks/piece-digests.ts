@@ -12,12 +12,11 @@
 // signed manifest names, as CheckedBlobs is: when the manifest moves on (a write, a
 // new version) the old record is not used.
 import sodium from 'sodium-native';
+import { chunkCiphertext, chunkNonce } from '../../common/chunk.js';
 import { NONCE_BYTES } from '../../common/constants.js';
 
 export const PIECE_BYTES = 4096;
 const DIGEST_BYTES = 16;
-/** Offset of the ciphertext in a chunk blob: format byte, nonce (docs/chunk-format.md). */
-export const BLOB_CT_AT = 1 + NONCE_BYTES;
 
 export interface PieceRecord {
   hash: string;
@@ -53,10 +52,10 @@ export class PieceDigests {
   put(id: string, hash: string, blob: Buffer): void {
     const had = this.records.get(id);
     if (had?.hash === hash) return;
-    const ct = blob.subarray(BLOB_CT_AT, blob.length - sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES);
+    const ct = chunkCiphertext(blob);
     const pieces = Math.ceil(ct.length / PIECE_BYTES);
     const data = Buffer.allocUnsafe(NONCE_BYTES + pieces * DIGEST_BYTES);
-    blob.copy(data, 0, 1, BLOB_CT_AT);
+    data.set(chunkNonce(blob));
     for (let p = 0; p < pieces; p++) {
       const at = NONCE_BYTES + p * DIGEST_BYTES;
       sodium.crypto_generichash(data.subarray(at, at + DIGEST_BYTES), ct.subarray(p * PIECE_BYTES, (p + 1) * PIECE_BYTES), this.key);

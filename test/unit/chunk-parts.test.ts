@@ -208,16 +208,30 @@ describe("the agent core's parts", () => {
     it("tells of each blob a read checked as it leaves for want of room or clear(), not of written or stale ones", () => {
       const left: string[] = [];
       const c = new CheckedBlobs(300, (id, hash, blob) => left.push(`${id}:${hash}:${blob.length}`));
-      c.put('r1', 'h1', randomBytes(100), true);
+      c.put('r1', 'h1', randomBytes(100), { read: true });
       c.put('w', 'hw', randomBytes(100));
-      c.put('r2', 'h2', randomBytes(100), true);
+      c.put('r2', 'h2', randomBytes(100), { read: true });
       c.get('r2', 'moved'); // stale: dropped, not told
-      c.put('r3', 'h3', randomBytes(100), true);
-      c.put('r4', 'h4', randomBytes(100), true); // r1 leaves for room
-      c.put('r5', 'h5', randomBytes(100), true); // w leaves for room: written here, not told
+      c.put('r3', 'h3', randomBytes(100), { read: true });
+      c.put('r4', 'h4', randomBytes(100), { read: true }); // r1 leaves for room
+      c.put('r5', 'h5', randomBytes(100), { read: true }); // w leaves for room: written here, not told
       expect(left).to.deep.equal(['r1:h1:100']);
       c.clear();
       expect(left.slice(1).sort()).to.deep.equal(['r3:h3:100', 'r4:h4:100', 'r5:h5:100']);
+      // A read blob too large to keep leaves at once; a written one is only refused.
+      c.put('big', 'hb', randomBytes(301), { read: true });
+      c.put('big-w', 'hbw', randomBytes(301));
+      expect(left.slice(4)).to.deep.equal(['big:hb:301']);
+      expect(c.count).to.equal(0);
+    });
+
+    it('keeps a copy of a borrowed blob: the buffer it came in can be reused', () => {
+      const c = new CheckedBlobs(1000);
+      const buffer = randomBytes(200);
+      const blob = Buffer.from(buffer);
+      c.put('b', 'hb', buffer, { read: true, borrowed: true });
+      buffer.fill(0);
+      expectSameBytes(c.get('b', 'hb')!, blob);
     });
 
     it('keeps a copy of a blob that is a view into a larger response', () => {

@@ -2,9 +2,9 @@
 // decryption of any byte range of a checked blob, against libsodium's own
 // XChaCha20-Poly1305 decryption of the same blobs.
 import { expect } from 'chai';
-import { chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
+import { CHUNK_CT_AT, chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
 import { open, openPartInto, randomBytes, seal, verifyBoxed } from '../../common/crypto.js';
-import { BLOB_CT_AT, PIECE_BYTES, PieceDigests } from '../../agent/chunks/piece-digests.js';
+import { PIECE_BYTES, PieceDigests } from '../../agent/chunks/piece-digests.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 
 function coord(over: Partial<ChunkCoord> = {}): ChunkCoord {
@@ -51,8 +51,8 @@ describe('chunk range decryption', () => {
     const size = 131072 - 1000;
     const plain = randomBytes(size);
     const blob = encryptChunk(key, coord(), plain);
-    const nonce = blob.subarray(1, BLOB_CT_AT);
-    const ct = blob.subarray(BLOB_CT_AT, blob.length - 16);
+    const nonce = blob.subarray(1, CHUNK_CT_AT);
+    const ct = blob.subarray(CHUNK_CT_AT, blob.length - 16);
     const next = rng(7);
     for (let i = 0; i < 300; i++) {
       const from = Math.floor(next() * size);
@@ -71,11 +71,11 @@ describe('chunk range decryption', () => {
 
   it("piece digests match a checked blob's pieces and no changed piece, and belong to one ciphertext hash", () => {
     const blob = encryptChunk(key, coord(), randomBytes(131072 - 100));
-    const ct = blob.subarray(BLOB_CT_AT, blob.length - 16);
+    const ct = blob.subarray(CHUNK_CT_AT, blob.length - 16);
     const d = new PieceDigests(2);
     d.put('c', 'hash-1', blob);
     const r = d.get('c', 'hash-1')!;
-    expectSameBytes(d.nonce(r), blob.subarray(1, BLOB_CT_AT));
+    expectSameBytes(d.nonce(r), blob.subarray(1, CHUNK_CT_AT));
     for (let p = 0; p * PIECE_BYTES < ct.length; p++) {
       const piece = ct.subarray(p * PIECE_BYTES, (p + 1) * PIECE_BYTES);
       expect(d.matches(r, p, piece), `piece ${p}`).to.equal(true);
