@@ -9,7 +9,7 @@ import { AgentDiskBackend } from '../../agent/disk/backend.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 import { damageCachedBlob } from '../helpers/cache.js';
-import { BLOB_CT_AT } from '../../agent/chunks/piece-digests.js';
+import { CHUNK_CT_AT } from '../../common/chunk.js';
 
 const CHUNK = 128 * 1024;
 const CHUNKS = 6;
@@ -143,7 +143,7 @@ describe('disk range reads (real server)', function () {
 
     // A damaged piece (the row's SHA-256 made to match: only the digests and the tag can tell).
     t.agent.core.checked.clear();
-    damageCachedBlob(path.join(t.home, 'cache.db'), 'disk', 4, BLOB_CT_AT + 3 * 4096 + 10);
+    damageCachedBlob(path.join(t.home, 'cache.db'), 'disk', 4, CHUNK_CT_AT + 3 * 4096 + 10);
     // Another piece of the same blob is still whole and served from it ...
     expect(await range(4, 0, 4096)).to.equal('cache');
     expect(pieces().mismatches).to.equal(mismatched);
@@ -152,5 +152,23 @@ describe('disk range reads (real server)', function () {
     expect(await range(4, 3 * 4096, 100)).to.equal('server');
     expect(pieces().mismatches).to.equal(mismatched + 1);
     expect(t.agent.core.stats.fromServer).to.equal(fromServer + 1);
+  });
+
+  it('a piece read of a sensitive chunk whose key was dropped asks the server for it again (audited), as a whole read does', async () => {
+    // Chunk 1 is sensitive: its pieces' digests taken, then its key dropped with its plaintext.
+    t.agent.core.checked.clear();
+    await range(1, 0, 40_000);
+    t.agent.core.checked.clear();
+    t.agent.core.evict('disk', 1);
+    const asked = t.agent.core.stats.keyRequests;
+    const pieceReads = t.agent.status().diskPieces.reads;
+    await range(1, 4096, 4096);
+    expect(t.agent.core.stats.keyRequests, 'key requests').to.equal(asked + 1);
+    expect(t.agent.status().diskPieces.reads, 'no piece read without the key').to.equal(pieceReads);
+    // With the key held again, a short read of the blob, out of memory once more, takes pieces.
+    t.agent.core.checked.clear();
+    await range(1, 8192, 100);
+    expect(t.agent.status().diskPieces.reads).to.equal(pieceReads + 1);
+    expect(t.agent.core.stats.keyRequests).to.equal(asked + 1);
   });
 });
