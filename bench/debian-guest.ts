@@ -13,12 +13,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { control, type AgentStatus } from '../agent/index.js';
 import { table } from '../cli/output.js';
 import { setImagePolicy } from './lib/image-policy.js';
-import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
+import { resumeOnFreshDevice } from './lib/resume.js';
 import { verifyPasses } from '../test/helpers/guest.js';
-import { lethe, startAgentProc, startServer, waitFor, type ServerProc } from '../test/helpers/proc.js';
+import { lethe, startServer, type ServerProc } from '../test/helpers/proc.js';
 
 const { values } = parseArgs({
   options: {
@@ -44,33 +43,10 @@ interface Run {
 const setPolicy = (s: ServerProc, dir: string, text: string) => setImagePolicy(s, dir, IMAGE, text);
 
 /** One resume on a fresh device until `ready`; what it took by then. */
-async function resume(s: ServerProc, name: string, args: string[], ready: (log: string) => boolean): Promise<Run & { deviceId: string }> {
-  const d = await enrolledDevice(s, `bench-${name.replace(/\W+/g, '-')}`);
-  await assign(s, d.deviceId, IMAGE);
-  const t0 = Date.now();
-  const a = await startAgentProc(d.home, IMAGE, ['--vm', '--accel', 'tcg', '--log-guest-console', ...args]);
-  try {
-    await waitFor(async () => ready(a.log()) || undefined, 600_000, `${name}: ready`);
-    const seconds = (Date.now() - t0) / 1000;
-    const st = await control<AgentStatus>(d.home, { cmd: 'status' });
-    for (const p of verifyPasses(a.log())) if (p.bad !== 0) throw new Error(`bad pages in ${name}: pass ${p.pass} bad=${p.bad}`);
-    const startup = /startup buffer: (\d+) page/.exec(a.log());
-    a.proc.kill('SIGTERM');
-    await a.exited;
-    if (!/first-touch order of \d+ page\(s\) uploaded/.test(a.log()) && name === 'recording') throw new Error('the recording session left no first-touch order');
-    return {
-      name,
-      seconds,
-      faults: st.vm!.faults,
-      demandRequests: st.fetch.demandBatches,
-      mibFetched: st.fetch.bytes / 2 ** 20,
-      startupPages: startup ? Number(startup[1]) : 0,
-      deviceId: d.deviceId,
-    };
-  } finally {
-    if (a.proc.exitCode === null) a.proc.kill('SIGKILL');
-    d.close();
-  }
+async function resume(s: ServerProc, name: string, args: string[], ready: (log: string) => boolean): Promise<Run & { deviceId: string; log: string }> {
+  const r = await resumeOnFreshDevice(s, IMAGE, name, args, ready);
+  const f = r.status.fetch;
+  return { name, seconds: r.seconds, faults: r.status.vm!.faults, demandRequests: f.demandBatches, mibFetched: f.bytes / 2 ** 20, startupPages: r.startupPages, deviceId: r.deviceId, log: r.log };
 }
 
 async function main() {
@@ -91,13 +67,14 @@ async function main() {
     await setPolicy(s, dir, 'sensitive:\n  memory: none\nprefetch:\n  order: none\n');
     const passes = Number(values['record-passes']);
     const recording = await resume(s, 'recording', [], (log) => verifyPasses(log).length >= passes && sshAnswered(log));
+    if (!/first-touch order of \d+ page\(s\) uploaded/.test(recording.log)) throw new Error('the recording session left no first-touch order at the server');
     const t = await lethe(['image', 'trust', IMAGE, recording.deviceId], s.env);
     if (t.code !== 0) throw new Error(`image trust failed: ${t.stderr}`);
     // Background prefetch too slow to matter: what the startup buffer holds decides.
     await setPolicy(s, dir, `sensitive:\n  memory: none\nprefetch:\n  startup: ${values.startup}\n  order: trace\n  bandwidth: 16KiB/s\n`);
     const learned = await resume(s, `resume, learned order (startup ${values.startup})`, [], ready);
 
-    const runs = [cold, learned].map(({ deviceId: _d, ...r }) => r);
+    const runs = [cold, learned].map(({ deviceId: _d, log: _l, ...r }) => r);
     const out = { guest: { mem: MEM, workloadMib: WORKLOAD_MIB }, bootToReadySeconds: boot.bootToReadySeconds, runs };
     if (values.json) {
       console.log(JSON.stringify(out, null, 2));

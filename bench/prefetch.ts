@@ -11,14 +11,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { control, type AgentStatus } from '../agent/index.js';
 import { table } from '../cli/output.js';
 import { setImagePolicy } from './lib/image-policy.js';
+import { resumeOnFreshDevice } from './lib/resume.js';
 import { loadPolicyFile } from '../policies/index.js';
 import { parseAccessTrace, simulateWithBaselines } from '../policies/simulate.js';
-import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
 import { verifyPasses } from '../test/helpers/guest.js';
-import { ROOT, lethe, startAgentProc, startServer, waitFor, type ServerProc } from '../test/helpers/proc.js';
+import { ROOT, lethe, startServer, type ServerProc } from '../test/helpers/proc.js';
 
 const { values } = parseArgs({
   options: {
@@ -44,33 +43,11 @@ interface Run {
 
 const setPolicy = (s: ServerProc, dir: string, text: string) => setImagePolicy(s, dir, IMAGE, text);
 
-/** One resume on a fresh device to the first full verify pass; what it fetched by then. */
+/** One resume on a fresh device to the first full verify pass (or `until` passes); what it fetched by then. */
 async function resume(s: ServerProc, name: string, args: string[], until = 1): Promise<Run & { log: string }> {
-  const d = await enrolledDevice(s, `bench-${name.replace(/\W+/g, '-')}`);
-  await assign(s, d.deviceId, IMAGE);
-  const t0 = Date.now();
-  const a = await startAgentProc(d.home, IMAGE, ['--vm', '--accel', 'tcg', '--log-guest-console', ...args]);
-  try {
-    await waitFor(async () => verifyPasses(a.log()).length >= until || undefined, 300_000, `${until} verify pass(es)`);
-    const seconds = (Date.now() - t0) / 1000;
-    const st = await control<AgentStatus>(d.home, { cmd: 'status' });
-    const startup = /startup buffer: (\d+) page/.exec(a.log());
-    for (const p of verifyPasses(a.log())) if (p.bad !== 0) throw new Error(`bad pages in ${name}: pass ${p.pass} bad=${p.bad}`);
-    a.proc.kill('SIGTERM');
-    await a.exited;
-    return {
-      name,
-      demandRequests: st.fetch.demandBatches,
-      demandChunks: st.fetch.demandChunks,
-      mibFetched: st.fetch.bytes / 2 ** 20,
-      startupPages: startup ? Number(startup[1]) : 0,
-      secondsToVerify: seconds,
-      log: a.log(),
-    };
-  } finally {
-    if (a.proc.exitCode === null) a.proc.kill('SIGKILL');
-    d.close();
-  }
+  const r = await resumeOnFreshDevice(s, IMAGE, name, args, (log) => verifyPasses(log).length >= until);
+  const f = r.status.fetch;
+  return { name, demandRequests: f.demandBatches, demandChunks: f.demandChunks, mibFetched: f.bytes / 2 ** 20, startupPages: r.startupPages, secondsToVerify: r.seconds, log: r.log };
 }
 
 async function main() {
