@@ -1,6 +1,9 @@
 // The hash-chained audit log (docs/audit-log.md). append() runs inside the
 // caller's transaction: if it throws, the transaction rolls back and the caller
-// releases nothing (invariant 6, fail closed). Every replica appends to one chain.
+// releases nothing (invariant 6, fail closed). commit() appends in a transaction
+// of its own, shared with the entries other requests commit meanwhile (group
+// commit); the caller releases nothing until it resolves. Every replica appends
+// to one chain.
 import { AUDIT_CHECKPOINT_EVERY, AUDIT_GENESIS_HASH } from '../common/constants.js';
 import { checkpointMessage, checkpointSigned, entryHash, type AuditEntry } from '../common/audit-hash.js';
 import { b64u, sign } from '../common/crypto.js';
@@ -86,14 +89,33 @@ interface Head {
   hash: string;
 }
 
-/** What every view of one audit log shares: the head this process signed last. */
-interface AuditState {
-  signed?: Head;
+interface Item {
+  type: AuditType;
+  device: string | null;
+  data: Record<string, unknown>;
+  /** When it happened; the call's `now` if unset. */
+  at?: number;
 }
 
-/** Serialises appends from every process on one database (a transaction-scoped lock in PostgreSQL). */
+/** Entries waiting for the next group commit, and whether one is under way. */
+interface Group {
+  waiting: { item: Item; done: (e?: unknown) => void }[];
+  running: boolean;
+}
+
+/** What every view of one audit log shares: the head this process signed last, and its group commit. */
+interface AuditState {
+  signed?: Head;
+  /** The database outside any transaction: where group commits run. */
+  root?: Sql;
+  group?: Group;
+}
+
 /** Entries per multi-row insert of appendMany (6 parameters each). */
 const MANY_ROWS = 200;
+/** Entries per group commit at most: a burst beyond it waits for the next. */
+const GROUP_MAX = 1000;
+/** Serialises appends from every process on one database (a transaction-scoped lock in PostgreSQL). */
 const AUDIT_LOCK = 'lethe.audit';
 
 export class AuditLog {
@@ -107,6 +129,7 @@ export class AuditLog {
   ) {
     // An Ed25519 libsodium secret key carries its public key in the last 32 bytes.
     this.publicKey = Buffer.from(signingKey.subarray(32));
+    state.root ??= db;
   }
 
   /** The same log, written through `db` (a transaction). */
@@ -155,7 +178,7 @@ export class AuditLog {
    * chain as appending them one by one; call inside the transaction that commits
    * what they record.
    */
-  async appendMany(items: { type: AuditType; device: string | null; data: Record<string, unknown> }[], now = Date.now()): Promise<void> {
+  async appendMany(items: Item[], now = Date.now()): Promise<void> {
     if (items.length === 0) return;
     try {
       await this.db.tx(async (t) => {
@@ -165,7 +188,7 @@ export class AuditLog {
         let last: Head = prev ?? { seq: 0, hash: AUDIT_GENESIS_HASH };
         const rows: [AuditEntry, string][] = [];
         for (const it of items) {
-          const entry: AuditEntry = { seq: last.seq + 1, ts: iso(now), type: it.type, device: it.device, data: this.actor === undefined ? it.data : { ...it.data, actor: this.actor } };
+          const entry: AuditEntry = { seq: last.seq + 1, ts: iso(it.at ?? now), type: it.type, device: it.device, data: this.actor === undefined ? it.data : { ...it.data, actor: this.actor } };
           const hash = entryHash(last.hash, entry);
           rows.push([entry, hash]);
           last = { seq: entry.seq, hash };
@@ -187,6 +210,7 @@ export class AuditLog {
           );
         }
         await this.signHead(t, last, prev);
+        crashPoint('audit.written');
       });
     } catch (cause) {
       if (isLetheError(cause, 'AUDIT_UNAVAILABLE') || isRetryable(cause)) throw cause;
@@ -194,6 +218,45 @@ export class AuditLog {
         cause,
         hint: 'check the server data directory or database (disk full? permissions? reachable?)',
       });
+    }
+  }
+
+  /**
+   * Appends one entry in a transaction of its own, together with the entries the
+   * other requests of this process commit meanwhile: one turn at the chain's lock
+   * and one commit for all of them (group commit), instead of one each. Resolves
+   * once the entry is committed; call it after the transaction that commits what
+   * the entry records (never inside one), and act on it (release a key) only once
+   * it resolves. Rejects with AUDIT_UNAVAILABLE, as append does, when the log
+   * cannot be written: then no entry of its group was written.
+   */
+  commit(type: AuditType, device: string | null, data: Record<string, unknown>, now = Date.now()): Promise<void> {
+    const root = this.state.root!;
+    if (this.db !== root) throw new Error('AuditLog.commit() runs its own transaction: call it outside one');
+    const body = this.actor === undefined ? data : { ...data, actor: this.actor };
+    const g = (this.state.group ??= { waiting: [], running: false });
+    return new Promise<void>((resolve, reject) => {
+      g.waiting.push({ item: { type, device, data: body, at: now }, done: (e) => (e === undefined ? resolve() : reject(e)) });
+      if (!g.running) void this.drain(g, new AuditLog(root, this.signingKey, this.state));
+    });
+  }
+
+  /** Commits what waits, a group at a time, until nothing does; the first entry goes at once. */
+  private async drain(g: Group, log: AuditLog): Promise<void> {
+    g.running = true;
+    try {
+      while (g.waiting.length > 0) {
+        const group = g.waiting.splice(0, GROUP_MAX);
+        let failure: unknown;
+        try {
+          await log.appendMany(group.map((w) => w.item));
+        } catch (e) {
+          failure = e ?? new Error('audit group commit failed');
+        }
+        for (const w of group) w.done(failure);
+      }
+    } finally {
+      g.running = false;
     }
   }
 

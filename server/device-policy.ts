@@ -5,10 +5,10 @@
 // transaction, so it holds across server replicas and fails closed with it.
 import { KEY_CEILING_FLOOR, type ChunkKind } from '../common/constants.js';
 import { LetheError } from '../common/errors.js';
+import { storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
 import type { Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
-import { getImage, policyOf } from './images.js';
 
 /** Throws DEVICE_UNSEALED when the device's seal kind is not one the policy allows. */
 export function assertSealAllowed(d: DeviceRow, policy: Policy, image: string): void {
@@ -48,9 +48,13 @@ export interface CeilingCheck {
   windowStart: number;
 }
 
-/** Thrown inside countKeys' savepoint so its rows roll back; the caller audits the alarm. */
+/** Thrown by keyCeiling inside the release's transaction, which rolls back; ceilingRefused audits it. */
 export class CeilingReached extends Error {
-  constructor(readonly check: CeilingCheck) {
+  constructor(
+    readonly check: CeilingCheck,
+    readonly asked: number,
+    readonly windowMs: number,
+  ) {
     super('key ceiling reached');
   }
 }
@@ -58,72 +62,70 @@ export class CeilingReached extends Error {
 /**
  * Counts the sensitive keys of a read release against the device's window: a
  * key given again in the same window counts once. Call inside the release's
- * transaction; throws CeilingReached (after rolling back its own rows) when the
- * request would take the device past the ceiling.
+ * transaction; throws CeilingReached when the request would take the device past
+ * the ceiling (the transaction must roll back: its marks are written).
  */
 export async function countKeys(ctx: Ctx, d: DeviceRow, imageId: string, refs: { kind: ChunkKind; idx: number }[], limit: number, windowMs: number, now: number): Promise<CeilingCheck> {
-  // One count per device and image, whichever replica releases: the window's row is read and written under its lock.
-  await ctx.db.lock(`lethe.keys:${d.id}:${imageId}`);
-  return ctx.db.savepoint(async () => {
-    const w = await ctx.db.get<{ started_at: number; keys: number }>('SELECT started_at, keys FROM key_windows WHERE device_id = ? AND image_id = ?', d.id, imageId);
-    const fresh = !w || now - w.started_at >= windowMs;
-    const windowStart = fresh ? now : w.started_at;
-    let keys = fresh ? 0 : w.keys;
-    // One statement per batch: a key already given in this window changes no row and counts nothing.
-    const unique = [...new Map(refs.map((r) => [`${r.kind}/${r.idx}`, r])).values()];
-    for (let i = 0; i < unique.length; i += MARKS_PER_STATEMENT) {
-      const part = unique.slice(i, i + MARKS_PER_STATEMENT);
-      const r = await ctx.db.run(
-        `INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES ${part.map(() => '(?, ?, ?, CAST(? AS INTEGER), CAST(? AS BIGINT))').join(', ')}
-         ON CONFLICT (device_id, image_id, kind, idx) DO UPDATE SET released_at = excluded.released_at WHERE key_releases.released_at < ?`,
-        ...part.flatMap((k) => [d.id, imageId, k.kind, k.idx, now]),
-        windowStart,
-      );
-      keys += r.changes;
-    }
-    const check = { limit, keys, windowStart };
-    if (keys > limit) throw new CeilingReached(check);
-    await ctx.db.run(
-      'INSERT INTO key_windows(device_id, image_id, started_at, keys) VALUES (?, ?, ?, ?) ON CONFLICT (device_id, image_id) DO UPDATE SET started_at = excluded.started_at, keys = excluded.keys',
-      d.id,
-      imageId,
+  // One count per device and image, whichever replica releases: the upsert locks the
+  // window's row until the transaction ends, and reads it as last committed.
+  const w = (await ctx.db.get<{ started_at: number; keys: number }>(
+    `INSERT INTO key_windows(device_id, image_id, started_at, keys) VALUES (?, ?, CAST(? AS BIGINT), 0)
+     ON CONFLICT (device_id, image_id) DO UPDATE SET keys = key_windows.keys RETURNING started_at, keys`,
+    d.id,
+    imageId,
+    now,
+  ))!;
+  const fresh = now - w.started_at >= windowMs;
+  const windowStart = fresh ? now : w.started_at;
+  let keys = fresh ? 0 : w.keys;
+  // One statement per batch: a key already given in this window changes no row and counts nothing.
+  const unique = [...new Map(refs.map((r) => [`${r.kind}/${r.idx}`, r])).values()];
+  for (let i = 0; i < unique.length; i += MARKS_PER_STATEMENT) {
+    const part = unique.slice(i, i + MARKS_PER_STATEMENT);
+    const r = await ctx.db.run(
+      `INSERT INTO key_releases(device_id, image_id, kind, idx, released_at) VALUES ${part.map(() => '(?, ?, ?, CAST(? AS INTEGER), CAST(? AS BIGINT))').join(', ')}
+       ON CONFLICT (device_id, image_id, kind, idx) DO UPDATE SET released_at = excluded.released_at WHERE key_releases.released_at < ?`,
+      ...part.flatMap((k) => [d.id, imageId, k.kind, k.idx, now]),
       windowStart,
-      keys,
     );
-    return check;
-  });
+    keys += r.changes;
+  }
+  const check = { limit, keys, windowStart };
+  if (keys > limit) throw new CeilingReached(check, refs.length, windowMs);
+  await ctx.db.run('UPDATE key_windows SET started_at = ?, keys = ? WHERE device_id = ? AND image_id = ?', windowStart, keys, d.id, imageId);
+  return check;
 }
 
 /**
  * The key ceiling for a read release of `rows` under lease `l`; call inside the
- * release's transaction. Returns the error to throw once that transaction has
- * committed the alarm (and no keys.release), or undefined when the keys may go.
+ * release's transaction. Throws CeilingReached when the keys may not go: that
+ * transaction rolls back, and the caller hands it to ceilingRefused.
  */
 export async function keyCeiling(
   ctx: Ctx,
   d: DeviceRow,
-  l: { id: string; image_id: string; version: number; name: string },
+  l: { image_id: string; version: number; image_policy: string | null },
   rows: { kind: ChunkKind; idx: number; cls: string }[],
   now: number,
-): Promise<LetheError | undefined> {
+): Promise<void> {
   const sensitive = rows.filter((r) => r.cls === 'sensitive');
-  if (sensitive.length === 0) return undefined;
-  const policy = policyOf(await getImage(ctx, l.name));
+  if (sensitive.length === 0) return;
+  const policy = storedPolicy(l.image_policy);
   const limit = await ceilingFor(ctx, policy, l.image_id, l.version);
-  try {
-    await countKeys(ctx, d, l.image_id, sensitive, limit, policy.keyWindowMs, now);
-    return undefined;
-  } catch (e) {
-    if (!(e instanceof CeilingReached)) throw e;
-    await ctx.audit.append(
-      'alarm.key-ceiling',
-      d.id,
-      { lease: l.id, image: l.name, version: l.version, ceiling: limit, asked: sensitive.length, windowStart: new Date(e.check.windowStart).toISOString() },
-      now,
-    );
-    ctx.metrics.inc('lethe_key_ceiling_refusals_total');
-    return ceilingError(limit, policy.keyWindowMs);
-  }
+  await countKeys(ctx, d, l.image_id, sensitive, limit, policy.keyWindowMs, now);
+}
+
+/** Audits a release refused at the key ceiling (`alarm.key-ceiling`); returns the error to answer with. */
+export async function ceilingRefused(ctx: Ctx, d: DeviceRow, l: { id: string; name: string; version: number }, e: CeilingReached, now: number): Promise<LetheError> {
+  const { limit, windowStart } = e.check;
+  await ctx.audit.commit(
+    'alarm.key-ceiling',
+    d.id,
+    { lease: l.id, image: l.name, version: l.version, ceiling: limit, asked: e.asked, windowStart: new Date(windowStart).toISOString() },
+    now,
+  );
+  ctx.metrics.inc('lethe_key_ceiling_refusals_total');
+  return ceilingError(limit, e.windowMs);
 }
 
 function ceilingError(limit: number, windowMs: number): LetheError {

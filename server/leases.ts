@@ -14,7 +14,7 @@ import { ensureTerms, wrapNewKey } from './keyring.js';
 import type { DeviceRow } from './devices.js';
 import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, manifest, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
 import { endLeases, mustGetDevice } from './devices.js';
-import { assertSealAllowed, keyCeiling } from './device-policy.js';
+import { assertSealAllowed, CeilingReached, ceilingRefused, keyCeiling } from './device-policy.js';
 import { makeShared, resumeVersion } from './branches.js';
 
 interface LeaseRow {
@@ -138,9 +138,12 @@ export async function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
  * image was unassigned since: audited as `lease.refused`, the device ends the
  * lease at this answer) or LEASE_EXPIRED otherwise.
  */
-export async function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<LeaseRow & { name: string }> {
-  const l = await ctx.db.get<LeaseRow & { name: string; assigned: number | null }>(
-    `SELECT l.*, i.name, (SELECT 1 FROM assignments a WHERE a.device_id = l.device_id AND a.image_id = l.image_id) AS assigned
+/** A lease as liveLease finds it, with its image's name and stored policy. */
+type LiveLease = LeaseRow & { name: string; image_policy: string | null };
+
+export async function liveLease(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<LiveLease> {
+  const l = await ctx.db.get<LiveLease & { assigned: number | null }>(
+    `SELECT l.*, i.name, i.policy AS image_policy, (SELECT 1 FROM assignments a WHERE a.device_id = l.device_id AND a.image_id = l.image_id) AS assigned
        FROM leases l JOIN images i ON i.id = l.image_id WHERE l.id = ? AND l.device_id = ?`,
     leaseId,
     d.id,
@@ -296,32 +299,33 @@ export async function releaseKeys(
   const l = await liveLease(ctx, d, leaseId);
   if (stateSize !== undefined && !write) throw new LetheError('BAD_REQUEST', 'stateSize is for write keys only (write: true)');
   const now = ctx.now();
-  // The draft's new state size, the checks against it and the audit entry stand or fall together.
+  const entry = (rows: ChunkRow[]) => ({
+    lease: l.id,
+    image: l.name,
+    version: l.version,
+    count: rows.length,
+    sensitive: rows.filter((r) => r.cls === 'sensitive').length,
+    chunks: ranges(refs),
+    ...(write ? { write } : {}),
+    ...(stateSize !== undefined ? { stateSize } : {}),
+  });
+  // Past its key ceiling the device gets nothing: the transaction rolls back, and the
+  // alarm, not a release, is audited. A draft's new state size stands or falls with
+  // the entry that records it, in one transaction; any other entry goes by group
+  // commit with other requests' once the transaction is done. No key leaves before
+  // its entry is committed.
   const rows = await inTx(ctx, async (ctx) => {
     if (stateSize !== undefined) await setDraftStateSize(ctx, l, stateSize);
     const rows = write ? await writeCoords(ctx, l, refs) : await resolve(ctx, l, refs);
-    // Past its key ceiling the device gets nothing; the alarm, not a release, is audited.
-    const refused = write ? undefined : await keyCeiling(ctx, d, l, rows, now);
-    if (refused) return refused;
-    const sensitive = rows.filter((r) => r.cls === 'sensitive').length;
-    await ctx.audit.append(
-      'keys.release',
-      d.id,
-      {
-        lease: l.id,
-        image: l.name,
-        version: l.version,
-        count: rows.length,
-        sensitive,
-        chunks: ranges(refs),
-        ...(write ? { write } : {}),
-        ...(stateSize !== undefined ? { stateSize } : {}),
-      },
-      now,
-    );
+    if (!write) await keyCeiling(ctx, d, l, rows, now);
+    if (stateSize !== undefined) await ctx.audit.append('keys.release', d.id, entry(rows), now);
     return rows;
+  }).catch((e) => {
+    if (e instanceof CeilingReached) return e;
+    throw e;
   });
-  if (rows instanceof LetheError) throw rows;
+  if (rows instanceof CeilingReached) throw await ceilingRefused(ctx, d, l, rows, now);
+  if (stateSize === undefined) await ctx.audit.commit('keys.release', d.id, entry(rows), now);
   const id = Buffer.from(l.image_id, 'hex');
   const coords = rows.map((r): ChunkCoord => ({ imageId: id, gen: r.gen, kind: r.kind, index: r.idx, cls: r.cls }));
   // One lookup per generation per request. Safe while a request touches fewer
@@ -357,7 +361,7 @@ export async function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs:
   const rows = await resolve(ctx, l, refs);
   const blobs = await readBlobs(ctx, l.image_id, rows);
   const bytes = blobs.reduce((n, b) => n + b.length, 0);
-  await ctx.audit.append(
+  await ctx.audit.commit(
     'chunks.serve',
     d.id,
     { lease: l.id, image: l.name, version: l.version, count: rows.length, bytes, chunks: ranges(refs) },
