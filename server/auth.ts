@@ -13,6 +13,8 @@ import { rateLimited, type RateLimiter } from './limits.js';
 
 export interface AuthedRequest extends Request {
   device?: DeviceRow;
+  /** The device's row as deviceHeaderCheck found it, before the body: its key checks the signature. */
+  signer?: DeviceRow;
   /** Who made an admin request, as its audit entries name it (`user:NAME`, or `token:` + 8 hex digits of the bootstrap token's SHA-256). */
   actor?: string;
   principal?: Principal;
@@ -99,10 +101,12 @@ export function deviceHeaderCheck(ctx: Ctx) {
       throw authFailed();
     }
     checkFresh(ctx, h.ts);
-    if (!(await getDevice(ctx, h.deviceId))) {
+    const d = await getDevice(ctx, h.deviceId);
+    if (!d) {
       ctx.metrics.inc('lethe_auth_failures_total');
       throw authFailed();
     }
+    (req as AuthedRequest).signer = d;
     next();
   };
 }
@@ -118,8 +122,15 @@ export function deviceHeaderCheck(ctx: Ctx) {
 export function deviceAuth(ctx: Ctx, opts: DeviceAuthOptions = {}) {
   return async (req: AuthedRequest, res: Response, next: NextFunction) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    req.device = await verifiedDevice(ctx, signatureHeaders(req), req.method, req.originalUrl, body, opts, (wait) =>
-      rateLimited(res, wait, 'requests from this device'),
+    req.device = await verifiedDevice(
+      ctx,
+      signatureHeaders(req),
+      req.method,
+      req.originalUrl,
+      body,
+      opts,
+      (wait) => rateLimited(res, wait, 'requests from this device'),
+      req.signer,
     );
     next();
   };
@@ -135,7 +146,8 @@ export interface DeviceAuthOptions {
  * The device that signed a request, or the error to answer it with: the
  * signature, its freshness, the device's rate (`limited` makes the error), its
  * nonce, and its status, in that order. Shared by every device route and the
- * push channel's upgrade request.
+ * push channel's upgrade request. `signer` is the device's row if already read
+ * for this request; the status is read again with the nonce, after the body.
  */
 export async function verifiedDevice(
   ctx: Ctx,
@@ -145,17 +157,23 @@ export async function verifiedDevice(
   body: Buffer,
   opts: DeviceAuthOptions,
   limited: (waitMs: number) => Error = () => new LetheError('RATE_LIMITED', 'too many requests from this device'),
+  signer?: DeviceRow,
 ): Promise<DeviceRow> {
   if (!h) throw authFailed();
-  const d = await getDevice(ctx, h.deviceId);
-  if (!d || !verifyRequest(d.sign_pk, h, method, url, body)) {
+  const s = signer?.id === h.deviceId ? signer : await getDevice(ctx, h.deviceId);
+  if (!s || !verifyRequest(s.sign_pk, h, method, url, body)) {
     ctx.metrics.inc('lethe_auth_failures_total');
     throw authFailed();
   }
   checkFresh(ctx, h.ts);
-  const wait = opts.rate?.take(d.id) ?? 0;
+  const wait = opts.rate?.take(s.id) ?? 0;
   if (wait > 0) throw limited(wait);
-  if (!(await ctx.nonces.remember(d.id, h.nonce, Number(h.ts)))) {
+  const { fresh, device: d } = await ctx.nonces.admit(s.id, h.nonce, Number(h.ts));
+  if (!d) {
+    ctx.metrics.inc('lethe_auth_failures_total');
+    throw authFailed();
+  }
+  if (!fresh) {
     await refusalAlarm(ctx, d.id, 'replayed', method, url);
     throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
   }

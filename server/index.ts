@@ -72,7 +72,7 @@ export async function startServer(dir: string, opts: ServerOptions = {}): Promis
     escrow: new Escrow(data.masterKey),
     metrics: new Metrics(),
     // One SQLite process remembers nonces itself; replicas share them in PostgreSQL.
-    nonces: db.dialect === 'postgres' ? tableNonces(db) : memoryNonces(Date.now()),
+    nonces: db.dialect === 'postgres' ? tableNonces(db) : memoryNonces(db, Date.now()),
     publicUrl: '',
     now: () => Date.now(),
   };
