@@ -158,7 +158,7 @@ export class AuditLog {
         if (prev) await this.assertSigned(t, prev);
         const entry: AuditEntry = { seq: (prev?.seq ?? 0) + 1, ts: iso(now), type, device, data: body };
         const hash = entryHash(prev?.hash ?? AUDIT_GENESIS_HASH, entry);
-        await this.write(t, entry, hash, prev);
+        await this.writeEntries(t, [[entry, hash]], prev);
         crashPoint('audit.written');
         return { ...entry, hash };
       });
@@ -193,23 +193,7 @@ export class AuditLog {
           rows.push([entry, hash]);
           last = { seq: entry.seq, hash };
         }
-        for (let i = 0; i < rows.length; i += MANY_ROWS) {
-          const part = rows.slice(i, i + MANY_ROWS);
-          await t.run(
-            `INSERT INTO audit(seq, ts, type, device, data, hash) VALUES ${part.map(() => '(?, ?, ?, ?, ?, ?)').join(', ')}`,
-            ...part.flatMap(([e, h]) => [e.seq, e.ts, e.type, e.device, JSON.stringify(e.data), h]),
-          );
-        }
-        const kept = rows.filter(([e]) => e.seq % AUDIT_CHECKPOINT_EVERY === 0 && e.seq !== last.seq);
-        for (const [e, h] of kept) {
-          await t.run(
-            'INSERT INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?) ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, signature = excluded.signature',
-            e.seq,
-            h,
-            b64u.encode(sign(this.signingKey, checkpointMessage(e.seq, h))),
-          );
-        }
-        await this.signHead(t, last, prev);
+        await this.writeEntries(t, rows, prev);
         crashPoint('audit.written');
       });
     } catch (cause) {
@@ -261,51 +245,49 @@ export class AuditLog {
   }
 
   /**
-   * Stores the entry and its signed checkpoint, and drops the previous head's
-   * checkpoint unless it falls on an interval: the table keeps one every
-   * AUDIT_CHECKPOINT_EVERY entries and one at the head. On PostgreSQL in one
+   * Stores entries that follow `prev`, signs the new head, and keeps checkpoints
+   * where the log keeps them: every AUDIT_CHECKPOINT_EVERY entries and at the
+   * head (the previous head's goes unless it falls on an interval). On PostgreSQL
+   * the last stretch of up to MANY_ROWS entries and the checkpoints are one
    * statement: the chain's lock is held for fewer round trips.
    */
-  private async write(t: Sql, entry: AuditEntry, hash: string, prev?: Head): Promise<void> {
-    if (t.dialect === 'sqlite') {
-      await t.run('INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (?, ?, ?, ?, ?, ?)', entry.seq, entry.ts, entry.type, entry.device, JSON.stringify(entry.data), hash);
-      await this.signHead(t, { seq: entry.seq, hash }, prev);
-      return;
-    }
-    const signature = b64u.encode(sign(this.signingKey, checkpointMessage(entry.seq, hash)));
+  private async writeEntries(t: Sql, rows: [AuditEntry, string][], prev?: Head): Promise<void> {
+    const [lastEntry, lastHash] = rows[rows.length - 1];
+    const checkpoints = rows
+      .filter(([e]) => e.seq % AUDIT_CHECKPOINT_EVERY === 0 || e === lastEntry)
+      .map(([e, h]) => [e.seq, h, b64u.encode(sign(this.signingKey, checkpointMessage(e.seq, h)))]);
     const drop = prev && prev.seq % AUDIT_CHECKPOINT_EVERY !== 0 ? prev.seq : -1;
-    await t.run(
-      `WITH entry AS (INSERT INTO audit(seq, ts, type, device, data, hash) VALUES (?, ?, ?, ?, ?, ?)),
-            dropped AS (DELETE FROM checkpoints WHERE seq = ?)
-       INSERT INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?)
-       ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, signature = excluded.signature`,
-      entry.seq,
-      entry.ts,
-      entry.type,
-      entry.device,
-      JSON.stringify(entry.data),
-      hash,
-      drop,
-      entry.seq,
-      hash,
-      signature,
-    );
-    this.state.signed = { seq: entry.seq, hash };
+    const insertEntries = (part: [AuditEntry, string][]) => ({
+      sql: `INSERT INTO audit(seq, ts, type, device, data, hash) VALUES ${part.map(() => '(?, ?, ?, ?, ?, ?)').join(', ')}`,
+      params: part.flatMap(([e, h]) => [e.seq, e.ts, e.type, e.device, JSON.stringify(e.data), h]),
+    });
+    // An upsert: a row planted ahead of the chain gives way to the real signature.
+    const upsertCheckpoints = `INSERT INTO checkpoints(seq, hash, signature) VALUES ${checkpoints.map(() => '(?, ?, ?)').join(', ')}
+       ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, signature = excluded.signature`;
+    const pg = t.dialect === 'postgres';
+    const lastPart = pg ? rows.length - 1 - ((rows.length - 1) % MANY_ROWS) : rows.length;
+    for (let i = 0; i < lastPart; i += MANY_ROWS) {
+      const q = insertEntries(rows.slice(i, i + MANY_ROWS));
+      await t.run(q.sql, ...q.params);
+    }
+    if (pg) {
+      const q = insertEntries(rows.slice(lastPart));
+      await t.run(`WITH entries AS (${q.sql}), dropped AS (DELETE FROM checkpoints WHERE seq = ?) ${upsertCheckpoints}`, ...q.params, drop, ...checkpoints.flat());
+    } else {
+      await t.run(upsertCheckpoints, ...checkpoints.flat());
+      await t.run('DELETE FROM checkpoints WHERE seq = ?', drop);
+    }
+    this.state.signed = { seq: lastEntry.seq, hash: lastHash };
   }
 
-  /**
-   * Signs `head` and drops the previous head's checkpoint unless it falls on an
-   * interval: the table keeps one every AUDIT_CHECKPOINT_EVERY entries and one at the head.
-   */
-  private async signHead(t: Sql, h: Head, prev?: Head): Promise<void> {
-    // An upsert: a row planted ahead of the chain gives way to the real signature.
+  /** Signs `h` as the head (an upsert: a row planted ahead of the chain gives way to the real signature). */
+  private async signHead(t: Sql, h: Head): Promise<void> {
     await t.run(
       'INSERT INTO checkpoints(seq, hash, signature) VALUES (?, ?, ?) ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, signature = excluded.signature',
       h.seq,
       h.hash,
       b64u.encode(sign(this.signingKey, checkpointMessage(h.seq, h.hash))),
     );
-    if (prev && prev.seq % AUDIT_CHECKPOINT_EVERY !== 0) await t.run('DELETE FROM checkpoints WHERE seq = ?', prev.seq);
     this.state.signed = h;
   }
 
