@@ -9,7 +9,7 @@ import { CHUNK_KINDS, MAX_CHUNK_BODY, MAX_JSON_BODY, MAX_UPLOAD_BODY, type Chunk
 import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
-import { adminAuth, deviceAuth, deviceHeaderCheck, permit, type AuthedRequest } from './auth.js';
+import { adminAuth, deviceAuth, deviceHeaderCheck, KnownDevices, permit, type AuthedRequest } from './auth.js';
 import { auditEntries, auditFilter, deviceReport, verifyAudit, type Checkpoint } from './audit.js';
 import { actingAs, type Ctx } from './context.js';
 import { ackCommand, ackRevoke, commandStatus, enroll, rotateDeviceKeys, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
@@ -135,9 +135,10 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   const authFailures = limiterFor(limits.authFailures);
   const perDevice = limiterFor(limits.device);
   const admin = await adminAuth(ctx);
-  const device = deviceAuth(ctx, { rate: perDevice });
-  const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true, rate: perDevice });
-  const deviceRevokedOk = deviceAuth(ctx, { allowWipePending: true, allowRevoked: true, rate: perDevice });
+  const known = new KnownDevices();
+  const device = deviceAuth(ctx, { rate: perDevice, known });
+  const deviceWipeOk = deviceAuth(ctx, { allowWipePending: true, rate: perDevice, known });
+  const deviceRevokedOk = deviceAuth(ctx, { allowWipePending: true, allowRevoked: true, rate: perDevice, known });
   /** Past its failed token checks, an address waits before any admin or metrics request is looked at. */
   const authFailureGuard = (req: Request, res: Response, next: NextFunction) => {
     const wait = authFailures?.wait(clientAddress(req)) ?? 0;
@@ -182,7 +183,7 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
 
   // ---- device routes (signed) ----
   // Counted and checked before any body is read; the signature is checked after.
-  app.use('/v1/device', perAddress(limiterFor(limits.deviceAddress), 'device requests from this address'), deviceHeaderCheck(ctx));
+  app.use('/v1/device', perAddress(limiterFor(limits.deviceAddress), 'device requests from this address'), deviceHeaderCheck(ctx, known));
   app.post('/v1/device/heartbeat', rawJson, deviceWipeOk, async (req: AuthedRequest, res) => {
     res.json(await heartbeat(ctx, dev(req), json(wire.HeartbeatRequest, req).status));
   });

@@ -13,8 +13,6 @@ import { rateLimited, type RateLimiter } from './limits.js';
 
 export interface AuthedRequest extends Request {
   device?: DeviceRow;
-  /** The device's row as deviceHeaderCheck found it, before the body: its key checks the signature. */
-  signer?: DeviceRow;
   /** Who made an admin request, as its audit entries name it (`user:NAME`, or `token:` + 8 hex digits of the bootstrap token's SHA-256). */
   actor?: string;
   principal?: Principal;
@@ -86,6 +84,43 @@ function checkFresh(ctx: Ctx, ts: string): void {
   }
 }
 
+/** Device rows kept at most by KnownDevices. */
+const KNOWN_DEVICES = 10_000;
+
+/**
+ * The device rows this process read last, by id: a signature is checked with
+ * the key they hold, and an unknown device refused before its body is read,
+ * without a round trip to the database. Nothing else is decided on them:
+ * verifiedDevice reads the row again with the nonce, for its status, and checks
+ * the signature again when the key changed meanwhile (a key rotation).
+ */
+export class KnownDevices {
+  private readonly rows = new Map<string, DeviceRow>();
+
+  get(id: string): DeviceRow | undefined {
+    return this.rows.get(id);
+  }
+
+  set(d: DeviceRow): void {
+    this.rows.delete(d.id);
+    this.rows.set(d.id, d);
+    if (this.rows.size > KNOWN_DEVICES) this.rows.delete(this.rows.keys().next().value!);
+  }
+
+  forget(id: string): void {
+    this.rows.delete(id);
+  }
+}
+
+/** The device's row as KnownDevices has it, or else as the database does. */
+async function knownDevice(ctx: Ctx, id: string, known?: KnownDevices): Promise<DeviceRow | undefined> {
+  const hit = known?.get(id);
+  if (hit) return hit;
+  const d = await getDevice(ctx, id);
+  if (d) known?.set(d);
+  return d;
+}
+
 /**
  * The part of device authentication that needs no body; runs before the body is
  * read, so an unknown device or junk headers cost the server no upload. Headers
@@ -93,7 +128,7 @@ function checkFresh(ctx: Ctx, ts: string): void {
  * outside the window is SIGNATURE_STALE whoever sent it (checked before the device
  * is looked up, it tells nothing about which devices exist).
  */
-export function deviceHeaderCheck(ctx: Ctx) {
+export function deviceHeaderCheck(ctx: Ctx, known?: KnownDevices) {
   return async (req: Request, _res: Response, next: NextFunction) => {
     const h = signatureHeaders(req);
     if (!h) {
@@ -101,12 +136,10 @@ export function deviceHeaderCheck(ctx: Ctx) {
       throw authFailed();
     }
     checkFresh(ctx, h.ts);
-    const d = await getDevice(ctx, h.deviceId);
-    if (!d) {
+    if (!(await knownDevice(ctx, h.deviceId, known))) {
       ctx.metrics.inc('lethe_auth_failures_total');
       throw authFailed();
     }
-    (req as AuthedRequest).signer = d;
     next();
   };
 }
@@ -130,7 +163,7 @@ export function deviceAuth(ctx: Ctx, opts: DeviceAuthOptions = {}) {
       body,
       opts,
       (wait) => rateLimited(res, wait, 'requests from this device'),
-      req.signer,
+      opts.known,
     );
     next();
   };
@@ -140,14 +173,16 @@ export interface DeviceAuthOptions {
   allowWipePending?: boolean;
   allowRevoked?: boolean;
   rate?: RateLimiter | null;
+  /** Rows of devices seen lately, shared with deviceHeaderCheck. */
+  known?: KnownDevices;
 }
 
 /**
  * The device that signed a request, or the error to answer it with: the
  * signature, its freshness, the device's rate (`limited` makes the error), its
  * nonce, and its status, in that order. Shared by every device route and the
- * push channel's upgrade request. `signer` is the device's row if already read
- * for this request; the status is read again with the nonce, after the body.
+ * push channel's upgrade request. The signature is checked with the key `known`
+ * holds, if any; the device's status is read with the nonce, after the body.
  */
 export async function verifiedDevice(
   ctx: Ctx,
@@ -157,22 +192,30 @@ export async function verifiedDevice(
   body: Buffer,
   opts: DeviceAuthOptions,
   limited: (waitMs: number) => Error = () => new LetheError('RATE_LIMITED', 'too many requests from this device'),
-  signer?: DeviceRow,
+  known?: KnownDevices,
 ): Promise<DeviceRow> {
   if (!h) throw authFailed();
-  const s = signer?.id === h.deviceId ? signer : await getDevice(ctx, h.deviceId);
+  let s = known?.get(h.deviceId);
   if (!s || !verifyRequest(s.sign_pk, h, method, url, body)) {
-    ctx.metrics.inc('lethe_auth_failures_total');
-    throw authFailed();
+    // Not known, or its key changed since: the database decides.
+    s = await getDevice(ctx, h.deviceId);
+    if (!s || !verifyRequest(s.sign_pk, h, method, url, body)) {
+      known?.forget(h.deviceId);
+      ctx.metrics.inc('lethe_auth_failures_total');
+      throw authFailed();
+    }
   }
   checkFresh(ctx, h.ts);
   const wait = opts.rate?.take(s.id) ?? 0;
   if (wait > 0) throw limited(wait);
   const { fresh, device: d } = await ctx.nonces.admit(s.id, h.nonce, Number(h.ts));
-  if (!d) {
+  // Gone, or its key changed since `known` read it (and this request is not signed with the new one).
+  if (!d || (!Buffer.from(d.sign_pk).equals(Buffer.from(s.sign_pk)) && !verifyRequest(d.sign_pk, h, method, url, body))) {
+    known?.forget(h.deviceId);
     ctx.metrics.inc('lethe_auth_failures_total');
     throw authFailed();
   }
+  known?.set(d);
   if (!fresh) {
     await refusalAlarm(ctx, d.id, 'replayed', method, url);
     throw new LetheError('SIGNATURE_REPLAYED', 'request was already seen (replayed nonce)');
