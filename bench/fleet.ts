@@ -6,8 +6,11 @@
 //   pg-2    two replicas on the same database, devices split between them.
 // Closed loop (each device sends its next request when the last answers: capacity)
 // and open loop (Poisson arrivals at --offered keys/s: latency at a fixed load).
+// Each setup runs --warmup seconds of closed loop first, not counted: what is
+// measured is a server past its JIT warm-up, as a fleet's runs all day. The CPU
+// the closed loop took is split between the servers, PostgreSQL and this client.
 //
-//   node --import tsx bench/fleet.ts [--devices 100] [--batch 64] [--seconds 8] [--offered 2000] [--setups sqlite,pg-1,pg-2] [--json]
+//   node --import tsx bench/fleet.ts [--devices 100] [--batch 64] [--seconds 8] [--warmup 3] [--offered 2000] [--setups sqlite,pg-1,pg-2] [--json]
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -19,13 +22,14 @@ import { DISK_CHUNK_SIZE, MEM_CHUNK_SIZE, STATE_CHUNK_SIZE } from '../common/con
 import { assign, enrolledDevice, pushImage, type TestDevice } from '../test/helpers/fixtures.js';
 import { freshDatabase } from '../test/helpers/pg.js';
 import { startServer, tmpDir, type ServerProc } from '../test/helpers/proc.js';
-import { percentile, sortedCopy } from './lib/stats.js';
+import { percentile, processCpuSeconds, selfCpuSeconds, sortedCopy } from './lib/stats.js';
 
 const { values } = parseArgs({
   options: {
     devices: { type: 'string', default: '100' },
     batch: { type: 'string', default: '64' },
     seconds: { type: 'string', default: '8' },
+    warmup: { type: 'string', default: '3' },
     offered: { type: 'string', default: '2000' },
     pages: { type: 'string', default: '1024' },
     setups: { type: 'string', default: 'sqlite,pg-1,pg-2' },
@@ -35,6 +39,7 @@ const { values } = parseArgs({
 const DEVICES = Number(values.devices);
 const BATCH = Number(values.batch);
 const SECONDS = Number(values.seconds);
+const WARMUP = Number(values.warmup);
 const OFFERED = Number(values.offered);
 const PAGES = Number(values.pages);
 const IMAGE = 'bench-fleet';
@@ -59,6 +64,8 @@ interface Result {
   openP50: number;
   openP99: number;
   serveMBps: number;
+  /** CPU of the closed loop, in percent of one core: servers, PostgreSQL's processes, this client. */
+  cpu: { servers: number; postgres: number; client: number };
 }
 
 const say = (m: string) => values.json || process.stderr.write(`bench: ${m}\n`);
@@ -98,9 +105,34 @@ function refs(d: Dev, round: number) {
   return Array.from({ length: BATCH }, (_, i) => ({ kind: 'mem' as const, index: (start + i) % PAGES }));
 }
 
-async function closedLoop(devs: Dev[]): Promise<{ keysPerSec: number; lat: number[] }> {
+/** CPU seconds used so far by every process named `postgres` (the test cluster's server and backends). */
+function postgresCpuSeconds(): number {
+  let total = 0;
+  for (const pid of fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+    try {
+      if (fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'postgres') total += processCpuSeconds(Number(pid)) ?? 0;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return total;
+}
+
+/** Snapshots the CPU of the servers, PostgreSQL and this process; the returned call gives percent of one core since. */
+function cpuSplit(ss: ServerProc[]) {
+  const used = () => ({ servers: ss.reduce((n, s) => n + (processCpuSeconds(s.proc.pid!) ?? 0), 0), postgres: postgresCpuSeconds(), client: selfCpuSeconds() });
+  const t0 = performance.now();
+  const a = used();
+  return () => {
+    const wall = (performance.now() - t0) / 1000;
+    const b = used();
+    return { servers: (100 * (b.servers - a.servers)) / wall, postgres: (100 * (b.postgres - a.postgres)) / wall, client: (100 * (b.client - a.client)) / wall };
+  };
+}
+
+async function closedLoop(devs: Dev[], seconds = SECONDS): Promise<{ keysPerSec: number; lat: number[] }> {
   const lat: number[] = [];
-  const end = performance.now() + SECONDS * 1000;
+  const end = performance.now() + seconds * 1000;
   let keys = 0;
   const t0 = performance.now();
   await Promise.all(
@@ -164,8 +196,12 @@ async function measure(setup: Setup): Promise<Result> {
   const devs: Dev[] = [];
   try {
     devs.push(...(await devices(ss)));
+    say(`${setup}: warm-up, ${WARMUP} s`);
+    if (WARMUP > 0) await closedLoop(devs, WARMUP);
     say(`${setup}: closed loop`);
+    const cpu = cpuSplit(ss);
     const closed = await closedLoop(devs);
+    const closedCpu = cpu();
     say(`${setup}: open loop at ${OFFERED} keys/s`);
     const open = await openLoop(devs);
     say(`${setup}: chunk serving`);
@@ -181,6 +217,7 @@ async function measure(setup: Setup): Promise<Result> {
       openP50: percentile(o, 50),
       openP99: percentile(o, 99),
       serveMBps,
+      cpu: closedCpu,
     };
   } finally {
     for (const d of devs) {
@@ -200,7 +237,7 @@ const ratios = {
   pg1VsSqliteServe: by('pg-1').serveMBps / by('sqlite').serveMBps,
 };
 if (values.json) {
-  console.log(JSON.stringify({ loadAtStart, devices: DEVICES, batch: BATCH, offered: OFFERED, results, ratios }, null, 2));
+  console.log(JSON.stringify({ loadAtStart, devices: DEVICES, batch: BATCH, offered: OFFERED, warmup: WARMUP, results, ratios }, null, 2));
 } else {
   const f = (n: number, d = 0) => n.toFixed(d);
   console.log(`load average at start ${loadAtStart.toFixed(2)}; ${DEVICES} devices, ${BATCH} keys a request, ${os.cpus().length} cores shared by servers, PostgreSQL and this client`);
@@ -210,6 +247,7 @@ if (values.json) {
       results.map((r) => [r.setup, f(r.closedKeysPerSec), f(r.closedP50, 1), f(r.closedP99, 1), f(r.openKeysPerSec), f(r.openP50, 1), f(r.openP99, 1), f(r.serveMBps, 1)]),
     ),
   );
+  console.log(`closed loop CPU, % of one core (${os.cpus().length} cores): ${results.map((r) => `${r.setup}: servers ${f(r.cpu.servers)}, PostgreSQL ${f(r.cpu.postgres)}, client ${f(r.cpu.client)}`).join('; ')}`);
   console.log(`PostgreSQL one replica ÷ SQLite, closed loop: ${ratios.pg1VsSqliteClosed.toFixed(2)}× (target ≥ 0.7×)`);
   console.log(`two replicas ÷ one, closed loop: ${ratios.pg2VsPg1Closed.toFixed(2)}× (target ≥ 1.3×)`);
   console.log(`chunk serving, PostgreSQL ÷ SQLite: ${ratios.pg1VsSqliteServe.toFixed(2)}×`);
