@@ -307,6 +307,24 @@ describe('sealed device keys (issue #14)', function () {
       other.close();
     }
   });
+
+  it('requests racing at the key ceiling are counted one at a time: of 4 new sensitive keys asked at once under a ceiling of 3, exactly 3 go', async () => {
+    await pushImage(s, 'race', { policy: 'device:\n  key-ceiling: 3\n  key-window: 1h\n' });
+    const d = await enrolledDevice(s, 'racer');
+    await assign(s, d.deviceId, 'race');
+    try {
+      const lease = await d.client.lease('race');
+      const outcomes = await Promise.allSettled([0, 2, 4, 6].map((index) => d.client.keys(lease.leaseId, [{ kind: 'mem', index }])));
+      const refused = outcomes.filter((o) => o.status === 'rejected');
+      expect(outcomes.filter((o) => o.status === 'fulfilled')).to.have.length(3);
+      expect(refused.map((o) => (o as PromiseRejectedResult).reason.code)).to.deep.equal(['KEY_RELEASE_LIMIT']);
+      const types = await auditTypes(s, d.deviceId);
+      expect(types.filter((t) => t === 'keys.release')).to.have.length(3);
+      expect(types.filter((t) => t === 'alarm.key-ceiling')).to.have.length(1);
+    } finally {
+      d.close();
+    }
+  });
 });
 
 /** A free loopback TCP port. */
