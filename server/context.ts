@@ -1,6 +1,6 @@
 // What every server part shares: the databases, the audit log, the escrow.
 import { randomBytes } from 'node:crypto';
-import type { Sql } from './sql.js';
+import type { Sql, TxOptions } from './sql.js';
 import type { AuditLog } from './audit.js';
 import type { Escrow } from './escrow.js';
 import type { Metrics } from './metrics.js';
@@ -36,6 +36,6 @@ export function actingAs(ctx: Ctx, actor: string): Ctx {
  * log are that transaction's: what `fn` writes and the audit entries that record
  * it commit together or not at all. Inside a transaction, runs in that one.
  */
-export function inTx<T>(ctx: Ctx, fn: (c: Ctx) => Promise<T>): Promise<T> {
-  return ctx.db.tx((t) => (t === ctx.db ? fn(ctx) : fn(Object.assign(Object.create(ctx) as Ctx, { db: t, audit: ctx.audit.on(t) }))));
+export function inTx<T>(ctx: Ctx, fn: (c: Ctx) => Promise<T>, opts?: TxOptions): Promise<T> {
+  return ctx.db.tx((t) => (t === ctx.db ? fn(ctx) : fn(Object.assign(Object.create(ctx) as Ctx, { db: t, audit: ctx.audit.on(t) }))), opts);
 }

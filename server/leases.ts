@@ -313,14 +313,15 @@ export async function releaseKeys(
   // alarm, not a release, is audited. A draft's new state size stands or falls with
   // the entry that records it, in one transaction; any other entry goes by group
   // commit with other requests' once the transaction is done. No key leaves before
-  // its entry is committed.
+  // its entry is committed, and that commit's flush carries the transaction's (the
+  // ceiling's marks, a new draft): so the transaction need not wait for its own.
   const rows = await inTx(ctx, async (ctx) => {
     if (stateSize !== undefined) await setDraftStateSize(ctx, l, stateSize);
     const rows = write ? await writeCoords(ctx, l, refs) : await resolve(ctx, l, refs);
     if (!write) await keyCeiling(ctx, d, l, rows, now);
     if (stateSize !== undefined) await ctx.audit.append('keys.release', d.id, entry(rows), now);
     return rows;
-  }).catch((e) => {
+  }, { durable: stateSize !== undefined }).catch((e) => {
     if (e instanceof CeilingReached) return e;
     throw e;
   });

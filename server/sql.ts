@@ -17,13 +17,23 @@ export interface RunResult {
 }
 
 /** A database, or one transaction on it. */
+export interface TxOptions {
+  /**
+   * false: commit without waiting for the commit to reach the disk
+   * (PostgreSQL's synchronous_commit = off; a crash may lose it). Only for a
+   * transaction that nothing leaves the server on until a later durable commit
+   * of this process: that one's flush carries everything committed before it.
+   */
+  durable?: boolean;
+}
+
 export interface Sql {
   readonly dialect: Dialect;
   get<T>(sql: string, ...params: unknown[]): Promise<T | undefined>;
   all<T>(sql: string, ...params: unknown[]): Promise<T[]>;
   run(sql: string, ...params: unknown[]): Promise<RunResult>;
   /** Runs `fn` in one transaction (inside a transaction: in that one). A PostgreSQL deadlock or serialization failure retries it. */
-  tx<T>(fn: (t: Sql) => Promise<T>): Promise<T>;
+  tx<T>(fn: (t: Sql) => Promise<T>, opts?: TxOptions): Promise<T>;
   /**
    * Serialises transactions that name the same `name`, until this one ends: a
    * transaction-scoped advisory lock in PostgreSQL; in SQLite every write
@@ -349,7 +359,7 @@ class PgSql implements Sql {
     return { changes: (await pgQuery(this.pool, this.url, sql, params)).rowCount ?? 0 };
   }
 
-  async tx<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
+  async tx<T>(fn: (t: Sql) => Promise<T>, opts: TxOptions = {}): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       let client: pg.PoolClient;
       try {
@@ -360,7 +370,7 @@ class PgSql implements Sql {
       const t = new PgTx(client, this.url);
       let broken = false;
       try {
-        await pgQuery(client, this.url, 'BEGIN', []);
+        await pgQuery(client, this.url, opts.durable === false ? 'BEGIN; SET LOCAL synchronous_commit = off' : 'BEGIN', []);
         const out = await fn(t);
         crashPoint('sql.before-commit');
         await pgQuery(client, this.url, 'COMMIT', []);
