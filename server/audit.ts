@@ -153,7 +153,6 @@ export class AuditLog {
     const body = this.actor === undefined ? data : { ...data, actor: this.actor };
     try {
       return await this.db.tx(async (t) => {
-        await t.lock(AUDIT_LOCK);
         const prev = await head(t);
         if (prev) await this.assertSigned(t, prev);
         const entry: AuditEntry = { seq: (prev?.seq ?? 0) + 1, ts: iso(now), type, device, data: body };
@@ -161,7 +160,7 @@ export class AuditLog {
         await this.writeEntries(t, [[entry, hash]], prev);
         crashPoint('audit.written');
         return { ...entry, hash };
-      });
+      }, { lock: AUDIT_LOCK });
     } catch (cause) {
       if (isLetheError(cause, 'AUDIT_UNAVAILABLE') || isRetryable(cause)) throw cause;
       throw new LetheError('AUDIT_UNAVAILABLE', 'audit log could not be written; nothing was released', {
@@ -182,7 +181,6 @@ export class AuditLog {
     if (items.length === 0) return;
     try {
       await this.db.tx(async (t) => {
-        await t.lock(AUDIT_LOCK);
         const prev = await head(t);
         if (prev) await this.assertSigned(t, prev);
         let last: Head = prev ?? { seq: 0, hash: AUDIT_GENESIS_HASH };
@@ -195,7 +193,7 @@ export class AuditLog {
         }
         await this.writeEntries(t, rows, prev);
         crashPoint('audit.written');
-      });
+      }, { lock: AUDIT_LOCK });
     } catch (cause) {
       if (isLetheError(cause, 'AUDIT_UNAVAILABLE') || isRetryable(cause)) throw cause;
       throw new LetheError('AUDIT_UNAVAILABLE', 'audit log could not be written; nothing was released', {

@@ -25,6 +25,8 @@ export interface TxOptions {
    * of this process: that one's flush carries everything committed before it.
    */
   durable?: boolean;
+  /** A lock (as lock() takes) to take as the transaction begins: with BEGIN, in one round trip on PostgreSQL. */
+  lock?: string;
 }
 
 export interface Sql {
@@ -370,7 +372,14 @@ class PgSql implements Sql {
       const t = new PgTx(client, this.url);
       let broken = false;
       try {
-        await pgQuery(client, this.url, opts.durable === false ? 'BEGIN; SET LOCAL synchronous_commit = off' : 'BEGIN', []);
+        // One simple query (no parameters): the lock's name is the server's own constant, quoted.
+        const begin = [
+          'BEGIN',
+          ...(opts.durable === false ? ['SET LOCAL synchronous_commit = off'] : []),
+          ...(opts.lock === undefined ? [] : [`SELECT pg_advisory_xact_lock(hashtext('${opts.lock.replaceAll("'", "''")}'))`]),
+        ];
+        await pgQuery(client, this.url, begin.join('; '), []);
+        if (opts.lock !== undefined) t.held(opts.lock);
         const out = await fn(t);
         crashPoint('sql.before-commit');
         await pgQuery(client, this.url, 'COMMIT', []);
@@ -464,6 +473,10 @@ class PgTx implements Sql {
     private readonly client: pg.PoolClient,
     private readonly url: string,
   ) {}
+  /** Records a lock the transaction took as it began. */
+  held(name: string): void {
+    this.locks.add(name);
+  }
   private check(): void {
     if (this.done) throw new Error('the transaction has ended');
   }
@@ -479,7 +492,8 @@ class PgTx implements Sql {
     this.check();
     return { changes: (await pgQuery(this.client, this.url, sql, params)).rowCount ?? 0 };
   }
-  tx<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
+  async tx<T>(fn: (t: Sql) => Promise<T>, opts: TxOptions = {}): Promise<T> {
+    if (opts.lock !== undefined) await this.lock(opts.lock);
     return fn(this);
   }
   snapshot<T>(fn: (t: Sql) => Promise<T>): Promise<T> {
