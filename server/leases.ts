@@ -287,6 +287,39 @@ async function setDraftStateSize(ctx: Ctx, l: LeaseRow & { name: string }, size:
   await ctx.db.run('UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?', size, l.image_id, gen);
 }
 
+/** Committed versions' wrapped keys kept by wrappedVersionKeys, at most. */
+const WRAPPED_KEYS_MAX = 4096;
+const committedWrapped = new Map<string, Buffer>();
+
+/**
+ * The wrapped keys of an image's versions `gens`. A committed version's key no
+ * longer changes but for a rotation's rewrap (the same key, wrapped under a new
+ * term), so this process keeps them: one whose term the escrow no longer holds is
+ * read again. A draft's are always read: a discarded draft's number can come
+ * back with a new key.
+ */
+async function wrappedVersionKeys(ctx: Ctx, imageId: string, gens: number[]): Promise<Map<number, Buffer>> {
+  const out = new Map<number, Buffer>();
+  const missing: number[] = [];
+  for (const gen of gens) {
+    const hit = committedWrapped.get(`${imageId}/${gen}`);
+    if (hit && ctx.escrow.hasTerms(hit)) out.set(gen, hit);
+    else missing.push(gen);
+  }
+  if (missing.length === 0) return out;
+  for (const w of await ctx.db.all<{ version: number; key_wrapped: Buffer; state: string }>(
+    `SELECT version, key_wrapped, state FROM versions WHERE image_id = ? AND version IN (${missing.map(() => '?').join(', ')})`,
+    imageId,
+    ...missing,
+  )) {
+    out.set(w.version, w.key_wrapped);
+    if (w.state !== 'committed') continue;
+    if (committedWrapped.size >= WRAPPED_KEYS_MAX) committedWrapped.delete(committedWrapped.keys().next().value!);
+    committedWrapped.set(`${imageId}/${w.version}`, w.key_wrapped);
+  }
+  return out;
+}
+
 /** Releases chunk keys, sealed together to the device; audited first. */
 export async function releaseKeys(
   ctx: Ctx,
@@ -333,14 +366,7 @@ export async function releaseKeys(
   // generations than the escrow caches (256): no key used here can be evicted
   // (and wiped) before the request is done; past that, look up per key.
   const gens = [...new Set(rows.map((r) => r.gen))];
-  const wrapped = new Map<number, Buffer>();
-  for (const w of await ctx.db.all<{ version: number; key_wrapped: Buffer }>(
-    `SELECT version, key_wrapped FROM versions WHERE image_id = ? AND version IN (${gens.map(() => '?').join(', ')})`,
-    l.image_id,
-    ...gens,
-  )) {
-    wrapped.set(w.version, w.key_wrapped);
-  }
+  const wrapped = await wrappedVersionKeys(ctx, l.image_id, gens);
   await ensureTerms(ctx, ...wrapped.values());
   const memo = new Map<number, Uint8Array>();
   const lookup = (gen: number) => ctx.escrow.versionKey(wrapped.get(gen)!, id, gen);

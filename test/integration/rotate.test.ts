@@ -103,6 +103,12 @@ describe('lethe admin rotate master (real server, agent process)', function () {
     const l2 = await dev.client.lease('rot');
     expect(l2.version).to.equal(v2.version);
     expect((await wrappedKeys()).map(termOf)).to.satisfy((t: number[]) => t.every((x) => x === 2));
+    // Its keys, released under term 2, come out the same once term 2 is retired.
+    const v2Keys = await memKeys(l2.leaseId);
+    const third = await lethe(['admin', 'rotate', 'master', '--json'], s.env);
+    expect(third.code, third.stderr).to.equal(0);
+    expect(await terms()).to.deep.equal([3]);
+    expect(await memKeys(l2.leaseId)).to.equal(v2Keys);
     const verify = await lethe(['audit', 'verify', '--json'], s.env);
     expect(verify.code, verify.stderr).to.equal(0);
     const audit = await lethe(['audit', 'device', dev.deviceId, '--json'], s.env);
