@@ -155,15 +155,8 @@ export function deviceHeaderCheck(ctx: Ctx, known?: KnownDevices) {
 export function deviceAuth(ctx: Ctx, opts: DeviceAuthOptions = {}) {
   return async (req: AuthedRequest, res: Response, next: NextFunction) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    req.device = await verifiedDevice(
-      ctx,
-      signatureHeaders(req),
-      req.method,
-      req.originalUrl,
-      body,
-      opts,
-      (wait) => rateLimited(res, wait, 'requests from this device'),
-      opts.known,
+    req.device = await verifiedDevice(ctx, signatureHeaders(req), req.method, req.originalUrl, body, opts, (wait) =>
+      rateLimited(res, wait, 'requests from this device'),
     );
     next();
   };
@@ -181,8 +174,9 @@ export interface DeviceAuthOptions {
  * The device that signed a request, or the error to answer it with: the
  * signature, its freshness, the device's rate (`limited` makes the error), its
  * nonce, and its status, in that order. Shared by every device route and the
- * push channel's upgrade request. The signature is checked with the key `known`
- * holds, if any; the device's status is read with the nonce, after the body.
+ * push channel's upgrade request. The signature is checked with the key
+ * `opts.known` holds, if any; the device's status is read with the nonce, after
+ * the body.
  */
 export async function verifiedDevice(
   ctx: Ctx,
@@ -192,9 +186,9 @@ export async function verifiedDevice(
   body: Buffer,
   opts: DeviceAuthOptions,
   limited: (waitMs: number) => Error = () => new LetheError('RATE_LIMITED', 'too many requests from this device'),
-  known?: KnownDevices,
 ): Promise<DeviceRow> {
   if (!h) throw authFailed();
+  const known = opts.known;
   let s = known?.get(h.deviceId);
   if (!s || !verifyRequest(s.sign_pk, h, method, url, body)) {
     // Not known, or its key changed since: the database decides.
