@@ -10,7 +10,8 @@ import { parseSince } from '../common/duration.js';
 import { LetheError, errorChain } from '../common/errors.js';
 import * as wire from '../common/wire.js';
 import { adminAuth, deviceAuth, deviceHeaderCheck, KnownDevices, permit, type AuthedRequest } from './auth.js';
-import { auditEntries, auditFilter, deviceReport, verifyAudit, type Checkpoint } from './audit.js';
+import type { Checkpoint } from './audit.js';
+import { auditEntries, auditFilter, deviceReport, verifyAudit } from './audit-read.js';
 import { actingAs, type Ctx } from './context.js';
 import { ackCommand, ackRevoke, commandStatus, enroll, rotateDeviceKeys, heartbeat, listDevices, mintEnrollToken, mustGetDevice, revokeDevice, wipeDevice } from './devices.js';
 import {

@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import { LetheError } from '../common/errors.js';
 import { writeFileAtomic } from '../common/fsutil.js';
-import { verifyAudit, type VerifyResult } from './audit.js';
+import { verifyAudit, type VerifyResult } from './audit-read.js';
 import { checkDbUrl, dataDirAuditKey, dataDirDb, files, type ServerConfig } from './datadir.js';
 import { openServerDb } from './db.js';
 import { redactUrl, type Sql } from './sql.js';

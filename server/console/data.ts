@@ -1,7 +1,7 @@
 // What the console's pages show, read from the database: counts for the
 // overview, a device's leases, the lost-laptop exposure report, image sizes.
 import { iso } from '../../common/duration.js';
-import { auditEntries, deviceReport, verifyAudit, type VerifyResult } from '../audit.js';
+import { auditEntries, deviceReport, verifyAudit, type VerifyResult } from '../audit-read.js';
 import type { Ctx } from '../context.js';
 import { listDevices, mustGetDevice } from '../devices.js';
 import { REPLICA_DEAD_MS } from '../push.js';

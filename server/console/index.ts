@@ -12,7 +12,7 @@ import { constantTimeEqual } from '../../common/crypto.js';
 import { explainPolicy, loadPolicy } from '../../policies/index.js';
 import { addUser, adminCount, can, changeOwnPassword, checkLogin, checkRole, createSession, endAllSessions, endSession, listTokens, listUsers, removeUser, revokeToken, sessionPrincipal, SESSION_MAX_MS, type Permission, type Principal } from '../accounts.js';
 import { toLetheError } from '../app.js';
-import { auditEntries, auditFilter } from '../audit.js';
+import { auditEntries, auditFilter } from '../audit-read.js';
 import { mayDo } from '../auth.js';
 import { actingAs, type Ctx } from '../context.js';
 import { listDevices, mintEnrollToken, revokeDevice, wipeDevice } from '../devices.js';

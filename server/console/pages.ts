@@ -2,7 +2,7 @@
 // administrators, one's own account, login.
 import { can, ROLES } from '../accounts.js';
 import type { Diagnostic } from '../../policies/index.js';
-import type { auditEntries } from '../audit.js';
+import type { auditEntries } from '../audit-read.js';
 import type { listImages } from '../images.js';
 import type { listTokens, listUsers } from '../accounts.js';
 import { ago, bytes, html, type Html } from './html.js';

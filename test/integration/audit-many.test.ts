@@ -8,7 +8,8 @@
 import { expect } from 'chai';
 import { wipe } from '../../common/crypto.js';
 import { isLetheError } from '../../common/errors.js';
-import { AuditLog, verifyAudit } from '../../server/audit.js';
+import { AuditLog } from '../../server/audit.js';
+import { verifyAudit } from '../../server/audit-read.js';
 import { dataDirDb, loadDataDir } from '../../server/datadir.js';
 import { openServerDb } from '../../server/db.js';
 import type { Sql } from '../../server/sql.js';
