@@ -5,7 +5,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { isPostgresUrl, openPostgres, openSqlite, type Sql, type SqliteSql } from './sql.js';
+import { isPostgresUrl, openSqlite, type Sql, type SqliteSql } from './sql.js';
+import { openPostgres } from './sql-postgres.js';
 
 export type { Sql } from './sql.js';
 

@@ -4,7 +4,8 @@
 import { expect } from 'chai';
 import path from 'node:path';
 import { migrate, migrations } from '../../server/db.js';
-import { openPostgres, openSqlite } from '../../server/sql.js';
+import { openSqlite } from '../../server/sql.js';
+import { openPostgres } from '../../server/sql-postgres.js';
 import { freshDatabase } from '../helpers/pg.js';
 import { tmpDir } from '../helpers/proc.js';
 

@@ -2,7 +2,8 @@
 // commits without waiting for its flush, and only it; what it wrote is there.
 // One opened with `lock` holds that lock from its first round trip to its end.
 import { expect } from 'chai';
-import { openPostgres, type Sql } from '../../server/sql.js';
+import type { Sql } from '../../server/sql.js';
+import { openPostgres } from '../../server/sql-postgres.js';
 import { freshDatabase } from '../helpers/pg.js';
 
 describe('postgres transactions', () => {
