@@ -204,7 +204,7 @@ export async function verifiedDevice(
   if (wait > 0) throw limited(wait);
   const { fresh, device: d } = await ctx.nonces.admit(s.id, h.nonce, Number(h.ts));
   // Gone, or its key changed since `known` read it (and this request is not signed with the new one).
-  if (!d || (!Buffer.from(d.sign_pk).equals(Buffer.from(s.sign_pk)) && !verifyRequest(d.sign_pk, h, method, url, body))) {
+  if (!d || (!d.sign_pk.equals(s.sign_pk) && !verifyRequest(d.sign_pk, h, method, url, body))) {
     known?.forget(h.deviceId);
     ctx.metrics.inc('lethe_auth_failures_total');
     throw authFailed();
