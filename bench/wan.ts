@@ -10,9 +10,13 @@
 //   - yardstick "QEMU post-copy": the same snapshot migrated by QEMU itself, post-copy
 //     from the start, from a source QEMU through the same link to a destination QEMU.
 // Every time is to the first LETHE-VERIFY line the guest prints after it runs again.
+// The phase "refault" runs the same guest with every page sensitive and evicted 2 s
+// after it arrives, and reports what a re-fault of a sensitive page cost inside the
+// running guest (p50, p99) against the target of one round trip + 0.5 ms.
 //
 //   node --import tsx bench/wan.ts [--links loopback,100/20,20/40,5/80] [--guest-mem 256M]
-//                                  [--guest-mib 32] [--skip-qemu] [--json]
+//                                  [--guest-mib 32] [--phases resume,refault] [--refaults 3000]
+//                                  [--skip-qemu] [--json]
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -30,6 +34,10 @@ const { values } = parseArgs({
     links: { type: 'string', default: 'loopback,100/20,20/40,5/80' },
     'guest-mem': { type: 'string', default: '256M' },
     'guest-mib': { type: 'string', default: '32' },
+    /** resume (startup and first pass, with the yardsticks) and refault (sensitive re-faults in a running guest). */
+    phases: { type: 'string', default: 'resume,refault' },
+    /** Re-faults of sensitive pages to wait for in the refault phase. */
+    refaults: { type: 'string', default: '3000' },
     /** Leave out QEMU's own post-copy migration (the slowest yardstick to set up). */
     'skip-qemu': { type: 'boolean', default: false },
     /** Print each agent's log (without the guest's console lines) to stderr. */
@@ -39,6 +47,8 @@ const { values } = parseArgs({
 });
 
 const IMAGE = 'wan';
+/** The same snapshot with every page sensitive and evicted 2 s after it arrives. */
+const SENSITIVE_IMAGE = 'wan-sensitive';
 const VERIFY_RE = /LETHE-VERIFY pass=(\d+) ok=(\d+) bad=(\d+)/;
 /** How long any one resume may take before the bench gives up on it. */
 const RUN_LIMIT_MS = 15 * 60_000;
@@ -137,6 +147,58 @@ async function letheResume(s: ServerProc, link: Link, spec: LinkSpec, method: st
     return run;
   } finally {
     if (a.proc.exitCode === null) a.proc.kill('SIGKILL');
+    d.close();
+  }
+}
+
+interface Refaults {
+  link: string;
+  rttMs: number;
+  count: number;
+  p50Ms: number;
+  p99Ms: number;
+  /** Audited key requests per re-fault. */
+  keyRequestsPerRefault: number;
+  evicted: number;
+}
+
+/** A running guest whose every page is sensitive and evicted 2 s after it arrives: what its re-faults cost. */
+async function letheRefaults(s: ServerProc, link: Link, spec: LinkSpec): Promise<Refaults> {
+  const d = await enrolledDevice(s, `wan-refault-${Date.now() % 100000}`);
+  const info = path.join(d.home, 'device.json');
+  fs.writeFileSync(info, JSON.stringify({ ...JSON.parse(fs.readFileSync(info, 'utf8')), server: link.via(s.url) }, null, 2) + '\n');
+  await assign(s, d.deviceId, SENSITIVE_IMAGE);
+  const a = await startAgentProc(d.home, SENSITIVE_IMAGE, ['--vm', '--accel', 'tcg', '--log-guest-console']);
+  const want = Number(values.refaults);
+  try {
+    // Counted from the first verify pass on: the resume's own faults are not re-faults.
+    await waitFor(async () => VERIFY_RE.test(a.log()) || undefined, RUN_LIMIT_MS, `the first verify pass (re-faults, ${spec.name})`);
+    const status = () => control<AgentStatus>(d.home, { cmd: 'status' });
+    const before = await status();
+    const st = await waitFor(
+      async () => {
+        const now = await status();
+        return now.vm!.sensitiveRefaults.count - before.vm!.sensitiveRefaults.count >= want ? now : undefined;
+      },
+      RUN_LIMIT_MS,
+      `${want} sensitive re-faults (${spec.name})`,
+    );
+    const bad = /LETHE-VERIFY pass=\d+ ok=\d+ bad=([1-9]\d*)/.exec(a.log());
+    if (bad) throw new Error(`bad pages in the re-fault run on ${spec.name}: ${bad[0]}`);
+    const r = st.vm!.sensitiveRefaults;
+    const count = r.count - before.vm!.sensitiveRefaults.count;
+    return {
+      link: spec.name,
+      rttMs: spec.delayMs * 2,
+      count,
+      p50Ms: r.p50Ms!,
+      p99Ms: r.p99Ms!,
+      keyRequestsPerRefault: (st.reads.keyRequests - before.reads.keyRequests) / count,
+      evicted: st.vm!.eviction.evicted - before.vm!.eviction.evicted,
+    };
+  } finally {
+    a.proc.kill('SIGTERM');
+    await a.exited;
     d.close();
   }
 }
@@ -297,6 +359,8 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-bench-wan-'));
   const s = await startServer();
   const runs: Run[] = [];
+  const refaults: Refaults[] = [];
+  const phases = new Set(String(values.phases).split(','));
   try {
     const snap = path.join(dir, 'snap');
     const shot = await lethe(['vm', 'snapshot', '--out', snap, '--mem', String(values['guest-mem']), '--workload-mib', String(values['guest-mib']), '--accel', 'tcg', '--json']);
@@ -306,21 +370,34 @@ async function main() {
     fs.writeFileSync(policy, 'sensitive:\n  memory: none\nprefetch:\n  startup: 16MiB\n  order: trace\n');
     const push = await lethe(['image', 'push', IMAGE, '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', policy], s.env);
     if (push.code !== 0) throw new Error(`push failed: ${push.stderr}`);
+    const sensitive = path.join(dir, 'sensitive-policy.yaml');
+    fs.writeFileSync(sensitive, 'sensitive:\n  memory: all\neviction:\n  idle: 2s\nprefetch:\n  startup: 16MiB\n');
+    if (phases.has('refault')) {
+      const p = await lethe(['image', 'push', SENSITIVE_IMAGE, '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', sensitive], s.env);
+      if (p.code !== 0) throw new Error(`push failed: ${p.stderr}`);
+    }
     const guest = await buildGuest();
     const memBytes = fs.statSync(path.join(snap, 'ram.bin')).size;
 
     for (const spec of links) {
       const link = await Link.start({ port: Number(new URL(s.url).port) }, { delayMs: spec.delayMs, mbit: spec.mbit });
       try {
-        const cold = await letheResume(s, link, spec, 'Lethe, cold device');
+        if (phases.has('refault')) refaults.push(await letheRefaults(s, link, spec));
+      } finally {
+        await link.close();
+      }
+      if (!phases.has('resume')) continue;
+      const link2 = await Link.start({ port: Number(new URL(s.url).port) }, { delayMs: spec.delayMs, mbit: spec.mbit });
+      try {
+        const cold = await letheResume(s, link2, spec, 'Lethe, cold device');
         runs.push(cold);
         // The second device learns from the first: trust it as a tracer for the image.
         const t = await lethe(['image', 'trust', IMAGE, cold.deviceId], s.env);
         if (t.code !== 0) throw new Error(`image trust failed: ${t.stderr}`);
-        runs.push(await letheResume(s, link, spec, 'Lethe, second device (learned order)'));
-        runs.push(await fullDownload(s, link, spec, guest, memBytes, dir));
+        runs.push(await letheResume(s, link2, spec, 'Lethe, second device (learned order)'));
+        runs.push(await fullDownload(s, link2, spec, guest, memBytes, dir));
       } finally {
-        await link.close();
+        await link2.close();
       }
       if (!values['skip-qemu']) runs.push(await qemuPostcopy(spec, guest, memBytes, snap, dir));
       if (!values.json) process.stderr.write(`${spec.name}: done\n`);
@@ -331,9 +408,19 @@ async function main() {
   }
 
   if (values.json) {
-    console.log(JSON.stringify({ guest: { mem: values['guest-mem'], workloadMib: Number(values['guest-mib']) }, runs }, null, 2));
+    console.log(JSON.stringify({ guest: { mem: values['guest-mem'], workloadMib: Number(values['guest-mib']) }, runs, refaults }, null, 2));
     return;
   }
+  if (refaults.length > 0) {
+    console.log(`re-faults of sensitive pages in the running guest (every page sensitive, evicted 2 s after it arrives); target: p50 ≤ RTT + 0.5 ms`);
+    console.log(
+      table(
+        ['link', 're-faults', 'p50 ms', 'p99 ms', 'target ms', 'p50 ÷ target', 'key requests per re-fault', 'pages evicted'],
+        refaults.map((r) => [r.link, r.count, r.p50Ms.toFixed(2), r.p99Ms.toFixed(2), (r.rttMs + 0.5).toFixed(1), (r.p50Ms / (r.rttMs + 0.5)).toFixed(2), r.keyRequestsPerRefault.toFixed(3), r.evicted]),
+      ),
+    );
+  }
+  if (runs.length === 0) return;
   console.log(`resume of the test guest (${values['guest-mem']} RAM, ${values['guest-mib']} MiB workload) to its first full verify pass, over each link`);
   const yard = (r: Run) => runs.find((x) => x.link === r.link && x.method.startsWith('full download'));
   const qemu = (r: Run) => runs.find((x) => x.link === r.link && x.method.startsWith('QEMU'));

@@ -58,6 +58,7 @@ export function agentStatus({ deviceId, image, lease, keys, cache, core, fetcher
           zeroFaults: vm.zeroFaults,
           faultRetries: vm.faultRetries,
           faultWait: { ...vm.faultWait },
+          sensitiveRefaults: vm.sensitiveRefaults(),
           installedAhead: vm.installedAhead,
           heldFor: vm.heldFor(),
           residentPages: vm.evictor.residentCounts(),

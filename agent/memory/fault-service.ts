@@ -10,6 +10,7 @@ import type { BufferPool } from '../chunks/buffer-pool.js';
 import type { AgentCore, ReadSource } from '../chunks/core.js';
 import { backoffMs, sleep } from '../remote/backoff.js';
 import type { Evictor } from './evictor.js';
+import { Latencies } from './latencies.js';
 
 /** A fault that could not be served is tried again after 250 ms, doubling to 5 s. */
 const FAULT_RETRY_MS = 250;
@@ -56,6 +57,11 @@ export class FaultService {
    * server (a vCPU stalled on the network).
    */
   readonly faultWait = { ms: 0, server: 0, serverMs: 0 };
+  /**
+   * How long each re-fault of a sensitive page took (a page the guest touched this
+   * session, evicted since, touched again): the slow path of eviction users feel.
+   */
+  readonly sensitiveRefaults = new Latencies();
   /** Pages installed before the guest touched them (installAhead). */
   installedAhead = 0;
   private thread: FaultThread | undefined;
@@ -92,6 +98,7 @@ export class FaultService {
   private async serve(f: Fault, t: FaultThread): Promise<void> {
     const page = f.offset / MEM_CHUNK_SIZE;
     const t0 = performance.now();
+    const refault = this.touched[page] === 1 && this.evictor.manager.isSensitive(page);
     this.inFlight.set(page, (this.inFlight.get(page) ?? 0) + 1);
     try {
       // A fault that cannot be served is retried, never answered with zeros: the
@@ -103,6 +110,7 @@ export class FaultService {
           if (src === 'zero') this.zeroFaults++;
           const waited = performance.now() - t0;
           this.faultWait.ms += waited;
+          if (refault) this.sensitiveRefaults.add(waited);
           if (src === 'server') {
             this.faultWait.server++;
             this.faultWait.serverMs += waited;

@@ -135,6 +135,11 @@ export class AgentVm implements EvictTarget {
     return this.faulting.faultWait;
   }
 
+  /** Re-faults of sensitive pages: how many, and p50/p99 of their wait (ms) lately. */
+  sensitiveRefaults() {
+    return this.faulting.sensitiveRefaults.summary();
+  }
+
   get installedAhead(): number {
     return this.faulting.installedAhead;
   }
