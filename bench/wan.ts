@@ -182,7 +182,9 @@ async function letheRefaults(s: ServerProc, link: Link, spec: LinkSpec): Promise
       },
       RUN_LIMIT_MS,
       `${want} sensitive re-faults (${spec.name})`,
-    );
+    ).catch((e) => {
+      throw new Error(`${e.message}\nthe agent's last lines:\n${a.log().split('\n').slice(-40).join('\n')}`);
+    });
     const bad = /LETHE-VERIFY pass=\d+ ok=\d+ bad=([1-9]\d*)/.exec(a.log());
     if (bad) throw new Error(`bad pages in the re-fault run on ${spec.name}: ${bad[0]}`);
     const r = st.vm!.sensitiveRefaults;

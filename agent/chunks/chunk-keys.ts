@@ -43,21 +43,26 @@ export class ChunkKeys {
   }
 
   /**
-   * Fetches sensitive keys for this chunk and its next sensitive neighbours
-   * not yet held or asked for. Concurrent reads share requests: a key already
-   * on its way is waited for, not asked for again.
+   * Fetches sensitive keys for this chunk and, in the same audited request, for
+   * chunks likely to be read next that are not yet held or asked for: first
+   * `companions` (for guest RAM, the pages evicted after this one: Evictor.evictedAfter),
+   * then the next sensitive neighbours by index, up to KEY_BATCH. Concurrent reads
+   * share requests: a key already on its way is waited for, not asked for again.
    */
-  async fetchSensitive(kind: ChunkKind, index: number, gen: number): Promise<void> {
+  async fetchSensitive(kind: ChunkKind, index: number, gen: number, companions: readonly number[] = []): Promise<void> {
     const pending = this.inFlight.get(keyId(kind, index, gen));
     if (pending) return pending;
-    const refs = [{ kind, index }];
-    for (let i = index + 1; refs.length < KEY_BATCH && i < index + 4 * KEY_BATCH; i++) {
+    const chosen = new Set([index]);
+    const add = (i: number) => {
       const n = this.map.entries[kind].get(i);
       // A chunk this device wrote is keyed by its write key: the server has no such chunk to release a key for.
-      if (!n || n.cls !== 'sensitive' || n.gen === this.map.writeGen) continue;
+      if (!n || n.cls !== 'sensitive' || n.gen === this.map.writeGen || chosen.has(i)) return;
       const id = keyId(kind, i, n.gen);
-      if (!this.keys.hasSensitiveKey(id) && !this.inFlight.has(id)) refs.push({ kind, index: i });
-    }
+      if (!this.keys.hasSensitiveKey(id) && !this.inFlight.has(id)) chosen.add(i);
+    };
+    for (let c = 0; c < companions.length && chosen.size < KEY_BATCH; c++) add(companions[c]);
+    for (let i = index + 1; chosen.size < KEY_BATCH && i < index + 4 * KEY_BATCH; i++) add(i);
+    const refs = [...chosen].map((i) => ({ kind, index: i }));
     const ids = refs.map((r) => keyId(r.kind, r.index, this.map.entries[r.kind].get(r.index)!.gen));
     const p = this.request(refs, false);
     for (const id of ids) this.inFlight.set(id, p);
@@ -138,16 +143,19 @@ export class ChunkKeys {
   }
 
   /**
-   * This chunk and its next neighbours (up to KEY_BATCH, within 4 × KEY_BATCH pages)
-   * without a write key: batched into one audited request, as sensitive keys are.
+   * This chunk, then `companions` (as for fetchSensitive) and its next neighbours
+   * by index, up to KEY_BATCH in all (within 4 × KEY_BATCH indices), without a
+   * write key: batched into one audited request, as sensitive keys are.
    */
-  writeNeighbours(kind: ChunkKind, index: number): number[] {
+  writeNeighbours(kind: ChunkKind, index: number, companions: readonly number[] = []): number[] {
     const count = Math.ceil(this.map.sizeOf(kind) / CHUNK_SIZE[kind]);
-    const out = [index];
-    for (let i = index + 1; out.length < KEY_BATCH && i < Math.min(count, index + 4 * KEY_BATCH); i++) {
-      if (!this.hasWriteKey(kind, i) && !this.writeKeyPending(kind, i)) out.push(i);
-    }
-    return out;
+    const out = new Set([index]);
+    const add = (i: number) => {
+      if (i < count && !out.has(i) && !this.hasWriteKey(kind, i) && !this.writeKeyPending(kind, i)) out.add(i);
+    };
+    for (let c = 0; c < companions.length && out.size < KEY_BATCH; c++) add(companions[c]);
+    for (let i = index + 1; out.size < KEY_BATCH && i < Math.min(count, index + 4 * KEY_BATCH); i++) add(i);
+    return [...out];
   }
 
   /** Derives the chunk key into `scratch`; false if this device holds no key for it. The caller wipes `scratch`. */

@@ -120,15 +120,25 @@ export class AgentCore {
    * `writable` (guest RAM) also asks for the chunk's write key, beside the read and
    * without waiting for it, so that whatever the guest writes there can be evicted
    * later without a server (the evictor asks again for a key that failed to come).
+   * `companions` names chunks likely read next (guest RAM: the pages evicted after
+   * this one), asked for only when a key request goes out: their keys come in the
+   * same audited round trip (ChunkKeys.fetchSensitive).
    * Throws TAMPERED for a chunk that fails its checks twice (cache, then server).
    */
-  async readInto(kind: ChunkKind, index: number, out: Buffer, opts: { resident?: boolean; writable?: boolean; from?: number } = {}): Promise<ReadSource> {
+  async readInto(
+    kind: ChunkKind,
+    index: number,
+    out: Buffer,
+    opts: { resident?: boolean; writable?: boolean; from?: number; companions?: () => readonly number[] } = {},
+  ): Promise<ReadSource> {
     await this.lease.whenActive();
+    let named: readonly number[] | undefined;
+    const companions = () => (named ??= opts.companions?.() ?? []);
     if (opts.writable && !this.chunkKeys.hasWriteKey(kind, index) && !this.chunkKeys.writeKeyPending(kind, index)) {
-      this.chunkKeys.ensureWriteKeys(kind, this.chunkKeys.writeNeighbours(kind, index)).catch(() => this.stats.writeKeyFailures++);
+      this.chunkKeys.ensureWriteKeys(kind, this.chunkKeys.writeNeighbours(kind, index, companions())).catch(() => this.stats.writeKeyFailures++);
     }
     try {
-      return await this.read(kind, index, out, opts.resident ?? false, opts.from);
+      return await this.read(kind, index, out, opts.resident ?? false, opts.from, companions);
     } catch (e) {
       wipe(out);
       throw e;
@@ -140,7 +150,7 @@ export class AgentCore {
     return this.readInto(kind, index, out, { from });
   }
 
-  private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean, from?: number): Promise<ReadSource> {
+  private async read(kind: ChunkKind, index: number, out: Buffer, resident: boolean, from: number | undefined, companions: () => readonly number[]): Promise<ReadSource> {
     const { map, chunkKeys } = this;
     // A range outside the chunk is the caller's mistake: refused before any key is asked for.
     if (from !== undefined && (from < 0 || from + out.length > map.plainLength(kind, index))) {
@@ -164,7 +174,7 @@ export class AgentCore {
     // A disk chunk's blob is read into a spare buffer, handed back when this read is done.
     const spare = !checked && kind === 'disk' ? this.blobs.spare() : undefined;
     try {
-      return await this.decryptRead(kind, index, e, id, out, resident, from, checked, spare);
+      return await this.decryptRead(kind, index, e, id, out, resident, from, checked, spare, companions);
     } finally {
       if (spare) this.blobs.giveBack(spare);
     }
@@ -180,6 +190,7 @@ export class AgentCore {
     from: number | undefined,
     checked: Buffer | undefined,
     spare: Buffer | undefined,
+    companions: () => readonly number[],
   ): Promise<ReadSource> {
     const { map, chunkKeys } = this;
     let { blob, source } = checked ? { blob: checked, source: 'cache' as const } : await this.blobs.blob(kind, index, e, spare);
@@ -187,7 +198,7 @@ export class AgentCore {
       // A chunk this device wrote (before a restart, say) is keyed for the write
       // generation: its key comes as a write key. Others: sensitive keys by release.
       if (e.gen === map.writeGen && (e.cls === 'sensitive' || !chunkKeys.hasClassKey(e.gen))) await chunkKeys.ensureWriteKeys(kind, [index]);
-      else if (e.cls === 'sensitive') await chunkKeys.fetchSensitive(kind, index, e.gen);
+      else if (e.cls === 'sensitive') await chunkKeys.fetchSensitive(kind, index, e.gen, companions());
     }
     await this.lease.whenActive();
     const scratch = chunkKeys.scratch;

@@ -60,6 +60,11 @@ export class Evictor {
   readonly manager: PolicyManager;
   /** When each page arrived (ms since the epoch), 0 when it is not resident. */
   private readonly since: Float64Array;
+  /** The last `pages` evictions, a ring in the order pages went (each batch in arrival order). */
+  private readonly evictOrder: Uint32Array;
+  /** Each page's last eviction: its number in that order plus one (0: never evicted). */
+  private readonly evictedAt: Float64Array;
+  private evictions = 0;
   private readonly hashes: Buffer;
   private readonly scratchHash = Buffer.alloc(HASH_BYTES);
   private readonly hashKey = secureBuffer(32);
@@ -83,6 +88,8 @@ export class Evictor {
   ) {
     this.manager = new PolicyManager(policy, vm.pages, (p) => core.classOf('mem', p) ?? 'sensitive');
     this.since = new Float64Array(vm.pages);
+    this.evictOrder = new Uint32Array(vm.pages);
+    this.evictedAt = new Float64Array(vm.pages);
     this.hashes = Buffer.alloc(vm.pages * HASH_BYTES);
     sodium.randombytes_buf(this.hashKey);
     sodium.crypto_generichash(this.zeroHash, Buffer.alloc(PAGE), this.hashKey);
@@ -98,6 +105,26 @@ export class Evictor {
 
   isResident(page: number): boolean {
     return this.since[page] !== 0;
+  }
+
+  /**
+   * Up to `max` pages evicted after this one, in the order they went, and not
+   * resident since: a guest touching an evicted page again tends to touch next the
+   * pages that arrived after it and left with it, so their keys are asked for in
+   * the same round trip as this page's (AgentCore.readInto, `companions`).
+   */
+  evictedAfter(page: number, max: number): number[] {
+    const out: number[] = [];
+    const at = this.evictedAt[page];
+    if (at === 0) return out;
+    const n = this.since.length;
+    // Ring slot s holds the s-th eviction until the (s + n)-th overwrites it: a page
+    // counts only while its own last eviction is the one in the slot.
+    for (let s = at; s < this.evictions && s < at + 4 * max && out.length < max; s++) {
+      const p = this.evictOrder[s % n];
+      if (this.evictedAt[p] === s + 1 && this.since[p] === 0) out.push(p);
+    }
+    return out;
   }
 
   /** Resident pages, with how many of them are sensitive. */
@@ -291,7 +318,11 @@ export class Evictor {
         punchHole(this.vm.ramFd, out[i] * PAGE, (j - i) * PAGE);
         i = j;
       }
+      // Recorded in arrival order: the order a guest that comes back touches them in.
+      out.sort((a, b) => this.since[a] - this.since[b]);
       for (const p of out) {
+        this.evictOrder[this.evictions % this.since.length] = p;
+        this.evictedAt[p] = ++this.evictions;
         this.since[p] = 0;
         this.core.evict('mem', p);
       }

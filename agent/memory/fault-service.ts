@@ -7,6 +7,7 @@ import { MEM_CHUNK_SIZE } from '../../common/constants.js';
 import { errorChain } from '../../common/errors.js';
 import { FaultThread, type Fault, type UffdMapping } from '../../native/index.js';
 import type { BufferPool } from '../chunks/buffer-pool.js';
+import { KEY_BATCH } from '../chunks/chunk-keys.js';
 import type { AgentCore, ReadSource } from '../chunks/core.js';
 import { backoffMs, sleep } from '../remote/backoff.js';
 import type { Evictor } from './evictor.js';
@@ -17,7 +18,7 @@ const FAULT_RETRY_MS = 250;
 const FAULT_RETRY_MAX_MS = 5_000;
 
 /** What the fault service needs of the evictor. */
-export type FaultEvictor = Pick<Evictor, 'quiet' | 'recordFault' | 'isResident' | 'manager'>;
+export type FaultEvictor = Pick<Evictor, 'quiet' | 'recordFault' | 'isResident' | 'manager' | 'evictedAfter'>;
 
 /**
  * Serves one guest-RAM fault once, as a resumed VM's are served: the page from the
@@ -28,14 +29,16 @@ export type FaultEvictor = Pick<Evictor, 'quiet' | 'recordFault' | 'isResident' 
 export async function servePage(
   core: AgentCore,
   pool: BufferPool,
-  evictor: Pick<Evictor, 'quiet' | 'recordFault'>,
+  evictor: Pick<Evictor, 'quiet' | 'recordFault' | 'evictedAfter'>,
   f: Fault,
   t: FaultThread,
   installed: () => void = () => {},
 ): Promise<ReadSource> {
   const page = f.offset / MEM_CHUNK_SIZE;
   return pool.with(MEM_CHUNK_SIZE, async (buf) => {
-    const src = await core.readInto('mem', page, buf, { resident: true, writable: true });
+    // A page evicted before brings the keys of the pages that left after it (Evictor.evictedAfter).
+    const companions = () => evictor.evictedAfter(page, KEY_BATCH - 1);
+    const src = await core.readInto('mem', page, buf, { resident: true, writable: true, companions });
     const data = src === 'zero' ? null : buf;
     await evictor.quiet();
     if (t.resolve(f.pageAddress, data) !== 'present') {
@@ -65,6 +68,7 @@ export class FaultService {
   /** Pages installed before the guest touched them (installAhead). */
   installedAhead = 0;
   private thread: FaultThread | undefined;
+  private mapping: UffdMapping | undefined;
   private stopping = false;
   /** Pages whose fault is being served, with how many faults each. */
   private readonly inFlight = new Map<number, number>();
@@ -88,6 +92,7 @@ export class FaultService {
 
   /** Starts serving the faults of this mapping on a thread of its own. */
   start(m: UffdMapping): void {
+    this.mapping = m;
     this.thread = FaultThread.start(m, {
       onFault: (f, t) => this.serve(f, t),
       // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
@@ -187,6 +192,19 @@ export class FaultService {
   /** The pages the guest touched this session, first touch first. */
   firstTouchOrder(): Uint32Array {
     return this.firstTouch.slice(0, this.firstTouches);
+  }
+
+  /**
+   * Wakes every thread waiting on a fault in guest RAM. One waiting on a page that
+   * is present goes on; one on a page still missing faults again, and that fault is
+   * served as any other: a fault the agent took but holds no record of (a guest
+   * blocked while no fault is in flight) is taken again. Installs nothing, so it is
+   * safe at any time. False when no mapping is being served.
+   */
+  wakeAll(): boolean {
+    if (!this.thread?.running || !this.mapping) return false;
+    this.thread.wake(this.mapping.hello.base, this.mapping.hello.length);
+    return true;
   }
 
   faultInFlight(page: number): boolean {

@@ -12,7 +12,12 @@ export interface VcpuControl {
   faultInFlight(): boolean;
   /** Whether QEMU is gone (nothing to continue). */
   exited(): boolean;
+  /** Told every STOP_REPORT_MS that 'stop' is still unanswered with no fault in flight. */
+  stopSlow?(waitedMs: number, reasons: string[]): void;
 }
+
+/** How often a 'stop' that no fault explains is reported while it is waited for. */
+export const STOP_REPORT_MS = 5_000;
 
 /**
  * How long a hold waits for 'stop' before going on when a fault is in flight. A vCPU
@@ -70,12 +75,18 @@ export class VcpuHolds {
   /** 'stop', waited for; with a fault in flight, at most HOLD_WAIT_MS. */
   private async stop(): Promise<void> {
     const stopped = this.inOrder('stop').then(() => true);
+    const t0 = Date.now();
+    let reported = t0;
     for (;;) {
       let timer: NodeJS.Timeout | undefined;
       const waited = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), HOLD_WAIT_MS)));
       const done = await Promise.race([stopped, waited]);
       clearTimeout(timer);
       if (done || this.vcpus.faultInFlight()) return;
+      if (Date.now() - reported >= STOP_REPORT_MS) {
+        reported = Date.now();
+        this.vcpus.stopSlow?.(reported - t0, this.reasons());
+      }
     }
   }
 

@@ -79,6 +79,15 @@ export class AgentVm implements EvictTarget {
       execute: (cmd) => vm.qmp.execute(cmd),
       faultInFlight: () => this.faulting.busy(),
       exited: () => Boolean(vm.exitStatus),
+      // A vCPU that does not stop while no fault is served may wait on a fault the agent
+      // has no record of: woken, it faults again and that fault is served.
+      stopSlow: (ms, reasons) => {
+        const woke = this.faulting.wakeAll();
+        this.log(
+          `the guest's vCPUs have not stopped after ${Math.round(ms / 1000)} s (held for ${reasons.join(', ')}) with no fault being served` +
+            (woke ? '; woke every thread waiting on guest RAM' : ''),
+        );
+      },
     });
     this.runDir = o.runDir;
     this.pages = memBytes / MEM_CHUNK_SIZE;

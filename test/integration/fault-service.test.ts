@@ -81,3 +81,71 @@ describe('the fault service against a fault client (agent core, real server)', f
     expect(await client.exited).to.deep.equal({ code: 0, signal: null });
   });
 });
+
+describe('re-faults of evicted sensitive pages (agent core, real server)', function () {
+  this.timeout(60_000);
+  // Guest RAM of 32 pages, every one stored and sensitive.
+  const t = agentInProcessSuite('refaults', { plain: { mem: randomBytes(PAGES * PAGE_SIZE) }, policy: 'sensitive:\n  memory: all\n' });
+  const cleanup: (() => unknown)[] = [];
+
+  afterEach(async () => {
+    for (const f of cleanup.splice(0).reverse()) await f();
+  });
+
+  it('brings the keys of the pages evicted after a re-faulted one in the same round trip, in the order they went', async () => {
+    const core = t.agent.core;
+    const dir = tmpDir('lethe-refaults-');
+    const ram = path.join('/dev/shm', `lethe-refaults-${randomBytes(4).toString('hex')}.ram`);
+    fs.writeFileSync(ram, '', { mode: 0o600 });
+    fs.truncateSync(ram, PAGES * PAGE_SIZE);
+    const ramFd = fs.openSync(ram, 'r+');
+    cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.closeSync(ramFd), () => fs.rmSync(dir, { recursive: true, force: true }));
+
+    const pool = new BufferPool(4, PAGE_SIZE);
+    const log: string[] = [];
+    let service!: FaultService;
+    // The client touches pages only on command: between commands it holds still, as a held VM does.
+    const evictor = new Evictor(core, { ramFd, pages: PAGES, hold: async () => async () => {}, faultInFlight: (p) => service.faultInFlight(p) }, DEFAULT_FULL_POLICY, (l) => log.push(l));
+    service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l));
+    let mapped!: () => void;
+    const ready = new Promise<void>((r) => (mapped = r));
+    const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
+    const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
+    cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
+    await client.next(/^mapped 0x[0-9a-f]+$/);
+    await ready;
+
+    // An order far from the pages' addresses: the k-th touch is page 31 + 7k (mod 32).
+    const order = Array.from({ length: PAGES }, (_, k) => (31 + 7 * k) % PAGES);
+    const plain = t.img.plain.mem;
+    const touchAll = async () => {
+      for (const p of order) {
+        // Each page arrives in a later millisecond than the one before: the eviction order follows arrival.
+        const at = Date.now();
+        while (Date.now() === at) await new Promise((r) => setTimeout(r, 1));
+        client.send(`touch ${p} ${p + 1}`);
+        const got = (await client.next(new RegExp(`^page ${p} ([0-9a-f]{8})$`)))[1];
+        expect(got, `page ${p}`).to.equal(fnv32(plain.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)).toString(16).padStart(8, '0'));
+        await client.next(/^checksum /);
+      }
+    };
+    await touchAll();
+    expect(service.faults).to.equal(PAGES);
+    const out = await evictor.evictResident('the test');
+    expect(out).to.deep.equal({ evicted: PAGES, dirty: 0, kept: 0 });
+    expect(evictor.evictedAfter(order[0], 63), 'the others, in the order they arrived').to.deep.equal(order.slice(1));
+    expect(evictor.evictedAfter(order[30], 63)).to.deep.equal([order[31]]);
+
+    const before = core.stats.keyRequests;
+    await touchAll();
+    // The first re-fault asks for every read key and every write key at once (two requests);
+    // by address alone (neighbours after page 31: none) it would take one for page 31, then 6..30, and so on.
+    expect(core.stats.keyRequests - before, 'key requests for 32 re-faults').to.equal(2);
+    expect(service.sensitiveRefaults.summary().count).to.equal(PAGES);
+    expect(evictor.evictedAfter(order[0], 63), 'resident again: none is a companion').to.deep.equal([]);
+    expect(log.filter((l) => /not served/.test(l))).to.deep.equal([]);
+
+    client.end();
+    expect(await client.exited).to.deep.equal({ code: 0, signal: null });
+  });
+});

@@ -194,6 +194,36 @@ describe('native memory path (userfaultfd)', function () {
     });
   }
 
+  it('a fault taken but never answered comes again after a wake of the range: how the agent recovers a lost one', async () => {
+    const pages = 4;
+    ramFile(pages);
+    const faults: number[] = [];
+    const errors: Error[] = [];
+    let mapped!: (v: { mapping: UffdMapping; thread: FaultThread }) => void;
+    const ready = new Promise<{ mapping: UffdMapping; thread: FaultThread }>((r) => (mapped = r));
+    const listener = await UffdListener.listen(sock, (mapping) => {
+      const thread = FaultThread.start(mapping, {
+        onFault(f, t) {
+          // The first fault is dropped, as a lost one would be; later ones are answered.
+          faults.push(f.offset / PAGE_SIZE);
+          if (faults.length > 1) t.resolve(f.pageAddress, pageContent(f.offset / PAGE_SIZE, 1));
+        },
+      });
+      mapped({ mapping, thread });
+    }, (e) => errors.push(e));
+    const c = client(ram, pages, shimEnv(ram, sock));
+    track({ listener }, c);
+    await c.next(/^mapped /);
+    const { mapping, thread } = await ready;
+    const touched = touch(c, 2, 3);
+    while (faults.length === 0) await new Promise((r) => setTimeout(r, 10));
+    expect(faults).to.deep.equal([2]);
+    thread.wake(mapping.hello.base, mapping.hello.length);
+    expect((await touched).sums.map(hex8)).to.deep.equal([hex8(pageFnv(2, 1))]);
+    expect(faults, 'the woken thread faulted again').to.deep.equal([2, 2]);
+    expect(errors).to.deep.equal([]);
+  });
+
   it('installs a page resolved before it is touched without a fault (prefetch), and reports a present page', async () => {
     const pages = 4;
     const { s, c, thread } = await servedClient(pages);
