@@ -107,6 +107,8 @@ export const AgentPolicy = z.object({
   onLeaseExpiry: z.enum(EXPIRY_ACTIONS),
   onWipe: z.enum(WIPE_ACTIONS),
   prefetchStartupBytes: z.number().int().min(0),
+  /** `prefetch.startup: auto`: the agent sizes the startup buffer by the link and the touch curve (prefetchStartupBytes when it has no curve). */
+  prefetchStartupAuto: z.boolean().default(false),
   prefetchOrder: z.enum(PREFETCH_ORDERS),
   prefetchBandwidth: z.number().min(0).nullable(),
   hintIntervalMs: z.number().min(0),
@@ -189,6 +191,42 @@ export type TRevokeAckResponse = z.infer<typeof RevokeAckResponse>;
 export const PAGES_CONTENT_TYPE = 'application/octet-stream';
 /** Reply header of the prefetch order: how many stored traces it was built from. */
 export const HDR_TRACES = 'x-lethe-traces';
+/**
+ * A trace upload with first-touch times: the page list as above, then as many
+ * little-endian uint32 times, each the milliseconds from the guest starting to
+ * that page's first touch (not decreasing).
+ */
+export const TIMED_TRACE_CONTENT_TYPE = 'application/vnd.lethe.timed-trace';
+/**
+ * Reply header of the prefetch order, when traces came with times: how fast guests
+ * of the image took their first touches, as "count:ms" pairs (ascending, at most
+ * MAX_CURVE_POINTS): by `ms` after starting, a guest had touched `count` pages — the
+ * earliest over the traces. The agent sizes its startup buffer by it (`prefetch.startup: auto`).
+ */
+export const HDR_TOUCH_CURVE = 'x-lethe-touch-curve';
+export const MAX_CURVE_POINTS = 128;
+
+/** A touch curve: [count, ms] pairs, both ascending. */
+export type TouchCurve = [count: number, ms: number][];
+
+export function encodeCurve(curve: TouchCurve): string {
+  return curve.map(([k, t]) => `${k}:${t}`).join(',');
+}
+
+/** Throws a plain Error for a malformed curve; callers add context. */
+export function parseCurve(header: string): TouchCurve {
+  if (header.trim() === '') return [];
+  const curve = header.split(',').map((pair): [number, number] => {
+    const m = /^\s*(\d{1,10}):(\d{1,10})\s*$/.exec(pair);
+    if (!m) throw new Error(`'${pair}' is not a count:ms pair`);
+    return [Number(m[1]), Number(m[2])];
+  });
+  if (curve.length > MAX_CURVE_POINTS) throw new Error(`${curve.length} points, more than ${MAX_CURVE_POINTS}`);
+  for (let i = 1; i < curve.length; i++) {
+    if (curve[i][0] <= curve[i - 1][0] || curve[i][1] < curve[i - 1][1]) throw new Error(`point ${i} does not follow point ${i - 1}`);
+  }
+  return curve;
+}
 
 export const TraceUploadResponse = z.object({
   image: z.string(),

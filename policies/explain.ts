@@ -93,9 +93,11 @@ const ORDER: Record<Policy['prefetchOrder'], string> = {
 
 function prefetchLines(p: Policy): string[] {
   const lines = [
-    p.prefetchStartupBytes === 0
-      ? 'nothing is fetched before the guest runs'
-      : `${formatBytes(p.prefetchStartupBytes)} is fetched before the guest runs`,
+    p.prefetchStartupAuto
+      ? "before the guest runs, as much is fetched as keeps the rest of the learned order ahead of it, by the link's measured rate and the image's learned first touches (nothing without them)"
+      : p.prefetchStartupBytes === 0
+        ? 'nothing is fetched before the guest runs'
+        : `${formatBytes(p.prefetchStartupBytes)} is fetched before the guest runs`,
     ORDER[p.prefetchOrder],
   ];
   if (p.prefetchOrder !== 'none') {

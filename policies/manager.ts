@@ -137,6 +137,25 @@ export class PolicyManager {
 }
 
 /**
+ * vTube's startup rule: how many pages of the order to fetch before the guest runs
+ * so that the rest, streaming in order at `pagesPerMs`, never arrives after the
+ * guest first needs it. `curve` gives, at counts k_j, the time t_j (ms from the
+ * guest starting) by which guests of the image had touched k_j pages; pages past
+ * k_(j-1) are not touched before t_(j-1), so B ≥ k_j − t_(j-1) · pagesPerMs for
+ * every point (t_0 = 0), rounded up, at most `orderLength`. Assumes the guest takes
+ * its pages in the order's order; one that strays faults for them, as without a buffer.
+ */
+export function startupPages(curve: readonly (readonly [number, number])[], pagesPerMs: number, orderLength: number): number {
+  let need = 0;
+  let before = 0;
+  for (const [k, t] of curve) {
+    need = Math.max(need, k - before * pagesPerMs);
+    before = t;
+  }
+  return Math.min(orderLength, Math.max(0, Math.ceil(need)));
+}
+
+/**
  * The order to prefetch the RAM pages of a guest of `pages` pages in, split into the
  * startup buffer (fetched before the guest runs) and the rest (in the background,
  * capped). `learned` is the server's trace-learned first-touch order; `present` tells

@@ -77,6 +77,7 @@ export const DEFAULT_FULL_POLICY: Policy = Object.freeze({
   onLeaseExpiry: 'evict-sensitive',
   onWipe: 'evict-all',
   prefetchStartupBytes: 0,
+  prefetchStartupAuto: false,
   prefetchOrder: 'trace',
   prefetchBandwidth: null,
   hintIntervalMs: 2000,
@@ -141,6 +142,14 @@ function bytes(v: unknown, parse: (s: string) => number | null, what: string, hi
 
 const size: Field<number> = {
   read: (v) => bytes(v, parseSize, 'a size', 'use bytes or a number with a unit, e.g. 512KiB, 64MiB, 1GiB'),
+};
+
+/** A size, or `auto`: sized at each resume by the link and the image's touch curve. */
+const startup: Field<number | 'auto'> = {
+  read: (v) =>
+    typeof v === 'string' && v.trim().toLowerCase() === 'auto'
+      ? { value: 'auto' }
+      : bytes(v, parseSize, "'auto' or a size", "write auto (sized by the link and the image's learned first touches) or a size, e.g. 16MiB"),
 };
 
 const rate: Field<number> = {
@@ -236,7 +245,7 @@ export const SCHEMA = {
     'on-lease-expiry': oneOf(EXPIRY_ACTIONS),
     'on-wipe': oneOf(WIPE_ACTIONS),
   },
-  prefetch: { startup: size, order: oneOf(PREFETCH_ORDERS), bandwidth: rate },
+  prefetch: { startup, order: oneOf(PREFETCH_ORDERS), bandwidth: rate },
   hints: { interval: duration },
   device: {
     seal: listField('seal kinds', (v) => sealKind.read(v), '[tpm, passphrase]'),
@@ -258,6 +267,8 @@ export function buildPolicy(values: Values): Policy {
   const get = <T>(key: string, dflt: T): T => (values.has(key) ? (values.get(key) as T) : dflt);
   const ttl = get('lease.ttl', d.leaseTtlMs);
   const memoryMode = get('sensitive.memory', d.memoryMode);
+  const startupSet = get<number | 'auto'>('prefetch.startup', d.prefetchStartupAuto ? 'auto' : d.prefetchStartupBytes);
+  const startupAuto = startupSet === 'auto';
   return {
     name: get('name', d.name),
     description: get('description', d.description),
@@ -280,7 +291,8 @@ export function buildPolicy(values: Values): Policy {
     dropGuestCache: get('eviction.drop-guest-cache', d.dropGuestCache),
     onLeaseExpiry: get('eviction.on-lease-expiry', d.onLeaseExpiry),
     onWipe: get('eviction.on-wipe', d.onWipe),
-    prefetchStartupBytes: get('prefetch.startup', d.prefetchStartupBytes),
+    prefetchStartupBytes: startupAuto ? 0 : (startupSet as number),
+    prefetchStartupAuto: startupAuto,
     prefetchOrder: get('prefetch.order', d.prefetchOrder),
     prefetchBandwidth: get('prefetch.bandwidth', d.prefetchBandwidth),
     hintIntervalMs: get('hints.interval', d.hintIntervalMs),

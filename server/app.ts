@@ -232,7 +232,8 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
     res.status(201).json(await uploadTrace(ctx, dev(req), param(req, 'id'), req.get('content-type'), body));
   });
   app.get('/v1/device/leases/:id/prefetch', device, async (req: AuthedRequest, res) => {
-    const { order, traces } = await prefetchOrder(ctx, dev(req), param(req, 'id'));
+    const { order, traces, curve } = await prefetchOrder(ctx, dev(req), param(req, 'id'));
+    if (curve.length > 0) res.set(wire.HDR_TOUCH_CURVE, wire.encodeCurve(curve));
     res.set(wire.HDR_TRACES, String(traces)).type(wire.PAGES_CONTENT_TYPE).send(wire.encodePages(order));
   });
   app.get('/v1/device/chunks/:lease/:kind/:index', device, async (req: AuthedRequest, res) => {

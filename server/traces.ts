@@ -7,13 +7,21 @@
 // one per device and image, and another device's order takes it only once an
 // admin trusts the device for the image (server/branches.ts setTrusted).
 import { LetheError } from '../common/errors.js';
-import { MAX_TRACE_PAGES, PAGES_CONTENT_TYPE, decodePages } from '../common/wire.js';
+import { MAX_CURVE_POINTS, MAX_TRACE_PAGES, PAGES_CONTENT_TYPE, TIMED_TRACE_CONTENT_TYPE, decodePages, type TouchCurve } from '../common/wire.js';
 import { inTx, type Ctx } from './context.js';
 import type { DeviceRow } from './devices.js';
 import { chunkCount, getImage, getVersion } from './images.js';
 import { liveLease } from './leases.js';
 
-export const MAX_TRACE_BODY = MAX_TRACE_PAGES * 4;
+/** A timed trace: a page index and a time per page. */
+export const MAX_TRACE_BODY = MAX_TRACE_PAGES * 8;
+
+/** A first-touch trace: its pages, first touch first, and (when the agent sent them) their times. */
+export interface Trace {
+  pages: Uint32Array;
+  /** Milliseconds from the guest starting to each page's first touch, not decreasing. */
+  times?: Uint32Array;
+}
 /**
  * Traces an order is aggregated from at most: the asking device's own and the
  * newest of the image's trusted devices'.
@@ -57,26 +65,59 @@ function highestPage(traces: readonly Uint32Array[]): number {
   return max;
 }
 
+/**
+ * The touch curve of traces with times (common/wire.ts HDR_TOUCH_CURVE): at up to
+ * MAX_CURVE_POINTS counts k, the earliest time any of them had touched k pages.
+ * Empty when none has times.
+ */
+export function touchCurve(traces: readonly Trace[]): TouchCurve {
+  const timed = traces.flatMap((t) => (t.times && t.times.length > 0 ? [t.times] : []));
+  if (timed.length === 0) return [];
+  const longest = Math.max(...timed.map((t) => t.length));
+  const points = Math.min(MAX_CURVE_POINTS, longest);
+  const curve: TouchCurve = [];
+  for (let j = 1; j <= points; j++) {
+    const k = Math.ceil((j * longest) / points);
+    let ms = Infinity;
+    for (const times of timed) if (times.length >= k) ms = Math.min(ms, times[k - 1]);
+    curve.push([k, ms]);
+  }
+  return curve;
+}
+
+const TRACE_HINT = `send the page indices as little-endian uint32, 4 bytes each (${PAGES_CONTENT_TYPE}), or those and then as many first-touch times in ms (${TIMED_TRACE_CONTENT_TYPE})`;
+
 /** Checks a trace body; throws BAD_REQUEST naming the first problem. */
-export function parseTrace(contentType: string | undefined, body: Buffer, memChunks: number): Uint32Array {
+export function parseTrace(contentType: string | undefined, body: Buffer, memChunks: number): Trace {
   const type = (contentType ?? '').split(';')[0].trim().toLowerCase();
-  if (type !== PAGES_CONTENT_TYPE) {
-    throw new LetheError('BAD_REQUEST', `a trace must be sent as ${PAGES_CONTENT_TYPE}, not '${contentType ?? ''}'`, {
-      hint: 'send the page indices as little-endian uint32, 4 bytes each',
-    });
+  const timed = type === TIMED_TRACE_CONTENT_TYPE;
+  if (type !== PAGES_CONTENT_TYPE && !timed) {
+    throw new LetheError('BAD_REQUEST', `a trace must be sent as ${PAGES_CONTENT_TYPE} or ${TIMED_TRACE_CONTENT_TYPE}, not '${contentType ?? ''}'`, { hint: TRACE_HINT });
   }
   if (body.length === 0) throw new LetheError('BAD_REQUEST', 'the trace is empty', { hint: 'upload a trace once the guest has touched a page' });
-  let pages: Uint32Array;
-  try {
-    pages = decodePages(body);
-  } catch (cause) {
-    throw new LetheError('BAD_REQUEST', `the trace is ${body.length} bytes, not a multiple of 4`, {
-      cause,
-      hint: 'send the page indices as little-endian uint32, 4 bytes each',
-    });
+  const unit = timed ? 8 : 4;
+  if (body.length % unit !== 0) {
+    throw new LetheError('BAD_REQUEST', `the trace is ${body.length} bytes, not a multiple of ${unit}`, { hint: TRACE_HINT });
   }
+  const all = decodePages(body);
+  const pages = timed ? all.subarray(0, all.length / 2) : all;
   assertPagesValid(pages, memChunks);
-  return pages;
+  if (!timed) return { pages };
+  const times = all.subarray(all.length / 2);
+  for (let i = 1; i < times.length; i++) {
+    if (times[i] < times[i - 1]) {
+      throw new LetheError('BAD_REQUEST', `the time at position ${i} (${times[i]} ms) is earlier than the one before it (${times[i - 1]} ms)`, {
+        hint: 'list first touches in the order they happened',
+      });
+    }
+  }
+  return { pages, times };
+}
+
+/** A stored trace: its body as uploaded, and its page count (twice as many numbers: it came with times). */
+function storedTrace(data: Buffer, pages: number): Trace {
+  const all = decodePages(data);
+  return all.length === 2 * pages ? { pages: all.subarray(0, pages), times: all.subarray(pages) } : { pages: all };
 }
 
 /** Throws BAD_REQUEST at the first page past the end of memory or seen before. */
@@ -112,7 +153,7 @@ async function leaseMemory(ctx: Ctx, d: DeviceRow, leaseId: string) {
  */
 export async function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, contentType: string | undefined, body: Buffer) {
   const { l, memChunks } = await leaseMemory(ctx, d, leaseId);
-  const pages = parseTrace(contentType, body, memChunks);
+  const { pages } = parseTrace(contentType, body, memChunks);
   const now = ctx.now();
   let kept = 0;
   await inTx(ctx, async (ctx) => {
@@ -142,7 +183,7 @@ export async function uploadTrace(ctx: Ctx, d: DeviceRow, leaseId: string, conte
 // Per server, the orders computed last, by the traces they came from:
 // aggregating millions of pages holds the event loop for a while, and resumes
 // between uploads reuse them.
-const cached = new WeakMap<Ctx, Map<string, Uint32Array>>();
+const cached = new WeakMap<Ctx, Map<string, { order: Uint32Array; curve: TouchCurve }>>();
 const ORDERS_CACHED = 64;
 
 /**
@@ -168,20 +209,27 @@ async function traceIds(ctx: Ctx, imageId: string, deviceId: string): Promise<nu
   return [...own, ...trusted].map((r) => r.id).sort((a, b) => a - b);
 }
 
-/** The aggregated prefetch order for the lease's device and image, and how many traces it came from. */
-export async function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<{ order: Uint32Array; traces: number }> {
+/**
+ * The aggregated prefetch order for the lease's device and image, how many traces
+ * it came from, and their touch curve (empty when none came with times).
+ */
+export async function prefetchOrder(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<{ order: Uint32Array; traces: number; curve: TouchCurve }> {
   const { l, memChunks } = await leaseMemory(ctx, d, leaseId);
   const ids = await traceIds(ctx, l.image_id, d.id);
   const key = `${l.image_id}:${memChunks}:${ids.join(',')}`;
   let memo = cached.get(ctx);
   if (!memo) cached.set(ctx, (memo = new Map()));
   const hit = memo.get(key);
-  if (hit) return { order: hit, traces: ids.length };
-  const traces: Uint32Array[] = [];
-  for (const id of ids) traces.push(decodePages((await ctx.db.get<{ data: Buffer }>('SELECT data FROM traces WHERE id = ?', id))!.data));
-  const order = aggregateOrder(traces, memChunks);
+  if (hit) return { ...hit, traces: ids.length };
+  const traces: Trace[] = [];
+  for (const id of ids) {
+    const row = (await ctx.db.get<{ data: Buffer; pages: number }>('SELECT data, pages FROM traces WHERE id = ?', id))!;
+    traces.push(storedTrace(row.data, Number(row.pages)));
+  }
+  const order = aggregateOrder(traces.map((t) => t.pages), memChunks);
+  const curve = touchCurve(traces);
   // Bounded: removed images' orders do not stay for the server's lifetime.
   if (memo.size >= ORDERS_CACHED) memo.clear();
-  memo.set(key, order);
-  return { order, traces: ids.length };
+  memo.set(key, { order, curve });
+  return { order, traces: ids.length, curve };
 }

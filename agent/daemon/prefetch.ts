@@ -4,8 +4,8 @@
 // which goes back to the server to order the next resume.
 import { CHUNK_SIZE, MEM_CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
 import { errorChain } from '../../common/errors.js';
-import { MAX_TRACE_PAGES, type TAgentPolicy } from '../../common/wire.js';
-import { prefetchPlan } from '../../policies/manager.js';
+import { MAX_TRACE_PAGES, type TAgentPolicy, type TouchCurve } from '../../common/wire.js';
+import { prefetchPlan, startupPages } from '../../policies/manager.js';
 import type { AgentCore } from '../chunks/core.js';
 import type { DeviceClient } from '../remote/device-client.js';
 import type { ChunkRef } from '../remote/fetcher.js';
@@ -29,6 +29,21 @@ export function firstTouchesAndLearned(touched: Uint32Array, learned: Uint32Arra
   let n = touched.length;
   for (const p of learned) if (!seen.has(p)) (seen.add(p), (out[n++] = p));
   return out.subarray(0, n);
+}
+
+/** Pages timed to size an automatic startup buffer: one prefetch request's worth. */
+export const PROBE_PAGES = 64;
+
+/** What to prefetch for a resume: the startup buffer, then the rest in the background. */
+export interface PrefetchPlan {
+  startup: ChunkRef[];
+  rest: ChunkRef[];
+  /** Pages in the server's learned order. */
+  learned: number;
+  /** The policy's cap on background prefetch (bytes/s), if any. */
+  bandwidth: number | null;
+  /** The image's touch curve, when `prefetch.startup: auto` and timed traces gave one: the buffer is sized at fetchStartup(). */
+  curve: TouchCurve;
 }
 
 export interface PrefetchContext {
@@ -106,22 +121,53 @@ export class Prefetcher {
     else if (this.c.vm()) this.plan().then((p) => this.start(p.rest, p.bandwidth), (e) => this.c.log(`prefetch not restarted: ${errorChain(e)}`));
   }
 
-  /** Guest RAM to prefetch: the startup buffer (before the guest runs) and the rest, by the policy and the server's learned order. */
-  async plan(): Promise<{ startup: ChunkRef[]; rest: ChunkRef[]; learned: number; bandwidth: number | null }> {
+  /**
+   * Guest RAM to prefetch: the startup buffer (before the guest runs) and the rest, by
+   * the policy and the server's learned order. With `prefetch.startup: auto` and a
+   * touch curve the startup buffer is left empty here: fetchStartup() sizes it.
+   */
+  async plan(): Promise<PrefetchPlan> {
     const { core } = this.c;
     const p = this.c.policy();
-    let learned: Uint32Array = new Uint32Array(0);
+    let learned: { order: Uint32Array; curve: TouchCurve } = { order: new Uint32Array(0), curve: [] };
     if (this.c.enabled && p.prefetchOrder === 'trace') {
       learned = await this.c.client.prefetchOrder(this.c.leaseId()).catch((e) => {
         this.c.log(`no learned prefetch order: ${errorChain(e)}`);
-        return new Uint32Array(0);
+        return learned;
       });
     }
     const pages = core.sizeOf('mem') / MEM_CHUNK_SIZE;
-    this.learnedOrder = learned;
-    const plan = this.c.enabled ? prefetchPlan(p, pages, learned, (pg) => core.entry('mem', pg) !== undefined) : { startup: [], rest: [] };
+    this.learnedOrder = learned.order;
+    const curve = p.prefetchStartupAuto ? learned.curve : [];
+    const sized = { ...p, prefetchStartupBytes: curve.length > 0 ? 0 : p.prefetchStartupBytes };
+    const plan = this.c.enabled ? prefetchPlan(sized, pages, learned.order, (pg) => core.entry('mem', pg) !== undefined) : { startup: [], rest: [] };
     const refs = (pages: number[]): ChunkRef[] => pages.map((index) => ({ kind: 'mem', index }));
-    return { startup: refs(plan.startup), rest: refs(plan.rest), learned: learned.length, bandwidth: p.prefetchBandwidth };
+    return { startup: refs(plan.startup), rest: refs(plan.rest), learned: learned.order.length, bandwidth: p.prefetchBandwidth, curve };
+  }
+
+  /**
+   * Fetches the plan's startup buffer into the cache, before the guest runs. With a
+   * touch curve (`prefetch.startup: auto`), the first PROBE_PAGES of the order are
+   * fetched and timed, and the buffer is as many pages as vTube's rule asks at that
+   * rate (policies/manager.ts startupPages): the rest of the order then streams in
+   * ahead of the guest. Returns the plan with the buffer moved into `startup`, how
+   * many pages were fetched, and the rate it was sized for (bytes/s: measured, or the policy's cap when lower).
+   */
+  async fetchStartup(pf: PrefetchPlan): Promise<PrefetchPlan & { fetched: number; rate?: number }> {
+    const { core } = this.c;
+    if (pf.curve.length === 0 || pf.rest.length === 0) {
+      return { ...pf, fetched: pf.startup.length > 0 ? await core.prefetchChunks(pf.startup) : 0 };
+    }
+    const probe = pf.rest.slice(0, PROBE_PAGES);
+    const t0 = performance.now();
+    let fetched = await core.prefetchChunks(probe);
+    const ms = Math.max(performance.now() - t0, 1);
+    // Pages a millisecond, as the background stream will take them: whole requests, one
+    // after another, no faster than the policy's cap.
+    const pagesPerMs = Math.min(probe.length / ms, pf.bandwidth ? pf.bandwidth / MEM_CHUNK_SIZE / 1000 : Infinity);
+    const n = Math.max(probe.length, startupPages(pf.curve, pagesPerMs, pf.rest.length));
+    if (n > probe.length) fetched += await core.prefetchChunks(pf.rest.slice(probe.length, n));
+    return { ...pf, startup: pf.rest.slice(0, n), rest: pf.rest.slice(n), fetched, rate: pagesPerMs * 1000 * MEM_CHUNK_SIZE };
   }
 
   /** The first-touch order goes up TRACE_UPLOAD_AFTER_MS after the resume. */
@@ -138,8 +184,13 @@ export class Prefetcher {
     const vm = this.c.vm();
     // The server takes the first MAX_TRACE_PAGES touches (a guest over 8 GiB touches more).
     const order = vm && firstTouchesAndLearned(vm.firstTouchOrder(), vm.installedAhead > 0 ? this.learnedOrder : new Uint32Array(0)).subarray(0, MAX_TRACE_PAGES);
-    if (!order || order.length === 0 || !this.c.hasLease() || this.suspended) return Promise.resolve();
-    return this.c.client.uploadTrace(this.c.leaseId(), order).then(
+    if (!vm || !order || order.length === 0 || !this.c.hasLease() || this.suspended) return Promise.resolve();
+    // Each first touch with its time; pages of the learned order that never faulted
+    // (installed ahead) were in place by now at the latest.
+    const touchedAt = vm.firstTouchTimes();
+    const times = new Uint32Array(order.length).fill(Math.max(vm.sinceStart(), touchedAt.at(-1) ?? 0));
+    times.set(touchedAt.subarray(0, order.length));
+    return this.c.client.uploadTrace(this.c.leaseId(), order, times).then(
       () => this.c.log(`first-touch order of ${order.length} page(s) uploaded for trace-learned prefetch`),
       (e) => this.c.log(`first-touch order not uploaded: ${errorChain(e)}`),
     );

@@ -69,10 +69,10 @@ export class Serving {
     if (!guest) throw new LetheError('CONFIG', 'no guest is built to resume the VM with', { hint: 'build it once with: npm run guest' });
     const accel = await chooseAccel(o.vm.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
     const t0 = Date.now();
-    const pf = await this.prefetcher.plan();
+    const pf = await this.prefetcher.fetchStartup(await this.prefetcher.plan());
     if (pf.startup.length > 0) {
-      const fetched = await core.prefetchChunks(pf.startup);
-      log(`startup buffer: ${fetched} page(s) fetched (${pf.startup.length} planned${pf.learned ? `, learned order of ${pf.learned}` : ''}) in ${Date.now() - t0} ms`);
+      const sized = pf.rate === undefined ? '' : `, sized for ${((pf.rate * 8) / 1e6).toFixed(1)} Mbit/s and the learned touch curve`;
+      log(`startup buffer: ${pf.fetched} page(s) fetched (${pf.startup.length} planned${pf.learned ? `, learned order of ${pf.learned}` : ''}${sized}) in ${Date.now() - t0} ms`);
     }
     const p = this.policy();
     const vm = await AgentVm.resume(core, {

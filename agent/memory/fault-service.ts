@@ -75,7 +75,10 @@ export class FaultService {
   /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
   private readonly touched: Uint8Array;
   private readonly firstTouch: Uint32Array;
+  /** When each first touch came: ms from start() (the guest starting). */
+  private readonly firstTouchAt: Uint32Array;
   private firstTouches = 0;
+  private startedAt = performance.now();
 
   constructor(
     private readonly core: AgentCore,
@@ -88,11 +91,13 @@ export class FaultService {
   ) {
     this.touched = new Uint8Array(pages);
     this.firstTouch = new Uint32Array(pages);
+    this.firstTouchAt = new Uint32Array(pages);
   }
 
   /** Starts serving the faults of this mapping on a thread of its own. */
   start(m: UffdMapping): void {
     this.mapping = m;
+    this.startedAt = performance.now();
     this.thread = FaultThread.start(m, {
       onFault: (f, t) => this.serve(f, t),
       // A fault that cannot be served stays unanswered: the guest waits, it never runs on zeros.
@@ -139,6 +144,7 @@ export class FaultService {
     this.onFault(page);
     if (this.touched[page]) return;
     this.touched[page] = 1;
+    this.firstTouchAt[this.firstTouches] = this.sinceStart();
     this.firstTouch[this.firstTouches++] = page;
   }
 
@@ -192,6 +198,16 @@ export class FaultService {
   /** The pages the guest touched this session, first touch first. */
   firstTouchOrder(): Uint32Array {
     return this.firstTouch.slice(0, this.firstTouches);
+  }
+
+  /** When each of firstTouchOrder()'s touches came, in ms from the guest starting (not decreasing). */
+  firstTouchTimes(): Uint32Array {
+    return this.firstTouchAt.slice(0, this.firstTouches);
+  }
+
+  /** Whole ms from the guest starting. */
+  sinceStart(): number {
+    return Math.round(performance.now() - this.startedAt);
   }
 
   /**

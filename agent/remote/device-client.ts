@@ -218,15 +218,22 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
   }
 
   /** Uploads this lease's first-touch order of memory pages; a later upload for the same lease replaces it. */
-  async uploadTrace(leaseId: string, pages: Uint32Array): Promise<wire.TTraceUploadResponse> {
-    return this.signedBinary(`/v1/device/leases/${encodeURIComponent(leaseId)}/trace`, wire.encodePages(pages), wire.PAGES_CONTENT_TYPE, leaseId);
+  /** Uploads a first-touch trace; with `times` (ms from the guest starting, one per page) a timed one. */
+  async uploadTrace(leaseId: string, pages: Uint32Array, times?: Uint32Array): Promise<wire.TTraceUploadResponse> {
+    if (times && times.length !== pages.length) throw new RangeError(`uploadTrace: ${times.length} times for ${pages.length} pages`);
+    const body = times ? Buffer.concat([wire.encodePages(pages), wire.encodePages(times)]) : wire.encodePages(pages);
+    return this.signedBinary(`/v1/device/leases/${encodeURIComponent(leaseId)}/trace`, body, times ? wire.TIMED_TRACE_CONTENT_TYPE : wire.PAGES_CONTENT_TYPE, leaseId);
   }
 
-  /** The image's trace-learned order of memory pages to prefetch, best first; empty before any trace. */
-  async prefetchOrder(leaseId: string): Promise<Uint32Array> {
+  /**
+   * The image's trace-learned order of memory pages to prefetch, best first (empty
+   * before any trace), and the touch curve of its timed traces (empty without).
+   */
+  async prefetchOrder(leaseId: string): Promise<{ order: Uint32Array; curve: wire.TouchCurve }> {
     const res = await this.signed('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/prefetch`, undefined, leaseId);
     try {
-      return wire.decodePages(res.body);
+      const header = res.headers[wire.HDR_TOUCH_CURVE];
+      return { order: wire.decodePages(res.body), curve: typeof header === 'string' ? wire.parseCurve(header) : [] };
     } catch (cause) {
       throw new LetheError('INTERNAL', "the server's prefetch order reply is malformed", { cause });
     }

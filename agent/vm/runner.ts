@@ -162,6 +162,15 @@ export class AgentVm implements EvictTarget {
     return this.faulting.firstTouchOrder();
   }
 
+  /** When each first touch came, in ms from the guest starting; sinceStart(): now. */
+  firstTouchTimes(): Uint32Array {
+    return this.faulting.firstTouchTimes();
+  }
+
+  sinceStart(): number {
+    return this.faulting.sinceStart();
+  }
+
   /** Install-ahead of pages whose ciphertext is cached (memory/fault-service.ts). */
   installAhead(pages: Iterable<number>): Promise<number> {
     return this.faulting.installAhead(pages);

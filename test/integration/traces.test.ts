@@ -8,8 +8,8 @@ import { expect } from 'chai';
 import path from 'node:path';
 import { sha256 } from '../../common/crypto.js';
 import { signRequest } from '../../common/signing.js';
-import { HDR_TRACES, TraceUploadResponse, TrustResponse, decodePages, encodePages } from '../../common/wire.js';
-import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder } from '../../server/traces.js';
+import { HDR_TOUCH_CURVE, HDR_TRACES, MAX_CURVE_POINTS, TIMED_TRACE_CONTENT_TYPE, TraceUploadResponse, TrustResponse, decodePages, encodeCurve, encodePages, parseCurve } from '../../common/wire.js';
+import { MAX_TRACE_BODY, TRACES_KEPT, aggregateOrder, touchCurve } from '../../server/traces.js';
 import { admin, assign, enrolledDevice, pushImage, rejects, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startServer, tmpDir, type ServerProc } from '../helpers/proc.js';
 import { migrate } from '../../server/db.js';
@@ -93,6 +93,45 @@ describe('trace aggregation', () => {
   });
 });
 
+describe('touch curves', () => {
+  const times = (...t: number[]) => Uint32Array.from(t);
+
+  it('is empty when no trace has times', () => {
+    expect(touchCurve([])).to.deep.equal([]);
+    expect(touchCurve([{ pages: pages(1, 2) }])).to.deep.equal([]);
+  });
+
+  it('lists every count of a short trace, and the earliest time over traces at each', () => {
+    expect(touchCurve([{ pages: pages(4, 2, 9), times: times(0, 5, 40) }])).to.deep.equal([[1, 0], [2, 5], [3, 40]]);
+    const curve = touchCurve([
+      { pages: pages(4, 2, 9), times: times(10, 20, 30) },
+      { pages: pages(1, 2), times: times(0, 25) },
+      { pages: pages(7, 8, 9, 10) },
+    ]);
+    // count 3: only the first trace reached it; the untimed one does not count.
+    expect(curve).to.deep.equal([[1, 0], [2, 20], [3, 30]]);
+  });
+
+  it(`samples a long trace at ${MAX_CURVE_POINTS} counts, the last its length, never going back`, () => {
+    const n = 10_000;
+    const t = Uint32Array.from({ length: n }, (_, i) => Math.floor(i / 7));
+    const curve = touchCurve([{ pages: Uint32Array.from({ length: n }, (_, i) => i), times: t }]);
+    expect(curve).to.have.length(MAX_CURVE_POINTS);
+    expect(curve.at(-1)).to.deep.equal([n, t[n - 1]]);
+    for (const [k, ms] of curve) expect(ms).to.equal(t[k - 1]);
+    expect(parseCurve(encodeCurve(curve))).to.deep.equal(curve);
+  });
+
+  it('travels as count:ms pairs; a malformed header is refused with what is wrong', () => {
+    expect(encodeCurve([[1, 0], [64, 12]])).to.equal('1:0,64:12');
+    expect(parseCurve('')).to.deep.equal([]);
+    expect(() => parseCurve('1:0,x')).to.throw("'x' is not a count:ms pair");
+    expect(() => parseCurve('5:10,3:20')).to.throw('point 1 does not follow point 0');
+    expect(() => parseCurve('1:10,3:5')).to.throw('point 1 does not follow point 0');
+    expect(() => parseCurve(Array.from({ length: MAX_CURVE_POINTS + 1 }, (_, i) => `${i + 1}:${i}`).join(','))).to.throw(`more than ${MAX_CURVE_POINTS}`);
+  });
+});
+
 describe('traces table', () => {
   it("goes with its image: a trace or a trusted tracer never blocks removing one", async () => {
     const sql = openSqlite(path.join(tmpDir(), 'lethe.db'));
@@ -167,13 +206,13 @@ describe('trace upload and prefetch order (real server process)', function () {
 
   it('is empty before any trace', async () => {
     expect(await order(dev, lease1)).to.deep.equal({ order: [], traces: 0 });
-    expect(list(await dev.client.prefetchOrder(lease1))).to.deep.equal([]);
+    expect(await dev.client.prefetchOrder(lease1)).to.deep.equal({ order: new Uint32Array(0), curve: [] });
   });
 
   it("a device's trace gives its own order, and each upload is audited with its count only", async () => {
     const up1 = TraceUploadResponse.parse(await dev.client.uploadTrace(lease1, pages(3, 1, 12, 0)));
     expect(up1).to.deep.equal({ image: 'desk', version: 1, pages: 4, kept: 1 });
-    expect(list(await dev.client.prefetchOrder(lease2))).to.deep.equal([3, 1, 12, 0]);
+    expect(list((await dev.client.prefetchOrder(lease2)).order)).to.deep.equal([3, 1, 12, 0]);
     expect(await order(other, otherLease), 'not trusted: not in the other device\'s order').to.deep.equal({ order: [], traces: 0 });
   });
 
@@ -235,7 +274,7 @@ describe('trace upload and prefetch order (real server process)', function () {
     };
     const before = { order: await order(dev, lease1), audit: (await audited('trace.upload')).length };
     const cases: [string, () => Promise<unknown>, number, string, string][] = [
-      ['json', () => raw(encodePages(pages(1)), 'application/json'), 400, 'BAD_REQUEST', "a trace must be sent as application/octet-stream, not 'application/json'"],
+      ['json', () => raw(encodePages(pages(1)), 'application/json'), 400, 'BAD_REQUEST', "a trace must be sent as application/octet-stream or application/vnd.lethe.timed-trace, not 'application/json'"],
       ['odd length', () => raw(Buffer.alloc(6)), 400, 'BAD_REQUEST', 'the trace is 6 bytes, not a multiple of 4'],
       ['empty', () => dev.client.uploadTrace(lease1, pages()), 400, 'BAD_REQUEST', 'the trace is empty'],
       ['past the end', () => dev.client.uploadTrace(lease1, pages(2, 16)), 400, 'BAD_REQUEST', "page 16 at position 1 is past the end of memory (the lease's version has 16 pages)"],
@@ -332,5 +371,72 @@ describe('trace upload and prefetch order (real server process)', function () {
     const after = await order(dev, fresh);
     expect(after.order, 'not once it is revoked').to.not.include(6);
     expect(after.traces).to.equal(TRACES_KEPT);
+  });
+});
+
+describe('timed traces and the touch curve (real server process)', function () {
+  this.timeout(60_000);
+  let s: ServerProc;
+  let dev: TestDevice;
+  let other: TestDevice;
+  let lease: string;
+  let otherLease: string;
+  const times = (...t: number[]) => Uint32Array.from(t);
+
+  before(async () => {
+    s = await startServer();
+    await pushImage(s, 'desk', { chunks: 8 }); // 16 memory pages
+    dev = await enrolledDevice(s, 'alice');
+    other = await enrolledDevice(s, 'bob');
+    await assign(s, dev.deviceId, 'desk');
+    await assign(s, other.deviceId, 'desk');
+    lease = (await dev.client.lease('desk')).leaseId;
+    otherLease = (await other.client.lease('desk')).leaseId;
+    expect((await lethe(['image', 'trust', 'desk', other.deviceId], s.env)).code).to.equal(0);
+  });
+  after(async () => {
+    dev?.close();
+    other?.close();
+    await s?.stop();
+  });
+
+  it("a timed upload gives the order and its touch curve; an untimed one joins the order, not the curve", async () => {
+    expect((await dev.client.uploadTrace(lease, pages(3, 1, 12), times(0, 40, 90))).pages).to.equal(3);
+    const mine = await dev.client.prefetchOrder(lease);
+    expect(list(mine.order)).to.deep.equal([3, 1, 12]);
+    expect(mine.curve).to.deep.equal([[1, 0], [2, 40], [3, 90]]);
+    const res = await dev.client.signed('GET', `/v1/device/leases/${lease}/prefetch`);
+    expect(res.headers[HDR_TOUCH_CURVE], 'on the wire').to.equal('1:0,2:40,3:90');
+
+    await other.client.uploadTrace(otherLease, pages(5, 6, 7, 8));
+    const both = await dev.client.prefetchOrder(lease);
+    expect(both.order).to.have.length(7);
+    expect(both.curve, 'the untimed trace adds no point').to.deep.equal([[1, 0], [2, 40], [3, 90]]);
+
+    // The trusted device's newer trace is timed and faster: the curve takes the earliest time at each count.
+    await other.client.uploadTrace(otherLease, pages(5, 6, 7, 8), times(0, 10, 20, 30));
+    expect((await dev.client.prefetchOrder(lease)).curve).to.deep.equal([[1, 0], [2, 10], [3, 20], [4, 30]]);
+  });
+
+  it('refuses a timed trace whose times go back or are not one per page, with a stable code, and stores nothing', async () => {
+    const path = `/v1/device/leases/${lease}/trace`;
+    const raw = (body: Buffer) => {
+      const h = signRequest(dev.id.sign.secretKey, dev.deviceId, 'POST', path, body);
+      return dev.client.http.request('POST', path, { body, headers: { ...h, 'content-type': TIMED_TRACE_CONTENT_TYPE } });
+    };
+    const before = await dev.client.prefetchOrder(lease);
+    const cases: [string, () => Promise<unknown>, string][] = [
+      ['uneven', () => raw(Buffer.alloc(12)), 'the trace is 12 bytes, not a multiple of 8'],
+      ['going back', () => dev.client.uploadTrace(lease, pages(1, 2, 4), times(5, 9, 3)), 'the time at position 2 (3 ms) is earlier than the one before it (9 ms)'],
+      ['a page twice', () => dev.client.uploadTrace(lease, pages(2, 2), times(0, 1)), 'page 2 appears at positions 0 and 1'],
+      ['past the end', () => dev.client.uploadTrace(lease, pages(16), times(0)), "page 16 at position 0 is past the end of memory (the lease's version has 16 pages)"],
+    ];
+    for (const [what, call, message] of cases) {
+      const e = await rejects(call());
+      expect({ status: e.status, code: e.code, message: e.message }, what).to.deep.equal({ status: 400, code: 'BAD_REQUEST', message });
+    }
+    const uneven = await dev.client.uploadTrace(lease, pages(1, 2), times(0)).then(() => undefined, (e: unknown) => e);
+    expect(uneven).to.be.instanceOf(RangeError).with.property('message', 'uploadTrace: 1 times for 2 pages');
+    expect(await dev.client.prefetchOrder(lease)).to.deep.equal(before);
   });
 });

@@ -21,7 +21,8 @@ describe('shipped policies and explain', () => {
       evictIdleMs: 60_000,
       onLeaseExpiry: 'evict-sensitive',
       onWipe: 'evict-all',
-      prefetchStartupBytes: 16 * MiB,
+      prefetchStartupBytes: 0,
+      prefetchStartupAuto: true,
       prefetchOrder: 'trace',
     });
   });
@@ -71,7 +72,7 @@ describe('shipped policies and explain', () => {
       'keeps running for 4 min to 5 min',
       'every guest page (sensitive or not) is evicted',
       'the VM is powered off at once',
-      '8 MiB is fetched before the guest runs',
+      'as much is fetched as keeps the rest of the learned order ahead of it',
       'capped at 20 MiB/s',
       'every 1 s, the guest driver reports',
     ];

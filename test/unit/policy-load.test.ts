@@ -83,6 +83,7 @@ describe('policy loader', () => {
       onLeaseExpiry: 'evict-sensitive',
       onWipe: 'evict-all',
       prefetchStartupBytes: 0,
+      prefetchStartupAuto: false,
       prefetchOrder: 'trace',
       prefetchBandwidth: null,
       hintIntervalMs: 2000,
@@ -118,6 +119,7 @@ describe('policy loader', () => {
       onLeaseExpiry: 'suspend',
       onWipe: 'poweroff',
       prefetchStartupBytes: 16 * MiB,
+      prefetchStartupAuto: false,
       prefetchOrder: 'address',
       prefetchBandwidth: 50 * MiB,
       hintIntervalMs: 500,
@@ -148,7 +150,9 @@ describe('policy loader', () => {
       evictBudgetBytes: 4096,
       prefetchBandwidth: MiB,
       prefetchStartupBytes: 512 * 1024,
+      prefetchStartupAuto: false,
     });
+    expect(loadPolicy('prefetch: {startup: auto}', 'p').policy).to.deep.include({ prefetchStartupBytes: 0, prefetchStartupAuto: true });
   });
 
   it('a YAML syntax error names its line and stops there', () => {
@@ -178,8 +182,8 @@ describe('policy loader', () => {
     expect(only('prefetch:\n  startup: 16 megs\n')).to.deep.include({
       line: 2,
       field: 'prefetch.startup',
-      message: "expected a size, got '16 megs'",
-      hint: 'use bytes or a number with a unit, e.g. 512KiB, 64MiB, 1GiB',
+      message: "expected 'auto' or a size, got '16 megs'",
+      hint: "write auto (sized by the link and the image's learned first touches) or a size, e.g. 16MiB",
     });
     expect(only('prefetch:\n  bandwidth: fast\n')).to.deep.include({ field: 'prefetch.bandwidth', message: "expected a rate, got 'fast'" });
     expect(only('eviction:\n  budget: 1.5\n')).to.deep.include({ field: 'eviction.budget', message: "expected a whole number of bytes, got '1.5'" });

@@ -1,7 +1,7 @@
 // The policy manager's decisions and the trace replay built on them.
 import { expect } from 'chai';
 import { LetheError } from '../../common/errors.js';
-import { PolicyManager, prefetchPlan, type ManagerPolicy } from '../../policies/manager.js';
+import { PolicyManager, prefetchPlan, startupPages, type ManagerPolicy } from '../../policies/manager.js';
 import { parseAccessTrace, simulate, simulateWithBaselines, type Trace } from '../../policies/simulate.js';
 
 const base: ManagerPolicy = {
@@ -93,6 +93,27 @@ describe('policy manager', () => {
     const p = { prefetchStartupBytes: 3 * 4096, prefetchOrder: 'trace' } as const;
     expect(prefetchPlan(p, 8, [6, 3, 1, 6, 99], present)).to.deep.equal({ startup: [6, 1, 0], rest: [2, 4, 5, 7] });
     expect(prefetchPlan({ ...p, prefetchOrder: 'address' }, 8, [6, 1], present)).to.deep.equal({ startup: [0, 1, 2], rest: [4, 5, 6, 7] });
+  });
+
+  it("sizes an automatic startup buffer by vTube's rule: the rest of the order arrives before the guest first needs it", () => {
+    // The guest touched 100 pages by 10 ms, 200 by 100 ms, 300 by 110 ms.
+    const curve = [[100, 10], [200, 100], [300, 110]] as const;
+    // At 1 page/ms: 100 − 0, 200 − 10, 300 − 100: 200 pages before the guest runs.
+    expect(startupPages(curve, 1, 1000)).to.equal(200);
+    // A link ten times faster needs only the first point's pages, taken before any time passes.
+    expect(startupPages(curve, 10, 1000)).to.equal(100);
+    // A slow link needs nearly all of it, never more than the order holds.
+    expect(startupPages(curve, 0.01, 250)).to.equal(250);
+    expect(startupPages([], 1, 1000), 'no curve, no buffer').to.equal(0);
+    // Whatever the rate, every page the curve counts arrives by its time.
+    for (const rate of [0.05, 0.5, 2, 7.3]) {
+      const b = startupPages(curve, rate, 1000);
+      let before = 0;
+      for (const [k, t] of curve) {
+        expect(b + before * rate, `rate ${rate}, count ${k}`).to.be.at.least(k);
+        before = t;
+      }
+    }
   });
 
   it('order none fills the startup buffer by address and prefetches nothing in the background', () => {
