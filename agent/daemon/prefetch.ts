@@ -151,23 +151,31 @@ export class Prefetcher {
    * fetched and timed, and the buffer is as many pages as vTube's rule asks at that
    * rate (policies/manager.ts startupPages): the rest of the order then streams in
    * ahead of the guest. Returns the plan with the buffer moved into `startup`, how
-   * many pages were fetched, and the rate it was sized for (bytes/s: measured, or the policy's cap when lower).
+   * many pages were fetched, and the rate it was sized for (bytes/s: measured, or the
+   * policy's cap when lower; none when every page was cached).
    */
   async fetchStartup(pf: PrefetchPlan): Promise<PrefetchPlan & { fetched: number; rate?: number }> {
     const { core } = this.c;
     if (pf.curve.length === 0 || pf.rest.length === 0) {
       return { ...pf, fetched: pf.startup.length > 0 ? await core.prefetchChunks(pf.startup) : 0 };
     }
-    const probe = pf.rest.slice(0, PROBE_PAGES);
+    // Timed over PROBE_PAGES the link brought: pages already cached cost it nothing.
     const t0 = performance.now();
-    let fetched = await core.prefetchChunks(probe);
+    let fetched = 0;
+    let probed = 0;
+    while (probed < pf.rest.length && fetched < PROBE_PAGES) {
+      const next = pf.rest.slice(probed, probed + PROBE_PAGES);
+      fetched += await core.prefetchChunks(next);
+      probed += next.length;
+    }
     const ms = Math.max(performance.now() - t0, 1);
     // Pages a millisecond, as the background stream will take them: whole requests, one
     // after another, no faster than the policy's cap.
-    const pagesPerMs = Math.min(probe.length / ms, pf.bandwidth ? pf.bandwidth / MEM_CHUNK_SIZE / 1000 : Infinity);
-    const n = Math.max(probe.length, startupPages(pf.curve, pagesPerMs, pf.rest.length));
-    if (n > probe.length) fetched += await core.prefetchChunks(pf.rest.slice(probe.length, n));
-    return { ...pf, startup: pf.rest.slice(0, n), rest: pf.rest.slice(n), fetched, rate: pagesPerMs * 1000 * MEM_CHUNK_SIZE };
+    const pagesPerMs = Math.min(fetched === 0 ? Infinity : fetched / ms, pf.bandwidth ? pf.bandwidth / MEM_CHUNK_SIZE / 1000 : Infinity);
+    const n = Math.max(probed, startupPages(pf.curve, pagesPerMs, pf.rest.length));
+    if (n > probed) fetched += await core.prefetchChunks(pf.rest.slice(probed, n));
+    const rate = Number.isFinite(pagesPerMs) ? pagesPerMs * 1000 * MEM_CHUNK_SIZE : undefined;
+    return { ...pf, startup: pf.rest.slice(0, n), rest: pf.rest.slice(n), fetched, rate };
   }
 
   /** The first-touch order goes up TRACE_UPLOAD_AFTER_MS after the resume. */
