@@ -16,7 +16,7 @@
 //
 //   node --import tsx bench/wan.ts [--links loopback,100/20,20/40,5/80] [--guest-mem 256M]
 //                                  [--guest-mib 32] [--phases resume,refault] [--refaults 3000]
-//                                  [--skip-qemu] [--json]
+//                                  [--startup auto|SIZE] [--skip-qemu] [--json]
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -38,6 +38,8 @@ const { values } = parseArgs({
     phases: { type: 'string', default: 'resume,refault' },
     /** Re-faults of sensitive pages to wait for in the refault phase. */
     refaults: { type: 'string', default: '3000' },
+    /** The resume image's prefetch.startup: auto (the shipped policies) or a size. */
+    startup: { type: 'string', default: 'auto' },
     /** Leave out QEMU's own post-copy migration (the slowest yardstick to set up). */
     'skip-qemu': { type: 'boolean', default: false },
     /** Print each agent's log (without the guest's console lines) to stderr. */
@@ -75,6 +77,8 @@ interface Run {
   startupS: number;
   /** Start → the first verify line after it runs. */
   firstPassS: number;
+  /** Pages fetched before the guest ran (Lethe's startup buffer). */
+  startupPages?: number;
   /** Bytes over the link, both ways. */
   mib: number;
   demandRequests: number | null;
@@ -130,6 +134,7 @@ async function letheResume(s: ServerProc, link: Link, spec: LinkSpec, method: st
       method,
       startupS: (lineTime(log, /VM resumed post-copy/, 'resume line') - t0) / 1000,
       firstPassS: (lineTime(log, VERIFY_RE, 'verify line') - t0) / 1000,
+      startupPages: Number(/startup buffer: (\d+) page\(s\) fetched/.exec(log)?.[1] ?? 0),
       mib: (after.up + after.down - before.up - before.down) / 2 ** 20,
       demandRequests: st.fetch.demandBatches,
       faults: st.vm?.faults ?? null,
@@ -369,7 +374,7 @@ async function main() {
     if (shot.code !== 0) throw new Error(`snapshot failed: ${shot.stderr}`);
     // Plaintext stays on the device for the run (the chunks in the normal class): this measures the link, not eviction.
     const policy = path.join(dir, 'push-policy.yaml');
-    fs.writeFileSync(policy, 'sensitive:\n  memory: none\nprefetch:\n  startup: 16MiB\n  order: trace\n');
+    fs.writeFileSync(policy, `sensitive:\n  memory: none\nprefetch:\n  startup: ${values.startup}\n  order: trace\n`);
     const push = await lethe(['image', 'push', IMAGE, '--disk', path.join(snap, 'disk.raw'), '--memory', path.join(snap, 'ram.bin'), '--state', path.join(snap, 'state.bin'), '--policy', policy], s.env);
     if (push.code !== 0) throw new Error(`push failed: ${push.stderr}`);
     const sensitive = path.join(dir, 'sensitive-policy.yaml');
@@ -429,11 +434,12 @@ async function main() {
   const fmt = (n: number | null | undefined, d = 1) => (n === null || n === undefined ? '—' : n.toFixed(d));
   console.log(
     table(
-      ['link', 'method', 'startup s', 'first pass s', '÷ full download', '÷ QEMU post-copy', 'MiB moved', 'demand requests', 'installed ahead', 'faults', 'fault wait s', 'network stalls', 'stall s'],
+      ['link', 'method', 'startup s', 'startup pages', 'first pass s', '÷ full download', '÷ QEMU post-copy', 'MiB moved', 'demand requests', 'installed ahead', 'faults', 'fault wait s', 'network stalls', 'stall s'],
       runs.map((r) => [
         r.link,
         r.method,
         fmt(r.startupS),
+        r.startupPages ?? '—',
         fmt(r.firstPassS),
         fmt(r.firstPassS / (yard(r)?.firstPassS ?? NaN), 2),
         fmt(qemu(r) ? r.firstPassS / qemu(r)!.firstPassS : null, 2),
