@@ -365,6 +365,7 @@ struct Msg {
   uint64_t address;
   uint64_t flags;  // UFFD_PAGEFAULT_FLAG_*; for KIND_ERROR the errno
   const char *what;
+  uint32_t ptid = 0;  // the faulting thread (UFFD_FEATURE_THREAD_ID), 0 when not told
 };
 
 void call_now(FaultThread *t, const Msg &m);
@@ -396,7 +397,7 @@ bool drain(FaultThread *t) {
       continue;
     }
     t->faults++;
-    post(t, Msg{KIND_FAULT, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags, nullptr});
+    post(t, Msg{KIND_FAULT, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags, nullptr, msgs[i].arg.pagefault.feat.ptid});
   }
   return true;
 }
@@ -426,8 +427,8 @@ void *fault_loop(void *arg) {
   return nullptr;
 }
 
-/** argv for the JS callback: (KIND_FAULT, address, flags) or (KIND_ERROR, errno or event, what). */
-void fill_args(napi_env env, const Msg *m, napi_value argv[3]) {
+/** argv for the JS callback: (KIND_FAULT, address, flags, thread) or (KIND_ERROR, errno or event, what, 0). */
+void fill_args(napi_env env, const Msg *m, napi_value argv[4]) {
   napi_create_uint32(env, m->kind, &argv[0]);
   if (m->kind == KIND_FAULT) {
     napi_create_double(env, (double)m->address, &argv[1]);  // user addresses are < 2^47: exact
@@ -436,6 +437,7 @@ void fill_args(napi_env env, const Msg *m, napi_value argv[3]) {
     napi_create_double(env, (double)(m->flags ? m->flags : m->address), &argv[1]);
     napi_create_string_utf8(env, m->what, NAPI_AUTO_LENGTH, &argv[2]);
   }
+  napi_create_uint32(env, m->ptid, &argv[3]);
 }
 
 /** The wrapper catches the user's errors; anything else is a bug: crash the agent (and so
@@ -453,20 +455,20 @@ void CallJs(napi_env env, napi_value cb, void *context, void *data) {
   FaultThread *t = static_cast<FaultThread *>(context);
   Msg *m = static_cast<Msg *>(data);
   if (env && cb && !t->stopped) {
-    napi_value argv[3];
+    napi_value argv[4];
     fill_args(env, m, argv);
-    crash_on_exception(env, napi_call_function(env, undefined(env), cb, 3, argv, nullptr));
+    crash_on_exception(env, napi_call_function(env, undefined(env), cb, 4, argv, nullptr));
   }
   delete m;
 }
 
 /** Loop mode: called from the uv_poll callback, on the main thread, inside a handle scope. */
 void call_now(FaultThread *t, const Msg &m) {
-  napi_value cb, global, argv[3];
+  napi_value cb, global, argv[4];
   if (t->stopped || napi_get_reference_value(t->env, t->cb, &cb) != napi_ok || !cb) return;
   napi_get_global(t->env, &global);
   fill_args(t->env, &m, argv);
-  crash_on_exception(t->env, napi_make_callback(t->env, t->async_context, global, cb, 3, argv, nullptr));
+  crash_on_exception(t->env, napi_make_callback(t->env, t->async_context, global, cb, 4, argv, nullptr));
 }
 
 void stop_loop(FaultThread *t);

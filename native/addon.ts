@@ -65,7 +65,7 @@ export interface Addon {
    * cb(0, address, flags) for a fault; cb(1, errno or event, what) for a failure. `loop`
    * polls the uffd on the main libuv loop instead of a native thread.
    */
-  startFaultThread(uffd: number, cb: (kind: number, a: number, b: number | string) => void, loop: boolean): FaultHandle;
+  startFaultThread(uffd: number, cb: (kind: number, a: number, b: number | string, thread: number) => void, loop: boolean): FaultHandle;
   /** 0 when the page was installed, 1 when it was already present (waiters woken). */
   resolveFault(handle: FaultHandle, address: number, data: Uint8Array | null): 0 | 1;
   wakeRange(handle: FaultHandle, address: number, length: number): void;

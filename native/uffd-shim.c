@@ -119,10 +119,11 @@ static int open_uffd(void)
 /* Registers [base, base+length) for MISSING faults; returns the range's ioctls mask. */
 static uint64_t register_range(int uffd, void *base, size_t length)
 {
-	struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MISSING_SHMEM };
+	/* THREAD_ID: each fault names its thread, so the agent tells a vCPU's faults from the main loop's. */
+	struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID };
 	/* SAFETY: api is a live stack struct the kernel reads and fills in */
 	if (ioctl(uffd, UFFDIO_API, &api) != 0)
-		die("UFFDIO_API with UFFD_FEATURE_MISSING_SHMEM failed: %s (shared-memory faults need Linux 4.11+)",
+		die("UFFDIO_API with UFFD_FEATURE_MISSING_SHMEM and UFFD_FEATURE_THREAD_ID failed: %s (they need Linux 4.14+)",
 		    strerror(errno));
 	struct uffdio_register reg = {
 		.range = { .start = (uintptr_t)base, .len = length },

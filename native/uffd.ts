@@ -205,6 +205,8 @@ export interface Fault {
   /** The page's offset in the RAM file (= guest-physical address). */
   offset: number;
   write: boolean;
+  /** The faulting thread's id in QEMU's process (a vCPU's, or another's); 0 when the kernel did not say. */
+  thread: number;
 }
 
 export type FaultResult = 'copied' | 'zeroed' | 'present';
@@ -244,7 +246,7 @@ export class FaultThread {
     this.mapping = mapping;
     this.handlers = handlers;
     this.mode = mode;
-    this.handle = addon().startFaultThread(mapping.uffd, (kind, a, b) => this.event(kind, a, b), mode === 'loop');
+    this.handle = addon().startFaultThread(mapping.uffd, (kind, a, b, thread) => this.event(kind, a, b, thread), mode === 'loop');
   }
 
   /** Starts serving `mapping`. @throws Error if the mapping is closed or already served */
@@ -263,7 +265,7 @@ export class FaultThread {
     return this.isRunning;
   }
 
-  private event(kind: number, a: number, b: number | string): void {
+  private event(kind: number, a: number, b: number | string, thread: number): void {
     if (kind !== FAULT_KIND) {
       const cause = Object.assign(new Error(`${b}: ${a}`), { errno: a });
       this.report(new LetheError('VM_FAILED', `the fault thread of the mapping at ${hex(this.mapping.hello.base)} reported a failure`, { cause }));
@@ -272,7 +274,7 @@ export class FaultThread {
     const pageAddress = a - (a % PAGE_SIZE);
     let fault: Fault | undefined;
     try {
-      fault = { pageAddress, offset: this.mapping.offsetOf(pageAddress), write: ((b as number) & UFFD_PAGEFAULT_FLAG_WRITE) !== 0 };
+      fault = { pageAddress, offset: this.mapping.offsetOf(pageAddress), write: ((b as number) & UFFD_PAGEFAULT_FLAG_WRITE) !== 0, thread };
       const r = this.handlers.onFault(fault, this);
       if (r instanceof Promise) r.catch((e) => this.report(faultError(fault!, e)));
     } catch (e) {

@@ -22,9 +22,10 @@ export type FaultEvictor = Pick<Evictor, 'quiet' | 'recordFault' | 'isResident' 
 
 /**
  * Serves one guest-RAM fault once, as a resumed VM's are served: the page from the
- * agent core into a pooled buffer, installed once no eviction batch is running, and
- * recorded by the evictor (then `installed`). Throws if the page cannot be read; the
- * caller retries, never answering with zeros. Exported for the fault benchmark.
+ * agent core into a pooled buffer, installed (with `gated`, a vCPU's fault: once no
+ * eviction batch is running) and recorded by the evictor (then `installed`). Throws
+ * if the page cannot be read; the caller retries, never answering with zeros.
+ * Exported for the fault benchmark.
  */
 export async function servePage(
   core: AgentCore,
@@ -33,6 +34,7 @@ export async function servePage(
   f: Fault,
   t: FaultThread,
   installed: () => void = () => {},
+  gated = true,
 ): Promise<ReadSource> {
   const page = f.offset / MEM_CHUNK_SIZE;
   return pool.with(MEM_CHUNK_SIZE, async (buf) => {
@@ -40,7 +42,7 @@ export async function servePage(
     const companions = () => evictor.evictedAfter(page, KEY_BATCH - 1);
     const src = await core.readInto('mem', page, buf, { resident: true, writable: true, companions });
     const data = src === 'zero' ? null : buf;
-    await evictor.quiet();
+    if (gated) await evictor.quiet();
     if (t.resolve(f.pageAddress, data) !== 'present') {
       evictor.recordFault(page, data);
       installed();
@@ -72,6 +74,10 @@ export class FaultService {
   private stopping = false;
   /** Pages whose fault is being served, with how many faults each. */
   private readonly inFlight = new Map<number, number>();
+  /** Faults of vCPU threads being served. */
+  private vcpuFaults = 0;
+  /** QEMU's vCPU threads (setVcpuThreads); unknown until told, and then every fault counts as a vCPU's. */
+  private vcpuThreads: ReadonlySet<number> | undefined;
   /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
   private readonly touched: Uint8Array;
   private readonly firstTouch: Uint32Array;
@@ -109,13 +115,19 @@ export class FaultService {
     const page = f.offset / MEM_CHUNK_SIZE;
     const t0 = performance.now();
     const refault = this.touched[page] === 1 && this.evictor.manager.isSensitive(page);
+    // A vCPU's fault waits for an eviction batch to end: the batch counts on that vCPU
+    // staying blocked (VcpuHolds). Another thread's (QEMU's main loop reading a disk
+    // block into guest RAM, say) goes in at once: that thread must run for QMP 'stop'
+    // to be answered at all, and a page it faults on is not one the batch evicts.
+    const vcpu = this.isVcpu(f.thread);
+    if (vcpu) this.vcpuFaults++;
     this.inFlight.set(page, (this.inFlight.get(page) ?? 0) + 1);
     try {
       // A fault that cannot be served is retried, never answered with zeros: the
       // guest waits (the lease may come back, the server may be reachable again).
       for (let attempt = 0; ; attempt++) {
         try {
-          const src = await servePage(this.core, this.pool, this.evictor, f, t, () => this.recordTouch(page));
+          const src = await servePage(this.core, this.pool, this.evictor, f, t, () => this.recordTouch(page), vcpu);
           this.faults++;
           if (src === 'zero') this.zeroFaults++;
           const waited = performance.now() - t0;
@@ -134,6 +146,7 @@ export class FaultService {
         }
       }
     } finally {
+      if (vcpu) this.vcpuFaults--;
       const n = this.inFlight.get(page)! - 1;
       if (n === 0) this.inFlight.delete(page);
       else this.inFlight.set(page, n);
@@ -227,9 +240,19 @@ export class FaultService {
     return this.inFlight.has(page);
   }
 
-  /** Whether any fault is being served (a vCPU hold waits for none). */
-  busy(): boolean {
-    return this.inFlight.size > 0;
+  /** Tells which of QEMU's threads run vCPUs (QMP query-cpus-fast). */
+  setVcpuThreads(ids: Iterable<number>): void {
+    this.vcpuThreads = new Set(ids);
+  }
+
+  /** Whether a fault of this thread counts as a vCPU's: yes unless the vCPU threads are known and it is not one. */
+  isVcpu(thread: number): boolean {
+    return !this.vcpuThreads || thread === 0 || this.vcpuThreads.has(thread);
+  }
+
+  /** Whether a vCPU is blocked in a fault being served (a hold then goes on without QMP 'stop': VcpuHolds). */
+  vcpuBlocked(): boolean {
+    return this.vcpuFaults > 0;
   }
 
   /** Faults already taken finish or fail; no new page is installed ahead. */

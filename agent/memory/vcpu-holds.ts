@@ -8,11 +8,15 @@ export interface VcpuControl {
    * drained, so a hold knows no disk read will still land in guest RAM.
    */
   execute(cmd: 'stop' | 'cont'): Promise<unknown>;
-  /** Whether a fault is being served: a vCPU blocked in it keeps 'stop' from returning. */
+  /**
+   * Whether a vCPU is blocked in a fault being served: it keeps 'stop' from returning,
+   * and stays blocked while an eviction batch runs (the fault service holds vCPU faults
+   * back until then). Another thread's fault does not count: 'stop' waits for it.
+   */
   faultInFlight(): boolean;
   /** Whether QEMU is gone (nothing to continue). */
   exited(): boolean;
-  /** Told every STOP_REPORT_MS that 'stop' is still unanswered with no fault in flight. */
+  /** Told every STOP_REPORT_MS that 'stop' is still unanswered with no vCPU in a fault. */
   stopSlow?(waitedMs: number, reasons: string[]): void;
 }
 

@@ -77,14 +77,14 @@ export class AgentVm implements EvictTarget {
     this.log = o.log;
     this.vcpus = new VcpuHolds({
       execute: (cmd) => vm.qmp.execute(cmd),
-      faultInFlight: () => this.faulting.busy(),
+      faultInFlight: () => this.faulting.vcpuBlocked(),
       exited: () => Boolean(vm.exitStatus),
       // A vCPU that does not stop while no fault is served may wait on a fault the agent
       // has no record of: woken, it faults again and that fault is served.
       stopSlow: (ms, reasons) => {
         const woke = this.faulting.wakeAll();
         this.log(
-          `the guest's vCPUs have not stopped after ${Math.round(ms / 1000)} s (held for ${reasons.join(', ')}) with no fault being served` +
+          `the guest's vCPUs have not stopped after ${Math.round(ms / 1000)} s (held for ${reasons.join(', ')}) with no vCPU fault being served` +
             (woke ? '; woke every thread waiting on guest RAM' : ''),
         );
       },
@@ -291,6 +291,11 @@ export class AgentVm implements EvictTarget {
       const pool = new BufferPool(FAULT_PAGE_BUFFERS, MEM_CHUNK_SIZE);
       const self = new AgentVm(vm, ramPath, ramFd, listener, pool, core, o, memBytes);
       self.faulting.start(m);
+      // Which threads are vCPUs: their faults, not the main loop's, hold a VM stop back (VcpuHolds).
+      await vm.qmp
+        .execute<{ 'thread-id'?: number }[]>('query-cpus-fast')
+        .then((cpus) => self.faulting.setVcpuThreads(cpus.flatMap((c) => (c['thread-id'] ? [c['thread-id']] : []))))
+        .catch((e) => o.log(`vCPU threads unknown (every fault counts as a vCPU's): ${errorChain(e)}`));
       if (o.installFirst?.length) await self.installAhead(o.installFirst);
       await streamState(core, vm, o.runDir, runAs);
       fs.unlinkSync(ramPath);

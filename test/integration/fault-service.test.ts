@@ -73,7 +73,7 @@ describe('the fault service against a fault client (agent core, real server)', f
     expect(service.installedAhead).to.equal(2);
     expect([...service.firstTouchOrder()], 'first touches, in order, installed pages left out').to.deep.equal(faulted);
     expect(touched).to.deep.equal(faulted);
-    expect(service.busy()).to.equal(false);
+    expect(service.vcpuBlocked()).to.equal(false);
     expect(evictor.isResident(0) && evictor.isResident(5), 'the evictor knows of every page that went in').to.equal(true);
     expect(log.filter((l) => /not served/.test(l))).to.deep.equal([]);
 
@@ -143,6 +143,69 @@ describe('re-faults of evicted sensitive pages (agent core, real server)', funct
     expect(core.stats.keyRequests - before, 'key requests for 32 re-faults').to.equal(2);
     expect(service.sensitiveRefaults.summary().count).to.equal(PAGES);
     expect(evictor.evictedAfter(order[0], 63), 'resident again: none is a companion').to.deep.equal([]);
+    expect(log.filter((l) => /not served/.test(l))).to.deep.equal([]);
+
+    client.end();
+    expect(await client.exited).to.deep.equal({ code: 0, signal: null });
+  });
+  it("a vCPU's fault waits for an eviction batch to end; another thread's (QEMU's main loop) goes in at once", async () => {
+    const core = t.agent.core;
+    const dir = tmpDir('lethe-gate-');
+    const ram = path.join('/dev/shm', `lethe-gate-${randomBytes(4).toString('hex')}.ram`);
+    fs.writeFileSync(ram, '', { mode: 0o600 });
+    fs.truncateSync(ram, PAGES * PAGE_SIZE);
+    const ramFd = fs.openSync(ram, 'r+');
+    cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.closeSync(ramFd), () => fs.rmSync(dir, { recursive: true, force: true }));
+
+    const pool = new BufferPool(4, PAGE_SIZE);
+    const log: string[] = [];
+    let service!: FaultService;
+    // The hold is granted only when the test says: until then the eviction batch waits with its gate closed.
+    let holding!: () => void;
+    const held = new Promise<void>((r) => (holding = r));
+    let grant!: () => void;
+    const granted = new Promise<void>((r) => (grant = r));
+    const hold = async () => {
+      holding();
+      await granted;
+      return async () => {};
+    };
+    const evictor = new Evictor(core, { ramFd, pages: PAGES, hold, faultInFlight: (p) => service.faultInFlight(p) }, DEFAULT_FULL_POLICY, (l) => log.push(l));
+    service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l));
+    let mapped!: () => void;
+    const ready = new Promise<void>((r) => (mapped = r));
+    const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
+    const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
+    cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
+    await client.next(/^mapped 0x[0-9a-f]+$/);
+    await ready;
+    const clientThread = client.proc.pid!; // fault-client is one thread: its id is its pid
+    const fnvOf = (p: number) => fnv32(t.img.plain.mem.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)).toString(16).padStart(8, '0');
+    const touch = async (p: number) => {
+      client.send(`touch ${p} ${p + 1}`);
+      expect((await client.next(new RegExp(`^page ${p} ([0-9a-f]{8})$`)))[1], `page ${p}`).to.equal(fnvOf(p));
+      await client.next(/^checksum /);
+    };
+
+    await touch(0);
+    const evicting = evictor.evictResident('the test');
+    await held;
+    // The batch is under way (its gate closed). The client is not a vCPU: its fault is served at once.
+    service.setVcpuThreads([clientThread + 1]);
+    await touch(1);
+    expect(service.vcpuBlocked(), "another thread's fault holds no stop back").to.equal(false);
+
+    // As a vCPU, its fault waits for the batch.
+    service.setVcpuThreads([clientThread]);
+    client.send('touch 2 3');
+    while (!service.vcpuBlocked()) await new Promise((r) => setTimeout(r, 5));
+    expect(service.faultInFlight(2), 'the vCPU fault waits').to.equal(true);
+    grant();
+    expect(await evicting).to.deep.equal({ evicted: 1, dirty: 0, kept: 0 });
+    expect((await client.next(/^page 2 ([0-9a-f]{8})$/))[1]).to.equal(fnvOf(2));
+    await client.next(/^checksum /);
+    expect(service.vcpuBlocked()).to.equal(false);
+    expect(evictor.isResident(1) && evictor.isResident(2) && !evictor.isResident(0), 'page 0 went; 1 and 2 came in').to.equal(true);
     expect(log.filter((l) => /not served/.test(l))).to.deep.equal([]);
 
     client.end();

@@ -194,10 +194,11 @@ describe('native memory path (userfaultfd)', function () {
     });
   }
 
-  it('a fault taken but never answered comes again after a wake of the range: how the agent recovers a lost one', async () => {
+  it('a fault taken but never answered comes again after a wake of the range: how the agent recovers a lost one; each names its thread', async () => {
     const pages = 4;
     ramFile(pages);
     const faults: number[] = [];
+    const threads: number[] = [];
     const errors: Error[] = [];
     let mapped!: (v: { mapping: UffdMapping; thread: FaultThread }) => void;
     const ready = new Promise<{ mapping: UffdMapping; thread: FaultThread }>((r) => (mapped = r));
@@ -206,6 +207,7 @@ describe('native memory path (userfaultfd)', function () {
         onFault(f, t) {
           // The first fault is dropped, as a lost one would be; later ones are answered.
           faults.push(f.offset / PAGE_SIZE);
+          threads.push(f.thread);
           if (faults.length > 1) t.resolve(f.pageAddress, pageContent(f.offset / PAGE_SIZE, 1));
         },
       });
@@ -221,6 +223,7 @@ describe('native memory path (userfaultfd)', function () {
     thread.wake(mapping.hello.base, mapping.hello.length);
     expect((await touched).sums.map(hex8)).to.deep.equal([hex8(pageFnv(2, 1))]);
     expect(faults, 'the woken thread faulted again').to.deep.equal([2, 2]);
+    expect(threads, "the client's one thread (its pid)").to.deep.equal([c.proc.pid, c.proc.pid]);
     expect(errors).to.deep.equal([]);
   });
 
