@@ -196,7 +196,7 @@ export class Prefetcher {
     // Each first touch with its time; pages of the learned order that never faulted
     // (installed ahead) were in place by now at the latest.
     const touchedAt = vm.firstTouchTimes();
-    const times = new Uint32Array(order.length).fill(Math.max(vm.sinceStart(), touchedAt.at(-1) ?? 0));
+    const times = new Uint32Array(order.length).fill(Math.max(vm.guestMs(), touchedAt.at(-1) ?? 0));
     times.set(touchedAt.subarray(0, order.length));
     return this.c.client.uploadTrace(this.c.leaseId(), order, times).then(
       () => this.c.log(`first-touch order of ${order.length} page(s) uploaded for trace-learned prefetch`),

@@ -81,10 +81,13 @@ export class FaultService {
   /** Pages in the order the guest first touched them this session (trace-learned prefetch). */
   private readonly touched: Uint8Array;
   private readonly firstTouch: Uint32Array;
-  /** When each first touch came: ms from start() (the guest starting). */
+  /** When each first touch came, in the guest's own time (guestMs()). */
   private readonly firstTouchAt: Uint32Array;
   private firstTouches = 0;
   private startedAt = performance.now();
+  /** How long vCPUs waited on served faults, in all (guestMs() leaves it out). */
+  private vcpuWaitMs = 0;
+  private lastGuestMs = 0;
 
   constructor(
     private readonly core: AgentCore,
@@ -127,12 +130,13 @@ export class FaultService {
       // guest waits (the lease may come back, the server may be reachable again).
       for (let attempt = 0; ; attempt++) {
         try {
-          const src = await servePage(this.core, this.pool, this.evictor, f, t, () => this.recordTouch(page), vcpu);
+          const src = await servePage(this.core, this.pool, this.evictor, f, t, () => this.recordTouch(page, vcpu ? performance.now() - t0 : 0), vcpu);
           this.faults++;
           if (src === 'zero') this.zeroFaults++;
           const waited = performance.now() - t0;
           this.faultWait.ms += waited;
           if (refault) this.sensitiveRefaults.add(waited);
+          if (vcpu) this.vcpuWaitMs += waited;
           if (src === 'server') {
             this.faultWait.server++;
             this.faultWait.serverMs += waited;
@@ -153,11 +157,12 @@ export class FaultService {
     }
   }
 
-  private recordTouch(page: number): void {
+  /** A page went in for the guest, whose vCPU had been waiting `waitingMs` on it. */
+  private recordTouch(page: number, waitingMs: number): void {
     this.onFault(page);
     if (this.touched[page]) return;
     this.touched[page] = 1;
-    this.firstTouchAt[this.firstTouches] = this.sinceStart();
+    this.firstTouchAt[this.firstTouches] = this.guestMs(waitingMs);
     this.firstTouch[this.firstTouches++] = page;
   }
 
@@ -213,14 +218,21 @@ export class FaultService {
     return this.firstTouch.slice(0, this.firstTouches);
   }
 
-  /** When each of firstTouchOrder()'s touches came, in ms from the guest starting (not decreasing). */
+  /** When each of firstTouchOrder()'s touches came, in the guest's own time (guestMs(); not decreasing). */
   firstTouchTimes(): Uint32Array {
     return this.firstTouchAt.slice(0, this.firstTouches);
   }
 
-  /** Whole ms from the guest starting. */
-  sinceStart(): number {
-    return Math.round(performance.now() - this.startedAt);
+  /**
+   * The guest's own time: whole ms since it started, less what its vCPUs spent waiting
+   * on faults (`waitingMs` more for a fault still being waited on). A trace timed so
+   * says how fast the guest takes pages when they are there, not how slow this
+   * session's link was: the startup rule needs the former (prefetch.startup: auto).
+   * Never goes back.
+   */
+  guestMs(waitingMs = 0): number {
+    this.lastGuestMs = Math.max(this.lastGuestMs, Math.round(performance.now() - this.startedAt - this.vcpuWaitMs - waitingMs));
+    return this.lastGuestMs;
   }
 
   /**

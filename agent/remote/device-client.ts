@@ -218,7 +218,7 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
   }
 
   /** Uploads this lease's first-touch order of memory pages; a later upload for the same lease replaces it. */
-  /** Uploads a first-touch trace; with `times` (ms from the guest starting, one per page) a timed one. */
+  /** Uploads a first-touch trace; with `times` (ms of the guest's own time, one per page) a timed one. */
   async uploadTrace(leaseId: string, pages: Uint32Array, times?: Uint32Array): Promise<wire.TTraceUploadResponse> {
     if (times && times.length !== pages.length) throw new RangeError(`uploadTrace: ${times.length} times for ${pages.length} pages`);
     const body = times ? Buffer.concat([wire.encodePages(pages), wire.encodePages(times)]) : wire.encodePages(pages);

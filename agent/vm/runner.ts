@@ -162,13 +162,13 @@ export class AgentVm implements EvictTarget {
     return this.faulting.firstTouchOrder();
   }
 
-  /** When each first touch came, in ms from the guest starting; sinceStart(): now. */
+  /** When each first touch came, in the guest's own time (FaultService.guestMs); guestMs(): now. */
   firstTouchTimes(): Uint32Array {
     return this.faulting.firstTouchTimes();
   }
 
-  sinceStart(): number {
-    return this.faulting.sinceStart();
+  guestMs(): number {
+    return this.faulting.guestMs();
   }
 
   /** Install-ahead of pages whose ciphertext is cached (memory/fault-service.ts). */
