@@ -193,9 +193,8 @@ export const PAGES_CONTENT_TYPE = 'application/octet-stream';
 export const HDR_TRACES = 'x-lethe-traces';
 /**
  * A trace upload with first-touch times: the page list as above, then as many
- * little-endian uint32 times, each the milliseconds of the guest's own time (since it
- * started, less its vCPUs' waits on faults) to
- * that page's first touch (not decreasing).
+ * little-endian uint32 times, each that page's first touch in ms of the guest's own
+ * time (since it started, less its vCPUs' waits on faults), not decreasing.
  */
 export const TIMED_TRACE_CONTENT_TYPE = 'application/vnd.lethe.timed-trace';
 /**
