@@ -13,6 +13,14 @@ import { backoffMs, sleep } from '../remote/backoff.js';
 import type { Evictor } from './evictor.js';
 import { Latencies } from './latencies.js';
 
+/**
+ * Every SAMPLE_EVERY-th page of guest RAM (its index a multiple of it) is never
+ * installed ahead: its first touch faults, and stands for the pages of its group that
+ * were installed ahead and so never fault. They join the first-touch order with it,
+ * at its time, so the trace still knows when the guest reached them (docs/prefetch.md).
+ */
+export const SAMPLE_EVERY = 8;
+
 /** A fault that could not be served is tried again after 250 ms, doubling to 5 s. */
 const FAULT_RETRY_MS = 250;
 const FAULT_RETRY_MAX_MS = 5_000;
@@ -161,8 +169,18 @@ export class FaultService {
   private recordTouch(page: number, waitingMs: number): void {
     this.onFault(page);
     if (this.touched[page]) return;
+    const at = this.guestMs(waitingMs);
+    this.addFirstTouch(page, at);
+    if (page % SAMPLE_EVERY !== 0) return;
+    // A sample page: the pages of its group installed ahead (resident, never faulted) come with it.
+    for (let q = page + 1; q < Math.min(page + SAMPLE_EVERY, this.pages); q++) {
+      if (!this.touched[q] && this.evictor.isResident(q)) this.addFirstTouch(q, at);
+    }
+  }
+
+  private addFirstTouch(page: number, at: number): void {
     this.touched[page] = 1;
-    this.firstTouchAt[this.firstTouches] = this.guestMs(waitingMs);
+    this.firstTouchAt[this.firstTouches] = at;
     this.firstTouch[this.firstTouches++] = page;
   }
 
@@ -172,7 +190,8 @@ export class FaultService {
    * as sensitive, whose chunk is in the server's normal class, qualifies: such
    * plaintext may stay on the device for the whole lease, while sensitive pages
    * keep coming on demand (each key release audited) and keep a true first-touch
-   * trace. Pages resident, being faulted or reported free are skipped. Before each
+   * trace. Pages resident, being faulted or reported free are skipped, and so are
+   * sample pages (SAMPLE_EVERY), which keep the trace of the rest. Before each
    * page the loop yields, so a fault that arrived goes first. Call once their
    * ciphertext is cached (prefetch); returns how many it installed.
    */
@@ -191,7 +210,7 @@ export class FaultService {
 
   private mayInstallAhead(page: number): boolean {
     const m = this.evictor.manager;
-    if (page >= this.pages || this.core.classOf('mem', page) !== 'normal') return false;
+    if (page >= this.pages || page % SAMPLE_EVERY === 0 || this.core.classOf('mem', page) !== 'normal') return false;
     return !m.isSensitive(page) && !m.isFree(page) && !this.evictor.isResident(page) && !this.inFlight.has(page);
   }
 

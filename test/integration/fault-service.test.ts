@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { expect } from 'chai';
 import { BufferPool } from '../../agent/chunks/buffer-pool.js';
-import { FaultService } from '../../agent/memory/fault-service.js';
+import { FaultService, SAMPLE_EVERY } from '../../agent/memory/fault-service.js';
 import { Evictor } from '../../agent/memory/evictor.js';
 import { BUILD_DIR, PAGE_SIZE, UffdListener, shimEnv } from '../../native/index.js';
 import { fnv32 } from '../../native/test/fault-server.js';
@@ -57,8 +57,9 @@ describe('the fault service against a fault client (agent core, real server)', f
     await client.next(/^mapped 0x[0-9a-f]+$/);
     await ready;
 
-    // Page 40 is past the end of guest RAM: not installed.
-    expect(await service.installAhead([0, 2, 40])).to.equal(2);
+    // Page 0 is a sample page (SAMPLE_EVERY), left to fault; page 40 is past the end of guest RAM.
+    expect(SAMPLE_EVERY).to.equal(8);
+    expect(await service.installAhead([0, 2, 10, 40])).to.equal(2);
     expect(service.faults, 'installing ahead is no fault').to.equal(0);
 
     client.send(`touch 0 ${PAGES}`);
@@ -67,12 +68,17 @@ describe('the fault service against a fault client (agent core, real server)', f
       const got = (await client.next(new RegExp(`^page ${i} ([0-9a-f]{8})$`)))[1];
       expect(got, `page ${i}`).to.equal(fnv32(plain.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)).toString(16).padStart(8, '0'));
     }
-    const faulted = Array.from({ length: PAGES }, (_, i) => i).filter((i) => i !== 0 && i !== 2);
+    const faulted = Array.from({ length: PAGES }, (_, i) => i).filter((i) => i !== 2 && i !== 10);
     expect(service.faults).to.equal(faulted.length);
     expect(service.zeroFaults).to.equal(PAGES / 2);
     expect(service.installedAhead).to.equal(2);
-    expect([...service.firstTouchOrder()], 'first touches, in order, installed pages left out').to.deep.equal(faulted);
-    expect(touched).to.deep.equal(faulted);
+    // An installed page never faults: it joins the order with its group's sample page (0 for 2, 8 for 10).
+    const order = [0, 2, 1, 3, 4, 5, 6, 7, 8, 10, 9, ...Array.from({ length: PAGES - 11 }, (_, i) => 11 + i)];
+    expect([...service.firstTouchOrder()], 'first touches, in order').to.deep.equal(order);
+    const times = service.firstTouchTimes();
+    expect(times[1], 'page 2 at its sample\'s time').to.equal(times[0]);
+    expect([...times].every((ms, i) => i === 0 || ms >= times[i - 1]), 'times never go back').to.equal(true);
+    expect(touched, 'faults only').to.deep.equal(faulted);
     expect(service.vcpuBlocked()).to.equal(false);
     expect(evictor.isResident(0) && evictor.isResident(5), 'the evictor knows of every page that went in').to.equal(true);
     expect(log.filter((l) => /not served/.test(l))).to.deep.equal([]);
