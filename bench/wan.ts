@@ -402,6 +402,9 @@ async function main() {
         const t = await lethe(['image', 'trust', IMAGE, cold.deviceId], s.env);
         if (t.code !== 0) throw new Error(`image trust failed: ${t.stderr}`);
         runs.push(await letheResume(s, link2, spec, 'Lethe, second device (learned order)'));
+        // The next link's cold device starts cold: this link's tracer stops shaping its order.
+        const u = await lethe(['image', 'untrust', IMAGE, cold.deviceId], s.env);
+        if (u.code !== 0) throw new Error(`image untrust failed: ${u.stderr}`);
         runs.push(await fullDownload(s, link2, spec, guest, memBytes, dir));
       } finally {
         await link2.close();
