@@ -136,7 +136,7 @@ describe('lethe policy (CLI)', function () {
     expect(j.code).to.equal(0);
     const out = JSON.parse(j.stdout) as { file: string; policy: Record<string, unknown>; diagnostics: unknown[]; explanation: string };
     expect(out.file).to.equal(DEFAULT);
-    expect(out.policy).to.deep.include({ name: 'laptop-default', leaseTtlMs: 900_000, prefetchStartupBytes: 16 * 1024 * 1024 });
+    expect(out.policy).to.deep.include({ name: 'laptop-default', leaseTtlMs: 900_000, prefetchStartupBytes: 0, prefetchStartupAuto: true });
     expect(out.diagnostics).to.deep.equal([]);
     expect(out.explanation).to.match(/^policy laptop-default: /);
   });
