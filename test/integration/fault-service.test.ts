@@ -8,7 +8,9 @@ import path from 'node:path';
 import { expect } from 'chai';
 import { BufferPool } from '../../agent/chunks/buffer-pool.js';
 import { FaultService, SAMPLE_EVERY } from '../../agent/memory/fault-service.js';
-import { Evictor } from '../../agent/memory/evictor.js';
+import { Evictor, type EvictTarget } from '../../agent/memory/evictor.js';
+import type { AgentCore } from '../../agent/chunks/core.js';
+import type { ManagerPolicy } from '../../policies/manager.js';
 import { BUILD_DIR, PAGE_SIZE, UffdListener, shimEnv } from '../../native/index.js';
 import { fnv32 } from '../../native/test/fault-server.js';
 import { DEFAULT_FULL_POLICY } from '../../policies/schema.js';
@@ -18,6 +20,39 @@ import { ROOT, tmpDir } from '../helpers/proc.js';
 
 const CLIENT = path.join(BUILD_DIR, 'fault-client');
 const PAGES = 32;
+
+/**
+ * A fault service over a fresh RAM file of PAGES pages, served to a started
+ * fault-client; everything it made is undone by `cleanup`. `hold` is the evictor's
+ * hold of the (absent) VM; `onFault` hears each fault, as the access trace does.
+ */
+async function faultRig(
+  core: AgentCore,
+  cleanup: (() => unknown)[],
+  o: { policy?: ManagerPolicy; hold?: EvictTarget['hold']; onFault?: (page: number) => void } = {},
+) {
+  const dir = tmpDir('lethe-faults-');
+  const ram = path.join('/dev/shm', `lethe-faults-${randomBytes(4).toString('hex')}.ram`);
+  fs.writeFileSync(ram, '', { mode: 0o600 });
+  fs.truncateSync(ram, PAGES * PAGE_SIZE);
+  const ramFd = fs.openSync(ram, 'r+');
+  cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.closeSync(ramFd), () => fs.rmSync(dir, { recursive: true, force: true }));
+  const pool = new BufferPool(4, PAGE_SIZE);
+  const log: string[] = [];
+  let service!: FaultService;
+  const hold = o.hold ?? (() => Promise.reject(new Error('no VM here')));
+  // Not started: it records what arrives, as a running one does on each fault.
+  const evictor = new Evictor(core, { ramFd, pages: PAGES, hold, faultInFlight: (p) => service.faultInFlight(p) }, o.policy ?? DEFAULT_FULL_POLICY, (l) => log.push(l));
+  service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l), o.onFault);
+  let mapped!: () => void;
+  const ready = new Promise<void>((r) => (mapped = r));
+  const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
+  const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
+  cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
+  await client.next(/^mapped 0x[0-9a-f]+$/);
+  await ready;
+  return { service, evictor, client, log };
+}
 
 describe('the fault service against a fault client (agent core, real server)', function () {
   this.timeout(60_000);
@@ -34,28 +69,11 @@ describe('the fault service against a fault client (agent core, real server)', f
   });
 
   it("serves each page the client touches with the image's content and zero pages as zeros; pages installed ahead never fault", async () => {
-    const core = t.agent.core;
-    const dir = tmpDir('lethe-faults-');
-    const ram = path.join('/dev/shm', `lethe-faults-${randomBytes(4).toString('hex')}.ram`);
-    fs.writeFileSync(ram, '', { mode: 0o600 });
-    fs.truncateSync(ram, PAGES * PAGE_SIZE);
-    cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.rmSync(dir, { recursive: true, force: true }));
-
-    const pool = new BufferPool(4, PAGE_SIZE);
-    const policy = { ...DEFAULT_FULL_POLICY, memoryMode: 'none' as const };
-    const log: string[] = [];
     const touched: number[] = [];
-    let service!: FaultService;
-    // Not started: it records what arrives, as a running one does on each fault.
-    const evictor = new Evictor(core, { ramFd: -1, pages: PAGES, hold: () => Promise.reject(new Error('no VM here')), faultInFlight: (p) => service.faultInFlight(p) }, policy, (l) => log.push(l));
-    service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l), (p) => touched.push(p));
-    let mapped!: () => void;
-    const ready = new Promise<void>((r) => (mapped = r));
-    const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
-    const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
-    cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
-    await client.next(/^mapped 0x[0-9a-f]+$/);
-    await ready;
+    const { service, evictor, client, log } = await faultRig(t.agent.core, cleanup, {
+      policy: { ...DEFAULT_FULL_POLICY, memoryMode: 'none' },
+      onFault: (p) => touched.push(p),
+    });
 
     // Page 0 is a sample page (SAMPLE_EVERY), left to fault; page 40 is past the end of guest RAM.
     expect(SAMPLE_EVERY).to.equal(8);
@@ -100,26 +118,8 @@ describe('re-faults of evicted sensitive pages (agent core, real server)', funct
 
   it('brings the keys of the pages evicted after a re-faulted one in the same round trip, in the order they went', async () => {
     const core = t.agent.core;
-    const dir = tmpDir('lethe-refaults-');
-    const ram = path.join('/dev/shm', `lethe-refaults-${randomBytes(4).toString('hex')}.ram`);
-    fs.writeFileSync(ram, '', { mode: 0o600 });
-    fs.truncateSync(ram, PAGES * PAGE_SIZE);
-    const ramFd = fs.openSync(ram, 'r+');
-    cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.closeSync(ramFd), () => fs.rmSync(dir, { recursive: true, force: true }));
-
-    const pool = new BufferPool(4, PAGE_SIZE);
-    const log: string[] = [];
-    let service!: FaultService;
     // The client touches pages only on command: between commands it holds still, as a held VM does.
-    const evictor = new Evictor(core, { ramFd, pages: PAGES, hold: async () => async () => {}, faultInFlight: (p) => service.faultInFlight(p) }, DEFAULT_FULL_POLICY, (l) => log.push(l));
-    service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l));
-    let mapped!: () => void;
-    const ready = new Promise<void>((r) => (mapped = r));
-    const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
-    const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
-    cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
-    await client.next(/^mapped 0x[0-9a-f]+$/);
-    await ready;
+    const { service, evictor, client, log } = await faultRig(core, cleanup, { hold: async () => async () => {} });
 
     // An order far from the pages' addresses: the k-th touch is page 31 + 7k (mod 32).
     const order = Array.from({ length: PAGES }, (_, k) => (31 + 7 * k) % PAGES);
@@ -155,17 +155,6 @@ describe('re-faults of evicted sensitive pages (agent core, real server)', funct
     expect(await client.exited).to.deep.equal({ code: 0, signal: null });
   });
   it("a vCPU's fault waits for an eviction batch to end; another thread's (QEMU's main loop) goes in at once", async () => {
-    const core = t.agent.core;
-    const dir = tmpDir('lethe-gate-');
-    const ram = path.join('/dev/shm', `lethe-gate-${randomBytes(4).toString('hex')}.ram`);
-    fs.writeFileSync(ram, '', { mode: 0o600 });
-    fs.truncateSync(ram, PAGES * PAGE_SIZE);
-    const ramFd = fs.openSync(ram, 'r+');
-    cleanup.push(() => fs.rmSync(ram, { force: true }), () => fs.closeSync(ramFd), () => fs.rmSync(dir, { recursive: true, force: true }));
-
-    const pool = new BufferPool(4, PAGE_SIZE);
-    const log: string[] = [];
-    let service!: FaultService;
     // The hold is granted only when the test says: until then the eviction batch waits with its gate closed.
     let holding!: () => void;
     const held = new Promise<void>((r) => (holding = r));
@@ -176,15 +165,7 @@ describe('re-faults of evicted sensitive pages (agent core, real server)', funct
       await granted;
       return async () => {};
     };
-    const evictor = new Evictor(core, { ramFd, pages: PAGES, hold, faultInFlight: (p) => service.faultInFlight(p) }, DEFAULT_FULL_POLICY, (l) => log.push(l));
-    service = new FaultService(core, pool, evictor, PAGES, (l) => log.push(l));
-    let mapped!: () => void;
-    const ready = new Promise<void>((r) => (mapped = r));
-    const listener = await UffdListener.listen(path.join(dir, 'uffd.sock'), (m) => (service.start(m), mapped()), (e) => log.push(e.message));
-    const client = new Lines(CLIENT, [ram, String(PAGES)], shimEnv(ram, path.join(dir, 'uffd.sock')));
-    cleanup.push(() => pool.destroy(), () => evictor.destroy(), () => listener.close(), () => service.stop(), () => client.kill());
-    await client.next(/^mapped 0x[0-9a-f]+$/);
-    await ready;
+    const { service, evictor, client, log } = await faultRig(t.agent.core, cleanup, { hold });
     const clientThread = client.proc.pid!; // fault-client is one thread: its id is its pid
     const fnvOf = (p: number) => fnv32(t.img.plain.mem.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)).toString(16).padStart(8, '0');
     const touch = async (p: number) => {
