@@ -151,6 +151,17 @@ describe('traces table', () => {
   });
 });
 
+/** A server with image 'desk' (16 memory pages) assigned to two enrolled devices, alice and bob. */
+async function deskWithTwoDevices() {
+  const s = await startServer();
+  await pushImage(s, 'desk', { chunks: 8 });
+  const dev = await enrolledDevice(s, 'alice');
+  const other = await enrolledDevice(s, 'bob');
+  await assign(s, dev.deviceId, 'desk');
+  await assign(s, other.deviceId, 'desk');
+  return { s, dev, other };
+}
+
 describe('trace upload and prefetch order (real server process)', function () {
   this.timeout(60_000);
   let s: ServerProc;
@@ -161,12 +172,7 @@ describe('trace upload and prefetch order (real server process)', function () {
   let otherLease: string;
 
   before(async () => {
-    s = await startServer();
-    await pushImage(s, 'desk', { chunks: 8 }); // 16 memory pages
-    dev = await enrolledDevice(s, 'alice');
-    other = await enrolledDevice(s, 'bob');
-    await assign(s, dev.deviceId, 'desk');
-    await assign(s, other.deviceId, 'desk');
+    ({ s, dev, other } = await deskWithTwoDevices());
     lease1 = (await dev.client.lease('desk')).leaseId;
     lease2 = (await dev.client.lease('desk')).leaseId;
     otherLease = (await other.client.lease('desk')).leaseId;
@@ -384,12 +390,7 @@ describe('timed traces and the touch curve (real server process)', function () {
   const times = (...t: number[]) => Uint32Array.from(t);
 
   before(async () => {
-    s = await startServer();
-    await pushImage(s, 'desk', { chunks: 8 }); // 16 memory pages
-    dev = await enrolledDevice(s, 'alice');
-    other = await enrolledDevice(s, 'bob');
-    await assign(s, dev.deviceId, 'desk');
-    await assign(s, other.deviceId, 'desk');
+    ({ s, dev, other } = await deskWithTwoDevices());
     lease = (await dev.client.lease('desk')).leaseId;
     otherLease = (await other.client.lease('desk')).leaseId;
     expect((await lethe(['image', 'trust', 'desk', other.deviceId], s.env)).code).to.equal(0);
