@@ -71,6 +71,33 @@ export interface Addon {
   wakeRange(handle: FaultHandle, address: number, length: number): void;
   stopFaultThread(handle: FaultHandle): void;
   faultStats(handle: FaultHandle): FaultStats;
+  diskReadsOpen(fd: number, digestKey: Uint8Array, label: Uint8Array, kind: number, chunkSize: number, maxChunks: number): DiskReadsHandle;
+  diskReadsImage(h: DiskReadsHandle, imageId: Uint8Array): void;
+  diskReadsKey(h: DiskReadsHandle, gen: number, key: Uint8Array): boolean;
+  diskReadsZeroKeys(h: DiskReadsHandle): void;
+  diskReadsPut(h: DiskReadsHandle, index: number, gen: number, at: number, blob: Uint8Array): void;
+  diskReadsForget(h: DiskReadsHandle, index: number): void;
+  diskReadsForgetAll(h: DiskReadsHandle): void;
+  diskReadsRead(h: DiskReadsHandle, offset: number, out: Uint8Array): boolean;
+  diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
+  diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
+  diskReadsClose(h: DiskReadsHandle): void;
+}
+
+declare const diskReadsBrand: unique symbol;
+export type DiskReadsHandle = { readonly [diskReadsBrand]: true };
+
+export interface DiskReadsStats {
+  /** Chunks in the table. */
+  chunks: number;
+  /** Class keys held. */
+  keys: number;
+  /** Reads served whole. */
+  reads: number;
+  /** Reads refused (a chunk not in the table, no key, a piece that did not match): JavaScript read them. */
+  fallbacks: number;
+  /** Pieces that did not match their digest (damage to the cache file); the chunk was forgotten. */
+  mismatches: number;
 }
 
 let loaded: Addon | undefined;

@@ -87,3 +87,4 @@ export function memzero(bytes: ArrayBufferView): void {
   addon().memzero(bytesArg('memzero', 'bytes', bytes));
 }
 
+export * from './disk-reads.js';

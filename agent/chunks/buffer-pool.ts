@@ -15,6 +15,7 @@ export class BufferPool {
     readonly size: number,
   ) {
     this.slab = secureBuffer(count * size);
+    wipe(this.slab); // sodium_malloc fills with 0xdb; give() keeps every free buffer zero from here
     for (let i = 0; i < count; i++) this.free.push(this.slab.subarray(i * size, (i + 1) * size));
   }
 
@@ -22,6 +23,11 @@ export class BufferPool {
   take(): Promise<Buffer> {
     const b = this.free.pop();
     return b ? Promise.resolve(b) : new Promise((r) => this.waiters.push(r));
+  }
+
+  /** A whole buffer of `size` bytes if one is free now, or undefined. */
+  tryTake(): Buffer | undefined {
+    return this.free.pop();
   }
 
   /** A whole buffer of `size` bytes, or undefined when none came free within `ms`. */
@@ -46,12 +52,17 @@ export class BufferPool {
     return b.buffer === this.slab.buffer && b.byteOffset >= this.slab.byteOffset && b.byteOffset < this.slab.byteOffset + this.slab.length;
   }
 
-  /** Zeroes a buffer from this pool (or a view of one: its whole buffer goes back) and hands it on. */
+  /**
+   * Zeroes a buffer from this pool, or the view of one that was handed out (its whole
+   * buffer goes back), and hands it on. Only the view is zeroed: a holder writes
+   * within the view it took, and the rest is still zero from the last give() (or from
+   * the start). A 4 KiB reply in a 256 KiB buffer costs a 4 KiB wipe, not 256 KiB.
+   */
   give(b: Buffer): void {
     const at = b.byteOffset - this.slab.byteOffset;
     const start = at - (at % this.size);
     const whole = start === at && b.length === this.size ? b : this.slab.subarray(start, start + this.size);
-    wipe(whole);
+    wipe(b);
     const w = this.waiters.shift();
     if (w) w(whole);
     else this.free.push(whole);

@@ -129,6 +129,11 @@ export class ChunkCache {
   private tick = 0;
   private readonly touched = new Set<Entry>();
   private readonly counters = { hits: 0, misses: 0, evicted: 0, damaged: 0 };
+  /**
+   * Told of every key whose index entry is replaced or dropped, as it happens (before
+   * its slot can be reused): the native disk-read table forgets what it read there.
+   */
+  onReplace?: (k: CacheKey) => void;
   /** The transaction under way (batch): how to undo its index changes, and what to release once it commits. */
   private tx: { undo: (() => void)[]; onCommit: (() => void)[] } | null = null;
 
@@ -355,6 +360,7 @@ export class ChunkCache {
   /** Points `id` at `e` (or at nothing) in memory; the entry it replaces gives its slot back once that stands. */
   private replace(id: string, e: Entry | undefined): void {
     const prev = this.index.get(id);
+    if (prev) this.onReplace?.(prev.key);
     if (e) this.index.set(id, e);
     else this.index.delete(id);
     if (prev) this.account(prev, -1);
@@ -422,6 +428,17 @@ export class ChunkCache {
     this.persistTouches();
     this.db.pragma('wal_checkpoint(FULL)');
     for (const kind of CHUNK_KINDS) this.slots[kind].flushed();
+  }
+
+  /** Where a cached blob starts in its kind's slot file (slotFd), or undefined when it is not cached. */
+  location(k: CacheKey): number | undefined {
+    const e = this.index.get(this.id(k));
+    return e && e.slot * SLOT_BYTES[k.kind];
+  }
+
+  /** The slot file of a kind, open for reading and writing; the cache closes it. */
+  slotFd(kind: ChunkKind): number {
+    return this.fds[kind];
   }
 
   has(k: CacheKey): boolean {

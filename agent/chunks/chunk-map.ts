@@ -18,6 +18,12 @@ export interface Entry {
 /** A chunk's key in the key ring: generation, kind and index. */
 export const keyId = (kind: ChunkKind, index: number, gen: number): string => `${gen}/${kind}/${index}`;
 
+/** keyId()'s parts back. */
+export function parseKeyId(id: string): { gen: number; kind: ChunkKind; index: number } {
+  const [gen, kind, index] = id.split('/');
+  return { gen: Number(gen), kind: kind as ChunkKind, index: Number(index) };
+}
+
 export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
   const { signature, ...body } = m;
   const msg = Buffer.from(`${MANIFEST_CONTEXT}\n${sha256(canonical(body)).toString('hex')}`);

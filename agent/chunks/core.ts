@@ -11,10 +11,12 @@
 // chunk-keys.ts (keys), blob-source.ts (ciphertext from cache or server, prefetch),
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
-import { DISK_CHECKED_BYTES, DISK_PIECE_CHUNKS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import { randomBytes } from 'node:crypto';
+import { DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, KDF_CHUNK_NORMAL, KIND_CODE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { CHUNK_CT_AT, decryptChunkInto, decryptChunkPartInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
 import { b64u, tampered, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
+import { NativeDiskReads, type DiskReadsStats } from '../../native/disk-reads.js';
 import type { Identity } from '../keys/identity.js';
 import type { KeyRing } from '../keys/keyring.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
@@ -24,7 +26,7 @@ import { BlobSource, type PrefetchOptions, type ReadSource } from './blob-source
 import type { ChunkCache } from './cache.js';
 import { CheckedBlobs } from './checked-blobs.js';
 import { ChunkKeys } from './chunk-keys.js';
-import { ChunkMap, keyId, verifyManifest, type Entry } from './chunk-map.js';
+import { ChunkMap, keyId, parseKeyId, verifyManifest, type Entry } from './chunk-map.js';
 import { PIECE_BYTES, PieceDigests } from './piece-digests.js';
 import { Residency } from './residency.js';
 import { ChunkWriter, type CheckinClient } from './writes.js';
@@ -45,6 +47,14 @@ export class AgentCore {
   /** readPieces()' ciphertext (not secret): the pieces one read covers. */
   private readonly pieceBuf = Buffer.allocUnsafe(PIECE_READ_MAX + PIECE_BYTES);
   private readonly map = new ChunkMap();
+  /**
+   * Normal-class disk chunks whose tag was checked, read in native code from the cache
+   * file (native/disk-reads.ts): a warm read in one call, with the class key kept
+   * readable there rather than opened for each use. Other chunks' pieces: `pieces`.
+   */
+  private readonly fast: NativeDiskReads;
+  /** Generations whose class key the native table holds. */
+  private readonly fastGens = new Set<number>();
   private readonly chunkKeys: ChunkKeys;
   private readonly blobs: BlobSource;
   private readonly residency: Residency;
@@ -53,17 +63,32 @@ export class AgentCore {
   constructor(
     private readonly id: Identity,
     private readonly cache: ChunkCache,
-    keys: KeyRing,
+    private readonly keys: KeyRing,
     fetcher: Fetcher,
     private readonly lease: LeaseKeeper,
     checkedBytes = DISK_CHECKED_BYTES,
   ) {
     // A disk blob leaving memory (or too large to keep) leaves its pieces' digests behind: later short reads take pieces from the cache file.
-    this.checked = new CheckedBlobs(checkedBytes, (id, hash, blob) => this.pieces.put(id, hash, blob));
+    this.checked = new CheckedBlobs(checkedBytes, (id, hash, blob) => {
+      if (!this.putFast(id, hash, blob)) this.pieces.put(id, hash, blob);
+    });
+    this.fast = new NativeDiskReads(cache.slotFd('disk'), {
+      digestKey: randomBytes(32),
+      label: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
+      kind: KIND_CODE.disk,
+      chunkSize: DISK_CHUNK_SIZE,
+      maxChunks: DISK_PIECE_CHUNKS,
+    });
+    // What the table read lies where the cache has moved on, or was written over, or the keys are gone.
+    cache.onReplace = (k) => k.kind === 'disk' && this.fast.forget(k.index);
+    keys.onZeroAll(() => {
+      this.fast.zeroKeys();
+      this.fastGens.clear();
+    });
     this.chunkKeys = new ChunkKeys(this.map, id, keys, fetcher, lease, this.stats);
     this.blobs = new BlobSource(this.map, cache, fetcher, lease, this.stats);
     this.residency = new Residency(this.chunkKeys, keys, this.stats);
-    this.writer = new ChunkWriter(this.map, this.chunkKeys, cache, lease, this.checked, this.stats);
+    this.writer = new ChunkWriter(this.map, this.chunkKeys, cache, lease, this.checked, this.stats, (kind, index) => kind === 'disk' && this.fast.forget(index));
   }
 
   /** The lease's manifest, its state size moved by this device's suspend if there was one. */
@@ -88,6 +113,69 @@ export class AgentCore {
   setManifest(m: Manifest, writeGen?: number): void {
     verifyManifest(m, b64u.decode(this.id.info.serverSignPublicKey));
     this.map.install(m, writeGen, this.cache);
+    this.fast.image(Buffer.from(m.imageId, 'hex'));
+  }
+
+  /** The native disk-read table's counters. */
+  get diskReads(): DiskReadsStats {
+    return this.fast.stats();
+  }
+
+  /**
+   * Puts a checked disk blob in the native table: a normal-class chunk of the manifest,
+   * keyed by its generation's class key (held), lying in the cache file. False for any
+   * other (the caller keeps its pieces' digests itself).
+   */
+  private putFast(id: string, hash: string, blob: Buffer): boolean {
+    const { kind, index, gen } = parseKeyId(id);
+    const e = kind === 'disk' ? this.map.entries.disk.get(index) : undefined;
+    if (!e || e.gen !== gen || e.ctHash !== hash || !this.fastKeyed(id, e)) return false;
+    const at = this.cache.location(this.map.cacheKey('disk', index, e));
+    if (at === undefined) return false;
+    this.fast.put(index, gen, at + CHUNK_CT_AT, blob);
+    this.pieces.delete(id);
+    return true;
+  }
+
+  /**
+   * Whether the native table can key this chunk: a normal-class chunk with no key of its
+   * own (a write key), whose generation's class key the ring holds; the table is given
+   * that class key the first time.
+   */
+  private fastKeyed(id: string, e: Entry): boolean {
+    if (e.cls !== 'normal' || this.keys.hasSensitiveKey(id)) return false;
+    if (this.fastGens.has(e.gen)) return true;
+    if (!this.keys.withClassKey(e.gen, (k) => k !== undefined && this.fast.key(e.gen, k))) return false;
+    this.fastGens.add(e.gen);
+    return true;
+  }
+
+  /**
+   * Disk bytes [offset, offset + out.length), now, without a promise or the key ring:
+   * each chunk from the memory of checked blobs or from the native table's pieces of
+   * the cache file. True when it served every byte; false (out's bytes undefined), and
+   * read them with readRange().
+   */
+  readDiskNow(offset: number, out: Buffer): boolean {
+    if (this.lease.state !== 'active') return false;
+    const end = offset + out.length;
+    let chunks = 0;
+    for (let pos = offset; pos < end; chunks++) {
+      const index = Math.floor(pos / DISK_CHUNK_SIZE);
+      const within = pos - index * DISK_CHUNK_SIZE;
+      const n = Math.min(DISK_CHUNK_SIZE - within, end - pos);
+      const part = out.subarray(pos - offset, pos - offset + n);
+      const e = this.map.entries.disk.get(index);
+      if (!e || e.cls !== 'normal') return false;
+      const id = keyId('disk', index, e.gen);
+      const blob = this.checked.get(id, e.ctHash);
+      if (blob ? !(this.fastKeyed(id, e) && this.fast.decrypt(index, e.gen, blob, within, part)) : !this.fast.read(pos, part)) return false;
+      if (!blob) this.stats.pieceReads++;
+      pos += n;
+    }
+    this.stats.reads += chunks;
+    this.stats.fromCache += chunks;
+    return true;
   }
 
   entry(kind: ChunkKind, index: number): Entry | undefined {
@@ -166,6 +254,11 @@ export class AgentCore {
     }
     const id = keyId(kind, index, e.gen);
     const checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
+    // A kept blob of a normal-class chunk decrypts under the native table's copy of the class key: no key-ring mprotect.
+    if (checked && kind === 'disk' && this.fastKeyed(id, e) && this.fast.decrypt(index, e.gen, checked, from!, out)) {
+      this.stats.fromCache++;
+      return 'cache';
+    }
     if (!checked && from !== undefined && this.readPieces(kind, index, e, id, from, out)) {
       this.stats.fromCache++;
       this.stats.pieceReads++;
@@ -240,7 +333,9 @@ export class AgentCore {
    * damaged blob and fetches it again.
    */
   private readPieces(kind: ChunkKind, index: number, e: Entry, id: string, from: number, out: Buffer): boolean {
-    if (kind !== 'disk' || out.length > PIECE_READ_MAX) return false;
+    if (kind !== 'disk') return false;
+    if (e.cls === 'normal' && this.fast.read(index * DISK_CHUNK_SIZE + from, out)) return true;
+    if (out.length > PIECE_READ_MAX) return false;
     const r = this.pieces.get(id, e.ctHash);
     if (!r) return false;
     const first = Math.floor(from / PIECE_BYTES);
@@ -317,6 +412,7 @@ export class AgentCore {
   }
 
   destroy(): void {
+    this.fast.close();
     this.chunkKeys.destroy();
     this.residency.clear();
   }

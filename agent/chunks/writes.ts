@@ -28,6 +28,8 @@ export class ChunkWriter {
     private readonly lease: LeaseKeeper,
     private readonly checked: CheckedBlobs,
     private readonly stats: { writes: number },
+    /** Told of a chunk whose entry a write replaced, before the write resolves. */
+    private readonly changed?: (kind: ChunkKind, index: number) => void,
   ) {}
 
   /**
@@ -69,6 +71,7 @@ export class ChunkWriter {
   private adopt(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer }): void {
     const old = this.map.entries[kind].get(index);
     this.map.entries[kind].set(index, w.e);
+    this.changed?.(kind, index);
     // Encrypted here, so checked: a read of part of it decrypts only that part. It takes
     // the place in memory of the blob it replaces, if that one had a place: a chunk the
     // guest keeps reading stays there, and a long run of writes (a copy onto the disk)

@@ -44,8 +44,8 @@ export function agentStatus({ deviceId, image, lease, keys, cache, core, fetcher
     cache: cache.stats(),
     /** Checked disk ciphertext kept in memory (--disk-memory-cache). */
     diskMemory: { chunks: core.checked.count, bytes: core.checked.bytes, limitBytes: core.checked.limitBytes },
-    /** Small disk reads served from the cache file a 4 KiB piece at a time (piece-digests.ts), and pieces that did not match. */
-    diskPieces: { chunks: core.pieces.size, reads: core.stats.pieceReads, mismatches: core.pieces.mismatches },
+    /** Disk reads served from the cache file a 4 KiB piece at a time (piece-digests.ts; normal-class chunks in native code, `native`), and pieces that did not match. */
+    diskPieces: { chunks: core.pieces.size + core.diskReads.chunks, reads: core.stats.pieceReads, mismatches: core.pieces.mismatches + core.diskReads.mismatches, native: core.diskReads },
     resident: { ...core.resident },
     reads: { ...core.stats },
     fetch: { ...fetcher.stats },

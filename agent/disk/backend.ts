@@ -78,6 +78,21 @@ export class AgentDiskBackend {
   }
 
   /**
+   * read() from the native table alone (AgentCore.readDiskNow), when no write to those
+   * chunks is in progress and a reply buffer is free: the bytes, or undefined.
+   */
+  readNow(offset: number, length: number): Buffer | undefined {
+    if (length === 0 || length > DISK_REPLY_BUFFER_BYTES || offset < 0 || offset + length > this.size) return undefined;
+    for (let i = Math.floor(offset / DISK_CHUNK_SIZE); i * DISK_CHUNK_SIZE < offset + length; i++) if (this.locks.has(i)) return undefined;
+    const slot = this.replies.tryTake();
+    if (!slot) return undefined;
+    const out = slot.subarray(0, length);
+    if (this.core.readDiskNow(offset, out)) return out;
+    this.replies.give(out);
+    return undefined;
+  }
+
+  /**
    * A locked buffer for a write's payload, which the NBD server reads off the socket;
    * it comes back through release() once the write is done. Taken as read() takes
    * its reply buffer: the same plaintext, the same short life.

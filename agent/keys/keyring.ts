@@ -185,8 +185,16 @@ export class KeyRing {
     return { classKeys: this.classSlots.size, sensitiveKeys: this.sensitiveSlots.size };
   }
 
+  /** Told when every key is zeroed, so that copies held elsewhere (native/disk-reads.ts) go with them. */
+  private readonly zeroHooks: (() => void)[] = [];
+
+  onZeroAll(fn: () => void): void {
+    this.zeroHooks.push(fn);
+  }
+
   /** Zeroes every key (lease ended, revoked, wiped). The ring stays usable. */
   zeroAll(): void {
+    for (const fn of this.zeroHooks) fn();
     this.slabs.forEach((s, n) => this.useSlab(n, () => sodium.sodium_memzero(s)));
     this.classSlots.clear();
     this.sensitiveSlots.clear();

@@ -245,16 +245,18 @@ describe("the agent core's parts", () => {
   });
 
   describe('the locked buffer pool', () => {
-    it('hands out whole buffers, waits when all are out, and gives back zeroed ones (a view returns its whole buffer)', async () => {
+    it('hands out whole buffers, waits when all are out, and gives back zeroed ones (a view zeroes itself and returns its whole buffer)', async () => {
       const pool = new BufferPool(2, 64);
       const a = await pool.take();
       const b = await pool.take();
-      a.fill(7);
+      // A holder writes within the view it hands back: only that view needs zeroing.
+      const view = a.subarray(10, 20);
+      view.fill(7);
       let third: Buffer | undefined;
       const waiting = pool.take().then((x) => (third = x));
       await new Promise((r) => setImmediate(r));
       expect(third, 'all are out: it waits').to.equal(undefined);
-      pool.give(a.subarray(10, 20));
+      pool.give(view);
       await waiting;
       expect(third!.length).to.equal(64);
       expectSameBytes(third!, Buffer.alloc(64), 'the returned buffer');

@@ -27,6 +27,12 @@ export interface BlockBackend {
    * once the write is done or failed. Without it the payload stays in Node's buffers.
    */
   payload?(length: number): Promise<Buffer>;
+  /**
+   * read() when the backend can answer at once, without waiting for anything: the
+   * bytes, or undefined (then read() is called). What it returns goes back through
+   * release() as read()'s does.
+   */
+  readNow?(offset: number, length: number): Buffer | undefined;
   /** Called with a buffer read() or payload() returned once its reply is on the wire (or failed): a backend zeroes plaintext here. */
   release?(buf: Buffer): void;
 }

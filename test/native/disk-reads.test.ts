@@ -1,0 +1,146 @@
+// The native disk-read table (native/disk-reads.cc) against the TypeScript chunk
+// format: blobs made by encryptChunk, laid in a file as the cache's slot file lays them,
+// read back through the table for ranges at any offset and across chunks, and refused
+// whenever JavaScript would have to decide: no key, a forgotten chunk, a new image, a
+// damaged piece.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { CHUNK_CT_AT, chunkKey, encryptChunk, type ChunkCoord } from '../../common/chunk.js';
+import { DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
+import { randomBytes } from '../../common/crypto.js';
+import { NativeDiskReads } from '../../native/index.js';
+import { expectSameBytes } from '../helpers/bytes.js';
+import { tmpDir } from '../helpers/proc.js';
+
+const CHUNK = DISK_CHUNK_SIZE;
+const SLOT = CHUNK + 4096; // a slot holds a blob (chunk + 41 bytes) on a page boundary, as the cache's
+const IMAGE = Buffer.alloc(16, 9);
+const GEN = 4;
+
+/** A deterministic generator, so a failure names a case that can be rerun. */
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+describe('native disk reads', () => {
+  const classKey = randomBytes(32);
+  const coord = (index: number): ChunkCoord => ({ imageId: IMAGE, gen: GEN, kind: 'disk', index, cls: 'normal' });
+  // Three chunks, the last one short, in slots 2, 0 and 5 of the file.
+  const sizes = [CHUNK, CHUNK, CHUNK - 12_345];
+  const slots = [2, 0, 5];
+  const plain = Buffer.concat(sizes.map((n) => randomBytes(n)));
+  let dir: string;
+  let file: string;
+  let fd: number;
+  let t: NativeDiskReads;
+  const blobs: Buffer[] = [];
+
+  beforeEach(() => {
+    dir = tmpDir('lethe-disk-reads-');
+    file = path.join(dir, 'cache-disk.blobs');
+    fd = fs.openSync(file, 'w+');
+    blobs.length = 0;
+    sizes.forEach((n, i) => {
+      const blob = encryptChunk(chunkKey(classKey, coord(i)), coord(i), plain.subarray(i * CHUNK, i * CHUNK + n));
+      fs.writeSync(fd, blob, 0, blob.length, slots[i] * SLOT);
+      blobs.push(blob);
+    });
+    t = new NativeDiskReads(fd, { digestKey: randomBytes(32), label: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), kind: KIND_CODE.disk, chunkSize: CHUNK, maxChunks: 16 });
+    t.image(IMAGE);
+    expect(t.key(GEN, classKey)).to.equal(true);
+    blobs.forEach((b, i) => t.put(i, GEN, slots[i] * SLOT + CHUNK_CT_AT, b));
+  });
+
+  afterEach(() => {
+    t.close();
+    fs.closeSync(fd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const read = (from: number, len: number): Buffer | undefined => {
+    const out = Buffer.alloc(len, 0xaa);
+    return t.read(from, out) ? out : undefined;
+  };
+
+  it('reads any range, across chunks and up to the short last one, as the chunk format decrypts it', () => {
+    const next = rng(11);
+    const cases: [number, number][] = [[0, 4096], [1, 1], [63, 2], [CHUNK - 10, 20], [0, plain.length], [plain.length - 1, 1], [CHUNK, CHUNK]];
+    for (let i = 0; i < 300; i++) {
+      const from = Math.floor(next() * plain.length);
+      cases.push([from, 1 + Math.floor(next() * Math.min(300_000, plain.length - from))]);
+    }
+    for (const [from, len] of cases) {
+      const out = read(from, len);
+      expect(out, `bytes ${from}+${len} served`).to.not.equal(undefined);
+      expectSameBytes(out!, plain.subarray(from, from + len), `bytes ${from}+${len}`);
+    }
+    expect(t.stats()).to.include({ chunks: 3, keys: 1, reads: cases.length, fallbacks: 0, mismatches: 0 });
+  });
+
+  it('refuses what it cannot serve: past the last chunk, an empty read, a chunk forgotten, no key, a new image', () => {
+    expect(read(plain.length - 10, 11), 'past the end').to.equal(undefined);
+    expect(read(0, 0), 'empty').to.equal(undefined);
+    t.forget(1);
+    expect(read(CHUNK - 100, 200), 'a range that reaches a forgotten chunk').to.equal(undefined);
+    expect(read(0, 4096)).to.not.equal(undefined);
+    t.zeroKeys();
+    expect(t.stats().keys).to.equal(0);
+    expect(read(0, 4096), 'no class key').to.equal(undefined);
+    t.key(GEN, classKey);
+    expect(read(0, 4096)).to.not.equal(undefined);
+    t.image(Buffer.alloc(16, 1));
+    expect(read(0, 4096), 'a new manifest forgets every chunk').to.equal(undefined);
+    expect(t.stats()).to.include({ chunks: 0, fallbacks: 5 });
+  });
+
+  it('a class key for another generation does not read this one', () => {
+    t.zeroKeys();
+    t.key(GEN + 1, classKey);
+    expect(read(0, 4096)).to.equal(undefined);
+  });
+
+  it('a damaged piece is never served: its chunk is forgotten and counted, other chunks still read', () => {
+    // One byte of piece 3 of chunk 0's ciphertext changes in the file.
+    const at = slots[0] * SLOT + CHUNK_CT_AT + 3 * 4096 + 100;
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, at);
+    b[0] ^= 1;
+    fs.writeSync(fd, b, 0, 1, at);
+    expect(read(0, 4096), 'an untouched piece of the same chunk').to.not.equal(undefined);
+    expect(read(3 * 4096 + 50, 100), 'the damaged piece').to.equal(undefined);
+    expect(t.stats()).to.include({ mismatches: 1, chunks: 2 });
+    expect(read(0, 4096), 'the chunk is forgotten').to.equal(undefined);
+    expectSameBytes(read(CHUNK, 4096)!, plain.subarray(CHUNK, CHUNK + 4096));
+  });
+
+  it('checks its arguments in TypeScript and refuses a closed table', () => {
+    expect(() => t.read(-1, Buffer.alloc(1))).to.throw(RangeError);
+    expect(() => t.key(GEN, Buffer.alloc(31))).to.throw(RangeError);
+    expect(() => t.put(-1, GEN, 0, blobs[0])).to.throw(TypeError);
+    expect(() => t.image(Buffer.alloc(3))).to.throw(RangeError);
+    expect(() => new NativeDiskReads(-1, { digestKey: randomBytes(32), label: Buffer.alloc(1), kind: 1, chunkSize: CHUNK, maxChunks: 1 })).to.throw(TypeError);
+    expect(() => new NativeDiskReads(fd, { digestKey: randomBytes(32), label: Buffer.alloc(1), kind: 1, chunkSize: 1000, maxChunks: 1 })).to.throw(RangeError);
+    t.close();
+    expect(() => t.read(0, Buffer.alloc(1))).to.throw(/closed/);
+    expect(t.stats().chunks).to.equal(0);
+  });
+
+  it('keeps at most maxChunks chunks', () => {
+    const small = new NativeDiskReads(fd, { digestKey: randomBytes(32), label: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), kind: KIND_CODE.disk, chunkSize: CHUNK, maxChunks: 2 });
+    try {
+      small.image(IMAGE);
+      small.key(GEN, classKey);
+      blobs.forEach((b, i) => small.put(i, GEN, slots[i] * SLOT + CHUNK_CT_AT, b));
+      expect(small.stats().chunks).to.equal(2);
+    } finally {
+      small.close();
+    }
+  });
+});
