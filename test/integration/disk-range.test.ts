@@ -7,6 +7,7 @@ import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { AgentDiskBackend } from '../../agent/disk/backend.js';
 import { agentInProcessSuite } from '../helpers/fixtures.js';
+import { lethe, waitFor } from '../helpers/proc.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 import { damageCachedBlob } from '../helpers/cache.js';
 import { CHUNK_CT_AT } from '../../common/chunk.js';
@@ -172,5 +173,52 @@ describe('disk range reads (real server)', function () {
     await range(1, 8192, 100);
     expect(t.agent.status().diskPieces.reads).to.equal(pieceReads + 1);
     expect(t.agent.core.stats.keyRequests).to.equal(asked + 1);
+  });
+  it('a chunk read in native code is forgotten when the device writes it: the next read, now or later, has the new bytes', async () => {
+    const disk = new AgentDiskBackend(t.agent.core);
+    try {
+      // Chunk 2's tag checked (its blob kept in memory), then its blob leaves memory for the native table.
+      t.agent.core.checked.clear();
+      await range(2, 0, 40_000);
+      t.agent.core.checked.clear();
+      const native = () => t.agent.status().diskPieces.native;
+      const served = native().reads;
+      const now = disk.readNow(2 * CHUNK + 100, 4096);
+      expect(now, 'served now, from the native table').to.not.equal(undefined);
+      expectSameBytes(now!, t.img.plain.disk.subarray(2 * CHUNK + 100, 2 * CHUNK + 4196));
+      disk.release(now!);
+      expect(native().reads).to.equal(served + 1);
+      const next = randomBytes(CHUNK);
+      await t.agent.core.write('disk', 2, next);
+      const again = disk.readNow(2 * CHUNK + 100, 4096) ?? (await disk.read(2 * CHUNK + 100, 4096));
+      expectSameBytes(again, next.subarray(100, 4196), 'after the write');
+      disk.release(again);
+    } finally {
+      disk.close();
+    }
+  });
+
+  it("the lease's end zeroes the native table's class keys with the key ring's: nothing more is served from it", async () => {
+    const disk = new AgentDiskBackend(t.agent.core);
+    try {
+      t.agent.core.checked.clear();
+      await range(0, 0, 40_000);
+      t.agent.core.checked.clear();
+      expect(t.agent.status().diskPieces.native.keys).to.equal(1);
+      const before = disk.readNow(0, 4096);
+      expect(before, 'served now while the lease lasts').to.not.equal(undefined);
+      disk.release(before!);
+      const u = await lethe(['admin', 'unassign', t.agent.identity.info.deviceId, 'ranges'], t.s.env);
+      expect(u.code, u.stderr).to.equal(0);
+      // The next call the server refuses (a sensitive key asked for again) ends the lease.
+      t.agent.core.evict('disk', 1);
+      await t.agent.core.readRange('disk', 1, 0, Buffer.alloc(10)).catch(() => {});
+      await waitFor(async () => t.agent.lease.state !== 'active' || undefined, 10_000, 'the lease to end');
+      expect(t.agent.status().keys).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
+      expect(t.agent.status().diskPieces.native.keys, 'native class keys').to.equal(0);
+      expect(disk.readNow(0, 4096), 'nothing served now').to.equal(undefined);
+    } finally {
+      disk.close();
+    }
   });
 });
