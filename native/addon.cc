@@ -39,6 +39,7 @@
 #include <atomic>
 
 #include "disk-reads.h"
+#include "nbd-proxy.h"
 #include "napi-helpers.h"
 
 namespace {
@@ -631,6 +632,7 @@ napi_value Init(napi_env env, napi_value exports) {
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   DefineDiskReads(env, exports);
+  DefineNbdProxy(env, exports);
   return exports;
 }
 

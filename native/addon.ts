@@ -71,18 +71,25 @@ export interface Addon {
   wakeRange(handle: FaultHandle, address: number, length: number): void;
   stopFaultThread(handle: FaultHandle): void;
   faultStats(handle: FaultHandle): FaultStats;
-  diskReadsOpen(fd: number, digestKey: Uint8Array, label: Uint8Array, kind: number, chunkSize: number, maxChunks: number): DiskReadsHandle;
+  diskReadsOpen(fd: number, digestKey: Uint8Array, keyLabel: Uint8Array, adLabel: Uint8Array, kind: number, cls: number, chunkSize: number, maxChunks: number): DiskReadsHandle;
   diskReadsImage(h: DiskReadsHandle, imageId: Uint8Array): void;
   diskReadsKey(h: DiskReadsHandle, gen: number, key: Uint8Array): boolean;
   diskReadsZeroKeys(h: DiskReadsHandle): void;
   diskReadsPut(h: DiskReadsHandle, index: number, gen: number, at: number, blob: Uint8Array): void;
+  diskReadsHas(h: DiskReadsHandle, index: number, gen: number): boolean;
   diskReadsForget(h: DiskReadsHandle, index: number): void;
   diskReadsForgetAll(h: DiskReadsHandle): void;
   diskReadsRead(h: DiskReadsHandle, offset: number, out: Uint8Array): boolean;
   diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
   diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
   diskReadsClose(h: DiskReadsHandle): void;
+  nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number, maxRead: number): [NbdProxyHandle, number];
+  nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
+  nbdProxyClose(h: NbdProxyHandle): void;
 }
+
+declare const nbdProxyBrand: unique symbol;
+export type NbdProxyHandle = { readonly [nbdProxyBrand]: true };
 
 declare const diskReadsBrand: unique symbol;
 export type DiskReadsHandle = { readonly [diskReadsBrand]: true };

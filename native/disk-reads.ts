@@ -5,7 +5,7 @@
 // pieces it covers, in one call. A read it cannot serve answers false, and the caller
 // reads through the chunk core as before: this table only ever refuses.
 import { LetheError } from '../common/errors.js';
-import { addon, bytesArg, fdArg, show, type DiskReadsHandle, type DiskReadsStats } from './addon.js';
+import { addon, bytesArg, fdArg, show, type DiskReadsHandle, type DiskReadsStats, type NbdProxyHandle } from './addon.js';
 
 export type { DiskReadsStats } from './addon.js';
 
@@ -29,20 +29,24 @@ export class NativeDiskReads {
 
   /**
    * A table over the disk slot file `fd` (duplicated: the caller keeps its own).
-   * `digestKey` keys the piece digests; `label` and `kind` are the chunk-key derivation's
-   * (common/chunk.ts chunkKeyInto); at most `maxChunks` chunks are kept.
+   * `digestKey` keys the piece digests; `keyLabel` and `kind` are the chunk-key
+   * derivation's (common/chunk.ts chunkKeyInto), `adLabel`, `kind` and `cls` the chunk
+   * AEAD's associated data (chunkAd); at most `maxChunks` chunks are kept.
    */
-  constructor(fd: number, opts: { digestKey: Uint8Array; label: Uint8Array; kind: number; chunkSize: number; maxChunks: number }) {
+  constructor(fd: number, opts: { digestKey: Uint8Array; keyLabel: Uint8Array; adLabel: Uint8Array; kind: number; cls: number; chunkSize: number; maxChunks: number }) {
     const fn = 'NativeDiskReads';
     fdArg(fn, 'fd', fd);
     const digestKey = exactly(fn, 'digestKey', opts.digestKey, KEY_BYTES);
-    const label = bytesArg(fn, 'label', opts.label);
-    if (label.byteLength > MAX_LABEL_BYTES) throw new RangeError(`${fn}: label must be at most ${MAX_LABEL_BYTES} bytes`);
-    if (!Number.isInteger(opts.kind) || opts.kind < 0 || opts.kind > 255) throw new RangeError(`${fn}: kind must be a byte (got ${show(opts.kind)})`);
+    const keyLabel = bytesArg(fn, 'keyLabel', opts.keyLabel);
+    const adLabel = bytesArg(fn, 'adLabel', opts.adLabel);
+    if (keyLabel.byteLength > MAX_LABEL_BYTES || adLabel.byteLength > MAX_LABEL_BYTES) throw new RangeError(`${fn}: labels must be at most ${MAX_LABEL_BYTES} bytes`);
+    for (const [name, v] of [['kind', opts.kind], ['cls', opts.cls]] as const) {
+      if (!Number.isInteger(v) || v < 0 || v > 255) throw new RangeError(`${fn}: ${name} must be a byte (got ${show(v)})`);
+    }
     if (u32(fn, 'chunkSize', opts.chunkSize) === 0 || opts.chunkSize % 4096 !== 0) throw new RangeError(`${fn}: chunkSize must be a positive multiple of 4096`);
     u32(fn, 'maxChunks', opts.maxChunks);
     try {
-      this.h = addon().diskReadsOpen(fd, digestKey, label, opts.kind, opts.chunkSize, opts.maxChunks);
+      this.h = addon().diskReadsOpen(fd, digestKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks);
     } catch (e) {
       throw new LetheError('INTERNAL', `cannot open the native disk-read table on fd ${fd}`, { cause: e });
     }
@@ -74,6 +78,11 @@ export class NativeDiskReads {
     addon().diskReadsPut(this.handle(), u32('put', 'index', index), u32('put', 'gen', gen), at, bytesArg('put', 'blob', blob));
   }
 
+  /** Whether chunk `index` of generation `gen` is in the table. */
+  has(index: number, gen: number): boolean {
+    return this.h !== null && addon().diskReadsHas(this.h, u32('has', 'index', index), u32('has', 'gen', gen));
+  }
+
   forget(index: number): void {
     if (this.h) addon().diskReadsForget(this.h, u32('forget', 'index', index));
   }
@@ -102,9 +111,52 @@ export class NativeDiskReads {
     return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0 };
   }
 
+  /**
+   * Starts the NBD read proxy on a connection whose handshake is done (native/nbd-proxy.cc):
+   * reads this table can serve are answered on the client's socket `fd` (duplicated) by a
+   * native thread; everything else comes out of the returned socket-pair fd, byte for byte,
+   * and replies written to it go to the client whole. `leftover` is what the handshake read
+   * past its end. Reads are served only when in [0, size) and at most `maxRead` bytes long.
+   */
+  proxy(fd: number, leftover: Uint8Array, opts: { structured: boolean; size: number; maxRead: number }): NbdReadProxy {
+    fdArg('proxy', 'fd', fd);
+    if (!Number.isSafeInteger(opts.size) || opts.size < 0) throw new RangeError(`proxy: size must be a byte count (got ${show(opts.size)})`);
+    if (!Number.isInteger(opts.maxRead) || opts.maxRead <= 0 || opts.maxRead > 1 << 24) throw new RangeError(`proxy: maxRead must be in (0, 16 MiB] (got ${show(opts.maxRead)})`);
+    try {
+      const [h, inner] = addon().nbdProxyStart(this.handle(), fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size, opts.maxRead);
+      return new NbdReadProxy(h, inner);
+    } catch (e) {
+      if (e instanceof LetheError) throw e;
+      throw new LetheError('INTERNAL', `cannot start the NBD read proxy on fd ${fd}`, { cause: e });
+    }
+  }
+
   /** Zeroes the keys and closes the table's file; later calls other than stats() throw. */
   close(): void {
     if (this.h) addon().diskReadsClose(this.h);
     this.h = null;
+  }
+}
+
+/** A connection's native read proxy: its socket-pair end for JavaScript, what it served, and how to stop it. */
+export class NbdReadProxy {
+  private h: NbdProxyHandle | null;
+
+  constructor(
+    h: NbdProxyHandle,
+    /** JavaScript's end of the socket pair (its to own: wrap it in a net.Socket). */
+    readonly fd: number,
+  ) {
+    this.h = h;
+  }
+
+  /** Reads answered by the proxy, and their bytes. */
+  stats(): { reads: number; bytes: number } {
+    return this.h ? addon().nbdProxyStats(this.h) : { reads: 0, bytes: 0 };
+  }
+
+  /** Shuts both of its sockets: its threads end, and the client sees the connection end. */
+  close(): void {
+    if (this.h) addon().nbdProxyClose(this.h);
   }
 }

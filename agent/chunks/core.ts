@@ -12,7 +12,7 @@
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
 import { randomBytes } from 'node:crypto';
-import { DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, KDF_CHUNK_NORMAL, KIND_CODE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import { AD_CHUNK, CLASS_CODE, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, KDF_CHUNK_NORMAL, KIND_CODE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { CHUNK_CT_AT, decryptChunkInto, decryptChunkPartInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
 import { b64u, tampered, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
@@ -74,8 +74,10 @@ export class AgentCore {
     });
     this.fast = new NativeDiskReads(cache.slotFd('disk'), {
       digestKey: randomBytes(32),
-      label: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
+      keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
+      adLabel: Buffer.from(AD_CHUNK, 'utf8'),
       kind: KIND_CODE.disk,
+      cls: CLASS_CODE.normal,
       chunkSize: DISK_CHUNK_SIZE,
       maxChunks: DISK_PIECE_CHUNKS,
     });
@@ -116,20 +118,27 @@ export class AgentCore {
     this.fast.image(Buffer.from(m.imageId, 'hex'));
   }
 
+  /** The native disk-read table, for the NBD read proxy (agent/disk/nbd/connection.ts). */
+  get readTable(): NativeDiskReads {
+    return this.fast;
+  }
+
   /** The native disk-read table's counters. */
   get diskReads(): DiskReadsStats {
     return this.fast.stats();
   }
 
   /**
-   * Puts a checked disk blob in the native table: a normal-class chunk of the manifest,
-   * keyed by its generation's class key (held), lying in the cache file. False for any
-   * other (the caller keeps its pieces' digests itself).
+   * Puts a checked disk blob in the native table (at its check, and again as it leaves
+   * memory if the table let it go): a normal-class chunk of the manifest, keyed by its
+   * generation's class key (held), lying in the cache file. False for any other (the
+   * caller keeps its pieces' digests itself).
    */
   private putFast(id: string, hash: string, blob: Buffer): boolean {
     const { kind, index, gen } = parseKeyId(id);
     const e = kind === 'disk' ? this.map.entries.disk.get(index) : undefined;
     if (!e || e.gen !== gen || e.ctHash !== hash || !this.fastKeyed(id, e)) return false;
+    if (this.fast.has(index, gen)) return true;
     const at = this.cache.location(this.map.cacheKey('disk', index, e));
     if (at === undefined) return false;
     this.fast.put(index, gen, at + CHUNK_CT_AT, blob);
@@ -304,6 +313,8 @@ export class AgentCore {
             if (!verifyChunk(scratch, map.coord(kind, index, e), blob)) throw tampered();
             // A blob in the spare buffer is borrowed: the buffer goes back for the next read.
             this.checked.put(id, e.ctHash, blob, { read: true, borrowed: spare !== undefined && blob.buffer === spare.buffer });
+            // Checked: the native table serves it from the cache file from now on, to the NBD proxy too.
+            if (kind === 'disk') this.putFast(id, e.ctHash, blob);
           }
           decryptChunkRangeInto(out, scratch, blob, from);
         }

@@ -10,6 +10,7 @@
 import { DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS } from '../../common/constants.js';
 import type { AgentCore } from '../chunks/core.js';
 import { BufferPool } from '../chunks/buffer-pool.js';
+import type { NativeDiskReads } from '../../native/disk-reads.js';
 
 /** How long a request waits for a pooled buffer before it waits for the large one instead. */
 const REPLY_WAIT_MS = 100;
@@ -90,6 +91,11 @@ export class AgentDiskBackend {
     if (this.core.readDiskNow(offset, out)) return out;
     this.replies.give(out);
     return undefined;
+  }
+
+  /** The core's native disk-read table, for the NBD read proxy. */
+  readTable(): NativeDiskReads {
+    return this.core.readTable;
   }
 
   /**

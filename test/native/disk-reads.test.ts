@@ -7,7 +7,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CHUNK_CT_AT, chunkKey, encryptChunk, type ChunkCoord } from '../../common/chunk.js';
-import { DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
+import { AD_CHUNK, CLASS_CODE, DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
 import { randomBytes } from '../../common/crypto.js';
 import { NativeDiskReads } from '../../native/index.js';
 import { expectSameBytes } from '../helpers/bytes.js';
@@ -52,7 +52,7 @@ describe('native disk reads', () => {
       fs.writeSync(fd, blob, 0, blob.length, slots[i] * SLOT);
       blobs.push(blob);
     });
-    t = new NativeDiskReads(fd, { digestKey: randomBytes(32), label: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), kind: KIND_CODE.disk, chunkSize: CHUNK, maxChunks: 16 });
+    t = new NativeDiskReads(fd, { digestKey: randomBytes(32), keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), adLabel: Buffer.from(AD_CHUNK, 'utf8'), kind: KIND_CODE.disk, cls: CLASS_CODE.normal, chunkSize: CHUNK, maxChunks: 16 });
     t.image(IMAGE);
     expect(t.key(GEN, classKey)).to.equal(true);
     blobs.forEach((b, i) => t.put(i, GEN, slots[i] * SLOT + CHUNK_CT_AT, b));
@@ -120,20 +120,33 @@ describe('native disk reads', () => {
     expectSameBytes(read(CHUNK, 4096)!, plain.subarray(CHUNK, CHUNK + 4096));
   });
 
+  it("a whole-chunk read is checked by the chunk's tag: a changed tag is refused, and the chunk forgotten", () => {
+    // The last byte of chunk 1's tag, which no piece digest covers.
+    const at = slots[1] * SLOT + blobs[1].length - 1;
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, at);
+    b[0] ^= 0x80;
+    fs.writeSync(fd, b, 0, 1, at);
+    expectSameBytes(read(CHUNK + 4096, 4096)!, plain.subarray(CHUNK + 4096, CHUNK + 8192), 'a piece read does not need the tag');
+    expect(read(CHUNK, CHUNK), 'the whole chunk').to.equal(undefined);
+    expect(t.stats()).to.include({ mismatches: 1, chunks: 2 });
+    expectSameBytes(read(2 * CHUNK, sizes[2])!, plain.subarray(2 * CHUNK), 'the short last chunk, whole');
+  });
+
   it('checks its arguments in TypeScript and refuses a closed table', () => {
     expect(() => t.read(-1, Buffer.alloc(1))).to.throw(RangeError);
     expect(() => t.key(GEN, Buffer.alloc(31))).to.throw(RangeError);
     expect(() => t.put(-1, GEN, 0, blobs[0])).to.throw(TypeError);
     expect(() => t.image(Buffer.alloc(3))).to.throw(RangeError);
-    expect(() => new NativeDiskReads(-1, { digestKey: randomBytes(32), label: Buffer.alloc(1), kind: 1, chunkSize: CHUNK, maxChunks: 1 })).to.throw(TypeError);
-    expect(() => new NativeDiskReads(fd, { digestKey: randomBytes(32), label: Buffer.alloc(1), kind: 1, chunkSize: 1000, maxChunks: 1 })).to.throw(RangeError);
+    expect(() => new NativeDiskReads(-1, { digestKey: randomBytes(32), keyLabel: Buffer.alloc(1), adLabel: Buffer.alloc(1), kind: 1, cls: 1, chunkSize: CHUNK, maxChunks: 1 })).to.throw(TypeError);
+    expect(() => new NativeDiskReads(fd, { digestKey: randomBytes(32), keyLabel: Buffer.alloc(1), adLabel: Buffer.alloc(1), kind: 1, cls: 1, chunkSize: 1000, maxChunks: 1 })).to.throw(RangeError);
     t.close();
     expect(() => t.read(0, Buffer.alloc(1))).to.throw(/closed/);
     expect(t.stats().chunks).to.equal(0);
   });
 
   it('keeps at most maxChunks chunks', () => {
-    const small = new NativeDiskReads(fd, { digestKey: randomBytes(32), label: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), kind: KIND_CODE.disk, chunkSize: CHUNK, maxChunks: 2 });
+    const small = new NativeDiskReads(fd, { digestKey: randomBytes(32), keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), adLabel: Buffer.from(AD_CHUNK, 'utf8'), kind: KIND_CODE.disk, cls: CLASS_CODE.normal, chunkSize: CHUNK, maxChunks: 2 });
     try {
       small.image(IMAGE);
       small.key(GEN, classKey);

@@ -1,7 +1,8 @@
 // One client's connection, from greeting to close: the handshake (handshake.ts),
 // then transmission: requests read, checked against proto.md, run on the export's
 // backend with many in flight, and answered whole, in simple or structured replies.
-import type net from 'node:net';
+import net from 'node:net';
+import { socketFd, type NbdReadProxy } from '../../../native/index.js';
 import { errorChain } from '../../../common/errors.js';
 import { Handshake } from './handshake.js';
 import { ALLOWED_FLAGS, ERROR_NAMES, messageBytes, nbdError, parseRequest, simpleReply, structuredHeader } from './messages.js';
@@ -10,11 +11,17 @@ import type { BlockBackend, Export, Problem, Request, ServerSide } from './types
 import * as P from './protocol.js';
 
 let nextConnectionId = 1;
+/** The longest read the native proxy answers itself (its locked reply buffer); longer ones come to JavaScript. */
+const PROXY_MAX_READ = 256 * 1024;
 
 /** One client, from greeting to close. */
 export class Connection {
   readonly id = nextConnectionId++;
-  private readonly reader: ByteReader;
+  private reader: ByteReader;
+  /** The client's socket; once the read proxy runs, the socket pair to it (and the client's is `outer`). */
+  private socket: net.Socket;
+  private outer: net.Socket | null = null;
+  private proxy: NbdReadProxy | null = null;
   private structured = false;
   private export: Export | null = null;
   private readonly handlers = new Set<Promise<void>>();
@@ -25,16 +32,61 @@ export class Connection {
   private shuttingDown = false;
 
   constructor(
-    private readonly socket: net.Socket,
+    socket: net.Socket,
     private readonly srv: ServerSide,
   ) {
-    this.reader = new ByteReader(socket);
-    socket.on('error', () => this.reader.peerEnded());
+    this.socket = socket;
+    this.reader = this.attach(socket);
+    socket.setNoDelay(true);
+  }
+
+  /** Reads and answers requests on `socket` from here on. */
+  private attach(socket: net.Socket): ByteReader {
+    const reader = new ByteReader(socket);
+    socket.on('error', () => reader.peerEnded());
     socket.on('close', () => {
       for (const r of this.unsent) r();
       this.unsent.clear();
     });
-    socket.setNoDelay(true);
+    return reader;
+  }
+
+  /** Reads the proxy has answered (native) and not yet added to the server's counters, and their bytes. */
+  proxied(): { reads: number; bytes: number } {
+    return this.proxy?.stats() ?? { reads: 0, bytes: 0 };
+  }
+
+  /**
+   * Hands the client's socket to the native read proxy (native/nbd-proxy.cc) when the
+   * export's backend has a disk-read table: reads the table can serve are answered
+   * there and never reach JavaScript; every other request comes here as before, through
+   * a socket pair, and the replies written to it go to the client whole.
+   */
+  private startProxy(): void {
+    const table = this.export!.backend.readTable?.();
+    const fd = table ? socketFd(this.socket) : null;
+    if (!table || fd === null) return;
+    const outer = this.socket;
+    const leftover = this.reader.detach();
+    try {
+      this.proxy = table.proxy(fd, leftover, { structured: this.structured, size: this.export!.backend.size, maxRead: PROXY_MAX_READ });
+    } finally {
+      leftover.fill(0);
+    }
+    const inner = new net.Socket({ fd: this.proxy.fd, readable: true, writable: true });
+    this.outer = outer;
+    this.socket = inner;
+    this.reader = this.attach(inner);
+    // JavaScript's side is done (or failed): the proxy stops, and so does the client's socket.
+    inner.on('close', () => {
+      const proxy = this.proxy!;
+      proxy.close();
+      this.proxy = null;
+      const { reads, bytes } = proxy.stats();
+      this.srv.counters.requests.read = (this.srv.counters.requests.read ?? 0) + reads;
+      this.srv.counters.bytesRead += bytes;
+      outer.destroy();
+    });
   }
 
   /** Runs the connection to its end; never throws. */
@@ -46,6 +98,7 @@ export class Connection {
       this.structured = hs.structured;
       this.export = hs.export;
       clearTimeout(timer);
+      if (go) this.startProxy();
       if (go) await this.transmission();
       await this.drain();
       this.endSocket();
@@ -66,6 +119,7 @@ export class Connection {
 
   destroy(): void {
     this.socket.destroy();
+    this.outer?.destroy();
   }
 
   private handshakeExpired(): void {

@@ -17,10 +17,41 @@ export class ByteReader {
   private ended = false;
   private endedByUs = false;
 
+  private readonly listeners = {
+    data: (d: Buffer) => this.push(d),
+    end: () => this.peerEnded(),
+    close: () => this.peerEnded(),
+  };
+
   constructor(private readonly socket: net.Socket) {
-    socket.on('data', (d: Buffer) => this.push(d));
-    socket.on('end', () => this.peerEnded());
-    socket.on('close', () => this.peerEnded());
+    socket.on('data', this.listeners.data);
+    socket.on('end', this.listeners.end);
+    socket.on('close', this.listeners.close);
+  }
+
+  /**
+   * Stops reading the socket for good and hands over every byte it received and no
+   * read took: what was buffered here and in the socket's stream. The caller zeroes them.
+   */
+  detach(): Buffer {
+    this.socket.off('data', this.listeners.data);
+    this.socket.off('end', this.listeners.end);
+    this.socket.off('close', this.listeners.close);
+    this.socket.pause();
+    // libuv stops reading the fd (a paused stream still reads up to its high-water mark).
+    // The handle still says it is reading, so read() below takes what the stream holds
+    // without starting it again.
+    (this.socket as unknown as { _handle?: { readStop?: () => number; reading?: boolean } | null })._handle?.readStop?.();
+    const parts = this.chunks;
+    for (let c: Buffer | null; (c = this.socket.read() as Buffer | null) !== null; ) parts.push(c);
+    const out = Buffer.concat(parts);
+    for (const c of parts) c.fill(0);
+    this.chunks = [];
+    this.buffered = 0;
+    this.endedByUs = true;
+    this.ended = true;
+    this.wakeUp();
+    return out;
   }
 
   /**

@@ -96,7 +96,14 @@ export class NbdServer {
 
   /** A copy of the counters. */
   stats(): NbdStats {
-    return structuredClone({ ...this.counters, connections: { ...this.counters.connections, active: this.conns.size } });
+    const out = structuredClone({ ...this.counters, connections: { ...this.counters.connections, active: this.conns.size } });
+    // Reads the native proxy answered on open connections (closed ones are in the counters).
+    for (const c of this.conns) {
+      const { reads, bytes } = c.proxied();
+      if (reads > 0) out.requests.read = (out.requests.read ?? 0) + reads;
+      out.bytesRead += bytes;
+    }
+    return out;
   }
 
   /**

@@ -1,6 +1,6 @@
 // The NBD server's types: what an export's storage offers (BlockBackend), how the
 // server is configured and what it counts, and what passes between its parts.
-import type { PeerCredentials } from '../../../native/index.js';
+import type { NativeDiskReads, PeerCredentials } from '../../../native/index.js';
 
 /**
  * The storage behind one export. One instance serves every connection to its
@@ -33,6 +33,12 @@ export interface BlockBackend {
    * release() as read()'s does.
    */
   readNow?(offset: number, length: number): Buffer | undefined;
+  /**
+   * The backend's native disk-read table (native/disk-reads.ts), if it has one: each
+   * connection then runs the native read proxy, which answers the reads the table can
+   * serve without JavaScript (docs/nbd.md, "Reads in native code").
+   */
+  readTable?(): NativeDiskReads | undefined;
   /** Called with a buffer read() or payload() returned once its reply is on the wire (or failed): a backend zeroes plaintext here. */
   release?(buf: Buffer): void;
 }

@@ -1,0 +1,372 @@
+// The NBD read proxy: once a connection's handshake is done (in JavaScript), two native
+// threads stand between the client and the JavaScript connection (docs/nbd.md, "Reads
+// in native code"):
+//
+//   requests  reads the client's requests. A read the disk-read table can serve
+//             (disk-reads.cc: a normal-class chunk whose tag was checked, its class key
+//             held) is answered here, from the cache file, without JavaScript. Anything
+//             else (a write and its payload, a flush, a read the table refuses, a request
+//             that breaks the protocol) goes on, byte for byte, to JavaScript over a
+//             socket pair, where the connection runs as before.
+//   replies   copies JavaScript's replies to the client, one whole reply at a time.
+//
+// Both write to the client under one lock, so replies never interleave. The proxy
+// never decides anything JavaScript would: it serves only reads that are in range,
+// carry no flag but FUA and DF, and that the table serves whole, and it forwards the
+// rest unchanged. JavaScript still sees every byte of a request it has to answer.
+//
+//   nbdProxyStart(table, fd, leftover, structured, size, maxRead) → [handle, innerFd]
+//   nbdProxyStats(h) → { reads, bytes }        reads answered here
+//   nbdProxyClose(h)                           both sockets shut; the threads end
+#include <node_api.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sodium.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <deque>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "disk-reads.h"
+#include "napi-helpers.h"
+
+namespace lethe {
+namespace {
+
+// proto.md's numbers (agent/disk/nbd/protocol.ts names them the same)
+constexpr uint32_t NBD_REQUEST_MAGIC = 0x25609513;
+constexpr uint32_t NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
+constexpr uint32_t NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+constexpr uint16_t NBD_CMD_READ = 0, NBD_CMD_WRITE = 1, NBD_CMD_DISC = 2;
+constexpr uint16_t NBD_CMD_FLAG_FUA = 1 << 0, NBD_CMD_FLAG_DF = 1 << 2;
+constexpr uint16_t NBD_REPLY_FLAG_DONE = 1 << 0;
+constexpr uint16_t NBD_REPLY_TYPE_OFFSET_DATA = 1;
+constexpr size_t REQUEST = 28, SIMPLE = 16, STRUCTURED = 20;
+/** The largest reply header the proxy writes: structured, with the offset. */
+constexpr size_t HEADER_ROOM = STRUCTURED + 8;
+/** Bytes copied at a time when a payload passes through (a write's, or a reply's). */
+constexpr size_t COPY = 64 * 1024;
+
+uint16_t be16(const uint8_t *p) { return uint16_t(p[0] << 8 | p[1]); }
+uint32_t be32(const uint8_t *p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
+uint64_t be64(const uint8_t *p) { return uint64_t(be32(p)) << 32 | be32(p + 4); }
+void put16(uint8_t *p, uint16_t v) { p[0] = uint8_t(v >> 8), p[1] = uint8_t(v); }
+void put32(uint8_t *p, uint32_t v) { put16(p, uint16_t(v >> 16)), put16(p + 2, uint16_t(v)); }
+void put64(uint8_t *p, uint64_t v) { put32(p, uint32_t(v >> 32)), put32(p + 4, uint32_t(v)); }
+
+struct Proxy {
+  Table *table = nullptr;
+  int client = -1;  // our own dup of the connection
+  int inner = -1;   // our end of the socket pair; JavaScript has the other
+  bool structured = false;
+  uint64_t size = 0;
+  uint32_t max_read = 0;
+  std::vector<uint8_t> leftover;  // bytes the handshake read past its end: requests, perhaps a payload
+  size_t leftover_at = 0;
+  std::mutex wmu;  // one whole reply at a time to the client
+  std::mutex pmu;
+  /** Simple replies carry no length: a forwarded read's, by cookie, in order. */
+  std::unordered_map<uint64_t, std::deque<uint32_t>> pending;
+  std::atomic<uint64_t> reads{0}, bytes{0};
+  std::atomic<bool> closed{false};
+  /** The two threads and the handle: the last to let go closes the sockets and frees. */
+  std::atomic<int> refs{3};
+};
+
+void unref(Proxy *p) {
+  if (--p->refs != 0) return;
+  close(p->client);
+  close(p->inner);
+  sodium_memzero(p->leftover.data(), p->leftover.size());
+  TableUnref(p->table);
+  delete p;
+}
+
+/** Shuts both sockets: every blocked read and write returns and both threads end. */
+void shut(Proxy *p) {
+  if (p->closed.exchange(true)) return;
+  shutdown(p->client, SHUT_RDWR);
+  shutdown(p->inner, SHUT_RDWR);
+}
+
+/**
+ * Waits until fd is ready for `events`. The client's fd is libuv's, non-blocking (a
+ * flag its dup shares, so it stays so): the threads wait here instead. A shut socket
+ * is always ready, and the next call fails.
+ */
+bool wait_for(int fd, short events) {
+  struct pollfd pfd = {fd, events, 0};
+  for (;;) {
+    int k = poll(&pfd, 1, -1);
+    if (k > 0) return true;
+    if (k < 0 && errno != EINTR) return false;
+  }
+}
+
+bool send_all(int fd, const uint8_t *b, size_t n) {
+  while (n > 0) {
+    /* SAFETY: [b, b + n) lies in the caller's buffer; MSG_NOSIGNAL: a closed peer is EPIPE, not a signal */
+    ssize_t k = send(fd, b, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (k < 0 && (errno == EINTR || ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_for(fd, POLLOUT)))) continue;
+    if (k <= 0) return false;
+    b += k, n -= size_t(k);
+  }
+  return true;
+}
+
+bool recv_all(int fd, uint8_t *b, size_t n) {
+  while (n > 0) {
+    /* SAFETY: [b, b + n) lies in the caller's buffer */
+    ssize_t k = recv(fd, b, n, MSG_DONTWAIT);
+    if (k < 0 && (errno == EINTR || ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_for(fd, POLLIN)))) continue;
+    if (k <= 0) return false;
+    b += k, n -= size_t(k);
+  }
+  return true;
+}
+
+/** n bytes from the client: first what the handshake left over, then the socket. */
+bool from_client(Proxy *p, uint8_t *b, size_t n) {
+  size_t have = std::min(n, p->leftover.size() - p->leftover_at);
+  if (have > 0) {
+    memcpy(b, p->leftover.data() + p->leftover_at, have);
+    sodium_memzero(p->leftover.data() + p->leftover_at, have);
+    p->leftover_at += have;
+  }
+  return recv_all(p->client, b + have, n - have);
+}
+
+/** Copies n bytes from `from` (the client, through from_client, or `inner`) to fd `to` through `buf` (COPY bytes, locked), zeroing it. */
+bool pass(Proxy *p, bool from_client_side, int to, uint64_t n, uint8_t *buf) {
+  bool ok = true;
+  while (ok && n > 0) {
+    size_t k = size_t(std::min<uint64_t>(n, COPY));
+    ok = (from_client_side ? from_client(p, buf, k) : recv_all(p->inner, buf, k)) && send_all(to, buf, k);
+    sodium_memzero(buf, k);
+    n -= k;
+  }
+  return ok;
+}
+
+/** The requests thread: serves the reads it can, forwards the rest. */
+void *requests(void *arg) {
+  Proxy *p = static_cast<Proxy *>(arg);
+  Reader *r = ReaderNew(p->table);
+  size_t room = HEADER_ROOM + std::max<size_t>(p->max_read, COPY);
+  uint8_t *reply = static_cast<uint8_t *>(sodium_malloc(room));  // plaintext passes here: locked, zeroed after each use
+  uint8_t h[REQUEST];
+  while (reply && from_client(p, h, REQUEST)) {
+    uint32_t magic = be32(h), len = be32(h + 24);
+    uint16_t flags = be16(h + 4), type = be16(h + 6);
+    uint64_t cookie = be64(h + 8), offset = be64(h + 16);
+    if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) == 0 && len > 0 &&
+        len <= p->max_read && offset <= p->size && len <= p->size - offset && r) {
+      size_t hl = p->structured ? STRUCTURED + 8 : SIMPLE;
+      uint8_t *data = reply + HEADER_ROOM;
+      if (TableRead(p->table, r, offset, data, len)) {
+        uint8_t *hdr = data - hl;
+        if (p->structured) {
+          put32(hdr, NBD_STRUCTURED_REPLY_MAGIC);
+          put16(hdr + 4, NBD_REPLY_FLAG_DONE);
+          put16(hdr + 6, NBD_REPLY_TYPE_OFFSET_DATA);
+          put64(hdr + 8, cookie);
+          put32(hdr + 16, 8 + len);
+          put64(hdr + 20, offset);
+        } else {
+          put32(hdr, NBD_SIMPLE_REPLY_MAGIC);
+          put32(hdr + 4, 0);
+          put64(hdr + 8, cookie);
+        }
+        bool sent;
+        {
+          std::lock_guard<std::mutex> g(p->wmu);
+          sent = send_all(p->client, hdr, hl + len);
+        }
+        sodium_memzero(data, len);
+        if (!sent) break;
+        p->reads++;
+        p->bytes += len;
+        continue;
+      }
+      sodium_memzero(data, len);
+    }
+    // Not ours: JavaScript answers it, as it would without the proxy.
+    if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && !p->structured) {
+      std::lock_guard<std::mutex> g(p->pmu);
+      p->pending[cookie].push_back(len);
+    }
+    if (!send_all(p->inner, h, REQUEST)) break;
+    if (magic != NBD_REQUEST_MAGIC) {
+      // The client broke the protocol: JavaScript says so and hangs up; it gets whatever follows.
+      while (pass(p, true, p->inner, COPY, reply)) {
+      }
+      break;
+    }
+    if (type == NBD_CMD_WRITE && !pass(p, true, p->inner, len, reply)) break;
+    if (type == NBD_CMD_DISC) break;
+  }
+  // Nothing more comes from the client: JavaScript sees the end of its requests.
+  shutdown(p->inner, SHUT_WR);
+  if (reply) sodium_free(reply);
+  ReaderFree(r);
+  unref(p);
+  return nullptr;
+}
+
+/** The replies thread: JavaScript's replies to the client, whole. */
+void *replies(void *arg) {
+  Proxy *p = static_cast<Proxy *>(arg);
+  uint8_t *buf = static_cast<uint8_t *>(sodium_malloc(COPY));  // a read reply's plaintext passes here
+  uint8_t h[STRUCTURED];
+  while (buf && recv_all(p->inner, h, 4)) {
+    uint32_t magic = be32(h);
+    size_t hl;
+    uint64_t payload = 0;
+    if (magic == NBD_SIMPLE_REPLY_MAGIC) {
+      hl = SIMPLE;
+      if (!recv_all(p->inner, h + 4, SIMPLE - 4)) break;
+      uint32_t error = be32(h + 4);
+      uint64_t cookie = be64(h + 8);
+      std::lock_guard<std::mutex> g(p->pmu);
+      auto it = p->pending.find(cookie);
+      if (it != p->pending.end()) {
+        if (error == 0) payload = it->second.front();
+        it->second.pop_front();
+        if (it->second.empty()) p->pending.erase(it);
+      }
+    } else if (magic == NBD_STRUCTURED_REPLY_MAGIC) {
+      hl = STRUCTURED;
+      if (!recv_all(p->inner, h + 4, STRUCTURED - 4)) break;
+      payload = be32(h + 16);
+    } else {
+      break;  // not a reply JavaScript writes: end the connection rather than pass on garbage
+    }
+    std::lock_guard<std::mutex> g(p->wmu);
+    if (!send_all(p->client, h, hl) || !pass(p, false, p->client, payload, buf)) break;
+  }
+  // JavaScript ended the connection (or it broke): the client sees the end once every reply is out.
+  shutdown(p->client, SHUT_RDWR);
+  if (buf) sodium_free(buf);
+  unref(p);
+  return nullptr;
+}
+
+Proxy *get_proxy(napi_env env, napi_value v) {
+  void *ptr = nullptr;
+  napi_valuetype type;
+  if (napi_typeof(env, v, &type) != napi_ok || type != napi_external || napi_get_value_external(env, v, &ptr) != napi_ok || !ptr) {
+    throw_type(env, "lethe_native: expected an NBD proxy handle");
+    return nullptr;
+  }
+  return static_cast<Proxy *>(ptr);
+}
+
+void Finalize(napi_env, void *data, void *) {
+  Proxy *p = static_cast<Proxy *>(data);
+  shut(p);
+  unref(p);
+}
+
+napi_value Start(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  int32_t fd;
+  uint8_t *left;
+  size_t left_len;
+  bool structured;
+  int64_t size, max_read;
+  if (!get_args(env, info, 6, argv) || !get_i32(env, argv[1], &fd) || !get_bytes(env, argv[2], &left, &left_len) ||
+      napi_get_value_bool(env, argv[3], &structured) != napi_ok || !get_i64(env, argv[4], &size) || !get_i64(env, argv[5], &max_read))
+    return nullptr;
+  if (size < 0 || max_read <= 0 || max_read > (1 << 24)) return throw_type(env, "lethe_native: nbdProxyStart: bad size or read limit");
+  Table *table = TableRef(env, argv[0]);
+  if (!table) return nullptr;
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    int err = errno;
+    TableUnref(table);
+    return throw_errno(env, "socketpair", err);
+  }
+  int client = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (client < 0) {
+    int err = errno;
+    close(sv[0]), close(sv[1]);
+    TableUnref(table);
+    return throw_errno(env, "fcntl", err);
+  }
+  Proxy *p = new Proxy();
+  p->table = table;
+  p->client = client;
+  p->inner = sv[0];
+  p->structured = structured;
+  p->size = uint64_t(size);
+  p->max_read = uint32_t(max_read);
+  p->leftover.assign(left, left + left_len);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t t;
+  int err = pthread_create(&t, &attr, requests, p);
+  if (err == 0) {
+    err = pthread_create(&t, &attr, replies, p);
+    if (err != 0) {
+      p->refs--;  // the replies thread never ran
+      shut(p);
+    }
+  } else {
+    p->refs -= 2;  // neither thread ran
+    shut(p);
+  }
+  pthread_attr_destroy(&attr);
+  napi_value handle, inner, result;
+  napi_create_external(env, p, Finalize, nullptr, &handle);
+  if (err != 0) {
+    close(sv[1]);
+    return throw_errno(env, "pthread_create", err);
+  }
+  napi_create_int32(env, sv[1], &inner);
+  napi_create_array_with_length(env, 2, &result);
+  napi_set_element(env, result, 0, handle);
+  napi_set_element(env, result, 1, inner);
+  return result;
+}
+
+napi_value Stats(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return nullptr;
+  Proxy *p = get_proxy(env, argv[0]);
+  if (!p) return nullptr;
+  napi_value r, reads, bytes;
+  napi_create_object(env, &r);
+  napi_create_double(env, double(p->reads.load()), &reads);
+  napi_create_double(env, double(p->bytes.load()), &bytes);
+  napi_set_named_property(env, r, "reads", reads);
+  napi_set_named_property(env, r, "bytes", bytes);
+  return r;
+}
+
+napi_value Close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return nullptr;
+  Proxy *p = get_proxy(env, argv[0]);
+  if (!p) return nullptr;
+  shut(p);
+  return undefined(env);
+}
+
+}  // namespace
+
+void DefineNbdProxy(napi_env env, napi_value exports) {
+  const napi_property_descriptor props[] = {
+      {"nbdProxyStart", nullptr, Start, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"nbdProxyStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"nbdProxyClose", nullptr, Close, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}
+
+}  // namespace lethe
