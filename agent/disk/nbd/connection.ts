@@ -83,8 +83,11 @@ export class Connection {
       proxy.close();
       this.proxy = null;
       const { reads, bytes } = proxy.stats();
-      this.srv.counters.requests.read = (this.srv.counters.requests.read ?? 0) + reads;
-      this.srv.counters.bytesRead += bytes;
+      const c = this.srv.counters;
+      if (reads > 0) c.requests.read = (c.requests.read ?? 0) + reads;
+      c.bytesRead += bytes;
+      c.proxied.reads += reads;
+      c.proxied.bytes += bytes;
       outer.destroy();
     });
   }

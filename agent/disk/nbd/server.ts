@@ -40,6 +40,7 @@ export class NbdServer {
     protocolErrors: 0,
     refusedPeers: 0,
     backendErrors: 0,
+    proxied: { reads: 0, bytes: 0 },
   };
 
   /** Throws LetheError CONFIG on an export or option proto.md does not allow. */
@@ -102,6 +103,8 @@ export class NbdServer {
       const { reads, bytes } = c.proxied();
       if (reads > 0) out.requests.read = (out.requests.read ?? 0) + reads;
       out.bytesRead += bytes;
+      out.proxied.reads += reads;
+      out.proxied.bytes += bytes;
     }
     return out;
   }

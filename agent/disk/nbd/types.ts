@@ -86,6 +86,8 @@ export interface NbdStats {
   refusedPeers: number;
   /** Backend calls that rejected. */
   backendErrors: number;
+  /** Reads the native read proxy answered without JavaScript, and their bytes (also in `requests.read` and `bytesRead`). */
+  proxied: { reads: number; bytes: number };
 }
 
 export interface Export {

@@ -1,0 +1,187 @@
+// The NBD read proxy (native/nbd-proxy.cc) in front of the agent's disk export, against
+// a real server: reads of checked normal-class chunks are answered by its native
+// thread, every other request reaches the JavaScript connection in the same stream and
+// is answered as before, in simple and structured replies, pipelined, and through real
+// clients (nbdcopy, qemu-io); a write is seen by the next read; every way a connection
+// ends (DISC, a client gone mid-payload, a broken protocol, the server closing) ends it
+// on both sides.
+import { expect } from 'chai';
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import type { RunningAgent } from '../../agent/daemon/start.js';
+import { AgentDiskBackend } from '../../agent/disk/backend.js';
+import * as P from '../../agent/disk/nbd/protocol.js';
+import { NbdServer } from '../../agent/disk/nbd/server.js';
+import { expectSameBytes } from '../helpers/bytes.js';
+import { agentInProcess } from '../helpers/fixtures.js';
+import { RawClient, type Reply } from '../helpers/nbd-client.js';
+import { startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
+
+const run = promisify(execFile);
+const CHUNK = 128 * 1024;
+const CHUNKS = 16;
+const SENSITIVE = 3;
+
+describe('the NBD read proxy (real server, agent and clients)', function () {
+  this.timeout(120_000);
+  let s: ServerProc;
+  let agent: RunningAgent;
+  let plain: Buffer;
+  let nbd: NbdServer;
+  let backend: AgentDiskBackend;
+  let dir: string;
+  let sock: string;
+  const logs: string[] = [];
+
+  before(async () => {
+    s = await startServer();
+    const got = await agentInProcess(s, 'proxy', {
+      plain: { disk: randomBytes(CHUNKS * CHUNK - 5000), mem: Buffer.alloc(0), state: Buffer.alloc(0) },
+      policy: `sensitive:\n  memory: false\n  disk: [[${SENSITIVE * CHUNK}, ${(SENSITIVE + 1) * CHUNK}]]\n`,
+    });
+    agent = got.agent;
+    plain = Buffer.from(got.img.plain.disk);
+    dir = tmpDir('lethe-nbd-proxy-');
+    sock = path.join(dir, 'nbd.sock');
+    backend = new AgentDiskBackend(agent.core);
+    nbd = new NbdServer(new Map([['proxy', backend]]), { log: (l) => logs.push(l) });
+    await nbd.listen({ path: sock });
+    // Each chunk's tag checked once: the normal-class ones enter the native table.
+    for (let i = 0; i < CHUNKS; i++) await agent.core.readRange('disk', i, 0, Buffer.alloc(100));
+    expect(agent.core.diskReads.chunks).to.equal(CHUNKS - 1);
+  });
+  after(async () => {
+    await nbd?.close();
+    backend?.close();
+    agent?.stop();
+    await agent?.done;
+    await s?.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** A connected client past NBD_OPT_GO. */
+  async function client(structured: boolean): Promise<RawClient> {
+    const c = await RawClient.connect(sock);
+    await c.greet();
+    await c.go('proxy', { structured });
+    return c;
+  }
+
+  type Ask = { cookie: bigint; type: number; offset: number; length: number; flags?: number; data?: Buffer };
+
+  /** Sends every request at once (pipelined), then takes one reply for each, by cookie. */
+  async function exchange(c: RawClient, asks: Ask[]): Promise<Map<bigint, Reply>> {
+    for (const a of asks) c.request(a.type, { cookie: a.cookie, offset: a.offset, length: a.length, flags: a.flags, data: a.data });
+    const byCookie = new Map(asks.map((a) => [a.cookie, a]));
+    const replies = new Map<bigint, Reply>();
+    while (replies.size < asks.length) {
+      const r = await c.replyFor((cookie) => (byCookie.get(cookie)!.type === P.NBD_CMD_READ ? byCookie.get(cookie)!.length : 0));
+      expect(replies.has(r.cookie), `one reply for cookie ${r.cookie}`).to.equal(false);
+      replies.set(r.cookie, r);
+    }
+    return replies;
+  }
+
+  /** The bytes a read reply carries: simple, or the one OFFSET_DATA chunk (its offset checked). */
+  function readData(r: Reply, offset: number): Buffer {
+    expect(r.error, `reply ${r.cookie}`).to.equal(0);
+    if (r.kind === 'simple') return r.payload;
+    expect(r.type).to.equal(P.NBD_REPLY_TYPE_OFFSET_DATA);
+    expect(r.flags! & P.NBD_REPLY_FLAG_DONE).to.not.equal(0);
+    expect(Number(r.payload.readBigUInt64BE(0))).to.equal(offset);
+    return r.payload.subarray(8);
+  }
+
+  for (const structured of [false, true]) {
+    it(`answers the reads it can and passes the rest to JavaScript in the same stream (${structured ? 'structured' : 'simple'} replies)`, async () => {
+      const c = await client(structured);
+      try {
+        const proxied = nbd.stats().proxied.reads;
+        const size = plain.length;
+        const written = randomBytes(300);
+        const at = (structured ? 6 : 5) * CHUNK + 7;
+        const replies = await exchange(c, [
+          { cookie: 1n, type: P.NBD_CMD_READ, offset: 0, length: 4096 },
+          { cookie: 2n, type: P.NBD_CMD_READ, offset: CHUNK - 100, length: 200 }, // two chunks
+          { cookie: 3n, type: P.NBD_CMD_READ, offset: SENSITIVE * CHUNK + 10, length: 100 }, // sensitive: JavaScript
+          { cookie: 4n, type: P.NBD_CMD_READ, offset: size - 10, length: 20 }, // past the end: EINVAL from JavaScript
+          { cookie: 5n, type: P.NBD_CMD_READ, offset: 0, length: 512, flags: P.NBD_CMD_FLAG_NO_HOLE }, // a flag reads do not take
+          { cookie: 6n, type: P.NBD_CMD_WRITE, offset: at, length: written.length, data: written },
+          { cookie: 7n, type: P.NBD_CMD_READ, offset: 2 * CHUNK, length: 2 * CHUNK, flags: P.NBD_CMD_FLAG_FUA }, // two whole chunks
+        ]);
+        expectSameBytes(readData(replies.get(1n)!, 0), plain.subarray(0, 4096));
+        expectSameBytes(readData(replies.get(2n)!, CHUNK - 100), plain.subarray(CHUNK - 100, CHUNK + 100));
+        expectSameBytes(readData(replies.get(3n)!, SENSITIVE * CHUNK + 10), plain.subarray(SENSITIVE * CHUNK + 10, SENSITIVE * CHUNK + 110));
+        expect(replies.get(4n)!.error).to.equal(P.NBD_EINVAL);
+        expect(replies.get(5n)!.error).to.equal(P.NBD_EINVAL);
+        expect(replies.get(6n)!.error).to.equal(0);
+        expectSameBytes(readData(replies.get(7n)!, 2 * CHUNK), plain.subarray(2 * CHUNK, 4 * CHUNK));
+        expect(nbd.stats().proxied.reads - proxied, 'reads 1, 2 answered natively').to.be.at.least(2);
+        // Once its reply came, the write is what every later read sees, through the proxy or not.
+        written.copy(plain, at);
+        const after = await exchange(c, [
+          { cookie: 8n, type: P.NBD_CMD_READ, offset: at - 7, length: 4096 },
+          { cookie: 9n, type: P.NBD_CMD_READ, offset: at - 7 - CHUNK, length: 2 * CHUNK },
+        ]);
+        expectSameBytes(readData(after.get(8n)!, at - 7), plain.subarray(at - 7, at - 7 + 4096));
+        expectSameBytes(readData(after.get(9n)!, at - 7 - CHUNK), plain.subarray(at - 7 - CHUNK, at - 7 + CHUNK));
+        c.request(P.NBD_CMD_DISC, { cookie: 10n });
+        expect(await c.closesWithin(10_000), 'DISC ends the connection').to.equal(true);
+      } finally {
+        c.destroy();
+      }
+    });
+  }
+
+  it('real clients read the whole export through it: nbdcopy over four connections, qemu-io', async () => {
+    const proxied = nbd.stats().proxied.reads;
+    const uri = `nbd+unix:///proxy?socket=${sock}`;
+    const out = path.join(dir, 'copy.raw');
+    await run('nbdcopy', [uri, out]);
+    expectSameBytes(fs.readFileSync(out), plain, 'nbdcopy');
+    const at = 9 * CHUNK + 512;
+    const { stdout } = await run('qemu-io', ['-r', '-f', 'raw', '-c', `read -v ${at} 64`, uri]);
+    // "00000000:  81 db … (16 bytes)  ascii": the first 16 fields after the address.
+    const hex = stdout.split('\n').filter((l) => /^[0-9a-f]{8}:/.test(l)).map((l) => l.split(':')[1].trim().split(/\s+/).slice(0, 16).join('')).join('');
+    expect(hex).to.equal(plain.subarray(at, at + 64).toString('hex'));
+    // nbdcopy's eight 256 KiB reads: the three that cover the sensitive chunk or one this device wrote go to JavaScript.
+    expect(nbd.stats().proxied.reads - proxied, 'answered natively').to.be.at.least(5);
+    await waitFor(async () => nbd.stats().connections.active === 0 || undefined, 10_000, 'the clients to be gone');
+  });
+
+  it('a client gone in the middle of a write, and one that breaks the protocol, end their connections; others go on', async () => {
+    const errors = nbd.stats().protocolErrors;
+    const gone = await client(false);
+    gone.request(P.NBD_CMD_WRITE, { cookie: 1n, offset: 0, length: 4096, data: randomBytes(1000) }); // 3 KiB short
+    gone.destroy();
+    const broken = await client(true);
+    broken.send(Buffer.alloc(P.REQUEST_HEADER_BYTES, 0x41));
+    expect(await broken.closesWithin(10_000), 'a request with a bad magic ends the connection').to.equal(true);
+    await waitFor(async () => nbd.stats().connections.active === 0 || undefined, 10_000, 'both connections to end');
+    expect(nbd.stats().protocolErrors, 'a payload cut short, a bad magic').to.equal(errors + 2);
+    const c = await client(true);
+    try {
+      const r = await exchange(c, [{ cookie: 1n, type: P.NBD_CMD_READ, offset: 4096, length: 4096 }]);
+      expectSameBytes(readData(r.get(1n)!, 4096), plain.subarray(4096, 8192));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('the server closing ends connections the proxy holds', async () => {
+    const other = new NbdServer(new Map([['proxy', backend]]));
+    const otherSock = path.join(dir, 'other.sock');
+    await other.listen({ path: otherSock });
+    const c = await RawClient.connect(otherSock);
+    await c.greet();
+    await c.go('proxy');
+    c.request(P.NBD_CMD_READ, { cookie: 1n, offset: 0, length: 512 });
+    expectSameBytes((await c.reply(512)).payload, plain.subarray(0, 512));
+    await other.close();
+    expect(await c.closesWithin(10_000)).to.equal(true);
+    expect(other.stats().connections.active).to.equal(0);
+  });
+});
