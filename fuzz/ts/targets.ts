@@ -7,15 +7,16 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { parseChunkFrames } from '../../common/frames.js';
-import { decryptChunkInto, decryptChunkRangeInto, plaintextSize, type ChunkCoord } from '../../common/chunk.js';
-import { signKeyPair } from '../../common/crypto.js';
-import { CHUNK_OVERHEAD, HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP } from '../../common/constants.js';
+import { CHUNK_CT_AT, chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, plaintextSize, type ChunkCoord } from '../../common/chunk.js';
+import { randomBytes, signKeyPair } from '../../common/crypto.js';
+import { AD_CHUNK, CHUNK_OVERHEAD, CLASS_CODE, DISK_CHUNK_SIZE, HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
 import { LetheError } from '../../common/errors.js';
 import { verifyRequest } from '../../common/signing.js';
 import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
 import { HintParser } from '../../agent/vm/hints.js';
-import { NbdServer } from '../../agent/disk/nbd/server.js';
+import { NbdServer, type BlockBackend } from '../../agent/disk/nbd/server.js';
 import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
+import { NativeDiskReads } from '../../native/index.js';
 import { parsePolicy } from '../../policies/policy.js';
 import { signatureHeaders } from '../../server/auth.js';
 import { parseTrace } from '../../server/traces.js';
@@ -118,14 +119,68 @@ const chunkEnvelope: FuzzTarget = {
   expected: (e) => e instanceof LetheError && e.code === 'TAMPERED',
 };
 
-/** The agent's NBD server on a unix socket with a file behind it; each input is one client's whole conversation. */
+/**
+ * A file export whose reads of whole zero chunks the native read proxy can answer from
+ * a disk-read table (native/disk-reads.cc), as the agent's export does: every input then
+ * passes through the proxy's request parser before JavaScript's. Writes forget their
+ * chunks first, as the agent's do.
+ */
+async function proxiedFile(dir: string, size: number): Promise<{ backend: BlockBackend; close: () => Promise<void> }> {
+  const file = path.join(dir, 'disk');
+  fs.writeFileSync(file, Buffer.alloc(size));
+  const plain = await FileBackend.open(file);
+  const slots = path.join(dir, 'slots');
+  const fd = fs.openSync(slots, 'w+');
+  const table = new NativeDiskReads(fd, {
+    digestKey: randomBytes(32),
+    keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
+    adLabel: Buffer.from(AD_CHUNK, 'utf8'),
+    kind: KIND_CODE.disk,
+    cls: CLASS_CODE.normal,
+    chunkSize: DISK_CHUNK_SIZE,
+    maxChunks: size / DISK_CHUNK_SIZE,
+  });
+  const imageId = Buffer.alloc(16, 3);
+  const classKey = randomBytes(32);
+  table.image(imageId);
+  table.key(1, classKey);
+  const slot = DISK_CHUNK_SIZE + 4096;
+  for (let i = 0; i < size / DISK_CHUNK_SIZE; i++) {
+    const c: ChunkCoord = { imageId, gen: 1, kind: 'disk', index: i, cls: 'normal' };
+    const blob = encryptChunk(chunkKey(classKey, c), c, Buffer.alloc(DISK_CHUNK_SIZE));
+    fs.writeSync(fd, blob, 0, blob.length, i * slot);
+    table.put(i, 1, i * slot + CHUNK_CT_AT, blob);
+  }
+  const forget = (offset: number, length: number) => {
+    for (let i = Math.floor(offset / DISK_CHUNK_SIZE); i * DISK_CHUNK_SIZE < offset + length; i++) table.forget(i);
+  };
+  const backend: BlockBackend = {
+    size: plain.size,
+    read: (o, n) => plain.read(o, n),
+    write: (o, d, fua) => (forget(o, d.length), plain.write(o, d, fua)),
+    flush: () => plain.flush(),
+    trim: (o, n) => (forget(o, n), plain.trim(o, n)),
+    writeZeroes: (o, n, fua) => (forget(o, n), plain.writeZeroes(o, n, fua)),
+    readTable: () => table,
+  };
+  return {
+    backend,
+    close: async () => {
+      table.close();
+      fs.closeSync(fd);
+      await plain.close();
+    },
+  };
+}
+
+/** The agent's NBD server on a unix socket, the native read proxy in front; each input is one client's whole conversation. */
 class NbdTarget implements FuzzTarget {
   name = 'nbd';
-  about = "the agent's NBD server: handshake, options and transmission requests from a client (agent/disk/nbd/server.ts)";
+  about = "the agent's NBD server: handshake, options and transmission requests from a client, through the native read proxy (agent/disk/nbd/server.ts, native/nbd-proxy.cc)";
   maxLen = 4096;
   private dir = '';
   private server?: NbdServer;
-  private backend?: FileBackend;
+  private export?: { close: () => Promise<void> };
   dictionary = [
     Buffer.from('IHAVEOPT', 'latin1'),
     Buffer.from('NBDMAGIC', 'latin1'),
@@ -138,20 +193,20 @@ class NbdTarget implements FuzzTarget {
     Buffer.from(NBD_EXPORT, 'latin1'),
     u32(0, 0),
     u32(0, 4096),
+    u32(0, DISK_CHUNK_SIZE),
   ];
 
   async open(): Promise<void> {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-fuzz-nbd-'));
-    const file = path.join(this.dir, 'disk');
-    fs.writeFileSync(file, Buffer.alloc(NBD_SIZE));
-    this.backend = await FileBackend.open(file);
-    this.server = new NbdServer(new Map([[NBD_EXPORT, this.backend]]), { defaultExport: NBD_EXPORT, log: () => {} });
+    const exp = await proxiedFile(this.dir, NBD_SIZE);
+    this.export = exp;
+    this.server = new NbdServer(new Map([[NBD_EXPORT, exp.backend]]), { defaultExport: NBD_EXPORT, log: () => {} });
     await this.server.listen({ path: path.join(this.dir, 'nbd.sock') });
   }
 
   async close(): Promise<void> {
     await this.server?.close();
-    await this.backend?.close();
+    await this.export?.close();
     fs.rmSync(this.dir, { recursive: true, force: true });
   }
 
