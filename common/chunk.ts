@@ -68,7 +68,13 @@ export function classKeyInto(out: Uint8Array, versionKey: Uint8Array): void {
 
 export function encryptChunk(key: Uint8Array, c: ChunkCoord, plaintext: Uint8Array, nonce?: Buffer): Buffer {
   // One buffer, written whole: no zero fill, no second copy (a guest's disk writes come a chunk at a time).
-  const blob = Buffer.allocUnsafe(plaintext.length + CHUNK_OVERHEAD);
+  return encryptChunkInto(Buffer.allocUnsafe(plaintext.length + CHUNK_OVERHEAD), key, c, plaintext, nonce);
+}
+
+/** encryptChunk() into `out`, which holds at least the blob; returns the blob, a view of `out`. */
+export function encryptChunkInto(out: Buffer, key: Uint8Array, c: ChunkCoord, plaintext: Uint8Array, nonce?: Buffer): Buffer {
+  if (out.length < plaintext.length + CHUNK_OVERHEAD) throw new RangeError(`a ${plaintext.length}-byte chunk's blob does not fit ${out.length} bytes`);
+  const blob = out.subarray(0, plaintext.length + CHUNK_OVERHEAD);
   blob[0] = CHUNK_FORMAT_VERSION;
   sealInto(blob.subarray(1), key, plaintext, chunkAd(c), nonce);
   return blob;

@@ -1,8 +1,8 @@
 // This device's writes: a guest write encrypted under its chunk's write key into
 // the cache as dirty, a suspend's new device state written whole, and the check-in
 // that sends the dirty chunks to the server as a new version.
-import { CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
-import { encryptChunk } from '../../common/chunk.js';
+import { CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
+import { encryptChunk, encryptChunkInto } from '../../common/chunk.js';
 import { sha256, wipe } from '../../common/crypto.js';
 import { crashPoint } from '../../common/crash-point.js';
 import { LetheError } from '../../common/errors.js';
@@ -48,27 +48,36 @@ export class ChunkWriter {
     const k = this.chunkKeys;
     const batch = kind === 'disk' && !k.hasWriteKey(kind, index) && !k.writeKeyPending(kind, index) ? k.writeNeighbours(kind, index) : [index];
     await k.ensureWriteKeys(kind, batch);
-    this.adopt(kind, index, this.store(kind, index, data));
+    // Stored and adopted in one turn: the blob can live in the one scratch buffer.
+    this.adopt(kind, index, this.store(kind, index, data, this.blobScratch));
   }
 
-  /** Encrypts a write under its write key (held) into the cache as dirty; the caller adopts it once it stands. */
-  private store(kind: ChunkKind, index: number, data: Buffer): { e: Entry; blob: Buffer } {
+  /**
+   * A guest write's blob, encrypted here and written to the cache file at once: one
+   * buffer for them all, not a new 128 KiB one a write for the collector (a copy onto
+   * the disk spent a fifth of its time collecting them). Kept blobs are copied out.
+   */
+  private readonly blobScratch = Buffer.allocUnsafe(Math.max(...Object.values(CHUNK_SIZE)) + CHUNK_OVERHEAD);
+
+  /** Encrypts a write under its write key (held) into the cache as dirty (into `into` if given); the caller adopts it once it stands. */
+  private store(kind: ChunkKind, index: number, data: Buffer, into?: Buffer): { e: Entry; blob: Buffer; borrowed?: boolean } {
     const gen = this.map.writeGen!;
     const e: Entry = { gen, cls: this.map.writeCls.get(keyId(kind, index, gen))!, ctHash: '' };
     const scratch = this.chunkKeys.scratch;
     if (!this.chunkKeys.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
     try {
-      const blob = encryptChunk(scratch, this.map.coord(kind, index, e), data);
+      const coord = this.map.coord(kind, index, e);
+      const blob = into ? encryptChunkInto(into, scratch, coord, data) : encryptChunk(scratch, coord, data);
       const hash = sha256(blob);
       e.ctHash = hash.toString('base64url');
       this.cache.put(this.map.cacheKey(kind, index, e), blob, true, e.cls, hash);
-      return { e, blob };
+      return { e, blob, borrowed: into !== undefined };
     } finally {
       wipe(scratch);
     }
   }
 
-  private adopt(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer }): void {
+  private adopt(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer; borrowed?: boolean }): void {
     const old = this.map.entries[kind].get(index);
     this.map.entries[kind].set(index, w.e);
     this.changed?.(kind, index);
@@ -79,7 +88,7 @@ export class ChunkWriter {
     const oldId = old && keyId(kind, index, old.gen);
     const kept = oldId !== undefined && this.checked.has(oldId);
     if (oldId !== undefined) this.checked.delete(oldId);
-    if (kind === 'disk' && kept) this.checked.put(keyId(kind, index, w.e.gen), w.e.ctHash, w.blob);
+    if (kind === 'disk' && kept) this.checked.put(keyId(kind, index, w.e.gen), w.e.ctHash, w.blob, { borrowed: w.borrowed });
     this.stats.writes++;
   }
 
