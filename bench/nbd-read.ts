@@ -69,6 +69,8 @@ interface Row {
   /** MB/s (sequential) or IOPS (random), medians. */
   seq: { agent: number; plain: number; luks: number };
   rand?: { agent: number; plain: number; luks: number };
+  /** Of the agent's reads in this phase, the share the native read proxy answered (the rest went to JavaScript). */
+  proxied?: number;
 }
 
 /** qemu-nbd serving `args` on a socket in `dir`, writable; its URI. */
@@ -121,6 +123,7 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
       }
       return { agent: median(a), plain: median(p), luks: median(l) };
     }
+    let proxied: number | undefined;
     async function withAgent<T>(phase: Phase, use: (uri: string) => Promise<T>): Promise<T> {
       const d = await enrolledDevice(s);
       await assign(s, d.deviceId, image);
@@ -136,7 +139,12 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
         if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
         const uri = `nbd+unix:///${image}?socket=${path.join(d.home, 'nbd.sock')}`;
         if (phase === 'memory') await copy(uri, 'null:', size);
-        return await use(uri);
+        const before = (await st()).nbd!;
+        const result = await use(uri);
+        const after = (await st()).nbd!;
+        const reads = (after.requests.read ?? 0) - (before.requests.read ?? 0);
+        proxied = reads > 0 ? (after.proxied.reads - before.proxied.reads) / reads : undefined;
+        return result;
       } finally {
         await agent.stop();
         d.close();
@@ -151,7 +159,7 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
         // A fresh device (empty cache) for each measurement.
         const rand = await three(() => withAgent('cold', (u) => random(u, offsets)), (u) => random(u, offsets), 1);
         const seq = await three(() => withAgent('cold', (u) => copy(u, 'null:', size)), (u) => copy(u, 'null:', size), 1);
-        rows.push({ size: label, phase, seq, rand });
+        rows.push({ size: label, phase, seq, rand, proxied });
       } else if (phase === 'write') {
         const seq = await withAgent('write', (uri) => three(() => copy(source, uri, size), (u) => copy(source, u, size), REPS));
         rows.push({ size: label, phase, seq });
@@ -162,7 +170,7 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
             phase,
             rand: await three(() => random(uri, offsets), (u) => random(u, offsets), REPS),
             seq: await three(() => copy(uri, 'null:', size), (u) => copy(u, 'null:', size), REPS),
-          })),
+          })).then((r) => ({ ...r, proxied })),
         );
       }
     }
@@ -192,15 +200,17 @@ async function main(): Promise<void> {
   const x = (a: number, b: number) => (a / b).toFixed(2);
   console.log(
     table(
-      ['disk', 'agent', 'seq MB/s', 'plain', 'LUKS', '×plain', '×LUKS', '4K IOPS', 'plain', 'LUKS', '×plain', '×LUKS'],
+      ['disk', 'agent', 'seq MB/s', 'plain', 'LUKS', '×plain', '×LUKS', '4K IOPS', 'plain', 'LUKS', '×plain', '×LUKS', 'proxied'],
       rows.map((r) => [
         r.size,
         NAMES[r.phase],
         f(r.seq.agent), f(r.seq.plain), f(r.seq.luks), x(r.seq.agent, r.seq.plain), x(r.seq.agent, r.seq.luks),
         ...(r.rand ? [f(r.rand.agent), f(r.rand.plain), f(r.rand.luks), x(r.rand.agent, r.rand.plain), x(r.rand.agent, r.rand.luks)] : ['-', '-', '-', '-', '-']),
+        r.proxied === undefined ? '-' : `${(100 * r.proxied).toFixed(0)}%`,
       ]),
     ),
   );
+  console.log("proxied: of the agent's reads in the phase, the share the native read proxy answered without JavaScript");
   console.log('targets (issue #19): warm reads ≥ 1.2× LUKS at every size; ≥ 0.8× plain where the disk fits in memory, ≥ 0.5× at 4 GiB; writes ≥ 1× LUKS');
 }
 
