@@ -83,6 +83,14 @@ export const DISK_REPLY_BUFFERS = 32;
  * 100 ms; such requests take it in turn.
  */
 export const DISK_LARGE_BUFFER_BYTES = 32 * 1024 * 1024;
+/**
+ * The NBD read proxy (native/nbd-proxy.cc): it answers reads up to DISK_REPLY_BUFFER_BYTES
+ * from 4 locked reply buffers shared by every connection (a read that finds none free
+ * goes to JavaScript), and passes payloads through one locked 16 KiB buffer per thread,
+ * two threads per connection.
+ */
+export const NBD_PROXY_REPLY_BUFFERS = 4;
+export const NBD_PROXY_COPY_BYTES = 16 * 1024;
 /** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
 export const DISK_TRANSIT_BUFFERS = 16;
 /** Locked page buffers for serving guest RAM faults. */

@@ -71,7 +71,10 @@ export interface Addon {
   wakeRange(handle: FaultHandle, address: number, length: number): void;
   stopFaultThread(handle: FaultHandle): void;
   faultStats(handle: FaultHandle): FaultStats;
-  diskReadsOpen(fd: number, digestKey: Uint8Array, keyLabel: Uint8Array, adLabel: Uint8Array, kind: number, cls: number, chunkSize: number, maxChunks: number): DiskReadsHandle;
+  diskReadsOpen(
+    fd: number, digestKey: Uint8Array, keyLabel: Uint8Array, adLabel: Uint8Array, kind: number, cls: number, chunkSize: number, maxChunks: number,
+    replyBuffers: number, replyMax: number, copyBytes: number,
+  ): DiskReadsHandle;
   diskReadsImage(h: DiskReadsHandle, imageId: Uint8Array): void;
   diskReadsKey(h: DiskReadsHandle, gen: number, key: Uint8Array): boolean;
   diskReadsZeroKeys(h: DiskReadsHandle): void;
@@ -83,7 +86,7 @@ export interface Addon {
   diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
   diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
   diskReadsClose(h: DiskReadsHandle): void;
-  nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number, maxRead: number): [NbdProxyHandle, number];
+  nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number): [NbdProxyHandle, number];
   nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
   nbdProxyClose(h: NbdProxyHandle): void;
 }

@@ -9,7 +9,8 @@
 // no class key, a piece that does not match) answers false, and JavaScript reads it
 // as before, so this path can only ever refuse, never serve bytes JavaScript would not.
 //
-//   diskReadsOpen(fd, digestKey, keyLabel, adLabel, kind, cls, chunkSize, maxChunks) → handle
+//   diskReadsOpen(fd, digestKey, keyLabel, adLabel, kind, cls, chunkSize, maxChunks,
+//                 replyBuffers, replyMax, copyBytes) → handle   (the last three: the proxies' locked buffers)
 //   diskReadsImage(h, imageId)           a new manifest: every chunk forgotten
 //   diskReadsKey(h, gen, key)            a class key (copied into locked memory)
 //   diskReadsZeroKeys(h)                 every class key zeroed (the lease ended)
@@ -94,6 +95,15 @@ struct Table {
   uint64_t reads = 0, fallbacks = 0, mismatches = 0;
   /** The handle's reference and each proxy's: the last to let go frees the table. */
   std::atomic<int> refs{1};
+  /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
+  std::vector<uint8_t *> reply_all, replies;
+  size_t reply_bytes = 0;
+  size_t copy_bytes = 0;
+
+  ~Table() {
+    /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
+    for (uint8_t *b : reply_all) sodium_free(b);
+  }
 };
 
 namespace {
@@ -315,19 +325,20 @@ bool get_u32(napi_env env, napi_value v, uint32_t *out) {
 }
 
 napi_value Open(napi_env env, napi_callback_info info) {
-  napi_value argv[8];
+  napi_value argv[11];
   int32_t fd, kind, cls;
   uint8_t *dkey, *label, *ad_label;
   size_t dkey_len, label_len, ad_label_len;
-  uint32_t chunk_size, max_chunks;
-  if (!get_args(env, info, 8, argv) || !get_i32(env, argv[0], &fd) || !get_bytes(env, argv[1], &dkey, &dkey_len) ||
+  uint32_t chunk_size, max_chunks, reply_buffers, reply_max, copy_bytes;
+  if (!get_args(env, info, 11, argv) || !get_i32(env, argv[0], &fd) || !get_bytes(env, argv[1], &dkey, &dkey_len) ||
       !get_bytes(env, argv[2], &label, &label_len) || !get_bytes(env, argv[3], &ad_label, &ad_label_len) ||
       !get_i32(env, argv[4], &kind) || !get_i32(env, argv[5], &cls) || !get_u32(env, argv[6], &chunk_size) ||
-      !get_u32(env, argv[7], &max_chunks))
+      !get_u32(env, argv[7], &max_chunks) || !get_u32(env, argv[8], &reply_buffers) || !get_u32(env, argv[9], &reply_max) ||
+      !get_u32(env, argv[10], &copy_bytes))
     return nullptr;
   if (dkey_len != KEY || label_len > MAX_LABEL || ad_label_len > MAX_LABEL || chunk_size == 0 || chunk_size % PIECE != 0 ||
-      kind < 0 || kind > 255 || cls < 0 || cls > 255)
-    return throw_type(env, "lethe_native: diskReadsOpen: bad key, label or chunk size");
+      kind < 0 || kind > 255 || cls < 0 || cls > 255 || reply_buffers > 64 || reply_max > (1u << 24) || copy_bytes == 0 || copy_bytes > (1u << 20))
+    return throw_type(env, "lethe_native: diskReadsOpen: bad key, label, chunk size or buffer sizes");
   if (sodium_init() < 0) return throw_errno(env, "sodium_init", EIO);
   Table *t = new Table();
   t->fd = dup(fd);
@@ -347,7 +358,19 @@ napi_value Open(napi_env env, napi_callback_info info) {
   t->max_chunks = max_chunks;
   t->keys = static_cast<uint8_t *>(sodium_malloc(MAX_GENS * KEY));
   t->js = new_reader(chunk_size);
-  if (!t->keys || !t->js) {
+  t->reply_bytes = REPLY_HEADER_ROOM + reply_max;
+  t->copy_bytes = copy_bytes;
+  bool pooled = true;
+  for (uint32_t i = 0; i < reply_buffers && pooled; i++) {
+    uint8_t *b = static_cast<uint8_t *>(sodium_malloc(t->reply_bytes));
+    if (b) {
+      sodium_memzero(b, t->reply_bytes);
+      t->reply_all.push_back(b);
+    }
+    pooled = b != nullptr;
+  }
+  t->replies = t->reply_all;
+  if (!t->keys || !t->js || !pooled) {
     destroy(t);
     delete t;
     return throw_errno(env, "sodium_malloc", ENOMEM);
@@ -548,6 +571,27 @@ Table *TableRef(napi_env env, napi_value handle) {
 
 void TableUnref(Table *t) {
   if (--t->refs == 0) delete t;
+}
+
+size_t TableMaxReply(const Table *t) {
+  return t->reply_bytes - REPLY_HEADER_ROOM;
+}
+
+size_t TableCopyBytes(const Table *t) {
+  return t->copy_bytes;
+}
+
+uint8_t *TableTakeReply(Table *t) {
+  std::lock_guard<std::mutex> g(t->mu);
+  if (t->replies.empty()) return nullptr;
+  uint8_t *b = t->replies.back();
+  t->replies.pop_back();
+  return b;
+}
+
+void TableGiveReply(Table *t, uint8_t *buf) {
+  std::lock_guard<std::mutex> g(t->mu);
+  t->replies.push_back(buf);
 }
 
 Reader *ReaderNew(Table *t) {

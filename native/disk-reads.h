@@ -20,6 +20,15 @@ void TableUnref(Table *t);
 /** A reader for another thread; null when locked memory cannot be had. */
 Reader *ReaderNew(Table *t);
 void ReaderFree(Reader *r);
+/** The longest read the table's reply buffers hold, and the room before it for a reply header. */
+size_t TableMaxReply(const Table *t);
+constexpr size_t REPLY_HEADER_ROOM = 32;
+/** A locked reply buffer of REPLY_HEADER_ROOM + TableMaxReply bytes, or null when all are out (the read goes to JavaScript). */
+uint8_t *TableTakeReply(Table *t);
+void TableGiveReply(Table *t, uint8_t *buf);
+/** Bytes of the locked buffer each proxy thread passes payloads through. */
+size_t TableCopyBytes(const Table *t);
+
 /**
  * Plaintext of disk bytes [offset, offset + len) into out, from the table alone; false
  * when it cannot serve every byte (out's bytes are then undefined). Thread-safe.

@@ -31,9 +31,23 @@ export class NativeDiskReads {
    * A table over the disk slot file `fd` (duplicated: the caller keeps its own).
    * `digestKey` keys the piece digests; `keyLabel` and `kind` are the chunk-key
    * derivation's (common/chunk.ts chunkKeyInto), `adLabel`, `kind` and `cls` the chunk
-   * AEAD's associated data (chunkAd); at most `maxChunks` chunks are kept.
+   * AEAD's associated data (chunkAd); at most `maxChunks` chunks are kept. The NBD read
+   * proxies (proxy()) share `proxy.replies` locked reply buffers of `proxy.maxRead`
+   * bytes, and each of their threads passes payloads through `proxy.copyBytes` of its own.
    */
-  constructor(fd: number, opts: { digestKey: Uint8Array; keyLabel: Uint8Array; adLabel: Uint8Array; kind: number; cls: number; chunkSize: number; maxChunks: number }) {
+  constructor(
+    fd: number,
+    opts: {
+      digestKey: Uint8Array;
+      keyLabel: Uint8Array;
+      adLabel: Uint8Array;
+      kind: number;
+      cls: number;
+      chunkSize: number;
+      maxChunks: number;
+      proxy?: { replies: number; maxRead: number; copyBytes: number };
+    },
+  ) {
     const fn = 'NativeDiskReads';
     fdArg(fn, 'fd', fd);
     const digestKey = exactly(fn, 'digestKey', opts.digestKey, KEY_BYTES);
@@ -45,8 +59,12 @@ export class NativeDiskReads {
     }
     if (u32(fn, 'chunkSize', opts.chunkSize) === 0 || opts.chunkSize % 4096 !== 0) throw new RangeError(`${fn}: chunkSize must be a positive multiple of 4096`);
     u32(fn, 'maxChunks', opts.maxChunks);
+    const px = opts.proxy ?? { replies: 0, maxRead: 0, copyBytes: 4096 };
+    if (!Number.isInteger(px.replies) || px.replies < 0 || px.replies > 64) throw new RangeError(`${fn}: proxy.replies must be 0 to 64 (got ${show(px.replies)})`);
+    if (!Number.isInteger(px.maxRead) || px.maxRead < 0 || px.maxRead > 1 << 24) throw new RangeError(`${fn}: proxy.maxRead must be 0 to 16 MiB (got ${show(px.maxRead)})`);
+    if (!Number.isInteger(px.copyBytes) || px.copyBytes <= 0 || px.copyBytes > 1 << 20) throw new RangeError(`${fn}: proxy.copyBytes must be 1 byte to 1 MiB (got ${show(px.copyBytes)})`);
     try {
-      this.h = addon().diskReadsOpen(fd, digestKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks);
+      this.h = addon().diskReadsOpen(fd, digestKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks, px.replies, px.maxRead, px.copyBytes);
     } catch (e) {
       throw new LetheError('INTERNAL', `cannot open the native disk-read table on fd ${fd}`, { cause: e });
     }
@@ -116,14 +134,14 @@ export class NativeDiskReads {
    * reads this table can serve are answered on the client's socket `fd` (duplicated) by a
    * native thread; everything else comes out of the returned socket-pair fd, byte for byte,
    * and replies written to it go to the client whole. `leftover` is what the handshake read
-   * past its end. Reads are served only when in [0, size) and at most `maxRead` bytes long.
+   * past its end. Reads are served only when in [0, size), at most the table's
+   * `proxy.maxRead` bytes long, and while one of its reply buffers is free.
    */
-  proxy(fd: number, leftover: Uint8Array, opts: { structured: boolean; size: number; maxRead: number }): NbdReadProxy {
+  proxy(fd: number, leftover: Uint8Array, opts: { structured: boolean; size: number }): NbdReadProxy {
     fdArg('proxy', 'fd', fd);
     if (!Number.isSafeInteger(opts.size) || opts.size < 0) throw new RangeError(`proxy: size must be a byte count (got ${show(opts.size)})`);
-    if (!Number.isInteger(opts.maxRead) || opts.maxRead <= 0 || opts.maxRead > 1 << 24) throw new RangeError(`proxy: maxRead must be in (0, 16 MiB] (got ${show(opts.maxRead)})`);
     try {
-      const [h, inner] = addon().nbdProxyStart(this.handle(), fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size, opts.maxRead);
+      const [h, inner] = addon().nbdProxyStart(this.handle(), fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size);
       return new NbdReadProxy(h, inner);
     } catch (e) {
       if (e instanceof LetheError) throw e;

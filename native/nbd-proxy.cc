@@ -10,12 +10,14 @@
 //             socket pair, where the connection runs as before.
 //   replies   copies JavaScript's replies to the client, one whole reply at a time.
 //
-// Both write to the client under one lock, so replies never interleave. The proxy
+// Both write to the client under one lock, so replies never interleave. A read is
+// answered from one of the table's few locked reply buffers, shared by every
+// connection; each thread passes payloads through its own small locked buffer. The proxy
 // never decides anything JavaScript would: it serves only reads that are in range,
 // carry no flag but FUA and DF, and that the table serves whole, and it forwards the
 // rest unchanged. JavaScript still sees every byte of a request it has to answer.
 //
-//   nbdProxyStart(table, fd, leftover, structured, size, maxRead) → [handle, innerFd]
+//   nbdProxyStart(table, fd, leftover, structured, size) → [handle, innerFd]
 //   nbdProxyStats(h) → { reads, bytes }        reads answered here
 //   nbdProxyClose(h)                           both sockets shut; the threads end
 #include <node_api.h>
@@ -47,10 +49,7 @@ constexpr uint16_t NBD_CMD_FLAG_FUA = 1 << 0, NBD_CMD_FLAG_DF = 1 << 2;
 constexpr uint16_t NBD_REPLY_FLAG_DONE = 1 << 0;
 constexpr uint16_t NBD_REPLY_TYPE_OFFSET_DATA = 1;
 constexpr size_t REQUEST = 28, SIMPLE = 16, STRUCTURED = 20;
-/** The largest reply header the proxy writes: structured, with the offset. */
-constexpr size_t HEADER_ROOM = STRUCTURED + 8;
-/** Bytes copied at a time when a payload passes through (a write's, or a reply's). */
-constexpr size_t COPY = 64 * 1024;
+static_assert(STRUCTURED + 8 <= REPLY_HEADER_ROOM, "a structured read reply's header fits before the data");
 
 uint16_t be16(const uint8_t *p) { return uint16_t(p[0] << 8 | p[1]); }
 uint32_t be32(const uint8_t *p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
@@ -65,7 +64,8 @@ struct Proxy {
   int inner = -1;   // our end of the socket pair; JavaScript has the other
   bool structured = false;
   uint64_t size = 0;
-  uint32_t max_read = 0;
+  size_t max_read = 0;
+  size_t copy = 0;  // bytes of each thread's locked payload buffer
   std::vector<uint8_t> leftover;  // bytes the handshake read past its end: requests, perhaps a payload
   size_t leftover_at = 0;
   std::mutex wmu;  // one whole reply at a time to the client
@@ -141,14 +141,51 @@ bool from_client(Proxy *p, uint8_t *b, size_t n) {
   return recv_all(p->client, b + have, n - have);
 }
 
-/** Copies n bytes from `from` (the client, through from_client, or `inner`) to fd `to` through `buf` (COPY bytes, locked), zeroing it. */
+/** Copies n bytes from `from` (the client, through from_client, or `inner`) to fd `to` through `buf` (p->copy bytes, locked), zeroing it. */
 bool pass(Proxy *p, bool from_client_side, int to, uint64_t n, uint8_t *buf) {
   bool ok = true;
   while (ok && n > 0) {
-    size_t k = size_t(std::min<uint64_t>(n, COPY));
+    size_t k = size_t(std::min<uint64_t>(n, p->copy));
     ok = (from_client_side ? from_client(p, buf, k) : recv_all(p->inner, buf, k)) && send_all(to, buf, k);
     sodium_memzero(buf, k);
     n -= k;
+  }
+  return ok;
+}
+
+/**
+ * A read the table serves, answered from a shared reply buffer; false (nothing sent)
+ * when there is none free or the table refuses, and the read goes to JavaScript.
+ * `sent` says whether the client still takes bytes.
+ */
+bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, bool *sent) {
+  uint8_t *reply = TableTakeReply(p->table);  // plaintext passes here: locked, zeroed after each use
+  if (!reply) return false;
+  uint8_t *data = reply + REPLY_HEADER_ROOM;
+  bool ok = TableRead(p->table, r, offset, data, len);
+  if (ok) {
+    size_t hl = p->structured ? STRUCTURED + 8 : SIMPLE;
+    uint8_t *hdr = data - hl;
+    if (p->structured) {
+      put32(hdr, NBD_STRUCTURED_REPLY_MAGIC);
+      put16(hdr + 4, NBD_REPLY_FLAG_DONE);
+      put16(hdr + 6, NBD_REPLY_TYPE_OFFSET_DATA);
+      put64(hdr + 8, cookie);
+      put32(hdr + 16, 8 + len);
+      put64(hdr + 20, offset);
+    } else {
+      put32(hdr, NBD_SIMPLE_REPLY_MAGIC);
+      put32(hdr + 4, 0);
+      put64(hdr + 8, cookie);
+    }
+    std::lock_guard<std::mutex> g(p->wmu);
+    *sent = send_all(p->client, hdr, hl + len);
+  }
+  sodium_memzero(data, len);
+  TableGiveReply(p->table, reply);
+  if (ok && *sent) {
+    p->reads++;
+    p->bytes += len;
   }
   return ok;
 }
@@ -157,43 +194,19 @@ bool pass(Proxy *p, bool from_client_side, int to, uint64_t n, uint8_t *buf) {
 void *requests(void *arg) {
   Proxy *p = static_cast<Proxy *>(arg);
   Reader *r = ReaderNew(p->table);
-  size_t room = HEADER_ROOM + std::max<size_t>(p->max_read, COPY);
-  uint8_t *reply = static_cast<uint8_t *>(sodium_malloc(room));  // plaintext passes here: locked, zeroed after each use
+  uint8_t *buf = static_cast<uint8_t *>(sodium_malloc(p->copy));  // a write's payload passes here: locked, zeroed after each use
   uint8_t h[REQUEST];
-  while (reply && from_client(p, h, REQUEST)) {
+  while (buf && from_client(p, h, REQUEST)) {
     uint32_t magic = be32(h), len = be32(h + 24);
     uint16_t flags = be16(h + 4), type = be16(h + 6);
     uint64_t cookie = be64(h + 8), offset = be64(h + 16);
     if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) == 0 && len > 0 &&
         len <= p->max_read && offset <= p->size && len <= p->size - offset && r) {
-      size_t hl = p->structured ? STRUCTURED + 8 : SIMPLE;
-      uint8_t *data = reply + HEADER_ROOM;
-      if (TableRead(p->table, r, offset, data, len)) {
-        uint8_t *hdr = data - hl;
-        if (p->structured) {
-          put32(hdr, NBD_STRUCTURED_REPLY_MAGIC);
-          put16(hdr + 4, NBD_REPLY_FLAG_DONE);
-          put16(hdr + 6, NBD_REPLY_TYPE_OFFSET_DATA);
-          put64(hdr + 8, cookie);
-          put32(hdr + 16, 8 + len);
-          put64(hdr + 20, offset);
-        } else {
-          put32(hdr, NBD_SIMPLE_REPLY_MAGIC);
-          put32(hdr + 4, 0);
-          put64(hdr + 8, cookie);
-        }
-        bool sent;
-        {
-          std::lock_guard<std::mutex> g(p->wmu);
-          sent = send_all(p->client, hdr, hl + len);
-        }
-        sodium_memzero(data, len);
+      bool sent = true;
+      if (serve(p, r, cookie, offset, len, &sent)) {
         if (!sent) break;
-        p->reads++;
-        p->bytes += len;
         continue;
       }
-      sodium_memzero(data, len);
     }
     // Not ours: JavaScript answers it, as it would without the proxy.
     if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && !p->structured) {
@@ -203,16 +216,16 @@ void *requests(void *arg) {
     if (!send_all(p->inner, h, REQUEST)) break;
     if (magic != NBD_REQUEST_MAGIC) {
       // The client broke the protocol: JavaScript says so and hangs up; it gets whatever follows.
-      while (pass(p, true, p->inner, COPY, reply)) {
+      while (pass(p, true, p->inner, p->copy, buf)) {
       }
       break;
     }
-    if (type == NBD_CMD_WRITE && !pass(p, true, p->inner, len, reply)) break;
+    if (type == NBD_CMD_WRITE && !pass(p, true, p->inner, len, buf)) break;
     if (type == NBD_CMD_DISC) break;
   }
   // Nothing more comes from the client: JavaScript sees the end of its requests.
   shutdown(p->inner, SHUT_WR);
-  if (reply) sodium_free(reply);
+  if (buf) sodium_free(buf);
   ReaderFree(r);
   unref(p);
   return nullptr;
@@ -221,7 +234,7 @@ void *requests(void *arg) {
 /** The replies thread: JavaScript's replies to the client, whole. */
 void *replies(void *arg) {
   Proxy *p = static_cast<Proxy *>(arg);
-  uint8_t *buf = static_cast<uint8_t *>(sodium_malloc(COPY));  // a read reply's plaintext passes here
+  uint8_t *buf = static_cast<uint8_t *>(sodium_malloc(p->copy));  // a read reply's plaintext passes here
   uint8_t h[STRUCTURED];
   while (buf && recv_all(p->inner, h, 4)) {
     uint32_t magic = be32(h);
@@ -273,16 +286,16 @@ void Finalize(napi_env, void *data, void *) {
 }
 
 napi_value Start(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
+  napi_value argv[5];
   int32_t fd;
   uint8_t *left;
   size_t left_len;
   bool structured;
-  int64_t size, max_read;
-  if (!get_args(env, info, 6, argv) || !get_i32(env, argv[1], &fd) || !get_bytes(env, argv[2], &left, &left_len) ||
-      napi_get_value_bool(env, argv[3], &structured) != napi_ok || !get_i64(env, argv[4], &size) || !get_i64(env, argv[5], &max_read))
+  int64_t size;
+  if (!get_args(env, info, 5, argv) || !get_i32(env, argv[1], &fd) || !get_bytes(env, argv[2], &left, &left_len) ||
+      napi_get_value_bool(env, argv[3], &structured) != napi_ok || !get_i64(env, argv[4], &size))
     return nullptr;
-  if (size < 0 || max_read <= 0 || max_read > (1 << 24)) return throw_type(env, "lethe_native: nbdProxyStart: bad size or read limit");
+  if (size < 0) return throw_type(env, "lethe_native: nbdProxyStart: a negative size");
   Table *table = TableRef(env, argv[0]);
   if (!table) return nullptr;
   int sv[2];
@@ -304,7 +317,8 @@ napi_value Start(napi_env env, napi_callback_info info) {
   p->inner = sv[0];
   p->structured = structured;
   p->size = uint64_t(size);
-  p->max_read = uint32_t(max_read);
+  p->max_read = TableMaxReply(table);
+  p->copy = TableCopyBytes(table);
   p->leftover.assign(left, left + left_len);
   pthread_attr_t attr;
   pthread_attr_init(&attr);

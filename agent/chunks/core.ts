@@ -12,7 +12,10 @@
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
 import { randomBytes } from 'node:crypto';
-import { AD_CHUNK, CLASS_CODE, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, KDF_CHUNK_NORMAL, KIND_CODE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import {
+  AD_CHUNK, CLASS_CODE, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, KDF_CHUNK_NORMAL, KIND_CODE, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+  type ChunkKind, type Sensitivity,
+} from '../../common/constants.js';
 import { CHUNK_CT_AT, decryptChunkInto, decryptChunkPartInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
 import { b64u, tampered, wipe } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
@@ -80,6 +83,7 @@ export class AgentCore {
       cls: CLASS_CODE.normal,
       chunkSize: DISK_CHUNK_SIZE,
       maxChunks: DISK_PIECE_CHUNKS,
+      proxy: { replies: NBD_PROXY_REPLY_BUFFERS, maxRead: DISK_REPLY_BUFFER_BYTES, copyBytes: NBD_PROXY_COPY_BYTES },
     });
     // What the table read lies where the cache has moved on, or was written over, or the keys are gone.
     cache.onReplace = (k) => k.kind === 'disk' && this.fast.forget(k.index);

@@ -1,6 +1,10 @@
 // Another program reading the agent's memory (ptrace), and the locked memory the
 // agent needs for its keys and plaintext buffers (RLIMIT_MEMLOCK).
-import { DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS, MEM_CHUNK_SIZE } from '../../common/constants.js';
+import {
+  DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS,
+  MEM_CHUNK_SIZE, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+} from '../../common/constants.js';
+import { MAX_CONNECTIONS } from '../../agent/disk/nbd/protocol.js';
 import { formatBytes } from '../../policies/format.js';
 import type { HostCheck } from './host.js';
 import { Host, limitOf, oneOf } from './host.js';
@@ -23,17 +27,23 @@ const AGENT_LOCKS = {
   // within 100 ms: one buffer of the largest payload, which such requests take in turn
   // (agent/disk/backend.ts).
   diskLarge: locked(DISK_LARGE_BUFFER_BYTES),
+  // The native disk-read table (native/disk-reads.cc): its class keys, JavaScript's
+  // scratch, and the reply buffers the NBD read proxies share (32 bytes of header room each).
+  diskReadTable: 2 * PAGE + NBD_PROXY_REPLY_BUFFERS * locked(32 + DISK_REPLY_BUFFER_BYTES),
+  // Each NBD connection's read proxy: two threads' payload buffers and one's scratch.
+  proxyConnection: 2 * locked(NBD_PROXY_COPY_BYTES) + PAGE,
 };
 
 /**
  * Bytes the agent locks once it serves a VM, and at most: with the large disk buffer
- * made and its key ring grown to hold `keys` keys (by default all it may hold).
+ * made, its key ring grown to hold `keys` keys (by default all it may hold) and as many
+ * NBD connections as its server takes, each with its read proxy.
  */
 export function agentLockedBytes(keys = KEY_RING_MAX_KEYS): { atStart: number; atMost: number } {
   const l = AGENT_LOCKS;
-  const atStart = l.diskReplies + l.diskTransit + l.pagePool + l.keySlab + l.scratch;
+  const atStart = l.diskReplies + l.diskTransit + l.pagePool + l.keySlab + l.scratch + l.diskReadTable;
   const slabs = Math.max(1, Math.ceil(keys / KEY_SLAB_SLOTS));
-  return { atStart, atMost: atStart + (slabs - 1) * l.keySlab + l.diskLarge };
+  return { atStart, atMost: atStart + (slabs - 1) * l.keySlab + l.diskLarge + MAX_CONNECTIONS * l.proxyConnection };
 }
 
 

@@ -139,6 +139,7 @@ async function proxiedFile(dir: string, size: number): Promise<{ backend: BlockB
     cls: CLASS_CODE.normal,
     chunkSize: DISK_CHUNK_SIZE,
     maxChunks: size / DISK_CHUNK_SIZE,
+    proxy: { replies: 2, maxRead: 256 * 1024, copyBytes: 4096 },
   });
   const imageId = Buffer.alloc(16, 3);
   const classKey = randomBytes(32);

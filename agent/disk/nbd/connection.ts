@@ -11,8 +11,6 @@ import type { BlockBackend, Export, Problem, Request, ServerSide } from './types
 import * as P from './protocol.js';
 
 let nextConnectionId = 1;
-/** The longest read the native proxy answers itself (its locked reply buffer); longer ones come to JavaScript. */
-const PROXY_MAX_READ = 256 * 1024;
 
 /** One client, from greeting to close. */
 export class Connection {
@@ -69,7 +67,7 @@ export class Connection {
     const outer = this.socket;
     const leftover = this.reader.detach();
     try {
-      this.proxy = table.proxy(fd, leftover, { structured: this.structured, size: this.export!.backend.size, maxRead: PROXY_MAX_READ });
+      this.proxy = table.proxy(fd, leftover, { structured: this.structured, size: this.export!.backend.size });
     } finally {
       leftover.fill(0);
     }
