@@ -24,6 +24,7 @@ export { DeviceClient } from './remote/device-client.js';
 // The disk export.
 export type { NbdAddress } from './disk/nbd/server.js';
 export { NBD_PEERS, type NbdPeers } from './disk/nbd/peers.js';
+export { MAX_CONNECTIONS as NBD_MAX_CONNECTIONS } from './disk/nbd/protocol.js';
 
 // QEMU.
 export { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, type AccelChoice, type VmSpec } from './vm/qemu.js';

@@ -4,7 +4,7 @@ import {
   DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS,
   MEM_CHUNK_SIZE, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
 } from '../../common/constants.js';
-import { MAX_CONNECTIONS } from '../../agent/disk/nbd/protocol.js';
+import { NBD_MAX_CONNECTIONS } from '../../agent/index.js';
 import { formatBytes } from '../../policies/format.js';
 import type { HostCheck } from './host.js';
 import { Host, limitOf, oneOf } from './host.js';
@@ -43,7 +43,7 @@ export function agentLockedBytes(keys = KEY_RING_MAX_KEYS): { atStart: number; a
   const l = AGENT_LOCKS;
   const atStart = l.diskReplies + l.diskTransit + l.pagePool + l.keySlab + l.scratch + l.diskReadTable;
   const slabs = Math.max(1, Math.ceil(keys / KEY_SLAB_SLOTS));
-  return { atStart, atMost: atStart + (slabs - 1) * l.keySlab + l.diskLarge + MAX_CONNECTIONS * l.proxyConnection };
+  return { atStart, atMost: atStart + (slabs - 1) * l.keySlab + l.diskLarge + NBD_MAX_CONNECTIONS * l.proxyConnection };
 }
 
 
