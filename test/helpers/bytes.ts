@@ -14,3 +14,14 @@ export function expectSameBytes(actual: Buffer | Uint8Array, expected: Buffer | 
     `${what}: ${a.length} bytes, expected ${e.length}; they first differ at offset ${at} (from ${from}: ${hex(a)} ≠ ${hex(e)})`,
   );
 }
+
+/** A deterministic generator, so a failure names a case that can be rerun. */
+export function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}

@@ -10,24 +10,13 @@ import { CHUNK_CT_AT, chunkKey, encryptChunk, type ChunkCoord } from '../../comm
 import { AD_CHUNK, CLASS_CODE, DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
 import { randomBytes } from '../../common/crypto.js';
 import { NativeDiskReads } from '../../native/index.js';
-import { expectSameBytes } from '../helpers/bytes.js';
+import { expectSameBytes, rng } from '../helpers/bytes.js';
 import { tmpDir } from '../helpers/proc.js';
 
 const CHUNK = DISK_CHUNK_SIZE;
 const SLOT = CHUNK + 4096; // a slot holds a blob (chunk + 41 bytes) on a page boundary, as the cache's
 const IMAGE = Buffer.alloc(16, 9);
 const GEN = 4;
-
-/** A deterministic generator, so a failure names a case that can be rerun. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
 
 describe('native disk reads', () => {
   const classKey = randomBytes(32);

@@ -5,21 +5,10 @@ import { expect } from 'chai';
 import { CHUNK_CT_AT, chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
 import { open, openPartInto, randomBytes, seal, verifyBoxed } from '../../common/crypto.js';
 import { PIECE_BYTES, PieceDigests } from '../../agent/chunks/piece-digests.js';
-import { expectSameBytes } from '../helpers/bytes.js';
+import { expectSameBytes, rng } from '../helpers/bytes.js';
 
 function coord(over: Partial<ChunkCoord> = {}): ChunkCoord {
   return { imageId: Buffer.alloc(16, 7), gen: 3, kind: 'disk', index: 41, cls: 'normal', ...over };
-}
-
-/** A deterministic generator, so a failure names a case that can be rerun. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
 }
 
 describe('chunk range decryption', () => {
