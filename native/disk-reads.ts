@@ -4,6 +4,8 @@
 // ciphertext lies in; a read of them then preads, checks and decrypts only the 4 KiB
 // pieces it covers, in one call. A read it cannot serve answers false, and the caller
 // reads through the chunk core as before: this table only ever refuses.
+import { randomBytes } from 'node:crypto';
+import { AD_CHUNK, CLASS_CODE, DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../common/constants.js';
 import { LetheError } from '../common/errors.js';
 import { addon, bytesArg, fdArg, show, type DiskReadsHandle, type DiskReadsStats, type NbdProxyHandle } from './addon.js';
 
@@ -68,6 +70,23 @@ export class NativeDiskReads {
     } catch (e) {
       throw new LetheError('INTERNAL', `cannot open the native disk-read table on fd ${fd}`, { cause: e });
     }
+  }
+
+  /**
+   * A table for normal-class disk chunks as common/chunk.ts makes them (its key
+   * derivation, associated data and chunk size), its piece digests keyed by a key drawn
+   * now and kept nowhere else.
+   */
+  static forDiskChunks(fd: number, opts: { maxChunks: number; proxy?: { replies: number; maxRead: number; copyBytes: number } }): NativeDiskReads {
+    return new NativeDiskReads(fd, {
+      digestKey: randomBytes(KEY_BYTES),
+      keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
+      adLabel: Buffer.from(AD_CHUNK, 'utf8'),
+      kind: KIND_CODE.disk,
+      cls: CLASS_CODE.normal,
+      chunkSize: DISK_CHUNK_SIZE,
+      ...opts,
+    });
   }
 
   private handle(): DiskReadsHandle {

@@ -11,9 +11,8 @@
 // chunk-keys.ts (keys), blob-source.ts (ciphertext from cache or server, prefetch),
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
-import { randomBytes } from 'node:crypto';
 import {
-  AD_CHUNK, CLASS_CODE, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, KDF_CHUNK_NORMAL, KIND_CODE, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+  DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
   type ChunkKind, type Sensitivity,
 } from '../../common/constants.js';
 import { CHUNK_CT_AT, decryptChunkInto, decryptChunkPartInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
@@ -75,13 +74,7 @@ export class AgentCore {
     this.checked = new CheckedBlobs(checkedBytes, (id, hash, blob) => {
       if (!this.putFast(id, hash, blob)) this.pieces.put(id, hash, blob);
     });
-    this.fast = new NativeDiskReads(cache.slotFd('disk'), {
-      digestKey: randomBytes(32),
-      keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
-      adLabel: Buffer.from(AD_CHUNK, 'utf8'),
-      kind: KIND_CODE.disk,
-      cls: CLASS_CODE.normal,
-      chunkSize: DISK_CHUNK_SIZE,
+    this.fast = NativeDiskReads.forDiskChunks(cache.slotFd('disk'), {
       maxChunks: DISK_PIECE_CHUNKS,
       proxy: { replies: NBD_PROXY_REPLY_BUFFERS, maxRead: DISK_REPLY_BUFFER_BYTES, copyBytes: NBD_PROXY_COPY_BYTES },
     });

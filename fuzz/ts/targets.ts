@@ -9,7 +9,7 @@ import path from 'node:path';
 import { parseChunkFrames } from '../../common/frames.js';
 import { CHUNK_CT_AT, chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, plaintextSize, type ChunkCoord } from '../../common/chunk.js';
 import { randomBytes, signKeyPair } from '../../common/crypto.js';
-import { AD_CHUNK, CHUNK_OVERHEAD, CLASS_CODE, DISK_CHUNK_SIZE, HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
+import { CHUNK_OVERHEAD, DISK_CHUNK_SIZE, HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP } from '../../common/constants.js';
 import { LetheError } from '../../common/errors.js';
 import { verifyRequest } from '../../common/signing.js';
 import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
@@ -131,16 +131,7 @@ async function proxiedFile(dir: string, size: number): Promise<{ backend: BlockB
   const plain = await FileBackend.open(file);
   const slots = path.join(dir, 'slots');
   const fd = fs.openSync(slots, 'w+');
-  const table = new NativeDiskReads(fd, {
-    digestKey: randomBytes(32),
-    keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
-    adLabel: Buffer.from(AD_CHUNK, 'utf8'),
-    kind: KIND_CODE.disk,
-    cls: CLASS_CODE.normal,
-    chunkSize: DISK_CHUNK_SIZE,
-    maxChunks: size / DISK_CHUNK_SIZE,
-    proxy: { replies: 2, maxRead: 256 * 1024, copyBytes: 4096 },
-  });
+  const table = NativeDiskReads.forDiskChunks(fd, { maxChunks: size / DISK_CHUNK_SIZE, proxy: { replies: 2, maxRead: 256 * 1024, copyBytes: 4096 } });
   const imageId = Buffer.alloc(16, 3);
   const classKey = randomBytes(32);
   table.image(imageId);

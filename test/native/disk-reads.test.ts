@@ -7,7 +7,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CHUNK_CT_AT, chunkKey, encryptChunk, type ChunkCoord } from '../../common/chunk.js';
-import { AD_CHUNK, CLASS_CODE, DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../../common/constants.js';
+import { DISK_CHUNK_SIZE } from '../../common/constants.js';
 import { randomBytes } from '../../common/crypto.js';
 import { NativeDiskReads } from '../../native/index.js';
 import { expectSameBytes, rng } from '../helpers/bytes.js';
@@ -41,7 +41,7 @@ describe('native disk reads', () => {
       fs.writeSync(fd, blob, 0, blob.length, slots[i] * SLOT);
       blobs.push(blob);
     });
-    t = new NativeDiskReads(fd, { digestKey: randomBytes(32), keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), adLabel: Buffer.from(AD_CHUNK, 'utf8'), kind: KIND_CODE.disk, cls: CLASS_CODE.normal, chunkSize: CHUNK, maxChunks: 16 });
+    t = NativeDiskReads.forDiskChunks(fd, { maxChunks: 16 });
     t.image(IMAGE);
     expect(t.key(GEN, classKey)).to.equal(true);
     blobs.forEach((b, i) => t.put(i, GEN, slots[i] * SLOT + CHUNK_CT_AT, b));
@@ -135,7 +135,7 @@ describe('native disk reads', () => {
   });
 
   it('keeps at most maxChunks chunks', () => {
-    const small = new NativeDiskReads(fd, { digestKey: randomBytes(32), keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'), adLabel: Buffer.from(AD_CHUNK, 'utf8'), kind: KIND_CODE.disk, cls: CLASS_CODE.normal, chunkSize: CHUNK, maxChunks: 2 });
+    const small = NativeDiskReads.forDiskChunks(fd, { maxChunks: 2 });
     try {
       small.image(IMAGE);
       small.key(GEN, classKey);
