@@ -157,30 +157,29 @@ export class AgentCore {
   }
 
   /**
-   * Disk bytes [offset, offset + out.length), now, without a promise or the key ring:
-   * each chunk from the memory of checked blobs or from the native table's pieces of
-   * the cache file. True when it served every byte; false (out's bytes undefined), and
-   * read them with readRange().
+   * Bytes [from, from + out.length) of disk chunk `index`, now, without a promise or
+   * the key ring (readNow): true when served; false (out's bytes undefined), and read
+   * them with readRange().
    */
-  readDiskNow(offset: number, out: Buffer): boolean {
+  readRangeNow(index: number, from: number, out: Buffer): boolean {
     if (this.lease.state !== 'active') return false;
-    const end = offset + out.length;
-    let chunks = 0;
-    for (let pos = offset; pos < end; chunks++) {
-      const index = Math.floor(pos / DISK_CHUNK_SIZE);
-      const within = pos - index * DISK_CHUNK_SIZE;
-      const n = Math.min(DISK_CHUNK_SIZE - within, end - pos);
-      const part = out.subarray(pos - offset, pos - offset + n);
-      const e = this.map.entries.disk.get(index);
-      if (!e || e.cls !== 'normal') return false;
-      const id = keyId('disk', index, e.gen);
-      const blob = this.checked.get(id, e.ctHash);
-      if (blob ? !(this.fastKeyed(id, e) && this.fast.decrypt(index, e.gen, blob, within, part)) : !this.fast.read(pos, part)) return false;
-      if (!blob) this.stats.pieceReads++;
-      pos += n;
-    }
-    this.stats.reads += chunks;
-    this.stats.fromCache += chunks;
+    const e = this.map.entries.disk.get(index);
+    if (!e || !this.readNow(index, e, keyId('disk', index, e.gen), from, out)) return false;
+    this.stats.reads++;
+    this.stats.fromCache++;
+    return true;
+  }
+
+  /**
+   * A normal-class disk chunk's bytes through the native table: from its blob kept in
+   * memory (`checked`) under the table's class key, or from the table's pieces of the
+   * cache file. False for any other chunk, or when the table cannot serve it.
+   */
+  private readNow(index: number, e: Entry, id: string, from: number, out: Buffer, checked = this.checked.get(id, e.ctHash)): boolean {
+    if (e.cls !== 'normal') return false;
+    if (checked) return this.fastKeyed(id, e) && this.fast.decrypt(index, e.gen, checked, from, out);
+    if (!this.fast.read(index * DISK_CHUNK_SIZE + from, out)) return false;
+    this.stats.pieceReads++;
     return true;
   }
 
@@ -260,8 +259,7 @@ export class AgentCore {
     }
     const id = keyId(kind, index, e.gen);
     const checked = from === undefined ? undefined : this.checked.get(id, e.ctHash);
-    // A kept blob of a normal-class chunk decrypts under the native table's copy of the class key: no key-ring mprotect.
-    if (checked && kind === 'disk' && this.fastKeyed(id, e) && this.fast.decrypt(index, e.gen, checked, from!, out)) {
+    if (kind === 'disk' && from !== undefined && this.readNow(index, e, id, from, out, checked)) {
       this.stats.fromCache++;
       return 'cache';
     }
@@ -341,9 +339,7 @@ export class AgentCore {
    * damaged blob and fetches it again.
    */
   private readPieces(kind: ChunkKind, index: number, e: Entry, id: string, from: number, out: Buffer): boolean {
-    if (kind !== 'disk') return false;
-    if (e.cls === 'normal' && this.fast.read(index * DISK_CHUNK_SIZE + from, out)) return true;
-    if (out.length > PIECE_READ_MAX) return false;
+    if (kind !== 'disk' || out.length > PIECE_READ_MAX) return false;
     const r = this.pieces.get(id, e.ctHash);
     if (!r) return false;
     const first = Math.floor(from / PIECE_BYTES);

@@ -52,21 +52,28 @@ export class AgentDiskBackend {
     }
   }
 
+  /** The chunks bytes [offset, offset + length) lie in: each one's index, where in it, how many bytes, and where in the range. */
+  private *parts(offset: number, length: number): Generator<{ index: number; within: number; n: number; at: number }> {
+    for (let pos = offset; pos < offset + length; ) {
+      const index = Math.floor(pos / DISK_CHUNK_SIZE);
+      const within = pos - index * DISK_CHUNK_SIZE;
+      const n = Math.min(this.chunkLen(index) - within, offset + length - pos);
+      yield { index, within, n, at: pos - offset };
+      pos += n;
+    }
+  }
+
   /** Plaintext of bytes [offset, offset + length), in a buffer to hand back through release(). */
   async read(offset: number, length: number): Promise<Buffer> {
     // The NBD server checks ranges first; this keeps any other caller from looping.
     if (offset < 0 || length < 0 || offset + length > this.size) throw new RangeError(`read of ${length} bytes at ${offset} is outside the ${this.size}-byte disk`);
     const out = await this.buffer(length);
     const parts: Promise<unknown>[] = [];
-    for (let pos = offset; pos < offset + length; ) {
-      const index = Math.floor(pos / DISK_CHUNK_SIZE);
-      const within = pos - index * DISK_CHUNK_SIZE;
-      const n = Math.min(this.chunkLen(index) - within, offset + length - pos);
-      const into = out.subarray(pos - offset, pos - offset + n);
+    for (const { index, within, n, at } of this.parts(offset, length)) {
+      const into = out.subarray(at, at + n);
       // A read overlapping a write in progress waits for it.
       const busy = this.locks.get(index);
       parts.push(busy ? busy.then(() => this.core.readRange('disk', index, within, into)) : this.core.readRange('disk', index, within, into));
-      pos += n;
     }
     try {
       await Promise.all(parts);
@@ -79,18 +86,22 @@ export class AgentDiskBackend {
   }
 
   /**
-   * read() from the native table alone (AgentCore.readDiskNow), when no write to those
-   * chunks is in progress and a reply buffer is free: the bytes, or undefined.
+   * read() without waiting for anything (AgentCore.readRangeNow: a kept blob, or the
+   * native table), when no write to those chunks is in progress and a reply buffer is
+   * free: the bytes, or undefined.
    */
   readNow(offset: number, length: number): Buffer | undefined {
     if (length === 0 || length > DISK_REPLY_BUFFER_BYTES || offset < 0 || offset + length > this.size) return undefined;
-    for (let i = Math.floor(offset / DISK_CHUNK_SIZE); i * DISK_CHUNK_SIZE < offset + length; i++) if (this.locks.has(i)) return undefined;
     const slot = this.replies.tryTake();
     if (!slot) return undefined;
     const out = slot.subarray(0, length);
-    if (this.core.readDiskNow(offset, out)) return out;
-    this.replies.give(out);
-    return undefined;
+    for (const { index, within, n, at } of this.parts(offset, length)) {
+      if (this.locks.has(index) || !this.core.readRangeNow(index, within, out.subarray(at, at + n))) {
+        this.replies.give(out);
+        return undefined;
+      }
+    }
+    return out;
   }
 
   /** The core's native disk-read table, for the NBD read proxy. */
