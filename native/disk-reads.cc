@@ -54,7 +54,6 @@ constexpr size_t BLOCK = 64;
 
 struct Chunk {
   uint32_t gen;
-  int fd;        // the table's file, when copied out for a read
   uint64_t at;   // file offset of the ciphertext
   uint32_t len;  // ciphertext bytes (= plaintext bytes)
   uint8_t nonce[NONCE];
@@ -245,6 +244,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
   Scratch *s = r->scratch;
   std::vector<uint8_t> &ct = r->ct;
   Chunk c;
+  int fd;  // the table's file, read under the lock; closed and its number reused after, pread fails or reads bytes no digest or tag accepts
   {
     std::lock_guard<std::mutex> g(t->mu);
     auto it = t->chunks.find(index);
@@ -252,7 +252,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     int slot = slot_locked(t, it->second.gen);
     if (slot < 0) return false;
     c.gen = it->second.gen;
-    c.fd = t->fd;
+    fd = t->fd;
     c.at = it->second.at;
     c.len = it->second.len;
     memcpy(c.nonce, it->second.nonce, NONCE);
@@ -270,7 +270,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     m += coord(t, c.gen, index, ad + m);
     ad[m++] = t->cls;
     /* SAFETY: ct holds chunk_size + TAG bytes (new_reader), and c.len ≤ chunk_size (Put) */
-    ssize_t got = pread(c.fd, ct.data(), c.len + TAG, off_t(c.at));
+    ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
     if (got == ssize_t(c.len + TAG) &&
         crypto_aead_xchacha20poly1305_ietf_decrypt_detached(out, nullptr, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0) {
       ok = true;
@@ -289,7 +289,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
   do {
     if (len > ct.size()) break;
     /* SAFETY: ct holds at least len bytes (checked above); fd is the table's own dup of the slot file */
-    ssize_t got = pread(c.fd, ct.data(), len, off_t(c.at + from));
+    ssize_t got = pread(fd, ct.data(), len, off_t(c.at + from));
     if (got != ssize_t(len)) break;
     bool match = true;
     for (size_t p = 0; p * PIECE < len; p++) {

@@ -72,7 +72,8 @@ export class AgentCore {
   ) {
     // A disk blob leaving memory (or too large to keep) leaves its pieces' digests behind: later short reads take pieces from the cache file.
     this.checked = new CheckedBlobs(checkedBytes, (id, hash, blob) => {
-      if (!this.putFast(id, hash, blob)) this.pieces.put(id, hash, blob);
+      const { kind, index, gen } = parseKeyId(id);
+      if (kind !== 'disk' || !this.putFast(index, gen, hash, blob)) this.pieces.put(id, hash, blob);
     });
     this.fast = NativeDiskReads.forDiskChunks(cache.slotFd('disk'), {
       maxChunks: DISK_PIECE_CHUNKS,
@@ -126,14 +127,14 @@ export class AgentCore {
   }
 
   /**
-   * Puts a checked disk blob in the native table (at its check, and again as it leaves
+   * Puts a checked blob of disk chunk `index` in the native table (at its check, and again as it leaves
    * memory if the table let it go): a normal-class chunk of the manifest, keyed by its
    * generation's class key (held), lying in the cache file. False for any other (the
    * caller keeps its pieces' digests itself).
    */
-  private putFast(id: string, hash: string, blob: Buffer): boolean {
-    const { kind, index, gen } = parseKeyId(id);
-    const e = kind === 'disk' ? this.map.entries.disk.get(index) : undefined;
+  private putFast(index: number, gen: number, hash: string, blob: Buffer): boolean {
+    const e = this.map.entries.disk.get(index);
+    const id = keyId('disk', index, gen);
     if (!e || e.gen !== gen || e.ctHash !== hash || !this.fastKeyed(id, e)) return false;
     if (this.fast.has(index, gen)) return true;
     const at = this.cache.location(this.map.cacheKey('disk', index, e));
@@ -309,7 +310,7 @@ export class AgentCore {
             // A blob in the spare buffer is borrowed: the buffer goes back for the next read.
             this.checked.put(id, e.ctHash, blob, { read: true, borrowed: spare !== undefined && blob.buffer === spare.buffer });
             // Checked: the native table serves it from the cache file from now on, to the NBD proxy too.
-            if (kind === 'disk') this.putFast(id, e.ctHash, blob);
+            if (kind === 'disk') this.putFast(index, e.gen, e.ctHash, blob);
           }
           decryptChunkRangeInto(out, scratch, blob, from);
         }
