@@ -174,6 +174,11 @@ Table *get_table(napi_env env, napi_value v) {
   return t;
 }
 
+/** Reads a call's `n` arguments into argv, the first a table handle; the table, or null (thrown). */
+Table *table_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv) {
+  return get_args(env, info, n, argv) ? get_table(env, argv[0]) : nullptr;
+}
+
 napi_value boolean(napi_env env, bool b) {
   napi_value v;
   napi_get_boolean(env, b, &v);
@@ -387,8 +392,7 @@ napi_value Image(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   uint8_t *id;
   size_t len;
-  if (!get_args(env, info, 2, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 2, argv);
   if (!t || !get_bytes(env, argv[1], &id, &len)) return nullptr;
   if (len != IMAGE_ID) return throw_type(env, "lethe_native: diskReadsImage: an image id is 16 bytes");
   std::lock_guard<std::mutex> g(t->mu);
@@ -402,8 +406,7 @@ napi_value Key(napi_env env, napi_callback_info info) {
   uint32_t gen;
   uint8_t *key;
   size_t len;
-  if (!get_args(env, info, 3, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 3, argv);
   if (!t || !get_u32(env, argv[1], &gen) || !get_bytes(env, argv[2], &key, &len)) return nullptr;
   if (len != KEY) return throw_type(env, "lethe_native: diskReadsKey: a class key is 32 bytes");
   std::lock_guard<std::mutex> g(t->mu);
@@ -424,8 +427,7 @@ napi_value Key(napi_env env, napi_callback_info info) {
 
 napi_value ZeroKeys(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 1, argv);
   if (!t) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
   zero_keys_locked(t);
@@ -438,8 +440,7 @@ napi_value Put(napi_env env, napi_callback_info info) {
   int64_t at;
   uint8_t *blob;
   size_t len;
-  if (!get_args(env, info, 5, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 5, argv);
   if (!t || !get_u32(env, argv[1], &index) || !get_u32(env, argv[2], &gen) || !get_i64(env, argv[3], &at) ||
       !get_bytes(env, argv[4], &blob, &len))
     return nullptr;
@@ -466,8 +467,7 @@ napi_value Put(napi_env env, napi_callback_info info) {
 napi_value Has(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   uint32_t index, gen;
-  if (!get_args(env, info, 3, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 3, argv);
   if (!t || !get_u32(env, argv[1], &index) || !get_u32(env, argv[2], &gen)) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
   auto it = t->chunks.find(index);
@@ -477,8 +477,7 @@ napi_value Has(napi_env env, napi_callback_info info) {
 napi_value Forget(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   uint32_t index;
-  if (!get_args(env, info, 2, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 2, argv);
   if (!t || !get_u32(env, argv[1], &index)) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
   t->chunks.erase(index);
@@ -487,8 +486,7 @@ napi_value Forget(napi_env env, napi_callback_info info) {
 
 napi_value ForgetAll(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 1, argv);
   if (!t) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
   t->chunks.clear();
@@ -500,8 +498,7 @@ napi_value Read(napi_env env, napi_callback_info info) {
   int64_t offset;
   uint8_t *out;
   size_t len;
-  if (!get_args(env, info, 3, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 3, argv);
   if (!t || !get_i64(env, argv[1], &offset) || !get_bytes(env, argv[2], &out, &len)) return nullptr;
   if (offset < 0) return throw_type(env, "lethe_native: diskReadsRead: a negative offset");
   return boolean(env, TableRead(t, t->js, uint64_t(offset), out, len));
@@ -513,8 +510,7 @@ napi_value Decrypt(napi_env env, napi_callback_info info) {
   int64_t from;
   uint8_t *blob, *out;
   size_t blob_len, len;
-  if (!get_args(env, info, 6, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 6, argv);
   if (!t || !get_u32(env, argv[1], &index) || !get_u32(env, argv[2], &gen) || !get_bytes(env, argv[3], &blob, &blob_len) ||
       !get_i64(env, argv[4], &from) || !get_bytes(env, argv[5], &out, &len))
     return nullptr;
@@ -536,8 +532,7 @@ napi_value Decrypt(napi_env env, napi_callback_info info) {
 
 napi_value Stats(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return nullptr;
-  Table *t = get_table(env, argv[0]);
+  Table *t = table_args(env, info, 1, argv);
   if (!t) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
   napi_value r, v;
