@@ -23,6 +23,8 @@ const SPARES_KEPT = 16;
  * read whole at resume anyway.
  */
 const READAHEAD: Record<ChunkKind, number> = { mem: 16, disk: 8, state: 1 };
+/** Chunks in one prefetch request at most (the fetcher's pace() makes them fewer on a slow link). */
+const MAX_PREFETCH_BATCH = 64;
 
 export interface PrefetchOptions {
   onProgress?: (done: number, total: number) => void;
@@ -104,8 +106,10 @@ export class BlobSource {
 
   /**
    * Fetches a chunk into the cache; when its kind is being read in order (the chunk
-   * before is cached), the next READAHEAD[kind] chunks not cached come in the same
-   * request, as a disk's readahead does. Reads of any of them wait for this fetch.
+   * before is cached), the next READAHEAD[kind] chunks not cached come too, as a
+   * disk's readahead does, in a request right behind this chunk's (on a slow link
+   * 15 pages more would add a quarter of a round trip to the fault). Reads of any
+   * of them wait for their own fetch.
    */
   private fetchWithReadahead(kind: ChunkKind, index: number, e: Entry): Promise<Fetched> {
     const entries = this.map.entries[kind];
@@ -121,7 +125,7 @@ export class BlobSource {
     const fetches = refs.map((i) => {
       const n = i === index ? e : entries.get(i)!;
       const id = keyId(kind, i, n.gen);
-      const p = this.fetcher.demand({ kind, index: i }).then((blob) => ({ blob, ok: this.keep(kind, i, n, blob) }));
+      const p = this.fetcher.demand({ kind, index: i }, i !== index).then((blob) => ({ blob, ok: this.keep(kind, i, n, blob) }));
       this.inFlight.set(id, p);
       // A readahead page that fails is left for its own read to fetch again and refuse.
       p.catch(() => {}).finally(() => this.inFlight.delete(id));
@@ -132,15 +136,19 @@ export class BlobSource {
   }
 
   /**
-   * Brings these chunks' ciphertext into the cache, in this order, a batch per
-   * request after any demand request (the fetcher's rule), at most `bandwidth`
-   * bytes a second when given. Chunks cached or zero are skipped. Returns how many
-   * it fetched. Stops quietly when the lease's manifest changes.
+   * Brings these chunks' ciphertext into the cache, in this order, in requests
+   * after any demand request (the fetcher's rule), paced to the link: as many
+   * chunks a request and requests in flight as the fetcher's pace() says (`batch`
+   * caps a request), each request's chunks kept, and handed to `onBatch`, in order.
+   * At most `bandwidth` bytes a second when given. Chunks cached or zero are
+   * skipped. Returns how many it fetched. Stops quietly when the lease's manifest
+   * changes.
    */
   async prefetch(refs: ChunkRef[], o: PrefetchOptions = {}): Promise<number> {
     const m = this.map.must();
-    const batch = o.batch ?? 64;
-    const todo: { kind: ChunkKind; index: number; e: Entry }[] = [];
+    const max = o.batch ?? MAX_PREFETCH_BATCH;
+    type Todo = { kind: ChunkKind; index: number; e: Entry };
+    const todo: Todo[] = [];
     for (const { kind, index } of refs) {
       const e = this.map.entries[kind].get(index);
       if (e) todo.push({ kind, index, e });
@@ -150,18 +158,32 @@ export class BlobSource {
     const t0 = Date.now();
     let bytes = 0;
     let fetched = 0;
-    for (let i = 0; i < todo.length; i += batch) {
-      await this.lease.whenActive();
+    /** Requests out, oldest first: the chunks they cover, those asked for, and the answer. */
+    const out: { all: Todo[]; slice: Todo[]; blobs: Promise<Buffer[]> }[] = [];
+    let at = 0;
+    for (;;) {
+      const { batch, depth } = this.fetcher.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, max);
+      while (at < todo.length && out.length < depth) {
+        await this.lease.whenActive();
+        if (this.map.manifest !== m) return fetched;
+        const all = todo.slice(at, at + batch);
+        at += all.length;
+        // Checked per request: a demand read may have brought a chunk meanwhile.
+        const slice = all.filter(({ kind, index, e }) => !this.cache.has(this.map.cacheKey(kind, index, e)));
+        const blobs = slice.length ? this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : Promise.resolve([]);
+        blobs.catch(() => {}); // awaited in its turn below
+        out.push({ all, slice, blobs });
+      }
+      const next = out.shift();
+      if (!next) return fetched;
+      const blobs = await next.blobs;
       if (this.map.manifest !== m) return fetched;
-      // Checked per batch: a demand read may have brought a chunk meanwhile.
-      const slice = todo.slice(i, i + batch).filter(({ kind, index, e }) => !this.cache.has(this.map.cacheKey(kind, index, e)));
-      const blobs = slice.length ? await this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : [];
       for (const b of blobs) bytes += b.length;
       // A chunk that does not match is refused; a demand read will try again and report it.
-      this.stats.tampered += this.keepMany(slice.map((c, j) => ({ ...c, blob: blobs[j] })));
-      await o.onBatch?.(todo.slice(i, i + batch).map(({ kind, index }) => ({ kind, index })));
-      fetched += slice.length;
-      done += Math.min(batch, todo.length - i);
+      this.stats.tampered += this.keepMany(next.slice.map((c, j) => ({ ...c, blob: blobs[j] })));
+      await o.onBatch?.(next.all.map(({ kind, index }) => ({ kind, index })));
+      fetched += next.slice.length;
+      done += next.all.length;
       o.onProgress?.(done, refs.length);
       // The cap: wait until the bytes so far fit the allowed rate.
       if (o.bandwidth) {
@@ -169,6 +191,5 @@ export class BlobSource {
         if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
       }
     }
-    return fetched;
   }
 }

@@ -1,7 +1,11 @@
 // Fetching from the server: demand requests go out at once on their own
 // connection (as QEMU's postcopy-preempt channel does) and are coalesced
-// within one event-loop turn into a batch; prefetch uses another connection
-// and waits while any demand request is outstanding. Transient failures
+// within one event-loop turn into a batch; the chunks read ahead of them go in a
+// request of their own right behind, so a fault waits for its own page only.
+// Prefetch uses other connections and waits while any demand request is
+// outstanding. Its requests are paced to the link (pace()): each a few
+// milliseconds of it, as many in flight as fill a round trip, so a demand
+// request queues behind little prefetch however slow the link. Transient failures
 // (server unreachable, 5xx, rate limited) are retried with capped exponential backoff: for
 // 30 s, and demand requests no later than the lease's eviction point.
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -36,6 +40,30 @@ export async function withRetry<T>(fn: () => Promise<T>, deadlineMs: number, onR
   }
 }
 
+/** A prefetch request is about this many milliseconds of the link, once its rate is known. */
+export const PACE_MS = 10;
+/** Prefetch requests in flight: at least 2 (one on the way while one is kept), at most 8. */
+const MIN_DEPTH = 2;
+const MAX_DEPTH = 8;
+/** Chunks in a prefetch request: at least this many, however slow the link. */
+const MIN_PACED_BATCH = 4;
+/** Round trips remembered: the shortest of them is the link's. */
+const RTT_SAMPLES = 16;
+
+/**
+ * How a background stream should go over a link of `rate` bytes a millisecond and
+ * `rttMs`: requests of about PACE_MS of the link (whole chunks, at most `max`), and
+ * enough of them in flight to cover a round trip plus one. Unknown rate: `max`-chunk
+ * requests, two at a time.
+ */
+export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, max: number): { batch: number; depth: number } {
+  if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: max, depth: MIN_DEPTH };
+  const batch = Math.max(Math.min(MIN_PACED_BATCH, max), Math.min(max, Math.round((rate * PACE_MS) / chunkBytes)));
+  const batchMs = (batch * chunkBytes) / rate;
+  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 1));
+  return { batch, depth };
+}
+
 interface Waiter {
   ref: ChunkRef;
   resolve: (b: Buffer) => void;
@@ -44,11 +72,19 @@ interface Waiter {
 
 export class Fetcher {
   private queue: Waiter[] = [];
+  /** Chunks read ahead of a demand request: their own request, sent right after it. */
+  private aheadQueue: Waiter[] = [];
   private scheduled = false;
   private urgentInFlight = 0;
   private idle?: Promise<void>;
   private idleResolve?: () => void;
-  readonly stats = { demandBatches: 0, demandChunks: 0, prefetchBatches: 0, prefetchChunks: 0, retries: 0, bytes: 0 };
+  /** Recent request durations (ms), demand and prefetch: the shortest is the round trip. */
+  private readonly rtts: number[] = [];
+  /** The background stream's rate (bytes a millisecond, smoothed), once measured. */
+  private rate?: number;
+  /** When the last prefetch answer came (performance.now()). */
+  private lastPrefetchEnd = -Infinity;
+  readonly stats = { demandBatches: 0, demandChunks: 0, readaheadBatches: 0, readaheadChunks: 0, prefetchBatches: 0, prefetchChunks: 0, retries: 0, bytes: 0 };
 
   /**
    * @param giveUpBy when demand requests stop retrying (ms since the epoch): the
@@ -68,10 +104,14 @@ export class Fetcher {
     return Math.min(Date.now() + this.retryWindowMs, this.giveUpBy());
   }
 
-  /** One chunk, on the demand connection; concurrent calls in one turn share a request. */
-  demand(ref: ChunkRef): Promise<Buffer> {
+  /**
+   * One chunk, on the demand connection; concurrent calls in one turn share a
+   * request. With `ahead` (chunks read ahead of one asked for) they share another,
+   * sent right after: the chunk a reader waits for comes first, not behind them.
+   */
+  demand(ref: ChunkRef, ahead = false): Promise<Buffer> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ ref, resolve, reject });
+      (ahead ? this.aheadQueue : this.queue).push({ ref, resolve, reject });
       if (!this.scheduled) {
         this.scheduled = true;
         setImmediate(() => this.flush());
@@ -81,44 +121,82 @@ export class Fetcher {
 
   private flush(): void {
     this.scheduled = false;
-    while (this.queue.length > 0) {
-      const batch = this.queue.splice(0, MAX_BATCH);
-      this.urgentInFlight++;
+    while (this.queue.length > 0) this.send(this.queue.splice(0, MAX_BATCH), false);
+    while (this.aheadQueue.length > 0) this.send(this.aheadQueue.splice(0, MAX_BATCH), true);
+  }
+
+  private send(batch: Waiter[], ahead: boolean): void {
+    this.urgentInFlight++;
+    if (ahead) {
+      this.stats.readaheadBatches++;
+      this.stats.readaheadChunks += batch.length;
+    } else {
       this.stats.demandBatches++;
       this.stats.demandChunks += batch.length;
-      withRetry(() => this.urgent.chunks(this.leaseId(), batch.map((w) => w.ref)), this.demandDeadline(), () => this.stats.retries++)
-        .then(
-          (blobs) => {
-            blobs.forEach((b, i) => {
-              this.stats.bytes += b.length;
-              batch[i].resolve(b);
-            });
-          },
-          (e) => batch.forEach((w) => w.reject(e)),
-        )
-        .finally(() => {
-          if (--this.urgentInFlight === 0 && this.idleResolve) {
-            this.idleResolve();
-            this.idle = this.idleResolve = undefined;
-          }
-        });
     }
+    const t0 = performance.now();
+    withRetry(() => this.urgent.chunks(this.leaseId(), batch.map((w) => w.ref)), this.demandDeadline(), () => this.stats.retries++)
+      .then(
+        (blobs) => {
+          this.sampleRtt(performance.now() - t0);
+          blobs.forEach((b, i) => {
+            this.stats.bytes += b.length;
+            batch[i].resolve(b);
+          });
+        },
+        (e) => batch.forEach((w) => w.reject(e)),
+      )
+      .finally(() => {
+        if (--this.urgentInFlight === 0 && this.idleResolve) {
+          this.idleResolve();
+          this.idle = this.idleResolve = undefined;
+        }
+      });
   }
 
   /** Resolves when no demand request is outstanding. */
   private demandIdle(): Promise<void> {
-    if (this.urgentInFlight === 0 && this.queue.length === 0) return Promise.resolve();
+    if (this.urgentInFlight === 0 && this.queue.length === 0 && this.aheadQueue.length === 0) return Promise.resolve();
     this.idle ??= new Promise((r) => (this.idleResolve = r));
     return this.idle;
   }
 
-  /** A batch for prefetch, on the background connection, after any demand request. */
+  private sampleRtt(ms: number): void {
+    this.rtts.push(ms);
+    if (this.rtts.length > RTT_SAMPLES) this.rtts.shift();
+  }
+
+  /** The link's round trip as measured: the shortest recent request (ms; Infinity before any). */
+  rttMs(): number {
+    return this.rtts.length === 0 ? Infinity : Math.min(...this.rtts);
+  }
+
+  /** How the background stream goes now (see pace()), for chunks of `chunkBytes`, at most `max` a request. */
+  pace(chunkBytes: number, max: number): { batch: number; depth: number } {
+    return pace(this.rate, this.rttMs(), chunkBytes, max);
+  }
+
+  /**
+   * A batch for prefetch, on the background connection, after any demand request.
+   * Its answer measures the link's rate: the bytes over the time since the answer
+   * before, when this request was already out then (the link was busy with it),
+   * else over its own time less a round trip.
+   */
   async prefetch(refs: ChunkRef[]): Promise<Buffer[]> {
     await this.demandIdle();
+    const t0 = performance.now();
     const blobs = await withRetry(() => this.background.chunks(this.leaseId(), refs), Date.now() + this.retryWindowMs, () => this.stats.retries++);
+    const end = performance.now();
+    let bytes = 0;
+    for (const b of blobs) bytes += b.length;
+    const rtt = this.rttMs();
+    this.sampleRtt(end - t0);
+    const span = t0 < this.lastPrefetchEnd ? end - this.lastPrefetchEnd : end - t0 - (Number.isFinite(rtt) ? rtt : 0);
+    this.lastPrefetchEnd = end;
+    if (span >= 1) this.rate = this.rate === undefined ? bytes / span : 0.75 * this.rate + 0.25 * (bytes / span);
     this.stats.prefetchBatches++;
     this.stats.prefetchChunks += refs.length;
-    for (const b of blobs) this.stats.bytes += b.length;
+    this.stats.bytes += bytes;
     return blobs;
   }
 

@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { ChunkCache } from '../../agent/chunks/cache.js';
 import type { DeviceClient } from '../../agent/remote/device-client.js';
-import { Fetcher } from '../../agent/remote/fetcher.js';
+import { Fetcher, PACE_MS, pace } from '../../agent/remote/fetcher.js';
 import { LetheError } from '../../common/errors.js';
 import { KeyRing } from '../../agent/keys/keyring.js';
 import { firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
@@ -266,5 +266,51 @@ describe('fetcher retries', () => {
     expect(((await failed) as LetheError).code).to.equal('SERVER_UNREACHABLE');
     expect(bounded.stats.retries).to.be.greaterThan(0);
     expect(((await waiting) as LetheError).code, 'and gives up at the end of its retry window').to.equal('SERVER_UNREACHABLE');
+  });
+});
+
+describe('fetcher: readahead behind the page, and pacing', () => {
+  /** A device client whose chunk requests are answered when the test says. */
+  function heldClient() {
+    const calls: { indices: number[]; answer: () => void }[] = [];
+    const client = {
+      chunks: (_lease: string, refs: { index: number }[]) =>
+        new Promise<Buffer[]>((resolve) => calls.push({ indices: refs.map((r) => r.index), answer: () => resolve(refs.map((r) => Buffer.from([r.index]))) })),
+    } as unknown as DeviceClient;
+    return { client, calls };
+  }
+
+  it('a demanded chunk goes in its own request, before the chunks read ahead of it, and does not wait for them', async () => {
+    const { client, calls } = heldClient();
+    const f = new Fetcher(client, client, () => 'lease-1');
+    const page = f.demand({ kind: 'mem', index: 5 });
+    const ahead = [6, 7, 8].map((index) => f.demand({ kind: 'mem', index }, true));
+    await new Promise((r) => setImmediate(r));
+    expect(calls.map((c) => c.indices)).to.deep.equal([[5], [6, 7, 8]]);
+    calls[0].answer();
+    expect([...(await page)]).to.deep.equal([5]);
+    let aheadDone = false;
+    void Promise.all(ahead).then(() => (aheadDone = true));
+    await new Promise((r) => setImmediate(r));
+    expect(aheadDone, 'the readahead is still on its way').to.equal(false);
+    calls[1].answer();
+    expect((await Promise.all(ahead)).map((b) => b[0])).to.deep.equal([6, 7, 8]);
+    expect(f.stats).to.include({ demandBatches: 1, demandChunks: 1, readaheadBatches: 1, readaheadChunks: 3 });
+  });
+
+  it('paces requests to a few milliseconds of the link, with enough in flight to cover a round trip', () => {
+    const chunk = 4096 + 40;
+    expect(pace(undefined, 40, chunk, 64), 'no rate measured yet').to.deep.equal({ batch: 64, depth: 2 });
+    for (const [mbit, rtt] of [[100, 20], [20, 40], [5, 80], [1000, 0.3], [2, 200]]) {
+      const rate = (mbit * 1e6) / 8 / 1000; // bytes a millisecond
+      const { batch, depth } = pace(rate, rtt, chunk, 64);
+      const batchMs = (batch * chunk) / rate;
+      expect(batch, `${mbit}/${rtt}`).to.be.within(4, 64);
+      if (batch > 4 && batch < 64) expect(Math.abs(batchMs - PACE_MS), `${mbit}/${rtt}: a request's time on the link`).to.be.at.most(chunk / rate);
+      expect(depth, `${mbit}/${rtt}`).to.be.within(2, 8);
+      if (depth < 8) expect(depth * batchMs, `${mbit}/${rtt}: requests in flight cover a round trip`).to.be.at.least(rtt);
+    }
+    expect(pace(1e6, 0.1, chunk, 64), 'a fast link: the largest requests').to.deep.equal({ batch: 64, depth: 2 });
+    expect(pace(100, 40, 128 * 1024 + 40, 8).batch, 'never fewer than 4 chunks (or the cap)').to.equal(4);
   });
 });
