@@ -1,5 +1,5 @@
-// The disk's warm-read table: reads of normal-class disk chunks whose tag the agent
-// has checked, served from the cache's slot file in native code (docs/nbd.md, "Reads
+// The N-API bindings of the disk's warm-read table. The table: reads of normal-class
+// disk chunks whose tag the agent has checked, served from the cache's slot file in native code (docs/nbd.md, "Reads
 // in native code"). JavaScript decides what goes in (a chunk whose blob it checked,
 // with the slot it lies in) and takes it out again (a write, a new manifest, a slot
 // the cache gives up); a read here then takes only the 4 KiB pieces it covers, checks
@@ -21,140 +21,21 @@
 //                                        keeps in memory, under the table's class key
 //   diskReadsStats(h), diskReadsClose(h)
 //
-// The class keys live in one sodium_malloc region (locked, guard-paged, left out of
-// core dumps) that stays readable while a key is held, instead of being opened and
-// closed around each use as the key ring does: that mprotect pair was 18 µs of a
-// 149 µs 4 KiB read. A chunk key is derived per read into locked scratch and zeroed.
+// The table and its read, with no N-API in them, are disk-table.cc.
 #include "disk-reads.h"
 
-#include <sodium.h>
+#include <string.h>
 #include <unistd.h>
 
-#include <atomic>
-#include <mutex>
-#include <unordered_map>
-#include <vector>
-
+#include "disk-table.h"
 #include "napi-helpers.h"
 
 namespace lethe {
 namespace {
 
-constexpr size_t PIECE = 4096;
-constexpr size_t DIGEST = 16;
-constexpr size_t NONCE = crypto_stream_xchacha20_NONCEBYTES;
-constexpr size_t KEY = 32;
-constexpr size_t TAG = 16;
-constexpr size_t CT_AT = 1 + NONCE;  // format byte, nonce, then the ciphertext
-constexpr size_t IMAGE_ID = 16;
-constexpr size_t COORD = IMAGE_ID + 4 + 1 + 8;
-constexpr size_t MAX_LABEL = 64;
-constexpr int MAX_GENS = 8;
-constexpr size_t BLOCK = 64;
-
-struct Chunk {
-  uint32_t gen;
-  uint64_t at;   // file offset of the ciphertext
-  uint32_t len;  // ciphertext bytes (= plaintext bytes)
-  uint8_t nonce[NONCE];
-  std::vector<uint8_t> digests;  // DIGEST bytes a piece
-};
-
-/** Locked scratch for one reader: a derived chunk key and one keystream block. */
-struct Scratch {
-  uint8_t key[KEY];
-  uint8_t block[BLOCK];
-};
-
-}  // namespace
-
-struct Reader {
-  Scratch *scratch = nullptr;  // sodium_malloc
-  std::vector<uint8_t> ct;     // ciphertext read from the file (not secret)
-};
-
-struct Table {
-  std::mutex mu;
-  int fd = -1;
-  uint8_t digest_key[KEY];
-  uint8_t label[MAX_LABEL];  // the chunk-key derivation's
-  size_t label_len = 0;
-  uint8_t ad_label[MAX_LABEL];  // the chunk AEAD's associated data, before the coordinate
-  size_t ad_label_len = 0;
-  uint8_t kind = 0;
-  uint8_t cls = 0;
-  uint32_t chunk_size = 0;
-  size_t max_chunks = 0;
-  uint8_t image[IMAGE_ID] = {};
-  std::unordered_map<uint32_t, Chunk> chunks;
-  int64_t gens[MAX_GENS];
-  uint8_t *keys = nullptr;   // sodium_malloc, MAX_GENS × KEY
-  int held = 0;              // class keys held: the region is readable while > 0
-  Reader *js = nullptr;      // the JavaScript thread's reader
-  uint64_t reads = 0, fallbacks = 0, mismatches = 0;
-  /** The handle's reference and each proxy's: the last to let go frees the table. */
-  std::atomic<int> refs{1};
-  /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
-  std::vector<uint8_t *> reply_all, replies;
-  size_t reply_bytes = 0;
-  size_t copy_bytes = 0;
-
-  ~Table() {
-    /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
-    for (uint8_t *b : reply_all) sodium_free(b);
-  }
-};
-
-namespace {
-
-void zero_keys_locked(Table *t) {
-  if (t->held > 0 && t->keys) {
-    sodium_memzero(t->keys, MAX_GENS * KEY);
-    sodium_mprotect_noaccess(t->keys);
-  }
-  t->held = 0;
-  for (int i = 0; i < MAX_GENS; i++) t->gens[i] = -1;
-}
-
-void free_reader(Reader *r) {
-  if (!r) return;
-  /* SAFETY: scratch came from sodium_malloc in new_reader and is freed once, here */
-  if (r->scratch) sodium_free(r->scratch);
-  delete r;
-}
-
-Reader *new_reader(uint32_t chunk_size) {
-  Reader *r = new Reader();
-  r->scratch = static_cast<Scratch *>(sodium_malloc(sizeof(Scratch)));
-  if (!r->scratch) {
-    delete r;
-    return nullptr;
-  }
-  sodium_memzero(r->scratch, sizeof(Scratch));
-  r->ct.resize(chunk_size + TAG);
-  return r;
-}
-
-/**
- * Closes the table: keys zeroed and freed, chunks forgotten, the file closed. A proxy
- * thread still holding a reference then finds nothing to serve (no key, no chunk).
- */
-void destroy(Table *t) {
-  std::lock_guard<std::mutex> g(t->mu);
-  zero_keys_locked(t);
-  t->chunks.clear();
-  if (t->fd >= 0) close(t->fd);
-  t->fd = -1;
-  /* SAFETY: keys came from sodium_malloc in Open and is freed once, here, under the lock every reader takes to use it */
-  if (t->keys) sodium_free(t->keys);
-  t->keys = nullptr;
-  free_reader(t->js);
-  t->js = nullptr;
-}
-
 void Finalize(napi_env, void *data, void *) {
   Table *t = static_cast<Table *>(data);
-  destroy(t);
+  TableDestroy(t);
   TableUnref(t);
 }
 
@@ -184,139 +65,6 @@ napi_value boolean(napi_env env, bool b) {
   napi_get_boolean(env, b, &v);
   return v;
 }
-
-// ---- the read ----
-
-/** The chunk coordinate (common/chunk.ts coordBytes): image id ‖ gen (BE32) ‖ kind ‖ index (BE64); its length. */
-size_t coord(const Table *t, uint32_t gen, uint32_t index, uint8_t *out) {
-  size_t m = 0;
-  memcpy(out, t->image, IMAGE_ID);
-  m += IMAGE_ID;
-  for (int b = 3; b >= 0; b--) out[m++] = uint8_t(gen >> (8 * b));
-  out[m++] = t->kind;
-  for (int b = 7; b >= 0; b--) out[m++] = uint8_t(uint64_t(index) >> (8 * b));
-  return m;
-}
-
-/** The chunk key of (gen, index) into `key` (locked scratch): BLAKE2b-256 keyed by class key `slot` over label ‖ coordinate (common/chunk.ts chunkKeyInto). */
-void derive_locked(Table *t, int slot, uint32_t gen, uint32_t index, uint8_t *key) {
-  uint8_t in[MAX_LABEL + COORD];
-  size_t m = t->label_len;
-  memcpy(in, t->label, m);
-  m += coord(t, gen, index, in + m);
-  /* SAFETY: keys is readable while held > 0 (a gen in gens means a key held); key is KEY bytes of locked scratch */
-  crypto_generichash(key, KEY, in, m, t->keys + slot * KEY, KEY);
-}
-
-/** The key slot of `gen`, or -1 when its class key is not held. */
-int slot_locked(Table *t, uint32_t gen) {
-  for (int i = 0; i < MAX_GENS; i++)
-    if (t->gens[i] == gen) return i;
-  return -1;
-}
-
-/**
- * Plaintext bytes [within, within + n) into out from ciphertext `ct`, which holds the
- * chunk's ciphertext from byte `from` (a multiple of 64) on. The keystream counts
- * 64-byte blocks from 1 (block 0 keyed Poly1305): a read not on a block boundary
- * decrypts its first block whole and keeps the tail.
- */
-void decrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t from, size_t ct_len, size_t within, uint8_t *out, size_t n) {
-  size_t done = 0, lead = within % BLOCK;
-  if (lead != 0) {
-    size_t start = within - lead;
-    size_t blen = std::min(BLOCK, ct_len - start);
-    crypto_stream_xchacha20_xor_ic(s->block, ct + (start - from), blen, nonce, 1 + start / BLOCK, s->key);
-    done = std::min(BLOCK - lead, n);
-    memcpy(out, s->block + lead, done);
-    sodium_memzero(s->block, BLOCK);
-  }
-  if (done < n) {
-    size_t at = within + done;
-    /* SAFETY: out holds n bytes (the caller's range); ct covers [from, ct_len) ⊇ [at, within + n) */
-    crypto_stream_xchacha20_xor_ic(out + done, ct + (at - from), n - done, nonce, 1 + at / BLOCK, s->key);
-  }
-}
-
-
-/**
- * Plaintext of bytes [within, within + n) of one chunk into out, from its pieces in the
- * file. False (out untouched or partly written: the caller fails the whole read) when
- * the chunk is not in the table, its class key is not held, the file is short, or a
- * piece does not match its digest (the chunk is then forgotten).
- */
-bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out, size_t n) {
-  Scratch *s = r->scratch;
-  std::vector<uint8_t> &ct = r->ct;
-  Chunk c;
-  int fd;  // the table's file, read under the lock; closed and its number reused after, pread fails or reads bytes no digest or tag accepts
-  {
-    std::lock_guard<std::mutex> g(t->mu);
-    auto it = t->chunks.find(index);
-    if (it == t->chunks.end() || within + n > it->second.len) return false;
-    int slot = slot_locked(t, it->second.gen);
-    if (slot < 0) return false;
-    c.gen = it->second.gen;
-    fd = t->fd;
-    c.at = it->second.at;
-    c.len = it->second.len;
-    memcpy(c.nonce, it->second.nonce, NONCE);
-    size_t p0 = within / PIECE, p1 = (within + n + PIECE - 1) / PIECE;
-    c.digests.assign(it->second.digests.begin() + p0 * DIGEST, it->second.digests.begin() + p1 * DIGEST);
-    derive_locked(t, slot, c.gen, index, s->key);
-  }
-  bool ok = false;
-  if (within == 0 && n == c.len) {
-    // A whole chunk: its Poly1305 tag checks it, in the same pass that decrypts it
-    // (about twice as fast as a digest per piece and a separate decryption).
-    uint8_t ad[MAX_LABEL + COORD + 1];
-    size_t m = t->ad_label_len;
-    memcpy(ad, t->ad_label, m);
-    m += coord(t, c.gen, index, ad + m);
-    ad[m++] = t->cls;
-    /* SAFETY: ct holds chunk_size + TAG bytes (new_reader), and c.len ≤ chunk_size (Put) */
-    ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
-    if (got == ssize_t(c.len + TAG) &&
-        crypto_aead_xchacha20poly1305_ietf_decrypt_detached(out, nullptr, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0) {
-      ok = true;
-    } else if (got == ssize_t(c.len + TAG)) {
-      sodium_memzero(out, n);
-      std::lock_guard<std::mutex> g(t->mu);
-      t->mismatches++;
-      t->chunks.erase(index);
-    }
-    sodium_memzero(s->key, KEY);
-    return ok;
-  }
-  size_t p0 = within / PIECE;
-  size_t from = p0 * PIECE, to = std::min(((within + n + PIECE - 1) / PIECE) * PIECE, size_t(c.len));
-  size_t len = to - from;
-  do {
-    if (len > ct.size()) break;
-    /* SAFETY: ct holds at least len bytes (checked above); fd is the table's own dup of the slot file */
-    ssize_t got = pread(fd, ct.data(), len, off_t(c.at + from));
-    if (got != ssize_t(len)) break;
-    bool match = true;
-    for (size_t p = 0; p * PIECE < len; p++) {
-      uint8_t d[DIGEST];
-      size_t plen = std::min(PIECE, len - p * PIECE);
-      crypto_generichash(d, DIGEST, ct.data() + p * PIECE, plen, t->digest_key, KEY);
-      if (sodium_memcmp(d, c.digests.data() + p * DIGEST, DIGEST) != 0) match = false;
-    }
-    if (!match) {
-      std::lock_guard<std::mutex> g(t->mu);
-      t->mismatches++;
-      t->chunks.erase(index);
-      break;
-    }
-    decrypt(s, c.nonce, ct.data(), from, c.len, within, out, n);
-    ok = true;
-  } while (false);
-  sodium_memzero(s->key, KEY);
-  return ok;
-}
-
-// ---- N-API ----
 
 bool get_u32(napi_env env, napi_value v, uint32_t *out) {
   int64_t x;
@@ -362,7 +110,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
   t->chunk_size = chunk_size;
   t->max_chunks = max_chunks;
   t->keys = static_cast<uint8_t *>(sodium_malloc(MAX_GENS * KEY));
-  t->js = new_reader(chunk_size);
+  t->js = ReaderNew(chunk_size);
   t->reply_bytes = REPLY_HEADER_ROOM + reply_max;
   t->copy_bytes = copy_bytes;
   bool pooled = true;
@@ -376,7 +124,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
   }
   t->replies = t->reply_all;
   if (!t->keys || !t->js || !pooled) {
-    destroy(t);
+    TableDestroy(t);
     delete t;
     return throw_errno(env, "sodium_malloc", ENOMEM);
   }
@@ -430,7 +178,7 @@ napi_value ZeroKeys(napi_env env, napi_callback_info info) {
   Table *t = table_args(env, info, 1, argv);
   if (!t) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
-  zero_keys_locked(t);
+  TableZeroKeysLocked(t);
   return undefined(env);
 }
 
@@ -520,12 +268,12 @@ napi_value Decrypt(napi_env env, napi_callback_info info) {
   Scratch *s = t->js->scratch;
   {
     std::lock_guard<std::mutex> g(t->mu);
-    int slot = slot_locked(t, gen);
+    int slot = TableSlotLocked(t, gen);
     if (slot < 0) return boolean(env, false);
-    derive_locked(t, slot, gen, index, s->key);
+    TableDeriveLocked(t, slot, gen, index, s->key);
   }
   /* SAFETY: the blob's ciphertext is [CT_AT, blob_len − TAG), which holds [from, from + len) (checked above) */
-  decrypt(s, blob + 1, blob + CT_AT, 0, blob_len - CT_AT - TAG, size_t(from), out, len);
+  ChunkDecrypt(s, blob + 1, blob + CT_AT, 0, blob_len - CT_AT - TAG, size_t(from), out, len);
   sodium_memzero(s->key, KEY);
   return boolean(env, true);
 }
@@ -552,7 +300,7 @@ napi_value Close(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 1, argv)) return nullptr;
   void *p = nullptr;
   if (napi_get_value_external(env, argv[0], &p) != napi_ok || !p) return throw_type(env, "lethe_native: expected a disk-reads handle");
-  destroy(static_cast<Table *>(p));  // the finalizer lets go of the handle's reference
+  TableDestroy(static_cast<Table *>(p));  // the finalizer lets go of the handle's reference
   return undefined(env);
 }
 
@@ -562,55 +310,6 @@ Table *TableRef(napi_env env, napi_value handle) {
   Table *t = get_table(env, handle);
   if (t) t->refs++;
   return t;
-}
-
-void TableUnref(Table *t) {
-  if (--t->refs == 0) delete t;
-}
-
-size_t TableMaxReply(const Table *t) {
-  return t->reply_bytes - REPLY_HEADER_ROOM;
-}
-
-size_t TableCopyBytes(const Table *t) {
-  return t->copy_bytes;
-}
-
-uint8_t *TableTakeReply(Table *t) {
-  std::lock_guard<std::mutex> g(t->mu);
-  if (t->replies.empty()) return nullptr;
-  uint8_t *b = t->replies.back();
-  t->replies.pop_back();
-  return b;
-}
-
-void TableGiveReply(Table *t, uint8_t *buf) {
-  std::lock_guard<std::mutex> g(t->mu);
-  t->replies.push_back(buf);
-}
-
-Reader *ReaderNew(Table *t) {
-  return new_reader(t->chunk_size);
-}
-
-void ReaderFree(Reader *r) {
-  free_reader(r);
-}
-
-bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len) {
-  bool ok = len > 0;
-  for (size_t done = 0; ok && done < len;) {
-    uint64_t pos = offset + done;
-    uint32_t index = uint32_t(pos / t->chunk_size);
-    size_t within = pos % t->chunk_size;
-    size_t n = std::min(size_t(t->chunk_size) - within, len - done);
-    ok = read_part(t, r, index, within, out + done, n);
-    done += n;
-  }
-  std::lock_guard<std::mutex> g(t->mu);
-  if (ok) t->reads++;
-  else t->fallbacks++;
-  return ok;
 }
 
 void DefineDiskReads(napi_env env, napi_value exports) {

@@ -3,7 +3,7 @@
 // in native code"):
 //
 //   requests  reads the client's requests. A read the disk-read table can serve
-//             (disk-reads.cc: a normal-class chunk whose tag was checked, its class key
+//             (disk-table.cc: a normal-class chunk whose tag was checked, its class key
 //             held) is answered here, from the cache file, without JavaScript. Anything
 //             else (a write and its payload, a flush, a read the table refuses, a request
 //             that breaks the protocol) goes on, byte for byte, to JavaScript over a
@@ -193,7 +193,7 @@ bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, 
 /** The requests thread: serves the reads it can, forwards the rest. */
 void *requests(void *arg) {
   Proxy *p = static_cast<Proxy *>(arg);
-  Reader *r = ReaderNew(p->table);
+  Reader *r = ReaderNew(p->table->chunk_size);
   uint8_t *buf = static_cast<uint8_t *>(sodium_malloc(p->copy));  // a write's payload passes here: locked, zeroed after each use
   uint8_t h[REQUEST];
   while (buf && from_client(p, h, REQUEST)) {

@@ -1,0 +1,114 @@
+// The disk's warm-read table (disk-table.cc), without N-API: what the table holds,
+// and its read, for the bindings (disk-reads.cc) and the NBD read proxy's threads
+// (nbd-proxy.cc). docs/nbd.md, "Reads in native code".
+#pragma once
+#include <sodium.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace lethe {
+
+inline constexpr size_t PIECE = 4096;
+inline constexpr size_t DIGEST = 16;
+inline constexpr size_t NONCE = crypto_stream_xchacha20_NONCEBYTES;
+inline constexpr size_t KEY = 32;
+inline constexpr size_t TAG = 16;
+inline constexpr size_t CT_AT = 1 + NONCE;  // format byte, nonce, then the ciphertext
+inline constexpr size_t IMAGE_ID = 16;
+inline constexpr size_t COORD = IMAGE_ID + 4 + 1 + 8;
+inline constexpr size_t MAX_LABEL = 64;
+inline constexpr int MAX_GENS = 8;
+inline constexpr size_t BLOCK = 64;
+
+/** Bytes before a reply buffer's data, for an NBD reply header. */
+inline constexpr size_t REPLY_HEADER_ROOM = 32;
+
+struct Chunk {
+  uint32_t gen;
+  uint64_t at;   // file offset of the ciphertext
+  uint32_t len;  // ciphertext bytes (= plaintext bytes)
+  uint8_t nonce[NONCE];
+  std::vector<uint8_t> digests;  // DIGEST bytes a piece
+};
+
+/** Locked scratch for one reader: a derived chunk key and one keystream block. */
+struct Scratch {
+  uint8_t key[KEY];
+  uint8_t block[BLOCK];
+};
+
+/** One thread's locked scratch (a derived key, a keystream block) and ciphertext buffer. */
+struct Reader {
+  Scratch *scratch = nullptr;  // sodium_malloc
+  std::vector<uint8_t> ct;     // ciphertext read from the file (not secret)
+};
+
+struct Table {
+  std::mutex mu;
+  int fd = -1;
+  uint8_t digest_key[KEY];
+  uint8_t label[MAX_LABEL];  // the chunk-key derivation's
+  size_t label_len = 0;
+  uint8_t ad_label[MAX_LABEL];  // the chunk AEAD's associated data, before the coordinate
+  size_t ad_label_len = 0;
+  uint8_t kind = 0;
+  uint8_t cls = 0;
+  uint32_t chunk_size = 0;
+  size_t max_chunks = 0;
+  uint8_t image[IMAGE_ID] = {};
+  std::unordered_map<uint32_t, Chunk> chunks;
+  int64_t gens[MAX_GENS];
+  uint8_t *keys = nullptr;   // sodium_malloc, MAX_GENS × KEY
+  int held = 0;              // class keys held: the region is readable while > 0
+  Reader *js = nullptr;      // the JavaScript thread's reader
+  uint64_t reads = 0, fallbacks = 0, mismatches = 0;
+  /** The handle's reference and each proxy's: the last to let go frees the table. */
+  std::atomic<int> refs{1};
+  /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
+  std::vector<uint8_t *> reply_all, replies;
+  size_t reply_bytes = 0;
+  size_t copy_bytes = 0;
+
+  ~Table() {
+    /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
+    for (uint8_t *b : reply_all) sodium_free(b);
+  }
+};
+
+/** A reader for a table of chunks of `chunk_size`; null when locked memory cannot be had. */
+Reader *ReaderNew(uint32_t chunk_size);
+void ReaderFree(Reader *r);
+
+/** Every class key zeroed and the region made inaccessible; t->mu held. */
+void TableZeroKeysLocked(Table *t);
+/** Closes the table: keys zeroed and freed, chunks forgotten, the file closed (a proxy still holding it then finds nothing to serve). */
+void TableDestroy(Table *t);
+/** Lets go of one reference; the last frees the table. */
+void TableUnref(Table *t);
+/** The key slot of `gen`, or -1 when its class key is not held; t->mu held. */
+int TableSlotLocked(Table *t, uint32_t gen);
+/** The chunk key of (gen, index) under class key `slot` into `key` (locked scratch); t->mu held. */
+void TableDeriveLocked(Table *t, int slot, uint32_t gen, uint32_t index, uint8_t *key);
+/** Plaintext [within, within + n) into out from ciphertext `ct` holding the chunk's bytes from `from` (a multiple of 64) on. */
+void ChunkDecrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t from, size_t ct_len, size_t within, uint8_t *out, size_t n);
+
+/** The longest read the table's reply buffers hold. */
+size_t TableMaxReply(const Table *t);
+/** A locked reply buffer of REPLY_HEADER_ROOM + TableMaxReply bytes, or null when all are out (the read goes to JavaScript). */
+uint8_t *TableTakeReply(Table *t);
+void TableGiveReply(Table *t, uint8_t *buf);
+/** Bytes of the locked buffer each proxy thread passes payloads through. */
+size_t TableCopyBytes(const Table *t);
+
+/**
+ * Plaintext of disk bytes [offset, offset + len) into out, from the table alone; false
+ * when it cannot serve every byte (out's bytes are then undefined). Thread-safe.
+ */
+bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len);
+
+}  // namespace lethe
