@@ -45,8 +45,8 @@ export const PACE_MS = 10;
 /** Prefetch requests in flight: at least 2 (one on the way while one is kept), at most 8. */
 const MIN_DEPTH = 2;
 const MAX_DEPTH = 8;
-/** Chunks in a prefetch request: at least this many, however slow the link. */
-const MIN_PACED_BATCH = 4;
+/** A prefetch request asks for at least this many bytes of chunks (and at least one), however slow the link. */
+const MIN_PACED_BYTES = 16 * 1024;
 /** Round trips remembered: the shortest of them is the link's. */
 const RTT_SAMPLES = 16;
 
@@ -58,7 +58,8 @@ const RTT_SAMPLES = 16;
  */
 export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, max: number): { batch: number; depth: number } {
   if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: max, depth: MIN_DEPTH };
-  const batch = Math.max(Math.min(MIN_PACED_BATCH, max), Math.min(max, Math.round((rate * PACE_MS) / chunkBytes)));
+  const least = Math.min(max, Math.max(1, Math.round(MIN_PACED_BYTES / chunkBytes)));
+  const batch = Math.max(least, Math.min(max, Math.round((rate * PACE_MS) / chunkBytes)));
   const batchMs = (batch * chunkBytes) / rate;
   const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 1));
   return { batch, depth };

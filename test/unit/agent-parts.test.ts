@@ -311,6 +311,7 @@ describe('fetcher: readahead behind the page, and pacing', () => {
       if (depth < 8) expect(depth * batchMs, `${mbit}/${rtt}: requests in flight cover a round trip`).to.be.at.least(rtt);
     }
     expect(pace(1e6, 0.1, chunk, 64), 'a fast link: the largest requests').to.deep.equal({ batch: 64, depth: 2 });
-    expect(pace(100, 40, 128 * 1024 + 40, 8).batch, 'never fewer than 4 chunks (or the cap)').to.equal(4);
+    expect(pace(100, 40, chunk, 64).batch, 'never less than 16 KiB of pages').to.equal(4);
+    expect(pace(100, 40, 128 * 1024 + 40, 8).batch, 'and at least one chunk').to.equal(1);
   });
 });
