@@ -2,7 +2,8 @@
 // qemu-nbd on the plain raw file (the limit) and qemu-nbd on a LUKS copy (QEMU's own
 // AES-XTS: the peer, what a user who wants an encrypted local disk would run).
 //   sequential read:  nbdcopy of the whole export to null: (4 connections)
-//   random read:      4 KiB reads at seeded random offsets through one qemu-io (depth 1)
+//   random read:      4 KiB reads at seeded random offsets through one qemu-io, at depth 1
+//                     and at depth 16 (aio_read in groups of 16, each group awaited)
 //   sequential write: nbdcopy of a file of the disk's size into the export
 // for each disk size, the agent
 //   warm, in memory: the default (checked ciphertext kept in memory, after one pass)
@@ -49,15 +50,22 @@ async function copy(from: string, to: string, bytes: number): Promise<number> {
   return bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
 }
 
-/** IOPS of random 4 KiB reads (the same offsets for every target). */
-function random(uri: string, offsets: number[]): Promise<number> {
+/** Reads a group keeps in flight in the deep random phase. */
+const DEPTH = 16;
+
+/**
+ * IOPS of random 4 KiB reads (the same offsets for every target): one at a time, or
+ * with `depth`, that many at once (a group of aio_reads, awaited before the next).
+ */
+function random(uri: string, offsets: number[], depth = 1): Promise<number> {
   return new Promise((resolve, reject) => {
     const p = spawn('qemu-io', ['-f', 'raw', uri], { stdio: ['pipe', 'ignore', 'pipe'] });
     let err = '';
     p.stderr.on('data', (d) => (err += d));
     const t0 = process.hrtime.bigint();
     p.on('exit', (code) => (code === 0 ? resolve(offsets.length / (Number(process.hrtime.bigint() - t0) / 1e9)) : reject(new Error(`qemu-io: ${err}`))));
-    p.stdin.end(offsets.map((o) => `read ${o} 4k\n`).join('') + 'quit\n');
+    const cmds = depth === 1 ? offsets.map((o) => `read ${o} 4k\n`) : offsets.map((o, i) => `aio_read -q ${o} 4k\n${(i + 1) % depth === 0 ? 'aio_flush\n' : ''}`);
+    p.stdin.end(cmds.join('') + 'aio_flush\nquit\n');
   });
 }
 
@@ -69,6 +77,8 @@ interface Row {
   /** MB/s (sequential) or IOPS (random), medians. */
   seq: { agent: number; plain: number; luks: number };
   rand?: { agent: number; plain: number; luks: number };
+  /** The same at depth 16. */
+  deep?: { agent: number; plain: number; luks: number };
   /** Of the agent's reads in this phase, the share the native read proxy answered (the rest went to JavaScript). */
   proxied?: number;
 }
@@ -169,6 +179,7 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
             size: label,
             phase,
             rand: await three(() => random(uri, offsets), (u) => random(u, offsets), REPS),
+            deep: await three(() => random(uri, offsets, DEPTH), (u) => random(u, offsets, DEPTH), REPS),
             seq: await three(() => copy(uri, 'null:', size), (u) => copy(u, 'null:', size), REPS),
           })).then((r) => ({ ...r, proxied })),
         );
@@ -194,18 +205,18 @@ async function main(): Promise<void> {
     process.stdout.write(JSON.stringify({ reads: READS, reps: REPS, rows }) + '\n');
     return;
   }
-  console.log(`disks of random data; ${READS} random 4 KiB reads at depth 1; yardsticks qemu-nbd on the same bytes, plain and LUKS (AES-XTS), run beside each measurement`);
+  console.log(`disks of random data; ${READS} random 4 KiB reads at depth 1 and at depth ${DEPTH}; yardsticks qemu-nbd on the same bytes, plain and LUKS (AES-XTS), run beside each measurement`);
   console.log(`medians of ${REPS} alternating runs (cold: one run each, on a fresh device)`);
   const f = (n: number) => n.toFixed(0);
   const x = (a: number, b: number) => (a / b).toFixed(2);
   console.log(
     table(
-      ['disk', 'agent', 'seq MB/s', 'plain', 'LUKS', '×plain', '×LUKS', '4K IOPS', 'plain', 'LUKS', '×plain', '×LUKS', 'proxied'],
+      ['disk', 'agent', 'seq MB/s', 'plain', 'LUKS', '×plain', '×LUKS', '4K IOPS', 'plain', 'LUKS', '×plain', '×LUKS', `4K IOPS QD${DEPTH}`, 'plain', 'LUKS', '×plain', '×LUKS', 'proxied'],
       rows.map((r) => [
         r.size,
         NAMES[r.phase],
         f(r.seq.agent), f(r.seq.plain), f(r.seq.luks), x(r.seq.agent, r.seq.plain), x(r.seq.agent, r.seq.luks),
-        ...(r.rand ? [f(r.rand.agent), f(r.rand.plain), f(r.rand.luks), x(r.rand.agent, r.rand.plain), x(r.rand.agent, r.rand.luks)] : ['-', '-', '-', '-', '-']),
+        ...[r.rand, r.deep].flatMap((q) => (q ? [f(q.agent), f(q.plain), f(q.luks), x(q.agent, q.plain), x(q.agent, q.luks)] : ['-', '-', '-', '-', '-'])),
         r.proxied === undefined ? '-' : `${(100 * r.proxied).toFixed(0)}%`,
       ]),
     ),
