@@ -38,9 +38,8 @@ export class Connection {
     socket.setNoDelay(true);
   }
 
-  /** Reads and answers requests on `socket` from here on. */
-  private attach(socket: net.Socket): ByteReader {
-    const reader = new ByteReader(socket);
+  /** Reads and answers requests on `socket` from here on (with `reader`, if it was made with the socket). */
+  private attach(socket: net.Socket, reader = new ByteReader(socket)): ByteReader {
     socket.on('error', () => reader.peerEnded());
     socket.on('close', () => {
       for (const r of this.unsent) r();
@@ -71,10 +70,12 @@ export class Connection {
     } finally {
       leftover.fill(0);
     }
-    const inner = new net.Socket({ fd: this.proxy.fd, readable: true, writable: true });
+    // Writes' payloads come this way: read into one buffer, not a new one a read.
+    const { reader, onread } = ByteReader.onread();
+    const inner = new net.Socket({ fd: this.proxy.fd, readable: true, writable: true, onread } as net.SocketConstructorOpts);
     this.outer = outer;
     this.socket = inner;
-    this.reader = this.attach(inner);
+    this.reader = this.attach(inner, reader(inner));
     // JavaScript's side is done (or failed): the proxy stops, and so does the client's socket.
     inner.on('close', () => {
       const proxy = this.proxy!;
