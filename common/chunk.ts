@@ -19,7 +19,7 @@ import {
   type ChunkKind,
   type Sensitivity,
 } from './constants.js';
-import { deriveKey, deriveKeyInto, openInto, openPartInto, openRangeInto, sealInto, tampered, verifyBoxed, type SecretKey } from './crypto.js';
+import { deriveKey, deriveKeyInto, openInto, openPartInto, openRangeInto, randomBytes, sealInto, tampered, verifyBoxed, type SecretKey } from './crypto.js';
 
 export interface ChunkCoord {
   imageId: Buffer; // 16 bytes
@@ -78,6 +78,20 @@ export function encryptChunkInto(out: Buffer, key: Uint8Array, c: ChunkCoord, pl
   blob[0] = CHUNK_FORMAT_VERSION;
   sealInto(blob.subarray(1), key, plaintext, chunkAd(c), nonce);
   return blob;
+}
+
+/**
+ * encryptChunkInto() for a sealer elsewhere (native sealWrite, off the event loop):
+ * the blob's head (format byte, a fresh nonce) goes into `out`, and the blob (a view
+ * of `out`), its nonce and its associated data come back; the sealer writes the rest.
+ */
+export function chunkSealParts(out: Buffer, c: ChunkCoord, plaintextLength: number): { blob: Buffer; nonce: Buffer; ad: Buffer } {
+  if (out.length < plaintextLength + CHUNK_OVERHEAD) throw new RangeError(`a ${plaintextLength}-byte chunk's blob does not fit ${out.length} bytes`);
+  const blob = out.subarray(0, plaintextLength + CHUNK_OVERHEAD);
+  const nonce = randomBytes(NONCE_BYTES);
+  blob[0] = CHUNK_FORMAT_VERSION;
+  nonce.copy(blob, 1);
+  return { blob, nonce, ad: chunkAd(c) };
 }
 
 /** Decrypts a chunk blob into `out` (the plaintext size); throws TAMPERED on any mismatch. */

@@ -40,6 +40,7 @@
 
 #include "disk-reads.h"
 #include "nbd-proxy.h"
+#include "seal-write.h"
 #include "napi-helpers.h"
 
 namespace {
@@ -633,6 +634,7 @@ napi_value Init(napi_env env, napi_value exports) {
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   DefineDiskReads(env, exports);
   DefineNbdProxy(env, exports);
+  DefineSealWrite(env, exports);
   return exports;
 }
 

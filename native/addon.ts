@@ -89,6 +89,7 @@ export interface Addon {
   nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number): [NbdProxyHandle, number];
   nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
   nbdProxyClose(h: NbdProxyHandle): void;
+  sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;
 }
 
 declare const nbdProxyBrand: unique symbol;

@@ -344,17 +344,42 @@ export class ChunkCache {
 
   private store(k: CacheKey, blob: Buffer, dirty: boolean, cls: Sensitivity | undefined, hash: Buffer | undefined): void {
     if (blob.length > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${blob.length} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
-    const slots = this.slots[k.kind];
-    const slot = slots.take();
+    const slot = this.reserve(k.kind);
     try {
-      fs.writeSync(this.fds[k.kind], blob, 0, blob.length, slot * SLOT_BYTES[k.kind]);
-      const e: Entry = { key: { ...k }, slot, len: blob.length, sha: hash ?? sha256(blob), dirty, cls: cls ?? null, used: ++this.tick };
+      fs.writeSync(this.fds[k.kind], blob, 0, blob.length, slot.at);
+    } catch (err) {
+      this.unreserve(k.kind, slot.slot);
+      throw err;
+    }
+    this.commit(k, slot.slot, blob.length, hash ?? sha256(blob), dirty, cls);
+  }
+
+  /**
+   * A free slot for a blob of `kind` that someone else writes (a guest write sealed
+   * off the event loop: native sealWrite), and where it starts in slotFd(kind). Then
+   * commit() names the blob in it, or unreserve() gives it back.
+   */
+  reserve(kind: ChunkKind): { slot: number; at: number } {
+    const slot = this.slots[kind].take();
+    return { slot, at: slot * SLOT_BYTES[kind] };
+  }
+
+  unreserve(kind: ChunkKind, slot: number): void {
+    this.slots[kind].give(slot, false);
+  }
+
+  /** A blob written whole into a reserved slot becomes the cached blob of `k` (as put() with it would). */
+  commit(k: CacheKey, slot: number, len: number, sha: Buffer, dirty: boolean, cls?: Sensitivity): void {
+    if (len > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${len} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
+    try {
+      const e: Entry = { key: { ...k }, slot, len, sha, dirty, cls: cls ?? null, used: ++this.tick };
       this.q.put.run(k.imageId, k.gen, k.kind, k.index, slot, e.len, e.sha, dirty ? 1 : 0, e.cls, e.used);
       this.replace(this.id(k), e);
     } catch (err) {
-      slots.give(slot, false);
+      this.unreserve(k.kind, slot);
       throw err;
     }
+    if (!this.tx && this.bytes > this.limitBytes) this.trim();
   }
 
   /** Points `id` at `e` (or at nothing) in memory; the entry it replaces gives its slot back once that stands. */

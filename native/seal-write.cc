@@ -1,0 +1,144 @@
+// A guest write's chunk, sealed and written off the event loop (docs/nbd.md, "Writes"):
+//
+//   sealWrite(fd, at, key, nonce, ad, plaintext, blob) → Promise<Buffer>
+//
+// On a libuv pool thread: XChaCha20-Poly1305 of `plaintext` under `key` (the chunk
+// key, copied into locked memory during the call and zeroed once the job is done)
+// with `nonce` and associated data `ad`, into blob[25…] (JavaScript has put the
+// format byte and the nonce in blob[0…25)); then the SHA-256 of the whole blob
+// (Node's own OpenSSL: SHA-NI where the CPU has it); then pwrite of the blob at
+// `at` in `fd` (a cache slot). Resolves with the SHA-256, or rejects as node:fs
+// does (code, errno, syscall). JavaScript keeps everything else: which slot, the
+// index row, the keys, the policy.
+//
+// The plaintext and blob buffers stay referenced until the job is done; the caller
+// must not touch them before the promise settles.
+#include "seal-write.h"
+
+#include <openssl/sha.h>
+#include <sodium.h>
+#include <unistd.h>
+
+
+#include "napi-helpers.h"
+
+namespace lethe {
+namespace {
+
+constexpr size_t KEY = crypto_aead_xchacha20poly1305_ietf_KEYBYTES;
+constexpr size_t NONCE = crypto_aead_xchacha20poly1305_ietf_NPUBBYTES;
+constexpr size_t TAG = crypto_aead_xchacha20poly1305_ietf_ABYTES;
+constexpr size_t HEAD = 1 + NONCE;  // format byte, nonce
+constexpr size_t MAX_AD = 256;
+
+struct Job {
+  napi_async_work work = nullptr;
+  napi_deferred deferred = nullptr;
+  napi_ref plain_ref = nullptr, blob_ref = nullptr;
+  int fd = -1;
+  int64_t at = 0;
+  uint8_t *key = nullptr;  // sodium_malloc, zeroed and freed in Complete
+  uint8_t nonce[NONCE];
+  uint8_t ad[MAX_AD];
+  size_t ad_len = 0;
+  const uint8_t *plain = nullptr;
+  size_t plain_len = 0;
+  uint8_t *blob = nullptr;
+  uint8_t hash[SHA256_DIGEST_LENGTH];
+  int err = 0;
+  const char *syscall = nullptr;
+};
+
+void Execute(napi_env, void *data) {
+  Job *j = static_cast<Job *>(data);
+  size_t blob_len = HEAD + j->plain_len + TAG;
+  /* SAFETY: blob holds blob_len bytes and plain plain_len (checked in SealWrite); both stay referenced until Complete */
+  if (crypto_aead_xchacha20poly1305_ietf_encrypt(j->blob + HEAD, nullptr, j->plain, j->plain_len, j->ad, j->ad_len, nullptr, j->nonce, j->key) != 0) {
+    j->err = EINVAL;
+    j->syscall = "crypto_aead_xchacha20poly1305_ietf_encrypt";
+    return;
+  }
+  SHA256(j->blob, blob_len, j->hash);
+  for (size_t done = 0; done < blob_len;) {
+    ssize_t n = pwrite(j->fd, j->blob + done, blob_len - done, off_t(j->at + int64_t(done)));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      j->err = n < 0 ? errno : EIO;
+      j->syscall = "pwrite";
+      return;
+    }
+    done += size_t(n);
+  }
+}
+
+void Complete(napi_env env, napi_status status, void *data) {
+  Job *j = static_cast<Job *>(data);
+  sodium_memzero(j->key, KEY);
+  /* SAFETY: key came from sodium_malloc in SealWrite and is freed once, here, after the pool thread is done with it */
+  sodium_free(j->key);
+  if (status != napi_ok && j->err == 0) {
+    j->err = ECANCELED;
+    j->syscall = "sealWrite";
+  }
+  if (j->err != 0) {
+    napi_reject_deferred(env, j->deferred, make_errno_error(env, j->syscall, j->err));
+  } else {
+    napi_value hash;
+    void *p = nullptr;
+    napi_create_buffer_copy(env, SHA256_DIGEST_LENGTH, j->hash, &p, &hash);
+    napi_resolve_deferred(env, j->deferred, hash);
+  }
+  napi_delete_reference(env, j->plain_ref);
+  napi_delete_reference(env, j->blob_ref);
+  napi_delete_async_work(env, j->work);
+  delete j;
+}
+
+napi_value SealWrite(napi_env env, napi_callback_info info) {
+  napi_value argv[7];
+  int32_t fd;
+  int64_t at;
+  uint8_t *key, *nonce, *ad, *plain, *blob;
+  size_t key_len, nonce_len, ad_len, plain_len, blob_len;
+  if (!get_args(env, info, 7, argv) || !get_i32(env, argv[0], &fd) || !get_i64(env, argv[1], &at) || !get_bytes(env, argv[2], &key, &key_len) ||
+      !get_bytes(env, argv[3], &nonce, &nonce_len) || !get_bytes(env, argv[4], &ad, &ad_len) || !get_bytes(env, argv[5], &plain, &plain_len) ||
+      !get_bytes(env, argv[6], &blob, &blob_len))
+    return nullptr;
+  if (fd < 0 || at < 0 || key_len != KEY || nonce_len != NONCE || ad_len > MAX_AD || blob_len != HEAD + plain_len + TAG)
+    return throw_type(env, "lethe_native: sealWrite: bad fd, offset, key, nonce, associated data or blob length");
+  if (sodium_init() < 0) return throw_errno(env, "sodium_init", EIO);
+  Job *j = new Job();
+  j->key = static_cast<uint8_t *>(sodium_malloc(KEY));
+  if (!j->key) {
+    delete j;
+    return throw_errno(env, "sodium_malloc", ENOMEM);
+  }
+  memcpy(j->key, key, KEY);
+  memcpy(j->nonce, nonce, NONCE);
+  memcpy(j->ad, ad, ad_len);
+  j->ad_len = ad_len;
+  j->fd = fd;
+  j->at = at;
+  j->plain = plain;
+  j->plain_len = plain_len;
+  j->blob = blob;
+  napi_value promise, name;
+  napi_create_promise(env, &j->deferred, &promise);
+  napi_create_reference(env, argv[5], 1, &j->plain_ref);
+  napi_create_reference(env, argv[6], 1, &j->blob_ref);
+  napi_create_string_utf8(env, "lethe.sealWrite", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, nullptr, name, Execute, Complete, j, &j->work);
+  napi_queue_async_work(env, j->work);
+  return promise;
+}
+
+}  // namespace
+
+void DefineSealWrite(napi_env env, napi_value exports) {
+  const napi_property_descriptor props[] = {
+      {"sealWrite", nullptr, SealWrite, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}
+
+}  // namespace lethe
