@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { backoffMs } from './backoff.js';
 import type { ChunkKind } from '../../common/constants.js';
 import { LetheError } from '../../common/errors.js';
-import { MAX_BATCH } from '../../common/constants.js';
+import { CHUNK_OVERHEAD, MAX_BATCH, MEM_CHUNK_SIZE } from '../../common/constants.js';
 import type { DeviceClient } from './device-client.js';
 
 export interface ChunkRef {
@@ -47,8 +47,13 @@ const MIN_DEPTH = 2;
 const MAX_DEPTH = 8;
 /** A prefetch request asks for at least this many bytes of chunks (and at least one), however slow the link. */
 const MIN_PACED_BYTES = 16 * 1024;
+/** The status shows the pace for pages of guest RAM, as prefetch asks for them (BlobSource's 64 at most). */
+const MEM_CHUNK_BYTES = MEM_CHUNK_SIZE + CHUNK_OVERHEAD;
+const MAX_PACED_BATCH = 64;
 /** Round trips remembered: the shortest of them is the link's. */
 const RTT_SAMPLES = 16;
+/** Prefetch answers the link's rate is measured over. */
+const PACE_SAMPLES = 16;
 
 /**
  * How a background stream should go over a link of `rate` bytes a millisecond and
@@ -81,8 +86,8 @@ export class Fetcher {
   private idleResolve?: () => void;
   /** Recent request durations (ms), demand and prefetch: the shortest is the round trip. */
   private readonly rtts: number[] = [];
-  /** The background stream's rate (bytes a millisecond, smoothed), once measured. */
-  private rate?: number;
+  /** The background stream's recent answers: bytes, and the link time they took (ms). */
+  private readonly paceSamples: { bytes: number; ms: number }[] = [];
   /** When the last prefetch answer came (performance.now()). */
   private lastPrefetchEnd = -Infinity;
   readonly stats = { demandBatches: 0, demandChunks: 0, readaheadBatches: 0, readaheadChunks: 0, prefetchBatches: 0, prefetchChunks: 0, retries: 0, bytes: 0 };
@@ -172,16 +177,39 @@ export class Fetcher {
     return this.rtts.length === 0 ? Infinity : Math.min(...this.rtts);
   }
 
+  /**
+   * The background stream's rate (bytes a millisecond): the bytes of its recent
+   * answers over the link time they took, summed (answers that come together over
+   * parallel connections share one span; a mean of each answer's own rate would
+   * count them as instant). Undefined until enough was measured.
+   */
+  rate(): number | undefined {
+    let bytes = 0;
+    let ms = 0;
+    for (const p of this.paceSamples) {
+      bytes += p.bytes;
+      ms += p.ms;
+    }
+    return ms >= PACE_MS ? bytes / ms : undefined;
+  }
+
+  /** The link as measured, for the status: round trip (ms), the background stream's rate (bytes/s), and its pace. */
+  link(): { rttMs: number | null; bytesPerSec: number | null; pace: { batch: number; depth: number } } {
+    const rtt = this.rttMs();
+    const rate = this.rate();
+    return { rttMs: Number.isFinite(rtt) ? Math.round(rtt * 10) / 10 : null, bytesPerSec: rate === undefined ? null : Math.round(rate * 1000), pace: this.pace(MEM_CHUNK_BYTES, MAX_PACED_BATCH) };
+  }
+
   /** How the background stream goes now (see pace()), for chunks of `chunkBytes`, at most `max` a request. */
   pace(chunkBytes: number, max: number): { batch: number; depth: number } {
-    return pace(this.rate, this.rttMs(), chunkBytes, max);
+    return pace(this.rate(), this.rttMs(), chunkBytes, max);
   }
 
   /**
    * A batch for prefetch, on the background connection, after any demand request.
-   * Its answer measures the link's rate: the bytes over the time since the answer
-   * before, when this request was already out then (the link was busy with it),
-   * else over its own time less a round trip.
+   * Its answer measures the link's rate (rate()): its bytes took the time since the
+   * answer before, when this request was already out then (the link was busy with
+   * it), else its own time less a round trip.
    */
   async prefetch(refs: ChunkRef[]): Promise<Buffer[]> {
     await this.demandIdle();
@@ -192,9 +220,10 @@ export class Fetcher {
     for (const b of blobs) bytes += b.length;
     const rtt = this.rttMs();
     this.sampleRtt(end - t0);
-    const span = t0 < this.lastPrefetchEnd ? end - this.lastPrefetchEnd : end - t0 - (Number.isFinite(rtt) ? rtt : 0);
+    const span = t0 < this.lastPrefetchEnd ? end - this.lastPrefetchEnd : Math.max(0, end - t0 - (Number.isFinite(rtt) ? rtt : 0));
     this.lastPrefetchEnd = end;
-    if (span >= 1) this.rate = this.rate === undefined ? bytes / span : 0.75 * this.rate + 0.25 * (bytes / span);
+    this.paceSamples.push({ bytes, ms: span });
+    if (this.paceSamples.length > PACE_SAMPLES) this.paceSamples.shift();
     this.stats.prefetchBatches++;
     this.stats.prefetchChunks += refs.length;
     this.stats.bytes += bytes;
