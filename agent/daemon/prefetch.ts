@@ -60,6 +60,14 @@ export interface PrefetchContext {
   vm(): AgentVm | undefined;
   stopped(): boolean;
   log(line: string): void;
+  /** The link as the fetcher measured it (Fetcher.link), for the log. */
+  link?(): { rttMs: number | null; bytesPerSec: number | null; pace: { batch: number; depth: number } };
+}
+
+/** "a link measured at 41 ms and 2.4 MB/s (requests of 6 pages, 6 at a time)", or nothing before a measurement. */
+export function linkText(l: ReturnType<NonNullable<PrefetchContext['link']>> | undefined): string {
+  if (!l || l.rttMs === null || l.bytesPerSec === null) return '';
+  return ` over a link measured at ${l.rttMs.toFixed(0)} ms and ${(l.bytesPerSec / 1e6).toFixed(1)} MB/s (requests of ${l.pace.batch} pages, ${l.pace.depth} at a time)`;
 }
 
 export class Prefetcher {
@@ -104,7 +112,7 @@ export class Prefetcher {
       .then(
         () => {
           const vm = this.c.vm();
-          log(`prefetch done: ${this.progress.done} of ${this.progress.total} chunks in the cache${vm ? `, ${vm.installedAhead} page(s) of guest RAM installed ahead` : ''}`);
+          log(`prefetch done: ${this.progress.done} of ${this.progress.total} chunks in the cache${vm ? `, ${vm.installedAhead} page(s) of guest RAM installed ahead` : ''}${linkText(this.c.link?.())}`);
         },
         (e) => !this.c.stopped() && log(`prefetch stopped: ${errorChain(e)}`),
       )

@@ -50,23 +50,31 @@ const MIN_PACED_BYTES = 16 * 1024;
 /** The status shows the pace for pages of guest RAM, as prefetch asks for them (BlobSource's 64 at most). */
 const MEM_CHUNK_BYTES = MEM_CHUNK_SIZE + CHUNK_OVERHEAD;
 const MAX_PACED_BATCH = 64;
-/** Round trips remembered: the shortest of them is the link's. */
-const RTT_SAMPLES = 16;
+/**
+ * The link's round trip is the shortest request time (less its bytes' time on the
+ * link) of the last RTT_WINDOW_MS: a window long enough to hold a moment with nothing
+ * queued, since a round trip measured behind queued bytes would ask for more in
+ * flight, and queue more.
+ */
+const RTT_WINDOW_MS = 10_000;
+const RTT_SAMPLES = 256;
 /** Prefetch answers the link's rate is measured over. */
 const PACE_SAMPLES = 16;
 
 /**
  * How a background stream should go over a link of `rate` bytes a millisecond and
  * `rttMs`: requests of about PACE_MS of the link (whole chunks, at most `max`), and
- * enough of them in flight to cover a round trip plus one. Unknown rate: `max`-chunk
- * requests, two at a time.
+ * enough of them in flight to cover a round trip and two more: the link stays busy
+ * (a stream that left it idle would measure a lower rate, and ask for less), and a
+ * demand request finds about two of them queued ahead of it. Unknown rate:
+ * `max`-chunk requests, two at a time.
  */
 export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, max: number): { batch: number; depth: number } {
   if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: max, depth: MIN_DEPTH };
   const least = Math.min(max, Math.max(1, Math.round(MIN_PACED_BYTES / chunkBytes)));
   const batch = Math.max(least, Math.min(max, Math.round((rate * PACE_MS) / chunkBytes)));
   const batchMs = (batch * chunkBytes) / rate;
-  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 1));
+  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 2));
   return { batch, depth };
 }
 
@@ -84,8 +92,8 @@ export class Fetcher {
   private urgentInFlight = 0;
   private idle?: Promise<void>;
   private idleResolve?: () => void;
-  /** Recent request durations (ms), demand and prefetch: the shortest is the round trip. */
-  private readonly rtts: number[] = [];
+  /** Recent requests' round trips (ms, less their bytes' time on the link) and when they came. */
+  private readonly rtts: { at: number; ms: number }[] = [];
   /** The background stream's recent answers: bytes, and the link time they took (ms). */
   private readonly paceSamples: { bytes: number; ms: number }[] = [];
   /** When the last prefetch answer came (performance.now()). */
@@ -144,7 +152,9 @@ export class Fetcher {
     withRetry(() => this.urgent.chunks(this.leaseId(), batch.map((w) => w.ref)), this.demandDeadline(), () => this.stats.retries++)
       .then(
         (blobs) => {
-          this.sampleRtt(performance.now() - t0);
+          let bytes = 0;
+          for (const b of blobs) bytes += b.length;
+          this.sampleRtt(performance.now() - t0, bytes);
           blobs.forEach((b, i) => {
             this.stats.bytes += b.length;
             batch[i].resolve(b);
@@ -167,14 +177,18 @@ export class Fetcher {
     return this.idle;
   }
 
-  private sampleRtt(ms: number): void {
-    this.rtts.push(ms);
-    if (this.rtts.length > RTT_SAMPLES) this.rtts.shift();
+  private sampleRtt(ms: number, bytes: number): void {
+    const rate = this.rate();
+    const now = performance.now();
+    this.rtts.push({ at: now, ms: Math.max(0.1, ms - (rate ? bytes / rate : 0)) });
+    while (this.rtts.length > RTT_SAMPLES || (this.rtts.length > 1 && this.rtts[0].at < now - RTT_WINDOW_MS)) this.rtts.shift();
   }
 
   /** The link's round trip as measured: the shortest recent request (ms; Infinity before any). */
   rttMs(): number {
-    return this.rtts.length === 0 ? Infinity : Math.min(...this.rtts);
+    let min = Infinity;
+    for (const r of this.rtts) min = Math.min(min, r.ms);
+    return min;
   }
 
   /**
@@ -219,7 +233,7 @@ export class Fetcher {
     let bytes = 0;
     for (const b of blobs) bytes += b.length;
     const rtt = this.rttMs();
-    this.sampleRtt(end - t0);
+    this.sampleRtt(end - t0, bytes);
     const span = t0 < this.lastPrefetchEnd ? end - this.lastPrefetchEnd : Math.max(0, end - t0 - (Number.isFinite(rtt) ? rtt : 0));
     this.lastPrefetchEnd = end;
     this.paceSamples.push({ bytes, ms: span });

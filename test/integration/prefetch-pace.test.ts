@@ -51,6 +51,10 @@ describe('prefetch paced to a slow link (real server behind the link emulator)',
     // The first requests go unpaced (no rate measured yet); the rest are a few
     // milliseconds of a 20 Mbit/s link (≈ 6 pages), however slow this machine is.
     expect(f.prefetchChunks / f.prefetchBatches, 'pages a request').to.be.lessThan(32);
+    // What it measured of the link is bounded by the link itself: no round trip under
+    // its 40 ms, no rate much above its 20 Mbit/s (2.5 MB/s).
+    expect(f.link.rttMs, 'round trip').to.be.at.least(40);
+    expect(f.link.bytesPerSec, 'rate').to.be.above(0).and.at.most(1.5 * 2.5e6);
     for (let i = 0; i < PAGES; i += 97) {
       const out = Buffer.alloc(PAGE);
       expect(await agent.core.readInto('mem', i, out, { resident: true })).to.equal('cache');
