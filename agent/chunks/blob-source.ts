@@ -23,8 +23,6 @@ const SPARES_KEPT = 16;
  * read whole at resume anyway.
  */
 const READAHEAD: Record<ChunkKind, number> = { mem: 16, disk: 8, state: 1 };
-/** Chunks in one prefetch request at most (the fetcher's pace() makes them fewer on a slow link). */
-const MAX_PREFETCH_BATCH = 64;
 
 export interface PrefetchOptions {
   onProgress?: (done: number, total: number) => void;
@@ -146,7 +144,7 @@ export class BlobSource {
    */
   async prefetch(refs: ChunkRef[], o: PrefetchOptions = {}): Promise<number> {
     const m = this.map.must();
-    const max = o.batch ?? MAX_PREFETCH_BATCH;
+    const cap = o.batch;
     type Todo = { kind: ChunkKind; index: number; e: Entry };
     const todo: Todo[] = [];
     for (const { kind, index } of refs) {
@@ -162,7 +160,7 @@ export class BlobSource {
     const out: { all: Todo[]; slice: Todo[]; blobs: Promise<Buffer[]> }[] = [];
     let at = 0;
     for (;;) {
-      const { batch, depth } = this.fetcher.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, max);
+      const { batch, depth } = this.fetcher.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, cap);
       while (at < todo.length && out.length < depth) {
         await this.lease.whenActive();
         if (this.map.manifest !== m) return fetched;

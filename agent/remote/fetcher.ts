@@ -41,18 +41,24 @@ export async function withRetry<T>(fn: () => Promise<T>, deadlineMs: number, onR
 }
 
 /** A prefetch request is about this many milliseconds of the link, once its rate is known. */
-export const PACE_MS = 10;
+export const PACE_MS = 5;
 /** Prefetch requests in flight: at least 2 (one on the way while one is kept), at most 8. */
 const MIN_DEPTH = 2;
 const MAX_DEPTH = 8;
-/** A prefetch request asks for at least this many bytes of chunks (and at least one), however slow the link. */
-const MIN_PACED_BYTES = 16 * 1024;
-/** The status shows the pace for pages of guest RAM, as prefetch asks for them (BlobSource's 64 at most). */
-const MEM_CHUNK_BYTES = MEM_CHUNK_SIZE + CHUNK_OVERHEAD;
-const MAX_PACED_BATCH = 64;
+/** A prefetch request asks for at least this many bytes of chunks (and at least one chunk), however slow the link. */
+const MIN_PACED_BYTES = 8 * 1024;
 /**
- * The link's round trip is the shortest request time (less its bytes' time on the
- * link) of the last RTT_WINDOW_MS: a window long enough to hold a moment with nothing
+ * And at most this many (and at most MAX_BATCH chunks): on a fast link, requests of
+ * 5 ms would come faster than the server lets one device ask (500 a second).
+ */
+const MAX_PACED_BYTES = 4 * 1024 * 1024;
+/** Before the rate is known: requests of this many bytes of chunks. */
+const UNPACED_BYTES = 256 * 1024;
+/** The status shows the pace for pages of guest RAM. */
+const MEM_CHUNK_BYTES = MEM_CHUNK_SIZE + CHUNK_OVERHEAD;
+/**
+ * The link's round trip is the shortest request time (less about its bytes' time on
+ * the link) of the last RTT_WINDOW_MS: a window long enough to hold a moment with nothing
  * queued, since a round trip measured behind queued bytes would ask for more in
  * flight, and queue more.
  */
@@ -63,16 +69,18 @@ const PACE_SAMPLES = 16;
 
 /**
  * How a background stream should go over a link of `rate` bytes a millisecond and
- * `rttMs`: requests of about PACE_MS of the link (whole chunks, at most `max`), and
- * enough of them in flight to cover a round trip and two more: the link stays busy
- * (a stream that left it idle would measure a lower rate, and ask for less), and a
- * demand request finds about two of them queued ahead of it. Unknown rate:
- * `max`-chunk requests, two at a time.
+ * `rttMs`: requests of about PACE_MS of the link (whole chunks of `chunkBytes`,
+ * between MIN_PACED_BYTES and MAX_PACED_BYTES of them, at most `cap`), and enough
+ * of them in flight to cover a round trip and two more: the link stays busy (a
+ * stream that left it idle would measure a lower rate, and ask for less), and a
+ * demand request finds about two of them queued ahead of it. Unknown rate: requests
+ * of UNPACED_BYTES, two at a time.
  */
-export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, max: number): { batch: number; depth: number } {
-  if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: max, depth: MIN_DEPTH };
-  const least = Math.min(max, Math.max(1, Math.round(MIN_PACED_BYTES / chunkBytes)));
-  const batch = Math.max(least, Math.min(max, Math.round((rate * PACE_MS) / chunkBytes)));
+export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, cap = Infinity): { batch: number; depth: number } {
+  const chunks = (bytes: number) => Math.max(1, Math.round(bytes / chunkBytes));
+  const max = Math.max(1, Math.min(cap, MAX_BATCH, Math.floor(MAX_PACED_BYTES / chunkBytes)));
+  if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: Math.min(max, chunks(UNPACED_BYTES)), depth: MIN_DEPTH };
+  const batch = Math.min(max, Math.max(chunks(MIN_PACED_BYTES), chunks(rate * PACE_MS)));
   const batchMs = (batch * chunkBytes) / rate;
   const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 2));
   return { batch, depth };
@@ -180,7 +188,9 @@ export class Fetcher {
   private sampleRtt(ms: number, bytes: number): void {
     const rate = this.rate();
     const now = performance.now();
-    this.rtts.push({ at: now, ms: Math.max(0.1, ms - (rate ? bytes / rate : 0)) });
+    // Half the bytes' time at the measured rate: a rate measured low (early on) must not
+    // take a round trip below the link's own.
+    this.rtts.push({ at: now, ms: Math.max(0.1, ms - (rate ? bytes / (2 * rate) : 0)) });
     while (this.rtts.length > RTT_SAMPLES || (this.rtts.length > 1 && this.rtts[0].at < now - RTT_WINDOW_MS)) this.rtts.shift();
   }
 
@@ -211,12 +221,12 @@ export class Fetcher {
   link(): { rttMs: number | null; bytesPerSec: number | null; pace: { batch: number; depth: number } } {
     const rtt = this.rttMs();
     const rate = this.rate();
-    return { rttMs: Number.isFinite(rtt) ? Math.round(rtt * 10) / 10 : null, bytesPerSec: rate === undefined ? null : Math.round(rate * 1000), pace: this.pace(MEM_CHUNK_BYTES, MAX_PACED_BATCH) };
+    return { rttMs: Number.isFinite(rtt) ? Math.round(rtt * 10) / 10 : null, bytesPerSec: rate === undefined ? null : Math.round(rate * 1000), pace: this.pace(MEM_CHUNK_BYTES) };
   }
 
-  /** How the background stream goes now (see pace()), for chunks of `chunkBytes`, at most `max` a request. */
-  pace(chunkBytes: number, max: number): { batch: number; depth: number } {
-    return pace(this.rate(), this.rttMs(), chunkBytes, max);
+  /** How the background stream goes now (see pace()), for chunks of `chunkBytes`, at most `cap` a request. */
+  pace(chunkBytes: number, cap?: number): { batch: number; depth: number } {
+    return pace(this.rate(), this.rttMs(), chunkBytes, cap);
   }
 
   /**

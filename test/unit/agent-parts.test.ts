@@ -298,20 +298,22 @@ describe('fetcher: readahead behind the page, and pacing', () => {
     expect(f.stats).to.include({ demandBatches: 1, demandChunks: 1, readaheadBatches: 1, readaheadChunks: 3 });
   });
 
-  it('paces requests to a few milliseconds of the link, with enough in flight to cover a round trip', () => {
+  it('paces requests to a few milliseconds of the link, with enough in flight to cover a round trip and two more', () => {
     const chunk = 4096 + 40;
-    expect(pace(undefined, 40, chunk, 64), 'no rate measured yet').to.deep.equal({ batch: 64, depth: 2 });
+    const unpaced = pace(undefined, 40, chunk);
+    expect(unpaced.depth, 'no rate measured yet: two at a time').to.equal(2);
+    expect(unpaced.batch * chunk, 'of about 256 KiB').to.be.within(256 * 1024 - chunk, 256 * 1024 + chunk);
     for (const [mbit, rtt] of [[100, 20], [20, 40], [5, 80], [1000, 0.3], [2, 200]]) {
       const rate = (mbit * 1e6) / 8 / 1000; // bytes a millisecond
-      const { batch, depth } = pace(rate, rtt, chunk, 64);
+      const { batch, depth } = pace(rate, rtt, chunk);
       const batchMs = (batch * chunk) / rate;
-      expect(batch, `${mbit}/${rtt}`).to.be.within(4, 64);
-      if (batch > 4 && batch < 64) expect(Math.abs(batchMs - PACE_MS), `${mbit}/${rtt}: a request's time on the link`).to.be.at.most(chunk / rate);
+      expect(batch * chunk, `${mbit}/${rtt}: bytes a request`).to.be.within(8 * 1024 - chunk, 4 * 1024 * 1024);
+      if (batch * chunk > 8 * 1024 + chunk) expect(Math.abs(batchMs - PACE_MS), `${mbit}/${rtt}: a request's time on the link`).to.be.at.most(chunk / rate);
       expect(depth, `${mbit}/${rtt}`).to.be.within(2, 8);
       if (depth < 8) expect(depth * batchMs, `${mbit}/${rtt}: requests in flight cover a round trip and two more`).to.be.at.least(rtt + 2 * batchMs);
     }
-    expect(pace(1e6, 0.1, chunk, 64), 'a fast link: the largest requests').to.deep.equal({ batch: 64, depth: 3 });
-    expect(pace(100, 40, chunk, 64).batch, 'never less than 16 KiB of pages').to.equal(4);
-    expect(pace(100, 40, 128 * 1024 + 40, 8).batch, 'and at least one chunk').to.equal(1);
+    expect(pace(1e6, 0.1, chunk).batch * chunk, 'a fast link: requests of at most 4 MiB, not one every 5 ms').to.be.at.most(4 * 1024 * 1024);
+    expect(pace(1e6, 0.1, chunk, 64).batch, 'a cap').to.equal(64);
+    expect(pace(100, 40, 128 * 1024 + 40).batch, 'at least one chunk').to.equal(1);
   });
 });
