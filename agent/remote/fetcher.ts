@@ -69,7 +69,8 @@ const PACE_SAMPLES = 16;
 
 /**
  * How a background stream should go over a link of `rate` bytes a millisecond and
- * `rttMs`: requests of about PACE_MS of the link (whole chunks of `chunkBytes`,
+ * `rttMs`: requests of about PACE_MS of the link (longer on a long round trip, so
+ * that at most MAX_DEPTH fill it; whole chunks of `chunkBytes`,
  * between MIN_PACED_BYTES and MAX_PACED_BYTES of them, at most `cap`), and enough
  * of them in flight to cover a round trip and two more: the link stays busy (a
  * stream that left it idle would measure a lower rate, and ask for less), and a
@@ -80,7 +81,9 @@ export function pace(rate: number | undefined, rttMs: number, chunkBytes: number
   const chunks = (bytes: number) => Math.max(1, Math.round(bytes / chunkBytes));
   const max = Math.max(1, Math.min(cap, MAX_BATCH, Math.floor(MAX_PACED_BYTES / chunkBytes)));
   if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: Math.min(max, chunks(UNPACED_BYTES)), depth: MIN_DEPTH };
-  const batch = Math.min(max, Math.max(chunks(MIN_PACED_BYTES), chunks(rate * PACE_MS)));
+  // A round trip longer than MAX_DEPTH − 2 requests of PACE_MS takes longer requests: fewer in flight would leave the link idle.
+  const ms = Math.max(PACE_MS, rttMs / (MAX_DEPTH - 2));
+  const batch = Math.min(max, Math.max(chunks(MIN_PACED_BYTES), chunks(rate * ms)));
   const batchMs = (batch * chunkBytes) / rate;
   const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 2));
   return { batch, depth };

@@ -308,9 +308,10 @@ describe('fetcher: readahead behind the page, and pacing', () => {
       const { batch, depth } = pace(rate, rtt, chunk);
       const batchMs = (batch * chunk) / rate;
       expect(batch * chunk, `${mbit}/${rtt}: bytes a request`).to.be.within(8 * 1024 - chunk, 4 * 1024 * 1024);
-      if (batch * chunk > 8 * 1024 + chunk) expect(Math.abs(batchMs - PACE_MS), `${mbit}/${rtt}: a request's time on the link`).to.be.at.most(chunk / rate);
+      const wantMs = Math.max(PACE_MS, rtt / 6); // longer on a long round trip: at most 8 in flight
+      if (batch * chunk > 8 * 1024 + chunk && batch * chunk < 4 * 1024 * 1024) expect(Math.abs(batchMs - wantMs), `${mbit}/${rtt}: a request's time on the link`).to.be.at.most(chunk / rate);
       expect(depth, `${mbit}/${rtt}`).to.be.within(2, 8);
-      if (depth < 8) expect(depth * batchMs, `${mbit}/${rtt}: requests in flight cover a round trip and two more`).to.be.at.least(rtt + 2 * batchMs);
+      expect(depth * batchMs + chunk / rate, `${mbit}/${rtt}: requests in flight cover a round trip and two more`).to.be.at.least(rtt + 2 * batchMs);
     }
     expect(pace(1e6, 0.1, chunk).batch * chunk, 'a fast link: requests of at most 4 MiB, not one every 5 ms').to.be.at.most(4 * 1024 * 1024);
     expect(pace(1e6, 0.1, chunk, 64).batch, 'a cap').to.equal(64);
