@@ -22,6 +22,7 @@ import path from 'node:path';
 import { CHUNK_KINDS, CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { punchHole } from '../../native/index.js';
+import { Slots } from './slots.js';
 
 export interface CacheKey {
   imageId: string;
@@ -84,36 +85,6 @@ export function cacheFiles(home: string): string[] {
 }
 
 export const slotFile = (db: string, kind: ChunkKind) => path.join(path.dirname(db), `${path.basename(db, '.db')}-${kind}.blobs`);
-
-/** The free slots of one slot file. */
-class Slots {
-  /** Free below `next`, reusable now. */
-  private readonly free: number[] = [];
-  /** Left by dirty chunks: reusable once a flush made the index that left them durable. */
-  private held: number[] = [];
-  next = 0;
-
-  take(): number {
-    return this.free.pop() ?? this.next++;
-  }
-
-  give(slot: number, afterFlush: boolean): void {
-    if (afterFlush) this.held.push(slot);
-    else this.free.push(slot);
-  }
-
-  flushed(): void {
-    this.free.push(...this.held);
-    this.held = [];
-  }
-
-  /** Every slot below `next` not in use is free (at open). */
-  rebuild(inUse: Set<number>): void {
-    this.next = 0;
-    for (const s of inUse) if (s >= this.next) this.next = s + 1;
-    for (let s = this.next - 1; s >= 0; s--) if (!inUse.has(s)) this.free.push(s);
-  }
-}
 
 export class ChunkCache {
   private readonly db: Database.Database;
