@@ -341,8 +341,8 @@ export class ChunkCache {
 
   /** A blob written whole into a reserved slot becomes the cached blob of `k` (as put() with it would). */
   commit(k: CacheKey, slot: number, len: number, sha: Buffer, dirty: boolean, cls?: Sensitivity): void {
-    if (len > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${len} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
     try {
+      if (len > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${len} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
       const e: Entry = { key: { ...k }, slot, len, sha, dirty, cls: cls ?? null, used: ++this.tick };
       this.q.put.run(k.imageId, k.gen, k.kind, k.index, slot, e.len, e.sha, dirty ? 1 : 0, e.cls, e.used);
       this.replace(this.id(k), e);
@@ -351,6 +351,21 @@ export class ChunkCache {
       throw err;
     }
     if (!this.tx && this.bytes > this.limitBytes) this.trim();
+  }
+
+  /** commit() of several reserved slots in one transaction (one WAL write), then a trim: all stand, or none. */
+  commitMany(rows: { k: CacheKey; slot: number; len: number; sha: Buffer; dirty: boolean; cls?: Sensitivity }[]): void {
+    let i = 0;
+    try {
+      this.batch(() => {
+        for (; i < rows.length; i++) this.commit(rows[i].k, rows[i].slot, rows[i].len, rows[i].sha, rows[i].dirty, rows[i].cls);
+      });
+    } catch (e) {
+      // The rows before the failing one gave their slots back with the transaction, the failing one in commit(); these were never reached.
+      for (let j = i + 1; j < rows.length; j++) this.unreserve(rows[j].k.kind, rows[j].slot);
+      throw e;
+    }
+    if (this.bytes > this.limitBytes) this.trim();
   }
 
   /** Points `id` at `e` (or at nothing) in memory; the entry it replaces gives its slot back once that stands. */

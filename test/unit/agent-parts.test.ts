@@ -1,6 +1,7 @@
 // The key ring, the ciphertext cache and the fetcher's retries on their own.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkCache } from '../../agent/chunks/cache.js';
 import type { DeviceClient } from '../../agent/remote/device-client.js';
@@ -167,6 +168,31 @@ describe('chunk cache: slots and index', () => {
     c.flush();
     c.put(key(2), randomBytes(4137));
     expect(slotOf(file, 2), 'after it, it is reused').to.equal(first);
+    c.close();
+  });
+
+  it('rows of blobs written into reserved slots commit together; one bad row fails them all and every slot is free again', () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const c = new ChunkCache(file, 1 << 30);
+    const blobs = [randomBytes(4137), randomBytes(4137), randomBytes(4137)];
+    const write = (i: number) => {
+      const r = c.reserve('mem');
+      fs.writeSync(c.slotFd('mem'), blobs[i], 0, blobs[i].length, r.at);
+      return { k: key(i), slot: r.slot, len: blobs[i].length, sha: sha256(blobs[i]), dirty: true, cls: 'normal' as const };
+    };
+    const rows = [write(0), write(1), write(2)];
+    c.commitMany(rows);
+    for (let i = 0; i < 3; i++) expectSameBytes(c.get(key(i))!, blobs[i], `chunk ${i}`);
+    expect(c.stats()).to.include({ chunks: 3, dirty: 3 });
+    // A second group whose middle row does not fit its slot: none of it stands, no slot is lost.
+    const more = [3, 4, 5].map((i) => ({ ...write(i % 3), k: key(i) }));
+    const slots = more.map((r) => r.slot);
+    more[1].len = 1 << 20;
+    expect(() => c.commitMany(more)).to.throw(RangeError);
+    expect([3, 4, 5].map((i) => c.has(key(i)))).to.deep.equal([false, false, false]);
+    expect(c.stats()).to.include({ chunks: 3, dirty: 3 });
+    const again = [c.reserve('mem').slot, c.reserve('mem').slot, c.reserve('mem').slot];
+    expect(again.sort(), 'the three slots are free again').to.deep.equal([...slots].sort());
     c.close();
   });
 
