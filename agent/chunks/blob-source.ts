@@ -160,7 +160,7 @@ export class BlobSource {
     const out: { all: Todo[]; slice: Todo[]; blobs: Promise<Buffer[]> }[] = [];
     let at = 0;
     for (;;) {
-      const { batch, depth } = this.fetcher.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, cap);
+      const { batch, depth } = this.fetcher.link.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, cap);
       while (at < todo.length && out.length < depth) {
         await this.lease.whenActive();
         if (this.map.manifest !== m) return fetched;

@@ -9,6 +9,7 @@ import { prefetchPlan, startupPages } from '../../policies/manager.js';
 import type { AgentCore } from '../chunks/core.js';
 import type { DeviceClient } from '../remote/device-client.js';
 import type { ChunkRef } from '../remote/fetcher.js';
+import type { LinkFigures } from '../remote/link-meter.js';
 import type { AgentVm } from '../vm/runner.js';
 
 /** The session's first-touch order goes to the server this long after the resume (and at stop or suspend). */
@@ -60,12 +61,12 @@ export interface PrefetchContext {
   vm(): AgentVm | undefined;
   stopped(): boolean;
   log(line: string): void;
-  /** The link as the fetcher measured it (Fetcher.link), for the log. */
-  link?(): { rttMs: number | null; bytesPerSec: number | null; pace: { batch: number; depth: number } };
+  /** The link as the fetcher measured it, for the log. */
+  link?(): LinkFigures;
 }
 
 /** "a link measured at 41 ms and 2.4 MB/s (requests of 6 pages, 6 at a time)", or nothing before a measurement. */
-export function linkText(l: ReturnType<NonNullable<PrefetchContext['link']>> | undefined): string {
+function linkText(l: LinkFigures | undefined): string {
   if (!l || l.rttMs === null || l.bytesPerSec === null) return '';
   return ` over a link measured at ${l.rttMs.toFixed(0)} ms and ${(l.bytesPerSec / 1e6).toFixed(1)} MB/s (requests of ${l.pace.batch} pages, ${l.pace.depth} at a time)`;
 }

@@ -103,7 +103,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
   const policy = (): TAgentPolicy =>
     lease.lease?.policy ?? { ...DEFAULT_FULL_POLICY, evictIdleMs: (lease.lease?.evictIdleSeconds ?? DEFAULT_EVICT_IDLE_S) * 1000 };
   const prefetcher: Prefetcher = new Prefetcher({
-    core, client: urgent, enabled: o.prefetch, wantsVm: o.vm !== undefined, policy, log, link: () => fetcher.link(),
+    core, client: urgent, enabled: o.prefetch, wantsVm: o.vm !== undefined, policy, log, link: () => fetcher.link.figures(),
     leaseId: () => lease.leaseId(),
     hasLease: () => lease.lease !== undefined,
     vm: (): AgentVm | undefined => serving.vm,

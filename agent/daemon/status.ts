@@ -48,7 +48,7 @@ export function agentStatus({ deviceId, image, lease, keys, cache, core, fetcher
     diskPieces: { chunks: core.pieces.size + core.diskReads.chunks, reads: core.stats.pieceReads, mismatches: core.pieces.mismatches + core.diskReads.mismatches, native: core.diskReads },
     resident: { ...core.resident },
     reads: { ...core.stats },
-    fetch: { ...fetcher.stats, link: fetcher.link() },
+    fetch: { ...fetcher.stats, link: fetcher.link.figures() },
     prefetch: { ...prefetch },
     nbd: nbd ? { address: nbd.address(), export: image, ...nbd.stats() } : null,
     vm: vm

@@ -5,7 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkCache } from '../../agent/chunks/cache.js';
 import type { DeviceClient } from '../../agent/remote/device-client.js';
-import { Fetcher, PACE_MS, pace } from '../../agent/remote/fetcher.js';
+import { Fetcher } from '../../agent/remote/fetcher.js';
+import { LinkMeter, PACE_MS, pace } from '../../agent/remote/link-meter.js';
 import { LetheError } from '../../common/errors.js';
 import { KeyRing } from '../../agent/keys/keyring.js';
 import { firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
@@ -322,6 +323,22 @@ describe('fetcher: readahead behind the page, and pacing', () => {
     calls[1].answer();
     expect((await Promise.all(ahead)).map((b) => b[0])).to.deep.equal([6, 7, 8]);
     expect(f.stats).to.include({ demandBatches: 1, demandChunks: 1, readaheadBatches: 1, readaheadChunks: 3 });
+  });
+
+  it('measures a link whose answers come together over parallel connections by their bytes over the time they took', () => {
+    // 8 requests of 25,000 bytes at a time over a 40 ms link of 2,500 bytes a millisecond,
+    // their answers interleaved: all come about 120 ms after they went, within 1.4 ms.
+    const m = new LinkMeter();
+    m.answered(0, 41, 4136); // a demand read: the round trip
+    for (let round = 0; round < 4; round++) {
+      const t0 = 50 + round * 125;
+      for (let k = 0; k < 8; k++) m.answered(t0, t0 + 118 + k * 0.2, 25_000, true);
+    }
+    expect(m.rttMs(), 'round trip').to.be.within(40, 42);
+    // 800,000 bytes in about 4 × 78 ms of link time after the round trips: near the link's rate,
+    // where each answer's own rate (25,000 bytes in 0.2 ms) would read fifty times too high.
+    expect(m.rate()).to.be.within(1_500, 3_500);
+    expect(m.figures()).to.include({ rttMs: m.rttMs() });
   });
 
   it('paces requests to a few milliseconds of the link, with enough in flight to cover a round trip and two more', () => {
