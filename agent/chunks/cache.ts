@@ -31,6 +31,9 @@ export interface CacheKey {
   index: number;
 }
 
+/** A blob of `len` bytes written whole into a reserved slot, for the index to name as the cached blob of `k` (commitMany). */
+export type SlotRow = { k: CacheKey; slot: number; len: number; sha: Buffer; dirty: boolean; cls?: Sensitivity };
+
 export interface CacheStats {
   chunks: number;
   bytes: number;
@@ -322,13 +325,13 @@ export class ChunkCache {
       this.unreserve(k.kind, slot.slot);
       throw err;
     }
-    this.commit(k, slot.slot, blob.length, hash ?? sha256(blob), dirty, cls);
+    this.commit({ k, slot: slot.slot, len: blob.length, sha: hash ?? sha256(blob), dirty, cls });
   }
 
   /**
    * A free slot for a blob of `kind` that someone else writes (a guest write sealed
    * off the event loop: native sealWrite), and where it starts in slotFd(kind). Then
-   * commit() names the blob in it, or unreserve() gives it back.
+   * commitMany() names the blob in it, or unreserve() gives it back.
    */
   reserve(kind: ChunkKind): { slot: number; at: number } {
     const slot = this.slots[kind].take();
@@ -339,8 +342,8 @@ export class ChunkCache {
     this.slots[kind].give(slot, false);
   }
 
-  /** A blob written whole into a reserved slot becomes the cached blob of `k` (as put() with it would). */
-  commit(k: CacheKey, slot: number, len: number, sha: Buffer, dirty: boolean, cls?: Sensitivity): void {
+  /** A blob written whole into a reserved slot becomes the cached blob of its key (as put() with it would). */
+  private commit({ k, slot, len, sha, dirty, cls }: SlotRow): void {
     try {
       if (len > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${len} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
       const e: Entry = { key: { ...k }, slot, len, sha, dirty, cls: cls ?? null, used: ++this.tick };
@@ -350,15 +353,14 @@ export class ChunkCache {
       this.unreserve(k.kind, slot);
       throw err;
     }
-    if (!this.tx && this.bytes > this.limitBytes) this.trim();
   }
 
   /** commit() of several reserved slots in one transaction (one WAL write), then a trim: all stand, or none. */
-  commitMany(rows: { k: CacheKey; slot: number; len: number; sha: Buffer; dirty: boolean; cls?: Sensitivity }[]): void {
+  commitMany(rows: SlotRow[]): void {
     let i = 0;
     try {
       this.batch(() => {
-        for (; i < rows.length; i++) this.commit(rows[i].k, rows[i].slot, rows[i].len, rows[i].sha, rows[i].dirty, rows[i].cls);
+        for (; i < rows.length; i++) this.commit(rows[i]);
       });
     } catch (e) {
       // The rows before the failing one gave their slots back with the transaction, the failing one in commit(); these were never reached.

@@ -9,7 +9,7 @@ import { LetheError } from '../../common/errors.js';
 import { encodeChunkFrame } from '../../common/frames.js';
 import { sealWrite } from '../../native/index.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
-import type { ChunkCache } from './cache.js';
+import type { ChunkCache, SlotRow } from './cache.js';
 import type { CheckedBlobs } from './checked-blobs.js';
 import type { ChunkKeys } from './chunk-keys.js';
 import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
@@ -57,7 +57,7 @@ export class ChunkWriter {
         this.adopt(kind, index, w);
       } finally {
         // Memory keeps a copy of the blob, if it keeps it at all.
-        if (this.sealBuffers.length < SEAL_BUFFERS_KEPT) this.sealBuffers.push(w.buf);
+        this.keepSealBuffer(w.buf);
       }
       return;
     }
@@ -75,47 +75,46 @@ export class ChunkWriter {
    * copied by the call; the cache's row is written here once the blob stands.
    */
   private async storeOffLoop(kind: ChunkKind, index: number, data: Buffer): Promise<{ e: Entry; blob: Buffer; borrowed: true; buf: Buffer }> {
-    const gen = this.map.writeGen!;
-    const e: Entry = { gen, cls: this.map.writeCls.get(keyId(kind, index, gen))!, ctHash: '' };
-    const scratch = this.chunkKeys.scratch;
     const buf = this.sealBuffers.pop() ?? Buffer.allocUnsafe(CHUNK_SIZE[kind] + CHUNK_OVERHEAD);
     const slot = this.cache.reserve(kind);
-    let sealed: Promise<Buffer>;
+    let e: Entry;
     let blob: Buffer;
-    try {
-      if (!this.chunkKeys.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
-      const parts = chunkSealParts(buf, this.map.coord(kind, index, e), data.length);
-      blob = parts.blob;
-      sealed = sealWrite(this.cache.slotFd(kind), slot.at, scratch, parts.nonce, parts.ad, data, blob);
-    } catch (err) {
-      this.cache.unreserve(kind, slot.slot);
-      if (this.sealBuffers.length < SEAL_BUFFERS_KEPT) this.sealBuffers.push(buf);
-      throw err;
-    } finally {
-      wipe(scratch);
-    }
     let hash: Buffer;
     try {
+      let sealed: Promise<Buffer>;
+      try {
+        e = this.writeEntry(kind, index);
+        const parts = chunkSealParts(buf, this.map.coord(kind, index, e), data.length);
+        blob = parts.blob;
+        sealed = sealWrite(this.cache.slotFd(kind), slot.at, this.chunkKeys.scratch, parts.nonce, parts.ad, data, blob);
+      } finally {
+        wipe(this.chunkKeys.scratch); // the call copied the key
+      }
       hash = await sealed;
     } catch (err) {
       this.cache.unreserve(kind, slot.slot);
-      if (this.sealBuffers.length < SEAL_BUFFERS_KEPT) this.sealBuffers.push(buf);
+      this.keepSealBuffer(buf);
       throw err;
     }
     e.ctHash = hash.toString('base64url');
+    // A group that fails to commit frees its slots itself.
     await this.commitSoon({ k: this.map.cacheKey(kind, index, e), slot: slot.slot, len: blob.length, sha: hash, dirty: true, cls: e.cls });
     return { e, blob, borrowed: true, buf };
   }
 
+  private keepSealBuffer(buf: Buffer): void {
+    if (this.sealBuffers.length < SEAL_BUFFERS_KEPT) this.sealBuffers.push(buf);
+  }
+
   /** Sealed writes' index rows waiting for this turn's transaction, each with its write's resolvers. */
-  private rows: { row: Parameters<ChunkCache['commitMany']>[0][number]; done: () => void; fail: (e: unknown) => void }[] = [];
+  private rows: { row: SlotRow; done: () => void; fail: (e: unknown) => void }[] = [];
 
   /**
    * The index row of a sealed write, committed with the rows of the other writes whose
    * seals came back in the same turn: one WAL write for them all (a row each was a
    * tenth of the event loop in a stream of writes). Resolves once the row stands.
    */
-  private commitSoon(row: Parameters<ChunkCache['commitMany']>[0][number]): Promise<void> {
+  private commitSoon(row: SlotRow): Promise<void> {
     return new Promise((done, fail) => {
       if (this.rows.push({ row, done, fail }) > 1) return;
       setImmediate(() => {
@@ -141,10 +140,8 @@ export class ChunkWriter {
 
   /** Encrypts a write under its write key (held) into the cache as dirty (into `into` if given); the caller adopts it once it stands. */
   private store(kind: ChunkKind, index: number, data: Buffer, into?: Buffer): { e: Entry; blob: Buffer; borrowed?: boolean } {
-    const gen = this.map.writeGen!;
-    const e: Entry = { gen, cls: this.map.writeCls.get(keyId(kind, index, gen))!, ctHash: '' };
+    const e = this.writeEntry(kind, index);
     const scratch = this.chunkKeys.scratch;
-    if (!this.chunkKeys.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
     try {
       const coord = this.map.coord(kind, index, e);
       const blob = into ? encryptChunkInto(into, scratch, coord, data) : encryptChunk(scratch, coord, data);
@@ -155,6 +152,18 @@ export class ChunkWriter {
     } finally {
       wipe(scratch);
     }
+  }
+
+  /**
+   * The entry a write of this chunk makes in the lease's draft generation, with its
+   * write key (held) derived into the chunk keys' scratch, which the caller wipes.
+   * Throws LEASE_EXPIRED when the key is gone.
+   */
+  private writeEntry(kind: ChunkKind, index: number): Entry {
+    const gen = this.map.writeGen!;
+    const e: Entry = { gen, cls: this.map.writeCls.get(keyId(kind, index, gen))!, ctHash: '' };
+    if (!this.chunkKeys.keyInto(kind, index, e)) throw new LetheError('LEASE_EXPIRED', `no write key for ${kind} chunk ${index}: the lease ended`);
+    return e;
   }
 
   private adopt(kind: ChunkKind, index: number, w: { e: Entry; blob: Buffer; borrowed?: boolean }): void {
