@@ -18,11 +18,15 @@ export class ConnectionEnded extends Error {}
 /** Bytes of the buffer an onread socket reads into, and of each buffer bytes are held in. */
 const READ_BUFFER_BYTES = 64 * 1024;
 
-/** Bytes received and not yet read: a view, and the reused buffer it lies in (if it is one). */
+/** Bytes received and not yet read: buf[start, end), in one of the reader's reused buffers or in the socket's own. */
 interface Held {
-  view: Buffer;
-  base?: Buffer;
+  buf: Buffer;
+  start: number;
+  end: number;
+  reused: boolean;
 }
+
+const held = (h: Held) => h.buf.subarray(h.start, h.end);
 
 /** Reads exact byte counts from a socket, pausing it while too much is buffered. */
 export class ByteReader {
@@ -84,7 +88,7 @@ export class ByteReader {
     // The handle still says it is reading, so read() below takes what the stream holds
     // without starting it again.
     (this.socket as unknown as { _handle?: { readStop?: () => number; reading?: boolean } | null })._handle?.readStop?.();
-    const parts = this.chunks.map((c) => c.view);
+    const parts = this.chunks.map(held);
     for (let c: Buffer | null; (c = this.socket.read() as Buffer | null) !== null; ) parts.push(c);
     const out = Buffer.concat(parts);
     for (const c of parts) c.fill(0);
@@ -135,17 +139,20 @@ export class ByteReader {
 
   /** Copies held bytes into dest from `off` (zeroing them where they were held); the new offset. */
   private drainInto(dest: Buffer, off: number): number {
-    while (off < dest.length && this.chunks.length > 0) {
-      const c = this.chunks[0];
-      const k = Math.min(c.view.length, dest.length - off);
-      c.view.copy(dest, off, 0, k);
-      c.view.fill(0, 0, k);
-      off += k;
-      this.buffered -= k;
-      if (k === c.view.length) this.release(this.chunks.shift()!);
-      else c.view = c.view.subarray(k);
-    }
+    while (off < dest.length && this.chunks.length > 0) off += this.takeInto(dest, off, dest.length - off, true);
     return off;
+  }
+
+  /** Up to n held bytes of the oldest part into dest at `off` (zeroed where they were, with `wipe`); how many. */
+  private takeInto(dest: Buffer, off: number, n: number, wipe: boolean): number {
+    const c = this.chunks[0];
+    const k = Math.min(c.end - c.start, n);
+    c.buf.copy(dest, off, c.start, c.start + k);
+    if (wipe || c.reused) c.buf.fill(0, c.start, c.start + k);
+    c.start += k;
+    this.buffered -= k;
+    if (c.start === c.end) this.release(this.chunks.shift()!);
+    return k;
   }
 
   /** Waits until n bytes are buffered; throws as read() says when the stream ends first. */
@@ -193,7 +200,7 @@ export class ByteReader {
   /** Zeroes and forgets every held byte. */
   private dropHeld(): void {
     for (const c of this.chunks) {
-      c.view.fill(0);
+      c.buf.fill(0, c.start, c.end);
       this.release(c);
     }
     this.chunks = [];
@@ -202,9 +209,9 @@ export class ByteReader {
 
   /** A held part fully read: its reused buffer goes back, zeroed. */
   private release(c: Held): void {
-    if (!c.base) return;
-    c.base.fill(0);
-    this.spare.push(c.base);
+    if (!c.reused) return;
+    c.buf.fill(0);
+    this.spare.push(c.buf);
   }
 
   /**
@@ -226,28 +233,20 @@ export class ByteReader {
       t.off += at;
       if (t.off === t.dest.length) this.wakeUp();
     }
-    for (; at < d.length; ) {
-      if (!borrowed) {
-        this.chunks.push({ view: d.subarray(at) });
-        this.buffered += d.length - at;
-        break;
+    if (!borrowed && at < d.length) {
+      this.chunks.push({ buf: d, start: at, end: d.length, reused: false });
+      this.buffered += d.length - at;
+    }
+    while (borrowed && at < d.length) {
+      // Onto the newest reused buffer while it has room, else into another.
+      let last = this.chunks.at(-1);
+      if (!last?.reused || last.end === last.buf.length) {
+        last = { buf: this.spare.pop() ?? Buffer.alloc(READ_BUFFER_BYTES), start: 0, end: 0, reused: true };
+        this.chunks.push(last);
       }
-      const last = this.chunks.at(-1);
-      // The newest held buffer has room after its bytes: they go on there.
-      const room = last?.base ? last.base.length - (last.view.byteOffset - last.base.byteOffset + last.view.length) : 0;
-      if (last?.base && room > 0) {
-        const k = Math.min(room, d.length - at);
-        const end = last.view.byteOffset - last.base.byteOffset + last.view.length;
-        d.copy(last.base, end, at, at + k);
-        last.view = last.base.subarray(last.view.byteOffset - last.base.byteOffset, end + k);
-        at += k;
-        this.buffered += k;
-        continue;
-      }
-      const base = this.spare.pop() ?? Buffer.alloc(READ_BUFFER_BYTES);
-      const k = Math.min(base.length, d.length - at);
-      d.copy(base, 0, at, at + k);
-      this.chunks.push({ view: base.subarray(0, k), base });
+      const k = Math.min(last.buf.length - last.end, d.length - at);
+      d.copy(last.buf, last.end, at, at + k);
+      last.end += k;
       at += k;
       this.buffered += k;
     }
@@ -268,25 +267,17 @@ export class ByteReader {
 
   private take(n: number): Buffer {
     if (n === 0) return Buffer.alloc(0);
-    this.buffered -= n;
     const first = this.chunks[0];
     // A part in a buffer of the socket's own (not reused) can be handed out as it is.
-    if (!first.base && first.view.length >= n) {
-      const v = first.view;
-      if (v.length === n) this.chunks.shift();
-      else first.view = v.subarray(n);
-      return v.subarray(0, n);
+    if (!first.reused && first.end - first.start >= n) {
+      const out = first.buf.subarray(first.start, first.start + n);
+      first.start += n;
+      this.buffered -= n;
+      if (first.start === first.end) this.chunks.shift();
+      return out;
     }
     const out = Buffer.allocUnsafe(n);
-    for (let off = 0; off < n; ) {
-      const c = this.chunks[0];
-      const k = Math.min(c.view.length, n - off);
-      c.view.copy(out, off, 0, k);
-      c.view.fill(0, 0, k);
-      off += k;
-      if (k === c.view.length) this.release(this.chunks.shift()!);
-      else c.view = c.view.subarray(k);
-    }
+    for (let off = 0; off < n; ) off += this.takeInto(out, off, n - off, false);
     return out;
   }
 }
