@@ -73,22 +73,19 @@ export function encryptChunk(key: Uint8Array, c: ChunkCoord, plaintext: Uint8Arr
 
 /** encryptChunk() into `out`, which holds at least the blob; returns the blob, a view of `out`. */
 export function encryptChunkInto(out: Buffer, key: Uint8Array, c: ChunkCoord, plaintext: Uint8Array, nonce?: Buffer): Buffer {
-  if (out.length < plaintext.length + CHUNK_OVERHEAD) throw new RangeError(`a ${plaintext.length}-byte chunk's blob does not fit ${out.length} bytes`);
-  const blob = out.subarray(0, plaintext.length + CHUNK_OVERHEAD);
-  blob[0] = CHUNK_FORMAT_VERSION;
-  sealInto(blob.subarray(1), key, plaintext, chunkAd(c), nonce);
-  return blob;
+  const parts = chunkSealParts(out, c, plaintext.length, nonce);
+  sealInto(parts.blob.subarray(1), key, plaintext, parts.ad, parts.nonce);
+  return parts.blob;
 }
 
 /**
- * encryptChunkInto() for a sealer elsewhere (native sealWrite, off the event loop):
- * the blob's head (format byte, a fresh nonce) goes into `out`, and the blob (a view
- * of `out`), its nonce and its associated data come back; the sealer writes the rest.
+ * The blob's head (format byte, a nonce: fresh unless given) in `out`, and the blob (a
+ * view of `out`), its nonce and its associated data: what a sealer needs to write the
+ * rest (encryptChunkInto here, native sealWrite off the event loop).
  */
-export function chunkSealParts(out: Buffer, c: ChunkCoord, plaintextLength: number): { blob: Buffer; nonce: Buffer; ad: Buffer } {
+export function chunkSealParts(out: Buffer, c: ChunkCoord, plaintextLength: number, nonce = randomBytes(NONCE_BYTES)): { blob: Buffer; nonce: Buffer; ad: Buffer } {
   if (out.length < plaintextLength + CHUNK_OVERHEAD) throw new RangeError(`a ${plaintextLength}-byte chunk's blob does not fit ${out.length} bytes`);
   const blob = out.subarray(0, plaintextLength + CHUNK_OVERHEAD);
-  const nonce = randomBytes(NONCE_BYTES);
   blob[0] = CHUNK_FORMAT_VERSION;
   nonce.copy(blob, 1);
   return { blob, nonce, ad: chunkAd(c) };
