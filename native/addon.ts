@@ -53,7 +53,7 @@ export interface FaultStats {
   present: number;
 }
 
-/** lethe_native.node as native/addon.cc defines it; errors carry code (EBADF, …), errno, syscall. */
+/** lethe_native.node as native/addon.cc and the files it adds (fault-server.cc, disk-reads.cc, nbd-proxy.cc, seal-write.cc) define it; errors carry code (EBADF, …), errno, syscall. */
 export interface Addon {
   punchHole(fd: number, offset: number, length: number): void;
   mlock(bytes: Uint8Array): void;
