@@ -1,6 +1,7 @@
 // Helpers the N-API translation units of lethe_native.node share (addon.cc,
-// fault-server.cc, disk-reads.cc, nbd-proxy.cc, seal-write.cc): argument reading that throws a TypeError instead of
-// crashing, and errors shaped as node:fs shapes them (code = errno name, syscall).
+// fault-server.cc, disk-reads.cc, nbd-proxy.cc, seal-write.cc): argument reading that
+// throws a TypeError instead of crashing, and errors shaped as node:fs shapes them
+// (code = errno name, syscall).
 #pragma once
 #include <node_api.h>
 
