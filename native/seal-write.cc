@@ -3,7 +3,7 @@
 //   sealWrite(fd, at, key, nonce, ad, plaintext, blob) → Promise<Buffer>
 //
 // On a libuv pool thread: XChaCha20-Poly1305 of `plaintext` under `key` (the chunk
-// key, copied into a reused locked buffer during the call and zeroed once the job is done)
+// key, copied into a reused locked buffer during the call and zeroed right after its use)
 // with `nonce` and associated data `ad`, into blob[25…] (JavaScript has put the
 // format byte and the nonce in blob[0…25)); then the SHA-256 of the whole blob
 // (Node's own OpenSSL: SHA-NI where the CPU has it); then pwrite of the blob at
@@ -66,7 +66,7 @@ struct Job {
   napi_ref plain_ref = nullptr, blob_ref = nullptr;
   int fd = -1;
   int64_t at = 0;
-  uint8_t *key = nullptr;  // from take_key, zeroed and given back in Complete
+  uint8_t *key = nullptr;  // from take_key; zeroed after its use in Execute, given back in Complete
   uint8_t nonce[NONCE];
   uint8_t ad[MAX_AD];
   size_t ad_len = 0;
@@ -82,7 +82,10 @@ void Execute(napi_env, void *data) {
   Job *j = static_cast<Job *>(data);
   size_t blob_len = HEAD + j->plain_len + TAG;
   /* SAFETY: blob holds blob_len bytes and plain plain_len (checked in SealWrite); both stay referenced until Complete */
-  if (crypto_aead_xchacha20poly1305_ietf_encrypt(j->blob + HEAD, nullptr, j->plain, j->plain_len, j->ad, j->ad_len, nullptr, j->nonce, j->key) != 0) {
+  int sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(j->blob + HEAD, nullptr, j->plain, j->plain_len, j->ad, j->ad_len, nullptr, j->nonce, j->key);
+  // The key's last use: zeroed now, not when the main thread gets to Complete.
+  sodium_memzero(j->key, KEY);
+  if (sealed != 0) {
     j->err = EINVAL;
     j->syscall = "crypto_aead_xchacha20poly1305_ietf_encrypt";
     return;
@@ -102,7 +105,7 @@ void Execute(napi_env, void *data) {
 
 void Complete(napi_env env, napi_status status, void *data) {
   Job *j = static_cast<Job *>(data);
-  // The pool thread is done with the key: zeroed, and back for the next job.
+  // Back for the next job, zeroed again here: a cancelled job never ran Execute.
   give_key(j->key);
   if (status != napi_ok && j->err == 0) {
     j->err = ECANCELED;
