@@ -160,7 +160,7 @@ export class BlobSource {
     const out: { all: Todo[]; slice: Todo[]; blobs: Promise<Buffer[]> }[] = [];
     let at = 0;
     for (;;) {
-      const { batch, depth } = this.fetcher.link.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, cap);
+      const { batch, depth, beside } = this.fetcher.link.pace(CHUNK_SIZE[todo[at]?.kind ?? 'mem'] + CHUNK_OVERHEAD, cap);
       while (at < todo.length && out.length < depth) {
         await this.lease.whenActive();
         if (this.map.manifest !== m) return fetched;
@@ -168,7 +168,7 @@ export class BlobSource {
         at += all.length;
         // Checked per request: a demand read may have brought a chunk meanwhile.
         const slice = all.filter(({ kind, index, e }) => !this.cache.has(this.map.cacheKey(kind, index, e)));
-        const blobs = slice.length ? this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index }))) : Promise.resolve([]);
+        const blobs = slice.length ? this.fetcher.prefetch(slice.map(({ kind, index }) => ({ kind, index })), beside) : Promise.resolve([]);
         blobs.catch(() => {}); // awaited in its turn below
         out.push({ all, slice, blobs });
       }

@@ -2,10 +2,11 @@
 // connection (as QEMU's postcopy-preempt channel does) and are coalesced
 // within one event-loop turn into a batch; the chunks read ahead of them go in a
 // request of their own right behind, so a fault waits for its own page only.
-// Prefetch uses other connections and waits while any demand request is
-// outstanding. Its requests are paced to the link (link-meter.ts): each a few
-// milliseconds of it, as many in flight as fill a round trip, so a demand
-// request queues behind little prefetch however slow the link. Transient failures
+// Prefetch uses other connections. Its requests are paced to the link
+// (link-meter.ts): each a few milliseconds of it, as many in flight as fill a
+// round trip and two more; while a demand request is out, no more than fill the
+// round trip, so a demand answer finds next to nothing queued ahead of it however
+// slow the link, and the link is not left idle while the guest waits. Transient failures
 // (server unreachable, 5xx, rate limited) are retried with capped exponential backoff: for
 // 30 s, and demand requests no later than the lease's eviction point.
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -55,8 +56,9 @@ export class Fetcher {
   private aheadQueue: Waiter[] = [];
   private scheduled = false;
   private urgentInFlight = 0;
-  private idle?: Promise<void>;
-  private idleResolve?: () => void;
+  /** Prefetch requests out, and those waiting for their turn (with how many may be out beside a demand request). */
+  private backgroundInFlight = 0;
+  private readonly backgroundWaiting: { beside: number; go: () => void }[] = [];
   /** What the requests' answers tell of the link: its round trip and rate, and so the prefetch's pace. */
   readonly link = new LinkMeter();
   readonly stats = { demandBatches: 0, demandChunks: 0, readaheadBatches: 0, readaheadChunks: 0, prefetchBatches: 0, prefetchChunks: 0, retries: 0, bytes: 0 };
@@ -121,31 +123,55 @@ export class Fetcher {
         (e) => batch.forEach((w) => w.reject(e)),
       )
       .finally(() => {
-        if (--this.urgentInFlight === 0 && this.idleResolve) {
-          this.idleResolve();
-          this.idle = this.idleResolve = undefined;
-        }
+        this.urgentInFlight--;
+        this.wakeBackground();
       });
   }
 
-  /** Resolves when no demand request is outstanding. */
-  private demandIdle(): Promise<void> {
-    if (this.urgentInFlight === 0 && this.queue.length === 0 && this.aheadQueue.length === 0) return Promise.resolve();
-    this.idle ??= new Promise((r) => (this.idleResolve = r));
-    return this.idle;
+  /** Whether a prefetch request allowed `beside` requests out beside a demand request may go now. */
+  private backgroundMayGo(beside: number): boolean {
+    const demanding = this.urgentInFlight > 0 || this.queue.length > 0 || this.aheadQueue.length > 0;
+    return !demanding || this.backgroundInFlight < beside;
   }
 
-  /** A batch for prefetch, on the background connection, after any demand request; its answer measures the link's rate too. */
-  async prefetch(refs: ChunkRef[]): Promise<Buffer[]> {
-    await this.demandIdle();
-    const t0 = performance.now();
-    const blobs = await withRetry(() => this.background.chunks(this.leaseId(), refs), Date.now() + this.retryWindowMs, () => this.stats.retries++);
-    const bytes = byteCount(blobs);
-    this.link.answered(t0, performance.now(), bytes, true);
-    this.stats.prefetchBatches++;
-    this.stats.prefetchChunks += refs.length;
-    this.stats.bytes += bytes;
-    return blobs;
+  /** Lets waiting prefetch requests go, in order, as far as backgroundMayGo() allows; each takes its place at once. */
+  private wakeBackground(): void {
+    while (this.backgroundWaiting.length > 0 && this.backgroundMayGo(this.backgroundWaiting[0].beside)) {
+      this.backgroundInFlight++;
+      this.backgroundWaiting.shift()!.go();
+    }
+  }
+
+  /** Resolves when a prefetch request may go (see prefetch()), with its place taken. */
+  private backgroundTurn(beside: number): Promise<void> {
+    if (this.backgroundWaiting.length === 0 && this.backgroundMayGo(beside)) {
+      this.backgroundInFlight++;
+      return Promise.resolve();
+    }
+    return new Promise((go) => this.backgroundWaiting.push({ beside, go }));
+  }
+
+  /**
+   * A batch for prefetch, on the background connection; its answer measures the
+   * link's rate too. While a demand request is out, it waits until fewer than
+   * `beside` prefetch requests are (the pace's count that fills a round trip
+   * without queueing), so the demand answer is not queued behind prefetch.
+   */
+  async prefetch(refs: ChunkRef[], beside = 1): Promise<Buffer[]> {
+    await this.backgroundTurn(beside);
+    try {
+      const t0 = performance.now();
+      const blobs = await withRetry(() => this.background.chunks(this.leaseId(), refs), Date.now() + this.retryWindowMs, () => this.stats.retries++);
+      const bytes = byteCount(blobs);
+      this.link.answered(t0, performance.now(), bytes);
+      this.stats.prefetchBatches++;
+      this.stats.prefetchChunks += refs.length;
+      this.stats.bytes += bytes;
+      return blobs;
+    } finally {
+      this.backgroundInFlight--;
+      this.wakeBackground();
+    }
   }
 
   keys(refs: ChunkRef[], write = false, stateSize?: number) {

@@ -1,7 +1,8 @@
 // What a device's requests tell of its link to the server, and how the background
 // prefetch goes over it (docs/prefetch.md, "Background"): the round trip, the rate
 // of the background stream, and pace(): requests of a few milliseconds of the link,
-// as many in flight as cover a round trip and two more.
+// as many in flight as cover a round trip and two more (beside a demand request,
+// as many as cover the round trip).
 import { CHUNK_OVERHEAD, MAX_BATCH, MEM_CHUNK_SIZE } from '../../common/constants.js';
 
 /** A prefetch request is about this many milliseconds of the link, once its rate is known. */
@@ -26,8 +27,8 @@ const UNPACED_BYTES = 256 * 1024;
  */
 const RTT_WINDOW_MS = 10_000;
 const RTT_SAMPLES = 256;
-/** Prefetch answers the link's rate is measured over. */
-const PACE_SAMPLES = 16;
+/** Answers the link's rate is measured over. */
+const PACE_SAMPLES = 32;
 
 /**
  * How a background stream should go over a link of `rate` bytes a millisecond and
@@ -35,20 +36,30 @@ const PACE_SAMPLES = 16;
  * that at most MAX_DEPTH fill it; whole chunks of `chunkBytes`,
  * between MIN_PACED_BYTES and MAX_PACED_BYTES of them, at most `cap`), and enough
  * of them in flight to cover a round trip and two more: the link stays busy (a
- * stream that left it idle would measure a lower rate, and ask for less), and a
- * demand request finds about two of them queued ahead of it. Unknown rate: requests
- * of UNPACED_BYTES, two at a time.
+ * stream that left it idle would measure a lower rate, and ask for less). Beside a
+ * demand request (`beside`), as many as cover the round trip only: the link stays
+ * nearly busy while the guest waits, and the demand answer finds next to nothing
+ * queued ahead of it. Unknown rate: requests of UNPACED_BYTES, two at a time, one
+ * beside a demand request.
  */
-export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, cap = Infinity): { batch: number; depth: number } {
+export function pace(rate: number | undefined, rttMs: number, chunkBytes: number, cap = Infinity): Pace {
   const chunks = (bytes: number) => Math.max(1, Math.round(bytes / chunkBytes));
   const max = Math.max(1, Math.min(cap, MAX_BATCH, Math.floor(MAX_PACED_BYTES / chunkBytes)));
-  if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: Math.min(max, chunks(UNPACED_BYTES)), depth: MIN_DEPTH };
+  if (rate === undefined || !Number.isFinite(rttMs) || rate <= 0) return { batch: Math.min(max, chunks(UNPACED_BYTES)), depth: MIN_DEPTH, beside: 1 };
   // A round trip longer than MAX_DEPTH − 2 requests of PACE_MS takes longer requests: fewer in flight would leave the link idle.
   const ms = Math.max(PACE_MS, rttMs / (MAX_DEPTH - 2));
   const batch = Math.min(max, Math.max(chunks(MIN_PACED_BYTES), chunks(rate * ms)));
   const batchMs = (batch * chunkBytes) / rate;
-  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, Math.ceil(rttMs / batchMs) + 2));
-  return { batch, depth };
+  const fill = Math.ceil(rttMs / batchMs);
+  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, fill + 2));
+  return { batch, depth, beside: Math.max(1, Math.min(depth - 2, fill)) };
+}
+
+/** Chunks a prefetch request, requests in flight, and requests in flight beside a demand request. */
+export interface Pace {
+  batch: number;
+  depth: number;
+  beside: number;
 }
 
 /** The link as measured: what the status and the log show. */
@@ -56,34 +67,37 @@ export interface LinkFigures {
   rttMs: number | null;
   bytesPerSec: number | null;
   /** The pace for pages of guest RAM. */
-  pace: { batch: number; depth: number };
+  pace: Pace;
 }
 
 export class LinkMeter {
   /** Recent requests' round trips (ms, less about their bytes' time on the link) and when they came. */
   private readonly rtts: { at: number; ms: number }[] = [];
-  /** The background stream's recent answers: bytes, and the link time they took (ms). */
+  /** Recent answers: bytes, and the link time they took (ms). */
   private readonly samples: { bytes: number; ms: number }[] = [];
-  /** When the background stream's last answer came (performance.now()). */
+  /** When the last answer came (performance.now()). */
   private lastEnd = -Infinity;
 
   /**
    * A request sent at `t0` was answered with `bytes` at `end` (performance.now()).
-   * Every answer measures the round trip. An answer of the background stream
-   * (`background`) measures its rate too: its bytes took the time since the answer
-   * before, when this request was already out then (the link was busy with it), else
-   * its own time less a round trip.
+   * Every answer, demand or background, measures the round trip, and the link's rate:
+   * its bytes took the link from when they could first arrive (a round trip after
+   * the request) or the answer before came, whichever is later, to its end. Demand
+   * answers count too: they share the link, and a rate of the background alone,
+   * measured while faults take part of the link, would read low and ask for smaller
+   * requests, which fill the round trip less, and read lower still.
    */
-  answered(t0: number, end: number, bytes: number, background = false): void {
+  answered(t0: number, end: number, bytes: number): void {
     const rtt = this.rttMs();
     const rate = this.rate();
     // Half the bytes' time at the measured rate: a rate measured low (early on) must
     // not take a round trip below the link's own.
     this.rtts.push({ at: end, ms: Math.max(0.1, end - t0 - (rate ? bytes / (2 * rate) : 0)) });
     while (this.rtts.length > RTT_SAMPLES || (this.rtts.length > 1 && this.rtts[0].at < end - RTT_WINDOW_MS)) this.rtts.shift();
-    if (!background) return;
-    const span = t0 < this.lastEnd ? end - this.lastEnd : Math.max(0, end - t0 - (Number.isFinite(rtt) ? rtt : 0));
-    this.lastEnd = end;
+    // The first answer only tells the round trip: its own time is mostly that.
+    if (!Number.isFinite(rtt)) return;
+    const span = Math.max(0, end - Math.max(this.lastEnd, t0 + rtt));
+    this.lastEnd = Math.max(this.lastEnd, end);
     this.samples.push({ bytes, ms: span });
     if (this.samples.length > PACE_SAMPLES) this.samples.shift();
   }
@@ -96,10 +110,10 @@ export class LinkMeter {
   }
 
   /**
-   * The background stream's rate (bytes a millisecond): the bytes of its recent
-   * answers over the link time they took, summed (answers that come together over
-   * parallel connections share one span; a mean of each answer's own rate would
-   * count them as instant). Undefined until enough was measured.
+   * The link's rate (bytes a millisecond): the bytes of recent answers over the link
+   * time they took, summed (answers that come together over parallel connections
+   * share one span; a mean of each answer's own rate would count them as instant).
+   * Undefined until enough was measured.
    */
   rate(): number | undefined {
     let bytes = 0;
@@ -112,7 +126,7 @@ export class LinkMeter {
   }
 
   /** How the background stream goes now (see pace()), for chunks of `chunkBytes`, at most `cap` a request. */
-  pace(chunkBytes: number, cap?: number): { batch: number; depth: number } {
+  pace(chunkBytes: number, cap?: number): Pace {
     return pace(this.rate(), this.rttMs(), chunkBytes, cap);
   }
 

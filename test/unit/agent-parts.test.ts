@@ -325,6 +325,27 @@ describe('fetcher: readahead behind the page, and pacing', () => {
     expect(f.stats).to.include({ demandBatches: 1, demandChunks: 1, readaheadBatches: 1, readaheadChunks: 3 });
   });
 
+  it('while a demand request is out, prefetch keeps only `beside` requests out, and the rest go, in order, once it is answered', async () => {
+    const urgent = heldClient();
+    const background = heldClient();
+    const f = new Fetcher(urgent.client, background.client, () => 'lease-1');
+    const page = f.demand({ kind: 'mem', index: 1 });
+    const batches = [10, 20, 30, 40].map((index) => f.prefetch([{ kind: 'mem', index }], 2));
+    await new Promise((r) => setImmediate(r));
+    expect(urgent.calls.map((c) => c.indices)).to.deep.equal([[1]]);
+    expect(background.calls.map((c) => c.indices), 'two beside the demand request').to.deep.equal([[10], [20]]);
+    background.calls[0].answer();
+    expect((await batches[0]).map((b) => b[0])).to.deep.equal([10]);
+    await new Promise((r) => setImmediate(r));
+    expect(background.calls.map((c) => c.indices), 'one answered, the next takes its place').to.deep.equal([[10], [20], [30]]);
+    urgent.calls[0].answer();
+    await page;
+    await new Promise((r) => setImmediate(r));
+    expect(background.calls.map((c) => c.indices), 'no demand out: the rest go').to.deep.equal([[10], [20], [30], [40]]);
+    background.calls.slice(1).forEach((c) => c.answer());
+    expect((await Promise.all(batches)).map((blobs) => blobs[0][0])).to.deep.equal([10, 20, 30, 40]);
+  });
+
   it('measures a link whose answers come together over parallel connections by their bytes over the time they took', () => {
     // 8 requests of 25,000 bytes at a time over a 40 ms link of 2,500 bytes a millisecond,
     // their answers interleaved: all come about 120 ms after they went, within 1.4 ms.
@@ -332,7 +353,7 @@ describe('fetcher: readahead behind the page, and pacing', () => {
     m.answered(0, 41, 4136); // a demand read: the round trip
     for (let round = 0; round < 4; round++) {
       const t0 = 50 + round * 125;
-      for (let k = 0; k < 8; k++) m.answered(t0, t0 + 118 + k * 0.2, 25_000, true);
+      for (let k = 0; k < 8; k++) m.answered(t0, t0 + 118 + k * 0.2, 25_000);
     }
     expect(m.rttMs(), 'round trip').to.be.within(40, 42);
     // 800,000 bytes in about 4 × 78 ms of link time after the round trips: near the link's rate,
@@ -341,20 +362,36 @@ describe('fetcher: readahead behind the page, and pacing', () => {
     expect(m.figures()).to.include({ rttMs: m.rttMs() });
   });
 
+  it("counts demand answers in the link's rate: a background stream sharing the link with faults does not read it as slower", () => {
+    // A 40 ms link of 2,500 bytes a millisecond, busy throughout: every 10 ms a prefetch
+    // answer of 20,000 bytes (queued since long before) and a fault's 5,000 bytes right behind.
+    const m = new LinkMeter();
+    m.answered(0, 41, 4136);
+    for (let t = 100; t < 500; t += 10) {
+      m.answered(t - 60, t, 20_000);
+      m.answered(t - 40, t + 2, 5_000);
+    }
+    // The background alone would read 20,000 bytes every 10 ms: 2,000 a millisecond.
+    expect(m.rate()).to.be.within(2_400, 2_600);
+  });
+
   it('paces requests to a few milliseconds of the link, with enough in flight to cover a round trip and two more', () => {
     const chunk = 4096 + 40;
     const unpaced = pace(undefined, 40, chunk);
     expect(unpaced.depth, 'no rate measured yet: two at a time').to.equal(2);
+    expect(unpaced.beside, 'one beside a demand request').to.equal(1);
     expect(unpaced.batch * chunk, 'of about 256 KiB').to.be.within(256 * 1024 - chunk, 256 * 1024 + chunk);
     for (const [mbit, rtt] of [[100, 20], [20, 40], [5, 80], [1000, 0.3], [2, 200]]) {
       const rate = (mbit * 1e6) / 8 / 1000; // bytes a millisecond
-      const { batch, depth } = pace(rate, rtt, chunk);
+      const { batch, depth, beside } = pace(rate, rtt, chunk);
       const batchMs = (batch * chunk) / rate;
       expect(batch * chunk, `${mbit}/${rtt}: bytes a request`).to.be.within(8 * 1024 - chunk, 4 * 1024 * 1024);
       const wantMs = Math.max(PACE_MS, rtt / 6); // longer on a long round trip: at most 8 in flight
       if (batch * chunk > 8 * 1024 + chunk && batch * chunk < 4 * 1024 * 1024) expect(Math.abs(batchMs - wantMs), `${mbit}/${rtt}: a request's time on the link`).to.be.at.most(chunk / rate);
       expect(depth, `${mbit}/${rtt}`).to.be.within(2, 8);
       expect(depth * batchMs + chunk / rate, `${mbit}/${rtt}: requests in flight cover a round trip and two more`).to.be.at.least(rtt + 2 * batchMs);
+      expect(beside, `${mbit}/${rtt}: fewer beside a demand request`).to.be.within(1, depth - 1);
+      if (beside > 1) expect((beside - 1) * batchMs, `${mbit}/${rtt}: beside a demand request, no more than cover the round trip`).to.be.below(rtt);
     }
     expect(pace(1e6, 0.1, chunk).batch * chunk, 'a fast link: requests of at most 4 MiB, not one every 5 ms').to.be.at.most(4 * 1024 * 1024);
     expect(pace(1e6, 0.1, chunk, 64).batch, 'a cap').to.equal(64);
