@@ -2,7 +2,7 @@
 // (docs/prefetch.md): which chunks come before the guest runs (the startup buffer)
 // and which in the background, in what order; and the session's first-touch order,
 // which goes back to the server to order the next resume.
-import { CHUNK_SIZE, MEM_CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
+import { CHUNK_OVERHEAD, CHUNK_SIZE, MEM_CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
 import { errorChain } from '../../common/errors.js';
 import { MAX_TRACE_PAGES, type TAgentPolicy, type TouchCurve } from '../../common/wire.js';
 import { prefetchPlan, startupPages } from '../../policies/manager.js';
@@ -32,8 +32,12 @@ export function firstTouchesAndLearned(touched: Uint32Array, learned: Uint32Arra
   return out.subarray(0, n);
 }
 
-/** Pages timed to size an automatic startup buffer: one prefetch request's worth. */
-export const PROBE_PAGES = 64;
+/**
+ * Pages fetched first to measure the link for an automatic startup buffer: before
+ * the link's rate is known the background stream asks in two requests of about 64
+ * pages at once, and the second answer's time after the first is the rate.
+ */
+export const PROBE_PAGES = 128;
 
 /** What to prefetch for a resume: the startup buffer, then the rest in the background. */
 export interface PrefetchPlan {
@@ -157,7 +161,7 @@ export class Prefetcher {
   /**
    * Fetches the plan's startup buffer into the cache, before the guest runs. With a
    * touch curve (`prefetch.startup: auto`), the first PROBE_PAGES of the order are
-   * fetched and timed, and the buffer is as many pages as vTube's rule asks at that
+   * fetched and the link measured (the fetcher's rate), and the buffer is as many pages as vTube's rule asks at that
    * rate (policies/manager.ts startupPages): the rest of the order then streams in
    * ahead of the guest. Returns the plan with the buffer moved into `startup`, how
    * many pages were fetched, and the rate it was sized for (bytes/s: measured, or the
@@ -168,7 +172,9 @@ export class Prefetcher {
     if (pf.curve.length === 0 || pf.rest.length === 0) {
       return { ...pf, fetched: pf.startup.length > 0 ? await core.prefetchChunks(pf.startup) : 0 };
     }
-    // Timed over PROBE_PAGES the link brought: pages already cached cost it nothing.
+    // The link's rate as the fetcher measured it over the probe (the bytes of the answers
+    // over the link time they took); else the probe's pages over its whole time, round
+    // trip included, which reads a slow link's rate low and asks for a longer buffer.
     const t0 = performance.now();
     let fetched = 0;
     let probed = 0;
@@ -178,9 +184,10 @@ export class Prefetcher {
       probed += next.length;
     }
     const ms = Math.max(performance.now() - t0, 1);
-    // Pages a millisecond, as the background stream will take them: whole requests, one
-    // after another, no faster than the policy's cap.
-    const pagesPerMs = Math.min(fetched === 0 ? Infinity : fetched / ms, pf.bandwidth ? pf.bandwidth / MEM_CHUNK_SIZE / 1000 : Infinity);
+    const measured = this.c.link?.().bytesPerSec;
+    const linkPagesPerMs = measured ? measured / 1000 / (MEM_CHUNK_SIZE + CHUNK_OVERHEAD) : fetched === 0 ? Infinity : fetched / ms;
+    // Pages a millisecond, as the background stream will take them, no faster than the policy's cap.
+    const pagesPerMs = Math.min(linkPagesPerMs, pf.bandwidth ? pf.bandwidth / MEM_CHUNK_SIZE / 1000 : Infinity);
     const n = Math.max(probed, startupPages(pf.curve, pagesPerMs, pf.rest.length));
     if (n > probed) fetched += await core.prefetchChunks(pf.rest.slice(probed, n));
     const rate = Number.isFinite(pagesPerMs) ? pagesPerMs * 1000 * MEM_CHUNK_SIZE : undefined;
