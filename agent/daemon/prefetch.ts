@@ -81,6 +81,14 @@ export class Prefetcher {
   private running = false;
   /** The order the server gave this session (trace-learned prefetch), for the next upload. */
   private learnedOrder: Uint32Array = new Uint32Array(0);
+  /**
+   * The session traces the image: the policy orders prefetch by the learned order and
+   * the server has none yet. Nothing is installed ahead then, so every page the guest
+   * touches faults (from the cache once prefetch brought it) and the upload holds
+   * every first touch. Sampling (SAMPLE_EVERY) would miss most pages touched alone,
+   * and the next device would wait on the network for each of them.
+   */
+  private tracing = false;
   private traceTimer: NodeJS.Timeout | undefined;
   /** After a suspend the order is at the server and the lease has ended. */
   suspended = false;
@@ -103,6 +111,7 @@ export class Prefetcher {
       all.push(r);
     };
     first.forEach(add);
+    if (this.tracing && this.c.wantsVm) log('no learned order for this image yet: this session traces it (pages go to the cache ahead of the guest, none into guest RAM, so each first touch faults and the trace misses none)');
     for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) for (let index = 0; index < seen[kind].length; index++) add({ kind, index });
     core
       .prefetchChunks(all, {
@@ -112,7 +121,7 @@ export class Prefetcher {
           this.progress.total = t;
         },
         // Pages of guest RAM whose plaintext may stay go in as they arrive (install-ahead).
-        onBatch: async (refs) => void (await this.c.vm()?.installAhead(refs.filter((r) => r.kind === 'mem').map((r) => r.index))),
+        onBatch: async (refs) => void (!this.tracing && (await this.c.vm()?.installAhead(refs.filter((r) => r.kind === 'mem').map((r) => r.index)))),
       })
       .then(
         () => {
@@ -151,6 +160,7 @@ export class Prefetcher {
     }
     const pages = core.sizeOf('mem') / MEM_CHUNK_SIZE;
     this.learnedOrder = learned.order;
+    this.tracing = this.c.enabled && p.prefetchOrder === 'trace' && learned.order.length === 0;
     const curve = p.prefetchStartupAuto ? learned.curve : [];
     const sized = { ...p, prefetchStartupBytes: curve.length > 0 ? 0 : p.prefetchStartupBytes };
     const plan = this.c.enabled ? prefetchPlan(sized, pages, learned.order, (pg) => core.entry('mem', pg) !== undefined) : { startup: [], rest: [] };

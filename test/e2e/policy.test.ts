@@ -149,7 +149,11 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     const first = await device('laptop-1', 'learned');
     const a = await agentOn(first, 'learned', []);
     await whileRunning(a, first, async () => verifyPasses(a.log()).length >= 1, 'a verify pass');
-    const demand1 = (await status(first)).fetch.demandBatches;
+    const st1 = await status(first);
+    const demand1 = st1.fetch.demandBatches;
+    // With no learned order yet, the first device traces the image: nothing goes into guest RAM ahead of a fault.
+    expect(a.log()).to.match(/no learned order for this image yet: this session traces it/);
+    expect(st1.vm!.installedAhead, 'pages installed ahead on the tracing device').to.equal(0);
     a.proc.kill('SIGTERM');
     expect(await a.exited).to.equal(0);
     expect(a.log()).to.match(/first-touch order of \d+ page\(s\) uploaded/);
@@ -162,6 +166,7 @@ describe('guest hints and trace-learned prefetch (real server, agents and QEMU)'
     await whileRunning(b, second, async () => verifyPasses(b.log()).length >= 1, 'a verify pass');
     const demand2 = (await status(second)).fetch.demandBatches;
     expect(a.log(), 'a cold device has no touch curve: no buffer').to.not.match(/startup buffer:/);
+    expect(b.log(), 'the second device has a learned order').to.not.match(/this session traces it/);
     expect(b.log()).to.match(/startup buffer: \d+ page\(s\) fetched \(\d+ planned, learned order of \d+, sized for [\d.]+ Mbit\/s and the learned touch curve\)/);
     for (const p of [...verifyPasses(a.log()), ...verifyPasses(b.log())]) expect(p.bad).to.equal(0);
     console.log(`      demand requests to the first verify pass: first resume ${demand1}, second ${demand2}`);
