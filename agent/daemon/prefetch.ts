@@ -75,6 +75,44 @@ function linkText(l: LinkFigures | undefined): string {
   return ` over a link measured at ${l.rttMs.toFixed(0)} ms and ${(l.bytesPerSec / 1e6).toFixed(1)} MB/s (requests of ${l.pace.batch} pages, ${l.pace.depth} at a time)`;
 }
 
+/**
+ * Pages handed on batch by batch as they come, to a reader that takes them as an
+ * async iterable: the startup buffer's pages go into guest RAM while the rest of
+ * the buffer is still on the network. end() after the last batch; fail() makes the
+ * reader throw.
+ */
+export class PageFeed implements AsyncIterable<readonly number[]> {
+  private readonly batches: (readonly number[])[] = [];
+  private done = false;
+  private error: unknown;
+  private wake: (() => void) | undefined;
+
+  push(pages: readonly number[]): void {
+    if (pages.length > 0) this.batches.push(pages);
+    this.wake?.();
+  }
+
+  end(): void {
+    this.done = true;
+    this.wake?.();
+  }
+
+  fail(e: unknown): void {
+    this.error = e ?? new Error('the page feed failed');
+    this.end();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<readonly number[]> {
+    for (;;) {
+      const next = this.batches.shift();
+      if (next) yield next;
+      else if (this.error !== undefined) throw this.error;
+      else if (this.done) return;
+      else await new Promise<void>((r) => (this.wake = r));
+    }
+  }
+}
+
 export class Prefetcher {
   /** Background prefetch progress, for the status. */
   readonly progress = { done: 0, total: 0 };
@@ -175,12 +213,14 @@ export class Prefetcher {
    * rate (policies/manager.ts startupPages): the rest of the order then streams in
    * ahead of the guest. Returns the plan with the buffer moved into `startup`, how
    * many pages were fetched, and the rate it was sized for (bytes/s: measured, or the
-   * policy's cap when lower; none when every page was cached).
+   * policy's cap when lower; none when every page was cached). Each batch's pages go
+   * to `feed` once cached.
    */
-  async fetchStartup(pf: PrefetchPlan): Promise<PrefetchPlan & { fetched: number; rate?: number }> {
+  async fetchStartup(pf: PrefetchPlan, feed?: PageFeed): Promise<PrefetchPlan & { fetched: number; rate?: number }> {
     const { core } = this.c;
+    const o = { onBatch: async (refs: ChunkRef[]) => feed?.push(refs.map((r) => r.index)) };
     if (pf.curve.length === 0 || pf.rest.length === 0) {
-      return { ...pf, fetched: pf.startup.length > 0 ? await core.prefetchChunks(pf.startup) : 0 };
+      return { ...pf, fetched: pf.startup.length > 0 ? await core.prefetchChunks(pf.startup, o) : 0 };
     }
     // The link's rate as the fetcher measured it over the probe (the bytes of the answers
     // over the link time they took); else the probe's pages over its whole time, round
@@ -190,7 +230,7 @@ export class Prefetcher {
     let probed = 0;
     while (probed < pf.rest.length && fetched < PROBE_PAGES) {
       const next = pf.rest.slice(probed, probed + PROBE_PAGES);
-      fetched += await core.prefetchChunks(next);
+      fetched += await core.prefetchChunks(next, o);
       probed += next.length;
     }
     const ms = Math.max(performance.now() - t0, 1);
@@ -199,7 +239,7 @@ export class Prefetcher {
     // Pages a millisecond, as the background stream will take them, no faster than the policy's cap.
     const pagesPerMs = Math.min(linkPagesPerMs, pf.bandwidth ? pf.bandwidth / MEM_CHUNK_SIZE / 1000 : Infinity);
     const n = Math.max(probed, startupPages(pf.curve, pagesPerMs, pf.rest.length));
-    if (n > probed) fetched += await core.prefetchChunks(pf.rest.slice(probed, n));
+    if (n > probed) fetched += await core.prefetchChunks(pf.rest.slice(probed, n), o);
     const rate = Number.isFinite(pagesPerMs) ? pagesPerMs * 1000 * MEM_CHUNK_SIZE : undefined;
     return { ...pf, startup: pf.rest.slice(0, n), rest: pf.rest.slice(n), fetched, rate };
   }

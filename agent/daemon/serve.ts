@@ -11,7 +11,7 @@ import { nbdPeerCheck, type NbdPeers } from '../disk/nbd/peers.js';
 import type { HintPolicy } from '../vm/hints.js';
 import { chooseAccel, makeRunDir, type AccelChoice } from '../vm/qemu.js';
 import { AgentVm } from '../vm/runner.js';
-import type { Prefetcher } from './prefetch.js';
+import { PageFeed, type Prefetcher } from './prefetch.js';
 
 export interface ServeOptions {
   home: string;
@@ -69,11 +69,20 @@ export class Serving {
     if (!guest) throw new LetheError('CONFIG', 'no guest is built to resume the VM with', { hint: 'build it once with: npm run guest' });
     const accel = await chooseAccel(o.vm.accel, { kernel: guest.vmlinux, initrd: guest.initramfs });
     const t0 = Date.now();
-    const pf = await this.prefetcher.fetchStartup(await this.prefetcher.plan());
-    if (pf.startup.length > 0) {
-      const sized = pf.rate === undefined ? '' : `, sized for ${((pf.rate * 8) / 1e6).toFixed(1)} Mbit/s and the learned touch curve`;
-      log(`startup buffer: ${pf.fetched} page(s) fetched (${pf.startup.length} planned${pf.learned ? `, learned order of ${pf.learned}` : ''}${sized}) in ${Date.now() - t0} ms`);
-    }
+    // The startup buffer comes while QEMU starts, its pages going into guest RAM as they
+    // arrive; the guest runs once the last is in.
+    const feed = new PageFeed();
+    const startup = this.prefetcher.plan().then(async (plan) => {
+      const pf = await this.prefetcher.fetchStartup(plan, feed);
+      if (pf.startup.length > 0) {
+        const sized = pf.rate === undefined ? '' : `, sized for ${((pf.rate * 8) / 1e6).toFixed(1)} Mbit/s and the learned touch curve`;
+        log(`startup buffer: ${pf.fetched} page(s) fetched (${pf.startup.length} planned${pf.learned ? `, learned order of ${pf.learned}` : ''}${sized}) in ${Date.now() - t0} ms`);
+      }
+      feed.end();
+      return pf;
+    });
+    // The resume reads the feed; one that fails before then leaves this rejection to no one.
+    startup.catch((e) => feed.fail(e));
     const p = this.policy();
     const vm = await AgentVm.resume(core, {
       runDir: makeRunDir(),
@@ -88,8 +97,9 @@ export class Serving {
       dropGuestCache: p.dropGuestCache,
       traceFile: o.vm.trace,
       showConsole: o.logGuestConsole,
-      installFirst: pf.startup.map((r) => r.index),
+      installFirst: feed,
     });
+    const pf = await startup;
     this.vm = vm;
     if (o.logGuestConsole) vm.vm.onConsoleLine((line) => log(`guest: ${line}`));
     if (o.onGuestConsole) vm.vm.onConsoleLine(o.onGuestConsole);

@@ -44,8 +44,13 @@ export interface ResumeOptions {
   traceFile?: string;
   /** Error messages may quote the guest console (off by default: it can carry guest plaintext into logs). */
   showConsole?: boolean;
-  /** Pages (the startup buffer, cached already) installed ahead before the guest runs: installAhead(). */
-  installFirst?: readonly number[];
+  /**
+   * Pages (the startup buffer, cached) installed ahead before the guest runs:
+   * installAhead(). Batches fed as they arrive let the buffer come over the network
+   * while QEMU starts and pages go in; the guest runs after the last (a feed that
+   * throws fails the resume).
+   */
+  installFirst?: readonly number[] | AsyncIterable<readonly number[]>;
 }
 
 const HANDSHAKE_MS = 15_000;
@@ -296,7 +301,9 @@ export class AgentVm implements EvictTarget {
         .execute<{ 'thread-id'?: number }[]>('query-cpus-fast')
         .then((cpus) => self.faulting.setVcpuThreads(cpus.flatMap((c) => (c['thread-id'] ? [c['thread-id']] : []))))
         .catch((e) => o.log(`vCPU threads unknown (every fault counts as a vCPU's): ${errorChain(e)}`));
-      if (o.installFirst?.length) await self.installAhead(o.installFirst);
+      if (o.installFirst && Symbol.asyncIterator in o.installFirst) {
+        for await (const batch of o.installFirst) await self.installAhead(batch);
+      } else if (o.installFirst?.length) await self.installAhead(o.installFirst);
       await streamState(core, vm, o.runDir, runAs);
       fs.unlinkSync(ramPath);
       self.evictor.start();

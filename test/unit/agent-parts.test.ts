@@ -9,7 +9,7 @@ import { Fetcher } from '../../agent/remote/fetcher.js';
 import { LinkMeter, PACE_MS, pace } from '../../agent/remote/link-meter.js';
 import { LetheError } from '../../common/errors.js';
 import { KeyRing } from '../../agent/keys/keyring.js';
-import { firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
+import { PageFeed, firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
 import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir } from '../helpers/proc.js';
@@ -258,6 +258,38 @@ describe('process hardening', () => {
       const before = isDumpable(); makeNonDumpable(); console.log(JSON.stringify([before, isDumpable()]));`;
     const out = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT }).toString();
     expect(JSON.parse(out)).to.deep.equal([true, false]);
+  });
+});
+
+describe('the startup page feed', () => {
+  it('hands on batches in order, those pushed before reading and those pushed while the reader waits, and ends', async () => {
+    const feed = new PageFeed();
+    feed.push([1, 2]);
+    const got: number[][] = [];
+    const reading = (async () => {
+      for await (const b of feed) got.push([...b]);
+    })();
+    await new Promise((r) => setImmediate(r));
+    expect(got, 'the first batch before any other came').to.deep.equal([[1, 2]]);
+    feed.push([3]);
+    feed.push([]);
+    feed.push([4, 5]);
+    feed.end();
+    await reading;
+    expect(got).to.deep.equal([[1, 2], [3], [4, 5]]);
+  });
+
+  it('makes its reader throw when it fails, after the batches before', async () => {
+    const feed = new PageFeed();
+    const got: number[][] = [];
+    const reading = (async () => {
+      for await (const b of feed) got.push([...b]);
+    })();
+    feed.push([7]);
+    feed.fail(new LetheError('SERVER_UNREACHABLE', 'the link is down'));
+    const e = await reading.then(() => undefined, (x: unknown) => x);
+    expect((e as LetheError).code).to.equal('SERVER_UNREACHABLE');
+    expect(got).to.deep.equal([[7]]);
   });
 });
 
