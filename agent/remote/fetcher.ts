@@ -4,7 +4,7 @@
 // request of their own right behind, so a fault waits for its own page only.
 // Prefetch uses other connections. Its requests are paced to the link
 // (link-meter.ts): each a few milliseconds of it, as many in flight as fill a
-// round trip and two more; while a demand request is out, no more than fill the
+// round trip and one more; while a demand request is out, no more than fill the
 // round trip, so a demand answer finds next to nothing queued ahead of it however
 // slow the link, and the link is not left idle while the guest waits. Transient failures
 // (server unreachable, 5xx, rate limited) are retried with capped exponential backoff: for

@@ -1,7 +1,7 @@
 // What a device's requests tell of its link to the server, and how the background
 // prefetch goes over it (docs/prefetch.md, "Background"): the round trip, the rate
 // of the background stream, and pace(): requests of a few milliseconds of the link,
-// as many in flight as cover a round trip and two more (beside a demand request,
+// as many in flight as cover a round trip and one more (beside a demand request,
 // as many as cover the round trip).
 import { CHUNK_OVERHEAD, MAX_BATCH, MEM_CHUNK_SIZE } from '../../common/constants.js';
 
@@ -35,7 +35,7 @@ const PACE_SAMPLES = 32;
  * `rttMs`: requests of about PACE_MS of the link (longer on a long round trip, so
  * that at most MAX_DEPTH fill it; whole chunks of `chunkBytes`,
  * between MIN_PACED_BYTES and MAX_PACED_BYTES of them, at most `cap`), and enough
- * of them in flight to cover a round trip and two more: the link stays busy (a
+ * of them in flight to cover a round trip and one more: the link stays busy (a
  * stream that left it idle would measure a lower rate, and ask for less). Beside a
  * demand request (`beside`), as many as cover the round trip only: the link stays
  * nearly busy while the guest waits, and the demand answer finds next to nothing
@@ -51,8 +51,8 @@ export function pace(rate: number | undefined, rttMs: number, chunkBytes: number
   const batch = Math.min(max, Math.max(chunks(MIN_PACED_BYTES), chunks(rate * ms)));
   const batchMs = (batch * chunkBytes) / rate;
   const fill = Math.ceil(rttMs / batchMs);
-  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, fill + 2));
-  return { batch, depth, beside: Math.max(1, Math.min(depth - 2, fill)) };
+  const depth = Math.max(MIN_DEPTH, Math.min(MAX_DEPTH, fill + 1));
+  return { batch, depth, beside: Math.max(1, Math.min(depth - 1, fill)) };
 }
 
 /** Chunks a prefetch request, requests in flight, and requests in flight beside a demand request. */
