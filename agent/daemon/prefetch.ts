@@ -209,9 +209,9 @@ export class Prefetcher {
   /**
    * Fetches the plan's startup buffer into the cache, before the guest runs. With a
    * touch curve (`prefetch.startup: auto`), the first PROBE_PAGES of the order are
-   * fetched and the link measured (the fetcher's rate), and the buffer is as many pages as vTube's rule asks at that
-   * rate (policies/manager.ts startupPages): the rest of the order then streams in
-   * ahead of the guest. Returns the plan with the buffer moved into `startup`, how
+   * fetched and the link measured (the fetcher's rate), and the buffer is as many
+   * pages as vTube's rule asks at that rate (policies/manager.ts startupPages): the
+   * rest of the order then streams in ahead of the guest. Returns the plan with the buffer moved into `startup`, how
    * many pages were fetched, and the rate it was sized for (bytes/s: measured, or the
    * policy's cap when lower; none when every page was cached). Each batch's pages go
    * to `feed` once cached.

@@ -1,6 +1,6 @@
 // What a device's requests tell of its link to the server, and how the background
-// prefetch goes over it (docs/prefetch.md, "Background"): the round trip, the rate
-// of the background stream, and pace(): requests of a few milliseconds of the link,
+// prefetch goes over it (docs/prefetch.md, "Background"): the round trip, the
+// link's rate, and pace(): requests of a few milliseconds of the link,
 // as many in flight as cover a round trip and one more (beside a demand request,
 // as many as cover the round trip).
 import { CHUNK_OVERHEAD, MAX_BATCH, MEM_CHUNK_SIZE } from '../../common/constants.js';
