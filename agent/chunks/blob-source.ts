@@ -135,9 +135,9 @@ export class BlobSource {
 
   /**
    * Brings these chunks' ciphertext into the cache, in this order, in requests
-   * after any demand request (the fetcher's rule), paced to the link: as many
-   * chunks a request and requests in flight as the fetcher's pace() says (`batch`
-   * caps a request), each request's chunks kept, and handed to `onBatch`, in order.
+   * paced to the link: as many chunks a request and requests in flight as the
+   * fetcher's pace() says (`batch` caps a request; fewer in flight while a demand
+   * request is out, the fetcher's rule), each request's chunks kept, and handed to `onBatch`, in order.
    * At most `bandwidth` bytes a second when given. Chunks cached or zero are
    * skipped. Returns how many it fetched. Stops quietly when the lease's manifest
    * changes.
