@@ -10,7 +10,7 @@ import type { RunningAgent } from '../../agent/daemon/start.js';
 import { enrollDevice } from '../../agent/keys/identity.js';
 import { base32Decode, totp } from '../../common/totp.js';
 import { agentInProcess, pushImage, testUnlock } from '../helpers/fixtures.js';
-import { axeViolations, launchBrowser, newPage, screenshot, unreachableByKeyboard, waitForText } from '../helpers/browser.js';
+import { axeViolations, launchBrowser, newPage, screenshot, typeInLive, unreachableByKeyboard, waitForText } from '../helpers/browser.js';
 import { lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -265,17 +265,17 @@ describe('admin console in a real browser (issue #20)', function () {
     await liveReady(actor);
     // A wrong name revokes nothing.
     // (Submitted with Enter: the facts above the form change as the agent reports, and a click could land where the button was.)
-    await Promise.all([actor.waitForNavigation(), actor.type('#confirm-revoke', 'not-the-name\n')]);
+    await Promise.all([actor.waitForNavigation(), typeInLive(actor, '#confirm-revoke', 'not-the-name\n')]);
     expect(await actor.$eval('.note-error', (e) => e.textContent)).to.include('the name typed does not match');
     expect(await watcher.$eval('#device-status', (e) => e.textContent)).to.equal('active');
     // Revoke: the agent, told by push, erases its keys and stops; the watching page shows it without a reload.
-    await Promise.all([actor.waitForNavigation(), actor.type('#confirm-revoke', 'laptop\n')]);
+    await Promise.all([actor.waitForNavigation(), typeInLive(actor, '#confirm-revoke', 'laptop\n')]);
     await waitForText(watcher, '#device-status', 'revoked');
     expect(await agent.done).to.equal(3);
     await waitForText(watcher, '.facts', /Erased its keys and cache/);
     // Wipe of the revoked device: done already (it erased everything when revoked).
     await liveReady(actor);
-    await Promise.all([actor.waitForNavigation(), actor.type('#confirm-wipe', 'laptop\n')]);
+    await Promise.all([actor.waitForNavigation(), typeInLive(actor, '#confirm-wipe', 'laptop\n')]);
     await waitForText(watcher, '#device-status', 'wiped');
     expect(watcher.url(), 'no reload: the same page, updated in place').to.equal(`${s.url}/console/devices/${deviceId}`);
     await checkPage(watcher, 'device-wiped');

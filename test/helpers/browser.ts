@@ -223,3 +223,15 @@ export async function waitForText(page: Page, selector: string, text: string | R
     });
   }
 }
+
+/**
+ * Types TEXT into the field SELECTOR of a live part (server/console/assets/console.js):
+ * finds and focuses it in one step in the page, then types. console.js leaves a part
+ * with focus in it alone. page.type() finds the element and focuses it in two steps,
+ * and a live update between them could replace the field: the keys then went to a
+ * detached element, and the form was never submitted.
+ */
+export async function typeInLive(page: Page, selector: string, text: string): Promise<void> {
+  await page.$eval(selector, (e) => (e as HTMLElement).focus());
+  await page.keyboard.type(text);
+}
