@@ -86,11 +86,14 @@ export const DISK_LARGE_BUFFER_BYTES = 32 * 1024 * 1024;
 /**
  * The NBD read proxy (native/nbd-proxy.cc): it answers reads up to DISK_REPLY_BUFFER_BYTES
  * from 4 locked reply buffers shared by every connection (a read that finds none free
- * goes to JavaScript), and passes payloads through one locked 16 KiB buffer per thread,
- * two threads per connection.
+ * within 10 ms goes to JavaScript), and passes payloads through two locked 16 KiB
+ * buffers per connection. Each connection has NBD_PROXY_READERS requests threads, each
+ * with a page of locked scratch: one connection's reads (nbdcopy gives a disk of up to
+ * 128 MiB to one connection) are decrypted on two cores.
  */
 export const NBD_PROXY_REPLY_BUFFERS = 4;
 export const NBD_PROXY_COPY_BYTES = 16 * 1024;
+export const NBD_PROXY_READERS = 2;
 /** 16 × 128 KiB locked transit buffers; a 17th concurrent chunk operation waits. */
 export const DISK_TRANSIT_BUFFERS = 16;
 /** Locked page buffers for serving guest RAM faults. */

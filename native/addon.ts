@@ -86,7 +86,7 @@ export interface Addon {
   diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
   diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
   diskReadsClose(h: DiskReadsHandle): void;
-  nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number): [NbdProxyHandle, number];
+  nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number, readers: number): [NbdProxyHandle, number];
   nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
   nbdProxyClose(h: NbdProxyHandle): void;
   sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;

@@ -5,7 +5,7 @@
 // pieces it covers, in one call. A read it cannot serve answers false, and the caller
 // reads through the chunk core as before: this table only ever refuses.
 import { randomBytes } from 'node:crypto';
-import { AD_CHUNK, CLASS_CODE, DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE } from '../common/constants.js';
+import { AD_CHUNK, CLASS_CODE, DISK_CHUNK_SIZE, KDF_CHUNK_NORMAL, KIND_CODE, NBD_PROXY_READERS } from '../common/constants.js';
 import { LetheError } from '../common/errors.js';
 import { addon, bytesArg, fdArg, show, type DiskReadsHandle, type DiskReadsStats, type NbdProxyHandle } from './addon.js';
 
@@ -160,7 +160,7 @@ export class NativeDiskReads {
     fdArg('proxy', 'fd', fd);
     if (!Number.isSafeInteger(opts.size) || opts.size < 0) throw new RangeError(`proxy: size must be a byte count (got ${show(opts.size)})`);
     try {
-      const [h, inner] = addon().nbdProxyStart(this.handle(), fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size);
+      const [h, inner] = addon().nbdProxyStart(this.handle(), fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size, NBD_PROXY_READERS);
       return new NbdReadProxy(h, inner);
     } catch (e) {
       if (e instanceof LetheError) throw e;

@@ -213,17 +213,20 @@ size_t TableCopyBytes(const Table *t) {
   return t->copy_bytes;
 }
 
-uint8_t *TableTakeReply(Table *t) {
-  std::lock_guard<std::mutex> g(t->mu);
-  if (t->replies.empty()) return nullptr;
+uint8_t *TableTakeReply(Table *t, int wait_ms) {
+  std::unique_lock<std::mutex> g(t->mu);
+  if (!t->reply_free.wait_for(g, std::chrono::milliseconds(wait_ms), [t] { return !t->replies.empty(); })) return nullptr;
   uint8_t *b = t->replies.back();
   t->replies.pop_back();
   return b;
 }
 
 void TableGiveReply(Table *t, uint8_t *buf) {
-  std::lock_guard<std::mutex> g(t->mu);
-  t->replies.push_back(buf);
+  {
+    std::lock_guard<std::mutex> g(t->mu);
+    t->replies.push_back(buf);
+  }
+  t->reply_free.notify_one();
 }
 
 bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len) {

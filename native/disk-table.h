@@ -7,6 +7,8 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -71,6 +73,7 @@ struct Table {
   std::atomic<int> refs{1};
   /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
   std::vector<uint8_t *> reply_all, replies;
+  std::condition_variable reply_free;  // a buffer came back to `replies`
   size_t reply_bytes = 0;
   size_t copy_bytes = 0;
 
@@ -99,8 +102,8 @@ void ChunkDecrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t fr
 
 /** The longest read the table's reply buffers hold. */
 size_t TableMaxReply(const Table *t);
-/** A locked reply buffer of REPLY_HEADER_ROOM + TableMaxReply bytes, or null when all are out (the read goes to JavaScript). */
-uint8_t *TableTakeReply(Table *t);
+/** A locked reply buffer of REPLY_HEADER_ROOM + TableMaxReply bytes, waiting up to `wait_ms` for one; null when all stay out (the read goes to JavaScript). */
+uint8_t *TableTakeReply(Table *t, int wait_ms);
 void TableGiveReply(Table *t, uint8_t *buf);
 /** Bytes of the locked buffer each proxy thread passes payloads through. */
 size_t TableCopyBytes(const Table *t);

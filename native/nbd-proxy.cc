@@ -2,22 +2,26 @@
 // threads stand between the client and the JavaScript connection (docs/nbd.md, "Reads
 // in native code"):
 //
-//   requests  reads the client's requests. A read the disk-read table can serve
-//             (disk-table.cc: a normal-class chunk whose tag was checked, its class key
-//             held) is answered here, from the cache file, without JavaScript. Anything
+//   requests  (`readers` of them, taking turns at the socket) read the client's requests.
+//             A read the disk-read table can serve (disk-table.cc: a normal-class chunk
+//             whose tag was checked, its class key held) is answered here, from the cache
+//             file, without JavaScript, while another requests thread reads the next
+//             request: one connection's reads are decrypted on as many cores. Anything
 //             else (a write and its payload, a flush, a read the table refuses, a request
 //             that breaks the protocol) goes on, byte for byte, to JavaScript over a
 //             socket pair, where the connection runs as before.
 //   replies   copies JavaScript's replies to the client, one whole reply at a time.
 //
-// Both write to the client under one lock, so replies never interleave. A read is
-// answered from one of the table's few locked reply buffers, shared by every
-// connection; each thread passes payloads through its own small locked buffer. The proxy
+// All write to the client under one lock, so replies never interleave; replies to reads
+// served here may go out in another order than their requests came, as NBD allows. A
+// read is answered from one of the table's few locked reply buffers, shared by every
+// connection; payloads pass through two small locked buffers, the requests threads' one
+// and the replies thread's one. The proxy
 // never decides anything JavaScript would: it serves only reads that are in range,
 // carry no flag but FUA and DF, and that the table serves whole, and it forwards the
 // rest unchanged. JavaScript still sees every byte of a request it has to answer.
 //
-//   nbdProxyStart(table, fd, leftover, structured, size) → [handle, innerFd]
+//   nbdProxyStart(table, fd, leftover, structured, size, readers) → [handle, innerFd]
 //   nbdProxyStats(h) → { reads, bytes }        reads answered here
 //   nbdProxyClose(h)                           both sockets shut; the threads end
 #include <node_api.h>
@@ -29,6 +33,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <unordered_map>
@@ -49,6 +54,13 @@ constexpr uint16_t NBD_CMD_FLAG_FUA = 1 << 0, NBD_CMD_FLAG_DF = 1 << 2;
 constexpr uint16_t NBD_REPLY_FLAG_DONE = 1 << 0;
 constexpr uint16_t NBD_REPLY_TYPE_OFFSET_DATA = 1;
 constexpr size_t REQUEST = 28, SIMPLE = 16, STRUCTURED = 20;
+/**
+ * How long a read waits for one of the shared reply buffers before it goes to
+ * JavaScript: the buffers come back as fast as replies go out, unless a client is
+ * not taking its replies, and that client must not hold up every other.
+ */
+constexpr int REPLY_WAIT_MS = 10;
+constexpr int SEND_BUFFER = 1 << 20;
 static_assert(STRUCTURED + 8 <= REPLY_HEADER_ROOM, "a structured read reply's header fits before the data");
 
 uint16_t be16(const uint8_t *p) { return uint16_t(p[0] << 8 | p[1]); }
@@ -68,14 +80,26 @@ struct Proxy {
   size_t copy = 0;  // bytes of each thread's locked payload buffer
   std::vector<uint8_t> leftover;  // bytes the handshake read past its end: requests, perhaps a payload
   size_t leftover_at = 0;
+  /**
+   * One requests thread at a time reads from the client: a request and a write's
+   * payload, or a request it forwards whole. Under it: leftover, `in` (the payload
+   * buffer, locked), `ended` and `serving`.
+   */
+  std::mutex rmu;
+  std::condition_variable served;  // `serving` fell
+  uint8_t *in = nullptr;
+  bool ended = false;  // no more requests to read: the client ended, broke the protocol or sent DISC
+  int serving = 0;     // reads being served outside rmu
+  int readers = 0;     // requests threads still running: the last shuts JavaScript's side
+  std::mutex imu;  // one whole request at a time to JavaScript
   std::mutex wmu;  // one whole reply at a time to the client
   std::mutex pmu;
   /** Simple replies carry no length: a forwarded read's, by cookie, in order. */
   std::unordered_map<uint64_t, std::deque<uint32_t>> pending;
   std::atomic<uint64_t> reads{0}, bytes{0};
   std::atomic<bool> closed{false};
-  /** The two threads and the handle: the last to let go closes the sockets and frees. */
-  std::atomic<int> refs{3};
+  /** The threads and the handle: the last to let go closes the sockets and frees. */
+  std::atomic<int> refs{0};
 };
 
 void unref(Proxy *p) {
@@ -83,6 +107,8 @@ void unref(Proxy *p) {
   close(p->client);
   close(p->inner);
   sodium_memzero(p->leftover.data(), p->leftover.size());
+  /* SAFETY: `in` came from sodium_malloc in Start; no thread is left to use it */
+  if (p->in) sodium_free(p->in);
   TableUnref(p->table);
   delete p;
 }
@@ -159,7 +185,7 @@ bool pass(Proxy *p, bool from_client_side, int to, uint64_t n, uint8_t *buf) {
  * `sent` says whether the client still takes bytes.
  */
 bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, bool *sent) {
-  uint8_t *reply = TableTakeReply(p->table);  // plaintext passes here: locked, zeroed after each use
+  uint8_t *reply = TableTakeReply(p->table, REPLY_WAIT_MS);  // plaintext passes here: locked, zeroed after each use
   if (!reply) return false;
   uint8_t *data = reply + REPLY_HEADER_ROOM;
   bool ok = TableRead(p->table, r, offset, data, len);
@@ -190,42 +216,86 @@ bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, 
   return ok;
 }
 
-/** The requests thread: serves the reads it can, forwards the rest. */
+/** Hands a request header on to JavaScript; a read's length is kept for its simple reply. */
+bool forward(Proxy *p, const uint8_t *h) {
+  uint32_t magic = be32(h);
+  uint16_t type = be16(h + 6);
+  if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && !p->structured) {
+    std::lock_guard<std::mutex> g(p->pmu);
+    p->pending[be64(h + 8)].push_back(be32(h + 24));
+  }
+  return send_all(p->inner, h, REQUEST);
+}
+
+/**
+ * A requests thread: in turn with the others, reads the next request; serves it if it
+ * is a read the table can serve (outside the turn, so the next request is read
+ * meanwhile), forwards it to JavaScript otherwise.
+ */
 void *requests(void *arg) {
   Proxy *p = static_cast<Proxy *>(arg);
   Reader *r = ReaderNew(p->table->chunk_size);
-  uint8_t *buf = static_cast<uint8_t *>(sodium_malloc(p->copy));  // a write's payload passes here: locked, zeroed after each use
   uint8_t h[REQUEST];
-  while (buf && from_client(p, h, REQUEST)) {
-    uint32_t magic = be32(h), len = be32(h + 24);
-    uint16_t flags = be16(h + 4), type = be16(h + 6);
-    uint64_t cookie = be64(h + 8), offset = be64(h + 16);
-    if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) == 0 && len > 0 &&
-        len <= p->max_read && offset <= p->size && len <= p->size - offset && r) {
-      bool sent = true;
-      if (serve(p, r, cookie, offset, len, &sent)) {
-        if (!sent) break;
+  for (;;) {
+    uint64_t cookie = 0, offset = 0;
+    uint32_t len = 0;
+    {
+      std::unique_lock<std::mutex> g(p->rmu);
+      if (p->ended) break;
+      if (!p->in || !from_client(p, h, REQUEST)) {
+        p->ended = true;
+        break;
+      }
+      uint32_t magic = be32(h);
+      uint16_t flags = be16(h + 4), type = be16(h + 6);
+      cookie = be64(h + 8), offset = be64(h + 16), len = be32(h + 24);
+      if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) == 0 && len > 0 &&
+          len <= p->max_read && offset <= p->size && len <= p->size - offset && r) {
+        p->serving++;
+      } else {
+        // Not ours: JavaScript answers it, as it would without the proxy. A DISC waits for
+        // the reads being served here: JavaScript may end the connection once it has it.
+        if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_DISC) {
+          p->ended = true;
+          p->served.wait(g, [p] { return p->serving == 0; });
+        }
+        std::lock_guard<std::mutex> gi(p->imu);
+        bool ok = forward(p, h);
+        if (ok && magic != NBD_REQUEST_MAGIC) {
+          // The client broke the protocol: JavaScript says so and hangs up; it gets whatever follows.
+          while (pass(p, true, p->inner, p->copy, p->in)) {
+          }
+          ok = false;
+        } else if (ok && type == NBD_CMD_WRITE) {
+          ok = pass(p, true, p->inner, len, p->in);
+        }
+        if (!ok) p->ended = true;
+        if (p->ended) break;
         continue;
       }
     }
-    // Not ours: JavaScript answers it, as it would without the proxy.
-    if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && !p->structured) {
-      std::lock_guard<std::mutex> g(p->pmu);
-      p->pending[cookie].push_back(len);
+    bool sent = true;
+    bool ok = serve(p, r, cookie, offset, len, &sent);
+    if (!ok) {
+      std::lock_guard<std::mutex> gi(p->imu);
+      sent = forward(p, h);
     }
-    if (!send_all(p->inner, h, REQUEST)) break;
-    if (magic != NBD_REQUEST_MAGIC) {
-      // The client broke the protocol: JavaScript says so and hangs up; it gets whatever follows.
-      while (pass(p, true, p->inner, p->copy, buf)) {
-      }
+    std::lock_guard<std::mutex> g(p->rmu);
+    if (--p->serving == 0) p->served.notify_all();
+    if (!sent) {
+      // A socket failed: the other requests threads stop reading too.
+      p->ended = true;
+      shutdown(p->client, SHUT_RD);
       break;
     }
-    if (type == NBD_CMD_WRITE && !pass(p, true, p->inner, len, buf)) break;
-    if (type == NBD_CMD_DISC) break;
+  }
+  bool last;
+  {
+    std::lock_guard<std::mutex> g(p->rmu);
+    last = --p->readers == 0;
   }
   // Nothing more comes from the client: JavaScript sees the end of its requests.
-  shutdown(p->inner, SHUT_WR);
-  if (buf) sodium_free(buf);
+  if (last) shutdown(p->inner, SHUT_WR);
   ReaderFree(r);
   unref(p);
   return nullptr;
@@ -286,16 +356,17 @@ void Finalize(napi_env, void *data, void *) {
 }
 
 napi_value Start(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  int32_t fd;
+  napi_value argv[6];
+  int32_t fd, readers;
   uint8_t *left;
   size_t left_len;
   bool structured;
   int64_t size;
-  if (!get_args(env, info, 5, argv) || !get_i32(env, argv[1], &fd) || !get_bytes(env, argv[2], &left, &left_len) ||
-      napi_get_value_bool(env, argv[3], &structured) != napi_ok || !get_i64(env, argv[4], &size))
+  if (!get_args(env, info, 6, argv) || !get_i32(env, argv[1], &fd) || !get_bytes(env, argv[2], &left, &left_len) ||
+      napi_get_value_bool(env, argv[3], &structured) != napi_ok || !get_i64(env, argv[4], &size) || !get_i32(env, argv[5], &readers))
     return nullptr;
   if (size < 0) return throw_type(env, "lethe_native: nbdProxyStart: a negative size");
+  if (readers < 1 || readers > 16) return throw_type(env, "lethe_native: nbdProxyStart: readers must be 1 to 16");
   Table *table = TableRef(env, argv[0]);
   if (!table) return nullptr;
   int sv[2];
@@ -311,6 +382,11 @@ napi_value Start(napi_env env, napi_callback_info info) {
     TableUnref(table);
     return throw_errno(env, "fcntl", err);
   }
+  // Room in the socket for a few whole replies, so a requests thread hands its reply to
+  // the kernel and goes on to the next read instead of waiting for the client to take
+  // the last part (the kernel caps it at net.core.wmem_max).
+  int sndbuf = SEND_BUFFER;
+  setsockopt(client, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   Proxy *p = new Proxy();
   p->table = table;
   p->client = client;
@@ -320,20 +396,21 @@ napi_value Start(napi_env env, napi_callback_info info) {
   p->max_read = TableMaxReply(table);
   p->copy = TableCopyBytes(table);
   p->leftover.assign(left, left + left_len);
+  p->in = static_cast<uint8_t *>(sodium_malloc(p->copy));  // a write's payload passes here: locked, zeroed after each use; none, and the requests threads end at once
+  p->readers = readers;
+  p->refs = 1 + readers + 1;  // the handle, the requests threads, the replies thread
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   pthread_t t;
-  int err = pthread_create(&t, &attr, requests, p);
-  if (err == 0) {
-    err = pthread_create(&t, &attr, replies, p);
-    if (err != 0) {
-      p->refs--;  // the replies thread never ran
-      shut(p);
-    }
-  } else {
-    p->refs -= 2;  // neither thread ran
-    shut(p);
+  int err = 0, started = 0;
+  while (err == 0 && started < readers + 1) {
+    err = pthread_create(&t, &attr, started == 0 ? replies : requests, p);
+    if (err == 0) started++;
+  }
+  if (err != 0) {
+    p->refs -= readers + 1 - started;  // threads that never ran; the handle's reference keeps p alive
+    shut(p);                           // the ones that run end
   }
   pthread_attr_destroy(&attr);
   napi_value handle, inner, result;

@@ -136,6 +136,39 @@ describe('the NBD read proxy (real server, agent and clients)', function () {
     });
   }
 
+  for (const structured of [false, true]) {
+    it(`serves one connection's pipelined reads on several threads: every reply whole and right, and a DISC behind them ends it only after the last (${structured ? 'structured' : 'simple'})`, async () => {
+      const c = await client(structured);
+      try {
+        const proxied = nbd.stats().proxied.reads;
+        // Normal-class chunks only (the sensitive one and the written ones go to JavaScript):
+        // whole chunks, pairs of them, and small reads across a boundary, mixed.
+        const normal = [0, 1, 2, 4, 8, 9, 10, 11, 12, 13, 14];
+        const asks = Array.from({ length: 240 }, (_, i) => {
+          const k = normal[(i * 7) % normal.length];
+          const length = i % 3 === 0 ? CHUNK : i % 3 === 1 ? 2 * CHUNK : 3000;
+          const offset = i % 3 === 2 ? (k + 1) * CHUNK - 1000 : k * CHUNK;
+          return { cookie: BigInt(i + 1), offset, length: Math.min(length, plain.length - offset) };
+        });
+        for (const a of asks) c.request(P.NBD_CMD_READ, { cookie: a.cookie, offset: a.offset, length: a.length });
+        c.request(P.NBD_CMD_DISC, { cookie: 999n });
+        const byCookie = new Map(asks.map((a) => [a.cookie, a]));
+        const seen = new Set<bigint>();
+        for (let n = 0; n < asks.length; n++) {
+          const r = await c.replyFor((cookie) => byCookie.get(cookie)!.length);
+          const a = byCookie.get(r.cookie)!;
+          expect(seen.has(r.cookie), `one reply for cookie ${r.cookie}`).to.equal(false);
+          seen.add(r.cookie);
+          expectSameBytes(readData(r, a.offset), plain.subarray(a.offset, a.offset + a.length), `read ${r.cookie}`);
+        }
+        expect(await c.closesWithin(10_000), 'DISC ends the connection once every read is answered').to.equal(true);
+        expect(nbd.stats().proxied.reads - proxied, 'answered natively').to.be.at.least(asks.length / 2);
+      } finally {
+        c.destroy();
+      }
+    });
+  }
+
   it('real clients read the whole export through it: nbdcopy over four connections, qemu-io', async () => {
     const proxied = nbd.stats().proxied.reads;
     const uri = `nbd+unix:///proxy?socket=${sock}`;
