@@ -4,7 +4,9 @@
 //   sequential read:  nbdcopy of the whole export to null: (4 connections)
 //   random read:      4 KiB reads at seeded random offsets through one qemu-io, at depth 1
 //                     and at depth 16 (aio_read in groups of 16, each group awaited)
-//   sequential write: nbdcopy of a file of the disk's size into the export
+//   sequential write: nbdcopy of a file of the disk's size into the export: the first copy, then
+//                     REPS more (the agent's first write of a chunk takes a new cache slot; later
+//                     ones reuse the slots earlier writes left)
 // for each disk size, the agent
 //   warm, in memory: the default (checked ciphertext kept in memory, after one pass)
 //   warm, file:      --disk-memory-cache 0 (each read preads and checks a blob from the cache's slot file)
@@ -81,6 +83,8 @@ interface Row {
   deep?: { agent: number; plain: number; luks: number };
   /** Of the agent's reads in this phase, the share the native read proxy answered (the rest went to JavaScript). */
   proxied?: number;
+  /** The write phase's first copy (one run), apart from the copies after it. */
+  first?: boolean;
 }
 
 /** qemu-nbd serving `args` on a socket in `dir`, writable; its URI. */
@@ -171,8 +175,12 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
         const seq = await three(() => withAgent('cold', (u) => copy(u, 'null:', size)), (u) => copy(u, 'null:', size), 1);
         rows.push({ size: label, phase, seq, rand, proxied });
       } else if (phase === 'write') {
-        const seq = await withAgent('write', (uri) => three(() => copy(source, uri, size), (u) => copy(source, u, size), REPS));
-        rows.push({ size: label, phase, seq });
+        // The first copy onto the agent's disk puts every chunk in a new slot (the image's
+        // blob keeps its own); later ones reuse the slots earlier writes left. Both shown.
+        await withAgent('write', async (uri) => {
+          rows.push({ size: label, phase, first: true, seq: await three(() => copy(source, uri, size), (u) => copy(source, u, size), 1) });
+          rows.push({ size: label, phase, seq: await three(() => copy(source, uri, size), (u) => copy(source, u, size), REPS) });
+        });
       } else {
         rows.push(
           await withAgent(phase, async (uri) => ({
@@ -206,7 +214,7 @@ async function main(): Promise<void> {
     return;
   }
   console.log(`disks of random data; ${READS} random 4 KiB reads at depth 1 and at depth ${DEPTH}; yardsticks qemu-nbd on the same bytes, plain and LUKS (AES-XTS), run beside each measurement`);
-  console.log(`medians of ${REPS} alternating runs (cold: one run each, on a fresh device)`);
+  console.log(`medians of ${REPS} alternating runs (cold and first write: one run each; cold on a fresh device)`);
   const f = (n: number) => n.toFixed(0);
   const x = (a: number, b: number) => (a / b).toFixed(2);
   console.log(
@@ -214,7 +222,7 @@ async function main(): Promise<void> {
       ['disk', 'agent', 'seq MB/s', 'plain', 'LUKS', '×plain', '×LUKS', '4K IOPS', 'plain', 'LUKS', '×plain', '×LUKS', `4K IOPS QD${DEPTH}`, 'plain', 'LUKS', '×plain', '×LUKS', 'proxied'],
       rows.map((r) => [
         r.size,
-        NAMES[r.phase],
+        r.first ? 'first write' : NAMES[r.phase],
         f(r.seq.agent), f(r.seq.plain), f(r.seq.luks), x(r.seq.agent, r.seq.plain), x(r.seq.agent, r.seq.luks),
         ...[r.rand, r.deep].flatMap((q) => (q ? [f(q.agent), f(q.plain), f(q.luks), x(q.agent, q.plain), x(q.agent, q.luks)] : ['-', '-', '-', '-', '-'])),
         r.proxied === undefined ? '-' : `${(100 * r.proxied).toFixed(0)}%`,

@@ -167,15 +167,21 @@ bool from_client(Proxy *p, uint8_t *b, size_t n) {
   return recv_all(p->client, b + have, n - have);
 }
 
-/** Copies n bytes from `from` (the client, through from_client, or `inner`) to fd `to` through `buf` (p->copy bytes, locked), zeroing it. */
+/**
+ * Copies n bytes from `from` (the client, through from_client, or `inner`) to fd `to`
+ * through `buf` (p->copy bytes, locked), zeroing it once they are through: each piece
+ * overwrites the last.
+ */
 bool pass(Proxy *p, bool from_client_side, int to, uint64_t n, uint8_t *buf) {
   bool ok = true;
+  size_t used = 0;
   while (ok && n > 0) {
     size_t k = size_t(std::min<uint64_t>(n, p->copy));
+    used = std::max(used, k);
     ok = (from_client_side ? from_client(p, buf, k) : recv_all(p->inner, buf, k)) && send_all(to, buf, k);
-    sodium_memzero(buf, k);
     n -= k;
   }
+  sodium_memzero(buf, used);
   return ok;
 }
 
@@ -385,8 +391,12 @@ napi_value Start(napi_env env, napi_callback_info info) {
   // Room in the socket for a few whole replies, so a requests thread hands its reply to
   // the kernel and goes on to the next read instead of waiting for the client to take
   // the last part (the kernel caps it at net.core.wmem_max).
+  // The same between the proxy and JavaScript, both ways: a write's payload goes on
+  // while JavaScript is busy with the last one.
   int sndbuf = SEND_BUFFER;
   setsockopt(client, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+  setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   Proxy *p = new Proxy();
   p->table = table;
   p->client = client;

@@ -9,9 +9,9 @@
 // Crash safety. A blob is written to a free slot first, then its row commits, so a
 // crash leaves the old row or the new one, never a row over a half-written slot
 // that was in use: a changed chunk always goes to a new slot. The slot a dirty
-// chunk leaves is reused only after the next flush(), which fsyncs the slot files
-// before it makes the index durable: until then the old row may be what a power
-// cut brings back. A row whose slot holds something else anyway (disk damage, a
+// chunk leaves is reused only after the slot files, then the index, are synced (the
+// next flush(), or settleHeld() in the background once 16 MiB are held): until then
+// the old row may be what a power cut brings back. A row whose slot holds something else anyway (disk damage, a
 // slot shared after a power cut) fails its SHA-256 or AEAD check, is dropped and
 // is fetched again, never served. Bounded: clean chunks are evicted least recently
 // used first, their slots punched out of the file; dirty chunks are never evicted
@@ -22,7 +22,7 @@ import path from 'node:path';
 import { CHUNK_KINDS, CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { punchHole } from '../../native/index.js';
-import { Slots } from './slots.js';
+import { settleHeld, Slots } from './slots.js';
 
 export interface CacheKey {
   imageId: string;
@@ -99,6 +99,7 @@ export class ChunkCache {
   private readonly cleanOrder = new Map<string, Entry>();
   private bytes = 0;
   private dirtyCount = 0;
+  private settling?: Promise<void>; // settleHeld() under way
   /** Monotonic use counter; persisted with each write, refreshed in memory on reads. */
   private tick = 0;
   private readonly touched = new Set<Entry>();
@@ -394,7 +395,11 @@ export class ChunkCache {
   /** A slot no row names any more: a dirty chunk's waits for the next flush; a clean one's whole pages are punched out now. */
   private release(e: Entry): void {
     const { kind } = e.key;
-    if (e.dirty) return this.slots[kind].give(e.slot, true);
+    if (e.dirty) {
+      this.slots[kind].give(e.slot, true);
+      this.settling ??= settleHeld(this.slots, this.fds, SLOT_BYTES, `${this.file}-wal`)?.finally(() => (this.settling = undefined));
+      return;
+    }
     const from = Math.ceil((e.slot * SLOT_BYTES[kind]) / PAGE) * PAGE;
     const to = Math.floor(((e.slot + 1) * SLOT_BYTES[kind]) / PAGE) * PAGE;
     // Disk space only: a file system without hole punching keeps the bytes until the slot is reused.

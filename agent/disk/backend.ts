@@ -147,11 +147,14 @@ export class AgentDiskBackend {
       const n = Math.min(len - within, offset + data.length - pos);
       const from = pos - offset;
       await this.locked(index, () =>
-        this.transit.with(len, async (next) => {
-          if (n < len) await this.core.readRange('disk', index, 0, next);
-          data.copy(next, within, from, from + n);
-          await this.core.write('disk', index, next);
-        }),
+        n === len
+          ? // A whole chunk is written from the payload itself (locked, and zeroed on release).
+            this.core.write('disk', index, data.subarray(from, from + n))
+          : this.transit.with(len, async (next) => {
+              await this.core.readRange('disk', index, 0, next);
+              data.copy(next, within, from, from + n);
+              await this.core.write('disk', index, next);
+            }),
       );
       pos += n;
     }

@@ -3,7 +3,8 @@ import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ChunkCache } from '../../agent/chunks/cache.js';
+import { ChunkCache, SLOT_BYTES } from '../../agent/chunks/cache.js';
+import { SETTLE_HELD_BYTES } from '../../agent/chunks/slots.js';
 import type { DeviceClient } from '../../agent/remote/device-client.js';
 import { Fetcher } from '../../agent/remote/fetcher.js';
 import { LinkMeter, PACE_MS, pace } from '../../agent/remote/link-meter.js';
@@ -12,7 +13,7 @@ import { KeyRing } from '../../agent/keys/keyring.js';
 import { PageFeed, firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
 import { sha256 } from '../../common/crypto.js';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { ROOT, tmpDir } from '../helpers/proc.js';
+import { ROOT, tmpDir, waitFor } from '../helpers/proc.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 import { damageCachedBlob } from '../helpers/cache.js';
 import { cachedRows } from '../helpers/cache.js';
@@ -170,6 +171,44 @@ describe('chunk cache: slots and index', () => {
     c.put(key(2), randomBytes(4137));
     expect(slotOf(file, 2), 'after it, it is reused').to.equal(first);
     c.close();
+  });
+
+  it('a long run of rewrites without a flush settles the slots it left in the background and reuses them: the slot file stops growing', async () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const c = new ChunkCache(file, 1 << 30);
+    const slotFile = path.join(path.dirname(file), 'cache-disk.blobs');
+    const chunks = 8;
+    const last = new Map<number, Buffer>();
+    const rewrite = () => {
+      for (let i = 0; i < chunks; i++) {
+        const b = randomBytes(SLOT_BYTES.disk);
+        last.set(i, b);
+        c.put(key(i, 'disk'), b, true, 'normal');
+      }
+    };
+    // Rewrites leaving more than SETTLE_HELD_BYTES held: one settle starts, and once it is
+    // done its slots come back (nothing else frees them: no flush here).
+    const rounds = Math.ceil(SETTLE_HELD_BYTES / (chunks * SLOT_BYTES.disk)) + 1;
+    for (let settles = 0; settles < 3; settles++) {
+      for (let r = 0; r < rounds; r++) rewrite();
+      // Without a settle every rewrite takes new slots, and this never comes.
+      await waitFor(
+        async () => {
+          const before = fs.statSync(slotFile).size;
+          rewrite();
+          return fs.statSync(slotFile).size === before || undefined;
+        },
+        30_000,
+        `a rewrite into settled slots (settle ${settles + 1})`,
+      );
+    }
+    for (const [i, b] of last) expectSameBytes(c.get(key(i, 'disk'))!, b, `chunk ${i}: the last write`);
+    c.close();
+    // Reopened: the index names the last write of every chunk, and nothing else.
+    const again = new ChunkCache(file, 1 << 30);
+    expect(again.dirtyChunks('ab').map((d) => d.index)).to.deep.equal([...last.keys()]);
+    for (const d of again.dirtyChunks('ab')) expectSameBytes(d.data, last.get(d.index)!, `chunk ${d.index} after reopening`);
+    again.close();
   });
 
   it('rows of blobs written into reserved slots commit together; one bad row fails them all and every slot is free again', () => {
