@@ -8,14 +8,15 @@
 //
 // Crash safety. A blob is written to a free slot first, then its row commits, so a
 // crash leaves the old row or the new one, never a row over a half-written slot
-// that was in use: a changed chunk always goes to a new slot. The slot a dirty
-// chunk leaves is reused only after the slot files, then the index, are synced (the
-// next flush(), or settleHeld() in the background once 16 MiB are held): until then
-// the old row may be what a power cut brings back. A row whose slot holds something else anyway (disk damage, a
-// slot shared after a power cut) fails its SHA-256 or AEAD check, is dropped and
-// is fetched again, never served. Bounded: clean chunks are evicted least recently
-// used first, their slots punched out of the file; dirty chunks are never evicted
-// (they are the only copy of a guest write until it is checked in).
+// that was in use: a changed chunk always goes to a new slot. The slot a dirty chunk
+// leaves is reused only after the slot files, then the index, are synced (the next
+// flush(), or settleHeld() in the background once 16 MiB are held): until then the
+// old row may be what a power cut brings back. A row whose slot holds something else
+// anyway (disk damage, a slot shared after a power cut) fails its SHA-256 or AEAD
+// check, is dropped and is fetched again, never served. Bounded: clean chunks are
+// evicted least recently used first, their slots punched out of the file; dirty
+// chunks are never evicted (they are the only copy of a guest write until it is
+// checked in).
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';

@@ -22,8 +22,7 @@ export class Slots {
   }
 
   flushed(): void {
-    this.reuse(this.held);
-    this.held = [];
+    this.reuse(this.takeHeld());
   }
 
   get heldCount(): number {
