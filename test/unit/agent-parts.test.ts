@@ -4,11 +4,12 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkCache, SLOT_BYTES } from '../../agent/chunks/cache.js';
-import { SETTLE_HELD_BYTES } from '../../agent/chunks/slots.js';
+import { SETTLE_HELD_BYTES, settleHeld, Slots } from '../../agent/chunks/slots.js';
 import type { DeviceClient } from '../../agent/remote/device-client.js';
 import { Fetcher } from '../../agent/remote/fetcher.js';
 import { LinkMeter, PACE_MS, pace } from '../../agent/remote/link-meter.js';
 import { LetheError } from '../../common/errors.js';
+import { CHUNK_KINDS, type ChunkKind } from '../../common/constants.js';
 import { KeyRing } from '../../agent/keys/keyring.js';
 import { PageFeed, firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
 import { sha256 } from '../../common/crypto.js';
@@ -209,6 +210,40 @@ describe('chunk cache: slots and index', () => {
     expect(again.dirtyChunks('ab').map((d) => d.index)).to.deep.equal([...last.keys()]);
     for (const d of again.dirtyChunks('ab')) expectSameBytes(d.data, last.get(d.index)!, `chunk ${d.index} after reopening`);
     again.close();
+  });
+
+  it('settled slots come back only once the slot files and the WAL are synced, and never when a sync fails', async () => {
+    const dir = tmpDir();
+    const fds = {} as Record<ChunkKind, number>;
+    for (const k of CHUNK_KINDS) fds[k] = fs.openSync(path.join(dir, `${k}.blobs`), 'w+');
+    const wal = path.join(dir, 'index-wal');
+    fs.writeFileSync(wal, 'frames');
+    const perSlot = SLOT_BYTES.disk;
+    const held = Math.ceil(SETTLE_HELD_BYTES / perSlot);
+    /** Slots of every kind with `n` disk slots left by dirty chunks (slots 0 … n − 1; the file's next slot is `held`). */
+    const slotsWithHeld = (n = held) => {
+      const s = {} as Record<ChunkKind, Slots>;
+      for (const k of CHUNK_KINDS) s[k] = new Slots();
+      s.disk.next = held;
+      for (let i = 0; i < n; i++) s.disk.give(i, true);
+      return s;
+    };
+    const short = slotsWithHeld(held - 1);
+    expect(settleHeld(short, fds, SLOT_BYTES, wal), 'one slot short of the mark: nothing to do').to.equal(undefined);
+    expect(short.disk.heldCount).to.equal(held - 1);
+    // Synced: before the syncs are done no held slot is handed out; after, they are.
+    const ok = slotsWithHeld();
+    const settling = settleHeld(ok, fds, SLOT_BYTES, wal);
+    expect(settling).to.not.equal(undefined);
+    expect(ok.disk.take(), 'while the syncs run, a new slot').to.equal(held);
+    await settling;
+    expect(ok.disk.take(), 'once they are done, a settled one').to.be.below(held);
+    // The WAL cannot be synced: the held slots stay out of use.
+    const failed = slotsWithHeld();
+    await settleHeld(failed, fds, SLOT_BYTES, path.join(dir, 'no-such-wal'));
+    expect(failed.disk.take(), 'a failed sync leaves them out').to.equal(held);
+    expect(failed.disk.heldCount, 'and does not hand them back to be held again').to.equal(0);
+    for (const k of CHUNK_KINDS) fs.closeSync(fds[k]);
   });
 
   it('rows of blobs written into reserved slots commit together; one bad row fails them all and every slot is free again', () => {
