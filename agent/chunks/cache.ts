@@ -14,9 +14,8 @@
 // old row may be what a power cut brings back. A row whose slot holds something else
 // anyway (disk damage, a slot shared after a power cut) fails its SHA-256 or AEAD
 // check, is dropped and is fetched again, never served. Bounded: clean chunks are
-// evicted least recently used first, their slots punched out of the file; dirty
-// chunks are never evicted (they are the only copy of a guest write until it is
-// checked in).
+// evicted least recently used first, their slots punched out; dirty chunks never
+// are (they are the only copy of a guest write until it is checked in).
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
