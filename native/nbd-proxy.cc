@@ -23,7 +23,7 @@
 //
 //   nbdProxyStart(table, fd, leftover, structured, size, readers) → [handle, innerFd]
 //   nbdProxyStats(h) → { reads, bytes }        reads answered here
-//   nbdProxyClose(h)                           both sockets shut; the threads end
+//   nbdProxyClose(h)                           JavaScript's side ends; the client's once every reply is out
 #include <node_api.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -113,7 +113,17 @@ void unref(Proxy *p) {
   delete p;
 }
 
-/** Shuts both sockets: every blocked read and write returns and both threads end. */
+/**
+ * Ends JavaScript's side of the pair: the requests threads stop; the replies thread
+ * still passes on every reply JavaScript wrote before it, then shuts the client's
+ * socket. Shutting the client's socket here instead cut off replies still in the pair.
+ */
+void finish(Proxy *p) {
+  if (p->closed.exchange(true)) return;
+  shutdown(p->inner, SHUT_RDWR);
+}
+
+/** Shuts both sockets: every blocked read and write returns and every thread ends. */
 void shut(Proxy *p) {
   if (p->closed.exchange(true)) return;
   shutdown(p->client, SHUT_RDWR);
@@ -357,7 +367,7 @@ Proxy *get_proxy(napi_env env, napi_value v) {
 
 void Finalize(napi_env, void *data, void *) {
   Proxy *p = static_cast<Proxy *>(data);
-  shut(p);
+  finish(p);
   unref(p);
 }
 
@@ -455,7 +465,7 @@ napi_value Close(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 1, argv)) return nullptr;
   Proxy *p = get_proxy(env, argv[0]);
   if (!p) return nullptr;
-  shut(p);
+  finish(p);
   return undefined(env);
 }
 
