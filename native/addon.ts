@@ -90,6 +90,9 @@ export interface Addon {
   nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
   nbdProxyClose(h: NbdProxyHandle): void;
   sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;
+  aeadBackend(): 'openssl' | 'libsodium';
+  /** op 0 seal, 1 open (null on a bad tag), 2 the XChaCha20 stream from block ic. */
+  aeadCipher(op: 0 | 1 | 2, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, ic: number, input: Uint8Array): Buffer | null;
 }
 
 declare const nbdProxyBrand: unique symbol;

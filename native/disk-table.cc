@@ -107,7 +107,7 @@ void ChunkDecrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t fr
   if (lead != 0) {
     size_t start = within - lead;
     size_t blen = std::min(BLOCK, ct_len - start);
-    crypto_stream_xchacha20_xor_ic(s->block, ct + (start - from), blen, nonce, 1 + start / BLOCK, s->key);
+    aead::StreamXorIc(&s->aead, s->block, ct + (start - from), blen, nonce, 1 + start / BLOCK, s->key);
     done = std::min(BLOCK - lead, n);
     memcpy(out, s->block + lead, done);
     sodium_memzero(s->block, BLOCK);
@@ -115,7 +115,7 @@ void ChunkDecrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t fr
   if (done < n) {
     size_t at = within + done;
     /* SAFETY: out holds n bytes (the caller's range); ct covers [from, ct_len) ⊇ [at, within + n) */
-    crypto_stream_xchacha20_xor_ic(out + done, ct + (at - from), n - done, nonce, 1 + at / BLOCK, s->key);
+    aead::StreamXorIc(&s->aead, out + done, ct + (at - from), n - done, nonce, 1 + at / BLOCK, s->key);
   }
 }
 
@@ -160,7 +160,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew), and c.len ≤ chunk_size (Put) */
     ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
     if (got == ssize_t(c.len + TAG) &&
-        crypto_aead_xchacha20poly1305_ietf_decrypt_detached(out, nullptr, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0) {
+        aead::OpenDetached(&s->aead, out, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0) {
       ok = true;
     } else if (got == ssize_t(c.len + TAG)) {
       sodium_memzero(out, n);

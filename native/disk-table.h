@@ -13,6 +13,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "aead.h"
+
 namespace lethe {
 
 inline constexpr size_t PIECE = 4096;
@@ -38,8 +40,9 @@ struct Chunk {
   std::vector<uint8_t> digests;  // DIGEST bytes a piece
 };
 
-/** Locked scratch for one reader: a derived chunk key and one keystream block. */
+/** Locked scratch for one reader: a derived chunk key, one keystream block, the cipher's state. */
 struct Scratch {
+  aead::State aead;
   uint8_t key[KEY];
   uint8_t block[BLOCK];
 };

@@ -102,4 +102,33 @@ export function sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8A
   return addon().sealWrite(fd, at, args[0], args[1], args[2], args[3], args[4]);
 }
 
+/**
+ * The chunk cipher sealWrite and the disk's native reads run (native/aead.cc): "openssl"
+ * when the OpenSSL that Node carries has the calls it needs and agreed with libsodium in
+ * a self-test, "libsodium" otherwise or under LETHE_AEAD=libsodium.
+ */
+export function aeadBackend(): 'openssl' | 'libsodium' {
+  return addon().aeadBackend();
+}
+
+/** The native cipher alone, for its tests and bench: XChaCha20-Poly1305 of `plain`, ciphertext ‖ tag. */
+export function aeadSeal(key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plain: Uint8Array): Buffer {
+  const args = [key, nonce, ad, plain].map((b, i) => bytesArg('aeadSeal', ['key', 'nonce', 'ad', 'plain'][i], b));
+  return addon().aeadCipher(0, args[0], args[1], args[2], 0, args[3]) as Buffer;
+}
+
+/** The plaintext of ciphertext ‖ tag, or null when the tag does not match. */
+export function aeadOpen(key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, boxed: Uint8Array): Buffer | null {
+  const args = [key, nonce, ad, boxed].map((b, i) => bytesArg('aeadOpen', ['key', 'nonce', 'ad', 'boxed'][i], b));
+  if (args[3].length < 16) throw new RangeError(`aeadOpen: boxed must hold at least the 16-byte tag, not ${args[3].length} bytes`);
+  return addon().aeadCipher(1, args[0], args[1], args[2], 0, args[3]);
+}
+
+/** `input` XOR the XChaCha20 keystream from 64-byte block `ic` on. */
+export function aeadStream(key: Uint8Array, nonce: Uint8Array, ic: number, input: Uint8Array): Buffer {
+  if (!Number.isSafeInteger(ic) || ic < 0) throw new RangeError(`aeadStream: ic must be a block number, not ${ic}`);
+  const args = [key, nonce, input].map((b, i) => bytesArg('aeadStream', ['key', 'nonce', 'input'][i], b));
+  return addon().aeadCipher(2, args[0], args[1], new Uint8Array(0), ic, args[2]) as Buffer;
+}
+
 export * from './disk-reads.js';
