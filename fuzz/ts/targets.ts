@@ -16,7 +16,8 @@ import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
 import { HintParser } from '../../agent/vm/hints.js';
 import { NbdServer, type BlockBackend } from '../../agent/disk/nbd/server.js';
 import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
-import { NativeDiskReads } from '../../native/index.js';
+import { NativeDiskReads, aeadOpen, aeadSeal, aeadStream } from '../../native/index.js';
+import sodium from 'sodium-native';
 import { parsePolicy } from '../../policies/policy.js';
 import { signatureHeaders } from '../../server/auth.js';
 import { parseTrace } from '../../server/traces.js';
@@ -117,6 +118,52 @@ const chunkEnvelope: FuzzTarget = {
     if (size > 0) decryptChunkRangeInto(Buffer.alloc(Math.min(64, size)), ENVELOPE_KEY, d, Math.floor(size / 2) & ~63);
   },
   expected: (e) => e instanceof LetheError && e.code === 'TAMPERED',
+};
+
+/**
+ * The native chunk cipher (native/aead.cc) against libsodium on the same input: the
+ * first byte picks sealing, opening (of bytes that are mostly not a valid box) or the
+ * keystream from a block; then key, nonce, the associated data's length and bytes, and
+ * the message. Any difference between the two is a crash.
+ */
+const aead: FuzzTarget = {
+  name: 'aead',
+  about: "the native XChaCha20-Poly1305 on Node's OpenSSL against libsodium's, byte for byte (native/aead.cc)",
+  maxLen: 8192,
+  run: (d) => {
+    if (d.length < 58) return;
+    const key = d.subarray(1, 33);
+    const nonce = d.subarray(33, 57);
+    const adLen = Math.min(d[57], d.length - 58);
+    const ad = d.subarray(58, 58 + adLen);
+    const m = d.subarray(58 + adLen);
+    const op = d[0] % 3;
+    let same: boolean;
+    if (op === 0) {
+      const want = Buffer.alloc(m.length + 16);
+      sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(want, m, ad, null, nonce, key);
+      same = aeadSeal(key, nonce, ad, m).equals(want);
+    } else if (op === 1) {
+      if (m.length < 16) return;
+      const want = Buffer.alloc(m.length - 16);
+      let ok = true;
+      try {
+        sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(want, null, m, ad, nonce, key);
+      } catch {
+        ok = false;
+      }
+      const got = aeadOpen(key, nonce, ad, m);
+      same = ok ? got !== null && got.equals(want) : got === null;
+    } else {
+      const ic = ad.length >= 4 ? ad.readUInt32LE(0) : ad.length;
+      const want = Buffer.alloc(m.length);
+      sodium.crypto_stream_xchacha20_xor_ic(want, m, nonce, ic, key);
+      same = aeadStream(key, nonce, ic, m).equals(want);
+    }
+    if (!same) throw new Error(`the native cipher and libsodium disagree (op ${op}, ${m.length} bytes, ${ad.length} bytes of ad)`);
+  },
+  expected: () => false,
+  dictionary: [Buffer.from([0]), Buffer.from([1]), Buffer.from([2]), Buffer.from([0xff, 0xff, 0xff, 0xff]), Buffer.from([0xfe, 0xff, 0xff, 0xff])],
 };
 
 /**
@@ -223,4 +270,4 @@ class NbdTarget implements FuzzTarget {
   }
 }
 
-export const TARGETS: FuzzTarget[] = [chunkFrames, trace, policy, hintReader, signedRequest, chunkEnvelope, new NbdTarget()];
+export const TARGETS: FuzzTarget[] = [chunkFrames, trace, policy, hintReader, signedRequest, chunkEnvelope, aead, new NbdTarget()];
