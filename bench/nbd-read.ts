@@ -23,6 +23,7 @@ import { table } from '../cli/output.js';
 import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type ServerProc } from '../test/helpers/proc.js';
 import { control, type AgentStatus } from '../agent/index.js';
+import { aeadBackend } from '../native/index.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({
@@ -210,11 +211,12 @@ async function main(): Promise<void> {
     await s.stop();
   }
   if (values.json) {
-    process.stdout.write(JSON.stringify({ reads: READS, reps: REPS, rows }) + '\n');
+    process.stdout.write(JSON.stringify({ reads: READS, reps: REPS, cipher: aeadBackend(), rows }) + '\n');
     return;
   }
   console.log(`disks of random data; ${READS} random 4 KiB reads at depth 1 and at depth ${DEPTH}; yardsticks qemu-nbd on the same bytes, plain and LUKS (AES-XTS), run beside each measurement`);
   console.log(`medians of ${REPS} alternating runs (cold and first write: one run each; cold on a fresh device)`);
+  console.log(`the agent's chunk cipher in native code: ${aeadBackend()} (native/aead.cc; LETHE_AEAD=libsodium runs libsodium's)`);
   const f = (n: number) => n.toFixed(0);
   const x = (a: number, b: number) => (a / b).toFixed(2);
   console.log(
