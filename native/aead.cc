@@ -26,6 +26,10 @@
 
 namespace lethe {
 namespace aead {
+
+static_assert(KEY == crypto_aead_xchacha20poly1305_ietf_KEYBYTES && NONCE == crypto_aead_xchacha20poly1305_ietf_NPUBBYTES &&
+              TAG == crypto_aead_xchacha20poly1305_ietf_ABYTES, "the chunk format's sizes are libsodium's");
+
 namespace {
 
 using ChaChaFn = void (*)(unsigned char *out, const unsigned char *in, size_t len, const unsigned int key[8], const unsigned int counter[4]);
@@ -66,7 +70,7 @@ void setup(State *s, const uint8_t *nonce, const uint8_t *key, uint32_t ic, unsi
   ctr[0] = ic;
   ctr[1] = 0;
   ctr[2] = le32(nonce + 16);
-  ctr[3] = le32(nonce + 24 - 4);
+  ctr[3] = le32(nonce + 20);
 }
 
 void pad16(State *s, size_t len) {

@@ -30,9 +30,9 @@
 namespace lethe {
 namespace {
 
-constexpr size_t KEY = crypto_aead_xchacha20poly1305_ietf_KEYBYTES;
-constexpr size_t NONCE = crypto_aead_xchacha20poly1305_ietf_NPUBBYTES;
-constexpr size_t TAG = crypto_aead_xchacha20poly1305_ietf_ABYTES;
+using aead::KEY;
+using aead::NONCE;
+using aead::TAG;
 constexpr size_t HEAD = 1 + NONCE;  // format byte, nonce
 constexpr size_t MAX_AD = 256;
 
