@@ -13,8 +13,9 @@
 //
 // These are OpenSSL's internal calls (include/crypto/chacha.h and poly1305.h in 3.0),
 // not its public API, so they are looked up with dlsym rather than linked, and used
-// only when a self-test against libsodium on first use agrees byte for byte. Anything
-// else (another Node, a program without them, LETHE_AEAD=libsodium) runs libsodium.
+// only when a self-test against libsodium on first use agrees byte for byte and leaves
+// the State zeroed. Anything else (another Node, a program without them,
+// LETHE_AEAD=libsodium) runs libsodium.
 #include "aead.h"
 
 #include <dlfcn.h>
@@ -192,7 +193,9 @@ void choose() {
   fast = true;
   static const size_t lens[] = {0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 255, 256, 257, 511, 512, 1000, 4096, 4097, 65536 + 31};
   bool ok = true;
-  for (size_t i = 0; ok && i < sizeof lens / sizeof lens[0]; i++) ok = agrees(s, lens[i], i % 4 == 0 ? 0 : 5 + 16 * (i % 3), 1 + i % 3);
+  // Each case also checks that the calls left no key material in the State.
+  for (size_t i = 0; ok && i < sizeof lens / sizeof lens[0]; i++)
+    ok = agrees(s, lens[i], i % 4 == 0 ? 0 : 5 + 16 * (i % 3), 1 + i % 3) && sodium_is_zero(reinterpret_cast<const unsigned char *>(s), sizeof *s);
   sodium_free(s);
   if (!ok) {
     fast = false;
