@@ -73,7 +73,7 @@ export interface Addon {
   faultStats(handle: FaultHandle): FaultStats;
   diskReadsOpen(
     fd: number, digestKey: Uint8Array, keyLabel: Uint8Array, adLabel: Uint8Array, kind: number, cls: number, chunkSize: number, maxChunks: number,
-    replyBuffers: number, replyMax: number, copyBytes: number,
+    replyBuffers: number, replyMax: number, copyBytes: number, writeBuffers: number,
   ): DiskReadsHandle;
   diskReadsImage(h: DiskReadsHandle, imageId: Uint8Array): void;
   diskReadsKey(h: DiskReadsHandle, gen: number, key: Uint8Array): boolean;
@@ -84,11 +84,13 @@ export interface Addon {
   diskReadsForgetAll(h: DiskReadsHandle): void;
   diskReadsRead(h: DiskReadsHandle, offset: number, out: Uint8Array): boolean;
   diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
+  diskReadsWriteBuffers(h: DiskReadsHandle): Buffer[];
   diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
   diskReadsClose(h: DiskReadsHandle): void;
   nbdProxyStart(table: DiskReadsHandle, fd: number, leftover: Uint8Array, structured: boolean, size: number, readers: number): [NbdProxyHandle, number];
   nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
-  nbdProxyClose(h: NbdProxyHandle): void;
+  nbdProxyGiveWrite(h: NbdProxyHandle, i: number): boolean;
+  nbdProxyClose(h: NbdProxyHandle, held: number[]): void;
   sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;
   aeadBackend(): 'openssl' | 'libsodium';
   /** op 0 seal, 1 open (null on a bad tag), 2 the XChaCha20 stream from block ic. */

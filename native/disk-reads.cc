@@ -10,7 +10,9 @@
 // as before, so this path can only ever refuse, never serve bytes JavaScript would not.
 //
 //   diskReadsOpen(fd, digestKey, keyLabel, adLabel, kind, cls, chunkSize, maxChunks,
-//                 replyBuffers, replyMax, copyBytes) → handle   (the last three: the proxies' locked buffers)
+//                 replyBuffers, replyMax, copyBytes, writeBuffers) → handle
+//                                        (the last four: the proxies' locked buffers; write
+//                                        buffers hold replyMax bytes)
 //   diskReadsImage(h, imageId)           a new manifest: every chunk forgotten
 //   diskReadsKey(h, gen, key)            a class key (copied into locked memory)
 //   diskReadsZeroKeys(h)                 every class key zeroed (the lease ended)
@@ -19,6 +21,8 @@
 //   diskReadsRead(h, offset, out) → bool plaintext of disk bytes [offset, offset + out.length)
 //   diskReadsDecrypt(h, index, gen, blob, from, out) → bool  bytes of a checked blob JavaScript
 //                                        keeps in memory, under the table's class key
+//   diskReadsWriteBuffers(h) → Buffer[]  views of the write buffers the proxies lend (nbd-proxy.cc
+//                                        takes them back); each keeps the table's memory alive
 //   diskReadsStats(h), diskReadsClose(h)
 //
 // The table and its read, with no N-API in them, are disk-table.cc.
@@ -26,6 +30,8 @@
 
 #include <string.h>
 #include <unistd.h>
+
+#include <algorithm>
 
 #include "disk-table.h"
 #include "napi-helpers.h"
@@ -78,19 +84,20 @@ bool get_u32(napi_env env, napi_value v, uint32_t *out) {
 }
 
 napi_value Open(napi_env env, napi_callback_info info) {
-  napi_value argv[11];
+  napi_value argv[12];
   int32_t fd, kind, cls;
   uint8_t *dkey, *label, *ad_label;
   size_t dkey_len, label_len, ad_label_len;
-  uint32_t chunk_size, max_chunks, reply_buffers, reply_max, copy_bytes;
-  if (!get_args(env, info, 11, argv) || !get_i32(env, argv[0], &fd) || !get_bytes(env, argv[1], &dkey, &dkey_len) ||
+  uint32_t chunk_size, max_chunks, reply_buffers, reply_max, copy_bytes, write_buffers;
+  if (!get_args(env, info, 12, argv) || !get_i32(env, argv[0], &fd) || !get_bytes(env, argv[1], &dkey, &dkey_len) ||
       !get_bytes(env, argv[2], &label, &label_len) || !get_bytes(env, argv[3], &ad_label, &ad_label_len) ||
       !get_i32(env, argv[4], &kind) || !get_i32(env, argv[5], &cls) || !get_u32(env, argv[6], &chunk_size) ||
       !get_u32(env, argv[7], &max_chunks) || !get_u32(env, argv[8], &reply_buffers) || !get_u32(env, argv[9], &reply_max) ||
-      !get_u32(env, argv[10], &copy_bytes))
+      !get_u32(env, argv[10], &copy_bytes) || !get_u32(env, argv[11], &write_buffers))
     return nullptr;
   if (dkey_len != KEY || label_len > MAX_LABEL || ad_label_len > MAX_LABEL || chunk_size == 0 || chunk_size % PIECE != 0 ||
-      kind < 0 || kind > 255 || cls < 0 || cls > 255 || reply_buffers > 64 || reply_max > (1u << 24) || copy_bytes == 0 || copy_bytes > (1u << 20))
+      kind < 0 || kind > 255 || cls < 0 || cls > 255 || reply_buffers > 64 || reply_max > (1u << 24) || copy_bytes == 0 || copy_bytes > (1u << 20) ||
+      write_buffers > 64 || (write_buffers > 0 && reply_max == 0))
     return throw_type(env, "lethe_native: diskReadsOpen: bad key, label, chunk size or buffer sizes");
   if (sodium_init() < 0) return throw_errno(env, "sodium_init", EIO);
   Table *t = new Table();
@@ -123,6 +130,17 @@ napi_value Open(napi_env env, napi_callback_info info) {
     pooled = b != nullptr;
   }
   t->replies = t->reply_all;
+  t->write_bytes = reply_max;
+  for (uint32_t i = 0; i < write_buffers && pooled; i++) {
+    uint8_t *b = static_cast<uint8_t *>(sodium_malloc(t->write_bytes));
+    if (b) {
+      sodium_memzero(b, t->write_bytes);
+      t->write_all.push_back(b);
+    }
+    pooled = b != nullptr;
+  }
+  t->write_state.assign(t->write_all.size(), WRITE_FREE);
+  t->write_len.assign(t->write_all.size(), 0);
   if (!t->keys || !t->js || !pooled) {
     TableDestroy(t);
     delete t;
@@ -304,6 +322,29 @@ napi_value Close(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
+void WriteBufferGone(napi_env, void *, void *hint) {
+  TableUnref(static_cast<Table *>(hint));
+}
+
+napi_value WriteBuffers(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  Table *t = table_args(env, info, 1, argv);
+  if (!t) return nullptr;
+  napi_value list;
+  napi_create_array_with_length(env, t->write_all.size(), &list);
+  for (size_t i = 0; i < t->write_all.size(); i++) {
+    napi_value b;
+    // SAFETY: the view holds a reference to the table, which frees write_all[i] only when the last one goes
+    t->refs++;
+    if (napi_create_external_buffer(env, t->write_bytes, t->write_all[i], WriteBufferGone, t, &b) != napi_ok) {
+      TableUnref(t);
+      return throw_errno(env, "napi_create_external_buffer", ENOMEM);
+    }
+    napi_set_element(env, list, uint32_t(i), b);
+  }
+  return list;
+}
+
 }  // namespace
 
 Table *TableRef(napi_env env, napi_value handle) {
@@ -324,6 +365,7 @@ void DefineDiskReads(napi_env env, napi_value exports) {
       {"diskReadsForgetAll", nullptr, ForgetAll, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsRead", nullptr, Read, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsDecrypt", nullptr, Decrypt, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"diskReadsWriteBuffers", nullptr, WriteBuffers, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsClose", nullptr, Close, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };

@@ -11,6 +11,15 @@ import { addon, bytesArg, fdArg, show, type DiskReadsHandle, type DiskReadsStats
 
 export type { DiskReadsStats } from './addon.js';
 
+/**
+ * The magic of a LENT message from the NBD read proxy (nbd-proxy.cc names the same): in
+ * place of a write request's magic, followed by the index (32 bits) of the write buffer
+ * that holds its payload (NbdReadProxy.lentPayload).
+ */
+export const NBD_PROXY_WRITE_MAGIC = 0x4c455457;
+/** The index after a LENT message's request header. */
+export const NBD_PROXY_LENT_INDEX_BYTES = 4;
+
 const KEY_BYTES = 32;
 const IMAGE_ID_BYTES = 16;
 const MAX_LABEL_BYTES = 64;
@@ -26,8 +35,13 @@ function exactly(fn: string, name: string, v: unknown, bytes: number): Uint8Arra
   return u8;
 }
 
+/** The NBD read proxies' locked buffers (NativeDiskReads' constructor says what each is). */
+export type ProxyBuffers = { replies: number; maxRead: number; copyBytes: number; writes: number };
+
 export class NativeDiskReads {
   private h: DiskReadsHandle | null;
+  /** Views of the write buffers, made once: each keeps the table's memory alive while it lives. */
+  private writeViews?: Buffer[];
 
   /**
    * A table over the disk slot file `fd` (duplicated: the caller keeps its own).
@@ -35,7 +49,9 @@ export class NativeDiskReads {
    * derivation's (common/chunk.ts chunkKeyInto), `adLabel`, `kind` and `cls` the chunk
    * AEAD's associated data (chunkAd); at most `maxChunks` chunks are kept. The NBD read
    * proxies (proxy()) share `proxy.replies` locked reply buffers of `proxy.maxRead`
-   * bytes, and each of their threads passes payloads through `proxy.copyBytes` of its own.
+   * bytes, and `proxy.writes` locked buffers of as many bytes for writes' payloads, which
+   * they lend to JavaScript; each of their threads passes other payloads through
+   * `proxy.copyBytes` of its own.
    */
   constructor(
     fd: number,
@@ -47,7 +63,7 @@ export class NativeDiskReads {
       cls: number;
       chunkSize: number;
       maxChunks: number;
-      proxy?: { replies: number; maxRead: number; copyBytes: number };
+      proxy?: ProxyBuffers;
     },
   ) {
     const fn = 'NativeDiskReads';
@@ -61,12 +77,14 @@ export class NativeDiskReads {
     }
     if (u32(fn, 'chunkSize', opts.chunkSize) === 0 || opts.chunkSize % 4096 !== 0) throw new RangeError(`${fn}: chunkSize must be a positive multiple of 4096`);
     u32(fn, 'maxChunks', opts.maxChunks);
-    const px = opts.proxy ?? { replies: 0, maxRead: 0, copyBytes: 4096 };
+    const px = opts.proxy ?? { replies: 0, maxRead: 0, copyBytes: 4096, writes: 0 };
     if (!Number.isInteger(px.replies) || px.replies < 0 || px.replies > 64) throw new RangeError(`${fn}: proxy.replies must be 0 to 64 (got ${show(px.replies)})`);
+    if (!Number.isInteger(px.writes) || px.writes < 0 || px.writes > 64) throw new RangeError(`${fn}: proxy.writes must be 0 to 64 (got ${show(px.writes)})`);
+    if (px.writes > 0 && px.maxRead === 0) throw new RangeError(`${fn}: proxy.writes needs proxy.maxRead, their size`);
     if (!Number.isInteger(px.maxRead) || px.maxRead < 0 || px.maxRead > 1 << 24) throw new RangeError(`${fn}: proxy.maxRead must be 0 to 16 MiB (got ${show(px.maxRead)})`);
     if (!Number.isInteger(px.copyBytes) || px.copyBytes <= 0 || px.copyBytes > 1 << 20) throw new RangeError(`${fn}: proxy.copyBytes must be 1 byte to 1 MiB (got ${show(px.copyBytes)})`);
     try {
-      this.h = addon().diskReadsOpen(fd, digestKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks, px.replies, px.maxRead, px.copyBytes);
+      this.h = addon().diskReadsOpen(fd, digestKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks, px.replies, px.maxRead, px.copyBytes, px.writes);
     } catch (e) {
       throw new LetheError('INTERNAL', `cannot open the native disk-read table on fd ${fd}`, { cause: e });
     }
@@ -77,7 +95,7 @@ export class NativeDiskReads {
    * derivation, associated data and chunk size), its piece digests keyed by a key drawn
    * now and kept nowhere else.
    */
-  static forDiskChunks(fd: number, opts: { maxChunks: number; proxy?: { replies: number; maxRead: number; copyBytes: number } }): NativeDiskReads {
+  static forDiskChunks(fd: number, opts: { maxChunks: number; proxy?: ProxyBuffers }): NativeDiskReads {
     return new NativeDiskReads(fd, {
       digestKey: randomBytes(KEY_BYTES),
       keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
@@ -154,14 +172,17 @@ export class NativeDiskReads {
    * native thread; everything else comes out of the returned socket-pair fd, byte for byte,
    * and replies written to it go to the client whole. `leftover` is what the handshake read
    * past its end. Reads are served only when in [0, size), at most the table's
-   * `proxy.maxRead` bytes long, and while one of its reply buffers is free.
+   * `proxy.maxRead` bytes long, and while one of its reply buffers is free. A write's
+   * payload comes in one of the table's write buffers when one is free (a LENT message).
    */
   proxy(fd: number, leftover: Uint8Array, opts: { structured: boolean; size: number }): NbdReadProxy {
     fdArg('proxy', 'fd', fd);
     if (!Number.isSafeInteger(opts.size) || opts.size < 0) throw new RangeError(`proxy: size must be a byte count (got ${show(opts.size)})`);
     try {
-      const [h, inner] = addon().nbdProxyStart(this.handle(), fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size, NBD_PROXY_READERS);
-      return new NbdReadProxy(h, inner);
+      const h0 = this.handle();
+      this.writeViews ??= addon().diskReadsWriteBuffers(h0);
+      const [h, inner] = addon().nbdProxyStart(h0, fd, bytesArg('proxy', 'leftover', leftover), opts.structured === true, opts.size, NBD_PROXY_READERS);
+      return new NbdReadProxy(h, inner, this.writeViews);
     } catch (e) {
       if (e instanceof LetheError) throw e;
       throw new LetheError('INTERNAL', `cannot start the NBD read proxy on fd ${fd}`, { cause: e });
@@ -175,25 +196,50 @@ export class NativeDiskReads {
   }
 }
 
-/** A connection's native read proxy: its socket-pair end for JavaScript, what it served, and how to stop it. */
+/**
+ * A connection's native read proxy: its socket-pair end for JavaScript, the write buffers
+ * it lends, what it served, and how to stop it.
+ */
 export class NbdReadProxy {
-  private h: NbdProxyHandle | null;
+  private readonly h: NbdProxyHandle;
 
   constructor(
     h: NbdProxyHandle,
     /** JavaScript's end of the socket pair (its to own: wrap it in a net.Socket). */
     readonly fd: number,
+    private readonly writeViews: readonly Buffer[],
   ) {
     this.h = h;
   }
 
-  /** Reads answered by the proxy, and their bytes. */
-  stats(): { reads: number; bytes: number } {
-    return this.h ? addon().nbdProxyStats(this.h) : { reads: 0, bytes: 0 };
+  /**
+   * The payload of a LENT message: `length` bytes of write buffer `i`, JavaScript's until
+   * giveWrite(i). Throws for an index or a length no write buffer has.
+   */
+  lentPayload(i: number, length: number): Buffer {
+    const b = this.writeViews[i];
+    if (!b || !Number.isInteger(length) || length <= 0 || length > b.length) {
+      throw new LetheError('INTERNAL', `the NBD read proxy lent write buffer ${show(i)} of ${show(length)} bytes, which it does not have`);
+    }
+    return b.subarray(0, length);
   }
 
-  /** Shuts both of its sockets: its threads end, and the client sees the connection end. */
-  close(): void {
-    if (this.h) addon().nbdProxyClose(this.h);
+  /** Write buffer i back to the proxy, which zeroes it; throws if this proxy did not lend it (or it came back already). */
+  giveWrite(i: number): void {
+    if (!addon().nbdProxyGiveWrite(this.h, i)) throw new LetheError('INTERNAL', `write buffer ${show(i)} was not lent through this connection`);
+  }
+
+  /** Reads answered by the proxy, and their bytes. */
+  stats(): { reads: number; bytes: number } {
+    return addon().nbdProxyStats(this.h);
+  }
+
+  /**
+   * Shuts both of its sockets: its threads end, and the client sees the connection end.
+   * Buffers it lent that are not in `held` (those JavaScript still writes from, to give
+   * back later) are zeroed and freed: their LENT messages were never read.
+   */
+  close(held: Iterable<number> = []): void {
+    addon().nbdProxyClose(this.h, [...held]);
   }
 }

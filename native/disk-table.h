@@ -79,10 +79,25 @@ struct Table {
   std::condition_variable reply_free;  // a buffer came back to `replies`
   size_t reply_bytes = 0;
   size_t copy_bytes = 0;
+  /**
+   * Locked buffers for writes' payloads, shared by the proxies: a requests thread reads a
+   * write's payload into a free one and lends it to JavaScript, which writes from it and
+   * gives it back. Under write_mu: write_state (WRITE_FREE, WRITE_FILLING, WRITE_LENT)
+   * and write_len (the bytes in it, zeroed when it is given back). JavaScript's views of
+   * them each hold a reference to the table, so none is freed while JavaScript can reach it.
+   */
+  std::mutex write_mu;
+  std::condition_variable write_free;  // a buffer became WRITE_FREE
+  std::vector<uint8_t *> write_all;
+  std::vector<uint8_t> write_state;
+  std::vector<uint32_t> write_len;
+  size_t write_bytes = 0;
 
   ~Table() {
     /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
     for (uint8_t *b : reply_all) sodium_free(b);
+    /* SAFETY: the same, and no JavaScript view of them is left: each held a reference */
+    for (uint8_t *b : write_all) sodium_free(b);
   }
 };
 
@@ -108,6 +123,17 @@ size_t TableMaxReply(const Table *t);
 /** A locked reply buffer of REPLY_HEADER_ROOM + TableMaxReply bytes, waiting up to `wait_ms` for one; null when all stay out (the read goes to JavaScript). */
 uint8_t *TableTakeReply(Table *t, int wait_ms);
 void TableGiveReply(Table *t, uint8_t *buf);
+enum : uint8_t { WRITE_FREE, WRITE_FILLING, WRITE_LENT };
+/** The index of a free write buffer (of TableMaxWrite bytes), now WRITE_FILLING, waiting up to `wait_ms` for one; -1 when none comes (the write goes to JavaScript the old way). */
+int TableTakeWrite(Table *t, int wait_ms);
+size_t TableMaxWrite(const Table *t);
+/** Write buffer i, holding `len` bytes of a payload: JavaScript's until it gives it back. */
+void TableLendWrite(Table *t, int i, uint32_t len);
+/**
+ * Zeroes write buffer i (its filled bytes, or `len` when it was never lent) and frees it,
+ * if it is in state `from`; false (nothing done) if it is not.
+ */
+bool TableGiveWrite(Table *t, int i, uint8_t from, size_t len = 0);
 /** Bytes of the locked buffer each proxy thread passes payloads through. */
 size_t TableCopyBytes(const Table *t);
 

@@ -9,7 +9,11 @@
 //             request: one connection's reads are decrypted on as many cores. Anything
 //             else (a write and its payload, a flush, a read the table refuses, a request
 //             that breaks the protocol) goes on, byte for byte, to JavaScript over a
-//             socket pair, where the connection runs as before.
+//             socket pair, where the connection runs as before. A write's payload
+//             is read into one of the table's locked write buffers when one is free,
+//             and only the request goes to JavaScript, with the buffer lent to it
+//             (a LENT message: the request with PROXY_WRITE_MAGIC, then the buffer's
+//             index); JavaScript writes from the buffer and gives it back, zeroed.
 //   replies   copies JavaScript's replies to the client, one whole reply at a time.
 //
 // All write to the client under one lock, so replies never interleave; replies to reads
@@ -23,7 +27,11 @@
 //
 //   nbdProxyStart(table, fd, leftover, structured, size, readers) → [handle, innerFd]
 //   nbdProxyStats(h) → { reads, bytes }        reads answered here
-//   nbdProxyClose(h)                           JavaScript's side ends; the client's once every reply is out
+//   nbdProxyGiveWrite(h, i) → bool             write buffer i back from JavaScript, zeroed; false if
+//                                              this connection did not lend it
+//   nbdProxyClose(h, held)                     JavaScript's side ends; the client's once every reply is
+//                                              out. Buffers lent here and not in `held` (lent messages
+//                                              JavaScript never read) are zeroed and freed now
 #include <node_api.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -32,6 +40,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -54,6 +63,13 @@ constexpr uint16_t NBD_CMD_FLAG_FUA = 1 << 0, NBD_CMD_FLAG_DF = 1 << 2;
 constexpr uint16_t NBD_REPLY_FLAG_DONE = 1 << 0;
 constexpr uint16_t NBD_REPLY_TYPE_OFFSET_DATA = 1;
 constexpr size_t REQUEST = 28, SIMPLE = 16, STRUCTURED = 20;
+/**
+ * A LENT message's magic, in place of the request's (native/disk-reads.ts names the
+ * same): the write's payload is in the write buffer whose index follows. Never one a
+ * client can send through: a request with this magic goes on with its magic zeroed.
+ */
+constexpr uint32_t PROXY_WRITE_MAGIC = 0x4c455457;  // "LETW"
+constexpr size_t LENT = REQUEST + 4;
 /**
  * How long a read waits for one of the shared reply buffers before it goes to
  * JavaScript: the buffers come back as fast as replies go out, unless a client is
@@ -97,6 +113,9 @@ struct Proxy {
   /** Simple replies carry no length: a forwarded read's, by cookie, in order. */
   std::unordered_map<uint64_t, std::deque<uint32_t>> pending;
   std::atomic<uint64_t> reads{0}, bytes{0};
+  /** Write buffers lent to JavaScript through this connection, not given back yet: whoever takes one out of here frees it. */
+  std::mutex lmu;
+  std::vector<int> lent;
   std::atomic<bool> closed{false};
   /** The threads and the handle: the last to let go closes the sockets and frees. */
   std::atomic<int> refs{0};
@@ -232,6 +251,46 @@ bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, 
   return ok;
 }
 
+/** Takes write buffer i out of `p->lent` and frees it (zeroed); false if it was not there. */
+bool take_back(Proxy *p, int i) {
+  {
+    std::lock_guard<std::mutex> g(p->lmu);
+    auto it = std::find(p->lent.begin(), p->lent.end(), i);
+    if (it == p->lent.end()) return false;
+    p->lent.erase(it);
+  }
+  return TableGiveWrite(p->table, i, WRITE_LENT);
+}
+
+/** Frees every buffer lent through this connection but those in `held` (JavaScript still writes from them). */
+void reclaim(Proxy *p, const std::vector<int> &held) {
+  std::vector<int> lost;
+  {
+    std::lock_guard<std::mutex> g(p->lmu);
+    for (int i : p->lent)
+      if (std::find(held.begin(), held.end(), i) == held.end()) lost.push_back(i);
+  }
+  for (int i : lost) take_back(p, i);
+}
+
+/**
+ * n bytes from the client into b, as from_client; `got` says how many came (all of
+ * them, unless it returns false).
+ */
+bool from_client_counted(Proxy *p, uint8_t *b, size_t n, size_t *got) {
+  size_t have = std::min(n, p->leftover.size() - p->leftover_at);
+  if (have > 0 && !from_client(p, b, have)) return false;
+  *got = have;
+  while (*got < n) {
+    /* SAFETY: [b + got, b + n) lies in the caller's buffer */
+    ssize_t k = recv(p->client, b + *got, n - *got, MSG_DONTWAIT);
+    if (k < 0 && (errno == EINTR || ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_for(p->client, POLLIN)))) continue;
+    if (k <= 0) return false;
+    *got += size_t(k);
+  }
+  return true;
+}
+
 /** Hands a request header on to JavaScript; a read's length is kept for its simple reply. */
 bool forward(Proxy *p, const uint8_t *h) {
   uint32_t magic = be32(h);
@@ -241,6 +300,39 @@ bool forward(Proxy *p, const uint8_t *h) {
     p->pending[be64(h + 8)].push_back(be32(h + 24));
   }
   return send_all(p->inner, h, REQUEST);
+}
+
+/**
+ * A write's payload (len bytes, after request h) read into write buffer i (WRITE_FILLING,
+ * this thread's) and lent to JavaScript in a LENT message; rmu held. A payload cut short
+ * goes on to JavaScript as it came, request and bytes, as it would without a buffer, and
+ * the buffer is freed; so is it when the message cannot be sent whole. False when the
+ * connection ends.
+ */
+bool lend(Proxy *p, const uint8_t *h, int i, uint32_t len) {
+  uint8_t *buf = p->table->write_all[size_t(i)];
+  size_t got = 0;
+  bool filled = from_client_counted(p, buf, len, &got);
+  std::lock_guard<std::mutex> gi(p->imu);
+  if (!filled) {
+    if (forward(p, h)) send_all(p->inner, buf, got);
+    TableGiveWrite(p->table, i, WRITE_FILLING, got);
+    return false;
+  }
+  TableLendWrite(p->table, i, len);
+  {
+    std::lock_guard<std::mutex> g(p->lmu);
+    p->lent.push_back(i);
+  }
+  uint8_t m[LENT];
+  memcpy(m, h, REQUEST);
+  put32(m, PROXY_WRITE_MAGIC);
+  put32(m + REQUEST, uint32_t(i));
+  if (!send_all(p->inner, m, LENT)) {
+    take_back(p, i);  // JavaScript never had the whole message
+    return false;
+  }
+  return true;
 }
 
 /**
@@ -268,6 +360,14 @@ void *requests(void *arg) {
       if (magic == NBD_REQUEST_MAGIC && type == NBD_CMD_READ && (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) == 0 && len > 0 &&
           len <= p->max_read && offset <= p->size && len <= p->size - offset && r) {
         p->serving++;
+      } else if (int i; magic == NBD_REQUEST_MAGIC && type == NBD_CMD_WRITE && len > 0 && len <= TableMaxWrite(p->table) &&
+                        (i = TableTakeWrite(p->table, REPLY_WAIT_MS)) >= 0) {
+        // The payload into a buffer lent to JavaScript: it never passes the socket pair.
+        if (!lend(p, h, i, len)) {
+          p->ended = true;
+          break;
+        }
+        continue;
       } else {
         // Not ours: JavaScript answers it, as it would without the proxy. A DISC waits for
         // the reads being served here: JavaScript may end the connection once it has it.
@@ -276,6 +376,7 @@ void *requests(void *arg) {
           p->served.wait(g, [p] { return p->serving == 0; });
         }
         std::lock_guard<std::mutex> gi(p->imu);
+        if (magic == PROXY_WRITE_MAGIC) put32(h, 0);  // not a LENT message: JavaScript must not take it for one
         bool ok = forward(p, h);
         if (ok && magic != NBD_REQUEST_MAGIC) {
           // The client broke the protocol: JavaScript says so and hangs up; it gets whatever follows.
@@ -368,6 +469,7 @@ Proxy *get_proxy(napi_env env, napi_value v) {
 void Finalize(napi_env, void *data, void *) {
   Proxy *p = static_cast<Proxy *>(data);
   finish(p);
+  reclaim(p, {});  // no JavaScript is left to give any back
   unref(p);
 }
 
@@ -451,21 +553,45 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 1, argv)) return nullptr;
   Proxy *p = get_proxy(env, argv[0]);
   if (!p) return nullptr;
-  napi_value r, reads, bytes;
+  napi_value r, v;
   napi_create_object(env, &r);
-  napi_create_double(env, double(p->reads.load()), &reads);
-  napi_create_double(env, double(p->bytes.load()), &bytes);
-  napi_set_named_property(env, r, "reads", reads);
-  napi_set_named_property(env, r, "bytes", bytes);
+  const std::pair<const char *, double> fields[] = {{"reads", double(p->reads.load())}, {"bytes", double(p->bytes.load())}};
+  for (auto &f : fields) {
+    napi_create_double(env, f.second, &v);
+    napi_set_named_property(env, r, f.first, v);
+  }
+  return r;
+}
+
+napi_value GiveWrite(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t i;
+  if (!get_args(env, info, 2, argv)) return nullptr;
+  Proxy *p = get_proxy(env, argv[0]);
+  if (!p || !get_i32(env, argv[1], &i)) return nullptr;
+  napi_value r;
+  napi_get_boolean(env, take_back(p, i), &r);
   return r;
 }
 
 napi_value Close(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return nullptr;
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return nullptr;
   Proxy *p = get_proxy(env, argv[0]);
+  bool is_array = false;
+  uint32_t n = 0;
   if (!p) return nullptr;
+  if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array) return throw_type(env, "lethe_native: nbdProxyClose: held must be an array of buffer indices");
+  napi_get_array_length(env, argv[1], &n);
+  std::vector<int> held;
+  for (uint32_t k = 0; k < n; k++) {
+    napi_value e;
+    int32_t i;
+    if (napi_get_element(env, argv[1], k, &e) != napi_ok || !get_i32(env, e, &i)) return nullptr;
+    held.push_back(i);
+  }
   finish(p);
+  reclaim(p, held);
   return undefined(env);
 }
 
@@ -475,6 +601,7 @@ void DefineNbdProxy(napi_env env, napi_value exports) {
   const napi_property_descriptor props[] = {
       {"nbdProxyStart", nullptr, Start, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"nbdProxyStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"nbdProxyGiveWrite", nullptr, GiveWrite, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"nbdProxyClose", nullptr, Close, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

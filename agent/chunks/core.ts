@@ -13,6 +13,7 @@
 // read path itself is here.
 import {
   DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+  NBD_PROXY_WRITE_BUFFERS,
   type ChunkKind, type Sensitivity,
 } from '../../common/constants.js';
 import { CHUNK_CT_AT, decryptChunkInto, decryptChunkPartInto, decryptChunkRangeInto, verifyChunk } from '../../common/chunk.js';
@@ -77,7 +78,7 @@ export class AgentCore {
     });
     this.fast = NativeDiskReads.forDiskChunks(cache.slotFd('disk'), {
       maxChunks: DISK_PIECE_CHUNKS,
-      proxy: { replies: NBD_PROXY_REPLY_BUFFERS, maxRead: DISK_REPLY_BUFFER_BYTES, copyBytes: NBD_PROXY_COPY_BYTES },
+      proxy: { replies: NBD_PROXY_REPLY_BUFFERS, maxRead: DISK_REPLY_BUFFER_BYTES, copyBytes: NBD_PROXY_COPY_BYTES, writes: NBD_PROXY_WRITE_BUFFERS },
     });
     // What the table read lies where the cache has moved on, or was written over, or the keys are gone.
     cache.onReplace = (k) => k.kind === 'disk' && this.fast.forget(k.index);

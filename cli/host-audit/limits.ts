@@ -2,7 +2,7 @@
 // agent needs for its keys and plaintext buffers (RLIMIT_MEMLOCK).
 import {
   DISK_CHUNK_SIZE, DISK_LARGE_BUFFER_BYTES, DISK_REPLY_BUFFER_BYTES, DISK_REPLY_BUFFERS, DISK_TRANSIT_BUFFERS, FAULT_PAGE_BUFFERS, KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS,
-  MEM_CHUNK_SIZE, NBD_PROXY_COPY_BYTES, NBD_PROXY_READERS, NBD_PROXY_REPLY_BUFFERS,
+  MEM_CHUNK_SIZE, NBD_PROXY_COPY_BYTES, NBD_PROXY_READERS, NBD_PROXY_REPLY_BUFFERS, NBD_PROXY_WRITE_BUFFERS,
 } from '../../common/constants.js';
 import { NBD_MAX_CONNECTIONS } from '../../agent/index.js';
 import { formatBytes } from '../../policies/format.js';
@@ -28,8 +28,9 @@ const AGENT_LOCKS = {
   // (agent/disk/backend.ts).
   diskLarge: locked(DISK_LARGE_BUFFER_BYTES),
   // The native disk-read table (native/disk-reads.cc): its class keys, JavaScript's
-  // scratch, and the reply buffers the NBD read proxies share (32 bytes of header room each).
-  diskReadTable: 2 * PAGE + NBD_PROXY_REPLY_BUFFERS * locked(32 + DISK_REPLY_BUFFER_BYTES),
+  // scratch, the reply buffers the NBD read proxies share (32 bytes of header room each)
+  // and the write buffers they lend for writes' payloads.
+  diskReadTable: 2 * PAGE + NBD_PROXY_REPLY_BUFFERS * locked(32 + DISK_REPLY_BUFFER_BYTES) + NBD_PROXY_WRITE_BUFFERS * locked(DISK_REPLY_BUFFER_BYTES),
   // Each NBD connection's read proxy: two payload buffers, and each requests thread's scratch.
   proxyConnection: 2 * locked(NBD_PROXY_COPY_BYTES) + NBD_PROXY_READERS * PAGE,
 };

@@ -178,7 +178,7 @@ async function proxiedFile(dir: string, size: number): Promise<{ backend: BlockB
   const plain = await FileBackend.open(file);
   const slots = path.join(dir, 'slots');
   const fd = fs.openSync(slots, 'w+');
-  const table = NativeDiskReads.forDiskChunks(fd, { maxChunks: size / DISK_CHUNK_SIZE, proxy: { replies: 2, maxRead: 256 * 1024, copyBytes: 4096 } });
+  const table = NativeDiskReads.forDiskChunks(fd, { maxChunks: size / DISK_CHUNK_SIZE, proxy: { replies: 2, maxRead: 256 * 1024, copyBytes: 4096, writes: 2 } });
   const imageId = Buffer.alloc(16, 3);
   const classKey = randomBytes(32);
   table.image(imageId);

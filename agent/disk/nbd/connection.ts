@@ -2,7 +2,7 @@
 // then transmission: requests read, checked against proto.md, run on the export's
 // backend with many in flight, and answered whole, in simple or structured replies.
 import net from 'node:net';
-import { socketFd, type NbdReadProxy } from '../../../native/index.js';
+import { NBD_PROXY_LENT_INDEX_BYTES, NBD_PROXY_WRITE_MAGIC, socketFd, type NbdReadProxy } from '../../../native/index.js';
 import { errorChain } from '../../../common/errors.js';
 import { Handshake } from './handshake.js';
 import { ALLOWED_FLAGS, ERROR_NAMES, messageBytes, nbdError, parseRequest, simpleReply, structuredHeader } from './messages.js';
@@ -20,6 +20,14 @@ export class Connection {
   private socket: net.Socket;
   private outer: net.Socket | null = null;
   private proxy: NbdReadProxy | null = null;
+  /**
+   * The proxy whose write buffers this connection writes from: still there once it has
+   * closed, for the writes in flight to give theirs back. `lentHeld`: the buffers this
+   * connection took (from LENT messages) and has not given back.
+   */
+  private lender: NbdReadProxy | null = null;
+  private readonly lentHeld = new Set<number>();
+  private lenderClosed = false;
   private structured = false;
   private export: Export | null = null;
   private readonly handlers = new Set<Promise<void>>();
@@ -74,12 +82,15 @@ export class Connection {
     const { reader, onread } = ByteReader.onread();
     const inner = new net.Socket({ fd: this.proxy.fd, readable: true, writable: true, onread } as net.SocketConstructorOpts);
     this.outer = outer;
+    this.lender = this.proxy;
     this.socket = inner;
     this.reader = this.attach(inner, reader(inner));
     // JavaScript's side is done (or failed): the proxy stops, and so does the client's socket.
     inner.on('close', () => {
       const proxy = this.proxy!;
-      proxy.close();
+      // Buffers lent in messages never read are taken back now; a message read later is refused.
+      proxy.close(this.lentHeld);
+      this.lenderClosed = true;
       this.proxy = null;
       const { reads, bytes } = proxy.stats();
       const c = this.srv.counters;
@@ -138,19 +149,61 @@ export class Connection {
     for (;;) {
       await this.slot();
       if (this.shuttingDown) return;
-      const req = parseRequest(await this.reader.read(P.REQUEST_HEADER_BYTES, true), exp.backend.size);
+      const head = await this.reader.read(P.REQUEST_HEADER_BYTES, true);
+      const lent = this.lender && head.readUInt32BE(0) === NBD_PROXY_WRITE_MAGIC ? await this.lentIndex(head) : undefined;
+      const req = parseRequest(head, exp.backend.size);
       const name = P.COMMAND_NAMES[req.type] ?? 'unknown';
       this.srv.counters.requests[name] = (this.srv.counters.requests[name] ?? 0) + 1;
+      if (lent !== undefined) {
+        this.lentHeld.add(lent);
+        this.srv.counters.proxied.lentWrites++;
+        if (req.type !== P.NBD_CMD_WRITE) {
+          this.giveLent(lent);
+          throw new Error(`the NBD read proxy lent a buffer for a request of type ${req.type}, not a write`);
+        }
+      }
       if (req.type === P.NBD_CMD_DISC) return;
       const problem = this.validate(req, exp.backend);
-      if (req.type === P.NBD_CMD_WRITE) await this.receiveWrite(req, problem);
+      if (req.type === P.NBD_CMD_WRITE) await this.receiveWrite(req, problem, lent);
       else if (problem) void this.replyError(req, problem);
       else this.dispatch(req, null);
     }
   }
 
-  /** Reads a write's payload (or skips it, if the write is refused) and dispatches it. */
-  private async receiveWrite(req: Request, problem: Problem | null): Promise<void> {
+  /**
+   * A LENT message's buffer index, after its request header (`head`, whose magic becomes a
+   * request's again). The connection holds that buffer from here; a message read once the
+   * proxy has closed is refused, as the proxy took its buffer back.
+   */
+  private async lentIndex(head: Buffer): Promise<number> {
+    const i = (await this.reader.read(NBD_PROXY_LENT_INDEX_BYTES)).readUInt32BE(0);
+    if (this.lenderClosed) throw new ConnectionEnded('the read proxy closed: its lent write buffers are back');
+    head.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
+    return i;
+  }
+
+  /** A lent write buffer back to the proxy (zeroed there). */
+  private giveLent(i: number): void {
+    this.lentHeld.delete(i);
+    this.lender!.giveWrite(i);
+  }
+
+  /**
+   * Reads a write's payload (or skips it, if the write is refused) and dispatches it.
+   * With `lent`, the payload is already in that buffer the proxy lent: given back here,
+   * unless the write is dispatched, which gives it back once done.
+   */
+  private async receiveWrite(req: Request, problem: Problem | null, lent?: number): Promise<void> {
+    let handed = false;
+    try {
+      handed = await this.takeWrite(req, problem, lent);
+    } finally {
+      if (lent !== undefined && !handed) this.giveLent(lent);
+    }
+  }
+
+  /** receiveWrite(), which says whether it dispatched the write. */
+  private async takeWrite(req: Request, problem: Problem | null, lent: number | undefined): Promise<boolean> {
     const max = this.srv.opts.blockSize.maximum;
     if (req.length > max) {
       // proto.md: the client MUST NOT send more than the maximum payload, and
@@ -160,9 +213,15 @@ export class Connection {
       throw new ProtocolError(message);
     }
     if (problem) {
-      await this.reader.skip(req.length);
+      if (lent === undefined) await this.reader.skip(req.length);
       void this.replyError(req, problem);
-      return;
+      return false;
+    }
+    if (lent !== undefined) {
+      const data = this.lender!.lentPayload(lent, req.length);
+      this.srv.counters.bytesWritten += req.length;
+      this.dispatch(req, data, lent);
+      return true;
     }
     this.inFlightBytes += req.length;
     const b = this.export!.backend;
@@ -179,6 +238,7 @@ export class Connection {
     this.srv.counters.bytesWritten += req.length;
     this.inFlightBytes -= req.length;
     this.dispatch(req, data);
+    return false;
   }
 
   /** Returns the error proto.md names for a request we will not run, or null. */
@@ -199,11 +259,14 @@ export class Connection {
     return { error, message: `${cmd} of ${req.length} bytes at ${req.offset} is beyond the export size ${b.size}` };
   }
 
-  /** Starts a request; its backend call begins before this returns, so a later flush sees it. */
-  private dispatch(req: Request, data: Buffer | null): void {
+  /**
+   * Starts a request; its backend call begins before this returns, so a later flush sees it.
+   * A write from a lent buffer (`lent`) gives it back once done.
+   */
+  private dispatch(req: Request, data: Buffer | null, lent?: number): void {
     const cost = req.type === P.NBD_CMD_READ ? req.length : (data?.length ?? 0);
     this.inFlightBytes += cost;
-    const h = this.execute(req, data).finally(() => {
+    const h = this.execute(req, data, lent).finally(() => {
       this.handlers.delete(h);
       this.inFlightBytes -= cost;
       this.freeSlot();
@@ -211,7 +274,7 @@ export class Connection {
     this.handlers.add(h);
   }
 
-  private async execute(req: Request, data: Buffer | null): Promise<void> {
+  private async execute(req: Request, data: Buffer | null, lent: number | undefined): Promise<void> {
     const b = this.export!.backend;
     const fua = (req.flags & P.NBD_CMD_FLAG_FUA) !== 0;
     try {
@@ -230,7 +293,8 @@ export class Connection {
           try {
             if (req.length > 0) await this.tracked(b.write(req.offset, data!, fua));
           } finally {
-            if (b.payload && req.length > 0) b.release?.(data!);
+            if (lent !== undefined) this.giveLent(lent);
+            else if (b.payload && req.length > 0) b.release?.(data!);
           }
           break;
         case P.NBD_CMD_FLUSH:

@@ -40,7 +40,7 @@ export class NbdServer {
     protocolErrors: 0,
     refusedPeers: 0,
     backendErrors: 0,
-    proxied: { reads: 0, bytes: 0 },
+    proxied: { reads: 0, bytes: 0, lentWrites: 0 },
   };
 
   /** Throws LetheError CONFIG on an export or option proto.md does not allow. */

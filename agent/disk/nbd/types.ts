@@ -86,8 +86,12 @@ export interface NbdStats {
   refusedPeers: number;
   /** Backend calls that rejected. */
   backendErrors: number;
-  /** Reads the native read proxy answered without JavaScript, and their bytes (also in `requests.read` and `bytesRead`). */
-  proxied: { reads: number; bytes: number };
+  /**
+   * Reads the native read proxy answered without JavaScript, and their bytes (also in
+   * `requests.read` and `bytesRead`); writes whose payload it read into a buffer it lent
+   * (also in `requests.write`).
+   */
+  proxied: { reads: number; bytes: number; lentWrites: number };
 }
 
 export interface Export {
