@@ -11,7 +11,7 @@ import { sealWrite } from '../../native/index.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
 import type { ChunkCache, SlotRow } from './cache.js';
 import type { CheckedBlobs } from './checked-blobs.js';
-import type { ChunkKeys } from './chunk-keys.js';
+import { KEY_BATCH, type ChunkKeys } from './chunk-keys.js';
 import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
 
 /** Check-in requests stay under the server's upload limit. */
@@ -52,6 +52,7 @@ export class ChunkWriter {
     const batch = kind === 'disk' && !k.hasWriteKey(kind, index) && !k.writeKeyPending(kind, index) ? k.writeNeighbours(kind, index) : [index];
     await k.ensureWriteKeys(kind, batch);
     if (kind === 'disk') {
+      this.writeKeysAhead(kind, index);
       const w = await this.storeOffLoop(kind, index, data);
       try {
         this.adopt(kind, index, w);
@@ -63,6 +64,21 @@ export class ChunkWriter {
     }
     // Stored and adopted in one turn: the blob can live in the one scratch buffer.
     this.adopt(kind, index, this.store(kind, index, data, this.blobScratch));
+  }
+
+  /**
+   * A run of disk writes (this chunk's predecessor written under this lease) asks for the
+   * next batch of write keys once it is half way through the batch it holds, so that a copy
+   * onto the disk does not stop at each batch for a round trip to the server. A write out
+   * of a run asks for nothing more than its own batch. Failures are left to the write that
+   * needs the key: it asks again and reports them.
+   */
+  private writeKeysAhead(kind: ChunkKind, index: number): void {
+    const k = this.chunkKeys;
+    const ahead = index + KEY_BATCH / 2;
+    if (ahead * CHUNK_SIZE[kind] >= this.map.sizeOf(kind) || k.hasWriteKey(kind, ahead) || k.writeKeyPending(kind, ahead)) return;
+    if (this.map.writeGen === undefined || this.map.entries[kind].get(index - 1)?.gen !== this.map.writeGen) return;
+    k.ensureWriteKeys(kind, k.writeNeighbours(kind, ahead)).catch(() => {});
   }
 
   /** Buffers for blobs sealed off the event loop (ciphertext), reused. */

@@ -6,6 +6,8 @@ import { randomBytes } from 'node:crypto';
 import { DeviceClient } from '../../agent/remote/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { agentInProcessSuite, rejects, testUnlock } from '../helpers/fixtures.js';
+import { waitFor } from '../helpers/proc.js';
+import { KEY_BATCH } from '../../agent/chunks/chunk-keys.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 
 const PAGE = 4096;
@@ -115,5 +117,34 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
       client.close();
       closeIdentity(id);
     }
+  });
+});
+
+describe('disk write keys in the agent core (real server)', function () {
+  this.timeout(60_000);
+  const CHUNK = 128 * 1024;
+  const CHUNKS = 3 * KEY_BATCH + 10;
+  const t = agentInProcessSuite('disk-keys', { plain: { disk: randomBytes(CHUNKS * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
+  const held = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i).filter((i) => t.agent.core.hasWriteKey('disk', i));
+
+  it("a run of writes asks for the next batch of write keys half way through the one it holds; a write out of a run does not", async () => {
+    const core = t.agent.core;
+    const before = core.stats.keyRequests;
+    await core.write('disk', 0, randomBytes(CHUNK));
+    expect(core.stats.keyRequests - before, 'the first write: its batch').to.equal(1);
+    expect(held(0, CHUNKS)).to.deep.equal(Array.from({ length: KEY_BATCH }, (_, i) => i));
+    for (let i = 1; i < KEY_BATCH / 2; i++) await core.write('disk', i, randomBytes(CHUNK));
+    expect(core.stats.keyRequests - before, 'still inside the first half').to.equal(1);
+    await core.write('disk', KEY_BATCH / 2, randomBytes(CHUNK));
+    // Asked for in the background, before the run needs them.
+    await waitFor(async () => held(KEY_BATCH, 2 * KEY_BATCH).length === KEY_BATCH || undefined, 20_000, 'the next batch of write keys');
+    expect(core.stats.keyRequests - before).to.equal(2);
+    for (let i = KEY_BATCH / 2 + 1; i <= KEY_BATCH; i++) await core.write('disk', i, randomBytes(CHUNK));
+    expect(core.stats.keyRequests - before, 'the run reached the next batch without a wait').to.equal(2);
+    // A write whose predecessor was not written is not a run: nothing is asked for ahead of it.
+    const lone = KEY_BATCH + KEY_BATCH / 2 + 4; // held, its predecessor not written, the keys half a batch ahead not held
+    await core.write('disk', lone, randomBytes(CHUNK));
+    expect(core.stats.keyRequests - before, 'a lone write asks for nothing ahead').to.equal(2);
+    expect(held(2 * KEY_BATCH, CHUNKS)).to.deep.equal([]);
   });
 });
