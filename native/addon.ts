@@ -114,6 +114,8 @@ export interface DiskReadsStats {
   fallbacks: number;
   /** Pieces that did not match their digest (damage to the cache file); the chunk was forgotten. */
   mismatches: number;
+  /** Write buffers out of the NBD read proxies' hands: being filled, or lent to JavaScript. */
+  writesOut: number;
 }
 
 let loaded: Addon | undefined;

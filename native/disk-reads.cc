@@ -300,12 +300,17 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   Table *t = table_args(env, info, 1, argv);
   if (!t) return nullptr;
+  size_t out = 0;
+  {
+    std::lock_guard<std::mutex> g(t->write_mu);
+    for (uint8_t state : t->write_state) out += state != WRITE_FREE;
+  }
   std::lock_guard<std::mutex> g(t->mu);
   napi_value r, v;
   napi_create_object(env, &r);
   const std::pair<const char *, double> fields[] = {
       {"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
-      {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}};
+      {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"writesOut", double(out)}};
   for (auto &f : fields) {
     napi_create_double(env, f.second, &v);
     napi_set_named_property(env, r, f.first, v);

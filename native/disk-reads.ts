@@ -163,7 +163,7 @@ export class NativeDiskReads {
   }
 
   stats(): DiskReadsStats {
-    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0 };
+    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, writesOut: 0 };
   }
 
   /**

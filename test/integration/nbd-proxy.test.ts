@@ -2,9 +2,10 @@
 // a real server: reads of checked normal-class chunks are answered by its native
 // thread, every other request reaches the JavaScript connection in the same stream and
 // is answered as before, in simple and structured replies, pipelined, and through real
-// clients (nbdcopy, qemu-io); a write is seen by the next read; every way a connection
-// ends (DISC, a client gone mid-payload, a broken protocol, the server closing) ends it
-// on both sides.
+// clients (nbdcopy, qemu-io); a write is seen by the next read, its payload in a buffer
+// the proxy lends, which comes back zeroed however the connection ends; every way a
+// connection ends (DISC, a client gone mid-payload, a broken protocol, the server
+// closing) ends it on both sides.
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -15,6 +16,7 @@ import type { RunningAgent } from '../../agent/daemon/start.js';
 import { AgentDiskBackend } from '../../agent/disk/backend.js';
 import * as P from '../../agent/disk/nbd/protocol.js';
 import { NbdServer } from '../../agent/disk/nbd/server.js';
+import { NBD_PROXY_WRITE_MAGIC } from '../../native/index.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 import { agentInProcess } from '../helpers/fixtures.js';
 import { RawClient, type Reply } from '../helpers/nbd-client.js';
@@ -201,6 +203,94 @@ describe('the NBD read proxy (real server, agent and clients)', function () {
       expectSameBytes(readData(r.get(1n)!, 4096), plain.subarray(4096, 8192));
     } finally {
       c.destroy();
+    }
+  });
+
+  /** The table's write buffers, as the proxies lend them: none out, and every byte zero. */
+  async function writeBuffersBack(): Promise<void> {
+    const table = agent.core.readTable;
+    await waitFor(async () => table.stats().writesOut === 0 || undefined, 10_000, 'every write buffer back');
+    const views = (table as unknown as { writeViews: Buffer[] }).writeViews;
+    expect(views.length).to.be.greaterThan(0);
+    views.forEach((v, i) => expect(v.every((b) => b === 0), `write buffer ${i} zeroed`).to.equal(true));
+  }
+
+  it("a write's payload comes in a buffer the proxy lends: every write lands, and each buffer comes back zeroed", async () => {
+    const c = await client(true);
+    try {
+      const lent = nbd.stats().proxied.lentWrites;
+      const writes = [
+        { at: 8 * CHUNK, length: CHUNK }, // a whole chunk
+        { at: 9 * CHUNK + 100, length: 5000 }, // part of one
+        { at: 10 * CHUNK, length: 2 * CHUNK }, // two whole chunks: as long as a write buffer
+        { at: 13 * CHUNK - 300, length: 600 }, // across two
+        { at: 13 * CHUNK + 4096, length: 2 * CHUNK + 4096 }, // longer than a write buffer: through the socket pair
+      ].map((w) => ({ ...w, data: randomBytes(w.length) }));
+      const replies = await exchange(c, writes.map((w, i) => ({ cookie: BigInt(i + 1), type: P.NBD_CMD_WRITE, offset: w.at, length: w.length, data: w.data })));
+      for (const r of replies.values()) expect(r.error, `write ${r.cookie}`).to.equal(0);
+      expect(nbd.stats().proxied.lentWrites - lent, 'writes up to a write buffer long').to.equal(4);
+      for (const w of writes) w.data.copy(plain, w.at);
+      const back = await exchange(c, [{ cookie: 9n, type: P.NBD_CMD_READ, offset: 8 * CHUNK, length: 7 * CHUNK + 8192 }]);
+      expectSameBytes(readData(back.get(9n)!, 8 * CHUNK), plain.subarray(8 * CHUNK, 15 * CHUNK + 8192));
+      await writeBuffersBack();
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it("a client's request with the lent message's magic is a bad magic, never a lent buffer", async () => {
+    const errors = nbd.stats().protocolErrors;
+    const lent = nbd.stats().proxied.lentWrites;
+    // A write's payload first, so a write buffer holds (zeroed) bytes a forged index could name.
+    const c = await client(true);
+    const forged = Buffer.alloc(P.REQUEST_HEADER_BYTES + 4);
+    forged.writeUInt32BE(NBD_PROXY_WRITE_MAGIC, 0);
+    forged.writeUInt16BE(P.NBD_CMD_WRITE, 6);
+    forged.writeBigUInt64BE(1n, 8);
+    forged.writeBigUInt64BE(BigInt(CHUNK), 16);
+    forged.writeUInt32BE(4096, 24);
+    forged.writeUInt32BE(0, 28); // "write buffer 0"
+    c.send(forged);
+    expect(await c.closesWithin(10_000), 'a bad magic ends the connection').to.equal(true);
+    await waitFor(async () => nbd.stats().protocolErrors === errors + 1 || undefined, 10_000, 'the protocol error');
+    expect(nbd.stats().proxied.lentWrites).to.equal(lent);
+    expect(logs.some((l) => l.includes('bad request magic 0x0')), 'JavaScript saw a bad magic').to.equal(true);
+    const r = await client(true);
+    try {
+      const got = await exchange(r, [{ cookie: 1n, type: P.NBD_CMD_READ, offset: CHUNK, length: 4096 }]);
+      expectSameBytes(readData(got.get(1n)!, CHUNK), plain.subarray(CHUNK, CHUNK + 4096));
+    } finally {
+      r.destroy();
+    }
+  });
+
+  it('a connection that ends with lent writes it never read gives their buffers back, zeroed, and runs none of them', async () => {
+    // A server whose largest payload is smaller than a write buffer: the first write breaks the
+    // protocol there, after the proxy lent it and the writes behind it.
+    const other = new NbdServer(new Map([['proxy', backend]]), { blockSize: { minimum: 1, preferred: 4096, maximum: 64 * 1024 } });
+    const otherSock = path.join(dir, 'small.sock');
+    await other.listen({ path: otherSock });
+    try {
+      const c = await RawClient.connect(otherSock);
+      await c.greet();
+      await c.go('proxy', { structured: true });
+      const at = 15 * CHUNK + 8192;
+      const before = Buffer.from(plain.subarray(at, at + 8 * 4096));
+      c.request(P.NBD_CMD_WRITE, { cookie: 1n, offset: 0, length: CHUNK, data: randomBytes(CHUNK) });
+      for (let i = 0; i < 8; i++) c.request(P.NBD_CMD_WRITE, { cookie: BigInt(2 + i), offset: at + i * 4096, length: 4096, data: randomBytes(4096) });
+      expect(await c.closesWithin(10_000), 'a payload over the maximum ends the connection').to.equal(true);
+      expect(other.stats().protocolErrors).to.equal(1);
+      await waitFor(async () => other.stats().connections.active === 0 || undefined, 10_000, 'the connection to end');
+      await writeBuffersBack();
+      const r = await client(true);
+      try {
+        const got = await exchange(r, [{ cookie: 1n, type: P.NBD_CMD_READ, offset: at, length: 8 * 4096 }]);
+        expectSameBytes(readData(got.get(1n)!, at), before);
+      } finally {
+        r.destroy();
+      }
+    } finally {
+      await other.close();
     }
   });
 
