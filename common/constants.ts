@@ -95,9 +95,10 @@ export const NBD_PROXY_REPLY_BUFFERS = 4;
 /**
  * Locked buffers of DISK_REPLY_BUFFER_BYTES the NBD read proxies share for writes'
  * payloads: a proxy thread reads a write's payload into a free one and lends it to
- * JavaScript, which writes from it and gives it back; a write that finds none free
- * within 10 ms comes through the socket pair and a reply buffer, as before. As many as
- * writes keep the sealing threads busy while more arrive.
+ * JavaScript, which writes from it and gives it back. One connection holds at most
+ * half of them; a write that finds none it may take comes through the socket pair and
+ * a reply buffer, as before. As many as writes keep the sealing threads busy while
+ * more arrive.
  */
 export const NBD_PROXY_WRITE_BUFFERS = 16;
 export const NBD_PROXY_COPY_BYTES = 16 * 1024;

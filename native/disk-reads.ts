@@ -224,9 +224,9 @@ export class NbdReadProxy {
     return b.subarray(0, length);
   }
 
-  /** Write buffer i back to the proxy, which zeroes it; throws if this proxy did not lend it (or it came back already). */
-  giveWrite(i: number): void {
-    if (!addon().nbdProxyGiveWrite(this.h, i)) throw new LetheError('INTERNAL', `write buffer ${show(i)} was not lent through this connection`);
+  /** Write buffer i back to the proxy, which zeroes it; false (nothing done) if this proxy did not lend it, or it came back already. */
+  giveWrite(i: number): boolean {
+    return addon().nbdProxyGiveWrite(this.h, i);
   }
 
   /** Reads answered by the proxy, and their bytes. */

@@ -233,17 +233,18 @@ size_t TableMaxWrite(const Table *t) {
   return t->write_bytes;
 }
 
-int TableTakeWrite(Table *t, int wait_ms) {
-  std::unique_lock<std::mutex> g(t->write_mu);
-  int found = -1;
-  auto free_one = [t, &found] {
-    for (size_t i = 0; i < t->write_state.size() && found < 0; i++)
-      if (t->write_state[i] == WRITE_FREE) found = int(i);
-    return found >= 0;
-  };
-  if (t->write_all.empty() || !t->write_free.wait_for(g, std::chrono::milliseconds(wait_ms), free_one)) return -1;
-  t->write_state[size_t(found)] = WRITE_FILLING;
-  return found;
+size_t TableWriteCount(const Table *t) {
+  return t->write_all.size();
+}
+
+int TableTakeWrite(Table *t) {
+  std::lock_guard<std::mutex> g(t->write_mu);
+  for (size_t i = 0; i < t->write_state.size(); i++) {
+    if (t->write_state[i] != WRITE_FREE) continue;
+    t->write_state[i] = WRITE_FILLING;
+    return int(i);
+  }
+  return -1;
 }
 
 void TableLendWrite(Table *t, int i, uint32_t len) {
@@ -253,16 +254,13 @@ void TableLendWrite(Table *t, int i, uint32_t len) {
 }
 
 bool TableGiveWrite(Table *t, int i, uint8_t from, size_t len) {
-  {
-    std::lock_guard<std::mutex> g(t->write_mu);
-    if (i < 0 || size_t(i) >= t->write_all.size() || t->write_state[size_t(i)] != from) return false;
-    if (from == WRITE_LENT) len = t->write_len[size_t(i)];
-    /* SAFETY: write_all[i] holds write_bytes >= len bytes (a payload is never longer); nobody else uses it in this state */
-    sodium_memzero(t->write_all[size_t(i)], std::min(len, t->write_bytes));
-    t->write_state[size_t(i)] = WRITE_FREE;
-    t->write_len[size_t(i)] = 0;
-  }
-  t->write_free.notify_one();
+  std::lock_guard<std::mutex> g(t->write_mu);
+  if (i < 0 || size_t(i) >= t->write_all.size() || t->write_state[size_t(i)] != from) return false;
+  if (from == WRITE_LENT) len = t->write_len[size_t(i)];
+  /* SAFETY: write_all[i] holds write_bytes >= len bytes (a payload is never longer); nobody else uses it in this state */
+  sodium_memzero(t->write_all[size_t(i)], std::min(len, t->write_bytes));
+  t->write_state[size_t(i)] = WRITE_FREE;
+  t->write_len[size_t(i)] = 0;
   return true;
 }
 

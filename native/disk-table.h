@@ -87,7 +87,6 @@ struct Table {
    * them each hold a reference to the table, so none is freed while JavaScript can reach it.
    */
   std::mutex write_mu;
-  std::condition_variable write_free;  // a buffer became WRITE_FREE
   std::vector<uint8_t *> write_all;
   std::vector<uint8_t> write_state;
   std::vector<uint32_t> write_len;
@@ -124,8 +123,10 @@ size_t TableMaxReply(const Table *t);
 uint8_t *TableTakeReply(Table *t, int wait_ms);
 void TableGiveReply(Table *t, uint8_t *buf);
 enum : uint8_t { WRITE_FREE, WRITE_FILLING, WRITE_LENT };
-/** The index of a free write buffer (of TableMaxWrite bytes), now WRITE_FILLING, waiting up to `wait_ms` for one; -1 when none comes (the write goes to JavaScript the old way). */
-int TableTakeWrite(Table *t, int wait_ms);
+/** The index of a free write buffer (of TableMaxWrite bytes), now WRITE_FILLING; -1 when none is free (the write goes to JavaScript the old way). */
+int TableTakeWrite(Table *t);
+/** How many write buffers the table has. */
+size_t TableWriteCount(const Table *t);
 size_t TableMaxWrite(const Table *t);
 /** Write buffer i, holding `len` bytes of a payload: JavaScript's until it gives it back. */
 void TableLendWrite(Table *t, int i, uint32_t len);

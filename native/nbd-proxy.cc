@@ -140,6 +140,9 @@ void unref(Proxy *p) {
 void finish(Proxy *p) {
   if (p->closed.exchange(true)) return;
   shutdown(p->inner, SHUT_RDWR);
+  // Nothing the client sends now has anywhere to go: a requests thread waiting for the
+  // rest of a payload (a write buffer in hand) stops now, not when the client goes.
+  shutdown(p->client, SHUT_RD);
 }
 
 /** Shuts both sockets: every blocked read and write returns and every thread ends. */
@@ -262,6 +265,17 @@ bool take_back(Proxy *p, int i) {
   return TableGiveWrite(p->table, i, WRITE_LENT);
 }
 
+/**
+ * Whether this connection may take another write buffer: at most half of them at once,
+ * so a client that stops taking its replies (its lent writes then wait behind them)
+ * or its payloads' ends cannot hold every connection's. None is waited for: without
+ * one, the write goes through the socket pair.
+ */
+bool may_lend(Proxy *p) {
+  std::lock_guard<std::mutex> g(p->lmu);
+  return p->lent.size() < std::max<size_t>(1, TableWriteCount(p->table) / 2);
+}
+
 /** Frees every buffer lent through this connection but those in `held` (JavaScript still writes from them). */
 void reclaim(Proxy *p, const std::vector<int> &held) {
   std::vector<int> lost;
@@ -361,7 +375,7 @@ void *requests(void *arg) {
           len <= p->max_read && offset <= p->size && len <= p->size - offset && r) {
         p->serving++;
       } else if (int i; magic == NBD_REQUEST_MAGIC && type == NBD_CMD_WRITE && len > 0 && len <= TableMaxWrite(p->table) &&
-                        (i = TableTakeWrite(p->table, REPLY_WAIT_MS)) >= 0) {
+                        may_lend(p) && (i = TableTakeWrite(p->table)) >= 0) {
         // The payload into a buffer lent to JavaScript: it never passes the socket pair.
         if (!lend(p, h, i, len)) {
           p->ended = true;

@@ -70,8 +70,9 @@ export class ChunkWriter {
    * A run of disk writes (this chunk's predecessor written under this lease) asks for the
    * next batch of write keys once it is half way through the batch it holds, so that a copy
    * onto the disk does not stop at each batch for a round trip to the server. A write out
-   * of a run asks for nothing more than its own batch. Failures are left to the write that
-   * needs the key: it asks again and reports them.
+   * of a run asks for nothing more than its own batch. A failure is not reported here: a
+   * write that waits for that request fails with it, as it would have with its own, and
+   * the next write in the run that finds the key missing asks again.
    */
   private writeKeysAhead(kind: ChunkKind, index: number): void {
     const k = this.chunkKeys;

@@ -182,10 +182,10 @@ export class Connection {
     return i;
   }
 
-  /** A lent write buffer back to the proxy (zeroed there). */
+  /** A lent write buffer back to the proxy (zeroed there); never throws, so the write it served stands. */
   private giveLent(i: number): void {
     this.lentHeld.delete(i);
-    this.lender!.giveWrite(i);
+    if (!this.lender!.giveWrite(i)) this.srv.log(`nbd: connection ${this.id}: write buffer ${i} came back but was not lent through this connection`);
   }
 
   /**
