@@ -312,3 +312,72 @@ describe('the NBD read proxy (real server, agent and clients)', function () {
     expect(other.stats().connections.active).to.equal(0);
   });
 });
+
+describe('the NBD read proxy lends one connection at most half of the write buffers (real server and agent)', function () {
+  this.timeout(120_000);
+  let s: ServerProc;
+  let agent: RunningAgent;
+  let nbd: NbdServer;
+  let backend: AgentDiskBackend;
+  let dir: string;
+  let sock: string;
+
+  before(async () => {
+    s = await startServer();
+    const got = await agentInProcess(s, 'lend', { plain: { disk: randomBytes(CHUNKS * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
+    agent = got.agent;
+    dir = tmpDir('lethe-nbd-lend-');
+    sock = path.join(dir, 'nbd.sock');
+    backend = new AgentDiskBackend(agent.core);
+    nbd = new NbdServer(new Map([['lend', backend]]));
+    await nbd.listen({ path: sock });
+  });
+  after(async () => {
+    if (s?.proc.pid) process.kill(s.proc.pid, 'SIGCONT');
+    await nbd?.close();
+    backend?.close();
+    agent?.stop();
+    await agent?.done;
+    await s?.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("a connection whose writes cannot finish holds half of them; another connection's write still gets one, and all come back zeroed", async () => {
+    const table = agent.core.readTable;
+    const half = 8; // NBD_PROXY_WRITE_BUFFERS / 2
+    const client = async () => {
+      const c = await RawClient.connect(sock);
+      await c.greet();
+      await c.go('lend', { structured: true });
+      return c;
+    };
+    const a = await client();
+    const b = await client();
+    const data = Array.from({ length: half + 4 }, () => randomBytes(4096));
+    try {
+      // No write key is held yet: with the server stopped, every write waits for its key.
+      process.kill(s.proc.pid!, 'SIGSTOP');
+      data.forEach((d, i) => a.request(P.NBD_CMD_WRITE, { cookie: BigInt(i + 1), offset: i * CHUNK, length: 4096, data: d }));
+      await waitFor(async () => nbd.stats().requests.write === data.length || undefined, 20_000, 'every write read');
+      expect(nbd.stats().proxied.lentWrites, 'writes in lent buffers').to.equal(half);
+      expect(table.stats().writesOut).to.equal(half);
+      b.request(P.NBD_CMD_WRITE, { cookie: 100n, offset: 15 * CHUNK, length: 4096, data: randomBytes(4096) });
+      await waitFor(async () => nbd.stats().proxied.lentWrites === half + 1 || undefined, 20_000, "the other connection's write in a lent buffer");
+      process.kill(s.proc.pid!, 'SIGCONT');
+      for (let i = 0; i < data.length; i++) expect((await a.replyFor(() => 0)).error).to.equal(0);
+      expect((await b.replyFor(() => 0)).error).to.equal(0);
+      expect(table.stats().writesOut, 'write buffers out').to.equal(0);
+      const views = (table as unknown as { writeViews: Buffer[] }).writeViews;
+      views.forEach((v, i) => expect(v.every((x) => x === 0), `write buffer ${i} zeroed`).to.equal(true));
+      for (let i = 0; i < data.length; i++) {
+        a.request(P.NBD_CMD_READ, { cookie: BigInt(200 + i), offset: i * CHUNK, length: 4096 });
+        const r = await a.replyFor(() => 4096);
+        expectSameBytes(r.payload.subarray(8), data[i]);
+      }
+    } finally {
+      process.kill(s.proc.pid!, 'SIGCONT');
+      a.destroy();
+      b.destroy();
+    }
+  });
+});
