@@ -83,6 +83,17 @@ bool get_u32(napi_env env, napi_value v, uint32_t *out) {
   return true;
 }
 
+/** `n` zeroed locked buffers of `bytes` onto `into`; false when one cannot be had (those made stay there, freed with the table). */
+bool locked_buffers(std::vector<uint8_t *> &into, uint32_t n, size_t bytes) {
+  for (uint32_t i = 0; i < n; i++) {
+    uint8_t *b = static_cast<uint8_t *>(sodium_malloc(bytes));
+    if (!b) return false;
+    sodium_memzero(b, bytes);
+    into.push_back(b);
+  }
+  return true;
+}
+
 napi_value Open(napi_env env, napi_callback_info info) {
   napi_value argv[12];
   int32_t fd, kind, cls;
@@ -120,25 +131,9 @@ napi_value Open(napi_env env, napi_callback_info info) {
   t->js = ReaderNew(chunk_size);
   t->reply_bytes = REPLY_HEADER_ROOM + reply_max;
   t->copy_bytes = copy_bytes;
-  bool pooled = true;
-  for (uint32_t i = 0; i < reply_buffers && pooled; i++) {
-    uint8_t *b = static_cast<uint8_t *>(sodium_malloc(t->reply_bytes));
-    if (b) {
-      sodium_memzero(b, t->reply_bytes);
-      t->reply_all.push_back(b);
-    }
-    pooled = b != nullptr;
-  }
-  t->replies = t->reply_all;
   t->write_bytes = reply_max;
-  for (uint32_t i = 0; i < write_buffers && pooled; i++) {
-    uint8_t *b = static_cast<uint8_t *>(sodium_malloc(t->write_bytes));
-    if (b) {
-      sodium_memzero(b, t->write_bytes);
-      t->write_all.push_back(b);
-    }
-    pooled = b != nullptr;
-  }
+  bool pooled = locked_buffers(t->reply_all, reply_buffers, t->reply_bytes) && locked_buffers(t->write_all, write_buffers, t->write_bytes);
+  t->replies = t->reply_all;
   t->write_state.assign(t->write_all.size(), WRITE_FREE);
   t->write_len.assign(t->write_all.size(), 0);
   if (!t->keys || !t->js || !pooled) {
@@ -306,16 +301,8 @@ napi_value Stats(napi_env env, napi_callback_info info) {
     for (uint8_t state : t->write_state) out += state != WRITE_FREE;
   }
   std::lock_guard<std::mutex> g(t->mu);
-  napi_value r, v;
-  napi_create_object(env, &r);
-  const std::pair<const char *, double> fields[] = {
-      {"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
-      {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"writesOut", double(out)}};
-  for (auto &f : fields) {
-    napi_create_double(env, f.second, &v);
-    napi_set_named_property(env, r, f.first, v);
-  }
-  return r;
+  return numbers(env, {{"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
+                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"writesOut", double(out)}});
 }
 
 napi_value Close(napi_env env, napi_callback_info info) {

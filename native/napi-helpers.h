@@ -1,7 +1,7 @@
 // Helpers the N-API translation units of lethe_native.node share (addon.cc,
 // fault-server.cc, disk-reads.cc, nbd-proxy.cc, seal-write.cc): argument reading that
-// throws a TypeError instead of crashing, and errors shaped as node:fs shapes them
-// (code = errno name, syscall).
+// throws a TypeError instead of crashing, errors shaped as node:fs shapes them
+// (code = errno name, syscall), and counters as a plain object.
 #pragma once
 #include <node_api.h>
 
@@ -9,6 +9,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include <initializer_list>
+#include <utility>
 
 namespace lethe {
 
@@ -82,6 +85,17 @@ inline bool get_bytes(napi_env env, napi_value v, uint8_t **data, size_t *len) {
 inline bool is_null(napi_env env, napi_value v) {
   napi_valuetype t;
   return napi_typeof(env, v, &t) == napi_ok && (t == napi_null || t == napi_undefined);
+}
+
+/** { name: number, ... } from (name, value) pairs: a stats call's answer. */
+inline napi_value numbers(napi_env env, std::initializer_list<std::pair<const char *, double>> fields) {
+  napi_value r, v;
+  napi_create_object(env, &r);
+  for (auto &f : fields) {
+    napi_create_double(env, f.second, &v);
+    napi_set_named_property(env, r, f.first, v);
+  }
+  return r;
 }
 
 }  // namespace lethe

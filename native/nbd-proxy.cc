@@ -567,14 +567,7 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 1, argv)) return nullptr;
   Proxy *p = get_proxy(env, argv[0]);
   if (!p) return nullptr;
-  napi_value r, v;
-  napi_create_object(env, &r);
-  const std::pair<const char *, double> fields[] = {{"reads", double(p->reads.load())}, {"bytes", double(p->bytes.load())}};
-  for (auto &f : fields) {
-    napi_create_double(env, f.second, &v);
-    napi_set_named_property(env, r, f.first, v);
-  }
-  return r;
+  return numbers(env, {{"reads", double(p->reads.load())}, {"bytes", double(p->bytes.load())}});
 }
 
 napi_value GiveWrite(napi_env env, napi_callback_info info) {

@@ -27,9 +27,37 @@ const CHUNK = 128 * 1024;
 const CHUNKS = 16;
 const SENSITIVE = 3;
 
+/** A real server and an agent in this process, its disk exported as `image` on a socket in a fresh directory; stop() ends them all. */
+async function agentExport(image: string, push: Parameters<typeof agentInProcess>[2], log?: (line: string) => void) {
+  const s = await startServer();
+  const dir = tmpDir(`lethe-nbd-${image}-`);
+  const sock = path.join(dir, 'nbd.sock');
+  let got: Awaited<ReturnType<typeof agentInProcess>> | undefined;
+  let backend: AgentDiskBackend | undefined;
+  let nbd: NbdServer | undefined;
+  const stop = async () => {
+    if (s.proc.pid) process.kill(s.proc.pid, 'SIGCONT'); // a test may have stopped it
+    await nbd?.close();
+    backend?.close();
+    got?.agent.stop();
+    await got?.agent.done;
+    await s.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    got = await agentInProcess(s, image, push);
+    backend = new AgentDiskBackend(got.agent.core);
+    nbd = new NbdServer(new Map([[image, backend]]), log ? { log } : {});
+    await nbd.listen({ path: sock });
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return { s, agent: got.agent, img: got.img, dir, sock, backend, nbd, stop };
+}
+
 describe('the NBD read proxy (real server, agent and clients)', function () {
   this.timeout(120_000);
-  let s: ServerProc;
   let agent: RunningAgent;
   let plain: Buffer;
   let nbd: NbdServer;
@@ -37,32 +65,24 @@ describe('the NBD read proxy (real server, agent and clients)', function () {
   let dir: string;
   let sock: string;
   const logs: string[] = [];
+  let stop: (() => Promise<void>) | undefined;
 
   before(async () => {
-    s = await startServer();
-    const got = await agentInProcess(s, 'proxy', {
-      plain: { disk: randomBytes(CHUNKS * CHUNK - 5000), mem: Buffer.alloc(0), state: Buffer.alloc(0) },
-      policy: `sensitive:\n  memory: false\n  disk: [[${SENSITIVE * CHUNK}, ${(SENSITIVE + 1) * CHUNK}]]\n`,
-    });
-    agent = got.agent;
-    plain = Buffer.from(got.img.plain.disk);
-    dir = tmpDir('lethe-nbd-proxy-');
-    sock = path.join(dir, 'nbd.sock');
-    backend = new AgentDiskBackend(agent.core);
-    nbd = new NbdServer(new Map([['proxy', backend]]), { log: (l) => logs.push(l) });
-    await nbd.listen({ path: sock });
+    const x = await agentExport(
+      'proxy',
+      {
+        plain: { disk: randomBytes(CHUNKS * CHUNK - 5000), mem: Buffer.alloc(0), state: Buffer.alloc(0) },
+        policy: `sensitive:\n  memory: false\n  disk: [[${SENSITIVE * CHUNK}, ${(SENSITIVE + 1) * CHUNK}]]\n`,
+      },
+      (l) => logs.push(l),
+    );
+    ({ agent, dir, sock, backend, nbd, stop } = x);
+    plain = Buffer.from(x.img.plain.disk);
     // Each chunk's tag checked once: the normal-class ones enter the native table.
     for (let i = 0; i < CHUNKS; i++) await agent.core.readRange('disk', i, 0, Buffer.alloc(100));
     expect(agent.core.diskReads.chunks).to.equal(CHUNKS - 1);
   });
-  after(async () => {
-    await nbd?.close();
-    backend?.close();
-    agent?.stop();
-    await agent?.done;
-    await s?.stop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  after(() => stop?.());
 
   /** A connected client past NBD_OPT_GO. */
   async function client(structured: boolean): Promise<RawClient> {
@@ -318,29 +338,13 @@ describe('the NBD read proxy lends one connection at most half of the write buff
   let s: ServerProc;
   let agent: RunningAgent;
   let nbd: NbdServer;
-  let backend: AgentDiskBackend;
-  let dir: string;
   let sock: string;
+  let stop: (() => Promise<void>) | undefined;
 
   before(async () => {
-    s = await startServer();
-    const got = await agentInProcess(s, 'lend', { plain: { disk: randomBytes(CHUNKS * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
-    agent = got.agent;
-    dir = tmpDir('lethe-nbd-lend-');
-    sock = path.join(dir, 'nbd.sock');
-    backend = new AgentDiskBackend(agent.core);
-    nbd = new NbdServer(new Map([['lend', backend]]));
-    await nbd.listen({ path: sock });
+    ({ s, agent, nbd, sock, stop } = await agentExport('lend', { plain: { disk: randomBytes(CHUNKS * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } }));
   });
-  after(async () => {
-    if (s?.proc.pid) process.kill(s.proc.pid, 'SIGCONT');
-    await nbd?.close();
-    backend?.close();
-    agent?.stop();
-    await agent?.done;
-    await s?.stop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  after(() => stop?.());
 
   it("a connection whose writes cannot finish holds half of them; another connection's write still gets one, and all come back zeroed", async () => {
     const table = agent.core.readTable;
