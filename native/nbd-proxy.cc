@@ -25,6 +25,9 @@
 // carry no flag but FUA and DF, and that the table serves whole, and it forwards the
 // rest unchanged. JavaScript still sees every byte of a request it has to answer.
 //
+// The threads are here; the N-API functions in nbd-proxy-napi.cc, the state they
+// share in nbd-proxy-core.h.
+//
 //   nbdProxyStart(table, fd, leftover, structured, size, readers) → [handle, innerFd]
 //   nbdProxyStats(h) → { reads, bytes }        reads answered here
 //   nbdProxyGiveWrite(h, i) → bool             write buffer i back from JavaScript, zeroed; false if
@@ -32,7 +35,6 @@
 //   nbdProxyClose(h, held)                     JavaScript's side ends; the client's once every reply is
 //                                              out. Buffers lent here and not in `held` (lent messages
 //                                              JavaScript never read) are zeroed and freed now
-#include <node_api.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -48,11 +50,10 @@
 #include <unordered_map>
 #include <vector>
 
-#include "disk-reads.h"
-#include "napi-helpers.h"
+#include "nbd-proxy-core.h"
 
 namespace lethe {
-namespace {
+namespace nbd_proxy {
 
 // proto.md's numbers (agent/disk/nbd/protocol.ts names them the same)
 constexpr uint32_t NBD_REQUEST_MAGIC = 0x25609513;
@@ -76,7 +77,6 @@ constexpr size_t LENT = REQUEST + 4;
  * not taking its replies, and that client must not hold up every other.
  */
 constexpr int REPLY_WAIT_MS = 10;
-constexpr int SEND_BUFFER = 1 << 20;
 static_assert(STRUCTURED + 8 <= REPLY_HEADER_ROOM, "a structured read reply's header fits before the data");
 
 uint16_t be16(const uint8_t *p) { return uint16_t(p[0] << 8 | p[1]); }
@@ -85,41 +85,6 @@ uint64_t be64(const uint8_t *p) { return uint64_t(be32(p)) << 32 | be32(p + 4); 
 void put16(uint8_t *p, uint16_t v) { p[0] = uint8_t(v >> 8), p[1] = uint8_t(v); }
 void put32(uint8_t *p, uint32_t v) { put16(p, uint16_t(v >> 16)), put16(p + 2, uint16_t(v)); }
 void put64(uint8_t *p, uint64_t v) { put32(p, uint32_t(v >> 32)), put32(p + 4, uint32_t(v)); }
-
-struct Proxy {
-  Table *table = nullptr;
-  int client = -1;  // our own dup of the connection
-  int inner = -1;   // our end of the socket pair; JavaScript has the other
-  bool structured = false;
-  uint64_t size = 0;
-  size_t max_read = 0;
-  size_t copy = 0;  // bytes of each thread's locked payload buffer
-  std::vector<uint8_t> leftover;  // bytes the handshake read past its end: requests, perhaps a payload
-  size_t leftover_at = 0;
-  /**
-   * One requests thread at a time reads from the client: a request and a write's
-   * payload, or a request it forwards whole. Under it: leftover, `in` (the payload
-   * buffer, locked), `ended` and `serving`.
-   */
-  std::mutex rmu;
-  std::condition_variable served;  // `serving` fell
-  uint8_t *in = nullptr;
-  bool ended = false;  // no more requests to read: the client ended, broke the protocol or sent DISC
-  int serving = 0;     // reads being served outside rmu
-  int readers = 0;     // requests threads still running: the last shuts JavaScript's side
-  std::mutex imu;  // one whole request at a time to JavaScript
-  std::mutex wmu;  // one whole reply at a time to the client
-  std::mutex pmu;
-  /** Simple replies carry no length: a forwarded read's, by cookie, in order. */
-  std::unordered_map<uint64_t, std::deque<uint32_t>> pending;
-  std::atomic<uint64_t> reads{0}, bytes{0};
-  /** Write buffers lent to JavaScript through this connection, not given back yet: whoever takes one out of here frees it. */
-  std::mutex lmu;
-  std::vector<int> lent;
-  std::atomic<bool> closed{false};
-  /** The threads and the handle: the last to let go closes the sockets and frees. */
-  std::atomic<int> refs{0};
-};
 
 void unref(Proxy *p) {
   if (--p->refs != 0) return;
@@ -177,26 +142,32 @@ bool send_all(int fd, const uint8_t *b, size_t n) {
   return true;
 }
 
-bool recv_all(int fd, uint8_t *b, size_t n) {
-  while (n > 0) {
-    /* SAFETY: [b, b + n) lies in the caller's buffer */
-    ssize_t k = recv(fd, b, n, MSG_DONTWAIT);
+/** n bytes from fd into b; `got`, if given, says how many came (all of them, unless it returns false). */
+bool recv_all(int fd, uint8_t *b, size_t n, size_t *got = nullptr) {
+  size_t done = 0;
+  while (done < n) {
+    /* SAFETY: [b + done, b + n) lies in the caller's buffer */
+    ssize_t k = recv(fd, b + done, n - done, MSG_DONTWAIT);
     if (k < 0 && (errno == EINTR || ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_for(fd, POLLIN)))) continue;
-    if (k <= 0) return false;
-    b += k, n -= size_t(k);
+    if (k <= 0) break;
+    done += size_t(k);
   }
-  return true;
+  if (got) *got = done;
+  return done == n;
 }
 
-/** n bytes from the client: first what the handshake left over, then the socket. */
-bool from_client(Proxy *p, uint8_t *b, size_t n) {
+/** n bytes from the client: first what the handshake left over, then the socket; `got` as recv_all's. */
+bool from_client(Proxy *p, uint8_t *b, size_t n, size_t *got = nullptr) {
   size_t have = std::min(n, p->leftover.size() - p->leftover_at);
   if (have > 0) {
     memcpy(b, p->leftover.data() + p->leftover_at, have);
     sodium_memzero(p->leftover.data() + p->leftover_at, have);
     p->leftover_at += have;
   }
-  return recv_all(p->client, b + have, n - have);
+  size_t rest = 0;
+  bool ok = recv_all(p->client, b + have, n - have, &rest);
+  if (got) *got = have + rest;
+  return ok;
 }
 
 /**
@@ -287,24 +258,6 @@ void reclaim(Proxy *p, const std::vector<int> &held) {
   for (int i : lost) take_back(p, i);
 }
 
-/**
- * n bytes from the client into b, as from_client; `got` says how many came (all of
- * them, unless it returns false).
- */
-bool from_client_counted(Proxy *p, uint8_t *b, size_t n, size_t *got) {
-  size_t have = std::min(n, p->leftover.size() - p->leftover_at);
-  if (have > 0 && !from_client(p, b, have)) return false;
-  *got = have;
-  while (*got < n) {
-    /* SAFETY: [b + got, b + n) lies in the caller's buffer */
-    ssize_t k = recv(p->client, b + *got, n - *got, MSG_DONTWAIT);
-    if (k < 0 && (errno == EINTR || ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_for(p->client, POLLIN)))) continue;
-    if (k <= 0) return false;
-    *got += size_t(k);
-  }
-  return true;
-}
-
 /** Hands a request header on to JavaScript; a read's length is kept for its simple reply. */
 bool forward(Proxy *p, const uint8_t *h) {
   uint32_t magic = be32(h);
@@ -326,7 +279,7 @@ bool forward(Proxy *p, const uint8_t *h) {
 bool lend(Proxy *p, const uint8_t *h, int i, uint32_t len) {
   uint8_t *buf = p->table->write_all[size_t(i)];
   size_t got = 0;
-  bool filled = from_client_counted(p, buf, len, &got);
+  bool filled = from_client(p, buf, len, &got);
   std::lock_guard<std::mutex> gi(p->imu);
   if (!filled) {
     if (forward(p, h)) send_all(p->inner, buf, got);
@@ -470,148 +423,6 @@ void *replies(void *arg) {
   return nullptr;
 }
 
-Proxy *get_proxy(napi_env env, napi_value v) {
-  void *ptr = nullptr;
-  napi_valuetype type;
-  if (napi_typeof(env, v, &type) != napi_ok || type != napi_external || napi_get_value_external(env, v, &ptr) != napi_ok || !ptr) {
-    throw_type(env, "lethe_native: expected an NBD proxy handle");
-    return nullptr;
-  }
-  return static_cast<Proxy *>(ptr);
-}
-
-void Finalize(napi_env, void *data, void *) {
-  Proxy *p = static_cast<Proxy *>(data);
-  finish(p);
-  reclaim(p, {});  // no JavaScript is left to give any back
-  unref(p);
-}
-
-napi_value Start(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  int32_t fd, readers;
-  uint8_t *left;
-  size_t left_len;
-  bool structured;
-  int64_t size;
-  if (!get_args(env, info, 6, argv) || !get_i32(env, argv[1], &fd) || !get_bytes(env, argv[2], &left, &left_len) ||
-      napi_get_value_bool(env, argv[3], &structured) != napi_ok || !get_i64(env, argv[4], &size) || !get_i32(env, argv[5], &readers))
-    return nullptr;
-  if (size < 0) return throw_type(env, "lethe_native: nbdProxyStart: a negative size");
-  if (readers < 1 || readers > 16) return throw_type(env, "lethe_native: nbdProxyStart: readers must be 1 to 16");
-  Table *table = TableRef(env, argv[0]);
-  if (!table) return nullptr;
-  int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
-    int err = errno;
-    TableUnref(table);
-    return throw_errno(env, "socketpair", err);
-  }
-  int client = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (client < 0) {
-    int err = errno;
-    close(sv[0]), close(sv[1]);
-    TableUnref(table);
-    return throw_errno(env, "fcntl", err);
-  }
-  // Room in the socket for a few whole replies, so a requests thread hands its reply to
-  // the kernel and goes on to the next read instead of waiting for the client to take
-  // the last part (the kernel caps it at net.core.wmem_max).
-  // The same between the proxy and JavaScript, both ways: a write's payload goes on
-  // while JavaScript is busy with the last one.
-  int sndbuf = SEND_BUFFER;
-  setsockopt(client, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-  setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-  Proxy *p = new Proxy();
-  p->table = table;
-  p->client = client;
-  p->inner = sv[0];
-  p->structured = structured;
-  p->size = uint64_t(size);
-  p->max_read = TableMaxReply(table);
-  p->copy = TableCopyBytes(table);
-  p->leftover.assign(left, left + left_len);
-  p->in = static_cast<uint8_t *>(sodium_malloc(p->copy));  // a write's payload passes here: locked, zeroed after each use; none, and the requests threads end at once
-  p->readers = readers;
-  p->refs = 1 + readers + 1;  // the handle, the requests threads, the replies thread
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  pthread_t t;
-  int err = 0, started = 0;
-  while (err == 0 && started < readers + 1) {
-    err = pthread_create(&t, &attr, started == 0 ? replies : requests, p);
-    if (err == 0) started++;
-  }
-  if (err != 0) {
-    p->refs -= readers + 1 - started;  // threads that never ran; the handle's reference keeps p alive
-    shut(p);                           // the ones that run end
-  }
-  pthread_attr_destroy(&attr);
-  napi_value handle, inner, result;
-  napi_create_external(env, p, Finalize, nullptr, &handle);
-  if (err != 0) {
-    close(sv[1]);
-    return throw_errno(env, "pthread_create", err);
-  }
-  napi_create_int32(env, sv[1], &inner);
-  napi_create_array_with_length(env, 2, &result);
-  napi_set_element(env, result, 0, handle);
-  napi_set_element(env, result, 1, inner);
-  return result;
-}
-
-napi_value Stats(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return nullptr;
-  Proxy *p = get_proxy(env, argv[0]);
-  if (!p) return nullptr;
-  return numbers(env, {{"reads", double(p->reads.load())}, {"bytes", double(p->bytes.load())}});
-}
-
-napi_value GiveWrite(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  int32_t i;
-  if (!get_args(env, info, 2, argv)) return nullptr;
-  Proxy *p = get_proxy(env, argv[0]);
-  if (!p || !get_i32(env, argv[1], &i)) return nullptr;
-  napi_value r;
-  napi_get_boolean(env, take_back(p, i), &r);
-  return r;
-}
-
-napi_value Close(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  if (!get_args(env, info, 2, argv)) return nullptr;
-  Proxy *p = get_proxy(env, argv[0]);
-  bool is_array = false;
-  uint32_t n = 0;
-  if (!p) return nullptr;
-  if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array) return throw_type(env, "lethe_native: nbdProxyClose: held must be an array of buffer indices");
-  napi_get_array_length(env, argv[1], &n);
-  std::vector<int> held;
-  for (uint32_t k = 0; k < n; k++) {
-    napi_value e;
-    int32_t i;
-    if (napi_get_element(env, argv[1], k, &e) != napi_ok || !get_i32(env, e, &i)) return nullptr;
-    held.push_back(i);
-  }
-  finish(p);
-  reclaim(p, held);
-  return undefined(env);
-}
-
 }  // namespace
-
-void DefineNbdProxy(napi_env env, napi_value exports) {
-  const napi_property_descriptor props[] = {
-      {"nbdProxyStart", nullptr, Start, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
-      {"nbdProxyStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
-      {"nbdProxyGiveWrite", nullptr, GiveWrite, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
-      {"nbdProxyClose", nullptr, Close, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
-  };
-  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
-}
 
 }  // namespace lethe
