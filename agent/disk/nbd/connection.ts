@@ -22,12 +22,11 @@ export class Connection {
   private proxy: NbdReadProxy | null = null;
   /**
    * The proxy whose write buffers this connection writes from: still there once it has
-   * closed, for the writes in flight to give theirs back. `lentHeld`: the buffers this
-   * connection took (from LENT messages) and has not given back.
+   * closed (`proxy` is then null), for the writes in flight to give theirs back.
+   * `lentHeld`: the buffers this connection took (from LENT messages) and has not given back.
    */
   private lender: NbdReadProxy | null = null;
   private readonly lentHeld = new Set<number>();
-  private lenderClosed = false;
   private structured = false;
   private export: Export | null = null;
   private readonly handlers = new Set<Promise<void>>();
@@ -90,7 +89,6 @@ export class Connection {
       const proxy = this.proxy!;
       // Buffers lent in messages never read are taken back now; a message read later is refused.
       proxy.close(this.lentHeld);
-      this.lenderClosed = true;
       this.proxy = null;
       const { reads, bytes } = proxy.stats();
       const c = this.srv.counters;
@@ -177,7 +175,7 @@ export class Connection {
    */
   private async lentIndex(head: Buffer): Promise<number> {
     const i = (await this.reader.read(NBD_PROXY_LENT_INDEX_BYTES)).readUInt32BE(0);
-    if (this.lenderClosed) throw new ConnectionEnded('the read proxy closed: its lent write buffers are back');
+    if (this.proxy === null) throw new ConnectionEnded('the read proxy closed: its lent write buffers are back');
     head.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
     return i;
   }
