@@ -118,10 +118,16 @@ describe('push channel (real server, agents in this process)', function () {
     const { deviceId } = await pushedAgent('push-relist');
     const db = await serverDb(s);
     try {
+      const removed = Date.now();
       await db.sql.run('DELETE FROM push_sessions');
       await db.sql.run('DELETE FROM replicas');
-      expect(await connected(deviceId)).to.equal(false);
+      // The next beat may come at any moment, even before a check that the device is gone
+      // could run: what shows the re-listing is rows written after the removal.
       await waitFor(async () => connected(deviceId), 30_000, 'the device listed as connected again');
+      const session = await db.sql.get<{ connected_at: number | string }>('SELECT connected_at FROM push_sessions WHERE device_id = ?', deviceId);
+      const replica = await db.sql.get<{ started_at: number | string }>('SELECT started_at FROM replicas');
+      expect(Number(session!.connected_at)).to.be.at.least(removed);
+      expect(Number(replica!.started_at)).to.be.at.least(removed);
     } finally {
       await db.close();
     }
