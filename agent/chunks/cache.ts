@@ -19,75 +19,13 @@
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CHUNK_KINDS, CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import { CHUNK_KINDS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { punchHole } from '../../native/index.js';
+import { migrateRowsWithData, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type Entry, type SlotRow } from './cache-layout.js';
 import { settleHeld, Slots } from './slots.js';
 
-export interface CacheKey {
-  imageId: string;
-  gen: number;
-  kind: ChunkKind;
-  index: number;
-}
-
-/** A blob of `len` bytes written whole into a reserved slot, for the index to name as the cached blob of `k` (commitMany). */
-export type SlotRow = { k: CacheKey; slot: number; len: number; sha: Buffer; dirty: boolean; cls?: Sensitivity };
-
-export interface CacheStats {
-  chunks: number;
-  bytes: number;
-  dirty: number;
-  limitBytes: number;
-  hits: number;
-  misses: number;
-  evicted: number;
-  damaged: number;
-}
-
-const PAGE = 4096;
-
-/** A slot holds the largest blob of its kind: the chunk and the envelope's overhead. */
-export const SLOT_BYTES: Record<ChunkKind, number> = {
-  disk: CHUNK_SIZE.disk + CHUNK_OVERHEAD,
-  mem: CHUNK_SIZE.mem + CHUNK_OVERHEAD,
-  state: CHUNK_SIZE.state + CHUNK_OVERHEAD,
-};
-
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS blobs (
-  image_id TEXT NOT NULL,
-  gen INTEGER NOT NULL,
-  kind TEXT NOT NULL,
-  idx INTEGER NOT NULL,
-  slot INTEGER NOT NULL,
-  len INTEGER NOT NULL,
-  sha256 BLOB NOT NULL,
-  dirty INTEGER NOT NULL DEFAULT 0,
-  cls TEXT,
-  used INTEGER NOT NULL,
-  PRIMARY KEY (image_id, gen, kind, idx)
-);
-CREATE INDEX IF NOT EXISTS blobs_lru ON blobs(dirty, used);
-`;
-
-interface Entry {
-  key: CacheKey;
-  slot: number;
-  len: number;
-  sha: Buffer;
-  dirty: boolean;
-  cls: Sensitivity | null;
-  used: number;
-}
-
-/** The files of a device home's cache: the index and its WAL, and the slot files. */
-export function cacheFiles(home: string): string[] {
-  const db = path.join(home, 'cache.db');
-  return [db, `${db}-wal`, `${db}-shm`, ...CHUNK_KINDS.map((k) => slotFile(db, k))];
-}
-
-export const slotFile = (db: string, kind: ChunkKind) => path.join(path.dirname(db), `${path.basename(db, '.db')}-${kind}.blobs`);
+export { cacheFiles, slotFile, SLOT_BYTES, type CacheKey, type CacheStats, type SlotRow } from './cache-layout.js';
 
 export class ChunkCache {
   private readonly db: Database.Database;
@@ -100,6 +38,9 @@ export class ChunkCache {
   private bytes = 0;
   private dirtyCount = 0;
   private settling?: Promise<void>; // settleHeld() under way
+  /** Clean entries writes made stale (supersede()), dropped once those writes are durable; and their bytes. */
+  private stale = new Set<Entry>();
+  private staleBytes = 0;
   /** Monotonic use counter; persisted with each write, refreshed in memory on reads. */
   private tick = 0;
   private readonly touched = new Set<Entry>();
@@ -134,7 +75,7 @@ export class ChunkCache {
       touch: this.db.prepare('UPDATE blobs SET used = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
       clean: this.db.prepare('UPDATE blobs SET dirty = 0 WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
     };
-    this.migrateRowsWithData();
+    migrateRowsWithData(this.db, this.fds, SLOT_BYTES, this.q.put);
     this.load();
   }
 
@@ -198,33 +139,6 @@ export class ChunkCache {
     const data = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len);
     const n = fs.readSync(this.fds[e.key.kind], data, 0, len, e.slot * SLOT_BYTES[e.key.kind] + at);
     return n === len ? data : undefined;
-  }
-
-  /** A cache of the earlier layout kept blobs in SQLite rows: they move to slots, dirty ones too, in one step. */
-  private migrateRowsWithData(): void {
-    const old = this.db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'chunks'").get();
-    if (!old) return;
-    type Row = { image_id: string; gen: number; kind: ChunkKind; idx: number; data: Buffer; sha256: Buffer; dirty: number; cls: Sensitivity | null; used: number };
-    const next = {} as Record<ChunkKind, number>;
-    for (const kind of CHUNK_KINDS) next[kind] = 0;
-    this.db.transaction(() => {
-      // A page of rows at a time: an old cache may hold gigabytes.
-      const page = this.db.prepare('SELECT rowid AS rid, * FROM chunks WHERE rowid > ? ORDER BY rowid LIMIT 256');
-      for (let after = 0; ; ) {
-        const rows = page.all(after) as (Row & { rid: number })[];
-        if (rows.length === 0) break;
-        for (const r of rows) {
-          const slot = next[r.kind]++;
-          fs.writeSync(this.fds[r.kind], r.data, 0, r.data.length, slot * SLOT_BYTES[r.kind]);
-          this.q.put.run(r.image_id, r.gen, r.kind, r.idx, slot, r.data.length, r.sha256, r.dirty, r.cls, r.used);
-        }
-        after = rows[rows.length - 1].rid;
-      }
-      for (const kind of CHUNK_KINDS) fs.fsyncSync(this.fds[kind]);
-      this.db.exec('DROP TABLE chunks');
-    })();
-    this.db.pragma('wal_checkpoint(FULL)');
-    this.db.exec('VACUUM');
   }
 
   /** The cached blob, or undefined. A damaged entry is dropped and reported as a miss. */
@@ -371,8 +285,8 @@ export class ChunkCache {
     if (this.bytes > this.limitBytes) this.trim();
   }
 
-  /** Points `id` at `e` (or at nothing) in memory; the entry it replaces gives its slot back once that stands. */
-  private replace(id: string, e: Entry | undefined): void {
+  /** Points `id` at `e` (or at nothing) in memory; the entry it replaces gives its slot back once that stands (release()). */
+  private replace(id: string, e: Entry | undefined, punch = true): void {
     const prev = this.index.get(id);
     if (prev) this.onReplace?.(prev.key);
     if (e) this.index.set(id, e);
@@ -380,7 +294,7 @@ export class ChunkCache {
     if (prev) this.account(prev, -1);
     if (e) this.account(e, 1);
     if (prev) this.touched.delete(prev);
-    const release = () => prev && this.release(prev);
+    const release = () => prev && this.release(prev, punch);
     if (!this.tx) return release();
     this.tx.onCommit.push(release);
     this.tx.undo.push(() => {
@@ -392,18 +306,22 @@ export class ChunkCache {
     });
   }
 
-  /** A slot no row names any more: a dirty chunk's waits for the next flush; a clean one's whole pages are punched out now. */
-  private release(e: Entry): void {
+  /**
+   * A slot no row names any more: a dirty chunk's waits for the next flush; a clean
+   * one is free at once, its whole pages punched out unless `punch` is false (a slot
+   * the next writes will take: writing into pages the page cache holds is cheaper).
+   */
+  private release(e: Entry, punch: boolean): void {
     const { kind } = e.key;
     if (e.dirty) {
       this.slots[kind].give(e.slot, true);
-      this.settling ??= settleHeld(this.slots, this.fds, SLOT_BYTES, `${this.file}-wal`)?.finally(() => (this.settling = undefined));
+      this.settleSoon();
       return;
     }
     const from = Math.ceil((e.slot * SLOT_BYTES[kind]) / PAGE) * PAGE;
     const to = Math.floor(((e.slot + 1) * SLOT_BYTES[kind]) / PAGE) * PAGE;
     // Disk space only: a file system without hole punching keeps the bytes until the slot is reused.
-    if (to > from) {
+    if (punch && to > from) {
       try {
         punchHole(this.fds[kind], from, to - from);
       } catch {
@@ -411,6 +329,49 @@ export class ChunkCache {
       }
     }
     this.slots[kind].give(e.slot, false);
+  }
+
+  /**
+   * A clean blob a write made stale: its chunk now lives in a newer generation (a
+   * version's chunk the draft overwrote). Nothing reads it again, but it stays until
+   * the write that replaced it is durable (the next flush, or a settle, which it
+   * counts towards), so that a power cut before then still finds the old bytes. It is
+   * then dropped, and its slot is reused without being punched out: a copy onto the
+   * disk writes into pages the page cache already holds instead of growing the file.
+   */
+  supersede(k: CacheKey): void {
+    const e = this.index.get(this.id(k));
+    if (!e || e.dirty || this.stale.has(e)) return;
+    this.stale.add(e);
+    this.staleBytes += e.len;
+    this.settleSoon();
+  }
+
+  /** settleHeld() once the held slots and the stale blobs are worth it, then the stale blobs dropped. */
+  private settleSoon(): void {
+    if (this.settling) return;
+    const stale = this.stale;
+    const settled = settleHeld(this.slots, this.fds, SLOT_BYTES, `${this.file}-wal`, this.staleBytes);
+    if (!settled) return;
+    this.stale = new Set();
+    this.staleBytes = 0;
+    this.settling = settled
+      .then((durable) => {
+        if (durable) this.dropStale(stale);
+      })
+      .finally(() => (this.settling = undefined));
+  }
+
+  /** Drops the stale entries still as they were (evicted or written since: left alone), their slots not punched. */
+  private dropStale(stale: Set<Entry>): void {
+    this.batch(() => {
+      for (const e of stale) {
+        const id = this.id(e.key);
+        if (this.index.get(id) !== e || e.dirty) continue;
+        this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
+        this.replace(id, undefined, false);
+      }
+    });
   }
 
   /** Drops one entry (a damaged one, or a clean one the caller knows is stale). */
@@ -446,6 +407,10 @@ export class ChunkCache {
     this.persistTouches();
     this.db.pragma('wal_checkpoint(FULL)');
     for (const kind of CHUNK_KINDS) this.slots[kind].flushed();
+    const stale = this.stale;
+    this.stale = new Set();
+    this.staleBytes = 0;
+    this.dropStale(stale);
   }
 
   /** Where a cached blob starts in its kind's slot file (slotFd), or undefined when it is not cached. */

@@ -63,7 +63,12 @@ export class ChunkMap {
     }
     for (const d of dirty) {
       const ctHash = sha256(d.data).toString('base64url');
-      if (d.gen === writeGen && d.cls) this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash });
+      if (d.gen === writeGen && d.cls) {
+        // The version's blob of a chunk the draft wrote is stale (ChunkWriter drops it too).
+        const base = this.entries[d.kind].get(d.index);
+        if (base && base.gen !== d.gen) cache.supersede({ imageId: m.imageId, gen: base.gen, kind: d.kind, index: d.index });
+        this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash });
+      }
       // Checked in already: the server committed it, and the answer never came back (a crash, a lost link).
       else if (this.entries[d.kind].get(d.index)?.ctHash === ctHash) cache.markClean(d);
     }

@@ -58,13 +58,15 @@ export class Slots {
 export const SETTLE_HELD_BYTES = 16 * 1024 * 1024;
 
 /**
- * Once the held slots of every kind pass SETTLE_HELD_BYTES: takes them out, makes the
- * index rows that left them durable as flush() does but off the event loop (fsync of
- * the slot files, then of the index's WAL, where those rows already stand), and then
- * frees them. Undefined when under the mark. A failed fsync leaves them out of use.
+ * Once the held slots of every kind, with `alsoBytes` more waiting on the same syncs
+ * (the clean blobs writes made stale: ChunkCache.supersede), pass SETTLE_HELD_BYTES:
+ * takes the held slots out, makes the index rows that left them durable as flush()
+ * does but off the event loop (fsync of the slot files, then of the index's WAL, where
+ * those rows already stand), and then frees them. Resolves true once that is done;
+ * false when a sync failed, which leaves them out of use. Undefined when under the mark.
  */
-export function settleHeld(slots: Record<ChunkKind, Slots>, fds: Record<ChunkKind, number>, slotBytes: Record<ChunkKind, number>, wal: string): Promise<void> | undefined {
-  if (CHUNK_KINDS.reduce((n, k) => n + slots[k].heldCount * slotBytes[k], 0) < SETTLE_HELD_BYTES) return undefined;
+export function settleHeld(slots: Record<ChunkKind, Slots>, fds: Record<ChunkKind, number>, slotBytes: Record<ChunkKind, number>, wal: string, alsoBytes = 0): Promise<boolean> | undefined {
+  if (CHUNK_KINDS.reduce((n, k) => n + slots[k].heldCount * slotBytes[k], alsoBytes) < SETTLE_HELD_BYTES) return undefined;
   const held = CHUNK_KINDS.map((k) => slots[k].takeHeld());
   const sync = (fd: number) => new Promise<void>((done, fail) => fs.fsync(fd, (e) => (e ? fail(e) : done())));
   return Promise.all(CHUNK_KINDS.map((k) => sync(fds[k])))
@@ -79,7 +81,10 @@ export function settleHeld(slots: Record<ChunkKind, Slots>, fds: Record<ChunkKin
       }
     })
     .then(
-      () => CHUNK_KINDS.forEach((k, i) => slots[k].reuse(held[i])),
-      () => {},
+      () => {
+        CHUNK_KINDS.forEach((k, i) => slots[k].reuse(held[i]));
+        return true;
+      },
+      () => false,
     );
 }

@@ -212,6 +212,38 @@ describe('chunk cache: slots and index', () => {
     again.close();
   });
 
+  it("a version's blob a write made stale stays until that write is durable, then goes, and a later write takes its slot with its bytes not punched out", async () => {
+    const file = path.join(tmpDir(), 'cache.db');
+    const c = new ChunkCache(file, 1 << 30);
+    const base = (index: number) => ({ imageId: 'ab', gen: 1, kind: 'disk' as const, index });
+    const draft = (index: number) => ({ ...base(index), gen: 2 });
+    const rows = () => cachedRows(file, 'disk');
+    const old = randomBytes(SLOT_BYTES.disk);
+    c.put(base(0), old);
+    const oldSlot = rows().find((r) => r.gen === 1 && r.idx === 0)!.slot;
+    c.put(draft(0), randomBytes(SLOT_BYTES.disk), true, 'normal');
+    c.supersede(draft(0)); // dirty: never dropped
+    c.supersede(base(0));
+    // Until the write is durable a power cut may bring back the version's row alone: its bytes stay.
+    expectSameBytes(c.get(base(0))!, old, 'before the flush');
+    c.put(draft(1), randomBytes(SLOT_BYTES.disk), true, 'normal');
+    expect(rows().find((r) => r.gen === 2 && r.idx === 1)!.slot, 'before the flush its slot is not reused').to.not.equal(oldSlot);
+    c.flush();
+    expect(c.has(base(0)), 'after the flush it is gone').to.equal(false);
+    expect(c.has(draft(0)), 'the dirty chunk stays').to.equal(true);
+    const raw = Buffer.alloc(SLOT_BYTES.disk);
+    fs.readSync(c.slotFd('disk'), raw, 0, raw.length, oldSlot * SLOT_BYTES.disk);
+    expectSameBytes(raw, old, 'its slot keeps its bytes (not punched out) until reused');
+    c.put(draft(2), randomBytes(SLOT_BYTES.disk), true, 'normal');
+    expect(rows().find((r) => r.gen === 2 && r.idx === 2)!.slot, 'the next write takes it').to.equal(oldSlot);
+    // Without a flush: stale blobs count towards a settle, which drops them once the syncs are done.
+    const n = Math.ceil(SETTLE_HELD_BYTES / SLOT_BYTES.disk); // the last one reaches the mark
+    for (let i = 10; i < 10 + n; i++) c.put(base(i), randomBytes(SLOT_BYTES.disk));
+    for (let i = 10; i < 10 + n; i++) c.supersede(base(i));
+    await waitFor(async () => Array.from({ length: n }, (_, i) => base(10 + i)).every((k) => !c.has(k)) || undefined, 30_000, 'the stale blobs dropped by a settle');
+    c.close();
+  });
+
   it('settled slots come back only once the slot files and the WAL are synced, and never when a sync fails', async () => {
     const dir = tmpDir();
     const fds = {} as Record<ChunkKind, number>;
@@ -231,16 +263,17 @@ describe('chunk cache: slots and index', () => {
     const short = slotsWithHeld(held - 1);
     expect(settleHeld(short, fds, SLOT_BYTES, wal), 'one slot short of the mark: nothing to do').to.equal(undefined);
     expect(short.disk.heldCount).to.equal(held - 1);
+    expect(await settleHeld(short, fds, SLOT_BYTES, wal, perSlot), 'other bytes waiting on the same syncs count').to.equal(true);
     // Synced: before the syncs are done no held slot is handed out; after, they are.
     const ok = slotsWithHeld();
     const settling = settleHeld(ok, fds, SLOT_BYTES, wal);
     expect(settling).to.not.equal(undefined);
     expect(ok.disk.take(), 'while the syncs run, a new slot').to.equal(held);
-    await settling;
+    expect(await settling, 'durable').to.equal(true);
     expect(ok.disk.take(), 'once they are done, a settled one').to.be.below(held);
     // The WAL cannot be synced: the held slots stay out of use.
     const failed = slotsWithHeld();
-    await settleHeld(failed, fds, SLOT_BYTES, path.join(dir, 'no-such-wal'));
+    expect(await settleHeld(failed, fds, SLOT_BYTES, path.join(dir, 'no-such-wal')), 'not durable').to.equal(false);
     expect(failed.disk.take(), 'a failed sync leaves them out').to.equal(held);
     expect(failed.disk.heldCount, 'and does not hand them back to be held again').to.equal(0);
     for (const k of CHUNK_KINDS) fs.closeSync(fds[k]);
