@@ -144,17 +144,17 @@ export class ChunkKeys {
 
   /**
    * This chunk, then `companions` (as for fetchSensitive) and its next neighbours
-   * by index, up to KEY_BATCH in all (within 4 × KEY_BATCH indices), without a
-   * write key: batched into one audited request, as sensitive keys are.
+   * by index, up to `limit` in all (within 4 × `limit` indices), without a write
+   * key: batched into one audited request, as sensitive keys are.
    */
-  writeNeighbours(kind: ChunkKind, index: number, companions: readonly number[] = []): number[] {
+  writeNeighbours(kind: ChunkKind, index: number, companions: readonly number[] = [], limit = KEY_BATCH): number[] {
     const count = Math.ceil(this.map.sizeOf(kind) / CHUNK_SIZE[kind]);
     const out = new Set([index]);
     const add = (i: number) => {
       if (i < count && !out.has(i) && !this.hasWriteKey(kind, i) && !this.writeKeyPending(kind, i)) out.add(i);
     };
-    for (let c = 0; c < companions.length && out.size < KEY_BATCH; c++) add(companions[c]);
-    for (let i = index + 1; out.size < KEY_BATCH && i < Math.min(count, index + 4 * KEY_BATCH); i++) add(i);
+    for (let c = 0; c < companions.length && out.size < limit; c++) add(companions[c]);
+    for (let i = index + 1; out.size < limit && i < Math.min(count, index + 4 * limit); i++) add(i);
     return [...out];
   }
 

@@ -16,8 +16,20 @@ import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
 
 /** Check-in requests stay under the server's upload limit. */
 const CHECKIN_PART_BYTES = 4 * 1024 * 1024;
-/** Blob buffers kept for disk writes sealed off the event loop (as many as writes usually run at once). */
-const SEAL_BUFFERS_KEPT = 16;
+/**
+ * Blob buffers for disk writes sealed off the event loop. A write waits for one when all
+ * are out: a copy onto the disk keeps far more writes in flight than libuv's four pool
+ * threads can seal at once, and making a 128 KiB buffer for each of them (which glibc
+ * fills on malloc and again on free: agent/daemon/harden.ts) cost a first copy 3,000
+ * new buffers a GiB, most of its page faults and a major collection after another.
+ */
+export const SEAL_BUFFERS = 32;
+
+/**
+ * The most write keys a run of disk writes asks for at once, ahead of it (64 MiB of the
+ * disk). Write keys open nothing the server holds: they encrypt this device's own writes.
+ */
+export const WRITE_KEYS_AHEAD_MAX = 512;
 
 export interface CheckinClient {
   checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ version: number; shared?: boolean }>;
@@ -53,12 +65,17 @@ export class ChunkWriter {
     await k.ensureWriteKeys(kind, batch);
     if (kind === 'disk') {
       this.writeKeysAhead(kind, index);
-      const w = await this.storeOffLoop(kind, index, data);
+      this.writing.add(index);
       try {
-        this.adopt(kind, index, w);
+        const w = await this.storeOffLoop(kind, index, data);
+        try {
+          this.adopt(kind, index, w);
+        } finally {
+          // Memory keeps a copy of the blob, if it keeps it at all.
+          this.keepSealBuffer(w.buf);
+        }
       } finally {
-        // Memory keeps a copy of the blob, if it keeps it at all.
-        this.keepSealBuffer(w.buf);
+        this.writing.delete(index);
       }
       return;
     }
@@ -67,20 +84,32 @@ export class ChunkWriter {
   }
 
   /**
-   * A run of disk writes (this chunk's predecessor written under this lease) asks for the
-   * next batch of write keys once it is half way through the batch it holds, so that a copy
-   * onto the disk does not stop at each batch for a round trip to the server. A write out
-   * of a run asks for nothing more than its own batch. A failure is not reported here: a
-   * write that waits for that request fails with it, as it would have with its own, and
-   * the next write in the run that finds the key missing asks again.
+   * A run of disk writes (this chunk's predecessor written under this lease, or being
+   * written) asks for the next write keys once it is half way through the window it
+   * holds, so that a copy onto the disk does not stop for a round trip to the server.
+   * The window grows with the run: one batch, doubled for each of the chunks one, two
+   * and four batches back that this lease wrote, up to WRITE_KEYS_AHEAD_MAX. A copy of
+   * a gigabyte then makes 17 audited requests instead of 128, and none of its writes
+   * waits for one; a journal rewriting a few chunks asks for nothing more than its own
+   * batch. A failure is not reported here: a write that waits for that request fails
+   * with it, as it would have with its own, and the next write in the run that finds the
+   * key missing asks again.
    */
   private writeKeysAhead(kind: ChunkKind, index: number): void {
     const k = this.chunkKeys;
-    const ahead = index + KEY_BATCH / 2;
+    const gen = this.map.writeGen;
+    const entries = this.map.entries[kind];
+    const written = (i: number) => this.writing.has(i) || (i >= 0 && entries.get(i)?.gen === gen);
+    if (gen === undefined || !written(index - 1)) return;
+    let window = KEY_BATCH;
+    while (window < WRITE_KEYS_AHEAD_MAX && written(index - window)) window *= 2;
+    const ahead = index + window / 2;
     if (ahead * CHUNK_SIZE[kind] >= this.map.sizeOf(kind) || k.hasWriteKey(kind, ahead) || k.writeKeyPending(kind, ahead)) return;
-    if (this.map.writeGen === undefined || this.map.entries[kind].get(index - 1)?.gen !== this.map.writeGen) return;
-    k.ensureWriteKeys(kind, k.writeNeighbours(kind, ahead)).catch(() => {});
+    k.ensureWriteKeys(kind, k.writeNeighbours(kind, ahead, [], window)).catch(() => {});
   }
+
+  /** The disk chunks being written now (writeKeysAhead: a run's writes may finish out of order). */
+  private readonly writing = new Set<number>();
 
   /** Buffers for blobs sealed off the event loop (ciphertext), reused. */
   private readonly sealBuffers: Buffer[] = [];
@@ -92,7 +121,7 @@ export class ChunkWriter {
    * copied by the call; the cache's row is written here once the blob stands.
    */
   private async storeOffLoop(kind: ChunkKind, index: number, data: Buffer): Promise<{ e: Entry; blob: Buffer; borrowed: true; buf: Buffer }> {
-    const buf = this.sealBuffers.pop() ?? Buffer.allocUnsafe(CHUNK_SIZE[kind] + CHUNK_OVERHEAD);
+    const buf = this.sealBuffers.pop() ?? (this.sealBuffersMade < SEAL_BUFFERS ? this.makeSealBuffer() : await new Promise<Buffer>((r) => this.sealWaiters.push(r)));
     const slot = this.cache.reserve(kind);
     let e: Entry;
     let blob: Buffer;
@@ -114,13 +143,29 @@ export class ChunkWriter {
       throw err;
     }
     e.ctHash = hash.toString('base64url');
-    // A group that fails to commit frees its slots itself.
-    await this.commitSoon({ k: this.map.cacheKey(kind, index, e), slot: slot.slot, len: blob.length, sha: hash, dirty: true, cls: e.cls });
+    try {
+      // A group that fails to commit frees its slots itself.
+      await this.commitSoon({ k: this.map.cacheKey(kind, index, e), slot: slot.slot, len: blob.length, sha: hash, dirty: true, cls: e.cls });
+    } catch (err) {
+      this.keepSealBuffer(buf);
+      throw err;
+    }
     return { e, blob, borrowed: true, buf };
   }
 
+  private sealBuffersMade = 0;
+  private readonly sealWaiters: ((buf: Buffer) => void)[] = [];
+
+  private makeSealBuffer(): Buffer {
+    this.sealBuffersMade++;
+    return Buffer.allocUnsafe(CHUNK_SIZE.disk + CHUNK_OVERHEAD);
+  }
+
+  /** A seal buffer back: to the write waiting longest, or to the pool. */
   private keepSealBuffer(buf: Buffer): void {
-    if (this.sealBuffers.length < SEAL_BUFFERS_KEPT) this.sealBuffers.push(buf);
+    const next = this.sealWaiters.shift();
+    if (next) next(buf);
+    else this.sealBuffers.push(buf);
   }
 
   /** Sealed writes' index rows waiting for this turn's transaction, each with its write's resolvers. */
@@ -195,6 +240,9 @@ export class ChunkWriter {
     const kept = oldId !== undefined && this.checked.has(oldId);
     if (oldId !== undefined) this.checked.delete(oldId);
     if (kind === 'disk' && kept) this.checked.put(keyId(kind, index, w.e.gen), w.e.ctHash, w.blob, { borrowed: w.borrowed });
+    // The version's blob the draft's first write of a chunk replaces is stale: the cache
+    // drops it once this write is durable, and a later write takes its slot.
+    if (old && old.gen !== w.e.gen) this.cache.supersede(this.map.cacheKey(kind, index, old));
     this.stats.writes++;
   }
 

@@ -8,6 +8,7 @@ import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { agentInProcessSuite, rejects, testUnlock } from '../helpers/fixtures.js';
 import { waitFor } from '../helpers/proc.js';
 import { KEY_BATCH } from '../../agent/chunks/chunk-keys.js';
+import { SEAL_BUFFERS } from '../../agent/chunks/writes.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 
 const PAGE = 4096;
@@ -123,28 +124,47 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
 describe('disk write keys in the agent core (real server)', function () {
   this.timeout(60_000);
   const CHUNK = 128 * 1024;
-  const CHUNKS = 3 * KEY_BATCH + 10;
+  const CHUNKS = 5 * KEY_BATCH + 3 * SEAL_BUFFERS + 10;
   const t = agentInProcessSuite('disk-keys', { plain: { disk: randomBytes(CHUNKS * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
   const held = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i).filter((i) => t.agent.core.hasWriteKey('disk', i));
 
-  it("a run of writes asks for the next batch of write keys half way through the one it holds; a write out of a run does not", async () => {
+  it('a run of writes asks for the next write keys half way through the window it holds, a window that grows with the run; a write out of a run asks for none', async () => {
     const core = t.agent.core;
     const before = core.stats.keyRequests;
+    const asked = () => core.stats.keyRequests - before;
     await core.write('disk', 0, randomBytes(CHUNK));
-    expect(core.stats.keyRequests - before, 'the first write: its batch').to.equal(1);
+    expect(asked(), 'the first write: its batch').to.equal(1);
     expect(held(0, CHUNKS)).to.deep.equal(Array.from({ length: KEY_BATCH }, (_, i) => i));
     for (let i = 1; i < KEY_BATCH / 2; i++) await core.write('disk', i, randomBytes(CHUNK));
-    expect(core.stats.keyRequests - before, 'still inside the first half').to.equal(1);
+    expect(asked(), 'still inside the first half').to.equal(1);
     await core.write('disk', KEY_BATCH / 2, randomBytes(CHUNK));
-    // Asked for in the background, before the run needs them.
+    // Asked for in the background, before the run needs them: one more batch.
     await waitFor(async () => held(KEY_BATCH, 2 * KEY_BATCH).length === KEY_BATCH || undefined, 20_000, 'the next batch of write keys');
-    expect(core.stats.keyRequests - before).to.equal(2);
-    for (let i = KEY_BATCH / 2 + 1; i <= KEY_BATCH; i++) await core.write('disk', i, randomBytes(CHUNK));
-    expect(core.stats.keyRequests - before, 'the run reached the next batch without a wait').to.equal(2);
+    expect(asked()).to.equal(2);
+    for (let i = KEY_BATCH / 2 + 1; i < KEY_BATCH; i++) await core.write('disk', i, randomBytes(CHUNK));
+    expect(asked(), 'the run reached the next batch without a wait').to.equal(2);
+    // A batch into the run, chunk 0 written a batch back: the window is two batches, asked for one batch ahead.
+    await core.write('disk', KEY_BATCH, randomBytes(CHUNK));
+    await waitFor(async () => held(2 * KEY_BATCH, 4 * KEY_BATCH).length === 2 * KEY_BATCH || undefined, 20_000, 'two batches of write keys ahead');
+    expect(asked()).to.equal(3);
+    expect(held(4 * KEY_BATCH, CHUNKS), 'no more than the window').to.deep.equal([]);
     // A write whose predecessor was not written is not a run: nothing is asked for ahead of it.
-    const lone = KEY_BATCH + KEY_BATCH / 2 + 4; // held, its predecessor not written, the keys half a batch ahead not held
+    const lone = 3 * KEY_BATCH + 4; // held, its predecessor not written, the keys half a window ahead not held
     await core.write('disk', lone, randomBytes(CHUNK));
-    expect(core.stats.keyRequests - before, 'a lone write asks for nothing ahead').to.equal(2);
-    expect(held(2 * KEY_BATCH, CHUNKS)).to.deep.equal([]);
+    expect(asked(), 'a lone write asks for nothing ahead').to.equal(3);
+    expect(held(4 * KEY_BATCH, CHUNKS)).to.deep.equal([]);
+  });
+
+  it('more writes at once than there are seal buffers: each waits its turn for one, and every chunk reads back as written', async () => {
+    const core = t.agent.core;
+    const first = 5 * KEY_BATCH;
+    const n = SEAL_BUFFERS * 3;
+    const data = Array.from({ length: n }, () => randomBytes(CHUNK));
+    await Promise.all(data.map((d, i) => core.write('disk', first + i, d)));
+    const out = Buffer.alloc(CHUNK);
+    for (let i = 0; i < n; i++) {
+      await core.readInto('disk', first + i, out);
+      expectSameBytes(out, data[i], `chunk ${first + i}`);
+    }
   });
 });
