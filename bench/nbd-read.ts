@@ -14,7 +14,6 @@
 //
 //   node --import tsx bench/nbd-read.ts [--sizes 128,1024] [--reads 4000] [--phases memory,file,cold,write] [--reps 3] [--json]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -24,6 +23,7 @@ import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor, type ServerProc } from '../test/helpers/proc.js';
 import { control, type AgentStatus } from '../agent/index.js';
 import { aeadBackend } from '../native/index.js';
+import { luksArgs, luksCopy, qemuNbd, randomDisk } from './lib/nbd-disks.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({
@@ -44,7 +44,6 @@ const REPS = Number(values.reps);
 const NAMES: Record<Phase, string> = { memory: 'warm, in memory', file: 'warm, cache file', cold: 'cold (server)', write: 'sequential write' };
 for (const p of PHASES) if (!(p in NAMES)) throw new Error(`--phases: unknown phase "${p}" (${Object.keys(NAMES).join(', ')})`);
 for (const s of SIZES) if (!(s > 0 && s % MiB === 0)) throw new Error(`--sizes: give whole MiB, e.g. 128,1024,4096`);
-const SECRET = 'bench-luks-passphrase';
 
 /** MB/s of nbdcopy from `from` to `to` of `bytes`. */
 async function copy(from: string, to: string, bytes: number): Promise<number> {
@@ -88,42 +87,17 @@ interface Row {
   first?: boolean;
 }
 
-/** qemu-nbd serving `args` on a socket in `dir`, writable; its URI. */
-async function qemuNbd(dir: string, name: string, args: string[], procs: ChildProcess[]): Promise<string> {
-  const sock = path.join(dir, `${name}.sock`);
-  // glibc's mmap threshold moves with what a process frees: qemu-nbd's 256 KiB bounce
-  // buffers then come from mmap now and then, and every request faults its pages in.
-  // On this kind of machine, where a page fault is dear, that made the LUKS peer write
-  // a GiB in 9.5 s one run and in 2.4 s the next. Fixed thresholds keep it at its best.
-  const env = { ...process.env, MALLOC_MMAP_THRESHOLD_: String(32 * MiB), MALLOC_TRIM_THRESHOLD_: String(256 * MiB) };
-  procs.push(spawn('qemu-nbd', ['-k', sock, '-x', 'guest', '-t', '-e', '8', ...args], { stdio: 'ignore', env }));
-  await waitFor(async () => fs.existsSync(sock) || undefined, 20_000, `qemu-nbd (${name})`);
-  return `nbd+unix:///guest?socket=${sock}`;
-}
-
 async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[]> {
   const dir = tmpDir('lethe-bench-nbd-');
   const procs: ChildProcess[] = [];
   const agents: Awaited<ReturnType<typeof startAgentProc>>[] = [];
   try {
     const raw = path.join(dir, 'disk.raw');
-    const fd = fs.openSync(raw, 'w');
-    for (let at = 0; at < size; at += 16 * MiB) fs.writeSync(fd, randomBytes(Math.min(16 * MiB, size - at)));
-    fs.closeSync(fd);
+    randomDisk(raw, size);
     const luks = path.join(dir, 'disk.luks');
-    const secret = ['--object', `secret,id=sec0,data=${SECRET}`];
-    // qemu-img times the key slot's PBKDF by the thread's CPU time, which on some machines
-    // reads as none now and then ("Unable to get accurate CPU usage"): try again.
-    for (let tries = 1; ; tries++) {
-      try {
-        await run('qemu-img', ['convert', ...secret, '-f', 'raw', '-O', 'luks', '-o', 'key-secret=sec0,iter-time=10', raw, luks]);
-        break;
-      } catch (e) {
-        if (tries === 10 || !String((e as { stderr?: string }).stderr).includes('accurate CPU usage')) throw e;
-      }
-    }
+    await luksCopy(raw, luks);
     const plainUri = await qemuNbd(dir, 'plain', ['-f', 'raw', raw], procs);
-    const luksUri = await qemuNbd(dir, 'luks', [...secret, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${luks}`], procs);
+    const luksUri = await qemuNbd(dir, 'luks', luksArgs(luks), procs);
     const source = path.join(dir, 'source.raw'); // what the write phase copies in
     fs.copyFileSync(raw, source);
     // lethe image push streams the file: a disk of 4 GiB does not fit one Buffer.

@@ -1,17 +1,17 @@
 // Copies onto the agent's disk one after another, each beside a copy onto qemu-nbd
-// on a LUKS image of the same bytes (the peer, its malloc thresholds fixed as in
-// nbd-read.ts): per copy, MB/s, the ratio, and what each cost in CPU time, with the
+// on a LUKS image of the same bytes (the peer, its malloc thresholds fixed:
+// lib/nbd-disks.ts): per copy, MB/s, the ratio, and what each cost in CPU time, with the
 // agent's page faults and how much its slot file grew. The first copy onto a cached
 // disk is the one that takes new write keys and leaves the version's blobs stale.
 //
 //   node --import tsx bench/nbd-write.ts [--size 1024] [--copies 4] [--agents 2]
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { execFile, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs, promisify } from 'node:util';
 import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, tmpDir, waitFor } from '../test/helpers/proc.js';
+import { luksArgs, luksCopy, qemuNbd, randomDisk } from './lib/nbd-disks.js';
 import { control, type AgentStatus } from '../agent/index.js';
 
 const run = promisify(execFile);
@@ -33,17 +33,11 @@ async function main(): Promise<void> {
   const procs: ChildProcess[] = [];
   try {
     const raw = path.join(dir, 'disk.raw');
-    const fd = fs.openSync(raw, 'w');
-    for (let at = 0; at < size; at += 16 * MiB) fs.writeSync(fd, randomBytes(Math.min(16 * MiB, size - at)));
-    fs.closeSync(fd);
+    randomDisk(raw, size);
     const luks = path.join(dir, 'disk.luks');
-    const secret = ['--object', 'secret,id=sec0,data=bench-luks-passphrase'];
-    await run('qemu-img', ['convert', ...secret, '-f', 'raw', '-O', 'luks', '-o', 'key-secret=sec0,iter-time=100', raw, luks]);
-    const sock = path.join(dir, 'luks.sock');
-    const env = { ...process.env, MALLOC_MMAP_THRESHOLD_: String(32 * MiB), MALLOC_TRIM_THRESHOLD_: String(256 * MiB) };
-    const peer = spawn('qemu-nbd', ['-k', sock, '-x', 'guest', '-t', '-e', '8', ...secret, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${luks}`], { stdio: 'ignore', env });
-    procs.push(peer);
-    await waitFor(async () => fs.existsSync(sock) || undefined, 20_000, 'qemu-nbd');
+    await luksCopy(raw, luks);
+    const peerUri = await qemuNbd(dir, 'luks', luksArgs(luks), procs);
+    const peer = procs[procs.length - 1];
     const source = path.join(dir, 'source.raw');
     fs.copyFileSync(raw, source);
     const pushed = await lethe(['image', 'push', 'guest', '--disk', raw], s.env);
@@ -70,7 +64,7 @@ async function main(): Promise<void> {
           const s1 = usage(s.proc.pid!);
           const p0 = usage(peer.pid!);
           const l0 = process.hrtime.bigint();
-          await run('nbdcopy', [source, `nbd+unix:///guest?socket=${sock}`]);
+          await run('nbdcopy', [source, peerUri]);
           const lt = Number(process.hrtime.bigint() - l0) / 1e9;
           const p1 = usage(peer.pid!);
           const grown = (fs.statSync(slots).size - grown0) / MiB;

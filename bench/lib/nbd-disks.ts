@@ -1,0 +1,54 @@
+// The disks the NBD benches (nbd-read.ts, nbd-write.ts) measure the agent beside:
+// a raw file of random bytes, a LUKS copy of it, and qemu-nbd serving either.
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { waitFor } from '../../test/helpers/proc.js';
+
+const run = promisify(execFile);
+const MiB = 1024 * 1024;
+
+/** qemu-nbd's arguments for the LUKS copy's key (a bench's own passphrase). */
+export const LUKS_SECRET = ['--object', 'secret,id=sec0,data=bench-luks-passphrase'];
+
+/** A raw disk of `size` random bytes at `file`. */
+export function randomDisk(file: string, size: number): void {
+  const fd = fs.openSync(file, 'w');
+  try {
+    for (let at = 0; at < size; at += 16 * MiB) fs.writeSync(fd, randomBytes(Math.min(16 * MiB, size - at)));
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** A LUKS (AES-XTS) copy of `raw` at `luks`, under LUKS_SECRET. */
+export async function luksCopy(raw: string, luks: string): Promise<void> {
+  // qemu-img times the key slot's PBKDF by the thread's CPU time, which on some machines
+  // reads as none now and then ("Unable to get accurate CPU usage"): try again.
+  for (let tries = 1; ; tries++) {
+    try {
+      await run('qemu-img', ['convert', ...LUKS_SECRET, '-f', 'raw', '-O', 'luks', '-o', 'key-secret=sec0,iter-time=10', raw, luks]);
+      return;
+    } catch (e) {
+      if (tries === 10 || !String((e as { stderr?: string }).stderr).includes('accurate CPU usage')) throw e;
+    }
+  }
+}
+
+/** qemu-nbd's arguments for serving the LUKS copy at `luks`. */
+export const luksArgs = (luks: string) => [...LUKS_SECRET, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${luks}`];
+
+/** qemu-nbd serving `args` on a socket in `dir`, writable (pushed onto `procs`); its URI. */
+export async function qemuNbd(dir: string, name: string, args: string[], procs: ChildProcess[]): Promise<string> {
+  const sock = path.join(dir, `${name}.sock`);
+  // glibc's mmap threshold moves with what a process frees: qemu-nbd's 256 KiB bounce
+  // buffers then come from mmap now and then, and every request faults its pages in.
+  // On this kind of machine, where a page fault is dear, that made the LUKS peer write
+  // a GiB in 9.5 s one run and in 2.4 s the next. Fixed thresholds keep it at its best.
+  const env = { ...process.env, MALLOC_MMAP_THRESHOLD_: String(32 * MiB), MALLOC_TRIM_THRESHOLD_: String(256 * MiB) };
+  procs.push(spawn('qemu-nbd', ['-k', sock, '-x', 'guest', '-t', '-e', '8', ...args], { stdio: 'ignore', env }));
+  await waitFor(async () => fs.existsSync(sock) || undefined, 20_000, `qemu-nbd (${name})`);
+  return `nbd+unix:///guest?socket=${sock}`;
+}
