@@ -13,9 +13,11 @@
 // flush(), or settleHeld() in the background once 16 MiB are held): until then the
 // old row may be what a power cut brings back. A row whose slot holds something else
 // anyway (disk damage, a slot shared after a power cut) fails its SHA-256 or AEAD
-// check, is dropped and is fetched again, never served. Bounded: clean chunks are
-// evicted least recently used first, their slots punched out; dirty chunks never
-// are (they are the only copy of a guest write until it is checked in).
+// check, is dropped and is fetched again, never served. A version's clean blob a
+// draft write made stale goes once that write is durable, by the same syncs
+// (supersede()). Bounded: clean chunks are evicted least recently used first, their
+// slots punched out (a stale blob's is not: the next writes take it); dirty chunks
+// never are (they are the only copy of a guest write until it is checked in).
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -41,6 +43,9 @@ export class ChunkCache {
   /** Clean entries writes made stale (supersede()), dropped once those writes are durable; and their bytes. */
   private stale = new Set<Entry>();
   private staleBytes = 0;
+  /** Moved on by forgetStale(): a settle that began before drops nothing. */
+  private staleEpoch = 0;
+  private closed = false;
   /** Monotonic use counter; persisted with each write, refreshed in memory on reads. */
   private tick = 0;
   private readonly touched = new Set<Entry>();
@@ -333,11 +338,12 @@ export class ChunkCache {
 
   /**
    * A clean blob a write made stale: its chunk now lives in a newer generation (a
-   * version's chunk the draft overwrote). Nothing reads it again, but it stays until
+   * version's chunk the draft overwrote). The chunk map no longer names it, but it stays until
    * the write that replaced it is durable (the next flush, or a settle, which it
    * counts towards), so that a power cut before then still finds the old bytes. It is
    * then dropped, and its slot is reused without being punched out: a copy onto the
    * disk writes into pages the page cache already holds instead of growing the file.
+   * A new chunk map (forgetStale()) cancels what was marked before it.
    */
   supersede(k: CacheKey): void {
     const e = this.index.get(this.id(k));
@@ -351,27 +357,51 @@ export class ChunkCache {
   private settleSoon(): void {
     if (this.settling) return;
     const stale = this.stale;
+    const epoch = this.staleEpoch;
     const settled = settleHeld(this.slots, this.fds, SLOT_BYTES, `${this.file}-wal`, this.staleBytes);
     if (!settled) return;
     this.stale = new Set();
     this.staleBytes = 0;
     this.settling = settled
       .then((durable) => {
+        if (epoch !== this.staleEpoch) return;
         if (durable) this.dropStale(stale);
+        else for (const e of stale) this.supersede(e.key); // the next flush or settle tries again
       })
       .finally(() => (this.settling = undefined));
   }
 
-  /** Drops the stale entries still as they were (evicted or written since: left alone), their slots not punched. */
+  /** Resolves once the settle under way, if any, is done. */
+  settled(): Promise<void> {
+    return this.settling ?? Promise.resolve();
+  }
+
+  /** Forgets every stale mark (a new chunk map may name those blobs again), those a settle under way holds too. */
+  forgetStale(): void {
+    this.staleEpoch++;
+    this.stale = new Set();
+    this.staleBytes = 0;
+  }
+
+  /**
+   * Drops the stale entries still as they were (evicted or written since: left alone),
+   * their slots not punched. Never throws: a stale blob is only a clean row too many, and
+   * a cache closed, or a database that fails, leaves it one.
+   */
   private dropStale(stale: Set<Entry>): void {
-    this.batch(() => {
-      for (const e of stale) {
-        const id = this.id(e.key);
-        if (this.index.get(id) !== e || e.dirty) continue;
-        this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
-        this.replace(id, undefined, false);
-      }
-    });
+    if (this.closed || stale.size === 0) return;
+    try {
+      this.batch(() => {
+        for (const e of stale) {
+          const id = this.id(e.key);
+          if (this.index.get(id) !== e || e.dirty) continue;
+          this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
+          this.replace(id, undefined, false);
+        }
+      });
+    } catch {
+      // left as clean rows, evicted in their turn
+    }
   }
 
   /** Drops one entry (a damaged one, or a clean one the caller knows is stale). */
@@ -454,6 +484,7 @@ export class ChunkCache {
   }
 
   close(): void {
+    this.closed = true;
     try {
       this.persistTouches();
     } finally {

@@ -53,6 +53,8 @@ export class ChunkMap {
       for (const [index, gen, cls, ctHash] of m.chunks[kind]) this.entries[kind].set(index, { gen, cls, ctHash });
     }
     this.writeGen = writeGen;
+    // Blobs an earlier map made stale may be this one's: only what this map overrides is marked again below.
+    cache.forgetStale();
     const dirty = cache.dirtyChunks(m.imageId);
     // A new device state a suspend wrote (whole: replaceState is one transaction) replaces the version's, at its own size.
     const state = dirty.filter((d) => d.kind === 'state' && d.gen === writeGen).sort((a, b) => a.index - b.index);
@@ -64,7 +66,7 @@ export class ChunkMap {
     for (const d of dirty) {
       const ctHash = sha256(d.data).toString('base64url');
       if (d.gen === writeGen && d.cls) {
-        // The version's blob of a chunk the draft wrote is stale (ChunkWriter drops it too).
+        // The version's blob of a chunk the draft wrote is stale, as ChunkWriter marks it on a write.
         const base = this.entries[d.kind].get(d.index);
         if (base && base.gen !== d.gen) cache.supersede({ imageId: m.imageId, gen: base.gen, kind: d.kind, index: d.index });
         this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash });

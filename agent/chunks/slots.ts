@@ -49,7 +49,8 @@ export class Slots {
 }
 
 /**
- * Held slots past this many bytes are settled: a long run of guest writes without a
+ * Held slots past this many bytes (with the stale clean blobs waiting on the same
+ * syncs: ChunkCache.supersede) are settled: a long run of guest writes without a
  * flush (a copy onto the disk) reuses the slots its own earlier writes left, instead
  * of growing the slot files by every byte written. Reusing them also writes into pages
  * the page cache already holds: growing the file was a third of the agent's time in

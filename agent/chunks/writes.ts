@@ -89,24 +89,28 @@ export class ChunkWriter {
    * holds, so that a copy onto the disk does not stop for a round trip to the server.
    * The window grows with the run: one batch, doubled for each of the chunks one, two
    * and four batches back that this lease wrote, up to WRITE_KEYS_AHEAD_MAX. A copy of
-   * a gigabyte then makes 17 audited requests instead of 128, and none of its writes
-   * waits for one; a journal rewriting a few chunks asks for nothing more than its own
-   * batch. A failure is not reported here: a write that waits for that request fails
-   * with it, as it would have with its own, and the next write in the run that finds the
-   * key missing asks again.
+   * a gigabyte from its start then makes about 20 audited requests instead of 128, and
+   * none of its writes waits for one; a journal rewriting a few chunks asks for nothing
+   * more than its own batch. A failure is not reported here: a write that waits for that
+   * request fails with it, as it would have with its own. The run asks ahead again only
+   * a second later, so that a server refusing it does not get a request of up to 512
+   * keys for every write.
    */
   private writeKeysAhead(kind: ChunkKind, index: number): void {
     const k = this.chunkKeys;
     const gen = this.map.writeGen;
     const entries = this.map.entries[kind];
     const written = (i: number) => this.writing.has(i) || (i >= 0 && entries.get(i)?.gen === gen);
-    if (gen === undefined || !written(index - 1)) return;
+    if (gen === undefined || !written(index - 1) || Date.now() < this.aheadRetryAt) return;
     let window = KEY_BATCH;
     while (window < WRITE_KEYS_AHEAD_MAX && written(index - window)) window *= 2;
     const ahead = index + window / 2;
     if (ahead * CHUNK_SIZE[kind] >= this.map.sizeOf(kind) || k.hasWriteKey(kind, ahead) || k.writeKeyPending(kind, ahead)) return;
-    k.ensureWriteKeys(kind, k.writeNeighbours(kind, ahead, [], window)).catch(() => {});
+    k.ensureWriteKeys(kind, k.writeNeighbours(kind, ahead, [], window)).catch(() => (this.aheadRetryAt = Date.now() + 1000));
   }
+
+  /** When a run may ask for keys ahead again after such a request failed. */
+  private aheadRetryAt = 0;
 
   /** The disk chunks being written now (writeKeysAhead: a run's writes may finish out of order). */
   private readonly writing = new Set<number>();

@@ -241,7 +241,23 @@ describe('chunk cache: slots and index', () => {
     for (let i = 10; i < 10 + n; i++) c.put(base(i), randomBytes(SLOT_BYTES.disk));
     for (let i = 10; i < 10 + n; i++) c.supersede(base(i));
     await waitFor(async () => Array.from({ length: n }, (_, i) => base(10 + i)).every((k) => !c.has(k)) || undefined, 30_000, 'the stale blobs dropped by a settle');
+    // A new chunk map may name a blob an earlier one made stale: forgetStale() cancels every mark, a settle's too.
+    c.put(base(1), old);
+    c.supersede(base(1));
+    c.forgetStale();
+    c.flush();
+    expectSameBytes(c.get(base(1))!, old, 'a cancelled mark drops nothing');
+    for (let i = 200; i < 200 + n; i++) c.put(base(i), randomBytes(SLOT_BYTES.disk));
+    for (let i = 200; i < 200 + n; i++) c.supersede(base(i));
+    const settling = c.settled();
+    c.forgetStale();
+    await settling;
+    expect(c.has(base(200)), 'nor does a settle under way').to.equal(true);
+    // Closed while a settle runs: it ends quietly (a throw here would be an unhandled rejection).
+    for (let i = 200; i < 200 + n; i++) c.supersede(base(i));
+    const last = c.settled();
     c.close();
+    await last;
   });
 
   it('settled slots come back only once the slot files and the WAL are synced, and never when a sync fails', async () => {

@@ -137,7 +137,7 @@ describe("the agent core's parts", () => {
       const ring = new KeyRing(64);
       const map = new ChunkMap();
       map.manifest = manifest({ mem: [[1, 3, 'sensitive', 'h1'], [2, 3, 'normal', 'h2']] });
-      map.install(map.manifest, 4, { dirtyChunks: () => [], markClean: () => {} } as unknown as ChunkCache);
+      map.install(map.manifest, 4, { dirtyChunks: () => [], markClean: () => {}, forgetStale: () => {} } as unknown as ChunkCache);
       const { residency, stats } = chunkKeys(map, ring);
       ring.setClassKey(3, randomBytes(32));
       ring.setSensitiveKeys([keyId('mem', 1, 3), keyId('mem', 1, 4)], randomBytes(64));
