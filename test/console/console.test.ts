@@ -239,7 +239,7 @@ describe('admin console in a real browser (issue #20)', function () {
     const input = (await page.$('#policy-file')) as ElementHandle<HTMLInputElement>;
     await input.uploadFile(file);
     await page.waitForFunction(() => (document.getElementById('policy-text') as HTMLTextAreaElement).value.includes('broken'));
-    await Promise.all([page.waitForNavigation(), page.click('#policy-save')]);
+    await Promise.all([page.waitForNavigation(), page.$eval('#policy-save', (b) => (b as HTMLButtonElement).click())]); // found and clicked in one step: a live update may replace it
     const findings = await page.$eval('#policy-findings', (e) => e.textContent ?? '');
     expect(findings).to.include('not saved');
     expect(findings).to.match(/line 3.*eviction\.idle/s);
@@ -248,7 +248,7 @@ describe('admin console in a real browser (issue #20)', function () {
     expect(JSON.stringify(explained)).to.not.include('broken');
     await page.$eval('#policy-text', (e) => ((e as HTMLTextAreaElement).value = ''));
     await page.type('#policy-text', 'name: console-made\neviction:\n  idle: 30s\n');
-    await Promise.all([page.waitForNavigation(), page.click('#policy-save')]);
+    await Promise.all([page.waitForNavigation(), page.$eval('#policy-save', (b) => (b as HTMLButtonElement).click())]); // found and clicked in one step: a live update may replace it
     expect(await page.$eval('.note-ok', (e) => e.textContent)).to.include('Policy saved');
     expect(await page.$eval('#policy-explained', (e) => e.textContent)).to.include('console-made');
   });

@@ -139,26 +139,13 @@ export async function unreachableByKeyboard(page: Page): Promise<string[]> {
         el.checkVisibility({ visibilityProperty: true }),
     );
     const focused = new Set<Element>();
-    // An AbortController removes the listener later: a named listener would need __name.
-    const listening = new AbortController();
-    document.addEventListener('focusin', (e) => focused.add(e.target as Element), { capture: true, signal: listening.signal });
-    // Focus an invisible first element, so the next Tab goes to the page's first control
-    // wherever focus was before.
-    const start = document.createElement('span');
-    start.tabIndex = -1;
-    document.body.prepend(start);
-    start.focus();
-    focused.clear();
-    return { controls, focused, listening, start };
-  });
-  try {
-    const presses = (await state.evaluate((s) => s.controls.length)) + 5;
-    for (let i = 0; i < presses; i++) await page.keyboard.press('Tab');
-    return await state.evaluate((s) => {
-      // Named by role and label, so that a control a live update replaced while the keys
-      // were pressed (console.js swaps parts nobody works in) counts as its replacement.
-      const all = [...s.controls, ...s.focused];
-      const names = all.map((el) => {
+    // Named by role and label while attached, so that a control a live update replaced
+    // while the keys were pressed (console.js swaps parts nobody works in) counts as its
+    // replacement: once detached, an input's label is no longer found. Held in an array:
+    // a function given a name would need __name in the page.
+    const named = new Map<Element, string>();
+    const nameOf = [
+      (el: Element) => {
         const labelledBy = el.getAttribute('aria-labelledby');
         const label =
           el.getAttribute('aria-label') ||
@@ -171,8 +158,34 @@ export async function unreachableByKeyboard(page: Page): Promise<string[]> {
         const name = (label || '').replace(/\s+/g, ' ').trim().slice(0, 60);
         const type = el instanceof HTMLInputElement ? `[type=${el.type}]` : '';
         return `${el.tagName.toLowerCase()}${type} "${name}"`;
-      });
-      const reached = new Set(names.slice(s.controls.length));
+      },
+    ];
+    for (const el of controls) named.set(el, nameOf[0](el));
+    // An AbortController removes the listener later: a named listener would need __name.
+    const listening = new AbortController();
+    document.addEventListener(
+      'focusin',
+      (e) => {
+        focused.add(e.target as Element);
+        named.set(e.target as Element, nameOf[0](e.target as Element));
+      },
+      { capture: true, signal: listening.signal },
+    );
+    // Focus an invisible first element, so the next Tab goes to the page's first control
+    // wherever focus was before.
+    const start = document.createElement('span');
+    start.tabIndex = -1;
+    document.body.prepend(start);
+    start.focus();
+    focused.clear();
+    return { controls, focused, named, listening, start };
+  });
+  try {
+    const presses = (await state.evaluate((s) => s.controls.length)) + 5;
+    for (let i = 0; i < presses; i++) await page.keyboard.press('Tab');
+    return await state.evaluate((s) => {
+      const names = s.controls.map((el) => s.named.get(el)!);
+      const reached = new Set([...s.focused].map((el) => s.named.get(el)!));
       const radios = [...s.focused].filter((el) => el instanceof HTMLInputElement && el.type === 'radio') as HTMLInputElement[];
       return s.controls
         .map((el, i) => ({ el, name: names[i] }))
