@@ -10,11 +10,13 @@ export class BufferPool {
   private readonly free: Buffer[] = [];
   private readonly waiters: ((b: Buffer) => void)[] = [];
 
+  /** `alloc` makes the slab: locked by default; a pool that only ever holds ciphertext can take plain memory. */
   constructor(
     readonly count: number,
     readonly size: number,
+    alloc: (bytes: number) => Buffer = secureBuffer,
   ) {
-    this.slab = secureBuffer(count * size);
+    this.slab = alloc(count * size);
     wipe(this.slab); // sodium_malloc fills with 0xdb; give() keeps every free buffer zero from here
     for (let i = 0; i < count; i++) this.free.push(this.slab.subarray(i * size, (i + 1) * size));
   }

@@ -9,6 +9,7 @@ import { LetheError } from '../../common/errors.js';
 import { encodeChunkFrame } from '../../common/frames.js';
 import { sealWrite } from '../../native/index.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
+import { BufferPool } from './buffer-pool.js';
 import type { ChunkCache, SlotRow } from './cache.js';
 import type { CheckedBlobs } from './checked-blobs.js';
 import { KEY_BATCH, type ChunkKeys } from './chunk-keys.js';
@@ -115,8 +116,8 @@ export class ChunkWriter {
   /** The disk chunks being written now (writeKeysAhead: a run's writes may finish out of order). */
   private readonly writing = new Set<number>();
 
-  /** Buffers for blobs sealed off the event loop (ciphertext), reused. */
-  private readonly sealBuffers: Buffer[] = [];
+  /** Buffers for blobs sealed off the event loop: ciphertext only, so plain memory, not locked. */
+  private readonly sealBuffers = new BufferPool(SEAL_BUFFERS, CHUNK_SIZE.disk + CHUNK_OVERHEAD, (bytes) => Buffer.alloc(bytes));
 
   /**
    * store() of a disk chunk with its work on a libuv pool thread (native sealWrite):
@@ -125,7 +126,7 @@ export class ChunkWriter {
    * copied by the call; the cache's row is written here once the blob stands.
    */
   private async storeOffLoop(kind: ChunkKind, index: number, data: Buffer): Promise<{ e: Entry; blob: Buffer; borrowed: true; buf: Buffer }> {
-    const buf = this.sealBuffers.pop() ?? (this.sealBuffersMade < SEAL_BUFFERS ? this.makeSealBuffer() : await new Promise<Buffer>((r) => this.sealWaiters.push(r)));
+    const buf = await this.sealBuffers.take();
     const slot = this.cache.reserve(kind);
     let e: Entry;
     let blob: Buffer;
@@ -157,19 +158,8 @@ export class ChunkWriter {
     return { e, blob, borrowed: true, buf };
   }
 
-  private sealBuffersMade = 0;
-  private readonly sealWaiters: ((buf: Buffer) => void)[] = [];
-
-  private makeSealBuffer(): Buffer {
-    this.sealBuffersMade++;
-    return Buffer.allocUnsafe(CHUNK_SIZE.disk + CHUNK_OVERHEAD);
-  }
-
-  /** A seal buffer back: to the write waiting longest, or to the pool. */
   private keepSealBuffer(buf: Buffer): void {
-    const next = this.sealWaiters.shift();
-    if (next) next(buf);
-    else this.sealBuffers.push(buf);
+    this.sealBuffers.give(buf);
   }
 
   /** Sealed writes' index rows waiting for this turn's transaction, each with its write's resolvers. */
