@@ -19,11 +19,9 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseArgs } from 'node:util';
 import { table } from '../cli/output.js';
-import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
-import { lethe, startAgentProc, startServer, tmpDir, waitFor, type ServerProc } from '../test/helpers/proc.js';
-import { control, type AgentStatus } from '../agent/index.js';
+import { lethe, startServer, tmpDir, type ServerProc } from '../test/helpers/proc.js';
 import { aeadBackend } from '../native/index.js';
-import { luksArgs, luksCopy, qemuNbd, randomDisk } from './lib/nbd-disks.js';
+import { luksArgs, luksCopy, qemuNbd, randomDisk, withAgentExport } from './lib/nbd-disks.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({
@@ -90,7 +88,6 @@ interface Row {
 async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[]> {
   const dir = tmpDir('lethe-bench-nbd-');
   const procs: ChildProcess[] = [];
-  const agents: Awaited<ReturnType<typeof startAgentProc>>[] = [];
   try {
     const raw = path.join(dir, 'disk.raw');
     randomDisk(raw, size);
@@ -119,32 +116,16 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
     }
     let proxied: number | undefined;
     async function withAgent<T>(phase: Phase, use: (uri: string) => Promise<T>): Promise<T> {
-      const d = await enrolledDevice(s);
-      await assign(s, d.deviceId, image);
-      // nbdcopy and qemu-io are not the agent's QEMU: they connect by opt-in (--nbd-peers user).
-      const args = ['--nbd-peers', 'user', '--cache-size', `${Math.ceil((2 * size) / MiB) + 64}M`];
-      if (phase === 'cold') args.push('--no-prefetch');
-      if (phase === 'file') args.push('--disk-memory-cache', '0');
-      const agent = await startAgentProc(d.home, image, args);
-      agents.push(agent);
-      try {
-        const st = () => control<AgentStatus>(d.home, { cmd: 'status' });
-        await waitFor(async () => (await st()).nbd?.address ?? undefined, 20_000, 'the export');
-        if (phase !== 'cold') await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
-        const uri = `nbd+unix:///${image}?socket=${path.join(d.home, 'nbd.sock')}`;
+      const args = phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [];
+      return withAgentExport(s, image, size, args, async ({ uri, status }) => {
         if (phase === 'memory') await copy(uri, 'null:', size);
-        const before = (await st()).nbd!;
+        const before = (await status()).nbd!;
         const result = await use(uri);
-        const after = (await st()).nbd!;
+        const after = (await status()).nbd!;
         const reads = (after.requests.read ?? 0) - (before.requests.read ?? 0);
         proxied = reads > 0 ? (after.proxied.reads - before.proxied.reads) / reads : undefined;
         return result;
-      } finally {
-        await agent.stop();
-        d.close();
-        // A device's cache holds a copy of the whole disk: gone before the next one fills its own.
-        fs.rmSync(d.home, { recursive: true, force: true });
-      }
+      });
     }
     const label = `${size / MiB} MiB`;
     const rows: Row[] = [];
@@ -175,7 +156,6 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
     }
     return rows;
   } finally {
-    for (const a of agents) await a.stop();
     for (const p of procs) p.kill();
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -9,10 +9,8 @@ import { execFile, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs, promisify } from 'node:util';
-import { assign, enrolledDevice } from '../test/helpers/fixtures.js';
-import { lethe, startAgentProc, startServer, tmpDir, waitFor } from '../test/helpers/proc.js';
-import { luksArgs, luksCopy, qemuNbd, randomDisk } from './lib/nbd-disks.js';
-import { control, type AgentStatus } from '../agent/index.js';
+import { lethe, startServer, tmpDir } from '../test/helpers/proc.js';
+import { luksArgs, luksCopy, qemuNbd, randomDisk, withAgentExport } from './lib/nbd-disks.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({ options: { size: { type: 'string', default: '1024' }, copies: { type: 'string', default: '4' }, agents: { type: 'string', default: '2' } } });
@@ -44,15 +42,8 @@ async function main(): Promise<void> {
     if (pushed.code !== 0) throw new Error(`image push failed: ${pushed.stderr}`);
     console.log(`${size / MiB} MiB disk, nbdcopy of a file onto it; the peer: qemu-nbd on a LUKS copy`);
     for (let a = 0; a < AGENTS; a++) {
-      const d = await enrolledDevice(s);
-      await assign(s, d.deviceId, 'guest');
-      const agent = await startAgentProc(d.home, 'guest', ['--nbd-peers', 'user', '--cache-size', `${Math.ceil((2 * size) / MiB) + 64}M`]);
-      try {
-        const st = () => control<AgentStatus>(d.home, { cmd: 'status' });
-        await waitFor(async () => (await st()).nbd?.address ?? undefined, 20_000, 'the export');
-        await waitFor(async () => { const x = await st(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
-        const uri = `nbd+unix:///guest?socket=${path.join(d.home, 'nbd.sock')}`;
-        const slots = path.join(d.home, 'cache-disk.blobs');
+      await withAgentExport(s, 'guest', size, [], async ({ uri, home, agent }) => {
+        const slots = path.join(home, 'cache-disk.blobs');
         for (let i = 0; i < COPIES; i++) {
           const grown0 = fs.statSync(slots).size;
           const a0 = usage(agent.proc.pid!);
@@ -72,11 +63,7 @@ async function main(): Promise<void> {
             `agent ${a} copy ${i}${i === 0 ? ' (first)' : ''}: ${(size / 1e6 / t).toFixed(0)} MB/s, ${(lt / t).toFixed(2)}× LUKS (${(size / 1e6 / lt).toFixed(0)} MB/s) | CPU s: agent ${(a1.cpu - a0.cpu).toFixed(2)}, server ${(s1.cpu - s0.cpu).toFixed(2)}, peer ${(p1.cpu - p0.cpu).toFixed(2)} | agent page faults ${a1.faults - a0.faults}, slot file +${grown.toFixed(0)} MiB`,
           );
         }
-      } finally {
-        await agent.stop();
-        d.close();
-        fs.rmSync(d.home, { recursive: true, force: true });
-      }
+      });
     }
   } finally {
     for (const p of procs) p.kill();

@@ -5,7 +5,9 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { waitFor } from '../../test/helpers/proc.js';
+import { control, type AgentStatus } from '../../agent/index.js';
+import { assign, enrolledDevice } from '../../test/helpers/fixtures.js';
+import { startAgentProc, waitFor, type AgentProc, type ServerProc } from '../../test/helpers/proc.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -51,4 +53,34 @@ export async function qemuNbd(dir: string, name: string, args: string[], procs: 
   procs.push(spawn('qemu-nbd', ['-k', sock, '-x', 'guest', '-t', '-e', '8', ...args], { stdio: 'ignore', env }));
   await waitFor(async () => fs.existsSync(sock) || undefined, 20_000, `qemu-nbd (${name})`);
   return `nbd+unix:///guest?socket=${sock}`;
+}
+
+/** The agent of a new device assigned `image`, as `use` finds it. */
+export interface AgentExport {
+  uri: string;
+  home: string;
+  agent: AgentProc;
+  status(): Promise<AgentStatus>;
+}
+
+/**
+ * Runs `use` with the agent of a new device assigned `image` (a cache of twice the disk,
+ * `args` more), once its export is up and, unless `--no-prefetch` is among `args`, its
+ * prefetch done. nbdcopy and qemu-io are not the agent's QEMU: they connect by opt-in
+ * (--nbd-peers user). The device's home goes after: its cache holds a copy of the disk.
+ */
+export async function withAgentExport<T>(s: ServerProc, image: string, size: number, args: string[], use: (x: AgentExport) => Promise<T>): Promise<T> {
+  const d = await enrolledDevice(s);
+  await assign(s, d.deviceId, image);
+  const agent = await startAgentProc(d.home, image, ['--nbd-peers', 'user', '--cache-size', `${Math.ceil((2 * size) / MiB) + 64}M`, ...args]);
+  try {
+    const status = () => control<AgentStatus>(d.home, { cmd: 'status' });
+    await waitFor(async () => (await status()).nbd?.address ?? undefined, 20_000, 'the export');
+    if (!args.includes('--no-prefetch')) await waitFor(async () => { const x = await status(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
+    return await use({ uri: `nbd+unix:///${image}?socket=${path.join(d.home, 'nbd.sock')}`, home: d.home, agent, status });
+  } finally {
+    await agent.stop();
+    d.close();
+    fs.rmSync(d.home, { recursive: true, force: true });
+  }
 }
