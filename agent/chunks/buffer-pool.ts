@@ -10,13 +10,20 @@ export class BufferPool {
   private readonly free: Buffer[] = [];
   private readonly waiters: ((b: Buffer) => void)[] = [];
 
-  /** `alloc` makes the slab: locked by default; a pool that only ever holds ciphertext can take plain memory. */
+  /** Whether give() zeroes what it takes back. */
+  private readonly wipes: boolean;
+
+  /**
+   * A pool with `ciphertextOnly` never holds plaintext or a key: its slab is plain
+   * memory, not locked, and give() does not zero it (a 128 KiB wipe a chunk written).
+   */
   constructor(
     readonly count: number,
     readonly size: number,
-    alloc: (bytes: number) => Buffer = secureBuffer,
+    opts: { ciphertextOnly?: boolean } = {},
   ) {
-    this.slab = alloc(count * size);
+    this.wipes = !opts.ciphertextOnly;
+    this.slab = opts.ciphertextOnly ? Buffer.alloc(count * size) : secureBuffer(count * size);
     wipe(this.slab); // sodium_malloc fills with 0xdb; give() keeps every free buffer zero from here
     for (let i = 0; i < count; i++) this.free.push(this.slab.subarray(i * size, (i + 1) * size));
   }
@@ -55,8 +62,8 @@ export class BufferPool {
   }
 
   /**
-   * Zeroes a buffer from this pool, or the view of one that was handed out (its whole
-   * buffer goes back), and hands it on. Only the view is zeroed: a holder writes
+   * Zeroes a buffer from this pool (unless it holds only ciphertext), or the view of
+   * one that was handed out (its whole buffer goes back), and hands it on. Only the view is zeroed: a holder writes
    * within the view it took, and the rest is still zero from the last give() (or from
    * the start). A 4 KiB reply in a 256 KiB buffer costs a 4 KiB wipe, not 256 KiB.
    */
@@ -64,7 +71,7 @@ export class BufferPool {
     const at = b.byteOffset - this.slab.byteOffset;
     const start = at - (at % this.size);
     const whole = start === at && b.length === this.size ? b : this.slab.subarray(start, start + this.size);
-    wipe(b);
+    if (this.wipes) wipe(b);
     const w = this.waiters.shift();
     if (w) w(whole);
     else this.free.push(whole);

@@ -95,7 +95,7 @@ export class ChunkKeys {
         }
         return id;
       });
-      this.keys.setSensitiveKeys(ids, all.subarray(0, ids.length * KEY_BYTES));
+      this.keys.setSensitiveKeys(ids, all.subarray(0, ids.length * KEY_BYTES), write);
     } finally {
       wipe(all);
     }

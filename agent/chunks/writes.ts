@@ -116,8 +116,8 @@ export class ChunkWriter {
   /** The disk chunks being written now (writeKeysAhead: a run's writes may finish out of order). */
   private readonly writing = new Set<number>();
 
-  /** Buffers for blobs sealed off the event loop: ciphertext only, so plain memory, not locked. */
-  private readonly sealBuffers = new BufferPool(SEAL_BUFFERS, CHUNK_SIZE.disk + CHUNK_OVERHEAD, (bytes) => Buffer.alloc(bytes));
+  /** Buffers for blobs sealed off the event loop: ciphertext only, so plain memory, not locked or wiped. */
+  private readonly sealBuffers = new BufferPool(SEAL_BUFFERS, CHUNK_SIZE.disk + CHUNK_OVERHEAD, { ciphertextOnly: true });
 
   /**
    * store() of a disk chunk with its work on a libuv pool thread (native sealWrite):

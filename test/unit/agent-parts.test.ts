@@ -33,9 +33,11 @@ describe('key ring', () => {
     expect(ring.isAllZero()).to.equal(false);
     expect(ring.dropSensitiveKey('1/mem/5')).to.equal(true);
     expect(ring.withSensitiveKey('1/mem/5', (k) => k)).to.equal(undefined);
+    ring.setSensitiveKeys(['2/disk/7'], k1, true);
+    expect(ring.withSensitiveKey('2/disk/7', (k) => Buffer.from(k!).equals(k1))).to.equal(true);
     ring.zeroAll();
     expect(ring.counts()).to.deep.equal({ classKeys: 0, sensitiveKeys: 0 });
-    expect(ring.isAllZero()).to.equal(true);
+    expect(ring.isAllZero(), 'write slabs too').to.equal(true);
     ring.destroy();
   });
 
@@ -66,11 +68,13 @@ describe('key ring', () => {
   });
 
   // In a child: touching a closed slab kills the process (SIGSEGV), which is the point.
-  const touch = (body: string) =>
+  const touch = (body: string, readKeys = 4) =>
     spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', `
       import { KeyRing } from ${JSON.stringify(path.join(ROOT, 'agent/keys/keyring.ts'))};
       const ring = new KeyRing(2);
-      for (let i = 0; i < 4; i++) ring.setSensitiveKeys(['k' + i], Buffer.alloc(32, i + 1));
+      for (let i = 0; i < ${readKeys}; i++) ring.setSensitiveKeys(['k' + i], Buffer.alloc(32, i + 1));
+      ring.setSensitiveKeys(['w0', 'w1', 'w2'], Buffer.alloc(96, 9), true);
+      await new Promise((r) => setImmediate(r));
       const slotOf = (id) => ring.slot(ring.sensitiveSlots.get(id));
       ${body}
       console.log('read');`], { cwd: ROOT, encoding: 'utf8' });
@@ -82,6 +86,18 @@ describe('key ring', () => {
     expect(otherSlab.signal).to.equal('SIGSEGV');
     const closed = touch(`slotOf('k2')[0];`);
     expect(closed.signal).to.equal('SIGSEGV');
+  });
+
+  it("keeps a write key's slab open to the end of the turn it was used in, and never puts a write key beside a read key", () => {
+    // w0 and w1 share a slab; k2 has a slab with a free slot, which no write key takes.
+    const turn = touch(`ring.withSensitiveKey('w0', () => 0); slotOf('w1')[0];`, 3);
+    expect(turn.stdout, turn.stderr).to.include('read');
+    const beside = touch(`ring.withSensitiveKey('w0', () => 0); ring.withSensitiveKey('w2', () => 0); slotOf('k2')[0];`, 3);
+    expect(beside.signal).to.equal('SIGSEGV');
+    const after = touch(`ring.withSensitiveKey('w0', () => 0); await new Promise((r) => setImmediate(r)); slotOf('w1')[0];`, 3);
+    expect(after.signal).to.equal('SIGSEGV');
+    const readKey = touch(`ring.withSensitiveKey('k0', () => 0); slotOf('k1')[0];`, 3);
+    expect(readKey.signal, "a read key's slab closes at once").to.equal('SIGSEGV');
   });
 });
 

@@ -270,6 +270,14 @@ describe("the agent core's parts", () => {
       expect(pool.owns(Buffer.alloc(64))).to.equal(false);
       pool.destroy();
     });
+
+    it('a pool of ciphertext only takes back buffers as they are: nothing in them to wipe', async () => {
+      const pool = new BufferPool(1, 64, { ciphertextOnly: true });
+      const a = await pool.take();
+      a.fill(5);
+      pool.give(a);
+      expectSameBytes(await pool.take(), Buffer.alloc(64, 5), 'the same bytes');
+    });
   });
 
   describe('backoff', () => {
