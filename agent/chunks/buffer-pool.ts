@@ -3,6 +3,8 @@
 // faults); one allocation up front instead of one per operation, since each
 // sodium_malloc costs four mappings until the collector frees it, and a burst
 // of them can exhaust the process's mappings (sodium-native then aborts).
+// A pool that only ever holds ciphertext (the seal buffers) is plain memory
+// instead, and is not wiped.
 import { secureBuffer, wipe } from '../../common/crypto.js';
 
 export class BufferPool {
@@ -77,7 +79,7 @@ export class BufferPool {
     else this.free.push(whole);
   }
 
-  /** Runs `fn` with a buffer of `length` bytes (≤ size), zeroed and returned after. */
+  /** Runs `fn` with a buffer of `length` bytes (≤ size), returned after (zeroed, unless ciphertext only). */
   async with<T>(length: number, fn: (buf: Buffer) => Promise<T> | T): Promise<T> {
     const b = await this.take();
     try {

@@ -22,8 +22,10 @@ import { KEY_BYTES, KEY_RING_MAX_KEYS, KEY_SLAB_SLOTS } from '../../common/const
 
 export class KeyRing {
   private readonly slabs: Buffer[] = [];
-  /** Whether each slab holds write keys (and only those). */
+  /** Whether each slab holds write keys (and only those); an empty slab may change sides (take()). */
   private readonly writeSlab: boolean[] = [];
+  /** How many of each slab's slots hold a key. */
+  private readonly used: number[] = [];
   /** How many use() calls have each slab open (a write slab kept open for the turn counts one). */
   private readonly openDepth: number[] = [];
   /** Free slots of read slabs, then of write slabs. */
@@ -48,6 +50,7 @@ export class KeyRing {
     const base = this.slabs.length * this.slabSlots;
     this.slabs.push(slab);
     this.writeSlab.push(write);
+    this.used.push(0);
     this.openDepth.push(0);
     const free = write ? this.freeWrite : this.free;
     for (let i = this.slabSlots - 1; i >= 0; i--) free.push(base + i);
@@ -71,13 +74,13 @@ export class KeyRing {
     return this.useSlab(Math.floor(slot / this.slabSlots), fn);
   }
 
-  /** Runs `fn` with slab `n` readable and writable. */
-  private useSlab<T>(n: number, fn: () => T): T {
+  /** Runs `fn` with slab `n` readable and writable; `forTurn` false: closed at once, a write slab too. */
+  private useSlab<T>(n: number, fn: () => T, forTurn = true): T {
     this.open(n);
     try {
       return fn();
     } finally {
-      this.close(n);
+      this.close(n, forTurn);
     }
   }
 
@@ -85,8 +88,8 @@ export class KeyRing {
     if (this.openDepth[slab]++ === 0) sodium.sodium_mprotect_readwrite(this.slabs[slab]);
   }
 
-  private close(slab: number): void {
-    if (this.openDepth[slab] === 1 && this.writeSlab[slab] && !this.openForTurn.has(slab)) {
+  private close(slab: number, forTurn = true): void {
+    if (forTurn && this.openDepth[slab] === 1 && this.writeSlab[slab] && !this.openForTurn.has(slab)) {
       // The turn's other writes use it without an mprotect pair of their own.
       if (this.openForTurn.add(slab).size === 1) setImmediate(() => this.closeTurn());
       return;
@@ -96,8 +99,9 @@ export class KeyRing {
 
   /** Closes the write slabs kept open for the turn that ended. */
   private closeTurn(): void {
-    for (const slab of this.openForTurn) if (--this.openDepth[slab] === 0) sodium.sodium_mprotect_noaccess(this.slabs[slab]);
+    const slabs = [...this.openForTurn];
     this.openForTurn.clear();
+    for (const slab of slabs) if (--this.openDepth[slab] === 0) sodium.sodium_mprotect_noaccess(this.slabs[slab]);
   }
 
   private slot(i: number): Buffer {
@@ -106,19 +110,48 @@ export class KeyRing {
     return slab.subarray(at, at + KEY_BYTES);
   }
 
-  /** A free slot of a read or a write slab, growing the ring if needed; the caller opens its slab before writing it. */
+  /**
+   * A free slot of a read or a write slab, growing the ring if needed, or else taking an
+   * empty, closed slab of the other side: the limit is on keys of both sides together.
+   * The caller opens its slab before writing it.
+   */
   private alloc(write = false): number {
     const free = write ? this.freeWrite : this.free;
     if (free.length === 0) {
-      if ((this.slabs.length + 1) * this.slabSlots > this.maxKeys) throw new Error('key ring is full');
-      this.grow(write);
+      if ((this.slabs.length + 1) * this.slabSlots <= this.maxKeys) this.grow(write);
+      else this.take(write);
     }
-    return free.pop()!;
+    const i = free.pop()!;
+    this.used[Math.floor(i / this.slabSlots)]++;
+    return i;
+  }
+
+  /**
+   * Moves an empty slab of the other side, in use by no call, to this side (closing it
+   * first if it was kept open for the turn); throws when there is none.
+   */
+  private take(write: boolean): void {
+    const idle = (s: number) => this.openDepth[s] === 0 || (this.openDepth[s] === 1 && this.openForTurn.has(s));
+    const n = this.slabs.findIndex((_, s) => this.writeSlab[s] !== write && this.used[s] === 0 && idle(s));
+    if (n < 0) throw new Error('key ring is full');
+    if (this.openForTurn.delete(n)) {
+      this.openDepth[n] = 0;
+      sodium.sodium_mprotect_noaccess(this.slabs[n]);
+    }
+    const from = write ? this.free : this.freeWrite;
+    let kept = 0;
+    for (const i of from) if (Math.floor(i / this.slabSlots) !== n) from[kept++] = i;
+    from.length = kept;
+    this.writeSlab[n] = write;
+    const to = write ? this.freeWrite : this.free;
+    for (let i = this.slabSlots - 1; i >= 0; i--) to.push(n * this.slabSlots + i);
   }
 
   /** A slot back to its free list (never written, or zeroed). */
   private unalloc(i: number): void {
-    (this.writeSlab[Math.floor(i / this.slabSlots)] ? this.freeWrite : this.free).push(i);
+    const n = Math.floor(i / this.slabSlots);
+    this.used[n]--;
+    (this.writeSlab[n] ? this.freeWrite : this.free).push(i);
   }
 
   /** Zeroes a slot and frees it; its slab must be open. */
@@ -228,21 +261,22 @@ export class KeyRing {
   /** Zeroes every key (lease ended, revoked, wiped). The ring stays usable. */
   zeroAll(): void {
     for (const fn of this.zeroHooks) fn();
-    this.slabs.forEach((s, n) => this.useSlab(n, () => sodium.sodium_memzero(s)));
+    this.slabs.forEach((s, n) => this.useSlab(n, () => sodium.sodium_memzero(s), false));
     this.classSlots.clear();
     this.sensitiveSlots.clear();
     this.sensitiveSince.clear();
     this.free.length = 0;
     this.freeWrite.length = 0;
-    for (let i = this.slabs.length * this.slabSlots - 1; i >= 0; i--) this.unalloc(i);
+    this.used.fill(0);
+    for (let i = this.slabs.length * this.slabSlots - 1; i >= 0; i--) (this.writeSlab[Math.floor(i / this.slabSlots)] ? this.freeWrite : this.free).push(i);
   }
 
   /** For tests: true when every byte of every slab is zero. */
   isAllZero(): boolean {
-    return this.slabs.every((s, n) => this.useSlab(n, () => s.every((b) => b === 0)));
+    return this.slabs.every((s, n) => this.useSlab(n, () => s.every((b) => b === 0), false));
   }
 
-  /** Zeroes every key; the slabs stay closed (PROT_NONE) until the GC frees them. */
+  /** Zeroes every key; the slabs stay closed (PROT_NONE) until the GC frees them (a write slab used this turn: from the turn's end). */
   destroy(): void {
     this.zeroAll();
   }

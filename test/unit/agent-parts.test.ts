@@ -98,6 +98,26 @@ describe('key ring', () => {
     expect(after.signal).to.equal('SIGSEGV');
     const readKey = touch(`ring.withSensitiveKey('k0', () => 0); slotOf('k1')[0];`, 3);
     expect(readKey.signal, "a read key's slab closes at once").to.equal('SIGSEGV');
+    // A write key's freed slot goes back to the write slabs: a read key stored next is not beside w1.
+    const freed = touch(`ring.dropSensitiveKey('w0'); ring.setSensitiveKeys(['k9'], Buffer.alloc(32, 7)); ring.withSensitiveKey('w1', () => 0); slotOf('k9')[0];`, 3);
+    expect(freed.signal).to.equal('SIGSEGV');
+  });
+
+  it('holds up to its limit of keys of both kinds together: an empty slab of one kind serves the other', () => {
+    const ring = new KeyRing(2, 8);
+    const ids = (p: string) => Array.from({ length: 8 }, (_, i) => `${p}${i}`);
+    const keys = randomBytes(8 * 32);
+    ring.setSensitiveKeys(ids('r'), keys);
+    expect(() => ring.setSensitiveKeys(['w'], randomBytes(32), true)).to.throw('key ring is full');
+    ring.zeroAll();
+    ring.setSensitiveKeys(ids('w'), keys, true); // every slab was a read slab
+    expect(ids('w').every((id, i) => ring.withSensitiveKey(id, (k) => Buffer.from(k!).equals(keys.subarray(i * 32, (i + 1) * 32))))).to.equal(true);
+    ring.zeroAll();
+    ring.setSensitiveKeys(ids('r'), keys); // and back, in the same turn the write slabs were used in
+    expect(ring.counts().sensitiveKeys).to.equal(8);
+    ring.zeroAll();
+    expect(ring.isAllZero()).to.equal(true);
+    ring.destroy();
   });
 });
 
