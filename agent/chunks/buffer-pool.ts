@@ -65,9 +65,10 @@ export class BufferPool {
 
   /**
    * Zeroes a buffer from this pool (unless it holds only ciphertext), or the view of
-   * one that was handed out (its whole buffer goes back), and hands it on. Only the view is zeroed: a holder writes
-   * within the view it took, and the rest is still zero from the last give() (or from
-   * the start). A 4 KiB reply in a 256 KiB buffer costs a 4 KiB wipe, not 256 KiB.
+   * one that was handed out (its whole buffer goes back), and hands it on. Only the
+   * view is zeroed: a holder writes within the view it took, and the rest is still zero
+   * from the last give() (or from the start). A 4 KiB reply in a 256 KiB buffer costs a
+   * 4 KiB wipe, not 256 KiB.
    */
   give(b: Buffer): void {
     const at = b.byteOffset - this.slab.byteOffset;

@@ -47,14 +47,23 @@ export class KeyRing {
 
   private grow(write: boolean): void {
     const slab = sodium.sodium_malloc(this.slabSlots * KEY_BYTES);
-    const base = this.slabs.length * this.slabSlots;
     this.slabs.push(slab);
     this.writeSlab.push(write);
     this.used.push(0);
     this.openDepth.push(0);
-    const free = write ? this.freeWrite : this.free;
-    for (let i = this.slabSlots - 1; i >= 0; i--) free.push(base + i);
+    this.freeAll(this.slabs.length - 1);
     sodium.sodium_mprotect_noaccess(slab);
+  }
+
+  /** The free slots of read slabs, or of write slabs. */
+  private freeList(write: boolean): number[] {
+    return write ? this.freeWrite : this.free;
+  }
+
+  /** Every slot of slab `n` to its side's free list (the slab holds no key). */
+  private freeAll(n: number): void {
+    const free = this.freeList(this.writeSlab[n]);
+    for (let i = this.slabSlots - 1; i >= 0; i--) free.push(n * this.slabSlots + i);
   }
 
   /** Runs `fn` with the slabs holding these slots readable and writable; closes them again after. */
@@ -116,7 +125,7 @@ export class KeyRing {
    * The caller opens its slab before writing it.
    */
   private alloc(write = false): number {
-    const free = write ? this.freeWrite : this.free;
+    const free = this.freeList(write);
     if (free.length === 0) {
       if ((this.slabs.length + 1) * this.slabSlots <= this.maxKeys) this.grow(write);
       else this.take(write);
@@ -138,20 +147,19 @@ export class KeyRing {
       this.openDepth[n] = 0;
       sodium.sodium_mprotect_noaccess(this.slabs[n]);
     }
-    const from = write ? this.free : this.freeWrite;
+    const from = this.freeList(!write);
     let kept = 0;
     for (const i of from) if (Math.floor(i / this.slabSlots) !== n) from[kept++] = i;
     from.length = kept;
     this.writeSlab[n] = write;
-    const to = write ? this.freeWrite : this.free;
-    for (let i = this.slabSlots - 1; i >= 0; i--) to.push(n * this.slabSlots + i);
+    this.freeAll(n);
   }
 
   /** A slot back to its free list (never written, or zeroed). */
   private unalloc(i: number): void {
     const n = Math.floor(i / this.slabSlots);
     this.used[n]--;
-    (this.writeSlab[n] ? this.freeWrite : this.free).push(i);
+    this.freeList(this.writeSlab[n]).push(i);
   }
 
   /** Zeroes a slot and frees it; its slab must be open. */
@@ -268,7 +276,7 @@ export class KeyRing {
     this.free.length = 0;
     this.freeWrite.length = 0;
     this.used.fill(0);
-    for (let i = this.slabs.length * this.slabSlots - 1; i >= 0; i--) (this.writeSlab[Math.floor(i / this.slabSlots)] ? this.freeWrite : this.free).push(i);
+    for (let n = this.slabs.length - 1; n >= 0; n--) this.freeAll(n);
   }
 
   /** For tests: true when every byte of every slab is zero. */
