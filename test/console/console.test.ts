@@ -10,7 +10,7 @@ import type { RunningAgent } from '../../agent/daemon/start.js';
 import { enrollDevice } from '../../agent/keys/identity.js';
 import { base32Decode, totp } from '../../common/totp.js';
 import { agentInProcess, pushImage, testUnlock } from '../helpers/fixtures.js';
-import { axeViolations, launchBrowser, newPage, screenshot, typeInLive, unreachableByKeyboard, waitForText } from '../helpers/browser.js';
+import { axeViolations, clickLive, launchBrowser, newPage, screenshot, typeInLive, unreachableByKeyboard, waitForText } from '../helpers/browser.js';
 import { lethe, startServer, tmpDir, waitFor, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -239,7 +239,7 @@ describe('admin console in a real browser (issue #20)', function () {
     const input = (await page.$('#policy-file')) as ElementHandle<HTMLInputElement>;
     await input.uploadFile(file);
     await page.waitForFunction(() => (document.getElementById('policy-text') as HTMLTextAreaElement).value.includes('broken'));
-    await Promise.all([page.waitForNavigation(), page.$eval('#policy-save', (b) => (b as HTMLButtonElement).click())]); // found and clicked in one step: a live update may replace it
+    await Promise.all([page.waitForNavigation(), clickLive(page, '#policy-save')]);
     const findings = await page.$eval('#policy-findings', (e) => e.textContent ?? '');
     expect(findings).to.include('not saved');
     expect(findings).to.match(/line 3.*eviction\.idle/s);
@@ -248,7 +248,7 @@ describe('admin console in a real browser (issue #20)', function () {
     expect(JSON.stringify(explained)).to.not.include('broken');
     await page.$eval('#policy-text', (e) => ((e as HTMLTextAreaElement).value = ''));
     await page.type('#policy-text', 'name: console-made\neviction:\n  idle: 30s\n');
-    await Promise.all([page.waitForNavigation(), page.$eval('#policy-save', (b) => (b as HTMLButtonElement).click())]); // found and clicked in one step: a live update may replace it
+    await Promise.all([page.waitForNavigation(), clickLive(page, '#policy-save')]);
     expect(await page.$eval('.note-ok', (e) => e.textContent)).to.include('Policy saved');
     expect(await page.$eval('#policy-explained', (e) => e.textContent)).to.include('console-made');
   });

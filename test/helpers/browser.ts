@@ -248,3 +248,12 @@ export async function typeInLive(page: Page, selector: string, text: string): Pr
   await page.$eval(selector, (e) => (e as HTMLElement).focus());
   await page.keyboard.type(text);
 }
+
+/**
+ * Clicks the button SELECTOR of a live part, found and clicked in one step in the page,
+ * as typeInLive() types: page.click() finds it first and clicks after, and a live update
+ * between them could replace it.
+ */
+export async function clickLive(page: Page, selector: string): Promise<void> {
+  await page.$eval(selector, (e) => (e as HTMLElement).click());
+}
