@@ -84,6 +84,7 @@ export interface Addon {
   diskReadsForgetAll(h: DiskReadsHandle): void;
   diskReadsRead(h: DiskReadsHandle, offset: number, out: Uint8Array): boolean;
   diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
+  diskReadsAdmit(h: DiskReadsHandle, index: number, gen: number, at: number, blobLen: number, within: number, out: Uint8Array): Promise<boolean>;
   diskReadsWriteBuffers(h: DiskReadsHandle): Buffer[];
   diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
   diskReadsClose(h: DiskReadsHandle): void;
@@ -94,7 +95,7 @@ export interface Addon {
   sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;
   aeadBackend(): 'openssl' | 'libsodium';
   /** op 0 seal, 1 open (null on a bad tag), 2 the XChaCha20 stream from block ic. */
-  aeadCipher(op: 0 | 1 | 2, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, ic: number, input: Uint8Array): Buffer | null;
+  aeadCipher(op: 0 | 1 | 2 | 3, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, ic: number, input: Uint8Array): Buffer | null;
 }
 
 declare const nbdProxyBrand: unique symbol;
@@ -114,6 +115,10 @@ export interface DiskReadsStats {
   fallbacks: number;
   /** Pieces that did not match their digest (damage to the cache file); the chunk was forgotten. */
   mismatches: number;
+  /** Chunks put in by an admission (their first read, checked in native code). */
+  admits: number;
+  /** Admissions refused because the blob in the file failed its check (wrong format byte or tag): JavaScript read them. */
+  refused: number;
   /** Write buffers out of the NBD read proxies' hands: being filled, or lent to JavaScript. */
   writesOut: number;
 }

@@ -130,6 +130,17 @@ int open_fast(State *s, uint8_t *m, const uint8_t *c, size_t len, const uint8_t 
   return ok == 0 ? 0 : -1;
 }
 
+int verify_fast(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce, const uint8_t *key) {
+  unsigned int ctr[4];
+  setup(s, nonce, key, 0, ctr);
+  uint8_t want[TAG];
+  mac(s, want, c, len, ad, ad_len, ctr);
+  int ok = crypto_verify_16(want, tag);
+  sodium_memzero(want, sizeof want);
+  done(s);
+  return ok == 0 ? 0 : -1;
+}
+
 void xor_fast(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8_t *nonce, uint64_t ic, const uint8_t *key) {
   unsigned int ctr[4];
   setup(s, nonce, key, uint32_t(ic), ctr);
@@ -149,6 +160,38 @@ void seal_sodium(uint8_t *c, uint8_t *tag, const uint8_t *m, size_t len, const u
   crypto_aead_xchacha20poly1305_ietf_encrypt_detached(c, tag, nullptr, m, len, ad, ad_len, nullptr, nonce, key);
 }
 
+/**
+ * The tag alone, as libsodium's decrypt computes it: the Poly1305 key is block 0 of the
+ * IETF ChaCha20 under the HChaCha20 subkey; its state lives in the caller's locked State.
+ */
+int verify_sodium(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce, const uint8_t *key) {
+  static_assert(sizeof(crypto_onetimeauth_poly1305_state) <= POLY_BYTES, "libsodium's Poly1305 state fits the State's room");
+  auto *poly = reinterpret_cast<crypto_onetimeauth_poly1305_state *>(s->poly);
+  uint8_t *subkey = reinterpret_cast<uint8_t *>(s->subkey);
+  crypto_core_hchacha20(subkey, nonce, key, nullptr);
+  uint8_t n12[12] = {};
+  memcpy(n12 + 4, nonce + 16, 8);
+  crypto_stream_chacha20_ietf(s->block, sizeof s->block, n12, subkey);
+  crypto_onetimeauth_poly1305_init(poly, s->block);
+  static const uint8_t zeros[16] = {};
+  crypto_onetimeauth_poly1305_update(poly, ad, ad_len);
+  crypto_onetimeauth_poly1305_update(poly, zeros, (16 - ad_len % 16) % 16);
+  crypto_onetimeauth_poly1305_update(poly, c, len);
+  crypto_onetimeauth_poly1305_update(poly, zeros, (16 - len % 16) % 16);
+  uint8_t lens[16];
+  for (int b = 0; b < 8; b++) {
+    lens[b] = uint8_t(uint64_t(ad_len) >> (8 * b));
+    lens[8 + b] = uint8_t(uint64_t(len) >> (8 * b));
+  }
+  crypto_onetimeauth_poly1305_update(poly, lens, sizeof lens);
+  uint8_t want[TAG];
+  crypto_onetimeauth_poly1305_final(poly, want);
+  int ok = crypto_verify_16(want, tag);
+  sodium_memzero(want, sizeof want);
+  sodium_memzero(s, sizeof *s);
+  return ok == 0 ? 0 : -1;
+}
+
 // ---- the self-test ----
 
 /** One case: the OpenSSL code against libsodium on `len` random bytes; true when every output agrees. */
@@ -166,9 +209,11 @@ bool agrees(State *s, size_t len, size_t ad_len, uint64_t ic) {
   seal_fast(s, c2, tag2, m, len, ad, ad_len, nonce, key);
   bool ok = memcmp(c1, c2, len) == 0 && memcmp(tag1, tag2, TAG) == 0;
   ok = ok && open_fast(s, back, c1, len, tag1, ad, ad_len, nonce, key) == 0 && memcmp(back, m, len) == 0;
+  ok = ok && verify_fast(s, c1, len, tag1, ad, ad_len, nonce, key) == 0 && verify_sodium(s, c1, len, tag1, ad, ad_len, nonce, key) == 0;
   if (len > 0) {
     c1[len / 2] ^= 1;
     ok = ok && open_fast(s, back, c1, len, tag1, ad, ad_len, nonce, key) == -1;
+    ok = ok && verify_fast(s, c1, len, tag1, ad, ad_len, nonce, key) == -1 && verify_sodium(s, c1, len, tag1, ad, ad_len, nonce, key) == -1;
   }
   crypto_stream_xchacha20_xor_ic(c1, m, len, nonce, ic, key);
   xor_fast(s, c2, m, len, nonce, ic, key);
@@ -221,6 +266,12 @@ int OpenDetached(State *s, uint8_t *m, const uint8_t *c, size_t len, const uint8
                  const uint8_t *nonce, const uint8_t *key) {
   if (use_openssl(s) && within_counter(1, len)) return open_fast(s, m, c, len, tag, ad, ad_len, nonce, key);
   return crypto_aead_xchacha20poly1305_ietf_decrypt_detached(m, nullptr, c, len, tag, ad, ad_len, nonce, key) == 0 ? 0 : -1;
+}
+
+int VerifyDetached(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce,
+                   const uint8_t *key) {
+  if (use_openssl(s)) return verify_fast(s, c, len, tag, ad, ad_len, nonce, key);
+  return verify_sodium(s, c, len, tag, ad, ad_len, nonce, key);
 }
 
 void StreamXorIc(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8_t *nonce, uint64_t ic, const uint8_t *key) {

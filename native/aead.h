@@ -33,6 +33,9 @@ void SealDetached(State *s, uint8_t *c, uint8_t *tag, const uint8_t *m, size_t l
 /** 0 with m (may be c) decrypted when the tag matches; -1 with m untouched otherwise. */
 int OpenDetached(State *s, uint8_t *m, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len,
                  const uint8_t *nonce, const uint8_t *key);
+/** 0 when the tag matches c under key; -1 otherwise. Nothing is decrypted: OpenDetached without its output. */
+int VerifyDetached(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce,
+                   const uint8_t *key);
 /** out = in XOR the XChaCha20 keystream from block `ic` on; as crypto_stream_xchacha20_xor_ic. */
 void StreamXorIc(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8_t *nonce, uint64_t ic, const uint8_t *key);
 

@@ -21,6 +21,11 @@
 //   diskReadsRead(h, offset, out) → bool plaintext of disk bytes [offset, offset + out.length)
 //   diskReadsDecrypt(h, index, gen, blob, from, out) → bool  bytes of a checked blob JavaScript
 //                                        keeps in memory, under the table's class key
+//   diskReadsAdmit(h, index, gen, at, blobLen, within, out) → Promise<bool>  on a pool thread:
+//                                        the blob lying at `at` read, its tag checked under the
+//                                        table's class key and the chunk put in (a chunk's first
+//                                        read, off the event loop); plaintext [within, + out.length)
+//                                        into out too
 //   diskReadsWriteBuffers(h) → Buffer[]  views of the write buffers the proxies lend (nbd-proxy.cc
 //                                        takes them back); each keeps the table's memory alive
 //   diskReadsStats(h), diskReadsClose(h)
@@ -158,7 +163,7 @@ napi_value Image(napi_env env, napi_callback_info info) {
   if (len != IMAGE_ID) return throw_type(env, "lethe_native: diskReadsImage: an image id is 16 bytes");
   std::lock_guard<std::mutex> g(t->mu);
   memcpy(t->image, id, IMAGE_ID);
-  t->chunks.clear();
+  TableForgetAllLocked(t);
   return undefined(env);
 }
 
@@ -212,16 +217,10 @@ napi_value Put(napi_env env, napi_callback_info info) {
   c.at = uint64_t(at);
   c.len = uint32_t(len - CT_AT - TAG);
   memcpy(c.nonce, blob + 1, NONCE);
-  size_t pieces = (c.len + PIECE - 1) / PIECE;
-  c.digests.resize(pieces * DIGEST);
-  for (size_t p = 0; p < pieces; p++) {
-    size_t plen = std::min(PIECE, size_t(c.len) - p * PIECE);
-    /* SAFETY: [CT_AT + p·PIECE, + plen) lies inside the blob's ciphertext (c.len bytes from CT_AT) */
-    crypto_generichash(c.digests.data() + p * DIGEST, DIGEST, blob + CT_AT + p * PIECE, plen, t->digest_key, KEY);
-  }
+  /* SAFETY: the blob's ciphertext is c.len bytes from CT_AT (checked above) */
+  TableDigests(t, blob + CT_AT, c.len, c.digests);
   std::lock_guard<std::mutex> g(t->mu);
-  if (t->chunks.size() >= t->max_chunks && t->chunks.find(index) == t->chunks.end()) t->chunks.erase(t->chunks.begin());
-  t->chunks[index] = std::move(c);
+  TablePutLocked(t, index, std::move(c));
   return undefined(env);
 }
 
@@ -241,7 +240,7 @@ napi_value Forget(napi_env env, napi_callback_info info) {
   Table *t = table_args(env, info, 2, argv);
   if (!t || !get_u32(env, argv[1], &index)) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
-  t->chunks.erase(index);
+  TableForgetLocked(t, index);
   return undefined(env);
 }
 
@@ -250,7 +249,7 @@ napi_value ForgetAll(napi_env env, napi_callback_info info) {
   Table *t = table_args(env, info, 1, argv);
   if (!t) return nullptr;
   std::lock_guard<std::mutex> g(t->mu);
-  t->chunks.clear();
+  TableForgetAllLocked(t);
   return undefined(env);
 }
 
@@ -291,6 +290,77 @@ napi_value Decrypt(napi_env env, napi_callback_info info) {
   return boolean(env, true);
 }
 
+/** An admission (TableAdmit) on a libuv pool thread; the table and `out` stay referenced until it is done. */
+struct AdmitJob {
+  napi_async_work work = nullptr;
+  napi_deferred deferred = nullptr;
+  napi_ref out_ref = nullptr;
+  Table *t = nullptr;
+  Reader *r = nullptr;
+  uint32_t index = 0, gen = 0;
+  uint64_t at = 0;
+  size_t blob_len = 0, within = 0, n = 0;
+  uint64_t begun = 0;  // TableAdmitBegin's
+  uint8_t *out = nullptr;
+  bool ran = false, ok = false;
+};
+
+void AdmitExecute(napi_env, void *data) {
+  AdmitJob *j = static_cast<AdmitJob *>(data);
+  /* SAFETY: out holds n bytes of a buffer referenced until AdmitComplete; the table is referenced too */
+  j->ok = TableAdmit(j->t, j->r, j->index, j->gen, j->at, j->blob_len, j->within, j->out, j->n, j->begun);
+  j->ran = true;
+}
+
+void AdmitComplete(napi_env env, napi_status status, void *data) {
+  AdmitJob *j = static_cast<AdmitJob *>(data);
+  if (!j->ran) TableAdmitCancel(j->t, j->index);
+  TableGiveReader(j->t, j->r);
+  TableUnref(j->t);
+  napi_resolve_deferred(env, j->deferred, boolean(env, status == napi_ok && j->ok));
+  if (j->out_ref) napi_delete_reference(env, j->out_ref);
+  napi_delete_async_work(env, j->work);
+  delete j;
+}
+
+napi_value Admit(napi_env env, napi_callback_info info) {
+  napi_value argv[7];
+  uint32_t index, gen, blob_len, within;
+  int64_t at;
+  uint8_t *out;
+  size_t n;
+  Table *t = table_args(env, info, 7, argv);
+  if (!t || !get_u32(env, argv[1], &index) || !get_u32(env, argv[2], &gen) || !get_i64(env, argv[3], &at) || !get_u32(env, argv[4], &blob_len) ||
+      !get_u32(env, argv[5], &within) || !get_bytes(env, argv[6], &out, &n))
+    return nullptr;
+  if (at < 0 || blob_len < CT_AT + TAG || blob_len - CT_AT - TAG > t->chunk_size || size_t(within) + n > blob_len - CT_AT - TAG)
+    return throw_type(env, "lethe_native: diskReadsAdmit: bad file offset, blob length or range");
+  AdmitJob *j = new AdmitJob();
+  j->r = TableTakeReader(t);
+  if (!j->r) {
+    delete j;
+    return throw_errno(env, "sodium_malloc", ENOMEM);
+  }
+  t->refs++;
+  j->t = t;
+  j->index = index;
+  j->gen = gen;
+  j->at = uint64_t(at);
+  j->blob_len = blob_len;
+  j->within = within;
+  j->out = out;
+  j->n = n;
+  // From here on a forget of the chunk (a write, a slot given up) spoils this admission: JavaScript found `at` just now.
+  j->begun = TableAdmitBegin(t, index);
+  napi_value promise, name;
+  napi_create_promise(env, &j->deferred, &promise);
+  if (n > 0) napi_create_reference(env, argv[6], 1, &j->out_ref);
+  napi_create_string_utf8(env, "lethe.diskReadsAdmit", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, nullptr, name, AdmitExecute, AdmitComplete, j, &j->work);
+  napi_queue_async_work(env, j->work);
+  return promise;
+}
+
 napi_value Stats(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   Table *t = table_args(env, info, 1, argv);
@@ -302,7 +372,8 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   }
   std::lock_guard<std::mutex> g(t->mu);
   return numbers(env, {{"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
-                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"writesOut", double(out)}});
+                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)},
+                       {"writesOut", double(out)}});
 }
 
 napi_value Close(napi_env env, napi_callback_info info) {
@@ -357,6 +428,7 @@ void DefineDiskReads(napi_env env, napi_value exports) {
       {"diskReadsForgetAll", nullptr, ForgetAll, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsRead", nullptr, Read, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsDecrypt", nullptr, Decrypt, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"diskReadsAdmit", nullptr, Admit, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsWriteBuffers", nullptr, WriteBuffers, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsClose", nullptr, Close, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -162,8 +162,22 @@ export class NativeDiskReads {
     return addon().diskReadsDecrypt(this.handle(), u32('decrypt', 'index', index), u32('decrypt', 'gen', gen), bytesArg('decrypt', 'blob', blob), from, bytesArg('decrypt', 'out', out));
   }
 
+  /**
+   * A chunk's first read, off the event loop: on a pool thread the table reads the blob of
+   * chunk `index` of `gen` (blobLen bytes) lying at byte `at` of the file, checks its tag
+   * under its class key, puts the chunk in, and decrypts plaintext bytes [from, from +
+   * out.length) into `out` (which the caller must leave alone until this settles). False
+   * (nothing put in, out's bytes undefined) when it cannot: no class key, a short file, a
+   * blob that fails its check, or the chunk forgotten meanwhile; the caller then reads the
+   * chunk itself, which drops a damaged blob and fetches it again.
+   */
+  admit(index: number, gen: number, at: number, blobLen: number, from: number, out: Uint8Array): Promise<boolean> {
+    if (!Number.isSafeInteger(at) || at < 0) throw new RangeError(`admit: at must be a file offset (got ${show(at)})`);
+    return addon().diskReadsAdmit(this.handle(), u32('admit', 'index', index), u32('admit', 'gen', gen), at, u32('admit', 'blobLen', blobLen), u32('admit', 'from', from), bytesArg('admit', 'out', out));
+  }
+
   stats(): DiskReadsStats {
-    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, writesOut: 0 };
+    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, writesOut: 0 };
   }
 
   /**

@@ -36,6 +36,17 @@ size_t coord(const Table *t, uint32_t gen, uint32_t index, uint8_t *out) {
   return m;
 }
 
+constexpr size_t MAX_AD = MAX_LABEL + COORD + 1;
+
+/** The chunk AEAD's associated data (common/chunk.ts chunkAd): label ‖ coordinate ‖ class; its length. */
+size_t chunk_ad(const Table *t, uint32_t gen, uint32_t index, uint8_t *out) {
+  size_t m = t->ad_label_len;
+  memcpy(out, t->ad_label, m);
+  m += coord(t, gen, index, out + m);
+  out[m++] = t->cls;
+  return m;
+}
+
 }  // namespace
 
 void TableZeroKeysLocked(Table *t) {
@@ -66,10 +77,45 @@ Reader *ReaderNew(uint32_t chunk_size) {
   return r;
 }
 
+Table::~Table() {
+  /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
+  for (uint8_t *b : reply_all) sodium_free(b);
+  /* SAFETY: the same, and no JavaScript view of them is left: each held a reference */
+  for (uint8_t *b : write_all) sodium_free(b);
+  /* SAFETY: an admission holds a reference while it has a reader, so every one is back here */
+  for (Reader *r : spare_readers) ReaderFree(r);
+}
+
+void TableForgetLocked(Table *t, uint32_t index) {
+  t->chunks.erase(index);
+  auto it = t->admitting.find(index);
+  if (it != t->admitting.end()) it->second.stale = true;
+}
+
+void TableForgetAllLocked(Table *t) {
+  t->chunks.clear();
+  t->epoch++;
+}
+
+void TablePutLocked(Table *t, uint32_t index, Chunk &&c) {
+  if (t->chunks.size() >= t->max_chunks && t->chunks.find(index) == t->chunks.end()) t->chunks.erase(t->chunks.begin());
+  t->chunks[index] = std::move(c);
+}
+
+void TableDigests(const Table *t, const uint8_t *ct, size_t len, std::vector<uint8_t> &out) {
+  size_t pieces = (len + PIECE - 1) / PIECE;
+  out.resize(pieces * DIGEST);
+  for (size_t p = 0; p < pieces; p++) {
+    size_t plen = std::min(PIECE, len - p * PIECE);
+    /* SAFETY: [p·PIECE, + plen) lies inside ct's len bytes; out holds pieces × DIGEST */
+    crypto_generichash(out.data() + p * DIGEST, DIGEST, ct + p * PIECE, plen, t->digest_key, KEY);
+  }
+}
+
 void TableDestroy(Table *t) {
   std::lock_guard<std::mutex> g(t->mu);
   TableZeroKeysLocked(t);
-  t->chunks.clear();
+  TableForgetAllLocked(t);
   if (t->fd >= 0) close(t->fd);
   t->fd = -1;
   /* SAFETY: keys came from sodium_malloc in Open and is freed once, here, under the lock every reader takes to use it */
@@ -152,11 +198,8 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
   if (within == 0 && n == c.len) {
     // A whole chunk: its Poly1305 tag checks it, in the same pass that decrypts it
     // (about twice as fast as a digest per piece and a separate decryption).
-    uint8_t ad[MAX_LABEL + COORD + 1];
-    size_t m = t->ad_label_len;
-    memcpy(ad, t->ad_label, m);
-    m += coord(t, c.gen, index, ad + m);
-    ad[m++] = t->cls;
+    uint8_t ad[MAX_AD];
+    size_t m = chunk_ad(t, c.gen, index, ad);
     /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew), and c.len ≤ chunk_size (Put) */
     ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
     if (got == ssize_t(c.len + TAG) &&
@@ -166,7 +209,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
       sodium_memzero(out, n);
       std::lock_guard<std::mutex> g(t->mu);
       t->mismatches++;
-      t->chunks.erase(index);
+      TableForgetLocked(t, index);
     }
     sodium_memzero(s->key, KEY);
     return ok;
@@ -189,7 +232,7 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     if (!match) {
       std::lock_guard<std::mutex> g(t->mu);
       t->mismatches++;
-      t->chunks.erase(index);
+      TableForgetLocked(t, index);
       break;
     }
     ChunkDecrypt(s, c.nonce, ct.data(), from, c.len, within, out, n);
@@ -261,6 +304,93 @@ bool TableGiveWrite(Table *t, int i, uint8_t from, size_t len) {
   sodium_memzero(t->write_all[size_t(i)], std::min(len, t->write_bytes));
   t->write_state[size_t(i)] = WRITE_FREE;
   t->write_len[size_t(i)] = 0;
+  return true;
+}
+
+Reader *TableTakeReader(Table *t) {
+  {
+    std::lock_guard<std::mutex> g(t->mu);
+    if (!t->spare_readers.empty()) {
+      Reader *r = t->spare_readers.back();
+      t->spare_readers.pop_back();
+      return r;
+    }
+  }
+  return ReaderNew(t->chunk_size);
+}
+
+void TableGiveReader(Table *t, Reader *r) {
+  std::lock_guard<std::mutex> g(t->mu);
+  t->spare_readers.push_back(r);
+}
+
+uint64_t TableAdmitBegin(Table *t, uint32_t index) {
+  std::lock_guard<std::mutex> g(t->mu);
+  t->admitting[index].jobs++;
+  return t->epoch;
+}
+
+namespace {
+
+/** Ends an admission; whether the chunk was forgotten since it began. t->mu held. */
+bool admit_end_locked(Table *t, uint32_t index, uint64_t begun) {
+  auto it = t->admitting.find(index);
+  bool stale = it->second.stale || t->epoch != begun || t->fd < 0;
+  if (--it->second.jobs == 0) t->admitting.erase(it);
+  return stale;
+}
+
+}  // namespace
+
+void TableAdmitCancel(Table *t, uint32_t index) {
+  std::lock_guard<std::mutex> g(t->mu);
+  admit_end_locked(t, index, t->epoch);
+}
+
+bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, size_t blob_len, size_t within, uint8_t *out, size_t n,
+                uint64_t begun) {
+  size_t len = blob_len >= CT_AT + TAG ? blob_len - CT_AT - TAG : 0;
+  Scratch *s = r->scratch;
+  int fd;
+  uint8_t ad[MAX_AD];
+  size_t ad_len;
+  {
+    std::lock_guard<std::mutex> g(t->mu);
+    int slot = TableSlotLocked(t, gen);
+    if (slot < 0 || t->fd < 0 || blob_len < CT_AT + TAG || len > t->chunk_size || within > len || n > len - within) {
+      admit_end_locked(t, index, begun);
+      return false;
+    }
+    fd = t->fd;
+    ad_len = chunk_ad(t, gen, index, ad);
+    TableDeriveLocked(t, slot, gen, index, s->key);
+  }
+  std::vector<uint8_t> &blob = r->ct;
+  if (blob.size() < blob_len) blob.resize(blob_len);
+  Chunk c;
+  c.gen = gen;
+  c.at = at + CT_AT;
+  c.len = uint32_t(len);
+  /* SAFETY: blob holds at least blob_len bytes (resized above); fd is read as read_part reads it */
+  ssize_t got = pread(fd, blob.data(), blob_len, off_t(at));
+  bool whole = out && within == 0 && n == len;
+  bool checked = false;
+  if (got == ssize_t(blob_len) && blob[0] == FORMAT) {
+    memcpy(c.nonce, blob.data() + 1, NONCE);
+    const uint8_t *ct = blob.data() + CT_AT;
+    // A read of the whole chunk decrypts in the pass that checks; any other checks the tag alone, then decrypts its range.
+    checked = whole ? aead::OpenDetached(&s->aead, out, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0
+                    : aead::VerifyDetached(&s->aead, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0;
+    if (checked && !whole && n > 0) ChunkDecrypt(s, c.nonce, ct, 0, len, within, out, n);
+    if (checked) TableDigests(t, ct, len, c.digests);
+  }
+  sodium_memzero(s->key, KEY);
+  std::lock_guard<std::mutex> g(t->mu);
+  bool stale = admit_end_locked(t, index, begun);
+  if (got == ssize_t(blob_len) && !checked) t->refused++;
+  if (!checked || stale) return false;
+  TablePutLocked(t, index, std::move(c));
+  t->admits++;
   return true;
 }
 

@@ -28,6 +28,8 @@ inline constexpr size_t COORD = IMAGE_ID + 4 + 1 + 8;
 inline constexpr size_t MAX_LABEL = 64;
 inline constexpr int MAX_GENS = 8;
 inline constexpr size_t BLOCK = 64;
+/** A blob's first byte (common/constants.ts CHUNK_FORMAT_VERSION). */
+inline constexpr uint8_t FORMAT = 1;
 
 /** Bytes before a reply buffer's data, for an NBD reply header. */
 inline constexpr size_t REPLY_HEADER_ROOM = 32;
@@ -71,7 +73,19 @@ struct Table {
   uint8_t *keys = nullptr;   // sodium_malloc, MAX_GENS × KEY
   int held = 0;              // class keys held: the region is readable while > 0
   Reader *js = nullptr;      // the JavaScript thread's reader
-  uint64_t reads = 0, fallbacks = 0, mismatches = 0;
+  std::vector<Reader *> spare_readers;  // the admissions' (TableAdmit), free ones; freed with the table
+  uint64_t reads = 0, fallbacks = 0, mismatches = 0, admits = 0, refused = 0;
+  /**
+   * Chunks with an admission under way, and whether one was forgotten meanwhile (a write,
+   * a slot given up): such an admission puts nothing in. `epoch` counts the times every
+   * chunk went at once (a new image, the keys zeroed, the table closed).
+   */
+  struct Admitting {
+    uint32_t jobs = 0;
+    bool stale = false;
+  };
+  std::unordered_map<uint32_t, Admitting> admitting;
+  uint64_t epoch = 0;
   /** The handle's reference and each proxy's: the last to let go frees the table. */
   std::atomic<int> refs{1};
   /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
@@ -92,13 +106,40 @@ struct Table {
   std::vector<uint32_t> write_len;
   size_t write_bytes = 0;
 
-  ~Table() {
-    /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
-    for (uint8_t *b : reply_all) sodium_free(b);
-    /* SAFETY: the same, and no JavaScript view of them is left: each held a reference */
-    for (uint8_t *b : write_all) sodium_free(b);
-  }
+  ~Table();
 };
+
+/** Forgets chunk `index` (and spoils an admission of it under way); t->mu held. */
+void TableForgetLocked(Table *t, uint32_t index);
+/** Forgets every chunk (and spoils every admission under way); t->mu held. */
+void TableForgetAllLocked(Table *t);
+/** Puts a checked chunk in, letting another go when the table is full; t->mu held. */
+void TablePutLocked(Table *t, uint32_t index, Chunk &&c);
+/** The keyed digest of each 4 KiB piece of ciphertext `ct` (len bytes), DIGEST bytes a piece, into `out`. */
+void TableDigests(const Table *t, const uint8_t *ct, size_t len, std::vector<uint8_t> &out);
+
+/**
+ * Starts an admission of chunk `index` (TableAdmit), on the thread that found where its
+ * blob lies: a forget of the chunk from now on spoils it. Returns what TableAdmit takes.
+ */
+uint64_t TableAdmitBegin(Table *t, uint32_t index);
+/**
+ * Admits chunk `index` of generation `gen` whose blob (blob_len bytes: format byte, nonce,
+ * ciphertext, tag) lies at byte `at` of the file, without JavaScript's check: reads it
+ * with r, checks its tag under the chunk key the held class key derives, and puts it in
+ * with its pieces' digests. With n > 0, also plaintext bytes [within, within + n) into
+ * out. False (nothing put in; out's bytes undefined) when the class key is not held, the
+ * file is short, the format byte or the tag is wrong (counted in `refused`), or the chunk
+ * was forgotten since TableAdmitBegin (which gave `begun`). Ends the admission either way.
+ * Thread-safe; for a libuv pool thread (disk-reads.cc).
+ */
+bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, size_t blob_len, size_t within, uint8_t *out, size_t n,
+                uint64_t begun);
+/** Ends an admission that never ran (its job was cancelled). */
+void TableAdmitCancel(Table *t, uint32_t index);
+/** A reader for an admission: a spare one of the table's, or a new one; null when locked memory cannot be had. */
+Reader *TableTakeReader(Table *t);
+void TableGiveReader(Table *t, Reader *r);
 
 /** A reader for a table of chunks of `chunk_size`; null when locked memory cannot be had. */
 Reader *ReaderNew(uint32_t chunk_size);

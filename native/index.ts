@@ -124,6 +124,13 @@ export function aeadOpen(key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, box
   return addon().aeadCipher(1, args[0], args[1], args[2], 0, args[3]);
 }
 
+/** Whether the tag of ciphertext ‖ tag matches, nothing decrypted (how the disk's reads first check a chunk). */
+export function aeadVerify(key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, boxed: Uint8Array): boolean {
+  const args = [key, nonce, ad, boxed].map((b, i) => bytesArg('aeadVerify', ['key', 'nonce', 'ad', 'boxed'][i], b));
+  if (args[3].length < 16) throw new RangeError(`aeadVerify: boxed must hold at least the 16-byte tag, not ${args[3].length} bytes`);
+  return addon().aeadCipher(3, args[0], args[1], args[2], 0, args[3]) !== null;
+}
+
 /** `input` XOR the XChaCha20 keystream from 64-byte block `ic` on. */
 export function aeadStream(key: Uint8Array, nonce: Uint8Array, ic: number, input: Uint8Array): Buffer {
   if (!Number.isSafeInteger(ic) || ic < 0) throw new RangeError(`aeadStream: ic must be a block number, not ${ic}`);

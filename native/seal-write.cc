@@ -178,7 +178,8 @@ napi_value AeadBackend(napi_env env, napi_callback_info) {
 /**
  * aeadCipher(op, key, nonce, ad, ic, input) → Buffer | null, on the code sealWrite and
  * the disk's reads use: op 0 seals input into ciphertext ‖ tag; 1 opens ciphertext ‖ tag
- * (null when the tag does not match); 2 is the XChaCha20 stream from block ic (ad unused).
+ * (null when the tag does not match); 2 is the XChaCha20 stream from block ic (ad unused);
+ * 3 checks ciphertext ‖ tag without opening it (an empty buffer, or null).
  */
 napi_value AeadCipher(napi_env env, napi_callback_info info) {
   napi_value argv[6];
@@ -190,12 +191,12 @@ napi_value AeadCipher(napi_env env, napi_callback_info info) {
       !get_bytes(env, argv[2], &nonce, &nonce_len) || !get_bytes(env, argv[3], &ad, &ad_len) || !get_i64(env, argv[4], &ic) ||
       !get_bytes(env, argv[5], &in, &in_len))
     return nullptr;
-  if (op < 0 || op > 2 || key_len != KEY || nonce_len != NONCE || ic < 0 || (op == 1 && in_len < TAG))
+  if (op < 0 || op > 3 || key_len != KEY || nonce_len != NONCE || ic < 0 || ((op == 1 || op == 3) && in_len < TAG))
     return throw_type(env, "lethe_native: aeadCipher: bad operation, key, nonce, block or input length");
   if (sodium_init() < 0) return throw_errno(env, "sodium_init", EIO);
   Secret *k = take_key();
   if (!k) return throw_errno(env, "sodium_malloc", ENOMEM);
-  size_t out_len = op == 0 ? in_len + TAG : op == 1 ? in_len - TAG : in_len;
+  size_t out_len = op == 0 ? in_len + TAG : op == 1 ? in_len - TAG : op == 2 ? in_len : 0;
   void *p = nullptr;
   napi_value out;
   napi_create_buffer(env, out_len, &p, &out);
@@ -206,6 +207,7 @@ napi_value AeadCipher(napi_env env, napi_callback_info info) {
   if (op == 0) aead::SealDetached(&k->aead, o, o + in_len, in, in_len, ad, ad_len, nonce, k->key);
   if (op == 1) ok = aead::OpenDetached(&k->aead, o, in, out_len, in + out_len, ad, ad_len, nonce, k->key);
   if (op == 2) aead::StreamXorIc(&k->aead, o, in, in_len, nonce, uint64_t(ic), k->key);
+  if (op == 3) ok = aead::VerifyDetached(&k->aead, in, in_len - TAG, in + in_len - TAG, ad, ad_len, nonce, k->key);
   give_key(k);
   if (ok != 0) napi_get_null(env, &out);
   return out;

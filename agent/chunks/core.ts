@@ -12,7 +12,7 @@
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
 import {
-  DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+  CHUNK_OVERHEAD, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
   NBD_PROXY_WRITE_BUFFERS,
   type ChunkKind, type Sensitivity,
 } from '../../common/constants.js';
@@ -270,6 +270,10 @@ export class AgentCore {
       this.stats.pieceReads++;
       return 'cache';
     }
+    if (!checked && kind === 'disk' && from !== undefined && (await this.admitRead(index, e, id, from, out))) {
+      this.stats.fromCache++;
+      return 'cache';
+    }
     // A disk chunk's blob is read into a spare buffer, handed back when this read is done.
     const spare = !checked && kind === 'disk' ? this.blobs.spare() : undefined;
     try {
@@ -331,6 +335,22 @@ export class AgentCore {
     else this.stats.fromServer++;
     if (resident) this.residency.mark(kind, index, e.cls, out.length);
     return source;
+  }
+
+  /**
+   * The first read of a disk chunk whose blob lies in the cache file: the native table
+   * reads it, checks its tag and takes it in on a pool thread, off the event loop
+   * (NativeDiskReads.admit), and decrypts the range read. False when it cannot: not a
+   * normal-class chunk the table has the key of, not in the cache file, a blob that fails
+   * its check, a write meanwhile. The full read then does it, and drops a damaged blob.
+   */
+  private async admitRead(index: number, e: Entry, id: string, from: number, out: Buffer): Promise<boolean> {
+    if (e.cls !== 'normal' || !this.fastKeyed(id, e)) return false;
+    const at = this.cache.location(this.map.cacheKey('disk', index, e));
+    if (at === undefined) return false;
+    if (!(await this.fast.admit(index, e.gen, at, this.map.plainLength('disk', index) + CHUNK_OVERHEAD, from, out))) return false;
+    this.pieces.delete(id);
+    return true;
   }
 
   /**

@@ -4,14 +4,14 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { encryptChunk } from '../../common/chunk.js';
+import { chunkKey, encryptChunk } from '../../common/chunk.js';
 import { encodeChunkFrame } from '../../common/frames.js';
 import { encodePages } from '../../common/wire.js';
 import { signRequest } from '../../common/signing.js';
 import { signKeyPair } from '../../common/crypto.js';
 import { HDR_DEVICE, HDR_NONCE, HDR_SIGNATURE, HDR_TIMESTAMP } from '../../common/constants.js';
 import { aeadSeal } from '../../native/index.js';
-import { ENVELOPE_COORD, ENVELOPE_KEY, NBD_EXPORT } from './targets.js';
+import { ADMIT_CLASS_KEY, ADMIT_COORD, ENVELOPE_COORD, ENVELOPE_KEY, NBD_EXPORT } from './targets.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
@@ -47,15 +47,17 @@ const SEEDS: Record<string, Buffer[]> = {
   ],
   'signed-request': [signed],
   'chunk-envelope': [encryptChunk(ENVELOPE_KEY, ENVELOPE_COORD, Buffer.alloc(256, 9)), encryptChunk(ENVELOPE_KEY, ENVELOPE_COORD, Buffer.alloc(0))],
-  // op, key, nonce, |ad|, ad, message: a seal, a valid box to open, a keystream from block 2^32 − 2.
+  // op, key, nonce, |ad|, ad, message: a seal, a valid box to open, a keystream from block 2^32 − 2, a valid box's tag to check.
   aead: (() => {
     const key = Buffer.alloc(32, 5);
     const nonce = Buffer.alloc(24, 6);
     const ad = Buffer.from('lethe/v1/chunk');
     const m = Buffer.alloc(300, 7);
     const head = (op: number, a: Buffer) => Buffer.concat([Buffer.from([op]), key, nonce, Buffer.from([a.length]), a]);
-    return [Buffer.concat([head(0, ad), m]), Buffer.concat([head(1, ad), aeadSeal(key, nonce, ad, m)]), Buffer.concat([head(2, Buffer.from([0xfe, 0xff, 0xff, 0xff])), m])];
+    return [Buffer.concat([head(0, ad), m]), Buffer.concat([head(1, ad), aeadSeal(key, nonce, ad, m)]), Buffer.concat([head(2, Buffer.from([0xfe, 0xff, 0xff, 0xff])), m]), Buffer.concat([head(3, ad), aeadSeal(key, nonce, ad, m)])];
   })(),
+  // A whole blob of a short chunk, one of a longer chunk, and one of an empty chunk, each as the table's class key makes it.
+  'disk-admit': [300, 4096 + 17, 0].map((n) => encryptChunk(chunkKey(ADMIT_CLASS_KEY, ADMIT_COORD), ADMIT_COORD, Buffer.alloc(n, 3))),
   nbd: [
     // Fixed newstyle, no zeroes; structured replies; GO with block size info; a read, a write, a flush, a disconnect.
     Buffer.concat([u32(3), option(8, Buffer.alloc(0)), option(7, go(NBD_EXPORT, [3])), request(0, 0, 4096), request(1, 4096, 8), Buffer.alloc(8, 0xab), request(3, 0, 0), request(2, 0, 0)]),

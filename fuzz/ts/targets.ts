@@ -16,7 +16,7 @@ import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
 import { HintParser } from '../../agent/vm/hints.js';
 import { NbdServer, type BlockBackend } from '../../agent/disk/nbd/server.js';
 import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
-import { NativeDiskReads, aeadOpen, aeadSeal, aeadStream } from '../../native/index.js';
+import { NativeDiskReads, aeadOpen, aeadSeal, aeadStream, aeadVerify } from '../../native/index.js';
 import sodium from 'sodium-native';
 import { parsePolicy } from '../../policies/policy.js';
 import { signatureHeaders } from '../../server/auth.js';
@@ -122,8 +122,8 @@ const chunkEnvelope: FuzzTarget = {
 
 /**
  * The native chunk cipher (native/aead.cc) against libsodium on the same input: the
- * first byte picks sealing, opening (of bytes that are mostly not a valid box) or the
- * keystream from a block; then key, nonce, the associated data's length and bytes, and
+ * first byte picks sealing, opening (of bytes that are mostly not a valid box), the
+ * keystream from a block, or checking a box's tag alone; then key, nonce, the associated data's length and bytes, and
  * the message. Any difference between the two is a crash.
  */
 const aead: FuzzTarget = {
@@ -137,13 +137,13 @@ const aead: FuzzTarget = {
     const adLen = Math.min(d[57], d.length - 58);
     const ad = d.subarray(58, 58 + adLen);
     const m = d.subarray(58 + adLen);
-    const op = d[0] % 3;
+    const op = d[0] % 4;
     let same: boolean;
     if (op === 0) {
       const want = Buffer.alloc(m.length + 16);
       sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(want, m, ad, null, nonce, key);
       same = aeadSeal(key, nonce, ad, m).equals(want);
-    } else if (op === 1) {
+    } else if (op === 1 || op === 3) {
       if (m.length < 16) return;
       const want = Buffer.alloc(m.length - 16);
       let ok = true;
@@ -152,8 +152,11 @@ const aead: FuzzTarget = {
       } catch {
         ok = false;
       }
-      const got = aeadOpen(key, nonce, ad, m);
-      same = ok ? got !== null && got.equals(want) : got === null;
+      if (op === 3) same = aeadVerify(key, nonce, ad, m) === ok;
+      else {
+        const got = aeadOpen(key, nonce, ad, m);
+        same = ok ? got !== null && got.equals(want) : got === null;
+      }
     } else {
       const ic = ad.length >= 4 ? ad.readUInt32LE(0) : ad.length;
       const want = Buffer.alloc(m.length);
@@ -163,8 +166,69 @@ const aead: FuzzTarget = {
     if (!same) throw new Error(`the native cipher and libsodium disagree (op ${op}, ${m.length} bytes, ${ad.length} bytes of ad)`);
   },
   expected: () => false,
-  dictionary: [Buffer.from([0]), Buffer.from([1]), Buffer.from([2]), Buffer.from([0xff, 0xff, 0xff, 0xff]), Buffer.from([0xfe, 0xff, 0xff, 0xff])],
+  dictionary: [Buffer.from([0]), Buffer.from([1]), Buffer.from([2]), Buffer.from([3]), Buffer.from([0xff, 0xff, 0xff, 0xff]), Buffer.from([0xfe, 0xff, 0xff, 0xff])],
 };
+
+/** The class key and coordinate the disk-admit target's blobs are made for (seeds.ts encrypts under them). */
+export const ADMIT_CLASS_KEY = Buffer.alloc(32, 8);
+export const ADMIT_COORD: ChunkCoord = { imageId: Buffer.alloc(16, 2), gen: 3, kind: 'disk', index: 5, cls: 'normal' };
+
+/**
+ * A chunk's first read checked in native code (NativeDiskReads.admit, native/disk-table.cc):
+ * the input is the blob lying in the cache file. The table must take it in exactly when
+ * the chunk format opens it in TypeScript, with the same plaintext, and a read from the
+ * table afterwards must give those bytes too.
+ */
+class DiskAdmitTarget implements FuzzTarget {
+  name = 'disk-admit';
+  about = "a blob in the cache file at a chunk's first read, checked on a pool thread and taken into the native table (native/disk-table.cc TableAdmit)";
+  maxLen = 8192;
+  private dir = '';
+  private fd = -1;
+  private table?: NativeDiskReads;
+
+  async open(): Promise<void> {
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lethe-fuzz-admit-'));
+    this.fd = fs.openSync(path.join(this.dir, 'slots'), 'w+');
+    this.table = NativeDiskReads.forDiskChunks(this.fd, { maxChunks: 4 });
+    this.table.image(ADMIT_COORD.imageId);
+    this.table.key(ADMIT_COORD.gen, ADMIT_CLASS_KEY);
+  }
+
+  async close(): Promise<void> {
+    this.table?.close();
+    if (this.fd >= 0) fs.closeSync(this.fd);
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  async run(d: Buffer): Promise<void> {
+    const t = this.table!;
+    const { index, gen } = ADMIT_COORD;
+    if (d.length < CHUNK_OVERHEAD) return;
+    fs.ftruncateSync(this.fd, 0);
+    fs.writeSync(this.fd, d, 0, d.length, 0);
+    t.forget(index);
+    const size = d.length - CHUNK_OVERHEAD;
+    const got = Buffer.alloc(size);
+    const admitted = await t.admit(index, gen, 0, d.length, 0, got);
+    let want: Buffer | undefined = Buffer.alloc(size);
+    try {
+      decryptChunkInto(want, chunkKey(ADMIT_CLASS_KEY, ADMIT_COORD), ADMIT_COORD, d);
+    } catch (e) {
+      if (!(e instanceof LetheError && e.code === 'TAMPERED')) throw e;
+      want = undefined;
+    }
+    if (admitted !== (want !== undefined)) throw new Error(`the table ${admitted ? 'admitted' : 'refused'} a blob the chunk format ${want ? 'opens' : 'refuses'}`);
+    if (!want) return;
+    if (!got.equals(want)) throw new Error('the admission decrypted other bytes than the chunk format');
+    const again = Buffer.alloc(size);
+    if (size > 0 && (!t.read(index * DISK_CHUNK_SIZE, again) || !again.equals(want))) throw new Error('the table does not read back what it admitted');
+  }
+
+  expected(): boolean {
+    return false;
+  }
+}
 
 /**
  * A file export whose reads of whole zero chunks the native read proxy can answer from
@@ -270,4 +334,4 @@ class NbdTarget implements FuzzTarget {
   }
 }
 
-export const TARGETS: FuzzTarget[] = [chunkFrames, trace, policy, hintReader, signedRequest, chunkEnvelope, aead, new NbdTarget()];
+export const TARGETS: FuzzTarget[] = [chunkFrames, trace, policy, hintReader, signedRequest, chunkEnvelope, aead, new DiskAdmitTarget(), new NbdTarget()];

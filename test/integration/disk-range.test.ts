@@ -41,10 +41,18 @@ describe('disk range reads (real server)', function () {
     expect(t.agent.core.checked.count).to.equal(kept);
     await range(1, 100, 9000);
     await range(CHUNKS - 1, 0, CHUNK - 1000); // the short last chunk
-    expect(t.agent.core.checked.count).to.equal(3);
+    // A chunk read from the server is checked and kept in memory; one the prefetch already
+    // put in the cache file is checked on a pool thread and taken into the native table.
+    const admitted = t.agent.core.diskReads.admits;
+    expect(t.agent.core.checked.count + admitted, 'chunks checked').to.equal(3);
     const shown = t.agent.status().diskMemory;
-    expect(shown.chunks).to.equal(3);
-    expect(shown.bytes).to.be.within(2 * CHUNK + (CHUNK - 1000), 3 * CHUNK + 200);
+    expect(shown.chunks).to.equal(t.agent.core.checked.count);
+    expect(shown.bytes).to.be.within(2 * CHUNK, 3 * CHUNK + 200);
+    // Read again, no chunk is checked again: each is served from memory or from the table.
+    const served = t.agent.core.diskReads.reads;
+    for (const i of [0, 1, CHUNKS - 1]) await range(i, 10, 100);
+    expect(t.agent.core.checked.count + t.agent.core.diskReads.admits, 'chunks checked, after').to.equal(3);
+    if (admitted > 0) expect(t.agent.core.diskReads.reads, 'reads the table served').to.be.above(served);
     let err: unknown;
     await t.agent.core.readRange('disk', CHUNKS - 1, CHUNK - 1000, Buffer.alloc(1)).catch((e) => (err = e));
     expect(err).to.be.instanceOf(RangeError);
@@ -98,8 +106,11 @@ describe('disk range reads (real server)', function () {
     t.agent.core.checked.clear();
     damageCachedBlob(path.join(t.home, 'cache.db'), 'disk', 2, 5000);
     const before = t.agent.core.stats.fromServer;
+    const refused = t.agent.core.diskReads.refused;
     expect(await range(2, 4096, 4096)).to.equal('server');
     expect(t.agent.core.stats.fromServer).to.equal(before + 1);
+    // The native check of a first read refused it before JavaScript's did.
+    expect(t.agent.core.diskReads.refused, 'admissions refused').to.equal(refused + 1);
   });
 
   it('a device write replaces the kept ciphertext: later ranges read the new bytes', async () => {
@@ -155,6 +166,24 @@ describe('disk range reads (real server)', function () {
     expect(await range(4, 3 * 4096, 100)).to.equal('server');
     expect(pieces().mismatches).to.equal(mismatched + 1);
     expect(t.agent.core.stats.fromServer).to.equal(fromServer + 1);
+  });
+
+  it("a chunk's first read from the cache file is checked on a pool thread and taken into the native table; a sensitive one is not", async () => {
+    await t.agent.core.readInto('disk', 0, Buffer.alloc(CHUNK)); // in the cache file
+    t.agent.core.checked.clear();
+    t.agent.core.readTable.forget(0);
+    const native = () => t.agent.core.diskReads;
+    const { admits, reads } = native();
+    expect(await range(0, 100, 4096)).to.equal('cache');
+    expect(native().admits, 'admitted').to.equal(admits + 1);
+    expect(t.agent.core.checked.count, 'no blob read in JavaScript').to.equal(0);
+    expect(await range(0, 5000, 60_000)).to.equal('cache');
+    expect(native()).to.include({ admits: admits + 1, reads: reads + 1 });
+    // Chunk 1 is sensitive: its key is the key ring's alone, never the table's.
+    await range(1, 0, 4096);
+    t.agent.core.checked.clear();
+    expect(await range(1, 10, 4096)).to.equal('cache');
+    expect(native().admits, 'a sensitive chunk is not admitted').to.equal(admits + 1);
   });
 
   it('a piece read of a sensitive chunk whose key was dropped asks the server for it again (audited), as a whole read does', async () => {

@@ -6,7 +6,7 @@ import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
 import sodium from 'sodium-native';
 import { randomBytes } from '../../common/crypto.js';
-import { aeadBackend, aeadOpen, aeadSeal, aeadStream } from '../../native/index.js';
+import { aeadBackend, aeadOpen, aeadSeal, aeadStream, aeadVerify } from '../../native/index.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 
 function reference(key: Buffer, nonce: Buffer, ad: Buffer, m: Buffer): Buffer {
@@ -37,6 +37,7 @@ describe('native chunk cipher (native/aead.cc)', () => {
       const back = aeadOpen(key, nonce, ad, want);
       expect(back, `opened, ${len} bytes`).to.not.equal(null);
       expectSameBytes(back!, m, `plaintext, ${len} bytes`);
+      expect(aeadVerify(key, nonce, ad, want), `checked, ${len} bytes`).to.equal(true);
     }
   });
 
@@ -50,20 +51,25 @@ describe('native chunk cipher (native/aead.cc)', () => {
       const bad = Buffer.from(boxed);
       bad[i] ^= 1 << (i % 8);
       expect(aeadOpen(key, nonce, ad, bad), `byte ${i} of the box changed`).to.equal(null);
+      expect(aeadVerify(key, nonce, ad, bad), `byte ${i} of the box changed, checked alone`).to.equal(false);
     }
     for (let i = 0; i < ad.length; i++) {
       const bad = Buffer.from(ad);
       bad[i] ^= 0x80;
       expect(aeadOpen(key, nonce, bad, boxed), `byte ${i} of the ad changed`).to.equal(null);
+      expect(aeadVerify(key, nonce, bad, boxed), `byte ${i} of the ad changed, checked alone`).to.equal(false);
     }
     for (let i = 0; i < 24; i++) {
       const bad = Buffer.from(nonce);
       bad[i] ^= 4;
       expect(aeadOpen(key, bad, ad, boxed), `byte ${i} of the nonce changed`).to.equal(null);
+      expect(aeadVerify(key, bad, ad, boxed), `byte ${i} of the nonce changed, checked alone`).to.equal(false);
     }
     const otherKey = Buffer.from(key);
     otherKey[31] ^= 1;
     expect(aeadOpen(otherKey, nonce, ad, boxed)).to.equal(null);
+    expect(aeadVerify(otherKey, nonce, ad, boxed)).to.equal(false);
+    expect(aeadVerify(key, nonce, ad, boxed)).to.equal(true);
     expect(aeadOpen(key, nonce, ad, boxed.subarray(0, boxed.length - 1)), 'a box cut short').to.equal(null);
     expect(aeadOpen(key, nonce, Buffer.alloc(0), reference(key, nonce, Buffer.alloc(0), Buffer.alloc(0)))!.length).to.equal(0);
   });
@@ -85,12 +91,15 @@ describe('native chunk cipher (native/aead.cc)', () => {
     const ad = Buffer.from('lethe/test');
     const m = randomBytes(70_001);
     const script = `
-      import { aeadBackend, aeadOpen, aeadSeal } from './native/index.ts';
+      import { aeadBackend, aeadOpen, aeadSeal, aeadVerify } from './native/index.ts';
       let input = '';
       for await (const part of process.stdin) input += part;
       const [key, nonce, ad, m, theirs] = JSON.parse(input).map((h) => Buffer.from(h, 'hex'));
       const opened = aeadOpen(key, nonce, ad, theirs);
-      process.stdout.write(JSON.stringify({ backend: aeadBackend(), sealed: aeadSeal(key, nonce, ad, m).toString('hex'), opened: opened && opened.toString('hex') }));`;
+      const bad = Buffer.from(theirs);
+      bad[bad.length - 1] ^= 1;
+      const checks = [aeadVerify(key, nonce, ad, theirs), aeadVerify(key, nonce, ad, bad)];
+      process.stdout.write(JSON.stringify({ backend: aeadBackend(), sealed: aeadSeal(key, nonce, ad, m).toString('hex'), opened: opened && opened.toString('hex'), checks }));`;
     const ours = aeadSeal(key, nonce, ad, m);
     const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
       input: JSON.stringify([key, nonce, ad, m, ours].map((b) => b.toString('hex'))),
@@ -99,8 +108,9 @@ describe('native chunk cipher (native/aead.cc)', () => {
       maxBuffer: 1 << 24,
     });
     expect(r.status, r.stderr).to.equal(0);
-    const out = JSON.parse(r.stdout) as { backend: string; sealed: string; opened: string | null };
+    const out = JSON.parse(r.stdout) as { backend: string; sealed: string; opened: string | null; checks: boolean[] };
     expect(out.backend).to.equal('libsodium');
+    expect(out.checks, 'libsodium checked the tag alone: the box, then the box with its tag changed').to.deep.equal([true, false]);
     expect(out.opened, 'libsodium opened what this process sealed').to.equal(m.toString('hex'));
     expectSameBytes(Buffer.from(out.sealed, 'hex'), ours, 'both sealed the same bytes');
     expectSameBytes(aeadOpen(key, nonce, ad, Buffer.from(out.sealed, 'hex'))!, m, 'this process opened what libsodium sealed');

@@ -122,6 +122,64 @@ describe('native disk reads', () => {
     expectSameBytes(read(2 * CHUNK, sizes[2])!, plain.subarray(2 * CHUNK), 'the short last chunk, whole');
   });
 
+  describe('a first read admitted on a pool thread', () => {
+    const at = (i: number) => slots[i] * SLOT;
+    const damage = (pos: number, bit: number) => {
+      const b = Buffer.alloc(1);
+      fs.readSync(fd, b, 0, 1, pos);
+      b[0] ^= bit;
+      fs.writeSync(fd, b, 0, 1, pos);
+    };
+    beforeEach(() => t.forgetAll());
+
+    it('checks the blob in the file, decrypts the range asked for, and takes the chunk in for later reads', async () => {
+      const cases: [number, number, number][] = [[0, 0, CHUNK], [1, 100, 4096], [2, sizes[2] - 1, 1], [0, 63, 0]];
+      for (const [i, from, len] of cases) {
+        t.forget(i);
+        const out = Buffer.alloc(len, 0xaa);
+        expect(await t.admit(i, GEN, at(i), blobs[i].length, from, out), `chunk ${i} admitted`).to.equal(true);
+        expectSameBytes(out, plain.subarray(i * CHUNK + from, i * CHUNK + from + len), `chunk ${i} bytes ${from}+${len}`);
+        expect(t.has(i, GEN)).to.equal(true);
+        expectSameBytes(read(i * CHUNK, sizes[i])!, plain.subarray(i * CHUNK, i * CHUNK + sizes[i]), `chunk ${i} read from the table`);
+      }
+      expect(t.stats()).to.include({ admits: cases.length, refused: 0, mismatches: 0 });
+    });
+
+    it('refuses a blob that fails its check, without a class key, or for another generation: nothing taken in', async () => {
+      damage(at(0) + CHUNK_CT_AT + 5000, 1);
+      expect(await t.admit(0, GEN, at(0), blobs[0].length, 0, Buffer.alloc(10))).to.equal(false);
+      damage(at(1), 0xff); // the format byte
+      expect(await t.admit(1, GEN, at(1), blobs[1].length, 0, Buffer.alloc(0))).to.equal(false);
+      expect(await t.admit(2, GEN, at(1), blobs[1].length, 0, Buffer.alloc(0)), "another chunk's blob").to.equal(false);
+      expect(await t.admit(2, GEN, at(2), blobs[2].length - 1, 0, Buffer.alloc(0)), 'a length cut short').to.equal(false);
+      expect(t.stats()).to.include({ refused: 4, admits: 0, chunks: 0 });
+      expect(await t.admit(2, GEN + 1, at(2), blobs[2].length, 0, Buffer.alloc(0)), 'no key for that generation').to.equal(false);
+      t.zeroKeys();
+      expect(await t.admit(2, GEN, at(2), blobs[2].length, 0, Buffer.alloc(0)), 'no class key').to.equal(false);
+      expect(t.stats()).to.include({ refused: 4, admits: 0, chunks: 0 });
+      t.key(GEN, classKey);
+      expect(await t.admit(2, GEN, at(2), blobs[2].length, 0, Buffer.alloc(0))).to.equal(true);
+      expect(() => t.admit(0, GEN, at(0), blobs[0].length, CHUNK - 10, Buffer.alloc(11))).to.throw(TypeError);
+    });
+
+    it('a chunk forgotten or a new image after its admission was asked for is not taken in', async () => {
+      // The forget lands before or while the pool thread checks the blob: the blob it read may be one a write replaced.
+      for (let round = 0; round < 60; round++) {
+        const i = round % 3;
+        const admitted = t.admit(i, GEN, at(i), blobs[i].length, 0, Buffer.alloc(0));
+        if (round % 2 === 0) t.forget(i);
+        else t.image(IMAGE);
+        expect(await admitted, `round ${round}: chunk ${i} admitted after a ${round % 2 === 0 ? 'forget' : 'new image'}`).to.equal(false);
+        expect(t.has(i, GEN)).to.equal(false);
+      }
+      // The forget of another chunk spoils nothing.
+      const admitted = t.admit(0, GEN, at(0), blobs[0].length, 0, Buffer.alloc(0));
+      t.forget(1);
+      expect(await admitted).to.equal(true);
+      expect(t.stats()).to.include({ admits: 1, refused: 0 });
+    });
+  });
+
   it('checks its arguments in TypeScript and refuses a closed table', () => {
     expect(() => t.read(-1, Buffer.alloc(1))).to.throw(RangeError);
     expect(() => t.key(GEN, Buffer.alloc(31))).to.throw(RangeError);
