@@ -92,6 +92,7 @@ async function main() {
     );
   } finally {
     await s.stop();
+    fs.rmSync(path.dirname(s.dir), { recursive: true, force: true }); // the server's data: a copy of every image pushed
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -11,8 +11,10 @@
 //   warm, in memory: the default (checked ciphertext kept in memory, after one pass)
 //   warm, file:      --disk-memory-cache 0 (each read preads and checks a blob from the cache's slot file)
 //   cold:            an empty cache (every chunk fetched from a real server on loopback, keys too)
+//   first read:      the agent started again over a full cache file: each chunk's first read
+//                    since the start (its blob checked), one pass after each restart
 //
-//   node --import tsx bench/nbd-read.ts [--sizes 128,1024] [--reads 4000] [--phases memory,file,cold,write] [--reps 3] [--json]
+//   node --import tsx bench/nbd-read.ts [--sizes 128,1024] [--reads 4000] [--phases memory,file,first,cold,write] [--reps 3] [--json]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -28,7 +30,7 @@ const { values } = parseArgs({
   options: {
     sizes: { type: 'string', default: '128,1024' },
     reads: { type: 'string', default: '4000' },
-    phases: { type: 'string', default: 'memory,file,cold,write' },
+    phases: { type: 'string', default: 'memory,file,first,cold,write' },
     reps: { type: 'string', default: '3' },
     json: { type: 'boolean', default: false },
   },
@@ -36,10 +38,10 @@ const { values } = parseArgs({
 const MiB = 1024 * 1024;
 const SIZES = values.sizes.split(',').map((s) => Number(s) * MiB);
 const READS = Number(values.reads);
-type Phase = 'memory' | 'file' | 'cold' | 'write';
+type Phase = 'memory' | 'file' | 'first' | 'cold' | 'write';
 const PHASES = values.phases.split(',') as Phase[];
 const REPS = Number(values.reps);
-const NAMES: Record<Phase, string> = { memory: 'warm, in memory', file: 'warm, cache file', cold: 'cold (server)', write: 'sequential write' };
+const NAMES: Record<Phase, string> = { memory: 'warm, in memory', file: 'warm, cache file', first: 'first read after start', cold: 'cold (server)', write: 'sequential write' };
 for (const p of PHASES) if (!(p in NAMES)) throw new Error(`--phases: unknown phase "${p}" (${Object.keys(NAMES).join(', ')})`);
 for (const s of SIZES) if (!(s > 0 && s % MiB === 0)) throw new Error(`--sizes: give whole MiB, e.g. 128,1024,4096`);
 
@@ -115,12 +117,12 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
       return { agent: median(a), plain: median(p), luks: median(l) };
     }
     let proxied: number | undefined;
-    async function withAgent<T>(phase: Phase, use: (uri: string) => Promise<T>): Promise<T> {
+    async function withAgent<T>(phase: Phase, use: (uri: string, restart: () => Promise<void>) => Promise<T>): Promise<T> {
       const args = phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [];
-      return withAgentExport(s, image, size, args, async ({ uri, status }) => {
+      return withAgentExport(s, image, size, args, async ({ uri, status, restart }) => {
         if (phase === 'memory') await copy(uri, 'null:', size);
         const before = (await status()).nbd!;
-        const result = await use(uri);
+        const result = await use(uri, restart);
         const after = (await status()).nbd!;
         const reads = (after.requests.read ?? 0) - (before.requests.read ?? 0);
         proxied = reads > 0 ? (after.proxied.reads - before.proxied.reads) / reads : undefined;
@@ -135,6 +137,19 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
         const rand = await three(() => withAgent('cold', (u) => random(u, offsets)), (u) => random(u, offsets), 1);
         const seq = await three(() => withAgent('cold', (u) => copy(u, 'null:', size)), (u) => copy(u, 'null:', size), 1);
         rows.push({ size: label, phase, seq, rand, proxied });
+      } else if (phase === 'first') {
+        // One device, its agent started again before each pass: every read is a chunk's first since the start.
+        rows.push(
+          await withAgent('first', async (uri, restart) => {
+            const again = <T>(f: () => Promise<T>) => async () => (await restart(), f());
+            return {
+              size: label,
+              phase,
+              rand: await three(again(() => random(uri, offsets)), (u) => random(u, offsets), REPS),
+              seq: await three(again(() => copy(uri, 'null:', size)), (u) => copy(u, 'null:', size), REPS),
+            };
+          }),
+        );
       } else if (phase === 'write') {
         // The first copy onto the agent's disk puts every chunk in a new slot (the image's
         // blob keeps its own); later ones reuse the slots earlier writes left. Both shown.
@@ -168,6 +183,7 @@ async function main(): Promise<void> {
     for (const [i, size] of SIZES.entries()) rows.push(...(await oneSize(s, size, `guest${i}`)));
   } finally {
     await s.stop();
+    fs.rmSync(path.dirname(s.dir), { recursive: true, force: true }); // the server's data: a copy of every image pushed
   }
   if (values.json) {
     process.stdout.write(JSON.stringify({ reads: READS, reps: REPS, cipher: aeadBackend(), rows }) + '\n');

@@ -68,6 +68,7 @@ async function main(): Promise<void> {
   } finally {
     for (const p of procs) p.kill();
     await s.stop();
+    fs.rmSync(path.dirname(s.dir), { recursive: true, force: true }); // the server's data: a copy of every image pushed
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

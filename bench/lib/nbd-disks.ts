@@ -61,6 +61,8 @@ export interface AgentExport {
   home: string;
   agent: AgentProc;
   status(): Promise<AgentStatus>;
+  /** Stops the agent and starts it again on the same home (its cache kept, nothing in memory), once its export is up and its prefetch done. */
+  restart(): Promise<void>;
 }
 
 /**
@@ -72,12 +74,27 @@ export interface AgentExport {
 export async function withAgentExport<T>(s: ServerProc, image: string, size: number, args: string[], use: (x: AgentExport) => Promise<T>): Promise<T> {
   const d = await enrolledDevice(s);
   await assign(s, d.deviceId, image);
-  const agent = await startAgentProc(d.home, image, ['--nbd-peers', 'user', '--cache-size', `${Math.ceil((2 * size) / MiB) + 64}M`, ...args]);
-  try {
-    const status = () => control<AgentStatus>(d.home, { cmd: 'status' });
+  const start = () => startAgentProc(d.home, image, ['--nbd-peers', 'user', '--cache-size', `${Math.ceil((2 * size) / MiB) + 64}M`, ...args]);
+  const status = () => control<AgentStatus>(d.home, { cmd: 'status' });
+  const ready = async () => {
     await waitFor(async () => (await status()).nbd?.address ?? undefined, 20_000, 'the export');
     if (!args.includes('--no-prefetch')) await waitFor(async () => { const x = await status(); return x.prefetch.total > 0 && x.prefetch.done === x.prefetch.total; }, 600_000, 'prefetch');
-    return await use({ uri: `nbd+unix:///${image}?socket=${path.join(d.home, 'nbd.sock')}`, home: d.home, agent, status });
+  };
+  let agent = await start();
+  try {
+    await ready();
+    const x: AgentExport = {
+      uri: `nbd+unix:///${image}?socket=${path.join(d.home, 'nbd.sock')}`,
+      home: d.home,
+      agent,
+      status,
+      restart: async () => {
+        await agent.stop();
+        x.agent = agent = await start();
+        await ready();
+      },
+    };
+    return await use(x);
   } finally {
     await agent.stop();
     d.close();
