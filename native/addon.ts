@@ -82,8 +82,9 @@ export interface Addon {
   diskReadsHas(h: DiskReadsHandle, index: number, gen: number): boolean;
   diskReadsForget(h: DiskReadsHandle, index: number): void;
   diskReadsForgetAll(h: DiskReadsHandle): void;
-  diskReadsRead(h: DiskReadsHandle, offset: number, out: Uint8Array): boolean;
+  diskReadsRead(h: DiskReadsHandle, offset: number, out: Uint8Array, admit: boolean): boolean;
   diskReadsDecrypt(h: DiskReadsHandle, index: number, gen: number, blob: Uint8Array, from: number, out: Uint8Array): boolean;
+  diskReadsLies(h: DiskReadsHandle, index: number, gen: number, at: number, blobLen: number): boolean;
   diskReadsAdmit(h: DiskReadsHandle, index: number, gen: number, at: number, blobLen: number, within: number, out: Uint8Array): Promise<boolean>;
   diskReadsWriteBuffers(h: DiskReadsHandle): Buffer[];
   diskReadsStats(h: DiskReadsHandle): DiskReadsStats;
@@ -119,6 +120,8 @@ export interface DiskReadsStats {
   admits: number;
   /** Admissions refused because the blob in the file failed its check (wrong format byte or tag): JavaScript read them. */
   refused: number;
+  /** Chunks not in the table whose blob's place it was told (NativeDiskReads.lies), for the read proxy to admit. */
+  placed: number;
   /** Write buffers out of the NBD read proxies' hands: being filled, or lent to JavaScript. */
   writesOut: number;
 }

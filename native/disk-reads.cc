@@ -18,7 +18,8 @@
 //   diskReadsZeroKeys(h)                 every class key zeroed (the lease ended)
 //   diskReadsPut(h, index, gen, at, blob) a checked blob, lying at file offset `at`
 //   diskReadsHas(h, index, gen), diskReadsForget(h, index), diskReadsForgetAll(h)
-//   diskReadsRead(h, offset, out) → bool plaintext of disk bytes [offset, offset + out.length)
+//   diskReadsRead(h, offset, out, admit) → bool plaintext of disk bytes [offset, offset + out.length)
+//                                        (admit: placed chunks admitted first, as the read proxy does)
 //   diskReadsDecrypt(h, index, gen, blob, from, out) → bool  bytes of a checked blob JavaScript
 //                                        keeps in memory, under the table's class key
 //   diskReadsAdmit(h, index, gen, at, blobLen, within, out) → Promise<bool>  on a pool thread:
@@ -26,6 +27,9 @@
 //                                        table's class key and the chunk put in (a chunk's first
 //                                        read, off the event loop); plaintext [within, + out.length)
 //                                        into out too
+//   diskReadsLies(h, index, gen, at, blobLen) → bool  where the blob of a chunk not in the table
+//                                        lies: the NBD read proxy admits it at its first read, on
+//                                        its own thread (false: the table knows 4 × maxChunks already)
 //   diskReadsWriteBuffers(h) → Buffer[]  views of the write buffers the proxies lend (nbd-proxy.cc
 //                                        takes them back); each keeps the table's memory alive
 //   diskReadsStats(h), diskReadsClose(h)
@@ -132,6 +136,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
   t->cls = uint8_t(cls);
   t->chunk_size = chunk_size;
   t->max_chunks = max_chunks;
+  t->max_lies = size_t(max_chunks) * 4;
   t->keys = static_cast<uint8_t *>(sodium_malloc(MAX_GENS * KEY));
   t->js = ReaderNew(chunk_size);
   t->reply_bytes = REPLY_HEADER_ROOM + reply_max;
@@ -254,14 +259,16 @@ napi_value ForgetAll(napi_env env, napi_callback_info info) {
 }
 
 napi_value Read(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
+  napi_value argv[4];
   int64_t offset;
   uint8_t *out;
   size_t len;
-  Table *t = table_args(env, info, 3, argv);
-  if (!t || !get_i64(env, argv[1], &offset) || !get_bytes(env, argv[2], &out, &len)) return nullptr;
+  bool admit;
+  Table *t = table_args(env, info, 4, argv);
+  if (!t || !get_i64(env, argv[1], &offset) || !get_bytes(env, argv[2], &out, &len) || napi_get_value_bool(env, argv[3], &admit) != napi_ok)
+    return nullptr;
   if (offset < 0) return throw_type(env, "lethe_native: diskReadsRead: a negative offset");
-  return boolean(env, TableRead(t, t->js, uint64_t(offset), out, len));
+  return boolean(env, TableRead(t, t->js, uint64_t(offset), out, len, admit));
 }
 
 napi_value Decrypt(napi_env env, napi_callback_info info) {
@@ -288,6 +295,20 @@ napi_value Decrypt(napi_env env, napi_callback_info info) {
   ChunkDecrypt(s, blob + 1, blob + CT_AT, 0, blob_len - CT_AT - TAG, size_t(from), out, len);
   sodium_memzero(s->key, KEY);
   return boolean(env, true);
+}
+
+napi_value Lies(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  uint32_t index, gen, blob_len;
+  int64_t at;
+  Table *t = table_args(env, info, 5, argv);
+  if (!t || !get_u32(env, argv[1], &index) || !get_u32(env, argv[2], &gen) || !get_i64(env, argv[3], &at) || !get_u32(env, argv[4], &blob_len))
+    return nullptr;
+  if (at < 0 || blob_len < CT_AT + TAG || blob_len - CT_AT - TAG > t->chunk_size)
+    return throw_type(env, "lethe_native: diskReadsLies: bad file offset or blob length");
+  std::lock_guard<std::mutex> g(t->mu);
+  if (t->chunks.find(index) != t->chunks.end()) return boolean(env, true);  // in the table already
+  return boolean(env, TableLiesLocked(t, index, gen, uint64_t(at), blob_len));
 }
 
 /** An admission (TableAdmit) on a libuv pool thread; the table and `out` stay referenced until it is done. */
@@ -372,7 +393,7 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   }
   std::lock_guard<std::mutex> g(t->mu);
   return numbers(env, {{"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
-                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)},
+                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)}, {"placed", double(t->lies.size())},
                        {"writesOut", double(out)}});
 }
 
@@ -429,6 +450,7 @@ void DefineDiskReads(napi_env env, napi_value exports) {
       {"diskReadsRead", nullptr, Read, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsDecrypt", nullptr, Decrypt, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsAdmit", nullptr, Admit, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"diskReadsLies", nullptr, Lies, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsWriteBuffers", nullptr, WriteBuffers, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"diskReadsClose", nullptr, Close, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

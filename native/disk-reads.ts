@@ -146,10 +146,15 @@ export class NativeDiskReads {
     if (this.h) addon().diskReadsForgetAll(this.h);
   }
 
-  /** Plaintext of disk bytes [offset, offset + out.length) into `out`; false (out's bytes undefined) when it cannot serve all of them. */
-  read(offset: number, out: Uint8Array): boolean {
+  /**
+   * Plaintext of disk bytes [offset, offset + out.length) into `out`; false (out's bytes
+   * undefined) when it cannot serve all of them. With `admit`, a chunk whose place the
+   * table was told (lies()) is admitted first on this thread, as the NBD read proxy's
+   * threads do: not for the event loop, which admits with admit().
+   */
+  read(offset: number, out: Uint8Array, opts: { admit?: boolean } = {}): boolean {
     if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeError(`read: offset must be a non-negative integer (got ${show(offset)})`);
-    return addon().diskReadsRead(this.handle(), offset, bytesArg('read', 'out', out));
+    return addon().diskReadsRead(this.handle(), offset, bytesArg('read', 'out', out), opts.admit === true);
   }
 
   /**
@@ -176,8 +181,20 @@ export class NativeDiskReads {
     return addon().diskReadsAdmit(this.handle(), u32('admit', 'index', index), u32('admit', 'gen', gen), at, u32('admit', 'blobLen', blobLen), u32('admit', 'from', from), bytesArg('admit', 'out', out));
   }
 
+  /**
+   * Where the blob of chunk `index` of `gen` lies (blobLen bytes at byte `at` of the file),
+   * a chunk the caller would put in once it checked it: the NBD read proxy admits it at its
+   * first read on its own thread, as admit() does, with no call into JavaScript. The place
+   * is dropped with the chunk (forget(), a new image) and when its admission is refused.
+   * False when the table knows the place of as many chunks as it may (4 × maxChunks).
+   */
+  lies(index: number, gen: number, at: number, blobLen: number): boolean {
+    if (!Number.isSafeInteger(at) || at < 0) throw new RangeError(`lies: at must be a file offset (got ${show(at)})`);
+    return addon().diskReadsLies(this.handle(), u32('lies', 'index', index), u32('lies', 'gen', gen), at, u32('lies', 'blobLen', blobLen));
+  }
+
   stats(): DiskReadsStats {
-    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, writesOut: 0 };
+    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, placed: 0, writesOut: 0 };
   }
 
   /**

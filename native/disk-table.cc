@@ -88,12 +88,14 @@ Table::~Table() {
 
 void TableForgetLocked(Table *t, uint32_t index) {
   t->chunks.erase(index);
+  t->lies.erase(index);
   auto it = t->admitting.find(index);
   if (it != t->admitting.end()) it->second.stale = true;
 }
 
 void TableForgetAllLocked(Table *t) {
   t->chunks.clear();
+  t->lies.clear();
   t->epoch++;
 }
 
@@ -191,10 +193,37 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     c.len = it->second.len;
     memcpy(c.nonce, it->second.nonce, NONCE);
     size_t p0 = within / PIECE, p1 = (within + n + PIECE - 1) / PIECE;
-    c.digests.assign(it->second.digests.begin() + p0 * DIGEST, it->second.digests.begin() + p1 * DIGEST);
+    if (!it->second.digests.empty()) c.digests.assign(it->second.digests.begin() + p0 * DIGEST, it->second.digests.begin() + p1 * DIGEST);
     TableDeriveLocked(t, slot, c.gen, index, s->key);
   }
   bool ok = false;
+  if ((within != 0 || n != c.len) && c.digests.empty()) {
+    // Admitted by a read of the whole chunk, it has no piece digests yet: this first
+    // shorter read checks the whole blob's tag, and takes them for the reads after it.
+    uint8_t ad[MAX_AD];
+    size_t m = chunk_ad(t, c.gen, index, ad);
+    /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew), and c.len ≤ chunk_size */
+    ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
+    bool good = got == ssize_t(c.len + TAG) && aead::VerifyDetached(&s->aead, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0;
+    if (good) {
+      ChunkDecrypt(s, c.nonce, ct.data(), 0, c.len, within, out, n);
+      std::vector<uint8_t> digests;
+      TableDigests(t, ct.data(), c.len, digests);
+      std::lock_guard<std::mutex> g(t->mu);
+      auto it = t->chunks.find(index);
+      // The same blob still (a forget comes before its slot is reused): keep its digests.
+      if (it != t->chunks.end() && it->second.at == c.at && it->second.gen == c.gen && memcmp(it->second.nonce, c.nonce, NONCE) == 0 &&
+          it->second.digests.empty())
+        it->second.digests = std::move(digests);
+      ok = true;
+    } else if (got == ssize_t(c.len + TAG)) {
+      std::lock_guard<std::mutex> g(t->mu);
+      t->mismatches++;
+      TableForgetLocked(t, index);
+    }
+    sodium_memzero(s->key, KEY);
+    return ok;
+  }
   if (within == 0 && n == c.len) {
     // A whole chunk: its Poly1305 tag checks it, in the same pass that decrypts it
     // (about twice as fast as a digest per piece and a separate decryption).
@@ -382,26 +411,56 @@ bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, 
     checked = whole ? aead::OpenDetached(&s->aead, out, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0
                     : aead::VerifyDetached(&s->aead, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0;
     if (checked && !whole && n > 0) ChunkDecrypt(s, c.nonce, ct, 0, len, within, out, n);
-    if (checked) TableDigests(t, ct, len, c.digests);
+    // A read of the whole chunk leaves the digests to the first shorter read (read_part): a sequential pass needs none.
+    if (checked && !whole) TableDigests(t, ct, len, c.digests);
   }
   sodium_memzero(s->key, KEY);
   std::lock_guard<std::mutex> g(t->mu);
   bool stale = admit_end_locked(t, index, begun);
-  if (got == ssize_t(blob_len) && !checked) t->refused++;
+  if (got == ssize_t(blob_len) && !checked) {
+    t->refused++;
+    t->lies.erase(index);  // JavaScript reads it, drops the blob and fetches it again
+  }
   if (!checked || stale) return false;
+  t->lies.erase(index);
   TablePutLocked(t, index, std::move(c));
   t->admits++;
   return true;
 }
 
-bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len) {
+bool TableLiesLocked(Table *t, uint32_t index, uint32_t gen, uint64_t at, uint32_t blob_len) {
+  if (t->lies.size() >= t->max_lies && t->lies.find(index) == t->lies.end()) return false;
+  t->lies[index] = Table::Lies{gen, blob_len, at};
+  return true;
+}
+
+namespace {
+
+/** Admits chunk `index` where JavaScript said its blob lies, and serves bytes [within, + n) of it; false when it cannot. */
+bool admit_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out, size_t n) {
+  Table::Lies where;
+  uint64_t begun;
+  {
+    std::lock_guard<std::mutex> g(t->mu);
+    auto it = t->lies.find(index);
+    if (it == t->lies.end() || TableSlotLocked(t, it->second.gen) < 0) return false;
+    where = it->second;
+    t->admitting[index].jobs++;
+    begun = t->epoch;
+  }
+  return TableAdmit(t, r, index, where.gen, where.at, where.blob_len, within, out, n, begun);
+}
+
+}  // namespace
+
+bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len, bool admit) {
   bool ok = len > 0;
   for (size_t done = 0; ok && done < len;) {
     uint64_t pos = offset + done;
     uint32_t index = uint32_t(pos / t->chunk_size);
     size_t within = pos % t->chunk_size;
     size_t n = std::min(size_t(t->chunk_size) - within, len - done);
-    ok = read_part(t, r, index, within, out + done, n);
+    ok = read_part(t, r, index, within, out + done, n) || (admit && admit_part(t, r, index, within, out + done, n));
     done += n;
   }
   std::lock_guard<std::mutex> g(t->mu);

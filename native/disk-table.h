@@ -86,6 +86,18 @@ struct Table {
   };
   std::unordered_map<uint32_t, Admitting> admitting;
   uint64_t epoch = 0;
+  /**
+   * Where the blob of a chunk not yet in the table lies, as JavaScript said (TableLies):
+   * a read through TableRead(…, admit) admits it there and then, on its own thread. A
+   * forget of the chunk, a new image, or a refused admission drops the entry.
+   */
+  struct Lies {
+    uint32_t gen;
+    uint32_t blob_len;
+    uint64_t at;
+  };
+  std::unordered_map<uint32_t, Lies> lies;
+  size_t max_lies = 0;
   /** The handle's reference and each proxy's: the last to let go frees the table. */
   std::atomic<int> refs{1};
   /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
@@ -137,6 +149,9 @@ bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, 
                 uint64_t begun);
 /** Ends an admission that never ran (its job was cancelled). */
 void TableAdmitCancel(Table *t, uint32_t index);
+/** Chunk `index` of `gen` lies at byte `at` of the file (blob_len bytes), to admit at its first read; false when the table knows as many as it may. t->mu held. */
+bool TableLiesLocked(Table *t, uint32_t index, uint32_t gen, uint64_t at, uint32_t blob_len);
+
 /** A reader for an admission: a spare one of the table's, or a new one; null when locked memory cannot be had. */
 Reader *TableTakeReader(Table *t);
 void TableGiveReader(Table *t, Reader *r);
@@ -181,8 +196,10 @@ size_t TableCopyBytes(const Table *t);
 
 /**
  * Plaintext of disk bytes [offset, offset + len) into out, from the table alone; false
- * when it cannot serve every byte (out's bytes are then undefined). Thread-safe.
+ * when it cannot serve every byte (out's bytes are then undefined). With `admit`, a chunk
+ * not in the table whose blob's place JavaScript gave (TableLiesLocked) is admitted first,
+ * on the caller's thread (the NBD read proxy's). Thread-safe.
  */
-bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len);
+bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len, bool admit = false);
 
 }  // namespace lethe

@@ -197,7 +197,7 @@ bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, 
   uint8_t *reply = TableTakeReply(p->table, REPLY_WAIT_MS);  // plaintext passes here: locked, zeroed after each use
   if (!reply) return false;
   uint8_t *data = reply + REPLY_HEADER_ROOM;
-  bool ok = TableRead(p->table, r, offset, data, len);
+  bool ok = TableRead(p->table, r, offset, data, len, true);
   if (ok) {
     size_t hl = p->structured ? STRUCTURED + 8 : SIMPLE;
     uint8_t *hdr = data - hl;

@@ -55,6 +55,8 @@ export class ChunkCache {
    * its slot can be reused): the native disk-read table forgets what it read there.
    */
   onReplace?: (k: CacheKey) => void;
+  /** Told of each blob that becomes the cached blob of its key, once that stands (its transaction committed): where it lies, its length and SHA-256. */
+  onStored?: (k: CacheKey, at: number, len: number, sha: Buffer, dirty: boolean) => void;
   /** The transaction under way (batch): how to undo its index changes, and what to release once it commits. */
   private tx: { undo: (() => void)[]; onCommit: (() => void)[] } | null = null;
 
@@ -300,8 +302,9 @@ export class ChunkCache {
     if (e) this.account(e, 1);
     if (prev) this.touched.delete(prev);
     const release = () => prev && this.release(prev, punch);
-    if (!this.tx) return release();
-    this.tx.onCommit.push(release);
+    const stored = () => e && this.onStored?.(e.key, e.slot * SLOT_BYTES[e.key.kind], e.len, e.sha, e.dirty);
+    if (!this.tx) return void (release(), stored());
+    this.tx.onCommit.push(release, stored);
     this.tx.undo.push(() => {
       if (e) this.account(e, -1);
       if (prev) this.account(prev, 1);
@@ -443,10 +446,10 @@ export class ChunkCache {
     this.dropStale(stale);
   }
 
-  /** Where a cached blob starts in its kind's slot file (slotFd), or undefined when it is not cached. */
-  location(k: CacheKey): number | undefined {
+  /** Where a cached blob starts in its kind's slot file (slotFd), its length and stored SHA-256 (to compare with the manifest's); undefined when it is not cached. */
+  place(k: CacheKey): { at: number; len: number; sha: Buffer } | undefined {
     const e = this.index.get(this.id(k));
-    return e && e.slot * SLOT_BYTES[k.kind];
+    return e && { at: e.slot * SLOT_BYTES[k.kind], len: e.len, sha: e.sha };
   }
 
   /** The slot file of a kind, open for reading and writing; the cache closes it. */

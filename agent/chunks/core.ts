@@ -12,7 +12,7 @@
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
 import {
-  CHUNK_OVERHEAD, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+  DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
   NBD_PROXY_WRITE_BUFFERS,
   type ChunkKind, type Sensitivity,
 } from '../../common/constants.js';
@@ -82,6 +82,8 @@ export class AgentCore {
     });
     // What the table read lies where the cache has moved on, or was written over, or the keys are gone.
     cache.onReplace = (k) => k.kind === 'disk' && this.fast.forget(k.index);
+    // A blob from the server (a prefetch, a read) lands in the cache file: the read proxy may admit it itself.
+    cache.onStored = (k, at, len, sha, dirty) => !dirty && k.kind === 'disk' && this.place(k.imageId, k.index, k.gen, at, len, sha);
     keys.onZeroAll(() => {
       this.fast.zeroKeys();
       this.fastGens.clear();
@@ -115,6 +117,26 @@ export class AgentCore {
     verifyManifest(m, b64u.decode(this.id.info.serverSignPublicKey));
     this.map.install(m, writeGen, this.cache);
     this.fast.image(Buffer.from(m.imageId, 'hex'));
+    for (const [index, e] of this.map.entries.disk) {
+      const p = this.cache.place(this.map.cacheKey('disk', index, e));
+      if (p && this.place(m.imageId, index, e.gen, p.at, p.len, p.sha) === false) break; // the table knows as many places as it may
+    }
+  }
+
+  /**
+   * Tells the native table where the cached blob of a normal-class disk chunk of the
+   * manifest lies (its stored hash the manifest's), so that the NBD read proxy admits it
+   * at its first read on its own thread (NativeDiskReads.lies). Not a chunk this device
+   * wrote, nor one whose key the ring holds apart (a write key): those stay in
+   * JavaScript. False when the table knows as many places as it may.
+   */
+  private place(imageId: string, index: number, gen: number, at: number, len: number, sha: Buffer): boolean | undefined {
+    const e = this.map.entries.disk.get(index);
+    const id = keyId('disk', index, gen);
+    if (!e || imageId !== this.map.manifest?.imageId || e.gen !== gen || e.cls !== 'normal' || e.gen === this.map.writeGen) return undefined;
+    if (this.keys.hasSensitiveKey(id) || sha.toString('base64url') !== e.ctHash) return undefined;
+    this.fastKeyed(id, e); // the table gets the generation's class key now if the ring holds it (else at the first read in JavaScript)
+    return this.fast.lies(index, gen, at, len);
   }
 
   /** The native disk-read table, for the NBD read proxy (agent/disk/nbd/connection.ts). */
@@ -138,9 +160,9 @@ export class AgentCore {
     const id = keyId('disk', index, gen);
     if (!e || e.gen !== gen || e.ctHash !== hash || !this.fastKeyed(id, e)) return false;
     if (this.fast.has(index, gen)) return true;
-    const at = this.cache.location(this.map.cacheKey('disk', index, e));
-    if (at === undefined) return false;
-    this.fast.put(index, gen, at + CHUNK_CT_AT, blob);
+    const p = this.cache.place(this.map.cacheKey('disk', index, e));
+    if (p === undefined) return false;
+    this.fast.put(index, gen, p.at + CHUNK_CT_AT, blob);
     this.pieces.delete(id);
     return true;
   }
@@ -346,9 +368,10 @@ export class AgentCore {
    */
   private async admitRead(index: number, e: Entry, id: string, from: number, out: Buffer): Promise<boolean> {
     if (e.cls !== 'normal' || !this.fastKeyed(id, e)) return false;
-    const at = this.cache.location(this.map.cacheKey('disk', index, e));
-    if (at === undefined) return false;
-    if (!(await this.fast.admit(index, e.gen, at, this.map.plainLength('disk', index) + CHUNK_OVERHEAD, from, out))) return false;
+    // The blob the manifest names, as the full read's cache lookup (BlobSource.blob) asks.
+    const p = this.cache.place(this.map.cacheKey('disk', index, e));
+    if (!p || p.sha.toString('base64url') !== e.ctHash) return false;
+    if (!(await this.fast.admit(index, e.gen, p.at, p.len, from, out))) return false;
     this.pieces.delete(id);
     return true;
   }

@@ -207,6 +207,35 @@ describe('the NBD read proxy (real server, agent and clients)', function () {
     await waitFor(async () => nbd.stats().connections.active === 0 || undefined, 10_000, 'the clients to be gone');
   });
 
+  it('a chunk in the cache file that no read has checked is admitted by the proxy itself at its first read: no call into JavaScript', async () => {
+    // As after a restart: the manifest installed anew, the table empty, told where the cached chunks lie.
+    agent.core.setManifest(agent.core.manifest!, agent.core.writeGen);
+    expect(agent.core.diskReads.chunks).to.equal(0);
+    const unwritten = [...Array(CHUNKS).keys()].filter((i) => i !== SENSITIVE && agent.core.entry('disk', i)!.gen !== agent.core.writeGen);
+    expect(unwritten.length).to.be.at.least(2);
+    expect(agent.core.diskReads.placed).to.equal(unwritten.length);
+    const [whole, part] = unwritten;
+    const c = await client(true);
+    try {
+      const jsReads = agent.core.stats.reads;
+      const proxied = nbd.stats().proxied.reads;
+      const { admits } = agent.core.diskReads;
+      const replies = await exchange(c, [
+        { cookie: 1n, type: P.NBD_CMD_READ, offset: whole * CHUNK, length: CHUNK },
+        { cookie: 2n, type: P.NBD_CMD_READ, offset: part * CHUNK + 777, length: 4096 },
+      ]);
+      expectSameBytes(readData(replies.get(1n)!, whole * CHUNK), plain.subarray(whole * CHUNK, (whole + 1) * CHUNK), `chunk ${whole}, whole`);
+      expectSameBytes(readData(replies.get(2n)!, part * CHUNK + 777), plain.subarray(part * CHUNK + 777, part * CHUNK + 777 + 4096), `chunk ${part}, 4 KiB`);
+      expect(nbd.stats().proxied.reads - proxied, 'answered natively').to.equal(2);
+      expect(agent.core.stats.reads, 'reads through JavaScript').to.equal(jsReads);
+      expect(agent.core.diskReads).to.include({ admits: admits + 2, placed: unwritten.length - 2 });
+      c.request(P.NBD_CMD_DISC, { cookie: 3n });
+      expect(await c.closesWithin(10_000), 'DISC ends the connection').to.equal(true);
+    } finally {
+      c.destroy();
+    }
+  });
+
   it('a client gone in the middle of a write, and one that breaks the protocol, end their connections; others go on', async () => {
     const errors = nbd.stats().protocolErrors;
     const gone = await client(false);

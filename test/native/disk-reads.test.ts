@@ -180,6 +180,78 @@ describe('native disk reads', () => {
     });
   });
 
+  describe('a chunk whose place the table was told, admitted by a read on its own thread (the read proxy\'s way)', () => {
+    const at = (i: number) => slots[i] * SLOT;
+    const damage = (pos: number) => {
+      const b = Buffer.alloc(1);
+      fs.readSync(fd, b, 0, 1, pos);
+      b[0] ^= 0x40;
+      fs.writeSync(fd, b, 0, 1, pos);
+    };
+    const readAdmit = (from: number, len: number): Buffer | undefined => {
+      const out = Buffer.alloc(len, 0xaa);
+      return t.read(from, out, { admit: true }) ? out : undefined;
+    };
+    beforeEach(() => {
+      t.forgetAll();
+      blobs.forEach((b, i) => expect(t.lies(i, GEN, at(i), b.length)).to.equal(true));
+      expect(t.stats()).to.include({ chunks: 0, placed: 3 });
+    });
+
+    it('is read only with admit, then from the table: a whole chunk first, a short read after it (digests taken then)', () => {
+      expect(read(0, 4096), 'without admit').to.equal(undefined);
+      expectSameBytes(readAdmit(0, CHUNK)!, plain.subarray(0, CHUNK), 'chunk 0 whole');
+      expect(t.stats()).to.include({ admits: 1, placed: 2, chunks: 1 });
+      expectSameBytes(read(5000, 3000)!, plain.subarray(5000, 8000), 'a short read of it, without admit');
+      // Its pieces' digests are taken now: a change to its tag alone no longer stops a short read.
+      damage(at(0) + blobs[0].length - 1);
+      expectSameBytes(read(70_000, 100)!, plain.subarray(70_000, 70_100), 'a piece read after the tag changed');
+      expect(read(0, CHUNK), 'the whole chunk checks the tag').to.equal(undefined);
+      expect(t.stats()).to.include({ mismatches: 1, chunks: 0 });
+      // A short read first (of chunk 2, the short last one), then one across chunks 1 and 2.
+      expectSameBytes(readAdmit(2 * CHUNK + 10, 5000)!, plain.subarray(2 * CHUNK + 10, 2 * CHUNK + 5010), 'chunk 2, short');
+      expectSameBytes(readAdmit(2 * CHUNK - 100, 300)!, plain.subarray(2 * CHUNK - 100, 2 * CHUNK + 200), 'across chunks 1 and 2');
+      expect(t.stats()).to.include({ admits: 3, placed: 0, chunks: 2 });
+    });
+
+    it('a chunk admitted whole whose blob changed before its first short read is refused and forgotten', () => {
+      expect(readAdmit(CHUNK, CHUNK)).to.not.equal(undefined);
+      damage(at(1) + CHUNK_CT_AT + 9000);
+      expect(read(CHUNK + 8192, 100), 'the short read checks the whole tag').to.equal(undefined);
+      expect(t.stats()).to.include({ mismatches: 1 });
+      expect(t.has(1, GEN)).to.equal(false);
+    });
+
+    it('a place is dropped by a forget, a new image, and a refused admission, which is not tried again', () => {
+      t.forget(0);
+      expect(readAdmit(0, 4096), 'forgotten').to.equal(undefined);
+      damage(at(1) + CHUNK_CT_AT + 100);
+      expect(readAdmit(CHUNK, 4096), 'damaged').to.equal(undefined);
+      expect(t.stats()).to.include({ refused: 1, placed: 1 });
+      expect(readAdmit(CHUNK, 4096)).to.equal(undefined);
+      expect(t.stats()).to.include({ refused: 1, admits: 0 });
+      t.image(IMAGE);
+      expect(t.stats().placed).to.equal(0);
+      expect(readAdmit(2 * CHUNK, 4096), 'a new image').to.equal(undefined);
+      t.zeroKeys();
+      expect(t.lies(2, GEN, at(2), blobs[2].length)).to.equal(true);
+      expect(readAdmit(2 * CHUNK, 4096), 'no class key').to.equal(undefined);
+      expect(t.stats()).to.include({ placed: 1, admits: 0 });
+    });
+
+    it('knows the places of at most 4 × maxChunks chunks', () => {
+      const small = NativeDiskReads.forDiskChunks(fd, { maxChunks: 2 });
+      try {
+        small.image(IMAGE);
+        for (let i = 0; i < 8; i++) expect(small.lies(i, GEN, 0, blobs[0].length)).to.equal(true);
+        expect(small.lies(8, GEN, 0, blobs[0].length)).to.equal(false);
+        expect(small.lies(3, GEN, 0, blobs[0].length), 'a place it knows, told again').to.equal(true);
+      } finally {
+        small.close();
+      }
+    });
+  });
+
   it('checks its arguments in TypeScript and refuses a closed table', () => {
     expect(() => t.read(-1, Buffer.alloc(1))).to.throw(RangeError);
     expect(() => t.key(GEN, Buffer.alloc(31))).to.throw(RangeError);
