@@ -139,7 +139,7 @@ uint64_t TableAdmitBegin(Table *t, uint32_t index);
  * Admits chunk `index` of generation `gen` whose blob (blob_len bytes: format byte, nonce,
  * ciphertext, tag) lies at byte `at` of the file, without JavaScript's check: reads it
  * with r, checks its tag under the chunk key the held class key derives, and puts it in
- * with its pieces' digests. With n > 0, also plaintext bytes [within, within + n) into
+ * (its pieces' digests left to the first shorter read after). With n > 0, also plaintext bytes [within, within + n) into
  * out. False (nothing put in; out's bytes undefined) when the class key is not held, the
  * file is short, the format byte or the tag is wrong (counted in `refused`), or the chunk
  * was forgotten since TableAdmitBegin (which gave `begun`). Ends the admission either way.
