@@ -120,7 +120,9 @@ export interface DiskReadsStats {
   admits: number;
   /** Admissions refused because the blob in the file failed its check (wrong format byte or tag): JavaScript read them. */
   refused: number;
-  /** Chunks not in the table whose blob's place it was told (NativeDiskReads.lies), for the read proxy to admit. */
+  /** Admitted chunks whose pieces' digests were taken after (by the digester, or a short read that came first). */
+  digested: number;
+  /** Chunks whose blob's place the table was told (NativeDiskReads.lies) and has not admitted yet, for the read proxy to admit. */
   placed: number;
   /** Write buffers out of the NBD read proxies' hands: being filled, or lent to JavaScript. */
   writesOut: number;

@@ -1,13 +1,7 @@
-// The N-API bindings of the disk's warm-read table. The table: reads of normal-class
-// disk chunks whose tag the agent has checked, served from the cache's slot file in native code (docs/nbd.md, "Reads
-// in native code"). JavaScript decides what goes in (a chunk whose blob it checked,
-// with the slot it lies in) and takes it out again (a write, a new manifest, a slot
-// the cache gives up); a read here then takes only the 4 KiB pieces it covers, checks
-// each against a keyed BLAKE2b-128 digest taken from the checked blob, and decrypts
-// them (XChaCha20 from that piece's block); a read of a whole chunk checks its tag
-// instead, in the pass that decrypts it. Anything else (a chunk not in the table,
-// no class key, a piece that does not match) answers false, and JavaScript reads it
-// as before, so this path can only ever refuse, never serve bytes JavaScript would not.
+// The N-API bindings of the disk's warm-read table (disk-table.cc says what it holds
+// and how it reads): reads of normal-class disk chunks whose tag the agent checked,
+// served from the cache's slot file in native code (docs/nbd.md, "Reads in native
+// code"). It only ever refuses, never serves bytes JavaScript would not.
 //
 //   diskReadsOpen(fd, digestKey, keyLabel, adLabel, kind, cls, chunkSize, maxChunks,
 //                 replyBuffers, replyMax, copyBytes, writeBuffers) → handle
@@ -328,20 +322,28 @@ struct AdmitJob {
 
 void AdmitExecute(napi_env, void *data) {
   AdmitJob *j = static_cast<AdmitJob *>(data);
+  // Taken here, not at the call: a burst of queued first reads holds no more readers than the pool has threads.
+  j->r = TableTakeReader(j->t);
+  if (!j->r) return;  // no locked memory: the read goes the JavaScript way
   /* SAFETY: out holds n bytes of a buffer referenced until AdmitComplete; the table is referenced too */
   j->ok = TableAdmit(j->t, j->r, j->index, j->gen, j->at, j->blob_len, j->within, j->out, j->n, j->begun);
   j->ran = true;
 }
 
+/** Lets go of what a job holds: its admission if it never ran, its reader, the table, `out`. */
+void admit_release(napi_env env, AdmitJob *j) {
+  if (!j->ran) TableAdmitCancel(j->t, j->index);
+  if (j->r) TableGiveReader(j->t, j->r);
+  TableUnref(j->t);
+  if (j->out_ref) napi_delete_reference(env, j->out_ref);
+  if (j->work) napi_delete_async_work(env, j->work);
+  delete j;
+}
+
 void AdmitComplete(napi_env env, napi_status status, void *data) {
   AdmitJob *j = static_cast<AdmitJob *>(data);
-  if (!j->ran) TableAdmitCancel(j->t, j->index);
-  TableGiveReader(j->t, j->r);
-  TableUnref(j->t);
   napi_resolve_deferred(env, j->deferred, boolean(env, status == napi_ok && j->ok));
-  if (j->out_ref) napi_delete_reference(env, j->out_ref);
-  napi_delete_async_work(env, j->work);
-  delete j;
+  admit_release(env, j);
 }
 
 napi_value Admit(napi_env env, napi_callback_info info) {
@@ -357,11 +359,6 @@ napi_value Admit(napi_env env, napi_callback_info info) {
   if (at < 0 || blob_len < CT_AT + TAG || blob_len - CT_AT - TAG > t->chunk_size || size_t(within) + n > blob_len - CT_AT - TAG)
     return throw_type(env, "lethe_native: diskReadsAdmit: bad file offset, blob length or range");
   AdmitJob *j = new AdmitJob();
-  j->r = TableTakeReader(t);
-  if (!j->r) {
-    delete j;
-    return throw_errno(env, "sodium_malloc", ENOMEM);
-  }
   t->refs++;
   j->t = t;
   j->index = index;
@@ -374,11 +371,16 @@ napi_value Admit(napi_env env, napi_callback_info info) {
   // From here on a forget of the chunk (a write, a slot given up) spoils this admission: JavaScript found `at` just now.
   j->begun = TableAdmitBegin(t, index);
   napi_value promise, name;
-  napi_create_promise(env, &j->deferred, &promise);
-  if (n > 0) napi_create_reference(env, argv[6], 1, &j->out_ref);
-  napi_create_string_utf8(env, "lethe.diskReadsAdmit", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, nullptr, name, AdmitExecute, AdmitComplete, j, &j->work);
-  napi_queue_async_work(env, j->work);
+  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok) {
+    admit_release(env, j);
+    return throw_errno(env, "napi_create_promise", ENOMEM);
+  }
+  if ((n > 0 && napi_create_reference(env, argv[6], 1, &j->out_ref) != napi_ok) ||
+      napi_create_string_utf8(env, "lethe.diskReadsAdmit", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, nullptr, name, AdmitExecute, AdmitComplete, j, &j->work) != napi_ok || napi_queue_async_work(env, j->work) != napi_ok) {
+    napi_resolve_deferred(env, j->deferred, boolean(env, false));  // not admitted: the read goes the JavaScript way
+    admit_release(env, j);
+  }
   return promise;
 }
 
@@ -393,7 +395,7 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   }
   std::lock_guard<std::mutex> g(t->mu);
   return numbers(env, {{"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
-                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)}, {"placed", double(t->lies.size())},
+                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)}, {"placed", double(t->lies.size())}, {"digested", double(t->digested)},
                        {"writesOut", double(out)}});
 }
 

@@ -190,11 +190,12 @@ export class NativeDiskReads {
    */
   lies(index: number, gen: number, at: number, blobLen: number): boolean {
     if (!Number.isSafeInteger(at) || at < 0) throw new RangeError(`lies: at must be a file offset (got ${show(at)})`);
-    return addon().diskReadsLies(this.handle(), u32('lies', 'index', index), u32('lies', 'gen', gen), at, u32('lies', 'blobLen', blobLen));
+    if (!this.h) return false;
+    return addon().diskReadsLies(this.h, u32('lies', 'index', index), u32('lies', 'gen', gen), at, u32('lies', 'blobLen', blobLen));
   }
 
   stats(): DiskReadsStats {
-    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, placed: 0, writesOut: 0 };
+    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, placed: 0, digested: 0, writesOut: 0 };
   }
 
   /**

@@ -1,14 +1,17 @@
 // The disk's warm-read table, without N-API (disk-table.h; its N-API bindings are in
 // disk-reads.cc): reads of normal-class disk chunks whose tag the agent
 // has checked, served from the cache's slot file in native code (docs/nbd.md, "Reads
-// in native code"). JavaScript decides what goes in (a chunk whose blob it checked,
-// with the slot it lies in) and takes it out again (a write, a new manifest, a slot
-// the cache gives up); a read here then takes only the 4 KiB pieces it covers, checks
-// each against a keyed BLAKE2b-128 digest taken from the checked blob, and decrypts
-// them (XChaCha20 from that piece's block); a read of a whole chunk checks its tag
-// instead, in the pass that decrypts it. Anything else (a chunk not in the table,
-// no class key, a piece that does not match) answers false, and JavaScript reads it
-// as before, so this path can only ever refuse, never serve bytes JavaScript would not.
+// in native code"). What goes in is a chunk whose blob JavaScript checked, with the
+// slot it lies in, or one this table checked itself at its first read (TableAdmit:
+// the blob JavaScript said lies there, its tag checked as JavaScript checks it);
+// JavaScript takes chunks out again (a write, a new manifest, a slot the cache gives
+// up). A read here then takes only the 4 KiB pieces it covers, checks each against a
+// keyed BLAKE2b-128 digest taken from the checked blob, and decrypts them (XChaCha20
+// from that piece's block); a read of a whole chunk, or the first shorter read of a
+// chunk with no digests yet, checks the whole blob's tag instead. Anything else (a
+// chunk neither in the table nor placed, no class key, a piece or tag that does not
+// match) answers false, and JavaScript reads it as before, so this path can only ever
+// refuse, never serve bytes JavaScript would not.
 //
 // The class keys live in one sodium_malloc region (locked, guard-paged, left out of
 // core dumps) that stays readable while a key is held, instead of being opened and
@@ -16,6 +19,8 @@
 // 149 µs 4 KiB read. A chunk key is derived per read into locked scratch and zeroed.
 #include "disk-table.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -56,6 +61,7 @@ void TableZeroKeysLocked(Table *t) {
   }
   t->held = 0;
   for (int i = 0; i < MAX_GENS; i++) t->gens[i] = -1;
+  t->epoch++;  // an admission that took its key before puts nothing in: the lease has ended
 }
 
 void ReaderFree(Reader *r) {
@@ -77,7 +83,23 @@ Reader *ReaderNew(uint32_t chunk_size) {
   return r;
 }
 
+namespace {
+
+/** Stops the digester and waits for it (it ends its chunk first); not under t->mu. */
+void stop_digester(Table *t) {
+  {
+    std::lock_guard<std::mutex> g(t->mu);
+    t->digester_stop = true;
+    t->undigested.clear();
+  }
+  t->digest_wake.notify_all();
+  if (t->digester.joinable()) t->digester.join();
+}
+
+}  // namespace
+
 Table::~Table() {
+  stop_digester(this);
   /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
   for (uint8_t *b : reply_all) sodium_free(b);
   /* SAFETY: the same, and no JavaScript view of them is left: each held a reference */
@@ -115,6 +137,7 @@ void TableDigests(const Table *t, const uint8_t *ct, size_t len, std::vector<uin
 }
 
 void TableDestroy(Table *t) {
+  stop_digester(t);
   std::lock_guard<std::mutex> g(t->mu);
   TableZeroKeysLocked(t);
   TableForgetAllLocked(t);
@@ -171,16 +194,85 @@ void ChunkDecrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t fr
 namespace {
 
 /**
+ * Reads the whole blob of chunk `index` (where `c` says it lies) and checks its tag with
+ * the chunk key in r's scratch and associated data `ad`; then keeps its pieces' digests
+ * in the table if the chunk there is still that blob (a forget comes before its slot is
+ * reused), and with n > 0 decrypts plaintext [within, within + n) into out. False when
+ * the file is short, or the tag does not match (the chunk is then forgotten and counted).
+ */
+bool take_digests(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, const uint8_t *ad, size_t m, size_t within, uint8_t *out, size_t n) {
+  Scratch *s = r->scratch;
+  std::vector<uint8_t> &ct = r->ct;
+  /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew; TableAdmit only grows it), and c.len ≤ chunk_size */
+  ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
+  if (got != ssize_t(c.len + TAG)) return false;
+  if (aead::VerifyDetached(&s->aead, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) != 0) {
+    std::lock_guard<std::mutex> g(t->mu);
+    t->mismatches++;
+    TableForgetLocked(t, index);
+    return false;
+  }
+  if (n > 0) ChunkDecrypt(s, c.nonce, ct.data(), 0, c.len, within, out, n);
+  std::vector<uint8_t> digests;
+  TableDigests(t, ct.data(), c.len, digests);
+  std::lock_guard<std::mutex> g(t->mu);
+  auto it = t->chunks.find(index);
+  if (it != t->chunks.end() && it->second.at == c.at && it->second.gen == c.gen && memcmp(it->second.nonce, c.nonce, NONCE) == 0 &&
+      it->second.digests.empty()) {
+    it->second.digests = std::move(digests);
+    t->digested++;
+  }
+  return true;
+}
+
+/** The digester's thread (Table::digester): digests of admitted chunks, one at a time, until TableDestroy stops it. */
+void digest_loop(Table *t) {
+  // The lowest priority there is: it runs when the cores would otherwise idle.
+  sched_param none{};
+  pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+  Reader *r = ReaderNew(t->chunk_size);
+  std::unique_lock<std::mutex> g(t->mu);
+  while (r) {
+    t->digest_wake.wait(g, [t] { return t->digester_stop || !t->undigested.empty(); });
+    if (t->digester_stop) break;
+    uint32_t index = t->undigested.front();
+    t->undigested.pop_front();
+    auto it = t->chunks.find(index);
+    int slot = it == t->chunks.end() ? -1 : TableSlotLocked(t, it->second.gen);
+    if (slot < 0 || !it->second.digests.empty() || t->fd < 0) continue;
+    Chunk c;
+    c.gen = it->second.gen;
+    c.at = it->second.at;
+    c.len = it->second.len;
+    memcpy(c.nonce, it->second.nonce, NONCE);
+    int fd = t->fd;
+    TableDeriveLocked(t, slot, c.gen, index, r->scratch->key);
+    uint8_t ad[MAX_AD];
+    size_t m = chunk_ad(t, c.gen, index, ad);
+    g.unlock();
+    take_digests(t, r, index, c, fd, ad, m, 0, nullptr, 0);
+    sodium_memzero(r->scratch->key, KEY);
+    g.lock();
+  }
+  g.unlock();
+  ReaderFree(r);
+}
+
+/**
  * Plaintext of bytes [within, within + n) of one chunk into out, from its pieces in the
- * file. False (out untouched or partly written: the caller fails the whole read) when
- * the chunk is not in the table, its class key is not held, the file is short, or a
- * piece does not match its digest (the chunk is then forgotten).
+ * file (or the whole blob, its tag checked: a whole-chunk read, or a chunk with no
+ * digests yet, which takes them then). False (out untouched or partly written: the
+ * caller fails the whole read) when the chunk is not in the table, its class key is not
+ * held, the file is short, or a piece or the tag does not match (the chunk is then
+ * forgotten).
  */
 bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out, size_t n) {
   Scratch *s = r->scratch;
   std::vector<uint8_t> &ct = r->ct;
   Chunk c;
   int fd;  // the table's file, read under the lock; closed and its number reused after, pread fails or reads bytes no digest or tag accepts
+  uint8_t ad[MAX_AD];  // the chunk AEAD's associated data, for a check of the whole blob's tag
+  size_t m = 0;
   {
     std::lock_guard<std::mutex> g(t->mu);
     auto it = t->chunks.find(index);
@@ -195,40 +287,19 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     size_t p0 = within / PIECE, p1 = (within + n + PIECE - 1) / PIECE;
     if (!it->second.digests.empty()) c.digests.assign(it->second.digests.begin() + p0 * DIGEST, it->second.digests.begin() + p1 * DIGEST);
     TableDeriveLocked(t, slot, c.gen, index, s->key);
+    m = chunk_ad(t, c.gen, index, ad);  // under the lock: Image() may change the image id
   }
   bool ok = false;
   if ((within != 0 || n != c.len) && c.digests.empty()) {
-    // Admitted by a read of the whole chunk, it has no piece digests yet: this first
-    // shorter read checks the whole blob's tag, and takes them for the reads after it.
-    uint8_t ad[MAX_AD];
-    size_t m = chunk_ad(t, c.gen, index, ad);
-    /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew), and c.len ≤ chunk_size */
-    ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
-    bool good = got == ssize_t(c.len + TAG) && aead::VerifyDetached(&s->aead, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0;
-    if (good) {
-      ChunkDecrypt(s, c.nonce, ct.data(), 0, c.len, within, out, n);
-      std::vector<uint8_t> digests;
-      TableDigests(t, ct.data(), c.len, digests);
-      std::lock_guard<std::mutex> g(t->mu);
-      auto it = t->chunks.find(index);
-      // The same blob still (a forget comes before its slot is reused): keep its digests.
-      if (it != t->chunks.end() && it->second.at == c.at && it->second.gen == c.gen && memcmp(it->second.nonce, c.nonce, NONCE) == 0 &&
-          it->second.digests.empty())
-        it->second.digests = std::move(digests);
-      ok = true;
-    } else if (got == ssize_t(c.len + TAG)) {
-      std::lock_guard<std::mutex> g(t->mu);
-      t->mismatches++;
-      TableForgetLocked(t, index);
-    }
+    // Admitted by a read and not yet digested (the digester is behind): this shorter
+    // read checks the whole blob's tag, and takes the digests for the reads after it.
+    ok = take_digests(t, r, index, c, fd, ad, m, within, out, n);
     sodium_memzero(s->key, KEY);
     return ok;
   }
   if (within == 0 && n == c.len) {
     // A whole chunk: its Poly1305 tag checks it, in the same pass that decrypts it
     // (about twice as fast as a digest per piece and a separate decryption).
-    uint8_t ad[MAX_AD];
-    size_t m = chunk_ad(t, c.gen, index, ad);
     /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew), and c.len ≤ chunk_size (Put) */
     ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
     if (got == ssize_t(c.len + TAG) &&
@@ -411,20 +482,25 @@ bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, 
     checked = whole ? aead::OpenDetached(&s->aead, out, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0
                     : aead::VerifyDetached(&s->aead, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0;
     if (checked && !whole && n > 0) ChunkDecrypt(s, c.nonce, ct, 0, len, within, out, n);
-    // No piece digests yet: the next shorter read takes them (read_part) as it checks the
-    // whole blob again. A sequential pass needs none, and random reads mostly touch a
-    // chunk once at first: keyed BLAKE2b over 128 KiB cost three times the rest of this.
+    // No piece digests here: the digester takes them (keyed BLAKE2b over 128 KiB cost
+    // three times the rest of an admission), or the next shorter read if it gets there first.
   }
   sodium_memzero(s->key, KEY);
   std::lock_guard<std::mutex> g(t->mu);
   bool stale = admit_end_locked(t, index, begun);
-  if (got == ssize_t(blob_len) && !checked) {
+  if (got == ssize_t(blob_len) && !checked && !stale) {
     t->refused++;
     t->lies.erase(index);  // JavaScript reads it, drops the blob and fetches it again
   }
   if (!checked || stale) return false;
   t->lies.erase(index);
   TablePutLocked(t, index, std::move(c));
+  // Its digests are the digester's to take (a full queue leaves them to the next short read).
+  if (!t->digester_stop && t->undigested.size() < t->max_chunks) {
+    t->undigested.push_back(index);
+    if (!t->digester.joinable()) t->digester = std::thread(digest_loop, t);
+    t->digest_wake.notify_one();
+  }
   t->admits++;
   return true;
 }

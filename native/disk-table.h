@@ -9,7 +9,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -39,7 +41,7 @@ struct Chunk {
   uint64_t at;   // file offset of the ciphertext
   uint32_t len;  // ciphertext bytes (= plaintext bytes)
   uint8_t nonce[NONCE];
-  std::vector<uint8_t> digests;  // DIGEST bytes a piece
+  std::vector<uint8_t> digests;  // DIGEST bytes a piece; empty until the first shorter read after an admission
 };
 
 /** Locked scratch for one reader: a derived chunk key, one keystream block, the cipher's state. */
@@ -74,7 +76,7 @@ struct Table {
   int held = 0;              // class keys held: the region is readable while > 0
   Reader *js = nullptr;      // the JavaScript thread's reader
   std::vector<Reader *> spare_readers;  // the admissions' (TableAdmit), free ones; freed with the table
-  uint64_t reads = 0, fallbacks = 0, mismatches = 0, admits = 0, refused = 0;
+  uint64_t reads = 0, fallbacks = 0, mismatches = 0, admits = 0, refused = 0, digested = 0;
   /**
    * Chunks with an admission under way, and whether one was forgotten meanwhile (a write,
    * a slot given up): such an admission puts nothing in. `epoch` counts the times every
@@ -98,6 +100,16 @@ struct Table {
   };
   std::unordered_map<uint32_t, Lies> lies;
   size_t max_lies = 0;
+  /**
+   * The digester: one thread, at the lowest priority (SCHED_IDLE), that takes the piece
+   * digests of chunks admitted without them (TableAdmit), so that a later short read
+   * checks 4 KiB rather than the whole blob, and no read waits for them. Started at the
+   * first admission; stopped and joined by TableDestroy. Under mu: the queue and `stop`.
+   */
+  std::thread digester;
+  std::condition_variable digest_wake;
+  std::deque<uint32_t> undigested;
+  bool digester_stop = false;
   /** The handle's reference and each proxy's: the last to let go frees the table. */
   std::atomic<int> refs{1};
   /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
@@ -143,7 +155,7 @@ uint64_t TableAdmitBegin(Table *t, uint32_t index);
  * out. False (nothing put in; out's bytes undefined) when the class key is not held, the
  * file is short, the format byte or the tag is wrong (counted in `refused`), or the chunk
  * was forgotten since TableAdmitBegin (which gave `begun`). Ends the admission either way.
- * Thread-safe; for a libuv pool thread (disk-reads.cc).
+ * Thread-safe: a libuv pool thread's (disk-reads.cc) or a read proxy thread's (TableRead).
  */
 bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, size_t blob_len, size_t within, uint8_t *out, size_t n,
                 uint64_t begun);

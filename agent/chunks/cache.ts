@@ -55,7 +55,7 @@ export class ChunkCache {
    * its slot can be reused): the native disk-read table forgets what it read there.
    */
   onReplace?: (k: CacheKey) => void;
-  /** Told of each blob that becomes the cached blob of its key, once that stands (its transaction committed): where it lies, its length and SHA-256. */
+  /** Told of each blob that is the cached blob of its key once that stands (its transaction committed): where it lies, its length and SHA-256. Must not throw. */
   onStored?: (k: CacheKey, at: number, len: number, sha: Buffer, dirty: boolean) => void;
   /** The transaction under way (batch): how to undo its index changes, and what to release once it commits. */
   private tx: { undo: (() => void)[]; onCommit: (() => void)[] } | null = null;
@@ -302,7 +302,7 @@ export class ChunkCache {
     if (e) this.account(e, 1);
     if (prev) this.touched.delete(prev);
     const release = () => prev && this.release(prev, punch);
-    const stored = () => e && this.onStored?.(e.key, e.slot * SLOT_BYTES[e.key.kind], e.len, e.sha, e.dirty);
+    const stored = () => e && this.index.get(id) === e && this.onStored?.(e.key, e.slot * SLOT_BYTES[e.key.kind], e.len, e.sha, e.dirty);
     if (!this.tx) return void (release(), stored());
     this.tx.onCommit.push(release, stored);
     this.tx.undo.push(() => {

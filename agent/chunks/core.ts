@@ -12,7 +12,7 @@
 // residency.ts (plaintext callers keep) and writes.ts (writes and check-in). The
 // read path itself is here.
 import {
-  DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
+  CHUNK_OVERHEAD, DISK_CHECKED_BYTES, DISK_CHUNK_SIZE, DISK_PIECE_CHUNKS, DISK_REPLY_BUFFER_BYTES, NBD_PROXY_COPY_BYTES, NBD_PROXY_REPLY_BUFFERS,
   NBD_PROXY_WRITE_BUFFERS,
   type ChunkKind, type Sensitivity,
 } from '../../common/constants.js';
@@ -83,7 +83,9 @@ export class AgentCore {
     // What the table read lies where the cache has moved on, or was written over, or the keys are gone.
     cache.onReplace = (k) => k.kind === 'disk' && this.fast.forget(k.index);
     // A blob from the server (a prefetch, a read) lands in the cache file: the read proxy may admit it itself.
-    cache.onStored = (k, at, len, sha, dirty) => !dirty && k.kind === 'disk' && this.place(k.imageId, k.index, k.gen, at, len, sha);
+    cache.onStored = (k, at, len, sha, dirty) => {
+      if (!dirty && k.kind === 'disk') this.place(k.imageId, k.index, k.gen, at, len, sha);
+    };
     keys.onZeroAll(() => {
       this.fast.zeroKeys();
       this.fastGens.clear();
@@ -134,9 +136,13 @@ export class AgentCore {
     const e = this.map.entries.disk.get(index);
     const id = keyId('disk', index, gen);
     if (!e || imageId !== this.map.manifest?.imageId || e.gen !== gen || e.cls !== 'normal' || e.gen === this.map.writeGen) return undefined;
-    if (this.keys.hasSensitiveKey(id) || sha.toString('base64url') !== e.ctHash) return undefined;
-    this.fastKeyed(id, e); // the table gets the generation's class key now if the ring holds it (else at the first read in JavaScript)
-    return this.fast.lies(index, gen, at, len);
+    if (len !== this.map.plainLength('disk', index) + CHUNK_OVERHEAD || this.keys.hasSensitiveKey(id) || sha.toString('base64url') !== e.ctHash) return undefined;
+    try {
+      this.fastKeyed(id, e); // the table gets the generation's class key now if the ring holds it (else at the first read in JavaScript)
+      return this.fast.lies(index, gen, at, len);
+    } catch {
+      return undefined; // the table is closed (the agent stopping): a hint only, the read goes the JavaScript way
+    }
   }
 
   /** The native disk-read table, for the NBD read proxy (agent/disk/nbd/connection.ts). */
@@ -370,7 +376,7 @@ export class AgentCore {
     if (e.cls !== 'normal' || !this.fastKeyed(id, e)) return false;
     // The blob the manifest names, as the full read's cache lookup (BlobSource.blob) asks.
     const p = this.cache.place(this.map.cacheKey('disk', index, e));
-    if (!p || p.sha.toString('base64url') !== e.ctHash) return false;
+    if (!p || p.sha.toString('base64url') !== e.ctHash || p.len !== this.map.plainLength('disk', index) + CHUNK_OVERHEAD) return false;
     if (!(await this.fast.admit(index, e.gen, p.at, p.len, from, out))) return false;
     this.pieces.delete(id);
     return true;
