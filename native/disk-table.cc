@@ -195,12 +195,14 @@ namespace {
 
 /**
  * Reads the whole blob of chunk `index` (where `c` says it lies) and checks its tag with
- * the chunk key in r's scratch and associated data `ad`; then keeps its pieces' digests
- * in the table if the chunk there is still that blob (a forget comes before its slot is
- * reused), and with n > 0 decrypts plaintext [within, within + n) into out. False when
- * the file is short, or the tag does not match (the chunk is then forgotten and counted).
+ * the chunk key in r's scratch and associated data `ad`; with n > 0 decrypts plaintext
+ * [within, within + n) into out; with `digest`, keeps its pieces' digests in the table if
+ * the chunk there is still that blob (a forget comes before its slot is reused). False
+ * when the file is short, or the tag does not match (the chunk is then forgotten and
+ * counted).
  */
-bool take_digests(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, const uint8_t *ad, size_t m, size_t within, uint8_t *out, size_t n) {
+bool check_whole(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, const uint8_t *ad, size_t m, size_t within, uint8_t *out, size_t n,
+                 bool digest) {
   Scratch *s = r->scratch;
   std::vector<uint8_t> &ct = r->ct;
   /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew; TableAdmit only grows it), and c.len ≤ chunk_size */
@@ -213,6 +215,7 @@ bool take_digests(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, c
     return false;
   }
   if (n > 0) ChunkDecrypt(s, c.nonce, ct.data(), 0, c.len, within, out, n);
+  if (!digest) return true;
   std::vector<uint8_t> digests;
   TableDigests(t, ct.data(), c.len, digests);
   std::lock_guard<std::mutex> g(t->mu);
@@ -223,6 +226,18 @@ bool take_digests(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, c
     t->digested++;
   }
   return true;
+}
+
+void digest_loop(Table *t);
+
+/** Chunk `index` (in the table, with no digests) to the digester's queue, unless it is there or the queue is full; t->mu held. */
+void queue_digests_locked(Table *t, uint32_t index) {
+  auto it = t->chunks.find(index);
+  if (it == t->chunks.end() || it->second.queued || t->digester_stop || t->undigested.size() >= t->max_chunks) return;
+  it->second.queued = true;
+  t->undigested.push_back(index);
+  if (!t->digester.joinable()) t->digester = std::thread(digest_loop, t);
+  t->digest_wake.notify_one();
 }
 
 /** The digester's thread (Table::digester): digests of admitted chunks, one at a time, until TableDestroy stops it. */
@@ -238,6 +253,7 @@ void digest_loop(Table *t) {
     uint32_t index = t->undigested.front();
     t->undigested.pop_front();
     auto it = t->chunks.find(index);
+    if (it != t->chunks.end()) it->second.queued = false;
     int slot = it == t->chunks.end() ? -1 : TableSlotLocked(t, it->second.gen);
     if (slot < 0 || !it->second.digests.empty() || t->fd < 0) continue;
     Chunk c;
@@ -250,7 +266,7 @@ void digest_loop(Table *t) {
     uint8_t ad[MAX_AD];
     size_t m = chunk_ad(t, c.gen, index, ad);
     g.unlock();
-    take_digests(t, r, index, c, fd, ad, m, 0, nullptr, 0);
+    check_whole(t, r, index, c, fd, ad, m, 0, nullptr, 0, true);
     sodium_memzero(r->scratch->key, KEY);
     g.lock();
   }
@@ -291,10 +307,14 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
   }
   bool ok = false;
   if ((within != 0 || n != c.len) && c.digests.empty()) {
-    // Admitted by a read and not yet digested (the digester is behind): this shorter
-    // read checks the whole blob's tag, and takes the digests for the reads after it.
-    ok = take_digests(t, r, index, c, fd, ad, m, within, out, n);
+    // Admitted and not yet digested (the digester is behind): this shorter read checks
+    // the whole blob's tag, and leaves the digests to the digester, off the read's path.
+    ok = check_whole(t, r, index, c, fd, ad, m, within, out, n, false);
     sodium_memzero(s->key, KEY);
+    if (ok) {
+      std::lock_guard<std::mutex> g(t->mu);
+      queue_digests_locked(t, index);  // if the queue had no room when it was admitted
+    }
     return ok;
   }
   if (within == 0 && n == c.len) {
@@ -495,12 +515,7 @@ bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, 
   if (!checked || stale) return false;
   t->lies.erase(index);
   TablePutLocked(t, index, std::move(c));
-  // Its digests are the digester's to take (a full queue leaves them to the next short read).
-  if (!t->digester_stop && t->undigested.size() < t->max_chunks) {
-    t->undigested.push_back(index);
-    if (!t->digester.joinable()) t->digester = std::thread(digest_loop, t);
-    t->digest_wake.notify_one();
-  }
+  queue_digests_locked(t, index);
   t->admits++;
   return true;
 }

@@ -41,7 +41,8 @@ struct Chunk {
   uint64_t at;   // file offset of the ciphertext
   uint32_t len;  // ciphertext bytes (= plaintext bytes)
   uint8_t nonce[NONCE];
-  std::vector<uint8_t> digests;  // DIGEST bytes a piece; empty until the first shorter read after an admission
+  std::vector<uint8_t> digests;  // DIGEST bytes a piece; empty after an admission until the digester takes them
+  bool queued = false;           // in the digester's queue
 };
 
 /** Locked scratch for one reader: a derived chunk key, one keystream block, the cipher's state. */
