@@ -114,31 +114,34 @@ void seal_fast(State *s, uint8_t *c, uint8_t *tag, const uint8_t *m, size_t len,
   done(s);
 }
 
-int open_fast(State *s, uint8_t *m, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce, const uint8_t *key) {
-  unsigned int ctr[4];
+/** Whether `tag` is the Poly1305 tag of ad ‖ c; leaves s->subkey set and ctr at the nonce's words. */
+bool tag_matches(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce, const uint8_t *key,
+                 unsigned int ctr[4]) {
   setup(s, nonce, key, 0, ctr);
   uint8_t want[TAG];
   mac(s, want, c, len, ad, ad_len, ctr);
-  int ok = crypto_verify_16(want, tag);
+  bool ok = crypto_verify_16(want, tag) == 0;
   sodium_memzero(want, sizeof want);
-  if (ok == 0) {
+  return ok;
+}
+
+int open_fast(State *s, uint8_t *m, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce, const uint8_t *key) {
+  unsigned int ctr[4];
+  bool ok = tag_matches(s, c, len, tag, ad, ad_len, nonce, key, ctr);
+  if (ok) {
     ctr[0] = 1;
     /* SAFETY: m and c hold len bytes (the caller's); the tag was checked over c before any byte of m is written */
     ossl.chacha(m, c, len, s->subkey, ctr);
   }
   done(s);
-  return ok == 0 ? 0 : -1;
+  return ok ? 0 : -1;
 }
 
 int verify_fast(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce, const uint8_t *key) {
   unsigned int ctr[4];
-  setup(s, nonce, key, 0, ctr);
-  uint8_t want[TAG];
-  mac(s, want, c, len, ad, ad_len, ctr);
-  int ok = crypto_verify_16(want, tag);
-  sodium_memzero(want, sizeof want);
+  bool ok = tag_matches(s, c, len, tag, ad, ad_len, nonce, key, ctr);
   done(s);
-  return ok == 0 ? 0 : -1;
+  return ok ? 0 : -1;
 }
 
 void xor_fast(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8_t *nonce, uint64_t ic, const uint8_t *key) {
