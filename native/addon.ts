@@ -120,7 +120,7 @@ export interface DiskReadsStats {
   admits: number;
   /** Admissions refused because the blob in the file failed its check (wrong format byte or tag): JavaScript read them. */
   refused: number;
-  /** Admitted chunks whose pieces' digests were taken after (by the digester, or a short read that came first). */
+  /** Admitted chunks whose pieces' digests the digester took after. */
   digested: number;
   /** Chunks whose blob's place the table was told (NativeDiskReads.lies) and has not admitted yet, for the read proxy to admit. */
   placed: number;

@@ -7,8 +7,8 @@
 // JavaScript takes chunks out again (a write, a new manifest, a slot the cache gives
 // up). A read here then takes only the 4 KiB pieces it covers, checks each against a
 // keyed BLAKE2b-128 digest taken from the checked blob, and decrypts them (XChaCha20
-// from that piece's block); a read of a whole chunk, or the first shorter read of a
-// chunk with no digests yet, checks the whole blob's tag instead. Anything else (a
+// from that piece's block); a read of a whole chunk, or a shorter read of a chunk whose
+// digests the digester has not taken yet, checks the whole blob's tag instead. Anything else (a
 // chunk neither in the table nor placed, no class key, a piece or tag that does not
 // match) answers false, and JavaScript reads it as before, so this path can only ever
 // refuse, never serve bytes JavaScript would not.
@@ -19,12 +19,13 @@
 // 149 µs 4 KiB read. A chunk key is derived per read into locked scratch and zeroed.
 #include "disk-table.h"
 
-#include <pthread.h>
-#include <sched.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <system_error>
 
 namespace lethe {
 
@@ -208,10 +209,19 @@ bool check_whole(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, co
   /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew; TableAdmit only grows it), and c.len ≤ chunk_size */
   ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
   if (got != ssize_t(c.len + TAG)) return false;
+  // The chunk in the table is still the blob `c` describes (a forget comes before its slot is reused); t->mu held.
+  auto same = [t, index, &c]() {
+    auto it = t->chunks.find(index);
+    return it != t->chunks.end() && it->second.at == c.at && it->second.gen == c.gen && it->second.len == c.len &&
+           memcmp(it->second.nonce, c.nonce, NONCE) == 0;
+  };
   if (aead::VerifyDetached(&s->aead, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) != 0) {
     std::lock_guard<std::mutex> g(t->mu);
-    t->mismatches++;
-    TableForgetLocked(t, index);
+    // A slot reused since (another blob there now) is no damage, and the table may hold its successor.
+    if (same()) {
+      t->mismatches++;
+      TableForgetLocked(t, index);
+    }
     return false;
   }
   if (n > 0) ChunkDecrypt(s, c.nonce, ct.data(), 0, c.len, within, out, n);
@@ -219,10 +229,8 @@ bool check_whole(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, co
   std::vector<uint8_t> digests;
   TableDigests(t, ct.data(), c.len, digests);
   std::lock_guard<std::mutex> g(t->mu);
-  auto it = t->chunks.find(index);
-  if (it != t->chunks.end() && it->second.at == c.at && it->second.gen == c.gen && memcmp(it->second.nonce, c.nonce, NONCE) == 0 &&
-      it->second.digests.empty()) {
-    it->second.digests = std::move(digests);
+  if (same() && t->chunks[index].digests.empty()) {
+    t->chunks[index].digests = std::move(digests);
     t->digested++;
   }
   return true;
@@ -234,19 +242,34 @@ void digest_loop(Table *t);
 void queue_digests_locked(Table *t, uint32_t index) {
   auto it = t->chunks.find(index);
   if (it == t->chunks.end() || it->second.queued || t->digester_stop || t->undigested.size() >= t->max_chunks) return;
+  if (!t->digester.joinable()) {
+    try {
+      t->digester = std::thread(digest_loop, t);
+    } catch (const std::system_error &) {
+      t->digester_stop = true;  // no thread to be had: short reads go on checking whole blobs
+      return;
+    }
+  }
   it->second.queued = true;
   t->undigested.push_back(index);
-  if (!t->digester.joinable()) t->digester = std::thread(digest_loop, t);
   t->digest_wake.notify_one();
 }
 
 /** The digester's thread (Table::digester): digests of admitted chunks, one at a time, until TableDestroy stops it. */
 void digest_loop(Table *t) {
-  // The lowest priority there is: it runs when the cores would otherwise idle.
-  sched_param none{};
-  pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+  // Nice 19, the lowest priority of its class, not SCHED_IDLE: it takes t->mu, which every read needs, and a
+  // SCHED_IDLE thread preempted while holding it could keep readers waiting as long as
+  // the cores stay busy.
+  setpriority(PRIO_PROCESS, pid_t(syscall(SYS_gettid)), 19);
   Reader *r = ReaderNew(t->chunk_size);
   std::unique_lock<std::mutex> g(t->mu);
+  if (!r) {
+    // No locked memory: no digests, and nothing left waiting for them.
+    t->digester_stop = true;
+    for (uint32_t index : t->undigested)
+      if (auto it = t->chunks.find(index); it != t->chunks.end()) it->second.queued = false;
+    t->undigested.clear();
+  }
   while (r) {
     t->digest_wake.wait(g, [t] { return t->digester_stop || !t->undigested.empty(); });
     if (t->digester_stop) break;
@@ -276,8 +299,8 @@ void digest_loop(Table *t) {
 
 /**
  * Plaintext of bytes [within, within + n) of one chunk into out, from its pieces in the
- * file (or the whole blob, its tag checked: a whole-chunk read, or a chunk with no
- * digests yet, which takes them then). False (out untouched or partly written: the
+ * file (or the whole blob, its tag checked: a whole-chunk read, or a chunk the digester
+ * has not reached yet, whose digests it leaves to the digester). False (out untouched or partly written: the
  * caller fails the whole read) when the chunk is not in the table, its class key is not
  * held, the file is short, or a piece or the tag does not match (the chunk is then
  * forgotten).
@@ -503,7 +526,7 @@ bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, 
                     : aead::VerifyDetached(&s->aead, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0;
     if (checked && !whole && n > 0) ChunkDecrypt(s, c.nonce, ct, 0, len, within, out, n);
     // No piece digests here: the digester takes them (keyed BLAKE2b over 128 KiB cost
-    // three times the rest of an admission), or the next shorter read if it gets there first.
+    // three times the rest of an admission); until then a shorter read checks the whole blob.
   }
   sodium_memzero(s->key, KEY);
   std::lock_guard<std::mutex> g(t->mu);

@@ -102,10 +102,11 @@ struct Table {
   std::unordered_map<uint32_t, Lies> lies;
   size_t max_lies = 0;
   /**
-   * The digester: one thread, at the lowest priority (SCHED_IDLE), that takes the piece
-   * digests of chunks admitted without them (TableAdmit), so that a later short read
-   * checks 4 KiB rather than the whole blob, and no read waits for them. Started at the
-   * first admission; stopped and joined by TableDestroy. Under mu: the queue and `stop`.
+   * The digester: one thread, at nice 19, that takes the piece digests of
+   * chunks admitted without them (TableAdmit), so that a later short read checks 4 KiB
+   * rather than the whole blob, and no read waits for them. Started when the first chunk
+   * is queued; stopped and joined by TableDestroy (set `stop` also when no thread or no
+   * locked memory could be had). Under mu: the queue and `stop`.
    */
   std::thread digester;
   std::condition_variable digest_wake;
@@ -152,7 +153,7 @@ uint64_t TableAdmitBegin(Table *t, uint32_t index);
  * Admits chunk `index` of generation `gen` whose blob (blob_len bytes: format byte, nonce,
  * ciphertext, tag) lies at byte `at` of the file, without JavaScript's check: reads it
  * with r, checks its tag under the chunk key the held class key derives, and puts it in
- * (its pieces' digests left to the first shorter read after). With n > 0, also plaintext bytes [within, within + n) into
+ * (its pieces' digests left to the digester). With n > 0, also plaintext bytes [within, within + n) into
  * out. False (nothing put in; out's bytes undefined) when the class key is not held, the
  * file is short, the format byte or the tag is wrong (counted in `refused`), or the chunk
  * was forgotten since TableAdmitBegin (which gave `begun`). Ends the admission either way.

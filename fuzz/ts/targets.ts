@@ -223,7 +223,7 @@ class DiskAdmitTarget implements FuzzTarget {
     if (admitted !== (want !== undefined)) throw new Error(`the table ${admitted ? 'admitted' : 'refused'} a blob the chunk format ${want ? 'opens' : 'refuses'}`);
     if (!want) return;
     if (!got.equals(want.subarray(from))) throw new Error('the admission decrypted other bytes than the chunk format');
-    // A shorter read first (its digests taken then, from the whole blob), then the whole chunk.
+    // A shorter read (from the digests, or the whole blob while the digester has not reached it), then the whole chunk.
     const part = Buffer.alloc(Math.min(100, size - Math.floor(size / 3)));
     if (part.length > 0 && (!t.read(index * DISK_CHUNK_SIZE + Math.floor(size / 3), part) || !part.equals(want.subarray(Math.floor(size / 3), Math.floor(size / 3) + part.length)))) {
       throw new Error('the table does not read back a part of what it admitted');

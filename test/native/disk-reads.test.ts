@@ -185,9 +185,13 @@ describe('native disk reads', () => {
     /** admit() with what `meanwhile` does landing after the call and before the pool thread runs it. */
     async function admitAround(i: number, meanwhile: () => void, out = Buffer.alloc(0)): Promise<boolean> {
       const release = await holdPool();
-      const admitted = t.admit(i, GEN, at(i), blobs[i].length, 0, out);
-      meanwhile();
-      await release();
+      let admitted: Promise<boolean>;
+      try {
+        admitted = t.admit(i, GEN, at(i), blobs[i].length, 0, out);
+        meanwhile();
+      } finally {
+        await release(); // whatever happened: a held pool would stall every test after this one
+      }
       return admitted;
     }
 
@@ -240,7 +244,7 @@ describe('native disk reads', () => {
       expectSameBytes(readAdmit(0, CHUNK)!, plain.subarray(0, CHUNK), 'chunk 0 whole');
       expect(t.stats()).to.include({ admits: 1, placed: 2, chunks: 1 });
       expectSameBytes(read(5000, 3000)!, plain.subarray(5000, 8000), 'a short read of it, without admit');
-      // Its pieces' digests are taken, by the digester or that short read: a change to its tag alone no longer stops a short read.
+      // The digester takes its pieces' digests: a change to its tag alone then no longer stops a short read.
       await waitFor(async () => t.stats().digested >= 1 || undefined, 20_000, 'the digests of chunk 0');
       damage(at(0) + blobs[0].length - 1);
       expectSameBytes(read(70_000, 100)!, plain.subarray(70_000, 70_100), 'a piece read after the tag changed');
