@@ -31,6 +31,7 @@ declare module 'sodium-native' {
     crypto_onetimeauth_init(state: Buf, k: Buf): void;
     crypto_onetimeauth_update(state: Buf, m: Buf): void;
     crypto_onetimeauth_final(state: Buf, out: Buf): void;
+    crypto_onetimeauth(out: Buf, m: Buf, k: Buf): void;
     crypto_box_keypair(pk: Buf, sk: Buf): void;
     crypto_box_seal(c: Buf, m: Buf, pk: Buf): void;
     crypto_box_seal_open(m: Buf, c: Buf, pk: Buf, sk: Buf): boolean;

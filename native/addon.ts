@@ -72,7 +72,7 @@ export interface Addon {
   stopFaultThread(handle: FaultHandle): void;
   faultStats(handle: FaultHandle): FaultStats;
   diskReadsOpen(
-    fd: number, digestKey: Uint8Array, keyLabel: Uint8Array, adLabel: Uint8Array, kind: number, cls: number, chunkSize: number, maxChunks: number,
+    fd: number, pieceKey: Uint8Array, keyLabel: Uint8Array, adLabel: Uint8Array, kind: number, cls: number, chunkSize: number, maxChunks: number,
     replyBuffers: number, replyMax: number, copyBytes: number, writeBuffers: number,
   ): DiskReadsHandle;
   diskReadsImage(h: DiskReadsHandle, imageId: Uint8Array): void;
@@ -96,7 +96,7 @@ export interface Addon {
   sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;
   aeadBackend(): 'openssl' | 'libsodium';
   /** op 0 seal, 1 open (null on a bad tag), 2 the XChaCha20 stream from block ic. */
-  aeadCipher(op: 0 | 1 | 2 | 3, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, ic: number, input: Uint8Array): Buffer | null;
+  aeadCipher(op: 0 | 1 | 2 | 3 | 4, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, ic: number, input: Uint8Array): Buffer | null;
 }
 
 declare const nbdProxyBrand: unique symbol;
@@ -114,14 +114,12 @@ export interface DiskReadsStats {
   reads: number;
   /** Reads refused (a chunk not in the table, no key, a piece that did not match): JavaScript read them. */
   fallbacks: number;
-  /** Pieces that did not match their digest (damage to the cache file); the chunk was forgotten. */
+  /** Reads whose pieces or whole blob did not match their tags (damage to the cache file); the chunk was forgotten. */
   mismatches: number;
   /** Chunks put in by an admission (their first read, checked in native code). */
   admits: number;
   /** Admissions refused because the blob in the file failed its check (wrong format byte or tag): JavaScript read them. */
   refused: number;
-  /** Admitted chunks whose pieces' digests the digester took after. */
-  digested: number;
   /** Chunks whose blob's place the table was told (NativeDiskReads.lies) and has not admitted yet, for the read proxy to admit. */
   placed: number;
   /** Write buffers out of the NBD read proxies' hands: being filled, or lent to JavaScript. */

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <mutex>
 
 namespace lethe {
@@ -152,6 +153,21 @@ void xor_fast(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8
   done(s);
 }
 
+void pieces_fast(State *s, uint8_t *tags, const uint8_t *c, size_t len, size_t piece, uint64_t first, const uint8_t *nonce, const uint8_t *key) {
+  unsigned int ctr[4];
+  setup(s, nonce, key, uint32_t(first), ctr);
+  for (size_t i = 0; i * piece < len; i++) {
+    memset(s->block, 0, sizeof s->block);
+    ctr[0] = uint32_t(first + i);
+    ossl.chacha(s->block, s->block, sizeof s->block, s->subkey, ctr);
+    ossl.init(s->poly, s->block);
+    /* SAFETY: piece i is [i·piece, min(len, (i + 1)·piece)) of c's len bytes; tags holds a TAG per piece (the caller's) */
+    ossl.update(s->poly, c + i * piece, std::min(piece, len - i * piece));
+    ossl.final(s->poly, tags + i * TAG);
+  }
+  done(s);
+}
+
 /** True when blocks ic … of len bytes stay below 2^32: past it libsodium's 64-bit counter carries where the IETF one (OpenSSL's) wraps. */
 bool within_counter(uint64_t ic, size_t len) {
   return ic + (uint64_t(len) + 63) / 64 <= 0x100000000ull;
@@ -195,11 +211,20 @@ int verify_sodium(State *s, const uint8_t *c, size_t len, const uint8_t *tag, co
   return ok == 0 ? 0 : -1;
 }
 
+void pieces_sodium(State *s, uint8_t *tags, const uint8_t *c, size_t len, size_t piece, uint64_t first, const uint8_t *nonce, const uint8_t *key) {
+  for (size_t i = 0; i * piece < len; i++) {
+    memset(s->block, 0, sizeof s->block);
+    crypto_stream_xchacha20_xor_ic(s->block, s->block, sizeof s->block, nonce, first + i, key);
+    crypto_onetimeauth_poly1305(tags + i * TAG, c + i * piece, std::min(piece, len - i * piece), s->block);
+  }
+  sodium_memzero(s, sizeof *s);
+}
+
 // ---- the self-test ----
 
 /** One case: the OpenSSL code against libsodium on `len` random bytes; true when every output agrees. */
 bool agrees(State *s, size_t len, size_t ad_len, uint64_t ic) {
-  size_t room = len + 1;
+  size_t room = len + 1 + TAG * (len / 1000 + 1);  // room for the piece tags too
   uint8_t *buf = static_cast<uint8_t *>(malloc(room * 4 + ad_len + 1));
   if (!buf) return false;
   uint8_t *m = buf, *c1 = m + room, *c2 = c1 + room, *back = c2 + room, *ad = back + room;
@@ -221,6 +246,10 @@ bool agrees(State *s, size_t len, size_t ad_len, uint64_t ic) {
   crypto_stream_xchacha20_xor_ic(c1, m, len, nonce, ic, key);
   xor_fast(s, c2, m, len, nonce, ic, key);
   ok = ok && memcmp(c1, c2, len) == 0;
+  // Piece tags over m, in pieces of 1000 bytes.
+  pieces_sodium(s, c1, m, len, 1000, ic, nonce, key);
+  pieces_fast(s, c2, m, len, 1000, ic, nonce, key);
+  ok = ok && memcmp(c1, c2, (len + 999) / 1000 * TAG) == 0;
   free(buf);
   return ok;
 }
@@ -275,6 +304,11 @@ int VerifyDetached(State *s, const uint8_t *c, size_t len, const uint8_t *tag, c
                    const uint8_t *key) {
   if (use_openssl(s)) return verify_fast(s, c, len, tag, ad, ad_len, nonce, key);
   return verify_sodium(s, c, len, tag, ad, ad_len, nonce, key);
+}
+
+void PieceTags(State *s, uint8_t *tags, const uint8_t *c, size_t len, size_t piece, uint64_t first, const uint8_t *nonce, const uint8_t *key) {
+  if (use_openssl(s) && within_counter(first, (len + piece - 1) / piece * 64)) return pieces_fast(s, tags, c, len, piece, first, nonce, key);
+  pieces_sodium(s, tags, c, len, piece, first, nonce, key);
 }
 
 void StreamXorIc(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8_t *nonce, uint64_t ic, const uint8_t *key) {

@@ -36,6 +36,13 @@ int OpenDetached(State *s, uint8_t *m, const uint8_t *c, size_t len, const uint8
 /** 0 when the tag matches c under key; -1 otherwise. Nothing is decrypted: OpenDetached without its output. */
 int VerifyDetached(State *s, const uint8_t *c, size_t len, const uint8_t *tag, const uint8_t *ad, size_t ad_len, const uint8_t *nonce,
                    const uint8_t *key);
+/**
+ * A 16-byte tag for each `piece`-byte piece of c (len bytes; the last piece may be
+ * shorter) into tags: piece i's is Poly1305 under the first 32 bytes of XChaCha20 block
+ * `first + i` of (key, nonce), a one-time key for that piece of the one blob that nonce
+ * sealed. As libsodium's crypto_stream_xchacha20_xor_ic and crypto_onetimeauth_poly1305.
+ */
+void PieceTags(State *s, uint8_t *tags, const uint8_t *c, size_t len, size_t piece, uint64_t first, const uint8_t *nonce, const uint8_t *key);
 /** out = in XOR the XChaCha20 keystream from block `ic` on; as crypto_stream_xchacha20_xor_ic. */
 void StreamXorIc(State *s, uint8_t *out, const uint8_t *in, size_t len, const uint8_t *nonce, uint64_t ic, const uint8_t *key);
 

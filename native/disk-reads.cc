@@ -3,7 +3,7 @@
 // served from the cache's slot file in native code (docs/nbd.md, "Reads in native
 // code"). It only ever refuses, never serves bytes JavaScript would not.
 //
-//   diskReadsOpen(fd, digestKey, keyLabel, adLabel, kind, cls, chunkSize, maxChunks,
+//   diskReadsOpen(fd, pieceKey, keyLabel, adLabel, kind, cls, chunkSize, maxChunks,
 //                 replyBuffers, replyMax, copyBytes, writeBuffers) → handle
 //                                        (the last four: the proxies' locked buffers; write
 //                                        buffers hold replyMax bytes)
@@ -121,7 +121,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
     delete t;
     return throw_errno(env, "dup", err);
   }
-  memcpy(t->digest_key, dkey, KEY);
+  memcpy(t->piece_key, dkey, KEY);
   memcpy(t->label, label, label_len);
   t->label_len = label_len;
   memcpy(t->ad_label, ad_label, ad_label_len);
@@ -217,7 +217,7 @@ napi_value Put(napi_env env, napi_callback_info info) {
   c.len = uint32_t(len - CT_AT - TAG);
   memcpy(c.nonce, blob + 1, NONCE);
   /* SAFETY: the blob's ciphertext is c.len bytes from CT_AT (checked above) */
-  TableDigests(t, blob + CT_AT, c.len, c.digests);
+  TablePieceTags(t, t->js->scratch, c.nonce, blob + CT_AT, c.len, c.tags);
   std::lock_guard<std::mutex> g(t->mu);
   TablePutLocked(t, index, std::move(c));
   return undefined(env);
@@ -395,7 +395,7 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   }
   std::lock_guard<std::mutex> g(t->mu);
   return numbers(env, {{"chunks", double(t->chunks.size())}, {"keys", double(t->held)}, {"reads", double(t->reads)},
-                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)}, {"placed", double(t->lies.size())}, {"digested", double(t->digested)},
+                       {"fallbacks", double(t->fallbacks)}, {"mismatches", double(t->mismatches)}, {"admits", double(t->admits)}, {"refused", double(t->refused)}, {"placed", double(t->lies.size())},
                        {"writesOut", double(out)}});
 }
 

@@ -45,7 +45,7 @@ export class NativeDiskReads {
 
   /**
    * A table over the disk slot file `fd` (duplicated: the caller keeps its own).
-   * `digestKey` keys the piece digests; `keyLabel` and `kind` are the chunk-key
+   * `pieceKey` keys the tags of the chunks' 4 KiB pieces; `keyLabel` and `kind` are the chunk-key
    * derivation's (common/chunk.ts chunkKeyInto), `adLabel`, `kind` and `cls` the chunk
    * AEAD's associated data (chunkAd); at most `maxChunks` chunks are kept. The NBD read
    * proxies (proxy()) share `proxy.replies` locked reply buffers of `proxy.maxRead`
@@ -56,7 +56,7 @@ export class NativeDiskReads {
   constructor(
     fd: number,
     opts: {
-      digestKey: Uint8Array;
+      pieceKey: Uint8Array;
       keyLabel: Uint8Array;
       adLabel: Uint8Array;
       kind: number;
@@ -68,7 +68,7 @@ export class NativeDiskReads {
   ) {
     const fn = 'NativeDiskReads';
     fdArg(fn, 'fd', fd);
-    const digestKey = exactly(fn, 'digestKey', opts.digestKey, KEY_BYTES);
+    const pieceKey = exactly(fn, 'pieceKey', opts.pieceKey, KEY_BYTES);
     const keyLabel = bytesArg(fn, 'keyLabel', opts.keyLabel);
     const adLabel = bytesArg(fn, 'adLabel', opts.adLabel);
     if (keyLabel.byteLength > MAX_LABEL_BYTES || adLabel.byteLength > MAX_LABEL_BYTES) throw new RangeError(`${fn}: labels must be at most ${MAX_LABEL_BYTES} bytes`);
@@ -84,7 +84,7 @@ export class NativeDiskReads {
     if (!Number.isInteger(px.maxRead) || px.maxRead < 0 || px.maxRead > 1 << 24) throw new RangeError(`${fn}: proxy.maxRead must be 0 to 16 MiB (got ${show(px.maxRead)})`);
     if (!Number.isInteger(px.copyBytes) || px.copyBytes <= 0 || px.copyBytes > 1 << 20) throw new RangeError(`${fn}: proxy.copyBytes must be 1 byte to 1 MiB (got ${show(px.copyBytes)})`);
     try {
-      this.h = addon().diskReadsOpen(fd, digestKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks, px.replies, px.maxRead, px.copyBytes, px.writes);
+      this.h = addon().diskReadsOpen(fd, pieceKey, keyLabel, adLabel, opts.kind, opts.cls, opts.chunkSize, opts.maxChunks, px.replies, px.maxRead, px.copyBytes, px.writes);
     } catch (e) {
       throw new LetheError('INTERNAL', `cannot open the native disk-read table on fd ${fd}`, { cause: e });
     }
@@ -92,19 +92,24 @@ export class NativeDiskReads {
 
   /**
    * A table for normal-class disk chunks as common/chunk.ts makes them (its key
-   * derivation, associated data and chunk size), its piece digests keyed by a key drawn
-   * now and kept nowhere else.
+   * derivation, associated data and chunk size), its piece tags keyed by a key drawn
+   * now, copied into the table and zeroed here.
    */
   static forDiskChunks(fd: number, opts: { maxChunks: number; proxy?: ProxyBuffers }): NativeDiskReads {
-    return new NativeDiskReads(fd, {
-      digestKey: randomBytes(KEY_BYTES),
-      keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
-      adLabel: Buffer.from(AD_CHUNK, 'utf8'),
-      kind: KIND_CODE.disk,
-      cls: CLASS_CODE.normal,
-      chunkSize: DISK_CHUNK_SIZE,
-      ...opts,
-    });
+    const pieceKey = randomBytes(KEY_BYTES);
+    try {
+      return new NativeDiskReads(fd, {
+        pieceKey,
+        keyLabel: Buffer.from(KDF_CHUNK_NORMAL, 'utf8'),
+        adLabel: Buffer.from(AD_CHUNK, 'utf8'),
+        kind: KIND_CODE.disk,
+        cls: CLASS_CODE.normal,
+        chunkSize: DISK_CHUNK_SIZE,
+        ...opts,
+      });
+    } finally {
+      pieceKey.fill(0);
+    }
   }
 
   private handle(): DiskReadsHandle {
@@ -195,7 +200,7 @@ export class NativeDiskReads {
   }
 
   stats(): DiskReadsStats {
-    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, placed: 0, digested: 0, writesOut: 0 };
+    return this.h ? addon().diskReadsStats(this.h) : { chunks: 0, keys: 0, reads: 0, fallbacks: 0, mismatches: 0, admits: 0, refused: 0, placed: 0, writesOut: 0 };
   }
 
   /**

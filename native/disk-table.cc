@@ -1,17 +1,16 @@
 // The disk's warm-read table, without N-API (disk-table.h; its N-API bindings are in
-// disk-reads.cc): reads of normal-class disk chunks whose tag the agent
-// has checked, served from the cache's slot file in native code (docs/nbd.md, "Reads
-// in native code"). What goes in is a chunk whose blob JavaScript checked, with the
-// slot it lies in, or one this table checked itself at its first read (TableAdmit:
-// the blob JavaScript said lies there, its tag checked as JavaScript checks it);
-// JavaScript takes chunks out again (a write, a new manifest, a slot the cache gives
-// up). A read here then takes only the 4 KiB pieces it covers, checks each against a
-// keyed BLAKE2b-128 digest taken from the checked blob, and decrypts them (XChaCha20
-// from that piece's block); a read of a whole chunk, or a shorter read of a chunk whose
-// digests the digester has not taken yet, checks the whole blob's tag instead. Anything else (a
-// chunk neither in the table nor placed, no class key, a piece or tag that does not
-// match) answers false, and JavaScript reads it as before, so this path can only ever
-// refuse, never serve bytes JavaScript would not.
+// disk-reads.cc, its admissions in disk-admit.cc): reads of normal-class disk chunks
+// whose tag the agent has checked, served from the cache's slot file in native code
+// (docs/nbd.md, "Reads in native code"). What goes in is a chunk whose blob JavaScript
+// checked, with the slot it lies in, or one this table checked itself at its first read
+// (TableAdmit); JavaScript takes chunks out again (a write, a new manifest, a slot the
+// cache gives up). Each chunk goes in with a tag for each of its 4 KiB pieces of
+// ciphertext (TablePieceTags), taken from the checked blob: a read then takes only the
+// pieces it covers, checks each against its tag, and decrypts them (XChaCha20 from that
+// piece's block); a read of a whole chunk checks the whole blob's tag instead. Anything
+// else (a chunk neither in the table nor placed, no class key, a piece or tag that does
+// not match) answers false, and JavaScript reads it as before, so this path can only
+// ever refuse, never serve bytes JavaScript would not.
 //
 // The class keys live in one sodium_malloc region (locked, guard-paged, left out of
 // core dumps) that stays readable while a key is held, instead of being opened and
@@ -20,12 +19,9 @@
 #include "disk-table.h"
 
 #include <string.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <system_error>
 
 namespace lethe {
 
@@ -42,18 +38,15 @@ size_t coord(const Table *t, uint32_t gen, uint32_t index, uint8_t *out) {
   return m;
 }
 
-constexpr size_t MAX_AD = MAX_LABEL + COORD + 1;
+}  // namespace
 
-/** The chunk AEAD's associated data (common/chunk.ts chunkAd): label ‖ coordinate ‖ class; its length. */
-size_t chunk_ad(const Table *t, uint32_t gen, uint32_t index, uint8_t *out) {
+size_t ChunkAd(const Table *t, uint32_t gen, uint32_t index, uint8_t *out) {
   size_t m = t->ad_label_len;
   memcpy(out, t->ad_label, m);
   m += coord(t, gen, index, out + m);
   out[m++] = t->cls;
   return m;
 }
-
-}  // namespace
 
 void TableZeroKeysLocked(Table *t) {
   if (t->held > 0 && t->keys) {
@@ -84,23 +77,7 @@ Reader *ReaderNew(uint32_t chunk_size) {
   return r;
 }
 
-namespace {
-
-/** Stops the digester and waits for it (it ends its chunk first); not under t->mu. */
-void stop_digester(Table *t) {
-  {
-    std::lock_guard<std::mutex> g(t->mu);
-    t->digester_stop = true;
-    t->undigested.clear();
-  }
-  t->digest_wake.notify_all();
-  if (t->digester.joinable()) t->digester.join();
-}
-
-}  // namespace
-
 Table::~Table() {
-  stop_digester(this);
   /* SAFETY: each came from sodium_malloc in Open; no proxy holds a reference any more, so none holds a buffer */
   for (uint8_t *b : reply_all) sodium_free(b);
   /* SAFETY: the same, and no JavaScript view of them is left: each held a reference */
@@ -127,18 +104,13 @@ void TablePutLocked(Table *t, uint32_t index, Chunk &&c) {
   t->chunks[index] = std::move(c);
 }
 
-void TableDigests(const Table *t, const uint8_t *ct, size_t len, std::vector<uint8_t> &out) {
-  size_t pieces = (len + PIECE - 1) / PIECE;
-  out.resize(pieces * DIGEST);
-  for (size_t p = 0; p < pieces; p++) {
-    size_t plen = std::min(PIECE, len - p * PIECE);
-    /* SAFETY: [p·PIECE, + plen) lies inside ct's len bytes; out holds pieces × DIGEST */
-    crypto_generichash(out.data() + p * DIGEST, DIGEST, ct + p * PIECE, plen, t->digest_key, KEY);
-  }
+void TablePieceTags(const Table *t, Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t len, std::vector<uint8_t> &out) {
+  out.resize((len + PIECE - 1) / PIECE * PIECE_TAG);
+  /* SAFETY: out holds a PIECE_TAG for each piece of ct's len bytes */
+  aead::PieceTags(&s->aead, out.data(), ct, len, PIECE, 0, nonce, t->piece_key);
 }
 
 void TableDestroy(Table *t) {
-  stop_digester(t);
   std::lock_guard<std::mutex> g(t->mu);
   TableZeroKeysLocked(t);
   TableForgetAllLocked(t);
@@ -148,6 +120,7 @@ void TableDestroy(Table *t) {
   if (t->keys) sodium_free(t->keys);
   t->keys = nullptr;
   ReaderFree(t->js);
+  sodium_memzero(t->piece_key, KEY);
   t->js = nullptr;
 }
 
@@ -195,122 +168,21 @@ void ChunkDecrypt(Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t fr
 namespace {
 
 /**
- * Reads the whole blob of chunk `index` (where `c` says it lies) and checks its tag with
- * the chunk key in r's scratch and associated data `ad`; with n > 0 decrypts plaintext
- * [within, within + n) into out; with `digest`, keeps its pieces' digests in the table if
- * the chunk there is still that blob (a forget comes before its slot is reused). False
- * when the file is short, or the tag does not match (the chunk is then forgotten and
- * counted).
- */
-bool check_whole(Table *t, Reader *r, uint32_t index, const Chunk &c, int fd, const uint8_t *ad, size_t m, size_t within, uint8_t *out, size_t n,
-                 bool digest) {
-  Scratch *s = r->scratch;
-  std::vector<uint8_t> &ct = r->ct;
-  /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew; TableAdmit only grows it), and c.len ≤ chunk_size */
-  ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
-  if (got != ssize_t(c.len + TAG)) return false;
-  // The chunk in the table is still the blob `c` describes (a forget comes before its slot is reused); t->mu held.
-  auto same = [t, index, &c]() {
-    auto it = t->chunks.find(index);
-    return it != t->chunks.end() && it->second.at == c.at && it->second.gen == c.gen && it->second.len == c.len &&
-           memcmp(it->second.nonce, c.nonce, NONCE) == 0;
-  };
-  if (aead::VerifyDetached(&s->aead, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) != 0) {
-    std::lock_guard<std::mutex> g(t->mu);
-    // A slot reused since (another blob there now) is no damage, and the table may hold its successor.
-    if (same()) {
-      t->mismatches++;
-      TableForgetLocked(t, index);
-    }
-    return false;
-  }
-  if (n > 0) ChunkDecrypt(s, c.nonce, ct.data(), 0, c.len, within, out, n);
-  if (!digest) return true;
-  std::vector<uint8_t> digests;
-  TableDigests(t, ct.data(), c.len, digests);
-  std::lock_guard<std::mutex> g(t->mu);
-  if (same() && t->chunks[index].digests.empty()) {
-    t->chunks[index].digests = std::move(digests);
-    t->digested++;
-  }
-  return true;
-}
-
-void digest_loop(Table *t);
-
-/** Chunk `index` (in the table, with no digests) to the digester's queue, unless it is there or the queue is full; t->mu held. */
-void queue_digests_locked(Table *t, uint32_t index) {
-  auto it = t->chunks.find(index);
-  if (it == t->chunks.end() || it->second.queued || t->digester_stop || t->undigested.size() >= t->max_chunks) return;
-  if (!t->digester.joinable()) {
-    try {
-      t->digester = std::thread(digest_loop, t);
-    } catch (const std::system_error &) {
-      t->digester_stop = true;  // no thread to be had: short reads go on checking whole blobs
-      return;
-    }
-  }
-  it->second.queued = true;
-  t->undigested.push_back(index);
-  t->digest_wake.notify_one();
-}
-
-/** The digester's thread (Table::digester): digests of admitted chunks, one at a time, until TableDestroy stops it. */
-void digest_loop(Table *t) {
-  // Nice 19, the lowest priority of its class, not SCHED_IDLE: it takes t->mu, which every read needs, and a
-  // SCHED_IDLE thread preempted while holding it could keep readers waiting as long as
-  // the cores stay busy.
-  setpriority(PRIO_PROCESS, pid_t(syscall(SYS_gettid)), 19);
-  Reader *r = ReaderNew(t->chunk_size);
-  std::unique_lock<std::mutex> g(t->mu);
-  if (!r) {
-    // No locked memory: no digests, and nothing left waiting for them.
-    t->digester_stop = true;
-    for (uint32_t index : t->undigested)
-      if (auto it = t->chunks.find(index); it != t->chunks.end()) it->second.queued = false;
-    t->undigested.clear();
-  }
-  while (r) {
-    t->digest_wake.wait(g, [t] { return t->digester_stop || !t->undigested.empty(); });
-    if (t->digester_stop) break;
-    uint32_t index = t->undigested.front();
-    t->undigested.pop_front();
-    auto it = t->chunks.find(index);
-    if (it != t->chunks.end()) it->second.queued = false;
-    int slot = it == t->chunks.end() ? -1 : TableSlotLocked(t, it->second.gen);
-    if (slot < 0 || !it->second.digests.empty() || t->fd < 0) continue;
-    Chunk c;
-    c.gen = it->second.gen;
-    c.at = it->second.at;
-    c.len = it->second.len;
-    memcpy(c.nonce, it->second.nonce, NONCE);
-    int fd = t->fd;
-    TableDeriveLocked(t, slot, c.gen, index, r->scratch->key);
-    uint8_t ad[MAX_AD];
-    size_t m = chunk_ad(t, c.gen, index, ad);
-    g.unlock();
-    check_whole(t, r, index, c, fd, ad, m, 0, nullptr, 0, true);
-    sodium_memzero(r->scratch->key, KEY);
-    g.lock();
-  }
-  g.unlock();
-  ReaderFree(r);
-}
-
-/**
- * Plaintext of bytes [within, within + n) of one chunk into out, from its pieces in the
- * file (or the whole blob, its tag checked: a whole-chunk read, or a chunk the digester
- * has not reached yet, whose digests it leaves to the digester). False (out untouched or partly written: the
- * caller fails the whole read) when the chunk is not in the table, its class key is not
- * held, the file is short, or a piece or the tag does not match (the chunk is then
- * forgotten).
+ * Plaintext of bytes [within, within + n) of one chunk into out: of a whole chunk from its
+ * blob, its tag checked in the pass that decrypts; of a shorter range from the 4 KiB
+ * pieces it covers, each checked against its tag. False (out untouched or partly
+ * written: the caller fails the whole read) when the chunk is not in the table, its class
+ * key is not held, the file is short, or a piece or the tag does not match (the chunk is
+ * then forgotten).
  */
 bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out, size_t n) {
   Scratch *s = r->scratch;
   std::vector<uint8_t> &ct = r->ct;
   Chunk c;
-  int fd;  // the table's file, read under the lock; closed and its number reused after, pread fails or reads bytes no digest or tag accepts
-  uint8_t ad[MAX_AD];  // the chunk AEAD's associated data, for a check of the whole blob's tag
+  int fd;  // the table's file, read under the lock; closed and its number reused after, pread fails or reads bytes no tag accepts
+  bool whole;
+  size_t p0 = within / PIECE, p1 = (within + n + PIECE - 1) / PIECE;
+  uint8_t ad[MAX_AD];  // the chunk AEAD's associated data, for a whole chunk
   size_t m = 0;
   {
     std::lock_guard<std::mutex> g(t->mu);
@@ -323,65 +195,41 @@ bool read_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out,
     c.at = it->second.at;
     c.len = it->second.len;
     memcpy(c.nonce, it->second.nonce, NONCE);
-    size_t p0 = within / PIECE, p1 = (within + n + PIECE - 1) / PIECE;
-    if (!it->second.digests.empty()) c.digests.assign(it->second.digests.begin() + p0 * DIGEST, it->second.digests.begin() + p1 * DIGEST);
+    whole = within == 0 && n == c.len;
+    if (!whole && it->second.tags.size() < p1 * PIECE_TAG) return false;
+    if (whole) m = ChunkAd(t, c.gen, index, ad);  // under the lock: Image() may change the image id
+    else r->want.assign(it->second.tags.begin() + p0 * PIECE_TAG, it->second.tags.begin() + p1 * PIECE_TAG);
     TableDeriveLocked(t, slot, c.gen, index, s->key);
-    m = chunk_ad(t, c.gen, index, ad);  // under the lock: Image() may change the image id
   }
-  bool ok = false;
-  if ((within != 0 || n != c.len) && c.digests.empty()) {
-    // Admitted and not yet digested (the digester is behind): this shorter read checks
-    // the whole blob's tag, and leaves the digests to the digester, off the read's path.
-    ok = check_whole(t, r, index, c, fd, ad, m, within, out, n, false);
-    sodium_memzero(s->key, KEY);
-    if (ok) {
-      std::lock_guard<std::mutex> g(t->mu);
-      queue_digests_locked(t, index);  // if the queue had no room when it was admitted
-    }
-    return ok;
-  }
-  if (within == 0 && n == c.len) {
+  bool ok = false, damaged = false;
+  if (whole) {
     // A whole chunk: its Poly1305 tag checks it, in the same pass that decrypts it
-    // (about twice as fast as a digest per piece and a separate decryption).
+    // (about twice as fast as a tag per piece and a separate decryption).
     /* SAFETY: ct holds chunk_size + TAG bytes (ReaderNew), and c.len ≤ chunk_size (Put) */
     ssize_t got = pread(fd, ct.data(), c.len + TAG, off_t(c.at));
-    if (got == ssize_t(c.len + TAG) &&
-        aead::OpenDetached(&s->aead, out, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0) {
-      ok = true;
-    } else if (got == ssize_t(c.len + TAG)) {
-      sodium_memzero(out, n);
-      std::lock_guard<std::mutex> g(t->mu);
-      t->mismatches++;
-      TableForgetLocked(t, index);
+    if (got == ssize_t(c.len + TAG)) {
+      ok = aead::OpenDetached(&s->aead, out, ct.data(), c.len, ct.data() + c.len, ad, m, c.nonce, s->key) == 0;
+      if (!ok) sodium_memzero(out, n);
+      damaged = !ok;
     }
-    sodium_memzero(s->key, KEY);
-    return ok;
-  }
-  size_t p0 = within / PIECE;
-  size_t from = p0 * PIECE, to = std::min(((within + n + PIECE - 1) / PIECE) * PIECE, size_t(c.len));
-  size_t len = to - from;
-  do {
-    if (len > ct.size()) break;
-    /* SAFETY: ct holds at least len bytes (checked above); fd is the table's own dup of the slot file */
+  } else {
+    size_t from = p0 * PIECE, len = std::min(p1 * PIECE, size_t(c.len)) - from;
+    r->tags.resize((p1 - p0) * PIECE_TAG);
+    /* SAFETY: ct holds chunk_size + TAG ≥ len bytes (ReaderNew); fd is the table's own dup of the slot file */
     ssize_t got = pread(fd, ct.data(), len, off_t(c.at + from));
-    if (got != ssize_t(len)) break;
-    bool match = true;
-    for (size_t p = 0; p * PIECE < len; p++) {
-      uint8_t d[DIGEST];
-      size_t plen = std::min(PIECE, len - p * PIECE);
-      crypto_generichash(d, DIGEST, ct.data() + p * PIECE, plen, t->digest_key, KEY);
-      if (sodium_memcmp(d, c.digests.data() + p * DIGEST, DIGEST) != 0) match = false;
+    if (got == ssize_t(len)) {
+      aead::PieceTags(&s->aead, r->tags.data(), ct.data(), len, PIECE, p0, c.nonce, t->piece_key);
+      ok = sodium_memcmp(r->tags.data(), r->want.data(), r->tags.size()) == 0;
+      if (ok) ChunkDecrypt(s, c.nonce, ct.data(), from, c.len, within, out, n);
+      damaged = !ok;
     }
-    if (!match) {
-      std::lock_guard<std::mutex> g(t->mu);
-      t->mismatches++;
-      TableForgetLocked(t, index);
-      break;
-    }
-    ChunkDecrypt(s, c.nonce, ct.data(), from, c.len, within, out, n);
-    ok = true;
-  } while (false);
+  }
   sodium_memzero(s->key, KEY);
+  if (damaged) {
+    std::lock_guard<std::mutex> g(t->mu);
+    t->mismatches++;
+    TableForgetLocked(t, index);
+  }
   return ok;
 }
 
@@ -467,107 +315,6 @@ void TableGiveReader(Table *t, Reader *r) {
   t->spare_readers.push_back(r);
 }
 
-uint64_t TableAdmitBegin(Table *t, uint32_t index) {
-  std::lock_guard<std::mutex> g(t->mu);
-  t->admitting[index].jobs++;
-  return t->epoch;
-}
-
-namespace {
-
-/** Ends an admission; whether the chunk was forgotten since it began. t->mu held. */
-bool admit_end_locked(Table *t, uint32_t index, uint64_t begun) {
-  auto it = t->admitting.find(index);
-  bool stale = it->second.stale || t->epoch != begun || t->fd < 0;
-  if (--it->second.jobs == 0) t->admitting.erase(it);
-  return stale;
-}
-
-}  // namespace
-
-void TableAdmitCancel(Table *t, uint32_t index) {
-  std::lock_guard<std::mutex> g(t->mu);
-  admit_end_locked(t, index, t->epoch);
-}
-
-bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, size_t blob_len, size_t within, uint8_t *out, size_t n,
-                uint64_t begun) {
-  size_t len = blob_len >= CT_AT + TAG ? blob_len - CT_AT - TAG : 0;
-  Scratch *s = r->scratch;
-  int fd;
-  uint8_t ad[MAX_AD];
-  size_t ad_len;
-  {
-    std::lock_guard<std::mutex> g(t->mu);
-    int slot = TableSlotLocked(t, gen);
-    if (slot < 0 || t->fd < 0 || blob_len < CT_AT + TAG || len > t->chunk_size || within > len || n > len - within) {
-      admit_end_locked(t, index, begun);
-      return false;
-    }
-    fd = t->fd;
-    ad_len = chunk_ad(t, gen, index, ad);
-    TableDeriveLocked(t, slot, gen, index, s->key);
-  }
-  std::vector<uint8_t> &blob = r->ct;
-  if (blob.size() < blob_len) blob.resize(blob_len);
-  Chunk c;
-  c.gen = gen;
-  c.at = at + CT_AT;
-  c.len = uint32_t(len);
-  /* SAFETY: blob holds at least blob_len bytes (resized above); fd is read as read_part reads it */
-  ssize_t got = pread(fd, blob.data(), blob_len, off_t(at));
-  bool whole = out && within == 0 && n == len;
-  bool checked = false;
-  if (got == ssize_t(blob_len) && blob[0] == FORMAT) {
-    memcpy(c.nonce, blob.data() + 1, NONCE);
-    const uint8_t *ct = blob.data() + CT_AT;
-    // A read of the whole chunk decrypts in the pass that checks; any other checks the tag alone, then decrypts its range.
-    checked = whole ? aead::OpenDetached(&s->aead, out, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0
-                    : aead::VerifyDetached(&s->aead, ct, len, ct + len, ad, ad_len, c.nonce, s->key) == 0;
-    if (checked && !whole && n > 0) ChunkDecrypt(s, c.nonce, ct, 0, len, within, out, n);
-    // No piece digests here: the digester takes them (keyed BLAKE2b over 128 KiB cost
-    // three times the rest of an admission); until then a shorter read checks the whole blob.
-  }
-  sodium_memzero(s->key, KEY);
-  std::lock_guard<std::mutex> g(t->mu);
-  bool stale = admit_end_locked(t, index, begun);
-  if (got == ssize_t(blob_len) && !checked && !stale) {
-    t->refused++;
-    t->lies.erase(index);  // JavaScript reads it, drops the blob and fetches it again
-  }
-  if (!checked || stale) return false;
-  t->lies.erase(index);
-  TablePutLocked(t, index, std::move(c));
-  queue_digests_locked(t, index);
-  t->admits++;
-  return true;
-}
-
-bool TableLiesLocked(Table *t, uint32_t index, uint32_t gen, uint64_t at, uint32_t blob_len) {
-  if (t->lies.size() >= t->max_lies && t->lies.find(index) == t->lies.end()) return false;
-  t->lies[index] = Table::Lies{gen, blob_len, at};
-  return true;
-}
-
-namespace {
-
-/** Admits chunk `index` where JavaScript said its blob lies, and serves bytes [within, + n) of it; false when it cannot. */
-bool admit_part(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out, size_t n) {
-  Table::Lies where;
-  uint64_t begun;
-  {
-    std::lock_guard<std::mutex> g(t->mu);
-    auto it = t->lies.find(index);
-    if (it == t->lies.end() || TableSlotLocked(t, it->second.gen) < 0) return false;
-    where = it->second;
-    t->admitting[index].jobs++;
-    begun = t->epoch;
-  }
-  return TableAdmit(t, r, index, where.gen, where.at, where.blob_len, within, out, n, begun);
-}
-
-}  // namespace
-
 bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len, bool admit) {
   bool ok = len > 0;
   for (size_t done = 0; ok && done < len;) {
@@ -575,7 +322,7 @@ bool TableRead(Table *t, Reader *r, uint64_t offset, uint8_t *out, size_t len, b
     uint32_t index = uint32_t(pos / t->chunk_size);
     size_t within = pos % t->chunk_size;
     size_t n = std::min(size_t(t->chunk_size) - within, len - done);
-    ok = read_part(t, r, index, within, out + done, n) || (admit && admit_part(t, r, index, within, out + done, n));
+    ok = read_part(t, r, index, within, out + done, n) || (admit && TableAdmitPlaced(t, r, index, within, out + done, n));
     done += n;
   }
   std::lock_guard<std::mutex> g(t->mu);

@@ -9,9 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <mutex>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -20,7 +18,7 @@
 namespace lethe {
 
 inline constexpr size_t PIECE = 4096;
-inline constexpr size_t DIGEST = 16;
+inline constexpr size_t PIECE_TAG = 16;
 inline constexpr size_t NONCE = crypto_stream_xchacha20_NONCEBYTES;
 inline constexpr size_t KEY = 32;
 inline constexpr size_t TAG = 16;
@@ -28,6 +26,8 @@ inline constexpr size_t CT_AT = 1 + NONCE;  // format byte, nonce, then the ciph
 inline constexpr size_t IMAGE_ID = 16;
 inline constexpr size_t COORD = IMAGE_ID + 4 + 1 + 8;
 inline constexpr size_t MAX_LABEL = 64;
+/** The longest associated data of a chunk's AEAD (ChunkAd). */
+inline constexpr size_t MAX_AD = MAX_LABEL + COORD + 1;
 inline constexpr int MAX_GENS = 8;
 inline constexpr size_t BLOCK = 64;
 /** A blob's first byte (common/constants.ts CHUNK_FORMAT_VERSION). */
@@ -41,8 +41,7 @@ struct Chunk {
   uint64_t at;   // file offset of the ciphertext
   uint32_t len;  // ciphertext bytes (= plaintext bytes)
   uint8_t nonce[NONCE];
-  std::vector<uint8_t> digests;  // DIGEST bytes a piece; empty after an admission until the digester takes them
-  bool queued = false;           // in the digester's queue
+  std::vector<uint8_t> tags;  // PIECE_TAG bytes a 4 KiB piece (TablePieceTags)
 };
 
 /** Locked scratch for one reader: a derived chunk key, one keystream block, the cipher's state. */
@@ -52,16 +51,17 @@ struct Scratch {
   uint8_t block[BLOCK];
 };
 
-/** One thread's locked scratch (a derived key, a keystream block) and ciphertext buffer. */
+/** One thread's locked scratch (a derived key, a keystream block) and buffers. */
 struct Reader {
   Scratch *scratch = nullptr;  // sodium_malloc
   std::vector<uint8_t> ct;     // ciphertext read from the file (not secret)
+  std::vector<uint8_t> want, tags;  // a read's pieces' tags, kept and computed (not secret: Poly1305 tags under one-time keys)
 };
 
 struct Table {
   std::mutex mu;
   int fd = -1;
-  uint8_t digest_key[KEY];
+  uint8_t piece_key[KEY];  // the piece tags' (TablePieceTags), random, this process's own
   uint8_t label[MAX_LABEL];  // the chunk-key derivation's
   size_t label_len = 0;
   uint8_t ad_label[MAX_LABEL];  // the chunk AEAD's associated data, before the coordinate
@@ -77,7 +77,7 @@ struct Table {
   int held = 0;              // class keys held: the region is readable while > 0
   Reader *js = nullptr;      // the JavaScript thread's reader
   std::vector<Reader *> spare_readers;  // the admissions' (TableAdmit), free ones; freed with the table
-  uint64_t reads = 0, fallbacks = 0, mismatches = 0, admits = 0, refused = 0, digested = 0;
+  uint64_t reads = 0, fallbacks = 0, mismatches = 0, admits = 0, refused = 0;
   /**
    * Chunks with an admission under way, and whether one was forgotten meanwhile (a write,
    * a slot given up): such an admission puts nothing in. `epoch` counts the times every
@@ -101,17 +101,6 @@ struct Table {
   };
   std::unordered_map<uint32_t, Lies> lies;
   size_t max_lies = 0;
-  /**
-   * The digester: one thread, at nice 19, that takes the piece digests of
-   * chunks admitted without them (TableAdmit), so that a later short read checks 4 KiB
-   * rather than the whole blob, and no read waits for them. Started when the first chunk
-   * is queued; stopped and joined by TableDestroy (set `stop` also when no thread or no
-   * locked memory could be had). Under mu: the queue and `stop`.
-   */
-  std::thread digester;
-  std::condition_variable digest_wake;
-  std::deque<uint32_t> undigested;
-  bool digester_stop = false;
   /** The handle's reference and each proxy's: the last to let go frees the table. */
   std::atomic<int> refs{1};
   /** Locked reply buffers the proxies share (free ones in `replies`), each of reply_bytes; freed with the table, when no proxy can hold one. */
@@ -141,8 +130,16 @@ void TableForgetLocked(Table *t, uint32_t index);
 void TableForgetAllLocked(Table *t);
 /** Puts a checked chunk in, letting another go when the table is full; t->mu held. */
 void TablePutLocked(Table *t, uint32_t index, Chunk &&c);
-/** The keyed digest of each 4 KiB piece of ciphertext `ct` (len bytes), DIGEST bytes a piece, into `out`. */
-void TableDigests(const Table *t, const uint8_t *ct, size_t len, std::vector<uint8_t> &out);
+/**
+ * The tag of each 4 KiB piece of ciphertext `ct` (len bytes) of the blob sealed under
+ * `nonce`, PIECE_TAG bytes a piece, into `out`: Poly1305 under a one-time key for that
+ * piece of that blob (aead::PieceTags under the table's piece key). Taken from a blob
+ * whose whole tag was checked, and kept in the table, they let a read check only the
+ * pieces it covers. s's cipher state is used and zeroed.
+ */
+void TablePieceTags(const Table *t, Scratch *s, const uint8_t *nonce, const uint8_t *ct, size_t len, std::vector<uint8_t> &out);
+/** The chunk AEAD's associated data (common/chunk.ts chunkAd): label ‖ coordinate ‖ class, into out (MAX_AD bytes); its length. t->mu held. */
+size_t ChunkAd(const Table *t, uint32_t gen, uint32_t index, uint8_t *out);
 
 /**
  * Starts an admission of chunk `index` (TableAdmit), on the thread that found where its
@@ -153,7 +150,7 @@ uint64_t TableAdmitBegin(Table *t, uint32_t index);
  * Admits chunk `index` of generation `gen` whose blob (blob_len bytes: format byte, nonce,
  * ciphertext, tag) lies at byte `at` of the file, without JavaScript's check: reads it
  * with r, checks its tag under the chunk key the held class key derives, and puts it in
- * (its pieces' digests left to the digester). With n > 0, also plaintext bytes [within, within + n) into
+ * with its pieces' tags. With n > 0, also plaintext bytes [within, within + n) into
  * out. False (nothing put in; out's bytes undefined) when the class key is not held, the
  * file is short, the format byte or the tag is wrong (counted in `refused`), or the chunk
  * was forgotten since TableAdmitBegin (which gave `begun`). Ends the admission either way.
@@ -165,6 +162,8 @@ bool TableAdmit(Table *t, Reader *r, uint32_t index, uint32_t gen, uint64_t at, 
 void TableAdmitCancel(Table *t, uint32_t index);
 /** Chunk `index` of `gen` lies at byte `at` of the file (blob_len bytes), to admit at its first read; false when the table knows as many as it may. t->mu held. */
 bool TableLiesLocked(Table *t, uint32_t index, uint32_t gen, uint64_t at, uint32_t blob_len);
+/** Admits chunk `index` where TableLiesLocked said its blob lies, and serves bytes [within, + n) of it into out; false when it cannot. */
+bool TableAdmitPlaced(Table *t, Reader *r, uint32_t index, size_t within, uint8_t *out, size_t n);
 
 /** A reader for an admission: a spare one of the table's, or a new one; null when locked memory cannot be had. */
 Reader *TableTakeReader(Table *t);

@@ -131,6 +131,17 @@ export function aeadVerify(key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, b
   return addon().aeadCipher(3, args[0], args[1], args[2], 0, args[3]) !== null;
 }
 
+/**
+ * The 16-byte tag of each 4 KiB piece of `input` (the last may be shorter), as the disk's
+ * native reads check a piece: Poly1305 under the first 32 bytes of XChaCha20 block
+ * `first + i` for piece i.
+ */
+export function aeadPieceTags(key: Uint8Array, nonce: Uint8Array, first: number, input: Uint8Array): Buffer {
+  if (!Number.isSafeInteger(first) || first < 0) throw new RangeError(`aeadPieceTags: first must be a block number, not ${first}`);
+  const args = [key, nonce, input].map((b, i) => bytesArg('aeadPieceTags', ['key', 'nonce', 'input'][i], b));
+  return addon().aeadCipher(4, args[0], args[1], new Uint8Array(0), first, args[2]) as Buffer;
+}
+
 /** `input` XOR the XChaCha20 keystream from 64-byte block `ic` on. */
 export function aeadStream(key: Uint8Array, nonce: Uint8Array, ic: number, input: Uint8Array): Buffer {
   if (!Number.isSafeInteger(ic) || ic < 0) throw new RangeError(`aeadStream: ic must be a block number, not ${ic}`);

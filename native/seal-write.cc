@@ -179,7 +179,8 @@ napi_value AeadBackend(napi_env env, napi_callback_info) {
  * aeadCipher(op, key, nonce, ad, ic, input) → Buffer | null, on the code sealWrite and
  * the disk's reads use: op 0 seals input into ciphertext ‖ tag; 1 opens ciphertext ‖ tag
  * (null when the tag does not match); 2 is the XChaCha20 stream from block ic (ad unused);
- * 3 checks ciphertext ‖ tag without opening it (an empty buffer, or null).
+ * 3 checks ciphertext ‖ tag without opening it (an empty buffer, or null); 4 is the tag
+ * of each 4 KiB piece of input, its first piece's key from block ic (aead::PieceTags).
  */
 napi_value AeadCipher(napi_env env, napi_callback_info info) {
   napi_value argv[6];
@@ -191,12 +192,13 @@ napi_value AeadCipher(napi_env env, napi_callback_info info) {
       !get_bytes(env, argv[2], &nonce, &nonce_len) || !get_bytes(env, argv[3], &ad, &ad_len) || !get_i64(env, argv[4], &ic) ||
       !get_bytes(env, argv[5], &in, &in_len))
     return nullptr;
-  if (op < 0 || op > 3 || key_len != KEY || nonce_len != NONCE || ic < 0 || ((op == 1 || op == 3) && in_len < TAG))
+  if (op < 0 || op > 4 || key_len != KEY || nonce_len != NONCE || ic < 0 || ((op == 1 || op == 3) && in_len < TAG))
     return throw_type(env, "lethe_native: aeadCipher: bad operation, key, nonce, block or input length");
   if (sodium_init() < 0) return throw_errno(env, "sodium_init", EIO);
   Secret *k = take_key();
   if (!k) return throw_errno(env, "sodium_malloc", ENOMEM);
-  size_t out_len = op == 0 ? in_len + TAG : op == 1 ? in_len - TAG : op == 2 ? in_len : 0;
+  constexpr size_t PIECE = 4096;
+  size_t out_len = op == 0 ? in_len + TAG : op == 1 ? in_len - TAG : op == 2 ? in_len : op == 4 ? (in_len + PIECE - 1) / PIECE * TAG : 0;
   void *p = nullptr;
   napi_value out;
   napi_create_buffer(env, out_len, &p, &out);
@@ -208,6 +210,7 @@ napi_value AeadCipher(napi_env env, napi_callback_info info) {
   if (op == 1) ok = aead::OpenDetached(&k->aead, o, in, out_len, in + out_len, ad, ad_len, nonce, k->key);
   if (op == 2) aead::StreamXorIc(&k->aead, o, in, in_len, nonce, uint64_t(ic), k->key);
   if (op == 3) ok = aead::VerifyDetached(&k->aead, in, in_len - TAG, in + in_len - TAG, ad, ad_len, nonce, k->key);
+  if (op == 4) aead::PieceTags(&k->aead, o, in, in_len, PIECE, uint64_t(ic), nonce, k->key);
   give_key(k);
   if (ok != 0) napi_get_null(env, &out);
   return out;

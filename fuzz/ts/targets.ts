@@ -16,7 +16,7 @@ import { PAGES_CONTENT_TYPE } from '../../common/wire.js';
 import { HintParser } from '../../agent/vm/hints.js';
 import { NbdServer, type BlockBackend } from '../../agent/disk/nbd/server.js';
 import { FileBackend } from '../../agent/disk/nbd/file-backend.js';
-import { NativeDiskReads, aeadOpen, aeadSeal, aeadStream, aeadVerify } from '../../native/index.js';
+import { NativeDiskReads, aeadOpen, aeadPieceTags, aeadSeal, aeadStream, aeadVerify } from '../../native/index.js';
 import sodium from 'sodium-native';
 import { parsePolicy } from '../../policies/policy.js';
 import { signatureHeaders } from '../../server/auth.js';
@@ -123,8 +123,9 @@ const chunkEnvelope: FuzzTarget = {
 /**
  * The native chunk cipher (native/aead.cc) against libsodium on the same input: the
  * first byte picks sealing, opening (of bytes that are mostly not a valid box), the
- * keystream from a block, or checking a box's tag alone; then key, nonce, the associated data's length and bytes, and
- * the message. Any difference between the two is a crash.
+ * keystream from a block, checking a box's tag alone, or the tags of its 4 KiB pieces;
+ * then key, nonce, the associated data's length and bytes (its first four, the block to
+ * start from), and the message. Any difference between the two is a crash.
  */
 const aead: FuzzTarget = {
   name: 'aead',
@@ -137,7 +138,7 @@ const aead: FuzzTarget = {
     const adLen = Math.min(d[57], d.length - 58);
     const ad = d.subarray(58, 58 + adLen);
     const m = d.subarray(58 + adLen);
-    const op = d[0] % 4;
+    const op = d[0] % 5;
     let same: boolean;
     if (op === 0) {
       const want = Buffer.alloc(m.length + 16);
@@ -157,11 +158,23 @@ const aead: FuzzTarget = {
         const got = aeadOpen(key, nonce, ad, m);
         same = ok ? got !== null && got.equals(want) : got === null;
       }
-    } else {
+    } else if (op === 2) {
       const ic = ad.length >= 4 ? ad.readUInt32LE(0) : ad.length;
       const want = Buffer.alloc(m.length);
       sodium.crypto_stream_xchacha20_xor_ic(want, m, nonce, ic, key);
       same = aeadStream(key, nonce, ic, m).equals(want);
+    } else {
+      // Piece tags: each 4 KiB piece's Poly1305 under the first 32 bytes of block first + i.
+      const first = ad.length >= 4 ? ad.readUInt32LE(0) : ad.length;
+      const got = aeadPieceTags(key, nonce, first, m);
+      same = got.length === Math.ceil(m.length / 4096) * 16;
+      for (let i = 0; same && i * 4096 < m.length; i++) {
+        const block = Buffer.alloc(64);
+        sodium.crypto_stream_xchacha20_xor_ic(block, Buffer.alloc(64), nonce, first + i, key);
+        const tag = Buffer.alloc(16);
+        sodium.crypto_onetimeauth(tag, m.subarray(i * 4096, (i + 1) * 4096), block.subarray(0, 32));
+        same = tag.equals(got.subarray(i * 16, i * 16 + 16));
+      }
     }
     if (!same) throw new Error(`the native cipher and libsodium disagree (op ${op}, ${m.length} bytes, ${ad.length} bytes of ad)`);
   },
@@ -174,14 +187,14 @@ export const ADMIT_CLASS_KEY = Buffer.alloc(32, 8);
 export const ADMIT_COORD: ChunkCoord = { imageId: Buffer.alloc(16, 2), gen: 3, kind: 'disk', index: 5, cls: 'normal' };
 
 /**
- * A chunk's first read checked in native code (NativeDiskReads.admit, native/disk-table.cc):
+ * A chunk's first read checked in native code (NativeDiskReads.admit, native/disk-admit.cc):
  * the input is the blob lying in the cache file. The table must take it in exactly when
  * the chunk format opens it in TypeScript, with the same plaintext, and a read from the
  * table afterwards must give those bytes too.
  */
 class DiskAdmitTarget implements FuzzTarget {
   name = 'disk-admit';
-  about = "a blob in the cache file at a chunk's first read, checked on a pool thread and taken into the native table (native/disk-table.cc TableAdmit)";
+  about = "a blob in the cache file at a chunk's first read, checked on a pool thread and taken into the native table (native/disk-admit.cc TableAdmit)";
   maxLen = 8192;
   private dir = '';
   private fd = -1;
@@ -223,7 +236,7 @@ class DiskAdmitTarget implements FuzzTarget {
     if (admitted !== (want !== undefined)) throw new Error(`the table ${admitted ? 'admitted' : 'refused'} a blob the chunk format ${want ? 'opens' : 'refuses'}`);
     if (!want) return;
     if (!got.equals(want.subarray(from))) throw new Error('the admission decrypted other bytes than the chunk format');
-    // A shorter read (from the digests, or the whole blob while the digester has not reached it), then the whole chunk.
+    // A shorter read (its pieces checked against the tags the admission took), then the whole chunk.
     const part = Buffer.alloc(Math.min(100, size - Math.floor(size / 3)));
     if (part.length > 0 && (!t.read(index * DISK_CHUNK_SIZE + Math.floor(size / 3), part) || !part.equals(want.subarray(Math.floor(size / 3), Math.floor(size / 3) + part.length)))) {
       throw new Error('the table does not read back a part of what it admitted');

@@ -137,7 +137,7 @@ describe('disk range reads (real server)', function () {
   });
 
   it('a short read of a chunk only in the cache file takes just the pieces it covers, each checked; a damaged piece is never served', async () => {
-    // Chunk 4's tag checked once (its pieces' digests taken), then its blob only in the cache file.
+    // Chunk 4's tag checked once (its pieces' tags taken), then its blob only in the cache file.
     t.agent.core.checked.clear();
     await range(4, 0, 40_000);
     t.agent.core.checked.clear();
@@ -155,7 +155,7 @@ describe('disk range reads (real server)', function () {
     expect(pieces().reads - before).to.equal(7);
     expect(t.agent.core.checked.count, 'no blob read whole').to.equal(0);
 
-    // A damaged piece (the row's SHA-256 made to match: only the digests and the tag can tell).
+    // A damaged piece (the row's SHA-256 made to match: only the piece tags and the blob's tag can tell).
     t.agent.core.checked.clear();
     damageCachedBlob(path.join(t.home, 'cache.db'), 'disk', 4, CHUNK_CT_AT + 3 * 4096 + 10);
     // Another piece of the same blob is still whole and served from it ...

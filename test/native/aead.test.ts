@@ -6,8 +6,21 @@ import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
 import sodium from 'sodium-native';
 import { randomBytes } from '../../common/crypto.js';
-import { aeadBackend, aeadOpen, aeadSeal, aeadStream, aeadVerify } from '../../native/index.js';
+import { aeadBackend, aeadOpen, aeadPieceTags, aeadSeal, aeadStream, aeadVerify } from '../../native/index.js';
 import { expectSameBytes } from '../helpers/bytes.js';
+
+/** Piece tags as the format defines them, from libsodium's XChaCha20 and Poly1305. */
+function pieceTags(key: Buffer, nonce: Buffer, first: number, m: Buffer): Buffer {
+  const tags: Buffer[] = [];
+  for (let i = 0; i * 4096 < m.length; i++) {
+    const block = Buffer.alloc(64);
+    sodium.crypto_stream_xchacha20_xor_ic(block, Buffer.alloc(64), nonce, first + i, key);
+    const tag = Buffer.alloc(16);
+    sodium.crypto_onetimeauth(tag, m.subarray(i * 4096, (i + 1) * 4096), block.subarray(0, 32));
+    tags.push(tag);
+  }
+  return Buffer.concat(tags);
+}
 
 function reference(key: Buffer, nonce: Buffer, ad: Buffer, m: Buffer): Buffer {
   const out = Buffer.alloc(m.length + 16);
@@ -85,13 +98,41 @@ describe('native chunk cipher (native/aead.cc)', () => {
     }
   });
 
+  it("tags each 4 KiB piece under its own one-time Poly1305 key, as libsodium computes it, and any changed byte changes its piece's tag alone", () => {
+    const key = randomBytes(32);
+    const nonce = randomBytes(24);
+    for (const [first, len] of [[0, 0], [0, 1], [0, 4095], [0, 4096], [0, 4097], [3, 131072], [31, 4096 + 17], [2 ** 32 - 2, 8192], [2 ** 32 - 1, 4096]]) {
+      const m = randomBytes(len);
+      const tags = aeadPieceTags(key, nonce, first, m);
+      expect(tags.length, `${len} bytes`).to.equal(Math.ceil(len / 4096) * 16);
+      expectSameBytes(tags, pieceTags(key, nonce, first, m), `from piece ${first}, ${len} bytes`);
+    }
+    const m = randomBytes(5 * 4096);
+    const tags = aeadPieceTags(key, nonce, 0, m);
+    for (const at of [0, 4095, 4096, 3 * 4096 + 7, m.length - 1]) {
+      const bad = Buffer.from(m);
+      bad[at] ^= 0x10;
+      const got = aeadPieceTags(key, nonce, 0, bad);
+      for (let p = 0; p < 5; p++) {
+        const same = got.subarray(p * 16, p * 16 + 16).equals(tags.subarray(p * 16, p * 16 + 16));
+        expect(same, `byte ${at} changed: piece ${p}'s tag`).to.equal(p !== Math.floor(at / 4096));
+      }
+    }
+    // Another piece number, nonce or key gives other tags for the same bytes.
+    const piece = m.subarray(0, 4096);
+    const one = aeadPieceTags(key, nonce, 0, piece);
+    expect(aeadPieceTags(key, nonce, 1, piece).equals(one)).to.equal(false);
+    expect(aeadPieceTags(key, randomBytes(24), 0, piece).equals(one)).to.equal(false);
+    expect(aeadPieceTags(randomBytes(32), nonce, 0, piece).equals(one)).to.equal(false);
+  });
+
   it('falls back to libsodium under LETHE_AEAD=libsodium, and both open what the other sealed', () => {
     const key = randomBytes(32);
     const nonce = randomBytes(24);
     const ad = Buffer.from('lethe/test');
     const m = randomBytes(70_001);
     const script = `
-      import { aeadBackend, aeadOpen, aeadSeal, aeadVerify } from './native/index.ts';
+      import { aeadBackend, aeadOpen, aeadPieceTags, aeadSeal, aeadVerify } from './native/index.ts';
       let input = '';
       for await (const part of process.stdin) input += part;
       const [key, nonce, ad, m, theirs] = JSON.parse(input).map((h) => Buffer.from(h, 'hex'));
@@ -99,7 +140,8 @@ describe('native chunk cipher (native/aead.cc)', () => {
       const bad = Buffer.from(theirs);
       bad[bad.length - 1] ^= 1;
       const checks = [aeadVerify(key, nonce, ad, theirs), aeadVerify(key, nonce, ad, bad)];
-      process.stdout.write(JSON.stringify({ backend: aeadBackend(), sealed: aeadSeal(key, nonce, ad, m).toString('hex'), opened: opened && opened.toString('hex'), checks }));`;
+      const pieces = aeadPieceTags(key, nonce, 5, m).toString('hex');
+      process.stdout.write(JSON.stringify({ backend: aeadBackend(), sealed: aeadSeal(key, nonce, ad, m).toString('hex'), opened: opened && opened.toString('hex'), checks, pieces }));`;
     const ours = aeadSeal(key, nonce, ad, m);
     const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
       input: JSON.stringify([key, nonce, ad, m, ours].map((b) => b.toString('hex'))),
@@ -108,11 +150,12 @@ describe('native chunk cipher (native/aead.cc)', () => {
       maxBuffer: 1 << 24,
     });
     expect(r.status, r.stderr).to.equal(0);
-    const out = JSON.parse(r.stdout) as { backend: string; sealed: string; opened: string | null; checks: boolean[] };
+    const out = JSON.parse(r.stdout) as { backend: string; sealed: string; opened: string | null; checks: boolean[]; pieces: string };
     expect(out.backend).to.equal('libsodium');
     expect(out.checks, 'libsodium checked the tag alone: the box, then the box with its tag changed').to.deep.equal([true, false]);
     expect(out.opened, 'libsodium opened what this process sealed').to.equal(m.toString('hex'));
     expectSameBytes(Buffer.from(out.sealed, 'hex'), ours, 'both sealed the same bytes');
+    expectSameBytes(Buffer.from(out.pieces, 'hex'), aeadPieceTags(key, nonce, 5, m), 'both tagged the same pieces');
     expectSameBytes(aeadOpen(key, nonce, ad, Buffer.from(out.sealed, 'hex'))!, m, 'this process opened what libsodium sealed');
   });
 
