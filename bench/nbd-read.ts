@@ -23,7 +23,7 @@ import { parseArgs } from 'node:util';
 import { table } from '../cli/output.js';
 import { lethe, startServer, tmpDir, type ServerProc } from '../test/helpers/proc.js';
 import { aeadBackend } from '../native/index.js';
-import { luksArgs, luksCopy, qemuNbd, randomDisk, withAgentExport } from './lib/nbd-disks.js';
+import { dropFromPageCache, luksArgs, luksCopy, qemuNbd, randomDisk, withAgentExport } from './lib/nbd-disks.js';
 
 const run = promisify(execFile);
 const { values } = parseArgs({
@@ -98,10 +98,11 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
     const plainUri = await qemuNbd(dir, 'plain', ['-f', 'raw', raw], procs);
     const luksUri = await qemuNbd(dir, 'luks', luksArgs(luks), procs);
     const source = path.join(dir, 'source.raw'); // what the write phase copies in
-    fs.copyFileSync(raw, source);
+    if (PHASES.includes('write')) fs.copyFileSync(raw, source);
     // lethe image push streams the file: a disk of 4 GiB does not fit one Buffer.
     const pushed = await lethe(['image', 'push', image, '--disk', raw], s.env);
     if (pushed.code !== 0) throw new Error(`image push failed: ${pushed.stderr}`);
+    await dropFromPageCache(s.dir);
     const offsets = Array.from({ length: READS }, (_, i) => (((i * 2654435761) >>> 0) % (size / 4096)) * 4096);
 
     /** Runs the agent's measurement and both yardsticks REPS times, alternating, so load drifts hit all three; medians. */
