@@ -25,6 +25,8 @@ export interface CacheStats {
   misses: number;
   evicted: number;
   damaged: number;
+  /** Flushes that fsynced the slot files: those after a dirty blob went in. */
+  slotSyncs: number;
 }
 
 export const PAGE = 4096;

@@ -15,9 +15,12 @@
 // anyway (disk damage, a slot shared after a power cut) fails its SHA-256 or AEAD
 // check, is dropped and is fetched again, never served. A version's clean blob a
 // draft write made stale goes once that write is durable, by the same syncs
-// (supersede()). Bounded: clean chunks are evicted least recently used first, their
-// slots punched out (a stale blob's is not: the next writes take it); dirty chunks
-// never are (they are the only copy of a guest write until it is checked in).
+// (supersede()). A flush fsyncs the slot files only when a dirty blob went in since
+// their last: a server blob a power cut loses fails its check and is fetched again,
+// and after a prefetch of a large disk that fsync was seconds of the event loop.
+// Bounded: clean chunks are evicted least recently used first, their slots punched out
+// (a stale blob's is not: the next writes take it); dirty chunks never are (they are
+// the only copy of a guest write until it is checked in).
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -39,6 +42,7 @@ export class ChunkCache {
   private readonly cleanOrder = new Map<string, Entry>();
   private bytes = 0;
   private dirtyCount = 0;
+  private unsynced = false; // a dirty blob was written since the slot files' last fsync
   private settling?: Promise<void>; // settleHeld() under way
   /** Clean entries writes made stale (supersede()), dropped once those writes are durable; and their bytes. */
   private stale = new Set<Entry>();
@@ -49,7 +53,7 @@ export class ChunkCache {
   /** Monotonic use counter; persisted with each write, refreshed in memory on reads. */
   private tick = 0;
   private readonly touched = new Set<Entry>();
-  private readonly counters = { hits: 0, misses: 0, evicted: 0, damaged: 0 };
+  private readonly counters = { hits: 0, misses: 0, evicted: 0, damaged: 0, slotSyncs: 0 };
   /**
    * Told of every key whose index entry is replaced or dropped, as it happens (before
    * its slot can be reused): the native disk-read table forgets what it read there.
@@ -75,9 +79,7 @@ export class ChunkCache {
       this.slots[kind] = new Slots();
     }
     this.q = {
-      put: this.db.prepare(
-        'INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, slot, len, sha256, dirty, cls, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
-      ),
+      put: this.db.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, slot, len, sha256, dirty, cls, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'),
       del: this.db.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
       touch: this.db.prepare('UPDATE blobs SET used = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
       clean: this.db.prepare('UPDATE blobs SET dirty = 0 WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
@@ -154,10 +156,10 @@ export class ChunkCache {
   }
 
   /**
-   * The cached blob and its stored SHA-256. With `verify` false the data is
-   * not hashed again: the caller compares the stored hash to the signed
-   * manifest and lets the AEAD tag catch damaged data (then drop() and fetch).
-   * With `into` (large enough) the blob is read into it, and the data is a view of it.
+   * The cached blob and its stored SHA-256. With `verify` false the data is not hashed
+   * again: the caller compares the stored hash to the signed manifest and lets the AEAD
+   * tag catch damaged data (then drop() and fetch). With `into` (large enough) the blob
+   * is read into it, and the data is a view of it.
    */
   getWithHash(k: CacheKey, verify = true, into?: Buffer): { data: Buffer; sha256: Buffer } | undefined {
     const e = this.index.get(this.id(k));
@@ -174,11 +176,7 @@ export class ChunkCache {
     return { data, sha256: e.sha };
   }
 
-  /**
-   * Bytes [at, at + into.length) of a cached blob, read into `into` and not checked:
-   * the caller checks them (piece digests). False when the blob is not cached, or
-   * shorter.
-   */
+  /** Bytes [at, at + into.length) of a cached blob into `into`, not checked (the caller checks its pieces); false when not cached, or shorter. */
   readPart(k: CacheKey, at: number, into: Buffer): boolean {
     const id = this.id(k);
     const e = this.index.get(id);
@@ -269,6 +267,7 @@ export class ChunkCache {
     try {
       if (len > SLOT_BYTES[k.kind]) throw new RangeError(`a ${k.kind} blob of ${len} bytes does not fit a ${SLOT_BYTES[k.kind]}-byte slot`);
       const e: Entry = { key: { ...k }, slot, len, sha, dirty, cls: cls ?? null, used: ++this.tick };
+      this.unsynced ||= dirty;
       this.q.put.run(k.imageId, k.gen, k.kind, k.index, slot, e.len, e.sha, dirty ? 1 : 0, e.cls, e.used);
       this.replace(this.id(k), e);
     } catch (err) {
@@ -387,9 +386,8 @@ export class ChunkCache {
   }
 
   /**
-   * Drops the stale entries still as they were (evicted or written since: left alone),
-   * their slots not punched. Never throws: a stale blob is only a clean row too many, and
-   * a cache closed, or a database that fails, leaves it one.
+   * Drops the stale entries still as they were (evicted or written since: left alone), their slots not
+   * punched. Never throws: a stale blob is only a clean row too many, as a closed cache or a failing database leaves it.
    */
   private dropStale(stale: Set<Entry>): void {
     if (this.closed || stale.size === 0) return;
@@ -434,9 +432,13 @@ export class ChunkCache {
     this.touched.clear();
   }
 
-  /** Makes every write so far durable: the slot files, then the index (fsync of the WAL). */
+  /** Makes every write so far durable: the slot files (when a dirty blob went in since their last fsync), then the index (fsync of the WAL). */
   flush(): void {
-    for (const kind of CHUNK_KINDS) fs.fsyncSync(this.fds[kind]);
+    if (this.unsynced) {
+      for (const kind of CHUNK_KINDS) fs.fsyncSync(this.fds[kind]);
+      this.counters.slotSyncs++;
+    }
+    this.unsynced = false;
     this.persistTouches();
     this.db.pragma('wal_checkpoint(FULL)');
     for (const kind of CHUNK_KINDS) this.slots[kind].flushed();
