@@ -81,7 +81,8 @@ export interface AgentExport {
  * Runs `use` with the agent of a new device assigned `image` (a cache of twice the disk,
  * `args` more), once its export is up and, unless `--no-prefetch` is among `args`, its
  * prefetch done, what it wrote on disk (`sync`), and the server's files dropped from the
- * page cache (dropFromPageCache: the prefetch read them). nbdcopy and qemu-io are not the agent's QEMU: they connect by
+ * page cache (dropFromPageCache: the prefetch read them; a cold agent without prefetch
+ * reads from the server, whose copy stays in memory as a server's would). nbdcopy and qemu-io are not the agent's QEMU: they connect by
  * opt-in (--nbd-peers user). The device's home goes after: its cache holds a copy of the disk.
  */
 export async function withAgentExport<T>(s: ServerProc, image: string, size: number, args: string[], use: (x: AgentExport) => Promise<T>): Promise<T> {
@@ -97,7 +98,7 @@ export async function withAgentExport<T>(s: ServerProc, image: string, size: num
     // ran at 1,600–1,900 a second, the same pass after a wait at 10,800–11,900. The
     // yardsticks' files were written long before their turn.
     await run('sync');
-    await dropFromPageCache(s.dir);
+    if (!args.includes('--no-prefetch')) await dropFromPageCache(s.dir);
   };
   let agent = await start();
   try {
