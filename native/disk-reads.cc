@@ -121,7 +121,6 @@ napi_value Open(napi_env env, napi_callback_info info) {
     delete t;
     return throw_errno(env, "dup", err);
   }
-  memcpy(t->piece_key, dkey, KEY);
   memcpy(t->label, label, label_len);
   t->label_len = label_len;
   memcpy(t->ad_label, ad_label, ad_label_len);
@@ -132,6 +131,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
   t->max_chunks = max_chunks;
   t->max_lies = size_t(max_chunks) * 4;
   t->keys = static_cast<uint8_t *>(sodium_malloc(MAX_GENS * KEY));
+  t->piece_key = static_cast<uint8_t *>(sodium_malloc(KEY));
   t->js = ReaderNew(chunk_size);
   t->reply_bytes = REPLY_HEADER_ROOM + reply_max;
   t->copy_bytes = copy_bytes;
@@ -140,13 +140,15 @@ napi_value Open(napi_env env, napi_callback_info info) {
   t->replies = t->reply_all;
   t->write_state.assign(t->write_all.size(), WRITE_FREE);
   t->write_len.assign(t->write_all.size(), 0);
-  if (!t->keys || !t->js || !pooled) {
+  if (!t->keys || !t->piece_key || !t->js || !pooled) {
     TableDestroy(t);
     delete t;
     return throw_errno(env, "sodium_malloc", ENOMEM);
   }
   sodium_memzero(t->keys, MAX_GENS * KEY);
   sodium_mprotect_noaccess(t->keys);
+  memcpy(t->piece_key, dkey, KEY);
+  sodium_mprotect_readonly(t->piece_key);
   for (int i = 0; i < MAX_GENS; i++) t->gens[i] = -1;
   napi_value handle;
   napi_create_external(env, t, Finalize, nullptr, &handle);

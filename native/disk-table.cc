@@ -84,6 +84,8 @@ Table::~Table() {
   for (uint8_t *b : write_all) sodium_free(b);
   /* SAFETY: an admission holds a reference while it has a reader, so every one is back here */
   for (Reader *r : spare_readers) ReaderFree(r);
+  /* SAFETY: from sodium_malloc in Open (or null); the last reference is gone, so no reader uses it. sodium_free zeroes it */
+  if (piece_key) sodium_free(piece_key);
 }
 
 void TableForgetLocked(Table *t, uint32_t index) {
@@ -120,7 +122,6 @@ void TableDestroy(Table *t) {
   if (t->keys) sodium_free(t->keys);
   t->keys = nullptr;
   ReaderFree(t->js);
-  sodium_memzero(t->piece_key, KEY);
   t->js = nullptr;
 }
 

@@ -61,7 +61,12 @@ struct Reader {
 struct Table {
   std::mutex mu;
   int fd = -1;
-  uint8_t piece_key[KEY];  // the piece tags' (TablePieceTags), random, this process's own
+  /**
+   * The piece tags' key (TablePieceTags), random, this process's own: sodium_malloc
+   * (locked, left out of core dumps), read-only after Open, freed (zeroed) with the
+   * table, when no reader can be using it.
+   */
+  uint8_t *piece_key = nullptr;
   uint8_t label[MAX_LABEL];  // the chunk-key derivation's
   size_t label_len = 0;
   uint8_t ad_label[MAX_LABEL];  // the chunk AEAD's associated data, before the coordinate

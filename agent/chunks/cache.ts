@@ -8,16 +8,15 @@
 //
 // Crash safety. A blob is written to a free slot first, then its row commits, so a
 // crash leaves the old row or the new one, never a row over a half-written slot
-// that was in use: a changed chunk always goes to a new slot. The slot a dirty chunk
-// leaves is reused only after the slot files, then the index, are synced (the next
-// flush(), or settleHeld() in the background once 16 MiB are held): until then the
-// old row may be what a power cut brings back. A row whose slot holds something else
-// anyway (disk damage, a slot shared after a power cut) fails its SHA-256 or AEAD
-// check, is dropped and is fetched again, never served. A version's clean blob a
-// draft write made stale goes once that write is durable, by the same syncs
-// (supersede()). A flush fsyncs the slot files only when a dirty blob went in since
-// their last: a server blob a power cut loses fails its check and is fetched again,
-// and after a prefetch of a large disk that fsync was seconds of the event loop.
+// that was in use: a changed chunk always goes to a new slot. The slot a chunk leaves
+// is reused only after the index is synced, and the slot files before it whenever a
+// dirty blob went in since their last fsync (the next flush(), or settleHeld() in
+// the background once 16 MiB are held): until then the old row may be what a power
+// cut brings back. Only a guest write needs its bytes synced: a server blob a power
+// cut loses fails its check, like a row whose slot holds something else (disk damage,
+// a slot shared after a power cut), and is dropped and fetched again, never served.
+// A version's clean blob a draft write made stale goes once that write is durable, by
+// the same syncs (supersede()). A cache opened with dirty rows syncs at its first flush.
 // Bounded: clean chunks are evicted least recently used first, their slots punched out
 // (a stale blob's is not: the next writes take it); dirty chunks never are (they are
 // the only copy of a guest write until it is checked in).
@@ -126,6 +125,7 @@ export class ChunkCache {
       for (const e of this.index.values()) if (e.key.kind === kind) inUse.add(e.slot);
       this.slots[kind].rebuild(inUse);
     }
+    this.unsynced = this.dirtyCount > 0; // a guest write an agent crash left unflushed may be in the page cache only
   }
 
   private account(e: Entry, sign: 1 | -1): void {

@@ -129,6 +129,26 @@ describe('native disk reads', () => {
     expectSameBytes(read(CHUNK, 4096)!, plain.subarray(CHUNK, CHUNK + 4096));
   });
 
+  it("a piece's tag is bound to its place and its blob: the short last piece changed, or one piece copied over another, is refused", () => {
+    // Chunk 2 is 118,727 bytes: its last piece, 28, holds 4,039.
+    const last = Math.floor((sizes[2] - 1) / 4096);
+    const b = Buffer.alloc(1);
+    const at2 = slots[2] * SLOT + CHUNK_CT_AT + sizes[2] - 1;
+    fs.readSync(fd, b, 0, 1, at2);
+    b[0] ^= 4;
+    fs.writeSync(fd, b, 0, 1, at2);
+    expect(read(2 * CHUNK + last * 4096 - 100, 50), 'the piece before it').to.not.equal(undefined);
+    expect(read(2 * CHUNK + sizes[2] - 10, 10), 'the short last piece').to.equal(undefined);
+    // Chunk 0: piece 1's ciphertext copied over piece 2's. Each is a piece the table
+    // took a tag of, but not in that place.
+    const piece = Buffer.alloc(4096);
+    fs.readSync(fd, piece, 0, 4096, slots[0] * SLOT + CHUNK_CT_AT + 4096);
+    fs.writeSync(fd, piece, 0, 4096, slots[0] * SLOT + CHUNK_CT_AT + 2 * 4096);
+    expectSameBytes(read(4096, 4096)!, plain.subarray(4096, 8192), 'piece 1 where it was');
+    expect(read(2 * 4096, 4096), 'piece 1 in piece 2\'s place').to.equal(undefined);
+    expect(t.stats()).to.include({ mismatches: 2, chunks: 1 });
+  });
+
   it("a whole-chunk read is checked by the chunk's tag: a changed tag is refused, and the chunk forgotten", () => {
     // The last byte of chunk 1's tag, which no piece tag covers.
     const at = slots[1] * SLOT + blobs[1].length - 1;

@@ -188,6 +188,23 @@ describe('chunk cache', () => {
     expectSameBytes(c.get(key(5))!, blob);
     c.close();
   });
+
+  it('a cache opened with dirty rows fsyncs its slot files at the first flush: an agent crash may have left a guest write in the page cache only', () => {
+    const file = path.join(tmpDir(), 'c.db');
+    const c = new ChunkCache(file, 1 << 20);
+    c.put(key(0), randomBytes(4137));
+    c.close();
+    const clean = new ChunkCache(file, 1 << 20);
+    clean.flush();
+    expect(clean.stats().slotSyncs, 'clean rows only').to.equal(0);
+    clean.put(key(1), randomBytes(4137), true, 'normal');
+    clean.close(); // no flush: as a crash leaves it
+    const dirty = new ChunkCache(file, 1 << 20);
+    dirty.flush();
+    dirty.flush();
+    expect(dirty.stats().slotSyncs).to.equal(1);
+    dirty.close();
+  });
 });
 
 describe('chunk cache: slots and index', () => {
