@@ -53,10 +53,7 @@ export class ChunkCache {
   private tick = 0;
   private readonly touched = new Set<Entry>();
   private readonly counters = { hits: 0, misses: 0, evicted: 0, damaged: 0, slotSyncs: 0 };
-  /**
-   * Told of every key whose index entry is replaced or dropped, as it happens (before
-   * its slot can be reused): the native disk-read table forgets what it read there.
-   */
+  /** Told of every key whose index entry is replaced or dropped, as it happens (before its slot can be reused): the native disk-read table forgets what it read there. */
   onReplace?: (k: CacheKey) => void;
   /** Told of each blob that is the cached blob of its key once that stands (its transaction committed): where it lies, its length and SHA-256. Must not throw. */
   onStored?: (k: CacheKey, at: number, len: number, sha: Buffer, dirty: boolean) => void;
