@@ -119,6 +119,18 @@ export const chunkNonce = (blob: Uint8Array): Uint8Array => blob.subarray(1, CHU
 export const chunkCiphertext = (blob: Uint8Array): Uint8Array => blob.subarray(CHUNK_CT_AT, blob.length - TAG_BYTES);
 
 /**
+ * A blob's seal id: the first 16 bytes of its nonce, then its 16-byte tag. It names a
+ * blob this device sealed, from the moment it stands in the cache until it is checked
+ * in (agent/chunks/cache.ts: a dirty row's identity), where a SHA-256 of the whole blob
+ * would cost a guest write a fifth of its CPU. A fresh random nonce seals every write,
+ * so two blobs of one chunk never share it; the tag binds the rest under the chunk key.
+ */
+export function sealId(blob: Uint8Array): Buffer {
+  if (blob.length < CHUNK_OVERHEAD) throw new RangeError(`a blob of ${blob.length} bytes has no nonce and tag`);
+  return Buffer.concat([blob.subarray(1, 17), blob.subarray(blob.length - TAG_BYTES)]);
+}
+
+/**
  * Decrypts plaintext bytes [from, from + out.length) from `part`, ciphertext bytes
  * [partAt, ...) of a blob with this nonce, checked piece by piece against digests
  * of a blob verifyChunk() accepted (agent/chunks/piece-digests.ts).

@@ -93,7 +93,7 @@ export interface Addon {
   nbdProxyStats(h: NbdProxyHandle): { reads: number; bytes: number };
   nbdProxyGiveWrite(h: NbdProxyHandle, i: number): boolean;
   nbdProxyClose(h: NbdProxyHandle, held: number[]): void;
-  sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer>;
+  sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<void>;
   aeadBackend(): 'openssl' | 'libsodium';
   /** op 0 seal, 1 open (null on a bad tag), 2 the XChaCha20 stream from block ic. */
   aeadCipher(op: 0 | 1 | 2 | 3 | 4, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, ic: number, input: Uint8Array): Buffer | null;

@@ -90,12 +90,12 @@ export function memzero(bytes: ArrayBufferView): void {
 /**
  * A guest write's chunk, on a libuv pool thread (native/seal-write.cc): seals
  * `plaintext` under `key` (XChaCha20-Poly1305, `nonce`, associated data `ad`) into
- * blob[25…], whose first 25 bytes (format byte, nonce) the caller has set; takes the
- * blob's SHA-256; writes the blob at `at` in `fd`. The key is copied during the call
- * (wipe yours once it returns). Neither buffer may be touched until the promise
- * settles. Resolves with the SHA-256; rejects as node:fs does (code, syscall).
+ * blob[25…], whose first 25 bytes (format byte, nonce) the caller has set; writes the
+ * blob at `at` in `fd`. The key is copied during the call (wipe yours once it
+ * returns). Neither buffer may be touched until the promise settles. Resolves once
+ * the blob is written; rejects as node:fs does (code, syscall).
  */
-export function sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<Buffer> {
+export function sealWrite(fd: number, at: number, key: Uint8Array, nonce: Uint8Array, ad: Uint8Array, plaintext: Uint8Array, blob: Uint8Array): Promise<void> {
   fdArg('sealWrite', 'fd', fd);
   if (!Number.isSafeInteger(at) || at < 0) throw new RangeError(`sealWrite: at must be a file offset, not ${at}`);
   const args = [key, nonce, ad, plaintext, blob].map((b, i) => bytesArg('sealWrite', ['key', 'nonce', 'ad', 'plaintext', 'blob'][i], b));

@@ -1,15 +1,15 @@
 // A guest write's chunk, sealed and written off the event loop (docs/nbd.md, "Writes"):
 //
-//   sealWrite(fd, at, key, nonce, ad, plaintext, blob) → Promise<Buffer>
+//   sealWrite(fd, at, key, nonce, ad, plaintext, blob) → Promise<undefined>
 //
 // On a libuv pool thread: XChaCha20-Poly1305 (aead.h) of `plaintext` under `key` (the
 // chunk key, copied into a reused locked buffer during the call and zeroed right after its use)
 // with `nonce` and associated data `ad`, into blob[25…] (JavaScript has put the
-// format byte and the nonce in blob[0…25)); then the SHA-256 of the whole blob
-// (Node's own OpenSSL: SHA-NI where the CPU has it); then pwrite of the blob at
-// `at` in `fd` (a cache slot). Resolves with the SHA-256, or rejects as node:fs
+// format byte and the nonce in blob[0…25)); then pwrite of the blob at `at` in
+// `fd` (a cache slot). Resolves once the blob is written, or rejects as node:fs
 // does (code, errno, syscall). JavaScript keeps everything else: which slot, the
-// index row, the keys, the policy.
+// index row and the blob's seal id in it (common/chunk.ts: no SHA-256 of the whole
+// blob, which was a fifth of a write's CPU), the keys, the policy.
 //
 // The plaintext and blob buffers stay referenced until the job is done; the caller
 // must not touch them before the promise settles.
@@ -17,7 +17,6 @@
 
 #include "aead.h"
 
-#include <openssl/sha.h>
 #include <sodium.h>
 #include <unistd.h>
 
@@ -81,7 +80,6 @@ struct Job {
   const uint8_t *plain = nullptr;
   size_t plain_len = 0;
   uint8_t *blob = nullptr;
-  uint8_t hash[SHA256_DIGEST_LENGTH];
   int err = 0;
   const char *syscall = nullptr;
 };
@@ -94,7 +92,6 @@ void Execute(napi_env, void *data) {
                      j->secret->key);
   // The key's last use: zeroed now, not when the main thread gets to Complete.
   sodium_memzero(j->secret->key, KEY);
-  SHA256(j->blob, blob_len, j->hash);
   for (size_t done = 0; done < blob_len;) {
     ssize_t n = pwrite(j->fd, j->blob + done, blob_len - done, off_t(j->at + int64_t(done)));
     if (n < 0 && errno == EINTR) continue;
@@ -118,10 +115,9 @@ void Complete(napi_env env, napi_status status, void *data) {
   if (j->err != 0) {
     napi_reject_deferred(env, j->deferred, make_errno_error(env, j->syscall, j->err));
   } else {
-    napi_value hash;
-    void *p = nullptr;
-    napi_create_buffer_copy(env, SHA256_DIGEST_LENGTH, j->hash, &p, &hash);
-    napi_resolve_deferred(env, j->deferred, hash);
+    napi_value done;
+    napi_get_undefined(env, &done);
+    napi_resolve_deferred(env, j->deferred, done);
   }
   napi_delete_reference(env, j->plain_ref);
   napi_delete_reference(env, j->blob_ref);

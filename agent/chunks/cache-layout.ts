@@ -4,7 +4,9 @@
 import type Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
+import { sealId } from '../../common/chunk.js';
 import { CHUNK_KINDS, CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../../common/constants.js';
+import { sha256 } from '../../common/crypto.js';
 
 export interface CacheKey {
   imageId: string;
@@ -60,10 +62,26 @@ export interface Entry {
   key: CacheKey;
   slot: number;
   len: number;
+  /** The blob's name: its SHA-256, or a dirty blob's seal id (common/chunk.ts) until its check-in. */
   sha: Buffer;
   dirty: boolean;
   cls: Sensitivity | null;
   used: number;
+}
+
+/** Whether `data` is the blob the row names: by its SHA-256, or a dirty one by its seal id (or its SHA-256: an older agent's, or a put's without a name). */
+export function namesBlob(e: Entry, data: Buffer): boolean {
+  return (e.dirty && data.length >= CHUNK_OVERHEAD && sealId(data).equals(e.sha)) || sha256(data).equals(e.sha);
+}
+
+/** The index's statements. */
+export function cacheQueries(db: Database.Database) {
+  return {
+    put: db.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, slot, len, sha256, dirty, cls, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'),
+    del: db.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
+    touch: db.prepare('UPDATE blobs SET used = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
+    clean: db.prepare('UPDATE blobs SET dirty = 0, sha256 = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
+  };
 }
 
 /** The files of a device home's cache: the index and its WAL, and the slot files. */

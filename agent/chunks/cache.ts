@@ -3,8 +3,9 @@
 //
 // The blobs live in one slot file per chunk kind (cache-disk.blobs, …: a blob a
 // slot, at slot × slot size), so a warm read is an index lookup in memory and one
-// pread. The index — which chunk is in which slot, its SHA-256, dirty or not, when
-// last used — is SQLite (cache.db, WAL), kept in memory while the cache is open.
+// pread. The index — which chunk is in which slot, its SHA-256 (a dirty blob's seal
+// id until its check-in: common/chunk.ts), dirty or not, when last used — is SQLite
+// (cache.db, WAL), kept in memory while the cache is open.
 //
 // Crash safety. A blob is written to a free slot first, then its row commits, so a
 // crash leaves the old row or the new one, never a row over a half-written slot
@@ -26,7 +27,7 @@ import path from 'node:path';
 import { CHUNK_KINDS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { punchHole } from '../../native/index.js';
-import { migrateRowsWithData, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type Entry, type SlotRow } from './cache-layout.js';
+import { cacheQueries, migrateRowsWithData, namesBlob, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type Entry, type SlotRow } from './cache-layout.js';
 import { settleHeld, Slots } from './slots.js';
 
 export { cacheFiles, slotFile, SLOT_BYTES, type CacheKey, type CacheStats, type SlotRow } from './cache-layout.js';
@@ -74,12 +75,7 @@ export class ChunkCache {
       this.fds[kind] = fs.openSync(slotFile(file, kind), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
       this.slots[kind] = new Slots();
     }
-    this.q = {
-      put: this.db.prepare('INSERT OR REPLACE INTO blobs(image_id, gen, kind, idx, slot, len, sha256, dirty, cls, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'),
-      del: this.db.prepare('DELETE FROM blobs WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-      touch: this.db.prepare('UPDATE blobs SET used = ? WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-      clean: this.db.prepare('UPDATE blobs SET dirty = 0 WHERE image_id = ? AND gen = ? AND kind = ? AND idx = ?'),
-    };
+    this.q = cacheQueries(this.db);
     migrateRowsWithData(this.db, this.fds, SLOT_BYTES, this.q.put);
     this.load();
   }
@@ -136,7 +132,7 @@ export class ChunkCache {
   /** Whether the slot holds the bytes the row names. */
   private matches(e: Entry): boolean {
     const data = this.readSlot(e);
-    return data !== undefined && sha256(data).equals(e.sha);
+    return data !== undefined && namesBlob(e, data);
   }
 
   /** Bytes [at, at + len) of an entry's blob from its slot (all of it by default), into `into` when large enough. */
@@ -161,7 +157,7 @@ export class ChunkCache {
   getWithHash(k: CacheKey, verify = true, into?: Buffer): { data: Buffer; sha256: Buffer } | undefined {
     const e = this.index.get(this.id(k));
     const data = e && this.readSlot(e, into);
-    if (!e || !data || (verify && !sha256(data).equals(e.sha))) {
+    if (!e || !data || (verify && !namesBlob(e, data))) {
       if (e) {
         this.drop(k);
         this.counters.damaged++;
@@ -197,8 +193,8 @@ export class ChunkCache {
   }
 
   /**
-   * Stores a blob (server ciphertext, or a dirty chunk the device encrypted), then
-   * trims to the limit. `hash` is the blob's SHA-256 when the caller has it already.
+   * Stores a blob (server ciphertext, or a dirty chunk the device encrypted), then trims
+   * to the limit. `hash` names it (Entry.sha) when given; else its SHA-256 does.
    */
   put(k: CacheKey, blob: Buffer, dirty = false, cls?: Sensitivity, hash?: Buffer): void {
     this.store(k, blob, dirty, cls, hash);
@@ -461,24 +457,27 @@ export class ChunkCache {
   }
 
   /** The dirty chunks of an image, by kind and index; one whose slot cannot be read back is left out and said so by a throw. */
-  dirtyChunks(imageId: string): (CacheKey & { data: Buffer; cls: Sensitivity | null })[] {
-    const out: (CacheKey & { data: Buffer; cls: Sensitivity | null })[] = [];
+  dirtyChunks(imageId: string): (CacheKey & { data: Buffer; sha: Buffer; cls: Sensitivity | null })[] {
+    const out: (CacheKey & { data: Buffer; sha: Buffer; cls: Sensitivity | null })[] = [];
     for (const e of this.index.values()) {
       if (!e.dirty || e.key.imageId !== imageId) continue;
       const data = this.readSlot(e);
       if (!data) throw new Error(`the cache's ${e.key.kind} slot ${e.slot} is shorter than its dirty chunk ${e.key.index}`);
-      out.push({ ...e.key, data, cls: e.cls });
+      out.push({ ...e.key, data, sha: e.sha, cls: e.cls });
     }
     return out.sort((a, b) => (a.kind < b.kind ? -1 : a.kind > b.kind ? 1 : a.index - b.index));
   }
 
-  markClean(k: CacheKey): void {
+  /** A dirty blob named `was` the server committed is clean, named now by its SHA-256 `sha`; false when the chunk was written again since (it stays dirty). */
+  markClean(k: CacheKey, was: Buffer, sha: Buffer): boolean {
     const e = this.index.get(this.id(k));
-    if (!e?.dirty) return;
-    this.q.clean.run(k.imageId, k.gen, k.kind, k.index);
+    if (!e?.dirty || !e.sha.equals(was)) return false;
+    this.q.clean.run(sha, k.imageId, k.gen, k.kind, k.index);
     this.account(e, -1);
     e.dirty = false;
+    e.sha = sha;
     this.account(e, 1);
+    return true;
   }
 
   stats(): CacheStats {

@@ -64,15 +64,17 @@ export class ChunkMap {
       this.entries.state.clear();
     }
     for (const d of dirty) {
-      const ctHash = sha256(d.data).toString('base64url');
       if (d.gen === writeGen && d.cls) {
         // The version's blob of a chunk the draft wrote is stale, as ChunkWriter marks it on a write.
         const base = this.entries[d.kind].get(d.index);
         if (base && base.gen !== d.gen) cache.supersede({ imageId: m.imageId, gen: base.gen, kind: d.kind, index: d.index });
-        this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash });
+        // Named as its row names it (its seal id): a read checks the blob against that.
+        this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash: d.sha.toString('base64url') });
+        continue;
       }
       // Checked in already: the server committed it, and the answer never came back (a crash, a lost link).
-      else if (this.entries[d.kind].get(d.index)?.ctHash === ctHash) cache.markClean(d);
+      const sha = sha256(d.data);
+      if (this.entries[d.kind].get(d.index)?.ctHash === sha.toString('base64url')) cache.markClean(d, d.sha, sha);
     }
   }
 

@@ -2,7 +2,7 @@
 // the cache as dirty, a suspend's new device state written whole, and the check-in
 // that sends the dirty chunks to the server as a new version.
 import { CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
-import { chunkSealParts, encryptChunk, encryptChunkInto } from '../../common/chunk.js';
+import { chunkSealParts, encryptChunk, encryptChunkInto, sealId } from '../../common/chunk.js';
 import { sha256, wipe } from '../../common/crypto.js';
 import { crashPoint } from '../../common/crash-point.js';
 import { LetheError } from '../../common/errors.js';
@@ -121,18 +121,17 @@ export class ChunkWriter {
 
   /**
    * store() of a disk chunk with its work on a libuv pool thread (native sealWrite):
-   * the encryption, the SHA-256 and the slot write, which were four fifths of the
-   * event loop's time in a stream of guest writes. The chunk key is derived here and
-   * copied by the call; the cache's row is written here once the blob stands.
+   * the encryption and the slot write, which were four fifths of the event loop's time
+   * in a stream of guest writes. The chunk key is derived here and copied by the call;
+   * the cache's row is written here once the blob stands, named by its seal id.
    */
   private async storeOffLoop(kind: ChunkKind, index: number, data: Buffer): Promise<{ e: Entry; blob: Buffer; borrowed: true; buf: Buffer }> {
     const buf = await this.sealBuffers.take();
     const slot = this.cache.reserve(kind);
     let e: Entry;
     let blob: Buffer;
-    let hash: Buffer;
     try {
-      let sealed: Promise<Buffer>;
+      let sealed: Promise<void>;
       try {
         e = this.writeEntry(kind, index);
         const parts = chunkSealParts(buf, this.map.coord(kind, index, e), data.length);
@@ -141,12 +140,13 @@ export class ChunkWriter {
       } finally {
         wipe(this.chunkKeys.scratch); // the call copied the key
       }
-      hash = await sealed;
+      await sealed;
     } catch (err) {
       this.cache.unreserve(kind, slot.slot);
       this.keepSealBuffer(buf);
       throw err;
     }
+    const hash = sealId(blob);
     e.ctHash = hash.toString('base64url');
     try {
       // A group that fails to commit frees its slots itself.
@@ -201,7 +201,7 @@ export class ChunkWriter {
     try {
       const coord = this.map.coord(kind, index, e);
       const blob = into ? encryptChunkInto(into, scratch, coord, data) : encryptChunk(scratch, coord, data);
-      const hash = sha256(blob);
+      const hash = sealId(blob);
       e.ctHash = hash.toString('base64url');
       this.cache.put(this.map.cacheKey(kind, index, e), blob, true, e.cls, hash);
       return { e, blob, borrowed: into !== undefined };
@@ -280,8 +280,11 @@ export class ChunkWriter {
     let part: Buffer[] = [];
     let bytes = 0;
     let result: { version: number; shared?: boolean } | undefined;
+    // The version names each blob by its SHA-256, where the cache named it by its seal id: taken part by part, between the sends.
+    const shas: Buffer[] = [];
     for (let i = 0; i < dirty.length; i++) {
       const d = dirty[i];
+      shas.push(sha256(d.data));
       part.push(...encodeChunkFrame(d.kind, d.index, d.data));
       bytes += d.data.length + 13;
       const last = i === dirty.length - 1;
@@ -293,7 +296,12 @@ export class ChunkWriter {
       }
     }
     crashPoint('agent.checkin-committed');
-    for (const d of dirty) this.cache.markClean(d);
+    dirty.forEach((d, i) => {
+      // A chunk written again during the check-in stays dirty, under its new name.
+      if (!this.cache.markClean(d, d.sha, shas[i])) return;
+      const e = this.map.entries[d.kind].get(d.index);
+      if (e?.gen === d.gen && e.ctHash === d.sha.toString('base64url')) e.ctHash = shas[i].toString('base64url');
+    });
     this.cache.flush();
     this.map.writeGen = undefined;
     // A server from before device branches made every check-in shared.

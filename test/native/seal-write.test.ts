@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { chunkKey, chunkSealParts, decryptChunkInto, type ChunkCoord } from '../../common/chunk.js';
 import { CHUNK_OVERHEAD, DISK_CHUNK_SIZE } from '../../common/constants.js';
-import { randomBytes, sha256 } from '../../common/crypto.js';
+import { randomBytes } from '../../common/crypto.js';
 import { sealWrite } from '../../native/index.js';
 import { expectSameBytes } from '../helpers/bytes.js';
 import { tmpDir } from '../helpers/proc.js';
@@ -25,7 +25,7 @@ describe('native sealWrite', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('seals, hashes and writes a chunk that opens with the TypeScript format, at its offset only', async () => {
+  it('seals and writes a chunk that opens with the TypeScript format, at its offset only', async () => {
     const before = randomBytes(3 * DISK_CHUNK_SIZE);
     fs.writeSync(fd, before, 0, before.length, 0);
     const plain = randomBytes(DISK_CHUNK_SIZE - 1000);
@@ -35,8 +35,7 @@ describe('native sealWrite', () => {
     const at = 40_000;
     const done = sealWrite(fd, at, key, parts.nonce, parts.ad, plain, parts.blob);
     key.fill(0); // copied by the call
-    const hash = await done;
-    expect(hash.equals(sha256(parts.blob)), 'the SHA-256 of the blob').to.equal(true);
+    expect(await done, 'resolves with nothing').to.equal(undefined);
     const onDisk = Buffer.alloc(parts.blob.length);
     fs.readSync(fd, onDisk, 0, onDisk.length, at);
     expectSameBytes(onDisk, parts.blob, 'the blob in the file');

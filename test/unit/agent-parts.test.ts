@@ -13,6 +13,7 @@ import { CHUNK_KINDS, type ChunkKind } from '../../common/constants.js';
 import { KeyRing } from '../../agent/keys/keyring.js';
 import { PageFeed, firstTouchesAndLearned } from '../../agent/daemon/prefetch.js';
 import { sha256 } from '../../common/crypto.js';
+import { sealId } from '../../common/chunk.js';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { ROOT, tmpDir, waitFor } from '../helpers/proc.js';
 import { expectSameBytes } from '../helpers/bytes.js';
@@ -150,6 +151,31 @@ describe('chunk cache', () => {
     damageCachedBlob(file, 'mem', 2, 100, false);
     expect(again.get(key(2))).to.equal(undefined);
     expect(again.stats()).to.include({ damaged: 1, chunks: 1 });
+    again.close();
+  });
+
+  it('names a dirty blob by its seal id until the server commits it, then by its SHA-256; the seal id still catches a changed tag', () => {
+    const file = path.join(tmpDir(), 'c.db');
+    const c = new ChunkCache(file, 1 << 20);
+    const [mine, other, old] = [0, 1, 2].map(() => randomBytes(4137));
+    c.put(key(1), mine, true, 'normal', sealId(mine));
+    c.put(key(2), other, true, 'normal', sealId(other));
+    c.put(key(3), old, true, 'normal'); // an older agent's row: named by its SHA-256
+    c.close();
+    let again = new ChunkCache(file, 1 << 20);
+    expectSameBytes(again.get(key(1))!, mine);
+    expectSameBytes(again.get(key(3))!, old);
+    expect(again.dirtyChunks('ab').map((d) => d.sha.toString('hex'))).to.deep.equal([sealId(mine), sealId(other), sha256(old)].map((h) => h.toString('hex')));
+    damageCachedBlob(file, 'mem', 2, 4137 - 3, false); // a byte of its tag
+    expect(again.get(key(2)), 'a changed tag').to.equal(undefined);
+    expect(again.markClean(key(1), sealId(other), sha256(mine)), 'another blob than the one checked in').to.equal(false);
+    expect(again.markClean(key(1), sealId(mine), sha256(mine))).to.equal(true);
+    expect(again.place(key(1))!.sha.equals(sha256(mine))).to.equal(true);
+    again.close();
+    again = new ChunkCache(file, 1 << 20);
+    expectSameBytes(again.get(key(1))!, mine);
+    expect(again.dirtyChunks('ab').map((d) => d.index), 'clean after a reopen').to.deep.equal([3]);
+    expect(again.stats()).to.include({ damaged: 0, dirty: 1 });
     again.close();
   });
 

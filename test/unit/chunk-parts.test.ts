@@ -16,7 +16,7 @@ import type { Manifest } from '../../agent/remote/device-client.js';
 import type { Fetcher } from '../../agent/remote/fetcher.js';
 import { Backoff, backoffMs } from '../../agent/remote/backoff.js';
 import { CHUNK_OVERHEAD, CHUNK_SIZE } from '../../common/constants.js';
-import { chunkKeyInto } from '../../common/chunk.js';
+import { chunkKeyInto, sealId } from '../../common/chunk.js';
 import { sha256 } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { expectSameBytes } from '../helpers/bytes.js';
@@ -53,17 +53,22 @@ describe("the agent core's parts", () => {
         const committed = randomBytes(100);
         const mine = randomBytes(120);
         const older = randomBytes(90);
+        const sealed = randomBytes(130);
         // Written for generation 4 (this lease's draft); one of generation 3 the version already lists; one of generation 2 it does not.
+        // The writes name a blob by its seal id; an older agent's rows, by its SHA-256.
         cache.put({ imageId: IMAGE_ID, gen: 4, kind: 'mem', index: 7 }, mine, true, 'sensitive');
-        cache.put({ imageId: IMAGE_ID, gen: 3, kind: 'mem', index: 2 }, committed, true, 'normal');
+        cache.put({ imageId: IMAGE_ID, gen: 4, kind: 'mem', index: 8 }, sealed, true, 'normal', sealId(sealed));
+        cache.put({ imageId: IMAGE_ID, gen: 3, kind: 'mem', index: 2 }, committed, true, 'normal', sealId(committed));
         cache.put({ imageId: IMAGE_ID, gen: 2, kind: 'disk', index: 0 }, older, true, 'normal');
         const map = new ChunkMap();
         map.install(manifest({ mem: [[2, 3, 'normal', hashOf(committed)]] }), 4, cache);
         expect(map.entry('mem', 7)).to.deep.equal({ gen: 4, cls: 'sensitive', ctHash: hashOf(mine) });
+        expect(map.entry('mem', 8), 'named as its row names it').to.deep.equal({ gen: 4, cls: 'normal', ctHash: sealId(sealed).toString('base64url') });
         expect(map.entry('mem', 2)).to.deep.equal({ gen: 3, cls: 'normal', ctHash: hashOf(committed) });
+        expect(cache.place({ imageId: IMAGE_ID, gen: 3, kind: 'mem', index: 2 })!.sha.toString('base64url'), 'the committed one renamed by its SHA-256').to.equal(hashOf(committed));
         expect(map.entry('disk', 0), 'a dirty chunk of another generation is not read').to.equal(undefined);
         const dirty = cache.dirtyChunks(IMAGE_ID).map((d) => `${d.gen}/${d.kind}/${d.index}`).sort();
-        expect(dirty, 'the committed one is clean now; the others stay dirty').to.deep.equal(['2/disk/0', '4/mem/7']);
+        expect(dirty, 'the committed one is clean now; the others stay dirty').to.deep.equal(['2/disk/0', '4/mem/7', '4/mem/8']);
       } finally {
         cache.close();
       }
