@@ -56,7 +56,7 @@ export class ChunkCache {
   private readonly counters = { hits: 0, misses: 0, evicted: 0, damaged: 0, slotSyncs: 0 };
   /** Told of every key whose index entry is replaced or dropped, as it happens (before its slot can be reused): the native disk-read table forgets what it read there. */
   onReplace?: (k: CacheKey) => void;
-  /** Told of each blob that is the cached blob of its key once that stands (its transaction committed): where it lies, its length and SHA-256. Must not throw. */
+  /** Told of each blob that is the cached blob of its key once that stands (its transaction committed): where it lies, its length and name (Entry.sha). Must not throw. */
   onStored?: (k: CacheKey, at: number, len: number, sha: Buffer, dirty: boolean) => void;
   /** The transaction under way (batch): how to undo its index changes, and what to release once it commits. */
   private tx: { undo: (() => void)[]; onCommit: (() => void)[] } | null = null;
@@ -149,8 +149,8 @@ export class ChunkCache {
   }
 
   /**
-   * The cached blob and its stored SHA-256. With `verify` false the data is not hashed
-   * again: the caller compares the stored hash to the signed manifest and lets the AEAD
+   * The cached blob and its stored name (Entry.sha). With `verify` false it is not checked
+   * against the data: the caller compares it to the chunk map's and lets the AEAD
    * tag catch damaged data (then drop() and fetch). With `into` (large enough) the blob
    * is read into it, and the data is a view of it.
    */
@@ -441,7 +441,7 @@ export class ChunkCache {
     this.dropStale(stale);
   }
 
-  /** Where a cached blob starts in its kind's slot file (slotFd), its length and stored SHA-256 (to compare with the manifest's); undefined when it is not cached. */
+  /** Where a cached blob starts in its kind's slot file (slotFd), its length and stored name (to compare with the chunk map's); undefined when it is not cached. */
   place(k: CacheKey): { at: number; len: number; sha: Buffer } | undefined {
     const e = this.index.get(this.id(k));
     return e && { at: e.slot * SLOT_BYTES[k.kind], len: e.len, sha: e.sha };

@@ -2,7 +2,7 @@
 // read of part of a chunk decrypts that part only (docs/nbd.md, "Reads").
 //
 // Ciphertext only: nothing here is secret, so it is ordinary memory, bounded by
-// bytes. An entry is tied to the ciphertext hash the signed manifest names; when
+// bytes. An entry is tied to the blob's name in the chunk map (ctHash); when
 // the manifest moves on (a write, a new version) the old blob is not served.
 //
 // Scan-resistant (2Q): a blob comes in on probation, a FIFO, and when memory is

@@ -12,6 +12,7 @@ import type { CacheKey, ChunkCache } from './cache.js';
 export interface Entry {
   gen: number;
   cls: Sensitivity;
+  /** The blob's name: the manifest's SHA-256, or the seal id of one this device wrote and has not checked in (common/chunk.ts). */
   ctHash: string;
 }
 

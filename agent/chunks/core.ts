@@ -3,7 +3,8 @@
 //   readRange(kind, index, from, out)   bytes of it, decrypting only those
 //   write(kind, index, data)     a guest write, encrypted into the cache as dirty
 //   evict(kind, index)           the caller dropped a resident plaintext copy
-// Every chunk is checked against the signed manifest (SHA-256 of its blob)
+// Every chunk is checked against the signed manifest (SHA-256 of its blob; a blob
+// this device wrote and has not checked in yet, against its seal id: cache.ts)
 // and by its AEAD tag before a byte of plaintext is handed out; a chunk that
 // fails is refused and reported, never served.
 //

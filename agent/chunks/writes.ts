@@ -297,7 +297,7 @@ export class ChunkWriter {
     }
     crashPoint('agent.checkin-committed');
     dirty.forEach((d, i) => {
-      // A chunk written again during the check-in stays dirty, under its new name.
+      // A chunk written again during the check-in stays dirty, under its new name (not yet carried into the next draft: docs/nbd.md).
       if (!this.cache.markClean(d, d.sha, shas[i])) return;
       const e = this.map.entries[d.kind].get(d.index);
       if (e?.gen === d.gen && e.ctHash === d.sha.toString('base64url')) e.ctHash = shas[i].toString('base64url');
