@@ -118,6 +118,8 @@ export const CHUNK_CT_AT = 1 + NONCE_BYTES;
 export const chunkNonce = (blob: Uint8Array): Uint8Array => blob.subarray(1, CHUNK_CT_AT);
 export const chunkCiphertext = (blob: Uint8Array): Uint8Array => blob.subarray(CHUNK_CT_AT, blob.length - TAG_BYTES);
 
+const SEAL_ID_NONCE_BYTES = 16;
+
 /**
  * A blob's seal id: the first 16 bytes of its nonce, then its 16-byte tag. It names a
  * blob this device sealed, from the moment it stands in the cache until it is checked
@@ -127,7 +129,7 @@ export const chunkCiphertext = (blob: Uint8Array): Uint8Array => blob.subarray(C
  */
 export function sealId(blob: Uint8Array): Buffer {
   if (blob.length < CHUNK_OVERHEAD) throw new RangeError(`a blob of ${blob.length} bytes has no nonce and tag`);
-  return Buffer.concat([blob.subarray(1, 17), blob.subarray(blob.length - TAG_BYTES)]);
+  return Buffer.concat([chunkNonce(blob).subarray(0, SEAL_ID_NONCE_BYTES), blob.subarray(blob.length - TAG_BYTES)]);
 }
 
 /**

@@ -2,7 +2,7 @@
 // decryption of any byte range of a checked blob, against libsodium's own
 // XChaCha20-Poly1305 decryption of the same blobs.
 import { expect } from 'chai';
-import { CHUNK_CT_AT, chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
+import { CHUNK_CT_AT, chunkAd, chunkKey, decryptChunkInto, decryptChunkRangeInto, encryptChunk, sealId, verifyChunk, type ChunkCoord } from '../../common/chunk.js';
 import { open, openPartInto, randomBytes, seal, verifyBoxed } from '../../common/crypto.js';
 import { PIECE_BYTES, PieceDigests } from '../../agent/chunks/piece-digests.js';
 import { expectSameBytes, rng } from '../helpers/bytes.js';
@@ -109,6 +109,16 @@ describe('chunk range decryption', () => {
     expect(verifyChunk(key, coord(), blob.subarray(0, blob.length - 1))).to.equal(false);
     expect(verifyChunk(key, coord(), blob.subarray(0, 10))).to.equal(false);
     expect(verifyChunk(key, coord(), Buffer.alloc(0))).to.equal(false);
+  });
+
+  it("names a blob by its seal id: the first 16 bytes of its nonce, then the tag libsodium's seal makes; a new seal of the same bytes, another name", () => {
+    const plain = randomBytes(5000);
+    const nonce = randomBytes(24);
+    const blob = encryptChunk(key, coord(), plain, nonce);
+    const boxed = seal(key, plain, chunkAd(coord()), nonce); // nonce ‖ ciphertext ‖ tag
+    expectSameBytes(sealId(blob), Buffer.concat([nonce.subarray(0, 16), boxed.subarray(boxed.length - 16)]));
+    expect(sealId(encryptChunk(key, coord(), plain)).equals(sealId(blob))).to.equal(false);
+    expect(() => sealId(blob.subarray(0, 40))).to.throw(RangeError);
   });
 
   it('agrees with libsodium for every length of additional data and message mod 16', () => {
