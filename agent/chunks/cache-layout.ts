@@ -15,6 +15,9 @@ export interface CacheKey {
   index: number;
 }
 
+/** A dirty chunk as dirtyChunks() reads it back: its blob, the blob's name (Entry.sha) and its class. */
+export type DirtyChunk = CacheKey & { data: Buffer; sha: Buffer; cls: Sensitivity | null };
+
 /** A blob of `len` bytes written whole into a reserved slot, for the index to name as the cached blob of `k` (commitMany). */
 export type SlotRow = { k: CacheKey; slot: number; len: number; sha: Buffer; dirty: boolean; cls?: Sensitivity };
 

@@ -27,7 +27,7 @@ import path from 'node:path';
 import { CHUNK_KINDS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { punchHole } from '../../native/index.js';
-import { cacheQueries, migrateRowsWithData, namesBlob, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type Entry, type SlotRow } from './cache-layout.js';
+import { cacheQueries, migrateRowsWithData, namesBlob, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type DirtyChunk, type Entry, type SlotRow } from './cache-layout.js';
 import { settleHeld, Slots } from './slots.js';
 
 export { cacheFiles, slotFile, SLOT_BYTES, type CacheKey, type CacheStats, type SlotRow } from './cache-layout.js';
@@ -457,8 +457,8 @@ export class ChunkCache {
   }
 
   /** The dirty chunks of an image, by kind and index; one whose slot cannot be read back is left out and said so by a throw. */
-  dirtyChunks(imageId: string): (CacheKey & { data: Buffer; sha: Buffer; cls: Sensitivity | null })[] {
-    const out: (CacheKey & { data: Buffer; sha: Buffer; cls: Sensitivity | null })[] = [];
+  dirtyChunks(imageId: string): DirtyChunk[] {
+    const out: DirtyChunk[] = [];
     for (const e of this.index.values()) {
       if (!e.dirty || e.key.imageId !== imageId) continue;
       const data = this.readSlot(e);
