@@ -15,8 +15,8 @@ export interface CacheKey {
   index: number;
 }
 
-/** A dirty chunk as dirtyChunks() reads it back: its blob, the blob's name (Entry.sha) and its class. */
-export type DirtyChunk = CacheKey & { data: Buffer; sha: Buffer; cls: Sensitivity | null };
+/** A dirty chunk as dirtyChunks() lists it: its blob's length and name (Entry.sha) and its class (dirtyBlob reads the blob). */
+export type DirtyChunk = CacheKey & { len: number; sha: Buffer; cls: Sensitivity | null };
 
 /** A blob of `len` bytes written whole into a reserved slot, for the index to name as the cached blob of `k` (commitMany). */
 export type SlotRow = { k: CacheKey; slot: number; len: number; sha: Buffer; dirty: boolean; cls?: Sensitivity };
@@ -73,7 +73,8 @@ export interface Entry {
 }
 
 /** Whether `data` is the blob the row names: by its SHA-256, or a dirty one by its seal id (or its SHA-256: an older agent's, or a put's without a name). */
-export function namesBlob(e: Entry, data: Buffer): boolean {
+export function namesBlob(e: Entry, data: Buffer | undefined): boolean {
+  if (data === undefined) return false; // not read back whole
   return (e.dirty && data.length >= CHUNK_OVERHEAD && sealId(data).equals(e.sha)) || sha256(data).equals(e.sha);
 }
 

@@ -30,7 +30,7 @@ import { punchHole } from '../../native/index.js';
 import { cacheQueries, migrateRowsWithData, namesBlob, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type DirtyChunk, type Entry, type SlotRow } from './cache-layout.js';
 import { settleHeld, Slots } from './slots.js';
 
-export { cacheFiles, slotFile, SLOT_BYTES, type CacheKey, type CacheStats, type SlotRow } from './cache-layout.js';
+export { cacheFiles, slotFile, SLOT_BYTES, type CacheKey, type CacheStats, type DirtyChunk, type SlotRow } from './cache-layout.js';
 
 export class ChunkCache {
   private readonly db: Database.Database;
@@ -131,8 +131,7 @@ export class ChunkCache {
 
   /** Whether the slot holds the bytes the row names. */
   private matches(e: Entry): boolean {
-    const data = this.readSlot(e);
-    return data !== undefined && namesBlob(e, data);
+    return namesBlob(e, this.readSlot(e));
   }
 
   /** Bytes [at, at + len) of an entry's blob from its slot (all of it by default), into `into` when large enough. */
@@ -456,16 +455,20 @@ export class ChunkCache {
     return this.index.has(this.id(k));
   }
 
-  /** The dirty chunks of an image, by kind and index; one whose slot cannot be read back is left out and said so by a throw. */
+  /** The dirty chunks of an image, by kind and index. */
   dirtyChunks(imageId: string): DirtyChunk[] {
     const out: DirtyChunk[] = [];
-    for (const e of this.index.values()) {
-      if (!e.dirty || e.key.imageId !== imageId) continue;
-      const data = this.readSlot(e);
-      if (!data) throw new Error(`the cache's ${e.key.kind} slot ${e.slot} is shorter than its dirty chunk ${e.key.index}`);
-      out.push({ ...e.key, data, sha: e.sha, cls: e.cls });
-    }
+    for (const e of this.index.values()) if (e.dirty && e.key.imageId === imageId) out.push({ ...e.key, len: e.len, sha: e.sha, cls: e.cls });
     return out.sort((a, b) => (a.kind < b.kind ? -1 : a.kind > b.kind ? 1 : a.index - b.index));
+  }
+
+  /** The blob of a chunk dirtyChunks() listed, one at a time (a check-in's may be gigabytes); undefined once written again or dropped. */
+  dirtyBlob(d: DirtyChunk): Buffer | undefined {
+    const e = this.index.get(this.id(d));
+    if (!e?.dirty || !e.sha.equals(d.sha)) return undefined;
+    const data = this.readSlot(e);
+    if (data) return data;
+    throw new Error(`the cache's ${e.key.kind} slot ${e.slot} is shorter than its dirty chunk ${e.key.index}`);
   }
 
   /** A dirty blob named `was` the server committed is clean, named now by its SHA-256 `sha`; false when the chunk was written again since (it stays dirty). */

@@ -61,7 +61,7 @@ export class ChunkMap {
     const state = dirty.filter((d) => d.kind === 'state' && d.gen === writeGen).sort((a, b) => a.index - b.index);
     if (state.length > 0) {
       const last = state[state.length - 1];
-      this.manifest = { ...m, sizes: { ...m.sizes, state: last.index * CHUNK_SIZE.state + last.data.length - CHUNK_OVERHEAD } };
+      this.manifest = { ...m, sizes: { ...m.sizes, state: last.index * CHUNK_SIZE.state + last.len - CHUNK_OVERHEAD } };
       this.entries.state.clear();
     }
     for (const d of dirty) {
@@ -74,8 +74,9 @@ export class ChunkMap {
         continue;
       }
       // Checked in already: the server committed it, and the answer never came back (a crash, a lost link).
-      const sha = sha256(d.data);
-      if (this.entries[d.kind].get(d.index)?.ctHash === sha.toString('base64url')) cache.markClean(d, d.sha, sha);
+      const blob = cache.dirtyBlob(d);
+      const sha = blob && sha256(blob);
+      if (sha && this.entries[d.kind].get(d.index)?.ctHash === sha.toString('base64url')) cache.markClean(d, d.sha, sha);
     }
   }
 

@@ -33,7 +33,7 @@ import { ChunkKeys } from './chunk-keys.js';
 import { ChunkMap, keyId, parseKeyId, verifyManifest, type Entry } from './chunk-map.js';
 import { PIECE_BYTES, PieceDigests } from './piece-digests.js';
 import { Residency } from './residency.js';
-import { ChunkWriter, type CheckinClient } from './writes.js';
+import { ChunkWriter, type CheckinClient, type CheckinResult } from './writes.js';
 
 /** Reads of a disk chunk up to this long take only the pieces they need from the cache file (readPieces). */
 const PIECE_READ_MAX = 32 * 1024;
@@ -450,9 +450,9 @@ export class AgentCore {
     this.cache.flush();
   }
 
-  /** Sends this lease's dirty chunks as a new version (writes.ts). */
-  checkin(client: CheckinClient) {
-    return this.writer.checkin(client);
+  /** Sends this lease's dirty chunks as a new version, then runs `moveLease` while guest writes wait (writes.ts). */
+  checkin(client: CheckinClient, moveLease?: (r: CheckinResult) => Promise<void>) {
+    return this.writer.checkin(client, moveLease);
   }
 
   /** Prefetches the ciphertext of every chunk not in the cache (no keys, no plaintext). */

@@ -10,13 +10,18 @@ import { encodeChunkFrame } from '../../common/frames.js';
 import { sealWrite } from '../../native/index.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
 import { BufferPool } from './buffer-pool.js';
-import type { ChunkCache, SlotRow } from './cache.js';
+import type { ChunkCache, DirtyChunk, SlotRow } from './cache.js';
 import type { CheckedBlobs } from './checked-blobs.js';
 import { KEY_BATCH, type ChunkKeys } from './chunk-keys.js';
 import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
 
 /** Check-in requests stay under the server's upload limit. */
 const CHECKIN_PART_BYTES = 4 * 1024 * 1024;
+/**
+ * Rounds of a check-in sent while the guest writes on, before its last part goes with
+ * writes held: each sends what was written since the one before, until that fits one part.
+ */
+const CHECKIN_ROUNDS_MAX = 4;
 /**
  * Blob buffers for disk writes sealed off the event loop. A write waits for one when all
  * are out: a copy onto the disk keeps far more writes in flight than libuv's four pool
@@ -54,6 +59,15 @@ export class ChunkWriter {
    * BAD_REQUEST for a write that does not fit the chunk.
    */
   async write(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
+    await this.enter();
+    try {
+      await this.writeNow(kind, index, data);
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async writeNow(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
     await this.lease.whenActive();
     const expect = this.map.plainLength(kind, index);
     if (index < 0 || expect <= 0 || data.length !== expect) {
@@ -246,6 +260,15 @@ export class ChunkWriter {
    * cache transaction: a crash leaves the old state or the whole new one.
    */
   async replaceState(state: Buffer): Promise<void> {
+    await this.enter();
+    try {
+      await this.replaceStateNow(state);
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async replaceStateNow(state: Buffer): Promise<void> {
     const m = this.map.must();
     if (state.length === 0) throw new LetheError('BAD_REQUEST', 'an empty device state cannot replace the image\'s');
     await this.lease.whenActive();
@@ -268,43 +291,116 @@ export class ChunkWriter {
 
   /**
    * Uploads this lease's dirty chunks; the server checks each and commits
-   * them as a new version, this device's own unless `shared` (docs/branches.md).
-   * Marks them clean once committed.
+   * them as a new version, this device's own unless `shared` (docs/branches.md),
+   * and this lease ends there. Marks them clean once committed, then runs
+   * `moveLease` (to a lease on the new version) before guest writes go on.
+   *
+   * The guest may write on meanwhile. The bulk goes up in parts while it does, in
+   * rounds, each sending what was written (again) since the one before; the last part,
+   * which commits, goes with new writes held and those under way finished, so that the
+   * version holds every write that came before it and none is left behind in a draft
+   * nobody sends. A write held then waits for the new lease (a write key of its draft).
    */
-  async checkin(client: CheckinClient) {
+  async checkin(client: CheckinClient, moveLease?: (r: CheckinResult) => Promise<void>): Promise<CheckinResult> {
     const m = this.map.must();
     const gen = this.map.writeGen;
-    const dirty = gen === undefined ? [] : this.cache.dirtyChunks(m.imageId).filter((d) => d.gen === gen);
-    if (dirty.length === 0) throw new LetheError('BAD_REQUEST', 'nothing to check in: no chunk was written since the last check-in');
-    const leaseId = this.lease.leaseId();
+    const mine = () => (gen === undefined ? [] : this.cache.dirtyChunks(m.imageId).filter((d) => d.gen === gen));
+    if (mine().length === 0) throw new LetheError('BAD_REQUEST', 'nothing to check in: no chunk was written since the last check-in');
+    if (this.checkingIn) throw new LetheError('CONFLICT', 'a check-in is already under way');
+    this.checkingIn = true;
+    try {
+      const leaseId = this.lease.leaseId();
+      // What the server holds of each chunk so far: the name of the blob sent (a seal id) and the SHA-256 the version names it by.
+      const sent = new Map<string, { d: DirtyChunk; sha: Buffer }>();
+      const unsent = () => mine().filter((d) => !sent.get(keyId(d.kind, d.index, d.gen))?.d.sha.equals(d.sha));
+      for (let round = 0; round < CHECKIN_ROUNDS_MAX; round++) {
+        const todo = unsent();
+        if (todo.reduce((n, d) => n + d.len, 0) <= CHECKIN_PART_BYTES) break;
+        await this.sendParts(client, leaseId, todo, sent, false);
+      }
+      const release = await this.holdWrites();
+      try {
+        const result = await this.sendParts(client, leaseId, unsent(), sent, true);
+        crashPoint('agent.checkin-committed');
+        for (const { d, sha } of sent.values()) {
+          this.cache.markClean(d, d.sha, sha);
+          const e = this.map.entries[d.kind].get(d.index);
+          if (e?.gen === d.gen && e.ctHash === d.sha.toString('base64url')) e.ctHash = sha.toString('base64url');
+        }
+        this.cache.flush();
+        this.map.writeGen = undefined;
+        const chunks = [...sent.values()];
+        // A server from before device branches made every check-in shared.
+        const r = { version: result.version, shared: result.shared ?? true, chunks: chunks.length, bytes: chunks.reduce((n, c) => n + c.d.len, 0) };
+        await moveLease?.(r);
+        return r;
+      } finally {
+        release();
+      }
+    } finally {
+      this.checkingIn = false;
+    }
+  }
+
+  /**
+   * Sends these dirty chunks in parts under the server's upload limit, the last with
+   * `final` (which commits: one part, empty if nothing is left). Each blob is read
+   * from the cache as its part is made, and its SHA-256 taken then (the version names
+   * it by that, where the cache named it by its seal id). A chunk written again since
+   * it was listed is left to the next round.
+   */
+  private async sendParts(client: CheckinClient, leaseId: string, todo: DirtyChunk[], sent: Map<string, { d: DirtyChunk; sha: Buffer }>, final: boolean) {
     let part: Buffer[] = [];
     let bytes = 0;
     let result: { version: number; shared?: boolean } | undefined;
-    // The version names each blob by its SHA-256, where the cache named it by its seal id: taken part by part, between the sends.
-    const shas: Buffer[] = [];
-    for (let i = 0; i < dirty.length; i++) {
-      const d = dirty[i];
-      shas.push(sha256(d.data));
-      part.push(...encodeChunkFrame(d.kind, d.index, d.data));
-      bytes += d.data.length + 13;
-      const last = i === dirty.length - 1;
-      if (last || bytes >= CHECKIN_PART_BYTES) {
-        result = await client.checkin(leaseId, Buffer.concat(part), last);
-        if (!last) crashPoint('agent.checkin-part-sent');
+    for (let i = 0; i <= todo.length; i++) {
+      const d = todo[i];
+      const blob = d && this.cache.dirtyBlob(d);
+      if (blob) {
+        sent.set(keyId(d.kind, d.index, d.gen), { d, sha: sha256(blob) });
+        part.push(...encodeChunkFrame(d.kind, d.index, blob));
+        bytes += blob.length + 13;
+      }
+      const last = i === todo.length;
+      if ((last && (final || bytes > 0)) || bytes >= CHECKIN_PART_BYTES) {
+        result = await client.checkin(leaseId, Buffer.concat(part), last && final);
+        if (!(last && final)) crashPoint('agent.checkin-part-sent');
         part = [];
         bytes = 0;
       }
     }
-    crashPoint('agent.checkin-committed');
-    dirty.forEach((d, i) => {
-      // A chunk written again during the check-in stays dirty, under its new name (not yet carried into the next draft: docs/nbd.md).
-      if (!this.cache.markClean(d, d.sha, shas[i])) return;
-      const e = this.map.entries[d.kind].get(d.index);
-      if (e?.gen === d.gen && e.ctHash === d.sha.toString('base64url')) e.ctHash = shas[i].toString('base64url');
-    });
-    this.cache.flush();
-    this.map.writeGen = undefined;
-    // A server from before device branches made every check-in shared.
-    return { version: result!.version, shared: result!.shared ?? true, chunks: dirty.length, bytes: dirty.reduce((n, d) => n + d.data.length, 0) };
+    return result!;
+  }
+
+  /** A check-in is under way (one at a time). */
+  private checkingIn = false;
+
+  /** Guest writes under way, and the hold a check-in's last part puts on new ones. */
+  private active = 0;
+  private held?: Promise<void>;
+  private drained?: () => void;
+
+  /** Waits for a hold on writes to end, and counts this write as under way until `leave`. */
+  private async enter(): Promise<void> {
+    while (this.held) await this.held;
+    this.active++;
+  }
+
+  private leave(): void {
+    if (--this.active === 0) this.drained?.();
+  }
+
+  /** Holds new writes and waits for those under way; the function returned lets them go on. */
+  private async holdWrites(): Promise<() => void> {
+    let open!: () => void;
+    this.held = new Promise<void>((r) => (open = r));
+    if (this.active > 0) await new Promise<void>((r) => (this.drained = r));
+    this.drained = undefined;
+    return () => {
+      this.held = undefined;
+      open();
+    };
   }
 }
+
+export type CheckinResult = { version: number; shared: boolean; chunks: number; bytes: number };

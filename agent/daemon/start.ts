@@ -186,10 +186,11 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
     if (req.cmd === 'selftest') return selfTest(core, Number(req.count ?? 1_000_000));
     if (req.cmd === 'checkin') {
       await serving.disk?.flush();
-      const r = await core.checkin(urgent);
-      log(`checked in ${r.chunks} chunk(s) as ${o.image}@${r.version}; moving the lease to it`);
-      await lease.reacquire();
-      return r;
+      // Guest writes wait from the check-in's last part until the lease is on the new version (writes.ts).
+      return core.checkin(urgent, async (r) => {
+        log(`checked in ${r.chunks} chunk(s) as ${o.image}@${r.version}; moving the lease to it`);
+        await lease.reacquire();
+      });
     }
     if (req.cmd === 'suspend') return suspender.suspend();
     if (req.cmd === 'stop') {

@@ -251,7 +251,7 @@ describe('chunk cache: slots and index', () => {
     const c = new ChunkCache(file, 1 << 30);
     expectSameBytes(c.get(key(0))!, blobs[0]);
     expect(c.dirtyChunks('ab').map((d) => [d.kind, d.index, d.cls])).to.deep.equal([['disk', 5, 'normal'], ['mem', 1, 'sensitive']]);
-    expectSameBytes(c.dirtyChunks('ab')[1].data, blobs[1]);
+    expectSameBytes(c.dirtyBlob(c.dirtyChunks('ab')[1])!, blobs[1]);
     expect(c.stats()).to.include({ chunks: 3, dirty: 2, bytes: 4137 + 4000 + 131113 });
     c.close();
     const db = new Database(file, { readonly: true });
@@ -309,7 +309,7 @@ describe('chunk cache: slots and index', () => {
     // Reopened: the index names the last write of every chunk, and nothing else.
     const again = new ChunkCache(file, 1 << 30);
     expect(again.dirtyChunks('ab').map((d) => d.index)).to.deep.equal([...last.keys()]);
-    for (const d of again.dirtyChunks('ab')) expectSameBytes(d.data, last.get(d.index)!, `chunk ${d.index} after reopening`);
+    for (const d of again.dirtyChunks('ab')) expectSameBytes(again.dirtyBlob(d)!, last.get(d.index)!, `chunk ${d.index} after reopening`);
     again.close();
   });
 
@@ -457,9 +457,9 @@ describe('chunk cache: slots and index', () => {
     const again = new ChunkCache(file, 1 << 30);
     expect(again.has(key(0))).to.equal(false);
     expect(again.dirtyChunks('ab').map((d) => d.index)).to.deep.equal([1]);
-    expectSameBytes(again.dirtyChunks('ab')[0].data, mine);
+    expectSameBytes(again.dirtyBlob(again.dirtyChunks('ab')[0])!, mine);
     again.put(key(7), randomBytes(4137));
-    expectSameBytes(again.dirtyChunks('ab')[0].data, mine, 'the dirty chunk after another put');
+    expectSameBytes(again.dirtyBlob(again.dirtyChunks('ab')[0])!, mine, 'the dirty chunk after another put');
     again.close();
   });
 });
