@@ -59,7 +59,8 @@ export class ChunkWriter {
    * BAD_REQUEST for a write that does not fit the chunk.
    */
   async write(kind: ChunkKind, index: number, data: Buffer): Promise<void> {
-    await this.enter();
+    const held = this.enter();
+    if (held) await held;
     try {
       await this.writeNow(kind, index, data);
     } finally {
@@ -260,7 +261,8 @@ export class ChunkWriter {
    * cache transaction: a crash leaves the old state or the whole new one.
    */
   async replaceState(state: Buffer): Promise<void> {
-    await this.enter();
+    const held = this.enter();
+    if (held) await held;
     try {
       await this.replaceStateNow(state);
     } finally {
@@ -380,10 +382,10 @@ export class ChunkWriter {
   private held?: Promise<void>;
   private drained?: () => void;
 
-  /** Waits for a hold on writes to end, and counts this write as under way until `leave`. */
-  private async enter(): Promise<void> {
-    while (this.held) await this.held;
-    this.active++;
+  /** Waits for a hold on writes to end (no wait when there is none), and counts this write as under way until `leave`. */
+  private enter(): Promise<void> | undefined {
+    if (!this.held) return void this.active++;
+    return this.held.then(() => this.enter());
   }
 
   private leave(): void {
