@@ -58,8 +58,7 @@ function rawDecryptRate(kind: ChunkKind, count: number): number {
 }
 
 async function readAll(agent: RunningAgent, kind: ChunkKind, inflight: number): Promise<{ mbs: number; sources: Record<string, number> }> {
-  const m = agent.core.manifest!;
-  const indices = m.chunks[kind].map(([i]) => i);
+  const indices = agent.core.chunkIndexes(kind);
   const sources: Record<string, number> = { cache: 0, server: 0, zero: 0 };
   const bufs = Array.from({ length: inflight }, () => secureBuffer(CHUNK_SIZE[kind]));
   let next = 0;

@@ -17,11 +17,24 @@ export function canonical(value: unknown): string {
     if (typeof value === 'number' && !Number.isFinite(value)) throw new TypeError('non-finite number in audit entry');
     return JSON.stringify(value) ?? 'null';
   }
-  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
+  if (Array.isArray(value)) return plainArray(value) ? JSON.stringify(value) : `[${value.map(canonical).join(',')}]`;
   const keys = Object.keys(value as object)
     .filter((k) => (value as Record<string, unknown>)[k] !== undefined)
     .sort();
   return `{${keys.map((k) => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k])}`).join(',')}}`;
+}
+
+/**
+ * Whether JSON.stringify writes `a` as canonical() does: an array of strings, finite
+ * numbers, booleans, nulls and such arrays. A manifest's chunk lists are (a million
+ * rows for a 128 GiB disk), and JSON.stringify writes them several times faster.
+ */
+function plainArray(a: unknown[]): boolean {
+  for (const x of a) {
+    if (x === null || typeof x === 'string' || typeof x === 'boolean' || (typeof x === 'number' && Number.isFinite(x))) continue;
+    if (!Array.isArray(x) || !plainArray(x)) return false;
+  }
+  return true;
 }
 
 export function entryHash(prevHash: string, e: AuditEntry): string {

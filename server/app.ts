@@ -31,7 +31,7 @@ import {
 } from './images.js';
 import { parseChunkFrames } from '../common/frames.js';
 import { promoteVersion, setTrusted } from './branches.js';
-import { assign, checkin, grantLease, leaseManifest, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
+import { assign, checkin, grantLease, leaseManifest, leaseManifestPacked, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
 import { gaugeLines, metricsAuth } from './metrics.js';
 import { rotateMaster } from './keyring.js';
 import { announceTls, finishTls } from './tls.js';
@@ -208,7 +208,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
     res.json(await renewLease(ctx, dev(req), param(req, 'id')));
   });
   app.get('/v1/device/leases/:id/manifest', device, async (req: AuthedRequest, res) => {
-    res.json(await leaseManifest(ctx, dev(req), param(req, 'id')));
+    // format=2: packed and signed as a whole (common/manifest.ts); else the JSON of agents before it.
+    if (req.query.format === '2') res.type('application/vnd.lethe.manifest').send(await leaseManifestPacked(ctx, dev(req), param(req, 'id')));
+    else res.json(await leaseManifest(ctx, dev(req), param(req, 'id')));
   });
   app.post('/v1/device/keys', rawJson, device, async (req: AuthedRequest, res) => {
     const b = json(wire.KeysRequest, req);

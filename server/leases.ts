@@ -12,7 +12,7 @@ import { LetheError } from '../common/errors.js';
 import { inTx, newId, type Ctx } from './context.js';
 import { ensureTerms, wrapNewKey } from './keyring.js';
 import type { DeviceRow } from './devices.js';
-import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, manifest, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
+import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, manifest, packedManifest, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
 import { endLeases, mustGetDevice } from './devices.js';
 import { assertSealAllowed, CeilingReached, ceilingRefused, keyCeiling } from './device-policy.js';
 import { makeShared, resumeVersion } from './branches.js';
@@ -183,6 +183,13 @@ export async function leaseManifest(ctx: Ctx, d: DeviceRow, leaseId: string) {
   const l = await liveLease(ctx, d, leaseId);
   const img = await getImage(ctx, l.name);
   return manifest(ctx, img, await getVersion(ctx, img, l.version));
+}
+
+/** The lease's manifest in format 2 (common/manifest.ts), as agents ask for it. */
+export async function leaseManifestPacked(ctx: Ctx, d: DeviceRow, leaseId: string): Promise<Buffer> {
+  const l = await liveLease(ctx, d, leaseId);
+  const img = await getImage(ctx, l.name);
+  return packedManifest(ctx, img, await getVersion(ctx, img, l.version));
 }
 
 /** Compresses chunk lists for the audit log: {"mem": [[0, 63], [70, 70]]}. */

@@ -6,7 +6,9 @@ import { CHUNK_OVERHEAD, CHUNK_SIZE, MANIFEST_CONTEXT, type ChunkKind, type Sens
 import type { ChunkCoord } from '../../common/chunk.js';
 import { b64u, sha256, verify } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
-import type { Manifest } from '../remote/device-client.js';
+import { decodeManifest, packRows, type ManifestHead, type PackedManifest } from '../../common/manifest.js';
+import type { Manifest, WireManifest } from '../remote/device-client.js';
+import { ChunkEntries } from './chunk-entries.js';
 import type { CacheKey, ChunkCache } from './cache.js';
 
 export interface Entry {
@@ -25,6 +27,7 @@ export function parseKeyId(id: string): { gen: number; kind: ChunkKind; index: n
   return { gen: Number(gen), kind: kind as ChunkKind, index: Number(index) };
 }
 
+/** A format-1 (JSON) manifest's signature, as a server before format 2 sends it. */
 export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
   const { signature, ...body } = m;
   const msg = Buffer.from(`${MANIFEST_CONTEXT}\n${sha256(canonical(body)).toString('hex')}`);
@@ -33,9 +36,19 @@ export function verifyManifest(m: Manifest, serverSignPublicKey: Buffer): void {
   }
 }
 
+/** The lease's manifest as the server sent it, its signature checked, packed (format 2, or a JSON one of a server before it). */
+export function readManifest(w: WireManifest, serverSignPublicKey: Buffer): PackedManifest {
+  if (Buffer.isBuffer(w)) return decodeManifest(w, serverSignPublicKey);
+  verifyManifest(w, serverSignPublicKey);
+  const { chunks, signature: _, ...head } = w;
+  return { head, chunks: { disk: packRows(chunks.disk), mem: packRows(chunks.mem), state: packRows(chunks.state) } };
+}
+
+export type { ManifestHead };
+
 export class ChunkMap {
-  manifest?: Manifest;
-  entries: Record<ChunkKind, Map<number, Entry>> = { disk: new Map(), mem: new Map(), state: new Map() };
+  manifest?: ManifestHead;
+  entries: Record<ChunkKind, ChunkEntries> = { disk: new ChunkEntries(), mem: new ChunkEntries(), state: new ChunkEntries() };
   private imageIdBytes = Buffer.alloc(16);
   /** The draft generation this device's writes are encrypted for, once it has written (or adopted earlier writes). */
   writeGen?: number;
@@ -46,29 +59,27 @@ export class ChunkMap {
    * Installs a manifest whose signature was checked; dirty chunks in the cache
    * written for `writeGen` override it.
    */
-  install(m: Manifest, writeGen: number | undefined, cache: ChunkCache): void {
-    this.manifest = m;
-    this.imageIdBytes = Buffer.from(m.imageId, 'hex');
-    this.entries = { disk: new Map(), mem: new Map(), state: new Map() };
-    for (const kind of ['disk', 'mem', 'state'] as ChunkKind[]) {
-      for (const [index, gen, cls, ctHash] of m.chunks[kind]) this.entries[kind].set(index, { gen, cls, ctHash });
-    }
+  install(m: PackedManifest, writeGen: number | undefined, cache: ChunkCache): void {
+    const head = m.head;
+    this.manifest = head;
+    this.imageIdBytes = Buffer.from(head.imageId, 'hex');
+    this.entries = { disk: new ChunkEntries(m.chunks.disk), mem: new ChunkEntries(m.chunks.mem), state: new ChunkEntries(m.chunks.state) };
     this.writeGen = writeGen;
     // Blobs an earlier map made stale may be this one's: only what this map overrides is marked again below.
     cache.forgetStale();
-    const dirty = cache.dirtyChunks(m.imageId);
+    const dirty = cache.dirtyChunks(head.imageId);
     // A new device state a suspend wrote (whole: replaceState is one transaction) replaces the version's, at its own size.
     const state = dirty.filter((d) => d.kind === 'state' && d.gen === writeGen).sort((a, b) => a.index - b.index);
     if (state.length > 0) {
       const last = state[state.length - 1];
-      this.manifest = { ...m, sizes: { ...m.sizes, state: last.index * CHUNK_SIZE.state + last.len - CHUNK_OVERHEAD } };
+      this.manifest = { ...head, sizes: { ...head.sizes, state: last.index * CHUNK_SIZE.state + last.len - CHUNK_OVERHEAD } };
       this.entries.state.clear();
     }
     for (const d of dirty) {
       if (d.gen === writeGen && d.cls) {
         // The version's blob of a chunk the draft wrote is stale, as ChunkWriter marks it on a write.
         const base = this.entries[d.kind].get(d.index);
-        if (base && base.gen !== d.gen) cache.supersede({ imageId: m.imageId, gen: base.gen, kind: d.kind, index: d.index });
+        if (base && base.gen !== d.gen) cache.supersede({ imageId: head.imageId, gen: base.gen, kind: d.kind, index: d.index });
         // Named as its row names it (its seal id): a read checks the blob against that.
         this.entries[d.kind].set(d.index, { gen: d.gen, cls: d.cls, ctHash: d.sha.toString('base64url') });
         continue;
@@ -88,7 +99,7 @@ export class ChunkMap {
     return this.manifest?.sizes[kind] ?? 0;
   }
 
-  must(): Manifest {
+  must(): ManifestHead {
     if (!this.manifest) throw new LetheError('LEASE_EXPIRED', 'no manifest yet: the agent has no lease');
     return this.manifest;
   }

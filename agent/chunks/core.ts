@@ -24,13 +24,13 @@ import { NativeDiskReads, type DiskReadsStats } from '../../native/disk-reads.js
 import type { Identity } from '../keys/identity.js';
 import type { KeyRing } from '../keys/keyring.js';
 import type { LeaseKeeper } from '../keys/lease-keeper.js';
-import type { Manifest } from '../remote/device-client.js';
+import type { WireManifest } from '../remote/device-client.js';
 import type { ChunkRef, Fetcher } from '../remote/fetcher.js';
 import { BlobSource, type PrefetchOptions, type ReadSource } from './blob-source.js';
 import type { ChunkCache } from './cache.js';
 import { CheckedBlobs } from './checked-blobs.js';
 import { ChunkKeys } from './chunk-keys.js';
-import { ChunkMap, keyId, parseKeyId, verifyManifest, type Entry } from './chunk-map.js';
+import { ChunkMap, keyId, parseKeyId, readManifest, type Entry, type ManifestHead } from './chunk-map.js';
 import { PIECE_BYTES, PieceDigests } from './piece-digests.js';
 import { Residency } from './residency.js';
 import { ChunkWriter, type CheckinClient, type CheckinResult } from './writes.js';
@@ -40,7 +40,6 @@ const PIECE_READ_MAX = 32 * 1024;
 
 export type { Entry } from './chunk-map.js';
 export type { ReadSource } from './blob-source.js';
-export { verifyManifest } from './chunk-map.js';
 
 export class AgentCore {
   readonly stats = { reads: 0, fromCache: 0, fromServer: 0, zero: 0, writes: 0, evicted: 0, tampered: 0, keyRequests: 0, writeKeyFailures: 0, readahead: 0, pieceReads: 0 };
@@ -98,8 +97,13 @@ export class AgentCore {
   }
 
   /** The lease's manifest, its state size moved by this device's suspend if there was one. */
-  get manifest(): Manifest | undefined {
+  get manifest(): ManifestHead | undefined {
     return this.map.manifest;
+  }
+
+  /** The chunks of a kind the map holds (the version's stored chunks, and this device's writes), in order. */
+  chunkIndexes(kind: ChunkKind): number[] {
+    return [...this.map.entries[kind].keys()].sort((a, b) => a - b);
   }
 
   /** The draft generation this device's writes are encrypted for, once it has written (or adopted earlier writes). */
@@ -116,13 +120,14 @@ export class AgentCore {
    * Installs the lease's manifest after checking the server's signature; dirty
    * chunks in the cache written for `writeGen` override it.
    */
-  setManifest(m: Manifest, writeGen?: number): void {
-    verifyManifest(m, b64u.decode(this.id.info.serverSignPublicKey));
+  setManifest(w: WireManifest, writeGen?: number): void {
+    const m = readManifest(w, b64u.decode(this.id.info.serverSignPublicKey));
     this.map.install(m, writeGen, this.cache);
-    this.fast.image(Buffer.from(m.imageId, 'hex'));
+    const { imageId } = m.head;
+    this.fast.image(Buffer.from(imageId, 'hex'));
     for (const [index, e] of this.map.entries.disk) {
       const p = this.cache.place(this.map.cacheKey('disk', index, e));
-      if (p && this.place(m.imageId, index, e.gen, p.at, p.len, p.sha) === false) break; // the table knows as many places as it may
+      if (p && this.place(imageId, index, e.gen, p.at, p.len, p.sha) === false) break; // the table knows as many places as it may
     }
   }
 

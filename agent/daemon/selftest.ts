@@ -13,7 +13,7 @@ export async function selfTest(core: AgentCore, count: number) {
   let n = 0;
   try {
     for (const kind of ['state', 'mem', 'disk'] as ChunkKind[]) {
-      for (const [index] of m.chunks[kind]) {
+      for (const index of core.chunkIndexes(kind)) {
         if (n++ >= count) break;
         const size = Math.min(CHUNK_SIZE[kind], m.sizes[kind] - index * CHUNK_SIZE[kind]);
         const out = buf.subarray(0, size);

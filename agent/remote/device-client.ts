@@ -7,6 +7,7 @@ import { LetheError, type ErrorCode } from '../../common/errors.js';
 import WebSocket from 'ws';
 import { errorFromResponse, PinnedClient, type HttpResponse, type NextPin } from '../../common/http-client.js';
 import { PUSH_PATH } from '../../common/push.js';
+import { isPackedManifest } from '../../common/manifest.js';
 import { keepNextPin, promoteNextPin, readNextPin } from './pins.js';
 import { signRequest } from '../../common/signing.js';
 import * as wire from '../../common/wire.js';
@@ -173,8 +174,10 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
     return this.signedJson<wire.TLeaseResponse>('POST', `/v1/device/leases/${encodeURIComponent(leaseId)}/renew`, {}, leaseId);
   }
 
-  manifest(leaseId: string) {
-    return this.signedJson<Manifest>('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/manifest`, undefined, leaseId);
+  /** The lease's manifest as the server sends it: packed (format 2), or the JSON of a server before it; checked by AgentCore.setManifest. */
+  async manifest(leaseId: string): Promise<WireManifest> {
+    const res = await this.signed('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/manifest?format=2`, undefined, leaseId);
+    return isPackedManifest(res.body) ? res.body : (JSON.parse(res.body.toString('utf8')) as Manifest);
   }
 
   /** Chunk keys; with `write`, keys for new device-written content of those chunks (this lease's version). */
@@ -243,6 +246,9 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
     for (const c of this.servers) c.close();
   }
 }
+
+/** A manifest on the wire: format 2 (common/manifest.ts) or a format-1 JSON one. */
+export type WireManifest = Buffer | Manifest;
 
 export interface Manifest {
   format: number;

@@ -4,7 +4,7 @@ import { CHUNK_KINDS, CHUNK_SIZE, type ChunkKind } from '../../common/constants.
 import { PinnedClient } from '../../common/http-client.js';
 import { LetheError } from '../../common/errors.js';
 import { AdminClient } from '../../cli/admin-client.js';
-import { DeviceClient } from '../../agent/remote/device-client.js';
+import { DeviceClient, type Manifest } from '../../agent/remote/device-client.js';
 import { enrollDevice, loadIdentity, type Identity } from '../../agent/keys/identity.js';
 import { startAgent, type AgentOptions, type RunningAgent } from '../../agent/daemon/start.js';
 import { fixedSecret, type Unlock } from '../../agent/keys/unlock.js';
@@ -174,4 +174,9 @@ export function agentInProcessSuite(image: string, push: Parameters<typeof pushI
     await t.s?.stop();
   });
   return t;
+}
+
+/** A lease's manifest in format 1 (JSON rows), as servers send it to agents that do not ask for format 2. */
+export function jsonManifest(client: DeviceClient, leaseId: string): Promise<Manifest> {
+  return client.signedJson<Manifest>('GET', `/v1/device/leases/${encodeURIComponent(leaseId)}/manifest`, undefined, leaseId);
 }

@@ -10,7 +10,8 @@ import { boxKeyPair, b64u, openSealed, sha256, wipe } from '../../common/crypto.
 import { LetheError } from '../../common/errors.js';
 import { LeaseResponse, KeysResponse } from '../../common/wire.js';
 import fs from 'node:fs';
-import { admin, assign, rejects, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
+import { readManifest } from '../../agent/chunks/chunk-map.js';
+import { admin, assign, jsonManifest, rejects, enrolledDevice, pushImage, type TestDevice, type TestImage } from '../helpers/fixtures.js';
 import { ROOT } from '../helpers/proc.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
@@ -69,7 +70,14 @@ describe('escrow: leases, sealed keys, chunks (real server process)', function (
     expect(() => openSealed(boxKeyPair(), sealed)).to.throw(LetheError);
 
     // The class key decrypts normal chunks (disk, state) fetched from the server.
-    const m = await dev.client.manifest(lease.leaseId);
+    const m = await jsonManifest(dev.client, lease.leaseId);
+    // What agents read (format 2, packed) lists the same chunks as the JSON of format 1.
+    const serverKey = b64u.decode(dev.id.info.serverSignPublicKey);
+    const packed = await dev.client.manifest(lease.leaseId);
+    expect(Buffer.isBuffer(packed), 'format 2 asked for, format 2 sent').to.equal(true);
+    const [a, b] = [readManifest(packed, serverKey), readManifest(m, serverKey)];
+    expect(a.chunks).to.deep.equal(b.chunks);
+    expect({ ...a.head, format: 1 }).to.deep.equal(b.head);
     const imageId = Buffer.from(m.imageId, 'hex');
     for (const kind of ['disk', 'state'] as ChunkKind[]) {
       const refs = m.chunks[kind].map(([index]) => ({ kind, index }));

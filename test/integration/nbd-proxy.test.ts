@@ -14,6 +14,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { RunningAgent } from '../../agent/daemon/start.js';
 import { AgentDiskBackend } from '../../agent/disk/backend.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
 import * as P from '../../agent/disk/nbd/protocol.js';
 import { NbdServer } from '../../agent/disk/nbd/server.js';
 import { NBD_PROXY_WRITE_MAGIC } from '../../native/index.js';
@@ -209,7 +210,12 @@ describe('the NBD read proxy (real server, agent and clients)', function () {
 
   it('a chunk in the cache file that no read has checked is admitted by the proxy itself at its first read: no call into JavaScript', async () => {
     // As after a restart: the manifest installed anew, the table empty, told where the cached chunks lie.
-    agent.core.setManifest(agent.core.manifest!, agent.core.writeGen);
+    const device = new DeviceClient(agent.identity);
+    try {
+      agent.core.setManifest(await device.manifest(agent.lease.leaseId()), agent.core.writeGen);
+    } finally {
+      device.close();
+    }
     expect(agent.core.diskReads.chunks).to.equal(0);
     const unwritten = [...Array(CHUNKS).keys()].filter((i) => i !== SENSITIVE && agent.core.entry('disk', i)!.gen !== agent.core.writeGen);
     expect(unwritten.length).to.be.at.least(3);

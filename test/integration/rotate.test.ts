@@ -14,7 +14,7 @@ import { b64u, openSealed, sign, signKeyPair } from '../../common/crypto.js';
 import { fetchPinnedCert } from '../../common/http-client.js';
 import { pinMessage } from '../../common/tls-pin.js';
 import { termOf } from '../../server/escrow.js';
-import { assign, enrolledDevice, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
+import { assign, enrolledDevice, jsonManifest, pushImage, rejects, testUnlock, type TestDevice } from '../helpers/fixtures.js';
 import { lethe, startAgentProc, startServer, waitFor, type AgentProc, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -62,7 +62,7 @@ describe('lethe admin rotate master (real server, agent process)', function () {
 
   /** The chunk keys of every stored mem chunk, as released to the device now. */
   async function memKeys(leaseId: string): Promise<string> {
-    const m = await dev.client.manifest(leaseId);
+    const m = await jsonManifest(dev.client, leaseId);
     const refs = m.chunks.mem.map(([index]) => ({ kind: 'mem' as const, index }));
     const r = await dev.client.keys(leaseId, refs);
     return openSealed(dev.id.box, b64u.decode(r.sealed)).toString('hex');

@@ -15,7 +15,8 @@ import type { LeaseKeeper } from '../../agent/keys/lease-keeper.js';
 import type { Manifest } from '../../agent/remote/device-client.js';
 import type { Fetcher } from '../../agent/remote/fetcher.js';
 import { Backoff, backoffMs } from '../../agent/remote/backoff.js';
-import { CHUNK_OVERHEAD, CHUNK_SIZE } from '../../common/constants.js';
+import { CHUNK_OVERHEAD, CHUNK_SIZE, type ChunkKind } from '../../common/constants.js';
+import { packRows, type PackedManifest } from '../../common/manifest.js';
 import { chunkKeyInto, sealId } from '../../common/chunk.js';
 import { sha256 } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
@@ -25,16 +26,14 @@ import { tmpDir } from '../helpers/proc.js';
 const IMAGE_ID = 'ab'.repeat(16);
 const hashOf = (b: Buffer) => sha256(b).toString('base64url');
 
-function manifest(chunks: Partial<Manifest['chunks']>, sizes: Partial<Manifest['sizes']> = {}): Manifest {
+/** A manifest as the chunk map takes it (packed); a row's hash that is not a SHA-256 is made one of it. */
+function manifest(chunks: Partial<Manifest['chunks']>, sizes: Partial<Manifest['sizes']> = {}): PackedManifest {
+  const rows = { disk: [], mem: [], state: [], ...chunks };
+  const sha = (h: string) => (h.length === 43 ? h : hashOf(Buffer.from(h)));
+  const pack = (kind: ChunkKind) => packRows(rows[kind].map(([i, gen, cls, h]) => [i, gen, cls, sha(h)]));
   return {
-    format: 1,
-    image: 'desk',
-    imageId: IMAGE_ID,
-    version: 3,
-    sizes: { disk: 1 << 20, mem: 1 << 20, state: 300 * 1024, ...sizes },
-    chunkSizes: { ...CHUNK_SIZE },
-    chunks: { disk: [], mem: [], state: [], ...chunks },
-    signature: '',
+    head: { format: 2, image: 'desk', imageId: IMAGE_ID, version: 3, sizes: { disk: 1 << 20, mem: 1 << 20, state: 300 * 1024, ...sizes }, chunkSizes: { ...CHUNK_SIZE } },
+    chunks: { disk: pack('disk'), mem: pack('mem'), state: pack('state') },
   };
 }
 
@@ -100,7 +99,7 @@ describe("the agent core's parts", () => {
     it("derives a normal chunk's key from its class key, uses a released key as it is, and has none for a sensitive chunk not released", () => {
       const ring = new KeyRing(64);
       const map = new ChunkMap();
-      map.manifest = manifest({});
+      map.manifest = manifest({}).head;
       const { keys } = chunkKeys(map, ring);
       const classKey = randomBytes(32);
       ring.setClassKey(3, classKey);
@@ -123,7 +122,7 @@ describe("the agent core's parts", () => {
     it("a write key names the chunk's class; its neighbours without one are batched, up to 64", () => {
       const ring = new KeyRing(1024);
       const map = new ChunkMap();
-      map.manifest = manifest({}, { mem: 1000 * 4096 });
+      map.manifest = manifest({}, { mem: 1000 * 4096 }).head;
       const { keys } = chunkKeys(map, ring);
       map.writeGen = 4;
       map.writeCls.set(keyId('mem', 10, 4), 'sensitive');
@@ -141,8 +140,7 @@ describe("the agent core's parts", () => {
     it('counts resident plaintext by class; evicting a sensitive chunk drops its read and write keys, a normal one keeps its class key', () => {
       const ring = new KeyRing(64);
       const map = new ChunkMap();
-      map.manifest = manifest({ mem: [[1, 3, 'sensitive', 'h1'], [2, 3, 'normal', 'h2']] });
-      map.install(map.manifest, 4, { dirtyChunks: () => [], markClean: () => {}, forgetStale: () => {} } as unknown as ChunkCache);
+      map.install(manifest({ mem: [[1, 3, 'sensitive', 'h1'], [2, 3, 'normal', 'h2']] }), 4, { dirtyChunks: () => [], markClean: () => {}, forgetStale: () => {} } as unknown as ChunkCache);
       const { residency, stats } = chunkKeys(map, ring);
       ring.setClassKey(3, randomBytes(32));
       ring.setSensitiveKeys([keyId('mem', 1, 3), keyId('mem', 1, 4)], randomBytes(64));
@@ -161,7 +159,7 @@ describe("the agent core's parts", () => {
     it('drops keys held past their time whose plaintext is not resident, but not a resident one or one a fault is using', () => {
       const ring = new KeyRing(64);
       const map = new ChunkMap();
-      map.manifest = manifest({});
+      map.manifest = manifest({}).head;
       const { residency } = chunkKeys(map, ring);
       ring.setSensitiveKeys([keyId('mem', 1, 3), keyId('mem', 2, 3), keyId('mem', 3, 3), keyId('disk', 1, 3)], randomBytes(128));
       residency.mark('mem', 2, 'sensitive', 4096);

@@ -63,6 +63,29 @@ describe('parsing', () => {
     expect(canonical({ b: 1, a: [3, { d: undefined, c: 'x' }], e: null })).to.equal('{"a":[3,{"c":"x"}],"b":1,"e":null}');
   });
 
+  it("canonical JSON writes an array of plain values (a manifest's chunk lists) as element by element", () => {
+    // canonical() as it is defined: element by element, keys sorted.
+    const reference = (v: unknown): string => {
+      if (v === null || typeof v !== 'object') return JSON.stringify(v) ?? 'null';
+      if (Array.isArray(v)) return `[${v.map(reference).join(',')}]`;
+      const o = v as Record<string, unknown>;
+      const keys = Object.keys(o).filter((k) => o[k] !== undefined).sort();
+      return `{${keys.map((k) => `${JSON.stringify(k)}:${reference(o[k])}`).join(',')}}`;
+    };
+    const strings = ['', 'normal', 'a"b\\c', 'é✓', '\u0000\n\t', '\ud800', 'x'.repeat(43)];
+    const values = [0, -0, 1.5, -7, 2 ** 40, 1e-7, true, false, null, undefined, ...strings];
+    let seed = 7;
+    const pick = <T>(xs: T[]) => xs[(seed = (seed * 1103515245 + 12345) % 2 ** 31) % xs.length];
+    const tree = (depth: number): unknown[] =>
+      Array.from({ length: pick([0, 1, 2, 4]) }, () => (depth > 0 && pick([true, false]) ? tree(depth - 1) : pick([...values, { b: 1, a: [2] }])));
+    for (let i = 0; i < 500; i++) {
+      const t = tree(3);
+      expect(canonical(t), JSON.stringify(t)).to.equal(reference(t));
+    }
+    expect(canonical([[1, 3, 'normal', 'h']])).to.equal('[[1,3,"normal","h"]]');
+    expect(() => canonical([1, [NaN]]), 'a non-finite number is refused, shortcut or not').to.throw(TypeError);
+  });
+
   it('audit chunk lists compress to ranges', () => {
     const refs = [5, 1, 2, 3, 9].map((index) => ({ kind: 'mem' as const, index }));
     expect(ranges([...refs, { kind: 'disk', index: 0 }])).to.deep.equal({ mem: [[1, 3], [5, 5], [9, 9]], disk: [[0, 0]] });
