@@ -78,7 +78,8 @@ export function encodeManifest(head: ManifestHead, rows: Record<ChunkKind, Chunk
 /**
  * Checks a format-2 manifest's signature under the server's key, then reads it.
  * Throws TAMPERED for a bad signature, and for one that is signed but does not
- * hold together (records out of order or past the end of their kind, a class unknown).
+ * hold together (a header without its fields, records out of order, a class unknown,
+ * bytes after the records). A record past the end of its stream is left out.
  */
 export function decodeManifest(buf: Buffer, serverSignPublicKey: Uint8Array): PackedManifest {
   const bad = (why: string) => new LetheError('TAMPERED', `the server's manifest is malformed: ${why}`);
@@ -89,24 +90,35 @@ export function decodeManifest(buf: Buffer, serverSignPublicKey: Uint8Array): Pa
   }
   const hlen = buf.readUInt32BE(4);
   if (hlen > HEADER_MAX || 8 + hlen > body.length) throw bad('header length');
-  const h = JSON.parse(body.toString('utf8', 8, 8 + hlen)) as ManifestHead & { counts: Record<ChunkKind, number> };
+  let h: ManifestHead & { counts: Record<ChunkKind, number> };
+  try {
+    h = JSON.parse(body.toString('utf8', 8, 8 + hlen));
+  } catch {
+    throw bad('header');
+  }
+  const whole = (n: unknown): n is number => Number.isSafeInteger(n) && (n as number) >= 0;
+  if (typeof h?.imageId !== 'string' || !whole(h.version) || !CHUNK_KINDS.every((k) => whole(h.sizes?.[k]) && whole(h.counts?.[k]))) throw bad('header fields');
   let at = 8 + hlen;
   const chunks = {} as Record<ChunkKind, ChunkList>;
   for (const k of CHUNK_KINDS) {
-    const count = h.counts?.[k];
-    if (!Number.isSafeInteger(count) || count < 0 || at + count * RECORD > body.length) throw bad(`${k} count`);
+    const count = h.counts[k];
+    if (at + count * RECORD > body.length) throw bad(`${k} count`);
     const list: ChunkList = { count, idx: new Uint32Array(count), gen: new Uint32Array(count), cls: new Uint8Array(count), sha: Buffer.alloc(32 * count) };
-    const limit = Math.ceil((h.sizes?.[k] ?? 0) / CHUNK_SIZE[k]);
+    const limit = Math.ceil(h.sizes[k] / CHUNK_SIZE[k]);
+    let n = 0;
     for (let i = 0; i < count; i++, at += RECORD) {
       const idx = body.readUInt32BE(at);
-      if (idx >= limit || (i > 0 && idx <= list.idx[i - 1])) throw bad(`${k} chunk ${idx} out of order or past the end`);
+      if (i > 0 && idx <= body.readUInt32BE(at - RECORD)) throw bad(`${k} chunk ${idx} out of order`);
       if (!CLASS_OF[body[at + 8]]) throw bad(`${k} chunk ${idx} has an unknown class ${body[at + 8]}`);
-      list.idx[i] = idx;
-      list.gen[i] = body.readUInt32BE(at + 4);
-      list.cls[i] = body[at + 8];
-      body.copy(list.sha, 32 * i, at + 9, at + RECORD);
+      // A chunk past the end of its stream is never read (a state row a larger state left staged, which older servers committed): left out.
+      if (idx >= limit) continue;
+      list.idx[n] = idx;
+      list.gen[n] = body.readUInt32BE(at + 4);
+      list.cls[n] = body[at + 8];
+      body.copy(list.sha, 32 * n, at + 9, at + RECORD);
+      n++;
     }
-    chunks[k] = list;
+    chunks[k] = n === count ? list : { count: n, idx: list.idx.subarray(0, n), gen: list.gen.subarray(0, n), cls: list.cls.subarray(0, n), sha: list.sha.subarray(0, 32 * n) };
   }
   if (at !== body.length) throw bad('bytes after the last record');
   const { counts: _, ...head } = h;

@@ -292,6 +292,8 @@ async function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kin
 async function setDraftStateSize(ctx: Ctx, l: LeaseRow & { name: string }, size: number): Promise<void> {
   const gen = await writeGen(ctx, l);
   await ctx.db.run('UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?', size, l.image_id, gen);
+  // State chunks an earlier part of a check-in staged past the new end (a larger state, written before) would be committed past it.
+  await ctx.db.run("DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = 'state' AND idx >= ?", l.image_id, gen, chunkCount(size, 'state'));
 }
 
 /** Committed versions' wrapped keys kept by wrappedVersionKeys, at most. */

@@ -120,8 +120,12 @@ export class AgentCore {
    * Installs the lease's manifest after checking the server's signature; dirty
    * chunks in the cache written for `writeGen` override it.
    */
-  setManifest(w: WireManifest, writeGen?: number): void {
+  setManifest(w: WireManifest, writeGen?: number, lease?: { image: string; version: number }): void {
     const m = readManifest(w, b64u.decode(this.id.info.serverSignPublicKey));
+    // Signed, but of the lease's own version only: not another one of the server's manifests sent again.
+    if (lease && (m.head.image !== lease.image || m.head.version !== lease.version)) {
+      throw new LetheError('TAMPERED', `the manifest is of ${m.head.image}@${m.head.version}, not of the lease's ${lease.image}@${lease.version}`);
+    }
     this.map.install(m, writeGen, this.cache);
     const { imageId } = m.head;
     this.fast.image(Buffer.from(imageId, 'hex'));

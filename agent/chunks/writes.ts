@@ -19,9 +19,10 @@ import { keyId, type ChunkMap, type Entry } from './chunk-map.js';
 const CHECKIN_PART_BYTES = 4 * 1024 * 1024;
 /**
  * Rounds of a check-in sent while the guest writes on, before its last part goes with
- * writes held: each sends what was written since the one before, until that fits one part.
+ * writes held: each sends what was written since the one before, until that fits one
+ * part or stops shrinking.
  */
-const CHECKIN_ROUNDS_MAX = 4;
+const CHECKIN_ROUNDS_MAX = 8;
 /**
  * Blob buffers for disk writes sealed off the event loop. A write waits for one when all
  * are out: a copy onto the disk keeps far more writes in flight than libuv's four pool
@@ -261,6 +262,8 @@ export class ChunkWriter {
    * cache transaction: a crash leaves the old state or the whole new one.
    */
   async replaceState(state: Buffer): Promise<void> {
+    // Its parts so far hold the state it would replace; a suspend writes its state before it checks in.
+    if (this.checkingIn) throw new LetheError('CONFLICT', 'a check-in is under way: try the suspend again once it is done');
     const held = this.enter();
     if (held) await held;
     try {
@@ -307,17 +310,20 @@ export class ChunkWriter {
     const m = this.map.must();
     const gen = this.map.writeGen;
     const mine = () => (gen === undefined ? [] : this.cache.dirtyChunks(m.imageId).filter((d) => d.gen === gen));
-    if (mine().length === 0) throw new LetheError('BAD_REQUEST', 'nothing to check in: no chunk was written since the last check-in');
     if (this.checkingIn) throw new LetheError('CONFLICT', 'a check-in is already under way');
+    if (mine().length === 0) throw new LetheError('BAD_REQUEST', 'nothing to check in: no chunk was written since the last check-in');
     this.checkingIn = true;
     try {
       const leaseId = this.lease.leaseId();
       // What the server holds of each chunk so far: the name of the blob sent (a seal id) and the SHA-256 the version names it by.
       const sent = new Map<string, { d: DirtyChunk; sha: Buffer }>();
       const unsent = () => mine().filter((d) => !sent.get(keyId(d.kind, d.index, d.gen))?.d.sha.equals(d.sha));
-      for (let round = 0; round < CHECKIN_ROUNDS_MAX; round++) {
+      // Rounds while what is left does not fit one part and keeps shrinking (a guest writing faster than the link stops them).
+      for (let round = 0, left = Infinity; round < CHECKIN_ROUNDS_MAX; round++) {
         const todo = unsent();
-        if (todo.reduce((n, d) => n + d.len, 0) <= CHECKIN_PART_BYTES) break;
+        const bytes = todo.reduce((n, d) => n + d.len, 0);
+        if (bytes <= CHECKIN_PART_BYTES || bytes >= left) break;
+        left = bytes;
         await this.sendParts(client, leaseId, todo, sent, false);
       }
       const release = await this.holdWrites();
@@ -334,7 +340,13 @@ export class ChunkWriter {
         const chunks = [...sent.values()];
         // A server from before device branches made every check-in shared.
         const r = { version: result.version, shared: result.shared ?? true, chunks: chunks.length, bytes: chunks.reduce((n, c) => n + c.d.len, 0) };
-        await moveLease?.(r);
+        try {
+          await moveLease?.(r);
+        } catch (e) {
+          // The version stands: say so with why the lease stays behind (a held write goes on and fails with the ended lease, or waits for the next).
+          const why = e instanceof Error ? e.message : String(e);
+          throw new LetheError(e instanceof LetheError ? e.code : 'INTERNAL', `checked in ${r.chunks} chunk(s) as version ${r.version}, but the lease did not move to it: ${why}`, { cause: e });
+        }
         return r;
       } finally {
         release();

@@ -167,7 +167,7 @@ function runAgent(o: AgentOptions, id: Identity): RunningAgent {
     wantsVm: o.vm !== undefined,
     log,
   });
-  lease.prepare = async (l) => core.setManifest(await urgent.manifest(l.leaseId), l.writeGen);
+  lease.prepare = async (l) => core.setManifest(await urgent.manifest(l.leaseId), l.writeGen, l);
   lease.report = () => ({
     resident: { sensitiveBytes: core.resident.sensitive, normalBytes: core.resident.normal, guestPages: serving.vm ? serving.vm.evictor.residentCounts() : null },
   });

@@ -6,7 +6,8 @@ import type { CheckinClient } from '../../agent/chunks/writes.js';
 import { closeIdentity, loadIdentity, type Identity } from '../../agent/keys/identity.js';
 import { DeviceClient } from '../../agent/remote/device-client.js';
 import { expectSameBytes } from '../helpers/bytes.js';
-import { agentInProcessSuite, rejects, testUnlock } from '../helpers/fixtures.js';
+import { LetheError } from '../../common/errors.js';
+import { agentInProcessSuite, jsonManifest, rejects, testUnlock } from '../helpers/fixtures.js';
 
 const CHUNK = 128 * 1024;
 const CHUNKS = 64;
@@ -94,6 +95,90 @@ describe('a check-in while the guest writes (agent core, real server)', function
     expect(source).to.equal('cache');
   });
 
+  it('a write under way when the last part is due is waited for, and goes into the version', async () => {
+    const core = t.agent.core;
+    await core.write('disk', 30, randomBytes(CHUNK));
+    const late = randomBytes(CHUNK);
+    const writing = core.write('disk', 31, late); // its seal on a pool thread as the check-in starts
+    const c = watched(() => {});
+    const r = await core.checkin(c, () => t.agent.lease.reacquire());
+    await writing;
+    expect(r.chunks, 'both chunks').to.equal(2);
+    const { out, source } = await read(31);
+    expectSameBytes(out, late);
+    expect(source, 'the version names the blob the cache holds').to.equal('cache');
+  });
+
+  it('a last part that fails lets the held writes go on, and the next check-in sends them all', async () => {
+    const core = t.agent.core;
+    const first = randomBytes(CHUNK);
+    await core.write('disk', 40, first);
+    const second = randomBytes(CHUNK);
+    let writing: Promise<void> | undefined;
+    const failing: CheckinClient = {
+      async checkin() {
+        writing = core.write('disk', 41, second);
+        throw new LetheError('SERVER_UNREACHABLE', 'the link went down');
+      },
+    };
+    const e = await rejects(core.checkin(failing, () => t.agent.lease.reacquire()));
+    expect(String(e)).to.match(/the link went down/);
+    await writing; // not held for ever
+    const r = await core.checkin(client, () => t.agent.lease.reacquire());
+    expect(r.chunks).to.equal(2);
+    expectSameBytes((await read(40)).out, first);
+    expectSameBytes((await read(41)).out, second);
+  });
+
+  it('a lease that cannot move after the commit is said so with the version, and writes are not held for ever', async () => {
+    const core = t.agent.core;
+    await core.write('disk', 50, randomBytes(CHUNK));
+    let writing: Promise<unknown> | undefined;
+    const e = await rejects(
+      core.checkin(client, async () => {
+        writing = core.write('disk', 51, randomBytes(CHUNK)).catch((err) => err);
+        throw new LetheError('SERVER_UNREACHABLE', 'no route to the server');
+      }),
+    );
+    expect(e.code).to.equal('SERVER_UNREACHABLE');
+    expect(e.message).to.match(/checked in 1 chunk\(s\) as version \d+, but the lease did not move to it: no route to the server/);
+    await writing; // it goes on (and fails or waits for the next lease) once the check-in is done
+    await t.agent.lease.reacquire();
+    await core.write('disk', 51, randomBytes(CHUNK));
+  });
+
+  it("a smaller device state after a check-in whose parts went up and whose last part failed: the version has only the new state", async () => {
+    const core = t.agent.core;
+    await core.replaceState(randomBytes(40 * CHUNK)); // 5 MiB: two parts before the last
+    const failing = watched((final) => {
+      if (final) throw new LetheError('SERVER_UNREACHABLE', 'cut off before the last part');
+    });
+    await rejects(core.checkin(failing));
+    expect(failing.finals).to.deep.equal([false, false, true]);
+    const state = randomBytes(CHUNK + 1000);
+    await core.replaceState(state);
+    const r = await core.checkin(client, () => t.agent.lease.reacquire());
+    const m = await jsonManifest(client, t.agent.lease.leaseId());
+    expect(m.version).to.equal(r.version);
+    expect(m.chunks.state.map(([i]) => i), 'the 38 chunks staged past the new end are not committed').to.deep.equal([0, 1]);
+    const out = Buffer.alloc(state.length);
+    await core.readInto('state', 0, out.subarray(0, CHUNK));
+    await core.readInto('state', 1, out.subarray(CHUNK));
+    expectSameBytes(out, state);
+  });
+
+  it('a new device state while a check-in is under way is refused (CONFLICT), and the check-in commits', async () => {
+    const core = t.agent.core;
+    await core.write('disk', 60, randomBytes(CHUNK));
+    let refused: Promise<{ code: string }> | undefined;
+    const c = watched(() => {
+      refused ??= rejects(core.replaceState(randomBytes(1000)));
+    });
+    const r = await core.checkin(c, () => t.agent.lease.reacquire());
+    expect((await refused!).code).to.equal('CONFLICT');
+    expect(r.chunks).to.equal(1);
+  });
+
   it('a second check-in while one is under way is refused, and the first commits', async () => {
     const core = t.agent.core;
     await core.write('disk', 20, randomBytes(CHUNK));
@@ -105,5 +190,14 @@ describe('a check-in while the guest writes (agent core, real server)', function
     expect(((await second) as { code: string }).code).to.equal('CONFLICT');
     expect(r.chunks).to.equal(1);
     expect(t.agent.status().cache.dirty).to.equal(0);
+  });
+  it("a signed manifest of another version than the lease's is refused, and the map keeps the lease's", async () => {
+    const core = t.agent.core;
+    const lease = { image: core.manifest!.image, version: core.manifest!.version };
+    const wire = await client.manifest(t.agent.lease.leaseId());
+    const e = await rejects(Promise.resolve().then(() => core.setManifest(wire, core.writeGen, { ...lease, version: lease.version - 1 })));
+    expect(e.code).to.equal('TAMPERED');
+    expect(core.manifest!.version).to.equal(lease.version);
+    core.setManifest(wire, core.writeGen, lease);
   });
 });

@@ -46,18 +46,32 @@ describe('the packed manifest (format 2)', () => {
     tampered(() => decodeManifest(v1, server.publicKey));
   });
 
-  it('a manifest the server signed that does not hold together is refused, not read', () => {
-    // Out of order, past the end of the disk, an unknown class: each signed with the right key.
+  it('a manifest the server signed that does not hold together is refused, not read; a chunk past the end is left out', () => {
+    const signed = (body: Buffer) => Buffer.concat([body, sign(server.secretKey, Buffer.from(`${MANIFEST_CONTEXT}\n2\n${sha256(body).toString('hex')}`))]);
+    const bodyOf = (b: Buffer) => Buffer.from(b.subarray(0, b.length - 64));
+    const withHeader = (h: unknown) => {
+      const json = Buffer.from(JSON.stringify(h));
+      const len = Buffer.alloc(4);
+      len.writeUInt32BE(json.length);
+      return signed(Buffer.concat([Buffer.from('LMF2'), len, json]));
+    };
+    const counts = { disk: 0, mem: 0, state: 0 };
+    expect(decodeManifest(withHeader({ ...head, counts }), server.publicKey).chunks.disk.count, 'a well-formed empty one reads').to.equal(0);
     tampered(() => decodeManifest(encodeManifest(head, { ...rows, disk: [row(5), row(0)] }, server.secretKey), server.publicKey));
-    tampered(() => decodeManifest(encodeManifest(head, { ...rows, disk: [row(64)] }, server.secretKey), server.publicKey));
+    tampered(() => decodeManifest(withHeader({ ...head, counts: { ...counts, disk: 1 } }), server.publicKey)); // a record promised, none there
+    tampered(() => decodeManifest(withHeader({ ...head }), server.publicKey)); // no counts
+    tampered(() => decodeManifest(withHeader({ ...head, counts, sizes: { ...head.sizes, disk: 'all' } }), server.publicKey));
+    tampered(() => decodeManifest(signed(Buffer.concat([Buffer.from('LMF2'), Buffer.from([0, 0, 0, 3]), Buffer.from('{"a')])), server.publicKey));
+    tampered(() => decodeManifest(signed(Buffer.concat([bodyOf(withHeader({ ...head, counts })), Buffer.from([0])])), server.publicKey)); // bytes after the records
     const bad = { ...rows, disk: [{ ...row(1), cls: 'secret' as 'normal' }] };
     expect(() => encodeManifest(head, bad, server.secretKey)).to.throw();
-    const odd = encodeManifest(head, rows, server.secretKey);
-    const body = Buffer.from(odd.subarray(0, odd.length - 64));
+    const body = bodyOf(encodeManifest(head, rows, server.secretKey));
     body[body.length - 4 * 41 + 8] = 9; // the first disk record's class
-    const resigned = Buffer.concat([body, sign(server.secretKey, Buffer.from(`${MANIFEST_CONTEXT}\n2\n${sha256(body).toString('hex')}`))]);
-    tampered(() => decodeManifest(resigned, server.publicKey));
+    tampered(() => decodeManifest(signed(body), server.publicKey));
     tampered(() => decodeManifest(Buffer.from('{"format":1}'), server.publicKey));
+    // Past the end of the disk (64 chunks): never read, so left out rather than refused.
+    const past = decodeManifest(encodeManifest(head, { ...rows, disk: [row(3), row(64), row(70)] }, server.secretKey), server.publicKey).chunks.disk;
+    expect([past.count, [...past.idx]]).to.deep.equal([1, [3]]);
   });
 
   it("a server's format-1 JSON manifest reads as the same entries", () => {
