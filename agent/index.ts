@@ -33,3 +33,8 @@ export { ACCEL_CHOICES, Vm, chooseAccel, guestCmdline, makeRunDir, type Accel, t
 export { BufferPool } from './chunks/buffer-pool.js';
 export { Evictor } from './memory/evictor.js';
 export { servePage } from './memory/fault-service.js';
+
+// The chunk map over a lease's manifest, for bench/manifest.ts, which times its install alone.
+export { ChunkMap, readManifest } from './chunks/chunk-map.js';
+export type { ChunkCache } from './chunks/cache.js';
+export type { Manifest } from './remote/device-client.js';

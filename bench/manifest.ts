@@ -9,9 +9,7 @@
 // the heap the map keeps.
 import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
-import { ChunkMap, readManifest } from '../agent/chunks/chunk-map.js';
-import type { ChunkCache } from '../agent/chunks/cache.js';
-import type { Manifest } from '../agent/remote/device-client.js';
+import { ChunkMap, readManifest, type ChunkCache, type Manifest } from '../agent/index.js';
 import { canonical } from '../common/audit-hash.js';
 import { CHUNK_SIZE, MANIFEST_CONTEXT } from '../common/constants.js';
 import { b64u, sha256, sign, signKeyPair } from '../common/crypto.js';
