@@ -24,11 +24,11 @@ import {
   getImage,
   getVersion,
   listImages,
-  manifest,
   putChunks,
   removeImage,
   setPolicy,
 } from './images.js';
+import { manifest } from './manifests.js';
 import { parseChunkFrames } from '../common/frames.js';
 import { promoteVersion, setTrusted } from './branches.js';
 import { assign, checkin, grantLease, leaseManifest, leaseManifestPacked, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';

@@ -3,13 +3,11 @@
 // server encrypts it with the version's keys, skips zero chunks, and keeps an
 // unchanged chunk under the generation that first wrote it.
 import { randomBytes } from 'node:crypto';
-import { CHUNK_KINDS, CHUNK_SIZE, KEY_BYTES, MANIFEST_CONTEXT, MEM_CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
-import { canonical } from '../common/audit-hash.js';
+import { CHUNK_KINDS, CHUNK_SIZE, KEY_BYTES, MEM_CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
 import { encryptChunk, isZero, type ChunkCoord } from '../common/chunk.js';
-import { b64u, keyedHash, secureBuffer, sha256, sign, wipe } from '../common/crypto.js';
+import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
 import { LetheError } from '../common/errors.js';
-import { encodeManifest, type ChunkRowOf } from '../common/manifest.js';
 import { classOf, parsePolicy, storedPolicy } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
 import { crashPoint } from '../common/crash-point.js';
@@ -416,33 +414,6 @@ export async function listImages(ctx: Ctx) {
     });
   }
   return out;
-}
-
-/** The manifest of a version, signed by the server's Ed25519 key. */
-export async function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
-  const rows = await ctx.db.all<ChunkRow>('SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx', img.id, v.version);
-  const chunks: Record<ChunkKind, [number, number, Sensitivity, string][]> = { disk: [], mem: [], state: [] };
-  for (const r of rows) chunks[r.kind].push([r.idx, r.gen, r.cls, r.ct_sha256.toString('base64url')]);
-  const body = {
-    format: 1,
-    image: img.name,
-    imageId: img.id,
-    version: v.version,
-    sizes: { disk: v.disk_size, mem: v.mem_size, state: v.state_size },
-    chunkSizes: CHUNK_SIZE,
-    chunks,
-  };
-  const signature = b64u.encode(sign(ctx.data.signingKey, Buffer.from(`${MANIFEST_CONTEXT}\n${sha256(canonical(body)).toString('hex')}`)));
-  return { ...body, signature };
-}
-
-/** The manifest of a version as a device reads it (format 2, common/manifest.ts): packed records, signed by the server's key. */
-export async function packedManifest(ctx: Ctx, img: ImageRow, v: VersionRow): Promise<Buffer> {
-  const rows = await ctx.db.all<ChunkRow>('SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx', img.id, v.version);
-  const chunks: Record<ChunkKind, ChunkRowOf[]> = { disk: [], mem: [], state: [] };
-  for (const r of rows) chunks[r.kind].push({ idx: r.idx, gen: r.gen, cls: r.cls, sha: r.ct_sha256 });
-  const head = { format: 2, image: img.name, imageId: img.id, version: v.version, sizes: { disk: v.disk_size, mem: v.mem_size, state: v.state_size }, chunkSizes: CHUNK_SIZE };
-  return encodeManifest(head, chunks, ctx.data.signingKey);
 }
 
 /** Chunks looked up per statement: well under either database's parameter limit. */
