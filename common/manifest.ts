@@ -53,24 +53,50 @@ export const classOfCode = (code: number): Sensitivity => CLASS_OF[code];
 
 const message = (body: Buffer) => Buffer.from(`${MANIFEST_CONTEXT}\n2\n${sha256(body).toString('hex')}`);
 
+/** The bytes of one record (u32 index, u32 generation, u8 class, 32-byte SHA-256): what packRecords makes and a server's database may make itself. */
+export const MANIFEST_RECORD = RECORD;
+
+/** One kind's chunks as format-2 records, in the order given. */
+export function packRecords(kind: ChunkKind, rows: readonly ChunkRowOf[]): Buffer {
+  const out = Buffer.alloc(rows.length * RECORD);
+  let at = 0;
+  for (const r of rows) {
+    if (r.sha.length !== 32 || !CLASS_CODE[r.cls]) throw new Error(`${kind} chunk ${r.idx}: a SHA-256 of ${r.sha.length} bytes, class ${r.cls}`);
+    out.writeUInt32BE(r.idx, at);
+    out.writeUInt32BE(r.gen, at + 4);
+    out[at + 8] = CLASS_CODE[r.cls];
+    r.sha.copy(out, at + 9);
+    at += RECORD;
+  }
+  return out;
+}
+
 /** The signed format-2 manifest of `head` and its chunks, each kind's in index order. */
 export function encodeManifest(head: ManifestHead, rows: Record<ChunkKind, ChunkRowOf[]>, signingKey: Uint8Array): Buffer {
-  const header = Buffer.from(JSON.stringify({ ...head, format: 2, counts: Object.fromEntries(CHUNK_KINDS.map((k) => [k, rows[k].length])) }));
-  const n = CHUNK_KINDS.reduce((s, k) => s + rows[k].length, 0);
-  const out = Buffer.alloc(MAGIC.length + 4 + header.length + n * RECORD + SIGNATURE);
+  return encodeRecords(head, Object.fromEntries(CHUNK_KINDS.map((k) => [k, packRecords(k, rows[k])])) as Record<ChunkKind, Buffer>, signingKey);
+}
+
+/**
+ * The signed format-2 manifest of `head` and each kind's records, already packed
+ * (packRecords, or a database's own query). Refuses records that cannot be read back:
+ * a length not a whole number of records, an unknown class, indexes not ascending.
+ */
+export function encodeRecords(head: ManifestHead, records: Record<ChunkKind, Buffer>, signingKey: Uint8Array): Buffer {
+  for (const k of CHUNK_KINDS) {
+    const r = records[k];
+    if (r.length % RECORD !== 0) throw new Error(`${k} records: ${r.length} bytes is not a whole number of ${RECORD}-byte records`);
+    for (let at = 0; at < r.length; at += RECORD) {
+      if (!CLASS_OF[r[at + 8]]) throw new Error(`${k} chunk ${r.readUInt32BE(at)}: class code ${r[at + 8]}`);
+      if (at > 0 && r.readUInt32BE(at) <= r.readUInt32BE(at - RECORD)) throw new Error(`${k} chunk ${r.readUInt32BE(at)}: indexes not ascending`);
+    }
+  }
+  const header = Buffer.from(JSON.stringify({ ...head, format: 2, counts: Object.fromEntries(CHUNK_KINDS.map((k) => [k, records[k].length / RECORD])) }));
+  const n = CHUNK_KINDS.reduce((s, k) => s + records[k].length, 0);
+  const out = Buffer.alloc(MAGIC.length + 4 + header.length + n + SIGNATURE);
   MAGIC.copy(out, 0);
   out.writeUInt32BE(header.length, 4);
   let at = 8 + header.copy(out, 8);
-  for (const k of CHUNK_KINDS) {
-    for (const r of rows[k]) {
-      if (r.sha.length !== 32 || !CLASS_CODE[r.cls]) throw new Error(`${k} chunk ${r.idx}: a SHA-256 of ${r.sha.length} bytes, class ${r.cls}`);
-      out.writeUInt32BE(r.idx, at);
-      out.writeUInt32BE(r.gen, at + 4);
-      out[at + 8] = CLASS_CODE[r.cls];
-      r.sha.copy(out, at + 9);
-      at += RECORD;
-    }
-  }
+  for (const k of CHUNK_KINDS) at += records[k].copy(out, at);
   sign(signingKey, message(out.subarray(0, at))).copy(out, at);
   return out;
 }

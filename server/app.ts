@@ -383,6 +383,7 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   ctx.metrics.describe('lethe_http_requests_total', 'HTTP requests by route and status');
   ctx.metrics.describe('lethe_keys_released_total', 'chunk keys released to devices');
   ctx.metrics.describe('lethe_chunks_served_total', 'encrypted chunks served to devices');
+  ctx.metrics.describe('lethe_manifests_total', 'packed manifests answered, made from the database or kept in memory');
   ctx.metrics.gauge(async () => {
     const rows = await listDevices(ctx);
     const count = (s: string) => rows.filter((d) => d.status === s).length;

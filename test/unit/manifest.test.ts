@@ -7,7 +7,7 @@ import { canonical } from '../../common/audit-hash.js';
 import { CHUNK_SIZE, MANIFEST_CONTEXT, type ChunkKind } from '../../common/constants.js';
 import { b64u, sha256, sign, signKeyPair } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
-import { decodeManifest, encodeManifest, findChunk, isPackedManifest, packRows, type ChunkRowOf } from '../../common/manifest.js';
+import { decodeManifest, encodeManifest, encodeRecords, findChunk, isPackedManifest, packRecords, packRows, type ChunkRowOf } from '../../common/manifest.js';
 
 const server = signKeyPair();
 const head = { format: 2, image: 'desk', imageId: 'ab'.repeat(16), version: 7, sizes: { disk: 64 * CHUNK_SIZE.disk, mem: 1 << 20, state: 1000 }, chunkSizes: { ...CHUNK_SIZE } };
@@ -57,7 +57,11 @@ describe('the packed manifest (format 2)', () => {
     };
     const counts = { disk: 0, mem: 0, state: 0 };
     expect(decodeManifest(withHeader({ ...head, counts }), server.publicKey).chunks.disk.count, 'a well-formed empty one reads').to.equal(0);
-    tampered(() => decodeManifest(encodeManifest(head, { ...rows, disk: [row(5), row(0)] }, server.secretKey), server.publicKey));
+    // Records out of order: the server does not make them (encodeRecords refuses), so swap two of a signed body's.
+    const ordered = bodyOf(encodeManifest(head, { ...rows, disk: [row(0), row(5)] }, server.secretKey));
+    const first = ordered.length - 3 * 41;
+    const swapped = Buffer.concat([ordered.subarray(0, first), ordered.subarray(first + 41, first + 82), ordered.subarray(first, first + 41), ordered.subarray(first + 82)]);
+    tampered(() => decodeManifest(signed(swapped), server.publicKey));
     tampered(() => decodeManifest(withHeader({ ...head, counts: { ...counts, disk: 1 } }), server.publicKey)); // a record promised, none there
     tampered(() => decodeManifest(withHeader({ ...head }), server.publicKey)); // no counts
     tampered(() => decodeManifest(withHeader({ ...head, counts, sizes: { ...head.sizes, disk: 'all' } }), server.publicKey));
@@ -65,6 +69,17 @@ describe('the packed manifest (format 2)', () => {
     tampered(() => decodeManifest(signed(Buffer.concat([bodyOf(withHeader({ ...head, counts })), Buffer.from([0])])), server.publicKey)); // bytes after the records
     const bad = { ...rows, disk: [{ ...row(1), cls: 'secret' as 'normal' }] };
     expect(() => encodeManifest(head, bad, server.secretKey)).to.throw();
+    // Records a database packed are checked before they are signed.
+    const none = { disk: Buffer.alloc(0), mem: Buffer.alloc(0), state: Buffer.alloc(0) };
+    const [ra, rb] = [row(0), row(5)];
+    const [a, b] = [packRecords('disk', [ra]), packRecords('disk', [rb])];
+    expect(() => encodeRecords(head, { ...none, disk: Buffer.concat([b, a]) }, server.secretKey)).to.throw(/not ascending/);
+    expect(() => encodeRecords(head, { ...none, disk: Buffer.concat([a, b.subarray(1)]) }, server.secretKey)).to.throw(/whole number/);
+    const noClass = Buffer.from(a);
+    noClass[8] = 0;
+    expect(() => encodeRecords(head, { ...none, disk: noClass }, server.secretKey)).to.throw(/class code 0/);
+    const same = encodeRecords(head, { ...none, disk: Buffer.concat([a, b]) }, server.secretKey);
+    expect(same.equals(encodeManifest(head, { disk: [ra, rb], mem: [], state: [] }, server.secretKey)), 'the same bytes as from rows').to.equal(true);
     const body = bodyOf(encodeManifest(head, rows, server.secretKey));
     body[body.length - 4 * 41 + 8] = 9; // the first disk record's class
     tampered(() => decodeManifest(signed(body), server.publicKey));
