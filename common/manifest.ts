@@ -73,30 +73,47 @@ export function packRecords(kind: ChunkKind, rows: readonly ChunkRowOf[]): Buffe
 
 /** The signed format-2 manifest of `head` and its chunks, each kind's in index order. */
 export function encodeManifest(head: ManifestHead, rows: Record<ChunkKind, ChunkRowOf[]>, signingKey: Uint8Array): Buffer {
-  return encodeRecords(head, Object.fromEntries(CHUNK_KINDS.map((k) => [k, packRecords(k, rows[k])])) as Record<ChunkKind, Buffer>, signingKey);
+  return encodeRecords(head, Object.fromEntries(CHUNK_KINDS.map((k) => [k, [packRecords(k, rows[k])]])) as Record<ChunkKind, Buffer[]>, signingKey);
+}
+
+/**
+ * Checks one run of a kind's records, packed, that follows index `after` (-1 for the
+ * first) and returns its last index. Refuses what could not be read back: a length not
+ * a whole number of records, an unknown class, indexes not ascending.
+ */
+export function checkRecords(kind: ChunkKind, r: Buffer, after: number): number {
+  if (r.length % RECORD !== 0) throw new Error(`${kind} records: ${r.length} bytes is not a whole number of ${RECORD}-byte records`);
+  let last = after;
+  for (let at = 0; at < r.length; at += RECORD) {
+    const idx = r[at] * 0x1000000 + ((r[at + 1] << 16) | (r[at + 2] << 8) | r[at + 3]);
+    const cls = r[at + 8];
+    if (cls !== CLASS_CODE.normal && cls !== CLASS_CODE.sensitive) throw new Error(`${kind} chunk ${idx}: class code ${cls}`);
+    if (idx <= last) throw new Error(`${kind} chunk ${idx}: indexes not ascending`);
+    last = idx;
+  }
+  return last;
 }
 
 /**
  * The signed format-2 manifest of `head` and each kind's records, already packed
- * (packRecords, or a database's own query). Refuses records that cannot be read back:
- * a length not a whole number of records, an unknown class, indexes not ascending.
+ * (packRecords, or a database's own query), in runs that follow each other; each run
+ * is checked (checkRecords) as it is copied in.
  */
-export function encodeRecords(head: ManifestHead, records: Record<ChunkKind, Buffer>, signingKey: Uint8Array): Buffer {
-  for (const k of CHUNK_KINDS) {
-    const r = records[k];
-    if (r.length % RECORD !== 0) throw new Error(`${k} records: ${r.length} bytes is not a whole number of ${RECORD}-byte records`);
-    for (let at = 0; at < r.length; at += RECORD) {
-      if (!CLASS_OF[r[at + 8]]) throw new Error(`${k} chunk ${r.readUInt32BE(at)}: class code ${r[at + 8]}`);
-      if (at > 0 && r.readUInt32BE(at) <= r.readUInt32BE(at - RECORD)) throw new Error(`${k} chunk ${r.readUInt32BE(at)}: indexes not ascending`);
-    }
-  }
-  const header = Buffer.from(JSON.stringify({ ...head, format: 2, counts: Object.fromEntries(CHUNK_KINDS.map((k) => [k, records[k].length / RECORD])) }));
-  const n = CHUNK_KINDS.reduce((s, k) => s + records[k].length, 0);
-  const out = Buffer.alloc(MAGIC.length + 4 + header.length + n + SIGNATURE);
+export function encodeRecords(head: ManifestHead, records: Record<ChunkKind, readonly Buffer[]>, signingKey: Uint8Array): Buffer {
+  const bytes = (k: ChunkKind) => records[k].reduce((n, r) => n + r.length, 0);
+  const header = Buffer.from(JSON.stringify({ ...head, format: 2, counts: Object.fromEntries(CHUNK_KINDS.map((k) => [k, Math.floor(bytes(k) / RECORD)])) }));
+  const n = CHUNK_KINDS.reduce((s, k) => s + bytes(k), 0);
+  const out = Buffer.allocUnsafe(MAGIC.length + 4 + header.length + n + SIGNATURE);
   MAGIC.copy(out, 0);
   out.writeUInt32BE(header.length, 4);
   let at = 8 + header.copy(out, 8);
-  for (const k of CHUNK_KINDS) at += records[k].copy(out, at);
+  for (const k of CHUNK_KINDS) {
+    let last = -1;
+    for (const r of records[k]) {
+      last = checkRecords(k, r, last);
+      at += r.copy(out, at);
+    }
+  }
   sign(signingKey, message(out.subarray(0, at))).copy(out, at);
   return out;
 }

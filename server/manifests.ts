@@ -13,7 +13,7 @@ import type { Ctx } from './context.js';
 import type { ImageRow, VersionRow } from './images.js';
 import type { Sql } from './sql.js';
 
-/** Rows a query packs: on SQLite a page holds the event loop about 70 ms at most. */
+/** Rows a query packs: on SQLite a page holds the event loop 20–70 ms. */
 export const MANIFEST_PAGE_ROWS = 16_384;
 
 /** The signed packed manifests of committed versions this process keeps, by bytes (a 200 GiB disk's is 67 MB). */
@@ -30,23 +30,24 @@ const PAGE_SQL = {
 };
 
 /**
- * A version's stored chunks of each kind as format-2 records, in index order, a page of
- * rows per query. A committed version's rows do not change, so its pages are read
+ * A version's stored chunks of each kind as format-2 records, in index order: a
+ * buffer per page of rows, one query each. A committed version's rows do not change, so its pages are read
  * outside a transaction, between other requests; a draft's on one snapshot.
  */
-async function versionRecords(ctx: Ctx, imageId: string, v: VersionRow): Promise<Record<ChunkKind, Buffer>> {
-  const out = {} as Record<ChunkKind, Buffer>;
+async function versionRecords(ctx: Ctx, imageId: string, v: VersionRow): Promise<Record<ChunkKind, Buffer[]>> {
+  const out = {} as Record<ChunkKind, Buffer[]>;
   const read = async (t: Sql) => {
     for (const kind of CHUNK_KINDS) {
-      const pages: Buffer[] = [];
+      const pages: Buffer[] = (out[kind] = []);
       for (let last = -1; ; ) {
         const p = await t.get<{ n: number; last: number | null; rec: string | Buffer | null }>(PAGE_SQL[t.dialect], imageId, v.version, kind, last, MANIFEST_PAGE_ROWS);
         if (!p || p.n === 0 || p.last === null || p.rec === null) break;
         pages.push(typeof p.rec === 'string' ? Buffer.from(p.rec, 'hex') : p.rec);
         if (p.n < MANIFEST_PAGE_ROWS) break;
         last = p.last;
+        // SQLite answers at once, in the same turn: let other requests in between pages.
+        await new Promise((r) => setImmediate(r));
       }
-      out[kind] = Buffer.concat(pages);
     }
   };
   await (v.state === 'committed' ? read(ctx.db) : ctx.db.snapshot(read));
@@ -62,10 +63,11 @@ export async function manifest(ctx: Ctx, img: ImageRow, v: VersionRow) {
   const records = await versionRecords(ctx, img.id, v);
   const chunks = {} as Record<ChunkKind, [number, number, Sensitivity, string][]>;
   for (const kind of CHUNK_KINDS) {
-    const r = records[kind];
     const list: [number, number, Sensitivity, string][] = (chunks[kind] = []);
-    for (let at = 0; at < r.length; at += MANIFEST_RECORD) {
-      list.push([r.readUInt32BE(at), r.readUInt32BE(at + 4), classOfCode(r[at + 8]), b64u.encode(r.subarray(at + 9, at + MANIFEST_RECORD))]);
+    for (const r of records[kind]) {
+      for (let at = 0; at < r.length; at += MANIFEST_RECORD) {
+        list.push([r.readUInt32BE(at), r.readUInt32BE(at + 4), classOfCode(r[at + 8]), b64u.encode(r.subarray(at + 9, at + MANIFEST_RECORD))]);
+      }
     }
   }
   const body = { ...head(img, v, 1), chunks };

@@ -70,15 +70,16 @@ describe('the packed manifest (format 2)', () => {
     const bad = { ...rows, disk: [{ ...row(1), cls: 'secret' as 'normal' }] };
     expect(() => encodeManifest(head, bad, server.secretKey)).to.throw();
     // Records a database packed are checked before they are signed.
-    const none = { disk: Buffer.alloc(0), mem: Buffer.alloc(0), state: Buffer.alloc(0) };
+    const none = { disk: [], mem: [], state: [] };
     const [ra, rb] = [row(0), row(5)];
     const [a, b] = [packRecords('disk', [ra]), packRecords('disk', [rb])];
-    expect(() => encodeRecords(head, { ...none, disk: Buffer.concat([b, a]) }, server.secretKey)).to.throw(/not ascending/);
-    expect(() => encodeRecords(head, { ...none, disk: Buffer.concat([a, b.subarray(1)]) }, server.secretKey)).to.throw(/whole number/);
+    expect(() => encodeRecords(head, { ...none, disk: [Buffer.concat([b, a])] }, server.secretKey)).to.throw(/not ascending/);
+    expect(() => encodeRecords(head, { ...none, disk: [Buffer.concat([a, b.subarray(1)])] }, server.secretKey)).to.throw(/whole number/);
     const noClass = Buffer.from(a);
     noClass[8] = 0;
-    expect(() => encodeRecords(head, { ...none, disk: noClass }, server.secretKey)).to.throw(/class code 0/);
-    const same = encodeRecords(head, { ...none, disk: Buffer.concat([a, b]) }, server.secretKey);
+    expect(() => encodeRecords(head, { ...none, disk: [noClass] }, server.secretKey)).to.throw(/class code 0/);
+    expect(() => encodeRecords(head, { ...none, disk: [b, a] }, server.secretKey), 'runs that do not follow each other').to.throw(/not ascending/);
+    const same = encodeRecords(head, { ...none, disk: [a, b] }, server.secretKey);
     expect(same.equals(encodeManifest(head, { disk: [ra, rb], mem: [], state: [] }, server.secretKey)), 'the same bytes as from rows').to.equal(true);
     const body = bodyOf(encodeManifest(head, rows, server.secretKey));
     body[body.length - 4 * 41 + 8] = 9; // the first disk record's class

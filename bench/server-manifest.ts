@@ -1,0 +1,116 @@
+// The server's side of a lease at real disk sizes: a version whose every disk chunk is
+// stored (rows put straight into a real server's database), a device's lease on it, and
+// the lease's packed manifest over HTTPS, first made from the database and then again.
+// The yardstick, in the same run on the same database: the rows read as objects and
+// packed in JavaScript, as the server did before (server/manifests.ts).
+//
+//   node --import tsx bench/server-manifest.ts [--gib 4,50,200]      (LETHE_TEST_DB=postgres: on PostgreSQL)
+//
+// The server's event loop is what every device shares: "longest wait" is the longest a
+// request sent beside the manifest's waited for its answer (`/healthz`, every 20 ms).
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { parseArgs } from 'node:util';
+import { CHUNK_KINDS, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
+import { encodeManifest, type ChunkRowOf } from '../common/manifest.js';
+import { LeaseResponse } from '../common/wire.js';
+import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
+import { testBackend } from '../test/helpers/pg.js';
+import { startServer, type ServerProc } from '../test/helpers/proc.js';
+import { serverDb } from '../test/helpers/server-db.js';
+
+const { values } = parseArgs({ options: { gib: { type: 'string', default: '4,50,200' } } });
+
+function timed<T>(f: () => Promise<T>): Promise<[T, number]> {
+  const t0 = performance.now();
+  return f().then((r) => [r, performance.now() - t0]);
+}
+
+/** Runs `f` while another process (lib/probe.ts) asks the server for /healthz every 20 ms; the longest any answer took. */
+async function beside<T>(s: ServerProc, f: () => Promise<T>): Promise<[T, number, number]> {
+  const p = spawn(process.execPath, ['--import', 'tsx', new URL('lib/probe.ts', import.meta.url).pathname, s.url, s.fingerprint], { stdio: ['pipe', 'pipe', 'inherit'] });
+  let out = '';
+  const ready = new Promise<void>((r) => p.stdout!.on('data', (d) => ((out += d), out.includes('ready') && r())));
+  const exited = new Promise((r) => p.once('exit', r));
+  await ready;
+  const [r, ms] = await timed(f);
+  p.stdin!.end();
+  await exited;
+  return [r, ms, Number(out.split('\n')[1])];
+}
+
+/** Puts `n` disk rows (every chunk stored) into the image's current version. */
+async function fill(s: ServerProc, image: string, n: number): Promise<void> {
+  const db = await serverDb(s);
+  try {
+    const img = (await db.sql.get<{ id: string; current_version: number }>('SELECT id, current_version FROM images WHERE name = ?', image))!;
+    await db.sql.run("DELETE FROM chunks WHERE image_id = ? AND kind = 'disk'", img.id);
+    const ROWS = 500;
+    for (let at = 0; at < n; at += 50 * ROWS) {
+      await db.sql.tx(async (t) => {
+        for (let p = at; p < Math.min(n, at + 50 * ROWS); p += ROWS) {
+          const k = Math.min(ROWS, n - p);
+          const params: unknown[] = [];
+          for (let i = 0; i < k; i++) params.push(img.id, img.current_version, 'disk', p + i, img.current_version, (p + i) % 7 === 0 ? 'sensitive' : 'normal', randomBytes(32), randomBytes(32));
+          await t.run(`INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES ${Array(k).fill('(?, ?, ?, ?, ?, ?, ?, ?)').join(', ')}`, ...params);
+        }
+      });
+    }
+    await db.sql.run('UPDATE versions SET disk_size = ? WHERE image_id = ? AND version = ?', n * CHUNK_SIZE.disk, img.id, img.current_version);
+  } finally {
+    await db.close();
+  }
+}
+
+/** The yardstick: the version's rows read as objects and packed in JavaScript, as the server did before. */
+async function asRows(s: ServerProc, image: string): Promise<number> {
+  const db = await serverDb(s);
+  try {
+    const img = (await db.sql.get<{ id: string; current_version: number }>('SELECT id, current_version FROM images WHERE name = ?', image))!;
+    const [, ms] = await timed(async () => {
+      const rows = await db.sql.all<{ kind: ChunkKind; idx: number; gen: number; cls: Sensitivity; ct_sha256: Buffer }>(
+        'SELECT kind, idx, gen, cls, ct_sha256 FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx',
+        img.id,
+        img.current_version,
+      );
+      const chunks = Object.fromEntries(CHUNK_KINDS.map((k) => [k, [] as ChunkRowOf[]])) as Record<ChunkKind, ChunkRowOf[]>;
+      for (const r of rows) chunks[r.kind].push({ idx: r.idx, gen: r.gen, cls: r.cls, sha: r.ct_sha256 });
+      const head = { format: 2, image, imageId: img.id, version: img.current_version, sizes: { disk: 0, mem: 0, state: 0 }, chunkSizes: CHUNK_SIZE };
+      return encodeManifest(head, chunks, randomBytes(64));
+    });
+    return ms;
+  } finally {
+    await db.close();
+  }
+}
+
+const s = await startServer();
+try {
+  console.log(`database: ${testBackend()}`);
+  console.log('| disk | chunks | rows as objects (before) ms | manifest made ms | ×before | longest wait ms | again (kept) ms | first lease ms | next lease ms |');
+  console.log('|---|---|---|---|---|---|---|---|---|');
+  for (const [i, gib] of values.gib!.split(',').map(Number).entries()) {
+    const n = (gib * 2 ** 30) / CHUNK_SIZE.disk;
+    const image = `disk${i}`;
+    await pushImage(s, image, { chunks: 1 });
+    await fill(s, image, n);
+    const yard = await asRows(s, image);
+    const [a, b] = [await enrolledDevice(s, `a${i}`), await enrolledDevice(s, `b${i}`)];
+    try {
+      await assign(s, a.deviceId, image);
+      await assign(s, b.deviceId, image);
+      const [la, leaseMs] = await timed(async () => LeaseResponse.parse(await a.client.lease(image)));
+      const [first, madeMs, wait] = await beside(s, () => a.client.manifest(la.leaseId));
+      const [lb, nextLeaseMs] = await timed(async () => LeaseResponse.parse(await b.client.lease(image)));
+      const [again, againMs] = await timed(() => b.client.manifest(lb.leaseId));
+      if (!Buffer.isBuffer(first) || !Buffer.isBuffer(again) || !first.equals(again)) throw new Error('the kept manifest differs');
+      const f = (x: number) => x.toFixed(0);
+      console.log(`| ${gib} GiB | ${n.toLocaleString('en')} | ${f(yard)} | ${f(madeMs)} | ${(madeMs / yard).toFixed(2)} | ${f(wait)} | ${f(againMs)} | ${f(leaseMs)} | ${f(nextLeaseMs)} |`);
+    } finally {
+      a.close();
+      b.close();
+    }
+  }
+} finally {
+  await s.stop();
+}
