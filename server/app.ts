@@ -228,7 +228,9 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   app.get('/v1/device/leases/:id/manifest', device, async (req: AuthedRequest, res) => {
     // format=2: packed and signed as a whole (common/manifest.ts); else the JSON of agents before it.
     if (req.query.format === '2') {
+      const t0 = performance.now();
       const m = await leaseManifestPacked(ctx, dev(req), param(req, 'id'));
+      res.set('Server-Timing', `manifest;dur=${(performance.now() - t0).toFixed(0)}`);
       // Its signature (Ed25519: one per content) names it; Express would otherwise hash all of it, 67 MB at 200 GiB.
       res.set('ETag', `"${m.subarray(m.length - 16).toString('hex')}"`);
       await sendInSlices(res.type('application/vnd.lethe.manifest'), m);
