@@ -78,6 +78,32 @@ export function namesBlob(e: Entry, data: Buffer | undefined): boolean {
   return (e.dirty && data.length >= CHUNK_OVERHEAD && sealId(data).equals(e.sha)) || sha256(data).equals(e.sha);
 }
 
+/**
+ * The index's rows as entries, dirty first, then least recently used first. Row by
+ * row, not all at once: a cache of 200 GiB has 1.6 million rows. The few distinct
+ * strings are shared, and the SHA-256s copied into slabs (a Buffer of its own for each
+ * cost more than all the rest of its entry). No other statement may run on `db` until
+ * the rows are all read.
+ */
+export function* indexEntries(db: Database.Database): Generator<Entry> {
+  type Row = [imageId: string, gen: number, kind: ChunkKind, idx: number, slot: number, len: number, sha: Buffer, dirty: number, cls: Sensitivity | null, used: number];
+  const rows = db.prepare('SELECT image_id, gen, kind, idx, slot, len, sha256, dirty, cls, used FROM blobs ORDER BY dirty DESC, used').raw().iterate() as IterableIterator<Row>;
+  const strings = new Map<string, string>();
+  const shared = <T extends string | null>(x: T): T => (x === null ? x : ((strings.get(x) ?? (strings.set(x, x), x)) as T));
+  const SLAB = 65_536;
+  let slab = Buffer.alloc(0);
+  let at = 0;
+  const name = (sha: Buffer): Buffer => {
+    if (sha.length !== 32) return sha;
+    if (at === slab.length) [slab, at] = [Buffer.allocUnsafeSlow(32 * SLAB), 0];
+    sha.copy(slab, at);
+    return slab.subarray(at, (at += 32));
+  };
+  for (const [imageId, gen, kind, index, slot, len, sha, dirty, cls, used] of rows) {
+    yield { key: { imageId: shared(imageId), gen, kind: shared(kind), index }, slot, len, sha: name(sha), dirty: dirty === 1, cls: shared(cls), used };
+  }
+}
+
 /** The index's statements. */
 export function cacheQueries(db: Database.Database) {
   return {

@@ -27,7 +27,7 @@ import path from 'node:path';
 import { CHUNK_KINDS, type ChunkKind, type Sensitivity } from '../../common/constants.js';
 import { sha256 } from '../../common/crypto.js';
 import { punchHole } from '../../native/index.js';
-import { cacheQueries, migrateRowsWithData, namesBlob, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type DirtyChunk, type Entry, type SlotRow } from './cache-layout.js';
+import { cacheQueries, indexEntries, migrateRowsWithData, namesBlob, PAGE, SCHEMA, SLOT_BYTES, slotFile, type CacheKey, type CacheStats, type DirtyChunk, type Entry, type SlotRow } from './cache-layout.js';
 import { settleHeld, Slots } from './slots.js';
 
 export { cacheFiles, slotFile, SLOT_BYTES, type CacheKey, type CacheStats, type DirtyChunk, type SlotRow } from './cache-layout.js';
@@ -90,41 +90,34 @@ export class ChunkCache {
 
   /** The index into memory, and the free slots. Two rows on one slot (a power cut): the one its bytes match stays. */
   private load(): void {
-    type Row = { image_id: string; gen: number; kind: ChunkKind; idx: number; slot: number; len: number; sha256: Buffer; dirty: number; cls: Sensitivity | null; used: number };
     // Dirty rows first: of two rows on one slot, a clean one never displaces a dirty one whose bytes are there.
-    const rows = this.db.prepare('SELECT * FROM blobs ORDER BY dirty DESC, used').all() as Row[];
-    const bySlot = new Map<string, Entry>();
-    const forget = (e: Entry) => this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
-    for (const r of rows) {
-      const e: Entry = { key: { imageId: r.image_id, gen: r.gen, kind: r.kind, index: r.idx }, slot: r.slot, len: r.len, sha: r.sha256, dirty: r.dirty === 1, cls: r.cls, used: r.used };
-      const where = `${r.kind}/${r.slot}`;
-      const other = bySlot.get(where);
+    const bySlot = Object.fromEntries(CHUNK_KINDS.map((k) => [k, new Map<number, Entry>()])) as Record<ChunkKind, Map<number, Entry>>;
+    const doomed: Entry[] = []; // deleted once the rows are read: not while SQLite iterates them
+    for (const e of indexEntries(this.db)) {
+      const other = bySlot[e.key.kind].get(e.slot);
       if (other && (this.matches(other) || !this.matches(e))) {
-        forget(e);
+        doomed.push(e);
         continue;
       }
       if (other) {
-        forget(other);
+        doomed.push(other);
         this.index.delete(this.id(other.key));
         this.account(other, -1);
       }
-      bySlot.set(where, e);
-      this.index.set(this.id(e.key), e);
-      this.account(e, 1);
+      bySlot[e.key.kind].set(e.slot, e);
+      const id = this.id(e.key);
+      this.index.set(id, e);
+      this.account(e, 1, id);
       this.tick = Math.max(this.tick, e.used);
     }
-    for (const kind of CHUNK_KINDS) {
-      const inUse = new Set<number>();
-      for (const e of this.index.values()) if (e.key.kind === kind) inUse.add(e.slot);
-      this.slots[kind].rebuild(inUse);
-    }
+    for (const e of doomed) this.q.del.run(e.key.imageId, e.key.gen, e.key.kind, e.key.index);
+    for (const kind of CHUNK_KINDS) this.slots[kind].rebuild(bySlot[kind]);
     this.unsynced = this.dirtyCount > 0; // a guest write an agent crash left unflushed may be in the page cache only
   }
 
-  private account(e: Entry, sign: 1 | -1): void {
+  private account(e: Entry, sign: 1 | -1, id = this.id(e.key)): void {
     this.bytes += sign * e.len;
     if (e.dirty) this.dirtyCount += sign;
-    const id = this.id(e.key);
     if (sign < 0 || e.dirty) this.cleanOrder.delete(id);
     else this.cleanOrder.set(id, e);
   }
@@ -289,16 +282,16 @@ export class ChunkCache {
     if (prev) this.onReplace?.(prev.key);
     if (e) this.index.set(id, e);
     else this.index.delete(id);
-    if (prev) this.account(prev, -1);
-    if (e) this.account(e, 1);
+    if (prev) this.account(prev, -1, id);
+    if (e) this.account(e, 1, id);
     if (prev) this.touched.delete(prev);
     const release = () => prev && this.release(prev, punch);
     const stored = () => e && this.index.get(id) === e && this.onStored?.(e.key, e.slot * SLOT_BYTES[e.key.kind], e.len, e.sha, e.dirty);
     if (!this.tx) return void (release(), stored());
     this.tx.onCommit.push(release, stored);
     this.tx.undo.push(() => {
-      if (e) this.account(e, -1);
-      if (prev) this.account(prev, 1);
+      if (e) this.account(e, -1, id);
+      if (prev) this.account(prev, 1, id);
       if (prev) this.index.set(id, prev);
       else this.index.delete(id);
       if (e) this.slots[e.key.kind].give(e.slot, false);

@@ -41,9 +41,9 @@ export class Slots {
   }
 
   /** Every slot below `next` not in use is free (at open). */
-  rebuild(inUse: Set<number>): void {
+  rebuild(inUse: { has(slot: number): boolean; keys(): Iterable<number> }): void {
     this.next = 0;
-    for (const s of inUse) if (s >= this.next) this.next = s + 1;
+    for (const s of inUse.keys()) if (s >= this.next) this.next = s + 1;
     for (let s = this.next - 1; s >= 0; s--) if (!inUse.has(s)) this.free.push(s);
   }
 }
