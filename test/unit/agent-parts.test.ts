@@ -461,6 +461,10 @@ describe('chunk cache: slots and index', () => {
     again.put(key(7), randomBytes(4137));
     expectSameBytes(again.dirtyBlob(again.dirtyChunks('ab')[0])!, mine, 'the dirty chunk after another put');
     again.close();
+    // The row that lost its slot is gone from the index on disk too, not only from memory.
+    const left = new Database(file, { readonly: true });
+    expect(left.prepare("SELECT idx FROM blobs WHERE kind = 'mem' ORDER BY idx").raw().all()).to.deep.equal([[1], [7]]);
+    left.close();
   });
 });
 
