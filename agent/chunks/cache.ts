@@ -38,6 +38,7 @@ export class ChunkCache {
   private readonly fds = {} as Record<ChunkKind, number>;
   private readonly slots = {} as Record<ChunkKind, Slots>;
   private readonly index = new Map<string, Entry>();
+  private readonly imageNumbers = new Map<string, number>();
   /** The clean entries, least recently used first (a use moves one to the end): what trim() evicts, in order. */
   private readonly cleanOrder = new Map<string, Entry>();
   private bytes = 0;
@@ -84,8 +85,11 @@ export class ChunkCache {
     return new ChunkCache(path.join(home, 'cache.db'), limitBytes);
   }
 
+  /** An entry's key in the maps: the image by its number here, so that a million ids are short strings. */
   private id(k: CacheKey): string {
-    return `${k.imageId}/${k.gen}/${k.kind}/${k.index}`;
+    let n = this.imageNumbers.get(k.imageId);
+    if (n === undefined) this.imageNumbers.set(k.imageId, (n = this.imageNumbers.size));
+    return `${n}/${k.gen}/${k.kind}/${k.index}`;
   }
 
   /** The index into memory, and the free slots. Two rows on one slot (a power cut): the one its bytes match stays. */
