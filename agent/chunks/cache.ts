@@ -1,11 +1,10 @@
 // The device's chunk cache: ciphertext exactly as the server sent it, plus
 // dirty chunks the device encrypted itself. Never plaintext (invariant 1).
 //
-// The blobs live in one slot file per chunk kind (cache-disk.blobs, …: a blob a
-// slot, at slot × slot size), so a warm read is an index lookup in memory and one
-// pread. The index — which chunk is in which slot, its SHA-256 (a dirty blob's seal
-// id until its check-in: common/chunk.ts), dirty or not, when last used — is SQLite
-// (cache.db, WAL), kept in memory while the cache is open.
+// The blobs live in one slot file per chunk kind (cache-disk.blobs, …: a blob a slot,
+// at slot × slot size), so a warm read is an index lookup in memory and one pread. The
+// index — which chunk is in which slot, its SHA-256 (a dirty blob's seal id until its
+// check-in: common/chunk.ts), dirty or not, when last used — is SQLite (cache.db, WAL).
 //
 // Crash safety. A blob is written to a free slot first, then its row commits, so a
 // crash leaves the old row or the new one, never a row over a half-written slot
@@ -443,6 +442,11 @@ export class ChunkCache {
     return e && { at: e.slot * SLOT_BYTES[k.kind], len: e.len, sha: e.sha };
   }
 
+  /** place() of every cached blob of an image's kind, of any generation, least recently used first. */
+  *placesOf(imageId: string, kind: ChunkKind): Generator<{ key: CacheKey; at: number; len: number; sha: Buffer }> {
+    for (const e of this.index.values()) if (e.key.imageId === imageId && e.key.kind === kind) yield { key: e.key, at: e.slot * SLOT_BYTES[kind], len: e.len, sha: e.sha };
+  }
+
   /** The slot file of a kind, open for reading and writing; the cache closes it. */
   slotFd(kind: ChunkKind): number {
     return this.fds[kind];
@@ -480,9 +484,7 @@ export class ChunkCache {
     return true;
   }
 
-  stats(): CacheStats {
-    return { chunks: this.index.size, bytes: this.bytes, dirty: this.dirtyCount, limitBytes: this.limitBytes, ...this.counters };
-  }
+  stats = (): CacheStats => ({ chunks: this.index.size, bytes: this.bytes, dirty: this.dirtyCount, limitBytes: this.limitBytes, ...this.counters });
 
   close(): void {
     this.closed = true;
