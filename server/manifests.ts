@@ -31,8 +31,9 @@ const PAGE_SQL = {
 
 /**
  * A version's stored chunks of each kind as format-2 records, in index order: a
- * buffer per page of rows, one query each. A committed version's rows do not change, so its pages are read
- * outside a transaction, between other requests; a draft's on one snapshot.
+ * buffer per page of rows, one query each. A committed version's rows do not change,
+ * so its pages are read outside a transaction, between other requests; a draft's on
+ * one snapshot.
  */
 async function versionRecords(ctx: Ctx, imageId: string, v: VersionRow): Promise<Record<ChunkKind, Buffer[]>> {
   const out = {} as Record<ChunkKind, Buffer[]>;
