@@ -4,7 +4,8 @@
 // The blobs live in one slot file per chunk kind (cache-disk.blobs, …: a blob a slot,
 // at slot × slot size), so a warm read is an index lookup in memory and one pread. The
 // index — which chunk is in which slot, its SHA-256 (a dirty blob's seal id until its
-// check-in: common/chunk.ts), dirty or not, when last used — is SQLite (cache.db, WAL).
+// check-in: common/chunk.ts), dirty or not, when last used — is SQLite (cache.db, WAL),
+// in memory while the cache is open.
 //
 // Crash safety. A blob is written to a free slot first, then its row commits, so a
 // crash leaves the old row or the new one, never a row over a half-written slot
@@ -442,7 +443,7 @@ export class ChunkCache {
     return e && { at: e.slot * SLOT_BYTES[k.kind], len: e.len, sha: e.sha };
   }
 
-  /** place() of every cached blob of an image's kind, of any generation, least recently used first. */
+  /** place() of every cached blob of an image's kind, of any generation, in the index's order. */
   *placesOf(imageId: string, kind: ChunkKind): Generator<{ key: CacheKey; at: number; len: number; sha: Buffer }> {
     for (const e of this.index.values()) if (e.key.imageId === imageId && e.key.kind === kind) yield { key: e.key, at: e.slot * SLOT_BYTES[kind], len: e.len, sha: e.sha };
   }
