@@ -15,7 +15,7 @@ import type { DeviceRow } from './devices.js';
 import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
 import { manifest, packedManifest } from './manifests.js';
 import { endLeases, mustGetDevice } from './devices.js';
-import { assertSealAllowed, CeilingReached, ceilingRefused, keyCeiling } from './device-policy.js';
+import { assertSealAllowed, CeilingReached, ceilingRefused, keyCeiling, perCommittedVersion } from './device-policy.js';
 import { makeShared, resumeVersion } from './branches.js';
 
 interface LeaseRow {
@@ -64,31 +64,20 @@ async function assertAssigned(ctx: Ctx, d: DeviceRow, imageId: string, name: str
   }
 }
 
-/**
- * The generations a committed version's normal chunks were written in: fixed once
- * committed, so read once per process. At a disk of 200 GiB the query reads 1.6
- * million rows (0.7 s on SQLite), and every lease grant and renewal asks.
- */
-const normalGens = new Map<string, number[]>();
-const GENS_MAX = 1024;
+/** The generations a lease's version (committed) has normal chunks of. */
+const normalGens = perCommittedVersion(async (ctx, imageId, version) =>
+  (await ctx.db.all<{ gen: number }>("SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen", imageId, version)).map((g) => g.gen),
+);
 
 async function classKeys(ctx: Ctx, d: DeviceRow, imageId: string, version: number) {
-  const key = `${imageId}/${version}`;
-  const gens =
-    normalGens.get(key) ??
-    (await ctx.db.all<{ gen: number }>("SELECT DISTINCT gen FROM chunks WHERE image_id = ? AND version = ? AND cls = 'normal' ORDER BY gen", imageId, version)).map((g) => g.gen);
-  const all = [...new Set([...gens, version])].sort((a, b) => a - b);
+  const all = [...new Set([...(await normalGens(ctx, imageId, version)), version])].sort((a, b) => a - b);
   const id = Buffer.from(imageId, 'hex');
   const out: { gen: number; sealed: string }[] = [];
   for (const gen of all) {
-    const v = (await ctx.db.get<{ key_wrapped: Buffer; state: string }>('SELECT key_wrapped, state FROM versions WHERE image_id = ? AND version = ?', imageId, gen))!;
+    const v = (await ctx.db.get<{ key_wrapped: Buffer }>('SELECT key_wrapped FROM versions WHERE image_id = ? AND version = ?', imageId, gen))!;
     await ensureTerms(ctx, v.key_wrapped);
     const vk = ctx.escrow.versionKey(v.key_wrapped, id, gen);
     out.push({ gen, sealed: b64u.encode(ctx.escrow.sealedClassKey(vk, d.box_pk)) });
-    if (gen === version && v.state === 'committed' && !normalGens.has(key)) {
-      if (normalGens.size >= GENS_MAX) normalGens.clear();
-      normalGens.set(key, gens);
-    }
   }
   return out;
 }
