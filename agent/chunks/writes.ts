@@ -123,7 +123,10 @@ export class ChunkWriter {
     while (window < WRITE_KEYS_AHEAD_MAX && written(index - window)) window *= 2;
     const ahead = index + window / 2;
     if (ahead * CHUNK_SIZE[kind] >= this.map.sizeOf(kind) || k.hasWriteKey(kind, ahead) || k.writeKeyPending(kind, ahead)) return;
-    k.ensureWriteKeys(kind, k.writeNeighbours(kind, ahead, [], window)).catch(() => (this.aheadRetryAt = Date.now() + 1000));
+    // The window's keys from the first chunk after this one without a key, not from `ahead`:
+    // a run's writes finish out of order, and the chunks between were left to ask for alone.
+    const want = k.writeNeighbours(kind, index, [], window + 1).slice(1); // [0] is this chunk's, held
+    k.ensureWriteKeys(kind, want).catch(() => (this.aheadRetryAt = Date.now() + 1000));
   }
 
   /** When a run may ask for keys ahead again after such a request failed. */

@@ -128,7 +128,7 @@ describe('guest RAM keys and the suspended state in the agent core (real server)
 describe('disk write keys in the agent core (real server)', function () {
   this.timeout(60_000);
   const CHUNK = 128 * 1024;
-  const CHUNKS = 5 * KEY_BATCH + 3 * SEAL_BUFFERS + 10;
+  const CHUNKS = 12 * KEY_BATCH; // the tests' regions: 0 to 4 batches, 5 batches on, 8 batches on
   const t = agentInProcessSuite('disk-keys', { plain: { disk: randomBytes(CHUNKS * CHUNK), mem: Buffer.alloc(0), state: Buffer.alloc(0) } });
   const held = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i).filter((i) => t.agent.core.hasWriteKey('disk', i));
 
@@ -157,6 +157,25 @@ describe('disk write keys in the agent core (real server)', function () {
     await core.write('disk', lone, randomBytes(CHUNK));
     expect(asked(), 'a lone write asks for nothing ahead').to.equal(3);
     expect(held(4 * KEY_BATCH, CHUNKS)).to.deep.equal([]);
+  });
+
+  it('keys asked for ahead of a run start at its first chunk without one: a chunk between is never left to ask for alone', async () => {
+    const core = t.agent.core;
+    const r = 8 * KEY_BATCH; // nothing written in the batch before
+    const before = core.stats.keyRequests;
+    const asked = () => core.stats.keyRequests - before;
+    await core.write('disk', r, randomBytes(CHUNK));
+    await core.write('disk', r + KEY_BATCH, randomBytes(CHUNK)); // not a run: its own batch
+    expect(held(r, r + 4 * KEY_BATCH)).to.deep.equal(Array.from({ length: 2 * KEY_BATCH }, (_, i) => r + i));
+    await core.write('disk', r + 1, randomBytes(CHUNK));
+    expect(asked(), 'inside the first half of a one-batch window').to.equal(2);
+    // Written out of order, as a copy with many writes in flight does: its predecessor and
+    // the chunk a batch back are written, so its window is two batches, and half of that
+    // ahead (r + 2 batches + 1) is not held. The next chunk without a key is r + 2 batches.
+    await core.write('disk', r + KEY_BATCH + 1, randomBytes(CHUNK));
+    await waitFor(async () => held(r + 2 * KEY_BATCH, r + 4 * KEY_BATCH).length >= 2 * KEY_BATCH - 1 || undefined, 20_000, 'the keys ahead');
+    expect(asked()).to.equal(3);
+    expect(held(r + 2 * KEY_BATCH, r + 4 * KEY_BATCH)).to.deep.equal(Array.from({ length: 2 * KEY_BATCH }, (_, i) => r + 2 * KEY_BATCH + i));
   });
 
   it('more writes at once than there are seal buffers: each waits its turn for one, and every chunk reads back as written', async () => {
