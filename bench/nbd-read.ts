@@ -9,7 +9,8 @@
 //                     ones reuse the slots earlier writes left)
 // for each disk size, the agent
 //   warm, in memory: the default (checked ciphertext kept in memory, after one pass)
-//   warm, file:      --disk-memory-cache 0 (each read preads and checks a blob from the cache's slot file)
+//   warm, file:      --disk-memory-cache 0, after one pass (each read preads the pieces it covers from
+//                    the cache's slot file and checks them against the tags kept at that pass)
 //   cold:            an empty cache (every chunk fetched from a real server on loopback, keys too)
 //   first read:      the agent started again over a full cache file: each chunk's first read
 //                    since the start (its blob checked), one pass after each restart
@@ -121,7 +122,8 @@ async function oneSize(s: ServerProc, size: number, image: string): Promise<Row[
     async function withAgent<T>(phase: Phase, use: (uri: string, restart: () => Promise<void>) => Promise<T>): Promise<T> {
       const args = phase === 'cold' ? ['--no-prefetch'] : phase === 'file' ? ['--disk-memory-cache', '0'] : [];
       return withAgentExport(s, image, size, args, async ({ uri, status, restart }) => {
-        if (phase === 'memory') await copy(uri, 'null:', size);
+        // Warm: each chunk read once since the start (for the file, its blob checked and its pieces' tags kept).
+        if (phase === 'memory' || phase === 'file') await copy(uri, 'null:', size);
         const before = (await status()).nbd!;
         const result = await use(uri, restart);
         const after = (await status()).nbd!;
