@@ -16,8 +16,10 @@ export const CRASH_POINTS = [
   // An image push: a chunk stored, the version not committed; the commit done, not answered.
   'push.chunk-stored',
   'push.committed',
-  // A device's check-in: its blobs stored, their rows not; the request done, not answered.
+  // A device's check-in: its blobs stored, their rows not; the base's rows carried over, not
+  // committed; the request done, not answered.
   'checkin.blobs-stored',
+  'checkin.carried-over',
   'checkin.done',
   // Keys sealed to a device and audited, not sent yet.
   'keys.released',

@@ -29,6 +29,7 @@ const SERVER_POINTS: [CrashPointName, number][] = [
   ['push.chunk-stored', 50],
   ['push.committed', 1],
   ['checkin.blobs-stored', 2],
+  ['checkin.carried-over', 1],
   ['checkin.done', 2],
   ['keys.released', 3],
 ];

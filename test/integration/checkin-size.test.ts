@@ -1,0 +1,86 @@
+// A check-in at size: the commit carries the base's rows over a page at a time, before
+// its transaction (server/leases.ts, carryOver). A base of more rows than a page comes
+// over whole, the chunk the device wrote in its place, and nothing else changes.
+import { expect } from 'chai';
+import { randomBytes } from 'node:crypto';
+import { startAgent } from '../../agent/daemon/start.js';
+import { DeviceClient } from '../../agent/remote/device-client.js';
+import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
+import { CHUNK_SIZE } from '../../common/constants.js';
+import { CARRY_PAGE } from '../../server/leases.js';
+import { assign, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtures.js';
+import { startServer, type ServerProc } from '../helpers/proc.js';
+import { serverDb } from '../helpers/server-db.js';
+
+describe('a check-in on a version of more rows than a page (real server process)', function () {
+  this.timeout(120_000);
+  let s: ServerProc;
+  before(async () => (s = await startServer()));
+  after(async () => await s?.stop());
+
+  it("carries every row of the base over, the written chunk's in its place", async () => {
+    await pushImage(s, 'wide', { chunks: 2 });
+    // Rows past the pushed ones, straight into the database: two pages and a part.
+    const first = 100;
+    const extra = 2 * CARRY_PAGE + 5;
+    const db = await serverDb(s);
+    let imageId = '';
+    let base = 0;
+    try {
+      const img = (await db.sql.get<{ id: string; current_version: number }>("SELECT id, current_version FROM images WHERE name = 'wide'"))!;
+      [imageId, base] = [img.id, img.current_version];
+      await db.sql.tx(async (t) => {
+        for (let at = 0; at < extra; at += 500) {
+          const n = Math.min(500, extra - at);
+          const params: unknown[] = [];
+          for (let i = 0; i < n; i++) params.push(img.id, base, 'disk', first + at + i, base, (at + i) % 3 === 0 ? 'sensitive' : 'normal', randomBytes(32), randomBytes(32));
+          await t.run(`INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES ${Array(n).fill('(?, ?, ?, ?, ?, ?, ?, ?)').join(', ')}`, ...params);
+        }
+        await t.run('UPDATE versions SET disk_size = ? WHERE image_id = ? AND version = ?', (first + extra) * CHUNK_SIZE.disk, img.id, base);
+      });
+    } finally {
+      await db.close();
+    }
+    const d = await enrolledDevice(s, 'wide-laptop');
+    await assign(s, d.deviceId, 'wide');
+    d.close();
+    const agent = await startAgent({ home: d.home, image: 'wide', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    let version: number;
+    const written = first + CARRY_PAGE + 3; // in the second page
+    try {
+      await agent.lease.whenActive();
+      await agent.core.write('disk', written, randomBytes(CHUNK_SIZE.disk));
+      const id = await loadIdentity(d.home, testUnlock());
+      const client = new DeviceClient(id);
+      try {
+        version = (await agent.core.checkin(client)).version;
+      } finally {
+        client.close();
+        closeIdentity(id);
+      }
+    } finally {
+      agent.stop();
+      await agent.done.catch(() => {});
+    }
+    const after = await serverDb(s);
+    try {
+      type Row = { kind: string; idx: number; gen: number; cls: string; ct_sha256: Buffer; dedup_hash: Buffer };
+      const rows = (v: number) => after.sql.all<Row>('SELECT kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx', imageId, v);
+      const [was, now] = [await rows(base), await rows(version)];
+      expect(now.length, 'as many rows as the base').to.equal(was.length);
+      let differ = 0;
+      for (const [i, r] of now.entries()) {
+        const b = was[i];
+        if (r.kind === 'disk' && r.idx === written) {
+          expect(r.gen, "the written chunk's row is the new version's").to.equal(version);
+          continue;
+        }
+        if (r.kind !== b.kind || r.idx !== b.idx || r.gen !== b.gen || r.cls !== b.cls || !r.ct_sha256.equals(b.ct_sha256) || !r.dedup_hash.equals(b.dedup_hash)) differ++;
+      }
+      expect(differ, 'rows other than the written one that differ from the base').to.equal(0);
+      expect(now.some((r) => r.kind === 'disk' && r.idx === written)).to.equal(true);
+    } finally {
+      await after.close();
+    }
+  });
+});
