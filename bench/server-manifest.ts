@@ -9,7 +9,6 @@
 //
 // The server's event loop is what every device shares: "longest wait" is the longest a
 // request sent beside the manifest's waited for its answer (`/healthz`, every 20 ms).
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { CHUNK_KINDS, CHUNK_SIZE, type ChunkKind, type Sensitivity } from '../common/constants.js';
@@ -20,49 +19,9 @@ import { assign, enrolledDevice, pushImage } from '../test/helpers/fixtures.js';
 import { testBackend } from '../test/helpers/pg.js';
 import { startServer, type ServerProc } from '../test/helpers/proc.js';
 import { serverDb } from '../test/helpers/server-db.js';
+import { beside, fill, timed } from './lib/server-rows.js';
 
 const { values } = parseArgs({ options: { gib: { type: 'string', default: '4,50,200' } } });
-
-function timed<T>(f: () => Promise<T>): Promise<[T, number]> {
-  const t0 = performance.now();
-  return f().then((r) => [r, performance.now() - t0]);
-}
-
-/** Runs `f` while another process (lib/probe.ts) asks the server for /healthz every 20 ms; the longest any answer took. */
-async function beside<T>(s: ServerProc, f: () => Promise<T>): Promise<[T, number, number]> {
-  const p = spawn(process.execPath, ['--import', 'tsx', new URL('lib/probe.ts', import.meta.url).pathname, s.url, s.fingerprint], { stdio: ['pipe', 'pipe', 'inherit'] });
-  let out = '';
-  const ready = new Promise<void>((r) => p.stdout!.on('data', (d) => ((out += d), out.includes('ready') && r())));
-  const exited = new Promise((r) => p.once('exit', r));
-  await ready;
-  const [r, ms] = await timed(f);
-  p.stdin!.end();
-  await exited;
-  return [r, ms, Number(out.split('\n')[1])];
-}
-
-/** Puts `n` disk rows (every chunk stored) into the image's current version. */
-async function fill(s: ServerProc, image: string, n: number): Promise<void> {
-  const db = await serverDb(s);
-  try {
-    const img = (await db.sql.get<{ id: string; current_version: number }>('SELECT id, current_version FROM images WHERE name = ?', image))!;
-    await db.sql.run("DELETE FROM chunks WHERE image_id = ? AND kind = 'disk'", img.id);
-    const ROWS = 500;
-    for (let at = 0; at < n; at += 50 * ROWS) {
-      await db.sql.tx(async (t) => {
-        for (let p = at; p < Math.min(n, at + 50 * ROWS); p += ROWS) {
-          const k = Math.min(ROWS, n - p);
-          const params: unknown[] = [];
-          for (let i = 0; i < k; i++) params.push(img.id, img.current_version, 'disk', p + i, img.current_version, (p + i) % 7 === 0 ? 'sensitive' : 'normal', randomBytes(32), randomBytes(32));
-          await t.run(`INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) VALUES ${Array(k).fill('(?, ?, ?, ?, ?, ?, ?, ?)').join(', ')}`, ...params);
-        }
-      });
-    }
-    await db.sql.run('UPDATE versions SET disk_size = ? WHERE image_id = ? AND version = ?', n * CHUNK_SIZE.disk, img.id, img.current_version);
-  } finally {
-    await db.close();
-  }
-}
 
 /** The yardstick: the version's rows read as objects and packed in JavaScript, as the server did before. */
 async function asRows(s: ServerProc, image: string): Promise<number> {

@@ -491,7 +491,13 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
     for (const r of rows) if (r.dedup) await t.run(PUT_BLOB, img.id, gen, r.kind, r.idx, r.blob);
   });
   crashPoint('checkin.blobs-stored');
+  // The rows the draft staged, read while it holds only those (a failed commit may have
+  // carried rows over already, which gen tells apart): once carryOver is done, a query for
+  // them would read every row of the disk. Each says whether it is a tombstone.
+  const own = new Map<string, boolean>();
   if (final) {
+    const staged = await ctx.db.all<{ kind: ChunkKind; idx: number; n: number }>('SELECT kind, idx, LENGTH(ct_sha256) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?', img.id, gen, gen);
+    for (const r of staged) own.set(`${r.kind}/${r.idx}`, Number(r.n) === 0);
     await carryOver(ctx, img.id, l.version, gen);
     crashPoint('checkin.carried-over');
   }
@@ -501,6 +507,7 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
     for (const r of rows) {
       await ctx.db.run(PUT_CHUNK_ROW, img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
+      own.set(`${r.kind}/${r.idx}`, !r.dedup);
     }
     if (!final) return;
     // A draft with its own state size replaced the state whole: none of the base's carries over.
@@ -515,11 +522,16 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
     }
     // The disk and guest RAM came over before (carryOver); the state comes now, if it stays.
     if (keepState) await ctx.db.run(`${CARRY_ROWS} AND kind = 'state' ON CONFLICT DO NOTHING`, gen, img.id, l.version);
-    await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND LENGTH(ct_sha256) = 0', img.id, gen);
+    // The tombstones go, one by one: a statement that looked for them would read every row.
+    let staged = 0;
+    for (const [k, tombstone] of own) {
+      const [kind, idx] = k.split('/');
+      if (tombstone) await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?', img.id, gen, kind, Number(idx));
+      else staged++;
+    }
     // A branch of this device on the lease's version (a draft made by an older server has neither set).
     await ctx.db.run("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?", now, d.id, l.version, img.id, gen);
     await ctx.db.run('UPDATE leases SET ended_at = ? WHERE id = ?', now, l.id);
-    const staged = (await ctx.db.get<{ n: number }>('SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?', img.id, gen, gen))!.n;
     await ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
     if (single) await makeShared(ctx, img, gen, d.id, l.version, now, true);
   });

@@ -8,7 +8,7 @@ import { DeviceClient } from '../../agent/remote/device-client.js';
 import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { CHUNK_SIZE } from '../../common/constants.js';
 import { CARRY_PAGE } from '../../server/leases.js';
-import { assign, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtures.js';
+import { assign, deviceAudit, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -18,7 +18,7 @@ describe('a check-in on a version of more rows than a page (real server process)
   before(async () => (s = await startServer()));
   after(async () => await s?.stop());
 
-  it("carries every row of the base over, the written chunk's in its place", async () => {
+  it("carries every row of the base over, the written chunk's in its place, a zeroed chunk's gone", async () => {
     await pushImage(s, 'wide', { chunks: 2 });
     // Rows past the pushed ones, straight into the database: two pages and a part.
     const first = 100;
@@ -47,9 +47,11 @@ describe('a check-in on a version of more rows than a page (real server process)
     const agent = await startAgent({ home: d.home, image: 'wide', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
     let version: number;
     const written = first + CARRY_PAGE + 3; // in the second page
+    const zeroed = first + 2 * CARRY_PAGE + 1; // in the third: staged as a tombstone, then no row at all
     try {
       await agent.lease.whenActive();
       await agent.core.write('disk', written, randomBytes(CHUNK_SIZE.disk));
+      await agent.core.write('disk', zeroed, Buffer.alloc(CHUNK_SIZE.disk));
       const id = await loadIdentity(d.home, testUnlock());
       const client = new DeviceClient(id);
       try {
@@ -67,10 +69,12 @@ describe('a check-in on a version of more rows than a page (real server process)
       type Row = { kind: string; idx: number; gen: number; cls: string; ct_sha256: Buffer; dedup_hash: Buffer };
       const rows = (v: number) => after.sql.all<Row>('SELECT kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ? ORDER BY kind, idx', imageId, v);
       const [was, now] = [await rows(base), await rows(version)];
-      expect(now.length, 'as many rows as the base').to.equal(was.length);
+      expect(now.length, "the base's rows but the zeroed one's").to.equal(was.length - 1);
+      expect(now.some((r) => r.kind === 'disk' && r.idx === zeroed)).to.equal(false);
+      const gone = was.findIndex((w) => w.kind === 'disk' && w.idx === zeroed);
       let differ = 0;
       for (const [i, r] of now.entries()) {
-        const b = was[i];
+        const b = was[i >= gone ? i + 1 : i];
         if (r.kind === 'disk' && r.idx === written) {
           expect(r.gen, "the written chunk's row is the new version's").to.equal(version);
           continue;
@@ -79,6 +83,8 @@ describe('a check-in on a version of more rows than a page (real server process)
       }
       expect(differ, 'rows other than the written one that differ from the base').to.equal(0);
       expect(now.some((r) => r.kind === 'disk' && r.idx === written)).to.equal(true);
+      const entry = (await deviceAudit(s, d.deviceId)).find((e) => e.type === 'checkin');
+      expect(entry?.data, 'the audit entry counts the one chunk stored').to.include({ version, stored: 1 });
     } finally {
       await after.close();
     }
