@@ -5,7 +5,7 @@ import { PinnedClient } from '../../common/http-client.js';
 import { LetheError } from '../../common/errors.js';
 import { AdminClient } from '../../cli/admin-client.js';
 import { DeviceClient, type Manifest } from '../../agent/remote/device-client.js';
-import { enrollDevice, loadIdentity, type Identity } from '../../agent/keys/identity.js';
+import { closeIdentity, enrollDevice, loadIdentity, type Identity } from '../../agent/keys/identity.js';
 import { startAgent, type AgentOptions, type RunningAgent } from '../../agent/daemon/start.js';
 import { fixedSecret, type Unlock } from '../../agent/keys/unlock.js';
 import { startServer, tmpDir, TEST_PASSPHRASE, type ServerProc } from './proc.js';
@@ -149,6 +149,18 @@ export async function agentInProcess(
     throw e;
   }
   return { agent, home: d.home, img };
+}
+
+/** `fn` with a client of its own on the identity of the device at `home` (beside its running agent's), closed after. */
+export async function withDeviceClient<T>(home: string, fn: (c: DeviceClient) => Promise<T>): Promise<T> {
+  const id = await loadIdentity(home, testUnlock());
+  const client = new DeviceClient(id);
+  try {
+    return await fn(client);
+  } finally {
+    client.close();
+    closeIdentity(id);
+  }
 }
 
 export interface AgentSuite {

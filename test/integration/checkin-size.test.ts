@@ -4,11 +4,9 @@
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { startAgent } from '../../agent/daemon/start.js';
-import { DeviceClient } from '../../agent/remote/device-client.js';
-import { closeIdentity, loadIdentity } from '../../agent/keys/identity.js';
 import { CHUNK_SIZE } from '../../common/constants.js';
 import { CARRY_PAGE } from '../../server/leases.js';
-import { assign, deviceAudit, enrolledDevice, pushImage, testUnlock } from '../helpers/fixtures.js';
+import { assign, deviceAudit, enrolledDevice, pushImage, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -52,14 +50,7 @@ describe('a check-in on a version of more rows than a page (real server process)
       await agent.lease.whenActive();
       await agent.core.write('disk', written, randomBytes(CHUNK_SIZE.disk));
       await agent.core.write('disk', zeroed, Buffer.alloc(CHUNK_SIZE.disk));
-      const id = await loadIdentity(d.home, testUnlock());
-      const client = new DeviceClient(id);
-      try {
-        version = (await agent.core.checkin(client)).version;
-      } finally {
-        client.close();
-        closeIdentity(id);
-      }
+      version = (await withDeviceClient(d.home, (c) => agent.core.checkin(c))).version;
     } finally {
       agent.stop();
       await agent.done.catch(() => {});
