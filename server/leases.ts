@@ -451,7 +451,23 @@ async function carryOver(ctx: Ctx, imageId: string, base: number, gen: number): 
  * more requests; the one marked `final` carries unchanged chunks over from the
  * lease's version (which must still be the one this device resumes) and commits.
  */
-export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
+export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
+  // One request of a lease's check-in at a time in this process: the last part reads what
+  // the draft staged before its commit, and a part staged in between would be missed.
+  const turn = (checkinTurns.get(leaseId) ?? Promise.resolve()).then(() => checkinNow(ctx, d, leaseId, items, final));
+  const settled = turn.then(
+    () => undefined,
+    () => undefined,
+  );
+  checkinTurns.set(leaseId, settled);
+  void settled.then(() => checkinTurns.get(leaseId) === settled && checkinTurns.delete(leaseId));
+  return turn;
+}
+
+/** The check-in request of each lease that the next one waits for. */
+const checkinTurns = new Map<string, Promise<void>>();
+
+async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
   const l = await liveLease(ctx, d, leaseId);
   if (l.write_gen === null) throw new LetheError('BAD_REQUEST', 'nothing to check in: this lease wrote no chunks');
   const img = await getImage(ctx, l.name);
@@ -522,12 +538,13 @@ export async function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { 
     }
     // The disk and guest RAM came over before (carryOver); the state comes now, if it stays.
     if (keepState) await ctx.db.run(`${CARRY_ROWS} AND kind = 'state' ON CONFLICT DO NOTHING`, gen, img.id, l.version);
-    // The tombstones go, one by one: a statement that looked for them would read every row.
+    // The tombstones go, one by one (a statement that looked for them would read every row),
+    // and only as tombstones: a row since staged with content stays, and counts.
     let staged = 0;
     for (const [k, tombstone] of own) {
       const [kind, idx] = k.split('/');
-      if (tombstone) await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ?', img.id, gen, kind, Number(idx));
-      else staged++;
+      const gone = tombstone && (await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ? AND LENGTH(ct_sha256) = 0', img.id, gen, kind, Number(idx))).changes > 0;
+      if (!gone) staged++;
     }
     // A branch of this device on the lease's version (a draft made by an older server has neither set).
     await ctx.db.run("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?", now, d.id, l.version, img.id, gen);
