@@ -547,7 +547,17 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
       if (!gone) staged++;
     }
     // A branch of this device on the lease's version (a draft made by an older server has neither set).
-    await ctx.db.run("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?", now, d.id, l.version, img.id, gen);
+    const committed = await ctx.db.run(
+      "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL)",
+      now,
+      d.id,
+      l.version,
+      img.id,
+      gen,
+      l.id,
+    );
+    // A newer lease of this device adopted the draft while this part ran (the copy takes seconds at size): it is that lease's to commit.
+    if (committed.changes !== 1) throw new LetheError('CONFLICT', `version ${gen} of ${l.name} is no longer this lease's draft; nothing was committed`);
     await ctx.db.run('UPDATE leases SET ended_at = ? WHERE id = ?', now, l.id);
     await ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
     if (single) await makeShared(ctx, img, gen, d.id, l.version, now, true);

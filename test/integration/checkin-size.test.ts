@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { startAgent } from '../../agent/daemon/start.js';
 import { CHUNK_SIZE } from '../../common/constants.js';
 import { CARRY_PAGE } from '../../server/leases.js';
-import { assign, deviceAudit, enrolledDevice, pushImage, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
+import { assign, deviceAudit, enrolledDevice, pushImage, rejects, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
 import { startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -78,6 +78,39 @@ describe('a check-in on a version of more rows than a page (real server process)
       expect(entry?.data, 'the audit entry counts the one chunk stored').to.include({ version, stored: 1 });
     } finally {
       await after.close();
+    }
+  });
+
+  it("commits nothing once the draft is no longer the lease's (a newer lease of the device adopted it)", async () => {
+    await pushImage(s, 'taken', { chunks: 2 });
+    const d = await enrolledDevice(s, 'taken-laptop');
+    await assign(s, d.deviceId, 'taken');
+    d.close();
+    const agent = await startAgent({ home: d.home, image: 'taken', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    try {
+      await agent.lease.whenActive();
+      await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
+      // As a lease granted during the check-in's last part would leave it.
+      const db = await serverDb(s);
+      let draft: number;
+      try {
+        draft = (await db.sql.get<{ version: number }>("SELECT v.version FROM versions v JOIN images i ON i.id = v.image_id WHERE i.name = 'taken' AND v.state = 'draft'"))!.version;
+        await db.sql.run("UPDATE versions SET lease_id = 'a-newer-lease' WHERE version = ? AND state = 'draft'", draft);
+      } finally {
+        await db.close();
+      }
+      const e = await rejects(withDeviceClient(d.home, (c) => agent.core.checkin(c)));
+      expect(e.code).to.equal('CONFLICT');
+      const after = await serverDb(s);
+      try {
+        const v = await after.sql.get<{ state: string }>("SELECT v.state FROM versions v JOIN images i ON i.id = v.image_id WHERE i.name = 'taken' AND v.version = ?", draft);
+        expect(v?.state, 'the draft stays a draft').to.equal('draft');
+      } finally {
+        await after.close();
+      }
+    } finally {
+      agent.stop();
+      await agent.done.catch(() => {});
     }
   });
 });
