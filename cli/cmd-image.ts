@@ -172,8 +172,9 @@ export function imageCommand(y: Argv) {
           withAdmin(a as A, async (c) => {
             const { name, version } = parseRef(String(a.ref));
             const path = `/images/${encodeURIComponent(name)}${version === undefined ? '' : `/versions/${version}`}`;
-            const r = await c.json<{ chunksFreed: number }>('DELETE', path);
-            emit(a as A, r, () => `removed ${a.ref} (${r.chunksFreed} stored chunk(s) freed)`);
+            const r = await c.json<{ chunksFreed: number; draftsRemoved?: number[] }>('DELETE', path);
+            const drafts = r.draftsRemoved?.length ? ` and ${r.draftsRemoved.length} device draft(s) on it, writes never checked in` : '';
+            emit(a as A, r, () => `removed ${a.ref}${drafts} (${r.chunksFreed} stored chunk(s) freed)`);
           }),
       )
       .command(

@@ -329,6 +329,7 @@ export async function removeImage(ctx: Ctx, name: string, version?: number) {
       });
     }
   }
+  let drafts: number[] = [];
   await inTx(ctx, async (ctx) => {
     if (version === undefined) {
       // Its leases end with it (a running device is told at once, the others at their next renewal); their history stays in the audit log.
@@ -340,10 +341,16 @@ export async function removeImage(ctx: Ctx, name: string, version?: number) {
       await ctx.db.run('DELETE FROM images WHERE id = ?', img.id);
     } else {
       await endLeases(ctx, 'image_id = ? AND version = ?', [img.id, version], now);
-      await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ?', img.id, version);
-      await ctx.db.run("UPDATE versions SET state = 'removed' WHERE image_id = ? AND version = ?", img.id, version);
+      // A device's draft on it can never be committed now (a check-in needs a live lease on
+      // its base, and only such a lease adopts it): it goes too. Its rows, carried over from
+      // this version by a last part that failed, would keep this version's blobs.
+      drafts = (await ctx.db.all<{ version: number }>("SELECT version FROM versions WHERE image_id = ? AND state = 'draft' AND base = ?", img.id, version)).map((d) => d.version);
+      for (const v of [version, ...drafts]) {
+        await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ?', img.id, v);
+        await ctx.db.run("UPDATE versions SET state = 'removed', lease_id = NULL WHERE image_id = ? AND version = ?", img.id, v);
+      }
     }
-    await ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }) }, now);
+    await ctx.audit.append('image.rm', null, { image: name, ...(version === undefined ? {} : { version }), ...(drafts.length > 0 ? { drafts } : {}) }, now);
   });
   // Garbage: blobs of generations that no remaining chunk row refers to.
   const live = new Set(
@@ -361,7 +368,7 @@ export async function removeImage(ctx: Ctx, name: string, version?: number) {
       }
     }
   });
-  return { image: name, ...(version === undefined ? {} : { version }), chunksFreed: freed };
+  return { image: name, ...(version === undefined ? {} : { version }), ...(drafts.length > 0 ? { draftsRemoved: drafts } : {}), chunksFreed: freed };
 }
 
 /** Bytes the chunk store holds for an image (ciphertext, all generations). */

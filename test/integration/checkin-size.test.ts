@@ -7,7 +7,7 @@ import { startAgent } from '../../agent/daemon/start.js';
 import { CHUNK_SIZE } from '../../common/constants.js';
 import { CARRY_PAGE } from '../../server/leases.js';
 import { assign, deviceAudit, enrolledDevice, pushImage, rejects, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
-import { startServer, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
 describe('a check-in on a version of more rows than a page (real server process)', function () {
@@ -112,5 +112,46 @@ describe('a check-in on a version of more rows than a page (real server process)
       agent.stop();
       await agent.done.catch(() => {});
     }
+  });
+
+  it('removing a version removes the drafts on it, and the blobs their carried rows kept go', async () => {
+    const first = await pushImage(s, 'gone', { chunks: 2 });
+    const d = await enrolledDevice(s, 'gone-laptop');
+    await assign(s, d.deviceId, 'gone');
+    d.close();
+    const agent = await startAgent({ home: d.home, image: 'gone', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    let draft: number;
+    try {
+      await agent.lease.whenActive();
+      await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
+      // A last part that fails after the copy (the draft handed to another lease) leaves the base's rows in the draft.
+      const db = await serverDb(s);
+      try {
+        draft = (await db.sql.get<{ version: number }>("SELECT v.version FROM versions v JOIN images i ON i.id = v.image_id WHERE i.name = 'gone' AND v.state = 'draft'"))!.version;
+        await db.sql.run("UPDATE versions SET lease_id = 'a-newer-lease' WHERE version = ? AND state = 'draft'", draft);
+      } finally {
+        await db.close();
+      }
+      expect((await rejects(withDeviceClient(d.home, (c) => agent.core.checkin(c)))).code).to.equal('CONFLICT');
+    } finally {
+      agent.stop();
+      await agent.done.catch(() => {});
+    }
+    await pushImage(s, 'gone', { chunks: 2 }); // new bytes: nothing of the first version is shared
+    const r = await lethe(['image', 'rm', `gone@${first.version}`, '--json'], s.env);
+    expect(r.code, r.stderr).to.equal(0);
+    const out = JSON.parse(r.stdout) as { draftsRemoved?: number[]; chunksFreed: number };
+    expect(out.draftsRemoved).to.deep.equal([draft]);
+    const after = await serverDb(s);
+    try {
+      const rows = await after.sql.get<{ n: number }>("SELECT COUNT(*) AS n FROM chunks c JOIN images i ON i.id = c.image_id WHERE i.name = 'gone' AND c.version IN (?, ?)", first.version, draft);
+      expect(rows?.n, "the version's rows and the draft's").to.equal(0);
+      const v = await after.sql.get<{ state: string }>("SELECT v.state FROM versions v JOIN images i ON i.id = v.image_id WHERE i.name = 'gone' AND v.version = ?", draft);
+      expect(v?.state).to.equal('removed');
+    } finally {
+      await after.close();
+    }
+    // Each stored chunk of the first version (2 a kind), and the one the draft stored.
+    expect(out.chunksFreed).to.equal(7);
   });
 });
