@@ -213,15 +213,18 @@ bool serve(Proxy *p, Reader *r, uint64_t cookie, uint64_t offset, uint32_t len, 
       put32(hdr + 4, 0);
       put64(hdr + 8, cookie);
     }
+    // Counted before the reply goes: a client that has its reply may look at the counts at once.
+    p->reads++;
+    p->bytes += len;
     std::lock_guard<std::mutex> g(p->wmu);
     *sent = send_all(p->client, hdr, hl + len);
+    if (!*sent) {
+      p->reads--;
+      p->bytes -= len;
+    }
   }
   sodium_memzero(data, len);
   TableGiveReply(p->table, reply);
-  if (ok && *sent) {
-    p->reads++;
-    p->bytes += len;
-  }
   return ok;
 }
 
