@@ -1,7 +1,7 @@
 // A device's check-in on a version at real disk sizes: every disk chunk of the base is a
 // row (put straight into a real server's database), an agent in this process writes one
 // chunk and checks it in. The commit carries the base's other rows over to the new
-// version (server/leases.ts, carryOver).
+// version (server/checkin.ts, carryOver).
 // The yardstick, in the same run on the same database: the copy as the commit made it
 // before, one statement in its transaction (run on a connection of its own, rolled back).
 // On SQLite that statement held the server's only connection, and every other request.

@@ -31,7 +31,8 @@ import {
 import { manifest } from './manifests.js';
 import { parseChunkFrames } from '../common/frames.js';
 import { promoteVersion, setTrusted } from './branches.js';
-import { assign, checkin, grantLease, leaseManifest, leaseManifestPacked, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
+import { assign, grantLease, leaseManifest, leaseManifestPacked, releaseKeys, renewLease, serveChunks, unassign } from './leases.js';
+import { checkin } from './checkin.js';
 import { gaugeLines, metricsAuth } from './metrics.js';
 import { rotateMaster } from './keyring.js';
 import { announceTls, finishTls } from './tls.js';

@@ -1,22 +1,21 @@
 // Leases, key release and chunk serving (docs/escrow-protocol.md). Each of
 // these commits its audit entry before anything leaves the server.
-import { CHUNK_SIZE, KEY_BYTES, type ChunkKind } from '../common/constants.js';
+import { CHUNK_SIZE, type ChunkKind } from '../common/constants.js';
 import { classOf } from '../policies/policy.js';
 import type { Policy } from '../policies/schema.js';
 import { AgentPolicy } from '../common/wire.js';
-import { decryptChunkInto, isZero, type ChunkCoord } from '../common/chunk.js';
-import { b64u, keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
+import type { ChunkCoord } from '../common/chunk.js';
+import { b64u } from '../common/crypto.js';
 import { iso } from '../common/duration.js';
-import { crashPoint } from '../common/crash-point.js';
 import { LetheError } from '../common/errors.js';
 import { inTx, newId, type Ctx } from './context.js';
 import { ensureTerms, wrapNewKey } from './keyring.js';
 import type { DeviceRow } from './devices.js';
-import { PUT_BLOB, PUT_CHUNK_ROW, chunkCount, chunkRows, getImage, getVersion, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
+import { chunkCount, chunkRows, getImage, getVersion, policyOf, readBlobs, sizeOf, versionLock, type ChunkRow } from './images.js';
 import { manifest, packedManifest } from './manifests.js';
 import { endLeases, mustGetDevice } from './devices.js';
 import { assertSealAllowed, CeilingReached, ceilingRefused, keyCeiling, perCommittedVersion } from './device-policy.js';
-import { makeShared, resumeVersion } from './branches.js';
+import { resumeVersion } from './branches.js';
 
 interface LeaseRow {
   id: string;
@@ -268,7 +267,7 @@ async function writeGen(ctx: Ctx, l: LeaseRow & { name: string }): Promise<numbe
  * generation = the lease's write generation, class = the stored chunk's, or
  * the policy's for a chunk that is zero so far.
  */
-async function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): Promise<ChunkRow[]> {
+export async function writeCoords(ctx: Ctx, l: LeaseRow & { name: string }, refs: { kind: ChunkKind; index: number }[]): Promise<ChunkRow[]> {
   const img = await getImage(ctx, l.name);
   const policy = policyOf(img);
   const gen = await writeGen(ctx, l);
@@ -411,156 +410,4 @@ export async function serveChunks(ctx: Ctx, d: DeviceRow, leaseId: string, refs:
   ctx.metrics.inc('lethe_chunks_served_total', {}, rows.length);
   ctx.metrics.inc('lethe_chunk_bytes_served_total', {}, bytes);
   return rows.map((r, i) => ({ row: r, blob: blobs[i] }));
-}
-
-/** The base's rows into a draft (the version, then the base's image and version), with more conditions to follow. */
-const CARRY_ROWS =
-  'INSERT INTO chunks(image_id, version, kind, idx, gen, cls, ct_sha256, dedup_hash) SELECT image_id, CAST(? AS INTEGER), kind, idx, gen, cls, ct_sha256, dedup_hash FROM chunks WHERE image_id = ? AND version = ?';
-/** Indexes of one kind that carryOver copies in one statement. */
-export const CARRY_PAGE = 16_384;
-
-/**
- * Copies the rows of the base's disk and guest RAM that the draft has not staged into
- * the draft, CARRY_PAGE indexes at a time, each page its own transaction, with other
- * requests let in between: in the commit, one statement copying all of them held a
- * SQLite server's only connection, and so every request, for 4.4 s at 200 GiB. A row
- * copied here is the base's own (a committed version's rows never change, and a draft
- * keeps its base: a new lease adopts it only on the same version), and a row the
- * device stages later replaces it (PUT_CHUNK_ROW), so a commit that fails after this
- * leaves a draft that commits the same. Not durable by itself: the commit's flush
- * carries it. The state, which a suspend replaces whole, comes over in the commit.
- */
-async function carryOver(ctx: Ctx, imageId: string, base: number, gen: number): Promise<void> {
-  for (const kind of ['disk', 'mem'] as const) {
-    const top = (await ctx.db.get<{ n: number | null }>('SELECT MAX(idx) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = ?', imageId, base, kind))?.n;
-    for (let lo = 0; top != null && lo <= top; lo += CARRY_PAGE) {
-      const page = `${CARRY_ROWS} AND kind = ? AND idx >= CAST(? AS INTEGER) AND idx < CAST(? AS INTEGER) ON CONFLICT DO NOTHING`;
-      await ctx.db.tx((t) => t.run(page, gen, imageId, base, kind, lo, lo + CARRY_PAGE), { durable: false });
-      // SQLite answers at once, in the same turn: let other requests in between pages.
-      await new Promise((r) => setImmediate(r));
-    }
-  }
-}
-
-/**
- * Check-in: the device's dirty chunks (encrypted on the device under write
- * keys) become a new version, a branch only this device resumes until an admin
- * promotes it (or at once under a `users: single` policy; docs/branches.md).
- * Each blob must decrypt under the key the server derives for its coordinates
- * before anything of its request is stored. A device sends its chunks in one or
- * more requests; the one marked `final` carries unchanged chunks over from the
- * lease's version (which must still be the one this device resumes) and commits.
- */
-export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
-  // One request of a lease's check-in at a time in this process: the last part reads what
-  // the draft staged before its commit, and a part staged in between would be missed.
-  const turn = (checkinTurns.get(leaseId) ?? Promise.resolve()).then(() => checkinNow(ctx, d, leaseId, items, final));
-  const settled = turn.then(
-    () => undefined,
-    () => undefined,
-  );
-  checkinTurns.set(leaseId, settled);
-  void settled.then(() => checkinTurns.get(leaseId) === settled && checkinTurns.delete(leaseId));
-  return turn;
-}
-
-/** The check-in request of each lease that the next one waits for. */
-const checkinTurns = new Map<string, Promise<void>>();
-
-async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
-  const l = await liveLease(ctx, d, leaseId);
-  if (l.write_gen === null) throw new LetheError('BAD_REQUEST', 'nothing to check in: this lease wrote no chunks');
-  const img = await getImage(ctx, l.name);
-  const resumes = (await resumeVersion(ctx, d.id, img)).version;
-  if (resumes !== l.version) {
-    throw new LetheError('CONFLICT', `${l.name} moved on to version ${resumes} since this lease (on ${l.version}) began`, {
-      hint: 'the writes stay in the device cache; IT decides which version wins',
-    });
-  }
-  const gen = l.write_gen;
-  const draft = await getVersion(ctx, img, gen);
-  const imageId = Buffer.from(img.id, 'hex');
-  const coords = await writeCoords(ctx, l, items);
-  await ensureTerms(ctx, draft.key_wrapped, img.dedup_key_wrapped);
-  const vk = ctx.escrow.versionKey(draft.key_wrapped, imageId, gen);
-  const dedupKey = ctx.escrow.dedupKey(img.dedup_key_wrapped, imageId);
-  const key = secureBuffer(KEY_BYTES);
-  const rows: { kind: ChunkKind; idx: number; cls: string; blob: Buffer; dedup: Buffer | null }[] = [];
-  try {
-    items.forEach((it, i) => {
-      const c = coords[i];
-      const coord = { imageId, gen, kind: c.kind, index: c.idx, cls: c.cls };
-      ctx.escrow.chunkKeyInto(key, vk, coord);
-      const plain = Buffer.alloc(Math.min(CHUNK_SIZE[c.kind], sizeOf(draft, c.kind) - c.idx * CHUNK_SIZE[c.kind]));
-      try {
-        decryptChunkInto(plain, key, coord, it.data);
-      } catch {
-        throw new LetheError('TAMPERED', `checked-in ${c.kind} chunk ${c.idx} does not decrypt under its key; nothing of this request was accepted`);
-      }
-      rows.push({ kind: c.kind, idx: c.idx, cls: c.cls, blob: it.data, dedup: isZero(plain) ? null : keyedHash(dedupKey, plain) });
-      wipe(plain);
-    });
-  } finally {
-    wipe(key);
-  }
-  await ctx.store.tx(async (t) => {
-    for (const r of rows) if (r.dedup) await t.run(PUT_BLOB, img.id, gen, r.kind, r.idx, r.blob);
-  });
-  crashPoint('checkin.blobs-stored');
-  // The rows the draft staged, read while it holds only those (a failed commit may have
-  // carried rows over already, which gen tells apart): once carryOver is done, a query for
-  // them would read every row of the disk. Each says whether it is a tombstone.
-  const own = new Map<string, boolean>();
-  if (final) {
-    const staged = await ctx.db.all<{ kind: ChunkKind; idx: number; n: number }>('SELECT kind, idx, LENGTH(ct_sha256) AS n FROM chunks WHERE image_id = ? AND version = ? AND gen = ?', img.id, gen, gen);
-    for (const r of staged) own.set(`${r.kind}/${r.idx}`, Number(r.n) === 0);
-    await carryOver(ctx, img.id, l.version, gen);
-    crashPoint('checkin.carried-over');
-  }
-  const now = ctx.now();
-  const single = policyOf(img).imageUsers === 'single';
-  await inTx(ctx, async (ctx) => {
-    // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
-    for (const r of rows) {
-      await ctx.db.run(PUT_CHUNK_ROW, img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
-      own.set(`${r.kind}/${r.idx}`, !r.dedup);
-    }
-    if (!final) return;
-    // A draft with its own state size replaced the state whole: none of the base's carries over.
-    const base = await getVersion(ctx, img, l.version);
-    let keepState = draft.state_size === base.state_size ? 1 : 0;
-    const newState = await ctx.db.get<{ n: number }>("SELECT COUNT(*) AS n FROM chunks WHERE image_id = ? AND version = ? AND kind = 'state'", img.id, gen);
-    if (!keepState && newState!.n === 0) {
-      // The draft got a new state size, but none of that state came: the device's suspend ended (a
-      // crash, say) before it wrote the state. The base's stays, at its size.
-      await ctx.db.run('UPDATE versions SET state_size = ? WHERE image_id = ? AND version = ?', base.state_size, img.id, gen);
-      keepState = 1;
-    }
-    // The disk and guest RAM came over before (carryOver); the state comes now, if it stays.
-    if (keepState) await ctx.db.run(`${CARRY_ROWS} AND kind = 'state' ON CONFLICT DO NOTHING`, gen, img.id, l.version);
-    // The tombstones go, one by one (a statement that looked for them would read every row),
-    // and only as tombstones: a row since staged with content stays, and counts.
-    let staged = 0;
-    for (const [k, tombstone] of own) {
-      const [kind, idx] = k.split('/');
-      const gone = tombstone && (await ctx.db.run('DELETE FROM chunks WHERE image_id = ? AND version = ? AND kind = ? AND idx = ? AND LENGTH(ct_sha256) = 0', img.id, gen, kind, Number(idx))).changes > 0;
-      if (!gone) staged++;
-    }
-    // A branch of this device on the lease's version (a draft made by an older server has neither set).
-    const committed = await ctx.db.run(
-      "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL)",
-      now,
-      d.id,
-      l.version,
-      img.id,
-      gen,
-      l.id,
-    );
-    // A newer lease of this device adopted the draft while this part ran (the copy takes seconds at size): it is that lease's to commit.
-    if (committed.changes !== 1) throw new LetheError('CONFLICT', `version ${gen} of ${l.name} is no longer this lease's draft; nothing was committed`);
-    await ctx.db.run('UPDATE leases SET ended_at = ? WHERE id = ?', now, l.id);
-    await ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
-    if (single) await makeShared(ctx, img, gen, d.id, l.version, now, true);
-  });
-  return { image: l.name, version: gen, chunks: rows.length, committed: final, ...(final ? { shared: single } : {}) };
 }

@@ -1,11 +1,11 @@
 // A check-in at size: the commit carries the base's rows over a page at a time, before
-// its transaction (server/leases.ts, carryOver). A base of more rows than a page comes
+// its transaction (server/checkin.ts, carryOver). A base of more rows than a page comes
 // over whole, the chunk the device wrote in its place, and nothing else changes.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { startAgent } from '../../agent/daemon/start.js';
 import { CHUNK_SIZE } from '../../common/constants.js';
-import { CARRY_PAGE } from '../../server/leases.js';
+import { CARRY_PAGE } from '../../server/checkin.js';
 import { assign, deviceAudit, enrolledDevice, pushImage, rejects, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
 import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
