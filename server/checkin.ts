@@ -122,7 +122,7 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
     for (const r of rows) {
       await ctx.db.run(PUT_CHUNK_ROW, img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
-      own.set(`${r.kind}/${r.idx}`, !r.dedup);
+      if (final) own.set(`${r.kind}/${r.idx}`, !r.dedup);
     }
     if (!final) return;
     // A draft with its own state size replaced the state whole: none of the base's carries over.
