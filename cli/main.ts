@@ -10,12 +10,13 @@ import { imageCommand } from './cmd-image.js';
 import { policyCommand } from './cmd-policy.js';
 import { serverCommand } from './cmd-server.js';
 import { vmCommand } from './cmd-vm.js';
+import { joinKeyValues } from './argv.js';
 import { reportError } from './output.js';
 
 // Everything Lethe writes (databases, keys, caches) is for this user only.
 process.umask(0o077);
 
-const argv = hideBin(process.argv);
+const argv = joinKeyValues(hideBin(process.argv));
 const wantsJson = argv.includes('--json');
 
 async function main(): Promise<void> {

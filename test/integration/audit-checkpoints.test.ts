@@ -183,7 +183,9 @@ describe('audit checkpoints, pinned key and anchors (issue #14)', function () {
     const db = new Database(path.join(dir, 'lethe.db'));
     db.prepare("DELETE FROM audit WHERE type = 'device.revoke'").run();
     rehash(db);
-    const forger = signKeyPair();
+    // A key that begins with '-', as one in 64 does: the CLI must not read it as options.
+    let forger = signKeyPair();
+    while (!b64u.encode(forger.publicKey).startsWith('-')) forger = signKeyPair();
     resign(db, forger.secretKey);
     db.close();
     const config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
