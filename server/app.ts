@@ -80,6 +80,14 @@ function intParam(req: Request, name: string): number {
   return Number(v);
 }
 
+/** `?part=` of a check-in request: its number among its lease's parts (server/checkin.ts, takePart), if given. */
+function partQuery(req: Request): number | undefined {
+  const v = req.query.part;
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string' || !/^[1-9]\d{0,14}$/.test(v)) throw new LetheError('BAD_REQUEST', `part must be a positive integer, got '${String(v).slice(0, 32)}'`);
+  return Number(v);
+}
+
 /** `?key=` (a pinned audit key, base64url) and `?seq=&hash=&signature=` (an anchor) of an audit verify. */
 function verifyQuery(req: Request): { pinnedKey?: Buffer; anchor?: Checkpoint } {
   const str = (name: string) => (typeof req.query[name] === 'string' ? (req.query[name] as string) : undefined);
@@ -248,7 +256,7 @@ export async function buildApp(ctx: Ctx, opts: AppOptions = {}): Promise<express
   });
   app.post('/v1/device/leases/:id/checkin', rawUpload, device, async (req: AuthedRequest, res) => {
     const body: Buffer = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
-    const done = await checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0');
+    const done = await checkin(ctx, dev(req), param(req, 'id'), parseChunkFrames(body), req.query.final !== '0', partQuery(req));
     crashPoint('checkin.done');
     res.json(done);
   });

@@ -6,6 +6,7 @@ import { keyedHash, secureBuffer, sha256, wipe } from '../common/crypto.js';
 import { crashPoint } from '../common/crash-point.js';
 import { LetheError } from '../common/errors.js';
 import { inTx, type Ctx } from './context.js';
+import type { Sql } from './db.js';
 import { ensureTerms } from './keyring.js';
 import type { DeviceRow } from './devices.js';
 import { PUT_BLOB, PUT_CHUNK_ROW, getImage, getVersion, policyOf, sizeOf } from './images.js';
@@ -50,10 +51,10 @@ async function carryOver(ctx: Ctx, imageId: string, base: number, gen: number): 
  * more requests; the one marked `final` carries unchanged chunks over from the
  * lease's version (which must still be the one this device resumes) and commits.
  */
-export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
+export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean, part?: number) {
   // One request of a lease's check-in at a time in this process: the last part reads what
   // the draft staged before its commit, and a part staged in between would be missed.
-  const turn = (checkinTurns.get(leaseId) ?? Promise.resolve()).then(() => checkinNow(ctx, d, leaseId, items, final));
+  const turn = (checkinTurns.get(leaseId) ?? Promise.resolve()).then(() => checkinNow(ctx, d, leaseId, items, final, part));
   const settled = turn.then(
     () => undefined,
     () => undefined,
@@ -66,7 +67,59 @@ export function checkin(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: 
 /** The check-in request of each lease that the next one waits for. */
 const checkinTurns = new Map<string, Promise<void>>();
 
-async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean) {
+/** The draft this part writes into, and the part's number, if the device gave one. */
+type PartOf = { imageId: string; name: string; gen: number; leaseId: string; part?: number };
+
+/**
+ * Takes this part's number for its draft. A device numbers the parts of a lease's
+ * check-ins, rising, and the draft keeps the highest it took: a part numbered at or
+ * below it is refused. Turns keep a lease's requests in order within one server; this
+ * keeps them in order across replicas, where a request a balancer gave up on may still
+ * run on one while the device's next check-in goes to another, and would otherwise put
+ * older content over newer. A part without a number (an agent from before) is only
+ * checked to be its lease's draft's.
+ */
+async function takePart(ctx: Ctx, p: PartOf): Promise<void> {
+  if (p.part === undefined) return;
+  const r = await ctx.db.run(
+    "UPDATE versions SET checkin_part = ? WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL) AND checkin_part < ?",
+    p.part,
+    p.imageId,
+    p.gen,
+    p.leaseId,
+    p.part,
+  );
+  if (r.changes !== 1) await refusePart(ctx, p);
+}
+
+/**
+ * First in each transaction that writes a part's blobs or rows: the draft is still its
+ * lease's and still holds this part's number. The update locks the version's row, so a
+ * later part taking its number waits for this transaction, or this one finds it taken.
+ */
+async function holdsPart(db: Sql, p: PartOf): Promise<void> {
+  const numbered = p.part === undefined ? '' : ' AND checkin_part = ?';
+  const r = await db.run(
+    `UPDATE versions SET checkin_part = checkin_part WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL)${numbered}`,
+    p.imageId,
+    p.gen,
+    p.leaseId,
+    ...(p.part === undefined ? [] : [p.part]),
+  );
+  if (r.changes !== 1) await refusePart({ db }, p);
+}
+
+async function refusePart(ctx: Pick<Ctx, 'db'>, p: PartOf): Promise<never> {
+  const v = await ctx.db.get<{ state: string; lease_id: string | null; n: number }>('SELECT state, lease_id, checkin_part AS n FROM versions WHERE image_id = ? AND version = ?', p.imageId, p.gen);
+  if (v && v.state === 'draft' && (v.lease_id === p.leaseId || v.lease_id === null)) {
+    throw new LetheError('CONFLICT', `check-in part ${p.part} came after part ${Number(v.n)} of this lease; nothing of this request was stored`, {
+      hint: 'a request that outlived a later one; the later one stands',
+    });
+  }
+  throw new LetheError('CONFLICT', `version ${p.gen} of ${p.name} is no longer this lease's draft; nothing of this request was stored`);
+}
+
+async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind: ChunkKind; index: number; data: Buffer }[], final: boolean, part?: number) {
   const l = await liveLease(ctx, d, leaseId);
   if (l.write_gen === null) throw new LetheError('BAD_REQUEST', 'nothing to check in: this lease wrote no chunks');
   const img = await getImage(ctx, l.name);
@@ -102,7 +155,12 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
   } finally {
     wipe(key);
   }
+  const mine: PartOf = { imageId: img.id, name: l.name, gen, leaseId: l.id, part };
+  await takePart(ctx, mine);
   await ctx.store.tx(async (t) => {
+    // On PostgreSQL the blobs share the database, and the check their transaction. A SQLite
+    // server is one process, whose turns keep a lease's requests in order.
+    if (ctx.store === ctx.db) await holdsPart(t, mine);
     for (const r of rows) if (r.dedup) await t.run(PUT_BLOB, img.id, gen, r.kind, r.idx, r.blob);
   });
   crashPoint('checkin.blobs-stored');
@@ -119,6 +177,7 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
   const now = ctx.now();
   const single = policyOf(img).imageUsers === 'single';
   await inTx(ctx, async (ctx) => {
+    await holdsPart(ctx.db, mine);
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
     for (const r of rows) {
       await ctx.db.run(PUT_CHUNK_ROW, img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));

@@ -127,7 +127,8 @@ export async function grantLease(ctx: Ctx, d: DeviceRow, imageName: string) {
       v.version,
     );
     if (draft) {
-      await ctx.db.run('UPDATE versions SET lease_id = ? WHERE image_id = ? AND version = ?', lease.id, img.id, draft.version);
+      // The new lease's agent numbers its check-in parts from 1 again.
+      await ctx.db.run('UPDATE versions SET lease_id = ?, checkin_part = 0 WHERE image_id = ? AND version = ?', lease.id, img.id, draft.version);
       await ctx.db.run('UPDATE leases SET write_gen = ? WHERE id = ?', draft.version, lease.id);
       lease.write_gen = draft.version;
     }

@@ -39,7 +39,8 @@ export const SEAL_BUFFERS = 32;
 export const WRITE_KEYS_AHEAD_MAX = 512;
 
 export interface CheckinClient {
-  checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ version: number; shared?: boolean }>;
+  /** `part`: this request's number among its lease's check-in parts, rising (the server refuses one at or below a part it took). */
+  checkin(leaseId: string, frames: Buffer, final: boolean, part?: number): Promise<{ version: number; shared?: boolean }>;
 }
 
 export class ChunkWriter {
@@ -380,7 +381,7 @@ export class ChunkWriter {
       }
       const last = i === todo.length;
       if ((last && (final || bytes > 0)) || bytes >= CHECKIN_PART_BYTES) {
-        result = await client.checkin(leaseId, Buffer.concat(part), last && final);
+        result = await client.checkin(leaseId, Buffer.concat(part), last && final, this.nextPart(leaseId));
         if (!(last && final)) crashPoint('agent.checkin-part-sent');
         part = [];
         bytes = 0;
@@ -391,6 +392,19 @@ export class ChunkWriter {
 
   /** A check-in is under way (one at a time). */
   private checkingIn = false;
+
+  /**
+   * The number of a lease's next check-in part: 1, 2, … across all its check-ins, so
+   * that a part that outlived a later one (on another replica) is refused, not applied
+   * over it. A lease is this process's own: a new one (the server adopting the draft
+   * for it) starts again from 1.
+   */
+  private nextPart(leaseId: string): number {
+    if (this.parts.leaseId !== leaseId) this.parts = { leaseId, sent: 0 };
+    return ++this.parts.sent;
+  }
+
+  private parts = { leaseId: '', sent: 0 };
 
   /** Guest writes under way, and the hold a check-in's last part puts on new ones. */
   private active = 0;

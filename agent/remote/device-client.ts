@@ -194,8 +194,8 @@ export class DeviceClient extends EventEmitter<{ refused: [Refusal] }> {
    * Uploads device-encrypted dirty chunks (upload frames); the final request commits them as a new
    * version, this device's own branch unless `shared` (docs/branches.md).
    */
-  async checkin(leaseId: string, frames: Buffer, final: boolean): Promise<{ image: string; version: number; chunks: number; shared?: boolean }> {
-    const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/checkin?final=${final ? 1 : 0}`;
+  async checkin(leaseId: string, frames: Buffer, final: boolean, part?: number): Promise<{ image: string; version: number; chunks: number; shared?: boolean }> {
+    const path = `/v1/device/leases/${encodeURIComponent(leaseId)}/checkin?final=${final ? 1 : 0}${part === undefined ? '' : `&part=${part}`}`;
     return this.signedBinary(path, frames, undefined, leaseId);
   }
 

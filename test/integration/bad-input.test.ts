@@ -101,6 +101,9 @@ describe('bad input (real server process)', function () {
       ['/v1/device/keys', JSON.stringify({ leaseId: lease.leaseId, chunks: Array(1025).fill({ kind: 'mem', index: 0 }) }), 400, 'BAD_REQUEST'],
       ['/v1/device/keys', JSON.stringify({ leaseId: 'lease-0000000000000000', chunks: [{ kind: 'mem', index: 0 }] }), 404, 'UNKNOWN_LEASE'],
       ['/v1/device/commands/cmd-0000000000000000/ack', '{"ok": true}', 404, 'UNKNOWN_COMMAND'],
+      [`/v1/device/leases/${lease.leaseId}/checkin?final=0&part=0`, '', 400, 'BAD_REQUEST'],
+      [`/v1/device/leases/${lease.leaseId}/checkin?final=0&part=x`, '', 400, 'BAD_REQUEST'],
+      [`/v1/device/leases/${lease.leaseId}/checkin?final=0&part=1&part=2`, '', 400, 'BAD_REQUEST'],
       ['/v1/device/heartbeat', 'x'.repeat(2 * 1024 * 1024), 413, 'BODY_TOO_LARGE'],
     ];
     for (const [path, body, st, code] of cases) {

@@ -5,9 +5,12 @@ import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { startAgent } from '../../agent/daemon/start.js';
 import { CHUNK_SIZE } from '../../common/constants.js';
+import { sha256 } from '../../common/crypto.js';
+import { LetheError } from '../../common/errors.js';
+import { parseChunkFrames } from '../../common/frames.js';
 import { CARRY_PAGE } from '../../server/checkin.js';
 import { assign, deviceAudit, enrolledDevice, pushImage, rejects, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
-import { lethe, startServer, type ServerProc } from '../helpers/proc.js';
+import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
 describe('a check-in on a version of more rows than a page (real server process)', function () {
@@ -124,15 +127,21 @@ describe('a check-in on a version of more rows than a page (real server process)
     try {
       await agent.lease.whenActive();
       await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
-      // A last part that fails after the copy (the draft handed to another lease) leaves the base's rows in the draft.
+      // A last part whose server dies after the copy leaves the part's blob and the base's rows in the draft
+      // (its own row would have come in the commit).
+      await s.stop();
+      s = await s.restart(undefined, { LETHE_CRASH_AT: 'checkin.carried-over:1' });
+      await rejects(withDeviceClient(d.home, (c) => agent.core.checkin(c)));
+      expect(await waitFor(async () => s.proc.signalCode ?? undefined, 30_000, 'the server to die at checkin.carried-over')).to.equal('SIGKILL');
+      s = await s.restart(undefined, {});
       const db = await serverDb(s);
       try {
         draft = (await db.sql.get<{ version: number }>("SELECT v.version FROM versions v JOIN images i ON i.id = v.image_id WHERE i.name = 'gone' AND v.state = 'draft'"))!.version;
-        await db.sql.run("UPDATE versions SET lease_id = 'a-newer-lease' WHERE version = ? AND state = 'draft'", draft);
+        const carried = await db.sql.get<{ n: number }>('SELECT COUNT(*) AS n FROM chunks c JOIN images i ON i.id = c.image_id WHERE i.name = ? AND c.version = ?', 'gone', draft);
+        expect(Number(carried?.n), "the base's rows of disk and guest RAM, two each").to.equal(4);
       } finally {
         await db.close();
       }
-      expect((await rejects(withDeviceClient(d.home, (c) => agent.core.checkin(c)))).code).to.equal('CONFLICT');
     } finally {
       agent.stop();
       await agent.done.catch(() => {});
@@ -153,5 +162,53 @@ describe('a check-in on a version of more rows than a page (real server process)
     }
     // Each stored chunk of the first version (2 a kind), and the one the draft stored.
     expect(out.chunksFreed).to.equal(7);
+  });
+
+  it('refuses a part numbered at or below one the draft took: the later content stands, its row and its blob', async () => {
+    await pushImage(s, 'fenced', { chunks: 2 });
+    const d = await enrolledDevice(s, 'fenced-laptop');
+    await assign(s, d.deviceId, 'fenced');
+    d.close();
+    const agent = await startAgent({ home: d.home, image: 'fenced', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    // What the agent would send for its dirty chunks now, kept here instead (the check-in fails).
+    const frames = async (): Promise<Buffer> => {
+      let sent: Buffer | undefined;
+      const kept = new LetheError('INTERNAL', 'kept by the test');
+      expect(await rejects(agent.core.checkin({ checkin: async (_lease, f) => ((sent = f), Promise.reject(kept)) }))).to.equal(kept);
+      return sent!;
+    };
+    let version: number;
+    let newer: Buffer;
+    try {
+      await agent.lease.whenActive();
+      await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
+      const late = await frames(); // a request that outlives the next check-in, on another replica
+      await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
+      const current = await frames();
+      newer = parseChunkFrames(current)[0].data;
+      const leaseId = agent.lease.leaseId();
+      version = await withDeviceClient(d.home, async (c) => {
+        await c.checkin(leaseId, current, false, 2);
+        for (const part of [1, 2]) {
+          const e = await rejects(c.checkin(leaseId, late, false, part));
+          expect(e.code, `part ${part}`).to.equal('CONFLICT');
+          expect(e.message).to.equal(`check-in part ${part} came after part 2 of this lease; nothing of this request was stored`);
+        }
+        return (await c.checkin(leaseId, Buffer.alloc(0), true, 3)).version;
+      });
+    } finally {
+      agent.stop();
+      await agent.done.catch(() => {});
+    }
+    const db = await serverDb(s);
+    try {
+      const row = await db.sql.get<{ ct_sha256: Buffer }>("SELECT c.ct_sha256 FROM chunks c JOIN images i ON i.id = c.image_id WHERE i.name = 'fenced' AND c.version = ? AND c.kind = 'disk' AND c.idx = 1", version);
+      const imageId = (await db.sql.get<{ id: string }>("SELECT id FROM images WHERE name = 'fenced'"))!.id;
+      const blob = await db.store.get<{ data: Buffer }>("SELECT data FROM blobs WHERE image_id = ? AND gen = ? AND kind = 'disk' AND idx = 1", imageId, version);
+      expect(Buffer.from(row!.ct_sha256).equals(sha256(newer)), 'the row names the later blob').to.equal(true);
+      expect(Buffer.from(blob!.data).equals(newer), 'the store holds the later blob').to.equal(true);
+    } finally {
+      await db.close();
+    }
   });
 });

@@ -31,10 +31,10 @@ describe('a check-in while the guest writes (agent core, real server)', function
     const finals: boolean[] = [];
     return {
       finals,
-      async checkin(leaseId, frames, final) {
+      async checkin(leaseId, frames, final, part) {
         finals.push(final);
         await during(final, finals.length - 1);
-        return client.checkin(leaseId, frames, final);
+        return client.checkin(leaseId, frames, final, part);
       },
     };
   };
