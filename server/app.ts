@@ -80,7 +80,7 @@ function intParam(req: Request, name: string): number {
   return Number(v);
 }
 
-/** `?part=` of a check-in request: its number among its lease's parts (server/checkin.ts, takePart), if given. */
+/** `?part=` of a check-in request: its number among its lease's parts (server/checkin.ts, holdPart), if given. */
 function partQuery(req: Request): number | undefined {
   const v = req.query.part;
   if (v === undefined) return undefined;

@@ -71,51 +71,36 @@ const checkinTurns = new Map<string, Promise<void>>();
 type PartOf = { imageId: string; name: string; gen: number; leaseId: string; part?: number };
 
 /**
- * Takes this part's number for its draft. A device numbers the parts of a lease's
- * check-ins, rising, and the draft keeps the highest it took: a part numbered at or
- * below it is refused. Turns keep a lease's requests in order within one server; this
- * keeps them in order across replicas, where a request a balancer gave up on may still
- * run on one while the device's next check-in goes to another, and would otherwise put
- * older content over newer. A part without a number (an agent from before) is only
- * checked to be its lease's draft's.
- */
-async function takePart(ctx: Ctx, p: PartOf): Promise<void> {
-  if (p.part === undefined) return;
-  const r = await ctx.db.run(
-    "UPDATE versions SET checkin_part = ? WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL) AND checkin_part < ?",
-    p.part,
-    p.imageId,
-    p.gen,
-    p.leaseId,
-    p.part,
-  );
-  if (r.changes !== 1) await refusePart(ctx, p);
-}
-
-/**
  * First in each transaction that writes a part's blobs or rows: the draft is still its
- * lease's and still holds this part's number. The update locks the version's row, so a
- * later part taking its number waits for this transaction, or this one finds it taken.
+ * lease's, and (for a numbered part) holds this part's number. A device numbers the parts
+ * of a lease's check-ins, rising, and the draft keeps the highest it took: the part's
+ * first transaction (`take`) raises it to the part's own, and is refused if the draft
+ * took that number or a later one; the others find it still there. Turns keep a lease's
+ * requests in order within one server; this keeps them in order across replicas, where a
+ * request a balancer gave up on may still run on one while the device's next check-in
+ * goes to another, and would otherwise put older content over newer. The update locks
+ * the version's row, so a later part taking its number waits for this transaction, or
+ * this one finds it taken. A part without a number (an agent from before) is only checked
+ * to be its lease's draft's.
  */
-async function holdsPart(db: Sql, p: PartOf): Promise<void> {
-  const numbered = p.part === undefined ? '' : ' AND checkin_part = ?';
+async function holdPart(db: Sql, p: PartOf, take: boolean): Promise<void> {
+  const numbered = p.part === undefined ? '' : take ? ' AND checkin_part < ?' : ' AND checkin_part = ?';
   const r = await db.run(
-    `UPDATE versions SET checkin_part = checkin_part WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL)${numbered}`,
+    `UPDATE versions SET checkin_part = ${take && p.part !== undefined ? '?' : 'checkin_part'} WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL)${numbered}`,
+    ...(take && p.part !== undefined ? [p.part] : []),
     p.imageId,
     p.gen,
     p.leaseId,
     ...(p.part === undefined ? [] : [p.part]),
   );
-  if (r.changes !== 1) await refusePart({ db }, p);
-}
-
-async function refusePart(ctx: Pick<Ctx, 'db'>, p: PartOf): Promise<never> {
-  const v = await ctx.db.get<{ state: string; lease_id: string | null; n: number }>('SELECT state, lease_id, checkin_part AS n FROM versions WHERE image_id = ? AND version = ?', p.imageId, p.gen);
+  if (r.changes === 1) return;
+  const v = await db.get<{ state: string; lease_id: string | null; n: number }>('SELECT state, lease_id, checkin_part AS n FROM versions WHERE image_id = ? AND version = ?', p.imageId, p.gen);
   if (v && v.state === 'draft' && (v.lease_id === p.leaseId || v.lease_id === null)) {
     throw new LetheError('CONFLICT', `check-in part ${p.part} came after part ${Number(v.n)} of this lease; nothing of this request was stored`, {
       hint: 'a request that outlived a later one; the later one stands',
     });
   }
+  // A newer lease of this device adopted the draft (a last part's copy takes seconds at size): it is that lease's to commit.
   throw new LetheError('CONFLICT', `version ${p.gen} of ${p.name} is no longer this lease's draft; nothing of this request was stored`);
 }
 
@@ -156,11 +141,13 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
     wipe(key);
   }
   const mine: PartOf = { imageId: img.id, name: l.name, gen, leaseId: l.id, part };
-  await takePart(ctx, mine);
+  // On PostgreSQL the blobs share the database, and the part is taken in their transaction.
+  // A SQLite server's blobs are in a file of their own: it takes the part before them (it is
+  // one process, whose turns keep a lease's requests in order).
+  const shared = ctx.store === ctx.db;
+  if (!shared) await holdPart(ctx.db, mine, true);
   await ctx.store.tx(async (t) => {
-    // On PostgreSQL the blobs share the database, and the check their transaction. A SQLite
-    // server is one process, whose turns keep a lease's requests in order.
-    if (ctx.store === ctx.db) await holdsPart(t, mine);
+    if (shared) await holdPart(t, mine, true);
     for (const r of rows) if (r.dedup) await t.run(PUT_BLOB, img.id, gen, r.kind, r.idx, r.blob);
   });
   crashPoint('checkin.blobs-stored');
@@ -177,7 +164,7 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
   const now = ctx.now();
   const single = policyOf(img).imageUsers === 'single';
   await inTx(ctx, async (ctx) => {
-    await holdsPart(ctx.db, mine);
+    await holdPart(ctx.db, mine, false);
     // Staged rows of the draft; a zero chunk is staged as a tombstone (empty hash).
     for (const r of rows) {
       await ctx.db.run(PUT_CHUNK_ROW, img.id, gen, r.kind, r.idx, gen, r.cls, r.dedup ? sha256(r.blob) : Buffer.alloc(0), r.dedup ?? Buffer.alloc(0));
@@ -205,17 +192,8 @@ async function checkinNow(ctx: Ctx, d: DeviceRow, leaseId: string, items: { kind
       if (!gone) staged++;
     }
     // A branch of this device on the lease's version (a draft made by an older server has neither set).
-    const committed = await ctx.db.run(
-      "UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ? AND state = 'draft' AND (lease_id = ? OR lease_id IS NULL)",
-      now,
-      d.id,
-      l.version,
-      img.id,
-      gen,
-      l.id,
-    );
-    // A newer lease of this device adopted the draft while this part ran (the copy takes seconds at size): it is that lease's to commit.
-    if (committed.changes !== 1) throw new LetheError('CONFLICT', `version ${gen} of ${l.name} is no longer this lease's draft; nothing was committed`);
+    // holdPart, first in this transaction, found the draft still this lease's, and holds its row.
+    await ctx.db.run("UPDATE versions SET state = 'committed', committed_at = ?, lease_id = NULL, device_id = ?, base = ? WHERE image_id = ? AND version = ?", now, d.id, l.version, img.id, gen);
     await ctx.db.run('UPDATE leases SET ended_at = ? WHERE id = ?', now, l.id);
     await ctx.audit.append('checkin', d.id, { lease: l.id, image: l.name, base: l.version, version: gen, stored: staged }, now);
     if (single) await makeShared(ctx, img, gen, d.id, l.version, now, true);
