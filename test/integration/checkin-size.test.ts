@@ -9,7 +9,7 @@ import { sha256 } from '../../common/crypto.js';
 import { LetheError } from '../../common/errors.js';
 import { parseChunkFrames } from '../../common/frames.js';
 import { CARRY_PAGE } from '../../server/checkin.js';
-import { assign, deviceAudit, enrolledDevice, pushImage, rejects, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
+import { agentInProcess, assign, deviceAudit, enrolledDevice, pushImage, rejects, testUnlock, withDeviceClient } from '../helpers/fixtures.js';
 import { lethe, startServer, waitFor, type ServerProc } from '../helpers/proc.js';
 import { serverDb } from '../helpers/server-db.js';
 
@@ -85,13 +85,8 @@ describe('a check-in on a version of more rows than a page (real server process)
   });
 
   it("commits nothing once the draft is no longer the lease's (a newer lease of the device adopted it)", async () => {
-    await pushImage(s, 'taken', { chunks: 2 });
-    const d = await enrolledDevice(s, 'taken-laptop');
-    await assign(s, d.deviceId, 'taken');
-    d.close();
-    const agent = await startAgent({ home: d.home, image: 'taken', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    const { agent, home } = await agentInProcess(s, 'taken', { chunks: 2 });
     try {
-      await agent.lease.whenActive();
       await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
       // As a lease granted during the check-in's last part would leave it.
       const db = await serverDb(s);
@@ -102,7 +97,7 @@ describe('a check-in on a version of more rows than a page (real server process)
       } finally {
         await db.close();
       }
-      const e = await rejects(withDeviceClient(d.home, (c) => agent.core.checkin(c)));
+      const e = await rejects(withDeviceClient(home, (c) => agent.core.checkin(c)));
       expect(e.code).to.equal('CONFLICT');
       const after = await serverDb(s);
       try {
@@ -118,20 +113,15 @@ describe('a check-in on a version of more rows than a page (real server process)
   });
 
   it('removing a version removes the drafts on it, and the blobs their carried rows kept go', async () => {
-    const first = await pushImage(s, 'gone', { chunks: 2 });
-    const d = await enrolledDevice(s, 'gone-laptop');
-    await assign(s, d.deviceId, 'gone');
-    d.close();
-    const agent = await startAgent({ home: d.home, image: 'gone', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    const { agent, home, img: first } = await agentInProcess(s, 'gone', { chunks: 2 });
     let draft: number;
     try {
-      await agent.lease.whenActive();
       await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
       // A last part whose server dies after the copy leaves the part's blob and the base's rows in the draft
       // (its own row would have come in the commit).
       await s.stop();
       s = await s.restart(undefined, { LETHE_CRASH_AT: 'checkin.carried-over:1' });
-      await rejects(withDeviceClient(d.home, (c) => agent.core.checkin(c)));
+      await rejects(withDeviceClient(home, (c) => agent.core.checkin(c)));
       expect(await waitFor(async () => s.proc.signalCode ?? undefined, 30_000, 'the server to die at checkin.carried-over')).to.equal('SIGKILL');
       s = await s.restart(undefined, {});
       const db = await serverDb(s);
@@ -157,6 +147,9 @@ describe('a check-in on a version of more rows than a page (real server process)
       expect(rows?.n, "the version's rows and the draft's").to.equal(0);
       const v = await after.sql.get<{ state: string }>("SELECT v.state FROM versions v JOIN images i ON i.id = v.image_id WHERE i.name = 'gone' AND v.version = ?", draft);
       expect(v?.state).to.equal('removed');
+      // The audit log says which drafts went with the version.
+      const rm = await after.sql.get<{ data: string }>("SELECT data FROM audit WHERE type = 'image.rm' ORDER BY seq DESC LIMIT 1");
+      expect(JSON.parse(rm!.data)).to.deep.include({ image: 'gone', version: first.version, drafts: [draft] });
     } finally {
       await after.close();
     }
@@ -165,11 +158,7 @@ describe('a check-in on a version of more rows than a page (real server process)
   });
 
   it('refuses a part numbered at or below one the draft took: the later content stands, its row and its blob', async () => {
-    await pushImage(s, 'fenced', { chunks: 2 });
-    const d = await enrolledDevice(s, 'fenced-laptop');
-    await assign(s, d.deviceId, 'fenced');
-    d.close();
-    const agent = await startAgent({ home: d.home, image: 'fenced', cacheBytes: 1 << 24, heartbeatMs: 30_000, prefetch: false, nbd: null, log: () => {}, unlock: testUnlock(), push: false });
+    const { agent, home } = await agentInProcess(s, 'fenced', { chunks: 2 });
     // What the agent would send for its dirty chunks now, kept here instead (the check-in fails).
     const frames = async (): Promise<Buffer> => {
       let sent: Buffer | undefined;
@@ -180,14 +169,13 @@ describe('a check-in on a version of more rows than a page (real server process)
     let version: number;
     let newer: Buffer;
     try {
-      await agent.lease.whenActive();
       await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
       const late = await frames(); // a request that outlives the next check-in, on another replica
       await agent.core.write('disk', 1, randomBytes(CHUNK_SIZE.disk));
       const current = await frames();
       newer = parseChunkFrames(current)[0].data;
       const leaseId = agent.lease.leaseId();
-      version = await withDeviceClient(d.home, async (c) => {
+      version = await withDeviceClient(home, async (c) => {
         await c.checkin(leaseId, current, false, 2);
         for (const part of [1, 2]) {
           const e = await rejects(c.checkin(leaseId, late, false, part));
